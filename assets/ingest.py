@@ -1,0 +1,53 @@
+"""Ingest stage: land each collection's new files, or quarantine them whole (see safehaven.ingest)."""
+
+
+import dagster as dg
+
+from assets import keys
+from resources.haven import SafeHavenResource
+from safehaven.contracts import Contract, ContractRegistry
+from safehaven.ingest import ingest_collection
+
+
+def landing_asset(contract: Contract) -> dg.AssetsDefinition:
+    """The landing asset of one collection, built from its contract."""
+
+    @dg.asset(
+        key=keys.landing(contract.collection),
+        group_name="ingest",
+        pool=keys.STORE_POOL,
+        description=f"{contract.collection} drops landed as received into the encrypted "
+        f"landing zone (contract v{contract.version}); bad files quarantined whole.",
+        kinds={"duckdb"},
+    )
+    def _landing(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
+        home = haven.home_dir()
+        with haven.connect() as con:
+            report = ingest_collection(
+                con, contract, home.incoming_for(contract.collection),
+                home.quarantine_for(contract.collection),
+            )
+            total = con.execute(f"SELECT count(*) FROM landing.{contract.collection}").fetchone()[0]
+        for item in report.quarantined:
+            context.log.warning(
+                f"{contract.collection}: file quarantined ({item['rule']}); "
+                f"see quarantine/{contract.collection}/{item['file']}.reason.json"
+            )
+        return dg.MaterializeResult(
+            metadata={
+                "files_landed": report.files_landed,
+                "files_skipped_already_landed": report.files_skipped,
+                "files_quarantined": report.files_quarantined,
+                "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
+                "rows_in": report.rows_landed,
+                "rows_out": report.rows_landed,
+                "rows_in_landing_total": int(total),
+                "contract_version": contract.version,
+            }
+        )
+
+    return _landing
+
+
+def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
+    return [landing_asset(c) for c in registry.contracts.values()]

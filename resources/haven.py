@@ -1,0 +1,45 @@
+"""The safe haven resource: owns the store's DuckDB connections, the key ring and contracts.
+
+One resource, so each asset gets the same home, the same guarded keys and the same
+contracts. Connections are opened per unit of work and closed (DuckDB's single writer;
+DESIGN.md). Configuration carries paths only, never key material.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from safehaven.contracts import ContractRegistry
+from safehaven.home import Home
+from safehaven.keys import KeyRing
+from safehaven.store import Store
+
+
+class SafeHavenResource(dg.ConfigurableResource):
+    """Paths of the haven; empty means ``$SAFEHAVEN_HOME`` (default ``data/``)."""
+
+    home: str = ""
+    contracts: str = ""
+    threads: int = 0
+
+    def home_dir(self) -> Home:
+        return Home(Path(self.home).resolve()) if self.home else Home.from_env()
+
+    def keyring(self) -> KeyRing:
+        return KeyRing(self.home_dir().keys)
+
+    def registry(self) -> ContractRegistry:
+        return ContractRegistry(Path(self.contracts) if self.contracts else None)
+
+    def store(self) -> Store:
+        return Store(self.home_dir(), self.keyring(), threads=self.threads or None)
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.store().connect(read_only=read_only) as con:
+            yield con

@@ -1,0 +1,123 @@
+"""The encrypted DuckDB store: one writer, short-lived connections, zones as schemas.
+
+Rules:
+
+* Encrypted at rest (CoP 27b-c; BRIEF "Pseudonymisation and encryption"): the store file is
+  written with DuckDB 1.4's AES-GCM database encryption under the ``store`` key, and so are
+  its temporary spill files (``temp_file_encryption``). Without the key the file cannot be
+  opened, and no identifier stands in it as plain bytes.
+* Writing an encrypted DuckDB file needs the crypto module of the ``httpfs`` extension. It
+  ships on the package index as ``duckdb-ext-httpfs`` and is loaded from its installed path,
+  signed, with no network (DESIGN.md, "Encryption at rest").
+* DuckDB allows one writer process: every connection is opened for one unit of work and
+  closed (DESIGN.md); the Dagster jobs run in process with a concurrency limit.
+* Zones (DESIGN.md "Zones") are schemas of the one encrypted file: ``landing`` (as
+  received, identifiable), ``haven`` (pseudonymised content), ``vault`` (encrypted identity
+  vault), ``release`` (per-agreement extracts), ``published`` (anonymised outputs, exported
+  in the clear by the publication step only), ``governance`` (registers, audit, objections).
+* Key material never reaches an error message: a failed attach is re-raised with the key
+  removed from DuckDB's text.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from safehaven.home import Home
+from safehaven.keys import KeyRing
+
+ZONES = ("landing", "haven", "vault", "release", "published", "governance")
+CATALOG = "store"
+
+
+class StoreError(Exception):
+    """The store cannot be opened as asked; the message says what to do."""
+
+
+def httpfs_extension_path() -> Path:
+    """The signed httpfs extension installed by the ``duckdb-ext-httpfs`` package."""
+    try:
+        import duckdb_ext  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - an install problem
+        raise StoreError("package duckdb-ext-httpfs is not installed; run `make install`") from exc
+    version = duckdb.__version__
+    for base in duckdb_ext.__path__:
+        hits = glob.glob(
+            os.path.join(base, "extensions", f"v{version}", "*", "httpfs.duckdb_extension")
+        )
+        if hits:
+            return Path(hits[0])
+    raise StoreError(
+        f"no httpfs extension for DuckDB {version} in duckdb-ext-httpfs; "
+        "pin duckdb-ext-httpfs to the DuckDB version"
+    )
+
+
+class Store:
+    """Opens the encrypted store; the only place that attaches it."""
+
+    def __init__(self, home: Home, keyring: KeyRing | None = None, threads: int | None = None):
+        self.home = home
+        self.keyring = keyring or KeyRing(home.keys)
+        self.threads = threads
+
+    @property
+    def path(self) -> Path:
+        return self.home.store_file
+
+    def check(self) -> None:
+        """Refuse to start on unsafe keys (see ``safehaven.keys``) or a store without its key."""
+        if self.path.exists() and not self.keyring.exists("store"):
+            raise StoreError(
+                f"the encrypted store {self.path} exists but its key "
+                f"{self.keyring.path('store')} is missing; restore the key file "
+                "(a new key cannot open the existing store)"
+            )
+        if self.keyring.exists("store"):
+            self.keyring.get("store")
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection with the store attached as ``store`` and in use.
+
+        Unqualified names resolve in the store; zones are schemas (``landing.gp_events``).
+        """
+        self.home.ensure()
+        self.check()
+        key = self.keyring.get_or_create("store", allow_create=not self.path.exists())
+        tmp = self.home.store_dir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
+        if self.threads:
+            config["threads"] = self.threads
+        con = duckdb.connect(":memory:", config=config)
+        try:
+            con.execute(f"LOAD '{httpfs_extension_path()}'")
+            con.execute("SET temp_file_encryption = true")
+            options = f"ENCRYPTION_KEY '{key.hex}'" + (", READ_ONLY" if read_only else "")
+            try:
+                con.execute(f"ATTACH '{self.path}' AS {CATALOG} ({options})")
+            except duckdb.Error as exc:
+                message = str(exc).replace(key.hex, "<key>")
+                raise StoreError(f"cannot open the encrypted store {self.path}: {message}") from None
+            con.execute(f"USE {CATALOG}")
+            if not read_only:
+                for zone in ZONES:
+                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {zone}")
+            yield con
+        finally:
+            con.close()
+
+    def table_exists(self, con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+        row = con.execute(
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_catalog = ? AND table_schema = ? AND table_name = ?",
+            [CATALOG, schema, table],
+        ).fetchone()
+        return bool(row and row[0])

@@ -1,0 +1,76 @@
+"""Key files are guarded: mode 0600, no symlinks, never re-created over existing data."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from safehaven.home import Home
+from safehaven.keys import KeyRing, KeyRingError
+from safehaven.store import Store, StoreError
+
+
+def test_new_key_is_created_private(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    key = ring.get_or_create("haven")
+    path = ring.path("haven")
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    assert ring.get("haven").material == key.material
+    assert key.hex not in repr(key) and key.key_id in repr(key)
+
+
+def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    ring.get_or_create("haven")
+    os.chmod(ring.path("haven"), 0o644)
+    with pytest.raises(KeyRingError, match="chmod 600"):
+        ring.get("haven")
+
+
+def test_symlinked_key_is_refused(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    real = ring.get_or_create("haven")
+    target = tmp_path / "elsewhere.key"
+    target.write_text(real.hex)
+    target.chmod(0o600)
+    ring.path("haven").unlink()
+    ring.path("haven").symlink_to(target)
+    with pytest.raises(KeyRingError, match="symbolic link"):
+        ring.get("haven")
+
+
+def test_error_messages_never_carry_key_material(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    key = ring.get_or_create("store")
+    os.chmod(ring.path("store"), 0o640)
+    with pytest.raises(KeyRingError) as err:
+        ring.get("store")
+    assert key.hex not in str(err.value)
+
+
+def test_pipeline_refuses_loose_store_key(home: Home) -> None:
+    store = Store(home)
+    with store.connect():
+        pass
+    os.chmod(store.keyring.path("store"), 0o604)
+    with pytest.raises(KeyRingError, match="group or others"):
+        with store.connect():
+            pass
+
+
+def test_missing_key_with_existing_store_is_refused(home: Home) -> None:
+    store = Store(home)
+    with store.connect() as con:
+        con.execute("CREATE TABLE landing.t AS SELECT 1 AS x")
+    store.keyring.path("store").unlink()
+    with pytest.raises(StoreError, match="key .* is missing"):
+        with store.connect():
+            pass
+    assert not store.keyring.exists("store"), "a new key must not be created over existing data"
+
+
+def test_keyring_manifest_records_ids_not_material(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    key = ring.get_or_create("haven")
+    text = (tmp_path / "keys" / "keyring.json").read_text()
+    assert key.key_id in text and key.hex not in text

@@ -1,0 +1,46 @@
+"""The store is encrypted at rest and cannot be opened without its key (CoP 27b-c)."""
+
+import duckdb
+import pytest
+
+from safehaven.home import Home
+from safehaven.store import ZONES, Store, StoreError
+from tests.conftest import scan_for
+
+SEEDED = "9990001236"
+
+
+def _fill(store: Store) -> None:
+    with store.connect() as con:
+        con.execute(f"CREATE TABLE landing.t AS SELECT '{SEEDED}' AS nhs_number FROM range(5000)")
+
+
+def test_zones_exist(store: Store) -> None:
+    with store.connect() as con:
+        schemas = {r[0] for r in con.execute(
+            "SELECT schema_name FROM information_schema.schemata WHERE catalog_name = 'store'").fetchall()}
+    assert set(ZONES) <= schemas
+
+
+def test_store_file_holds_no_plain_identifier(store: Store, home: Home) -> None:
+    _fill(store)
+    assert scan_for(home.root, [SEEDED.encode()]) == {}
+    with store.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM landing.t").fetchone()[0] == 5000
+
+
+def test_store_cannot_be_opened_without_key(store: Store, home: Home) -> None:
+    _fill(store)
+    with pytest.raises(duckdb.Error):
+        duckdb.connect(str(home.store_file))
+
+
+def test_store_cannot_be_opened_with_wrong_key(store: Store, home: Home) -> None:
+    _fill(store)
+    ring = store.keyring
+    real = ring.get("store")
+    ring.write("store", bytes(32), replace=True)
+    with pytest.raises(StoreError, match="cannot open") as err:
+        with store.connect():
+            pass
+    assert real.hex not in str(err.value) and bytes(32).hex() not in str(err.value)
