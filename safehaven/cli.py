@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from safehaven.commands import disposal, governance, keys, outputs
 from safehaven.home import Home
 
 
@@ -54,6 +55,10 @@ def run(demo_patients: int, seed: int, no_demo: bool) -> None:
         click.echo("\nthe run did not complete cleanly: see the failed checks above and the Dagster UI "
                    "(make ui)", err=True)
         sys.exit(1)
+
+
+for _area in (keys, governance, outputs, disposal):
+    _area.register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,7 +38,7 @@ def run_nightly(home: Home | None = None, instance: dg.DagsterInstance | None = 
         if not evaluation.passed:
             failed_checks.setdefault(evaluation.asset_key.to_user_string(), []).append(evaluation.check_name)
     for event in result.get_asset_materialization_events():
-        mat = event.asset_materialization
+        mat = event.event_specific_data.materialization  # type: ignore[union-attr]
         meta = mat.metadata
         key = mat.asset_key.to_user_string()
         summaries.append(StageSummary(

@@ -116,10 +116,10 @@ def validate_collection(
                 report.rows_valid += rows - invalid
                 report.rows_invalid += invalid
         typed = ", ".join(f"{typed_sql(f)} AS {q(f.name)}" for f in contract.fields)
-        refused_sql = ", ".join(lit(b) for b in refused) or "NULL"
+        not_refused = f" AND _batch NOT IN ({', '.join(lit(b) for b in refused)})" if refused else ""
         con.execute(
             f"INSERT INTO landing.{c}_valid SELECT {typed}, _batch, _row FROM _checked "
-            f"WHERE len(failed_rules) = 0 AND _batch NOT IN ({refused_sql})"
+            f"WHERE len(failed_rules) = 0{not_refused}"
         )
         con.execute(
             f"INSERT INTO landing.{c}_rejected SELECT _batch, _row, failed_rules FROM _checked "
