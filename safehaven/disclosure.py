@@ -1,0 +1,615 @@
+"""Statistical disclosure control (SDC) for published aggregate tables.
+
+Sources: CoP 34b (have regard to the Anonymisation Standard for Publishing Health and
+Social Care Data, ISB 1523) and CoP 35 (outputs made from confidential data are published
+openly, so they must not identify anyone); the HES analysis guide's small-number rule
+(1-7 suppressed, other counts rounded to the nearest 5); OpenSAFELY's output rules
+(https://docs.opensafely.org/releasing-files/: redact counts <= 7, then round to the nearest
+5, recompute totals from the redacted and rounded cells, redact rates built on <= 7 people,
+"midpoint 6" rounding as the alternative) and ehrql's ``measures/disclosure_control.py``.
+The rules, as this module applies them to one table of cells (one row per combination of
+the dimension columns) held in DuckDB; every step is a SQL statement over the whole table:
+
+1. **Small counts are suppressed** (primary suppression). A count of 1..``threshold``
+   (default 7) people is published as NULL with ``suppressed = 'primary'``. Unlike ehrql,
+   which writes 0, a suppressed cell is NULL plus a reason, so it never reads as a true zero.
+2. **Zeros are true zeros by default** (``Policy.suppress_zeros = False``). A zero describes
+   nobody, and OpenSAFELY's midpoint-6 guidance values "zero is zero". Its risk is group
+   disclosure: "0 of them" or "all of them" (a 100% cell) states a fact about everyone in
+   the group. So, where a denominator is given (``rate_cols``), the *complement*
+   (denominator - count) is treated as a cell too: a complement of 1..threshold ("all but
+   3 people") suppresses the count as primary. With ``suppress_zeros=True`` zero counts
+   and zero complements (100% cells) are suppressed as well: use it when the output's
+   dimensions are themselves sensitive. Structural zeros (impossible combinations) should
+   not be rows of the source table at all.
+3. **Other counts are rounded** (``Policy.rounding``):
+
+   * ``"nearest5"`` (default; HES, OpenSAFELY): ``5 * round(n / 5)``; a count is known to
+     within +-2.
+   * ``"midpoint6"`` (OpenSAFELY "Midpoint 6 rounding", R ``roundmid_any``:
+     ``ceiling(x/6)*6 - floor(6/2)*(x != 0)``): 0 -> 0, 1-6 -> 3, 7-12 -> 9, 13-18 -> 15...
+     i.e. ``6 * ceil(n / 6) - 3`` for n > 0 (not ``6 * floor(n / 6) + 3``, which differs at
+     multiples of 6). Unbiased and zero-preserving; a published v means v-2..v+3.
+     OpenSAFELY lets its "3" label stand for 1-6; here counts 1..threshold are still
+     suppressed first, so the smallest published non-zero value is 9. OpenSAFELY asks that
+     such columns be named with a ``_midpoint6`` suffix: the caller names its columns.
+4. **Rates, percentages and means built on 1..threshold people are suppressed.** A rate
+   (``rate_cols``: rate column -> denominator column) is recomputed from the *published*
+   numerator and denominator (both protected by rules 1-3 and 5), and is NULL when either
+   is suppressed or the denominator is 0. A mean (``mean_cols``: mean column -> column with
+   the number of people it is built on) passes through only when that number is above the
+   threshold and, if that column is itself published here, its cell is not suppressed.
+5. **Secondary suppression.** Every *margin group* (the cells sharing the values of a
+   subset of the dimensions; by default, for each dimension, the cells along it with every
+   other dimension held fixed: each "row" and each "column") that holds exactly one
+   suppressed cell gets a second one: its smallest unsuppressed non-zero cell by true count
+   (a zero only if nothing else is left, since "x + 0 = margin" protects nothing). This
+   repeats over every margin until no group has exactly one suppressed cell (a fixed
+   point). A group of one cell is its own margin and is left alone (its derived total is
+   NULL).
+6. **Totals are derived from published cells**, never from true counts: a total row holds
+   the sum of the published cells of its group (NULL when all are suppressed), so it
+   carries no information about a suppressed cell (OpenSAFELY: "column and row totals are
+   the sum of the rounded counts").
+7. **Formula-leading text is neutralised** on the way out (OWASP "CSV Injection"; BRIEF
+   "Publication"): a text cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
+   return gets a leading single quote (:func:`neutralise_sql`).
+
+What this guarantees, and what it does not:
+
+* Within one protected table: no published count is in 1..threshold; every published
+  count is on the rounding grid; no margin group has exactly one suppressed cell; totals
+  and rates are functions of published values only (:func:`check_invariants` proves these
+  on the written table and backs a blocking asset check).
+* Differencing between outputs of one release protected with the *same* policy (table A
+  over all practices, table B excluding one practice): each published value is its true
+  count +-2 (nearest 5; -3..+2 for midpoint 6), so ``A - B`` only bounds the excluded
+  count to a window of 9 (11) integers, at least 5 (6) of them non-negative: a small count
+  is never pinned (:func:`true_range` gives the window; the unit tests enumerate it).
+* Not guaranteed: coordination of secondary suppression *across* tables sharing cells
+  (rounding is the protection there); repeated releases over time (N to N+1), outputs of
+  one population protected under *different* rounding schemes (their windows intersect),
+  or exact margins published elsewhere (e.g. practice list sizes), any of which can
+  narrow the window; dominance (p%) rules for magnitudes and means; k-anonymity of
+  record-level extracts (a separate check). The ``suppressed`` reason column is for the
+  haven's checks: a public file should show one marker, since "secondary" tells a reader
+  the cell is 0 or above the threshold.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import duckdb
+
+__all__ = [
+    "ColumnReport",
+    "DisclosureError",
+    "Policy",
+    "ProtectionReport",
+    "check_invariants",
+    "default_margins",
+    "neutralise_formula_cells",
+    "neutralise_sql",
+    "protect",
+    "true_range",
+]
+
+Rounding = Literal["nearest5", "midpoint6"]
+PRIMARY = "primary"
+SECONDARY = "secondary"
+TOTAL_OVER = "total_over"
+REASON = "suppressed"
+FORMULA_LEADERS = ("=", "+", "-", "@", "\t", "\r")
+_LEADERS_SQL = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_LEADERS)
+
+
+class DisclosureError(ValueError):
+    """The table cannot be protected as asked (bad arguments or bad source counts)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The disclosure-control policy of one output (see the module docstring)."""
+
+    threshold: int = 7
+    """Counts of 1..threshold people are suppressed (HES, OpenSAFELY: 7)."""
+    rounding: Rounding = "nearest5"
+    """``"nearest5"`` (default) or OpenSAFELY ``"midpoint6"``."""
+    suppress_zeros: bool = False
+    """Also suppress zero cells and, against a denominator, zero complements (100% cells)."""
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise DisclosureError("threshold must be >= 0")
+        if self.rounding not in ("nearest5", "midpoint6"):
+            raise DisclosureError(f"unknown rounding {self.rounding!r}")
+
+    def round_sql(self, expr: str) -> str:
+        """SQL rounding a non-negative integer expression onto this policy's grid."""
+        if self.rounding == "nearest5":
+            return f"((({expr}) + 2) // 5) * 5"
+        return f"(CASE WHEN ({expr}) = 0 THEN 0 ELSE ((({expr}) + 5) // 6) * 6 - 3 END)"
+
+    def on_grid_sql(self, expr: str) -> str:
+        """SQL true when a published count lies on this policy's grid."""
+        if self.rounding == "nearest5":
+            return f"(({expr}) % 5 = 0)"
+        return f"(({expr}) = 0 OR ({expr}) % 6 = 3)"
+
+    def small_sql(self, expr: str) -> str:
+        """SQL true when a true count must be primary-suppressed."""
+        zero = f" OR ({expr}) = 0" if self.suppress_zeros else ""
+        return f"(({expr}) BETWEEN 1 AND {self.threshold}{zero})"
+
+
+def true_range(published: int, policy: Policy = Policy()) -> tuple[int, int]:
+    """The true counts a published (unsuppressed) cell value can stand for, inclusive.
+
+    The rounding window (nearest 5: +-2; midpoint 6: -2..+3), less the counts
+    1..threshold, which are suppressed before rounding. Under the default threshold a
+    published 0 is a true zero. Used to reason about differencing between outputs.
+    """
+    if policy.rounding == "nearest5":
+        lo, hi = published - 2, published + 2
+    else:
+        lo, hi = (0, 0) if published == 0 else (published - 2, published + 3)
+    lo = max(lo, 0)
+    if lo >= 1:
+        lo = max(lo, policy.threshold + 1)
+    elif hi <= policy.threshold:
+        hi = 0
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class ColumnReport:
+    """Counts for one protected count column (never a value about an individual)."""
+
+    column: str
+    primary: int
+    secondary: int
+    published: int
+    rounded: int
+    """Published cells whose value was changed by rounding."""
+    published_total: int
+    total_difference: int
+    """Sum of published cells minus sum of true cells (suppression and rounding)."""
+
+
+@dataclass(frozen=True)
+class ProtectionReport:
+    """What :func:`protect` did to one table, as counts for asset metadata."""
+
+    target: str
+    cells: int
+    iterations: int
+    columns: tuple[ColumnReport, ...] = field(default_factory=tuple)
+
+    @property
+    def main(self) -> ColumnReport:
+        """The report of the count column (the first column)."""
+        return self.columns[0]
+
+    @property
+    def primary(self) -> int:
+        return self.main.primary
+
+    @property
+    def secondary(self) -> int:
+        return self.main.secondary
+
+    @property
+    def rounded(self) -> int:
+        return self.main.rounded
+
+    @property
+    def total_difference(self) -> int:
+        return self.main.total_difference
+
+    def as_metadata(self) -> dict[str, int]:
+        """Flat counts for ``MaterializeResult(metadata=...)``."""
+        out: dict[str, int] = {"sdc_cells": self.cells, "sdc_iterations": self.iterations}
+        for col in self.columns:
+            for key in ("primary", "secondary", "published", "rounded", "total_difference"):
+                out[f"sdc_{col.column}_{key}"] = getattr(col, key)
+        return out
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _relation(name: str) -> str:
+    """Quote a possibly schema-qualified relation name (``schema.table``)."""
+    return ".".join(_ident(part) for part in name.split("."))
+
+
+def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> list[str]:
+    return [d[0] for d in con.execute(f"SELECT * FROM {_relation(relation)} LIMIT 0").description]
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+    row = con.execute(sql).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def default_margins(dimensions: Sequence[str]) -> list[list[str]]:
+    """Each dimension's complement: the groups are the "rows" along every dimension."""
+    return [[d for d in dimensions if d != along] for along in dimensions]
+
+
+def _check_margins(dimensions: Sequence[str], margins: Iterable[Sequence[str]]) -> list[list[str]]:
+    out: list[list[str]] = []
+    for margin in margins:
+        unknown = set(margin) - set(dimensions)
+        if unknown:
+            raise DisclosureError(f"margin names unknown dimensions {sorted(unknown)}")
+        if set(margin) == set(dimensions):
+            raise DisclosureError("a margin must sum over at least one dimension")
+        key = [d for d in dimensions if d in margin]
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def _partition(cols: Sequence[str], *extra: str) -> str:
+    parts = [_ident(c) for c in cols] + list(extra)
+    return f"PARTITION BY {', '.join(parts)}" if parts else ""
+
+
+def protect(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    target: str,
+    dimensions: Sequence[str],
+    count_col: str = "people",
+    margins: Sequence[Sequence[str]] | None = None,
+    rate_cols: dict[str, str] | None = None,
+    policy: Policy = Policy(),
+    *,
+    mean_cols: dict[str, str] | None = None,
+    totals: bool = False,
+) -> ProtectionReport:
+    """Write ``target``: the cells of ``source`` under statistical disclosure control.
+
+    ``source`` holds true counts, one row per cell of ``dimensions``. ``target`` gets the
+    dimensions, ``count_col`` (rounded, or NULL) and ``suppressed`` ('primary',
+    'secondary' or NULL); for each ``rate_cols`` item (rate column -> denominator column)
+    the protected denominator, its ``<denominator>_suppressed`` reason and the rate
+    recomputed from published values; each ``mean_cols`` column (mean -> column of the
+    number of people it is built on) where it may be published. Other source columns are
+    not copied. ``margins`` lists the dimension subsets held fixed by each margin group
+    (default :func:`default_margins`; ``[]`` for none, when no margin of the table is
+    published anywhere). Secondary suppression runs on the count column and on each
+    denominator separately. With ``totals=True`` the table also holds one total
+    row per margin group and a grand total, marked by ``total_over`` (the dimensions
+    summed over, comma separated; NULL on cells) with those dimensions NULL.
+    """
+    dims = list(dimensions)
+    if not dims:
+        raise DisclosureError("at least one dimension is needed")
+    rates = dict(rate_cols or {})
+    means = dict(mean_cols or {})
+    groups = _check_margins(dims, default_margins(dims) if margins is None else margins)
+    counted = [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
+    present = set(_columns(con, source))
+    needed = set(dims) | set(counted) | set(means) | set(means.values())
+    missing = needed - present
+    if missing:
+        raise DisclosureError(f"source lacks columns {sorted(missing)}")
+    if len(set(dims)) != len(dims) or set(dims) & (set(counted) | set(means)):
+        raise DisclosureError("dimensions must be distinct from each other and from counts")
+
+    src = _relation(source)
+    dim_list = ", ".join(_ident(d) for d in dims)
+    for col in counted + sorted(set(means.values()) - set(counted)):
+        bad = _scalar(
+            con,
+            f"SELECT count(*) FROM {src} WHERE {_ident(col)} IS NULL OR {_ident(col)} < 0 "
+            f"OR {_ident(col)} <> floor({_ident(col)})",
+        )
+        if bad:
+            raise DisclosureError(f"{col}: {bad} row(s) are not non-negative whole counts")
+    dupes = _scalar(
+        con,
+        f"SELECT count(*) FROM (SELECT 1 FROM {src} GROUP BY {dim_list} HAVING count(*) > 1)",
+    )
+    if dupes:
+        raise DisclosureError(f"{dupes} cell(s) appear more than once over {dims}")
+    for den in dict.fromkeys(rates.values()):
+        if den == count_col:
+            continue
+        over = _scalar(con, f"SELECT count(*) FROM {src} WHERE {_ident(count_col)} > {_ident(den)}")
+        if over:
+            raise DisclosureError(f"{over} cell(s) count more people than denominator {den}")
+
+    work = f"__sdc_work_{uuid.uuid4().hex}"
+    n = {col: f"__sdc_n{i}" for i, col in enumerate(counted)}
+    s = {col: f"__sdc_s{i}" for i, col in enumerate(counted)}
+    mean_n = {m: f"__sdc_w{j}" for j, m in enumerate(means)}
+    mean_v = {m: f"__sdc_v{j}" for j, m in enumerate(means)}
+
+    def primary_sql(col: str) -> str:
+        conds = [policy.small_sql(n[col])]
+        if col == count_col:
+            for den in dict.fromkeys(rates.values()):
+                if den != count_col:
+                    conds.append(policy.small_sql(f"{n[den]} - {n[col]}"))
+        return f"CASE WHEN {' OR '.join(conds)} THEN '{PRIMARY}' END"
+
+    select = [f"row_number() OVER (ORDER BY {dim_list}) AS __sdc_cell", dim_list]
+    select += [f"CAST({_ident(c)} AS BIGINT) AS {n[c]}" for c in counted]
+    select += [f"{_ident(m)} AS {mean_v[m]}" for m in means]
+    select += [f"CAST({_ident(w)} AS BIGINT) AS {mean_n[m]}" for m, w in means.items()]
+    con.execute(f"CREATE TEMP TABLE {work} AS SELECT {', '.join(select)} FROM {src}")
+    try:
+        for col in counted:
+            con.execute(
+                f"ALTER TABLE {work} ADD COLUMN {s[col]} VARCHAR; UPDATE {work} SET {s[col]} = {primary_sql(col)}"
+            )
+        iterations = _secondary(con, work, groups, [(n[c], s[c]) for c in counted])
+
+        published = {c: f"CASE WHEN {s[c]} IS NULL THEN {policy.round_sql(n[c])} END" for c in counted}
+        out = [
+            dim_list,
+            f"{published[count_col]} AS {_ident(count_col)}",
+            f"{s[count_col]} AS {REASON}",
+        ]
+        for den in counted[1:]:
+            out += [
+                f"{published[den]} AS {_ident(den)}",
+                f"{s[den]} AS {_ident(den + '_' + REASON)}",
+            ]
+        for rate, den in rates.items():
+            out.append(
+                f"CASE WHEN {published[den]} > 0 THEN "
+                f"CAST({published[count_col]} AS DOUBLE) / {published[den]} END AS {_ident(rate)}"
+            )
+        for mean, people in means.items():
+            ok = f"{mean_n[mean]} > {policy.threshold}"
+            if people in s:
+                ok += f" AND {s[people]} IS NULL"
+            out.append(f"CASE WHEN {ok} THEN {mean_v[mean]} END AS {_ident(mean)}")
+        cells_sql = f"SELECT {', '.join(out)} FROM {work}"
+        if totals:
+            body = _with_totals(cells_sql, dims, groups, counted, count_col)
+        else:
+            body = f"{cells_sql} ORDER BY __sdc_cell"
+        con.execute(f"CREATE OR REPLACE TABLE {_relation(target)} AS {body}")
+
+        reports = []
+        for col in counted:
+            pub = policy.round_sql(n[col])
+            row = con.execute(
+                f"SELECT count(*) FILTER (WHERE {s[col]} = '{PRIMARY}'), "
+                f"count(*) FILTER (WHERE {s[col]} = '{SECONDARY}'), "
+                f"count(*) FILTER (WHERE {s[col]} IS NULL), "
+                f"count(*) FILTER (WHERE {s[col]} IS NULL AND {pub} <> {n[col]}), "
+                f"coalesce(sum({pub}) FILTER (WHERE {s[col]} IS NULL), 0), "
+                f"coalesce(sum({n[col]}), 0) FROM {work}"
+            ).fetchone()
+            assert row is not None
+            reports.append(
+                ColumnReport(
+                    column=col,
+                    primary=int(row[0]),
+                    secondary=int(row[1]),
+                    published=int(row[2]),
+                    rounded=int(row[3]),
+                    published_total=int(row[4]),
+                    total_difference=int(row[4]) - int(row[5]),
+                )
+            )
+        cells = _scalar(con, f"SELECT count(*) FROM {work}")
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {work}")
+    return ProtectionReport(target=target, cells=cells, iterations=iterations, columns=tuple(reports))
+
+
+def _secondary(
+    con: duckdb.DuckDBPyConnection,
+    work: str,
+    groups: list[list[str]],
+    columns: list[tuple[str, str]],
+) -> int:
+    """Secondary suppression to a fixed point; returns the number of passes made.
+
+    One UPDATE per (column, margin) per pass: in every group holding exactly one
+    suppressed cell, mark the smallest unsuppressed cell (non-zero first, ties by cell
+    order). Each pass that changes nothing ends the loop; each pass that changes something
+    suppresses at least one more cell, so the loop ends within (number of cells) passes.
+    """
+    limit = _scalar(con, f"SELECT count(*) FROM {work}") + 1
+    for passes in range(1, limit + 1):
+        changed = 0
+        for n_col, s_col in columns:
+            for key in groups:
+                group = _partition(key)
+                ranked = _partition(key, f"({s_col} IS NULL)")
+                row = con.execute(
+                    f"UPDATE {work} SET {s_col} = '{SECONDARY}' WHERE __sdc_cell IN ("
+                    f" SELECT __sdc_cell FROM ("
+                    f"  SELECT __sdc_cell, {s_col},"
+                    f"   count({s_col}) OVER ({group}) AS n_supp,"
+                    f"   count(*) OVER ({group}) AS n_cells,"
+                    f"   row_number() OVER ({ranked} ORDER BY ({n_col} = 0), {n_col}, __sdc_cell)"
+                    f"    AS rk"
+                    f"  FROM {work})"
+                    f" WHERE {s_col} IS NULL AND n_supp = 1 AND n_cells > 1 AND rk = 1)"
+                ).fetchone()
+                changed += int(row[0]) if row else 0
+        if not changed:
+            return passes
+    raise AssertionError("secondary suppression did not reach a fixed point")  # unreachable
+
+
+def _with_totals(cells_sql: str, dims: list[str], groups: list[list[str]], counted: list[str], count_col: str) -> str:
+    """Cells plus total rows summed from the *published* cells of each margin group."""
+    parts = [f"SELECT *, CAST(NULL AS VARCHAR) AS {TOTAL_OVER} FROM cells"]
+    keys = groups if [] in groups else [*groups, []]
+    for key in keys:
+        summed = [d for d in dims if d not in key]
+        sums = []
+        for col in counted:
+            reason = REASON if col == count_col else col + "_" + REASON
+            sums += [
+                f"sum({_ident(col)}) AS {_ident(col)}",
+                f"CASE WHEN sum({_ident(col)}) IS NULL THEN '{SECONDARY}' END AS {_ident(reason)}",
+            ]
+        head = [_ident(d) for d in key] + sums + [f"'{','.join(summed)}' AS {TOTAL_OVER}"]
+        group_by = f" GROUP BY {', '.join(_ident(d) for d in key)}" if key else ""
+        parts.append(f"SELECT {', '.join(head)} FROM cells{group_by}")
+    order = ", ".join(_ident(d) for d in dims)
+    return (
+        f"WITH cells AS ({cells_sql}) SELECT * FROM ("
+        + " UNION ALL BY NAME ".join(f"({p})" for p in parts)
+        + f") ORDER BY {TOTAL_OVER} NULLS FIRST, {order} NULLS LAST"
+    )
+
+
+def check_invariants(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    dimensions: Sequence[str],
+    count_col: str = "people",
+    policy: Policy = Policy(),
+    margins: Sequence[Sequence[str]] | None = None,
+    rate_cols: dict[str, str] | None = None,
+) -> list[str]:
+    """Violations of the published-table rules, as messages carrying counts only.
+
+    Checked for the count column and every rate denominator: no published count in
+    1..threshold (nor 0 when zeros are suppressed); every published cell on the rounding
+    grid; no margin group of two or more cells with exactly one suppressed cell; a reason
+    on every suppressed cell and none on published ones (when the reason column exists);
+    every total row (``total_over``) equal to the sum of the published cells of its group;
+    every rate NULL unless numerator and denominator are published, and equal to their
+    ratio. An empty list means the table passes.
+    """
+    dims = list(dimensions)
+    rel = _relation(table)
+    cols = set(_columns(con, table))
+    rates = dict(rate_cols or {})
+    counted = [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
+    missing = (set(dims) | set(counted) | set(rates)) - cols
+    if missing:
+        return [f"table lacks columns {sorted(missing)}"]
+    groups = _check_margins(dims, default_margins(dims) if margins is None else margins)
+    has_totals = TOTAL_OVER in cols
+    cells = f"(SELECT * FROM {rel}{f' WHERE {TOTAL_OVER} IS NULL' if has_totals else ''})"
+    problems: list[str] = []
+
+    for col in counted:
+        c = _ident(col)
+        small = _scalar(con, f"SELECT count(*) FROM {rel} WHERE {c} BETWEEN 1 AND {policy.threshold}")
+        if small:
+            problems.append(f"{col}: {small} published count(s) in 1..{policy.threshold}")
+        if policy.suppress_zeros:
+            zeros = _scalar(con, f"SELECT count(*) FROM {cells} WHERE {c} = 0")
+            if zeros:
+                problems.append(f"{col}: {zeros} published zero cell(s) under suppress_zeros")
+        off = _scalar(con, f"SELECT count(*) FROM {cells} WHERE NOT {policy.on_grid_sql(c)}")
+        if off:
+            problems.append(f"{col}: {off} published cell(s) off the {policy.rounding} grid")
+        for key in groups:
+            group_by = f" GROUP BY {', '.join(_ident(d) for d in key)}" if key else ""
+            lonely = _scalar(
+                con,
+                f"SELECT count(*) FROM (SELECT 1 FROM {cells}{group_by} HAVING count(*) > 1 "
+                f"AND count(*) FILTER (WHERE {c} IS NULL) = 1)",
+            )
+            if lonely:
+                problems.append(
+                    f"{col}: {lonely} group(s) over ({', '.join(key) or 'all'}) with exactly one suppressed cell"
+                )
+        reason = REASON if col == count_col else f"{col}_{REASON}"
+        if reason in cols:
+            mismatch = _scalar(
+                con,
+                f"SELECT count(*) FROM {cells} WHERE ({c} IS NULL) <> ({_ident(reason)} IS NOT NULL)",
+            )
+            if mismatch:
+                problems.append(f"{col}: {mismatch} cell(s) whose suppression reason disagrees")
+
+    if has_totals:
+        problems += _check_totals(con, rel, cells, dims, counted)
+
+    for rate, den in rates.items():
+        r, num, d = _ident(rate), _ident(count_col), _ident(den)
+        bad = _scalar(
+            con,
+            f"SELECT count(*) FROM {cells} WHERE {r} IS NOT NULL AND ({num} IS NULL OR {d} IS NULL "
+            f"OR {d} = 0 OR abs({r} - CAST({num} AS DOUBLE) / {d}) > 1e-9)",
+        )
+        if bad:
+            problems.append(f"{rate}: {bad} rate(s) not derived from published {count_col}/{den}")
+    return problems
+
+
+def _check_totals(
+    con: duckdb.DuckDBPyConnection, rel: str, cells: str, dims: list[str], counted: list[str]
+) -> list[str]:
+    problems: list[str] = []
+    kinds = [
+        r[0] for r in con.execute(f"SELECT DISTINCT {TOTAL_OVER} FROM {rel} WHERE {TOTAL_OVER} IS NOT NULL").fetchall()
+    ]
+    for kind in kinds:
+        summed = [x for x in str(kind).split(",") if x]
+        if not summed or set(summed) - set(dims):
+            problems.append(f"total rows over unknown dimensions ({kind})")
+            continue
+        key = [d for d in dims if d not in summed]
+        lit = "'" + str(kind).replace("'", "''") + "'"
+        not_null = " OR ".join(f"{_ident(d)} IS NOT NULL" for d in summed)
+        stray = _scalar(con, f"SELECT count(*) FROM {rel} WHERE {TOTAL_OVER} = {lit} AND ({not_null})")
+        if stray:
+            problems.append(f"{stray} total row(s) over ({kind}) with a summed dimension set")
+        on = " AND ".join(f"t.{_ident(d)} IS NOT DISTINCT FROM e.{_ident(d)}" for d in key) or "TRUE"
+        group_by = f" GROUP BY {', '.join(_ident(d) for d in key)}" if key else ""
+        for col in counted:
+            c = _ident(col)
+            bad = _scalar(
+                con,
+                f"SELECT count(*) FROM (SELECT * FROM {rel} WHERE {TOTAL_OVER} = {lit}) t "
+                f"LEFT JOIN (SELECT {', '.join([*map(_ident, key), f'sum({c}) AS __sdc_sum'])} "
+                f"FROM {cells}{group_by}) e ON {on} "
+                f"WHERE t.{c} IS DISTINCT FROM e.__sdc_sum",
+            )
+            if bad:
+                problems.append(f"{col}: {bad} total(s) over ({kind}) differ from the sum of published cells")
+    return problems
+
+
+def neutralise_sql(expr: str) -> str:
+    """SQL expression: ``expr`` (text) with formula-leading cells neutralised.
+
+    OWASP "CSV Injection": a cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
+    return is read as a formula by spreadsheet software; prefixing a single quote makes it
+    text. NULL stays NULL; other values are unchanged. Apply to text columns only (a
+    negative number in a numeric column is not a formula).
+    """
+    first = f"left(CAST(({expr}) AS VARCHAR), 1)"
+    return f"(CASE WHEN {first} IN ({_LEADERS_SQL}) THEN '''' || CAST(({expr}) AS VARCHAR) ELSE ({expr}) END)"
+
+
+def neutralise_formula_cells(con: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str] | None = None) -> int:
+    """Neutralise formula-leading cells in place; returns the number of cells changed.
+
+    ``columns`` defaults to every VARCHAR column of ``table``. Run it on the published
+    copy just before export (BRIEF "Publication": no formula-leading cells).
+    """
+    rel = _relation(table)
+    if columns is None:
+        columns = [d[0] for d in con.execute(f"SELECT * FROM {rel} LIMIT 0").description if str(d[1]) == "VARCHAR"]
+    changed = 0
+    for col in columns:
+        c = _ident(col)
+        row = con.execute(
+            f"UPDATE {rel} SET {c} = {neutralise_sql(c)} WHERE left({c}, 1) IN ({_LEADERS_SQL})"
+        ).fetchone()
+        changed += int(row[0]) if row else 0
+    return changed
