@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from safehaven.home import Home
@@ -35,3 +37,42 @@ def scan_for(root: Path, needles: list[bytes]) -> dict[str, list[str]]:
             if found:
                 hits[str(path)] = found
     return hits
+
+
+NHS_LIKE = re.compile(rb"999[ -]?\d{3}[ -]?\d{4}")
+
+
+def seeded_nhs_numbers(incoming: Path) -> set[str]:
+    """Canonical NHS numbers in every generated drop under ``incoming`` (read with DuckDB)."""
+    found: set[str] = set()
+    for path in incoming.rglob("*.csv"):
+        rows = duckdb.execute(
+            "SELECT DISTINCT regexp_replace(nhs_number, '[^0-9]', '', 'g') FROM read_csv(?, all_varchar=true)",
+            [str(path)],
+        ).fetchall()
+        found |= {r[0] for r in rows if r[0]}
+    return found
+
+
+def leaked_nhs_numbers(roots: list[Path], seeded: set[str]) -> dict[str, int]:
+    """Files under ``roots`` holding any seeded NHS number in plain bytes, in any formatting."""
+    hits: dict[str, int] = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if not path.is_file() or path.is_symlink():
+                continue
+            data = path.read_bytes()
+            numbers = {re.sub(rb"[^0-9]", b"", m).decode() for m in NHS_LIKE.findall(data)}
+            leaked = numbers & seeded
+            if leaked:
+                hits[str(path)] = len(leaked)
+    return hits
+
+
+@pytest.fixture
+def dagster_instance(tmp_path: Path):
+    """A Dagster instance whose event storage lives under the test's own directory."""
+    import dagster as dg
+
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        yield instance

@@ -1,0 +1,102 @@
+"""The whole nightly job, end to end, on a small generated population (issue: pipeline spine)."""
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven import synthetic
+from safehaven.home import Home
+from safehaven.runner import run_nightly
+from safehaven.store import Store
+from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+
+PATIENTS = 300
+
+
+def _drop(home: Home, seed: int = 7) -> set[str]:
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=seed, defect_rate=0.01)
+    return seeded_nhs_numbers(home.incoming)
+
+
+def _counts(home: Home) -> dict[str, int]:
+    with Store(home).connect(read_only=True) as con:
+        tables = con.execute(
+            "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+            "WHERE table_catalog = 'store' AND table_schema IN ('landing', 'haven', 'published') "
+            "AND table_type = 'BASE TABLE'"
+        ).fetchall()
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for (t,) in tables}
+
+
+@pytest.fixture
+def first_run(home: Home, dagster_instance) -> tuple[Home, set[str], object]:
+    seeded = _drop(home)
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok, [s for s in stages if s.checks_failed]
+    return home, seeded, stages
+
+
+def test_full_job_materialises_every_stage(first_run) -> None:
+    home, _, stages = first_run
+    names = {s.asset for s in stages}
+    for prefix in ("landing/", "validated/", "governance/objection_register", "haven/", "published/"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    assert all(s.rows_in is not None and s.rows_out is not None for s in stages)
+    haven_rows = {s.asset: s.rows_out for s in stages if s.asset.startswith("haven/")}
+    assert all(n > 0 for n in haven_rows.values())
+    for name in ("gp_activity", "hospital_admissions", "social_care_users"):
+        assert (home.published / f"{name}.csv").exists()
+        assert (home.published / f"{name}.parquet").exists()
+    assert home.published_db.exists()
+
+
+def test_no_seeded_nhs_number_in_any_file_or_event_log(first_run, tmp_path: Path) -> None:
+    home, seeded, _ = first_run
+    assert len(seeded) > 100
+    assert leaked_nhs_numbers([home.root, tmp_path / "dagster_home"], seeded) == {}
+
+
+def test_received_files_are_removed_once_landed(first_run) -> None:
+    home, _, _ = first_run
+    assert not [p for p in home.incoming.rglob("*") if p.is_file()]
+
+
+def test_store_cannot_be_opened_without_its_key(first_run) -> None:
+    home, _, _ = first_run
+    with pytest.raises(duckdb.Error):
+        duckdb.connect(str(home.store_file), read_only=True)
+    con = duckdb.connect()
+    with pytest.raises(duckdb.Error):
+        con.execute(f"ATTACH '{home.store_file}' AS s (ENCRYPTION_KEY '{'00' * 32}', READ_ONLY)")
+
+
+def test_rerun_of_the_same_drop_is_idempotent(first_run, dagster_instance) -> None:
+    home, _, _ = first_run
+    before = _counts(home)
+    published_before = (home.published / "hospital_admissions.csv").read_bytes()
+    _drop(home)  # the sender sends the very same files again
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok
+    assert _counts(home) == before
+    assert (home.published / "hospital_admissions.csv").read_bytes() == published_before
+    landing = {s.asset: s.rows_in for s in stages if s.asset.startswith("landing/")}
+    assert set(landing.values()) == {0}
+
+
+def test_bad_drop_is_quarantined_and_earlier_data_kept(first_run, dagster_instance) -> None:
+    home, _, _ = first_run
+    before = _counts(home)
+    bad = home.incoming_for("social_care") / "social_care_20990101.csv"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text("local_authority_code,service_type\nE08000025,day_care\n")
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok, "a bad file must not stop the other collections"
+    reason = home.quarantine_for("social_care") / "social_care_20990101.csv.reason.json"
+    assert reason.exists()
+    assert "missing columns" in reason.read_text()
+    assert (home.quarantine_for("social_care") / "social_care_20990101.csv").exists()
+    assert not bad.exists()
+    assert _counts(home) == before
+    landing = {s.asset: s.rows_in for s in stages}
+    assert landing["landing/social_care"] == 0

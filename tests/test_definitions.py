@@ -1,0 +1,46 @@
+"""The Dagster definitions load, and the nightly job, schedule and sensor are wired."""
+
+import dagster as dg
+
+from safehaven.definitions import build_definitions, defs
+
+
+def test_definitions_load() -> None:
+    dg.Definitions.validate_loadable(defs)
+
+
+def test_nightly_job_covers_every_stage() -> None:
+    job = defs.resolve_job_def("nightly")
+    groups = {
+        defs.resolve_assets_def(key).group_names_by_key[key]
+        for key in job.asset_layer.executable_asset_keys
+    }
+    assert {"ingest", "validate", "objections", "pseudonymise", "aggregate", "publish"} <= groups
+
+
+def test_nightly_schedule_runs_at_two_in_london() -> None:
+    schedule = defs.resolve_schedule_def("nightly_0200_london")
+    assert schedule.cron_schedule == "0 2 * * *"
+    assert schedule.execution_timezone == "Europe/London"
+    assert schedule.job_name == "nightly"
+
+
+def test_sensor_on_incoming_starts_the_nightly_job(home) -> None:
+    sensor = defs.resolve_sensor_def("incoming_sensor")
+    ctx = dg.build_sensor_context()
+    assert isinstance(sensor(ctx), dg.SkipReason)
+    drop = home.incoming_for("gp_events")
+    drop.mkdir(parents=True)
+    (drop / "gp_events_20260101.csv").write_text("practice_code\n")
+    ctx = dg.build_sensor_context()
+    result = sensor(ctx)
+    assert isinstance(result, dg.RunRequest)
+    again = sensor(dg.build_sensor_context(cursor=ctx.cursor))
+    assert isinstance(again, dg.SkipReason), "the same files must not start a second run"
+
+
+def test_every_store_asset_shares_the_single_writer_pool() -> None:
+    built = build_definitions()
+    job = built.resolve_job_def("nightly")
+    for key in job.asset_layer.executable_asset_keys:
+        assert built.resolve_assets_def(key).node_def.pool == "safehaven_store"
