@@ -23,7 +23,9 @@ class StageSummary:
     checks_failed: list[str]
 
 
-def run_nightly(home: Home | None = None, instance: dg.DagsterInstance | None = None) -> tuple[bool, list[StageSummary]]:
+def run_nightly(
+    home: Home | None = None, instance: dg.DagsterInstance | None = None
+) -> tuple[bool, list[StageSummary]]:
     """Materialise every asset of the nightly job once; return success and per-asset counts."""
     if home is not None:
         os.environ["SAFEHAVEN_HOME"] = str(home.root)
