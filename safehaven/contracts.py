@@ -21,9 +21,9 @@ adding a contract and a drop folder, with no code change.
 
 from __future__ import annotations
 
+import os
 from datetime import date
 from functools import cached_property
-import os
 from pathlib import Path
 from typing import Literal
 

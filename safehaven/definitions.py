@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import automation, ingest, objections, outputs, publish, pseudonymise, validate
+from assets import automation, ingest, objections, outputs, pseudonymise, publish, validate
 from resources.haven import SafeHavenResource
 from safehaven.contracts import ContractRegistry
 
