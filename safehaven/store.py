@@ -17,12 +17,20 @@ Rules:
   in the clear by the publication step only), ``governance`` (registers, audit, objections).
 * Key material never reaches an error message: a failed attach is re-raised with the key
   removed from DuckDB's text.
+* Physical disposal and store-key rotation rebuild the store (``Store.rebuild``): DuckDB's
+  DELETE leaves bytes in the file (DESIGN.md), so the live tables are copied into a fresh
+  file under a fresh key, which replaces the old file atomically (CoP 43d, 48-50). A journal
+  (``store/rebuild.json``) makes the swap crash-safe: a half-built file is discarded, a
+  half-done swap is completed, the next time the store is opened.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,8 +79,17 @@ class Store:
     def path(self) -> Path:
         return self.home.store_file
 
+    @property
+    def journal(self) -> Path:
+        return self.home.store_dir / "rebuild.json"
+
+    @property
+    def _next_file(self) -> Path:
+        return self.home.store_dir / "haven.duckdb.next"
+
     def check(self) -> None:
         """Refuse to start on unsafe keys (see ``safehaven.keys``) or a store without its key."""
+        self.recover()
         if self.path.exists() and not self.keyring.exists("store"):
             raise StoreError(
                 f"the encrypted store {self.path} exists but its key "
@@ -113,6 +130,69 @@ class Store:
             yield con
         finally:
             con.close()
+
+    def recover(self) -> str | None:
+        """Finish or undo an interrupted rebuild; returns what was done, if anything.
+
+        Journal state ``building``: the new file may be partial, so it and its key are removed
+        (the old store is intact). State ``swapping``: the new file is complete, so the swap is
+        finished: file first, then key, each an atomic rename, each skipped if already done.
+        """
+        if not self.journal.exists():
+            return None
+        state = json.loads(self.journal.read_text())
+        next_key = self.keyring.path("store-next")
+        if state.get("state") == "building":
+            self._next_file.unlink(missing_ok=True)
+            self._next_file.with_name(self._next_file.name + ".wal").unlink(missing_ok=True)
+            next_key.unlink(missing_ok=True)
+            self.journal.unlink()
+            return "discarded a half-built store"
+        if self._next_file.exists():
+            os.replace(self._next_file, self.path)
+        self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
+        if next_key.exists():
+            material = self.keyring.get("store-next").material
+            if self.keyring.get("store").key_id != state["new_key_id"]:
+                self.keyring.write("store", material, replace=True)
+            next_key.unlink()
+        shutil.rmtree(self.home.store_dir / "tmp", ignore_errors=True)
+        self.journal.unlink()
+        return "completed an interrupted store swap"
+
+    def rebuild(self, *, rekey: bool = True, _crash_after: str | None = None) -> dict[str, str]:
+        """Copy the live store into a fresh file (under a fresh key) and swap it in atomically.
+
+        Afterwards no deleted row's bytes remain in the store file, its WAL or temp files, and
+        with ``rekey`` the old file's key is gone too. Returns the old and new key ids.
+        ``_crash_after`` (tests only) stops at a named step to simulate a crash.
+        """
+        self.check()
+        old = self.keyring.get("store")
+        new_material = secrets.token_bytes(32) if rekey else old.material
+        self._next_file.unlink(missing_ok=True)
+        with self.connect() as con:  # opening runs recovery, so the journal starts after it
+            self._write_journal({"state": "building"})
+            new_key = self.keyring.write("store-next", new_material, replace=True, record=False)
+            con.execute("CHECKPOINT")
+            con.execute(f"ATTACH '{self._next_file}' AS _next (ENCRYPTION_KEY '{new_key.hex}')")
+            con.execute(f"COPY FROM DATABASE {CATALOG} TO _next")
+            con.execute("DETACH _next")
+        fd = os.open(self._next_file, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        if _crash_after == "build":
+            raise RuntimeError("simulated crash after build")
+        self._write_journal({"state": "swapping", "new_key_id": new_key.key_id})
+        if _crash_after == "journal":
+            raise RuntimeError("simulated crash before swap")
+        self.recover()
+        return {"old_key_id": old.key_id, "new_key_id": new_key.key_id}
+
+    def _write_journal(self, state: dict[str, str]) -> None:
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.journal)
 
     def table_exists(self, con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
         row = con.execute(
