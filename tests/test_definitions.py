@@ -44,3 +44,18 @@ def test_every_store_asset_shares_the_single_writer_pool() -> None:
     job = built.resolve_job_def("nightly")
     for key in job.asset_layer.executable_asset_keys:
         assert built.resolve_assets_def(key).node_def.pool == "safehaven_store"
+
+
+def test_instance_settings_limit_the_store_pool_to_one(tmp_path) -> None:
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent.parent / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        config = instance.get_concurrency_config()
+        assert config.pool_config.default_pool_limit == 1
+        limits = config.run_queue_config.tag_concurrency_limits
+        assert {"key": "safehaven/store", "limit": 1} in limits
+    finally:
+        instance.dispose()
