@@ -1,0 +1,161 @@
+"""The release assets (assets/releases.py): one per agreement, skip, refuse, release; and end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from assets.releases import GROUP, build, release_key
+from resources.haven import SafeHavenResource
+from safehaven import audit, synthetic
+from safehaven import registers as reg
+from safehaven.agreements import load_agreements
+from safehaven.contracts import ContractRegistry
+from safehaven.definitions import build_definitions
+from safehaven.home import Home
+from safehaven.identifiers import is_valid_nhs
+from safehaven.keys import VAULT, KeyRing
+from safehaven.releases import MANIFEST, verify_release
+from safehaven.runner import run_nightly
+from safehaven.store import Store
+from safehaven.subject_access import subject_access
+from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+from tests.governance_helpers import agreement_data, contracts_root, small_haven, write_agreement
+
+
+@pytest.fixture
+def registry(home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ContractRegistry:
+    root = contracts_root(tmp_path)
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(root))
+    registry = ContractRegistry(root)
+    with Store(home).connect() as con:
+        small_haven(con, KeyRing(home.keys), registry)
+    return registry
+
+
+def _materialize(registry: ContractRegistry, agreement_id: str, instance: dg.DagsterInstance):
+    assets = [a for a in build(registry) if release_key(agreement_id) in a.keys]
+    return dg.materialize(assets, resources={"haven": SafeHavenResource()}, instance=instance, raise_on_error=False)
+
+
+def test_one_release_asset_per_agreement_in_the_release_group() -> None:
+    defs = build_definitions()
+    job = defs.resolve_job_def("nightly")
+    for agreement_id, agreement in load_agreements().items():
+        key = release_key(agreement_id)
+        assert key in job.asset_layer.executable_asset_keys
+        spec = defs.resolve_assets_def(key)
+        assert spec.group_names_by_key[key] == GROUP
+        assert spec.node_def.pool == "safehaven_store"
+        deps = {d.to_user_string() for d in spec.asset_deps[key]}
+        assert {f"haven/{c}" for c in agreement.collections} <= deps
+
+
+def test_release_asset_materialises_with_counts_only(home: Home, registry: ContractRegistry, dagster_instance) -> None:
+    write_agreement(registry.root, agreement_data())
+    result = _materialize(registry, "test-linked", dagster_instance)
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    meta = event.event_specific_data.materialization.metadata  # type: ignore[union-attr]
+    assert meta["release_id"].value == "test-linked-r0001"
+    assert meta["rows_out"].value > 0 and meta["records_withheld_objections"].value == 3
+    assert (home.releases / "test-linked" / "test-linked-r0001" / MANIFEST).exists()
+
+
+@pytest.mark.parametrize(
+    "approval",
+    [{"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "audit due"},
+     {"status": "expired", "approver": "Dr X, CG", "date": "2020-01-01"}],
+    ids=["suspended", "expired"],
+)
+def test_suspended_or_expired_agreement_skips_and_writes_nothing(
+    home: Home, registry: ContractRegistry, dagster_instance, approval: dict
+) -> None:
+    write_agreement(registry.root, agreement_data(approval=approval))
+    result = _materialize(registry, "test-linked", dagster_instance)
+    assert result.success
+    assert result.get_asset_materialization_events() == []
+    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    meta = observations[0].event_specific_data.asset_observation.metadata  # type: ignore[union-attr]
+    assert meta["released"].value is False and approval["status"] in meta["reason"].value
+    assert not (home.releases / "test-linked").exists()
+    with Store(home).connect(read_only=True) as con:
+        assert reg.releases(con) == []
+
+
+def test_suspension_takes_effect_without_reloading_definitions(
+    home: Home, registry: ContractRegistry, dagster_instance
+) -> None:
+    path = write_agreement(registry.root, agreement_data())
+    assets = [a for a in build(registry) if release_key("test-linked") in a.keys]  # built while approved
+    path.write_text(path.read_text().replace("status: approved", "status: suspended\n  reason: stop now"))
+    result = dg.materialize(assets, resources={"haven": SafeHavenResource()}, instance=dagster_instance)
+    assert result.get_asset_materialization_events() == []
+    assert not (home.releases / "test-linked").exists()
+
+
+def test_unlisted_linkage_fails_the_asset_and_is_registered(
+    home: Home, registry: ContractRegistry, dagster_instance
+) -> None:
+    write_agreement(registry.root, agreement_data(linkages=[]))
+    result = _materialize(registry, "test-linked", dagster_instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "no agreement names a linkage of hospital_episodes and social_care" in str(failure.event_specific_data)
+    with Store(home).connect(read_only=True) as con:
+        assert [b["kind"] for b in reg.breaches(con)] == ["refused_linkage"]
+    assert not (home.releases / "test-linked").exists()
+
+
+def test_unreadable_agreement_gets_a_failing_asset(home: Home, registry: ContractRegistry, dagster_instance) -> None:
+    (registry.root / "agreements" / "broken.yaml").write_text("id: broken\n")
+    result = _materialize(registry, "broken", dagster_instance)
+    assert not result.success
+
+
+# --- end to end -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_instance) -> None:
+    synthetic.generate(home.incoming, patients=300, seed=11, defect_rate=0.01)
+    seeded = seeded_nhs_numbers(home.incoming)
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok, [s for s in stages if s.checks_failed]
+    released = {s.asset for s in stages if s.asset.startswith("release/")}
+    assert released == {"release/research-hes-asc-linked", "release/anon-linked-stats", "release/statutory-gp-audit"}
+    assert not (home.releases / "risk-stratification").exists()      # suspended
+    assert not (home.releases / "flu-surveillance-2024").exists()    # expired
+    assert not (home.releases / "cohort-consent-study").exists()     # draft
+
+    with Store(home).connect(read_only=True) as con:
+        rows = reg.releases(con)
+        assert audit.verify(con, home).ok
+        members = con.execute("SELECT release_id, count(DISTINCT pid) FROM governance.release_members "
+                              "GROUP BY ALL").fetchall()
+    assert {r["agreement_id"] for r in rows} == {"research-hes-asc-linked", "anon-linked-stats", "statutory-gp-audit"}
+    for row in rows:  # the register matches what was written, row for row
+        directory = home.releases / row["agreement_id"] / row["release_id"]
+        assert hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest() == row["manifest_sha256"]
+        assert verify_release(directory) == []
+        manifest = json.loads((directory / MANIFEST).read_text())
+        written = sum(duckdb.sql(f"SELECT count(*) FROM '{directory / f['name']}'").fetchone()[0]
+                      for f in manifest["files"])
+        assert written == row["records_released"]
+    assert dict(members) == {r["release_id"]: r["people_released"] for r in rows if r["people_released"] is not None}
+
+    # no seeded NHS number in any release file, manifest or register (nor anywhere else)
+    assert leaked_nhs_numbers([home.releases, home.registers, home.root], seeded) == {}
+
+    # subject access for someone in the statutory GP release lists it
+    if not KeyRing(home.keys).exists(VAULT):
+        KeyRing(home.keys).create_keypair(VAULT)
+    with Store(home).connect() as con:
+        reports = [subject_access(con, n, home=home) for n in sorted(filter(is_valid_nhs, seeded))[:40]]
+    statutory = next(r for r in rows if r["agreement_id"] == "statutory-gp-audit")["release_id"]
+    assert any(statutory in [x["release_id"] for x in r.releases] for r in reports)

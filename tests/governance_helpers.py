@@ -1,0 +1,165 @@
+"""Shared helpers for the agreements, linkage, releases and subject-access tests.
+
+``small_haven`` builds haven tables through the real pseudonymisation SQL
+(``safehaven.pseudonymise.haven_select_sql``) from a few known test NHS numbers, so pids are
+genuine HMACs and a test can ask about a person by NHS number. The population is shaped so
+that k-anonymity has work to do: a large group, a group of ten, and two unique people.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import yaml
+
+from safehaven import objections
+from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.identifiers import check_digit
+from safehaven.ingest import BATCHES
+from safehaven.keys import KeyRing
+from safehaven.pseudonymise import haven_select_sql, install_key, pseudonym
+from safehaven.rules import q
+
+TODAY = date.today()
+
+
+def valid_test_numbers(n: int) -> list[str]:
+    """``n`` valid NHS numbers in the never-issued 999 range."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        nine = f"999{i:06d}"
+        digit = check_digit(nine)
+        if digit is not None:
+            out.append(nine + str(digit))
+        i += 1
+    return out
+
+
+NHS = valid_test_numbers(60)
+#: people in the big group, the group of ten, and two unique people (indexes into NHS)
+BIG, TEN, UNIQUE = range(0, 40), range(40, 50), (50, 51)
+OPTED_OUT, WITHDRAWN, TYPE1 = 3, 5, 7
+
+
+def contracts_root(tmp_path: Path) -> Path:
+    """A copy of the project's collections and code lists with an empty agreements folder."""
+    root = tmp_path / "data_contracts"
+    for sub in ("collections", "code_lists"):
+        shutil.copytree(CONTRACTS_DIR / sub, root / sub)
+    (root / "agreements").mkdir()
+    return root
+
+
+BASE: dict[str, Any] = {
+    "id": "test-linked",
+    "version": "1.0.0",
+    "title": "A linked pseudonymised test extract",
+    "instrument": "contract",
+    "recipient": {"name": "Test University (synthetic)", "public_body": False},
+    "purposes": ["Research into the transition from hospital to adult social care."],
+    "legal_basis": {"basis": "section_251", "reference": "CAG 00/CAG/0000 (synthetic)"},
+    "identifiability": "pseudonymised",
+    "collections": ["hospital_episodes", "social_care"],
+    "fields": [
+        {"collection": "hospital_episodes", "field": "date_of_birth",
+         "justification": "Age at admission is the main confounder of the outcome."},
+        {"collection": "hospital_episodes", "field": "sex",
+         "justification": "Outcomes differ by sex and the analysis is stratified by it."},
+        {"collection": "hospital_episodes", "field": "admission_date",
+         "justification": "Length of stay is an exposure of the study."},
+        {"collection": "social_care", "field": "service_type",
+         "justification": "The kind of care started after discharge is the outcome."},
+    ],
+    "linkages": [{"left": "hospital_episodes", "right": "social_care",
+                  "purpose": "Link hospital episodes to the social care that follows."}],
+    "coarsening": {"dob": "year", "postcode": "none"},
+    "k_anonymity": 5,
+    "onward_sharing": {"permitted": False, "terms": "No onward sharing."},
+    "publication": {"licence": "CC-BY-4.0", "terms": "Open access papers only."},
+    "start_date": "2025-01-01",
+    "end_date": "2099-12-31",
+    "retention": {"days": 365, "destruction": "Destroyed at the end, certified.",
+                  "on_breach": "Destroyed on notice, certified."},
+    "audit": "Annual audit by the haven.",
+    "penalties": "Termination and a report to the ICO.",
+    "approval": {"status": "approved", "approver": "Dr Test, Caldicott Guardian", "date": "2025-01-01"},
+}
+
+
+def agreement_data(**overrides: Any) -> dict[str, Any]:
+    """The base agreement with top-level keys replaced."""
+    data = copy.deepcopy(BASE)
+    data.update(copy.deepcopy(overrides))
+    return data
+
+
+def write_agreement(root: Path, data: dict[str, Any]) -> Path:
+    path = root / "agreements" / f"{data['id']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: ContractRegistry) -> dict[str, str]:
+    """Build ``haven.<collection>`` and the objection register; returns NHS number -> pid."""
+    key = keyring.get_or_create("haven")
+    install_key(con, "haven", key.material)
+    people = con.execute(
+        "CREATE OR REPLACE TEMP TABLE _people AS SELECT i, nhs, "
+        f"CASE WHEN i < {TEN.start} THEN DATE '1950-06-15' WHEN i < {TEN.stop} THEN DATE '1960-03-10' "
+        f"WHEN i = {UNIQUE[0]} THEN DATE '1930-01-20' ELSE DATE '1925-05-05' END AS date_of_birth, "
+        f"CASE WHEN i < {TEN.start} THEN '1' WHEN i < {TEN.stop} THEN '2' WHEN i = {UNIQUE[0]} THEN '9' "
+        "ELSE '1' END AS sex, 'LS1 4AP' AS postcode "
+        "FROM (SELECT unnest(range(len(?))) AS i, unnest(?) AS nhs)",
+        [NHS[:52], NHS[:52]],
+    )
+    del people
+    rows = {
+        "hospital_episodes": (
+            "SELECT 'RR8' AS provider_code, nhs AS nhs_number, date_of_birth, sex, postcode, "
+            "DATE '2025-11-01' + CAST(i + e * 40 AS INTEGER) AS admission_date, "
+            "DATE '2025-11-03' + CAST(i + e * 40 AS INTEGER) AS discharge_date, 'S72' AS primary_diagnosis "
+            "FROM _people, range(2) t(e)"
+        ),
+        "social_care": (
+            "SELECT 'E09000028' AS local_authority_code, 'short_term_reablement' AS service_type, "
+            "DATE '2025-11-10' + CAST(i AS INTEGER) AS start_date, NULL::DATE AS end_date, nhs AS nhs_number, "
+            f"date_of_birth, sex, postcode FROM _people WHERE i < 30 OR i BETWEEN 40 AND 44 OR i = {UNIQUE[0]}"
+        ),
+        "gp_events": (
+            "SELECT CASE WHEN i % 2 = 0 THEN 'A81001' ELSE 'A81002' END AS practice_code, nhs AS nhs_number, "
+            "date_of_birth, sex, postcode, DATE '2025-12-01' + CAST(e AS INTEGER) AS event_date, "
+            "'44054006' AS diagnosis_code FROM _people, range(3) t(e)"
+        ),
+    }
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {BATCHES} (batch_id VARCHAR PRIMARY KEY, collection VARCHAR, file_name VARCHAR, "
+        "sha256 VARCHAR, rows BIGINT, landed_at TIMESTAMPTZ, status VARCHAR, invalid_rows BIGINT, "
+        "validated_at TIMESTAMPTZ, contract_version VARCHAR)"
+    )
+    for c, sql in rows.items():
+        contract = registry.contracts[c]
+        cols = ", ".join(q(f) for f in contract.field_names)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _src AS SELECT {cols}, 'b-{c}' AS _batch, "
+                    f"row_number() OVER () AS _row FROM ({sql})")
+        con.execute(f"CREATE OR REPLACE TABLE haven.{c} AS {haven_select_sql(contract, '_src')}")
+        con.execute(f"INSERT INTO {BATCHES} (batch_id, collection, landed_at, status) "
+                    f"VALUES ('b-{c}', '{c}', now() - INTERVAL 1 DAY, 'accepted')")
+    objections.ensure_tables(con)
+    pids = {n: pseudonym(key.material, n) for n in NHS}
+    events = [
+        (1, pids[NHS[OPTED_OUT]], "national_opt_out", date(2024, 1, 1), None),
+        (2, pids[NHS[WITHDRAWN]], "national_opt_out", date(2024, 1, 1), date(2024, 6, 1)),
+        (3, pids[NHS[TYPE1]], "type1", date(2024, 1, 1), None),
+    ]
+    con.executemany(
+        f"INSERT INTO {objections.EVENTS} (event_id, pid, objection_type, recorded_date, withdrawn_date, "
+        "_batch, _row, registered_at) VALUES (?, ?, ?, ?, ?, 'b-objections', 1, now())",
+        events,
+    )
+    return pids

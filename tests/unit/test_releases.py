@@ -1,0 +1,421 @@
+"""Tests for ``safehaven.releases``: minimum-necessary releases under agreements.
+
+The issue's required properties: an unlisted linkage is refused and registered; a release
+carries exactly the listed fields; expired and suspended agreements release nothing;
+k-anonymity violations are suppressed or refused; the release register matches what was
+written, row for row; no seeded NHS number appears in any release file, manifest or register.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safehaven import audit, vault
+from safehaven import registers as reg
+from safehaven.agreements import Agreement
+from safehaven.contracts import ContractRegistry
+from safehaven.home import Home
+from safehaven.keys import VAULT, KeyRing, agreement_key
+from safehaven.linkage import LinkageRefused
+from safehaven.pseudonymise import release_pseudonym
+from safehaven.releases import MANIFEST, PERSON_ID, ReleaseRefused, k_anonymise, release, verify_release
+from safehaven.store import Store
+from tests.conftest import leaked_nhs_numbers
+from tests.governance_helpers import (
+    BASE,
+    NHS,
+    OPTED_OUT,
+    TEN,
+    TYPE1,
+    UNIQUE,
+    WITHDRAWN,
+    agreement_data,
+    contracts_root,
+    small_haven,
+    write_agreement,
+)
+
+
+@dataclass
+class Haven:
+    home: Home
+    con: duckdb.DuckDBPyConnection
+    registry: ContractRegistry
+    keyring: KeyRing
+    pids: dict[str, str]
+
+    def add(self, **overrides: Any) -> str:
+        data = agreement_data(**overrides)
+        write_agreement(self.registry.root, data)
+        return data["id"]
+
+    def release(self, agreement_id: str):
+        return release(self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring)
+
+    def parquet(self, path: Path) -> duckdb.DuckDBPyRelation:
+        return duckdb.sql(f"SELECT * FROM '{path}'")
+
+
+@pytest.fixture
+def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    registry = ContractRegistry(contracts_root(tmp_path))
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        pids = small_haven(con, keyring, registry)
+        yield Haven(home, con, registry, keyring, pids)
+
+
+def _files(result) -> dict[str, Path]:
+    return {f.collection: result.directory / f.name for f in result.files}
+
+
+# --- what a release holds ---------------------------------------------------------------
+
+
+def test_release_carries_exactly_the_listed_fields(haven: Haven) -> None:
+    result = haven.release(haven.add())
+    assert result.status == "released" and result.release_id == "test-linked-r0001"
+    files = _files(result)
+    assert set(files) == {"hospital_episodes", "social_care"}
+    assert haven.parquet(files["hospital_episodes"]).columns == [PERSON_ID, "birth_year", "sex", "admission_date"]
+    assert haven.parquet(files["social_care"]).columns == [PERSON_ID, "service_type"]
+    assert sorted(p.name for p in result.directory.iterdir()) == sorted([MANIFEST, "hospital_episodes.parquet",
+                                                                         "social_care.parquet"])
+    manifest = json.loads((result.directory / MANIFEST).read_text())
+    listed = [(f["collection"], f["field"]) for f in manifest["controls"]["minimum_necessary"]["fields"]]
+    assert listed == [(f["collection"], f["field"]) for f in BASE["fields"]]
+    assert manifest["contracts"] == {"hospital_episodes": "1.0.0", "social_care": "1.0.0"}
+    assert manifest["agreement"]["version"] == "1.0.0" and len(manifest["agreement"]["sha256"]) == 64
+    assert verify_release(result.directory) == []
+
+
+def test_week_of_birth_and_district_when_the_agreement_allows_them(haven: Haven) -> None:
+    fields = BASE["fields"] + [{"collection": "social_care", "field": "postcode",
+                                "justification": "Area deprivation is a confounder of care provision."}]
+    aid = haven.add(coarsening={"dob": "week", "postcode": "district"}, fields=fields, k_anonymity=2)
+    files = _files(haven.release(aid))
+    assert "birth_week" in haven.parquet(files["hospital_episodes"]).columns
+    districts = haven.parquet(files["social_care"]).select("postcode_district").fetchall()
+    assert {d for (d,) in districts} <= {"LS1", None}
+
+
+def test_linked_cohort_objections_and_pseudonyms(haven: Haven) -> None:
+    result = haven.release(haven.add())
+    # cohort: people with social care (0-29, 40-44, 50), minus the opted-out person
+    assert result.people_released == 35
+    assert result.records_withheld == 3  # two episodes and one service of the opted-out person
+    assert result.optouts_applied and "section_251" in result.optouts_reason
+    members = {p for (p,) in haven.con.execute(
+        "SELECT pid FROM governance.release_members WHERE release_id = ?", [result.release_id]).fetchall()}
+    assert haven.pids[NHS[OPTED_OUT]] not in members
+    assert haven.pids[NHS[WITHDRAWN]] in members, "a withdrawn objection no longer withholds"
+    assert len(members) == result.people_released
+    # the file's pseudonyms are the agreement's own, computed from exactly these members
+    key = agreement_key(haven.keyring, "test-linked")
+    expected = {release_pseudonym(key, pid) for pid in members}
+    released = {p for (p,) in haven.parquet(_files(result)["hospital_episodes"]).select(PERSON_ID).fetchall()}
+    assert released == expected
+    assert not released & set(haven.pids.values()), "haven pseudonyms never leave"
+
+
+def test_two_recipients_cannot_join_their_extracts(haven: Haven) -> None:
+    a = haven.release(haven.add())
+    b = haven.release(haven.add(id="other-recipient"))
+    ids_a = {p for (p,) in haven.parquet(_files(a)["hospital_episodes"]).select(PERSON_ID).fetchall()}
+    ids_b = {p for (p,) in haven.parquet(_files(b)["hospital_episodes"]).select(PERSON_ID).fetchall()}
+    assert len(ids_a) == len(ids_b) == 35 and not ids_a & ids_b
+
+
+def test_statutory_release_overrules_opt_outs_and_says_why(haven: Haven) -> None:
+    aid = haven.add(id="statutory", instrument="agreement", recipient={"name": "NHS England", "public_body": True},
+                    legal_basis={"basis": "statutory", "reference": "HSCA 2012 s259 direction"},
+                    collections=["gp_events"], linkages=[], fields=[
+                        {"collection": "gp_events", "field": "diagnosis_code",
+                         "justification": "The audit counts these diagnoses by practice."}])
+    result = haven.release(aid)
+    assert not result.optouts_applied and "required by law" in result.optouts_reason
+    assert result.records_withheld == 0 and result.objector_records_included == 6  # 3 events each, 2 objectors
+    row = reg.releases(haven.con, aid)[0]
+    assert row["opt_outs_applied"] is False and "required by law" in row["opt_outs_reason"]
+
+
+# --- nothing released -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"approval": {"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "audit due"}},
+         "is suspended: audit due"),
+        ({"approval": {"status": "expired", "approver": "Dr X, CG", "date": "2020-01-01"}}, "expired"),
+        ({"start_date": "2020-01-01", "end_date": "2021-01-01",
+          "approval": {"status": "approved", "approver": "Dr X, CG", "date": "2019-12-01"}}, "expired on 2021-01-01"),
+        ({"approval": {"status": "draft"}}, "is a draft"),
+        ({"start_date": "2099-01-01"}, "starts on 2099-01-01"),
+    ],
+    ids=["suspended", "expired-status", "expired-by-date", "draft", "not-started"],
+)
+def test_agreements_not_in_force_release_nothing(haven: Haven, overrides: dict, words: str) -> None:
+    result = haven.release(haven.add(**overrides))
+    assert result.status == "skipped" and words in result.reason
+    assert not (haven.home.releases / "test-linked").exists()
+    assert reg.releases(haven.con) == []
+    assert haven.con.execute("SELECT count(*) FROM governance.release_members").fetchone()[0] == 0
+    entry = audit.entries_for(haven.con)[-1]
+    assert (entry.action, entry.outcome, entry.agreement) == ("release", "skipped", "test-linked")
+    assert not any(e.action == "read" for e in audit.entries_for(haven.con)), "no confidential data was read"
+
+
+def test_unlisted_linkage_is_refused_and_registered(haven: Haven) -> None:
+    aid = haven.add(linkages=[])
+    with pytest.raises(LinkageRefused, match="no agreement names a linkage of hospital_episodes and social_care"):
+        haven.release(aid)
+    breaches = reg.breaches(haven.con)
+    assert [(b["kind"], b["severity"]) for b in breaches] == [("refused_linkage", 0)]
+    assert not (haven.home.releases / aid).exists() and reg.releases(haven.con) == []
+    refused = [e for e in audit.entries_for(haven.con) if e.outcome == "refused"]
+    assert refused and refused[-1].action == "link"
+
+
+def test_agreement_without_a_legal_basis_is_refused_as_a_breach(haven: Haven) -> None:
+    aid = haven.add(legal_basis={"basis": "anonymised"})
+    with pytest.raises(ReleaseRefused, match="pseudonymised level with legal basis 'anonymised'"):
+        haven.release(aid)
+    assert [b["kind"] for b in reg.breaches(haven.con)] == ["no_legal_basis"]
+    assert not (haven.home.releases / aid).exists()
+
+
+def test_unreadable_agreement_is_refused(haven: Haven) -> None:
+    (haven.registry.root / "agreements" / "broken.yaml").write_text("id: broken\nversion: 1\n")
+    with pytest.raises(ReleaseRefused, match="broken.yaml is not valid"):
+        haven.release("broken")
+    assert [b["kind"] for b in reg.breaches(haven.con)] == ["invalid_agreement"]
+
+
+# --- k-anonymity ------------------------------------------------------------------------
+
+
+def _smallest_group(haven: Haven, files: dict[str, Path], qis: list[str]) -> int:
+    """The smallest number of people sharing one released quasi-identifier combination."""
+    cols = ", ".join(f"coalesce(CAST({c} AS VARCHAR), '*')" for c in qis)
+    return duckdb.sql(
+        f"SELECT min(n) FROM (SELECT count(*) AS n FROM (SELECT {PERSON_ID}, list_sort(list(DISTINCT "
+        f"concat_ws('|', {cols}))) AS sig FROM '{files['hospital_episodes']}' GROUP BY ALL) GROUP BY sig)"
+    ).fetchone()[0]
+
+
+def test_small_groups_are_suppressed_locally(haven: Haven) -> None:
+    result = haven.release(haven.add())
+    k = result.k
+    assert k is not None and k.people_below_k == 1 and k.groups_below_k == 1  # the unique person in the cohort
+    assert k.suppression_order == ["birth_year", "sex"]
+    assert k.people_generalised == {"birth_year": 1, "sex": 1}
+    assert k.people_merged_into_suppressed_group == 5  # the group of five completes the suppressed group
+    assert k.people_removed == 0 and k.smallest_group_after >= 5
+    files = _files(result)
+    assert _smallest_group(haven, files, ["birth_year", "sex"]) >= 5
+    unique = release_pseudonym(agreement_key(haven.keyring, "test-linked"), haven.pids[NHS[UNIQUE[0]]])
+    rows = haven.parquet(files["hospital_episodes"]).filter(f"{PERSON_ID} = '{unique}'").fetchall()
+    assert len(rows) == 2 and all(r[1] is None and r[2] is None for r in rows), "kept, with its QIs suppressed"
+    manifest = json.loads((result.directory / MANIFEST).read_text())
+    assert manifest["controls"]["k_anonymity"]["k"] == 5
+    assert manifest["controls"]["k_anonymity"]["people_below_k_before"] == 1
+
+
+def test_small_groups_refused_when_the_agreement_says_so(haven: Haven) -> None:
+    aid = haven.add(small_groups="refuse")
+    with pytest.raises(ReleaseRefused, match="k-anonymity: 1 people in 1 groups .* smaller than k=5"):
+        haven.release(aid)
+    assert not (haven.home.releases / aid).exists() and reg.releases(haven.con) == []
+    assert audit.entries_for(haven.con)[-1].outcome == "refused"
+
+
+def test_release_refused_when_too_many_people_would_be_removed(haven: Haven) -> None:
+    with pytest.raises(ReleaseRefused, match="exceed the agreement's max_suppressed_share"):
+        haven.release(haven.add(k_anonymity=50))
+
+
+def test_people_removed_when_the_agreement_allows_it(haven: Haven) -> None:
+    result = haven.release(haven.add(k_anonymity=50, max_suppressed_share=1.0))
+    assert result.k is not None and result.k.people_removed == 35
+    assert result.records_released == 0 and result.people_released == 0
+
+
+def test_single_collection_groups(haven: Haven) -> None:
+    """Everyone in the GP file; the group of ten and the two unique people."""
+    aid = haven.add(id="gp-only", collections=["gp_events"], linkages=[], fields=[
+        {"collection": "gp_events", "field": "date_of_birth", "justification": "Age is needed for the indicators."},
+        {"collection": "gp_events", "field": "sex", "justification": "Some indicators are sex-specific."},
+    ])
+    result = haven.release(aid)
+    assert result.k is not None and result.k.people_below_k == 2  # the two unique people
+    # 52 people, minus the national opt-out and, GP data being GP-sourced, the type 1 objector
+    assert result.people_released == 50 and result.records_withheld == 6
+    assert result.k.people_removed == 0 and result.k.smallest_group_after >= 5
+    members = {p for (p,) in haven.con.execute("SELECT pid FROM governance.release_members").fetchall()}
+    assert haven.pids[NHS[TYPE1]] not in members and haven.pids[NHS[TEN.start]] in members
+
+
+# --- registers, members, and no identifiers ---------------------------------------------
+
+
+def test_register_matches_what_was_written_row_for_row(haven: Haven) -> None:
+    first = haven.release(haven.add())
+    second = haven.release("test-linked")
+    anon = haven.release(haven.add(id="anon-test", instrument="agreement",
+                                   recipient={"name": "The public", "public_body": True},
+                                   identifiability="anonymised", legal_basis={"basis": "anonymised"}))
+    assert [first.release_id, second.release_id] == ["test-linked-r0001", "test-linked-r0002"]
+    rows = reg.releases(haven.con)
+    assert [r["release_id"] for r in rows] == ["test-linked-r0001", "test-linked-r0002", "anon-test-r0001"]
+    on_disk = {p.parent.name for p in haven.home.releases.rglob(MANIFEST)}
+    assert on_disk == {r["release_id"] for r in rows}
+    for row in rows:
+        directory = haven.home.releases / row["agreement_id"] / row["release_id"]
+        manifest_bytes = (directory / MANIFEST).read_bytes()
+        import hashlib
+
+        assert hashlib.sha256(manifest_bytes).hexdigest() == row["manifest_sha256"]
+        manifest = json.loads(manifest_bytes)
+        assert verify_release(directory) == []
+        rows_on_disk = sum(duckdb.sql(f"SELECT count(*) FROM '{directory / f['name']}'").fetchone()[0]
+                           for f in manifest["files"])
+        assert rows_on_disk == row["records_released"] == manifest["records_released"]
+        assert row["files"] == len(manifest["files"])
+        assert row["collections"] == ", ".join(manifest["contracts"])
+        members = haven.con.execute("SELECT count(DISTINCT pid) FROM governance.release_members "
+                                    "WHERE release_id = ?", [row["release_id"]]).fetchone()[0]
+        assert members == (row["people_released"] or 0)
+    # the exported files say the same
+    csv = duckdb.sql(f"SELECT release_id, records_released FROM '{haven.home.registers}/data_release_register.csv' "
+                     "ORDER BY release_id").fetchall()
+    assert csv == sorted((r["release_id"], r["records_released"]) for r in rows)
+    assert anon.people_released is None
+
+
+def test_anonymised_release_is_protected_counts(haven: Haven) -> None:
+    result = haven.release(haven.add(id="anon-test", instrument="agreement",
+                                     recipient={"name": "The public", "public_body": True},
+                                     identifiability="anonymised", legal_basis={"basis": "anonymised"}))
+    assert not result.optouts_applied and "anonymised" in result.optouts_reason
+    table = haven.parquet(_files(result)["hospital_episodes"])
+    assert PERSON_ID not in table.columns and {"people", "suppressed"} <= set(table.columns)
+    assert "admission_date_month" in table.columns
+    counts = table.select("people, suppressed").fetchall()
+    assert all(n is None or (n % 5 == 0 and not 1 <= n <= 7) for n, _ in counts)
+    assert {s for _, s in counts} <= {None, "suppressed"}
+    assert haven.con.execute("SELECT count(*) FROM governance.release_members WHERE agreement_id = 'anon-test'"
+                             ).fetchone()[0] == 0
+    manifest = json.loads((result.directory / MANIFEST).read_text())
+    assert "statistical_disclosure_control" in manifest["controls"]
+
+
+def test_no_seeded_nhs_number_in_any_release_manifest_or_register(haven: Haven) -> None:
+    haven.release(haven.add())
+    haven.release(haven.add(id="anon-test", instrument="agreement", recipient={"name": "Public", "public_body": True},
+                            identifiability="anonymised", legal_basis={"basis": "anonymised"}))
+    haven.add(id="refused-one", linkages=[])
+    with pytest.raises(LinkageRefused):
+        haven.release("refused-one")
+    assert leaked_nhs_numbers([haven.home.releases, haven.home.registers], set(NHS)) == {}
+    assert any(haven.home.releases.rglob("*.parquet")) and any(haven.home.registers.glob("*.csv"))
+
+
+def test_every_release_is_audited_with_its_reads(haven: Haven) -> None:
+    result = haven.release(haven.add())
+    actions = [(e.action, e.object, e.outcome) for e in audit.entries_for(haven.con, agreement="test-linked")]
+    assert actions == [
+        ("link", "linkage:haven.hospital_episodes+haven.social_care", "ok"),
+        ("read", "haven.hospital_episodes", "ok"),
+        ("read", "haven.social_care", "ok"),
+        ("release", f"release:{result.release_id}", "ok"),
+    ]
+    assert audit.verify(haven.con).ok
+
+
+# --- identifiable level -----------------------------------------------------------------
+
+
+IDENTIFIABLE = {
+    "id": "consented",
+    "identifiability": "identifiable",
+    "legal_basis": {"basis": "consent", "reference": "Consent form v4"},
+    "collections": ["hospital_episodes"],
+    "linkages": [],
+    "fields": [
+        {"collection": "hospital_episodes", "field": "nhs_number",
+         "justification": "Matches episodes to consented participants in the trial database."},
+        {"collection": "hospital_episodes", "field": "admission_date",
+         "justification": "Readmission is the trial's primary outcome."},
+    ],
+}
+
+
+def _vault(haven: Haven) -> None:
+    public = haven.keyring.create_keypair(VAULT)
+    vault.ensure_tables(haven.con)
+    haven.con.execute("CREATE OR REPLACE TEMP TABLE _v AS SELECT unnest(?) AS pid, 'nhs_number' AS field, "
+                      "unnest(?) AS value", [[haven.pids[n] for n in NHS[:52]], NHS[:52]])
+    vault.encrypt_entries(haven.con, "_v", public, "hospital_episodes")
+
+
+def test_identifiable_release_decrypts_from_the_vault_and_is_audited(haven: Haven) -> None:
+    _vault(haven)
+    result = haven.release(haven.add(**IDENTIFIABLE))
+    assert result.k is None and not result.optouts_applied  # consent: the opt-out does not apply
+    table = haven.parquet(_files(result)["hospital_episodes"])
+    assert table.columns == [PERSON_ID, "nhs_number", "admission_date"]
+    assert {n for (n,) in table.select("nhs_number").fetchall()} == set(NHS[:52])
+    reid = [e for e in audit.entries_for(haven.con) if e.action == "reidentify"]
+    assert len(reid) == 1 and reid[0].detail_value["people"] == 52 and reid[0].role == "governance"
+    manifest = json.loads((result.directory / MANIFEST).read_text())
+    assert manifest["controls"]["pseudonymisation"]["direct_identifiers_released"] == ["hospital_episodes.nhs_number"]
+
+
+def test_identifiable_release_needs_the_governance_leads_vault_key(haven: Haven) -> None:
+    _vault(haven)
+    haven.keyring.destroy(VAULT)  # this host holds only the public half, like the pipeline's
+    aid = haven.add(**IDENTIFIABLE)
+    with pytest.raises(ReleaseRefused, match="needs the identity vault"):
+        haven.release(aid)
+    assert not (haven.home.releases / aid).exists()
+
+
+# --- k-anonymity, as a property ---------------------------------------------------------
+
+
+people_strategy = st.lists(
+    st.tuples(st.integers(1930, 1935), st.sampled_from(["1", "2", "9"]), st.sampled_from(["LS1", "LS2", None]),
+              st.integers(1, 3)),
+    min_size=1, max_size=40,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(people=people_strategy, k=st.integers(2, 6))
+def test_k_anonymity_property(people: list[tuple[int, str, str | None, int]], k: int) -> None:
+    """Whatever the data: every released group holds >= k people, and nobody is removed
+    unless the whole release has fewer than k people."""
+    agreement = Agreement.model_validate(agreement_data(k_anonymity=k, max_suppressed_share=1.0))
+    con = duckdb.connect()
+    con.execute("CREATE TEMP TABLE w (pid VARCHAR, birth_year INTEGER, sex VARCHAR, postcode_district VARCHAR)")
+    con.executemany("INSERT INTO w SELECT ?, ?, ?, ? FROM range(?)",
+                    [(f"p{i}", y, s, d, n) for i, (y, s, d, n) in enumerate(people)])
+    report = k_anonymise(con, agreement, {"c": "w"}, {"c": ["birth_year", "sex", "postcode_district"]})
+    sizes = [n for (n,) in con.execute(
+        "SELECT count(*) FROM (SELECT pid, list_sort(list(DISTINCT concat_ws('|', coalesce(CAST(birth_year AS "
+        "VARCHAR), '*'), coalesce(sex, '*'), coalesce(postcode_district, '*')))) AS sig FROM w GROUP BY pid) "
+        "GROUP BY sig").fetchall()]
+    assert all(n >= k for n in sizes), sizes
+    total = len(people)
+    assert report.people_removed == (0 if total >= k else total)
+    assert report.people_checked == total

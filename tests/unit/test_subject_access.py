@@ -1,0 +1,101 @@
+"""Tests for ``safehaven.subject_access`` (CoP 12; Government response rec. 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven import audit
+from safehaven.contracts import ContractRegistry
+from safehaven.home import Home
+from safehaven.keys import VAULT, KeyRing
+from safehaven.releases import release
+from safehaven.store import Store
+from safehaven.subject_access import SubjectAccessDenied, subject_access
+from tests.governance_helpers import (
+    NHS,
+    OPTED_OUT,
+    WITHDRAWN,
+    agreement_data,
+    contracts_root,
+    small_haven,
+    write_agreement,
+)
+
+GP_ONLY = {"id": "gp-audit", "instrument": "agreement", "recipient": {"name": "Audit body", "public_body": True},
+           "legal_basis": {"basis": "statutory", "reference": "HSCA 2012 s259"}, "collections": ["gp_events"],
+           "linkages": [], "fields": [{"collection": "gp_events", "field": "diagnosis_code",
+                                       "justification": "The audit counts recorded diagnoses."}]}
+
+
+@pytest.fixture
+def setting(home: Home, tmp_path: Path) -> Iterator[tuple[duckdb.DuckDBPyConnection, Home, ContractRegistry]]:
+    registry = ContractRegistry(contracts_root(tmp_path))
+    keyring = KeyRing(home.keys)
+    keyring.create_keypair(VAULT)
+    write_agreement(registry.root, agreement_data())
+    write_agreement(registry.root, agreement_data(**GP_ONLY))
+    with Store(home).connect() as con:
+        small_haven(con, keyring, registry)
+        for aid in ("test-linked", "gp-audit"):
+            release(con, aid, home=home, registry=registry)
+        yield con, home, registry
+
+
+def test_report_lists_every_release_that_held_the_person(setting) -> None:
+    con, home, registry = setting
+    report = subject_access(con, NHS[0], home=home, registry=registry)
+    assert report.records_held == {"gp_events": 3, "hospital_episodes": 2, "social_care": 1}
+    assert [r["release_id"] for r in report.releases] == ["test-linked-r0001", "gp-audit-r0001"]
+    assert report.releases[1]["legal_basis"] == "statutory"
+    actions = {(a["action"], a["object"]) for a in report.accesses}
+    assert {("release", "release:test-linked-r0001"), ("release", "release:gp-audit-r0001"),
+            ("read", "haven.hospital_episodes"), ("read", "haven.gp_events")} <= actions
+    assert report.objections == []
+
+
+def test_objector_is_only_in_the_release_that_overruled_the_opt_out(setting) -> None:
+    con, home, registry = setting
+    report = subject_access(con, NHS[OPTED_OUT], home=home, registry=registry)
+    assert [r["release_id"] for r in report.releases] == ["gp-audit-r0001"]
+    assert report.objections == [{"objection_type": "national_opt_out", "recorded_date": "2024-01-01",
+                                  "withdrawn_date": None, "in_force": True}]
+    withdrawn = subject_access(con, NHS[WITHDRAWN], home=home, registry=registry)
+    assert withdrawn.objections[0]["in_force"] is False and withdrawn.objections[0]["withdrawn_date"] == "2024-06-01"
+
+
+def test_any_formatting_finds_the_same_person(setting) -> None:
+    con, home, registry = setting
+    spaced = f"{NHS[1][:3]} {NHS[1][3:6]} {NHS[1][6:]}"
+    assert subject_access(con, spaced, home=home, registry=registry).records_held == \
+        subject_access(con, NHS[1], home=home, registry=registry).records_held
+
+
+def test_report_and_audit_hold_no_identifier(setting) -> None:
+    con, home, registry = setting
+    report = subject_access(con, NHS[0], home=home, registry=registry)
+    text = report.to_text() + str(report.as_dict())
+    assert NHS[0] not in text
+    last = audit.entries_for(con)[-1]
+    assert last.action == "subject_access" and last.role == "governance" and len(last.object) == 32
+    assert NHS[0] not in str(vars(last))
+    assert audit.verify(con).ok
+
+
+def test_someone_the_haven_never_received(setting) -> None:
+    con, home, registry = setting
+    report = subject_access(con, NHS[59], home=home, registry=registry)
+    assert not any(report.records_held.values()) and report.releases == [] and report.accesses == []
+    assert "no records" in report.to_text()
+
+
+def test_refused_without_the_governance_key_or_with_a_bad_number(setting) -> None:
+    con, home, registry = setting
+    with pytest.raises(SubjectAccessDenied, match="not a valid NHS number"):
+        subject_access(con, "9990000001", home=home, registry=registry)
+    KeyRing(home.keys).destroy(VAULT)
+    with pytest.raises(SubjectAccessDenied, match="governance lead's identity vault key"):
+        subject_access(con, NHS[0], home=home, registry=registry)
