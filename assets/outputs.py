@@ -1,60 +1,92 @@
-"""Aggregate stage: each anonymised output computed in the store and protected by
-statistical disclosure control before it enters the published zone (CoP 34b, 35)."""
+"""Aggregate stage: each declared output counted in the store, protected by statistical
+disclosure control and checked before it enters the published zone (CoP 34b, 35; ISB 1523).
 
+Thin: the rules live in ``safehaven.outputs`` (counting, grid, protection), ``safehaven.publish``
+(the publication guard), ``safehaven.quality`` (the statement) and ``safehaven.linkage``
+(the agreement a linked output needs). Two blocking checks per output stop the publication
+step of the same run when the protected table breaks a disclosure invariant or the guard.
+"""
 
 import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
+from safehaven.agreements import load_agreements
 from safehaven.contracts import ContractRegistry
-from safehaven.disclosure import Policy, check_invariants, protect
-from safehaven.outputs import OUTPUTS, Output, load_code_lists
-
-POLICY = Policy()
+from safehaven.linkage import authorise_linkage
+from safehaven.outputs import Output, build_output, load_outputs
+from safehaven.publish import guard_table
+from safehaven.quality import build_statement, render_markdown, store_statement
 
 
 def sdc_check_name(output: Output) -> str:
     return f"{output.name}_disclosure_safe"
 
 
+def guard_check_name(output: Output) -> str:
+    return f"{output.name}_publication_guard"
+
+
 def output_asset(output: Output) -> dg.AssetsDefinition:
-    spec = dg.AssetCheckSpec(
-        sdc_check_name(output),
-        asset=keys.published(output.name),
-        blocking=True,
-        description="No published count of 1-7, every count rounded to 5, no suppressed cell "
-        "recoverable from its row, column or total.",
-    )
+    """The aggregate asset of one declared output, with its two blocking checks."""
+    key = keys.published(output.name)
+    specs = [
+        dg.AssetCheckSpec(
+            sdc_check_name(output), asset=key, blocking=True,
+            description=f"No published count of 1-{output.policy.threshold}, every count on the "
+            f"{output.policy.rounding} grid, no suppressed cell recoverable from its row or column, "
+            "rates and totals from published values only.",
+        ),
+        dg.AssetCheckSpec(
+            guard_check_name(output), asset=key, blocking=True,
+            description="No pseudonym, direct identifier or fine-grained quasi-identifier by column name or "
+            "value, no undeclared column, no formula-leading text.",
+        ),
+    ]
+    linked = f" Linked under agreement {output.linkage.agreement}." if output.linkage else ""
 
     @dg.asset(
-        key=keys.published(output.name),
+        key=key,
         deps=[keys.haven(c) for c in output.collections],
         group_name="aggregate",
         pool=keys.STORE_POOL,
-        check_specs=[spec],
-        description=output.title,
+        check_specs=specs,
+        description=output.title + linked,
         kinds={"duckdb"},
     )
     def _output(haven: SafeHavenResource) -> dg.MaterializeResult:
-        target = f"published.{output.name}"
+        registry = haven.registry()
         with haven.connect() as con:
-            load_code_lists(con, haven.registry())
-            con.execute(f"CREATE OR REPLACE TEMP TABLE _true_{output.name} AS {output.sql}")
-            rows_in = con.execute(f"SELECT coalesce(sum({output.count_col}), 0) FROM _true_{output.name}").fetchone()[0]
-            report = protect(con, f"_true_{output.name}", target, list(output.dimensions),
-                             count_col=output.count_col, policy=POLICY)
-            violations = check_invariants(con, target, list(output.dimensions), output.count_col, POLICY)
-            cells = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+            agreement_id = None
+            if output.linkage:
+                agreement = authorise_linkage(
+                    con, load_agreements(registry.root), output.linkage.left, output.linkage.right,
+                    output.linkage.purpose, registry=registry,
+                )
+                agreement_id = agreement.id
+            built = build_output(con, output, registry, agreement_id=agreement_id)
+            guard = guard_table(con, built.table, output, registry)
+            statement = build_statement(con, output, registry, haven.home_dir(), built)
+            store_statement(con, statement)
         return dg.MaterializeResult(
-            metadata={"rows_in": int(rows_in), "rows_out": int(cells), **report.as_metadata()},
+            metadata={
+                "rows_in": built.observed_cells,
+                "rows_out": built.grid_cells,
+                **built.as_metadata(),
+                "quality_statement": dg.MetadataValue.md(render_markdown(statement)),
+            },
             check_results=[
                 dg.AssetCheckResult(
-                    check_name=sdc_check_name(output),
-                    passed=not violations,
+                    check_name=sdc_check_name(output), passed=not built.violations,
                     severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"violations": len(violations),
-                              "first_violations": "; ".join(violations[:5]) or "none"},
-                )
+                    metadata={"violations": len(built.violations),
+                              "first_violations": "; ".join(built.violations[:5]) or "none"},
+                ),
+                dg.AssetCheckResult(
+                    check_name=guard_check_name(output), passed=not guard,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"findings": len(guard), "first_findings": "; ".join(guard[:5]) or "none"},
+                ),
             ],
         )
 
@@ -62,5 +94,4 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
-    available = set(registry.contracts)
-    return [output_asset(o) for o in OUTPUTS if set(o.collections) <= available]
+    return [output_asset(o) for o in load_outputs(registry).values()]

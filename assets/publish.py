@@ -1,48 +1,43 @@
-"""Publish stage: protected outputs leave the store as open files (safehaven.publish)."""
+"""Publish stage: the protected outputs leave the store as open files (``safehaven.publish``).
 
+The core verifies the whole release again (disclosure invariants, publication guard, quality
+statements) and writes nothing if any output fails; the asset only reports what was written.
+"""
 
 import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.contracts import ContractRegistry
-from safehaven.outputs import OUTPUTS
-from safehaven.publish import OGL, export_table, write_dictionary, write_published_db
+from safehaven.outputs import load_outputs
+from safehaven.publish import OGL, publish_release
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
-    available = set(registry.contracts)
-    outputs = [o for o in OUTPUTS if set(o.collections) <= available]
+    outputs = list(load_outputs(registry).values())
 
     @dg.asset(
         key=keys.PUBLISHED_FILES,
         deps=[keys.published(o.name) for o in outputs],
         group_name="publish",
         pool=keys.STORE_POOL,
-        description="Anonymised outputs as CSV, Parquet and published.duckdb for analysts, "
-        "under the Open Government Licence.",
+        description="Anonymised outputs as CSV, Parquet and published.duckdb, each with its data dictionary "
+        "and quality statement, the methods and the Open Government Licence.",
         kinds={"csv", "parquet"},
     )
     def published_files(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         home = haven.home_dir()
-        tables: dict[str, str] = {}
-        rows = 0
         with haven.connect() as con:
-            for output in outputs:
-                table = f"published.{output.name}"
-                export_table(con, table, output.name, home.published)
-                columns = [(n, t) for n, t, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
-                write_dictionary(home.published, output.name, output.title, output.description,
-                                 columns, {"dimensions": list(output.dimensions)})
-                rows += con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                tables[output.name] = table
-            write_published_db(con, tables, home.published_db)
-        context.log.info(f"published {len(tables)} outputs to {home.published}")
+            release = publish_release(con, outputs, haven.registry(), home)
+        context.log.info(f"published release {release.release_id}: {len(release.outputs)} outputs to {home.published}")
         return dg.MaterializeResult(
             metadata={
-                "rows_in": rows,
-                "rows_out": rows,
-                "outputs": len(tables),
+                "rows_in": release.rows,
+                "rows_out": release.rows,
+                "outputs": len(release.outputs),
+                "files": len(release.files),
+                "files_removed": len(release.removed),
+                "release_id": release.release_id,
                 "location": dg.MetadataValue.path(str(home.published)),
                 "licence": OGL,
             }

@@ -54,6 +54,11 @@ the dimension columns) held in DuckDB; every step is a SQL statement over the wh
 7. **Formula-leading text is neutralised** on the way out (OWASP "CSV Injection"; BRIEF
    "Publication"): a text cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
    return gets a leading single quote (:func:`neutralise_sql`).
+8. **One public marker.** The reason column (``'primary'``/``'secondary'``) is for the
+   haven's checks only: "secondary" would tell a reader that the cell is 0 or above the
+   threshold. The public form (:func:`public_select_sql`) turns every reason column into a
+   boolean (``suppressed`` true, the count NULL: the ONS "[c]" confidential marker), and
+   :func:`check_invariants` proves the same rules on either form.
 
 What this guarantees, and what it does not:
 
@@ -95,6 +100,7 @@ __all__ = [
     "neutralise_formula_cells",
     "neutralise_sql",
     "protect",
+    "public_select_sql",
     "true_range",
 ]
 
@@ -228,6 +234,14 @@ def _relation(name: str) -> str:
     return ".".join(_ident(part) for part in name.split("."))
 
 
+def _table_ddl(name: str) -> str:
+    """``TABLE <name>``, or ``TEMP TABLE <rest>`` for a ``temp.<rest>`` name (connection-local)."""
+    head, _, rest = name.partition(".")
+    if head.lower() == "temp" and rest:
+        return f"TEMP TABLE {_relation(rest)}"
+    return f"TABLE {_relation(name)}"
+
+
 def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> list[str]:
     return [d[0] for d in con.execute(f"SELECT * FROM {_relation(relation)} LIMIT 0").description]
 
@@ -282,7 +296,8 @@ def protect(
     the protected denominator, its ``<denominator>_suppressed`` reason and the rate
     recomputed from published values; each ``mean_cols`` column (mean -> column of the
     number of people it is built on) where it may be published. Other source columns are
-    not copied. ``margins`` lists the dimension subsets held fixed by each margin group
+    not copied; a ``target`` named ``temp.<name>`` is a temporary table of the connection.
+    ``margins`` lists the dimension subsets held fixed by each margin group
     (default :func:`default_margins`; ``[]`` for none, when no margin of the table is
     published anywhere). Secondary suppression runs on the count column and on each
     denominator separately. With ``totals=True`` the table also holds one total
@@ -379,7 +394,7 @@ def protect(
             body = _with_totals(cells_sql, dims, groups, counted, count_col)
         else:
             body = f"{cells_sql} ORDER BY __sdc_cell"
-        con.execute(f"CREATE OR REPLACE TABLE {_relation(target)} AS {body}")
+        con.execute(f"CREATE OR REPLACE {_table_ddl(target)} AS {body}")
 
         reports = []
         for col in counted:
@@ -492,7 +507,8 @@ def check_invariants(
     """
     dims = list(dimensions)
     rel = _relation(table)
-    cols = set(_columns(con, table))
+    types = {d[0]: str(d[1]) for d in con.execute(f"SELECT * FROM {rel} LIMIT 0").description}
+    cols = set(types)
     rates = dict(rate_cols or {})
     counted = [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
     missing = (set(dims) | set(counted) | set(rates)) - cols
@@ -528,10 +544,9 @@ def check_invariants(
                 )
         reason = REASON if col == count_col else f"{col}_{REASON}"
         if reason in cols:
-            mismatch = _scalar(
-                con,
-                f"SELECT count(*) FROM {cells} WHERE ({c} IS NULL) <> ({_ident(reason)} IS NOT NULL)",
-            )
+            r = _ident(reason)
+            marked = f"coalesce({r}, false)" if types.get(reason) == "BOOLEAN" else f"({r} IS NOT NULL)"
+            mismatch = _scalar(con, f"SELECT count(*) FROM {cells} WHERE ({c} IS NULL) <> {marked}")
             if mismatch:
                 problems.append(f"{col}: {mismatch} cell(s) whose suppression reason disagrees")
 
@@ -594,6 +609,28 @@ def neutralise_sql(expr: str) -> str:
     """
     first = f"left(CAST(({expr}) AS VARCHAR), 1)"
     return f"(CASE WHEN {first} IN ({_LEADERS_SQL}) THEN '''' || CAST(({expr}) AS VARCHAR) ELSE ({expr}) END)"
+
+
+def public_select_sql(con: duckdb.DuckDBPyConnection, table: str, order_by: Sequence[str] = ()) -> str:
+    """SQL selecting ``table`` (a :func:`protect` target) in its public form (rule 8).
+
+    Every reason column (``suppressed`` and ``<denominator>_suppressed``, text) becomes a
+    boolean that is true exactly where the count is suppressed, so a reader sees one marker
+    and not the kind of suppression; every other text column is neutralised (rule 7).
+    Numeric columns pass unchanged. ``order_by`` names columns to sort by (NULLs last).
+    """
+    rel = _relation(table)
+    parts = []
+    for name, dtype in ((d[0], str(d[1])) for d in con.execute(f"SELECT * FROM {rel} LIMIT 0").description):
+        col = _ident(name)
+        if (name == REASON or name.endswith("_" + REASON)) and dtype == "VARCHAR":
+            parts.append(f"({col} IS NOT NULL) AS {col}")
+        elif dtype == "VARCHAR":
+            parts.append(f"{neutralise_sql(col)} AS {col}")
+        else:
+            parts.append(col)
+    order = f" ORDER BY {', '.join(_ident(c) + ' NULLS LAST' for c in order_by)}" if order_by else ""
+    return f"SELECT {', '.join(parts)} FROM {rel}{order}"
 
 
 def neutralise_formula_cells(con: duckdb.DuckDBPyConnection, table: str, columns: Sequence[str] | None = None) -> int:

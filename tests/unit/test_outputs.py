@@ -1,0 +1,306 @@
+"""Declared outputs: loading, the reporting period, the full grid, protection on crafted data.
+
+Rules under test: ``safehaven.outputs`` module docstring (CoP 28-29, 34b, 35; ISB 1523) and
+``safehaven.disclosure`` (its rules applied to declared outputs, end to end in the store's SQL).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import duckdb
+import pytest
+
+from safehaven.agreements import load_agreements
+from safehaven.contracts import ContractRegistry
+from safehaven.disclosure import Policy, check_invariants, true_range
+from safehaven.outputs import (
+    MACROS,
+    Output,
+    OutputError,
+    build_output,
+    install_helpers,
+    load_code_lists,
+    load_output,
+    load_outputs,
+    outputs_dir,
+    reporting_period,
+)
+
+TODAY = date(2026, 3, 15)  # reporting period ends 2026-02-28
+
+
+@pytest.fixture(scope="module")
+def registry() -> ContractRegistry:
+    return ContractRegistry()
+
+
+@pytest.fixture
+def con() -> duckdb.DuckDBPyConnection:
+    c = duckdb.connect()
+    for schema in ("haven", "published", "governance"):
+        c.execute(f"CREATE SCHEMA {schema}")
+    c.execute(
+        "CREATE TABLE haven.hospital_episodes (pid VARCHAR, provider_code VARCHAR, admission_date DATE, "
+        "discharge_date DATE, primary_diagnosis VARCHAR)"
+    )
+    c.execute(
+        "CREATE TABLE haven.social_care (pid VARCHAR, local_authority_code VARCHAR, service_type VARCHAR, "
+        "start_date DATE, end_date DATE)"
+    )
+    yield c
+    c.close()
+
+
+def admit(con: duckdb.DuckDBPyConnection, people: int, provider: str, day: str, icd: str, tag: str = "") -> None:
+    """``people`` distinct people admitted on ``day`` at ``provider`` with ``icd``."""
+    con.execute(
+        "INSERT INTO haven.hospital_episodes SELECT md5(? || ? || ? || ? || i::VARCHAR), ?, CAST(? AS DATE), "
+        "CAST(? AS DATE) + 2, ? FROM range(?) t(i)",
+        [tag, provider, day, icd, provider, day, day, icd, people],
+    )
+
+
+def admissions(name: str = "adm", where: str = "TRUE", **extra: object) -> Output:
+    spec = {
+        "name": name,
+        "version": "1.0.0",
+        "title": "People admitted",
+        "description": "Distinct people admitted in the month.",
+        "purpose": "A test output for the rules of safehaven.outputs.",
+        "users": ["tests"],
+        "collections": ["hospital_episodes"],
+        "dimensions": [
+            {"name": "month", "description": "month", "domain": "reporting_months"},
+            {"name": "provider_code", "description": "provider", "domain": "observed"},
+            {"name": "chapter", "description": "chapter", "domain": {"values": ["A", "B", "C"]}},
+        ],
+        "measures": [{"name": "people", "description": "people"}],
+        "sql": f"""SELECT m.month, h.provider_code, left(h.primary_diagnosis, 1) AS chapter,
+                          count(DISTINCT h.pid) AS people
+                   FROM haven.hospital_episodes h
+                   JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end
+                   WHERE {where} GROUP BY ALL""",
+    }
+    spec.update(extra)
+    return Output.model_validate(spec)
+
+
+def rows(con: duckdb.DuckDBPyConnection, table: str) -> dict[tuple, tuple]:
+    return {
+        (r[0].isoformat(), r[1], r[2]): (r[3], r[4])
+        for r in con.execute(f"SELECT month, provider_code, chapter, people, suppressed FROM {table}").fetchall()
+    }
+
+
+# --- declarations ------------------------------------------------------------------------
+
+
+def test_the_declared_outputs_load_and_name_their_collections(registry: ContractRegistry) -> None:
+    outputs = load_outputs(registry)
+    assert {"gp_activity", "hospital_admissions", "social_care_users", "discharge_to_social_care"} <= set(outputs)
+    for output in outputs.values():
+        assert output.measures[0].kind == "count"
+        assert output.purpose and output.users, "relevance needs a purpose and users"
+        assert set(output.collections) <= set(registry.contracts)
+        assert not output.totals, "distinct people do not add up: no output publishes totals"
+
+
+def test_the_linked_output_is_named_by_its_agreement(registry: ContractRegistry) -> None:
+    linked = [o for o in load_outputs(registry).values() if o.linkage]
+    assert linked, "at least one linked statistic"
+    agreements = load_agreements(registry.root)
+    for output in linked:
+        assert output.linkage is not None
+        agreement = agreements[output.linkage.agreement]
+        assert agreement.identifiability == "anonymised"
+        assert agreement.names_linkage(output.linkage.left, output.linkage.right)
+
+
+def test_declarations_are_checked() -> None:
+    with pytest.raises(ValueError, match="first measure"):
+        admissions(measures=[{"name": "d", "kind": "denominator", "description": "x"},
+                             {"name": "people", "description": "x"}])
+    with pytest.raises(ValueError, match="must all differ"):
+        admissions(measures=[{"name": "chapter", "description": "x"}])
+    with pytest.raises(ValueError, match="needs a denominator"):
+        admissions(measures=[{"name": "people", "description": "x"},
+                             {"name": "rate", "kind": "rate", "description": "x", "denominator": "nope"}])
+    with pytest.raises(ValueError, match="linkage joins two of the output"):
+        admissions(linkage={"agreement": "a", "left": "hospital_episodes", "right": "social_care",
+                            "purpose": "a purpose long enough"})
+    with pytest.raises(ValueError, match="domain"):
+        admissions(dimensions=[{"name": "month", "description": "m", "domain": {"values": ["x"], "sql": "y"}}])
+
+
+def test_midpoint6_outputs_name_their_counts_and_publish_on_its_grid(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    with pytest.raises(ValueError, match="_midpoint6"):
+        admissions(policy={"rounding": "midpoint6"})
+    out = admissions(policy={"rounding": "midpoint6"},
+                     measures=[{"name": "people_midpoint6", "description": "people"}],
+                     sql=admissions().sql.replace("AS people", "AS people_midpoint6"))
+    for n, icd in ((8, "A01"), (13, "B01"), (40, "C01")):
+        admit(con, n, "RX1", "2026-01-10", icd)
+    built = build_output(con, out, registry, today=TODAY)
+    got = con.execute(f"SELECT chapter, people_midpoint6 FROM {built.table} WHERE month = DATE '2026-01-01'").fetchall()
+    assert dict(got) == {"A": 9, "B": 15, "C": 39}
+    assert built.violations == []
+
+
+def test_a_file_must_be_named_after_its_output(tmp_path, registry: ContractRegistry) -> None:
+    source = outputs_dir(registry.root) / "hospital_admissions.yaml"
+    (tmp_path / "other.yaml").write_text(source.read_text())
+    with pytest.raises(OutputError, match="file name"):
+        load_output(tmp_path / "other.yaml")
+
+
+# --- reporting period ----------------------------------------------------------------------
+
+
+def test_reporting_period_is_whole_months_and_stops_before_the_current_month(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    admit(con, 10, "RX1", "2025-11-20", "A01")
+    admit(con, 10, "RX1", "2026-02-03", "A01")
+    admit(con, 4, "RX1", "2026-03-02", "A01")  # the month of the run: held back
+    period = reporting_period(con, admissions(), registry, TODAY)
+    assert (period.start, period.end, period.months) == (date(2025, 11, 1), date(2026, 2, 28), 4)
+    assert period.after_end == {"hospital_episodes": 4}
+    load_code_lists(con, registry)
+    install_helpers(con, period)
+    months = con.execute("SELECT month, month_end FROM reporting_months ORDER BY 1").fetchall()
+    assert months[0] == (date(2025, 11, 1), date(2025, 11, 30))
+    assert months[-1] == (date(2026, 2, 1), date(2026, 2, 28))
+
+
+def test_age_band_is_completed_years(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
+    load_code_lists(con, registry)
+    install_helpers(con, reporting_period(con, admissions(), registry, TODAY))
+    assert set(MACROS) >= {"age_band", "code_group", "code_display", "sex_group"}
+    got = con.execute(
+        "SELECT age_band(DATE '2008-03-02', DATE '2026-03-01'), age_band(DATE '2008-03-01', DATE '2026-03-01'), "
+        "age_band(DATE '1941-01-01', DATE '2026-01-01')"
+    ).fetchone()
+    assert got == ("0-17", "18-44", "85+")
+
+
+# --- full grid and protection ------------------------------------------------------------
+
+
+def test_full_grid_publishes_missing_cells_as_true_zeros(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    admit(con, 30, "RX1", "2026-01-10", "A01")
+    admit(con, 40, "RY2", "2026-02-10", "B01")
+    built = build_output(con, admissions(), registry, today=TODAY)
+    got = rows(con, built.table)
+    assert len(got) == built.grid_cells == 2 * 2 * 3  # months x providers seen x chapters
+    assert got[("2026-02-01", "RX1", "A")] == (0, False)
+    assert got[("2026-01-01", "RX1", "A")] == (30, False)
+    assert built.violations == []
+
+
+def test_single_small_cell_in_a_row_gets_a_secondary_and_one_public_marker(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    admit(con, 3, "RX1", "2026-01-10", "A01")
+    admit(con, 40, "RX1", "2026-01-10", "B01")
+    admit(con, 52, "RX1", "2026-01-10", "C01")
+    built = build_output(con, admissions(), registry, today=TODAY)
+    got = rows(con, built.table)
+    assert got[("2026-01-01", "RX1", "A")] == (None, True)
+    assert got[("2026-01-01", "RX1", "B")] == (None, True), "the smallest other cell protects it"
+    assert got[("2026-01-01", "RX1", "C")] == (50, False)
+    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {built.table})").fetchall())
+    assert types["suppressed"] == "BOOLEAN", "the kind of suppression is never published"
+    assert built.report.primary == 1 and built.report.secondary == 1
+    assert check_invariants(con, built.table, ["month", "provider_code", "chapter"]) == []
+
+
+def test_two_small_cells_and_a_small_margin(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
+    admit(con, 2, "RX1", "2026-01-10", "A01")
+    admit(con, 5, "RX1", "2026-01-10", "B01")
+    admit(con, 60, "RX1", "2026-01-10", "C01")
+    admit(con, 1, "RY2", "2026-02-10", "A01")  # RY2's whole row is one person
+    built = build_output(con, admissions(), registry, today=TODAY)
+    got = rows(con, built.table)
+    assert got[("2026-01-01", "RX1", "A")][1] and got[("2026-01-01", "RX1", "B")][1]
+    assert got[("2026-01-01", "RX1", "C")] == (60, False), "two small cells protect each other"
+    ry2 = [v for k, v in got.items() if k[:2] == ("2026-02-01", "RY2")]
+    assert sum(1 for v in ry2 if v[1]) >= 2, "a lone small cell in a row of zeros takes a zero with it"
+    assert built.violations == []
+
+
+def test_a_differencing_pair_of_one_release_never_pins_a_small_count(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """Table A over all providers, table B without one: A - B bounds the excluded count only."""
+    for provider, n in (("RX1", 41), ("RY2", 37), ("RZ3", 3)):
+        admit(con, n, provider, "2026-01-10", "A01", tag=provider)
+    all_providers = admissions("all_providers", dimensions=[
+        {"name": "month", "description": "m", "domain": "reporting_months"},
+        {"name": "chapter", "description": "c", "domain": {"values": ["A"]}},
+    ], sql="""SELECT m.month, left(primary_diagnosis, 1) AS chapter, count(DISTINCT pid) AS people
+              FROM haven.hospital_episodes h JOIN reporting_months m
+                ON h.admission_date BETWEEN m.month AND m.month_end {where} GROUP BY ALL""".format(where=""))
+    without = all_providers.model_copy(update={
+        "name": "without_rz3",
+        "sql": all_providers.sql.replace("GROUP BY ALL", "WHERE provider_code <> 'RZ3' GROUP BY ALL"),
+    })
+    a = build_output(con, all_providers, registry, today=TODAY)
+    b = build_output(con, without, registry, today=TODAY)
+    pa = con.execute(f"SELECT people FROM {a.table} WHERE month = DATE '2026-01-01'").fetchone()[0]
+    pb = con.execute(f"SELECT people FROM {b.table} WHERE month = DATE '2026-01-01'").fetchone()[0]
+    assert pa is not None and pb is not None
+    (alo, ahi), (blo, bhi) = true_range(pa, Policy()), true_range(pb, Policy())
+    window = [t for t in range(max(0, alo - bhi), ahi - blo + 1)]
+    assert 3 in window and len(window) >= 5, "the excluded provider's 3 people are not pinned"
+
+
+def test_cells_outside_the_declared_grid_and_null_dimensions_are_refused(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    admit(con, 10, "RX1", "2026-01-10", "Z01")
+    with pytest.raises(OutputError, match="outside the declared domains"):
+        build_output(con, admissions(dimensions=[
+            {"name": "month", "description": "m", "domain": "reporting_months"},
+            {"name": "provider_code", "description": "p", "domain": "observed"},
+            {"name": "chapter", "description": "c", "domain": {"sql": "SELECT 'A'"}},
+        ]), registry, today=TODAY)
+    with pytest.raises(OutputError, match="NULL dimension"):
+        build_output(con, admissions(sql=admissions().sql.replace(
+            "left(h.primary_diagnosis, 1)", "CAST(NULL AS VARCHAR)")), registry, today=TODAY)
+
+
+def test_a_linked_output_needs_its_agreement(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
+    linked = load_outputs(registry)["discharge_to_social_care"]
+    with pytest.raises(OutputError, match="authorised the linkage"):
+        build_output(con, linked, registry, today=TODAY)
+    with pytest.raises(OutputError, match="authorised the linkage"):
+        build_output(con, linked, registry, today=TODAY, agreement_id="some-other-agreement")
+
+
+def test_linked_output_counts_care_within_the_window_only(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    linked = load_outputs(registry)["discharge_to_social_care"]
+    admit(con, 12, "RX1", "2026-01-05", "A01", tag="w")  # discharged 2026-01-07
+    admit(con, 9, "RX1", "2026-02-20", "A01", tag="later")  # data run to February
+    con.execute(
+        "INSERT INTO haven.social_care SELECT pid, 'E08000025', 'short_term_reablement', "
+        "discharge_date + CAST(i % 20 AS INTEGER), NULL FROM (SELECT pid, discharge_date, "
+        "row_number() OVER (ORDER BY pid) AS i FROM haven.hospital_episodes WHERE admission_date < DATE '2026-02-01')"
+    )
+    con.execute("INSERT INTO haven.social_care VALUES ('someone', 'E08000025', 'day_care', DATE '2026-02-25', NULL)")
+    built = build_output(con, linked, registry, today=TODAY, agreement_id=linked.linkage.agreement)
+    months = {r[0] for r in con.execute(f"SELECT DISTINCT month FROM {built.table}").fetchall()}
+    assert date(2026, 2, 1) not in months, "February's 14-day follow-up runs past the period end"
+    cell = con.execute(
+        f"SELECT people, local_authority_name, service_type_name FROM {built.table} WHERE month = DATE '2026-01-01' "
+        "AND provider_code = 'RX1' AND local_authority_code = 'E08000025' AND service_type = 'short_term_reablement'"
+    ).fetchone()
+    # i = 1..12 -> care starts 1..12 days after discharge: all 12 within 14 days.
+    assert cell == (10, "Birmingham", "Short term support to maximise independence (reablement)")
+    assert built.violations == []

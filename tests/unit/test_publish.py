@@ -1,0 +1,274 @@
+"""Publication: the guard, the refusal of a violating release, the files written.
+
+Rules under test: ``safehaven.publish`` module docstring (CoP 35-36, 45-46; ISB 1523; guide
+Rule 3 part A; OWASP CSV injection).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven.contracts import ContractRegistry
+from safehaven.home import Home
+from safehaven.outputs import Output, build_output
+from safehaven.publish import (
+    OGL,
+    PublicationRefused,
+    guard_table,
+    identifying_columns,
+    publish_release,
+    verify_release,
+)
+from safehaven.quality import build_statement, store_statement
+from safehaven.store import Store
+
+TODAY = date(2026, 3, 15)
+NOW = datetime(2026, 3, 20, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def registry() -> ContractRegistry:
+    return ContractRegistry()
+
+
+def output(name: str = "adm", **extra: object) -> Output:
+    spec = {
+        "name": name,
+        "version": "1.0.0",
+        "title": "People admitted",
+        "description": "Distinct people admitted in the month.",
+        "purpose": "A test output for the publication rules.",
+        "users": ["tests"],
+        "collections": ["hospital_episodes"],
+        "dimensions": [
+            {"name": "month", "description": "month", "domain": "reporting_months"},
+            {"name": "provider_code", "description": "provider", "domain": "observed"},
+            {"name": "label", "description": "a text dimension", "domain": "observed"},
+        ],
+        "measures": [{"name": "people", "description": "people"}],
+        "sql": """SELECT m.month, h.provider_code, h.primary_diagnosis AS label, count(DISTINCT h.pid) AS people
+                  FROM haven.hospital_episodes h
+                  JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end GROUP BY ALL""",
+    }
+    spec.update(extra)
+    return Output.model_validate(spec)
+
+
+def seed_haven(con: duckdb.DuckDBPyConnection, labels: dict[str, int]) -> None:
+    con.execute(
+        "CREATE OR REPLACE TABLE haven.hospital_episodes (pid VARCHAR, provider_code VARCHAR, admission_date DATE, "
+        "discharge_date DATE, primary_diagnosis VARCHAR)"
+    )
+    for label, n in labels.items():
+        for month in ("2026-01-10", "2026-02-10"):
+            con.execute(
+                "INSERT INTO haven.hospital_episodes SELECT md5(? || ? || i::VARCHAR), 'RX1', CAST(? AS DATE), "
+                "CAST(? AS DATE), ? FROM range(?) t(i)",
+                [label, month, month, month, label, n],
+            )
+
+
+def build_all(con: duckdb.DuckDBPyConnection, out: Output, registry: ContractRegistry, home: Home) -> None:
+    built = build_output(con, out, registry, today=TODAY)
+    assert built.violations == []
+    store_statement(con, build_statement(con, out, registry, home, built, as_of=NOW))
+
+
+# --- the guard ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def con() -> duckdb.DuckDBPyConnection:
+    c = duckdb.connect()
+    c.execute("CREATE SCHEMA published")
+    yield c
+    c.close()
+
+
+def test_identifying_columns_come_from_the_contracts(registry: ContractRegistry) -> None:
+    always, declarable = identifying_columns(registry)
+    for name in ("pid", "batch", "row", "nhsnumber", "dateofbirth", "postcode", "birthweek", "postcodedistrict"):
+        assert name in always, name
+    assert {"practicecode", "sex"} <= set(declarable)
+
+
+@pytest.mark.parametrize(
+    ("column", "why"),
+    [
+        ("pid", "pseudonym"),
+        ("NHS_Number", "direct identifier"),
+        ("patient_nhs_number", "direct identifier"),
+        ("date_of_birth", "fine-grained quasi-identifier"),
+        ("birth_week", "coarsened form"),
+        ("postcode_district", "coarsened form"),
+        ("practice_code", "does not declare why"),
+    ],
+)
+def test_guard_refuses_identifying_columns(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, column: str, why: str
+) -> None:
+    out = output(dimensions=[{"name": "month", "description": "m", "domain": "reporting_months"}])
+    con.execute(f'CREATE TABLE published.t AS SELECT DATE \'2026-01-01\' AS month, \'x\' AS "{column}", '
+                "10 AS people, false AS suppressed")
+    problems = guard_table(con, "published.t", out, registry)
+    assert any(column in p and why in p for p in problems), problems
+
+
+def test_guard_accepts_a_declared_quasi_identifier(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
+    out = output(dimensions=[
+        {"name": "month", "description": "m", "domain": "reporting_months"},
+        {"name": "practice_code", "description": "p", "domain": "observed",
+         "quasi_identifier": "a provider of care may be named (CoP 36)"},
+    ])
+    con.execute("CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'A81001' AS practice_code, "
+                "10 AS people, false AS suppressed")
+    assert guard_table(con, "published.t", out, registry) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "finding"),
+    [
+        ("3f2a9c0d4e5b6a7980f1e2d3c4b5a697", "pseudonym"),
+        ("ref 9434765919", "NHS-number-like"),
+        ("943 476 5919", "NHS-number-like"),
+        ("LS1 4AB", "postcode"),
+        ("sw1a1aa", "postcode"),
+        ("born 1956-03-12", "full date"),
+        ("12/03/1956", "full date"),
+        ("=HYPERLINK(\"http://x\")", "formula-leading"),
+        ("\tcmd", "formula-leading"),
+    ],
+)
+def test_guard_refuses_identifying_values_without_repeating_them(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, value: str, finding: str
+) -> None:
+    con.execute("CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'RX1' AS provider_code, "
+                "? AS label, 10 AS people, false AS suppressed", [value])
+    problems = guard_table(con, "published.t", output(), registry)
+    assert any(finding in p for p in problems), problems
+    assert value not in "\n".join(problems)
+
+
+def test_guard_refuses_day_precise_dates_big_integers_and_a_reason_column(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    con.execute("CREATE TABLE published.t AS SELECT DATE '1956-03-12' AS month, 'RX1' AS provider_code, "
+                "'ok' AS label, 9434765919 AS people, 'secondary' AS suppressed")
+    text = "\n".join(guard_table(con, "published.t", output(), registry))
+    assert "day-precise date" in text
+    assert "10-digit number" in text
+    assert "kind of suppression" in text
+
+
+def test_guard_passes_ordinary_labels(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
+    con.execute("CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'RX1' AS provider_code, "
+                "unnest(['IX Diseases of the circulatory system', '18-44', '85+', 'E08000025', 'Long term support: "
+                "community - home care', '''-3']) AS label, 10 AS people, false AS suppressed")
+    assert guard_table(con, "published.t", output(), registry) == []
+
+
+# --- the release -------------------------------------------------------------------------
+
+
+def test_release_writes_every_file_neutralised_and_licensed(store: Store, registry: ContractRegistry) -> None:
+    home = store.home
+    labels = {"=1+1": 20, "+44": 30, "-3": 40, "@SUM(A1)": 25, "\tTab": 35, "\rCR": 45, "Plain": 50}
+    out = output()
+    with store.connect() as con:
+        seed_haven(con, labels)
+        build_all(con, out, registry, home)
+        release = publish_release(con, [out], registry, home, now=NOW)
+        audited = con.execute(
+            "SELECT count(*) FROM governance.audit_log WHERE action = 'publish' AND legal_basis = 'anonymised'"
+        ).fetchone()[0]
+    pub = home.published
+    for name in ("adm.csv", "adm.parquet", "adm.dictionary.json", "adm.quality.json", "adm.quality.md",
+                 "published.duckdb", "LICENCE.txt", "release.json"):
+        assert (pub / name).is_file(), name
+    assert audited == 1
+    with open(pub / "adm.csv", newline="") as fh:
+        got = {row["label"] for row in csv.DictReader(fh)}
+    assert got == {"'=1+1", "'+44", "'-3", "'@SUM(A1)", "'\tTab", "'\rCR", "Plain"}
+    pq = duckdb.sql(f"SELECT DISTINCT label FROM '{pub / 'adm.parquet'}'").fetchall()
+    assert {r[0] for r in pq} == got
+    manifest = json.loads((pub / "release.json").read_text())
+    assert manifest["licence"] == OGL and manifest["release_id"] == release.release_id
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((pub / name).read_bytes()).hexdigest() == digest, name
+    dictionary = json.loads((pub / "adm.dictionary.json").read_text())
+    assert "Open Government Licence" in dictionary["licence"]
+    assert {c["name"] for c in dictionary["columns"]} == {"month", "provider_code", "label", "people", "suppressed"}
+    assert all(c.get("description") for c in dictionary["columns"])
+    assert "Open Government Licence" in (pub / "LICENCE.txt").read_text()
+    assert (pub / "methods.md").is_file(), "the methods document is published with the outputs"
+    db = duckdb.connect(str(pub / "published.duckdb"), read_only=True)
+    assert {r[0] for r in db.execute("SHOW TABLES").fetchall()} == {"adm", "dictionary", "quality"}
+    db.close()
+    assert not list(pub.glob(".staging-*"))
+
+
+def test_a_violating_table_refuses_the_whole_release_and_writes_nothing(
+    store: Store, registry: ContractRegistry
+) -> None:
+    home = store.home
+    good, bad = output("good"), output("bad")
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 60})
+        build_all(con, good, registry, home)
+        build_all(con, bad, registry, home)
+        assert verify_release(con, [good, bad], registry) == []
+        con.execute("UPDATE published.bad SET people = 3, suppressed = false WHERE label = 'A'")  # tampered
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [good, bad], registry, home, now=NOW)
+    assert any("bad: people" in p and "in 1..7" in p for p in refused.value.problems)
+    assert not [p for p in home.published.iterdir() if not p.name.startswith(".")], "nothing is written"
+
+
+def test_a_guard_finding_or_a_missing_statement_refuses_the_release(store: Store, registry: ContractRegistry) -> None:
+    home = store.home
+    out = output()
+    with store.connect() as con:
+        seed_haven(con, {"A": 40})
+        build_output(con, out, registry, today=TODAY)
+        assert any("no quality statement" in p for p in verify_release(con, [out], registry))
+        store_statement(con, build_statement(con, out, registry, home, build_output(con, out, registry, today=TODAY)))
+        con.execute("ALTER TABLE published.adm ADD COLUMN pid VARCHAR")
+        problems = verify_release(con, [out], registry)
+    assert any("'pid'" in p for p in problems)
+    changed = output(title="Another title")
+    with store.connect() as con:
+        con.execute("ALTER TABLE published.adm DROP COLUMN pid")
+        assert any("another definition" in p for p in verify_release(con, [changed], registry))
+
+
+def test_a_second_release_replaces_files_and_drops_a_withdrawn_output(
+    store: Store, registry: ContractRegistry
+) -> None:
+    home = store.home
+    first, second = output("first"), output("second")
+    with store.connect() as con:
+        seed_haven(con, {"A": 40})
+        build_all(con, first, registry, home)
+        build_all(con, second, registry, home)
+        publish_release(con, [first, second], registry, home, now=NOW)
+        assert (home.published / "first.csv").exists()
+        again = publish_release(con, [second], registry, home, now=NOW)
+        changes = json.loads((home.published / "second.quality.json").read_text())
+    assert not (home.published / "first.csv").exists()
+    assert "first.csv" in again.removed
+    history = changes["comparability_and_coherence"]["changes_since_last_release"]
+    assert history == ["first release of this output"], "the statement was built before the first release"
+
+
+def test_methods_document_exists_and_explains_the_choices() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
+    for topic in ("Why", "1 to 7", "nearest 5", "midpoint", "Secondary suppression", "[c]", "Open Government Licence",
+                  "type 1", "linkage", "Relevance", "Accuracy", "Timeliness", "Accessibility", "Comparability"):
+        assert topic.lower() in text.lower(), topic

@@ -1,0 +1,130 @@
+"""``safehaven query``: one read-only SELECT over published.duckdb, and nothing else.
+
+Rules under test: ``safehaven.query`` module docstring (BRIEF "Users"; DESIGN.md "Zones").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from safehaven.cli import main
+from safehaven.query import QueryRefused, format_result, run_query
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> Path:
+    """A published.duckdb with one table, and a secret file beside it that must stay unreadable."""
+    (tmp_path / "secret.csv").write_text("nhs_number\n9434765919\n")
+    other = tmp_path / "store.duckdb"
+    c = duckdb.connect(str(other))
+    c.execute("CREATE TABLE vault AS SELECT '9434765919' AS nhs_number")
+    c.close()
+    path = tmp_path / "published.duckdb"
+    c = duckdb.connect(str(path))
+    c.execute("CREATE TABLE hospital_admissions AS SELECT * FROM (VALUES "
+              "(DATE '2026-01-01', 'RX1', 10, false), (DATE '2026-01-01', 'RY2', NULL, true), "
+              "(DATE '2026-02-01', 'RX1', 25, false)) t(month, provider_code, people, suppressed)")
+    c.close()
+    return path
+
+
+def test_a_select_runs_and_prints_a_table(published: Path) -> None:
+    result = run_query(published, "SELECT provider_code, sum(people) AS people FROM hospital_admissions "
+                                  "GROUP BY ALL ORDER BY 1")
+    assert result.columns == ["provider_code", "people"]
+    assert result.rows == [("RX1", 35), ("RY2", None)]
+    text = format_result(result)
+    assert text.splitlines()[0].split() == ["provider_code", "people"]
+    assert "(2 rows)" in text
+    assert format_result(result, "csv") == "provider_code,people\nRX1,35\nRY2,\n"
+    assert '"people": 35' in format_result(result, "json")
+
+
+@pytest.mark.parametrize("sql", ["FROM hospital_admissions", "WITH x AS (SELECT 1 AS a) SELECT * FROM x",
+                                 "SHOW TABLES", "DESCRIBE hospital_admissions", "SELECT 1;"])
+def test_query_forms_are_allowed(published: Path, sql: str) -> None:
+    assert run_query(published, sql).columns
+
+
+@pytest.mark.parametrize(
+    ("sql", "why"),
+    [
+        ("SELECT 1; SELECT 2", "exactly one statement"),
+        ("SELECT 1; DROP TABLE hospital_admissions", "exactly one statement"),
+        ("DELETE FROM hospital_admissions", "not DELETE"),
+        ("INSERT INTO hospital_admissions VALUES (NULL, NULL, NULL, NULL)", "not INSERT"),
+        ("CREATE TABLE t AS SELECT 1", "not CREATE"),
+        ("ATTACH 'store.duckdb' AS s", "not ATTACH"),
+        ("COPY hospital_admissions TO 'out.csv'", "not COPY"),
+        ("SET enable_external_access = true", "not SET"),
+        ("PRAGMA threads = 1", "not SET"),
+        ("CALL pragma_version()", "not CALL"),
+        ("EXPLAIN SELECT 1", "not EXPLAIN"),
+        ("INSTALL httpfs", "not"),
+        ("SELEC 1", "does not parse"),
+    ],
+)
+def test_anything_but_one_query_is_refused_before_it_runs(published: Path, sql: str, why: str) -> None:
+    with pytest.raises(QueryRefused, match=why):
+        run_query(published, sql)
+    assert run_query(published, "SELECT count(*) FROM hospital_admissions").rows == [(3,)]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_csv('{dir}/secret.csv')",
+        "SELECT * FROM '{dir}/secret.csv'",
+        "SELECT * FROM read_text('{dir}/secret.csv')",
+        "SELECT * FROM read_blob('/etc/hostname')",
+        "SELECT * FROM glob('{dir}/*')",
+        "SELECT * FROM read_parquet('{dir}/x.parquet')",
+        "SELECT * FROM query('ATTACH ''{dir}/store.duckdb'' AS s')",
+    ],
+)
+def test_a_query_cannot_read_other_files_or_the_store(published: Path, sql: str) -> None:
+    with pytest.raises(QueryRefused) as refused:
+        run_query(published, sql.format(dir=published.parent))
+    assert "9434765919" not in str(refused.value)
+
+
+def test_the_configuration_is_locked(published: Path) -> None:
+    result = run_query(published, "SELECT name, value FROM duckdb_settings() WHERE name IN "
+                                  "('enable_external_access', 'lock_configuration') ORDER BY 1")
+    assert result.rows == [("enable_external_access", "false"), ("lock_configuration", "true")]
+
+
+def test_the_file_is_opened_read_only(published: Path) -> None:
+    result = run_query(published, "SELECT readonly FROM duckdb_databases() WHERE database_name = 'published'")
+    assert result.rows == [(True,)]
+
+
+def test_rows_are_capped_and_long_queries_stopped(published: Path) -> None:
+    result = run_query(published, "SELECT * FROM range(50)", max_rows=10)
+    assert len(result.rows) == 10 and result.truncated
+    assert "truncated" in format_result(result)
+    with pytest.raises(QueryRefused, match="longer than"):
+        run_query(published, "SELECT count(*) FROM range(100000) a, range(100000) b, range(1000) c", timeout=0.3)
+
+
+def test_missing_database_is_a_clear_refusal(tmp_path: Path) -> None:
+    with pytest.raises(QueryRefused, match="run the pipeline"):
+        run_query(tmp_path / "published.duckdb", "SELECT 1")
+
+
+def test_cli_prints_a_table_and_refuses_with_exit_code_2(published: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(main, ["query", "--db", str(published), "SELECT provider_code FROM hospital_admissions "
+                                                              "ORDER BY 1 LIMIT 1"])
+    assert ok.exit_code == 0, ok.output
+    assert "provider_code" in ok.output and "RX1" in ok.output
+    refused = runner.invoke(main, ["query", "--db", str(published), "DROP TABLE hospital_admissions"])
+    assert refused.exit_code == 2
+    assert "query refused" in refused.output
+    store = runner.invoke(main, ["query", "--db", str(published),
+                                 f"SELECT * FROM read_csv('{published.parent / 'secret.csv'}')"])
+    assert store.exit_code == 2 and "9434765919" not in store.output
