@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import automation, ingest, objections, outputs, pseudonymise, publish, validate
+from assets import automation, disposal, ingest, objections, outputs, pseudonymise, publish, releases, validate
 from resources.haven import SafeHavenResource
 from safehaven.contracts import ContractRegistry
 
@@ -24,11 +24,12 @@ def build_definitions(registry: ContractRegistry | None = None) -> dg.Definition
         *pseudonymise.build(registry),
         *outputs.build(registry),
         *publish.build(registry),
+        *releases.build(registry),
     ]
     return dg.Definitions(
         assets=stage_assets,
-        jobs=[automation.nightly_job],
-        schedules=[automation.nightly_schedule],
+        jobs=[automation.nightly_job, disposal.disposal_job],
+        schedules=[automation.nightly_schedule, disposal.disposal_schedule],
         sensors=[automation.incoming_sensor],
         resources={"haven": SafeHavenResource()},
         executor=dg.in_process_executor,

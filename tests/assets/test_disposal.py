@@ -1,0 +1,116 @@
+"""The ``disposal`` job and its daily schedule, around the real nightly job (issue #7)."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from safehaven import audit, disposal, synthetic
+from safehaven.agreements import suspend
+from safehaven.contracts import CONTRACTS_DIR
+from safehaven.definitions import build_definitions, defs
+from safehaven.home import Home
+from safehaven.keys import KeyRing
+from safehaven.runner import run_nightly
+from safehaven.store import Store
+from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+
+PATIENTS = 300
+GP_AUDIT = "statutory-gp-audit"
+
+
+def test_disposal_job_and_daily_schedule_are_wired() -> None:
+    job = defs.resolve_job_def("disposal")
+    assert job.tags.get("safehaven/store") == "writer"
+    assert [n.name for n in job.nodes] == ["dispose"]
+    assert job.nodes[0].definition.pool == "safehaven_store"
+    schedule = defs.resolve_schedule_def("disposal_daily_0300_london")
+    assert schedule.job_name == "disposal"
+    assert schedule.cron_schedule == "0 3 * * *" and schedule.execution_timezone == "Europe/London"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    request = schedule.evaluate_tick(dg.build_schedule_context()).run_requests[0]
+    assert request.run_config == {"ops": {"dispose": {"config": {"sweep": True}}}}
+
+
+@pytest.fixture
+def ran(home: Home, tmp_path: Path, dagster_instance, monkeypatch: pytest.MonkeyPatch) -> tuple[Home, Path, set[str]]:
+    """One nightly run over a drop, with the project's agreements copied so a test may suspend one."""
+    contracts = tmp_path / "data_contracts"
+    shutil.copytree(CONTRACTS_DIR, contracts)
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=7, defect_rate=0.01)
+    gp_numbers = seeded_nhs_numbers(home.incoming_for("gp_events"))
+    others = seeded_nhs_numbers(home.incoming_for("hospital_episodes")) | seeded_nhs_numbers(
+        home.incoming_for("social_care")) | seeded_nhs_numbers(home.incoming_for("objections"))
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok, [s for s in stages if s.checks_failed]
+    assert (home.releases / GP_AUDIT).exists()
+    return home, contracts, gp_numbers - others
+
+
+def _run(instance, config: dict) -> dg.ExecuteInProcessResult:
+    job = build_definitions().resolve_job_def("disposal")
+    return job.execute_in_process(run_config={"ops": {"dispose": {"config": config}}}, instance=instance,
+                                  raise_on_error=False)
+
+
+def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagster_instance) -> None:
+    home, contracts, gp_only = ran
+    with Store(home).connect() as con:  # the GP drop was received eight years ago
+        con.execute("UPDATE governance.batches SET landed_at = now() - INTERVAL 2920 DAY "
+                    "WHERE collection = 'gp_events'")
+    suspend(GP_AUDIT, "the recipient breached the no-onward-sharing term", "SIRO", root=contracts)
+    salt_id = KeyRing(home.keys).get(f"agreement-{GP_AUDIT}").key_id
+
+    result = _run(dagster_instance, {"sweep": True})
+
+    assert result.success
+    (output,) = [e for e in result.events_for_node("dispose") if e.event_type_value == "STEP_OUTPUT"]
+    meta = {k: v.value for k, v in output.event_specific_data.metadata.items()}
+    assert meta["disposals"] == 2 and meta["rows_disposed"] > 0 and salt_id in meta["key_ids_destroyed"]
+    assert leaked_nhs_numbers([home.root.parent / "dagster_home"], gp_only) == {}
+    with Store(home).connect(read_only=True) as con:
+        certs = disposal.certificates(con)
+        assert sorted(c["target_kind"] for c in certs) == ["agreement", "collection"]
+        assert con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM haven.hospital_episodes").fetchone()[0] > 0
+        assert audit.verify(con, home).ok
+    assert salt_id in {k for c in certs for k in c["key_ids_destroyed"].split(", ")}
+    assert not KeyRing(home.keys).exists(f"agreement-{GP_AUDIT}")
+    assert not (home.releases / GP_AUDIT).exists()
+    assert gp_only and leaked_nhs_numbers([home.root], gp_only) == {}
+    assert (home.registers / "disposal_register.csv").exists()
+    assert disposal.due(home) == [] or all(i.action == "review" for i in disposal.due(home))
+
+    again = _run(dagster_instance, {"sweep": True})  # nothing left: a no-op, no new certificate
+    assert again.success
+    with Store(home).connect(read_only=True) as con:
+        assert len(disposal.certificates(con)) == 2
+
+    synthetic.generate(home.incoming, patients=100, seed=8, defect_rate=0.0)
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok, [s for s in stages if s.checks_failed]
+    with Store(home).connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] > 0
+
+
+def test_job_config_names_a_collection_or_an_agreement(ran, dagster_instance) -> None:
+    home, _, _ = ran
+    bad = _run(dagster_instance, {"collection": "gp_events"})
+    assert not bad.success
+    refused = _run(dagster_instance, {"agreement": GP_AUDIT})  # in force: refused, nothing changed
+    assert not refused.success
+    assert KeyRing(home.keys).exists(f"agreement-{GP_AUDIT}")
+    tomorrow = (date.today() + timedelta(days=1)).isoformat()
+    done = _run(dagster_instance, {"collection": "social_care", "before": tomorrow,
+                                   "authorised_by": "Dr A. Example, Caldicott Guardian"})
+    assert done.success
+    with Store(home).connect(read_only=True) as con:
+        (cert,) = disposal.certificates(con)
+        assert cert["collection"] == "social_care" and cert["authorised_by"].startswith("Dr A.")
+        assert con.execute("SELECT count(*) FROM haven.social_care").fetchone()[0] == 0

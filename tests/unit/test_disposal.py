@@ -1,0 +1,592 @@
+"""Retention and secure disposal (issue #7; CoP 43d, 43f, 48-50; ``safehaven.disposal``).
+
+The haven used here is built with the core functions (``tests.unit.populate``) from two drops:
+
+* an *old* drop, received in 2015 (its batches' ``landed_at`` is set back, as if it had been
+  received then): gp_events, hospital_episodes and social_care of people who appear nowhere
+  else, plus one hospital episode of a person ("the mover") who is also in the new drop but with
+  another postcode and date of birth, plus a malformed GP file quarantined in 2015, plus a
+  resent copy of the old GP file still waiting in ``incoming/``;
+* a *new* drop, received now, that is kept.
+
+A record-level agreement (``gp-study``) releases gp_events after both drops landed. The
+*seeded values* of a disposal are the NHS numbers and full postcodes that occur only in the
+disposed (old) records, and the mover's old postcode.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven import audit, disposal, synthetic, vault
+from safehaven.agreements import suspend
+from safehaven.contracts import ContractRegistry
+from safehaven.home import Home
+from safehaven.keys import KeyRing, KeyRingError, agreement_key
+from safehaven.pseudonymise import pseudonym, release_pseudonym
+from safehaven.releases import PERSON_ID, release
+from safehaven.store import Store, httpfs_extension_path
+from tests.conftest import leaked_nhs_numbers, scan_for
+from tests.governance_helpers import agreement_data, contracts_root, write_agreement
+from tests.unit.populate import process
+
+OLD_END = date(2015, 3, 31)
+RECEIVED_2015 = "2015-04-02 09:00:00+00"
+BEFORE = date(2016, 1, 1)
+CONTENT = ("gp_events", "hospital_episodes", "social_care")
+MOVER_POSTCODE = "ZZ9 9ZZ"
+MOVER_DOB = "1931-02-03"
+STUDY = "gp-study"
+
+
+@dataclass
+class World:
+    home: Home
+    registry: ContractRegistry
+    keyring: KeyRing
+    old_nhs: set[str]  # disposed-only NHS numbers (canonical)
+    old_postcodes: set[str]  # disposed-only full postcodes
+    kept_nhs: set[str]
+    mover: str  # NHS number of the person in both drops
+
+    def needles(self) -> list[bytes]:
+        values = self.old_postcodes | {MOVER_POSTCODE}
+        return sorted({v.encode() for v in values} | {v.replace(" ", "").encode() for v in values})
+
+    def leaks(self) -> dict[str, object]:
+        """Plain bytes of seeded values in any file under the home (NHS numbers in any formatting)."""
+        hits: dict[str, object] = dict(leaked_nhs_numbers([self.home.root], self.old_nhs))
+        for path, found in scan_for(self.home.root, self.needles()).items():
+            hits[path] = found
+        return hits
+
+    def dispose(self, target: disposal.Target, **kw) -> disposal.DisposalResult:
+        return disposal.dispose(self.home, target, registry=self.registry, keyring=self.keyring, **kw)
+
+
+def _read(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1:]
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _canon(nhs: str) -> str:
+    return re.sub(r"[^0-9]", "", nhs)
+
+
+def _values(folder: Path, column: str) -> set[str]:
+    out: set[str] = set()
+    for path in folder.rglob("*.csv"):
+        header, rows = _read(path)
+        if column in header:
+            i = header.index(column)
+            out |= {_canon(r[i]) if column == "nhs_number" else r[i].upper() for r in rows if r[i]}
+    return out
+
+
+def _build(root: Path) -> None:
+    """The template haven (see the module docstring), built once per module and copied per test."""
+    home = Home(root / "haven").ensure()
+    croot = contracts_root(root)
+    write_agreement(croot, agreement_data(
+        id=STUDY, collections=["gp_events"], linkages=[],
+        fields=[{"collection": "gp_events", "field": "event_date",
+                 "justification": "Weekly counts of events need the date each was recorded."},
+                {"collection": "gp_events", "field": "diagnosis_code",
+                 "justification": "The study is about which conditions are recorded."}],
+    ))
+    registry = ContractRegistry(croot)
+    old, new = root / "old", root / "new"
+    synthetic.generate(old, patients=60, seed=11, defect_rate=0.0, period_end=OLD_END)
+    synthetic.generate(new, patients=150, seed=7, defect_rate=0.0)
+    shutil.rmtree(old / "objections")
+    # the mover: one old hospital episode re-assigned to a kept person, with an old postcode and date of birth
+    _, objection_rows = _read(next((new / "objections").glob("*.csv")))
+    objectors = {_canon(r[0]) for r in objection_rows}
+    header, new_gp = _read(next((new / "gp_events").glob("*.csv")))
+    mover = next(_canon(r[header.index("nhs_number")]) for r in new_gp
+                 if _canon(r[header.index("nhs_number")]) not in objectors)
+    old_hes = next((old / "hospital_episodes").glob("*.csv"))
+    header, rows = _read(old_hes)
+    row = rows[0]
+    row[header.index("nhs_number")], row[header.index("postcode")] = mover, MOVER_POSTCODE
+    row[header.index("date_of_birth")] = MOVER_DOB
+    _write(old_hes, header, rows)
+    # a malformed copy of old GP data (an extra column): quarantined whole at ingest
+    old_gp = next((old / "gp_events").glob("*.csv"))
+    header, rows = _read(old_gp)
+    _write(old / "gp_events" / "gp_events_20150331_resent.csv", [*header, "note"], [[*r, "x"] for r in rows[:20]])
+    for sub in (old, new):  # received separately: each drop gets its own vault data keys
+        for path in sub.rglob("*.csv"):
+            dest = home.incoming_for(path.parent.name) / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, dest)
+        process(home, registry)
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        con.execute("UPDATE governance.batches SET landed_at = CAST(? AS TIMESTAMPTZ) "
+                    "WHERE file_name LIKE '%20150331%'", [RECEIVED_2015])
+        assert con.execute("SELECT count(*) FROM governance.batches WHERE landed_at < '2016-01-01'").fetchone()[0] == 3
+        result = release(con, STUDY, home=home, registry=registry, keyring=keyring)
+        assert result.status == "released", result.reason
+    for reason in home.quarantine_for("gp_events").glob("*.reason.json"):
+        data = json.loads(reason.read_text())
+        data["quarantined_at"] = "2015-04-02T09:00:00+00:00"
+        reason.write_text(json.dumps(data))
+    shutil.copy(old_gp, home.incoming_for("gp_events") / old_gp.name)  # sent again, not yet ingested
+    old_nhs, new_nhs = _values(old, "nhs_number"), _values(new, "nhs_number")
+    old_pc, new_pc = _values(old, "postcode"), _values(new, "postcode")
+    (root / "world.json").write_text(json.dumps({
+        "old_nhs": sorted(old_nhs - new_nhs), "old_postcodes": sorted(old_pc - new_pc - {MOVER_POSTCODE}),
+        "kept_nhs": sorted(new_nhs), "mover": mover}))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("disposal-template")
+    _build(root)
+    return root
+
+
+@pytest.fixture
+def world(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    root = tmp_path / "world"
+    shutil.copytree(template, root, symlinks=True)
+    home = Home(root / "haven")
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(home.root))
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(root / "data_contracts"))
+    facts = json.loads((root / "world.json").read_text())
+    return World(home, ContractRegistry(root / "data_contracts"), KeyRing(home.keys), set(facts["old_nhs"]),
+                 set(facts["old_postcodes"]), set(facts["kept_nhs"]), facts["mover"])
+
+
+def _store_hits(con: duckdb.DuckDBPyConnection, needles: set[str]) -> dict[str, int]:
+    """Rows of every table of the store whose text (spaces and hyphens removed) holds a needle."""
+    pattern = "|".join(sorted(re.escape(n.replace(" ", "")) for n in needles))
+    hits = {}
+    for schema, table in con.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        "AND table_type = 'BASE TABLE'"
+    ).fetchall():
+        n = con.execute(
+            f"SELECT count(*) FROM {schema}.\"{table}\" t WHERE regexp_matches("
+            f"replace(replace(upper(CAST(t AS VARCHAR)), ' ', ''), '-', ''), ?)", [pattern]
+        ).fetchone()[0]
+        if n:
+            hits[f"{schema}.{table}"] = n
+    return hits
+
+
+def _vault_entries(world: World) -> set[tuple[str, str, str]]:
+    """Every identity-vault entry, decrypted: (pid, field, value)."""
+    with Store(world.home).connect() as con:  # vault.decrypt_rows creates its tables if missing
+        return {(p, f, v) for p, f, v, _ in vault.decrypt_rows(con, vault.private_key(world.keyring))}
+
+
+def _vault_values(world: World) -> set[tuple[str, str]]:
+    return {(f, v) for _, f, v in _vault_entries(world)}
+
+
+def _counts(home: Home, batches: str) -> dict[str, int]:
+    """Rows of the kept batches in every landing and haven table."""
+    with Store(home).connect(read_only=True) as con:
+        tables = con.execute(
+            "SELECT table_schema || '.' || table_name FROM information_schema.columns WHERE table_catalog = 'store' "
+            "AND column_name = '_batch' AND table_schema IN ('landing', 'haven') ORDER BY 1").fetchall()
+        return {t: con.execute(f"SELECT count(*) FROM {t} WHERE _batch IN ({batches})").fetchone()[0]
+                for (t,) in tables}
+
+
+KEPT = "SELECT batch_id FROM governance.batches WHERE landed_at >= '2016-01-01'"
+
+
+def _dispose_old(world: World, **kw) -> list[disposal.DisposalResult]:
+    return [world.dispose(disposal.Target.for_collection(c, BEFORE), **kw) for c in CONTENT]
+
+
+# --- the required properties ----------------------------------------------------------------
+
+
+def test_after_disposal_no_file_under_the_home_holds_a_disposed_value(world: World) -> None:
+    """Byte scan of every file under $SAFEHAVEN_HOME, before and after.
+
+    Before: the seeded values stand in plain files (the quarantined file, the resent copy in
+    incoming/) and in the store's tables (read under its key). After: no file under the home
+    holds any of them in plain bytes, and no table of the current store, read under the
+    current key, holds any either. The store file itself is encrypted, so its bytes prove
+    nothing either way; the control for it is the next test.
+    """
+    assert world.old_nhs and world.old_postcodes
+    before = world.leaks()
+    assert any("/quarantine/" in p for p in before) and any("/incoming/" in p for p in before), before
+    needles = world.old_nhs | world.old_postcodes | {MOVER_POSTCODE}
+    with Store(world.home).connect(read_only=True) as con:
+        assert _store_hits(con, needles)
+    assert {(f, v) for f, v in _vault_values(world) if f == "postcode"} & {("postcode", MOVER_POSTCODE)}
+
+    haven = world.keyring.get("haven").material
+    old_pids = sorted(pseudonym(haven, n) for n in world.old_nhs)
+    with Store(world.home).connect(read_only=True) as con:  # data keys protecting disposed people only
+        old_deks = {r[0] for r in con.execute(
+            "SELECT dek_id FROM vault.identity GROUP BY dek_id HAVING bool_and(list_contains(?, pid))",
+            [old_pids]).fetchall()}
+
+    results = _dispose_old(world)
+
+    assert [r.status for r in results] == ["disposed"] * 3
+    destroyed = {k["key_id"] for r in results for k in r.certificate["keys_destroyed"] if k["kind"] == "vault_data_key"}
+    assert old_deks and old_deks <= destroyed, "data keys left with no entry are destroyed"
+    with Store(world.home).connect(read_only=True) as con:
+        assert not con.execute("SELECT count(*) FROM vault.data_keys WHERE list_contains(?, dek_id)",
+                               [sorted(destroyed)]).fetchone()[0]
+    assert world.leaks() == {}
+    with Store(world.home).connect(read_only=True) as con:
+        assert _store_hits(con, needles) == {}
+    vaulted = _vault_values(world)
+    assert not {v for _, v in vaulted} & (world.old_nhs | world.old_postcodes | {MOVER_POSTCODE, MOVER_DOB})
+    assert ("nhs_number", world.mover) in vaulted  # the mover is still held, with the kept values only
+    store_dir = sorted(p.name for p in world.home.store_dir.rglob("*") if p.is_file())
+    assert store_dir == ["haven.duckdb"], "no WAL, temporary or next file is left"
+
+
+def test_control_delete_and_checkpoint_leave_the_values_a_rebuild_removes(world: World, tmp_path: Path) -> None:
+    """The control, designed honestly: the store is encrypted, so scanning its bytes finds nothing
+    whether or not DELETE left residue. So the same deletion is run on a *plain* (unencrypted,
+    uncompressed) DuckDB copy of the store taken before disposal, where residue would be visible:
+
+    1. the plain copy holds the seeded values in its bytes (the scan works on DuckDB files);
+    2. disposal's own row step (``_Run._delete``: the same SQL, same transaction) and a
+       CHECKPOINT leave them in the bytes of that file: DELETE alone must not be relied on;
+    3. disposal's physical step (a copy into a fresh file, as ``Store.rebuild`` does) leaves none.
+
+    The real disposal then runs on the encrypted store; the previous test shows its result holds
+    none of the values under the current key, and here the old store key, which could open a
+    pre-disposal copy of the file, is shown to be destroyed (not in keys/, its bytes nowhere
+    under the home).
+    """
+    plain = tmp_path / "plain.duckdb"
+    old_key = world.keyring.get("store")
+    with Store(world.home).connect(read_only=True) as con:
+        con.execute("SET force_compression = 'uncompressed'")
+        con.execute(f"ATTACH '{plain}' AS plain")
+        con.execute("COPY FROM DATABASE store TO plain")
+        con.execute("DETACH plain")
+    needles = [n.encode() for n in sorted(world.old_nhs)] + world.needles()
+    assert scan_for(tmp_path, needles), "the plain copy must hold the values, or the control proves nothing"
+
+    plans = [disposal.make_plan(world.home, disposal.Target.for_collection(c, BEFORE), registry=world.registry,
+                                keyring=world.keyring) for c in CONTENT]
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{plain}' AS store")
+    con.execute("USE store")
+    con.execute("SET force_compression = 'uncompressed'")
+    for plan in plans:
+        journal = {"disposal_id": plan.disposal_id, "target": plan.target.as_dict(), "plan": plan.as_dict(),
+                   "steps": {}}
+        disposal.ensure_tables(con)
+        disposal._Run(world.home, journal, world.registry, world.keyring, None)._delete(con)
+    assert con.execute("SELECT count(*) FROM landing.gp_events WHERE _batch IN (SELECT batch_id FROM "
+                       "governance.batches WHERE status = 'disposed')").fetchone()[0] == 0
+    con.execute("CHECKPOINT")
+    con.execute("VACUUM")
+    con.execute("CHECKPOINT")
+    rebuilt = tmp_path / "rebuilt" / "plain-rebuilt.duckdb"
+    rebuilt.parent.mkdir()
+    con.execute(f"ATTACH '{rebuilt}' AS fresh")
+    con.execute("COPY FROM DATABASE store TO fresh")
+    con.execute("DETACH fresh")
+    con.close()
+    residue = scan_for(tmp_path, needles)
+    assert str(plain) in residue, "DELETE + CHECKPOINT left the disposed values in the file"
+    assert str(rebuilt) not in residue, "a copy into a fresh file holds none of them"
+
+    _dispose_old(world)
+    assert not world.keyring.get("store").key_id == old_key.key_id
+    assert scan_for(world.home.root, [old_key.hex.encode(), old_key.material]) == {}
+    link = [p for p in world.home.keys.iterdir() if p.name.startswith(".store-retired")]
+    assert link == []
+    check = duckdb.connect()
+    check.execute(f"LOAD '{httpfs_extension_path()}'")
+    with pytest.raises(duckdb.Error):
+        check.execute(f"ATTACH '{world.home.store_file}' AS s (ENCRYPTION_KEY '{old_key.hex}', READ_ONLY)")
+
+
+def test_the_destroyed_agreement_key_cannot_recompute_pseudonyms(world: World) -> None:
+    """Logical disposal of an agreement: its salt is destroyed, so the person_ids released under it
+    can no longer be computed from haven pids (a new salt gives unrelated ones)."""
+    home = world.home
+    folder = next((home.releases / STUDY).iterdir())
+    extract = folder / "gp_events.parquet"
+    released = {r[0] for r in duckdb.execute(f"SELECT DISTINCT {PERSON_ID} FROM '{extract}'").fetchall()}
+    with Store(home).connect(read_only=True) as con:
+        pids = [r[0] for r in con.execute("SELECT DISTINCT pid FROM governance.release_members WHERE agreement_id = ?",
+                                          [STUDY]).fetchall()]
+    salt = world.keyring.get(f"agreement-{STUDY}")
+    key = agreement_key(world.keyring, STUDY, create=False)
+    assert {release_pseudonym(key, p) for p in pids} == released  # recomputable before
+
+    with pytest.raises(disposal.DisposalError, match="in force"):
+        world.dispose(disposal.Target.for_agreement(STUDY))
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    assert [i.action for i in disposal.due(home, registry=world.registry, keyring=world.keyring)
+            if i.target and i.target.agreement == STUDY] == ["dispose"]
+    result = world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, Caldicott Guardian")
+
+    assert result.status == "disposed"
+    with pytest.raises(KeyRingError, match="destroyed at disposal"):
+        agreement_key(world.keyring, STUDY, create=False)
+    assert scan_for(home.root, [salt.hex.encode(), salt.material, key.hex.encode()]) == {}
+    fresh = agreement_key(world.keyring, STUDY, create=True)  # a new domain is unrelated to the destroyed one
+    assert not {release_pseudonym(fresh, p) for p in pids} & released
+    assert not (home.releases / STUDY).exists()
+    manifest = world.keyring.manifest()[f"agreement-{STUDY}"]["history"]
+    assert any(h["key_id"] == salt.key_id and "destroyed_at" in h for h in manifest)
+    cert = result.certificate
+    assert cert is not None
+    assert {k["key_id"] for k in cert["keys_destroyed"]} >= {salt.key_id, cert["store_key_old"]}
+    assert any(k.get("derived_key_id") == key.key_id for k in cert["keys_destroyed"])
+    with Store(home).connect(read_only=True) as con:
+        assert not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'release' "
+                               "AND starts_with(table_name, ?)", [STUDY]).fetchone()[0]
+        # governance records stay: who was released, and the register row
+        assert con.execute("SELECT count(*) FROM governance.release_members WHERE agreement_id = ?",
+                           [STUDY]).fetchone()[0] == len(pids)
+        assert con.execute("SELECT count(*) FROM governance.release_register WHERE agreement_id = ?",
+                           [STUDY]).fetchone()[0] == 1
+
+
+def test_data_not_due_is_intact_and_the_haven_keeps_working(world: World) -> None:
+    kept_before = _counts(world.home, KEPT)
+    vault_before = _vault_entries(world)
+    haven = world.keyring.get("haven").material
+    old_pids = {pseudonym(haven, n) for n in world.old_nhs}
+    mover = pseudonym(haven, world.mover)
+    _dispose_old(world)
+    assert _counts(world.home, KEPT) == kept_before
+    # exactly the disposed people's entries and the mover's old values are gone; every other entry is intact
+    expected = {e for e in vault_before
+                if e[0] not in old_pids and not (e[0] == mover and e[2] in (MOVER_POSTCODE, MOVER_DOB))}
+    assert _vault_entries(world) == expected
+    assert {f for p, f, _ in expected if p == mover} == {"nhs_number", "date_of_birth", "postcode"}
+    with Store(world.home).connect(read_only=True) as con:
+        statuses = dict(con.execute("SELECT status, count(*) FROM governance.batches GROUP BY 1").fetchall())
+        assert statuses["disposed"] == 3 and statuses["accepted"] >= 4
+        empty = con.execute("SELECT count(*) FROM vault.data_keys WHERE dek_id NOT IN "
+                            "(SELECT dek_id FROM vault.identity)").fetchone()[0]
+        assert empty == 0
+    # the pipeline still runs: a new drop lands, the haven grows, the agreement releases again
+    synthetic.generate(world.home.incoming, patients=40, seed=99, defect_rate=0.0, period_end=date(2026, 6, 30))
+    process(world.home, world.registry)
+    with Store(world.home).connect() as con:
+        assert con.execute("SELECT count(*) FROM governance.batches WHERE status = 'accepted'").fetchone()[0] \
+            == statuses["accepted"] + 4
+        again = release(con, STUDY, home=world.home, registry=world.registry, keyring=world.keyring)
+        assert again.status == "released" and again.release_id == f"{STUDY}-r0002"
+        assert audit.verify(con, world.home).ok
+
+
+def test_the_same_file_sent_again_is_not_landed_again(world: World) -> None:
+    _dispose_old(world)
+    old_gp = next(p for p in (world.home.root.parent / "old" / "gp_events").glob("gp_events_2015*.csv")
+                  if "resent" not in p.name)
+    shutil.copy(old_gp, world.home.incoming_for("gp_events") / old_gp.name)
+    process(world.home, world.registry)
+    assert world.leaks() == {}
+    with Store(world.home).connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM governance.batches WHERE status = 'disposed'").fetchone()[0] == 3
+
+
+def test_certificate_in_register_exports_and_audit(world: World) -> None:
+    result = world.dispose(disposal.Target.for_collection("gp_events", BEFORE), authorised_by="Dr Test, CG")
+    cert = result.certificate
+    assert cert is not None
+    assert cert["rows_by_table"]["landing.gp_events"] > 0
+    assert cert["rows_by_table"]["landing.gp_events_valid"] == cert["rows_by_table"]["haven.gp_events"] > 0
+    assert cert["rows_by_table"]["release.gp-study__gp_events"] > 0
+    kinds = {f["kind"] for f in cert["files"]}
+    assert kinds == {"quarantine", "incoming", "release"}
+    assert all(f["sha256"] and f["bytes"] > 0 for f in cert["files"] if f["kind"] != "release" or f["bytes"])
+    assert cert["releases"] == [f"{STUDY}-r0001"]
+    assert cert["authorised_by"] == "Dr Test, CG" and cert["requested_by"]
+    assert cert["store_key_old"] != cert["store_key_new"]
+    with open(world.home.registers / "disposal_register.csv", newline="") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [r["disposal_id"] for r in csv_rows] == [result.disposal_id]
+    exported = world.home.registers / "disposal_register.parquet"
+    parquet = duckdb.execute(f"SELECT disposal_id, rows_disposed FROM '{exported}'").fetchall()
+    assert parquet == [(result.disposal_id, cert["rows_disposed"])]
+    with Store(world.home).connect(read_only=True) as con:
+        assert [c["disposal_id"] for c in disposal.certificates(con)] == [result.disposal_id]
+        entries = audit.entries_for(con, object_like=f"disposal:{result.disposal_id}")
+        assert [e.outcome for e in entries] == ["started", "ok"]
+        assert audit.verify(con, world.home).ok
+    assert leaked_nhs_numbers([world.home.registers], world.old_nhs | world.kept_nhs) == {}
+
+
+def test_disposal_is_idempotent(world: World) -> None:
+    first = _dispose_old(world)
+    again = _dispose_old(world)
+    assert [r.status for r in again] == ["nothing_to_dispose"] * 3
+    with Store(world.home).connect(read_only=True) as con:
+        assert len(disposal.certificates(con)) == len(first) == 3
+
+
+CRASH_POINTS = ["plan", "keys", "rows", "files", "rebuild:build", "rebuild:journal", "rebuild", "record"]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_crash_between_steps_leaves_a_state_the_next_run_completes(world: World, point: str) -> None:
+    """Each crash stops after a step's action and before its journal entry (the harshest moment)."""
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    old_store = world.keyring.get("store").key_id
+    planned = disposal.make_plan(world.home, target, registry=world.registry, keyring=world.keyring)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, _crash_after=point)
+    assert disposal.pending(world.home) is not None
+    with Store(world.home).connect(read_only=True) as con:  # the store always opens: never half-rebuilt
+        assert con.execute("SELECT count(*) FROM haven.gp_events WHERE _batch IN (" + KEPT + ")").fetchone()[0] > 0
+    with pytest.raises(disposal.DisposalPending):
+        world.dispose(disposal.Target.for_collection("social_care", BEFORE))
+    result = world.dispose(target)  # the same request again resumes it
+    assert result.status == "disposed" and result.resumed
+    assert disposal.pending(world.home) is None
+    assert world.keyring.get("store").key_id != old_store
+    assert not [p for p in world.home.keys.iterdir() if p.name.startswith(".store-retired")]
+    assert not list(world.home.quarantine_for("gp_events").iterdir())
+    assert not (world.home.releases / STUDY).exists() or not any((world.home.releases / STUDY).iterdir())
+    cert = result.certificate
+    assert cert is not None and cert["rows_by_table"]["landing.gp_events"] > 0
+    assert cert["files_destroyed"] == len(planned.files) == 5  # quarantined file + reason, resent copy, release x2
+    assert cert["batches"] == planned.batches
+    with Store(world.home).connect(read_only=True) as con:
+        assert len(disposal.certificates(con)) == 1
+        assert con.execute("SELECT count(*) FROM landing.gp_events WHERE _batch NOT IN (" + KEPT + ")"
+                           ).fetchone()[0] == 0
+        assert audit.verify(con, world.home).ok
+    assert world.dispose(target).status == "nothing_to_dispose"
+
+
+def test_crash_after_the_agreement_key_is_destroyed_is_completed_by_resume(world: World) -> None:
+    suspend(STUDY, "breach of the data sharing agreement", "SIRO", root=world.registry.root)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(disposal.Target.for_agreement(STUDY), _crash_after="keys")
+    assert not world.keyring.exists(f"agreement-{STUDY}")
+    result = disposal.resume(world.home, registry=world.registry, keyring=world.keyring)
+    assert result is not None and result.status == "disposed"
+    assert any(k["kind"] == "agreement_pseudonym_salt" for k in result.certificate["keys_destroyed"])
+    assert not (world.home.releases / STUDY).exists()
+
+
+# --- what is due --------------------------------------------------------------------------------
+
+
+def test_due_finds_retention_expiry_and_suspension_for_breach(world: World) -> None:
+    items = disposal.due(world.home, registry=world.registry, keyring=world.keyring)
+    collections = {i.target.collection for i in items if i.action == "dispose" and i.target.kind == "collection"}
+    assert collections == set(CONTENT), "2015 receipts are past the contracts' seven years"
+    assert all(i.target.before == date.today() - timedelta(days=2557) for i in items if i.target.kind == "collection")
+    assert not [i for i in items if i.target.kind == "agreement"]  # in force, release is new
+    later = date.today() + timedelta(days=400)
+    releases = [i for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring, today=later)
+                if i.target.kind == "agreement"]
+    assert [(i.action, i.target.releases) for i in releases] == [("dispose", (f"{STUDY}-r0001",))]
+    suspend(STUDY, "pending an audit of the recipient", "SIRO", root=world.registry.root)
+    review = [i for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
+              if i.target.kind == "agreement"]
+    assert [i.action for i in review] == ["review"]
+    path = world.registry.root / "agreements" / f"{STUDY}.yaml"
+    path.write_text(path.read_text().replace("end_date: '2099-12-31'", "end_date: '2025-06-30'")
+                    .replace("status: suspended", "status: approved"))
+    expired = [i for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
+               if i.target.kind == "agreement"]
+    assert [i.action for i in expired] == ["dispose"] and "expired" in expired[0].reason
+
+
+def test_sweep_disposes_of_what_is_due_and_leaves_reviews(world: World) -> None:
+    report = disposal.sweep(world.home, registry=world.registry, keyring=world.keyring)
+    assert sorted(r.target.collection for r in report.results) == sorted(CONTENT)
+    assert report.failed == [] and world.leaks() == {}
+    assert disposal.due(world.home, registry=world.registry, keyring=world.keyring) == []
+
+
+def test_release_past_retention_goes_but_the_agreement_key_stays(world: World) -> None:
+    rid = f"{STUDY}-r0001"
+    result = world.dispose(disposal.Target.for_agreement(STUDY, [rid]))
+    assert result.status == "disposed"
+    assert not (world.home.releases / STUDY / rid).exists()
+    assert world.keyring.exists(f"agreement-{STUDY}")
+    assert [k["kind"] for k in result.certificate["keys_destroyed"]] == ["store"]
+
+
+def test_objections_are_not_disposed_of_by_date(world: World) -> None:
+    with pytest.raises(disposal.DisposalError, match="objections"):
+        world.dispose(disposal.Target.for_collection("objections", BEFORE))
+
+
+def test_needs_the_vault_key_when_a_kept_person_has_another_disposed_value(world: World) -> None:
+    """The mover's old postcode and date of birth can only be told from the kept ones by decrypting;
+    the pipeline host (no vault private key) is refused before anything changes. A disposal with no
+    such value (the GP records) needs no vault key."""
+    world.keyring.path("vault").rename(world.home.root.parent / "vault.key.elsewhere")
+    with pytest.raises(disposal.DisposalError, match="governance lead"):
+        world.dispose(disposal.Target.for_collection("hospital_episodes", BEFORE))
+    assert disposal.pending(world.home) is None  # refused before anything changed
+    with Store(world.home).connect(read_only=True) as con:
+        assert not disposal.certificates(con)
+    assert world.dispose(disposal.Target.for_collection("gp_events", BEFORE)).status == "disposed"
+
+
+def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"9990000000,ZZ9 9ZZ\n" * 100)
+    alias = tmp_path / "hardlink"
+    alias.hardlink_to(path)
+    assert disposal.shred_file(path) == 1900
+    assert not path.exists() and b"ZZ9" not in alias.read_bytes()
+    target = tmp_path / "outside.txt"
+    target.write_text("keep me")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    disposal.shred_file(link)
+    assert target.read_text() == "keep me"
+
+
+def test_command_line(world: World) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli import main
+
+    runner = CliRunner()
+    due = runner.invoke(main, ["dispose", "--due", "--json"])
+    assert due.exit_code == 0 and len(json.loads(due.output)) == 3
+    dry = runner.invoke(main, ["dispose", "--collection", "gp_events", "--before", "2016-01-01", "--dry-run"])
+    assert dry.exit_code == 0 and "batches" in dry.output
+    assert world.leaks(), "a dry run changes nothing"
+    assert runner.invoke(main, ["dispose", "--collection", "gp_events"]).exit_code == 2
+    no = runner.invoke(main, ["dispose", "--collection", "gp_events", "--before", "2016-01-01"], input="n\n")
+    assert no.exit_code == 1
+    done = runner.invoke(main, ["dispose", "--collection", "gp_events", "--before", "2016-01-01", "--yes",
+                                "--by", "Dr Test, Caldicott Guardian", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["status"] == "disposed"
+    assert not re.search(r"999\d{7}", done.output + dry.output + due.output)
+    assert runner.invoke(main, ["dispose", "--resume"]).output.strip() == "no interrupted disposal"
+    refused = runner.invoke(main, ["dispose", "--agreement", STUDY, "--yes"])
+    assert refused.exit_code == 1 and "in force" in refused.output
