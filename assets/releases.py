@@ -11,6 +11,11 @@ Each asset re-reads its agreement when it runs, so a suspension or expiry takes 
   reason; breaches are in the breach register and every outcome in the audit trail.
 
 An agreement file that does not parse still gets an asset, which fails with the parse error.
+
+An anonymised-publication agreement that a published output names (``linkage.agreement`` in
+``data_contracts/outputs/``) gets no release asset: the output is its only product, so one
+cohort is never published as two differently protected tables (which would widen the
+differencing surface; CoP 34b).
 """
 
 
@@ -23,6 +28,7 @@ from resources.haven import SafeHavenResource
 from safehaven.agreements import Agreement, scan_agreements
 from safehaven.contracts import ContractRegistry
 from safehaven.linkage import LinkageRefused
+from safehaven.outputs import load_outputs
 from safehaven.releases import ReleaseRefused, release
 
 GROUP = "release"
@@ -83,6 +89,11 @@ def release_asset(agreement_id: str, agreement: Agreement | None, registry: Cont
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     """A release asset for every agreement file under the contracts root."""
     found, errors = scan_agreements(registry.root)
-    assets = [release_asset(i, a, registry) for i, a in found.items()]
+    published_under = {o.linkage.agreement for o in load_outputs(registry).values() if o.linkage}
+    assets = [
+        release_asset(i, a, registry)
+        for i, a in found.items()
+        if not (a.identifiability == "anonymised" and i in published_under)
+    ]
     assets += [release_asset(i, None, registry, error) for i, error in errors.items()]
     return assets

@@ -59,3 +59,10 @@ def test_instance_settings_limit_the_store_pool_to_one(tmp_path) -> None:
         assert {"key": "safehaven/store", "limit": 1} in limits
     finally:
         instance.dispose()
+
+
+def test_publication_agreement_gets_no_second_release_asset() -> None:
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert "published/discharge_to_social_care" in keys
+    assert "release/anon-linked-stats" not in keys
+    assert "release/research-hes-asc-linked" in keys
