@@ -1,4 +1,5 @@
-"""Objections stage: the objection register, fed by validated objection drops (CoP 11-14)."""
+"""Objections stage: the objection register, fed by validated objection drops (CoP 11-14), and
+the objection-rate monitor with its warning check (Govt response 7.15)."""
 
 
 import dagster as dg
@@ -6,8 +7,21 @@ import dagster as dg
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.contracts import ContractRegistry
-from safehaven.objections import EVENTS, current_sql, register_objections
+from safehaven.haven import haven_key
+from safehaven.objections import (
+    ALPHA_UPPER,
+    EVENTS,
+    NATIONAL_OPT_OUT,
+    TYPE1,
+    current_sql,
+    objection_rates,
+    register_objections,
+    save_rates,
+)
 from safehaven.pseudonymise import install_key
+
+OBJECTION_RATES = dg.AssetKey(["governance", "objection_rates"])
+RATE_CHECK = "objection_rate_within_control_limits"
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
@@ -24,8 +38,9 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     )
     def objection_register(haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
-            install_key(con, "haven", haven.keyring().get_or_create("haven").material)
-            added = register_objections(con, contract)
+            key = haven_key(con, haven.keyring())
+            install_key(con, "haven", key)
+            added = register_objections(con, contract, key.key_id)
             total = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0]
             in_force = dict(con.execute(
                 f"SELECT objection_type, count(*) FILTER (WHERE in_force) FROM ({current_sql()}) GROUP BY 1"
@@ -34,9 +49,76 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             metadata={
                 "rows_in": added,
                 "rows_out": int(total),
-                "type1_in_force": int(in_force.get("type1", 0)),
-                "national_opt_out_in_force": int(in_force.get("national_opt_out", 0)),
+                "type1_in_force": int(in_force.get(TYPE1, 0)),
+                "national_opt_out_in_force": int(in_force.get(NATIONAL_OPT_OUT, 0)),
+                "pseudonym_key_id": key.key_id,
             }
         )
 
-    return [objection_register]
+    gp = [c for c in registry.content() if c.practice_field]
+    spec = dg.AssetCheckSpec(
+        RATE_CHECK,
+        asset=OBJECTION_RATES,
+        blocking=False,
+        description="No practice's type 1 objection rate is above the 99.8% funnel-plot control limit "
+        "(exact binomial) around the pooled rate of the other practices (Govt response 7.15). A warning: an outlier is "
+        "explored with the practice, not a reason to stop the pipeline.",
+    )
+
+    @dg.asset(
+        key=OBJECTION_RATES,
+        deps=[keys.OBJECTION_REGISTER, *[keys.haven(c.collection) for c in gp]],
+        group_name="objections",
+        pool=keys.STORE_POOL,
+        check_specs=[spec],
+        description="Objection rate per GP practice against the pooled rate of the other practices, "
+        "with 99.8% funnel-plot control limits (safehaven.objections.objection_rates).",
+        kinds={"duckdb"},
+    )
+    def objection_rates_asset(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
+        with haven.connect() as con:
+            store = haven.store()
+            sources = [(f"haven.{c.collection}", c.practice_field or "") for c in gp
+                       if store.table_exists(con, "haven", c.collection)]  # none before a GP batch arrives
+            rates = (objection_rates(con, TYPE1, gp_sources=sources)
+                     + objection_rates(con, NATIONAL_OPT_OUT, gp_sources=sources))
+            save_rates(con, rates)
+        type1 = [r for r in rates if r.objection_type == TYPE1]
+        outliers = [r for r in type1 if r.outlier]
+        flagged = [
+            {"practice": r.practice, "rate": round(r.rate, 4), "baseline": round(r.baseline, 4),
+             "upper_limit": round(r.upper_limit or 0.0, 4), "p_value": float(f"{r.p_value or 0.0:.3g}"),
+             "z": round(r.z or 0.0, 2),
+             "list_size": r.list_size, "objectors": r.objectors}
+            for r in outliers
+        ]
+        for f in flagged:
+            context.log.warning(
+                f"practice {f['practice']}: type 1 objection rate {f['rate']:.1%} against a baseline of "
+                f"{f['baseline']:.1%} (99.8% upper limit {f['upper_limit']:.1%})"
+            )
+        nat_outliers = sum(r.outlier for r in rates if r.objection_type == NATIONAL_OPT_OUT)
+        return dg.MaterializeResult(
+            metadata={
+                "rows_in": len(type1),
+                "rows_out": sum(r.assessed for r in type1),
+                "practices_flagged": len(outliers),
+                "national_opt_out_practices_flagged": int(nat_outliers),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=RATE_CHECK,
+                    passed=not outliers,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={
+                        "practices_assessed": sum(r.assessed for r in type1),
+                        "practices_flagged": len(outliers),
+                        "flagged": dg.MetadataValue.json(flagged),
+                        "method": "baseline: pooled rate of the other practices; outlier: above the 99.8% "
+                        f"funnel limit, exact binomial P(X >= x) < {ALPHA_UPPER} (Spiegelhalter 2005)",
+                    },
+                )
+            ],
+        )
+
+    return [objection_register, objection_rates_asset]

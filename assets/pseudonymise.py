@@ -1,5 +1,6 @@
 """Pseudonymise stage: validated rows enter the haven under keyed pseudonyms, minus type 1
-objectors' GP records (safehaven.haven)."""
+objectors' GP records (safehaven.haven); their direct identifiers go to the encrypted
+identity vault, which the pipeline can write but not read (safehaven.vault)."""
 
 
 import dagster as dg
@@ -7,7 +8,14 @@ import dagster as dg
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.contracts import Contract, ContractRegistry
-from safehaven.haven import build_haven
+from safehaven.haven import build_haven, haven_key
+from safehaven.keys import VAULT
+from safehaven.pseudonymise import install_key
+from safehaven.vault import IDENTITY, vault_collection
+
+
+def vault_key(collection: str) -> dg.AssetKey:
+    return dg.AssetKey(["vault", collection])
 
 
 def haven_asset(contract: Contract) -> dg.AssetsDefinition:
@@ -21,8 +29,8 @@ def haven_asset(contract: Contract) -> dg.AssetsDefinition:
         kinds={"duckdb"},
     )
     def _haven(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
-        key = haven.keyring().get_or_create("haven")
         with haven.connect() as con:
+            key = haven_key(con, haven.keyring())
             report = build_haven(con, contract, key)
             total = con.execute(f"SELECT count(*) FROM haven.{contract.collection}").fetchone()[0]
         if report.type1_dropped:
@@ -45,5 +53,43 @@ def haven_asset(contract: Contract) -> dg.AssetsDefinition:
     return _haven
 
 
+def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefinition:
+    deps = [keys.validated(contract.collection)]
+    if contract.kind == "content":
+        deps.append(keys.OBJECTION_REGISTER)
+
+    @dg.asset(
+        key=vault_key(contract.collection),
+        deps=deps,
+        group_name="pseudonymise",
+        pool=keys.STORE_POOL,
+        description=f"Direct identifiers of {contract.collection} (NHS number, full date of birth, full "
+        "postcode) in the identity vault: AES-256-GCM bound to pid and field, data keys wrapped to the "
+        "vault's public key.",
+        kinds={"duckdb"},
+    )
+    def _vault(haven: SafeHavenResource) -> dg.MaterializeResult:
+        keyring = haven.keyring()
+        public = keyring.public_or_create(VAULT)
+        with haven.connect() as con:
+            install_key(con, "haven", haven_key(con, keyring))
+            report = vault_collection(con, contract, registry.contracts.values(), public)
+            total = con.execute(f"SELECT count(*) FROM {IDENTITY}").fetchone()[0]
+        return dg.MaterializeResult(
+            metadata={
+                "rows_in": report.candidates,
+                "batches": report.batches,
+                "rows_out": report.entries,
+                "vault_entries_total": int(total),
+                "type1_rows_not_vaulted": report.type1_rows_skipped,
+                "fields": dg.MetadataValue.json(report.fields),
+                "vault_key_id": report.vault_key_id,
+            }
+        )
+
+    return _vault
+
+
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
-    return [haven_asset(c) for c in registry.content()]
+    havens = [haven_asset(c) for c in registry.content()]
+    return havens + [vault_asset(c, registry) for c in registry.contracts.values()]

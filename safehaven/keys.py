@@ -11,9 +11,26 @@ Rules (CoP 27b-c, BRIEF "Pseudonymisation and encryption"):
   losing the store key is reported, not papered over with a new key.
 
 Key files: ``keys/<purpose>.key`` holds the current key as hex; ``keys/keyring.json`` (no
-material) records ids, creation and retirement. Purposes used by the haven: ``store``
-(encryption at rest of the DuckDB store), ``haven`` (HMAC pseudonyms), ``vault`` (identity
-vault). Rotation and per-agreement keys are built on ``KeyRing.material`` / ``KeyRing.write``.
+material) records ids, creation, retirement and destruction. Purposes used by the haven:
+
+* ``store``: encryption at rest of the DuckDB store (``safehaven.store``).
+* ``haven``: the HMAC key of haven pseudonyms (``safehaven.pseudonymise``).
+* ``audit``: the audit chain's MAC key (``safehaven.audit``).
+* ``vault``: an X25519 key *pair* for the identity vault (``safehaven.vault``). Role
+  separation: the pipeline needs only the public half ``keys/vault.pub`` to write vault
+  entries (envelope encryption); the private half ``keys/vault.key`` belongs to the
+  governance lead and is read only by re-identification and haven-key rotation, so it can be
+  kept off the pipeline host. The pair is known by the id of its public half. A public key
+  file is not secret but its integrity matters (a substituted one would encrypt identities to
+  someone else), so it is held to the same rules except that others may read it.
+* ``agreement-<id>``: a random 32-byte salt per data sharing agreement. The agreement's
+  pseudonym key is HKDF-SHA256 (RFC 5869) over the haven key with that salt and
+  ``info = b"safehaven agreement pseudonym v1|" + id`` (``agreement_key``): two recipients'
+  extracts cannot be joined, and destroying the salt file crypto-shreds the agreement's
+  pseudonym domain without touching any other (CoP 43d, 48-50).
+
+Rotation (``safehaven.rotation``) replaces a purpose's file atomically; the manifest marks the
+previous id retired, so every id that ever protected data stays on record.
 """
 
 from __future__ import annotations
@@ -21,13 +38,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 KEY_BYTES = 32
+AGREEMENT_INFO = b"safehaven agreement pseudonym v1|"
+VAULT = "vault"
+_AGREEMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class KeyRingError(Exception):
@@ -60,14 +86,22 @@ def key_id(material: bytes) -> str:
     return hashlib.sha256(b"safehaven-key-id:" + material).hexdigest()[:16]
 
 
-def check_key_file(path: Path) -> None:
-    """Refuse a key file that is a symlink, not a regular file, not ours, or not 0600-tight."""
+def check_key_file(path: Path, *, public: bool = False) -> None:
+    """Refuse a key file that is a symlink, not a regular file, not ours, or not 0600-tight.
+
+    A ``public`` key file may be readable by others, never writable by them.
+    """
     if path.is_symlink():
         raise KeyRingError(f"key file {path} is a symbolic link; replace it with a regular file")
     st = path.lstat()
     if not stat.S_ISREG(st.st_mode):
         raise KeyRingError(f"key file {path} is not a regular file")
-    if st.st_mode & 0o077:
+    if public and st.st_mode & 0o022:
+        raise KeyRingError(
+            f"public key file {path} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 644 {path}"
+        )
+    if not public and st.st_mode & 0o077:
         raise KeyRingError(
             f"key file {path} is accessible by group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
@@ -118,23 +152,85 @@ class KeyRing:
             )
         return self.write(purpose, secrets.token_bytes(KEY_BYTES))
 
-    def write(self, purpose: str, material: bytes, *, replace: bool = False) -> Key:
-        """Write key material atomically with mode 0600 and record its id in keyring.json."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.directory.chmod(0o700)
+    def write(self, purpose: str, material: bytes, *, replace: bool = False, record: bool = True) -> Key:
+        """Write key material atomically with mode 0600 and record its id in keyring.json.
+
+        ``record=False`` for staging files (a rotation in progress) and for the halves of a
+        key pair, which is recorded once under the id of its public half.
+        """
         path = self.path(purpose)
         if path.exists() and not replace:
             raise KeyRingError(f"key {purpose!r} already exists")
-        tmp = path.with_suffix(".key.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        self._write_file(path, material, 0o600)
+        key = Key(purpose, material)
+        if record:
+            self._record(purpose, key.key_id)
+        return key
+
+    def _write_file(self, path: Path, material: bytes, mode: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o700)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         with os.fdopen(fd, "w") as fh:
             fh.write(material.hex())
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-        key = Key(purpose, material)
-        self._record(purpose, key.key_id)
-        return key
+
+    # --- public halves of key pairs ---------------------------------------------------
+
+    def public_path(self, purpose: str) -> Path:
+        return self.path(purpose).with_suffix(".pub")
+
+    def get_public(self, purpose: str) -> Key:
+        """Read a public key (``<purpose>.pub``), refusing a file others could have replaced."""
+        path = self.public_path(purpose)
+        if not path.exists() and not path.is_symlink():
+            raise KeyRingError(f"public key {purpose!r} is missing ({path})")
+        self._check_directory()
+        check_key_file(path, public=True)
+        try:
+            material = bytes.fromhex(path.read_text().strip())
+        except ValueError:
+            raise KeyRingError(f"public key file {path} is not hex-encoded") from None
+        if len(material) != KEY_BYTES:
+            raise KeyRingError(f"public key file {path} does not hold a {KEY_BYTES}-byte key")
+        return Key(purpose + ".pub", material)
+
+    def create_keypair(self, purpose: str = VAULT, *, replace: bool = False) -> Key:
+        """Create an X25519 key pair: private ``<purpose>.key`` (0600), public ``<purpose>.pub`` (0644).
+
+        Returns the public key; the manifest records the pair under the public key's id.
+        """
+        if not replace and (self.exists(purpose) or self.public_path(purpose).exists()):
+            raise KeyRingError(f"key pair {purpose!r} already exists")
+        private = X25519PrivateKey.generate()
+        return self.write_keypair(purpose, private.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw,
+                                                                  ser.NoEncryption()))
+
+    def write_keypair(self, purpose: str, private_bytes: bytes) -> Key:
+        """Write an X25519 private key and its public half, replacing any pair; returns the public key."""
+        pub = X25519PrivateKey.from_private_bytes(private_bytes).public_key().public_bytes(
+            ser.Encoding.Raw, ser.PublicFormat.Raw)
+        self.write(purpose, private_bytes, replace=True, record=False)
+        self._write_file(self.public_path(purpose), pub, 0o644)
+        self._record(purpose, key_id(pub))
+        return Key(purpose + ".pub", pub)
+
+    def public_or_create(self, purpose: str = VAULT) -> Key:
+        """The public half of a key pair, creating the pair on first use only."""
+        if self.public_path(purpose).exists() or self.public_path(purpose).is_symlink():
+            return self.get_public(purpose)
+        if self.exists(purpose):
+            raise KeyRingError(
+                f"the public key {self.public_path(purpose)} is missing but its private key exists; "
+                "restore the public key file (or derive it from the private key with the key custodian)"
+            )
+        return self.create_keypair(purpose)
 
     def destroy(self, purpose: str) -> str | None:
         """Overwrite and unlink a key file (crypto-shredding); returns the destroyed key id."""
@@ -142,6 +238,10 @@ class KeyRing:
         if not path.exists():
             return None
         kid = self.get(purpose).key_id
+        public = self.public_path(purpose)
+        if public.exists() and not public.is_symlink():
+            kid = key_id(self.get_public(purpose).material)  # a pair is known by its public half
+            public.unlink()
         size = path.stat().st_size
         with open(path, "r+b") as fh:
             fh.write(secrets.token_bytes(size))
@@ -150,6 +250,16 @@ class KeyRing:
         path.unlink()
         self._record(purpose, kid, destroyed=True)
         return kid
+
+    def retired_ids(self, purpose: str) -> list[str]:
+        """Ids of earlier keys of ``purpose`` that were replaced (rotated out)."""
+        entry = self.manifest().get(purpose, {})
+        history = entry.get("history", []) if isinstance(entry, dict) else []
+        return [h["key_id"] for h in history if "retired_at" in h]  # type: ignore[index]
+
+    def current_id(self, purpose: str) -> str | None:
+        entry = self.manifest().get(purpose)
+        return entry.get("current") if isinstance(entry, dict) else None  # type: ignore[return-value]
 
     def manifest(self) -> dict[str, dict[str, object]]:
         """Key ids and dates per purpose; never material."""
@@ -188,3 +298,53 @@ class KeyRing:
                 f"key directory {self.directory} is writable by group or others "
                 f"(mode {mode:04o}); run: chmod 700 {self.directory}"
             )
+
+
+def check_agreement_id(agreement_id: str) -> str:
+    """An agreement id usable in key file names and paths: letters, digits, '-' and '_'."""
+    if not _AGREEMENT_ID.fullmatch(agreement_id or ""):
+        raise KeyRingError(f"agreement id {agreement_id!r} must be 1-64 letters, digits, '-' or '_'")
+    return agreement_id
+
+
+def agreement_purpose(agreement_id: str) -> str:
+    return f"agreement-{check_agreement_id(agreement_id)}"
+
+
+def agreement_key(keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
+    """The pseudonym key of one agreement's domain (rule in the module docstring).
+
+    HKDF-SHA256(ikm = haven key, salt = ``keys/agreement-<id>.key``,
+    info = ``b"safehaven agreement pseudonym v1|" + id``). The salt is created on first use
+    when ``create``; once destroyed (crypto-shredding) the key cannot be derived again, and a
+    call with ``create=False`` says so rather than starting a new domain silently.
+    """
+    purpose = agreement_purpose(agreement_id)
+    if not keyring.exists(purpose):
+        if not create:
+            raise KeyRingError(
+                f"agreement {agreement_id!r} has no pseudonym key ({keyring.path(purpose)}): "
+                "never created, or destroyed at disposal"
+            )
+        keyring.write(purpose, secrets.token_bytes(KEY_BYTES))
+    return derive_agreement_key(keyring.get("haven").material, keyring.get(purpose).material, agreement_id)
+
+
+def derive_agreement_key(haven_material: bytes, salt: bytes, agreement_id: str) -> Key:
+    """HKDF-SHA256(ikm = haven key, salt = agreement salt, info = ... | id): the agreement's key."""
+    derived = HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=AGREEMENT_INFO + agreement_id.encode()
+    ).derive(haven_material)
+    return Key(agreement_purpose(agreement_id), derived)
+
+
+def agreement_ids(keyring: KeyRing) -> list[str]:
+    """Agreements that have a pseudonym salt on this key ring."""
+    if not keyring.directory.exists():
+        return []
+    return sorted(p.stem[len("agreement-"):] for p in keyring.directory.glob("agreement-*.key"))
+
+
+def destroy_agreement_key(keyring: KeyRing, agreement_id: str) -> str | None:
+    """Crypto-shred an agreement's pseudonym domain: overwrite and remove its salt file."""
+    return keyring.destroy(agreement_purpose(agreement_id))

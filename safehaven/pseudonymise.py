@@ -11,6 +11,20 @@ Rules (CoP 8a, 27b-c; BRIEF "Pseudonymisation and encryption"; confidentiality g
   1.1M rows/s, against 0.2M rows/s for Python per-row HMAC). The padded key blocks are
   passed as bound parameters into a temporary table, so key material never appears in SQL
   text, logs or errors.
+* A collection has several records per person (GP events: about 7.5), so the haven computes
+  the HMAC once per *distinct* NHS number and joins it back (``haven_select_sql``): measured
+  on 5M rows and 2 cores, 2.5x faster than hashing every row.
+* **Agreement domains** (BRIEF: "each agreement gets its own pseudonym domain (derived key),
+  so two recipients cannot join their extracts"): a release pseudonym is
+  ``HMAC-SHA256(agreement key, haven pid)``, 128 bits, with the agreement key derived by HKDF
+  from the haven key and the agreement's own salt (``safehaven.keys.agreement_key``). It is
+  computed from the haven pid, not the NHS number: the haven holds no NHS number outside the
+  identity vault, which the pipeline cannot read, and the pid is itself a keyed function of
+  the canonical NHS number, so the release pseudonym is too (a keyed function of a keyed
+  function). Without the agreement key a recipient's pseudonyms cannot be linked to the
+  haven's or to another recipient's; destroying the agreement's salt file shreds the domain.
+  Rotating the haven key re-keys every domain with it (``safehaven.rotation`` then writes
+  each recipient a crosswalk from its old pseudonyms to its new ones).
 * Haven content tables hold no direct identifier: the NHS number is replaced by the
   pseudonym; date of birth is kept only to its week (``birth_week``, a Monday) and postcode
   only to its district (outward code), the finest a release may ask for.
@@ -24,6 +38,7 @@ import hmac
 import duckdb
 
 from safehaven.contracts import Contract
+from safehaven.keys import Key, KeyRing, agreement_key, check_agreement_id
 from safehaven.rules import q
 
 BLOCK = 64
@@ -37,9 +52,11 @@ def _pads(key: bytes) -> tuple[bytes, bytes]:
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
-def install_key(con: duckdb.DuckDBPyConnection, name: str, key: bytes) -> None:
+def install_key(con: duckdb.DuckDBPyConnection, name: str, key: bytes | Key) -> None:
     """Bind an HMAC key's padded blocks into temp table ``_hmac_<name>`` for this connection."""
-    ipad, opad = _pads(key)
+    if not name.replace("_", "").isalnum() or not name.isascii():
+        raise ValueError(f"invalid key name {name!r}")
+    ipad, opad = _pads(key.material if isinstance(key, Key) else key)
     con.execute(f"CREATE OR REPLACE TEMP TABLE _hmac_{name} (ipad BLOB, opad BLOB)")
     con.execute(f"INSERT INTO _hmac_{name} VALUES (?, ?)", [ipad, opad])
 
@@ -68,17 +85,61 @@ def birth_week_sql(expr: str) -> str:
     return f"CAST(date_trunc('week', {expr}) AS DATE)"
 
 
-def haven_select_sql(contract: Contract, source: str, key_name: str = "haven") -> str:
-    """SELECT turning a valid landing table into its pseudonymised haven form."""
-    cols: list[str] = [f"{hmac_sql(q(contract.patient_key), key_name)} AS pid"]
+def release_key_name(agreement_id: str) -> str:
+    """The SQL-safe name under which an agreement's pseudonym key is installed."""
+    return "agreement_" + hashlib.sha256(check_agreement_id(agreement_id).encode()).hexdigest()[:16]
+
+
+def install_agreement_key(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True
+) -> str:
+    """Install an agreement's pseudonym key on ``con``; returns its name for ``hmac_sql``."""
+    name = release_key_name(agreement_id)
+    install_key(con, name, agreement_key(keyring, agreement_id, create=create))
+    return name
+
+
+def release_pseudonym_sql(
+    con: duckdb.DuckDBPyConnection, pid_expr: str, agreement_id: str, keyring: KeyRing, *, create: bool = True
+) -> str:
+    """SQL: the agreement-domain pseudonym of a haven pid (``pid_expr``), key installed on ``con``.
+
+    ``HMAC-SHA256(agreement key, haven pid)``, first 128 bits (see the module docstring).
+    """
+    return hmac_sql(pid_expr, install_agreement_key(con, keyring, agreement_id, create=create))
+
+
+def release_pseudonym(key: Key, pid: str) -> str:
+    """Python twin of ``release_pseudonym_sql`` for one pid (tests and CLI look-ups)."""
+    return pseudonym(key.material, pid)
+
+
+def ids_sql(contract: Contract, source: str, key_name: str = "haven") -> str:
+    """SELECT (nhs, pid): the pseudonym of each distinct NHS number of ``source``, HMAC'd once each."""
+    nhs = q(contract.patient_key)
+    return (
+        f"SELECT nhs, {hmac_sql('nhs', key_name)} AS pid "
+        f"FROM (SELECT DISTINCT {nhs} AS nhs FROM {source} WHERE {nhs} IS NOT NULL)"
+    )
+
+
+def haven_select_sql(contract: Contract, source: str, key_name: str = "haven", ids: str | None = None) -> str:
+    """SELECT turning a valid landing table into its pseudonymised haven form.
+
+    The HMAC runs once per distinct NHS number (``ids_sql``, or a table of it passed as
+    ``ids``), joined back to the records.
+    """
+    nhs = q(contract.patient_key)
+    ids = f"{ids} _ids" if ids else f"({ids_sql(contract, source, key_name)}) _ids"
+    cols: list[str] = ["_ids.pid AS pid"]
     for spec in contract.fields:
         if spec.name == contract.patient_key or spec.identifiability == "direct_identifier":
             continue
         if spec.rule and spec.rule.format == "uk_postcode":
-            cols.append(f"{postcode_district_sql(q(spec.name))} AS {q(spec.name + '_district')}")
+            cols.append(f"{postcode_district_sql('_src.' + q(spec.name))} AS {q(spec.name + '_district')}")
         elif spec.identifiability == "quasi_identifier" and spec.type == "DATE":
-            cols.append(f"{birth_week_sql(q(spec.name))} AS {q(spec.name.replace('date_of_', '') + '_week')}")
+            cols.append(f"{birth_week_sql('_src.' + q(spec.name))} AS {q(spec.name.replace('date_of_', '') + '_week')}")
         else:
-            cols.append(q(spec.name))
-    cols += ["_batch", "_row"]
-    return f"SELECT {', '.join(cols)} FROM {source}"
+            cols.append(f"_src.{q(spec.name)}")
+    cols += ["_src._batch", "_src._row"]
+    return f"SELECT {', '.join(cols)} FROM {source} _src LEFT JOIN {ids} ON _ids.nhs = _src.{nhs}"

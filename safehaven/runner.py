@@ -7,7 +7,7 @@ the other governance commands work without loading the pipeline.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dagster as dg
 
@@ -21,6 +21,8 @@ class StageSummary:
     rows_in: int | None
     rows_out: int | None
     checks_failed: list[str]
+    #: failed checks of WARN severity (e.g. an outlier objection rate): reported, not fatal
+    checks_warned: list[str] = field(default_factory=list)
 
 
 def run_nightly(
@@ -36,9 +38,11 @@ def run_nightly(
     result = job.execute_in_process(instance=instance, raise_on_error=False)
     summaries: list[StageSummary] = []
     failed_checks: dict[str, list[str]] = {}
+    warned_checks: dict[str, list[str]] = {}
     for evaluation in result.get_asset_check_evaluations():
         if not evaluation.passed:
-            failed_checks.setdefault(evaluation.asset_key.to_user_string(), []).append(evaluation.check_name)
+            into = warned_checks if evaluation.severity == dg.AssetCheckSeverity.WARN else failed_checks
+            into.setdefault(evaluation.asset_key.to_user_string(), []).append(evaluation.check_name)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization  # type: ignore[union-attr]
         meta = mat.metadata
@@ -48,5 +52,6 @@ def run_nightly(
             meta["rows_in"].value if "rows_in" in meta else None,  # type: ignore[union-attr]
             meta["rows_out"].value if "rows_out" in meta else None,  # type: ignore[union-attr]
             failed_checks.get(key, []),
+            warned_checks.get(key, []),
         ))
     return result.success and not failed_checks, summaries

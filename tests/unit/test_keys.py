@@ -74,3 +74,44 @@ def test_keyring_manifest_records_ids_not_material(tmp_path: Path) -> None:
     key = ring.get_or_create("haven")
     text = (tmp_path / "keys" / "keyring.json").read_text()
     assert key.key_id in text and key.hex not in text
+
+
+def test_public_key_may_be_read_by_others_but_never_written(tmp_path: Path) -> None:
+    from safehaven.keys import VAULT, key_id
+
+    ring = KeyRing(tmp_path / "keys")
+    public = ring.create_keypair(VAULT)
+    assert oct(ring.public_path(VAULT).stat().st_mode & 0o777) == oct(0o644)
+    assert oct(ring.path(VAULT).stat().st_mode & 0o777) == oct(0o600)
+    assert ring.get_public(VAULT).material == public.material
+    assert ring.current_id(VAULT) == key_id(public.material), "a pair is known by its public half"
+    os.chmod(ring.public_path(VAULT), 0o666)
+    with pytest.raises(KeyRingError, match="writable by group or others"):
+        ring.get_public(VAULT)
+
+
+def test_loose_agreement_salt_is_refused(tmp_path: Path) -> None:
+    from safehaven.keys import agreement_key
+
+    ring = KeyRing(tmp_path / "keys")
+    ring.get_or_create("haven")
+    agreement_key(ring, "study-a")
+    os.chmod(ring.path("agreement-study-a"), 0o640)
+    with pytest.raises(KeyRingError, match="chmod 600"):
+        agreement_key(ring, "study-a")
+
+
+def test_loose_key_directory_is_refused(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    ring.get_or_create("haven")
+    os.chmod(ring.directory, 0o777)
+    with pytest.raises(KeyRingError, match="chmod 700"):
+        ring.get("haven")
+
+
+def test_replacing_a_key_retires_the_old_id(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    old = ring.get_or_create("haven")
+    new = ring.write("haven", os.urandom(32), replace=True)
+    assert ring.retired_ids("haven") == [old.key_id]
+    assert ring.current_id("haven") == new.key_id

@@ -1,0 +1,368 @@
+"""The identity vault: direct identifiers held apart, encrypted, writable but not readable by the pipeline.
+
+Rules (BRIEF "Pseudonymisation and encryption" and "Identifiability levels"; CoP 8a, 27b-c;
+confidentiality guide Rule 3):
+
+* Haven content tables hold no direct identifier (``safehaven.pseudonymise``). The full
+  values a re-identification may lawfully need, the canonical NHS number, the full date of
+  birth and the full postcode, are split off into ``vault.identity``: one row per distinct
+  (person, field, value), added incrementally as batches arrive, keyed by the haven pid.
+* Each value is encrypted with AES-256-GCM. Its associated data binds the ciphertext to its
+  row: ``AD = pid | field | data key id``, so a ciphertext copied or moved to another row
+  (another person or another field) fails authentication instead of decrypting to a wrong
+  identity.
+* **Role separation by envelope encryption.** "The governance lead holds the vault key, the
+  pipeline the haven key." Each vault write uses a fresh random 256-bit data key; the data
+  key is wrapped to the vault's X25519 *public* key (ECIES: an ephemeral X25519 key pair,
+  ECDH, HKDF-SHA256 over the shared secret bound to both public keys, AES-256-GCM over the
+  data key) and kept only in wrapped form in ``vault.data_keys``. The pipeline holds only
+  ``keys/vault.pub``: it can add entries and can never read one back. The private half
+  ``keys/vault.key`` belongs to the governance lead and is read only by
+  ``reveal`` (re-identification through the CLI, audited) and by haven-key rotation. Rotating
+  the vault key re-wraps the data keys only, not every entry.
+* AES-GCM has no DuckDB SQL primitive (DuckDB's own encryption covers whole database files),
+  so encryption is the one place values pass through Python: once per distinct
+  (person, field, value), never per record, with all nonces drawn in one call; candidates are
+  chosen, de-duplicated and keyed in DuckDB SQL and go back through Arrow. Measured about
+  0.45M encryptions/s per core.
+* GP records about a person with a type 1 objection in force should never have been sent
+  (``safehaven.objections``); identifiers from them are not vaulted.
+* Incremental and idempotent: a batch is vaulted once (``vault.batches``); a value already
+  vaulted from an earlier batch (compared in SQL against the landing zone, inside the
+  encrypted store) is not added again.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from safehaven.contracts import Contract
+from safehaven.ingest import BATCHES
+from safehaven.keys import VAULT, Key, KeyRing, key_id
+from safehaven.objections import type1_objectors_sql
+from safehaven.pseudonymise import hmac_sql
+from safehaven.rules import lit, q
+
+IDENTITY = "vault.identity"
+DATA_KEYS = "vault.data_keys"
+VAULTED = "vault.batches"
+WRAP_INFO = b"safehaven vault key wrap v1"
+NONCE = 12
+
+
+class VaultError(Exception):
+    """The vault cannot do what was asked; never carries a value or key material."""
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {DATA_KEYS} (dek_id VARCHAR PRIMARY KEY, vault_key_id VARCHAR, "
+        "eph_pub BLOB, wrap_nonce BLOB, wrapped BLOB, created_at TIMESTAMPTZ, entries BIGINT)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {IDENTITY} (pid VARCHAR, field VARCHAR, nonce BLOB, ciphertext BLOB, "
+        "dek_id VARCHAR, collection VARCHAR, added_at TIMESTAMPTZ)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {VAULTED} (batch_id VARCHAR, collection VARCHAR, vaulted_at TIMESTAMPTZ, "
+        "entries BIGINT)"
+    )
+
+
+def vault_fields(contract: Contract) -> list[str]:
+    """Fields whose full value goes to the vault: the patient key, other direct identifiers,
+    and the quasi-identifiers the haven coarsens (full date of birth, full postcode)."""
+    names = [contract.patient_key]
+    for spec in contract.fields:
+        if spec.name in names:
+            continue
+        coarsened = (spec.rule is not None and spec.rule.format == "uk_postcode") or (
+            spec.identifiability == "quasi_identifier" and spec.type == "DATE"
+        )
+        if spec.identifiability == "direct_identifier" or coarsened:
+            names.append(spec.name)
+    return names
+
+
+def _ad(pid: str, field_name: str, dek_id: str) -> bytes:
+    return f"{pid}|{field_name}|{dek_id}".encode()
+
+
+# --- wrapping data keys (ECIES over X25519) -------------------------------------------
+
+
+def _kek(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=eph_pub + recipient_pub, info=WRAP_INFO).derive(shared)
+
+
+def wrap(dek: bytes, dek_id: str, public: Key) -> tuple[bytes, bytes, bytes]:
+    """Wrap a data key to the vault public key: returns (ephemeral public, nonce, wrapped)."""
+    eph = X25519PrivateKey.generate()
+    eph_pub = eph.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    shared = eph.exchange(X25519PublicKey.from_public_bytes(public.material))
+    nonce = os.urandom(NONCE)
+    ad = f"{dek_id}|{key_id(public.material)}".encode()
+    wrapped = AESGCM(_kek(shared, eph_pub, public.material)).encrypt(nonce, dek, ad)
+    return eph_pub, nonce, wrapped
+
+
+def unwrap(private: Key, vault_key_id: str, dek_id: str, eph_pub: bytes, nonce: bytes, wrapped: bytes) -> bytes:
+    """Unwrap a data key with the vault private key (governance lead only)."""
+    priv = X25519PrivateKey.from_private_bytes(private.material)
+    pub = priv.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    if key_id(pub) != vault_key_id:
+        raise VaultError(f"data key {dek_id} is wrapped to vault key {vault_key_id}, not {key_id(pub)}")
+    shared = priv.exchange(X25519PublicKey.from_public_bytes(eph_pub))
+    try:
+        return AESGCM(_kek(shared, eph_pub, pub)).decrypt(nonce, wrapped, f"{dek_id}|{vault_key_id}".encode())
+    except InvalidTag:
+        raise VaultError(f"data key {dek_id} does not unwrap: tampered, or not for this vault key") from None
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def encrypt_entries(
+    con: duckdb.DuckDBPyConnection, table: str, public: Key, collection: str
+) -> int:
+    """Encrypt rows ``(pid, field, value)`` of temp ``table`` into the vault under one new data key.
+
+    The per-item loop (see module docstring) runs over distinct entries only.
+    """
+    arrow = con.execute(f"SELECT pid, field, value FROM {table}").fetch_arrow_table()
+    n = arrow.num_rows
+    if n == 0:
+        return 0
+    dek = AESGCM.generate_key(bit_length=256)
+    dek_id = secrets.token_hex(8)
+    aead = AESGCM(dek)
+    pids = arrow.column("pid").to_pylist()
+    fields = arrow.column("field").to_pylist()
+    values = arrow.column("value").to_pylist()
+    pool = os.urandom(NONCE * n)
+    nonces = [pool[i * NONCE:(i + 1) * NONCE] for i in range(n)]
+    suffix = f"|{dek_id}".encode()
+    ads = (f"{p}|{f}".encode() + suffix for p, f in zip(pids, fields, strict=True))
+    ciphertexts = list(map(aead.encrypt, nonces, (v.encode() for v in values), ads))
+    del values
+    rows = pa.table({"pid": arrow.column("pid"), "field": arrow.column("field"),
+                     "nonce": pa.array(nonces, pa.binary()), "ciphertext": pa.array(ciphertexts, pa.binary())})
+    eph_pub, wrap_nonce, wrapped = wrap(dek, dek_id, public)
+    con.execute(f"INSERT INTO {DATA_KEYS} VALUES (?, ?, ?, ?, ?, now(), ?)",
+                [dek_id, key_id(public.material), eph_pub, wrap_nonce, wrapped, n])
+    con.register("_vault_rows", rows)
+    try:
+        con.execute(f"INSERT INTO {IDENTITY} SELECT pid, field, nonce, ciphertext, ?, ?, now() FROM _vault_rows",
+                    [dek_id, collection])
+    finally:
+        con.unregister("_vault_rows")
+    return n
+
+
+def _unpivot_sql(contract: Contract, where: str) -> str:
+    """SQL (nhs, field, value): the vault fields of a landing valid table, one row per field."""
+    nhs = q(contract.patient_key)
+    parts = [
+        f"SELECT {nhs} AS nhs, {lit(f)} AS field, CAST({q(f)} AS VARCHAR) AS value "
+        f"FROM landing.{contract.collection}_valid WHERE {where} AND {q(f)} IS NOT NULL"
+        for f in vault_fields(contract)
+    ]
+    return " UNION ALL ".join(parts)
+
+
+@dataclass
+class VaultReport:
+    collection: str
+    batches: int = 0
+    candidates: int = 0
+    entries: int = 0
+    type1_rows_skipped: int = 0
+    vault_key_id: str = ""
+    fields: list[str] = field(default_factory=list)
+
+
+def vault_collection(
+    con: duckdb.DuckDBPyConnection, contract: Contract, contracts: Iterable[Contract], public: Key
+) -> VaultReport:
+    """Add the identifiers of ``contract``'s accepted, not yet vaulted batches to the vault.
+
+    Needs the haven key installed as ``haven``. ``contracts`` are all collections, so a value
+    vaulted from any earlier batch is recognised. Runs in one transaction.
+    """
+    ensure_tables(con)
+    c = contract.collection
+    report = VaultReport(c, vault_key_id=key_id(public.material), fields=vault_fields(contract))
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _vault_new AS SELECT batch_id FROM {BATCHES} "
+        f"WHERE collection = ? AND status = 'accepted' "
+        f"AND batch_id NOT IN (SELECT batch_id FROM {VAULTED} WHERE collection = ?)",
+        [c, c],
+    )
+    report.batches = con.execute("SELECT count(*) FROM _vault_new").fetchone()[0]
+    if report.batches == 0:
+        return report
+    con.execute("BEGIN TRANSACTION")
+    try:
+        new_where = "_batch IN (SELECT batch_id FROM _vault_new)"
+        con.execute("CREATE OR REPLACE TEMP TABLE _vault_cand AS SELECT DISTINCT * "
+                    f"FROM ({_unpivot_sql(contract, new_where)})")
+        old_parts = []
+        for other in contracts:
+            exists = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_catalog = 'store' "
+                "AND table_schema = 'landing' AND table_name = ?", [f"{other.collection}_valid"],
+            ).fetchone()[0]
+            if exists:
+                old_where = (f"_batch IN (SELECT batch_id FROM {VAULTED} WHERE collection = "
+                             f"{lit(other.collection)})")
+                old_parts.append(_unpivot_sql(other, old_where))
+        if old_parts:
+            con.execute(
+                "DELETE FROM _vault_cand WHERE (nhs, field, value) IN "
+                f"(SELECT nhs, field, value FROM ({' UNION ALL '.join(old_parts)}))"
+            )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _vault_ids AS SELECT nhs, {hmac_sql('nhs', 'haven')} AS pid "
+                    "FROM (SELECT DISTINCT nhs FROM _vault_cand)")
+        if contract.practice_field:
+            report.type1_rows_skipped = con.execute(
+                f"SELECT count(*) FROM _vault_cand c JOIN _vault_ids i USING (nhs) "
+                f"WHERE i.pid IN ({type1_objectors_sql()})"
+            ).fetchone()[0]
+            con.execute(f"DELETE FROM _vault_ids WHERE pid IN ({type1_objectors_sql()})")
+        report.candidates = con.execute("SELECT count(*) FROM _vault_cand").fetchone()[0]
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT i.pid, c.field, c.value "
+            "FROM _vault_cand c JOIN _vault_ids i USING (nhs)"
+        )
+        report.entries = encrypt_entries(con, "_vault_enc", public, c)
+        con.execute(
+            f"INSERT INTO {VAULTED} SELECT batch_id, ?, now(), ? FROM _vault_new", [c, report.entries]
+        )
+        for t in ("_vault_enc", "_vault_ids", "_vault_cand"):
+            con.execute(f"DROP TABLE {t}")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return report
+
+
+# --- reading (governance lead only) ---------------------------------------------------
+
+
+def private_key(keyring: KeyRing) -> Key:
+    """The vault private key; held by the governance lead, refused when missing or unsafe."""
+    if not keyring.exists(VAULT):
+        raise VaultError(
+            f"the vault private key {keyring.path(VAULT)} is not on this host: re-identification and "
+            "haven-key rotation need the governance lead's key"
+        )
+    return keyring.get(VAULT)
+
+
+def decrypt_rows(
+    con: duckdb.DuckDBPyConnection, private: Key, where_sql: str = "true"
+) -> list[tuple[str, str, str, str]]:
+    """Decrypt vault entries matching ``where_sql`` (over ``v``): (pid, field, value, collection).
+
+    Governance-lead only (needs the private key). An entry that does not authenticate against
+    its own (pid, field, data key) raises ``VaultError`` naming the pid and field, never a value.
+    """
+    ensure_tables(con)
+    dek_rows = con.execute(
+        f"SELECT dek_id, vault_key_id, eph_pub, wrap_nonce, wrapped FROM {DATA_KEYS} "
+        f"WHERE dek_id IN (SELECT DISTINCT v.dek_id FROM {IDENTITY} v WHERE {where_sql})"
+    ).fetchall()
+    aeads = {d: AESGCM(unwrap(private, vkid, d, eph, nonce, wrapped)) for d, vkid, eph, nonce, wrapped in dek_rows}
+    rows = con.execute(
+        f"SELECT v.pid, v.field, v.nonce, v.ciphertext, v.dek_id, v.collection FROM {IDENTITY} v "
+        f"WHERE {where_sql} ORDER BY v.pid, v.field, v.added_at"
+    ).fetchall()
+    out: list[tuple[str, str, str, str]] = []
+    for pid, fname, nonce, ct, dek_id, collection in rows:  # per vault entry asked for (module docstring)
+        try:
+            value = aeads[dek_id].decrypt(nonce, ct, _ad(pid, fname, dek_id)).decode()
+        except (InvalidTag, KeyError):
+            raise VaultError(f"vault entry ({pid}, {fname}) does not authenticate: it was altered or moved") from None
+        out.append((pid, fname, value, collection))
+    return out
+
+
+def reveal(
+    con: duckdb.DuckDBPyConnection, private: Key, pids_sql: str, fields: tuple[str, ...] | None = None
+) -> dict[str, dict[str, list[str]]]:
+    """The identifiers of the pids in relation ``pids_sql`` (column ``pid``): pid -> field -> values.
+
+    For re-identification through the CLI only, which records an audit entry.
+    """
+    where = f"v.pid IN (SELECT pid FROM ({pids_sql}))"
+    if fields:
+        where += f" AND v.field IN ({', '.join(lit(f) for f in fields)})"
+    out: dict[str, dict[str, list[str]]] = {}
+    for pid, fname, value, _ in decrypt_rows(con, private, where):
+        values = out.setdefault(pid, {}).setdefault(fname, [])
+        if value not in values:
+            values.append(value)
+    return out
+
+
+def reencrypt(
+    con: duckdb.DuckDBPyConnection, private: Key, public: Key, pid_map: str
+) -> int:
+    """Re-encrypt every vault entry under new pids (haven-key rotation); ``pid_map`` has (old, new).
+
+    The associated data binds each ciphertext to its pid, so a new pid needs a new
+    ciphertext; all entries go under one fresh data key and the old data keys are deleted.
+    Call inside the rotation's transaction.
+    """
+    rows = decrypt_rows(con, private)
+    con.execute("CREATE OR REPLACE TEMP TABLE _vault_plain (pid VARCHAR, field VARCHAR, value VARCHAR, "
+                "collection VARCHAR)")
+    if rows:
+        con.register("_vault_plain_rows", pa.table({
+            "pid": [r[0] for r in rows], "field": [r[1] for r in rows],
+            "value": [r[2] for r in rows], "collection": [r[3] for r in rows]}))
+        con.execute("INSERT INTO _vault_plain SELECT * FROM _vault_plain_rows")
+        con.unregister("_vault_plain_rows")
+    del rows
+    missing = con.execute(
+        f"SELECT count(DISTINCT pid) FROM _vault_plain WHERE pid NOT IN (SELECT old FROM {pid_map})"
+    ).fetchone()[0]
+    if missing:
+        raise VaultError(f"{missing} vault people have no new pid; rotation stopped")
+    con.execute(f"DELETE FROM {IDENTITY}")
+    con.execute(f"DELETE FROM {DATA_KEYS}")
+    total = 0
+    for (collection,) in con.execute("SELECT DISTINCT collection FROM _vault_plain ORDER BY 1").fetchall():
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT m.new AS pid, p.field, p.value "
+            f"FROM _vault_plain p JOIN {pid_map} m ON m.old = p.pid WHERE p.collection = ?", [collection]
+        )
+        total += encrypt_entries(con, "_vault_enc", public, collection)
+    con.execute("DROP TABLE IF EXISTS _vault_enc")
+    con.execute("DROP TABLE _vault_plain")
+    return total
+
+
+def rewrap_all(con: duckdb.DuckDBPyConnection, private: Key, new_public: Key) -> int:
+    """Re-wrap every data key to a new vault public key (vault key rotation): O(data keys)."""
+    ensure_tables(con)
+    rows = con.execute(f"SELECT dek_id, vault_key_id, eph_pub, wrap_nonce, wrapped FROM {DATA_KEYS}").fetchall()
+    for dek_id, vkid, eph_pub, nonce, wrapped in rows:  # one per vault write, not per entry
+        dek = unwrap(private, vkid, dek_id, eph_pub, nonce, wrapped)
+        e2, n2, w2 = wrap(dek, dek_id, new_public)
+        con.execute(f"UPDATE {DATA_KEYS} SET vault_key_id = ?, eph_pub = ?, wrap_nonce = ?, wrapped = ? "
+                    "WHERE dek_id = ?", [key_id(new_public.material), e2, n2, w2, dek_id])
+    return len(rows)

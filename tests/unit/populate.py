@@ -1,0 +1,66 @@
+"""A small populated haven built with the core functions only (no Dagster): for unit tests of
+objections, pseudonyms, the vault, rotation and re-identification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from safehaven import synthetic
+from safehaven.contracts import ContractRegistry
+from safehaven.haven import build_haven, haven_key
+from safehaven.home import Home
+from safehaven.ingest import ingest_collection
+from safehaven.keys import VAULT, KeyRing
+from safehaven.objections import register_objections
+from safehaven.pseudonymise import install_key
+from safehaven.store import Store
+from safehaven.validation import validate_collection
+from safehaven.vault import vault_collection
+
+
+def drop(home: Home, patients: int = 300, seed: int = 7) -> None:
+    synthetic.generate(home.incoming, patients=patients, seed=seed, defect_rate=0.0)
+
+
+def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, object]:
+    """Ingest, validate, register objections, build the haven and the vault, in pipeline order."""
+    registry = registry or ContractRegistry()
+    keyring = KeyRing(home.keys)
+    public = keyring.public_or_create(VAULT)
+    reports: dict[str, object] = {}
+    with Store(home).connect() as con:
+        for contract in registry.contracts.values():
+            c = contract.collection
+            ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c))
+            validate_collection(con, contract, registry, home.quarantine_for(c))
+        key = haven_key(con, keyring)
+        install_key(con, "haven", key)
+        objections = registry.objections()
+        register_objections(con, objections, key.key_id)
+        vault_collection(con, objections, registry.contracts.values(), public)
+        for contract in registry.content():
+            reports[contract.collection] = build_haven(con, contract, key)
+            install_key(con, "haven", key)
+            vault_collection(con, contract, registry.contracts.values(), public)
+    return reports
+
+
+def populated(home: Home, patients: int = 300, seed: int = 7) -> dict[str, object]:
+    drop(home, patients, seed)
+    return process(home)
+
+
+def seeded_numbers(con: duckdb.DuckDBPyConnection, collection: str) -> list[str]:
+    return [r[0] for r in con.execute(f"SELECT DISTINCT nhs_number FROM landing.{collection}_valid").fetchall()]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)

@@ -1,0 +1,75 @@
+"""``safehaven keys``, ``safehaven objections record`` (safehaven.commands.keys)."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from safehaven.cli import main
+from safehaven.home import Home
+from safehaven.keys import KeyRing
+from safehaven.objections import objectors_sql
+from safehaven.pseudonymise import install_key, pseudonym
+from safehaven.store import Store
+from tests.unit.populate import populated, process
+
+
+def test_keys_rotate_and_list_show_ids_never_material(home: Home) -> None:
+    populated(home)
+    keyring = KeyRing(home.keys)
+    old = keyring.get("haven")
+    runner = CliRunner()
+    rotated = runner.invoke(main, ["keys", "rotate", "--purpose", "haven"])
+    assert rotated.exit_code == 0, rotated.output
+    new = keyring.get("haven")
+    assert f"{old.key_id} (retired) -> {new.key_id}" in rotated.output
+    listed = runner.invoke(main, ["keys", "list"])
+    assert listed.exit_code == 0 and old.key_id in listed.output and "retired" in listed.output
+    for out in (rotated.output, listed.output):
+        assert old.hex not in out and new.hex not in out
+    assert runner.invoke(main, ["keys", "rotate"]).exit_code != 0
+    assert "nothing to resume" in runner.invoke(main, ["keys", "rotate", "--resume"]).output
+
+
+def test_recorded_objection_in_any_formatting_enters_the_register(home: Home) -> None:
+    populated(home)
+    with Store(home).connect() as con:
+        nhs = con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid ORDER BY 1 LIMIT 1").fetchone()[0]
+    spaced = f"{nhs[:3]} {nhs[3:6]} {nhs[6:]}"
+    runner = CliRunner()
+    done = runner.invoke(main, ["objections", "record", "--nhs-number", spaced, "--type", "national_opt_out",
+                                "--recorded-date", "2024-01-01"])
+    assert done.exit_code == 0, done.output
+    assert nhs not in done.output and spaced not in done.output
+    drops = list(home.incoming_for("objections").glob("*.csv"))
+    assert len(drops) == 1 and oct(drops[0].stat().st_mode & 0o777) == oct(0o600)
+    assert runner.invoke(main, ["objections", "record", "--nhs-number", "9990001237", "--type", "type1"]).exit_code
+    process(home)
+    with Store(home).connect() as con:
+        install_key(con, "haven", KeyRing(home.keys).get("haven"))
+        objecting = {r[0] for r in con.execute(objectors_sql()).fetchall()}
+    assert pseudonym(KeyRing(home.keys).get("haven").material, nhs) in objecting
+
+
+def test_objections_notify_writes_the_notice(home: Home) -> None:
+    import json
+
+    from safehaven.keys import agreement_key
+    from safehaven.optouts import MEMBERS
+    from safehaven.optouts import ensure_tables as ensure_optout_tables
+
+    populated(home)
+    keyring = KeyRing(home.keys)
+    agreement_key(keyring, "study-a")
+    with Store(home).connect() as con:
+        ensure_optout_tables(con)
+        install_key(con, "haven", keyring.get("haven"))
+        con.execute(f"INSERT INTO {MEMBERS} SELECT 'r1', 'study-a', pid, now() - INTERVAL 1 DAY "
+                    "FROM (SELECT DISTINCT pid FROM haven.hospital_episodes)")
+        expected = con.execute(f"SELECT count(*) FROM ({objectors_sql()}) WHERE pid IN "
+                               "(SELECT pid FROM haven.hospital_episodes)").fetchone()[0]
+    out = CliRunner().invoke(main, ["objections", "notify", "--agreement", "study-a"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)
+    assert summary["objected"] == expected > 0 and summary["withdrawn"] == 0
+    assert (home.releases / "study-a" / "notices").is_dir()
+    assert CliRunner().invoke(main, ["objections", "notify", "--agreement", "never-made"]).exit_code != 0

@@ -1,0 +1,174 @@
+"""The objection register, the type 1 rule and the objection-rate monitor (safehaven.objections)."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, date, datetime, timedelta
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from safehaven import registers
+from safehaven.home import Home
+from safehaven.objections import (
+    EVENTS,
+    REGISTRATIONS,
+    TYPE1_INCIDENTS,
+    binomial_upper,
+    current_sql,
+    ensure_tables,
+    objection_rates,
+    objectors_sql,
+)
+from safehaven.store import Store
+from tests.unit.populate import populated
+
+
+def _memory() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA governance")
+    ensure_tables(con)
+    return con
+
+
+def _event(con, pid, kind, recorded, withdrawn=None, registered=None, practice=None) -> None:
+    con.execute(
+        f"INSERT INTO {EVENTS} SELECT coalesce(max(event_id), 0) + 1, ?, ?, ?, ?, ?, 't', 0, ?, 'k' FROM {EVENTS}",
+        [pid, kind, recorded, withdrawn, practice, registered or datetime.now(UTC)],
+    )
+
+
+def _pids(con, sql) -> set[str]:
+    return {r[0] for r in con.execute(sql).fetchall()}
+
+
+def test_objection_after_a_withdrawal_is_in_force_again() -> None:
+    con = _memory()
+    _event(con, "p", "national_opt_out", date(2024, 1, 1), date(2024, 3, 1))
+    _event(con, "p", "national_opt_out", date(2024, 6, 1))
+    assert _pids(con, objectors_sql("2024-02-01")) == {"p"}
+    assert _pids(con, objectors_sql("2024-04-01")) == set()
+    assert _pids(con, objectors_sql("2024-06-01")) == {"p"}
+    assert _pids(con, f"SELECT pid FROM ({current_sql('2024-04-01')}) WHERE in_force") == set()
+
+
+def test_the_latest_statement_of_an_episode_wins_and_history_is_kept() -> None:
+    con = _memory()
+    _event(con, "p", "type1", date(2024, 1, 1))
+    _event(con, "p", "type1", date(2024, 1, 1), date(2024, 2, 1))
+    assert _pids(con, objectors_sql("2024-03-01", ("type1",))) == set()
+    assert con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0] == 2, "append-only history"
+
+
+def test_register_as_known_at_an_earlier_time() -> None:
+    con = _memory()
+    then = datetime(2024, 5, 1, tzinfo=UTC)
+    _event(con, "late", "national_opt_out", date(2024, 1, 1), registered=then + timedelta(days=3))
+    assert _pids(con, objectors_sql("2024-05-01", known_at=then)) == set()
+    assert _pids(con, objectors_sql("2024-05-01")) == {"late"}
+
+
+def test_types_are_checked() -> None:
+    with pytest.raises(ValueError):
+        objectors_sql("current_date", ("type2",))
+
+
+def test_type1_records_are_dropped_before_the_haven_and_counted_per_sender(home: Home) -> None:
+    reports = populated(home)
+    gp = reports["gp_events"]
+    assert gp.type1_dropped > 0 and len(gp.type1_by_sender) >= 1
+    assert gp.rows_out == gp.rows_in - gp.type1_dropped
+    assert sum(gp.type1_by_sender.values()) == gp.type1_dropped
+    with Store(home).connect() as con:
+        in_haven = con.execute(
+            f"SELECT count(*) FROM haven.gp_events WHERE pid IN ({objectors_sql('current_date', ('type1',))})"
+        ).fetchone()[0]
+        incidents = dict(con.execute(
+            f"SELECT sender, records_dropped FROM {TYPE1_INCIDENTS} WHERE collection = 'gp_events'").fetchall())
+        breaches = [b for b in registers.breaches(con) if b["kind"] == "type1_objection_disregarded"]
+        hospital_objectors = con.execute(
+            f"SELECT count(*) FROM haven.hospital_episodes WHERE pid IN ({objectors_sql('current_date', ('type1',))})"
+        ).fetchone()[0]
+    assert in_haven == 0
+    assert incidents == gp.type1_by_sender
+    assert len(breaches) == 1 and str(gp.type1_dropped) in breaches[0]["what"]
+    assert hospital_objectors > 0, "type 1 is about GP data: hospital records stay"
+    assert reports["hospital_episodes"].type1_dropped == 0
+
+
+def _monitor_population(con, sizes: list[int], rates: list[float], seed: int = 3) -> list[str]:
+    rng = np.random.default_rng(seed)
+    practices = [f"P{i:05d}" for i in range(len(sizes))]
+    regs, events = [], []
+    for practice, n, rate in zip(practices, sizes, rates, strict=True):
+        for _ in range(n):
+            pid = secrets.token_hex(16)
+            regs.append([practice, pid])
+            if rng.random() < rate:
+                events.append([pid, practice])
+    reg_rows = pa.table({"practice": [r[0] for r in regs], "pid": [r[1] for r in regs]})
+    ev_rows = pa.table({"pid": [e[0] for e in events], "practice": [e[1] for e in events]})
+    con.register("_regs", reg_rows)
+    con.register("_evs", ev_rows)
+    con.execute(f"INSERT INTO {REGISTRATIONS} SELECT practice, pid, now(), 'gp_events' FROM _regs")
+    con.execute(f"INSERT INTO {EVENTS} SELECT 0, pid, 'type1', DATE '2024-01-01', NULL, practice, 't', 0, now(), 'k' "
+                "FROM _evs")
+    return practices
+
+
+def test_the_outlier_practice_is_flagged_and_ordinary_ones_are_not() -> None:
+    con = _memory()
+    rng = np.random.default_rng(11)
+    sizes = [int(s) for s in rng.integers(400, 3000, 30)]
+    rates = [0.02] * 30
+    rates[17] = 0.25
+    practices = _monitor_population(con, sizes, rates)
+    result = {r.practice: r for r in objection_rates(con, "type1", "2024-06-01")}
+    assert [p for p, r in result.items() if r.outlier] == [practices[17]]
+    flagged = result[practices[17]]
+    assert flagged.rate > 0.2 and 0.015 < flagged.baseline < 0.03
+    assert flagged.upper_limit is not None and flagged.rate > flagged.upper_limit and flagged.z > 3.09
+    assert flagged.p_value is not None and flagged.p_value < 0.001
+    assert all(r.assessed for r in result.values())
+    for r in result.values():
+        if not r.outlier:
+            assert r.upper_limit is not None and r.rate <= r.upper_limit
+
+
+def test_a_small_practice_is_judged_exactly_not_by_the_normal_approximation() -> None:
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA governance")
+    ensure_tables(con)
+    regs = [[f"P{i}", f"p{i}-{j}"] for i in range(3) for j in range(2000)] + [["SMALL", f"s{j}"] for j in range(20)]
+    objecting = [f"p{i}-{j}" for i in range(3) for j in range(40)] + ["s0", "s1", "s2"]  # 2%; 3 of 20 = 15%
+    con.register("_r", pa.table({"practice": [r[0] for r in regs], "pid": [r[1] for r in regs]}))
+    con.execute(f"INSERT INTO {REGISTRATIONS} SELECT practice, pid, now(), 'gp_events' FROM _r")
+    con.register("_o", pa.table({"pid": objecting}))
+    con.execute(f"INSERT INTO {EVENTS} SELECT 0, o.pid, 'type1', DATE '2024-01-01', NULL, r.practice, 't', 0, now(), "
+                "'k' FROM _o o JOIN _r r USING (pid)")
+    small = {r.practice: r for r in objection_rates(con, "type1", "2024-06-01")}["SMALL"]
+    assert small.z is not None and small.z > 3.09, "the normal approximation would raise a false alarm"
+    assert small.p_value is not None and 0.001 < small.p_value < 0.05 and not small.outlier
+
+
+def test_with_three_practices_the_outlier_does_not_hide_in_its_own_baseline() -> None:
+    con = _memory()
+    practices = _monitor_population(con, [600, 700, 650], [0.02, 0.25, 0.02])
+    result = {r.practice: r for r in objection_rates(con, "type1", "2024-06-01")}
+    assert [p for p, r in result.items() if r.outlier] == [practices[1]]
+    assert result[practices[1]].baseline < 0.05, "leave-one-out: the baseline excludes the practice itself"
+
+
+def test_exact_binomial_tail() -> None:
+    from math import comb
+
+    n, p0 = 40, 0.05
+    for x in (0, 2, 5, 9):
+        exact = sum(comb(n, k) * p0**k * (1 - p0) ** (n - k) for k in range(x, n + 1))
+        assert binomial_upper(n, p0, x)[0] == pytest.approx(exact, rel=1e-9)
+    _, limit = binomial_upper(n, p0, 0)
+    k = round(limit * n)
+    assert sum(comb(n, j) * p0**j * (1 - p0) ** (n - j) for j in range(k, n + 1)) < 0.001
+    assert sum(comb(n, j) * p0**j * (1 - p0) ** (n - j) for j in range(k - 1, n + 1)) >= 0.001

@@ -1,0 +1,125 @@
+"""Re-identification only through the CLI, only under an agreement permitting identifiable data."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from safehaven import audit, registers
+from safehaven.cli import main
+from safehaven.contracts import CONTRACTS_DIR
+from safehaven.home import Home
+from safehaven.keys import KeyRing, agreement_key
+from safehaven.objections import objectors_sql
+from safehaven.optouts import MEMBERS
+from safehaven.optouts import ensure_tables as ensure_optout_tables
+from safehaven.pseudonymise import install_key, pseudonym, release_pseudonym
+from safehaven.reidentify import ReidentificationRefused, reidentify
+from safehaven.store import Store
+from tests.unit.populate import populated
+
+
+def _agreement(root: Path, agreement_id: str, basis: str, level: str = "identifiable", status: str = "approved"):
+    data = yaml.safe_load((CONTRACTS_DIR / "agreements" / "cohort-consent-study.yaml").read_text())
+    data.update(id=agreement_id, identifiability=level, start_date=date.today() - timedelta(days=30),
+                end_date=date.today() + timedelta(days=300))
+    data["legal_basis"] = {"basis": basis, "reference": "test reference 1"}
+    data["approval"] = {"status": status, "approver": "Caldicott Guardian (test)", "date": date.today()}
+    if level != "identifiable":
+        data["fields"] = [f for f in data["fields"] if f["field"] != "nhs_number"]
+    (root / "agreements" / f"{agreement_id}.yaml").write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture
+def contracts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "contracts"
+    shutil.copytree(CONTRACTS_DIR, root)
+    _agreement(root, "reid-consent", "consent")
+    _agreement(root, "reid-s251", "section_251")
+    _agreement(root, "reid-pseudo", "section_251", level="pseudonymised")
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(root))
+    return root
+
+
+@pytest.fixture
+def released(home: Home, contracts: Path) -> dict[str, object]:
+    """A haven where ten hospital patients, some objecting, were released to each agreement."""
+    populated(home)
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        ensure_optout_tables(con)
+        install_key(con, "haven", keyring.get("haven"))
+        objectors = {r[0] for r in con.execute(objectors_sql()).fetchall()}
+        people = [r[0] for r in con.execute("SELECT DISTINCT nhs_number FROM landing.hospital_episodes_valid "
+                                            "ORDER BY 1").fetchall()]
+        key = keyring.get("haven").material
+        chosen = [n for n in people if pseudonym(key, n) in objectors][:2]
+        chosen += [n for n in people if pseudonym(key, n) not in objectors][:8]
+        for a in ("reid-consent", "reid-s251", "reid-pseudo"):
+            con.executemany(f"INSERT INTO {MEMBERS} VALUES ('r1', ?, ?, now())",
+                            [[a, pseudonym(key, n)] for n in chosen])
+    return {"nhs": chosen, "objecting": chosen[:2], "pid": {n: pseudonym(key, n) for n in chosen}}
+
+
+def _ps(home: Home, agreement_id: str, pid: str) -> str:
+    return release_pseudonym(agreement_key(KeyRing(home.keys), agreement_id), pid)
+
+
+def test_consented_agreement_re_identifies_its_own_released_people(home: Home, released) -> None:
+    asked = {_ps(home, "reid-consent", released["pid"][n]): n for n in released["nhs"]}
+    stranger = _ps(home, "reid-s251", released["pid"][released["nhs"][3]])  # another recipient's pseudonym
+    result = reidentify(home, "reid-consent", [*asked, stranger, "not-a-pseudonym"], actor="lead")
+    assert {p: v["nhs_number"] for p, v in result.identified.items()} == {p: [n] for p, n in asked.items()}
+    assert result.fields == ["nhs_number"], "only the identifiers the agreement releases"
+    assert result.not_released == 1 and result.malformed == 1
+    assert result.withheld_objection == 0, "consent: the opt-out does not apply"
+    with Store(home).connect() as con:
+        entries = audit.entries_for(con, agreement="reid-consent")
+        people = [e for e in entries if e.object in set(released["pid"].values())]
+        summary = [e for e in entries if e.object == "agreement:reid-consent"][-1]
+    assert len(people) == len(asked) and summary.legal_basis == "consent"
+    assert all(n not in str(e.detail_value) for e in entries for n in released["nhs"])
+
+
+def test_the_opt_out_withholds_objectors_under_section_251(home: Home, released) -> None:
+    asked = [_ps(home, "reid-s251", released["pid"][n]) for n in released["nhs"]]
+    result = reidentify(home, "reid-s251", asked, actor="lead")
+    assert result.withheld_objection == len(released["objecting"]) == 2
+    got = {v["nhs_number"][0] for v in result.identified.values()}
+    assert got == set(released["nhs"]) - set(released["objecting"])
+
+
+@pytest.mark.parametrize("agreement_id", ["reid-pseudo", "no-such-agreement"])
+def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
+    home: Home, released, agreement_id: str
+) -> None:
+    with pytest.raises(ReidentificationRefused):
+        reidentify(home, agreement_id, [_ps(home, "reid-consent", released["pid"][released["nhs"][5]])],
+                   actor="lead")
+    with Store(home).connect() as con:
+        refused = [e for e in audit.entries_for(con, agreement=agreement_id) if e.outcome == "refused"]
+        breaches = [b for b in registers.breaches(con) if b["kind"] == "no_legal_basis"]
+    assert refused and breaches
+
+
+def test_cli_reidentify_prints_csv_and_refuses_otherwise(home: Home, released, tmp_path: Path) -> None:
+    n = released["nhs"][4]
+    p = _ps(home, "reid-consent", released["pid"][n])
+    runner = CliRunner()
+    ok = runner.invoke(main, ["reidentify", "--agreement", "reid-consent", "--pseudonym", p])
+    assert ok.exit_code == 0, ok.output
+    assert f"{p},{n}" in ok.output
+    listing = tmp_path / "asked.csv"
+    listing.write_text(f"pseudonym\n{p}\n")
+    out = tmp_path / "out.csv"
+    ok2 = runner.invoke(main, ["reidentify", "--agreement", "reid-consent", "--file", str(listing),
+                               "--output", str(out)])
+    assert ok2.exit_code == 0 and f"{p},{n}" in out.read_text()
+    assert oct(out.stat().st_mode & 0o777) == oct(0o600)
+    refused = runner.invoke(main, ["reidentify", "--agreement", "reid-pseudo", "--pseudonym", p])
+    assert refused.exit_code != 0 and "refused" in refused.output and n not in refused.output

@@ -1,0 +1,133 @@
+"""The identity vault: AES-GCM bound to its row, envelope-encrypted to a key the pipeline lacks."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from safehaven import vault
+from safehaven.contracts import ContractRegistry
+from safehaven.home import Home
+from safehaven.keys import VAULT, Key, KeyRing
+from safehaven.objections import objectors_sql
+from safehaven.pseudonymise import install_key, pseudonym
+from safehaven.store import Store
+from tests.unit.populate import drop, populated, process
+
+
+@pytest.fixture
+def haven_home(home: Home) -> Home:
+    populated(home)
+    return home
+
+
+def test_vault_holds_full_identifiers_encrypted(haven_home: Home) -> None:
+    keyring = KeyRing(haven_home.keys)
+    with Store(haven_home).connect() as con:
+        fields = dict(con.execute(f"SELECT field, count(*) FROM {vault.IDENTITY} GROUP BY 1").fetchall())
+        nhs, dob, postcode = con.execute(
+            "SELECT nhs_number, CAST(date_of_birth AS VARCHAR), postcode FROM landing.hospital_episodes_valid LIMIT 1"
+        ).fetchone()
+        pid = pseudonym(keyring.get("haven").material, nhs)
+        stored = con.execute(f"SELECT ciphertext FROM {vault.IDENTITY} WHERE pid = ?", [pid]).fetchall()
+        revealed = vault.reveal(con, vault.private_key(keyring), f"SELECT '{pid}' AS pid")
+    assert set(fields) == {"nhs_number", "date_of_birth", "postcode"}
+    assert not any(nhs.encode() in bytes(c) or postcode.encode() in bytes(c) for (c,) in stored)
+    assert revealed[pid]["nhs_number"] == [nhs]
+    assert dob in revealed[pid]["date_of_birth"] and postcode in revealed[pid]["postcode"]
+
+
+def test_one_entry_per_distinct_person_field_and_value(haven_home: Home) -> None:
+    with Store(haven_home).connect() as con:
+        dupes = con.execute(f"SELECT count(*) - count(DISTINCT (pid, field)) FROM {vault.IDENTITY} "
+                            "WHERE field = 'nhs_number'").fetchone()[0]
+        before = con.execute(f"SELECT count(*) FROM {vault.IDENTITY}").fetchone()[0]
+    assert dupes == 0
+    drop(haven_home, seed=7)  # the very same files again: already landed, nothing new
+    process(haven_home)
+    with Store(haven_home).connect() as con:
+        assert con.execute(f"SELECT count(*) FROM {vault.IDENTITY}").fetchone()[0] == before
+
+
+def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(haven_home: Home) -> None:
+    private = vault.private_key(KeyRing(haven_home.keys))
+    with Store(haven_home).connect() as con:
+        (a, b) = [r[0] for r in con.execute(
+            f"SELECT pid FROM {vault.IDENTITY} GROUP BY pid HAVING count(DISTINCT field) = 3 "
+            "ORDER BY pid LIMIT 2").fetchall()]
+        assert vault.reveal(con, private, f"SELECT '{b}' AS pid")
+        con.execute(
+            f"UPDATE {vault.IDENTITY} AS t SET nonce = s.nonce, ciphertext = s.ciphertext, dek_id = s.dek_id "
+            f"FROM {vault.IDENTITY} s WHERE t.pid = ? AND t.field = 'nhs_number' "
+            "AND s.pid = ? AND s.field = 'nhs_number'", [b, a],
+        )
+        with pytest.raises(vault.VaultError, match="does not authenticate") as err:
+            vault.reveal(con, private, f"SELECT '{b}' AS pid")
+        assert "nhs_number" in str(err.value)
+        # moved between fields of one person: also refused
+        con.execute(
+            f"UPDATE {vault.IDENTITY} AS t SET nonce = s.nonce, ciphertext = s.ciphertext, dek_id = s.dek_id "
+            f"FROM {vault.IDENTITY} s WHERE t.pid = ? AND t.field = 'postcode' "
+            "AND s.pid = ? AND s.field = 'date_of_birth'", [a, a],
+        )
+        with pytest.raises(vault.VaultError):
+            vault.reveal(con, private, f"SELECT '{a}' AS pid", ("postcode",))
+
+
+def test_the_pipeline_writes_the_vault_without_being_able_to_read_it(home: Home) -> None:
+    keyring = KeyRing(home.keys)
+    keyring.create_keypair(VAULT)
+    custodian = home.root / "custodian"
+    custodian.mkdir(mode=0o700)
+    shutil.move(keyring.path(VAULT), custodian / "vault.key")  # the governance lead keeps the private half
+    populated(home)
+    with Store(home).connect() as con:
+        entries = con.execute(f"SELECT count(*) FROM {vault.IDENTITY}").fetchone()[0]
+        with pytest.raises(vault.VaultError, match="governance lead"):
+            vault.reveal(con, vault.private_key(keyring), "SELECT pid FROM vault.identity")
+        lead = KeyRing(custodian)
+        assert vault.reveal(con, lead.get(VAULT), f"SELECT pid FROM {vault.IDENTITY} LIMIT 3")
+    assert entries > 0
+
+
+def test_a_wrapped_data_key_only_opens_with_its_vault_key(haven_home: Home) -> None:
+    keyring = KeyRing(haven_home.keys)
+    old_private = vault.private_key(keyring)
+    other = KeyRing(haven_home.root / "other")
+    other_public = other.create_keypair(VAULT)
+    with Store(haven_home).connect() as con:
+        with pytest.raises(vault.VaultError):
+            vault.reveal(con, other.get(VAULT), "SELECT pid FROM vault.identity LIMIT 1")
+        con.execute("BEGIN TRANSACTION")
+        n = vault.rewrap_all(con, old_private, other_public)
+        con.execute("COMMIT")
+        assert n >= 1
+        assert vault.reveal(con, other.get(VAULT), "SELECT pid FROM vault.identity LIMIT 1")
+        with pytest.raises(vault.VaultError):
+            vault.reveal(con, old_private, "SELECT pid FROM vault.identity LIMIT 1")
+
+
+def test_type1_objectors_gp_identifiers_are_not_vaulted(haven_home: Home) -> None:
+    with Store(haven_home).connect() as con:
+        install_key(con, "haven", KeyRing(haven_home.keys).get("haven"))
+        n = con.execute(
+            f"SELECT count(*) FROM {vault.IDENTITY} WHERE collection = 'gp_events' "
+            f"AND pid IN ({objectors_sql('current_date', ('type1',))})").fetchone()[0]
+    assert n == 0
+
+
+def test_vault_fields_follow_the_contracts() -> None:
+    registry = ContractRegistry()
+    assert vault.vault_fields(registry.contracts["gp_events"]) == ["nhs_number", "date_of_birth", "postcode"]
+    assert vault.vault_fields(registry.objections()) == ["nhs_number"]
+
+
+def test_public_key_only_wraps(tmp_path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    public = ring.create_keypair(VAULT)
+    eph, nonce, wrapped = vault.wrap(b"k" * 32, "d1", public)
+    assert vault.unwrap(ring.get(VAULT), public.key_id, "d1", eph, nonce, wrapped) == b"k" * 32
+    with pytest.raises(vault.VaultError):
+        vault.unwrap(ring.get(VAULT), public.key_id, "d2", eph, nonce, wrapped)
+    assert isinstance(public, Key) and public.material != ring.get(VAULT).material
