@@ -44,7 +44,11 @@ def run(demo_patients: int, seed: int, no_demo: bool) -> None:
     click.echo(f"\n{'asset'.ljust(width)}  {'rows in':>12}  {'rows out':>12}  checks")
     for s in stages:
         fmt = lambda n: "-" if n is None else f"{n:,}"  # noqa: E731
-        checks = "FAILED: " + ", ".join(s.checks_failed) if s.checks_failed else "ok"
+        checks = "ok"
+        if s.checks_warned:
+            checks = "WARNING: " + ", ".join(s.checks_warned)
+        if s.checks_failed:
+            checks = "FAILED: " + ", ".join(s.checks_failed)
         click.echo(f"{s.asset.ljust(width)}  {fmt(s.rows_in):>12}  {fmt(s.rows_out):>12}  {checks}")
     click.echo(f"\nhome:        {home.root}")
     click.echo(f"published:   {home.published}  (CSV, Parquet, published.duckdb for analysts)")

@@ -54,4 +54,6 @@ def run_nightly(
             failed_checks.get(key, []),
             warned_checks.get(key, []),
         ))
+    for failure in result.get_step_failure_events():
+        summaries.append(StageSummary(f"{failure.step_key} (step)", None, None, ["step failed"]))
     return result.success and not failed_checks, summaries

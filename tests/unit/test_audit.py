@@ -359,6 +359,13 @@ def test_ordinary_detail_is_accepted(
     assert audit.entries_for(con)[0].detail_value == detail
 
 
+def test_a_pseudonym_in_an_object_is_not_mistaken_for_an_nhs_number(con: duckdb.DuckDBPyConnection) -> None:
+    audit.append(con, **{**_entry(1), "object": "person:0a9434765919bb01c2d3e4f5a6b7c8d9"})
+    assert audit.entries_for(con)[0].object == "person:0a9434765919bb01c2d3e4f5a6b7c8d9"
+    with pytest.raises(ValueError, match="looks like an NHS number"):
+        audit.append(con, **{**_entry(2), "object": "person:9434765919"})
+
+
 @pytest.mark.parametrize(
     "change",
     [
