@@ -1,68 +1,99 @@
-"""Validate stage: each new batch against its contract; a blocking check per contract
-stops everything downstream of a collection whose batch breaks tolerance (CoP 7-9)."""
+"""Validate stage: each new batch against its contract (CoP 7-9, 45-46; see safehaven.validation).
 
+One validated asset per contract, each with one blocking asset check made by
+``contract_check``: the Great Expectations suite compiled from the contract decides it, so a
+batch over the contract's tolerance stops everything downstream of that collection in the
+same run. Metadata and logs carry counts, rule ids and versions, never a value.
+"""
 
 import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.contracts import Contract, ContractRegistry
-from safehaven.validation import validate_collection
+from safehaven.validation import ValidationReport, validate_collection
 
 
 def check_name(contract: Contract) -> str:
     return f"{contract.collection}_meets_contract"
 
 
-def validated_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefinition:
-    """The validation asset of one collection, with its blocking contract check."""
-    spec = dg.AssetCheckSpec(
+def contract_check(contract: Contract) -> dg.AssetCheckSpec:
+    """The blocking check of one contract (the factory: one per contract, on its validated asset)."""
+    return dg.AssetCheckSpec(
         check_name(contract),
         asset=keys.validated(contract.collection),
         blocking=True,
-        description=f"Invalid rows in each new batch are within the {contract.collection} "
-        f"contract's tolerance ({contract.tolerance:.1%}); otherwise the batch is refused.",
+        description=f"Each new batch of {contract.collection} passes the Great Expectations suite compiled "
+        f"from contract v{contract.version}: at most {contract.tolerance:.1%} of its rows, and of the values "
+        "each rule checks, break the contract; otherwise the batch is refused and nothing downstream runs.",
     )
+
+
+def check_metadata(contract: Contract, report: ValidationReport) -> dict[str, object]:
+    """What the check reports: versions, counts per rule (the pass and GX side by side), pass rate."""
+    failed = sorted({r.rule_id for b in report.batches for r in b.rules if not r.gx_success})
+    return {
+        "contract_version": contract.version,
+        "rows_checked": report.rows_checked,
+        "rows_invalid": report.rows_invalid,
+        "pass_rate": round(report.pass_rate, 6),
+        "tolerance": contract.tolerance,
+        "batches_checked": len(report.batches),
+        "batches_refused": len(report.batches_refused),
+        "failures_per_rule": dg.MetadataValue.json(report.failures_by_rule),
+        "rules": dg.MetadataValue.json(report.rules_table()),
+        "gx_version": report.gx_version or "not run (no new batch)",
+        "gx_success": report.gx_success,
+        "gx_expectations_failed": dg.MetadataValue.json(failed),
+    }
+
+
+def contract_check_result(contract: Contract, report: ValidationReport) -> dg.AssetCheckResult:
+    """The check's verdict: passed when every new batch's GX suite succeeded."""
+    return dg.AssetCheckResult(
+        check_name=check_name(contract),
+        passed=report.gx_success and not report.blocked,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata=check_metadata(contract, report),
+    )
+
+
+def validated_asset(contract: Contract) -> dg.AssetsDefinition:
+    """The validation asset of one collection, with its blocking contract check."""
 
     @dg.asset(
         key=keys.validated(contract.collection),
         deps=[keys.landing(contract.collection)],
         group_name="validate",
         pool=keys.STORE_POOL,
-        check_specs=[spec],
+        check_specs=[contract_check(contract)],
         description=f"Rows of {contract.collection} that meet contract v{contract.version}; "
-        "failing rows held in a rejected table with rule ids.",
+        "failing rows held in a rejected table with rule ids; GX results and quality measures kept.",
         kinds={"duckdb"},
     )
     def _validated(context: dg.AssetExecutionContext, haven: SafeHavenResource):
         home = haven.home_dir()
         with haven.connect() as con:
-            report = validate_collection(
-                con, contract, haven.registry(), home.quarantine_for(contract.collection)
+            report = validate_collection(con, contract, haven.registry(), home.quarantine_for(contract.collection))
+        for refused in report.batches_refused:
+            context.log.warning(
+                f"{contract.collection}: a batch was refused ({refused['invalid_rows']} of {refused['rows']} rows "
+                f"invalid); see quarantine/{contract.collection}/ for its reason file"
             )
-        check_meta = {
-            "contract_version": contract.version,
-            "rows_checked": report.rows_checked,
-            "rows_invalid": report.rows_invalid,
-            "pass_rate": round(report.pass_rate, 6),
-            "tolerance": contract.tolerance,
-            "batches_refused": len(report.batches_refused),
-            "failures_per_rule": dg.MetadataValue.json(report.failures_by_rule),
-        }
+        result = contract_check_result(contract, report)
         yield dg.MaterializeResult(
-            metadata={"rows_in": report.rows_checked, "rows_out": report.rows_valid, **check_meta},
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=check_name(contract),
-                    passed=not report.blocked,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata=check_meta,
-                )
-            ],
+            metadata={
+                "rows_in": report.rows_checked,
+                "rows_out": report.rows_valid,
+                **result.metadata,
+                "seconds": dg.MetadataValue.json(report.seconds),
+            },
+            check_results=[result],
         )
 
     return _validated
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
-    return [validated_asset(c, registry) for c in registry.contracts.values()]
+    return [validated_asset(c) for c in registry.contracts.values()]

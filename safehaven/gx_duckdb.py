@@ -44,7 +44,14 @@ The one place that runs GX, and the one place that knows its DuckDB workarounds.
   duckdb"). The regex expectations compile to DuckDB's
   ``regexp_matches(column, regex)``: a partial match (like GX's pandas ``str.contains`` and
   PostgreSQL's ``~``), RE2 syntax. DuckDB's own ``~`` would be a *full* match, so it is not
-  used. Anchor patterns (``^...$``) to test whole values.
+  used. Anchor patterns (``^...$``) to test whole values. The pattern is rendered into the
+  statement as a literal (SQLAlchemy ``literal_execute``), not bound as a parameter: DuckDB
+  compiles a constant pattern once per query but a parameter once per row (three times
+  slower on 5M rows).
+* **Value sets.** For a set of text values on DuckDB, ``expect_column_values_to_be_in_set``
+  compiles to ``list_contains([...], column)`` instead of ``column IN (...)``: the same test
+  for a non-NULL text value (GX leaves NULL rows out first), about four times faster in
+  DuckDB 1.4 for a code list of tens of values. Other sets keep GX's ``IN``.
 * **Cost.** GX bundles the metrics of one domain into one query (the null, set, regex and
   range counts of a table in one ``SELECT sum(CASE ...)``) and adds separate queries for the
   row count, column pairs (two), uniqueness (a window over the column), one ``LIMIT 0``
@@ -90,6 +97,9 @@ from great_expectations.expectations.metrics.column_map_metrics import (  # noqa
     column_values_match_regex_list,
     column_values_not_match_regex,
     column_values_not_match_regex_list,
+)
+from great_expectations.expectations.metrics.column_map_metrics.column_values_in_set import (  # noqa: E402
+    ColumnValuesInSet,
 )
 from sqlalchemy.pool import StaticPool  # noqa: E402
 
@@ -186,7 +196,9 @@ def _with_duckdb_regex(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def build(column: Any, regex: str, dialect: Any, positive: bool = True) -> sa.ColumnElement[Any] | None:
         if getattr(dialect, "name", None) == "duckdb":
-            match = sa.func.regexp_matches(column, sa.literal(regex))
+            # Rendered into the statement, not bound: DuckDB compiles a constant pattern once
+            # per query, a bound parameter once per row (three times slower on 5M rows).
+            match = sa.func.regexp_matches(column, sa.literal(regex, literal_execute=True))
             return match if positive else sa.not_(match)
         return original(column, regex, dialect, positive)
 
@@ -198,6 +210,41 @@ for _module in _REGEX_MODULES:
     _module.get_dialect_regex_expression = _with_duckdb_regex(  # type: ignore[attr-defined]
         _module.get_dialect_regex_expression
     )
+
+
+# --- value sets on DuckDB ------------------------------------------------------------------
+
+
+def _with_duckdb_list_contains(original: Callable[..., Any]) -> Callable[..., Any]:
+    """GX's in-set condition, as ``list_contains([...], column)`` on DuckDB for sets of text.
+
+    ``column IN ('a', 'b', ...)`` with tens of values runs about four times slower in DuckDB
+    1.4 than ``list_contains`` over a constant list (6.7M rows, 52 codes: 2.2 s against
+    0.6 s). For a non-NULL text value the two are the same test; GX excludes NULL rows before
+    the condition runs. Other value sets (numbers, dates, a set holding NULL) and other
+    dialects keep GX's ``IN``.
+    """
+    if getattr(original, "_safehaven_duckdb", False):
+        return original
+
+    def build(column: Any, value_set: Any, **kwargs: Any) -> Any:
+        dialect = kwargs.get("_dialect")
+        if (
+            getattr(dialect, "name", None) == "duckdb"
+            and value_set
+            and all(isinstance(v, str) for v in value_set)
+        ):
+            values = sa.func.list_value(*(sa.literal(v, literal_execute=True) for v in value_set))
+            return sa.func.list_contains(values, column)
+        return original(column, value_set, **kwargs)
+
+    build._safehaven_duckdb = True  # type: ignore[attr-defined]
+    return build
+
+
+ColumnValuesInSet._sqlalchemy_impl = staticmethod(  # type: ignore[method-assign]
+    _with_duckdb_list_contains(ColumnValuesInSet._sqlalchemy_impl)
+)
 
 
 # --- results -------------------------------------------------------------------------------

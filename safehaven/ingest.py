@@ -4,9 +4,15 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 
 * A file is read as its collection only if it is CSV or Parquet, non-empty, UTF-8 without NUL
   bytes, has exactly the contract's columns (no missing, extra, duplicate, case-colliding or
-  hostile names) and no ragged rows. Otherwise the whole file moves to
-  ``quarantine/<collection>/`` with ``<file>.reason.json`` saying what is wrong and what to
-  do; nothing of it is landed, and data landed earlier is untouched.
+  hostile names), no ragged rows, at least one row and, for Parquet, columns whose type can
+  be the contract's. Otherwise the whole file moves to ``quarantine/<collection>/`` with
+  ``<file>.reason.json`` saying what is wrong and what to do; nothing of it is landed, and
+  data landed earlier is untouched. The reason's ``rule``: ``file.type`` (not CSV or
+  Parquet), ``file.empty``, ``file.nul_byte``, ``file.encoding``, ``file.header.missing``,
+  ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
+  ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
+  ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting) or ``file.no_rows``. A
+  UTF-8 byte-order mark and CRLF line ends are accepted.
 * Landing is idempotent: a file is known by its SHA-256, and a file already landed is
   skipped. A file lands in one transaction with its batch record.
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
@@ -115,19 +121,35 @@ def check_bytes(path: Path) -> None:
 
 
 def _display(name: str) -> str:
+    """A column name fit for a reason file: shown only if it is a plain identifier.
+
+    A file without a header has a data row in its first line, so other "names" may be values.
+    """
     return name if SAFE_NAME.fullmatch(name) else "<a column name that is not a plain identifier>"
 
 
 def check_header(header: list[str], contract: Contract) -> None:
-    """Exactly the contract's columns, each once, plain lower-case identifiers."""
+    """Exactly the contract's columns, each once, as plain lower-case identifiers.
+
+    Reasons, most specific first: a first line that names none of the contract's columns
+    (no header, or a data row), a delimiter other than a comma, duplicate names, names that
+    differ only by case, names that are not plain identifiers (spaces, quotes, other
+    characters; the names themselves are not repeated), missing or unexpected columns.
+    """
     expected = contract.field_names
-    stripped = [h.strip().lstrip("\ufeff") for h in header]
-    hostile = [h for h in stripped if not SAFE_NAME.fullmatch(h)]
-    lowered = [h.lower() for h in stripped]
-    dupes = sorted({h for h in stripped if stripped.count(h) > 1})
-    collide = sorted({h for h in lowered if lowered.count(h) > 1} - set(dupes))
-    missing = [c for c in expected if c not in stripped]
-    extra = [h for h in stripped if h not in expected]
+    names = [h.lstrip("\ufeff") if i == 0 else h for i, h in enumerate(header)]
+    normalised = [n.strip().lower() for n in names]
+    if len(names) == 1 and any(sep in names[0] for sep in (";", "\t", "|")):
+        raise FileRejected("file.header.delimiter", "the header is one column: the fields are not separated by "
+                           "commas", "export the file as comma-separated values (CSV) with a header row")
+    if not set(normalised) & set(expected):
+        raise FileRejected("file.header.missing", "the first line names none of the contract's columns "
+                           "(is the header row missing?)",
+                           f"send the file with a header row naming the contract's columns: {', '.join(expected)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    lowered = [n.lower() for n in names]
+    collide = sorted({n for n in lowered if lowered.count(n) > 1} - {d.lower() for d in dupes})
+    hostile = [n for n in names if not SAFE_NAME.fullmatch(n)]
     if dupes:
         raise FileRejected("file.header.duplicate", f"duplicate column names: {', '.join(map(_display, dupes))}",
                            "send the file with each column once", {"duplicates": [_display(d) for d in dupes]})
@@ -136,10 +158,15 @@ def check_header(header: list[str], contract: Contract) -> None:
                            "column names that differ only by case: " + ", ".join(map(_display, collide)),
                            "send the file with each column once, in lower case")
     if hostile:
+        near = sorted({n.strip().lower() for n in hostile} & set(expected))
+        hint = f" (differing from the contract's only by spaces or case: {', '.join(near)})" if near else ""
         raise FileRejected("file.header.hostile_name",
-                           f"{len(hostile)} column name(s) are not plain identifiers "
-                           "(letters, digits, underscore)",
-                           f"use exactly the contract's columns: {', '.join(expected)}")
+                           f"{len(hostile)} column name(s) are not plain lower-case identifiers "
+                           f"(letters, digits, underscore){hint}",
+                           f"use exactly the contract's columns: {', '.join(expected)}",
+                           {"not_plain": len(hostile), "near_contract_names": near})
+    missing = [c for c in expected if c not in names]
+    extra = [n for n in names if n not in expected]
     if missing or extra:
         parts = []
         if missing:
@@ -152,13 +179,49 @@ def check_header(header: list[str], contract: Contract) -> None:
                            {"missing": missing, "extra": [_display(e) for e in extra]})
 
 
+#: Parquet (DuckDB) column types that can hold each contract type without loss.
+_INTEGERS = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+             "UBIGINT", "UHUGEINT")
+READABLE_AS: dict[str, tuple[str, ...]] = {
+    "VARCHAR": ("VARCHAR", *_INTEGERS),
+    "DATE": ("VARCHAR", "DATE"),
+    "INTEGER": ("VARCHAR", *_INTEGERS),
+    "DOUBLE": ("VARCHAR", "FLOAT", "DOUBLE", *_INTEGERS),
+}
+
+
+def check_column_types(types: dict[str, str], contract: Contract) -> None:
+    """Each Parquet column's physical type can be read as the contract's type.
+
+    Text can be anything (it is checked row by row); a code held as an integer is text
+    without loss; a DATE must be a date or ISO text. A float for a code, a timestamp for a
+    date, booleans, binary or nested columns cannot be the contract's type.
+    """
+    wrong = []
+    for spec in contract.fields:
+        physical = types.get(spec.name, "")
+        base = physical.split("(")[0]
+        decimal_for_double = spec.type == "DOUBLE" and base == "DECIMAL"
+        if base not in READABLE_AS[spec.type] and not decimal_for_double:
+            wrong.append(f"{spec.name} is {physical}, the contract's type is {spec.type}")
+    if wrong:
+        raise FileRejected("file.column_type", "columns whose type cannot be the contract's type: " + "; ".join(wrong),
+                           "export the file again with text, integer or date columns as the contract says",
+                           {"columns": wrong})
+
+
 def _csv_header(path: Path) -> list[str]:
     with open(path, newline="", encoding="utf-8") as fh:
         first = fh.readline()
     if not first.strip():
         raise FileRejected("file.header.missing", "the file has no header row",
                            "send the file with a header row naming the contract's columns")
-    return next(csv.reader(io.StringIO(first)))
+    header = next(csv.reader(io.StringIO(first)))
+    return [header[0].lstrip("\ufeff"), *header[1:]] if header else header
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
 
 
 def _line_of(error: str) -> str:
@@ -169,7 +232,7 @@ def _line_of(error: str) -> str:
 def read_relation_sql(path: Path, contract: Contract) -> str:
     """A SQL relation over the file, every column as text, in contract order."""
     cols = ", ".join(f"CAST({q(f)} AS VARCHAR) AS {q(f)}" for f in contract.field_names)
-    if path.suffix == ".parquet":
+    if is_parquet(path):
         return f"SELECT {cols} FROM read_parquet({lit(str(path))})"
     columns = "{" + ", ".join(f"{lit(f)}: 'VARCHAR'" for f in _csv_header(path)) + "}"
     return (
@@ -184,17 +247,19 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
     if path.suffix.lower() not in SUPPORTED:
         raise FileRejected("file.type", f"unsupported file type {path.suffix or '(none)'!r}",
                            "send CSV (.csv) or Parquet (.parquet)")
-    check_bytes(path)
-    if path.suffix == ".parquet":
+    if path.stat().st_size == 0:
+        raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
+    if is_parquet(path):
         try:
-            header = [r[0] for r in con.execute(
-                f"DESCRIBE SELECT * FROM read_parquet({lit(str(path))})").fetchall()]
+            described = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(str(path))})").fetchall()
         except duckdb.Error:
             raise FileRejected("file.parquet", "the file is not readable Parquet",
                                "export the file again as Parquet") from None
+        check_header([r[0] for r in described], contract)
+        check_column_types({r[0]: str(r[1]) for r in described}, contract)
     else:
-        header = _csv_header(path)
-    check_header(header, contract)
+        check_bytes(path)  # text only: Parquet is binary (it holds NUL bytes by design)
+        check_header(_csv_header(path), contract)
 
 
 def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: FileRejected) -> Path:
@@ -242,13 +307,11 @@ def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sh
     names = ", ".join(q(f) for f in contract.field_names)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(
+        inserted = con.execute(
             f"INSERT INTO landing.{contract.collection} ({names}, _batch, _row) "
             f"SELECT {names}, {lit(sha)}, row_number() OVER () FROM ({relation})"
-        )
-        rows = con.execute(
-            f"SELECT count(*) FROM landing.{contract.collection} WHERE _batch = ?", [sha]
-        ).fetchone()[0]
+        ).fetchone()
+        rows = int(inserted[0]) if inserted else 0
         if rows == 0:
             raise FileRejected("file.no_rows", "the file has a header but no rows",
                                "send the file again with its rows")
@@ -264,9 +327,9 @@ def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sh
     except duckdb.Error as exc:
         con.execute("ROLLBACK")
         text = str(exc)
-        if "type" in text.lower() and "parquet" in path.suffix:
-            raise FileRejected("file.type_mismatch", "a column has a type that cannot be read",
-                               "export the file again with the contract's types") from None
+        if is_parquet(path):
+            raise FileRejected("file.parquet", "the file's rows cannot be read as Parquet",
+                               "export the file again as Parquet") from None
         raise FileRejected(
             "file.malformed", f"the file is not well-formed CSV: rows with a different number "
             f"of fields than the header, or broken quoting{_line_of(text)}",

@@ -286,3 +286,33 @@ def test_the_wrapper_keeps_the_result_that_a_plain_duckdb_engine_loses() -> None
         results.append(result.fetchall())  # what GX does: fetch after the connection closed
     assert results == [[], [(42,)]]
     con.close()
+
+
+def test_regex_and_text_sets_are_rendered_as_literals(con: duckdb.DuckDBPyConnection) -> None:
+    """Regex patterns and text value sets go into the statement (fast on DuckDB), quoted safely."""
+    seen: list[tuple[str, object]] = []
+
+    @sa.event.listens_for(sa.engine.Engine, "before_cursor_execute")
+    def _record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        seen.append((statement, parameters))
+
+    con.execute("CREATE TABLE landing.q (v VARCHAR)")
+    con.execute("INSERT INTO landing.q VALUES ('it''s'), ('a\\b'), ('plain'), (NULL)")
+    try:
+        result = run_suite(con, "landing", "q", [
+            E.ExpectColumnValuesToBeInSet(column="v", value_set=["it's", "plain"], meta={"id": "set"}),
+            E.ExpectColumnValuesToMatchRegex(column="v", regex=r"^(?:it's|a\\b)$", meta={"id": "re"}),
+        ], "literals")
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", _record)
+    by_id = {o.meta_id: o.unexpected_count for o in result.outcomes}
+    assert by_id == {"set": 1, "re": 1}  # 'a\b' is not in the set; 'plain' does not match
+    text = "\n".join(s for s, _ in seen)
+    assert "regexp_matches(v, '^(?:it''s|a\\\\b)$')" in text
+    assert "list_contains(list_value('it''s', 'plain'), v)" in text
+    assert not [p for _, p in seen if p and any(isinstance(v, str) and "it's" in v for v in p)]
+
+
+def test_number_sets_keep_gx_in(con: duckdb.DuckDBPyConnection) -> None:
+    result = run_suite(con, "landing", "t", [E.ExpectColumnValuesToBeInSet(column="n", value_set=[1, 2, 3])], "s")
+    assert result.outcomes[0].unexpected_count == 3  # 4, 5, 6

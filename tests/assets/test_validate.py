@@ -1,0 +1,146 @@
+"""The validate stage in the nightly job: a batch over tolerance blocks its collection downstream in the
+same run, nothing identifiable leaks, and a collection added by contract alone flows through."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safehaven import synthetic
+from safehaven.contracts import CONTRACTS_DIR
+from safehaven.home import Home
+from safehaven.runner import run_nightly
+from safehaven.store import Store
+from safehaven.validation import RESULTS, RULE_RESULTS
+from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+from tests.unit.validation_helpers import nhs_numbers, write_csv
+
+PATIENTS = 300
+
+
+def _corrupt_nhs_numbers(path: Path, share: float) -> int:
+    """Give ``share`` of the file's rows a wrong check digit (the rest stay as generated)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns, rows = list(reader.fieldnames or []), list(reader)
+    bad = int(len(rows) * share)
+    for row in rows[:bad]:
+        digits = "".join(ch for ch in row["nhs_number"] if ch.isdigit())
+        row["nhs_number"] = digits[:9] + str((int(digits[9]) + 1) % 10)
+    write_csv(path, rows, columns)
+    return bad
+
+
+@pytest.fixture
+def blocked_run(home: Home, dagster_instance, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture):
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=5, defect_rate=0.01)
+    seeded = seeded_nhs_numbers(home.incoming)
+    social = next(home.incoming_for("social_care").glob("*.csv"))
+    bad = _corrupt_nhs_numbers(social, 0.2)  # 20% > the contract's 5%
+    seeded |= seeded_nhs_numbers(home.incoming_for("social_care"))
+    caplog.set_level(logging.DEBUG)
+    ok, stages = run_nightly(home, dagster_instance)
+    out, err = capfd.readouterr()  # Dagster's own console log, beside Python logging
+    return ok, {s.asset: s for s in stages}, seeded, bad, caplog.text + out + err
+
+
+def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run(blocked_run, home: Home,
+                                                                                   dagster_instance) -> None:
+    ok, stages, _, bad, _ = blocked_run
+    assert not ok
+    assert stages["validated/social_care"].checks_failed == ["social_care_meets_contract"]
+    assert stages["validated/social_care"].rows_out == 0
+    # Nothing downstream of social care materialised; the other collections went on.
+    assert "haven/social_care" not in stages and "vault/social_care" not in stages
+    assert not [a for a in stages if a.startswith("published/social_care")]
+    for collection in ("gp_events", "hospital_episodes"):
+        assert stages[f"validated/{collection}"].checks_failed == []
+        assert stages[f"haven/{collection}"].rows_out > 0
+    # The check's metadata: version, rows, failures per rule, pass rate; decided by GX.
+    evaluations = [e for e in dagster_instance.get_records_for_run(
+        run_id=dagster_instance.get_runs()[0].run_id).records
+        if e.event_log_entry.dagster_event and e.event_log_entry.dagster_event.event_type_value
+        == "ASSET_CHECK_EVALUATION"]
+    social = next(e.event_log_entry.dagster_event.event_specific_data for e in evaluations
+                  if e.event_log_entry.dagster_event.event_specific_data.check_name == "social_care_meets_contract")
+    assert social.passed is False
+    meta = {k: v.value for k, v in social.metadata.items()}
+    assert meta["contract_version"] == "1.0.0"
+    assert meta["failures_per_rule"]["nhs_number.nhs_number"] >= bad
+    assert meta["gx_success"] is False and meta["pass_rate"] == 0.0
+    assert meta["rows_checked"] > 0 and "rows.within_tolerance" in meta["gx_expectations_failed"]
+    reason = json.loads(next(home.quarantine_for("social_care").glob("*.reason.json")).read_text())
+    assert reason["rule"] == "batch.tolerance"
+
+
+def test_no_seeded_nhs_number_in_event_storage_gx_results_or_logs(blocked_run, home: Home, tmp_path: Path) -> None:
+    _, _, seeded, _, logs = blocked_run
+    assert len(seeded) > 100
+    assert leaked_nhs_numbers([home.root, tmp_path / "dagster_home"], seeded) == {}
+    with Store(home).connect(read_only=True) as con:
+        stored = json.dumps(con.execute(f"SELECT * FROM {RESULTS}").fetchall(), default=str)
+        stored += json.dumps(con.execute(f"SELECT * FROM {RULE_RESULTS}").fetchall(), default=str)
+        stored += json.dumps(con.execute("SELECT * FROM governance.quality_measures").fetchall(), default=str)
+    assert "expect_column_values_to_be_in_set" in stored
+    digits = "".join(ch if ch.isdigit() else " " for ch in stored + logs).split()
+    assert not set(digits) & seeded
+    assert "social_care_meets_contract" in logs  # the logs were captured
+
+
+AE_CONTRACT = {
+    "collection": "ae_attendances",
+    "version": "0.1.0",
+    "owner": "Emergency care data set (synthetic), data engineering team",
+    "description": "Emergency department attendances, one row per attendance.",
+    "kind": "content",
+    "patient_key": "nhs_number",
+    "period_field": "arrival_date",
+    "tolerance": 0.05,
+    "retention_days": 2557,
+    "fields": [
+        {"name": "site_code", "type": "VARCHAR", "description": "ODS code of the emergency department's site.",
+         "identifiability": "content", "rule": {"format": "ods_code"}},
+        {"name": "nhs_number", "type": "VARCHAR", "description": "The patient's NHS number.",
+         "identifiability": "direct_identifier", "rule": {"format": "nhs_number"}},
+        {"name": "date_of_birth", "type": "DATE", "description": "The patient's date of birth.",
+         "identifiability": "quasi_identifier", "rule": {"format": "date", "min": "1900-01-01", "max": "today"}},
+        {"name": "arrival_date", "type": "DATE", "description": "Date of arrival.", "identifiability": "content",
+         "rule": {"format": "date", "min": "2000-01-01", "max": "today"}},
+        {"name": "acuity", "type": "VARCHAR", "description": "Acuity on arrival (1 most urgent).",
+         "identifiability": "sensitive", "rule": {"allowed": ["1", "2", "3", "4", "5"]}},
+    ],
+    "rules": [{"id": "arrival_not_before_birth", "description": "A patient cannot arrive before being born.",
+               "later": "arrival_date", "earlier": "date_of_birth"}],
+}
+
+
+def test_a_collection_added_by_contract_alone_flows_through(home: Home, dagster_instance, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    contracts = tmp_path / "data_contracts"
+    shutil.copytree(CONTRACTS_DIR, contracts)
+    (contracts / "collections" / "ae_attendances.yaml").write_text(yaml.safe_dump(AE_CONTRACT, sort_keys=False))
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=6, defect_rate=0.0)
+    rows = [{"site_code": "RRK02", "nhs_number": n, "date_of_birth": "1960-05-06", "arrival_date": "2026-03-04",
+             "acuity": str(1 + i % 5)} for i, n in enumerate(nhs_numbers(40, start=700_000))]
+    rows[0]["acuity"] = "9"  # one invalid row: quarantined, within tolerance
+    write_csv(home.incoming_for("ae_attendances") / "ae_20260331.csv", rows, [f["name"] for f in AE_CONTRACT["fields"]])
+
+    ok, stages = run_nightly(home, dagster_instance)
+    by_asset = {s.asset: s for s in stages}
+    assert ok, [s for s in stages if s.checks_failed]
+    assert by_asset["landing/ae_attendances"].rows_in == 40
+    assert by_asset["validated/ae_attendances"].rows_out == 39
+    assert by_asset["haven/ae_attendances"].rows_out == 39
+    with Store(home).connect(read_only=True) as con:
+        rejected = con.execute("SELECT failed_rules FROM landing.ae_attendances_rejected").fetchall()
+        measures = con.execute("SELECT count(*) FROM governance.quality_measures "
+                               "WHERE collection = 'ae_attendances'").fetchone()[0]
+    assert rejected == [(["acuity.allowed"],)]
+    assert measures > 0

@@ -1,0 +1,179 @@
+"""Contracts: the shipped ones are complete, and a contract that is wrong is refused with a reason."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from safehaven.contracts import CONTRACTS_DIR, FORMAT_STANDARDS, Contract, ContractRegistry, contracts_dir
+
+REGISTRY = ContractRegistry(CONTRACTS_DIR)
+
+
+def test_every_shipped_contract_is_complete() -> None:
+    assert set(REGISTRY.contracts) == {"gp_events", "hospital_episodes", "social_care", "objections"}
+    for contract in REGISTRY.contracts.values():
+        assert contract.version and contract.owner and contract.description
+        assert 0 <= contract.tolerance <= 1
+        assert contract.period_field is not None
+        key = contract.field(contract.patient_key)
+        assert key.identifiability == "direct_identifier"
+        for spec in contract.fields:
+            assert spec.description.strip(), spec.name
+            assert spec.rule is not None, f"{contract.collection}.{spec.name} has no rule"
+        if contract.kind == "content":
+            assert contract.retention_days and contract.retention_days > 0
+    assert REGISTRY.objections().collection == "objections"
+    assert {c.collection for c in REGISTRY.content()} == {"gp_events", "hospital_episodes", "social_care"}
+
+
+def test_code_lists_and_formats_cite_a_resolvable_url() -> None:
+    """CoP 46: codes are published with resolvable http URLs to their code system."""
+    for contract in REGISTRY.contracts.values():
+        for spec in contract.fields:
+            assert spec.rule is not None
+            if spec.rule.code_list:
+                code_list = REGISTRY.code_list(spec.rule.code_list)
+                assert code_list.system.startswith(("http://", "https://"))
+                assert code_list.version and code_list.code_values
+            if spec.rule.format:
+                assert spec.standard is not None and spec.standard.startswith("https://")
+    assert set(FORMAT_STANDARDS) == {"nhs_number", "uk_postcode", "ods_code", "gss_code", "date"}
+
+
+def test_identifiability_classes_are_readable_by_later_stages() -> None:
+    gp = REGISTRY.contracts["gp_events"]
+    assert [f.name for f in gp.fields_of("direct_identifier")] == ["nhs_number"]
+    assert {f.name for f in gp.fields_of("quasi_identifier")} == {"practice_code", "date_of_birth", "sex", "postcode"}
+    assert [f.name for f in gp.fields_of("sensitive")] == ["diagnosis_code"]
+
+
+def _base() -> dict[str, Any]:
+    return yaml.safe_load((CONTRACTS_DIR / "collections" / "social_care.yaml").read_text())
+
+
+def _field(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(f for f in doc["fields"] if f["name"] == name)
+
+
+def _broken(change: str) -> dict[str, Any]:
+    doc = _base()
+    if change == "two rule kinds":
+        _field(doc, "sex")["rule"] = {"code_list": "person_gender", "allowed": ["1"]}
+    elif change == "range on text":
+        _field(doc, "sex")["rule"] = {"code_list": "person_gender", "min": "2000-01-01"}
+    elif change == "date format on text":
+        _field(doc, "sex")["rule"] = {"format": "date"}
+    elif change == "postcode format on a date":
+        _field(doc, "start_date")["rule"] = {"format": "uk_postcode"}
+    elif change == "min after max":
+        _field(doc, "start_date")["rule"] = {"format": "date", "min": "2020-01-01", "max": "2010-01-01"}
+    elif change == "unknown identifiability":
+        _field(doc, "sex")["identifiability"] = "secret"
+    elif change == "no description":
+        _field(doc, "sex")["description"] = ""
+    elif change == "duplicate field":
+        doc["fields"].append(dict(_field(doc, "sex")))
+    elif change == "hostile field name":
+        _field(doc, "sex")["name"] = 'sex"; DROP TABLE x; --'
+    elif change == "patient key not an NHS number":
+        doc["patient_key"] = "sex"
+    elif change == "period field not a date":
+        doc["period_field"] = "postcode"
+    elif change == "cross-field rule on an unknown field":
+        doc["rules"][0]["later"] = "nope"
+    elif change == "cross-field rule on text":
+        doc["rules"][0].update(later="postcode", earlier="sex")
+    elif change == "uniqueness on an unknown field":
+        doc["unique"] = [{"id": "one_service", "description": "x", "fields": ["nope"]}]
+    elif change == "duplicate rule ids":
+        doc["unique"] = [{"id": doc["rules"][0]["id"], "description": "x", "fields": ["nhs_number"]}]
+    elif change == "tolerance over 1":
+        doc["tolerance"] = 1.5
+    elif change == "version not semantic":
+        doc["version"] = "latest"
+    elif change == "unknown key":
+        doc["owners"] = "someone"
+    elif change == "non-positive retention":
+        doc["retention_days"] = 0
+    elif change == "empty allowed set":
+        _field(doc, "sex")["rule"] = {"allowed": []}
+    elif change == "prefix match without a list":
+        _field(doc, "postcode")["rule"] = {"format": "uk_postcode", "match": "prefix3"}
+    else:  # pragma: no cover
+        raise AssertionError(change)
+    return doc
+
+
+@pytest.mark.parametrize("change", [
+    "two rule kinds", "range on text", "date format on text", "postcode format on a date", "min after max",
+    "unknown identifiability", "no description", "duplicate field", "hostile field name",
+    "patient key not an NHS number", "period field not a date", "cross-field rule on an unknown field",
+    "cross-field rule on text", "uniqueness on an unknown field", "duplicate rule ids", "tolerance over 1",
+    "version not semantic", "unknown key", "non-positive retention", "empty allowed set",
+    "prefix match without a list",
+])
+def test_a_wrong_contract_is_refused(change: str) -> None:
+    assert Contract.model_validate(_base())  # the base is fine
+    with pytest.raises(ValueError):
+        Contract.model_validate(_broken(change))
+
+
+def _copy(tmp_path: Path) -> Path:
+    root = tmp_path / "data_contracts"
+    shutil.copytree(CONTRACTS_DIR, root)
+    return root
+
+
+def test_registry_errors_name_the_file(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    (root / "collections" / "social_care.yaml").write_text(yaml.safe_dump(_broken("duplicate field")))
+    with pytest.raises(ValueError, match="social_care.yaml"):
+        _ = ContractRegistry(root).contracts
+
+
+def test_file_name_must_match_the_collection(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    shutil.copy(root / "collections" / "social_care.yaml", root / "collections" / "care.yaml")
+    with pytest.raises(ValueError, match="file name"):
+        _ = ContractRegistry(root).contracts
+
+
+@pytest.mark.parametrize("problem", ["missing", "duplicate codes", "no url", "wrong name"])
+def test_a_code_list_must_exist_and_be_well_formed(tmp_path: Path, problem: str) -> None:
+    root = _copy(tmp_path)
+    path = root / "code_lists" / "person_gender.yaml"
+    doc = yaml.safe_load(path.read_text())
+    if problem == "missing":
+        path.unlink()
+    else:
+        if problem == "duplicate codes":
+            doc["codes"].append(dict(doc["codes"][0]))
+        elif problem == "no url":
+            doc["system"] = "NHS Data Dictionary"
+        else:
+            doc["name"] = "gender"
+        path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="person_gender"):
+        _ = ContractRegistry(root).contracts
+
+
+def test_contracts_directory_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy(tmp_path)
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(root))
+    assert contracts_dir() == root.resolve()
+    assert ContractRegistry().root == root.resolve()
+    monkeypatch.delenv("SAFEHAVEN_CONTRACTS")
+    assert contracts_dir() == CONTRACTS_DIR
+
+
+def test_uniqueness_declaration_loads() -> None:
+    doc = _base()
+    doc["unique"] = [{"id": "one_service_start", "description": "one row per person, service and start",
+                      "fields": ["nhs_number", "service_type", "start_date"]}]
+    contract = Contract.model_validate(doc)
+    assert contract.unique[0].fields == ["nhs_number", "service_type", "start_date"]

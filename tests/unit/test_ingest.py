@@ -1,0 +1,197 @@
+"""Ingest: every kind of bad file is quarantined whole with a readable reason; earlier data is kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.home import Home
+from safehaven.ingest import ingest_collection
+from safehaven.store import Store
+from tests.unit.validation_helpers import gp_rows, write_csv
+
+REGISTRY = ContractRegistry(CONTRACTS_DIR)
+GP = REGISTRY.contracts["gp_events"]
+HEADER = ",".join(GP.field_names)
+ROWS = gp_rows(3, start=500)
+LINE = ",".join(ROWS[0][f] for f in GP.field_names)
+SEEDED = [r["nhs_number"] for r in ROWS]
+
+
+def _csv_bytes(name: str) -> bytes:
+    """A bad CSV file of one kind (the good rows, broken one way)."""
+    body = "".join(",".join(r[f] for f in GP.field_names) + "\n" for r in ROWS)
+    if name == "empty":
+        return b""
+    if name == "nul_byte":
+        return (HEADER + "\n" + body).encode().replace(b"M83337", b"M83\x00337", 1)
+    if name == "latin1":
+        return (HEADER + "\n" + body.replace("M83337", "M8333é")).encode("latin-1")
+    if name == "utf16":
+        return (HEADER + "\n" + body).encode("utf-16")
+    if name == "truncated_utf8":
+        return (HEADER + "\n" + body).encode() + "é".encode()[:1]
+    if name == "no_header":
+        return body.encode()
+    if name == "semicolons":
+        return (HEADER.replace(",", ";") + "\n" + body.replace(",", ";")).encode()
+    if name == "duplicate":
+        return (HEADER + ",sex\n" + body.replace("\n", ",1\n")).encode()
+    if name == "case_collision":
+        return (HEADER + ",SEX\n" + body.replace("\n", ",1\n")).encode()
+    if name == "hostile":
+        return (HEADER.replace("postcode", 'postcode"; DROP TABLE landing.gp_events; --') + "\n" + body).encode()
+    if name == "spaced":
+        return (HEADER.replace("postcode", " postcode") + "\n" + body).encode()
+    if name == "missing_column":
+        return (HEADER.rsplit(",", 1)[0] + "\n" + "".join(line.rsplit(",", 1)[0] + "\n"
+                                                           for line in body.splitlines())).encode()
+    if name == "extra_column":
+        return (HEADER + ",comments\n" + body.replace("\n", ",x\n")).encode()
+    if name == "ragged":
+        lines = body.splitlines()
+        lines[1] += ",surplus"
+        return (HEADER + "\n" + "\n".join(lines) + "\n").encode()
+    if name == "broken_quote":
+        return (HEADER + "\n" + body.replace("M83337", '"M83337', 1)).encode()
+    if name == "header_only":
+        return (HEADER + "\n").encode()
+    raise AssertionError(name)
+
+
+CSV_CASES = {
+    "empty": "file.empty",
+    "nul_byte": "file.nul_byte",
+    "latin1": "file.encoding",
+    "utf16": "file.nul_byte",
+    "truncated_utf8": "file.encoding",
+    "no_header": "file.header.missing",
+    "semicolons": "file.header.delimiter",
+    "duplicate": "file.header.duplicate",
+    "case_collision": "file.header.case_collision",
+    "hostile": "file.header.hostile_name",
+    "spaced": "file.header.hostile_name",
+    "missing_column": "file.header.columns",
+    "extra_column": "file.header.columns",
+    "ragged": "file.malformed",
+    "broken_quote": "file.malformed",
+    "header_only": "file.no_rows",
+}
+
+
+@pytest.fixture
+def earlier(store: Store, home: Home) -> Home:
+    """A haven that already landed one good gp_events file."""
+    write_csv(home.incoming_for("gp_events") / "gp_good.csv", gp_rows(5), GP.field_names)
+    with store.connect() as con:
+        assert ingest_collection(con, GP, home.incoming_for("gp_events"), home.quarantine_for("gp_events")).files_landed
+    return home
+
+
+def _state(store: Store) -> tuple:
+    with store.connect(read_only=True) as con:
+        return (con.execute("SELECT count(*), sum(hash(columns(*))) FROM landing.gp_events").fetchone(),
+                con.execute("SELECT count(*) FROM governance.batches").fetchone())
+
+
+def _ingest_one(store: Store, home: Home, name: str, data: bytes) -> tuple[dict, Path]:
+    path = home.incoming_for("gp_events") / name
+    path.write_bytes(data)
+    with store.connect() as con:
+        report = ingest_collection(con, GP, home.incoming_for("gp_events"), home.quarantine_for("gp_events"))
+    assert report.files_quarantined == 1 and report.files_landed == 0, report
+    assert not path.exists()
+    moved = home.quarantine_for("gp_events") / report.quarantined[0]["file"]
+    assert moved.exists() and moved.read_bytes() == data  # the whole file, as received
+    reason = json.loads(moved.with_name(moved.name + ".reason.json").read_text())
+    return reason, moved
+
+
+@pytest.mark.parametrize("kind", sorted(CSV_CASES))
+def test_each_kind_of_bad_csv_is_quarantined_with_a_reason(store: Store, earlier: Home, kind: str) -> None:
+    before = _state(store)
+    reason, moved = _ingest_one(store, earlier, f"gp_{kind}.csv", _csv_bytes(kind))
+    assert reason["rule"] == CSV_CASES[kind]
+    assert reason["collection"] == "gp_events" and reason["contract_version"] == GP.version
+    assert len(reason["reason"]) > 15 and reason["what_to_do"].startswith(reason["what_to_do"][0].lower())
+    assert "Nothing of this file was landed" in reason["what_to_do"]
+    text = moved.with_name(moved.name + ".reason.json").read_text()
+    for number in SEEDED:
+        assert number not in text
+    assert "DROP TABLE" not in text
+    assert _state(store) == before  # earlier data kept, nothing of the bad file landed
+
+
+def test_a_file_of_another_type_is_quarantined(store: Store, earlier: Home) -> None:
+    reason, _ = _ingest_one(store, earlier, "gp.xlsx", b"PK\x03\x04 not a csv")
+    assert reason["rule"] == "file.type"
+
+
+def _parquet(path: Path, select: str) -> bytes:
+    con = duckdb.connect()
+    con.execute(f"COPY ({select}) TO '{path}' (FORMAT parquet)")
+    return path.read_bytes()
+
+
+GOOD_SELECT = ("SELECT 'M83337' AS practice_code, 9990000018 AS nhs_number, DATE '1950-02-03' AS date_of_birth, "
+               "1 AS sex, 'B29 3RH' AS postcode, '2026-01-02' AS event_date, 38341003 AS diagnosis_code")
+
+
+@pytest.mark.parametrize(("kind", "select"), [
+    ("boolean code", GOOD_SELECT.replace("1 AS sex", "true AS sex")),
+    ("timestamp date", GOOD_SELECT.replace("DATE '1950-02-03'", "TIMESTAMP '1950-02-03 10:00:00'")),
+    ("float code", GOOD_SELECT.replace("38341003 AS", "38341003.0::DOUBLE AS")),
+    ("binary text", GOOD_SELECT.replace("'B29 3RH' AS", "'B29 3RH'::BLOB AS")),
+    ("nested", GOOD_SELECT.replace("'M83337' AS", "['M83337'] AS")),
+])
+def test_a_parquet_column_that_cannot_be_the_contract_type_is_quarantined(
+    store: Store, earlier: Home, tmp_path: Path, kind: str, select: str
+) -> None:
+    data = _parquet(tmp_path / "x.parquet", select)
+    before = _state(store)
+    reason, _ = _ingest_one(store, earlier, "gp.parquet", data)
+    assert reason["rule"] == "file.column_type", kind
+    assert "the contract's type is" in reason["reason"]
+    assert _state(store) == before
+
+
+def test_unreadable_parquet_is_quarantined(store: Store, earlier: Home) -> None:
+    reason, _ = _ingest_one(store, earlier, "gp.parquet", b"PAR1 this is not parquet PAR1")
+    assert reason["rule"] == "file.parquet"
+
+
+def test_parquet_with_dates_and_integer_codes_lands(store: Store, home: Home, tmp_path: Path) -> None:
+    (home.incoming_for("gp_events")).mkdir(parents=True, exist_ok=True)
+    _parquet(home.incoming_for("gp_events") / "gp.parquet", GOOD_SELECT)
+    with store.connect() as con:
+        report = ingest_collection(con, GP, home.incoming_for("gp_events"), home.quarantine_for("gp_events"))
+        assert report.files_landed == 1
+        row = con.execute("SELECT nhs_number, date_of_birth, sex, diagnosis_code FROM landing.gp_events").fetchone()
+    assert row == ("9990000018", "1950-02-03", "1", "38341003")
+
+
+def test_bom_and_crlf_are_accepted_and_a_known_file_is_skipped(store: Store, home: Home) -> None:
+    body = "\ufeff" + HEADER + "\r\n" + LINE + "\r\n"
+    folder = home.incoming_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gp.csv").write_text(body, encoding="utf-8", newline="")
+    with store.connect() as con:
+        first = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        assert (first.files_landed, first.rows_landed) == (1, 1)
+        assert con.execute("SELECT practice_code, diagnosis_code FROM landing.gp_events").fetchone() == \
+            ("M83337", ROWS[0]["diagnosis_code"])
+        (folder / "gp_again.csv").write_text(body, encoding="utf-8", newline="")
+        again = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert (again.files_landed, again.files_skipped) == (0, 1)
+    assert not list(folder.iterdir())  # received files are removed once landed (or known)
+
+
+def test_two_bad_files_with_one_name_are_both_kept(store: Store, earlier: Home) -> None:
+    _ingest_one(store, earlier, "gp.csv", _csv_bytes("ragged"))
+    _, second = _ingest_one(store, earlier, "gp.csv", _csv_bytes("broken_quote"))
+    assert second.name != "gp.csv"
+    assert len(list(earlier.quarantine_for("gp_events").glob("*.reason.json"))) == 2
