@@ -1,0 +1,91 @@
+"""The benchmark harness at a tiny scale, so it never rots.
+
+Targets are not asserted here (2,000 patients measure fixed costs, not throughput); only that
+the harness runs the pipeline and the baseline end to end, produces every stage with sane
+numbers, and that the baseline still does the same work as the pipeline (its counts and
+published files agree), which is what makes it an honest yardstick.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run
+
+PIPELINE_STAGES = ("ingest", "validate", "objections", "pseudonymise", "aggregate", "publish")
+
+
+@pytest.mark.slow
+def test_harness_produces_a_complete_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "results"
+    code = run.main(
+        [
+            "--patients",
+            "2000",
+            "--seed",
+            "7",
+            "--no-gx-pandas",
+            "--no-scaling",
+            "--quiet",
+            "--hmac-rows",
+            "5000",
+            "--work",
+            str(tmp_path / "work"),
+            "--results",
+            str(results),
+        ]
+    )
+    assert code == 0
+    files = list(results.glob("*.json"))
+    assert len(files) == 1
+    report = json.loads(files[0].read_text())
+
+    assert report["pipeline_success"], report["checks_failed"]
+    assert report["agreement"] == [], (
+        "the hand-written baseline no longer does the same work as the pipeline; update "
+        "benchmarks/baseline.py to the pipeline's rules and outputs: " + "; ".join(report["agreement"])
+    )
+    stages = report["comparison"]["stages"]
+    for name in PIPELINE_STAGES:
+        row = stages[name]
+        assert row["rows"] > 0, name
+        for key in ("pipeline_s", "baseline_s", "plain_s", "ratio"):
+            assert row[key] > 0 and math.isfinite(row[key]), (name, key, row)
+        assert row["pipeline_rows_per_s"] > 0 and row["baseline_rows_per_s"] > 0, name
+
+    e2e = report["comparison"]["end_to_end"]
+    assert 0 < e2e["baseline_s"] and 0 < e2e["pipeline_s"] <= e2e["pipeline_job_s"]
+    assert sum(stages[s]["pipeline_s"] for s in PIPELINE_STAGES) <= e2e["pipeline_s"] + 1e-6
+    assert report["rows_total"] == sum(report["rows"].values()) > 15_000
+
+    peak = report["memory"]["pipeline_peak_bytes"]
+    assert 50 * 2**20 < peak < 8 * 2**30
+    hmac = report["hmac"]
+    assert hmac["rows"] == 5000
+    assert hmac["python_hmac_new"]["rows_per_s"] > 0 and hmac["duckdb_sql"]["rows_per_s"] > 0
+
+    assert report["machine"]["cores_logical"] >= 1 and report["machine"]["memory_bytes"] > 0
+    for name in ("python", "duckdb", "dagster", "great_expectations", "polars"):
+        assert report["versions"][name]
+
+    statuses = {t["target"].split(" ")[0]: t["status"] for t in report["targets"]}
+    assert len(report["targets"]) == 5
+    assert set(statuses.values()) <= {"PASS", "MISS", "SKIP"}
+
+    printed = capsys.readouterr().out
+    for word in (*PIPELINE_STAGES, "end-to-end", "targets", "PASS" if "PASS" in statuses.values() else "MISS"):
+        assert word in printed
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "scratch not removed"
+
+
+def test_targets_pass_and_miss_by_their_limits() -> None:
+    assert run._target("x", 1.4, 1.5, "<=", "")["status"] == "PASS"
+    missed = run._target("x", 3.0, 1.5, "<=", "")
+    assert missed["status"] == "MISS" and missed["miss_by"] == "100% over the limit"
+    short = run._target("x", 750_000, 1_000_000, ">=", "")
+    assert short["status"] == "MISS" and short["miss_by"] == "25% short of the limit"
+    assert run._target("x", None, 1.0, "<=", "n/a")["status"] == "SKIP"
