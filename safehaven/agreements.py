@@ -60,7 +60,6 @@ agreement past its end date is treated as expired without anyone editing the fil
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -73,6 +72,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safehaven.contracts import ContractRegistry, contracts_dir
+from safehaven.files import sha256_file
 
 LegalBasis = Literal["consent", "statutory", "public_interest", "section_251", "copi_reg3", "anonymised"]
 Level = Literal["identifiable", "pseudonymised", "anonymised"]
@@ -274,7 +274,7 @@ def agreement_path(agreement_id: str, root: Path | None = None) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def load_agreement_file(path: Path) -> Agreement:

@@ -91,7 +91,6 @@ counts, ids, file names and hashes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -109,6 +108,7 @@ from safehaven import registers as reg
 from safehaven.agreements import Agreement, AgreementError, agreement_path, load_agreement_file, scan_agreements
 from safehaven.contracts import Contract, ContractRegistry
 from safehaven.disclosure import neutralise_sql
+from safehaven.files import sha256_file, shred_file
 from safehaven.haven import haven_key
 from safehaven.home import Home
 from safehaven.keys import (
@@ -324,14 +324,6 @@ def _count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -339,30 +331,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def shred_file(path: Path) -> int:
-    """Overwrite a regular file with random bytes, sync it, and unlink it; returns its size.
-
-    A symbolic link is unlinked without following it (its target is outside what the haven
-    disposes of).
-    """
-    if path.is_symlink():
-        path.unlink()
-        return 0
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        size = os.fstat(fd).st_size
-        remaining = size
-        while remaining > 0:
-            n = min(CHUNK, remaining)
-            os.write(fd, secrets.token_bytes(n))
-            remaining -= n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    path.unlink()
-    return size
 
 
 def _files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -385,7 +353,7 @@ def _files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, An
 def _file_entry(home: Home, path: Path, kind: str) -> dict[str, Any]:
     link = path.is_symlink()
     return {"path": str(path.relative_to(home.root)), "kind": kind,
-            "bytes": 0 if link else path.stat().st_size, "sha256": None if link else _sha256(path)}
+            "bytes": 0 if link else path.stat().st_size, "sha256": None if link else sha256_file(path)}
 
 
 def journal_path(home: Home) -> Path:
@@ -639,7 +607,7 @@ def _incoming_copies(home: Home, collection: str, batch_ids: set[str]) -> list[d
         return []
     out = []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()):
-        if _sha256(path) in batch_ids:
+        if sha256_file(path) in batch_ids:
             out.append(_file_entry(home, path, "incoming"))
     return out
 

@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import io
 import json
-import os
 import re
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +37,7 @@ from pathlib import Path
 import duckdb
 
 from safehaven.contracts import Contract
+from safehaven.files import sha256_file, shred_file
 from safehaven.rules import lit, q
 
 SUPPORTED = (".csv", ".parquet")
@@ -82,14 +80,6 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
         f"CREATE TABLE IF NOT EXISTS landing.{contract.collection} "
         f"({cols}, _batch VARCHAR, _row BIGINT)"
     )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_bytes(path: Path) -> None:
@@ -287,20 +277,6 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     return dest
 
 
-def shred(path: Path) -> None:
-    """Overwrite a plain file once with random bytes, then remove it."""
-    size = path.stat().st_size
-    with open(path, "r+b") as fh:
-        remaining = size
-        while remaining > 0:
-            n = min(CHUNK, remaining)
-            fh.write(secrets.token_bytes(n))
-            remaining -= n
-        fh.flush()
-        os.fsync(fh.fileno())
-    path.unlink()
-
-
 def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str) -> int:
     """Insert the file's rows into ``landing.<collection>`` with its batch record, atomically."""
     relation = read_relation_sql(path, contract)
@@ -350,7 +326,7 @@ def ingest_collection(
         known = con.execute(f"SELECT status FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()
         if known is not None:
             report.files_skipped += 1
-            shred(path)
+            shred_file(path)
             continue
         try:
             inspect_file(con, path, contract)
@@ -363,5 +339,5 @@ def ingest_collection(
         report.files_landed += 1
         report.rows_landed += rows
         report.batches.append(sha)
-        shred(path)
+        shred_file(path)
     return report

@@ -45,7 +45,6 @@ Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; BRIEF "Publication"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -62,6 +61,7 @@ import duckdb
 from safehaven import audit
 from safehaven.contracts import ContractRegistry
 from safehaven.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_invariants
+from safehaven.files import sha256_file
 from safehaven.home import Home
 from safehaven.outputs import Output
 from safehaven.quality import (
@@ -320,14 +320,6 @@ def _write_db(
         con.execute("DETACH pub")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _licence_text() -> str:
     return (
         f"{ATTRIBUTION}\n\nThe files in this folder are published under the {LICENCE}:\n{LICENCE_URL}\n\n"
@@ -391,7 +383,7 @@ def publish_release(
             shutil.copyfile(methods, staging / "methods.md")
         (staging / "LICENCE.txt").write_text(_licence_text())
         names = sorted(p.name for p in staging.iterdir())
-        release.files = {name: _sha256(staging / name) for name in names}
+        release.files = {name: sha256_file(staging / name) for name in names}
         previous = _previous_files(out)
         manifest = {
             "release_id": release.release_id,

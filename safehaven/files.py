@@ -1,0 +1,45 @@
+"""Plain files inside the haven home: hashing and shredding, in one place.
+
+Rule (CoP 48-50; BRIEF "Disposal"): a plain copy of confidential data that is no longer
+needed (a landed drop, a disposed release or quarantined file) is overwritten with random
+bytes, synced, and only then unlinked. A symbolic link is unlinked without following it: its
+target is outside what the haven disposes of.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shred_file(path: Path) -> int:
+    """Overwrite a regular file with random bytes, sync it, and unlink it; returns its size."""
+    if path.is_symlink():
+        path.unlink()
+        return 0
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        size = os.fstat(fd).st_size
+        remaining = size
+        while remaining > 0:
+            n = min(CHUNK, remaining)
+            os.write(fd, secrets.token_bytes(n))
+            remaining -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+    return size
