@@ -59,7 +59,7 @@ import duckdb
 
 from safehaven.home import Home
 from safehaven.keys import Key, KeyRing, KeyRingError
-from safehaven.store import CATALOG
+from safehaven.store import CATALOG, table_exists
 
 TABLE = "governance.audit_log"
 KEY_PURPOSE = "audit"
@@ -245,13 +245,7 @@ def _keyring(
 
 
 def _table_exists(con: duckdb.DuckDBPyConnection) -> bool:
-    schema, table = TABLE.split(".")
-    row = con.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_catalog = ? AND table_schema = ? AND table_name = ?",
-        [CATALOG, schema, table],
-    ).fetchone()
-    return bool(row and row[0])
+    return table_exists(con, *TABLE.split("."))
 
 
 def ensure_table(con: duckdb.DuckDBPyConnection) -> None:

@@ -49,7 +49,7 @@ from safehaven.home import Home
 from safehaven.keys import KEY_BYTES, VAULT, Key, KeyRing, KeyRingError, agreement_ids, derive_agreement_key, key_id
 from safehaven.pseudonymise import hmac_sql, install_key
 from safehaven.rules import q
-from safehaven.store import CATALOG, Store, StoreError
+from safehaven.store import CATALOG, Store, StoreError, table_exists
 
 PURPOSES = ("haven", "store", "vault")
 #: Rotations this module stages itself; the store key's is staged and resumed by ``Store``.
@@ -185,7 +185,7 @@ def rotate_haven(
                     f"UPDATE {schema}.{q(table)} AS t SET {col} = m.new FROM _pid_map m WHERE t.{col} = m.old"
                 ).fetchone()[0]
                 report.counts[f"{schema}.{table}.{column}"] = int(n)
-            if _has(con, "governance", "objection_events"):
+            if table_exists(con, "governance", "objection_events"):
                 con.execute("UPDATE governance.objection_events SET key_id = ?", [new.key_id])
             report.counts["vault.identity"] = vault.reencrypt(con, private, keyring.get_public(VAULT), "_pid_map")
             _retire_epoch(con, "haven", new.key_id)
@@ -202,15 +202,9 @@ def rotate_haven(
     return report
 
 
-def _has(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return bool(con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_catalog = ? AND table_schema = ? "
-        "AND table_name = ?", [CATALOG, schema, table]).fetchone()[0])
-
-
 def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, old: Key, new: Key) -> list[str]:
     """Per agreement with released people: (old pseudonym, new pseudonym) of those people only."""
-    if not _has(con, "governance", "release_members"):
+    if not table_exists(con, "governance", "release_members"):
         return []
     written = []
     for agreement_id in agreement_ids(keyring):

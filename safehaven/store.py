@@ -195,9 +195,14 @@ class Store:
         os.replace(tmp, self.journal)
 
     def table_exists(self, con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-        row = con.execute(
-            "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_catalog = ? AND table_schema = ? AND table_name = ?",
-            [CATALOG, schema, table],
-        ).fetchone()
-        return bool(row and row[0])
+        return table_exists(con, schema, table)
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    """Whether ``schema.table`` exists in the attached store (the one place that asks)."""
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_catalog = ? AND table_schema = ? AND table_name = ?",
+        [CATALOG, schema, table],
+    ).fetchone()
+    return bool(row and row[0])
