@@ -25,7 +25,7 @@ are applied (each is a SQL statement over whole tables inside DuckDB; nothing lo
    1-6 January may show the previous year), postcode to ``postcode_district``. Direct
    identifiers never leave at the pseudonymised level: each person is ``person_id``, the
    agreement's own keyed pseudonym (a per-agreement derived key, so two recipients cannot
-   join their extracts; CoP 8a, BRIEF).
+   join their extracts; CoP 8a, BRIEF), computed once per person and joined to their records.
 6. **k-anonymity** (CoP 34b; ISB 1523; BRIEF "record-level extracts checked for k-anonymity
    on their quasi-identifiers"), record-level releases only. A person's *signature* is the
    set of all released quasi-identifier values on all their records across every file (a
@@ -94,6 +94,7 @@ from safehaven.home import Home
 from safehaven.keys import KeyRing, KeyRingError, agreement_key
 from safehaven.linkage import authorise_linkage
 from safehaven.rules import lit, q
+from safehaven.store import table_exists
 
 ZONE = "release"
 PERSON_ID = "person_id"
@@ -229,6 +230,18 @@ def release_pseudonym(con: duckdb.DuckDBPyConnection, pid_expr: str, agreement_i
     """
     sql = pseudonymise.release_pseudonym_sql(con, pid_expr, agreement_id, keyring)
     return sql, agreement_key(keyring, agreement_id).key_id
+
+
+def _person_ids(con: duckdb.DuckDBPyConnection, agreement_id: str, keyring: KeyRing) -> str:
+    """Temp table ``_persons`` (pid, person_id): the release pseudonym of each person of ``_cohort``.
+
+    The HMAC runs once per distinct haven pid, not once per record, and the work tables join it
+    back (as ``safehaven.pseudonymise.ids_sql`` does for the haven pseudonym). Returns the key id.
+    """
+    person_sql, key_id = release_pseudonym(con, "pid", agreement_id, keyring)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _persons AS SELECT pid, {person_sql} AS {PERSON_ID} "
+                "FROM _cohort WHERE pid IS NOT NULL")
+    return key_id
 
 
 def _vault_identifiers(con: duckdb.DuckDBPyConnection, agreement: Agreement, contracts: dict[str, Contract],
@@ -462,8 +475,7 @@ def release(
                       kind=kind)
     _authorise(con, agreement, actor, today, registry)
     for c in agreement.collections:
-        if not _count(con, "SELECT count(*) FROM information_schema.tables WHERE table_catalog = 'store' "
-                      "AND table_schema = 'haven' AND table_name = ?", [c]):
+        if not table_exists(con, "haven", c):
             raise _refuse(con, agreement, actor, f"haven.{c} has not been built yet; run the pipeline first")
 
     audit.append_many(con, [
@@ -486,9 +498,9 @@ def _build(con: duckdb.DuckDBPyConnection, agreement: Agreement, agreement_sha: 
     record_level = a.identifiability != "anonymised"
     result = ReleaseResult(a.id, "released", "", level=a.identifiability)
 
-    # 3. the linked cohort
+    # 3. the linked cohort (each person once)
     cohort = " INTERSECT ".join(f"SELECT pid FROM haven.{q(c)}" for c in a.collections)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _cohort AS {cohort}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _cohort AS SELECT DISTINCT pid FROM ({cohort})")
     cohort_excluded = {
         c: _count(con, f"SELECT count(*) FROM haven.{q(c)} WHERE pid NOT IN (SELECT pid FROM _cohort)")
         for c in a.collections
@@ -506,7 +518,9 @@ def _build(con: duckdb.DuckDBPyConnection, agreement: Agreement, agreement_sha: 
         )
 
     # 4-5. objections, then the listed fields only, coarsened, under the agreement's pseudonyms
-    person_sql, key_id = release_pseudonym(con, "pid", a.id, keyring) if record_level else ("", "")
+    key_id = ""
+    if record_level:
+        key_id = _person_ids(con, a.id, keyring)
     work: dict[str, str] = {}
     decision = None
     overruled = 0
@@ -521,9 +535,13 @@ def _build(con: duckdb.DuckDBPyConnection, agreement: Agreement, agreement_sha: 
         decision = decision_c
         cols = [released_column(contract.field(f.field), a) for f in a.fields_of(c)]
         select = ", ".join(f"{sql} AS {q(name)}" for sql, name in cols)
-        person = f"{person_sql} AS {PERSON_ID}, " if record_level else ""
+        person = f"_persons.{PERSON_ID}, " if record_level else ""
         work[c] = f"_work_{i}"
-        source = f"({filtered}) LEFT JOIN _ident USING (pid)" if identified else f"({filtered})"
+        source = f"({filtered})"
+        if identified:
+            source += " LEFT JOIN _ident USING (pid)"
+        if record_level:
+            source += " LEFT JOIN _persons USING (pid)"
         con.execute(f"CREATE OR REPLACE TEMP TABLE _work_{i} AS SELECT pid, {person}{select} FROM {source}")
     assert decision is not None
     decision = replace(decision, overruled=overruled)

@@ -178,12 +178,114 @@ def test_reporting_period_is_whole_months_and_stops_before_the_current_month(
 def test_age_band_is_completed_years(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
     load_code_lists(con, registry)
     install_helpers(con, reporting_period(con, admissions(), registry, TODAY))
-    assert set(MACROS) >= {"age_band", "code_group", "code_display", "sex_group"}
+    assert set(MACROS) >= {"age_band", "codes", "sex_category"}
     got = con.execute(
         "SELECT age_band(DATE '2008-03-02', DATE '2026-03-01'), age_band(DATE '2008-03-01', DATE '2026-03-01'), "
         "age_band(DATE '1941-01-01', DATE '2026-01-01')"
     ).fetchone()
     assert got == ("0-17", "18-44", "85+")
+
+
+#: The scalar lookups the outputs used before lookups became joins (module docstring, "Helpers"):
+#: one correlated subquery per row. The tests below prove the joins give the same groups.
+FORMER_MACROS = {
+    "code_group": "(list_name, c) AS (SELECT grp FROM governance.code_list WHERE list = list_name AND code = c)",
+    "sex_group": (
+        "(c) AS CASE (SELECT grp FROM governance.code_list WHERE list = 'person_gender' AND code = c) "
+        "WHEN 'Male' THEN 'Male' WHEN 'Female' THEN 'Female' ELSE 'Not known' END"
+    ),
+}
+FORMER_SQL = {
+    "gp_activity": """SELECT m.month, e.practice_code,
+        coalesce(code_group('snomed_gp_diagnoses', e.diagnosis_code), 'Unknown') AS diagnosis_group,
+        age_band(e.birth_week, m.month) AS age_band, sex_group(e.sex) AS sex, count(DISTINCT e.pid) AS people
+        FROM haven.gp_events e JOIN reporting_months m ON e.event_date BETWEEN m.month AND m.month_end
+        GROUP BY ALL""",
+    "hospital_admissions": """SELECT m.month, h.provider_code,
+        coalesce(code_group('icd10', upper(left(h.primary_diagnosis, 3))), 'Unknown') AS diagnosis_chapter,
+        count(DISTINCT h.pid) AS people
+        FROM haven.hospital_episodes h JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end
+        GROUP BY ALL""",
+}
+
+
+def test_a_code_lookup_join_gives_the_groups_of_the_former_scalar_lookup(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    load_code_lists(con, registry)
+    install_helpers(con, reporting_period(con, admissions(), registry, TODAY))
+    for name, body in FORMER_MACROS.items():
+        con.execute(f"CREATE TEMP MACRO {name}{body}")
+    con.execute("CREATE TEMP TABLE probe (list VARCHAR, v VARCHAR)")
+    con.execute(
+        "INSERT INTO probe VALUES ('snomed_gp_diagnoses', '38341003'), ('snomed_gp_diagnoses', '0000000'), "
+        "('snomed_gp_diagnoses', NULL), ('icd10', 'A09'), ('icd10', 'a09'), ('icd10', 'Z99'), ('icd10', NULL), "
+        "('person_gender', '0'), ('person_gender', '1'), ('person_gender', '2'), ('person_gender', '9'), "
+        "('person_gender', '7'), ('person_gender', NULL)"
+    )
+    for code_list in ("snomed_gp_diagnoses", "icd10", "person_gender"):
+        joined = con.execute(
+            f"SELECT t.v, coalesce(c.grp, 'Unknown'), sex_category(c.grp) FROM probe t "
+            f"LEFT JOIN codes('{code_list}') c ON c.code = t.v WHERE t.list = '{code_list}' ORDER BY ALL"
+        ).fetchall()
+        former = con.execute(
+            f"SELECT v, coalesce(code_group('{code_list}', v), 'Unknown'), "
+            f"CASE code_group('{code_list}', v) WHEN 'Male' THEN 'Male' WHEN 'Female' THEN 'Female' "
+            f"ELSE 'Not known' END FROM probe WHERE list = '{code_list}' ORDER BY ALL"
+        ).fetchall()
+        assert joined == former, code_list
+    groups = dict(con.execute(
+        "SELECT t.v, coalesce(c.grp, 'Unknown') FROM probe t LEFT JOIN codes('icd10') c ON c.code = t.v "
+        "WHERE t.list = 'icd10'"
+    ).fetchall())
+    assert groups["A09"] == "I Certain infectious and parasitic diseases"
+    assert groups["a09"] == groups["Z99"] == groups[None] == "Unknown", "codes not in the list, and NULL"
+    sexes = dict(con.execute(
+        "SELECT t.v, sex_category(c.grp) FROM probe t LEFT JOIN codes('person_gender') c ON c.code = t.v "
+        "WHERE t.list = 'person_gender'"
+    ).fetchall())
+    assert sexes == dict(con.execute("SELECT v, sex_group(v) FROM probe WHERE list = 'person_gender'").fetchall())
+    assert sexes == {"0": "Not known", "1": "Male", "2": "Female", "9": "Not known", "7": "Not known",
+                     None: "Not known"}
+
+
+@pytest.mark.parametrize("name", sorted(FORMER_SQL))
+def test_declared_outputs_count_the_cells_of_their_former_scalar_lookups_and_range_joins(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, name: str
+) -> None:
+    """Edge cases: month boundaries, the held-back month, codes not in the list, NULL codes and sexes."""
+    con.execute(
+        "CREATE TABLE haven.gp_events (pid VARCHAR, practice_code VARCHAR, birth_week DATE, sex VARCHAR, "
+        "event_date DATE, diagnosis_code VARCHAR)"
+    )
+    days = ["2025-11-01", "2025-11-30", "2025-12-31", "2026-01-01", "2026-02-28", "2026-03-01", "2026-03-14"]
+    codes = ["38341003", "195967001", "0000000", None]
+    sexes = ["0", "1", "2", "9", "7", None]
+    con.execute(
+        "INSERT INTO haven.gp_events SELECT 'p' || (i % 37), 'A8' || (i % 3), "
+        "DATE '1940-01-01' + CAST(1000 * (i % 31) AS INTEGER), s.v, CAST(d.v AS DATE), c.v "
+        "FROM range(40) r(i), unnest(?) d(v), unnest(?) c(v), unnest(?) s(v) "
+        "WHERE (i + length(coalesce(c.v, '')) + length(coalesce(s.v, ''))) % 2 = 0",
+        [days, codes, sexes],
+    )
+    for i, day in enumerate(days):
+        for icd in ("A09", "a09x", "I10", "Z99", None):
+            admit(con, 3 + i, f"R{i % 2}", day, icd, tag=str(icd))
+    output = load_outputs(registry)[name]
+    load_code_lists(con, registry)
+    install_helpers(con, reporting_period(con, output, registry, TODAY))
+    for macro, body in FORMER_MACROS.items():
+        con.execute(f"CREATE TEMP MACRO {macro}{body}")
+    con.execute(f"CREATE TEMP TABLE now AS {output.sql}")
+    con.execute(f"CREATE TEMP TABLE former AS {FORMER_SQL[name]}")
+    assert con.execute("DESCRIBE now").fetchall() == con.execute("DESCRIBE former").fetchall()
+    now = con.execute("SELECT * FROM now ORDER BY ALL").fetchall()
+    assert now == con.execute("SELECT * FROM former ORDER BY ALL").fetchall()
+    assert len(now) > 10
+    groups = {r[2] for r in now}
+    assert "Unknown" in groups and len(groups) >= 3
+    months = {r[0] for r in now}
+    assert months == {date(2025, 11, 1), date(2025, 12, 1), date(2026, 1, 1), date(2026, 2, 1)}
 
 
 # --- full grid and protection ------------------------------------------------------------

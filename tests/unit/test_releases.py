@@ -127,6 +127,25 @@ def test_linked_cohort_objections_and_pseudonyms(haven: Haven) -> None:
     assert not released & set(haven.pids.values()), "haven pseudonyms never leave"
 
 
+def test_every_record_carries_its_persons_release_pseudonym(haven: Haven) -> None:
+    """The pseudonym is HMAC'd once per person and joined back: record for record, it is the
+    pseudonym of that record's haven pid, in every file (module docstring, rule 5)."""
+    result = haven.release(haven.add())
+    members = [p for (p,) in haven.con.execute(
+        "SELECT pid FROM governance.release_members WHERE release_id = ?", [result.release_id]).fetchall()]
+    key = agreement_key(haven.keyring, "test-linked")
+    person = {pid: release_pseudonym(key, pid) for pid in members}
+    files = _files(result)
+    for collection, column in (("hospital_episodes", "admission_date"), ("social_care", "service_type")):
+        haven_rows = haven.con.execute(
+            f"SELECT pid, {column} FROM haven.{collection} WHERE pid IN (SELECT unnest(?))", [members]
+        ).fetchall()
+        expected = sorted((person[pid], value) for pid, value in haven_rows)
+        released = sorted(haven.parquet(files[collection]).select(f"{PERSON_ID}, {column}").fetchall())
+        assert released == expected, collection
+        assert len(released) > len(members) / 2
+
+
 def test_two_recipients_cannot_join_their_extracts(haven: Haven) -> None:
     a = haven.release(haven.add())
     b = haven.release(haven.add(id="other-recipient"))
