@@ -8,7 +8,8 @@ Rules: see ``safehaven.pseudonymise`` (what a haven row holds, CoP 8a, 27b-c) an
 * The whole move is SQL in DuckDB: one HMAC per distinct NHS number into a small temporary
   table, then one INSERT joining it back, with the type 1 drop as an anti-join against the
   register. No Python touches a row, and the records are written once (no intermediate
-  copy of the batch).
+  copy of the batch). Type 1 records are found by NHS number against the few objectors
+  among the batch's people, so the drop costs a semi-join, not a second pass.
 * The (practice, pid) pairs of the dropped type 1 records are kept in
   ``governance.practice_registrations``: with the GP haven tables they give the list sizes of
   the objection-rate monitor, so a practice's objectors still count in its list.
@@ -111,20 +112,22 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
         # one HMAC per distinct person (small), then one pass writing the records
         con.execute(f"CREATE OR REPLACE TEMP TABLE _ids AS {ids_sql(contract, incoming)}")
         report.rows_in = con.execute(f"SELECT count(*) FROM {incoming}").fetchone()[0]
-        select = haven_select_sql(contract, incoming, ids="_ids")
-        keep = ""
+        kept = incoming
         if contract.practice_field:
-            sender = q(contract.practice_field)
-            con.execute(f"CREATE OR REPLACE TEMP TABLE _type1 AS SELECT pid FROM _ids WHERE pid IN "
+            sender, nhs = q(contract.practice_field), q(contract.patient_key)
+            # the few type 1 objectors among these people: their records are found by NHS
+            # number (a semi-join against a small table), never by pseudonymising every record
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _type1 AS SELECT nhs, pid FROM _ids WHERE pid IN "
                         f"({type1_objectors_sql()})")
-            dropped = f"(SELECT * FROM ({select}) WHERE pid IN (SELECT pid FROM _type1))"
+            dropped = (f"(SELECT t.pid AS pid, s.{sender} FROM {incoming} s "
+                       f"JOIN _type1 t ON t.nhs = s.{nhs})")
             rows = con.execute(f"SELECT {sender}, count(*) FROM {dropped} GROUP BY 1 ORDER BY 1").fetchall()
             report.type1_by_sender = {s: int(n) for s, n in rows}
             report.type1_dropped = sum(report.type1_by_sender.values())
             # the monitor's list sizes must still count the people whose records were dropped
             report.practice_registrations = register_practices(con, dropped, contract.practice_field, c)
-            keep = " WHERE NOT coalesce(pid IN (SELECT pid FROM _type1), false)"
-        con.execute(f"INSERT INTO haven.{c} SELECT * FROM ({select}){keep}")
+            kept = f"(SELECT * FROM {incoming} WHERE {nhs} IS NULL OR {nhs} NOT IN (SELECT nhs FROM _type1))"
+        con.execute(f"INSERT INTO haven.{c} {haven_select_sql(contract, kept, ids='_ids')}")
         report.rows_out = report.rows_in - report.type1_dropped
         con.execute("DROP TABLE IF EXISTS _type1")
         con.execute("DROP TABLE _ids")
