@@ -67,13 +67,22 @@ def test_harness_produces_a_complete_report(tmp_path: Path, capsys: pytest.Captu
     hmac = report["hmac"]
     assert hmac["rows"] == 5000
     assert hmac["python_hmac_new"]["rows_per_s"] > 0 and hmac["duckdb_sql"]["rows_per_s"] > 0
+    assert hmac["python_table_job"]["rows_per_s"] > 0
+
+    # the pseudonymise stage splits into its two jobs, whose times add up to the stage's
+    ps = report["pseudonymisation"]
+    assert ps["rows"] == stages["pseudonymise"]["rows"] > 0 and ps["vault_entries"] > 0
+    assert math.isclose(ps["haven"]["seconds"] + ps["vault"]["seconds"], ps["stage"]["seconds"])
+    assert ps["haven"]["rows_per_s"] > ps["stage"]["rows_per_s"] > 0
+    assert ps["vs_python_table_job"] > 0 and ps["vs_python_hmac_loop"] > 0
 
     assert report["machine"]["cores_logical"] >= 1 and report["machine"]["memory_bytes"] > 0
     for name in ("python", "duckdb", "dagster", "great_expectations", "polars"):
         assert report["versions"][name]
 
     statuses = {t["target"].split(" ")[0]: t["status"] for t in report["targets"]}
-    assert len(report["targets"]) == 5
+    assert len(report["targets"]) == 8
+    assert sum("pseudonymis" in t["target"] for t in report["targets"]) == 4
     assert set(statuses.values()) <= {"PASS", "MISS", "SKIP"}
 
     printed = capsys.readouterr().out
