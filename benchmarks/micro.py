@@ -97,7 +97,7 @@ def bench_hmac(csv: Path, rows: int | None, threads: int | None) -> dict[str, An
     t_sql = time.perf_counter() - began
     first = con.execute("SELECT pid FROM p LIMIT 1").fetchone()[0]
     assert first in set(out1), "DuckDB SQL HMAC disagrees with Python hmac"
-    hmac_once = "left(sha256(k.opad || unhex(sha256(k.ipad || encode(nhs))))), 32)"
+    hmac_once = "left(sha256(k.opad || unhex(sha256(k.ipad || encode(nhs)))), 32)"
     began = time.perf_counter()
     con.execute(
         f"CREATE TABLE pp AS SELECT ids.pid FROM v JOIN (SELECT nhs, {hmac_once} AS pid "
