@@ -439,9 +439,14 @@ def pseudonymisation(pipe: dict[str, Any], hmac_doc: dict[str, Any] | None) -> d
       vault (AES-GCM per distinct value). Rows: the same records, so the two rates add up.
     * ``stage``: both.
 
-    ``vs_python_*``: the haven rate over Python's per-row HMAC rate from ``benchmarks.micro
-    hmac``, against the bare ``hmac.new`` loop (no I/O) and against the same job done row by
-    row in Python (read the table, ``hmac.new`` per row, write the pseudonyms back).
+    ``vs_python_*`` (the issue's "at least 5x a Python per-row HMAC baseline"): the pipeline's
+    own pseudonymisation (``safehaven.pseudonymise.pid_join_sql``: HMAC once per person in SQL,
+    joined back to every record) over Python per-row HMAC, both run by ``benchmarks.micro
+    hmac`` in one process on the same gp_events NHS numbers: against the same table-to-table
+    job done row by row in Python (read the table, ``hmac.new`` per row, write the pseudonyms
+    back), and against a bare ``hmac.new`` loop with no I/O. ``haven_vs_python_*``: the haven
+    steps' rate over the same Python rates, for context: those steps also read the landing
+    records, coarsen them and write them to the encrypted store, which the Python jobs do not.
     """
     parts: dict[str, dict[str, float]] = {}
     for step in pipe["steps"]:
@@ -458,14 +463,19 @@ def pseudonymisation(pipe: dict[str, Any], hmac_doc: dict[str, Any] | None) -> d
     for key, part in parts.items():
         out[key] = {**part, "rows_per_s": rows / part["seconds"] if part["seconds"] else None}
     out["vault_entries"] = sum(a["rows_out"] or 0 for k, a in pipe["assets"].items() if k.startswith("vault/"))
-    haven_rate = out.get("haven", {}).get("rows_per_s")
-    if hmac_doc and "error" not in hmac_doc and haven_rate:
-        out["vs_python_hmac_loop"] = haven_rate / hmac_doc["python_hmac_new"]["rows_per_s"]
-        if "python_table_job" in hmac_doc:
-            out["vs_python_table_job"] = haven_rate / hmac_doc["python_table_job"]["rows_per_s"]
-        out["sql_hmac_vs_python_hmac_loop"] = (
-            hmac_doc["duckdb_sql"]["rows_per_s"] / hmac_doc["python_hmac_new"]["rows_per_s"]
-        )
+    if not hmac_doc or "error" in hmac_doc:
+        return out
+    python = {"table_job": hmac_doc.get("python_table_job", {}).get("rows_per_s"),
+              "hmac_loop": hmac_doc["python_hmac_new"]["rows_per_s"]}
+    mine = {"": hmac_doc.get("pipeline_pseudonymise", {}).get("rows_per_s"),
+            "haven_": out.get("haven", {}).get("rows_per_s")}
+    if mine[""]:
+        out["pseudonymise_rows_per_s"] = mine[""]
+    for prefix, rate in mine.items():
+        for name, base in python.items():
+            if rate and base:
+                out[f"{prefix}vs_python_{name}"] = rate / base
+    out["sql_hmac_vs_python_hmac_loop"] = hmac_doc["duckdb_sql"]["rows_per_s"] / python["hmac_loop"]
     return out
 
 
@@ -498,6 +508,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 else "not measured",
             )
         )
+    rate = ps.get("pseudonymise_rows_per_s")
     for key, name in (("vs_python_table_job", "the same job in Python, per row"),
                       ("vs_python_hmac_loop", "a bare Python hmac.new loop, no I/O")):
         value = ps.get(key)
@@ -507,7 +518,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 value,
                 TARGET_PSEUDO_VS_PYTHON,
                 ">=",
-                f"{value:.2f}x" if value else "not measured",
+                f"{value:.2f}x (pipeline SQL {rate / 1e6:.2f}M rows/s; haven steps "
+                f"{_s(ps.get('haven_' + key), '{:.2f}x')})" if value and rate else "not measured",
             )
         )
     val = cmp["stages"].get("validate", {})
@@ -744,9 +756,10 @@ def render(report: dict[str, Any]) -> str:
             "pseudonymisation: haven steps "
             f"{_rate(ps.get('haven', {}).get('rows_per_s'))} rows/s, identity vault "
             f"{_rate(ps.get('vault', {}).get('rows_per_s'))} rows/s ({ps.get('vault_entries', 0):,} entries), "
-            f"stage {_rate(ps.get('stage', {}).get('rows_per_s'))} rows/s; per-row HMAC on {h['rows']:,} NHS "
-            f"numbers: DuckDB SQL {_rate(h['duckdb_sql']['rows_per_s'])} rows/s (once per person, joined back: "
-            f"{_rate(h.get('duckdb_sql_per_person', {}).get('rows_per_s'))}), Python hmac.new loop "
+            f"stage {_rate(ps.get('stage', {}).get('rows_per_s'))} rows/s; on {h['rows']:,} gp_events NHS "
+            f"numbers: the pipeline's pseudonymisation (HMAC once per person in SQL, joined back) "
+            f"{_rate(h.get('pipeline_pseudonymise', {}).get('rows_per_s'))} rows/s, DuckDB SQL HMAC per row "
+            f"{_rate(h['duckdb_sql']['rows_per_s'])} rows/s, Python hmac.new loop "
             f"{_rate(h['python_hmac_new']['rows_per_s'])} rows/s, Python hashlib loop "
             f"{_rate(h['python_hashlib_copy']['rows_per_s'])} rows/s, Python table job "
             f"{_rate(h.get('python_table_job', {}).get('rows_per_s'))} rows/s"
@@ -834,7 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="DuckDB threads (default: DuckDB's, the core count)")
     p.add_argument("--repeat", type=int, default=1, help="runs of the pipeline and the baseline; best of N")
     p.add_argument("--no-plain", action="store_true", help="skip the unencrypted baseline")
-    p.add_argument("--hmac-rows", type=int, default=2_000_000, help="NHS numbers for the Python HMAC loop")
+    p.add_argument("--hmac-rows", type=int, default=0,
+                   help="cap on gp_events NHS numbers for the HMAC comparison (0: all, as the pipeline sees them)")
     p.add_argument("--gx-rows", type=int, default=0, help="cap on gp_events rows for GX on pandas (0: all)")
     p.add_argument("--work", type=Path, default=None, help="parent of the scratch folder (default: the system's)")
     p.add_argument("--drop-cache", type=Path, default=None, help="reuse generated drops from this folder")
@@ -951,7 +965,8 @@ def _run(args: argparse.Namespace, patients: int, work: Path, logs: Path, say: P
     ]
 
     gp_csv = next((drop / "gp_events").glob("*.csv"))
-    say(f"Python HMAC vs DuckDB SQL HMAC ({min(args.hmac_rows, rows['gp_events']):,} NHS numbers)")
+    say(f"Python HMAC vs DuckDB SQL HMAC ({min(args.hmac_rows or rows['gp_events'], rows['gp_events']):,} "
+        "NHS numbers)")
     try:
         report["hmac"] = run_micro(runner, "hmac", gp_csv, work / "micro", args.hmac_rows, threads)
     except Exception:

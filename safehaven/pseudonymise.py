@@ -129,8 +129,6 @@ def haven_select_sql(contract: Contract, source: str, key_name: str = "haven", i
     The HMAC runs once per distinct NHS number (``ids_sql``, or a table of it passed as
     ``ids``), joined back to the records.
     """
-    nhs = q(contract.patient_key)
-    ids = f"{ids} _ids" if ids else f"({ids_sql(contract, source, key_name)}) _ids"
     cols: list[str] = ["_ids.pid AS pid"]
     for spec in contract.fields:
         if spec.name == contract.patient_key or spec.identifiability == "direct_identifier":
@@ -142,4 +140,16 @@ def haven_select_sql(contract: Contract, source: str, key_name: str = "haven", i
         else:
             cols.append(f"_src.{q(spec.name)}")
     cols += ["_src._batch", "_src._row"]
-    return f"SELECT {', '.join(cols)} FROM {source} _src LEFT JOIN {ids} ON _ids.nhs = _src.{nhs}"
+    return f"SELECT {', '.join(cols)} {pid_join_sql(contract, source, key_name, ids)}"
+
+
+def pid_join_sql(contract: Contract, source: str, key_name: str = "haven", ids: str | None = None) -> str:
+    """FROM clause: the records of ``source`` as ``_src``, each with its pseudonym as ``_ids.pid``.
+
+    The pseudonymisation itself: the HMAC runs once per distinct NHS number (``ids_sql``, or a
+    table of it passed as ``ids``) and is joined back to every record; a record without an NHS
+    number gets no pseudonym.
+    """
+    nhs = q(contract.patient_key)
+    ids = f"{ids} _ids" if ids else f"({ids_sql(contract, source, key_name)}) _ids"
+    return f"FROM {source} _src LEFT JOIN {ids} ON _ids.nhs = _src.{nhs}"
