@@ -48,9 +48,8 @@ ids, file names, key ids), so that a crash at any point leaves a state the next 
 4. **rebuild** (physical): DuckDB's DELETE leaves the bytes in the file (DESIGN.md), so the
    store is copied into a fresh file under a fresh key and swapped in atomically
    (``Store.rebuild``: WAL and temporary files go with the old file). The old store key, which
-   could open a copy of the old file, is then overwritten and unlinked: a hard link taken
-   before the swap keeps its inode reachable so that the bytes, not just the name, are
-   destroyed.
+   could open a copy of the old file, is overwritten and unlinked as the key ring replaces it
+   (``safehaven.keys``: the bytes, not just the name, are destroyed).
 5. **record**: the certificate (what, why, when, by whom, rows per table, files with their
    SHA-256, key ids destroyed, old and new store key ids) goes into
    ``governance.disposal_register``, ``registers/disposal_register.csv|.parquet`` and the audit
@@ -119,7 +118,6 @@ from safehaven.keys import (
     agreement_purpose,
     check_agreement_id,
     derive_agreement_key,
-    key_id,
 )
 from safehaven.pseudonymise import hmac_sql, install_key
 from safehaven.rules import lit, q
@@ -364,10 +362,6 @@ def pending(home: Home) -> dict[str, Any] | None:
     """The journal of an interrupted disposal, if there is one."""
     path = journal_path(home)
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _retired_link(home: Home, disposal_id: str) -> Path:
-    return home.keys / f".store-retired-{disposal_id}.key"
 
 
 def _new_id() -> str:
@@ -940,18 +934,9 @@ class _Run:
 
     # 4. rebuild: a fresh store under a fresh key; the old key's bytes destroyed
     def _rebuild(self) -> None:
-        link = _retired_link(self.home, self.plan.disposal_id)
         self.store.check()  # completes or undoes an interrupted rebuild
         if "old_store_key_id" not in self.journal:
-            linked = link.exists()
-            if not linked:
-                try:
-                    os.link(self.keyring.path("store"), link)
-                    linked = True
-                except OSError:
-                    pass  # no hard links here: the old key file is replaced by rename, not overwritten
             self.journal["old_store_key_id"] = self.keyring.get("store").key_id
-            self.journal["old_store_key_linked"] = linked
             self._save()
         old_id = self.journal["old_store_key_id"]
         if self.keyring.get("store").key_id == old_id:
@@ -963,13 +948,12 @@ class _Run:
                     raise SimulatedCrash(str(exc)) from None
                 raise
         self._crash("rebuild")
+        # the key ring shredded the old key file as it replaced it; a crash in between left it
+        # under ``store.key.retired``, shredded here
+        self.keyring.shred_leftovers()
         new_id = self.keyring.get("store").key_id
-        if link.exists():
-            if key_id(bytes.fromhex(link.read_text().strip())) == new_id:  # pragma: no cover - defensive
-                raise DisposalError(f"{link} holds the current store key; the store was not rebuilt")
-            shred_file(link)
         self._done("rebuild", {"old_store_key_id": old_id, "new_store_key_id": new_id,
-                               "old_store_key_overwritten": bool(self.journal.get("old_store_key_linked"))})
+                               "old_store_key_overwritten": self.keyring.shreds_replaced_keys()})
 
     # 5. the certificate
     def _certificate(self) -> dict[str, Any]:

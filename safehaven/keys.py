@@ -31,6 +31,15 @@ material) records ids, creation, retirement and destruction. Purposes used by th
 
 Rotation (``safehaven.rotation``) replaces a purpose's file atomically; the manifest marks the
 previous id retired, so every id that ever protected data stays on record.
+
+A key file that is replaced or discarded is **shredded**, not just unlinked (CoP 48-50;
+BRIEF "Disposal": crypto-shredding is only as good as the destruction of the key). A rename
+over a file frees its blocks with the old key still in them, so ``write`` first keeps a
+second name for the old file (``<name>.retired``, a hard link), renames the new key into
+place, then overwrites the old file through that name and unlinks it
+(``safehaven.files.shred_file``). The key file is never absent or partial at any moment; a
+crash between the steps leaves a ``.retired`` file that the next write of that key, or
+``safehaven keys rotate --resume``, shreds (or just unlinks, when it is still the live file).
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from safehaven.files import shred_file
 
 KEY_BYTES = 32
 AGREEMENT_INFO = b"safehaven agreement pseudonym v1|"
@@ -179,7 +190,45 @@ class KeyRing:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
+        retired = _retired(path)
+        _shred_leftover(retired, path)
+        if path.exists() and not path.is_symlink():
+            try:
+                os.link(path, retired, follow_symlinks=False)
+            except OSError:
+                pass  # no hard links on this file system: the old file is replaced by rename only
         os.replace(tmp, path)
+        _shred_leftover(retired, path)
+
+    def shreds_replaced_keys(self) -> bool:
+        """Whether a replaced key file is overwritten here (the key directory allows hard links)."""
+        probe = self.directory / ".link-probe"
+        other = self.directory / ".link-probe.2"
+        for p in (probe, other):
+            p.unlink(missing_ok=True)
+        probe.touch(mode=0o600)
+        try:
+            os.link(probe, other)
+            return True
+        except OSError:
+            return False
+        finally:
+            for p in (probe, other):
+                p.unlink(missing_ok=True)
+
+    def discard(self, purpose: str, *, public: bool = False) -> None:
+        """Shred a key file that is no longer needed (a staged or spent key); no-op when absent."""
+        path = self.public_path(purpose) if public else self.path(purpose)
+        if path.exists() or path.is_symlink():
+            shred_file(path)
+
+    def shred_leftovers(self) -> list[str]:
+        """Shred the ``.retired`` files an interrupted replacement left; returns their names."""
+        done = []
+        for retired in sorted(self.directory.glob("*.retired")) if self.directory.is_dir() else []:
+            _shred_leftover(retired, retired.with_name(retired.name[: -len(".retired")]))
+            done.append(retired.name)
+        return done
 
     # --- public halves of key pairs ---------------------------------------------------
 
@@ -242,12 +291,7 @@ class KeyRing:
         if public.exists() and not public.is_symlink():
             kid = key_id(self.get_public(purpose).material)  # a pair is known by its public half
             public.unlink()
-        size = path.stat().st_size
-        with open(path, "r+b") as fh:
-            fh.write(secrets.token_bytes(size))
-            fh.flush()
-            os.fsync(fh.fileno())
-        path.unlink()
+        shred_file(path)
         self._record(purpose, kid, destroyed=True)
         return kid
 
@@ -298,6 +342,21 @@ class KeyRing:
                 f"key directory {self.directory} is writable by group or others "
                 f"(mode {mode:04o}); run: chmod 700 {self.directory}"
             )
+
+
+def _retired(path: Path) -> Path:
+    return path.with_name(path.name + ".retired")
+
+
+def _shred_leftover(retired: Path, live: Path) -> None:
+    """Remove ``retired``: shredded when it is an old key, only unlinked when it still names the
+    live file (a crash before the rename: shredding it would destroy the current key)."""
+    if not retired.exists() and not retired.is_symlink():
+        return
+    if live.exists() and not retired.is_symlink() and os.path.samefile(retired, live):
+        retired.unlink()
+    else:
+        shred_file(retired)
 
 
 def check_agreement_id(agreement_id: str) -> str:

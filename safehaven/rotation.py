@@ -94,17 +94,8 @@ def _retire_epoch(con: duckdb.DuckDBPyConnection, purpose: str, new_id: str) -> 
 
 
 def _discard_staged(keyring: KeyRing, purpose: str) -> None:
-    staged = keyring.path(_staged(purpose))
-    if staged.exists():
-        size = staged.stat().st_size
-        with open(staged, "r+b") as fh:
-            fh.write(secrets.token_bytes(size))
-            fh.flush()
-            os.fsync(fh.fileno())
-        staged.unlink()
-    pub = keyring.public_path(_staged(purpose))
-    if pub.exists():
-        pub.unlink()
+    keyring.discard(_staged(purpose))
+    keyring.discard(_staged(purpose), public=True)
 
 
 # --- haven ---------------------------------------------------------------------------------
@@ -328,7 +319,8 @@ def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[st
     """Finish or undo interrupted rotations; returns what was done, one line per purpose.
 
     A staged key is installed when the store shows the rotation committed (its epoch);
-    otherwise it is discarded and the old key stays. Opening the store finishes or undoes an
+    otherwise it is discarded (shredded) and the old key stays. Old key files an interrupted
+    replacement left behind (``<name>.retired``) are shredded. Opening the store finishes or undoes an
     interrupted store-key rotation by itself (``Store.recover``).
     """
     keyring = keyring or KeyRing(home.keys)
@@ -350,6 +342,8 @@ def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[st
         else:
             _discard_staged(keyring, purpose)
             done.append(f"{purpose}: the rotation had not committed; the staged key was discarded")
+    done += [f"{name}: an old key file left by an interrupted replacement was shredded"
+             for name in keyring.shred_leftovers()]
     return done
 
 

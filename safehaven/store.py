@@ -145,7 +145,7 @@ class Store:
         if state.get("state") == "building":
             self._next_file.unlink(missing_ok=True)
             self._next_file.with_name(self._next_file.name + ".wal").unlink(missing_ok=True)
-            next_key.unlink(missing_ok=True)
+            self.keyring.discard("store-next")
             self.journal.unlink()
             return "discarded a half-built store"
         if self._next_file.exists():
@@ -154,8 +154,8 @@ class Store:
         if next_key.exists():
             material = self.keyring.get("store-next").material
             if self.keyring.get("store").key_id != state["new_key_id"]:
-                self.keyring.write("store", material, replace=True)
-            next_key.unlink()
+                self.keyring.write("store", material, replace=True)  # shreds the old key
+            self.keyring.discard("store-next")
         shutil.rmtree(self.home.store_dir / "tmp", ignore_errors=True)
         self.journal.unlink()
         return "completed an interrupted store swap"

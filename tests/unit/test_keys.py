@@ -115,3 +115,52 @@ def test_replacing_a_key_retires_the_old_id(tmp_path: Path) -> None:
     new = ring.write("haven", os.urandom(32), replace=True)
     assert ring.retired_ids("haven") == [old.key_id]
     assert ring.current_id("haven") == new.key_id
+
+
+def _spy(path: Path, spies: Path) -> Path:
+    """A second name for a key file's inode, so a test can read what became of its bytes."""
+    spies.mkdir(exist_ok=True)
+    spy = spies / path.name
+    os.link(path, spy)
+    return spy
+
+
+def test_a_replaced_key_file_is_shredded_not_just_unlinked(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    old = ring.get_or_create("haven")
+    spy = _spy(ring.path("haven"), tmp_path / "spies")
+    new = ring.write("haven", os.urandom(32), replace=True)
+    assert ring.get("haven").material == new.material
+    left = spy.read_bytes()
+    assert len(left) == 2 * len(old.material) and old.hex.encode() not in left  # overwritten in place
+    assert not list((tmp_path / "keys").glob("*.retired"))
+
+
+def test_discard_shreds_a_spent_key(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    spent = ring.write("store-next", os.urandom(32), record=False)
+    spy = _spy(ring.path("store-next"), tmp_path / "spies")
+    ring.discard("store-next")
+    assert not ring.exists("store-next") and spent.hex.encode() not in spy.read_bytes()
+    ring.discard("store-next")  # absent: nothing to do
+
+
+def test_leftover_from_an_interrupted_replacement(tmp_path: Path) -> None:
+    """A crash after the rename leaves the old key under ``.retired``: it is shredded. A crash
+    before the rename leaves a second name for the *live* key: only that name goes."""
+    ring = KeyRing(tmp_path / "keys")
+    live = ring.get_or_create("haven")
+    retired = ring.path("haven").with_name("haven.key.retired")
+    os.link(ring.path("haven"), retired)  # crash before the rename
+    assert ring.shred_leftovers() == ["haven.key.retired"]
+    assert ring.get("haven").material == live.material and not retired.exists()
+
+    old = ring.get_or_create("audit")
+    retired = ring.path("audit").with_name("audit.key.retired")
+    os.link(ring.path("audit"), retired)
+    spy = _spy(retired, tmp_path / "spies")
+    ring._write_file(ring.path("audit").with_name("audit.key.new"), os.urandom(32), 0o600)
+    os.replace(ring.path("audit").with_name("audit.key.new"), ring.path("audit"))  # crash after the rename
+    assert ring.shred_leftovers() == ["audit.key.retired"]
+    assert not retired.exists() and old.hex.encode() not in spy.read_bytes()
+    assert ring.get("audit").material != old.material

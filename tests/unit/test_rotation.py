@@ -195,3 +195,20 @@ def test_objection_register_follows_the_rotation(haven_home: Home) -> None:
         ids = {r[0] for r in con.execute(f"SELECT DISTINCT key_id FROM {EVENTS}").fetchall()}
     assert ids == {keyring.get("haven").key_id}
     assert datetime.now(UTC)
+
+
+@pytest.mark.parametrize("purpose", ["store", "haven", "vault"])
+def test_rotation_shreds_the_old_key_file(haven_home: Home, tmp_path_factory: pytest.TempPathFactory,
+                                          purpose: str) -> None:
+    """Crypto-shredding needs the old key gone, not just unlinked: after ``keys rotate`` the old
+    key file's bytes are overwritten, and no staged or retired key file is left in ``keys/``."""
+    keyring = KeyRing(haven_home.keys)
+    old = keyring.get(purpose)
+    spy = tmp_path_factory.mktemp("spies") / "old.key"
+    os.link(keyring.path(purpose), spy)
+    registry = ContractRegistry()
+    rotation.rotate(haven_home, purpose, registry.contracts.values(), actor="tester")
+    assert keyring.get(purpose).material != old.material
+    assert old.hex.encode() not in spy.read_bytes()
+    assert not [p.name for p in haven_home.keys.iterdir() if p.name.endswith((".retired", ".tmp"))
+                or "next" in p.name or "staged" in p.name]
