@@ -100,7 +100,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from safehaven import audit, vault
 from safehaven import registers as reg
@@ -110,6 +109,7 @@ from safehaven.disclosure import neutralise_sql
 from safehaven.files import sha256_file, shred_file
 from safehaven.haven import haven_key
 from safehaven.home import Home
+from safehaven.ingest import BATCHES
 from safehaven.keys import (
     VAULT,
     KeyRing,
@@ -121,7 +121,7 @@ from safehaven.keys import (
 )
 from safehaven.pseudonymise import hmac_sql, install_key
 from safehaven.rules import lit, q
-from safehaven.store import Store
+from safehaven.store import SimulatedCrash, Store, table_exists
 
 JOURNAL = "disposal.json"
 REGISTER = "governance.disposal_register"
@@ -129,9 +129,7 @@ PROGRESS = "governance.disposal_progress"
 EXPORT_STEM = "disposal_register"
 STEPS = ("keys", "rows", "files", "rebuild", "record")
 PURPOSE = "disposal at the end of retention or of the agreement (CoP 43d, 43f, 48-50)"
-BATCHES = "governance.batches"
 RELEASE_REGISTER = reg.RELEASE_REGISTER
-CHUNK = 1 << 20
 _RELEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 RETAINED = (
@@ -153,10 +151,6 @@ class DisposalError(Exception):
 
 class DisposalPending(DisposalError):
     """Another disposal was interrupted and must be completed first (``safehaven dispose --resume``)."""
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by the test hook ``_crash_after`` to stop a disposal between two steps."""
 
 
 # --- what to dispose of ---------------------------------------------------------------------
@@ -309,14 +303,6 @@ def _midnight(day: date) -> datetime:
     return datetime.combine(day, time(0), tzinfo=UTC)
 
 
-def _exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    row = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_catalog = current_database() "
-        "AND table_schema = ? AND table_name = ?", [schema, table],
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def _count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> int:
     row = con.execute(sql, params or []).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
@@ -411,7 +397,7 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 def certificates(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     """The disposal register, oldest first (works on a read-only connection)."""
-    if not _exists(con, "governance", "disposal_register"):
+    if not table_exists(con, "governance", "disposal_register"):
         return []
     cur = con.execute(f"SELECT * FROM {REGISTER} ORDER BY completed_at, disposal_id")
     names = [d[0] for d in cur.description]
@@ -444,22 +430,13 @@ def export_register(con: duckdb.DuckDBPyConnection, home: Home) -> dict[str, Pat
 # --- the identity vault -----------------------------------------------------------------------
 
 
-def _unpivot(contract: Contract, where: str) -> str:
-    """(nhs, field, value) of a valid landing table's vault fields, as ``safehaven.vault`` reads them."""
-    nhs = q(contract.patient_key)
-    return " UNION ALL ".join(
-        f"SELECT {nhs} AS nhs, {lit(f)} AS field, CAST({q(f)} AS VARCHAR) AS value "
-        f"FROM landing.{q(contract.collection + '_valid')} WHERE {where} AND {q(f)} IS NOT NULL"
-        for f in vault.vault_fields(contract)
-    )
-
-
 def _disposed_people(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     """Temp tables ``_disp_raw`` (nhs, field, value) of the vault fields of the disposed records
     (batches in ``_disp_batches``) and ``_disp_ids`` (nhs, pid) of their people. Needs the haven key
     installed as ``haven``."""
     disposed = "_batch IN (SELECT batch_id FROM _disp_batches)"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _disp_raw AS SELECT DISTINCT * FROM ({_unpivot(contract, disposed)})")
+    con.execute("CREATE OR REPLACE TEMP TABLE _disp_raw AS SELECT DISTINCT * "
+                f"FROM ({vault.unpivot_sql(contract, disposed)})")
     con.execute(f"CREATE OR REPLACE TEMP TABLE _disp_ids AS SELECT nhs, {hmac_sql('nhs', 'haven')} AS pid "
                 "FROM (SELECT DISTINCT nhs FROM _disp_raw WHERE nhs IS NOT NULL)")
 
@@ -472,17 +449,10 @@ def _vault_sets(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> i
     collection; ``_gone`` (pid, field, value) needed no more; ``_keep_pairs`` (pid, field) with some
     value still needed; ``_amb`` the (pid, field) pairs with both.
     """
-    keep_parts = []
-    for other in registry.contracts.values():
-        if not _exists(con, "landing", f"{other.collection}_valid"):
-            continue
-        vaulted = (f"_batch IN (SELECT batch_id FROM vault.batches WHERE collection = {lit(other.collection)}) "
-                   "AND _batch NOT IN (SELECT batch_id FROM _disp_batches) "
-                   f"AND {q(other.patient_key)} IN (SELECT nhs FROM _disp_ids)")
-        keep_parts.append(_unpivot(other, vaulted))
-    keep_sql = " UNION ALL ".join(keep_parts) if keep_parts else \
-        "SELECT NULL::VARCHAR AS nhs, NULL::VARCHAR AS field, NULL::VARCHAR AS value WHERE false"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _keep_raw AS SELECT DISTINCT * FROM ({keep_sql})")
+    kept = vault.vaulted_values_sql(con, registry.contracts.values(),
+                                    "_batch NOT IN (SELECT batch_id FROM _disp_batches)")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _keep_raw AS SELECT DISTINCT * FROM ({kept}) "
+                "WHERE nhs IN (SELECT nhs FROM _disp_ids)")
     con.execute("CREATE OR REPLACE TEMP TABLE _gone AS SELECT i.pid, g.field, g.value FROM "
                 "(SELECT nhs, field, value FROM _disp_raw EXCEPT SELECT nhs, field, value FROM _keep_raw) g "
                 "JOIN _disp_ids i USING (nhs)")
@@ -491,6 +461,17 @@ def _vault_sets(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> i
     con.execute("CREATE OR REPLACE TEMP TABLE _amb AS SELECT DISTINCT pid, field FROM _gone "
                 "WHERE (pid, field) IN (SELECT pid, field FROM _keep_pairs)")
     return _count(con, "SELECT count(*) FROM vault.identity WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
+
+
+def _needs_vault_key(keyring: KeyRing, entries: int) -> DisposalError:
+    """The refusal when telling disposed vault values from kept ones needs the vault private key, which is
+    not on this host (planning and the rows step both refuse before anything is changed)."""
+    return DisposalError(
+        f"{entries} identity-vault entries belong to people whose other records are kept with a different value "
+        "of the same field; telling the disposed values apart needs the governance lead's vault key "
+        f"({keyring.path(VAULT)}), which is not on this host. Nothing was changed; run the disposal as the "
+        "governance lead"
+    )
 
 
 def _drop_vault_sets(con: duckdb.DuckDBPyConnection) -> None:
@@ -505,7 +486,7 @@ def _dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, k
     rows are deleted.
     """
     out: dict[str, Any] = {"vault.identity": 0, "vault_entries_reencrypted": 0, "vault_data_keys": []}
-    if not _exists(con, "vault", "identity"):
+    if not table_exists(con, "vault", "identity"):
         return out
     ambiguous = _vault_sets(con, registry)
     out["vault.identity"] = _count(
@@ -513,38 +494,22 @@ def _dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, k
         "AND (pid, field) NOT IN (SELECT pid, field FROM _keep_pairs)",
     )
     if ambiguous:
-        if not keyring.exists(VAULT):
-            raise DisposalError(
-                f"{ambiguous} identity-vault entries belong to people whose other records are kept with a different "
-                "value of the same field; telling the disposed values apart needs the governance lead's vault key "
-                f"({keyring.path(VAULT)}). Nothing was changed; run the disposal as the governance lead"
-            )
-        rows = vault.decrypt_rows(con, vault.private_key(keyring), "(v.pid, v.field) IN (SELECT pid, field FROM _amb)")
-        table = pa.table({"pid": [r[0] for r in rows], "field": [r[1] for r in rows],
-                          "value": [r[2] for r in rows], "collection": [r[3] for r in rows]},
-                         schema=pa.schema([("pid", pa.string()), ("field", pa.string()), ("value", pa.string()),
-                                           ("collection", pa.string())]))
-        del rows
-        con.register("_amb_rows", table)
         try:
-            con.execute("CREATE OR REPLACE TEMP TABLE _amb_keep AS SELECT DISTINCT r.pid, r.field, r.value, "
-                        "first(r.collection) OVER (PARTITION BY r.pid, r.field, r.value) AS collection "
-                        "FROM _amb_rows r WHERE (r.pid, r.field, r.value) IN "
-                        "(SELECT i.pid, k.field, k.value FROM _keep_raw k JOIN _disp_ids i USING (nhs))")
-        finally:
-            con.unregister("_amb_rows")
-        del table
+            private = vault.private_key(keyring)
+        except vault.VaultError:
+            raise _needs_vault_key(keyring, ambiguous) from None
+        vault.decrypt_table(con, private, "(v.pid, v.field) IN (SELECT pid, field FROM _amb)", "_amb_plain")
+        con.execute("CREATE OR REPLACE TEMP TABLE _amb_keep AS SELECT pid, field, value, min(collection) AS collection "
+                    "FROM _amb_plain WHERE (pid, field, value) IN "
+                    "(SELECT i.pid, k.field, k.value FROM _keep_raw k JOIN _disp_ids i USING (nhs)) "
+                    "GROUP BY pid, field, value")
+        con.execute("DROP TABLE _amb_plain")
         out["vault.identity"] += _count(
             con, "DELETE FROM vault.identity WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
-        public = keyring.get_public(VAULT)
-        for (collection,) in con.execute("SELECT DISTINCT collection FROM _amb_keep ORDER BY 1").fetchall():
-            con.execute("CREATE OR REPLACE TEMP TABLE _amb_enc AS SELECT DISTINCT pid, field, value FROM _amb_keep "
-                        "WHERE collection IS NOT DISTINCT FROM ?", [collection])
-            n = vault.encrypt_entries(con, "_amb_enc", public, collection)
-            out["vault.identity"] -= n
-            out["vault_entries_reencrypted"] += n
-        con.execute("DROP TABLE IF EXISTS _amb_enc")
-        con.execute("DROP TABLE IF EXISTS _amb_keep")
+        n = vault.encrypt_by_collection(con, "_amb_keep", keyring.get_public(VAULT))
+        out["vault.identity"] -= n
+        out["vault_entries_reencrypted"] += n
+        con.execute("DROP TABLE _amb_keep")
     out["vault_data_keys"] = [r[0] for r in con.execute(
         "DELETE FROM vault.data_keys WHERE dek_id NOT IN (SELECT DISTINCT dek_id FROM vault.identity) "
         "RETURNING dek_id").fetchall()]
@@ -637,7 +602,7 @@ def _plan_agreement(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Hom
     aid = t.agreement
     folder = home.releases / aid
     registered: list[tuple[str, datetime]] = []
-    if con is not None and _exists(con, "governance", "release_register"):
+    if con is not None and table_exists(con, "governance", "release_register"):
         registered = [(r[0], r[1]) for r in con.execute(
             f"SELECT release_id, released_at FROM {RELEASE_REGISTER} WHERE agreement_id = ? "
             "ORDER BY released_at, release_id", [aid]).fetchall()]
@@ -685,7 +650,7 @@ def _plan_collection(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Ho
             "they are not disposed of by receipt date"
         )
     cutoff = _midnight(t.before)
-    if con is not None and _exists(con, "governance", "batches"):
+    if con is not None and table_exists(con, "governance", "batches"):
         rows = con.execute(
             f"SELECT batch_id, file_name, rows, landed_at, status FROM {BATCHES} WHERE collection = ? "
             "AND landed_at < ? AND status <> 'disposed' ORDER BY landed_at, batch_id", [t.collection, cutoff],
@@ -694,7 +659,7 @@ def _plan_collection(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Ho
                         for b, f, n, at, s in rows]
     ids = set(plan.batch_ids)
     accepted = [b for b in plan.batches if b["status"] == "accepted"]  # only these reached the haven
-    if accepted and con is not None and _exists(con, "governance", "release_register"):
+    if accepted and con is not None and table_exists(con, "governance", "release_register"):
         first = min(datetime.fromisoformat(b["landed_at"]) for b in accepted)
         releases = con.execute(
             f"SELECT release_id, agreement_id FROM {RELEASE_REGISTER} WHERE identifiability <> 'anonymised' "
@@ -710,8 +675,8 @@ def _plan_collection(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Ho
             plan.release_tables += _release_tables(con, aid)
     plan.files += _quarantine_files(home, t.collection, cutoff, ids)
     plan.files += _incoming_copies(home, t.collection, ids)
-    if ids and con is not None and _exists(con, "vault", "identity") and keyring.exists("haven") \
-            and _exists(con, "landing", f"{t.collection}_valid"):
+    if ids and con is not None and table_exists(con, "vault", "identity") and keyring.exists("haven") \
+            and table_exists(con, "landing", f"{t.collection}_valid"):
         install_key(con, "haven", keyring.get("haven"))
         _load_batches(con, plan.batch_ids)
         _disposed_people(con, contract)
@@ -741,12 +706,7 @@ def make_plan(home: Home, target: Target, *, registry: ContractRegistry | None =
     else:
         _plan_target(plan, None, home, registry, keyring, today)
     if plan.vault_values_needing_key and not keyring.exists(VAULT):
-        raise DisposalError(
-            f"{plan.vault_values_needing_key} identity-vault entries belong to people whose other records are kept "
-            "with a different value of the same field; telling the disposed values apart needs the governance "
-            f"lead's vault key ({keyring.path(VAULT)}), which is not on this host. Run the disposal as the "
-            "governance lead"
-        )
+        raise _needs_vault_key(keyring, plan.vault_values_needing_key)
     return plan
 
 
@@ -852,7 +812,7 @@ class _Run:
         try:
             if plan.batch_ids:
                 contract = self.registry.contracts[plan.target.collection or ""]
-                if _exists(con, "landing", f"{contract.collection}_valid"):
+                if table_exists(con, "landing", f"{contract.collection}_valid"):
                     install_key(con, "haven", haven_key(con, self.keyring))
                     _disposed_people(con, contract)
                     v = _dispose_vault(con, self.registry, self.keyring)
@@ -860,7 +820,7 @@ class _Run:
                     data_keys, reencrypted = v["vault_data_keys"], int(v["vault_entries_reencrypted"])
                     counts["vault.data_keys"] = len(data_keys)
                     counts.update(self._registrations(con, contract))
-                if _exists(con, "vault", "batches"):
+                if table_exists(con, "vault", "batches"):
                     counts["vault.batches"] = _count(
                         con, "DELETE FROM vault.batches WHERE batch_id IN (SELECT batch_id FROM _disp_batches)")
                 for schema, table in self._batch_tables(con, contract.collection):
@@ -870,7 +830,7 @@ class _Run:
                     con, f"UPDATE {BATCHES} SET status = 'disposed' "
                     "WHERE batch_id IN (SELECT batch_id FROM _disp_batches)")
             for table in plan.release_tables:
-                if _exists(con, "release", table):
+                if table_exists(con, "release", table):
                     counts[f"release.{table}"] = _count(con, f"SELECT count(*) FROM release.{q(table)}")
                     con.execute(f"DROP TABLE release.{q(table)}")
             detail = {"rows": counts, "vault_data_keys_destroyed": data_keys, "vault_entries_reencrypted": reencrypted}
@@ -898,7 +858,7 @@ class _Run:
 
     def _registrations(self, con: duckdb.DuckDBPyConnection, contract: Contract) -> dict[str, int]:
         """GP practice registrations learned only from the disposed records (list sizes of the objection monitor)."""
-        if not contract.practice_field or not _exists(con, "governance", "practice_registrations"):
+        if not contract.practice_field or not table_exists(con, "governance", "practice_registrations"):
             return {}
         practice, nhs = q(contract.practice_field), q(contract.patient_key)
         valid = f"landing.{q(contract.collection + '_valid')}"
@@ -941,12 +901,7 @@ class _Run:
         old_id = self.journal["old_store_key_id"]
         if self.keyring.get("store").key_id == old_id:
             crash = self.crash_after.split(":", 1)[1] if (self.crash_after or "").startswith("rebuild:") else None
-            try:
-                self.store.rebuild(rekey=True, _crash_after=crash)
-            except RuntimeError as exc:
-                if crash and "simulated crash" in str(exc):
-                    raise SimulatedCrash(str(exc)) from None
-                raise
+            self.store.rebuild(rekey=True, _crash_after=crash)  # raises SimulatedCrash at ``crash``
         self._crash("rebuild")
         # the key ring shredded the old key file as it replaced it; a crash in between left it
         # under ``store.key.retired``, shredded here
@@ -1107,7 +1062,7 @@ def _suspended_for_breach(agreement: Agreement, con: duckdb.DuckDBPyConnection |
     ap = agreement.approval
     if re.search(r"\bbreach", ap.reason or "", re.IGNORECASE):
         return f"suspended for a breach: {ap.reason}"
-    if con is not None and _exists(con, "governance", "breach_register"):
+    if con is not None and table_exists(con, "governance", "breach_register"):
         since = _midnight(ap.suspended_on or ap.date or date.min)
         row = con.execute(
             f"SELECT breach_id, kind FROM {reg.BREACH_REGISTER} WHERE severity >= 1 AND recorded_at >= ? "
@@ -1153,7 +1108,7 @@ def _due_in(items: list[DueItem], home: Home, registry: ContractRegistry, keyrin
         cutoff = today - timedelta(days=contract.retention_days)
         batches = _count(con, f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND landed_at < ? "
                          "AND status <> 'disposed'", [contract.collection, _midnight(cutoff)]) \
-            if con is not None and _exists(con, "governance", "batches") else 0
+            if con is not None and table_exists(con, "governance", "batches") else 0
         files = _quarantine_files(home, contract.collection, _midnight(cutoff), set())
         if batches or files:
             items.append(DueItem(
@@ -1180,7 +1135,7 @@ def _due_in(items: list[DueItem], home: Home, registry: ContractRegistry, keyrin
                 items.append(DueItem("review", f"agreement {aid} is suspended ({a.approval.reason}), not for a "
                                      "recorded breach; a suspension can be lifted, so its data is not disposed of "
                                      "automatically", Target.for_agreement(aid), {"status": status}))
-        elif con is not None and _exists(con, "governance", "release_register"):
+        elif con is not None and table_exists(con, "governance", "release_register"):
             cutoff = _midnight(today - timedelta(days=a.retention.days))
             old = [r[0] for r in con.execute(
                 f"SELECT release_id FROM {RELEASE_REGISTER} WHERE agreement_id = ? AND released_at < ? "

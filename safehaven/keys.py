@@ -97,6 +97,17 @@ def key_id(material: bytes) -> str:
     return hashlib.sha256(b"safehaven-key-id:" + material).hexdigest()[:16]
 
 
+def x25519_private() -> bytes:
+    """A fresh X25519 private key, raw 32 bytes (the private half of a vault key pair)."""
+    return X25519PrivateKey.generate().private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+
+
+def x25519_public(private_bytes: bytes) -> bytes:
+    """The raw public half of a raw X25519 private key (the one place it is derived)."""
+    return X25519PrivateKey.from_private_bytes(private_bytes).public_key().public_bytes(
+        ser.Encoding.Raw, ser.PublicFormat.Raw)
+
+
 def check_key_file(path: Path, *, public: bool = False) -> None:
     """Refuse a key file that is a symlink, not a regular file, not ours, or not 0600-tight.
 
@@ -250,21 +261,19 @@ class KeyRing:
             raise KeyRingError(f"public key file {path} does not hold a {KEY_BYTES}-byte key")
         return Key(purpose + ".pub", material)
 
-    def create_keypair(self, purpose: str = VAULT, *, replace: bool = False) -> Key:
+    def create_keypair(self, purpose: str = VAULT) -> Key:
         """Create an X25519 key pair: private ``<purpose>.key`` (0600), public ``<purpose>.pub`` (0644).
 
-        Returns the public key; the manifest records the pair under the public key's id.
+        Never over an existing pair (rotation replaces one with ``write_keypair``). Returns the
+        public key; the manifest records the pair under the public key's id.
         """
-        if not replace and (self.exists(purpose) or self.public_path(purpose).exists()):
+        if self.exists(purpose) or self.public_path(purpose).exists():
             raise KeyRingError(f"key pair {purpose!r} already exists")
-        private = X25519PrivateKey.generate()
-        return self.write_keypair(purpose, private.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw,
-                                                                  ser.NoEncryption()))
+        return self.write_keypair(purpose, x25519_private())
 
     def write_keypair(self, purpose: str, private_bytes: bytes) -> Key:
         """Write an X25519 private key and its public half, replacing any pair; returns the public key."""
-        pub = X25519PrivateKey.from_private_bytes(private_bytes).public_key().public_bytes(
-            ser.Encoding.Raw, ser.PublicFormat.Raw)
+        pub = x25519_public(private_bytes)
         self.write(purpose, private_bytes, replace=True, record=False)
         self._write_file(self.public_path(purpose), pub, 0o644)
         self._record(purpose, key_id(pub))

@@ -39,16 +39,26 @@ from dataclasses import dataclass, field
 from datetime import date
 
 import duckdb
-from cryptography.hazmat.primitives import serialization as ser
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from safehaven import audit, vault
 from safehaven.contracts import Contract
 from safehaven.haven import EPOCHS, ensure_epochs, epoch_key_id, haven_key
 from safehaven.home import Home
-from safehaven.keys import KEY_BYTES, VAULT, Key, KeyRing, KeyRingError, agreement_ids, derive_agreement_key, key_id
+from safehaven.keys import (
+    KEY_BYTES,
+    VAULT,
+    Key,
+    KeyRing,
+    KeyRingError,
+    agreement_ids,
+    agreement_purpose,
+    derive_agreement_key,
+    key_id,
+    x25519_private,
+    x25519_public,
+)
 from safehaven.pseudonymise import hmac_sql, install_key
-from safehaven.rules import q
+from safehaven.rules import lit, q
 from safehaven.store import CATALOG, Store, StoreError, table_exists
 
 PURPOSES = ("haven", "store", "vault")
@@ -102,7 +112,7 @@ def _discard_staged(keyring: KeyRing, purpose: str) -> None:
 
 
 def _pid_columns(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
-    zones = ", ".join(f"'{z}'" for z in REMAP_SCHEMAS)
+    zones = ", ".join(lit(z) for z in REMAP_SCHEMAS)
     return con.execute(
         "SELECT c.table_schema, c.table_name, c.column_name FROM information_schema.columns c "
         "JOIN information_schema.tables t USING (table_catalog, table_schema, table_name) "
@@ -113,15 +123,9 @@ def _pid_columns(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
 
 
 def _landing_nhs_sql(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> list[str]:
-    parts = []
-    for c in contracts:
-        found = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_catalog = ? AND table_schema = 'landing' "
-            "AND table_name = ?", [CATALOG, f"{c.collection}_valid"],
-        ).fetchone()[0]
-        if found:
-            parts.append(f"SELECT {q(c.patient_key)} AS nhs FROM landing.{q(c.collection + '_valid')}")
-    return parts
+    """One ``SELECT ... AS nhs`` per collection whose landing valid table exists."""
+    return [f"SELECT {q(c.patient_key)} AS nhs FROM landing.{q(c.collection + '_valid')}"
+            for c in contracts if table_exists(con, "landing", f"{c.collection}_valid")]
 
 
 def rotate_haven(
@@ -142,10 +146,10 @@ def rotate_haven(
         con.execute("CREATE OR REPLACE TEMP TABLE _rot_nhs (nhs VARCHAR)")
         for part in _landing_nhs_sql(con, contracts):
             con.execute(f"INSERT INTO _rot_nhs {part}")
-        patient_keys = sorted({c.patient_key for c in contracts})
-        vaulted = vault.decrypt_rows(con, private, "v.field IN (" + ", ".join(f"'{f}'" for f in patient_keys) + ")")
-        if vaulted:
-            con.executemany("INSERT INTO _rot_nhs VALUES (?)", [[r[2]] for r in vaulted])
+        # the whole vault, decrypted once: its NHS numbers join the map, its entries are re-encrypted
+        vault.decrypt_table(con, private, "true", "_rot_vault")
+        patient_keys = ", ".join(lit(k) for k in sorted({c.patient_key for c in contracts})) or "NULL"
+        con.execute(f"INSERT INTO _rot_nhs SELECT value FROM _rot_vault WHERE field IN ({patient_keys})")
         con.execute(
             "CREATE OR REPLACE TEMP TABLE _pid_map AS SELECT DISTINCT "
             f"{hmac_sql('nhs', 'haven_old')} AS old, {hmac_sql('nhs', 'haven_new')} AS new "
@@ -178,7 +182,7 @@ def rotate_haven(
                 report.counts[f"{schema}.{table}.{column}"] = int(n)
             if table_exists(con, "governance", "objection_events"):
                 con.execute("UPDATE governance.objection_events SET key_id = ?", [new.key_id])
-            report.counts["vault.identity"] = vault.reencrypt(con, private, keyring.get_public(VAULT), "_pid_map")
+            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", keyring.get_public(VAULT), "_pid_map")
             _retire_epoch(con, "haven", new.key_id)
             con.execute("COMMIT")
         except BaseException:
@@ -188,6 +192,7 @@ def rotate_haven(
                 os.unlink(path)
             raise
         con.execute("DROP TABLE _pid_map")
+        con.execute("DROP TABLE _rot_vault")
         _finish_haven(keyring, new)
         _audit(con, home, actor, report)
     return report
@@ -199,7 +204,7 @@ def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, ol
         return []
     written = []
     for agreement_id in agreement_ids(keyring):
-        salt = keyring.get(f"agreement-{agreement_id}").material
+        salt = keyring.get(agreement_purpose(agreement_id)).material
         install_key(con, "agr_old", derive_agreement_key(old.material, salt, agreement_id))
         install_key(con, "agr_new", derive_agreement_key(new.material, salt, agreement_id))
         rows = con.execute(
@@ -232,6 +237,7 @@ def _finish_haven(keyring: KeyRing, new: Key) -> None:
 
 
 def _tables(con: duckdb.DuckDBPyConnection, catalog: str) -> list[tuple[str, str]]:
+    """(schema, table) of every persistent table of ``catalog``."""
     return con.execute(
         "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = ? AND NOT temporary "
         "ORDER BY 1, 2", [catalog],
@@ -265,12 +271,9 @@ def rotate_store(home: Home, *, actor: str, keyring: KeyRing | None = None) -> R
 
 
 def _row_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-    tables = con.execute(
-        "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = ? AND NOT temporary "
-        "ORDER BY 1, 2", [CATALOG],
-    ).fetchall()
+    """Rows per table of the store (checked before and after a store-key rotation)."""
     return {f"{s}.{t}": con.execute(f"SELECT count(*) FROM {CATALOG}.{q(s)}.{q(t)}").fetchone()[0]
-            for s, t in tables}
+            for s, t in _tables(con, CATALOG)}
 
 
 # --- vault ---------------------------------------------------------------------------------
@@ -281,9 +284,8 @@ def rotate_vault(home: Home, *, actor: str, keyring: KeyRing | None = None) -> R
     keyring = keyring or KeyRing(home.keys)
     private = vault.private_key(keyring)
     old_public = keyring.get_public(VAULT)
-    fresh = X25519PrivateKey.generate()
-    priv = fresh.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
-    pub = fresh.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    priv = x25519_private()
+    pub = x25519_public(priv)
     keyring.write(_staged(VAULT), priv, replace=True, record=False)
     report = RotationReport(VAULT, key_id(old_public.material), key_id(pub))
     with Store(home, keyring).connect() as con:
@@ -332,7 +334,7 @@ def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[st
                 current = epoch_key_id(con, purpose)
         except StoreError as exc:
             raise RotationError(f"cannot open the store to resume {purpose}: {exc}") from None
-        staged_id = staged.key_id if purpose == "haven" else key_id(_public_of(staged.material))
+        staged_id = staged.key_id if purpose == "haven" else key_id(x25519_public(staged.material))
         if current == staged_id:
             if purpose == "haven":
                 _finish_haven(keyring, Key("haven", staged.material))
@@ -345,11 +347,6 @@ def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[st
     done += [f"{name}: an old key file left by an interrupted replacement was shredded"
              for name in keyring.shred_leftovers()]
     return done
-
-
-def _public_of(private_bytes: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private_bytes).public_key().public_bytes(
-        ser.Encoding.Raw, ser.PublicFormat.Raw)
 
 
 def rotate(home: Home, purpose: str, contracts: Iterable[Contract], *, actor: str) -> RotationReport:

@@ -48,6 +48,10 @@ class StoreError(Exception):
     """The store cannot be opened as asked; the message says what to do."""
 
 
+class SimulatedCrash(RuntimeError):
+    """Raised by a test hook (``_crash_after``) to stop a rebuild or a disposal between two steps."""
+
+
 def httpfs_extension_path() -> Path:
     """The signed httpfs extension installed by the ``duckdb-ext-httpfs`` package."""
     try:
@@ -182,10 +186,10 @@ class Store:
         os.fsync(fd)
         os.close(fd)
         if _crash_after == "build":
-            raise RuntimeError("simulated crash after build")
+            raise SimulatedCrash("simulated crash after build")
         self._write_journal({"state": "swapping", "new_key_id": new_key.key_id})
         if _crash_after == "journal":
-            raise RuntimeError("simulated crash before swap")
+            raise SimulatedCrash("simulated crash before swap")
         self.recover()
         return {"old_key_id": old.key_id, "new_key_id": new_key.key_id}
 
@@ -199,10 +203,14 @@ class Store:
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    """Whether ``schema.table`` exists in the attached store (the one place that asks)."""
+    """Whether ``schema.table`` exists in the database in use (the one place that asks).
+
+    On a ``Store.connect`` connection that is the store (``USE store``); on any other
+    connection (a test's in-memory database, the analysts' published file) it is that one.
+    """
     row = con.execute(
         "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_catalog = ? AND table_schema = ? AND table_name = ?",
-        [CATALOG, schema, table],
+        "WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
+        [schema, table],
     ).fetchone()
     return bool(row and row[0])

@@ -31,7 +31,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven import audit
+from safehaven import audit, vault
 from safehaven import registers as reg
 from safehaven.contracts import ContractRegistry
 from safehaven.home import Home
@@ -40,6 +40,7 @@ from safehaven.keys import VAULT, KeyRing
 from safehaven.objections import EVENTS, episodes_sql, in_force_sql
 from safehaven.pseudonymise import pseudonym
 from safehaven.rules import q
+from safehaven.store import table_exists
 
 
 class SubjectAccessDenied(PermissionError):
@@ -93,13 +94,6 @@ class SubjectAccessReport:
         return "\n".join(lines)
 
 
-def _tables(con: duckdb.DuckDBPyConnection, schema: str) -> set[str]:
-    return {r[0] for r in con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_catalog = 'store' AND table_schema = ?",
-        [schema],
-    ).fetchall()}
-
-
 def subject_access(
     con: duckdb.DuckDBPyConnection,
     nhs_number: str,
@@ -112,23 +106,23 @@ def subject_access(
     """The report for one NHS number (any formatting). Raises :class:`SubjectAccessDenied`."""
     keyring = keyring or KeyRing(home.keys)
     registry = registry or ContractRegistry()
-    if not keyring.exists(VAULT):
+    try:
+        vault.private_key(keyring)  # refuses a missing key here, an unsafe key file with KeyRingError
+    except vault.VaultError:
         raise SubjectAccessDenied(
             f"subject access needs the governance lead's identity vault key ({keyring.path(VAULT)}); "
             "it is not on this host"
-        )
-    keyring.get(VAULT)  # refuses an unsafe key file
+        ) from None
     if not is_valid_nhs(nhs_number):
         raise SubjectAccessDenied("that is not a valid NHS number (10 digits with a valid mod-11 check digit)")
     pid = pseudonym(keyring.get("haven").material, canonical_nhs(nhs_number))
     report = SubjectAccessReport(datetime.now(UTC).isoformat(timespec="seconds"))
 
-    haven_tables = _tables(con, "haven")
-    landed = "b.landed_at" if "batches" in _tables(con, "governance") else "NULL::TIMESTAMPTZ"
+    landed = "b.landed_at" if table_exists(con, "governance", "batches") else "NULL::TIMESTAMPTZ"
     join = "LEFT JOIN governance.batches b ON b.batch_id = h._batch" if landed != "NULL::TIMESTAMPTZ" else ""
     for contract in registry.content():
         c = contract.collection
-        if c not in haven_tables:
+        if not table_exists(con, "haven", c):
             continue
         n, first = con.execute(
             f"SELECT count(*), min({landed}) FROM haven.{q(c)} h {join} WHERE h.pid = ?", [pid]
@@ -136,11 +130,11 @@ def subject_access(
         report.records_held[c] = int(n)
         if n and first is not None:
             report.first_received[c] = first.isoformat(timespec="seconds")
-    if "identity" in _tables(con, "vault"):
+    if table_exists(con, "vault", "identity"):
         row = con.execute("SELECT count(*) FROM vault.identity WHERE pid = ?", [pid]).fetchone()
         report.vault_entries = int(row[0]) if row else 0
 
-    if EVENTS.split(".")[1] in _tables(con, "governance"):
+    if table_exists(con, *EVENTS.split(".")):
         rows = con.execute(
             f"SELECT objection_type, recorded_date, withdrawn_date, {in_force_sql()} FROM ({episodes_sql()}) "
             "WHERE pid = ? ORDER BY recorded_date, objection_type",

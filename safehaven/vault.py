@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from safehaven.contracts import Contract
 from safehaven.ingest import BATCHES
-from safehaven.keys import VAULT, Key, KeyRing, key_id
+from safehaven.keys import VAULT, Key, KeyRing, key_id, x25519_public
 from safehaven.objections import type1_objectors_sql
 from safehaven.pseudonymise import hmac_sql
 from safehaven.rules import lit, q
@@ -98,8 +98,15 @@ def vault_fields(contract: Contract) -> list[str]:
     return names
 
 
-def _ad(pid: str, field_name: str, dek_id: str) -> bytes:
-    return f"{pid}|{field_name}|{dek_id}".encode()
+def _ad_sql(pid: str, field_name: str, dek_id: str) -> str:
+    """SQL for an entry's associated data, ``pid | field | data key id`` as bytes (the one layout):
+    arguments are SQL expressions (columns or ``?``), used to encrypt and to decrypt alike."""
+    return f"encode({pid} || '|' || {field_name} || '|' || {dek_id})"
+
+
+def _wrap_ad(dek_id: str, vault_key_id: str) -> bytes:
+    """Associated data of a wrapped data key: ``data key id | vault key id``, binding it to both."""
+    return f"{dek_id}|{vault_key_id}".encode()
 
 
 # --- wrapping data keys (ECIES over X25519) -------------------------------------------
@@ -115,20 +122,19 @@ def wrap(dek: bytes, dek_id: str, public: Key) -> tuple[bytes, bytes, bytes]:
     eph_pub = eph.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
     shared = eph.exchange(X25519PublicKey.from_public_bytes(public.material))
     nonce = os.urandom(NONCE)
-    ad = f"{dek_id}|{key_id(public.material)}".encode()
+    ad = _wrap_ad(dek_id, key_id(public.material))
     wrapped = AESGCM(_kek(shared, eph_pub, public.material)).encrypt(nonce, dek, ad)
     return eph_pub, nonce, wrapped
 
 
 def unwrap(private: Key, vault_key_id: str, dek_id: str, eph_pub: bytes, nonce: bytes, wrapped: bytes) -> bytes:
     """Unwrap a data key with the vault private key (governance lead only)."""
-    priv = X25519PrivateKey.from_private_bytes(private.material)
-    pub = priv.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    pub = x25519_public(private.material)
     if key_id(pub) != vault_key_id:
         raise VaultError(f"data key {dek_id} is wrapped to vault key {vault_key_id}, not {key_id(pub)}")
-    shared = priv.exchange(X25519PublicKey.from_public_bytes(eph_pub))
+    shared = X25519PrivateKey.from_private_bytes(private.material).exchange(X25519PublicKey.from_public_bytes(eph_pub))
     try:
-        return AESGCM(_kek(shared, eph_pub, pub)).decrypt(nonce, wrapped, f"{dek_id}|{vault_key_id}".encode())
+        return AESGCM(_kek(shared, eph_pub, pub)).decrypt(nonce, wrapped, _wrap_ad(dek_id, vault_key_id))
     except InvalidTag:
         raise VaultError(f"data key {dek_id} does not unwrap: tampered, or not for this vault key") from None
 
@@ -141,15 +147,14 @@ def encrypt_entries(
 ) -> int:
     """Encrypt rows ``(pid, field, value)`` of temp ``table`` into the vault under one new data key.
 
-    DuckDB prepares each entry's plaintext and associated data as bytes (``_ad``'s layout,
-    built in SQL), so the only per-entry Python is the AES-GCM call itself (see the module
-    docstring), over distinct entries only. Nonces are 96 random bits each from one
-    ``os.urandom`` call; with a fresh data key per write that is far inside the 2^32
-    invocations NIST SP 800-38D section 8.3 allows per key.
+    DuckDB prepares each entry's plaintext and associated data as bytes (``_ad_sql``), so the
+    only per-entry Python is the AES-GCM call itself (see the module docstring), over distinct
+    entries only. Nonces are 96 random bits each from one ``os.urandom`` call; with a fresh data
+    key per write that is far inside the 2^32 invocations NIST SP 800-38D section 8.3 allows per key.
     """
     dek_id = secrets.token_hex(8)
     arrow = con.execute(
-        f"SELECT pid, field, encode(value) AS plain, encode(pid || '|' || field || '|' || ?) AS ad FROM {table}",
+        f"SELECT pid, field, encode(value) AS plain, {_ad_sql('pid', 'field', '?')} AS ad FROM {table}",
         [dek_id],
     ).fetch_arrow_table()
     n = arrow.num_rows
@@ -179,14 +184,32 @@ def encrypt_entries(
     return n
 
 
-def _unpivot_sql(contract: Contract, where: str) -> str:
-    """SQL (nhs, field, value): the vault fields of a landing valid table, one row per field."""
+def unpivot_sql(contract: Contract, where: str) -> str:
+    """SQL (nhs, field, value): the vault fields of the rows of ``contract``'s landing valid table
+    matching ``where``, one row per non-null field (the one place the vault reads landing rows)."""
     nhs = q(contract.patient_key)
     parts = [
         f"SELECT {nhs} AS nhs, {lit(f)} AS field, CAST({q(f)} AS VARCHAR) AS value "
-        f"FROM landing.{contract.collection}_valid WHERE {where} AND {q(f)} IS NOT NULL"
+        f"FROM landing.{q(contract.collection + '_valid')} WHERE {where} AND {q(f)} IS NOT NULL"
         for f in vault_fields(contract)
     ]
+    return " UNION ALL ".join(parts)
+
+
+def vaulted_values_sql(
+    con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract], extra_where: str = "true"
+) -> str:
+    """SQL (nhs, field, value): the vault fields of every vaulted batch (``vault.batches``) of every
+    collection whose landing valid table exists, its rows further limited by ``extra_where`` (over
+    columns every valid table has, such as ``_batch``); an empty relation when there is none."""
+    parts = [
+        unpivot_sql(c, f"_batch IN (SELECT batch_id FROM {VAULTED} WHERE collection = {lit(c.collection)}) "
+                       f"AND ({extra_where})")
+        for c in contracts
+        if table_exists(con, "landing", f"{c.collection}_valid")
+    ]
+    if not parts:
+        return "SELECT NULL::VARCHAR AS nhs, NULL::VARCHAR AS field, NULL::VARCHAR AS value WHERE false"
     return " UNION ALL ".join(parts)
 
 
@@ -225,19 +248,10 @@ def vault_collection(
     try:
         new_where = "_batch IN (SELECT batch_id FROM _vault_new)"
         con.execute("CREATE OR REPLACE TEMP TABLE _vault_cand AS SELECT DISTINCT * "
-                    f"FROM ({_unpivot_sql(contract, new_where)})")
+                    f"FROM ({unpivot_sql(contract, new_where)})")
         # values vaulted from earlier batches of any collection are not added again
-        old_parts = [
-            _unpivot_sql(other, f"_batch IN (SELECT batch_id FROM {VAULTED} WHERE collection = "
-                                f"{lit(other.collection)})")
-            for other in contracts
-            if table_exists(con, "landing", f"{other.collection}_valid")
-        ]
-        if old_parts:
-            con.execute(
-                "DELETE FROM _vault_cand WHERE (nhs, field, value) IN "
-                f"(SELECT nhs, field, value FROM ({' UNION ALL '.join(old_parts)}))"
-            )
+        con.execute("DELETE FROM _vault_cand WHERE (nhs, field, value) IN "
+                    f"(SELECT nhs, field, value FROM ({vaulted_values_sql(con, contracts)}))")
         # one HMAC per person with something new to vault
         con.execute(f"CREATE OR REPLACE TEMP TABLE _vault_ids AS SELECT nhs, {hmac_sql('nhs', 'haven')} AS pid "
                     "FROM (SELECT DISTINCT nhs FROM _vault_cand)")
@@ -280,13 +294,25 @@ def private_key(keyring: KeyRing) -> Key:
     return keyring.get(VAULT)
 
 
-def decrypt_rows(
-    con: duckdb.DuckDBPyConnection, private: Key, where_sql: str = "true"
-) -> list[tuple[str, str, str, str]]:
-    """Decrypt vault entries matching ``where_sql`` (over ``v``): (pid, field, value, collection).
+def _opener(aeads: dict[str, AESGCM]) -> Callable[[str, bytes, bytes, bytes, str, str], bytes]:
+    """One entry's AES-GCM decryption under its data key; a failure names the pid and field, never a value."""
+    def open_entry(dek_id: str, nonce: bytes, ct: bytes, ad: bytes, pid: str, field_name: str) -> bytes:
+        try:
+            return aeads[dek_id].decrypt(nonce, ct, ad)
+        except (InvalidTag, KeyError):
+            raise VaultError(
+                f"vault entry ({pid}, {field_name}) does not authenticate: it was altered or moved") from None
+    return open_entry
 
-    Governance-lead only (needs the private key). An entry that does not authenticate against
-    its own (pid, field, data key) raises ``VaultError`` naming the pid and field, never a value.
+
+def decrypt_table(con: duckdb.DuckDBPyConnection, private: Key, where_sql: str, name: str) -> int:
+    """Decrypt the vault entries matching ``where_sql`` (over ``v``) into temp table ``name``
+    (pid, field, value, collection), ordered by pid, field and age; returns the number of entries.
+
+    Governance-lead only (needs the private key). DuckDB lays out each entry's associated data
+    (``_ad_sql``); Python makes one ``AESGCM.decrypt`` call per entry (module docstring) and the
+    plaintexts go back as one Arrow column. An entry that does not authenticate against its own
+    (pid, field, data key) raises ``VaultError`` naming the pid and field, never a value.
     """
     ensure_tables(con)
     dek_rows = con.execute(
@@ -294,18 +320,35 @@ def decrypt_rows(
         f"WHERE dek_id IN (SELECT DISTINCT v.dek_id FROM {IDENTITY} v WHERE {where_sql})"
     ).fetchall()
     aeads = {d: AESGCM(unwrap(private, vkid, d, eph, nonce, wrapped)) for d, vkid, eph, nonce, wrapped in dek_rows}
-    rows = con.execute(
-        f"SELECT v.pid, v.field, v.nonce, v.ciphertext, v.dek_id, v.collection FROM {IDENTITY} v "
+    arrow = con.execute(
+        f"SELECT v.pid, v.field, v.collection, v.dek_id, v.nonce, v.ciphertext, "
+        f"{_ad_sql('v.pid', 'v.field', 'v.dek_id')} AS ad FROM {IDENTITY} v "
         f"WHERE {where_sql} ORDER BY v.pid, v.field, v.added_at"
-    ).fetchall()
-    out: list[tuple[str, str, str, str]] = []
-    for pid, fname, nonce, ct, dek_id, collection in rows:  # per vault entry asked for (module docstring)
-        try:
-            value = aeads[dek_id].decrypt(nonce, ct, _ad(pid, fname, dek_id)).decode()
-        except (InvalidTag, KeyError):
-            raise VaultError(f"vault entry ({pid}, {fname}) does not authenticate: it was altered or moved") from None
-        out.append((pid, fname, value, collection))
-    return out
+    ).fetch_arrow_table()
+    columns = [arrow.column(c).to_pylist() for c in ("dek_id", "nonce", "ciphertext", "ad", "pid", "field")]
+    plain = pa.array(map(_opener(aeads), *columns), pa.binary(), size=arrow.num_rows)
+    del columns
+    rows = pa.table({"pid": arrow.column("pid"), "field": arrow.column("field"), "value": plain,
+                     "collection": arrow.column("collection")})
+    del arrow, plain
+    con.register("_vault_plain_rows", rows)
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT pid::VARCHAR AS pid, field::VARCHAR AS field, "
+                    "decode(value) AS value, collection::VARCHAR AS collection FROM _vault_plain_rows")
+    finally:
+        con.unregister("_vault_plain_rows")
+    return rows.num_rows
+
+
+def decrypt_rows(
+    con: duckdb.DuckDBPyConnection, private: Key, where_sql: str = "true"
+) -> list[tuple[str, str, str, str]]:
+    """Decrypt vault entries matching ``where_sql`` (over ``v``) as Python rows:
+    (pid, field, value, collection), as :func:`decrypt_table` orders and checks them."""
+    decrypt_table(con, private, where_sql, "_vault_rows_out")
+    rows = con.execute("SELECT pid, field, value, collection FROM _vault_rows_out").fetchall()
+    con.execute("DROP TABLE _vault_rows_out")
+    return rows
 
 
 def reveal(
@@ -326,41 +369,41 @@ def reveal(
     return out
 
 
-def reencrypt(
-    con: duckdb.DuckDBPyConnection, private: Key, public: Key, pid_map: str
-) -> int:
+def encrypt_by_collection(con: duckdb.DuckDBPyConnection, table: str, public: Key) -> int:
+    """Encrypt the distinct (pid, field, value) of temp ``table`` (pid, field, value, collection)
+    into the vault, one fresh data key per collection (an entry keeps the collection it came from)."""
+    total = 0
+    collections = con.execute(f"SELECT DISTINCT collection FROM {table} ORDER BY 1").fetchall()
+    for (collection,) in collections:  # per collection, not per row
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT DISTINCT pid, field, value FROM {table} "
+                    "WHERE collection IS NOT DISTINCT FROM ?", [collection])
+        total += encrypt_entries(con, "_vault_enc", public, collection)
+    con.execute("DROP TABLE IF EXISTS _vault_enc")
+    return total
+
+
+def reencrypt(con: duckdb.DuckDBPyConnection, plain: str, public: Key, pid_map: str) -> int:
     """Re-encrypt every vault entry under new pids (haven-key rotation); ``pid_map`` has (old, new).
 
-    The associated data binds each ciphertext to its pid, so a new pid needs a new
-    ciphertext; all entries go under one fresh data key and the old data keys are deleted.
-    Call inside the rotation's transaction.
+    ``plain`` is the whole vault decrypted (:func:`decrypt_table` with ``true``): every entry is
+    replaced, so a table missing any is refused. The associated data binds each ciphertext to its
+    pid, so a new pid needs a new ciphertext; the old data keys are deleted. Call inside the
+    rotation's transaction.
     """
-    rows = decrypt_rows(con, private)
-    con.execute("CREATE OR REPLACE TEMP TABLE _vault_plain (pid VARCHAR, field VARCHAR, value VARCHAR, "
-                "collection VARCHAR)")
-    if rows:
-        con.register("_vault_plain_rows", pa.table({
-            "pid": [r[0] for r in rows], "field": [r[1] for r in rows],
-            "value": [r[2] for r in rows], "collection": [r[3] for r in rows]}))
-        con.execute("INSERT INTO _vault_plain SELECT * FROM _vault_plain_rows")
-        con.unregister("_vault_plain_rows")
-    del rows
+    held, given = con.execute(f"SELECT (SELECT count(*) FROM {IDENTITY}), (SELECT count(*) FROM {plain})").fetchone()
+    if held != given:
+        raise VaultError(f"{plain} holds {given} of the vault's {held} entries; rotation stopped")
     missing = con.execute(
-        f"SELECT count(DISTINCT pid) FROM _vault_plain WHERE pid NOT IN (SELECT old FROM {pid_map})"
+        f"SELECT count(DISTINCT pid) FROM {plain} WHERE pid NOT IN (SELECT old FROM {pid_map})"
     ).fetchone()[0]
     if missing:
         raise VaultError(f"{missing} vault people have no new pid; rotation stopped")
     con.execute(f"DELETE FROM {IDENTITY}")
     con.execute(f"DELETE FROM {DATA_KEYS}")
-    total = 0
-    for (collection,) in con.execute("SELECT DISTINCT collection FROM _vault_plain ORDER BY 1").fetchall():
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT m.new AS pid, p.field, p.value "
-            f"FROM _vault_plain p JOIN {pid_map} m ON m.old = p.pid WHERE p.collection = ?", [collection]
-        )
-        total += encrypt_entries(con, "_vault_enc", public, collection)
-    con.execute("DROP TABLE IF EXISTS _vault_enc")
-    con.execute("DROP TABLE _vault_plain")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _vault_remapped AS SELECT m.new AS pid, p.field, p.value, p.collection "
+                f"FROM {plain} p JOIN {pid_map} m ON m.old = p.pid")
+    total = encrypt_by_collection(con, "_vault_remapped", public)
+    con.execute("DROP TABLE _vault_remapped")
     return total
 
 
