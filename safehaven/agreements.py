@@ -72,7 +72,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safehaven.contracts import ContractRegistry, contracts_dir
-from safehaven.files import sha256_file
+from safehaven.pseudonymise import haven_coarsening
 
 LegalBasis = Literal["consent", "statutory", "public_interest", "section_251", "copi_reg3", "anonymised"]
 Level = Literal["identifiable", "pseudonymised", "anonymised"]
@@ -211,10 +211,6 @@ class Agreement(_Strict):
     def basis(self) -> str:
         return self.legal_basis.basis
 
-    @property
-    def level(self) -> str:
-        return self.identifiability
-
     def fields_of(self, collection: str) -> list[ReleasedField]:
         return [f for f in self.fields if f.collection == collection]
 
@@ -271,10 +267,6 @@ def agreement_path(agreement_id: str, root: Path | None = None) -> Path:
     if not re.fullmatch(ID_PATTERN, agreement_id):
         raise AgreementError(f"{agreement_id!r} is not a valid agreement id (lower case, digits, hyphens)")
     return agreements_dir(root) / f"{agreement_id}.yaml"
-
-
-def file_sha256(path: Path) -> str:
-    return sha256_file(path)
 
 
 def load_agreement_file(path: Path) -> Agreement:
@@ -381,17 +373,13 @@ def unlinked_collections(agreement: Agreement, collections: list[str]) -> list[s
     return [c for c in collections if c not in reached]
 
 
-def problems(
-    agreement: Agreement, registry: ContractRegistry | None = None, *, today: date | None = None
-) -> list[str]:
-    """Everything missing or contradictory in an agreement; empty means it may be acted on."""
-    registry = registry or ContractRegistry()
-    today = today or date.today()
-    found: list[str] = []
+def basis_problems(agreement: Agreement) -> list[str]:
+    """Legal-basis rules (CoP 21, 30-31, 40): confidential data leaves only under a basis that
+    permits it, an anonymised release says so with basis ``anonymised``, and every other basis
+    names its reference. A release refused for these is a ``no_legal_basis`` breach."""
     a = agreement
     level, basis = a.identifiability, a.basis
-
-    # legal basis (CoP 21, 30-31, 40)
+    found: list[str] = []
     if level in ("identifiable", "pseudonymised") and basis not in CONFIDENTIAL_BASES:
         found.append(
             f"{level} level with legal basis {basis!r}: confidential data may leave only under "
@@ -405,8 +393,22 @@ def problems(
         )
     if basis != "anonymised" and not (a.legal_basis.reference or "").strip():
         found.append(f"legal basis {basis} names no reference (CAG number, statute, consent form or notice)")
+    return found
 
-    # collections and fields (CoP 7-9; Caldicott 3)
+
+def field_problems(agreement: Agreement, registry: ContractRegistry | None = None) -> list[str]:
+    """Collection and field rules (CoP 7-9; Caldicott 3), against the contracts.
+
+    Each collection has a content contract and at least one released field; each field is in
+    its contract, listed once, and justified; a direct identifier only at the identifiable
+    level; a field the haven holds as a postcode district only with ``postcode: district``;
+    one it holds as a birth week only to the year in an anonymised release
+    (``safehaven.pseudonymise.haven_coarsening`` says which fields those are).
+    """
+    registry = registry or ContractRegistry()
+    a = agreement
+    level = a.identifiability
+    found: list[str] = []
     contracts = registry.contracts
     for c in a.collections:
         if c not in contracts:
@@ -434,30 +436,35 @@ def problems(
                 f"{where} is a direct identifier and cannot be released at the {level} level "
                 "(the recipient's per-agreement pseudonym stands in for it)"
             )
-        if spec.rule and spec.rule.format == "uk_postcode" and a.coarsening.postcode == "none":
+        coarsening = haven_coarsening(spec)
+        if coarsening == "district" and a.coarsening.postcode == "none":
             found.append(f"{where} is a postcode but the agreement's coarsening says postcode: none")
-        if spec.identifiability == "quasi_identifier" and spec.type == "DATE" and level == "anonymised" \
-                and a.coarsening.dob != "year":
+        if coarsening == "week" and level == "anonymised" and a.coarsening.dob != "year":
             found.append(f"{where}: an anonymised release allows date of birth only to the year")
         if len(f.justification.strip()) < MIN_JUSTIFICATION:
             found.append(f"{where} has no real justification (Caldicott 3: each item must be justified)")
     for c in a.collections:
         if not a.fields_of(c):
             found.append(f"collection {c} is listed but no field of it is released")
+    return found
 
-    found += linkage_problems(a)
 
-    # recipient and instrument (CoP 41)
+def term_problems(agreement: Agreement, *, today: date | None = None) -> list[str]:
+    """Recipient, terms and approval rules (CoP 41, 43; Caldicott 1), and leftover TODOs.
+
+    A recipient that is not a public body needs a contract; dates run forward; permitted
+    onward sharing states its terms; an approved (or suspended, or expired) agreement names its
+    approver and a date not in the future; a suspended one its reason; no TODO is left.
+    """
+    today = today or date.today()
+    a = agreement
+    found: list[str] = []
     if not a.recipient.public_body and a.instrument != "contract":
         found.append("the recipient is not a public body, so a contract is required (CoP 41), not an agreement")
-
-    # terms (CoP 43)
     if a.end_date < a.start_date:
         found.append(f"end_date {a.end_date} is before start_date {a.start_date}")
     if a.onward_sharing.permitted and len(a.onward_sharing.terms.strip()) < MIN_JUSTIFICATION:
         found.append("onward sharing is permitted but its terms are not stated")
-
-    # approval (Caldicott 1)
     ap = a.approval
     if ap.status in ("approved", "suspended", "expired"):
         if not (ap.approver or "").strip():
@@ -468,21 +475,24 @@ def problems(
             found.append(f"approval date {ap.date} is in the future")
     if ap.status == "suspended" and not (ap.reason or "").strip():
         found.append("status suspended but no reason is given")
-
     found += list(_todos(a.model_dump(mode="json"), ""))
     return found
 
 
-def basis_problem(found: list[str]) -> bool:
-    """True when a problem is about the legal basis (for the breach register's kind)."""
-    return any("legal basis" in p for p in found)
+def problems(
+    agreement: Agreement, registry: ContractRegistry | None = None, *, today: date | None = None
+) -> list[str]:
+    """Everything missing or contradictory in an agreement; empty means it may be acted on.
 
-
-def check(agreement: Agreement, registry: ContractRegistry | None = None, *, today: date | None = None) -> None:
-    """Raise :class:`AgreementError` listing every problem, if there are any."""
-    found = problems(agreement, registry, today=today)
-    if found:
-        raise AgreementError(f"agreement {agreement.id} is refused: " + "; ".join(found))
+    The groups, in order: :func:`basis_problems`, :func:`field_problems`,
+    :func:`linkage_problems`, :func:`term_problems`.
+    """
+    return (
+        basis_problems(agreement)
+        + field_problems(agreement, registry)
+        + linkage_problems(agreement)
+        + term_problems(agreement, today=today)
+    )
 
 
 # --- approval (the governance lead's commands) ------------------------------------------

@@ -25,7 +25,7 @@ response to the Caldicott review 7.15):
   contract names a ``practice_field``) about a person with a type 1 objection in force should
   never have been sent. They are dropped before the haven (``safehaven.haven``), counted per
   sending practice, and recorded as an incident in ``governance.type1_incidents`` and in the
-  breach register (``safehaven.registers.record_breach``) when that module is present.
+  breach register (``safehaven.registers.record_breach``).
 * **Objection-rate monitor** (Govt response 7.15: "The HSCIC is monitoring the rate of
   objections. Where there appears to be an abnormal number of objections, the BMA and NHS
   England will explore with practices why"): see ``objection_rates``.
@@ -44,6 +44,7 @@ import numpy as np
 from safehaven.contracts import Contract
 from safehaven.identifiers import canonical_nhs_sql
 from safehaven.pseudonymise import hmac_sql
+from safehaven.registers import record_breach
 from safehaven.rules import q
 
 EVENTS = "governance.objection_events"
@@ -75,8 +76,6 @@ def as_of_sql(as_of: str | date | datetime = "current_date") -> str:
         return "current_date"
     if _DATE.fullmatch(text):
         return f"DATE '{text}'"
-    if text.upper().startswith("DATE '") and _DATE.fullmatch(text[6:-1]) and text.endswith("'"):
-        return f"DATE '{text[6:-1]}'"
     raise ValueError(f"as_of must be 'current_date' or a YYYY-MM-DD date, not {as_of!r}")
 
 
@@ -113,9 +112,8 @@ def register_objections(con: duckdb.DuckDBPyConnection, contract: Contract, key_
     done it. Events are numbered in landing order (batch landing time, then row).
     """
     ensure_tables(con)
-    before = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0]
     pid = hmac_sql(canonical_nhs_sql(q(contract.patient_key)), "haven")
-    con.execute(
+    (added,) = con.execute(
         f"INSERT INTO {EVENTS} SELECT "
         f"(SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
         f"+ row_number() OVER (ORDER BY b.landed_at, v._batch, v._row), "
@@ -123,19 +121,21 @@ def register_objections(con: duckdb.DuckDBPyConnection, contract: Contract, key_
         f"FROM landing.{contract.collection}_valid v LEFT JOIN governance.batches b ON b.batch_id = v._batch "
         f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row)",
         [key_id],
-    )
-    return con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0] - before
+    ).fetchone()
+    return int(added)
 
 
 def episodes_sql(known_at: str | datetime | None = None) -> str:
-    """SQL relation of objection episodes (pid, objection_type, recorded_date, withdrawn_date).
+    """SQL relation of objection episodes (pid, objection_type, recorded_date, withdrawn_date,
+    source_practice).
 
-    One row per (pid, type, recorded date): the latest statement about it wins. With
-    ``known_at``, only events registered by then count (the register as it stood).
+    One row per (pid, type, recorded date): the latest statement about it wins (its source
+    practice too). With ``known_at``, only events registered by then count (the register as
+    it stood).
     """
     where = f"WHERE registered_at <= {known_at_sql(known_at)} " if known_at is not None else ""
     return (
-        f"SELECT pid, objection_type, recorded_date, withdrawn_date FROM {EVENTS} {where}"
+        f"SELECT pid, objection_type, recorded_date, withdrawn_date, source_practice FROM {EVENTS} {where}"
         "QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date "
         "ORDER BY event_id DESC) = 1"
     )
@@ -203,13 +203,6 @@ def record_type1_incident(
         f"INSERT INTO {TYPE1_INCIDENTS} VALUES (now(), ?, ?, ?, ?)",
         [[collection, sender, n, batches] for sender, n in sorted(by_sender.items())],
     )
-    try:
-        from safehaven import registers  # the agreements engineer's module (breach register)
-    except ImportError:  # pragma: no cover - until the breach register exists
-        return
-    record_breach = getattr(registers, "record_breach", None)
-    if record_breach is None:  # pragma: no cover
-        return
     record_breach(
         con,
         kind="type1_objection_disregarded",
@@ -233,14 +226,13 @@ def register_practices(con: duckdb.DuckDBPyConnection, source: str, practice_col
     other (practice, person) pair, so a practice's list size still counts its objectors.
     """
     ensure_tables(con)
-    before = con.execute(f"SELECT count(*) FROM {REGISTRATIONS}").fetchone()[0]
-    con.execute(
+    (added,) = con.execute(
         f"INSERT INTO {REGISTRATIONS} SELECT DISTINCT {q(practice_col)}, pid, now(), ? FROM {source} s "
         f"WHERE pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {REGISTRATIONS} r "
         f"WHERE r.practice = s.{q(practice_col)} AND r.pid = s.pid)",
         [collection],
-    )
-    return con.execute(f"SELECT count(*) FROM {REGISTRATIONS}").fetchone()[0] - before
+    ).fetchone()
+    return int(added)
 
 
 @dataclass(frozen=True)
@@ -319,10 +311,7 @@ def objection_rates(
             SELECT source_practice, pid FROM {EVENTS}
             WHERE objection_type = '{TYPE1}' AND source_practice IS NOT NULL
         ),
-        latest AS (
-            SELECT * FROM {EVENTS}
-            QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY event_id DESC) = 1
-        ),
+        latest AS ({episodes_sql()}),
         objecting AS (
             SELECT m.practice, m.pid,
                    bool_or(e.objection_type = '{objection_type}' {practice_filter} AND {in_force_sql(as_of)})

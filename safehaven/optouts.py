@@ -44,28 +44,34 @@ This is the API the releases stage calls. Rules and sources:
 from __future__ import annotations
 
 import csv
-import getpass
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
+from typing import get_args
 
 import duckdb
 
+from safehaven import registers
+from safehaven.agreements import LegalBasis, Level
 from safehaven.home import Home
-from safehaven.objections import NATIONAL_OPT_OUT, TYPE1, as_of_sql, objectors_sql
+from safehaven.keys import check_agreement_id
+from safehaven.objections import NATIONAL_OPT_OUT, TYPE1, objectors_sql
 from safehaven.pseudonymise import hmac_sql
+from safehaven.registers import RELEASE_MEMBERS, current_actor
 from safehaven.rules import q
 
 #: Legal bases the national data opt-out does not apply to (see the module docstring).
 EXEMPT_BASES = frozenset({"consent", "statutory", "copi_reg3"})
-#: Every legal basis a flow out of the haven may declare (BRIEF "Purpose and legal basis").
-LEGAL_BASES = frozenset({"consent", "statutory", "public_interest", "section_251", "copi_reg3", "anonymised"})
-IDENTIFIABILITY = ("identifiable", "pseudonymised", "anonymised")
+#: Every legal basis a flow out of the haven may declare (``safehaven.agreements.LegalBasis``).
+LEGAL_BASES: frozenset[str] = frozenset(get_args(LegalBasis))
+#: Every identifiability level (``safehaven.agreements.Level``).
+IDENTIFIABILITY: tuple[str, ...] = get_args(Level)
 
 DECISIONS = "governance.optout_decisions"
-MEMBERS = "governance.release_members"
+#: Alias of ``safehaven.registers.RELEASE_MEMBERS`` (the haven pids of everyone released).
+MEMBERS = RELEASE_MEMBERS
 NOTICES = "governance.optout_notices"
 
 
@@ -144,7 +150,7 @@ def apply_optouts(
     the returned SQL reads the register, so run it on the same connection.
     """
     decision = decide(legal_basis, identifiability, by_choice=by_choice)
-    objectors = objectors_sql(as_of_sql(as_of), objector_types(gp_sourced))
+    objectors = objectors_sql(as_of, objector_types(gp_sourced))
     col = q(pid_col)
     hit = f"EXISTS (SELECT 1 FROM ({objectors}) o WHERE o.pid = r.{col})"
     affected = con.execute(f"SELECT count(*) FROM ({relation_sql}) r WHERE {hit}").fetchone()[0]
@@ -154,15 +160,13 @@ def apply_optouts(
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the decision log, the notice log and ``release_members`` (written by releases)."""
+    """Create the decision log and the notice log, and the registers' tables they read
+    (``release_members``, written by releases; ``safehaven.registers.ensure_tables``)."""
+    registers.ensure_tables(con)
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {DECISIONS} (release_id VARCHAR, agreement_id VARCHAR, legal_basis VARCHAR, "
         "identifiability VARCHAR, applied BOOLEAN, reason VARCHAR, withheld BIGINT, overruled BIGINT, "
         "decided_at TIMESTAMPTZ)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {MEMBERS} (release_id VARCHAR, agreement_id VARCHAR, pid VARCHAR, "
-        "released_at TIMESTAMPTZ)"
     )
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {NOTICES} (agreement_id VARCHAR, issued_at TIMESTAMPTZ, since TIMESTAMPTZ, "
@@ -209,7 +213,7 @@ class NoticeReport:
 def _since(con: duckdb.DuckDBPyConnection, agreement_id: str, since_release_id: str | None) -> datetime | None:
     if since_release_id is not None:
         row = con.execute(
-            f"SELECT min(released_at) FROM {MEMBERS} WHERE agreement_id = ? AND release_id = ?",
+            f"SELECT min(released_at) FROM {RELEASE_MEMBERS} WHERE agreement_id = ? AND release_id = ?",
             [agreement_id, since_release_id],
         ).fetchone()
         if row is None or row[0] is None:
@@ -254,7 +258,7 @@ def notices(
     pseudo = hmac_sql("m.pid", recipient_key_name)
     rows = con.execute(
         f"""
-        WITH m AS (SELECT DISTINCT pid FROM {MEMBERS} WHERE agreement_id = ? AND released_at <= now()),
+        WITH m AS (SELECT DISTINCT pid FROM {RELEASE_MEMBERS} WHERE agreement_id = ? AND released_at <= now()),
         nw AS ({now_set}), th AS ({then_set})
         SELECT {pseudo} AS pseudonym,
                CASE WHEN m.pid IN (SELECT pid FROM nw) THEN 'objected' ELSE 'withdrawn' END AS change
@@ -288,7 +292,7 @@ def _write(con: duckdb.DuckDBPyConnection, report: NoticeReport, home: Home | No
     from safehaven import audit
 
     home = home or audit.home_of(con)
-    folder = home.releases / _safe(report.agreement_id) / "notices"
+    folder = home.releases / check_agreement_id(report.agreement_id) / "notices"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
     stem, n = report.as_of, 1
@@ -312,25 +316,12 @@ def _write(con: duckdb.DuckDBPyConnection, report: NoticeReport, home: Home | No
          report.withheld, str(report.csv_path)],
     )
     audit.append(
-        con, actor=_actor(), role="pipeline", action="optout.notice", object=f"agreement:{report.agreement_id}",
+        con, actor=current_actor(), role="pipeline", action="optout.notice", object=f"agreement:{report.agreement_id}",
         agreement=report.agreement_id,
         detail={"objected": len(report.objected), "withdrawn": len(report.withdrawn),
                 "withheld": report.withheld, "release_id": report.release_id, "file": report.csv_path.name},
         home=home,
     )
-
-
-def _safe(agreement_id: str) -> str:
-    if not agreement_id or not all(c.isalnum() or c in "-_." for c in agreement_id) or agreement_id.startswith("."):
-        raise ValueError(f"agreement id {agreement_id!r} must be letters, digits, '-', '_' or '.'")
-    return agreement_id
-
-
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # pragma: no cover - no user database in some containers
-        return f"uid:{os.getuid()}"
 
 
 __all__ = [

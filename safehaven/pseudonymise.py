@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Literal
 
 import duckdb
 
-from safehaven.contracts import Contract
+from safehaven.contracts import Contract, FieldSpec
 from safehaven.keys import Key, KeyRing, agreement_key, check_agreement_id
 from safehaven.rules import q
 
@@ -74,6 +75,35 @@ def pseudonym(key: bytes, canonical_nhs: str) -> str:
     return hmac.new(key, canonical_nhs.encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
 
 
+def haven_coarsening(spec: FieldSpec) -> Literal["district", "week"] | None:
+    """How the haven coarsens a field, or None when it keeps it as it is.
+
+    The one rule: a UK postcode (``rule.format: uk_postcode``) is kept only to its district;
+    a quasi-identifying ``DATE`` (a date of birth) only to its week. The full values go to
+    the identity vault.
+    """
+    if spec.rule is not None and spec.rule.format == "uk_postcode":
+        return "district"
+    if spec.identifiability == "quasi_identifier" and spec.type == "DATE":
+        return "week"
+    return None
+
+
+def haven_column(spec: FieldSpec) -> str:
+    """The haven column holding a contract field (``haven_coarsening`` decides it).
+
+    A postcode ``<name>`` is held as ``<name>_district``; a quasi-identifying date as its
+    name without ``date_of_`` plus ``_week`` (``date_of_birth`` -> ``birth_week``); any other
+    field under its own name. (The NHS number and other direct identifiers are not held.)
+    """
+    coarsening = haven_coarsening(spec)
+    if coarsening == "district":
+        return f"{spec.name}_district"
+    if coarsening == "week":
+        return spec.name.replace("date_of_", "") + "_week"
+    return spec.name
+
+
 def postcode_district_sql(expr: str) -> str:
     """The outward code (district) of a UK postcode: everything before the last three characters."""
     compact = f"replace(upper({expr}), ' ', '')"
@@ -90,13 +120,25 @@ def release_key_name(agreement_id: str) -> str:
     return "agreement_" + hashlib.sha256(check_agreement_id(agreement_id).encode()).hexdigest()[:16]
 
 
+def install_agreement_domain(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True
+) -> tuple[str, str]:
+    """Install an agreement's pseudonym key on ``con``: ``(name for hmac_sql, key id)``.
+
+    The key is derived once (``safehaven.keys.agreement_key``); the key id is public and goes
+    into release manifests.
+    """
+    name = release_key_name(agreement_id)
+    key = agreement_key(keyring, agreement_id, create=create)
+    install_key(con, name, key)
+    return name, key.key_id
+
+
 def install_agreement_key(
     con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True
 ) -> str:
     """Install an agreement's pseudonym key on ``con``; returns its name for ``hmac_sql``."""
-    name = release_key_name(agreement_id)
-    install_key(con, name, agreement_key(keyring, agreement_id, create=create))
-    return name
+    return install_agreement_domain(con, keyring, agreement_id, create=create)[0]
 
 
 def release_pseudonym_sql(
@@ -126,19 +168,20 @@ def ids_sql(contract: Contract, source: str, key_name: str = "haven") -> str:
 def haven_select_sql(contract: Contract, source: str, key_name: str = "haven", ids: str | None = None) -> str:
     """SELECT turning a valid landing table into its pseudonymised haven form.
 
-    The HMAC runs once per distinct NHS number (``ids_sql``, or a table of it passed as
-    ``ids``), joined back to the records.
+    The NHS number and other direct identifiers are dropped; each other field becomes its
+    ``haven_column``, coarsened as ``haven_coarsening`` says. The HMAC runs once per distinct
+    NHS number (``ids_sql``, or a table of it passed as ``ids``), joined back to the records.
     """
     cols: list[str] = ["_ids.pid AS pid"]
     for spec in contract.fields:
         if spec.name == contract.patient_key or spec.identifiability == "direct_identifier":
             continue
-        if spec.rule and spec.rule.format == "uk_postcode":
-            cols.append(f"{postcode_district_sql('_src.' + q(spec.name))} AS {q(spec.name + '_district')}")
-        elif spec.identifiability == "quasi_identifier" and spec.type == "DATE":
-            cols.append(f"{birth_week_sql('_src.' + q(spec.name))} AS {q(spec.name.replace('date_of_', '') + '_week')}")
-        else:
-            cols.append(f"_src.{q(spec.name)}")
+        value, coarsening = f"_src.{q(spec.name)}", haven_coarsening(spec)
+        if coarsening == "district":
+            value = postcode_district_sql(value)
+        elif coarsening == "week":
+            value = birth_week_sql(value)
+        cols.append(f"{value} AS {q(haven_column(spec))}")
     cols += ["_src._batch", "_src._row"]
     return f"SELECT {', '.join(cols)} {pid_join_sql(contract, source, key_name, ids)}"
 

@@ -64,6 +64,7 @@ from safehaven.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_inva
 from safehaven.files import sha256_file
 from safehaven.home import Home
 from safehaven.outputs import Output
+from safehaven.pseudonymise import haven_coarsening, haven_column
 from safehaven.quality import (
     LICENCE,
     LICENCE_URL,
@@ -74,6 +75,7 @@ from safehaven.quality import (
     render_markdown,
 )
 from safehaven.rules import lit, q
+from safehaven.store import table_exists
 
 __all__ = [
     "OGL",
@@ -120,7 +122,11 @@ def _norm(name: str) -> str:
 def identifying_columns(registry: ContractRegistry) -> tuple[dict[str, str], dict[str, str]]:
     """Column names that identify, from the contracts: (always refused, refused unless declared).
 
-    Keys are normalised names; values say why (no data values, just the class).
+    Always refused: the pipeline columns, direct identifiers, and each field the haven
+    coarsens (``safehaven.pseudonymise.haven_coarsening``: postcode, date of birth) under its
+    own name and its haven column (``haven_column``: ``postcode_district``, ``birth_week``).
+    Refused unless declared: the other quasi-identifiers. Keys are normalised names; values
+    say why (no data values, just the class).
     """
     always: dict[str, str] = {_norm(c): "the haven pseudonym or a pipeline column" for c in PIPELINE_COLUMNS}
     declarable: dict[str, str] = {}
@@ -129,15 +135,11 @@ def identifying_columns(registry: ContractRegistry) -> tuple[dict[str, str], dic
             where = f"{contract.collection}.{f.name}"
             if f.identifiability == "direct_identifier" or f.name == contract.patient_key:
                 always[_norm(f.name)] = f"a direct identifier ({where})"
+            elif haven_coarsening(f) is not None:
+                always[_norm(f.name)] = f"a fine-grained quasi-identifier ({where})"
+                always[_norm(haven_column(f))] = f"a coarsened form of {where}"
             elif f.identifiability == "quasi_identifier":
-                if f.type == "DATE":
-                    always[_norm(f.name)] = f"a fine-grained quasi-identifier ({where})"
-                    always[_norm(f.name.replace("date_of_", "") + "_week")] = f"a coarsened form of {where}"
-                elif f.rule and f.rule.format == "uk_postcode":
-                    always[_norm(f.name)] = f"a fine-grained quasi-identifier ({where})"
-                    always[_norm(f.name + "_district")] = f"a coarsened form of {where}"
-                else:
-                    declarable.setdefault(_norm(f.name), f"a quasi-identifier ({where})")
+                declarable.setdefault(_norm(f.name), f"a quasi-identifier ({where})")
     return always, declarable
 
 
@@ -203,11 +205,7 @@ def verify_release(
     problems: list[str] = []
     for output in outputs:
         table = f"published.{output.name}"
-        exists = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'published' AND table_name = ?",
-            [output.name],
-        ).fetchone()[0]
-        if not exists:
+        if not table_exists(con, "published", output.name):
             problems.append(f"{output.name}: no protected table {table}; run its aggregate asset first")
             continue
         problems += [

@@ -46,6 +46,7 @@ import duckdb
 
 from safehaven.disclosure import neutralise_sql
 from safehaven.home import Home
+from safehaven.store import table_exists
 
 RELEASE_REGISTER = "governance.release_register"
 BREACH_REGISTER = "governance.breach_register"
@@ -211,18 +212,9 @@ def _check_no_identifier(value: Any) -> None:
     guard(value, "breach")
 
 
-def _exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    schema, name = table.split(".")
-    row = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_catalog = 'store' AND table_schema = ? "
-        "AND table_name = ?", [schema, name],
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def breaches(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     """The breach register, oldest first (works on a read-only connection)."""
-    if not _exists(con, BREACH_REGISTER):
+    if not table_exists(con, *BREACH_REGISTER.split(".")):
         return []
     cur = con.execute(f"SELECT * FROM {BREACH_REGISTER} ORDER BY breach_id")
     names = [d[0] for d in cur.description]
@@ -231,7 +223,7 @@ def breaches(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 def releases(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) -> list[dict[str, Any]]:
     """The data release register, oldest first, optionally for one agreement (works read-only)."""
-    if not _exists(con, RELEASE_REGISTER):
+    if not table_exists(con, *RELEASE_REGISTER.split(".")):
         return []
     where, params = ("WHERE agreement_id = ?", [agreement_id]) if agreement_id else ("", [])
     cur = con.execute(f"SELECT * FROM {RELEASE_REGISTER} {where} ORDER BY released_at, release_id", params)

@@ -81,17 +81,17 @@ from safehaven.agreements import (
     AgreementError,
     agreement_path,
     agreements_dir,
-    basis_problem,
-    file_sha256,
-    linkage_problems,
+    basis_problems,
+    field_problems,
     load_agreement_file,
-    problems,
+    term_problems,
     unlinked_collections,
 )
 from safehaven.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.disclosure import Policy, check_invariants, protect
+from safehaven.files import sha256_file
 from safehaven.home import Home
-from safehaven.keys import KeyRing, KeyRingError, agreement_key
+from safehaven.keys import KeyRing, KeyRingError
 from safehaven.linkage import authorise_linkage
 from safehaven.rules import lit, q
 from safehaven.store import table_exists
@@ -187,60 +187,52 @@ class ReleaseResult:
 # --- column mapping ----------------------------------------------------------------------
 
 
-def haven_column(spec: FieldSpec) -> str:
-    """The haven column holding a contract field (mirrors ``pseudonymise.haven_select_sql``)."""
-    if spec.rule and spec.rule.format == "uk_postcode":
-        return f"{spec.name}_district"
-    if spec.identifiability == "quasi_identifier" and spec.type == "DATE":
-        return spec.name.replace("date_of_", "") + "_week"
-    return spec.name
-
-
 def released_column(spec: FieldSpec, agreement: Agreement) -> tuple[str, str]:
-    """``(sql over the haven row, released column name)`` for one released field."""
-    src = q(haven_column(spec))
-    if spec.identifiability == "direct_identifier":  # identifiable level only: decrypted from the vault
+    """``(sql over the haven row, released column name)`` for one released field (rule 5).
+
+    A direct identifier (identifiable level only) is its value decrypted from the vault
+    (``_ident.id_<name>``). Any other field starts from its haven column
+    (``safehaven.pseudonymise.haven_column``): postcode district and birth week leave as the
+    haven holds them, except that a birth week becomes its year (``<stem>_year``) unless the
+    agreement allows ``dob: week``; other dates of an anonymised release go to the month.
+    """
+    if spec.identifiability == "direct_identifier":
         return q(f"id_{spec.name}"), spec.name
-    if spec.rule and spec.rule.format == "uk_postcode":
-        return src, f"{spec.name}_district"
-    if spec.identifiability == "quasi_identifier" and spec.type == "DATE":
-        stem = spec.name.replace("date_of_", "")
-        if agreement.coarsening.dob == "week":
-            return src, f"{stem}_week"
-        return f"CAST(year({src}) AS INTEGER)", f"{stem}_year"
-    if agreement.identifiability == "anonymised" and spec.type == "DATE":
-        return f"CAST(date_trunc('month', {src}) AS DATE)", f"{spec.name}_month"
-    return src, spec.name
+    column = pseudonymise.haven_column(spec)
+    coarsening = pseudonymise.haven_coarsening(spec)
+    if coarsening == "week" and agreement.coarsening.dob == "year":
+        return f"CAST(year({q(column)}) AS INTEGER)", column.removesuffix("_week") + "_year"
+    if coarsening is None and agreement.identifiability == "anonymised" and spec.type == "DATE":
+        return f"CAST(date_trunc('month', {q(column)}) AS DATE)", f"{column}_month"
+    return q(column), column
+
+
+def _table_name(agreement_id: str, collection: str) -> str:
+    """The ``release``-zone table of one collection of an agreement's release, unquoted."""
+    return f"{ZONE}.{agreement_id}__{collection}"
 
 
 def _table(agreement_id: str, collection: str) -> str:
-    return f"{ZONE}.{q(f'{agreement_id}__{collection}')}"
+    """``_table_name`` quoted for SQL (an agreement id holds hyphens)."""
+    zone, _, table = _table_name(agreement_id, collection).partition(".")
+    return f"{zone}.{q(table)}"
 
 
 # --- pseudonyms --------------------------------------------------------------------------
 
 
-def release_pseudonym(con: duckdb.DuckDBPyConnection, pid_expr: str, agreement_id: str,
-                      keyring: KeyRing) -> tuple[str, str]:
-    """SQL for the agreement's own pseudonym of ``pid_expr`` and the id of the key it uses.
-
-    ``HMAC-SHA256(agreement key, haven pid)``, the agreement key derived per agreement from the
-    haven key (``safehaven.pseudonymise.release_pseudonym_sql``, ``safehaven.keys.agreement_key``):
-    two recipients cannot join their extracts.
-    """
-    sql = pseudonymise.release_pseudonym_sql(con, pid_expr, agreement_id, keyring)
-    return sql, agreement_key(keyring, agreement_id).key_id
-
-
 def _person_ids(con: duckdb.DuckDBPyConnection, agreement_id: str, keyring: KeyRing) -> str:
     """Temp table ``_persons`` (pid, person_id): the release pseudonym of each person of ``_cohort``.
 
-    The HMAC runs once per distinct haven pid, not once per record, and the work tables join it
-    back (as ``safehaven.pseudonymise.ids_sql`` does for the haven pseudonym). Returns the key id.
+    ``HMAC-SHA256(agreement key, haven pid)`` under the agreement's own derived key
+    (``safehaven.pseudonymise.install_agreement_domain``): two recipients cannot join their
+    extracts. The HMAC runs once per distinct haven pid, not once per record, and the work
+    tables join it back (as ``safehaven.pseudonymise.ids_sql`` does for the haven pseudonym).
+    Returns the key id.
     """
-    person_sql, key_id = release_pseudonym(con, "pid", agreement_id, keyring)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _persons AS SELECT pid, {person_sql} AS {PERSON_ID} "
-                "FROM _cohort WHERE pid IS NOT NULL")
+    name, key_id = pseudonymise.install_agreement_domain(con, keyring, agreement_id)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _persons AS SELECT pid, {pseudonymise.hmac_sql('pid', name)} "
+                f"AS {PERSON_ID} FROM _cohort WHERE pid IS NOT NULL")
     return key_id
 
 
@@ -418,8 +410,9 @@ def _next_release_id(con: duckdb.DuckDBPyConnection, agreement_id: str) -> str:
     return f"{agreement_id}-r{n + 1:04d}"
 
 
-def _export(con: duckdb.DuckDBPyConnection, table: str, path: Path, order: str) -> None:
-    con.execute(f"COPY (SELECT * FROM {table} ORDER BY {order}) TO {lit(str(path))} (FORMAT parquet)")
+def _export(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
+    """Write ``table`` to ``path`` as Parquet, rows in a fixed order (all columns)."""
+    con.execute(f"COPY (SELECT * FROM {table} ORDER BY ALL) TO {lit(str(path))} (FORMAT parquet)")
 
 
 def release(
@@ -456,7 +449,7 @@ def release(
             remedial_action="nothing was released; the agreement file must be corrected and re-approved",
         )
         raise ReleaseRefused(str(exc), breach_id) from None
-    agreement_sha = file_sha256(path)
+    agreement_sha = sha256_file(path)
 
     ok, why = agreement.in_force(today)
     if not ok:
@@ -467,11 +460,12 @@ def release(
         )
         return ReleaseResult(agreement.id, "skipped", f"nothing released: {why}", level=agreement.identifiability)
 
-    found = problems(agreement, registry, today=today)
-    other = [p for p in found if p not in set(linkage_problems(agreement))]
-    if other:
-        kind = "no_legal_basis" if basis_problem(other) else "invalid_agreement"
-        raise _refuse(con, agreement, actor, f"agreement {agreement.id} does not validate: " + "; ".join(other),
+    # linkage problems are left to _authorise, which refuses each unnamed join as its own breach
+    basis = basis_problems(agreement)
+    found = basis + field_problems(agreement, registry) + term_problems(agreement, today=today)
+    if found:
+        kind = "no_legal_basis" if basis else "invalid_agreement"
+        raise _refuse(con, agreement, actor, f"agreement {agreement.id} does not validate: " + "; ".join(found),
                       kind=kind)
     _authorise(con, agreement, actor, today, registry)
     for c in agreement.collections:
@@ -562,7 +556,7 @@ def _build(con: duckdb.DuckDBPyConnection, agreement: Agreement, agreement_sha: 
             dim_list = ", ".join(q(d) for d in dims)
             con.execute(f"CREATE OR REPLACE TEMP TABLE _true_{t} AS SELECT {dim_list}, count(DISTINCT pid) AS people "
                         f"FROM {t} GROUP BY ALL")
-            target = f"{ZONE}.{a.id}__{c}"
+            target = _table_name(a.id, c)  # safehaven.disclosure quotes it
             report = protect(con, f"_true_{t}", target, dims, count_col="people", policy=policy)
             violations = check_invariants(con, target, dims, "people", policy)
             if violations:  # pragma: no cover - protect guarantees these
@@ -586,11 +580,11 @@ def _build(con: duckdb.DuckDBPyConnection, agreement: Agreement, agreement_sha: 
     for c in a.collections:
         table = _table(a.id, c)
         path = tmp / f"{c}.parquet"
-        _export(con, table, path, "ALL")
+        _export(con, table, path)
         columns = [{"name": n, "type": t} for n, t, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
         rows = _count(con, f"SELECT count(*) FROM {table}")
         people = _count(con, f"SELECT count(DISTINCT {PERSON_ID}) FROM {table}") if record_level else None
-        result.files.append(FileRecord(path.name, c, file_sha256(path), rows, people, columns))
+        result.files.append(FileRecord(path.name, c, sha256_file(path), rows, people, columns))
         result.records_released += rows
         if record_level:
             people_sets.append(f"SELECT pid FROM {work[c]}")
@@ -738,6 +732,6 @@ def verify_release(directory: Path) -> list[str]:
         path = directory / name
         if not path.exists():
             found.append(f"{name} is missing")
-        elif file_sha256(path) != f["sha256"]:
+        elif sha256_file(path) != f["sha256"]:
             found.append(f"{name} does not match its manifest hash")
     return found

@@ -9,11 +9,15 @@ import secrets
 import duckdb
 import pytest
 
+from safehaven.contracts import ContractRegistry
 from safehaven.home import Home
 from safehaven.keys import KeyRing, KeyRingError, agreement_key, destroy_agreement_key
 from safehaven.pseudonymise import (
     PSEUDONYM_HEX,
+    haven_column,
+    haven_select_sql,
     hmac_sql,
+    install_agreement_domain,
     install_key,
     pseudonym,
     release_pseudonym,
@@ -100,6 +104,20 @@ def test_haven_tables_hold_no_direct_identifier(haven_home: Home) -> None:
             assert hits == 0, c
 
 
+def test_haven_column_names_the_columns_haven_select_sql_makes() -> None:
+    """``haven_column`` is the one rule releases, agreements and publication read the haven by."""
+    con = duckdb.connect()
+    install_key(con, "haven", secrets.token_bytes(32))
+    for contract in ContractRegistry().content():
+        fields = ", ".join(f'NULL::{f.type} AS "{f.name}"' for f in contract.fields)
+        con.execute(f"CREATE OR REPLACE TABLE src AS SELECT {fields}, NULL::VARCHAR AS _batch, 0 AS _row")
+        made = [d[0] for d in con.execute(f"SELECT * FROM ({haven_select_sql(contract, 'src')}) LIMIT 0").description]
+        kept = [haven_column(f) for f in contract.fields
+                if f.name != contract.patient_key and f.identifiability != "direct_identifier"]
+        assert made == ["pid", *kept, "_batch", "_row"], contract.collection
+        assert {"birth_week", "postcode_district"} <= set(made), contract.collection
+
+
 def test_one_pid_per_person_across_collections(haven_home: Home) -> None:
     key = KeyRing(haven_home.keys).get("haven")
     with Store(haven_home).connect() as con:
@@ -123,6 +141,17 @@ def test_the_same_patient_has_different_pseudonyms_under_two_agreements(home: Ho
     assert a == release_pseudonym(agreement_key(keyring, "study-a"), pid)
     assert len(a) == len(b) == 32
     assert agreement_key(keyring, "study-a").material != agreement_key(keyring, "study-b").material
+
+
+def test_installing_an_agreement_domain_gives_its_key_id(home: Home) -> None:
+    keyring = KeyRing(home.keys)
+    keyring.get_or_create("haven")
+    con = duckdb.connect()
+    name, key_id = install_agreement_domain(con, keyring, "study-a")
+    assert key_id == agreement_key(keyring, "study-a").key_id
+    pid = "0" * 32
+    assert con.execute(f"SELECT {hmac_sql(repr(pid), name)}").fetchone()[0] == \
+        release_pseudonym(agreement_key(keyring, "study-a"), pid)
 
 
 def test_destroying_an_agreement_salt_shreds_its_pseudonym_domain(home: Home) -> None:
