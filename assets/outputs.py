@@ -14,7 +14,7 @@ from resources.haven import SafeHavenResource
 from safehaven.agreements import load_agreements
 from safehaven.contracts import ContractRegistry
 from safehaven.linkage import authorise_linkage
-from safehaven.outputs import Output, build_output, load_outputs
+from safehaven.outputs import Output, build_output, load_code_lists, load_outputs
 from safehaven.publish import guard_table
 from safehaven.quality import build_statement, render_markdown, store_statement
 
@@ -57,6 +57,8 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
     def _output(haven: SafeHavenResource) -> dg.MaterializeResult:
         registry = haven.registry()
         with haven.connect() as con:
+            # The store's code lists, refreshed once for this unit of work (no write when current).
+            load_code_lists(con, registry)
             agreement_id = None
             if output.linkage:
                 agreement = authorise_linkage(

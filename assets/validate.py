@@ -53,7 +53,7 @@ def contract_check_result(contract: Contract, report: ValidationReport) -> dg.As
     """The check's verdict: passed when every new batch's GX suite succeeded."""
     return dg.AssetCheckResult(
         check_name=check_name(contract),
-        passed=report.gx_success and not report.blocked,
+        passed=report.gx_success,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata=check_metadata(contract, report),
     )

@@ -47,7 +47,7 @@ import os
 from datetime import date
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -74,20 +74,41 @@ FORMAT_STANDARDS: dict[str, str] = {
     "date": "https://www.iso.org/iso-8601-date-and-time-format.html",
 }
 
-_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+#: A declared name (collection, field, rule, code list, output, dimension, column): a plain
+#: lower-case SQL identifier, so it can be used in SQL and file names as it stands.
+NAME = r"^[a-z][a-z0-9_]{0,62}$"
 _VERSION = r"^[0-9]+\.[0-9]+\.[0-9]+$"
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A declaration read from YAML: unknown keys are refused and a loaded one never changes."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Rule(_Strict):
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=_Named)
+M = TypeVar("M", bound=BaseModel)
+
+
+def unique_names(items: list[N], what: str) -> list[N]:
+    """Rule: the ``what``s of one declaration (fields, dimensions) have distinct names."""
+    names = [item.name for item in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} names must be unique")
+    return items
+
+
+class Rule(Strict):
     """The value rule of one field: at most one of format, allowed or code_list, plus a range."""
 
     format: Format | None = None
     allowed: list[str] | None = Field(default=None, min_length=1)
-    code_list: str | None = Field(default=None, pattern=_NAME)
+    code_list: str | None = Field(default=None, pattern=NAME)
     #: how a value is matched to a code list: whole value, or its first three characters
     #: (ICD-10 four-character codes belong to their three-character category).
     match: Literal["exact", "prefix3"] = "exact"
@@ -109,10 +130,10 @@ class Rule(_Strict):
         return self
 
 
-class FieldSpec(_Strict):
+class FieldSpec(Strict):
     """One field of a collection."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME)
     type: FieldType = "VARCHAR"
     required: bool = True
     description: str = Field(min_length=1)
@@ -130,41 +151,36 @@ class FieldSpec(_Strict):
             raise ValueError(f"field {self.name}: allowed sets and code lists hold text (type VARCHAR)")
         return self
 
-    @property
-    def standard(self) -> str | None:
-        """The published standard of the field's format, if it has one (CoP 46)."""
-        return FORMAT_STANDARDS.get(self.rule.format) if self.rule and self.rule.format else None
 
-
-class CrossFieldRule(_Strict):
+class CrossFieldRule(Strict):
     """A rule over two fields: ``later`` is not before ``earlier`` (a valid row has later >= earlier).
 
     A row where either is missing passes here; a missing required value is caught by that
     field's own ``required`` rule.
     """
 
-    id: str = Field(pattern=_NAME)
+    id: str = Field(pattern=NAME)
     description: str = Field(min_length=1)
     later: str
     earlier: str
 
 
-class UniqueKey(_Strict):
+class UniqueKey(Strict):
     """A uniqueness declaration: no two rows of one batch share these fields' values.
 
     The first row (in file order) of each key is kept; every later row with the same key
     fails rule ``id``. Rows with a missing key field are not compared.
     """
 
-    id: str = Field(pattern=_NAME)
+    id: str = Field(pattern=NAME)
     description: str = Field(min_length=1)
     fields: list[str] = Field(min_length=1)
 
 
-class CodeList(_Strict):
+class CodeList(Strict):
     """A published code list (``data_contracts/code_lists/<name>.yaml``)."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME)
     title: str
     system: str = Field(pattern=r"^https?://")
     version: str
@@ -186,10 +202,10 @@ class CodeList(_Strict):
         return [str(c["code"]) for c in self.codes]
 
 
-class Contract(_Strict):
+class Contract(Strict):
     """A collection's contract, loaded from YAML and checked on load."""
 
-    collection: str = Field(pattern=_NAME)
+    collection: str = Field(pattern=NAME)
     version: str = Field(pattern=_VERSION)
     owner: str = Field(min_length=1)
     description: str = Field(min_length=1)
@@ -212,11 +228,8 @@ class Contract(_Strict):
 
     @field_validator("fields")
     @classmethod
-    def _unique_names(cls, fields: list[FieldSpec]) -> list[FieldSpec]:
-        names = [f.name for f in fields]
-        if len(set(names)) != len(names):
-            raise ValueError("field names must be unique")
-        return fields
+    def _unique_fields(cls, fields: list[FieldSpec]) -> list[FieldSpec]:
+        return unique_names(fields, "field")
 
     @model_validator(mode="after")
     def _references(self) -> Contract:
@@ -266,8 +279,6 @@ class ContractRegistry:
         found: dict[str, Contract] = {}
         for path in sorted((self.root / "collections").glob("*.yaml")):
             contract = load_contract(path)
-            if contract.collection != path.stem:
-                raise ValueError(f"{path}: collection {contract.collection!r} != file name")
             found[contract.collection] = contract
         for contract in found.values():
             for f in contract.fields:
@@ -284,24 +295,28 @@ class ContractRegistry:
         return next(c for c in self.contracts.values() if c.kind == "objections")
 
     def code_list(self, name: str) -> CodeList:
-        return _load_code_list(self.root / "code_lists" / f"{name}.yaml")
+        return load_named_yaml(CodeList, self.root / "code_lists" / f"{name}.yaml", "code list")
+
+
+def load_named_yaml(model: type[M], path: Path, kind: str, *, key: str = "name",
+                    error: type[Exception] = ValueError) -> M:
+    """One declaration file (``<name>.yaml``) checked as ``model``; errors name the file.
+
+    Rules: the file exists; its YAML is a valid ``model``; the declaration's ``key`` (its
+    name) is the file's name, so the name that other declarations use finds the file.
+    """
+    if not path.exists():
+        raise error(f"{kind} {path.stem!r} is missing ({path})")
+    try:
+        declared = model.model_validate(yaml.safe_load(path.read_text()))
+    except Exception as exc:
+        raise error(f"invalid {kind} {path.name}: {exc}") from None
+    name = getattr(declared, key)
+    if name != path.stem:
+        raise error(f"{kind} {path.name}: {key} {name!r} != file name")
+    return declared
 
 
 def load_contract(path: Path) -> Contract:
-    """Load and check one contract; errors name the file and what is wrong."""
-    try:
-        return Contract.model_validate(yaml.safe_load(path.read_text()))
-    except Exception as exc:
-        raise ValueError(f"invalid contract {path.name}: {exc}") from None
-
-
-def _load_code_list(path: Path) -> CodeList:
-    if not path.exists():
-        raise ValueError(f"code list {path.stem!r} is missing ({path})")
-    try:
-        code_list = CodeList.model_validate(yaml.safe_load(path.read_text()))
-    except Exception as exc:
-        raise ValueError(f"invalid code list {path.name}: {exc}") from None
-    if code_list.name != path.stem:
-        raise ValueError(f"code list {path.name}: name {code_list.name!r} != file name")
-    return code_list
+    """Load and check one contract (``collections/<collection>.yaml``); errors name the file."""
+    return load_named_yaml(Contract, path, "contract", key="collection")

@@ -48,14 +48,22 @@ import great_expectations as gx
 from great_expectations.expectations.row_conditions import Column
 
 from safehaven.contracts import Contract, ContractRegistry
-from safehaven.rules import FORMAT_RE, NHS_RE, RAW, RuleCheck, code_values, compile_checks, date_bounds, raw_column
+from safehaven.rules import (
+    FORMAT_RE,
+    NHS_RE,
+    RAW,
+    ROWS_RULE,
+    RuleCheck,
+    code_values,
+    compile_checks,
+    date_bounds,
+    raw_column,
+)
 
 E = gx.expectations
 
 #: The per-row count of broken rules, exposed to GX beside the typed values.
 BROKEN_RULES = "_broken_rules"
-#: The id of the row-level tolerance expectation.
-ROWS_RULE = "rows.within_tolerance"
 
 EvaluatedBy = Literal["gx", "gx+sql", "gx (pass result)"]
 
@@ -165,13 +173,3 @@ def _plan(contract: Contract, registry: ContractRegistry, check: RuleCheck, toda
     else:  # pragma: no cover - every kind is handled above
         raise ValueError(f"no expectation for rule kind {kind!r}")
     return PlannedExpectation(check.id, kind, expectation, True, "gx")
-
-
-def gx_columns(contract: Contract) -> list[str]:
-    """The columns the suite reads: the typed projection and the per-row count of broken rules."""
-    names: list[str] = []
-    for spec in contract.fields:
-        if spec.type != "VARCHAR":
-            names.append(RAW + spec.name)
-        names.append(spec.name)
-    return [*names, BROKEN_RULES]

@@ -26,6 +26,11 @@ A field's value rules are mutually exclusive (a value that does not parse cannot
 range), so its invalid values are the sum of its value rules' failures. Only counts, shares
 and the period's bounds are stored: no value of a record. Measures are recorded for every
 batch, accepted or refused, so quality can be followed over time.
+
+Beside them, ``governance.validation_rule_results`` holds, per batch and rule, the single
+pass's failures (``sql_failures``: rows that break the rule) and Great Expectations' result
+(written by ``safehaven.validation``). Both tables are read by the quality statements
+(``safehaven.quality``), which therefore need neither the validation code nor the rows.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ from typing import Any
 import duckdb
 
 from safehaven.contracts import Contract
+from safehaven.outputs import month_end, months_spanned
 from safehaven.rules import RuleCheck, lit, q, raw_column
 
 MEASURES_TABLE = "governance.quality_measures"
+RULE_RESULTS = "governance.validation_rule_results"
 BATCH = "*"
 
 #: Kinds of rule that judge one field's own value (not presence, not other fields).
@@ -47,11 +54,22 @@ VALUE_RULES = ("type", "nhs_number", "format", "code_list", "allowed", "range")
 
 
 def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
+    """The quality measures table (one row per batch, field and measure)."""
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {MEASURES_TABLE} (batch_id VARCHAR, collection VARCHAR, "
         "contract_version VARCHAR, field VARCHAR, measure VARCHAR, value DOUBLE, numerator BIGINT, "
         "denominator BIGINT, period_start DATE, period_end DATE, measured_at TIMESTAMPTZ, "
         "PRIMARY KEY (batch_id, field, measure))"
+    )
+
+
+def ensure_rule_results_table(con: duckdb.DuckDBPyConnection) -> None:
+    """The per-batch, per-rule validation results (one row per batch and rule, the row-level tolerance included)."""
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {RULE_RESULTS} (batch_id VARCHAR, collection VARCHAR, "
+        "contract_version VARCHAR, rule_id VARCHAR, kind VARCHAR, description VARCHAR, evaluated_by VARCHAR, "
+        "expectation_type VARCHAR, sql_failures BIGINT, gx_unexpected BIGINT, gx_element_count BIGINT, "
+        "gx_success BOOLEAN, check_digit_failures BIGINT, PRIMARY KEY (batch_id, rule_id))"
     )
 
 
@@ -111,17 +129,12 @@ def build_measures(contract: Contract, checks: list[RuleCheck], batch_id: str, v
         first, last = values["period_min"], values["period_max"]
         assert first is None or isinstance(first, date)
         assert last is None or isinstance(last, date)
-        span = (last.year - first.year) * 12 + last.month - first.month + 1 if first and last else 0
+        span = months_spanned(first, last) if first and last else 0
         if first and last and contract.field(contract.period_field).identifiability != "content":
-            first, last = first.replace(day=1), _month_end(last)
+            first, last = first.replace(day=1), month_end(last)
         measures.append(Measure(batch_id, contract.period_field, "date_coverage",
                                 int(values["period_months"]), span, first, last))
     return measures
-
-
-def _month_end(day: date) -> date:
-    following = date(day.year + (day.month == 12), day.month % 12 + 1, 1)
-    return date.fromordinal(following.toordinal() - 1)
 
 
 def store_measures(con: duckdb.DuckDBPyConnection, contract: Contract, measures: list[Measure]) -> None:

@@ -64,19 +64,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from safehaven.contracts import ContractRegistry, contracts_dir
+from safehaven.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
 from safehaven.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
 from safehaven.rules import lit, q
+from safehaven.store import table_exists
 
 CODES = "governance.code_list"
 MONTHS = "reporting_months"
 #: The largest grid an output may declare (cells); beyond it the declaration is refused.
 MAX_GRID_CELLS = 5_000_000
-
-AGE_BANDS = ("0-17", "18-44", "45-64", "65-74", "75-84", "85+")
 
 #: Helpers the output SQL may call (temporary macros of the connection; module docstring, "Helpers").
 MACROS = {
@@ -85,10 +83,11 @@ MACROS = {
     "codes": f"(list_name) AS TABLE SELECT code, display, grp FROM {CODES} WHERE list = list_name",
     # Completed years between the week of birth and a date (date_sub counts whole years).
     "age_years": "(born, on_day) AS date_sub('year', born, on_day)",
+    # The published age bands, of completed years (defined after age_years, which it calls).
     "age_band": (
-        "(born, on_day) AS CASE WHEN date_sub('year', born, on_day) < 18 THEN '0-17' "
-        "WHEN date_sub('year', born, on_day) < 45 THEN '18-44' WHEN date_sub('year', born, on_day) < 65 THEN '45-64' "
-        "WHEN date_sub('year', born, on_day) < 75 THEN '65-74' WHEN date_sub('year', born, on_day) < 85 THEN '75-84' "
+        "(born, on_day) AS CASE WHEN age_years(born, on_day) < 18 THEN '0-17' "
+        "WHEN age_years(born, on_day) < 45 THEN '18-44' WHEN age_years(born, on_day) < 65 THEN '45-64' "
+        "WHEN age_years(born, on_day) < 75 THEN '65-74' WHEN age_years(born, on_day) < 85 THEN '75-84' "
         "ELSE '85+' END"
     ),
     # The sex dimension from a person_gender group (joined from codes('person_gender')): Male,
@@ -103,11 +102,7 @@ class OutputError(ValueError):
     """An output declaration that cannot be built as written."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Domain(_Strict):
+class Domain(Strict):
     """The values a dimension takes in the grid (exactly one kind)."""
 
     kind: Literal["reporting_months", "observed", "code_list", "values", "sql"]
@@ -136,24 +131,19 @@ class Domain(_Strict):
             raise ValueError(f"a {self.kind} domain must name its {self.kind}")
         return self
 
-    @property
-    def closed(self) -> bool:
-        """True when observed values outside the domain are an error (months, queries)."""
-        return self.kind in ("reporting_months", "sql")
 
-
-class Label(_Strict):
+class Label(Strict):
     """A label column added after disclosure control, from the dimension's code list."""
 
-    column: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    column: str = Field(pattern=NAME)
     code_list: str
     field: Literal["display", "group"] = "display"
 
 
-class Dimension(_Strict):
+class Dimension(Strict):
     """One dimension of an output."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    name: str = Field(pattern=NAME)
     description: str
     domain: Domain
     label: Label | None = None
@@ -164,17 +154,17 @@ class Dimension(_Strict):
     code_system: str | None = Field(default=None, pattern=r"^https?://")
 
 
-class Measure(_Strict):
+class Measure(Strict):
     """A published number: the count of people, a rate's denominator, or a rate."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    name: str = Field(pattern=NAME)
     kind: Literal["count", "denominator", "rate"] = "count"
     description: str
     #: for a rate: the denominator measure (the numerator is the count)
     denominator: str | None = None
 
 
-class PolicySpec(_Strict):
+class PolicySpec(Strict):
     """The output's disclosure-control policy (``safehaven.disclosure.Policy``)."""
 
     threshold: int = Field(default=7, ge=0)
@@ -185,7 +175,7 @@ class PolicySpec(_Strict):
         return Policy(threshold=self.threshold, rounding=self.rounding, suppress_zeros=self.suppress_zeros)
 
 
-class LinkageSpec(_Strict):
+class LinkageSpec(Strict):
     """The linkage an output makes, and the agreement that must authorise it."""
 
     agreement: str
@@ -194,10 +184,10 @@ class LinkageSpec(_Strict):
     purpose: str = Field(min_length=10)
 
 
-class Output(_Strict):
+class Output(Strict):
     """One anonymised output, as declared in ``data_contracts/outputs/<name>.yaml``."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    name: str = Field(pattern=NAME)
     version: str
     title: str
     description: str
@@ -221,10 +211,7 @@ class Output(_Strict):
     @field_validator("dimensions")
     @classmethod
     def _unique_dims(cls, dims: list[Dimension]) -> list[Dimension]:
-        names = [d.name for d in dims]
-        if len(set(names)) != len(names):
-            raise ValueError("dimension names must be unique")
-        return dims
+        return unique_names(dims, "dimension")
 
     @model_validator(mode="after")
     def _measures(self) -> Output:
@@ -267,10 +254,6 @@ class Output(_Strict):
     def rate_cols(self) -> dict[str, str]:
         return {m.name: str(m.denominator) for m in self.measures if m.kind == "rate"}
 
-    @property
-    def linked(self) -> bool:
-        return self.linkage is not None
-
     def definition_sha256(self) -> str:
         """Hash of the declaration as parsed (changes with any change to the output)."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -282,14 +265,8 @@ def outputs_dir(root: Path | None = None) -> Path:
 
 
 def load_output(path: Path) -> Output:
-    """Load one declaration; errors name the file."""
-    try:
-        output = Output.model_validate(yaml.safe_load(path.read_text()))
-    except Exception as exc:
-        raise OutputError(f"invalid output {path.name}: {exc}") from None
-    if output.name != path.stem:
-        raise OutputError(f"{path.name}: output {output.name!r} != file name")
-    return output
+    """Load one declaration (``outputs/<name>.yaml``); errors name the file."""
+    return load_named_yaml(Output, path, "output", error=OutputError)
 
 
 def load_outputs(registry: ContractRegistry | None = None) -> dict[str, Output]:
@@ -314,20 +291,44 @@ def code_lists_of(output: Output) -> list[str]:
     return sorted(set(n for n in names if n))
 
 
+CodeRow = tuple[str, str, str | None, str | None, str, str]
+
+
+def code_list_rows(registry: ContractRegistry) -> list[CodeRow]:
+    """(list, code, display, group, system, version) of every code list the contracts and outputs use."""
+    names = {f.rule.code_list for c in registry.contracts.values() for f in c.fields if f.rule and f.rule.code_list}
+    for path in sorted(outputs_dir(registry.root).glob("*.yaml")):
+        names |= set(code_lists_of(load_output(path)))
+    rows: list[CodeRow] = []
+    for name in sorted(names):
+        cl = registry.code_list(name)
+        rows += [(name, str(c["code"]), _text(c.get("display")), _text(c.get("group")), cl.system, cl.version)
+                 for c in cl.codes]
+    return rows
+
+
+def _text(value: str | int | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def load_code_lists(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> int:
-    """Refresh the store's copy of every code list the contracts and outputs use (reference data)."""
+    """Make the store's copy (``governance.code_list``) hold exactly the code lists in use; rows held.
+
+    Idempotent: when the copy already holds these rows nothing is written (one read), so a
+    caller may refresh it at every unit of work; otherwise it is rewritten in one INSERT.
+    """
+    rows = code_list_rows(registry)
+    if table_exists(con, *CODES.split(".")):
+        held = con.execute(f"SELECT list, code, display, grp, system, version FROM {CODES}").fetchall()
+        if len(held) == len(rows) and set(held) == set(rows):
+            return len(rows)
     con.execute(
         f"CREATE OR REPLACE TABLE {CODES} (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR, "
         "system VARCHAR, version VARCHAR)"
     )
-    names = {f.rule.code_list for c in registry.contracts.values() for f in c.fields if f.rule and f.rule.code_list}
-    for path in sorted(outputs_dir(registry.root).glob("*.yaml")):
-        names |= set(code_lists_of(load_output(path)))
-    rows = []
-    for name in sorted(names):
-        cl = registry.code_list(name)
-        rows += [(name, str(c["code"]), c.get("display"), c.get("group"), cl.system, cl.version) for c in cl.codes]
-    con.executemany(f"INSERT INTO {CODES} VALUES (?, ?, ?, ?, ?, ?)", rows)
+    if rows:
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        con.execute(f"INSERT INTO {CODES} SELECT {', '.join('unnest(?::VARCHAR[])' for _ in columns)}", columns)
     return len(rows)
 
 
@@ -346,9 +347,7 @@ class Period:
 
     @property
     def months(self) -> int:
-        if self.start is None or self.end is None:
-            return 0
-        return (self.end.year - self.start.year) * 12 + self.end.month - self.start.month + 1
+        return 0 if self.start is None or self.end is None else months_spanned(self.start, self.end)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -358,6 +357,16 @@ class Period:
             "records_in_haven": dict(self.records),
             "records_after_period_end": dict(self.after_end),
         }
+
+
+def month_end(day: date) -> date:
+    """The last day of ``day``'s calendar month."""
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+
+
+def months_spanned(first: date, last: date) -> int:
+    """Calendar months from ``first``'s month to ``last``'s, both included (``first`` <= ``last``)."""
+    return (last.year - first.year) * 12 + last.month - first.month + 1
 
 
 def last_complete_month_end(today: date) -> date:
@@ -381,7 +390,7 @@ def reporting_period(
         if lo is None:
             return Period(None, None, records, {c: 0 for c in output.collections})
         starts.append(lo.replace(day=1))
-        ends.append(min(_month_end(hi), cap))
+        ends.append(min(month_end(hi), cap))
     start, end = min(starts), min(ends)
     if end < start:
         return Period(None, None, records, {c: records[c] for c in output.collections})
@@ -392,15 +401,10 @@ def reporting_period(
     return Period(start, end, records, after)
 
 
-def _month_end(day: date) -> date:
-    first_next = (day.replace(day=1) + timedelta(days=32)).replace(day=1)
-    return first_next - timedelta(days=1)
-
-
 def install_helpers(con: duckdb.DuckDBPyConnection, period: Period) -> None:
     """The ``reporting_months`` table and the helper macros (:data:`MACROS`) the output SQL may use.
 
-    ``codes`` reads ``governance.code_list``: call :func:`load_code_lists` first.
+    ``codes`` reads ``governance.code_list``, which must exist: :func:`load_code_lists` first.
     """
     con.execute(f"CREATE OR REPLACE TEMP TABLE {MONTHS} (month DATE, month_end DATE)")
     if period.start is not None and period.end is not None:
@@ -533,14 +537,17 @@ def build_output(
     """Count, fill the grid, protect and write ``published.<name>`` in public form; check it.
 
     A linked output runs only with the id of the agreement that authorised its linkage
-    (``safehaven.linkage.authorise_linkage``, called by the asset first).
+    (``safehaven.linkage.authorise_linkage``, called by the asset first). The code lists are
+    the store's copy, which the caller refreshes once per unit of work (:func:`load_code_lists`,
+    the aggregate asset); a store without a copy yet (a new store, a test) gets one here.
     """
     if output.linkage and agreement_id != output.linkage.agreement:
         raise OutputError(
             f"{output.name} links {output.linkage.left} and {output.linkage.right}: it runs only after "
             f"agreement {output.linkage.agreement} has authorised the linkage"
         )
-    load_code_lists(con, registry)
+    if not table_exists(con, *CODES.split(".")):
+        load_code_lists(con, registry)
     period = reporting_period(con, output, registry, today)
     install_helpers(con, period)
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"

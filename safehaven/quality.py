@@ -8,10 +8,11 @@ other products; CoP 29i: say what changed). Each output carries one statement, b
 the records it came from, never typed by hand:
 
 * **Relevance**: the output's declared purpose, users, unit and dimensions (its YAML).
-* **Accuracy**: per collection, the validation figures of every batch (``governance.batches``
-  and ``landing.<c>_rejected``, with the same meaning as the validate stage's
-  ``ValidationReport``: ``pass_rate`` = rows entering the haven / rows checked), failures per
-  rule, files quarantined whole at ingest (their reason files), records not in the haven
+* **Accuracy**: per collection, the validation figures of every batch (``governance.batches``,
+  with the same meaning as the validate stage's ``ValidationReport``: ``pass_rate`` = rows
+  entering the haven / rows checked), failures per rule (``governance.validation_rule_results``:
+  rows breaking each rule in the batches validated and not disposed of, the rows that
+  ``landing.<c>_rejected`` holds), files quarantined whole at ingest (their reason files), records not in the haven
   (type 1 objections), records held for a later period; the per-batch measures of
   ``governance.quality_measures`` written by the validation stage (``safehaven.measures``:
   row validity, completeness and validity per field, uniqueness of the patient key, date
@@ -42,8 +43,10 @@ import duckdb
 from safehaven.contracts import Contract, ContractRegistry
 from safehaven.home import Home
 from safehaven.ingest import BATCHES
-from safehaven.outputs import CODES, Output, OutputBuild, code_lists_of
-from safehaven.rules import q, text_sql
+from safehaven.measures import MEASURES_TABLE, RULE_RESULTS
+from safehaven.outputs import Output, OutputBuild, code_lists_of
+from safehaven.rules import ROWS_RULE, q, text_sql
+from safehaven.store import table_exists
 
 #: The licence of every published output (CoP 36; the haven is a public body).
 LICENCE = "Open Government Licence v3.0"
@@ -52,7 +55,6 @@ OGL = f"{LICENCE} - {LICENCE_URL}"
 
 QUALITY_TABLE = "governance.output_quality"
 RELEASES_TABLE = "governance.output_releases"
-MEASURES_TABLE = "governance.quality_measures"
 ESS_DIMENSIONS = (
     "relevance",
     "accuracy",
@@ -60,15 +62,6 @@ ESS_DIMENSIONS = (
     "accessibility_and_clarity",
     "comparability_and_coherence",
 )
-
-
-def _exists(con: duckdb.DuckDBPyConnection, relation: str) -> bool:
-    schema, table = relation.split(".")
-    row = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-        [schema, table],
-    ).fetchone()
-    return bool(row and row[0])
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -94,7 +87,7 @@ def collection_figures(con: duckdb.DuckDBPyConnection, contract: Contract, home:
     """Validation and coverage figures of one collection, from the records of the run."""
     c = contract.collection
     figures: dict[str, Any] = {"contract_version": contract.version}
-    if _exists(con, BATCHES):
+    if table_exists(con, *BATCHES.split(".")):
         row = con.execute(
             f"""SELECT count(*),
                  count(*) FILTER (WHERE status = 'accepted'),
@@ -130,17 +123,11 @@ def collection_figures(con: duckdb.DuckDBPyConnection, contract: Contract, home:
             "data_last_received_at": last_landed.astimezone(UTC).isoformat(timespec="seconds")
             if last_landed else None,
         })
-    if _exists(con, f"landing.{c}_rejected"):
-        figures["failures_by_rule"] = dict(
-            con.execute(
-                f"SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule FROM landing.{q(c + '_rejected')}) "
-                "GROUP BY rule ORDER BY rule"
-            ).fetchall()
-        )
-    measured = _exists(con, MEASURES_TABLE)
-    if measured:
+        if table_exists(con, *RULE_RESULTS.split(".")):
+            figures["failures_by_rule"] = _failures_by_rule(con, c)
+    if table_exists(con, *MEASURES_TABLE.split(".")):
         figures["measures_from_validation"] = _measures(con, c)
-    elif _exists(con, f"landing.{c}"):
+    elif table_exists(con, "landing", c):
         # Fallback when the validation stage records no measures: completeness as received.
         parts = ", ".join(f"count({text_sql(f.name)})" for f in contract.fields)
         row = con.execute(f"SELECT count(*), {parts} FROM landing.{q(c)}").fetchone()
@@ -148,7 +135,7 @@ def collection_figures(con: duckdb.DuckDBPyConnection, contract: Contract, home:
         figures["completeness_as_received"] = {
             f.name: _rate(int(n), total) for f, n in zip(contract.fields, row[1:], strict=True)
         }
-    if _exists(con, f"haven.{c}") and _exists(con, f"landing.{c}_valid"):
+    if table_exists(con, "haven", c) and table_exists(con, "landing", f"{c}_valid"):
         valid_rows = con.execute(
             f"SELECT count(*) FROM landing.{q(c + '_valid')} WHERE _batch IN "
             f"(SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status = 'accepted')",
@@ -175,19 +162,31 @@ def _quarantined_files(home: Home, collection: str) -> dict[str, Any]:
     return {"files": sum(by_rule.values()), "by_rule": by_rule}
 
 
+def _failures_by_rule(con: duckdb.DuckDBPyConnection, collection: str) -> dict[str, int]:
+    """Rows breaking each rule, summed over the collection's validated batches (by rule id).
+
+    From the per-batch, per-rule results of the validate stage: the batches accepted or
+    refused (a disposed batch's rows have left ``_rejected``), rules with failures only, the
+    row-level tolerance left out. The same counts as unnesting the rule lists of
+    ``landing.<collection>_rejected``, from a table of a few rows per batch.
+    """
+    return {str(rule): int(n) for rule, n in con.execute(
+        f"SELECT r.rule_id, sum(r.sql_failures) FROM {RULE_RESULTS} r JOIN {BATCHES} b USING (batch_id) "
+        "WHERE b.collection = ? AND b.status IN ('accepted', 'refused') AND r.rule_id <> ? AND r.sql_failures > 0 "
+        "GROUP BY r.rule_id ORDER BY r.rule_id",
+        [collection, ROWS_RULE],
+    ).fetchall()}
+
+
 def _measures(con: duckdb.DuckDBPyConnection, collection: str) -> dict[str, Any]:
     """The validation stage's per-batch measures (``safehaven.measures``), pooled over batches.
 
     Each (measure, field) is the sum of numerators over the sum of denominators of every
     batch (accepted or refused); date coverage keeps its earliest start and latest end.
     """
-    cols = {d[0] for d in con.execute(f"SELECT * FROM {MEASURES_TABLE} LIMIT 0").description}
-    if not {"collection", "batch_id", "field", "measure", "numerator", "denominator"} <= cols:
-        return {}
-    bounds = ", min(period_start), max(period_end)" if {"period_start", "period_end"} <= cols else ", NULL, NULL"
     rows = con.execute(
-        f"SELECT measure, field, sum(numerator), sum(denominator){bounds} FROM {MEASURES_TABLE} "
-        "WHERE collection = ? GROUP BY ALL ORDER BY measure, field",
+        "SELECT measure, field, sum(numerator), sum(denominator), min(period_start), max(period_end) "
+        f"FROM {MEASURES_TABLE} WHERE collection = ? GROUP BY ALL ORDER BY measure, field",
         [collection],
     ).fetchall()
     batches = con.execute(
@@ -286,16 +285,11 @@ def build_statement(
             "code_lists": lists,
             "disclosure_policy": output.policy.model_dump(),
             "coherence": list(output.coherence),
-            "changes_since_last_release": changes_since_last_release(con, output.name, {
-                "output_version": output.version,
-                "definition_sha256": output.definition_sha256(),
-                "contracts": {c: registry.contracts[c].version for c in output.collections},
-                "code_lists": lists,
-                "policy": output.policy.model_dump(),
-                "columns": columns,
-            }),
+            "changes_since_last_release": [],
         },
     }
+    cc = statement["comparability_and_coherence"]
+    cc["changes_since_last_release"] = changes_since_last_release(con, output.name, _comparable(statement))
     return finalise(statement, None, as_of)
 
 
@@ -317,6 +311,7 @@ def finalise(statement: dict[str, Any], release_id: str | None, published_at: da
 
 
 def _comparable(statement: dict[str, Any]) -> dict[str, Any]:
+    """What a release is compared on: definition version and hash, contracts, code lists, policy, columns."""
     cc = statement.get("comparability_and_coherence", {})
     return {
         "output_version": statement.get("output_version"),
@@ -376,11 +371,6 @@ def record_release(con: duckdb.DuckDBPyConnection, statements: list[dict[str, An
             f"INSERT INTO {RELEASES_TABLE} VALUES (?, ?, ?, ?)",
             [st["release"]["id"], st["output"], st["release"]["published_at"], json.dumps(st)],
         )
-
-
-def code_list_versions(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    """Versions of the code lists held in the store (for the methods and dictionary)."""
-    return dict(con.execute(f"SELECT DISTINCT list, version FROM {CODES} ORDER BY 1").fetchall())
 
 
 # --- rendering -------------------------------------------------------------------------

@@ -56,6 +56,10 @@ NHS_INT = "_int_"
 #: Prefix of a uniqueness declaration's duplicate flag (a helper; not stored).
 DUPLICATE = "_dup_"
 
+#: The id under which the row-level tolerance (the share of a batch's rows that break any rule)
+#: is reported beside the rules: a GX expectation over the pass's result (``safehaven.expectations``).
+ROWS_RULE = "rows.within_tolerance"
+
 RuleKind = Literal["required", "type", "nhs_number", "format", "code_list", "allowed", "range", "order", "unique"]
 
 
@@ -105,19 +109,6 @@ def raw_column(spec: FieldSpec) -> str:
     return spec.name if spec.type == "VARCHAR" else RAW + spec.name
 
 
-def nhs_check_digit_sql(number: str) -> str:
-    """SQL boolean: the ten-digit number ``number`` (a BIGINT) has a valid mod-11 check digit.
-
-    Rule (NHS Data Dictionary "NHS NUMBER"; BRIEF "Data standards"): weights 10..2 on digits
-    1-9, check = 11 - (sum mod 11), 11 -> 0, 10 -> invalid. Equivalently the sum over all ten
-    digits with weights 10..1 is a multiple of 11: the check digit d10 is valid exactly when
-    (sum + d10) mod 11 = 0, and a check of 10 can never equal a digit. Digits come from
-    integer arithmetic on one BIGINT (twice as fast in DuckDB as ten substrings).
-    """
-    terms = " + ".join(f"{10 - i} * (({number} // {10 ** (9 - i)}) % 10)" for i in range(9))
-    return f"(({terms} + {number} % 10) % 11 = 0)"
-
-
 #: The weighted digit sums of every five-digit block, for the first and the second half of a
 #: ten-digit number (weights 10..6 and 5..1): one relation of two 100,000-entry lists.
 CHECK_WEIGHTS = "_w"
@@ -133,11 +124,16 @@ def check_weights_sql() -> str:
 
 
 def nhs_check_digit_lookup_sql(number: str) -> str:
-    """``nhs_check_digit_sql`` by table lookup: two list reads per row instead of nine divisions.
+    """SQL boolean: the ten-digit number ``number`` (a BIGINT) has a valid mod-11 check digit.
 
-    The weighted sum of ten digits is the sum of its two halves' weighted sums, read from
-    ``check_weights_sql`` (joined as ``_w``). The same rule, about twice as fast again
-    (6.7M numbers: 1.1 s against 2.3 s on two busy cores).
+    Rule (NHS Data Dictionary "NHS NUMBER"; BRIEF "Data standards"; the text form is
+    ``safehaven.identifiers.nhs_valid_sql``): weights 10..2 on digits 1-9, check = 11 - (sum
+    mod 11), 11 -> 0, 10 -> invalid. Equivalently the sum over all ten digits with weights
+    10..1 is a multiple of 11: the check digit d10 is valid exactly when (sum + d10) mod 11 =
+    0, and a check of 10 can never equal a digit. The weighted sum of ten digits is the sum
+    of its two halves' weighted sums, read from ``check_weights_sql`` (joined as ``_w``): two
+    list reads per row instead of nine divisions (6.7M numbers: 1.1 s against 2.3 s for
+    integer arithmetic, and that twice as fast as ten substrings, on two busy cores).
     """
     return (f"((({CHECK_WEIGHTS}.hi[CAST({number} // {_HALF} AS INTEGER) + 1] "
             f"+ {CHECK_WEIGHTS}.lo[CAST({number} % {_HALF} AS INTEGER) + 1]) % 11) = 0)")

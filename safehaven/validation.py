@@ -60,15 +60,21 @@ from typing import Any
 import duckdb
 
 from safehaven.contracts import Contract, ContractRegistry
-from safehaven.expectations import BROKEN_RULES, ROWS_RULE, PlannedExpectation, compile_suite
+from safehaven.expectations import BROKEN_RULES, PlannedExpectation, compile_suite
 from safehaven.gx_duckdb import SuiteResult, run_suite
 from safehaven.ingest import BATCHES, ensure_tables
-from safehaven.measures import Measure, aggregates, build_measures, store_measures
+from safehaven.measures import (
+    RULE_RESULTS,
+    Measure,
+    aggregates,
+    build_measures,
+    ensure_rule_results_table,
+    store_measures,
+)
 from safehaven.measures import ensure_table as ensure_measures_table
-from safehaven.rules import NHS_RE, RuleCheck, compile_checks, lit, pass_sql, q, typed_projection
+from safehaven.rules import NHS_RE, ROWS_RULE, RuleCheck, compile_checks, lit, pass_sql, q, typed_projection
 
 RESULTS = "governance.validation_results"
-RULE_RESULTS = "governance.validation_rule_results"
 CHECKED = "_checked"
 VIEW = "_gx_batch"
 
@@ -120,20 +126,50 @@ class BatchOutcome:
 
 @dataclass
 class ValidationReport:
-    """Counts per rule and per batch for one collection's newly landed batches."""
+    """One collection's newly landed batches: each batch's verdict, and totals derived from them."""
 
     collection: str
     contract_version: str
-    rows_checked: int = 0
-    rows_valid: int = 0
-    rows_invalid: int = 0
-    failures_by_rule: dict[str, int] = field(default_factory=dict)
-    batches_accepted: list[str] = field(default_factory=list)
-    batches_refused: list[dict[str, object]] = field(default_factory=list)
-    tolerance: float = 0.0
     batches: list[BatchOutcome] = field(default_factory=list)
     gx_version: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows_checked(self) -> int:
+        """Rows of every batch validated in this run, accepted or refused."""
+        return sum(b.rows for b in self.batches)
+
+    @property
+    def rows_invalid(self) -> int:
+        """Rows that break at least one rule, in every batch."""
+        return sum(b.invalid_rows for b in self.batches)
+
+    @property
+    def rows_valid(self) -> int:
+        """Rows going on into the haven: the valid rows of accepted batches (none of a refused one)."""
+        return sum(b.rows - b.invalid_rows for b in self.batches if b.accepted)
+
+    @property
+    def failures_by_rule(self) -> dict[str, int]:
+        """Rows breaking each rule, summed over the batches, by rule id."""
+        total: dict[str, int] = {}
+        for batch in self.batches:
+            for rule, n in batch.failures_by_rule.items():
+                total[rule] = total.get(rule, 0) + n
+        return dict(sorted(total.items()))
+
+    @property
+    def batches_accepted(self) -> list[str]:
+        return [b.batch_id for b in self.batches if b.accepted]
+
+    @property
+    def batches_refused(self) -> list[dict[str, object]]:
+        """Each refused batch: its counts and the rules over the tolerance (ids only)."""
+        return [{
+            "batch": b.batch_id, "rows": b.rows, "invalid_rows": b.invalid_rows,
+            "invalid_share": round(b.invalid_share, 6),
+            "rules_over_tolerance": [r.rule_id for r in b.rules if not r.gx_success],
+        } for b in self.batches if not b.accepted]
 
     @property
     def pass_rate(self) -> float:
@@ -141,12 +177,9 @@ class ValidationReport:
         return 1.0 if self.rows_checked == 0 else self.rows_valid / self.rows_checked
 
     @property
-    def blocked(self) -> bool:
-        return bool(self.batches_refused)
-
-    @property
     def gx_success(self) -> bool:
-        return all(b.gx.success for b in self.batches)
+        """Every batch's GX suite succeeded, so none was refused (a batch is accepted exactly when it did)."""
+        return all(b.accepted for b in self.batches)
 
     def rules_table(self) -> dict[str, dict[str, Any]]:
         """Per rule, summed over the batches: the pass's failures and GX's unexpected count."""
@@ -179,12 +212,7 @@ def ensure_tables_validated(con: duckdb.DuckDBPyConnection, contract: Contract) 
         "rows BIGINT, invalid_rows BIGINT, tolerance DOUBLE, gx_seconds DOUBLE, evaluated_at TIMESTAMPTZ, "
         "document JSON)"
     )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {RULE_RESULTS} (batch_id VARCHAR, collection VARCHAR, "
-        "contract_version VARCHAR, rule_id VARCHAR, kind VARCHAR, description VARCHAR, evaluated_by VARCHAR, "
-        "expectation_type VARCHAR, sql_failures BIGINT, gx_unexpected BIGINT, gx_element_count BIGINT, "
-        "gx_success BOOLEAN, check_digit_failures BIGINT, PRIMARY KEY (batch_id, rule_id))"
-    )
+    ensure_rule_results_table(con)
     ensure_measures_table(con)
 
 
@@ -207,7 +235,7 @@ def validate_collection(
     """Validate every batch of the collection still in status ``landed``."""
     ensure_tables_validated(con, contract)
     c = contract.collection
-    report = ValidationReport(c, contract.version, tolerance=contract.tolerance)
+    report = ValidationReport(c, contract.version)
     pending = pending_batches(con, c)
     if not pending:
         return report
@@ -244,21 +272,8 @@ def validate_collection(
         con.execute(f"DROP VIEW IF EXISTS temp.main.{VIEW}")
         con.execute(f"DROP TABLE IF EXISTS temp.main.{CHECKED}")
     for outcome in report.batches:
-        report.rows_checked += outcome.rows
-        report.rows_invalid += outcome.invalid_rows
-        for rule, n in outcome.failures_by_rule.items():
-            report.failures_by_rule[rule] = report.failures_by_rule.get(rule, 0) + n
-        if outcome.accepted:
-            report.batches_accepted.append(outcome.batch_id)
-            report.rows_valid += outcome.rows - outcome.invalid_rows
-        else:
-            report.batches_refused.append({
-                "batch": outcome.batch_id, "rows": outcome.rows, "invalid_rows": outcome.invalid_rows,
-                "invalid_share": round(outcome.invalid_share, 6),
-                "rules_over_tolerance": [r.rule_id for r in outcome.rules if not r.gx_success],
-            })
+        if not outcome.accepted:
             _write_refusal(con, contract, quarantine_dir, outcome)
-    report.failures_by_rule = dict(sorted(report.failures_by_rule.items()))
     report.seconds["total"] = round(sum(report.seconds.values()), 3)
     return report
 
@@ -375,21 +390,11 @@ def _compare(
 
 def _write(con: duckdb.DuckDBPyConnection, contract: Contract, report: ValidationReport,
            measures: list[Measure]) -> None:
-    """Everything of one validation run, in one transaction."""
+    """Everything of one validation run, in one transaction: the rows, then each batch's records."""
     c = contract.collection
-    fields = ", ".join(q(f.name) for f in contract.fields)
     con.execute("BEGIN TRANSACTION")
     try:
-        for b in report.batches:
-            if b.accepted:
-                con.execute(
-                    f"INSERT INTO landing.{q(c + '_valid')} SELECT {fields}, {lit(b.batch_id)}, _row FROM {CHECKED} "
-                    f"WHERE _b = {b.index} AND len(failed_rules) = 0"
-                )
-            con.execute(
-                f"INSERT INTO landing.{q(c + '_rejected')} SELECT {lit(b.batch_id)}, _row, failed_rules "
-                f"FROM {CHECKED} WHERE _b = {b.index} AND len(failed_rules) > 0"
-            )
+        _write_rows(con, contract, report)
         for b in report.batches:
             status = "accepted" if b.accepted else "refused"
             con.execute(
@@ -419,6 +424,32 @@ def _write(con: duckdb.DuckDBPyConnection, contract: Contract, report: Validatio
     except Exception:
         con.execute("ROLLBACK")
         raise
+
+
+def _write_rows(con: duckdb.DuckDBPyConnection, contract: Contract, report: ValidationReport) -> None:
+    """The valid rows of the accepted batches to ``_valid``; the failing rows of every batch to ``_rejected``.
+
+    One scan of the checked rows for each table, whatever the number of batches: every
+    checked row belongs to a batch of the report (``_batch_counts`` groups them all), and ``_b``
+    (the batch's position in the run) reads the batch id from a list literal.
+    """
+    if not report.batches:
+        return
+    c = contract.collection
+    fields = ", ".join(q(f.name) for f in contract.fields)
+    by_index = {b.index: b.batch_id for b in report.batches}
+    ids = ", ".join(lit(by_index[i]) if i in by_index else "NULL" for i in range(1, max(by_index) + 1))
+    batch_id = f"[{ids}][_b]"
+    accepted = ", ".join(str(b.index) for b in report.batches if b.accepted)
+    if accepted:
+        con.execute(
+            f"INSERT INTO landing.{q(c + '_valid')} SELECT {fields}, {batch_id}, _row FROM {CHECKED} "
+            f"WHERE _b IN ({accepted}) AND len(failed_rules) = 0"
+        )
+    con.execute(
+        f"INSERT INTO landing.{q(c + '_rejected')} SELECT {batch_id}, _row, failed_rules FROM {CHECKED} "
+        "WHERE len(failed_rules) > 0"
+    )
 
 
 def _write_refusal(con: duckdb.DuckDBPyConnection, contract: Contract, quarantine_dir: Path,

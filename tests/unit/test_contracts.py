@@ -41,7 +41,8 @@ def test_code_lists_and_formats_cite_a_resolvable_url() -> None:
                 assert code_list.system.startswith(("http://", "https://"))
                 assert code_list.version and code_list.code_values
             if spec.rule.format:
-                assert spec.standard is not None and spec.standard.startswith("https://")
+                standard = FORMAT_STANDARDS.get(spec.rule.format)
+                assert standard is not None and standard.startswith("https://")
     assert set(FORMAT_STANDARDS) == {"nhs_number", "uk_postcode", "ods_code", "gss_code", "date"}
 
 

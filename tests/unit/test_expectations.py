@@ -8,8 +8,8 @@ import duckdb
 import pytest
 
 from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
-from safehaven.expectations import BROKEN_RULES, ROWS_RULE, anchored, compile_suite, gx_columns, prefix3_regex
-from safehaven.rules import FORMAT_RE, NHS_RE, compile_checks
+from safehaven.expectations import BROKEN_RULES, ROWS_RULE, anchored, compile_suite, prefix3_regex
+from safehaven.rules import FORMAT_RE, NHS_RE, compile_checks, typed_projection
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
 TODAY = date(2026, 6, 30)
@@ -41,7 +41,13 @@ def test_one_expectation_per_rule_and_one_for_the_rows(collection: str) -> None:
             assert config.kwargs.get("mostly", 1) == 1
     rows = suite[-1].expectation.configuration
     assert rows.kwargs["column"] == BROKEN_RULES and rows.kwargs["max_value"] == 0
-    assert set(gx_columns(contract)) >= {f.name for f in contract.fields} | {BROKEN_RULES}
+    # GX reads the typed projection of the pass and the per-row count of broken rules (safehaven.validation).
+    gx_columns = {c.name for c in typed_projection(contract)} | {BROKEN_RULES}
+    assert gx_columns >= {f.name for f in contract.fields} | {BROKEN_RULES}
+    for planned in suite:
+        kwargs = planned.expectation.configuration.kwargs
+        read = [kwargs.get(k) for k in ("column", "column_A", "column_B")] + list(kwargs.get("column_list") or [])
+        assert {c for c in read if c} <= gx_columns, planned.rule_id
 
 
 def test_expectations_read_the_typed_values_and_the_contract() -> None:

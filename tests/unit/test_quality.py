@@ -15,6 +15,8 @@ import pytest
 
 from safehaven.contracts import ContractRegistry
 from safehaven.home import Home
+from safehaven.measures import RULE_RESULTS, ensure_rule_results_table
+from safehaven.measures import ensure_table as ensure_measures_table
 from safehaven.outputs import Output, build_output
 from safehaven.quality import (
     ESS_DIMENSIONS,
@@ -62,6 +64,19 @@ def seed(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     con.execute(
         "INSERT INTO landing.social_care_rejected SELECT 'b1', i, ['nhs_number.nhs_number'] FROM range(2) t(i) "
         "UNION ALL SELECT 'b2', i, ['start_date.type', 'end_not_before_start'] FROM range(20) t(i)"
+    )
+    # The validate stage's per-rule results of the same batches (every rule, and the row-level tolerance).
+    ensure_rule_results_table(con)
+    con.execute(
+        f"INSERT INTO {RULE_RESULTS} (batch_id, collection, rule_id, kind, sql_failures) VALUES "
+        "('b1', 'social_care', 'nhs_number.nhs_number', 'nhs_number', 2), "
+        "('b1', 'social_care', 'start_date.type', 'type', 0), "
+        "('b1', 'social_care', 'rows.within_tolerance', 'rows', 2), "
+        "('b2', 'social_care', 'nhs_number.nhs_number', 'nhs_number', 0), "
+        "('b2', 'social_care', 'start_date.type', 'type', 20), "
+        "('b2', 'social_care', 'end_not_before_start', 'order', 20), "
+        "('b2', 'social_care', 'rows.within_tolerance', 'rows', 20), "
+        "('x1', 'gp_events', 'nhs_number.nhs_number', 'nhs_number', 0)"
     )
     cols = ["local_authority_code", "service_type", "start_date", "end_date", "nhs_number", "date_of_birth", "sex",
             "postcode"]
@@ -114,11 +129,7 @@ def test_quality_measures_are_used_when_the_validation_stage_writes_them(
 ) -> None:
     home = Home(tmp_path / "home").ensure()
     seed(con, home)
-    con.execute(
-        "CREATE TABLE governance.quality_measures (batch_id VARCHAR, collection VARCHAR, contract_version VARCHAR, "
-        "field VARCHAR, measure VARCHAR, value DOUBLE, numerator BIGINT, denominator BIGINT, period_start DATE, "
-        "period_end DATE, measured_at TIMESTAMPTZ)"
-    )
+    ensure_measures_table(con)
     con.execute(
         "INSERT INTO governance.quality_measures VALUES "
         "('b1', 'social_care', '1.0.0', '*', 'row_validity', 0.98, 98, 100, NULL, NULL, now()),"

@@ -57,7 +57,7 @@ def test_valid_rows_go_on_typed_and_failing_rows_are_quarantined_by_rule(con, ho
     assert (report.rows_checked, report.rows_valid, report.rows_invalid) == (100, 97, 3)
     assert report.failures_by_rule == {"diagnosis_code.code_list": 1, "nhs_number.nhs_number": 1,
                                        "postcode.format": 1}
-    assert report.batches_accepted == [batch] and not report.blocked and report.gx_success
+    assert report.batches_accepted == [batch] and not report.batches_refused and report.gx_success
     assert con.execute("SELECT status, invalid_rows FROM governance.batches").fetchall() == [("accepted", 3)]
     rejected = con.execute("SELECT _row, failed_rules FROM landing.gp_events_rejected ORDER BY _row").fetchall()
     assert rejected == [(1, ["nhs_number.nhs_number"]), (2, ["diagnosis_code.code_list"]), (3, ["postcode.format"])]
@@ -72,7 +72,7 @@ def test_a_batch_over_tolerance_is_refused_whole_with_a_reason(con, home: Home) 
     batch = land(con, home, REGISTRY, "gp_events", rows, "gp_bad.csv")
     report = _validate(con, home)
 
-    assert report.blocked and not report.gx_success
+    assert report.batches_refused and not report.gx_success
     assert report.rows_valid == 0 and report.rows_invalid == 9
     assert con.execute("SELECT count(*) FROM landing.gp_events_valid").fetchone() == (0,)
     assert con.execute("SELECT status FROM governance.batches WHERE batch_id = ?", [batch]).fetchone() == ("refused",)
@@ -102,7 +102,7 @@ def test_one_rule_over_tolerance_of_its_values_refuses_the_batch(con, home: Home
     land(con, home, REGISTRY, "social_care", rows, "sc.csv")
     report = _validate(con, home, "social_care")
     assert report.rows_invalid == 2
-    assert report.blocked
+    assert report.batches_refused
     assert report.batches_refused[0]["rules_over_tolerance"] == ["end_date.range"]
     reason = json.loads((home.quarantine_for("social_care") / "sc.csv.reason.json").read_text())
     assert "end_date.range" in reason["reason"]
@@ -126,7 +126,7 @@ def test_validation_is_incremental_and_idempotent(con, home: Home) -> None:
     first = _validate(con, home)
     again = _validate(con, home)
     assert first.rows_checked == 20
-    assert again.rows_checked == 0 and not again.batches and not again.blocked
+    assert again.rows_checked == 0 and not again.batches and not again.batches_refused
     assert con.execute("SELECT count(*) FROM landing.gp_events_valid").fetchone() == (20,)
     land(con, home, REGISTRY, "gp_events", gp_rows(5, start=50), "gp_2.csv")
     assert _validate(con, home).rows_checked == 5
