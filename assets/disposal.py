@@ -85,15 +85,14 @@ def dispose_op(context: dg.OpExecutionContext, config: DisposalConfig, haven: Sa
     for r in results:
         context.log.info(f"{r.status}: {r.target.describe()}" + (f" (certificate {r.disposal_id})"
                                                                   if r.disposal_id else ""))
-    done = [r for r in results if r.status == "disposed"]
+    done = [r.as_metadata() for r in results if r.status == "disposed"]
     meta: dict[str, object] = {
         "disposals": len(done),
-        "certificates": ", ".join(r.disposal_id or "" for r in done),
-        "rows_disposed": sum(int(r.certificate["rows_disposed"]) for r in done if r.certificate),
-        "files_destroyed": sum(int(r.certificate["files_destroyed"]) for r in done if r.certificate),
-        "key_ids_destroyed": ", ".join(k["key_id"] for r in done if r.certificate
-                                       for k in r.certificate["keys_destroyed"]),
-        "register": dg.MetadataValue.path(str(home.registers / "disposal_register.csv")),
+        "certificates": ", ".join(m.get("disposal_id") or "" for m in done),
+        "rows_disposed": sum(int(m.get("rows_disposed", 0)) for m in done),
+        "files_destroyed": sum(int(m.get("files_destroyed", 0)) for m in done),
+        "key_ids_destroyed": ", ".join(m["key_ids_destroyed"] for m in done if m.get("key_ids_destroyed")),
+        "register": dg.MetadataValue.path(str(home.registers / f"{disposal.EXPORT_STEM}.csv")),
     }
     context.add_output_metadata(meta)
 

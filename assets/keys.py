@@ -17,7 +17,16 @@ def haven(collection: str) -> dg.AssetKey:
     return dg.AssetKey(["haven", collection])
 
 
+def vault(collection: str) -> dg.AssetKey:
+    return dg.AssetKey(["vault", collection])
+
+
+def release(agreement_id: str) -> dg.AssetKey:
+    return dg.AssetKey(["release", agreement_id])
+
+
 OBJECTION_REGISTER = dg.AssetKey(["governance", "objection_register"])
+OBJECTION_RATES = dg.AssetKey(["governance", "objection_rates"])
 PUBLISHED_FILES = dg.AssetKey(["published", "files"])
 
 

@@ -20,7 +20,6 @@ from safehaven.objections import (
 )
 from safehaven.pseudonymise import install_key
 
-OBJECTION_RATES = dg.AssetKey(["governance", "objection_rates"])
 RATE_CHECK = "objection_rate_within_control_limits"
 
 
@@ -58,7 +57,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     gp = [c for c in registry.content() if c.practice_field]
     spec = dg.AssetCheckSpec(
         RATE_CHECK,
-        asset=OBJECTION_RATES,
+        asset=keys.OBJECTION_RATES,
         blocking=False,
         description="No practice's type 1 objection rate is above the 99.8% funnel-plot control limit "
         "(exact binomial) around the pooled rate of the other practices (Govt response 7.15). A warning: an outlier is "
@@ -66,7 +65,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     )
 
     @dg.asset(
-        key=OBJECTION_RATES,
+        key=keys.OBJECTION_RATES,
         deps=[keys.OBJECTION_REGISTER, *[keys.haven(c.collection) for c in gp]],
         group_name="objections",
         pool=keys.STORE_POOL,

@@ -14,10 +14,6 @@ from safehaven.pseudonymise import install_key
 from safehaven.vault import IDENTITY, vault_collection
 
 
-def vault_key(collection: str) -> dg.AssetKey:
-    return dg.AssetKey(["vault", collection])
-
-
 def haven_asset(contract: Contract) -> dg.AssetsDefinition:
     @dg.asset(
         key=keys.haven(contract.collection),
@@ -59,7 +55,7 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
         deps.append(keys.OBJECTION_REGISTER)
 
     @dg.asset(
-        key=vault_key(contract.collection),
+        key=keys.vault(contract.collection),
         deps=deps,
         group_name="pseudonymise",
         pool=keys.STORE_POOL,

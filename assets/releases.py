@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from assets import keys
+from assets.keys import release as release_key
 from resources.haven import SafeHavenResource
 from safehaven.agreements import Agreement, scan_agreements
 from safehaven.contracts import ContractRegistry
@@ -32,10 +33,6 @@ from safehaven.outputs import load_outputs
 from safehaven.releases import ReleaseRefused, release
 
 GROUP = "release"
-
-
-def release_key(agreement_id: str) -> dg.AssetKey:
-    return dg.AssetKey(["release", agreement_id])
 
 
 def release_asset(agreement_id: str, agreement: Agreement | None, registry: ContractRegistry,

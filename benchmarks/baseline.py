@@ -51,6 +51,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from datetime import date, timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -141,29 +142,41 @@ def load_code_lists() -> dict[str, list[dict[str, str]]]:
     return lists
 
 
-def checks_sql(collection: str, lists: dict[str, list[dict[str, str]]]) -> str:
-    """SELECT over ``landing.<collection>``: typed columns plus ``failed`` (rule ids broken)."""
+def _person_typed() -> str:
+    """Typed person columns (every content collection): canonical NHS number, date of birth, sex, postcode."""
+    return f"""{NHS_CANON} AS nhs,
+  {_txt("date_of_birth")} AS date_of_birth_raw, {_date("date_of_birth")} AS date_of_birth,
+  {_txt("sex")} AS sex, upper({_txt("postcode")}) AS postcode"""
+
+
+def _person_rules(codes: Callable[[str], str]) -> list[str]:
+    """The person rules of every content collection: NHS number, date of birth, sex, postcode."""
+    return [
+        _fail("nhs_number.required", "nhs IS NULL"),
+        _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
+        *_date_rules("date_of_birth", "1900-01-01"),
+        _fail("sex.required", "sex IS NULL"),
+        _fail("sex.code_list", f"sex NOT IN {codes('person_gender')}"),
+        _fail("postcode.required", "postcode IS NULL"),
+        _fail("postcode.format", f"NOT regexp_full_match(postcode, '{POSTCODE_RE}')"),
+    ]
+
+
+def rules(collection: str, lists: dict[str, list[dict[str, str]]]) -> tuple[str, list[str]]:
+    """The typed columns over ``landing.<collection>`` and its rules, one list item per rule."""
 
     def codes(name: str) -> str:
         return _codes([c["code"] for c in lists[name]])
 
     if collection == "gp_events":
         typed = f"""
-  {_txt("practice_code")} AS practice_code, {NHS_CANON} AS nhs,
-  {_txt("date_of_birth")} AS date_of_birth_raw, {_date("date_of_birth")} AS date_of_birth,
-  {_txt("sex")} AS sex, upper({_txt("postcode")}) AS postcode,
+  {_txt("practice_code")} AS practice_code, {_person_typed()},
   {_txt("event_date")} AS event_date_raw, {_date("event_date")} AS event_date,
   {_txt("diagnosis_code")} AS diagnosis_code"""
-        rules = [
+        items = [
             _fail("practice_code.required", "practice_code IS NULL"),
             _fail("practice_code.format", f"NOT regexp_full_match(practice_code, '{ODS_RE}')"),
-            _fail("nhs_number.required", "nhs IS NULL"),
-            _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
-            *_date_rules("date_of_birth", "1900-01-01"),
-            _fail("sex.required", "sex IS NULL"),
-            _fail("sex.code_list", f"sex NOT IN {codes('person_gender')}"),
-            _fail("postcode.required", "postcode IS NULL"),
-            _fail("postcode.format", f"NOT regexp_full_match(postcode, '{POSTCODE_RE}')"),
+            *_person_rules(codes),
             *_date_rules("event_date", "2000-01-01"),
             _fail("diagnosis_code.required", "diagnosis_code IS NULL"),
             _fail("diagnosis_code.code_list", f"diagnosis_code NOT IN {codes('snomed_gp_diagnoses')}"),
@@ -171,22 +184,14 @@ def checks_sql(collection: str, lists: dict[str, list[dict[str, str]]]) -> str:
         ]
     elif collection == "hospital_episodes":
         typed = f"""
-  {_txt("provider_code")} AS provider_code, {NHS_CANON} AS nhs,
-  {_txt("date_of_birth")} AS date_of_birth_raw, {_date("date_of_birth")} AS date_of_birth,
-  {_txt("sex")} AS sex, upper({_txt("postcode")}) AS postcode,
+  {_txt("provider_code")} AS provider_code, {_person_typed()},
   {_txt("admission_date")} AS admission_date_raw, {_date("admission_date")} AS admission_date,
   {_txt("discharge_date")} AS discharge_date_raw, {_date("discharge_date")} AS discharge_date,
   {_txt("primary_diagnosis")} AS primary_diagnosis"""
-        rules = [
+        items = [
             _fail("provider_code.required", "provider_code IS NULL"),
             _fail("provider_code.format", f"NOT regexp_full_match(provider_code, '{ODS_RE}')"),
-            _fail("nhs_number.required", "nhs IS NULL"),
-            _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
-            *_date_rules("date_of_birth", "1900-01-01"),
-            _fail("sex.required", "sex IS NULL"),
-            _fail("sex.code_list", f"sex NOT IN {codes('person_gender')}"),
-            _fail("postcode.required", "postcode IS NULL"),
-            _fail("postcode.format", f"NOT regexp_full_match(postcode, '{POSTCODE_RE}')"),
+            *_person_rules(codes),
             *_date_rules("admission_date", "2000-01-01"),
             *_date_rules("discharge_date", "2000-01-01"),
             _fail("primary_diagnosis.required", "primary_diagnosis IS NULL"),
@@ -198,23 +203,15 @@ def checks_sql(collection: str, lists: dict[str, list[dict[str, str]]]) -> str:
         typed = f"""
   {_txt("local_authority_code")} AS local_authority_code, {_txt("service_type")} AS service_type,
   {_txt("start_date")} AS start_date_raw, {_date("start_date")} AS start_date,
-  {_txt("end_date")} AS end_date_raw, {_date("end_date")} AS end_date, {NHS_CANON} AS nhs,
-  {_txt("date_of_birth")} AS date_of_birth_raw, {_date("date_of_birth")} AS date_of_birth,
-  {_txt("sex")} AS sex, upper({_txt("postcode")}) AS postcode"""
-        rules = [
+  {_txt("end_date")} AS end_date_raw, {_date("end_date")} AS end_date, {_person_typed()}"""
+        items = [
             _fail("local_authority_code.required", "local_authority_code IS NULL"),
             _fail("local_authority_code.code_list", f"local_authority_code NOT IN {codes('ons_local_authorities')}"),
             _fail("service_type.required", "service_type IS NULL"),
             _fail("service_type.code_list", f"service_type NOT IN {codes('asc_service_types')}"),
             *_date_rules("start_date", "2000-01-01"),
             *_date_rules("end_date", "2000-01-01", required=False),
-            _fail("nhs_number.required", "nhs IS NULL"),
-            _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
-            *_date_rules("date_of_birth", "1900-01-01"),
-            _fail("sex.required", "sex IS NULL"),
-            _fail("sex.code_list", f"sex NOT IN {codes('person_gender')}"),
-            _fail("postcode.required", "postcode IS NULL"),
-            _fail("postcode.format", f"NOT regexp_full_match(postcode, '{POSTCODE_RE}')"),
+            *_person_rules(codes),
             _fail("end_not_before_start", "end_date < start_date"),
             _fail("start_not_before_birth", "start_date < date_of_birth"),
         ]
@@ -224,7 +221,7 @@ def checks_sql(collection: str, lists: dict[str, list[dict[str, str]]]) -> str:
   {_txt("recorded_date")} AS recorded_date_raw, {_date("recorded_date")} AS recorded_date,
   {_txt("withdrawn_date")} AS withdrawn_date_raw, {_date("withdrawn_date")} AS withdrawn_date,
   {_txt("source_practice")} AS source_practice"""
-        rules = [
+        items = [
             _fail("nhs_number.required", "nhs IS NULL"),
             _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
             _fail("objection_type.required", "objection_type IS NULL"),
@@ -236,18 +233,19 @@ def checks_sql(collection: str, lists: dict[str, list[dict[str, str]]]) -> str:
         ]
     else:
         raise ValueError(collection)
-    failed = "list_filter([" + ", ".join(rules) + "], x -> x IS NOT NULL)"
+    return typed, items
+
+
+def checks_sql(collection: str, lists: dict[str, list[dict[str, str]]]) -> str:
+    """SELECT over ``landing.<collection>``: typed columns plus ``failed`` (rule ids broken)."""
+    typed, items = rules(collection, lists)
+    failed = "list_filter([" + ", ".join(items) + "], x -> x IS NOT NULL)"
     return f"SELECT *, {failed} AS failed FROM (SELECT _row, {typed}\nFROM landing.{collection})"
 
 
 #: Valid, typed columns of each collection (the canonical NHS number as ``nhs_number``).
 VALID_COLUMNS = {
-    "gp_events": "practice_code, nhs AS nhs_number, date_of_birth, sex, postcode, event_date, diagnosis_code",
-    "hospital_episodes": "provider_code, nhs AS nhs_number, date_of_birth, sex, postcode, admission_date, "
-    "discharge_date, primary_diagnosis",
-    "social_care": "local_authority_code, service_type, start_date, end_date, nhs AS nhs_number, "
-    "date_of_birth, sex, postcode",
-    "objections": "nhs AS nhs_number, objection_type, recorded_date, withdrawn_date, source_practice",
+    c: ", ".join("nhs AS nhs_number" if x == "nhs_number" else x for x in cols) for c, cols in COLUMNS.items()
 }
 
 #: RFC 2104 over blobs with the padded key blocks from the one-row table ``k``; first 128 bits as hex.

@@ -5,8 +5,8 @@ over a Python list (the bare loop, no I/O), a ``hashlib`` loop that reuses the k
 outer states (``.copy()``, the fastest pure-Python form), and the *same job as the SQL*: read
 the values from a DuckDB table, ``hmac.new`` per row, write the pseudonyms back as a table
 (Arrow both ways, the fastest route in and out of Python). Against them, the same HMAC-SHA256
-written in DuckDB SQL over the same table, once per row (no de-duplication, so the primitive
-is compared like for like), and the pipeline's own pseudonymisation
+in DuckDB SQL (the pipeline's ``safehaven.pseudonymise.hmac_sql``) over the same table, once per
+row (no de-duplication, so the primitive is compared like for like), and the pipeline's own pseudonymisation
 (``safehaven.pseudonymise.pid_join_sql``, imported, not copied: the HMAC once per distinct NHS
 number, joined back to every row) writing the same table of pseudonyms as the Python table job
 (``pipeline_pseudonymise``; its pseudonyms are checked equal to Python's). The values are the
@@ -36,8 +36,7 @@ from typing import Any
 import pyarrow as pa
 
 from benchmarks.common import peak_rss_bytes, write_json
-
-CANON = "regexp_replace(trim(nhs_number), '[\\s\\-\\./]', '', 'g')"
+from safehaven.identifiers import canonical_nhs_sql
 
 
 def nhs_numbers(csv: Path, rows: int | None) -> list[str]:
@@ -47,8 +46,8 @@ def nhs_numbers(csv: Path, rows: int | None) -> list[str]:
     return [
         r[0]
         for r in duckdb.sql(
-            f"SELECT {CANON} FROM read_csv('{csv}', all_varchar = true, header = true) "
-            f"WHERE nhs_number IS NOT NULL{limit}"
+            f"SELECT nhs FROM (SELECT {canonical_nhs_sql('nhs_number')} AS nhs "
+            f"FROM read_csv('{csv}', all_varchar = true, header = true)) WHERE nhs IS NOT NULL{limit}"
         ).fetchall()
     ]
 
@@ -63,7 +62,7 @@ def gp_contract() -> Any:
 def bench_hmac(csv: Path, rows: int | None, threads: int | None) -> dict[str, Any]:
     import duckdb
 
-    from safehaven.pseudonymise import install_key, pid_join_sql
+    from safehaven.pseudonymise import hmac_sql, install_key, pid_join_sql
 
     values = nhs_numbers(csv, rows)
     key = os.urandom(32)
@@ -100,18 +99,14 @@ def bench_hmac(csv: Path, rows: int | None, threads: int | None) -> dict[str, An
     con.unregister("_py")
     assert con.execute("SELECT pid FROM py LIMIT 1").fetchone()[0] in set(out1), "table job disagrees with hmac"
     del read, pids
-    con.execute("CREATE TABLE k (ipad BLOB, opad BLOB)")
-    con.execute("INSERT INTO k VALUES (?, ?)", [bytes(b ^ 0x36 for b in padded), bytes(b ^ 0x5C for b in padded)])
+    # the pipeline's key blocks and HMAC SQL (safehaven.pseudonymise), run once per row here
+    install_key(con, "haven", key)
     began = time.perf_counter()
-    con.execute(
-        "CREATE TABLE p AS SELECT left(sha256(k.opad || unhex(sha256(k.ipad || encode(nhs_number)))), 32) "
-        "AS pid FROM v, k"
-    )
+    con.execute(f"CREATE TABLE p AS SELECT {hmac_sql('nhs_number', 'haven')} AS pid FROM v")
     t_sql = time.perf_counter() - began
     first = con.execute("SELECT pid FROM p LIMIT 1").fetchone()[0]
     assert first in set(out1), "DuckDB SQL HMAC disagrees with Python hmac"
     # the pipeline's own pseudonymisation (safehaven.pseudonymise), not a copy of its SQL
-    install_key(con, "haven", key)
     began = time.perf_counter()
     con.execute(f"CREATE TABLE pp AS SELECT _ids.pid {pid_join_sql(gp_contract(), 'v')}")
     t_pipeline = time.perf_counter() - began

@@ -58,6 +58,7 @@ from typing import Any
 import psutil
 
 from benchmarks.common import COLLECTIONS, CONTENT, STAGES, write_json
+from safehaven.synthetic import MAX_PATIENTS  # valid NHS numbers in the 999 test range
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,7 +66,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SNAPSHOT = ("safehaven", "assets", "resources", "data_contracts", "docs", "benchmarks")
 GIB = 1 << 30
 MIB = 1 << 20
-MAX_PATIENTS = 909_091  # safehaven.synthetic.MAX_PATIENTS: valid NHS numbers in the 999 test range
 
 #: Targets on a 2-core, 24 GiB machine (issue #8).
 TARGET_E2E_RATIO = 1.5
@@ -493,7 +493,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             f"{e2e['ratio']:.2f}x ({e2e['pipeline_s']:.1f} s vs {e2e['baseline_s']:.1f} s)",
         )
     )
-    ps = report.get("pseudonymisation") or pseudonymisation(report["pipeline"], report.get("hmac"))
+    ps = report["pseudonymisation"]
     for key, name in (("haven", "pseudonymisation (haven steps)"), ("stage", "pseudonymise stage with the vault")):
         part = ps.get(key, {})
         rate = part.get("rows_per_s")
@@ -1007,7 +1007,7 @@ def assemble(report: dict[str, Any]) -> dict[str, Any]:
 
     Also used by ``--rebuild`` to recompute a report from its JSON.
     """
-    from benchmarks.baseline import checks_sql, load_code_lists
+    from benchmarks.baseline import load_code_lists, rules
 
     runs = report["runs"]
     pipe, base = best_pipeline(runs["pipeline"]), best_baseline(runs["baseline"])
@@ -1027,7 +1027,7 @@ def assemble(report: dict[str, Any]) -> dict[str, Any]:
             "validate_gp_events": {
                 "pipeline_s": gp_step["seconds"] if gp_step else None,
                 "baseline_s": base.get("stage_detail", {}).get("validate.gp_events"),
-                "rules": checks_sql("gp_events", load_code_lists()).count("CASE WHEN"),
+                "rules": len(rules("gp_events", load_code_lists())[1]),
             },
             "pipeline_success": all(p["success"] for p in runs["pipeline"]),
             "checks_failed": sorted({c for p in runs["pipeline"] for c in p["checks_failed"]}),

@@ -19,29 +19,13 @@ import yaml
 
 from safehaven import objections
 from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
-from safehaven.identifiers import check_digit
-from safehaven.ingest import BATCHES
+from safehaven.ingest import BATCHES, ensure_tables
 from safehaven.keys import KeyRing
 from safehaven.pseudonymise import haven_select_sql, install_key, pseudonym
 from safehaven.rules import q
+from tests.unit.validation_helpers import nhs_numbers
 
-TODAY = date.today()
-
-
-def valid_test_numbers(n: int) -> list[str]:
-    """``n`` valid NHS numbers in the never-issued 999 range."""
-    out: list[str] = []
-    i = 0
-    while len(out) < n:
-        nine = f"999{i:06d}"
-        digit = check_digit(nine)
-        if digit is not None:
-            out.append(nine + str(digit))
-        i += 1
-    return out
-
-
-NHS = valid_test_numbers(60)
+NHS = nhs_numbers(60)
 #: people in the big group, the group of ten, and two unique people (indexes into NHS)
 BIG, TEN, UNIQUE = range(0, 40), range(40, 50), (50, 51)
 OPTED_OUT, WITHDRAWN, TYPE1 = 3, 5, 7
@@ -109,7 +93,7 @@ def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: Cont
     """Build ``haven.<collection>`` and the objection register; returns NHS number -> pid."""
     key = keyring.get_or_create("haven")
     install_key(con, "haven", key.material)
-    people = con.execute(
+    con.execute(
         "CREATE OR REPLACE TEMP TABLE _people AS SELECT i, nhs, "
         f"CASE WHEN i < {TEN.start} THEN DATE '1950-06-15' WHEN i < {TEN.stop} THEN DATE '1960-03-10' "
         f"WHEN i = {UNIQUE[0]} THEN DATE '1930-01-20' ELSE DATE '1925-05-05' END AS date_of_birth, "
@@ -118,7 +102,6 @@ def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: Cont
         "FROM (SELECT unnest(range(len(?))) AS i, unnest(?) AS nhs)",
         [NHS[:52], NHS[:52]],
     )
-    del people
     rows = {
         "hospital_episodes": (
             "SELECT 'RR8' AS provider_code, nhs AS nhs_number, date_of_birth, sex, postcode, "
@@ -137,13 +120,9 @@ def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: Cont
             "'44054006' AS diagnosis_code FROM _people, range(3) t(e)"
         ),
     }
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {BATCHES} (batch_id VARCHAR PRIMARY KEY, collection VARCHAR, file_name VARCHAR, "
-        "sha256 VARCHAR, rows BIGINT, landed_at TIMESTAMPTZ, status VARCHAR, invalid_rows BIGINT, "
-        "validated_at TIMESTAMPTZ, contract_version VARCHAR)"
-    )
     for c, sql in rows.items():
         contract = registry.contracts[c]
+        ensure_tables(con, contract)  # the batch register (and an empty landing table)
         cols = ", ".join(q(f) for f in contract.field_names)
         con.execute(f"CREATE OR REPLACE TEMP TABLE _src AS SELECT {cols}, 'b-{c}' AS _batch, "
                     f"row_number() OVER () AS _row FROM ({sql})")

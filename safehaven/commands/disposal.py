@@ -13,12 +13,7 @@ from datetime import date
 
 import click
 
-from safehaven.home import Home
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(message, err=True)
-    sys.exit(code)
+from safehaven.commands import ensure_home, fail
 
 
 def _show(data: dict[str, object], as_json: bool) -> None:
@@ -63,16 +58,16 @@ def register(main: click.Group) -> None:
         """
         from safehaven import disposal as d
 
-        home = Home.from_env().ensure()
+        home = ensure_home()
         modes = sum([bool(agreement), bool(collection), show_due, sweep, resume])
         if modes != 1:
-            _fail("give exactly one of --agreement, --collection (with --before), --due, --sweep or --resume", 2)
+            fail("give exactly one of --agreement, --collection (with --before), --due, --sweep or --resume", 2)
         if releases and not agreement:
-            _fail("--release needs --agreement", 2)
+            fail("--release needs --agreement", 2)
         if collection and not before:
-            _fail("--collection needs --before YYYY-MM-DD (records received before that day are disposed of)", 2)
+            fail("--collection needs --before YYYY-MM-DD (records received before that day are disposed of)", 2)
         if before and not collection:
-            _fail("--before goes with --collection", 2)
+            fail("--before goes with --collection", 2)
         try:
             if show_due:
                 items = d.due(home)
@@ -93,7 +88,7 @@ def register(main: click.Group) -> None:
                 return
             if sweep:
                 if not yes and not click.confirm("dispose of everything due now (irreversible)?"):
-                    _fail("nothing was disposed of", 1)
+                    fail("nothing was disposed of", 1)
                 report = d.sweep(home, authorised_by=authorised_by)
                 out = {"disposed": [r.as_metadata() for r in report.results if r.status == "disposed"],
                        "for_review": [i.as_dict() for i in report.review], "failed": report.failed}
@@ -107,7 +102,7 @@ def register(main: click.Group) -> None:
                 try:
                     day = date.fromisoformat(before or "")
                 except ValueError:
-                    _fail(f"--before {before!r} is not a date (YYYY-MM-DD)", 2)
+                    fail(f"--before {before!r} is not a date (YYYY-MM-DD)", 2)
                 target = d.Target.for_collection(collection or "", day)
             plan = None
             if d.pending(home) is None:
@@ -120,13 +115,12 @@ def register(main: click.Group) -> None:
                 if dry_run:
                     return
                 if not yes and not click.confirm("\ndispose of all of this now (irreversible)?"):
-                    _fail("nothing was disposed of", 1)
+                    fail("nothing was disposed of", 1)
             elif dry_run:
-                _fail("an interrupted disposal is pending: run safehaven dispose --resume", 1)
+                fail("an interrupted disposal is pending: run safehaven dispose --resume", 1)
             result = d.dispose(home, target, reason=reason, authorised_by=authorised_by, plan=plan)
         except d.DisposalError as exc:
-            _fail(str(exc))
-            return
+            fail(str(exc))
         if result.status != "disposed":
             click.echo(result.reason)
             return
@@ -134,5 +128,5 @@ def register(main: click.Group) -> None:
             click.echo("")
         _show(result.as_metadata(), as_json)
         if not as_json:
-            click.echo(f"\ncertificate {result.disposal_id} recorded in {home.registers / 'disposal_register.csv'} "
+            click.echo(f"\ncertificate {result.disposal_id} recorded in {home.registers / f'{d.EXPORT_STEM}.csv'} "
                        "and the audit trail")

@@ -15,16 +15,9 @@ from datetime import date, timedelta
 
 import click
 
+from safehaven.commands import ensure_home as _home
+from safehaven.commands import fail as _fail
 from safehaven.home import Home
-
-
-def _home() -> Home:
-    return Home.from_env().ensure()
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(message, err=True)
-    sys.exit(code)
 
 
 def _require_governance_key(home: Home, what: str) -> None:
@@ -133,8 +126,9 @@ def validate_agreements(ids: tuple[str, ...], today: str | None) -> None:
 @click.option("--approver", required=True, help='Who approves, with their role: "Name, Caldicott Guardian".')
 def approve_agreement(agreement_id: str, approver: str) -> None:
     """Approve an agreement (rewrites its approval block: status, approver, date) and audit it."""
-    from safehaven.agreements import AgreementError, agreement_path, approve, file_sha256
+    from safehaven.agreements import AgreementError, agreement_path, approve
     from safehaven.contracts import ContractRegistry
+    from safehaven.files import sha256_file
 
     home = _home()
     _require_governance_key(home, "approving an agreement")
@@ -143,7 +137,7 @@ def approve_agreement(agreement_id: str, approver: str) -> None:
         a = approve(agreement_id, approver, root=registry.root, registry=registry)
     except AgreementError as exc:
         _fail(str(exc))
-    sha = file_sha256(agreement_path(agreement_id, registry.root))
+    sha = sha256_file(agreement_path(agreement_id, registry.root))
     _audit(home, actor=_actor(), role="governance", action="approve", object=f"agreement:{a.id}",
            purpose=a.purposes[0], legal_basis=a.basis, agreement=a.id,
            detail={"approver": a.approval.approver, "date": a.approval.date.isoformat() if a.approval.date else None,
@@ -158,8 +152,9 @@ def approve_agreement(agreement_id: str, approver: str) -> None:
 @click.option("--by", "by", required=True, help='Who suspends it, with their role: "Name, Caldicott Guardian".')
 def suspend_agreement(agreement_id: str, reason: str, by: str) -> None:
     """Suspend an approved agreement: nothing is released under it until it is re-approved."""
-    from safehaven.agreements import AgreementError, agreement_path, file_sha256, suspend
+    from safehaven.agreements import AgreementError, agreement_path, suspend
     from safehaven.contracts import ContractRegistry
+    from safehaven.files import sha256_file
 
     home = _home()
     _require_governance_key(home, "suspending an agreement")
@@ -168,7 +163,7 @@ def suspend_agreement(agreement_id: str, reason: str, by: str) -> None:
         a = suspend(agreement_id, reason, by, root=registry.root)
     except AgreementError as exc:
         _fail(str(exc))
-    sha = file_sha256(agreement_path(agreement_id, registry.root))
+    sha = sha256_file(agreement_path(agreement_id, registry.root))
     _audit(home, actor=_actor(), role="governance", action="suspend", object=f"agreement:{a.id}",
            purpose=a.purposes[0], legal_basis=a.basis, agreement=a.id,
            detail={"by": by, "reason": reason, "version": a.version, "sha256": sha})

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import csv
-import getpass
+import io
 import json
 import os
 import sys
@@ -24,14 +24,7 @@ from pathlib import Path
 
 import click
 
-from safehaven.home import Home
-
-
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # pragma: no cover
-        return f"uid:{os.getuid()}"
+from safehaven.commands import ensure_home
 
 
 def register(main: click.Group) -> None:
@@ -46,7 +39,7 @@ def register(main: click.Group) -> None:
         """Current and retired key ids per purpose."""
         from safehaven.keys import KeyRing
 
-        manifest = KeyRing(Home.from_env().ensure().keys).manifest()
+        manifest = KeyRing(ensure_home().keys).manifest()
         if not manifest:
             click.echo("no keys yet")
             return
@@ -66,17 +59,18 @@ def register(main: click.Group) -> None:
         """Rotate a key; the old key id is recorded as retired and the rotation audited."""
         from safehaven import rotation
         from safehaven.contracts import ContractRegistry
+        from safehaven.registers import current_actor
 
-        home = Home.from_env().ensure()
+        home = ensure_home()
         if resume:
-            for line in rotation.resume(home, actor=_actor()) or ["nothing to resume"]:
+            for line in rotation.resume(home, actor=current_actor()) or ["nothing to resume"]:
                 click.echo(line)
             if purpose is None:
                 return
         if purpose is None:
             raise click.UsageError("give --purpose haven|store|vault (or --resume)")
         try:
-            report = rotation.rotate(home, purpose, ContractRegistry().contracts.values(), actor=_actor())
+            report = rotation.rotate(home, purpose, ContractRegistry().contracts.values(), actor=current_actor())
         except Exception as exc:  # every error here names ids and counts only
             raise click.ClickException(f"{purpose} key not rotated: {exc}") from None
         click.echo(f"{purpose} key rotated: {report.old_key_id} (retired) -> {report.new_key_id}")
@@ -94,6 +88,7 @@ def register(main: click.Group) -> None:
                   help="Write the CSV here (mode 0600) instead of standard output.")
     def reidentify_cmd(agreement_id: str, pseudonyms: tuple[str, ...], file: Path | None, output: Path | None) -> None:
         """Resolve a recipient's pseudonyms to the identifiers its agreement releases (audited)."""
+        from safehaven.registers import current_actor
         from safehaven.reidentify import ReidentificationRefused, reidentify
 
         asked = list(pseudonyms)
@@ -102,9 +97,9 @@ def register(main: click.Group) -> None:
                 asked += [row[0] for row in csv.reader(fh) if row and row[0].strip().lower() != "pseudonym"]
         if not asked:
             raise click.UsageError("give --pseudonym or --file")
-        home = Home.from_env().ensure()
+        home = ensure_home()
         try:
-            result = reidentify(home, agreement_id, asked, actor=_actor())
+            result = reidentify(home, agreement_id, asked, actor=current_actor())
         except ReidentificationRefused as exc:
             raise click.ClickException(f"refused: {exc}") from None
         except Exception as exc:
@@ -142,7 +137,7 @@ def register(main: click.Group) -> None:
         from safehaven.pseudonymise import install_agreement_key
         from safehaven.store import Store
 
-        home = Home.from_env().ensure()
+        home = ensure_home()
         keyring = KeyRing(home.keys)
         try:
             with Store(home, keyring).connect() as con:
@@ -164,23 +159,29 @@ def register(main: click.Group) -> None:
     def objections_record(nhs_number: str, objection_type: str, recorded_date: datetime | None,
                           withdrawn_date: datetime | None, source_practice: str) -> None:
         """Write one objection (or withdrawal) as a drop for the objections collection."""
+        from safehaven.contracts import ContractRegistry
         from safehaven.identifiers import canonical_nhs, is_valid_nhs
 
         if not is_valid_nhs(nhs_number):
             raise click.ClickException("that is not a valid NHS number (10 digits, mod-11 check digit)")
-        home = Home.from_env().ensure()
-        folder = home.incoming_for("objections")
+        contract = ContractRegistry().objections()
+        home = ensure_home()
+        folder = home.incoming_for(contract.collection)
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o700)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         path = folder / f"objections_recorded_{stamp}.csv"
         recorded = (recorded_date.date() if recorded_date else date.today()).isoformat()
         withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
+        # the contract's columns, in its order (a field named here that it lacks raises, before any file)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=contract.field_names)
+        writer.writeheader()
+        writer.writerow({contract.patient_key: canonical_nhs(nhs_number), "objection_type": objection_type,
+                         "recorded_date": recorded, "withdrawn_date": withdrawn, "source_practice": source_practice})
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["nhs_number", "objection_type", "recorded_date", "withdrawn_date", "source_practice"])
-            writer.writerow([canonical_nhs(nhs_number), objection_type, recorded, withdrawn, source_practice])
+            fh.write(text.getvalue())
         click.echo(json.dumps({"written": path.name, "type": objection_type, "recorded_date": recorded,
                                "withdrawn_date": withdrawn or None,
                                "next": "run `safehaven run` (or wait for the nightly run) to register it"}))

@@ -3,9 +3,8 @@ objections, pseudonyms, the vault, rotation and re-identification."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
-
-import duckdb
 
 from safehaven import synthetic
 from safehaven.contracts import ContractRegistry
@@ -41,8 +40,7 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
         register_objections(con, objections, key.key_id)
         vault_collection(con, objections, registry.contracts.values(), public)
         for contract in registry.content():
-            reports[contract.collection] = build_haven(con, contract, key)
-            install_key(con, "haven", key)
+            reports[contract.collection] = build_haven(con, contract, key)  # installs the haven key too
             vault_collection(con, contract, registry.contracts.values(), public)
     return reports
 
@@ -52,14 +50,8 @@ def populated(home: Home, patients: int = 300, seed: int = 7) -> dict[str, objec
     return process(home)
 
 
-def seeded_numbers(con: duckdb.DuckDBPyConnection, collection: str) -> list[str]:
-    return [r[0] for r in con.execute(f"SELECT DISTINCT nhs_number FROM landing.{collection}_valid").fetchall()]
-
-
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    import csv
-
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)

@@ -37,7 +37,7 @@ from safehaven.releases import PERSON_ID, release
 from safehaven.store import Store, httpfs_extension_path
 from tests.conftest import leaked_nhs_numbers, scan_for
 from tests.governance_helpers import agreement_data, contracts_root, write_agreement
-from tests.unit.populate import process
+from tests.unit.populate import process, write_csv
 
 OLD_END = date(2015, 3, 31)
 RECEIVED_2015 = "2015-04-02 09:00:00+00"
@@ -77,14 +77,6 @@ def _read(path: Path) -> tuple[list[str], list[list[str]]]:
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     return rows[0], rows[1:]
-
-
-def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _canon(nhs: str) -> str:
@@ -128,11 +120,11 @@ def _build(root: Path) -> None:
     row = rows[0]
     row[header.index("nhs_number")], row[header.index("postcode")] = mover, MOVER_POSTCODE
     row[header.index("date_of_birth")] = MOVER_DOB
-    _write(old_hes, header, rows)
+    write_csv(old_hes, header, rows)
     # a malformed copy of old GP data (an extra column): quarantined whole at ingest
     old_gp = next((old / "gp_events").glob("*.csv"))
     header, rows = _read(old_gp)
-    _write(old / "gp_events" / "gp_events_20150331_resent.csv", [*header, "note"], [[*r, "x"] for r in rows[:20]])
+    write_csv(old / "gp_events" / "gp_events_20150331_resent.csv", [*header, "note"], [[*r, "x"] for r in rows[:20]])
     for sub in (old, new):  # received separately: each drop gets its own vault data keys
         for path in sub.rglob("*.csv"):
             dest = home.incoming_for(path.parent.name) / path.name
