@@ -72,7 +72,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from safehaven import audit, optouts, pseudonymise, vault
 from safehaven import registers as reg
@@ -251,19 +250,13 @@ def _vault_identifiers(con: duckdb.DuckDBPyConnection, agreement: Agreement, con
         private = vault.private_key(keyring)
     except (vault.VaultError, KeyRingError) as exc:
         raise ReleaseRefused(f"an identifiable release needs the identity vault: {exc}") from None
-    rows = vault.decrypt_rows(
-        con, private,
-        f"v.pid IN (SELECT pid FROM _cohort) AND v.field IN ({', '.join(lit(w) for w in wanted) or 'NULL'})",
-    ) if wanted else []
-    table = pa.table({
-        "pid": [r[0] for r in rows], "field": [r[1] for r in rows], "value": [r[2] for r in rows],
-        "n": list(range(len(rows))),
-    }, schema=pa.schema([("pid", pa.string()), ("field", pa.string()), ("value", pa.string()), ("n", pa.int64())]))
-    con.register("_ident_rows", table)
-    pivot = ", ".join(f"arg_max(value, n) FILTER (WHERE field = {lit(w)}) AS {q('id_' + w)}" for w in wanted)
+    fields = ", ".join(lit(w) for w in wanted) or "NULL"
+    vault.decrypt_table(con, private, f"v.pid IN (SELECT pid FROM _cohort) AND v.field IN ({fields})", "_ident_rows")
+    # the latest value of each field wins (a person who moved is released at their newest postcode)
+    pivot = ", ".join(f"arg_max(value, added_at) FILTER (WHERE field = {lit(w)}) AS {q('id_' + w)}" for w in wanted)
     con.execute(f"CREATE OR REPLACE TEMP TABLE _ident AS SELECT pid{', ' + pivot if pivot else ''} "
                 "FROM _ident_rows GROUP BY pid")
-    con.unregister("_ident_rows")
+    con.execute("DROP TABLE _ident_rows")
     return {w: f"id_{w}" for w in wanted}
 
 

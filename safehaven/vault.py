@@ -53,7 +53,7 @@ from safehaven.contracts import Contract
 from safehaven.ingest import BATCHES
 from safehaven.keys import VAULT, Key, KeyRing, key_id, x25519_public
 from safehaven.objections import type1_objectors_sql
-from safehaven.pseudonymise import hmac_sql
+from safehaven.pseudonymise import haven_coarsening, hmac_sql
 from safehaven.rules import lit, q
 from safehaven.store import table_exists
 
@@ -90,10 +90,7 @@ def vault_fields(contract: Contract) -> list[str]:
     for spec in contract.fields:
         if spec.name in names:
             continue
-        coarsened = (spec.rule is not None and spec.rule.format == "uk_postcode") or (
-            spec.identifiability == "quasi_identifier" and spec.type == "DATE"
-        )
-        if spec.identifiability == "direct_identifier" or coarsened:
+        if spec.identifiability == "direct_identifier" or haven_coarsening(spec):
             names.append(spec.name)
     return names
 
@@ -307,7 +304,8 @@ def _opener(aeads: dict[str, AESGCM]) -> Callable[[str, bytes, bytes, bytes, str
 
 def decrypt_table(con: duckdb.DuckDBPyConnection, private: Key, where_sql: str, name: str) -> int:
     """Decrypt the vault entries matching ``where_sql`` (over ``v``) into temp table ``name``
-    (pid, field, value, collection), ordered by pid, field and age; returns the number of entries.
+    (pid, field, value, collection, added_at), ordered by pid, field and age; returns the number
+    of entries.
 
     Governance-lead only (needs the private key). DuckDB lays out each entry's associated data
     (``_ad_sql``); Python makes one ``AESGCM.decrypt`` call per entry (module docstring) and the
@@ -321,7 +319,7 @@ def decrypt_table(con: duckdb.DuckDBPyConnection, private: Key, where_sql: str, 
     ).fetchall()
     aeads = {d: AESGCM(unwrap(private, vkid, d, eph, nonce, wrapped)) for d, vkid, eph, nonce, wrapped in dek_rows}
     arrow = con.execute(
-        f"SELECT v.pid, v.field, v.collection, v.dek_id, v.nonce, v.ciphertext, "
+        f"SELECT v.pid, v.field, v.collection, v.added_at, v.dek_id, v.nonce, v.ciphertext, "
         f"{_ad_sql('v.pid', 'v.field', 'v.dek_id')} AS ad FROM {IDENTITY} v "
         f"WHERE {where_sql} ORDER BY v.pid, v.field, v.added_at"
     ).fetch_arrow_table()
@@ -329,12 +327,12 @@ def decrypt_table(con: duckdb.DuckDBPyConnection, private: Key, where_sql: str, 
     plain = pa.array(map(_opener(aeads), *columns), pa.binary(), size=arrow.num_rows)
     del columns
     rows = pa.table({"pid": arrow.column("pid"), "field": arrow.column("field"), "value": plain,
-                     "collection": arrow.column("collection")})
+                     "collection": arrow.column("collection"), "added_at": arrow.column("added_at")})
     del arrow, plain
     con.register("_vault_plain_rows", rows)
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT pid::VARCHAR AS pid, field::VARCHAR AS field, "
-                    "decode(value) AS value, collection::VARCHAR AS collection FROM _vault_plain_rows")
+                    "decode(value) AS value, collection::VARCHAR AS collection, added_at FROM _vault_plain_rows")
     finally:
         con.unregister("_vault_plain_rows")
     return rows.num_rows
