@@ -105,7 +105,6 @@ from safehaven import audit, vault
 from safehaven import registers as reg
 from safehaven.agreements import Agreement, AgreementError, agreement_path, load_agreement_file, scan_agreements
 from safehaven.contracts import Contract, ContractRegistry
-from safehaven.disclosure import neutralise_sql
 from safehaven.files import sha256_file, shred_file
 from safehaven.haven import haven_key
 from safehaven.home import Home
@@ -120,7 +119,7 @@ from safehaven.keys import (
     derive_agreement_key,
 )
 from safehaven.pseudonymise import hmac_sql, install_key
-from safehaven.rules import lit, q
+from safehaven.rules import q
 from safehaven.store import SimulatedCrash, Store, table_exists
 
 JOURNAL = "disposal.json"
@@ -407,24 +406,7 @@ def certificates(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 def export_register(con: duckdb.DuckDBPyConnection, home: Home) -> dict[str, Path]:
     """Write ``registers/disposal_register.csv`` (formula-leading cells neutralised) and ``.parquet``."""
     ensure_tables(con)
-    home.registers.mkdir(parents=True, exist_ok=True)
-    cols = con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog = current_database() "
-        "AND table_schema = 'governance' AND table_name = 'disposal_register' ORDER BY ordinal_position"
-    ).fetchall()
-    csv_cols = ", ".join(
-        f"{neutralise_sql(f'CAST({q(n)} AS VARCHAR)')} AS {q(n)}" if t in ("VARCHAR", "JSON") else q(n)
-        for n, t in cols
-    )
-    written: dict[str, Path] = {}
-    for fmt, select in (("csv", f"SELECT {csv_cols} FROM {REGISTER}"), ("parquet", f"SELECT * FROM {REGISTER}")):
-        path = home.registers / f"{EXPORT_STEM}.{fmt}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        options = "FORMAT csv, HEADER true" if fmt == "csv" else "FORMAT parquet"
-        con.execute(f"COPY ({select} ORDER BY completed_at, disposal_id) TO {lit(str(tmp))} ({options})")
-        tmp.replace(path)
-        written[path.name] = path
-    return written
+    return reg.export_table(con, home, REGISTER, EXPORT_STEM, "completed_at, disposal_id")
 
 
 # --- the identity vault -----------------------------------------------------------------------

@@ -46,6 +46,7 @@ import duckdb
 
 from safehaven.disclosure import neutralise_sql
 from safehaven.home import Home
+from safehaven.rules import lit, q
 from safehaven.store import table_exists
 
 RELEASE_REGISTER = "governance.release_register"
@@ -231,31 +232,39 @@ def releases(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) ->
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def _csv_select(con: duckdb.DuckDBPyConnection, table: str) -> str:
+def export_table(con: duckdb.DuckDBPyConnection, home: Home, table: str, stem: str, order: str) -> dict[str, Path]:
+    """Write register ``table`` (``schema.name``) to ``registers/<stem>.csv`` and ``.parquet``, each
+    atomically (a temporary file renamed into place), rows ordered by ``order``; returns the paths.
+
+    Text cells of the CSV are neutralised (``disclosure.neutralise_sql``: a cell that a
+    spreadsheet would read as a formula is prefixed), the one rule for every register export.
+    """
+    home.registers.mkdir(parents=True, exist_ok=True)
+    schema, name = table.split(".")
     cols = con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns "
-        "WHERE table_catalog = 'store' AND table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-        table.split("."),
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog = current_database() "
+        "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position", [schema, name],
     ).fetchall()
-    parts = [
-        f'{neutralise_sql(f"CAST({name} AS VARCHAR)")} AS {name}' if dtype in ("VARCHAR", "JSON") else name
-        for name, dtype in cols
-    ]
-    return f"SELECT {', '.join(parts)} FROM {table}"
+    csv_cols = ", ".join(
+        f"{neutralise_sql(f'CAST({q(n)} AS VARCHAR)')} AS {q(n)}" if t in ("VARCHAR", "JSON") else q(n)
+        for n, t in cols
+    )
+    written: dict[str, Path] = {}
+    for fmt, select in (("csv", f"SELECT {csv_cols} FROM {table}"), ("parquet", f"SELECT * FROM {table}")):
+        path = home.registers / f"{stem}.{fmt}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        options = "FORMAT csv, HEADER true" if fmt == "csv" else "FORMAT parquet"
+        con.execute(f"COPY ({select} ORDER BY {order}) TO {lit(str(tmp))} ({options})")
+        tmp.replace(path)
+        written[path.name] = path
+    return written
 
 
 def export(con: duckdb.DuckDBPyConnection, home: Home) -> dict[str, Path]:
     """Write both registers to ``registers/`` as CSV and Parquet (atomically); returns the paths."""
     ensure_tables(con)
-    home.registers.mkdir(parents=True, exist_ok=True)
     order = {RELEASE_REGISTER: "released_at, release_id", BREACH_REGISTER: "breach_id"}
     written: dict[str, Path] = {}
     for table, stem in EXPORTS.items():
-        for fmt, select in (("csv", _csv_select(con, table)), ("parquet", f"SELECT * FROM {table}")):
-            path = home.registers / f"{stem}.{fmt}"
-            tmp = path.with_name(f".{path.name}.tmp")
-            options = "FORMAT csv, HEADER true" if fmt == "csv" else "FORMAT parquet"
-            con.execute(f"COPY ({select} ORDER BY {order[table]}) TO '{tmp}' ({options})")
-            tmp.replace(path)
-            written[f"{stem}.{fmt}"] = path
+        written.update(export_table(con, home, table, stem, order[table]))
     return written
