@@ -1,11 +1,10 @@
 """The nightly job, its schedule (02:00 Europe/London) and a sensor on ``incoming/``."""
 
-
 import hashlib
 
 import dagster as dg
 
-from safehaven.home import Home
+from safehaven.core.home import Home
 
 NIGHTLY = "nightly"
 

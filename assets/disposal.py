@@ -1,4 +1,4 @@
-"""Disposal: the ``disposal`` job and its daily schedule (``safehaven.disposal``; CoP 43d, 43f, 48-50).
+"""Disposal: the ``disposal`` job and its daily schedule (``safehaven.dispose.disposal``; CoP 43d, 43f, 48-50).
 
 * ``disposal`` job, one op. Run config says what to dispose of: ``agreement`` (optionally
   ``releases``), or ``collection`` with ``before`` (records received before that day), or
@@ -14,14 +14,13 @@
 Metadata and logs carry counts, ids and key ids, never values; no rows pass through Dagster.
 """
 
-
 from datetime import date
 
 import dagster as dg
 
 from assets.keys import STORE_POOL
 from resources.haven import SafeHavenResource
-from safehaven import disposal
+from safehaven.dispose import disposal
 
 DISPOSAL = "disposal"
 
@@ -54,37 +53,53 @@ class DisposalConfig(dg.Config):
             raise dg.Failure(description=str(exc)) from None
 
 
-@dg.op(name="dispose", pool=STORE_POOL, out=dg.Out(dg.Nothing),
-       description="Dispose of what the config names (or everything due), then certify it.")
+@dg.op(
+    name="dispose",
+    pool=STORE_POOL,
+    out=dg.Out(dg.Nothing),
+    description="Dispose of what the config names (or everything due), then certify it.",
+)
 def dispose_op(context: dg.OpExecutionContext, config: DisposalConfig, haven: SafeHavenResource) -> None:
     home, registry, keyring = haven.home_dir(), haven.registry(), haven.keyring()
     target = config.target()
     results: list[disposal.DisposalResult] = []
     try:
         if target is None:
-            report = disposal.sweep(home, registry=registry, keyring=keyring,
-                                    authorised_by=config.authorised_by or None)
+            report = disposal.sweep(
+                home, registry=registry, keyring=keyring, authorised_by=config.authorised_by or None
+            )
             results = report.results
             for item in report.review:
                 context.log.warning(f"for review, not disposed of: {item.reason}")
             for failure in report.failed:
                 context.log.error(f"{failure['target']}: {failure['error']}")
             if report.failed:
-                raise dg.Failure(description=f"{len(report.failed)} disposal(s) due could not be done",
-                                 metadata={"failed": len(report.failed), "disposed": len(results)})
+                raise dg.Failure(
+                    description=f"{len(report.failed)} disposal(s) due could not be done",
+                    metadata={"failed": len(report.failed), "disposed": len(results)},
+                )
         else:
             resumed = disposal.pending(home)
             if resumed is not None and disposal.Target.from_dict(resumed["target"]) != target:
                 done = disposal.resume(home, registry=registry, keyring=keyring)
                 if done is not None:
                     results.append(done)
-            results.append(disposal.dispose(home, target, registry=registry, keyring=keyring,
-                                            reason=config.reason or None, authorised_by=config.authorised_by or None))
+            results.append(
+                disposal.dispose(
+                    home,
+                    target,
+                    registry=registry,
+                    keyring=keyring,
+                    reason=config.reason or None,
+                    authorised_by=config.authorised_by or None,
+                )
+            )
     except disposal.DisposalError as exc:
         raise dg.Failure(description=str(exc)) from None
     for r in results:
-        context.log.info(f"{r.status}: {r.target.describe()}" + (f" (certificate {r.disposal_id})"
-                                                                  if r.disposal_id else ""))
+        context.log.info(
+            f"{r.status}: {r.target.describe()}" + (f" (certificate {r.disposal_id})" if r.disposal_id else "")
+        )
     done = [r.as_metadata() for r in results if r.status == "disposed"]
     meta: dict[str, object] = {
         "disposals": len(done),
@@ -97,9 +112,13 @@ def dispose_op(context: dg.OpExecutionContext, config: DisposalConfig, haven: Sa
     context.add_output_metadata(meta)
 
 
-@dg.job(name=DISPOSAL, executor_def=dg.in_process_executor, tags={"safehaven/store": "writer"},
-        description="Retention and secure disposal: keys destroyed, every copy removed, the store rebuilt, "
-                    "a certificate recorded (CoP 43d, 43f, 48-50).")
+@dg.job(
+    name=DISPOSAL,
+    executor_def=dg.in_process_executor,
+    tags={"safehaven/store": "writer"},
+    description="Retention and secure disposal: keys destroyed, every copy removed, the store rebuilt, "
+    "a certificate recorded (CoP 43d, 43f, 48-50).",
+)
 def disposal_job() -> None:
     dispose_op()
 
@@ -112,5 +131,5 @@ disposal_schedule = dg.ScheduleDefinition(
     run_config={"ops": {"dispose": {"config": {"sweep": True}}}},
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Every day: complete an interrupted disposal, then dispose of everything past its retention "
-                "or its agreement.",
+    "or its agreement.",
 )

@@ -1,12 +1,11 @@
-"""Ingest stage: land each collection's new files, or quarantine them whole (see safehaven.ingest)."""
-
+"""Ingest stage: land each collection's new files, or quarantine them whole (see safehaven.intake.ingest)."""
 
 import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
-from safehaven.contracts import Contract, ContractRegistry
-from safehaven.ingest import ingest_collection
+from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.intake.ingest import ingest_collection
 
 
 def landing_asset(contract: Contract) -> dg.AssetsDefinition:
@@ -24,7 +23,9 @@ def landing_asset(contract: Contract) -> dg.AssetsDefinition:
         home = haven.home_dir()
         with haven.connect() as con:
             report = ingest_collection(
-                con, contract, home.incoming_for(contract.collection),
+                con,
+                contract,
+                home.incoming_for(contract.collection),
                 home.quarantine_for(contract.collection),
             )
             total = con.execute(f"SELECT count(*) FROM landing.{contract.collection}").fetchone()[0]

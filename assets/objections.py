@@ -1,14 +1,13 @@
 """Objections stage: the objection register, fed by validated objection drops (CoP 11-14), and
 the objection-rate monitor with its warning check (Govt response 7.15)."""
 
-
 import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
-from safehaven.contracts import ContractRegistry
-from safehaven.haven import haven_key
-from safehaven.objections import (
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect.haven import haven_key
+from safehaven.protect.objections import (
     ALPHA_UPPER,
     EVENTS,
     NATIONAL_OPT_OUT,
@@ -18,7 +17,7 @@ from safehaven.objections import (
     register_objections,
     save_rates,
 )
-from safehaven.pseudonymise import install_key
+from safehaven.protect.pseudonymise import install_key
 
 RATE_CHECK = "objection_rate_within_control_limits"
 
@@ -41,9 +40,11 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             install_key(con, "haven", key)
             added = register_objections(con, contract, key.key_id)
             total = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0]
-            in_force = dict(con.execute(
-                f"SELECT objection_type, count(*) FILTER (WHERE in_force) FROM ({current_sql()}) GROUP BY 1"
-            ).fetchall())
+            in_force = dict(
+                con.execute(
+                    f"SELECT objection_type, count(*) FILTER (WHERE in_force) FROM ({current_sql()}) GROUP BY 1"
+                ).fetchall()
+            )
         return dg.MaterializeResult(
             metadata={
                 "rows_in": added,
@@ -71,24 +72,34 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
         pool=keys.STORE_POOL,
         check_specs=[spec],
         description="Objection rate per GP practice against the pooled rate of the other practices, "
-        "with 99.8% funnel-plot control limits (safehaven.objections.objection_rates).",
+        "with 99.8% funnel-plot control limits (safehaven.protect.objections.objection_rates).",
         kinds={"duckdb"},
     )
     def objection_rates_asset(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
             store = haven.store()
-            sources = [(f"haven.{c.collection}", c.practice_field or "") for c in gp
-                       if store.table_exists(con, "haven", c.collection)]  # none before a GP batch arrives
-            rates = (objection_rates(con, TYPE1, gp_sources=sources)
-                     + objection_rates(con, NATIONAL_OPT_OUT, gp_sources=sources))
+            sources = [
+                (f"haven.{c.collection}", c.practice_field or "")
+                for c in gp
+                if store.table_exists(con, "haven", c.collection)
+            ]  # none before a GP batch arrives
+            rates = objection_rates(con, TYPE1, gp_sources=sources) + objection_rates(
+                con, NATIONAL_OPT_OUT, gp_sources=sources
+            )
             save_rates(con, rates)
         type1 = [r for r in rates if r.objection_type == TYPE1]
         outliers = [r for r in type1 if r.outlier]
         flagged = [
-            {"practice": r.practice, "rate": round(r.rate, 4), "baseline": round(r.baseline, 4),
-             "upper_limit": round(r.upper_limit or 0.0, 4), "p_value": float(f"{r.p_value or 0.0:.3g}"),
-             "z": round(r.z or 0.0, 2),
-             "list_size": r.list_size, "objectors": r.objectors}
+            {
+                "practice": r.practice,
+                "rate": round(r.rate, 4),
+                "baseline": round(r.baseline, 4),
+                "upper_limit": round(r.upper_limit or 0.0, 4),
+                "p_value": float(f"{r.p_value or 0.0:.3g}"),
+                "z": round(r.z or 0.0, 2),
+                "list_size": r.list_size,
+                "objectors": r.objectors,
+            }
             for r in outliers
         ]
         for f in flagged:

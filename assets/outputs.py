@@ -1,8 +1,8 @@
 """Aggregate stage: each declared output counted in the store, protected by statistical
 disclosure control and checked before it enters the published zone (CoP 34b, 35; ISB 1523).
 
-Thin: the rules live in ``safehaven.outputs`` (counting, grid, protection), ``safehaven.publish``
-(the publication guard), ``safehaven.quality`` (the statement) and ``safehaven.linkage``
+Thin: the rules live in ``safehaven.publish.outputs`` (counting, grid, protection), ``safehaven.publish.publication``
+(the publication guard), ``safehaven.publish.quality`` (the statement) and ``safehaven.share.linkage``
 (the agreement a linked output needs). Two blocking checks per output stop the publication
 step of the same run when the protected table breaks a disclosure invariant or the guard.
 """
@@ -11,12 +11,12 @@ import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
-from safehaven.agreements import load_agreements
-from safehaven.contracts import ContractRegistry
-from safehaven.linkage import authorise_linkage
-from safehaven.outputs import Output, build_output, load_code_lists, load_outputs
-from safehaven.publish import guard_table
-from safehaven.quality import build_statement, render_markdown, store_statement
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.outputs import Output, build_output, load_code_lists, load_outputs
+from safehaven.publish.publication import guard_table
+from safehaven.publish.quality import build_statement, render_markdown, store_statement
+from safehaven.share.agreements import load_agreements
+from safehaven.share.linkage import authorise_linkage
 
 
 def sdc_check_name(output: Output) -> str:
@@ -32,13 +32,17 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
     key = keys.published(output.name)
     specs = [
         dg.AssetCheckSpec(
-            sdc_check_name(output), asset=key, blocking=True,
+            sdc_check_name(output),
+            asset=key,
+            blocking=True,
             description=f"No published count of 1-{output.policy.threshold}, every count on the "
             f"{output.policy.rounding} grid, no suppressed cell recoverable from its row or column, "
             "rates and totals from published values only.",
         ),
         dg.AssetCheckSpec(
-            guard_check_name(output), asset=key, blocking=True,
+            guard_check_name(output),
+            asset=key,
+            blocking=True,
             description="No pseudonym, direct identifier or fine-grained quasi-identifier by column name or "
             "value, no undeclared column, no formula-leading text.",
         ),
@@ -62,8 +66,12 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
             agreement_id = None
             if output.linkage:
                 agreement = authorise_linkage(
-                    con, load_agreements(registry.root), output.linkage.left, output.linkage.right,
-                    output.linkage.purpose, registry=registry,
+                    con,
+                    load_agreements(registry.root),
+                    output.linkage.left,
+                    output.linkage.right,
+                    output.linkage.purpose,
+                    registry=registry,
                 )
                 agreement_id = agreement.id
             built = build_output(con, output, registry, agreement_id=agreement_id)
@@ -79,13 +87,17 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
             },
             check_results=[
                 dg.AssetCheckResult(
-                    check_name=sdc_check_name(output), passed=not built.violations,
+                    check_name=sdc_check_name(output),
+                    passed=not built.violations,
                     severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"violations": len(built.violations),
-                              "first_violations": "; ".join(built.violations[:5]) or "none"},
+                    metadata={
+                        "violations": len(built.violations),
+                        "first_violations": "; ".join(built.violations[:5]) or "none",
+                    },
                 ),
                 dg.AssetCheckResult(
-                    check_name=guard_check_name(output), passed=not guard,
+                    check_name=guard_check_name(output),
+                    passed=not guard,
                     severity=dg.AssetCheckSeverity.ERROR,
                     metadata={"findings": len(guard), "first_findings": "; ".join(guard[:5]) or "none"},
                 ),

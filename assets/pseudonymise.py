@@ -1,17 +1,16 @@
 """Pseudonymise stage: validated rows enter the haven under keyed pseudonyms, minus type 1
-objectors' GP records (safehaven.haven); their direct identifiers go to the encrypted
-identity vault, which the pipeline can write but not read (safehaven.vault)."""
-
+objectors' GP records (safehaven.protect.haven); their direct identifiers go to the encrypted
+identity vault, which the pipeline can write but not read (safehaven.protect.vault)."""
 
 import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
-from safehaven.contracts import Contract, ContractRegistry
-from safehaven.haven import build_haven, haven_key
-from safehaven.keys import VAULT
-from safehaven.pseudonymise import install_key
-from safehaven.vault import IDENTITY, vault_collection
+from safehaven.core.keys import VAULT
+from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.protect.haven import build_haven, haven_key
+from safehaven.protect.pseudonymise import install_key
+from safehaven.protect.vault import IDENTITY, vault_collection
 
 
 def haven_asset(contract: Contract) -> dg.AssetsDefinition:

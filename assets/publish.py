@@ -1,4 +1,4 @@
-"""Publish stage: the protected outputs leave the store as open files (``safehaven.publish``).
+"""Publish stage: the protected outputs leave the store as open files (``safehaven.publish.publication``).
 
 The core verifies the whole release again (disclosure invariants, publication guard, quality
 statements) and writes nothing if any output fails; the asset only reports what was written.
@@ -8,9 +8,9 @@ import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
-from safehaven.contracts import ContractRegistry
-from safehaven.outputs import load_outputs
-from safehaven.publish import OGL, publish_release
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.outputs import load_outputs
+from safehaven.publish.publication import OGL, publish_release
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:

@@ -1,4 +1,4 @@
-"""Release stage: one asset per data-sharing agreement (safehaven.releases, safehaven.agreements).
+"""Release stage: one asset per data-sharing agreement (safehaven.share.releases, safehaven.share.agreements).
 
 Each asset re-reads its agreement when it runs, so a suspension or expiry takes effect at once:
 
@@ -18,7 +18,6 @@ cohort is never published as two differently protected tables (which would widen
 differencing surface; CoP 34b).
 """
 
-
 from collections.abc import Iterator
 
 import dagster as dg
@@ -26,23 +25,26 @@ import dagster as dg
 from assets import keys
 from assets.keys import release as release_key
 from resources.haven import SafeHavenResource
-from safehaven.agreements import Agreement, scan_agreements
-from safehaven.contracts import ContractRegistry
-from safehaven.linkage import LinkageRefused
-from safehaven.outputs import load_outputs
-from safehaven.releases import ReleaseRefused, release
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.outputs import load_outputs
+from safehaven.share.agreements import Agreement, scan_agreements
+from safehaven.share.linkage import LinkageRefused
+from safehaven.share.releases import ReleaseRefused, release
 
 GROUP = "release"
 
 
-def release_asset(agreement_id: str, agreement: Agreement | None, registry: ContractRegistry,
-                  error: str | None = None) -> dg.AssetsDefinition:
+def release_asset(
+    agreement_id: str, agreement: Agreement | None, registry: ContractRegistry, error: str | None = None
+) -> dg.AssetsDefinition:
     """The release asset of one agreement (or a failing one for an unreadable agreement file)."""
     content = {c.collection for c in registry.content()}
     collections = [c for c in agreement.collections if c in content] if agreement else []
     if agreement:
-        description = (f"{agreement.title}. {agreement.identifiability.capitalize()} release to "
-                       f"{agreement.recipient.name} under {agreement.basis} (agreement v{agreement.version}).")
+        description = (
+            f"{agreement.title}. {agreement.identifiability.capitalize()} release to "
+            f"{agreement.recipient.name} under {agreement.basis} (agreement v{agreement.version})."
+        )
     else:
         description = f"Agreement file {agreement_id}.yaml does not parse; nothing can be released."
 
@@ -65,20 +67,26 @@ def release_asset(agreement_id: str, agreement: Agreement | None, registry: Cont
             except (ReleaseRefused, LinkageRefused) as exc:
                 raise dg.Failure(
                     description=f"release under {agreement_id} refused: {exc}",
-                    metadata={"agreement": agreement_id, "released": False,
-                              "breach_id": exc.breach_id if exc.breach_id is not None else -1},
+                    metadata={
+                        "agreement": agreement_id,
+                        "released": False,
+                        "breach_id": exc.breach_id if exc.breach_id is not None else -1,
+                    },
                 ) from None
         if result.status != "released":
             context.log.warning(f"{agreement_id}: {result.reason}")
             yield dg.AssetObservation(asset_key=release_key(agreement_id), metadata=result.as_metadata())
             return
         context.log.info(f"{agreement_id}: release {result.release_id} written to {result.directory}")
-        yield dg.MaterializeResult(metadata={
-            **result.as_metadata(),
-            "rows_in": result.records_released + result.records_withheld
-            + (result.k.records_removed if result.k else 0),
-            "location": dg.MetadataValue.path(str(result.directory)),
-        })
+        yield dg.MaterializeResult(
+            metadata={
+                **result.as_metadata(),
+                "rows_in": result.records_released
+                + result.records_withheld
+                + (result.k.records_removed if result.k else 0),
+                "location": dg.MetadataValue.path(str(result.directory)),
+            }
+        )
 
     return _release
 

@@ -1,4 +1,4 @@
-"""Validate stage: each new batch against its contract (CoP 7-9, 45-46; see safehaven.validation).
+"""Validate stage: each new batch against its contract (CoP 7-9, 45-46; see safehaven.intake.validation).
 
 One validated asset per contract, each with one blocking asset check made by
 ``contract_check``: the Great Expectations suite compiled from the contract decides it, so a
@@ -10,8 +10,8 @@ import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
-from safehaven.contracts import Contract, ContractRegistry
-from safehaven.validation import ValidationReport, validate_collection
+from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.intake.validation import ValidationReport, validate_collection
 
 
 def check_name(contract: Contract) -> str:

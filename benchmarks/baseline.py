@@ -490,7 +490,7 @@ def run(drop: Path, work: Path, encrypted: bool, threads: int | None) -> dict[st
         config["threads"] = threads
     con = duckdb.connect(":memory:", config=config)
     if encrypted:
-        from safehaven.store import httpfs_extension_path  # the signed extension's installed path
+        from safehaven.core.store import httpfs_extension_path  # the signed extension's installed path
 
         con.execute(f"LOAD '{httpfs_extension_path()}'")
         con.execute("SET temp_file_encryption = true")

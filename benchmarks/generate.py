@@ -1,4 +1,4 @@
-"""Worker: generate a synthetic drop with ``safehaven.synthetic.generate`` and write its row counts.
+"""Worker: generate a synthetic drop with ``safehaven.tools.synthetic.generate`` and write its row counts.
 
 Run by ``benchmarks.run`` from the harness's snapshot of the code, so the drop comes from the
 same generator version as the pipeline that reads it::
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--counts", type=Path, required=True)
     args = parser.parse_args(argv)
-    from safehaven.synthetic import generate
+    from safehaven.tools.synthetic import generate
 
     began = time.perf_counter()
     counts = generate(args.out, args.patients, args.seed)

@@ -5,9 +5,9 @@ over a Python list (the bare loop, no I/O), a ``hashlib`` loop that reuses the k
 outer states (``.copy()``, the fastest pure-Python form), and the *same job as the SQL*: read
 the values from a DuckDB table, ``hmac.new`` per row, write the pseudonyms back as a table
 (Arrow both ways, the fastest route in and out of Python). Against them, the same HMAC-SHA256
-in DuckDB SQL (the pipeline's ``safehaven.pseudonymise.hmac_sql``) over the same table, once per
+in DuckDB SQL (the pipeline's ``safehaven.protect.pseudonymise.hmac_sql``) over the same table, once per
 row (no de-duplication, so the primitive is compared like for like), and the pipeline's own pseudonymisation
-(``safehaven.pseudonymise.pid_join_sql``, imported, not copied: the HMAC once per distinct NHS
+(``safehaven.protect.pseudonymise.pid_join_sql``, imported, not copied: the HMAC once per distinct NHS
 number, joined back to every row) writing the same table of pseudonyms as the Python table job
 (``pipeline_pseudonymise``; its pseudonyms are checked equal to Python's). The values are the
 canonical NHS numbers of ``gp_events``, in file order, capped at ``--rows`` (0: all of them, as
@@ -36,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 
 from benchmarks.common import peak_rss_bytes, write_json
-from safehaven.identifiers import canonical_nhs_sql
+from safehaven.core.identifiers import canonical_nhs_sql
 
 
 def nhs_numbers(csv: Path, rows: int | None) -> list[str]:
@@ -54,7 +54,7 @@ def nhs_numbers(csv: Path, rows: int | None) -> list[str]:
 
 def gp_contract() -> Any:
     """The gp_events data contract, whose patient key the pipeline pseudonymises."""
-    from safehaven.contracts import ContractRegistry
+    from safehaven.intake.contracts import ContractRegistry
 
     return ContractRegistry().contracts["gp_events"]
 
@@ -62,7 +62,7 @@ def gp_contract() -> Any:
 def bench_hmac(csv: Path, rows: int | None, threads: int | None) -> dict[str, Any]:
     import duckdb
 
-    from safehaven.pseudonymise import hmac_sql, install_key, pid_join_sql
+    from safehaven.protect.pseudonymise import hmac_sql, install_key, pid_join_sql
 
     values = nhs_numbers(csv, rows)
     key = os.urandom(32)
@@ -99,14 +99,14 @@ def bench_hmac(csv: Path, rows: int | None, threads: int | None) -> dict[str, An
     con.unregister("_py")
     assert con.execute("SELECT pid FROM py LIMIT 1").fetchone()[0] in set(out1), "table job disagrees with hmac"
     del read, pids
-    # the pipeline's key blocks and HMAC SQL (safehaven.pseudonymise), run once per row here
+    # the pipeline's key blocks and HMAC SQL (safehaven.protect.pseudonymise), run once per row here
     install_key(con, "haven", key)
     began = time.perf_counter()
     con.execute(f"CREATE TABLE p AS SELECT {hmac_sql('nhs_number', 'haven')} AS pid FROM v")
     t_sql = time.perf_counter() - began
     first = con.execute("SELECT pid FROM p LIMIT 1").fetchone()[0]
     assert first in set(out1), "DuckDB SQL HMAC disagrees with Python hmac"
-    # the pipeline's own pseudonymisation (safehaven.pseudonymise), not a copy of its SQL
+    # the pipeline's own pseudonymisation (safehaven.protect.pseudonymise), not a copy of its SQL
     began = time.perf_counter()
     con.execute(f"CREATE TABLE pp AS SELECT _ids.pid {pid_join_sql(gp_contract(), 'v')}")
     t_pipeline = time.perf_counter() - began

@@ -108,7 +108,7 @@ def install_trace(sink: list[tuple[float, str, float, float]]) -> None:
     """Make ``Store.connect`` hand out traced connections (in this process only)."""
     from contextlib import contextmanager
 
-    import safehaven.store as store
+    import safehaven.core.store as store
 
     original = store.Store.connect
 
@@ -156,7 +156,7 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
     if trace_sql:
         install_trace(trace)
 
-    from safehaven.definitions import build_definitions
+    from assets.definitions import build_definitions
 
     imported = time.perf_counter()
     defs = build_definitions()
@@ -233,7 +233,7 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
                 "peak_rss_sampled": sampler.peak_between(start, end),
             }
         )
-    import safehaven.definitions
+    import assets.definitions
 
     summary = summarise_trace(trace, steps) if trace_sql else None
     for step in steps if summary else []:
@@ -241,7 +241,7 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
         step["sql_seconds"] = in_sql.get("sql_seconds", 0.0)
         step["sql_statements"] = in_sql.get("statements", 0)
     return {
-        "code": str(Path(safehaven.definitions.__file__).parents[1]),
+        "code": str(Path(assets.definitions.__file__).parents[1]),
         "sql_trace": summary,
         "success": bool(result.success),
         "checks_failed": checks_failed,

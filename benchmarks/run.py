@@ -11,7 +11,7 @@ What it does, in a temporary folder (kept with ``--keep``):
    ``benchmarks``) into the folder and runs every worker from that copy, so that all the runs
    of one benchmark measure the same code even while the tree is being edited. The copy's
    SHA-256 is in the report, beside the git commit.
-2. Generates a synthetic drop (``safehaven.synthetic.generate``) at ``--patients`` (default
+2. Generates a synthetic drop (``safehaven.tools.synthetic.generate``) at ``--patients`` (default
    1,000,000, capped to the largest population the 999 test range allows, 909,091 patients:
    about 9.15M rows across gp_events, hospital_episodes and social_care plus 65k objections),
    and at a tenth of it for the scaling measurement.
@@ -58,7 +58,7 @@ from typing import Any
 import psutil
 
 from benchmarks.common import COLLECTIONS, CONTENT, STAGES, write_json
-from safehaven.synthetic import MAX_PATIENTS  # valid NHS numbers in the 999 test range
+from safehaven.tools.synthetic import MAX_PATIENTS  # valid NHS numbers in the 999 test range
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -440,7 +440,7 @@ def pseudonymisation(pipe: dict[str, Any], hmac_doc: dict[str, Any] | None) -> d
     * ``stage``: both.
 
     ``vs_python_*`` (the issue's "at least 5x a Python per-row HMAC baseline"): the pipeline's
-    own pseudonymisation (``safehaven.pseudonymise.pid_join_sql``: HMAC once per person in SQL,
+    own pseudonymisation (``safehaven.protect.pseudonymise.pid_join_sql``: HMAC once per person in SQL,
     joined back to every record) over Python per-row HMAC, both run by ``benchmarks.micro
     hmac`` in one process on the same gp_events NHS numbers: against the same table-to-table
     job done row by row in Python (read the table, ``hmac.new`` per row, write the pseudonyms
@@ -465,10 +465,14 @@ def pseudonymisation(pipe: dict[str, Any], hmac_doc: dict[str, Any] | None) -> d
     out["vault_entries"] = sum(a["rows_out"] or 0 for k, a in pipe["assets"].items() if k.startswith("vault/"))
     if not hmac_doc or "error" in hmac_doc:
         return out
-    python = {"table_job": hmac_doc.get("python_table_job", {}).get("rows_per_s"),
-              "hmac_loop": hmac_doc["python_hmac_new"]["rows_per_s"]}
-    mine = {"": hmac_doc.get("pipeline_pseudonymise", {}).get("rows_per_s"),
-            "haven_": out.get("haven", {}).get("rows_per_s")}
+    python = {
+        "table_job": hmac_doc.get("python_table_job", {}).get("rows_per_s"),
+        "hmac_loop": hmac_doc["python_hmac_new"]["rows_per_s"],
+    }
+    mine = {
+        "": hmac_doc.get("pipeline_pseudonymise", {}).get("rows_per_s"),
+        "haven_": out.get("haven", {}).get("rows_per_s"),
+    }
     if mine[""]:
         out["pseudonymise_rows_per_s"] = mine[""]
     for prefix, rate in mine.items():
@@ -509,8 +513,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     rate = ps.get("pseudonymise_rows_per_s")
-    for key, name in (("vs_python_table_job", "the same job in Python, per row"),
-                      ("vs_python_hmac_loop", "a bare Python hmac.new loop, no I/O")):
+    for key, name in (
+        ("vs_python_table_job", "the same job in Python, per row"),
+        ("vs_python_hmac_loop", "a bare Python hmac.new loop, no I/O"),
+    ):
         value = ps.get(key)
         out.append(
             _target(
@@ -519,7 +525,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 TARGET_PSEUDO_VS_PYTHON,
                 ">=",
                 f"{value:.2f}x (pipeline SQL {rate / 1e6:.2f}M rows/s; haven steps "
-                f"{_s(ps.get('haven_' + key), '{:.2f}x')})" if value and rate else "not measured",
+                f"{_s(ps.get('haven_' + key), '{:.2f}x')})"
+                if value and rate
+                else "not measured",
             )
         )
     val = cmp["stages"].get("validate", {})
@@ -847,8 +855,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="DuckDB threads (default: DuckDB's, the core count)")
     p.add_argument("--repeat", type=int, default=1, help="runs of the pipeline and the baseline; best of N")
     p.add_argument("--no-plain", action="store_true", help="skip the unencrypted baseline")
-    p.add_argument("--hmac-rows", type=int, default=0,
-                   help="cap on gp_events NHS numbers for the HMAC comparison (0: all, as the pipeline sees them)")
+    p.add_argument(
+        "--hmac-rows",
+        type=int,
+        default=0,
+        help="cap on gp_events NHS numbers for the HMAC comparison (0: all, as the pipeline sees them)",
+    )
     p.add_argument("--gx-rows", type=int, default=0, help="cap on gp_events rows for GX on pandas (0: all)")
     p.add_argument("--work", type=Path, default=None, help="parent of the scratch folder (default: the system's)")
     p.add_argument("--drop-cache", type=Path, default=None, help="reuse generated drops from this folder")
@@ -965,8 +977,7 @@ def _run(args: argparse.Namespace, patients: int, work: Path, logs: Path, say: P
     ]
 
     gp_csv = next((drop / "gp_events").glob("*.csv"))
-    say(f"Python HMAC vs DuckDB SQL HMAC ({min(args.hmac_rows or rows['gp_events'], rows['gp_events']):,} "
-        "NHS numbers)")
+    say(f"Python HMAC vs DuckDB SQL HMAC ({min(args.hmac_rows or rows['gp_events'], rows['gp_events']):,} NHS numbers)")
     try:
         report["hmac"] = run_micro(runner, "hmac", gp_csv, work / "micro", args.hmac_rows, threads)
     except Exception:

@@ -14,10 +14,10 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.keys import KeyRing
-from safehaven.store import Store
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
 
 
 class SafeHavenResource(dg.ConfigurableResource):

@@ -8,8 +8,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven.home import Home
-from safehaven.store import Store
+from safehaven.core.home import Home
+from safehaven.core.store import Store
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Shared helpers for the agreements, linkage, releases and subject-access tests.
 
 ``small_haven`` builds haven tables through the real pseudonymisation SQL
-(``safehaven.pseudonymise.haven_select_sql``) from a few known test NHS numbers, so pids are
+(``safehaven.protect.pseudonymise.haven_select_sql``) from a few known test NHS numbers, so pids are
 genuine HMACs and a test can ask about a person by NHS number. The population is shaped so
 that k-anonymity has work to do: a large group, a group of ten, and two unique people.
 """
@@ -17,12 +17,12 @@ from typing import Any
 import duckdb
 import yaml
 
-from safehaven import objections
-from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
-from safehaven.ingest import BATCHES, ensure_tables
-from safehaven.keys import KeyRing
-from safehaven.pseudonymise import haven_select_sql, install_key, pseudonym
-from safehaven.rules import q
+from safehaven.core.keys import KeyRing
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.intake.ingest import BATCHES, ensure_tables
+from safehaven.intake.rules import q
+from safehaven.protect import objections
+from safehaven.protect.pseudonymise import haven_select_sql, install_key, pseudonym
 from tests.unit.validation_helpers import nhs_numbers
 
 NHS = nhs_numbers(60)
@@ -51,25 +51,45 @@ BASE: dict[str, Any] = {
     "identifiability": "pseudonymised",
     "collections": ["hospital_episodes", "social_care"],
     "fields": [
-        {"collection": "hospital_episodes", "field": "date_of_birth",
-         "justification": "Age at admission is the main confounder of the outcome."},
-        {"collection": "hospital_episodes", "field": "sex",
-         "justification": "Outcomes differ by sex and the analysis is stratified by it."},
-        {"collection": "hospital_episodes", "field": "admission_date",
-         "justification": "Length of stay is an exposure of the study."},
-        {"collection": "social_care", "field": "service_type",
-         "justification": "The kind of care started after discharge is the outcome."},
+        {
+            "collection": "hospital_episodes",
+            "field": "date_of_birth",
+            "justification": "Age at admission is the main confounder of the outcome.",
+        },
+        {
+            "collection": "hospital_episodes",
+            "field": "sex",
+            "justification": "Outcomes differ by sex and the analysis is stratified by it.",
+        },
+        {
+            "collection": "hospital_episodes",
+            "field": "admission_date",
+            "justification": "Length of stay is an exposure of the study.",
+        },
+        {
+            "collection": "social_care",
+            "field": "service_type",
+            "justification": "The kind of care started after discharge is the outcome.",
+        },
     ],
-    "linkages": [{"left": "hospital_episodes", "right": "social_care",
-                  "purpose": "Link hospital episodes to the social care that follows."}],
+    "linkages": [
+        {
+            "left": "hospital_episodes",
+            "right": "social_care",
+            "purpose": "Link hospital episodes to the social care that follows.",
+        }
+    ],
     "coarsening": {"dob": "year", "postcode": "none"},
     "k_anonymity": 5,
     "onward_sharing": {"permitted": False, "terms": "No onward sharing."},
     "publication": {"licence": "CC-BY-4.0", "terms": "Open access papers only."},
     "start_date": "2025-01-01",
     "end_date": "2099-12-31",
-    "retention": {"days": 365, "destruction": "Destroyed at the end, certified.",
-                  "on_breach": "Destroyed on notice, certified."},
+    "retention": {
+        "days": 365,
+        "destruction": "Destroyed at the end, certified.",
+        "on_breach": "Destroyed on notice, certified.",
+    },
     "audit": "Annual audit by the haven.",
     "penalties": "Termination and a report to the ICO.",
     "approval": {"status": "approved", "approver": "Dr Test, Caldicott Guardian", "date": "2025-01-01"},
@@ -124,11 +144,15 @@ def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: Cont
         contract = registry.contracts[c]
         ensure_tables(con, contract)  # the batch register (and an empty landing table)
         cols = ", ".join(q(f) for f in contract.field_names)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _src AS SELECT {cols}, 'b-{c}' AS _batch, "
-                    f"row_number() OVER () AS _row FROM ({sql})")
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _src AS SELECT {cols}, 'b-{c}' AS _batch, "
+            f"row_number() OVER () AS _row FROM ({sql})"
+        )
         con.execute(f"CREATE OR REPLACE TABLE haven.{c} AS {haven_select_sql(contract, '_src')}")
-        con.execute(f"INSERT INTO {BATCHES} (batch_id, collection, landed_at, status) "
-                    f"VALUES ('b-{c}', '{c}', now() - INTERVAL 1 DAY, 'accepted')")
+        con.execute(
+            f"INSERT INTO {BATCHES} (batch_id, collection, landed_at, status) "
+            f"VALUES ('b-{c}', '{c}', now() - INTERVAL 1 DAY, 'accepted')"
+        )
     objections.ensure_tables(con)
     pids = {n: pseudonym(key.material, n) for n in NHS}
     events = [

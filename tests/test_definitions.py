@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from safehaven.definitions import build_definitions, defs
+from assets.definitions import build_definitions, defs
 
 
 def test_definitions_load() -> None:
@@ -11,10 +11,7 @@ def test_definitions_load() -> None:
 
 def test_nightly_job_covers_every_stage() -> None:
     job = defs.resolve_job_def("nightly")
-    groups = {
-        defs.resolve_assets_def(key).group_names_by_key[key]
-        for key in job.asset_layer.executable_asset_keys
-    }
+    groups = {defs.resolve_assets_def(key).group_names_by_key[key] for key in job.asset_layer.executable_asset_keys}
     assert {"ingest", "validate", "objections", "pseudonymise", "aggregate", "publish"} <= groups
 
 

@@ -9,14 +9,16 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from safehaven import audit, disposal, synthetic
-from safehaven.agreements import suspend
-from safehaven.contracts import CONTRACTS_DIR
-from safehaven.definitions import build_definitions, defs
-from safehaven.home import Home
-from safehaven.keys import KeyRing
-from safehaven.runner import run_nightly
-from safehaven.store import Store
+from assets.definitions import build_definitions, defs
+from assets.runner import run_nightly
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.dispose import disposal
+from safehaven.intake.contracts import CONTRACTS_DIR
+from safehaven.share.agreements import suspend
+from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
 
 PATIENTS = 300
@@ -44,8 +46,11 @@ def ran(home: Home, tmp_path: Path, dagster_instance, monkeypatch: pytest.Monkey
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
     synthetic.generate(home.incoming, patients=PATIENTS, seed=7, defect_rate=0.01)
     gp_numbers = seeded_nhs_numbers(home.incoming_for("gp_events"))
-    others = seeded_nhs_numbers(home.incoming_for("hospital_episodes")) | seeded_nhs_numbers(
-        home.incoming_for("social_care")) | seeded_nhs_numbers(home.incoming_for("objections"))
+    others = (
+        seeded_nhs_numbers(home.incoming_for("hospital_episodes"))
+        | seeded_nhs_numbers(home.incoming_for("social_care"))
+        | seeded_nhs_numbers(home.incoming_for("objections"))
+    )
     ok, stages = run_nightly(home, dagster_instance)
     assert ok, [s for s in stages if s.checks_failed]
     assert (home.releases / GP_AUDIT).exists()
@@ -54,15 +59,17 @@ def ran(home: Home, tmp_path: Path, dagster_instance, monkeypatch: pytest.Monkey
 
 def _run(instance, config: dict) -> dg.ExecuteInProcessResult:
     job = build_definitions().resolve_job_def("disposal")
-    return job.execute_in_process(run_config={"ops": {"dispose": {"config": config}}}, instance=instance,
-                                  raise_on_error=False)
+    return job.execute_in_process(
+        run_config={"ops": {"dispose": {"config": config}}}, instance=instance, raise_on_error=False
+    )
 
 
 def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagster_instance) -> None:
     home, contracts, gp_only = ran
     with Store(home).connect() as con:  # the GP drop was received eight years ago
-        con.execute("UPDATE governance.batches SET landed_at = now() - INTERVAL 2920 DAY "
-                    "WHERE collection = 'gp_events'")
+        con.execute(
+            "UPDATE governance.batches SET landed_at = now() - INTERVAL 2920 DAY WHERE collection = 'gp_events'"
+        )
     suspend(GP_AUDIT, "the recipient breached the no-onward-sharing term", "SIRO", root=contracts)
     salt_id = KeyRing(home.keys).get(f"agreement-{GP_AUDIT}").key_id
 
@@ -107,8 +114,10 @@ def test_job_config_names_a_collection_or_an_agreement(ran, dagster_instance) ->
     assert not refused.success
     assert KeyRing(home.keys).exists(f"agreement-{GP_AUDIT}")
     tomorrow = (date.today() + timedelta(days=1)).isoformat()
-    done = _run(dagster_instance, {"collection": "social_care", "before": tomorrow,
-                                   "authorised_by": "Dr A. Example, Caldicott Guardian"})
+    done = _run(
+        dagster_instance,
+        {"collection": "social_care", "before": tomorrow, "authorised_by": "Dr A. Example, Caldicott Guardian"},
+    )
     assert done.success
     with Store(home).connect(read_only=True) as con:
         (cert,) = disposal.certificates(con)

@@ -5,10 +5,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven import synthetic
-from safehaven.home import Home
-from safehaven.runner import run_nightly
-from safehaven.store import Store
+from assets.runner import run_nightly
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
 
 PATIENTS = 300

@@ -11,9 +11,9 @@ import pytest
 
 from assets import ingest, objections, pseudonymise, validate
 from resources.haven import SafeHavenResource
-from safehaven import synthetic
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
+from safehaven.core.home import Home
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
 
 PATIENTS = 600
@@ -21,8 +21,12 @@ PATIENTS = 600
 
 def _assets() -> list:
     registry = ContractRegistry()
-    return [*ingest.build(registry), *validate.build(registry), *objections.build(registry),
-            *pseudonymise.build(registry)]
+    return [
+        *ingest.build(registry),
+        *validate.build(registry),
+        *objections.build(registry),
+        *pseudonymise.build(registry),
+    ]
 
 
 def _expected_outlier(incoming: Path) -> str:
@@ -51,8 +55,11 @@ def run(home: Home, dagster_instance) -> tuple[dg.ExecuteInProcessResult, str, s
 
 
 def _meta(result, key: list[str]) -> dict:
-    [mat] = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()
-             if e.event_specific_data.materialization.asset_key == dg.AssetKey(key)]
+    [mat] = [
+        e.event_specific_data.materialization
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == dg.AssetKey(key)
+    ]
     return {k: v.value for k, v in mat.metadata.items()}
 
 

@@ -1,7 +1,7 @@
 """End to end: a small synthetic population through the pipeline to ``published/``.
 
-Rules under test: ``safehaven.outputs``, ``safehaven.disclosure``, ``safehaven.publish``,
-``safehaven.quality`` and ``safehaven.query`` (CoP 28-29, 34-36, 45-46; ISB 1523; guide Rule 3
+Rules under test: ``safehaven.publish.outputs``, ``safehaven.publish.disclosure``, ``safehaven.publish.publication``,
+``safehaven.publish.quality`` and ``safehaven.publish.query`` (CoP 28-29, 34-36, 45-46; ISB 1523; guide Rule 3
 part A), on the real outputs of one run: no seeded identifier or pseudonym in any published
 file, the disclosure invariants on the files themselves, quality figures that agree with the
 validation results, linkage only under its agreement, blocking checks that really stop
@@ -26,14 +26,14 @@ from assets import ingest, objections, outputs, pseudonymise, publish, validate
 from assets.keys import PUBLISHED_FILES
 from assets.keys import published as published_key
 from resources.haven import SafeHavenResource
-from safehaven import synthetic
-from safehaven.contracts import ContractRegistry
-from safehaven.disclosure import Policy, check_invariants, true_range
-from safehaven.home import Home
-from safehaven.outputs import Output, build_output, load_outputs
-from safehaven.publish import guard_table
-from safehaven.query import QueryRefused, run_query
-from safehaven.store import Store
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.disclosure import Policy, check_invariants, true_range
+from safehaven.publish.outputs import Output, build_output, load_outputs
+from safehaven.publish.publication import guard_table
+from safehaven.publish.query import QueryRefused, run_query
+from safehaven.tools import synthetic
 from tests.conftest import scan_for
 
 PATIENTS = 600
@@ -42,8 +42,12 @@ PATIENTS = 600
 def stage_assets(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     """The stages from ingest to publication (release extracts are another stage's tests)."""
     return [
-        *ingest.build(registry), *validate.build(registry), *objections.build(registry),
-        *pseudonymise.build(registry), *outputs.build(registry), *publish.build(registry),
+        *ingest.build(registry),
+        *validate.build(registry),
+        *objections.build(registry),
+        *pseudonymise.build(registry),
+        *outputs.build(registry),
+        *publish.build(registry),
     ]
 
 
@@ -91,11 +95,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         nhs, postcodes, dobs = seeded_values(home.incoming)
         assert nhs and postcodes and dobs
         registry = ContractRegistry()
-        result = dg.materialize(stage_assets(registry), resources={"haven": SafeHavenResource()},
-                                raise_on_error=False)
+        result = dg.materialize(stage_assets(registry), resources={"haven": SafeHavenResource()}, raise_on_error=False)
         with Store(home).connect(read_only=True) as con:
-            pids = {r[0] for c in ("gp_events", "hospital_episodes", "social_care")
-                    for r in con.execute(f"SELECT DISTINCT pid FROM haven.{c}").fetchall()}
+            pids = {
+                r[0]
+                for c in ("gp_events", "hospital_episodes", "social_care")
+                for r in con.execute(f"SELECT DISTINCT pid FROM haven.{c}").fetchall()
+            }
         yield Run(home, registry, result, load_outputs(registry), nhs, postcodes, dobs, pids)
 
 
@@ -146,8 +152,17 @@ def test_published_files_keep_the_disclosure_invariants_and_pass_the_guard(run: 
         for name, output in run.outputs.items():
             db.execute(f"CREATE TEMP VIEW pq_{name} AS SELECT * FROM read_parquet('{pub / name}.parquet')")
             for table in (name, f"pq_{name}"):
-                assert check_invariants(db, table, output.dimension_names, output.count_col,
-                                        output.policy.policy(), margins=output.margins) == [], table
+                assert (
+                    check_invariants(
+                        db,
+                        table,
+                        output.dimension_names,
+                        output.count_col,
+                        output.policy.policy(),
+                        margins=output.margins,
+                    )
+                    == []
+                ), table
                 assert guard_table(db, table, output, run.registry) == [], table
             types = dict(db.execute(f"SELECT column_name, column_type FROM (DESCRIBE {name})").fetchall())
             assert types["suppressed"] == "BOOLEAN", "one public marker, never the kind of suppression"
@@ -228,9 +243,7 @@ def test_quality_statement_is_markdown_metadata_of_each_output(run: Run) -> None
 
 def test_the_linked_output_ran_under_its_agreement(run: Run) -> None:
     with Store(run.home).connect(read_only=True) as con:
-        links = con.execute(
-            "SELECT agreement, outcome FROM governance.audit_log WHERE action = 'link'"
-        ).fetchall()
+        links = con.execute("SELECT agreement, outcome FROM governance.audit_log WHERE action = 'link'").fetchall()
         published = con.execute(
             "SELECT object, legal_basis, agreement FROM governance.audit_log WHERE action = 'publish' ORDER BY object"
         ).fetchall()
@@ -263,8 +276,10 @@ def test_a_differencing_pair_on_the_real_data_never_pins_a_small_count(run: Run)
             "SELECT provider_code FROM haven.hospital_episodes GROUP BY 1 ORDER BY count(DISTINCT pid), 1 LIMIT 1"
         ).fetchone()[0]
         base = run.outputs["hospital_admissions"]
-        sql = ("SELECT m.month, count(DISTINCT h.pid) AS people FROM haven.hospital_episodes h JOIN reporting_months m "
-               "ON h.admission_date BETWEEN m.month AND m.month_end {where} GROUP BY ALL")
+        sql = (
+            "SELECT m.month, count(DISTINCT h.pid) AS people FROM haven.hospital_episodes h JOIN reporting_months m "
+            "ON h.admission_date BETWEEN m.month AND m.month_end {where} GROUP BY ALL"
+        )
         a = base.model_copy(update={"name": "diff_all", "dimensions": base.dimensions[:1], "sql": sql.format(where="")})
         without = sql.format(where=f"WHERE provider_code <> '{smallest}'")
         b = a.model_copy(update={"name": "diff_without", "sql": without})
@@ -274,11 +289,14 @@ def test_a_differencing_pair_on_the_real_data_never_pins_a_small_count(run: Run)
             "SELECT a.month, a.people, b.people FROM published.diff_all a JOIN published.diff_without b USING (month) "
             "WHERE a.people IS NOT NULL AND b.people IS NOT NULL"
         ).fetchall()
-        truth = dict(con.execute(
-            "SELECT CAST(date_trunc('month', admission_date) AS DATE), count(DISTINCT pid) "
-            "FROM haven.hospital_episodes "
-            "WHERE provider_code = ? GROUP BY 1", [smallest]
-        ).fetchall())
+        truth = dict(
+            con.execute(
+                "SELECT CAST(date_trunc('month', admission_date) AS DATE), count(DISTINCT pid) "
+                "FROM haven.hospital_episodes "
+                "WHERE provider_code = ? GROUP BY 1",
+                [smallest],
+            ).fetchall()
+        )
         con.execute("DROP TABLE published.diff_all")
         con.execute("DROP TABLE published.diff_without")
     assert pairs
@@ -306,7 +324,7 @@ def test_a_violating_output_blocks_publication_in_the_same_run(
     run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = copy_haven(run, tmp_path / "haven", monkeypatch)
-    import safehaven.outputs as core
+    import safehaven.publish.outputs as core
 
     real = core.protect
 
@@ -320,13 +338,16 @@ def test_a_violating_output_blocks_publication_in_the_same_run(
 
     monkeypatch.setattr(core, "protect", broken_protect)
     keys = [published_key(n) for n in run.outputs] + [PUBLISHED_FILES]
-    result = dg.materialize(stage_assets(run.registry), resources={"haven": SafeHavenResource()},
-                            selection=keys, raise_on_error=False)
+    result = dg.materialize(
+        stage_assets(run.registry), resources={"haven": SafeHavenResource()}, selection=keys, raise_on_error=False
+    )
     assert not result.success
     failed = {e.check_name for e in result.get_asset_check_evaluations() if not e.passed}
     assert "hospital_admissions_disclosure_safe" in failed
-    done = {e.event_specific_data.materialization.asset_key  # type: ignore[union-attr]
-            for e in result.get_asset_materialization_events()}
+    done = {
+        e.event_specific_data.materialization.asset_key  # type: ignore[union-attr]
+        for e in result.get_asset_materialization_events()
+    }
     assert PUBLISHED_FILES not in done
     assert not [p for p in home.published.iterdir() if p.is_file()], "no published file was written"
 
@@ -338,15 +359,21 @@ def test_an_output_carrying_pseudonyms_is_refused_by_the_guard(
     contracts = tmp_path / "contracts"
     shutil.copytree(run.registry.root, contracts)
     (contracts / "outputs" / "leaky.yaml").write_text(
-        (contracts / "outputs" / "hospital_admissions.yaml").read_text()
+        (contracts / "outputs" / "hospital_admissions.yaml")
+        .read_text()
         .replace("name: hospital_admissions", "name: leaky")
-        .replace("name: provider_code", "name: pid").replace("h.provider_code", "h.pid")
+        .replace("name: provider_code", "name: pid")
+        .replace("h.provider_code", "h.pid")
     )
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
     registry = ContractRegistry(contracts)
     resource = SafeHavenResource(contracts=str(contracts))
-    result = dg.materialize(stage_assets(registry), resources={"haven": resource},
-                            selection=[published_key("leaky"), PUBLISHED_FILES], raise_on_error=False)
+    result = dg.materialize(
+        stage_assets(registry),
+        resources={"haven": resource},
+        selection=[published_key("leaky"), PUBLISHED_FILES],
+        raise_on_error=False,
+    )
     assert not result.success
     guard = next(e for e in result.get_asset_check_evaluations() if e.check_name == "leaky_publication_guard")
     assert not guard.passed

@@ -10,20 +10,21 @@ import dagster as dg
 import duckdb
 import pytest
 
+from assets.definitions import build_definitions
 from assets.releases import GROUP, build, release_key
+from assets.runner import run_nightly
 from resources.haven import SafeHavenResource
-from safehaven import audit, synthetic
-from safehaven import registers as reg
-from safehaven.agreements import load_agreements
-from safehaven.contracts import ContractRegistry
-from safehaven.definitions import build_definitions
-from safehaven.home import Home
-from safehaven.identifiers import is_valid_nhs
-from safehaven.keys import VAULT, KeyRing
-from safehaven.releases import MANIFEST, verify_release
-from safehaven.runner import run_nightly
-from safehaven.store import Store
-from safehaven.subject_access import subject_access
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.identifiers import is_valid_nhs
+from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.share.agreements import load_agreements
+from safehaven.share.releases import MANIFEST, verify_release
+from safehaven.share.subject_access import subject_access
+from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
 from tests.governance_helpers import agreement_data, contracts_root, small_haven, write_agreement
 
@@ -71,8 +72,10 @@ def test_release_asset_materialises_with_counts_only(home: Home, registry: Contr
 
 @pytest.mark.parametrize(
     "approval",
-    [{"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "audit due"},
-     {"status": "expired", "approver": "Dr X, CG", "date": "2020-01-01"}],
+    [
+        {"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "audit due"},
+        {"status": "expired", "approver": "Dr X, CG", "date": "2020-01-01"},
+    ],
     ids=["suspended", "expired"],
 )
 def test_suspended_or_expired_agreement_skips_and_writes_nothing(
@@ -133,23 +136,25 @@ def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_
     assert released == {"release/research-hes-asc-linked", "release/statutory-gp-audit"}
     # anon-linked-stats is served by the published output that names it, not by a second table
     assert not (home.releases / "anon-linked-stats").exists()
-    assert not (home.releases / "risk-stratification").exists()      # suspended
-    assert not (home.releases / "flu-surveillance-2024").exists()    # expired
-    assert not (home.releases / "cohort-consent-study").exists()     # draft
+    assert not (home.releases / "risk-stratification").exists()  # suspended
+    assert not (home.releases / "flu-surveillance-2024").exists()  # expired
+    assert not (home.releases / "cohort-consent-study").exists()  # draft
 
     with Store(home).connect(read_only=True) as con:
         rows = reg.releases(con)
         assert audit.verify(con, home).ok
-        members = con.execute("SELECT release_id, count(DISTINCT pid) FROM governance.release_members "
-                              "GROUP BY ALL").fetchall()
+        members = con.execute(
+            "SELECT release_id, count(DISTINCT pid) FROM governance.release_members GROUP BY ALL"
+        ).fetchall()
     assert {r["agreement_id"] for r in rows} == {"research-hes-asc-linked", "statutory-gp-audit"}
     for row in rows:  # the register matches what was written, row for row
         directory = home.releases / row["agreement_id"] / row["release_id"]
         assert hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest() == row["manifest_sha256"]
         assert verify_release(directory) == []
         manifest = json.loads((directory / MANIFEST).read_text())
-        written = sum(duckdb.sql(f"SELECT count(*) FROM '{directory / f['name']}'").fetchone()[0]
-                      for f in manifest["files"])
+        written = sum(
+            duckdb.sql(f"SELECT count(*) FROM '{directory / f['name']}'").fetchone()[0] for f in manifest["files"]
+        )
         assert written == row["records_released"]
     assert dict(members) == {r["release_id"]: r["people_released"] for r in rows if r["people_released"] is not None}
 

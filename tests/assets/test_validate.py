@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safehaven import synthetic
-from safehaven.contracts import CONTRACTS_DIR
-from safehaven.home import Home
-from safehaven.runner import run_nightly
-from safehaven.store import Store
-from safehaven.validation import RESULTS, RULE_RESULTS
+from assets.runner import run_nightly
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.contracts import CONTRACTS_DIR
+from safehaven.intake.validation import RESULTS, RULE_RESULTS
+from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
 from tests.unit.validation_helpers import nhs_numbers, write_csv
 
@@ -50,8 +50,9 @@ def blocked_run(home: Home, dagster_instance, caplog: pytest.LogCaptureFixture, 
     return ok, {s.asset: s for s in stages}, seeded, bad, caplog.text + out + err
 
 
-def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run(blocked_run, home: Home,
-                                                                                   dagster_instance) -> None:
+def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run(
+    blocked_run, home: Home, dagster_instance
+) -> None:
     ok, stages, _, bad, _ = blocked_run
     assert not ok
     assert stages["validated/social_care"].checks_failed == ["social_care_meets_contract"]
@@ -63,12 +64,17 @@ def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run
         assert stages[f"validated/{collection}"].checks_failed == []
         assert stages[f"haven/{collection}"].rows_out > 0
     # The check's metadata: version, rows, failures per rule, pass rate; decided by GX.
-    evaluations = [e for e in dagster_instance.get_records_for_run(
-        run_id=dagster_instance.get_runs()[0].run_id).records
-        if e.event_log_entry.dagster_event and e.event_log_entry.dagster_event.event_type_value
-        == "ASSET_CHECK_EVALUATION"]
-    social = next(e.event_log_entry.dagster_event.event_specific_data for e in evaluations
-                  if e.event_log_entry.dagster_event.event_specific_data.check_name == "social_care_meets_contract")
+    evaluations = [
+        e
+        for e in dagster_instance.get_records_for_run(run_id=dagster_instance.get_runs()[0].run_id).records
+        if e.event_log_entry.dagster_event
+        and e.event_log_entry.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+    ]
+    social = next(
+        e.event_log_entry.dagster_event.event_specific_data
+        for e in evaluations
+        if e.event_log_entry.dagster_event.event_specific_data.check_name == "social_care_meets_contract"
+    )
     assert social.passed is False
     meta = {k: v.value for k, v in social.metadata.items()}
     assert meta["contract_version"] == "1.0.0"
@@ -104,31 +110,71 @@ AE_CONTRACT = {
     "tolerance": 0.05,
     "retention_days": 2557,
     "fields": [
-        {"name": "site_code", "type": "VARCHAR", "description": "ODS code of the emergency department's site.",
-         "identifiability": "content", "rule": {"format": "ods_code"}},
-        {"name": "nhs_number", "type": "VARCHAR", "description": "The patient's NHS number.",
-         "identifiability": "direct_identifier", "rule": {"format": "nhs_number"}},
-        {"name": "date_of_birth", "type": "DATE", "description": "The patient's date of birth.",
-         "identifiability": "quasi_identifier", "rule": {"format": "date", "min": "1900-01-01", "max": "today"}},
-        {"name": "arrival_date", "type": "DATE", "description": "Date of arrival.", "identifiability": "content",
-         "rule": {"format": "date", "min": "2000-01-01", "max": "today"}},
-        {"name": "acuity", "type": "VARCHAR", "description": "Acuity on arrival (1 most urgent).",
-         "identifiability": "sensitive", "rule": {"allowed": ["1", "2", "3", "4", "5"]}},
+        {
+            "name": "site_code",
+            "type": "VARCHAR",
+            "description": "ODS code of the emergency department's site.",
+            "identifiability": "content",
+            "rule": {"format": "ods_code"},
+        },
+        {
+            "name": "nhs_number",
+            "type": "VARCHAR",
+            "description": "The patient's NHS number.",
+            "identifiability": "direct_identifier",
+            "rule": {"format": "nhs_number"},
+        },
+        {
+            "name": "date_of_birth",
+            "type": "DATE",
+            "description": "The patient's date of birth.",
+            "identifiability": "quasi_identifier",
+            "rule": {"format": "date", "min": "1900-01-01", "max": "today"},
+        },
+        {
+            "name": "arrival_date",
+            "type": "DATE",
+            "description": "Date of arrival.",
+            "identifiability": "content",
+            "rule": {"format": "date", "min": "2000-01-01", "max": "today"},
+        },
+        {
+            "name": "acuity",
+            "type": "VARCHAR",
+            "description": "Acuity on arrival (1 most urgent).",
+            "identifiability": "sensitive",
+            "rule": {"allowed": ["1", "2", "3", "4", "5"]},
+        },
     ],
-    "rules": [{"id": "arrival_not_before_birth", "description": "A patient cannot arrive before being born.",
-               "later": "arrival_date", "earlier": "date_of_birth"}],
+    "rules": [
+        {
+            "id": "arrival_not_before_birth",
+            "description": "A patient cannot arrive before being born.",
+            "later": "arrival_date",
+            "earlier": "date_of_birth",
+        }
+    ],
 }
 
 
-def test_a_collection_added_by_contract_alone_flows_through(home: Home, dagster_instance, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_collection_added_by_contract_alone_flows_through(
+    home: Home, dagster_instance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     contracts = tmp_path / "data_contracts"
     shutil.copytree(CONTRACTS_DIR, contracts)
     (contracts / "collections" / "ae_attendances.yaml").write_text(yaml.safe_dump(AE_CONTRACT, sort_keys=False))
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
     synthetic.generate(home.incoming, patients=PATIENTS, seed=6, defect_rate=0.0)
-    rows = [{"site_code": "RRK02", "nhs_number": n, "date_of_birth": "1960-05-06", "arrival_date": "2026-03-04",
-             "acuity": str(1 + i % 5)} for i, n in enumerate(nhs_numbers(40, start=700_000))]
+    rows = [
+        {
+            "site_code": "RRK02",
+            "nhs_number": n,
+            "date_of_birth": "1960-05-06",
+            "arrival_date": "2026-03-04",
+            "acuity": str(1 + i % 5),
+        }
+        for i, n in enumerate(nhs_numbers(40, start=700_000))
+    ]
     rows[0]["acuity"] = "9"  # one invalid row: quarantined, within tolerance
     write_csv(home.incoming_for("ae_attendances") / "ae_20260331.csv", rows, [f["name"] for f in AE_CONTRACT["fields"]])
 
@@ -140,7 +186,8 @@ def test_a_collection_added_by_contract_alone_flows_through(home: Home, dagster_
     assert by_asset["haven/ae_attendances"].rows_out == 39
     with Store(home).connect(read_only=True) as con:
         rejected = con.execute("SELECT failed_rules FROM landing.ae_attendances_rejected").fetchall()
-        measures = con.execute("SELECT count(*) FROM governance.quality_measures "
-                               "WHERE collection = 'ae_attendances'").fetchone()[0]
+        measures = con.execute(
+            "SELECT count(*) FROM governance.quality_measures WHERE collection = 'ae_attendances'"
+        ).fetchone()[0]
     assert rejected == [(["acuity.allowed"],)]
     assert measures > 0

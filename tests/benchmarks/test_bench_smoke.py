@@ -78,8 +78,9 @@ def test_harness_produces_a_complete_report(tmp_path: Path, capsys: pytest.Captu
     assert ps["vs_python_table_job"] > 0 and ps["vs_python_hmac_loop"] > 0
     assert ps["haven_vs_python_table_job"] > 0 and ps["haven_vs_python_hmac_loop"] > 0
     # the 5x targets judge the pipeline's pseudonymisation measured in the micro worker
-    assert math.isclose(ps["vs_python_hmac_loop"],
-                        hmac["pipeline_pseudonymise"]["rows_per_s"] / hmac["python_hmac_new"]["rows_per_s"])
+    assert math.isclose(
+        ps["vs_python_hmac_loop"], hmac["pipeline_pseudonymise"]["rows_per_s"] / hmac["python_hmac_new"]["rows_per_s"]
+    )
 
     assert report["machine"]["cores_logical"] >= 1 and report["machine"]["memory_bytes"] > 0
     for name in ("python", "duckdb", "dagster", "great_expectations", "polars"):

@@ -6,17 +6,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from safehaven import synthetic
-from safehaven.contracts import ContractRegistry
-from safehaven.haven import build_haven, haven_key
-from safehaven.home import Home
-from safehaven.ingest import ingest_collection
-from safehaven.keys import VAULT, KeyRing
-from safehaven.objections import register_objections
-from safehaven.pseudonymise import install_key
-from safehaven.store import Store
-from safehaven.validation import validate_collection
-from safehaven.vault import vault_collection
+from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import ingest_collection
+from safehaven.intake.validation import validate_collection
+from safehaven.protect.haven import build_haven, haven_key
+from safehaven.protect.objections import register_objections
+from safehaven.protect.pseudonymise import install_key
+from safehaven.protect.vault import vault_collection
+from safehaven.tools import synthetic
 
 
 def drop(home: Home, patients: int = 300, seed: int = 7) -> None:

@@ -1,4 +1,4 @@
-"""Tests for ``safehaven.agreements``: CoP 43 contents, machine-checked (CoP 21-22, 40-43; Caldicott 1-4, 6)."""
+"""Tests for ``safehaven.share.agreements``: CoP 43 contents, machine-checked (CoP 21-22, 40-43; Caldicott 1-4, 6)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from safehaven.agreements import (
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.share.agreements import (
     AgreementError,
     Approval,
     agreements_dir,
@@ -21,7 +22,6 @@ from safehaven.agreements import (
     scan_agreements,
     suspend,
 )
-from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
 from tests.governance_helpers import BASE, agreement_data, contracts_root, write_agreement
 
 
@@ -46,8 +46,14 @@ def _one(root: Path, **overrides: Any):
 
 def test_project_agreements_parse_and_validate() -> None:
     found = load_agreements()
-    assert {"research-hes-asc-linked", "anon-linked-stats", "statutory-gp-audit", "flu-surveillance-2024",
-            "risk-stratification", "cohort-consent-study"} <= set(found)
+    assert {
+        "research-hes-asc-linked",
+        "anon-linked-stats",
+        "statutory-gp-audit",
+        "flu-surveillance-2024",
+        "risk-stratification",
+        "cohort-consent-study",
+    } <= set(found)
     registry = ContractRegistry(CONTRACTS_DIR)
     for agreement in found.values():
         assert problems(agreement, registry) == [], agreement.id
@@ -103,50 +109,104 @@ def _field(collection: str, name: str, why: str = "Needed for the purpose of the
 
 
 CONTRADICTIONS = [
-    pytest.param({"identifiability": "identifiable", "legal_basis": {"basis": "anonymised"}},
-                 "identifiable level with legal basis 'anonymised'", id="identifiable-without-basis"),
-    pytest.param({"legal_basis": {"basis": "anonymised"}},
-                 "pseudonymised level with legal basis 'anonymised'", id="pseudonymised-without-basis"),
-    pytest.param({"identifiability": "anonymised"},
-                 "anonymised level with legal basis 'section_251'", id="anonymised-with-other-basis"),
+    pytest.param(
+        {"identifiability": "identifiable", "legal_basis": {"basis": "anonymised"}},
+        "identifiable level with legal basis 'anonymised'",
+        id="identifiable-without-basis",
+    ),
+    pytest.param(
+        {"legal_basis": {"basis": "anonymised"}},
+        "pseudonymised level with legal basis 'anonymised'",
+        id="pseudonymised-without-basis",
+    ),
+    pytest.param(
+        {"identifiability": "anonymised"},
+        "anonymised level with legal basis 'section_251'",
+        id="anonymised-with-other-basis",
+    ),
     pytest.param({"legal_basis": {"basis": "statutory"}}, "names no reference", id="no-reference"),
-    pytest.param({"fields": BASE["fields"] + [_field("hospital_episodes", "nhs_number")]},
-                 "is a direct identifier and cannot be released at the pseudonymised level", id="direct-identifier"),
-    pytest.param({"fields": BASE["fields"] + [_field("hospital_episodes", "blood_group")]},
-                 "field hospital_episodes.blood_group is not in the hospital_episodes contract", id="unknown-field"),
-    pytest.param({"fields": BASE["fields"] + [_field("gp_events", "diagnosis_code")]},
-                 "gp_events is not one of the agreement's collections", id="collection-not-listed"),
-    pytest.param({"collections": ["hospital_episodes", "social_care", "nowhere"]},
-                 "collection 'nowhere' has no contract", id="unknown-collection"),
-    pytest.param({"collections": ["hospital_episodes", "social_care", "objections"]},
-                 "not a content collection", id="objections-collection"),
-    pytest.param({"fields": BASE["fields"] + [_field("social_care", "postcode")]},
-                 "is a postcode but the agreement's coarsening says postcode: none", id="postcode-none"),
-    pytest.param({"fields": BASE["fields"] + [_field("social_care", "end_date", "needed")]},
-                 "has no real justification", id="short-justification"),
-    pytest.param({"fields": BASE["fields"] + [_field("social_care", "end_date", "TODO say why this is needed")]},
-                 "justification is still marked TODO", id="todo"),
+    pytest.param(
+        {"fields": BASE["fields"] + [_field("hospital_episodes", "nhs_number")]},
+        "is a direct identifier and cannot be released at the pseudonymised level",
+        id="direct-identifier",
+    ),
+    pytest.param(
+        {"fields": BASE["fields"] + [_field("hospital_episodes", "blood_group")]},
+        "field hospital_episodes.blood_group is not in the hospital_episodes contract",
+        id="unknown-field",
+    ),
+    pytest.param(
+        {"fields": BASE["fields"] + [_field("gp_events", "diagnosis_code")]},
+        "gp_events is not one of the agreement's collections",
+        id="collection-not-listed",
+    ),
+    pytest.param(
+        {"collections": ["hospital_episodes", "social_care", "nowhere"]},
+        "collection 'nowhere' has no contract",
+        id="unknown-collection",
+    ),
+    pytest.param(
+        {"collections": ["hospital_episodes", "social_care", "objections"]},
+        "not a content collection",
+        id="objections-collection",
+    ),
+    pytest.param(
+        {"fields": BASE["fields"] + [_field("social_care", "postcode")]},
+        "is a postcode but the agreement's coarsening says postcode: none",
+        id="postcode-none",
+    ),
+    pytest.param(
+        {"fields": BASE["fields"] + [_field("social_care", "end_date", "needed")]},
+        "has no real justification",
+        id="short-justification",
+    ),
+    pytest.param(
+        {"fields": BASE["fields"] + [_field("social_care", "end_date", "TODO say why this is needed")]},
+        "justification is still marked TODO",
+        id="todo",
+    ),
     pytest.param({"fields": BASE["fields"] + [BASE["fields"][0]]}, "is listed more than once", id="duplicate"),
-    pytest.param({"linkages": []},
-                 "no linkage names hospital_episodes and social_care", id="unlinked-collections"),
-    pytest.param({"linkages": [{"left": "social_care", "right": "social_care", "purpose": "self"}]},
-                 "joins social_care to itself", id="self-linkage"),
-    pytest.param({"linkages": BASE["linkages"] + [{"left": "gp_events", "right": "social_care", "purpose": "x y"}]},
-                 "names gp_events, which is not one of the agreement's collections", id="linkage-outside"),
+    pytest.param({"linkages": []}, "no linkage names hospital_episodes and social_care", id="unlinked-collections"),
+    pytest.param(
+        {"linkages": [{"left": "social_care", "right": "social_care", "purpose": "self"}]},
+        "joins social_care to itself",
+        id="self-linkage",
+    ),
+    pytest.param(
+        {"linkages": BASE["linkages"] + [{"left": "gp_events", "right": "social_care", "purpose": "x y"}]},
+        "names gp_events, which is not one of the agreement's collections",
+        id="linkage-outside",
+    ),
     pytest.param({"instrument": "agreement"}, "a contract is required (CoP 41)", id="contract-needed"),
     pytest.param({"end_date": "2024-01-01"}, "is before start_date", id="dates-backwards"),
     pytest.param({"approval": {"status": "approved"}}, "no approver is named", id="approved-without-approver"),
-    pytest.param({"approval": {"status": "approved", "approver": "Dr X, CG"}}, "no approval date",
-                 id="approved-without-date"),
-    pytest.param({"approval": {"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01"}},
-                 "status suspended but no reason", id="suspended-without-reason"),
-    pytest.param({"approval": {"status": "approved", "approver": "Dr X, CG",
-                               "date": (date.today() + timedelta(days=30)).isoformat()}},
-                 "is in the future", id="approval-in-future"),
-    pytest.param({"onward_sharing": {"permitted": True, "terms": "yes"}}, "terms are not stated",
-                 id="onward-sharing-terms"),
-    pytest.param({"collections": ["hospital_episodes", "social_care", "gp_events"]},
-                 "collection gp_events is listed but no field of it is released", id="collection-unused"),
+    pytest.param(
+        {"approval": {"status": "approved", "approver": "Dr X, CG"}}, "no approval date", id="approved-without-date"
+    ),
+    pytest.param(
+        {"approval": {"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01"}},
+        "status suspended but no reason",
+        id="suspended-without-reason",
+    ),
+    pytest.param(
+        {
+            "approval": {
+                "status": "approved",
+                "approver": "Dr X, CG",
+                "date": (date.today() + timedelta(days=30)).isoformat(),
+            }
+        },
+        "is in the future",
+        id="approval-in-future",
+    ),
+    pytest.param(
+        {"onward_sharing": {"permitted": True, "terms": "yes"}}, "terms are not stated", id="onward-sharing-terms"
+    ),
+    pytest.param(
+        {"collections": ["hospital_episodes", "social_care", "gp_events"]},
+        "collection gp_events is listed but no field of it is released",
+        id="collection-unused",
+    ),
 ]
 
 
@@ -157,14 +217,23 @@ def test_each_contradiction_is_named(root: Path, registry: ContractRegistry, cha
 
 
 def test_anonymised_level_needs_year_of_birth(root: Path, registry: ContractRegistry) -> None:
-    a = _one(root, id="anon-test", identifiability="anonymised", legal_basis={"basis": "anonymised"},
-             coarsening={"dob": "week", "postcode": "none"})
+    a = _one(
+        root,
+        id="anon-test",
+        identifiability="anonymised",
+        legal_basis={"basis": "anonymised"},
+        coarsening={"dob": "week", "postcode": "none"},
+    )
     assert any("date of birth only to the year" in p for p in problems(a, registry))
 
 
 def test_identifiable_agreement_may_release_direct_identifiers(root: Path, registry: ContractRegistry) -> None:
-    a = _one(root, identifiability="identifiable", legal_basis={"basis": "consent", "reference": "Form v1"},
-             fields=BASE["fields"] + [_field("hospital_episodes", "nhs_number")])
+    a = _one(
+        root,
+        identifiability="identifiable",
+        legal_basis={"basis": "consent", "reference": "Form v1"},
+        fields=BASE["fields"] + [_field("hospital_episodes", "nhs_number")],
+    )
     assert problems(a, registry) == []
     assert a.permits_identifiable
     assert not _one(root).permits_identifiable
@@ -181,8 +250,9 @@ def test_in_force_by_status_and_dates(root: Path) -> None:
     assert a.status_on(date(2026, 1, 1)) == "expired"
     ok, why = a.in_force(date(2024, 12, 31))
     assert not ok and "starts on 2025-01-01" in why
-    suspended = a.model_copy(update={"approval": Approval(status="suspended", approver="X", date=date(2025, 1, 1),
-                                                          reason="audit pending")})
+    suspended = a.model_copy(
+        update={"approval": Approval(status="suspended", approver="X", date=date(2025, 1, 1), reason="audit pending")}
+    )
     assert suspended.in_force(date(2025, 6, 1)) == (False, "agreement test-linked is suspended: audit pending")
     draft = a.model_copy(update={"approval": Approval(status="draft")})
     assert "draft" in draft.in_force(date(2025, 6, 1))[1]
@@ -235,10 +305,18 @@ def test_suspend_then_reapprove(root: Path, registry: ContractRegistry) -> None:
 
 
 def test_draft_parses_and_lists_every_todo(root: Path, registry: ContractRegistry) -> None:
-    text = draft_yaml("new-study", title="A new study", recipient="Somewhere (synthetic)", public_body=False,
-                      basis="section_251", level="pseudonymised",
-                      fields=[("hospital_episodes", "admission_date"), ("social_care", "service_type")],
-                      links=[("hospital_episodes", "social_care")], start=date(2026, 1, 1), end=date(2027, 1, 1))
+    text = draft_yaml(
+        "new-study",
+        title="A new study",
+        recipient="Somewhere (synthetic)",
+        public_body=False,
+        basis="section_251",
+        level="pseudonymised",
+        fields=[("hospital_episodes", "admission_date"), ("social_care", "service_type")],
+        links=[("hospital_episodes", "social_care")],
+        start=date(2026, 1, 1),
+        end=date(2027, 1, 1),
+    )
     (root / "agreements" / "new-study.yaml").write_text(text)
     a = load_agreement("new-study", root)
     found = problems(a, registry)

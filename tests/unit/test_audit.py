@@ -1,4 +1,4 @@
-"""Tests for ``safehaven.audit``: the hash-chained, anchored audit trail (CoP 12, 23d).
+"""Tests for ``safehaven.core.audit``: the hash-chained, anchored audit trail (CoP 12, 23d).
 
 Each kind of tampering (edit, delete, reorder, truncate, altered anchor) must be caught at
 the exact first bad ``seq``; the ``audit`` key must be needed to forge a chain; identifier
@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from safehaven import audit
-from safehaven.audit import GENESIS, TABLE, VerifyResult
-from safehaven.home import Home
-from safehaven.keys import Key, KeyRing, KeyRingError
-from safehaven.store import Store
+from safehaven.core import audit
+from safehaven.core.audit import GENESIS, TABLE, VerifyResult
+from safehaven.core.home import Home
+from safehaven.core.keys import Key, KeyRing, KeyRingError
+from safehaven.core.store import Store
 
 N = 6
 
@@ -38,9 +38,7 @@ def _entry(i: int) -> dict[str, Any]:
         "legal_basis": None if i % 3 == 0 else "s251 CAG 1-23(b)/2024",
         "agreement": None if i % 2 else f"DSA-{i:03d}",
         "outcome": "ok" if i % 5 else "refused",
-        "detail": None
-        if i % 4 == 0
-        else {"rows": 1000 * i, "key_id": "ab12cd34ef56ab78"},
+        "detail": None if i % 4 == 0 else {"rows": 1000 * i, "key_id": "ab12cd34ef56ab78"},
     }
 
 
@@ -83,9 +81,7 @@ def test_append_and_verify_ok(con: duckdb.DuckDBPyConnection, home: Home) -> Non
     assert result == VerifyResult(True, None, result.reason)
     assert f"{N} entries" in result.reason
 
-    rows = con.execute(
-        f"SELECT seq, prev_hash, entry_hash FROM {TABLE} ORDER BY seq"
-    ).fetchall()
+    rows = con.execute(f"SELECT seq, prev_hash, entry_hash FROM {TABLE} ORDER BY seq").fetchall()
     assert rows[0][1] == GENESIS
     assert all(rows[i][1] == rows[i - 1][2] for i in range(1, N))
     head = _head(home)
@@ -95,9 +91,7 @@ def test_append_and_verify_ok(con: duckdb.DuckDBPyConnection, home: Home) -> Non
     assert key.hex not in (home.registers / "audit_head.json").read_text()
 
 
-def test_append_many_one_insert_per_batch(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_append_many_one_insert_per_batch(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con, 2)
     releases = [
         {
@@ -132,9 +126,7 @@ def test_entries_for(con: duckdb.DuckDBPyConnection) -> None:
     assert [e.seq for e in audit.entries_for(con, object_like="%batch-3")] == [3]
     assert [e.seq for e in audit.entries_for(con, agreement="DSA-004")] == [4]
     assert audit.entries_for(con, since=datetime.now(UTC) + timedelta(hours=1)) == []
-    assert (
-        len(audit.entries_for(con, since=datetime.now(UTC) - timedelta(hours=1))) == N
-    )
+    assert len(audit.entries_for(con, since=datetime.now(UTC) - timedelta(hours=1))) == N
     entry = audit.entries_for(con, object_like="%batch-2")[0]
     assert entry.detail_value == _entry(2)["detail"]
     assert entry.at.tzinfo is not None
@@ -151,9 +143,7 @@ def test_edited_entry_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> N
     _bad(audit.verify(con, home), 4, "entry 4 has been altered")
 
 
-def test_detail_whitespace_edit_is_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_detail_whitespace_edit_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con)
     con.execute(
         f"UPDATE {TABLE} SET detail = CAST(? AS JSON) WHERE seq = 2",
@@ -162,21 +152,15 @@ def test_detail_whitespace_edit_is_caught(
     _bad(audit.verify(con, home), 2, "altered")
 
 
-def test_deleted_middle_entry_is_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_deleted_middle_entry_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con)
     con.execute(f"DELETE FROM {TABLE} WHERE seq = 3")
     _bad(audit.verify(con, home), 3, "entry 3 is missing")
 
 
-def test_reordered_entries_are_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_reordered_entries_are_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con)
-    con.execute(
-        f"UPDATE {TABLE} SET seq = CASE seq WHEN 2 THEN 5 ELSE 2 END WHERE seq IN (2, 5)"
-    )
+    con.execute(f"UPDATE {TABLE} SET seq = CASE seq WHEN 2 THEN 5 ELSE 2 END WHERE seq IN (2, 5)")
     _bad(audit.verify(con, home), 2, "does not follow entry 1")
 
 
@@ -195,18 +179,14 @@ def test_dropped_log_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> No
 # --- tampering with the anchor ----------------------------------------------------------
 
 
-def test_edited_anchor_hash_is_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_edited_anchor_hash_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con)
     head = _head(home)
     _set_head(home, {**head, "entry_hash": "f" * 64})
     _bad(audit.verify(con, home), N, "MAC does not verify")
 
 
-def test_edited_anchor_seq_is_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_edited_anchor_seq_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con)
     head = _head(home)
     _set_head(home, {**head, "seq": N + 2})
@@ -215,18 +195,14 @@ def test_edited_anchor_seq_is_caught(
     _bad(audit.verify(con, home), N - 1, "does not match the hash")
 
 
-def test_edited_anchor_metadata_is_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_edited_anchor_metadata_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     """The log and the anchored head agree, but the anchor file itself was edited."""
     _fill(con)
     _set_head(home, {**_head(home), "key_id": "0" * 16})
     _bad(audit.verify(con, home), None, "MAC does not verify")
 
 
-def test_anchor_moved_to_hide_truncation_is_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_anchor_moved_to_hide_truncation_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     """Truncate, then point the anchor at the new last entry: the anchor's MAC gives it away."""
     _fill(con)
     con.execute(f"DELETE FROM {TABLE} WHERE seq > 3")
@@ -235,9 +211,7 @@ def test_anchor_moved_to_hide_truncation_is_caught(
     _bad(audit.verify(con, home), None, "MAC does not verify")
 
 
-def test_missing_or_garbled_anchor_is_caught(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_missing_or_garbled_anchor_is_caught(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con)
     path = home.registers / "audit_head.json"
     path.write_text("{not json")
@@ -258,9 +232,7 @@ def test_stale_anchor_then_reanchor(con: duckdb.DuckDBPyConnection, home: Home) 
     assert audit.verify(con, home).ok
 
 
-def test_anchor_refuses_a_broken_chain(
-    con: duckdb.DuckDBPyConnection, home: Home
-) -> None:
+def test_anchor_refuses_a_broken_chain(con: duckdb.DuckDBPyConnection, home: Home) -> None:
     _fill(con)
     con.execute(f"DELETE FROM {TABLE} WHERE seq = 2")
     with pytest.raises(ValueError, match="fails verification"):
@@ -274,9 +246,7 @@ def _forge(con: duckdb.DuckDBPyConnection, home: Home, key: Key, start: int) -> 
     """Recompute the chain from ``start`` on, and the anchor, with ``key``."""
     prev = GENESIS
     if start > 1:
-        prev = con.execute(
-            f"SELECT entry_hash FROM {TABLE} WHERE seq = ?", [start - 1]
-        ).fetchone()[0]
+        prev = con.execute(f"SELECT entry_hash FROM {TABLE} WHERE seq = ?", [start - 1]).fetchone()[0]
     for entry in audit.entries_for(con)[start - 1 :]:
         fields = {**vars(entry), "prev_hash": prev}
         prev = audit.entry_hash(key, fields)
@@ -289,9 +259,7 @@ def _forge(con: duckdb.DuckDBPyConnection, home: Home, key: Key, start: int) -> 
 
 
 @pytest.mark.parametrize("start", [1, 3])
-def test_chain_forged_with_another_key_fails(
-    con: duckdb.DuckDBPyConnection, home: Home, start: int
-) -> None:
+def test_chain_forged_with_another_key_fails(con: duckdb.DuckDBPyConnection, home: Home, start: int) -> None:
     """Someone with the store but not keys/audit.key edits entry 3 and recomputes the chain."""
     _fill(con)
     forger = Key("audit", b"\x01" * 32)
@@ -352,9 +320,7 @@ def test_identifier_looking_values_are_refused(
         {"counts": [1, 2, 3], "share": 0.25, "dry_run": False, "note": None},
     ],
 )
-def test_ordinary_detail_is_accepted(
-    con: duckdb.DuckDBPyConnection, detail: Any
-) -> None:
+def test_ordinary_detail_is_accepted(con: duckdb.DuckDBPyConnection, detail: Any) -> None:
     audit.append(con, **{**_entry(1), "detail": detail})
     assert audit.entries_for(con)[0].detail_value == detail
 
@@ -376,9 +342,7 @@ def test_a_pseudonym_in_an_object_is_not_mistaken_for_an_nhs_number(con: duckdb.
         {"patient": "p-1"},
     ],
 )
-def test_malformed_entries_are_refused(
-    con: duckdb.DuckDBPyConnection, change: dict
-) -> None:
+def test_malformed_entries_are_refused(con: duckdb.DuckDBPyConnection, change: dict) -> None:
     with pytest.raises((ValueError, TypeError)):
         audit.append_many(con, [{**_entry(1), **change}])
     assert audit.entries_for(con) == []
@@ -418,8 +382,7 @@ _EDITS: dict[str, st.SearchStrategy[Any]] = {
     "legal_basis": st.none() | _TEXT,
     "agreement": st.none() | _TEXT,
     "outcome": _TEXT,
-    "detail": st.none()
-    | st.dictionaries(_TEXT, st.integers() | _TEXT, max_size=3).map(json.dumps),
+    "detail": st.none() | st.dictionaries(_TEXT, st.integers() | _TEXT, max_size=3).map(json.dumps),
     "prev_hash": _HEX,
     "entry_hash": _HEX,
     "seq": st.integers(N + 1, 10**6),
@@ -430,13 +393,9 @@ _EDITS: dict[str, st.SearchStrategy[Any]] = {
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seq=st.integers(1, N),
-    column_and_value=st.sampled_from(sorted(_EDITS)).flatmap(
-        lambda c: st.tuples(st.just(c), _EDITS[c])
-    ),
+    column_and_value=st.sampled_from(sorted(_EDITS)).flatmap(lambda c: st.tuples(st.just(c), _EDITS[c])),
 )
-def test_any_single_edit_is_caught_at_its_position(
-    filled: Log, seq: int, column_and_value: tuple[str, Any]
-) -> None:
+def test_any_single_edit_is_caught_at_its_position(filled: Log, seq: int, column_and_value: tuple[str, Any]) -> None:
     con, home = filled
     column, value = column_and_value
     con.execute("BEGIN TRANSACTION")
@@ -447,9 +406,7 @@ def test_any_single_edit_is_caught_at_its_position(
                 [value, seq],
             )
         else:
-            old = con.execute(
-                f"SELECT {column} FROM {TABLE} WHERE seq = ?", [seq]
-            ).fetchone()[0]
+            old = con.execute(f"SELECT {column} FROM {TABLE} WHERE seq = ?", [seq]).fetchone()[0]
             assume(value != old)
             con.execute(f"UPDATE {TABLE} SET {column} = ? WHERE seq = ?", [value, seq])
         result = audit.verify(con, home)
@@ -478,18 +435,13 @@ def test_any_single_edit_is_caught_at_its_position(
                 | st.integers(-(10**6), 10**6)
                 | _TEXT
                 | st.floats(allow_nan=False, allow_infinity=False),
-                lambda inner: (
-                    st.lists(inner, max_size=3)
-                    | st.dictionaries(_TEXT, inner, max_size=3)
-                ),
+                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
                 max_leaves=8,
             ),
         },
     )
 )
-def test_any_accepted_entry_round_trips_and_verifies(
-    growing: Log, fields: dict[str, Any]
-) -> None:
+def test_any_accepted_entry_round_trips_and_verifies(growing: Log, fields: dict[str, Any]) -> None:
     con, home = growing
     try:
         seq = audit.append(con, **fields)

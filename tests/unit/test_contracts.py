@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from safehaven.contracts import CONTRACTS_DIR, FORMAT_STANDARDS, Contract, ContractRegistry, contracts_dir
+from safehaven.intake.contracts import CONTRACTS_DIR, FORMAT_STANDARDS, Contract, ContractRegistry, contracts_dir
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
 
@@ -110,14 +110,32 @@ def _broken(change: str) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.parametrize("change", [
-    "two rule kinds", "range on text", "date format on text", "postcode format on a date", "min after max",
-    "unknown identifiability", "no description", "duplicate field", "hostile field name",
-    "patient key not an NHS number", "period field not a date", "cross-field rule on an unknown field",
-    "cross-field rule on text", "uniqueness on an unknown field", "duplicate rule ids", "tolerance over 1",
-    "version not semantic", "unknown key", "non-positive retention", "empty allowed set",
-    "prefix match without a list",
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "two rule kinds",
+        "range on text",
+        "date format on text",
+        "postcode format on a date",
+        "min after max",
+        "unknown identifiability",
+        "no description",
+        "duplicate field",
+        "hostile field name",
+        "patient key not an NHS number",
+        "period field not a date",
+        "cross-field rule on an unknown field",
+        "cross-field rule on text",
+        "uniqueness on an unknown field",
+        "duplicate rule ids",
+        "tolerance over 1",
+        "version not semantic",
+        "unknown key",
+        "non-positive retention",
+        "empty allowed set",
+        "prefix match without a list",
+    ],
+)
 def test_a_wrong_contract_is_refused(change: str) -> None:
     assert Contract.model_validate(_base())  # the base is fine
     with pytest.raises(ValueError):
@@ -174,7 +192,12 @@ def test_contracts_directory_from_the_environment(tmp_path: Path, monkeypatch: p
 
 def test_uniqueness_declaration_loads() -> None:
     doc = _base()
-    doc["unique"] = [{"id": "one_service_start", "description": "one row per person, service and start",
-                      "fields": ["nhs_number", "service_type", "start_date"]}]
+    doc["unique"] = [
+        {
+            "id": "one_service_start",
+            "description": "one row per person, service and start",
+            "fields": ["nhs_number", "service_type", "start_date"],
+        }
+    ]
     contract = Contract.model_validate(doc)
     assert contract.unique[0].fields == ["nhs_number", "service_type", "start_date"]

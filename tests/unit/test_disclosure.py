@@ -1,6 +1,6 @@
 """Statistical disclosure control: tables crafted to tempt it, and random tables.
 
-Rules under test: ``safehaven.disclosure`` module docstring (CoP 34b, 35; ISB 1523; HES
+Rules under test: ``safehaven.publish.disclosure`` module docstring (CoP 34b, 35; ISB 1523; HES
 analysis guide; OpenSAFELY "Safe outputs" and midpoint 6 rounding).
 """
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safehaven.disclosure import (
+from safehaven.publish.disclosure import (
     DisclosureError,
     Policy,
     check_invariants,
@@ -529,15 +529,25 @@ def test_random_rates_are_built_on_published_values_only(
 
 
 def test_public_form_has_one_boolean_marker_and_keeps_the_invariants(con: duckdb.DuckDBPyConnection) -> None:
-    load(con, "src", "practice VARCHAR, age_band VARCHAR, people INTEGER",
-         [("=P1", "a", 3), ("=P1", "b", 40), ("P2", "a", 50), ("P2", "b", 60), ("P3", "a", 70), ("P3", "b", 81)])
+    load(
+        con,
+        "src",
+        "practice VARCHAR, age_band VARCHAR, people INTEGER",
+        [("=P1", "a", 3), ("=P1", "b", 40), ("P2", "a", 50), ("P2", "b", 60), ("P3", "a", 70), ("P3", "b", 81)],
+    )
     protect(con, "src", "temp.work", DIMS2)
     temp = "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'work' AND temporary"
     assert con.execute(temp).fetchone() == (1,)
     con.execute(f"CREATE TABLE pub AS {public_select_sql(con, 'work', order_by=DIMS2)}")
     rows = con.execute("SELECT practice, age_band, people, suppressed FROM pub").fetchall()
-    assert rows == [("'=P1", "a", None, True), ("'=P1", "b", None, True), ("P2", "a", None, True),
-                    ("P2", "b", None, True), ("P3", "a", 70, False), ("P3", "b", 80, False)]
+    assert rows == [
+        ("'=P1", "a", None, True),
+        ("'=P1", "b", None, True),
+        ("P2", "a", None, True),
+        ("P2", "b", None, True),
+        ("P3", "a", 70, False),
+        ("P3", "b", 80, False),
+    ]
     assert check_invariants(con, "pub", DIMS2) == []
     con.execute("UPDATE pub SET suppressed = false WHERE practice = 'P2' AND age_band = 'a'")
     assert check_invariants(con, "pub", DIMS2) == ["people: 1 cell(s) whose suppression reason disagrees"]

@@ -1,4 +1,4 @@
-"""Retention and secure disposal (issue #7; CoP 43d, 43f, 48-50; ``safehaven.disposal``).
+"""Retention and secure disposal (issue #7; CoP 43d, 43f, 48-50; ``safehaven.dispose.disposal``).
 
 The haven used here is built with the core functions (``tests.unit.populate``) from two drops:
 
@@ -27,14 +27,17 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven import audit, disposal, synthetic, vault
-from safehaven.agreements import suspend
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.keys import KeyRing, KeyRingError, agreement_key
-from safehaven.pseudonymise import pseudonym, release_pseudonym
-from safehaven.releases import PERSON_ID, release
-from safehaven.store import Store, httpfs_extension_path
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing, KeyRingError, agreement_key
+from safehaven.core.store import Store, httpfs_extension_path
+from safehaven.dispose import disposal
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import vault
+from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
+from safehaven.share.agreements import suspend
+from safehaven.share.releases import PERSON_ID, release
+from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, scan_for
 from tests.governance_helpers import agreement_data, contracts_root, write_agreement
 from tests.unit.populate import process, write_csv
@@ -97,13 +100,26 @@ def _build(root: Path) -> None:
     """The template haven (see the module docstring), built once per module and copied per test."""
     home = Home(root / "haven").ensure()
     croot = contracts_root(root)
-    write_agreement(croot, agreement_data(
-        id=STUDY, collections=["gp_events"], linkages=[],
-        fields=[{"collection": "gp_events", "field": "event_date",
-                 "justification": "Weekly counts of events need the date each was recorded."},
-                {"collection": "gp_events", "field": "diagnosis_code",
-                 "justification": "The study is about which conditions are recorded."}],
-    ))
+    write_agreement(
+        croot,
+        agreement_data(
+            id=STUDY,
+            collections=["gp_events"],
+            linkages=[],
+            fields=[
+                {
+                    "collection": "gp_events",
+                    "field": "event_date",
+                    "justification": "Weekly counts of events need the date each was recorded.",
+                },
+                {
+                    "collection": "gp_events",
+                    "field": "diagnosis_code",
+                    "justification": "The study is about which conditions are recorded.",
+                },
+            ],
+        ),
+    )
     registry = ContractRegistry(croot)
     old, new = root / "old", root / "new"
     synthetic.generate(old, patients=60, seed=11, defect_rate=0.0, period_end=OLD_END)
@@ -113,8 +129,9 @@ def _build(root: Path) -> None:
     _, objection_rows = _read(next((new / "objections").glob("*.csv")))
     objectors = {_canon(r[0]) for r in objection_rows}
     header, new_gp = _read(next((new / "gp_events").glob("*.csv")))
-    mover = next(_canon(r[header.index("nhs_number")]) for r in new_gp
-                 if _canon(r[header.index("nhs_number")]) not in objectors)
+    mover = next(
+        _canon(r[header.index("nhs_number")]) for r in new_gp if _canon(r[header.index("nhs_number")]) not in objectors
+    )
     old_hes = next((old / "hospital_episodes").glob("*.csv"))
     header, rows = _read(old_hes)
     row = rows[0]
@@ -133,8 +150,10 @@ def _build(root: Path) -> None:
         process(home, registry)
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        con.execute("UPDATE governance.batches SET landed_at = CAST(? AS TIMESTAMPTZ) "
-                    "WHERE file_name LIKE '%20150331%'", [RECEIVED_2015])
+        con.execute(
+            "UPDATE governance.batches SET landed_at = CAST(? AS TIMESTAMPTZ) WHERE file_name LIKE '%20150331%'",
+            [RECEIVED_2015],
+        )
         assert con.execute("SELECT count(*) FROM governance.batches WHERE landed_at < '2016-01-01'").fetchone()[0] == 3
         result = release(con, STUDY, home=home, registry=registry, keyring=keyring)
         assert result.status == "released", result.reason
@@ -145,9 +164,16 @@ def _build(root: Path) -> None:
     shutil.copy(old_gp, home.incoming_for("gp_events") / old_gp.name)  # sent again, not yet ingested
     old_nhs, new_nhs = _values(old, "nhs_number"), _values(new, "nhs_number")
     old_pc, new_pc = _values(old, "postcode"), _values(new, "postcode")
-    (root / "world.json").write_text(json.dumps({
-        "old_nhs": sorted(old_nhs - new_nhs), "old_postcodes": sorted(old_pc - new_pc - {MOVER_POSTCODE}),
-        "kept_nhs": sorted(new_nhs), "mover": mover}))
+    (root / "world.json").write_text(
+        json.dumps(
+            {
+                "old_nhs": sorted(old_nhs - new_nhs),
+                "old_postcodes": sorted(old_pc - new_pc - {MOVER_POSTCODE}),
+                "kept_nhs": sorted(new_nhs),
+                "mover": mover,
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +191,15 @@ def world(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Wo
     monkeypatch.setenv("SAFEHAVEN_HOME", str(home.root))
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(root / "data_contracts"))
     facts = json.loads((root / "world.json").read_text())
-    return World(home, ContractRegistry(root / "data_contracts"), KeyRing(home.keys), set(facts["old_nhs"]),
-                 set(facts["old_postcodes"]), set(facts["kept_nhs"]), facts["mover"])
+    return World(
+        home,
+        ContractRegistry(root / "data_contracts"),
+        KeyRing(home.keys),
+        set(facts["old_nhs"]),
+        set(facts["old_postcodes"]),
+        set(facts["kept_nhs"]),
+        facts["mover"],
+    )
 
 
 def _store_hits(con: duckdb.DuckDBPyConnection, needles: set[str]) -> dict[str, int]:
@@ -178,8 +211,9 @@ def _store_hits(con: duckdb.DuckDBPyConnection, needles: set[str]) -> dict[str, 
         "AND table_type = 'BASE TABLE'"
     ).fetchall():
         n = con.execute(
-            f"SELECT count(*) FROM {schema}.\"{table}\" t WHERE regexp_matches("
-            f"replace(replace(upper(CAST(t AS VARCHAR)), ' ', ''), '-', ''), ?)", [pattern]
+            f'SELECT count(*) FROM {schema}."{table}" t WHERE regexp_matches('
+            f"replace(replace(upper(CAST(t AS VARCHAR)), ' ', ''), '-', ''), ?)",
+            [pattern],
         ).fetchone()[0]
         if n:
             hits[f"{schema}.{table}"] = n
@@ -201,9 +235,11 @@ def _counts(home: Home, batches: str) -> dict[str, int]:
     with Store(home).connect(read_only=True) as con:
         tables = con.execute(
             "SELECT table_schema || '.' || table_name FROM information_schema.columns WHERE table_catalog = 'store' "
-            "AND column_name = '_batch' AND table_schema IN ('landing', 'haven') ORDER BY 1").fetchall()
-        return {t: con.execute(f"SELECT count(*) FROM {t} WHERE _batch IN ({batches})").fetchone()[0]
-                for (t,) in tables}
+            "AND column_name = '_batch' AND table_schema IN ('landing', 'haven') ORDER BY 1"
+        ).fetchall()
+        return {
+            t: con.execute(f"SELECT count(*) FROM {t} WHERE _batch IN ({batches})").fetchone()[0] for (t,) in tables
+        }
 
 
 KEPT = "SELECT batch_id FROM governance.batches WHERE landed_at >= '2016-01-01'"
@@ -236,9 +272,12 @@ def test_after_disposal_no_file_under_the_home_holds_a_disposed_value(world: Wor
     haven = world.keyring.get("haven").material
     old_pids = sorted(pseudonym(haven, n) for n in world.old_nhs)
     with Store(world.home).connect(read_only=True) as con:  # data keys protecting disposed people only
-        old_deks = {r[0] for r in con.execute(
-            "SELECT dek_id FROM vault.identity GROUP BY dek_id HAVING bool_and(list_contains(?, pid))",
-            [old_pids]).fetchall()}
+        old_deks = {
+            r[0]
+            for r in con.execute(
+                "SELECT dek_id FROM vault.identity GROUP BY dek_id HAVING bool_and(list_contains(?, pid))", [old_pids]
+            ).fetchall()
+        }
 
     results = _dispose_old(world)
 
@@ -246,8 +285,9 @@ def test_after_disposal_no_file_under_the_home_holds_a_disposed_value(world: Wor
     destroyed = {k["key_id"] for r in results for k in r.certificate["keys_destroyed"] if k["kind"] == "vault_data_key"}
     assert old_deks and old_deks <= destroyed, "data keys left with no entry are destroyed"
     with Store(world.home).connect(read_only=True) as con:
-        assert not con.execute("SELECT count(*) FROM vault.data_keys WHERE list_contains(?, dek_id)",
-                               [sorted(destroyed)]).fetchone()[0]
+        assert not con.execute(
+            "SELECT count(*) FROM vault.data_keys WHERE list_contains(?, dek_id)", [sorted(destroyed)]
+        ).fetchone()[0]
     assert world.leaks() == {}
     with Store(world.home).connect(read_only=True) as con:
         assert _store_hits(con, needles) == {}
@@ -283,19 +323,32 @@ def test_control_delete_and_checkpoint_leave_the_values_a_rebuild_removes(world:
     needles = [n.encode() for n in sorted(world.old_nhs)] + world.needles()
     assert scan_for(tmp_path, needles), "the plain copy must hold the values, or the control proves nothing"
 
-    plans = [disposal.make_plan(world.home, disposal.Target.for_collection(c, BEFORE), registry=world.registry,
-                                keyring=world.keyring) for c in CONTENT]
+    plans = [
+        disposal.make_plan(
+            world.home, disposal.Target.for_collection(c, BEFORE), registry=world.registry, keyring=world.keyring
+        )
+        for c in CONTENT
+    ]
     con = duckdb.connect()
     con.execute(f"ATTACH '{plain}' AS store")
     con.execute("USE store")
     con.execute("SET force_compression = 'uncompressed'")
     for plan in plans:
-        journal = {"disposal_id": plan.disposal_id, "target": plan.target.as_dict(), "plan": plan.as_dict(),
-                   "steps": {}}
+        journal = {
+            "disposal_id": plan.disposal_id,
+            "target": plan.target.as_dict(),
+            "plan": plan.as_dict(),
+            "steps": {},
+        }
         disposal.ensure_tables(con)
         disposal._Run(world.home, journal, world.registry, world.keyring, None)._delete(con)
-    assert con.execute("SELECT count(*) FROM landing.gp_events WHERE _batch IN (SELECT batch_id FROM "
-                       "governance.batches WHERE status = 'disposed')").fetchone()[0] == 0
+    assert (
+        con.execute(
+            "SELECT count(*) FROM landing.gp_events WHERE _batch IN (SELECT batch_id FROM "
+            "governance.batches WHERE status = 'disposed')"
+        ).fetchone()[0]
+        == 0
+    )
     con.execute("CHECKPOINT")
     con.execute("VACUUM")
     con.execute("CHECKPOINT")
@@ -328,8 +381,12 @@ def test_the_destroyed_agreement_key_cannot_recompute_pseudonyms(world: World) -
     extract = folder / "gp_events.parquet"
     released = {r[0] for r in duckdb.execute(f"SELECT DISTINCT {PERSON_ID} FROM '{extract}'").fetchall()}
     with Store(home).connect(read_only=True) as con:
-        pids = [r[0] for r in con.execute("SELECT DISTINCT pid FROM governance.release_members WHERE agreement_id = ?",
-                                          [STUDY]).fetchall()]
+        pids = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT pid FROM governance.release_members WHERE agreement_id = ?", [STUDY]
+            ).fetchall()
+        ]
     salt = world.keyring.get(f"agreement-{STUDY}")
     key = agreement_key(world.keyring, STUDY, create=False)
     assert {release_pseudonym(key, p) for p in pids} == released  # recomputable before
@@ -337,8 +394,11 @@ def test_the_destroyed_agreement_key_cannot_recompute_pseudonyms(world: World) -
     with pytest.raises(disposal.DisposalError, match="in force"):
         world.dispose(disposal.Target.for_agreement(STUDY))
     suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
-    assert [i.action for i in disposal.due(home, registry=world.registry, keyring=world.keyring)
-            if i.target and i.target.agreement == STUDY] == ["dispose"]
+    assert [
+        i.action
+        for i in disposal.due(home, registry=world.registry, keyring=world.keyring)
+        if i.target and i.target.agreement == STUDY
+    ] == ["dispose"]
     result = world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, Caldicott Guardian")
 
     assert result.status == "disposed"
@@ -355,13 +415,21 @@ def test_the_destroyed_agreement_key_cannot_recompute_pseudonyms(world: World) -
     assert {k["key_id"] for k in cert["keys_destroyed"]} >= {salt.key_id, cert["store_key_old"]}
     assert any(k.get("derived_key_id") == key.key_id for k in cert["keys_destroyed"])
     with Store(home).connect(read_only=True) as con:
-        assert not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'release' "
-                               "AND starts_with(table_name, ?)", [STUDY]).fetchone()[0]
+        assert not con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'release' "
+            "AND starts_with(table_name, ?)",
+            [STUDY],
+        ).fetchone()[0]
         # governance records stay: who was released, and the register row
-        assert con.execute("SELECT count(*) FROM governance.release_members WHERE agreement_id = ?",
-                           [STUDY]).fetchone()[0] == len(pids)
-        assert con.execute("SELECT count(*) FROM governance.release_register WHERE agreement_id = ?",
-                           [STUDY]).fetchone()[0] == 1
+        assert con.execute(
+            "SELECT count(*) FROM governance.release_members WHERE agreement_id = ?", [STUDY]
+        ).fetchone()[0] == len(pids)
+        assert (
+            con.execute("SELECT count(*) FROM governance.release_register WHERE agreement_id = ?", [STUDY]).fetchone()[
+                0
+            ]
+            == 1
+        )
 
 
 def test_data_not_due_is_intact_and_the_haven_keeps_working(world: World) -> None:
@@ -373,22 +441,26 @@ def test_data_not_due_is_intact_and_the_haven_keeps_working(world: World) -> Non
     _dispose_old(world)
     assert _counts(world.home, KEPT) == kept_before
     # exactly the disposed people's entries and the mover's old values are gone; every other entry is intact
-    expected = {e for e in vault_before
-                if e[0] not in old_pids and not (e[0] == mover and e[2] in (MOVER_POSTCODE, MOVER_DOB))}
+    expected = {
+        e for e in vault_before if e[0] not in old_pids and not (e[0] == mover and e[2] in (MOVER_POSTCODE, MOVER_DOB))
+    }
     assert _vault_entries(world) == expected
     assert {f for p, f, _ in expected if p == mover} == {"nhs_number", "date_of_birth", "postcode"}
     with Store(world.home).connect(read_only=True) as con:
         statuses = dict(con.execute("SELECT status, count(*) FROM governance.batches GROUP BY 1").fetchall())
         assert statuses["disposed"] == 3 and statuses["accepted"] >= 4
-        empty = con.execute("SELECT count(*) FROM vault.data_keys WHERE dek_id NOT IN "
-                            "(SELECT dek_id FROM vault.identity)").fetchone()[0]
+        empty = con.execute(
+            "SELECT count(*) FROM vault.data_keys WHERE dek_id NOT IN (SELECT dek_id FROM vault.identity)"
+        ).fetchone()[0]
         assert empty == 0
     # the pipeline still runs: a new drop lands, the haven grows, the agreement releases again
     synthetic.generate(world.home.incoming, patients=40, seed=99, defect_rate=0.0, period_end=date(2026, 6, 30))
     process(world.home, world.registry)
     with Store(world.home).connect() as con:
-        assert con.execute("SELECT count(*) FROM governance.batches WHERE status = 'accepted'").fetchone()[0] \
+        assert (
+            con.execute("SELECT count(*) FROM governance.batches WHERE status = 'accepted'").fetchone()[0]
             == statuses["accepted"] + 4
+        )
         again = release(con, STUDY, home=world.home, registry=world.registry, keyring=world.keyring)
         assert again.status == "released" and again.release_id == f"{STUDY}-r0002"
         assert audit.verify(con, world.home).ok
@@ -396,8 +468,9 @@ def test_data_not_due_is_intact_and_the_haven_keeps_working(world: World) -> Non
 
 def test_the_same_file_sent_again_is_not_landed_again(world: World) -> None:
     _dispose_old(world)
-    old_gp = next(p for p in (world.home.root.parent / "old" / "gp_events").glob("gp_events_2015*.csv")
-                  if "resent" not in p.name)
+    old_gp = next(
+        p for p in (world.home.root.parent / "old" / "gp_events").glob("gp_events_2015*.csv") if "resent" not in p.name
+    )
     shutil.copy(old_gp, world.home.incoming_for("gp_events") / old_gp.name)
     process(world.home, world.registry)
     assert world.leaks() == {}
@@ -469,8 +542,9 @@ def test_a_crash_between_steps_leaves_a_state_the_next_run_completes(world: Worl
     assert cert["batches"] == planned.batches
     with Store(world.home).connect(read_only=True) as con:
         assert len(disposal.certificates(con)) == 1
-        assert con.execute("SELECT count(*) FROM landing.gp_events WHERE _batch NOT IN (" + KEPT + ")"
-                           ).fetchone()[0] == 0
+        assert (
+            con.execute("SELECT count(*) FROM landing.gp_events WHERE _batch NOT IN (" + KEPT + ")").fetchone()[0] == 0
+        )
         assert audit.verify(con, world.home).ok
     assert world.dispose(target).status == "nothing_to_dispose"
 
@@ -496,18 +570,30 @@ def test_due_finds_retention_expiry_and_suspension_for_breach(world: World) -> N
     assert all(i.target.before == date.today() - timedelta(days=2557) for i in items if i.target.kind == "collection")
     assert not [i for i in items if i.target.kind == "agreement"]  # in force, release is new
     later = date.today() + timedelta(days=400)
-    releases = [i for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring, today=later)
-                if i.target.kind == "agreement"]
+    releases = [
+        i
+        for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring, today=later)
+        if i.target.kind == "agreement"
+    ]
     assert [(i.action, i.target.releases) for i in releases] == [("dispose", (f"{STUDY}-r0001",))]
     suspend(STUDY, "pending an audit of the recipient", "SIRO", root=world.registry.root)
-    review = [i for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
-              if i.target.kind == "agreement"]
+    review = [
+        i
+        for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
+        if i.target.kind == "agreement"
+    ]
     assert [i.action for i in review] == ["review"]
     path = world.registry.root / "agreements" / f"{STUDY}.yaml"
-    path.write_text(path.read_text().replace("end_date: '2099-12-31'", "end_date: '2025-06-30'")
-                    .replace("status: suspended", "status: approved"))
-    expired = [i for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
-               if i.target.kind == "agreement"]
+    path.write_text(
+        path.read_text()
+        .replace("end_date: '2099-12-31'", "end_date: '2025-06-30'")
+        .replace("status: suspended", "status: approved")
+    )
+    expired = [
+        i
+        for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
+        if i.target.kind == "agreement"
+    ]
     assert [i.action for i in expired] == ["dispose"] and "expired" in expired[0].reason
 
 
@@ -563,7 +649,7 @@ def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:
 def test_command_line(world: World) -> None:
     from click.testing import CliRunner
 
-    from safehaven.cli import main
+    from safehaven.cli.main import main
 
     runner = CliRunner()
     due = runner.invoke(main, ["dispose", "--due", "--json"])
@@ -574,8 +660,20 @@ def test_command_line(world: World) -> None:
     assert runner.invoke(main, ["dispose", "--collection", "gp_events"]).exit_code == 2
     no = runner.invoke(main, ["dispose", "--collection", "gp_events", "--before", "2016-01-01"], input="n\n")
     assert no.exit_code == 1
-    done = runner.invoke(main, ["dispose", "--collection", "gp_events", "--before", "2016-01-01", "--yes",
-                                "--by", "Dr Test, Caldicott Guardian", "--json"])
+    done = runner.invoke(
+        main,
+        [
+            "dispose",
+            "--collection",
+            "gp_events",
+            "--before",
+            "2016-01-01",
+            "--yes",
+            "--by",
+            "Dr Test, Caldicott Guardian",
+            "--json",
+        ],
+    )
     assert done.exit_code == 0, done.output
     assert json.loads(done.output)["status"] == "disposed"
     assert not re.search(r"999\d{7}", done.output + dry.output + due.output)

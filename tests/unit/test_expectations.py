@@ -7,9 +7,9 @@ from datetime import date
 import duckdb
 import pytest
 
-from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
-from safehaven.expectations import BROKEN_RULES, ROWS_RULE, anchored, compile_suite, prefix3_regex
-from safehaven.rules import FORMAT_RE, NHS_RE, compile_checks, typed_projection
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.intake.expectations import BROKEN_RULES, ROWS_RULE, anchored, compile_suite, prefix3_regex
+from safehaven.intake.rules import FORMAT_RE, NHS_RE, compile_checks, typed_projection
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
 TODAY = date(2026, 6, 30)
@@ -41,7 +41,7 @@ def test_one_expectation_per_rule_and_one_for_the_rows(collection: str) -> None:
             assert config.kwargs.get("mostly", 1) == 1
     rows = suite[-1].expectation.configuration
     assert rows.kwargs["column"] == BROKEN_RULES and rows.kwargs["max_value"] == 0
-    # GX reads the typed projection of the pass and the per-row count of broken rules (safehaven.validation).
+    # GX reads the typed projection of the pass and the per-row count of broken rules (safehaven.intake.validation).
     gx_columns = {c.name for c in typed_projection(contract)} | {BROKEN_RULES}
     assert gx_columns >= {f.name for f in contract.fields} | {BROKEN_RULES}
     for planned in suite:
@@ -112,7 +112,9 @@ def test_the_compiled_icd10_regex_accepts_the_code_list_and_its_fourth_character
     codes = REGISTRY.code_list("icd10").code_values
     regex = prefix3_regex(codes)
     con = duckdb.connect()
-    ok = con.execute("SELECT bool_and(regexp_matches(c, ?)) FROM (SELECT unnest(?) AS c)",
-                     [regex, codes + [c + "9" for c in codes] + [c.lower() for c in codes]]).fetchone()[0]
+    ok = con.execute(
+        "SELECT bool_and(regexp_matches(c, ?)) FROM (SELECT unnest(?) AS c)",
+        [regex, codes + [c + "9" for c in codes] + [c.lower() for c in codes]],
+    ).fetchone()[0]
     assert ok
     assert not con.execute("SELECT regexp_matches('Q99', ?)", [regex]).fetchone()[0]

@@ -1,4 +1,4 @@
-"""Tests for the governance commands (``safehaven.commands.governance``) through the CLI."""
+"""Tests for the governance commands (``safehaven.cli.governance``) through the CLI."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from safehaven import audit
-from safehaven import registers as reg
-from safehaven.cli import main
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.keys import VAULT, KeyRing
-from safehaven.store import Store
+from safehaven.cli.main import main
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
 from tests.governance_helpers import NHS, agreement_data, contracts_root, small_haven, write_agreement
 
 
@@ -46,8 +46,9 @@ def _audit_log(home: Home, n: int = 6) -> None:
 TAMPERING = [
     pytest.param("UPDATE governance.audit_log SET purpose = 'marketing' WHERE seq = 4", 4, id="edited"),
     pytest.param("DELETE FROM governance.audit_log WHERE seq = 3", 3, id="deleted"),
-    pytest.param("UPDATE governance.audit_log SET seq = CASE seq WHEN 2 THEN 5 ELSE 2 END WHERE seq IN (2, 5)", 2,
-                 id="reordered"),
+    pytest.param(
+        "UPDATE governance.audit_log SET seq = CASE seq WHEN 2 THEN 5 ELSE 2 END WHERE seq IN (2, 5)", 2, id="reordered"
+    ),
     pytest.param("DELETE FROM governance.audit_log WHERE seq > 3", 4, id="truncated"),
 ]
 
@@ -97,16 +98,45 @@ def test_validate_the_projects_own_agreements(home: Home) -> None:
 
 
 def test_draft_then_validate_lists_the_todos(root: Path) -> None:
-    result = run("agreements", "draft", "new-study", "--title", "A new study", "--recipient", "Somewhere",
-                 "--basis", "section_251", "--level", "pseudonymised", "--field", "hospital_episodes.admission_date")
+    result = run(
+        "agreements",
+        "draft",
+        "new-study",
+        "--title",
+        "A new study",
+        "--recipient",
+        "Somewhere",
+        "--basis",
+        "section_251",
+        "--level",
+        "pseudonymised",
+        "--field",
+        "hospital_episodes.admission_date",
+    )
     assert result.exit_code == 0, result.output
     assert (root / "agreements" / "new-study.yaml").exists()
     check = run("agreements", "validate")
     assert check.exit_code == 0, "a draft does not fail a check of the whole directory"
     assert "INCOMPLETE new-study" in check.output and "still marked TODO" in check.output
     assert run("agreements", "validate", "new-study").exit_code == 1
-    assert run("agreements", "draft", "new-study", "--title", "x", "--recipient", "y", "--basis", "consent",
-               "--level", "identifiable", "--field", "a.b").exit_code == 1
+    assert (
+        run(
+            "agreements",
+            "draft",
+            "new-study",
+            "--title",
+            "x",
+            "--recipient",
+            "y",
+            "--basis",
+            "consent",
+            "--level",
+            "identifiable",
+            "--field",
+            "a.b",
+        ).exit_code
+        == 1
+    )
 
 
 def test_approve_and_suspend_rewrite_the_file_and_are_audited(home: Home, root: Path, governance_key: None) -> None:
@@ -115,14 +145,23 @@ def test_approve_and_suspend_rewrite_the_file_and_are_audited(home: Home, root: 
     assert result.exit_code == 0, result.output
     approval = yaml.safe_load(path.read_text())["approval"]
     assert approval["status"] == "approved" and approval["approver"] == "Dr A. Example, Caldicott Guardian"
-    result = run("agreements", "suspend", "test-linked", "--reason", "audit of the recipient pending",
-                 "--by", "Dr A. Example, Caldicott Guardian")
+    result = run(
+        "agreements",
+        "suspend",
+        "test-linked",
+        "--reason",
+        "audit of the recipient pending",
+        "--by",
+        "Dr A. Example, Caldicott Guardian",
+    )
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(path.read_text())["approval"]["status"] == "suspended"
     with Store(home).connect(read_only=True) as con:
         entries = audit.entries_for(con, agreement="test-linked")
     assert [(e.action, e.role, e.object) for e in entries] == [
-        ("approve", "governance", "agreement:test-linked"), ("suspend", "governance", "agreement:test-linked")]
+        ("approve", "governance", "agreement:test-linked"),
+        ("suspend", "governance", "agreement:test-linked"),
+    ]
     assert entries[0].detail_value["approver"] == "Dr A. Example, Caldicott Guardian"
     listing = run("agreements", "list").output
     assert "test-linked" in listing and "suspended" in listing

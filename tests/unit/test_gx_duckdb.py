@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from duckdb_engine import ConnectionWrapper
 from sqlalchemy.pool import StaticPool
 
-from safehaven.gx_duckdb import RESULT_FORMAT, WITHHELD, _BorrowedConnection, run_suite, scrub
-from safehaven.store import Store
+from safehaven.core.store import Store
+from safehaven.intake.gx_duckdb import RESULT_FORMAT, WITHHELD, _BorrowedConnection, run_suite, scrub
 
 E = gx.expectations
 
@@ -299,10 +299,16 @@ def test_regex_and_text_sets_are_rendered_as_literals(con: duckdb.DuckDBPyConnec
     con.execute("CREATE TABLE landing.q (v VARCHAR)")
     con.execute("INSERT INTO landing.q VALUES ('it''s'), ('a\\b'), ('plain'), (NULL)")
     try:
-        result = run_suite(con, "landing", "q", [
-            E.ExpectColumnValuesToBeInSet(column="v", value_set=["it's", "plain"], meta={"id": "set"}),
-            E.ExpectColumnValuesToMatchRegex(column="v", regex=r"^(?:it's|a\\b)$", meta={"id": "re"}),
-        ], "literals")
+        result = run_suite(
+            con,
+            "landing",
+            "q",
+            [
+                E.ExpectColumnValuesToBeInSet(column="v", value_set=["it's", "plain"], meta={"id": "set"}),
+                E.ExpectColumnValuesToMatchRegex(column="v", regex=r"^(?:it's|a\\b)$", meta={"id": "re"}),
+            ],
+            "literals",
+        )
     finally:
         sa.event.remove(sa.engine.Engine, "before_cursor_execute", _record)
     by_id = {o.meta_id: o.unexpected_count for o in result.outcomes}

@@ -3,7 +3,7 @@
 import duckdb
 import pytest
 
-from safehaven.identifiers import (
+from safehaven.core.identifiers import (
     canonical_nhs,
     canonical_nhs_sql,
     check_digit,
@@ -42,8 +42,16 @@ def test_test_range() -> None:
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("943 476 5919", True), ("943-476-5919", True), ("9434765919", True), ("9434765918", False),
-     ("94347659", False), ("abcdefghij", False), (None, False), ("", False)],
+    [
+        ("943 476 5919", True),
+        ("943-476-5919", True),
+        ("9434765919", True),
+        ("9434765918", False),
+        ("94347659", False),
+        ("abcdefghij", False),
+        (None, False),
+        ("", False),
+    ],
 )
 def test_sql_rule_matches_python(value: str | None, expected: bool) -> None:
     sql = nhs_valid_sql(canonical_nhs_sql("$v"))

@@ -8,10 +8,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
-from safehaven.home import Home
-from safehaven.ingest import ingest_collection
-from safehaven.store import Store
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.intake.ingest import ingest_collection
 from tests.unit.validation_helpers import gp_rows, write_csv
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
@@ -48,8 +48,9 @@ def _csv_bytes(name: str) -> bytes:
     if name == "spaced":
         return (HEADER.replace("postcode", " postcode") + "\n" + body).encode()
     if name == "missing_column":
-        return (HEADER.rsplit(",", 1)[0] + "\n" + "".join(line.rsplit(",", 1)[0] + "\n"
-                                                           for line in body.splitlines())).encode()
+        return (
+            HEADER.rsplit(",", 1)[0] + "\n" + "".join(line.rsplit(",", 1)[0] + "\n" for line in body.splitlines())
+        ).encode()
     if name == "extra_column":
         return (HEADER + ",comments\n" + body.replace("\n", ",x\n")).encode()
     if name == "ragged":
@@ -94,8 +95,10 @@ def earlier(store: Store, home: Home) -> Home:
 
 def _state(store: Store) -> tuple:
     with store.connect(read_only=True) as con:
-        return (con.execute("SELECT count(*), sum(hash(columns(*))) FROM landing.gp_events").fetchone(),
-                con.execute("SELECT count(*) FROM governance.batches").fetchone())
+        return (
+            con.execute("SELECT count(*), sum(hash(columns(*))) FROM landing.gp_events").fetchone(),
+            con.execute("SELECT count(*) FROM governance.batches").fetchone(),
+        )
 
 
 def _ingest_one(store: Store, home: Home, name: str, data: bytes) -> tuple[dict, Path]:
@@ -137,17 +140,22 @@ def _parquet(path: Path, select: str) -> bytes:
     return path.read_bytes()
 
 
-GOOD_SELECT = ("SELECT 'M83337' AS practice_code, 9990000018 AS nhs_number, DATE '1950-02-03' AS date_of_birth, "
-               "1 AS sex, 'B29 3RH' AS postcode, '2026-01-02' AS event_date, 38341003 AS diagnosis_code")
+GOOD_SELECT = (
+    "SELECT 'M83337' AS practice_code, 9990000018 AS nhs_number, DATE '1950-02-03' AS date_of_birth, "
+    "1 AS sex, 'B29 3RH' AS postcode, '2026-01-02' AS event_date, 38341003 AS diagnosis_code"
+)
 
 
-@pytest.mark.parametrize(("kind", "select"), [
-    ("boolean code", GOOD_SELECT.replace("1 AS sex", "true AS sex")),
-    ("timestamp date", GOOD_SELECT.replace("DATE '1950-02-03'", "TIMESTAMP '1950-02-03 10:00:00'")),
-    ("float code", GOOD_SELECT.replace("38341003 AS", "38341003.0::DOUBLE AS")),
-    ("binary text", GOOD_SELECT.replace("'B29 3RH' AS", "'B29 3RH'::BLOB AS")),
-    ("nested", GOOD_SELECT.replace("'M83337' AS", "['M83337'] AS")),
-])
+@pytest.mark.parametrize(
+    ("kind", "select"),
+    [
+        ("boolean code", GOOD_SELECT.replace("1 AS sex", "true AS sex")),
+        ("timestamp date", GOOD_SELECT.replace("DATE '1950-02-03'", "TIMESTAMP '1950-02-03 10:00:00'")),
+        ("float code", GOOD_SELECT.replace("38341003 AS", "38341003.0::DOUBLE AS")),
+        ("binary text", GOOD_SELECT.replace("'B29 3RH' AS", "'B29 3RH'::BLOB AS")),
+        ("nested", GOOD_SELECT.replace("'M83337' AS", "['M83337'] AS")),
+    ],
+)
 def test_a_parquet_column_that_cannot_be_the_contract_type_is_quarantined(
     store: Store, earlier: Home, tmp_path: Path, kind: str, select: str
 ) -> None:
@@ -182,8 +190,10 @@ def test_bom_and_crlf_are_accepted_and_a_known_file_is_skipped(store: Store, hom
     with store.connect() as con:
         first = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
         assert (first.files_landed, first.rows_landed) == (1, 1)
-        assert con.execute("SELECT practice_code, diagnosis_code FROM landing.gp_events").fetchone() == \
-            ("M83337", ROWS[0]["diagnosis_code"])
+        assert con.execute("SELECT practice_code, diagnosis_code FROM landing.gp_events").fetchone() == (
+            "M83337",
+            ROWS[0]["diagnosis_code"],
+        )
         (folder / "gp_again.csv").write_text(body, encoding="utf-8", newline="")
         again = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
     assert (again.files_landed, again.files_skipped) == (0, 1)

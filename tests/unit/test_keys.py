@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from safehaven.home import Home
-from safehaven.keys import KeyRing, KeyRingError
-from safehaven.store import Store, StoreError
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.store import Store, StoreError
 
 
 def test_new_key_is_created_private(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_keyring_manifest_records_ids_not_material(tmp_path: Path) -> None:
 
 
 def test_public_key_may_be_read_by_others_but_never_written(tmp_path: Path) -> None:
-    from safehaven.keys import VAULT, key_id
+    from safehaven.core.keys import VAULT, key_id
 
     ring = KeyRing(tmp_path / "keys")
     public = ring.create_keypair(VAULT)
@@ -91,7 +91,7 @@ def test_public_key_may_be_read_by_others_but_never_written(tmp_path: Path) -> N
 
 
 def test_loose_agreement_salt_is_refused(tmp_path: Path) -> None:
-    from safehaven.keys import agreement_key
+    from safehaven.core.keys import agreement_key
 
     ring = KeyRing(tmp_path / "keys")
     ring.get_or_create("haven")

@@ -1,15 +1,15 @@
-"""``safehaven keys``, ``safehaven objections record`` (safehaven.commands.keys)."""
+"""``safehaven keys``, ``safehaven objections record`` (safehaven.cli.keys)."""
 
 from __future__ import annotations
 
 from click.testing import CliRunner
 
-from safehaven.cli import main
-from safehaven.home import Home
-from safehaven.keys import KeyRing
-from safehaven.objections import objectors_sql
-from safehaven.pseudonymise import install_key, pseudonym
-from safehaven.store import Store
+from safehaven.cli.main import main
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.protect.objections import objectors_sql
+from safehaven.protect.pseudonymise import install_key, pseudonym
 from tests.unit.populate import populated, process
 
 
@@ -36,8 +36,10 @@ def test_recorded_objection_in_any_formatting_enters_the_register(home: Home) ->
         nhs = con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid ORDER BY 1 LIMIT 1").fetchone()[0]
     spaced = f"{nhs[:3]} {nhs[3:6]} {nhs[6:]}"
     runner = CliRunner()
-    done = runner.invoke(main, ["objections", "record", "--nhs-number", spaced, "--type", "national_opt_out",
-                                "--recorded-date", "2024-01-01"])
+    done = runner.invoke(
+        main,
+        ["objections", "record", "--nhs-number", spaced, "--type", "national_opt_out", "--recorded-date", "2024-01-01"],
+    )
     assert done.exit_code == 0, done.output
     assert nhs not in done.output and spaced not in done.output
     drops = list(home.incoming_for("objections").glob("*.csv"))
@@ -53,9 +55,9 @@ def test_recorded_objection_in_any_formatting_enters_the_register(home: Home) ->
 def test_objections_notify_writes_the_notice(home: Home) -> None:
     import json
 
-    from safehaven.keys import agreement_key
-    from safehaven.optouts import MEMBERS
-    from safehaven.optouts import ensure_tables as ensure_optout_tables
+    from safehaven.core.keys import agreement_key
+    from safehaven.protect.optouts import MEMBERS
+    from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 
     populated(home)
     keyring = KeyRing(home.keys)
@@ -63,10 +65,13 @@ def test_objections_notify_writes_the_notice(home: Home) -> None:
     with Store(home).connect() as con:
         ensure_optout_tables(con)
         install_key(con, "haven", keyring.get("haven"))
-        con.execute(f"INSERT INTO {MEMBERS} SELECT 'r1', 'study-a', pid, now() - INTERVAL 1 DAY "
-                    "FROM (SELECT DISTINCT pid FROM haven.hospital_episodes)")
-        expected = con.execute(f"SELECT count(*) FROM ({objectors_sql()}) WHERE pid IN "
-                               "(SELECT pid FROM haven.hospital_episodes)").fetchone()[0]
+        con.execute(
+            f"INSERT INTO {MEMBERS} SELECT 'r1', 'study-a', pid, now() - INTERVAL 1 DAY "
+            "FROM (SELECT DISTINCT pid FROM haven.hospital_episodes)"
+        )
+        expected = con.execute(
+            f"SELECT count(*) FROM ({objectors_sql()}) WHERE pid IN (SELECT pid FROM haven.hospital_episodes)"
+        ).fetchone()[0]
     out = CliRunner().invoke(main, ["objections", "notify", "--agreement", "study-a"])
     assert out.exit_code == 0, out.output
     summary = json.loads(out.output)

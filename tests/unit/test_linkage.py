@@ -1,4 +1,4 @@
-"""Tests for ``safehaven.linkage``: approved-only linkage (CoP 22, 42b, 43i)."""
+"""Tests for ``safehaven.share.linkage``: approved-only linkage (CoP 22, 42b, 43i)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven import audit
-from safehaven import registers as reg
-from safehaven.agreements import load_agreements
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.linkage import LinkageRefused, authorise_linkage, find_authority
-from safehaven.store import Store
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.share.agreements import load_agreements
+from safehaven.share.linkage import LinkageRefused, authorise_linkage, find_authority
 from tests.governance_helpers import agreement_data, contracts_root, write_agreement
 
 
@@ -30,10 +30,22 @@ def con(home: Home) -> Iterator[duckdb.DuckDBPyConnection]:
 def registry(tmp_path: Path) -> ContractRegistry:
     root = contracts_root(tmp_path)
     write_agreement(root, agreement_data())
-    write_agreement(root, agreement_data(id="suspended-one", approval={
-        "status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "under review"}))
-    write_agreement(root, agreement_data(id="ended-one", start_date="2020-01-01", end_date="2021-01-01", approval={
-        "status": "approved", "approver": "Dr X, CG", "date": "2019-12-01"}))
+    write_agreement(
+        root,
+        agreement_data(
+            id="suspended-one",
+            approval={"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "under review"},
+        ),
+    )
+    write_agreement(
+        root,
+        agreement_data(
+            id="ended-one",
+            start_date="2020-01-01",
+            end_date="2021-01-01",
+            approval={"status": "approved", "approver": "Dr X, CG", "date": "2019-12-01"},
+        ),
+    )
     return ContractRegistry(root)
 
 
@@ -46,13 +58,12 @@ def test_named_linkage_is_authorised_in_either_order_and_audited(
         assert got.id == "test-linked"
     entries = audit.entries_for(con)
     assert [(e.action, e.outcome, e.agreement, e.legal_basis) for e in entries] == [
-        ("link", "ok", "test-linked", "section_251")] * 2
+        ("link", "ok", "test-linked", "section_251")
+    ] * 2
     assert reg.breaches(con) == []
 
 
-def test_unlisted_linkage_is_refused_and_registered(
-    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
-) -> None:
+def test_unlisted_linkage_is_refused_and_registered(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
     agreements = load_agreements(registry.root)
     with pytest.raises(LinkageRefused, match="no agreement names a linkage of gp_events and social_care") as caught:
         authorise_linkage(con, agreements, "gp_events", "social_care", "curiosity", registry=registry)
@@ -75,8 +86,7 @@ def test_linkage_under_a_suspended_or_expired_agreement_is_refused(
 ) -> None:
     agreements = load_agreements(registry.root)
     with pytest.raises(LinkageRefused, match=words):
-        authorise_linkage(con, agreements[agreement_id], "hospital_episodes", "social_care", "study",
-                          registry=registry)
+        authorise_linkage(con, agreements[agreement_id], "hospital_episodes", "social_care", "study", registry=registry)
     assert [b["kind"] for b in reg.breaches(con)] == ["refused_linkage"]
 
 
@@ -93,8 +103,7 @@ def test_find_authority_has_no_side_effects(registry: ContractRegistry) -> None:
     agreements = load_agreements(registry.root)
     found, why = find_authority(agreements, "hospital_episodes", "hospital_episodes", registry=registry)
     assert found is None and "itself" in why
-    found, _ = find_authority(agreements, "hospital_episodes", "social_care", today=date(2020, 6, 1),
-                              registry=registry)
+    found, _ = find_authority(agreements, "hospital_episodes", "social_care", today=date(2020, 6, 1), registry=registry)
     assert found is not None and found.id == "ended-one"
 
 
@@ -103,8 +112,13 @@ def test_the_anonymised_publication_agreement_permits_the_linked_statistic(
 ) -> None:
     """The outputs stage links hospital episodes to social care under anon-linked-stats."""
     agreements = load_agreements()
-    got = authorise_linkage(con, {"anon-linked-stats": agreements["anon-linked-stats"]}, "hospital_episodes",
-                            "social_care", "published linked statistic")
+    got = authorise_linkage(
+        con,
+        {"anon-linked-stats": agreements["anon-linked-stats"]},
+        "hospital_episodes",
+        "social_care",
+        "published linked statistic",
+    )
     assert got.id == "anon-linked-stats" and got.identifiability == "anonymised"
     assert json.loads(audit.entries_for(con)[-1].detail or "{}")["agreement_version"] == got.version
 
@@ -113,8 +127,16 @@ def test_linkage_can_be_restricted_to_one_level(con: duckdb.DuckDBPyConnection, 
     """A pseudonymised agreement naming the linkage cannot authorise a published (anonymised) statistic."""
     agreements = load_agreements(registry.root)
     with pytest.raises(LinkageRefused, match="no agreement at the anonymised level names a linkage"):
-        authorise_linkage(con, agreements, "hospital_episodes", "social_care", "published statistic",
-                          registry=registry, identifiability="anonymised")
-    got = authorise_linkage(con, load_agreements(), "hospital_episodes", "social_care", "published statistic",
-                            identifiability="anonymised")
+        authorise_linkage(
+            con,
+            agreements,
+            "hospital_episodes",
+            "social_care",
+            "published statistic",
+            registry=registry,
+            identifiability="anonymised",
+        )
+    got = authorise_linkage(
+        con, load_agreements(), "hospital_episodes", "social_care", "published statistic", identifiability="anonymised"
+    )
     assert got.id == "anon-linked-stats"

@@ -6,11 +6,11 @@ from datetime import date
 
 import pytest
 
-from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
-from safehaven.home import Home
-from safehaven.measures import MEASURES_TABLE
-from safehaven.store import Store
-from safehaven.validation import validate_collection
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.intake.measures import MEASURES_TABLE
+from safehaven.intake.validation import validate_collection
 from tests.unit.validation_helpers import gp_rows, land
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
@@ -72,5 +72,16 @@ def test_measures_are_stored_once_per_batch_field_and_measure(store: Store, home
         dupes = con.execute(f"SELECT count(*) - count(DISTINCT (batch_id, field, measure)) FROM {MEASURES_TABLE}")
         assert dupes.fetchone() == (0,)
         columns = [d[0] for d in con.execute(f"SELECT * FROM {MEASURES_TABLE} LIMIT 0").description]
-    assert columns == ["batch_id", "collection", "contract_version", "field", "measure", "value", "numerator",
-                       "denominator", "period_start", "period_end", "measured_at"]
+    assert columns == [
+        "batch_id",
+        "collection",
+        "contract_version",
+        "field",
+        "measure",
+        "value",
+        "numerator",
+        "denominator",
+        "period_start",
+        "period_end",
+        "measured_at",
+    ]

@@ -1,4 +1,4 @@
-"""The objection register, the type 1 rule and the objection-rate monitor (safehaven.objections)."""
+"""The objection register, the type 1 rule and the objection-rate monitor (safehaven.protect.objections)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from safehaven import registers
-from safehaven.home import Home
-from safehaven.objections import (
+from safehaven.core import registers
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.protect.objections import (
     EVENTS,
     REGISTRATIONS,
     TYPE1_INCIDENTS,
@@ -22,7 +23,6 @@ from safehaven.objections import (
     objection_rates,
     objectors_sql,
 )
-from safehaven.store import Store
 from tests.unit.populate import populated
 
 
@@ -85,8 +85,11 @@ def test_type1_records_are_dropped_before_the_haven_and_counted_per_sender(home:
         in_haven = con.execute(
             f"SELECT count(*) FROM haven.gp_events WHERE pid IN ({objectors_sql('current_date', ('type1',))})"
         ).fetchone()[0]
-        incidents = dict(con.execute(
-            f"SELECT sender, records_dropped FROM {TYPE1_INCIDENTS} WHERE collection = 'gp_events'").fetchall())
+        incidents = dict(
+            con.execute(
+                f"SELECT sender, records_dropped FROM {TYPE1_INCIDENTS} WHERE collection = 'gp_events'"
+            ).fetchall()
+        )
         breaches = [b for b in registers.breaches(con) if b["kind"] == "type1_objection_disregarded"]
         hospital_objectors = con.execute(
             f"SELECT count(*) FROM haven.hospital_episodes WHERE pid IN ({objectors_sql('current_date', ('type1',))})"
@@ -113,8 +116,9 @@ def _monitor_population(con, sizes: list[int], rates: list[float], seed: int = 3
     con.register("_regs", reg_rows)
     con.register("_evs", ev_rows)
     con.execute(f"INSERT INTO {REGISTRATIONS} SELECT practice, pid, now(), 'gp_events' FROM _regs")
-    con.execute(f"INSERT INTO {EVENTS} SELECT 0, pid, 'type1', DATE '2024-01-01', NULL, practice, 't', 0, now(), 'k' "
-                "FROM _evs")
+    con.execute(
+        f"INSERT INTO {EVENTS} SELECT 0, pid, 'type1', DATE '2024-01-01', NULL, practice, 't', 0, now(), 'k' FROM _evs"
+    )
     return practices
 
 
@@ -146,8 +150,10 @@ def test_a_small_practice_is_judged_exactly_not_by_the_normal_approximation() ->
     con.register("_r", pa.table({"practice": [r[0] for r in regs], "pid": [r[1] for r in regs]}))
     con.execute(f"INSERT INTO {REGISTRATIONS} SELECT practice, pid, now(), 'gp_events' FROM _r")
     con.register("_o", pa.table({"pid": objecting}))
-    con.execute(f"INSERT INTO {EVENTS} SELECT 0, o.pid, 'type1', DATE '2024-01-01', NULL, r.practice, 't', 0, now(), "
-                "'k' FROM _o o JOIN _r r USING (pid)")
+    con.execute(
+        f"INSERT INTO {EVENTS} SELECT 0, o.pid, 'type1', DATE '2024-01-01', NULL, r.practice, 't', 0, now(), "
+        "'k' FROM _o o JOIN _r r USING (pid)"
+    )
     small = {r.practice: r for r in objection_rates(con, "type1", "2024-06-01")}["SMALL"]
     assert small.z is not None and small.z > 3.09, "the normal approximation would raise a false alarm"
     assert small.p_value is not None and 0.001 < small.p_value < 0.05 and not small.outlier

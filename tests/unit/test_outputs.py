@@ -1,7 +1,7 @@
 """Declared outputs: loading, the reporting period, the full grid, protection on crafted data.
 
-Rules under test: ``safehaven.outputs`` module docstring (CoP 28-29, 34b, 35; ISB 1523) and
-``safehaven.disclosure`` (its rules applied to declared outputs, end to end in the store's SQL).
+Rules under test: ``safehaven.publish.outputs`` module docstring (CoP 28-29, 34b, 35; ISB 1523) and
+``safehaven.publish.disclosure`` (its rules applied to declared outputs, end to end in the store's SQL).
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from datetime import date
 import duckdb
 import pytest
 
-from safehaven.agreements import load_agreements
-from safehaven.contracts import ContractRegistry
-from safehaven.disclosure import Policy, check_invariants, true_range
-from safehaven.outputs import (
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.disclosure import Policy, check_invariants, true_range
+from safehaven.publish.outputs import (
     MACROS,
     Output,
     OutputError,
@@ -26,6 +25,7 @@ from safehaven.outputs import (
     outputs_dir,
     reporting_period,
 )
+from safehaven.share.agreements import load_agreements
 
 TODAY = date(2026, 3, 15)  # reporting period ends 2026-02-28
 
@@ -67,7 +67,7 @@ def admissions(name: str = "adm", where: str = "TRUE", **extra: object) -> Outpu
         "version": "1.0.0",
         "title": "People admitted",
         "description": "Distinct people admitted in the month.",
-        "purpose": "A test output for the rules of safehaven.outputs.",
+        "purpose": "A test output for the rules of safehaven.publish.outputs.",
         "users": ["tests"],
         "collections": ["hospital_episodes"],
         "dimensions": [
@@ -119,16 +119,27 @@ def test_the_linked_output_is_named_by_its_agreement(registry: ContractRegistry)
 
 def test_declarations_are_checked() -> None:
     with pytest.raises(ValueError, match="first measure"):
-        admissions(measures=[{"name": "d", "kind": "denominator", "description": "x"},
-                             {"name": "people", "description": "x"}])
+        admissions(
+            measures=[{"name": "d", "kind": "denominator", "description": "x"}, {"name": "people", "description": "x"}]
+        )
     with pytest.raises(ValueError, match="must all differ"):
         admissions(measures=[{"name": "chapter", "description": "x"}])
     with pytest.raises(ValueError, match="needs a denominator"):
-        admissions(measures=[{"name": "people", "description": "x"},
-                             {"name": "rate", "kind": "rate", "description": "x", "denominator": "nope"}])
+        admissions(
+            measures=[
+                {"name": "people", "description": "x"},
+                {"name": "rate", "kind": "rate", "description": "x", "denominator": "nope"},
+            ]
+        )
     with pytest.raises(ValueError, match="linkage joins two of the output"):
-        admissions(linkage={"agreement": "a", "left": "hospital_episodes", "right": "social_care",
-                            "purpose": "a purpose long enough"})
+        admissions(
+            linkage={
+                "agreement": "a",
+                "left": "hospital_episodes",
+                "right": "social_care",
+                "purpose": "a purpose long enough",
+            }
+        )
     with pytest.raises(ValueError, match="domain"):
         admissions(dimensions=[{"name": "month", "description": "m", "domain": {"values": ["x"], "sql": "y"}}])
 
@@ -138,9 +149,11 @@ def test_midpoint6_outputs_name_their_counts_and_publish_on_its_grid(
 ) -> None:
     with pytest.raises(ValueError, match="_midpoint6"):
         admissions(policy={"rounding": "midpoint6"})
-    out = admissions(policy={"rounding": "midpoint6"},
-                     measures=[{"name": "people_midpoint6", "description": "people"}],
-                     sql=admissions().sql.replace("AS people", "AS people_midpoint6"))
+    out = admissions(
+        policy={"rounding": "midpoint6"},
+        measures=[{"name": "people_midpoint6", "description": "people"}],
+        sql=admissions().sql.replace("AS people", "AS people_midpoint6"),
+    )
     for n, icd in ((8, "A01"), (13, "B01"), (40, "C01")):
         admit(con, n, "RX1", "2026-01-10", icd)
     built = build_output(con, out, registry, today=TODAY)
@@ -234,19 +247,29 @@ def test_a_code_lookup_join_gives_the_groups_of_the_former_scalar_lookup(
             f"ELSE 'Not known' END FROM probe WHERE list = '{code_list}' ORDER BY ALL"
         ).fetchall()
         assert joined == former, code_list
-    groups = dict(con.execute(
-        "SELECT t.v, coalesce(c.grp, 'Unknown') FROM probe t LEFT JOIN codes('icd10') c ON c.code = t.v "
-        "WHERE t.list = 'icd10'"
-    ).fetchall())
+    groups = dict(
+        con.execute(
+            "SELECT t.v, coalesce(c.grp, 'Unknown') FROM probe t LEFT JOIN codes('icd10') c ON c.code = t.v "
+            "WHERE t.list = 'icd10'"
+        ).fetchall()
+    )
     assert groups["A09"] == "I Certain infectious and parasitic diseases"
     assert groups["a09"] == groups["Z99"] == groups[None] == "Unknown", "codes not in the list, and NULL"
-    sexes = dict(con.execute(
-        "SELECT t.v, sex_category(c.grp) FROM probe t LEFT JOIN codes('person_gender') c ON c.code = t.v "
-        "WHERE t.list = 'person_gender'"
-    ).fetchall())
+    sexes = dict(
+        con.execute(
+            "SELECT t.v, sex_category(c.grp) FROM probe t LEFT JOIN codes('person_gender') c ON c.code = t.v "
+            "WHERE t.list = 'person_gender'"
+        ).fetchall()
+    )
     assert sexes == dict(con.execute("SELECT v, sex_group(v) FROM probe WHERE list = 'person_gender'").fetchall())
-    assert sexes == {"0": "Not known", "1": "Male", "2": "Female", "9": "Not known", "7": "Not known",
-                     None: "Not known"}
+    assert sexes == {
+        "0": "Not known",
+        "1": "Male",
+        "2": "Female",
+        "9": "Not known",
+        "7": "Not known",
+        None: "Not known",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(FORMER_SQL))
@@ -341,16 +364,22 @@ def test_a_differencing_pair_of_one_release_never_pins_a_small_count(
     """Table A over all providers, table B without one: A - B bounds the excluded count only."""
     for provider, n in (("RX1", 41), ("RY2", 37), ("RZ3", 3)):
         admit(con, n, provider, "2026-01-10", "A01", tag=provider)
-    all_providers = admissions("all_providers", dimensions=[
-        {"name": "month", "description": "m", "domain": "reporting_months"},
-        {"name": "chapter", "description": "c", "domain": {"values": ["A"]}},
-    ], sql="""SELECT m.month, left(primary_diagnosis, 1) AS chapter, count(DISTINCT pid) AS people
+    all_providers = admissions(
+        "all_providers",
+        dimensions=[
+            {"name": "month", "description": "m", "domain": "reporting_months"},
+            {"name": "chapter", "description": "c", "domain": {"values": ["A"]}},
+        ],
+        sql="""SELECT m.month, left(primary_diagnosis, 1) AS chapter, count(DISTINCT pid) AS people
               FROM haven.hospital_episodes h JOIN reporting_months m
-                ON h.admission_date BETWEEN m.month AND m.month_end {where} GROUP BY ALL""".format(where=""))
-    without = all_providers.model_copy(update={
-        "name": "without_rz3",
-        "sql": all_providers.sql.replace("GROUP BY ALL", "WHERE provider_code <> 'RZ3' GROUP BY ALL"),
-    })
+                ON h.admission_date BETWEEN m.month AND m.month_end {where} GROUP BY ALL""".format(where=""),
+    )
+    without = all_providers.model_copy(
+        update={
+            "name": "without_rz3",
+            "sql": all_providers.sql.replace("GROUP BY ALL", "WHERE provider_code <> 'RZ3' GROUP BY ALL"),
+        }
+    )
     a = build_output(con, all_providers, registry, today=TODAY)
     b = build_output(con, without, registry, today=TODAY)
     pa = con.execute(f"SELECT people FROM {a.table} WHERE month = DATE '2026-01-01'").fetchone()[0]
@@ -366,14 +395,25 @@ def test_cells_outside_the_declared_grid_and_null_dimensions_are_refused(
 ) -> None:
     admit(con, 10, "RX1", "2026-01-10", "Z01")
     with pytest.raises(OutputError, match="outside the declared domains"):
-        build_output(con, admissions(dimensions=[
-            {"name": "month", "description": "m", "domain": "reporting_months"},
-            {"name": "provider_code", "description": "p", "domain": "observed"},
-            {"name": "chapter", "description": "c", "domain": {"sql": "SELECT 'A'"}},
-        ]), registry, today=TODAY)
+        build_output(
+            con,
+            admissions(
+                dimensions=[
+                    {"name": "month", "description": "m", "domain": "reporting_months"},
+                    {"name": "provider_code", "description": "p", "domain": "observed"},
+                    {"name": "chapter", "description": "c", "domain": {"sql": "SELECT 'A'"}},
+                ]
+            ),
+            registry,
+            today=TODAY,
+        )
     with pytest.raises(OutputError, match="NULL dimension"):
-        build_output(con, admissions(sql=admissions().sql.replace(
-            "left(h.primary_diagnosis, 1)", "CAST(NULL AS VARCHAR)")), registry, today=TODAY)
+        build_output(
+            con,
+            admissions(sql=admissions().sql.replace("left(h.primary_diagnosis, 1)", "CAST(NULL AS VARCHAR)")),
+            registry,
+            today=TODAY,
+        )
 
 
 def test_a_linked_output_needs_its_agreement(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:

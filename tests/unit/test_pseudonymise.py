@@ -9,10 +9,11 @@ import secrets
 import duckdb
 import pytest
 
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.keys import KeyRing, KeyRingError, agreement_key, destroy_agreement_key
-from safehaven.pseudonymise import (
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing, KeyRingError, agreement_key, destroy_agreement_key
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect.pseudonymise import (
     PSEUDONYM_HEX,
     haven_column,
     haven_select_sql,
@@ -23,7 +24,6 @@ from safehaven.pseudonymise import (
     release_pseudonym,
     release_pseudonym_sql,
 )
-from safehaven.store import Store
 from tests.unit.populate import populated
 
 COLLECTIONS = ("gp_events", "hospital_episodes", "social_care")
@@ -63,8 +63,10 @@ def test_plain_hashes_of_the_whole_test_range_match_no_pseudonym(haven_home: Hom
     """
     with Store(haven_home).connect() as con:
         pids = " UNION ".join(f"SELECT pid FROM haven.{c}" for c in COLLECTIONS)
-        con.execute(f"CREATE TEMP TABLE _pids AS SELECT DISTINCT pid FROM ({pids}) UNION SELECT pid FROM "
-                    "governance.objection_events")
+        con.execute(
+            f"CREATE TEMP TABLE _pids AS SELECT DISTINCT pid FROM ({pids}) UNION SELECT pid FROM "
+            "governance.objection_events"
+        )
         seeded = con.execute("SELECT count(DISTINCT nhs_number) FROM landing.gp_events_valid").fetchone()[0]
         weights = " + ".join(f"{10 - i} * CAST(substr(n, {i + 1}, 1) AS INTEGER)" for i in range(9))
         con.execute(
@@ -75,7 +77,8 @@ def test_plain_hashes_of_the_whole_test_range_match_no_pseudonym(haven_home: Hom
         space = con.execute("SELECT count(*) FROM _space").fetchone()[0]
         covered = con.execute(
             "SELECT count(*) FROM (SELECT DISTINCT nhs_number FROM landing.gp_events_valid) s "
-            "WHERE s.nhs_number IN (SELECT nhs FROM _space)").fetchone()[0]
+            "WHERE s.nhs_number IN (SELECT nhs FROM _space)"
+        ).fetchone()[0]
         spaced = "substr(nhs, 1, 3) || ' ' || substr(nhs, 4, 3) || ' ' || substr(nhs, 7, 4)"
         con.execute(
             "CREATE TEMP TABLE _hashes AS "
@@ -99,7 +102,8 @@ def test_haven_tables_hold_no_direct_identifier(haven_home: Home) -> None:
             text_cols = [r[0] for r in con.execute(f"DESCRIBE haven.{c}").fetchall() if r[1] == "VARCHAR"]
             hits = con.execute(
                 f"SELECT count(*) FROM haven.{c} h WHERE EXISTS (SELECT 1 FROM landing.{c}_valid v WHERE "
-                + " OR ".join(f"h.{q} = v.nhs_number OR h.{q} = v.postcode" for q in text_cols) + ")"
+                + " OR ".join(f"h.{q} = v.nhs_number OR h.{q} = v.postcode" for q in text_cols)
+                + ")"
             ).fetchone()[0]
             assert hits == 0, c
 
@@ -112,8 +116,11 @@ def test_haven_column_names_the_columns_haven_select_sql_makes() -> None:
         fields = ", ".join(f'NULL::{f.type} AS "{f.name}"' for f in contract.fields)
         con.execute(f"CREATE OR REPLACE TABLE src AS SELECT {fields}, NULL::VARCHAR AS _batch, 0 AS _row")
         made = [d[0] for d in con.execute(f"SELECT * FROM ({haven_select_sql(contract, 'src')}) LIMIT 0").description]
-        kept = [haven_column(f) for f in contract.fields
-                if f.name != contract.patient_key and f.identifiability != "direct_identifier"]
+        kept = [
+            haven_column(f)
+            for f in contract.fields
+            if f.name != contract.patient_key and f.identifiability != "direct_identifier"
+        ]
         assert made == ["pid", *kept, "_batch", "_row"], contract.collection
         assert {"birth_week", "postcode_district"} <= set(made), contract.collection
 
@@ -124,8 +131,9 @@ def test_one_pid_per_person_across_collections(haven_home: Home) -> None:
         nhs = con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid LIMIT 1").fetchone()[0]
         pid = pseudonym(key.material, nhs)
         in_hospital = con.execute("SELECT count(*) FROM haven.hospital_episodes WHERE pid = ?", [pid]).fetchone()[0]
-        expected = con.execute("SELECT count(*) FROM landing.hospital_episodes_valid WHERE nhs_number = ?",
-                               [nhs]).fetchone()[0]
+        expected = con.execute(
+            "SELECT count(*) FROM landing.hospital_episodes_valid WHERE nhs_number = ?", [nhs]
+        ).fetchone()[0]
     assert in_hospital == expected > 0
 
 
@@ -150,8 +158,9 @@ def test_installing_an_agreement_domain_gives_its_key_id(home: Home) -> None:
     name, key_id = install_agreement_domain(con, keyring, "study-a")
     assert key_id == agreement_key(keyring, "study-a").key_id
     pid = "0" * 32
-    assert con.execute(f"SELECT {hmac_sql(repr(pid), name)}").fetchone()[0] == \
-        release_pseudonym(agreement_key(keyring, "study-a"), pid)
+    assert con.execute(f"SELECT {hmac_sql(repr(pid), name)}").fetchone()[0] == release_pseudonym(
+        agreement_key(keyring, "study-a"), pid
+    )
 
 
 def test_destroying_an_agreement_salt_shreds_its_pseudonym_domain(home: Home) -> None:

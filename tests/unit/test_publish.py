@@ -1,6 +1,6 @@
 """Publication: the guard, the refusal of a violating release, the files written.
 
-Rules under test: ``safehaven.publish`` module docstring (CoP 35-36, 45-46; ISB 1523; guide
+Rules under test: ``safehaven.publish.publication`` module docstring (CoP 35-36, 45-46; ISB 1523; guide
 Rule 3 part A; OWASP CSV injection).
 """
 
@@ -15,10 +15,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.outputs import Output, build_output
-from safehaven.publish import (
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.outputs import Output, build_output
+from safehaven.publish.publication import (
     OGL,
     PublicationRefused,
     guard_table,
@@ -26,8 +27,7 @@ from safehaven.publish import (
     publish_release,
     verify_release,
 )
-from safehaven.quality import build_statement, store_statement
-from safehaven.store import Store
+from safehaven.publish.quality import build_statement, store_statement
 
 TODAY = date(2026, 3, 15)
 NOW = datetime(2026, 3, 20, 9, 0, tzinfo=UTC)
@@ -115,20 +115,30 @@ def test_guard_refuses_identifying_columns(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry, column: str, why: str
 ) -> None:
     out = output(dimensions=[{"name": "month", "description": "m", "domain": "reporting_months"}])
-    con.execute(f'CREATE TABLE published.t AS SELECT DATE \'2026-01-01\' AS month, \'x\' AS "{column}", '
-                "10 AS people, false AS suppressed")
+    con.execute(
+        f"CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'x' AS \"{column}\", "
+        "10 AS people, false AS suppressed"
+    )
     problems = guard_table(con, "published.t", out, registry)
     assert any(column in p and why in p for p in problems), problems
 
 
 def test_guard_accepts_a_declared_quasi_identifier(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
-    out = output(dimensions=[
-        {"name": "month", "description": "m", "domain": "reporting_months"},
-        {"name": "practice_code", "description": "p", "domain": "observed",
-         "quasi_identifier": "a provider of care may be named (CoP 36)"},
-    ])
-    con.execute("CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'A81001' AS practice_code, "
-                "10 AS people, false AS suppressed")
+    out = output(
+        dimensions=[
+            {"name": "month", "description": "m", "domain": "reporting_months"},
+            {
+                "name": "practice_code",
+                "description": "p",
+                "domain": "observed",
+                "quasi_identifier": "a provider of care may be named (CoP 36)",
+            },
+        ]
+    )
+    con.execute(
+        "CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'A81001' AS practice_code, "
+        "10 AS people, false AS suppressed"
+    )
     assert guard_table(con, "published.t", out, registry) == []
 
 
@@ -142,15 +152,18 @@ def test_guard_accepts_a_declared_quasi_identifier(con: duckdb.DuckDBPyConnectio
         ("sw1a1aa", "postcode"),
         ("born 1956-03-12", "full date"),
         ("12/03/1956", "full date"),
-        ("=HYPERLINK(\"http://x\")", "formula-leading"),
+        ('=HYPERLINK("http://x")', "formula-leading"),
         ("\tcmd", "formula-leading"),
     ],
 )
 def test_guard_refuses_identifying_values_without_repeating_them(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry, value: str, finding: str
 ) -> None:
-    con.execute("CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'RX1' AS provider_code, "
-                "? AS label, 10 AS people, false AS suppressed", [value])
+    con.execute(
+        "CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'RX1' AS provider_code, "
+        "? AS label, 10 AS people, false AS suppressed",
+        [value],
+    )
     problems = guard_table(con, "published.t", output(), registry)
     assert any(finding in p for p in problems), problems
     assert value not in "\n".join(problems)
@@ -159,8 +172,10 @@ def test_guard_refuses_identifying_values_without_repeating_them(
 def test_guard_refuses_day_precise_dates_big_integers_and_a_reason_column(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry
 ) -> None:
-    con.execute("CREATE TABLE published.t AS SELECT DATE '1956-03-12' AS month, 'RX1' AS provider_code, "
-                "'ok' AS label, 9434765919 AS people, 'secondary' AS suppressed")
+    con.execute(
+        "CREATE TABLE published.t AS SELECT DATE '1956-03-12' AS month, 'RX1' AS provider_code, "
+        "'ok' AS label, 9434765919 AS people, 'secondary' AS suppressed"
+    )
     text = "\n".join(guard_table(con, "published.t", output(), registry))
     assert "day-precise date" in text
     assert "10-digit number" in text
@@ -168,9 +183,11 @@ def test_guard_refuses_day_precise_dates_big_integers_and_a_reason_column(
 
 
 def test_guard_passes_ordinary_labels(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
-    con.execute("CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'RX1' AS provider_code, "
-                "unnest(['IX Diseases of the circulatory system', '18-44', '85+', 'E08000025', 'Long term support: "
-                "community - home care', '''-3']) AS label, 10 AS people, false AS suppressed")
+    con.execute(
+        "CREATE TABLE published.t AS SELECT DATE '2026-01-01' AS month, 'RX1' AS provider_code, "
+        "unnest(['IX Diseases of the circulatory system', '18-44', '85+', 'E08000025', 'Long term support: "
+        "community - home care', '''-3']) AS label, 10 AS people, false AS suppressed"
+    )
     assert guard_table(con, "published.t", output(), registry) == []
 
 
@@ -189,8 +206,16 @@ def test_release_writes_every_file_neutralised_and_licensed(store: Store, regist
             "SELECT count(*) FROM governance.audit_log WHERE action = 'publish' AND legal_basis = 'anonymised'"
         ).fetchone()[0]
     pub = home.published
-    for name in ("adm.csv", "adm.parquet", "adm.dictionary.json", "adm.quality.json", "adm.quality.md",
-                 "published.duckdb", "LICENCE.txt", "release.json"):
+    for name in (
+        "adm.csv",
+        "adm.parquet",
+        "adm.dictionary.json",
+        "adm.quality.json",
+        "adm.quality.md",
+        "published.duckdb",
+        "LICENCE.txt",
+        "release.json",
+    ):
         assert (pub / name).is_file(), name
     assert audited == 1
     with open(pub / "adm.csv", newline="") as fh:
@@ -248,9 +273,7 @@ def test_a_guard_finding_or_a_missing_statement_refuses_the_release(store: Store
         assert any("another definition" in p for p in verify_release(con, [changed], registry))
 
 
-def test_a_second_release_replaces_files_and_drops_a_withdrawn_output(
-    store: Store, registry: ContractRegistry
-) -> None:
+def test_a_second_release_replaces_files_and_drops_a_withdrawn_output(store: Store, registry: ContractRegistry) -> None:
     home = store.home
     first, second = output("first"), output("second")
     with store.connect() as con:
@@ -269,6 +292,20 @@ def test_a_second_release_replaces_files_and_drops_a_withdrawn_output(
 
 def test_methods_document_exists_and_explains_the_choices() -> None:
     text = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
-    for topic in ("Why", "1 to 7", "nearest 5", "midpoint", "Secondary suppression", "[c]", "Open Government Licence",
-                  "type 1", "linkage", "Relevance", "Accuracy", "Timeliness", "Accessibility", "Comparability"):
+    for topic in (
+        "Why",
+        "1 to 7",
+        "nearest 5",
+        "midpoint",
+        "Secondary suppression",
+        "[c]",
+        "Open Government Licence",
+        "type 1",
+        "linkage",
+        "Relevance",
+        "Accuracy",
+        "Timeliness",
+        "Accessibility",
+        "Comparability",
+    ):
         assert topic.lower() in text.lower(), topic

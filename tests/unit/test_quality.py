@@ -1,6 +1,6 @@
 """Quality statements: figures from the validation records, timeliness, changes, rendering.
 
-Rules under test: ``safehaven.quality`` module docstring (CoP 28-29; ESS quality dimensions).
+Rules under test: ``safehaven.publish.quality`` module docstring (CoP 28-29; ESS quality dimensions).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.measures import RULE_RESULTS, ensure_rule_results_table
-from safehaven.measures import ensure_table as ensure_measures_table
-from safehaven.outputs import Output, build_output
-from safehaven.quality import (
+from safehaven.core.home import Home
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.measures import RULE_RESULTS, ensure_rule_results_table
+from safehaven.intake.measures import ensure_table as ensure_measures_table
+from safehaven.publish.outputs import Output, build_output
+from safehaven.publish.quality import (
     ESS_DIMENSIONS,
     build_statement,
     changes_since_last_release,
@@ -78,10 +78,19 @@ def seed(con: duckdb.DuckDBPyConnection, home: Home) -> None:
         "('b2', 'social_care', 'rows.within_tolerance', 'rows', 20), "
         "('x1', 'gp_events', 'nhs_number.nhs_number', 'nhs_number', 0)"
     )
-    cols = ["local_authority_code", "service_type", "start_date", "end_date", "nhs_number", "date_of_birth", "sex",
-            "postcode"]
-    con.execute(f"CREATE TABLE landing.social_care ({', '.join(c + ' VARCHAR' for c in cols)}, _batch VARCHAR, "
-                "_row BIGINT)")
+    cols = [
+        "local_authority_code",
+        "service_type",
+        "start_date",
+        "end_date",
+        "nhs_number",
+        "date_of_birth",
+        "sex",
+        "postcode",
+    ]
+    con.execute(
+        f"CREATE TABLE landing.social_care ({', '.join(c + ' VARCHAR' for c in cols)}, _batch VARCHAR, _row BIGINT)"
+    )
     con.execute(
         "INSERT INTO landing.social_care SELECT 'E08000025', 'day_care', '2026-01-05', "
         "CASE WHEN i < 40 THEN '2026-02-01' ELSE '  ' END, '9434765919', '1950-01-01', '1', 'LS1 4AB', 'b1', i "
@@ -143,8 +152,9 @@ def test_quality_measures_are_used_when_the_validation_stage_writes_them(
         "batches": 2,
         "row_validity": {"*": {"value": round(128 / 150, 6), "numerator": 128, "denominator": 150}},
         "completeness": {"end_date": {"value": 0.4, "numerator": 40, "denominator": 100}},
-        "date_coverage": {"start_date": {"value": 1.0, "numerator": 2, "denominator": 2,
-                                         "period": ["2025-12-01", "2026-01-31"]}},
+        "date_coverage": {
+            "start_date": {"value": 1.0, "numerator": 2, "denominator": 2, "period": ["2025-12-01", "2026-01-31"]}
+        },
     }
     out = social_output()
     st = build_statement(con, out, registry, home, build_output(con, out, registry, today=TODAY))
@@ -155,8 +165,12 @@ def test_quality_measures_are_used_when_the_validation_stage_writes_them(
 
 def social_output(**extra: object) -> Output:
     spec = {
-        "name": "users", "version": "1.0.0", "title": "Service users", "description": "People using services.",
-        "purpose": "Testing quality statements.", "users": ["tests", "the public"],
+        "name": "users",
+        "version": "1.0.0",
+        "title": "Service users",
+        "description": "People using services.",
+        "purpose": "Testing quality statements.",
+        "users": ["tests", "the public"],
         "collections": ["social_care"],
         "dimensions": [
             {"name": "month", "description": "m", "domain": "reporting_months"},
@@ -198,8 +212,13 @@ def test_statement_covers_every_ess_dimension_with_figures_that_agree(
     assert cc["code_lists"]["asc_service_types"]["system"].startswith("http")
     assert cc["changes_since_last_release"] == ["first release of this output"]
     md = render_markdown(st)
-    for heading in ("## Relevance", "## Accuracy", "## Timeliness and punctuality", "## Accessibility and clarity",
-                    "## Comparability and coherence"):
+    for heading in (
+        "## Relevance",
+        "## Accuracy",
+        "## Timeliness and punctuality",
+        "## Accessibility and clarity",
+        "## Comparability and coherence",
+    ):
         assert heading in md
     assert "| social_care | 3 (1 / 1) | 150 | 22 | 98 | 65.33% | 1 |" in md
     # Counts, versions and dates of the process only: no identifier or pseudonym.
@@ -217,8 +236,9 @@ def test_finalise_stamps_the_release_and_its_punctuality() -> None:
     assert "release" not in st, "the stored statement is not changed"
 
 
-def test_changes_since_the_last_release(con: duckdb.DuckDBPyConnection, registry: ContractRegistry,
-                                        tmp_path: Path) -> None:
+def test_changes_since_the_last_release(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, tmp_path: Path
+) -> None:
     home = Home(tmp_path / "home").ensure()
     seed(con, home)
     out = social_output()
@@ -229,14 +249,23 @@ def test_changes_since_the_last_release(con: duckdb.DuckDBPyConnection, registry
     assert same["comparability_and_coherence"]["changes_since_last_release"] == [
         "no change of definition, contracts, code lists, policy or columns since release r1"
     ]
-    midpoint = social_output(version="1.1.0", policy={"rounding": "midpoint6"},
-                             measures=[{"name": "people_midpoint6", "description": "people"}])
-    changes = changes_since_last_release(con, "users", {
-        "output_version": midpoint.version, "definition_sha256": midpoint.definition_sha256(),
-        "contracts": first["comparability_and_coherence"]["contracts"],
-        "code_lists": first["comparability_and_coherence"]["code_lists"],
-        "policy": midpoint.policy.model_dump(), "columns": first["accessibility_and_clarity"]["columns"],
-    })
+    midpoint = social_output(
+        version="1.1.0",
+        policy={"rounding": "midpoint6"},
+        measures=[{"name": "people_midpoint6", "description": "people"}],
+    )
+    changes = changes_since_last_release(
+        con,
+        "users",
+        {
+            "output_version": midpoint.version,
+            "definition_sha256": midpoint.definition_sha256(),
+            "contracts": first["comparability_and_coherence"]["contracts"],
+            "code_lists": first["comparability_and_coherence"]["code_lists"],
+            "policy": midpoint.policy.model_dump(),
+            "columns": first["accessibility_and_clarity"]["columns"],
+        },
+    )
     text = "\n".join(changes)
     assert "output definition version" in text and "1.1.0" in text
     assert "disclosure control policy" in text and "midpoint6" in text

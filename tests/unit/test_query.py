@@ -1,6 +1,6 @@
 """``safehaven query``: one read-only SELECT over published.duckdb, and nothing else.
 
-Rules under test: ``safehaven.query`` module docstring (BRIEF "Users"; DESIGN.md "Zones").
+Rules under test: ``safehaven.publish.query`` module docstring (BRIEF "Users"; DESIGN.md "Zones").
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import duckdb
 import pytest
 from click.testing import CliRunner
 
-from safehaven.cli import main
-from safehaven.query import QueryRefused, format_result, run_query
+from safehaven.cli.main import main
+from safehaven.publish.query import QueryRefused, format_result, run_query
 
 
 @pytest.fixture
@@ -25,16 +25,19 @@ def published(tmp_path: Path) -> Path:
     c.close()
     path = tmp_path / "published.duckdb"
     c = duckdb.connect(str(path))
-    c.execute("CREATE TABLE hospital_admissions AS SELECT * FROM (VALUES "
-              "(DATE '2026-01-01', 'RX1', 10, false), (DATE '2026-01-01', 'RY2', NULL, true), "
-              "(DATE '2026-02-01', 'RX1', 25, false)) t(month, provider_code, people, suppressed)")
+    c.execute(
+        "CREATE TABLE hospital_admissions AS SELECT * FROM (VALUES "
+        "(DATE '2026-01-01', 'RX1', 10, false), (DATE '2026-01-01', 'RY2', NULL, true), "
+        "(DATE '2026-02-01', 'RX1', 25, false)) t(month, provider_code, people, suppressed)"
+    )
     c.close()
     return path
 
 
 def test_a_select_runs_and_prints_a_table(published: Path) -> None:
-    result = run_query(published, "SELECT provider_code, sum(people) AS people FROM hospital_admissions "
-                                  "GROUP BY ALL ORDER BY 1")
+    result = run_query(
+        published, "SELECT provider_code, sum(people) AS people FROM hospital_admissions GROUP BY ALL ORDER BY 1"
+    )
     assert result.columns == ["provider_code", "people"]
     assert result.rows == [("RX1", 35), ("RY2", None)]
     text = format_result(result)
@@ -44,8 +47,16 @@ def test_a_select_runs_and_prints_a_table(published: Path) -> None:
     assert '"people": 35' in format_result(result, "json")
 
 
-@pytest.mark.parametrize("sql", ["FROM hospital_admissions", "WITH x AS (SELECT 1 AS a) SELECT * FROM x",
-                                 "SHOW TABLES", "DESCRIBE hospital_admissions", "SELECT 1;"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "FROM hospital_admissions",
+        "WITH x AS (SELECT 1 AS a) SELECT * FROM x",
+        "SHOW TABLES",
+        "DESCRIBE hospital_admissions",
+        "SELECT 1;",
+    ],
+)
 def test_query_forms_are_allowed(published: Path, sql: str) -> None:
     assert run_query(published, sql).columns
 
@@ -93,8 +104,11 @@ def test_a_query_cannot_read_other_files_or_the_store(published: Path, sql: str)
 
 
 def test_the_configuration_is_locked(published: Path) -> None:
-    result = run_query(published, "SELECT name, value FROM duckdb_settings() WHERE name IN "
-                                  "('enable_external_access', 'lock_configuration') ORDER BY 1")
+    result = run_query(
+        published,
+        "SELECT name, value FROM duckdb_settings() WHERE name IN "
+        "('enable_external_access', 'lock_configuration') ORDER BY 1",
+    )
     assert result.rows == [("enable_external_access", "false"), ("lock_configuration", "true")]
 
 
@@ -118,13 +132,15 @@ def test_missing_database_is_a_clear_refusal(tmp_path: Path) -> None:
 
 def test_cli_prints_a_table_and_refuses_with_exit_code_2(published: Path) -> None:
     runner = CliRunner()
-    ok = runner.invoke(main, ["query", "--db", str(published), "SELECT provider_code FROM hospital_admissions "
-                                                              "ORDER BY 1 LIMIT 1"])
+    ok = runner.invoke(
+        main, ["query", "--db", str(published), "SELECT provider_code FROM hospital_admissions ORDER BY 1 LIMIT 1"]
+    )
     assert ok.exit_code == 0, ok.output
     assert "provider_code" in ok.output and "RX1" in ok.output
     refused = runner.invoke(main, ["query", "--db", str(published), "DROP TABLE hospital_admissions"])
     assert refused.exit_code == 2
     assert "query refused" in refused.output
-    store = runner.invoke(main, ["query", "--db", str(published),
-                                 f"SELECT * FROM read_csv('{published.parent / 'secret.csv'}')"])
+    store = runner.invoke(
+        main, ["query", "--db", str(published), f"SELECT * FROM read_csv('{published.parent / 'secret.csv'}')"]
+    )
     assert store.exit_code == 2 and "9434765919" not in store.output

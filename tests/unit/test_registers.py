@@ -1,4 +1,4 @@
-"""Tests for ``safehaven.registers``: the breach register's scale and the published exports (CoP 32-33; Govt rec. 6)."""
+"""Tests for ``safehaven.core.registers``: breach register scale and published exports (CoP 32-33; Govt rec. 6)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import duckdb
 import pytest
 
-from safehaven import registers as reg
-from safehaven.home import Home
-from safehaven.store import Store
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.store import Store
 
 
 @pytest.fixture
@@ -19,17 +19,27 @@ def con(home: Home) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 def test_record_breach_numbers_entries_and_uses_the_scale(con: duckdb.DuckDBPyConnection) -> None:
-    first = reg.record_breach(con, kind="refused_linkage", severity=None, what="a join was refused",
-                              remedial_action="nothing was joined")
-    second = reg.record_breach(con, kind="type1_objection_disregarded", severity="low",
-                               what="3 records sent by 1 practice", remedial_action="dropped",
-                               detail={"records_by_sender": {"A81001": 3}})
-    third = reg.record_breach(con, kind="local_incident", severity="serious", what="x happened",
-                              remedial_action="y was done")
+    first = reg.record_breach(
+        con, kind="refused_linkage", severity=None, what="a join was refused", remedial_action="nothing was joined"
+    )
+    second = reg.record_breach(
+        con,
+        kind="type1_objection_disregarded",
+        severity="low",
+        what="3 records sent by 1 practice",
+        remedial_action="dropped",
+        detail={"records_by_sender": {"A81001": 3}},
+    )
+    third = reg.record_breach(
+        con, kind="local_incident", severity="serious", what="x happened", remedial_action="y was done"
+    )
     assert (first, second, third) == (1, 2, 3)
     rows = reg.breaches(con)
     assert [(r["kind"], r["severity"]) for r in rows] == [
-        ("refused_linkage", 0), ("type1_objection_disregarded", 0), ("local_incident", 2)]
+        ("refused_linkage", 0),
+        ("type1_objection_disregarded", 0),
+        ("local_incident", 2),
+    ]
     assert rows[0]["severity_label"].startswith("near miss")
     assert rows[2]["severity_label"].startswith("serious, reportable")
 
@@ -63,19 +73,35 @@ def test_record_breach_is_rolled_back_with_the_callers_transaction(con: duckdb.D
 def test_export_writes_csv_and_parquet_with_formula_cells_neutralised(
     con: duckdb.DuckDBPyConnection, home: Home
 ) -> None:
-    reg.record_breach(con, kind="no_legal_basis", severity=1, what="=HYPERLINK(\"http://x\")",
-                      remedial_action="-2+3 was removed")
+    reg.record_breach(
+        con, kind="no_legal_basis", severity=1, what='=HYPERLINK("http://x")', remedial_action="-2+3 was removed"
+    )
     paths = reg.export(con, home)
-    assert set(paths) == {"data_release_register.csv", "data_release_register.parquet",
-                          "breach_register.csv", "breach_register.parquet"}
+    assert set(paths) == {
+        "data_release_register.csv",
+        "data_release_register.parquet",
+        "breach_register.csv",
+        "breach_register.parquet",
+    }
     csv = (home.registers / "breach_register.csv").read_text()
     assert "'=HYPERLINK" in csv and "'-2+3" in csv
     parquet = duckdb.sql(f"SELECT what FROM '{home.registers / 'breach_register.parquet'}'").fetchall()
     assert parquet == [('=HYPERLINK("http://x")',)]
     header = (home.registers / "data_release_register.csv").read_text().splitlines()[0]
-    for column in ("agreement_id", "recipient", "purposes", "legal_basis", "collections", "identifiability",
-                   "agreement_start", "agreement_end", "opt_outs_applied", "opt_outs_reason", "records_released",
-                   "records_withheld_objections"):
+    for column in (
+        "agreement_id",
+        "recipient",
+        "purposes",
+        "legal_basis",
+        "collections",
+        "identifiability",
+        "agreement_start",
+        "agreement_end",
+        "opt_outs_applied",
+        "opt_outs_reason",
+        "records_released",
+        "records_withheld_objections",
+    ):
         assert column in header
 
 

@@ -10,24 +10,28 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from safehaven import audit, registers
-from safehaven.cli import main
-from safehaven.contracts import CONTRACTS_DIR
-from safehaven.home import Home
-from safehaven.keys import KeyRing, agreement_key
-from safehaven.objections import objectors_sql
-from safehaven.optouts import MEMBERS
-from safehaven.optouts import ensure_tables as ensure_optout_tables
-from safehaven.pseudonymise import install_key, pseudonym, release_pseudonym
-from safehaven.reidentify import ReidentificationRefused, reidentify
-from safehaven.store import Store
+from safehaven.cli.main import main
+from safehaven.core import audit, registers
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing, agreement_key
+from safehaven.core.store import Store
+from safehaven.intake.contracts import CONTRACTS_DIR
+from safehaven.protect.objections import objectors_sql
+from safehaven.protect.optouts import MEMBERS
+from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
+from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
+from safehaven.share.reidentify import ReidentificationRefused, reidentify
 from tests.unit.populate import populated
 
 
 def _agreement(root: Path, agreement_id: str, basis: str, level: str = "identifiable", status: str = "approved"):
     data = yaml.safe_load((CONTRACTS_DIR / "agreements" / "cohort-consent-study.yaml").read_text())
-    data.update(id=agreement_id, identifiability=level, start_date=date.today() - timedelta(days=30),
-                end_date=date.today() + timedelta(days=300))
+    data.update(
+        id=agreement_id,
+        identifiability=level,
+        start_date=date.today() - timedelta(days=30),
+        end_date=date.today() + timedelta(days=300),
+    )
     data["legal_basis"] = {"basis": basis, "reference": "test reference 1"}
     data["approval"] = {"status": status, "approver": "Caldicott Guardian (test)", "date": date.today()}
     if level != "identifiable":
@@ -55,14 +59,19 @@ def released(home: Home, contracts: Path) -> dict[str, object]:
         ensure_optout_tables(con)
         install_key(con, "haven", keyring.get("haven"))
         objectors = {r[0] for r in con.execute(objectors_sql()).fetchall()}
-        people = [r[0] for r in con.execute("SELECT DISTINCT nhs_number FROM landing.hospital_episodes_valid "
-                                            "ORDER BY 1").fetchall()]
+        people = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT nhs_number FROM landing.hospital_episodes_valid ORDER BY 1"
+            ).fetchall()
+        ]
         key = keyring.get("haven").material
         chosen = [n for n in people if pseudonym(key, n) in objectors][:2]
         chosen += [n for n in people if pseudonym(key, n) not in objectors][:8]
         for a in ("reid-consent", "reid-s251", "reid-pseudo"):
-            con.executemany(f"INSERT INTO {MEMBERS} VALUES ('r1', ?, ?, now())",
-                            [[a, pseudonym(key, n)] for n in chosen])
+            con.executemany(
+                f"INSERT INTO {MEMBERS} VALUES ('r1', ?, ?, now())", [[a, pseudonym(key, n)] for n in chosen]
+            )
     return {"nhs": chosen, "objecting": chosen[:2], "pid": {n: pseudonym(key, n) for n in chosen}}
 
 
@@ -99,8 +108,7 @@ def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
     home: Home, released, agreement_id: str
 ) -> None:
     with pytest.raises(ReidentificationRefused):
-        reidentify(home, agreement_id, [_ps(home, "reid-consent", released["pid"][released["nhs"][5]])],
-                   actor="lead")
+        reidentify(home, agreement_id, [_ps(home, "reid-consent", released["pid"][released["nhs"][5]])], actor="lead")
     with Store(home).connect() as con:
         refused = [e for e in audit.entries_for(con, agreement=agreement_id) if e.outcome == "refused"]
         breaches = [b for b in registers.breaches(con) if b["kind"] == "no_legal_basis"]
@@ -117,8 +125,9 @@ def test_cli_reidentify_prints_csv_and_refuses_otherwise(home: Home, released, t
     listing = tmp_path / "asked.csv"
     listing.write_text(f"pseudonym\n{p}\n")
     out = tmp_path / "out.csv"
-    ok2 = runner.invoke(main, ["reidentify", "--agreement", "reid-consent", "--file", str(listing),
-                               "--output", str(out)])
+    ok2 = runner.invoke(
+        main, ["reidentify", "--agreement", "reid-consent", "--file", str(listing), "--output", str(out)]
+    )
     assert ok2.exit_code == 0 and f"{p},{n}" in out.read_text()
     assert oct(out.stat().st_mode & 0o777) == oct(0o600)
     refused = runner.invoke(main, ["reidentify", "--agreement", "reid-pseudo", "--pseudonym", p])

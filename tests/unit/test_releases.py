@@ -1,4 +1,4 @@
-"""Tests for ``safehaven.releases``: minimum-necessary releases under agreements.
+"""Tests for ``safehaven.share.releases``: minimum-necessary releases under agreements.
 
 The issue's required properties: an unlisted linkage is refused and registered; a release
 carries exactly the listed fields; expired and suspended agreements release nothing;
@@ -19,16 +19,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safehaven import audit, vault
-from safehaven import registers as reg
-from safehaven.agreements import Agreement
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.keys import VAULT, KeyRing, agreement_key
-from safehaven.linkage import LinkageRefused
-from safehaven.pseudonymise import release_pseudonym
-from safehaven.releases import MANIFEST, PERSON_ID, ReleaseRefused, k_anonymise, release, verify_release
-from safehaven.store import Store
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, KeyRing, agreement_key
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import vault
+from safehaven.protect.pseudonymise import release_pseudonym
+from safehaven.share.agreements import Agreement
+from safehaven.share.linkage import LinkageRefused
+from safehaven.share.releases import MANIFEST, PERSON_ID, ReleaseRefused, k_anonymise, release, verify_release
 from tests.conftest import leaked_nhs_numbers
 from tests.governance_helpers import (
     BASE,
@@ -88,8 +89,9 @@ def test_release_carries_exactly_the_listed_fields(haven: Haven) -> None:
     assert set(files) == {"hospital_episodes", "social_care"}
     assert haven.parquet(files["hospital_episodes"]).columns == [PERSON_ID, "birth_year", "sex", "admission_date"]
     assert haven.parquet(files["social_care"]).columns == [PERSON_ID, "service_type"]
-    assert sorted(p.name for p in result.directory.iterdir()) == sorted([MANIFEST, "hospital_episodes.parquet",
-                                                                         "social_care.parquet"])
+    assert sorted(p.name for p in result.directory.iterdir()) == sorted(
+        [MANIFEST, "hospital_episodes.parquet", "social_care.parquet"]
+    )
     manifest = json.loads((result.directory / MANIFEST).read_text())
     listed = [(f["collection"], f["field"]) for f in manifest["controls"]["minimum_necessary"]["fields"]]
     assert listed == [(f["collection"], f["field"]) for f in BASE["fields"]]
@@ -99,8 +101,13 @@ def test_release_carries_exactly_the_listed_fields(haven: Haven) -> None:
 
 
 def test_week_of_birth_and_district_when_the_agreement_allows_them(haven: Haven) -> None:
-    fields = BASE["fields"] + [{"collection": "social_care", "field": "postcode",
-                                "justification": "Area deprivation is a confounder of care provision."}]
+    fields = BASE["fields"] + [
+        {
+            "collection": "social_care",
+            "field": "postcode",
+            "justification": "Area deprivation is a confounder of care provision.",
+        }
+    ]
     aid = haven.add(coarsening={"dob": "week", "postcode": "district"}, fields=fields, k_anonymity=2)
     files = _files(haven.release(aid))
     assert "birth_week" in haven.parquet(files["hospital_episodes"]).columns
@@ -114,8 +121,12 @@ def test_linked_cohort_objections_and_pseudonyms(haven: Haven) -> None:
     assert result.people_released == 35
     assert result.records_withheld == 3  # two episodes and one service of the opted-out person
     assert result.optouts_applied and "section_251" in result.optouts_reason
-    members = {p for (p,) in haven.con.execute(
-        "SELECT pid FROM governance.release_members WHERE release_id = ?", [result.release_id]).fetchall()}
+    members = {
+        p
+        for (p,) in haven.con.execute(
+            "SELECT pid FROM governance.release_members WHERE release_id = ?", [result.release_id]
+        ).fetchall()
+    }
     assert haven.pids[NHS[OPTED_OUT]] not in members
     assert haven.pids[NHS[WITHDRAWN]] in members, "a withdrawn objection no longer withholds"
     assert len(members) == result.people_released
@@ -131,8 +142,12 @@ def test_every_record_carries_its_persons_release_pseudonym(haven: Haven) -> Non
     """The pseudonym is HMAC'd once per person and joined back: record for record, it is the
     pseudonym of that record's haven pid, in every file (module docstring, rule 5)."""
     result = haven.release(haven.add())
-    members = [p for (p,) in haven.con.execute(
-        "SELECT pid FROM governance.release_members WHERE release_id = ?", [result.release_id]).fetchall()]
+    members = [
+        p
+        for (p,) in haven.con.execute(
+            "SELECT pid FROM governance.release_members WHERE release_id = ?", [result.release_id]
+        ).fetchall()
+    ]
     key = agreement_key(haven.keyring, "test-linked")
     person = {pid: release_pseudonym(key, pid) for pid in members}
     files = _files(result)
@@ -155,11 +170,21 @@ def test_two_recipients_cannot_join_their_extracts(haven: Haven) -> None:
 
 
 def test_statutory_release_overrules_opt_outs_and_says_why(haven: Haven) -> None:
-    aid = haven.add(id="statutory", instrument="agreement", recipient={"name": "NHS England", "public_body": True},
-                    legal_basis={"basis": "statutory", "reference": "HSCA 2012 s259 direction"},
-                    collections=["gp_events"], linkages=[], fields=[
-                        {"collection": "gp_events", "field": "diagnosis_code",
-                         "justification": "The audit counts these diagnoses by practice."}])
+    aid = haven.add(
+        id="statutory",
+        instrument="agreement",
+        recipient={"name": "NHS England", "public_body": True},
+        legal_basis={"basis": "statutory", "reference": "HSCA 2012 s259 direction"},
+        collections=["gp_events"],
+        linkages=[],
+        fields=[
+            {
+                "collection": "gp_events",
+                "field": "diagnosis_code",
+                "justification": "The audit counts these diagnoses by practice.",
+            }
+        ],
+    )
     result = haven.release(aid)
     assert not result.optouts_applied and "required by law" in result.optouts_reason
     assert result.records_withheld == 0 and result.objector_records_included == 6  # 3 events each, 2 objectors
@@ -173,11 +198,19 @@ def test_statutory_release_overrules_opt_outs_and_says_why(haven: Haven) -> None
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        ({"approval": {"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "audit due"}},
-         "is suspended: audit due"),
+        (
+            {"approval": {"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "audit due"}},
+            "is suspended: audit due",
+        ),
         ({"approval": {"status": "expired", "approver": "Dr X, CG", "date": "2020-01-01"}}, "expired"),
-        ({"start_date": "2020-01-01", "end_date": "2021-01-01",
-          "approval": {"status": "approved", "approver": "Dr X, CG", "date": "2019-12-01"}}, "expired on 2021-01-01"),
+        (
+            {
+                "start_date": "2020-01-01",
+                "end_date": "2021-01-01",
+                "approval": {"status": "approved", "approver": "Dr X, CG", "date": "2019-12-01"},
+            },
+            "expired on 2021-01-01",
+        ),
         ({"approval": {"status": "draft"}}, "is a draft"),
         ({"start_date": "2099-01-01"}, "starts on 2099-01-01"),
     ],
@@ -271,10 +304,15 @@ def test_people_removed_when_the_agreement_allows_it(haven: Haven) -> None:
 
 def test_single_collection_groups(haven: Haven) -> None:
     """Everyone in the GP file; the group of ten and the two unique people."""
-    aid = haven.add(id="gp-only", collections=["gp_events"], linkages=[], fields=[
-        {"collection": "gp_events", "field": "date_of_birth", "justification": "Age is needed for the indicators."},
-        {"collection": "gp_events", "field": "sex", "justification": "Some indicators are sex-specific."},
-    ])
+    aid = haven.add(
+        id="gp-only",
+        collections=["gp_events"],
+        linkages=[],
+        fields=[
+            {"collection": "gp_events", "field": "date_of_birth", "justification": "Age is needed for the indicators."},
+            {"collection": "gp_events", "field": "sex", "justification": "Some indicators are sex-specific."},
+        ],
+    )
     result = haven.release(aid)
     assert result.k is not None and result.k.people_below_k == 2  # the two unique people
     # 52 people, minus the national opt-out and, GP data being GP-sourced, the type 1 objector
@@ -290,9 +328,15 @@ def test_single_collection_groups(haven: Haven) -> None:
 def test_register_matches_what_was_written_row_for_row(haven: Haven) -> None:
     first = haven.release(haven.add())
     second = haven.release("test-linked")
-    anon = haven.release(haven.add(id="anon-test", instrument="agreement",
-                                   recipient={"name": "The public", "public_body": True},
-                                   identifiability="anonymised", legal_basis={"basis": "anonymised"}))
+    anon = haven.release(
+        haven.add(
+            id="anon-test",
+            instrument="agreement",
+            recipient={"name": "The public", "public_body": True},
+            identifiability="anonymised",
+            legal_basis={"basis": "anonymised"},
+        )
+    )
     assert [first.release_id, second.release_id] == ["test-linked-r0001", "test-linked-r0002"]
     rows = reg.releases(haven.con)
     assert [r["release_id"] for r in rows] == ["test-linked-r0001", "test-linked-r0002", "anon-test-r0001"]
@@ -306,25 +350,35 @@ def test_register_matches_what_was_written_row_for_row(haven: Haven) -> None:
         assert hashlib.sha256(manifest_bytes).hexdigest() == row["manifest_sha256"]
         manifest = json.loads(manifest_bytes)
         assert verify_release(directory) == []
-        rows_on_disk = sum(duckdb.sql(f"SELECT count(*) FROM '{directory / f['name']}'").fetchone()[0]
-                           for f in manifest["files"])
+        rows_on_disk = sum(
+            duckdb.sql(f"SELECT count(*) FROM '{directory / f['name']}'").fetchone()[0] for f in manifest["files"]
+        )
         assert rows_on_disk == row["records_released"] == manifest["records_released"]
         assert row["files"] == len(manifest["files"])
         assert row["collections"] == ", ".join(manifest["contracts"])
-        members = haven.con.execute("SELECT count(DISTINCT pid) FROM governance.release_members "
-                                    "WHERE release_id = ?", [row["release_id"]]).fetchone()[0]
+        members = haven.con.execute(
+            "SELECT count(DISTINCT pid) FROM governance.release_members WHERE release_id = ?", [row["release_id"]]
+        ).fetchone()[0]
         assert members == (row["people_released"] or 0)
     # the exported files say the same
-    csv = duckdb.sql(f"SELECT release_id, records_released FROM '{haven.home.registers}/data_release_register.csv' "
-                     "ORDER BY release_id").fetchall()
+    csv = duckdb.sql(
+        f"SELECT release_id, records_released FROM '{haven.home.registers}/data_release_register.csv' "
+        "ORDER BY release_id"
+    ).fetchall()
     assert csv == sorted((r["release_id"], r["records_released"]) for r in rows)
     assert anon.people_released is None
 
 
 def test_anonymised_release_is_protected_counts(haven: Haven) -> None:
-    result = haven.release(haven.add(id="anon-test", instrument="agreement",
-                                     recipient={"name": "The public", "public_body": True},
-                                     identifiability="anonymised", legal_basis={"basis": "anonymised"}))
+    result = haven.release(
+        haven.add(
+            id="anon-test",
+            instrument="agreement",
+            recipient={"name": "The public", "public_body": True},
+            identifiability="anonymised",
+            legal_basis={"basis": "anonymised"},
+        )
+    )
     assert not result.optouts_applied and "anonymised" in result.optouts_reason
     table = haven.parquet(_files(result)["hospital_episodes"])
     assert PERSON_ID not in table.columns and {"people", "suppressed"} <= set(table.columns)
@@ -332,16 +386,27 @@ def test_anonymised_release_is_protected_counts(haven: Haven) -> None:
     counts = table.select("people, suppressed").fetchall()
     assert all(n is None or (n % 5 == 0 and not 1 <= n <= 7) for n, _ in counts)
     assert {s for _, s in counts} <= {None, "suppressed"}
-    assert haven.con.execute("SELECT count(*) FROM governance.release_members WHERE agreement_id = 'anon-test'"
-                             ).fetchone()[0] == 0
+    assert (
+        haven.con.execute(
+            "SELECT count(*) FROM governance.release_members WHERE agreement_id = 'anon-test'"
+        ).fetchone()[0]
+        == 0
+    )
     manifest = json.loads((result.directory / MANIFEST).read_text())
     assert "statistical_disclosure_control" in manifest["controls"]
 
 
 def test_no_seeded_nhs_number_in_any_release_manifest_or_register(haven: Haven) -> None:
     haven.release(haven.add())
-    haven.release(haven.add(id="anon-test", instrument="agreement", recipient={"name": "Public", "public_body": True},
-                            identifiability="anonymised", legal_basis={"basis": "anonymised"}))
+    haven.release(
+        haven.add(
+            id="anon-test",
+            instrument="agreement",
+            recipient={"name": "Public", "public_body": True},
+            identifiability="anonymised",
+            legal_basis={"basis": "anonymised"},
+        )
+    )
     haven.add(id="refused-one", linkages=[])
     with pytest.raises(LinkageRefused):
         haven.release("refused-one")
@@ -371,10 +436,16 @@ IDENTIFIABLE = {
     "collections": ["hospital_episodes"],
     "linkages": [],
     "fields": [
-        {"collection": "hospital_episodes", "field": "nhs_number",
-         "justification": "Matches episodes to consented participants in the trial database."},
-        {"collection": "hospital_episodes", "field": "admission_date",
-         "justification": "Readmission is the trial's primary outcome."},
+        {
+            "collection": "hospital_episodes",
+            "field": "nhs_number",
+            "justification": "Matches episodes to consented participants in the trial database.",
+        },
+        {
+            "collection": "hospital_episodes",
+            "field": "admission_date",
+            "justification": "Readmission is the trial's primary outcome.",
+        },
     ],
 }
 
@@ -382,8 +453,10 @@ IDENTIFIABLE = {
 def _vault(haven: Haven) -> None:
     public = haven.keyring.create_keypair(VAULT)
     vault.ensure_tables(haven.con)
-    haven.con.execute("CREATE OR REPLACE TEMP TABLE _v AS SELECT unnest(?) AS pid, 'nhs_number' AS field, "
-                      "unnest(?) AS value", [[haven.pids[n] for n in NHS[:52]], NHS[:52]])
+    haven.con.execute(
+        "CREATE OR REPLACE TEMP TABLE _v AS SELECT unnest(?) AS pid, 'nhs_number' AS field, unnest(?) AS value",
+        [[haven.pids[n] for n in NHS[:52]], NHS[:52]],
+    )
     vault.encrypt_entries(haven.con, "_v", public, "hospital_episodes")
 
 
@@ -413,9 +486,14 @@ def test_identifiable_release_needs_the_governance_leads_vault_key(haven: Haven)
 
 
 people_strategy = st.lists(
-    st.tuples(st.integers(1930, 1935), st.sampled_from(["1", "2", "9"]), st.sampled_from(["LS1", "LS2", None]),
-              st.integers(1, 3)),
-    min_size=1, max_size=40,
+    st.tuples(
+        st.integers(1930, 1935),
+        st.sampled_from(["1", "2", "9"]),
+        st.sampled_from(["LS1", "LS2", None]),
+        st.integers(1, 3),
+    ),
+    min_size=1,
+    max_size=40,
 )
 
 
@@ -427,13 +505,19 @@ def test_k_anonymity_property(people: list[tuple[int, str, str | None, int]], k:
     agreement = Agreement.model_validate(agreement_data(k_anonymity=k, max_suppressed_share=1.0))
     con = duckdb.connect()
     con.execute("CREATE TEMP TABLE w (pid VARCHAR, birth_year INTEGER, sex VARCHAR, postcode_district VARCHAR)")
-    con.executemany("INSERT INTO w SELECT ?, ?, ?, ? FROM range(?)",
-                    [(f"p{i}", y, s, d, n) for i, (y, s, d, n) in enumerate(people)])
+    con.executemany(
+        "INSERT INTO w SELECT ?, ?, ?, ? FROM range(?)",
+        [(f"p{i}", y, s, d, n) for i, (y, s, d, n) in enumerate(people)],
+    )
     report = k_anonymise(con, agreement, {"c": "w"}, {"c": ["birth_year", "sex", "postcode_district"]})
-    sizes = [n for (n,) in con.execute(
-        "SELECT count(*) FROM (SELECT pid, list_sort(list(DISTINCT concat_ws('|', coalesce(CAST(birth_year AS "
-        "VARCHAR), '*'), coalesce(sex, '*'), coalesce(postcode_district, '*')))) AS sig FROM w GROUP BY pid) "
-        "GROUP BY sig").fetchall()]
+    sizes = [
+        n
+        for (n,) in con.execute(
+            "SELECT count(*) FROM (SELECT pid, list_sort(list(DISTINCT concat_ws('|', coalesce(CAST(birth_year AS "
+            "VARCHAR), '*'), coalesce(sex, '*'), coalesce(postcode_district, '*')))) AS sig FROM w GROUP BY pid) "
+            "GROUP BY sig"
+        ).fetchall()
+    ]
     assert all(n >= k for n in sizes), sizes
     total = len(people)
     assert report.people_removed == (0 if total >= k else total)

@@ -8,16 +8,17 @@ from datetime import UTC, datetime
 
 import pytest
 
-from safehaven import audit, rotation, vault
-from safehaven.contracts import ContractRegistry
-from safehaven.haven import EPOCHS, haven_key
-from safehaven.home import Home
-from safehaven.keys import VAULT, KeyRing, KeyRingError, agreement_key
-from safehaven.objections import EVENTS, objectors_sql
-from safehaven.optouts import MEMBERS, apply_optouts
-from safehaven.optouts import ensure_tables as ensure_optout_tables
-from safehaven.pseudonymise import install_key, pseudonym, release_pseudonym
-from safehaven.store import Store
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import rotation, vault
+from safehaven.protect.haven import EPOCHS, haven_key
+from safehaven.protect.objections import EVENTS, objectors_sql
+from safehaven.protect.optouts import MEMBERS, apply_optouts
+from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
+from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
 from tests.unit.populate import drop, populated, process
 
 CONTENT = ("gp_events", "hospital_episodes", "social_care")
@@ -45,8 +46,9 @@ def _consistent(con, key: bytes) -> None:
 def _withheld(con) -> dict[str, int]:
     out = {}
     for c in CONTENT:
-        _, withheld, _ = apply_optouts(con, f"SELECT * FROM haven.{c}", "pid", "section_251", "pseudonymised",
-                                       gp_sourced=(c == "gp_events"))
+        _, withheld, _ = apply_optouts(
+            con, f"SELECT * FROM haven.{c}", "pid", "section_251", "pseudonymised", gp_sourced=(c == "gp_events")
+        )
         out[c] = withheld
     return out
 
@@ -60,8 +62,10 @@ def test_haven_rotation_re_pseudonymises_everything_consistently(haven_home: Hom
         some = [r[0] for r in con.execute("SELECT DISTINCT pid FROM haven.hospital_episodes LIMIT 5").fetchall()]
         con.executemany(f"INSERT INTO {MEMBERS} VALUES ('r1', 'study-a', ?, now())", [[p] for p in some])
         before = _withheld(con)
-        linked_before = con.execute("SELECT count(*) FROM (SELECT DISTINCT g.pid FROM haven.gp_events g "
-                                    "JOIN haven.hospital_episodes h USING (pid))").fetchone()[0]
+        linked_before = con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT g.pid FROM haven.gp_events g "
+            "JOIN haven.hospital_episodes h USING (pid))"
+        ).fetchone()[0]
     old_release = {p: release_pseudonym(agreement_key(keyring, "study-a"), p) for p in some}
 
     report = rotation.rotate(haven_home, "haven", ContractRegistry().contracts.values(), actor="tester")
@@ -72,19 +76,23 @@ def test_haven_rotation_re_pseudonymises_everything_consistently(haven_home: Hom
     with Store(haven_home).connect() as con:
         _consistent(con, new.material)
         assert _withheld(con) == before, "the same objectors are withheld after rotation"
-        linked_after = con.execute("SELECT count(*) FROM (SELECT DISTINCT g.pid FROM haven.gp_events g "
-                                   "JOIN haven.hospital_episodes h USING (pid))").fetchone()[0]
+        linked_after = con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT g.pid FROM haven.gp_events g "
+            "JOIN haven.hospital_episodes h USING (pid))"
+        ).fetchone()[0]
         assert linked_after == linked_before > 0, "same person, same pid across collections"
-        epochs = con.execute(f"SELECT key_id, retired_at IS NOT NULL FROM {EPOCHS} WHERE purpose = 'haven' "
-                             "ORDER BY started_at").fetchall()
+        epochs = con.execute(
+            f"SELECT key_id, retired_at IS NOT NULL FROM {EPOCHS} WHERE purpose = 'haven' ORDER BY started_at"
+        ).fetchall()
         assert epochs == [(old.key_id, True), (new.key_id, False)]
         members = [r[0] for r in con.execute(f"SELECT pid FROM {MEMBERS}").fetchall()]
         assert sorted(members) == sorted(pseudonym(new.material, n) for n in _nhs_of(con, some, old.material))
         nhs = con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid LIMIT 1").fetchone()[0]
         revealed = vault.reveal(con, vault.private_key(keyring), f"SELECT '{pseudonym(new.material, nhs)}' AS pid")
         assert revealed[pseudonym(new.material, nhs)]["nhs_number"] == [nhs]
-        assert not con.execute(f"SELECT count(*) FROM {vault.IDENTITY} WHERE pid = ?",
-                               [pseudonym(old.material, nhs)]).fetchone()[0]
+        assert not con.execute(
+            f"SELECT count(*) FROM {vault.IDENTITY} WHERE pid = ?", [pseudonym(old.material, nhs)]
+        ).fetchone()[0]
         entries = audit.entries_for(con, object_like="key:haven")
     assert entries and entries[-1].action == "key.rotate"
     detail = entries[-1].detail_value
@@ -162,7 +170,7 @@ def test_store_rotation_re_encrypts_and_retires_the_old_key(haven_home: Home) ->
         assert audit.verify(con, haven_home).ok
     import duckdb
 
-    from safehaven.store import httpfs_extension_path
+    from safehaven.core.store import httpfs_extension_path
 
     probe = duckdb.connect()
     probe.execute(f"LOAD '{httpfs_extension_path()}'")
@@ -198,8 +206,9 @@ def test_objection_register_follows_the_rotation(haven_home: Home) -> None:
 
 
 @pytest.mark.parametrize("purpose", ["store", "haven", "vault"])
-def test_rotation_shreds_the_old_key_file(haven_home: Home, tmp_path_factory: pytest.TempPathFactory,
-                                          purpose: str) -> None:
+def test_rotation_shreds_the_old_key_file(
+    haven_home: Home, tmp_path_factory: pytest.TempPathFactory, purpose: str
+) -> None:
     """Crypto-shredding needs the old key gone, not just unlinked: after ``keys rotate`` the old
     key file's bytes are overwritten, and no staged or retired key file is left in ``keys/``."""
     keyring = KeyRing(haven_home.keys)
@@ -210,5 +219,8 @@ def test_rotation_shreds_the_old_key_file(haven_home: Home, tmp_path_factory: py
     rotation.rotate(haven_home, purpose, registry.contracts.values(), actor="tester")
     assert keyring.get(purpose).material != old.material
     assert old.hex.encode() not in spy.read_bytes()
-    assert not [p.name for p in haven_home.keys.iterdir() if p.name.endswith((".retired", ".tmp"))
-                or "next" in p.name or "staged" in p.name]
+    assert not [
+        p.name
+        for p in haven_home.keys.iterdir()
+        if p.name.endswith((".retired", ".tmp")) or "next" in p.name or "staged" in p.name
+    ]

@@ -8,9 +8,9 @@ from datetime import date
 import duckdb
 import pytest
 
-from safehaven.contracts import ContractRegistry
-from safehaven.identifiers import check_digit, is_valid_nhs, nhs_valid_sql
-from safehaven.rules import (
+from safehaven.core.identifiers import check_digit, is_valid_nhs, nhs_valid_sql
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.rules import (
     check_weights_sql,
     compile_checks,
     lit,
@@ -24,16 +24,42 @@ REGISTRY = ContractRegistry()
 
 #: One valid row per collection, as text (the way a file lands).
 VALID = {
-    "gp_events": {"practice_code": "M83337", "nhs_number": "943 476 5919", "date_of_birth": "1950-02-03",
-                  "sex": "1", "postcode": "b29 3rh", "event_date": "2026-01-02", "diagnosis_code": "38341003"},
-    "hospital_episodes": {"provider_code": "RRK", "nhs_number": "943-476-5919", "date_of_birth": "1950-02-03",
-                          "sex": "2", "postcode": "LS1 4AP", "admission_date": "2026-01-02",
-                          "discharge_date": "2026-01-05", "primary_diagnosis": "i219"},
-    "social_care": {"local_authority_code": "E08000025", "service_type": "day_care", "start_date": "2026-01-02",
-                    "end_date": "", "nhs_number": "9434765919", "date_of_birth": "1950-02-03", "sex": "9",
-                    "postcode": "M1 1AE"},
-    "objections": {"nhs_number": "9434765919", "objection_type": "type1", "recorded_date": "2025-01-01",
-                   "withdrawn_date": "", "source_practice": "M83337"},
+    "gp_events": {
+        "practice_code": "M83337",
+        "nhs_number": "943 476 5919",
+        "date_of_birth": "1950-02-03",
+        "sex": "1",
+        "postcode": "b29 3rh",
+        "event_date": "2026-01-02",
+        "diagnosis_code": "38341003",
+    },
+    "hospital_episodes": {
+        "provider_code": "RRK",
+        "nhs_number": "943-476-5919",
+        "date_of_birth": "1950-02-03",
+        "sex": "2",
+        "postcode": "LS1 4AP",
+        "admission_date": "2026-01-02",
+        "discharge_date": "2026-01-05",
+        "primary_diagnosis": "i219",
+    },
+    "social_care": {
+        "local_authority_code": "E08000025",
+        "service_type": "day_care",
+        "start_date": "2026-01-02",
+        "end_date": "",
+        "nhs_number": "9434765919",
+        "date_of_birth": "1950-02-03",
+        "sex": "9",
+        "postcode": "M1 1AE",
+    },
+    "objections": {
+        "nhs_number": "9434765919",
+        "objection_type": "type1",
+        "recorded_date": "2025-01-01",
+        "withdrawn_date": "",
+        "source_practice": "M83337",
+    },
 }
 
 
@@ -44,8 +70,10 @@ def failed_rules(collection: str, rows: list[dict[str, str | None]], over: str =
     cols = ", ".join(f"{q(f)} VARCHAR" for f in contract.field_names)
     con.execute(f"CREATE TABLE landed ({cols}, _batch VARCHAR, _row BIGINT)")
     for i, row in enumerate(rows, start=1):
-        con.execute(f"INSERT INTO landed VALUES ({', '.join('?' for _ in contract.field_names)}, 'b', ?)",
-                    [row[f] for f in contract.field_names] + [i])
+        con.execute(
+            f"INSERT INTO landed VALUES ({', '.join('?' for _ in contract.field_names)}, 'b', ?)",
+            [row[f] for f in contract.field_names] + [i],
+        )
     if over == "typed":
         sql = pass_sql(contract, REGISTRY, "landed", ["b"], TODAY)
         return [sorted(r[0]) for r in con.execute(f"SELECT failed_rules FROM ({sql}) ORDER BY _row").fetchall()]
@@ -106,8 +134,7 @@ CASES = [
     ("gp_events", {"date_of_birth": "1899-12-31"}, ["date_of_birth.range"]),
     ("gp_events", {"event_date": TODAY.isoformat()}, []),
     ("gp_events", {"event_date": "2026-07-01", "date_of_birth": "1950-02-03"}, ["event_date.range"]),
-    ("hospital_episodes", {"admission_date": "1999-12-31", "date_of_birth": "1950-02-03"},
-     ["admission_date.range"]),
+    ("hospital_episodes", {"admission_date": "1999-12-31", "date_of_birth": "1950-02-03"}, ["admission_date.range"]),
     # cross-field: equal dates pass; later-before-earlier fails; a missing side passes here
     ("hospital_episodes", {"discharge_date": "2026-01-02"}, []),
     ("hospital_episodes", {"discharge_date": "2026-01-01"}, ["discharge_not_before_admission"]),
@@ -125,10 +152,12 @@ def test_the_valid_row_passes_every_rule(collection: str) -> None:
     assert failed_rules(collection, [VALID[collection]]) == [[]]
 
 
-@pytest.mark.parametrize(("collection", "values", "expected"), CASES,
-                         ids=[f"{c}:{','.join(v)}={'|'.join(e) or 'ok'}" for c, v, e in CASES])
-def test_each_rule_passes_and_fails_as_written(collection: str, values: dict[str, str | None],
-                                               expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("collection", "values", "expected"), CASES, ids=[f"{c}:{','.join(v)}={'|'.join(e) or 'ok'}" for c, v, e in CASES]
+)
+def test_each_rule_passes_and_fails_as_written(
+    collection: str, values: dict[str, str | None], expected: list[str]
+) -> None:
     row = with_value(collection, **values)
     assert failed_rules(collection, [row]) == [sorted(expected)]
     # The same predicates written over the landed text give the same verdict.
@@ -155,7 +184,7 @@ def test_a_row_breaking_several_rules_lists_each_once() -> None:
 
 # --- the check digit -------------------------------------------------------------------------
 
-#: The check digit over the number's text (``safehaven.identifiers``): the lookup must agree with it.
+#: The check digit over the number's text (``safehaven.core.identifiers``): the lookup must agree with it.
 TEXT_CHECK = nhs_valid_sql("CAST(n AS VARCHAR)")
 
 
@@ -164,8 +193,10 @@ def test_published_example_and_a_check_of_ten() -> None:
     assert check_digit("943476591") == 9
     nine = next(f"999{n:06d}" for n in range(1000) if check_digit(f"999{n:06d}") is None)
     numbers = [9434765919, 9434765918] + [int(nine + str(d)) for d in range(10)]
-    sql = f"SELECT n, {nhs_check_digit_lookup_sql('n')}, {TEXT_CHECK} FROM (SELECT unnest(?) AS n), " \
-          f"{check_weights_sql()} AS _w"
+    sql = (
+        f"SELECT n, {nhs_check_digit_lookup_sql('n')}, {TEXT_CHECK} FROM (SELECT unnest(?) AS n), "
+        f"{check_weights_sql()} AS _w"
+    )
     got = {n: (a, b) for n, a, b in con.execute(sql, [numbers]).fetchall()}
     assert got[9434765919] == (True, True)
     assert got[9434765918] == (False, False)
@@ -179,7 +210,8 @@ def test_sql_check_digit_matches_the_published_algorithm_on_a_hundred_thousand_n
     con = duckdb.connect()
     rows = con.execute(
         f"SELECT n, {nhs_check_digit_lookup_sql('n')}, {TEXT_CHECK} "
-        f"FROM (SELECT unnest(?) AS n), {check_weights_sql()} AS _w", [numbers]
+        f"FROM (SELECT unnest(?) AS n), {check_weights_sql()} AS _w",
+        [numbers],
     ).fetchall()
     for n, lookup, text in rows:
         expected = is_valid_nhs(str(n))
@@ -202,9 +234,11 @@ def test_each_field_is_canonicalised_and_parsed_once_in_the_pass() -> None:
 def test_rules_that_need_no_value_pass_on_null() -> None:
     checks = compile_checks(REGISTRY.contracts["objections"], REGISTRY, TODAY, over="typed")
     con = duckdb.connect()
-    row = "SELECT NULL::VARCHAR AS nhs_number, NULL::VARCHAR AS objection_type, NULL::VARCHAR AS _raw_recorded_date, " \
-          "NULL::DATE AS recorded_date, NULL::VARCHAR AS _raw_withdrawn_date, NULL::DATE AS withdrawn_date, " \
-          "NULL::VARCHAR AS source_practice, NULL::BIGINT AS _int_nhs_number, [0] AS hi, [0] AS lo"
+    row = (
+        "SELECT NULL::VARCHAR AS nhs_number, NULL::VARCHAR AS objection_type, NULL::VARCHAR AS _raw_recorded_date, "
+        "NULL::DATE AS recorded_date, NULL::VARCHAR AS _raw_withdrawn_date, NULL::DATE AS withdrawn_date, "
+        "NULL::VARCHAR AS source_practice, NULL::BIGINT AS _int_nhs_number, [0] AS hi, [0] AS lo"
+    )
     for check in checks:
         ok = con.execute(f"SELECT {check.valid_sql.replace('_w.', '')} FROM ({row})").fetchone()[0]
         assert ok is (check.kind != "required"), check.id

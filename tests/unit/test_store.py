@@ -3,8 +3,8 @@
 import duckdb
 import pytest
 
-from safehaven.home import Home
-from safehaven.store import ZONES, Store, StoreError
+from safehaven.core.home import Home
+from safehaven.core.store import ZONES, Store, StoreError
 from tests.conftest import scan_for
 
 SEEDED = "9990001236"
@@ -17,8 +17,12 @@ def _fill(store: Store) -> None:
 
 def test_zones_exist(store: Store) -> None:
     with store.connect() as con:
-        schemas = {r[0] for r in con.execute(
-            "SELECT schema_name FROM information_schema.schemata WHERE catalog_name = 'store'").fetchall()}
+        schemas = {
+            r[0]
+            for r in con.execute(
+                "SELECT schema_name FROM information_schema.schemata WHERE catalog_name = 'store'"
+            ).fetchall()
+        }
     assert set(ZONES) <= schemas
 
 

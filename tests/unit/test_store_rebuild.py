@@ -3,8 +3,8 @@
 import duckdb
 import pytest
 
-from safehaven.home import Home
-from safehaven.store import Store
+from safehaven.core.home import Home
+from safehaven.core.store import Store
 
 SECRET = "ZZSEEDVALUE"
 
@@ -54,7 +54,7 @@ def test_old_key_cannot_open_rebuilt_store(store: Store, home: Home) -> None:
     old = store.keyring.get("store")
     store.rebuild()
     con = duckdb.connect()
-    from safehaven.store import httpfs_extension_path
+    from safehaven.core.store import httpfs_extension_path
 
     con.execute(f"LOAD '{httpfs_extension_path()}'")
     with pytest.raises(duckdb.Error):

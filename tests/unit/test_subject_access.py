@@ -1,4 +1,4 @@
-"""Tests for ``safehaven.subject_access`` (CoP 12; Government response rec. 1)."""
+"""Tests for ``safehaven.share.subject_access`` (CoP 12; Government response rec. 1)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from safehaven import audit
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.keys import VAULT, KeyRing
-from safehaven.releases import release
-from safehaven.store import Store
-from safehaven.subject_access import SubjectAccessDenied, subject_access
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.share.releases import release
+from safehaven.share.subject_access import SubjectAccessDenied, subject_access
 from tests.governance_helpers import (
     NHS,
     OPTED_OUT,
@@ -25,10 +25,17 @@ from tests.governance_helpers import (
     write_agreement,
 )
 
-GP_ONLY = {"id": "gp-audit", "instrument": "agreement", "recipient": {"name": "Audit body", "public_body": True},
-           "legal_basis": {"basis": "statutory", "reference": "HSCA 2012 s259"}, "collections": ["gp_events"],
-           "linkages": [], "fields": [{"collection": "gp_events", "field": "diagnosis_code",
-                                       "justification": "The audit counts recorded diagnoses."}]}
+GP_ONLY = {
+    "id": "gp-audit",
+    "instrument": "agreement",
+    "recipient": {"name": "Audit body", "public_body": True},
+    "legal_basis": {"basis": "statutory", "reference": "HSCA 2012 s259"},
+    "collections": ["gp_events"],
+    "linkages": [],
+    "fields": [
+        {"collection": "gp_events", "field": "diagnosis_code", "justification": "The audit counts recorded diagnoses."}
+    ],
+}
 
 
 @pytest.fixture
@@ -52,8 +59,12 @@ def test_report_lists_every_release_that_held_the_person(setting) -> None:
     assert [r["release_id"] for r in report.releases] == ["test-linked-r0001", "gp-audit-r0001"]
     assert report.releases[1]["legal_basis"] == "statutory"
     actions = {(a["action"], a["object"]) for a in report.accesses}
-    assert {("release", "release:test-linked-r0001"), ("release", "release:gp-audit-r0001"),
-            ("read", "haven.hospital_episodes"), ("read", "haven.gp_events")} <= actions
+    assert {
+        ("release", "release:test-linked-r0001"),
+        ("release", "release:gp-audit-r0001"),
+        ("read", "haven.hospital_episodes"),
+        ("read", "haven.gp_events"),
+    } <= actions
     assert report.objections == []
 
 
@@ -61,8 +72,9 @@ def test_objector_is_only_in_the_release_that_overruled_the_opt_out(setting) -> 
     con, home, registry = setting
     report = subject_access(con, NHS[OPTED_OUT], home=home, registry=registry)
     assert [r["release_id"] for r in report.releases] == ["gp-audit-r0001"]
-    assert report.objections == [{"objection_type": "national_opt_out", "recorded_date": "2024-01-01",
-                                  "withdrawn_date": None, "in_force": True}]
+    assert report.objections == [
+        {"objection_type": "national_opt_out", "recorded_date": "2024-01-01", "withdrawn_date": None, "in_force": True}
+    ]
     withdrawn = subject_access(con, NHS[WITHDRAWN], home=home, registry=registry)
     assert withdrawn.objections[0]["in_force"] is False and withdrawn.objections[0]["withdrawn_date"] == "2024-06-01"
 
@@ -70,8 +82,10 @@ def test_objector_is_only_in_the_release_that_overruled_the_opt_out(setting) -> 
 def test_any_formatting_finds_the_same_person(setting) -> None:
     con, home, registry = setting
     spaced = f"{NHS[1][:3]} {NHS[1][3:6]} {NHS[1][6:]}"
-    assert subject_access(con, spaced, home=home, registry=registry).records_held == \
-        subject_access(con, NHS[1], home=home, registry=registry).records_held
+    assert (
+        subject_access(con, spaced, home=home, registry=registry).records_held
+        == subject_access(con, NHS[1], home=home, registry=registry).records_held
+    )
 
 
 def test_report_and_audit_hold_no_identifier(setting) -> None:

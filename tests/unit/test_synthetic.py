@@ -17,8 +17,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safehaven.identifiers import canonical_nhs_sql, check_digit, nhs_valid_sql
-from safehaven.synthetic import (
+from safehaven.core.identifiers import canonical_nhs_sql, check_digit, nhs_valid_sql
+from safehaven.tools.synthetic import (
     CODE_LIST_DIR,
     COLUMNS,
     DEFECT_COLLECTIONS,
@@ -65,8 +65,8 @@ class Drop:
 
 
 def _compiled(name: str) -> list:
-    from safehaven.contracts import ContractRegistry
-    from safehaven.rules import compile_checks
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.intake.rules import compile_checks
 
     registry = ContractRegistry()
     return compile_checks(registry.contracts[name], registry)
@@ -74,7 +74,7 @@ def _compiled(name: str) -> list:
 
 def failing_rows(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """Per collection: rows failing any compiled contract rule."""
-    from safehaven.contracts import ContractRegistry
+    from safehaven.intake.contracts import ContractRegistry
 
     result: dict[str, int] = {}
     for name in ContractRegistry().contracts:

@@ -10,12 +10,12 @@ import duckdb
 import pytest
 import yaml
 
-from safehaven import rules
-from safehaven.contracts import CONTRACTS_DIR, ContractRegistry
-from safehaven.home import Home
-from safehaven.rules import RuleCheck
-from safehaven.store import Store
-from safehaven.validation import RESULTS, RULE_RESULTS, ValidationInconsistent, validate_collection
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake import rules
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.intake.rules import RuleCheck
+from safehaven.intake.validation import RESULTS, RULE_RESULTS, ValidationInconsistent, validate_collection
 from tests.unit.validation_helpers import gp_rows, land, nhs_numbers
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
@@ -32,8 +32,9 @@ def con(store: Store):
         yield connection
 
 
-def _validate(con: duckdb.DuckDBPyConnection, home: Home, collection: str = "gp_events",
-              registry: ContractRegistry = REGISTRY):
+def _validate(
+    con: duckdb.DuckDBPyConnection, home: Home, collection: str = "gp_events", registry: ContractRegistry = REGISTRY
+):
     return validate_collection(con, registry.contracts[collection], registry, home.quarantine_for(collection))
 
 
@@ -49,21 +50,23 @@ def _defective(rows: list[dict[str, str]], count: int) -> list[dict[str, str]]:
 
 def test_valid_rows_go_on_typed_and_failing_rows_are_quarantined_by_rule(con, home: Home) -> None:
     rows = _defective(gp_rows(100), 3)
-    rows[50]["nhs_number"] = rows[50]["nhs_number"][:3] + " " + rows[50]["nhs_number"][3:6] + " " + \
-        rows[50]["nhs_number"][6:]
+    rows[50]["nhs_number"] = (
+        rows[50]["nhs_number"][:3] + " " + rows[50]["nhs_number"][3:6] + " " + rows[50]["nhs_number"][6:]
+    )
     batch = land(con, home, REGISTRY, "gp_events", rows, "gp_1.csv")
     report = _validate(con, home)
 
     assert (report.rows_checked, report.rows_valid, report.rows_invalid) == (100, 97, 3)
-    assert report.failures_by_rule == {"diagnosis_code.code_list": 1, "nhs_number.nhs_number": 1,
-                                       "postcode.format": 1}
+    assert report.failures_by_rule == {"diagnosis_code.code_list": 1, "nhs_number.nhs_number": 1, "postcode.format": 1}
     assert report.batches_accepted == [batch] and not report.batches_refused and report.gx_success
     assert con.execute("SELECT status, invalid_rows FROM governance.batches").fetchall() == [("accepted", 3)]
     rejected = con.execute("SELECT _row, failed_rules FROM landing.gp_events_rejected ORDER BY _row").fetchall()
     assert rejected == [(1, ["nhs_number.nhs_number"]), (2, ["diagnosis_code.code_list"]), (3, ["postcode.format"])]
-    typed = con.execute("SELECT typeof(date_of_birth), typeof(event_date), count(*), "
-                        "count(*) FILTER (WHERE nhs_number = ?) FROM landing.gp_events_valid GROUP BY ALL",
-                        [rows[50]["nhs_number"].replace(" ", "")]).fetchall()
+    typed = con.execute(
+        "SELECT typeof(date_of_birth), typeof(event_date), count(*), "
+        "count(*) FILTER (WHERE nhs_number = ?) FROM landing.gp_events_valid GROUP BY ALL",
+        [rows[50]["nhs_number"].replace(" ", "")],
+    ).fetchall()
     assert typed == [("DATE", "DATE", 97, 1)]  # canonical NHS number, typed dates
 
 
@@ -80,8 +83,11 @@ def test_a_batch_over_tolerance_is_refused_whole_with_a_reason(con, home: Home) 
     reason = json.loads(reason_file.read_text())
     assert reason["rule"] == "batch.tolerance"
     assert "9 of 100 rows" in reason["reason"] and "5.00%" in reason["reason"]
-    assert reason["failures_by_rule"] == {"nhs_number.nhs_number": 3, "diagnosis_code.code_list": 3,
-                                          "postcode.format": 3}
+    assert reason["failures_by_rule"] == {
+        "nhs_number.nhs_number": 3,
+        "diagnosis_code.code_list": 3,
+        "postcode.format": 3,
+    }
     text = reason_file.read_text()
     for value in (BAD_CHECK_DIGIT, BAD_CODE, BAD_POSTCODE, *[r["nhs_number"] for r in rows]):
         assert value not in text
@@ -94,9 +100,19 @@ def test_a_batch_over_tolerance_is_refused_whole_with_a_reason(con, home: Home) 
 def test_one_rule_over_tolerance_of_its_values_refuses_the_batch(con, home: Home) -> None:
     """An optional field mostly empty: 2 bad end dates are 2% of the rows but 40% of the end dates."""
     numbers = nhs_numbers(100)
-    rows = [{"local_authority_code": "E08000025", "service_type": "day_care", "start_date": "2026-01-02",
-             "end_date": "", "nhs_number": n, "date_of_birth": "1950-02-03", "sex": "2", "postcode": "M1 1AE"}
-            for n in numbers]
+    rows = [
+        {
+            "local_authority_code": "E08000025",
+            "service_type": "day_care",
+            "start_date": "2026-01-02",
+            "end_date": "",
+            "nhs_number": n,
+            "date_of_birth": "1950-02-03",
+            "sex": "2",
+            "postcode": "M1 1AE",
+        }
+        for n in numbers
+    ]
     for i, end in enumerate(["2026-02-01", "2026-03-01", "2026-04-01", "2099-01-01", "2098-01-01"]):
         rows[i]["end_date"] = end
     land(con, home, REGISTRY, "social_care", rows, "sc.csv")
@@ -136,11 +152,23 @@ def test_validation_is_incremental_and_idempotent(con, home: Home) -> None:
 def test_gx_and_the_pass_agree_on_every_rule(con, home: Home) -> None:
     rows = gp_rows(200)
     defects = {
-        0: ("practice_code", ""), 1: ("practice_code", "TOO_LONG_CODE"), 2: ("nhs_number", ""),
-        3: ("nhs_number", BAD_CHECK_DIGIT), 4: ("nhs_number", "12345"), 5: ("date_of_birth", ""),
-        6: ("date_of_birth", "1950-02-30"), 7: ("date_of_birth", "1850-01-01"), 8: ("sex", ""), 9: ("sex", "7"),
-        10: ("postcode", ""), 11: ("postcode", BAD_POSTCODE), 12: ("event_date", ""), 13: ("event_date", "soon"),
-        14: ("event_date", "2099-01-01"), 15: ("diagnosis_code", ""), 16: ("diagnosis_code", BAD_CODE),
+        0: ("practice_code", ""),
+        1: ("practice_code", "TOO_LONG_CODE"),
+        2: ("nhs_number", ""),
+        3: ("nhs_number", BAD_CHECK_DIGIT),
+        4: ("nhs_number", "12345"),
+        5: ("date_of_birth", ""),
+        6: ("date_of_birth", "1950-02-30"),
+        7: ("date_of_birth", "1850-01-01"),
+        8: ("sex", ""),
+        9: ("sex", "7"),
+        10: ("postcode", ""),
+        11: ("postcode", BAD_POSTCODE),
+        12: ("event_date", ""),
+        13: ("event_date", "soon"),
+        14: ("event_date", "2099-01-01"),
+        15: ("diagnosis_code", ""),
+        16: ("diagnosis_code", BAD_CODE),
         17: ("date_of_birth", "2026-06-01"),  # event before birth
     }
     for i, (field, value) in defects.items():
@@ -167,8 +195,10 @@ def test_gx_evaluates_the_rules_itself_and_a_disagreement_stops_validation(
     original = rules.compile_checks
 
     def blind(*args, **kwargs) -> list[RuleCheck]:
-        return [RuleCheck(c.id, c.description, c.fields, "true", c.kind) if c.id == "sex.code_list" else c
-                for c in original(*args, **kwargs)]
+        return [
+            RuleCheck(c.id, c.description, c.fields, "true", c.kind) if c.id == "sex.code_list" else c
+            for c in original(*args, **kwargs)
+        ]
 
     monkeypatch.setattr(rules, "compile_checks", blind)  # used by the single pass only
     rows = gp_rows(30)
@@ -193,9 +223,13 @@ def test_stored_results_keep_counts_and_never_values(con, home: Home) -> None:
     parsed = json.loads(document)
     assert parsed["great_expectations"]["success"] is True
     gx_types = {r["expectation_config"]["type"] for r in parsed["great_expectations"]["results"]}
-    assert {"expect_column_values_to_be_in_set", "expect_column_values_to_match_regex",
-            "expect_column_values_to_be_between", "expect_column_pair_values_a_to_be_greater_than_b",
-            "expect_column_values_to_not_be_null"} <= gx_types
+    assert {
+        "expect_column_values_to_be_in_set",
+        "expect_column_values_to_match_regex",
+        "expect_column_values_to_be_between",
+        "expect_column_pair_values_a_to_be_greater_than_b",
+        "expect_column_values_to_not_be_null",
+    } <= gx_types
     dump = document + json.dumps(con.execute(f"SELECT * FROM {RULE_RESULTS}").fetchall(), default=str)
     dump += json.dumps(con.execute("SELECT * FROM governance.quality_measures").fetchall(), default=str)
     for value in (BAD_CHECK_DIGIT, BAD_CODE, *[r["nhs_number"] for r in rows]):
@@ -208,8 +242,13 @@ def test_a_uniqueness_declaration_refuses_repeated_keys(con, home: Home, tmp_pat
     shutil.copytree(CONTRACTS_DIR, root)
     path = root / "collections" / "gp_events.yaml"
     doc = yaml.safe_load(path.read_text())
-    doc["unique"] = [{"id": "one_code_per_patient_day", "description": "a diagnosis is recorded once a day",
-                      "fields": ["nhs_number", "event_date", "diagnosis_code"]}]
+    doc["unique"] = [
+        {
+            "id": "one_code_per_patient_day",
+            "description": "a diagnosis is recorded once a day",
+            "fields": ["nhs_number", "event_date", "diagnosis_code"],
+        }
+    ]
     path.write_text(yaml.safe_dump(doc))
     registry = ContractRegistry(root)
     rows = gp_rows(40)
@@ -219,8 +258,10 @@ def test_a_uniqueness_declaration_refuses_repeated_keys(con, home: Home, tmp_pat
     land(con, home, registry, "gp_events", rows, "gp.csv")
     report = _validate(con, home, registry=registry)
     assert report.failures_by_rule == {"diagnosis_code.required": 1, "one_code_per_patient_day": 2}
-    rejected = con.execute("SELECT _row FROM landing.gp_events_rejected WHERE "
-                           "list_contains(failed_rules, 'one_code_per_patient_day') ORDER BY _row").fetchall()
+    rejected = con.execute(
+        "SELECT _row FROM landing.gp_events_rejected WHERE "
+        "list_contains(failed_rules, 'one_code_per_patient_day') ORDER BY _row"
+    ).fetchall()
     assert rejected == [(11,), (12,)]  # the first of the key stays valid
     unique = report.rules_table()["one_code_per_patient_day"]
     assert unique["gx"] == "expect_compound_columns_to_be_unique"

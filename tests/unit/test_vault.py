@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 
-from safehaven import vault
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.keys import VAULT, Key, KeyRing
-from safehaven.objections import objectors_sql
-from safehaven.pseudonymise import install_key, pseudonym
-from safehaven.store import Store
+from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, Key, KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import vault
+from safehaven.protect.objections import objectors_sql
+from safehaven.protect.pseudonymise import install_key, pseudonym
 from tests.unit.populate import drop, populated, process
 
 
@@ -40,8 +40,9 @@ def test_vault_holds_full_identifiers_encrypted(haven_home: Home) -> None:
 
 def test_one_entry_per_distinct_person_field_and_value(haven_home: Home) -> None:
     with Store(haven_home).connect() as con:
-        dupes = con.execute(f"SELECT count(*) - count(DISTINCT (pid, field)) FROM {vault.IDENTITY} "
-                            "WHERE field = 'nhs_number'").fetchone()[0]
+        dupes = con.execute(
+            f"SELECT count(*) - count(DISTINCT (pid, field)) FROM {vault.IDENTITY} WHERE field = 'nhs_number'"
+        ).fetchone()[0]
         before = con.execute(f"SELECT count(*) FROM {vault.IDENTITY}").fetchone()[0]
     assert dupes == 0
     drop(haven_home, seed=7)  # the very same files again: already landed, nothing new
@@ -53,14 +54,18 @@ def test_one_entry_per_distinct_person_field_and_value(haven_home: Home) -> None
 def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(haven_home: Home) -> None:
     private = vault.private_key(KeyRing(haven_home.keys))
     with Store(haven_home).connect() as con:
-        (a, b) = [r[0] for r in con.execute(
-            f"SELECT pid FROM {vault.IDENTITY} GROUP BY pid HAVING count(DISTINCT field) = 3 "
-            "ORDER BY pid LIMIT 2").fetchall()]
+        (a, b) = [
+            r[0]
+            for r in con.execute(
+                f"SELECT pid FROM {vault.IDENTITY} GROUP BY pid HAVING count(DISTINCT field) = 3 ORDER BY pid LIMIT 2"
+            ).fetchall()
+        ]
         assert vault.reveal(con, private, f"SELECT '{b}' AS pid")
         con.execute(
             f"UPDATE {vault.IDENTITY} AS t SET nonce = s.nonce, ciphertext = s.ciphertext, dek_id = s.dek_id "
             f"FROM {vault.IDENTITY} s WHERE t.pid = ? AND t.field = 'nhs_number' "
-            "AND s.pid = ? AND s.field = 'nhs_number'", [b, a],
+            "AND s.pid = ? AND s.field = 'nhs_number'",
+            [b, a],
         )
         with pytest.raises(vault.VaultError, match="does not authenticate") as err:
             vault.reveal(con, private, f"SELECT '{b}' AS pid")
@@ -69,7 +74,8 @@ def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(haven_home: Home) ->
         con.execute(
             f"UPDATE {vault.IDENTITY} AS t SET nonce = s.nonce, ciphertext = s.ciphertext, dek_id = s.dek_id "
             f"FROM {vault.IDENTITY} s WHERE t.pid = ? AND t.field = 'postcode' "
-            "AND s.pid = ? AND s.field = 'date_of_birth'", [a, a],
+            "AND s.pid = ? AND s.field = 'date_of_birth'",
+            [a, a],
         )
         with pytest.raises(vault.VaultError):
             vault.reveal(con, private, f"SELECT '{a}' AS pid", ("postcode",))
@@ -113,7 +119,8 @@ def test_type1_objectors_gp_identifiers_are_not_vaulted(haven_home: Home) -> Non
         install_key(con, "haven", KeyRing(haven_home.keys).get("haven"))
         n = con.execute(
             f"SELECT count(*) FROM {vault.IDENTITY} WHERE collection = 'gp_events' "
-            f"AND pid IN ({objectors_sql('current_date', ('type1',))})").fetchone()[0]
+            f"AND pid IN ({objectors_sql('current_date', ('type1',))})"
+        ).fetchone()[0]
     assert n == 0
 
 

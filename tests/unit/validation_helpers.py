@@ -7,10 +7,10 @@ from pathlib import Path
 
 import duckdb
 
-from safehaven.contracts import ContractRegistry
-from safehaven.home import Home
-from safehaven.identifiers import check_digit
-from safehaven.ingest import ingest_collection
+from safehaven.core.home import Home
+from safehaven.core.identifiers import check_digit
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import ingest_collection
 
 
 def nhs_numbers(count: int, start: int = 0) -> list[str]:
@@ -29,8 +29,15 @@ def nhs_numbers(count: int, start: int = 0) -> list[str]:
 def gp_rows(count: int, start: int = 0) -> list[dict[str, str]]:
     """Valid gp_events rows, one patient each."""
     return [
-        {"practice_code": "M83337", "nhs_number": nhs, "date_of_birth": "1950-02-03", "sex": "1",
-         "postcode": "B29 3RH", "event_date": f"2026-0{1 + i % 6}-1{i % 10}", "diagnosis_code": "38341003"}
+        {
+            "practice_code": "M83337",
+            "nhs_number": nhs,
+            "date_of_birth": "1950-02-03",
+            "sex": "1",
+            "postcode": "B29 3RH",
+            "event_date": f"2026-0{1 + i % 6}-1{i % 10}",
+            "diagnosis_code": "38341003",
+        }
         for i, nhs in enumerate(nhs_numbers(count, start))
     ]
 
@@ -44,8 +51,14 @@ def write_csv(path: Path, rows: list[dict[str, str]], columns: list[str]) -> Pat
     return path
 
 
-def land(con: duckdb.DuckDBPyConnection, home: Home, registry: ContractRegistry, collection: str,
-         rows: list[dict[str, str]], name: str) -> str:
+def land(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    registry: ContractRegistry,
+    collection: str,
+    rows: list[dict[str, str]],
+    name: str,
+) -> str:
     """Write ``rows`` as ``incoming/<collection>/<name>`` and land it; return the batch id."""
     contract = registry.contracts[collection]
     write_csv(home.incoming_for(collection) / name, rows, contract.field_names)

@@ -1,0 +1,1 @@
+"""The `safehaven` command, one module per area (main: the group and `run`)."""

@@ -1,0 +1,241 @@
+"""``safehaven`` commands for keys, re-identification and recording objections.
+
+* ``safehaven keys list``: key ids per purpose, current and retired (never material).
+* ``safehaven keys rotate --purpose haven|store|vault``: rotate one key (``safehaven.protect.rotation``);
+  ``--resume`` finishes or undoes an interrupted rotation.
+* ``safehaven reidentify --agreement <id> --pseudonym <p> [--pseudonym ...] | --file <f>``:
+  the governance lead's re-identification under an agreement that permits identifiable data
+  (``safehaven.share.reidentify``), printed as CSV or written to a 0600 file; always audited.
+* ``safehaven objections record``: write an objection as a drop in ``incoming/objections/``
+  (0600), which the next run validates and registers like any other (CoP 14a).
+* ``safehaven objections notify --agreement <id>``: the CoP 14b notice for one recipient
+  (``safehaven.protect.optouts.notices``), written under ``releases/<id>/notices/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import click
+
+from safehaven.cli.common import ensure_home
+
+
+def register(main: click.Group) -> None:
+    """Add this area's commands to the CLI."""
+
+    @main.group("keys")
+    def keys_group() -> None:
+        """The key ring under keys/: ids and rotation (key material is never shown)."""
+
+    @keys_group.command("list")
+    def keys_list() -> None:
+        """Current and retired key ids per purpose."""
+        from safehaven.core.keys import KeyRing
+
+        manifest = KeyRing(ensure_home().keys).manifest()
+        if not manifest:
+            click.echo("no keys yet")
+            return
+        for purpose, entry in sorted(manifest.items()):
+            click.echo(f"{purpose}: current {entry.get('current') or '-'}")
+            for item in entry.get("history", []):  # type: ignore[union-attr]
+                state = (
+                    "destroyed " + item["destroyed_at"]
+                    if "destroyed_at" in item
+                    else "retired " + item["retired_at"]
+                    if "retired_at" in item
+                    else "current"
+                )
+                click.echo(f"  {item['key_id']}  created {item['created_at']}  {state}")
+
+    @keys_group.command("rotate")
+    @click.option(
+        "--purpose",
+        type=click.Choice(["haven", "store", "vault"]),
+        default=None,
+        help="haven: pseudonym key (re-pseudonymises the haven; needs the vault private key); "
+        "store: encryption at rest (re-encrypts the store); vault: identity-vault key pair.",
+    )
+    @click.option("--resume", is_flag=True, help="Finish or undo an interrupted rotation.")
+    def keys_rotate(purpose: str | None, resume: bool) -> None:
+        """Rotate a key; the old key id is recorded as retired and the rotation audited."""
+        from safehaven.core.registers import current_actor
+        from safehaven.intake.contracts import ContractRegistry
+        from safehaven.protect import rotation
+
+        home = ensure_home()
+        if resume:
+            for line in rotation.resume(home, actor=current_actor()) or ["nothing to resume"]:
+                click.echo(line)
+            if purpose is None:
+                return
+        if purpose is None:
+            raise click.UsageError("give --purpose haven|store|vault (or --resume)")
+        try:
+            report = rotation.rotate(home, purpose, ContractRegistry().contracts.values(), actor=current_actor())
+        except Exception as exc:  # every error here names ids and counts only
+            raise click.ClickException(f"{purpose} key not rotated: {exc}") from None
+        click.echo(f"{purpose} key rotated: {report.old_key_id} (retired) -> {report.new_key_id}")
+        for name, n in sorted(report.counts.items()):
+            click.echo(f"  {name}: {n:,}")
+        for path in report.crosswalks:
+            click.echo(f"  crosswalk for the recipient: {path}")
+
+    @main.command("reidentify")
+    @click.option("--agreement", "agreement_id", required=True, help="Agreement id (must permit identifiable data).")
+    @click.option("--pseudonym", "pseudonyms", multiple=True, help="A pseudonym the recipient received (repeatable).")
+    @click.option(
+        "--file",
+        "file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A file of pseudonyms, one per line (a CSV's first column; a header is ignored).",
+    )
+    @click.option(
+        "--output",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write the CSV here (mode 0600) instead of standard output.",
+    )
+    def reidentify_cmd(agreement_id: str, pseudonyms: tuple[str, ...], file: Path | None, output: Path | None) -> None:
+        """Resolve a recipient's pseudonyms to the identifiers its agreement releases (audited)."""
+        from safehaven.core.registers import current_actor
+        from safehaven.share.reidentify import ReidentificationRefused, reidentify
+
+        asked = list(pseudonyms)
+        if file is not None:
+            with open(file, newline="") as fh:
+                asked += [row[0] for row in csv.reader(fh) if row and row[0].strip().lower() != "pseudonym"]
+        if not asked:
+            raise click.UsageError("give --pseudonym or --file")
+        home = ensure_home()
+        try:
+            result = reidentify(home, agreement_id, asked, actor=current_actor())
+        except ReidentificationRefused as exc:
+            raise click.ClickException(f"refused: {exc}") from None
+        except Exception as exc:
+            raise click.ClickException(str(exc)) from None
+        if output is not None:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            fh = os.fdopen(fd, "w", newline="")
+        else:
+            fh = sys.stdout
+        writer = csv.writer(fh)
+        writer.writerow(["pseudonym", *result.fields])
+        for p, values in sorted(result.identified.items()):
+            writer.writerow([p, *(";".join(values.get(f, [])) for f in result.fields)])
+        if output is not None:
+            fh.close()
+        click.echo(
+            f"re-identified {len(result.identified)} of {result.requested} under {agreement_id}; "
+            f"not released to this recipient {result.not_released}, malformed {result.malformed}, "
+            f"withheld (objection) {result.withheld_objection}. Audited.",
+            err=True,
+        )
+
+    @main.group("objections")
+    def objections_group() -> None:
+        """Record patients' objections; notify recipients of changes (CoP 14)."""
+
+    @objections_group.command("notify")
+    @click.option("--agreement", "agreement_id", required=True, help="The recipient's agreement id.")
+    @click.option(
+        "--since-release",
+        default=None,
+        help="Report changes since this release (default: since this agreement's last notice).",
+    )
+    @click.option("--gp-sourced", is_flag=True, help="The agreement's releases hold GP data (type 1 applies too).")
+    def objections_notify(agreement_id: str, since_release: str | None, gp_sourced: bool) -> None:
+        """Write the CoP 14b notice for one recipient: objected, withdrawn, withheld (audited)."""
+        from safehaven.core.keys import KeyRing
+        from safehaven.core.store import Store
+        from safehaven.protect.optouts import notices
+        from safehaven.protect.pseudonymise import install_agreement_key
+
+        home = ensure_home()
+        keyring = KeyRing(home.keys)
+        try:
+            with Store(home, keyring).connect() as con:
+                name = install_agreement_key(con, keyring, agreement_id, create=False)
+                report = notices(
+                    con,
+                    agreement_id=agreement_id,
+                    recipient_key_name=name,
+                    since_release_id=since_release,
+                    home=home,
+                    gp_sourced=gp_sourced,
+                )
+        except Exception as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(json.dumps(report.summary(), indent=2, sort_keys=True))
+
+    @objections_group.command("record")
+    @click.option("--nhs-number", required=True, help="Any formatting: 943 476 5919, 943-476-5919, 9434765919.")
+    @click.option("--type", "objection_type", type=click.Choice(["type1", "national_opt_out"]), required=True)
+    @click.option(
+        "--recorded-date",
+        type=click.DateTime(["%Y-%m-%d"]),
+        default=None,
+        help="Date the objection took effect (default today).",
+    )
+    @click.option(
+        "--withdrawn-date",
+        type=click.DateTime(["%Y-%m-%d"]),
+        default=None,
+        help="To withdraw an objection: its recorded date plus the withdrawal date.",
+    )
+    @click.option("--source-practice", default="", help="ODS code of the practice (type 1).")
+    def objections_record(
+        nhs_number: str,
+        objection_type: str,
+        recorded_date: datetime | None,
+        withdrawn_date: datetime | None,
+        source_practice: str,
+    ) -> None:
+        """Write one objection (or withdrawal) as a drop for the objections collection."""
+        from safehaven.core.identifiers import canonical_nhs, is_valid_nhs
+        from safehaven.intake.contracts import ContractRegistry
+
+        if not is_valid_nhs(nhs_number):
+            raise click.ClickException("that is not a valid NHS number (10 digits, mod-11 check digit)")
+        contract = ContractRegistry().objections()
+        home = ensure_home()
+        folder = home.incoming_for(contract.collection)
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        path = folder / f"objections_recorded_{stamp}.csv"
+        recorded = (recorded_date.date() if recorded_date else date.today()).isoformat()
+        withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
+        # the contract's columns, in its order (a field named here that it lacks raises, before any file)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=contract.field_names)
+        writer.writeheader()
+        writer.writerow(
+            {
+                contract.patient_key: canonical_nhs(nhs_number),
+                "objection_type": objection_type,
+                "recorded_date": recorded,
+                "withdrawn_date": withdrawn,
+                "source_practice": source_practice,
+            }
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text.getvalue())
+        click.echo(
+            json.dumps(
+                {
+                    "written": path.name,
+                    "type": objection_type,
+                    "recorded_date": recorded,
+                    "withdrawn_date": withdrawn or None,
+                    "next": "run `safehaven run` (or wait for the nightly run) to register it",
+                }
+            )
+        )

@@ -1,0 +1,86 @@
+"""Where the haven keeps its files: ``$SAFEHAVEN_HOME`` (default ``data/``).
+
+Layout (one place for it, so every module agrees):
+
+* ``incoming/<collection>/``   drops as received (CSV or Parquet), identifiable
+* ``quarantine/<collection>/`` rejected files, each with ``<file>.reason.json``
+* ``store/haven.duckdb``       the encrypted store (zones landing, haven, release, ...)
+* ``keys/``                    key files, mode 0600 (see ``safehaven.core.keys``)
+* ``published/``               anonymised outputs: CSV, Parquet and ``published.duckdb``
+* ``releases/<agreement>/``    per-agreement extracts with manifests
+* ``registers/``               data release and breach registers (CSV and Parquet)
+
+The landing and haven zones live only inside the encrypted store: the haven is a secure
+environment distinct from other activity (CoP 27h).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = Path("data")
+
+
+@dataclass(frozen=True)
+class Home:
+    """The directory tree of one safe haven."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Home:
+        """``$SAFEHAVEN_HOME`` if set, else ``data/`` under the working directory."""
+        return cls(Path(os.environ.get("SAFEHAVEN_HOME", DEFAULT_HOME)).resolve())
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def store_file(self) -> Path:
+        return self.store_dir / "haven.duckdb"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def published(self) -> Path:
+        return self.root / "published"
+
+    @property
+    def published_db(self) -> Path:
+        return self.published / "published.duckdb"
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+    @property
+    def registers(self) -> Path:
+        return self.root / "registers"
+
+    def ensure(self) -> Home:
+        """Create the tree. Directories that can hold confidential data are 0700."""
+        for path in (self.incoming, self.quarantine, self.store_dir, self.keys, self.releases):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o700)
+        for path in (self.published, self.registers):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def incoming_for(self, collection: str) -> Path:
+        return self.incoming / collection
+
+    def quarantine_for(self, collection: str) -> Path:
+        return self.quarantine / collection

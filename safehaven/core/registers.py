@@ -1,0 +1,293 @@
+"""The published registers: the data release register and the breach register.
+
+Data release register (CoP 32-33; BRIEF "Registers"): every release that left the haven, one
+row per release: the agreement reference and version, the recipient (and whether a public
+body), the purposes, the legal basis and its reference (the "legal arrangements", CoP 33),
+the collections, the identifiability level, the agreement's dates, when the release was
+made, whether national data opt-outs were applied and if not why not (CoP 14, rules for
+sharing), how many records were released and how many were withheld for objections
+(CoP 14b), and how many people were dropped for k-anonymity. Rows are written by
+``safehaven.share.releases`` in the same step as the files, so the register matches what was
+written, row for row.
+
+Breach register (Government response to the Caldicott review, recommendations 5 and 6;
+CoP 22, 42b): what happened, when, how severe, and the remedial action. Processing without a
+legal basis is a breach (rec. 6). The severity scale follows the HSCIC incident reporting
+scale agreed with the Department and the ICO in 2013 (Govt response 4.10), as three levels:
+
+* **0, near miss**: a control stopped it; no confidential data was processed or disclosed
+  without a basis (e.g. a linkage not named by an approved agreement was refused, an
+  invalid agreement was refused before any release). Callers saying ``low`` mean this level.
+* **1, contained incident**: confidential data was processed without a basis or against an
+  objection *inside* the haven, or was sent to the haven when it should not have been
+  (type 1 objectors' GP records received and dropped); nothing left the haven.
+* **2, serious, reportable**: confidential data left the haven without a basis or against an
+  objection, or the integrity of the audit trail cannot be shown. Reported to the SIRO and
+  the board (rec. 6), and assessed for reporting to the ICO.
+
+Known kinds and their usual severity are in :data:`KINDS`; a caller may record another kind
+(lower-case words) and must then give the severity. Both registers are tables in the
+store's ``governance`` zone and are exported to ``registers/`` as CSV (formula-leading cells
+neutralised) and Parquet. They never hold identifier values: agreement ids, counts,
+collection names and free text written by the haven itself.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from safehaven.core.home import Home
+from safehaven.core.store import table_exists
+from safehaven.intake.rules import lit, q
+from safehaven.publish.disclosure import neutralise_sql
+
+RELEASE_REGISTER = "governance.release_register"
+BREACH_REGISTER = "governance.breach_register"
+RELEASE_MEMBERS = "governance.release_members"
+
+SEVERITY_LABELS: dict[int, str] = {
+    0: "near miss: stopped by a control, nothing processed or disclosed without a basis",
+    1: "contained incident: processed without a basis or against an objection inside the haven",
+    2: "serious, reportable: data left without a basis or against an objection, or audit integrity lost",
+}
+_SEVERITY_ALIASES: dict[str, int] = {
+    "0": 0,
+    "near_miss": 0,
+    "low": 0,
+    "level0": 0,
+    "1": 1,
+    "contained": 1,
+    "medium": 1,
+    "level1": 1,
+    "2": 2,
+    "serious": 2,
+    "reportable": 2,
+    "high": 2,
+    "level2": 2,
+}
+
+
+@dataclass(frozen=True)
+class BreachKind:
+    severity: int
+    description: str
+
+
+KINDS: dict[str, BreachKind] = {
+    "refused_linkage": BreachKind(
+        0, "a linkage not named by an approved, in-date agreement was attempted and refused (CoP 22, 42b)"
+    ),
+    "no_legal_basis": BreachKind(1, "processing was attempted or done without a legal basis (Govt response rec. 6)"),
+    "invalid_agreement": BreachKind(
+        0, "a release was attempted under an approved agreement that does not validate; it was refused"
+    ),
+    "objection_breached": BreachKind(
+        2,
+        "data about a person with an objection in force left the haven for a purpose the objection covers (CoP 11-14)",
+    ),
+    "type1_objection_disregarded": BreachKind(
+        1,
+        "a GP practice sent records about patients with a type 1 "
+        "objection in force; they were dropped before the haven "
+        "(CoP 11-14; guide Rule 4B)",
+    ),
+    "integrity_failure": BreachKind(
+        2, "the audit trail failed verification: entries edited, deleted, reordered or truncated (CoP 23d)"
+    ),
+}
+
+_RELEASE_DDL = f"""
+CREATE TABLE IF NOT EXISTS {RELEASE_REGISTER} (
+    release_id VARCHAR PRIMARY KEY,
+    agreement_id VARCHAR NOT NULL,
+    agreement_version VARCHAR NOT NULL,
+    agreement_sha256 VARCHAR NOT NULL,
+    recipient VARCHAR NOT NULL,
+    recipient_public_body BOOLEAN NOT NULL,
+    purposes VARCHAR NOT NULL,
+    legal_basis VARCHAR NOT NULL,
+    legal_basis_reference VARCHAR,
+    collections VARCHAR NOT NULL,
+    identifiability VARCHAR NOT NULL,
+    agreement_start DATE NOT NULL,
+    agreement_end DATE NOT NULL,
+    approved_by VARCHAR,
+    approved_on DATE,
+    released_at TIMESTAMPTZ NOT NULL,
+    opt_outs_applied BOOLEAN NOT NULL,
+    opt_outs_reason VARCHAR NOT NULL,
+    files INTEGER NOT NULL,
+    records_released BIGINT NOT NULL,
+    people_released BIGINT,
+    records_withheld_objections BIGINT NOT NULL,
+    objector_records_included BIGINT NOT NULL,
+    people_suppressed_k_anonymity BIGINT NOT NULL,
+    manifest_sha256 VARCHAR NOT NULL
+)
+"""
+
+_BREACH_DDL = f"""
+CREATE TABLE IF NOT EXISTS {BREACH_REGISTER} (
+    breach_id BIGINT PRIMARY KEY,
+    recorded_at TIMESTAMPTZ NOT NULL,
+    kind VARCHAR NOT NULL,
+    severity INTEGER NOT NULL,
+    severity_label VARCHAR NOT NULL,
+    what VARCHAR NOT NULL,
+    remedial_action VARCHAR NOT NULL,
+    detail JSON
+)
+"""
+
+_MEMBERS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {RELEASE_MEMBERS} (
+    release_id VARCHAR,
+    agreement_id VARCHAR,
+    pid VARCHAR,
+    released_at TIMESTAMPTZ
+)
+"""
+
+#: Exported file stems, by table.
+EXPORTS = {RELEASE_REGISTER: "data_release_register", BREACH_REGISTER: "breach_register"}
+
+
+def current_actor() -> str:
+    """Who is running this process (the OS user), for audit and register entries."""
+    try:
+        return getpass.getuser()
+    except Exception:  # pragma: no cover - no user database in some containers
+        return f"uid:{os.getuid()}"
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the register tables (and ``governance.release_members``) if they do not exist."""
+    for ddl in (_RELEASE_DDL, _BREACH_DDL, _MEMBERS_DDL):
+        con.execute(ddl)
+
+
+def severity_level(severity: int | str | None, kind: str) -> int:
+    """The scale level (0-2) of ``severity``; ``None`` takes the kind's usual level."""
+    if severity is None:
+        if kind not in KINDS:
+            raise ValueError(f"breach kind {kind!r} is not a known kind; give its severity (0, 1 or 2)")
+        return KINDS[kind].severity
+    if isinstance(severity, bool):
+        raise ValueError("severity must be 0, 1 or 2")
+    key = str(severity).strip().lower().replace(" ", "_").replace("-", "_")
+    if key not in _SEVERITY_ALIASES:
+        raise ValueError(f"severity {severity!r} is not on the scale (0 near miss, 1 contained, 2 serious)")
+    return _SEVERITY_ALIASES[key]
+
+
+def record_breach(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    kind: str,
+    severity: int | str | None,
+    what: str,
+    remedial_action: str,
+    detail: dict[str, Any] | None = None,
+) -> int:
+    """Add an entry to the breach register; returns its ``breach_id``.
+
+    ``kind`` is one of :data:`KINDS` or another lower-case word; ``severity`` is 0, 1 or 2
+    (or ``near_miss``/``contained``/``serious``; ``None`` for a known kind's usual level).
+    ``what`` and ``detail`` hold counts, ids and collection names, never identifier values.
+    One INSERT, so it is safe inside a caller's transaction (and rolled back with it). It does
+    not write the audit log: callers that act on data also call ``safehaven.core.audit.append``
+    outside their transaction.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_]{1,62}", kind):
+        raise ValueError(f"breach kind {kind!r} must be lower-case words joined by underscores")
+    if not what.strip() or not remedial_action.strip():
+        raise ValueError("a breach needs what happened and the remedial action")
+    level = severity_level(severity, kind)
+    _check_no_identifier({"what": what, "remedial_action": remedial_action, "detail": detail})
+    ensure_tables(con)
+    row = con.execute(
+        f"INSERT INTO {BREACH_REGISTER} SELECT coalesce(max(breach_id), 0) + 1, now(), ?, ?, ?, ?, ?, "
+        f"CAST(? AS JSON) FROM {BREACH_REGISTER} RETURNING breach_id",
+        [
+            kind,
+            level,
+            SEVERITY_LABELS[level],
+            what,
+            remedial_action,
+            None if detail is None else json.dumps(detail, sort_keys=True, default=str),
+        ],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _check_no_identifier(value: Any) -> None:
+    """The audit trail's guard: nothing that looks like an NHS number enters a register."""
+    from safehaven.core.audit import _check_no_identifier as guard
+
+    guard(value, "breach")
+
+
+def breaches(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The breach register, oldest first (works on a read-only connection)."""
+    if not table_exists(con, *BREACH_REGISTER.split(".")):
+        return []
+    cur = con.execute(f"SELECT * FROM {BREACH_REGISTER} ORDER BY breach_id")
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def releases(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) -> list[dict[str, Any]]:
+    """The data release register, oldest first, optionally for one agreement (works read-only)."""
+    if not table_exists(con, *RELEASE_REGISTER.split(".")):
+        return []
+    where, params = ("WHERE agreement_id = ?", [agreement_id]) if agreement_id else ("", [])
+    cur = con.execute(f"SELECT * FROM {RELEASE_REGISTER} {where} ORDER BY released_at, release_id", params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def export_table(con: duckdb.DuckDBPyConnection, home: Home, table: str, stem: str, order: str) -> dict[str, Path]:
+    """Write register ``table`` (``schema.name``) to ``registers/<stem>.csv`` and ``.parquet``, each
+    atomically (a temporary file renamed into place), rows ordered by ``order``; returns the paths.
+
+    Text cells of the CSV are neutralised (``disclosure.neutralise_sql``: a cell that a
+    spreadsheet would read as a formula is prefixed), the one rule for every register export.
+    """
+    home.registers.mkdir(parents=True, exist_ok=True)
+    schema, name = table.split(".")
+    cols = con.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog = current_database() "
+        "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+        [schema, name],
+    ).fetchall()
+    csv_cols = ", ".join(
+        f"{neutralise_sql(f'CAST({q(n)} AS VARCHAR)')} AS {q(n)}" if t in ("VARCHAR", "JSON") else q(n) for n, t in cols
+    )
+    written: dict[str, Path] = {}
+    for fmt, select in (("csv", f"SELECT {csv_cols} FROM {table}"), ("parquet", f"SELECT * FROM {table}")):
+        path = home.registers / f"{stem}.{fmt}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        options = "FORMAT csv, HEADER true" if fmt == "csv" else "FORMAT parquet"
+        con.execute(f"COPY ({select} ORDER BY {order}) TO {lit(str(tmp))} ({options})")
+        tmp.replace(path)
+        written[path.name] = path
+    return written
+
+
+def export(con: duckdb.DuckDBPyConnection, home: Home) -> dict[str, Path]:
+    """Write both registers to ``registers/`` as CSV and Parquet (atomically); returns the paths."""
+    ensure_tables(con)
+    order = {RELEASE_REGISTER: "released_at, release_id", BREACH_REGISTER: "breach_id"}
+    written: dict[str, Path] = {}
+    for table, stem in EXPORTS.items():
+        written.update(export_table(con, home, table, stem, order[table]))
+    return written

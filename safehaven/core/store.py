@@ -1,0 +1,213 @@
+"""The encrypted DuckDB store: one writer, short-lived connections, zones as schemas.
+
+Rules:
+
+* Encrypted at rest (CoP 27b-c; BRIEF "Pseudonymisation and encryption"): the store file is
+  written with DuckDB 1.4's AES-GCM database encryption under the ``store`` key, and so are
+  its temporary spill files (``temp_file_encryption``). Without the key the file cannot be
+  opened, and no identifier stands in it as plain bytes.
+* Writing an encrypted DuckDB file needs the crypto module of the ``httpfs`` extension. It
+  ships on the package index as ``duckdb-ext-httpfs`` and is loaded from its installed path,
+  signed, with no network (DESIGN.md, "Encryption at rest").
+* DuckDB allows one writer process: every connection is opened for one unit of work and
+  closed (DESIGN.md); the Dagster jobs run in process with a concurrency limit.
+* Zones (DESIGN.md "Zones") are schemas of the one encrypted file: ``landing`` (as
+  received, identifiable), ``haven`` (pseudonymised content), ``vault`` (encrypted identity
+  vault), ``release`` (per-agreement extracts), ``published`` (anonymised outputs, exported
+  in the clear by the publication step only), ``governance`` (registers, audit, objections).
+* Key material never reaches an error message: a failed attach is re-raised with the key
+  removed from DuckDB's text.
+* Physical disposal and store-key rotation rebuild the store (``Store.rebuild``): DuckDB's
+  DELETE leaves bytes in the file (DESIGN.md), so the live tables are copied into a fresh
+  file under a fresh key, which replaces the old file atomically (CoP 43d, 48-50). A journal
+  (``store/rebuild.json``) makes the swap crash-safe: a half-built file is discarded, a
+  half-done swap is completed, the next time the store is opened.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+
+ZONES = ("landing", "haven", "vault", "release", "published", "governance")
+CATALOG = "store"
+
+
+class StoreError(Exception):
+    """The store cannot be opened as asked; the message says what to do."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by a test hook (``_crash_after``) to stop a rebuild or a disposal between two steps."""
+
+
+def httpfs_extension_path() -> Path:
+    """The signed httpfs extension installed by the ``duckdb-ext-httpfs`` package."""
+    try:
+        import duckdb_ext  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - an install problem
+        raise StoreError("package duckdb-ext-httpfs is not installed; run `make install`") from exc
+    version = duckdb.__version__
+    for base in duckdb_ext.__path__:
+        hits = glob.glob(os.path.join(base, "extensions", f"v{version}", "*", "httpfs.duckdb_extension"))
+        if hits:
+            return Path(hits[0])
+    raise StoreError(
+        f"no httpfs extension for DuckDB {version} in duckdb-ext-httpfs; pin duckdb-ext-httpfs to the DuckDB version"
+    )
+
+
+class Store:
+    """Opens the encrypted store; the only place that attaches it."""
+
+    def __init__(self, home: Home, keyring: KeyRing | None = None, threads: int | None = None):
+        self.home = home
+        self.keyring = keyring or KeyRing(home.keys)
+        self.threads = threads
+
+    @property
+    def path(self) -> Path:
+        return self.home.store_file
+
+    @property
+    def journal(self) -> Path:
+        return self.home.store_dir / "rebuild.json"
+
+    @property
+    def _next_file(self) -> Path:
+        return self.home.store_dir / "haven.duckdb.next"
+
+    def check(self) -> None:
+        """Refuse to start on unsafe keys (see ``safehaven.core.keys``) or a store without its key."""
+        self.recover()
+        if self.path.exists() and not self.keyring.exists("store"):
+            raise StoreError(
+                f"the encrypted store {self.path} exists but its key "
+                f"{self.keyring.path('store')} is missing; restore the key file "
+                "(a new key cannot open the existing store)"
+            )
+        if self.keyring.exists("store"):
+            self.keyring.get("store")
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection with the store attached as ``store`` and in use.
+
+        Unqualified names resolve in the store; zones are schemas (``landing.gp_events``).
+        """
+        self.home.ensure()
+        self.check()
+        key = self.keyring.get_or_create("store", allow_create=not self.path.exists())
+        tmp = self.home.store_dir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
+        if self.threads:
+            config["threads"] = self.threads
+        con = duckdb.connect(":memory:", config=config)
+        try:
+            con.execute(f"LOAD '{httpfs_extension_path()}'")
+            con.execute("SET temp_file_encryption = true")
+            options = f"ENCRYPTION_KEY '{key.hex}'" + (", READ_ONLY" if read_only else "")
+            try:
+                con.execute(f"ATTACH '{self.path}' AS {CATALOG} ({options})")
+            except duckdb.Error as exc:
+                message = str(exc).replace(key.hex, "<key>")
+                raise StoreError(f"cannot open the encrypted store {self.path}: {message}") from None
+            con.execute(f"USE {CATALOG}")
+            if not read_only:
+                for zone in ZONES:
+                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {zone}")
+            yield con
+        finally:
+            con.close()
+
+    def recover(self) -> str | None:
+        """Finish or undo an interrupted rebuild; returns what was done, if anything.
+
+        Journal state ``building``: the new file may be partial, so it and its key are removed
+        (the old store is intact). State ``swapping``: the new file is complete, so the swap is
+        finished: file first, then key, each an atomic rename, each skipped if already done.
+        """
+        if not self.journal.exists():
+            return None
+        state = json.loads(self.journal.read_text())
+        next_key = self.keyring.path("store-next")
+        if state.get("state") == "building":
+            self._next_file.unlink(missing_ok=True)
+            self._next_file.with_name(self._next_file.name + ".wal").unlink(missing_ok=True)
+            self.keyring.discard("store-next")
+            self.journal.unlink()
+            return "discarded a half-built store"
+        if self._next_file.exists():
+            os.replace(self._next_file, self.path)
+        self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
+        if next_key.exists():
+            material = self.keyring.get("store-next").material
+            if self.keyring.get("store").key_id != state["new_key_id"]:
+                self.keyring.write("store", material, replace=True)  # shreds the old key
+            self.keyring.discard("store-next")
+        shutil.rmtree(self.home.store_dir / "tmp", ignore_errors=True)
+        self.journal.unlink()
+        return "completed an interrupted store swap"
+
+    def rebuild(self, *, rekey: bool = True, _crash_after: str | None = None) -> dict[str, str]:
+        """Copy the live store into a fresh file (under a fresh key) and swap it in atomically.
+
+        Afterwards no deleted row's bytes remain in the store file, its WAL or temp files, and
+        with ``rekey`` the old file's key is gone too. Returns the old and new key ids.
+        ``_crash_after`` (tests only) stops at a named step to simulate a crash.
+        """
+        self.check()
+        old = self.keyring.get("store")
+        new_material = secrets.token_bytes(32) if rekey else old.material
+        self._next_file.unlink(missing_ok=True)
+        with self.connect() as con:  # opening runs recovery, so the journal starts after it
+            self._write_journal({"state": "building"})
+            new_key = self.keyring.write("store-next", new_material, replace=True, record=False)
+            con.execute("CHECKPOINT")
+            con.execute(f"ATTACH '{self._next_file}' AS _next (ENCRYPTION_KEY '{new_key.hex}')")
+            con.execute(f"COPY FROM DATABASE {CATALOG} TO _next")
+            con.execute("DETACH _next")
+        fd = os.open(self._next_file, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        if _crash_after == "build":
+            raise SimulatedCrash("simulated crash after build")
+        self._write_journal({"state": "swapping", "new_key_id": new_key.key_id})
+        if _crash_after == "journal":
+            raise SimulatedCrash("simulated crash before swap")
+        self.recover()
+        return {"old_key_id": old.key_id, "new_key_id": new_key.key_id}
+
+    def _write_journal(self, state: dict[str, str]) -> None:
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.journal)
+
+    def table_exists(self, con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+        return table_exists(con, schema, table)
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    """Whether ``schema.table`` exists in the database in use (the one place that asks).
+
+    On a ``Store.connect`` connection that is the store (``USE store``); on any other
+    connection (a test's in-memory database, the analysts' published file) it is that one.
+    """
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
+        [schema, table],
+    ).fetchone()
+    return bool(row and row[0])

@@ -1,0 +1,1 @@
+"""Dispose: retention and disposal (CoP 43d, 48-50)."""

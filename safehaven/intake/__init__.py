@@ -1,0 +1,1 @@
+"""Intake: data contracts, their rules, ingest, validation (SQL pass and Great Expectations)."""

@@ -1,0 +1,377 @@
+"""Ingest: land each received file whole, or quarantine it whole with a reason.
+
+Rules (CoP 7-9; the project's "bad input loses nothing" standard):
+
+* A file is read as its collection only if it is CSV or Parquet, non-empty, UTF-8 without NUL
+  bytes, has exactly the contract's columns (no missing, extra, duplicate, case-colliding or
+  hostile names), no ragged rows, at least one row and, for Parquet, columns whose type can
+  be the contract's. Otherwise the whole file moves to ``quarantine/<collection>/`` with
+  ``<file>.reason.json`` saying what is wrong and what to do; nothing of it is landed, and
+  data landed earlier is untouched. The reason's ``rule``: ``file.type`` (not CSV or
+  Parquet), ``file.empty``, ``file.nul_byte``, ``file.encoding``, ``file.header.missing``,
+  ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
+  ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
+  ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting) or ``file.no_rows``. A
+  UTF-8 byte-order mark and CRLF line ends are accepted.
+* Landing is idempotent: a file is known by its SHA-256, and a file already landed is
+  skipped. A file lands in one transaction with its batch record.
+* Once landed inside the encrypted store, the plain received file is overwritten and removed,
+  so identifiable data is held in one protected place (CoP 27b-c).
+* Reasons, logs and metadata carry counts, column names of the contract, line numbers and
+  hashes, never a row's values (DuckDB's own parse errors quote lines, so they are reduced
+  to their line number here).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from safehaven.core.files import sha256_file, shred_file
+from safehaven.intake.contracts import Contract
+from safehaven.intake.rules import lit, q
+
+SUPPORTED = (".csv", ".parquet")
+SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+BATCHES = "governance.batches"
+CHUNK = 1 << 20
+
+
+class FileRejected(Exception):
+    """A file cannot be read as its collection; ``rule`` and ``reason`` say why."""
+
+    def __init__(self, rule: str, reason: str, action: str, details: dict | None = None):
+        super().__init__(reason)
+        self.rule, self.reason, self.action, self.details = rule, reason, action, details or {}
+
+
+@dataclass
+class IngestReport:
+    """What one ingest of one collection did (counts and hashes only)."""
+
+    collection: str
+    files_landed: int = 0
+    files_skipped: int = 0
+    files_quarantined: int = 0
+    rows_landed: int = 0
+    quarantined: list[dict[str, str]] = field(default_factory=list)
+    batches: list[str] = field(default_factory=list)
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
+    """Create the batch register and the collection's landing table (all text)."""
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {BATCHES} (batch_id VARCHAR PRIMARY KEY, "
+        "collection VARCHAR, file_name VARCHAR, sha256 VARCHAR, rows BIGINT, "
+        "landed_at TIMESTAMPTZ, status VARCHAR, invalid_rows BIGINT, validated_at TIMESTAMPTZ, "
+        "contract_version VARCHAR)"
+    )
+    cols = ", ".join(f"{q(f)} VARCHAR" for f in contract.field_names)
+    con.execute(f"CREATE TABLE IF NOT EXISTS landing.{contract.collection} ({cols}, _batch VARCHAR, _row BIGINT)")
+
+
+def check_bytes(path: Path) -> None:
+    """Non-empty, valid UTF-8, no NUL bytes: checked in 1 MiB chunks, not per row."""
+    if path.stat().st_size == 0:
+        raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            if b"\x00" in chunk:
+                raise FileRejected(
+                    "file.nul_byte",
+                    f"the file contains a NUL byte at offset {offset + chunk.index(0)}",
+                    "export the file again as plain UTF-8 CSV text",
+                )
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise FileRejected(
+                    "file.encoding",
+                    f"the file is not valid UTF-8 (byte offset {offset + exc.start})",
+                    "export the file again with UTF-8 encoding",
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise FileRejected(
+                "file.encoding", "the file ends inside a UTF-8 character", "export the file again with UTF-8 encoding"
+            ) from None
+
+
+def _display(name: str) -> str:
+    """A column name fit for a reason file: shown only if it is a plain identifier.
+
+    A file without a header has a data row in its first line, so other "names" may be values.
+    """
+    return name if SAFE_NAME.fullmatch(name) else "<a column name that is not a plain identifier>"
+
+
+def check_header(header: list[str], contract: Contract) -> None:
+    """Exactly the contract's columns, each once, as plain lower-case identifiers.
+
+    Reasons, most specific first: a first line that names none of the contract's columns
+    (no header, or a data row), a delimiter other than a comma, duplicate names, names that
+    differ only by case, names that are not plain identifiers (spaces, quotes, other
+    characters; the names themselves are not repeated), missing or unexpected columns.
+    """
+    expected = contract.field_names
+    names = [h.lstrip("\ufeff") if i == 0 else h for i, h in enumerate(header)]
+    normalised = [n.strip().lower() for n in names]
+    if len(names) == 1 and any(sep in names[0] for sep in (";", "\t", "|")):
+        raise FileRejected(
+            "file.header.delimiter",
+            "the header is one column: the fields are not separated by commas",
+            "export the file as comma-separated values (CSV) with a header row",
+        )
+    if not set(normalised) & set(expected):
+        raise FileRejected(
+            "file.header.missing",
+            "the first line names none of the contract's columns (is the header row missing?)",
+            f"send the file with a header row naming the contract's columns: {', '.join(expected)}",
+        )
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    lowered = [n.lower() for n in names]
+    collide = sorted({n for n in lowered if lowered.count(n) > 1} - {d.lower() for d in dupes})
+    hostile = [n for n in names if not SAFE_NAME.fullmatch(n)]
+    if dupes:
+        raise FileRejected(
+            "file.header.duplicate",
+            f"duplicate column names: {', '.join(map(_display, dupes))}",
+            "send the file with each column once",
+            {"duplicates": [_display(d) for d in dupes]},
+        )
+    if collide:
+        raise FileRejected(
+            "file.header.case_collision",
+            "column names that differ only by case: " + ", ".join(map(_display, collide)),
+            "send the file with each column once, in lower case",
+        )
+    if hostile:
+        near = sorted({n.strip().lower() for n in hostile} & set(expected))
+        hint = f" (differing from the contract's only by spaces or case: {', '.join(near)})" if near else ""
+        raise FileRejected(
+            "file.header.hostile_name",
+            f"{len(hostile)} column name(s) are not plain lower-case identifiers (letters, digits, underscore){hint}",
+            f"use exactly the contract's columns: {', '.join(expected)}",
+            {"not_plain": len(hostile), "near_contract_names": near},
+        )
+    missing = [c for c in expected if c not in names]
+    extra = [n for n in names if n not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing columns: " + ", ".join(missing))
+        if extra:
+            parts.append("unexpected columns: " + ", ".join(map(_display, extra)))
+        raise FileRejected(
+            "file.header.columns",
+            "; ".join(parts),
+            f"send the file with exactly the contract's columns "
+            f"({contract.collection} v{contract.version}): {', '.join(expected)}",
+            {"missing": missing, "extra": [_display(e) for e in extra]},
+        )
+
+
+#: Parquet (DuckDB) column types that can hold each contract type without loss.
+_INTEGERS = (
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+    "UHUGEINT",
+)
+READABLE_AS: dict[str, tuple[str, ...]] = {
+    "VARCHAR": ("VARCHAR", *_INTEGERS),
+    "DATE": ("VARCHAR", "DATE"),
+    "INTEGER": ("VARCHAR", *_INTEGERS),
+    "DOUBLE": ("VARCHAR", "FLOAT", "DOUBLE", *_INTEGERS),
+}
+
+
+def check_column_types(types: dict[str, str], contract: Contract) -> None:
+    """Each Parquet column's physical type can be read as the contract's type.
+
+    Text can be anything (it is checked row by row); a code held as an integer is text
+    without loss; a DATE must be a date or ISO text. A float for a code, a timestamp for a
+    date, booleans, binary or nested columns cannot be the contract's type.
+    """
+    wrong = []
+    for spec in contract.fields:
+        physical = types.get(spec.name, "")
+        base = physical.split("(")[0]
+        decimal_for_double = spec.type == "DOUBLE" and base == "DECIMAL"
+        if base not in READABLE_AS[spec.type] and not decimal_for_double:
+            wrong.append(f"{spec.name} is {physical}, the contract's type is {spec.type}")
+    if wrong:
+        raise FileRejected(
+            "file.column_type",
+            "columns whose type cannot be the contract's type: " + "; ".join(wrong),
+            "export the file again with text, integer or date columns as the contract says",
+            {"columns": wrong},
+        )
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        first = fh.readline()
+    if not first.strip():
+        raise FileRejected(
+            "file.header.missing",
+            "the file has no header row",
+            "send the file with a header row naming the contract's columns",
+        )
+    header = next(csv.reader(io.StringIO(first)))
+    return [header[0].lstrip("\ufeff"), *header[1:]] if header else header
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
+def _line_of(error: str) -> str:
+    match = re.search(r"[Ll]ine:? (\d+)", error)
+    return f" (first at line {match.group(1)})" if match else ""
+
+
+def read_relation_sql(path: Path, contract: Contract) -> str:
+    """A SQL relation over the file, every column as text, in contract order."""
+    cols = ", ".join(f"CAST({q(f)} AS VARCHAR) AS {q(f)}" for f in contract.field_names)
+    if is_parquet(path):
+        return f"SELECT {cols} FROM read_parquet({lit(str(path))})"
+    columns = "{" + ", ".join(f"{lit(f)}: 'VARCHAR'" for f in _csv_header(path)) + "}"
+    return (
+        f"SELECT {cols} FROM read_csv({lit(str(path))}, header=true, delim=',', quote='\"', "
+        f"escape='\"', columns={columns}, strict_mode=true, null_padding=false, "
+        "encoding='utf-8', auto_detect=false)"
+    )
+
+
+def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract) -> None:
+    """Raise FileRejected if ``path`` cannot be read whole as ``contract``'s collection."""
+    if path.suffix.lower() not in SUPPORTED:
+        raise FileRejected(
+            "file.type", f"unsupported file type {path.suffix or '(none)'!r}", "send CSV (.csv) or Parquet (.parquet)"
+        )
+    if path.stat().st_size == 0:
+        raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
+    if is_parquet(path):
+        try:
+            described = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(str(path))})").fetchall()
+        except duckdb.Error:
+            raise FileRejected(
+                "file.parquet", "the file is not readable Parquet", "export the file again as Parquet"
+            ) from None
+        check_header([r[0] for r in described], contract)
+        check_column_types({r[0]: str(r[1]) for r in described}, contract)
+    else:
+        check_bytes(path)  # text only: Parquet is binary (it holds NUL bytes by design)
+        check_header(_csv_header(path), contract)
+
+
+def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: FileRejected) -> Path:
+    """Move the whole file to quarantine with a reason file a person can act on."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest_dir.chmod(0o700)
+    dest = dest_dir / path.name
+    if dest.exists():
+        dest = dest_dir / f"{path.stem}.{sha[:12]}{path.suffix}"
+    shutil.move(str(path), dest)
+    reason = {
+        "collection": contract.collection,
+        "contract_version": contract.version,
+        "file": path.name,
+        "quarantined_as": dest.name,
+        "sha256": sha,
+        "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rule": err.rule,
+        "reason": err.reason,
+        "what_to_do": err.action + "; then place the corrected file in "
+        f"incoming/{contract.collection}/. Nothing of this file was landed.",
+        "details": err.details,
+    }
+    dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=2))
+    return dest
+
+
+def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str) -> int:
+    """Insert the file's rows into ``landing.<collection>`` with its batch record, atomically."""
+    relation = read_relation_sql(path, contract)
+    names = ", ".join(q(f) for f in contract.field_names)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        inserted = con.execute(
+            f"INSERT INTO landing.{contract.collection} ({names}, _batch, _row) "
+            f"SELECT {names}, {lit(sha)}, row_number() OVER () FROM ({relation})"
+        ).fetchone()
+        rows = int(inserted[0]) if inserted else 0
+        if rows == 0:
+            raise FileRejected("file.no_rows", "the file has a header but no rows", "send the file again with its rows")
+        con.execute(
+            f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?)",
+            [sha, contract.collection, path.name, sha, rows, contract.version],
+        )
+        con.execute("COMMIT")
+        return int(rows)
+    except FileRejected:
+        con.execute("ROLLBACK")
+        raise
+    except duckdb.Error as exc:
+        con.execute("ROLLBACK")
+        text = str(exc)
+        if is_parquet(path):
+            raise FileRejected(
+                "file.parquet", "the file's rows cannot be read as Parquet", "export the file again as Parquet"
+            ) from None
+        raise FileRejected(
+            "file.malformed",
+            f"the file is not well-formed CSV: rows with a different number "
+            f"of fields than the header, or broken quoting{_line_of(text)}",
+            "fix the file so every row has one field per header column, and send it again",
+        ) from None
+
+
+def ingest_collection(
+    con: duckdb.DuckDBPyConnection, contract: Contract, incoming: Path, quarantine_dir: Path
+) -> IngestReport:
+    """Land every new file in ``incoming``; quarantine bad ones; skip ones already landed."""
+    ensure_tables(con, contract)
+    report = IngestReport(contract.collection)
+    if not incoming.exists():
+        return report
+    for path in sorted(p for p in incoming.iterdir() if p.is_file()):
+        sha = sha256_file(path)
+        known = con.execute(f"SELECT status FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()
+        if known is not None:
+            report.files_skipped += 1
+            shred_file(path)
+            continue
+        try:
+            inspect_file(con, path, contract)
+            rows = land_file(con, path, contract, sha)
+        except FileRejected as err:
+            dest = quarantine(path, quarantine_dir, contract, sha, err)
+            report.files_quarantined += 1
+            report.quarantined.append({"file": dest.name, "rule": err.rule, "sha256": sha})
+            continue
+        report.files_landed += 1
+        report.rows_landed += rows
+        report.batches.append(sha)
+        shred_file(path)
+    return report

@@ -1,0 +1,358 @@
+"""Contracts compiled to SQL: one place where each rule becomes a predicate.
+
+Every rule of a contract (CoP 7-9, 45-46; the rule list is in ``safehaven.intake.contracts``) becomes
+a ``RuleCheck``: an identifier such as ``nhs_number.nhs_number`` or
+``discharge_not_before_admission``, and a DuckDB SQL predicate that is true when a row
+satisfies it. A missing value fails only the field's ``required`` rule; every other rule
+passes on NULL, so each failure has one cause.
+
+Type each value once (the speed rule). A landed row is all text. ``typed_projection`` turns
+it into typed columns *once per row*: the trimmed text of each field (``_raw_<field>``, for
+fields whose type is not text), the field in its contract type (the canonical NHS number,
+the upper-cased postcode, the parsed date) and helper columns (the NHS number as an integer
+for the check digit, duplicate flags for uniqueness declarations). ``compile_checks``
+returns predicates over those columns, so no canonicalising regex or date parse is repeated
+per rule. ``pass_sql`` is the whole single pass: typed values plus ``failed_rules`` (the ids
+of the rules a row breaks) in one ``SELECT``. ``compile_checks(..., over="landed")`` gives
+the same predicates written directly over the landed text columns (slower; for ad hoc
+queries and tests over a raw file). Other measured choices (DuckDB 1.4, 6.7M rows): a code
+list is ``list_contains([...], value)``, four times faster than ``value IN (...)`` with
+tens of codes; the NHS number's shape is a ``GLOB``; its check digit is two lookups in
+precomputed weighted sums of five-digit halves (``nhs_check_digit_lookup_sql``); and the
+list of broken rules is built only for rows that break one.
+
+The compiled predicates feed the row-level quarantine (``safehaven.intake.validation``) and are the
+rules that ``safehaven.intake.expectations`` compiles to Great Expectations; both read the regexes,
+code lists and date bounds from here, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Literal
+
+from safehaven.core.identifiers import canonical_nhs_sql, nhs_valid_sql
+from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
+
+#: UK postcode shape (outward code, optional space, inward code), after upper-casing.
+POSTCODE_RE = r"[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}"
+#: ODS organisation code: three to six upper-case letters and digits.
+ODS_RE = r"[A-Z0-9]{3,6}"
+#: ONS GSS geography code: country letter and eight digits.
+GSS_RE = r"[EWSN][0-9]{8}"
+#: An NHS number in canonical form: ten digits (the check digit is checked separately).
+NHS_RE = r"[0-9]{10}"
+#: The same as a GLOB pattern (a third faster than the regex in DuckDB 1.4).
+NHS_GLOB = "[0-9]" * 10
+FORMAT_RE: dict[str, str] = {"uk_postcode": POSTCODE_RE, "ods_code": ODS_RE, "gss_code": GSS_RE}
+#: Bounds of a date rule without ``min`` or ``max``.
+EARLIEST, LATEST = date(1, 1, 1), date(9999, 12, 31)
+
+#: Prefix of the trimmed-text column kept beside a typed (non-text) field.
+RAW = "_raw_"
+#: Prefix of the NHS number as an integer (a helper of the check digit; not stored).
+NHS_INT = "_int_"
+#: Prefix of a uniqueness declaration's duplicate flag (a helper; not stored).
+DUPLICATE = "_dup_"
+
+#: The id under which the row-level tolerance (the share of a batch's rows that break any rule)
+#: is reported beside the rules: a GX expectation over the pass's result (``safehaven.intake.expectations``).
+ROWS_RULE = "rows.within_tolerance"
+
+RuleKind = Literal["required", "type", "nhs_number", "format", "code_list", "allowed", "range", "order", "unique"]
+
+
+def q(name: str) -> str:
+    """Quote an identifier for DuckDB."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: str) -> str:
+    """Quote a string literal for DuckDB."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def date_lit(value: date) -> str:
+    return f"DATE '{value.isoformat()}'"
+
+
+def text_sql(field: str) -> str:
+    """The field's landed text, trimmed, with empty strings as NULL."""
+    return f"nullif(trim({q(field)}), '')"
+
+
+def typed_sql(spec: FieldSpec) -> str:
+    """The field's value in its contract type over the landed text (NULL where it does not parse).
+
+    Canonical forms: the NHS number without separators (``safehaven.core.identifiers``), the
+    postcode in upper case, dates parsed strictly as ISO 8601 ``YYYY-MM-DD``.
+    """
+    raw = text_sql(spec.name)
+    if spec.rule and spec.rule.format == "nhs_number":
+        return canonical_nhs_sql(raw)
+    if spec.rule and spec.rule.format == "uk_postcode":
+        return f"upper({raw})"
+    if spec.type == "DATE":
+        return f"CAST(try_strptime({raw}, '%Y-%m-%d') AS DATE)"
+    if spec.type == "VARCHAR":
+        return raw
+    return f"TRY_CAST({raw} AS {spec.type})"
+
+
+def raw_column(spec: FieldSpec) -> str:
+    """The name of the column whose NULL means "no value given" for ``spec``.
+
+    For text fields it is the typed field itself (empty text and, for an NHS number, a value
+    of separators only, count as missing); for other types the trimmed text beside it.
+    """
+    return spec.name if spec.type == "VARCHAR" else RAW + spec.name
+
+
+#: The weighted digit sums of every five-digit block, for the first and the second half of a
+#: ten-digit number (weights 10..6 and 5..1): one relation of two 100,000-entry lists.
+CHECK_WEIGHTS = "_w"
+_HALF = 100_000
+
+
+def check_weights_sql() -> str:
+    """A one-row relation: ``hi`` and ``lo``, the weighted digit sums of 00000..99999."""
+    hi = " + ".join(f"{10 - i} * ((range // {10 ** (4 - i)}) % 10)" for i in range(5))
+    lo = " + ".join(f"{5 - i} * ((range // {10 ** (4 - i)}) % 10)" for i in range(5))
+    return (
+        f"(SELECT list(CAST({hi} AS INTEGER) ORDER BY range) AS hi, "
+        f"list(CAST({lo} AS INTEGER) ORDER BY range) AS lo FROM range({_HALF}))"
+    )
+
+
+def nhs_check_digit_lookup_sql(number: str) -> str:
+    """SQL boolean: the ten-digit number ``number`` (a BIGINT) has a valid mod-11 check digit.
+
+    Rule (NHS Data Dictionary "NHS NUMBER"; BRIEF "Data standards"; the text form is
+    ``safehaven.core.identifiers.nhs_valid_sql``): weights 10..2 on digits 1-9, check = 11 - (sum
+    mod 11), 11 -> 0, 10 -> invalid. Equivalently the sum over all ten digits with weights
+    10..1 is a multiple of 11: the check digit d10 is valid exactly when (sum + d10) mod 11 =
+    0, and a check of 10 can never equal a digit. The weighted sum of ten digits is the sum
+    of its two halves' weighted sums, read from ``check_weights_sql`` (joined as ``_w``): two
+    list reads per row instead of nine divisions (6.7M numbers: 1.1 s against 2.3 s for
+    integer arithmetic, and that twice as fast as ten substrings, on two busy cores).
+    """
+    return (
+        f"((({CHECK_WEIGHTS}.hi[CAST({number} // {_HALF} AS INTEGER) + 1] "
+        f"+ {CHECK_WEIGHTS}.lo[CAST({number} % {_HALF} AS INTEGER) + 1]) % 11) = 0)"
+    )
+
+
+@dataclass(frozen=True)
+class TypedColumn:
+    """One column of the typed projection: its name, SQL over the landed text, and type."""
+
+    name: str
+    sql: str
+    type: str
+
+
+def typed_projection(contract: Contract) -> list[TypedColumn]:
+    """The stored columns of the single pass, each computed once per row, in contract order."""
+    columns: list[TypedColumn] = []
+    for spec in contract.fields:
+        if spec.type != "VARCHAR":
+            columns.append(TypedColumn(RAW + spec.name, text_sql(spec.name), "VARCHAR"))
+        columns.append(TypedColumn(spec.name, typed_sql(spec), spec.type))
+    return columns
+
+
+def helper_projection(contract: Contract) -> list[TypedColumn]:
+    """Columns over the typed projection that rules read but validation does not keep."""
+    helpers: list[TypedColumn] = []
+    for spec in contract.fields:
+        if spec.rule and spec.rule.format == "nhs_number":
+            value = q(spec.name)
+            helpers.append(
+                TypedColumn(
+                    NHS_INT + spec.name,
+                    f"CASE WHEN {value} GLOB '{NHS_GLOB}' THEN CAST({value} AS BIGINT) END",
+                    "BIGINT",
+                )
+            )
+    for key in contract.unique:
+        cols = [q(f) for f in key.fields]
+        missing = " OR ".join(f"{c} IS NULL" for c in cols)
+        helpers.append(
+            TypedColumn(
+                DUPLICATE + key.id,
+                f"CASE WHEN {missing} THEN false ELSE row_number() OVER (PARTITION BY _b, {', '.join(cols)} "
+                "ORDER BY _row) > 1 END",
+                "BOOLEAN",
+            )
+        )
+    return helpers
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """One rule: its id, kind, what it checks, the fields it reads, and its SQL predicate."""
+
+    id: str
+    description: str
+    fields: tuple[str, ...]
+    valid_sql: str
+    kind: RuleKind = "format"
+
+
+def compile_checks(
+    contract: Contract,
+    registry: ContractRegistry,
+    today: date | None = None,
+    over: Literal["typed", "landed"] = "landed",
+) -> list[RuleCheck]:
+    """Every rule of ``contract`` as a SQL predicate, in a stable order.
+
+    ``over="typed"``: predicates over the columns of ``typed_projection`` and
+    ``helper_projection`` (the single pass). ``over="landed"``: the same predicates inlined
+    over the landed text columns; uniqueness declarations are left out there (they need the
+    whole batch: a window). ``today`` fixes what "no future dates" means for one validation
+    run (the GX suite is compiled with the same day).
+    """
+    today = today or date.today()
+    typed = over == "typed"
+
+    def value(spec: FieldSpec) -> str:
+        return q(spec.name) if typed else typed_sql(spec)
+
+    def given(spec: FieldSpec) -> str:
+        if typed:
+            return q(raw_column(spec))
+        return typed_sql(spec) if spec.type == "VARCHAR" else text_sql(spec.name)
+
+    checks: list[RuleCheck] = []
+    for spec in contract.fields:
+        present, val = given(spec), value(spec)
+        if spec.required:
+            checks.append(
+                RuleCheck(
+                    f"{spec.name}.required",
+                    f"{spec.name} is present",
+                    (spec.name,),
+                    f"{present} IS NOT NULL",
+                    "required",
+                )
+            )
+        if spec.type != "VARCHAR":
+            checks.append(
+                RuleCheck(
+                    f"{spec.name}.type",
+                    f"{spec.name} is a valid {spec.type}",
+                    (spec.name,),
+                    f"({present} IS NULL OR {val} IS NOT NULL)",
+                    "type",
+                )
+            )
+        rule = spec.rule
+        if rule is None:
+            continue
+        kind: RuleKind | None = None
+        predicate = ""
+        if rule.format == "nhs_number":
+            number = q(NHS_INT + spec.name) if typed else f"CAST({val} AS BIGINT)"
+            kind = "nhs_number"
+            predicate = (
+                f"({number} IS NOT NULL AND {nhs_check_digit_lookup_sql(number)})" if typed else nhs_valid_sql(val)
+            )
+        elif rule.format in FORMAT_RE:
+            kind, predicate = "format", f"regexp_full_match({val}, '{FORMAT_RE[rule.format]}')"
+        elif rule.allowed is not None or rule.code_list is not None:
+            values = code_values(spec, registry)
+            probe = f"upper(left({val}, 3))" if rule.match == "prefix3" else val
+            kind = "code_list" if rule.code_list else "allowed"
+            predicate = f"list_contains([{', '.join(lit(v) for v in values)}], {probe})"
+        if kind is not None:
+            checks.append(
+                RuleCheck(
+                    f"{spec.name}.{kind}",
+                    f"{spec.name} meets its {kind.replace('_', ' ')} rule",
+                    (spec.name,),
+                    f"({val} IS NULL OR coalesce({predicate}, false))",
+                    kind,
+                )
+            )
+        if rule.min is not None or rule.max is not None:
+            low, high = date_bounds(spec, today)
+            checks.append(
+                RuleCheck(
+                    f"{spec.name}.range",
+                    f"{spec.name} is between {low} and {high}",
+                    (spec.name,),
+                    f"({val} IS NULL OR {val} BETWEEN {date_lit(low)} AND {date_lit(high)})",
+                    "range",
+                )
+            )
+    for rule in contract.rules:
+        later, earlier = value(contract.field(rule.later)), value(contract.field(rule.earlier))
+        checks.append(
+            RuleCheck(
+                rule.id, rule.description, (rule.later, rule.earlier), f"coalesce({later} >= {earlier}, true)", "order"
+            )
+        )
+    if typed:
+        for key in contract.unique:
+            checks.append(
+                RuleCheck(key.id, key.description, tuple(key.fields), f"NOT {q(DUPLICATE + key.id)}", "unique")
+            )
+    return checks
+
+
+def date_bounds(spec: FieldSpec, today: date) -> tuple[date, date]:
+    """The plausible range of a date field (``max: today`` is the day of validation)."""
+    rule = spec.rule
+    assert rule is not None
+    low = rule.min or EARLIEST
+    high = today if rule.max == "today" else rule.max if isinstance(rule.max, date) else LATEST
+    return low, high
+
+
+def code_values(spec: FieldSpec, registry: ContractRegistry) -> list[str]:
+    """The values a field's allowed set or code list admits."""
+    rule = spec.rule
+    assert rule is not None
+    if rule.allowed is not None:
+        return list(rule.allowed)
+    return registry.code_list(rule.code_list or "").code_values
+
+
+def failed_rules_sql(checks: list[RuleCheck]) -> str:
+    """SQL list of the ids of the rules a row breaks: built only for rows that break one.
+
+    A valid row (the great majority) gets an empty list from one conjunction of the
+    predicates; the list of ids is assembled for the others alone.
+    """
+    all_valid = " AND ".join(f"({c.valid_sql})" for c in checks) or "true"
+    items = ", ".join(f"CASE WHEN NOT ({c.valid_sql}) THEN {lit(c.id)} END" for c in checks)
+    return f"CASE WHEN {all_valid} THEN []::VARCHAR[] ELSE list_filter([{items}], x -> x IS NOT NULL) END"
+
+
+def pass_sql(contract: Contract, registry: ContractRegistry, table: str, batches: list[str], today: date) -> str:
+    """The single pass over ``batches`` of ``table`` (the landed, all-text rows).
+
+    Columns: ``_b`` (the batch's position in ``batches``, from 1: a small integer is cheaper
+    to group and filter on than the batch's SHA-256), ``_row``, the typed projection and
+    ``failed_rules``. Each field is trimmed, canonicalised and parsed once (innermost
+    projection), helpers are computed once over the typed values, and every rule reads
+    those columns.
+    """
+    if len(batches) == 1:
+        where, index = f"_batch = {lit(batches[0])}", "1"
+    else:
+        listed = "[" + ", ".join(lit(b) for b in batches) + "]"
+        where, index = f"list_contains({listed}, _batch)", f"list_position({listed}, _batch)"
+    typed = ", ".join(f"{c.sql} AS {q(c.name)}" for c in typed_projection(contract))
+    helpers = helper_projection(contract)
+    helper_sql = "".join(f", {c.sql} AS {q(c.name)}" for c in helpers)
+    stored = ", ".join(q(c.name) for c in typed_projection(contract))
+    checks = compile_checks(contract, registry, today, over="typed")
+    weights = f", {check_weights_sql()} AS {CHECK_WEIGHTS}" if any(c.kind == "nhs_number" for c in checks) else ""
+    return (
+        f"SELECT _b, _row, {stored}, {failed_rules_sql(checks)} AS failed_rules FROM ("
+        f"SELECT *{helper_sql} FROM (SELECT CAST({index} AS INTEGER) AS _b, _row, {typed} "
+        f"FROM {table} WHERE {where})){weights}"
+    )

@@ -1,0 +1,142 @@
+"""Bring validated records into the haven zone: pseudonymised, minus type 1 objectors.
+
+Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 27b-c) and
+``safehaven.protect.objections`` (type 1, CoP 11-14; guide Rule 4B).
+
+* Batches enter the haven once: a batch already present in ``haven.<collection>`` is not
+  processed again, so reruns add nothing.
+* The whole move is SQL in DuckDB: one HMAC per distinct NHS number into a small temporary
+  table, then one INSERT joining it back, with the type 1 drop as an anti-join against the
+  register. No Python touches a row, and the records are written once (no intermediate
+  copy of the batch). Type 1 records are found by NHS number against the few objectors
+  among the batch's people, so the drop costs a semi-join, not a second pass.
+* The (practice, pid) pairs of the dropped type 1 records are kept in
+  ``governance.practice_registrations``: with the GP haven tables they give the list sizes of
+  the objection-rate monitor, so a practice's objectors still count in its list.
+* **One haven key per epoch** (CoP 27b-c): ``governance.key_epochs`` records the id of the
+  key the haven's pseudonyms are made with. A key file that does not match it (lost and
+  re-created, or swapped) is refused: pseudonyms made under another key would not match the
+  objection register, and objectors would get through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+
+from safehaven.core.keys import Key, KeyRing, KeyRingError
+from safehaven.intake.contracts import Contract
+from safehaven.intake.ingest import BATCHES
+from safehaven.intake.rules import q
+from safehaven.protect.objections import ensure_tables, record_type1_incident, register_practices, type1_objectors_sql
+from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_key
+
+EPOCHS = "governance.key_epochs"
+
+
+def ensure_epochs(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {EPOCHS} (purpose VARCHAR, key_id VARCHAR, started_at TIMESTAMPTZ, "
+        "retired_at TIMESTAMPTZ)"
+    )
+
+
+def epoch_key_id(con: duckdb.DuckDBPyConnection, purpose: str = "haven") -> str | None:
+    """The id of the key the store's data of ``purpose`` is made with, if recorded."""
+    ensure_epochs(con)
+    row = con.execute(
+        f"SELECT key_id FROM {EPOCHS} WHERE purpose = ? AND retired_at IS NULL ORDER BY started_at DESC LIMIT 1",
+        [purpose],
+    ).fetchone()
+    return row[0] if row else None
+
+
+def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
+    """The haven key, checked against the epoch recorded in the store (created on first use only)."""
+    recorded = epoch_key_id(con)
+    if recorded is None:
+        key = keyring.get_or_create("haven")
+        con.execute(f"INSERT INTO {EPOCHS} VALUES ('haven', ?, now(), NULL)", [key.key_id])
+        return key
+    if not keyring.exists("haven"):
+        raise KeyRingError(
+            f"the haven key is missing ({keyring.path('haven')}) but the haven's pseudonyms were made "
+            f"with key {recorded}; restore the key file from the key custodian's backup"
+        )
+    key = keyring.get("haven")
+    if key.key_id != recorded:
+        raise KeyRingError(
+            f"the haven key file holds key {key.key_id}, but the haven's pseudonyms were made with key "
+            f"{recorded}; restore the right key, or finish the pending rotation (safehaven keys rotate --resume)"
+        )
+    return key
+
+
+@dataclass
+class HavenReport:
+    """Counts for one collection's move into the haven."""
+
+    collection: str
+    rows_in: int = 0
+    rows_out: int = 0
+    type1_dropped: int = 0
+    type1_by_sender: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    key_id: str = ""
+    practice_registrations: int = 0
+
+
+def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: Key) -> HavenReport:
+    """Pseudonymise accepted batches not yet in the haven; drop and count type 1 records."""
+    ensure_tables(con)
+    c = contract.collection
+    install_key(con, "haven", haven_key.material)
+    report = HavenReport(c, key_id=haven_key.key_id)
+    source = f"landing.{c}_valid"
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS haven.{c} AS {haven_select_sql(contract, f'(SELECT * FROM {source} LIMIT 0)')}"
+    )
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _new_batches AS SELECT batch_id FROM {BATCHES} "
+        f"WHERE collection = ? AND status = 'accepted' "
+        f"AND batch_id NOT IN (SELECT DISTINCT _batch FROM haven.{c})",
+        [c],
+    )
+    report.batches = con.execute("SELECT count(*) FROM _new_batches").fetchone()[0]
+    if report.batches == 0:
+        return report
+    batches = [r[0] for r in con.execute("SELECT batch_id FROM _new_batches ORDER BY 1").fetchall()]
+    incoming = f"(SELECT * FROM {source} WHERE _batch IN (SELECT batch_id FROM _new_batches))"
+    con.execute("BEGIN TRANSACTION")
+    try:
+        # one HMAC per distinct person (small), then one pass writing the records
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _ids AS {ids_sql(contract, incoming)}")
+        report.rows_in = con.execute(f"SELECT count(*) FROM {incoming}").fetchone()[0]
+        kept = incoming
+        if contract.practice_field:
+            sender, nhs = q(contract.practice_field), q(contract.patient_key)
+            # the few type 1 objectors among these people: their records are found by NHS
+            # number (a semi-join against a small table), never by pseudonymising every record
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE _type1 AS SELECT nhs, pid FROM _ids WHERE pid IN "
+                f"({type1_objectors_sql()})"
+            )
+            dropped = f"(SELECT t.pid AS pid, s.{sender} FROM {incoming} s JOIN _type1 t ON t.nhs = s.{nhs})"
+            rows = con.execute(f"SELECT {sender}, count(*) FROM {dropped} GROUP BY 1 ORDER BY 1").fetchall()
+            report.type1_by_sender = {s: int(n) for s, n in rows}
+            report.type1_dropped = sum(report.type1_by_sender.values())
+            # the monitor's list sizes must still count the people whose records were dropped
+            report.practice_registrations = register_practices(con, dropped, contract.practice_field, c)
+            kept = f"(SELECT * FROM {incoming} WHERE {nhs} IS NULL OR {nhs} NOT IN (SELECT nhs FROM _type1))"
+        con.execute(f"INSERT INTO haven.{c} {haven_select_sql(contract, kept, ids='_ids')}")
+        report.rows_out = report.rows_in - report.type1_dropped
+        con.execute("DROP TABLE IF EXISTS _type1")
+        con.execute("DROP TABLE _ids")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    # after the commit: the breach register may write the audit trail in its own transaction
+    record_type1_incident(con, c, report.type1_by_sender, batches)
+    return report

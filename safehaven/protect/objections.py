@@ -1,0 +1,388 @@
+"""The objection register, the type 1 rule and the objection-rate monitor.
+
+Rules (CoP 11-14, 25; confidentiality guide Rule 4; "rules for sharing" page; Government
+response to the Caldicott review 7.15):
+
+* **Register.** Objections arrive as ``objections`` drops and are validated like any
+  collection (canonical NHS number, type, recorded date, withdrawn date, source practice).
+  ``governance.objection_events`` is an append-only history: one event per statement a drop
+  makes, numbered in the order the haven learnt it (``event_id``: batch landing time, then
+  row), with the time it was registered. It is keyed by the haven pseudonym of the canonical
+  NHS number, never the number itself; the number goes to the identity vault
+  (``safehaven.protect.vault``) like every other direct identifier (CoP 14a: record objections).
+* **Current state is derived, never stored.** A person's objection *episode* is identified
+  by (pid, type, recorded date); the latest statement about an episode wins (so a later drop
+  that restates it with a withdrawn date withdraws it). An objection is in force on day ``d``
+  when some episode has ``recorded_date <= d`` and no ``withdrawn_date <= d``: it applies
+  from its recorded date and stops applying on its withdrawn date. Reading the register
+  "as known at" an earlier time (``known_at``) uses only the events registered by then; the
+  notices to recipients (``safehaven.protect.optouts``) compare these two views.
+* **Formatting never lets an objector through.** Objections and records are matched on the
+  pseudonym of the *canonical* NHS number (``safehaven.core.identifiers``): "943 476 5919",
+  "9434765919" and "943-476-5919" are one person.
+* **Type 1** (the patient's data must not leave the GP practice for purposes beyond direct
+  care; guide Rule 4B, rules-for-sharing page): records in a GP-sourced collection (one whose
+  contract names a ``practice_field``) about a person with a type 1 objection in force should
+  never have been sent. They are dropped before the haven (``safehaven.protect.haven``), counted per
+  sending practice, and recorded as an incident in ``governance.type1_incidents`` and in the
+  breach register (``safehaven.core.registers.record_breach``).
+* **Objection-rate monitor** (Govt response 7.15: "The HSCIC is monitoring the rate of
+  objections. Where there appears to be an abnormal number of objections, the BMA and NHS
+  England will explore with practices why"): see ``objection_rates``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+import duckdb
+import numpy as np
+
+from safehaven.core.identifiers import canonical_nhs_sql
+from safehaven.core.registers import record_breach
+from safehaven.intake.contracts import Contract
+from safehaven.intake.rules import q
+from safehaven.protect.pseudonymise import hmac_sql
+
+EVENTS = "governance.objection_events"
+TYPE1_INCIDENTS = "governance.type1_incidents"
+REGISTRATIONS = "governance.practice_registrations"
+RATES = "governance.objection_rates"
+
+TYPE1 = "type1"
+NATIONAL_OPT_OUT = "national_opt_out"
+TYPES = (TYPE1, NATIONAL_OPT_OUT)
+
+#: Two-sided 99.8% funnel-plot control limit (Spiegelhalter 2005): mean +/- 3.09 SD ...
+Z_998 = 3.090232306167813
+#: ... whose upper limit leaves 0.1% of the binomial distribution above it.
+ALPHA_UPPER = 0.001
+
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([+-]\d{2}(:?\d{2})?|Z)?")
+
+
+def as_of_sql(as_of: str | date | datetime = "current_date") -> str:
+    """A safe SQL DATE expression for an as-of date: ``current_date``, a date, or ``YYYY-MM-DD``."""
+    if isinstance(as_of, datetime):
+        return f"DATE '{as_of.date().isoformat()}'"
+    if isinstance(as_of, date):
+        return f"DATE '{as_of.isoformat()}'"
+    text = as_of.strip()
+    if text.lower() == "current_date":
+        return "current_date"
+    if _DATE.fullmatch(text):
+        return f"DATE '{text}'"
+    raise ValueError(f"as_of must be 'current_date' or a YYYY-MM-DD date, not {as_of!r}")
+
+
+def known_at_sql(known_at: str | datetime) -> str:
+    """A safe SQL TIMESTAMPTZ literal for a 'known at' time."""
+    text = known_at.isoformat() if isinstance(known_at, datetime) else known_at.strip()
+    if not _TIMESTAMP.fullmatch(text):
+        raise ValueError(f"known_at must be an ISO timestamp, not {known_at!r}")
+    return f"TIMESTAMPTZ '{text}'"
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the register, the type 1 incident log and the practice registrations."""
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {EVENTS} (event_id BIGINT, pid VARCHAR, objection_type VARCHAR, "
+        "recorded_date DATE, withdrawn_date DATE, source_practice VARCHAR, _batch VARCHAR, "
+        "_row BIGINT, registered_at TIMESTAMPTZ, key_id VARCHAR)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {TYPE1_INCIDENTS} (detected_at TIMESTAMPTZ, collection VARCHAR, "
+        "sender VARCHAR, records_dropped BIGINT, batches VARCHAR[])"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {REGISTRATIONS} (practice VARCHAR, pid VARCHAR, "
+        "first_seen TIMESTAMPTZ, collection VARCHAR)"
+    )
+
+
+def register_objections(con: duckdb.DuckDBPyConnection, contract: Contract, key_id: str = "") -> int:
+    """Append newly validated objection rows to the register (idempotent by batch and row).
+
+    Needs the haven key installed as ``haven`` (``safehaven.protect.pseudonymise.install_key``). The
+    NHS number is canonicalised again here, so the register never depends on a caller having
+    done it. Events are numbered in landing order (batch landing time, then row).
+    """
+    ensure_tables(con)
+    pid = hmac_sql(canonical_nhs_sql(q(contract.patient_key)), "haven")
+    (added,) = con.execute(
+        f"INSERT INTO {EVENTS} SELECT "
+        f"(SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
+        f"+ row_number() OVER (ORDER BY b.landed_at, v._batch, v._row), "
+        f"{pid}, objection_type, recorded_date, withdrawn_date, source_practice, v._batch, v._row, now(), ? "
+        f"FROM landing.{contract.collection}_valid v LEFT JOIN governance.batches b ON b.batch_id = v._batch "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row)",
+        [key_id],
+    ).fetchone()
+    return int(added)
+
+
+def episodes_sql(known_at: str | datetime | None = None) -> str:
+    """SQL relation of objection episodes (pid, objection_type, recorded_date, withdrawn_date,
+    source_practice).
+
+    One row per (pid, type, recorded date): the latest statement about it wins (its source
+    practice too). With ``known_at``, only events registered by then count (the register as
+    it stood).
+    """
+    where = f"WHERE registered_at <= {known_at_sql(known_at)} " if known_at is not None else ""
+    return (
+        f"SELECT pid, objection_type, recorded_date, withdrawn_date, source_practice FROM {EVENTS} {where}"
+        "QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date "
+        "ORDER BY event_id DESC) = 1"
+    )
+
+
+def in_force_sql(as_of: str | date = "current_date") -> str:
+    """SQL predicate over an episode: in force on ``as_of`` (recorded by it, not withdrawn by it)."""
+    d = as_of_sql(as_of)
+    return f"(recorded_date <= {d} AND (withdrawn_date IS NULL OR withdrawn_date > {d}))"
+
+
+def objectors_sql(
+    as_of: str | date = "current_date",
+    types: tuple[str, ...] = (NATIONAL_OPT_OUT,),
+    known_at: str | datetime | None = None,
+) -> str:
+    """SQL relation ``(pid)``: distinct people with an objection of ``types`` in force on ``as_of``."""
+    unknown = set(types) - set(TYPES)
+    if unknown or not types:
+        raise ValueError(f"objection types must be among {TYPES}, not {sorted(unknown) or types}")
+    listed = ", ".join(f"'{t}'" for t in types)
+    return (
+        f"SELECT DISTINCT pid FROM ({episodes_sql(known_at)}) "
+        f"WHERE objection_type IN ({listed}) AND {in_force_sql(as_of)}"
+    )
+
+
+def current_sql(as_of: str | date = "current_date") -> str:
+    """SQL relation (pid, objection_type, in_force): each person's state per type on ``as_of``."""
+    return (
+        f"SELECT pid, objection_type, bool_or({in_force_sql(as_of)}) AS in_force "
+        f"FROM ({episodes_sql()}) GROUP BY pid, objection_type"
+    )
+
+
+def type1_objectors_sql(as_of: str | date = "current_date") -> str:
+    """SQL relation of pids with a type 1 objection in force."""
+    return objectors_sql(as_of, (TYPE1,))
+
+
+# --- type 1 incidents -------------------------------------------------------------------
+
+
+@dataclass
+class Type1Report:
+    collection: str
+    dropped: int = 0
+    by_sender: dict[str, int] = field(default_factory=dict)
+
+
+def record_type1_incident(
+    con: duckdb.DuckDBPyConnection, collection: str, by_sender: dict[str, int], batches: list[str]
+) -> None:
+    """Record type 1 records that should never have been sent: one incident row per sender.
+
+    Also recorded in the breach register (``safehaven.core.registers.record_breach``) as kind
+    ``type1_objection_disregarded`` at that kind's usual severity (contained): the records were
+    dropped before the haven used them, so no onward disclosure happened, but the sending
+    practice disregarded its patients' objections (guide Rule 4B).
+    Counts and practice codes only; never a pseudonym or a value.
+    """
+    if not by_sender:
+        return
+    con.executemany(
+        f"INSERT INTO {TYPE1_INCIDENTS} VALUES (now(), ?, ?, ?, ?)",
+        [[collection, sender, n, batches] for sender, n in sorted(by_sender.items())],
+    )
+    record_breach(
+        con,
+        kind="type1_objection_disregarded",
+        severity=None,
+        what=f"{sum(by_sender.values())} {collection} records about patients with a type 1 objection "
+        f"in force were sent by {len(by_sender)} practice(s)",
+        remedial_action="records dropped before the haven; the sending practices are to be told "
+        "to apply type 1 objections to their extracts",
+        detail={
+            "collection": collection,
+            "records_by_sender": dict(sorted(by_sender.items())),
+            "batches": len(batches),
+        },
+    )
+
+
+# --- the practice register and the objection-rate monitor -----------------------------
+
+
+def register_practices(con: duckdb.DuckDBPyConnection, source: str, practice_col: str, collection: str) -> int:
+    """Add the (practice, pid) pairs of a pseudonymised GP relation not yet known.
+
+    Called on the type 1 records dropped before the haven: the haven's GP tables give every
+    other (practice, person) pair, so a practice's list size still counts its objectors.
+    """
+    ensure_tables(con)
+    (added,) = con.execute(
+        f"INSERT INTO {REGISTRATIONS} SELECT DISTINCT {q(practice_col)}, pid, now(), ? FROM {source} s "
+        f"WHERE pid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {REGISTRATIONS} r "
+        f"WHERE r.practice = s.{q(practice_col)} AND r.pid = s.pid)",
+        [collection],
+    ).fetchone()
+    return int(added)
+
+
+@dataclass(frozen=True)
+class PracticeRate:
+    """One practice's objection rate against the baseline it was compared with."""
+
+    practice: str
+    objection_type: str
+    list_size: int
+    objectors: int
+    rate: float
+    baseline: float
+    upper_limit: float | None
+    p_value: float | None
+    z: float | None
+    assessed: bool
+    outlier: bool
+
+
+def binomial_upper(n: int, p0: float, x: int, alpha: float = ALPHA_UPPER) -> tuple[float, float]:
+    """Exact binomial upper tail ``P(X >= x)`` for ``X ~ Bin(n, p0)``, and the exact upper
+    control limit as a rate: the smallest ``k / n`` with ``P(X >= k) < alpha``.
+
+    Vectorised over ``k = 0..n`` in log space with numpy (one call per practice, not per person).
+    """
+    k = np.arange(n + 1, dtype=np.float64)
+    log_choose = np.concatenate([[0.0], np.cumsum(np.log(n - k[1:] + 1) - np.log(k[1:]))])
+    log_pmf = log_choose + k * math.log(p0) + (n - k) * math.log1p(-p0)
+    log_tail = np.logaddexp.accumulate(log_pmf[::-1])[::-1]  # log P(X >= k)
+    below = np.flatnonzero(log_tail < math.log(alpha))
+    limit = (below[0] / n) if below.size else 1.0
+    return float(min(1.0, math.exp(log_tail[x]))), float(limit)
+
+
+def objection_rates(
+    con: duckdb.DuckDBPyConnection,
+    objection_type: str = TYPE1,
+    as_of: str | date = "current_date",
+    alpha: float = ALPHA_UPPER,
+    gp_sources: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+) -> list[PracticeRate]:
+    """Each practice's objection rate, compared with the pooled rate of all *other* practices.
+
+    Method (Govt response 7.15; a funnel plot, Spiegelhalter, Stat Med 2005;24:1185-1202):
+
+    * The list size ``n`` of a practice is the people it sent records about: those in the GP
+      haven tables (``gp_sources``: pairs of table and practice column), those whose type 1
+      records were dropped on arrival (``governance.practice_registrations``), and the type 1
+      objectors recorded at it (``source_practice``), so a practice that rightly withholds
+      its objectors' records still counts them. Objectors ``x`` are the list's people with an objection of this type in
+      force on ``as_of``; for type 1 the objection must also have been recorded at that
+      practice.
+    * The baseline ``p0`` is the pooled rate of every other practice (leave-one-out), so an
+      outlier does not raise its own baseline; with few practices it would otherwise hide.
+    * Under ``p0`` the count is binomial. A practice is an outlier when its count lies above
+      the 99.8% funnel-plot limit, i.e. the exact one-sided tail ``P(X >= x) < 0.001``
+      (about one false alarm per thousand practices from chance alone). The limit is exact
+      (``binomial_upper``), not the normal approximation ``p0 + 3.09 sqrt(p0 (1 - p0) / n)``,
+      which raises false alarms at small practices; ``z`` on that scale is reported too.
+      Only *high* rates are flagged: 7.15 asks about an abnormal number of objections.
+    * No over-dispersion correction is applied: the synthetic data is binomial by
+      construction. With real data, inflate the variance by the estimated dispersion factor
+      (Spiegelhalter's multiplicative or additive random-effects model) before relying on it.
+    """
+    ensure_tables(con)
+    if objection_type not in TYPES:
+        raise ValueError(f"unknown objection type {objection_type!r}")
+    practice_filter = "AND e.source_practice = m.practice" if objection_type == TYPE1 else ""
+    gp_union = "".join(f" UNION SELECT {q(col)}, pid FROM {table}" for table, col in gp_sources)
+    rows = con.execute(
+        f"""
+        WITH members AS (
+            SELECT practice, pid FROM {REGISTRATIONS}
+            {gp_union}
+            UNION
+            SELECT source_practice, pid FROM {EVENTS}
+            WHERE objection_type = '{TYPE1}' AND source_practice IS NOT NULL
+        ),
+        latest AS ({episodes_sql()}),
+        objecting AS (
+            SELECT m.practice, m.pid,
+                   bool_or(e.objection_type = '{objection_type}' {practice_filter} AND {in_force_sql(as_of)})
+                       AS objects
+            FROM members m LEFT JOIN latest e ON e.pid = m.pid
+            GROUP BY ALL
+        ),
+        per AS (
+            SELECT practice, count(*) AS n, count(*) FILTER (WHERE objects) AS x FROM objecting GROUP BY practice
+        ),
+        tot AS (SELECT sum(n) AS big_n, sum(x) AS big_x FROM per)
+        SELECT practice, n, x,
+               CASE WHEN big_n - n > 0 THEN (big_x - x) / (big_n - n) END AS p0
+        FROM per, tot ORDER BY practice
+        """
+    ).fetchall()
+    out: list[PracticeRate] = []
+    for practice, n, x, p0 in rows:  # one row per practice, not per person
+        n, x = int(n), int(x)
+        rate = x / n if n else 0.0
+        assessed = n > 0 and p0 is not None and 0.0 < p0 < 1.0
+        upper = p_value = z = None
+        if assessed:
+            p_value, upper = binomial_upper(n, p0, x, alpha)
+            z = (rate - p0) / math.sqrt(p0 * (1 - p0) / n)
+        out.append(
+            PracticeRate(
+                practice=practice,
+                objection_type=objection_type,
+                list_size=n,
+                objectors=x,
+                rate=rate,
+                baseline=float(p0 or 0.0),
+                upper_limit=upper,
+                p_value=p_value,
+                z=z,
+                assessed=assessed,
+                outlier=bool(assessed and p_value is not None and p_value < alpha),
+            )
+        )
+    return out
+
+
+def save_rates(con: duckdb.DuckDBPyConnection, rates: list[PracticeRate]) -> None:
+    """Replace the monitor's table ``governance.objection_rates`` with the latest assessment."""
+    con.execute(
+        f"CREATE OR REPLACE TABLE {RATES} (assessed_at TIMESTAMPTZ, practice VARCHAR, objection_type VARCHAR, "
+        "list_size BIGINT, objectors BIGINT, rate DOUBLE, baseline DOUBLE, upper_limit DOUBLE, p_value DOUBLE, "
+        "z DOUBLE, assessed BOOLEAN, outlier BOOLEAN)"
+    )
+    if not rates:
+        return
+    con.executemany(
+        f"INSERT INTO {RATES} VALUES (now(), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            [
+                r.practice,
+                r.objection_type,
+                r.list_size,
+                r.objectors,
+                r.rate,
+                r.baseline,
+                r.upper_limit,
+                r.p_value,
+                r.z,
+                r.assessed,
+                r.outlier,
+            ]
+            for r in rates
+        ],
+    )

@@ -1,0 +1,383 @@
+"""Key rotation: haven (pseudonyms), store (encryption at rest) and vault (identity vault).
+
+Rules (CoP 27b-c; BRIEF "Pseudonymisation and encryption"; ``safehaven.core.keys``):
+
+* **Every rotation is staged, then committed, then swapped**, so a crash at any point leaves
+  either the old state or a state ``resume`` completes: the new key is first written to
+  ``keys/<purpose>-next.key`` (0600, not yet current); the data is re-keyed; only then does the
+  new key replace the old one atomically, the manifest marking the old id retired. Key ids,
+  never material, are recorded in ``governance.key_epochs`` and in the audit trail
+  (``action="key.rotate"``).
+* **Haven key** (the HMAC of pseudonyms): a map old pid -> new pid is computed in SQL from
+  every canonical NHS number the haven can see: the landing zone and the identity vault
+  (decrypted with the governance lead's vault key, which this rotation therefore needs).
+  Every ``pid`` / ``*_pid`` column in the haven, governance, vault and release zones is
+  rewritten through that one map in one transaction, so linkage is kept: the same person has
+  the same new pid in every collection, in the objection register and in release members.
+  A haven or objection-register pid the map does not cover stops the rotation (a history
+  table's pid of a person already disposed of is left as it was, and counted). The vault entries are re-encrypted (their
+  associated data binds the pid). Agreement pseudonym keys derive from the haven key, so each
+  agreement's domain is re-keyed too; each recipient with released records gets a crosswalk
+  ``releases/<agreement>/rekey/<date>-<key id>.csv`` (old pseudonym, new pseudonym) of only
+  the people already released to it, so it can carry its own linkage across the rotation
+  and learns nothing new.
+* **Store key**: the store is copied into a new file encrypted under the new key (DuckDB
+  ``ATTACH ... (ENCRYPTION_KEY)`` + ``COPY FROM DATABASE``) and swapped in with one atomic
+  rename (``Store.rebuild``, journalled), then every table's row count is checked.
+* **Vault key** (X25519 pair): the data keys are unwrapped with the old private key and
+  re-wrapped to the new public key in one transaction; the entries themselves are untouched.
+* One writer at a time (DuckDB): run rotations when no pipeline run is active.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+
+import duckdb
+
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.keys import (
+    KEY_BYTES,
+    VAULT,
+    Key,
+    KeyRing,
+    KeyRingError,
+    agreement_ids,
+    agreement_purpose,
+    derive_agreement_key,
+    key_id,
+    x25519_private,
+    x25519_public,
+)
+from safehaven.core.store import CATALOG, Store, StoreError, table_exists
+from safehaven.intake.contracts import Contract
+from safehaven.intake.rules import lit, q
+from safehaven.protect import vault
+from safehaven.protect.haven import EPOCHS, ensure_epochs, epoch_key_id, haven_key
+from safehaven.protect.pseudonymise import hmac_sql, install_key
+
+PURPOSES = ("haven", "store", "vault")
+#: Rotations this module stages itself; the store key's is staged and resumed by ``Store``.
+STAGED = ("haven", "vault")
+REMAP_SCHEMAS = ("haven", "governance", "vault", "release")
+#: Tables whose every pid must map (besides the haven zone): a stale pid there would let an
+#: objector through or break linkage. Elsewhere (history such as release members) a pid of a
+#: person already disposed of keeps its old value and is counted as unmapped.
+STRICT = {("governance", "objection_events")}
+
+
+class RotationError(Exception):
+    """A rotation could not be done; nothing was changed unless the message says so."""
+
+
+@dataclass
+class RotationReport:
+    purpose: str
+    old_key_id: str | None
+    new_key_id: str
+    counts: dict[str, int] = field(default_factory=dict)
+    crosswalks: list[str] = field(default_factory=list)
+
+
+def _staged(purpose: str) -> str:
+    return f"{purpose}-next"
+
+
+def _audit(con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: RotationReport) -> None:
+    audit.append(
+        con,
+        actor=actor,
+        role="key_custodian",
+        action="key.rotate",
+        object=f"key:{report.purpose}",
+        detail={
+            "old_key_id": report.old_key_id,
+            "new_key_id": report.new_key_id,
+            "counts": report.counts,
+            "crosswalks": len(report.crosswalks),
+        },
+        home=home,
+    )
+
+
+def _retire_epoch(con: duckdb.DuckDBPyConnection, purpose: str, new_id: str) -> None:
+    ensure_epochs(con)
+    con.execute(f"UPDATE {EPOCHS} SET retired_at = now() WHERE purpose = ? AND retired_at IS NULL", [purpose])
+    con.execute(f"INSERT INTO {EPOCHS} VALUES (?, ?, now(), NULL)", [purpose, new_id])
+
+
+def _discard_staged(keyring: KeyRing, purpose: str) -> None:
+    keyring.discard(_staged(purpose))
+    keyring.discard(_staged(purpose), public=True)
+
+
+# --- haven ---------------------------------------------------------------------------------
+
+
+def _pid_columns(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
+    zones = ", ".join(lit(z) for z in REMAP_SCHEMAS)
+    return con.execute(
+        "SELECT c.table_schema, c.table_name, c.column_name FROM information_schema.columns c "
+        "JOIN information_schema.tables t USING (table_catalog, table_schema, table_name) "
+        f"WHERE c.table_catalog = '{CATALOG}' AND c.table_schema IN ({zones}) AND t.table_type = 'BASE TABLE' "
+        "AND (c.column_name = 'pid' OR c.column_name LIKE '%\\_pid' ESCAPE '\\') AND c.data_type = 'VARCHAR' "
+        "AND NOT (c.table_schema = 'vault' AND c.table_name = 'identity') ORDER BY 1, 2, 3"
+    ).fetchall()
+
+
+def _landing_nhs_sql(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> list[str]:
+    """One ``SELECT ... AS nhs`` per collection whose landing valid table exists."""
+    return [
+        f"SELECT {q(c.patient_key)} AS nhs FROM landing.{q(c.collection + '_valid')}"
+        for c in contracts
+        if table_exists(con, "landing", f"{c.collection}_valid")
+    ]
+
+
+def rotate_haven(
+    home: Home, contracts: Iterable[Contract], *, actor: str, keyring: KeyRing | None = None
+) -> RotationReport:
+    """Rotate the haven key and re-pseudonymise every pid consistently (module docstring)."""
+    keyring = keyring or KeyRing(home.keys)
+    contracts = list(contracts)
+    store = Store(home, keyring)
+    private = vault.private_key(keyring)
+    with store.connect() as con:
+        old = haven_key(con, keyring)
+        new = keyring.write(_staged("haven"), secrets.token_bytes(KEY_BYTES), replace=True, record=False)
+        new = Key("haven", new.material)
+        report = RotationReport("haven", old.key_id, new.key_id)
+        install_key(con, "haven_old", old)
+        install_key(con, "haven_new", new)
+        con.execute("CREATE OR REPLACE TEMP TABLE _rot_nhs (nhs VARCHAR)")
+        for part in _landing_nhs_sql(con, contracts):
+            con.execute(f"INSERT INTO _rot_nhs {part}")
+        # the whole vault, decrypted once: its NHS numbers join the map, its entries are re-encrypted
+        vault.decrypt_table(con, private, "true", "_rot_vault")
+        patient_keys = ", ".join(lit(k) for k in sorted({c.patient_key for c in contracts})) or "NULL"
+        con.execute(f"INSERT INTO _rot_nhs SELECT value FROM _rot_vault WHERE field IN ({patient_keys})")
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _pid_map AS SELECT DISTINCT "
+            f"{hmac_sql('nhs', 'haven_old')} AS old, {hmac_sql('nhs', 'haven_new')} AS new "
+            "FROM (SELECT DISTINCT nhs FROM _rot_nhs WHERE nhs IS NOT NULL)"
+        )
+        con.execute("DROP TABLE _rot_nhs")
+        report.counts["people"] = con.execute("SELECT count(*) FROM _pid_map").fetchone()[0]
+        columns = _pid_columns(con)
+        for schema, table, column in columns:
+            missing = con.execute(
+                f"SELECT count(DISTINCT {q(column)}) FROM {schema}.{q(table)} "
+                f"WHERE {q(column)} IS NOT NULL AND {q(column)} NOT IN (SELECT old FROM _pid_map)"
+            ).fetchone()[0]
+            if missing and ((schema, table) in STRICT or schema == "haven"):
+                _discard_staged(keyring, "haven")
+                raise RotationError(
+                    f"{missing} pseudonyms in {schema}.{table}.{column} have no NHS number in the landing zone or "
+                    "the vault; the haven key was not rotated"
+                )
+            if missing:
+                report.counts[f"unmapped {schema}.{table}.{column}"] = int(missing)
+        report.crosswalks = _crosswalks(con, home, keyring, old, new)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for schema, table, column in columns:
+                col = q(column)
+                n = con.execute(
+                    f"UPDATE {schema}.{q(table)} AS t SET {col} = m.new FROM _pid_map m WHERE t.{col} = m.old"
+                ).fetchone()[0]
+                report.counts[f"{schema}.{table}.{column}"] = int(n)
+            if table_exists(con, "governance", "objection_events"):
+                con.execute("UPDATE governance.objection_events SET key_id = ?", [new.key_id])
+            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", keyring.get_public(VAULT), "_pid_map")
+            _retire_epoch(con, "haven", new.key_id)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            _discard_staged(keyring, "haven")
+            for path in report.crosswalks:
+                os.unlink(path)
+            raise
+        con.execute("DROP TABLE _pid_map")
+        con.execute("DROP TABLE _rot_vault")
+        _finish_haven(keyring, new)
+        _audit(con, home, actor, report)
+    return report
+
+
+def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, old: Key, new: Key) -> list[str]:
+    """Per agreement with released people: (old pseudonym, new pseudonym) of those people only."""
+    if not table_exists(con, "governance", "release_members"):
+        return []
+    written = []
+    for agreement_id in agreement_ids(keyring):
+        salt = keyring.get(agreement_purpose(agreement_id)).material
+        install_key(con, "agr_old", derive_agreement_key(old.material, salt, agreement_id))
+        install_key(con, "agr_new", derive_agreement_key(new.material, salt, agreement_id))
+        rows = con.execute(
+            f"SELECT {hmac_sql('m.old', 'agr_old')} AS old_pseudonym, {hmac_sql('m.new', 'agr_new')} AS new_pseudonym "
+            "FROM (SELECT DISTINCT pid FROM governance.release_members WHERE agreement_id = ?) r "
+            "JOIN _pid_map m ON m.old = r.pid ORDER BY 1",
+            [agreement_id],
+        ).fetchall()
+        if not rows:
+            continue
+        folder = home.releases / agreement_id / "rekey"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        path = folder / f"{date.today().isoformat()}-{new.key_id}.csv"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["old_pseudonym", "new_pseudonym"])
+            writer.writerows(rows)
+        written.append(str(path))
+    return written
+
+
+def _finish_haven(keyring: KeyRing, new: Key) -> None:
+    keyring.write("haven", new.material, replace=True)
+    _discard_staged(keyring, "haven")
+
+
+# --- store ---------------------------------------------------------------------------------
+
+
+def _tables(con: duckdb.DuckDBPyConnection, catalog: str) -> list[tuple[str, str]]:
+    """(schema, table) of every persistent table of ``catalog``."""
+    return con.execute(
+        "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = ? AND NOT temporary ORDER BY 1, 2",
+        [catalog],
+    ).fetchall()
+
+
+def rotate_store(home: Home, *, actor: str, keyring: KeyRing | None = None) -> RotationReport:
+    """Re-encrypt the store under a new key and swap it in atomically (module docstring).
+
+    Uses ``Store.rebuild`` (shared with physical disposal: its journal makes the swap
+    crash-safe, and ``Store.check`` finishes or undoes an interrupted one), and checks that
+    every table holds the same number of rows afterwards.
+    """
+    keyring = keyring or KeyRing(home.keys)
+    store = Store(home, keyring)
+    if not store.path.exists():
+        raise RotationError(f"there is no store at {store.path} to rotate")
+    with store.connect(read_only=True) as con:
+        before = _row_counts(con)
+    ids = store.rebuild(rekey=True)
+    report = RotationReport("store", ids["old_key_id"], ids["new_key_id"])
+    with store.connect() as con:
+        after = _row_counts(con)
+        if after != before:
+            raise RotationError(
+                "the re-encrypted store does not hold the same rows as before; restore the "
+                "backup and investigate (the old key is retired)"
+            )
+        report.counts = {"tables": len(after), "rows": sum(after.values())}
+        _retire_epoch(con, "store", report.new_key_id)
+        _audit(con, home, actor, report)
+    return report
+
+
+def _row_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Rows per table of the store (checked before and after a store-key rotation)."""
+    return {
+        f"{s}.{t}": con.execute(f"SELECT count(*) FROM {CATALOG}.{q(s)}.{q(t)}").fetchone()[0]
+        for s, t in _tables(con, CATALOG)
+    }
+
+
+# --- vault ---------------------------------------------------------------------------------
+
+
+def rotate_vault(home: Home, *, actor: str, keyring: KeyRing | None = None) -> RotationReport:
+    """Re-wrap the vault's data keys to a new X25519 key pair (module docstring)."""
+    keyring = keyring or KeyRing(home.keys)
+    private = vault.private_key(keyring)
+    old_public = keyring.get_public(VAULT)
+    priv = x25519_private()
+    pub = x25519_public(priv)
+    keyring.write(_staged(VAULT), priv, replace=True, record=False)
+    report = RotationReport(VAULT, key_id(old_public.material), key_id(pub))
+    with Store(home, keyring).connect() as con:
+        vault.ensure_tables(con)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            report.counts["data_keys"] = vault.rewrap_all(con, private, Key(VAULT + ".pub", pub))
+            _retire_epoch(con, VAULT, report.new_key_id)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            _discard_staged(keyring, VAULT)
+            raise
+        _finish_vault(keyring, priv)
+        _audit(con, home, actor, report)
+    return report
+
+
+def _finish_vault(keyring: KeyRing, private_bytes: bytes) -> None:
+    keyring.write_keypair(VAULT, private_bytes)
+    _discard_staged(keyring, VAULT)
+
+
+# --- crash recovery ------------------------------------------------------------------------
+
+
+def pending(keyring: KeyRing) -> list[str]:
+    """Purposes with a staged key left by an interrupted rotation."""
+    return [p for p in STAGED if keyring.exists(_staged(p))]
+
+
+def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[str]:
+    """Finish or undo interrupted rotations; returns what was done, one line per purpose.
+
+    A staged key is installed when the store shows the rotation committed (its epoch);
+    otherwise it is discarded (shredded) and the old key stays. Old key files an interrupted
+    replacement left behind (``<name>.retired``) are shredded. Opening the store finishes or undoes an
+    interrupted store-key rotation by itself (``Store.recover``).
+    """
+    keyring = keyring or KeyRing(home.keys)
+    done = []
+    for purpose in pending(keyring):
+        staged = keyring.get(_staged(purpose))
+        try:
+            with Store(home, keyring).connect() as con:
+                current = epoch_key_id(con, purpose)
+        except StoreError as exc:
+            raise RotationError(f"cannot open the store to resume {purpose}: {exc}") from None
+        staged_id = staged.key_id if purpose == "haven" else key_id(x25519_public(staged.material))
+        if current == staged_id:
+            if purpose == "haven":
+                _finish_haven(keyring, Key("haven", staged.material))
+            else:
+                _finish_vault(keyring, staged.material)
+            done.append(f"{purpose}: finished; key {staged_id} is current")
+        else:
+            _discard_staged(keyring, purpose)
+            done.append(f"{purpose}: the rotation had not committed; the staged key was discarded")
+    done += [
+        f"{name}: an old key file left by an interrupted replacement was shredded" for name in keyring.shred_leftovers()
+    ]
+    return done
+
+
+def rotate(home: Home, purpose: str, contracts: Iterable[Contract], *, actor: str) -> RotationReport:
+    """Rotate one purpose's key; refuses while an earlier rotation is unfinished."""
+    keyring = KeyRing(home.keys)
+    if pending(keyring):
+        raise RotationError(
+            f"an earlier rotation of {', '.join(pending(keyring))} did not finish; "
+            "run `safehaven keys rotate --resume` first"
+        )
+    if purpose == "haven":
+        return rotate_haven(home, contracts, actor=actor, keyring=keyring)
+    if purpose == "store":
+        return rotate_store(home, actor=actor, keyring=keyring)
+    if purpose == VAULT:
+        return rotate_vault(home, actor=actor, keyring=keyring)
+    raise KeyRingError(f"unknown key purpose {purpose!r}; expected one of {PURPOSES}")

@@ -1,0 +1,1 @@
+"""Publish: outputs, disclosure control, quality statements, publication, analysts' queries."""

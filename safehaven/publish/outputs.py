@@ -1,0 +1,585 @@
+"""The anonymised aggregates the haven publishes: declared in YAML, counted in DuckDB, protected.
+
+An output is declared in ``data_contracts/outputs/<name>.yaml`` (:class:`Output`): its title,
+purpose and users (ESS *relevance*), the collections it reads, its dimensions with their
+domains, its measures, its disclosure-control policy and the SQL that counts people per cell.
+Adding an output is a reviewed YAML change, like adding a collection's contract; the rules
+below apply to every output without code. Rules (CoP 28-29, 34b, 35; ISB 1523; guide Rule 3
+part A; BRIEF "Statistical disclosure control"):
+
+* **People, per reporting month.** Every output counts distinct people (haven pseudonyms)
+  per cell, per calendar month of the *reporting period*: from the first month any of its
+  collections covers to the last month all of them cover, never past the last complete
+  month before the run (a month still under way would be revised at the next release;
+  its records wait, and the quality statement says how many). The SQL sees the months as
+  the temporary table ``reporting_months(month, month_end)``; a dated record joins its month on
+  ``m.month = date_trunc('month', <date>)`` (for a DATE, the same month as ``<date> BETWEEN
+  m.month AND m.month_end``, found by a hash join instead of a range join).
+* **Helpers: lookups are joins.** The SQL may also use the temporary macros of :data:`MACROS`:
+  ``codes('<list>')``, a code list as a relation ``(code, display, grp)``; ``age_band(born,
+  on_day)`` and ``age_years``; ``sex_category(group)``, a ``person_gender`` group as Male,
+  Female or Not known. A code is looked up with ``LEFT JOIN codes('<list>') c ON c.code =
+  <expr>``: a code not in the list, or NULL, joins no entry and its group is NULL, which the
+  SQL maps to a category (``coalesce(c.grp, 'Unknown')``). Codes are unique within a list
+  (``safehaven.intake.contracts.CodeList``), so the join never multiplies records. *Why joins:* a
+  lookup per row as a scalar subquery is a correlated subquery, which DuckDB runs by buffering
+  the whole input; for ``gp_activity`` at 909k people joins cut peak memory from 3.6 to 1.2 GiB
+  and the time by 30% (benchmark, README "Performance").
+* **The full grid.** Cells are the cross product of every dimension's *domain* (the
+  reporting months, a code list, a fixed list, a query, or the values observed), so an
+  empty cell is published as a true 0 rather than left out: an absent row is an unstated
+  zero, and it would shrink a margin group (sometimes to one cell, which then gets no
+  secondary protection). A query that yields a cell outside the declared grid, or a NULL
+  dimension value, is refused: the declaration is wrong.
+* **Disclosure control before the published zone.** True counts live only in a temporary
+  table of the connection; ``safehaven.publish.disclosure.protect`` applies the output's policy
+  (suppress 1-7, round to 5 or midpoint 6, secondary suppression over every margin, rates
+  from published values, totals from published cells if asked), and the table written to
+  ``published.<name>`` is the *public form* (one boolean ``suppressed`` marker, text
+  neutralised; ``disclosure.public_select_sql``). :func:`build_output` then proves the
+  invariants on that very table (``check_invariants``) and reports violations for the
+  blocking asset check; the publication step proves them again before any file is written.
+* **Distinct people do not add up** across months, diagnosis groups, chapters or services
+  (one person can be in several), so no output publishes a "total" over such a dimension:
+  it would not be a count of people. Secondary suppression still protects every margin,
+  because a near-additive margin published elsewhere (a practice's list size, a provider's
+  admissions) nearly recovers a lone suppressed cell.
+* **Labels after protection.** Dimensions are codes with resolvable code systems (CoP 46);
+  a dimension may add a label column from its code list after disclosure control, so a
+  code and its label are never two dimensions (which would break the margins).
+* **Linkage only under an agreement.** An output that joins collections names its linkage;
+  its asset must obtain ``safehaven.share.linkage.authorise_linkage`` first and pass the
+  authorising agreement's id here, which refuses to run the join without it (CoP 22, 42b).
+* Anonymised aggregates include everyone: the national data opt-out covers confidential
+  information only (BRIEF "Objections"); type 1 objectors never entered the haven.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+from pydantic import Field, field_validator, model_validator
+
+from safehaven.core.store import table_exists
+from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
+from safehaven.intake.rules import lit, q
+from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
+
+CODES = "governance.code_list"
+MONTHS = "reporting_months"
+#: The largest grid an output may declare (cells); beyond it the declaration is refused.
+MAX_GRID_CELLS = 5_000_000
+
+#: Helpers the output SQL may call (temporary macros of the connection; module docstring, "Helpers").
+MACROS = {
+    # A code list as a relation (code, display, grp), to LEFT JOIN on its code: one hash join for
+    # the whole query. A code not in the list, or NULL, joins no entry: its display and group are NULL.
+    "codes": f"(list_name) AS TABLE SELECT code, display, grp FROM {CODES} WHERE list = list_name",
+    # Completed years between the week of birth and a date (date_sub counts whole years).
+    "age_years": "(born, on_day) AS date_sub('year', born, on_day)",
+    # The published age bands, of completed years (defined after age_years, which it calls).
+    "age_band": (
+        "(born, on_day) AS CASE WHEN age_years(born, on_day) < 18 THEN '0-17' "
+        "WHEN age_years(born, on_day) < 45 THEN '18-44' WHEN age_years(born, on_day) < 65 THEN '45-64' "
+        "WHEN age_years(born, on_day) < 75 THEN '65-74' WHEN age_years(born, on_day) < 85 THEN '75-84' "
+        "ELSE '85+' END"
+    ),
+    # The sex dimension from a person_gender group (joined from codes('person_gender')): Male,
+    # Female, else Not known (codes 0 and 9, a code not in the list, and NULL combined).
+    "sex_category": (
+        "(gender_group) AS CASE gender_group WHEN 'Male' THEN 'Male' WHEN 'Female' THEN 'Female' ELSE 'Not known' END"
+    ),
+}
+
+
+class OutputError(ValueError):
+    """An output declaration that cannot be built as written."""
+
+
+class Domain(Strict):
+    """The values a dimension takes in the grid (exactly one kind)."""
+
+    kind: Literal["reporting_months", "observed", "code_list", "values", "sql"]
+    code_list: str | None = None
+    #: which part of a code list entry the dimension holds
+    field: Literal["code", "display", "group"] = "code"
+    values: list[str] | None = None
+    sql: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"kind": data}
+        if isinstance(data, dict) and "kind" not in data:
+            kinds = [k for k in ("code_list", "values", "sql") if k in data]
+            if len(kinds) != 1:
+                raise ValueError("a domain is reporting_months, observed, or one of code_list, values, sql")
+            return {"kind": kinds[0], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> Domain:
+        needed = {"code_list": self.code_list, "values": self.values, "sql": self.sql}
+        if self.kind in needed and not needed[self.kind]:
+            raise ValueError(f"a {self.kind} domain must name its {self.kind}")
+        return self
+
+
+class Label(Strict):
+    """A label column added after disclosure control, from the dimension's code list."""
+
+    column: str = Field(pattern=NAME)
+    code_list: str
+    field: Literal["display", "group"] = "display"
+
+
+class Dimension(Strict):
+    """One dimension of an output."""
+
+    name: str = Field(pattern=NAME)
+    description: str
+    domain: Domain
+    label: Label | None = None
+    #: why publishing this quasi-identifier (as the contracts classify it) is safe; required
+    #: by the publication guard for a coded quasi-identifier such as a practice code.
+    quasi_identifier: str | None = None
+    #: a resolvable URL for the dimension's codes (CoP 46) when it is not a code list's
+    code_system: str | None = Field(default=None, pattern=r"^https?://")
+
+
+class Measure(Strict):
+    """A published number: the count of people, a rate's denominator, or a rate."""
+
+    name: str = Field(pattern=NAME)
+    kind: Literal["count", "denominator", "rate"] = "count"
+    description: str
+    #: for a rate: the denominator measure (the numerator is the count)
+    denominator: str | None = None
+
+
+class PolicySpec(Strict):
+    """The output's disclosure-control policy (``safehaven.publish.disclosure.Policy``)."""
+
+    threshold: int = Field(default=7, ge=0)
+    rounding: Literal["nearest5", "midpoint6"] = "nearest5"
+    suppress_zeros: bool = False
+
+    def policy(self) -> Policy:
+        return Policy(threshold=self.threshold, rounding=self.rounding, suppress_zeros=self.suppress_zeros)
+
+
+class LinkageSpec(Strict):
+    """The linkage an output makes, and the agreement that must authorise it."""
+
+    agreement: str
+    left: str
+    right: str
+    purpose: str = Field(min_length=10)
+
+
+class Output(Strict):
+    """One anonymised output, as declared in ``data_contracts/outputs/<name>.yaml``."""
+
+    name: str = Field(pattern=NAME)
+    version: str
+    title: str
+    description: str
+    purpose: str
+    users: list[str] = Field(min_length=1)
+    collections: list[str] = Field(min_length=1)
+    dimensions: list[Dimension] = Field(min_length=1)
+    measures: list[Measure] = Field(min_length=1)
+    policy: PolicySpec = PolicySpec()
+    #: margins for secondary suppression (dimension subsets held fixed); default: every row
+    margins: list[list[str]] | None = None
+    #: publish total rows summed from published cells (only where the dimension is additive)
+    totals: bool = False
+    #: notes on coherence with other outputs and sources (quality statement)
+    coherence: list[str] = []
+    #: days from the end of the reporting period by which the output should be published
+    timeliness_target_days: int = Field(default=35, gt=0)
+    linkage: LinkageSpec | None = None
+    sql: str
+
+    @field_validator("dimensions")
+    @classmethod
+    def _unique_dims(cls, dims: list[Dimension]) -> list[Dimension]:
+        return unique_names(dims, "dimension")
+
+    @model_validator(mode="after")
+    def _measures(self) -> Output:
+        counts = [m for m in self.measures if m.kind == "count"]
+        if len(counts) != 1 or self.measures[0].kind != "count":
+            raise ValueError("the first measure, and only it, is the count of people")
+        names = {m.name for m in self.measures} | {d.name for d in self.dimensions}
+        labels = {d.label.column for d in self.dimensions if d.label}
+        if len(names | labels) != len(self.measures) + len(self.dimensions) + len(labels):
+            raise ValueError("dimension, label and measure names must all differ")
+        dens = {m.name for m in self.measures if m.kind == "denominator"}
+        for m in self.measures:
+            if m.kind == "rate" and m.denominator not in dens:
+                raise ValueError(f"rate {m.name} needs a denominator measure")
+        if self.policy.rounding == "midpoint6":
+            counted = [m.name for m in self.measures if m.kind in ("count", "denominator")]
+            if not all(name.endswith("_midpoint6") for name in counted):
+                raise ValueError("under midpoint 6 rounding, count columns are named *_midpoint6 (OpenSAFELY)")
+        if self.linkage and {self.linkage.left, self.linkage.right} - set(self.collections):
+            raise ValueError("a linkage joins two of the output's collections")
+        if self.margins is not None:
+            for margin in self.margins:
+                if set(margin) - {d.name for d in self.dimensions}:
+                    raise ValueError(f"margin {margin} names unknown dimensions")
+        return self
+
+    @property
+    def dimension_names(self) -> list[str]:
+        return [d.name for d in self.dimensions]
+
+    @property
+    def count_col(self) -> str:
+        return self.measures[0].name
+
+    @property
+    def denominators(self) -> list[str]:
+        return [m.name for m in self.measures if m.kind == "denominator"]
+
+    @property
+    def rate_cols(self) -> dict[str, str]:
+        return {m.name: str(m.denominator) for m in self.measures if m.kind == "rate"}
+
+    def definition_sha256(self) -> str:
+        """Hash of the declaration as parsed (changes with any change to the output)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def outputs_dir(root: Path | None = None) -> Path:
+    """``<contracts root>/outputs`` (``$SAFEHAVEN_CONTRACTS`` or the project's ``data_contracts``)."""
+    return (root or contracts_dir()) / "outputs"
+
+
+def load_output(path: Path) -> Output:
+    """Load one declaration (``outputs/<name>.yaml``); errors name the file."""
+    return load_named_yaml(Output, path, "output", error=OutputError)
+
+
+def load_outputs(registry: ContractRegistry | None = None) -> dict[str, Output]:
+    """Every declared output whose collections and code lists the contracts provide."""
+    registry = registry or ContractRegistry()
+    found: dict[str, Output] = {}
+    for path in sorted(outputs_dir(registry.root).glob("*.yaml")):
+        output = load_output(path)
+        missing = set(output.collections) - set(registry.contracts)
+        if missing:
+            continue  # a haven without that collection does not build the output
+        for name in code_lists_of(output):
+            registry.code_list(name)
+        found[output.name] = output
+    return found
+
+
+def code_lists_of(output: Output) -> list[str]:
+    """The code lists an output's domains and labels use."""
+    names = [d.domain.code_list for d in output.dimensions if d.domain.code_list]
+    names += [d.label.code_list for d in output.dimensions if d.label]
+    return sorted(set(n for n in names if n))
+
+
+CodeRow = tuple[str, str, str | None, str | None, str, str]
+
+
+def code_list_rows(registry: ContractRegistry) -> list[CodeRow]:
+    """(list, code, display, group, system, version) of every code list the contracts and outputs use."""
+    names = {f.rule.code_list for c in registry.contracts.values() for f in c.fields if f.rule and f.rule.code_list}
+    for path in sorted(outputs_dir(registry.root).glob("*.yaml")):
+        names |= set(code_lists_of(load_output(path)))
+    rows: list[CodeRow] = []
+    for name in sorted(names):
+        cl = registry.code_list(name)
+        rows += [
+            (name, str(c["code"]), _text(c.get("display")), _text(c.get("group")), cl.system, cl.version)
+            for c in cl.codes
+        ]
+    return rows
+
+
+def _text(value: str | int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def load_code_lists(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> int:
+    """Make the store's copy (``governance.code_list``) hold exactly the code lists in use; rows held.
+
+    Idempotent: when the copy already holds these rows nothing is written (one read), so a
+    caller may refresh it at every unit of work; otherwise it is rewritten in one INSERT.
+    """
+    rows = code_list_rows(registry)
+    if table_exists(con, *CODES.split(".")):
+        held = con.execute(f"SELECT list, code, display, grp, system, version FROM {CODES}").fetchall()
+        if len(held) == len(rows) and set(held) == set(rows):
+            return len(rows)
+    con.execute(
+        f"CREATE OR REPLACE TABLE {CODES} (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR, "
+        "system VARCHAR, version VARCHAR)"
+    )
+    if rows:
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        con.execute(f"INSERT INTO {CODES} SELECT {', '.join('unnest(?::VARCHAR[])' for _ in columns)}", columns)
+    return len(rows)
+
+
+# --- reporting period ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Period:
+    """The reporting period of one output: whole calendar months, ``start`` to ``end``."""
+
+    start: date | None
+    end: date | None
+    #: per collection: records held in the haven, and those dated after the period end
+    records: dict[str, int] = field(default_factory=dict)
+    after_end: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def months(self) -> int:
+        return 0 if self.start is None or self.end is None else months_spanned(self.start, self.end)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "start": self.start.isoformat() if self.start else None,
+            "end": self.end.isoformat() if self.end else None,
+            "months": self.months,
+            "records_in_haven": dict(self.records),
+            "records_after_period_end": dict(self.after_end),
+        }
+
+
+def month_end(day: date) -> date:
+    """The last day of ``day``'s calendar month."""
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+
+
+def months_spanned(first: date, last: date) -> int:
+    """Calendar months from ``first``'s month to ``last``'s, both included (``first`` <= ``last``)."""
+    return (last.year - first.year) * 12 + last.month - first.month + 1
+
+
+def last_complete_month_end(today: date) -> date:
+    """The last day of the month before ``today``'s month."""
+    return today.replace(day=1) - timedelta(days=1)
+
+
+def reporting_period(
+    con: duckdb.DuckDBPyConnection, output: Output, registry: ContractRegistry, today: date | None = None
+) -> Period:
+    """First month any collection covers to the last complete month all of them cover."""
+    cap = last_complete_month_end(today or date.today())
+    starts, ends, records = [], [], {}
+    for name in output.collections:
+        contract = registry.contracts[name]
+        if not contract.period_field:
+            raise OutputError(f"collection {name} has no period_field for a reporting period")
+        pf = q(contract.period_field)
+        lo, hi, n = con.execute(f"SELECT min({pf}), max({pf}), count(*) FROM haven.{q(name)}").fetchone()
+        records[name] = int(n)
+        if lo is None:
+            return Period(None, None, records, {c: 0 for c in output.collections})
+        starts.append(lo.replace(day=1))
+        ends.append(min(month_end(hi), cap))
+    start, end = min(starts), min(ends)
+    if end < start:
+        return Period(None, None, records, {c: records[c] for c in output.collections})
+    after = {}
+    for name in output.collections:
+        pf = q(registry.contracts[name].period_field or "")
+        after[name] = int(con.execute(f"SELECT count(*) FROM haven.{q(name)} WHERE {pf} > ?", [end]).fetchone()[0])
+    return Period(start, end, records, after)
+
+
+def install_helpers(con: duckdb.DuckDBPyConnection, period: Period) -> None:
+    """The ``reporting_months`` table and the helper macros (:data:`MACROS`) the output SQL may use.
+
+    ``codes`` reads ``governance.code_list``, which must exist: :func:`load_code_lists` first.
+    """
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {MONTHS} (month DATE, month_end DATE)")
+    if period.start is not None and period.end is not None:
+        con.execute(
+            f"INSERT INTO {MONTHS} SELECT CAST(m AS DATE), CAST(m + INTERVAL 1 MONTH - INTERVAL 1 DAY AS DATE) "
+            "FROM generate_series(CAST(? AS TIMESTAMP), CAST(? AS TIMESTAMP), INTERVAL 1 MONTH) g(m)",
+            [period.start, period.end],
+        )
+    for name, body in MACROS.items():
+        con.execute(f"CREATE OR REPLACE TEMP MACRO {name}{body}")
+
+
+# --- building one output ---------------------------------------------------------------
+
+
+@dataclass
+class OutputBuild:
+    """What building one output did: counts for metadata and the quality statement."""
+
+    name: str
+    table: str
+    period: Period
+    grid_cells: int
+    observed_cells: int
+    report: ProtectionReport
+    violations: list[str]
+    agreement: str | None = None
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "period_start": self.period.start.isoformat() if self.period.start else "none",
+            "period_end": self.period.end.isoformat() if self.period.end else "none",
+            "grid_cells": self.grid_cells,
+            "observed_cells": self.observed_cells,
+            "violations": len(self.violations),
+            **self.report.as_metadata(),
+        }
+
+
+def _domain_sql(dim: Dimension, cells: str) -> str:
+    d = q(dim.name)
+    observed = f"SELECT DISTINCT {d} FROM {cells}"
+    dom = dim.domain
+    if dom.kind == "reporting_months":
+        return f"SELECT month AS {d} FROM {MONTHS}"
+    if dom.kind == "observed":
+        return observed
+    if dom.kind == "sql":
+        return f"SELECT DISTINCT v AS {d} FROM ({dom.sql}) s(v)"
+    if dom.kind == "code_list":
+        col = {"code": "code", "display": "display", "group": "grp"}[dom.field]
+        declared = f"SELECT {col} FROM codes({lit(str(dom.code_list))}) WHERE {col} IS NOT NULL"
+    else:
+        declared = f"SELECT unnest([{', '.join(lit(v) for v in dom.values or [])}])"
+    return f"SELECT DISTINCT v AS {d} FROM ({declared} UNION ALL {observed}) s(v)"
+
+
+def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> tuple[int, int]:
+    """Temp table ``target``: true counts on the full grid. Returns (grid cells, observed cells)."""
+    cells = f"_cells_{output.name}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {cells} AS {output.sql}")
+    have = {d[0] for d in con.execute(f"SELECT * FROM {cells} LIMIT 0").description}
+    measures = [output.count_col, *output.denominators]
+    missing = set(output.dimension_names) | set(measures)
+    missing -= have
+    if missing:
+        raise OutputError(f"{output.name}: the query lacks columns {sorted(missing)}")
+    dims = [q(d) for d in output.dimension_names]
+    nulls = con.execute(f"SELECT count(*) FROM {cells} WHERE {' OR '.join(f'{d} IS NULL' for d in dims)}").fetchone()[0]
+    if nulls:
+        raise OutputError(f"{output.name}: {nulls} cell(s) with a NULL dimension value; map them to a category")
+    observed = int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
+    sizes = []
+    for dim in output.dimensions:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _dom_{dim.name} AS {_domain_sql(dim, cells)}")
+        sizes.append(int(con.execute(f"SELECT count(*) FROM _dom_{dim.name}").fetchone()[0]))
+    grid = 1
+    for size in sizes:
+        grid *= size
+    if grid > MAX_GRID_CELLS:
+        raise OutputError(f"{output.name}: the grid has {grid:,} cells (limit {MAX_GRID_CELLS:,}); coarsen a dimension")
+    joins = " CROSS JOIN ".join(f"_dom_{d.name}" for d in output.dimensions)
+    using = ", ".join(dims)
+    outside = con.execute(
+        f"SELECT count(*) FROM {cells} c ANTI JOIN (SELECT * FROM {joins}) g USING ({using})"
+    ).fetchone()[0]
+    if outside:
+        raise OutputError(f"{output.name}: {outside} cell(s) fall outside the declared domains")
+    fill = ", ".join(f"CAST(coalesce(c.{q(m)}, 0) AS BIGINT) AS {q(m)}" for m in measures)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT {', '.join('g.' + d for d in dims)}, {fill} "
+        f"FROM (SELECT * FROM {joins}) g LEFT JOIN {cells} c USING ({using})"
+    )
+    for dim in output.dimensions:
+        con.execute(f"DROP TABLE _dom_{dim.name}")
+    con.execute(f"DROP TABLE {cells}")
+    return grid, observed
+
+
+def _with_labels(con: duckdb.DuckDBPyConnection, output: Output, protected: str) -> str:
+    """A copy of the protected table with each dimension's label column after the dimensions."""
+    have = [d[0] for d in con.execute(f"SELECT * FROM {protected} LIMIT 0").description]
+    dims = output.dimension_names
+    cols = [f"p.{q(d)}" for d in dims]
+    joins = []
+    for i, dim in enumerate(output.dimensions):
+        if dim.label:
+            part = "display" if dim.label.field == "display" else "grp"
+            cols.append(f"_l{i}.{part} AS {q(dim.label.column)}")
+            joins.append(f"LEFT JOIN codes({lit(dim.label.code_list)}) _l{i} ON _l{i}.code = p.{q(dim.name)}")
+    cols += [f"p.{q(c)}" for c in have if c not in dims]
+    labelled = f"{protected}_labelled"
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {labelled} AS SELECT {', '.join(cols)} FROM {protected} p {' '.join(joins)}"
+    )
+    con.execute(f"DROP TABLE {protected}")
+    return labelled
+
+
+def build_output(
+    con: duckdb.DuckDBPyConnection,
+    output: Output,
+    registry: ContractRegistry,
+    *,
+    today: date | None = None,
+    agreement_id: str | None = None,
+) -> OutputBuild:
+    """Count, fill the grid, protect and write ``published.<name>`` in public form; check it.
+
+    A linked output runs only with the id of the agreement that authorised its linkage
+    (``safehaven.share.linkage.authorise_linkage``, called by the asset first). The code lists are
+    the store's copy, which the caller refreshes once per unit of work (:func:`load_code_lists`,
+    the aggregate asset); a store without a copy yet (a new store, a test) gets one here.
+    """
+    if output.linkage and agreement_id != output.linkage.agreement:
+        raise OutputError(
+            f"{output.name} links {output.linkage.left} and {output.linkage.right}: it runs only after "
+            f"agreement {output.linkage.agreement} has authorised the linkage"
+        )
+    if not table_exists(con, *CODES.split(".")):
+        load_code_lists(con, registry)
+    period = reporting_period(con, output, registry, today)
+    install_helpers(con, period)
+    true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
+    grid, observed = true_cells(con, output, true_table)
+    policy = output.policy.policy()
+    report = protect(
+        con,
+        true_table,
+        f"temp.{protected}",
+        output.dimension_names,
+        count_col=output.count_col,
+        margins=output.margins,
+        rate_cols=output.rate_cols or None,
+        policy=policy,
+        totals=output.totals,
+    )
+    con.execute(f"DROP TABLE {true_table}")
+    target = f"published.{output.name}"
+    labels = [d for d in output.dimensions if d.label]
+    if labels:
+        protected = _with_labels(con, output, protected)
+    con.execute(
+        f"CREATE OR REPLACE TABLE {target} AS {public_select_sql(con, protected, order_by=output.dimension_names)}"
+    )
+    con.execute(f"DROP TABLE {protected}")
+    violations = check_invariants(
+        con,
+        target,
+        output.dimension_names,
+        output.count_col,
+        policy,
+        margins=output.margins,
+        rate_cols=output.rate_cols or None,
+    )
+    return OutputBuild(output.name, target, period, grid, observed, report, violations, agreement_id)

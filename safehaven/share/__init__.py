@@ -1,0 +1,1 @@
+"""Share: data-sharing agreements, linkage, releases, re-identification, subject access."""

@@ -1,0 +1,194 @@
+"""Re-identification: a recipient's pseudonyms back to identifiers, only under a lawful agreement.
+
+Rules (BRIEF "Identifiability levels": identifiable data "leaves only with a legal basis";
+CoP 13, 14; Caldicott principles 2-4; CoP 12 and Govt response rec. 1 on audit):
+
+* Only through the CLI (``safehaven reidentify``), only by whoever holds the vault's
+  private key (the governance lead; ``safehaven.protect.vault``), and only for an agreement that
+  permits identifiable data today (``Agreement.permits_identifiable``: identifiable level,
+  a confidential legal basis, approved and in date). Anything else is refused, audited, and
+  recorded in the breach register as a near miss (processing without a legal basis).
+* Only pseudonyms the haven released to that agreement's recipient
+  (``governance.release_members``) are resolved: a recipient cannot re-identify someone it
+  was never sent. Pseudonyms are matched in DuckDB by recomputing the agreement-domain
+  pseudonym of each released person (``HMAC(agreement key, pid)``), never by reversing one.
+* The national data opt-out applies to re-identification as to any identifiable flow
+  (``safehaven.protect.optouts.decide``): under a basis it covers, objectors are withheld and counted.
+* Only the identifiers the agreement itself releases (its listed fields that the vault holds)
+  are revealed: minimum necessary (Caldicott 3).
+* Audited: one entry for the request (counts only) and one per re-identified person (object:
+  the haven pid, as ``safehaven.share.subject_access`` expects) so a subject access report lists
+  it. No value is ever audited.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import optouts, vault
+from safehaven.protect.objections import objectors_sql
+from safehaven.protect.pseudonymise import PSEUDONYM_HEX, hmac_sql, install_agreement_key
+
+_PSEUDONYM = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX}}}")
+
+
+class ReidentificationRefused(PermissionError):
+    """The request was refused; the message says why (no values)."""
+
+
+@dataclass
+class ReidentifyResult:
+    agreement_id: str
+    requested: int
+    fields: list[str]
+    identified: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    malformed: int = 0
+    not_released: int = 0
+    withheld_objection: int = 0
+    opt_out_reason: str = ""
+
+
+def _refuse(home: Home, agreement_id: str, actor: str, reason: str, detail: dict[str, object]) -> None:
+    from safehaven.core import registers
+
+    with Store(home).connect() as con:
+        registers.record_breach(
+            con,
+            kind="no_legal_basis",
+            severity=0,
+            what=f"re-identification under agreement {agreement_id} refused: {reason}",
+            remedial_action="refused before any identifier was decrypted",
+            detail={"agreement": agreement_id, **detail},
+        )
+        audit.append(
+            con,
+            actor=actor,
+            role="governance",
+            action="reidentify",
+            object=f"agreement:{agreement_id}",
+            agreement=agreement_id,
+            outcome="refused",
+            detail={"reason": reason, **detail},
+            home=home,
+        )
+    raise ReidentificationRefused(reason)
+
+
+def reidentify(
+    home: Home,
+    agreement_id: str,
+    pseudonyms: list[str],
+    *,
+    actor: str,
+    registry: ContractRegistry | None = None,
+    agreements_root: Path | None = None,
+) -> ReidentifyResult:
+    """Resolve a recipient's pseudonyms to the identifiers its agreement releases (module docstring)."""
+    from safehaven.share.agreements import AgreementError, load_agreement
+
+    registry = registry or ContractRegistry()
+    asked = sorted({p.strip().lower() for p in pseudonyms if p.strip()})
+    well_formed = [p for p in asked if _PSEUDONYM.fullmatch(p)]
+    counts = {"requested": len(asked), "malformed": len(asked) - len(well_formed)}
+    try:
+        agreement = load_agreement(agreement_id, agreements_root)
+    except AgreementError as exc:
+        _refuse(home, agreement_id, actor, f"no valid agreement: {exc}", counts)
+        raise  # pragma: no cover - _refuse raises
+    if not agreement.permits_identifiable:
+        ok, why = agreement.in_force()
+        reason = (
+            why
+            if not ok
+            else (
+                f"agreement {agreement_id} releases {agreement.identifiability} data under {agreement.basis}, "
+                "not identifiable data"
+            )
+        )
+        _refuse(home, agreement_id, actor, reason, counts)
+    contracts = {c: registry.contracts[c] for c in agreement.collections if c in registry.contracts}
+    wanted = sorted(
+        {
+            f.field
+            for f in agreement.fields
+            if f.collection in contracts and f.field in vault.vault_fields(contracts[f.collection])
+        }
+    )
+    if not wanted:
+        _refuse(home, agreement_id, actor, "the agreement releases no identifier held in the vault", counts)
+    keyring = KeyRing(home.keys)
+    private = vault.private_key(keyring)
+    decision = optouts.decide(agreement.basis, "identifiable")
+    gp = any(c.practice_field for c in contracts.values())
+    result = ReidentifyResult(
+        agreement_id, len(asked), wanted, malformed=counts["malformed"], opt_out_reason=decision.reason
+    )
+    with Store(home, keyring).connect() as con:
+        optouts.ensure_tables(con)
+        name = install_agreement_key(con, keyring, agreement_id, create=False)
+        con.register("_reid_asked_rows", pa.table({"pseudonym": pa.array(well_formed, pa.string())}))
+        con.execute("CREATE OR REPLACE TEMP TABLE _reid_asked AS SELECT pseudonym FROM _reid_asked_rows")
+        con.unregister("_reid_asked_rows")
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _reid_match AS SELECT m.pid, {hmac_sql('m.pid', name)} AS pseudonym "
+            f"FROM (SELECT DISTINCT pid FROM {optouts.MEMBERS} WHERE agreement_id = ?) m",
+            [agreement_id],
+        )
+        con.execute("DELETE FROM _reid_match WHERE pseudonym NOT IN (SELECT pseudonym FROM _reid_asked)")
+        matched = con.execute("SELECT count(*) FROM _reid_match").fetchone()[0]
+        result.not_released = len(well_formed) - matched
+        if decision.applied:
+            objectors = objectors_sql("current_date", optouts.objector_types(gp))
+            result.withheld_objection = con.execute(
+                f"SELECT count(*) FROM _reid_match WHERE pid IN ({objectors})"
+            ).fetchone()[0]
+            con.execute(f"DELETE FROM _reid_match WHERE pid IN ({objectors})")
+        by_pid = dict(con.execute("SELECT pid, pseudonym FROM _reid_match").fetchall())
+        revealed = vault.reveal(con, private, "SELECT pid FROM _reid_match", tuple(wanted))
+        result.identified = {by_pid[pid]: values for pid, values in revealed.items()}
+        con.execute("DROP TABLE _reid_match")
+        con.execute("DROP TABLE _reid_asked")
+        summary = {
+            **counts,
+            "identified": len(result.identified),
+            "not_released": result.not_released,
+            "withheld_objection": result.withheld_objection,
+            "fields": wanted,
+            "opt_out_applied": decision.applied,
+        }
+        entries = [
+            dict(
+                actor=actor,
+                role="governance",
+                action="reidentify",
+                object=f"agreement:{agreement_id}",
+                purpose=agreement.purposes[0],
+                legal_basis=agreement.basis,
+                agreement=agreement_id,
+                detail=summary,
+            )
+        ]
+        entries += [
+            dict(
+                actor=actor,
+                role="governance",
+                action="reidentify",
+                object=pid,
+                purpose=agreement.purposes[0],
+                legal_basis=agreement.basis,
+                agreement=agreement_id,
+                detail={"fields": sorted(revealed[pid])},
+            )
+            for pid in sorted(revealed)
+        ]
+        audit.append_many(con, entries, home=home)
+    return result
