@@ -258,7 +258,8 @@ def check_rules(compose: dict) -> list[str]:
             if isinstance(mode, str):
                 mode = int(mode.removeprefix("0o"), 8)
             if mode is not None and mode & 0o077:
-                errors.append(f"services.{name}.secrets.{secret['source']}: mode must give no access to group or others")
+                where = f"services.{name}.secrets.{secret['source']}"
+                errors.append(f"{where}: mode must give no access to group or others")
 
     # -- ports
     if services.get("postgres", {}).get("ports"):
@@ -339,7 +340,8 @@ def check_instance(directory: Path) -> list[str]:
             module = ConfigurableClassData(entry["module"], entry["class"], "{}").module_name  # dagster.core aliases
             klass = getattr(importlib.import_module(module), entry["class"])
         except (ImportError, AttributeError) as exc:
-            errors.append(f"{directory}/dagster.yaml {section}: cannot import {entry['module']}.{entry['class']}: {exc}")
+            pointer = f"{entry['module']}.{entry['class']}"
+            errors.append(f"{directory}/dagster.yaml {section}: cannot import {pointer}: {exc}")
             continue
         settings = entry.get("config") or {}
         unset = {n: f"placeholder-{n.lower()}" for n in _env_names(settings) if n not in os.environ}
@@ -447,9 +449,11 @@ def check_helm_values(path: Path = DEPLOY / "k8s" / "values.yaml") -> list[str]:
         instance = render_helm_instance(values)
     except (yaml.YAMLError, KeyError, ValueError) as exc:
         return [f"{path}: {exc!r}"]
-    errors = [f"{path}: secrets must not be chart values: postgresql.postgresqlPassword"] if (
-        values.get("postgresql", {}).get("postgresqlPassword")
-    ) else []
+    errors = (
+        [f"{path}: secrets must not be chart values: postgresql.postgresqlPassword"]
+        if (values.get("postgresql", {}).get("postgresqlPassword"))
+        else []
+    )
     if values.get("generatePostgresqlPasswordSecret", True):
         errors.append(f"{path}: generatePostgresqlPasswordSecret must be false (the Secret is made out of band)")
     with tempfile.TemporaryDirectory() as tmp:

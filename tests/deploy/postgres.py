@@ -114,9 +114,7 @@ class PostgresServer:
     def connect(self, dbname: str = "postgres"):
         import psycopg2
 
-        return psycopg2.connect(
-            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=dbname
-        )
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=dbname)
 
     def create_database(self, name: str) -> None:
         con = self.connect()

@@ -54,7 +54,7 @@ def _wait_for(predicate, timeout: float, what: str, procs: list[subprocess.Popen
     while not predicate():
         for proc in procs:
             if proc.poll() is not None:
-                raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode} while waiting for {what}; see {logs}")
+                raise AssertionError(f"{proc.args[:3]} exited ({proc.returncode}) waiting for {what}; see {logs}")
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("*.log")))
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
