@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.deploy
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
