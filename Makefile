@@ -7,14 +7,14 @@ export SAFEHAVEN_HOME ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PATIENTS ?= 2000
 
-.PHONY: install run ui test bench lint clean
+.PHONY: install run ui test bench lint clean deploy-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev,deploy]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +32,12 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The production deployment (deploy/): the compose file (schema + the haven's rules; also
+# `docker compose config` where a compose CLI exists) and every Dagster instance and launcher
+# configuration, validated by Dagster with no Docker engine or cluster.
+deploy-check: install
+	$(BIN)/python deploy/check.py
 
 lint: install
 	$(BIN)/ruff check .
