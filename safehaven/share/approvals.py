@@ -190,6 +190,17 @@ def standing(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path, a
     return Standing(agreement, sha, decision)
 
 
+def status_label(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path, day: date | None = None) -> str:
+    """The status to show a person: the store's decision (``changed`` if the file changed since),
+    or ``not approved in the haven`` for a file the haven has not adopted yet. Adopts nothing."""
+    decision = latest(con, agreement.id)
+    if decision is None:
+        return f"not approved in the haven (file: {agreement.approval.status})"
+    if decision.agreement_sha256 != sha256_file(path):
+        return f"changed since {decision.decision}"
+    return effective(Standing(agreement, decision.agreement_sha256, decision)).status_on(day)
+
+
 def effective(s: Standing) -> Agreement:
     """The agreement with its ``approval`` block replaced by the store's decision.
 

@@ -337,7 +337,8 @@ def _approved_all(con: duckdb.DuckDBPyConnection, req: Request, reviewer: str) -
     return names <= {r[0] for r in rows}
 
 
-def _approvers(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
+def approvers(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
+    """Reviewers who have approved every file of the request, by name."""
     rows = con.execute(
         f"SELECT DISTINCT reviewer FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve' ORDER BY ALL",
         [req.release_id],
@@ -403,13 +404,13 @@ def approve(
         agreement=req.agreement_id,
         detail={"decision": "approve", "files": hashes, "comment": comment, "os_user": reg.current_actor()},
     )
-    approvers = _approvers(con, req)
-    if len(approvers) >= req.reviewers_needed:
-        req = _transition(con, req, "approve", by=by.strip(), why=f"approved by {', '.join(approvers)}")
+    names = approvers(con, req)
+    if len(names) >= req.reviewers_needed:
+        req = _transition(con, req, "approve", by=by.strip(), why=f"approved by {', '.join(names)}")
         if req.rule != TWO_REVIEWERS_AND_CUSTODIAN:
             return deliver(con, release_id, home=home, by=by.strip())
-    elif approvers and req.state == PREPARED:
-        req = _transition(con, req, "approve_first", by=by.strip(), why=f"approved by {approvers[0]}")
+    elif names and req.state == PREPARED:
+        req = _transition(con, req, "approve_first", by=by.strip(), why=f"approved by {names[0]}")
     return req
 
 
@@ -536,7 +537,7 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
     except BaseException:
         os.rename(final, req.staging_dir)
         raise
-    reviewers = _approvers(con, req)
+    reviewers = approvers(con, req)
     audit.append(
         con,
         actor=by,
@@ -562,7 +563,7 @@ def _register(con: duckdb.DuckDBPyConnection, req: Request, released_at: datetim
         con.execute(f"SELECT optout_decision FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()[0]  # type: ignore[index]
     )
     row.update(released_at=released_at.isoformat(), review_rule=req.rule,
-               reviewed_by="; ".join(_approvers(con, req)))  # fmt: skip
+               reviewed_by="; ".join(approvers(con, req)))  # fmt: skip
     reg.ensure_tables(con)
     cols = list(row)
     con.execute("BEGIN TRANSACTION")
