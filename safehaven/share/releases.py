@@ -648,26 +648,35 @@ def _build(
         for c, t in work.items():
             con.execute(f"CREATE OR REPLACE TABLE {_table(a.id, c)} AS SELECT * EXCLUDE (pid) FROM {t}")
     else:
-        policy = Policy()
-        for c, t in work.items():
-            dims = [name for _, name in (released_column(contracts[c].field(f.field), a) for f in a.fields_of(c))]
-            dim_list = ", ".join(q(d) for d in dims)
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE _true_{t} AS SELECT {dim_list}, count(DISTINCT pid) AS people "
-                f"FROM {t} GROUP BY ALL"
-            )
-            target = _table_name(a.id, c)  # safehaven.publish.disclosure quotes it
-            report = protect(con, f"_true_{t}", target, dims, count_col="people", policy=policy)
-            violations = check_invariants(con, target, dims, "people", policy)
-            if violations:  # pragma: no cover - protect guarantees these
-                raise ReleaseRefused(f"disclosure control failed on {c}: {'; '.join(violations[:3])}")
-            # one marker in the released file: "secondary" would tell a reader the cell is 0 or above 7
-            con.execute(f"UPDATE {_table(a.id, c)} SET suppressed = 'suppressed' WHERE suppressed IS NOT NULL")
-            sdc[c] = report.as_metadata()
+        sdc = _aggregate(con, a, contracts, work)
 
     # stage the files, then open a request (or find nothing changed)
     return _stage(con, a, agreement_sha, contracts, result, home=home, actor=actor, work=work,
                   extra=_Extras(key_id, cohort_excluded, sdc, decision))  # fmt: skip
+
+
+def _aggregate(
+    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str]
+) -> dict[str, Any]:
+    """Rule 7: each collection as protected counts of distinct people; returns the SDC reports."""
+    policy = Policy()
+    sdc: dict[str, Any] = {}
+    for c, t in work.items():
+        dims = [name for _, name in (released_column(contracts[c].field(f.field), a) for f in a.fields_of(c))]
+        dim_list = ", ".join(q(d) for d in dims)
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _true_{t} AS SELECT {dim_list}, count(DISTINCT pid) AS people "
+            f"FROM {t} GROUP BY ALL"
+        )
+        target = _table_name(a.id, c)  # safehaven.publish.disclosure quotes it
+        report = protect(con, f"_true_{t}", target, dims, count_col="people", policy=policy)
+        violations = check_invariants(con, target, dims, "people", policy)
+        if violations:  # pragma: no cover - protect guarantees these
+            raise ReleaseRefused(f"disclosure control failed on {c}: {'; '.join(violations[:3])}")
+        # one marker in the released file: "secondary" would tell a reader the cell is 0 or above 7
+        con.execute(f"UPDATE {_table(a.id, c)} SET suppressed = 'suppressed' WHERE suppressed IS NOT NULL")
+        sdc[c] = report.as_metadata()
+    return sdc
 
 
 @dataclass
