@@ -295,3 +295,46 @@ def test_transitions_are_listed_in_one_place() -> None:
     assert review.TRANSITIONS["release"] == {review.APPROVED: review.RELEASED}
     finals = {review.RELEASED, review.REJECTED, review.WITHDRAWN, review.SUPERSEDED}
     assert not any(state in moves for moves in review.TRANSITIONS.values() for state in finals)
+
+
+def test_aggregate_summary_says_every_count_is_a_multiple_of_5_or_suppressed(haven: Haven) -> None:
+    haven.add(
+        id="anon-test",
+        instrument="agreement",
+        recipient={"name": "The public", "public_body": True},
+        identifiability="anonymised",
+        legal_basis={"basis": "anonymised"},
+    )
+    req = review.get(haven.con, haven.prepare("anon-test").release_id)
+    for f in req.summary["files"]:
+        assert f["every_count_multiple_of_5_or_suppressed"] is True
+        assert f["min_nonzero_count"] is None or f["min_nonzero_count"] >= 5
+        assert "people" not in f and {c["class"] for c in f["columns"]} >= {"count"}
+
+
+def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+    from safehaven.core.registers import current_actor
+
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(haven.registry.root))
+    haven.add()
+    haven.con.close()  # the CLI opens the store itself (one writer)
+
+    def run(*args: str):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    assert "prepared test-linked-r0001" in run("agreements", "release", "test-linked").output
+    listing = run("review", "list").output
+    assert "test-linked-r0001" in listing and "prepared" in listing and "nobody yet" in listing
+    shown = run("review", "show", "test-linked-r0001").output
+    assert "k per person" in shown and "| person_id |" in shown and not any(n in shown for n in NHS)
+    operator = run("review", "approve", "test-linked-r0001", "--by", current_actor())
+    assert operator.exit_code == 1 and "operated the run" in operator.output
+    assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 0
+    assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 1
+    assert run("review", "return", "test-linked-r0001", "--by", R2, "--comment", "x").exit_code == 1
+    out = run("review", "approve", "test-linked-r0001", "--by", R2).output
+    assert "released ->" in out and (haven.home.releases / "test-linked" / "test-linked-r0001").is_dir()
+    assert "no release requests waiting" in run("review", "list").output
