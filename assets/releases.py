@@ -1,11 +1,17 @@
-"""Release stage: one asset per data-sharing agreement (safehaven.share.releases, safehaven.share.agreements).
+"""Release stage: one asset per data-sharing agreement (safehaven.share.releases, safehaven.share.review).
 
 Each asset re-reads its agreement when it runs, so a suspension or expiry takes effect at once:
 
-* in force: a minimum-necessary release is written to ``releases/<agreement>/<release-id>/``
-  and the asset materialises with counts (never values);
-* draft, suspended, expired or not yet started: nothing is written; the asset does not
+* in force: a minimum-necessary release is *prepared* in ``staging/releases/<release-id>/``
+  and a release request opened for two reviewers (``safehaven review``); the asset
+  materialises with counts (never values). Nothing reaches ``releases/<agreement>/`` until the
+  request is approved (an ``automatic`` routine flow is released at once);
+* unchanged (the content equals the agreement's latest request), draft, suspended, changed
+  since approval, expired or not yet started: nothing is opened; the asset does not
   materialise but records an observation with the reason;
+* its check ``release_requests_reviewed`` (severity WARN) fails while a request of the
+  agreement waits for reviewers or the custodian, with the checker summary as Markdown
+  metadata: a waiting request is a warning, not a failed run (SATRE 3.3.05);
 * refused (a linkage no agreement names, an agreement that does not validate, k-anonymity
   that cannot be met, an identifiable release without the vault): the asset fails with the
   reason; breaches are in the breach register and every outcome in the audit trail.
@@ -27,11 +33,33 @@ from assets.keys import release as release_key
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import load_outputs
+from safehaven.share import checker, review
 from safehaven.share.agreements import Agreement, scan_agreements
 from safehaven.share.linkage import LinkageRefused
-from safehaven.share.releases import ReleaseRefused, release
+from safehaven.share.releases import PREPARED, RELEASED, ReleaseRefused, prepare
 
 GROUP = "release"
+REVIEW_CHECK = "release_requests_reviewed"
+#: states in which a request waits for a person (reviewers, or the custodian once approved)
+WAITING = (*review.AWAITING_REVIEW, review.APPROVED)
+
+
+def review_check(con: object, agreement_id: str) -> dg.AssetCheckResult:
+    """WARN while requests of the agreement wait; the newest one's checker summary as Markdown."""
+    waiting = review.requests(con, states=WAITING, agreement_id=agreement_id)  # type: ignore[arg-type]
+    metadata: dict[str, object] = {"waiting": len(waiting), "requests": ", ".join(r.release_id for r in waiting)}
+    if waiting:
+        newest = waiting[-1]
+        metadata["summary"] = dg.MetadataValue.md(checker.to_markdown(newest.summary))
+        metadata["next_step"] = f"safehaven review show {newest.release_id}"
+    return dg.AssetCheckResult(
+        check_name=REVIEW_CHECK,
+        asset_key=release_key(agreement_id),
+        passed=not waiting,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+        description=f"{len(waiting)} release request(s) waiting for review" if waiting else "nothing waiting",
+    )
 
 
 def release_asset(
@@ -56,6 +84,13 @@ def release_asset(
         output_required=False,
         description=description,
         kinds={"parquet"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                REVIEW_CHECK,
+                asset=release_key(agreement_id),
+                description="Warns while a release request waits for its reviewers (safehaven review list).",
+            )
+        ],
     )
     def _release(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> Iterator[object]:
         if error is not None:
@@ -63,7 +98,7 @@ def release_asset(
         home = haven.home_dir()
         with haven.connect() as con:
             try:
-                result = release(con, agreement_id, home=home, registry=haven.registry(), keyring=haven.keyring())
+                result = prepare(con, agreement_id, home=home, registry=haven.registry(), keyring=haven.keyring())
             except (ReleaseRefused, LinkageRefused) as exc:
                 raise dg.Failure(
                     description=f"release under {agreement_id} refused: {exc}",
@@ -73,11 +108,13 @@ def release_asset(
                         "breach_id": exc.breach_id if exc.breach_id is not None else -1,
                     },
                 ) from None
-        if result.status != "released":
+            check = review_check(con, agreement_id)
+        if result.status not in (PREPARED, RELEASED):
             context.log.warning(f"{agreement_id}: {result.reason}")
             yield dg.AssetObservation(asset_key=release_key(agreement_id), metadata=result.as_metadata())
+            yield check
             return
-        context.log.info(f"{agreement_id}: release {result.release_id} written to {result.directory}")
+        context.log.info(f"{agreement_id}: {result.reason} ({result.directory})")
         yield dg.MaterializeResult(
             metadata={
                 **result.as_metadata(),
@@ -87,6 +124,7 @@ def release_asset(
                 "location": dg.MetadataValue.path(str(result.directory)),
             }
         )
+        yield check
 
     return _release
 

@@ -1,6 +1,6 @@
 """``safehaven`` commands for governance: agreements, the audit trail, subject access, registers.
 
-Roles are enforced by keys (BRIEF; Caldicott 4): the governance lead's commands (``agreements
+Roles are enforced by keys (Caldicott 4): the governance lead's commands (``agreements
 approve|suspend``, ``subject-access``, identifiable releases) need the identity vault's private
 key ``keys/vault.key``, which only the governance lead holds; the pipeline holds the store and
 haven keys; analysts hold no key and read only ``published/``. Every command that acts on data
@@ -20,7 +20,7 @@ from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
 
 
-def _require_governance_key(home: Home, what: str) -> None:
+def require_governance_key(home: Home, what: str) -> None:
     """The governance lead's key must be on this host (roles by key separation)."""
     from safehaven.core.keys import VAULT, KeyRing, KeyRingError
 
@@ -60,19 +60,25 @@ def agreements() -> None:
 @agreements.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_agreements(as_json: bool) -> None:
-    """Every agreement: status today, whether in force, level, basis, recipient, dates, problems."""
+    """Every agreement: status in the haven today, whether in force, level, basis, recipient, dates, problems."""
+    from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
-    from safehaven.share.agreements import problems, scan_agreements
+    from safehaven.share import approvals
+    from safehaven.share.agreements import agreement_path, problems, scan_agreements
 
+    home = _home()
     registry = ContractRegistry()
     found, errors = scan_agreements(registry.root)
     rows = []
+    with Store(home).connect() as con:
+        status = {aid: approvals.status_label(con, a, agreement_path(aid, registry.root)) for aid, a in found.items()}
     for aid, a in found.items():
         ok, why = a.in_force()
+        ok = ok and status[aid] == "approved"
         rows.append(
             {
                 "id": aid,
-                "status": a.status_on(),
+                "status": status[aid],
                 "in_force": ok,
                 "identifiability": a.identifiability,
                 "legal_basis": a.basis,
@@ -88,10 +94,10 @@ def list_agreements(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'agreement':<26} {'status':<10} {'in force':<8} {'level':<14} {'basis':<15} {'ends':<10} problems")
+    click.echo(f"{'agreement':<26} {'status':<44} {'in force':<8} {'level':<14} {'basis':<15} {'ends':<10} problems")
     for r in rows:
         click.echo(
-            f"{r['id']:<26} {r['status']:<10} {'yes' if r['in_force'] else 'no':<8} "
+            f"{r['id']:<26} {r['status']:<44} {'yes' if r['in_force'] else 'no':<8} "
             f"{r.get('identifiability', '-'):<14} {r.get('legal_basis', '-'):<15} {r.get('end', '-'):<10} "
             f"{r['problems']}"
         )
@@ -141,73 +147,53 @@ def validate_agreements(ids: tuple[str, ...], today: str | None) -> None:
 @click.argument("agreement_id")
 @click.option("--approver", required=True, help='Who approves, with their role: "Name, Caldicott Guardian".')
 def approve_agreement(agreement_id: str, approver: str) -> None:
-    """Approve an agreement (rewrites its approval block: status, approver, date) and audit it."""
-    from safehaven.core.files import sha256_file
+    """Approve an agreement: a decision in the store, pinned to the file's SHA-256, audited.
+
+    The YAML is not rewritten (it holds the terms); any later change to the file needs a new
+    approval before anything flows under it (safehaven.share.approvals).
+    """
+    from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
-    from safehaven.share.agreements import AgreementError, agreement_path, approve
+    from safehaven.share import approvals
+    from safehaven.share.agreements import AgreementError
 
     home = _home()
-    _require_governance_key(home, "approving an agreement")
+    require_governance_key(home, "approving an agreement")
     registry = ContractRegistry()
-    try:
-        a = approve(agreement_id, approver, root=registry.root, registry=registry)
-    except AgreementError as exc:
-        _fail(str(exc))
-    sha = sha256_file(agreement_path(agreement_id, registry.root))
-    _audit(
-        home,
-        actor=_actor(),
-        role="governance",
-        action="approve",
-        object=f"agreement:{a.id}",
-        purpose=a.purposes[0],
-        legal_basis=a.basis,
-        agreement=a.id,
-        detail={
-            "approver": a.approval.approver,
-            "date": a.approval.date.isoformat() if a.approval.date else None,
-            "version": a.version,
-            "sha256": sha,
-        },
-    )
+    with Store(home).connect() as con:
+        try:
+            d = approvals.approve(con, agreement_id, approver, registry=registry, actor=_actor())
+        except AgreementError as exc:
+            _fail(str(exc))
+        approvals.export(con, home)
     click.echo(
-        f"approved {a.id} v{a.version} ({a.identifiability}, {a.basis}) by {a.approval.approver} "
-        f"on {a.approval.date}; releases start at the next run"
+        f"approved {agreement_id} (file SHA-256 {d.agreement_sha256[:12]}...) by {d.decided_by} on {d.decided_on}; "
+        "releases are prepared for review at the next run"
     )
 
 
 @agreements.command("suspend")
 @click.argument("agreement_id")
-@click.option("--reason", required=True, help="Why the agreement is suspended (recorded in the file and the audit).")
+@click.option("--reason", required=True, help="Why the agreement is suspended (recorded in the store and the audit).")
 @click.option("--by", "by", required=True, help='Who suspends it, with their role: "Name, Caldicott Guardian".')
 def suspend_agreement(agreement_id: str, reason: str, by: str) -> None:
     """Suspend an approved agreement: nothing is released under it until it is re-approved."""
-    from safehaven.core.files import sha256_file
+    from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
-    from safehaven.share.agreements import AgreementError, agreement_path, suspend
+    from safehaven.share import approvals
+    from safehaven.share.agreements import AgreementError
 
     home = _home()
-    _require_governance_key(home, "suspending an agreement")
-    registry = ContractRegistry()
-    try:
-        a = suspend(agreement_id, reason, by, root=registry.root)
-    except AgreementError as exc:
-        _fail(str(exc))
-    sha = sha256_file(agreement_path(agreement_id, registry.root))
-    _audit(
-        home,
-        actor=_actor(),
-        role="governance",
-        action="suspend",
-        object=f"agreement:{a.id}",
-        purpose=a.purposes[0],
-        legal_basis=a.basis,
-        agreement=a.id,
-        detail={"by": by, "reason": reason, "version": a.version, "sha256": sha},
-    )
+    require_governance_key(home, "suspending an agreement")
+    with Store(home).connect() as con:
+        try:
+            approvals.suspend(con, agreement_id, reason, by, registry=ContractRegistry(), actor=_actor())
+        except AgreementError as exc:
+            _fail(str(exc))
+        approvals.export(con, home)
     click.echo(
-        f"suspended {a.id}: {reason}. Nothing is released under it until it is re-approved "
-        f"(safehaven agreements approve {a.id} --approver ...)"
+        f"suspended {agreement_id}: {reason}. Nothing is released under it until it is re-approved "
+        f"(safehaven agreements approve {agreement_id} --approver ...)"
     )
 
 
@@ -286,25 +272,25 @@ def draft_agreement(
 @agreements.command("release")
 @click.argument("agreement_id")
 def release_now(agreement_id: str) -> None:
-    """Make one release under an agreement now (identifiable releases: governance lead only)."""
+    """Prepare one release under an agreement now and open its request for review.
+
+    Nothing leaves until two reviewers approve it (safehaven review). Identifiable releases
+    are built with the vault key, so only the governance lead's host can prepare them.
+    """
     from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
     from safehaven.share.linkage import LinkageRefused
-    from safehaven.share.releases import ReleaseRefused, release
+    from safehaven.share.releases import PREPARED, ReleaseRefused, prepare
 
     home = _home()
     with Store(home).connect() as con:
         try:
-            result = release(con, agreement_id, home=home, registry=ContractRegistry())
+            result = prepare(con, agreement_id, home=home, registry=ContractRegistry())
         except (ReleaseRefused, LinkageRefused) as exc:
             _fail(f"refused: {exc}")
-    if result.status != "released":
-        click.echo(result.reason)
-        return
-    click.echo(
-        f"{result.release_id}: {result.records_released} records in {len(result.files)} file(s), "
-        f"{result.records_withheld} withheld for objections -> {result.directory}"
-    )
+    click.echo(result.reason)
+    if result.status == PREPARED:
+        click.echo(f"review it: safehaven review show {result.release_id}")
 
 
 # --- audit ------------------------------------------------------------------------------
@@ -402,7 +388,7 @@ def subject_access_command(nhs_number: tuple[str, ...], as_json: bool) -> None:
     from safehaven.share.subject_access import SubjectAccessDenied, subject_access
 
     home = _home()
-    _require_governance_key(home, "subject access")
+    require_governance_key(home, "subject access")
     number = sys.stdin.readline().strip() if nhs_number == ("-",) else "".join(nhs_number)
     if not home.store_file.exists():
         _fail("no store yet: the haven holds nothing", 2)

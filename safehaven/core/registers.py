@@ -6,9 +6,10 @@ body), the purposes, the legal basis and its reference (the "legal arrangements"
 the collections, the identifiability level, the agreement's dates, when the release was
 made, whether national data opt-outs were applied and if not why not (CoP 14, rules for
 sharing), how many records were released and how many were withheld for objections
-(CoP 14b), and how many people were dropped for k-anonymity. Rows are written by
-``safehaven.share.releases`` in the same step as the files, so the register matches what was
-written, row for row.
+(CoP 14b), and how many people were dropped for k-anonymity, and the review rule under which it was released
+and who approved it. Rows are written by ``safehaven.share.review.deliver`` in the same step
+as the files are delivered, so the register matches what left, row for row (a release that is
+only prepared, or unchanged, adds no row).
 
 Breach register (Government response to the Caldicott review, recommendations 5 and 6;
 CoP 22, 42b): what happened, when, how severe, and the remedial action. Processing without a
@@ -130,9 +131,14 @@ CREATE TABLE IF NOT EXISTS {RELEASE_REGISTER} (
     records_withheld_objections BIGINT NOT NULL,
     objector_records_included BIGINT NOT NULL,
     people_suppressed_k_anonymity BIGINT NOT NULL,
-    manifest_sha256 VARCHAR NOT NULL
+    manifest_sha256 VARCHAR NOT NULL,
+    review_rule VARCHAR,
+    reviewed_by VARCHAR
 )
 """
+
+#: columns added since the first version of the release register (added to older stores)
+_RELEASE_ADDED = ("review_rule VARCHAR", "reviewed_by VARCHAR")
 
 _BREACH_DDL = f"""
 CREATE TABLE IF NOT EXISTS {BREACH_REGISTER} (
@@ -172,6 +178,8 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create the register tables (and ``governance.release_members``) if they do not exist."""
     for ddl in (_RELEASE_DDL, _BREACH_DDL, _MEMBERS_DDL):
         con.execute(ddl)
+    for column in _RELEASE_ADDED:
+        con.execute(f"ALTER TABLE {RELEASE_REGISTER} ADD COLUMN IF NOT EXISTS {column}")
 
 
 def severity_level(severity: int | str | None, kind: str) -> int:

@@ -23,12 +23,19 @@ What an agreement holds (CoP 43 a-i; CoP 41; Caldicott principles 1-4 and 6):
 * ``instrument``: a *contract* is required where the recipient is not a public body; an
   *agreement* may serve between public bodies (CoP 41).
 * ``approval``: status (``draft``, ``approved``, ``suspended``, ``expired``), approver and date
-  (Caldicott 1: scrutinised and documented by an appropriate guardian).
+  (Caldicott 1: scrutinised and documented by an appropriate guardian). The haven's decision
+  lives in its store (``safehaven.share.approvals``): this block is adopted once, the first
+  time the haven sees the agreement, and the file is otherwise terms only.
 * Disclosure settings: ``k_anonymity`` (default 5) for record-level releases, what to do with
   groups smaller than k (``small_groups``: suppress locally, or refuse the release), the most
   people a release may drop that way (``max_suppressed_share``), and the ``coarsening`` allowed
   (date of birth to ``year`` or ``week``; postcode to ``district`` or ``none``, meaning the
   postcode is not released at all).
+* ``routine_release`` (optional): ``one_reviewer`` or ``automatic``. Once a release under the
+  agreement has been approved by two reviewers, later releases with the same fields and
+  checks are released on one reviewer's approval, or automatically
+  (``safehaven.share.review``). Ignored for identifiable releases, which always need two
+  reviewers and the vault custodian.
 
 Two layers of checking:
 
@@ -187,6 +194,8 @@ class Agreement(_Strict):
     k_anonymity: int = Field(default=5, ge=2)
     small_groups: Literal["suppress", "refuse"] = "suppress"
     max_suppressed_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    #: routine flow after a two-reviewer release of the same shape (``safehaven.share.review``)
+    routine_release: Literal["one_reviewer", "automatic"] | None = None
     onward_sharing: OnwardSharing
     publication: Publication
     start_date: date

@@ -4,9 +4,11 @@ One release is what one agreement lets leave the haven at one time. Rules, in th
 are applied (each is a SQL statement over whole tables inside DuckDB; nothing loops over rows):
 
 1. **Only under an agreement in force** (CoP 21, 30-31, 41; Caldicott 6). The agreement is
-   re-read from its YAML at release time, so a suspension takes effect at once. A draft,
-   suspended, expired or not-yet-started agreement releases nothing: :func:`release` returns
-   a ``skipped`` result (and audits it); no file, register row or member is written.
+   re-read from its YAML at release time and its approval taken from the store
+   (``safehaven.share.approvals``: a decision pinned to the file's SHA-256), so a suspension
+   or an edit takes effect at once. A draft, suspended, expired, changed-since-approval or
+   not-yet-started agreement releases nothing: :func:`prepare` returns a ``skipped`` result
+   (and audits it); no file, request, register row or member is written.
 2. **Only a consistent agreement** (``safehaven.share.agreements.problems``): an approved agreement
    that does not validate is refused and goes to the breach register (``no_legal_basis`` when
    the problem is its legal basis, else ``invalid_agreement``; severity 0, stopped).
@@ -48,17 +50,21 @@ are applied (each is a SQL statement over whole tables inside DuckDB; nothing lo
    The decryption is audited as a re-identification. k-anonymity does not apply to an
    identifiable release; every other rule does.
 
-What is written (CoP 32-33; SATRE asks for a machine-readable record of the disclosure
-controls of each release): ``releases/<agreement>/<release-id>/<collection>.parquet`` and
-``manifest.json`` (file hashes, row and people counts, columns, contract and agreement
-versions and the agreement file's hash, and every control applied with its counts); a row in
-the data release register; the haven pseudonyms of everyone released in
-``governance.release_members`` (for objection notices and subject access); the opt-out
-decision; and audit entries for the reads of each haven table and for the release. The
-registers are re-exported to ``registers/``. Values never appear in metadata, manifests or
-audit entries: counts, hashes, names and versions only.
+What is prepared (CoP 32-33; SATRE 3.3.04-3.3.05 asks for a machine-readable record of the
+disclosure controls of each release and for output checking):
+``staging/releases/<release-id>/<collection>.parquet`` and ``manifest.json`` (file hashes,
+row and people counts, columns, contract and agreement versions and the agreement file's
+hash, every control applied with its counts, and the review rule that applies), a checker
+summary per file (``safehaven.share.checker``), and a release request
+(``safehaven.share.review``). **Unchanged means no release**: when the data files equal those
+of the agreement's latest request (released, open, returned or rejected), the staging is
+removed and nothing is opened or registered. Nothing reaches ``releases/<agreement>/``, the
+data release register, ``governance.release_members`` or the opt-out decisions until the
+request is approved (``safehaven.share.review.deliver``). Audit entries record the reads of
+each haven table and the preparation. Values never appear in metadata, manifests or audit
+entries: counts, hashes, names and versions only.
 
-Call :func:`release` outside an open transaction (the audit trail commits its own).
+Call :func:`prepare` outside an open transaction (the audit trail commits its own).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +89,7 @@ from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.intake.rules import lit, q
 from safehaven.protect import optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, protect
+from safehaven.share import approvals, checker, review
 from safehaven.share.agreements import (
     Agreement,
     AgreementError,
@@ -99,6 +106,8 @@ from safehaven.share.linkage import authorise_linkage
 ZONE = "release"
 PERSON_ID = "person_id"
 MANIFEST = "manifest.json"
+#: outcomes of :func:`prepare`
+PREPARED, UNCHANGED, SKIPPED, RELEASED = "prepared", "unchanged", "skipped", "released"
 
 
 class ReleaseRefused(Exception):
@@ -140,7 +149,7 @@ class KReport:
 @dataclass
 class ReleaseResult:
     agreement_id: str
-    status: str  # "released" or "skipped"
+    status: str  # PREPARED, UNCHANGED, SKIPPED or RELEASED (an automatic routine release)
     reason: str
     release_id: str | None = None
     directory: Path | None = None
@@ -154,18 +163,22 @@ class ReleaseResult:
     optouts_reason: str = ""
     k: KReport | None = None
     manifest_sha256: str | None = None
+    rule: str | None = None
 
     def as_metadata(self) -> dict[str, Any]:
         """Counts, ids and hashes for Dagster metadata (never values)."""
         meta: dict[str, Any] = {
             "agreement": self.agreement_id,
-            "released": self.status == "released",
+            "released": self.status == RELEASED,
             "status": self.status,
             "reason": self.reason,
         }
-        if self.status == "released":
+        if self.status == UNCHANGED:
+            meta["same_as"] = self.release_id
+        if self.status in (PREPARED, RELEASED):
             meta.update(
                 release_id=self.release_id,
+                review_rule=self.rule,
                 identifiability=self.level,
                 files=len(self.files),
                 rows_out=self.records_released,
@@ -431,7 +444,15 @@ def k_anonymise(
 
 
 def _next_release_id(con: duckdb.DuckDBPyConnection, agreement_id: str) -> str:
-    n = _count(con, f"SELECT count(*) FROM {reg.RELEASE_REGISTER} WHERE agreement_id = ?", [agreement_id])
+    """``<agreement>-rNNNN``, one more than any release or request of the agreement so far."""
+    review.ensure_tables(con)
+    n = _count(
+        con,
+        "SELECT max(CAST(regexp_extract(release_id, '-r([0-9]+)$', 1) AS INTEGER)) FROM ("
+        f"SELECT release_id FROM {reg.RELEASE_REGISTER} WHERE agreement_id = ? "
+        f"UNION ALL SELECT release_id FROM {review.REQUESTS} WHERE agreement_id = ?)",
+        [agreement_id, agreement_id],
+    )
     return f"{agreement_id}-r{n + 1:04d}"
 
 
@@ -440,7 +461,7 @@ def _export(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
     con.execute(f"COPY (SELECT * FROM {table} ORDER BY ALL) TO {lit(str(path))} (FORMAT parquet)")
 
 
-def release(
+def prepare(
     con: duckdb.DuckDBPyConnection,
     agreement_id: str,
     *,
@@ -450,10 +471,13 @@ def release(
     today: date | None = None,
     actor: str | None = None,
 ) -> ReleaseResult:
-    """Make one release under ``agreement_id``, or skip it, or refuse it (module docstring).
+    """Prepare one release under ``agreement_id`` for review, or skip it, or refuse it (module docstring).
 
-    Returns a ``released`` or ``skipped`` result. Raises :class:`ReleaseRefused` or
-    ``safehaven.share.linkage.LinkageRefused`` (after recording the breach and the audit entry).
+    Returns a ``prepared`` result (a request is open, files staged), ``unchanged`` (the content
+    equals the agreement's latest request: nothing opened, nothing registered), ``skipped``
+    (not in force), or ``released`` (an ``automatic`` routine flow). Raises
+    :class:`ReleaseRefused` or ``safehaven.share.linkage.LinkageRefused`` (after recording the
+    breach and the audit entry). Delivery is ``safehaven.share.review``'s.
     """
     registry = registry or ContractRegistry()
     keyring = keyring or KeyRing(home.keys)
@@ -465,7 +489,7 @@ def release(
     path = agreement_path(agreement_id, registry.root)
     if not path.exists():
         reason = f"agreement {agreement_id} no longer exists ({agreements_dir(registry.root)})"
-        return ReleaseResult(agreement_id, "skipped", reason)
+        return ReleaseResult(agreement_id, SKIPPED, reason)
     try:
         agreement = load_agreement_file(path)
     except AgreementError as exc:
@@ -477,9 +501,9 @@ def release(
             remedial_action="nothing was released; the agreement file must be corrected and re-approved",
         )
         raise ReleaseRefused(str(exc), breach_id) from None
-    agreement_sha = sha256_file(path)
-
-    ok, why = agreement.in_force(today)
+    standing = approvals.standing(con, agreement, path, actor)
+    agreement_sha = standing.sha256
+    ok, why = standing.in_force(today)
     if not ok:
         audit.append(
             con,
@@ -491,9 +515,10 @@ def release(
             legal_basis=agreement.basis,
             agreement=agreement.id,
             outcome="skipped",
-            detail={"reason": why, "status": agreement.status_on(today)},
+            detail={"reason": why, "status": approvals.effective(standing).status_on(today)},
         )
-        return ReleaseResult(agreement.id, "skipped", f"nothing released: {why}", level=agreement.identifiability)
+        return ReleaseResult(agreement.id, SKIPPED, f"nothing released: {why}", level=agreement.identifiability)
+    agreement = approvals.effective(standing)
 
     # linkage problems are left to _authorise, which refuses each unnamed join as its own breach
     basis = basis_problems(agreement)
@@ -546,7 +571,7 @@ def _build(
     a = agreement
     contracts = {c: registry.contracts[c] for c in a.collections}
     record_level = a.identifiability != "anonymised"
-    result = ReleaseResult(a.id, "released", "", level=a.identifiability)
+    result = ReleaseResult(a.id, PREPARED, "", level=a.identifiability)
 
     # 3. the linked cohort (each person once)
     cohort = " INTERSECT ".join(f"SELECT pid FROM haven.{q(c)}" for c in a.collections)
@@ -623,133 +648,249 @@ def _build(
         for c, t in work.items():
             con.execute(f"CREATE OR REPLACE TABLE {_table(a.id, c)} AS SELECT * EXCLUDE (pid) FROM {t}")
     else:
-        policy = Policy()
-        for c, t in work.items():
-            dims = [name for _, name in (released_column(contracts[c].field(f.field), a) for f in a.fields_of(c))]
-            dim_list = ", ".join(q(d) for d in dims)
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE _true_{t} AS SELECT {dim_list}, count(DISTINCT pid) AS people "
-                f"FROM {t} GROUP BY ALL"
-            )
-            target = _table_name(a.id, c)  # safehaven.publish.disclosure quotes it
-            report = protect(con, f"_true_{t}", target, dims, count_col="people", policy=policy)
-            violations = check_invariants(con, target, dims, "people", policy)
-            if violations:  # pragma: no cover - protect guarantees these
-                raise ReleaseRefused(f"disclosure control failed on {c}: {'; '.join(violations[:3])}")
-            # one marker in the released file: "secondary" would tell a reader the cell is 0 or above 7
-            con.execute(f"UPDATE {_table(a.id, c)} SET suppressed = 'suppressed' WHERE suppressed IS NOT NULL")
-            sdc[c] = report.as_metadata()
+        sdc = _aggregate(con, a, contracts, work)
 
-    # write the files into a fresh directory, then record everything
-    release_id = _next_release_id(con, a.id)
-    released_at = datetime.now(UTC)
-    folder = home.releases / a.id
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)
-    final, tmp = folder / release_id, folder / f".{release_id}.tmp"
-    for stale in (final, tmp):
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir(mode=0o700)
+    # stage the files, then open a request (or find nothing changed)
+    return _stage(con, a, agreement_sha, contracts, result, home=home, actor=actor, work=work,
+                  extra=_Extras(key_id, cohort_excluded, sdc, decision))  # fmt: skip
+
+
+def _aggregate(
+    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str]
+) -> dict[str, Any]:
+    """Rule 7: each collection as protected counts of distinct people; returns the SDC reports."""
+    policy = Policy()
+    sdc: dict[str, Any] = {}
+    for c, t in work.items():
+        dims = [name for _, name in (released_column(contracts[c].field(f.field), a) for f in a.fields_of(c))]
+        dim_list = ", ".join(q(d) for d in dims)
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _true_{t} AS SELECT {dim_list}, count(DISTINCT pid) AS people "
+            f"FROM {t} GROUP BY ALL"
+        )
+        target = _table_name(a.id, c)  # safehaven.publish.disclosure quotes it
+        report = protect(con, f"_true_{t}", target, dims, count_col="people", policy=policy)
+        violations = check_invariants(con, target, dims, "people", policy)
+        if violations:  # pragma: no cover - protect guarantees these
+            raise ReleaseRefused(f"disclosure control failed on {c}: {'; '.join(violations[:3])}")
+        # one marker in the released file: "secondary" would tell a reader the cell is 0 or above 7
+        con.execute(f"UPDATE {_table(a.id, c)} SET suppressed = 'suppressed' WHERE suppressed IS NOT NULL")
+        sdc[c] = report.as_metadata()
+    return sdc
+
+
+@dataclass
+class _Extras:
+    """What the build found that the manifest and the request carry (counts and ids only)."""
+
+    key_id: str
+    cohort_excluded: dict[str, int]
+    sdc: dict[str, Any]
+    decision: optouts.OptOutDecision
+
+
+def staging_dir(home: Home, release_id: str) -> Path:
+    """``staging/releases/<release-id>/``: inside the haven home, outside ``releases/`` (0700)."""
+    return home.root / "staging" / "releases" / release_id
+
+
+def _private_dir(path: Path) -> None:
+    for d in (path.parent.parent, path.parent):
+        d.mkdir(exist_ok=True)
+        d.chmod(0o700)
+
+
+def _write_files(con: duckdb.DuckDBPyConnection, a: Agreement, result: ReleaseResult, tmp: Path,
+                 work: dict[str, str]) -> None:  # fmt: skip
+    """Export each collection's release table to ``tmp`` (0600) and count what it holds."""
+    record_level = a.identifiability != "anonymised"
     people_sets = []
     for c in a.collections:
         table = _table(a.id, c)
         path = tmp / f"{c}.parquet"
         _export(con, table, path)
+        path.chmod(0o600)
         columns = [{"name": n, "type": t} for n, t, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
         rows = _count(con, f"SELECT count(*) FROM {table}")
         people = _count(con, f"SELECT count(DISTINCT {PERSON_ID}) FROM {table}") if record_level else None
         result.files.append(FileRecord(path.name, c, sha256_file(path), rows, people, columns))
         result.records_released += rows
-        if record_level:
-            people_sets.append(f"SELECT pid FROM {work[c]}")
+        people_sets.append(f"SELECT pid FROM {work[c]}")
     if record_level:
         result.people_released = _count(con, f"SELECT count(DISTINCT pid) FROM ({' UNION '.join(people_sets)})")
 
-    manifest = _manifest(a, agreement_sha, contracts, result, release_id, released_at, key_id, cohort_excluded, sdc)
+
+def _content_sha(files: list[FileRecord]) -> str:
+    """What a recipient would receive: the data files' names and hashes (not the manifest's timestamps)."""
+    return hashlib.sha256(json.dumps(sorted((f.name, f.sha256) for f in files)).encode()).hexdigest()
+
+
+def _shape_sha(a: Agreement, result: ReleaseResult) -> str:
+    """The release's fields and checks (routine flows compare these; no counts)."""
+    shape = {
+        "identifiability": a.identifiability,
+        "basis": a.basis,
+        "fields": [(f.collection, f.field) for f in a.fields],
+        "coarsening": a.coarsening.model_dump(),
+        "k": [a.k_anonymity, a.small_groups, a.max_suppressed_share],
+        "opt_outs_applied": result.optouts_applied,
+        "files": [(f.name, f.columns) for f in result.files],
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+
+def review_rule(con: duckdb.DuckDBPyConnection, a: Agreement, shape: str) -> tuple[str, str]:
+    """Which review rule applies to a prepared release, and why (``safehaven.share.review``)."""
+    if a.identifiability == "identifiable":
+        return review.TWO_REVIEWERS_AND_CUSTODIAN, "identifiable releases always need two reviewers and the custodian"
+    if a.routine_release is None:
+        return review.TWO_REVIEWERS, "the agreement declares no routine flow"
+    if shape in review.two_reviewer_shapes(con, a.id):
+        return a.routine_release, (
+            f"routine_release: {a.routine_release}; the same fields and checks as a release approved by two reviewers"
+        )
+    return review.TWO_REVIEWERS, (
+        "routine_release is declared but no earlier release with the same fields and checks was approved by two "
+        "reviewers"
+    )
+
+
+def _summary(con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], result: ReleaseResult,
+             tmp: Path, rule: tuple[str, str]) -> dict[str, Any]:  # fmt: skip
+    """The checker summary of every staged file and of the release (``safehaven.share.checker``)."""
+    record_level = a.identifiability != "anonymised"
+    files = []
+    for f in result.files:
+        specs = [contracts[f.collection].field(x.field) for x in a.fields_of(f.collection)]
+        classes = {released_column(spec, a)[1]: spec.identifiability for spec in specs}
+        classes.update({PERSON_ID: checker.PSEUDONYM_CLASS, "people": checker.COUNT_CLASS})
+        files.append(checker.file_summary(
+            con, tmp / f.name, classes=classes, quasi_identifiers=_quasi(contracts[f.collection], a),
+            k=a.k_anonymity, person=PERSON_ID if record_level else None,
+            count_col=None if record_level else "people",
+        ))  # fmt: skip
+    k = result.k
+    return {
+        "release_id": result.release_id,
+        "agreement": a.id,
+        "identifiability": a.identifiability,
+        "rule": rule[0],
+        "rule_reason": rule[1],
+        "records_withheld_objections": result.records_withheld,
+        "objector_records_included": result.objector_records_included,
+        "k_anonymity": None if k is None else {
+            "k": k.k, "people_below_k_before": k.people_below_k, "people_generalised": k.people_generalised,
+            "people_removed": k.people_removed, "records_removed": k.records_removed,
+            "smallest_group_after": k.smallest_group_after,
+        },
+        "files": files,
+    }  # fmt: skip
+
+
+def _unchanged(con: duckdb.DuckDBPyConnection, a: Agreement, result: ReleaseResult, tmp: Path, actor: str,
+               content: str) -> ReleaseResult | None:  # fmt: skip
+    """An ``unchanged`` result when the content equals the agreement's latest request; else None."""
+    last = review.latest_comparable(con, a.id)
+    if last is None or last.content_sha256 != content:
+        return None
+    shutil.rmtree(tmp, ignore_errors=True)
+    audit.append(con, actor=actor, role="pipeline", action="release", object=f"agreement:{a.id}",
+                 purpose=a.purposes[0], legal_basis=a.basis, agreement=a.id, outcome="unchanged",
+                 detail={"same_as": last.release_id, "state": last.state, "content_sha256": content})  # fmt: skip
+    return ReleaseResult(a.id, UNCHANGED, f"nothing new to release: the content equals {last.release_id} "
+                         f"({last.state})", release_id=last.release_id, level=a.identifiability)  # fmt: skip
+
+
+def _stage(
+    con: duckdb.DuckDBPyConnection,
+    a: Agreement,
+    agreement_sha: str,
+    contracts: dict[str, Contract],
+    result: ReleaseResult,
+    *,
+    home: Home,
+    actor: str,
+    work: dict[str, str],
+    extra: _Extras,
+) -> ReleaseResult:
+    """Write the files to staging; open a request for them unless nothing changed (module docstring)."""
+    release_id = _next_release_id(con, a.id)
+    final = staging_dir(home, release_id)
+    _private_dir(final)
+    tmp = final.with_name(f".{release_id}.tmp")
+    for stale in (final, tmp):
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp.mkdir(mode=0o700)
+    _write_files(con, a, result, tmp, work)
+    content = _content_sha(result.files)
+    unchanged = _unchanged(con, a, result, tmp, actor, content)
+    if unchanged is not None:
+        return unchanged
+    result.release_id = release_id
+    shape = _shape_sha(a, result)
+    rule = review_rule(con, a, shape)
+    prepared_at = datetime.now(UTC)
+    manifest = _manifest(a, agreement_sha, contracts, result, release_id, prepared_at, extra, rule)
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     (tmp / MANIFEST).write_bytes(manifest_bytes)
+    (tmp / MANIFEST).chmod(0o600)
     result.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+    summary = _summary(con, a, contracts, result, tmp, rule)
     tmp.rename(final)
-    result.release_id, result.directory = release_id, final
-    result.reason = f"released {result.records_released} records under agreement {a.id}"
-
+    decision = {**asdict(extra.decision), "withheld": result.records_withheld}
     try:
-        con.execute("BEGIN TRANSACTION")
-        _register(con, a, agreement_sha, result, released_at)
-        optouts.record_decision(
-            con, release_id=release_id, agreement_id=a.id, decision=decision, withheld=result.records_withheld
-        )
-        if record_level:
-            con.execute(
-                f"INSERT INTO {reg.RELEASE_MEMBERS} SELECT DISTINCT ?, ?, pid, CAST(? AS TIMESTAMPTZ) "
-                f"FROM ({' UNION '.join(people_sets)})",
-                [release_id, a.id, released_at.isoformat()],
-            )
-        con.execute("COMMIT")
+        review.open_request(
+            con, release_id=release_id, agreement_id=a.id, identifiability=a.identifiability, rule=rule,
+            staging_dir=final, content_sha256=content, shape_sha256=shape, manifest_sha256=result.manifest_sha256,
+            files=[asdict(f) for f in result.files], summary=summary,
+            register_row=_register_row(a, agreement_sha, result), optout_decision=decision,
+            members_sql=" UNION ".join(f"SELECT pid FROM {t}" for t in work.values())
+            if a.identifiability != "anonymised" else None,
+            actor=actor,
+        )  # fmt: skip
     except BaseException:
-        con.execute("ROLLBACK")
         shutil.rmtree(final, ignore_errors=True)
         raise
-    audit.append(
-        con,
-        actor=actor,
-        role="pipeline",
-        action="release",
-        object=f"release:{release_id}",
-        purpose=a.purposes[0],
-        legal_basis=a.basis,
-        agreement=a.id,
-        outcome="ok",
-        detail={
-            "release_id": release_id,
-            "identifiability": a.identifiability,
-            "files": len(result.files),
-            "records": result.records_released,
-            "people": result.people_released,
-            "withheld_objections": result.records_withheld,
-            "manifest_sha256": result.manifest_sha256,
-            "recipient": a.recipient.name,
-        },
-    )
-    reg.export(con, home)
+    result.status, result.directory, result.rule = PREPARED, final, rule[0]
+    result.reason = f"prepared {release_id} for review ({rule[0]}): {result.records_released} records"
+    if rule[0] == review.AUTOMATIC:
+        req = review.auto_approve(con, release_id, home=home, actor=actor)
+        result.status, result.directory = RELEASED, home.releases / a.id / req.release_id
+        result.reason = f"released {release_id} under the automatic routine rule"
+    else:
+        review.export(con, home)
     return result
 
 
-def _register(
-    con: duckdb.DuckDBPyConnection, a: Agreement, agreement_sha: str, r: ReleaseResult, released_at: datetime
-) -> None:
-    con.execute(
-        f"INSERT INTO {reg.RELEASE_REGISTER} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-        "CAST(? AS TIMESTAMPTZ), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            r.release_id,
-            a.id,
-            a.version,
-            agreement_sha,
-            a.recipient.name,
-            a.recipient.public_body,
-            "; ".join(a.purposes),
-            a.basis,
-            a.legal_basis.reference,
-            ", ".join(a.collections),
-            a.identifiability,
-            a.start_date,
-            a.end_date,
-            a.approval.approver,
-            a.approval.date,
-            released_at.isoformat(),
-            bool(r.optouts_applied),
-            r.optouts_reason,
-            len(r.files),
-            r.records_released,
-            r.people_released,
-            r.records_withheld,
-            r.objector_records_included,
-            r.k.people_removed if r.k else 0,
-            r.manifest_sha256,
-        ],
-    )
+def _register_row(a: Agreement, agreement_sha: str, r: ReleaseResult) -> dict[str, Any]:
+    """The data release register row of a prepared release (``released_at`` is set at delivery)."""
+    return {
+        "release_id": r.release_id,
+        "agreement_id": a.id,
+        "agreement_version": a.version,
+        "agreement_sha256": agreement_sha,
+        "recipient": a.recipient.name,
+        "recipient_public_body": a.recipient.public_body,
+        "purposes": "; ".join(a.purposes),
+        "legal_basis": a.basis,
+        "legal_basis_reference": a.legal_basis.reference,
+        "collections": ", ".join(a.collections),
+        "identifiability": a.identifiability,
+        "agreement_start": a.start_date.isoformat(),
+        "agreement_end": a.end_date.isoformat(),
+        "approved_by": a.approval.approver,
+        "approved_on": a.approval.date.isoformat() if a.approval.date else None,
+        "opt_outs_applied": bool(r.optouts_applied),
+        "opt_outs_reason": r.optouts_reason,
+        "files": len(r.files),
+        "records_released": r.records_released,
+        "people_released": r.people_released,
+        "records_withheld_objections": r.records_withheld,
+        "objector_records_included": r.objector_records_included,
+        "people_suppressed_k_anonymity": r.k.people_removed if r.k else 0,
+        "manifest_sha256": r.manifest_sha256,
+    }
 
 
 def _manifest(
@@ -758,11 +899,11 @@ def _manifest(
     contracts: dict[str, Contract],
     r: ReleaseResult,
     release_id: str,
-    released_at: datetime,
-    key_id: str,
-    cohort_excluded: dict[str, int],
-    sdc: dict[str, Any],
+    prepared_at: datetime,
+    extra: _Extras,
+    rule: tuple[str, str],
 ) -> dict[str, Any]:
+    key_id, cohort_excluded, sdc = extra.key_id, extra.cohort_excluded, extra.sdc
     controls: dict[str, Any] = {
         "minimum_necessary": {
             "rule": "only the fields the agreement lists, each with its justification (Caldicott 2-3)",
@@ -821,7 +962,8 @@ def _manifest(
         }
     return {
         "release_id": release_id,
-        "released_at": released_at.isoformat(timespec="seconds"),
+        "prepared_at": prepared_at.isoformat(timespec="seconds"),
+        "review": {"rule": rule[0], "reason": rule[1], "reviewers_needed": review.RULES[rule[0]]},
         "agreement": {
             "id": a.id,
             "version": a.version,

@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from assets.definitions import build_definitions
-from assets.releases import GROUP, build, release_key
+from assets.releases import GROUP, REVIEW_CHECK, build, release_key
 from assets.runner import run_nightly
 from resources.haven import SafeHavenResource
 from safehaven.core import audit
@@ -21,12 +21,13 @@ from safehaven.core.identifiers import is_valid_nhs
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.share import review
 from safehaven.share.agreements import load_agreements
 from safehaven.share.releases import MANIFEST, verify_release
 from safehaven.share.subject_access import subject_access
 from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
-from tests.governance_helpers import agreement_data, contracts_root, small_haven, write_agreement
+from tests.governance_helpers import agreement_data, approve_release, contracts_root, small_haven, write_agreement
 
 
 @pytest.fixture
@@ -65,9 +66,23 @@ def test_release_asset_materialises_with_counts_only(home: Home, registry: Contr
     assert result.success
     (event,) = result.get_asset_materialization_events()
     meta = event.event_specific_data.materialization.metadata  # type: ignore[union-attr]
-    assert meta["release_id"].value == "test-linked-r0001"
+    assert meta["release_id"].value == "test-linked-r0001" and meta["status"].value == "prepared"
     assert meta["rows_out"].value > 0 and meta["records_withheld_objections"].value == 3
+    assert (home.root / "staging" / "releases" / "test-linked-r0001" / MANIFEST).exists()
+    assert not (home.releases / "test-linked").exists()  # nothing leaves before review
+    # the pending request is a warning with the checker summary, not a failure
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == REVIEW_CHECK and not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert check.metadata["waiting"].value == 1 and "k per person" in check.metadata["summary"].value
+    with Store(home).connect() as con:
+        approve_release(con, "test-linked-r0001", home)
     assert (home.releases / "test-linked" / "test-linked-r0001" / MANIFEST).exists()
+    # the next run finds nothing new: no request, no materialisation, and the check passes
+    again = _materialize(registry, "test-linked", dagster_instance)
+    assert again.success and again.get_asset_materialization_events() == []
+    assert all(c.passed for c in again.get_asset_check_evaluations())
+    with Store(home).connect(read_only=True) as con:
+        assert len(reg.releases(con)) == 1
 
 
 @pytest.mark.parametrize(
@@ -132,8 +147,14 @@ def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_
     seeded = seeded_nhs_numbers(home.incoming)
     ok, stages = run_nightly(home, dagster_instance)
     assert ok, [s for s in stages if s.checks_failed]
-    released = {s.asset for s in stages if s.asset.startswith("release/")}
-    assert released == {"release/research-hes-asc-linked", "release/statutory-gp-audit"}
+    prepared = {s.asset for s in stages if s.asset.startswith("release/")}
+    assert prepared == {"release/research-hes-asc-linked", "release/statutory-gp-audit"}
+    # prepared requests waiting for review are a warning, not a failed run; nothing has left yet
+    assert all(s.checks_warned == [REVIEW_CHECK] for s in stages if s.asset in prepared)
+    assert not any(home.releases.iterdir())
+    with Store(home).connect() as con:
+        for request in review.requests(con, states=review.AWAITING_REVIEW):
+            approve_release(con, request.release_id, home)
     # anon-linked-stats is served by the published output that names it, not by a second table
     assert not (home.releases / "anon-linked-stats").exists()
     assert not (home.releases / "risk-stratification").exists()  # suspended

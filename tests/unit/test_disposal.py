@@ -36,10 +36,10 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
 from safehaven.share.agreements import suspend
-from safehaven.share.releases import PERSON_ID, release
+from safehaven.share.releases import PERSON_ID
 from safehaven.tools import synthetic
 from tests.conftest import leaked_nhs_numbers, scan_for
-from tests.governance_helpers import agreement_data, contracts_root, write_agreement
+from tests.governance_helpers import agreement_data, contracts_root, prepare_and_release, write_agreement
 from tests.unit.populate import process, write_csv
 
 OLD_END = date(2015, 3, 31)
@@ -155,7 +155,7 @@ def _build(root: Path) -> None:
             [RECEIVED_2015],
         )
         assert con.execute("SELECT count(*) FROM governance.batches WHERE landed_at < '2016-01-01'").fetchone()[0] == 3
-        result = release(con, STUDY, home=home, registry=registry, keyring=keyring)
+        result = prepare_and_release(con, STUDY, home=home, registry=registry, keyring=keyring)
         assert result.status == "released", result.reason
     for reason in home.quarantine_for("gp_events").glob("*.reason.json"):
         data = json.loads(reason.read_text())
@@ -461,7 +461,7 @@ def test_data_not_due_is_intact_and_the_haven_keeps_working(world: World) -> Non
             con.execute("SELECT count(*) FROM governance.batches WHERE status = 'accepted'").fetchone()[0]
             == statuses["accepted"] + 4
         )
-        again = release(con, STUDY, home=world.home, registry=world.registry, keyring=world.keyring)
+        again = prepare_and_release(con, STUDY, home=world.home, registry=world.registry, keyring=world.keyring)
         assert again.status == "released" and again.release_id == f"{STUDY}-r0002"
         assert audit.verify(con, world.home).ok
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from safehaven.cli.main import main
@@ -15,7 +14,8 @@ from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
-from tests.governance_helpers import NHS, agreement_data, contracts_root, small_haven, write_agreement
+from safehaven.share import approvals
+from tests.governance_helpers import NHS, REVIEWERS, agreement_data, contracts_root, small_haven, write_agreement
 
 
 @pytest.fixture
@@ -139,12 +139,17 @@ def test_draft_then_validate_lists_the_todos(root: Path) -> None:
     )
 
 
-def test_approve_and_suspend_rewrite_the_file_and_are_audited(home: Home, root: Path, governance_key: None) -> None:
+def test_approve_and_suspend_are_store_records_not_file_edits_and_are_audited(
+    home: Home, root: Path, governance_key: None
+) -> None:
     path = write_agreement(root, agreement_data(approval={"status": "draft"}))
+    before = path.read_bytes()
+    assert "not approved in the haven" in run("agreements", "list").output
     result = run("agreements", "approve", "test-linked", "--approver", "Dr A. Example, Caldicott Guardian")
     assert result.exit_code == 0, result.output
-    approval = yaml.safe_load(path.read_text())["approval"]
-    assert approval["status"] == "approved" and approval["approver"] == "Dr A. Example, Caldicott Guardian"
+    assert path.read_bytes() == before  # the tracked file holds the terms only
+    with Store(home).connect() as con:
+        assert approvals.latest(con, "test-linked").decision == "approved"  # type: ignore[union-attr]
     result = run(
         "agreements",
         "suspend",
@@ -155,14 +160,15 @@ def test_approve_and_suspend_rewrite_the_file_and_are_audited(home: Home, root: 
         "Dr A. Example, Caldicott Guardian",
     )
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load(path.read_text())["approval"]["status"] == "suspended"
+    assert path.read_bytes() == before
+    assert (home.registers / "agreement_decisions.csv").exists()
     with Store(home).connect(read_only=True) as con:
         entries = audit.entries_for(con, agreement="test-linked")
     assert [(e.action, e.role, e.object) for e in entries] == [
         ("approve", "governance", "agreement:test-linked"),
         ("suspend", "governance", "agreement:test-linked"),
     ]
-    assert entries[0].detail_value["approver"] == "Dr A. Example, Caldicott Guardian"
+    assert entries[0].detail_value["by"] == "Dr A. Example, Caldicott Guardian"
     listing = run("agreements", "list").output
     assert "test-linked" in listing and "suspended" in listing
 
@@ -190,7 +196,11 @@ def released(home: Home, root: Path, governance_key: None) -> Home:
     with Store(home).connect() as con:
         small_haven(con, KeyRing(home.keys), ContractRegistry(root))
     result = run("agreements", "release", "test-linked")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and "prepared test-linked-r0001" in result.output, result.output
+    for by in REVIEWERS:
+        result = run("review", "approve", "test-linked-r0001", "--by", by)
+        assert result.exit_code == 0, result.output
+    assert "released" in result.output
     return home
 
 

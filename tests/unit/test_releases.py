@@ -29,7 +29,7 @@ from safehaven.protect import vault
 from safehaven.protect.pseudonymise import release_pseudonym
 from safehaven.share.agreements import Agreement
 from safehaven.share.linkage import LinkageRefused
-from safehaven.share.releases import MANIFEST, PERSON_ID, ReleaseRefused, k_anonymise, release, verify_release
+from safehaven.share.releases import MANIFEST, PERSON_ID, ReleaseRefused, k_anonymise, verify_release
 from tests.conftest import leaked_nhs_numbers
 from tests.governance_helpers import (
     BASE,
@@ -41,6 +41,7 @@ from tests.governance_helpers import (
     WITHDRAWN,
     agreement_data,
     contracts_root,
+    prepare_and_release,
     small_haven,
     write_agreement,
 )
@@ -60,7 +61,8 @@ class Haven:
         return data["id"]
 
     def release(self, agreement_id: str):
-        return release(self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring)
+        """Prepare, then approve by two reviewers (delivery happens on the second approval)."""
+        return prepare_and_release(self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring)
 
     def parquet(self, path: Path) -> duckdb.DuckDBPyRelation:
         return duckdb.sql(f"SELECT * FROM '{path}'")
@@ -211,7 +213,7 @@ def test_statutory_release_overrules_opt_outs_and_says_why(haven: Haven) -> None
             },
             "expired on 2021-01-01",
         ),
-        ({"approval": {"status": "draft"}}, "is a draft"),
+        ({"approval": {"status": "draft"}}, "not been approved in this haven (its file says draft)"),
         ({"start_date": "2099-01-01"}, "starts on 2099-01-01"),
     ],
     ids=["suspended", "expired-status", "expired-by-date", "draft", "not-started"],
@@ -337,9 +339,10 @@ def test_register_matches_what_was_written_row_for_row(haven: Haven) -> None:
             legal_basis={"basis": "anonymised"},
         )
     )
-    assert [first.release_id, second.release_id] == ["test-linked-r0001", "test-linked-r0002"]
+    # the same data again is not a new release (safehaven.share.review: unchanged means no release)
+    assert (first.release_id, second.status, second.release_id) == ("test-linked-r0001", "unchanged", first.release_id)
     rows = reg.releases(haven.con)
-    assert [r["release_id"] for r in rows] == ["test-linked-r0001", "test-linked-r0002", "anon-test-r0001"]
+    assert [r["release_id"] for r in rows] == ["test-linked-r0001", "anon-test-r0001"]
     on_disk = {p.parent.name for p in haven.home.releases.rglob(MANIFEST)}
     assert on_disk == {r["release_id"] for r in rows}
     for row in rows:
@@ -417,11 +420,19 @@ def test_no_seeded_nhs_number_in_any_release_manifest_or_register(haven: Haven) 
 def test_every_release_is_audited_with_its_reads(haven: Haven) -> None:
     result = haven.release(haven.add())
     actions = [(e.action, e.object, e.outcome) for e in audit.entries_for(haven.con, agreement="test-linked")]
+    request = f"release-request:{result.release_id}"
     assert actions == [
+        ("approve", "agreement:test-linked", "ok"),  # the file's approval adopted into the store, once
         ("link", "linkage:haven.hospital_episodes+haven.social_care", "ok"),
         ("read", "haven.hospital_episodes", "ok"),
         ("read", "haven.social_care", "ok"),
+        ("review.prepare", request, "ok"),
+        ("review.decide", request, "ok"),
+        ("review.approve_first", request, "ok"),
+        ("review.decide", request, "ok"),
+        ("review.approve", request, "ok"),
         ("release", f"release:{result.release_id}", "ok"),
+        ("review.release", request, "ok"),
     ]
     assert audit.verify(haven.con).ok
 

@@ -13,7 +13,6 @@ from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.share.releases import release
 from safehaven.share.subject_access import SubjectAccessDenied, subject_access
 from tests.governance_helpers import (
     NHS,
@@ -21,6 +20,7 @@ from tests.governance_helpers import (
     WITHDRAWN,
     agreement_data,
     contracts_root,
+    prepare_and_release,
     small_haven,
     write_agreement,
 )
@@ -48,7 +48,7 @@ def setting(home: Home, tmp_path: Path) -> Iterator[tuple[duckdb.DuckDBPyConnect
     with Store(home).connect() as con:
         small_haven(con, keyring, registry)
         for aid in ("test-linked", "gp-audit"):
-            release(con, aid, home=home, registry=registry)
+            prepare_and_release(con, aid, home=home, registry=registry)
         yield con, home, registry
 
 

@@ -1,0 +1,593 @@
+"""Release requests: nothing leaves the haven that two people have not checked.
+
+Rule (SATRE 3.3.04-3.3.05: assigned responsibility for output checking is mandatory; Five
+Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
+
+* The nightly run *prepares* a release (``safehaven.share.releases.prepare``): its files,
+  manifest and checker summary go to a staging area inside the haven home but outside
+  ``releases/`` (``staging/releases/<release-id>/``, 0700 directories, 0600 files), and a
+  request named by the release id it would create is opened. Nothing reaches
+  ``releases/<agreement>/`` until the request is approved.
+* **Two independent reviewers**: neither the person who operated the run (the actor recorded
+  when the request was prepared) nor each other. Each records a decision per file, pinned to
+  the file's SHA-256 at that moment; a request is approved only when the rule's number of
+  reviewers have each approved every file.
+* **What is released is what was reviewed**: at delivery every staged file is hashed again
+  and must equal the hash pinned when it was prepared and when each reviewer approved it;
+  anything else is refused (a near-miss breach, audited) and keeps being refused until a
+  person withdraws the request and a new one is prepared.
+* **Rules** (:data:`RULES`): ``two_reviewers`` by default; an agreement may declare
+  ``routine_release: one_reviewer | automatic`` for releases whose fields and checks (the
+  *shape*) equal those of an earlier release approved by two reviewers; identifiable releases
+  always need two reviewers and the vault custodian (delivery needs the vault key).
+* **Every transition is audited** (``object = release-request:<id>``): who, when, from, to, why.
+
+The states and the transitions between them are listed once, in :data:`TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.files import sha256_file
+from safehaven.core.home import Home
+from safehaven.protect import optouts
+
+REQUESTS = "governance.release_requests"
+REVIEWS = "governance.release_reviews"
+REQUEST_MEMBERS = "governance.release_request_members"
+
+# --- the state machine (one place) --------------------------------------------------------
+
+PREPARED = "prepared"
+APPROVED_BY_ONE = "approved_by_one"
+APPROVED = "approved"
+RELEASED = "released"
+RETURNED = "returned"
+REJECTED = "rejected"
+WITHDRAWN = "withdrawn"
+SUPERSEDED = "superseded"
+
+#: waiting for a reviewer's decision
+AWAITING_REVIEW = (PREPARED, APPROVED_BY_ONE)
+#: not yet final: a newer preparation supersedes these
+OPEN = (PREPARED, APPROVED_BY_ONE, APPROVED, RETURNED)
+
+#: action -> {from state: to state}
+TRANSITIONS: dict[str, dict[str, str]] = {
+    "approve_first": {PREPARED: APPROVED_BY_ONE},
+    "approve": {PREPARED: APPROVED, APPROVED_BY_ONE: APPROVED},
+    "release": {APPROVED: RELEASED},
+    "return": {PREPARED: RETURNED, APPROVED_BY_ONE: RETURNED},
+    "reject": {PREPARED: REJECTED, APPROVED_BY_ONE: REJECTED},
+    "withdraw": {s: WITHDRAWN for s in OPEN},
+    "supersede": {s: SUPERSEDED for s in OPEN},
+}
+
+# --- release rules ------------------------------------------------------------------------
+
+TWO_REVIEWERS = "two_reviewers"
+ONE_REVIEWER = "one_reviewer"
+AUTOMATIC = "automatic"
+TWO_REVIEWERS_AND_CUSTODIAN = "two_reviewers_and_custodian"
+#: rule -> reviewers needed
+RULES: dict[str, int] = {TWO_REVIEWERS: 2, ONE_REVIEWER: 1, AUTOMATIC: 0, TWO_REVIEWERS_AND_CUSTODIAN: 2}
+#: an automatic approval is recorded under this name
+AUTOMATIC_REVIEWER = "routine rule (automatic)"
+MIN_COMMENT = 5
+
+_DDL = (
+    f"""CREATE TABLE IF NOT EXISTS {REQUESTS} (
+    release_id VARCHAR PRIMARY KEY,
+    agreement_id VARCHAR NOT NULL,
+    identifiability VARCHAR NOT NULL,
+    state VARCHAR NOT NULL,
+    rule VARCHAR NOT NULL,
+    rule_reason VARCHAR NOT NULL,
+    staging_dir VARCHAR NOT NULL,
+    content_sha256 VARCHAR NOT NULL,
+    shape_sha256 VARCHAR NOT NULL,
+    manifest_sha256 VARCHAR NOT NULL,
+    files JSON NOT NULL,
+    summary JSON NOT NULL,
+    register_row JSON NOT NULL,
+    optout_decision JSON NOT NULL,
+    prepared_by VARCHAR NOT NULL,
+    prepared_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    comment VARCHAR
+)""",
+    f"""CREATE TABLE IF NOT EXISTS {REVIEWS} (
+    release_id VARCHAR NOT NULL,
+    reviewer VARCHAR NOT NULL,
+    file_name VARCHAR NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    decision VARCHAR NOT NULL,
+    comment VARCHAR,
+    decided_at TIMESTAMPTZ NOT NULL
+)""",
+    f"CREATE TABLE IF NOT EXISTS {REQUEST_MEMBERS} (release_id VARCHAR, agreement_id VARCHAR, pid VARCHAR)",
+)
+
+
+class ReviewError(Exception):
+    """A review step that must not happen; the message says why and how to clear it (no values)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One release request as stored."""
+
+    release_id: str
+    agreement_id: str
+    identifiability: str
+    state: str
+    rule: str
+    rule_reason: str
+    staging_dir: Path
+    content_sha256: str
+    shape_sha256: str
+    manifest_sha256: str
+    files: list[dict[str, Any]]
+    summary: dict[str, Any]
+    prepared_by: str
+    prepared_at: datetime
+    comment: str | None
+
+    @property
+    def reviewers_needed(self) -> int:
+        return RULES[self.rule]
+
+
+_COLS = (
+    "release_id, agreement_id, identifiability, state, rule, rule_reason, staging_dir, content_sha256, "
+    "shape_sha256, manifest_sha256, files, summary, prepared_by, prepared_at, comment"
+)
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    for ddl in _DDL:
+        con.execute(ddl)
+
+
+def _request(row: tuple[Any, ...]) -> Request:
+    values = list(row)
+    values[6] = Path(values[6])
+    values[10], values[11] = json.loads(values[10]), json.loads(values[11])
+    return Request(*values)
+
+
+def get(con: duckdb.DuckDBPyConnection, release_id: str) -> Request:
+    """The request named by the release id it would create; :class:`ReviewError` if none."""
+    ensure_tables(con)
+    row = con.execute(f"SELECT {_COLS} FROM {REQUESTS} WHERE release_id = ?", [release_id]).fetchone()
+    if row is None:
+        raise ReviewError(f"no release request {release_id} (safehaven review list shows the open ones)")
+    return _request(row)
+
+
+def requests(
+    con: duckdb.DuckDBPyConnection, *, states: tuple[str, ...] | None = None, agreement_id: str | None = None
+) -> list[Request]:
+    """Requests, oldest first, optionally in ``states`` and for one agreement."""
+    ensure_tables(con)
+    where, params = ["true"], []
+    if states:
+        where.append(f"state IN ({', '.join('?' for _ in states)})")
+        params += list(states)
+    if agreement_id:
+        where.append("agreement_id = ?")
+        params.append(agreement_id)
+    sql = f"SELECT {_COLS} FROM {REQUESTS} WHERE {' AND '.join(where)} ORDER BY prepared_at, release_id"
+    return [_request(r) for r in con.execute(sql, params).fetchall()]
+
+
+def latest_comparable(con: duckdb.DuckDBPyConnection, agreement_id: str) -> Request | None:
+    """The newest request of an agreement that a new preparation is compared with.
+
+    Superseded and withdrawn requests are skipped; released, open, returned and rejected ones
+    count (content equal to a rejected request is not offered again).
+    """
+    found = [r for r in requests(con, agreement_id=agreement_id) if r.state not in (SUPERSEDED, WITHDRAWN)]
+    return found[-1] if found else None
+
+
+def two_reviewer_shapes(con: duckdb.DuckDBPyConnection, agreement_id: str) -> set[str]:
+    """Shapes of this agreement's releases that two reviewers approved (routine flows start from these)."""
+    ensure_tables(con)
+    rows = con.execute(
+        f"SELECT DISTINCT shape_sha256 FROM {REQUESTS} WHERE agreement_id = ? AND state = ? AND rule = ?",
+        [agreement_id, RELEASED, TWO_REVIEWERS],
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+# --- transitions --------------------------------------------------------------------------
+
+
+def _transition(
+    con: duckdb.DuckDBPyConnection,
+    req: Request,
+    action: str,
+    *,
+    by: str,
+    why: str,
+    detail: dict[str, Any] | None = None,
+) -> Request:
+    """Move a request along :data:`TRANSITIONS` and audit it; refuse any other move."""
+    to = TRANSITIONS[action].get(req.state)
+    if to is None:
+        raise ReviewError(f"request {req.release_id} is {req.state}; the step {action!r} is not open to it")
+    con.execute(
+        f"UPDATE {REQUESTS} SET state = ?, updated_at = now(), comment = coalesce(?, comment) "
+        "WHERE release_id = ? AND state = ?",
+        [to, why if action in ("return", "reject", "withdraw") else None, req.release_id, req.state],
+    )
+    audit.append(
+        con,
+        actor=by,
+        role="review",
+        action=f"review.{action}",
+        object=f"release-request:{req.release_id}",
+        agreement=req.agreement_id,
+        detail={"from": req.state, "to": to, "why": why, "os_user": reg.current_actor(), **(detail or {})},
+    )
+    return get(con, req.release_id)
+
+
+def open_request(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    release_id: str,
+    agreement_id: str,
+    identifiability: str,
+    rule: tuple[str, str],
+    staging_dir: Path,
+    content_sha256: str,
+    shape_sha256: str,
+    manifest_sha256: str,
+    files: list[dict[str, Any]],
+    summary: dict[str, Any],
+    register_row: dict[str, Any],
+    optout_decision: dict[str, Any],
+    members_sql: str | None,
+    actor: str,
+) -> Request:
+    """Record a prepared request (superseding older open ones of the agreement) and audit it.
+
+    ``members_sql`` selects the haven pids of everyone in the release (record level), kept in
+    the store until delivery. Call outside an open transaction.
+    """
+    ensure_tables(con)
+    older = requests(con, states=OPEN, agreement_id=agreement_id)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"INSERT INTO {REQUESTS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), now(), NULL)",
+            [
+                release_id, agreement_id, identifiability, PREPARED, rule[0], rule[1], str(staging_dir),
+                content_sha256, shape_sha256, manifest_sha256, json.dumps(files), json.dumps(summary),
+                json.dumps(register_row, default=str), json.dumps(optout_decision), actor,
+            ],
+        )  # fmt: skip
+        if members_sql:
+            con.execute(f"INSERT INTO {REQUEST_MEMBERS} SELECT DISTINCT ?, ?, pid FROM ({members_sql})",
+                        [release_id, agreement_id])  # fmt: skip
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    audit.append(
+        con,
+        actor=actor,
+        role="pipeline",
+        action="review.prepare",
+        object=f"release-request:{release_id}",
+        agreement=agreement_id,
+        detail={"to": PREPARED, "rule": rule[0], "files": [{"name": f["name"], "sha256": f["sha256"]} for f in files],
+                "manifest_sha256": manifest_sha256},
+    )  # fmt: skip
+    for old in older:
+        _discard(con, _transition(con, old, "supersede", by=actor, why=f"superseded by {release_id}"))
+    return get(con, release_id)
+
+
+def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
+    """Remove the staged files and kept members of a request that will never be released."""
+    con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
+    shutil.rmtree(req.staging_dir, ignore_errors=True)
+
+
+def _require_independent(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
+    """Neither the operator of the run nor a reviewer who has already decided this request."""
+    if len(by.strip()) < 3:
+        raise ReviewError('name the reviewer with --by, e.g. --by "Name, Output checker"')
+    if _same(by, req.prepared_by):
+        raise ReviewError(
+            f"{by} operated the run that prepared {req.release_id}; the reviewers must be two other people"
+        )
+    done = con.execute(f"SELECT DISTINCT reviewer FROM {REVIEWS} WHERE release_id = ?", [req.release_id]).fetchall()
+    for (reviewer,) in done:
+        if _same(by, reviewer) and _approved_all(con, req, reviewer):
+            raise ReviewError(
+                f"{by} has already approved {req.release_id}; the second approval must come from another person"
+            )
+
+
+def _approved_all(con: duckdb.DuckDBPyConnection, req: Request, reviewer: str) -> bool:
+    names = {f["name"] for f in req.files}
+    rows = con.execute(
+        f"SELECT DISTINCT file_name FROM {REVIEWS} WHERE release_id = ? AND reviewer = ? AND decision = 'approve'",
+        [req.release_id, reviewer],
+    ).fetchall()
+    return names <= {r[0] for r in rows}
+
+
+def approvers(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
+    """Reviewers who have approved every file of the request, by name."""
+    rows = con.execute(
+        f"SELECT DISTINCT reviewer FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve' ORDER BY ALL",
+        [req.release_id],
+    ).fetchall()
+    return [r[0] for r in rows if _approved_all(con, req, r[0])]
+
+
+def _pin(req: Request, wanted: list[str] | None) -> dict[str, str]:
+    """Hash the files being decided now; each must still equal its hash pinned at preparation."""
+    pinned = {f["name"]: f["sha256"] for f in req.files}
+    names = wanted or sorted(pinned)
+    unknown = sorted(set(names) - set(pinned))
+    if unknown:
+        raise ReviewError(f"{req.release_id} has no file {', '.join(unknown)} (files: {', '.join(sorted(pinned))})")
+    found: dict[str, str] = {}
+    for name in names:
+        path = req.staging_dir / name
+        actual = sha256_file(path) if path.is_file() else "missing"
+        if actual != pinned[name]:
+            raise ReviewError(
+                f"{name} of {req.release_id} is not the file that was prepared (SHA-256 differs or it is missing); "
+                f"withdraw the request (safehaven review withdraw {req.release_id} --by ...) and let the next run "
+                "prepare it again"
+            )
+        found[name] = actual
+    return found
+
+
+def _decide(con: duckdb.DuckDBPyConnection, req: Request, by: str, decision: str, hashes: dict[str, str],
+            comment: str | None) -> None:  # fmt: skip
+    con.executemany(
+        f"INSERT INTO {REVIEWS} VALUES (?, ?, ?, ?, ?, ?, now())",
+        [[req.release_id, by.strip(), name, sha, decision, comment] for name, sha in hashes.items()],
+    )
+
+
+def approve(
+    con: duckdb.DuckDBPyConnection,
+    release_id: str,
+    by: str,
+    *,
+    home: Home,
+    files: list[str] | None = None,
+    comment: str | None = None,
+) -> Request:
+    """Record ``by``'s approval of ``files`` (default: every file) and move the request on.
+
+    When the rule's reviewers have each approved every file the request is ``approved`` and,
+    unless it needs the vault custodian, delivered at once (:func:`deliver`).
+    """
+    req = get(con, release_id)
+    if req.state not in AWAITING_REVIEW:
+        raise ReviewError(f"request {release_id} is {req.state}; only a prepared request can be approved")
+    _require_independent(con, req, by)
+    hashes = _pin(req, files)
+    _decide(con, req, by, "approve", hashes, comment)
+    audit.append(
+        con,
+        actor=by.strip(),
+        role="review",
+        action="review.decide",
+        object=f"release-request:{release_id}",
+        agreement=req.agreement_id,
+        detail={"decision": "approve", "files": hashes, "comment": comment, "os_user": reg.current_actor()},
+    )
+    names = approvers(con, req)
+    if len(names) >= req.reviewers_needed:
+        req = _transition(con, req, "approve", by=by.strip(), why=f"approved by {', '.join(names)}")
+        if req.rule != TWO_REVIEWERS_AND_CUSTODIAN:
+            return deliver(con, release_id, home=home, by=by.strip())
+    elif names and req.state == PREPARED:
+        req = _transition(con, req, "approve_first", by=by.strip(), why=f"approved by {names[0]}")
+    return req
+
+
+def _close(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: str, action: str,
+           files: list[str] | None) -> Request:  # fmt: skip
+    """Return or reject a request with comments (every file decided is recorded)."""
+    if len((comment or "").strip()) < MIN_COMMENT:
+        raise ReviewError(f"say why the request is {action}ed (--comment), so the operator knows what to change")
+    req = get(con, release_id)
+    if req.state not in AWAITING_REVIEW:
+        raise ReviewError(f"request {release_id} is {req.state}; only a prepared request can be {action}ed")
+    _require_independent(con, req, by)
+    hashes = {f["name"]: f["sha256"] for f in req.files if not files or f["name"] in files}
+    _decide(con, req, by, action, hashes, comment.strip())
+    req = _transition(con, req, action, by=by.strip(), why=comment.strip(), detail={"files": sorted(hashes)})
+    if action == "reject":
+        _discard(con, req)
+    return req
+
+
+def return_request(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: str,
+                   files: list[str] | None = None) -> Request:  # fmt: skip
+    """Return a request with comments: nothing leaves; the next run prepares a corrected one."""
+    return _close(con, release_id, by, comment, "return", files)
+
+
+def reject(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: str,
+           files: list[str] | None = None) -> Request:  # fmt: skip
+    """Reject a request: nothing leaves, and the same content is not offered again."""
+    return _close(con, release_id, by, comment, "reject", files)
+
+
+def withdraw(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: str) -> Request:
+    """Withdraw an open request (e.g. one whose staged files were changed); its staging is removed."""
+    if len((comment or "").strip()) < MIN_COMMENT:
+        raise ReviewError("say why the request is withdrawn (--comment)")
+    req = _transition(con, get(con, release_id), "withdraw", by=by.strip(), why=comment.strip())
+    _discard(con, req)
+    return req
+
+
+def auto_approve(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, actor: str) -> Request:
+    """Approve and deliver a request under the ``automatic`` routine rule (audited as such)."""
+    req = get(con, release_id)
+    if req.rule != AUTOMATIC:
+        raise ReviewError(f"request {release_id} is under the {req.rule} rule; it needs reviewers")
+    hashes = _pin(req, None)
+    _decide(con, req, AUTOMATIC_REVIEWER, "approve", hashes, req.rule_reason)
+    _transition(con, req, "approve", by=actor, why=req.rule_reason)
+    return deliver(con, release_id, home=home, by=actor)
+
+
+# --- delivery ------------------------------------------------------------------------------
+
+
+def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
+    """Problems between the staged directory and what was prepared and reviewed (empty: identical)."""
+    if not req.staging_dir.is_dir():
+        return [f"the staged directory of {req.release_id} is missing"]
+    listed = {f["name"]: f["sha256"] for f in req.files}
+    listed["manifest.json"] = req.manifest_sha256
+    found = [f"{p.name} was added after preparation" for p in sorted(req.staging_dir.iterdir()) if p.name not in listed]
+    for name, sha in listed.items():
+        path = req.staging_dir / name
+        if not path.is_file() or sha256_file(path) != sha:
+            found.append(f"{name} is not the file that was prepared and reviewed (SHA-256 differs or it is missing)")
+    reviewed = con.execute(
+        f"SELECT file_name, sha256 FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve'", [req.release_id]
+    ).fetchall()
+    found += [f"{name} was approved at a different SHA-256 than the one prepared" for name, sha in reviewed
+              if listed.get(name) != sha]  # fmt: skip
+    return found
+
+
+def _refuse_delivery(con: duckdb.DuckDBPyConnection, req: Request, by: str, found: list[str]) -> ReviewError:
+    breach = reg.record_breach(
+        con,
+        kind="reviewed_file_changed",
+        severity=0,
+        what=f"release {req.release_id} refused at delivery: " + "; ".join(found[:5]),
+        remedial_action="nothing was released; investigate who changed the staged files, withdraw the request and "
+        "let the next run prepare it again for review",
+        detail={"release_id": req.release_id, "problems": len(found)},
+    )
+    audit.append(
+        con,
+        actor=by,
+        role="review",
+        action="review.release",
+        object=f"release-request:{req.release_id}",
+        agreement=req.agreement_id,
+        outcome="refused",
+        detail={"problems": found[:5], "breach_id": breach},
+    )
+    return ReviewError(
+        f"release {req.release_id} refused: {found[0]}; withdraw it "
+        f"(safehaven review withdraw {req.release_id} --by ... --comment ...) and let the next run prepare it again"
+    )
+
+
+def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: str) -> Request:
+    """Deliver an approved request: verify every pinned hash, move the staged directory into
+    ``releases/<agreement>/<release-id>/``, and register it, in one step (module docstring).
+
+    For a ``two_reviewers_and_custodian`` request the caller must be the vault custodian (the
+    CLI checks the vault key is on the host).
+    """
+    req = get(con, release_id)
+    if req.state != APPROVED:
+        raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
+    found = _verify_staged(con, req)
+    if found:
+        raise _refuse_delivery(con, req, by, found)
+    folder = home.releases / req.agreement_id
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    final = folder / release_id
+    if final.exists():
+        raise ReviewError(f"{final} already exists; nothing was released (move it aside after investigating)")
+    os.rename(req.staging_dir, final)
+    released_at = datetime.now(UTC)
+    try:
+        _register(con, req, released_at)
+    except BaseException:
+        os.rename(final, req.staging_dir)
+        raise
+    reviewers = approvers(con, req)
+    audit.append(
+        con,
+        actor=by,
+        role="review",
+        action="release",
+        object=f"release:{release_id}",
+        agreement=req.agreement_id,
+        detail={"release_id": release_id, "rule": req.rule, "reviewers": reviewers,
+                "manifest_sha256": req.manifest_sha256, "files": len(req.files)},
+    )  # fmt: skip
+    req = _transition(con, req, "release", by=by, why=f"released under the {req.rule} rule")
+    reg.export(con, home)
+    export(con, home)
+    return req
+
+
+def _register(con: duckdb.DuckDBPyConnection, req: Request, released_at: datetime) -> None:
+    """Register row, members and opt-out decision, in one transaction."""
+    row = json.loads(
+        con.execute(f"SELECT register_row FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()[0]  # type: ignore[index]
+    )
+    decision = json.loads(
+        con.execute(f"SELECT optout_decision FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()[0]  # type: ignore[index]
+    )
+    row.update(released_at=released_at.isoformat(), review_rule=req.rule,
+               reviewed_by="; ".join(approvers(con, req)))  # fmt: skip
+    reg.ensure_tables(con)
+    cols = list(row)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"INSERT INTO {reg.RELEASE_REGISTER} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+            [row[c] for c in cols],
+        )
+        withheld = decision.pop("withheld")
+        optouts.record_decision(con, release_id=req.release_id, agreement_id=req.agreement_id,
+                                decision=optouts.OptOutDecision(**decision), withheld=withheld)  # fmt: skip
+        con.execute(
+            f"INSERT INTO {reg.RELEASE_MEMBERS} SELECT release_id, agreement_id, pid, CAST(? AS TIMESTAMPTZ) "
+            f"FROM {REQUEST_MEMBERS} WHERE release_id = ?",
+            [released_at.isoformat(), req.release_id],
+        )
+        con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def export(con: duckdb.DuckDBPyConnection, home: Home) -> None:
+    """Write the requests (hashes, counts, decisions; no contents) to ``registers/release_requests.*``."""
+    ensure_tables(con)
+    reg.export_table(con, home, REQUESTS, "release_requests", "prepared_at, release_id")

@@ -1,0 +1,340 @@
+"""Tests for ``safehaven.share.review``: nothing leaves that two people have not checked.
+
+The issue's required properties: a release is not delivered before two distinct reviewers
+approve; the operator or one person twice cannot approve; a file changed after review is
+refused at release; an unchanged nightly run opens no request and adds no register row; a
+changed agreement file needs re-approval; a routine flow releases by its declared rule; every
+transition appears in the audit trail.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.share import approvals, review
+from safehaven.share.releases import MANIFEST, PREPARED, SKIPPED, UNCHANGED, prepare
+from tests.conftest import leaked_nhs_numbers
+from tests.governance_helpers import NHS, REVIEWERS, agreement_data, contracts_root, small_haven, write_agreement
+
+R1, R2 = REVIEWERS
+OPERATOR = "night-operator"
+CG = "Dr A. Example, Caldicott Guardian"
+
+
+@dataclass
+class Haven:
+    home: Home
+    con: duckdb.DuckDBPyConnection
+    registry: ContractRegistry
+    keyring: KeyRing
+
+    def add(self, **overrides: Any) -> Path:
+        return write_agreement(self.registry.root, agreement_data(**overrides))
+
+    def prepare(self, agreement_id: str = "test-linked"):
+        return prepare(
+            self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring, actor=OPERATOR
+        )
+
+    def approve(self, release_id: str, by: str) -> review.Request:
+        return review.approve(self.con, release_id, by, home=self.home)
+
+    def delivered(self, agreement_id: str = "test-linked") -> list[str]:
+        folder = self.home.releases / agreement_id
+        return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture
+def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    registry = ContractRegistry(contracts_root(tmp_path))
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        small_haven(con, keyring, registry)
+        yield Haven(home, con, registry, keyring)
+
+
+def test_nightly_run_prepares_into_staging_and_delivers_nothing(haven: Haven) -> None:
+    haven.add()
+    result = haven.prepare()
+    assert result.status == PREPARED and result.release_id == "test-linked-r0001"
+    staged = haven.home.root / "staging" / "releases" / "test-linked-r0001"
+    assert result.directory == staged and (staged / MANIFEST).exists()
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in staged.iterdir()} == {0o600}
+    assert json.loads((staged / MANIFEST).read_text())["review"]["rule"] == review.TWO_REVIEWERS
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    assert review.get(haven.con, "test-linked-r0001").state == review.PREPARED
+    members = haven.con.execute("SELECT count(*) FROM governance.release_members").fetchone()[0]
+    assert members == 0  # nobody is recorded as released before anything leaves
+
+
+def test_release_is_not_delivered_before_two_distinct_reviewers_approve(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    assert haven.approve(rid, R1).state == review.APPROVED_BY_ONE
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    req = haven.approve(rid, R2)
+    assert req.state == review.RELEASED
+    assert haven.delivered() == [rid]
+    (row,) = reg.releases(haven.con)
+    assert row["review_rule"] == review.TWO_REVIEWERS and row["reviewed_by"] == f"{R1}; {R2}"
+    assert not req.staging_dir.exists()
+    assert (haven.home.registers / "release_requests.csv").exists()
+
+
+def test_each_file_needs_each_reviewers_decision(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    review.approve(haven.con, rid, R1, home=haven.home, files=["hospital_episodes.parquet"])
+    assert review.get(haven.con, rid).state == review.PREPARED  # social_care.parquet not yet decided
+    review.approve(haven.con, rid, R1, home=haven.home, files=["social_care.parquet"])
+    assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE
+
+
+@pytest.mark.parametrize("who", [OPERATOR, f"  {OPERATOR.upper()} "], ids=["same", "spelt-differently"])
+def test_the_operator_of_the_run_cannot_approve(haven: Haven, who: str) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    with pytest.raises(review.ReviewError, match="operated the run"):
+        haven.approve(rid, who)
+    assert review.get(haven.con, rid).state == review.PREPARED
+
+
+def test_one_person_cannot_approve_twice(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="already approved"):
+        haven.approve(rid, R1.lower())
+    assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE and haven.delivered() == []
+
+
+def test_a_file_changed_after_review_is_refused_at_release(haven: Haven) -> None:
+    haven.add(identifiability="pseudonymised")
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    staged = review.get(haven.con, rid).staging_dir / "social_care.parquet"
+    staged.write_bytes(staged.read_bytes() + b"\0")  # changed after the first reviewer saw it
+    with pytest.raises(review.ReviewError, match="not the file that was prepared"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+def test_a_file_changed_after_approval_is_refused_at_delivery_and_keeps_being_refused(haven: Haven) -> None:
+    """Identifiable-style flow: approved by two, then delivered separately (the custodian's step)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
+                      [review.TWO_REVIEWERS_AND_CUSTODIAN, rid])  # fmt: skip
+    haven.approve(rid, R1)
+    assert haven.approve(rid, R2).state == review.APPROVED  # waits for the custodian
+    staged = review.get(haven.con, rid).staging_dir / "hospital_episodes.parquet"
+    staged.write_bytes(b"not what was reviewed")
+    for _ in range(2):
+        with pytest.raises(review.ReviewError, match="refused: hospital_episodes.parquet is not the file"):
+            review.deliver(haven.con, rid, home=haven.home, by="V. Keeper, custodian")
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    assert [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"] * 2
+    review.withdraw(haven.con, rid, "V. Keeper, custodian", "staged file changed after review")
+    assert review.get(haven.con, rid).state == review.WITHDRAWN
+    assert haven.prepare().status == PREPARED  # the next run offers it again
+
+
+def test_an_unchanged_nightly_run_opens_no_request_and_adds_no_register_row(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    haven.approve(rid, R2)
+    again = haven.prepare()
+    assert again.status == UNCHANGED and again.release_id == rid
+    assert [r.release_id for r in review.requests(haven.con)] == [rid]
+    assert len(reg.releases(haven.con)) == 1 and haven.delivered() == [rid]
+    assert not any((haven.home.root / "staging" / "releases").iterdir())
+    # while a request waits, the same content is not opened twice either
+    haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")
+    waiting = haven.prepare()
+    assert waiting.status == PREPARED and haven.prepare().status == UNCHANGED
+    assert [r.state for r in review.requests(haven.con)] == [review.RELEASED, review.PREPARED]
+
+
+def test_changed_data_supersedes_the_waiting_request(haven: Haven) -> None:
+    haven.add()
+    first = haven.prepare().release_id
+    haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")
+    second = haven.prepare().release_id
+    assert (first, second) == ("test-linked-r0001", "test-linked-r0002")
+    assert review.get(haven.con, first).state == review.SUPERSEDED
+    assert not review.get(haven.con, first).staging_dir.exists()
+    with pytest.raises(review.ReviewError, match="only a prepared request"):
+        haven.approve(first, R1)
+
+
+def test_return_and_reject_need_a_comment_and_release_nothing(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    with pytest.raises(review.ReviewError, match="say why"):
+        review.return_request(haven.con, rid, R1, "")
+    assert review.return_request(haven.con, rid, R1, "drop the admission date").state == review.RETURNED
+    haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")
+    rid2 = haven.prepare().release_id
+    assert review.reject(haven.con, rid2, R2, "the cohort is too small to leave").state == review.REJECTED
+    assert haven.prepare().status == UNCHANGED  # rejected content is not offered again
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+def test_a_changed_agreement_file_needs_re_approval(haven: Haven) -> None:
+    path = haven.add()
+    assert haven.prepare().status == PREPARED  # the file's approval is adopted once, pinned to its hash
+    path.write_text(path.read_text().replace("Annual audit by the haven.", "Audit every two years."))
+    result = haven.prepare()
+    assert result.status == SKIPPED and "changed since it was approved" in result.reason
+    assert "safehaven agreements approve test-linked" in result.reason
+    # an edit of the file's own approval block does not approve it either
+    path.write_text(path.read_text().replace("Dr Test", "Dr Forged"))
+    assert haven.prepare().status == SKIPPED
+    approvals.approve(haven.con, "test-linked", CG, registry=haven.registry, actor="ig-lead")
+    assert haven.prepare().status in (PREPARED, UNCHANGED)
+
+
+def test_a_suspension_in_the_store_stops_preparation(haven: Haven) -> None:
+    haven.add()
+    approvals.approve(haven.con, "test-linked", CG, registry=haven.registry, actor="ig-lead")
+    approvals.suspend(haven.con, "test-linked", "audit of onward sharing", CG, registry=haven.registry,
+                      actor="ig-lead")  # fmt: skip
+    result = haven.prepare()
+    assert result.status == SKIPPED and "suspended: audit of onward sharing" in result.reason
+
+
+@pytest.mark.parametrize(
+    ("routine", "reviewers", "rule"),
+    [("one_reviewer", (R1,), review.ONE_REVIEWER), ("automatic", (), review.AUTOMATIC)],
+)
+def test_a_routine_flow_releases_by_its_declared_rule(
+    haven: Haven, routine: str, reviewers: tuple[str, ...], rule: str
+) -> None:
+    haven.add(routine_release=routine)
+    first = haven.prepare()
+    assert first.rule == review.TWO_REVIEWERS  # the first release always has two reviewers
+    haven.approve(first.release_id, R1)
+    haven.approve(first.release_id, R2)
+    haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")  # new data, same fields and checks
+    second = haven.prepare()
+    assert second.rule == rule
+    for by in reviewers:
+        haven.approve(second.release_id, by)
+    assert haven.delivered() == [first.release_id, second.release_id]
+    rows = reg.releases(haven.con)
+    assert [r["review_rule"] for r in rows] == [review.TWO_REVIEWERS, rule]
+    manifest = json.loads((haven.home.releases / "test-linked" / second.release_id / MANIFEST).read_text())
+    assert manifest["review"]["rule"] == rule
+
+
+def test_identifiable_requests_always_need_two_reviewers_and_the_custodian(haven: Haven) -> None:
+    from safehaven.share.agreements import Agreement
+    from safehaven.share.releases import review_rule
+
+    a = Agreement.model_validate(agreement_data(identifiability="identifiable", routine_release="automatic"))
+    assert review_rule(haven.con, a, "any shape")[0] == review.TWO_REVIEWERS_AND_CUSTODIAN
+
+
+def test_checker_summary_is_counts_only(haven: Haven) -> None:
+    haven.add()
+    req = review.get(haven.con, haven.prepare().release_id)
+    files = {f["file"]: f for f in req.summary["files"]}
+    he = files["hospital_episodes.parquet"]
+    assert he["rows"] > 0 and he["people"] > 0
+    assert {c["name"]: c["class"] for c in he["columns"]}["person_id"] == "pseudonym"
+    assert he["k_per_person"]["smallest_group"] >= 5 and he["k_per_person"]["people_below_k"] == 0
+    assert req.summary["records_withheld_objections"] == 3
+    text = json.dumps(req.summary)
+    assert not any(n in text for n in NHS) and leaked_nhs_numbers([haven.home.root], set(NHS)) == {}
+
+
+def test_every_transition_appears_in_the_audit_trail(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    review.return_request(haven.con, rid, R1, "please coarsen further")
+    haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")
+    rid2 = haven.prepare().release_id
+    haven.approve(rid2, R1)
+    haven.approve(rid2, R2)
+    trail = [
+        (e.object.removeprefix("release-request:"), e.action, e.actor, (e.detail_value or {}).get("to"))
+        for e in audit.entries_for(haven.con, object_like="release-request:%")
+    ]
+    assert trail == [
+        (rid, "review.prepare", OPERATOR, review.PREPARED),
+        (rid, "review.return", R1, review.RETURNED),
+        (rid2, "review.prepare", OPERATOR, review.PREPARED),
+        (rid, "review.supersede", OPERATOR, review.SUPERSEDED),
+        (rid2, "review.decide", R1, None),
+        (rid2, "review.approve_first", R1, review.APPROVED_BY_ONE),
+        (rid2, "review.decide", R2, None),
+        (rid2, "review.approve", R2, review.APPROVED),
+        (rid2, "review.release", R2, review.RELEASED),
+    ]
+    assert audit.verify(haven.con).ok
+
+
+def test_transitions_are_listed_in_one_place() -> None:
+    assert set(review.TRANSITIONS["withdraw"]) == set(review.OPEN)
+    assert review.TRANSITIONS["release"] == {review.APPROVED: review.RELEASED}
+    finals = {review.RELEASED, review.REJECTED, review.WITHDRAWN, review.SUPERSEDED}
+    assert not any(state in moves for moves in review.TRANSITIONS.values() for state in finals)
+
+
+def test_aggregate_summary_says_every_count_is_a_multiple_of_5_or_suppressed(haven: Haven) -> None:
+    haven.add(
+        id="anon-test",
+        instrument="agreement",
+        recipient={"name": "The public", "public_body": True},
+        identifiability="anonymised",
+        legal_basis={"basis": "anonymised"},
+    )
+    req = review.get(haven.con, haven.prepare("anon-test").release_id)
+    for f in req.summary["files"]:
+        assert f["every_count_multiple_of_5_or_suppressed"] is True
+        assert f["min_nonzero_count"] is None or f["min_nonzero_count"] >= 5
+        assert "people" not in f and {c["class"] for c in f["columns"]} >= {"count"}
+
+
+def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+    from safehaven.core.registers import current_actor
+
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(haven.registry.root))
+    haven.add()
+    haven.con.close()  # the CLI opens the store itself (one writer)
+
+    def run(*args: str):
+        return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+    assert "prepared test-linked-r0001" in run("agreements", "release", "test-linked").output
+    listing = run("review", "list").output
+    assert "test-linked-r0001" in listing and "prepared" in listing and "nobody yet" in listing
+    shown = run("review", "show", "test-linked-r0001").output
+    assert "k per person" in shown and "| person_id |" in shown and not any(n in shown for n in NHS)
+    operator = run("review", "approve", "test-linked-r0001", "--by", current_actor())
+    assert operator.exit_code == 1 and "operated the run" in operator.output
+    assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 0
+    assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 1
+    assert run("review", "return", "test-linked-r0001", "--by", R2, "--comment", "x").exit_code == 1
+    out = run("review", "approve", "test-linked-r0001", "--by", R2).output
+    assert "released ->" in out and (haven.home.releases / "test-linked" / "test-linked-r0001").is_dir()
+    assert "no release requests waiting" in run("review", "list").output
