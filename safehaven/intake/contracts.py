@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
 
@@ -298,6 +298,16 @@ class ContractRegistry:
         return load_named_yaml(CodeList, self.root / "code_lists" / f"{name}.yaml", "code list")
 
 
+def validation_summary(exc: ValidationError) -> str:
+    """A validation error as one line: ``where: problem`` per error, without the input echoed."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
 def load_named_yaml(
     model: type[M], path: Path, kind: str, *, key: str = "name", error: type[Exception] = ValueError
 ) -> M:
@@ -310,6 +320,8 @@ def load_named_yaml(
         raise error(f"{kind} {path.stem!r} is missing ({path})")
     try:
         declared = model.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as exc:
+        raise error(f"invalid {kind} {path.name}: {validation_summary(exc)}") from None
     except Exception as exc:
         raise error(f"invalid {kind} {path.name}: {exc}") from None
     name = getattr(declared, key)

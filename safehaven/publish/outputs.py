@@ -70,6 +70,7 @@ from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
 from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
+from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
 
 CODES = "governance.code_list"
 MONTHS = "reporting_months"
@@ -236,6 +237,15 @@ class Output(Strict):
             for margin in self.margins:
                 if set(margin) - {d.name for d in self.dimensions}:
                     raise ValueError(f"margin {margin} names unknown dimensions")
+        return self
+
+    @model_validator(mode="after")
+    def _gated_sql(self) -> Output:
+        """The SQL, and every domain's, is one read-only SELECT over the output's haven tables (``sql_gate``)."""
+        check_output_sql(self.sql, self.collections)
+        for dim in self.dimensions:
+            if dim.domain.sql:
+                check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
         return self
 
     @property
@@ -465,12 +475,24 @@ def _domain_sql(dim: Dimension, cells: str) -> str:
 
 
 def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> tuple[int, int]:
-    """Temp table ``target``: true counts on the full grid. Returns (grid cells, observed cells)."""
+    """Temp table ``target``: true counts on the full grid. Returns (grid cells, observed cells).
+
+    The output's SQL (gated when it loaded, ``sql_gate``) runs in a ``READ ONLY`` transaction:
+    whatever it says, it cannot write the store; only temporary tables are made.
+    """
     cells = f"_cells_{output.name}"
+    with read_only_transaction(con):
+        observed = _count_cells(con, output, cells)
+        grid = _declared_domains(con, output, cells)
+        _fill_grid(con, output, cells, target)
+    return grid, observed
+
+
+def _count_cells(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:
+    """Temp table ``cells``: the output's SQL, checked for its columns and NULL dimensions."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {cells} AS {output.sql}")
     have = {d[0] for d in con.execute(f"SELECT * FROM {cells} LIMIT 0").description}
-    measures = [output.count_col, *output.denominators]
-    missing = set(output.dimension_names) | set(measures)
+    missing = set(output.dimension_names) | {output.count_col, *output.denominators}
     missing -= have
     if missing:
         raise OutputError(f"{output.name}: the query lacks columns {sorted(missing)}")
@@ -478,16 +500,23 @@ def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> t
     nulls = con.execute(f"SELECT count(*) FROM {cells} WHERE {' OR '.join(f'{d} IS NULL' for d in dims)}").fetchone()[0]
     if nulls:
         raise OutputError(f"{output.name}: {nulls} cell(s) with a NULL dimension value; map them to a category")
-    observed = int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
-    sizes = []
+    return int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
+
+
+def _declared_domains(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:
+    """Temp tables ``_dom_<dimension>``; the grid's size, refused beyond :data:`MAX_GRID_CELLS`."""
+    grid = 1
     for dim in output.dimensions:
         con.execute(f"CREATE OR REPLACE TEMP TABLE _dom_{dim.name} AS {_domain_sql(dim, cells)}")
-        sizes.append(int(con.execute(f"SELECT count(*) FROM _dom_{dim.name}").fetchone()[0]))
-    grid = 1
-    for size in sizes:
-        grid *= size
+        grid *= int(con.execute(f"SELECT count(*) FROM _dom_{dim.name}").fetchone()[0])
     if grid > MAX_GRID_CELLS:
         raise OutputError(f"{output.name}: the grid has {grid:,} cells (limit {MAX_GRID_CELLS:,}); coarsen a dimension")
+    return grid
+
+
+def _fill_grid(con: duckdb.DuckDBPyConnection, output: Output, cells: str, target: str) -> None:
+    """Temp table ``target``: every grid cell with its count (0 where none); refuses cells off the grid."""
+    dims = [q(d) for d in output.dimension_names]
     joins = " CROSS JOIN ".join(f"_dom_{d.name}" for d in output.dimensions)
     using = ", ".join(dims)
     outside = con.execute(
@@ -495,6 +524,7 @@ def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> t
     ).fetchone()[0]
     if outside:
         raise OutputError(f"{output.name}: {outside} cell(s) fall outside the declared domains")
+    measures = [output.count_col, *output.denominators]
     fill = ", ".join(f"CAST(coalesce(c.{q(m)}, 0) AS BIGINT) AS {q(m)}" for m in measures)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT {', '.join('g.' + d for d in dims)}, {fill} "
@@ -503,7 +533,6 @@ def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> t
     for dim in output.dimensions:
         con.execute(f"DROP TABLE _dom_{dim.name}")
     con.execute(f"DROP TABLE {cells}")
-    return grid, observed
 
 
 def _with_labels(con: duckdb.DuckDBPyConnection, output: Output, protected: str) -> str:
