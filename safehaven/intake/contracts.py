@@ -233,6 +233,7 @@ class Contract(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Contract:
+        """The patient key, period and practice fields are fields; the key is an NHS number; the period a DATE."""
         by_name = {f.name: f for f in self.fields}
         for ref in (self.patient_key, self.period_field, self.practice_field):
             if ref is not None and ref not in by_name:
@@ -242,6 +243,12 @@ class Contract(Strict):
             raise ValueError(f"patient_key {key.name!r} must be a direct_identifier with format nhs_number")
         if self.period_field and by_name[self.period_field].type != "DATE":
             raise ValueError(f"period_field {self.period_field!r} must be a DATE field")
+        return self
+
+    @model_validator(mode="after")
+    def _rule_references(self) -> Contract:
+        """Cross-field rules compare two known fields of one comparable type; unique keys name known fields."""
+        by_name = {f.name: f for f in self.fields}
         for rule in self.rules:
             for ref in (rule.later, rule.earlier):
                 if ref not in by_name:

@@ -216,13 +216,10 @@ class Output(Strict):
 
     @model_validator(mode="after")
     def _measures(self) -> Output:
+        """One count, first; rates name a denominator; midpoint 6 counts are named ``*_midpoint6``."""
         counts = [m for m in self.measures if m.kind == "count"]
         if len(counts) != 1 or self.measures[0].kind != "count":
             raise ValueError("the first measure, and only it, is the count of people")
-        names = {m.name for m in self.measures} | {d.name for d in self.dimensions}
-        labels = {d.label.column for d in self.dimensions if d.label}
-        if len(names | labels) != len(self.measures) + len(self.dimensions) + len(labels):
-            raise ValueError("dimension, label and measure names must all differ")
         dens = {m.name for m in self.measures if m.kind == "denominator"}
         for m in self.measures:
             if m.kind == "rate" and m.denominator not in dens:
@@ -231,12 +228,21 @@ class Output(Strict):
             counted = [m.name for m in self.measures if m.kind in ("count", "denominator")]
             if not all(name.endswith("_midpoint6") for name in counted):
                 raise ValueError("under midpoint 6 rounding, count columns are named *_midpoint6 (OpenSAFELY)")
+        return self
+
+    @model_validator(mode="after")
+    def _names(self) -> Output:
+        """Names all differ; a linkage joins two of the collections; margins name known dimensions."""
+        names = {m.name for m in self.measures} | {d.name for d in self.dimensions}
+        labels = {d.label.column for d in self.dimensions if d.label}
+        if len(names | labels) != len(self.measures) + len(self.dimensions) + len(labels):
+            raise ValueError("dimension, label and measure names must all differ")
         if self.linkage and {self.linkage.left, self.linkage.right} - set(self.collections):
             raise ValueError("a linkage joins two of the output's collections")
-        if self.margins is not None:
-            for margin in self.margins:
-                if set(margin) - {d.name for d in self.dimensions}:
-                    raise ValueError(f"margin {margin} names unknown dimensions")
+        dims = {d.name for d in self.dimensions}
+        for margin in self.margins or []:
+            if set(margin) - dims:
+                raise ValueError(f"margin {margin} names unknown dimensions")
         return self
 
     @model_validator(mode="after")

@@ -178,40 +178,40 @@ def _column_problems(output: Output, columns: list[str], registry: ContractRegis
     return problems
 
 
+def _value_checks(col: str, dtype: str) -> tuple[list[tuple[str, str]], str | None]:
+    """The value checks of one column, as (finding, SQL count) pairs, and a problem with the column itself."""
+    c = q(col)
+    if dtype == "VARCHAR":
+        leaders = ", ".join(lit(ch) for ch in FORMULA_LEADERS)
+        checks = [
+            (label, f"count(*) FILTER (WHERE regexp_matches({c}, {lit(p)}))") for label, p in TEXT_PATTERNS.items()
+        ]
+        checks.append(("formula-leading text", f"count(*) FILTER (WHERE left({c}, 1) IN ({leaders}))"))
+        reason = col == REASON or col.endswith("_" + REASON)
+        return checks, f"column {col!r} publishes the kind of suppression (must be boolean)" if reason else None
+    if dtype in _INTEGER_TYPES or dtype.startswith("DECIMAL"):
+        nhs_like = f"count(*) FILTER (WHERE abs({c}) BETWEEN 1000000000 AND 9999999999)"
+        return [("NHS-number-like (10-digit number)", nhs_like)], None
+    if dtype == "DATE":
+        return [("day-precise date", f"count(*) FILTER (WHERE day({c}) <> 1)")], None
+    if dtype.startswith("TIMESTAMP"):
+        day = f"count(*) FILTER (WHERE day({c}) <> 1 OR CAST({c} AS TIME) <> TIME '00:00:00')"
+        return [("day-precise date", day)], None
+    if dtype not in _PLAIN_TYPES:
+        return [], f"column {col!r} has type {dtype}, which is not a flat open-data type"
+    return [], None
+
+
 def guard_table(con: duckdb.DuckDBPyConnection, table: str, output: Output, registry: ContractRegistry) -> list[str]:
     """The publication guard on one table (see the module docstring); an empty list passes."""
     types = [(d[0], str(d[1])) for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description]
     problems = [f"{output.name}: {p}" for p in _column_problems(output, [c for c, _ in types], registry)]
     checks: list[tuple[str, str, str]] = []  # (column, finding, SQL count)
-    leaders = ", ".join(lit(ch) for ch in FORMULA_LEADERS)
     for col, dtype in types:
-        c = q(col)
-        if dtype == "VARCHAR":
-            for label, pattern in TEXT_PATTERNS.items():
-                checks.append((col, label, f"count(*) FILTER (WHERE regexp_matches({c}, {lit(pattern)}))"))
-            checks.append((col, "formula-leading text", f"count(*) FILTER (WHERE left({c}, 1) IN ({leaders}))"))
-            if col == REASON or col.endswith("_" + REASON):
-                problems.append(f"{output.name}: column {col!r} publishes the kind of suppression (must be boolean)")
-        elif dtype in _INTEGER_TYPES or dtype.startswith("DECIMAL"):
-            checks.append(
-                (
-                    col,
-                    "NHS-number-like (10-digit number)",
-                    f"count(*) FILTER (WHERE abs({c}) BETWEEN 1000000000 AND 9999999999)",
-                )
-            )
-        elif dtype == "DATE":
-            checks.append((col, "day-precise date", f"count(*) FILTER (WHERE day({c}) <> 1)"))
-        elif dtype.startswith("TIMESTAMP"):
-            checks.append(
-                (
-                    col,
-                    "day-precise date",
-                    f"count(*) FILTER (WHERE day({c}) <> 1 OR CAST({c} AS TIME) <> TIME '00:00:00')",
-                )
-            )
-        elif dtype not in _PLAIN_TYPES:
-            problems.append(f"{output.name}: column {col!r} has type {dtype}, which is not a flat open-data type")
+        found, problem = _value_checks(col, dtype)
+        checks += [(col, label, sql) for label, sql in found]
+        if problem:
+            problems.append(f"{output.name}: {problem}")
     if checks:
         counts = con.execute(f"SELECT {', '.join(sql for _, _, sql in checks)} FROM {table}").fetchone()
         for (col, label, _), n in zip(checks, counts or [], strict=True):
