@@ -18,6 +18,7 @@ import click
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
+from safehaven.core.legal_basis import BASES_IN_ORDER
 
 
 def _require_governance_key(home: Home, what: str) -> None:
@@ -223,7 +224,7 @@ def suspend_agreement(agreement_id: str, reason: str, by: str) -> None:
 )
 @click.option(
     "--basis",
-    type=click.Choice(["consent", "statutory", "public_interest", "section_251", "copi_reg3", "anonymised"]),
+    type=click.Choice(BASES_IN_ORDER),
     required=True,
 )
 @click.option("--level", type=click.Choice(["identifiable", "pseudonymised", "anonymised"]), required=True)

@@ -45,8 +45,8 @@ from typing import Any
 import duckdb
 
 from safehaven.core.home import Home
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
-from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import neutralise_sql
 
 RELEASE_REGISTER = "governance.release_register"

@@ -19,6 +19,7 @@ import duckdb
 from safehaven.core.files import shred_file
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
+from safehaven.core.sql import q
 from safehaven.core.store import SimulatedCrash, Store, table_exists
 from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
 from safehaven.dispose.found import file_entry
@@ -27,7 +28,6 @@ from safehaven.dispose.model import PROGRESS, Plan
 from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
-from safehaven.intake.rules import q
 from safehaven.protect.haven import haven_key
 from safehaven.protect.pseudonymise import install_key
 

@@ -33,6 +33,7 @@ from datetime import date
 from typing import Literal
 
 from safehaven.core.identifiers import canonical_nhs_sql, nhs_valid_sql
+from safehaven.core.sql import lit, q  # noqa: F401 - re-exported for modules not yet moved to core.sql
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 
 #: UK postcode shape (outward code, optional space, inward code), after upper-casing.
@@ -61,16 +62,6 @@ DUPLICATE = "_dup_"
 ROWS_RULE = "rows.within_tolerance"
 
 RuleKind = Literal["required", "type", "nhs_number", "format", "code_list", "allowed", "range", "order", "unique"]
-
-
-def q(name: str) -> str:
-    """Quote an identifier for DuckDB."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def lit(value: str) -> str:
-    """Quote a string literal for DuckDB."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 def date_lit(value: date) -> str:

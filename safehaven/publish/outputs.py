@@ -66,9 +66,9 @@ from typing import Any, Literal
 import duckdb
 from pydantic import Field, field_validator, model_validator
 
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
-from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
 from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
 

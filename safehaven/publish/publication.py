@@ -61,9 +61,9 @@ import duckdb
 from safehaven.core import audit
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.intake.rules import lit, q
 from safehaven.protect.pseudonymise import haven_coarsening, haven_column
 from safehaven.publish.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_invariants
 from safehaven.publish.outputs import Output

@@ -36,9 +36,9 @@ from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.identifiers import canonical_nhs, is_valid_nhs
 from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.sql import q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.intake.rules import q
 from safehaven.protect import vault
 from safehaven.protect.objections import EVENTS, episodes_sql, in_force_sql
 from safehaven.protect.pseudonymise import pseudonym
