@@ -1,10 +1,11 @@
 """``safehaven`` commands for governance: agreements, the audit trail, subject access, registers.
 
-Roles are enforced by keys (BRIEF; Caldicott 4): the governance lead's commands (``agreements
-approve|suspend``, ``subject-access``, identifiable releases) need the identity vault's private
-key ``keys/vault.key``, which only the governance lead holds; the pipeline holds the store and
-haven keys; analysts hold no key and read only ``published/``. Every command that acts on data
-or approvals appends to the audit trail; none prints an identifier value.
+Roles are enforced by keys (CoP 27b; Caldicott 4; ``docs/rules.md`` "Users"): the governance
+lead's commands (``agreements approve|suspend``, ``subject-access``, identifiable releases)
+need the identity vault's private key ``keys/vault.key``, which only the governance lead holds;
+the pipeline holds the store and haven keys; analysts hold no key and read only ``published/``.
+Every command that acts on data or approvals appends to the audit trail; none prints an
+identifier value.
 """
 
 from __future__ import annotations

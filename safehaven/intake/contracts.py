@@ -6,7 +6,7 @@ rule each must meet: a format, an allowed set, or a published code list with the
 URL of its code system (CoP 46). Cross-field rules, optional uniqueness declarations, a
 tolerance and a retention period complete it.
 
-Identifiability classes (confidentiality guide Rule 3; BRIEF "Identifiability levels"):
+Identifiability classes (confidentiality guide Rule 3; ``docs/rules.md`` "Identifiability levels"):
 
 * ``direct_identifier``: identifies a person on its own (NHS number). Held only in the
   encrypted identity vault once a record enters the haven.

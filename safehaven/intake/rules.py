@@ -119,7 +119,7 @@ def check_weights_sql() -> str:
 def nhs_check_digit_lookup_sql(number: str) -> str:
     """SQL boolean: the ten-digit number ``number`` (a BIGINT) has a valid mod-11 check digit.
 
-    Rule (NHS Data Dictionary "NHS NUMBER"; BRIEF "Data standards"; the text form is
+    Rule (NHS Data Dictionary "NHS NUMBER"; ``docs/rules.md`` "Data standards"; the text form is
     ``safehaven.core.identifiers.nhs_valid_sql``): weights 10..2 on digits 1-9, check = 11 - (sum
     mod 11), 11 -> 0, 10 -> invalid. Equivalently the sum over all ten digits with weights
     10..1 is a multiple of 11: the check digit d10 is valid exactly when (sum + d10) mod 11 =

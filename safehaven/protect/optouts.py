@@ -28,7 +28,7 @@ This is the API the releases stage calls. Rules and sources:
   ``section_251`` (COPI regulation 5 / CAG support) and ``public_interest`` *permit* but do
   not *require* disclosure, so the opt-out applies to them (CoP 13). A flow of identifiable or
   pseudonymised data under the ``anonymised`` basis has no legal basis at all and is refused
-  (BRIEF "No basis, no flow").
+  (``docs/rules.md`` "No basis, no flow").
 * **Every decision is recorded** with its legal basis and reason, and with the number of
   records withheld, or the number of objectors' records included where the objection was
   overruled (NHS Constitution, quoted before CoP 11: patients are "told the reasons including

@@ -5,7 +5,7 @@ purpose and users (ESS *relevance*), the collections it reads, its dimensions wi
 domains, its measures, its disclosure-control policy and the SQL that counts people per cell.
 Adding an output is a reviewed YAML change, like adding a collection's contract; the rules
 below apply to every output without code. Rules (CoP 28-29, 34b, 35; ISB 1523; guide Rule 3
-part A; BRIEF "Statistical disclosure control"):
+part A; ``docs/rules.md`` "Statistical disclosure control"):
 
 * **People, per reporting month.** Every output counts distinct people (haven pseudonyms)
   per cell, per calendar month of the *reporting period*: from the first month any of its
@@ -51,7 +51,7 @@ part A; BRIEF "Statistical disclosure control"):
   its asset must obtain ``safehaven.share.linkage.authorise_linkage`` first and pass the
   authorising agreement's id here, which refuses to run the join without it (CoP 22, 42b).
 * Anonymised aggregates include everyone: the national data opt-out covers confidential
-  information only (BRIEF "Objections"); type 1 objectors never entered the haven.
+  information only (``docs/rules.md`` "Objections"); type 1 objectors never entered the haven.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Publication: protected outputs leave the store as open files, only through a guard.
 
-Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; BRIEF "Publication"):
+Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; ``docs/rules.md`` "Publication"):
 
 * **Only through the guard.** Before anything is written, every output of the release is
   checked again (:func:`verify_release`): the disclosure invariants on the exact table to be
@@ -33,7 +33,7 @@ Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; BRIEF "Publication"):
   methods document (``methods.md``); the licence (``LICENCE.txt``); and
   ``published.duckdb``, a separate unencrypted database holding only the published tables,
   their dictionary and quality statements, for analysts (who never get the store key:
-  access control by key separation, DESIGN.md "Zones").
+  access control by key separation, ``docs/design.md`` "Zones").
 * **Open Government Licence v3.0** (CoP 36: the haven is a public body).
 * **Atomic.** Files are written to a staging folder inside ``published/`` and renamed into
   place, the manifest (``release.json``, with each file's SHA-256) last, so readers never

@@ -128,7 +128,7 @@ class Linkage(_Strict):
 
 
 class Coarsening(_Strict):
-    """The finest quasi-identifiers the agreement allows (BRIEF, Rule 3 tier 2)."""
+    """The finest quasi-identifiers the agreement allows (guide Rule 3 tier 2; ``docs/rules.md``)."""
 
     dob: Literal["year", "week"] = "year"
     postcode: Literal["district", "none"] = "none"
