@@ -15,6 +15,11 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
   the temporary table ``reporting_months(month, month_end)``; a dated record joins its month on
   ``m.month = date_trunc('month', <date>)`` (for a DATE, the same month as ``<date> BETWEEN
   m.month AND m.month_end``, found by a hash join instead of a range join).
+* **The SQL only reads the haven** (``safehaven.publish.sql_gate``): an output's SQL, and any
+  domain's, is one ``SELECT`` over ``haven.<collection>`` of its declared collections, the
+  ``reporting_months`` table, its CTEs and the helpers below; anything else (a second
+  statement, a write, ``ATTACH``, a function that reads files, another zone) is refused when
+  the declaration loads, and the SQL runs in a ``READ ONLY`` transaction.
 * **Helpers: lookups are joins.** The SQL may also use the temporary macros of :data:`MACROS`:
   ``codes('<list>')``, a code list as a relation ``(code, display, grp)``; ``age_band(born,
   on_day)`` and ``age_years``; ``sex_category(group)``, a ``person_gender`` group as Male,
