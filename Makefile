@@ -26,8 +26,7 @@ run: install
 ui: install
 	$(BIN)/dagster dev -w workspace.yaml
 
-test: install
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -58,6 +58,7 @@ from typing import Any
 import psutil
 
 from benchmarks.common import COLLECTIONS, CONTENT, STAGES, write_json
+from safehaven.core.sql import q
 from safehaven.tools.synthetic import MAX_PATIENTS  # valid NHS numbers in the 999 test range
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,7 +371,7 @@ def _compare_published(pipe_dir: Path, base_dir: Path, names: list[str]) -> list
         if missing:
             problems.append(f"published {name}: pipeline file lacks columns {missing}")
             continue
-        cols = ", ".join(f'"{c}"' for c in ours)
+        cols = ", ".join(q(c) for c in ours)
         differ = con.execute(
             f"SELECT count(*) FROM ((SELECT {cols} FROM read_parquet('{a}') EXCEPT ALL "
             f"SELECT {cols} FROM read_parquet('{b}')) UNION ALL (SELECT {cols} FROM read_parquet('{b}') "

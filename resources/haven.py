@@ -2,7 +2,7 @@
 
 One resource, so each asset gets the same home, the same guarded keys and the same
 contracts. Connections are opened per unit of work and closed (DuckDB's single writer;
-DESIGN.md). Configuration carries paths only, never key material.
+``docs/design.md`` "One writer, short-lived connections"). Configuration carries paths only, never key material.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ import duckdb
 import yaml
 
 from safehaven.core.keys import KeyRing
+from safehaven.core.sql import q
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.intake.ingest import BATCHES, ensure_tables
-from safehaven.intake.rules import q
 from safehaven.protect import objections
 from safehaven.protect.pseudonymise import haven_select_sql, install_key, pseudonym
 from tests.unit.validation_helpers import nhs_numbers

@@ -1,10 +1,11 @@
 """``safehaven`` commands for governance: agreements, the audit trail, subject access, registers.
 
-Roles are enforced by keys (Caldicott 4): the governance lead's commands (``agreements
-approve|suspend``, ``subject-access``, identifiable releases) need the identity vault's private
-key ``keys/vault.key``, which only the governance lead holds; the pipeline holds the store and
-haven keys; analysts hold no key and read only ``published/``. Every command that acts on data
-or approvals appends to the audit trail; none prints an identifier value.
+Roles are enforced by keys (CoP 27b; Caldicott 4; ``docs/rules.md`` "Users"): the governance
+lead's commands (``agreements approve|suspend``, ``subject-access``, identifiable releases)
+need the identity vault's private key ``keys/vault.key``, which only the governance lead holds;
+the pipeline holds the store and haven keys; analysts hold no key and read only ``published/``.
+Every command that acts on data or approvals appends to the audit trail; none prints an
+identifier value.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import click
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
+from safehaven.core.legal_basis import BASES_IN_ORDER
 
 
 def require_governance_key(home: Home, what: str) -> None:
@@ -209,7 +211,7 @@ def suspend_agreement(agreement_id: str, reason: str, by: str) -> None:
 )
 @click.option(
     "--basis",
-    type=click.Choice(["consent", "statutory", "public_interest", "section_251", "copi_reg3", "anonymised"]),
+    type=click.Choice(BASES_IN_ORDER),
     required=True,
 )
 @click.option("--level", type=click.Choice(["identifiable", "pseudonymised", "anonymised"]), required=True)

@@ -1,7 +1,7 @@
 """The audit trail: append-only, hash-chained, anchored outside the store.
 
-Rule (CoP 12 and 23d; Government response to the Caldicott review, recommendation 1; BRIEF
-"Audit"): every access to and use of data is recorded: who (``actor``, ``role``), when
+Rule (CoP 12 and 23d; Government response to the Caldicott review, recommendation 1;
+``docs/rules.md`` "Audit"): every access to and use of data is recorded: who (``actor``, ``role``), when
 (``at``), what (``action`` on ``object``), why (``purpose``, ``legal_basis``), under which
 data sharing ``agreement``, with what ``outcome``. Recorded entries cannot be altered,
 removed, reordered or cut off without the change being detected.
@@ -28,12 +28,13 @@ How:
   hash mismatch (an edited entry), or a head that does not match the anchor (truncation,
   or an altered anchor).
 
-No identifier values, ever (DESIGN.md: metadata and logs "carry counts, hashes and versions,
-never values"): callers pass pseudonyms, table names, agreement references, key ids and
-counts. As a guard, any text field or ``detail`` value that looks like an NHS number (ten
-digits, optionally split 3-3-4 by spaces, hyphens, dots or slashes, as in
-``safehaven.core.identifiers``) is refused with ``ValueError``. Lower-case hex tokens of 16+
-characters (hashes, key ids) are exempt, since they may contain ten digits in a row.
+No identifier values, ever (``docs/design.md`` "Keep confidential data inside the store":
+metadata and logs carry counts, hashes and versions, never values): callers pass pseudonyms,
+table names, agreement references, key ids and counts. As a guard, any text field or ``detail``
+value that looks like an NHS number (ten digits, optionally split 3-3-4 by spaces, hyphens,
+dots or slashes, as in ``safehaven.core.identifiers``) is refused with ``ValueError``.
+Lower-case hex tokens of 16+ characters (hashes, key ids) are exempt, since they may contain
+ten digits in a row.
 
 Limits: ``append`` runs its own transaction, so call it outside an open one. If the process
 dies between the commit and the anchor write, ``verify`` reports the unanchored entries and a
@@ -543,7 +544,7 @@ def entries_for(
 ) -> list[Entry]:
     """Entries in ``seq`` order, filtered by ``object LIKE object_like``, agreement, and time.
 
-    For subject access reports (CoP 12; BRIEF "Audit"): find every use of a dataset, release
+    For subject access reports (CoP 12; ``docs/rules.md`` "Audit"): find every use of a dataset, release
     or pseudonym. ``since`` must be time-zone aware.
     """
     if not _table_exists(con):

@@ -1,6 +1,6 @@
 """Plain files inside the haven home: hashing and shredding, in one place.
 
-Rule (CoP 48-50; BRIEF "Disposal"): a plain copy of confidential data that is no longer
+Rule (CoP 48-50; ``docs/rules.md`` "Disposal"): a plain copy of confidential data that is no longer
 needed (a landed drop, a disposed release or quarantined file) is overwritten with random
 bytes, synced, and only then unlinked. A symbolic link is unlinked without following it: its
 target is outside what the haven disposes of.

@@ -1,6 +1,6 @@
 """NHS number rules, as DuckDB SQL and as plain Python for single values.
 
-Rule (NHS Data Dictionary, "NHS NUMBER"; BRIEF "Data standards", CoP 7-9): an NHS number is
+Rule (NHS Data Dictionary, "NHS NUMBER"; ``docs/rules.md`` "Data standards", CoP 7-9): an NHS number is
 ten digits. Digits 1-9 are weighted 10 down to 2 and summed; the check digit is
 ``11 - (sum mod 11)``, where 11 becomes 0 and 10 means the number is invalid. Numbers that
 start with 999 pass the check but are never issued: they are test numbers, and all synthetic

@@ -1,6 +1,6 @@
 """The key ring: key files under ``keys/``, guarded before any use.
 
-Rules (CoP 27b-c, BRIEF "Pseudonymisation and encryption"):
+Rules (CoP 27b-c, ``docs/rules.md`` "Pseudonymisation and encryption"):
 
 * Each key is 32 random bytes from the OS CSPRNG, held in its own file, mode 0600, owned by
   the running user, never behind a symbolic link. A key that is readable or writable by
@@ -33,7 +33,7 @@ Rotation (``safehaven.protect.rotation``) replaces a purpose's file atomically; 
 previous id retired, so every id that ever protected data stays on record.
 
 A key file that is replaced or discarded is **shredded**, not just unlinked (CoP 48-50;
-BRIEF "Disposal": crypto-shredding is only as good as the destruction of the key). A rename
+``docs/rules.md`` "Disposal": crypto-shredding is only as good as the destruction of the key). A rename
 over a file frees its blocks with the old key still in them, so ``write`` first keeps a
 second name for the old file (``<name>.retired``, a hard link), renames the new key into
 place, then overwrites the old file through that name and unlinks it

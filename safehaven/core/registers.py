@@ -1,6 +1,6 @@
 """The published registers: the data release register and the breach register.
 
-Data release register (CoP 32-33; BRIEF "Registers"): every release that left the haven, one
+Data release register (CoP 32-33; ``docs/rules.md`` "Registers"): every release that left the haven, one
 row per release: the agreement reference and version, the recipient (and whether a public
 body), the purposes, the legal basis and its reference (the "legal arrangements", CoP 33),
 the collections, the identifiability level, the agreement's dates, when the release was
@@ -46,8 +46,8 @@ from typing import Any
 import duckdb
 
 from safehaven.core.home import Home
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
-from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import neutralise_sql
 
 RELEASE_REGISTER = "governance.release_register"

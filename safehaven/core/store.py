@@ -2,24 +2,26 @@
 
 Rules:
 
-* Encrypted at rest (CoP 27b-c; BRIEF "Pseudonymisation and encryption"): the store file is
+* Encrypted at rest (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"): the store file is
   written with DuckDB 1.4's AES-GCM database encryption under the ``store`` key, and so are
   its temporary spill files (``temp_file_encryption``). Without the key the file cannot be
   opened, and no identifier stands in it as plain bytes.
 * Writing an encrypted DuckDB file needs the crypto module of the ``httpfs`` extension. It
   ships on the package index as ``duckdb-ext-httpfs`` and is loaded from its installed path,
-  signed, with no network (DESIGN.md, "Encryption at rest").
+  signed, with no network (``docs/design.md`` "Encryption at rest").
 * DuckDB allows one writer process: every connection is opened for one unit of work and
-  closed (DESIGN.md); the Dagster jobs run in process with a concurrency limit.
-* Zones (DESIGN.md "Zones") are schemas of the one encrypted file: ``landing`` (as
+  closed (``docs/design.md`` "One writer, short-lived connections"); the Dagster jobs run in
+  process with a concurrency limit.
+* Zones (``docs/design.md`` "Zones") are schemas of the one encrypted file: ``landing`` (as
   received, identifiable), ``haven`` (pseudonymised content), ``vault`` (encrypted identity
   vault), ``release`` (per-agreement extracts), ``published`` (anonymised outputs, exported
   in the clear by the publication step only), ``governance`` (registers, audit, objections).
 * Key material never reaches an error message: a failed attach is re-raised with the key
   removed from DuckDB's text.
 * Physical disposal and store-key rotation rebuild the store (``Store.rebuild``): DuckDB's
-  DELETE leaves bytes in the file (DESIGN.md), so the live tables are copied into a fresh
-  file under a fresh key, which replaces the old file atomically (CoP 43d, 48-50). A journal
+  DELETE leaves bytes in the file (``docs/design.md`` "Deletion leaves bytes"), so the live
+  tables are copied into a fresh file under a fresh key, which replaces the old file
+  atomically (CoP 43d, 48-50). A journal
   (``store/rebuild.json``) makes the swap crash-safe: a half-built file is discarded, a
   half-done swap is completed, the next time the store is opened.
 """

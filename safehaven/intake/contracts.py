@@ -6,7 +6,7 @@ rule each must meet: a format, an allowed set, or a published code list with the
 URL of its code system (CoP 46). Cross-field rules, optional uniqueness declarations, a
 tolerance and a retention period complete it.
 
-Identifiability classes (confidentiality guide Rule 3; BRIEF "Identifiability levels"):
+Identifiability classes (confidentiality guide Rule 3; ``docs/rules.md`` "Identifiability levels"):
 
 * ``direct_identifier``: identifies a person on its own (NHS number). Held only in the
   encrypted identity vault once a record enters the haven.
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
 
@@ -233,6 +233,7 @@ class Contract(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Contract:
+        """The patient key, period and practice fields are fields; the key is an NHS number; the period a DATE."""
         by_name = {f.name: f for f in self.fields}
         for ref in (self.patient_key, self.period_field, self.practice_field):
             if ref is not None and ref not in by_name:
@@ -242,6 +243,12 @@ class Contract(Strict):
             raise ValueError(f"patient_key {key.name!r} must be a direct_identifier with format nhs_number")
         if self.period_field and by_name[self.period_field].type != "DATE":
             raise ValueError(f"period_field {self.period_field!r} must be a DATE field")
+        return self
+
+    @model_validator(mode="after")
+    def _rule_references(self) -> Contract:
+        """Cross-field rules compare two known fields of one comparable type; unique keys name known fields."""
+        by_name = {f.name: f for f in self.fields}
         for rule in self.rules:
             for ref in (rule.later, rule.earlier):
                 if ref not in by_name:
@@ -298,6 +305,16 @@ class ContractRegistry:
         return load_named_yaml(CodeList, self.root / "code_lists" / f"{name}.yaml", "code list")
 
 
+def validation_summary(exc: ValidationError) -> str:
+    """A validation error as one line: ``where: problem`` per error, without the input echoed."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
 def load_named_yaml(
     model: type[M], path: Path, kind: str, *, key: str = "name", error: type[Exception] = ValueError
 ) -> M:
@@ -310,6 +327,8 @@ def load_named_yaml(
         raise error(f"{kind} {path.stem!r} is missing ({path})")
     try:
         declared = model.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as exc:
+        raise error(f"invalid {kind} {path.name}: {validation_summary(exc)}") from None
     except Exception as exc:
         raise error(f"invalid {kind} {path.name}: {exc}") from None
     name = getattr(declared, key)

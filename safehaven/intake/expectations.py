@@ -134,9 +134,16 @@ def _mostly(tolerance: float) -> dict[str, Any]:
 def _plan(
     contract: Contract, registry: ContractRegistry, check: RuleCheck, today: date, mostly: dict[str, Any]
 ) -> PlannedExpectation:
+    """The GX expectation of one rule check: a cross-field rule, or a rule on one field."""
+    if check.kind in ("order", "unique"):
+        return _plan_cross_field(contract, check, mostly)
+    return _plan_field(contract, registry, check, today, mostly)
+
+
+def _plan_cross_field(contract: Contract, check: RuleCheck, mostly: dict[str, Any]) -> PlannedExpectation:
+    """An order rule (later >= earlier) or a uniqueness key."""
     meta = {"id": check.id}
-    kind = check.kind
-    if kind == "order":
+    if check.kind == "order":
         rule = next(r for r in contract.rules if r.id == check.id)
         expectation: gx.expectations.Expectation = E.ExpectColumnPairValuesAToBeGreaterThanB(
             column_A=rule.later,
@@ -146,49 +153,65 @@ def _plan(
             meta=meta,
             **mostly,
         )
-        return PlannedExpectation(check.id, kind, expectation, True, "gx")
-    if kind == "unique":
-        key = next(u for u in contract.unique if u.id == check.id)
-        if len(key.fields) == 1:
-            expectation = E.ExpectColumnValuesToBeUnique(column=key.fields[0], meta=meta, **mostly)
-        else:
-            expectation = E.ExpectCompoundColumnsToBeUnique(
-                column_list=list(key.fields), ignore_row_if="any_value_is_missing", meta=meta, **mostly
-            )
-        return PlannedExpectation(check.id, kind, expectation, False, "gx")
+        return PlannedExpectation(check.id, check.kind, expectation, True, "gx")
+    key = next(u for u in contract.unique if u.id == check.id)
+    if len(key.fields) == 1:
+        expectation = E.ExpectColumnValuesToBeUnique(column=key.fields[0], meta=meta, **mostly)
+    else:
+        expectation = E.ExpectCompoundColumnsToBeUnique(
+            column_list=list(key.fields), ignore_row_if="any_value_is_missing", meta=meta, **mostly
+        )
+    return PlannedExpectation(check.id, check.kind, expectation, False, "gx")
+
+
+def _code_expectation(
+    spec: Any, registry: ContractRegistry, meta: dict[str, Any], mostly: dict[str, Any]
+) -> gx.expectations.Expectation:
+    """A code list or allowed-values rule: in the set, or (``prefix3``) matching a code's first three characters."""
+    assert spec.rule
+    values = code_values(spec, registry)
+    if spec.rule.match == "prefix3":
+        return E.ExpectColumnValuesToMatchRegex(column=spec.name, regex=prefix3_regex(values), meta=meta, **mostly)
+    return E.ExpectColumnValuesToBeInSet(column=spec.name, value_set=values, meta=meta, **mostly)
+
+
+def _plan_field(
+    contract: Contract, registry: ContractRegistry, check: RuleCheck, today: date, mostly: dict[str, Any]
+) -> PlannedExpectation:
+    """A rule on one field: required, type, NHS number, format, code list, allowed values, range."""
+    meta = {"id": check.id}
     spec = contract.field(check.fields[0])
+    if check.kind == "nhs_number":
+        expectation = E.ExpectColumnValuesToMatchRegex(column=spec.name, regex=anchored(NHS_RE), meta=meta, **mostly)
+        return PlannedExpectation(check.id, check.kind, expectation, False, "gx+sql")
+    expectation = _field_expectation(check.kind, spec, registry, today, meta, mostly)
+    return PlannedExpectation(check.id, check.kind, expectation, True, "gx")
+
+
+def _field_expectation(
+    kind: str, spec: Any, registry: ContractRegistry, today: date, meta: dict[str, Any], mostly: dict[str, Any]
+) -> gx.expectations.Expectation:
+    """The expectation of a one-field rule other than the NHS number's."""
     if kind == "required":
-        expectation = E.ExpectColumnValuesToNotBeNull(column=raw_column(spec), meta=meta, **mostly)
-    elif kind == "type":
-        expectation = E.ExpectColumnValuesToNotBeNull(
+        return E.ExpectColumnValuesToNotBeNull(column=raw_column(spec), meta=meta, **mostly)
+    if kind == "type":
+        return E.ExpectColumnValuesToNotBeNull(
             column=spec.name,
             row_condition=Column(RAW + spec.name).is_not_null(),
             condition_parser="great_expectations",
             meta=meta,
             **mostly,
         )
-    elif kind == "nhs_number":
-        expectation = E.ExpectColumnValuesToMatchRegex(column=spec.name, regex=anchored(NHS_RE), meta=meta, **mostly)
-        return PlannedExpectation(check.id, kind, expectation, False, "gx+sql")
-    elif kind == "format":
+    if kind == "format":
         assert spec.rule and spec.rule.format
-        expectation = E.ExpectColumnValuesToMatchRegex(
+        return E.ExpectColumnValuesToMatchRegex(
             column=spec.name, regex=anchored(FORMAT_RE[spec.rule.format]), meta=meta, **mostly
         )
-    elif kind in ("code_list", "allowed"):
-        assert spec.rule
-        values = code_values(spec, registry)
-        if spec.rule.match == "prefix3":
-            expectation = E.ExpectColumnValuesToMatchRegex(
-                column=spec.name, regex=prefix3_regex(values), meta=meta, **mostly
-            )
-        else:
-            expectation = E.ExpectColumnValuesToBeInSet(column=spec.name, value_set=values, meta=meta, **mostly)
-    elif kind == "range":
+    if kind in ("code_list", "allowed"):
+        return _code_expectation(spec, registry, meta, mostly)
+    if kind == "range":
         low, high = date_bounds(spec, today)
-        expectation = E.ExpectColumnValuesToBeBetween(
+        return E.ExpectColumnValuesToBeBetween(
             column=spec.name, min_value=low.isoformat(), max_value=high.isoformat(), meta=meta, **mostly
         )
-    else:  # pragma: no cover - every kind is handled above
-        raise ValueError(f"no expectation for rule kind {kind!r}")
-    return PlannedExpectation(check.id, kind, expectation, True, "gx")
+    raise ValueError(f"no expectation for rule kind {kind!r}")  # pragma: no cover - every kind is handled above

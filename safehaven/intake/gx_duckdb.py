@@ -22,7 +22,7 @@ The one place that runs GX, and the one place that knows its DuckDB workarounds.
   (sqlite, mssql, bigquery, databricks). Here DuckDB is made a persisted-connection dialect
   from the outside: one static connection, no reset on return, no-op ``begin``,
   ``rollback`` and ``close``, so the result survives until GX reads it.
-* **Counts, never values** (DESIGN.md "Keep confidential data inside the store"). Failing
+* **Counts, never values** (``docs/design.md`` "Keep confidential data inside the store"). Failing
   values are NHS numbers, dates and postcodes. The result format is ``BASIC`` with
   ``partial_unexpected_count = 0`` and ``include_unexpected_rows = False``: GX then asks
   DuckDB for failing values with ``LIMIT 0`` and holds none. The document is scrubbed

@@ -41,8 +41,9 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract
-from safehaven.intake.rules import RuleCheck, lit, q, raw_column
+from safehaven.intake.rules import RuleCheck, raw_column
 from safehaven.publish.outputs import month_end, months_spanned
 
 MEASURES_TABLE = "governance.quality_measures"

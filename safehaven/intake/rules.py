@@ -33,6 +33,7 @@ from datetime import date
 from typing import Literal
 
 from safehaven.core.identifiers import canonical_nhs_sql, nhs_valid_sql
+from safehaven.core.sql import lit, q  # noqa: F401 - re-exported for modules not yet moved to core.sql
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 
 #: UK postcode shape (outward code, optional space, inward code), after upper-casing.
@@ -61,16 +62,6 @@ DUPLICATE = "_dup_"
 ROWS_RULE = "rows.within_tolerance"
 
 RuleKind = Literal["required", "type", "nhs_number", "format", "code_list", "allowed", "range", "order", "unique"]
-
-
-def q(name: str) -> str:
-    """Quote an identifier for DuckDB."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def lit(value: str) -> str:
-    """Quote a string literal for DuckDB."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 def date_lit(value: date) -> str:
@@ -128,7 +119,7 @@ def check_weights_sql() -> str:
 def nhs_check_digit_lookup_sql(number: str) -> str:
     """SQL boolean: the ten-digit number ``number`` (a BIGINT) has a valid mod-11 check digit.
 
-    Rule (NHS Data Dictionary "NHS NUMBER"; BRIEF "Data standards"; the text form is
+    Rule (NHS Data Dictionary "NHS NUMBER"; ``docs/rules.md`` "Data standards"; the text form is
     ``safehaven.core.identifiers.nhs_valid_sql``): weights 10..2 on digits 1-9, check = 11 - (sum
     mod 11), 11 -> 0, 10 -> invalid. Equivalently the sum over all ten digits with weights
     10..1 is a multiple of 11: the check digit d10 is valid exactly when (sum + d10) mod 11 =
@@ -200,6 +191,86 @@ class RuleCheck:
     kind: RuleKind = "format"
 
 
+def _given(spec: FieldSpec, typed: bool) -> str:
+    """The field as given (its text), over the typed projection or the landed columns."""
+    if typed:
+        return q(raw_column(spec))
+    return typed_sql(spec) if spec.type == "VARCHAR" else text_sql(spec.name)
+
+
+def _value_rule(spec: FieldSpec, registry: ContractRegistry, val: str, typed: bool) -> tuple[RuleKind | None, str]:
+    """The kind and predicate of a field's value rule: NHS number, format, code list or allowed values."""
+    rule = spec.rule
+    assert rule is not None
+    if rule.format == "nhs_number":
+        number = q(NHS_INT + spec.name) if typed else f"CAST({val} AS BIGINT)"
+        return "nhs_number", (
+            f"({number} IS NOT NULL AND {nhs_check_digit_lookup_sql(number)})" if typed else nhs_valid_sql(val)
+        )
+    if rule.format in FORMAT_RE:
+        return "format", f"regexp_full_match({val}, '{FORMAT_RE[rule.format]}')"
+    if rule.allowed is not None or rule.code_list is not None:
+        values = code_values(spec, registry)
+        probe = f"upper(left({val}, 3))" if rule.match == "prefix3" else val
+        kind: RuleKind = "code_list" if rule.code_list else "allowed"
+        return kind, f"list_contains([{', '.join(lit(v) for v in values)}], {probe})"
+    return None, ""
+
+
+def _presence_checks(spec: FieldSpec, present: str, val: str) -> list[RuleCheck]:
+    """A required field is present; a typed field's text is a valid value of its type."""
+    checks = []
+    if spec.required:
+        checks.append(
+            RuleCheck(
+                f"{spec.name}.required", f"{spec.name} is present", (spec.name,), f"{present} IS NOT NULL", "required"
+            )
+        )
+    if spec.type != "VARCHAR":
+        checks.append(
+            RuleCheck(
+                f"{spec.name}.type",
+                f"{spec.name} is a valid {spec.type}",
+                (spec.name,),
+                f"({present} IS NULL OR {val} IS NOT NULL)",
+                "type",
+            )
+        )
+    return checks
+
+
+def _field_checks(spec: FieldSpec, registry: ContractRegistry, today: date, typed: bool) -> list[RuleCheck]:
+    """Every check of one field, in a stable order: required, type, value rule, range."""
+    val = q(spec.name) if typed else typed_sql(spec)
+    checks = _presence_checks(spec, _given(spec, typed), val)
+    rule = spec.rule
+    if rule is None:
+        return checks
+    kind, predicate = _value_rule(spec, registry, val, typed)
+    if kind is not None:
+        checks.append(
+            RuleCheck(
+                f"{spec.name}.{kind}",
+                f"{spec.name} meets its {kind.replace('_', ' ')} rule",
+                (spec.name,),
+                f"({val} IS NULL OR coalesce({predicate}, false))",
+                kind,
+            )
+        )
+    if rule.min is not None or rule.max is not None:
+        low, high = date_bounds(spec, today)
+        checks.append(
+            RuleCheck(
+                f"{spec.name}.range",
+                f"{spec.name} is between {low} and {high}",
+                (spec.name,),
+                f"({val} IS NULL OR {val} BETWEEN {date_lit(low)} AND {date_lit(high)})",
+                "range",
+            )
+        )
+    return checks
+
+
 def compile_checks(
     contract: Contract,
     registry: ContractRegistry,
@@ -220,73 +291,9 @@ def compile_checks(
     def value(spec: FieldSpec) -> str:
         return q(spec.name) if typed else typed_sql(spec)
 
-    def given(spec: FieldSpec) -> str:
-        if typed:
-            return q(raw_column(spec))
-        return typed_sql(spec) if spec.type == "VARCHAR" else text_sql(spec.name)
-
     checks: list[RuleCheck] = []
     for spec in contract.fields:
-        present, val = given(spec), value(spec)
-        if spec.required:
-            checks.append(
-                RuleCheck(
-                    f"{spec.name}.required",
-                    f"{spec.name} is present",
-                    (spec.name,),
-                    f"{present} IS NOT NULL",
-                    "required",
-                )
-            )
-        if spec.type != "VARCHAR":
-            checks.append(
-                RuleCheck(
-                    f"{spec.name}.type",
-                    f"{spec.name} is a valid {spec.type}",
-                    (spec.name,),
-                    f"({present} IS NULL OR {val} IS NOT NULL)",
-                    "type",
-                )
-            )
-        rule = spec.rule
-        if rule is None:
-            continue
-        kind: RuleKind | None = None
-        predicate = ""
-        if rule.format == "nhs_number":
-            number = q(NHS_INT + spec.name) if typed else f"CAST({val} AS BIGINT)"
-            kind = "nhs_number"
-            predicate = (
-                f"({number} IS NOT NULL AND {nhs_check_digit_lookup_sql(number)})" if typed else nhs_valid_sql(val)
-            )
-        elif rule.format in FORMAT_RE:
-            kind, predicate = "format", f"regexp_full_match({val}, '{FORMAT_RE[rule.format]}')"
-        elif rule.allowed is not None or rule.code_list is not None:
-            values = code_values(spec, registry)
-            probe = f"upper(left({val}, 3))" if rule.match == "prefix3" else val
-            kind = "code_list" if rule.code_list else "allowed"
-            predicate = f"list_contains([{', '.join(lit(v) for v in values)}], {probe})"
-        if kind is not None:
-            checks.append(
-                RuleCheck(
-                    f"{spec.name}.{kind}",
-                    f"{spec.name} meets its {kind.replace('_', ' ')} rule",
-                    (spec.name,),
-                    f"({val} IS NULL OR coalesce({predicate}, false))",
-                    kind,
-                )
-            )
-        if rule.min is not None or rule.max is not None:
-            low, high = date_bounds(spec, today)
-            checks.append(
-                RuleCheck(
-                    f"{spec.name}.range",
-                    f"{spec.name} is between {low} and {high}",
-                    (spec.name,),
-                    f"({val} IS NULL OR {val} BETWEEN {date_lit(low)} AND {date_lit(high)})",
-                    "range",
-                )
-            )
+        checks += _field_checks(spec, registry, today, typed)
     for rule in contract.rules:
         later, earlier = value(contract.field(rule.later)), value(contract.field(rule.earlier))
         checks.append(

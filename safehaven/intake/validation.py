@@ -59,6 +59,7 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.expectations import BROKEN_RULES, PlannedExpectation, compile_suite
 from safehaven.intake.gx_duckdb import SuiteResult, run_suite
@@ -72,7 +73,7 @@ from safehaven.intake.measures import (
     store_measures,
 )
 from safehaven.intake.measures import ensure_table as ensure_measures_table
-from safehaven.intake.rules import NHS_RE, ROWS_RULE, RuleCheck, compile_checks, lit, pass_sql, q, typed_projection
+from safehaven.intake.rules import NHS_RE, ROWS_RULE, RuleCheck, compile_checks, pass_sql, typed_projection
 
 RESULTS = "governance.validation_results"
 CHECKED = "_checked"

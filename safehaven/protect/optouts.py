@@ -17,8 +17,8 @@ This is the API the releases stage calls. Rules and sources:
     "where an objection to the sharing of confidential information is implemented,
     anonymised information can be shared"), so aggregates include everyone by default; an
     output may still choose to exclude objectors (``by_choice=True``);
-  - the legal bases in ``EXEMPT_BASES``: ``consent`` (the patient "has clearly said that we
-    can do it", rules-for-sharing first rule: a specific consent is the later and more
+  - the legal bases in ``EXEMPT_BASES`` (``safehaven.core.legal_basis``): ``consent`` (the
+    patient "has clearly said that we can do it", rules-for-sharing first rule: a specific consent is the later and more
     specific expression of the patient's wishes), ``statutory`` (disclosure required by law
     or a court order: CoP 13 honours objections to uses "only permitted but not required by
     law"; guide Rule 4D "must be overruled") and ``copi_reg3`` (COPI regulation 3,
@@ -28,7 +28,7 @@ This is the API the releases stage calls. Rules and sources:
   ``section_251`` (COPI regulation 5 / CAG support) and ``public_interest`` *permit* but do
   not *require* disclosure, so the opt-out applies to them (CoP 13). A flow of identifiable or
   pseudonymised data under the ``anonymised`` basis has no legal basis at all and is refused
-  (BRIEF "No basis, no flow").
+  (``docs/rules.md`` "No basis, no flow").
 * **Every decision is recorded** with its legal basis and reason, and with the number of
   records withheld, or the number of objectors' records included where the objection was
   overruled (NHS Constitution, quoted before CoP 11: patients are "told the reasons including
@@ -56,16 +56,13 @@ import duckdb
 from safehaven.core import registers
 from safehaven.core.home import Home
 from safehaven.core.keys import check_agreement_id
+from safehaven.core.legal_basis import EXEMPT_BASES, LEGAL_BASES, OPT_OUT_EXEMPT
 from safehaven.core.registers import RELEASE_MEMBERS, current_actor
 from safehaven.intake.rules import q
 from safehaven.protect.objections import NATIONAL_OPT_OUT, TYPE1, objectors_sql
 from safehaven.protect.pseudonymise import hmac_sql
-from safehaven.share.agreements import LegalBasis, Level
+from safehaven.share.agreements import Level
 
-#: Legal bases the national data opt-out does not apply to (see the module docstring).
-EXEMPT_BASES = frozenset({"consent", "statutory", "copi_reg3"})
-#: Every legal basis a flow out of the haven may declare (``safehaven.share.agreements.LegalBasis``).
-LEGAL_BASES: frozenset[str] = frozenset(get_args(LegalBasis))
 #: Every identifiability level (``safehaven.share.agreements.Level``).
 IDENTIFIABILITY: tuple[str, ...] = get_args(Level)
 
@@ -112,13 +109,7 @@ def decide(legal_basis: str, identifiability: str, *, by_choice: bool = False) -
     if legal_basis == "anonymised":
         raise ValueError(f"{identifiability} data cannot leave under the 'anonymised' basis: no legal basis, no flow")
     if legal_basis in EXEMPT_BASES:
-        why = {
-            "consent": "the patient consented to this flow (rules for sharing, first rule)",
-            "statutory": "disclosure required by law or court order (CoP 13; guide Rule 4D)",
-            "copi_reg3": "COPI regulation 3, communicable disease / public health emergency "
-            "(rules for sharing; CoP preamble to 11-14)",
-        }[legal_basis]
-        return OptOutDecision(False, legal_basis, f"opt-out overruled: {why}", identifiability)
+        return OptOutDecision(False, legal_basis, f"opt-out overruled: {OPT_OUT_EXEMPT[legal_basis]}", identifiability)
     return OptOutDecision(
         True,
         legal_basis,

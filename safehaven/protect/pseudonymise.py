@@ -1,20 +1,21 @@
 """Keyed pseudonyms computed inside DuckDB, and the pseudonymised haven tables.
 
-Rules (CoP 8a, 27b-c; BRIEF "Pseudonymisation and encryption"; confidentiality guide Rule 3):
+Rules (CoP 8a, 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; confidentiality guide Rule 3):
 
 * A pseudonym is HMAC-SHA256 over the canonical NHS number under a secret key, never a plain
   hash: the whole valid NHS-number space (about 0.9 billion values) can be hashed in seconds,
   so an unkeyed hash is reversible by enumeration. The first 128 bits (32 hex digits) are
   kept.
 * HMAC is written in DuckDB SQL, ``sha256((K xor opad) || unhex(sha256((K xor ipad) || m)))``
-  (RFC 2104), so a whole collection is pseudonymised in one vectorised pass (DESIGN.md: about
-  1.1M rows/s, against 0.2M rows/s for Python per-row HMAC). The padded key blocks are
+  (RFC 2104), so a whole collection is pseudonymised in one vectorised pass
+  (``docs/design.md`` "Pseudonymisation in SQL": about 1.1M rows/s, against 0.2M rows/s for
+  Python per-row HMAC). The padded key blocks are
   passed as bound parameters into a temporary table, so key material never appears in SQL
   text, logs or errors.
 * A collection has several records per person (GP events: about 7.5), so the haven computes
   the HMAC once per *distinct* NHS number and joins it back (``haven_select_sql``): measured
   on 5M rows and 2 cores, 2.5x faster than hashing every row.
-* **Agreement domains** (BRIEF: "each agreement gets its own pseudonym domain (derived key),
+* **Agreement domains** (CoP 8a; ``docs/rules.md``: "each agreement gets its own pseudonym domain (derived key),
   so two recipients cannot join their extracts"): a release pseudonym is
   ``HMAC-SHA256(agreement key, haven pid)``, 128 bits, with the agreement key derived by HKDF
   from the haven key and the agreement's own salt (``safehaven.core.keys.agreement_key``). It is

@@ -1,6 +1,6 @@
 """Key rotation: haven (pseudonyms), store (encryption at rest) and vault (identity vault).
 
-Rules (CoP 27b-c; BRIEF "Pseudonymisation and encryption"; ``safehaven.core.keys``):
+Rules (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; ``safehaven.core.keys``):
 
 * **Every rotation is staged, then committed, then swapped**, so a crash at any point leaves
   either the old state or a state ``resume`` completes: the new key is first written to

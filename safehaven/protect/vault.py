@@ -1,6 +1,6 @@
 """The identity vault: direct identifiers held apart, encrypted, writable but not readable by the pipeline.
 
-Rules (BRIEF "Pseudonymisation and encryption" and "Identifiability levels"; CoP 8a, 27b-c;
+Rules (``docs/rules.md`` "Pseudonymisation and encryption" and "Identifiability levels"; CoP 8a, 27b-c;
 confidentiality guide Rule 3):
 
 * Haven content tables hold no direct identifier (``safehaven.protect.pseudonymise``). The full

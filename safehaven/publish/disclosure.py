@@ -51,8 +51,8 @@ the dimension columns) held in DuckDB; every step is a SQL statement over the wh
    the sum of the published cells of its group (NULL when all are suppressed), so it
    carries no information about a suppressed cell (OpenSAFELY: "column and row totals are
    the sum of the rounded counts").
-7. **Formula-leading text is neutralised** on the way out (OWASP "CSV Injection"; BRIEF
-   "Publication"): a text cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
+7. **Formula-leading text is neutralised** on the way out (OWASP "CSV Injection"; CoP 35-36;
+   ``docs/rules.md`` "Publication"): a text cell starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
    return gets a leading single quote (:func:`neutralise_sql`).
 8. **One public marker.** The reason column (``'primary'``/``'secondary'``) is for the
    haven's checks only: "secondary" would tell a reader that the cell is 0 or above the
@@ -637,7 +637,7 @@ def neutralise_formula_cells(con: duckdb.DuckDBPyConnection, table: str, columns
     """Neutralise formula-leading cells in place; returns the number of cells changed.
 
     ``columns`` defaults to every VARCHAR column of ``table``. Run it on the published
-    copy just before export (BRIEF "Publication": no formula-leading cells).
+    copy just before export (``docs/rules.md`` "Publication": no formula-leading cells).
     """
     rel = _relation(table)
     if columns is None:

@@ -5,7 +5,7 @@ purpose and users (ESS *relevance*), the collections it reads, its dimensions wi
 domains, its measures, its disclosure-control policy and the SQL that counts people per cell.
 Adding an output is a reviewed YAML change, like adding a collection's contract; the rules
 below apply to every output without code. Rules (CoP 28-29, 34b, 35; ISB 1523; guide Rule 3
-part A; BRIEF "Statistical disclosure control"):
+part A; ``docs/rules.md`` "Statistical disclosure control"):
 
 * **People, per reporting month.** Every output counts distinct people (haven pseudonyms)
   per cell, per calendar month of the *reporting period*: from the first month any of its
@@ -15,6 +15,11 @@ part A; BRIEF "Statistical disclosure control"):
   the temporary table ``reporting_months(month, month_end)``; a dated record joins its month on
   ``m.month = date_trunc('month', <date>)`` (for a DATE, the same month as ``<date> BETWEEN
   m.month AND m.month_end``, found by a hash join instead of a range join).
+* **The SQL only reads the haven** (``safehaven.publish.sql_gate``): an output's SQL, and any
+  domain's, is one ``SELECT`` over ``haven.<collection>`` of its declared collections, the
+  ``reporting_months`` table, its CTEs and the helpers below; anything else (a second
+  statement, a write, ``ATTACH``, a function that reads files, another zone) is refused when
+  the declaration loads, and the SQL runs in a ``READ ONLY`` transaction.
 * **Helpers: lookups are joins.** The SQL may also use the temporary macros of :data:`MACROS`:
   ``codes('<list>')``, a code list as a relation ``(code, display, grp)``; ``age_band(born,
   on_day)`` and ``age_years``; ``sex_category(group)``, a ``person_gender`` group as Male,
@@ -51,7 +56,7 @@ part A; BRIEF "Statistical disclosure control"):
   its asset must obtain ``safehaven.share.linkage.authorise_linkage`` first and pass the
   authorising agreement's id here, which refuses to run the join without it (CoP 22, 42b).
 * Anonymised aggregates include everyone: the national data opt-out covers confidential
-  information only (BRIEF "Objections"); type 1 objectors never entered the haven.
+  information only (``docs/rules.md`` "Objections"); type 1 objectors never entered the haven.
 """
 
 from __future__ import annotations
@@ -66,10 +71,11 @@ from typing import Any, Literal
 import duckdb
 from pydantic import Field, field_validator, model_validator
 
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
-from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
+from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
 
 CODES = "governance.code_list"
 MONTHS = "reporting_months"
@@ -215,13 +221,10 @@ class Output(Strict):
 
     @model_validator(mode="after")
     def _measures(self) -> Output:
+        """One count, first; rates name a denominator; midpoint 6 counts are named ``*_midpoint6``."""
         counts = [m for m in self.measures if m.kind == "count"]
         if len(counts) != 1 or self.measures[0].kind != "count":
             raise ValueError("the first measure, and only it, is the count of people")
-        names = {m.name for m in self.measures} | {d.name for d in self.dimensions}
-        labels = {d.label.column for d in self.dimensions if d.label}
-        if len(names | labels) != len(self.measures) + len(self.dimensions) + len(labels):
-            raise ValueError("dimension, label and measure names must all differ")
         dens = {m.name for m in self.measures if m.kind == "denominator"}
         for m in self.measures:
             if m.kind == "rate" and m.denominator not in dens:
@@ -230,12 +233,30 @@ class Output(Strict):
             counted = [m.name for m in self.measures if m.kind in ("count", "denominator")]
             if not all(name.endswith("_midpoint6") for name in counted):
                 raise ValueError("under midpoint 6 rounding, count columns are named *_midpoint6 (OpenSAFELY)")
+        return self
+
+    @model_validator(mode="after")
+    def _names(self) -> Output:
+        """Names all differ; a linkage joins two of the collections; margins name known dimensions."""
+        names = {m.name for m in self.measures} | {d.name for d in self.dimensions}
+        labels = {d.label.column for d in self.dimensions if d.label}
+        if len(names | labels) != len(self.measures) + len(self.dimensions) + len(labels):
+            raise ValueError("dimension, label and measure names must all differ")
         if self.linkage and {self.linkage.left, self.linkage.right} - set(self.collections):
             raise ValueError("a linkage joins two of the output's collections")
-        if self.margins is not None:
-            for margin in self.margins:
-                if set(margin) - {d.name for d in self.dimensions}:
-                    raise ValueError(f"margin {margin} names unknown dimensions")
+        dims = {d.name for d in self.dimensions}
+        for margin in self.margins or []:
+            if set(margin) - dims:
+                raise ValueError(f"margin {margin} names unknown dimensions")
+        return self
+
+    @model_validator(mode="after")
+    def _gated_sql(self) -> Output:
+        """The SQL, and every domain's, is one read-only SELECT over the output's haven tables (``sql_gate``)."""
+        check_output_sql(self.sql, self.collections)
+        for dim in self.dimensions:
+            if dim.domain.sql:
+                check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
         return self
 
     @property
@@ -465,12 +486,24 @@ def _domain_sql(dim: Dimension, cells: str) -> str:
 
 
 def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> tuple[int, int]:
-    """Temp table ``target``: true counts on the full grid. Returns (grid cells, observed cells)."""
+    """Temp table ``target``: true counts on the full grid. Returns (grid cells, observed cells).
+
+    The output's SQL (gated when it loaded, ``sql_gate``) runs in a ``READ ONLY`` transaction:
+    whatever it says, it cannot write the store; only temporary tables are made.
+    """
     cells = f"_cells_{output.name}"
+    with read_only_transaction(con):
+        observed = _count_cells(con, output, cells)
+        grid = _declared_domains(con, output, cells)
+        _fill_grid(con, output, cells, target)
+    return grid, observed
+
+
+def _count_cells(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:
+    """Temp table ``cells``: the output's SQL, checked for its columns and NULL dimensions."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE {cells} AS {output.sql}")
     have = {d[0] for d in con.execute(f"SELECT * FROM {cells} LIMIT 0").description}
-    measures = [output.count_col, *output.denominators]
-    missing = set(output.dimension_names) | set(measures)
+    missing = set(output.dimension_names) | {output.count_col, *output.denominators}
     missing -= have
     if missing:
         raise OutputError(f"{output.name}: the query lacks columns {sorted(missing)}")
@@ -478,16 +511,23 @@ def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> t
     nulls = con.execute(f"SELECT count(*) FROM {cells} WHERE {' OR '.join(f'{d} IS NULL' for d in dims)}").fetchone()[0]
     if nulls:
         raise OutputError(f"{output.name}: {nulls} cell(s) with a NULL dimension value; map them to a category")
-    observed = int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
-    sizes = []
+    return int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
+
+
+def _declared_domains(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:
+    """Temp tables ``_dom_<dimension>``; the grid's size, refused beyond :data:`MAX_GRID_CELLS`."""
+    grid = 1
     for dim in output.dimensions:
         con.execute(f"CREATE OR REPLACE TEMP TABLE _dom_{dim.name} AS {_domain_sql(dim, cells)}")
-        sizes.append(int(con.execute(f"SELECT count(*) FROM _dom_{dim.name}").fetchone()[0]))
-    grid = 1
-    for size in sizes:
-        grid *= size
+        grid *= int(con.execute(f"SELECT count(*) FROM _dom_{dim.name}").fetchone()[0])
     if grid > MAX_GRID_CELLS:
         raise OutputError(f"{output.name}: the grid has {grid:,} cells (limit {MAX_GRID_CELLS:,}); coarsen a dimension")
+    return grid
+
+
+def _fill_grid(con: duckdb.DuckDBPyConnection, output: Output, cells: str, target: str) -> None:
+    """Temp table ``target``: every grid cell with its count (0 where none); refuses cells off the grid."""
+    dims = [q(d) for d in output.dimension_names]
     joins = " CROSS JOIN ".join(f"_dom_{d.name}" for d in output.dimensions)
     using = ", ".join(dims)
     outside = con.execute(
@@ -495,6 +535,7 @@ def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> t
     ).fetchone()[0]
     if outside:
         raise OutputError(f"{output.name}: {outside} cell(s) fall outside the declared domains")
+    measures = [output.count_col, *output.denominators]
     fill = ", ".join(f"CAST(coalesce(c.{q(m)}, 0) AS BIGINT) AS {q(m)}" for m in measures)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT {', '.join('g.' + d for d in dims)}, {fill} "
@@ -503,7 +544,6 @@ def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> t
     for dim in output.dimensions:
         con.execute(f"DROP TABLE _dom_{dim.name}")
     con.execute(f"DROP TABLE {cells}")
-    return grid, observed
 
 
 def _with_labels(con: duckdb.DuckDBPyConnection, output: Output, protected: str) -> str:

@@ -1,6 +1,6 @@
 """Publication: protected outputs leave the store as open files, only through a guard.
 
-Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; BRIEF "Publication"):
+Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; ``docs/rules.md`` "Publication"):
 
 * **Only through the guard.** Before anything is written, every output of the release is
   checked again (:func:`verify_release`): the disclosure invariants on the exact table to be
@@ -33,7 +33,7 @@ Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; BRIEF "Publication"):
   methods document (``methods.md``); the licence (``LICENCE.txt``); and
   ``published.duckdb``, a separate unencrypted database holding only the published tables,
   their dictionary and quality statements, for analysts (who never get the store key:
-  access control by key separation, DESIGN.md "Zones").
+  access control by key separation, ``docs/design.md`` "Zones").
 * **Open Government Licence v3.0** (CoP 36: the haven is a public body).
 * **Atomic.** Files are written to a staging folder inside ``published/`` and renamed into
   place, the manifest (``release.json``, with each file's SHA-256) last, so readers never
@@ -61,9 +61,9 @@ import duckdb
 from safehaven.core import audit
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.intake.rules import lit, q
 from safehaven.protect.pseudonymise import haven_coarsening, haven_column
 from safehaven.publish.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_invariants
 from safehaven.publish.outputs import Output
@@ -178,40 +178,40 @@ def _column_problems(output: Output, columns: list[str], registry: ContractRegis
     return problems
 
 
+def _value_checks(col: str, dtype: str) -> tuple[list[tuple[str, str]], str | None]:
+    """The value checks of one column, as (finding, SQL count) pairs, and a problem with the column itself."""
+    c = q(col)
+    if dtype == "VARCHAR":
+        leaders = ", ".join(lit(ch) for ch in FORMULA_LEADERS)
+        checks = [
+            (label, f"count(*) FILTER (WHERE regexp_matches({c}, {lit(p)}))") for label, p in TEXT_PATTERNS.items()
+        ]
+        checks.append(("formula-leading text", f"count(*) FILTER (WHERE left({c}, 1) IN ({leaders}))"))
+        reason = col == REASON or col.endswith("_" + REASON)
+        return checks, f"column {col!r} publishes the kind of suppression (must be boolean)" if reason else None
+    if dtype in _INTEGER_TYPES or dtype.startswith("DECIMAL"):
+        nhs_like = f"count(*) FILTER (WHERE abs({c}) BETWEEN 1000000000 AND 9999999999)"
+        return [("NHS-number-like (10-digit number)", nhs_like)], None
+    if dtype == "DATE":
+        return [("day-precise date", f"count(*) FILTER (WHERE day({c}) <> 1)")], None
+    if dtype.startswith("TIMESTAMP"):
+        day = f"count(*) FILTER (WHERE day({c}) <> 1 OR CAST({c} AS TIME) <> TIME '00:00:00')"
+        return [("day-precise date", day)], None
+    if dtype not in _PLAIN_TYPES:
+        return [], f"column {col!r} has type {dtype}, which is not a flat open-data type"
+    return [], None
+
+
 def guard_table(con: duckdb.DuckDBPyConnection, table: str, output: Output, registry: ContractRegistry) -> list[str]:
     """The publication guard on one table (see the module docstring); an empty list passes."""
     types = [(d[0], str(d[1])) for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description]
     problems = [f"{output.name}: {p}" for p in _column_problems(output, [c for c, _ in types], registry)]
     checks: list[tuple[str, str, str]] = []  # (column, finding, SQL count)
-    leaders = ", ".join(lit(ch) for ch in FORMULA_LEADERS)
     for col, dtype in types:
-        c = q(col)
-        if dtype == "VARCHAR":
-            for label, pattern in TEXT_PATTERNS.items():
-                checks.append((col, label, f"count(*) FILTER (WHERE regexp_matches({c}, {lit(pattern)}))"))
-            checks.append((col, "formula-leading text", f"count(*) FILTER (WHERE left({c}, 1) IN ({leaders}))"))
-            if col == REASON or col.endswith("_" + REASON):
-                problems.append(f"{output.name}: column {col!r} publishes the kind of suppression (must be boolean)")
-        elif dtype in _INTEGER_TYPES or dtype.startswith("DECIMAL"):
-            checks.append(
-                (
-                    col,
-                    "NHS-number-like (10-digit number)",
-                    f"count(*) FILTER (WHERE abs({c}) BETWEEN 1000000000 AND 9999999999)",
-                )
-            )
-        elif dtype == "DATE":
-            checks.append((col, "day-precise date", f"count(*) FILTER (WHERE day({c}) <> 1)"))
-        elif dtype.startswith("TIMESTAMP"):
-            checks.append(
-                (
-                    col,
-                    "day-precise date",
-                    f"count(*) FILTER (WHERE day({c}) <> 1 OR CAST({c} AS TIME) <> TIME '00:00:00')",
-                )
-            )
-        elif dtype not in _PLAIN_TYPES:
-            problems.append(f"{output.name}: column {col!r} has type {dtype}, which is not a flat open-data type")
+        found, problem = _value_checks(col, dtype)
+        checks += [(col, label, sql) for label, sql in found]
+        if problem:
+            problems.append(f"{output.name}: {problem}")
     if checks:
         counts = con.execute(f"SELECT {', '.join(sql for _, _, sql in checks)} FROM {table}").fetchone()
         for (col, label, _), n in zip(checks, counts or [], strict=True):

@@ -41,11 +41,12 @@ from typing import Any
 import duckdb
 
 from safehaven.core.home import Home
+from safehaven.core.sql import q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.intake.measures import MEASURES_TABLE, RULE_RESULTS
-from safehaven.intake.rules import ROWS_RULE, q, text_sql
+from safehaven.intake.rules import ROWS_RULE, text_sql
 from safehaven.publish.outputs import Output, OutputBuild, code_lists_of
 
 #: The licence of every published output (CoP 36; the haven is a public body).

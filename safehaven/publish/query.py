@@ -1,7 +1,7 @@
 """Analysts' SQL over the published outputs, and nothing else.
 
-Rules (BRIEF "Users": analysts query only the anonymised outputs; Caldicott principle 4,
-need to know; DESIGN.md "Zones": access control by key separation, not by a flag):
+Rules (``docs/rules.md`` "Users": analysts query only the anonymised outputs; Caldicott principle 4,
+need to know; ``docs/design.md`` "Zones": access control by key separation, not by a flag):
 
 * The query runs against ``published/published.duckdb`` only: the separate, unencrypted file
   the publication step writes with the published tables, their dictionary and quality
@@ -10,7 +10,7 @@ need to know; DESIGN.md "Zones": access control by key separation, not by a flag
 * Once the file is open, the connection is hardened before the analyst's SQL runs:
   extension auto-install and auto-load off, ``enable_external_access = false`` (no reading
   or writing other files, no ``ATTACH`` of the store, no ``COPY``, no extension loading),
-  then ``lock_configuration = true`` so the SQL cannot switch any of it back (DESIGN.md:
+  then ``lock_configuration = true`` so the SQL cannot switch any of it back (``docs/design.md`` "Hardened connections":
   "harden a connection once the files it needs are attached").
 * Exactly one statement, and it must be a query (``SELECT``, ``WITH``, ``FROM``-first,
   ``VALUES``, ``SHOW``, ``DESCRIBE``, ``SUMMARIZE``, read-only pragmas such as

@@ -78,15 +78,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from safehaven.core.legal_basis import CONFIDENTIAL_BASES, LegalBasis
 from safehaven.intake.contracts import ContractRegistry, contracts_dir
 from safehaven.protect.pseudonymise import haven_coarsening
 
-LegalBasis = Literal["consent", "statutory", "public_interest", "section_251", "copi_reg3", "anonymised"]
 Level = Literal["identifiable", "pseudonymised", "anonymised"]
 Status = Literal["draft", "approved", "suspended", "expired"]
 
-#: Bases under which confidential (identifiable or pseudonymised) data may leave (CoP 21, 40).
-CONFIDENTIAL_BASES: frozenset[str] = frozenset({"consent", "statutory", "public_interest", "section_251", "copi_reg3"})
 ID_PATTERN = r"^[a-z][a-z0-9-]{1,62}[a-z0-9]$"
 TODO = re.compile(r"\bTODO\b|\bTBC\b|\bFIXME\b", re.IGNORECASE)
 MIN_JUSTIFICATION = 15
@@ -137,7 +135,7 @@ class Linkage(_Strict):
 
 
 class Coarsening(_Strict):
-    """The finest quasi-identifiers the agreement allows (BRIEF, Rule 3 tier 2)."""
+    """The finest quasi-identifiers the agreement allows (guide Rule 3 tier 2; ``docs/rules.md``)."""
 
     dob: Literal["year", "week"] = "year"
     postcode: Literal["district", "none"] = "none"

@@ -1,6 +1,6 @@
 """Re-identification: a recipient's pseudonyms back to identifiers, only under a lawful agreement.
 
-Rules (BRIEF "Identifiability levels": identifiable data "leaves only with a legal basis";
+Rules (``docs/rules.md`` "Identifiability levels": identifiable data "leaves only with a legal basis";
 CoP 13, 14; Caldicott principles 2-4; CoP 12 and Govt response rec. 1 on audit):
 
 * Only through the CLI (``safehaven reidentify``), only by whoever holds the vault's

@@ -27,9 +27,11 @@ are applied (each is a SQL statement over whole tables inside DuckDB; nothing lo
    1-6 January may show the previous year), postcode to ``postcode_district``. Direct
    identifiers never leave at the pseudonymised level: each person is ``person_id``, the
    agreement's own keyed pseudonym (a per-agreement derived key, so two recipients cannot
-   join their extracts; CoP 8a, BRIEF), computed once per person and joined to their records.
-6. **k-anonymity** (CoP 34b; ISB 1523; BRIEF "record-level extracts checked for k-anonymity
-   on their quasi-identifiers"), record-level releases only. A person's *signature* is the
+   join their extracts; CoP 8a; ``docs/rules.md`` "Pseudonymisation and encryption"), computed
+   once per person and joined to their records.
+6. **k-anonymity** (CoP 34b; ISB 1523; ``docs/rules.md`` "Statistical disclosure control":
+   record-level extracts checked for k-anonymity on their quasi-identifiers), record-level
+   releases only. A person's *signature* is the
    set of all released quasi-identifier values on all their records across every file (a
    recipient can join the files by ``person_id``). Every signature must be shared by at
    least ``k`` people (default 5). With ``small_groups: suppress``, people in smaller groups

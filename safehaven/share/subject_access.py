@@ -36,9 +36,9 @@ from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.identifiers import canonical_nhs, is_valid_nhs
 from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.sql import q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.intake.rules import q
 from safehaven.protect import vault
 from safehaven.protect.objections import EVENTS, episodes_sql, in_force_sql
 from safehaven.protect.pseudonymise import pseudonym
@@ -97,18 +97,8 @@ class SubjectAccessReport:
         return "\n".join(lines)
 
 
-def subject_access(
-    con: duckdb.DuckDBPyConnection,
-    nhs_number: str,
-    *,
-    home: Home,
-    keyring: KeyRing | None = None,
-    registry: ContractRegistry | None = None,
-    actor: str | None = None,
-) -> SubjectAccessReport:
-    """The report for one NHS number (any formatting). Raises :class:`SubjectAccessDenied`."""
-    keyring = keyring or KeyRing(home.keys)
-    registry = registry or ContractRegistry()
+def _check_request(keyring: KeyRing, nhs_number: str) -> None:
+    """Refuse without the vault private key (governance lead only) or with an invalid NHS number."""
     try:
         vault.private_key(keyring)  # refuses a missing key here, an unsafe key file with KeyRingError
     except vault.VaultError:
@@ -118,9 +108,12 @@ def subject_access(
         ) from None
     if not is_valid_nhs(nhs_number):
         raise SubjectAccessDenied("that is not a valid NHS number (10 digits with a valid mod-11 check digit)")
-    pid = pseudonym(keyring.get("haven").material, canonical_nhs(nhs_number))
-    report = SubjectAccessReport(datetime.now(UTC).isoformat(timespec="seconds"))
 
+
+def _records_held(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, pid: str, report: SubjectAccessReport
+) -> None:
+    """Records held per collection, when each was first received, and the person's vault entries."""
     landed = "b.landed_at" if table_exists(con, "governance", "batches") else "NULL::TIMESTAMPTZ"
     join = "LEFT JOIN governance.batches b ON b.batch_id = h._batch" if landed != "NULL::TIMESTAMPTZ" else ""
     for contract in registry.content():
@@ -137,17 +130,24 @@ def subject_access(
         row = con.execute("SELECT count(*) FROM vault.identity WHERE pid = ?", [pid]).fetchone()
         report.vault_entries = int(row[0]) if row else 0
 
-    if table_exists(con, *EVENTS.split(".")):
-        rows = con.execute(
-            f"SELECT objection_type, recorded_date, withdrawn_date, {in_force_sql()} FROM ({episodes_sql()}) "
-            "WHERE pid = ? ORDER BY recorded_date, objection_type",
-            [pid],
-        ).fetchall()
-        report.objections = [
-            {"objection_type": t, "recorded_date": str(r), "withdrawn_date": str(w) if w else None, "in_force": bool(f)}
-            for t, r, w, f in rows
-        ]
 
+def _objections(con: duckdb.DuckDBPyConnection, pid: str) -> list[dict[str, Any]]:
+    """The person's objection episodes, and whether each is in force."""
+    if not table_exists(con, *EVENTS.split(".")):
+        return []
+    rows = con.execute(
+        f"SELECT objection_type, recorded_date, withdrawn_date, {in_force_sql()} FROM ({episodes_sql()}) "
+        "WHERE pid = ? ORDER BY recorded_date, objection_type",
+        [pid],
+    ).fetchall()
+    return [
+        {"objection_type": t, "recorded_date": str(r), "withdrawn_date": str(w) if w else None, "in_force": bool(f)}
+        for t, r, w, f in rows
+    ]
+
+
+def _releases(con: duckdb.DuckDBPyConnection, pid: str) -> list[dict[str, Any]]:
+    """The releases the person's records were in (data release register)."""
     reg.ensure_tables(con)
     cur = con.execute(
         f"SELECT r.release_id, r.agreement_id, r.recipient, r.purposes, r.legal_basis, r.identifiability, "
@@ -156,11 +156,14 @@ def subject_access(
         [pid],
     )
     names = [d[0] for d in cur.description]
-    report.releases = [
+    return [
         {**dict(zip(names, row, strict=True)), "released_at": row[-1].isoformat(timespec="seconds")}
         for row in cur.fetchall()
     ]
 
+
+def _access_entries(con: duckdb.DuckDBPyConnection, report: SubjectAccessReport, pid: str) -> dict[int, audit.Entry]:
+    """Audit entries about the person: their releases, their collections since received, their pseudonym."""
     entries: dict[int, audit.Entry] = {}
     for r in report.releases:
         for e in audit.entries_for(con, object_like=f"release:{r['release_id']}"):
@@ -174,7 +177,12 @@ def subject_access(
                 entries[e.seq] = e
     for e in audit.entries_for(con, object_like=f"%{pid}%"):
         entries[e.seq] = e
-    report.accesses = [
+    return entries
+
+
+def _accesses(con: duckdb.DuckDBPyConnection, report: SubjectAccessReport, pid: str) -> list[dict[str, Any]]:
+    """The accesses to the person's records, oldest first; their pseudonym shown as ``<you>``."""
+    return [
         {
             "seq": e.seq,
             "at": e.at.isoformat(timespec="seconds"),
@@ -187,9 +195,29 @@ def subject_access(
             "agreement": e.agreement,
             "outcome": e.outcome,
         }
-        for e in sorted(entries.values(), key=lambda e: e.seq)
+        for e in sorted(_access_entries(con, report, pid).values(), key=lambda e: e.seq)
     ]
 
+
+def subject_access(
+    con: duckdb.DuckDBPyConnection,
+    nhs_number: str,
+    *,
+    home: Home,
+    keyring: KeyRing | None = None,
+    registry: ContractRegistry | None = None,
+    actor: str | None = None,
+) -> SubjectAccessReport:
+    """The report for one NHS number (any formatting). Raises :class:`SubjectAccessDenied`."""
+    keyring = keyring or KeyRing(home.keys)
+    registry = registry or ContractRegistry()
+    _check_request(keyring, nhs_number)
+    pid = pseudonym(keyring.get("haven").material, canonical_nhs(nhs_number))
+    report = SubjectAccessReport(datetime.now(UTC).isoformat(timespec="seconds"))
+    _records_held(con, registry, pid, report)
+    report.objections = _objections(con, pid)
+    report.releases = _releases(con, pid)
+    report.accesses = _accesses(con, report, pid)
     audit.append(
         con,
         actor=actor or reg.current_actor(),

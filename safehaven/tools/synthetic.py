@@ -14,7 +14,7 @@ as the files a haven finds in its ``incoming/`` folder::
 every clean event, admission, service start and objection falls inside it.
 
 * **Patients** have unique NHS numbers in the never-issued 999 test range with valid mod-11 check
-  digits (BRIEF "Synthetic data only"); an England-like age pyramid (0-100); a PERSON GENDER
+  digits (``docs/rules.md`` "Synthetic data only"); an England-like age pyramid (0-100); a PERSON GENDER
   CODE (mostly 1/2, a few 9/0); a postcode in valid UK format, fixed per patient; and one GP
   practice each. Practices have ODS-like codes (letter + five digits) and skewed list sizes
   (lognormal, about 2k-20k at national scale; at least three practices even for tiny N). Each

@@ -2,7 +2,8 @@
 
 Each kind of tampering (edit, delete, reorder, truncate, altered anchor) must be caught at
 the exact first bad ``seq``; the ``audit`` key must be needed to forge a chain; identifier
-values must never get in. Every test uses its own encrypted store (DESIGN.md).
+values must never get in. Every test uses its own encrypted store (``docs/design.md`` "One
+writer, short-lived connections").
 """
 
 from __future__ import annotations

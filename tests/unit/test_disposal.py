@@ -341,7 +341,7 @@ def test_control_delete_and_checkpoint_leave_the_values_a_rebuild_removes(world:
             "steps": {},
         }
         disposal.ensure_tables(con)
-        disposal._Run(world.home, journal, world.registry, world.keyring, None)._delete(con)
+        disposal.Run(world.home, journal, world.registry, world.keyring).delete(con)
     assert (
         con.execute(
             "SELECT count(*) FROM landing.gp_events WHERE _batch IN (SELECT batch_id FROM "

@@ -1,4 +1,4 @@
-"""The NHS number rule (NHS Data Dictionary; BRIEF "Data standards")."""
+"""The NHS number rule (NHS Data Dictionary; ``docs/rules.md`` "Data standards")."""
 
 import duckdb
 import pytest

@@ -1,6 +1,6 @@
 """``safehaven query``: one read-only SELECT over published.duckdb, and nothing else.
 
-Rules under test: ``safehaven.publish.query`` module docstring (BRIEF "Users"; DESIGN.md "Zones").
+Rules under test: ``safehaven.publish.query`` module docstring (``docs/rules.md`` "Users"; ``docs/design.md`` "Zones").
 """
 
 from __future__ import annotations

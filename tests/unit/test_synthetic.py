@@ -1,4 +1,4 @@
-"""The synthetic data generator (BRIEF "Synthetic data only").
+"""The synthetic data generator (``docs/rules.md`` "Synthetic data only").
 
 Small populations throughout: each generation here takes a fraction of a second.
 """

@@ -1,0 +1,224 @@
+"""The disposal register and the certificate of each disposal (CoP 48-50; CoP 23d, 32-33 accountability).
+
+Rule (``safehaven.dispose`` package docstring, step 5 "record"): the certificate (what, why, when,
+by whom, rows per table, files with their SHA-256, key ids destroyed, old and new store key ids)
+goes into ``governance.disposal_register``, ``registers/disposal_register.csv|.parquet`` and the
+audit trail (``action="dispose"``), each exactly once even when the step is run again after a
+crash. A certificate carries counts, ids, file names and hashes, never a value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import table_exists
+from safehaven.dispose.journal import count, now
+from safehaven.dispose.model import EXPORT_STEM, METHOD, PROGRESS, PURPOSE, REGISTER, RETAINED, Plan
+
+_REGISTER_DDL = f"""
+CREATE TABLE IF NOT EXISTS {REGISTER} (
+    disposal_id VARCHAR PRIMARY KEY,
+    target_kind VARCHAR NOT NULL,
+    target VARCHAR NOT NULL,
+    agreement_id VARCHAR,
+    collection VARCHAR,
+    received_before DATE,
+    release_ids VARCHAR,
+    reason VARCHAR NOT NULL,
+    requested_by VARCHAR NOT NULL,
+    authorised_by VARCHAR,
+    started_at TIMESTAMPTZ NOT NULL,
+    logical_done_at TIMESTAMPTZ,
+    physical_done_at TIMESTAMPTZ,
+    completed_at TIMESTAMPTZ NOT NULL,
+    batches BIGINT NOT NULL,
+    rows_disposed BIGINT NOT NULL,
+    files_destroyed BIGINT NOT NULL,
+    bytes_destroyed BIGINT NOT NULL,
+    keys_destroyed BIGINT NOT NULL,
+    key_ids_destroyed VARCHAR,
+    store_key_old VARCHAR,
+    store_key_new VARCHAR,
+    method VARCHAR NOT NULL,
+    retained VARCHAR NOT NULL,
+    certificate JSON NOT NULL
+)
+"""
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the disposal register and the per-step progress table."""
+    con.execute(_REGISTER_DDL)
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {PROGRESS} (disposal_id VARCHAR, step VARCHAR, done_at TIMESTAMPTZ, "
+        "detail JSON, PRIMARY KEY (disposal_id, step))"
+    )
+
+
+def certificates(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The disposal register, oldest first (works on a read-only connection)."""
+    if not table_exists(con, "governance", "disposal_register"):
+        return []
+    cur = con.execute(f"SELECT * FROM {REGISTER} ORDER BY completed_at, disposal_id")
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def export_register(con: duckdb.DuckDBPyConnection, home: Home) -> dict[str, Path]:
+    """Write ``registers/disposal_register.csv`` (formula-leading cells neutralised) and ``.parquet``."""
+    ensure_tables(con)
+    return reg.export_table(con, home, REGISTER, EXPORT_STEM, "completed_at, disposal_id")
+
+
+def _keys_destroyed(steps: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every key the disposal destroyed: agreement salts, vault data keys, the old store key."""
+    keys = [
+        {
+            "kind": k["kind"],
+            "purpose": k["purpose"],
+            "key_id": k["key_id"],
+            **({"derived_key_id": k["derived_key_id"]} if "derived_key_id" in k else {}),
+        }
+        for k in steps["keys"]["destroyed"]
+    ]
+    keys += [{"kind": "vault_data_key", "key_id": d} for d in steps["rows"]["vault_data_keys_destroyed"]]
+    keys.append(
+        {
+            "kind": "store",
+            "purpose": "store",
+            "key_id": steps["rebuild"]["old_store_key_id"],
+            "overwritten": steps["rebuild"]["old_store_key_overwritten"],
+        }
+    )
+    return keys
+
+
+def build_certificate(plan: Plan, steps: dict[str, Any]) -> dict[str, Any]:
+    """The certificate of a disposal whose four steps are journalled in ``steps``."""
+    rows = steps["rows"]["rows"]
+    files = plan.files + steps["files"]["found_after_plan"]
+    t = plan.target
+    return {
+        "disposal_id": plan.disposal_id,
+        "target": t.as_dict(),
+        "target_description": t.describe(),
+        "reason": plan.reason,
+        "requested_by": plan.requested_by,
+        "authorised_by": plan.authorised_by,
+        "started_at": plan.planned_at,
+        "logical_done_at": steps["rows"]["done_at"],
+        "physical_done_at": steps["rebuild"]["done_at"],
+        "completed_at": steps.get("record", {}).get("done_at") or now(),
+        "batches": plan.batches,
+        "releases": plan.release_ids,
+        "release_tables_dropped": plan.release_tables,
+        "rows_by_table": rows,
+        "rows_disposed": sum(v for k, v in rows.items() if not k.startswith("governance.batches")),
+        "vault_entries_reencrypted": steps["rows"]["vault_entries_reencrypted"],
+        "files": files,
+        "files_destroyed": len(files),
+        "bytes_destroyed": sum(int(f["bytes"]) for f in files),
+        "keys_destroyed": _keys_destroyed(steps),
+        "store_key_old": steps["rebuild"]["old_store_key_id"],
+        "store_key_new": steps["rebuild"]["new_store_key_id"],
+        "method": METHOD,
+        "retained": RETAINED,
+    }
+
+
+def _register_row(plan: Plan, cert: dict[str, Any]) -> list[Any]:
+    """The certificate as a row of ``governance.disposal_register``."""
+    t = plan.target
+    return [
+        cert["disposal_id"],
+        t.kind,
+        cert["target_description"],
+        t.agreement,
+        t.collection,
+        t.before,
+        ", ".join(cert["releases"]) or None,
+        cert["reason"],
+        cert["requested_by"],
+        cert["authorised_by"],
+        cert["started_at"],
+        cert["logical_done_at"],
+        cert["physical_done_at"],
+        cert["completed_at"],
+        len(cert["batches"]),
+        cert["rows_disposed"],
+        cert["files_destroyed"],
+        cert["bytes_destroyed"],
+        len(cert["keys_destroyed"]),
+        ", ".join(k["key_id"] for k in cert["keys_destroyed"]),
+        cert["store_key_old"],
+        cert["store_key_new"],
+        cert["method"],
+        cert["retained"],
+        json.dumps(cert, sort_keys=True, default=str),
+    ]
+
+
+def _insert_once(con: duckdb.DuckDBPyConnection, plan: Plan, cert: dict[str, Any]) -> None:
+    """Insert the certificate into the register unless a previous attempt already did."""
+    if count(con, f"SELECT count(*) FROM {REGISTER} WHERE disposal_id = ?", [cert["disposal_id"]]):
+        return
+    con.execute(
+        f"INSERT INTO {REGISTER} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CAST(? AS TIMESTAMPTZ), "
+        "CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?, ?, ?)",
+        _register_row(plan, cert),
+    )
+
+
+def _audit_once(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, plan: Plan, cert: dict[str, Any]) -> None:
+    """The audit entry ``dispose``/``ok`` of the disposal, unless a previous attempt already wrote it."""
+    done = [
+        e
+        for e in audit.entries_for(con, object_like=f"disposal:{cert['disposal_id']}")
+        if e.action == "dispose" and e.outcome == "ok"
+    ]
+    if done:
+        return
+    t = plan.target
+    audit.append(
+        con,
+        actor=plan.requested_by,
+        role="governance",
+        action="dispose",
+        object=f"disposal:{cert['disposal_id']}",
+        purpose=PURPOSE,
+        agreement=t.agreement,
+        outcome="ok",
+        home=home,
+        keyring=keyring,
+        detail={
+            "target": t.as_dict(),
+            "authorised_by": cert["authorised_by"],
+            "batches": [b["batch_id"] for b in cert["batches"]],
+            "releases": cert["releases"],
+            "rows_disposed": cert["rows_disposed"],
+            "files_destroyed": cert["files_destroyed"],
+            "keys_destroyed": [k["key_id"] for k in cert["keys_destroyed"]],
+            "store_key_new": cert["store_key_new"],
+        },
+    )
+
+
+def record_certificate(
+    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, plan: Plan, cert: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the certificate (once) to the register, its export and the audit trail; returns it as stored."""
+    ensure_tables(con)
+    _insert_once(con, plan, cert)
+    export_register(con, home)
+    _audit_once(con, home, keyring, plan, cert)
+    stored = con.execute(f"SELECT certificate FROM {REGISTER} WHERE disposal_id = ?", [cert["disposal_id"]]).fetchone()
+    return json.loads(stored[0])

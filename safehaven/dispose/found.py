@@ -1,0 +1,117 @@
+"""The plain copies a disposal reaches: release folders, quarantined files, incoming copies (CoP 49).
+
+Physical disposal destroys *all copies* (CoP 49): every file is listed with its size and SHA-256
+when the disposal is planned, so the certificate can show what was destroyed. Symbolic links are
+listed (and later unlinked) but never followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from safehaven.core.files import sha256_file
+from safehaven.core.home import Home
+
+REASON_SUFFIX = ".reason.json"
+
+
+def file_entry(home: Home, path: Path, kind: str) -> dict[str, Any]:
+    """One file of a plan: its path under the home, kind, size and SHA-256 (none for a link)."""
+    link = path.is_symlink()
+    return {
+        "path": str(path.relative_to(home.root)),
+        "kind": kind,
+        "bytes": 0 if link else path.stat().st_size,
+        "sha256": None if link else sha256_file(path),
+    }
+
+
+def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every file (with size and hash) and directory under ``folder``, deepest directories first."""
+    files: list[dict[str, Any]] = []
+    dirs: list[str] = []
+    if not folder.exists() or folder.is_symlink():
+        return files, dirs
+    for root, subdirs, names in os.walk(folder, topdown=False, followlinks=False):
+        base = Path(root)
+        files += [file_entry(home, base / name, kind) for name in sorted(names)]
+        files += [file_entry(home, base / name, kind) for name in subdirs if (base / name).is_symlink()]
+        dirs.append(str(base.relative_to(home.root)))
+    return files, dirs
+
+
+def _quarantined_at(reason: Path, data: Path | None) -> tuple[datetime | None, dict[str, Any]]:
+    """When a file was set aside (its reason file's ``quarantined_at``, else the file's mtime)."""
+    info: dict[str, Any] = {}
+    if reason.exists():
+        try:
+            info = json.loads(reason.read_text())
+            return datetime.fromisoformat(str(info["quarantined_at"])), info
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    source = data if data is not None and data.exists() else reason
+    if source.exists():
+        return datetime.fromtimestamp(source.lstat().st_mtime, UTC), info
+    return None, info
+
+
+def _lone_reason_due(path: Path, cutoff: datetime, batch_ids: set[str]) -> list[Path]:
+    """A reason file without its data file: due if its batch is disposed of or it is older than ``cutoff``."""
+    data = path.with_name(path.name[: -len(REASON_SUFFIX)])
+    if data.exists() or data.is_symlink():
+        return []  # judged with its data file
+    at, info = _quarantined_at(path, None)
+    return [path] if info.get("sha256") in batch_ids or (at is not None and at < cutoff) else []
+
+
+def _data_file_due(path: Path, cutoff: datetime) -> list[Path]:
+    """A quarantined data file received before ``cutoff``, with its reason file."""
+    reason = path.with_name(path.name + REASON_SUFFIX)
+    at, _ = _quarantined_at(reason, path)
+    if at is None or at >= cutoff:
+        return []
+    return [path, reason] if reason.exists() else [path]
+
+
+def quarantine_files(home: Home, collection: str, cutoff: datetime, batch_ids: set[str]) -> list[dict[str, Any]]:
+    """Quarantined files of ``collection`` received before ``cutoff`` (with their reason files), and the
+    reason files of refused batches being disposed of."""
+    folder = home.quarantine_for(collection)
+    if not folder.is_dir():
+        return []
+    chosen: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if path.name.endswith(REASON_SUFFIX):
+            chosen += _lone_reason_due(path, cutoff, batch_ids)
+        else:
+            chosen += _data_file_due(path, cutoff)
+    return [file_entry(home, p, "quarantine") for p in chosen]
+
+
+def incoming_copies(home: Home, collection: str, batch_ids: set[str]) -> list[dict[str, Any]]:
+    """Copies of the disposed batches still waiting in ``incoming/<collection>`` (found by SHA-256)."""
+    folder = home.incoming_for(collection)
+    if not folder.is_dir() or not batch_ids:
+        return []
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    return [file_entry(home, path, "incoming") for path in paths if sha256_file(path) in batch_ids]
+
+
+def release_tables(con: duckdb.DuckDBPyConnection | None, agreement_id: str) -> list[str]:
+    """The release-zone tables of ``agreement_id`` (``release.<agreement>__*``)."""
+    if con is None:
+        return []
+    rows = con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        "AND table_schema = 'release' AND starts_with(table_name, ?) ORDER BY 1",
+        [f"{agreement_id}__"],
+    ).fetchall()
+    return [r[0] for r in rows]

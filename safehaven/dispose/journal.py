@@ -1,0 +1,62 @@
+"""The disposal journal and the small helpers every step shares (CoP 48-50: disposal completes).
+
+A disposal's steps are recorded in ``store/disposal.json`` (no values: batch ids, file names,
+key ids), written atomically and synced, so that a crash at any point leaves a state the next
+run completes (``safehaven.dispose`` package docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from safehaven.core.home import Home
+from safehaven.dispose.model import JOURNAL
+
+
+def now() -> str:
+    """The time now, UTC, to the second (ISO 8601)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def midnight(day: date) -> datetime:
+    """00:00 UTC on ``day``: the cut-off for "received before ``day``"."""
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+def count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> int:
+    """The first column of the first row of ``sql`` (a count, or the rows a DML statement changed)."""
+    row = con.execute(sql, params or []).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def journal_path(home: Home) -> Path:
+    """``store/disposal.json``: the journal of the disposal under way."""
+    return home.store_dir / JOURNAL
+
+
+def pending(home: Home) -> dict[str, Any] | None:
+    """The journal of an interrupted disposal, if there is one."""
+    path = journal_path(home)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def new_id() -> str:
+    """A disposal id: ``D<UTC timestamp>-<6 hex digits>``."""
+    return f"D{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"

@@ -1,0 +1,141 @@
+"""Carrying out a disposal: plan, journal, steps, certificate; or resuming one (CoP 43d, 43f, 48-50).
+
+Rules: ``safehaven.dispose`` package docstring. One disposal at a time: while a journal is
+pending, another target is refused (:class:`DisposalPending`) until the interrupted one is
+completed; the same target resumes it. Every start, resumption and completion is audited.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import SimulatedCrash, Store
+from safehaven.dispose.certificate import ensure_tables
+from safehaven.dispose.journal import journal_path, pending, write_json
+from safehaven.dispose.model import PURPOSE, DisposalPending, DisposalResult, Plan, Target
+from safehaven.dispose.planning import make_plan
+from safehaven.dispose.steps import Run
+from safehaven.intake.contracts import ContractRegistry
+
+
+def _audit(home: Home, keyring: KeyRing, plan: Plan, actor: str, outcome: str, detail: dict[str, Any]) -> None:
+    """One ``dispose`` audit entry for ``plan`` (``started`` or ``resumed``)."""
+    with Store(home, keyring).connect() as con:
+        ensure_tables(con)
+        audit.append(
+            con,
+            actor=actor,
+            role="governance",
+            action="dispose",
+            object=f"disposal:{plan.disposal_id}",
+            purpose=PURPOSE,
+            agreement=plan.target.agreement,
+            outcome=outcome,
+            home=home,
+            keyring=keyring,
+            detail=detail,
+        )
+
+
+def _run(
+    home: Home,
+    journal: dict[str, Any],
+    registry: ContractRegistry,
+    keyring: KeyRing,
+    crash_after: str | None,
+    resumed: bool,
+) -> DisposalResult:
+    plan = Plan.from_dict(journal["plan"])
+    if resumed:
+        detail = {"steps_done": sorted(journal["steps"])}
+        _audit(home, keyring, plan, reg.current_actor(), "resumed", detail)
+    certificate = Run(home, journal, registry, keyring, crash_after).run()
+    return DisposalResult("disposed", plan.target, plan.reason, plan.disposal_id, certificate, resumed)
+
+
+def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
+    """Write the journal of a new disposal and audit its start; returns the journal."""
+    target = plan.target
+    journal = {"disposal_id": plan.disposal_id, "target": target.as_dict(), "plan": plan.as_dict(), "steps": {}}
+    write_json(journal_path(home), journal)
+    detail = {
+        "target": target.as_dict(),
+        "reason": plan.reason[:500],
+        **{k: v for k, v in plan.summary().items() if k in ("batches", "files", "releases")},
+    }
+    _audit(home, keyring, plan, plan.requested_by, "started", detail)
+    return journal
+
+
+def dispose(
+    home: Home,
+    target: Target,
+    *,
+    registry: ContractRegistry | None = None,
+    keyring: KeyRing | None = None,
+    reason: str | None = None,
+    authorised_by: str | None = None,
+    actor: str | None = None,
+    today: date | None = None,
+    plan: Plan | None = None,
+    _crash_after: str | None = None,
+) -> DisposalResult:
+    """Dispose of ``target``: logically, then physically, then certify (``safehaven.dispose``).
+
+    Idempotent: a target already disposed of has nothing left and returns ``nothing_to_dispose``
+    without a new certificate. If the same target's disposal was interrupted it is resumed; if
+    another's was, :class:`DisposalPending` is raised. ``plan`` (from :func:`make_plan`, e.g. the one a
+    person confirmed) is carried out as it stands. ``_crash_after`` (tests only) stops after
+    a step's action and before its journal entry: ``plan``, ``keys``, ``rows``, ``files``,
+    ``rebuild:build``, ``rebuild:journal`` (inside ``Store.rebuild``), ``rebuild``, ``record``.
+    """
+    registry = registry or ContractRegistry()
+    keyring = keyring or KeyRing(home.keys)
+    home.ensure()
+    journal = pending(home)
+    if journal is not None:
+        interrupted = Target.from_dict(journal["target"])
+        if interrupted == target:
+            return _run(home, journal, registry, keyring, _crash_after, resumed=True)
+        raise DisposalPending(
+            f"disposal {journal['disposal_id']} ({interrupted.describe()}) was interrupted; "
+            "complete it first: safehaven dispose --resume"
+        )
+    if plan is None or plan.target != target:
+        plan = make_plan(
+            home,
+            target,
+            registry=registry,
+            keyring=keyring,
+            reason=reason,
+            authorised_by=authorised_by,
+            actor=actor,
+            today=today,
+        )
+    if plan.empty:
+        return DisposalResult("nothing_to_dispose", target, f"nothing is held for {target.describe()}")
+    journal = _start(home, keyring, plan)
+    if _crash_after == "plan":
+        raise SimulatedCrash("simulated crash after plan")
+    return _run(home, journal, registry, keyring, _crash_after, resumed=False)
+
+
+def resume(
+    home: Home,
+    *,
+    registry: ContractRegistry | None = None,
+    keyring: KeyRing | None = None,
+    _crash_after: str | None = None,
+) -> DisposalResult | None:
+    """Complete an interrupted disposal from its journal; ``None`` when there is none."""
+    journal = pending(home)
+    if journal is None:
+        return None
+    return _run(
+        home, journal, registry or ContractRegistry(), keyring or KeyRing(home.keys), _crash_after, resumed=True
+    )

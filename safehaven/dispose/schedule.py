@@ -1,0 +1,242 @@
+"""What is due for disposal, and the daily sweep that disposes of it (CoP 43d, 43f, 48-50).
+
+Rules (``safehaven.dispose`` package docstring, "What is due"): a collection's records are due
+``retention_days`` after the haven received them; an agreement's data when it has expired (CoP
+43d) or been suspended for a breach (CoP 43f); one release ``retention.days`` after it was made.
+A suspension not for a breach, and a pseudonym key without an agreement file, are listed for a
+person to review, never disposed of automatically. An interrupted disposal is resumed first.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, timedelta
+
+import duckdb
+
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing, agreement_ids, agreement_purpose
+from safehaven.core.store import Store, table_exists
+from safehaven.dispose.found import quarantine_files, release_tables
+from safehaven.dispose.journal import count, midnight, pending
+from safehaven.dispose.model import (
+    RELEASE_REGISTER,
+    DisposalError,
+    DisposalPending,
+    DueItem,
+    SweepReport,
+    Target,
+)
+from safehaven.dispose.run import dispose, resume
+from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.intake.ingest import BATCHES
+from safehaven.share.agreements import Agreement, scan_agreements
+
+#: A suspension whose approval reason names a breach is a suspension for a breach (CoP 43f).
+BREACH_REASON = re.compile(r"\bbreach", re.IGNORECASE)
+#: The least breach severity that counts as a breach of the agreement (breach register).
+BREACH_SEVERITY = 1
+
+
+def suspended_for_breach(agreement: Agreement, con: duckdb.DuckDBPyConnection | None) -> str | None:
+    """Why a suspended agreement counts as suspended for a breach (CoP 43f), or ``None``."""
+    ap = agreement.approval
+    if BREACH_REASON.search(ap.reason or ""):
+        return f"suspended for a breach: {ap.reason}"
+    if con is None or not table_exists(con, "governance", "breach_register"):
+        return None
+    since = midnight(ap.suspended_on or ap.date or date.min)
+    row = con.execute(
+        f"SELECT breach_id, kind FROM {reg.BREACH_REGISTER} WHERE severity >= {BREACH_SEVERITY} AND recorded_at >= ? "
+        "AND json_extract_string(detail, '$.agreement') = ? ORDER BY breach_id LIMIT 1",
+        [since, agreement.id],
+    ).fetchone()
+    return f"suspended after breach {row[0]} ({row[1]}) in the breach register" if row else None
+
+
+def _holds(home: Home, keyring: KeyRing, con: duckdb.DuckDBPyConnection | None, agreement_id: str) -> bool:
+    """Whether the haven still holds anything of the agreement: its key, release files or tables."""
+    folder = home.releases / agreement_id
+    return (
+        keyring.exists(agreement_purpose(agreement_id))
+        or (folder.is_dir() and any(folder.iterdir()))
+        or bool(release_tables(con, agreement_id))
+    )
+
+
+def _due_collection(
+    home: Home, contract: Contract, con: duckdb.DuckDBPyConnection | None, today: date
+) -> DueItem | None:
+    """The collection's records received more than its retention ago, if any."""
+    cutoff = today - timedelta(days=contract.retention_days or 0)
+    batches = 0
+    if con is not None and table_exists(con, "governance", "batches"):
+        batches = count(
+            con,
+            f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND landed_at < ? AND status <> 'disposed'",
+            [contract.collection, midnight(cutoff)],
+        )
+    files = quarantine_files(home, contract.collection, midnight(cutoff), set())
+    if not (batches or files):
+        return None
+    return DueItem(
+        "dispose",
+        f"{contract.collection}: received before {cutoff}, more than the contract's retention of "
+        f"{contract.retention_days} days ago (contract v{contract.version})",
+        Target.for_collection(contract.collection, cutoff),
+        {"batches": batches, "quarantined_files": len(files)},
+    )
+
+
+def _due_suspended(aid: str, a: Agreement, con: duckdb.DuckDBPyConnection | None) -> DueItem:
+    """A suspended agreement: disposed of if for a breach (CoP 43f), else listed for review."""
+    breach = suspended_for_breach(a, con)
+    if breach:
+        reason = f"agreement {aid} {breach} (CoP 43f): {a.retention.on_breach}"
+        return DueItem("dispose", reason, Target.for_agreement(aid), {"status": "suspended"})
+    reason = (
+        f"agreement {aid} is suspended ({a.approval.reason}), not for a recorded breach; a suspension can be "
+        "lifted, so its data is not disposed of automatically"
+    )
+    return DueItem("review", reason, Target.for_agreement(aid), {"status": "suspended"})
+
+
+def _due_releases(
+    home: Home, aid: str, a: Agreement, status: str, con: duckdb.DuckDBPyConnection | None, today: date
+) -> DueItem | None:
+    """Releases under an agreement in force made more than its retention ago whose copy the haven holds."""
+    if con is None or not table_exists(con, "governance", "release_register"):
+        return None
+    cutoff = midnight(today - timedelta(days=a.retention.days))
+    rows = con.execute(
+        f"SELECT release_id FROM {RELEASE_REGISTER} WHERE agreement_id = ? AND released_at < ? "
+        "ORDER BY released_at, release_id",
+        [aid, cutoff],
+    ).fetchall()
+    old = [r[0] for r in rows if (home.releases / aid / r[0]).exists()]
+    if not old:
+        return None
+    return DueItem(
+        "dispose",
+        f"{len(old)} release(s) under agreement {aid} were made more than its retention of {a.retention.days} days ago",
+        Target.for_agreement(aid, old),
+        {"status": status},
+    )
+
+
+def _due_agreement(
+    home: Home, aid: str, a: Agreement, con: duckdb.DuckDBPyConnection | None, today: date
+) -> DueItem | None:
+    """What is due for one agreement the haven holds data of."""
+    status = a.status_on(today)
+    if status == "expired":
+        reason = f"agreement {aid} expired on {a.end_date} (CoP 43d): {a.retention.destruction}"
+        return DueItem("dispose", reason, Target.for_agreement(aid), {"status": status})
+    if status == "suspended":
+        return _due_suspended(aid, a, con)
+    return _due_releases(home, aid, a, status, con, today)
+
+
+def _due_in(
+    items: list[DueItem],
+    home: Home,
+    registry: ContractRegistry,
+    keyring: KeyRing,
+    con: duckdb.DuckDBPyConnection | None,
+    today: date,
+) -> None:
+    collections = [_due_collection(home, c, con, today) for c in registry.content() if c.retention_days]
+    found, errors = scan_agreements(registry.root)
+    agreements = [
+        _due_agreement(home, aid, a, con, today) for aid, a in sorted(found.items()) if _holds(home, keyring, con, aid)
+    ]
+    items += [item for item in collections + agreements if item is not None]
+    items += [
+        DueItem(
+            "review",
+            f"a pseudonym key exists for agreement {aid}, which has no agreement file",
+            Target.for_agreement(aid),
+            {},
+        )
+        for aid in agreement_ids(keyring)
+        if aid not in found and aid not in errors
+    ]
+
+
+def due(
+    home: Home, *, registry: ContractRegistry | None = None, keyring: KeyRing | None = None, today: date | None = None
+) -> list[DueItem]:
+    """Everything whose retention period or agreement has ended (module docstring), oldest rule first."""
+    registry = registry or ContractRegistry()
+    keyring = keyring or KeyRing(home.keys)
+    today = today or date.today()
+    items: list[DueItem] = []
+    journal = pending(home)
+    if journal is not None:
+        items.append(
+            DueItem(
+                "resume",
+                f"disposal {journal['disposal_id']} was interrupted",
+                Target.from_dict(journal["target"]),
+                {"steps_done": sorted(journal["steps"])},
+            )
+        )
+    if home.store_file.exists():
+        with Store(home, keyring).connect(read_only=True) as con:
+            _due_in(items, home, registry, keyring, con, today)
+    else:
+        _due_in(items, home, registry, keyring, None, today)
+    return items
+
+
+def sweep(
+    home: Home,
+    *,
+    registry: ContractRegistry | None = None,
+    keyring: KeyRing | None = None,
+    today: date | None = None,
+    authorised_by: str | None = None,
+) -> SweepReport:
+    """Resume an interrupted disposal, then dispose of everything due (the daily job)."""
+    registry = registry or ContractRegistry()
+    keyring = keyring or KeyRing(home.keys)
+    report = SweepReport()
+    resumed = resume(home, registry=registry, keyring=keyring)
+    if resumed is not None:
+        report.results.append(resumed)
+    for item in due(home, registry=registry, keyring=keyring, today=today):
+        if item.action == "review":
+            report.review.append(item)
+        elif item.action == "dispose" and item.target is not None:
+            _sweep_one(home, item, report, registry, keyring, today, authorised_by)
+    return report
+
+
+def _sweep_one(
+    home: Home,
+    item: DueItem,
+    report: SweepReport,
+    registry: ContractRegistry,
+    keyring: KeyRing,
+    today: date | None,
+    authorised_by: str | None,
+) -> None:
+    """Dispose of one due item; a refusal is reported and the sweep goes on (an interruption stops it)."""
+    assert item.target is not None
+    try:
+        result = dispose(
+            home,
+            item.target,
+            registry=registry,
+            keyring=keyring,
+            reason=item.reason,
+            authorised_by=authorised_by,
+            today=today,
+        )
+    except DisposalPending:
+        raise
+    except DisposalError as exc:
+        report.failed.append({"target": item.target.describe(), "error": str(exc)})
+        return
+    report.results.append(result)

@@ -1,0 +1,292 @@
+"""The five steps of a disposal, carried out from its journal (CoP 43d, 43f, 48-50).
+
+Rules: ``safehaven.dispose`` package docstring, "What disposal does": 1 keys (crypto-shredding),
+2 rows (one transaction, its counts committed with it), 3 files (plain copies overwritten and
+unlinked), 4 rebuild (a fresh store under a fresh key; the old key's bytes destroyed), 5 record
+(the certificate). Each step is journalled when done, so a crash between two steps is completed
+by the next run, and a step run again does nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from safehaven.core.files import shred_file
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.sql import q
+from safehaven.core.store import SimulatedCrash, Store, table_exists
+from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
+from safehaven.dispose.found import file_entry
+from safehaven.dispose.journal import count, journal_path, now, write_json
+from safehaven.dispose.model import PROGRESS, Plan
+from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
+from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.intake.ingest import BATCHES
+from safehaven.protect.haven import haven_key
+from safehaven.protect.pseudonymise import install_key
+
+#: The crash point prefix that stops a rebuild inside ``Store.rebuild`` (tests only).
+REBUILD_CRASH = "rebuild:"
+
+
+@dataclass
+class Run:
+    """One disposal carried out from its journal, step by step; ``crash_after`` (tests) stops at a point."""
+
+    home: Home
+    journal: dict[str, Any]
+    registry: ContractRegistry
+    keyring: KeyRing
+    crash_after: str | None = None
+    plan: Plan = field(init=False)
+    store: Store = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plan = Plan.from_dict(self.journal["plan"])
+        self.store = Store(self.home, self.keyring)
+
+    @property
+    def steps(self) -> dict[str, Any]:
+        return self.journal["steps"]
+
+    def save(self) -> None:
+        write_json(journal_path(self.home), self.journal)
+
+    def crash(self, point: str) -> None:
+        if self.crash_after == point:
+            raise SimulatedCrash(f"simulated crash after {point}")
+
+    def done(self, step: str, detail: dict[str, Any]) -> None:
+        self.steps[step] = {"done_at": now(), **detail}
+        self.save()
+
+    def run(self) -> dict[str, Any]:
+        """Every step not yet journalled, then the certificate; the journal is removed at the end."""
+        for step, action in (("keys", destroy_keys), ("rows", delete_rows), ("files", shred_files)):
+            if step not in self.steps:
+                action(self)
+        if "rebuild" not in self.steps:
+            rebuild_store(self)
+        certificate = record(self)
+        journal_path(self.home).unlink(missing_ok=True)
+        return certificate
+
+    def delete(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Step 2's deletion on ``con`` (see :func:`delete_in`)."""
+        delete_in(self, con)
+
+
+# 1. keys: crypto-shredding
+
+
+def destroy_keys(run: Run) -> None:
+    """Overwrite and unlink the agreement keys of the plan (``KeyRing.destroy``)."""
+    destroyed = []
+    for key in run.plan.keys:
+        gone = run.keyring.destroy(key["purpose"]) if run.keyring.exists(key["purpose"]) else None
+        destroyed.append({**key, "destroyed_by_this_run": gone is not None})
+    run.crash("keys")
+    run.done("keys", {"destroyed": destroyed})
+
+
+# 2. rows: one transaction, its counts committed with it
+
+
+def _rows_progress(run: Run, con: duckdb.DuckDBPyConnection) -> Any:
+    return con.execute(
+        f"SELECT detail FROM {PROGRESS} WHERE disposal_id = ? AND step = 'rows'", [run.plan.disposal_id]
+    ).fetchone()
+
+
+def delete_rows(run: Run) -> None:
+    """Delete the rows in one transaction, unless a previous attempt committed it (its progress row)."""
+    with run.store.connect() as con:
+        ensure_tables(con)
+        row = _rows_progress(run, con)
+        if row is None:
+            delete_in(run, con)
+            row = _rows_progress(run, con)
+    run.crash("rows")
+    run.done("rows", json.loads(row[0]))
+
+
+def delete_in(run: Run, con: duckdb.DuckDBPyConnection) -> None:
+    """The rows step on ``con``: deletions and their counts in one transaction (all or nothing)."""
+    load_batches(con, run.plan.batch_ids)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        detail = _delete_all(run, con)
+        con.execute(
+            f"INSERT INTO {PROGRESS} VALUES (?, 'rows', now(), ?)",
+            [run.plan.disposal_id, json.dumps(detail, sort_keys=True)],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        drop_vault_sets(con)
+        con.execute("DROP TABLE IF EXISTS _disp_batches")
+
+
+def _delete_all(run: Run, con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """Every deletion of the plan; the step's detail (rows per table, vault data keys destroyed)."""
+    counts: dict[str, int] = {}
+    vault_out: dict[str, Any] = {"vault_data_keys": [], "vault_entries_reencrypted": 0}
+    if run.plan.batch_ids:
+        contract = run.registry.contracts[run.plan.target.collection or ""]
+        if table_exists(con, "landing", f"{contract.collection}_valid"):
+            vault_out = _delete_vault(run, con, contract, counts)
+        counts.update(_delete_batches(run, con, contract.collection))
+    counts.update(_drop_release_tables(con, run.plan.release_tables))
+    return {
+        "rows": counts,
+        "vault_data_keys_destroyed": vault_out["vault_data_keys"],
+        "vault_entries_reencrypted": int(vault_out["vault_entries_reencrypted"]),
+    }
+
+
+def _delete_vault(
+    run: Run, con: duckdb.DuckDBPyConnection, contract: Contract, counts: dict[str, int]
+) -> dict[str, Any]:
+    """The vault entries and data keys only the disposed records needed, and practice registrations."""
+    install_key(con, "haven", haven_key(con, run.keyring))
+    disposed_people(con, contract)
+    out = dispose_vault(con, run.registry, run.keyring)
+    counts["vault.identity"] = int(out["vault.identity"])
+    counts["vault.data_keys"] = len(out["vault_data_keys"])
+    counts.update(_registrations(con, contract))
+    return out
+
+
+def _delete_batches(run: Run, con: duckdb.DuckDBPyConnection, collection: str) -> dict[str, int]:
+    """The disposed batches' rows in the vault batch list and every landing and haven table; tombstones."""
+    disposed = "(SELECT batch_id FROM _disp_batches)"
+    counts: dict[str, int] = {}
+    if table_exists(con, "vault", "batches"):
+        counts["vault.batches"] = count(con, f"DELETE FROM vault.batches WHERE batch_id IN {disposed}")
+    for schema, table in _batch_tables(run, con, collection):
+        counts[f"{schema}.{table}"] = count(con, f"DELETE FROM {schema}.{q(table)} WHERE _batch IN {disposed}")
+    counts["governance.batches (marked disposed)"] = count(
+        con, f"UPDATE {BATCHES} SET status = 'disposed' WHERE batch_id IN {disposed}"
+    )
+    return counts
+
+
+def _drop_release_tables(con: duckdb.DuckDBPyConnection, tables: list[str]) -> dict[str, int]:
+    """Drop the release-zone tables of the plan; their row counts."""
+    counts: dict[str, int] = {}
+    for table in tables:
+        if table_exists(con, "release", table):
+            counts[f"release.{table}"] = count(con, f"SELECT count(*) FROM release.{q(table)}")
+            con.execute(f"DROP TABLE release.{q(table)}")
+    return counts
+
+
+def _batch_tables(run: Run, con: duckdb.DuckDBPyConnection, collection: str) -> list[tuple[str, str]]:
+    """Every landing and haven table of ``collection`` that records its batch (raw, valid, rejected, haven)."""
+    others = [c for c in run.registry.contracts if c != collection and c.startswith(collection + "_")]
+    rows = con.execute(
+        "SELECT t.table_schema, t.table_name FROM information_schema.tables t JOIN information_schema.columns c "
+        "USING (table_catalog, table_schema, table_name) WHERE t.table_catalog = current_database() "
+        "AND t.table_schema IN ('landing', 'haven') AND t.table_type = 'BASE TABLE' AND c.column_name = '_batch' "
+        "AND (t.table_name = ? OR starts_with(t.table_name, ?)) ORDER BY 1, 2",
+        [collection, collection + "_"],
+    ).fetchall()
+    return [(s, t) for s, t in rows if not any(t == o or t.startswith(o + "_") for o in others)]
+
+
+def _registrations(con: duckdb.DuckDBPyConnection, contract: Contract) -> dict[str, int]:
+    """GP practice registrations learned only from the disposed records (list sizes of the objection monitor)."""
+    if not contract.practice_field or not table_exists(con, "governance", "practice_registrations"):
+        return {}
+    practice, nhs = q(contract.practice_field), q(contract.patient_key)
+    valid = f"landing.{q(contract.collection + '_valid')}"
+    n = count(
+        con,
+        "DELETE FROM governance.practice_registrations WHERE collection = ? AND pid IN (SELECT pid FROM _disp_ids) "
+        f"AND (practice, pid) NOT IN (SELECT DISTINCT v.{practice}, i.pid FROM {valid} v "
+        f"JOIN _disp_ids i ON i.nhs = v.{nhs} WHERE v._batch NOT IN (SELECT batch_id FROM _disp_batches))",
+        [contract.collection],
+    )
+    return {"governance.practice_registrations": n}
+
+
+# 3. files: plain copies overwritten and unlinked
+
+
+def _shred_folder(home: Home, folder: Path) -> list[dict[str, Any]]:
+    """Shred every file under ``folder`` (written there since the plan, too) and remove its directories."""
+    extra = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        extra.append(file_entry(home, path, "release"))
+        shred_file(path)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        sub.rmdir()
+    folder.rmdir()
+    return extra
+
+
+def shred_files(run: Run) -> None:
+    """Overwrite, sync and unlink every planned file, then the planned folders (deepest first)."""
+    destroyed = 0
+    for entry in run.plan.files:
+        path = run.home.root / entry["path"]
+        if path.exists() or path.is_symlink():
+            shred_file(path)
+            destroyed += 1
+    extra: list[dict[str, Any]] = []
+    for rel in run.plan.dirs:
+        folder = run.home.root / rel
+        if folder.is_dir() and not folder.is_symlink():
+            extra += _shred_folder(run.home, folder)
+    run.crash("files")
+    run.done("files", {"shredded_by_this_run": destroyed, "found_after_plan": extra})
+
+
+# 4. rebuild: a fresh store under a fresh key; the old key's bytes destroyed
+
+
+def rebuild_store(run: Run) -> None:
+    """Rebuild the store under a fresh key (once: the old key id is journalled first)."""
+    run.store.check()  # completes or undoes an interrupted rebuild
+    if "old_store_key_id" not in run.journal:
+        run.journal["old_store_key_id"] = run.keyring.get("store").key_id
+        run.save()
+    old_id = run.journal["old_store_key_id"]
+    if run.keyring.get("store").key_id == old_id:
+        at = run.crash_after or ""
+        crash = at.split(":", 1)[1] if at.startswith(REBUILD_CRASH) else None
+        run.store.rebuild(rekey=True, _crash_after=crash)  # raises SimulatedCrash at ``crash``
+    run.crash("rebuild")
+    # the key ring shredded the old key file as it replaced it; a crash in between left it
+    # under ``store.key.retired``, shredded here
+    run.keyring.shred_leftovers()
+    run.done(
+        "rebuild",
+        {
+            "old_store_key_id": old_id,
+            "new_store_key_id": run.keyring.get("store").key_id,
+            "old_store_key_overwritten": run.keyring.shreds_replaced_keys(),
+        },
+    )
+
+
+# 5. the certificate
+
+
+def record(run: Run) -> dict[str, Any]:
+    """Write the certificate (once) to the register, its export and the audit trail; returns it as stored."""
+    cert = build_certificate(run.plan, run.steps)
+    with run.store.connect() as con:
+        stored = record_certificate(con, run.home, run.keyring, run.plan, cert)
+    run.crash("record")
+    if "record" not in run.steps:
+        run.done("record", {})
+    return stored

@@ -1,0 +1,197 @@
+"""The output-SQL gate: one read-only SELECT over the output's haven tables, refused otherwise.
+
+Rules under test: ``safehaven.publish.sql_gate`` module docstring (CoP 22, 28-29, 34b, 42b;
+Caldicott principle 3). A declaration whose SQL does anything else is refused when it loads,
+naming the file and the problem; the SQL that runs does so in a transaction that cannot write.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safehaven.core.store import Store, table_exists
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.outputs import OutputError, build_output, load_output, load_outputs, outputs_dir
+from safehaven.publish.sql_gate import OutputSqlRefused, check_output_sql, read_only_transaction
+
+SHIPPED = "gp_activity"
+GOOD_SQL = """SELECT m.month, e.practice_code, coalesce(d.grp, 'Unknown') AS diagnosis_group,
+       age_band(e.birth_week, m.month) AS age_band, sex_category(g.grp) AS sex, count(DISTINCT e.pid) AS people
+FROM haven.gp_events e
+JOIN reporting_months m ON m.month = date_trunc('month', e.event_date)
+LEFT JOIN codes('snomed_gp_diagnoses') d ON d.code = e.diagnosis_code
+LEFT JOIN codes('person_gender') g ON g.code = e.sex
+GROUP BY ALL"""
+
+
+def declaration_with(tmp_path: Path, sql: str) -> Path:
+    """A copy of a shipped declaration, in its own file, with ``sql`` as its SQL."""
+    spec = yaml.safe_load((outputs_dir() / f"{SHIPPED}.yaml").read_text())
+    spec["sql"] = sql
+    path = tmp_path / f"{SHIPPED}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def refusal(tmp_path: Path, sql: str) -> str:
+    """The one-line message with which loading the declaration is refused."""
+    with pytest.raises(OutputError) as caught:
+        load_output(declaration_with(tmp_path, sql))
+    message = str(caught.value)
+    assert "\n" not in message, "a refusal is one line"
+    assert f"{SHIPPED}.yaml" in message, "the refusal names the file"
+    return message
+
+
+def test_a_second_statement_is_refused_when_the_declaration_loads(tmp_path: Path) -> None:
+    message = refusal(tmp_path, GOOD_SQL + ";\nDROP TABLE haven.gp_events")
+    assert "2 statements" in message
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        ("DROP TABLE haven.gp_events", "DROP"),
+        ("INSERT INTO haven.gp_events SELECT * FROM haven.gp_events", "INSERT"),
+        ("UPDATE haven.gp_events SET sex = '1'", "UPDATE"),
+        ("DELETE FROM haven.gp_events", "DELETE"),
+        ("CREATE TABLE haven.copy AS SELECT * FROM haven.gp_events", "CREATE"),
+        ("COPY haven.gp_events TO 'out.csv'", "COPY"),
+        ("PRAGMA database_list", "PRAGMA"),
+        ("SET threads = 1", "SET"),
+        ("INSTALL httpfs", "INSTALL"),
+        ("LOAD httpfs", "LOAD"),
+        ("CALL pragma_version()", "CALL"),
+        ("DETACH store", "DETACH"),
+    ],
+)
+def test_a_write_ddl_or_command_is_refused(tmp_path: Path, sql: str, kind: str) -> None:
+    message = refusal(tmp_path, sql)
+    assert f"runs {kind}, not a SELECT" in message
+
+
+def test_an_attach_is_refused(tmp_path: Path) -> None:
+    message = refusal(tmp_path, "ATTACH '/tmp/other.duckdb' AS other")
+    assert "runs ATTACH, not a SELECT" in message
+
+
+def test_an_export_is_refused(tmp_path: Path) -> None:
+    assert "cannot be parsed as one DuckDB SELECT" in refusal(tmp_path, "EXPORT DATABASE '/tmp/out'")
+
+
+@pytest.mark.parametrize(
+    ("sql", "function"),
+    [
+        ("SELECT * FROM read_csv('/etc/passwd')", "read_csv"),
+        ("SELECT * FROM read_csv_auto('x.csv')", "read_csv_auto"),
+        ("SELECT * FROM read_parquet('x.parquet')", "read_parquet"),
+        ("SELECT * FROM read_json_auto('x.json')", "read_json_auto"),
+        ("SELECT * FROM read_text('/etc/passwd')", "read_text"),
+        ("SELECT * FROM read_blob('x')", "read_blob"),
+        ("SELECT * FROM glob('/*')", "glob"),
+        ("SELECT * FROM parquet_scan('x.parquet')", "parquet_scan"),
+        ("SELECT * FROM sniff_csv('x.csv')", "sniff_csv"),
+        ("SELECT * FROM query('SELECT * FROM landing.gp_events')", "query"),
+        ("SELECT getenv('HOME') AS home FROM haven.gp_events", "getenv"),
+        ("SELECT e.pid FROM haven.gp_events e WHERE e.pid IN (SELECT content FROM read_text('x'))", "read_text"),
+    ],
+)
+def test_a_function_that_reads_files_is_refused(tmp_path: Path, sql: str, function: str) -> None:
+    message = refusal(tmp_path, sql)
+    assert f"calls {function}()" in message
+
+
+def test_a_table_function_outside_the_allow_list_is_refused() -> None:
+    with pytest.raises(OutputSqlRefused, match=r"reads from duckdb_tables\(\)|calls duckdb_tables\(\)"):
+        check_output_sql("SELECT * FROM duckdb_tables()", ["gp_events"])
+    with pytest.raises(OutputSqlRefused, match=r"reads from my_macro\(\); the table functions allowed are codes"):
+        check_output_sql("SELECT * FROM my_macro(1)", ["gp_events"])
+
+
+@pytest.mark.parametrize(
+    ("sql", "table"),
+    [
+        ("SELECT * FROM landing.gp_events", "landing.gp_events"),
+        ("SELECT * FROM vault.identity", "vault.identity"),
+        ("SELECT * FROM governance.objection", "governance.objection"),
+        ("SELECT * FROM store.haven.gp_events", "store.haven.gp_events"),
+        ("SELECT * FROM gp_events", "gp_events"),
+        ("SELECT * FROM 'landing.csv'", "landing.csv"),
+        ("SELECT e.pid FROM haven.gp_events e JOIN landing.gp_events l ON l.pid = e.pid", "landing.gp_events"),
+    ],
+)
+def test_a_table_outside_the_haven_zone_is_refused(tmp_path: Path, sql: str, table: str) -> None:
+    message = refusal(tmp_path, sql)
+    assert f"reads {table}, outside the haven zone" in message
+
+
+def test_a_haven_table_the_output_does_not_declare_is_refused(tmp_path: Path) -> None:
+    message = refusal(tmp_path, "SELECT s.pid FROM haven.social_care s")
+    assert "reads haven.social_care, which is not one of the output's collections" in message
+
+
+def test_a_cte_out_of_its_scope_is_a_table_and_refused() -> None:
+    sql = "SELECT * FROM (WITH b AS (SELECT 1) SELECT * FROM b) x, b"
+    with pytest.raises(OutputSqlRefused, match="reads b, outside the haven zone"):
+        check_output_sql(sql, ["gp_events"])
+
+
+def test_a_domain_sql_is_gated_too(tmp_path: Path) -> None:
+    spec = yaml.safe_load((outputs_dir() / f"{SHIPPED}.yaml").read_text())
+    spec["dimensions"][1]["domain"] = {"sql": "SELECT practice_code FROM landing.gp_events"}
+    path = tmp_path / f"{SHIPPED}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError, match=r"gp_activity\.yaml: .*domain of dimension practice_code reads landing"):
+        load_output(path)
+
+
+def test_every_shipped_output_passes_the_gate() -> None:
+    paths = sorted(outputs_dir().glob("*.yaml"))
+    assert paths, "the project ships output declarations"
+    for path in paths:
+        output = load_output(path)  # the gate runs in the model: loading is passing
+        check_output_sql(output.sql, output.collections)
+    assert set(load_outputs(ContractRegistry())) == {p.stem for p in paths}
+
+
+def test_the_haven_helpers_stay_usable() -> None:
+    check_output_sql(GOOD_SQL, ["gp_events"])
+    check_output_sql(
+        "WITH d AS (SELECT e.pid, m.month FROM haven.gp_events e JOIN reporting_months m ON TRUE) "
+        "SELECT DISTINCT v FROM (SELECT unnest(['a']) UNION ALL SELECT month FROM d) s(v)",
+        ["gp_events"],
+    )
+    check_output_sql("SELECT * FROM generate_series(1, 3) UNION ALL SELECT * FROM range(3)", ["gp_events"])
+
+
+def test_the_output_sql_runs_in_a_transaction_that_cannot_write_the_store(store: Store) -> None:
+    """Defence in depth: SQL that reached the run unchecked still cannot write the encrypted store."""
+    with store.connect() as con:
+        con.execute("CREATE TABLE haven.gp_events (pid VARCHAR)")
+        con.execute("INSERT INTO haven.gp_events VALUES ('p1')")
+        with pytest.raises(Exception, match="read-only mode"), read_only_transaction(con):
+            con.execute("CREATE TEMP TABLE allowed AS SELECT * FROM haven.gp_events")  # temp: allowed
+            con.execute("DROP TABLE haven.gp_events")
+        assert table_exists(con, "haven", "gp_events")
+        assert con.execute("SELECT count(*) FROM haven.gp_events").fetchone() == (1,)
+
+
+def test_a_build_with_ungated_sql_cannot_drop_a_table(store: Store) -> None:
+    """An output whose SQL escaped the gate (copied without validation) still cannot drop a haven table."""
+    registry = ContractRegistry()
+    output = load_output(outputs_dir() / "social_care_users.yaml")
+    smuggled = output.model_copy(update={"sql": output.sql + ";\nDROP TABLE haven.social_care"})
+    with store.connect() as con:
+        con.execute(
+            "CREATE TABLE haven.social_care (pid VARCHAR, local_authority_code VARCHAR, service_type VARCHAR, "
+            "start_date DATE, end_date DATE)"
+        )
+        con.execute("INSERT INTO haven.social_care VALUES ('p1', 'E06000001', 'A', DATE '2026-01-05', NULL)")
+        with pytest.raises(Exception, match="read-only mode"):
+            build_output(con, smuggled, registry, today=date(2026, 3, 15))
+        assert table_exists(con, "haven", "social_care")
+        assert con.execute("SELECT count(*) FROM haven.social_care").fetchone() == (1,)
