@@ -11,7 +11,8 @@ NIGHTLY = "nightly"
 nightly_job = dg.define_asset_job(
     NIGHTLY,
     selection=dg.AssetSelection.all(),
-    description="Ingest -> validate -> objections -> pseudonymise -> aggregate -> publish.",
+    description="Ingest -> validate -> objections -> pseudonymise (+ identity vault) -> aggregate -> publish, "
+    "and release per approved agreement.",
     executor_def=dg.in_process_executor,
     tags={"safehaven/store": "writer"},
 )

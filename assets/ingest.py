@@ -43,6 +43,7 @@ def landing_asset(contract: Contract) -> dg.AssetsDefinition:
                 "rows_in": report.rows_landed,
                 "rows_out": report.rows_landed,
                 "rows_in_landing_total": int(total),
+                "dagster/row_count": int(total),
                 "contract_version": contract.version,
             }
         )

@@ -49,6 +49,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             metadata={
                 "rows_in": added,
                 "rows_out": int(total),
+                "dagster/row_count": int(total),
                 "type1_in_force": int(in_force.get(TYPE1, 0)),
                 "national_opt_out_in_force": int(in_force.get(NATIONAL_OPT_OUT, 0)),
                 "pseudonym_key_id": key.key_id,

@@ -82,6 +82,7 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
             metadata={
                 "rows_in": built.observed_cells,
                 "rows_out": built.grid_cells,
+                "dagster/row_count": built.grid_cells,
                 **built.as_metadata(),
                 "quality_statement": dg.MetadataValue.md(render_markdown(statement)),
             },

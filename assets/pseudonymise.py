@@ -41,6 +41,7 @@ def haven_asset(contract: Contract) -> dg.AssetsDefinition:
                 "type1_dropped_by_sender": dg.MetadataValue.json(report.type1_by_sender),
                 "batches": report.batches,
                 "rows_in_haven_total": int(total),
+                "dagster/row_count": int(total),
                 "pseudonym_key_id": report.key_id,
             }
         )
@@ -76,6 +77,7 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
                 "batches": report.batches,
                 "rows_out": report.entries,
                 "vault_entries_total": int(total),
+                "dagster/row_count": int(total),
                 "type1_rows_not_vaulted": report.type1_rows_skipped,
                 "fields": dg.MetadataValue.json(report.fields),
                 "vault_key_id": report.vault_key_id,

@@ -34,6 +34,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             metadata={
                 "rows_in": release.rows,
                 "rows_out": release.rows,
+                "dagster/row_count": release.rows,
                 "outputs": len(release.outputs),
                 "files": len(release.files),
                 "files_removed": len(release.removed),

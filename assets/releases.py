@@ -122,6 +122,7 @@ def release_asset(
                 + result.records_withheld
                 + (result.k.records_removed if result.k else 0),
                 "location": dg.MetadataValue.path(str(result.directory)),
+                "dagster/row_count": result.records_released,
             }
         )
         yield check

@@ -1,18 +1,39 @@
-"""Run the nightly job in process and summarise it (used by ``safehaven run`` / ``make run``).
+"""Run the nightly job and summarise it (used by ``safehaven run`` / ``make run`` and the tests).
 
-This module, like ``assets.definitions``, is Dagster-facing: the CLI imports it lazily so
-the other governance commands work without loading the pipeline.
+Two ways to run, one summary:
+
+* ``launch_nightly``: a real run of the code location ``safehaven`` (workspace.yaml) through
+  the instance: it is submitted to the instance's run coordinator, so the run queue and its
+  one-writer limit apply; when no daemon serves the queue this process dequeues it itself,
+  with Dagster's own queued-run coordinator; the run is launched by the instance's run
+  launcher in its own process, and followed here to the end. The UI lists it under the
+  nightly job with its origin, and it can be re-executed from there.
+* ``run_nightly``: the same job in this process, for tests on a temporary instance.
+
+Either way the summary is read back from the instance's event log: counts, check verdicts
+and reasons, never values. The haven's home reaches the run as resource configuration,
+not through the environment.
 """
 
 from __future__ import annotations
 
-import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
+from assets.automation import NIGHTLY
 from assets.definitions import build_definitions
 from safehaven.core.home import Home
+
+LOCATION = "safehaven"
+WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
+#: how often a launched run is polled for progress (seconds)
+POLL_SECONDS = 0.5
+_STEP_END = (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.STEP_SKIPPED)
 
 
 @dataclass
@@ -23,39 +44,177 @@ class StageSummary:
     checks_failed: list[str]
     #: failed checks of WARN severity (e.g. an outlier objection rate): reported, not fatal
     checks_warned: list[str] = field(default_factory=list)
+    #: how many checks ran on the asset in this run (0: it has none, or none ran)
+    checks_passed: int = 0
+    #: a word for the reader: why a release did nothing, what an output's rows are
+    note: str = ""
 
 
-def run_nightly(
-    home: Home | None = None, instance: dg.DagsterInstance | None = None
-) -> tuple[bool, list[StageSummary]]:
-    """Materialise every asset of the nightly job once; return success and per-asset counts."""
-    if home is not None:
-        os.environ["SAFEHAVEN_HOME"] = str(home.root)
-    defs = build_definitions()
-    job = defs.resolve_job_def("nightly")
-    if instance is None:
-        instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    result = job.execute_in_process(instance=instance, raise_on_error=False)
-    summaries: list[StageSummary] = []
-    failed_checks: dict[str, list[str]] = {}
-    warned_checks: dict[str, list[str]] = {}
-    for evaluation in result.get_asset_check_evaluations():
-        if not evaluation.passed:
-            into = warned_checks if evaluation.severity == dg.AssetCheckSeverity.WARN else failed_checks
-            into.setdefault(evaluation.asset_key.to_user_string(), []).append(evaluation.check_name)
-    for event in result.get_asset_materialization_events():
-        mat = event.event_specific_data.materialization  # type: ignore[union-attr]
-        meta = mat.metadata
-        key = mat.asset_key.to_user_string()
-        summaries.append(
-            StageSummary(
-                key,
-                meta["rows_in"].value if "rows_in" in meta else None,  # type: ignore[union-attr]
-                meta["rows_out"].value if "rows_out" in meta else None,  # type: ignore[union-attr]
-                failed_checks.get(key, []),
-                warned_checks.get(key, []),
+#: the run's console shows errors only: progress and the summary are this module's job, and
+#: every event is kept in the instance's event log (the UI and ``--verbose`` show it)
+QUIET_CONSOLE = {"console": {"config": {"log_level": "ERROR"}}}
+
+
+def haven_run_config(home: Home, quiet: bool = False) -> dict[str, object]:
+    """The run configuration that names the haven's home for the resource."""
+    config: dict[str, object] = {"resources": {"haven": {"config": {"home": str(home.root)}}}}
+    if quiet:
+        config["loggers"] = QUIET_CONSOLE
+    return config
+
+
+def run_nightly(home: Home, instance: dg.DagsterInstance | None = None) -> tuple[bool, list[StageSummary]]:
+    """Materialise every asset of the nightly job once in this process; success and per-asset counts."""
+    job = build_definitions().resolve_job_def(NIGHTLY)
+    instance = instance or dg.DagsterInstance.ephemeral()
+    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=haven_run_config(home))
+    ok, stages = summarise_run(instance, result.run_id)
+    return ok and result.success, stages
+
+
+def summarise_run(instance: dg.DagsterInstance, run_id: str) -> tuple[bool, list[StageSummary]]:
+    """Per-asset counts and check verdicts of one run, from the instance's event log."""
+    summaries: dict[str, StageSummary] = {}
+    failed = False
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+            summaries[f"{event.step_key} (step)"] = StageSummary(
+                f"{event.step_key} (step)", None, None, ["step failed"]
             )
-        )
-    for failure in result.get_step_failure_events():
-        summaries.append(StageSummary(f"{failure.step_key} (step)", None, None, ["step failed"]))
-    return result.success and not failed_checks, summaries
+            failed = True
+        else:
+            failed |= _record(summaries, event)
+    return not failed, list(summaries.values())
+
+
+def _stage(summaries: dict[str, StageSummary], key: dg.AssetKey) -> StageSummary:
+    name = key.to_user_string()
+    return summaries.setdefault(name, StageSummary(name, None, None, []))
+
+
+def _record(summaries: dict[str, StageSummary], event: dg.DagsterEvent) -> bool:
+    """Fold one event into the summaries; True when it is a failed blocking (ERROR) check."""
+    data = event.event_specific_data
+    if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+        _materialised(_stage(summaries, data.materialization.asset_key), data.materialization.metadata)
+    elif event.event_type == dg.DagsterEventType.ASSET_OBSERVATION:
+        observation = data.asset_observation
+        reason = observation.metadata.get("reason")
+        if reason is not None and "status" in observation.metadata:
+            stage = _stage(summaries, observation.asset_key)
+            stage.note = f"{observation.metadata['status'].value}: {reason.value}"
+    elif event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+        return _checked(_stage(summaries, data.asset_key), data)
+    return False
+
+
+def _value(meta: dict, key: str) -> int | None:
+    return meta[key].value if key in meta else None
+
+
+def _materialised(stage: StageSummary, meta: dict) -> None:
+    stage.rows_in, stage.rows_out = _value(meta, "rows_in"), _value(meta, "rows_out")
+    grid, observed = _value(meta, "grid_cells"), _value(meta, "observed_cells")
+    if grid is not None and observed is not None:
+        stage.note = f"{grid:,} cells of the full grid, {observed:,} with people before protection"
+
+
+def _checked(stage: StageSummary, evaluation: dg.AssetCheckEvaluation) -> bool:
+    if evaluation.passed:
+        stage.checks_passed += 1
+        return False
+    if evaluation.severity == dg.AssetCheckSeverity.WARN:
+        stage.checks_warned.append(evaluation.check_name)
+        return False
+    stage.checks_failed.append(evaluation.check_name)
+    return True
+
+
+@contextmanager
+def _workspace(instance: dg.DagsterInstance, workspace: Path) -> Iterator[object]:
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+
+    target = WorkspaceFileTarget([str(workspace)])
+    with WorkspaceProcessContext(instance, target, code_server_log_level="ERROR") as process_context:
+        yield process_context
+
+
+def _create_run(instance: dg.DagsterInstance, request_context, home: Home) -> dg.DagsterRun:
+    """A run of the nightly job of the code location, with its remote origin (as the UI makes one)."""
+    from dagster._cli.job import _create_run as create_run
+
+    location = request_context.get_code_location(LOCATION)
+    repository = next(iter(location.get_repositories().values()))
+    remote_job = repository.get_full_job(NIGHTLY)
+    return create_run(
+        instance=instance,
+        code_location=location,
+        remote_repo=repository,
+        remote_job=remote_job,
+        run_config=haven_run_config(home, quiet=True),
+        tags={"safehaven/started_by": "safehaven run"},
+        op_selection=None,
+        run_id=None,
+    )
+
+
+def _dequeue(process_context, instance: dg.DagsterInstance) -> None:
+    """Serve the run queue once, as the daemon would (limits apply), when the instance queues runs."""
+    from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
+    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+
+    if not isinstance(instance.run_coordinator, QueuedRunCoordinator):
+        return
+    with QueuedRunCoordinatorDaemon(interval_seconds=1) as daemon:
+        list(daemon.run_iteration(process_context))
+
+
+def launch_nightly(
+    instance: dg.DagsterInstance,
+    home: Home,
+    progress: Callable[[str], None],
+    workspace: Path = WORKSPACE,
+    timeout: float = 6 * 3600,
+    verbose: bool = False,
+) -> tuple[bool, list[StageSummary], str]:
+    """Submit the nightly job to the instance, follow it to the end, and summarise it."""
+    with _workspace(instance, workspace) as process_context:
+        request_context = process_context.create_request_context()
+        run = _create_run(instance, request_context, home)
+        instance.submit_run(run.run_id, request_context)
+        progress(f"run {run.run_id} submitted to the instance ({len(run.step_keys_to_execute or [])} steps)")
+        _follow(process_context, instance, run, progress, time.monotonic() + timeout, verbose)
+    ok, stages = summarise_run(instance, run.run_id)
+    final = instance.get_run_by_id(run.run_id)
+    return ok and final is not None and final.status == dg.DagsterRunStatus.SUCCESS, stages, run.run_id
+
+
+_WORD = {"STEP_SUCCESS": "done", "STEP_FAILURE": "FAILED", "STEP_SKIPPED": "skipped"}
+
+
+def _follow(
+    process_context, instance, run: dg.DagsterRun, progress: Callable[[str], None], deadline: float, verbose: bool
+) -> None:
+    """Report each finished step until the run ends (dequeuing it here while no daemon does)."""
+    total, seen, done = len(run.step_keys_to_execute or []), 0, 0
+    while time.monotonic() < deadline:
+        current = instance.get_run_by_id(run.run_id)
+        if current.status == dg.DagsterRunStatus.QUEUED:
+            _dequeue(process_context, instance)
+        logs = instance.all_logs(run.run_id)
+        for entry in logs[seen:]:
+            event = entry.dagster_event
+            if verbose:
+                progress(f"  {entry.step_key or '-'}: {entry.message}")
+            if event is not None and event.event_type in _STEP_END:
+                done += 1
+                progress(f"[{done:>2}/{total}] {event.step_key}: {_WORD[event.event_type.value]}")
+        seen = len(logs)
+        if current.is_finished:
+            return
+        time.sleep(POLL_SECONDS)
+    raise TimeoutError(f"run {run.run_id} did not finish in time; see it in the Dagster UI (make ui)")

@@ -76,6 +76,7 @@ def validated_asset(contract: Contract) -> dg.AssetsDefinition:
         home = haven.home_dir()
         with haven.connect() as con:
             report = validate_collection(con, contract, haven.registry(), home.quarantine_for(contract.collection))
+            valid_total = con.execute(f'SELECT count(*) FROM landing."{contract.collection}_valid"').fetchone()[0]
         for refused in report.batches_refused:
             context.log.warning(
                 f"{contract.collection}: a batch was refused ({refused['invalid_rows']} of {refused['rows']} rows "
@@ -86,6 +87,7 @@ def validated_asset(contract: Contract) -> dg.AssetsDefinition:
             metadata={
                 "rows_in": report.rows_checked,
                 "rows_out": report.rows_valid,
+                "dagster/row_count": int(valid_total),
                 **result.metadata,
                 "seconds": dg.MetadataValue.json(report.seconds),
             },

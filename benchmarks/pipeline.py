@@ -156,12 +156,13 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
     if trace_sql:
         install_trace(trace)
 
+    from assets.catalog import STAGE_TAG
     from assets.definitions import build_definitions
 
     imported = time.perf_counter()
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
-    group_of = {key: graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    group_of = {key: graph.get(key).tags.get(STAGE_TAG) for key in graph.get_all_asset_keys()}
     job = defs.resolve_job_def("nightly")
     instance = dg.DagsterInstance.ephemeral()
     run_config = {"resources": {"haven": {"config": {"threads": threads}}}} if threads else None

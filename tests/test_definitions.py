@@ -1,8 +1,13 @@
 """The Dagster definitions load, and the nightly job, schedule and sensor are wired."""
 
+from pathlib import Path
+
 import dagster as dg
 
+from assets.catalog import IDENTIFIABILITY_TAG, STAGE_TAG
 from assets.definitions import build_definitions, defs
+from assets.keys import PUBLISHED_FILES
+from safehaven.intake.contracts import ContractRegistry
 
 
 def test_definitions_load() -> None:
@@ -11,8 +16,59 @@ def test_definitions_load() -> None:
 
 def test_nightly_job_covers_every_stage() -> None:
     job = defs.resolve_job_def("nightly")
-    groups = {defs.resolve_assets_def(key).group_names_by_key[key] for key in job.asset_layer.executable_asset_keys}
-    assert {"ingest", "validate", "objections", "pseudonymise", "aggregate", "publish"} <= groups
+    graph = defs.resolve_asset_graph()
+    stages = {graph.get(key).tags[STAGE_TAG] for key in job.asset_layer.executable_asset_keys}
+    assert {"ingest", "validate", "objections", "pseudonymise", "aggregate", "publish", "release"} <= stages
+
+
+def test_every_asset_group_is_the_first_part_of_its_key() -> None:
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).group_name == key.path[0], key
+
+
+def test_every_asset_has_owners_and_a_code_version_from_its_contract() -> None:
+    graph = defs.resolve_asset_graph()
+    registry = ContractRegistry()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.owners and all(o.startswith("team:") or "@" in o for o in node.owners), key
+        if key != PUBLISHED_FILES:
+            assert node.code_version, f"{key.to_user_string()} has no code version"
+    gp = graph.get(dg.AssetKey(["landing", "gp_events"]))
+    assert gp.code_version == registry.contracts["gp_events"].version
+    assert gp.owners == ["team:data-engineering"]
+
+
+def test_every_table_asset_declares_its_columns_with_their_identifiability() -> None:
+    graph = defs.resolve_asset_graph()
+    registry = ContractRegistry()
+    for key in graph.get_all_asset_keys():
+        if key.path[0] in {"landing", "validated", "haven", "vault", "published"} and key != PUBLISHED_FILES:
+            schema = graph.get(key).metadata["dagster/column_schema"]
+            assert schema.columns and all(c.tags.get(IDENTIFIABILITY_TAG) for c in schema.columns), key
+    landing = {c.name: c.tags[IDENTIFIABILITY_TAG] for c in _schema(graph, "landing", "gp_events").columns}
+    assert landing["nhs_number"] == "direct_identifier"
+    haven = {c.name: c.tags[IDENTIFIABILITY_TAG] for c in _schema(graph, "haven", "gp_events").columns}
+    assert "nhs_number" not in haven and haven["pid"] == "pseudonym"
+    assert set(landing) == {f.name for f in registry.contracts["gp_events"].fields}
+
+
+def _schema(graph, *path: str) -> dg.TableSchema:
+    return graph.get(dg.AssetKey(list(path))).metadata["dagster/column_schema"]
+
+
+def test_published_outputs_are_stale_past_their_timeliness_target() -> None:
+    graph = defs.resolve_asset_graph()
+    policy = graph.get(dg.AssetKey(["published", "gp_activity"])).freshness_policy
+    assert policy is not None and policy.fail_window.to_timedelta().days == 35
+
+
+def test_code_location_is_named_safehaven() -> None:
+    import yaml
+
+    workspace = yaml.safe_load((Path(__file__).parent.parent / "workspace.yaml").read_text())
+    assert workspace["load_from"][0]["python_module"]["location_name"] == "safehaven"
 
 
 def test_nightly_schedule_runs_at_two_in_london() -> None:

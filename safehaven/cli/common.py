@@ -19,7 +19,13 @@ def ensure_home() -> Home:
     return Home.from_env().ensure()
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
+#: exit codes, the same for every command: a safeguard or the haven's state refused the request
+REFUSED = 1
+#: the command was called wrongly (missing or malformed arguments)
+USAGE = 2
+
+
+def fail(message: str, code: int = REFUSED) -> NoReturn:
     """Print ``message`` on standard error and exit with ``code``."""
     click.echo(message, err=True)
     sys.exit(code)

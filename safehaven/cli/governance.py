@@ -31,12 +31,11 @@ def require_governance_key(home: Home, what: str) -> None:
         _fail(
             f"{what} is for the governance lead: it needs the identity vault's private key "
             f"({keyring.path(VAULT)}), which is not on this host",
-            3,
         )
     try:
         keyring.get(VAULT)
     except KeyRingError as exc:
-        _fail(str(exc), 3)
+        _fail(str(exc))
 
 
 def _audit(home: Home, **entry: object) -> int:
@@ -232,7 +231,8 @@ def draft_agreement(
     end: str | None,
 ) -> None:
     """Write a draft agreement with TODO markers for everything a person must write."""
-    from safehaven.share.agreements import AgreementError, agreement_path, draft_yaml, load_agreement_file
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.share.agreements import AgreementError, agreement_path, draft_yaml, parse_agreement
 
     try:
         path = agreement_path(agreement_id)
@@ -265,10 +265,28 @@ def draft_agreement(
         start=day,
         end=_parse_day(end) or day + timedelta(days=365),
     )
+    try:  # validated before anything is written: a refused draft leaves no file behind
+        agreement = parse_agreement(text, path.name)
+    except AgreementError as exc:
+        _fail(f"draft refused, nothing written: {exc}")
+    unknown = _unknown_fields(agreement, ContractRegistry(path.parent.parent))
+    if unknown:
+        _fail("draft refused, nothing written: " + "; ".join(unknown))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    load_agreement_file(path)
     click.echo(f"wrote {path}\nreplace every TODO, then: safehaven agreements validate {agreement_id}")
+
+
+def _unknown_fields(agreement, registry) -> list[str]:
+    """Released fields that no content contract declares (a draft must name real fields)."""
+    unknown = []
+    for f in agreement.fields:
+        contract = registry.contracts.get(f.collection)
+        if contract is None or contract.kind != "content":
+            unknown.append(f"{f.collection} is not a content collection")
+        elif f.field not in contract.field_names:
+            unknown.append(f"{f.collection}.{f.field} is not in the {f.collection} contract (v{contract.version})")
+    return unknown
 
 
 @agreements.command("release")
@@ -393,7 +411,7 @@ def subject_access_command(nhs_number: tuple[str, ...], as_json: bool) -> None:
     require_governance_key(home, "subject access")
     number = sys.stdin.readline().strip() if nhs_number == ("-",) else "".join(nhs_number)
     if not home.store_file.exists():
-        _fail("no store yet: the haven holds nothing", 2)
+        _fail("no store yet: the haven holds nothing")
     with Store(home).connect() as con:
         try:
             report = subject_access(con, number, home=home)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from safehaven.cli.common import ensure_home
+from safehaven.cli.common import ensure_home, fail
 
 
 def register(main: click.Group) -> None:
@@ -156,8 +156,12 @@ def register(main: click.Group) -> None:
         from safehaven.core.store import Store
         from safehaven.protect.optouts import notices
         from safehaven.protect.pseudonymise import install_agreement_key
+        from safehaven.share.agreements import scan_agreements
 
         home = ensure_home()
+        known, broken = scan_agreements()
+        if agreement_id not in known and agreement_id not in broken:
+            fail(f"no such agreement: {agreement_id} (safehaven agreements list shows them)")
         keyring = KeyRing(home.keys)
         try:
             with Store(home, keyring).connect() as con:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from safehaven.cli.common import fail
 from safehaven.core.home import Home
 
 
@@ -15,7 +15,9 @@ def register(main: click.Group) -> None:
 
     @main.command("query")
     @click.argument("sql")
-    @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+    @click.option(
+        "--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table", show_default=True
+    )
     @click.option(
         "--max-rows",
         type=click.IntRange(min=1),
@@ -51,6 +53,5 @@ def register(main: click.Group) -> None:
         try:
             result = run_query(path, sql, max_rows=max_rows, timeout=timeout)
         except QueryRefused as exc:
-            click.echo(f"query refused: {exc}", err=True)
-            sys.exit(2)
+            fail(f"query refused: {exc}")
         click.echo(format_result(result, fmt), nl=False)

@@ -334,6 +334,7 @@ def _write_db(
     try:
         for output in outputs:
             con.execute(f"CREATE TABLE pub.main.{q(output.name)} AS SELECT * FROM published.{q(output.name)}")
+            _comment(con, f"pub.main.{q(output.name)}", dictionaries[output.name])
         con.execute(
             "CREATE TABLE pub.main.dictionary (output VARCHAR, column_name VARCHAR, type VARCHAR, role VARCHAR, "
             "description VARCHAR)"
@@ -356,6 +357,14 @@ def _write_db(
             )
     finally:
         con.execute("DETACH pub")
+
+
+def _comment(con: duckdb.DuckDBPyConnection, table: str, entry: dict[str, Any]) -> None:
+    """The dictionary as the table's and its columns' comments, so ``duckdb_columns()`` and ``DESCRIBE`` show it."""
+    con.execute(f"COMMENT ON TABLE {table} IS {lit(entry['title'] + '. ' + entry['disclosure_control'])}")
+    for column in entry["columns"]:
+        if column.get("description"):
+            con.execute(f"COMMENT ON COLUMN {table}.{q(column['name'])} IS {lit(column['description'])}")
 
 
 def _licence_text() -> str:

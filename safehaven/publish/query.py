@@ -126,18 +126,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def format_result(result: QueryResult, fmt: str = "table") -> str:
-    """The result as an aligned text table, CSV or JSON lines."""
+    """The result as an aligned text table, CSV, a JSON array of row objects, or JSON Lines."""
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(result.columns)
         writer.writerows([[_cell(v) for v in row] for row in result.rows])
         return buf.getvalue()
+    objects = [{c: _jsonable(v) for c, v in zip(result.columns, row, strict=True)} for row in result.rows]
     if fmt == "json":
-        return "".join(
-            json.dumps({c: _jsonable(v) for c, v in zip(result.columns, row, strict=True)}, default=str) + "\n"
-            for row in result.rows
-        )
+        return json.dumps(objects, default=str, indent=1) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(o, default=str) + "\n" for o in objects)
     cells = [[_cell(v) for v in row] for row in result.rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(result.columns)]
     numeric = [

@@ -273,18 +273,27 @@ def agreement_path(agreement_id: str, root: Path | None = None) -> Path:
 def load_agreement_file(path: Path) -> Agreement:
     """Parse one file; errors name the file and each bad key."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
         raise AgreementError(f"agreement {path.name} cannot be read: {exc}") from None
+    return parse_agreement(text, path.name)
+
+
+def parse_agreement(text: str, name: str) -> Agreement:
+    """Parse an agreement's YAML text (``name``: its file name, ``<id>.yaml``); errors name each bad key."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise AgreementError(f"agreement {name} cannot be read: {exc}") from None
     if not isinstance(data, dict):
-        raise AgreementError(f"agreement {path.name} is not a mapping of CoP 43 contents")
+        raise AgreementError(f"agreement {name} is not a mapping of CoP 43 contents")
     try:
         agreement = Agreement.model_validate(data)
     except ValidationError as exc:
         details = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors())
-        raise AgreementError(f"agreement {path.name} is not valid: {details}") from None
-    if agreement.id != path.stem:
-        raise AgreementError(f"agreement {path.name}: id {agreement.id!r} does not match the file name")
+        raise AgreementError(f"agreement {name} is not valid: {details}") from None
+    if agreement.id != Path(name).stem:
+        raise AgreementError(f"agreement {name}: id {agreement.id!r} does not match the file name")
     return agreement
 
 

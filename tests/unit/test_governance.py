@@ -176,7 +176,7 @@ def test_approve_and_suspend_are_store_records_not_file_edits_and_are_audited(
 def test_approving_needs_the_governance_key(root: Path) -> None:
     write_agreement(root, agreement_data(approval={"status": "draft"}))
     result = run("agreements", "approve", "test-linked", "--approver", "Dr A. Example, Caldicott Guardian")
-    assert result.exit_code == 3 and "governance lead" in result.output
+    assert result.exit_code == 1 and "governance lead" in result.output
 
 
 def test_approving_an_agreement_with_problems_is_refused(root: Path, governance_key: None) -> None:
@@ -217,7 +217,7 @@ def test_subject_access_command(released: Home) -> None:
 def test_subject_access_needs_the_governance_key(released: Home) -> None:
     KeyRing(released.keys).destroy(VAULT)
     result = run("subject-access", NHS[0])
-    assert result.exit_code == 3 and "governance lead" in result.output
+    assert result.exit_code == 1 and "governance lead" in result.output
 
 
 def test_registers_command(released: Home) -> None:

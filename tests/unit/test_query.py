@@ -5,6 +5,7 @@ Rules under test: ``safehaven.publish.query`` module docstring (``docs/rules.md`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
@@ -44,7 +45,12 @@ def test_a_select_runs_and_prints_a_table(published: Path) -> None:
     assert text.splitlines()[0].split() == ["provider_code", "people"]
     assert "(2 rows)" in text
     assert format_result(result, "csv") == "provider_code,people\nRX1,35\nRY2,\n"
-    assert '"people": 35' in format_result(result, "json")
+    assert json.loads(format_result(result, "json")) == [
+        {"provider_code": "RX1", "people": 35},
+        {"provider_code": "RY2", "people": None},
+    ], "--format json is one JSON document"
+    lines = format_result(result, "jsonl").splitlines()
+    assert [json.loads(line) for line in lines][0] == {"provider_code": "RX1", "people": 35}
 
 
 @pytest.mark.parametrize(
@@ -130,7 +136,7 @@ def test_missing_database_is_a_clear_refusal(tmp_path: Path) -> None:
         run_query(tmp_path / "published.duckdb", "SELECT 1")
 
 
-def test_cli_prints_a_table_and_refuses_with_exit_code_2(published: Path) -> None:
+def test_cli_prints_a_table_and_refuses_with_exit_code_1(published: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(
         main, ["query", "--db", str(published), "SELECT provider_code FROM hospital_admissions ORDER BY 1 LIMIT 1"]
@@ -138,9 +144,9 @@ def test_cli_prints_a_table_and_refuses_with_exit_code_2(published: Path) -> Non
     assert ok.exit_code == 0, ok.output
     assert "provider_code" in ok.output and "RX1" in ok.output
     refused = runner.invoke(main, ["query", "--db", str(published), "DROP TABLE hospital_admissions"])
-    assert refused.exit_code == 2
-    assert "query refused" in refused.output
+    assert refused.exit_code == 1
+    assert "query refused" in refused.output and "Traceback" not in refused.output
     store = runner.invoke(
         main, ["query", "--db", str(published), f"SELECT * FROM read_csv('{published.parent / 'secret.csv'}')"]
     )
-    assert store.exit_code == 2 and "9434765919" not in store.output
+    assert store.exit_code == 1 and "9434765919" not in store.output

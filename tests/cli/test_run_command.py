@@ -1,0 +1,69 @@
+"""``safehaven run``: a real run of the code location through the instance, quiet, with a full summary."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from click.testing import CliRunner
+
+from safehaven import __version__
+from safehaven.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """One ``safehaven run`` of a small demo drop with its own DAGSTER_HOME (the project's dagster.yaml)."""
+    tmp = tmp_path_factory.mktemp("run_command")
+    dagster_home = tmp / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = {**os.environ, "SAFEHAVEN_HOME": str(tmp / "haven"), "DAGSTER_HOME": str(dagster_home)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", "safehaven.cli.main", "run", "--demo-patients", "150"],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    return done, dagster_home, tmp / "haven"
+
+
+@pytest.mark.slow
+def test_safehaven_run_is_a_run_of_the_nightly_job_in_the_instance(launched) -> None:
+    done, dagster_home, _ = launched
+    assert done.returncode == 0, done.stderr[-2000:]
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name="nightly"))
+        assert len(runs) == 1
+        run = runs[0]
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+        assert run.remote_job_origin is not None
+        assert run.remote_job_origin.location_name == "safehaven"
+        assert run.run_id in done.stdout
+
+
+@pytest.mark.slow
+def test_safehaven_run_prints_progress_and_summary_and_no_event_log(launched) -> None:
+    done, _, _ = launched
+    out = done.stdout + done.stderr
+    assert "DEBUG" not in out and "Deprecation" not in out
+    assert "[27/27]" in done.stdout or "/27]" in done.stdout
+    assert "no checks" in done.stdout, "assets without checks say so"
+    assert "expired on" in done.stdout and "is a draft" in done.stdout, "skipped releases give their reason"
+    assert "cells of the full grid" in done.stdout
+
+
+def test_version_is_printed() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
