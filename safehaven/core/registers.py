@@ -130,7 +130,8 @@ CREATE TABLE IF NOT EXISTS {RELEASE_REGISTER} (
     records_withheld_objections BIGINT NOT NULL,
     objector_records_included BIGINT NOT NULL,
     people_suppressed_k_anonymity BIGINT NOT NULL,
-    manifest_sha256 VARCHAR NOT NULL
+    manifest_sha256 VARCHAR NOT NULL,
+    optout_list_date DATE
 )
 """
 
@@ -172,6 +173,8 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create the register tables (and ``governance.release_members``) if they do not exist."""
     for ddl in (_RELEASE_DDL, _BREACH_DDL, _MEMBERS_DDL):
         con.execute(ddl)
+    # the date of the opt-out list applied (safehaven.protect.feed), for registers made before it
+    con.execute(f"ALTER TABLE {RELEASE_REGISTER} ADD COLUMN IF NOT EXISTS optout_list_date DATE")
 
 
 def severity_level(severity: int | str | None, kind: str) -> int:

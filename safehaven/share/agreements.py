@@ -187,6 +187,9 @@ class Agreement(_Strict):
     k_anonymity: int = Field(default=5, ge=2)
     small_groups: Literal["suppress", "refuse"] = "suppress"
     max_suppressed_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    #: days the objection register may go unrefreshed before a record-level release refuses
+    #: (default: the haven's window, ``safehaven.protect.feed.window_days``)
+    objections_max_age_days: int | None = Field(default=None, gt=0)
     onward_sharing: OnwardSharing
     publication: Publication
     start_date: date
