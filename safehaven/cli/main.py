@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from safehaven.cli import disposal, governance, keys, outputs
+from safehaven.cli import disposal, governance, keys, objections, outputs
 from safehaven.core.home import Home
 
 
@@ -68,7 +68,7 @@ def run(demo_patients: int, seed: int, no_demo: bool) -> None:
         sys.exit(1)
 
 
-for _area in (keys, governance, outputs, disposal):
+for _area in (keys, objections, governance, outputs, disposal):
     _area.register(main)
 
 
