@@ -247,3 +247,42 @@ def test_no_objector_leaves_whatever_the_feed(haven: Haven, people, excel: bool)
         feed.resolve(haven.con, haven.home, name, by="Dr Guardian", reason="the sender confirmed the bad rows")
     result = haven.release()
     assert not objectors & haven.members(result.release_id)
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+def test_type1_needs_its_source_practice(home: Home) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    runner = CliRunner()
+    refused = runner.invoke(main, ["objections", "record", "--nhs-number", NHS[1], "--type", "type1"])
+    assert refused.exit_code != 0 and "--source-practice" in refused.output
+    assert not list(home.incoming_for("objections").glob("*.csv"))
+    done = runner.invoke(
+        main, ["objections", "record", "--nhs-number", NHS[1], "--type", "type1", "--source-practice", "A81001"]
+    )
+    assert done.exit_code == 0, done.output
+
+
+def test_resolve_command_is_audited_and_says_when_nothing_matches(home: Home) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    folder = home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bad.csv").write_text("")  # file.empty: quarantined whole
+    with Store(home).connect() as con:
+        ingest_collection(con, ContractRegistry().objections(), folder, home.quarantine_for("objections"))
+    runner = CliRunner()
+    missing = runner.invoke(main, ["objections", "resolve", "other.csv", "--by", "Dr G", "--reason", "n/a"])
+    assert missing.exit_code != 0 and "no unresolved objections fault" in missing.output
+    done = runner.invoke(main, ["objections", "resolve", "bad.csv", "--by", "Dr G", "--reason", "empty by mistake"])
+    assert done.exit_code == 0, done.output
+    with Store(home).connect() as con:
+        assert feed.unresolved(con) == []
+        [entry] = [e for e in audit.entries_for(con) if e.action == "objections.resolve"]
+    assert entry.actor == "Dr G" and entry.detail_value["reason"] == "empty by mistake"
