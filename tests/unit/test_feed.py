@@ -286,3 +286,33 @@ def test_resolve_command_is_audited_and_says_when_nothing_matches(home: Home) ->
         assert feed.unresolved(con) == []
         [entry] = [e for e in audit.entries_for(con) if e.action == "objections.resolve"]
     assert entry.actor == "Dr G" and entry.detail_value["reason"] == "empty by mistake"
+
+
+def test_type1_registered_after_gp_records_entered_withholds_them_and_the_notice_says_so(haven: Haven) -> None:
+    from safehaven.protect.optouts import notices
+    from safehaven.protect.pseudonymise import install_agreement_key
+
+    gp_fields = [
+        {"collection": "gp_events", "field": "sex", "justification": "Outcomes differ by sex in this audit."},
+        {"collection": "gp_events", "field": "event_date", "justification": "Timing of the event is the outcome."},
+    ]
+    write_agreement(
+        haven.registry.root,
+        agreement_data(
+            id="test-gp", collections=["gp_events"], linkages=[], fields=gp_fields, max_suppressed_share=1.0
+        ),
+    )
+    haven.agreement = "test-gp"
+    first = haven.release()
+    person = haven.pids[NHS[15]]
+    assert person in haven.members(first.release_id)  # GP records already in the haven
+    haven.drop("practice_e.csv", [[NHS[15], "type1", "2024-05-01", "", "A81002"]])
+    assert haven.run()
+    second = haven.release()
+    assert person not in haven.members(second.release_id)
+    assert second.records_withheld == first.records_withheld + 3  # three GP events each (small_haven)
+    name = install_agreement_key(haven.con, haven.keyring, "test-gp", create=False)
+    report = notices(
+        haven.con, agreement_id="test-gp", recipient_key_name=name, since_release_id=first.release_id, gp_sourced=True
+    )
+    assert len(report.objected) == 1 and report.withheld == second.records_withheld
