@@ -54,6 +54,7 @@ def feed_asset() -> dg.AssetsDefinition:
             problems = feed.feed_problems(con, haven.home_dir(), date.today(), feed.window_days())
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
+            events = int(con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0])
         for problem in problems:
             context.log.error(problem)
         counts = {
@@ -64,7 +65,7 @@ def feed_asset() -> dg.AssetsDefinition:
             "window_days": feed.window_days(),
         }
         return dg.MaterializeResult(
-            metadata=counts,
+            metadata={"rows_in": events, "rows_out": events, **counts},  # the register passes through unchanged
             check_results=[
                 dg.AssetCheckResult(
                     check_name=FEED_CHECK,
