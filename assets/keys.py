@@ -27,6 +27,7 @@ def release(agreement_id: str) -> dg.AssetKey:
 
 OBJECTION_REGISTER = dg.AssetKey(["governance", "objection_register"])
 OBJECTION_RATES = dg.AssetKey(["governance", "objection_rates"])
+OBJECTION_FEED = dg.AssetKey(["governance", "objection_feed"])
 PUBLISHED_FILES = dg.AssetKey(["published", "files"])
 
 

@@ -1,11 +1,16 @@
-"""Objections stage: the objection register, fed by validated objection drops (CoP 11-14), and
-the objection-rate monitor with its warning check (Govt response 7.15)."""
+"""Objections stage: the objection register, fed by validated objection drops (CoP 11-14), the
+objection feed with its blocking check ``objections_feed_complete`` (safehaven.protect.feed: while
+an objections file or row is unresolved, or the register is stale, no record-level release runs),
+and the objection-rate monitor with its warning check (Govt response 7.15)."""
+
+from datetime import date
 
 import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import feed
 from safehaven.protect.haven import haven_key
 from safehaven.protect.objections import (
     ALPHA_UPPER,
@@ -20,6 +25,58 @@ from safehaven.protect.objections import (
 from safehaven.protect.pseudonymise import install_key
 
 RATE_CHECK = "objection_rate_within_control_limits"
+FEED_CHECK = "objections_feed_complete"
+
+
+def feed_asset() -> dg.AssetsDefinition:
+    """The objection feed: faults and freshness, with the blocking check record-level releases wait on."""
+    spec = dg.AssetCheckSpec(
+        FEED_CHECK,
+        asset=keys.OBJECTION_FEED,
+        blocking=True,
+        description="Every objections file landed whole and every row of it was valid (or a person resolved "
+        "it: safehaven objections resolve), and the register was refreshed within the haven's window. "
+        "While not, no record-level release runs (CoP 11-14; safehaven.protect.feed).",
+    )
+
+    @dg.asset(
+        key=keys.OBJECTION_FEED,
+        deps=[keys.OBJECTION_REGISTER],
+        group_name="objections",
+        pool=keys.STORE_POOL,
+        check_specs=[spec],
+        description="Unresolved objections files and rows, and the register's refresh date "
+        "(governance.objection_feed_faults); record-level releases depend on its blocking check.",
+        kinds={"duckdb"},
+    )
+    def objection_feed(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
+        with haven.connect() as con:
+            problems = feed.feed_problems(con, haven.home_dir(), date.today(), feed.window_days())
+            faults = feed.unresolved(con)
+            refreshed = feed.refreshed_on(con)
+            events = int(con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0])
+        for problem in problems:
+            context.log.error(problem)
+        counts = {
+            "unresolved_files": len(faults),
+            "rows_unresolved": sum(f.rows or 0 for f in faults),
+            "files_quarantined_whole": sum(f.level == "file" for f in faults),
+            "register_refreshed_on": refreshed.isoformat() if refreshed else "never",
+            "window_days": feed.window_days(),
+        }
+        return dg.MaterializeResult(
+            metadata={"rows_in": events, "rows_out": events, **counts},  # the register passes through unchanged
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=FEED_CHECK,
+                    passed=not problems,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={**counts, "problems": dg.MetadataValue.json(problems)},
+                )
+            ],
+        )
+
+    return objection_feed
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
@@ -132,4 +189,4 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             ],
         )
 
-    return [objection_register, objection_rates_asset]
+    return [objection_register, objection_rates_asset, feed_asset()]

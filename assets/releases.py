@@ -76,9 +76,12 @@ def release_asset(
     else:
         description = f"Agreement file {agreement_id}.yaml does not parse; nothing can be released."
 
+    # a record-level release waits on the objection feed's blocking check (safehaven.protect.feed)
+    feed_dep = [keys.OBJECTION_FEED] if agreement is None or agreement.identifiability != "anonymised" else []
+
     @dg.asset(
         key=release_key(agreement_id),
-        deps=[keys.haven(c) for c in collections] + [keys.OBJECTION_REGISTER],
+        deps=[keys.haven(c) for c in collections] + [keys.OBJECTION_REGISTER] + feed_dep,
         group_name=GROUP,
         pool=keys.STORE_POOL,
         output_required=False,

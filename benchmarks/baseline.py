@@ -61,6 +61,7 @@ import duckdb  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.common import CONTENT, Clock, peak_rss_bytes, write_json  # noqa: E402
+from safehaven.core.identifiers import canonical_nhs_sql, nhs_valid_sql, spreadsheet_sql  # noqa: E402
 
 CODE_LISTS = Path(__file__).resolve().parents[1] / "data_contracts" / "code_lists"
 TOLERANCE = {"gp_events": 0.05, "hospital_episodes": 0.05, "social_care": 0.05, "objections": 0.0}
@@ -107,15 +108,11 @@ def _codes(values: list[str]) -> str:
     return "(" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
 
 
-#: mod-11: weights 10..2 on the first nine digits; (11 - sum % 11) % 11 must equal digit 10
-#: (a result of 10 can never equal a digit, so it is invalid, as the rule says).
-_NHS_SUM = " + ".join(f"{10 - i} * (ascii(substr(nhs, {i + 1}, 1)) - 48)" for i in range(9))
-NHS_OK = (
-    f"(regexp_full_match(nhs, '[0-9]{{10}}') AND "
-    f"CASE WHEN regexp_full_match(nhs, '[0-9]{{10}}') "
-    f"THEN (11 - ({_NHS_SUM}) % 11) % 11 = ascii(substr(nhs, 10, 1)) - 48 END)"
-)
-NHS_CANON = "nullif(regexp_replace(trim(nhs_number), '[\\s\\-\\./]', '', 'g'), '')"
+#: The NHS number rule and canonical form, from the one place that defines them.
+NHS_OK = nhs_valid_sql("nhs")
+NHS_CANON = canonical_nhs_sql("nhs_number")
+#: A spreadsheet's float or scientific rendering (true for such values, NULL for NULL).
+NHS_SPREADSHEET = spreadsheet_sql("nhs")
 POSTCODE_RE = "[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}"
 ODS_RE = "[A-Z0-9]{3,6}"
 
@@ -154,6 +151,7 @@ def _person_rules(codes: Callable[[str], str]) -> list[str]:
     return [
         _fail("nhs_number.required", "nhs IS NULL"),
         _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
+        _fail("nhs_number.spreadsheet", NHS_SPREADSHEET),
         *_date_rules("date_of_birth", "1900-01-01"),
         _fail("sex.required", "sex IS NULL"),
         _fail("sex.code_list", f"sex NOT IN {codes('person_gender')}"),
@@ -224,6 +222,7 @@ def rules(collection: str, lists: dict[str, list[dict[str, str]]]) -> tuple[str,
         items = [
             _fail("nhs_number.required", "nhs IS NULL"),
             _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
+            _fail("nhs_number.spreadsheet", NHS_SPREADSHEET),
             _fail("objection_type.required", "objection_type IS NULL"),
             _fail("objection_type.code_list", f"objection_type NOT IN {codes('objection_types')}"),
             *_date_rules("recorded_date", "2000-01-01"),

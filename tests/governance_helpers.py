@@ -154,6 +154,10 @@ def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: Cont
             f"VALUES ('b-{c}', '{c}', now() - INTERVAL 1 DAY, 'accepted')"
         )
     objections.ensure_tables(con)
+    con.execute(  # the objections file the register was refreshed from (safehaven.protect.feed)
+        f"INSERT INTO {BATCHES} (batch_id, collection, landed_at, status, validated_at) "
+        "VALUES ('b-objections', 'objections', now() - INTERVAL 1 DAY, 'accepted', now() - INTERVAL 1 DAY)"
+    )
     pids = {n: pseudonym(key.material, n) for n in NHS}
     events = [
         (1, pids[NHS[OPTED_OUT]], "national_opt_out", date(2024, 1, 1), None),

@@ -193,7 +193,7 @@ def register(main: click.Group) -> None:
         default=None,
         help="To withdraw an objection: its recorded date plus the withdrawal date.",
     )
-    @click.option("--source-practice", default="", help="ODS code of the practice (type 1).")
+    @click.option("--source-practice", default="", help="ODS code of the practice (required for type 1).")
     def objections_record(
         nhs_number: str,
         objection_type: str,
@@ -207,6 +207,10 @@ def register(main: click.Group) -> None:
 
         if not is_valid_nhs(nhs_number):
             raise click.ClickException("that is not a valid NHS number (10 digits, mod-11 check digit)")
+        if objection_type == "type1" and not source_practice.strip():
+            raise click.ClickException(
+                "a type 1 objection is recorded at a GP practice: give its ODS code with --source-practice"
+            )
         contract = ContractRegistry().objections()
         home = ensure_home()
         folder = home.incoming_for(contract.collection)

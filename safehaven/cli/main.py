@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from safehaven import __version__
-from safehaven.cli import disposal, governance, keys, outputs, review, run
+from safehaven.cli import disposal, governance, keys, objections, outputs, review, run
 
 
 @click.group()
@@ -18,7 +18,7 @@ def main() -> None:
     """A health-data safe haven run the way the Code of Practice on Confidential Information asks."""
 
 
-for _area in (run, keys, governance, outputs, disposal, review):
+for _area in (run, keys, objections, governance, outputs, disposal, review):
     _area.register(main)
 
 

@@ -133,12 +133,13 @@ CREATE TABLE IF NOT EXISTS {RELEASE_REGISTER} (
     people_suppressed_k_anonymity BIGINT NOT NULL,
     manifest_sha256 VARCHAR NOT NULL,
     review_rule VARCHAR,
-    reviewed_by VARCHAR
+    reviewed_by VARCHAR,
+    optout_list_date DATE
 )
 """
 
 #: columns added since the first version of the release register (added to older stores)
-_RELEASE_ADDED = ("review_rule VARCHAR", "reviewed_by VARCHAR")
+_RELEASE_ADDED = ("review_rule VARCHAR", "reviewed_by VARCHAR", "optout_list_date DATE")
 
 _BREACH_DDL = f"""
 CREATE TABLE IF NOT EXISTS {BREACH_REGISTER} (

@@ -17,6 +17,8 @@ rule kind          Great Expectations expectation
 ``nhs_number``     the same regex, ``^[0-9]{10}$`` (the format part). The mod-11 check digit
                    has no GX expectation that runs as SQL: the single pass evaluates it and
                    its count is reported beside GX's (``evaluated_by = "gx+sql"``).
+``spreadsheet``    ``expect_column_values_to_not_match_regex`` with the anchored float or
+                   scientific rendering regex (``safehaven.core.identifiers.SPREADSHEET_RE``)
 ``code_list``,     ``expect_column_values_to_be_in_set`` with the code list; for ICD-10
 ``allowed``        style ``match: prefix3`` an anchored regex of the three-character codes,
                    case-insensitive, equal to ``upper(left(value, 3)) IN (...)``
@@ -53,6 +55,7 @@ from safehaven.intake.rules import (
     NHS_RE,
     RAW,
     ROWS_RULE,
+    SPREADSHEET_RE,
     RuleCheck,
     code_values,
     compile_checks,
@@ -201,6 +204,10 @@ def _field_expectation(
             condition_parser="great_expectations",
             meta=meta,
             **mostly,
+        )
+    if kind == "spreadsheet":
+        return E.ExpectColumnValuesToNotMatchRegex(
+            column=spec.name, regex=anchored(SPREADSHEET_RE), meta=meta, **mostly
         )
     if kind == "format":
         assert spec.rule and spec.rule.format

@@ -12,7 +12,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
   ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
   ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting) or ``file.no_rows``. A
-  UTF-8 byte-order mark and CRLF line ends are accepted.
+  UTF-8 byte-order mark (removed before the header is parsed), CRLF line ends and quoted
+  header names (every field quoted, as pandas ``QUOTE_ALL`` and Excel write) are accepted.
 * Landing is idempotent: a file is known by its SHA-256, and a file already landed is
   skipped. A file lands in one transaction with its batch record.
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
@@ -229,7 +230,9 @@ def check_column_types(types: dict[str, str], contract: Contract) -> None:
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    """The header's names: the byte-order mark removed first (``utf-8-sig``), then parsed as CSV,
+    so a quoted header (pandas ``QUOTE_ALL``, Excel) reads as the plain names."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         first = fh.readline()
     if not first.strip():
         raise FileRejected(
@@ -237,8 +240,7 @@ def _csv_header(path: Path) -> list[str]:
             "the file has no header row",
             "send the file with a header row naming the contract's columns",
         )
-    header = next(csv.reader(io.StringIO(first)))
-    return [header[0].lstrip("\ufeff"), *header[1:]] if header else header
+    return next(csv.reader(io.StringIO(first)))
 
 
 def is_parquet(path: Path) -> bool:

@@ -32,7 +32,16 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Literal
 
-from safehaven.core.identifiers import canonical_nhs_sql, nhs_valid_sql
+from safehaven.core.identifiers import (
+    CHECK_WEIGHTS,
+    canonical_nhs_sql,
+    check_weights_sql,
+    nhs_check_digit_lookup_sql,
+    nhs_valid_sql,
+    spreadsheet_sql,
+)
+from safehaven.core.identifiers import NHS_RE as NHS_RE  # re-exported: the rules read their regexes here
+from safehaven.core.identifiers import SPREADSHEET_RE as SPREADSHEET_RE
 from safehaven.core.sql import lit, q  # noqa: F401 - re-exported for modules not yet moved to core.sql
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 
@@ -42,8 +51,6 @@ POSTCODE_RE = r"[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}"
 ODS_RE = r"[A-Z0-9]{3,6}"
 #: ONS GSS geography code: country letter and eight digits.
 GSS_RE = r"[EWSN][0-9]{8}"
-#: An NHS number in canonical form: ten digits (the check digit is checked separately).
-NHS_RE = r"[0-9]{10}"
 #: The same as a GLOB pattern (a third faster than the regex in DuckDB 1.4).
 NHS_GLOB = "[0-9]" * 10
 FORMAT_RE: dict[str, str] = {"uk_postcode": POSTCODE_RE, "ods_code": ODS_RE, "gss_code": GSS_RE}
@@ -61,7 +68,9 @@ DUPLICATE = "_dup_"
 #: is reported beside the rules: a GX expectation over the pass's result (``safehaven.intake.expectations``).
 ROWS_RULE = "rows.within_tolerance"
 
-RuleKind = Literal["required", "type", "nhs_number", "format", "code_list", "allowed", "range", "order", "unique"]
+RuleKind = Literal[
+    "required", "type", "nhs_number", "spreadsheet", "format", "code_list", "allowed", "range", "order", "unique"
+]
 
 
 def date_lit(value: date) -> str:
@@ -98,40 +107,6 @@ def raw_column(spec: FieldSpec) -> str:
     of separators only, count as missing); for other types the trimmed text beside it.
     """
     return spec.name if spec.type == "VARCHAR" else RAW + spec.name
-
-
-#: The weighted digit sums of every five-digit block, for the first and the second half of a
-#: ten-digit number (weights 10..6 and 5..1): one relation of two 100,000-entry lists.
-CHECK_WEIGHTS = "_w"
-_HALF = 100_000
-
-
-def check_weights_sql() -> str:
-    """A one-row relation: ``hi`` and ``lo``, the weighted digit sums of 00000..99999."""
-    hi = " + ".join(f"{10 - i} * ((range // {10 ** (4 - i)}) % 10)" for i in range(5))
-    lo = " + ".join(f"{5 - i} * ((range // {10 ** (4 - i)}) % 10)" for i in range(5))
-    return (
-        f"(SELECT list(CAST({hi} AS INTEGER) ORDER BY range) AS hi, "
-        f"list(CAST({lo} AS INTEGER) ORDER BY range) AS lo FROM range({_HALF}))"
-    )
-
-
-def nhs_check_digit_lookup_sql(number: str) -> str:
-    """SQL boolean: the ten-digit number ``number`` (a BIGINT) has a valid mod-11 check digit.
-
-    Rule (NHS Data Dictionary "NHS NUMBER"; ``docs/rules.md`` "Data standards"; the text form is
-    ``safehaven.core.identifiers.nhs_valid_sql``): weights 10..2 on digits 1-9, check = 11 - (sum
-    mod 11), 11 -> 0, 10 -> invalid. Equivalently the sum over all ten digits with weights
-    10..1 is a multiple of 11: the check digit d10 is valid exactly when (sum + d10) mod 11 =
-    0, and a check of 10 can never equal a digit. The weighted sum of ten digits is the sum
-    of its two halves' weighted sums, read from ``check_weights_sql`` (joined as ``_w``): two
-    list reads per row instead of nine divisions (6.7M numbers: 1.1 s against 2.3 s for
-    integer arithmetic, and that twice as fast as ten substrings, on two busy cores).
-    """
-    return (
-        f"((({CHECK_WEIGHTS}.hi[CAST({number} // {_HALF} AS INTEGER) + 1] "
-        f"+ {CHECK_WEIGHTS}.lo[CAST({number} % {_HALF} AS INTEGER) + 1]) % 11) = 0)"
-    )
 
 
 @dataclass(frozen=True)
@@ -257,6 +232,8 @@ def _field_checks(spec: FieldSpec, registry: ContractRegistry, today: date, type
                 kind,
             )
         )
+    if rule.format == "nhs_number":
+        checks.append(spreadsheet_check(spec, val, q(NHS_INT + spec.name) if typed else None))
     if rule.min is not None or rule.max is not None:
         low, high = date_bounds(spec, today)
         checks.append(
@@ -307,6 +284,23 @@ def compile_checks(
                 RuleCheck(key.id, key.description, tuple(key.fields), f"NOT {q(DUPLICATE + key.id)}", "unique")
             )
     return checks
+
+
+def spreadsheet_check(spec: FieldSpec, value: str, number: str | None) -> RuleCheck:
+    """``<field>.spreadsheet``: an NHS number is not a spreadsheet's float or scientific rendering.
+
+    Such a value also fails the NHS number rule; this rule names the cause, so a person can
+    see that the file went through a spreadsheet (``safehaven.core.identifiers``). Over the
+    typed projection, ``number`` (ten digits as an integer) short-cuts the valid rows.
+    """
+    shortcut = f"{number} IS NOT NULL OR " if number else ""
+    return RuleCheck(
+        f"{spec.name}.spreadsheet",
+        f"{spec.name} is not a spreadsheet rendering of a number (such as 9434765919.0 or 9.43E+09)",
+        (spec.name,),
+        f"({shortcut}{value} IS NULL OR NOT coalesce({spreadsheet_sql(value)}, false))",
+        "spreadsheet",
+    )
 
 
 def date_bounds(spec: FieldSpec, today: date) -> tuple[date, date]:

@@ -12,7 +12,9 @@ Rules (CoP 7-9, 45-46; issue #3):
   a batch whose suite fails (more than the contract's tolerance of its rows, or of one
   rule's values, break the contract) is refused whole: none of its rows go on, the batch is
   marked ``refused`` with a reason file in ``quarantine/<collection>/``, and the blocking
-  check stops everything downstream of the collection in the same run.
+  check stops everything downstream of the collection in the same run. The exception is a
+  restriction feed (objections, ``honours_every_valid_row``): its valid rows go on even from
+  a refused batch, since a valid objection dropped would let an objector's record out.
 * GX and the single pass must agree on every count they both compute. If they do not, or
   GX cannot evaluate an expectation, validation stops with ``ValidationInconsistent`` and
   writes nothing (the batches stay ``landed`` and are validated again next run).
@@ -134,6 +136,8 @@ class ValidationReport:
     batches: list[BatchOutcome] = field(default_factory=list)
     gx_version: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: a restriction feed: the valid rows of refused batches go on too (``honours_every_valid_row``)
+    honours_refused: bool = False
 
     @property
     def rows_checked(self) -> int:
@@ -147,8 +151,8 @@ class ValidationReport:
 
     @property
     def rows_valid(self) -> int:
-        """Rows going on into the haven: the valid rows of accepted batches (none of a refused one)."""
-        return sum(b.rows - b.invalid_rows for b in self.batches if b.accepted)
+        """Rows going on: the valid rows of accepted batches (of a refused one only for a restriction feed)."""
+        return sum(b.rows - b.invalid_rows for b in self.batches if b.accepted or self.honours_refused)
 
     @property
     def failures_by_rule(self) -> dict[str, int]:
@@ -250,7 +254,7 @@ def validate_collection(
     """Validate every batch of the collection still in status ``landed``."""
     ensure_tables_validated(con, contract)
     c = contract.collection
-    report = ValidationReport(c, contract.version)
+    report = ValidationReport(c, contract.version, honours_refused=honours_every_valid_row(contract))
     pending = pending_batches(con, c)
     if not pending:
         return report
@@ -502,7 +506,7 @@ def _write_rows(con: duckdb.DuckDBPyConnection, contract: Contract, report: Vali
     by_index = {b.index: b.batch_id for b in report.batches}
     ids = ", ".join(lit(by_index[i]) if i in by_index else "NULL" for i in range(1, max(by_index) + 1))
     batch_id = f"[{ids}][_b]"
-    accepted = ", ".join(str(b.index) for b in report.batches if b.accepted)
+    accepted = ", ".join(str(b.index) for b in report.batches if b.accepted or honours_every_valid_row(contract))
     if accepted:
         con.execute(
             f"INSERT INTO landing.{q(c + '_valid')} SELECT {fields}, {batch_id}, _row FROM {CHECKED} "
@@ -512,6 +516,17 @@ def _write_rows(con: duckdb.DuckDBPyConnection, contract: Contract, report: Vali
         f"INSERT INTO landing.{q(c + '_rejected')} SELECT {batch_id}, _row, failed_rules FROM {CHECKED} "
         "WHERE len(failed_rules) > 0"
     )
+
+
+def honours_every_valid_row(contract: Contract) -> bool:
+    """A restriction feed (objections) passes on the valid rows of every batch, refused or not.
+
+    A refused content batch holds back all its rows (nothing doubtful enters the haven), but
+    holding back valid objections would release objectors' records: for a restriction feed,
+    honouring too much is safe and too little is not (CoP 11-14). Its bad rows still refuse
+    the batch and block record-level releases until resolved (``safehaven.protect.feed``).
+    """
+    return contract.kind == "objections"
 
 
 def _write_refusal(

@@ -194,6 +194,9 @@ class Agreement(_Strict):
     max_suppressed_share: float = Field(default=0.05, ge=0.0, le=1.0)
     #: routine flow after a two-reviewer release of the same shape (``safehaven.share.review``)
     routine_release: Literal["one_reviewer", "automatic"] | None = None
+    #: days the objection register may go unrefreshed before a record-level release refuses
+    #: (default: the haven's window, ``safehaven.protect.feed.window_days``)
+    objections_max_age_days: int | None = Field(default=None, gt=0)
     onward_sharing: OnwardSharing
     publication: Publication
     start_date: date

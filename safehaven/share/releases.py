@@ -89,7 +89,7 @@ from safehaven.core.keys import KeyRing, KeyRingError
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.intake.rules import lit, q
-from safehaven.protect import optouts, pseudonymise, vault
+from safehaven.protect import feed, optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, protect
 from safehaven.share import approvals, checker, review
 from safehaven.share.agreements import (
@@ -163,6 +163,8 @@ class ReleaseResult:
     objector_records_included: int = 0
     optouts_applied: bool | None = None
     optouts_reason: str = ""
+    #: the objection register's refresh date: the date of the opt-out list applied
+    optout_list_date: date | None = None
     k: KReport | None = None
     manifest_sha256: str | None = None
     rule: str | None = None
@@ -574,6 +576,12 @@ def _build(
     contracts = {c: registry.contracts[c] for c in a.collections}
     record_level = a.identifiability != "anonymised"
     result = ReleaseResult(a.id, PREPARED, "", level=a.identifiability)
+    try:  # the objection feed fails closed (safehaven.protect.feed)
+        result.optout_list_date = feed.release_guard(
+            con, home, today, record_level=record_level, agreement_days=a.objections_max_age_days
+        )
+    except feed.ObjectionFeedBlocked as exc:
+        raise ReleaseRefused(str(exc)) from None
 
     # 3. the linked cohort (each person once)
     cohort = " INTERSECT ".join(f"SELECT pid FROM haven.{q(c)}" for c in a.collections)
@@ -892,6 +900,7 @@ def _register_row(a: Agreement, agreement_sha: str, r: ReleaseResult) -> dict[st
         "objector_records_included": r.objector_records_included,
         "people_suppressed_k_anonymity": r.k.people_removed if r.k else 0,
         "manifest_sha256": r.manifest_sha256,
+        "optout_list_date": r.optout_list_date.isoformat() if r.optout_list_date else None,
     }
 
 
@@ -918,6 +927,7 @@ def _manifest(
             "reason": r.optouts_reason,
             "records_withheld": r.records_withheld,
             "objector_records_included": r.objector_records_included,
+            "objection_list_date": r.optout_list_date.isoformat() if r.optout_list_date else None,
         },
         "linkage": {
             "linkages": [lk.model_dump() for lk in a.linkages],

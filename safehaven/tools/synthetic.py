@@ -78,6 +78,8 @@ import numpy as np
 import polars as pl
 import yaml
 
+from safehaven.core.identifiers import MODULUS, WEIGHTS
+
 #: Where the code lists live (``data_contracts/code_lists/<name>.yaml``).
 CODE_LIST_DIR: Path = Path(__file__).resolve().parents[2] / "data_contracts" / "code_lists"
 
@@ -456,11 +458,10 @@ def _test_number_space() -> tuple[np.ndarray, np.ndarray]:
     prefixes = np.arange(999_000_000, 1_000_000_000, dtype=np.int64)
     total = np.zeros_like(prefixes)
     rest = prefixes.copy()
-    for weight in range(2, 11):  # last digit of the prefix has weight 2, first has 10
+    for weight in reversed(WEIGHTS):  # the rule's weights (safehaven.core.identifiers), last digit first
         total += weight * (rest % 10)
         rest //= 10
-    check = 11 - total % 11
-    check[check == 11] = 0
+    check = (MODULUS - total % MODULUS) % MODULUS
     usable = check != 10
     return prefixes[usable], check[usable]
 

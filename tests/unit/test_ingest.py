@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import tempfile
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -205,3 +211,59 @@ def test_two_bad_files_with_one_name_are_both_kept(store: Store, earlier: Home) 
     _, second = _ingest_one(store, earlier, "gp.csv", _csv_bytes("broken_quote"))
     assert second.name != "gp.csv"
     assert len(list(earlier.quarantine_for("gp_events").glob("*.reason.json"))) == 2
+
+
+# --- files written by other tools: BOM, every field quoted, CRLF -----------------------------
+
+#: Cell text: any Unicode but surrogates and NUL (a NUL byte is refused by rule), no CR/LF
+#: (a quoted line break is CSV, but not this test's subject).
+CELL = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00\r\n"), max_size=12)
+
+
+def _land_bytes(contract, data: bytes) -> tuple[int, int, list[tuple]]:
+    """Ingest ``data`` as one file into a fresh in-memory store: (landed, quarantined, rows)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        incoming = Path(tmp) / "incoming"
+        incoming.mkdir()
+        (incoming / "drop.csv").write_bytes(data)
+        con = duckdb.connect()
+        con.execute("CREATE SCHEMA landing; CREATE SCHEMA governance")
+        report = ingest_collection(con, contract, incoming, Path(tmp) / "quarantine")
+        cols = ", ".join(f'"{f}"' for f in contract.field_names)
+        rows = con.execute(f"SELECT {cols} FROM landing.{contract.collection} ORDER BY _row").fetchall()
+        return report.files_landed, report.files_quarantined, rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    collection=st.sampled_from(sorted(REGISTRY.contracts)),
+    cells=st.lists(st.lists(CELL, min_size=12, max_size=12), min_size=1, max_size=4),
+    crlf=st.booleans(),
+)
+def test_bom_and_quoted_header_land_for_every_collection(collection: str, cells: list[list[str]], crlf: bool) -> None:
+    """A ``utf-8-sig`` file with every field quoted (Excel, csv.QUOTE_ALL) lands with its values."""
+    contract = REGISTRY.contracts[collection]
+    names = contract.field_names
+    rows = [row[: len(names)] for row in cells]
+    text = io.StringIO()
+    writer = csv.writer(text, quoting=csv.QUOTE_ALL, lineterminator="\r\n" if crlf else "\n")
+    writer.writerow(names)
+    writer.writerows(rows)
+    landed, quarantined, got = _land_bytes(contract, text.getvalue().encode("utf-8-sig"))
+    assert (landed, quarantined) == (1, 0)
+    assert got == [tuple(v if v != "" else None for v in row) for row in rows]  # DuckDB reads "" as NULL
+
+
+@pytest.mark.parametrize("collection", sorted(REGISTRY.contracts))
+def test_pandas_quote_all_with_bom_lands(collection: str) -> None:
+    """The file from issue 14: pandas ``to_csv(quoting=QUOTE_ALL, encoding="utf-8-sig")``."""
+    contract = REGISTRY.contracts[collection]
+    frame = pd.DataFrame([{f: f"v{i}" for i, f in enumerate(contract.field_names)}])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.csv"
+        frame.to_csv(path, index=False, quoting=csv.QUOTE_ALL, encoding="utf-8-sig", lineterminator="\r\n")
+        data = path.read_bytes()
+    assert data.startswith(b'\xef\xbb\xbf"')
+    landed, quarantined, got = _land_bytes(contract, data)
+    assert (landed, quarantined) == (1, 0)
+    assert got == [tuple(f"v{i}" for i in range(len(contract.field_names)))]

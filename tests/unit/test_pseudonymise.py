@@ -10,6 +10,7 @@ import duckdb
 import pytest
 
 from safehaven.core.home import Home
+from safehaven.core.identifiers import MODULUS, WEIGHTS
 from safehaven.core.keys import KeyRing, KeyRingError, agreement_key, destroy_agreement_key
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
@@ -68,10 +69,11 @@ def test_plain_hashes_of_the_whole_test_range_match_no_pseudonym(haven_home: Hom
             "governance.objection_events"
         )
         seeded = con.execute("SELECT count(DISTINCT nhs_number) FROM landing.gp_events_valid").fetchone()[0]
-        weights = " + ".join(f"{10 - i} * CAST(substr(n, {i + 1}, 1) AS INTEGER)" for i in range(9))
+        weights = " + ".join(f"{w} * CAST(substr(n, {i + 1}, 1) AS INTEGER)" for i, w in enumerate(WEIGHTS))
         con.execute(
-            "CREATE TEMP TABLE _space AS SELECT n || CAST(CASE c WHEN 11 THEN 0 ELSE c END AS VARCHAR) AS nhs FROM "
-            f"(SELECT n, 11 - (({weights}) % 11) AS c FROM (SELECT '999' || lpad(CAST(i AS VARCHAR), 6, '0') AS n "
+            "CREATE TEMP TABLE _space AS SELECT n || CAST(c AS VARCHAR) AS nhs FROM "
+            f"(SELECT n, ({MODULUS} - (({weights}) % {MODULUS})) % {MODULUS} AS c "
+            "FROM (SELECT '999' || lpad(CAST(i AS VARCHAR), 6, '0') AS n "
             "FROM range(1000000) r(i))) WHERE c <> 10"
         )
         space = con.execute("SELECT count(*) FROM _space").fetchone()[0]

@@ -99,9 +99,14 @@ CASES = [
     ("gp_events", {"event_date": "2025-13-45"}, ["event_date.type"]),
     ("gp_events", {"date_of_birth": "03/02/1950"}, ["date_of_birth.type"]),
     ("objections", {"withdrawn_date": "2025-02-30"}, ["withdrawn_date.type"]),
-    # NHS number: any formatting of a valid number passes; a wrong check digit, a check of 10,
-    # the wrong length or letters fail
-    ("gp_events", {"nhs_number": "943.476.5919"}, []),
+    # NHS number: Unicode spaces and dashes anywhere pass; a wrong check digit, a check of 10,
+    # the wrong length, letters, dots or slashes fail; a spreadsheet rendering fails its own rule too
+    ("gp_events", {"nhs_number": "943\u00a0476\u20095919"}, []),
+    ("gp_events", {"nhs_number": "\u000b943\u2013476\u20135919 "}, []),
+    ("gp_events", {"nhs_number": "943.476.5919"}, ["nhs_number.nhs_number"]),
+    ("gp_events", {"nhs_number": "9434765919/"}, ["nhs_number.nhs_number"]),
+    ("gp_events", {"nhs_number": "943476591.0"}, ["nhs_number.nhs_number", "nhs_number.spreadsheet"]),
+    ("objections", {"nhs_number": "9.434765919E+09"}, ["nhs_number.nhs_number", "nhs_number.spreadsheet"]),
     ("gp_events", {"nhs_number": "9434765918"}, ["nhs_number.nhs_number"]),
     ("gp_events", {"nhs_number": "999000006" + "0"}, ["nhs_number.nhs_number"]),  # check digit would be 10
     ("gp_events", {"nhs_number": "943476591"}, ["nhs_number.nhs_number"]),
@@ -174,7 +179,7 @@ def test_every_rule_of_every_contract_has_a_failing_case() -> None:
                 kinds.add(check.kind)
             elif check.kind in ("code_list", "allowed", "order", "format"):
                 pytest.fail(f"{contract.collection}: no failing case for {check.id}")
-    assert kinds == {"required", "type", "nhs_number", "format", "code_list", "range", "order"}
+    assert kinds == {"required", "type", "nhs_number", "spreadsheet", "format", "code_list", "range", "order"}
 
 
 def test_a_row_breaking_several_rules_lists_each_once() -> None:

@@ -1,0 +1,323 @@
+"""The objection feed fails closed: no objector's record leaves because a feed was odd or late.
+
+Objections are a *restriction feed*: a missing objection lets a record out that must not
+leave, so an odd objections file must stop record-level releases, not just itself (CoP
+11-14; guide Rule 4B; the "rules for sharing" page: the national data opt-out is applied
+against a current list). Rules:
+
+* **Valid rows are honoured** even when other rows of the same file are bad
+  (``safehaven.intake.validation``: for a contract of kind ``objections`` the valid rows of
+  every batch go on, whatever its verdict). Honouring too much is safe; too little is not.
+* **A standing block.** A *fault* is an objections file quarantined whole at ingest (its
+  ``quarantine/objections/<file>.reason.json``) or a landed objections batch with rejected
+  rows (``landing.objections_rejected``). ``sync_faults`` records each in
+  ``governance.objection_feed_faults`` (file name, SHA-256, rule ids, rows; never a value),
+  once. While any fault is unresolved, or an objections batch is landed but not yet
+  validated and registered, ``require_sound_feed`` refuses every record-level release, in
+  this run and every later one. Anonymised aggregates are not blocked: the opt-out does not
+  cover them (guide Rule 4C).
+* **Clearing a fault** needs a person: re-send a corrected file under the same file name
+  (the fault clears when a later file of that name lands and validates with no rejected
+  row), or record a decision with ``safehaven objections resolve <file> --by <name>
+  --reason <text>`` (``resolve``). Both are audited.
+* **Freshness.** The register's *refresh date* is the latest day an objections file landed
+  and was validated (its rows honoured), or the latest date a person attested that the
+  register matches the current list (``safehaven objections refreshed --as-of``,
+  ``attest_refresh``). A record-level release refuses when that date is older than the
+  agreement's ``objections_max_age_days`` or else the haven's window (``WINDOW_ENV``,
+  default ``DEFAULT_WINDOW_DAYS`` = 31 days), or when there is no refresh at all. The
+  release register and manifest state the refresh date as the date of the opt-out list
+  applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import duckdb
+
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.registers import current_actor
+from safehaven.core.store import table_exists
+from safehaven.intake.ingest import BATCHES
+from safehaven.protect.objections import EVENTS
+from safehaven.protect.objections import ensure_tables as ensure_register
+
+COLLECTION = "objections"
+FAULTS = "governance.objection_feed_faults"
+REFRESHES = "governance.objection_refreshes"
+#: The haven's freshness window for the objection register, in days (NDOP: a current list).
+DEFAULT_WINDOW_DAYS = 31
+#: Environment variable that sets the haven's window (whole days).
+WINDOW_ENV = "SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS"
+#: The validation refusal's reason file (row-level; counted from the rejected table instead).
+_BATCH_RULE = "batch.tolerance"
+_CLEAR = (
+    "re-send a corrected file under the same name, or record a decision: "
+    "safehaven objections resolve <file> --by <name> --reason <text>"
+)
+
+
+class ObjectionFeedBlocked(Exception):
+    """Record-level releases are blocked: the objection feed is incomplete or stale (one line)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One unresolved fault of the feed: file, SHA-256, level, rule ids and rows (no values)."""
+
+    file_name: str
+    sha256: str
+    level: str
+    rules: str
+    rows: int | None
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """The fault log and the refresh attestations."""
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {FAULTS} (sha256 VARCHAR PRIMARY KEY, file_name VARCHAR, level VARCHAR, "
+        "rules VARCHAR, rows BIGINT, arrived_at TIMESTAMPTZ, detected_at TIMESTAMPTZ, resolved_at TIMESTAMPTZ, "
+        "resolved_by VARCHAR, resolution VARCHAR, reason VARCHAR)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {REFRESHES} (as_of DATE, attested_at TIMESTAMPTZ, attested_by VARCHAR, "
+        "reason VARCHAR)"
+    )
+    ensure_register(con)
+
+
+def _file_faults(quarantine: Path) -> list[tuple[str, str, str, str]]:
+    """(sha256, file, rule, arrived) of each file quarantined whole; an unreadable reason is a fault too."""
+    found = []
+    for path in sorted(quarantine.glob("*.reason.json")) if quarantine.exists() else []:
+        try:
+            reason = json.loads(path.read_text())
+            sha, name, rule = str(reason["sha256"]), str(reason["file"]), str(reason["rule"])
+            arrived = str(reason.get("quarantined_at") or datetime.now(UTC).isoformat())
+        except (OSError, ValueError, KeyError, TypeError):
+            sha, name, rule = f"unreadable:{path.name}", path.name, "feed.reason_unreadable"
+            arrived = datetime.now(UTC).isoformat()
+        if rule != _BATCH_RULE:
+            found.append((sha, name, rule, arrived))
+    return found
+
+
+def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
+    """Record faults not yet known (file-level from quarantine, row-level from the rejected table),
+    then clear those a corrected file has replaced. Returns the number of new faults."""
+    ensure_tables(con)
+    before = _scalar(con, f"SELECT count(*) FROM {FAULTS}")
+    for sha, name, rule, arrived in _file_faults(home.quarantine_for(COLLECTION)):
+        con.execute(
+            f"INSERT INTO {FAULTS} SELECT ?, ?, 'file', ?, NULL, CAST(? AS TIMESTAMPTZ), now(), NULL, NULL, NULL, NULL "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {FAULTS} WHERE sha256 = ?)",
+            [sha, name, rule, arrived, sha],
+        )
+    if table_exists(con, "landing", f"{COLLECTION}_rejected"):
+        con.execute(
+            f"INSERT INTO {FAULTS} SELECT r._batch, b.file_name, 'rows', "
+            "array_to_string(list_sort(list_distinct(flatten(list(r.failed_rules)))), ', '), count(*), "
+            "b.landed_at, now(), NULL, NULL, NULL, NULL "
+            f"FROM landing.{COLLECTION}_rejected r JOIN {BATCHES} b ON b.batch_id = r._batch "
+            f"WHERE r._batch NOT IN (SELECT sha256 FROM {FAULTS}) GROUP BY r._batch, b.file_name, b.landed_at"
+        )
+    _clear_corrected(con)
+    return _scalar(con, f"SELECT count(*) FROM {FAULTS}") - before
+
+
+def _clear_corrected(con: duckdb.DuckDBPyConnection) -> None:
+    """A fault clears when a later file of the same name landed and validated with no rejected row."""
+    rejected = (
+        f"SELECT _batch FROM landing.{COLLECTION}_rejected"
+        if table_exists(con, "landing", f"{COLLECTION}_rejected")
+        else "SELECT NULL::VARCHAR AS _batch WHERE false"
+    )
+    cleared = con.execute(
+        f"UPDATE {FAULTS} f SET resolved_at = now(), resolved_by = 'pipeline', resolution = 'corrected_file', "
+        "reason = b.batch_id "
+        f"FROM {BATCHES} b WHERE f.resolved_at IS NULL AND b.collection = ? AND b.file_name = f.file_name "
+        "AND b.landed_at > f.arrived_at AND b.validated_at IS NOT NULL AND b.batch_id <> f.sha256 "
+        f"AND b.batch_id NOT IN ({rejected}) RETURNING sha256, reason",
+        [COLLECTION],
+    ).fetchall()
+    for sha, by_batch in cleared:
+        audit.append(
+            con,
+            actor=current_actor(),
+            role="pipeline",
+            action="objections.fault_cleared",
+            object=f"objections_file:{sha}",
+            detail={
+                "resolution": "corrected_file",
+                "reason": "a later file of the same name landed and validated with no rejected row",
+                "corrected_by_batch": by_batch,
+            },
+        )
+
+
+def unresolved(con: duckdb.DuckDBPyConnection) -> list[Fault]:
+    """Unresolved faults, oldest first."""
+    ensure_tables(con)
+    rows = con.execute(
+        f"SELECT file_name, sha256, level, rules, rows FROM {FAULTS} WHERE resolved_at IS NULL "
+        "ORDER BY arrived_at, sha256"
+    ).fetchall()
+    return [Fault(*r) for r in rows]
+
+
+def pending_batches(con: duckdb.DuckDBPyConnection) -> int:
+    """Objections batches landed but not validated, plus validated batches with valid rows not registered."""
+    if not table_exists(con, *BATCHES.split(".")):
+        return 0
+    landed = _scalar(con, f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND status = 'landed'", [COLLECTION])
+    if not table_exists(con, "landing", f"{COLLECTION}_valid"):
+        return landed
+    unregistered = _scalar(
+        con,
+        f"SELECT count(DISTINCT v._batch) FROM landing.{COLLECTION}_valid v WHERE NOT EXISTS "
+        f"(SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row)",
+    )
+    return landed + unregistered
+
+
+def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
+    """The register's refresh date: the latest objections file validated, or attestation (module docstring)."""
+    ensure_tables(con)
+    dropped = None
+    if table_exists(con, *BATCHES.split(".")):
+        dropped = con.execute(
+            f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL",
+            [COLLECTION],
+        ).fetchone()[0]
+    attested = con.execute(f"SELECT max(as_of) FROM {REFRESHES}").fetchone()[0]
+    known = [d for d in (dropped, attested) if d is not None]
+    return max(known) if known else None
+
+
+def window_days(agreement_days: int | None = None) -> int:
+    """The freshness window: the agreement's, else ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS``, else 31."""
+    if agreement_days is not None:
+        return int(agreement_days)
+    text = os.environ.get(WINDOW_ENV, "").strip()
+    if not text:
+        return DEFAULT_WINDOW_DAYS
+    if not text.isdigit() or int(text) < 1:
+        raise ObjectionFeedBlocked(f"{WINDOW_ENV}={text!r} is not a whole number of days; set it to e.g. 31")
+    return int(text)
+
+
+def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_age_days: int) -> list[str]:
+    """Why record-level releases must not run now (empty when the feed is complete and fresh)."""
+    sync_faults(con, home)
+    problems = [_describe(f) for f in unresolved(con)]
+    pending = pending_batches(con)
+    if pending:
+        problems.append(f"{pending} objections batch(es) landed but not yet validated and registered; run the pipeline")
+    refreshed = refreshed_on(con)
+    if refreshed is None:
+        problems.append(
+            "the objection register has never been refreshed: land the current objections file, or attest it "
+            "with: safehaven objections refreshed --as-of <date> --by <name> --reason <text>"
+        )
+    elif (today - refreshed).days > max_age_days:
+        problems.append(
+            f"the objection register was last refreshed on {refreshed.isoformat()}, more than {max_age_days} days "
+            f"before {today.isoformat()}: land the current objections file, or attest it with: "
+            "safehaven objections refreshed --as-of <date> --by <name> --reason <text>"
+        )
+    return problems
+
+
+def _describe(fault: Fault) -> str:
+    what = (
+        f"{fault.rows} row(s) rejected ({fault.rules})"
+        if fault.level == "rows"
+        else f"the whole file quarantined ({fault.rules})"
+    )
+    return f"objections file {fault.file_name} (sha256 {fault.sha256[:12]}): {what}; {_CLEAR}"
+
+
+def require_sound_feed(
+    con: duckdb.DuckDBPyConnection, home: Home, today: date, agreement_days: int | None = None
+) -> date:
+    """The guard of every record-level release: the objection feed is complete and fresh.
+
+    Returns the register's refresh date (the date of the opt-out list applied). Raises
+    :class:`ObjectionFeedBlocked` with every reason on one line otherwise.
+    """
+    problems = feed_problems(con, home, today, window_days(agreement_days))
+    if problems:
+        raise ObjectionFeedBlocked("record-level releases are blocked: " + " | ".join(problems))
+    refreshed = refreshed_on(con)
+    assert refreshed is not None
+    return refreshed
+
+
+def release_guard(
+    con: duckdb.DuckDBPyConnection, home: Home, today: date, *, record_level: bool, agreement_days: int | None
+) -> date | None:
+    """The one check a release makes: record-level releases need a complete, fresh feed
+    (``require_sound_feed``); anonymised ones are not blocked (guide Rule 4C). Returns the date
+    of the opt-out list applied (None when the register was never refreshed)."""
+    if record_level:
+        return require_sound_feed(con, home, today, agreement_days)
+    return refreshed_on(con)
+
+
+def resolve(con: duckdb.DuckDBPyConnection, home: Home, file: str, *, by: str, reason: str) -> int:
+    """A person's decision clearing the unresolved faults of ``file`` (its name or SHA-256), audited.
+
+    Returns the number of faults resolved; raises ``ValueError`` when none matches.
+    """
+    if not by.strip() or not reason.strip():
+        raise ValueError("a decision needs --by <name> and --reason <text>")
+    sync_faults(con, home)
+    key = Path(file).name
+    rows = con.execute(
+        f"UPDATE {FAULTS} SET resolved_at = now(), resolved_by = ?, resolution = 'decision', reason = ? "
+        "WHERE resolved_at IS NULL AND (file_name = ? OR sha256 = ? OR (length(?) >= 12 AND sha256 LIKE ? || '%')) "
+        "RETURNING sha256, level, rows",
+        [by, reason, key, key, key, key],
+    ).fetchall()
+    if not rows:
+        raise ValueError(f"no unresolved objections fault for {key!r}; see: safehaven objections faults")
+    for sha, level, n in rows:
+        audit.append(
+            con,
+            actor=by,
+            role="governance",
+            action="objections.resolve",
+            object=f"objections_file:{sha}",
+            outcome="ok",
+            detail={"level": level, "rows": n, "reason": reason[:500], "recorded_by": current_actor()},
+        )
+    return len(rows)
+
+
+def attest_refresh(con: duckdb.DuckDBPyConnection, as_of: date, *, by: str, reason: str, today: date) -> None:
+    """A person attests that the register matched the current opt-out list on ``as_of`` (audited)."""
+    if not by.strip() or not reason.strip():
+        raise ValueError("an attestation needs --by <name> and --reason <text>")
+    if as_of > today:
+        raise ValueError(f"--as-of {as_of.isoformat()} is in the future")
+    ensure_tables(con)
+    con.execute(f"INSERT INTO {REFRESHES} VALUES (?, now(), ?, ?)", [as_of, by, reason])
+    audit.append(
+        con,
+        actor=by,
+        role="governance",
+        action="objections.refreshed",
+        object="governance.objection_events",
+        detail={"as_of": as_of.isoformat(), "reason": reason[:500], "recorded_by": current_actor()},
+    )
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> int:
+    row = con.execute(sql, params or []).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0

@@ -1,0 +1,318 @@
+"""The objection feed fails closed (issue 14; ``safehaven.protect.feed``).
+
+Objections arrive as real files through real ingest, validation and the register, into a
+haven built by ``tests.governance_helpers.small_haven``; releases are real record-level
+releases under ``section_251`` (the opt-out applies). The two scenarios of the issue end with
+no objector in any release, in the run that sees the fault and every later one until it is
+resolved; a stale register refuses; resolving is audited.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import ingest_collection
+from safehaven.intake.validation import validate_collection
+from safehaven.protect import feed
+from safehaven.protect.objections import register_objections
+from safehaven.share.releases import ReleaseRefused, release
+from tests.governance_helpers import BASE, NHS, OPTED_OUT, agreement_data, contracts_root, small_haven, write_agreement
+
+COLUMNS = ["nhs_number", "objection_type", "recorded_date", "withdrawn_date", "source_practice"]
+TODAY = date.today()
+FUTURE = (TODAY + timedelta(days=30)).isoformat()
+#: hospital_episodes holds two records per person (small_haven)
+EPISODES_EACH = 2
+
+
+@dataclass
+class Haven:
+    home: Home
+    con: duckdb.DuckDBPyConnection
+    registry: ContractRegistry
+    keyring: KeyRing
+    pids: dict[str, str]
+    agreement: str = "test-feed"
+
+    def drop(self, name: str, rows: list[list[str]], *, excel: bool = False) -> None:
+        """An objections file; ``excel``: BOM, every field quoted, CRLF (pandas QUOTE_ALL / Excel)."""
+        text = io.StringIO()
+        writer = csv.writer(text, quoting=csv.QUOTE_ALL if excel else csv.QUOTE_MINIMAL, lineterminator="\r\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+        folder = self.home.incoming_for("objections")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(text.getvalue().encode("utf-8-sig" if excel else "utf-8"))
+
+    def run(self) -> bool:
+        """Ingest, validate and register objections as the pipeline does; False when validation refused a batch."""
+        contract = self.registry.objections()
+        ingest_collection(
+            self.con, contract, self.home.incoming_for("objections"), self.home.quarantine_for("objections")
+        )
+        report = validate_collection(self.con, contract, self.registry, self.home.quarantine_for("objections"))
+        register_objections(self.con, contract)
+        return report.gx_success
+
+    def release(self, today: date | None = None):
+        return release(
+            self.con, self.agreement, home=self.home, registry=self.registry, keyring=self.keyring, today=today
+        )
+
+    def members(self, release_id: str) -> set[str]:
+        rows = self.con.execute(f"SELECT pid FROM {reg.RELEASE_MEMBERS} WHERE release_id = ?", [release_id])
+        return {r[0] for r in rows.fetchall()}
+
+
+@pytest.fixture
+def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    registry = ContractRegistry(contracts_root(tmp_path))
+    keyring = KeyRing(home.keys)
+    write_agreement(
+        registry.root,
+        agreement_data(
+            id="test-feed",
+            collections=["hospital_episodes"],
+            linkages=[],
+            fields=[f for f in BASE["fields"] if f["collection"] == "hospital_episodes"],
+            small_groups="suppress",
+            max_suppressed_share=1.0,
+        ),
+    )
+    with Store(home).connect() as con:
+        pids = small_haven(con, keyring, registry)
+        yield Haven(home, con, registry, keyring, pids)
+
+
+def _opt_out(i: int, recorded: str = "2024-03-01") -> list[str]:
+    return [NHS[i], "national_opt_out", recorded, "", ""]
+
+
+def _refused(haven: Haven) -> str:
+    with pytest.raises(ReleaseRefused) as exc:
+        haven.release()
+    return str(exc.value)
+
+
+def test_excel_objections_file_is_honoured_in_the_same_run(haven: Haven) -> None:
+    """Scenario 1: BOM + every field quoted; the objectors' records are withheld at once."""
+    haven.drop("practice_a.csv", [_opt_out(10), _opt_out(11)], excel=True)
+    assert haven.run()
+    assert not list(haven.home.quarantine_for("objections").glob("*.reason.json"))
+    result = haven.release()
+    assert not {haven.pids[NHS[i]] for i in (10, 11, OPTED_OUT)} & haven.members(result.release_id)
+    assert result.records_withheld == 3 * EPISODES_EACH
+
+
+def test_a_file_quarantined_whole_blocks_until_a_person_resolves_it(haven: Haven) -> None:
+    folder = haven.home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "practice_b.csv").write_text("nhs number;objection type\n" + NHS[12] + ";national_opt_out\n")
+    haven.run()
+    for _ in range(2):  # the run that sees it, and a later run with no new file
+        haven.run()
+        message = _refused(haven)
+        assert "practice_b.csv" in message and "the whole file quarantined" in message
+        assert "safehaven objections resolve" in message and "\n" not in message
+        assert NHS[12] not in message
+    assert feed.resolve(haven.con, haven.home, "practice_b.csv", by="Dr Guardian", reason="sent again by post") == 1
+    assert haven.release().status == "released"
+    [entry] = [e for e in audit.entries_for(haven.con) if e.action == "objections.resolve"]
+    assert entry.actor == "Dr Guardian" and entry.detail_value["level"] == "file"
+
+
+def test_one_bad_row_blocks_every_later_run_and_a_corrected_file_clears_it(haven: Haven) -> None:
+    """Scenario 2: a future recorded date refuses the batch; the valid rows are honoured; the block stands."""
+    haven.drop("practice_c.csv", [_opt_out(20), _opt_out(21), _opt_out(22, recorded=FUTURE)])
+    assert not haven.run()  # the batch is refused in the run that sees it
+    for _ in range(3):  # later runs with no new files
+        assert haven.run()
+        message = _refused(haven)
+        assert "practice_c.csv" in message and "1 row(s) rejected (recorded_date.range)" in message
+    assert {haven.pids[NHS[20]], haven.pids[NHS[21]]} <= {
+        r[0] for r in haven.con.execute("SELECT pid FROM governance.objection_events").fetchall()
+    }  # valid rows honoured although the batch was refused
+    haven.drop("practice_c.csv", [_opt_out(20), _opt_out(21), _opt_out(22)])
+    assert haven.run()
+    result = haven.release()
+    assert not {haven.pids[NHS[i]] for i in (20, 21, 22, OPTED_OUT)} & haven.members(result.release_id)
+    assert result.records_withheld == 4 * EPISODES_EACH
+    assert any(e.action == "objections.fault_cleared" for e in audit.entries_for(haven.con))
+
+
+def test_stale_register_refuses_and_an_attested_refresh_clears_it(haven: Haven) -> None:
+    later = TODAY + timedelta(days=feed.DEFAULT_WINDOW_DAYS + 1)
+    with pytest.raises(ReleaseRefused, match="last refreshed on"):
+        haven.release(today=later)
+    feed.attest_refresh(haven.con, TODAY, by="Dr Guardian", reason="checked against the current list", today=TODAY)
+    with pytest.raises(ReleaseRefused, match="last refreshed on"):
+        haven.release(today=later)  # attested today: still older than the window on `later`
+    result = haven.release()
+    assert result.optout_list_date == TODAY
+    [row] = reg.releases(haven.con, "test-feed")
+    assert row["optout_list_date"] == TODAY
+    assert (result.directory / "manifest.json").read_text().count(f'"objection_list_date": "{TODAY.isoformat()}"') == 1
+
+
+def test_agreement_window_overrides_the_havens(haven: Haven) -> None:
+    write_agreement(haven.registry.root, {**agreement_data(id="test-feed-tight"), "objections_max_age_days": 1})
+    haven.agreement = "test-feed-tight"
+    with pytest.raises(ReleaseRefused, match="more than 1 days"):
+        haven.release(today=TODAY + timedelta(days=3))
+
+
+def test_anonymised_release_is_not_blocked(haven: Haven) -> None:
+    haven.drop("practice_d.csv", [_opt_out(30, recorded=FUTURE)])
+    haven.run()
+    write_agreement(
+        haven.registry.root,
+        agreement_data(id="test-anon", identifiability="anonymised", legal_basis={"basis": "anonymised"}),
+    )
+    haven.agreement = "test-anon"
+    assert haven.release().status == "released"
+
+
+# --- property: any population, objection set, formatting and mix of good and bad rows ----
+
+SEPARATORS = [" ", "-", "\u00a0", "\u2009", "\u000b", "\u2013", "\u3000", ""]
+BAD = {
+    "future": lambda n: [n, "national_opt_out", FUTURE, "", ""],
+    "spreadsheet": lambda n: [
+        n.replace(" ", "")[:9] + "." + n.replace(" ", "")[9:],
+        "national_opt_out",
+        "2024-01-01",
+        "",
+        "",
+    ],
+    "type": lambda n: [n, "type2", "2024-01-01", "", ""],
+}
+
+
+def _row(rendered: str, bad: str | None) -> list[str]:
+    return BAD[bad](rendered) if bad else [rendered, "national_opt_out", "2024-03-01", "", ""]
+
+
+def _render(nhs: str, seps: list[str]) -> str:
+    return nhs[:3] + seps[0] + nhs[3:6] + seps[1] + nhs[6:]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    people=st.lists(
+        st.tuples(
+            st.integers(0, 51),
+            st.lists(st.sampled_from(SEPARATORS), min_size=2, max_size=2),
+            st.sampled_from([None, *BAD]),
+        ),
+        min_size=1,
+        max_size=8,
+        unique_by=lambda p: p[0],
+    ),
+    excel=st.booleans(),
+)
+def test_no_objector_leaves_whatever_the_feed(haven: Haven, people, excel: bool) -> None:
+    """Any formatting and any mix of good and bad rows: no objector with a valid row is released,
+    and while a bad row is unresolved nothing record-level is released at all."""
+    rows = [_row(_render(NHS[i], seps), bad) for i, seps, bad in people]
+    name = f"feed_{haven.con.execute('SELECT count(*) FROM governance.batches').fetchone()[0]}.csv"
+    haven.drop(name, rows, excel=excel)
+    haven.run()
+    haven.run()
+    objectors = {
+        r[0]
+        for r in haven.con.execute(
+            "SELECT DISTINCT pid FROM governance.objection_events WHERE "
+            "objection_type = 'national_opt_out' AND withdrawn_date IS NULL"
+        ).fetchall()
+    }
+    assert {haven.pids[NHS[i]] for i, _, bad in people if bad is None} <= objectors
+    if any(bad for _, _, bad in people):
+        _refused(haven)
+        feed.resolve(haven.con, haven.home, name, by="Dr Guardian", reason="the sender confirmed the bad rows")
+    result = haven.release()
+    assert not objectors & haven.members(result.release_id)
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+def test_type1_needs_its_source_practice(home: Home) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    runner = CliRunner()
+    refused = runner.invoke(main, ["objections", "record", "--nhs-number", NHS[1], "--type", "type1"])
+    assert refused.exit_code != 0 and "--source-practice" in refused.output
+    assert not list(home.incoming_for("objections").glob("*.csv"))
+    done = runner.invoke(
+        main, ["objections", "record", "--nhs-number", NHS[1], "--type", "type1", "--source-practice", "A81001"]
+    )
+    assert done.exit_code == 0, done.output
+
+
+def test_resolve_command_is_audited_and_says_when_nothing_matches(home: Home) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    folder = home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bad.csv").write_text("")  # file.empty: quarantined whole
+    with Store(home).connect() as con:
+        ingest_collection(con, ContractRegistry().objections(), folder, home.quarantine_for("objections"))
+    runner = CliRunner()
+    missing = runner.invoke(main, ["objections", "resolve", "other.csv", "--by", "Dr G", "--reason", "n/a"])
+    assert missing.exit_code != 0 and "no unresolved objections fault" in missing.output
+    done = runner.invoke(main, ["objections", "resolve", "bad.csv", "--by", "Dr G", "--reason", "empty by mistake"])
+    assert done.exit_code == 0, done.output
+    with Store(home).connect() as con:
+        assert feed.unresolved(con) == []
+        [entry] = [e for e in audit.entries_for(con) if e.action == "objections.resolve"]
+    assert entry.actor == "Dr G" and entry.detail_value["reason"] == "empty by mistake"
+
+
+def test_type1_registered_after_gp_records_entered_withholds_them_and_the_notice_says_so(haven: Haven) -> None:
+    from safehaven.protect.optouts import notices
+    from safehaven.protect.pseudonymise import install_agreement_key
+
+    gp_fields = [
+        {"collection": "gp_events", "field": "sex", "justification": "Outcomes differ by sex in this audit."},
+        {"collection": "gp_events", "field": "event_date", "justification": "Timing of the event is the outcome."},
+    ]
+    write_agreement(
+        haven.registry.root,
+        agreement_data(
+            id="test-gp", collections=["gp_events"], linkages=[], fields=gp_fields, max_suppressed_share=1.0
+        ),
+    )
+    haven.agreement = "test-gp"
+    first = haven.release()
+    person = haven.pids[NHS[15]]
+    assert person in haven.members(first.release_id)  # GP records already in the haven
+    haven.drop("practice_e.csv", [[NHS[15], "type1", "2024-05-01", "", "A81002"]])
+    assert haven.run()
+    second = haven.release()
+    assert person not in haven.members(second.release_id)
+    assert second.records_withheld == first.records_withheld + 3  # three GP events each (small_haven)
+    name = install_agreement_key(haven.con, haven.keyring, "test-gp", create=False)
+    report = notices(
+        haven.con, agreement_id="test-gp", recipient_key_name=name, since_release_id=first.release_id, gp_sourced=True
+    )
+    assert len(report.objected) == 1 and report.withheld == second.records_withheld
