@@ -70,6 +70,7 @@ from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
 from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
+from safehaven.publish.disclosure.policy import ROUNDING, SUPPRESS_ZEROS, THRESHOLD, Rounding
 
 CODES = "governance.code_list"
 MONTHS = "reporting_months"
@@ -167,9 +168,9 @@ class Measure(Strict):
 class PolicySpec(Strict):
     """The output's disclosure-control policy (``safehaven.publish.disclosure.Policy``)."""
 
-    threshold: int = Field(default=7, ge=0)
-    rounding: Literal["nearest5", "midpoint6"] = "nearest5"
-    suppress_zeros: bool = False
+    threshold: int = Field(default=THRESHOLD, ge=0)
+    rounding: Rounding = ROUNDING
+    suppress_zeros: bool = SUPPRESS_ZEROS
 
     def policy(self) -> Policy:
         return Policy(threshold=self.threshold, rounding=self.rounding, suppress_zeros=self.suppress_zeros)

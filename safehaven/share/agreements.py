@@ -73,6 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from safehaven.intake.contracts import ContractRegistry, contracts_dir
 from safehaven.protect.pseudonymise import haven_coarsening
+from safehaven.publish.disclosure.policy import K_ANONYMITY, MIN_K_ANONYMITY
 
 LegalBasis = Literal["consent", "statutory", "public_interest", "section_251", "copi_reg3", "anonymised"]
 Level = Literal["identifiable", "pseudonymised", "anonymised"]
@@ -184,7 +185,7 @@ class Agreement(_Strict):
     fields: list[ReleasedField] = Field(min_length=1)
     linkages: list[Linkage] = []
     coarsening: Coarsening = Coarsening()
-    k_anonymity: int = Field(default=5, ge=2)
+    k_anonymity: int = Field(default=K_ANONYMITY, ge=MIN_K_ANONYMITY)
     small_groups: Literal["suppress", "refuse"] = "suppress"
     max_suppressed_share: float = Field(default=0.05, ge=0.0, le=1.0)
     onward_sharing: OnwardSharing
@@ -635,7 +636,7 @@ def draft_yaml(
         "coarsening:",
         "  dob: year",
         "  postcode: none",
-        "k_anonymity: 5",
+        f"k_anonymity: {K_ANONYMITY}",
         "small_groups: suppress",
         "max_suppressed_share: 0.05",
         "onward_sharing:",

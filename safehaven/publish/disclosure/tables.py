@@ -86,9 +86,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import duckdb
+
+from safehaven.publish.disclosure.policy import DEFAULT_POLICY, DisclosureError, Policy, true_range
 
 __all__ = [
     "ColumnReport",
@@ -104,71 +105,12 @@ __all__ = [
     "true_range",
 ]
 
-Rounding = Literal["nearest5", "midpoint6"]
 PRIMARY = "primary"
 SECONDARY = "secondary"
 TOTAL_OVER = "total_over"
 REASON = "suppressed"
 FORMULA_LEADERS = ("=", "+", "-", "@", "\t", "\r")
 _LEADERS_SQL = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_LEADERS)
-
-
-class DisclosureError(ValueError):
-    """The table cannot be protected as asked (bad arguments or bad source counts)."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The disclosure-control policy of one output (see the module docstring)."""
-
-    threshold: int = 7
-    """Counts of 1..threshold people are suppressed (HES, OpenSAFELY: 7)."""
-    rounding: Rounding = "nearest5"
-    """``"nearest5"`` (default) or OpenSAFELY ``"midpoint6"``."""
-    suppress_zeros: bool = False
-    """Also suppress zero cells and, against a denominator, zero complements (100% cells)."""
-
-    def __post_init__(self) -> None:
-        if self.threshold < 0:
-            raise DisclosureError("threshold must be >= 0")
-        if self.rounding not in ("nearest5", "midpoint6"):
-            raise DisclosureError(f"unknown rounding {self.rounding!r}")
-
-    def round_sql(self, expr: str) -> str:
-        """SQL rounding a non-negative integer expression onto this policy's grid."""
-        if self.rounding == "nearest5":
-            return f"((({expr}) + 2) // 5) * 5"
-        return f"(CASE WHEN ({expr}) = 0 THEN 0 ELSE ((({expr}) + 5) // 6) * 6 - 3 END)"
-
-    def on_grid_sql(self, expr: str) -> str:
-        """SQL true when a published count lies on this policy's grid."""
-        if self.rounding == "nearest5":
-            return f"(({expr}) % 5 = 0)"
-        return f"(({expr}) = 0 OR ({expr}) % 6 = 3)"
-
-    def small_sql(self, expr: str) -> str:
-        """SQL true when a true count must be primary-suppressed."""
-        zero = f" OR ({expr}) = 0" if self.suppress_zeros else ""
-        return f"(({expr}) BETWEEN 1 AND {self.threshold}{zero})"
-
-
-def true_range(published: int, policy: Policy = Policy()) -> tuple[int, int]:
-    """The true counts a published (unsuppressed) cell value can stand for, inclusive.
-
-    The rounding window (nearest 5: +-2; midpoint 6: -2..+3), less the counts
-    1..threshold, which are suppressed before rounding. Under the default threshold a
-    published 0 is a true zero. Used to reason about differencing between outputs.
-    """
-    if policy.rounding == "nearest5":
-        lo, hi = published - 2, published + 2
-    else:
-        lo, hi = (0, 0) if published == 0 else (published - 2, published + 3)
-    lo = max(lo, 0)
-    if lo >= 1:
-        lo = max(lo, policy.threshold + 1)
-    elif hi <= policy.threshold:
-        hi = 0
-    return (lo, hi)
 
 
 @dataclass(frozen=True)
@@ -283,7 +225,7 @@ def protect(
     count_col: str = "people",
     margins: Sequence[Sequence[str]] | None = None,
     rate_cols: dict[str, str] | None = None,
-    policy: Policy = Policy(),
+    policy: Policy = DEFAULT_POLICY,
     *,
     mean_cols: dict[str, str] | None = None,
     totals: bool = False,
@@ -491,7 +433,7 @@ def check_invariants(
     table: str,
     dimensions: Sequence[str],
     count_col: str = "people",
-    policy: Policy = Policy(),
+    policy: Policy = DEFAULT_POLICY,
     margins: Sequence[Sequence[str]] | None = None,
     rate_cols: dict[str, str] | None = None,
 ) -> list[str]:
