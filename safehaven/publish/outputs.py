@@ -71,6 +71,7 @@ from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts
 from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
 from safehaven.publish.disclosure.policy import ROUNDING, SUPPRESS_ZEROS, THRESHOLD, Rounding
+from safehaven.publish.disclosure.relations import Relation
 
 CODES = "governance.code_list"
 MONTHS = "reporting_months"
@@ -207,6 +208,8 @@ class Output(Strict):
     #: days from the end of the reporting period by which the output should be published
     timeliness_target_days: int = Field(default=35, gt=0)
     linkage: LinkageSpec | None = None
+    #: relations to other outputs and to the previous publication (``disclosure.relations``)
+    relations: list[Relation] = []
     sql: str
 
     @field_validator("dimensions")
@@ -233,6 +236,10 @@ class Output(Strict):
                 raise ValueError("under midpoint 6 rounding, count columns are named *_midpoint6 (OpenSAFELY)")
         if self.linkage and {self.linkage.left, self.linkage.right} - set(self.collections):
             raise ValueError("a linkage joins two of the output's collections")
+        dims = {d.name for d in self.dimensions}
+        for r in self.relations:
+            if set(r.on) - dims or (r.time and r.time not in dims):
+                raise ValueError(f"a {r.kind} relation names dimensions this output does not have")
         if self.margins is not None:
             for margin in self.margins:
                 if set(margin) - {d.name for d in self.dimensions}:
