@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -70,6 +71,8 @@ from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
 from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
+from safehaven.publish.disclosure.audit import AuditReport
+from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, SUPPRESS_ZEROS, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Relation
 
@@ -238,7 +241,7 @@ class Output(Strict):
             raise ValueError("a linkage joins two of the output's collections")
         dims = {d.name for d in self.dimensions}
         for r in self.relations:
-            if set(r.on) - dims or (r.time and r.time not in dims):
+            if set(r.match) - dims or (r.time and r.time not in dims):
                 raise ValueError(f"a {r.kind} relation names dimensions this output does not have")
         if self.margins is not None:
             for margin in self.margins:
@@ -442,6 +445,8 @@ class OutputBuild:
     report: ProtectionReport
     violations: list[str]
     agreement: str | None = None
+    #: the joint disclosure audit, for an output that declares relations
+    audit: AuditReport | None = None
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -451,6 +456,7 @@ class OutputBuild:
             "observed_cells": self.observed_cells,
             "violations": len(self.violations),
             **self.report.as_metadata(),
+            **(self.audit.as_metadata() if self.audit else {}),
         }
 
 
@@ -534,6 +540,38 @@ def _with_labels(con: duckdb.DuckDBPyConnection, output: Output, protected: str)
     return labelled
 
 
+def _protect(
+    con: duckdb.DuckDBPyConnection,
+    output: Output,
+    source: str,
+    target: str,
+    publication: Mapping[str, Output],
+    previous_folder: Path | None,
+) -> tuple[ProtectionReport, AuditReport | None]:
+    """Protect the true cells: on their own, or jointly with the related published outputs."""
+    options: dict[str, Any] = {
+        "count_col": output.count_col,
+        "margins": output.margins,
+        "rate_cols": output.rate_cols or None,
+        "policy": output.policy.policy(),
+        "totals": output.totals,
+    }
+    if not output.relations:
+        return protect(con, source, target, output.dimension_names, **options), None
+    from safehaven.publish.release_audit import build_context  # it imports this module
+
+    others, links, context = build_context(con, output, publication, previous_folder)
+    try:
+        report, audited = protect_jointly(
+            con, output.name, source, target, output.dimension_names, others, links, **options
+        )
+    finally:
+        for table in context["previous"].values():
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+    audited.problems[:0] = context["problems"]
+    return report, audited
+
+
 def build_output(
     con: duckdb.DuckDBPyConnection,
     output: Output,
@@ -541,6 +579,8 @@ def build_output(
     *,
     today: date | None = None,
     agreement_id: str | None = None,
+    publication: Mapping[str, Output] | None = None,
+    previous_folder: Path | None = None,
 ) -> OutputBuild:
     """Count, fill the grid, protect and write ``published.<name>`` in public form; check it.
 
@@ -548,6 +588,9 @@ def build_output(
     (``safehaven.share.linkage.authorise_linkage``, called by the asset first). The code lists are
     the store's copy, which the caller refreshes once per unit of work (:func:`load_code_lists`,
     the aggregate asset); a store without a copy yet (a new store, a test) gets one here.
+    An output that declares ``relations`` is protected jointly with the related outputs
+    already in ``published`` (``publication``: the declared outputs, default all) and its
+    previous publication (files in ``previous_folder``), and audited with them.
     """
     if output.linkage and agreement_id != output.linkage.agreement:
         raise OutputError(
@@ -560,17 +603,8 @@ def build_output(
     install_helpers(con, period)
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
     grid, observed = true_cells(con, output, true_table)
-    policy = output.policy.policy()
-    report = protect(
-        con,
-        true_table,
-        f"temp.{protected}",
-        output.dimension_names,
-        count_col=output.count_col,
-        margins=output.margins,
-        rate_cols=output.rate_cols or None,
-        policy=policy,
-        totals=output.totals,
+    report, audit_report = _protect(
+        con, output, true_table, f"temp.{protected}", publication or load_outputs(registry), previous_folder
     )
     con.execute(f"DROP TABLE {true_table}")
     target = f"published.{output.name}"
@@ -586,8 +620,10 @@ def build_output(
         target,
         output.dimension_names,
         output.count_col,
-        policy,
+        output.policy.policy(),
         margins=output.margins,
         rate_cols=output.rate_cols or None,
     )
-    return OutputBuild(output.name, target, period, grid, observed, report, violations, agreement_id)
+    if audit_report is not None:
+        violations += audit_report.problems
+    return OutputBuild(output.name, target, period, grid, observed, report, violations, agreement_id, audit_report)

@@ -76,6 +76,8 @@ class AuditTable:
     #: every cell unknown (``[0, inf)``) and audited: which cells of a table being built the
     #: rest of the publication already pins to 0 or a small count
     unknown: bool = False
+    #: its suppressed cells are audited (a previous publication is evidence, not audited itself)
+    audited: bool = True
 
 
 @dataclass
@@ -136,8 +138,21 @@ class _Model:
     eq: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     n_ub: int = 0
     n_eq: int = 0
-    #: audited items: (key, local id or -1 for a change, vars, coefs, threshold)
-    items: list[tuple[str, int, tuple[int, ...], tuple[float, ...], int]] = field(default_factory=list)
+    #: audited items, each ``x[a] - x[b]`` (``b`` = -1: the cell ``x[a]`` alone; else a change)
+    item_a: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    item_b: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    item_t: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def add_items(self, a: np.ndarray, b: np.ndarray, threshold: int) -> None:
+        self.item_a = np.concatenate([self.item_a, a.astype(np.int64)])
+        self.item_b = np.concatenate([self.item_b, b.astype(np.int64)])
+        self.item_t = np.concatenate([self.item_t, np.full(len(a), threshold, dtype=np.int64)])
+
+    def key_of(self, var: int) -> tuple[str, int]:
+        for key, (start, end) in self.offsets.items():
+            if start <= var < end:
+                return key, var - start
+        raise IndexError(var)
 
     def add(self, sense: str, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> None:
         if not len(rows):
@@ -242,8 +257,7 @@ def _revision(con: duckdb.DuckDBPyConnection, model: _Model, a: str, b: str, lin
     if link.added_only and len(n):
         rows = np.concatenate([n, n])
         model.add("ub", rows, np.concatenate([o, n]), np.concatenate([np.ones(len(n)), -np.ones(len(n))]))
-    for new, old in zip(n[either], o[either], strict=True):
-        model.items.append((link.this, -1, (int(new), int(old)), (1.0, -1.0), threshold))
+    model.add_items(n[either], o[either], threshold)
 
 
 def _relations(
@@ -262,18 +276,12 @@ def _relations(
 
 
 def _cell_items(model: _Model, tables: Sequence[AuditTable]) -> None:
-    cells = []
     for t in tables:
+        if not t.audited:
+            continue
         start, end = model.offsets[t.key]
-        for v in np.flatnonzero(np.isinf(model.hi[start:end])):
-            cells.append((t.key, int(v), (int(v) + start,), (1.0,), t.policy.threshold))
-    model.items[:0] = cells
-
-
-def _passes(lo: float, hi: float, threshold: int) -> bool:
-    hi_i = np.floor(hi + EPS) if np.isfinite(hi) else np.inf
-    lo_i = np.ceil(lo - EPS) if np.isfinite(lo) else -np.inf
-    return bool(hi_i >= threshold + 1 and (lo_i <= 0 or lo_i >= threshold + 1))
+        cells = np.flatnonzero(np.isinf(model.hi[start:end])) + start
+        model.add_items(cells, np.full(len(cells), -1), t.policy.threshold)
 
 
 def _lp(c: np.ndarray, a_ub: sparse.spmatrix, a_eq: sparse.spmatrix, bounds: np.ndarray) -> tuple[int, float]:
@@ -321,7 +329,7 @@ class _Solver:
     def block(self, labels: set[int]) -> _Block:
         lab = np.array(sorted(labels))
         return _Block(
-            np.flatnonzero(np.isin(self.var_label, lab) & self.in_rows),
+            np.flatnonzero(np.isin(self.var_label, lab)),
             np.flatnonzero(np.isin(self.ub_label, lab)),
             np.flatnonzero(np.isin(self.eq_label, lab)),
         )
@@ -346,37 +354,39 @@ class _Solver:
         return status, fun, x
 
 
-def _item_vector(blk: _Block, vars_: tuple[int, ...], coefs: tuple[float, ...]) -> np.ndarray:
-    pos = {int(v): i for i, v in enumerate(blk.cols)}
+def _item_vector(m: _Model, blk: _Block, i: int) -> np.ndarray:
+    pos = np.searchsorted(blk.cols, m.item_a[i])
     f = np.zeros(len(blk.cols))
-    for v, a in zip(vars_, coefs, strict=True):
-        f[pos[v]] += a
+    f[pos] += 1.0
+    if m.item_b[i] >= 0:
+        f[np.searchsorted(blk.cols, m.item_b[i])] -= 1.0
     return f
 
 
-def _batch(solver: _Solver, blk: _Block, items: list[int], upper: bool) -> np.ndarray:
+def _batch(solver: _Solver, blk: _Block, items: np.ndarray, upper: bool) -> np.ndarray:
     """One LP for many items: which reach above their threshold (upper) or down to 0 (lower)."""
-    m = solver.m
-    k = len(items)
-    rows = sparse.lil_matrix((k, len(blk.cols) + k))
-    for j, i in enumerate(items):
-        f = _item_vector(blk, m.items[i][2], m.items[i][3])
-        nz = np.flatnonzero(f)
-        sign = -1.0 if upper else 1.0  # upper: y - f.x <= 0; lower: f.x - z <= 0
-        rows[j, nz] = sign * f[nz]
-        rows[j, len(blk.cols) + j] = 1.0 if upper else -1.0
-    caps = np.array([m.items[i][4] + 1 for i in items], dtype=float)
+    m, n, k = solver.m, len(blk.cols), len(items)
+    sign = -1.0 if upper else 1.0  # upper: y - f.x <= 0; lower: f.x - z <= 0
+    j = np.arange(k)
+    has_b = m.item_b[items] >= 0
+    rows = np.concatenate([j, j[has_b], j])
+    cols = np.concatenate(
+        [np.searchsorted(blk.cols, m.item_a[items]), np.searchsorted(blk.cols, m.item_b[items][has_b]), n + j]
+    )
+    vals = np.concatenate([np.full(k, sign), np.full(int(has_b.sum()), -sign), np.full(k, -sign)])
+    extra = sparse.csr_matrix((vals, (rows, cols)), shape=(k, n + k))
+    caps = m.item_t[items] + 1.0
     more = np.column_stack([np.full(k, -np.inf), caps]) if upper else np.column_stack([np.zeros(k), np.full(k, np.inf)])
-    c = np.concatenate([np.zeros(len(blk.cols)), -np.ones(k) if upper else np.ones(k)])
-    status, _, x = solver.run(blk, c, (rows.tocsr(), more))
+    c = np.concatenate([np.zeros(n), -np.ones(k) if upper else np.ones(k)])
+    status, _, x = solver.run(blk, c, (extra, more))
     if status != 0 or x is None:
         return np.zeros(k, dtype=bool)
-    y = x[len(blk.cols) :]
+    y = x[n:]
     return y >= caps - EPS if upper else y <= EPS
 
 
 def _single(solver: _Solver, blk: _Block, item: int, upper: bool) -> float:
-    f = _item_vector(blk, solver.m.items[item][2], solver.m.items[item][3])
+    f = _item_vector(solver.m, blk, item)
     status, fun, _ = solver.run(blk, -f if upper else f)
     if status == 3:
         return np.inf if upper else -np.inf
@@ -385,48 +395,57 @@ def _single(solver: _Solver, blk: _Block, item: int, upper: bool) -> float:
     return -fun if upper else fun
 
 
-def _own_interval(m: _Model, item: int) -> tuple[float, float]:
-    """The interval of an item touching no row: from its variables' bounds alone."""
-    lo = hi = 0.0
-    for v, a in zip(m.items[item][2], m.items[item][3], strict=True):
-        lo += a * (m.lo[v] if a > 0 else m.hi[v])
-        hi += a * (m.hi[v] if a > 0 else m.lo[v])
+def _own_intervals(m: _Model, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The intervals of items touching no row: from their variables' bounds alone."""
+    a, b = m.item_a[items], m.item_b[items]
+    change = b >= 0
+    bb = np.where(change, b, 0)
+    lo = m.lo[a] - np.where(change, m.hi[bb], 0.0)
+    hi = m.hi[a] - np.where(change, m.lo[bb], 0.0)
     return lo, hi
 
 
 def _decide(m: _Model, report: AuditReport, solver: _Solver, quick: bool) -> None:
     """Every item's interval, batch first; failures into the report."""
-    linked = [i for i, it in enumerate(m.items) if any(solver.in_rows[v] for v in it[2])]
+    count = len(m.item_a)
+    touches = solver.in_rows[m.item_a] | np.where(m.item_b >= 0, solver.in_rows[np.maximum(m.item_b, 0)], False)
+    linked = np.flatnonzero(touches)
     report.in_relations = len(linked)
-    lo = np.full(len(m.items), np.nan)
-    hi = np.full(len(m.items), np.nan)
-    for i in set(range(len(m.items))) - set(linked):
-        lo[i], hi[i] = _own_interval(m, i)
-    if linked:
-        everything = solver.block(set(solver.var_label[[v for i in linked for v in m.items[i][2]]].tolist()))
+    lo, hi = np.full(count, np.nan), np.full(count, np.nan)
+    own = np.flatnonzero(~touches)
+    lo[own], hi[own] = _own_intervals(m, own)
+    if len(linked):
+        vars_ = np.concatenate([m.item_a[linked], m.item_b[linked][m.item_b[linked] >= 0]])
+        everything = solver.block(set(solver.var_label[vars_].tolist()))
+        report.blocks = len(set(solver.var_label[everything.cols].tolist()))
         up = _batch(solver, everything, linked, upper=True)
         down = _batch(solver, everything, linked, upper=False)
-        report.blocks = len(set(solver.var_label[everything.cols].tolist()))
-        for j, i in enumerate(linked):
-            if up[j] and down[j]:
-                lo[i], hi[i] = 0.0, m.items[i][4] + 1.0  # proven: hi at least this, lo at most 0
-                continue
+        lo[linked] = np.where(down, 0.0, np.nan)
+        hi[linked] = np.where(up, m.item_t[linked] + 1.0, np.nan)
+        for j in np.flatnonzero(~(up & down)):
+            i = linked[j]
             if quick:
                 lo[i], hi[i] = 0.0, 0.0  # unproven counts as failing
                 continue
-            blk = solver.block(set(solver.var_label[list(m.items[i][2])].tolist()))
-            hi[i] = m.items[i][4] + 1.0 if up[j] else _single(solver, blk, i, upper=True)
-            lo[i] = 0.0 if down[j] else _single(solver, blk, i, upper=False)
+            item_vars = [m.item_a[i]] + ([m.item_b[i]] if m.item_b[i] >= 0 else [])
+            blk = solver.block(set(solver.var_label[item_vars].tolist()))
+            if not up[j]:
+                hi[i] = _single(solver, blk, i, upper=True)
+            if not down[j]:
+                lo[i] = _single(solver, blk, i, upper=False)
     _record(m, report, lo, hi, linked)
 
 
-def _record(m: _Model, report: AuditReport, lo: np.ndarray, hi: np.ndarray, linked: list[int]) -> None:
-    finite = [hi[i] for i in linked if np.isfinite(hi[i])]
-    report.upper_unbounded = int(np.sum(~np.isfinite(hi)))
-    report.narrowest_upper = int(np.floor(min(finite) + EPS)) if finite else None
-    for i, (key, local, vars_, _, threshold) in enumerate(m.items):
-        if np.isnan(hi[i]) or np.isnan(lo[i]) or not _passes(lo[i], hi[i], threshold):
-            report.failing.setdefault(key, set()).add(local if local >= 0 else int(vars_[0]) - m.offsets[key][0])
+def _record(m: _Model, report: AuditReport, lo: np.ndarray, hi: np.ndarray, linked: np.ndarray) -> None:
+    finite = hi[linked][np.isfinite(hi[linked])]
+    report.upper_unbounded = int(np.sum(np.isinf(hi)))
+    report.narrowest_upper = int(np.floor(finite.min() + EPS)) if len(finite) else None
+    hi_i = np.floor(hi + EPS)
+    lo_i = np.ceil(lo - EPS)
+    ok = (hi_i >= m.item_t + 1) & ((lo_i <= 0) | (lo_i >= m.item_t + 1))
+    for i in np.flatnonzero(~ok):  # NaN (unsolved) compares false: fails
+        key, local = m.key_of(int(m.item_a[i]))
+        report.failing.setdefault(key, set()).add(local)
 
 
 def _neighbours(m: _Model, solver: _Solver, report: AuditReport) -> None:
@@ -459,8 +478,8 @@ def audit(
         thresholds = {t.key: t.policy.threshold for t in tables}
         _relations(con, model, links, thresholds)
         _cell_items(model, tables)
-        report.cells_audited = sum(1 for it in model.items if it[1] >= 0)
-        report.changes_audited = len(model.items) - report.cells_audited
+        report.cells_audited = int(np.sum(model.item_b < 0))
+        report.changes_audited = len(model.item_b) - report.cells_audited
         report.rows = model.n_ub + model.n_eq
         solver = _Solver(model)
         _decide(model, report, solver, quick)

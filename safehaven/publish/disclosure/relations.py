@@ -9,13 +9,13 @@ in the output definition (``relations:`` in ``data_contracts/outputs/<name>.yaml
 disclosure audit (:mod:`safehaven.publish.disclosure.audit`) adds it to its linear program:
 
 * ``subset``: every person counted in a cell of this output is counted in one of the cells of
-  output ``of`` that match it on the dimensions ``on`` (this -> other), within ``window``
+  output ``of`` that match it on the dimensions ``match`` (this -> other), within ``window``
   months of this cell's ``time`` dimension. So ``this[c] <= sum of those cells``. Example:
   a social care service that starts within 14 days of a discharge in month M is in use in
   month M or M+1, so ``discharge_to_social_care[M, provider, LA, service] <=
   social_care_users[M, LA, service] + social_care_users[M+1, LA, service]``.
 * ``same_population``: this output and ``of`` count the same people by different
-  breakdowns, each person in exactly one cell of each group sharing the dimensions ``on``:
+  breakdowns, each person in exactly one cell of each group sharing the dimensions ``match``:
   the two groups' sums are equal.
 * ``revision``: the previous publication of the same output and months. With
   ``added_only`` (a month is re-published only with more data: people are added, never
@@ -49,7 +49,8 @@ class Relation(BaseModel):
     #: the other output (``subset``, ``same_population``); a revision relates an output to itself
     of: str | None = None
     #: this output's dimension -> the other output's dimension, matched by equal value
-    on: dict[str, str] = {}
+    #: (``match``, not ``on``: YAML 1.1 reads a bare ``on`` key as true)
+    match: dict[str, str] = {}
     #: the dimension of this output (a month) the window is counted from, and the other's
     time: str | None = None
     other_time: str | None = None
@@ -95,7 +96,7 @@ def links_of(name: str, dimensions: list[str], relations: list[Relation], *, pre
                 out.append(Link("revision", name, name + PREVIOUS, on, added_only=r.added_only))
             continue
         time = (r.time, r.other_time or r.time) if r.time else None
-        link = Link(r.kind, name, str(r.of), tuple(r.on.items()), time, r.window)
+        link = Link(r.kind, name, str(r.of), tuple(r.match.items()), time, r.window)
         out.append(link)
         if previous:
             out.append(Link(r.kind, name + PREVIOUS, str(r.of) + PREVIOUS, link.on, time, r.window))
