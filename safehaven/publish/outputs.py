@@ -562,8 +562,10 @@ def _protect(
 
     others, links, context = build_context(con, output, publication, previous_folder)
     try:
+        if not others:  # nothing published to relate to yet: the publication's audit still runs
+            return protect(con, source, target, output.dimension_names, **options), None
         report, audited = protect_jointly(
-            con, output.name, source, target, output.dimension_names, others, links, **options
+            con, output.name, source, target, output.dimension_names, others, links, protector=protect, **options
         )
     finally:
         for table in context["previous"].values():

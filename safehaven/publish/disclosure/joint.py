@@ -20,7 +20,8 @@ closed): the publication is not written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import duckdb
@@ -70,13 +71,14 @@ def protect_jointly(
     dimensions: Sequence[str],
     others: Sequence[AuditTable],
     links: Sequence[Link],
+    protector: Callable[..., ProtectionReport] = protect,
     **options: Any,
 ) -> tuple[ProtectionReport, AuditReport]:
     """:func:`protect` ``source`` into ``target`` jointly with ``others`` (module docstring)."""
     dims = list(dimensions)
     policy = options["policy"]
     count_col = options.get("count_col", "people")
-    work = f"__sdc_joint_{abs(hash((key, target))):x}"
+    work = f"__sdc_joint_{uuid.uuid4().hex}"
     con.execute(f"CREATE OR REPLACE TEMP TABLE {work} AS SELECT *, false AS {AVOID}, false AS {FORCE} FROM {source}")
     try:
         screen = audit(
@@ -85,7 +87,7 @@ def protect_jointly(
         _mark(con, work, dims, AVOID, screen.failing.get(key, set()))
         report: AuditReport | None = None
         for rounds in range(1, MAX_ROUNDS + 1):
-            protection = protect(con, work, target, dims, avoid_col=AVOID, force_col=FORCE, **options)
+            protection = protector(con, work, target, dims, avoid_col=AVOID, force_col=FORCE, **options)
             table = AuditTable(key, target.removeprefix("temp."), tuple(dims), count_col, policy)
             report = audit(con, [table, *others], links)
             report.iterations = rounds
