@@ -12,7 +12,11 @@ its tables, their declared relations, and the previous publication of the same m
   nothing the rule protects).
 
 So a cell whose true count is 1..THRESHOLD keeps an interval covering ``[0, THRESHOLD + 1]``,
-and a secondary suppression can never be shown to be a zero or a small count. Sources:
+and a secondary suppression can never be shown to be a zero or a small count. A change
+between publications can be negative (people removed), so for a change the rule is read
+symmetrically: it must be able to exceed the threshold in size (``hi >= THRESHOLD + 1`` or
+``lo <= -(THRESHOLD + 1)``) and contain 0 unless it lies wholly beyond ``+-THRESHOLD``; for a
+count (``lo >= 0``) this is the rule above. Sources:
 Hundepool et al., *Statistical Disclosure Control* (Wiley 2012), section 4.2.2 (a sensitive
 cell is protected when the feasible interval computed by linear programming covers its
 upper and lower protection levels; the audit "computes for each suppressed cell its
@@ -228,7 +232,9 @@ def _on(link: Link) -> str:
 
 
 def _subset_sql(a: str, b: str, link: Link) -> str:
-    months = f"count(DISTINCT date_diff('month', a.{_q(link.time[0])}, b.{_q(link.time[1])}))" if link.time else "1"
+    months = (
+        f"count(DISTINCT date_diff('month', a.{_q(link.time[0])}, b.{_q(link.time[1])}))" if link.time else "count(*)"
+    )
     need = link.window[1] - link.window[0] + 1 if link.time else 1
     return (
         f"WITH pairs AS (SELECT a.v AS r, b.v AS pv, {months} OVER (PARTITION BY a.v) AS m "
@@ -419,7 +425,8 @@ def _decide(m: _Model, report: AuditReport, solver: _Solver, quick: bool) -> Non
         everything = solver.block(set(solver.var_label[vars_].tolist()))
         report.blocks = len(set(solver.var_label[everything.cols].tolist()))
         up = _batch(solver, everything, linked, upper=True)
-        down = _batch(solver, everything, linked, upper=False)
+        # quick: only "known to be 0 or small" matters (hi); a cell that cannot be 0 is not avoided
+        down = np.ones(len(linked), dtype=bool) if quick else _batch(solver, everything, linked, upper=False)
         lo[linked] = np.where(down, 0.0, np.nan)
         hi[linked] = np.where(up, m.item_t[linked] + 1.0, np.nan)
         for j in np.flatnonzero(~(up & down)):
@@ -429,10 +436,8 @@ def _decide(m: _Model, report: AuditReport, solver: _Solver, quick: bool) -> Non
                 continue
             item_vars = [m.item_a[i]] + ([m.item_b[i]] if m.item_b[i] >= 0 else [])
             blk = solver.block(set(solver.var_label[item_vars].tolist()))
-            if not up[j]:
-                hi[i] = _single(solver, blk, i, upper=True)
-            if not down[j]:
-                lo[i] = _single(solver, blk, i, upper=False)
+            hi[i] = _single(solver, blk, i, upper=True)
+            lo[i] = _single(solver, blk, i, upper=False)
     _record(m, report, lo, hi, linked)
 
 
@@ -440,9 +445,10 @@ def _record(m: _Model, report: AuditReport, lo: np.ndarray, hi: np.ndarray, link
     finite = hi[linked][np.isfinite(hi[linked])]
     report.upper_unbounded = int(np.sum(np.isinf(hi)))
     report.narrowest_upper = int(np.floor(finite.min() + EPS)) if len(finite) else None
-    hi_i = np.floor(hi + EPS)
-    lo_i = np.ceil(lo - EPS)
-    ok = (hi_i >= m.item_t + 1) & ((lo_i <= 0) | (lo_i >= m.item_t + 1))
+    hi_i, lo_i, far = np.floor(hi + EPS), np.ceil(lo - EPS), m.item_t + 1
+    reach = (hi_i >= far) | (lo_i <= -far)  # can be a change (or count) of more than the threshold
+    zero = ((lo_i <= 0) & (hi_i >= 0)) | (lo_i >= far) | (hi_i <= -far)  # can be 0, or is wholly beyond it
+    ok = reach & zero
     for i in np.flatnonzero(~ok):  # NaN (unsolved) compares false: fails
         key, local = m.key_of(int(m.item_a[i]))
         report.failing.setdefault(key, set()).add(local)
@@ -467,9 +473,9 @@ def audit(
 ) -> AuditReport:
     """Attack the publication made of ``tables`` and ``links`` (module docstring).
 
-    An empty ``problems`` list passes. ``quick`` solves the two batch programs only and
-    counts every cell they leave unproven as failing (a fast, cautious screen: used to
-    choose secondary suppressions). Work tables are temporary and dropped.
+    An empty ``problems`` list passes. ``quick`` solves the upper batch program only and
+    counts every cell it leaves unproven as failing: a fast, cautious screen for the cells
+    known to be 0 or small, used to choose secondary suppressions. Work tables are temporary and dropped.
     """
     began = time.perf_counter()
     report = AuditReport()
