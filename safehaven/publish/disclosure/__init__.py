@@ -5,6 +5,8 @@
   totals and rates from published values) and its invariants.
 * :mod:`.relations`: the relations between outputs that a reader can use (declared in the
   output definitions) and the joint protection of one publication.
+* :mod:`.kanon`: k-anonymity of record-level releases (``safehaven.share.releases`` applies it).
+* :mod:`.joint`: one table protected knowing the rest of the publication.
 * :mod:`.audit`: the attack run before publication: linear programming over every published
   value of the publication, its relations and the previous publication.
 
