@@ -239,14 +239,18 @@ class Output(Strict):
                 raise ValueError("under midpoint 6 rounding, count columns are named *_midpoint6 (OpenSAFELY)")
         if self.linkage and {self.linkage.left, self.linkage.right} - set(self.collections):
             raise ValueError("a linkage joins two of the output's collections")
-        dims = {d.name for d in self.dimensions}
-        for r in self.relations:
-            if set(r.match) - dims or (r.time and r.time not in dims):
-                raise ValueError(f"a {r.kind} relation names dimensions this output does not have")
         if self.margins is not None:
             for margin in self.margins:
                 if set(margin) - {d.name for d in self.dimensions}:
                     raise ValueError(f"margin {margin} names unknown dimensions")
+        return self
+
+    @model_validator(mode="after")
+    def _relations(self) -> Output:
+        dims = {d.name for d in self.dimensions}
+        for r in self.relations:
+            if set(r.match) - dims or (r.time and r.time not in dims):
+                raise ValueError(f"a {r.kind} relation names dimensions this output does not have")
         return self
 
     @property
