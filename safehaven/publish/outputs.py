@@ -610,7 +610,12 @@ def build_output(
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
     grid, observed = true_cells(con, output, true_table)
     report, audit_report = _protect(
-        con, output, true_table, f"temp.{protected}", publication or load_outputs(registry), previous_folder
+        con,
+        output,
+        true_table,
+        f"temp.{protected}",
+        load_outputs(registry) if publication is None else publication,
+        previous_folder,
     )
     con.execute(f"DROP TABLE {true_table}")
     target = f"published.{output.name}"

@@ -84,7 +84,8 @@ def protect_jointly(
         screen = audit(
             con, [AuditTable(key, work, tuple(dims), count_col, policy, unknown=True), *others], links, quick=True
         )
-        _mark(con, work, dims, AVOID, screen.failing.get(key, set()))
+        avoided, forced = set(screen.failing.get(key, set())), set()
+        _mark(con, work, dims, AVOID, avoided)
         report: AuditReport | None = None
         for rounds in range(1, MAX_ROUNDS + 1):
             protection = protector(con, work, target, dims, avoid_col=AVOID, force_col=FORCE, **options)
@@ -92,10 +93,13 @@ def protect_jointly(
             report = audit(con, [table, *others], links)
             report.iterations = rounds
             failing, near = report.failing.get(key, set()), report.neighbours.get(key, set())
-            if report.passed or not (failing or near):
-                break
-            _mark(con, work, dims, AVOID, failing)
-            _mark(con, work, dims, FORCE, _smallest(con, work, dims, count_col, near, max(len(failing), 1)))
+            force = _smallest(con, work, dims, count_col, near, max(len(failing), 1)) if near else set()
+            if report.passed or not (failing - avoided or force - forced):
+                break  # passed, or nothing left to change: fails closed
+            avoided |= failing
+            forced |= force
+            _mark(con, work, dims, AVOID, avoided)
+            _mark(con, work, dims, FORCE, forced)
         assert report is not None
         return protection, report
     finally:
