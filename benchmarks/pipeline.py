@@ -233,7 +233,7 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
                 "peak_rss_sampled": sampler.peak_between(start, end),
             }
         )
-    import assets.definitions
+    from assets import definitions  # not "import assets.definitions": it would rebind the dict above
 
     summary = summarise_trace(trace, steps) if trace_sql else None
     for step in steps if summary else []:
@@ -241,7 +241,7 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
         step["sql_seconds"] = in_sql.get("sql_seconds", 0.0)
         step["sql_statements"] = in_sql.get("statements", 0)
     return {
-        "code": str(Path(assets.definitions.__file__).parents[1]),
+        "code": str(Path(definitions.__file__).parents[1]),
         "sql_trace": summary,
         "success": bool(result.success),
         "checks_failed": checks_failed,
