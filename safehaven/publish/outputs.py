@@ -71,10 +71,10 @@ from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
 from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
-from safehaven.publish.disclosure.audit import AuditReport
+from safehaven.publish.disclosure.audit import AuditReport, AuditTable
 from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, SUPPRESS_ZEROS, THRESHOLD, Rounding
-from safehaven.publish.disclosure.relations import Relation
+from safehaven.publish.disclosure.relations import Link, Relation
 
 CODES = "governance.code_list"
 MONTHS = "reporting_months"
@@ -544,6 +544,16 @@ def _with_labels(con: duckdb.DuckDBPyConnection, output: Output, protected: str)
     return labelled
 
 
+def _constrains(others: list[AuditTable], links: list[Link]) -> bool:
+    """Whether the related tables can bound a cell: another output, or a revision that only adds.
+
+    A revision that may also remove people puts no bound on a cell or on its change, so it
+    cannot change the choice of suppressions (the release's audit still checks it).
+    """
+    present = {t.key for t in others}
+    return any(link.other in present and (link.kind != "revision" or link.added_only) for link in links)
+
+
 def _protect(
     con: duckdb.DuckDBPyConnection,
     output: Output,
@@ -566,7 +576,7 @@ def _protect(
 
     others, links, context = build_context(con, output, publication, previous_folder)
     try:
-        if not others:  # nothing published to relate to yet: the publication's audit still runs
+        if not _constrains(others, links):  # nothing that bounds a cell: the release's audit still runs
             return protect(con, source, target, output.dimension_names, **options), None
         report, audited = protect_jointly(
             con, output.name, source, target, output.dimension_names, others, links, protector=protect, **options
