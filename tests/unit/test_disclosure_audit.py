@@ -320,3 +320,18 @@ def test_random_related_tables_are_protected_jointly(
     assert report.passed == all(protected(lo, hi) for lo, hi in intervals)
     if report.passed:
         assert all(protected(lo, hi) for lo, hi in intervals)
+
+
+@pytest.mark.parametrize(
+    "policy", [Policy(), Policy(rounding="midpoint6"), Policy(threshold=0), Policy(threshold=10)], ids=str
+)
+def test_published_values_are_intervals_as_true_range_says(policy: Policy) -> None:
+    """The audit models a published v as the interval true_range(v), never an equality;
+    a suppressed cell as [0, inf)."""
+    from safehaven.publish.disclosure.audit import _bounds
+
+    values = np.array([*range(0, 60), np.nan])
+    lo, hi = _bounds(values, policy)
+    for v, a, b in zip(values[:-1], lo[:-1], hi[:-1], strict=True):
+        assert (a, b) == true_range(int(v), policy)
+    assert (lo[-1], hi[-1]) == (0, np.inf)
