@@ -95,7 +95,13 @@ def test_harness_produces_a_complete_report(tmp_path: Path, capsys: pytest.Captu
     assert set(statuses.values()) <= {"PASS", "MISS", "SKIP"}
 
     printed = capsys.readouterr().out
-    for word in (*PIPELINE_STAGES, "end-to-end", "targets", "disclosure audit", "PASS" if "PASS" in statuses.values() else "MISS"):
+    for word in (
+        *PIPELINE_STAGES,
+        "end-to-end",
+        "targets",
+        "disclosure audit",
+        "PASS" if "PASS" in statuses.values() else "MISS",
+    ):
         assert word in printed
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "scratch not removed"
 
