@@ -290,8 +290,8 @@ def _cell_items(model: _Model, tables: Sequence[AuditTable]) -> None:
         model.add_items(cells, np.full(len(cells), -1), t.policy.threshold)
 
 
-def _lp(c: np.ndarray, a_ub: sparse.spmatrix, a_eq: sparse.spmatrix, bounds: np.ndarray) -> tuple[int, float]:
-    """min c.x (HiGHS): (status, objective); status 0 optimal, 2 infeasible, 3 unbounded."""
+def _lp(c: np.ndarray, a_ub: sparse.spmatrix, a_eq: sparse.spmatrix, bounds: np.ndarray) -> tuple[int, float, Any]:
+    """min c.x (HiGHS): (status, objective, solution); status 0 optimal, 2 infeasible, 3 unbounded."""
     res = linprog(
         c,
         A_ub=a_ub if a_ub.shape[0] else None,
