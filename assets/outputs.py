@@ -37,7 +37,12 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
             blocking=True,
             description=f"No published count of 1-{output.policy.threshold}, every count on the "
             f"{output.policy.rounding} grid, no suppressed cell recoverable from its row or column, "
-            "rates and totals from published values only.",
+            "rates and totals from published values only"
+            + (
+                ", and no suppressed cell narrowed to 0 or 1-7 by the related outputs (LP audit)."
+                if output.relations
+                else "."
+            ),
         ),
         dg.AssetCheckSpec(
             guard_check_name(output),
@@ -51,7 +56,8 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key,
-        deps=[keys.haven(c) for c in output.collections],
+        # related outputs first: this one's suppression is chosen knowing them (disclosure.joint)
+        deps=[keys.haven(c) for c in output.collections] + [keys.published(r.of) for r in output.relations if r.of],
         group_name="aggregate",
         pool=keys.STORE_POOL,
         check_specs=specs,
@@ -74,7 +80,14 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
                     registry=registry,
                 )
                 agreement_id = agreement.id
-            built = build_output(con, output, registry, agreement_id=agreement_id)
+            built = build_output(
+                con,
+                output,
+                registry,
+                agreement_id=agreement_id,
+                publication=load_outputs(registry),
+                previous_folder=haven.home_dir().published,
+            )
             guard = guard_table(con, built.table, output, registry)
             statement = build_statement(con, output, registry, haven.home_dir(), built)
             store_statement(con, statement)

@@ -11,6 +11,7 @@ from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import load_outputs
 from safehaven.publish.publication import OGL, publish_release
+from safehaven.publish.quality import load_statement
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
@@ -29,6 +30,9 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
         home = haven.home_dir()
         with haven.connect() as con:
             release = publish_release(con, outputs, haven.registry(), home)
+            statement = load_statement(con, outputs[0].name) if outputs else None
+        # the disclosure audit of the whole release (safehaven.publish.release_audit): counts and time only
+        audit = ((statement or {}).get("accuracy") or {}).get("disclosure_audit") or {}
         context.log.info(f"published release {release.release_id}: {len(release.outputs)} outputs to {home.published}")
         return dg.MaterializeResult(
             metadata={
@@ -41,6 +45,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                 "release_id": release.release_id,
                 "location": dg.MetadataValue.path(str(home.published)),
                 "licence": OGL,
+                **audit,
             }
         )
 

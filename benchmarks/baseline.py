@@ -402,6 +402,18 @@ def _neutral(col: str) -> str:
     return f"CASE WHEN left({col}, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) THEN '''' || {col} ELSE {col} END"
 
 
+#: Cells another output proves to be 0: a service starting within 14 days of a discharge in month M
+#: is in use in M or M+1, so where social_care_users publishes 0 (a true 0) for the local authority
+#: and service in both months, the discharge cell is 0 too.
+KNOWN_ZERO = {
+    "discharge_to_social_care": """UPDATE w SET a = true
+FROM published.social_care_users u0, published.social_care_users u1
+WHERE u0.month = w.month AND u1.month = CAST(w.month + INTERVAL 1 MONTH AS DATE)
+  AND u0.local_authority_code = w.local_authority_code AND u1.local_authority_code = w.local_authority_code
+  AND u0.service_type = w.service_type AND u1.service_type = w.service_type AND u0.people = 0 AND u1.people = 0"""
+}
+
+
 def protect(con: duckdb.DuckDBPyConnection, name: str, out: Out) -> dict[str, int]:
     """True counts on the full grid -> ``published.<name>`` under disclosure control, public form."""
     dims = [d for d, _ in out.dims]
@@ -425,6 +437,10 @@ SELECT row_number() OVER (ORDER BY {d}) AS cell, {d}, n,
        CASE WHEN n BETWEEN 1 AND {THRESHOLD} THEN 'primary' END AS s
 FROM (SELECT g.*, CAST(coalesce(c.people, 0) AS BIGINT) AS n
       FROM (SELECT * FROM {grid}) g LEFT JOIN cells c USING ({d}))""")
+    # Joint protection: a cell that another output already proves to be 0 is chosen last as a secondary.
+    con.execute("ALTER TABLE w ADD COLUMN a BOOLEAN DEFAULT false")
+    if name in KNOWN_ZERO:
+        con.execute(KNOWN_ZERO[name])
     # Secondary suppression along every dimension until nothing changes: in each group (all other
     # dimensions fixed) holding exactly one suppressed cell, suppress its smallest other non-zero cell.
     passes = 0
@@ -438,7 +454,7 @@ FROM (SELECT g.*, CAST(coalesce(c.people, 0) AS BIGINT) AS n
             changed += con.execute(f"""
 UPDATE w SET s = 'secondary' WHERE cell IN (
   SELECT cell FROM (SELECT cell, s, count(s) OVER ({part}) AS n_supp, count(*) OVER ({part}) AS n_cells,
-                           row_number() OVER ({rank_part} ORDER BY (n = 0), n, cell) AS rk FROM w)
+                           row_number() OVER ({rank_part} ORDER BY a, (n = 0), n, cell) AS rk FROM w)
   WHERE s IS NULL AND n_supp = 1 AND n_cells > 1 AND rk = 1)""").fetchone()[0]
         if not changed:
             break

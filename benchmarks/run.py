@@ -75,6 +75,9 @@ TARGET_PSEUDO_VS_PYTHON = 5.0
 TARGET_VALIDATE_RATIO = 1.5
 TARGET_PEAK_BYTES = 3 * GIB
 TARGET_SCALING = 11.0
+#: The disclosure audit of the whole release (all outputs, linear programming) within the publish
+#: stage: its budget there, in seconds, at the default population (issue #19).
+TARGET_SDC_AUDIT_S = 30.0
 
 
 # --- running workers ---------------------------------------------------------------------
@@ -554,6 +557,19 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             f"{peak / GIB:.2f} GiB",
         )
     )
+    audit = report.get("disclosure_audit") or {}
+    out.append(
+        _target(
+            f"disclosure audit of the release <= {TARGET_SDC_AUDIT_S:.0f} s (publish stage budget)",
+            audit.get("seconds"),
+            TARGET_SDC_AUDIT_S,
+            "<=",
+            f"{audit['seconds']:.1f} s for {audit.get('cells', 0):,} suppressed cells and "
+            f"{audit.get('changes', 0):,} changes, {audit.get('lp_solves', 0)} LPs"
+            if audit.get("seconds") is not None
+            else "not measured",
+        )
+    )
     scaling = report.get("scaling")
     if scaling and "time_ratio" in scaling:
         out.append(
@@ -751,6 +767,19 @@ def render(report: dict[str, Any]) -> str:
                 f"  {t['seconds']:7.1f} s  cpu {t['cpu_seconds']:6.1f} s  x{t['calls']:<3} {t['step']}: "
                 f"{t['sql'][:160]}"
             )
+    audit = report.get("disclosure_audit") or {}
+    if audit.get("seconds") is not None:
+        joint = audit.get("joint") or {}
+        parts = [
+            f"disclosure audit (publish): {audit['seconds']:.2f} s",
+            f"of the {_s(audit.get('publish_stage_s'))} s publish stage;",
+            f"{audit.get('cells', 0):,} suppressed cells and {audit.get('changes', 0):,} changes audited,",
+            f"{audit.get('in_relations', 0):,} in relations, {audit.get('blocks', 0)} blocks,",
+            f"{audit.get('lp_solves', 0)} LPs, {audit.get('failing', 0)} failing;",
+            f"joint protection of discharge_to_social_care: {_s(joint.get('seconds'), '{:.2f}')} s,",
+            f"{joint.get('iterations', '-')} round(s)",
+        ]
+        lines += ["", " ".join(parts)]
     lines.append("")
     mem = report["memory"]
     lines.append(
@@ -1074,8 +1103,24 @@ def assemble(report: dict[str, Any]) -> dict[str, Any]:
             "small_agreement": report["small"]["agreement"],
         }
     report["pseudonymisation"] = pseudonymisation(report["pipeline"], report.get("hmac"))
+    report["disclosure_audit"] = disclosure_audit(report["pipeline"])
     report["targets"] = targets(report)
     return report
+
+
+def disclosure_audit(pipe: dict[str, Any]) -> dict[str, Any]:
+    """The release's disclosure audit (publish asset metadata) and the joint protection of the linked output."""
+    meta = _meta_all(pipe, "published/files")
+    joint = _meta_all(pipe, "published/discharge_to_social_care")
+    publish = pipeline_stages(pipe).get("publish", {})
+    out = {k.removeprefix("audit_"): v for k, v in meta.items() if k.startswith("audit_")}
+    out["publish_stage_s"] = publish.get("seconds")
+    out["joint"] = {k.removeprefix("audit_"): v for k, v in joint.items() if k.startswith("audit_")}
+    return out
+
+
+def _meta_all(doc: dict[str, Any], asset: str) -> dict[str, Any]:
+    return doc["assets"].get(asset, {}).get("metadata", {})
 
 
 if __name__ == "__main__":

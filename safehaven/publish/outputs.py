@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -75,6 +76,10 @@ from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
+from safehaven.publish.disclosure.audit import AuditReport, AuditTable
+from safehaven.publish.disclosure.joint import protect_jointly
+from safehaven.publish.disclosure.policy import ROUNDING, SUPPRESS_ZEROS, THRESHOLD, Rounding
+from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
 
 CODES = "governance.code_list"
@@ -173,9 +178,9 @@ class Measure(Strict):
 class PolicySpec(Strict):
     """The output's disclosure-control policy (``safehaven.publish.disclosure.Policy``)."""
 
-    threshold: int = Field(default=7, ge=0)
-    rounding: Literal["nearest5", "midpoint6"] = "nearest5"
-    suppress_zeros: bool = False
+    threshold: int = Field(default=THRESHOLD, ge=0)
+    rounding: Rounding = ROUNDING
+    suppress_zeros: bool = SUPPRESS_ZEROS
 
     def policy(self) -> Policy:
         return Policy(threshold=self.threshold, rounding=self.rounding, suppress_zeros=self.suppress_zeros)
@@ -212,6 +217,8 @@ class Output(Strict):
     #: days from the end of the reporting period by which the output should be published
     timeliness_target_days: int = Field(default=35, gt=0)
     linkage: LinkageSpec | None = None
+    #: relations to other outputs and to the previous publication (``disclosure.relations``)
+    relations: list[Relation] = []
     sql: str
 
     @field_validator("dimensions")
@@ -257,6 +264,14 @@ class Output(Strict):
         for dim in self.dimensions:
             if dim.domain.sql:
                 check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _relations(self) -> Output:
+        dims = {d.name for d in self.dimensions}
+        for r in self.relations:
+            if set(r.match) - dims or (r.time and r.time not in dims):
+                raise ValueError(f"a {r.kind} relation names dimensions this output does not have")
         return self
 
     @property
@@ -455,6 +470,8 @@ class OutputBuild:
     report: ProtectionReport
     violations: list[str]
     agreement: str | None = None
+    #: the joint disclosure audit, for an output that declares relations
+    audit: AuditReport | None = None
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -464,6 +481,7 @@ class OutputBuild:
             "observed_cells": self.observed_cells,
             "violations": len(self.violations),
             **self.report.as_metadata(),
+            **(self.audit.as_metadata() if self.audit else {}),
         }
 
 
@@ -566,6 +584,50 @@ def _with_labels(con: duckdb.DuckDBPyConnection, output: Output, protected: str)
     return labelled
 
 
+def _constrains(others: list[AuditTable], links: list[Link]) -> bool:
+    """Whether the related tables can bound a cell: another output, or a revision that only adds.
+
+    A revision that may also remove people puts no bound on a cell or on its change, so it
+    cannot change the choice of suppressions (the release's audit still checks it).
+    """
+    present = {t.key for t in others}
+    return any(link.other in present and (link.kind != "revision" or link.added_only) for link in links)
+
+
+def _protect(
+    con: duckdb.DuckDBPyConnection,
+    output: Output,
+    source: str,
+    target: str,
+    publication: Mapping[str, Output],
+    previous_folder: Path | None,
+) -> tuple[ProtectionReport, AuditReport | None]:
+    """Protect the true cells: on their own, or jointly with the related published outputs."""
+    options: dict[str, Any] = {
+        "count_col": output.count_col,
+        "margins": output.margins,
+        "rate_cols": output.rate_cols or None,
+        "policy": output.policy.policy(),
+        "totals": output.totals,
+    }
+    if not output.relations:
+        return protect(con, source, target, output.dimension_names, **options), None
+    from safehaven.publish.release_audit import build_context  # it imports this module
+
+    others, links, context = build_context(con, output, publication, previous_folder)
+    try:
+        if not _constrains(others, links):  # nothing that bounds a cell: the release's audit still runs
+            return protect(con, source, target, output.dimension_names, **options), None
+        report, audited = protect_jointly(
+            con, output.name, source, target, output.dimension_names, others, links, protector=protect, **options
+        )
+    finally:
+        for table in context["previous"].values():
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+    audited.problems[:0] = context["problems"]
+    return report, audited
+
+
 def build_output(
     con: duckdb.DuckDBPyConnection,
     output: Output,
@@ -573,6 +635,8 @@ def build_output(
     *,
     today: date | None = None,
     agreement_id: str | None = None,
+    publication: Mapping[str, Output] | None = None,
+    previous_folder: Path | None = None,
 ) -> OutputBuild:
     """Count, fill the grid, protect and write ``published.<name>`` in public form; check it.
 
@@ -580,6 +644,9 @@ def build_output(
     (``safehaven.share.linkage.authorise_linkage``, called by the asset first). The code lists are
     the store's copy, which the caller refreshes once per unit of work (:func:`load_code_lists`,
     the aggregate asset); a store without a copy yet (a new store, a test) gets one here.
+    An output that declares ``relations`` is protected jointly with the related outputs
+    already in ``published`` (``publication``: the declared outputs, default all) and its
+    previous publication (files in ``previous_folder``), and audited with them.
     """
     if output.linkage and agreement_id != output.linkage.agreement:
         raise OutputError(
@@ -592,17 +659,13 @@ def build_output(
     install_helpers(con, period)
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
     grid, observed = true_cells(con, output, true_table)
-    policy = output.policy.policy()
-    report = protect(
+    report, audit_report = _protect(
         con,
+        output,
         true_table,
         f"temp.{protected}",
-        output.dimension_names,
-        count_col=output.count_col,
-        margins=output.margins,
-        rate_cols=output.rate_cols or None,
-        policy=policy,
-        totals=output.totals,
+        load_outputs(registry) if publication is None else publication,
+        previous_folder,
     )
     con.execute(f"DROP TABLE {true_table}")
     target = f"published.{output.name}"
@@ -618,8 +681,10 @@ def build_output(
         target,
         output.dimension_names,
         output.count_col,
-        policy,
+        output.policy.policy(),
         margins=output.margins,
         rate_cols=output.rate_cols or None,
     )
-    return OutputBuild(output.name, target, period, grid, observed, report, violations, agreement_id)
+    if audit_report is not None:
+        violations += audit_report.problems
+    return OutputBuild(output.name, target, period, grid, observed, report, violations, agreement_id, audit_report)

@@ -76,6 +76,7 @@ from safehaven.publish.quality import (
     record_release,
     render_markdown,
 )
+from safehaven.publish.release_audit import audit_release
 
 __all__ = [
     "OGL",
@@ -399,7 +400,7 @@ def publish_release(
     actor: str = "safehaven",
 ) -> Release:
     """Verify, then write the release to ``home.published`` atomically (see the module docstring)."""
-    problems = verify_release(con, outputs, registry)
+    problems = verify_release(con, outputs, registry) or audit_release(con, outputs, home.published)[1]
     if problems:
         raise PublicationRefused(problems)
     now = now or datetime.now(UTC)

@@ -81,6 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safehaven.core.legal_basis import CONFIDENTIAL_BASES, LegalBasis
 from safehaven.intake.contracts import ContractRegistry, contracts_dir
 from safehaven.protect.pseudonymise import haven_coarsening
+from safehaven.publish.disclosure.policy import K_ANONYMITY, MIN_K_ANONYMITY
 
 Level = Literal["identifiable", "pseudonymised", "anonymised"]
 Status = Literal["draft", "approved", "suspended", "expired"]
@@ -189,7 +190,7 @@ class Agreement(_Strict):
     fields: list[ReleasedField] = Field(min_length=1)
     linkages: list[Linkage] = []
     coarsening: Coarsening = Coarsening()
-    k_anonymity: int = Field(default=5, ge=2)
+    k_anonymity: int = Field(default=K_ANONYMITY, ge=MIN_K_ANONYMITY)
     small_groups: Literal["suppress", "refuse"] = "suppress"
     max_suppressed_share: float = Field(default=0.05, ge=0.0, le=1.0)
     #: routine flow after a two-reviewer release of the same shape (``safehaven.share.review``)
@@ -654,7 +655,7 @@ def draft_yaml(
         "coarsening:",
         "  dob: year",
         "  postcode: none",
-        "k_anonymity: 5",
+        f"k_anonymity: {K_ANONYMITY}",
         "small_groups: suppress",
         "max_suppressed_share: 0.05",
         "onward_sharing:",

@@ -90,7 +90,8 @@ from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.intake.rules import lit, q
 from safehaven.protect import feed, optouts, pseudonymise, vault
-from safehaven.publish.disclosure import Policy, check_invariants, protect
+from safehaven.publish.disclosure import Policy, check_invariants, kanon, protect
+from safehaven.publish.disclosure.kanon import KReport
 from safehaven.share import approvals, checker, review
 from safehaven.share.agreements import (
     Agreement,
@@ -128,24 +129,6 @@ class FileRecord:
     rows: int
     people: int | None
     columns: list[dict[str, str]]
-
-
-@dataclass
-class KReport:
-    """What the k-anonymity step found and did (counts only)."""
-
-    k: int
-    small_groups: str
-    quasi_identifiers: dict[str, list[str]]
-    people_checked: int = 0
-    groups_below_k: int = 0
-    people_below_k: int = 0
-    suppression_order: list[str] = field(default_factory=list)
-    people_generalised: dict[str, int] = field(default_factory=dict)
-    people_merged_into_suppressed_group: int = 0
-    people_removed: int = 0
-    records_removed: int = 0
-    smallest_group_after: int | None = None
 
 
 @dataclass
@@ -359,89 +342,23 @@ def _quasi(contract: Contract, agreement: Agreement) -> list[str]:
     return out
 
 
-def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dict[str, list[str]], k: int) -> None:
-    """(Re)build ``_ksig`` (pid, signature, n) and ``_kviol`` (pid) over all work tables."""
-    parts = []
-    for collection, table in tables.items():
-        cols = qis[collection]
-        if cols:
-            rendered = ", ".join(f"coalesce(CAST({q(c)} AS VARCHAR), '*')" for c in cols)
-            parts.append(f"SELECT pid, concat_ws(chr(31), {lit(collection)}, {rendered}) AS sig FROM {table}")
-        else:
-            parts.append(f"SELECT pid, NULL::VARCHAR AS sig FROM {table}")
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE _ksig AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
-        "FROM (SELECT pid, list_sort(list(DISTINCT sig) FILTER (WHERE sig IS NOT NULL)) AS signature "
-        f"FROM ({' UNION ALL '.join(parts)}) GROUP BY pid)"
-    )
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _kviol AS SELECT pid FROM _ksig WHERE n < {int(k)}")
-
-
 def k_anonymise(
     con: duckdb.DuckDBPyConnection, agreement: Agreement, tables: dict[str, str], qis: dict[str, list[str]]
 ) -> KReport:
-    """Check and enforce k-anonymity over the work tables (rule 6 of the module docstring)."""
-    k = agreement.k_anonymity
-    report = KReport(k, agreement.small_groups, {c: list(v) for c, v in qis.items()})
-    _signatures(con, tables, qis, k)
-    report.people_checked = _count(con, "SELECT count(*) FROM _ksig")
-    report.people_below_k = _count(con, "SELECT count(*) FROM _kviol")
-    report.groups_below_k = _count(con, f"SELECT count(DISTINCT signature) FROM _ksig WHERE n < {k}")
-    if report.people_below_k and agreement.small_groups == "refuse":
-        raise ReleaseRefused(
-            f"k-anonymity: {report.people_below_k} people in {report.groups_below_k} groups of released "
-            f"quasi-identifiers are in groups smaller than k={k}, and the agreement says small_groups: refuse"
-        )
-    # local suppression: the column with the most distinct values first
-    columns = sorted({c for v in qis.values() for c in v})
-    distinct: dict[str, int] = {}
-    for col in columns:
-        union = " UNION ".join(f"SELECT {q(col)} AS v FROM {t}" for c, t in tables.items() if col in qis[c])
-        distinct[col] = _count(con, f"SELECT count(DISTINCT v) FROM ({union})")
-    report.suppression_order = sorted(columns, key=lambda c: (-distinct[c], c))
-    for col in report.suppression_order:
-        if not _count(con, "SELECT count(*) FROM _kviol"):
-            break
-        having = [t for c, t in tables.items() if col in qis[c]]
-        touched = " UNION ".join(
-            f"SELECT pid FROM {t} WHERE {q(col)} IS NOT NULL AND pid IN (SELECT pid FROM _kviol)" for t in having
-        )
-        report.people_generalised[col] = _count(con, f"SELECT count(DISTINCT pid) FROM ({touched})")
-        for t in having:
-            con.execute(f"UPDATE {t} SET {q(col)} = NULL WHERE pid IN (SELECT pid FROM _kviol)")
-        _signatures(con, tables, qis, k)
-    remaining = _count(con, "SELECT count(*) FROM _kviol")
-    if 0 < remaining < k and columns:
-        # the fully suppressed group is too small: merge the smallest compliant groups into it
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE _kborrow AS SELECT pid FROM _ksig WHERE signature IN ("
-            "SELECT signature FROM (SELECT signature, sum(n) OVER (ORDER BY n, signature) - n AS before "
-            f"FROM (SELECT DISTINCT signature, n FROM _ksig WHERE n >= {k})) WHERE before < {k - remaining})"
-        )
-        report.people_merged_into_suppressed_group = _count(con, "SELECT count(*) FROM _kborrow")
-        for c, t in tables.items():
-            if qis[c]:
-                nulls = ", ".join(f"{q(col)} = NULL" for col in qis[c])
-                con.execute(f"UPDATE {t} SET {nulls} WHERE pid IN (SELECT pid FROM _kborrow)")
-        _signatures(con, tables, qis, k)
-    report.people_removed = _count(con, "SELECT count(*) FROM _kviol")
-    if report.people_removed:
-        share = report.people_removed / max(report.people_checked, 1)
-        if share > agreement.max_suppressed_share:
-            raise ReleaseRefused(
-                f"k-anonymity: after local suppression {report.people_removed} of {report.people_checked} people "
-                f"({share:.1%}) are still in groups smaller than k={k}; removing them would exceed the agreement's "
-                f"max_suppressed_share of {agreement.max_suppressed_share:.1%}"
-            )
-        for t in tables.values():
-            report.records_removed += _count(con, f"SELECT count(*) FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
-            con.execute(f"DELETE FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
-        _signatures(con, tables, qis, k)
-    smallest = con.execute("SELECT min(n) FROM _ksig").fetchone()
-    report.smallest_group_after = int(smallest[0]) if smallest and smallest[0] is not None else None
-    if report.smallest_group_after is not None and report.smallest_group_after < k:  # pragma: no cover
-        raise ReleaseRefused("k-anonymity could not be established")  # the steps above make this impossible
-    return report
+    """Check and enforce k-anonymity over the work tables (rule 6 of the module docstring).
+
+    The rule lives in ``safehaven.publish.disclosure.kanon`` with the other disclosure code;
+    this applies the agreement's settings and refuses the release as :class:`ReleaseRefused`.
+    """
+    return kanon.k_anonymise(
+        con,
+        tables,
+        qis,
+        k=agreement.k_anonymity,
+        small_groups=agreement.small_groups,
+        max_suppressed_share=agreement.max_suppressed_share,
+        refused=ReleaseRefused,
+    )
 
 
 # --- the release -------------------------------------------------------------------------

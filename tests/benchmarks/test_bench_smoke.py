@@ -87,12 +87,21 @@ def test_harness_produces_a_complete_report(tmp_path: Path, capsys: pytest.Captu
         assert report["versions"][name]
 
     statuses = {t["target"].split(" ")[0]: t["status"] for t in report["targets"]}
-    assert len(report["targets"]) == 8
+    assert len(report["targets"]) == 9
+    audit = report["disclosure_audit"]  # the release's LP audit inside the publish stage (issue 19)
+    assert audit["seconds"] >= 0 and audit["cells"] > 0 and audit["failing"] == 0
+    assert audit["joint"]["iterations"] >= 1
     assert sum("pseudonymis" in t["target"] for t in report["targets"]) == 4
     assert set(statuses.values()) <= {"PASS", "MISS", "SKIP"}
 
     printed = capsys.readouterr().out
-    for word in (*PIPELINE_STAGES, "end-to-end", "targets", "PASS" if "PASS" in statuses.values() else "MISS"):
+    for word in (
+        *PIPELINE_STAGES,
+        "end-to-end",
+        "targets",
+        "disclosure audit",
+        "PASS" if "PASS" in statuses.values() else "MISS",
+    ):
         assert word in printed
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir()), "scratch not removed"
 

@@ -446,3 +446,86 @@ def test_linked_output_counts_care_within_the_window_only(
     # i = 1..12 -> care starts 1..12 days after discharge: all 12 within 14 days.
     assert cell == (10, "Birmingham", "Short term support to maximise independence (reablement)")
     assert built.violations == []
+
+
+# --- relations between outputs: joint protection and the release audit ----------------------------
+
+
+def test_relation_dimensions_must_exist() -> None:
+    bad = {"kind": "subset", "of": "x", "match": {"nowhere": "la"}, "why": "a dimension this output lacks"}
+    with pytest.raises(ValueError, match="relation names dimensions"):
+        admissions(relations=[bad])
+
+
+def linked_case(con: duckdb.DuckDBPyConnection, extra: list[tuple[str, str]]) -> None:
+    """3 people discharged from RX1 start reablement in Birmingham, 20 from RX2; 15 other
+    users in each ``extra`` (local authority, service) in January and February; nobody else."""
+    admit(con, 3, "RX1", "2026-01-05", "A01", tag="a")
+    admit(con, 20, "RX2", "2026-01-05", "A01", tag="b")
+    admit(con, 9, "RX1", "2026-02-20", "A01", tag="later")
+    con.execute(
+        "INSERT INTO haven.social_care SELECT pid, 'E08000025', 'short_term_reablement', discharge_date + 1, NULL "
+        "FROM haven.hospital_episodes WHERE admission_date < DATE '2026-02-01'"
+    )
+    con.execute("INSERT INTO haven.social_care VALUES ('someone', 'E09000033', 'day_care', DATE '2026-02-25', NULL)")
+    for la, service in extra:
+        con.execute(
+            f"INSERT INTO haven.social_care SELECT md5('{la}{service}' || i::VARCHAR), '{la}', '{service}', "
+            "DATE '2026-01-10', NULL FROM range(15) t(i)"
+        )
+
+
+RECTANGLE = [
+    ("E10000030", "short_term_reablement"),
+    ("E08000025", "short_term_other"),
+    ("E10000030", "short_term_other"),
+]
+
+
+def test_the_linked_output_is_protected_knowing_social_care_users(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """A table-by-table secondary suppression picks the first zero in code order, which
+    social_care_users proves to be 0; the joint protection picks cells it cannot prove 0."""
+    from safehaven.publish.release_audit import audit_release
+
+    outputs = load_outputs(registry)
+    users, linked = outputs["social_care_users"], outputs["discharge_to_social_care"]
+    linked_case(con, RECTANGLE)
+    assert build_output(con, users, registry, today=TODAY).violations == []
+    agreement = linked.linkage.agreement
+
+    alone = build_output(con, linked, registry, today=TODAY, agreement_id=agreement, publication={})
+    assert alone.violations == [] and alone.audit is None  # each table passes its own checks
+    report, problems = audit_release(con, [users, linked], None)
+    assert problems and report.failing["discharge_to_social_care"]
+
+    built = build_output(con, linked, registry, today=TODAY, agreement_id=agreement)
+    assert built.violations == [], built.violations
+    assert built.audit is not None and built.audit.passed
+    meta = built.as_metadata()
+    assert meta["audit_cells"] >= built.report.primary + built.report.secondary and meta["audit_failing"] == 0
+    report, problems = audit_release(con, [users, linked], None)
+    assert problems == [] and report.cells_audited > 0
+    suppressed = set(
+        con.execute(
+            f"SELECT local_authority_code, service_type FROM {built.table} WHERE people IS NULL "
+            "AND provider_code = 'RX1'"
+        ).fetchall()
+    )
+    assert suppressed == {("E08000025", "short_term_reablement"), *RECTANGLE}
+
+
+def test_the_linked_output_fails_closed_when_only_known_zeros_are_left(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """Where a row's only other cells are proven 0 by social_care_users, no secondary
+    suppression in this table can protect it: the build reports it and blocks publication."""
+    outputs = load_outputs(registry)
+    users, linked = outputs["social_care_users"], outputs["discharge_to_social_care"]
+    linked_case(con, RECTANGLE[:2])
+    build_output(con, users, registry, today=TODAY)
+    built = build_output(con, linked, registry, today=TODAY, agreement_id=linked.linkage.agreement)
+    assert built.audit is not None and not built.audit.passed
+    assert any("protection interval not met" in v for v in built.violations)
+    assert built.audit.iterations < 8, "gives up once nothing is left to change"

@@ -309,3 +309,61 @@ def test_methods_document_exists_and_explains_the_choices() -> None:
         "Comparability",
     ):
         assert topic.lower() in text.lower(), topic
+
+
+# --- the disclosure audit of the whole release (safehaven.publish.release_audit) --------------------
+
+REVISION = {"kind": "revision", "why": "each release re-publishes every month"}
+
+
+def test_the_audit_refuses_a_release_whose_relation_exposes_a_suppressed_cell(
+    store: Store, registry: ContractRegistry
+) -> None:
+    home = store.home
+    dims = {"month": "month", "provider_code": "provider_code", "label": "label"}
+    parent = output("parent")
+    child = output("child", relations=[{"kind": "subset", "of": "parent", "match": dims, "why": "the same people"}])
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, child, registry, home)  # built first: nothing to protect it jointly with
+        build_all(con, parent, registry, home)
+        # a parent that publishes 0 where the child suppresses: each table alone passes its checks
+        con.execute("UPDATE published.parent SET people = 0, suppressed = false")
+        assert verify_release(con, [parent, child], registry) == []
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [parent, child], registry, home, now=NOW)
+    assert any(p.startswith("child: 4 suppressed cell(s)") for p in refused.value.problems)
+    assert not [p for p in home.published.iterdir() if not p.name.startswith(".")], "nothing is written"
+
+
+def test_a_second_release_lists_revised_cells_and_audits_the_changes(store: Store, registry: ContractRegistry) -> None:
+    home = store.home
+    out = output(relations=[REVISION])
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        first = json.loads((home.published / "adm.quality.json").read_text())
+        seed_haven(con, {"A": 52, "B": 12})  # late records
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        second = json.loads((home.published / "adm.quality.json").read_text())
+    assert "revisions" not in first["accuracy"]
+    assert second["accuracy"]["revisions"] == {"cells_compared": 4, "cells_revised": 4, "suppression_changed": 4}
+    audit = second["accuracy"]["disclosure_audit"]
+    assert audit["audit_cells"] == 0 and audit["audit_changes"] == 4 and audit["audit_failing"] == 0
+
+
+def test_an_unreadable_previous_publication_refuses_the_release(store: Store, registry: ContractRegistry) -> None:
+    home = store.home
+    out = output(relations=[REVISION])
+    with store.connect() as con:
+        seed_haven(con, {"A": 40})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        (home.published / "adm.parquet").write_bytes(b"not parquet")
+        before = sorted(p.name for p in home.published.iterdir())
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [out], registry, home, now=NOW)
+    assert refused.value.problems == ["adm: the previous publication is unreadable (adm.parquet)"]
+    assert sorted(p.name for p in home.published.iterdir()) == before

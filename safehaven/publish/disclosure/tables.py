@@ -43,7 +43,9 @@ the dimension columns) held in DuckDB; every step is a SQL statement over the wh
    subset of the dimensions; by default, for each dimension, the cells along it with every
    other dimension held fixed: each "row" and each "column") that holds exactly one
    suppressed cell gets a second one: its smallest unsuppressed non-zero cell by true count
-   (a zero only if nothing else is left, since "x + 0 = margin" protects nothing). This
+   (a zero only if nothing else is left, since "x + 0 = margin" protects nothing), and
+   never a cell the rest of the publication already shows to be 0 or small while another
+   is left (``avoid_col``, set by the joint protection of :mod:`.joint`). This
    repeats over every margin until no group has exactly one suppressed cell (a fixed
    point). A group of one cell is its own margin and is left alone (its derived total is
    NULL).
@@ -71,11 +73,14 @@ What this guarantees, and what it does not:
   count +-2 (nearest 5; -3..+2 for midpoint 6), so ``A - B`` only bounds the excluded
   count to a window of 9 (11) integers, at least 5 (6) of them non-negative: a small count
   is never pinned (:func:`true_range` gives the window; the unit tests enumerate it).
-* Not guaranteed: coordination of secondary suppression *across* tables sharing cells
-  (rounding is the protection there); repeated releases over time (N to N+1), outputs of
-  one population protected under *different* rounding schemes (their windows intersect),
-  or exact margins published elsewhere (e.g. practice list sizes), any of which can
-  narrow the window; dominance (p%) rules for magnitudes and means; k-anonymity of
+* Across the tables of one publication, their declared relations and the previous
+  publication: :mod:`.joint` chooses suppression knowing the other tables, and the audit
+  (:mod:`.audit`, linear programming) proves that no suppressed cell can be narrowed to 0
+  or a small count before anything is published.
+* Not guaranteed: relations between outputs that are not declared; outputs of one
+  population protected under *different* rounding schemes (their windows intersect), or
+  exact margins published elsewhere (e.g. practice list sizes), any of which can narrow
+  the window; dominance (p%) rules for magnitudes and means; k-anonymity of
   record-level extracts (a separate check). The ``suppressed`` reason column is for the
   haven's checks: a public file should show one marker, since "secondary" tells a reader
   the cell is 0 or above the threshold.
@@ -86,9 +91,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import duckdb
+
+from safehaven.publish.disclosure.policy import DEFAULT_POLICY, DisclosureError, Policy, true_range
 
 __all__ = [
     "ColumnReport",
@@ -104,71 +110,12 @@ __all__ = [
     "true_range",
 ]
 
-Rounding = Literal["nearest5", "midpoint6"]
 PRIMARY = "primary"
 SECONDARY = "secondary"
 TOTAL_OVER = "total_over"
 REASON = "suppressed"
 FORMULA_LEADERS = ("=", "+", "-", "@", "\t", "\r")
 _LEADERS_SQL = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_LEADERS)
-
-
-class DisclosureError(ValueError):
-    """The table cannot be protected as asked (bad arguments or bad source counts)."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The disclosure-control policy of one output (see the module docstring)."""
-
-    threshold: int = 7
-    """Counts of 1..threshold people are suppressed (HES, OpenSAFELY: 7)."""
-    rounding: Rounding = "nearest5"
-    """``"nearest5"`` (default) or OpenSAFELY ``"midpoint6"``."""
-    suppress_zeros: bool = False
-    """Also suppress zero cells and, against a denominator, zero complements (100% cells)."""
-
-    def __post_init__(self) -> None:
-        if self.threshold < 0:
-            raise DisclosureError("threshold must be >= 0")
-        if self.rounding not in ("nearest5", "midpoint6"):
-            raise DisclosureError(f"unknown rounding {self.rounding!r}")
-
-    def round_sql(self, expr: str) -> str:
-        """SQL rounding a non-negative integer expression onto this policy's grid."""
-        if self.rounding == "nearest5":
-            return f"((({expr}) + 2) // 5) * 5"
-        return f"(CASE WHEN ({expr}) = 0 THEN 0 ELSE ((({expr}) + 5) // 6) * 6 - 3 END)"
-
-    def on_grid_sql(self, expr: str) -> str:
-        """SQL true when a published count lies on this policy's grid."""
-        if self.rounding == "nearest5":
-            return f"(({expr}) % 5 = 0)"
-        return f"(({expr}) = 0 OR ({expr}) % 6 = 3)"
-
-    def small_sql(self, expr: str) -> str:
-        """SQL true when a true count must be primary-suppressed."""
-        zero = f" OR ({expr}) = 0" if self.suppress_zeros else ""
-        return f"(({expr}) BETWEEN 1 AND {self.threshold}{zero})"
-
-
-def true_range(published: int, policy: Policy = Policy()) -> tuple[int, int]:
-    """The true counts a published (unsuppressed) cell value can stand for, inclusive.
-
-    The rounding window (nearest 5: +-2; midpoint 6: -2..+3), less the counts
-    1..threshold, which are suppressed before rounding. Under the default threshold a
-    published 0 is a true zero. Used to reason about differencing between outputs.
-    """
-    if policy.rounding == "nearest5":
-        lo, hi = published - 2, published + 2
-    else:
-        lo, hi = (0, 0) if published == 0 else (published - 2, published + 3)
-    lo = max(lo, 0)
-    if lo >= 1:
-        lo = max(lo, policy.threshold + 1)
-    elif hi <= policy.threshold:
-        hi = 0
-    return (lo, hi)
 
 
 @dataclass(frozen=True)
@@ -283,10 +230,12 @@ def protect(
     count_col: str = "people",
     margins: Sequence[Sequence[str]] | None = None,
     rate_cols: dict[str, str] | None = None,
-    policy: Policy = Policy(),
+    policy: Policy = DEFAULT_POLICY,
     *,
     mean_cols: dict[str, str] | None = None,
     totals: bool = False,
+    avoid_col: str | None = None,
+    force_col: str | None = None,
 ) -> ProtectionReport:
     """Write ``target``: the cells of ``source`` under statistical disclosure control.
 
@@ -303,6 +252,10 @@ def protect(
     denominator separately. With ``totals=True`` the table also holds one total
     row per margin group and a grand total, marked by ``total_over`` (the dimensions
     summed over, comma separated; NULL on cells) with those dimensions NULL.
+    Joint protection (:mod:`.joint`): ``avoid_col`` names a boolean source column of cells
+    that the rest of the publication already shows to be 0 or small, chosen last as
+    secondary suppressions (rule 5: never a known zero while another cell is left);
+    ``force_col`` names a boolean column of cells to suppress as secondary from the start.
     """
     dims = list(dimensions)
     if not dims:
@@ -313,6 +266,7 @@ def protect(
     counted = [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
     present = set(_columns(con, source))
     needed = set(dims) | set(counted) | set(means) | set(means.values())
+    needed |= {c for c in (avoid_col, force_col) if c}
     missing = needed - present
     if missing:
         raise DisclosureError(f"source lacks columns {sorted(missing)}")
@@ -360,12 +314,14 @@ def protect(
     select += [f"CAST({_ident(c)} AS BIGINT) AS {n[c]}" for c in counted]
     select += [f"{_ident(m)} AS {mean_v[m]}" for m in means]
     select += [f"CAST({_ident(w)} AS BIGINT) AS {mean_n[m]}" for m, w in means.items()]
+    select += [_flag_sql(avoid_col, "__sdc_avoid"), _flag_sql(force_col, "__sdc_force")]
     con.execute(f"CREATE TEMP TABLE {work} AS SELECT {', '.join(select)} FROM {src}")
     try:
         for col in counted:
             con.execute(
                 f"ALTER TABLE {work} ADD COLUMN {s[col]} VARCHAR; UPDATE {work} SET {s[col]} = {primary_sql(col)}"
             )
+        con.execute(f"UPDATE {work} SET {s[count_col]} = '{SECONDARY}' WHERE {s[count_col]} IS NULL AND __sdc_force")
         iterations = _secondary(con, work, groups, [(n[c], s[c]) for c in counted])
 
         published = {c: f"CASE WHEN {s[c]} IS NULL THEN {policy.round_sql(n[c])} END" for c in counted}
@@ -425,6 +381,10 @@ def protect(
     return ProtectionReport(target=target, cells=cells, iterations=iterations, columns=tuple(reports))
 
 
+def _flag_sql(col: str | None, alias: str) -> str:
+    return f"coalesce(CAST({_ident(col)} AS BOOLEAN), false) AS {alias}" if col else f"false AS {alias}"
+
+
 def _secondary(
     con: duckdb.DuckDBPyConnection,
     work: str,
@@ -451,7 +411,7 @@ def _secondary(
                     f"  SELECT __sdc_cell, {s_col},"
                     f"   count({s_col}) OVER ({group}) AS n_supp,"
                     f"   count(*) OVER ({group}) AS n_cells,"
-                    f"   row_number() OVER ({ranked} ORDER BY ({n_col} = 0), {n_col}, __sdc_cell)"
+                    f"   row_number() OVER ({ranked} ORDER BY __sdc_avoid, ({n_col} = 0), {n_col}, __sdc_cell)"
                     f"    AS rk"
                     f"  FROM {work})"
                     f" WHERE {s_col} IS NULL AND n_supp = 1 AND n_cells > 1 AND rk = 1)"
@@ -491,7 +451,7 @@ def check_invariants(
     table: str,
     dimensions: Sequence[str],
     count_col: str = "people",
-    policy: Policy = Policy(),
+    policy: Policy = DEFAULT_POLICY,
     margins: Sequence[Sequence[str]] | None = None,
     rate_cols: dict[str, str] | None = None,
 ) -> list[str]:

@@ -1,0 +1,148 @@
+"""k-anonymity of record-level releases, beside the other disclosure control.
+
+Rule (Sweeney 2002, "k-anonymity: a model for protecting privacy"; ICO Anonymisation code of
+practice; ISB 1523 for the risk of small groups): in a record-level release every person's
+*signature* (the set of all released quasi-identifier values on all their records across
+every file, since a recipient can join the files by ``person_id``) must be shared by at
+least ``k`` people (``policy.K_ANONYMITY``, 5, unless the agreement sets another, never
+below ``policy.MIN_K_ANONYMITY``). With ``small_groups: suppress`` people in smaller groups
+have their quasi-identifiers set to NULL one column at a time, the column with the most
+distinct values first (local suppression), re-checking after each; if the people left with
+every quasi-identifier suppressed are still fewer than ``k``, the smallest compliant groups
+are suppressed into theirs until it holds ``k``; anyone still in a smaller group is removed.
+If more than ``max_suppressed_share`` of the people would be removed, or with
+``small_groups: refuse`` if any group is smaller than ``k``, the release is refused.
+
+``safehaven.share.releases.k_anonymise`` applies an agreement's settings through
+:func:`k_anonymise` (the name stays importable there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from safehaven.intake.rules import lit, q
+from safehaven.publish.disclosure.policy import K_ANONYMITY
+
+__all__ = ["KAnonymityRefused", "KReport", "k_anonymise"]
+
+
+class KAnonymityRefused(Exception):
+    """k-anonymity cannot be established within the settings: the release must not be made."""
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> int:
+    row = con.execute(sql, params or []).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+@dataclass
+class KReport:
+    """What the k-anonymity step found and did (counts only)."""
+
+    k: int
+    small_groups: str
+    quasi_identifiers: dict[str, list[str]]
+    people_checked: int = 0
+    groups_below_k: int = 0
+    people_below_k: int = 0
+    suppression_order: list[str] = field(default_factory=list)
+    people_generalised: dict[str, int] = field(default_factory=dict)
+    people_merged_into_suppressed_group: int = 0
+    people_removed: int = 0
+    records_removed: int = 0
+    smallest_group_after: int | None = None
+
+
+def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dict[str, list[str]], k: int) -> None:
+    """(Re)build ``_ksig`` (pid, signature, n) and ``_kviol`` (pid) over all work tables."""
+    parts = []
+    for collection, table in tables.items():
+        cols = qis[collection]
+        if cols:
+            rendered = ", ".join(f"coalesce(CAST({q(c)} AS VARCHAR), '*')" for c in cols)
+            parts.append(f"SELECT pid, concat_ws(chr(31), {lit(collection)}, {rendered}) AS sig FROM {table}")
+        else:
+            parts.append(f"SELECT pid, NULL::VARCHAR AS sig FROM {table}")
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _ksig AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
+        "FROM (SELECT pid, list_sort(list(DISTINCT sig) FILTER (WHERE sig IS NOT NULL)) AS signature "
+        f"FROM ({' UNION ALL '.join(parts)}) GROUP BY pid)"
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _kviol AS SELECT pid FROM _ksig WHERE n < {int(k)}")
+
+
+def k_anonymise(
+    con: duckdb.DuckDBPyConnection,
+    tables: dict[str, str],
+    qis: dict[str, list[str]],
+    *,
+    k: int = K_ANONYMITY,
+    small_groups: str = "suppress",
+    max_suppressed_share: float = 0.05,
+    refused: type[Exception] = KAnonymityRefused,
+) -> KReport:
+    """Check and enforce k-anonymity over the work tables (the module docstring); raise ``refused``."""
+    report = KReport(k, small_groups, {c: list(v) for c, v in qis.items()})
+    _signatures(con, tables, qis, k)
+    report.people_checked = _count(con, "SELECT count(*) FROM _ksig")
+    report.people_below_k = _count(con, "SELECT count(*) FROM _kviol")
+    report.groups_below_k = _count(con, f"SELECT count(DISTINCT signature) FROM _ksig WHERE n < {k}")
+    if report.people_below_k and small_groups == "refuse":
+        raise refused(
+            f"k-anonymity: {report.people_below_k} people in {report.groups_below_k} groups of released "
+            f"quasi-identifiers are in groups smaller than k={k}, and small_groups is refuse"
+        )
+    # local suppression: the column with the most distinct values first
+    columns = sorted({c for v in qis.values() for c in v})
+    distinct: dict[str, int] = {}
+    for col in columns:
+        union = " UNION ".join(f"SELECT {q(col)} AS v FROM {t}" for c, t in tables.items() if col in qis[c])
+        distinct[col] = _count(con, f"SELECT count(DISTINCT v) FROM ({union})")
+    report.suppression_order = sorted(columns, key=lambda c: (-distinct[c], c))
+    for col in report.suppression_order:
+        if not _count(con, "SELECT count(*) FROM _kviol"):
+            break
+        having = [t for c, t in tables.items() if col in qis[c]]
+        touched = " UNION ".join(
+            f"SELECT pid FROM {t} WHERE {q(col)} IS NOT NULL AND pid IN (SELECT pid FROM _kviol)" for t in having
+        )
+        report.people_generalised[col] = _count(con, f"SELECT count(DISTINCT pid) FROM ({touched})")
+        for t in having:
+            con.execute(f"UPDATE {t} SET {q(col)} = NULL WHERE pid IN (SELECT pid FROM _kviol)")
+        _signatures(con, tables, qis, k)
+    remaining = _count(con, "SELECT count(*) FROM _kviol")
+    if 0 < remaining < k and columns:
+        # the fully suppressed group is too small: merge the smallest compliant groups into it
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _kborrow AS SELECT pid FROM _ksig WHERE signature IN ("
+            "SELECT signature FROM (SELECT signature, sum(n) OVER (ORDER BY n, signature) - n AS before "
+            f"FROM (SELECT DISTINCT signature, n FROM _ksig WHERE n >= {k})) WHERE before < {k - remaining})"
+        )
+        report.people_merged_into_suppressed_group = _count(con, "SELECT count(*) FROM _kborrow")
+        for c, t in tables.items():
+            if qis[c]:
+                nulls = ", ".join(f"{q(col)} = NULL" for col in qis[c])
+                con.execute(f"UPDATE {t} SET {nulls} WHERE pid IN (SELECT pid FROM _kborrow)")
+        _signatures(con, tables, qis, k)
+    report.people_removed = _count(con, "SELECT count(*) FROM _kviol")
+    if report.people_removed:
+        share = report.people_removed / max(report.people_checked, 1)
+        if share > max_suppressed_share:
+            raise refused(
+                f"k-anonymity: after local suppression {report.people_removed} of {report.people_checked} people "
+                f"({share:.1%}) are still in groups smaller than k={k}; removing them would exceed the agreement's "
+                f"max_suppressed_share of {max_suppressed_share:.1%}"
+            )
+        for t in tables.values():
+            report.records_removed += _count(con, f"SELECT count(*) FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
+            con.execute(f"DELETE FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
+        _signatures(con, tables, qis, k)
+    smallest = con.execute("SELECT min(n) FROM _ksig").fetchone()
+    report.smallest_group_after = int(smallest[0]) if smallest and smallest[0] is not None else None
+    if report.smallest_group_after is not None and report.smallest_group_after < k:  # pragma: no cover
+        raise refused("k-anonymity could not be established")  # the steps above make this impossible
+    return report
