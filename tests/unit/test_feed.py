@@ -31,8 +31,17 @@ from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import validate_collection
 from safehaven.protect import feed
 from safehaven.protect.objections import register_objections
-from safehaven.share.releases import ReleaseRefused, release
-from tests.governance_helpers import BASE, NHS, OPTED_OUT, agreement_data, contracts_root, small_haven, write_agreement
+from safehaven.share.releases import ReleaseRefused
+from tests.governance_helpers import (
+    BASE,
+    NHS,
+    OPTED_OUT,
+    agreement_data,
+    contracts_root,
+    prepare_and_release,
+    small_haven,
+    write_agreement,
+)
 
 COLUMNS = ["nhs_number", "objection_type", "recorded_date", "withdrawn_date", "source_practice"]
 TODAY = date.today()
@@ -71,7 +80,8 @@ class Haven:
         return report.gx_success
 
     def release(self, today: date | None = None):
-        return release(
+        """Prepare a release and approve it through the two-person review (the whole door)."""
+        return prepare_and_release(
             self.con, self.agreement, home=self.home, registry=self.registry, keyring=self.keyring, today=today
         )
 
