@@ -11,11 +11,29 @@ from pathlib import Path
 
 import click
 
-from safehaven.cli import disposal, governance, keys, outputs
+from safehaven.cli import audit, disposal, governance, keys, outputs
+from safehaven.cli.common import fail
 from safehaven.core.home import Home
 
 
-@click.group()
+class HavenGroup(click.Group):
+    """The ``safehaven`` group: fails closed while the audit trail does not verify (CoP 23d).
+
+    An audited command is refused before it acts (``safehaven.cli.audit.precheck``), and an
+    append that finds the trail broken mid-command is reported in one line, never a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> object:
+        from safehaven.core.audit import AuditTrailBroken
+
+        try:
+            audit.precheck([*getattr(ctx, "_protected_args", []), *ctx.args])
+            return super().invoke(ctx)
+        except AuditTrailBroken as exc:
+            fail(str(exc), audit.EXIT_REFUSED)
+
+
+@click.group(cls=HavenGroup)
 def main() -> None:
     """A health-data safe haven run the way the Code of Practice on Confidential Information asks."""
 
@@ -68,7 +86,7 @@ def run(demo_patients: int, seed: int, no_demo: bool) -> None:
         sys.exit(1)
 
 
-for _area in (keys, governance, outputs, disposal):
+for _area in (keys, governance, audit, outputs, disposal):
     _area.register(main)
 
 
