@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
+
+if TYPE_CHECKING:
+    from safehaven.core.audit import VerifyResult
 
 #: Commands that act on data or approvals and so append to the audit trail: refused up front
 #: while the trail does not verify (the append itself would refuse too, but after the work).
@@ -61,13 +65,14 @@ def precheck(words: Sequence[str]) -> None:
         return
 
 
-def _record(result: object, where: str) -> str:
+def _record(result: VerifyResult) -> str:
     """Record a failed verification in the breach register, once per distinct failure."""
+    from safehaven.core import audit
     from safehaven.core import registers as reg
     from safehaven.core.store import Store
 
     home = _home()
-    what = f"the audit trail failed verification ({where}): {result.reason}"  # type: ignore[attr-defined]
+    what = audit.failure(result)
     with Store(home).connect() as con:
         for b in reversed(reg.breaches(con)):
             if b["kind"] == BREACH_KIND and b["what"] == what:
@@ -79,7 +84,7 @@ def _record(result: object, where: str) -> str:
             what=what,
             remedial_action="investigate who changed the audit trail, report to the SIRO and the board, then "
             "record the decision to resume: safehaven audit resolve --decision '...'",
-            detail={"first_bad_seq": result.first_bad_seq},  # type: ignore[attr-defined]
+            detail={"first_bad_seq": result.first_bad_seq},
         )
         reg.export(con, home)
     return f"recorded as breach {breach} (severity 2)"
@@ -109,12 +114,9 @@ def audit_verify(no_record: bool) -> None:
     if result.ok:
         click.echo(result.reason)
         return
-    where = f"first bad entry: seq {result.first_bad_seq}" if result.first_bad_seq is not None else "the anchor"
-    if result.kind == "key":
-        where = "the audit key"
-    click.echo(f"AUDIT TRAIL FAILED VERIFICATION ({where})\n{result.reason}", err=True)
+    click.echo(f"AUDIT TRAIL FAILED VERIFICATION ({audit.where(result)})\n{result.reason}", err=True)
     if not no_record:
-        click.echo(_record(result, where), err=True)
+        click.echo(_record(result), err=True)
     click.echo(f"nothing is recorded and the pipeline does not run until you {audit.RESOLVE_HINT}", err=True)
     sys.exit(1)
 

@@ -201,15 +201,26 @@ class VerifyResult:
     breaks: tuple[tuple[int, int], ...] = ()
 
 
+def where(result: VerifyResult) -> str:
+    """Where verification failed: ``first bad entry: seq N``, ``the anchor`` or ``the audit key``."""
+    if result.kind == "key":
+        return "the audit key"
+    return f"first bad entry: seq {result.first_bad_seq}" if result.first_bad_seq is not None else "the anchor"
+
+
+def failure(result: VerifyResult) -> str:
+    """What failed, in one line: ``the audit trail failed verification (<where>): <reason>``.
+
+    The one wording used for the breach register and every refusal, so a failure already
+    recorded by ``audit verify`` is recognised by ``resolve``.
+    """
+    return f"the audit trail failed verification ({where(result)}): {result.reason}"
+
+
 def refusal(result: VerifyResult) -> str:
     """The one-line refusal for a trail that does not verify."""
-    where = f"first bad entry: seq {result.first_bad_seq}" if result.first_bad_seq is not None else "the anchor"
-    if result.kind == "key":
-        where = "the audit key"
     fix = "fix the audit key as stated" if result.kind == "key" else RESOLVE_HINT
-    return (
-        f"the audit trail failed verification ({where}): {result.reason}. Refused: nothing is recorded until you {fix}"
-    )
+    return f"{failure(result)}. Refused: nothing is recorded until you {fix}"
 
 
 # --- canonical form and hashing ---------------------------------------------------------
@@ -1033,6 +1044,7 @@ def _resume_seq(con: duckdb.DuckDBPyConnection, home: Home, tail: _Tail) -> int:
         *(int(line["seq"]) for line in _lines(home)),
         *anchors.worm_seqs(),
         *(w[0] for w in _published_heads(con, home)),
+        (_genesis(con) or (0, GENESIS))[0],
     ]
     return max(seen) + 1
 
@@ -1051,8 +1063,7 @@ def _breach_id(con: duckdb.DuckDBPyConnection, result: VerifyResult, decision: s
     """The breach already recorded for this failure by ``audit verify``, or a new one (CoP 23d)."""
     from safehaven.core import registers as reg
 
-    where = refusal(result).split(": ", 1)[0]
-    what = f"{where}: {result.reason}"
+    what = failure(result)
     for b in reversed(reg.breaches(con)):
         if b["kind"] == "integrity_failure" and b["what"] == what:
             return int(b["breach_id"])
