@@ -333,10 +333,6 @@ def _row_entry(row: Sequence[Any]) -> Entry:
     return Entry(**values)
 
 
-def _read_head(home: Home) -> dict[str, Any] | None:
-    return anchors.read_head(home)
-
-
 @dataclass(frozen=True)
 class _Tail:
     """The last stored entry (``seq`` 0 and the genesis hash for an empty log) and the row count."""
@@ -353,11 +349,6 @@ def _tail(con: duckdb.DuckDBPyConnection) -> _Tail:
         f"SELECT seq, entry_hash, (SELECT count(*) FROM {TABLE}) FROM {TABLE} ORDER BY seq DESC LIMIT 1"
     ).fetchone()
     return _Tail(int(row[0]), str(row[1]), int(row[2])) if row else _Tail(0, GENESIS, 0)
-
-
-def _last(con: duckdb.DuckDBPyConnection) -> tuple[int, str]:
-    tail = _tail(con)
-    return tail.seq, tail.entry_hash
 
 
 def _entry_at(con: duckdb.DuckDBPyConnection, seq: int) -> Entry | None:
