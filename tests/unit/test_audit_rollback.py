@@ -281,3 +281,28 @@ def test_commands_refuse_in_one_line_until_the_decision_is_recorded(home: Home) 
     assert verified.exit_code == 0 and "chain broken at entries 23-25" in verified.output
     with Store(home).connect(read_only=True) as con:
         assert len(reg.breaches(con)) == 1
+
+
+TAMPERING = [
+    pytest.param(f"UPDATE {TABLE} SET purpose = 'marketing' WHERE seq = 4", 4, id="edited"),
+    pytest.param(f"DELETE FROM {TABLE} WHERE seq = 3", 3, id="deleted"),
+    pytest.param(f"UPDATE {TABLE} SET seq = CASE seq WHEN 2 THEN 5 ELSE 2 END WHERE seq IN (2, 5)", 2, id="reordered"),
+    pytest.param(f"DELETE FROM {TABLE} WHERE seq > 3", 4, id="truncated"),
+]
+
+
+@pytest.mark.parametrize(("sql", "seq"), TAMPERING)
+def test_every_tampering_blocks_the_next_run_until_a_decision_then_verifies(
+    filled, home: Home, sql: str, seq: int
+) -> None:
+    """The run-start check (a full verify) refuses each edit of the log, run after run."""
+    filled.execute(sql)
+    for _ in range(2):
+        with pytest.raises(AuditTrailBroken, match=f"first bad entry: seq {seq}"):
+            audit.begin_run(filled, home, actor="pipeline", job="nightly", run_id="r")
+    done = audit.resolve(filled, home, actor="dr-x", decision="investigated; resume")
+    assert done.lost_from == seq
+    run = audit.begin_run(filled, home, actor="pipeline", job="nightly", run_id="r")
+    assert run == done.seq + 1
+    result = audit.verify(filled, home)
+    assert result.ok and result.breaks == ((seq, done.seq),)
