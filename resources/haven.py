@@ -39,6 +39,28 @@ class SafeHavenResource(dg.ConfigurableResource):
     def store(self) -> Store:
         return Store(self.home_dir(), self.keyring(), threads=self.threads or None)
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Fail closed at run start: verify the whole audit trail once, then record the run.
+
+        ``safehaven.core.audit.begin_run`` raises ``AuditTrailBroken`` (one line: the first bad
+        entry and how to clear it) when the trail does not verify, so no asset of the run
+        touches data (CoP 23d).
+        """
+        from safehaven.core import audit
+        from safehaven.core.registers import current_actor
+
+        run = context.dagster_run
+        job = run.job_name if run is not None else "adhoc"
+        with self.connect() as con:
+            audit.begin_run(
+                con,
+                self.home_dir(),
+                actor=current_actor(),
+                job=job,
+                run_id=context.run_id or "",
+                keyring=self.keyring(),
+            )
+
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         with self.store().connect(read_only=read_only) as con:

@@ -1,4 +1,4 @@
-"""``safehaven`` commands for governance: agreements, the audit trail, subject access, registers.
+"""``safehaven`` commands for governance: agreements, subject access, registers.
 
 Roles are enforced by keys (CoP 27b; Caldicott 4; ``docs/rules.md`` "Users"): the governance
 lead's commands (``agreements approve|suspend``, ``subject-access``, identifiable releases)
@@ -313,85 +313,6 @@ def release_now(agreement_id: str) -> None:
         click.echo(f"review it: safehaven review show {result.release_id}")
 
 
-# --- audit ------------------------------------------------------------------------------
-
-
-@click.group("audit")
-def audit_group() -> None:
-    """The tamper-evident audit trail (CoP 12, 23d)."""
-
-
-@audit_group.command("verify")
-@click.option("--no-record", is_flag=True, help="Do not record a failure in the breach register.")
-def audit_verify(no_record: bool) -> None:
-    """Verify the hash chain and its anchor; exit 1 naming the first bad entry if it fails."""
-    from safehaven.core import audit
-    from safehaven.core import registers as reg
-    from safehaven.core.store import Store
-
-    home = _home()
-    if not home.store_file.exists():
-        click.echo("no store yet: nothing to verify")
-        return
-    with Store(home).connect(read_only=True) as con:
-        result = audit.verify(con, home)
-    if result.ok:
-        click.echo(result.reason)
-        return
-    where = f"first bad entry: seq {result.first_bad_seq}" if result.first_bad_seq is not None else "the anchor"
-    click.echo(f"AUDIT TRAIL FAILED VERIFICATION ({where})\n{result.reason}", err=True)
-    if not no_record:
-        with Store(home).connect() as con:
-            breach = reg.record_breach(
-                con,
-                kind="integrity_failure",
-                severity=2,
-                what=f"the audit trail failed verification ({where}): {result.reason}",
-                remedial_action="restore the audit log and its anchor from backup, investigate who changed it, "
-                "report to the SIRO and the board",
-                detail={"first_bad_seq": result.first_bad_seq},
-            )
-            reg.export(con, home)
-        click.echo(f"recorded as breach {breach} (severity 2)", err=True)
-    sys.exit(1)
-
-
-@audit_group.command("log")
-@click.option("--agreement", help="Only entries under this agreement.")
-@click.option("--limit", type=int, default=50, show_default=True, help="The most recent N entries.")
-def audit_log(agreement: str | None, limit: int) -> None:
-    """Show the most recent audit entries (no identifier values are ever recorded)."""
-    from safehaven.core import audit
-    from safehaven.core.store import Store
-
-    home = _home()
-    if not home.store_file.exists():
-        return
-    with Store(home).connect(read_only=True) as con:
-        entries = audit.entries_for(con, agreement=agreement)[-limit:]
-    for e in entries:
-        click.echo(
-            f"#{e.seq} {e.at.isoformat(timespec='seconds')} {e.actor} ({e.role}) {e.action} {e.object} "
-            f"[{e.outcome}]" + (f" agreement={e.agreement}" if e.agreement else "")
-        )
-
-
-@audit_group.command("anchor")
-@click.confirmation_option(prompt="Re-anchor the audit head at the last entry? Review unanchored entries first.")
-def audit_anchor() -> None:
-    """Re-anchor the head after a person has reviewed entries written after the last anchor."""
-    from safehaven.core import audit
-    from safehaven.core.store import Store
-
-    home = _home()
-    with Store(home).connect() as con:
-        try:
-            seq = audit.anchor(con, home)
-        except ValueError as exc:
-            _fail(str(exc))
-    click.echo(f"anchored the audit head at entry {seq}")
-
-
 # --- subject access and registers -------------------------------------------------------
 
 
@@ -469,6 +390,5 @@ def _actor() -> str:
 def register(main: click.Group) -> None:
     """Add this area's commands to the CLI."""
     main.add_command(agreements)
-    main.add_command(audit_group)
     main.add_command(subject_access_command)
     main.add_command(registers_command)

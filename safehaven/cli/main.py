@@ -9,16 +9,34 @@ from __future__ import annotations
 import click
 
 from safehaven import __version__
-from safehaven.cli import disposal, governance, keys, objections, outputs, review, run
+from safehaven.cli import audit, disposal, governance, keys, objections, outputs, review, run
+from safehaven.cli.common import fail
 
 
-@click.group()
+class HavenGroup(click.Group):
+    """The ``safehaven`` group: fails closed while the audit trail does not verify (CoP 23d).
+
+    An audited command is refused before it acts (``safehaven.cli.audit.precheck``), and an
+    append that finds the trail broken mid-command is reported in one line, never a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> object:
+        from safehaven.core.audit import AuditTrailBroken
+
+        try:
+            audit.precheck([*getattr(ctx, "_protected_args", []), *ctx.args])
+            return super().invoke(ctx)
+        except AuditTrailBroken as exc:
+            fail(str(exc), audit.EXIT_REFUSED)
+
+
+@click.group(cls=HavenGroup)
 @click.version_option(__version__, prog_name="safehaven")
 def main() -> None:
     """A health-data safe haven run the way the Code of Practice on Confidential Information asks."""
 
 
-for _area in (run, keys, objections, governance, outputs, disposal, review):
+for _area in (run, keys, objections, governance, audit, outputs, disposal, review):
     _area.register(main)
 
 

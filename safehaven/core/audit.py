@@ -1,32 +1,48 @@
-"""The audit trail: append-only, hash-chained, anchored outside the store.
+"""The audit trail: append-only, hash-chained, anchored where a rollback is seen.
 
 Rule (CoP 12 and 23d; Government response to the Caldicott review, recommendation 1;
 ``docs/rules.md`` "Audit"): every access to and use of data is recorded: who (``actor``, ``role``), when
 (``at``), what (``action`` on ``object``), why (``purpose``, ``legal_basis``), under which
 data sharing ``agreement``, with what ``outcome``. Recorded entries cannot be altered,
-removed, reordered or cut off without the change being detected.
+removed, reordered or cut off without the change being detected, and nothing is added to a
+trail that no longer verifies.
 
 How:
 
 * Entries live in ``governance.audit_log`` inside the encrypted store. ``seq`` runs 1, 2, 3,
-  ... with no gaps. Code only ever inserts (``append``, ``append_many``); nothing here
-  updates or deletes, and DuckDB has no triggers to forbid it, so the guarantee is
+  ... with no gaps, except across a recorded breach (below). Code only ever inserts; nothing
+  here updates or deletes, and DuckDB has no triggers to forbid it, so the guarantee is
   *evidence* of tampering, not prevention.
 * Each entry carries ``prev_hash`` (the previous entry's ``entry_hash``; 64 zeros for entry
   1) and ``entry_hash`` = HMAC-SHA256 under the ``audit`` key over a canonical serialisation
   (JSON, sorted keys, no whitespace, UTF-8) of every field including ``seq`` and
   ``prev_hash``. The key lives in ``keys/audit.key`` (see ``safehaven.core.keys``), not in the
-  store, so someone holding only the store file cannot rewrite the log and recompute a
-  chain that verifies.
-* A chain alone cannot show that its last entries were dropped. After every append the head
-  (last ``seq`` and ``entry_hash``, with an HMAC of its own) is written atomically to
-  ``registers/audit_head.json``, outside the store. In production the same head would also
-  be sent to a write-once log (WORM storage or an external transparency log), so that an
-  attacker who can rewrite both files still cannot roll the anchor back.
-* ``verify`` walks the chain in ``seq`` order and reports the first bad entry: a gap
-  (deleted entry), a ``prev_hash`` that does not match (reordered or inserted entries), a
-  hash mismatch (an edited entry), or a head that does not match the anchor (truncation,
-  or an altered anchor).
+  store, so someone holding only the store key cannot rewrite the log and recompute a chain
+  that verifies.
+* A chain alone cannot show that its last entries were dropped, so every append anchors the
+  head outside the store (``safehaven.core.anchors``: the head file, the hash-chained anchor
+  history, and an optional write-once target), and the head is published to others in every
+  ``published/release.json`` and every row of the data release register.
+* **Genesis.** The first entry's hash is also recorded in ``governance.audit_genesis``. A log
+  that is empty or missing while the genesis row, an anchor, the audit key, a published head
+  or any landed, released or published data exists fails verification: emptiness is not
+  innocence.
+* **Fail closed on append** (``check``): before anything is appended, the tail of the log is
+  checked against the anchor: the head file's MAC, its ``seq``, hash and entry count equal to
+  the log's last entry and row count, the last anchor history line equal to the head, the
+  last entry's own hash, and the write-once target holding no newer anchor. This costs a few
+  reads whatever the log's length. It guarantees that no entry was removed from or added to
+  the end and that the head was not rolled back; it does not re-hash older entries. If it
+  does not pass, a full ``verify`` names the first bad entry and ``AuditTrailBroken`` is
+  raised: nothing is written. The nightly run does the full ``verify`` once at its start
+  (``begin_run``), which re-hashes every entry and checks every anchor and published head.
+* **Breach decisions** (``resolve``): a person records the breach (breach register) and their
+  decision as the first entry of a new segment. That entry's ``prev_hash`` is the hash of the
+  last entry still stored, and its ``seq`` follows the highest ``seq`` ever anchored or
+  published, so sequence numbers are never reused. Its detail declares the damaged range
+  (``lost_from`` up to the entry before it); ``verify`` then skips that range (showing the
+  break), checks that the log before the decision is still as it was when the decision was
+  made (it ended at ``tail_seq``), and checks everything else as usual.
 
 No identifier values, ever (``docs/design.md`` "Keep confidential data inside the store":
 metadata and logs carry counts, hashes and versions, never values): callers pass pseudonyms,
@@ -39,7 +55,9 @@ ten digits in a row.
 Limits: ``append`` runs its own transaction, so call it outside an open one. If the process
 dies between the commit and the anchor write, ``verify`` reports the unanchored entries and a
 person re-anchors with ``anchor`` after review. The ``audit`` key is not rotated (a new key
-would fail every existing entry; the anchor records the key id in use).
+would fail every existing entry; the anchors record the key id in use, so a swapped key is
+reported as the wrong key). Someone holding the audit key as well as the store can rewrite
+everything local; only the write-once target and the heads others hold show that.
 """
 
 from __future__ import annotations
@@ -48,7 +66,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,14 +75,27 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core import anchors
+from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import Home
 from safehaven.core.keys import Key, KeyRing, KeyRingError
 from safehaven.core.store import CATALOG, table_exists
 
+__all__ = ["GENESIS", "HEAD_FILE", "TABLE", "AuditTrailBroken", "Entry", "VerifyResult"]
+
 TABLE = "governance.audit_log"
+GENESIS_TABLE = "governance.audit_genesis"
 KEY_PURPOSE = "audit"
-HEAD_FILE = "audit_head.json"
-GENESIS = "0" * 64
+#: The action of the first entry of a new segment: a recorded breach and the decision to resume.
+SEGMENT_ACTION = "audit_breach_decision"
+#: The action recorded at the start of every pipeline run (after a full verification).
+RUN_ACTION = "run"
+#: Schemas whose rows mean the haven holds landed, released or published data.
+DATA_SCHEMAS = ("landing", "release", "published")
+RELEASE_REGISTER = "governance.release_register"
+REGISTER_HEADS = "governance.release_audit_heads"
+PUBLISHED_MANIFEST = "release.json"
+RESOLVE_HINT = "record the breach and the decision to resume: safehaven audit resolve --decision '...'"
 
 #: Fields a caller supplies, with their defaults (None means required).
 _REQUIRED = ("actor", "role", "action", "object")
@@ -97,6 +127,15 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 )
 """
 
+_GENESIS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {GENESIS_TABLE} (
+    seq BIGINT PRIMARY KEY,
+    entry_hash VARCHAR NOT NULL,
+    key_id VARCHAR NOT NULL,
+    recorded_at TIMESTAMPTZ NOT NULL
+)
+"""
+
 #: Read back with ``at`` as epoch microseconds, so hashing never depends on time zones.
 _SELECT = (
     'SELECT seq, epoch_us("at"), actor, role, action, object, purpose, legal_basis, '
@@ -108,6 +147,18 @@ _NHS_LIKE = re.compile(r"(?<!\d)\d{3}[\s\-./]?\d{3}[\s\-./]?\d{4}(?!\d)")
 #: e.g. ``person:<pseudonym>``: they often contain ten digits in a row and are not identifiers.
 _HEX_TOKEN = re.compile(r"(?<![0-9A-Za-z])[0-9a-f]{16,}(?![0-9A-Za-z])")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class AuditTrailBroken(Exception):
+    """The audit trail does not verify, so nothing is appended and the flow is refused.
+
+    The message is one line: which entry is bad, why, and how to clear it (record the breach
+    and the decision with ``safehaven audit resolve``, or restore the audit key).
+    """
+
+    def __init__(self, result: VerifyResult) -> None:
+        self.result = result
+        super().__init__(refusal(result))
 
 
 @dataclass(frozen=True)
@@ -136,11 +187,41 @@ class Entry:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """The outcome of ``verify``: ``first_bad_seq`` is None when ok or when no entry is at fault."""
+    """The outcome of ``verify``: ``first_bad_seq`` is None when ok or when no entry is at fault.
+
+    ``kind`` says what failed: ``key`` (the audit key is missing, unreadable or not the one the
+    trail was written with), ``chain``, ``anchor``, ``empty`` or ``witness`` (a head published or
+    anchored elsewhere that the log no longer matches); empty when ok.
+    """
 
     ok: bool
     first_bad_seq: int | None
     reason: str
+    kind: str = ""
+    #: breaks in the chain covered by recorded breach decisions: (lost_from, decision seq)
+    breaks: tuple[tuple[int, int], ...] = ()
+
+
+def where(result: VerifyResult) -> str:
+    """Where verification failed: ``first bad entry: seq N``, ``the anchor`` or ``the audit key``."""
+    if result.kind == "key":
+        return "the audit key"
+    return f"first bad entry: seq {result.first_bad_seq}" if result.first_bad_seq is not None else "the anchor"
+
+
+def failure(result: VerifyResult) -> str:
+    """What failed, in one line: ``the audit trail failed verification (<where>): <reason>``.
+
+    The one wording used for the breach register and every refusal, so a failure already
+    recorded by ``audit verify`` is recognised by ``resolve``.
+    """
+    return f"the audit trail failed verification ({where(result)}): {result.reason}"
+
+
+def refusal(result: VerifyResult) -> str:
+    """The one-line refusal for a trail that does not verify."""
+    fix = "fix the audit key as stated" if result.kind == "key" else RESOLVE_HINT
+    return f"{failure(result)}. Refused: nothing is recorded until you {fix}"
 
 
 # --- canonical form and hashing ---------------------------------------------------------
@@ -151,13 +232,7 @@ def _iso(at: datetime) -> str:
 
 
 def _canonical(fields: Mapping[str, Any]) -> bytes:
-    return json.dumps(
-        fields,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    ).encode("utf-8")
+    return anchors.canonical(fields)
 
 
 def entry_hash(key: Key, entry: Mapping[str, Any]) -> str:
@@ -172,8 +247,11 @@ def entry_hash(key: Key, entry: Mapping[str, Any]) -> str:
 
 
 def _head_mac(key: Key, head: Mapping[str, Any]) -> str:
-    fields = {name: value for name, value in head.items() if name != "mac"}
-    return hmac.new(key.material, _canonical(fields), hashlib.sha256).hexdigest()
+    return anchors.mac(key, head)
+
+
+def _entry_ok(key: Key, entry: Entry) -> bool:
+    return hmac.compare_digest(entry_hash(key, vars(entry)), entry.entry_hash)
 
 
 # --- the identifier guard ---------------------------------------------------------------
@@ -240,13 +318,14 @@ def _keyring(con: duckdb.DuckDBPyConnection, home: Home | None, keyring: KeyRing
     return home, keyring or KeyRing(home.keys)
 
 
-def _table_exists(con: duckdb.DuckDBPyConnection) -> bool:
-    return table_exists(con, *TABLE.split("."))
+def _table_exists(con: duckdb.DuckDBPyConnection, table: str = TABLE) -> bool:
+    return table_exists(con, *table.split("."))
 
 
 def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
-    """Create ``governance.audit_log`` if it does not exist."""
+    """Create ``governance.audit_log`` and ``governance.audit_genesis`` if they do not exist."""
     con.execute(_DDL)
+    con.execute(_GENESIS_DDL)
 
 
 def _row_entry(row: Sequence[Any]) -> Entry:
@@ -255,47 +334,170 @@ def _row_entry(row: Sequence[Any]) -> Entry:
     return Entry(**values)
 
 
-def _read_head(home: Home) -> dict[str, Any] | None:
-    path = home.registers / HEAD_FILE
-    if not path.exists():
+@dataclass(frozen=True)
+class _Tail:
+    """The last stored entry (``seq`` 0 and the genesis hash for an empty log) and the row count."""
+
+    seq: int
+    entry_hash: str
+    entries: int
+
+
+def _tail(con: duckdb.DuckDBPyConnection) -> _Tail:
+    if not _table_exists(con):
+        return _Tail(0, GENESIS, 0)
+    row = con.execute(
+        f"SELECT seq, entry_hash, (SELECT count(*) FROM {TABLE}) FROM {TABLE} ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    return _Tail(int(row[0]), str(row[1]), int(row[2])) if row else _Tail(0, GENESIS, 0)
+
+
+def _entry_at(con: duckdb.DuckDBPyConnection, seq: int) -> Entry | None:
+    row = con.execute(_SELECT + " WHERE seq = ?", [seq]).fetchone()
+    return _row_entry(row) if row else None
+
+
+def _genesis(con: duckdb.DuckDBPyConnection) -> tuple[int, str] | None:
+    if not _table_exists(con, GENESIS_TABLE):
         return None
+    row = con.execute(f"SELECT seq, entry_hash FROM {GENESIS_TABLE} ORDER BY seq LIMIT 1").fetchone()
+    return (int(row[0]), str(row[1])) if row else None
+
+
+def _read_key(keyring: KeyRing) -> Key | None:
+    """The audit key, or None when it does not exist; KeyRingError when it is unsafe or unreadable."""
+    return keyring.get(KEY_PURPOSE) if keyring.exists(KEY_PURPOSE) else None
+
+
+# --- fail closed on append --------------------------------------------------------------
+
+
+def _tail_matches_anchor(con: duckdb.DuckDBPyConnection, home: Home, key: Key, tail: _Tail) -> bool:
+    """The cheap pre-append test (see the module docstring): True when the tail is the anchored head."""
+    head = anchors.read_head(home)
+    if not head or not anchors.mac_ok(key, head):
+        return False
+    if (head.get("seq"), head.get("entry_hash")) != (tail.seq, tail.entry_hash):
+        return False
+    if "entries" in head:  # heads written before the anchor history have no count and no history
+        last = anchors.last_history_line(home)
+        if head["entries"] != tail.entries or not last or not anchors.mac_ok(key, last):
+            return False
+        if (last.get("seq"), last.get("entry_hash")) != (tail.seq, tail.entry_hash):
+            return False
+    entry = _entry_at(con, tail.seq)
+    return entry is not None and _entry_ok(key, entry) and _worm_agrees(tail)
+
+
+def _worm_agrees(tail: _Tail) -> bool:
+    """The write-once target (if any) holds the tail's anchor and nothing newer than it."""
+    if anchors.worm_dir() is None:
+        return True
+    newer = anchors.read_worm(tail.seq + 1)
+    current = anchors.read_worm(tail.seq)
+    return newer is None and current is not None and current.get("entry_hash") == tail.entry_hash
+
+
+def _fresh(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> bool:
+    """An empty log that nothing says was ever written: no anchor, genesis row or audit key."""
+    return (
+        anchors.read_head(home) is None
+        and not anchors.read_history(home)
+        and _genesis(con) is None
+        and not keyring.exists(KEY_PURPOSE)
+        and not anchors.worm_seqs()
+    )
+
+
+def check(
+    con: duckdb.DuckDBPyConnection,
+    home: Home | None = None,
+    *,
+    keyring: KeyRing | None = None,
+) -> None:
+    """Raise ``AuditTrailBroken`` unless the log may be appended to (rule in the module docstring).
+
+    Cheap when the tail matches its anchor; otherwise a full ``verify`` finds the first bad entry.
+    """
+    home, keyring = _keyring(con, home, keyring)
+    tail = _tail(con)
     try:
-        head = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return head if isinstance(head, dict) else {}
+        key = _read_key(keyring)
+    except KeyRingError:
+        key = None
+    if tail.seq == 0 and _fresh(con, home, keyring):
+        return
+    if key is not None and tail.seq and _tail_matches_anchor(con, home, key, tail):
+        return
+    result = verify(con, home, keyring=keyring)
+    if not result.ok:
+        raise AuditTrailBroken(result)
 
 
-def _write_head(home: Home, key: Key, seq: int, head_hash: str) -> None:
-    """Write the head anchor atomically (temp file, fsync, rename, fsync the directory)."""
-    head: dict[str, Any] = {
-        "seq": seq,
-        "entry_hash": head_hash,
-        "key_id": key.key_id,
-        "anchored_at": _iso(datetime.now(UTC)),
-    }
-    head["mac"] = _head_mac(key, head)
-    home.registers.mkdir(parents=True, exist_ok=True)
-    path = home.registers / HEAD_FILE
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(head, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(home.registers, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def head(
+    con: duckdb.DuckDBPyConnection,
+    home: Home | None = None,
+    *,
+    keyring: KeyRing | None = None,
+) -> dict[str, Any]:
+    """The checked head to publish: ``{"seq", "entry_hash"}`` (seq 0 for an empty log).
 
-
-def _last(con: duckdb.DuckDBPyConnection) -> tuple[int, str]:
-    row = con.execute(f"SELECT seq, entry_hash FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
-    return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+    Raises ``AuditTrailBroken`` when the trail does not verify against its anchor, so nothing
+    is published with a head that a rollback produced.
+    """
+    check(con, home, keyring=keyring)
+    tail = _tail(con)
+    return {"seq": tail.seq, "entry_hash": tail.entry_hash}
 
 
 # --- the API ----------------------------------------------------------------------------
+
+
+def _insert(con: duckdb.DuckDBPyConnection, key: Key, prepared: list[dict[str, Any]], seq: int, prev: str) -> str:
+    """Hash and insert ``prepared`` from ``seq`` on after ``prev``, in the caller's transaction.
+
+    One columnar INSERT; records the genesis when entry 1 is among them. Returns the last hash.
+    """
+    at = datetime.now(UTC)
+    for entry in prepared:
+        entry.update(seq=seq, at=at, prev_hash=prev)
+        entry["entry_hash"] = prev = entry_hash(key, entry)
+        seq += 1
+    others = [name for name in _COLUMNS if name not in ("seq", "at")]
+    con.execute(
+        f"INSERT INTO {TABLE} SELECT unnest(?::BIGINT[]), CAST(? AS TIMESTAMPTZ), "
+        + ", ".join("unnest(?::VARCHAR[])" for _ in others),
+        [[e["seq"] for e in prepared], _iso(at), *([e[n] for e in prepared] for n in others)],
+    )
+    if prepared[0]["seq"] == 1 or _genesis(con) is None:
+        con.execute(
+            f"INSERT INTO {GENESIS_TABLE} SELECT seq, entry_hash, ?, now() FROM {TABLE} "
+            f"WHERE seq = (SELECT min(seq) FROM {TABLE}) ON CONFLICT DO NOTHING",
+            [key.key_id],
+        )
+    return prev
+
+
+def _transaction(con: duckdb.DuckDBPyConnection, work: Any) -> Any:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        result = work()
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):  # DuckDB may have rolled back already
+            con.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _anchor_everywhere(home: Home, key: Key, anchor: Anchor) -> None:
+    """Write the anchor; a write-once target that refuses it is a rollback, reported as such."""
+    try:
+        anchors.write_all(home, key, anchor)
+    except OSError as exc:
+        raise AuditTrailBroken(
+            VerifyResult(False, anchor.seq, f"the anchor of entry {anchor.seq} could not be written: {exc}", "anchor")
+        ) from None
 
 
 def append_many(
@@ -307,44 +509,24 @@ def append_many(
 ) -> list[int]:
     """Append entries (one per event, e.g. per release; never per patient row).
 
-    Each entry is a mapping with the keyword arguments of ``append``. All are written in one
-    transaction by one columnar INSERT and share one timestamp; the head is then anchored.
-    Returns the new ``seq`` values. Raises ValueError for a malformed or identifier-bearing
-    entry (then nothing is written).
+    Each entry is a mapping with the keyword arguments of ``append``. The log is first checked
+    against its anchor (``check``; ``AuditTrailBroken`` when it does not verify, and nothing is
+    written). All are then written in one transaction by one columnar INSERT and share one
+    timestamp; the head is then anchored. Returns the new ``seq`` values. Raises ValueError for
+    a malformed or identifier-bearing entry (then nothing is written).
     """
     prepared = [_prepare(item) for item in entries]
     if not prepared:
         return []
     home, keyring = _keyring(con, home, keyring)
     ensure_table(con)
-    con.execute("BEGIN TRANSACTION")
-    try:
-        seq, prev = _last(con)
-        key = keyring.get_or_create(KEY_PURPOSE, allow_create=seq == 0 and _read_head(home) is None)
-        at = datetime.now(UTC)
-        first = seq + 1
-        for entry in prepared:
-            seq += 1
-            entry.update(seq=seq, at=at, prev_hash=prev)
-            entry["entry_hash"] = prev = entry_hash(key, entry)
-        # One columnar INSERT: each column is bound as one list and unnested in step.
-        others = [name for name in _COLUMNS if name not in ("seq", "at")]
-        con.execute(
-            f"INSERT INTO {TABLE} SELECT unnest(?::BIGINT[]), CAST(? AS TIMESTAMPTZ), "
-            + ", ".join("unnest(?::VARCHAR[])" for _ in others),
-            [
-                [e["seq"] for e in prepared],
-                _iso(at),
-                *([e[n] for e in prepared] for n in others),
-            ],
-        )
-        con.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):  # DuckDB may have rolled back already
-            con.execute("ROLLBACK")
-        raise
-    _write_head(home, key, seq, prev)
-    return list(range(first, seq + 1))
+    check(con, home, keyring=keyring)
+    tail = _tail(con)
+    key = keyring.get_or_create(KEY_PURPOSE, allow_create=tail.seq == 0 and _fresh(con, home, keyring))
+    last = _transaction(con, lambda: _insert(con, key, prepared, tail.seq + 1, tail.entry_hash))
+    seq = tail.seq + len(prepared)
+    _anchor_everywhere(home, key, Anchor(seq, last, tail.entries + len(prepared)))
+    return list(range(tail.seq + 1, seq + 1))
 
 
 def append(
@@ -367,6 +549,7 @@ def append(
     ``object`` names what was acted on (``haven.gp_events``, a release id, a pseudonym),
     never an identifier value. ``detail`` is plain JSON: counts, ids, versions. ``home``
     defaults to the haven whose store ``con`` has attached; ``keyring`` to its ``keys/``.
+    Raises ``AuditTrailBroken`` (nothing written) when the log does not verify.
     """
     entry = {
         "actor": actor,
@@ -382,67 +565,223 @@ def append(
     return append_many(con, [entry], home=home, keyring=keyring)[0]
 
 
-def verify(
+def begin_run(
     con: duckdb.DuckDBPyConnection,
-    home: Home | None = None,
+    home: Home,
     *,
+    actor: str,
+    job: str,
+    run_id: str,
     keyring: KeyRing | None = None,
-) -> VerifyResult:
-    """Check the chain, then the head anchor; report the first bad ``seq`` and why.
+) -> int:
+    """Start of a pipeline run: a full ``verify``, then an entry recording the run; returns its seq.
 
-    Works on a read-only connection and never creates a key. ``first_bad_seq`` is the entry
-    a person should look at first: the first missing, moved or altered entry, or for a
-    truncated log the first entry that should exist but does not (last stored ``seq`` + 1).
+    Raises ``AuditTrailBroken`` when the trail does not verify, so the run does nothing (fail
+    closed; CoP 23d). Recording every run also sets the genesis before any data lands.
     """
-    home, keyring = _keyring(con, home, keyring)
-    head = _read_head(home)
-    try:
-        key = keyring.get(KEY_PURPOSE) if keyring.exists(KEY_PURPOSE) else None
-    except KeyRingError as exc:
-        return VerifyResult(False, None, f"cannot read the audit key: {exc}")
-    if key is None:
-        if head is None and not (_table_exists(con) and _last(con)[0]):
-            return VerifyResult(True, None, "the audit log is empty and nothing was anchored")
-        return VerifyResult(
-            False,
-            None,
-            f"the audit key {keyring.path(KEY_PURPOSE)} is missing, so the audit log cannot be "
-            "verified; restore it from the key custodian's backup",
+    result = verify(con, home, keyring=keyring)
+    if not result.ok:
+        raise AuditTrailBroken(result)
+    return append(
+        con,
+        actor=actor,
+        role="pipeline",
+        action=RUN_ACTION,
+        object=f"job:{job}",
+        purpose="scheduled processing under the haven's agreements",
+        detail={"run_id": run_id.replace("-", "")},
+        home=home,
+        keyring=keyring,
+    )
+
+
+# --- verification -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Break:
+    """A recorded breach decision at ``seq``: entries ``lost_from`` .. ``seq - 1`` are written off."""
+
+    lost_from: int
+    seq: int
+    tail_seq: int
+
+    def covers(self, seq: int) -> bool:
+        return self.lost_from <= seq < self.seq
+
+
+def _covered(breaks: Sequence[_Break], seq: int) -> bool:
+    return any(b.covers(seq) for b in breaks)
+
+
+def _breaks(con: duckdb.DuckDBPyConnection, key: Key) -> list[_Break]:
+    """The breach decisions whose own hash verifies under the audit key (nobody else can write one)."""
+    found = []
+    for row in con.execute(_SELECT + " WHERE action = ? ORDER BY seq", [SEGMENT_ACTION]).fetchall():
+        entry = _row_entry(row)
+        detail = entry.detail_value if _entry_ok(key, entry) else None
+        if isinstance(detail, dict) and {"lost_from", "tail_seq"} <= set(detail):
+            found.append(_Break(int(detail["lost_from"]), entry.seq, int(detail["tail_seq"])))
+    return found
+
+
+_BREACH = "restore the log from backup and record a breach"
+
+
+def _check_entry(key: Key, entry: Entry, expected: int, prev: str) -> VerifyResult | None:
+    """One ordinary entry: a gap before it, a broken link, or altered content."""
+    if entry.seq != expected:
+        reason = (
+            f"audit entry {expected} is missing (the next stored entry is {entry.seq}): entries were deleted; {_BREACH}"
         )
-    bad, last_seq, last_hash = _check_chain(con, key)
-    return bad or _check_head(con, key, head, last_seq, last_hash)
+        return VerifyResult(False, expected, reason, "chain")
+    if entry.prev_hash != prev:
+        reason = (
+            f"audit entry {entry.seq} does not follow entry {entry.seq - 1} (its prev_hash does not match): "
+            f"entries were reordered, inserted or replaced; {_BREACH}"
+        )
+        return VerifyResult(False, entry.seq, reason, "chain")
+    if not _entry_ok(key, entry):
+        reason = (
+            f"audit entry {entry.seq} has been altered since it was written (its hash does not match its "
+            f"content under the audit key); {_BREACH}"
+        )
+        return VerifyResult(False, entry.seq, reason, "chain")
+    return None
 
 
-def _check_chain(con: duckdb.DuckDBPyConnection, key: Key) -> tuple[VerifyResult | None, int, str]:
-    """Walk the entries in ``seq`` order: the first gap, chain break or altered entry."""
+def _check_decision(entry: Entry, brk: _Break, expected: int, prev: str) -> VerifyResult | None:
+    """A breach decision: nothing missing before its range, and the log before it unchanged since."""
+    if expected < brk.lost_from:
+        reason = f"audit entry {expected} is missing (the next stored entry is {entry.seq}): entries were deleted"
+        return VerifyResult(False, expected, f"{reason}; {_BREACH}", "chain")
+    if expected - 1 != brk.tail_seq or entry.prev_hash != prev:
+        reason = (
+            f"the log before the breach decision at entry {entry.seq} is not as it was when the decision was "
+            f"recorded (it ended at entry {brk.tail_seq}): entries were removed or added since; {_BREACH}"
+        )
+        return VerifyResult(False, entry.seq, reason, "chain")
+    return None
+
+
+def _check_chain(
+    con: duckdb.DuckDBPyConnection, key: Key, breaks: Sequence[_Break] = ()
+) -> tuple[VerifyResult | None, int, str]:
+    """Walk the entries in ``seq`` order: the first gap, chain break or altered entry.
+
+    Entries inside a range written off by a breach decision are passed over (their stored hash
+    still links the walk to the decision). Returns the problem (or None), the last stored
+    ``seq`` walked and its hash.
+    """
     if not _table_exists(con):
         return None, 0, GENESIS
-    breach = "restore the log from backup and record a breach"
+    decisions = {b.seq: b for b in breaks}
     expected, prev = 1, GENESIS
     cursor = con.execute(_SELECT + " ORDER BY seq")
     while batch := cursor.fetchmany(10_000):
         for row in batch:
             entry = _row_entry(row)
-            if entry.seq != expected:
-                reason = (
-                    f"audit entry {expected} is missing (the next stored entry is {entry.seq}): "
-                    f"entries were deleted; {breach}"
-                )
-                return VerifyResult(False, expected, reason), expected - 1, prev
-            if entry.prev_hash != prev:
-                reason = (
-                    f"audit entry {entry.seq} does not follow entry {entry.seq - 1} (its "
-                    "prev_hash does not match): entries were reordered, inserted or replaced; " + breach
-                )
-                return VerifyResult(False, entry.seq, reason), expected - 1, prev
-            if not hmac.compare_digest(entry_hash(key, vars(entry)), entry.entry_hash):
-                reason = (
-                    f"audit entry {entry.seq} has been altered since it was written (its hash "
-                    f"does not match its content under the audit key); {breach}"
-                )
-                return VerifyResult(False, entry.seq, reason), expected - 1, prev
-            expected, prev = expected + 1, entry.entry_hash
+            if not _covered(breaks, entry.seq):
+                brk = decisions.get(entry.seq)
+                bad = _check_decision(entry, brk, expected, prev) if brk else _check_entry(key, entry, expected, prev)
+                if bad:
+                    return bad, expected - 1, prev
+            expected, prev = entry.seq + 1, entry.entry_hash
     return None, expected - 1, prev
+
+
+def _qi(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _holds_data(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether any landed, released or published table (or the data release register) has a row."""
+    tables = con.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        f"AND table_type = 'BASE TABLE' AND table_schema IN ({', '.join('?' for _ in DATA_SCHEMAS)})",
+        list(DATA_SCHEMAS),
+    ).fetchall()
+    if _table_exists(con, RELEASE_REGISTER):
+        tables.append(tuple(RELEASE_REGISTER.split(".")))
+    return any(
+        con.execute(f"SELECT EXISTS (SELECT 1 FROM {_qi(s)}.{_qi(t)})").fetchone()[0]  # type: ignore[index]
+        for s, t in tables
+    )
+
+
+Witness = tuple[int, str, str]
+
+
+def _published_heads(con: duckdb.DuckDBPyConnection, home: Home) -> list[Witness]:
+    """Heads given to others: each data release register row's, and ``published/release.json``'s."""
+    found: list[Witness] = []
+    if _table_exists(con, REGISTER_HEADS):
+        rows = con.execute(f"SELECT release_id, audit_head_seq, audit_head_hash FROM {REGISTER_HEADS}").fetchall()
+        found += [(int(s), str(h), f"the data release register (release {r})") for r, s, h in rows]
+    manifest = home.published / PUBLISHED_MANIFEST
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+        published = json.loads(manifest.read_text(encoding="utf-8"))["audit_head"]
+        found.append((int(published["seq"]), str(published["entry_hash"]), f"published/{PUBLISHED_MANIFEST}"))
+    return [w for w in found if w[0] > 0]
+
+
+def _worm_witnesses() -> list[Witness]:
+    """The oldest and newest anchors of the write-once target."""
+    seqs = anchors.worm_seqs()
+    picked = sorted({seqs[0], seqs[-1]}) if seqs else []
+    return [
+        (seq, str(anchor.get("entry_hash")), f"the write-once anchor for entry {seq}")
+        for seq in picked
+        if (anchor := anchors.read_worm(seq)) is not None
+    ]
+
+
+def _evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> str | None:
+    """What shows that an empty log once held entries (or should have), or None."""
+    checks = (
+        (lambda: anchors.read_head(home) is not None, f"the head anchor registers/{HEAD_FILE} exists"),
+        (lambda: bool(anchors.read_history(home)), f"the anchor history registers/{anchors.HISTORY_FILE} has lines"),
+        (lambda: _genesis(con) is not None, f"the genesis record {GENESIS_TABLE} holds the first entry's hash"),
+        (lambda: keyring.exists(KEY_PURPOSE), "the audit key exists (it is created with the first entry)"),
+        (lambda: bool(anchors.worm_seqs()), "the write-once target holds anchors"),
+        (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
+        (lambda: _holds_data(con), "the store holds landed, released or published data"),
+    )
+    return next((text for test, text in checks if test()), None)
+
+
+def _check_empty(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> VerifyResult:
+    """An empty or missing log verifies only on a haven with no sign of ever having been used."""
+    evidence = _evidence_of_use(con, home, keyring)
+    if evidence is None:
+        return VerifyResult(True, None, "the audit log is empty and nothing was anchored")
+    reason = f"the audit log is empty or missing but {evidence}: every entry was removed (truncation); {_BREACH}"
+    return VerifyResult(False, 1, reason, "empty")
+
+
+def _key_problem(home: Home, keyring: KeyRing, key: Key) -> VerifyResult | None:
+    """A swapped audit key: the key ring's record or every anchor names another key id."""
+    try:
+        pinned = keyring.current_id(KEY_PURPOSE)
+    except (OSError, ValueError):
+        pinned = None
+    anchored = [
+        str(r["key_id"]) for r in (anchors.read_head(home), anchors.last_history_line(home)) if r and r.get("key_id")
+    ]
+    if pinned and pinned != key.key_id:
+        recorded = pinned
+    elif anchored and all(k != key.key_id for k in anchored):
+        recorded = anchored[0]
+    else:
+        return None
+    return VerifyResult(
+        False,
+        None,
+        f"the audit key {keyring.path(KEY_PURPOSE)} (id {key.key_id}) is not the key the audit trail was written "
+        f"with (id {recorded}): it was swapped or replaced; restore the original key file from the key "
+        "custodian's backup",
+        "key",
+    )
 
 
 def _check_head(
@@ -451,29 +790,28 @@ def _check_head(
     head: Mapping[str, Any] | None,
     last_seq: int,
     last_hash: str,
-) -> VerifyResult:
+) -> VerifyResult | None:
     """Compare a verified chain ending at ``last_seq`` with the anchored head."""
     where = f"registers/{HEAD_FILE}"
     if head is None:
-        if last_seq == 0:
-            return VerifyResult(True, None, "the audit log is empty and nothing was anchored")
         return VerifyResult(
             False,
             None,
-            f"the head anchor {where} is missing, so truncation of the audit log cannot be "
-            "ruled out; restore the anchor from the write-once copy and verify again",
+            f"the head anchor {where} is missing, so truncation of the audit log cannot be ruled out; "
+            "restore the anchor from the write-once copy, or " + RESOLVE_HINT,
+            "anchor",
         )
     try:
         seq, anchored = int(head["seq"]), str(head["entry_hash"])
-        mac_ok = hmac.compare_digest(_head_mac(key, head), str(head["mac"]))
     except (KeyError, TypeError, ValueError):
-        reason = f"the head anchor {where} is unreadable; restore it from the write-once copy"
-        return VerifyResult(False, None, reason)
+        reason = f"the head anchor {where} is unreadable; restore it from the write-once copy, or {RESOLVE_HINT}"
+        return VerifyResult(False, None, reason, "anchor")
+    mac_ok = anchors.mac_ok(key, head)
     advice = (
         f"; the anchor's own MAC does not verify either, so {where} was edited outside the "
         "haven: restore it from the write-once copy and verify again"
         if not mac_ok
-        else "; restore the log from backup and record a breach"
+        else f"; {_BREACH}"
     )
     if seq > last_seq:
         return VerifyResult(
@@ -481,18 +819,17 @@ def _check_head(
             last_seq + 1,
             f"the audit log ends at entry {last_seq} but the head anchor records entry {seq}: "
             f"entries {last_seq + 1}-{seq} were removed (truncation){advice}",
+            "anchor",
         )
-    if seq == last_seq:
-        stored = last_hash
-    else:
-        row = con.execute(f"SELECT entry_hash FROM {TABLE} WHERE seq = ?", [seq]).fetchone()
-        stored = str(row[0]) if row else GENESIS
+    entry = _entry_at(con, seq)
+    stored = last_hash if seq == last_seq else (entry.entry_hash if entry else GENESIS)
     if not hmac.compare_digest(stored, anchored):
         return VerifyResult(
             False,
             max(seq, 1),
             f"audit entry {seq} does not match the hash the head anchor records for it: the "
             f"log was rewritten from there, or the anchor is wrong{advice}",
+            "anchor",
         )
     if not mac_ok:
         return VerifyResult(
@@ -500,6 +837,7 @@ def _check_head(
             None,
             f"the head anchor {where} matches the log but its MAC does not verify, so the "
             "anchor file was edited outside the haven; restore it from the write-once copy",
+            "anchor",
         )
     if seq < last_seq:
         return VerifyResult(
@@ -507,13 +845,153 @@ def _check_head(
             seq + 1,
             f"audit entries {seq + 1}-{last_seq} were written after the last anchored head "
             f"(entry {seq}): an append was interrupted before anchoring, or entries were added "
-            "outside the haven; review them, then re-anchor with safehaven.core.audit.anchor",
+            "outside the haven; review them, then re-anchor with: safehaven audit anchor",
+            "anchor",
         )
-    return VerifyResult(
-        True,
-        None,
-        f"the audit log verifies: {last_seq} entries, chain intact, head anchored",
+    return None
+
+
+def _history(home: Home, key: Key, head: Mapping[str, Any]) -> tuple[VerifyResult | None, list[dict[str, Any]]]:
+    """The anchor history's last section (see ``anchors.check_history``), or the problem with it."""
+    lines = anchors.read_history(home)
+    where = f"registers/{anchors.HISTORY_FILE}"
+    if lines is None:
+        if "entries" not in head:  # a head written before the anchor history existed
+            return None, []
+        return VerifyResult(False, None, f"the anchor history {where} is missing; {RESOLVE_HINT}", "anchor"), []
+    problem, section = anchors.check_history(key, lines)
+    if problem:
+        return VerifyResult(False, None, f"{problem}; {RESOLVE_HINT}", "anchor"), []
+    return None, section
+
+
+def _check_witnesses(
+    con: duckdb.DuckDBPyConnection, breaks: Sequence[_Break], last_seq: int, witnesses: list[Witness]
+) -> VerifyResult | None:
+    """Every head anchored or published elsewhere must still be in the log with the same hash.
+
+    A head beyond the end of the log means entries were cut off and the local anchor rolled
+    back (a replayed anchor); a different hash means the log was rewritten from that entry.
+    Heads inside a range written off by a breach decision are passed over.
+    """
+    live = [w for w in witnesses if w[0] > 0 and not _covered(breaks, w[0])]
+    ahead = [w for w in live if w[0] > last_seq]
+    if ahead:
+        seq, _, where = max(ahead)
+        reason = (
+            f"{where} records entry {seq} but the audit log ends at entry {last_seq}: entries "
+            f"{last_seq + 1}-{seq} were removed and the anchor rolled back; {_BREACH}"
+        )
+        return VerifyResult(False, last_seq + 1, reason, "witness")
+    stored = dict(
+        con.execute(
+            f"SELECT w.seq, a.entry_hash FROM (SELECT unnest(?::BIGINT[]) AS seq) w JOIN {TABLE} a USING (seq)",
+            [[w[0] for w in live]],
+        ).fetchall()
     )
+    for seq, anchored, where in sorted(live):
+        if stored.get(seq) != anchored:
+            reason = (
+                f"audit entry {seq} does not match the hash {where} records for it: the log was rewritten; {_BREACH}"
+            )
+            return VerifyResult(False, seq, reason, "witness")
+    return None
+
+
+def _check_latest(section: list[dict[str, Any]], head: Mapping[str, Any]) -> VerifyResult | None:
+    """The newest history line and the write-once target are not behind the head file."""
+    if section and (section[-1].get("seq"), section[-1].get("entry_hash")) != (head.get("seq"), head.get("entry_hash")):
+        reason = (
+            f"the anchor history ends at entry {section[-1].get('seq')} but the head anchor is at entry "
+            f"{head.get('seq')}: history lines were cut off; {RESOLVE_HINT}"
+        )
+        return VerifyResult(False, None, reason, "anchor")
+    seqs = anchors.worm_seqs()
+    if seqs and seqs[-1] < int(head["seq"]):
+        reason = (
+            f"the write-once target's newest anchor is entry {seqs[-1]} but the head is at entry {head['seq']}: "
+            "anchors could not be written there; check the target, then re-anchor with: safehaven audit anchor"
+        )
+        return VerifyResult(False, None, reason, "anchor")
+    return None
+
+
+def _check_anchors(
+    con: duckdb.DuckDBPyConnection, home: Home, key: Key, breaks: Sequence[_Break], last_seq: int, last_hash: str
+) -> VerifyResult | None:
+    """The head file, the anchor history, the genesis record, published heads and the write-once target."""
+    head = anchors.read_head(home)
+    bad = _check_head(con, key, head, last_seq, last_hash)
+    if bad or head is None:
+        return bad
+    bad, section = _history(home, key, head)
+    if bad:
+        return bad
+    genesis = _genesis(con)
+    witnesses = [
+        *(
+            (int(line["seq"]), str(line["entry_hash"]), f"line {line.get('n')} of the anchor history")
+            for line in section
+        ),
+        *([(genesis[0], genesis[1], f"the genesis record {GENESIS_TABLE}")] if genesis else []),
+        *_published_heads(con, home),
+        *_worm_witnesses(),
+    ]
+    return _check_witnesses(con, breaks, last_seq, witnesses) or _check_latest(section, head)
+
+
+def _ok(entries: int, breaks: Sequence[_Break]) -> VerifyResult:
+    shown = "".join(
+        f"; chain broken at entries {b.lost_from}-{b.seq - 1} (written off by the breach decision at entry {b.seq})"
+        if b.lost_from < b.seq
+        else f"; breach decision recorded at entry {b.seq}"
+        for b in breaks
+    )
+    reason = f"the audit log verifies: {entries} entries, chain intact, head anchored{shown}"
+    return VerifyResult(True, None, reason, "", tuple((b.lost_from, b.seq) for b in breaks))
+
+
+def verify(
+    con: duckdb.DuckDBPyConnection,
+    home: Home | None = None,
+    *,
+    keyring: KeyRing | None = None,
+) -> VerifyResult:
+    """Check the key, the chain, then every anchor and published head; report the first bad ``seq``.
+
+    Works on a read-only connection and never creates a key. ``first_bad_seq`` is the entry
+    a person should look at first: the first missing, moved or altered entry, or for a
+    truncated log the first entry that should exist but does not (last stored ``seq`` + 1).
+    Guarantees when ok: every entry's hash verifies under the audit key and links to the one
+    before (across recorded breach decisions, which are shown); the head file, the anchor
+    history, the genesis record, every published head and the write-once target all name
+    entries still in the log with the same hash, none beyond its end.
+    """
+    home, keyring = _keyring(con, home, keyring)
+    try:
+        key = _read_key(keyring)
+    except KeyRingError as exc:
+        return VerifyResult(False, None, f"cannot read the audit key: {exc}", "key")
+    tail = _tail(con)
+    if tail.seq == 0:
+        return _check_empty(con, home, keyring)
+    if key is None:
+        return VerifyResult(
+            False,
+            None,
+            f"the audit key {keyring.path(KEY_PURPOSE)} is missing, so the audit log cannot be "
+            "verified; restore it from the key custodian's backup",
+            "key",
+        )
+    bad = _key_problem(home, keyring, key)
+    if bad:
+        return bad
+    breaks = _breaks(con, key)
+    bad, last_seq, last_hash = _check_chain(con, key, breaks)
+    return bad or _check_anchors(con, home, key, breaks, last_seq, last_hash) or _ok(tail.entries, breaks)
+
+
+# --- re-anchoring and breach decisions --------------------------------------------------
 
 
 def anchor(
@@ -524,15 +1002,130 @@ def anchor(
 ) -> int:
     """Re-anchor the head at the last entry, after a person has reviewed unanchored entries.
 
-    Refuses if the chain itself does not verify. Returns the anchored ``seq``.
+    Only for a chain that verifies whose anchors are merely behind it (an append interrupted
+    before anchoring, or a write-once target that was unavailable). Refuses anything else: a
+    broken chain, or an anchor or published head beyond the log (a rollback), needs a recorded
+    breach decision (``resolve``). Returns the anchored ``seq``.
     """
     home, keyring = _keyring(con, home, keyring)
     key = keyring.get(KEY_PURPOSE)
-    bad, last_seq, last_hash = _check_chain(con, key)
+    breaks = _breaks(con, key)
+    bad, last_seq, last_hash = _check_chain(con, key, breaks)
     if bad is not None:
         raise ValueError(f"will not anchor an audit log that fails verification: {bad.reason}")
-    _write_head(home, key, last_seq, last_hash)
+    witnesses = _published_heads(con, home) + _worm_witnesses()
+    witnesses += [(int(line.get("seq", 0)), str(line.get("entry_hash")), "the anchor history") for line in _lines(home)]
+    bad = _check_witnesses(con, breaks, last_seq, witnesses)
+    if bad is not None:
+        raise ValueError(f"will not anchor over a rollback: {bad.reason}")
+    _anchor_everywhere(home, key, Anchor(last_seq, last_hash, _tail(con).entries))
     return last_seq
+
+
+def _lines(home: Home) -> list[dict[str, Any]]:
+    lines = anchors.read_history(home) or []
+    return [line for line in lines if isinstance(line.get("seq"), int)]
+
+
+def _resume_seq(con: duckdb.DuckDBPyConnection, home: Home, tail: _Tail) -> int:
+    """The ``seq`` of a new segment: after every ``seq`` ever stored, anchored or published."""
+    head = anchors.read_head(home) or {}
+    seen = [
+        tail.seq,
+        head.get("seq") if isinstance(head.get("seq"), int) else 0,
+        *(int(line["seq"]) for line in _lines(home)),
+        *anchors.worm_seqs(),
+        *(w[0] for w in _published_heads(con, home)),
+        (_genesis(con) or (0, GENESIS))[0],
+    ]
+    return max(seen) + 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A recorded breach decision: the entry that starts the new segment and what it wrote off."""
+
+    seq: int
+    breach_id: int
+    lost_from: int
+    lost_to: int
+
+
+def _breach_id(con: duckdb.DuckDBPyConnection, result: VerifyResult, decision: str) -> int:
+    """The breach already recorded for this failure by ``audit verify``, or a new one (CoP 23d)."""
+    from safehaven.core import registers as reg
+
+    what = failure(result)
+    for b in reversed(reg.breaches(con)):
+        if b["kind"] == "integrity_failure" and b["what"] == what:
+            return int(b["breach_id"])
+    return reg.record_breach(
+        con,
+        kind="integrity_failure",
+        severity=2,
+        what=what,
+        remedial_action=decision,
+        detail={"first_bad_seq": result.first_bad_seq},
+    )
+
+
+def resolve(
+    con: duckdb.DuckDBPyConnection,
+    home: Home | None = None,
+    *,
+    actor: str,
+    decision: str,
+    keyring: KeyRing | None = None,
+) -> Decision:
+    """Record the breach of a trail that fails verification and the decision to resume.
+
+    The breach goes in the breach register (severity 2, unless ``audit verify`` recorded this
+    very failure already) and the decision is audited as the first entry of a new segment,
+    linked to the last entry still stored (module docstring). Afterwards the trail verifies
+    again and shows the break. Refused (ValueError) when the trail verifies, or when the audit
+    key is the problem: restore the key first, since a decision signed with another key would
+    disown every earlier entry.
+    """
+    home, keyring = _keyring(con, home, keyring)
+    if not decision.strip():
+        raise ValueError("a breach decision needs the decision: what was found and why work may resume")
+    result = verify(con, home, keyring=keyring)
+    if result.ok:
+        raise ValueError("the audit trail verifies: there is no breach to resolve")
+    if result.kind == "key":
+        raise ValueError(f"{result.reason}; a breach decision needs the right audit key")
+    ensure_table(con)
+    tail = _tail(con)
+    key = keyring.get_or_create(KEY_PURPOSE, allow_create=tail.seq == 0)
+    resume = _resume_seq(con, home, tail)
+    lost_from = min(result.first_bad_seq or resume, resume)
+
+    def work() -> tuple[int, str]:
+        breach = _breach_id(con, result, decision)
+        entry = _prepare(
+            {
+                "actor": actor,
+                "role": "governance",
+                "action": SEGMENT_ACTION,
+                "object": f"audit:breach-{breach}",
+                "purpose": "resume the audit trail after a recorded breach of its integrity (CoP 23d)",
+                "outcome": "resumed",
+                "detail": {
+                    "breach_id": breach,
+                    "first_bad_seq": result.first_bad_seq,
+                    "lost_from": lost_from,
+                    "tail_seq": tail.seq,
+                    "tail_hash": tail.entry_hash,
+                    "reason": result.reason,
+                    "decision": decision,
+                },
+            }
+        )
+        return breach, _insert(con, key, [entry], resume, tail.entry_hash)
+
+    breach, last = _transaction(con, work)
+    _anchor_everywhere(home, key, Anchor(resume, last, tail.entries + 1, segment_start=True))
+    return Decision(resume, breach, lost_from, resume - 1)
 
 
 def entries_for(

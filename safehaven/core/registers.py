@@ -53,6 +53,10 @@ from safehaven.publish.disclosure import neutralise_sql
 RELEASE_REGISTER = "governance.release_register"
 BREACH_REGISTER = "governance.breach_register"
 RELEASE_MEMBERS = "governance.release_members"
+#: The audit head when each release was first exported, published with the register.
+RELEASE_AUDIT_HEADS = "governance.release_audit_heads"
+#: The register as published: every release row with its audit head.
+RELEASE_REGISTER_PUBLIC = "governance.release_register_public"
 
 SEVERITY_LABELS: dict[int, str] = {
     0: "near miss: stopped by a control, nothing processed or disclosed without a basis",
@@ -161,6 +165,20 @@ CREATE TABLE IF NOT EXISTS {RELEASE_MEMBERS} (
     pid VARCHAR,
     released_at TIMESTAMPTZ
 )
+"""
+
+_HEADS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {RELEASE_AUDIT_HEADS} (
+    release_id VARCHAR PRIMARY KEY,
+    audit_head_seq BIGINT NOT NULL,
+    audit_head_hash VARCHAR NOT NULL
+)
+"""
+
+_PUBLIC_DDL = f"""
+CREATE OR REPLACE VIEW {RELEASE_REGISTER_PUBLIC} AS
+SELECT r.*, h.audit_head_seq, h.audit_head_hash
+FROM {RELEASE_REGISTER} r LEFT JOIN {RELEASE_AUDIT_HEADS} h USING (release_id)
 """
 
 #: Exported file stems, by table.
@@ -292,11 +310,39 @@ def export_table(con: duckdb.DuckDBPyConnection, home: Home, table: str, stem: s
     return written
 
 
+def stamp_audit_heads(con: duckdb.DuckDBPyConnection, home: Home) -> int:
+    """Give each release not yet exported the current audit head; returns how many were stamped.
+
+    Rule (CoP 23d; Govt response rec. 1): the head (``seq`` and chained hash) goes out with the
+    public register, so rolling the audit log back below it is seen by everyone who holds a
+    copy, and ``safehaven.core.audit.verify`` checks every stamped head against the log. The
+    head is checked against its anchor first (``audit.head`` refuses a broken trail).
+    """
+    from safehaven.core import audit
+
+    con.execute(_HEADS_DDL)
+    con.execute(_PUBLIC_DDL)
+    pending = f"SELECT release_id FROM {RELEASE_REGISTER} EXCEPT SELECT release_id FROM {RELEASE_AUDIT_HEADS}"
+    if not con.execute(f"SELECT count(*) FROM ({pending})").fetchone()[0]:  # type: ignore[index]
+        return 0
+    head = audit.head(con, home)
+    row = con.execute(
+        f"INSERT INTO {RELEASE_AUDIT_HEADS} SELECT release_id, ?, ? FROM ({pending}) RETURNING 1",
+        [head["seq"], head["entry_hash"]],
+    ).fetchall()
+    return len(row)
+
+
 def export(con: duckdb.DuckDBPyConnection, home: Home) -> dict[str, Path]:
-    """Write both registers to ``registers/`` as CSV and Parquet (atomically); returns the paths."""
+    """Write both registers to ``registers/`` as CSV and Parquet (atomically); returns the paths.
+
+    The data release register is exported with each release's audit head (``stamp_audit_heads``).
+    """
     ensure_tables(con)
+    stamp_audit_heads(con, home)
     order = {RELEASE_REGISTER: "released_at, release_id", BREACH_REGISTER: "breach_id"}
+    source = {RELEASE_REGISTER: RELEASE_REGISTER_PUBLIC}
     written: dict[str, Path] = {}
     for table, stem in EXPORTS.items():
-        written.update(export_table(con, home, table, stem, order[table]))
+        written.update(export_table(con, home, source.get(table, table), stem, order[table]))
     return written

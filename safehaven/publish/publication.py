@@ -403,6 +403,7 @@ def publish_release(
     problems = verify_release(con, outputs, registry) or audit_release(con, outputs, home.published)[1]
     if problems:
         raise PublicationRefused(problems)
+    audit_head = audit.head(con, home)  # refuses (AuditTrailBroken) before any file is written
     now = now or datetime.now(UTC)
     release = Release(f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}", now, [o.name for o in outputs])
     out = home.published
@@ -440,6 +441,7 @@ def publish_release(
             "attribution": ATTRIBUTION,
             "outputs": release.outputs,
             "files": release.files,
+            "audit_head": audit_head,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name in names:

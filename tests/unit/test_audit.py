@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from safehaven.core import audit
 from safehaven.core.audit import GENESIS, TABLE, VerifyResult
 from safehaven.core.home import Home
-from safehaven.core.keys import Key, KeyRing, KeyRingError
+from safehaven.core.keys import Key, KeyRing
 from safehaven.core.store import Store
 
 N = 6
@@ -266,10 +266,10 @@ def test_chain_forged_with_another_key_fails(con: duckdb.DuckDBPyConnection, hom
     forger = Key("audit", b"\x01" * 32)
     con.execute(f"UPDATE {TABLE} SET actor = 'someone-else' WHERE seq = 3")
     _forge(con, home, forger, start)
-    if start == 1:  # a complete forgery is self-consistent under the forger's key ...
-        other = KeyRing(home.root / "other-keys")
+    if start == 1:  # a complete forgery of log and head under the forger's key is still given
+        other = KeyRing(home.root / "other-keys")  # away by the anchor history, which it cannot MAC ...
         other.write("audit", forger.material)
-        assert audit.verify(con, home, keyring=other).ok
+        _bad(audit.verify(con, home, keyring=other), None, "line 1 of the anchor history")
     # ... and fails at the first recomputed entry under the haven's key
     _bad(audit.verify(con, home), start, f"entry {start} has been altered")
 
@@ -278,8 +278,10 @@ def test_wrong_or_missing_key_fails(con: duckdb.DuckDBPyConnection, home: Home) 
     _fill(con)
     other = KeyRing(home.root / "other-keys")
     other.get_or_create("audit")
-    _bad(audit.verify(con, home, keyring=other), 1, "entry 1 has been altered")
-    with pytest.raises(KeyRingError, match="missing"):
+    swapped = audit.verify(con, home, keyring=other)  # reported as the wrong key, not as altered entries
+    _bad(swapped, None, "is not the key the audit trail was written with")
+    assert swapped.kind == "key"
+    with pytest.raises(audit.AuditTrailBroken, match="missing"):
         audit.append(con, **_entry(9), keyring=KeyRing(home.root / "empty-keys"))
     _bad(
         audit.verify(con, home, keyring=KeyRing(home.root / "empty-keys")),

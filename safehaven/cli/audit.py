@@ -1,0 +1,202 @@
+"""``safehaven audit``: verify the trail, show it, re-anchor it, and record a breach decision.
+
+Rule (CoP 12 and 23d; Government response to the Caldicott review, recommendation 1): the
+audit trail shows every access and cannot be quietly altered. When it fails verification the
+haven fails closed: every command that audits refuses before it acts (``precheck``, run by
+the ``safehaven`` group), with one line naming the first bad entry, until the governance lead
+records the breach and the decision to resume (``safehaven audit resolve``), which is itself
+audited as the first entry of a new segment of the chain.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import click
+
+from safehaven.cli.common import REFUSED
+from safehaven.cli.common import ensure_home as _home
+from safehaven.cli.common import fail as _fail
+
+if TYPE_CHECKING:
+    from safehaven.core.audit import VerifyResult
+
+#: Commands that act on data or approvals and so append to the audit trail: refused up front
+#: while the trail does not verify (the append itself would refuse too, but after the work).
+AUDITED_COMMANDS = frozenset(
+    {
+        ("run",),
+        ("agreements", "approve"),
+        ("agreements", "suspend"),
+        ("agreements", "release"),
+        ("subject-access",),
+        ("keys", "rotate"),
+        ("reidentify",),
+        ("objections", "notify"),
+        ("objections", "record"),
+        ("dispose",),
+        ("objections", "resolve"),
+        ("objections", "refreshed"),
+        ("review", "approve"),
+        ("review", "return"),
+        ("review", "reject"),
+        ("review", "withdraw"),
+        ("review", "release"),
+        ("release",),
+    }
+)
+BREACH_KIND = "integrity_failure"
+EXIT_REFUSED = REFUSED
+
+
+def precheck(words: Sequence[str]) -> None:
+    """Refuse an audited command while the audit trail does not verify against its anchor.
+
+    Raises ``AuditTrailBroken``. A store that is absent or cannot be opened is left to the
+    command itself, which reports its own problem.
+    """
+    from safehaven.core import audit
+    from safehaven.core.home import Home
+    from safehaven.core.store import Store, StoreError
+
+    names = [w for w in words if not w.startswith("-")][:2]
+    if tuple(names[:1]) not in AUDITED_COMMANDS and tuple(names) not in AUDITED_COMMANDS:
+        return
+    home = Home.from_env()
+    if not home.store_file.exists():
+        return
+    try:
+        with Store(home).connect(read_only=True) as con:
+            audit.check(con, home)
+    except StoreError:
+        return
+
+
+def _record(result: VerifyResult) -> str:
+    """Record a failed verification in the breach register, once per distinct failure."""
+    from safehaven.core import audit
+    from safehaven.core import registers as reg
+    from safehaven.core.store import Store
+
+    home = _home()
+    what = audit.failure(result)
+    with Store(home).connect() as con:
+        for b in reversed(reg.breaches(con)):
+            if b["kind"] == BREACH_KIND and b["what"] == what:
+                return f"already recorded as breach {b['breach_id']}"
+        breach = reg.record_breach(
+            con,
+            kind=BREACH_KIND,
+            severity=2,
+            what=what,
+            remedial_action="investigate who changed the audit trail, report to the SIRO and the board, then "
+            "record the decision to resume: safehaven audit resolve --decision '...'",
+            detail={"first_bad_seq": result.first_bad_seq},
+        )
+        reg.export(con, home)
+    return f"recorded as breach {breach} (severity 2)"
+
+
+@click.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit trail (CoP 12, 23d)."""
+
+
+@audit_group.command("verify")
+@click.option("--no-record", is_flag=True, help="Do not record a failure in the breach register.")
+def audit_verify(no_record: bool) -> None:
+    """Verify the chain, its anchors and published heads; exit 1 naming the first bad entry if it fails."""
+    from safehaven.core import audit
+    from safehaven.core.store import Store, StoreError
+
+    home = _home()
+    if not home.store_file.exists():
+        click.echo("no store yet: nothing to verify")
+        return
+    try:
+        with Store(home).connect(read_only=True) as con:
+            result = audit.verify(con, home)
+    except StoreError as exc:
+        _fail(str(exc))
+    if result.ok:
+        click.echo(result.reason)
+        return
+    click.echo(f"AUDIT TRAIL FAILED VERIFICATION ({audit.where(result)})\n{result.reason}", err=True)
+    if not no_record:
+        click.echo(_record(result), err=True)
+    click.echo(f"nothing is recorded and the pipeline does not run until you {audit.RESOLVE_HINT}", err=True)
+    sys.exit(1)
+
+
+@audit_group.command("log")
+@click.option("--agreement", help="Only entries under this agreement.")
+@click.option("--limit", type=int, default=50, show_default=True, help="The most recent N entries.")
+def audit_log(agreement: str | None, limit: int) -> None:
+    """Show the most recent audit entries (no identifier values are ever recorded)."""
+    from safehaven.core import audit
+    from safehaven.core.store import Store
+
+    home = _home()
+    if not home.store_file.exists():
+        return
+    with Store(home).connect(read_only=True) as con:
+        entries = audit.entries_for(con, agreement=agreement)[-limit:]
+    for e in entries:
+        click.echo(
+            f"#{e.seq} {e.at.isoformat(timespec='seconds')} {e.actor} ({e.role}) {e.action} {e.object} "
+            f"[{e.outcome}]" + (f" agreement={e.agreement}" if e.agreement else "")
+        )
+
+
+@audit_group.command("anchor")
+@click.confirmation_option(prompt="Re-anchor the audit head at the last entry? Review unanchored entries first.")
+def audit_anchor() -> None:
+    """Re-anchor the head after a person has reviewed entries written after the last anchor."""
+    from safehaven.core import audit
+    from safehaven.core.keys import KeyRingError
+    from safehaven.core.registers import current_actor
+    from safehaven.core.store import Store
+
+    home = _home()
+    with Store(home).connect() as con:
+        try:
+            seq = audit.anchor(con, home)
+        except (ValueError, KeyRingError) as exc:
+            _fail(str(exc))
+        audit.append(con, actor=current_actor(), role="governance", action="anchor", object="audit:head", home=home)
+    click.echo(f"anchored the audit head at entry {seq}")
+
+
+@audit_group.command("resolve")
+@click.option("--decision", required=True, help="What was found, who was told, and why work may resume.")
+def audit_resolve(decision: str) -> None:
+    """Record a breach of the audit trail and the decision to resume (governance lead only).
+
+    The breach goes in the breach register; the decision is audited as the first entry of a new
+    segment linked to the last entry still stored. The trail then verifies and shows the break.
+    """
+    from safehaven.cli.governance import _require_governance_key
+    from safehaven.core import audit
+    from safehaven.core.keys import KeyRingError
+    from safehaven.core.registers import current_actor, export
+    from safehaven.core.store import Store
+
+    home = _home()
+    _require_governance_key(home, "recording a breach decision")
+    with Store(home).connect() as con:
+        try:
+            done = audit.resolve(con, home, actor=current_actor(), decision=decision)
+        except (ValueError, KeyRingError) as exc:
+            _fail(str(exc))
+        export(con, home)
+    lost = f"entries {done.lost_from}-{done.lost_to} written off; " if done.lost_from <= done.lost_to else ""
+    click.echo(
+        f"recorded breach {done.breach_id} and the decision at entry {done.seq}: {lost}a new segment starts there"
+    )
+
+
+def register(main: click.Group) -> None:
+    """Add the audit commands to the CLI."""
+    main.add_command(audit_group)

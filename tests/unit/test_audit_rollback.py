@@ -1,0 +1,308 @@
+"""Rolling the audit trail back, and recovering from it (CoP 12, 23d; Govt response rec. 1).
+
+An insider who holds the store key deletes entries, the anchor or the whole log and lets the
+haven write on. Each attack must be named by ``verify``, must stop every later append (fail
+closed) until a person records the breach and the decision (``resolve``), and a trail resumed
+that way must verify again and show its break. Real encrypted stores and real keys throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from safehaven.cli.main import main
+from safehaven.core import anchors, audit
+from safehaven.core import registers as reg
+from safehaven.core.audit import TABLE, AuditTrailBroken
+from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.store import Store
+
+N = 25
+
+
+def _fill(con: duckdb.DuckDBPyConnection, home: Home, n: int) -> None:
+    for i in range(n):
+        audit.append(con, actor="pipeline", role="pipeline", action="read", object=f"haven.gp_events/{i}", home=home)
+
+
+@pytest.fixture
+def con(home: Home) -> Iterator[duckdb.DuckDBPyConnection]:
+    with Store(home).connect() as connection:
+        yield connection
+
+
+@pytest.fixture
+def filled(con: duckdb.DuckDBPyConnection, home: Home) -> duckdb.DuckDBPyConnection:
+    _fill(con, home, N)
+    return con
+
+
+def _refused(con: duckdb.DuckDBPyConnection, home: Home, words: str) -> None:
+    """The next append and the next run are refused, with a one-line message, twice over."""
+    count = con.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0] if audit._table_exists(con) else 0
+    for _ in range(2):
+        with pytest.raises(AuditTrailBroken, match=words) as caught:
+            audit.append(con, actor="pipeline", role="pipeline", action="read", object="haven.gp_events", home=home)
+        assert "\n" not in str(caught.value) and "audit resolve" in str(caught.value)
+        with pytest.raises(AuditTrailBroken, match=words):
+            audit.begin_run(con, home, actor="pipeline", job="nightly", run_id="r")
+    after = con.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0] if audit._table_exists(con) else 0
+    assert after == count
+
+
+def _copy(home: Home, name: str) -> Path:
+    saved = home.root / f"saved-{name}"
+    shutil.copy(home.registers / name, saved)
+    return saved
+
+
+# --- the attacks of the issue -----------------------------------------------------------
+
+
+def test_deleting_the_last_entries_is_named_and_blocks_every_later_append(filled, home: Home) -> None:
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    result = audit.verify(filled, home)
+    assert (result.ok, result.first_bad_seq) == (False, 23) and "truncation" in result.reason
+    _refused(filled, home, "seq 23")
+    assert audit.verify(filled, home).first_bad_seq == 23  # still named after the refused appends
+
+
+def test_deleting_the_anchor_file_blocks_the_next_append(filled, home: Home) -> None:
+    anchors.head_path(home).unlink()
+    assert not audit.verify(filled, home).ok
+    _refused(filled, home, "head anchor .* is missing")
+
+
+def test_an_emptied_log_without_its_anchor_is_not_innocent(filled, home: Home) -> None:
+    filled.execute(f"DELETE FROM {TABLE}")
+    anchors.head_path(home).unlink()
+    anchors.history_path(home).unlink()
+    result = audit.verify(filled, home)
+    assert (result.ok, result.first_bad_seq) == (False, 1)
+    assert "genesis record" in result.reason
+    _refused(filled, home, "seq 1")
+    filled.execute(f"DROP TABLE {TABLE}")
+    filled.execute(f"DROP TABLE {audit.GENESIS_TABLE}")
+    assert "audit key exists" in audit.verify(filled, home).reason
+
+
+def test_a_store_holding_landed_data_with_no_audit_log_fails(con, home: Home) -> None:
+    assert audit.verify(con, home).ok  # a new haven: nothing landed, nothing audited
+    con.execute("CREATE TABLE landing.gp_events AS SELECT 'A81001' AS practice_code")
+    result = audit.verify(con, home)
+    assert (result.ok, result.first_bad_seq) == (False, 1)
+    assert "holds landed, released or published data" in result.reason
+    with pytest.raises(AuditTrailBroken, match="seq 1"):
+        audit.begin_run(con, home, actor="pipeline", job="nightly", run_id="r")
+
+
+def test_a_replayed_older_anchor_is_caught_by_the_anchor_history(con, home: Home) -> None:
+    _fill(con, home, 10)
+    old_head = _copy(home, anchors.HEAD_FILE)
+    _fill(con, home, 15)
+    con.execute(f"DELETE FROM {TABLE} WHERE seq > 10")
+    shutil.copy(old_head, anchors.head_path(home))  # a genuine head, MAC and all
+    result = audit.verify(con, home)
+    assert (result.ok, result.first_bad_seq) == (False, 11)
+    assert "anchor history records entry 25" in result.reason
+    _refused(con, home, "seq 11")
+
+
+def test_the_anchor_history_is_hash_chained_and_monotonic(filled, home: Home) -> None:
+    path = anchors.history_path(home)
+    lines = path.read_text().splitlines()
+    edited = json.loads(lines[4]) | {"seq": 99}
+    path.write_text("\n".join([*lines[:4], json.dumps(edited), *lines[5:]]) + "\n")
+    assert "line 5 of the anchor history is unreadable or was edited" in audit.verify(filled, home).reason
+    path.write_text("\n".join(lines[:3] + lines[4:]) + "\n")  # a line removed from the middle
+    assert "line 4 of the anchor history does not follow line 3" in audit.verify(filled, home).reason
+    path.write_text("\n".join(lines) + "\n")
+    assert audit.verify(filled, home).ok
+    # every line follows the one before and seq never goes down
+    parsed = [json.loads(line) for line in lines]
+    assert [p["seq"] for p in parsed] == list(range(1, N + 1))
+    assert all(parsed[i]["prev"] == parsed[i - 1]["mac"] for i in range(1, N))
+
+
+def test_cutting_the_history_back_too_is_seen_in_the_published_head(con, home: Home) -> None:
+    """Without a write-once target: head and history rolled back together; published heads show it."""
+    _fill(con, home, 10)
+    saved = [_copy(home, anchors.HEAD_FILE), _copy(home, anchors.HISTORY_FILE)]
+    _fill(con, home, 5)
+    home.published.mkdir(parents=True, exist_ok=True)
+    (home.published / "release.json").write_text(json.dumps({"audit_head": audit.head(con, home)}))
+    _fill(con, home, 5)
+    con.execute(f"DELETE FROM {TABLE} WHERE seq > 10")
+    for path, name in zip(saved, (anchors.HEAD_FILE, anchors.HISTORY_FILE), strict=True):
+        shutil.copy(path, home.registers / name)
+    result = audit.verify(con, home)
+    assert (result.ok, result.first_bad_seq) == (False, 11)
+    assert "published/release.json records entry 15" in result.reason
+
+
+def test_the_write_once_target_catches_a_complete_local_rollback(
+    con, home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worm = tmp_path / "worm"
+    worm.mkdir()
+    monkeypatch.setenv(anchors.WORM_ENV, str(worm))
+    _fill(con, home, 10)
+    saved = [_copy(home, anchors.HEAD_FILE), _copy(home, anchors.HISTORY_FILE)]
+    _fill(con, home, 15)
+    files = sorted(worm.iterdir())
+    assert len(files) == N and all(stat.S_IMODE(f.stat().st_mode) == 0o444 for f in files)
+    con.execute(f"DELETE FROM {TABLE} WHERE seq > 10")
+    for path, name in zip(saved, (anchors.HEAD_FILE, anchors.HISTORY_FILE), strict=True):
+        shutil.copy(path, home.registers / name)
+    result = audit.verify(con, home)
+    assert (result.ok, result.first_bad_seq) == (False, 11)
+    assert "write-once anchor for entry 25" in result.reason
+    _refused(con, home, "seq 11")
+    key = KeyRing(home.keys).get("audit")
+    with pytest.raises(FileExistsError, match="different anchor for entry 11"):
+        anchors.write_worm(key, anchors.Anchor(11, "e" * 64, 11))  # never overwritten
+
+
+# --- the key ----------------------------------------------------------------------------
+
+
+def test_key_problems_are_one_line_and_a_swapped_key_is_the_wrong_key(filled, home: Home) -> None:
+    ring = KeyRing(home.keys)
+    original = ring.get("audit")
+    ring.path("audit").write_text(os.urandom(32).hex())  # swapped behind the key ring's back
+    result = audit.verify(filled, home)
+    assert (result.ok, result.kind, result.first_bad_seq) == (False, "key", None)
+    assert "is not the key the audit trail was written with" in result.reason and "altered" not in result.reason
+    with pytest.raises(AuditTrailBroken, match="not the key"):
+        audit.append(filled, actor="a", role="r", action="read", object="o", home=home)
+    ring.path("audit").write_text(original.hex)
+    ring.path("audit").chmod(0o644)
+    result = audit.verify(filled, home)
+    assert (result.ok, result.kind) == (False, "key") and "chmod 600" in result.reason
+    ring.path("audit").chmod(0o600)
+    ring.path("audit").unlink()
+    assert "is missing" in audit.verify(filled, home).reason
+    ring.path("audit").write_text(original.hex)
+    ring.path("audit").chmod(0o600)
+    assert audit.verify(filled, home).ok
+
+
+# --- recording the breach and resuming --------------------------------------------------
+
+
+def test_a_recorded_decision_starts_a_linked_segment_that_verifies_and_shows_the_break(filled, home: Home) -> None:
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    done = audit.resolve(filled, home, actor="dr-x", decision="SIRO informed; entries 23-25 lost")
+    assert (done.seq, done.lost_from, done.lost_to) == (26, 23, 25)
+    result = audit.verify(filled, home)
+    assert result.ok, result
+    assert result.breaks == ((23, 26),) and "chain broken at entries 23-25" in result.reason
+    decision = audit.entries_for(filled, object_like="audit:breach-%")[0]
+    tail = audit.entries_for(filled)[-2]
+    assert (decision.seq, decision.action, decision.prev_hash) == (26, audit.SEGMENT_ACTION, tail.entry_hash)
+    assert decision.detail_value["decision"] == "SIRO informed; entries 23-25 lost"
+    (breach,) = reg.breaches(filled)
+    assert (breach["kind"], breach["severity"], breach["breach_id"]) == ("integrity_failure", 2, done.breach_id)
+    assert audit.append(filled, actor="a", role="r", action="read", object="o", home=home) == 27
+    assert audit.verify(filled, home).ok
+    lines = anchors.read_history(home) or []
+    assert [line["seq"] for line in lines if line["segment_start"]] == [26]
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq = 5")  # the old segment is still checked
+    assert audit.verify(filled, home).first_bad_seq == 5
+
+
+def test_a_written_off_range_is_frozen_as_evidence(filled, home: Home) -> None:
+    filled.execute(f"UPDATE {TABLE} SET actor = 'someone-else' WHERE seq = 4")
+    done = audit.resolve(filled, home, actor="dr-x", decision="entry 4 edited; investigated")
+    assert (done.lost_from, done.lost_to, done.seq) == (4, 25, 26)
+    assert audit.verify(filled, home).ok
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq = 25")
+    result = audit.verify(filled, home)
+    assert (result.ok, result.first_bad_seq) == (False, 26) and "not as it was" in result.reason
+
+
+def test_a_decision_after_everything_was_deleted(filled, home: Home) -> None:
+    filled.execute(f"DELETE FROM {TABLE}")
+    anchors.head_path(home).unlink()
+    anchors.history_path(home).unlink()
+    done = audit.resolve(filled, home, actor="dr-x", decision="log destroyed; reported to the ICO")
+    assert (done.lost_from, done.seq) == (1, 2)  # the genesis record still knew entry 1
+    assert audit.verify(filled, home).ok
+
+
+def test_resolve_refuses_a_trail_that_verifies_or_a_key_problem(filled, home: Home) -> None:
+    with pytest.raises(ValueError, match="no breach to resolve"):
+        audit.resolve(filled, home, actor="dr-x", decision="nothing")
+    KeyRing(home.keys).path("audit").chmod(0o644)
+    with pytest.raises(ValueError, match="needs the right audit key"):
+        audit.resolve(filled, home, actor="dr-x", decision="x")
+
+
+def test_anchor_command_refuses_to_paper_over_a_rollback(filled, home: Home) -> None:
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    with pytest.raises(ValueError, match="will not anchor over a rollback"):
+        audit.anchor(filled, home)
+
+
+# --- the commands -----------------------------------------------------------------------
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_commands_refuse_in_one_line_until_the_decision_is_recorded(home: Home) -> None:
+    with Store(home).connect() as con:
+        _fill(con, home, N)
+        con.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    KeyRing(home.keys).create_keypair(VAULT)
+    result = _run("audit", "verify")
+    assert result.exit_code == 1 and "first bad entry: seq 23" in result.output
+    assert "recorded as breach 1" in result.output
+    assert "already recorded as breach 1" in _run("audit", "verify").output
+    refused = _run("subject-access", "-")  # refused before it reads anything
+    assert refused.exit_code == 1 and "first bad entry: seq 23" in refused.output
+    assert "Traceback" not in refused.output and "audit resolve" in refused.output
+    assert _run("audit", "anchor", "--yes").exit_code == 1
+    resolved = _run("audit", "resolve", "--decision", "entries lost; SIRO told")
+    assert resolved.exit_code == 0, resolved.output
+    assert "recorded breach 1 and the decision at entry 26: entries 23-25 written off" in resolved.output
+    verified = _run("audit", "verify")
+    assert verified.exit_code == 0 and "chain broken at entries 23-25" in verified.output
+    with Store(home).connect(read_only=True) as con:
+        assert len(reg.breaches(con)) == 1
+
+
+TAMPERING = [
+    pytest.param(f"UPDATE {TABLE} SET purpose = 'marketing' WHERE seq = 4", 4, id="edited"),
+    pytest.param(f"DELETE FROM {TABLE} WHERE seq = 3", 3, id="deleted"),
+    pytest.param(f"UPDATE {TABLE} SET seq = CASE seq WHEN 2 THEN 5 ELSE 2 END WHERE seq IN (2, 5)", 2, id="reordered"),
+    pytest.param(f"DELETE FROM {TABLE} WHERE seq > 3", 4, id="truncated"),
+]
+
+
+@pytest.mark.parametrize(("sql", "seq"), TAMPERING)
+def test_every_tampering_blocks_the_next_run_until_a_decision_then_verifies(
+    filled, home: Home, sql: str, seq: int
+) -> None:
+    """The run-start check (a full verify) refuses each edit of the log, run after run."""
+    filled.execute(sql)
+    for _ in range(2):
+        with pytest.raises(AuditTrailBroken, match=f"first bad entry: seq {seq}"):
+            audit.begin_run(filled, home, actor="pipeline", job="nightly", run_id="r")
+    done = audit.resolve(filled, home, actor="dr-x", decision="investigated; resume")
+    assert done.lost_from == seq
+    run = audit.begin_run(filled, home, actor="pipeline", job="nightly", run_id="r")
+    assert run == done.seq + 1
+    result = audit.verify(filled, home)
+    assert result.ok and result.breaks == ((seq, done.seq),)
