@@ -3,7 +3,9 @@
 ::
 
     python -m benchmarks.run [--patients N] [--seed S] [--keep] [--no-scaling] [--no-gx-pandas]
-                             [--threads N] [--repeat N] [--trace-sql]
+                             [--threads N] [--repeat N] [--trace-sql] [--nights [N]]
+
+With ``--nights`` it runs the multi-night benchmark of ``benchmarks.nights`` instead (issue 22).
 
 What it does, in a temporary folder (kept with ``--keep``):
 
