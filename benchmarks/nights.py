@@ -316,6 +316,10 @@ def render(report: dict[str, Any]) -> str:
         f"job {idle['seconds_job']:.1f} s; peak {idle['peak_rss_bytes'] / bench.MIB:.0f} MiB"
         + ("" if idle["success"] else " (the run did not succeed)")
     )
+    lines.append(
+        "  idle job by stage (wall s): "
+        + ", ".join(f"{name} {idle['stages'][name]:.1f}" for name in _stage_names([{"stages": idle["stages"]}]))
+    )
     for n in per_night:
         if n["agreement"]:
             lines.append(f"night {n['night']}: pipeline and baseline DISAGREE: " + "; ".join(n["agreement"][:5]))
