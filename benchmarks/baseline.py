@@ -38,7 +38,11 @@ pipeline's; ``--plain`` runs the same SQL on an unencrypted file in the same sto
 (``STORAGE_VERSION 'v1.4.0'``, which an encrypted file implies) to show the cost of encryption.
 Run as a worker by ``benchmarks.run``::
 
-    python -m benchmarks.baseline --drop DIR --work DIR --out result.json [--plain] [--threads N]
+    python -m benchmarks.baseline --drop DIR --work DIR --out result.json [--plain] [--threads N] [--append]
+
+With ``--append`` (the multi-night benchmark) the database in ``--work`` persists from night to
+night: each night lands and validates its own drop, adds its records to the haven and its
+objection statements to the register, and rebuilds the outputs over the whole haven.
 """
 
 from __future__ import annotations
@@ -479,10 +483,47 @@ UPDATE w SET s = 'secondary' WHERE cell IN (
     return {"cells": row[0], "primary": row[1], "secondary": row[2], "people": int(row[3]), "passes": passes}
 
 
-def run(drop: Path, work: Path, encrypted: bool, threads: int | None) -> dict[str, Any]:
+def _keys(work: Path, append: bool) -> tuple[str, bytes]:
+    """The store's encryption key (hex) and the HMAC key: fresh, or kept in ``work`` across nights."""
+    if not append:
+        return secrets.token_hex(32), secrets.token_bytes(32)
+    path = work / "keys.json"
+    if not path.exists():
+        path.write_text(json.dumps({"store": secrets.token_hex(32), "hmac": secrets.token_hex(32)}))
+        path.chmod(0o600)
+    doc = json.loads(path.read_text())
+    return doc["store"], bytes.fromhex(doc["hmac"])
+
+
+def _into(con: duckdb.DuckDBPyConnection, table: str, select: str, append: bool) -> None:
+    """``CREATE TABLE table AS select``; with ``append``, create it empty if missing and insert."""
+    if not append:
+        con.execute(f"CREATE TABLE {table} AS {select}")
+        return
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM ({select}) LIMIT 0")
+    con.execute(f"INSERT INTO {table} {select}")
+
+
+def _rows(con: duckdb.DuckDBPyConnection, table: str, what: str = "count(*)") -> int:
+    """``what`` (an integer aggregate) over ``table``; 0 if the table does not exist yet."""
+    schema, name = table.split(".")
+    exists = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = ? AND table_name = ?",
+        [schema, name],
+    ).fetchone()[0]
+    return int(con.execute(f"SELECT coalesce({what}, 0) FROM {table}").fetchone()[0]) if exists else 0
+
+
+def run(drop: Path, work: Path, encrypted: bool, threads: int | None, append: bool = False) -> dict[str, Any]:
+    """One night's work on ``drop``; with ``append`` on the database kept in ``work`` from earlier
+    nights: the night's drop is landed and validated afresh, its records and objection statements
+    are added to the haven and the register, and the outputs are rebuilt over the whole haven."""
     work.mkdir(parents=True, exist_ok=True)
     db = work / "baseline.duckdb"
-    db.unlink(missing_ok=True)
+    if not append:
+        db.unlink(missing_ok=True)
+    store_key, hmac_key = _keys(work, append)
     published = work / "published"
     published.mkdir(exist_ok=True)
     (work / "tmp").mkdir(exist_ok=True)
@@ -509,25 +550,25 @@ def run(drop: Path, work: Path, encrypted: bool, threads: int | None) -> dict[st
 
         con.execute(f"LOAD '{httpfs_extension_path()}'")
         con.execute("SET temp_file_encryption = true")
-        con.execute(f"ATTACH '{db}' AS b (ENCRYPTION_KEY '{secrets.token_hex(32)}')")
+        con.execute(f"ATTACH '{db}' AS b (ENCRYPTION_KEY '{store_key}')")
     else:
         # The storage format an encrypted file gets (DuckDB 1.4's), so only encryption differs:
         # a default ATTACH writes the older format, which costs about twice the CPU to write.
         con.execute(f"ATTACH '{db}' AS b (STORAGE_VERSION 'v1.4.0')")
     con.execute("USE b")
     for schema in ("landing", "haven", "governance", "published"):
-        con.execute(f"CREATE SCHEMA {schema}")
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     setup = time.perf_counter() - began
 
     # HMAC key blocks, bound as parameters (key material never in SQL text).
-    key = secrets.token_bytes(32).ljust(64, b"\x00")
+    key = hmac_key.ljust(64, b"\x00")
     con.execute("CREATE TEMP TABLE k (ipad BLOB, opad BLOB)")
     con.execute("INSERT INTO k VALUES (?, ?)", [bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)])
 
     with clock("ingest"):
         for c, cols in COLUMNS.items():
             spec = "{" + ", ".join(f"'{x}': 'VARCHAR'" for x in cols) + "}"
-            con.execute(f"""CREATE TABLE landing.{c} AS SELECT *, row_number() OVER () AS _row
+            con.execute(f"""CREATE OR REPLACE TABLE landing.{c} AS SELECT *, row_number() OVER () AS _row
 FROM read_csv('{drop / c}/*.csv', header = true, delim = ',', quote = '"', escape = '"',
               columns = {spec}, strict_mode = true, auto_detect = false)""")
             rows[f"ingest.{c}"] = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
@@ -541,10 +582,13 @@ FROM read_csv('{drop / c}/*.csv', header = true, delim = ',', quote = '"', escap
             ).fetchone()
             refused = total > 0 and invalid / total > TOLERANCE[c]
             con.execute(
-                f"CREATE TABLE landing.{c}_valid AS SELECT {VALID_COLUMNS[c]}, _row FROM checked "
+                f"CREATE OR REPLACE TABLE landing.{c}_valid AS SELECT {VALID_COLUMNS[c]}, _row FROM checked "
                 f"WHERE len(failed) = 0 AND NOT {refused}"
             )
-            con.execute(f"CREATE TABLE landing.{c}_rejected AS SELECT _row, failed FROM checked WHERE len(failed) > 0")
+            con.execute(
+                f"CREATE OR REPLACE TABLE landing.{c}_rejected AS "
+                "SELECT _row, failed FROM checked WHERE len(failed) > 0"
+            )
             counts["failures_by_rule"][c] = dict(
                 con.execute(
                     "SELECT rule, count(*) FROM (SELECT unnest(failed) AS rule FROM checked) GROUP BY 1 ORDER BY 1"
@@ -560,10 +604,16 @@ FROM read_csv('{drop / c}/*.csv', header = true, delim = ',', quote = '"', escap
     with clock("objections"):
         # The register (keyed by pseudonym) and its current state: the latest statement about each
         # (person, type, recorded date) wins; in force from its recorded date until withdrawn.
-        con.execute(f"""CREATE TABLE governance.objection_events AS
-SELECT {HMAC} AS pid, objection_type, recorded_date, withdrawn_date, source_practice, _row
-FROM landing.objections_valid, k""")
-        con.execute("""CREATE TABLE governance.objections_current AS
+        # Later nights' statements come after earlier ones (their rows numbered on).
+        offset = _rows(con, "governance.objection_events", "max(_row)")
+        _into(
+            con,
+            "governance.objection_events",
+            f"""SELECT {HMAC} AS pid, objection_type, recorded_date, withdrawn_date, source_practice,
+  _row + {offset} AS _row FROM landing.objections_valid, k""",
+            append,
+        )
+        con.execute("""CREATE OR REPLACE TABLE governance.objections_current AS
 SELECT pid, objection_type, recorded_date, withdrawn_date,
        recorded_date <= current_date AND (withdrawn_date IS NULL OR withdrawn_date > current_date) AS in_force
 FROM governance.objection_events
@@ -582,7 +632,7 @@ QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER
             "WHERE objection_type = 'type1' AND in_force"
         )
         con.execute(
-            "CREATE TABLE governance.type1_incidents (detected_at TIMESTAMPTZ, collection VARCHAR, "
+            "CREATE TABLE IF NOT EXISTS governance.type1_incidents (detected_at TIMESTAMPTZ, collection VARCHAR, "
             "sender VARCHAR, records_dropped BIGINT)"
         )
         for c in CONTENT:
@@ -599,16 +649,21 @@ FROM (SELECT DISTINCT nhs_number FROM landing.{c}_valid), k""")
                 con.executemany("INSERT INTO governance.type1_incidents VALUES (now(), 'gp_events', ?, ?)", incidents)
                 counts["type1_dropped"] = sum(n for _, n in incidents)
                 where = " WHERE NOT i.type1"
-            con.execute(
-                f"CREATE TABLE haven.{c} AS SELECT {HAVEN_COLUMNS[c]} "
-                f"FROM landing.{c}_valid v JOIN ids i USING (nhs_number){where}"
+            held = _rows(con, f"haven.{c}")
+            _into(
+                con,
+                f"haven.{c}",
+                f"SELECT {HAVEN_COLUMNS[c]} FROM landing.{c}_valid v JOIN ids i USING (nhs_number){where}",
+                append,
             )
             rows[f"pseudonymise.{c}"] = counts["valid"][c]
-            counts["haven"][c] = con.execute(f"SELECT count(*) FROM haven.{c}").fetchone()[0]
+            counts["haven"][c] = _rows(con, f"haven.{c}") - held  # this night's records
         con.execute("DROP TABLE ids")
 
     with clock("aggregate"):
-        con.execute("CREATE TABLE governance.code_list (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR)")
+        con.execute(
+            "CREATE OR REPLACE TABLE governance.code_list (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR)"
+        )
         con.executemany(
             "INSERT INTO governance.code_list VALUES (?, ?, ?, ?)",
             [(name, c["code"], c.get("display"), c.get("group")) for name, codes in lists.items() for c in codes],
@@ -672,8 +727,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plain", action="store_true", help="unencrypted database file")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the database in --work from earlier nights and add this drop to it (multi-night runs)",
+    )
     args = parser.parse_args(argv)
-    doc = run(args.drop, args.work, not args.plain, args.threads or None)
+    doc = run(args.drop, args.work, not args.plain, args.threads or None, append=args.append)
     write_json(args.out, doc)
     return 0
 

@@ -7,10 +7,11 @@ Run by ``benchmarks.run`` in its own subprocess, so that the peak memory it repo
 
 ``DIR/incoming/`` must hold the drop. The job runs on an ephemeral Dagster instance (nothing is
 written to ``$DAGSTER_HOME``). Per-step seconds come from the run's STEP_START and
-STEP_SUCCESS/STEP_FAILURE event timestamps; each step is put in the ``group_name`` of the
-asset(s) it materialised (or checked). Rows come from the assets' ``rows_in``/``rows_out``
-metadata. A sampling thread records the resident set size every 100 ms so the report can
-say which stage holds the peak; ``ru_maxrss`` is the exact peak.
+STEP_SUCCESS/STEP_FAILURE event timestamps; each step is put in the stage of the asset(s) it
+materialised (or checked): the asset's ``safehaven/stage`` tag, or its ``group_name`` without
+one. Rows come from the assets' ``rows_in``/``rows_out`` metadata. A sampling thread records
+the resident set size every 100 ms so the report can say which stage holds the peak;
+``ru_maxrss`` is the exact peak.
 """
 
 from __future__ import annotations
@@ -148,6 +149,16 @@ def summarise_trace(
     }
 
 
+#: The asset tag naming an asset's pipeline stage; without it, the asset's group is its stage.
+STAGE_TAG = "safehaven/stage"
+
+
+def stage_of(node: Any) -> str:
+    """An asset's stage: its ``safehaven/stage`` tag if it has one, else its group name."""
+    tags = getattr(node, "tags", None) or {}
+    return tags.get(STAGE_TAG) or node.group_name or "default"
+
+
 def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, Any]:
     os.environ["SAFEHAVEN_HOME"] = str(home)
     import dagster as dg
@@ -156,13 +167,12 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
     if trace_sql:
         install_trace(trace)
 
-    from assets.catalog import STAGE_TAG
     from assets.definitions import build_definitions
 
     imported = time.perf_counter()
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
-    group_of = {key: graph.get(key).tags.get(STAGE_TAG) for key in graph.get_all_asset_keys()}
+    group_of = {key: stage_of(graph.get(key)) for key in graph.get_all_asset_keys()}
     job = defs.resolve_job_def("nightly")
     instance = dg.DagsterInstance.ephemeral()
     run_config = {"resources": {"haven": {"config": {"threads": threads}}}} if threads else None

@@ -3,7 +3,9 @@
 ::
 
     python -m benchmarks.run [--patients N] [--seed S] [--keep] [--no-scaling] [--no-gx-pandas]
-                             [--threads N] [--repeat N] [--trace-sql]
+                             [--threads N] [--repeat N] [--trace-sql] [--nights [N]]
+
+With ``--nights`` it runs the multi-night benchmark of ``benchmarks.nights`` instead (issue 22).
 
 What it does, in a temporary folder (kept with ``--keep``):
 
@@ -907,6 +909,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile: time every statement the pipeline runs on the store and list the slowest "
         "(adds a Python call per statement)",
     )
+    p.add_argument(
+        "--nights",
+        type=int,
+        nargs="?",
+        const=12,
+        default=0,
+        help="multi-night benchmark: N successive monthly drops into one haven home, one run a night, "
+        "then a run with nothing to do (--nights alone: 12); the single-night report is skipped",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
         "--rebuild", type=Path, default=None, help="recompute and print a report from its results JSON (no runs)"
@@ -915,11 +926,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks import nights  # imports this module
+
     args = build_parser().parse_args(argv)
     if args.rebuild:
-        report = assemble(json.loads(args.rebuild.read_text()))
+        report = json.loads(args.rebuild.read_text())
+        report = nights.assemble(report) if report.get("mode") == "nights" else assemble(report)
         write_json(args.rebuild, report)
-        print(render(report))
+        print((nights.render if report.get("mode") == "nights" else render)(report))
         return 0
     if args.patients > MAX_PATIENTS:
         print(
@@ -936,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     say(f"working in {work}")
     try:
-        report = _run(args, patients, work, logs, say)
+        report = _run_nights(args, patients, work, logs, say) if args.nights else _run(args, patients, work, logs, say)
     except Exception:
         say(f"failed; scratch folder and logs kept in {work}")
         raise
@@ -945,13 +959,21 @@ def main(argv: list[str] | None = None) -> int:
     report["work"] = str(work) if args.keep else None
     path = args.results / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     write_json(path, report)
-    print(render(report))
+    print((nights.render if args.nights else render)(report))
     print(f"\nresults: {path}")
     if args.keep:
         print(f"kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _run_nights(args: argparse.Namespace, patients: int, work: Path, logs: Path, say: Progress) -> dict[str, Any]:
+    from benchmarks import nights
+
+    code, code_sha = snapshot(work)
+    runner = Runner(code, logs, say, args.wait_quiet)
+    return nights.main_nights(args, patients, work, runner, code_sha)
 
 
 def _run(args: argparse.Namespace, patients: int, work: Path, logs: Path, say: Progress) -> dict[str, Any]:

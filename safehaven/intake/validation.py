@@ -57,14 +57,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.expectations import BROKEN_RULES, PlannedExpectation, compile_suite
-from safehaven.intake.gx_duckdb import SuiteResult, run_suite
 from safehaven.intake.ingest import BATCHES, ensure_tables
 from safehaven.intake.measures import (
     RULE_RESULTS,
@@ -76,6 +74,10 @@ from safehaven.intake.measures import (
 )
 from safehaven.intake.measures import ensure_table as ensure_measures_table
 from safehaven.intake.rules import NHS_RE, ROWS_RULE, RuleCheck, compile_checks, pass_sql, typed_projection
+
+if TYPE_CHECKING:  # Great Expectations is imported when a batch is validated, not with this module
+    from safehaven.intake.expectations import PlannedExpectation
+    from safehaven.intake.gx_duckdb import SuiteResult
 
 RESULTS = "governance.validation_results"
 CHECKED = "_checked"
@@ -258,6 +260,8 @@ def validate_collection(
     pending = pending_batches(con, c)
     if not pending:
         return report
+    from safehaven.intake.expectations import compile_suite  # imports Great Expectations (seconds)
+
     today = today or date.today()
     checks = compile_checks(contract, registry, today, over="typed")
     suite = compile_suite(contract, registry, today, checks)
@@ -365,6 +369,9 @@ def _run_gx(
     con: duckdb.DuckDBPyConnection, contract: Contract, suite: list[PlannedExpectation], index: int
 ) -> SuiteResult:
     """The GX suite on one batch: a temporary view of its typed columns in the checked table."""
+    from safehaven.intake.expectations import BROKEN_RULES
+    from safehaven.intake.gx_duckdb import run_suite
+
     columns = [q(c.name) for c in typed_projection(contract)]
     con.execute(
         f"CREATE OR REPLACE TEMP VIEW {VIEW} AS SELECT {', '.join(columns)}, "
