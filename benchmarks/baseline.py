@@ -52,7 +52,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from datetime import date, timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -479,27 +479,26 @@ UPDATE w SET s = 'secondary' WHERE cell IN (
     return {"cells": row[0], "primary": row[1], "secondary": row[2], "people": int(row[3]), "passes": passes}
 
 
-def run(drop: Path, work: Path, encrypted: bool, threads: int | None) -> dict[str, Any]:
-    work.mkdir(parents=True, exist_ok=True)
-    db = work / "baseline.duckdb"
-    db.unlink(missing_ok=True)
-    published = work / "published"
-    published.mkdir(exist_ok=True)
-    (work / "tmp").mkdir(exist_ok=True)
-    lists = load_code_lists()
-    clock = Clock()
-    rows: dict[str, int] = {}
-    detail: dict[str, float] = {}
-    counts: dict[str, Any] = {
-        "valid": {},
-        "rejected": {},
-        "failures_by_rule": {},
-        "refused": {},
-        "haven": {},
-        "published": {},
-    }
-    began, cpu_began = time.perf_counter(), time.process_time()
+@dataclass
+class _Tally:
+    """What one baseline run counts: rows per stage, per-collection seconds, and the outcome counts."""
 
+    rows: dict[str, int] = field(default_factory=dict)
+    detail: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, Any] = field(
+        default_factory=lambda: {
+            "valid": {},
+            "rejected": {},
+            "failures_by_rule": {},
+            "refused": {},
+            "haven": {},
+            "published": {},
+        }
+    )
+
+
+def _connect(db: Path, work: Path, encrypted: bool, threads: int | None) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection using ``db`` (encrypted or not) with the pipeline's schemas."""
     config: dict[str, Any] = {"temp_directory": str(work / "tmp")}
     if threads:
         config["threads"] = threads
@@ -517,128 +516,178 @@ def run(drop: Path, work: Path, encrypted: bool, threads: int | None) -> dict[st
     con.execute("USE b")
     for schema in ("landing", "haven", "governance", "published"):
         con.execute(f"CREATE SCHEMA {schema}")
-    setup = time.perf_counter() - began
+    return con
 
-    # HMAC key blocks, bound as parameters (key material never in SQL text).
+
+def _hmac_key(con: duckdb.DuckDBPyConnection) -> None:
+    """A fresh HMAC key's blocks in temp table ``k``, bound as parameters (key material never in SQL text)."""
     key = secrets.token_bytes(32).ljust(64, b"\x00")
     con.execute("CREATE TEMP TABLE k (ipad BLOB, opad BLOB)")
     con.execute("INSERT INTO k VALUES (?, ?)", [bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)])
 
-    with clock("ingest"):
-        for c, cols in COLUMNS.items():
-            spec = "{" + ", ".join(f"'{x}': 'VARCHAR'" for x in cols) + "}"
-            con.execute(f"""CREATE TABLE landing.{c} AS SELECT *, row_number() OVER () AS _row
+
+def _ingest(con: duckdb.DuckDBPyConnection, drop: Path, tally: _Tally) -> None:
+    """Read each collection's CSV files into ``landing.<collection>``, all text."""
+    for c, cols in COLUMNS.items():
+        spec = "{" + ", ".join(f"'{x}': 'VARCHAR'" for x in cols) + "}"
+        con.execute(f"""CREATE TABLE landing.{c} AS SELECT *, row_number() OVER () AS _row
 FROM read_csv('{drop / c}/*.csv', header = true, delim = ',', quote = '"', escape = '"',
               columns = {spec}, strict_mode = true, auto_detect = false)""")
-            rows[f"ingest.{c}"] = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
+        tally.rows[f"ingest.{c}"] = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
 
-    with clock("validate"):
-        for c in COLUMNS:
-            lap = time.perf_counter()
-            con.execute(f"CREATE TEMP TABLE checked AS {checks_sql(c, lists)}")
-            total, invalid = con.execute(
-                "SELECT count(*), count(*) FILTER (WHERE len(failed) > 0) FROM checked"
-            ).fetchone()
-            refused = total > 0 and invalid / total > TOLERANCE[c]
-            con.execute(
-                f"CREATE TABLE landing.{c}_valid AS SELECT {VALID_COLUMNS[c]}, _row FROM checked "
-                f"WHERE len(failed) = 0 AND NOT {refused}"
-            )
-            con.execute(f"CREATE TABLE landing.{c}_rejected AS SELECT _row, failed FROM checked WHERE len(failed) > 0")
-            counts["failures_by_rule"][c] = dict(
-                con.execute(
-                    "SELECT rule, count(*) FROM (SELECT unnest(failed) AS rule FROM checked) GROUP BY 1 ORDER BY 1"
-                ).fetchall()
-            )
-            con.execute("DROP TABLE checked")
-            rows[f"validate.{c}"] = total
-            counts["valid"][c] = 0 if refused else total - invalid
-            counts["rejected"][c] = invalid
-            counts["refused"][c] = bool(refused)
-            detail[f"validate.{c}"] = time.perf_counter() - lap
 
-    with clock("objections"):
-        # The register (keyed by pseudonym) and its current state: the latest statement about each
-        # (person, type, recorded date) wins; in force from its recorded date until withdrawn.
-        con.execute(f"""CREATE TABLE governance.objection_events AS
+def _validate_collection(
+    con: duckdb.DuckDBPyConnection, c: str, lists: dict[str, list[dict[str, str]]], tally: _Tally
+) -> None:
+    """Check one collection's rules: valid and rejected tables, refused over its tolerance."""
+    con.execute(f"CREATE TEMP TABLE checked AS {checks_sql(c, lists)}")
+    total, invalid = con.execute("SELECT count(*), count(*) FILTER (WHERE len(failed) > 0) FROM checked").fetchone()
+    refused = total > 0 and invalid / total > TOLERANCE[c]
+    con.execute(
+        f"CREATE TABLE landing.{c}_valid AS SELECT {VALID_COLUMNS[c]}, _row FROM checked "
+        f"WHERE len(failed) = 0 AND NOT {refused}"
+    )
+    con.execute(f"CREATE TABLE landing.{c}_rejected AS SELECT _row, failed FROM checked WHERE len(failed) > 0")
+    tally.counts["failures_by_rule"][c] = dict(
+        con.execute(
+            "SELECT rule, count(*) FROM (SELECT unnest(failed) AS rule FROM checked) GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    )
+    con.execute("DROP TABLE checked")
+    tally.rows[f"validate.{c}"] = total
+    tally.counts["valid"][c] = 0 if refused else total - invalid
+    tally.counts["rejected"][c] = invalid
+    tally.counts["refused"][c] = bool(refused)
+
+
+def _validate(con: duckdb.DuckDBPyConnection, lists: dict[str, list[dict[str, str]]], tally: _Tally) -> None:
+    """Validate every collection, timing each."""
+    for c in COLUMNS:
+        lap = time.perf_counter()
+        _validate_collection(con, c, lists, tally)
+        tally.detail[f"validate.{c}"] = time.perf_counter() - lap
+
+
+def _objections(con: duckdb.DuckDBPyConnection, tally: _Tally) -> None:
+    """The objections register (keyed by pseudonym) and its current state."""
+    # The latest statement about each (person, type, recorded date) wins; in force from its
+    # recorded date until withdrawn.
+    con.execute(f"""CREATE TABLE governance.objection_events AS
 SELECT {HMAC} AS pid, objection_type, recorded_date, withdrawn_date, source_practice, _row
 FROM landing.objections_valid, k""")
-        con.execute("""CREATE TABLE governance.objections_current AS
+    con.execute("""CREATE TABLE governance.objections_current AS
 SELECT pid, objection_type, recorded_date, withdrawn_date,
        recorded_date <= current_date AND (withdrawn_date IS NULL OR withdrawn_date > current_date) AS in_force
 FROM governance.objection_events
 QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY _row DESC) = 1""")
-        counts["objections_in_force"] = dict(
-            con.execute(
-                "SELECT objection_type, count(DISTINCT pid) FILTER (WHERE in_force) FROM governance.objections_current "
-                "GROUP BY 1"
-            ).fetchall()
-        )
-        rows["objections"] = counts["valid"]["objections"]
+    tally.counts["objections_in_force"] = dict(
+        con.execute(
+            "SELECT objection_type, count(DISTINCT pid) FILTER (WHERE in_force) FROM governance.objections_current "
+            "GROUP BY 1"
+        ).fetchall()
+    )
+    tally.rows["objections"] = tally.counts["valid"]["objections"]
 
-    with clock("pseudonymise"):
-        con.execute(
-            "CREATE TEMP TABLE type1 AS SELECT DISTINCT pid FROM governance.objections_current "
-            "WHERE objection_type = 'type1' AND in_force"
-        )
-        con.execute(
-            "CREATE TABLE governance.type1_incidents (detected_at TIMESTAMPTZ, collection VARCHAR, "
-            "sender VARCHAR, records_dropped BIGINT)"
-        )
-        for c in CONTENT:
-            # One HMAC per distinct NHS number, joined back to the records.
-            con.execute(f"""CREATE OR REPLACE TEMP TABLE ids AS
+
+def _drop_type1_gp_records(con: duckdb.DuckDBPyConnection, tally: _Tally) -> str:
+    """Record GP records about type 1 objectors as incidents; the WHERE clause that drops them."""
+    # GP-sourced: records about type 1 objectors should never have been sent
+    incidents = con.execute(
+        "SELECT v.practice_code, count(*) FROM landing.gp_events_valid v "
+        "JOIN (SELECT nhs_number FROM ids WHERE type1) USING (nhs_number) GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    con.executemany("INSERT INTO governance.type1_incidents VALUES (now(), 'gp_events', ?, ?)", incidents)
+    tally.counts["type1_dropped"] = sum(n for _, n in incidents)
+    return " WHERE NOT i.type1"
+
+
+def _pseudonymise(con: duckdb.DuckDBPyConnection, tally: _Tally) -> None:
+    """Each content collection into ``haven.<collection>`` under pseudonyms, type 1 objectors' GP records dropped."""
+    con.execute(
+        "CREATE TEMP TABLE type1 AS SELECT DISTINCT pid FROM governance.objections_current "
+        "WHERE objection_type = 'type1' AND in_force"
+    )
+    con.execute(
+        "CREATE TABLE governance.type1_incidents (detected_at TIMESTAMPTZ, collection VARCHAR, "
+        "sender VARCHAR, records_dropped BIGINT)"
+    )
+    for c in CONTENT:
+        # One HMAC per distinct NHS number, joined back to the records.
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE ids AS
 SELECT nhs_number, {HMAC} AS pid, pid IN (SELECT pid FROM type1) AS type1
 FROM (SELECT DISTINCT nhs_number FROM landing.{c}_valid), k""")
-            where = ""
-            if c == "gp_events":  # GP-sourced: records about type 1 objectors should never have been sent
-                incidents = con.execute(
-                    f"SELECT v.practice_code, count(*) FROM landing.{c}_valid v "
-                    "JOIN (SELECT nhs_number FROM ids WHERE type1) USING (nhs_number) GROUP BY 1 ORDER BY 1"
-                ).fetchall()
-                con.executemany("INSERT INTO governance.type1_incidents VALUES (now(), 'gp_events', ?, ?)", incidents)
-                counts["type1_dropped"] = sum(n for _, n in incidents)
-                where = " WHERE NOT i.type1"
-            con.execute(
-                f"CREATE TABLE haven.{c} AS SELECT {HAVEN_COLUMNS[c]} "
-                f"FROM landing.{c}_valid v JOIN ids i USING (nhs_number){where}"
-            )
-            rows[f"pseudonymise.{c}"] = counts["valid"][c]
-            counts["haven"][c] = con.execute(f"SELECT count(*) FROM haven.{c}").fetchone()[0]
-        con.execute("DROP TABLE ids")
-
-    with clock("aggregate"):
-        con.execute("CREATE TABLE governance.code_list (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR)")
-        con.executemany(
-            "INSERT INTO governance.code_list VALUES (?, ?, ?, ?)",
-            [(name, c["code"], c.get("display"), c.get("group")) for name, codes in lists.items() for c in codes],
+        where = _drop_type1_gp_records(con, tally) if c == "gp_events" else ""
+        con.execute(
+            f"CREATE TABLE haven.{c} AS SELECT {HAVEN_COLUMNS[c]} "
+            f"FROM landing.{c}_valid v JOIN ids i USING (nhs_number){where}"
         )
-        for name, out in OUTPUTS.items():
-            reporting_months(con, out.collections)
-            counts["published"][name] = protect(con, name, out)
-        rows["aggregate"] = sum(counts["haven"].values())
+        tally.rows[f"pseudonymise.{c}"] = tally.counts["valid"][c]
+        tally.counts["haven"][c] = con.execute(f"SELECT count(*) FROM haven.{c}").fetchone()[0]
+    con.execute("DROP TABLE ids")
 
+
+def _aggregate(con: duckdb.DuckDBPyConnection, lists: dict[str, list[dict[str, str]]], tally: _Tally) -> None:
+    """Load the code lists and make every output under disclosure control."""
+    con.execute("CREATE TABLE governance.code_list (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR)")
+    con.executemany(
+        "INSERT INTO governance.code_list VALUES (?, ?, ?, ?)",
+        [(name, c["code"], c.get("display"), c.get("group")) for name, codes in lists.items() for c in codes],
+    )
+    for name, out in OUTPUTS.items():
+        reporting_months(con, out.collections)
+        tally.counts["published"][name] = protect(con, name, out)
+    tally.rows["aggregate"] = sum(tally.counts["haven"].values())
+
+
+def _publish(con: duckdb.DuckDBPyConnection, published: Path, tally: _Tally) -> None:
+    """Write every output as CSV, Parquet, one DuckDB file and a dictionary, each renamed into place."""
+    for name in OUTPUTS:
+        for ext, options in (("csv", "FORMAT csv, HEADER true"), ("parquet", "FORMAT parquet")):
+            tmp = published / f".{name}.{ext}.tmp"
+            con.execute(f"COPY published.{name} TO '{tmp}' ({options})")
+            os.replace(tmp, published / f"{name}.{ext}")
+    pub_db = published / "published.duckdb"
+    tmp_db = published / ".published.duckdb.tmp"
+    tmp_db.unlink(missing_ok=True)
+    con.execute(f"ATTACH '{tmp_db}' AS pub")
+    for name in OUTPUTS:
+        con.execute(f"CREATE TABLE pub.main.{name} AS SELECT * FROM published.{name}")
+    con.execute("DETACH pub")
+    os.replace(tmp_db, pub_db)
+    for name in OUTPUTS:
+        (published / f"{name}.dictionary.json").write_text(
+            json.dumps({"name": name, "columns": [r[0] for r in con.execute(f"DESCRIBE published.{name}").fetchall()]})
+        )
+    tally.rows["publish"] = sum(p["cells"] for p in tally.counts["published"].values())
+
+
+def run(drop: Path, work: Path, encrypted: bool, threads: int | None) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "baseline.duckdb"
+    db.unlink(missing_ok=True)
+    published = work / "published"
+    published.mkdir(exist_ok=True)
+    (work / "tmp").mkdir(exist_ok=True)
+    lists = load_code_lists()
+    clock = Clock()
+    tally = _Tally()
+    began, cpu_began = time.perf_counter(), time.process_time()
+    con = _connect(db, work, encrypted, threads)
+    setup = time.perf_counter() - began
+    _hmac_key(con)
+
+    with clock("ingest"):
+        _ingest(con, drop, tally)
+    with clock("validate"):
+        _validate(con, lists, tally)
+    with clock("objections"):
+        _objections(con, tally)
+    with clock("pseudonymise"):
+        _pseudonymise(con, tally)
+    with clock("aggregate"):
+        _aggregate(con, lists, tally)
     with clock("publish"):
-        for name in OUTPUTS:
-            for ext, options in (("csv", "FORMAT csv, HEADER true"), ("parquet", "FORMAT parquet")):
-                tmp = published / f".{name}.{ext}.tmp"
-                con.execute(f"COPY published.{name} TO '{tmp}' ({options})")
-                os.replace(tmp, published / f"{name}.{ext}")
-        pub_db = published / "published.duckdb"
-        tmp_db = published / ".published.duckdb.tmp"
-        tmp_db.unlink(missing_ok=True)
-        con.execute(f"ATTACH '{tmp_db}' AS pub")
-        for name in OUTPUTS:
-            con.execute(f"CREATE TABLE pub.main.{name} AS SELECT * FROM published.{name}")
-        con.execute("DETACH pub")
-        os.replace(tmp_db, pub_db)
-        for name in OUTPUTS:
-            (published / f"{name}.dictionary.json").write_text(
-                json.dumps(
-                    {"name": name, "columns": [r[0] for r in con.execute(f"DESCRIBE published.{name}").fetchall()]}
-                )
-            )
-        rows["publish"] = sum(p["cells"] for p in counts["published"].values())
+        _publish(con, published, tally)
     con.execute("CHECKPOINT")
     end_to_end, cpu_end_to_end = time.perf_counter() - began, time.process_time() - cpu_began
     con.close()
@@ -650,12 +699,12 @@ FROM (SELECT DISTINCT nhs_number FROM landing.{c}_valid), k""")
         "seconds_end_to_end": end_to_end,
         "cpu_seconds_end_to_end": cpu_end_to_end,
         "stages": {
-            name: {"seconds": s, "cpu_seconds": clock.cpu_seconds[name], "rows": _stage_rows(rows, name)}
+            name: {"seconds": s, "cpu_seconds": clock.cpu_seconds[name], "rows": _stage_rows(tally.rows, name)}
             for name, s in clock.seconds.items()
         },
-        "stage_detail": detail,
-        "rows": rows,
-        "counts": counts,
+        "stage_detail": tally.detail,
+        "rows": tally.rows,
+        "counts": tally.counts,
         "db_bytes": db.stat().st_size,
         "peak_rss_bytes": peak_rss_bytes(),
     }
