@@ -25,6 +25,8 @@ import bisect  # noqa: E402
 import os  # noqa: E402
 import threading  # noqa: E402
 from collections import defaultdict  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -159,6 +161,117 @@ def stage_of(node: Any) -> str:
     return tags.get(STAGE_TAG) or node.group_name or "default"
 
 
+@dataclass
+class _RunEvents:
+    """What the nightly job's event log says, per step: start, end, assets, groups; and failed checks."""
+
+    group_of: dict[Any, str | None]
+    starts: dict[str, float] = field(default_factory=dict)
+    ends: dict[str, tuple[float, str]] = field(default_factory=dict)
+    step_assets: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    step_groups: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    assets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks_failed: list[str] = field(default_factory=list)
+
+    def group(self, key: Any) -> str:
+        """The stage group of an asset key ("default" when it has none)."""
+        return self.group_of.get(key) or "default"
+
+    def step_started(self, step: str, record: Any, event: Any) -> None:
+        """A STEP_START event."""
+        self.starts[step] = record.timestamp
+
+    def step_ended(self, step: str, record: Any, event: Any) -> None:
+        """A STEP_SUCCESS or STEP_FAILURE event."""
+        self.ends[step] = (record.timestamp, event.event_type_value)
+
+    def materialised(self, step: str, record: Any, event: Any) -> None:
+        """An ASSET_MATERIALIZATION event: the asset, its group and its plain metadata."""
+        mat = event.event_specific_data.materialization
+        key = mat.asset_key
+        self.step_assets[step].add(key.to_user_string())
+        self.step_groups[step].add(self.group(key))
+        meta = {
+            k: v.value
+            for k, v in mat.metadata.items()
+            if isinstance(v.value, (int, float, str, dict, list)) and not isinstance(v.value, bool)
+        }
+        self.assets[key.to_user_string()] = {
+            "step": step,
+            "group": self.group(key),
+            "rows_in": meta.get("rows_in"),
+            "rows_out": meta.get("rows_out"),
+            "metadata": meta,
+        }
+
+    def checked(self, step: str, record: Any, event: Any) -> None:
+        """An ASSET_CHECK_EVALUATION event: the asset's group, and the check if it failed."""
+        evaluation = event.event_specific_data
+        key = evaluation.asset_key
+        self.step_groups[step].add(self.group(key))
+        if not evaluation.passed:
+            self.checks_failed.append(f"{key.to_user_string()}:{evaluation.check_name}")
+
+
+EVENT_HANDLERS: dict[str, Callable[[_RunEvents, str, Any, Any], None]] = {
+    "STEP_START": _RunEvents.step_started,
+    "STEP_SUCCESS": _RunEvents.step_ended,
+    "STEP_FAILURE": _RunEvents.step_ended,
+    "ASSET_MATERIALIZATION": _RunEvents.materialised,
+    "ASSET_CHECK_EVALUATION": _RunEvents.checked,
+}
+
+
+def _read_events(instance: Any, run_id: str, group_of: dict[Any, str | None]) -> _RunEvents:
+    """Gather the run's step events (those without a step are skipped)."""
+    events = _RunEvents(group_of)
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or not event.step_key:
+            continue
+        handler = EVENT_HANDLERS.get(event.event_type_value)
+        if handler is not None:
+            handler(events, event.step_key, record, event)
+    return events
+
+
+def _step_groups(events: _RunEvents, step: str) -> list[str]:
+    """A step's stage groups; for a step that failed before materialising, from its asset key."""
+    groups = sorted(events.step_groups.get(step, set()))
+    if not groups:
+        groups = sorted({g for k, g in events.group_of.items() if k.to_python_identifier() == step}) or ["default"]
+    return groups
+
+
+def _steps(events: _RunEvents, sampler: RssSampler, wall_end: float) -> list[dict[str, Any]]:
+    """One record per step in start order: its group, assets, seconds, CPU, status and sampled peak RSS."""
+    steps: list[dict[str, Any]] = []
+    for step, start in sorted(events.starts.items(), key=lambda kv: kv[1]):
+        end, status = events.ends.get(step, (wall_end, "STEP_INCOMPLETE"))
+        groups = _step_groups(events, step)
+        steps.append(
+            {
+                "step": step,
+                "started": start,
+                "group": groups[0] if len(groups) == 1 else "+".join(groups),
+                "assets": sorted(events.step_assets.get(step, set())),
+                "seconds": end - start,
+                "cpu_seconds": sampler.cpu_at(end) - sampler.cpu_at(start),
+                "status": status,
+                "peak_rss_sampled": sampler.peak_between(start, end),
+            }
+        )
+    return steps
+
+
+def _add_sql_totals(steps: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Each step's seconds and number of statements in SQL, from the trace summary."""
+    for step in steps:
+        in_sql = summary["steps"].get(step["step"], {})
+        step["sql_seconds"] = in_sql.get("sql_seconds", 0.0)
+        step["sql_statements"] = in_sql.get("statements", 0)
+
+
 def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, Any]:
     os.environ["SAFEHAVEN_HOME"] = str(home)
     import dagster as dg
@@ -186,83 +299,25 @@ def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, A
     wall_end = time.time()
     sampler.stop()
 
-    starts: dict[str, float] = {}
-    ends: dict[str, tuple[float, str]] = {}
-    step_assets: dict[str, set[str]] = defaultdict(set)
-    step_groups: dict[str, set[str]] = defaultdict(set)
-    assets: dict[str, dict[str, Any]] = {}
-    checks_failed: list[str] = []
-    for record in instance.all_logs(result.run_id):
-        event = record.dagster_event
-        if event is None:
-            continue
-        kind = event.event_type_value
-        step = event.step_key
-        if kind == "STEP_START" and step:
-            starts[step] = record.timestamp
-        elif kind in ("STEP_SUCCESS", "STEP_FAILURE") and step:
-            ends[step] = (record.timestamp, kind)
-        elif kind == "ASSET_MATERIALIZATION" and step:
-            mat = event.event_specific_data.materialization  # type: ignore[union-attr]
-            key = mat.asset_key
-            step_assets[step].add(key.to_user_string())
-            step_groups[step].add(group_of.get(key) or "default")
-            meta = {
-                k: v.value
-                for k, v in mat.metadata.items()
-                if isinstance(v.value, (int, float, str, dict, list)) and not isinstance(v.value, bool)
-            }
-            assets[key.to_user_string()] = {
-                "step": step,
-                "group": group_of.get(key) or "default",
-                "rows_in": meta.get("rows_in"),
-                "rows_out": meta.get("rows_out"),
-                "metadata": meta,
-            }
-        elif kind == "ASSET_CHECK_EVALUATION" and step:
-            evaluation = event.event_specific_data  # type: ignore[assignment]
-            key = evaluation.asset_key  # type: ignore[union-attr]
-            step_groups[step].add(group_of.get(key) or "default")
-            if not evaluation.passed:  # type: ignore[union-attr]
-                checks_failed.append(f"{key.to_user_string()}:{evaluation.check_name}")  # type: ignore[union-attr]
-
-    steps: list[dict[str, Any]] = []
-    for step, start in sorted(starts.items(), key=lambda kv: kv[1]):
-        end, status = ends.get(step, (wall_end, "STEP_INCOMPLETE"))
-        groups = sorted(step_groups.get(step, set()))
-        if not groups:  # a step that failed before materialising: group from its asset key
-            groups = sorted({g for k, g in group_of.items() if k.to_python_identifier() == step}) or ["default"]
-        steps.append(
-            {
-                "step": step,
-                "started": start,
-                "group": groups[0] if len(groups) == 1 else "+".join(groups),
-                "assets": sorted(step_assets.get(step, set())),
-                "seconds": end - start,
-                "cpu_seconds": sampler.cpu_at(end) - sampler.cpu_at(start),
-                "status": status,
-                "peak_rss_sampled": sampler.peak_between(start, end),
-            }
-        )
+    events = _read_events(instance, result.run_id, group_of)
+    steps = _steps(events, sampler, wall_end)
     from assets import definitions as definitions_module
 
     summary = summarise_trace(trace, steps) if trace_sql else None
-    for step in steps if summary else []:
-        in_sql = summary["steps"].get(step["step"], {})
-        step["sql_seconds"] = in_sql.get("sql_seconds", 0.0)
-        step["sql_statements"] = in_sql.get("statements", 0)
+    if summary:
+        _add_sql_totals(steps, summary)
     return {
         "code": str(Path(definitions_module.__file__).parents[1]),
         "sql_trace": summary,
         "success": bool(result.success),
-        "checks_failed": checks_failed,
+        "checks_failed": events.checks_failed,
         "seconds_import": imported - _T0,
         "seconds_build_definitions": built - imported,
         "seconds_job": wall,
         "cpu_seconds_job": cpu,
         "seconds_steps_total": sum(s["seconds"] for s in steps),
         "steps": steps,
-        "assets": assets,
+        "assets": events.assets,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_sampled": max((r for _, r in sampler.samples), default=0),
         "threads": threads,

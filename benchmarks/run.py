@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -686,63 +687,61 @@ def _rate(x: float | None) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x / 1e3:.1f}k"
 
 
-def render(report: dict[str, Any]) -> str:
-    lines: list[str] = []
+def _render_header(report: dict[str, Any]) -> list[str]:
+    """The run's size, the machine, the versions and the code it measured."""
     cfg = report["config"]
     m = report["machine"]
-    lines.append(
+    return [
         f"safehaven benchmark: {cfg['patients']:,} patients, {report['rows_total']:,} rows "
         f"({', '.join(f'{k} {v:,}' for k, v in report['rows'].items())}); seed {cfg['seed']}"
-        + (f"; best of {cfg['repeat']} runs" if cfg.get("repeat", 1) > 1 else "")
-    )
-    lines.append(
+        + (f"; best of {cfg['repeat']} runs" if cfg.get("repeat", 1) > 1 else ""),
         f"machine: {m['cores_logical']} cores ({m['cpu_model']}), {m['memory_bytes'] / GIB:.1f} GiB; "
         f"DuckDB threads: {cfg['threads'] or 'default'}; "
         + ", ".join(
             f"{k} {v}"
             for k, v in report["versions"].items()
             if k in ("python", "duckdb", "dagster", "great_expectations", "polars")
-        )
-    )
-    lines.append(
+        ),
         f"code: git {report['git']['commit'][:12]}{' + uncommitted changes' if report['git']['dirty'] else ''}"
-        f", snapshot sha256 {report['code_sha256'][:12]}"
+        f", snapshot sha256 {report['code_sha256'][:12]}",
+        "",
+    ]
+
+
+STAGE_TABLE_HEAD = (
+    f"{'stage':<14}{'rows':>12}{'pipeline s':>12}{'rows/s':>9}{'baseline s':>12}{'rows/s':>9}"
+    f"{'ratio':>8}{'cpu ratio':>10}{'plain s':>9}{'encr.':>7}{'peak MiB':>10}"
+)
+
+
+def _render_stage_row(name: str, r: dict[str, Any]) -> str:
+    """One stage of the comparison table, noting a stage only one side has."""
+    note = "" if "pipeline_s" in r else "  (baseline only)"
+    if "baseline_s" not in r:
+        note = "  (pipeline only: no baseline; not in end-to-end)"
+    peak = r.get("pipeline_peak_rss_sampled")
+    return (
+        f"{name:<14}{r['rows']:>12,}{_s(r.get('pipeline_s')):>12}{_rate(r.get('pipeline_rows_per_s')):>9}"
+        f"{_s(r.get('baseline_s')):>12}{_rate(r.get('baseline_rows_per_s')):>9}"
+        f"{_s(r.get('ratio'), '{:.2f}x'):>8}{_s(r.get('cpu_ratio'), '{:.2f}x'):>10}{_s(r.get('plain_s')):>9}"
+        f"{_s(_pct(r.get('encryption_overhead')), '{:+.0f}%'):>7}"
+        f"{_s(peak / MIB if peak else None, '{:.0f}'):>10}{note}"
     )
-    lines.append("")
-    cmp = report["comparison"]
-    head = (
-        f"{'stage':<14}{'rows':>12}{'pipeline s':>12}{'rows/s':>9}{'baseline s':>12}{'rows/s':>9}"
-        f"{'ratio':>8}{'cpu ratio':>10}{'plain s':>9}{'encr.':>7}{'peak MiB':>10}"
-    )
-    lines.append(head)
-    lines.append("-" * len(head))
-    for name, r in cmp["stages"].items():
-        note = "" if "pipeline_s" in r else "  (baseline only)"
-        if "baseline_s" not in r:
-            note = "  (pipeline only: no baseline; not in end-to-end)"
-        peak = r.get("pipeline_peak_rss_sampled")
-        lines.append(
-            f"{name:<14}{r['rows']:>12,}{_s(r.get('pipeline_s')):>12}{_rate(r.get('pipeline_rows_per_s')):>9}"
-            f"{_s(r.get('baseline_s')):>12}{_rate(r.get('baseline_rows_per_s')):>9}"
-            f"{_s(r.get('ratio'), '{:.2f}x'):>8}{_s(r.get('cpu_ratio'), '{:.2f}x'):>10}{_s(r.get('plain_s')):>9}"
-            f"{_s(_pct(r.get('encryption_overhead')), '{:+.0f}%'):>7}"
-            f"{_s(peak / MIB if peak else None, '{:.0f}'):>10}{note}"
-        )
-    e = cmp["end_to_end"]
-    lines.append(
+
+
+def _render_end_to_end(report: dict[str, Any]) -> list[str]:
+    """The framework line, the end-to-end line and what the pipeline's figure leaves out."""
+    e = report["comparison"]["end_to_end"]
+    return [
         f"{'(framework)':<14}{'':>12}{e['pipeline_framework_overhead_s']:>12.1f}{'':>9}"
-        f"{e['baseline_setup_s']:>12.1f}   Dagster run outside steps / baseline connect + attach"
-    )
-    lines.append("-" * len(head))
-    lines.append(
+        f"{e['baseline_setup_s']:>12.1f}   Dagster run outside steps / baseline connect + attach",
+        "-" * len(STAGE_TABLE_HEAD),
         f"{'end-to-end':<14}{report['rows_total']:>12,}{e['pipeline_s']:>12.1f}"
         f"{_rate(report['rows_total'] / e['pipeline_s']):>9}{e['baseline_s']:>12.1f}"
         f"{_rate(report['rows_total'] / e['baseline_s']):>9}{e['ratio']:>7.2f}x"
         f"{_s(e.get('cpu_ratio'), '{:.2f}x'):>10}{_s(e.get('plain_s')):>9}"
         f"{_s(_pct(e.get('encryption_overhead')), '{:+.0f}%'):>7}"
-        f"{report['memory']['pipeline_peak_bytes'] / MIB:>10.0f}"
-    )
-    lines.append(
+        f"{report['memory']['pipeline_peak_bytes'] / MIB:>10.0f}",
         f"  pipeline: the Dagster job took {e['pipeline_job_s']:.1f} s"
         + (
             f", of which {', '.join(e['excluded_pipeline_stages'])} {e['excluded_pipeline_s']:.1f} s (no baseline)"
@@ -750,84 +749,122 @@ def render(report: dict[str, Any]) -> str:
             else ""
         )
         + f"; not counted: {e['pipeline_import_s']:.1f} s imports, {e['pipeline_build_definitions_s']:.1f} s "
-        "building definitions. ratio = wall seconds; cpu ratio = CPU seconds (less disturbed by other load)."
-    )
+        "building definitions. ratio = wall seconds; cpu ratio = CPU seconds (less disturbed by other load).",
+    ]
+
+
+def _render_stages(report: dict[str, Any]) -> list[str]:
+    """The per-stage comparison table, then end to end."""
+    lines = [STAGE_TABLE_HEAD, "-" * len(STAGE_TABLE_HEAD)]
+    lines += [_render_stage_row(name, r) for name, r in report["comparison"]["stages"].items()]
+    return lines + _render_end_to_end(report)
+
+
+def _render_slowest(report: dict[str, Any]) -> list[str]:
+    """The ten slowest pipeline steps and, when traced, the slowest store statements."""
     steps = sorted(report["pipeline"]["steps"], key=lambda x: -x["seconds"])[:10]
-    lines.append("")
-    lines.append("slowest pipeline steps:")
-    trace = report["pipeline"].get("sql_trace")
+    lines = ["", "slowest pipeline steps:"]
     for x in steps:
         where = f"; {x['sql_seconds']:.1f} s in {x['sql_statements']} store statements" if "sql_seconds" in x else ""
         lines.append(
             f"  {x['seconds']:7.1f} s  cpu {x.get('cpu_seconds', 0):6.1f} s  "
             f"{x['peak_rss_sampled'] / MIB:6.0f} MiB  {x['step']} ({x['group']}{where})"
         )
+    trace = report["pipeline"].get("sql_trace")
     if trace:
         lines.append("slowest store statements (--trace-sql; fastest run):")
-        for t in trace["statements"][:15]:
-            lines.append(
-                f"  {t['seconds']:7.1f} s  cpu {t['cpu_seconds']:6.1f} s  x{t['calls']:<3} {t['step']}: "
-                f"{t['sql'][:160]}"
-            )
-    audit = report.get("disclosure_audit") or {}
-    if audit.get("seconds") is not None:
-        joint = audit.get("joint") or {}
-        parts = [
-            f"disclosure audit (publish): {audit['seconds']:.2f} s",
-            f"of the {_s(audit.get('publish_stage_s'))} s publish stage;",
-            f"{audit.get('cells', 0):,} suppressed cells and {audit.get('changes', 0):,} changes audited,",
-            f"{audit.get('in_relations', 0):,} in relations, {audit.get('blocks', 0)} blocks,",
-            f"{audit.get('lp_solves', 0)} LPs, {audit.get('failing', 0)} failing;",
-            f"joint protection of discharge_to_social_care: {_s(joint.get('seconds'), '{:.2f}')} s,",
-            f"{joint.get('iterations', '-')} round(s)",
+        lines += [
+            f"  {t['seconds']:7.1f} s  cpu {t['cpu_seconds']:6.1f} s  x{t['calls']:<3} {t['step']}: {t['sql'][:160]}"
+            for t in trace["statements"][:15]
         ]
-        lines += ["", " ".join(parts)]
-    lines.append("")
+    return lines
+
+
+def _render_disclosure_audit(report: dict[str, Any]) -> list[str]:
+    """The publish stage's disclosure audit and joint protection, when measured."""
+    audit = report.get("disclosure_audit") or {}
+    if audit.get("seconds") is None:
+        return []
+    joint = audit.get("joint") or {}
+    parts = [
+        f"disclosure audit (publish): {audit['seconds']:.2f} s",
+        f"of the {_s(audit.get('publish_stage_s'))} s publish stage;",
+        f"{audit.get('cells', 0):,} suppressed cells and {audit.get('changes', 0):,} changes audited,",
+        f"{audit.get('in_relations', 0):,} in relations, {audit.get('blocks', 0)} blocks,",
+        f"{audit.get('lp_solves', 0)} LPs, {audit.get('failing', 0)} failing;",
+        f"joint protection of discharge_to_social_care: {_s(joint.get('seconds'), '{:.2f}')} s,",
+        f"{joint.get('iterations', '-')} round(s)",
+    ]
+    return ["", " ".join(parts)]
+
+
+def _render_memory(report: dict[str, Any]) -> list[str]:
+    """Peak memory of the pipeline and the baselines."""
     mem = report["memory"]
-    lines.append(
+    return [
+        "",
         f"peak memory (ru_maxrss): pipeline {mem['pipeline_peak_bytes'] / GIB:.2f} GiB "
         f"(highest sampled in {mem['pipeline_peak_step']}), baseline {mem['baseline_peak_bytes'] / GIB:.2f} GiB"
-        + (f", baseline unencrypted {mem['plain_peak_bytes'] / GIB:.2f} GiB" if mem.get("plain_peak_bytes") else "")
-    )
+        + (f", baseline unencrypted {mem['plain_peak_bytes'] / GIB:.2f} GiB" if mem.get("plain_peak_bytes") else ""),
+    ]
+
+
+def _render_pseudonymisation(report: dict[str, Any]) -> list[str]:
+    """Pseudonymisation rates beside the HMAC comparison, when it ran."""
     h = report.get("hmac")
     ps = report.get("pseudonymisation") or {}
-    if h and "error" not in h:
-        lines.append(
-            "pseudonymisation: haven steps "
-            f"{_rate(ps.get('haven', {}).get('rows_per_s'))} rows/s, identity vault "
-            f"{_rate(ps.get('vault', {}).get('rows_per_s'))} rows/s ({ps.get('vault_entries', 0):,} entries), "
-            f"stage {_rate(ps.get('stage', {}).get('rows_per_s'))} rows/s; on {h['rows']:,} gp_events NHS "
-            f"numbers: the pipeline's pseudonymisation (HMAC once per person in SQL, joined back) "
-            f"{_rate(h.get('pipeline_pseudonymise', {}).get('rows_per_s'))} rows/s, DuckDB SQL HMAC per row "
-            f"{_rate(h['duckdb_sql']['rows_per_s'])} rows/s, Python hmac.new loop "
-            f"{_rate(h['python_hmac_new']['rows_per_s'])} rows/s, Python hashlib loop "
-            f"{_rate(h['python_hashlib_copy']['rows_per_s'])} rows/s, Python table job "
-            f"{_rate(h.get('python_table_job', {}).get('rows_per_s'))} rows/s"
-        )
+    if not h or "error" in h:
+        return []
+    return [
+        "pseudonymisation: haven steps "
+        f"{_rate(ps.get('haven', {}).get('rows_per_s'))} rows/s, identity vault "
+        f"{_rate(ps.get('vault', {}).get('rows_per_s'))} rows/s ({ps.get('vault_entries', 0):,} entries), "
+        f"stage {_rate(ps.get('stage', {}).get('rows_per_s'))} rows/s; on {h['rows']:,} gp_events NHS "
+        f"numbers: the pipeline's pseudonymisation (HMAC once per person in SQL, joined back) "
+        f"{_rate(h.get('pipeline_pseudonymise', {}).get('rows_per_s'))} rows/s, DuckDB SQL HMAC per row "
+        f"{_rate(h['duckdb_sql']['rows_per_s'])} rows/s, Python hmac.new loop "
+        f"{_rate(h['python_hmac_new']['rows_per_s'])} rows/s, Python hashlib loop "
+        f"{_rate(h['python_hashlib_copy']['rows_per_s'])} rows/s, Python table job "
+        f"{_rate(h.get('python_table_job', {}).get('rows_per_s'))} rows/s"
+    ]
+
+
+def _render_validation(report: dict[str, Any]) -> list[str]:
+    """Great Expectations on pandas beside the pipeline's validation, or why it was not measured."""
     g = report.get("gx_pandas")
     val = report.get("validate_gp_events", {})
     if g and "error" not in g:
-        lines.append(
+        return [
             f"validation of gp_events: GX {g['versions']['great_expectations']} on pandas "
             f"{g['seconds_validate']:.1f} s for {g['expectations']} expectations on {g['rows']:,} rows "
             f"(+ {g['seconds_load_pandas']:.1f} s reading the CSV into pandas; "
             f"peak {g['peak_rss_bytes'] / GIB:.2f} GiB); "
             f"pipeline step {_s(val.get('pipeline_s'))} s; baseline {_s(val.get('baseline_s'))} s "
             f"({val.get('rules', '?')} rules)"
-        )
-    elif not cfg.get("gx_pandas"):
-        lines.append("validation: GX on pandas not measured (--no-gx-pandas)")
+        ]
+    if not report["config"].get("gx_pandas"):
+        return ["validation: GX on pandas not measured (--no-gx-pandas)"]
+    return []
+
+
+def _render_scaling(report: dict[str, Any]) -> list[str]:
+    """How time grew from the small run to the large one, when both ran."""
     sc = report.get("scaling")
-    if sc and "time_ratio" in sc:
-        lines.append(
-            f"scaling: {sc['small_patients']:,} patients ({sc['small_rows']:,} rows): pipeline {sc['small_s']:.1f} s, "
-            f"baseline {sc['small_baseline_s']:.1f} s; {sc['large_patients']:,} patients ({sc['large_rows']:,} rows): "
-            f"pipeline {sc['large_s']:.1f} s, baseline {sc['large_baseline_s']:.1f} s; pipeline time "
-            f"x{sc['time_ratio']:.2f} (baseline x{sc['baseline_time_ratio']:.2f}) for rows x{sc['rows_ratio']:.2f}; "
-            f"CPU seconds x{sc['cpu_time_ratio']:.2f} (baseline x{_s(sc.get('baseline_cpu_time_ratio'), '{:.2f}')})"
-        )
+    if not (sc and "time_ratio" in sc):
+        return []
+    return [
+        f"scaling: {sc['small_patients']:,} patients ({sc['small_rows']:,} rows): pipeline {sc['small_s']:.1f} s, "
+        f"baseline {sc['small_baseline_s']:.1f} s; {sc['large_patients']:,} patients ({sc['large_rows']:,} rows): "
+        f"pipeline {sc['large_s']:.1f} s, baseline {sc['large_baseline_s']:.1f} s; pipeline time "
+        f"x{sc['time_ratio']:.2f} (baseline x{sc['baseline_time_ratio']:.2f}) for rows x{sc['rows_ratio']:.2f}; "
+        f"CPU seconds x{sc['cpu_time_ratio']:.2f} (baseline x{_s(sc.get('baseline_cpu_time_ratio'), '{:.2f}')})"
+    ]
+
+
+def _render_agreement(report: dict[str, Any]) -> list[str]:
+    """Whether the pipeline and the baseline agree on every count and published row."""
     agree = report["agreement"]
-    lines.append(
+    return [
         "agreement: pipeline and baseline "
         + (
             "agree on every count (valid/invalid rows, failures per rule, type 1 drops, haven rows, cells, "
@@ -835,36 +872,68 @@ def render(report: dict[str, Any]) -> str:
             if not agree
             else "DISAGREE: " + "; ".join(agree)
         )
-    )
+    ]
+
+
+def _render_failures(report: dict[str, Any]) -> list[str]:
+    """A warning for a pipeline run that did not succeed and for each phase that failed."""
+    lines: list[str] = []
     if not report["pipeline_success"]:
         lines.append("WARNING: the pipeline run did not succeed: " + ", ".join(report.get("checks_failed") or []))
     for phase, error in report.get("errors", {}).items():
         lines.append(f"WARNING: {phase} failed: {error.splitlines()[-1] if error else ''}")
+    return lines
+
+
+def _mean_busy(contention: list[dict[str, Any]], prefix: str) -> float:
+    """Other cores busy during the ``prefix`` runs (full size, encrypted), weighted by wall seconds."""
+    runs = [c for c in contention if c["run"].startswith(prefix) and not {"small", "plain"} & set(c["run"].split("_"))]
+    return sum(c["other_cores_busy"] * c["wall_s"] for c in runs) / max(1e-9, sum(c["wall_s"] for c in runs))
+
+
+def _render_contention(report: dict[str, Any]) -> list[str]:
+    """A warning when other processes shared the machine during the runs."""
     contention = report.get("contention", [])
-    busy = [c for c in contention if c["other_cores_busy"] > 0.1]
-    if busy:
+    if not any(c["other_cores_busy"] > 0.1 for c in contention):
+        return []
+    return [
+        f"WARNING: other processes shared the machine: on average {_mean_busy(contention, 'pipeline_'):.2f} of the "
+        f"{report['machine']['cores_logical']} cores were busy with other work during the pipeline runs, "
+        f"{_mean_busy(contention, 'baseline_'):.2f} during the baseline runs. Wall times are pessimistic, and a ratio "
+        "is biased when the two sides were disturbed differently; the cpu ratio is the steadier figure. "
+        "Rerun on a quiet machine (--repeat, --wait-quiet) for headline figures."
+    ]
 
-        def mean_busy(prefix: str) -> float:
-            runs = [
-                c
-                for c in contention
-                if c["run"].startswith(prefix) and not {"small", "plain"} & set(c["run"].split("_"))
-            ]
-            return sum(c["other_cores_busy"] * c["wall_s"] for c in runs) / max(1e-9, sum(c["wall_s"] for c in runs))
 
-        lines.append(
-            f"WARNING: other processes shared the machine: on average {mean_busy('pipeline_'):.2f} of the "
-            f"{m['cores_logical']} cores were busy with other work during the pipeline runs, "
-            f"{mean_busy('baseline_'):.2f} during the baseline runs. Wall times are pessimistic, and a ratio is "
-            "biased when the two sides were disturbed differently; the cpu ratio is the steadier figure. "
-            "Rerun on a quiet machine (--repeat, --wait-quiet) for headline figures."
-        )
-    lines.append("")
-    lines.append("targets (2 cores, 24 GiB):")
+def _render_targets(report: dict[str, Any]) -> list[str]:
+    """Each target with its status and figure."""
+    lines = ["", "targets (2 cores, 24 GiB):"]
     for t in report["targets"]:
         extra = f"  (missed by {t['miss_by']})" if t.get("miss_by") else ""
         lines.append(f"  {t['status']:<5} {t['target']}: {t['figure']}{extra}")
-    return "\n".join(lines)
+    return lines
+
+
+#: the report's sections, in print order
+RENDER_SECTIONS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
+    _render_header,
+    _render_stages,
+    _render_slowest,
+    _render_disclosure_audit,
+    _render_memory,
+    _render_pseudonymisation,
+    _render_validation,
+    _render_scaling,
+    _render_agreement,
+    _render_failures,
+    _render_contention,
+    _render_targets,
+)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as the text the harness prints, section by section."""
+    return "\n".join(line for section in RENDER_SECTIONS for line in section(report))
 
 
 # --- main --------------------------------------------------------------------------------

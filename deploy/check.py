@@ -37,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,105 +170,262 @@ def _secret_items(name: str, env: dict[str, str], where: str) -> list[str]:
     return errors
 
 
-def check_rules(compose: dict) -> list[str]:
-    """The haven's deployment rules (see the module docstring)."""
-    errors: list[str] = []
-    services: dict[str, dict] = compose.get("services") or {}
-    missing = REQUIRED_SERVICES - services.keys()
-    if missing:
-        errors.append(f"services missing: {', '.join(sorted(missing))}")
+def _services(compose: dict) -> dict[str, dict]:
+    """The compose file's services by name (none when it has none)."""
+    return compose.get("services") or {}
 
-    # -- no secret inline
-    for where, value in _strings(compose, "compose"):
-        if SECRET_VALUE.search(value):
-            errors.append(f"{where}: holds a credential inline")
+
+def _haven_home(compose: dict) -> str:
+    """``SAFEHAVEN_HOME`` as the ``code`` service sets it ("" when unset)."""
+    return _environment(_services(compose).get("code", {})).get("SAFEHAVEN_HOME", "")
+
+
+def _haven_user(compose: dict) -> str:
+    """The ``user`` the ``code`` service runs as ("" when unset)."""
+    return str(_services(compose).get("code", {}).get("user", ""))
+
+
+def _mounts(services: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Each service's volume mounts, source to target (services with no volume left out)."""
+    mounts: dict[str, dict[str, str]] = {}
     for name, service in services.items():
+        for volume in _volumes(service):
+            mounts.setdefault(name, {})[volume.get("source", "")] = volume.get("target", "")
+    return mounts
+
+
+def _build_args(service: dict) -> dict[str, str] | None:
+    """A service's build arguments as a mapping (None when it has none)."""
+    build = service.get("build")
+    if not (isinstance(build, dict) and build.get("args")):
+        return None
+    args = build["args"]
+    args = dict(a.split("=", 1) if "=" in a else (a, "") for a in args) if isinstance(args, list) else args
+    return {k: str(v) for k, v in args.items()}
+
+
+def _init_script(init: dict) -> str:
+    """The ``haven-init`` command as one shell string."""
+    command = init.get("command")
+    return " ".join(command or []) if isinstance(command, list) else str(command)
+
+
+def _secret_mode(secret: Any) -> int | None:
+    """A service secret's file mode as an integer (None when it sets none)."""
+    mode = secret.get("mode") if isinstance(secret, dict) else None
+    if isinstance(mode, str):
+        mode = int(mode.removeprefix("0o"), 8)
+    return mode
+
+
+def _rule_required_services(compose: dict) -> list[str]:
+    """Services ``postgres``, ``haven-init``, ``code``, ``daemon`` and ``webserver`` exist."""
+    missing = REQUIRED_SERVICES - _services(compose).keys()
+    return [f"services missing: {', '.join(sorted(missing))}"] if missing else []
+
+
+def _rule_no_inline_credential(compose: dict) -> list[str]:
+    """No value anywhere carries a password in a URL or a PEM block."""
+    return [
+        f"{where}: holds a credential inline"
+        for where, value in _strings(compose, "compose")
+        if SECRET_VALUE.search(value)
+    ]
+
+
+def _rule_service_secrets_from_files(compose: dict) -> list[str]:
+    """Secret-named environment variables and build arguments are ``*_FILE`` paths; no ``env_file``."""
+    errors: list[str] = []
+    for name, service in _services(compose).items():
         errors += _secret_items(name, _environment(service), f"services.{name}.environment")
-        build = service.get("build")
-        if isinstance(build, dict) and build.get("args"):
-            args = build["args"]
-            args = dict(a.split("=", 1) if "=" in a else (a, "") for a in args) if isinstance(args, list) else args
-            errors += _secret_items(name, {k: str(v) for k, v in args.items()}, f"services.{name}.build.args")
+        args = _build_args(service)
+        if args is not None:
+            errors += _secret_items(name, args, f"services.{name}.build.args")
         if service.get("env_file"):
             errors.append(f"services.{name}: env_file can carry secrets past this check; use secrets")
+    return errors
+
+
+def _rule_top_level_secrets(compose: dict) -> list[str]:
+    """Top-level secrets come from a file or the environment, never ``content``."""
+    errors: list[str] = []
     for name, secret in (compose.get("secrets") or {}).items():
         if "content" in secret:
             errors.append(f"secrets.{name}: inline content; use file or environment")
         if not ({"file", "environment", "external"} & secret.keys()):
             errors.append(f"secrets.{name}: must come from a file or the environment")
+    return errors
 
-    # -- volumes: the haven home and the key ring, separate, mounted only where runs execute
+
+def _rule_volumes_declared(compose: dict) -> list[str]:
+    """The haven home, the key ring and PostgreSQL's data are declared named volumes."""
     declared = set((compose.get("volumes") or {}).keys())
-    for volume in ("haven_home", "haven_keys", "dagster_pg"):
-        if volume not in declared:
-            errors.append(f"volumes.{volume}: not declared")
-    code = services.get("code", {})
-    init = services.get("haven-init", {})
-    home = _environment(code).get("SAFEHAVEN_HOME", "")
+    return [f"volumes.{v}: not declared" for v in ("haven_home", "haven_keys", "dagster_pg") if v not in declared]
+
+
+def _rule_haven_home_set(compose: dict) -> list[str]:
+    """The ``code`` service sets ``SAFEHAVEN_HOME``."""
+    return [] if _haven_home(compose) else ["services.code: SAFEHAVEN_HOME is not set"]
+
+
+def _rule_no_bind_mounts(compose: dict) -> list[str]:
+    """No service bind-mounts a host path."""
+    return [
+        f"services.{name}: bind mount of {volume.get('source')!r}; use named volumes"
+        for name, service in _services(compose).items()
+        for volume in _volumes(service)
+        if volume.get("type") == "bind"
+    ]
+
+
+def _rule_haven_volumes_only_where_runs_execute(compose: dict) -> list[str]:
+    """Only ``code`` and ``haven-init`` mount the haven home or the key ring."""
+    services = _services(compose)
+    mounts = _mounts(services)
+    return [
+        f"services.{name}: mounts {volume}; only code and haven-init may"
+        for name in services
+        if name not in ("code", "haven-init")
+        for volume in ("haven_home", "haven_keys")
+        if volume in mounts.get(name, {})
+    ]
+
+
+def _rule_haven_volume_targets(compose: dict) -> list[str]:
+    """``code`` and ``haven-init`` mount the home at ``SAFEHAVEN_HOME`` and the key ring at ``<home>/keys``."""
+    home = _haven_home(compose)
     if not home:
-        errors.append("services.code: SAFEHAVEN_HOME is not set")
-    mounts: dict[str, dict[str, str]] = {}
-    for name, service in services.items():
-        for volume in _volumes(service):
-            if volume.get("type") == "bind":
-                errors.append(f"services.{name}: bind mount of {volume.get('source')!r}; use named volumes")
-            mounts.setdefault(name, {})[volume.get("source", "")] = volume.get("target", "")
-    for name in services:
-        if name not in ("code", "haven-init"):
-            for volume in ("haven_home", "haven_keys"):
-                if volume in mounts.get(name, {}):
-                    errors.append(f"services.{name}: mounts {volume}; only code and haven-init may")
+        return []
+    mounts = _mounts(_services(compose))
+    errors: list[str] = []
     for name in ("code", "haven-init"):
         got = mounts.get(name, {})
-        if home and got.get("haven_home") != home:
+        if got.get("haven_home") != home:
             errors.append(f"services.{name}: haven_home must be mounted at SAFEHAVEN_HOME ({home})")
-        if home and got.get("haven_keys") != f"{home}/keys":
+        if got.get("haven_keys") != f"{home}/keys":
             errors.append(f"services.{name}: haven_keys must be mounted at {home}/keys")
-    if mounts.get("postgres", {}).get("dagster_pg") != "/var/lib/postgresql/data":
-        errors.append("services.postgres: its data must be the dagster_pg volume at /var/lib/postgresql/data")
+    return errors
 
-    # -- owners and modes
-    uid = str(code.get("user", ""))
+
+def _rule_postgres_data_volume(compose: dict) -> list[str]:
+    """PostgreSQL keeps its data in the ``dagster_pg`` named volume."""
+    if _mounts(_services(compose)).get("postgres", {}).get("dagster_pg") == "/var/lib/postgresql/data":
+        return []
+    return ["services.postgres: its data must be the dagster_pg volume at /var/lib/postgresql/data"]
+
+
+def _rule_code_user_non_root(compose: dict) -> list[str]:
+    """``code`` runs as a numeric non-root ``uid:gid``."""
+    uid = _haven_user(compose)
     if not re.fullmatch(r"[1-9]\d*:[0-9]+", uid) or uid.startswith("0:"):
-        errors.append(f"services.code: user must be a numeric non-root uid:gid, not {uid!r}")
-    for name in ("daemon", "webserver"):
-        if str(services.get(name, {}).get("user", "")) != uid:
-            errors.append(f"services.{name}: must run as the haven user {uid!r}")
+        return [f"services.code: user must be a numeric non-root uid:gid, not {uid!r}"]
+    return []
+
+
+def _rule_daemon_and_webserver_user(compose: dict) -> list[str]:
+    """``daemon`` and ``webserver`` run as the same user as ``code``."""
+    uid, services = _haven_user(compose), _services(compose)
+    return [
+        f"services.{name}: must run as the haven user {uid!r}"
+        for name in ("daemon", "webserver")
+        if str(services.get(name, {}).get("user", "")) != uid
+    ]
+
+
+def _rule_init_root_without_network(compose: dict) -> list[str]:
+    """``haven-init`` runs as root with no network."""
+    init = _services(compose).get("haven-init", {})
+    errors: list[str] = []
     if str(init.get("user", "")) not in ("0", "0:0", "root"):
         errors.append("services.haven-init: must run as root to set the volumes' owner")
     if init.get("network_mode") != "none":
         errors.append("services.haven-init: must run with network_mode none")
-    script = " ".join(init.get("command") or []) if isinstance(init.get("command"), list) else str(init.get("command"))
-    if home:
-        for path in (home, f"{home}/keys"):
-            if not re.search(rf"chown (-R )?{re.escape(uid)} [^&;]*{re.escape(path)}(\s|$)", script):
-                errors.append(f"services.haven-init: does not chown {path} to {uid}")
-            if not re.search(rf"chmod (0?700|u=rwx,go=) [^&;]*{re.escape(path)}(\s|$)", script):
-                errors.append(f"services.haven-init: does not chmod 0700 {path}")
-    depends = code.get("depends_on") or {}
-    if not isinstance(depends, dict) or depends.get("haven-init", {}).get("condition") != (
-        "service_completed_successfully"
-    ):
-        errors.append("services.code: must depend on haven-init (service_completed_successfully)")
-    if not isinstance(depends, dict) or depends.get("postgres", {}).get("condition") != "service_healthy":
-        errors.append("services.code: must depend on postgres (service_healthy)")
-    for name, service in services.items():
-        for secret in service.get("secrets") or []:
-            mode = secret.get("mode") if isinstance(secret, dict) else None
-            if isinstance(mode, str):
-                mode = int(mode.removeprefix("0o"), 8)
-            if mode is not None and mode & 0o077:
-                where = f"services.{name}.secrets.{secret['source']}"
-                errors.append(f"{where}: mode must give no access to group or others")
-
-    # -- ports
-    if services.get("postgres", {}).get("ports"):
-        errors.append("services.postgres: must not publish a port")
-    for name, service in services.items():
-        for port in service.get("ports") or []:
-            if not str(port).startswith("127.0.0.1:"):
-                errors.append(f"services.{name}: port {port!r} must be bound to 127.0.0.1")
     return errors
+
+
+def _rule_init_owns_volumes(compose: dict) -> list[str]:
+    """``haven-init`` gives both volumes to the haven user, mode 0700."""
+    home, uid = _haven_home(compose), _haven_user(compose)
+    if not home:
+        return []
+    script = _init_script(_services(compose).get("haven-init", {}))
+    errors: list[str] = []
+    for path in (home, f"{home}/keys"):
+        if not re.search(rf"chown (-R )?{re.escape(uid)} [^&;]*{re.escape(path)}(\s|$)", script):
+            errors.append(f"services.haven-init: does not chown {path} to {uid}")
+        if not re.search(rf"chmod (0?700|u=rwx,go=) [^&;]*{re.escape(path)}(\s|$)", script):
+            errors.append(f"services.haven-init: does not chmod 0700 {path}")
+    return errors
+
+
+def _rule_code_dependencies(compose: dict) -> list[str]:
+    """``code`` waits for ``haven-init`` to complete and for PostgreSQL to be healthy."""
+    depends = _services(compose).get("code", {}).get("depends_on") or {}
+    wanted = (("haven-init", "service_completed_successfully"), ("postgres", "service_healthy"))
+    return [
+        f"services.code: must depend on {service} ({condition})"
+        for service, condition in wanted
+        if not isinstance(depends, dict) or depends.get(service, {}).get("condition") != condition
+    ]
+
+
+def _rule_secret_modes_private(compose: dict) -> list[str]:
+    """A service's secret file gives no access to group or others."""
+    errors: list[str] = []
+    for name, service in _services(compose).items():
+        for secret in service.get("secrets") or []:
+            mode = _secret_mode(secret)
+            if mode is not None and mode & 0o077:
+                errors.append(
+                    f"services.{name}.secrets.{secret['source']}: mode must give no access to group or others"
+                )
+    return errors
+
+
+def _rule_postgres_unpublished(compose: dict) -> list[str]:
+    """PostgreSQL publishes no port."""
+    return ["services.postgres: must not publish a port"] if _services(compose).get("postgres", {}).get("ports") else []
+
+
+def _rule_ports_on_loopback(compose: dict) -> list[str]:
+    """Every published port is bound to the loopback (Dagster's webserver has no log-in)."""
+    return [
+        f"services.{name}: port {port!r} must be bound to 127.0.0.1"
+        for name, service in _services(compose).items()
+        for port in service.get("ports") or []
+        if not str(port).startswith("127.0.0.1:")
+    ]
+
+
+RULES: tuple[Callable[[dict], list[str]], ...] = (
+    _rule_required_services,
+    # -- no secret inline
+    _rule_no_inline_credential,
+    _rule_service_secrets_from_files,
+    _rule_top_level_secrets,
+    # -- volumes: the haven home and the key ring, separate, mounted only where runs execute
+    _rule_volumes_declared,
+    _rule_haven_home_set,
+    _rule_no_bind_mounts,
+    _rule_haven_volumes_only_where_runs_execute,
+    _rule_haven_volume_targets,
+    _rule_postgres_data_volume,
+    # -- owners and modes
+    _rule_code_user_non_root,
+    _rule_daemon_and_webserver_user,
+    _rule_init_root_without_network,
+    _rule_init_owns_volumes,
+    _rule_code_dependencies,
+    _rule_secret_modes_private,
+    # -- ports
+    _rule_postgres_unpublished,
+    _rule_ports_on_loopback,
+)
+
+
+def check_rules(compose: dict) -> list[str]:
+    """The haven's deployment rules (see the module docstring)."""
+    return [error for rule in RULES for error in rule(compose)]
 
 
 def docker_compose_config(path: Path, env: dict[str, str]) -> list[str] | None:
@@ -360,14 +517,52 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def render_helm_instance(values: dict) -> dict:
-    """The instance sections Dagster's Helm chart renders from ``values`` (the parts we set).
+def _snake_keys(mapping: dict) -> dict:
+    """``mapping`` with its camelCase keys in snake_case."""
+    return {_snake(k): v for k, v in mapping.items()}
 
-    Mirrors the chart's instance templates for the K8sRunLauncher, the QueuedRunCoordinator,
-    run monitoring, concurrency, compute logs and PostgreSQL storage, so that Dagster can
-    validate what the cluster would run without a cluster or Helm.
-    """
-    pg = values["postgresql"]
+
+def _is_set(value: Any) -> bool:
+    """The chart's ``{{- if .Values.x }}``: a truthy value."""
+    return bool(value)
+
+
+def _is_given(value: Any) -> bool:
+    """A value present and not empty (``false`` and ``0`` count as given)."""
+    return value not in (None, [], {})
+
+
+def _same(value: Any) -> Any:
+    """The value unchanged."""
+    return value
+
+
+def _image_reference(image: dict) -> str:
+    """``repository:tag`` of a chart image entry."""
+    return f"{image['repository']}:{image['tag']}"
+
+
+def _names(entries: list[dict]) -> list[str]:
+    """The ``name`` of each chart entry that has one."""
+    return [c["name"] for c in entries if "name" in c]
+
+
+# (chart key, launcher config key, when the chart sets it, how it is rendered), in the chart's order
+HELM_LAUNCHER_OPTIONS: tuple[tuple[str, str, Callable[[Any], bool], Callable[[Any], Any]], ...] = (
+    ("kubeconfigFile", "kubeconfig_file", _is_set, _same),
+    ("image", "job_image", _is_set, _image_reference),
+    ("envSecrets", "env_secrets", _is_set, _names),
+    *(
+        (key, _snake(key), _is_given, _same)
+        for key in ("envVars", "volumeMounts", "volumes", "labels", "failPodOnRunFailure", "resources", "schedulerName")
+    ),
+    ("securityContext", "security_context", _is_set, _same),
+    ("runK8sConfig", "run_k8s_config", _is_set, _snake_keys),
+)
+
+
+def _helm_run_launcher_config(values: dict) -> dict[str, Any]:
+    """The K8sRunLauncher's config as the chart renders it from ``runLauncher``."""
     launcher = values["runLauncher"]
     if launcher["type"] != "K8sRunLauncher":
         raise ValueError(f"runLauncher.type is {launcher['type']!r}, expected K8sRunLauncher")
@@ -380,65 +575,83 @@ def render_helm_instance(values: dict) -> dict:
         "dagster_home": {"env": "DAGSTER_HOME"},
         "instance_config_map": {"env": "DAGSTER_K8S_INSTANCE_CONFIG_MAP"},
         "postgres_password_secret": {"env": "DAGSTER_K8S_PG_PASSWORD_SECRET"},
-        "env_config_maps": [{"env": "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP"}]
-        + [c["name"] for c in k8s.get("envConfigMaps", []) if "name" in c],
+        "env_config_maps": [{"env": "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP"}] + _names(k8s.get("envConfigMaps", [])),
     }
-    if k8s.get("kubeconfigFile"):
-        config["kubeconfig_file"] = k8s["kubeconfigFile"]
-    if k8s.get("image"):
-        image = k8s["image"]
-        config["job_image"] = f"{image['repository']}:{image['tag']}"
-    if k8s.get("envSecrets"):
-        config["env_secrets"] = [c["name"] for c in k8s["envSecrets"] if "name" in c]
-    for key in ("envVars", "volumeMounts", "volumes", "labels", "failPodOnRunFailure", "resources", "schedulerName"):
-        if k8s.get(key) not in (None, [], {}):
-            config[_snake(key)] = k8s[key]
-    if k8s.get("securityContext"):
-        config["security_context"] = k8s["securityContext"]
-    if k8s.get("runK8sConfig"):
-        config["run_k8s_config"] = {_snake(k): v for k, v in k8s["runK8sConfig"].items()}
+    for chart_key, config_key, is_set, render in HELM_LAUNCHER_OPTIONS:
+        if is_set(k8s.get(chart_key)):
+            config[config_key] = render(k8s[chart_key])
+    return config
+
+
+def _helm_storage(pg: dict) -> dict[str, Any]:
+    """The PostgreSQL storage section the chart renders from ``postgresql``."""
+    return {
+        "postgres": {
+            "postgres_db": {
+                "username": pg["postgresqlUsername"],
+                "password": {"env": "DAGSTER_PG_PASSWORD"},
+                "hostname": pg["postgresqlHost"],
+                "db_name": pg["postgresqlDatabase"],
+                "port": pg["service"]["port"],
+                "params": pg.get("postgresqlParams") or {},
+                **({"scheme": pg["postgresqlScheme"]} if pg.get("postgresqlScheme") else {}),
+            }
+        }
+    }
+
+
+def _helm_run_coordinator(coordinator: dict) -> dict[str, Any] | None:
+    """The QueuedRunCoordinator section from ``dagsterDaemon.runCoordinator`` (None when it is off)."""
+    if not coordinator.get("enabled"):
+        return None
+    if coordinator["type"] != "QueuedRunCoordinator":
+        raise ValueError("dagsterDaemon.runCoordinator.type must be QueuedRunCoordinator")
+    queued = coordinator["config"].get("queuedRunCoordinator") or {}
+    return {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator", "config": _snake_keys(queued)}
+
+
+def _helm_concurrency(values: dict) -> dict[str, Any] | None:
+    """The concurrency section (None when the chart's concurrency is off)."""
+    concurrency = values.get("concurrency") or {}
+    if not concurrency.get("enabled"):
+        return None
+    return {
+        "pools": _snake_keys(concurrency.get("pools") or {}),
+        "runs": _snake_keys(concurrency.get("runs") or {}),
+    }
+
+
+def _helm_compute_logs(values: dict) -> dict[str, Any] | None:
+    """The compute log manager section (None unless the chart's is the NoOpComputeLogManager)."""
+    if (values.get("computeLogManager") or {}).get("type") != "NoOpComputeLogManager":
+        return None
+    return {"module": "dagster.core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+
+
+def render_helm_instance(values: dict) -> dict:
+    """The instance sections Dagster's Helm chart renders from ``values`` (the parts we set).
+
+    Mirrors the chart's instance templates for the K8sRunLauncher, the QueuedRunCoordinator,
+    run monitoring, concurrency, compute logs and PostgreSQL storage, so that Dagster can
+    validate what the cluster would run without a cluster or Helm.
+    """
+    pg = values["postgresql"]
+    launcher_config = _helm_run_launcher_config(values)
     daemon = values["dagsterDaemon"]
     coordinator = daemon["runCoordinator"]
     instance: dict[str, Any] = {
-        "storage": {
-            "postgres": {
-                "postgres_db": {
-                    "username": pg["postgresqlUsername"],
-                    "password": {"env": "DAGSTER_PG_PASSWORD"},
-                    "hostname": pg["postgresqlHost"],
-                    "db_name": pg["postgresqlDatabase"],
-                    "port": pg["service"]["port"],
-                    "params": pg.get("postgresqlParams") or {},
-                    **({"scheme": pg["postgresqlScheme"]} if pg.get("postgresqlScheme") else {}),
-                }
-            }
-        },
-        "run_launcher": {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": config},
+        "storage": _helm_storage(pg),
+        "run_launcher": {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": launcher_config},
         "scheduler": {"module": "dagster.core.scheduler", "class": "DagsterDaemonScheduler"},
-        "run_monitoring": {_snake(k): v for k, v in (daemon.get("runMonitoring") or {}).items()},
+        "run_monitoring": _snake_keys(daemon.get("runMonitoring") or {}),
         "telemetry": {"enabled": bool((values.get("telemetry") or {}).get("enabled", False))},
     }
-    if coordinator.get("enabled"):
-        if coordinator["type"] != "QueuedRunCoordinator":
-            raise ValueError("dagsterDaemon.runCoordinator.type must be QueuedRunCoordinator")
-        queued = coordinator["config"].get("queuedRunCoordinator") or {}
-        instance["run_coordinator"] = {
-            "module": "dagster.core.run_coordinator",
-            "class": "QueuedRunCoordinator",
-            "config": {_snake(k): v for k, v in queued.items()},
-        }
-    concurrency = values.get("concurrency") or {}
-    if concurrency.get("enabled"):
-        instance["concurrency"] = {
-            "pools": {_snake(k): v for k, v in (concurrency.get("pools") or {}).items()},
-            "runs": {_snake(k): v for k, v in (concurrency.get("runs") or {}).items()},
-        }
-    logs = values.get("computeLogManager") or {}
-    if logs.get("type") == "NoOpComputeLogManager":
-        instance["compute_logs"] = {
-            "module": "dagster.core.storage.noop_compute_log_manager",
-            "class": "NoOpComputeLogManager",
-        }
+    optional = {
+        "run_coordinator": _helm_run_coordinator(coordinator),
+        "concurrency": _helm_concurrency(values),
+        "compute_logs": _helm_compute_logs(values),
+    }
+    instance.update({key: section for key, section in optional.items() if section is not None})
     return instance
 
 

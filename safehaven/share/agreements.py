@@ -79,7 +79,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safehaven.core.legal_basis import CONFIDENTIAL_BASES, LegalBasis
-from safehaven.intake.contracts import ContractRegistry, contracts_dir
+from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec, contracts_dir
 from safehaven.protect.pseudonymise import haven_coarsening
 from safehaven.publish.disclosure.policy import K_ANONYMITY, MIN_K_ANONYMITY
 
@@ -408,6 +408,51 @@ def basis_problems(agreement: Agreement) -> list[str]:
     return found
 
 
+def _collection_problems(agreement: Agreement, contracts: dict[str, Contract]) -> list[str]:
+    """Each collection of the agreement has a content contract."""
+    found: list[str] = []
+    for c in agreement.collections:
+        if c not in contracts:
+            found.append(f"collection {c!r} has no contract")
+        elif contracts[c].kind != "content":
+            found.append(f"collection {c!r} is not a content collection and cannot be released")
+    return found
+
+
+def _released_spec_problems(agreement: Agreement, where: str, spec: FieldSpec) -> list[str]:
+    """A direct identifier only at the identifiable level; postcode and birth week only as coarsened."""
+    a = agreement
+    level = a.identifiability
+    found: list[str] = []
+    if spec.identifiability == "direct_identifier" and level != "identifiable":
+        found.append(
+            f"{where} is a direct identifier and cannot be released at the {level} level "
+            "(the recipient's per-agreement pseudonym stands in for it)"
+        )
+    coarsening = haven_coarsening(spec)
+    if coarsening == "district" and a.coarsening.postcode == "none":
+        found.append(f"{where} is a postcode but the agreement's coarsening says postcode: none")
+    if coarsening == "week" and level == "anonymised" and a.coarsening.dob != "year":
+        found.append(f"{where}: an anonymised release allows date of birth only to the year")
+    return found
+
+
+def _released_field_problems(agreement: Agreement, f: ReleasedField, contracts: dict[str, Contract]) -> list[str]:
+    """One released field: of the agreement's collections, in its contract, allowed at the level, justified."""
+    where = f"field {f.collection}.{f.field}"
+    if f.collection not in agreement.collections:
+        return [f"{where}: {f.collection} is not one of the agreement's collections"]
+    if f.collection not in contracts:
+        return []
+    contract = contracts[f.collection]
+    if f.field not in contract.field_names:
+        return [f"{where} is not in the {f.collection} contract (v{contract.version})"]
+    found = _released_spec_problems(agreement, where, contract.field(f.field))
+    if len(f.justification.strip()) < MIN_JUSTIFICATION:
+        found.append(f"{where} has no real justification (Caldicott 3: each item must be justified)")
+    return found
+
+
 def field_problems(agreement: Agreement, registry: ContractRegistry | None = None) -> list[str]:
     """Collection and field rules (CoP 7-9; Caldicott 3), against the contracts.
 
@@ -419,45 +464,15 @@ def field_problems(agreement: Agreement, registry: ContractRegistry | None = Non
     """
     registry = registry or ContractRegistry()
     a = agreement
-    level = a.identifiability
-    found: list[str] = []
     contracts = registry.contracts
-    for c in a.collections:
-        if c not in contracts:
-            found.append(f"collection {c!r} has no contract")
-        elif contracts[c].kind != "content":
-            found.append(f"collection {c!r} is not a content collection and cannot be released")
+    found = _collection_problems(a, contracts)
     seen: set[tuple[str, str]] = set()
     for f in a.fields:
-        where = f"field {f.collection}.{f.field}"
         if (f.collection, f.field) in seen:
-            found.append(f"{where} is listed more than once")
+            found.append(f"field {f.collection}.{f.field} is listed more than once")
         seen.add((f.collection, f.field))
-        if f.collection not in a.collections:
-            found.append(f"{where}: {f.collection} is not one of the agreement's collections")
-            continue
-        if f.collection not in contracts:
-            continue
-        contract = contracts[f.collection]
-        if f.field not in contract.field_names:
-            found.append(f"{where} is not in the {f.collection} contract (v{contract.version})")
-            continue
-        spec = contract.field(f.field)
-        if spec.identifiability == "direct_identifier" and level != "identifiable":
-            found.append(
-                f"{where} is a direct identifier and cannot be released at the {level} level "
-                "(the recipient's per-agreement pseudonym stands in for it)"
-            )
-        coarsening = haven_coarsening(spec)
-        if coarsening == "district" and a.coarsening.postcode == "none":
-            found.append(f"{where} is a postcode but the agreement's coarsening says postcode: none")
-        if coarsening == "week" and level == "anonymised" and a.coarsening.dob != "year":
-            found.append(f"{where}: an anonymised release allows date of birth only to the year")
-        if len(f.justification.strip()) < MIN_JUSTIFICATION:
-            found.append(f"{where} has no real justification (Caldicott 3: each item must be justified)")
-    for c in a.collections:
-        if not a.fields_of(c):
-            found.append(f"collection {c} is listed but no field of it is released")
+        found += _released_field_problems(a, f, contracts)
+    found += [f"collection {c} is listed but no field of it is released" for c in a.collections if not a.fields_of(c)]
     return found
 
 

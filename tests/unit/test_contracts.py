@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,52 +63,79 @@ def _field(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return next(f for f in doc["fields"] if f["name"] == name)
 
 
+Breakage = Callable[[dict[str, Any]], None]
+
+
+def _set_field(name: str, key: str, value: Any) -> Breakage:
+    """A breakage that sets ``key`` of field ``name`` to (a copy of) ``value``."""
+
+    def apply(doc: dict[str, Any]) -> None:
+        _field(doc, name)[key] = copy.deepcopy(value)
+
+    return apply
+
+
+def _set_top(key: str, value: Any) -> Breakage:
+    """A breakage that sets top-level ``key`` to (a copy of) ``value``."""
+
+    def apply(doc: dict[str, Any]) -> None:
+        doc[key] = copy.deepcopy(value)
+
+    return apply
+
+
+def _update_first_rule(**changes: str) -> Breakage:
+    """A breakage that changes the first cross-field rule."""
+
+    def apply(doc: dict[str, Any]) -> None:
+        doc["rules"][0].update(changes)
+
+    return apply
+
+
+def _duplicate_field(doc: dict[str, Any]) -> None:
+    """List the ``sex`` field twice."""
+    doc["fields"].append(dict(_field(doc, "sex")))
+
+
+def _duplicate_rule_id(doc: dict[str, Any]) -> None:
+    """A uniqueness rule reusing the first cross-field rule's id."""
+    doc["unique"] = [{"id": doc["rules"][0]["id"], "description": "x", "fields": ["nhs_number"]}]
+
+
+#: each wrong change, applied to the social care contract
+BREAKAGES: dict[str, Breakage] = {
+    "two rule kinds": _set_field("sex", "rule", {"code_list": "person_gender", "allowed": ["1"]}),
+    "range on text": _set_field("sex", "rule", {"code_list": "person_gender", "min": "2000-01-01"}),
+    "date format on text": _set_field("sex", "rule", {"format": "date"}),
+    "postcode format on a date": _set_field("start_date", "rule", {"format": "uk_postcode"}),
+    "min after max": _set_field("start_date", "rule", {"format": "date", "min": "2020-01-01", "max": "2010-01-01"}),
+    "unknown identifiability": _set_field("sex", "identifiability", "secret"),
+    "no description": _set_field("sex", "description", ""),
+    "duplicate field": _duplicate_field,
+    "hostile field name": _set_field("sex", "name", 'sex"; DROP TABLE x; --'),
+    "patient key not an NHS number": _set_top("patient_key", "sex"),
+    "period field not a date": _set_top("period_field", "postcode"),
+    "cross-field rule on an unknown field": _update_first_rule(later="nope"),
+    "cross-field rule on text": _update_first_rule(later="postcode", earlier="sex"),
+    "uniqueness on an unknown field": _set_top(
+        "unique", [{"id": "one_service", "description": "x", "fields": ["nope"]}]
+    ),
+    "duplicate rule ids": _duplicate_rule_id,
+    "tolerance over 1": _set_top("tolerance", 1.5),
+    "version not semantic": _set_top("version", "latest"),
+    "unknown key": _set_top("owners", "someone"),
+    "non-positive retention": _set_top("retention_days", 0),
+    "empty allowed set": _set_field("sex", "rule", {"allowed": []}),
+    "prefix match without a list": _set_field("postcode", "rule", {"format": "uk_postcode", "match": "prefix3"}),
+}
+
+
 def _broken(change: str) -> dict[str, Any]:
     doc = _base()
-    if change == "two rule kinds":
-        _field(doc, "sex")["rule"] = {"code_list": "person_gender", "allowed": ["1"]}
-    elif change == "range on text":
-        _field(doc, "sex")["rule"] = {"code_list": "person_gender", "min": "2000-01-01"}
-    elif change == "date format on text":
-        _field(doc, "sex")["rule"] = {"format": "date"}
-    elif change == "postcode format on a date":
-        _field(doc, "start_date")["rule"] = {"format": "uk_postcode"}
-    elif change == "min after max":
-        _field(doc, "start_date")["rule"] = {"format": "date", "min": "2020-01-01", "max": "2010-01-01"}
-    elif change == "unknown identifiability":
-        _field(doc, "sex")["identifiability"] = "secret"
-    elif change == "no description":
-        _field(doc, "sex")["description"] = ""
-    elif change == "duplicate field":
-        doc["fields"].append(dict(_field(doc, "sex")))
-    elif change == "hostile field name":
-        _field(doc, "sex")["name"] = 'sex"; DROP TABLE x; --'
-    elif change == "patient key not an NHS number":
-        doc["patient_key"] = "sex"
-    elif change == "period field not a date":
-        doc["period_field"] = "postcode"
-    elif change == "cross-field rule on an unknown field":
-        doc["rules"][0]["later"] = "nope"
-    elif change == "cross-field rule on text":
-        doc["rules"][0].update(later="postcode", earlier="sex")
-    elif change == "uniqueness on an unknown field":
-        doc["unique"] = [{"id": "one_service", "description": "x", "fields": ["nope"]}]
-    elif change == "duplicate rule ids":
-        doc["unique"] = [{"id": doc["rules"][0]["id"], "description": "x", "fields": ["nhs_number"]}]
-    elif change == "tolerance over 1":
-        doc["tolerance"] = 1.5
-    elif change == "version not semantic":
-        doc["version"] = "latest"
-    elif change == "unknown key":
-        doc["owners"] = "someone"
-    elif change == "non-positive retention":
-        doc["retention_days"] = 0
-    elif change == "empty allowed set":
-        _field(doc, "sex")["rule"] = {"allowed": []}
-    elif change == "prefix match without a list":
-        _field(doc, "postcode")["rule"] = {"format": "uk_postcode", "match": "prefix3"}
-    else:  # pragma: no cover
+    if change not in BREAKAGES:  # pragma: no cover
         raise AssertionError(change)
+    BREAKAGES[change](doc)
     return doc
 
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -28,46 +29,49 @@ LINE = ",".join(ROWS[0][f] for f in GP.field_names)
 SEEDED = [r["nhs_number"] for r in ROWS]
 
 
+def _ragged(body: str) -> bytes:
+    """The second row with a surplus field."""
+    lines = body.splitlines()
+    lines[1] += ",surplus"
+    return (HEADER + "\n" + "\n".join(lines) + "\n").encode()
+
+
+def _missing_column(body: str) -> bytes:
+    """The last column dropped from the header and every row."""
+    return (
+        HEADER.rsplit(",", 1)[0] + "\n" + "".join(line.rsplit(",", 1)[0] + "\n" for line in body.splitlines())
+    ).encode()
+
+
+#: each kind of bad file, built from the good rows' CSV body (no header)
+CSV_BUILDERS: dict[str, Callable[[str], bytes]] = {
+    "empty": lambda body: b"",
+    "nul_byte": lambda body: (HEADER + "\n" + body).encode().replace(b"M83337", b"M83\x00337", 1),
+    "latin1": lambda body: (HEADER + "\n" + body.replace("M83337", "M8333é")).encode("latin-1"),
+    "utf16": lambda body: (HEADER + "\n" + body).encode("utf-16"),
+    "truncated_utf8": lambda body: (HEADER + "\n" + body).encode() + "é".encode()[:1],
+    "no_header": lambda body: body.encode(),
+    "semicolons": lambda body: (HEADER.replace(",", ";") + "\n" + body.replace(",", ";")).encode(),
+    "duplicate": lambda body: (HEADER + ",sex\n" + body.replace("\n", ",1\n")).encode(),
+    "case_collision": lambda body: (HEADER + ",SEX\n" + body.replace("\n", ",1\n")).encode(),
+    "hostile": lambda body: (
+        HEADER.replace("postcode", 'postcode"; DROP TABLE landing.gp_events; --') + "\n" + body
+    ).encode(),
+    "spaced": lambda body: (HEADER.replace("postcode", " postcode") + "\n" + body).encode(),
+    "missing_column": _missing_column,
+    "extra_column": lambda body: (HEADER + ",comments\n" + body.replace("\n", ",x\n")).encode(),
+    "ragged": _ragged,
+    "broken_quote": lambda body: (HEADER + "\n" + body.replace("M83337", '"M83337', 1)).encode(),
+    "header_only": lambda body: (HEADER + "\n").encode(),
+}
+
+
 def _csv_bytes(name: str) -> bytes:
     """A bad CSV file of one kind (the good rows, broken one way)."""
     body = "".join(",".join(r[f] for f in GP.field_names) + "\n" for r in ROWS)
-    if name == "empty":
-        return b""
-    if name == "nul_byte":
-        return (HEADER + "\n" + body).encode().replace(b"M83337", b"M83\x00337", 1)
-    if name == "latin1":
-        return (HEADER + "\n" + body.replace("M83337", "M8333é")).encode("latin-1")
-    if name == "utf16":
-        return (HEADER + "\n" + body).encode("utf-16")
-    if name == "truncated_utf8":
-        return (HEADER + "\n" + body).encode() + "é".encode()[:1]
-    if name == "no_header":
-        return body.encode()
-    if name == "semicolons":
-        return (HEADER.replace(",", ";") + "\n" + body.replace(",", ";")).encode()
-    if name == "duplicate":
-        return (HEADER + ",sex\n" + body.replace("\n", ",1\n")).encode()
-    if name == "case_collision":
-        return (HEADER + ",SEX\n" + body.replace("\n", ",1\n")).encode()
-    if name == "hostile":
-        return (HEADER.replace("postcode", 'postcode"; DROP TABLE landing.gp_events; --') + "\n" + body).encode()
-    if name == "spaced":
-        return (HEADER.replace("postcode", " postcode") + "\n" + body).encode()
-    if name == "missing_column":
-        return (
-            HEADER.rsplit(",", 1)[0] + "\n" + "".join(line.rsplit(",", 1)[0] + "\n" for line in body.splitlines())
-        ).encode()
-    if name == "extra_column":
-        return (HEADER + ",comments\n" + body.replace("\n", ",x\n")).encode()
-    if name == "ragged":
-        lines = body.splitlines()
-        lines[1] += ",surplus"
-        return (HEADER + "\n" + "\n".join(lines) + "\n").encode()
-    if name == "broken_quote":
-        return (HEADER + "\n" + body.replace("M83337", '"M83337', 1)).encode()
-    if name == "header_only":
-        return (HEADER + "\n").encode()
-    raise AssertionError(name)
+    if name not in CSV_BUILDERS:
+        raise AssertionError(name)
+    return CSV_BUILDERS[name](body)
 
 
 CSV_CASES = {

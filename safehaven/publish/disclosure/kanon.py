@@ -75,6 +75,112 @@ def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dic
     con.execute(f"CREATE OR REPLACE TEMP TABLE _kviol AS SELECT pid FROM _ksig WHERE n < {int(k)}")
 
 
+def _kviol_count(con: duckdb.DuckDBPyConnection) -> int:
+    """How many people are in groups smaller than k (``_kviol``)."""
+    return _count(con, "SELECT count(*) FROM _kviol")
+
+
+def _count_small_groups(con: duckdb.DuckDBPyConnection, report: KReport, refused: type[Exception]) -> None:
+    """Record the people and groups below k; with ``small_groups: refuse`` any of them refuses."""
+    k = report.k
+    report.people_checked = _count(con, "SELECT count(*) FROM _ksig")
+    report.people_below_k = _kviol_count(con)
+    report.groups_below_k = _count(con, f"SELECT count(DISTINCT signature) FROM _ksig WHERE n < {k}")
+    if report.people_below_k and report.small_groups == "refuse":
+        raise refused(
+            f"k-anonymity: {report.people_below_k} people in {report.groups_below_k} groups of released "
+            f"quasi-identifiers are in groups smaller than k={k}, and small_groups is refuse"
+        )
+
+
+def _suppression_order(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dict[str, list[str]]) -> list[str]:
+    """The quasi-identifier columns, the one with the most distinct values first (ties by name)."""
+    columns = sorted({c for v in qis.values() for c in v})
+    distinct: dict[str, int] = {}
+    for col in columns:
+        union = " UNION ".join(f"SELECT {q(col)} AS v FROM {t}" for c, t in tables.items() if col in qis[c])
+        distinct[col] = _count(con, f"SELECT count(DISTINCT v) FROM ({union})")
+    return sorted(columns, key=lambda c: (-distinct[c], c))
+
+
+def _suppress_column(
+    con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dict[str, list[str]], col: str
+) -> int:
+    """Set ``col`` to NULL for the people below k; return how many of them had a value."""
+    having = [t for c, t in tables.items() if col in qis[c]]
+    touched = " UNION ".join(
+        f"SELECT pid FROM {t} WHERE {q(col)} IS NOT NULL AND pid IN (SELECT pid FROM _kviol)" for t in having
+    )
+    generalised = _count(con, f"SELECT count(DISTINCT pid) FROM ({touched})")
+    for t in having:
+        con.execute(f"UPDATE {t} SET {q(col)} = NULL WHERE pid IN (SELECT pid FROM _kviol)")
+    return generalised
+
+
+def _suppress_locally(
+    con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dict[str, list[str]], report: KReport
+) -> None:
+    """Local suppression: one column at a time in ``report.suppression_order``, re-checking after each."""
+    for col in report.suppression_order:
+        if not _kviol_count(con):
+            break
+        report.people_generalised[col] = _suppress_column(con, tables, qis, col)
+        _signatures(con, tables, qis, report.k)
+
+
+def _merge_into_suppressed_group(
+    con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dict[str, list[str]], report: KReport
+) -> None:
+    """When the fully suppressed group is too small, suppress the smallest compliant groups into it."""
+    k = report.k
+    remaining = _kviol_count(con)
+    if not (0 < remaining < k and report.suppression_order):
+        return
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _kborrow AS SELECT pid FROM _ksig WHERE signature IN ("
+        "SELECT signature FROM (SELECT signature, sum(n) OVER (ORDER BY n, signature) - n AS before "
+        f"FROM (SELECT DISTINCT signature, n FROM _ksig WHERE n >= {k})) WHERE before < {k - remaining})"
+    )
+    report.people_merged_into_suppressed_group = _count(con, "SELECT count(*) FROM _kborrow")
+    for c, t in tables.items():
+        if qis[c]:
+            nulls = ", ".join(f"{q(col)} = NULL" for col in qis[c])
+            con.execute(f"UPDATE {t} SET {nulls} WHERE pid IN (SELECT pid FROM _kborrow)")
+    _signatures(con, tables, qis, k)
+
+
+def _remove_small_groups(
+    con: duckdb.DuckDBPyConnection,
+    tables: dict[str, str],
+    qis: dict[str, list[str]],
+    report: KReport,
+    max_suppressed_share: float,
+    refused: type[Exception],
+) -> None:
+    """Remove everyone still below k, unless that exceeds ``max_suppressed_share`` (then refuse)."""
+    k = report.k
+    report.people_removed = _kviol_count(con)
+    if not report.people_removed:
+        return
+    share = report.people_removed / max(report.people_checked, 1)
+    if share > max_suppressed_share:
+        raise refused(
+            f"k-anonymity: after local suppression {report.people_removed} of {report.people_checked} people "
+            f"({share:.1%}) are still in groups smaller than k={k}; removing them would exceed the agreement's "
+            f"max_suppressed_share of {max_suppressed_share:.1%}"
+        )
+    for t in tables.values():
+        report.records_removed += _count(con, f"SELECT count(*) FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
+        con.execute(f"DELETE FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
+    _signatures(con, tables, qis, k)
+
+
+def _smallest_group(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The size of the smallest signature group (None when no one is left)."""
+    smallest = con.execute("SELECT min(n) FROM _ksig").fetchone()
+    return int(smallest[0]) if smallest and smallest[0] is not None else None
+
+
 def k_anonymise(
     con: duckdb.DuckDBPyConnection,
     tables: dict[str, str],
@@ -88,61 +194,12 @@ def k_anonymise(
     """Check and enforce k-anonymity over the work tables (the module docstring); raise ``refused``."""
     report = KReport(k, small_groups, {c: list(v) for c, v in qis.items()})
     _signatures(con, tables, qis, k)
-    report.people_checked = _count(con, "SELECT count(*) FROM _ksig")
-    report.people_below_k = _count(con, "SELECT count(*) FROM _kviol")
-    report.groups_below_k = _count(con, f"SELECT count(DISTINCT signature) FROM _ksig WHERE n < {k}")
-    if report.people_below_k and small_groups == "refuse":
-        raise refused(
-            f"k-anonymity: {report.people_below_k} people in {report.groups_below_k} groups of released "
-            f"quasi-identifiers are in groups smaller than k={k}, and small_groups is refuse"
-        )
-    # local suppression: the column with the most distinct values first
-    columns = sorted({c for v in qis.values() for c in v})
-    distinct: dict[str, int] = {}
-    for col in columns:
-        union = " UNION ".join(f"SELECT {q(col)} AS v FROM {t}" for c, t in tables.items() if col in qis[c])
-        distinct[col] = _count(con, f"SELECT count(DISTINCT v) FROM ({union})")
-    report.suppression_order = sorted(columns, key=lambda c: (-distinct[c], c))
-    for col in report.suppression_order:
-        if not _count(con, "SELECT count(*) FROM _kviol"):
-            break
-        having = [t for c, t in tables.items() if col in qis[c]]
-        touched = " UNION ".join(
-            f"SELECT pid FROM {t} WHERE {q(col)} IS NOT NULL AND pid IN (SELECT pid FROM _kviol)" for t in having
-        )
-        report.people_generalised[col] = _count(con, f"SELECT count(DISTINCT pid) FROM ({touched})")
-        for t in having:
-            con.execute(f"UPDATE {t} SET {q(col)} = NULL WHERE pid IN (SELECT pid FROM _kviol)")
-        _signatures(con, tables, qis, k)
-    remaining = _count(con, "SELECT count(*) FROM _kviol")
-    if 0 < remaining < k and columns:
-        # the fully suppressed group is too small: merge the smallest compliant groups into it
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE _kborrow AS SELECT pid FROM _ksig WHERE signature IN ("
-            "SELECT signature FROM (SELECT signature, sum(n) OVER (ORDER BY n, signature) - n AS before "
-            f"FROM (SELECT DISTINCT signature, n FROM _ksig WHERE n >= {k})) WHERE before < {k - remaining})"
-        )
-        report.people_merged_into_suppressed_group = _count(con, "SELECT count(*) FROM _kborrow")
-        for c, t in tables.items():
-            if qis[c]:
-                nulls = ", ".join(f"{q(col)} = NULL" for col in qis[c])
-                con.execute(f"UPDATE {t} SET {nulls} WHERE pid IN (SELECT pid FROM _kborrow)")
-        _signatures(con, tables, qis, k)
-    report.people_removed = _count(con, "SELECT count(*) FROM _kviol")
-    if report.people_removed:
-        share = report.people_removed / max(report.people_checked, 1)
-        if share > max_suppressed_share:
-            raise refused(
-                f"k-anonymity: after local suppression {report.people_removed} of {report.people_checked} people "
-                f"({share:.1%}) are still in groups smaller than k={k}; removing them would exceed the agreement's "
-                f"max_suppressed_share of {max_suppressed_share:.1%}"
-            )
-        for t in tables.values():
-            report.records_removed += _count(con, f"SELECT count(*) FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
-            con.execute(f"DELETE FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
-        _signatures(con, tables, qis, k)
-    smallest = con.execute("SELECT min(n) FROM _ksig").fetchone()
-    report.smallest_group_after = int(smallest[0]) if smallest and smallest[0] is not None else None
+    _count_small_groups(con, report, refused)
+    report.suppression_order = _suppression_order(con, tables, qis)
+    _suppress_locally(con, tables, qis, report)
+    _merge_into_suppressed_group(con, tables, qis, report)
+    _remove_small_groups(con, tables, qis, report, max_suppressed_share, refused)
+    report.smallest_group_after = _smallest_group(con)
     if report.smallest_group_after is not None and report.smallest_group_after < k:  # pragma: no cover
         raise refused("k-anonymity could not be established")  # the steps above make this impossible
     return report

@@ -222,6 +222,171 @@ def _partition(cols: Sequence[str], *extra: str) -> str:
     return f"PARTITION BY {', '.join(parts)}" if parts else ""
 
 
+def _counted_columns(count_col: str, rates: dict[str, str]) -> list[str]:
+    """The count column, then each distinct rate denominator other than it."""
+    return [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
+
+
+def _check_source_columns(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    dims: list[str],
+    counted: list[str],
+    means: dict[str, str],
+    flag_cols: Sequence[str | None],
+) -> None:
+    """Refuse a source lacking a named column, or whose dimensions repeat or are counts."""
+    needed = set(dims) | set(counted) | set(means) | set(means.values())
+    needed |= {c for c in flag_cols if c}
+    missing = needed - set(_columns(con, source))
+    if missing:
+        raise DisclosureError(f"source lacks columns {sorted(missing)}")
+    if len(set(dims)) != len(dims) or set(dims) & (set(counted) | set(means)):
+        raise DisclosureError("dimensions must be distinct from each other and from counts")
+
+
+def _check_whole_counts(con: duckdb.DuckDBPyConnection, src: str, columns: list[str]) -> None:
+    """Refuse a count column holding a NULL, negative or fractional value."""
+    for col in columns:
+        bad = _scalar(
+            con,
+            f"SELECT count(*) FROM {src} WHERE {_ident(col)} IS NULL OR {_ident(col)} < 0 "
+            f"OR {_ident(col)} <> floor({_ident(col)})",
+        )
+        if bad:
+            raise DisclosureError(f"{col}: {bad} row(s) are not non-negative whole counts")
+
+
+def _check_unique_cells(con: duckdb.DuckDBPyConnection, src: str, dims: list[str]) -> None:
+    """Refuse a source with more than one row for a cell of ``dims``."""
+    dim_list = ", ".join(_ident(d) for d in dims)
+    dupes = _scalar(
+        con,
+        f"SELECT count(*) FROM (SELECT 1 FROM {src} GROUP BY {dim_list} HAVING count(*) > 1)",
+    )
+    if dupes:
+        raise DisclosureError(f"{dupes} cell(s) appear more than once over {dims}")
+
+
+def _check_denominators(con: duckdb.DuckDBPyConnection, src: str, count_col: str, denominators: list[str]) -> None:
+    """Refuse a cell counting more people than one of its denominators."""
+    for den in denominators:
+        over = _scalar(con, f"SELECT count(*) FROM {src} WHERE {_ident(count_col)} > {_ident(den)}")
+        if over:
+            raise DisclosureError(f"{over} cell(s) count more people than denominator {den}")
+
+
+@dataclass(frozen=True)
+class _Work:
+    """The temporary work table of one :func:`protect` call and its internal column names."""
+
+    table: str
+    counted: list[str]
+    """The count column first, then the other denominators."""
+    means: dict[str, str]
+    n: dict[str, str]
+    """True count column of each counted column."""
+    s: dict[str, str]
+    """Suppression reason column of each counted column."""
+    mean_n: dict[str, str]
+    """People each mean is built on."""
+    mean_v: dict[str, str]
+    """True value of each mean."""
+
+    @classmethod
+    def new(cls, counted: list[str], means: dict[str, str]) -> _Work:
+        """A fresh work table name and the internal names of its columns."""
+        return cls(
+            table=f"__sdc_work_{uuid.uuid4().hex}",
+            counted=counted,
+            means=means,
+            n={col: f"__sdc_n{i}" for i, col in enumerate(counted)},
+            s={col: f"__sdc_s{i}" for i, col in enumerate(counted)},
+            mean_n={m: f"__sdc_w{j}" for j, m in enumerate(means)},
+            mean_v={m: f"__sdc_v{j}" for j, m in enumerate(means)},
+        )
+
+
+def _create_work(
+    con: duckdb.DuckDBPyConnection, work: _Work, src: str, dim_list: str, avoid_col: str | None, force_col: str | None
+) -> None:
+    """Copy the source's cells, true counts, means and joint-protection flags into the work table."""
+    select = [f"row_number() OVER (ORDER BY {dim_list}) AS __sdc_cell", dim_list]
+    select += [f"CAST({_ident(c)} AS BIGINT) AS {work.n[c]}" for c in work.counted]
+    select += [f"{_ident(m)} AS {work.mean_v[m]}" for m in work.means]
+    select += [f"CAST({_ident(w)} AS BIGINT) AS {work.mean_n[m]}" for m, w in work.means.items()]
+    select += [_flag_sql(avoid_col, "__sdc_avoid"), _flag_sql(force_col, "__sdc_force")]
+    con.execute(f"CREATE TEMP TABLE {work.table} AS SELECT {', '.join(select)} FROM {src}")
+
+
+def _primary_sql(work: _Work, col: str, policy: Policy) -> str:
+    """Rules 1-2: the primary reason for a small count (or, for the count column, a small complement)."""
+    n = work.n
+    conds = [policy.small_sql(n[col])]
+    if col == work.counted[0]:
+        conds += [policy.small_sql(f"{n[den]} - {n[col]}") for den in work.counted[1:]]
+    return f"CASE WHEN {' OR '.join(conds)} THEN '{PRIMARY}' END"
+
+
+def _mark_primary(con: duckdb.DuckDBPyConnection, work: _Work, policy: Policy) -> None:
+    """Add each counted column's reason column with its primary suppressions, then the forced secondaries."""
+    for col in work.counted:
+        con.execute(
+            f"ALTER TABLE {work.table} ADD COLUMN {work.s[col]} VARCHAR; "
+            f"UPDATE {work.table} SET {work.s[col]} = {_primary_sql(work, col, policy)}"
+        )
+    reason = work.s[work.counted[0]]
+    con.execute(f"UPDATE {work.table} SET {reason} = '{SECONDARY}' WHERE {reason} IS NULL AND __sdc_force")
+
+
+def _mean_sql(work: _Work, mean: str, people: str, policy: Policy) -> str:
+    """Rule 4: a mean published only when built on more than threshold people, themselves published."""
+    ok = f"{work.mean_n[mean]} > {policy.threshold}"
+    if people in work.s:
+        ok += f" AND {work.s[people]} IS NULL"
+    return f"CASE WHEN {ok} THEN {work.mean_v[mean]} END AS {_ident(mean)}"
+
+
+def _published_cells_sql(work: _Work, dim_list: str, rates: dict[str, str], policy: Policy) -> str:
+    """SQL for the published cells: rounded or NULL counts, their reasons, rates and means (rules 3-4)."""
+    s, count_col = work.s, work.counted[0]
+    published = {c: f"CASE WHEN {s[c]} IS NULL THEN {policy.round_sql(work.n[c])} END" for c in work.counted}
+    out = [dim_list, f"{published[count_col]} AS {_ident(count_col)}", f"{s[count_col]} AS {REASON}"]
+    for den in work.counted[1:]:
+        out += [f"{published[den]} AS {_ident(den)}", f"{s[den]} AS {_ident(den + '_' + REASON)}"]
+    out += [
+        f"CASE WHEN {published[den]} > 0 THEN "
+        f"CAST({published[count_col]} AS DOUBLE) / {published[den]} END AS {_ident(rate)}"
+        for rate, den in rates.items()
+    ]
+    out += [_mean_sql(work, mean, people, policy) for mean, people in work.means.items()]
+    return f"SELECT {', '.join(out)} FROM {work.table}"
+
+
+def _column_report(con: duckdb.DuckDBPyConnection, work: _Work, col: str, policy: Policy) -> ColumnReport:
+    """What protection did to one counted column, as counts."""
+    n, s = work.n[col], work.s[col]
+    pub = policy.round_sql(n)
+    row = con.execute(
+        f"SELECT count(*) FILTER (WHERE {s} = '{PRIMARY}'), "
+        f"count(*) FILTER (WHERE {s} = '{SECONDARY}'), "
+        f"count(*) FILTER (WHERE {s} IS NULL), "
+        f"count(*) FILTER (WHERE {s} IS NULL AND {pub} <> {n}), "
+        f"coalesce(sum({pub}) FILTER (WHERE {s} IS NULL), 0), "
+        f"coalesce(sum({n}), 0) FROM {work.table}"
+    ).fetchone()
+    assert row is not None
+    return ColumnReport(
+        column=col,
+        primary=int(row[0]),
+        secondary=int(row[1]),
+        published=int(row[2]),
+        rounded=int(row[3]),
+        published_total=int(row[4]),
+        total_difference=int(row[4]) - int(row[5]),
+    )
+
+
 def protect(
     con: duckdb.DuckDBPyConnection,
     source: str,
@@ -263,122 +428,30 @@ def protect(
     rates = dict(rate_cols or {})
     means = dict(mean_cols or {})
     groups = _check_margins(dims, default_margins(dims) if margins is None else margins)
-    counted = [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
-    present = set(_columns(con, source))
-    needed = set(dims) | set(counted) | set(means) | set(means.values())
-    needed |= {c for c in (avoid_col, force_col) if c}
-    missing = needed - present
-    if missing:
-        raise DisclosureError(f"source lacks columns {sorted(missing)}")
-    if len(set(dims)) != len(dims) or set(dims) & (set(counted) | set(means)):
-        raise DisclosureError("dimensions must be distinct from each other and from counts")
-
+    counted = _counted_columns(count_col, rates)
+    _check_source_columns(con, source, dims, counted, means, (avoid_col, force_col))
     src = _relation(source)
+    _check_whole_counts(con, src, counted + sorted(set(means.values()) - set(counted)))
+    _check_unique_cells(con, src, dims)
+    _check_denominators(con, src, count_col, counted[1:])
+
+    work = _Work.new(counted, means)
     dim_list = ", ".join(_ident(d) for d in dims)
-    for col in counted + sorted(set(means.values()) - set(counted)):
-        bad = _scalar(
-            con,
-            f"SELECT count(*) FROM {src} WHERE {_ident(col)} IS NULL OR {_ident(col)} < 0 "
-            f"OR {_ident(col)} <> floor({_ident(col)})",
-        )
-        if bad:
-            raise DisclosureError(f"{col}: {bad} row(s) are not non-negative whole counts")
-    dupes = _scalar(
-        con,
-        f"SELECT count(*) FROM (SELECT 1 FROM {src} GROUP BY {dim_list} HAVING count(*) > 1)",
-    )
-    if dupes:
-        raise DisclosureError(f"{dupes} cell(s) appear more than once over {dims}")
-    for den in dict.fromkeys(rates.values()):
-        if den == count_col:
-            continue
-        over = _scalar(con, f"SELECT count(*) FROM {src} WHERE {_ident(count_col)} > {_ident(den)}")
-        if over:
-            raise DisclosureError(f"{over} cell(s) count more people than denominator {den}")
-
-    work = f"__sdc_work_{uuid.uuid4().hex}"
-    n = {col: f"__sdc_n{i}" for i, col in enumerate(counted)}
-    s = {col: f"__sdc_s{i}" for i, col in enumerate(counted)}
-    mean_n = {m: f"__sdc_w{j}" for j, m in enumerate(means)}
-    mean_v = {m: f"__sdc_v{j}" for j, m in enumerate(means)}
-
-    def primary_sql(col: str) -> str:
-        conds = [policy.small_sql(n[col])]
-        if col == count_col:
-            for den in dict.fromkeys(rates.values()):
-                if den != count_col:
-                    conds.append(policy.small_sql(f"{n[den]} - {n[col]}"))
-        return f"CASE WHEN {' OR '.join(conds)} THEN '{PRIMARY}' END"
-
-    select = [f"row_number() OVER (ORDER BY {dim_list}) AS __sdc_cell", dim_list]
-    select += [f"CAST({_ident(c)} AS BIGINT) AS {n[c]}" for c in counted]
-    select += [f"{_ident(m)} AS {mean_v[m]}" for m in means]
-    select += [f"CAST({_ident(w)} AS BIGINT) AS {mean_n[m]}" for m, w in means.items()]
-    select += [_flag_sql(avoid_col, "__sdc_avoid"), _flag_sql(force_col, "__sdc_force")]
-    con.execute(f"CREATE TEMP TABLE {work} AS SELECT {', '.join(select)} FROM {src}")
+    _create_work(con, work, src, dim_list, avoid_col, force_col)
     try:
-        for col in counted:
-            con.execute(
-                f"ALTER TABLE {work} ADD COLUMN {s[col]} VARCHAR; UPDATE {work} SET {s[col]} = {primary_sql(col)}"
-            )
-        con.execute(f"UPDATE {work} SET {s[count_col]} = '{SECONDARY}' WHERE {s[count_col]} IS NULL AND __sdc_force")
-        iterations = _secondary(con, work, groups, [(n[c], s[c]) for c in counted])
-
-        published = {c: f"CASE WHEN {s[c]} IS NULL THEN {policy.round_sql(n[c])} END" for c in counted}
-        out = [
-            dim_list,
-            f"{published[count_col]} AS {_ident(count_col)}",
-            f"{s[count_col]} AS {REASON}",
-        ]
-        for den in counted[1:]:
-            out += [
-                f"{published[den]} AS {_ident(den)}",
-                f"{s[den]} AS {_ident(den + '_' + REASON)}",
-            ]
-        for rate, den in rates.items():
-            out.append(
-                f"CASE WHEN {published[den]} > 0 THEN "
-                f"CAST({published[count_col]} AS DOUBLE) / {published[den]} END AS {_ident(rate)}"
-            )
-        for mean, people in means.items():
-            ok = f"{mean_n[mean]} > {policy.threshold}"
-            if people in s:
-                ok += f" AND {s[people]} IS NULL"
-            out.append(f"CASE WHEN {ok} THEN {mean_v[mean]} END AS {_ident(mean)}")
-        cells_sql = f"SELECT {', '.join(out)} FROM {work}"
+        _mark_primary(con, work, policy)
+        iterations = _secondary(con, work.table, groups, [(work.n[c], work.s[c]) for c in counted])
+        cells_sql = _published_cells_sql(work, dim_list, rates, policy)
         if totals:
             body = _with_totals(cells_sql, dims, groups, counted, count_col)
         else:
             body = f"{cells_sql} ORDER BY __sdc_cell"
         con.execute(f"CREATE OR REPLACE {_table_ddl(target)} AS {body}")
-
-        reports = []
-        for col in counted:
-            pub = policy.round_sql(n[col])
-            row = con.execute(
-                f"SELECT count(*) FILTER (WHERE {s[col]} = '{PRIMARY}'), "
-                f"count(*) FILTER (WHERE {s[col]} = '{SECONDARY}'), "
-                f"count(*) FILTER (WHERE {s[col]} IS NULL), "
-                f"count(*) FILTER (WHERE {s[col]} IS NULL AND {pub} <> {n[col]}), "
-                f"coalesce(sum({pub}) FILTER (WHERE {s[col]} IS NULL), 0), "
-                f"coalesce(sum({n[col]}), 0) FROM {work}"
-            ).fetchone()
-            assert row is not None
-            reports.append(
-                ColumnReport(
-                    column=col,
-                    primary=int(row[0]),
-                    secondary=int(row[1]),
-                    published=int(row[2]),
-                    rounded=int(row[3]),
-                    published_total=int(row[4]),
-                    total_difference=int(row[4]) - int(row[5]),
-                )
-            )
-        cells = _scalar(con, f"SELECT count(*) FROM {work}")
+        reports = tuple(_column_report(con, work, col, policy) for col in counted)
+        cells = _scalar(con, f"SELECT count(*) FROM {work.table}")
     finally:
-        con.execute(f"DROP TABLE IF EXISTS {work}")
-    return ProtectionReport(target=target, cells=cells, iterations=iterations, columns=tuple(reports))
+        con.execute(f"DROP TABLE IF EXISTS {work.table}")
+    return ProtectionReport(target=target, cells=cells, iterations=iterations, columns=reports)
 
 
 def _flag_sql(col: str | None, alias: str) -> str:
@@ -446,6 +519,80 @@ def _with_totals(cells_sql: str, dims: list[str], groups: list[list[str]], count
     )
 
 
+def _published_value_problems(
+    con: duckdb.DuckDBPyConnection, rel: str, cells: str, col: str, policy: Policy
+) -> list[str]:
+    """Rules 1-3 on one column: no published small count (nor zero under suppress_zeros), all on the grid."""
+    c = _ident(col)
+    checks = [
+        (
+            f"SELECT count(*) FROM {rel} WHERE {c} BETWEEN 1 AND {policy.threshold}",
+            f"published count(s) in 1..{policy.threshold}",
+        )
+    ]
+    if policy.suppress_zeros:
+        checks.append((f"SELECT count(*) FROM {cells} WHERE {c} = 0", "published zero cell(s) under suppress_zeros"))
+    checks.append(
+        (
+            f"SELECT count(*) FROM {cells} WHERE NOT {policy.on_grid_sql(c)}",
+            f"published cell(s) off the {policy.rounding} grid",
+        )
+    )
+    problems: list[str] = []
+    for sql, what in checks:
+        found = _scalar(con, sql)
+        if found:
+            problems.append(f"{col}: {found} {what}")
+    return problems
+
+
+def _lonely_suppression_problems(
+    con: duckdb.DuckDBPyConnection, cells: str, col: str, groups: list[list[str]]
+) -> list[str]:
+    """Rule 5 on one column: no margin group of two or more cells with exactly one suppressed."""
+    c = _ident(col)
+    problems: list[str] = []
+    for key in groups:
+        group_by = f" GROUP BY {', '.join(_ident(d) for d in key)}" if key else ""
+        lonely = _scalar(
+            con,
+            f"SELECT count(*) FROM (SELECT 1 FROM {cells}{group_by} HAVING count(*) > 1 "
+            f"AND count(*) FILTER (WHERE {c} IS NULL) = 1)",
+        )
+        if lonely:
+            problems.append(
+                f"{col}: {lonely} group(s) over ({', '.join(key) or 'all'}) with exactly one suppressed cell"
+            )
+    return problems
+
+
+def _reason_problems(
+    con: duckdb.DuckDBPyConnection, cells: str, col: str, reason: str, types: dict[str, str]
+) -> list[str]:
+    """Rule 8 on one column: a reason (text or boolean) on every suppressed cell and on no published one."""
+    if reason not in types:
+        return []
+    r = _ident(reason)
+    marked = f"coalesce({r}, false)" if types.get(reason) == "BOOLEAN" else f"({r} IS NOT NULL)"
+    mismatch = _scalar(con, f"SELECT count(*) FROM {cells} WHERE ({_ident(col)} IS NULL) <> {marked}")
+    return [f"{col}: {mismatch} cell(s) whose suppression reason disagrees"] if mismatch else []
+
+
+def _rate_problems(con: duckdb.DuckDBPyConnection, cells: str, count_col: str, rates: dict[str, str]) -> list[str]:
+    """Rule 4: every rate NULL unless numerator and denominator are published, and equal to their ratio."""
+    problems: list[str] = []
+    for rate, den in rates.items():
+        r, num, d = _ident(rate), _ident(count_col), _ident(den)
+        bad = _scalar(
+            con,
+            f"SELECT count(*) FROM {cells} WHERE {r} IS NOT NULL AND ({num} IS NULL OR {d} IS NULL "
+            f"OR {d} = 0 OR abs({r} - CAST({num} AS DOUBLE) / {d}) > 1e-9)",
+        )
+        if bad:
+            problems.append(f"{rate}: {bad} rate(s) not derived from published {count_col}/{den}")
+    return problems
+
+
 def check_invariants(
     con: duckdb.DuckDBPyConnection,
     table: str,
@@ -470,7 +617,7 @@ def check_invariants(
     types = {d[0]: str(d[1]) for d in con.execute(f"SELECT * FROM {rel} LIMIT 0").description}
     cols = set(types)
     rates = dict(rate_cols or {})
-    counted = [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
+    counted = _counted_columns(count_col, rates)
     missing = (set(dims) | set(counted) | set(rates)) - cols
     if missing:
         return [f"table lacks columns {sorted(missing)}"]
@@ -478,51 +625,14 @@ def check_invariants(
     has_totals = TOTAL_OVER in cols
     cells = f"(SELECT * FROM {rel}{f' WHERE {TOTAL_OVER} IS NULL' if has_totals else ''})"
     problems: list[str] = []
-
     for col in counted:
-        c = _ident(col)
-        small = _scalar(con, f"SELECT count(*) FROM {rel} WHERE {c} BETWEEN 1 AND {policy.threshold}")
-        if small:
-            problems.append(f"{col}: {small} published count(s) in 1..{policy.threshold}")
-        if policy.suppress_zeros:
-            zeros = _scalar(con, f"SELECT count(*) FROM {cells} WHERE {c} = 0")
-            if zeros:
-                problems.append(f"{col}: {zeros} published zero cell(s) under suppress_zeros")
-        off = _scalar(con, f"SELECT count(*) FROM {cells} WHERE NOT {policy.on_grid_sql(c)}")
-        if off:
-            problems.append(f"{col}: {off} published cell(s) off the {policy.rounding} grid")
-        for key in groups:
-            group_by = f" GROUP BY {', '.join(_ident(d) for d in key)}" if key else ""
-            lonely = _scalar(
-                con,
-                f"SELECT count(*) FROM (SELECT 1 FROM {cells}{group_by} HAVING count(*) > 1 "
-                f"AND count(*) FILTER (WHERE {c} IS NULL) = 1)",
-            )
-            if lonely:
-                problems.append(
-                    f"{col}: {lonely} group(s) over ({', '.join(key) or 'all'}) with exactly one suppressed cell"
-                )
         reason = REASON if col == count_col else f"{col}_{REASON}"
-        if reason in cols:
-            r = _ident(reason)
-            marked = f"coalesce({r}, false)" if types.get(reason) == "BOOLEAN" else f"({r} IS NOT NULL)"
-            mismatch = _scalar(con, f"SELECT count(*) FROM {cells} WHERE ({c} IS NULL) <> {marked}")
-            if mismatch:
-                problems.append(f"{col}: {mismatch} cell(s) whose suppression reason disagrees")
-
+        problems += _published_value_problems(con, rel, cells, col, policy)
+        problems += _lonely_suppression_problems(con, cells, col, groups)
+        problems += _reason_problems(con, cells, col, reason, types)
     if has_totals:
         problems += _check_totals(con, rel, cells, dims, counted)
-
-    for rate, den in rates.items():
-        r, num, d = _ident(rate), _ident(count_col), _ident(den)
-        bad = _scalar(
-            con,
-            f"SELECT count(*) FROM {cells} WHERE {r} IS NOT NULL AND ({num} IS NULL OR {d} IS NULL "
-            f"OR {d} = 0 OR abs({r} - CAST({num} AS DOUBLE) / {d}) > 1e-9)",
-        )
-        if bad:
-            problems.append(f"{rate}: {bad} rate(s) not derived from published {count_col}/{den}")
-    return problems
+    return problems + _rate_problems(con, cells, count_col, rates)
 
 
 def _check_totals(
