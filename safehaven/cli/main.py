@@ -45,7 +45,7 @@ def run(demo_patients: int, seed: int, no_demo: bool) -> None:
         click.echo(
             f"generated a synthetic demo drop in {home.incoming}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
         )
-    ok, stages = run_nightly(home)
+    ok, stages = run_nightly(home, report=lambda line: click.echo(f"recovered: {line}"))
     width = max((len(s.asset) for s in stages), default=10)
     click.echo(f"\n{'asset'.ljust(width)}  {'rows in':>12}  {'rows out':>12}  checks")
     for s in stages:
