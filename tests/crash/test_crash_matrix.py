@@ -107,8 +107,14 @@ def snapshot(home: Home) -> dict[str, object]:
     for path in sorted(home.published.glob("*.csv")):
         out[f"published/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
     plain = duckdb.connect()
-    for path in sorted([*home.published.glob("*.parquet"), *home.releases.rglob("*.parquet")]):
+    for path in sorted(home.published.glob("*.parquet")):
         out[str(path.relative_to(home.root))] = _table_digest(plain, f"read_parquet('{path}')")
+    for agreement in sorted(p for p in home.releases.iterdir() if p.is_dir()):
+        # the current release of each agreement: a run that redoes a finished release stage
+        # issues the same extract again under the next release number
+        current = max(agreement.glob(f"{agreement.name}-r*"), default=None)
+        for path in sorted(current.glob("*.parquet")) if current else []:
+            out[f"releases/{agreement.name}/current/{path.name}"] = _table_digest(plain, f"read_parquet('{path}')")
     out["published files"] = sorted(p.name for p in home.published.iterdir())
     return out
 
