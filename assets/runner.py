@@ -13,10 +13,26 @@ Two ways to run, one summary:
 Either way the summary is read back from the instance's event log: counts, check verdicts
 and reasons, never values. The haven's home reaches the run as resource configuration,
 not through the environment.
+
+Self-healing (the project's "no human after a crash" rule): before a run starts,
+``recover`` deals with what a crashed run left behind, and says what it did:
+
+* A run whose process died (``kill -9``, power loss) stays ``STARTED`` in Dagster's run
+  storage and keeps the ``safehaven_store`` pool slot of the step it was in, so every later
+  run would wait for that slot forever. A run of this haven is known dead when its
+  liveness lock (``safehaven.core.runs``) is no longer held: it is marked failed and its
+  slots are freed. A finished run (e.g. one the run monitoring daemon marked failed) that
+  still holds slots has them freed too. A run with no liveness lock here is left to
+  Dagster's run monitoring (``deploy/dagster.yaml``).
+* Staging folders of an interrupted publication are removed (``safehaven.publish.publication``).
+* Half-done stages need nothing more: each stage commits in the store's transactions and
+  is idempotent, so the new run completes or redoes it.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,12 +43,18 @@ import dagster as dg
 
 from assets.automation import NIGHTLY
 from assets.definitions import build_definitions
+from safehaven.core import runs
 from safehaven.core.home import Home
 
 LOCATION = "safehaven"
 WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
 #: how often a launched run is polled for progress (seconds)
 POLL_SECONDS = 0.5
+FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+DEAD_RUN_MESSAGE = (
+    "the run's process ended without finishing (killed or crashed); marked failed by the next safehaven run"
+)
+log = logging.getLogger(__name__)
 _STEP_END = (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.STEP_SKIPPED)
 
 
@@ -63,10 +85,49 @@ def haven_run_config(home: Home, quiet: bool = False) -> dict[str, object]:
     return config
 
 
-def run_nightly(home: Home, instance: dg.DagsterInstance | None = None) -> tuple[bool, list[StageSummary]]:
-    """Materialise every asset of the nightly job once in this process; success and per-asset counts."""
+def _free_run(instance: dg.DagsterInstance, home: Home, run_id: str) -> str | None:
+    """Mark one dead run failed and free its slots; what was done, or None if it is alive/not ours."""
+    record = instance.get_run_record_by_id(run_id)
+    alive = runs.is_alive(home, run_id)
+    if record is not None and record.dagster_run.status not in FINISHED:
+        if alive is not False:
+            return None  # alive, or not a run of this haven: left to run monitoring
+        instance.report_run_failed(record.dagster_run, DEAD_RUN_MESSAGE)
+    elif alive:
+        return None
+    freed = instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    runs.forget(home, run_id)
+    return f"run {run_id}: its process had died; marked failed, {freed or 0} pool slot(s) freed"
+
+
+def recover(instance: dg.DagsterInstance, home: Home) -> list[str]:
+    """Free what crashed runs left behind before a new run starts (module docstring)."""
+    done = []
+    candidates = {p.stem for p in runs.runs_dir(home).glob("*.lock")} if runs.runs_dir(home).is_dir() else set()
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        candidates |= instance.event_log_storage.get_concurrency_run_ids()
+    for run_id in sorted(candidates):
+        if runs.RUN_ID.fullmatch(run_id) and (line := _free_run(instance, home, run_id)):
+            done.append(line)
+    for stale in sorted(home.staging.glob("publish-*")) if home.staging.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+        done.append(f"removed the staging folder of an interrupted publication ({stale.name})")
+    return done
+
+
+def _recover(instance: dg.DagsterInstance, home: Home, report: Callable[[str], None] | None) -> None:
+    for line in recover(instance, home.ensure()):
+        (report or log.warning)(line)
+
+
+def run_nightly(
+    home: Home, instance: dg.DagsterInstance | None = None, report: Callable[[str], None] | None = None
+) -> tuple[bool, list[StageSummary]]:
+    """Recover from earlier crashes, then materialise every asset of the nightly job once in
+    this process; success and per-asset counts. What recovery did goes to ``report``."""
     job = build_definitions().resolve_job_def(NIGHTLY)
     instance = instance or dg.DagsterInstance.ephemeral()
+    _recover(instance, home, report)
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=haven_run_config(home))
     ok, stages = summarise_run(instance, result.run_id)
     return ok and result.success, stages
@@ -181,7 +242,9 @@ def launch_nightly(
     timeout: float = 6 * 3600,
     verbose: bool = False,
 ) -> tuple[bool, list[StageSummary], str]:
-    """Submit the nightly job to the instance, follow it to the end, and summarise it."""
+    """Recover from earlier crashes, submit the nightly job to the instance, follow it to the
+    end, and summarise it."""
+    _recover(instance, home, lambda line: progress(f"recovered: {line}"))
     with _workspace(instance, workspace) as process_context:
         request_context = process_context.create_request_context()
         run = _create_run(instance, request_context, home)

@@ -1,8 +1,13 @@
 """The safe haven resource: owns the store's DuckDB connections, the key ring and contracts.
 
 One resource, so each asset gets the same home, the same guarded keys and the same
-contracts. Connections are opened per unit of work and closed (DuckDB's single writer;
-``docs/design.md`` "One writer, short-lived connections"). Configuration carries paths only, never key material.
+contracts. Connections are opened per unit of work and closed (DuckDB's single writer).
+Configuration carries paths and limits only, never key material.
+
+* A busy store is waited for up to ``lock_wait_seconds`` (``safehaven.core.store``, "Waiting,
+  not failing"); the wait is logged to the run's event log.
+* For the length of each run the resource holds the run's lock (``safehaven.core.runs``), so
+  a run whose process died can be told from a live one, and key rotation waits for none.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
+from safehaven.core import runs
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
-from safehaven.core.store import Store
+from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store
 from safehaven.intake.contracts import ContractRegistry
+
+#: run id -> descriptor of its held liveness lock, for the runs of this process
+_RUN_LOCKS: dict[str, int] = {}
 
 
 class SafeHavenResource(dg.ConfigurableResource):
@@ -26,6 +35,18 @@ class SafeHavenResource(dg.ConfigurableResource):
     home: str = ""
     contracts: str = ""
     threads: int = 0
+    #: how long a step waits for a store held by another process before it fails
+    lock_wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Hold this run's liveness lock until the run ends (``safehaven.core.runs``)."""
+        if context.run_id and context.run_id not in _RUN_LOCKS:
+            _RUN_LOCKS[context.run_id] = runs.hold(self.home_dir().ensure(), context.run_id)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        fd = _RUN_LOCKS.pop(context.run_id, None) if context.run_id else None
+        if fd is not None:
+            runs.release(self.home_dir(), context.run_id, fd)
 
     def home_dir(self) -> Home:
         return Home(Path(self.home).resolve()) if self.home else Home.from_env()
@@ -37,7 +58,13 @@ class SafeHavenResource(dg.ConfigurableResource):
         return ContractRegistry(Path(self.contracts) if self.contracts else None)
 
     def store(self) -> Store:
-        return Store(self.home_dir(), self.keyring(), threads=self.threads or None)
+        return Store(
+            self.home_dir(),
+            self.keyring(),
+            threads=self.threads or None,
+            lock_wait=self.lock_wait_seconds,
+            logger=dg.get_dagster_logger("safehaven.store"),
+        )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Fail closed at run start: verify the whole audit trail once, then record the run.

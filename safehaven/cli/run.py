@@ -53,17 +53,25 @@ def print_summary(stages, home: Home) -> None:
     click.echo(f"store:       {home.store_file} (encrypted; key in {home.keys})")
 
 
-def _execute(home: Home, verbose: bool):
-    """Launch through the instance named by ``$DAGSTER_HOME``, or run in process without one."""
+def _recovered(line: str) -> None:
+    click.echo(f"recovered: {line}")
+
+
+def _execute(home: Home, verbose: bool, in_process: bool):
+    """Launch through the instance named by ``$DAGSTER_HOME``, or run in this process (no
+    ``$DAGSTER_HOME``: on a temporary instance; ``--in-process``: on that instance)."""
     import dagster as dg
 
     from assets.runner import launch_nightly, run_nightly
 
     if not os.environ.get("DAGSTER_HOME"):
         click.echo("no DAGSTER_HOME: running in this process on a temporary instance")
-        ok, stages = run_nightly(home)
+        ok, stages = run_nightly(home, report=_recovered)
         return ok, stages, None
     with dg.DagsterInstance.get() as instance:
+        if in_process:
+            ok, stages = run_nightly(home, instance, report=_recovered)
+            return ok, stages, None
         return launch_nightly(instance, home, progress=click.echo, verbose=verbose)
 
 
@@ -79,7 +87,12 @@ def register(main: click.Group) -> None:
     @click.option("--seed", type=int, default=42, show_default=True)
     @click.option("--no-demo", is_flag=True, help="Never generate a demo drop.")
     @click.option("--verbose", is_flag=True, help="Also show the run's event log.")
-    def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool) -> None:
+    @click.option(
+        "--in-process",
+        is_flag=True,
+        help="Run the job in this process on the instance instead of launching it (debugging, crash tests).",
+    )
+    def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool) -> None:
         """Run the whole nightly job once, then say what it did and where the outputs are."""
         from safehaven.tools import synthetic
 
@@ -90,7 +103,7 @@ def register(main: click.Group) -> None:
                 f"generated a synthetic demo drop in {home.incoming}: "
                 + ", ".join(f"{k} {v:,}" for k, v in counts.items())
             )
-        ok, stages, run_id = _execute(home, verbose)
+        ok, stages, run_id = _execute(home, verbose, in_process)
         print_summary(stages, home)
         if run_id:
             click.echo(f"run:         {run_id} (make ui: Runs)")

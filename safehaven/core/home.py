@@ -9,6 +9,8 @@ Layout (one place for it, so every module agrees):
 * ``published/``               anonymised outputs: CSV, Parquet and ``published.duckdb``
 * ``releases/<agreement>/``    per-agreement extracts with manifests
 * ``registers/``               data release and breach registers (CSV and Parquet)
+* ``staging/``                 files being prepared (a publication, rotation crosswalks), never
+  read by anyone; on the same file system, so they are renamed into place
 
 The landing and haven zones live only inside the encrypted store: the haven is a secure
 environment distinct from other activity (CoP 27h).
@@ -70,9 +72,13 @@ class Home:
     def registers(self) -> Path:
         return self.root / "registers"
 
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
     def ensure(self) -> Home:
         """Create the tree. Directories that can hold confidential data are 0700."""
-        for path in (self.incoming, self.quarantine, self.store_dir, self.keys, self.releases):
+        for path in (self.incoming, self.quarantine, self.store_dir, self.keys, self.releases, self.staging):
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(0o700)
         for path in (self.published, self.registers):

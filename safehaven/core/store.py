@@ -28,11 +28,14 @@ Rules:
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
+import logging
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,10 +47,57 @@ from safehaven.core.keys import KeyRing
 
 ZONES = ("landing", "haven", "vault", "release", "published", "governance")
 CATALOG = "store"
+#: How long opening the store waits for another process before failing (seconds).
+DEFAULT_LOCK_WAIT_SECONDS = 600.0
+#: First and longest pause between two attempts to open a busy store (seconds).
+LOCK_BACKOFF_FIRST = 0.05
+LOCK_BACKOFF_MAX = 5.0
+#: How often a wait is logged again while it lasts (seconds).
+LOCK_LOG_EVERY = 30.0
+#: DuckDB's text when another process holds the file lock.
+DUCKDB_LOCK_HELD = "Could not set lock on file"
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
     """The store cannot be opened as asked; the message says what to do."""
+
+
+class StoreBusy(StoreError):
+    """Another process held the store for longer than the configured wait."""
+
+
+class _Waiter:
+    """Backoff between attempts to open a busy store, up to a limit (module docstring)."""
+
+    def __init__(self, limit: float, logger: logging.Logger, path: Path):
+        self.limit, self.logger, self.path = limit, logger, path
+        self.started = time.monotonic()
+        self.delay = LOCK_BACKOFF_FIRST
+        self.logged_at: float | None = None
+
+    def pause(self, why: str) -> None:
+        """Sleep before the next attempt, or raise ``StoreBusy`` once the limit is passed."""
+        now = time.monotonic()
+        waited = now - self.started
+        if waited >= self.limit:
+            raise StoreBusy(
+                f"the store {self.path} was busy for {waited:.0f}s ({why}), longer than the "
+                f"{self.limit:.0f}s this connection may wait; the next run will try again "
+                "(raise the wait, or find the process that holds the store)"
+            )
+        if self.logged_at is None or now - self.logged_at >= LOCK_LOG_EVERY:
+            self.logger.warning(
+                "the store %s is busy (%s); waiting for it (%.0fs so far, up to %.0fs)",
+                self.path,
+                why,
+                waited,
+                self.limit,
+            )
+            self.logged_at = now
+        time.sleep(min(self.delay, max(self.limit - waited, 0.0)))
+        self.delay = min(self.delay * 2, LOCK_BACKOFF_MAX)
 
 
 class SimulatedCrash(RuntimeError):
@@ -73,10 +123,22 @@ def httpfs_extension_path() -> Path:
 class Store:
     """Opens the encrypted store; the only place that attaches it."""
 
-    def __init__(self, home: Home, keyring: KeyRing | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        home: Home,
+        keyring: KeyRing | None = None,
+        threads: int | None = None,
+        *,
+        lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
+        logger: logging.Logger | None = None,
+    ):
         self.home = home
         self.keyring = keyring or KeyRing(home.keys)
         self.threads = threads
+        self.lock_wait = lock_wait
+        self.logger = logger or log
+        #: set while this object holds the rebuild lock exclusively (its own connections skip it)
+        self._exclusive_held = False
 
     @property
     def path(self) -> Path:
@@ -90,9 +152,17 @@ class Store:
     def _next_file(self) -> Path:
         return self.home.store_dir / "haven.duckdb.next"
 
+    @property
+    def lock_file(self) -> Path:
+        """Held shared by every connection and exclusively by a rebuild (module docstring)."""
+        return self.home.store_dir / "store.lock"
+
     def check(self) -> None:
         """Refuse to start on unsafe keys (see ``safehaven.core.keys``) or a store without its key."""
         self.recover()
+        self._check_key()
+
+    def _check_key(self) -> None:
         if self.path.exists() and not self.keyring.exists("store"):
             raise StoreError(
                 f"the encrypted store {self.path} exists but its key "
@@ -107,25 +177,25 @@ class Store:
         """A short-lived connection with the store attached as ``store`` and in use.
 
         Unqualified names resolve in the store; zones are schemas (``landing.gp_events``).
+        Waits for another process holding the store (module docstring, "Waiting, not failing").
         """
         self.home.ensure()
-        self.check()
-        key = self.keyring.get_or_create("store", allow_create=not self.path.exists())
         tmp = self.home.store_dir / "tmp"
         tmp.mkdir(exist_ok=True)
         config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
         if self.threads:
             config["threads"] = self.threads
         con = duckdb.connect(":memory:", config=config)
+        lock_fd: int | None = None
         try:
             con.execute(f"LOAD '{httpfs_extension_path()}'")
             con.execute("SET temp_file_encryption = true")
-            options = f"ENCRYPTION_KEY '{key.hex}'" + (", READ_ONLY" if read_only else "")
-            try:
-                con.execute(f"ATTACH '{self.path}' AS {CATALOG} ({options})")
-            except duckdb.Error as exc:
-                message = str(exc).replace(key.hex, "<key>")
-                raise StoreError(f"cannot open the encrypted store {self.path}: {message}") from None
+            waiter = _Waiter(self.lock_wait, self.logger, self.path)
+            while True:
+                lock_fd, busy = self._try_attach(con, read_only)
+                if busy is None:
+                    break
+                waiter.pause(busy)
             con.execute(f"USE {CATALOG}")
             if not read_only:
                 for zone in ZONES:
@@ -133,14 +203,88 @@ class Store:
             yield con
         finally:
             con.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+
+    def _try_attach(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> tuple[int | None, str | None]:
+        """One attempt to attach: (the shared lock's descriptor, None) or (None, why it is busy)."""
+        lock_fd = None if self._exclusive_held else self._share_lock()
+        if lock_fd is None and not self._exclusive_held:
+            return None, "another process is rebuilding it (disposal or store-key rotation)"
+        try:
+            self._check_key()
+            key = self.keyring.get_or_create("store", allow_create=not self.path.exists())
+            options = f"ENCRYPTION_KEY '{key.hex}'" + (", READ_ONLY" if read_only else "")
+            try:
+                con.execute(f"ATTACH '{self.path}' AS {CATALOG} ({options})")
+            except duckdb.Error as exc:
+                message = str(exc).replace(key.hex, "<key>")
+                if DUCKDB_LOCK_HELD not in message:
+                    raise StoreError(f"cannot open the encrypted store {self.path}: {message}") from None
+                if lock_fd is not None:
+                    os.close(lock_fd)
+                return None, "another process holds its file lock"
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return lock_fd, None
+
+    def _share_lock(self) -> int | None:
+        """Take the rebuild lock shared, finishing an interrupted rebuild first; None if one is live."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if self.journal.exists():
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._recover_held()
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the rebuild lock exclusively (waiting for open connections, as ``connect`` waits)."""
+        if self._exclusive_held:
+            yield
+            return
+        self.home.ensure()
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            waiter = _Waiter(self.lock_wait, self.logger, self.path)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waiter.pause("another process has it open")
+            self._exclusive_held = True
+            yield
+        finally:
+            self._exclusive_held = False
+            os.close(fd)
 
     def recover(self) -> str | None:
         """Finish or undo an interrupted rebuild; returns what was done, if anything.
 
-        Journal state ``building``: the new file may be partial, so it and its key are removed
-        (the old store is intact). State ``swapping``: the new file is complete, so the swap is
+        Done under the exclusive rebuild lock (waiting for it), so a rebuild that is still
+        running in another process is never mistaken for an interrupted one. Journal state
+        ``building``: the new file may be partial, so it and its key are removed (the old
+        store is intact). State ``swapping``: the new file is complete, so the swap is
         finished: file first, then key, each an atomic rename, each skipped if already done.
         """
+        if not self.journal.exists():
+            return None
+        with self._exclusive():
+            return self._recover_held()
+
+    def _recover_held(self) -> str | None:
         if not self.journal.exists():
             return None
         state = json.loads(self.journal.read_text())
@@ -170,6 +314,10 @@ class Store:
         with ``rekey`` the old file's key is gone too. Returns the old and new key ids.
         ``_crash_after`` (tests only) stops at a named step to simulate a crash.
         """
+        with self._exclusive():
+            return self._rebuild_held(rekey, _crash_after)
+
+    def _rebuild_held(self, rekey: bool, _crash_after: str | None) -> dict[str, str]:
         self.check()
         old = self.keyring.get("store")
         new_material = secrets.token_bytes(32) if rekey else old.material
@@ -189,7 +337,7 @@ class Store:
         self._write_journal({"state": "swapping", "new_key_id": new_key.key_id})
         if _crash_after == "journal":
             raise SimulatedCrash("simulated crash before swap")
-        self.recover()
+        self._recover_held()
         return {"old_key_id": old.key_id, "new_key_id": new_key.key_id}
 
     def _write_journal(self, state: dict[str, str]) -> None:

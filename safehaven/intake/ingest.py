@@ -14,6 +14,17 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting) or ``file.no_rows``. A
   UTF-8 byte-order mark (removed before the header is parsed), CRLF line ends and quoted
   header names (every field quoted, as pandas ``QUOTE_ALL`` and Excel write) are accepted.
+* **Every file is contained** (the project's "no file can fail a stage" rule): whatever goes
+  wrong while reading one file quarantines that file, never the stage, and nothing stays in
+  ``incoming/``. A first line longer than ``MAX_HEADER_BYTES`` (e.g. a 10 MB file with no
+  line end) is ``file.line_too_long``; a field larger than Python's CSV field limit or a row
+  longer than DuckDB's line limit is ``file.field_too_large``; any other error reading it is
+  ``file.unreadable`` (the reason names the error's type, never its text, which may quote
+  values).
+* **Nothing outside the home is read** (CoP 27h: a secure environment): a symbolic link, a
+  folder, a device or a pipe in a collection folder is quarantined as it is
+  (``file.not_regular``) without being opened or followed, and so is a collection folder
+  that is itself a link or not a folder (its target is never listed).
 * Landing is idempotent: a file is known by its SHA-256, and a file already landed is
   skipped. A file lands in one transaction with its batch record.
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
@@ -27,10 +38,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +59,10 @@ SUPPORTED = (".csv", ".parquet")
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 BATCHES = "governance.batches"
 CHUNK = 1 << 20
+#: The longest first line (header) read, in bytes: a header of the contract is far shorter.
+MAX_HEADER_BYTES = 1 << 16
+#: DuckDB's text when a row is longer than its line limit (``max_line_size``).
+DUCKDB_LINE_TOO_LONG = "Maximum line size"
 
 
 class FileRejected(Exception):
@@ -233,14 +251,38 @@ def _csv_header(path: Path) -> list[str]:
     """The header's names: the byte-order mark removed first (``utf-8-sig``), then parsed as CSV,
     so a quoted header (pandas ``QUOTE_ALL``, Excel) reads as the plain names."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        first = fh.readline()
+        first = fh.readline(MAX_HEADER_BYTES + 1)
+    if len(first) > MAX_HEADER_BYTES:
+        raise FileRejected(
+            "file.line_too_long",
+            f"the first line is longer than {MAX_HEADER_BYTES:,} characters (no header row, or no line ends)",
+            "export the file again as CSV with one row per line and a header row naming the contract's columns",
+        )
     if not first.strip():
         raise FileRejected(
             "file.header.missing",
             "the file has no header row",
             "send the file with a header row naming the contract's columns",
         )
-    return next(csv.reader(io.StringIO(first)))
+    try:
+        return next(csv.reader(io.StringIO(first)))
+    except csv.Error as exc:
+        raise _csv_rejection(exc, "the header row") from None
+
+
+def _csv_rejection(exc: csv.Error, where: str) -> FileRejected:
+    """A Python CSV error as a reason (its text names limits, never values)."""
+    if "field larger than field limit" in str(exc):
+        return FileRejected(
+            "file.field_too_large",
+            f"{where} holds a field larger than {csv.field_size_limit():,} characters",
+            "check the export: no field of the contract is that long; send the file again",
+        )
+    return FileRejected(
+        "file.malformed",
+        f"{where} is not well-formed CSV (broken quoting)",
+        "fix the file's quoting and send it again",
+    )
 
 
 def is_parquet(path: Path) -> bool:
@@ -292,7 +334,7 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest_dir.chmod(0o700)
     dest = dest_dir / path.name
-    if dest.exists():
+    if os.path.lexists(dest):
         dest = dest_dir / f"{path.stem}.{sha[:12]}{path.suffix}"
     shutil.move(str(path), dest)
     reason = {
@@ -341,6 +383,13 @@ def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sh
             raise FileRejected(
                 "file.parquet", "the file's rows cannot be read as Parquet", "export the file again as Parquet"
             ) from None
+        if DUCKDB_LINE_TOO_LONG in text:
+            raise FileRejected(
+                "file.field_too_large",
+                f"a row is longer than the reader's line limit: it holds a field far larger than "
+                f"any the contract allows{_line_of(text)}",
+                "check the export (a field may have swallowed line ends or a file); send the file again",
+            ) from None
         raise FileRejected(
             "file.malformed",
             f"the file is not well-formed CSV: rows with a different number "
@@ -349,31 +398,119 @@ def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sh
         ) from None
 
 
-def ingest_collection(
-    con: duckdb.DuckDBPyConnection, contract: Contract, incoming: Path, quarantine_dir: Path
-) -> IngestReport:
-    """Land every new file in ``incoming``; quarantine bad ones; skip ones already landed."""
-    ensure_tables(con, contract)
-    report = IngestReport(contract.collection)
-    if not incoming.exists():
-        return report
-    for path in sorted(p for p in incoming.iterdir() if p.is_file()):
-        sha = sha256_file(path)
+def not_regular(path: Path) -> FileRejected | None:
+    """Why ``path`` is not a plain file of the home (``file.not_regular``), from ``lstat`` only.
+
+    A symbolic link is never followed (its target may be anywhere, e.g. ``/etc/passwd``), so
+    it is refused whatever it points to; so are folders, devices, pipes and sockets.
+    """
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+    return FileRejected(
+        "file.not_regular",
+        f"the entry is {kind}; only plain files placed in the collection folder are read "
+        "(links are not followed, their targets were not read)",
+        "place the file itself (a copy, not a link) in the collection folder",
+        {"kind": kind},
+    )
+
+
+def _name_hash(path: Path) -> str:
+    """Stands in for the content hash of an entry that is not read (its name's SHA-256)."""
+    return hashlib.sha256(os.fsencode(path.name)).hexdigest()
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # no transaction was open
+
+
+def _refuse_folder(incoming: Path, quarantine_dir: Path, contract: Contract, report: IngestReport) -> bool:
+    """Quarantine a collection folder that is a link or not a folder; True if nothing is to be read."""
+    if not os.path.lexists(incoming):
+        return True
+    mode = os.lstat(incoming).st_mode
+    if stat.S_ISDIR(mode):
+        return False
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+    err = FileRejected(
+        "file.not_regular",
+        f"the collection folder incoming/{contract.collection} is {kind}; it was not listed or followed",
+        f"make incoming/{contract.collection} a plain folder and place the files themselves in it",
+        {"kind": kind},
+    )
+    _record(report, quarantine(incoming, quarantine_dir, contract, _name_hash(incoming), err), err, "")
+    return True
+
+
+def _record(report: IngestReport, dest: Path, err: FileRejected, sha: str) -> None:
+    report.files_quarantined += 1
+    report.quarantined.append({"file": dest.name, "rule": err.rule, "sha256": sha})
+
+
+def _hash(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise _unreadable(exc) from None
+
+
+def _unreadable(exc: BaseException) -> FileRejected:
+    return FileRejected(
+        "file.unreadable",
+        f"the file could not be read ({type(exc).__name__})",
+        "check the file's permissions and format, and send it again",
+        {"error": type(exc).__name__},
+    )
+
+
+def _ingest_one(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str, report: IngestReport) -> None:
+    """Land or skip one regular file; raises FileRejected for any reason it cannot be read."""
+    try:
         known = con.execute(f"SELECT status FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()
         if known is not None:
             report.files_skipped += 1
             shred_file(path)
-            continue
-        try:
-            inspect_file(con, path, contract)
-            rows = land_file(con, path, contract, sha)
-        except FileRejected as err:
-            dest = quarantine(path, quarantine_dir, contract, sha, err)
-            report.files_quarantined += 1
-            report.quarantined.append({"file": dest.name, "rule": err.rule, "sha256": sha})
-            continue
-        report.files_landed += 1
-        report.rows_landed += rows
-        report.batches.append(sha)
-        shred_file(path)
+            return
+        inspect_file(con, path, contract)
+        rows = land_file(con, path, contract, sha)
+    except FileRejected:
+        raise
+    except csv.Error as exc:
+        raise _csv_rejection(exc, "the file") from None
+    except Exception as exc:  # contained: one file never fails the stage
+        _rollback(con)
+        raise _unreadable(exc) from None
+    report.files_landed += 1
+    report.rows_landed += rows
+    report.batches.append(sha)
+    shred_file(path)
+
+
+def ingest_collection(
+    con: duckdb.DuckDBPyConnection, contract: Contract, incoming: Path, quarantine_dir: Path
+) -> IngestReport:
+    """Land every new file in ``incoming``; quarantine bad ones; skip ones already landed.
+
+    Containment (module docstring): an entry that is not a regular file is quarantined
+    unread; any error reading a file quarantines that file, and the next file is read.
+    """
+    ensure_tables(con, contract)
+    report = IngestReport(contract.collection)
+    if _refuse_folder(incoming, quarantine_dir, contract, report):
+        return report
+    for path in sorted(incoming.iterdir()):
+        sha, err = _name_hash(path), not_regular(path)
+        if err is None:
+            try:
+                sha = _hash(path)
+                _ingest_one(con, path, contract, sha, report)
+                continue
+            except FileRejected as rejected:
+                err = rejected
+        _record(report, quarantine(path, quarantine_dir, contract, sha, err), err, sha)
     return report

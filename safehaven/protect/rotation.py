@@ -26,7 +26,13 @@ Rules (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; ``safehav
   rename (``Store.rebuild``, journalled), then every table's row count is checked.
 * **Vault key** (X25519 pair): the data keys are unwrapped with the old private key and
   re-wrapped to the new public key in one transaction; the entries themselves are untouched.
-* One writer at a time (DuckDB): run rotations when no pipeline run is active.
+* One writer at a time (DuckDB): a rotation refuses to start while a pipeline run is alive
+  (``safehaven.core.runs.live_runs``), rather than rewriting the store under the run.
+* **Crosswalks only for a committed key**: they are written to ``staging/rekey/`` first and
+  moved into ``releases/<agreement>/rekey/`` only after the re-keying transaction commits; an
+  interrupted rotation's staged crosswalks are moved in by ``resume`` if it had committed, or
+  shredded if it had not, so no recipient ever sees a crosswalk for a key that never became
+  current.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, runs
+from safehaven.core.files import shred_file
 from safehaven.core.home import Home
 from safehaven.core.keys import (
     KEY_BYTES,
@@ -183,7 +191,7 @@ def rotate_haven(
                 )
             if missing:
                 report.counts[f"unmapped {schema}.{table}.{column}"] = int(missing)
-        report.crosswalks = _crosswalks(con, home, keyring, old, new)
+        staged = _crosswalks(con, home, keyring, old, new)
         con.execute("BEGIN TRANSACTION")
         try:
             for schema, table, column in columns:
@@ -200,18 +208,22 @@ def rotate_haven(
         except BaseException:
             con.execute("ROLLBACK")
             _discard_staged(keyring, "haven")
-            for path in report.crosswalks:
-                os.unlink(path)
+            for path in staged:
+                shred_file(path)
             raise
         con.execute("DROP TABLE _pid_map")
         con.execute("DROP TABLE _rot_vault")
         _finish_haven(keyring, new)
+        report.crosswalks = _commit_crosswalks(home, new.key_id)
         _audit(con, home, actor, report)
     return report
 
 
-def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, old: Key, new: Key) -> list[str]:
-    """Per agreement with released people: (old pseudonym, new pseudonym) of those people only."""
+def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, old: Key, new: Key) -> list[Path]:
+    """Per agreement with released people: (old pseudonym, new pseudonym) of those people only.
+
+    Written to the staging folder; ``_commit_crosswalks`` moves them in once the key commits.
+    """
     if not table_exists(con, "governance", "release_members"):
         return []
     written = []
@@ -227,7 +239,7 @@ def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, ol
         ).fetchall()
         if not rows:
             continue
-        folder = home.releases / agreement_id / "rekey"
+        folder = _crosswalk_staging(home) / agreement_id
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)
         path = folder / f"{date.today().isoformat()}-{new.key_id}.csv"
@@ -236,8 +248,39 @@ def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, ol
             writer = csv.writer(fh)
             writer.writerow(["old_pseudonym", "new_pseudonym"])
             writer.writerows(rows)
-        written.append(str(path))
+        written.append(path)
     return written
+
+
+def _crosswalk_staging(home: Home) -> Path:
+    """Where crosswalks wait for their key to commit (``staging/rekey/<agreement>/``)."""
+    return home.staging / "rekey"
+
+
+def _staged_crosswalks(home: Home, new_key_id: str | None = None) -> list[Path]:
+    folder = _crosswalk_staging(home)
+    pattern = f"*-{new_key_id}.csv" if new_key_id else "*.csv"
+    return sorted(folder.glob(f"*/{pattern}")) if folder.is_dir() else []
+
+
+def _commit_crosswalks(home: Home, new_key_id: str) -> list[str]:
+    """Move the crosswalks of a committed key to their recipients' ``rekey/`` folders."""
+    moved = []
+    for path in _staged_crosswalks(home, new_key_id):
+        folder = home.releases / path.parent.name / "rekey"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        os.replace(path, folder / path.name)
+        moved.append(str(folder / path.name))
+    return moved
+
+
+def _shred_staged_crosswalks(home: Home) -> int:
+    """Shred crosswalks of a rotation that never committed; returns how many."""
+    paths = _staged_crosswalks(home)
+    for path in paths:
+        shred_file(path)
+    return len(paths)
 
 
 def _finish_haven(keyring: KeyRing, new: Key) -> None:
@@ -354,6 +397,7 @@ def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[st
         if current == staged_id:
             if purpose == "haven":
                 _finish_haven(keyring, Key("haven", staged.material))
+                _commit_crosswalks(home, staged_id)
             else:
                 _finish_vault(keyring, staged.material)
             done.append(f"{purpose}: finished; key {staged_id} is current")
@@ -363,12 +407,18 @@ def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[st
     done += [
         f"{name}: an old key file left by an interrupted replacement was shredded" for name in keyring.shred_leftovers()
     ]
+    if "haven" not in pending(keyring) and (shredded := _shred_staged_crosswalks(home)):
+        done.append(f"haven: {shredded} crosswalk(s) of a key that never became current were shredded")
     return done
 
 
 def rotate(home: Home, purpose: str, contracts: Iterable[Contract], *, actor: str) -> RotationReport:
     """Rotate one purpose's key; refuses while an earlier rotation is unfinished."""
     keyring = KeyRing(home.keys)
+    if live := runs.live_runs(home):
+        raise RotationError(
+            f"a pipeline run ({', '.join(live)}) holds the store; rotate the {purpose} key after it has finished"
+        )
     if pending(keyring):
         raise RotationError(
             f"an earlier rotation of {', '.join(pending(keyring))} did not finish; "

@@ -35,9 +35,13 @@ Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; ``docs/rules.md`` "Publi
   their dictionary and quality statements, for analysts (who never get the store key:
   access control by key separation, ``docs/design.md`` "Zones").
 * **Open Government Licence v3.0** (CoP 36: the haven is a public body).
-* **Atomic.** Files are written to a staging folder inside ``published/`` and renamed into
-  place, the manifest (``release.json``, with each file's SHA-256) last, so readers never
-  see half a file. Files of an output that a release no longer contains are removed.
+* **Atomic.** Files are written to a staging folder outside ``published/``
+  (``staging/publish-<release>/`` under the home, same file system) and renamed into place,
+  the manifest (``release.json``, with each file's SHA-256) last, so readers never see half a
+  file, and a crash leaves nothing half-written in the analysts' folder: stale staging
+  folders are removed by the next publication and at the start of every run
+  (``assets.runner.recover``). Files of an output that a release no longer contains are
+  removed.
 * Each publication is recorded: the statements in ``governance.output_releases`` (the base
   for "changes since the last release") and one audit entry per output (``publish``, legal
   basis ``anonymised``, the agreement of a linked output).
@@ -408,10 +412,7 @@ def publish_release(
     release = Release(f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}", now, [o.name for o in outputs])
     out = home.published
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = out / f".staging-{release.release_id}"
-    staging.mkdir()
+    staging = _fresh_staging(home, release.release_id)
     statements: dict[str, dict[str, Any]] = {}
     dictionaries: dict[str, dict[str, Any]] = {}
     try:
@@ -473,6 +474,16 @@ def publish_release(
         ],
     )
     return release
+
+
+def _fresh_staging(home: Home, release_id: str) -> Path:
+    """An empty staging folder outside ``published/``; earlier ones (a crashed publish) are removed."""
+    home.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in [*home.staging.glob("publish-*"), *home.published.glob(".staging-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = home.staging / f"publish-{release_id}"
+    staging.mkdir()
+    return staging
 
 
 def _previous_files(out: Path) -> set[str]:

@@ -295,7 +295,8 @@ def test_after_disposal_no_file_under_the_home_holds_a_disposed_value(world: Wor
     assert not {v for _, v in vaulted} & (world.old_nhs | world.old_postcodes | {MOVER_POSTCODE, MOVER_DOB})
     assert ("nhs_number", world.mover) in vaulted  # the mover is still held, with the kept values only
     store_dir = sorted(p.name for p in world.home.store_dir.rglob("*") if p.is_file())
-    assert store_dir == ["haven.duckdb"], "no WAL, temporary or next file is left"
+    assert store_dir == ["haven.duckdb", "store.lock"], "no WAL, temporary or next file is left"
+    assert (world.home.store_dir / "store.lock").stat().st_size == 0, "the lock file holds no data"
 
 
 def test_control_delete_and_checkpoint_leave_the_values_a_rebuild_removes(world: World, tmp_path: Path) -> None:

@@ -1,0 +1,165 @@
+"""Crash matrix (issue 17): ``kill -9`` of ``safehaven run`` at points over every stage, each
+followed by a plain ``safehaven run`` that succeeds with no manual step, in bounded time, and
+whose landed, haven, vault, published and release results equal a run with no crash.
+
+Each case is a real subprocess killed with a real SIGKILL (``tests.crash.harness``) in a real
+Dagster instance configured by ``deploy/dagster.yaml`` (one slot in the ``safehaven_store``
+pool: without recovery the next run waits for the dead run's slot forever). All homes share
+the no-crash run's key files, so pseudonyms and releases are comparable byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.tools import synthetic
+
+ROOT = Path(__file__).resolve().parents[2]
+PATIENTS = 300
+#: a recovery run must finish within this (a run takes well under a minute on this population)
+RECOVERY_LIMIT_SECONDS = 420
+CONNECT = "safehaven.core.store:Store.connect"
+
+#: (name, target, call number, when): kill points over every stage; the Nth store connection
+#: is the Nth step of the nightly job (ingest 1-4, validate 5-8, objections 9-10, haven 11-13,
+#: vault 14-16, rates 17, outputs and releases 18-26, publication 27).
+POINTS = [
+    ("ingest: inside the first landing step", CONNECT, 1, "inside"),
+    ("ingest: a file landed and committed, not yet shredded", "safehaven.intake.ingest:shred_file", 2, "before"),
+    ("validate: inside the first validation step", CONNECT, 5, "inside"),
+    ("objections: inside the objection register step", CONNECT, 9, "inside"),
+    ("pseudonymise: inside the first haven step", CONNECT, 11, "inside"),
+    ("vault: inside the first vault step", CONNECT, 14, "inside"),
+    ("objection rates: inside the step", CONNECT, 17, "inside"),
+    ("outputs: inside the first aggregate step", CONNECT, 18, "inside"),
+    ("releases: inside the linked release step", CONNECT, 26, "inside"),
+    ("publish: staging written, published.duckdb not yet", "safehaven.publish.publication:_write_db", 1, "before"),
+    ("publish: files in place, release not yet recorded", "safehaven.publish.publication:record_release", 1, "before"),
+]
+
+
+def _env(home: Path, dagster_home: Path) -> dict[str, str]:
+    return {**os.environ, "SAFEHAVEN_HOME": str(home), "DAGSTER_HOME": str(dagster_home), "PYTHONPATH": str(ROOT)}
+
+
+def _run(env: dict[str, str], *harness: str) -> subprocess.CompletedProcess:
+    """A plain ``safehaven run`` (launched through the instance), or one the harness kills: that
+    one runs the job in its own process (``--in-process``) so the kill lands inside a store step."""
+    plain = ["-c", "from safehaven.cli.main import main; main()"]
+    prefix = ["-m", "tests.crash.harness", *harness, "--"] if harness else plain
+    killed = ["--in-process"] if harness else []
+    return subprocess.run(
+        [sys.executable, *prefix, "run", "--no-demo", *killed],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RECOVERY_LIMIT_SECONDS,
+    )
+
+
+def _prepare(root: Path, keys: Path | None) -> tuple[Home, Path]:
+    home = Home(root / "haven").ensure()
+    dagster_home = root / "dagster_home"
+    dagster_home.mkdir(parents=True)
+    shutil.copy(ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")  # as `make install` does
+    if keys is not None:
+        shutil.rmtree(home.keys)
+        shutil.copytree(keys, home.keys)
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=7)
+    return home, dagster_home
+
+
+def _table_digest(con: duckdb.DuckDBPyConnection, relation: str) -> tuple[int, str]:
+    """Row count and an order-free digest of the rows (timestamps excluded: they say when, not what)."""
+    cols = [d[0] for d in con.execute(f"SELECT * FROM {relation} LIMIT 0").description]
+    types = [str(d[1]) for d in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()]
+    kept = [f'"{c}"' for c, t in zip(cols, types, strict=True) if not t.startswith("TIMESTAMP")]
+    row = con.execute(f"SELECT count(*), sum(hash({', '.join(kept)}))::VARCHAR FROM {relation}").fetchone()
+    return int(row[0]), str(row[1])
+
+
+def snapshot(home: Home) -> dict[str, object]:
+    """What a run produced, zone by zone (vault entries are counted: they are freshly encrypted)."""
+    out: dict[str, object] = {}
+    with Store(home).connect(read_only=True) as con:
+        tables = con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = 'store' "
+            "AND table_schema IN ('landing', 'haven', 'vault', 'release', 'published') "
+            "AND table_type = 'BASE TABLE' ORDER BY 1, 2"
+        ).fetchall()
+        for schema, table in tables:
+            if schema == "vault":
+                out[f"{schema}.{table}"] = con.execute(f'SELECT count(*) FROM {schema}."{table}"').fetchone()[0]
+            else:
+                out[f"{schema}.{table}"] = _table_digest(con, f'{schema}."{table}"')
+        out["batches"] = con.execute(
+            "SELECT list(batch_id ORDER BY batch_id), sum(rows) FROM governance.batches"
+        ).fetchone()
+    for path in sorted(home.published.glob("*.csv")):
+        out[f"published/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    plain = duckdb.connect()
+    for path in sorted(home.published.glob("*.parquet")):
+        out[str(path.relative_to(home.root))] = _table_digest(plain, f"read_parquet('{path}')")
+    for agreement in sorted(p for p in home.releases.iterdir() if p.is_dir()):
+        # the current release of each agreement: a run that redoes a finished release stage
+        # issues the same extract again under the next release number
+        current = max(agreement.glob(f"{agreement.name}-r*"), default=None)
+        for path in sorted(current.glob("*.parquet")) if current else []:
+            out[f"releases/{agreement.name}/current/{path.name}"] = _table_digest(plain, f"read_parquet('{path}')")
+    out["published files"] = sorted(p.name for p in home.published.iterdir())
+    return out
+
+
+def _leftovers(home: Home) -> list[str]:
+    """Anything a crash could leave for a person to clean up."""
+    return [
+        *(str(p) for p in home.incoming.rglob("*") if p.is_file()),
+        *(str(p) for p in home.published.glob(".staging-*")),
+        *(str(p) for p in home.staging.iterdir()),
+        *(str(p) for p in (home.store_dir / "runs").glob("*.lock")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    root = tmp_path_factory.mktemp("no_crash")
+    home, dagster_home = _prepare(root, None)
+    done = _run(_env(home.root, dagster_home))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return home.keys, snapshot(home)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "target", "nth", "when"), POINTS, ids=[p[0] for p in POINTS])
+def test_after_a_kill_9_a_plain_run_recovers_and_equals_a_run_with_no_crash(
+    baseline: tuple[Path, dict[str, object]], tmp_path: Path, name: str, target: str, nth: int, when: str
+) -> None:
+    keys, expected = baseline
+    home, dagster_home = _prepare(tmp_path, keys)
+    env = _env(home.root, dagster_home)
+
+    killed = _run(env, target, str(nth), when)
+    assert killed.returncode == -9, f"{name}: the run was not killed where asked\n{killed.stderr[-2000:]}"
+
+    started = time.monotonic()
+    again = _run(env)
+    assert again.returncode == 0, f"{name}: the next run failed\n{again.stdout[-2000:]}{again.stderr[-3000:]}"
+    assert time.monotonic() - started < RECOVERY_LIMIT_SECONDS
+    assert "Step blocked by limit for pool" not in again.stderr
+    if when == "inside":  # the dead run held the store pool's only slot: freed, and said so
+        assert "recovered: run" in again.stdout and "pool slot(s) freed" in again.stdout
+
+    assert snapshot(home) == expected
+    assert _leftovers(home) == []

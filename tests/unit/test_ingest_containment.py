@@ -1,0 +1,146 @@
+"""Every file is contained (issue 17): no file can fail the ingest stage or stay in incoming/.
+
+Hostile entries: a 10 MB file with no line end, a 10 MB field inside a normal file, symbolic
+links (to /etc/passwd, to a valid CSV outside the home), a symlinked collection folder, a
+folder where a file should be, and an error nobody foresaw. Each is quarantined with its
+rule id; the good file beside it is still landed; nothing outside the home is read or shred.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from safehaven.core.files import sha256_file
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake import ingest
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.intake.ingest import ingest_collection
+from tests.unit.validation_helpers import gp_rows, write_csv
+
+GP = ContractRegistry(CONTRACTS_DIR).contracts["gp_events"]
+HEADER = ",".join(GP.field_names)
+TEN_MB = 10 * 1024 * 1024
+
+
+def _run(store: Store, home: Home) -> ingest.IngestReport:
+    with store.connect() as con:
+        return ingest_collection(con, GP, home.incoming_for("gp_events"), home.quarantine_for("gp_events"))
+
+
+def _reason(home: Home, name: str) -> dict:
+    return json.loads((home.quarantine_for("gp_events") / f"{name}.reason.json").read_text())
+
+
+def _landed(store: Store) -> int:
+    with store.connect(read_only=True) as con:
+        return con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0]
+
+
+@pytest.fixture
+def folder(home: Home) -> Path:
+    """The gp_events folder with one good file in it (which must land whatever sits beside it)."""
+    path = home.incoming_for("gp_events")
+    write_csv(path / "gp_good.csv", gp_rows(4), GP.field_names)
+    return path
+
+
+def test_a_10mb_file_with_no_line_end_is_quarantined_as_line_too_long(store: Store, home: Home, folder: Path) -> None:
+    bad = folder / "gp_one_line.csv"
+    bad.write_bytes(b"9990000018," * (TEN_MB // 11))
+    report = _run(store, home)
+    assert (report.files_landed, report.files_quarantined) == (1, 1)
+    reason = _reason(home, "gp_one_line.csv")
+    assert reason["rule"] == "file.line_too_long"
+    assert "9990000018" not in json.dumps(reason)
+    assert (home.quarantine_for("gp_events") / "gp_one_line.csv").stat().st_size > TEN_MB - 11
+    assert not bad.exists() and _landed(store) == 4
+
+
+def test_a_10mb_field_inside_a_normal_file_is_field_too_large_not_a_field_count(
+    store: Store, home: Home, folder: Path
+) -> None:
+    rows = gp_rows(3, start=700)
+    rows[1]["practice_code"] = "M" * TEN_MB
+    write_csv(folder / "gp_big_field.csv", rows, GP.field_names)
+    report = _run(store, home)
+    assert (report.files_landed, report.files_quarantined) == (1, 1)
+    reason = _reason(home, "gp_big_field.csv")
+    assert reason["rule"] == "file.field_too_large"
+    assert "number of fields" not in reason["reason"] and "line 3" in reason["reason"]
+    assert "MMMMMMMM" not in json.dumps(reason)
+    assert _landed(store) == 4
+
+
+def test_a_symlink_to_a_system_file_is_quarantined_unread(store: Store, home: Home, folder: Path) -> None:
+    (folder / "passwd.csv").symlink_to("/etc/passwd")
+    passwd = sha256_file(Path("/etc/passwd"))
+    report = _run(store, home)
+    assert (report.files_landed, report.files_quarantined) == (1, 1)
+    reason = _reason(home, "passwd.csv")
+    assert reason["rule"] == "file.not_regular" and "symbolic link" in reason["reason"]
+    assert passwd not in json.dumps(reason), "the link's target was not read"
+    assert (home.quarantine_for("gp_events") / "passwd.csv").is_symlink()
+    assert sha256_file(Path("/etc/passwd")) == passwd
+
+
+def test_a_symlink_to_a_valid_csv_outside_the_home_is_neither_landed_nor_shredded(
+    store: Store, home: Home, folder: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere" / "gp_valid.csv"
+    write_csv(outside, gp_rows(6, start=900), GP.field_names)
+    before = outside.read_bytes()
+    (folder / "gp_link.csv").symlink_to(outside)
+    report = _run(store, home)
+    assert (report.files_landed, report.files_quarantined) == (1, 1)
+    assert _reason(home, "gp_link.csv")["rule"] == "file.not_regular"
+    assert outside.read_bytes() == before, "the target outside the home is untouched"
+    assert _landed(store) == 4
+
+
+def test_a_folder_inside_a_collection_folder_is_quarantined(store: Store, home: Home, folder: Path) -> None:
+    (folder / "nested").mkdir()
+    write_csv(folder / "nested" / "gp.csv", gp_rows(2, start=300), GP.field_names)
+    report = _run(store, home)
+    assert (report.files_landed, report.files_quarantined) == (1, 1)
+    assert _reason(home, "nested")["rule"] == "file.not_regular"
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_a_symlinked_collection_folder_is_refused_and_its_target_not_listed(
+    store: Store, home: Home, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere"
+    write_csv(outside / "gp_valid.csv", gp_rows(6, start=900), GP.field_names)
+    before = sorted(os.listdir(outside))
+    home.incoming_for("gp_events").symlink_to(outside, target_is_directory=True)
+    report = _run(store, home)
+    assert (report.files_landed, report.files_quarantined) == (0, 1)
+    assert report.quarantined[0]["rule"] == "file.not_regular"
+    assert _reason(home, "gp_events")["reason"].startswith("the collection folder incoming/gp_events is a symbolic")
+    assert sorted(os.listdir(outside)) == before and (outside / "gp_valid.csv").exists()
+    assert not os.path.lexists(home.incoming_for("gp_events"))
+
+
+def test_an_unforeseen_error_reading_one_file_quarantines_that_file_only(
+    store: Store, home: Home, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_csv(folder / "gp_odd.csv", gp_rows(2, start=100), GP.field_names)
+    real = ingest.inspect_file
+
+    def fails_on_odd(con, path, contract):  # fault injection: an error of a kind nobody foresaw
+        if path.name == "gp_odd.csv":
+            raise RuntimeError("value 9990000018 in a message")
+        return real(con, path, contract)
+
+    monkeypatch.setattr(ingest, "inspect_file", fails_on_odd)
+    report = _run(store, home)
+    assert (report.files_landed, report.files_quarantined) == (1, 1)
+    reason = _reason(home, "gp_odd.csv")
+    assert reason["rule"] == "file.unreadable" and "RuntimeError" in reason["reason"]
+    assert "9990000018" not in json.dumps(reason), "the error's text may hold values: it is not repeated"
+    assert _landed(store) == 4

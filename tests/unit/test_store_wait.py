@@ -1,0 +1,108 @@
+"""Opening a busy store waits for it, with backoff, up to a limit (issue 17: "Waiting, not failing").
+
+The holder is a real second process: DuckDB's file lock is per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from safehaven.core.home import Home
+from safehaven.core.store import Store, StoreBusy
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+with Store(Home(Path(sys.argv[1]))).connect(read_only=sys.argv[2] == "ro") as con:
+    con.execute("SELECT count(*) FROM landing.t").fetchone()
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+REBUILDING = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+@pytest.fixture
+def filled(store: Store) -> Store:
+    with store.connect() as con:
+        con.execute("CREATE TABLE landing.t AS SELECT range AS n FROM range(10)")
+    return store
+
+
+@pytest.mark.parametrize("mode", ["ro", "rw"])
+def test_a_writer_waits_for_a_reader_or_writer_in_another_process_and_succeeds(
+    filled: Store, home: Home, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = _hold([HOLD, str(home.root), mode, "2"])
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="safehaven.core.store"):
+        with filled.connect() as con:
+            con.execute("INSERT INTO landing.t VALUES (10)")
+            assert con.execute("SELECT count(*) FROM landing.t").fetchone()[0] == 11
+    assert time.monotonic() - started >= 1.0, "it waited for the holder rather than failing"
+    assert holder.wait(timeout=30) == 0
+    assert any("busy" in r.getMessage() and "waiting" in r.getMessage() for r in caplog.records)
+
+
+def test_a_reader_waits_for_a_writer_in_another_process(filled: Store, home: Home) -> None:
+    holder = _hold([HOLD, str(home.root), "rw", "1.5"])
+    with filled.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM landing.t").fetchone()[0] == 10
+    assert holder.wait(timeout=30) == 0
+
+
+def test_past_the_limit_the_connection_fails_with_store_busy_and_then_recovers(filled: Store, home: Home) -> None:
+    holder = _hold([HOLD, str(home.root), "rw", "4"])
+    impatient = Store(home, lock_wait=0.5)
+    with pytest.raises(StoreBusy, match="busy for"):
+        with impatient.connect():
+            pass
+    assert holder.wait(timeout=30) == 0
+    with impatient.connect() as con:  # the holder has gone: the next attempt succeeds
+        assert con.execute("SELECT count(*) FROM landing.t").fetchone()[0] == 10
+
+
+def test_a_connection_waits_while_another_process_rebuilds_the_store(filled: Store, home: Home) -> None:
+    holder = _hold([REBUILDING, str(filled.lock_file), "1.5"])
+    started = time.monotonic()
+    with filled.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM landing.t").fetchone()[0] == 10
+    assert time.monotonic() - started >= 1.0
+    assert holder.wait(timeout=30) == 0
+
+
+def test_a_half_done_rebuild_is_not_touched_while_its_process_is_alive(filled: Store, home: Home) -> None:
+    filled.journal.write_text('{"state": "building"}')
+    next_file = home.store_dir / "haven.duckdb.next"
+    next_file.write_bytes(b"partial")
+    holder = _hold([REBUILDING, str(filled.lock_file), "1.5"])
+    with pytest.raises(StoreBusy):
+        with Store(home, lock_wait=0.3).connect():
+            pass
+    assert next_file.exists() and filled.journal.exists(), "a live rebuild's files are left alone"
+    assert holder.wait(timeout=30) == 0
+    with filled.connect(read_only=True) as con:  # its process has gone: now it is recovered
+        assert con.execute("SELECT count(*) FROM landing.t").fetchone()[0] == 10
+    assert not next_file.exists() and not filled.journal.exists()
