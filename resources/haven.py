@@ -39,9 +39,11 @@ class SafeHavenResource(dg.ConfigurableResource):
     lock_wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Hold this run's liveness lock until the run ends (``safehaven.core.runs``)."""
+        """At run start: hold the run's liveness lock until it ends (``safehaven.core.runs``),
+        then verify the audit trail and record the run (fails closed, ``_begin_audited_run``)."""
         if context.run_id and context.run_id not in _RUN_LOCKS:
             _RUN_LOCKS[context.run_id] = runs.hold(self.home_dir().ensure(), context.run_id)
+        self._begin_audited_run(context)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         fd = _RUN_LOCKS.pop(context.run_id, None) if context.run_id else None
@@ -66,7 +68,7 @@ class SafeHavenResource(dg.ConfigurableResource):
             logger=dg.get_dagster_logger("safehaven.store"),
         )
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+    def _begin_audited_run(self, context: dg.InitResourceContext) -> None:
         """Fail closed at run start: verify the whole audit trail once, then record the run.
 
         ``safehaven.core.audit.begin_run`` raises ``AuditTrailBroken`` (one line: the first bad
