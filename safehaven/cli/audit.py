@@ -177,7 +177,7 @@ def audit_resolve(decision: str) -> None:
     The breach goes in the breach register; the decision is audited as the first entry of a new
     segment linked to the last entry still stored. The trail then verifies and shows the break.
     """
-    from safehaven.cli.governance import _require_governance_key
+    from safehaven.cli.governance import require_governance_key as _require_governance_key
     from safehaven.core import audit
     from safehaven.core.keys import KeyRingError
     from safehaven.core.registers import current_actor, export

@@ -159,9 +159,6 @@ def register(main: click.Group) -> None:
         from safehaven.share.agreements import scan_agreements
 
         home = ensure_home()
-        known, broken = scan_agreements()
-        if agreement_id not in known and agreement_id not in broken:
-            fail(f"no such agreement: {agreement_id} (safehaven agreements list shows them)")
         keyring = KeyRing(home.keys)
         try:
             with Store(home, keyring).connect() as con:
@@ -175,7 +172,10 @@ def register(main: click.Group) -> None:
                     gp_sourced=gp_sourced,
                 )
         except Exception as exc:
-            raise click.ClickException(str(exc)) from None
+            known, broken = scan_agreements()
+            if agreement_id not in known and agreement_id not in broken:  # no file and no key: a typo
+                fail(f"no such agreement: {agreement_id} (safehaven agreements list shows them)")
+            fail(str(exc))
         click.echo(json.dumps(report.summary(), indent=2, sort_keys=True))
 
     @objections_group.command("record")
