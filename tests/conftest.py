@@ -62,6 +62,30 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prebuilt: Path | None)
     return Home(root).ensure()
 
 
+@pytest.fixture(scope="session")
+def populated_haven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The haven root ``tests.unit.populate.populated`` makes (300 patients, seed 7; no Dagster).
+
+    Built once per session (per xdist worker); never change it: ``copy_haven`` it into a test's home.
+    """
+    from tests.unit.populate import populated
+
+    root = tmp_path_factory.mktemp("populated") / "haven"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root))
+        populated(Home(root).ensure())
+    return root
+
+
+def copy_haven(template: Path, home: Home) -> Home:
+    """``home`` (fresh from the ``home`` fixture) filled with a copy of the haven at ``template``.
+
+    The whole tree is copied, so the encrypted store travels with its keys.
+    """
+    shutil.copytree(template, home.root, dirs_exist_ok=True)
+    return home
+
+
 @pytest.fixture
 def store(home: Home) -> Store:
     return Store(home)
