@@ -85,6 +85,7 @@ def _run(instance, config: dict) -> dg.ExecuteInProcessResult:
     )
 
 
+@pytest.mark.slow
 def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagster_instance) -> None:
     home, contracts, gp_only = ran
     with Store(home).connect() as con:  # the GP drop was received eight years ago
@@ -127,6 +128,7 @@ def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagst
         assert con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] > 0
 
 
+@pytest.mark.slow
 def test_job_config_names_a_collection_or_an_agreement(ran, dagster_instance) -> None:
     home, _, _ = ran
     bad = _run(dagster_instance, {"collection": "gp_events"})

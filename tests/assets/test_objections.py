@@ -17,6 +17,8 @@ from safehaven.tools import synthetic
 from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
 
 PATIENTS = 600
+# Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
+pytestmark = pytest.mark.slow
 
 
 def _assets() -> list:

@@ -29,6 +29,8 @@ from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_number
 from tests.unit.validation_helpers import nhs_numbers, write_csv
 
 PATIENTS = 300
+# Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
+pytestmark = pytest.mark.slow
 
 
 def _corrupt_nhs_numbers(path: Path, share: float) -> int:
