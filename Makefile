@@ -26,8 +26,12 @@ run: install
 ui: install
 	$(BIN)/dagster dev -w workspace.yaml
 
+# The whole suite, slow tier included, on $(TEST_WORKERS) pytest-xdist workers; each test module
+# stays on one worker (loadscope), so a module's shared run is built once. For a targeted run,
+# call pytest directly (one process); `pytest -m "not slow"` is the quick tier.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -1,8 +1,17 @@
-"""Shared fixtures: every test gets its own haven home, store and Dagster instance."""
+"""Shared fixtures: every test gets its own haven home, store and Dagster instance.
+
+Full-job runs are expensive, so a module whose tests all start from the same run builds it once
+(a module-scoped fixture using ``building_haven``) and overrides ``prebuilt`` to return its root:
+then ``home`` and ``dagster_instance`` are a private copy of that haven and its Dagster storage,
+which a test may read or change freely without re-running the job.
+"""
 
 from __future__ import annotations
 
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -12,14 +21,69 @@ from safehaven.core.home import Home
 from safehaven.core.store import Store
 
 
+@contextmanager
+def building_haven(root: Path) -> Iterator[tuple[Home, object]]:
+    """An empty haven under ``root`` for a module- or session-scoped fixture to run jobs in.
+
+    Lays ``root`` out as ``home`` does a test's directory (``haven/`` and ``dagster_home/``), so
+    ``prebuilt`` can copy it; $SAFEHAVEN_HOME and $DAGSTER_HOME point there only inside the block.
+    Yields the home and a Dagster instance whose storage is ``root/dagster_home``.
+    """
+    import dagster as dg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
+        mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        (root / "dagster_home").mkdir()
+        home = Home(root / "haven").ensure()
+        with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+            yield home, instance
+
+
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Home:
-    """An empty haven home in a temporary directory, set as $SAFEHAVEN_HOME."""
+def prebuilt() -> Path | None:
+    """The root of a haven built once for the module (see ``building_haven``), or None for an empty home.
+
+    Override in a test module to start every test's ``home`` (and ``dagster_instance``) from a
+    copy of that haven. Copying the whole root keeps the encrypted store and its keys together.
+    """
+    return None
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prebuilt: Path | None) -> Home:
+    """A haven home in a temporary directory, set as $SAFEHAVEN_HOME: empty, or a copy of ``prebuilt``."""
+    if prebuilt is not None:
+        shutil.copytree(prebuilt, tmp_path, dirs_exist_ok=True)
     root = tmp_path / "haven"
     monkeypatch.setenv("SAFEHAVEN_HOME", str(root))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    (tmp_path / "dagster_home").mkdir()
+    (tmp_path / "dagster_home").mkdir(exist_ok=True)
     return Home(root).ensure()
+
+
+@pytest.fixture(scope="session")
+def populated_haven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The haven root ``tests.unit.populate.populated`` makes (300 patients, seed 7; no Dagster).
+
+    Built once per session (per xdist worker); never change it: ``copy_haven`` it into a test's home.
+    """
+    from tests.unit.populate import populated
+
+    root = tmp_path_factory.mktemp("populated") / "haven"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root))
+        populated(Home(root).ensure())
+    return root
+
+
+def copy_haven(template: Path, home: Home) -> Home:
+    """``home`` (fresh from the ``home`` fixture) filled with a copy of the haven at ``template``.
+
+    The whole tree is copied, so the encrypted store travels with its keys.
+    """
+    shutil.copytree(template, home.root, dirs_exist_ok=True)
+    return home
 
 
 @pytest.fixture
@@ -70,8 +134,11 @@ def leaked_nhs_numbers(roots: list[Path], seeded: set[str]) -> dict[str, int]:
 
 
 @pytest.fixture
-def dagster_instance(tmp_path: Path):
-    """A Dagster instance whose event storage lives under the test's own directory."""
+def dagster_instance(tmp_path: Path, home: Home):
+    """A Dagster instance whose event storage lives under the test's own directory.
+
+    Depends on ``home`` so a copied Dagster storage (``prebuilt``) is in place before it opens.
+    """
     import dagster as dg
 
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:

@@ -20,7 +20,7 @@ from safehaven.intake.contracts import CONTRACTS_DIR
 from safehaven.share import review
 from safehaven.share.agreements import suspend
 from safehaven.tools import synthetic
-from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
 from tests.governance_helpers import approve_release
 
 PATIENTS = 300
@@ -40,26 +40,42 @@ def test_disposal_job_and_daily_schedule_are_wired() -> None:
     assert request.run_config == {"ops": {"dispose": {"config": {"sweep": True}}}}
 
 
-@pytest.fixture
-def ran(home: Home, tmp_path: Path, dagster_instance, monkeypatch: pytest.MonkeyPatch) -> tuple[Home, Path, set[str]]:
-    """One nightly run over a drop, with the project's agreements copied so a test may suspend one."""
-    contracts = tmp_path / "data_contracts"
+@pytest.fixture(scope="module")
+def ran_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
+    """One nightly run over a drop for the whole module, with the project's agreements copied beside
+    the haven so a test may suspend one; returns the root and the NHS numbers only the GP drop held."""
+    root = tmp_path_factory.mktemp("disposal")
+    contracts = root / "data_contracts"
     shutil.copytree(CONTRACTS_DIR, contracts)
+    with building_haven(root) as (home, instance), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
+        synthetic.generate(home.incoming, patients=PATIENTS, seed=7, defect_rate=0.01)
+        gp_numbers = seeded_nhs_numbers(home.incoming_for("gp_events"))
+        others = (
+            seeded_nhs_numbers(home.incoming_for("hospital_episodes"))
+            | seeded_nhs_numbers(home.incoming_for("social_care"))
+            | seeded_nhs_numbers(home.incoming_for("objections"))
+        )
+        ok, stages = run_nightly(home, instance)
+        assert ok, [s for s in stages if s.checks_failed]
+        with Store(home).connect() as con:  # two output checkers approve what the run prepared
+            for request in review.requests(con, states=review.AWAITING_REVIEW):
+                approve_release(con, request.release_id, home)
+    return root, gp_numbers - others
+
+
+@pytest.fixture
+def prebuilt(ran_once) -> Path:
+    return ran_once[0]
+
+
+@pytest.fixture
+def ran(home: Home, tmp_path: Path, ran_once, monkeypatch: pytest.MonkeyPatch) -> tuple[Home, Path, set[str]]:
+    """This test's own copy of the module's run (``home``, ``dagster_instance``) and of its agreements."""
+    contracts = tmp_path / "data_contracts"
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
-    synthetic.generate(home.incoming, patients=PATIENTS, seed=7, defect_rate=0.01)
-    gp_numbers = seeded_nhs_numbers(home.incoming_for("gp_events"))
-    others = (
-        seeded_nhs_numbers(home.incoming_for("hospital_episodes"))
-        | seeded_nhs_numbers(home.incoming_for("social_care"))
-        | seeded_nhs_numbers(home.incoming_for("objections"))
-    )
-    ok, stages = run_nightly(home, dagster_instance)
-    assert ok, [s for s in stages if s.checks_failed]
-    with Store(home).connect() as con:  # two output checkers approve what the run prepared
-        for request in review.requests(con, states=review.AWAITING_REVIEW):
-            approve_release(con, request.release_id, home)
     assert (home.releases / GP_AUDIT).exists()
-    return home, contracts, gp_numbers - others
+    return home, contracts, ran_once[1]
 
 
 def _run(instance, config: dict) -> dg.ExecuteInProcessResult:
@@ -69,6 +85,7 @@ def _run(instance, config: dict) -> dg.ExecuteInProcessResult:
     )
 
 
+@pytest.mark.slow
 def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagster_instance) -> None:
     home, contracts, gp_only = ran
     with Store(home).connect() as con:  # the GP drop was received eight years ago
@@ -111,6 +128,7 @@ def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagst
         assert con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] > 0
 
 
+@pytest.mark.slow
 def test_job_config_names_a_collection_or_an_agreement(ran, dagster_instance) -> None:
     home, _, _ = ran
     bad = _run(dagster_instance, {"collection": "gp_events"})

@@ -9,9 +9,11 @@ from assets.runner import run_nightly
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.tools import synthetic
-from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
 
 PATIENTS = 300
+# Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
+pytestmark = pytest.mark.slow
 
 
 def _drop(home: Home, seed: int = 7) -> set[str]:
@@ -29,11 +31,26 @@ def _counts(home: Home) -> dict[str, int]:
         return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for (t,) in tables}
 
 
-@pytest.fixture
-def first_run(home: Home, dagster_instance) -> tuple[Home, set[str], object]:
-    seeded = _drop(home)
-    ok, stages = run_nightly(home, dagster_instance)
+@pytest.fixture(scope="module")
+def nightly_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], object]:
+    """One drop and one nightly run for the whole module (its root, the seeded numbers, the stages)."""
+    root = tmp_path_factory.mktemp("nightly")
+    with building_haven(root) as (home, instance):
+        seeded = _drop(home)
+        ok, stages = run_nightly(home, instance)
     assert ok, [s for s in stages if s.checks_failed]
+    return root, seeded, stages
+
+
+@pytest.fixture
+def prebuilt(nightly_once) -> Path:
+    return nightly_once[0]
+
+
+@pytest.fixture
+def first_run(home: Home, nightly_once) -> tuple[Home, set[str], object]:
+    """The first run's haven, this test's own copy of it (``home``, ``dagster_instance``)."""
+    _, seeded, stages = nightly_once
     return home, seeded, stages
 
 

@@ -14,9 +14,11 @@ from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.tools import synthetic
-from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
 
 PATIENTS = 600
+# Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
+pytestmark = pytest.mark.slow
 
 
 def _assets() -> list:
@@ -45,12 +47,27 @@ def _expected_outlier(incoming: Path) -> str:
     ).fetchone()[0]
 
 
+@pytest.fixture(scope="module")
+def ran_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.ExecuteInProcessResult, str, set[str]]:
+    """One drop through the stages for the whole module (its root, the result, the outlier, the seeded numbers)."""
+    root = tmp_path_factory.mktemp("objections")
+    with building_haven(root) as (home, instance):
+        synthetic.generate(home.incoming, patients=PATIENTS, seed=5, defect_rate=0.01)
+        outlier = _expected_outlier(home.incoming)
+        seeded = seeded_nhs_numbers(home.incoming)
+        result = dg.materialize(_assets(), resources={"haven": SafeHavenResource()}, instance=instance)
+    return root, result, outlier, seeded
+
+
 @pytest.fixture
-def run(home: Home, dagster_instance) -> tuple[dg.ExecuteInProcessResult, str, set[str]]:
-    synthetic.generate(home.incoming, patients=PATIENTS, seed=5, defect_rate=0.01)
-    outlier = _expected_outlier(home.incoming)
-    seeded = seeded_nhs_numbers(home.incoming)
-    result = dg.materialize(_assets(), resources={"haven": SafeHavenResource()}, instance=dagster_instance)
+def prebuilt(ran_once) -> Path:
+    return ran_once[0]
+
+
+@pytest.fixture
+def run(ran_once) -> tuple[dg.ExecuteInProcessResult, str, set[str]]:
+    """The module's run; a test that asks for ``home`` or ``dagster_instance`` gets its own copy of its haven."""
+    _, result, outlier, seeded = ran_once
     return result, outlier, seeded
 
 

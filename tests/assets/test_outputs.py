@@ -37,6 +37,8 @@ from safehaven.tools import synthetic
 from tests.conftest import scan_for
 
 PATIENTS = 600
+# Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
+pytestmark = pytest.mark.slow
 
 
 def stage_assets(registry: ContractRegistry) -> list[dg.AssetsDefinition]:

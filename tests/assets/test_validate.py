@@ -3,10 +3,17 @@ same run, nothing identifiable leaks, and a collection added by contract alone f
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
+import os
 import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,10 +25,12 @@ from safehaven.core.store import Store
 from safehaven.intake.contracts import CONTRACTS_DIR
 from safehaven.intake.validation import RESULTS, RULE_RESULTS
 from safehaven.tools import synthetic
-from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
 from tests.unit.validation_helpers import nhs_numbers, write_csv
 
 PATIENTS = 300
+# Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
+pytestmark = pytest.mark.slow
 
 
 def _corrupt_nhs_numbers(path: Path, share: float) -> int:
@@ -37,17 +46,71 @@ def _corrupt_nhs_numbers(path: Path, share: float) -> int:
     return bad
 
 
+@contextmanager
+def captured_logs() -> Iterator[list[str]]:
+    """What ``caplog.set_level(logging.DEBUG)`` and ``capfd`` would catch, for a module-scoped fixture.
+
+    Every record of DEBUG and up reaching the root logger (formatted as caplog does), then all
+    written to stdout and stderr, both Python's streams and file descriptors 1 and 2 (Dagster's own
+    console log): appended to the yielded list, as one string, when the block ends.
+    """
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s:%(filename)s:%(lineno)d %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    level = root.level
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    sink = tempfile.TemporaryFile()
+    texts: list[str] = []
+    try:
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+        with (
+            io.TextIOWrapper(os.fdopen(os.dup(sink.fileno()), "wb"), write_through=True) as stream,
+            contextlib.redirect_stdout(stream),
+            contextlib.redirect_stderr(stream),
+        ):
+            yield texts
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        sink.seek(0)
+        texts.append(handler.stream.getvalue() + sink.read().decode("utf-8", "replace"))
+        sink.close()
+
+
+@pytest.fixture(scope="module")
+def blocked_once(tmp_path_factory: pytest.TempPathFactory):
+    """One blocked nightly run for the module: its root, ok, the stages, seeded numbers, bad rows, logs."""
+    root = tmp_path_factory.mktemp("blocked")
+    with building_haven(root) as (home, instance):
+        synthetic.generate(home.incoming, patients=PATIENTS, seed=5, defect_rate=0.01)
+        seeded = seeded_nhs_numbers(home.incoming)
+        social = next(home.incoming_for("social_care").glob("*.csv"))
+        bad = _corrupt_nhs_numbers(social, 0.2)  # 20% > the contract's 5%
+        seeded |= seeded_nhs_numbers(home.incoming_for("social_care"))
+        with captured_logs() as logs:  # Dagster's own console log, beside Python logging
+            ok, stages = run_nightly(home, instance)
+    return root, ok, {s.asset: s for s in stages}, seeded, bad, logs[0]
+
+
 @pytest.fixture
-def blocked_run(home: Home, dagster_instance, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture):
-    synthetic.generate(home.incoming, patients=PATIENTS, seed=5, defect_rate=0.01)
-    seeded = seeded_nhs_numbers(home.incoming)
-    social = next(home.incoming_for("social_care").glob("*.csv"))
-    bad = _corrupt_nhs_numbers(social, 0.2)  # 20% > the contract's 5%
-    seeded |= seeded_nhs_numbers(home.incoming_for("social_care"))
-    caplog.set_level(logging.DEBUG)
-    ok, stages = run_nightly(home, dagster_instance)
-    out, err = capfd.readouterr()  # Dagster's own console log, beside Python logging
-    return ok, {s.asset: s for s in stages}, seeded, bad, caplog.text + out + err
+def prebuilt(request: pytest.FixtureRequest) -> Path | None:
+    """The blocked run's haven for the tests that read it; an empty home for the others."""
+    return request.getfixturevalue("blocked_once")[0] if "blocked_run" in request.fixturenames else None
+
+
+@pytest.fixture
+def blocked_run(blocked_once):
+    """The module's blocked run; ``home`` and ``dagster_instance`` are this test's own copy of its haven."""
+    return blocked_once[1:]
 
 
 def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -25,7 +26,7 @@ from safehaven.protect.pseudonymise import (
     release_pseudonym,
     release_pseudonym_sql,
 )
-from tests.unit.populate import populated
+from tests.conftest import copy_haven
 
 COLLECTIONS = ("gp_events", "hospital_episodes", "social_care")
 
@@ -50,9 +51,9 @@ def test_key_material_never_appears_in_sql_text() -> None:
 
 
 @pytest.fixture
-def haven_home(home: Home) -> Home:
-    populated(home)
-    return home
+def haven_home(home: Home, populated_haven: Path) -> Home:
+    """``home`` as ``populated(home)`` leaves it: a copy of the session's populated haven."""
+    return copy_haven(populated_haven, home)
 
 
 def test_plain_hashes_of_the_whole_test_range_match_no_pseudonym(haven_home: Home) -> None:

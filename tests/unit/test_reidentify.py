@@ -21,7 +21,7 @@ from safehaven.protect.optouts import MEMBERS
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
 from safehaven.share.reidentify import ReidentificationRefused, reidentify
-from tests.unit.populate import populated
+from tests.conftest import copy_haven
 
 
 def _agreement(root: Path, agreement_id: str, basis: str, level: str = "identifiable", status: str = "approved"):
@@ -51,9 +51,9 @@ def contracts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def released(home: Home, contracts: Path) -> dict[str, object]:
+def released(home: Home, contracts: Path, populated_haven: Path) -> dict[str, object]:
     """A haven where ten hospital patients, some objecting, were released to each agreement."""
-    populated(home)
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
         ensure_optout_tables(con)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -19,15 +20,16 @@ from safehaven.protect.objections import EVENTS, objectors_sql
 from safehaven.protect.optouts import MEMBERS, apply_optouts
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
-from tests.unit.populate import drop, populated, process
+from tests.conftest import copy_haven
+from tests.unit.populate import drop, process
 
 CONTENT = ("gp_events", "hospital_episodes", "social_care")
 
 
 @pytest.fixture
-def haven_home(home: Home) -> Home:
-    populated(home)
-    return home
+def haven_home(home: Home, populated_haven: Path) -> Home:
+    """``home`` as ``populated(home)`` leaves it: a copy of the session's populated haven."""
+    return copy_haven(populated_haven, home)
 
 
 def _consistent(con, key: bytes) -> None:

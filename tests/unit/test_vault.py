@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -13,13 +14,14 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.pseudonymise import install_key, pseudonym
+from tests.conftest import copy_haven
 from tests.unit.populate import drop, populated, process
 
 
 @pytest.fixture
-def haven_home(home: Home) -> Home:
-    populated(home)
-    return home
+def haven_home(home: Home, populated_haven: Path) -> Home:
+    """``home`` as ``populated(home)`` leaves it: a copy of the session's populated haven."""
+    return copy_haven(populated_haven, home)
 
 
 def test_vault_holds_full_identifiers_encrypted(haven_home: Home) -> None:
