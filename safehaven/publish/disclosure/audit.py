@@ -98,6 +98,8 @@ class AuditReport:
     narrowest_upper: int | None = None
     seconds: float = 0.0
     iterations: int = 1
+    #: cells the joint protection's fallback suppressed in the failing blocks (0: not applied)
+    fallback_block_suppression: int = 0
     problems: list[str] = field(default_factory=list)
     #: per table key: local cell ids (row order by dimensions) failing, and their published neighbours
     failing: dict[str, set[int]] = field(default_factory=dict)
@@ -118,6 +120,7 @@ class AuditReport:
             "audit_narrowest_upper": -1 if self.narrowest_upper is None else self.narrowest_upper,
             "audit_failing": sum(len(v) for v in self.failing.values()),
             "audit_iterations": self.iterations,
+            "audit_fallback_block_suppression": self.fallback_block_suppression,
             "audit_seconds": round(self.seconds, 3),
         }
 

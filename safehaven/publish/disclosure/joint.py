@@ -14,8 +14,20 @@ Disclosure Control*, Wiley 2012, section 4.2: linked tables), so that the audit 
    true counts first, one per failing cell) are suppressed too, the failing secondary
    suppressions are avoided, and steps 2-3 repeat, at most ``MAX_ROUNDS`` times.
 
+4. **Fallback** (fail closed, not by stopping). If the loop finds no further change and the
+   audit still fails, every published non-zero cell of the new table in a failing block is
+   suppressed: the failing cells, every cell sharing a margin group with one, and every
+   published cell sharing a relation row with one (Hundepool et al. 2012, section 4.2:
+   suppressing the whole block leaves no published value inside it to narrow a cell, so a
+   suppressed non-zero cell keeps ``[0, upper]``). Protection and audit are re-run, the block
+   growing with each new failing cell, at most ``MAX_ROUNDS`` times; the number of cells so
+   suppressed is recorded (``fallback_block_suppression``). Zeros are never forced: a known
+   zero protects nothing (ISB 1523 guards counts of 1..threshold people).
+
 If the audit still fails, the report says so and the output's blocking check fails (fail
-closed): the publication is not written.
+closed): the publication is not written. A cell the *other* tables already pin (a zero
+whose related cells are published as 0, used as the only possible secondary of a pair)
+cannot be freed by suppressing cells of the new table: such a publication still fails.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import duckdb
 
 from safehaven.publish.disclosure.audit import AuditReport, AuditTable, audit
 from safehaven.publish.disclosure.relations import Link
-from safehaven.publish.disclosure.tables import ProtectionReport, protect
+from safehaven.publish.disclosure.tables import ProtectionReport, default_margins, protect
 
 __all__ = ["MAX_ROUNDS", "protect_jointly"]
 
@@ -61,6 +73,46 @@ def _smallest(con: duckdb.DuckDBPyConnection, work: str, dims: Sequence[str], co
         [sorted(ids)],
     ).fetchall()
     return {int(r[0]) for r in rows}
+
+
+def _block_cells(
+    con: duckdb.DuckDBPyConnection, work: str, dims: Sequence[str], count_col: str, ids: set[int], margins: Any
+) -> set[int]:
+    """Non-zero cells sharing a margin group with a cell in ``ids`` (and those cells): the block."""
+    order = ", ".join(_q(d) for d in dims)
+    groups = default_margins(dims) if margins is None else [list(m) for m in margins]
+    same = [" AND ".join(f"r.{_q(d)} IS NOT DISTINCT FROM f.{_q(d)}" for d in key) or "TRUE" for key in groups]
+    ranked = f"SELECT row_number() OVER (ORDER BY {order}) - 1 AS i, * FROM {work}"
+    rows = con.execute(
+        f"WITH r AS ({ranked}), f AS (SELECT * FROM r WHERE i IN (SELECT unnest(?::BIGINT[]))) "
+        f"SELECT r.i FROM r WHERE r.{_q(count_col)} > 0 AND (r.i IN (SELECT i FROM f)"
+        + "".join(f" OR EXISTS (SELECT 1 FROM f WHERE {cond})" for cond in same)
+        + ")",
+        [sorted(ids)],
+    ).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def _fallback(
+    con: duckdb.DuckDBPyConnection,
+    run: Callable[[], tuple[ProtectionReport, AuditReport]],
+    first: tuple[ProtectionReport, AuditReport],
+    key: str,
+    block: Callable[[set[int]], set[int]],
+    force: Callable[[set[int]], None],
+) -> tuple[ProtectionReport, AuditReport]:
+    """Rule 4 of the module docstring: suppress whole failing blocks until the audit passes."""
+    protection, report = first
+    forced: set[int] = set()
+    for _ in range(MAX_ROUNDS):
+        grow = block(report.failing.get(key, set()) | report.neighbours.get(key, set())) - forced
+        if report.passed or not grow:
+            break
+        forced |= grow
+        force(forced)
+        protection, report = run()
+        report.fallback_block_suppression = len(forced)
+    return protection, report
 
 
 def protect_jointly(
@@ -101,6 +153,16 @@ def protect_jointly(
             _mark(con, work, dims, AVOID, avoided)
             _mark(con, work, dims, FORCE, forced)
         assert report is not None
-        return protection, report
+        if report.passed:
+            return protection, report
+
+        def rerun() -> tuple[ProtectionReport, AuditReport]:
+            done = protector(con, work, target, dims, avoid_col=AVOID, force_col=FORCE, **options)
+            return done, audit(con, [table, *others], links)
+
+        def block(ids: set[int]) -> set[int]:
+            return _block_cells(con, work, dims, count_col, ids, options.get("margins"))
+
+        return _fallback(con, rerun, (protection, report), key, block, lambda ids: _mark(con, work, dims, FORCE, ids))
     finally:
         con.execute(f"DROP TABLE IF EXISTS {work}")
