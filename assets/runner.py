@@ -128,7 +128,9 @@ def run_nightly(
     job = build_definitions().resolve_job_def(NIGHTLY)
     instance = instance or dg.DagsterInstance.ephemeral()
     _recover(instance, home, report)
-    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=haven_run_config(home))
+    result = job.execute_in_process(
+        instance=instance, raise_on_error=False, run_config=haven_run_config(home, quiet=True)
+    )
     ok, stages = summarise_run(instance, result.run_id)
     return ok and result.success, stages
 
