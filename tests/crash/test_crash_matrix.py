@@ -11,6 +11,7 @@ the no-crash run's key files, so pseudonyms and releases are comparable byte for
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -74,11 +75,22 @@ def _prepare(root: Path, keys: Path | None) -> tuple[Home, Path]:
     dagster_home = root / "dagster_home"
     dagster_home.mkdir(parents=True)
     shutil.copy(ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")  # as `make install` does
-    if keys is not None:
+    if keys is not None:  # the same pseudonym and vault keys, so results compare equal
         shutil.rmtree(home.keys)
         shutil.copytree(keys, home.keys)
+        _fresh_audit_key(home)
     synthetic.generate(home.incoming, patients=PATIENTS, seed=7)
     return home, dagster_home
+
+
+def _fresh_audit_key(home: Home) -> None:
+    """A new haven starts its own audit trail: an audit key without its log is refused as a
+    truncated trail (``safehaven.core.audit``), so the copied ring leaves the audit key out."""
+    (home.keys / "audit.key").unlink(missing_ok=True)
+    ring_file = home.keys / "keyring.json"
+    ring = json.loads(ring_file.read_text())
+    ring.pop("audit", None)
+    ring_file.write_text(json.dumps(ring, indent=2))
 
 
 def _table_digest(con: duckdb.DuckDBPyConnection, relation: str) -> tuple[int, str]:
