@@ -135,11 +135,12 @@ def snapshot(home: Home) -> dict[str, object]:
 
 
 def _leftovers(home: Home) -> list[str]:
-    """Anything a crash could leave for a person to clean up."""
+    """Anything a crash could leave for a person to clean up (release requests waiting for
+    review in ``staging/releases/`` are not leftovers: they wait for the reviewers)."""
     return [
         *(str(p) for p in home.incoming.rglob("*") if p.is_file()),
         *(str(p) for p in home.published.glob(".staging-*")),
-        *(str(p) for p in home.staging.iterdir()),
+        *(str(p) for p in home.staging.iterdir() if p.name != "releases"),
         *(str(p) for p in (home.store_dir / "runs").glob("*.lock")),
     ]
 
