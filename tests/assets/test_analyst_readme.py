@@ -38,7 +38,7 @@ def readme_commands(section: str) -> list[str]:
 def published(tmp_path_factory: pytest.TempPathFactory) -> Home:
     root = tmp_path_factory.mktemp("analyst")
     home = Home(root / "haven").ensure()
-    synthetic.generate(home.incoming, patients=200, seed=5)
+    synthetic.generate(home.incoming, patients=300, seed=11)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFEHAVEN_HOME", str(home.root))
         ok, _ = run_nightly(home)
