@@ -32,7 +32,7 @@ from tests.deploy.postgres import PostgresServer, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCTION = REPO / "deploy" / "production"
-PATIENTS = 200
+PATIENTS = 300
 RUN_TIMEOUT_S = 900
 BIN = Path(sys.executable).parent
 
@@ -107,7 +107,7 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
     logs = root / "logs"
     logs.mkdir()
     home = Home(root / "haven").ensure()
-    synthetic.generate(home.incoming, patients=PATIENTS, seed=21)
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=11)
     seeded = seeded_nhs_numbers(home.incoming)
     procs: list[subprocess.Popen] = []
     try:
