@@ -59,7 +59,10 @@ def test_full_job_materialises_every_stage(first_run) -> None:
     names = {s.asset for s in stages}
     for prefix in ("landing/", "validated/", "governance/objection_register", "haven/", "published/"):
         assert any(n.startswith(prefix) for n in names), prefix
-    assert all(s.rows_in is not None and s.rows_out is not None for s in stages)
+    # every stage that materialised reports its counts; one that did not (an agreement not in
+    # force) says why instead
+    materialised = [s for s in stages if not s.note.startswith("skipped: ")]
+    assert all(s.rows_in is not None and s.rows_out is not None for s in materialised)
     haven_rows = {s.asset: s.rows_out for s in stages if s.asset.startswith("haven/")}
     assert all(n > 0 for n in haven_rows.values())
     for name in ("gp_activity", "hospital_admissions", "social_care_users"):
