@@ -2,8 +2,8 @@
 
 Roles are enforced by keys (BRIEF; Caldicott 4): the governance lead's commands (``agreements
 approve|suspend``, ``subject-access``, identifiable releases) need the identity vault's private
-key ``keys/vault.key``, which only the governance lead holds; the pipeline holds the store and
-haven keys; analysts hold no key and read only ``published/``. Every command that acts on data
+key ``keys/vault.key``, sealed under the key custodian's passphrase (``safehaven.core.keys``);
+the pipeline holds the store and haven keys; analysts hold no key and read only ``published/``. Every command that acts on data
 or approvals appends to the audit trail; none prints an identifier value.
 """
 
@@ -18,13 +18,15 @@ import click
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
 
 
-def _require_governance_key(home: Home, what: str) -> None:
-    """The governance lead's key must be on this host (roles by key separation)."""
-    from safehaven.core.keys import VAULT, KeyRing, KeyRingError
+def _require_governance_key(home: Home, what: str) -> KeyRing:
+    """The key custodian's sealed vault key must open on this host (roles by key separation)."""
+    from safehaven.cli.common import custodian_keyring
+    from safehaven.core.keys import VAULT, KeyRingError
 
-    keyring = KeyRing(home.keys)
+    keyring = custodian_keyring(home)
     if not keyring.exists(VAULT):
         _fail(
             f"{what} is for the governance lead: it needs the identity vault's private key "
@@ -32,9 +34,23 @@ def _require_governance_key(home: Home, what: str) -> None:
             3,
         )
     try:
-        keyring.get(VAULT)
+        keyring.get_private(VAULT)
     except KeyRingError as exc:
         _fail(str(exc), 3)
+    return keyring
+
+
+def _create_agreement_salt(home: Home, keyring: KeyRing, agreement_id: str) -> None:
+    """An approved agreement's pseudonym salt is created now, once (``safehaven.core.pins``)."""
+    from safehaven.core import pins
+    from safehaven.core.keys import KeyRingError
+    from safehaven.core.store import Store
+
+    try:
+        with Store(home, keyring).connect() as con:
+            pins.agreement_salt(con, keyring, agreement_id)
+    except KeyRingError as exc:
+        _fail(f"approved, but its pseudonym key is refused: {exc}", 3)
 
 
 def _audit(home: Home, **entry: object) -> int:
@@ -147,12 +163,14 @@ def approve_agreement(agreement_id: str, approver: str) -> None:
     from safehaven.share.agreements import AgreementError, agreement_path, approve
 
     home = _home()
-    _require_governance_key(home, "approving an agreement")
+    keyring = _require_governance_key(home, "approving an agreement")
     registry = ContractRegistry()
     try:
         a = approve(agreement_id, approver, root=registry.root, registry=registry)
     except AgreementError as exc:
         _fail(str(exc))
+    if a.identifiability != "anonymised":
+        _create_agreement_salt(home, keyring, a.id)
     sha = sha256_file(agreement_path(agreement_id, registry.root))
     _audit(
         home,
@@ -287,15 +305,17 @@ def draft_agreement(
 @click.argument("agreement_id")
 def release_now(agreement_id: str) -> None:
     """Make one release under an agreement now (identifiable releases: governance lead only)."""
+    from safehaven.cli.common import custodian_keyring
     from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
     from safehaven.share.linkage import LinkageRefused
     from safehaven.share.releases import ReleaseRefused, release
 
     home = _home()
-    with Store(home).connect() as con:
+    keyring = custodian_keyring(home)  # an identifiable release opens the sealed vault key
+    with Store(home, keyring).connect() as con:
         try:
-            result = release(con, agreement_id, home=home, registry=ContractRegistry())
+            result = release(con, agreement_id, home=home, registry=ContractRegistry(), keyring=keyring)
         except (ReleaseRefused, LinkageRefused) as exc:
             _fail(f"refused: {exc}")
     if result.status != "released":
@@ -402,13 +422,13 @@ def subject_access_command(nhs_number: tuple[str, ...], as_json: bool) -> None:
     from safehaven.share.subject_access import SubjectAccessDenied, subject_access
 
     home = _home()
-    _require_governance_key(home, "subject access")
+    keyring = _require_governance_key(home, "subject access")
     number = sys.stdin.readline().strip() if nhs_number == ("-",) else "".join(nhs_number)
     if not home.store_file.exists():
         _fail("no store yet: the haven holds nothing", 2)
-    with Store(home).connect() as con:
+    with Store(home, keyring).connect() as con:
         try:
-            report = subject_access(con, number, home=home)
+            report = subject_access(con, number, home=home, keyring=keyring)
         except SubjectAccessDenied as exc:
             _fail(str(exc), 2)
     click.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else report.to_text())

@@ -499,6 +499,24 @@ class KeyRing:
         material = _hex_key(path) if path.exists() else None
         return key_id(material) if material else None
 
+    def seal_in_place(self, purpose: str = VAULT, *, stage: bool = False) -> Key | None:
+        """Seal an unsealed raw private key (a key ring from before sealing) under the custodian's
+        passphrase, keeping the same pair; None when there is nothing unsealed to seal."""
+        name = staged(purpose) if stage else purpose
+        path = self.path(name)
+        if not path.exists() or path.read_bytes().startswith(SEALED_LABEL):
+            return None
+        self._check_directory()
+        check_key_file(path)
+        raw = _hex_key(path)
+        if raw is None:
+            raise KeyRingError(f"{path} holds neither a sealed nor a raw {KEY_BYTES}-byte key; restore it from backup")
+        if not stage:
+            self._check_pinned(purpose, key_id(x25519_public(raw)), path)
+            if self.public_path(purpose).exists() and self.get_public(purpose).material != x25519_public(raw):
+                raise KeyRingError(f"{path} is not the private half of {self.public_path(purpose)}; restore the pair")
+        return self.seal_keypair(purpose, raw, stage=stage)
+
     def _custodian(self) -> Custodian:
         if self.custodian is None:
             raise KeyRingError("sealing a private key needs the key custodian's passphrase")
@@ -628,7 +646,7 @@ class KeyRing:
                 if item["key_id"] == kid:
                     item["destroyed_at"] = now
             entry["current"] = None
-        else:
+        elif kid != entry["current"]:  # the same key written again (sealed in place) stays current
             for item in history:
                 if item["key_id"] == entry["current"] and "retired_at" not in item:
                     item["retired_at"] = now

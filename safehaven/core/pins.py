@@ -4,9 +4,10 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
 
 * ``governance.key_epochs`` (purpose, key id, started, retired) records the id of the key each
   purpose's data is made with: the haven key (pseudonyms), the vault public key (wrapped data
-  keys), the audit key (the chain's MAC), the store key, and each agreement's pseudonym salt
+  keys), the audit key (the chain's MAC) and each agreement's pseudonym salt
   (``agreement-<id>``). The store is encrypted under its own key, so the record cannot be
-  edited together with a key file and ``keyring.json``.
+  edited together with a key file and ``keyring.json``; the store key itself is pinned by
+  ``keyring.json`` and by the store's authenticated encryption.
 * Before a key is used its file must hold the key of the current epoch. A missing key is never
   re-created; a different one (swapped, substituted, an old backup) is refused. The message
   names the key id expected and says to restore it from the key custodian's backup.
@@ -37,8 +38,9 @@ from safehaven.core.keys import (
 from safehaven.core.store import table_exists
 
 EPOCHS = "governance.key_epochs"
-#: Symmetric keys whose file is checked against the store's epoch by :func:`verify`.
-SYMMETRIC = ("store", "audit", "haven")
+#: Symmetric keys whose file is checked against the store's epoch by :func:`verify`. The store
+#: key is pinned by the store itself (AES-GCM: no other key opens it) and by ``keyring.json``.
+SYMMETRIC = ("audit", "haven")
 RESUME = "safehaven keys rotate --resume"
 
 
@@ -81,7 +83,7 @@ def check_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str, what: st
 
 
 def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool = True) -> None:
-    """Check the store, audit and haven key files against their epochs (pipeline start)."""
+    """Check the audit and haven key files against their epochs (each pipeline connection)."""
     for purpose in SYMMETRIC:
         recorded = epoch_key_id(con, purpose)
         if not keyring.exists(purpose):
@@ -116,11 +118,12 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
     return public
 
 
-def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
-    """An agreement's pseudonym key, its salt pinned to the store's epoch (module docstring)."""
+def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
+    """An agreement's pseudonym salt, pinned to the store's epoch; created only if it never existed
+    and nothing was ever released under the agreement (module docstring)."""
     purpose = agreement_purpose(agreement_id)
-    recorded = epoch_key_id(con, purpose)
     if not keyring.exists(purpose):
+        recorded = epoch_key_id(con, purpose)
         problem = missing_agreement_key(keyring, agreement_id, recorded)
         if problem is None and _released_under(con, agreement_id):
             problem = missing_agreement_key(keyring, agreement_id, "recorded in the release register")
@@ -128,6 +131,12 @@ def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id
             raise KeyRingError(problem or f"agreement {agreement_id!r} has no pseudonym key yet")
     salt = keyring.get_or_create(purpose)
     check_epoch(con, purpose, salt.key_id, str(keyring.path(purpose)))
+    return salt
+
+
+def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
+    """An agreement's pseudonym key: HKDF over the haven key with its pinned salt (``safehaven.core.keys``)."""
+    salt = agreement_salt(con, keyring, agreement_id, create=create)
     return derive_agreement_key(keyring.get("haven").material, salt.material, agreement_id)
 
 

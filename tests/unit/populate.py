@@ -7,7 +7,8 @@ import csv
 from pathlib import Path
 
 from safehaven.core.home import Home
-from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.keys import KeyRing
+from safehaven.core.pins import vault_public
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
@@ -27,9 +28,9 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
     """Ingest, validate, register objections, build the haven and the vault, in pipeline order."""
     registry = registry or ContractRegistry()
     keyring = KeyRing(home.keys)
-    public = keyring.public_or_create(VAULT)
     reports: dict[str, object] = {}
     with Store(home).connect() as con:
+        public = vault_public(con, keyring)
         for contract in registry.contracts.values():
             c = contract.collection
             ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c))
