@@ -3,8 +3,9 @@
 Roles are enforced by keys (BRIEF; Caldicott 4): the governance lead's commands (``agreements
 approve|suspend``, ``subject-access``, identifiable releases) need the identity vault's private
 key ``keys/vault.key``, sealed under the key custodian's passphrase (``safehaven.core.keys``);
-the pipeline holds the store and haven keys; analysts hold no key and read only ``published/``. Every command that acts on data
-or approvals appends to the audit trail; none prints an identifier value.
+the pipeline holds the store and haven keys; analysts hold no key and read only ``published/``.
+Every command that acts on data or approvals appends to the audit trail; none prints an
+identifier value.
 """
 
 from __future__ import annotations
