@@ -125,37 +125,8 @@ def register(main: click.Group) -> None:
         for path in report.crosswalks:
             click.echo(f"  crosswalk for the recipient: {path}")
 
-    @keys_group.command("init-vault")
-    def keys_init_vault() -> None:
-        """Create the identity vault's key pair (key custodian; asks for a new passphrase twice)."""
-        from safehaven.core.keys import VAULT, KeyRingError
-        from safehaven.core.registers import current_actor
-        from safehaven.protect.custody import init_vault
-
-        home = ensure_home()
-        keyring = custodian_keyring(home, confirm=True)
-        try:
-            public = init_vault(home, keyring, actor=current_actor())
-        except Exception as exc:  # ids only
-            fail(f"refused: {exc}" if isinstance(exc, KeyRingError) else str(exc))
-        click.echo(
-            f"identity vault key {public.key_id}: public half {keyring.public_path(VAULT)}, private half "
-            f"{keyring.path(VAULT)} sealed under your passphrase; keep a copy of it off this host. Audited."
-        )
-
-    @keys_group.command("seal-vault")
-    def keys_seal_vault() -> None:
-        """Seal an unencrypted vault private key in place (key custodian; asks for a new passphrase)."""
-        from safehaven.core.registers import current_actor
-        from safehaven.protect.custody import seal_vault
-
-        home = ensure_home()
-        try:
-            done = seal_vault(home, custodian_keyring(home, confirm=True), actor=current_actor())
-        except Exception as exc:  # ids only
-            fail(f"not sealed: {exc}")
-        for line in done or ["nothing to seal: the vault private key is already sealed"]:
-            click.echo(line)
+    keys_group.add_command(keys_init_vault)
+    keys_group.add_command(keys_seal_vault)
 
     @main.command("reidentify")
     @click.option("--agreement", "agreement_id", required=True, help="Agreement id (must permit identifiable data).")
@@ -308,3 +279,37 @@ def register(main: click.Group) -> None:
                 }
             )
         )
+
+
+@click.command("init-vault")
+def keys_init_vault() -> None:
+    """Create the identity vault's key pair (key custodian; asks for a new passphrase twice)."""
+    from safehaven.core.keys import VAULT, KeyRingError
+    from safehaven.core.registers import current_actor
+    from safehaven.protect.custody import init_vault
+
+    home = ensure_home()
+    keyring = custodian_keyring(home, confirm=True)
+    try:
+        public = init_vault(home, keyring, actor=current_actor())
+    except Exception as exc:  # ids only
+        fail(f"refused: {exc}" if isinstance(exc, KeyRingError) else str(exc))
+    click.echo(
+        f"identity vault key {public.key_id}: public half {keyring.public_path(VAULT)}, private half "
+        f"{keyring.path(VAULT)} sealed under your passphrase; keep a copy of it off this host. Audited."
+    )
+
+
+@click.command("seal-vault")
+def keys_seal_vault() -> None:
+    """Seal an unencrypted vault private key in place (key custodian; asks for a new passphrase)."""
+    from safehaven.core.registers import current_actor
+    from safehaven.protect.custody import seal_vault
+
+    home = ensure_home()
+    try:
+        done = seal_vault(home, custodian_keyring(home, confirm=True), actor=current_actor())
+    except Exception as exc:  # ids only
+        fail(f"not sealed: {exc}")
+    for line in done or ["nothing to seal: the vault private key is already sealed"]:
+        click.echo(line)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from safehaven.cli import disposal, governance, keys, outputs
+from safehaven.cli import disposal, governance, keys, outputs, release
 from safehaven.core.home import Home
 
 
@@ -40,6 +40,7 @@ def run(demo_patients: int, seed: int, no_demo: bool) -> None:
     from safehaven.tools import synthetic
 
     home = Home.from_env().ensure()
+    keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair
     if not no_demo and not _has_files(home.incoming):
         counts = synthetic.generate(home.incoming, patients=demo_patients, seed=seed)
         click.echo(
@@ -68,7 +69,7 @@ def run(demo_patients: int, seed: int, no_demo: bool) -> None:
         sys.exit(1)
 
 
-for _area in (keys, governance, outputs, disposal):
+for _area in (keys, governance, outputs, disposal, release):
     _area.register(main)
 
 

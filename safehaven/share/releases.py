@@ -43,8 +43,9 @@ are applied (each is a SQL statement over whole tables inside DuckDB; nothing lo
    ``safehaven.publish.disclosure.protect`` (suppress 1-7, round to 5, secondary suppression).
 8. **Identifiable level** (only under a basis that permits it): the listed direct identifiers
    are decrypted from the identity vault (``safehaven.protect.vault``), which needs the vault's private
-   key. The governance lead holds it, not the pipeline, so an identifiable release is refused
-   on a host without it (run it as the governance lead: ``safehaven agreements release <id>``).
+   key, sealed under the key custodian's passphrase. The unattended pipeline (a key ring with
+   no custodian) never writes an identifiable extract: it records that one is due
+   (``safehaven.share.due``), and the custodian makes it with ``safehaven release --agreement <id>``.
    The decryption is audited as a re-identification. k-anonymity does not apply to an
    identifiable release; every other rule does.
 
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
@@ -83,6 +85,7 @@ from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.intake.rules import lit, q
 from safehaven.protect import optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, protect
+from safehaven.share import due
 from safehaven.share.agreements import (
     Agreement,
     AgreementError,
@@ -97,6 +100,8 @@ from safehaven.share.agreements import (
 from safehaven.share.linkage import authorise_linkage
 
 ZONE = "release"
+#: Release files are the recipient's data: owner-only until handed over (folders 0700).
+FILE_MODE = 0o600
 PERSON_ID = "person_id"
 MANIFEST = "manifest.json"
 
@@ -436,8 +441,11 @@ def _next_release_id(con: duckdb.DuckDBPyConnection, agreement_id: str) -> str:
 
 
 def _export(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
-    """Write ``table`` to ``path`` as Parquet, rows in a fixed order (all columns)."""
+    """Write ``table`` to ``path`` as Parquet, rows in a fixed order (all columns), mode 0600."""
+    path.touch(mode=FILE_MODE)
+    path.chmod(FILE_MODE)
     con.execute(f"COPY (SELECT * FROM {table} ORDER BY ALL) TO {lit(str(path))} (FORMAT parquet)")
+    path.chmod(FILE_MODE)
 
 
 def release(
@@ -507,6 +515,18 @@ def release(
     for c in agreement.collections:
         if not table_exists(con, "haven", c):
             raise _refuse(con, agreement, actor, f"haven.{c} has not been built yet; run the pipeline first")
+    if agreement.identifiability == "identifiable" and keyring.custodian is None:
+        # the unattended pipeline never writes identifiable data: the key custodian does (safehaven.share.due)
+        why = due.record_due(
+            con,
+            agreement.id,
+            agreement.version,
+            agreement_sha,
+            actor=actor,
+            purpose=agreement.purposes[0],
+            basis=agreement.basis,
+        )
+        return ReleaseResult(agreement.id, "due", why, level=agreement.identifiability)
 
     audit.append_many(
         con,
@@ -525,11 +545,13 @@ def release(
         ],
     )
     try:
-        return _build(
+        result = _build(
             con, agreement, agreement_sha, home=home, registry=registry, keyring=keyring, today=today, actor=actor
         )
     except ReleaseRefused as exc:
         raise _refuse(con, agreement, actor, str(exc)) from None
+    due.clear_due(con, agreement.id, result.release_id or "")
+    return result
 
 
 def _build(
@@ -668,7 +690,9 @@ def _build(
 
     manifest = _manifest(a, agreement_sha, contracts, result, release_id, released_at, key_id, cohort_excluded, sdc)
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    (tmp / MANIFEST).write_bytes(manifest_bytes)
+    fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(manifest_bytes)
     result.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     tmp.rename(final)
     result.release_id, result.directory = release_id, final
