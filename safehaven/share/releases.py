@@ -235,7 +235,10 @@ def _person_ids(con: duckdb.DuckDBPyConnection, agreement_id: str, keyring: KeyR
     tables join it back (as ``safehaven.protect.pseudonymise.ids_sql`` does for the haven pseudonym).
     Returns the key id.
     """
-    name, key_id = pseudonymise.install_agreement_domain(con, keyring, agreement_id)
+    try:  # a lost or swapped salt is refused, never re-created (safehaven.core.pins)
+        name, key_id = pseudonymise.install_agreement_domain(con, keyring, agreement_id)
+    except KeyRingError as exc:
+        raise ReleaseRefused(str(exc)) from None
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _persons AS SELECT pid, {pseudonymise.hmac_sql('pid', name)} "
         f"AS {PERSON_ID} FROM _cohort WHERE pid IS NOT NULL"
