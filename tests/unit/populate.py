@@ -30,7 +30,6 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
     keyring = KeyRing(home.keys)
     reports: dict[str, object] = {}
     with Store(home).connect() as con:
-        public = vault_public(con, keyring)
         for contract in registry.contracts.values():
             c = contract.collection
             ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c))
@@ -39,6 +38,7 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
         install_key(con, "haven", key)
         objections = registry.objections()
         register_objections(con, objections, key.key_id)
+        public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
         vault_collection(con, objections, registry.contracts.values(), public)
         for contract in registry.content():
             reports[contract.collection] = build_haven(con, contract, key)  # installs the haven key too
