@@ -13,7 +13,7 @@ from datetime import date
 
 import click
 
-from safehaven.cli.common import ensure_home, fail
+from safehaven.cli.common import custodian_keyring, ensure_home, fail
 
 
 def _show(data: dict[str, object], as_json: bool) -> None:
@@ -100,7 +100,7 @@ def register(main: click.Group) -> None:
                     click.echo(f"{item.action:8}  {what}\n          {item.reason}")
                 return
             if resume:
-                result = d.resume(home)
+                result = d.resume(home, keyring=custodian_keyring(home))
                 if result is None:
                     click.echo("no interrupted disposal")
                     return
@@ -109,7 +109,7 @@ def register(main: click.Group) -> None:
             if sweep:
                 if not yes and not click.confirm("dispose of everything due now (irreversible)?"):
                     fail("nothing was disposed of", 1)
-                report = d.sweep(home, authorised_by=authorised_by)
+                report = d.sweep(home, authorised_by=authorised_by, keyring=custodian_keyring(home))
                 out = {
                     "disposed": [r.as_metadata() for r in report.results if r.status == "disposed"],
                     "for_review": [i.as_dict() for i in report.review],
@@ -141,7 +141,8 @@ def register(main: click.Group) -> None:
                     fail("nothing was disposed of", 1)
             elif dry_run:
                 fail("an interrupted disposal is pending: run safehaven dispose --resume", 1)
-            result = d.dispose(home, target, reason=reason, authorised_by=authorised_by, plan=plan)
+            keyring = custodian_keyring(home)  # asked for the passphrase only if a vault value must be kept
+            result = d.dispose(home, target, reason=reason, authorised_by=authorised_by, plan=plan, keyring=keyring)
         except d.DisposalError as exc:
             fail(str(exc))
         if result.status != "disposed":

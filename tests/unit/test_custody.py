@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.core.home import Home
 from safehaven.core.keys import (
     VAULT,
@@ -26,8 +28,9 @@ from safehaven.core.pins import epoch_key_id
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import custody, rotation, vault
+from safehaven.share import due
 from safehaven.share.releases import ReleaseRefused, release
-from tests.conftest import TEST_PASSPHRASE, custodian_ring
+from tests.conftest import TEST_PASSPHRASE, custodian_ring, leaked_nhs_numbers
 from tests.unit.populate import drop, populated, process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,3 +262,75 @@ def test_vault_rotation_killed_at_every_step_loses_no_entry(home: Home, tmp_path
     else:
         pytest.fail("the rotation never completed")
     assert {"staged", "committed, not installed", "split pair"} <= set(states), states
+
+
+# --- the real command line: `safehaven run` as `make run` does it ----------------------------
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "safehaven.cli.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+
+
+def _unsealed_private_keys(root: Path, vault_pub: bytes) -> list[str]:
+    """Files holding a PEM private key that is not encrypted, or a raw (hex) vault private key."""
+    found = []
+    for path in root.rglob("*"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        if b"PRIVATE KEY-----" in data.replace(b"ENCRYPTED PRIVATE KEY-----", b""):
+            found.append(str(path))
+        for token in set(re.findall(rb"\b[0-9a-f]{64}\b", data)):
+            if x25519_public(bytes.fromhex(token.decode())) == vault_pub:
+                found.append(str(path))
+    return found
+
+
+def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifiable_extract(tmp_path: Path) -> None:
+    contracts = tmp_path / "data_contracts"
+    shutil.copytree(ROOT / "data_contracts", contracts)
+    cohort = contracts / "agreements" / "cohort-consent-study.yaml"
+    text = cohort.read_text().replace(
+        "approval:\n  status: draft",
+        'approval:\n  status: approved\n  approver: "Dr Test, Caldicott Guardian"\n  date: 2026-01-02',
+    )
+    cohort.write_text(text)
+    home = Home(tmp_path / "haven")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SAFEHAVEN_HOME": str(home.root),
+        "SAFEHAVEN_CONTRACTS": str(contracts),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        PASSPHRASE_ENV: TEST_PASSPHRASE,
+    }
+    (tmp_path / "dagster").mkdir()
+    run = _cli(["run", "--demo-patients", "200"], env)
+    assert "sealed under the key custodian's passphrase" in run.stdout, run.stdout + run.stderr
+    assert TEST_PASSPHRASE not in run.stdout + run.stderr
+    keyring = KeyRing(home.keys)
+    assert _unsealed_private_keys(home.root, keyring.get_public(VAULT).material) == []
+    # the approved identifiable agreement: recorded as due, nothing written, no NHS number anywhere
+    assert not (home.releases / "cohort-consent-study").exists()
+    with Store(home).connect(read_only=True) as con:
+        assert [a for a, _ in due.due(con)] == ["cohort-consent-study"]
+        numbers = {r[0] for r in con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid").fetchall()}
+    assert numbers and leaked_nhs_numbers([home.root], numbers) == {}
+
+    made = _cli(["release", "--agreement", "cohort-consent-study"], env)  # the custodian, with the passphrase
+    assert made.returncode == 0 and "Audited" in made.stdout, made.stdout + made.stderr
+    [directory] = list((home.releases / "cohort-consent-study").iterdir())
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in directory.iterdir())
+    assert leaked_nhs_numbers([directory], numbers), "the custodian's identifiable extract holds NHS numbers"
+    with Store(home).connect(read_only=True) as con:
+        assert due.due(con) == []
+    refused = _cli(["release", "--agreement", "cohort-consent-study"], {**env, PASSPHRASE_ENV: "wrong"})
+    assert refused.returncode == 1 and "passphrase does not open" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -38,7 +38,7 @@ from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
 from safehaven.share.agreements import suspend
 from safehaven.share.releases import PERSON_ID, release
 from safehaven.tools import synthetic
-from tests.conftest import leaked_nhs_numbers, scan_for
+from tests.conftest import custodian_ring, leaked_nhs_numbers, scan_for
 from tests.governance_helpers import agreement_data, contracts_root, write_agreement
 from tests.unit.populate import process, write_csv
 
@@ -194,7 +194,7 @@ def world(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Wo
     return World(
         home,
         ContractRegistry(root / "data_contracts"),
-        KeyRing(home.keys),
+        custodian_ring(home),
         set(facts["old_nhs"]),
         set(facts["old_postcodes"]),
         set(facts["kept_nhs"]),
