@@ -356,25 +356,24 @@ def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[st
     staged vault pair is installed as it was sealed.
     """
     keyring = keyring or KeyRing(home.keys)
-    done = []
+    todo = pending(keyring)
+    done = [
+        f"{name}: an old key file left by an interrupted replacement was shredded" for name in keyring.shred_leftovers()
+    ]
+    if not todo and not done:
+        return []
     try:
         with Store(home, keyring).connect() as con:
-            for purpose in pending(keyring):
-                done.append(_resume_one(con, keyring, purpose))
-            done += [
-                f"{name}: an old key file left by an interrupted replacement was shredded"
-                for name in keyring.shred_leftovers()
-            ]
-            if done:
-                audit.append(
-                    con,
-                    actor=actor,
-                    role="key_custodian",
-                    action="key.rotate.resume",
-                    object="keys",
-                    detail={"done": done},
-                    home=home,
-                )
+            done = [_resume_one(con, keyring, purpose) for purpose in todo] + done
+            audit.append(
+                con,
+                actor=actor,
+                role="key_custodian",
+                action="key.rotate.resume",
+                object="keys",
+                detail={"done": done},
+                home=home,
+            )
     except StoreError as exc:
         raise RotationError(f"cannot open the store to resume: {exc}") from None
     return done
