@@ -117,8 +117,11 @@ def test_a_substituted_vault_public_key_is_refused_and_nothing_is_vaulted(haven_
 @pytest.mark.parametrize("purpose", ["store", "audit", "haven"])
 def test_a_swapped_or_missing_symmetric_key_is_refused_naming_the_key_expected(haven_home: Home, purpose: str) -> None:
     from resources.haven import SafeHavenResource
+    from safehaven.core import audit
 
     keyring = KeyRing(haven_home.keys)
+    with Store(haven_home).connect() as con:  # the audit key is made by the first audit entry
+        audit.append(con, actor="tester", role="key_custodian", action="test", object="keys", home=haven_home)
     expected = keyring.get(purpose).key_id
     saved = keyring.path(purpose).read_bytes()
     keyring._write_file(keyring.path(purpose), os.urandom(32).hex().encode(), 0o600)
