@@ -52,8 +52,10 @@ def ensure_epochs(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def epoch_key_id(con: duckdb.DuckDBPyConnection, purpose: str = "haven") -> str | None:
-    """The id of the key the store's data of ``purpose`` is made with, if recorded."""
-    ensure_epochs(con)
+    """The id of the key the store's data of ``purpose`` is made with, if recorded (read-only safe)."""
+    schema, _, table = EPOCHS.partition(".")
+    if not table_exists(con, schema, table):
+        return None
     row = con.execute(
         f"SELECT key_id FROM {EPOCHS} WHERE purpose = ? AND retired_at IS NULL ORDER BY started_at DESC LIMIT 1",
         [purpose],
@@ -85,11 +87,11 @@ def check_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str, what: st
 def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool = True) -> None:
     """Check the audit and haven key files against their epochs (each pipeline connection)."""
     for purpose in SYMMETRIC:
-        recorded = epoch_key_id(con, purpose)
+        recorded = epoch_key_id(con, purpose) or keyring.current_id(purpose)
         if not keyring.exists(purpose):
-            if recorded:
+            if recorded or keyring.recorded(purpose):
                 raise KeyRingError(
-                    f"key {purpose!r} (key {recorded}) is missing ({keyring.path(purpose)}); "
+                    f"key {purpose!r} (key {recorded or '-'}) is missing ({keyring.path(purpose)}); "
                     "restore it from the key custodian's backup"
                 )
             continue
