@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from safehaven.core.keys import Key, KeyRing, KeyRingError
-from safehaven.core.pins import EPOCHS, epoch_key_id
+from safehaven.core.pins import epoch_key_id, start_epoch
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.intake.rules import q
@@ -39,7 +39,7 @@ def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
     recorded = epoch_key_id(con)
     if recorded is None:
         key = keyring.get_or_create("haven")
-        con.execute(f"INSERT INTO {EPOCHS} VALUES ('haven', ?, now(), NULL)", [key.key_id])
+        start_epoch(con, "haven", key.key_id)
         return key
     if not keyring.exists("haven"):
         raise KeyRingError(
