@@ -13,6 +13,7 @@ from __future__ import annotations
 import duckdb
 
 from safehaven.core import audit
+from safehaven.core.store import table_exists
 
 DUE = "governance.releases_due"
 COMMAND = "safehaven release --agreement {id}"
@@ -78,8 +79,10 @@ def clear_due(con: duckdb.DuckDBPyConnection, agreement_id: str, release_id: str
 
 
 def due(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
-    """(agreement id, due since) of every identifiable release waiting for the custodian."""
-    ensure_table(con)
+    """(agreement id, due since) of every identifiable release waiting for the custodian (read-only safe)."""
+    schema, _, table = DUE.partition(".")
+    if not table_exists(con, schema, table):
+        return []
     rows = con.execute(
         f"SELECT agreement_id, CAST(min(due_since) AS VARCHAR) FROM {DUE} "
         "WHERE released_as IS NULL GROUP BY 1 ORDER BY 1"
