@@ -8,6 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.cli.main import main
 from safehaven.core import audit
 from safehaven.core import registers as reg
@@ -167,9 +168,15 @@ def test_approve_and_suspend_rewrite_the_file_and_are_audited(home: Home, root: 
     assert "test-linked" in listing and "suspended" in listing
 
 
-def test_approving_needs_the_governance_key(root: Path) -> None:
+def test_approving_needs_the_governance_key(root: Path, home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
     write_agreement(root, agreement_data(approval={"status": "draft"}))
-    result = run("agreements", "approve", "test-linked", "--approver", "Dr A. Example, Caldicott Guardian")
+    approve = ("agreements", "approve", "test-linked", "--approver", "Dr A. Example, Caldicott Guardian")
+    with monkeypatch.context() as m:  # the sealed key is here, but not the custodian's passphrase
+        m.delenv(PASSPHRASE_ENV)
+        result = run(*approve)
+    assert result.exit_code == 3 and "custodian's passphrase" in result.output
+    KeyRing(home.keys).path(VAULT).rename(home.root.parent / "vault.key.offline")  # the key is off this host
+    result = run(*approve)
     assert result.exit_code == 3 and "governance lead" in result.output
 
 
