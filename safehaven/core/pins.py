@@ -71,10 +71,11 @@ def start_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str) -> None:
 
 
 def check_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str, what: str, *, writable: bool = True) -> None:
-    """Refuse ``kid`` for ``purpose`` unless it is the current epoch; record it when there is none."""
+    """Refuse ``kid`` for ``purpose`` unless it is the current epoch; record it when there is none
+    (on a connection without the store's governance zone there is nothing to pin against)."""
     recorded = epoch_key_id(con, purpose)
     if recorded is None:
-        if writable:
+        if writable and _has_governance(con):
             start_epoch(con, purpose, kid)
         return
     if kid != recorded:
@@ -82,6 +83,14 @@ def check_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str, what: st
             f"{what} holds key {kid}, but the store's data was made with key {recorded}; restore key {recorded} "
             f"from the key custodian's backup, or finish a pending rotation ({RESUME})"
         )
+
+
+def _has_governance(con: duckdb.DuckDBPyConnection) -> bool:
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.schemata WHERE catalog_name = current_database() "
+        "AND schema_name = 'governance'"
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool = True) -> None:

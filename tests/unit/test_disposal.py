@@ -29,7 +29,7 @@ import pytest
 
 from safehaven.core import audit
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing, KeyRingError, agreement_key
+from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path
 from safehaven.dispose import disposal
 from safehaven.intake.contracts import ContractRegistry
@@ -99,6 +99,7 @@ def _values(folder: Path, column: str) -> set[str]:
 def _build(root: Path) -> None:
     """The template haven (see the module docstring), built once per module and copied per test."""
     home = Home(root / "haven").ensure()
+    custodian_ring(home).create_keypair(VAULT)  # the custodian sets the haven up
     croot = contracts_root(root)
     write_agreement(
         croot,
