@@ -8,18 +8,45 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, Custodian, KeyRing
 from safehaven.core.store import Store
+
+#: The key custodian's passphrase in tests (given to CLI commands through the environment).
+TEST_PASSPHRASE = "correct horse battery staple (tests)"
+#: A cheaper scrypt work factor for keys sealed in tests; production seals with keys.SCRYPT_N
+#: (the factor is stored in each sealed file, so opening is unchanged).
+TEST_SCRYPT_N = 2**14
+
+
+def test_custodian(passphrase: str = TEST_PASSPHRASE) -> Custodian:
+    """The key custodian of a test haven."""
+    return Custodian.of(passphrase, scrypt_n=TEST_SCRYPT_N)
+
+
+test_custodian.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+def custodian_ring(home: Home) -> KeyRing:
+    """The key ring of the custodian's commands (opens the sealed vault key)."""
+    return KeyRing(home.keys, test_custodian())
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Home:
-    """An empty haven home in a temporary directory, set as $SAFEHAVEN_HOME."""
+    """An empty haven home in a temporary directory, set as $SAFEHAVEN_HOME, with the identity
+    vault's key pair the custodian created (sealed under ``TEST_PASSPHRASE``, which CLI commands
+    read from $SAFEHAVEN_CUSTODIAN_PASSPHRASE)."""
     root = tmp_path / "haven"
     monkeypatch.setenv("SAFEHAVEN_HOME", str(root))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
-    return Home(root).ensure()
+    monkeypatch.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+    home = Home(root).ensure()
+    # set up as a custodian sets up a haven: the vault pair, its private half sealed
+    KeyRing(home.keys, test_custodian()).create_keypair(VAULT)
+    return home
 
 
 @pytest.fixture
