@@ -11,11 +11,11 @@ import pytest
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
-from safehaven.core.pins import epoch_key_id
+from safehaven.core.pins import EPOCHS, epoch_key_id
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import rotation, vault
-from safehaven.protect.haven import EPOCHS, haven_key
+from safehaven.protect.haven import haven_key
 from safehaven.protect.objections import EVENTS, objectors_sql
 from safehaven.protect.optouts import MEMBERS, apply_optouts
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
