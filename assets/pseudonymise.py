@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets import keys
 from resources.haven import SafeHavenResource
-from safehaven.core.keys import VAULT
+from safehaven.core.pins import vault_public
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.protect.haven import build_haven, haven_key
 from safehaven.protect.pseudonymise import install_key
@@ -66,8 +66,8 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
     )
     def _vault(haven: SafeHavenResource) -> dg.MaterializeResult:
         keyring = haven.keyring()
-        public = keyring.public_or_create(VAULT)
         with haven.connect() as con:
+            public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
             install_key(con, "haven", haven_key(con, keyring))
             report = vault_collection(con, contract, registry.contracts.values(), public)
             total = con.execute(f"SELECT count(*) FROM {IDENTITY}").fetchone()[0]

@@ -2,12 +2,16 @@
 
 One resource, so each asset gets the same home, the same guarded keys and the same
 contracts. Connections are opened per unit of work and closed (DuckDB's single writer).
-Configuration carries paths and limits only, never key material.
+Configuration carries paths and limits only, never key material or a passphrase.
 
 * A busy store is waited for up to ``lock_wait_seconds`` (``safehaven.core.store``, "Waiting,
   not failing"); the wait is logged to the run's event log.
 * For the length of each run the resource holds the run's lock (``safehaven.core.runs``), so
   a run whose process died can be told from a live one, and key rotation waits for none.
+* Key custody (``safehaven.core.keys``, ``safehaven.core.pins``): the pipeline's key ring has no
+  custodian, so it cannot open the vault's private key; the store is refused where the
+  pipeline could read an unsealed private key, and every write connection checks the audit
+  and haven keys against the store's epochs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from safehaven.core import runs
+from safehaven.core import pins, runs
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store
@@ -54,15 +58,19 @@ class SafeHavenResource(dg.ConfigurableResource):
         return Home(Path(self.home).resolve()) if self.home else Home.from_env()
 
     def keyring(self) -> KeyRing:
+        """The pipeline's key ring: never a custodian, so it cannot open the vault's private key."""
         return KeyRing(self.home_dir().keys)
 
     def registry(self) -> ContractRegistry:
         return ContractRegistry(Path(self.contracts) if self.contracts else None)
 
     def store(self) -> Store:
+        """The store; refused where the pipeline could read an unsealed private key (custody)."""
+        keyring = self.keyring()
+        keyring.check_custody()
         return Store(
             self.home_dir(),
-            self.keyring(),
+            keyring,
             threads=self.threads or None,
             lock_wait=self.lock_wait_seconds,
             logger=dg.get_dagster_logger("safehaven.store"),
@@ -92,5 +100,9 @@ class SafeHavenResource(dg.ConfigurableResource):
 
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self.store().connect(read_only=read_only) as con:
+        """A connection whose audit and haven keys were checked against the store's epochs."""
+        store = self.store()
+        with store.connect(read_only=read_only) as con:
+            if not read_only:
+                pins.verify(con, store.keyring)
             yield con

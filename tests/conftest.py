@@ -17,8 +17,38 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.core.home import Home
+from safehaven.core.keys import VAULT, Custodian, KeyRing
 from safehaven.core.store import Store
+
+#: The key custodian's passphrase in tests (given to CLI commands through the environment).
+TEST_PASSPHRASE = "correct horse battery staple (tests)"
+#: A cheaper scrypt work factor for keys sealed in tests; production seals with keys.SCRYPT_N
+#: (the factor is stored in each sealed file, so opening is unchanged).
+TEST_SCRYPT_N = 2**14
+
+
+def test_custodian(passphrase: str = TEST_PASSPHRASE) -> Custodian:
+    """The key custodian of a test haven."""
+    return Custodian.of(passphrase, scrypt_n=TEST_SCRYPT_N)
+
+
+test_custodian.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+def custodian_ring(home: Home) -> KeyRing:
+    """The key ring of the custodian's commands (opens the sealed vault key)."""
+    return KeyRing(home.keys, test_custodian())
+
+
+def with_vault_keys(home: Home) -> Home:
+    """Set up as a custodian sets up a haven: the vault pair, its private half sealed under
+    ``TEST_PASSPHRASE`` (which CLI commands read from $SAFEHAVEN_CUSTODIAN_PASSPHRASE)."""
+    ring = custodian_ring(home)
+    if not ring.exists(VAULT):
+        ring.create_keypair(VAULT)
+    return home
 
 
 @contextmanager
@@ -34,8 +64,9 @@ def building_haven(root: Path) -> Iterator[tuple[Home, object]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
         mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
         (root / "dagster_home").mkdir()
-        home = Home(root / "haven").ensure()
+        home = with_vault_keys(Home(root / "haven").ensure())
         with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
             yield home, instance
 
@@ -52,14 +83,16 @@ def prebuilt() -> Path | None:
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prebuilt: Path | None) -> Home:
-    """A haven home in a temporary directory, set as $SAFEHAVEN_HOME: empty, or a copy of ``prebuilt``."""
+    """A haven home in a temporary directory, set as $SAFEHAVEN_HOME: empty but for the vault's
+    key pair (``with_vault_keys``), or a copy of ``prebuilt``."""
     if prebuilt is not None:
         shutil.copytree(prebuilt, tmp_path, dirs_exist_ok=True)
     root = tmp_path / "haven"
     monkeypatch.setenv("SAFEHAVEN_HOME", str(root))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir(exist_ok=True)
-    return Home(root).ensure()
+    monkeypatch.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+    return with_vault_keys(Home(root).ensure())
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +106,8 @@ def populated_haven(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("populated") / "haven"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFEHAVEN_HOME", str(root))
-        populated(Home(root).ensure())
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        populated(with_vault_keys(Home(root).ensure()))
     return root
 
 

@@ -33,6 +33,8 @@ AUDITED_COMMANDS = frozenset(
         ("agreements", "release"),
         ("subject-access",),
         ("keys", "rotate"),
+        ("keys", "init-vault"),
+        ("keys", "seal-vault"),
         ("reidentify",),
         ("objections", "notify"),
         ("objections", "record"),

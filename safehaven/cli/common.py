@@ -6,12 +6,17 @@ The helpers they share are here.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn
 
 import click
 
 from safehaven.core.home import Home
+from safehaven.core.keys import Custodian, KeyRing, KeyRingError
+
+#: The key custodian's passphrase for automation and tests, read here (the CLI edge) only.
+PASSPHRASE_ENV = "SAFEHAVEN_CUSTODIAN_PASSPHRASE"
 
 
 def ensure_home() -> Home:
@@ -29,3 +34,27 @@ def fail(message: str, code: int = REFUSED) -> NoReturn:
     """Print ``message`` on standard error and exit with ``code``."""
     click.echo(message, err=True)
     sys.exit(code)
+
+
+def custodian(*, confirm: bool = False) -> Custodian:
+    """The key custodian (NIST SP 800-57 Part 2 roles), asked for the passphrase only when a sealed
+    key is first opened or sealed: ``$SAFEHAVEN_CUSTODIAN_PASSPHRASE`` if set, else a hidden prompt
+    at a terminal (``confirm``: twice, for a new passphrase). The passphrase is never echoed or logged.
+    """
+
+    def ask() -> str:
+        value = os.environ.get(PASSPHRASE_ENV)
+        if value:
+            return value
+        if not sys.stdin.isatty():
+            raise KeyRingError(
+                f"this needs the key custodian's passphrase: run it at a terminal, or set {PASSPHRASE_ENV}"
+            )
+        return click.prompt("Key custodian passphrase", hide_input=True, confirmation_prompt=confirm)
+
+    return Custodian(ask)
+
+
+def custodian_keyring(home: Home, *, confirm: bool = False) -> KeyRing:
+    """The key ring of a custodian command: it can open the sealed vault private key."""
+    return KeyRing(home.keys, custodian(confirm=confirm))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from safehaven.cli.common import ensure_home, fail
+from safehaven.cli.common import custodian_keyring, ensure_home, fail
 
 if TYPE_CHECKING:
     from safehaven.core.home import Home
@@ -77,7 +77,7 @@ def _resume(home: Home, as_json: bool) -> None:
     """``--resume``: complete an interrupted disposal, if there is one."""
     from safehaven.dispose import disposal as d
 
-    result = d.resume(home)
+    result = d.resume(home, keyring=custodian_keyring(home))
     if result is None:
         click.echo("no interrupted disposal")
         return
@@ -90,7 +90,7 @@ def _sweep(home: Home, authorised_by: str | None, yes: bool) -> None:
 
     if not yes and not click.confirm("dispose of everything due now (irreversible)?"):
         fail("nothing was disposed of", 1)
-    report = d.sweep(home, authorised_by=authorised_by)
+    report = d.sweep(home, authorised_by=authorised_by, keyring=custodian_keyring(home))
     out = {
         "disposed": [r.as_metadata() for r in report.results if r.status == "disposed"],
         "for_review": [i.as_dict() for i in report.review],
@@ -149,7 +149,8 @@ def _dispose_target(
             return None
     elif dry_run:
         fail("an interrupted disposal is pending: run safehaven dispose --resume", 1)
-    return d.dispose(home, target, reason=reason, authorised_by=authorised_by, plan=plan)
+    keyring = custodian_keyring(home)  # asked for the passphrase only if a vault value must be kept
+    return d.dispose(home, target, reason=reason, authorised_by=authorised_by, plan=plan, keyring=keyring)
 
 
 def _show_result(home: Home, result: DisposalResult, as_json: bool) -> None:

@@ -2,7 +2,8 @@
 
 Roles are enforced by keys (CoP 27b; Caldicott 4; ``docs/rules.md`` "Users"): the governance
 lead's commands (``agreements approve|suspend``, ``subject-access``, identifiable releases)
-need the identity vault's private key ``keys/vault.key``, which only the governance lead holds;
+need the identity vault's private key ``keys/vault.key``, sealed under the key custodian's
+passphrase (``safehaven.core.keys``);
 the pipeline holds the store and haven keys; analysts hold no key and read only ``published/``.
 Every command that acts on data or approvals appends to the audit trail; none prints an
 identifier value.
@@ -19,23 +20,40 @@ import click
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
 from safehaven.core.legal_basis import BASES_IN_ORDER
 
 
-def require_governance_key(home: Home, what: str) -> None:
-    """The governance lead's key must be on this host (roles by key separation)."""
-    from safehaven.core.keys import VAULT, KeyRing, KeyRingError
+def require_governance_key(home: Home, what: str) -> KeyRing:
+    """The key custodian's sealed vault key must open on this host (roles by key separation).
 
-    keyring = KeyRing(home.keys)
+    Returns the custodian's key ring (it holds the opened key for the rest of the command).
+    """
+    from safehaven.cli.common import custodian_keyring
+    from safehaven.core.keys import VAULT, KeyRingError
+
+    keyring = custodian_keyring(home)
     if not keyring.exists(VAULT):
         _fail(
             f"{what} is for the governance lead: it needs the identity vault's private key "
             f"({keyring.path(VAULT)}), which is not on this host",
         )
     try:
-        keyring.get(VAULT)
+        keyring.get_private(VAULT)
     except KeyRingError as exc:
         _fail(str(exc))
+    return keyring
+
+
+def _create_agreement_salt(con: object, keyring: KeyRing, agreement_id: str) -> None:
+    """An approved agreement's pseudonym salt is created now, once (``safehaven.core.pins``)."""
+    from safehaven.core import pins
+    from safehaven.core.keys import KeyRingError
+
+    try:
+        pins.agreement_salt(con, keyring, agreement_id)  # type: ignore[arg-type]
+    except KeyRingError as exc:
+        _fail(f"approved, but its pseudonym key is refused: {exc}")
 
 
 def _audit(home: Home, **entry: object) -> int:
@@ -156,17 +174,19 @@ def approve_agreement(agreement_id: str, approver: str) -> None:
     from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
     from safehaven.share import approvals
-    from safehaven.share.agreements import AgreementError
+    from safehaven.share.agreements import AgreementError, agreement_path, load_agreement_file
 
     home = _home()
-    require_governance_key(home, "approving an agreement")
+    keyring = require_governance_key(home, "approving an agreement")
     registry = ContractRegistry()
-    with Store(home).connect() as con:
+    with Store(home, keyring).connect() as con:
         try:
             d = approvals.approve(con, agreement_id, approver, registry=registry, actor=_actor())
         except AgreementError as exc:
             _fail(str(exc))
         approvals.export(con, home)
+        if load_agreement_file(agreement_path(agreement_id, registry.root)).identifiability != "anonymised":
+            _create_agreement_salt(con, keyring, agreement_id)
     click.echo(
         f"approved {agreement_id} (file SHA-256 {d.agreement_sha256[:12]}...) by {d.decided_by} on {d.decided_on}; "
         "releases are prepared for review at the next run"
@@ -295,17 +315,19 @@ def release_now(agreement_id: str) -> None:
     """Prepare one release under an agreement now and open its request for review.
 
     Nothing leaves until two reviewers approve it (safehaven review). Identifiable releases
-    are built with the vault key, so only the governance lead's host can prepare them.
+    are built with the sealed vault key, so they ask for the key custodian's passphrase.
     """
+    from safehaven.cli.common import custodian_keyring
     from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
     from safehaven.share.linkage import LinkageRefused
     from safehaven.share.releases import PREPARED, ReleaseRefused, prepare
 
     home = _home()
-    with Store(home).connect() as con:
+    keyring = custodian_keyring(home)  # an identifiable release opens the sealed vault key
+    with Store(home, keyring).connect() as con:
         try:
-            result = prepare(con, agreement_id, home=home, registry=ContractRegistry())
+            result = prepare(con, agreement_id, home=home, registry=ContractRegistry(), keyring=keyring)
         except (ReleaseRefused, LinkageRefused) as exc:
             _fail(f"refused: {exc}")
     click.echo(result.reason)
@@ -329,13 +351,13 @@ def subject_access_command(nhs_number: tuple[str, ...], as_json: bool) -> None:
     from safehaven.share.subject_access import SubjectAccessDenied, subject_access
 
     home = _home()
-    require_governance_key(home, "subject access")
+    keyring = require_governance_key(home, "subject access")
     number = sys.stdin.readline().strip() if nhs_number == ("-",) else "".join(nhs_number)
     if not home.store_file.exists():
         _fail("no store yet: the haven holds nothing")
-    with Store(home).connect() as con:
+    with Store(home, keyring).connect() as con:
         try:
-            report = subject_access(con, number, home=home)
+            report = subject_access(con, number, home=home, keyring=keyring)
         except SubjectAccessDenied as exc:
             _fail(str(exc), 2)
     click.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else report.to_text())

@@ -2,7 +2,13 @@
 
 * ``safehaven keys list``: key ids per purpose, current and retired (never material).
 * ``safehaven keys rotate --purpose haven|store|vault``: rotate one key (``safehaven.protect.rotation``);
-  ``--resume`` finishes or undoes an interrupted rotation.
+  ``--resume`` finishes or undoes an interrupted rotation. Haven and vault rotations open the
+  sealed vault private key, so they ask for the key custodian's passphrase.
+* ``safehaven keys init-vault``: the key custodian creates the identity vault's key pair, the
+  private half sealed under their passphrase (``safehaven.protect.custody``); ``safehaven run``
+  does this on a new haven.
+* ``safehaven keys seal-vault``: seal a vault private key left unencrypted by an older key ring
+  (the pipeline refuses to start on one until this is done).
 * ``safehaven reidentify --agreement <id> --pseudonym <p> [--pseudonym ...] | --file <f>``:
   the governance lead's re-identification under an agreement that permits identifiable data
   (``safehaven.share.reidentify``), printed as CSV or written to a 0600 file; always audited.
@@ -24,7 +30,31 @@ from pathlib import Path
 
 import click
 
-from safehaven.cli.common import ensure_home, fail
+from safehaven.cli.common import PASSPHRASE_ENV, REFUSED, custodian_keyring, ensure_home, fail
+from safehaven.core.home import Home
+
+
+def ensure_vault(home: Home) -> None:
+    """Before a run: refuse an unsealed private key; on a new haven, have the custodian create the
+    vault pair (passphrase from the environment or a prompt) and say where its halves went."""
+    from safehaven.core.keys import VAULT, KeyRing, KeyRingError
+    from safehaven.core.registers import current_actor
+    from safehaven.protect.custody import init_vault
+
+    keyring = KeyRing(home.keys)
+    try:
+        keyring.check_custody()
+        if keyring.recorded(VAULT) or keyring.public_path(VAULT).exists():
+            return
+        click.echo("a new haven: the key custodian creates the identity vault's key pair now")
+        public = init_vault(home, custodian_keyring(home, confirm=True), actor=current_actor())
+    except KeyRingError as exc:
+        fail(f"refused: {exc}", REFUSED)
+    click.echo(
+        f"identity vault key {public.key_id}: the pipeline holds only the public half ({keyring.public_path(VAULT)}); "
+        f"the private half {keyring.path(VAULT)} is sealed under the key custodian's passphrase. Keep a copy of it "
+        f"off this host. Commands that read identities ask for the passphrase (or read ${PASSPHRASE_ENV})."
+    )
 
 
 def register(main: click.Group) -> None:
@@ -72,14 +102,21 @@ def register(main: click.Group) -> None:
 
         home = ensure_home()
         if resume:
-            for line in rotation.resume(home, actor=current_actor()) or ["nothing to resume"]:
+            try:
+                done = rotation.resume(home, actor=current_actor())
+            except Exception as exc:  # ids and counts only
+                fail(f"not resumed: {exc}")
+            for line in done or ["nothing to resume"]:
                 click.echo(line)
             if purpose is None:
                 return
         if purpose is None:
             raise click.UsageError("give --purpose haven|store|vault (or --resume)")
+        keyring = custodian_keyring(home)  # asked for the passphrase only if the vault key is opened
         try:
-            report = rotation.rotate(home, purpose, ContractRegistry().contracts.values(), actor=current_actor())
+            report = rotation.rotate(
+                home, purpose, ContractRegistry().contracts.values(), actor=current_actor(), keyring=keyring
+            )
         except Exception as exc:  # every error here names ids and counts only
             raise click.ClickException(f"{purpose} key not rotated: {exc}") from None
         click.echo(f"{purpose} key rotated: {report.old_key_id} (retired) -> {report.new_key_id}")
@@ -87,6 +124,9 @@ def register(main: click.Group) -> None:
             click.echo(f"  {name}: {n:,}")
         for path in report.crosswalks:
             click.echo(f"  crosswalk for the recipient: {path}")
+
+    keys_group.add_command(keys_init_vault)
+    keys_group.add_command(keys_seal_vault)
 
     @main.command("reidentify")
     @click.option("--agreement", "agreement_id", required=True, help="Agreement id (must permit identifiable data).")
@@ -115,7 +155,7 @@ def register(main: click.Group) -> None:
             raise click.UsageError("give --pseudonym or --file")
         home = ensure_home()
         try:
-            result = reidentify(home, agreement_id, asked, actor=current_actor())
+            result = reidentify(home, agreement_id, asked, actor=current_actor(), keyring=custodian_keyring(home))
         except ReidentificationRefused as exc:
             raise click.ClickException(f"refused: {exc}") from None
         except Exception as exc:
@@ -247,3 +287,37 @@ def register(main: click.Group) -> None:
                 }
             )
         )
+
+
+@click.command("init-vault")
+def keys_init_vault() -> None:
+    """Create the identity vault's key pair (key custodian; asks for a new passphrase twice)."""
+    from safehaven.core.keys import VAULT, KeyRingError
+    from safehaven.core.registers import current_actor
+    from safehaven.protect.custody import init_vault
+
+    home = ensure_home()
+    keyring = custodian_keyring(home, confirm=True)
+    try:
+        public = init_vault(home, keyring, actor=current_actor())
+    except Exception as exc:  # ids only
+        fail(f"refused: {exc}" if isinstance(exc, KeyRingError) else str(exc))
+    click.echo(
+        f"identity vault key {public.key_id}: public half {keyring.public_path(VAULT)}, private half "
+        f"{keyring.path(VAULT)} sealed under your passphrase; keep a copy of it off this host. Audited."
+    )
+
+
+@click.command("seal-vault")
+def keys_seal_vault() -> None:
+    """Seal an unencrypted vault private key in place (key custodian; asks for a new passphrase)."""
+    from safehaven.core.registers import current_actor
+    from safehaven.protect.custody import seal_vault
+
+    home = ensure_home()
+    try:
+        done = seal_vault(home, custodian_keyring(home, confirm=True), actor=current_actor())
+    except Exception as exc:  # ids only
+        fail(f"not sealed: {exc}")
+    for line in done or ["nothing to seal: the vault private key is already sealed"]:
+        click.echo(line)

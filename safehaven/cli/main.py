@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from safehaven import __version__
-from safehaven.cli import audit, disposal, governance, keys, objections, outputs, review, run
+from safehaven.cli import audit, disposal, governance, keys, objections, outputs, release, review, run
 from safehaven.cli.common import fail
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     """A health-data safe haven run the way the Code of Practice on Confidential Information asks."""
 
 
-for _area in (run, keys, objections, governance, audit, outputs, disposal, review):
+for _area in (run, keys, objections, governance, audit, outputs, disposal, review, release):
     _area.register(main)
 
 

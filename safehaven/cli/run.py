@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from safehaven.cli import keys
 from safehaven.cli.common import ensure_home
 from safehaven.core.home import Home
 
@@ -97,6 +98,7 @@ def register(main: click.Group) -> None:
         from safehaven.tools import synthetic
 
         home = ensure_home()
+        keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair
         if not no_demo and not _has_files(home.incoming):
             counts = synthetic.generate(home.incoming, patients=demo_patients, seed=seed)
             click.echo(

@@ -78,7 +78,7 @@ import duckdb
 from safehaven.core import anchors
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import Home
-from safehaven.core.keys import Key, KeyRing, KeyRingError
+from safehaven.core.keys import Key, KeyRing, KeyRingError, KeySubstituted
 from safehaven.core.store import CATALOG, table_exists
 
 __all__ = ["GENESIS", "HEAD_FILE", "TABLE", "AuditTrailBroken", "Entry", "VerifyResult"]
@@ -774,10 +774,14 @@ def _key_problem(home: Home, keyring: KeyRing, key: Key) -> VerifyResult | None:
         recorded = anchored[0]
     else:
         return None
+    return _swapped(keyring, key.key_id, recorded)
+
+
+def _swapped(keyring: KeyRing, found: str, recorded: str) -> VerifyResult:
     return VerifyResult(
         False,
         None,
-        f"the audit key {keyring.path(KEY_PURPOSE)} (id {key.key_id}) is not the key the audit trail was written "
+        f"the audit key {keyring.path(KEY_PURPOSE)} (id {found}) is not the key the audit trail was written "
         f"with (id {recorded}): it was swapped or replaced; restore the original key file from the key "
         "custodian's backup",
         "key",
@@ -970,6 +974,8 @@ def verify(
     home, keyring = _keyring(con, home, keyring)
     try:
         key = _read_key(keyring)
+    except KeySubstituted as exc:  # the key ring pins every key (safehaven.core.keys)
+        return _swapped(keyring, exc.found, exc.recorded)
     except KeyRingError as exc:
         return VerifyResult(False, None, f"cannot read the audit key: {exc}", "key")
     tail = _tail(con)

@@ -17,17 +17,31 @@ material) records ids, creation, retirement and destruction. Purposes used by th
 * ``haven``: the HMAC key of haven pseudonyms (``safehaven.protect.pseudonymise``).
 * ``audit``: the audit chain's MAC key (``safehaven.core.audit``).
 * ``vault``: an X25519 key *pair* for the identity vault (``safehaven.protect.vault``). Role
-  separation: the pipeline needs only the public half ``keys/vault.pub`` to write vault
-  entries (envelope encryption); the private half ``keys/vault.key`` belongs to the
-  governance lead and is read only by re-identification and haven-key rotation, so it can be
-  kept off the pipeline host. The pair is known by the id of its public half. A public key
-  file is not secret but its integrity matters (a substituted one would encrypt identities to
-  someone else), so it is held to the same rules except that others may read it.
+  separation, enforced (NIST SP 800-57 Part 2 key custodian role; CoP 27b): the pipeline holds
+  only the public half ``keys/vault.pub`` and can add vault entries but never read one back.
+  The private half ``keys/vault.key`` never rests unencrypted where the pipeline runs: it is
+  *sealed*, a PKCS#8 ``ENCRYPTED PRIVATE KEY`` (PBES2 with the scrypt KDF, RFC 7914 section 7,
+  and AES-256-CBC, RFC 8018) under the key custodian's passphrase, and opened only through a
+  :class:`Custodian` that the command line builds for custodian commands (re-identification,
+  subject access, identifiable releases, rotation). :meth:`KeyRing.check_custody` refuses a
+  key directory holding an unsealed private key, so the pipeline will not start on one. The
+  pair is known by the id of its public half. A public key file is not secret but its
+  integrity matters (a substituted one would encrypt identities to someone else), so it is
+  held to the same rules except that others may read it, and it is pinned like every key.
 * ``agreement-<id>``: a random 32-byte salt per data sharing agreement. The agreement's
   pseudonym key is HKDF-SHA256 (RFC 5869) over the haven key with that salt and
   ``info = b"safehaven agreement pseudonym v1|" + id`` (``agreement_key``): two recipients'
   extracts cannot be joined, and destroying the salt file crypto-shreds the agreement's
   pseudonym domain without touching any other (CoP 43d, 48-50).
+
+**Every key is pinned** (CoP 27b-c): ``keyring.json`` records the current id of each purpose,
+and :meth:`KeyRing.get` / :meth:`KeyRing.get_public` / :meth:`KeyRing.get_private` refuse a key
+file whose id is not the recorded one (swapped or substituted), naming the id expected. A key
+with a record is never re-created when its file is missing: the message asks for the
+custodian's backup. The store pins the same ids again in ``governance.key_epochs``
+(``safehaven.core.pins``), so editing ``keyring.json`` alongside a key file does not get past it.
+``keyring.json`` notes an id as ``pending`` before a key file is replaced, so a crash between
+the file and the record leaves both ids acceptable until the next write finishes.
 
 Rotation (``safehaven.protect.rotation``) replaces a purpose's file atomically; the manifest marks the
 previous id retired, so every id that ever protected data stays on record.
@@ -44,31 +58,59 @@ crash between the steps leaves a ``.retired`` file that the next write of that k
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from safehaven.core.files import shred_file
 
 KEY_BYTES = 32
 AGREEMENT_INFO = b"safehaven agreement pseudonym v1|"
 VAULT = "vault"
+#: Purposes held as an X25519 pair whose private half is sealed under the custodian passphrase.
+PAIRS = (VAULT,)
+STAGED_SUFFIX = "-next"
+MANIFEST = "keyring.json"
 _AGREEMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+#: scrypt work factor for sealing (RFC 7914; OWASP's minimum for scrypt is N=2^17, r=8, p=1).
+SCRYPT_N = 2**17
+SCRYPT_R = 8
+SCRYPT_P = 1
+SEAL_SALT_BYTES = 16
+SEALED_LABEL = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+UNSEALED_LABEL = b"-----BEGIN PRIVATE KEY-----"
+# DER of the object identifiers of PKCS#8 PBES2 (RFC 8018), scrypt (RFC 7914) and AES-256-CBC
+_OID_PBES2 = bytes.fromhex("06092a864886f70d01050d")
+_OID_SCRYPT = bytes.fromhex("06092b06010401da47040b")
+_OID_AES256_CBC = bytes.fromhex("060960864801650304012a")
 
 
 class KeyRingError(Exception):
     """A key problem the operator must fix. The message never carries key material."""
+
+
+class KeySubstituted(KeyRingError):
+    """A key file holds a key other than the one the key ring records (swapped or substituted)."""
+
+    def __init__(self, message: str, *, path: Path, found: str, recorded: str) -> None:
+        super().__init__(message)
+        self.path, self.found, self.recorded = path, found, recorded
 
 
 @dataclass(frozen=True)
@@ -92,6 +134,38 @@ class Key:
     __str__ = __repr__
 
 
+class Custodian:
+    """The key custodian's passphrase (NIST SP 800-57 Part 2: the custodian role), asked for once,
+    when a sealed key is first opened or sealed, and never shown by ``repr`` or ``str``.
+
+    ``ask`` returns the passphrase (the command line prompts, or reads an environment variable
+    for automation). ``scrypt_n`` is the scrypt work factor of keys this custodian seals.
+    """
+
+    def __init__(self, ask: Callable[[], str | bytes], *, scrypt_n: int = SCRYPT_N) -> None:
+        self._ask = ask
+        self._value: bytes | None = None
+        self.scrypt_n = scrypt_n
+
+    @classmethod
+    def of(cls, passphrase: str | bytes, *, scrypt_n: int = SCRYPT_N) -> Custodian:
+        return cls(lambda: passphrase, scrypt_n=scrypt_n)
+
+    def passphrase(self) -> bytes:
+        if self._value is None:
+            value = self._ask()
+            value = value.encode() if isinstance(value, str) else value
+            if not value:
+                raise KeyRingError("the custodian passphrase is empty")
+            self._value = value
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Custodian(<passphrase hidden>)"
+
+    __str__ = __repr__
+
+
 def key_id(material: bytes) -> str:
     """A public identifier for a key: SHA-256 over the material, first 16 hex digits."""
     return hashlib.sha256(b"safehaven-key-id:" + material).hexdigest()[:16]
@@ -109,6 +183,69 @@ def x25519_public(private_bytes: bytes) -> bytes:
         .public_key()
         .public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
     )
+
+
+# --- sealing private keys (PKCS#8 EncryptedPrivateKeyInfo, PBES2 + scrypt + AES-256-CBC) -----
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + body
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _seq(*parts: bytes) -> bytes:
+    return _der(0x30, b"".join(parts))
+
+
+def seal_private(private_bytes: bytes, passphrase: bytes, *, n: int = SCRYPT_N) -> bytes:
+    """PEM ``ENCRYPTED PRIVATE KEY`` of a raw X25519 private key under ``passphrase``.
+
+    PKCS#8 EncryptedPrivateKeyInfo with PBES2 (RFC 8018): key derivation scrypt (RFC 7914
+    section 7; N=``n``, r=8, p=1, 16-byte random salt), encryption AES-256-CBC. The
+    ``cryptography`` library's ``BestAvailableEncryption`` uses PBKDF2 with a low iteration
+    count, so the structure is written here; it opens with
+    ``cryptography``'s ``load_pem_private_key`` (see :func:`open_sealed`).
+    """
+    inner = X25519PrivateKey.from_private_bytes(private_bytes).private_bytes(
+        ser.Encoding.DER, ser.PrivateFormat.PKCS8, ser.NoEncryption()
+    )
+    salt, iv = os.urandom(SEAL_SALT_BYTES), os.urandom(16)
+    kek = Scrypt(salt=salt, length=32, n=n, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(inner) + padder.finalize()
+    enc = Cipher(algorithms.AES(kek), modes.CBC(iv)).encryptor()
+    ciphertext = enc.update(padded) + enc.finalize()
+    scrypt_params = _seq(_der(0x04, salt), _der_int(n), _der_int(SCRYPT_R), _der_int(SCRYPT_P), _der_int(32))
+    pbes2 = _seq(_seq(_OID_SCRYPT, scrypt_params), _seq(_OID_AES256_CBC, _der(0x04, iv)))
+    der = _seq(_seq(_OID_PBES2, pbes2), _der(0x04, ciphertext))
+    return _pem(der)
+
+
+def _pem(der: bytes) -> bytes:
+    body = base64.encodebytes(der).replace(b"\n", b"")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return SEALED_LABEL + b"\n" + b"\n".join(lines) + b"\n-----END ENCRYPTED PRIVATE KEY-----\n"
+
+
+def open_sealed(pem: bytes, passphrase: bytes, where: Path) -> bytes:
+    """The raw X25519 private key of a sealed PEM; a wrong passphrase is refused by name of file."""
+    try:
+        key = ser.load_pem_private_key(pem, passphrase)
+    except (ValueError, TypeError):
+        raise KeyRingError(
+            f"the custodian passphrase does not open {where}; give the key custodian's passphrase "
+            "(prompt, or SAFEHAVEN_CUSTODIAN_PASSPHRASE)"
+        ) from None
+    if not isinstance(key, X25519PrivateKey):
+        raise KeyRingError(f"{where} does not hold an X25519 private key")
+    return key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
 
 
 def check_key_file(path: Path, *, public: bool = False) -> None:
@@ -135,11 +272,33 @@ def check_key_file(path: Path, *, public: bool = False) -> None:
         raise KeyRingError(f"key file {path} is owned by another user")
 
 
-class KeyRing:
-    """Key files in one directory, each checked before it is read."""
+def staged(purpose: str) -> str:
+    """The name a rotation stages a new key of ``purpose`` under (not yet current)."""
+    return purpose + STAGED_SUFFIX
 
-    def __init__(self, directory: Path) -> None:
+
+def _hex_key(path: Path) -> bytes | None:
+    """The 32 bytes a hex key file holds, or None when it holds something else."""
+    try:
+        material = bytes.fromhex(path.read_text().strip())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return material if len(material) == KEY_BYTES else None
+
+
+class KeyRing:
+    """Key files in one directory, each checked (and pinned) before it is read.
+
+    ``custodian`` is given only by custodian commands: without it a sealed private key cannot
+    be opened, so the pipeline (which is never given one) cannot read the identity vault.
+    """
+
+    def __init__(self, directory: Path, custodian: Custodian | None = None) -> None:
         self.directory = directory
+        self.custodian = custodian
+
+    def __repr__(self) -> str:
+        return f"KeyRing({str(self.directory)!r}, custodian={'yes' if self.custodian else 'no'})"
 
     def path(self, purpose: str) -> Path:
         if not purpose.replace("-", "").replace("_", "").isalnum():
@@ -151,28 +310,32 @@ class KeyRing:
         return path.exists() or path.is_symlink()
 
     def get(self, purpose: str) -> Key:
-        """Read a key, refusing unsafe files. Raises KeyRingError if it is missing."""
+        """Read a symmetric key, refusing unsafe files and keys other than the recorded one."""
         path = self.path(purpose)
+        if purpose.removesuffix(STAGED_SUFFIX) in PAIRS:
+            raise KeyRingError(f"{path} is a sealed private key: only the key custodian opens it")
         if not path.exists() and not path.is_symlink():
-            raise KeyRingError(f"key {purpose!r} is missing ({path})")
+            expected = self.current_id(purpose)
+            hint = f" (key {expected}); restore it from the key custodian's backup" if expected else ""
+            raise KeyRingError(f"key {purpose!r} is missing ({path}){hint}")
         self._check_directory()
         check_key_file(path)
-        text = path.read_text().strip()
-        try:
-            material = bytes.fromhex(text)
-        except ValueError:
-            raise KeyRingError(f"key file {path} is not hex-encoded key material") from None
-        if len(material) != KEY_BYTES:
-            raise KeyRingError(f"key file {path} does not hold a {KEY_BYTES}-byte key")
-        return Key(purpose, material)
+        material = _hex_key(path)
+        if material is None:
+            raise KeyRingError(f"key file {path} does not hold a hex-encoded {KEY_BYTES}-byte key")
+        key = Key(purpose, material)
+        self._check_pinned(purpose, key.key_id, path)
+        return key
 
     def get_or_create(self, purpose: str, *, allow_create: bool = True) -> Key:
-        """The key for ``purpose``; created (0600) only when ``allow_create`` is true."""
+        """The key for ``purpose``; created (0600) only when ``allow_create`` is true and the
+        key ring has never recorded one (a recorded key that is missing is never re-created)."""
         if self.exists(purpose):
             return self.get(purpose)
-        if not allow_create:
+        if not allow_create or self.recorded(purpose):
+            expected = self.current_id(purpose) or "recorded in keyring.json"
             raise KeyRingError(
-                f"key {purpose!r} is missing ({self.path(purpose)}) but data protected by it "
+                f"key {purpose!r} (key {expected}) is missing ({self.path(purpose)}) but data protected by it "
                 "exists; restore the key file from the key custodian's backup"
             )
         return self.write(purpose, secrets.token_bytes(KEY_BYTES))
@@ -180,27 +343,29 @@ class KeyRing:
     def write(self, purpose: str, material: bytes, *, replace: bool = False, record: bool = True) -> Key:
         """Write key material atomically with mode 0600 and record its id in keyring.json.
 
-        ``record=False`` for staging files (a rotation in progress) and for the halves of a
-        key pair, which is recorded once under the id of its public half.
+        ``record=False`` for staging files (a rotation in progress). The id is noted as pending
+        before the file is replaced, so a crash in between leaves a key the ring accepts.
         """
         path = self.path(purpose)
         if path.exists() and not replace:
             raise KeyRingError(f"key {purpose!r} already exists")
-        self._write_file(path, material, 0o600)
         key = Key(purpose, material)
+        if record:
+            self._mark_pending(purpose, key.key_id)
+        self._write_file(path, material.hex().encode(), 0o600)
         if record:
             self._record(purpose, key.key_id)
         return key
 
-    def _write_file(self, path: Path, material: bytes, mode: int) -> None:
+    def _write_file(self, path: Path, data: bytes, mode: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)
         tmp = path.with_name(path.name + ".tmp")
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(material.hex())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
@@ -244,90 +409,247 @@ class KeyRing:
             done.append(retired.name)
         return done
 
-    # --- public halves of key pairs ---------------------------------------------------
+    # --- key pairs: public half in the clear, private half sealed ------------------------
 
     def public_path(self, purpose: str) -> Path:
         return self.path(purpose).with_suffix(".pub")
 
     def get_public(self, purpose: str) -> Key:
-        """Read a public key (``<purpose>.pub``), refusing a file others could have replaced."""
+        """Read a public key (``<purpose>.pub``), refusing a file others could have replaced
+        and a key other than the one the key ring records (a substituted public key)."""
         path = self.public_path(purpose)
         if not path.exists() and not path.is_symlink():
-            raise KeyRingError(f"public key {purpose!r} is missing ({path})")
+            expected = self.current_id(purpose)
+            hint = f" (key {expected}); restore it from the key custodian's backup" if expected else ""
+            raise KeyRingError(f"public key {purpose!r} is missing ({path}){hint}")
         self._check_directory()
         check_key_file(path, public=True)
-        try:
-            material = bytes.fromhex(path.read_text().strip())
-        except ValueError:
-            raise KeyRingError(f"public key file {path} is not hex-encoded") from None
-        if len(material) != KEY_BYTES:
-            raise KeyRingError(f"public key file {path} does not hold a {KEY_BYTES}-byte key")
+        material = _hex_key(path)
+        if material is None:
+            raise KeyRingError(f"public key file {path} does not hold a hex-encoded {KEY_BYTES}-byte key")
+        self._check_pinned(purpose, key_id(material), path)
         return Key(purpose + ".pub", material)
 
-    def create_keypair(self, purpose: str = VAULT) -> Key:
-        """Create an X25519 key pair: private ``<purpose>.key`` (0600), public ``<purpose>.pub`` (0644).
+    def get_private(self, purpose: str = VAULT) -> Key:
+        """The private half of a key pair, opened with the custodian's passphrase.
 
-        Never over an existing pair (rotation replaces one with ``write_keypair``). Returns the
-        public key; the manifest records the pair under the public key's id.
+        Refused without a custodian, when the file is not sealed, and when the key it holds is
+        not the pair the key ring records (a substituted private key).
         """
-        if self.exists(purpose) or self.public_path(purpose).exists():
-            raise KeyRingError(f"key pair {purpose!r} already exists")
-        return self.write_keypair(purpose, x25519_private())
+        path = self.path(purpose)
+        if self.custodian is None:
+            raise KeyRingError(
+                f"the private key {path} is sealed for the key custodian; run this as the custodian "
+                "(the command asks for the passphrase)"
+            )
+        if not path.exists() and not path.is_symlink():
+            raise KeyRingError(f"the private key {path} is not on this host; restore it from the custodian's backup")
+        self._check_directory()
+        check_key_file(path)
+        pem = path.read_bytes()
+        if not pem.startswith(SEALED_LABEL):
+            raise KeyRingError(f"{path} is not sealed; the custodian seals it with `safehaven keys seal-vault`")
+        private = open_sealed(pem, self.custodian.passphrase(), path)
+        self._check_pinned(purpose, key_id(x25519_public(private)), path)
+        return Key(purpose, private)
 
-    def write_keypair(self, purpose: str, private_bytes: bytes) -> Key:
-        """Write an X25519 private key and its public half, replacing any pair; returns the public key."""
+    def seal_keypair(self, purpose: str, private_bytes: bytes, *, stage: bool = False) -> Key:
+        """Write an X25519 pair: private ``<name>.key`` sealed (0600), public ``<name>.pub`` (0644).
+
+        ``stage`` writes it as ``<purpose>-next`` (a rotation in progress; not recorded). Otherwise
+        the pair replaces the current one and is recorded under its public id. Returns the public key.
+        """
+        custodian = self._custodian()
         pub = x25519_public(private_bytes)
-        self.write(purpose, private_bytes, replace=True, record=False)
-        self._write_file(self.public_path(purpose), pub, 0o644)
-        self._record(purpose, key_id(pub))
+        sealed = seal_private(private_bytes, custodian.passphrase(), n=custodian.scrypt_n)
+        name = staged(purpose) if stage else purpose
+        if not stage:
+            self._mark_pending(purpose, key_id(pub))
+        self._write_file(self.path(name), sealed, 0o600)
+        self._write_file(self.public_path(name), pub.hex().encode(), 0o644)
+        if not stage:
+            self._record(purpose, key_id(pub))
         return Key(purpose + ".pub", pub)
 
-    def public_or_create(self, purpose: str = VAULT) -> Key:
-        """The public half of a key pair, creating the pair on first use only."""
-        if self.public_path(purpose).exists() or self.public_path(purpose).is_symlink():
-            return self.get_public(purpose)
-        if self.exists(purpose):
+    def create_keypair(self, purpose: str = VAULT) -> Key:
+        """Create a key pair (custodian only), never over an existing or recorded one."""
+        if self.exists(purpose) or self.public_path(purpose).exists() or self.recorded(purpose):
+            raise KeyRingError(f"key pair {purpose!r} already exists (key {self.current_id(purpose) or '-'})")
+        return self.seal_keypair(purpose, x25519_private())
+
+    def staged_pair(self, purpose: str) -> bool:
+        """Whether a rotation left a staged pair (either half) for ``purpose``."""
+        name = staged(purpose)
+        return any(p.exists() or p.is_symlink() for p in (self.path(name), self.public_path(name)))
+
+    def install_staged_pair(self, purpose: str) -> Key:
+        """Make the staged pair current (no passphrase needed: the private half stays sealed)."""
+        name = staged(purpose)
+        check_key_file(self.path(name))
+        sealed = self.path(name).read_bytes()
+        if not sealed.startswith(SEALED_LABEL):
+            raise KeyRingError(f"{self.path(name)} is not sealed; it cannot be installed")
+        check_key_file(self.public_path(name), public=True)
+        pub = _hex_key(self.public_path(name))
+        if pub is None:
+            raise KeyRingError(f"{self.public_path(name)} does not hold a public key")
+        self._mark_pending(purpose, key_id(pub))
+        self._write_file(self.path(purpose), sealed, 0o600)
+        self._write_file(self.public_path(purpose), pub.hex().encode(), 0o644)
+        self._record(purpose, key_id(pub))
+        self.discard(name)
+        self.discard(name, public=True)
+        return Key(purpose + ".pub", pub)
+
+    def staged_public_id(self, purpose: str) -> str | None:
+        """The id of a staged pair's public half, if it was written."""
+        path = self.public_path(staged(purpose))
+        material = _hex_key(path) if path.exists() else None
+        return key_id(material) if material else None
+
+    def seal_in_place(self, purpose: str = VAULT, *, stage: bool = False) -> Key | None:
+        """Seal an unsealed raw private key (a key ring from before sealing) under the custodian's
+        passphrase, keeping the same pair; None when there is nothing unsealed to seal."""
+        name = staged(purpose) if stage else purpose
+        path = self.path(name)
+        if not path.exists() or path.read_bytes().startswith(SEALED_LABEL):
+            return None
+        self._check_directory()
+        check_key_file(path)
+        raw = _hex_key(path)
+        if raw is None:
+            raise KeyRingError(f"{path} holds neither a sealed nor a raw {KEY_BYTES}-byte key; restore it from backup")
+        if not stage:
+            self._check_pinned(purpose, key_id(x25519_public(raw)), path)
+            if self.public_path(purpose).exists() and self.get_public(purpose).material != x25519_public(raw):
+                raise KeyRingError(f"{path} is not the private half of {self.public_path(purpose)}; restore the pair")
+        return self.seal_keypair(purpose, raw, stage=stage)
+
+    def _custodian(self) -> Custodian:
+        if self.custodian is None:
+            raise KeyRingError("sealing a private key needs the key custodian's passphrase")
+        return self.custodian
+
+    # --- custody --------------------------------------------------------------------------
+
+    def unsealed_private_keys(self) -> list[Path]:
+        """Key files the pipeline could read a private key from: a PEM ``PRIVATE KEY`` that is not
+        encrypted, a pair's private half that is not sealed, or any raw key whose X25519 public
+        half is a recorded vault key (a copy of the private key under another name)."""
+        if not self.directory.is_dir():
+            return []
+        pair_ids = {h["key_id"] for p in PAIRS for h in self._history(p)}
+        found = []
+        for path in sorted(self.directory.iterdir()):
+            if path.suffix == ".pub" or not path.is_file() or path.name == MANIFEST:
+                continue
+            data = path.read_bytes()
+            if UNSEALED_LABEL in data:
+                found.append(path)
+            elif path.name.split(".")[0].removesuffix(STAGED_SUFFIX) in PAIRS:
+                if not data.startswith(SEALED_LABEL):
+                    found.append(path)
+            elif (raw := _hex_key(path)) is not None and key_id(x25519_public(raw)) in pair_ids:
+                found.append(path)
+        return found
+
+    def check_custody(self) -> None:
+        """Refuse to run the pipeline where it could read an unsealed private key (module docstring)."""
+        found = self.unsealed_private_keys()
+        if found:
             raise KeyRingError(
-                f"the public key {self.public_path(purpose)} is missing but its private key exists; "
-                "restore the public key file (or derive it from the private key with the key custodian)"
+                f"{found[0]} holds an unencrypted private key, so the pipeline could read the identity vault; "
+                "the key custodian seals it with `safehaven keys seal-vault` (or moves it off this host)"
             )
-        return self.create_keypair(purpose)
+
+    # --- the record (keyring.json) --------------------------------------------------------
 
     def destroy(self, purpose: str) -> str | None:
         """Overwrite and unlink a key file (crypto-shredding); returns the destroyed key id."""
         path = self.path(purpose)
         if not path.exists():
             return None
-        kid = self.get(purpose).key_id
-        public = self.public_path(purpose)
-        if public.exists() and not public.is_symlink():
-            kid = key_id(self.get_public(purpose).material)  # a pair is known by its public half
-            public.unlink()
+        if purpose in PAIRS:
+            public = self.public_path(purpose)
+            kid = self.current_id(purpose)
+            if public.exists() and not public.is_symlink():
+                kid = key_id(self.get_public(purpose).material)  # a pair is known by its public half
+                public.unlink()
+        else:
+            kid = self.get(purpose).key_id
         shred_file(path)
-        self._record(purpose, kid, destroyed=True)
+        if kid:
+            self._record(purpose, kid, destroyed=True)
         return kid
 
     def retired_ids(self, purpose: str) -> list[str]:
         """Ids of earlier keys of ``purpose`` that were replaced (rotated out)."""
-        entry = self.manifest().get(purpose, {})
-        history = entry.get("history", []) if isinstance(entry, dict) else []
-        return [h["key_id"] for h in history if "retired_at" in h]  # type: ignore[index]
+        return [h["key_id"] for h in self._history(purpose) if "retired_at" in h]
+
+    def destroyed_at(self, purpose: str, kid: str | None = None) -> str | None:
+        """When the key ring recorded ``purpose``'s key (``kid``, else any) as destroyed."""
+        for h in self._history(purpose):
+            if "destroyed_at" in h and (kid is None or h["key_id"] == kid):
+                return str(h["destroyed_at"])
+        return None
 
     def current_id(self, purpose: str) -> str | None:
         entry = self.manifest().get(purpose)
         return entry.get("current") if isinstance(entry, dict) else None  # type: ignore[return-value]
 
+    def recorded(self, purpose: str) -> bool:
+        """Whether the key ring has ever recorded a key for ``purpose``."""
+        return bool(self._history(purpose))
+
+    def _history(self, purpose: str) -> list[dict[str, str]]:
+        entry = self.manifest().get(purpose, {})
+        history = entry.get("history", []) if isinstance(entry, dict) else []
+        return history if isinstance(history, list) else []
+
+    def _check_pinned(self, purpose: str, kid: str, path: Path) -> None:
+        """Refuse a key whose id is not the one the key ring records for ``purpose``."""
+        entry = self.manifest().get(purpose)
+        if not isinstance(entry, dict) or not entry.get("history"):
+            return  # never recorded: a staged key, or a key ring older than its record
+        current, pending = entry.get("current"), entry.get("pending")
+        if kid in (current, pending):
+            return
+        if current is None:
+            raise KeyRingError(
+                f"{path} holds key {kid}, but the key ring records {purpose!r} as destroyed; "
+                "a destroyed key is never re-created: remove the file"
+            )
+        raise KeySubstituted(
+            f"{path} holds key {kid}, but the key ring records key {current} for {purpose!r} "
+            f"(swapped or substituted); restore key {current} from the key custodian's backup",
+            path=path,
+            found=kid,
+            recorded=str(current),
+        )
+
     def manifest(self) -> dict[str, dict[str, object]]:
         """Key ids and dates per purpose; never material."""
-        path = self.directory / "keyring.json"
+        path = self.directory / MANIFEST
         if not path.exists():
             return {}
-        return json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise KeyRingError(f"{path} is not readable JSON; restore it from the key custodian's backup") from None
+        return data if isinstance(data, dict) else {}
+
+    def _mark_pending(self, purpose: str, kid: str) -> None:
+        data = self.manifest()
+        entry = data.get(purpose)
+        if isinstance(entry, dict) and entry.get("history"):
+            entry["pending"] = kid
+            self._save(data)
 
     def _record(self, purpose: str, kid: str, *, destroyed: bool = False) -> None:
         data = self.manifest()
         now = datetime.now(UTC).isoformat(timespec="seconds")
         entry = data.setdefault(purpose, {"current": None, "history": []})
+        entry.pop("pending", None)
         history = entry["history"]
         assert isinstance(history, list)
         if destroyed:
@@ -335,15 +657,16 @@ class KeyRing:
                 if item["key_id"] == kid:
                     item["destroyed_at"] = now
             entry["current"] = None
-        else:
+        elif kid != entry["current"]:  # the same key written again (sealed in place) stays current
             for item in history:
                 if item["key_id"] == entry["current"] and "retired_at" not in item:
                     item["retired_at"] = now
             history.append({"key_id": kid, "created_at": now})
             entry["current"] = kid
-        tmp = self.directory / "keyring.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, self.directory / "keyring.json")
+        self._save(data)
+
+    def _save(self, data: dict[str, dict[str, object]]) -> None:
+        self._write_file(self.directory / MANIFEST, json.dumps(data, indent=2, sort_keys=True).encode(), 0o600)
 
     def _check_directory(self) -> None:
         if self.directory.is_symlink():
@@ -386,19 +709,42 @@ def agreement_key(keyring: KeyRing, agreement_id: str, *, create: bool = True) -
     """The pseudonym key of one agreement's domain (rule in the module docstring).
 
     HKDF-SHA256(ikm = haven key, salt = ``keys/agreement-<id>.key``,
-    info = ``b"safehaven agreement pseudonym v1|" + id``). The salt is created on first use
-    when ``create``; once destroyed (crypto-shredding) the key cannot be derived again, and a
-    call with ``create=False`` says so rather than starting a new domain silently.
+    info = ``b"safehaven agreement pseudonym v1|" + id``). The salt is created once, when
+    ``create`` and the key ring has never recorded one; a recorded salt that is missing (lost,
+    or destroyed at disposal) is refused, never re-created: a new salt would give the recipient
+    new pseudonyms for the same people with no crosswalk (CoP 43d).
     """
     purpose = agreement_purpose(agreement_id)
     if not keyring.exists(purpose):
-        if not create:
+        problem = missing_agreement_key(keyring, agreement_id)
+        if problem or not create:
             raise KeyRingError(
-                f"agreement {agreement_id!r} has no pseudonym key ({keyring.path(purpose)}): "
-                "never created, or destroyed at disposal"
+                problem or f"agreement {agreement_id!r} has no pseudonym key yet ({keyring.path(purpose)})"
             )
         keyring.write(purpose, secrets.token_bytes(KEY_BYTES))
     return derive_agreement_key(keyring.get("haven").material, keyring.get(purpose).material, agreement_id)
+
+
+def missing_agreement_key(keyring: KeyRing, agreement_id: str, expected: str | None = None) -> str | None:
+    """Why an agreement's missing salt must not be re-created (None when it never existed).
+
+    ``expected`` is the id the store pins for it (``safehaven.core.pins``), if any.
+    """
+    purpose = agreement_purpose(agreement_id)
+    expected = expected or keyring.current_id(purpose)
+    destroyed = keyring.destroyed_at(purpose)
+    if destroyed and not keyring.current_id(purpose):
+        return (
+            f"agreement {agreement_id}'s pseudonym key was destroyed at disposal on {destroyed[:10]}; "
+            "its pseudonym domain is gone and nothing more is released under it"
+        )
+    if expected or keyring.recorded(purpose):
+        return (
+            f"agreement {agreement_id}'s pseudonym key {keyring.path(purpose).name} "
+            f"(key {expected or '-'}) is missing; "
+            "restore it from the key custodian's backup (a new key would break the recipient's linkage)"
+        )
+    return None
 
 
 def derive_agreement_key(haven_material: bytes, salt: bytes, agreement_id: str) -> Key:

@@ -26,30 +26,12 @@ from dataclasses import dataclass, field
 import duckdb
 
 from safehaven.core.keys import Key, KeyRing, KeyRingError
+from safehaven.core.pins import epoch_key_id, start_epoch
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.intake.rules import q
 from safehaven.protect.objections import ensure_tables, record_type1_incident, register_practices, type1_objectors_sql
 from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_key
-
-EPOCHS = "governance.key_epochs"
-
-
-def ensure_epochs(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {EPOCHS} (purpose VARCHAR, key_id VARCHAR, started_at TIMESTAMPTZ, "
-        "retired_at TIMESTAMPTZ)"
-    )
-
-
-def epoch_key_id(con: duckdb.DuckDBPyConnection, purpose: str = "haven") -> str | None:
-    """The id of the key the store's data of ``purpose`` is made with, if recorded."""
-    ensure_epochs(con)
-    row = con.execute(
-        f"SELECT key_id FROM {EPOCHS} WHERE purpose = ? AND retired_at IS NULL ORDER BY started_at DESC LIMIT 1",
-        [purpose],
-    ).fetchone()
-    return row[0] if row else None
 
 
 def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
@@ -57,7 +39,7 @@ def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
     recorded = epoch_key_id(con)
     if recorded is None:
         key = keyring.get_or_create("haven")
-        con.execute(f"INSERT INTO {EPOCHS} VALUES ('haven', ?, now(), NULL)", [key.key_id])
+        start_epoch(con, "haven", key.key_id)
         return key
     if not keyring.exists("haven"):
         raise KeyRingError(

@@ -39,7 +39,8 @@ from typing import Literal
 
 import duckdb
 
-from safehaven.core.keys import Key, KeyRing, agreement_key, check_agreement_id
+from safehaven.core import pins
+from safehaven.core.keys import Key, KeyRing, check_agreement_id
 from safehaven.intake.contracts import Contract, FieldSpec
 from safehaven.intake.rules import q
 
@@ -130,7 +131,7 @@ def install_agreement_domain(
     into release manifests.
     """
     name = release_key_name(agreement_id)
-    key = agreement_key(keyring, agreement_id, create=create)
+    key = pins.agreement_key(con, keyring, agreement_id, create=create)  # salt pinned; never re-created
     install_key(con, name, key)
     return name, key.key_id
 

@@ -24,8 +24,15 @@ Rules (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; ``safehav
 * **Store key**: the store is copied into a new file encrypted under the new key (DuckDB
   ``ATTACH ... (ENCRYPTION_KEY)`` + ``COPY FROM DATABASE``) and swapped in with one atomic
   rename (``Store.rebuild``, journalled), then every table's row count is checked.
-* **Vault key** (X25519 pair): the data keys are unwrapped with the old private key and
-  re-wrapped to the new public key in one transaction; the entries themselves are untouched.
+* **Vault key** (X25519 pair; the key custodian's, so it needs their passphrase): the new pair is
+  staged first (``keys/vault-next.key`` sealed, ``keys/vault-next.pub``); the data keys are
+  unwrapped with the old private key and re-wrapped to the new public key, and the store's
+  vault epoch moves to the new key, in one transaction; then the staged pair is installed. The
+  entries themselves are untouched. While a pair is staged, vault writes are refused
+  (``safehaven.core.pins.vault_public``), and after the commit the old ``vault.pub`` no longer
+  matches the store's epoch, so no new data key can be wrapped to a key about to be replaced:
+  a crash at any step loses no entry, and ``resume`` installs or discards the staged pair.
+* ``resume`` is audited (``action="key.rotate.resume"``): it is how a person clears the refusal.
 * One writer at a time (DuckDB): a rotation refuses to start while a pipeline run is alive
   (``safehaven.core.runs.live_runs``), rather than rewriting the store under the run.
 * **Crosswalks only for a committed key**: they are written to ``staging/rekey/`` first and
@@ -63,11 +70,12 @@ from safehaven.core.keys import (
     x25519_private,
     x25519_public,
 )
+from safehaven.core.pins import check_epoch, epoch_key_id, start_epoch, vault_public
 from safehaven.core.store import CATALOG, Store, StoreError, table_exists
 from safehaven.intake.contracts import Contract
 from safehaven.intake.rules import lit, q
 from safehaven.protect import vault
-from safehaven.protect.haven import EPOCHS, ensure_epochs, epoch_key_id, haven_key
+from safehaven.protect.haven import haven_key
 from safehaven.protect.pseudonymise import hmac_sql, install_key
 
 PURPOSES = ("haven", "store", "vault")
@@ -115,9 +123,7 @@ def _audit(con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: Rotat
 
 
 def _retire_epoch(con: duckdb.DuckDBPyConnection, purpose: str, new_id: str) -> None:
-    ensure_epochs(con)
-    con.execute(f"UPDATE {EPOCHS} SET retired_at = now() WHERE purpose = ? AND retired_at IS NULL", [purpose])
-    con.execute(f"INSERT INTO {EPOCHS} VALUES (?, ?, now(), NULL)", [purpose, new_id])
+    start_epoch(con, purpose, new_id)
 
 
 def _discard_staged(keyring: KeyRing, purpose: str) -> None:
@@ -202,7 +208,7 @@ def rotate_haven(
                 report.counts[f"{schema}.{table}.{column}"] = int(n)
             if table_exists(con, "governance", "objection_events"):
                 con.execute("UPDATE governance.objection_events SET key_id = ?", [new.key_id])
-            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", keyring.get_public(VAULT), "_pid_map")
+            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", vault_public(con, keyring), "_pid_map")
             _retire_epoch(con, "haven", new.key_id)
             con.execute("COMMIT")
         except BaseException:
@@ -339,33 +345,40 @@ def _row_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
 
 def rotate_vault(home: Home, *, actor: str, keyring: KeyRing | None = None) -> RotationReport:
-    """Re-wrap the vault's data keys to a new X25519 key pair (module docstring)."""
+    """Re-wrap the vault's data keys to a new X25519 key pair, crash-safe (module docstring)."""
     keyring = keyring or KeyRing(home.keys)
     private = vault.private_key(keyring)
-    old_public = keyring.get_public(VAULT)
-    priv = x25519_private()
-    pub = x25519_public(priv)
-    keyring.write(_staged(VAULT), priv, replace=True, record=False)
-    report = RotationReport(VAULT, key_id(old_public.material), key_id(pub))
+    old_id = key_id(x25519_public(private.material))
     with Store(home, keyring).connect() as con:
+        check_epoch(con, VAULT, old_id, str(keyring.path(VAULT)))
+        new_public = keyring.seal_keypair(VAULT, x25519_private(), stage=True)
+        report = RotationReport(VAULT, old_id, new_public.key_id)
         vault.ensure_tables(con)
         con.execute("BEGIN TRANSACTION")
         try:
-            report.counts["data_keys"] = vault.rewrap_all(con, private, Key(VAULT + ".pub", pub))
+            report.counts["data_keys"] = vault.rewrap_all(con, private, new_public)
             _retire_epoch(con, VAULT, report.new_key_id)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             _discard_staged(keyring, VAULT)
             raise
-        _finish_vault(keyring, priv)
+        keyring.install_staged_pair(VAULT)
         _audit(con, home, actor, report)
     return report
 
 
-def _finish_vault(keyring: KeyRing, private_bytes: bytes) -> None:
-    keyring.write_keypair(VAULT, private_bytes)
+def _resume_vault(keyring: KeyRing, committed: str | None) -> str:
+    """Install the staged vault pair if the store committed to it, else discard it."""
+    staged_id = keyring.staged_public_id(VAULT)
+    if staged_id is not None and staged_id == committed:
+        if keyring.exists(_staged(VAULT)):
+            keyring.install_staged_pair(VAULT)
+        else:  # the install had finished; only the staged public half was left
+            _discard_staged(keyring, VAULT)
+        return f"vault: finished; key {staged_id} is current"
     _discard_staged(keyring, VAULT)
+    return "vault: the rotation had not committed; the staged key pair was discarded"
 
 
 # --- crash recovery ------------------------------------------------------------------------
@@ -373,48 +386,78 @@ def _finish_vault(keyring: KeyRing, private_bytes: bytes) -> None:
 
 def pending(keyring: KeyRing) -> list[str]:
     """Purposes with a staged key left by an interrupted rotation."""
-    return [p for p in STAGED if keyring.exists(_staged(p))]
+    return [p for p in STAGED if keyring.exists(_staged(p)) or (p == VAULT and keyring.staged_pair(VAULT))]
 
 
 def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[str]:
-    """Finish or undo interrupted rotations; returns what was done, one line per purpose.
+    """Finish or undo interrupted rotations; returns what was done, one line per purpose (audited).
 
     A staged key is installed when the store shows the rotation committed (its epoch);
     otherwise it is discarded (shredded) and the old key stays. Old key files an interrupted
     replacement left behind (``<name>.retired``) are shredded. Opening the store finishes or undoes an
-    interrupted store-key rotation by itself (``Store.recover``).
+    interrupted store-key rotation by itself (``Store.recover``). No passphrase is needed: a
+    staged vault pair is installed as it was sealed.
     """
     keyring = keyring or KeyRing(home.keys)
-    done = []
-    for purpose in pending(keyring):
-        staged = keyring.get(_staged(purpose))
-        try:
-            with Store(home, keyring).connect() as con:
-                current = epoch_key_id(con, purpose)
-        except StoreError as exc:
-            raise RotationError(f"cannot open the store to resume {purpose}: {exc}") from None
-        staged_id = staged.key_id if purpose == "haven" else key_id(x25519_public(staged.material))
-        if current == staged_id:
-            if purpose == "haven":
-                _finish_haven(keyring, Key("haven", staged.material))
-                _commit_crosswalks(home, staged_id)
-            else:
-                _finish_vault(keyring, staged.material)
-            done.append(f"{purpose}: finished; key {staged_id} is current")
-        else:
-            _discard_staged(keyring, purpose)
-            done.append(f"{purpose}: the rotation had not committed; the staged key was discarded")
-    done += [
+    todo = pending(keyring)
+    done = [
         f"{name}: an old key file left by an interrupted replacement was shredded" for name in keyring.shred_leftovers()
     ]
-    if "haven" not in pending(keyring) and (shredded := _shred_staged_crosswalks(home)):
+    if not todo and not done and not _staged_crosswalks(home):
+        return []
+    try:
+        with Store(home, keyring).connect() as con:
+            done = [_resume_one(con, home, keyring, purpose) for purpose in todo] + done
+            done += _settle_crosswalks(con, home, keyring)
+            audit.append(
+                con,
+                actor=actor,
+                role="key_custodian",
+                action="key.rotate.resume",
+                object="keys",
+                detail={"done": done},
+                home=home,
+            )
+    except StoreError as exc:
+        raise RotationError(f"cannot open the store to resume: {exc}") from None
+    return done
+
+
+def _resume_one(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str) -> str:
+    committed = epoch_key_id(con, purpose)
+    if purpose == VAULT:
+        return _resume_vault(keyring, committed)
+    staged = keyring.get(_staged(purpose))
+    if committed == staged.key_id:
+        _finish_haven(keyring, Key("haven", staged.material))
+        _commit_crosswalks(home, staged.key_id)
+        return f"{purpose}: finished; key {staged.key_id} is current"
+    _discard_staged(keyring, purpose)
+    return f"{purpose}: the rotation had not committed; the staged key was discarded"
+
+
+def _settle_crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> list[str]:
+    """Staged crosswalks left once no haven rotation is pending: those of the current haven key
+    (the rotation committed and installed its key) are delivered, any other is shredded."""
+    if "haven" in pending(keyring):
+        return []
+    done = []
+    current = epoch_key_id(con, "haven")
+    if current and (moved := _commit_crosswalks(home, current)):
+        done.append(f"haven: {len(moved)} crosswalk(s) of the current key {current} were delivered")
+    if shredded := _shred_staged_crosswalks(home):
         done.append(f"haven: {shredded} crosswalk(s) of a key that never became current were shredded")
     return done
 
 
-def rotate(home: Home, purpose: str, contracts: Iterable[Contract], *, actor: str) -> RotationReport:
-    """Rotate one purpose's key; refuses while an earlier rotation is unfinished."""
-    keyring = KeyRing(home.keys)
+def rotate(
+    home: Home, purpose: str, contracts: Iterable[Contract], *, actor: str, keyring: KeyRing | None = None
+) -> RotationReport:
+    """Rotate one purpose's key; refuses while an earlier rotation is unfinished.
+
+    ``keyring`` carries the key custodian (haven and vault rotations open the vault's private key).
+    """
+    keyring = keyring or KeyRing(home.keys)
     if live := runs.live_runs(home):
         raise RotationError(
             f"a pipeline run ({', '.join(live)}) holds the store; rotate the {purpose} key after it has finished"

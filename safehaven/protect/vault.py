@@ -16,10 +16,12 @@ confidentiality guide Rule 3):
   key is wrapped to the vault's X25519 *public* key (ECIES: an ephemeral X25519 key pair,
   ECDH, HKDF-SHA256 over the shared secret bound to both public keys, AES-256-GCM over the
   data key) and kept only in wrapped form in ``vault.data_keys``. The pipeline holds only
-  ``keys/vault.pub``: it can add entries and can never read one back. The private half
-  ``keys/vault.key`` belongs to the governance lead and is read only by
-  ``reveal`` (re-identification through the CLI, audited) and by haven-key rotation. Rotating
-  the vault key re-wraps the data keys only, not every entry.
+  ``keys/vault.pub``, pinned to the store's vault epoch (``safehaven.core.pins.vault_public``):
+  it can add entries and can never read one back. The private half ``keys/vault.key`` is
+  sealed under the key custodian's passphrase (``safehaven.core.keys``) and opened only by
+  :func:`private_key` for a custodian command (re-identification, subject access, an
+  identifiable release, rotation), each audited. Rotating the vault key re-wraps the data keys
+  only, not every entry.
 * AES-GCM has no DuckDB SQL primitive (DuckDB's own encryption covers whole database files),
   so encryption is the one place values pass through Python: once per distinct
   (person, field, value), never per record. Candidates are chosen, de-duplicated and keyed in
@@ -292,13 +294,22 @@ def vault_collection(
 
 
 def private_key(keyring: KeyRing) -> Key:
-    """The vault private key; held by the governance lead, refused when missing or unsafe."""
+    """The vault private key, opened with the key custodian's passphrase (module docstring).
+
+    Refused for a key ring without a custodian (the pipeline's), and when the key is not on
+    this host; a wrong passphrase or a substituted key raises ``KeyRingError``.
+    """
+    if keyring.custodian is None:
+        raise VaultError(
+            "reading the identity vault needs the key custodian's vault key: run this as the custodian "
+            "(the command asks for the passphrase)"
+        )
     if not keyring.exists(VAULT):
         raise VaultError(
             f"the vault private key {keyring.path(VAULT)} is not on this host: re-identification and "
-            "haven-key rotation need the governance lead's key"
+            "haven-key rotation need the key custodian's key"
         )
-    return keyring.get(VAULT)
+    return keyring.get_private(VAULT)
 
 
 def _opener(aeads: dict[str, AESGCM]) -> Callable[[str, bytes, bytes, bytes, str, str], bytes]:

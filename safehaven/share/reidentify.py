@@ -91,8 +91,12 @@ def reidentify(
     actor: str,
     registry: ContractRegistry | None = None,
     agreements_root: Path | None = None,
+    keyring: KeyRing | None = None,
 ) -> ReidentifyResult:
-    """Resolve a recipient's pseudonyms to the identifiers its agreement releases (module docstring)."""
+    """Resolve a recipient's pseudonyms to the identifiers its agreement releases (module docstring).
+
+    ``keyring`` must carry the key custodian (``safehaven.protect.vault.private_key``).
+    """
     from safehaven.share.agreements import AgreementError, load_agreement
 
     registry = registry or ContractRegistry()
@@ -125,7 +129,7 @@ def reidentify(
     )
     if not wanted:
         _refuse(home, agreement_id, actor, "the agreement releases no identifier held in the vault", counts)
-    keyring = KeyRing(home.keys)
+    keyring = keyring or KeyRing(home.keys)
     private = vault.private_key(keyring)
     decision = optouts.decide(agreement.basis, "identifiable")
     gp = any(c.practice_field for c in contracts.values())

@@ -47,8 +47,9 @@ are applied (each is a SQL statement over whole tables inside DuckDB; nothing lo
    ``safehaven.publish.disclosure.protect`` (suppress 1-7, round to 5, secondary suppression).
 8. **Identifiable level** (only under a basis that permits it): the listed direct identifiers
    are decrypted from the identity vault (``safehaven.protect.vault``), which needs the vault's private
-   key. The governance lead holds it, not the pipeline, so an identifiable release is refused
-   on a host without it (run it as the governance lead: ``safehaven agreements release <id>``).
+   key, sealed under the key custodian's passphrase. The unattended pipeline (a key ring with
+   no custodian) never writes an identifiable extract: it records that one is due
+   (``safehaven.share.due``), and the custodian makes it with ``safehaven release --agreement <id>``.
    The decryption is audited as a re-identification. k-anonymity does not apply to an
    identifiable release; every other rule does.
 
@@ -73,6 +74,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
@@ -92,7 +94,7 @@ from safehaven.intake.rules import lit, q
 from safehaven.protect import feed, optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, kanon, protect
 from safehaven.publish.disclosure.kanon import KReport
-from safehaven.share import approvals, checker, review
+from safehaven.share import approvals, checker, due, review
 from safehaven.share.agreements import (
     Agreement,
     AgreementError,
@@ -107,10 +109,12 @@ from safehaven.share.agreements import (
 from safehaven.share.linkage import authorise_linkage
 
 ZONE = "release"
+#: Release files are the recipient's data: owner-only until handed over (folders 0700).
+FILE_MODE = 0o600
 PERSON_ID = "person_id"
 MANIFEST = "manifest.json"
-#: outcomes of :func:`prepare`
-PREPARED, UNCHANGED, SKIPPED, RELEASED = "prepared", "unchanged", "skipped", "released"
+#: outcomes of :func:`prepare` (DUE: an identifiable release waits for the key custodian)
+PREPARED, UNCHANGED, SKIPPED, RELEASED, DUE = "prepared", "unchanged", "skipped", "released", "due"
 
 
 class ReleaseRefused(Exception):
@@ -134,7 +138,7 @@ class FileRecord:
 @dataclass
 class ReleaseResult:
     agreement_id: str
-    status: str  # PREPARED, UNCHANGED, SKIPPED or RELEASED (an automatic routine release)
+    status: str  # PREPARED, UNCHANGED, SKIPPED, DUE or RELEASED (an automatic routine release)
     reason: str
     release_id: str | None = None
     directory: Path | None = None
@@ -230,7 +234,10 @@ def _person_ids(con: duckdb.DuckDBPyConnection, agreement_id: str, keyring: KeyR
     tables join it back (as ``safehaven.protect.pseudonymise.ids_sql`` does for the haven pseudonym).
     Returns the key id.
     """
-    name, key_id = pseudonymise.install_agreement_domain(con, keyring, agreement_id)
+    try:  # a lost or swapped salt is refused, never re-created (safehaven.core.pins)
+        name, key_id = pseudonymise.install_agreement_domain(con, keyring, agreement_id)
+    except KeyRingError as exc:
+        raise ReleaseRefused(str(exc)) from None
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _persons AS SELECT pid, {pseudonymise.hmac_sql('pid', name)} "
         f"AS {PERSON_ID} FROM _cohort WHERE pid IS NOT NULL"
@@ -378,8 +385,11 @@ def _next_release_id(con: duckdb.DuckDBPyConnection, agreement_id: str) -> str:
 
 
 def _export(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
-    """Write ``table`` to ``path`` as Parquet, rows in a fixed order (all columns)."""
+    """Write ``table`` to ``path`` as Parquet, rows in a fixed order (all columns), mode 0600."""
+    path.touch(mode=FILE_MODE)
+    path.chmod(FILE_MODE)
     con.execute(f"COPY (SELECT * FROM {table} ORDER BY ALL) TO {lit(str(path))} (FORMAT parquet)")
+    path.chmod(FILE_MODE)
 
 
 def prepare(
@@ -453,6 +463,18 @@ def prepare(
     for c in agreement.collections:
         if not table_exists(con, "haven", c):
             raise _refuse(con, agreement, actor, f"haven.{c} has not been built yet; run the pipeline first")
+    if agreement.identifiability == "identifiable" and keyring.custodian is None:
+        # the unattended pipeline never writes identifiable data: the key custodian does (safehaven.share.due)
+        why = due.record_due(
+            con,
+            agreement.id,
+            agreement.version,
+            agreement_sha,
+            actor=actor,
+            purpose=agreement.purposes[0],
+            basis=agreement.basis,
+        )
+        return ReleaseResult(agreement.id, DUE, why, level=agreement.identifiability)
 
     audit.append_many(
         con,
@@ -471,11 +493,13 @@ def prepare(
         ],
     )
     try:
-        return _build(
+        result = _build(
             con, agreement, agreement_sha, home=home, registry=registry, keyring=keyring, today=today, actor=actor
         )
     except ReleaseRefused as exc:
         raise _refuse(con, agreement, actor, str(exc)) from None
+    due.clear_due(con, agreement.id, result.release_id or "")
+    return result
 
 
 def _build(
@@ -760,8 +784,9 @@ def _stage(
     prepared_at = datetime.now(UTC)
     manifest = _manifest(a, agreement_sha, contracts, result, release_id, prepared_at, extra, rule)
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    (tmp / MANIFEST).write_bytes(manifest_bytes)
-    (tmp / MANIFEST).chmod(0o600)
+    fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(manifest_bytes)
     result.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     summary = _summary(con, a, contracts, result, tmp, rule)
     tmp.rename(final)

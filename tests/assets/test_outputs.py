@@ -27,6 +27,7 @@ from assets.keys import PUBLISHED_FILES
 from assets.keys import published as published_key
 from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
+from safehaven.core.keys import VAULT
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.disclosure import Policy, check_invariants, true_range
@@ -34,7 +35,7 @@ from safehaven.publish.outputs import Output, build_output, load_outputs
 from safehaven.publish.publication import guard_table
 from safehaven.publish.query import QueryRefused, run_query
 from safehaven.tools import synthetic
-from tests.conftest import scan_for
+from tests.conftest import custodian_ring, scan_for
 
 PATIENTS = 600
 # Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
@@ -93,6 +94,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         mp.setenv("DAGSTER_HOME", str(root / "dagster"))
         (root / "dagster").mkdir()
         home = Home(root / "haven").ensure()
+        custodian_ring(home).create_keypair(VAULT)  # the custodian sets the haven up
         synthetic.generate(home.incoming, patients=PATIENTS, seed=11)
         nhs, postcodes, dobs = seeded_values(home.incoming)
         assert nhs and postcodes and dobs

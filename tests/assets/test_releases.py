@@ -18,7 +18,7 @@ from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.identifiers import is_valid_nhs
-from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share import review
@@ -26,7 +26,7 @@ from safehaven.share.agreements import load_agreements
 from safehaven.share.releases import MANIFEST, verify_release
 from safehaven.share.subject_access import subject_access
 from safehaven.tools import synthetic
-from tests.conftest import leaked_nhs_numbers, seeded_nhs_numbers
+from tests.conftest import custodian_ring, leaked_nhs_numbers, seeded_nhs_numbers
 from tests.governance_helpers import agreement_data, approve_release, contracts_root, small_haven, write_agreement
 
 
@@ -147,15 +147,14 @@ def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_
     seeded = seeded_nhs_numbers(home.incoming)
     ok, stages = run_nightly(home, dagster_instance)
     assert ok, [s for s in stages if s.checks_failed]
-    releases = [s for s in stages if s.asset.startswith("release/")]
-    prepared = {s.asset for s in releases if s.rows_out is not None}
+    releases = [s for s in stages if s.asset.startswith("release/")]  # every release asset runs its check
+    prepared = {s.asset for s in releases if s.rows_out is not None}  # materialised: a request was opened
     assert prepared == {"release/research-hes-asc-linked", "release/statutory-gp-audit"}
-    # an agreement not in force materialises nothing; the run summary says why
-    skipped = {s.asset: s.note for s in releases if s.rows_out is None}
+    skipped = {s.asset: s.note for s in releases if s.rows_out is None}  # observed with the reason
     assert set(skipped) == {
-        "release/cohort-consent-study",
-        "release/flu-surveillance-2024",
-        "release/risk-stratification",
+        "release/cohort-consent-study",  # draft
+        "release/flu-surveillance-2024",  # expired
+        "release/risk-stratification",  # suspended
     }
     assert all(note.startswith("skipped: ") for note in skipped.values()), skipped
     # prepared requests waiting for review are a warning, not a failed run; nothing has left yet
@@ -192,9 +191,10 @@ def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_
     assert leaked_nhs_numbers([home.releases, home.registers, home.root], seeded) == {}
 
     # subject access for someone in the statutory GP release lists it
-    if not KeyRing(home.keys).exists(VAULT):
-        KeyRing(home.keys).create_keypair(VAULT)
+    keyring = custodian_ring(home)
     with Store(home).connect() as con:
-        reports = [subject_access(con, n, home=home) for n in sorted(filter(is_valid_nhs, seeded))[:40]]
+        reports = [
+            subject_access(con, n, home=home, keyring=keyring) for n in sorted(filter(is_valid_nhs, seeded))[:40]
+        ]
     statutory = next(r for r in rows if r["agreement_id"] == "statutory-gp-audit")["release_id"]
     assert any(statutory in [x["release_id"] for x in r.releases] for r in reports)

@@ -7,7 +7,8 @@ import csv
 from pathlib import Path
 
 from safehaven.core.home import Home
-from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.keys import KeyRing
+from safehaven.core.pins import vault_public
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
@@ -27,7 +28,6 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
     """Ingest, validate, register objections, build the haven and the vault, in pipeline order."""
     registry = registry or ContractRegistry()
     keyring = KeyRing(home.keys)
-    public = keyring.public_or_create(VAULT)
     reports: dict[str, object] = {}
     with Store(home).connect() as con:
         for contract in registry.contracts.values():
@@ -38,6 +38,7 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
         install_key(con, "haven", key)
         objections = registry.objections()
         register_objections(con, objections, key.key_id)
+        public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
         vault_collection(con, objections, registry.contracts.values(), public)
         for contract in registry.content():
             reports[contract.collection] = build_haven(con, contract, key)  # installs the haven key too

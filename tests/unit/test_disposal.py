@@ -29,7 +29,7 @@ import pytest
 
 from safehaven.core import audit
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing, KeyRingError, agreement_key
+from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path
 from safehaven.dispose import disposal
 from safehaven.intake.contracts import ContractRegistry
@@ -38,7 +38,7 @@ from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
 from safehaven.share.agreements import suspend
 from safehaven.share.releases import PERSON_ID
 from safehaven.tools import synthetic
-from tests.conftest import leaked_nhs_numbers, scan_for
+from tests.conftest import custodian_ring, leaked_nhs_numbers, scan_for
 from tests.governance_helpers import agreement_data, contracts_root, prepare_and_release, write_agreement
 from tests.unit.populate import process, write_csv
 
@@ -99,6 +99,7 @@ def _values(folder: Path, column: str) -> set[str]:
 def _build(root: Path) -> None:
     """The template haven (see the module docstring), built once per module and copied per test."""
     home = Home(root / "haven").ensure()
+    custodian_ring(home).create_keypair(VAULT)  # the custodian sets the haven up
     croot = contracts_root(root)
     write_agreement(
         croot,
@@ -194,7 +195,7 @@ def world(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Wo
     return World(
         home,
         ContractRegistry(root / "data_contracts"),
-        KeyRing(home.keys),
+        custodian_ring(home),
         set(facts["old_nhs"]),
         set(facts["old_postcodes"]),
         set(facts["kept_nhs"]),
@@ -406,8 +407,8 @@ def test_the_destroyed_agreement_key_cannot_recompute_pseudonyms(world: World) -
     with pytest.raises(KeyRingError, match="destroyed at disposal"):
         agreement_key(world.keyring, STUDY, create=False)
     assert scan_for(home.root, [salt.hex.encode(), salt.material, key.hex.encode()]) == {}
-    fresh = agreement_key(world.keyring, STUDY, create=True)  # a new domain is unrelated to the destroyed one
-    assert not {release_pseudonym(fresh, p) for p in pids} & released
+    with pytest.raises(KeyRingError, match="destroyed at disposal"):
+        agreement_key(world.keyring, STUDY, create=True)  # never silently re-created as a new domain
     assert not (home.releases / STUDY).exists()
     manifest = world.keyring.manifest()[f"agreement-{STUDY}"]["history"]
     assert any(h["key_id"] == salt.key_id and "destroyed_at" in h for h in manifest)

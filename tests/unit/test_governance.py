@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.cli.main import main
 from safehaven.core import audit
 from safehaven.core import registers as reg
@@ -27,7 +28,7 @@ def root(home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def governance_key(home: Home) -> None:
-    KeyRing(home.keys).create_keypair(VAULT)
+    assert KeyRing(home.keys).exists(VAULT)  # the home's custodian created the pair
 
 
 def run(*args: str, stdin: str | None = None):
@@ -173,9 +174,15 @@ def test_approve_and_suspend_are_store_records_not_file_edits_and_are_audited(
     assert "test-linked" in listing and "suspended" in listing
 
 
-def test_approving_needs_the_governance_key(root: Path) -> None:
+def test_approving_needs_the_governance_key(root: Path, home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
     write_agreement(root, agreement_data(approval={"status": "draft"}))
-    result = run("agreements", "approve", "test-linked", "--approver", "Dr A. Example, Caldicott Guardian")
+    approve = ("agreements", "approve", "test-linked", "--approver", "Dr A. Example, Caldicott Guardian")
+    with monkeypatch.context() as m:  # the sealed key is here, but not the custodian's passphrase
+        m.delenv(PASSPHRASE_ENV)
+        result = run(*approve)
+    assert result.exit_code == 1 and "custodian's passphrase" in result.output
+    KeyRing(home.keys).path(VAULT).rename(home.root.parent / "vault.key.offline")  # the key is off this host
+    result = run(*approve)
     assert result.exit_code == 1 and "governance lead" in result.output
 
 

@@ -8,6 +8,7 @@ import pytest
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
 from safehaven.core.store import Store, StoreError
+from tests.conftest import test_custodian
 
 
 def test_new_key_is_created_private(tmp_path: Path) -> None:
@@ -79,7 +80,7 @@ def test_keyring_manifest_records_ids_not_material(tmp_path: Path) -> None:
 def test_public_key_may_be_read_by_others_but_never_written(tmp_path: Path) -> None:
     from safehaven.core.keys import VAULT, key_id
 
-    ring = KeyRing(tmp_path / "keys")
+    ring = KeyRing(tmp_path / "keys", test_custodian())
     public = ring.create_keypair(VAULT)
     assert oct(ring.public_path(VAULT).stat().st_mode & 0o777) == oct(0o644)
     assert oct(ring.path(VAULT).stat().st_mode & 0o777) == oct(0o600)
@@ -159,8 +160,10 @@ def test_leftover_from_an_interrupted_replacement(tmp_path: Path) -> None:
     retired = ring.path("audit").with_name("audit.key.retired")
     os.link(ring.path("audit"), retired)
     spy = _spy(retired, tmp_path / "spies")
-    ring._write_file(ring.path("audit").with_name("audit.key.new"), os.urandom(32), 0o600)
+    ring._write_file(ring.path("audit").with_name("audit.key.new"), os.urandom(32).hex().encode(), 0o600)
     os.replace(ring.path("audit").with_name("audit.key.new"), ring.path("audit"))  # crash after the rename
     assert ring.shred_leftovers() == ["audit.key.retired"]
     assert not retired.exists() and old.hex.encode() not in spy.read_bytes()
-    assert ring.get("audit").material != old.material
+    assert ring.path("audit").read_text() != old.hex
+    with pytest.raises(KeyRingError, match=f"records key {old.key_id}"):
+        ring.get("audit")  # a key file the key ring did not write is refused (pinned)

@@ -21,7 +21,7 @@ from safehaven.protect.optouts import MEMBERS
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
 from safehaven.share.reidentify import ReidentificationRefused, reidentify
-from tests.conftest import copy_haven
+from tests.conftest import copy_haven, custodian_ring
 
 
 def _agreement(root: Path, agreement_id: str, basis: str, level: str = "identifiable", status: str = "approved"):
@@ -82,7 +82,9 @@ def _ps(home: Home, agreement_id: str, pid: str) -> str:
 def test_consented_agreement_re_identifies_its_own_released_people(home: Home, released) -> None:
     asked = {_ps(home, "reid-consent", released["pid"][n]): n for n in released["nhs"]}
     stranger = _ps(home, "reid-s251", released["pid"][released["nhs"][3]])  # another recipient's pseudonym
-    result = reidentify(home, "reid-consent", [*asked, stranger, "not-a-pseudonym"], actor="lead")
+    result = reidentify(
+        home, "reid-consent", [*asked, stranger, "not-a-pseudonym"], actor="lead", keyring=custodian_ring(home)
+    )
     assert {p: v["nhs_number"] for p, v in result.identified.items()} == {p: [n] for p, n in asked.items()}
     assert result.fields == ["nhs_number"], "only the identifiers the agreement releases"
     assert result.not_released == 1 and result.malformed == 1
@@ -97,7 +99,7 @@ def test_consented_agreement_re_identifies_its_own_released_people(home: Home, r
 
 def test_the_opt_out_withholds_objectors_under_section_251(home: Home, released) -> None:
     asked = [_ps(home, "reid-s251", released["pid"][n]) for n in released["nhs"]]
-    result = reidentify(home, "reid-s251", asked, actor="lead")
+    result = reidentify(home, "reid-s251", asked, actor="lead", keyring=custodian_ring(home))
     assert result.withheld_objection == len(released["objecting"]) == 2
     got = {v["nhs_number"][0] for v in result.identified.values()}
     assert got == set(released["nhs"]) - set(released["objecting"])
@@ -108,7 +110,13 @@ def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
     home: Home, released, agreement_id: str
 ) -> None:
     with pytest.raises(ReidentificationRefused):
-        reidentify(home, agreement_id, [_ps(home, "reid-consent", released["pid"][released["nhs"][5]])], actor="lead")
+        reidentify(
+            home,
+            agreement_id,
+            [_ps(home, "reid-consent", released["pid"][released["nhs"][5]])],
+            actor="lead",
+            keyring=custodian_ring(home),
+        )
     with Store(home).connect() as con:
         refused = [e for e in audit.entries_for(con, agreement=agreement_id) if e.outcome == "refused"]
         breaches = [b for b in registers.breaches(con) if b["kind"] == "no_legal_basis"]

@@ -27,10 +27,11 @@ from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.pseudonymise import release_pseudonym
+from safehaven.share import due
 from safehaven.share.agreements import Agreement
 from safehaven.share.linkage import LinkageRefused
-from safehaven.share.releases import MANIFEST, PERSON_ID, ReleaseRefused, k_anonymise, verify_release
-from tests.conftest import leaked_nhs_numbers
+from safehaven.share.releases import DUE, MANIFEST, PERSON_ID, ReleaseRefused, k_anonymise, verify_release
+from tests.conftest import custodian_ring, leaked_nhs_numbers
 from tests.governance_helpers import (
     BASE,
     NHS,
@@ -60,9 +61,10 @@ class Haven:
         write_agreement(self.registry.root, data)
         return data["id"]
 
-    def release(self, agreement_id: str):
+    def release(self, agreement_id: str, keyring: KeyRing | None = None):
         """Prepare, then approve by two reviewers (delivery happens on the second approval)."""
-        return prepare_and_release(self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring)
+        keyring = keyring or self.keyring
+        return prepare_and_release(self.con, agreement_id, home=self.home, registry=self.registry, keyring=keyring)
 
     def parquet(self, path: Path) -> duckdb.DuckDBPyRelation:
         return duckdb.sql(f"SELECT * FROM '{path}'")
@@ -462,7 +464,7 @@ IDENTIFIABLE = {
 
 
 def _vault(haven: Haven) -> None:
-    public = haven.keyring.create_keypair(VAULT)
+    public = haven.keyring.get_public(VAULT)  # the pair the custodian created with the haven
     vault.ensure_tables(haven.con)
     haven.con.execute(
         "CREATE OR REPLACE TEMP TABLE _v AS SELECT unnest(?) AS pid, 'nhs_number' AS field, unnest(?) AS value",
@@ -473,7 +475,7 @@ def _vault(haven: Haven) -> None:
 
 def test_identifiable_release_decrypts_from_the_vault_and_is_audited(haven: Haven) -> None:
     _vault(haven)
-    result = haven.release(haven.add(**IDENTIFIABLE))
+    result = haven.release(haven.add(**IDENTIFIABLE), custodian_ring(haven.home))
     assert result.k is None and not result.optouts_applied  # consent: the opt-out does not apply
     table = haven.parquet(_files(result)["hospital_episodes"])
     assert table.columns == [PERSON_ID, "nhs_number", "admission_date"]
@@ -486,10 +488,13 @@ def test_identifiable_release_decrypts_from_the_vault_and_is_audited(haven: Have
 
 def test_identifiable_release_needs_the_governance_leads_vault_key(haven: Haven) -> None:
     _vault(haven)
-    haven.keyring.destroy(VAULT)  # this host holds only the public half, like the pipeline's
     aid = haven.add(**IDENTIFIABLE)
+    result = haven.release(aid)  # the pipeline's key ring: it records that the release is due
+    assert result.status == DUE and "safehaven release --agreement" in result.reason
+    assert due.due(haven.con)[0][0] == aid
+    haven.keyring.destroy(VAULT)  # this host holds only the public half
     with pytest.raises(ReleaseRefused, match="needs the identity vault"):
-        haven.release(aid)
+        haven.release(aid, custodian_ring(haven.home))
     assert not (haven.home.releases / aid).exists()
 
 

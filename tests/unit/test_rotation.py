@@ -12,15 +12,16 @@ import pytest
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
+from safehaven.core.pins import EPOCHS, epoch_key_id
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import rotation, vault
-from safehaven.protect.haven import EPOCHS, haven_key
+from safehaven.protect.haven import haven_key
 from safehaven.protect.objections import EVENTS, objectors_sql
 from safehaven.protect.optouts import MEMBERS, apply_optouts
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
-from tests.conftest import copy_haven
+from tests.conftest import copy_haven, custodian_ring
 from tests.unit.populate import drop, process
 
 CONTENT = ("gp_events", "hospital_episodes", "social_care")
@@ -70,7 +71,9 @@ def test_haven_rotation_re_pseudonymises_everything_consistently(haven_home: Hom
         ).fetchone()[0]
     old_release = {p: release_pseudonym(agreement_key(keyring, "study-a"), p) for p in some}
 
-    report = rotation.rotate(haven_home, "haven", ContractRegistry().contracts.values(), actor="tester")
+    report = rotation.rotate(
+        haven_home, "haven", ContractRegistry().contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
+    )
 
     new = keyring.get("haven")
     assert new.key_id == report.new_key_id != old.key_id == report.old_key_id
@@ -90,7 +93,8 @@ def test_haven_rotation_re_pseudonymises_everything_consistently(haven_home: Hom
         members = [r[0] for r in con.execute(f"SELECT pid FROM {MEMBERS}").fetchall()]
         assert sorted(members) == sorted(pseudonym(new.material, n) for n in _nhs_of(con, some, old.material))
         nhs = con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid LIMIT 1").fetchone()[0]
-        revealed = vault.reveal(con, vault.private_key(keyring), f"SELECT '{pseudonym(new.material, nhs)}' AS pid")
+        private = vault.private_key(custodian_ring(haven_home))
+        revealed = vault.reveal(con, private, f"SELECT '{pseudonym(new.material, nhs)}' AS pid")
         assert revealed[pseudonym(new.material, nhs)]["nhs_number"] == [nhs]
         assert not con.execute(
             f"SELECT count(*) FROM {vault.IDENTITY} WHERE pid = ?", [pseudonym(old.material, nhs)]
@@ -115,7 +119,9 @@ def _nhs_of(con, pids: list[str], key: bytes) -> list[str]:
 
 
 def test_new_batches_after_rotation_link_to_old_data(haven_home: Home) -> None:
-    rotation.rotate(haven_home, "haven", ContractRegistry().contracts.values(), actor="tester")
+    rotation.rotate(
+        haven_home, "haven", ContractRegistry().contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
+    )
     drop(haven_home, seed=8)  # a new drop (different population seed, new files)
     process(haven_home)
     key = KeyRing(haven_home.keys).get("haven")
@@ -128,7 +134,13 @@ def test_rotation_refuses_without_the_vault_key_and_changes_nothing(haven_home: 
     old = keyring.get("haven")
     os.rename(keyring.path(VAULT), haven_home.root / "vault.key.offline")
     with pytest.raises(vault.VaultError):
-        rotation.rotate(haven_home, "haven", ContractRegistry().contracts.values(), actor="tester")
+        rotation.rotate(
+            haven_home,
+            "haven",
+            ContractRegistry().contracts.values(),
+            actor="tester",
+            keyring=custodian_ring(haven_home),
+        )
     assert keyring.get("haven").material == old.material and not rotation.pending(keyring)
 
 
@@ -181,24 +193,28 @@ def test_store_rotation_re_encrypts_and_retires_the_old_key(haven_home: Home) ->
 
 
 def test_vault_rotation_rewraps_data_keys(haven_home: Home) -> None:
-    keyring = KeyRing(haven_home.keys)
-    old_private = keyring.get(VAULT)
+    keyring = custodian_ring(haven_home)
+    old_private = keyring.get_private(VAULT)
     old_id = keyring.current_id(VAULT)
-    report = rotation.rotate(haven_home, "vault", [], actor="tester")
+    report = rotation.rotate(haven_home, "vault", [], actor="tester", keyring=keyring)
     assert report.old_key_id == old_id and keyring.current_id(VAULT) == report.new_key_id
     assert old_id in keyring.retired_ids(VAULT)
+    assert keyring.path(VAULT).read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     with Store(haven_home).connect() as con:
-        assert vault.reveal(con, keyring.get(VAULT), f"SELECT pid FROM {vault.IDENTITY} LIMIT 3")
+        assert vault.reveal(con, keyring.get_private(VAULT), f"SELECT pid FROM {vault.IDENTITY} LIMIT 3")
         with pytest.raises(vault.VaultError):
             vault.reveal(con, old_private, f"SELECT pid FROM {vault.IDENTITY} LIMIT 3")
         assert con.execute(f"SELECT DISTINCT vault_key_id FROM {vault.DATA_KEYS}").fetchall() == [(report.new_key_id,)]
+        assert epoch_key_id(con, VAULT) == report.new_key_id
 
 
 def test_objection_register_follows_the_rotation(haven_home: Home) -> None:
     keyring = KeyRing(haven_home.keys)
     with Store(haven_home).connect() as con:
         n_before = len(con.execute(objectors_sql()).fetchall())
-    rotation.rotate(haven_home, "haven", ContractRegistry().contracts.values(), actor="tester")
+    rotation.rotate(
+        haven_home, "haven", ContractRegistry().contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
+    )
     with Store(haven_home).connect() as con:
         install_key(con, "haven", keyring.get("haven"))
         assert len(con.execute(objectors_sql()).fetchall()) == n_before
@@ -214,13 +230,15 @@ def test_rotation_shreds_the_old_key_file(
     """Crypto-shredding needs the old key gone, not just unlinked: after ``keys rotate`` the old
     key file's bytes are overwritten, and no staged or retired key file is left in ``keys/``."""
     keyring = KeyRing(haven_home.keys)
-    old = keyring.get(purpose)
+    old = keyring.path(purpose).read_bytes()
     spy = tmp_path_factory.mktemp("spies") / "old.key"
     os.link(keyring.path(purpose), spy)
     registry = ContractRegistry()
-    rotation.rotate(haven_home, purpose, registry.contracts.values(), actor="tester")
-    assert keyring.get(purpose).material != old.material
-    assert old.hex.encode() not in spy.read_bytes()
+    rotation.rotate(
+        haven_home, purpose, registry.contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
+    )
+    assert keyring.path(purpose).read_bytes() != old
+    assert old not in spy.read_bytes()
     assert not [
         p.name
         for p in haven_home.keys.iterdir()

@@ -29,8 +29,12 @@ from tests.crash.harness import arm
 arm(sys.argv[2], 1, "before")
 from safehaven.core.home import Home
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.core.keys import KeyRing
 from safehaven.protect import rotation
-rotation.rotate(Home(Path(sys.argv[1])), "haven", ContractRegistry().contracts.values(), actor="t")
+from tests.conftest import test_custodian
+home = Home(Path(sys.argv[1]))  # a haven rotation re-encrypts the vault: the key custodian runs it
+custodian = KeyRing(home.keys, test_custodian())
+rotation.rotate(home, "haven", ContractRegistry().contracts.values(), actor="t", keyring=custodian)
 """
 
 

@@ -14,6 +14,7 @@ from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share.subject_access import SubjectAccessDenied, subject_access
+from tests.conftest import custodian_ring
 from tests.governance_helpers import (
     NHS,
     OPTED_OUT,
@@ -42,19 +43,18 @@ GP_ONLY = {
 def setting(home: Home, tmp_path: Path) -> Iterator[tuple[duckdb.DuckDBPyConnection, Home, ContractRegistry]]:
     registry = ContractRegistry(contracts_root(tmp_path))
     keyring = KeyRing(home.keys)
-    keyring.create_keypair(VAULT)
     write_agreement(registry.root, agreement_data())
     write_agreement(registry.root, agreement_data(**GP_ONLY))
     with Store(home).connect() as con:
         small_haven(con, keyring, registry)
         for aid in ("test-linked", "gp-audit"):
-            prepare_and_release(con, aid, home=home, registry=registry)
+            prepare_and_release(con, aid, home=home, registry=registry, keyring=custodian_ring(home))
         yield con, home, registry
 
 
 def test_report_lists_every_release_that_held_the_person(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[0], home=home, registry=registry)
+    report = subject_access(con, NHS[0], home=home, registry=registry, keyring=custodian_ring(home))
     assert report.records_held == {"gp_events": 3, "hospital_episodes": 2, "social_care": 1}
     assert [r["release_id"] for r in report.releases] == ["test-linked-r0001", "gp-audit-r0001"]
     assert report.releases[1]["legal_basis"] == "statutory"
@@ -70,12 +70,12 @@ def test_report_lists_every_release_that_held_the_person(setting) -> None:
 
 def test_objector_is_only_in_the_release_that_overruled_the_opt_out(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[OPTED_OUT], home=home, registry=registry)
+    report = subject_access(con, NHS[OPTED_OUT], home=home, registry=registry, keyring=custodian_ring(home))
     assert [r["release_id"] for r in report.releases] == ["gp-audit-r0001"]
     assert report.objections == [
         {"objection_type": "national_opt_out", "recorded_date": "2024-01-01", "withdrawn_date": None, "in_force": True}
     ]
-    withdrawn = subject_access(con, NHS[WITHDRAWN], home=home, registry=registry)
+    withdrawn = subject_access(con, NHS[WITHDRAWN], home=home, registry=registry, keyring=custodian_ring(home))
     assert withdrawn.objections[0]["in_force"] is False and withdrawn.objections[0]["withdrawn_date"] == "2024-06-01"
 
 
@@ -83,14 +83,14 @@ def test_any_formatting_finds_the_same_person(setting) -> None:
     con, home, registry = setting
     spaced = f"{NHS[1][:3]} {NHS[1][3:6]} {NHS[1][6:]}"
     assert (
-        subject_access(con, spaced, home=home, registry=registry).records_held
-        == subject_access(con, NHS[1], home=home, registry=registry).records_held
+        subject_access(con, spaced, home=home, registry=registry, keyring=custodian_ring(home)).records_held
+        == subject_access(con, NHS[1], home=home, registry=registry, keyring=custodian_ring(home)).records_held
     )
 
 
 def test_report_and_audit_hold_no_identifier(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[0], home=home, registry=registry)
+    report = subject_access(con, NHS[0], home=home, registry=registry, keyring=custodian_ring(home))
     text = report.to_text() + str(report.as_dict())
     assert NHS[0] not in text
     last = audit.entries_for(con)[-1]
@@ -101,7 +101,7 @@ def test_report_and_audit_hold_no_identifier(setting) -> None:
 
 def test_someone_the_haven_never_received(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[59], home=home, registry=registry)
+    report = subject_access(con, NHS[59], home=home, registry=registry, keyring=custodian_ring(home))
     assert not any(report.records_held.values()) and report.releases == [] and report.accesses == []
     assert "no records" in report.to_text()
 
@@ -109,7 +109,7 @@ def test_someone_the_haven_never_received(setting) -> None:
 def test_refused_without_the_governance_key_or_with_a_bad_number(setting) -> None:
     con, home, registry = setting
     with pytest.raises(SubjectAccessDenied, match="not a valid NHS number"):
-        subject_access(con, "9990000001", home=home, registry=registry)
+        subject_access(con, "9990000001", home=home, registry=registry, keyring=custodian_ring(home))
     KeyRing(home.keys).destroy(VAULT)
     with pytest.raises(SubjectAccessDenied, match="governance lead's identity vault key"):
-        subject_access(con, NHS[0], home=home, registry=registry)
+        subject_access(con, NHS[0], home=home, registry=registry, keyring=custodian_ring(home))

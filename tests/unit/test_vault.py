@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from safehaven.core.home import Home
-from safehaven.core.keys import VAULT, Key, KeyRing
+from safehaven.core.keys import VAULT, Key, KeyRing, KeyRingError
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.pseudonymise import install_key, pseudonym
-from tests.conftest import copy_haven
+from tests.conftest import copy_haven, custodian_ring, test_custodian
 from tests.unit.populate import drop, populated, process
 
 
@@ -25,7 +24,7 @@ def haven_home(home: Home, populated_haven: Path) -> Home:
 
 
 def test_vault_holds_full_identifiers_encrypted(haven_home: Home) -> None:
-    keyring = KeyRing(haven_home.keys)
+    keyring = custodian_ring(haven_home)
     with Store(haven_home).connect() as con:
         fields = dict(con.execute(f"SELECT field, count(*) FROM {vault.IDENTITY} GROUP BY 1").fetchall())
         nhs, dob, postcode = con.execute(
@@ -54,7 +53,7 @@ def test_one_entry_per_distinct_person_field_and_value(haven_home: Home) -> None
 
 
 def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(haven_home: Home) -> None:
-    private = vault.private_key(KeyRing(haven_home.keys))
+    private = vault.private_key(custodian_ring(haven_home))
     with Store(haven_home).connect() as con:
         (a, b) = [
             r[0]
@@ -84,34 +83,35 @@ def test_a_ciphertext_moved_to_another_row_fails_to_decrypt(haven_home: Home) ->
 
 
 def test_the_pipeline_writes_the_vault_without_being_able_to_read_it(home: Home) -> None:
-    keyring = KeyRing(home.keys)
-    keyring.create_keypair(VAULT)
-    custodian = home.root / "custodian"
-    custodian.mkdir(mode=0o700)
-    shutil.move(keyring.path(VAULT), custodian / "vault.key")  # the governance lead keeps the private half
+    keyring = KeyRing(home.keys)  # the pipeline's: no custodian
+    assert keyring.path(VAULT).read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     populated(home)
     with Store(home).connect() as con:
         entries = con.execute(f"SELECT count(*) FROM {vault.IDENTITY}").fetchone()[0]
-        with pytest.raises(vault.VaultError, match="governance lead"):
+        with pytest.raises(vault.VaultError, match="key custodian"):
             vault.reveal(con, vault.private_key(keyring), "SELECT pid FROM vault.identity")
-        lead = KeyRing(custodian)
-        assert vault.reveal(con, lead.get(VAULT), f"SELECT pid FROM {vault.IDENTITY} LIMIT 3")
+        with pytest.raises(KeyRingError, match="sealed"):
+            keyring.get_private(VAULT)
+        wrong = KeyRing(home.keys, test_custodian("not the passphrase"))
+        with pytest.raises(KeyRingError, match="passphrase does not open"):
+            vault.private_key(wrong)
+        assert vault.reveal(con, vault.private_key(custodian_ring(home)), f"SELECT pid FROM {vault.IDENTITY} LIMIT 3")
     assert entries > 0
 
 
 def test_a_wrapped_data_key_only_opens_with_its_vault_key(haven_home: Home) -> None:
-    keyring = KeyRing(haven_home.keys)
+    keyring = custodian_ring(haven_home)
     old_private = vault.private_key(keyring)
-    other = KeyRing(haven_home.root / "other")
+    other = KeyRing(haven_home.root / "other", test_custodian())
     other_public = other.create_keypair(VAULT)
     with Store(haven_home).connect() as con:
         with pytest.raises(vault.VaultError):
-            vault.reveal(con, other.get(VAULT), "SELECT pid FROM vault.identity LIMIT 1")
+            vault.reveal(con, other.get_private(VAULT), "SELECT pid FROM vault.identity LIMIT 1")
         con.execute("BEGIN TRANSACTION")
         n = vault.rewrap_all(con, old_private, other_public)
         con.execute("COMMIT")
         assert n >= 1
-        assert vault.reveal(con, other.get(VAULT), "SELECT pid FROM vault.identity LIMIT 1")
+        assert vault.reveal(con, other.get_private(VAULT), "SELECT pid FROM vault.identity LIMIT 1")
         with pytest.raises(vault.VaultError):
             vault.reveal(con, old_private, "SELECT pid FROM vault.identity LIMIT 1")
 
@@ -133,10 +133,10 @@ def test_vault_fields_follow_the_contracts() -> None:
 
 
 def test_public_key_only_wraps(tmp_path) -> None:
-    ring = KeyRing(tmp_path / "keys")
+    ring = KeyRing(tmp_path / "keys", test_custodian())
     public = ring.create_keypair(VAULT)
     eph, nonce, wrapped = vault.wrap(b"k" * 32, "d1", public)
-    assert vault.unwrap(ring.get(VAULT), public.key_id, "d1", eph, nonce, wrapped) == b"k" * 32
+    assert vault.unwrap(ring.get_private(VAULT), public.key_id, "d1", eph, nonce, wrapped) == b"k" * 32
     with pytest.raises(vault.VaultError):
-        vault.unwrap(ring.get(VAULT), public.key_id, "d2", eph, nonce, wrapped)
-    assert isinstance(public, Key) and public.material != ring.get(VAULT).material
+        vault.unwrap(ring.get_private(VAULT), public.key_id, "d2", eph, nonce, wrapped)
+    assert isinstance(public, Key) and public.material != ring.get_private(VAULT).material

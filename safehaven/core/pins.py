@@ -1,0 +1,170 @@
+"""Key epochs: every key pinned a second time, inside the encrypted store.
+
+Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
+
+* ``governance.key_epochs`` (purpose, key id, started, retired) records the id of the key each
+  purpose's data is made with: the haven key (pseudonyms), the vault public key (wrapped data
+  keys), the audit key (the chain's MAC) and each agreement's pseudonym salt
+  (``agreement-<id>``). The store is encrypted under its own key, so the record cannot be
+  edited together with a key file and ``keyring.json``; the store key itself is pinned by
+  ``keyring.json`` and by the store's authenticated encryption.
+* Before a key is used its file must hold the key of the current epoch. A missing key is never
+  re-created; a different one (swapped, substituted, an old backup) is refused. The message
+  names the key id expected and says to restore it from the key custodian's backup.
+* A purpose without an epoch gets one on first use, from the key the key ring records.
+* **Vault writes** (``vault_public``): refused while a vault-key rotation is pending (a staged
+  pair under ``keys/vault-next.*``), so no data key is wrapped to a key that a resumed rotation
+  would then replace; after the rotation commits, the store's epoch names the new key and the
+  old ``vault.pub`` no longer matches it until ``safehaven keys rotate --resume`` installs it.
+  The pipeline never creates the vault pair: the key custodian does (``safehaven keys init-vault``).
+* **Agreement salts** (``agreement_key``): created once, when the agreement is first approved
+  (or, for an agreement approved by editing its file, at its first release); never re-created
+  once recorded, once released or prepared for release under, or after disposal destroyed it.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from safehaven.core.keys import (
+    VAULT,
+    Key,
+    KeyRing,
+    KeyRingError,
+    agreement_purpose,
+    derive_agreement_key,
+    missing_agreement_key,
+)
+from safehaven.core.store import table_exists
+
+EPOCHS = "governance.key_epochs"
+#: Symmetric keys whose file is checked against the store's epoch by :func:`verify`. The store
+#: key is pinned by the store itself (AES-GCM: no other key opens it) and by ``keyring.json``.
+SYMMETRIC = ("audit", "haven")
+RESUME = "safehaven keys rotate --resume"
+
+
+def ensure_epochs(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {EPOCHS} (purpose VARCHAR, key_id VARCHAR, started_at TIMESTAMPTZ, "
+        "retired_at TIMESTAMPTZ)"
+    )
+
+
+def epoch_key_id(con: duckdb.DuckDBPyConnection, purpose: str = "haven") -> str | None:
+    """The id of the key the store's data of ``purpose`` is made with, if recorded (read-only safe)."""
+    schema, _, table = EPOCHS.partition(".")
+    if not table_exists(con, schema, table):
+        return None
+    row = con.execute(
+        f"SELECT key_id FROM {EPOCHS} WHERE purpose = ? AND retired_at IS NULL ORDER BY started_at DESC LIMIT 1",
+        [purpose],
+    ).fetchone()
+    return row[0] if row else None
+
+
+def start_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str) -> None:
+    """Make ``kid`` the current epoch of ``purpose``, retiring the one before (call in a transaction)."""
+    ensure_epochs(con)
+    con.execute(f"UPDATE {EPOCHS} SET retired_at = now() WHERE purpose = ? AND retired_at IS NULL", [purpose])
+    con.execute(f"INSERT INTO {EPOCHS} VALUES (?, ?, now(), NULL)", [purpose, kid])
+
+
+def check_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str, what: str, *, writable: bool = True) -> None:
+    """Refuse ``kid`` for ``purpose`` unless it is the current epoch; record it when there is none
+    (on a connection without the store's governance zone there is nothing to pin against)."""
+    recorded = epoch_key_id(con, purpose)
+    if recorded is None:
+        if writable and _has_governance(con):
+            start_epoch(con, purpose, kid)
+        return
+    if kid != recorded:
+        raise KeyRingError(
+            f"{what} holds key {kid}, but the store's data was made with key {recorded}; restore key {recorded} "
+            f"from the key custodian's backup, or finish a pending rotation ({RESUME})"
+        )
+
+
+def _has_governance(con: duckdb.DuckDBPyConnection) -> bool:
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.schemata WHERE catalog_name = current_database() "
+        "AND schema_name = 'governance'"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool = True) -> None:
+    """Check the audit and haven key files against their epochs (each pipeline connection)."""
+    for purpose in SYMMETRIC:
+        recorded = epoch_key_id(con, purpose) or keyring.current_id(purpose)
+        if not keyring.exists(purpose):
+            if recorded or keyring.recorded(purpose):
+                raise KeyRingError(
+                    f"key {purpose!r} (key {recorded or '-'}) is missing ({keyring.path(purpose)}); "
+                    "restore it from the key custodian's backup"
+                )
+            continue
+        check_epoch(con, purpose, keyring.get(purpose).key_id, str(keyring.path(purpose)), writable=writable)
+
+
+def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
+    """The vault public key for a vault write, pinned (module docstring); the pipeline's only vault key."""
+    if keyring.staged_pair(VAULT):
+        raise KeyRingError(
+            "a vault key rotation is pending (keys/vault-next.*): vault writes are refused until the key "
+            f"custodian runs `{RESUME}`"
+        )
+    path = keyring.public_path(VAULT)
+    if not path.exists() and not path.is_symlink():
+        expected = epoch_key_id(con, VAULT) or keyring.current_id(VAULT)
+        if expected:
+            raise KeyRingError(
+                f"the vault public key {path} (key {expected}) is missing; restore it from the key custodian's backup"
+            )
+        raise KeyRingError(
+            "the identity vault has no key pair yet; the key custodian creates it with `safehaven keys init-vault`"
+        )
+    public = keyring.get_public(VAULT)
+    check_epoch(con, VAULT, public.key_id, str(path))
+    return public
+
+
+def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
+    """An agreement's pseudonym salt, pinned to the store's epoch; created only if it never existed
+    and nothing was ever released under the agreement (module docstring)."""
+    purpose = agreement_purpose(agreement_id)
+    if not keyring.exists(purpose):
+        recorded = epoch_key_id(con, purpose)
+        problem = missing_agreement_key(keyring, agreement_id, recorded)
+        if problem is None and _released_under(con, agreement_id):
+            problem = missing_agreement_key(keyring, agreement_id, "recorded in the release register")
+        if problem or not create:
+            raise KeyRingError(problem or f"agreement {agreement_id!r} has no pseudonym key yet")
+    salt = keyring.get_or_create(purpose)
+    check_epoch(con, purpose, salt.key_id, str(keyring.path(purpose)))
+    return salt
+
+
+def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
+    """An agreement's pseudonym key: HKDF over the haven key with its pinned salt (``safehaven.core.keys``)."""
+    salt = agreement_salt(con, keyring, agreement_id, create=create)
+    return derive_agreement_key(keyring.get("haven").material, salt.material, agreement_id)
+
+
+#: release requests (``safehaven.share.review.REQUESTS``): a prepared request's staged files
+#: already hold pseudonyms under the agreement's salt, released or not
+RELEASE_REQUESTS = "governance.release_requests"
+
+
+def _released_under(con: duckdb.DuckDBPyConnection, agreement_id: str) -> bool:
+    """Whether anything was ever released, or prepared for release, under ``agreement_id`` (its
+    salt must then exist)."""
+    from safehaven.core.registers import RELEASE_REGISTER  # the registers import the store
+
+    for held in (RELEASE_REGISTER, RELEASE_REQUESTS):
+        schema, _, table = held.partition(".")
+        if not table_exists(con, schema, table):
+            continue
+        if con.execute(f"SELECT count(*) FROM {held} WHERE agreement_id = ?", [agreement_id]).fetchone()[0]:
+            return True
+    return False
