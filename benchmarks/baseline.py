@@ -6,14 +6,17 @@ on the same drop, so the pipeline's cost can be judged against it:
 * **ingest**: each collection's CSV into a landing table, every column as text (the same
   ``read_csv`` options as a strict reader: header, quote, escape, no auto-detection).
 * **validate**: the contracts' rules, written out here as SQL (nothing is compiled from the
-  project): required fields; NHS number canonicalised (spaces, hyphens, dots, slashes
-  removed), ten digits, mod-11 check digit; ISO dates that parse, within their plausible
+  project, except the NHS number's canonical form and check digit, which have one definition in
+  ``safehaven.core.identifiers``): required fields; NHS number canonicalised (Unicode spaces and
+  dashes removed), ten digits, mod-11 check digit, and a spreadsheet's float or scientific
+  rendering also failing its own rule; ISO dates that parse, within their plausible
   range (dates of birth from 1900, other dates from 2000, none after today); codes in their
   code lists (ICD-10 on the first three characters); postcode, ODS and GSS formats;
   cross-field order rules (event/admission/service not before birth, discharge/end not
-  before admission/start, withdrawal not before recording). Each row gets the list of rules
-  it breaks; a batch whose invalid share is over its tolerance (5%, objections 0%) is
-  refused whole. Valid rows go on typed; failing rows are kept with their rule ids.
+  before admission/start, withdrawal not before recording). A missing value breaks only its
+  field's ``required`` rule, as in the contracts. Each row gets the list of rules it breaks;
+  a batch whose invalid share is over its tolerance (5%, objections 0%) is refused whole.
+  Valid rows go on typed; failing rows are kept with their rule ids.
 * **objections**: HMAC pseudonym of each objector; the latest statement about each (person,
   type, recorded date) wins; in force from its recorded date until withdrawn.
 * **pseudonymise**: HMAC-SHA256 (RFC 2104, written in SQL over blobs, first 128 bits as
@@ -114,6 +117,10 @@ def _codes(values: list[str]) -> str:
 
 #: The NHS number rule and canonical form, from the one place that defines them.
 NHS_OK = nhs_valid_sql("nhs")
+#: A present NHS number that breaks the rule. ``nhs_valid_sql`` is false (not NULL) on NULL, so
+#: without the guard a missing number would also fail ``nhs_number.nhs_number``; a missing value
+#: fails only its ``required`` rule (``safehaven.intake.contracts``).
+NHS_BAD = f"nhs IS NOT NULL AND NOT {NHS_OK}"
 NHS_CANON = canonical_nhs_sql("nhs_number")
 #: A spreadsheet's float or scientific rendering (true for such values, NULL for NULL).
 NHS_SPREADSHEET = spreadsheet_sql("nhs")
@@ -154,7 +161,7 @@ def _person_rules(codes: Callable[[str], str]) -> list[str]:
     """The person rules of every content collection: NHS number, date of birth, sex, postcode."""
     return [
         _fail("nhs_number.required", "nhs IS NULL"),
-        _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
+        _fail("nhs_number.nhs_number", NHS_BAD),
         _fail("nhs_number.spreadsheet", NHS_SPREADSHEET),
         *_date_rules("date_of_birth", "1900-01-01"),
         _fail("sex.required", "sex IS NULL"),
@@ -225,7 +232,7 @@ def rules(collection: str, lists: dict[str, list[dict[str, str]]]) -> tuple[str,
   {_txt("source_practice")} AS source_practice"""
         items = [
             _fail("nhs_number.required", "nhs IS NULL"),
-            _fail("nhs_number.nhs_number", f"NOT {NHS_OK}"),
+            _fail("nhs_number.nhs_number", NHS_BAD),
             _fail("nhs_number.spreadsheet", NHS_SPREADSHEET),
             _fail("objection_type.required", "objection_type IS NULL"),
             _fail("objection_type.code_list", f"objection_type NOT IN {codes('objection_types')}"),
