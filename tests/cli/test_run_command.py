@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from safehaven import __version__
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.cli.main import main
+from tests.conftest import TEST_PASSPHRASE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +29,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
     dagster_home.mkdir()
     shutil.copy(ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")
     env = {**os.environ, "SAFEHAVEN_HOME": str(tmp / "haven"), "DAGSTER_HOME": str(dagster_home)}
+    env[PASSPHRASE_ENV] = TEST_PASSPHRASE  # a new haven: the custodian chooses the vault passphrase
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-m", "safehaven.cli.main", "run", "--demo-patients", "300", "--seed", "11"],

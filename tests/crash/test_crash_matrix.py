@@ -22,9 +22,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.tools import synthetic
+from tests.conftest import TEST_PASSPHRASE
 
 ROOT = Path(__file__).resolve().parents[2]
 PATIENTS = 300
@@ -51,7 +53,14 @@ POINTS = [
 
 
 def _env(home: Path, dagster_home: Path) -> dict[str, str]:
-    return {**os.environ, "SAFEHAVEN_HOME": str(home), "DAGSTER_HOME": str(dagster_home), "PYTHONPATH": str(ROOT)}
+    """The run's environment; the custodian's passphrase creates the vault pair on the first run."""
+    return {
+        **os.environ,
+        "SAFEHAVEN_HOME": str(home),
+        "DAGSTER_HOME": str(dagster_home),
+        "PYTHONPATH": str(ROOT),
+        PASSPHRASE_ENV: TEST_PASSPHRASE,
+    }
 
 
 def _run(env: dict[str, str], *harness: str) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ import pytest
 
 from safehaven.core.home import Home
 from safehaven.tools import synthetic
-from tests.conftest import NHS_LIKE, leaked_nhs_numbers, seeded_nhs_numbers
+from tests.conftest import NHS_LIKE, leaked_nhs_numbers, seeded_nhs_numbers, with_vault_keys
 from tests.deploy.postgres import PostgresServer, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +106,8 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
     shutil.copy(PRODUCTION / "dagster.yaml", dagster_home / "dagster.yaml")
     logs = root / "logs"
     logs.mkdir()
-    home = Home(root / "haven").ensure()
+    # set up as the key custodian sets up a new haven before its first run (keys init-vault)
+    home = with_vault_keys(Home(root / "haven").ensure())
     synthetic.generate(home.incoming, patients=PATIENTS, seed=11)
     seeded = seeded_nhs_numbers(home.incoming)
     procs: list[subprocess.Popen] = []
