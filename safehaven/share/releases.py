@@ -88,9 +88,9 @@ from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
-from safehaven.intake.rules import lit, q
 from safehaven.protect import feed, optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, kanon, protect
 from safehaven.publish.disclosure.kanon import KReport
