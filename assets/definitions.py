@@ -40,7 +40,7 @@ def build_definitions(registry: ContractRegistry | None = None) -> dg.Definition
         jobs=[automation.nightly_job, disposal.disposal_job],
         schedules=[automation.nightly_schedule, disposal.disposal_schedule],
         sensors=[automation.incoming_sensor],
-        resources={"haven": SafeHavenResource()},
+        resources={"haven": SafeHavenResource.from_environment()},
         executor=dg.in_process_executor,
     )
 

@@ -51,7 +51,8 @@ def feed_asset() -> dg.AssetsDefinition:
     )
     def objection_feed(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
-            problems = feed.feed_problems(con, haven.home_dir(), date.today(), feed.window_days())
+            window = feed.window_days(haven_days=haven.objections_max_age_days)
+            problems = feed.feed_problems(con, haven.home_dir(), date.today(), window)
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
             events = int(con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0])
@@ -62,7 +63,7 @@ def feed_asset() -> dg.AssetsDefinition:
             "rows_unresolved": sum(f.rows or 0 for f in faults),
             "files_quarantined_whole": sum(f.level == "file" for f in faults),
             "register_refreshed_on": refreshed.isoformat() if refreshed else "never",
-            "window_days": feed.window_days(),
+            "window_days": window,
         }
         return dg.MaterializeResult(
             metadata={"rows_in": events, "rows_out": events, **counts},  # the register passes through unchanged

@@ -101,7 +101,14 @@ def release_asset(
         home = haven.home_dir()
         with haven.connect() as con:
             try:
-                result = prepare(con, agreement_id, home=home, registry=haven.registry(), keyring=haven.keyring())
+                result = prepare(
+                    con,
+                    agreement_id,
+                    home=home,
+                    registry=haven.registry(),
+                    keyring=haven.keyring(),
+                    objections_max_age_days=haven.objections_max_age_days,
+                )
             except (ReleaseRefused, LinkageRefused) as exc:
                 raise dg.Failure(
                     description=f"release under {agreement_id} refused: {exc}",

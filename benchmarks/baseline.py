@@ -522,32 +522,14 @@ def _rows(con: duckdb.DuckDBPyConnection, table: str, what: str = "count(*)") ->
     return int(con.execute(f"SELECT coalesce({what}, 0) FROM {table}").fetchone()[0]) if exists else 0
 
 
-def run(drop: Path, work: Path, encrypted: bool, threads: int | None, append: bool = False) -> dict[str, Any]:
-    """One night's work on ``drop``; with ``append`` on the database kept in ``work`` from earlier
-    nights: the night's drop is landed and validated afresh, its records and objection statements
-    are added to the haven and the register, and the outputs are rebuilt over the whole haven."""
-    work.mkdir(parents=True, exist_ok=True)
-    db = work / "baseline.duckdb"
-    if not append:
-        db.unlink(missing_ok=True)
-    store_key, hmac_key = _keys(work, append)
-    published = work / "published"
-    published.mkdir(exist_ok=True)
-    (work / "tmp").mkdir(exist_ok=True)
-    lists = load_code_lists()
-    clock = Clock()
-    rows: dict[str, int] = {}
-    detail: dict[str, float] = {}
-    counts: dict[str, Any] = {
-        "valid": {},
-        "rejected": {},
-        "failures_by_rule": {},
-        "refused": {},
-        "haven": {},
-        "published": {},
-    }
-    began, cpu_began = time.perf_counter(), time.process_time()
+def _new_counts() -> dict[str, Any]:
+    """The night's per-collection counts, filled in by the stages."""
+    return {"valid": {}, "rejected": {}, "failures_by_rule": {}, "refused": {}, "haven": {}, "published": {}}
 
+
+def _connect(work: Path, db: Path, encrypted: bool, threads: int | None, store_key: str) -> duckdb.DuckDBPyConnection:
+    """The night's database attached as ``b`` with its schemas: encrypted like the store, or plain
+    in the same storage format (so only encryption differs)."""
     config: dict[str, Any] = {"temp_directory": str(work / "tmp")}
     if threads:
         config["threads"] = threads
@@ -565,142 +547,220 @@ def run(drop: Path, work: Path, encrypted: bool, threads: int | None, append: bo
     con.execute("USE b")
     for schema in ("landing", "haven", "governance", "published"):
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-    setup = time.perf_counter() - began
+    return con
 
-    # HMAC key blocks, bound as parameters (key material never in SQL text).
+
+def _bind_key(con: duckdb.DuckDBPyConnection, hmac_key: bytes) -> None:
+    """HMAC key blocks in the temp table ``k``, bound as parameters (key material never in SQL text)."""
     key = hmac_key.ljust(64, b"\x00")
     con.execute("CREATE TEMP TABLE k (ipad BLOB, opad BLOB)")
     con.execute("INSERT INTO k VALUES (?, ?)", [bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)])
 
-    with clock("ingest"):
-        for c, cols in COLUMNS.items():
-            spec = "{" + ", ".join(f"'{x}': 'VARCHAR'" for x in cols) + "}"
-            con.execute(f"""CREATE OR REPLACE TABLE landing.{c} AS SELECT *, row_number() OVER () AS _row
+
+def _ingest(con: duckdb.DuckDBPyConnection, drop: Path, rows: dict[str, int]) -> None:
+    """Land each collection's CSV files as text, strictly parsed, numbered by row."""
+    for c, cols in COLUMNS.items():
+        spec = "{" + ", ".join(f"'{x}': 'VARCHAR'" for x in cols) + "}"
+        con.execute(f"""CREATE OR REPLACE TABLE landing.{c} AS SELECT *, row_number() OVER () AS _row
 FROM read_csv('{drop / c}/*.csv', header = true, delim = ',', quote = '"', escape = '"',
               columns = {spec}, strict_mode = true, auto_detect = false)""")
-            rows[f"ingest.{c}"] = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
+        rows[f"ingest.{c}"] = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
 
-    with clock("validate"):
-        for c in COLUMNS:
-            lap = time.perf_counter()
-            con.execute(f"CREATE TEMP TABLE checked AS {checks_sql(c, lists)}")
-            total, invalid = con.execute(
-                "SELECT count(*), count(*) FILTER (WHERE len(failed) > 0) FROM checked"
-            ).fetchone()
-            refused = total > 0 and invalid / total > TOLERANCE[c]
-            con.execute(
-                f"CREATE OR REPLACE TABLE landing.{c}_valid AS SELECT {VALID_COLUMNS[c]}, _row FROM checked "
-                f"WHERE len(failed) = 0 AND NOT {refused}"
-            )
-            con.execute(
-                f"CREATE OR REPLACE TABLE landing.{c}_rejected AS "
-                "SELECT _row, failed FROM checked WHERE len(failed) > 0"
-            )
-            counts["failures_by_rule"][c] = dict(
-                con.execute(
-                    "SELECT rule, count(*) FROM (SELECT unnest(failed) AS rule FROM checked) GROUP BY 1 ORDER BY 1"
-                ).fetchall()
-            )
-            con.execute("DROP TABLE checked")
-            rows[f"validate.{c}"] = total
-            counts["valid"][c] = 0 if refused else total - invalid
-            counts["rejected"][c] = invalid
-            counts["refused"][c] = bool(refused)
-            detail[f"validate.{c}"] = time.perf_counter() - lap
 
-    with clock("objections"):
-        # The register (keyed by pseudonym) and its current state: the latest statement about each
-        # (person, type, recorded date) wins; in force from its recorded date until withdrawn.
-        # Later nights' statements come after earlier ones (their rows numbered on).
-        offset = _rows(con, "governance.objection_events", "max(_row)")
-        _into(
-            con,
-            "governance.objection_events",
-            f"""SELECT {HMAC} AS pid, objection_type, recorded_date, withdrawn_date, source_practice,
+def _validate_one(
+    con: duckdb.DuckDBPyConnection, c: str, lists: dict[str, list[dict[str, str]]], counts: dict[str, Any]
+) -> int:
+    """Check one collection's rows: valid rows go on unless the batch exceeds its tolerance
+    (then none do); rejected rows keep the rules they broke. Returns the rows checked."""
+    con.execute(f"CREATE TEMP TABLE checked AS {checks_sql(c, lists)}")
+    total, invalid = con.execute("SELECT count(*), count(*) FILTER (WHERE len(failed) > 0) FROM checked").fetchone()
+    refused = total > 0 and invalid / total > TOLERANCE[c]
+    con.execute(
+        f"CREATE OR REPLACE TABLE landing.{c}_valid AS SELECT {VALID_COLUMNS[c]}, _row FROM checked "
+        f"WHERE len(failed) = 0 AND NOT {refused}"
+    )
+    con.execute(
+        f"CREATE OR REPLACE TABLE landing.{c}_rejected AS SELECT _row, failed FROM checked WHERE len(failed) > 0"
+    )
+    counts["failures_by_rule"][c] = dict(
+        con.execute(
+            "SELECT rule, count(*) FROM (SELECT unnest(failed) AS rule FROM checked) GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    )
+    con.execute("DROP TABLE checked")
+    counts["valid"][c] = 0 if refused else total - invalid
+    counts["rejected"][c] = invalid
+    counts["refused"][c] = bool(refused)
+    return total
+
+
+def _validate(
+    con: duckdb.DuckDBPyConnection,
+    lists: dict[str, list[dict[str, str]]],
+    rows: dict[str, int],
+    counts: dict[str, Any],
+    detail: dict[str, float],
+) -> None:
+    """Validate every collection (``_validate_one``), timing each."""
+    for c in COLUMNS:
+        lap = time.perf_counter()
+        rows[f"validate.{c}"] = _validate_one(con, c, lists, counts)
+        detail[f"validate.{c}"] = time.perf_counter() - lap
+
+
+def _objections(con: duckdb.DuckDBPyConnection, rows: dict[str, int], counts: dict[str, Any], append: bool) -> None:
+    """The register (keyed by pseudonym) and its current state: the latest statement about each
+    (person, type, recorded date) wins; in force from its recorded date until withdrawn.
+    Later nights' statements come after earlier ones (their rows numbered on)."""
+    offset = _rows(con, "governance.objection_events", "max(_row)")
+    _into(
+        con,
+        "governance.objection_events",
+        f"""SELECT {HMAC} AS pid, objection_type, recorded_date, withdrawn_date, source_practice,
   _row + {offset} AS _row FROM landing.objections_valid, k""",
-            append,
-        )
-        con.execute("""CREATE OR REPLACE TABLE governance.objections_current AS
+        append,
+    )
+    con.execute("""CREATE OR REPLACE TABLE governance.objections_current AS
 SELECT pid, objection_type, recorded_date, withdrawn_date,
        recorded_date <= current_date AND (withdrawn_date IS NULL OR withdrawn_date > current_date) AS in_force
 FROM governance.objection_events
 QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY _row DESC) = 1""")
-        counts["objections_in_force"] = dict(
-            con.execute(
-                "SELECT objection_type, count(DISTINCT pid) FILTER (WHERE in_force) FROM governance.objections_current "
-                "GROUP BY 1"
-            ).fetchall()
-        )
-        rows["objections"] = counts["valid"]["objections"]
+    counts["objections_in_force"] = dict(
+        con.execute(
+            "SELECT objection_type, count(DISTINCT pid) FILTER (WHERE in_force) FROM governance.objections_current "
+            "GROUP BY 1"
+        ).fetchall()
+    )
+    rows["objections"] = counts["valid"]["objections"]
 
-    with clock("pseudonymise"):
-        con.execute(
-            "CREATE TEMP TABLE type1 AS SELECT DISTINCT pid FROM governance.objections_current "
-            "WHERE objection_type = 'type1' AND in_force"
-        )
-        con.execute(
-            "CREATE TABLE IF NOT EXISTS governance.type1_incidents (detected_at TIMESTAMPTZ, collection VARCHAR, "
-            "sender VARCHAR, records_dropped BIGINT)"
-        )
-        for c in CONTENT:
-            # One HMAC per distinct NHS number, joined back to the records.
-            con.execute(f"""CREATE OR REPLACE TEMP TABLE ids AS
+
+def _type1_incidents(con: duckdb.DuckDBPyConnection, c: str, counts: dict[str, Any]) -> str:
+    """GP-sourced records about type 1 objectors should never have been sent: record an incident
+    per sending practice and return the filter that drops them (empty for other collections)."""
+    if c != "gp_events":
+        return ""
+    incidents = con.execute(
+        f"SELECT v.practice_code, count(*) FROM landing.{c}_valid v "
+        "JOIN (SELECT nhs_number FROM ids WHERE type1) USING (nhs_number) GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    con.executemany("INSERT INTO governance.type1_incidents VALUES (now(), 'gp_events', ?, ?)", incidents)
+    counts["type1_dropped"] = sum(n for _, n in incidents)
+    return " WHERE NOT i.type1"
+
+
+def _pseudonymise(con: duckdb.DuckDBPyConnection, rows: dict[str, int], counts: dict[str, Any], append: bool) -> None:
+    """Into the haven: one HMAC per distinct NHS number, joined back to the records; type 1
+    objectors' GP records dropped (``_type1_incidents``)."""
+    con.execute(
+        "CREATE TEMP TABLE type1 AS SELECT DISTINCT pid FROM governance.objections_current "
+        "WHERE objection_type = 'type1' AND in_force"
+    )
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS governance.type1_incidents (detected_at TIMESTAMPTZ, collection VARCHAR, "
+        "sender VARCHAR, records_dropped BIGINT)"
+    )
+    for c in CONTENT:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE ids AS
 SELECT nhs_number, {HMAC} AS pid, pid IN (SELECT pid FROM type1) AS type1
 FROM (SELECT DISTINCT nhs_number FROM landing.{c}_valid), k""")
-            where = ""
-            if c == "gp_events":  # GP-sourced: records about type 1 objectors should never have been sent
-                incidents = con.execute(
-                    f"SELECT v.practice_code, count(*) FROM landing.{c}_valid v "
-                    "JOIN (SELECT nhs_number FROM ids WHERE type1) USING (nhs_number) GROUP BY 1 ORDER BY 1"
-                ).fetchall()
-                con.executemany("INSERT INTO governance.type1_incidents VALUES (now(), 'gp_events', ?, ?)", incidents)
-                counts["type1_dropped"] = sum(n for _, n in incidents)
-                where = " WHERE NOT i.type1"
-            held = _rows(con, f"haven.{c}")
-            _into(
-                con,
-                f"haven.{c}",
-                f"SELECT {HAVEN_COLUMNS[c]} FROM landing.{c}_valid v JOIN ids i USING (nhs_number){where}",
-                append,
-            )
-            rows[f"pseudonymise.{c}"] = counts["valid"][c]
-            counts["haven"][c] = _rows(con, f"haven.{c}") - held  # this night's records
-        con.execute("DROP TABLE ids")
+        where = _type1_incidents(con, c, counts)
+        held = _rows(con, f"haven.{c}")
+        _into(
+            con,
+            f"haven.{c}",
+            f"SELECT {HAVEN_COLUMNS[c]} FROM landing.{c}_valid v JOIN ids i USING (nhs_number){where}",
+            append,
+        )
+        rows[f"pseudonymise.{c}"] = counts["valid"][c]
+        counts["haven"][c] = _rows(con, f"haven.{c}") - held  # this night's records
+    con.execute("DROP TABLE ids")
 
+
+def _aggregate(
+    con: duckdb.DuckDBPyConnection,
+    lists: dict[str, list[dict[str, str]]],
+    rows: dict[str, int],
+    counts: dict[str, Any],
+) -> None:
+    """The code lists as a table, then each output built and protected (``protect``)."""
+    con.execute(
+        "CREATE OR REPLACE TABLE governance.code_list (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR)"
+    )
+    con.executemany(
+        "INSERT INTO governance.code_list VALUES (?, ?, ?, ?)",
+        [(name, c["code"], c.get("display"), c.get("group")) for name, codes in lists.items() for c in codes],
+    )
+    for name, out in OUTPUTS.items():
+        reporting_months(con, out.collections)
+        counts["published"][name] = protect(con, name, out)
+    rows["aggregate"] = sum(counts["haven"].values())
+
+
+def _publish_files(con: duckdb.DuckDBPyConnection, published: Path) -> None:
+    """Each output as CSV and Parquet, written beside and renamed into place."""
+    for name in OUTPUTS:
+        for ext, options in (("csv", "FORMAT csv, HEADER true"), ("parquet", "FORMAT parquet")):
+            tmp = published / f".{name}.{ext}.tmp"
+            con.execute(f"COPY published.{name} TO '{tmp}' ({options})")
+            os.replace(tmp, published / f"{name}.{ext}")
+
+
+def _publish_db(con: duckdb.DuckDBPyConnection, published: Path) -> None:
+    """``published.duckdb`` for analysts, built beside and renamed into place."""
+    pub_db = published / "published.duckdb"
+    tmp_db = published / ".published.duckdb.tmp"
+    tmp_db.unlink(missing_ok=True)
+    con.execute(f"ATTACH '{tmp_db}' AS pub")
+    for name in OUTPUTS:
+        con.execute(f"CREATE TABLE pub.main.{name} AS SELECT * FROM published.{name}")
+    con.execute("DETACH pub")
+    os.replace(tmp_db, pub_db)
+
+
+def _publish(con: duckdb.DuckDBPyConnection, published: Path, rows: dict[str, int], counts: dict[str, Any]) -> None:
+    """Files, the analysts' database and a dictionary (column names) per output."""
+    _publish_files(con, published)
+    _publish_db(con, published)
+    for name in OUTPUTS:
+        (published / f"{name}.dictionary.json").write_text(
+            json.dumps({"name": name, "columns": [r[0] for r in con.execute(f"DESCRIBE published.{name}").fetchall()]})
+        )
+    rows["publish"] = sum(p["cells"] for p in counts["published"].values())
+
+
+def run(drop: Path, work: Path, encrypted: bool, threads: int | None, append: bool = False) -> dict[str, Any]:
+    """One night's work on ``drop``; with ``append`` on the database kept in ``work`` from earlier
+    nights: the night's drop is landed and validated afresh, its records and objection statements
+    are added to the haven and the register, and the outputs are rebuilt over the whole haven."""
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "baseline.duckdb"
+    if not append:
+        db.unlink(missing_ok=True)
+    store_key, hmac_key = _keys(work, append)
+    published = work / "published"
+    published.mkdir(exist_ok=True)
+    (work / "tmp").mkdir(exist_ok=True)
+    lists = load_code_lists()
+    clock = Clock()
+    rows: dict[str, int] = {}
+    detail: dict[str, float] = {}
+    counts = _new_counts()
+    began, cpu_began = time.perf_counter(), time.process_time()
+    con = _connect(work, db, encrypted, threads, store_key)
+    setup = time.perf_counter() - began
+    _bind_key(con, hmac_key)
+    with clock("ingest"):
+        _ingest(con, drop, rows)
+    with clock("validate"):
+        _validate(con, lists, rows, counts, detail)
+    with clock("objections"):
+        _objections(con, rows, counts, append)
+    with clock("pseudonymise"):
+        _pseudonymise(con, rows, counts, append)
     with clock("aggregate"):
-        con.execute(
-            "CREATE OR REPLACE TABLE governance.code_list (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR)"
-        )
-        con.executemany(
-            "INSERT INTO governance.code_list VALUES (?, ?, ?, ?)",
-            [(name, c["code"], c.get("display"), c.get("group")) for name, codes in lists.items() for c in codes],
-        )
-        for name, out in OUTPUTS.items():
-            reporting_months(con, out.collections)
-            counts["published"][name] = protect(con, name, out)
-        rows["aggregate"] = sum(counts["haven"].values())
-
+        _aggregate(con, lists, rows, counts)
     with clock("publish"):
-        for name in OUTPUTS:
-            for ext, options in (("csv", "FORMAT csv, HEADER true"), ("parquet", "FORMAT parquet")):
-                tmp = published / f".{name}.{ext}.tmp"
-                con.execute(f"COPY published.{name} TO '{tmp}' ({options})")
-                os.replace(tmp, published / f"{name}.{ext}")
-        pub_db = published / "published.duckdb"
-        tmp_db = published / ".published.duckdb.tmp"
-        tmp_db.unlink(missing_ok=True)
-        con.execute(f"ATTACH '{tmp_db}' AS pub")
-        for name in OUTPUTS:
-            con.execute(f"CREATE TABLE pub.main.{name} AS SELECT * FROM published.{name}")
-        con.execute("DETACH pub")
-        os.replace(tmp_db, pub_db)
-        for name in OUTPUTS:
-            (published / f"{name}.dictionary.json").write_text(
-                json.dumps(
-                    {"name": name, "columns": [r[0] for r in con.execute(f"DESCRIBE published.{name}").fetchall()]}
-                )
-            )
-        rows["publish"] = sum(p["cells"] for p in counts["published"].values())
+        _publish(con, published, rows, counts)
     con.execute("CHECKPOINT")
     end_to_end, cpu_end_to_end = time.perf_counter() - began, time.process_time() - cpu_began
     con.close()

@@ -12,12 +12,18 @@ Configuration carries paths and limits only, never key material or a passphrase.
   custodian, so it cannot open the vault's private key; the store is refused where the
   pipeline could read an unsealed private key, and every write connection checks the audit
   and haven keys against the store's epochs.
+* Settings are passed explicitly into the domain calls, never read from the environment
+  there: ``audit_worm_dir`` becomes ``Home.audit_worm`` (the write-once audit anchor target,
+  ``safehaven.core.anchors``; CoP 12, 23d) and ``objections_max_age_days`` is the haven's
+  objection-register window (``safehaven.protect.feed``; CoP 11-14). ``from_environment``
+  reads the documented variables once, for the code location (``assets.definitions``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -28,6 +34,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
 
 #: run id -> descriptor of its held liveness lock, for the runs of this process
 _RUN_LOCKS: dict[str, int] = {}
@@ -41,6 +48,20 @@ class SafeHavenResource(dg.ConfigurableResource):
     threads: int = 0
     #: how long a step waits for a store held by another process before it fails
     lock_wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS
+    #: the external write-once audit anchor directory (``Home.audit_worm``); None: no such target
+    audit_worm_dir: str | None = None
+    #: the haven's objection-register window in days, where an agreement sets none
+    objections_max_age_days: int = DEFAULT_WINDOW_DAYS
+
+    @classmethod
+    def from_environment(cls) -> SafeHavenResource:
+        """The code location's resource: ``$SAFEHAVEN_AUDIT_WORM`` and
+        ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS`` read once here, at the Dagster edge, with the
+        CLI's readers (``safehaven.cli.common``); an unreadable window refuses to load."""
+        from safehaven.cli.common import audit_worm_from_env, objections_window_from_env
+
+        worm = audit_worm_from_env()
+        return cls(audit_worm_dir=str(worm) if worm else None, objections_max_age_days=objections_window_from_env())
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """At run start: hold the run's liveness lock until it ends (``safehaven.core.runs``),
@@ -55,7 +76,9 @@ class SafeHavenResource(dg.ConfigurableResource):
             runs.release(self.home_dir(), context.run_id, fd)
 
     def home_dir(self) -> Home:
-        return Home(Path(self.home).resolve()) if self.home else Home.from_env()
+        """The haven's home (``home``, else ``$SAFEHAVEN_HOME``) with its write-once anchor target."""
+        home = Home(Path(self.home).resolve()) if self.home else Home.from_env()
+        return replace(home, audit_worm=Path(self.audit_worm_dir) if self.audit_worm_dir else None)
 
     def keyring(self) -> KeyRing:
         """The pipeline's key ring: never a custodian, so it cannot open the vault's private key."""

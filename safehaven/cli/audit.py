@@ -59,14 +59,14 @@ def precheck(words: Sequence[str]) -> None:
     Raises ``AuditTrailBroken``. A store that is absent or cannot be opened is left to the
     command itself, which reports its own problem.
     """
+    from safehaven.cli.common import home_from_env
     from safehaven.core import audit
-    from safehaven.core.home import Home
     from safehaven.core.store import Store, StoreError
 
     names = [w for w in words if not w.startswith("-")][:2]
     if tuple(names[:1]) not in AUDITED_COMMANDS and tuple(names) not in AUDITED_COMMANDS:
         return
-    home = Home.from_env()
+    home = home_from_env()
     if not home.store_file.exists():
         return
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import NoReturn
 
 import click
@@ -17,11 +19,38 @@ from safehaven.core.keys import Custodian, KeyRing, KeyRingError
 
 #: The key custodian's passphrase for automation and tests, read here (the CLI edge) only.
 PASSPHRASE_ENV = "SAFEHAVEN_CUSTODIAN_PASSPHRASE"
+#: The write-once audit anchor directory (optional; ``safehaven.core.anchors``), read here only.
+AUDIT_WORM_ENV = "SAFEHAVEN_AUDIT_WORM"
+#: The haven's objection-register window in whole days (``safehaven.protect.feed``), read here only.
+OBJECTIONS_WINDOW_ENV = "SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS"
+
+
+def audit_worm_from_env() -> Path | None:
+    """``$SAFEHAVEN_AUDIT_WORM``: the write-once anchor target (CoP 12, 23d), or None when unset."""
+    value = os.environ.get(AUDIT_WORM_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def objections_window_from_env() -> int:
+    """``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS``, else 31 (``safehaven.protect.feed.parse_window``).
+
+    A value that is not whole days raises ``ObjectionFeedBlocked``: a mistyped window never
+    widens the objection check (CoP 11-14; NDOP: a current list).
+    """
+    from safehaven.protect import feed
+
+    return feed.parse_window(os.environ.get(OBJECTIONS_WINDOW_ENV, ""), OBJECTIONS_WINDOW_ENV)
+
+
+def home_from_env() -> Home:
+    """The haven home named by the environment: ``$SAFEHAVEN_HOME`` with its write-once
+    anchor target ``$SAFEHAVEN_AUDIT_WORM`` (``safehaven.core.home``)."""
+    return replace(Home.from_env(), audit_worm=audit_worm_from_env())
 
 
 def ensure_home() -> Home:
-    """The haven home named by the environment, created if missing."""
-    return Home.from_env().ensure()
+    """The haven home named by the environment (``home_from_env``), created if missing."""
+    return home_from_env().ensure()
 
 
 #: exit codes, the same for every command: a safeguard or the haven's state refused the request

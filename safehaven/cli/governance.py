@@ -317,9 +317,10 @@ def release_now(agreement_id: str) -> None:
     Nothing leaves until two reviewers approve it (safehaven review). Identifiable releases
     are built with the sealed vault key, so they ask for the key custodian's passphrase.
     """
-    from safehaven.cli.common import custodian_keyring
+    from safehaven.cli.common import custodian_keyring, objections_window_from_env
     from safehaven.core.store import Store
     from safehaven.intake.contracts import ContractRegistry
+    from safehaven.protect.feed import ObjectionFeedBlocked
     from safehaven.share.linkage import LinkageRefused
     from safehaven.share.releases import PREPARED, ReleaseRefused, prepare
 
@@ -327,8 +328,15 @@ def release_now(agreement_id: str) -> None:
     keyring = custodian_keyring(home)  # an identifiable release opens the sealed vault key
     with Store(home, keyring).connect() as con:
         try:
-            result = prepare(con, agreement_id, home=home, registry=ContractRegistry(), keyring=keyring)
-        except (ReleaseRefused, LinkageRefused) as exc:
+            result = prepare(
+                con,
+                agreement_id,
+                home=home,
+                registry=ContractRegistry(),
+                keyring=keyring,
+                objections_max_age_days=objections_window_from_env(),
+            )
+        except (ReleaseRefused, LinkageRefused, ObjectionFeedBlocked) as exc:
             _fail(f"refused: {exc}")
     click.echo(result.reason)
     if result.status == PREPARED:

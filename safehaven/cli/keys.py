@@ -27,11 +27,15 @@ import os
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import click
 
 from safehaven.cli.common import PASSPHRASE_ENV, REFUSED, custodian_keyring, ensure_home, fail
 from safehaven.core.home import Home
+
+if TYPE_CHECKING:
+    from safehaven.share.reidentify import ReidentifyResult
 
 
 def ensure_vault(home: Home) -> None:
@@ -59,234 +63,301 @@ def ensure_vault(home: Home) -> None:
 
 def register(main: click.Group) -> None:
     """Add this area's commands to the CLI."""
+    main.add_command(keys_group)
+    main.add_command(reidentify_cmd)
+    main.add_command(objections_group)
 
-    @main.group("keys")
-    def keys_group() -> None:
-        """The key ring under keys/: ids and rotation (key material is never shown)."""
 
-    @keys_group.command("list")
-    def keys_list() -> None:
-        """Current and retired key ids per purpose."""
-        from safehaven.core.keys import KeyRing
+# --- keys ----------------------------------------------------------------------------------
 
-        manifest = KeyRing(ensure_home().keys).manifest()
-        if not manifest:
-            click.echo("no keys yet")
-            return
-        for purpose, entry in sorted(manifest.items()):
-            click.echo(f"{purpose}: current {entry.get('current') or '-'}")
-            for item in entry.get("history", []):  # type: ignore[union-attr]
-                state = (
-                    "destroyed " + item["destroyed_at"]
-                    if "destroyed_at" in item
-                    else "retired " + item["retired_at"]
-                    if "retired_at" in item
-                    else "current"
-                )
-                click.echo(f"  {item['key_id']}  created {item['created_at']}  {state}")
 
-    @keys_group.command("rotate")
-    @click.option(
-        "--purpose",
-        type=click.Choice(["haven", "store", "vault"]),
-        default=None,
-        help="haven: pseudonym key (re-pseudonymises the haven; needs the vault private key); "
-        "store: encryption at rest (re-encrypts the store); vault: identity-vault key pair.",
-    )
-    @click.option("--resume", is_flag=True, help="Finish or undo an interrupted rotation.")
-    def keys_rotate(purpose: str | None, resume: bool) -> None:
-        """Rotate a key; the old key id is recorded as retired and the rotation audited."""
-        from safehaven.core.registers import current_actor
-        from safehaven.intake.contracts import ContractRegistry
-        from safehaven.protect import rotation
+@click.group("keys")
+def keys_group() -> None:
+    """The key ring under keys/: ids and rotation (key material is never shown)."""
 
-        home = ensure_home()
-        if resume:
-            try:
-                done = rotation.resume(home, actor=current_actor())
-            except Exception as exc:  # ids and counts only
-                fail(f"not resumed: {exc}")
-            for line in done or ["nothing to resume"]:
-                click.echo(line)
-            if purpose is None:
-                return
+
+def _key_state(item: dict[str, str]) -> str:
+    """One key's state in the manifest: destroyed, retired or current (ids and times only)."""
+    if "destroyed_at" in item:
+        return "destroyed " + item["destroyed_at"]
+    if "retired_at" in item:
+        return "retired " + item["retired_at"]
+    return "current"
+
+
+@keys_group.command("list")
+def keys_list() -> None:
+    """Current and retired key ids per purpose."""
+    from safehaven.core.keys import KeyRing
+
+    manifest = KeyRing(ensure_home().keys).manifest()
+    if not manifest:
+        click.echo("no keys yet")
+        return
+    for purpose, entry in sorted(manifest.items()):
+        click.echo(f"{purpose}: current {entry.get('current') or '-'}")
+        for item in entry.get("history", []):  # type: ignore[union-attr]
+            click.echo(f"  {item['key_id']}  created {item['created_at']}  {_key_state(item)}")
+
+
+def _resume_rotation(home: Home) -> None:
+    """Finish or undo an interrupted rotation (``safehaven.protect.rotation.resume``) and say what was done."""
+    from safehaven.core.registers import current_actor
+    from safehaven.protect import rotation
+
+    try:
+        done = rotation.resume(home, actor=current_actor())
+    except Exception as exc:  # ids and counts only
+        fail(f"not resumed: {exc}")
+    for line in done or ["nothing to resume"]:
+        click.echo(line)
+
+
+def _rotate(home: Home, purpose: str) -> None:
+    """Rotate one key (``safehaven.protect.rotation.rotate``); the custodian is asked only if the
+    vault private key is opened. Prints the retired and new ids, counts and crosswalks."""
+    from safehaven.core.registers import current_actor
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.protect import rotation
+
+    keyring = custodian_keyring(home)
+    try:
+        report = rotation.rotate(
+            home, purpose, ContractRegistry().contracts.values(), actor=current_actor(), keyring=keyring
+        )
+    except Exception as exc:  # every error here names ids and counts only
+        raise click.ClickException(f"{purpose} key not rotated: {exc}") from None
+    click.echo(f"{purpose} key rotated: {report.old_key_id} (retired) -> {report.new_key_id}")
+    for name, n in sorted(report.counts.items()):
+        click.echo(f"  {name}: {n:,}")
+    for path in report.crosswalks:
+        click.echo(f"  crosswalk for the recipient: {path}")
+
+
+@keys_group.command("rotate")
+@click.option(
+    "--purpose",
+    type=click.Choice(["haven", "store", "vault"]),
+    default=None,
+    help="haven: pseudonym key (re-pseudonymises the haven; needs the vault private key); "
+    "store: encryption at rest (re-encrypts the store); vault: identity-vault key pair.",
+)
+@click.option("--resume", is_flag=True, help="Finish or undo an interrupted rotation.")
+def keys_rotate(purpose: str | None, resume: bool) -> None:
+    """Rotate a key; the old key id is recorded as retired and the rotation audited."""
+    home = ensure_home()
+    if resume:
+        _resume_rotation(home)
         if purpose is None:
-            raise click.UsageError("give --purpose haven|store|vault (or --resume)")
-        keyring = custodian_keyring(home)  # asked for the passphrase only if the vault key is opened
-        try:
-            report = rotation.rotate(
-                home, purpose, ContractRegistry().contracts.values(), actor=current_actor(), keyring=keyring
+            return
+    if purpose is None:
+        raise click.UsageError("give --purpose haven|store|vault (or --resume)")
+    _rotate(home, purpose)
+
+
+# --- re-identification ---------------------------------------------------------------------
+
+
+def _pseudonyms_asked(pseudonyms: tuple[str, ...], file: Path | None) -> list[str]:
+    """The pseudonyms given on the command line, then those of ``file`` (first column, header skipped)."""
+    asked = list(pseudonyms)
+    if file is not None:
+        with open(file, newline="") as fh:
+            asked += [row[0] for row in csv.reader(fh) if row and row[0].strip().lower() != "pseudonym"]
+    return asked
+
+
+def _write_identified(result: ReidentifyResult, output: Path | None) -> None:
+    """The re-identified CSV to ``output`` (created 0600, never through a link) or standard output."""
+    if output is None:
+        _identified_csv(result, sys.stdout)
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", newline="") as fh:
+        _identified_csv(result, fh)
+
+
+def _identified_csv(result: ReidentifyResult, fh: TextIO) -> None:
+    """One row per pseudonym: the identifiers its agreement releases, several values joined by ';'."""
+    writer = csv.writer(fh)
+    writer.writerow(["pseudonym", *result.fields])
+    for p, values in sorted(result.identified.items()):
+        writer.writerow([p, *(";".join(values.get(f, [])) for f in result.fields)])
+
+
+@click.command("reidentify")
+@click.option("--agreement", "agreement_id", required=True, help="Agreement id (must permit identifiable data).")
+@click.option("--pseudonym", "pseudonyms", multiple=True, help="A pseudonym the recipient received (repeatable).")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file of pseudonyms, one per line (a CSV's first column; a header is ignored).",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the CSV here (mode 0600) instead of standard output.",
+)
+def reidentify_cmd(agreement_id: str, pseudonyms: tuple[str, ...], file: Path | None, output: Path | None) -> None:
+    """Resolve a recipient's pseudonyms to the identifiers its agreement releases (audited)."""
+    from safehaven.core.registers import current_actor
+    from safehaven.share.reidentify import ReidentificationRefused, reidentify
+
+    asked = _pseudonyms_asked(pseudonyms, file)
+    if not asked:
+        raise click.UsageError("give --pseudonym or --file")
+    home = ensure_home()
+    try:
+        result = reidentify(home, agreement_id, asked, actor=current_actor(), keyring=custodian_keyring(home))
+    except ReidentificationRefused as exc:
+        raise click.ClickException(f"refused: {exc}") from None
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from None
+    _write_identified(result, output)
+    click.echo(
+        f"re-identified {len(result.identified)} of {result.requested} under {agreement_id}; "
+        f"not released to this recipient {result.not_released}, malformed {result.malformed}, "
+        f"withheld (objection) {result.withheld_objection}. Audited.",
+        err=True,
+    )
+
+
+# --- objections ----------------------------------------------------------------------------
+
+
+@click.group("objections")
+def objections_group() -> None:
+    """Record patients' objections; notify recipients of changes (CoP 14)."""
+
+
+def _notify_failed(agreement_id: str, exc: Exception) -> NoReturn:
+    """Refuse a notice: an agreement with no file and no key is named as a typo, else the error."""
+    from safehaven.share.agreements import scan_agreements
+
+    known, broken = scan_agreements()
+    if agreement_id not in known and agreement_id not in broken:
+        fail(f"no such agreement: {agreement_id} (safehaven agreements list shows them)")
+    fail(str(exc))
+
+
+@objections_group.command("notify")
+@click.option("--agreement", "agreement_id", required=True, help="The recipient's agreement id.")
+@click.option(
+    "--since-release",
+    default=None,
+    help="Report changes since this release (default: since this agreement's last notice).",
+)
+@click.option("--gp-sourced", is_flag=True, help="The agreement's releases hold GP data (type 1 applies too).")
+def objections_notify(agreement_id: str, since_release: str | None, gp_sourced: bool) -> None:
+    """Write the CoP 14b notice for one recipient: objected, withdrawn, withheld (audited)."""
+    from safehaven.core.keys import KeyRing
+    from safehaven.core.store import Store
+    from safehaven.protect.optouts import notices
+    from safehaven.protect.pseudonymise import install_agreement_key
+
+    home = ensure_home()
+    keyring = KeyRing(home.keys)
+    try:
+        with Store(home, keyring).connect() as con:
+            name = install_agreement_key(con, keyring, agreement_id, create=False)
+            report = notices(
+                con,
+                agreement_id=agreement_id,
+                recipient_key_name=name,
+                since_release_id=since_release,
+                home=home,
+                gp_sourced=gp_sourced,
             )
-        except Exception as exc:  # every error here names ids and counts only
-            raise click.ClickException(f"{purpose} key not rotated: {exc}") from None
-        click.echo(f"{purpose} key rotated: {report.old_key_id} (retired) -> {report.new_key_id}")
-        for name, n in sorted(report.counts.items()):
-            click.echo(f"  {name}: {n:,}")
-        for path in report.crosswalks:
-            click.echo(f"  crosswalk for the recipient: {path}")
+    except Exception as exc:
+        _notify_failed(agreement_id, exc)
+    click.echo(json.dumps(report.summary(), indent=2, sort_keys=True))
 
-    keys_group.add_command(keys_init_vault)
-    keys_group.add_command(keys_seal_vault)
 
-    @main.command("reidentify")
-    @click.option("--agreement", "agreement_id", required=True, help="Agreement id (must permit identifiable data).")
-    @click.option("--pseudonym", "pseudonyms", multiple=True, help="A pseudonym the recipient received (repeatable).")
-    @click.option(
-        "--file",
-        "file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="A file of pseudonyms, one per line (a CSV's first column; a header is ignored).",
-    )
-    @click.option(
-        "--output",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="Write the CSV here (mode 0600) instead of standard output.",
-    )
-    def reidentify_cmd(agreement_id: str, pseudonyms: tuple[str, ...], file: Path | None, output: Path | None) -> None:
-        """Resolve a recipient's pseudonyms to the identifiers its agreement releases (audited)."""
-        from safehaven.core.registers import current_actor
-        from safehaven.share.reidentify import ReidentificationRefused, reidentify
+def _check_objection(nhs_number: str, objection_type: str, source_practice: str) -> None:
+    """A valid NHS number (mod-11), and a practice for a type 1 objection (recorded at a GP, CoP 14a)."""
+    from safehaven.core.identifiers import is_valid_nhs
 
-        asked = list(pseudonyms)
-        if file is not None:
-            with open(file, newline="") as fh:
-                asked += [row[0] for row in csv.reader(fh) if row and row[0].strip().lower() != "pseudonym"]
-        if not asked:
-            raise click.UsageError("give --pseudonym or --file")
-        home = ensure_home()
-        try:
-            result = reidentify(home, agreement_id, asked, actor=current_actor(), keyring=custodian_keyring(home))
-        except ReidentificationRefused as exc:
-            raise click.ClickException(f"refused: {exc}") from None
-        except Exception as exc:
-            raise click.ClickException(str(exc)) from None
-        if output is not None:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            fh = os.fdopen(fd, "w", newline="")
-        else:
-            fh = sys.stdout
-        writer = csv.writer(fh)
-        writer.writerow(["pseudonym", *result.fields])
-        for p, values in sorted(result.identified.items()):
-            writer.writerow([p, *(";".join(values.get(f, [])) for f in result.fields)])
-        if output is not None:
-            fh.close()
-        click.echo(
-            f"re-identified {len(result.identified)} of {result.requested} under {agreement_id}; "
-            f"not released to this recipient {result.not_released}, malformed {result.malformed}, "
-            f"withheld (objection) {result.withheld_objection}. Audited.",
-            err=True,
+    if not is_valid_nhs(nhs_number):
+        raise click.ClickException("that is not a valid NHS number (10 digits, mod-11 check digit)")
+    if objection_type == "type1" and not source_practice.strip():
+        raise click.ClickException(
+            "a type 1 objection is recorded at a GP practice: give its ODS code with --source-practice"
         )
 
-    @main.group("objections")
-    def objections_group() -> None:
-        """Record patients' objections; notify recipients of changes (CoP 14)."""
 
-    @objections_group.command("notify")
-    @click.option("--agreement", "agreement_id", required=True, help="The recipient's agreement id.")
-    @click.option(
-        "--since-release",
-        default=None,
-        help="Report changes since this release (default: since this agreement's last notice).",
-    )
-    @click.option("--gp-sourced", is_flag=True, help="The agreement's releases hold GP data (type 1 applies too).")
-    def objections_notify(agreement_id: str, since_release: str | None, gp_sourced: bool) -> None:
-        """Write the CoP 14b notice for one recipient: objected, withdrawn, withheld (audited)."""
-        from safehaven.core.keys import KeyRing
-        from safehaven.core.store import Store
-        from safehaven.protect.optouts import notices
-        from safehaven.protect.pseudonymise import install_agreement_key
-        from safehaven.share.agreements import scan_agreements
+def _objection_csv(fields: list[str], row: dict[str, str]) -> str:
+    """The drop's text: the contract's columns in its order (a field it lacks raises, before any file)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerow(row)
+    return text.getvalue()
 
-        home = ensure_home()
-        keyring = KeyRing(home.keys)
-        try:
-            with Store(home, keyring).connect() as con:
-                name = install_agreement_key(con, keyring, agreement_id, create=False)
-                report = notices(
-                    con,
-                    agreement_id=agreement_id,
-                    recipient_key_name=name,
-                    since_release_id=since_release,
-                    home=home,
-                    gp_sourced=gp_sourced,
-                )
-        except Exception as exc:
-            known, broken = scan_agreements()
-            if agreement_id not in known and agreement_id not in broken:  # no file and no key: a typo
-                fail(f"no such agreement: {agreement_id} (safehaven agreements list shows them)")
-            fail(str(exc))
-        click.echo(json.dumps(report.summary(), indent=2, sort_keys=True))
 
-    @objections_group.command("record")
-    @click.option("--nhs-number", required=True, help="Any formatting: 943 476 5919, 943-476-5919, 9434765919.")
-    @click.option("--type", "objection_type", type=click.Choice(["type1", "national_opt_out"]), required=True)
-    @click.option(
-        "--recorded-date",
-        type=click.DateTime(["%Y-%m-%d"]),
-        default=None,
-        help="Date the objection took effect (default today).",
-    )
-    @click.option(
-        "--withdrawn-date",
-        type=click.DateTime(["%Y-%m-%d"]),
-        default=None,
-        help="To withdraw an objection: its recorded date plus the withdrawal date.",
-    )
-    @click.option("--source-practice", default="", help="ODS code of the practice (required for type 1).")
-    def objections_record(
-        nhs_number: str,
-        objection_type: str,
-        recorded_date: datetime | None,
-        withdrawn_date: datetime | None,
-        source_practice: str,
-    ) -> None:
-        """Write one objection (or withdrawal) as a drop for the objections collection."""
-        from safehaven.core.identifiers import canonical_nhs, is_valid_nhs
-        from safehaven.intake.contracts import ContractRegistry
+def _write_drop(folder: Path, text: str) -> Path:
+    """A new drop in ``folder`` (0700), created 0600 and never over an existing file or through a link."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    path = folder / f"objections_recorded_{stamp}.csv"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", newline="") as fh:
+        fh.write(text)
+    return path
 
-        if not is_valid_nhs(nhs_number):
-            raise click.ClickException("that is not a valid NHS number (10 digits, mod-11 check digit)")
-        if objection_type == "type1" and not source_practice.strip():
-            raise click.ClickException(
-                "a type 1 objection is recorded at a GP practice: give its ODS code with --source-practice"
-            )
-        contract = ContractRegistry().objections()
-        home = ensure_home()
-        folder = home.incoming_for(contract.collection)
-        folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o700)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        path = folder / f"objections_recorded_{stamp}.csv"
-        recorded = (recorded_date.date() if recorded_date else date.today()).isoformat()
-        withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
-        # the contract's columns, in its order (a field named here that it lacks raises, before any file)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=contract.field_names)
-        writer.writeheader()
-        writer.writerow(
+
+@objections_group.command("record")
+@click.option("--nhs-number", required=True, help="Any formatting: 943 476 5919, 943-476-5919, 9434765919.")
+@click.option("--type", "objection_type", type=click.Choice(["type1", "national_opt_out"]), required=True)
+@click.option(
+    "--recorded-date",
+    type=click.DateTime(["%Y-%m-%d"]),
+    default=None,
+    help="Date the objection took effect (default today).",
+)
+@click.option(
+    "--withdrawn-date",
+    type=click.DateTime(["%Y-%m-%d"]),
+    default=None,
+    help="To withdraw an objection: its recorded date plus the withdrawal date.",
+)
+@click.option("--source-practice", default="", help="ODS code of the practice (required for type 1).")
+def objections_record(
+    nhs_number: str,
+    objection_type: str,
+    recorded_date: datetime | None,
+    withdrawn_date: datetime | None,
+    source_practice: str,
+) -> None:
+    """Write one objection (or withdrawal) as a drop for the objections collection."""
+    from safehaven.core.identifiers import canonical_nhs
+    from safehaven.intake.contracts import ContractRegistry
+
+    _check_objection(nhs_number, objection_type, source_practice)
+    contract = ContractRegistry().objections()
+    recorded = (recorded_date.date() if recorded_date else date.today()).isoformat()
+    withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
+    row = {
+        contract.patient_key: canonical_nhs(nhs_number),
+        "objection_type": objection_type,
+        "recorded_date": recorded,
+        "withdrawn_date": withdrawn,
+        "source_practice": source_practice,
+    }
+    text = _objection_csv(contract.field_names, row)
+    path = _write_drop(ensure_home().incoming_for(contract.collection), text)
+    click.echo(
+        json.dumps(
             {
-                contract.patient_key: canonical_nhs(nhs_number),
-                "objection_type": objection_type,
+                "written": path.name,
+                "type": objection_type,
                 "recorded_date": recorded,
-                "withdrawn_date": withdrawn,
-                "source_practice": source_practice,
+                "withdrawn_date": withdrawn or None,
+                "next": "run `safehaven run` (or wait for the nightly run) to register it",
             }
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text.getvalue())
-        click.echo(
-            json.dumps(
-                {
-                    "written": path.name,
-                    "type": objection_type,
-                    "recorded_date": recorded,
-                    "withdrawn_date": withdrawn or None,
-                    "next": "run `safehaven run` (or wait for the nightly run) to register it",
-                }
-            )
-        )
+    )
 
 
 @click.command("init-vault")
@@ -321,3 +392,7 @@ def keys_seal_vault() -> None:
         fail(f"not sealed: {exc}")
     for line in done or ["nothing to seal: the vault private key is already sealed"]:
         click.echo(line)
+
+
+keys_group.add_command(keys_init_vault)
+keys_group.add_command(keys_seal_vault)

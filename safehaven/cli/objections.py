@@ -17,7 +17,7 @@ from datetime import date, datetime
 
 import click
 
-from safehaven.cli.common import ensure_home, fail
+from safehaven.cli.common import ensure_home, fail, objections_window_from_env
 
 
 def register(main: click.Group) -> None:
@@ -41,7 +41,7 @@ def register(main: click.Group) -> None:
                 {
                     "unresolved": [f.__dict__ for f in faults],
                     "register_refreshed_on": refreshed.isoformat() if refreshed else None,
-                    "window_days": feed.window_days(),
+                    "window_days": objections_window_from_env(),
                 },
                 indent=2,
             )

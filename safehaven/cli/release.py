@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import click
 
-from safehaven.cli.common import USAGE, custodian_keyring, ensure_home, fail
+from safehaven.cli.common import USAGE, custodian_keyring, ensure_home, fail, objections_window_from_env
 
 
 def register(main: click.Group) -> None:
@@ -51,6 +51,7 @@ def register(main: click.Group) -> None:
                     registry=ContractRegistry(),
                     keyring=keyring,
                     actor=current_actor(),
+                    objections_max_age_days=objections_window_from_env(),
                 )
         except AuditTrailBroken:
             raise  # reported by the safehaven group (fails closed)

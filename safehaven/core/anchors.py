@@ -15,7 +15,7 @@ that the store key does not reach:
   after a recorded breach decision (``safehaven.core.audit.resolve``); sections before the
   last such line were judged by a person when the breach was recorded and are kept as
   evidence, not re-checked.
-* **An external write-once target** (optional; ``$SAFEHAVEN_AUDIT_WORM``): a directory on
+* **An external write-once target** (optional; ``Home.audit_worm``): a directory on
   WORM storage (or mounted object storage with object lock) where each anchor is created as
   ``anchor-<seq>.json`` with ``O_CREAT | O_EXCL``, mode 0444, and never overwritten. Someone
   who can rewrite the whole haven home, audit key included, still cannot remove or change an
@@ -43,8 +43,6 @@ from safehaven.core.keys import Key
 
 HEAD_FILE = "audit_head.json"
 HISTORY_FILE = "audit_anchors.jsonl"
-#: Environment variable naming the external write-once anchor directory (optional).
-WORM_ENV = "SAFEHAVEN_AUDIT_WORM"
 WORM_PREFIX = "anchor-"
 GENESIS = "0" * 64
 #: The last line of the history is read from this many bytes at the end of the file.
@@ -223,27 +221,19 @@ def check_history(key: Key, lines: list[dict[str, Any]]) -> tuple[str | None, li
 # --- the external write-once target -----------------------------------------------------
 
 
-def worm_dir() -> Path | None:
-    """The configured write-once anchor directory (``$SAFEHAVEN_AUDIT_WORM``), or None."""
-    value = os.environ.get(WORM_ENV, "").strip()
-    return Path(value) if value else None
-
-
 def _worm_file(directory: Path, seq: int) -> Path:
     return directory / f"{WORM_PREFIX}{seq:012d}.json"
 
 
-def read_worm(seq: int) -> dict[str, Any] | None:
-    """The write-once anchor for ``seq``; None when there is no target or no such anchor."""
-    directory = worm_dir()
+def read_worm(directory: Path | None, seq: int) -> dict[str, Any] | None:
+    """The write-once anchor for ``seq`` in ``directory``; None when there is no target or no such anchor."""
     if directory is None or not _worm_file(directory, seq).exists():
         return None
     return _parse(_worm_file(directory, seq).read_text(encoding="utf-8", errors="replace"))
 
 
-def worm_seqs() -> list[int]:
-    """Every ``seq`` anchored in the write-once target, ascending (empty without a target)."""
-    directory = worm_dir()
+def worm_seqs(directory: Path | None) -> list[int]:
+    """Every ``seq`` anchored in the write-once target ``directory``, ascending (empty without a target)."""
     if directory is None or not directory.is_dir():
         return []
     found = []
@@ -254,14 +244,13 @@ def worm_seqs() -> list[int]:
     return sorted(found)
 
 
-def write_worm(key: Key, anchor: Anchor) -> None:
-    """Create ``anchor-<seq>.json`` in the write-once target; never overwrite one.
+def write_worm(directory: Path | None, key: Key, anchor: Anchor) -> None:
+    """Create ``anchor-<seq>.json`` in the write-once target ``directory``; never overwrite one.
 
     An existing anchor for the same ``seq`` and hash is left as it is (a re-anchor); one with a
     different hash means the log was rolled back and rewritten, so ``FileExistsError`` is raised.
-    Does nothing when no target is configured.
+    Does nothing when no target is configured (``directory`` None).
     """
-    directory = worm_dir()
     if directory is None:
         return
     fields: dict[str, Any] = {"seq": anchor.seq, "entry_hash": anchor.entry_hash, "key_id": key.key_id}
@@ -270,7 +259,7 @@ def write_worm(key: Key, anchor: Anchor) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     except FileExistsError:
-        if (read_worm(anchor.seq) or {}).get("entry_hash") == anchor.entry_hash:
+        if (read_worm(directory, anchor.seq) or {}).get("entry_hash") == anchor.entry_hash:
             return
         raise FileExistsError(
             f"the write-once target already holds a different anchor for entry {anchor.seq} ({path})"
@@ -284,7 +273,7 @@ def write_worm(key: Key, anchor: Anchor) -> None:
 
 
 def write_all(home: Home, key: Key, anchor: Anchor) -> None:
-    """Anchor ``anchor`` everywhere: the history first, then the head file, then the target."""
+    """Anchor ``anchor`` everywhere: the history first, then the head file, then ``home.audit_worm``."""
     append_history(home, key, anchor)
     write_head(home, key, anchor)
-    write_worm(key, anchor)
+    write_worm(home.audit_worm, key, anchor)

@@ -79,7 +79,7 @@ from safehaven.core import anchors
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import Home
 from safehaven.core.keys import Key, KeyRing, KeyRingError, KeySubstituted
-from safehaven.core.store import CATALOG, table_exists
+from safehaven.core.store import CATALOG, opened_by, table_exists
 
 __all__ = ["GENESIS", "HEAD_FILE", "TABLE", "AuditTrailBroken", "Entry", "VerifyResult"]
 
@@ -303,7 +303,14 @@ def _prepare(item: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def home_of(con: duckdb.DuckDBPyConnection) -> Home:
-    """The ``Home`` whose store is attached to ``con`` as ``store`` (see ``safehaven.core.store``)."""
+    """The ``Home`` whose store is attached to ``con`` as ``store`` (see ``safehaven.core.store``).
+
+    The home that opened ``con`` comes first, with its configuration (its write-once anchor
+    target); a connection opened some other way gets the home its attached file lies in.
+    """
+    opener = opened_by(con)
+    if opener is not None:
+        return opener
     row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = ?", [CATALOG]).fetchone()
     if row and row[0]:
         path = Path(row[0])
@@ -386,15 +393,15 @@ def _tail_matches_anchor(con: duckdb.DuckDBPyConnection, home: Home, key: Key, t
         if (last.get("seq"), last.get("entry_hash")) != (tail.seq, tail.entry_hash):
             return False
     entry = _entry_at(con, tail.seq)
-    return entry is not None and _entry_ok(key, entry) and _worm_agrees(tail)
+    return entry is not None and _entry_ok(key, entry) and _worm_agrees(home.audit_worm, tail)
 
 
-def _worm_agrees(tail: _Tail) -> bool:
-    """The write-once target (if any) holds the tail's anchor and nothing newer than it."""
-    if anchors.worm_dir() is None:
+def _worm_agrees(worm: Path | None, tail: _Tail) -> bool:
+    """The write-once target ``worm`` (if any) holds the tail's anchor and nothing newer than it."""
+    if worm is None:
         return True
-    newer = anchors.read_worm(tail.seq + 1)
-    current = anchors.read_worm(tail.seq)
+    newer = anchors.read_worm(worm, tail.seq + 1)
+    current = anchors.read_worm(worm, tail.seq)
     return newer is None and current is not None and current.get("entry_hash") == tail.entry_hash
 
 
@@ -405,7 +412,7 @@ def _fresh(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> bool
         and not anchors.read_history(home)
         and _genesis(con) is None
         and not keyring.exists(KEY_PURPOSE)
-        and not anchors.worm_seqs()
+        and not anchors.worm_seqs(home.audit_worm)
     )
 
 
@@ -725,14 +732,14 @@ def _published_heads(con: duckdb.DuckDBPyConnection, home: Home) -> list[Witness
     return [w for w in found if w[0] > 0]
 
 
-def _worm_witnesses() -> list[Witness]:
-    """The oldest and newest anchors of the write-once target."""
-    seqs = anchors.worm_seqs()
+def _worm_witnesses(worm: Path | None) -> list[Witness]:
+    """The oldest and newest anchors of the write-once target ``worm`` (none without one)."""
+    seqs = anchors.worm_seqs(worm)
     picked = sorted({seqs[0], seqs[-1]}) if seqs else []
     return [
         (seq, str(anchor.get("entry_hash")), f"the write-once anchor for entry {seq}")
         for seq in picked
-        if (anchor := anchors.read_worm(seq)) is not None
+        if (anchor := anchors.read_worm(worm, seq)) is not None
     ]
 
 
@@ -743,7 +750,7 @@ def _evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRin
         (lambda: bool(anchors.read_history(home)), f"the anchor history registers/{anchors.HISTORY_FILE} has lines"),
         (lambda: _genesis(con) is not None, f"the genesis record {GENESIS_TABLE} holds the first entry's hash"),
         (lambda: keyring.exists(KEY_PURPOSE), "the audit key exists (it is created with the first entry)"),
-        (lambda: bool(anchors.worm_seqs()), "the write-once target holds anchors"),
+        (lambda: bool(anchors.worm_seqs(home.audit_worm)), "the write-once target holds anchors"),
         (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
         (lambda: _holds_data(con), "the store holds landed, released or published data"),
     )
@@ -902,15 +909,15 @@ def _check_witnesses(
     return None
 
 
-def _check_latest(section: list[dict[str, Any]], head: Mapping[str, Any]) -> VerifyResult | None:
-    """The newest history line and the write-once target are not behind the head file."""
+def _check_latest(section: list[dict[str, Any]], head: Mapping[str, Any], worm: Path | None) -> VerifyResult | None:
+    """The newest history line and the write-once target ``worm`` are not behind the head file."""
     if section and (section[-1].get("seq"), section[-1].get("entry_hash")) != (head.get("seq"), head.get("entry_hash")):
         reason = (
             f"the anchor history ends at entry {section[-1].get('seq')} but the head anchor is at entry "
             f"{head.get('seq')}: history lines were cut off; {RESOLVE_HINT}"
         )
         return VerifyResult(False, None, reason, "anchor")
-    seqs = anchors.worm_seqs()
+    seqs = anchors.worm_seqs(worm)
     if seqs and seqs[-1] < int(head["seq"]):
         reason = (
             f"the write-once target's newest anchor is entry {seqs[-1]} but the head is at entry {head['seq']}: "
@@ -939,9 +946,9 @@ def _check_anchors(
         ),
         *([(genesis[0], genesis[1], f"the genesis record {GENESIS_TABLE}")] if genesis else []),
         *_published_heads(con, home),
-        *_worm_witnesses(),
+        *_worm_witnesses(home.audit_worm),
     ]
-    return _check_witnesses(con, breaks, last_seq, witnesses) or _check_latest(section, head)
+    return _check_witnesses(con, breaks, last_seq, witnesses) or _check_latest(section, head, home.audit_worm)
 
 
 def _ok(entries: int, breaks: Sequence[_Break]) -> VerifyResult:
@@ -1019,7 +1026,7 @@ def anchor(
     bad, last_seq, last_hash = _check_chain(con, key, breaks)
     if bad is not None:
         raise ValueError(f"will not anchor an audit log that fails verification: {bad.reason}")
-    witnesses = _published_heads(con, home) + _worm_witnesses()
+    witnesses = _published_heads(con, home) + _worm_witnesses(home.audit_worm)
     witnesses += [(int(line.get("seq", 0)), str(line.get("entry_hash")), "the anchor history") for line in _lines(home)]
     bad = _check_witnesses(con, breaks, last_seq, witnesses)
     if bad is not None:
@@ -1040,7 +1047,7 @@ def _resume_seq(con: duckdb.DuckDBPyConnection, home: Home, tail: _Tail) -> int:
         tail.seq,
         head.get("seq") if isinstance(head.get("seq"), int) else 0,
         *(int(line["seq"]) for line in _lines(home)),
-        *anchors.worm_seqs(),
+        *anchors.worm_seqs(home.audit_worm),
         *(w[0] for w in _published_heads(con, home)),
         (_genesis(con) or (0, GENESIS))[0],
     ]

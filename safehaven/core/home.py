@@ -14,6 +14,12 @@ Layout (one place for it, so every module agrees):
 
 The landing and haven zones live only inside the encrypted store: the haven is a secure
 environment distinct from other activity (CoP 27h).
+
+One place lies outside the tree on purpose: the optional **write-once audit anchor target**
+(``audit_worm``, see ``safehaven.core.anchors``), on storage that someone who can rewrite the
+whole home still cannot change (CoP 12, 23d). It is configuration the edge passes in (the
+``SafeHavenResource`` field ``audit_worm_dir``, or ``$SAFEHAVEN_AUDIT_WORM`` read by the CLI),
+never read from the environment here.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class Home:
     """The directory tree of one safe haven."""
 
     root: Path
+    #: the external write-once anchor directory (``safehaven.core.anchors``); None: no such target
+    audit_worm: Path | None = None
 
     @classmethod
     def from_env(cls) -> Home:

@@ -24,6 +24,9 @@ Rules:
   atomically (CoP 43d, 48-50). A journal
   (``store/rebuild.json``) makes the swap crash-safe: a half-built file is discarded, a
   half-done swap is completed, the next time the store is opened.
+* Each connection remembers the ``Home`` that opened it (``opened_by``), so code that holds
+  only the connection writes the audit trail with the home's configuration (its write-once
+  anchor target, ``Home.audit_worm``), not a default (CoP 12, 23d).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import os
 import secrets
 import shutil
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +62,14 @@ LOCK_LOG_EVERY = 30.0
 DUCKDB_LOCK_HELD = "Could not set lock on file"
 
 log = logging.getLogger(__name__)
+
+#: each open connection -> the ``Home`` of the ``Store`` that opened it (module docstring)
+_OPENED_BY: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, Home] = weakref.WeakKeyDictionary()
+
+
+def opened_by(con: duckdb.DuckDBPyConnection) -> Home | None:
+    """The ``Home`` (with its configuration) whose ``Store.connect`` opened ``con``; None for any other."""
+    return _OPENED_BY.get(con)
 
 
 class StoreError(Exception):
@@ -200,8 +212,10 @@ class Store:
             if not read_only:
                 for zone in ZONES:
                     con.execute(f"CREATE SCHEMA IF NOT EXISTS {zone}")
+            _OPENED_BY[con] = self.home
             yield con
         finally:
+            _OPENED_BY.pop(con, None)
             con.close()
             if lock_fd is not None:
                 os.close(lock_fd)

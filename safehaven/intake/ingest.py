@@ -52,8 +52,8 @@ from pathlib import Path
 import duckdb
 
 from safehaven.core.files import sha256_file, shred_file
+from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract
-from safehaven.intake.rules import lit, q
 
 SUPPORTED = (".csv", ".parquet")
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")

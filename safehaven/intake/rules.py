@@ -42,7 +42,7 @@ from safehaven.core.identifiers import (
 )
 from safehaven.core.identifiers import NHS_RE as NHS_RE  # re-exported: the rules read their regexes here
 from safehaven.core.identifiers import SPREADSHEET_RE as SPREADSHEET_RE
-from safehaven.core.sql import lit, q  # noqa: F401 - re-exported for modules not yet moved to core.sql
+from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 
 #: UK postcode shape (outward code, optional space, inward code), after upper-casing.

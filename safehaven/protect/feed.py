@@ -24,8 +24,10 @@ against a current list). Rules:
   and was validated (its rows honoured), or the latest date a person attested that the
   register matches the current list (``safehaven objections refreshed --as-of``,
   ``attest_refresh``). A record-level release refuses when that date is older than the
-  agreement's ``objections_max_age_days`` or else the haven's window (``WINDOW_ENV``,
-  default ``DEFAULT_WINDOW_DAYS`` = 31 days), or when there is no refresh at all. The
+  agreement's ``objections_max_age_days`` or else the haven's window (``haven_days``: the
+  ``SafeHavenResource`` field ``objections_max_age_days``, or
+  ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS`` read by the CLI; default ``DEFAULT_WINDOW_DAYS`` =
+  31 days), or when there is no refresh at all. The
   release register and manifest state the refresh date as the date of the opt-out list
   applied.
 """
@@ -33,7 +35,6 @@ against a current list). Rules:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -53,8 +54,6 @@ FAULTS = "governance.objection_feed_faults"
 REFRESHES = "governance.objection_refreshes"
 #: The haven's freshness window for the objection register, in days (NDOP: a current list).
 DEFAULT_WINDOW_DAYS = 31
-#: Environment variable that sets the haven's window (whole days).
-WINDOW_ENV = "SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS"
 #: The validation refusal's reason file (row-level; counted from the rejected table instead).
 _BATCH_RULE = "batch.tolerance"
 _CLEAR = (
@@ -200,15 +199,28 @@ def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
     return max(known) if known else None
 
 
-def window_days(agreement_days: int | None = None) -> int:
-    """The freshness window: the agreement's, else ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS``, else 31."""
-    if agreement_days is not None:
-        return int(agreement_days)
-    text = os.environ.get(WINDOW_ENV, "").strip()
+def window_days(agreement_days: int | None = None, haven_days: int = DEFAULT_WINDOW_DAYS) -> int:
+    """The freshness window (module docstring, "Freshness"): the agreement's, else the haven's.
+
+    Raises :class:`ObjectionFeedBlocked` for a window under one day (fails closed).
+    """
+    days = int(agreement_days if agreement_days is not None else haven_days)
+    if days < 1:
+        raise ObjectionFeedBlocked(f"the objection register's window of {days} days is not a whole number of days")
+    return days
+
+
+def parse_window(text: str, source: str) -> int:
+    """A haven window given as text (``source`` names where, e.g. an environment variable).
+
+    Empty text is the default (``DEFAULT_WINDOW_DAYS``); anything but whole days of at least
+    one raises :class:`ObjectionFeedBlocked`, so a mistyped window never widens the check.
+    """
+    text = text.strip()
     if not text:
         return DEFAULT_WINDOW_DAYS
     if not text.isdigit() or int(text) < 1:
-        raise ObjectionFeedBlocked(f"{WINDOW_ENV}={text!r} is not a whole number of days; set it to e.g. 31")
+        raise ObjectionFeedBlocked(f"{source}={text!r} is not a whole number of days; set it to e.g. 31")
     return int(text)
 
 
@@ -244,14 +256,19 @@ def _describe(fault: Fault) -> str:
 
 
 def require_sound_feed(
-    con: duckdb.DuckDBPyConnection, home: Home, today: date, agreement_days: int | None = None
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    today: date,
+    agreement_days: int | None = None,
+    haven_days: int = DEFAULT_WINDOW_DAYS,
 ) -> date:
-    """The guard of every record-level release: the objection feed is complete and fresh.
+    """The guard of every record-level release: the objection feed is complete and fresh
+    within the agreement's window, else the haven's (``window_days``).
 
     Returns the register's refresh date (the date of the opt-out list applied). Raises
     :class:`ObjectionFeedBlocked` with every reason on one line otherwise.
     """
-    problems = feed_problems(con, home, today, window_days(agreement_days))
+    problems = feed_problems(con, home, today, window_days(agreement_days, haven_days))
     if problems:
         raise ObjectionFeedBlocked("record-level releases are blocked: " + " | ".join(problems))
     refreshed = refreshed_on(con)
@@ -260,13 +277,19 @@ def require_sound_feed(
 
 
 def release_guard(
-    con: duckdb.DuckDBPyConnection, home: Home, today: date, *, record_level: bool, agreement_days: int | None
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    today: date,
+    *,
+    record_level: bool,
+    agreement_days: int | None,
+    haven_days: int = DEFAULT_WINDOW_DAYS,
 ) -> date | None:
     """The one check a release makes: record-level releases need a complete, fresh feed
     (``require_sound_feed``); anonymised ones are not blocked (guide Rule 4C). Returns the date
     of the opt-out list applied (None when the register was never refreshed)."""
     if record_level:
-        return require_sound_feed(con, home, today, agreement_days)
+        return require_sound_feed(con, home, today, agreement_days, haven_days)
     return refreshed_on(con)
 
 

@@ -27,9 +27,9 @@ import duckdb
 
 from safehaven.core.keys import Key, KeyRing, KeyRingError
 from safehaven.core.pins import epoch_key_id, start_epoch
+from safehaven.core.sql import q
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
-from safehaven.intake.rules import q
 from safehaven.protect.objections import ensure_tables, record_type1_incident, register_practices, type1_objectors_sql
 from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_key
 

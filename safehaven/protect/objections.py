@@ -43,8 +43,8 @@ import numpy as np
 
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
+from safehaven.core.sql import q
 from safehaven.intake.contracts import Contract
-from safehaven.intake.rules import q
 from safehaven.protect.pseudonymise import hmac_sql
 
 EVENTS = "governance.objection_events"

@@ -58,7 +58,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import check_agreement_id
 from safehaven.core.legal_basis import EXEMPT_BASES, LEGAL_BASES, OPT_OUT_EXEMPT
 from safehaven.core.registers import RELEASE_MEMBERS, current_actor
-from safehaven.intake.rules import q
+from safehaven.core.sql import q
 from safehaven.protect.objections import NATIONAL_OPT_OUT, TYPE1, objectors_sql
 from safehaven.protect.pseudonymise import hmac_sql
 from safehaven.share.agreements import Level

@@ -41,8 +41,8 @@ import duckdb
 
 from safehaven.core import pins
 from safehaven.core.keys import Key, KeyRing, check_agreement_id
+from safehaven.core.sql import q
 from safehaven.intake.contracts import Contract, FieldSpec
-from safehaven.intake.rules import q
 
 BLOCK = 64
 PSEUDONYM_HEX = 32

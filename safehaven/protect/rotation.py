@@ -71,9 +71,9 @@ from safehaven.core.keys import (
     x25519_public,
 )
 from safehaven.core.pins import check_epoch, epoch_key_id, start_epoch, vault_public
+from safehaven.core.sql import lit, q
 from safehaven.core.store import CATALOG, Store, StoreError, table_exists
 from safehaven.intake.contracts import Contract
-from safehaven.intake.rules import lit, q
 from safehaven.protect import vault
 from safehaven.protect.haven import haven_key
 from safehaven.protect.pseudonymise import hmac_sql, install_key

@@ -52,10 +52,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from safehaven.core.keys import VAULT, Key, KeyRing, key_id, x25519_public
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
-from safehaven.intake.rules import lit, q
 from safehaven.protect.objections import type1_objectors_sql
 from safehaven.protect.pseudonymise import haven_coarsening, hmac_sql
 

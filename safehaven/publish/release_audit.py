@@ -25,8 +25,8 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
-from safehaven.intake.rules import lit, q
 from safehaven.publish.disclosure.audit import AuditReport, AuditTable, audit
 from safehaven.publish.disclosure.relations import PREVIOUS, Link, links_of
 from safehaven.publish.outputs import Output

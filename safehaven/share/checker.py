@@ -27,7 +27,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.intake.rules import lit, q
+from safehaven.core.sql import lit, q
 
 #: aggregate counts leave rounded to this base (safehaven.publish.disclosure)
 ROUNDING_BASE = 5

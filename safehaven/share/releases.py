@@ -88,9 +88,9 @@ from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
-from safehaven.intake.rules import lit, q
 from safehaven.protect import feed, optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, kanon, protect
 from safehaven.publish.disclosure.kanon import KReport
@@ -401,8 +401,12 @@ def prepare(
     keyring: KeyRing | None = None,
     today: date | None = None,
     actor: str | None = None,
+    objections_max_age_days: int = feed.DEFAULT_WINDOW_DAYS,
 ) -> ReleaseResult:
     """Prepare one release under ``agreement_id`` for review, or skip it, or refuse it (module docstring).
+
+    ``objections_max_age_days`` is the haven's objection-register window, used where the
+    agreement sets none (``safehaven.protect.feed.window_days``).
 
     Returns a ``prepared`` result (a request is open, files staged), ``unchanged`` (the content
     equals the agreement's latest request: nothing opened, nothing registered), ``skipped``
@@ -494,7 +498,15 @@ def prepare(
     )
     try:
         result = _build(
-            con, agreement, agreement_sha, home=home, registry=registry, keyring=keyring, today=today, actor=actor
+            con,
+            agreement,
+            agreement_sha,
+            home=home,
+            registry=registry,
+            keyring=keyring,
+            today=today,
+            actor=actor,
+            haven_days=objections_max_age_days,
         )
     except ReleaseRefused as exc:
         raise _refuse(con, agreement, actor, str(exc)) from None
@@ -512,6 +524,7 @@ def _build(
     keyring: KeyRing,
     today: date,
     actor: str,
+    haven_days: int,
 ) -> ReleaseResult:
     a = agreement
     contracts = {c: registry.contracts[c] for c in a.collections}
@@ -519,7 +532,12 @@ def _build(
     result = ReleaseResult(a.id, PREPARED, "", level=a.identifiability)
     try:  # the objection feed fails closed (safehaven.protect.feed)
         result.optout_list_date = feed.release_guard(
-            con, home, today, record_level=record_level, agreement_days=a.objections_max_age_days
+            con,
+            home,
+            today,
+            record_level=record_level,
+            agreement_days=a.objections_max_age_days,
+            haven_days=haven_days,
         )
     except feed.ObjectionFeedBlocked as exc:
         raise ReleaseRefused(str(exc)) from None

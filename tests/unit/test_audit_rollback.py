@@ -8,6 +8,7 @@ that way must verify again and show its break. Real encrypted stores and real ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -150,27 +151,53 @@ def test_cutting_the_history_back_too_is_seen_in_the_published_head(con, home: H
     assert "published/release.json records entry 15" in result.reason
 
 
-def test_the_write_once_target_catches_a_complete_local_rollback(
-    con, home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_write_once_target_catches_a_complete_local_rollback(home: Home, tmp_path: Path) -> None:
     worm = tmp_path / "worm"
     worm.mkdir()
-    monkeypatch.setenv(anchors.WORM_ENV, str(worm))
-    _fill(con, home, 10)
-    saved = [_copy(home, anchors.HEAD_FILE), _copy(home, anchors.HISTORY_FILE)]
-    _fill(con, home, 15)
-    files = sorted(worm.iterdir())
-    assert len(files) == N and all(stat.S_IMODE(f.stat().st_mode) == 0o444 for f in files)
-    con.execute(f"DELETE FROM {TABLE} WHERE seq > 10")
-    for path, name in zip(saved, (anchors.HEAD_FILE, anchors.HISTORY_FILE), strict=True):
-        shutil.copy(path, home.registers / name)
-    result = audit.verify(con, home)
-    assert (result.ok, result.first_bad_seq) == (False, 11)
-    assert "write-once anchor for entry 25" in result.reason
-    _refused(con, home, "seq 11")
+    home = dataclasses.replace(home, audit_worm=worm)  # the target is configuration, passed in
+    with Store(home).connect() as con:
+        _fill(con, home, 10)
+        saved = [_copy(home, anchors.HEAD_FILE), _copy(home, anchors.HISTORY_FILE)]
+        _fill(con, home, 15)
+        files = sorted(worm.iterdir())
+        assert len(files) == N and all(stat.S_IMODE(f.stat().st_mode) == 0o444 for f in files)
+        con.execute(f"DELETE FROM {TABLE} WHERE seq > 10")
+        for path, name in zip(saved, (anchors.HEAD_FILE, anchors.HISTORY_FILE), strict=True):
+            shutil.copy(path, home.registers / name)
+        result = audit.verify(con, home)
+        assert (result.ok, result.first_bad_seq) == (False, 11)
+        assert "write-once anchor for entry 25" in result.reason
+        _refused(con, home, "seq 11")
     key = KeyRing(home.keys).get("audit")
     with pytest.raises(FileExistsError, match="different anchor for entry 11"):
-        anchors.write_worm(key, anchors.Anchor(11, "e" * 64, 11))  # never overwritten
+        anchors.write_worm(worm, key, anchors.Anchor(11, "e" * 64, 11))  # never overwritten
+
+
+def test_an_append_on_the_connection_alone_anchors_in_the_openers_target(home: Home, tmp_path: Path) -> None:
+    """Code holding only the connection still writes to the home's write-once target."""
+    worm = tmp_path / "worm"
+    worm.mkdir()
+    with Store(dataclasses.replace(home, audit_worm=worm)).connect() as con:
+        audit.append(con, actor="pipeline", role="pipeline", action="read", object="haven.gp_events")
+        assert audit.home_of(con).audit_worm == worm
+    assert [p.name for p in worm.iterdir()] == ["anchor-000000000001.json"]
+
+
+def test_the_write_once_target_is_configuration_of_the_edges(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI reads ``$SAFEHAVEN_AUDIT_WORM``; the resource takes ``audit_worm_dir``; the core neither."""
+    from resources.haven import SafeHavenResource
+    from safehaven.cli.common import AUDIT_WORM_ENV, home_from_env
+
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(home.root))
+    monkeypatch.delenv(AUDIT_WORM_ENV, raising=False)
+    assert home_from_env().audit_worm is None and SafeHavenResource.from_environment().audit_worm_dir is None
+    monkeypatch.setenv(AUDIT_WORM_ENV, str(tmp_path / "worm"))
+    assert home_from_env().audit_worm == tmp_path / "worm"
+    assert SafeHavenResource.from_environment().home_dir().audit_worm == tmp_path / "worm"
+    resource = SafeHavenResource(home=str(home.root), audit_worm_dir=str(tmp_path / "other"))
+    assert resource.home_dir() == Home(home.root.resolve(), audit_worm=tmp_path / "other")
 
 
 # --- the key ----------------------------------------------------------------------------

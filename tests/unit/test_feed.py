@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -79,10 +80,16 @@ class Haven:
         register_objections(self.con, contract)
         return report.gx_success
 
-    def release(self, today: date | None = None):
+    def release(self, today: date | None = None, **kwargs: Any):
         """Prepare a release and approve it through the two-person review (the whole door)."""
         return prepare_and_release(
-            self.con, self.agreement, home=self.home, registry=self.registry, keyring=self.keyring, today=today
+            self.con,
+            self.agreement,
+            home=self.home,
+            registry=self.registry,
+            keyring=self.keyring,
+            today=today,
+            **kwargs,
         )
 
     def members(self, release_id: str) -> set[str]:
@@ -185,6 +192,31 @@ def test_agreement_window_overrides_the_havens(haven: Haven) -> None:
     haven.agreement = "test-feed-tight"
     with pytest.raises(ReleaseRefused, match="more than 1 days"):
         haven.release(today=TODAY + timedelta(days=3))
+
+
+def test_the_havens_window_is_passed_in(haven: Haven) -> None:
+    """The haven's window is an argument (the resource's field, or the CLI's variable), not ambient."""
+    with pytest.raises(ReleaseRefused, match="more than 2 days"):
+        haven.release(today=TODAY + timedelta(days=5), objections_max_age_days=2)
+
+
+def test_a_window_that_is_not_whole_days_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agreement's window wins; the haven's is whole days of at least one, read at the edge only."""
+    from resources.haven import SafeHavenResource
+    from safehaven.cli.common import OBJECTIONS_WINDOW_ENV, objections_window_from_env
+
+    assert (feed.window_days(), feed.window_days(None, 7), feed.window_days(2, 7)) == (31, 7, 2)
+    assert (feed.parse_window(" ", "X"), feed.parse_window("14", "X")) == (31, 14)
+    for bad in ("0", "-3", "two weeks"):
+        with pytest.raises(feed.ObjectionFeedBlocked, match="not a whole number of days"):
+            feed.parse_window(bad, OBJECTIONS_WINDOW_ENV)
+    with pytest.raises(feed.ObjectionFeedBlocked):
+        feed.window_days(None, 0)
+    monkeypatch.setenv(OBJECTIONS_WINDOW_ENV, "9")
+    assert objections_window_from_env() == 9 == SafeHavenResource.from_environment().objections_max_age_days
+    monkeypatch.setenv(OBJECTIONS_WINDOW_ENV, "nine")
+    with pytest.raises(feed.ObjectionFeedBlocked):
+        SafeHavenResource.from_environment()
 
 
 def test_anonymised_release_is_not_blocked(haven: Haven) -> None:

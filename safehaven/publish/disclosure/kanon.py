@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.intake.rules import lit, q
+from safehaven.core.sql import lit, q
 from safehaven.publish.disclosure.policy import K_ANONYMITY
 
 __all__ = ["KAnonymityRefused", "KReport", "k_anonymise"]
