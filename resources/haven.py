@@ -5,7 +5,10 @@ contracts. Connections are opened per unit of work and closed (DuckDB's single w
 Configuration carries paths and limits only, never key material or a passphrase.
 
 * A busy store is waited for up to ``lock_wait_seconds`` (``safehaven.core.store``, "Waiting,
-  not failing"); the wait is logged to the run's event log.
+  not failing"); the wait is logged to the run's event log. Past the wait, a step asks Dagster
+  to retry it (``dg.RetryRequested``: ``busy_retries`` more times,
+  ``busy_retry_seconds`` apart), since a busy store is transient; only then does the step
+  fail, and the next run recovers. Refusals (a broken trail, a key that does not match) are never retried.
 * For the length of each run the resource holds the run's lock (``safehaven.core.runs``), so
   a run whose process died can be told from a live one, and key rotation waits for none.
 * Key custody (``safehaven.core.keys``, ``safehaven.core.pins``): the pipeline's key ring has no
@@ -22,7 +25,7 @@ Configuration carries paths and limits only, never key material or a passphrase.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,12 +35,15 @@ import duckdb
 from safehaven.core import pins, runs
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
-from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store
+from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store, StoreBusy
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
 
 #: run id -> descriptor of its held liveness lock, for the runs of this process
 _RUN_LOCKS: dict[str, int] = {}
+#: further attempts of a step that found the store busy past its wait, and the pause before each
+STORE_BUSY_RETRIES = 2
+STORE_BUSY_RETRY_SECONDS = 30
 
 
 class SafeHavenResource(dg.ConfigurableResource):
@@ -48,6 +54,9 @@ class SafeHavenResource(dg.ConfigurableResource):
     threads: int = 0
     #: how long a step waits for a store held by another process before it fails
     lock_wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS
+    #: further attempts of a step that found the store busy past the wait, and the pause before each
+    busy_retries: int = STORE_BUSY_RETRIES
+    busy_retry_seconds: float = STORE_BUSY_RETRY_SECONDS
     #: the external write-once audit anchor directory (``Home.audit_worm``); None: no such target
     audit_worm_dir: str | None = None
     #: the haven's objection-register window in days, where an agreement sets none
@@ -123,9 +132,14 @@ class SafeHavenResource(dg.ConfigurableResource):
 
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection whose audit and haven keys were checked against the store's epochs."""
+        """A connection whose audit and haven keys were checked against the store's epochs; a
+        store still busy after ``lock_wait_seconds`` asks Dagster to retry the step (module docstring)."""
         store = self.store()
-        with store.connect(read_only=read_only) as con:
+        with ExitStack() as stack:
+            try:
+                con = stack.enter_context(store.connect(read_only=read_only))
+            except StoreBusy as exc:
+                raise dg.RetryRequested(max_retries=self.busy_retries, seconds_to_wait=self.busy_retry_seconds) from exc
             if not read_only:
                 pins.verify(con, store.keyring)
             yield con

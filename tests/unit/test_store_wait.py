@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
+from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
 from safehaven.core.store import Store, StoreBusy
 
@@ -26,6 +28,16 @@ with Store(Home(Path(sys.argv[1]))).connect(read_only=sys.argv[2] == "ro") as co
     con.execute("SELECT count(*) FROM landing.t").fetchone()
     print("holding", flush=True)
     time.sleep(float(sys.argv[3]))
+"""
+
+HOLD_EMPTY = """
+import sys, time
+from pathlib import Path
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+with Store(Home(Path(sys.argv[1]))).connect() as con:
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
 """
 
 REBUILDING = """
@@ -106,3 +118,25 @@ def test_a_half_done_rebuild_is_not_touched_while_its_process_is_alive(filled: S
     with filled.connect(read_only=True) as con:  # its process has gone: now it is recovered
         assert con.execute("SELECT count(*) FROM landing.t").fetchone()[0] == 10
     assert not next_file.exists() and not filled.journal.exists()
+
+
+def test_a_step_that_finds_the_store_busy_past_its_wait_is_retried_by_dagster(store: Store, home: Home) -> None:
+    """Past ``lock_wait_seconds`` the step is not failed: it asks Dagster to retry it later
+    (``resources.haven.SafeHavenResource.connect``, ``dg.RetryRequested``), and the retry succeeds."""
+    with store.connect():
+        pass  # a new, empty store (its audit trail has nothing to verify)
+    holders: list[subprocess.Popen] = []
+
+    @dg.asset
+    def busy_store(context, haven: SafeHavenResource) -> int:  # noqa: ANN001 (Dagster reads the name)
+        if context.retry_number == 0:  # another process takes the store during the first attempt
+            holders.append(_hold([HOLD_EMPTY, str(home.root), "2"]))
+        with haven.connect(read_only=True) as con:
+            return con.execute("SELECT 10").fetchone()[0]
+
+    haven = SafeHavenResource(home=str(home.root), lock_wait_seconds=0.3, busy_retries=3, busy_retry_seconds=2.5)
+    result = dg.materialize([busy_store], resources={"haven": haven}, raise_on_error=False)
+    assert result.success
+    assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 1
+    assert result.output_for_node("busy_store") == 10
+    assert holders and holders[0].wait(timeout=30) == 0
