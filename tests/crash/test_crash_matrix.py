@@ -164,11 +164,6 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="not yet re-run in full on the merged tree (release review, audit and launched runs landed "
-    "beside it); issue 17 stays open until the matrix passes here and this mark is removed",
-)
 @pytest.mark.parametrize(("name", "target", "nth", "when"), POINTS, ids=[p[0] for p in POINTS])
 def test_after_a_kill_9_a_plain_run_recovers_and_equals_a_run_with_no_crash(
     baseline: tuple[Path, dict[str, object]], tmp_path: Path, name: str, target: str, nth: int, when: str
