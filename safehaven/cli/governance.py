@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
 
@@ -221,24 +220,17 @@ def adopt_agreements(ids: tuple[str, ...], all_: bool, by: str, reason: str) -> 
     keyring = require_governance_key(home, "adopting an agreement's approval")
     with Store(home, keyring).connect() as con:
         done = adopt_in_store(con, home, list(ids) if ids else None, by, reason, actor=_actor())
-        for aid in done.adopted_pseudonymised:
+        for aid in done:
             _create_agreement_salt(con, keyring, aid)
-    if done.refused:
-        sys.exit(1)
-
-
-@dataclass
-class AdoptReport:
-    """What :func:`adopt_in_store` did: every line was printed; these are the ids that matter after."""
-
-    adopted_pseudonymised: list[str]
-    refused: bool
 
 
 def adopt_in_store(
     con: duckdb.DuckDBPyConnection, home: Home, ids: list[str] | None, by: str, reason: str, *, actor: str
-) -> AdoptReport:
-    """Adopt, export the decisions, print one line per agreement (also the demo set-up's adoption)."""
+) -> list[str]:
+    """Adopt, export the decisions, print one line per agreement (also the demo set-up's adoption).
+
+    Returns the ids adopted whose releases carry pseudonyms (their salt is created by the caller).
+    """
     from safehaven.intake.contracts import ContractRegistry
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError
@@ -252,10 +244,7 @@ def adopt_in_store(
     for a in found:
         click.echo(a.message)
     adopted = [a for a in found if a.outcome == approvals.ADOPTED]
-    return AdoptReport(
-        [a.agreement_id for a in adopted if _level(registry, a.agreement_id) != "anonymised"],
-        any(a.outcome == approvals.NOT_ADOPTED for a in found),
-    )
+    return [a.agreement_id for a in adopted if _level(registry, a.agreement_id) != "anonymised"]
 
 
 def _level(registry: ContractRegistry, agreement_id: str) -> str:

@@ -58,7 +58,7 @@ APPROVED, SUSPENDED = "approved", "suspended"
 #: where a decision came from: a person's command, or the file's block adopted by a person
 SOURCE_COMMAND, SOURCE_FILE = "command", "file"
 #: what :func:`adopt` did with one agreement
-ADOPTED, NO_BLOCK, ALREADY_DECIDED, NOT_ADOPTED = "adopted", "no approval block", "already decided", "refused"
+ADOPTED, NO_BLOCK, ALREADY_DECIDED = "adopted", "no approval block", "already decided"
 #: the command that records a decision (quoted in every "not approved" reason)
 APPROVE_COMMAND = 'safehaven agreements approve {id} --approver "Name, role"'
 ADOPT_COMMAND = 'safehaven agreements adopt {id} --by "Name, role" --reason "..."'
@@ -342,7 +342,7 @@ def suspend(
 
 @dataclass(frozen=True)
 class Adoption:
-    """What :func:`adopt` did with one agreement: ADOPTED, NO_BLOCK, ALREADY_DECIDED or NOT_ADOPTED."""
+    """What :func:`adopt` did with one agreement: ADOPTED, NO_BLOCK or ALREADY_DECIDED."""
 
     agreement_id: str
     outcome: str
@@ -363,7 +363,6 @@ def _adopt_one(
     by: str,
     reason: str,
     *,
-    registry: ContractRegistry,
     actor: str,
     today: date,
 ) -> Adoption:
@@ -373,9 +372,6 @@ def _adopt_one(
         return Adoption(a.id, ALREADY_DECIDED, f"{a.id}: already {s.decision.decision} in this haven; nothing adopted")
     if ap.status not in (APPROVED, SUSPENDED):
         return Adoption(a.id, NO_BLOCK, f"{a.id}: its file's approval block says {ap.status}; nothing to adopt")
-    found = problems(a, registry, today=today)
-    if found:
-        return Adoption(a.id, NOT_ADOPTED, f"{a.id}: cannot be adopted: " + "; ".join(found))
     decision = _record(
         con,
         a,
@@ -403,15 +399,17 @@ def adopt(
 ) -> list[Adoption]:
     """Adopt the ``approval:`` block of each named agreement (``None``: every readable one) as a
     decision by ``by``, pinned to the file's SHA-256 and audited (Caldicott 1; CoP 41-43;
-    SATRE 3.3.04). Refused without a named person and a reason; an agreement with problems is
-    not adopted (NOT_ADOPTED); a file without an approved/suspended block, or one already
-    decided, is only reported.
+    SATRE 3.3.04). Refused without a named person and a reason; a file without an
+    approved/suspended block, or one already decided, is only reported. Adoption records the
+    file's decision as it stands and does not re-judge the terms: an adopted agreement that does
+    not validate is refused at every release and linkage, as any approved one is
+    (``safehaven.share.releases`` rule 2).
     """
     _check_adopter(by, reason)
     today = today or date.today()
     ids = sorted(scan_agreements(registry.root)[0]) if agreement_ids is None else agreement_ids
     found = [load_standing(con, aid, registry.root) for aid in ids]
-    return [_adopt_one(con, s, by, reason, registry=registry, actor=actor, today=today) for s in found]
+    return [_adopt_one(con, s, by, reason, actor=actor, today=today) for s in found]
 
 
 def export(con: duckdb.DuckDBPyConnection, home: Home) -> None:
