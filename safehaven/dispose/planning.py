@@ -40,7 +40,7 @@ def agreement_file(
     is refused (its status is unknown).
 
     Terms, dates and retention come from the file; whether it is approved or suspended from the
-    store's decision (``safehaven.share.approvals.acted_on``; no store: not approved), so a
+    store's decision (``safehaven.share.approvals.for_disposal``; no store: not approved), so a
     file saying ``approved`` cannot keep data from disposal and a file saying ``suspended``
     is not overridden (Caldicott 1; CoP 43d, 43f).
     """
@@ -51,7 +51,7 @@ def agreement_file(
     if not path.exists():
         return None
     try:
-        return approvals.acted_on(con, load_agreement_file(path), path)
+        return approvals.for_disposal(con, load_agreement_file(path), path)
     except AgreementError as exc:
         raise DisposalError(f"{exc}; fix the agreement file before disposing of its data") from None
 

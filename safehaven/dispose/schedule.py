@@ -5,7 +5,7 @@ Rules (``safehaven.dispose`` package docstring, "What is due"): a collection's r
 43d) or been suspended for a breach (CoP 43f); one release ``retention.days`` after it was made.
 A suspension not for a breach, and a pseudonym key without an agreement file, are listed for a
 person to review, never disposed of automatically. Whether an agreement is approved, suspended
-or expired is the store's decision (``safehaven.share.approvals.acted_on``), never the file's
+or expired is the store's decision (``safehaven.share.approvals.for_disposal``), never the file's
 ``approval:`` block alone; its dates and retention come from the file. An interrupted disposal is resumed first.
 """
 
@@ -153,7 +153,7 @@ def _due_in(
     found, errors = scan_agreements(registry.root)
     folder = agreements_dir(registry.root)
     agreements = [
-        _due_agreement(home, aid, approvals.acted_on(con, a, folder / f"{aid}.yaml"), con, today)
+        _due_agreement(home, aid, approvals.for_disposal(con, a, folder / f"{aid}.yaml"), con, today)
         for aid, a in sorted(found.items())
         if _holds(home, keyring, con, aid)
     ]

@@ -22,7 +22,9 @@ encrypted store (``governance.agreement_decisions``), audited, and exported to
   SHA-256, made by the named person and audited like an approval. A file without such a block
   is reported, not adopted; an agreement that already has a decision is left as it is.
 * **A file can withhold, never grant.** A file whose block says ``suspended`` is suspended even
-  when the store's decision on those very bytes is ``approved`` (:func:`effective`).
+  when the store's decision on those very bytes is ``approved`` (:func:`effective`). Disposal
+  (:func:`for_disposal`) reads the same way: dates and retention from the file, approval only
+  from the store, a file's suspension always standing (CoP 43d, 43f).
 
 :func:`effective` gives the agreement with its ``approval`` taken from the store, so the
 existing ``Agreement.in_force``/``status_on`` logic (dates, expiry) applies unchanged.
@@ -204,11 +206,18 @@ def standing(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path) -
     return Standing(agreement, sha256_file(path), latest(con, agreement.id))
 
 
-def acted_on(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, path: Path) -> Agreement:
-    """The agreement as the haven acts on it (:func:`effective`): terms and dates from its file,
-    approval from the store's decision; with no store (``con`` is ``None``) it is not approved."""
+def for_disposal(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, path: Path) -> Agreement:
+    """The agreement as disposal judges it (CoP 43d, 43f): the store's latest decision on the
+    file's dates and retention. A file saying ``suspended`` stands (nothing overrides it); a file
+    saying ``approved`` approves nothing (no decision, or no store: ``draft``). A file changed
+    since the decision keeps the decision here: nothing flows under it (:func:`effective`), but
+    its data is not treated as released from its agreement until a person decides."""
     decision = latest(con, agreement.id) if con is not None else None
-    return effective(Standing(agreement, sha256_file(path), decision))
+    if agreement.approval.status == SUSPENDED:
+        return agreement
+    if decision is None:
+        return effective(Standing(agreement, sha256_file(path), None))
+    return _decided(agreement, decision)
 
 
 def load_standing(con: duckdb.DuckDBPyConnection, agreement_id: str, root: Path | None = None) -> Standing:
@@ -242,29 +251,33 @@ def status_label(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Pat
 
 
 def effective(s: Standing) -> Agreement:
-    """The agreement with its ``approval`` block replaced by the store's decision.
+    """The agreement with its ``approval`` block replaced by the store's decision (for flows).
 
     No decision or a changed file gives ``draft`` with the reason saying how to clear it; a file
     whose own block says ``suspended`` stays suspended (a file can withhold, never grant).
     """
-    d = s.decision
     why = s.not_approved()
-    if d is None or why:
+    if s.decision is None or why:
         return s.agreement.model_copy(update={"approval": Approval(status="draft", reason=why)})
-    if s.agreement.approval.status == SUSPENDED:
-        return s.agreement
+    return _decided(s.agreement, s.decision)
+
+
+def _decided(agreement: Agreement, d: Decision) -> Agreement:
+    """``agreement`` under decision ``d``; the file's own suspension stands."""
+    if agreement.approval.status == SUSPENDED:
+        return agreement
     if d.decision == APPROVED:
         approval = Approval(status="approved", approver=d.decided_by, date=d.decided_on)
     else:
         approval = Approval(
             status="suspended",
-            approver=s.agreement.approval.approver or d.decided_by,
-            date=s.agreement.approval.date or d.decided_on,
+            approver=agreement.approval.approver or d.decided_by,
+            date=agreement.approval.date or d.decided_on,
             reason=d.reason,
             suspended_by=d.decided_by,
             suspended_on=d.decided_on,
         )
-    return s.agreement.model_copy(update={"approval": approval})
+    return agreement.model_copy(update={"approval": approval})
 
 
 def approve(
