@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from safehaven import __version__
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.cli.main import main
+from tests.conftest import TEST_PASSPHRASE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +29,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
     dagster_home.mkdir()
     shutil.copy(ROOT / "deploy" / "dagster.yaml", dagster_home / "dagster.yaml")
     env = {**os.environ, "SAFEHAVEN_HOME": str(tmp / "haven"), "DAGSTER_HOME": str(dagster_home)}
+    env[PASSPHRASE_ENV] = TEST_PASSPHRASE  # a new haven: the custodian chooses the vault's passphrase
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-m", "safehaven.cli.main", "run", "--demo-patients", "300", "--seed", "11"],
@@ -64,6 +67,16 @@ def test_safehaven_run_prints_progress_and_summary_and_no_event_log(launched) ->
         "skipped releases give their reason"
     )
     assert "cells of the full grid" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_run_adopts_the_example_agreements_audibly_and_releases_under_them(launched) -> None:
+    done, _, _ = launched
+    assert "demo set-up: adopting the example agreements' approvals as 'demo set-up (make run)'" in done.stdout
+    assert "research-hes-asc-linked: adopted as approved by demo set-up (make run)" in done.stdout
+    assert "cohort-consent-study: its file's approval block says draft; nothing to adopt" in done.stdout
+    assert "release/research-hes-asc-linked" in done.stdout and "release/statutory-gp-audit" in done.stdout
+    assert "has not been approved in this haven (its file says approved" not in done.stdout
 
 
 def test_version_is_printed() -> None:
