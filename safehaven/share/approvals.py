@@ -289,7 +289,10 @@ def approve(
     actor: str,
     today: date | None = None,
 ) -> Decision:
-    """Approve (or re-approve) an agreement with no problems, pinned to its file's SHA-256."""
+    """Approve (or re-approve) an agreement with no problems, pinned to its file's SHA-256.
+
+    Refused for an agreement past its end date, or whose file's own block says ``suspended``
+    (a file can withhold, never grant: module docstring)."""
     today = today or date.today()
     if len(approver.strip()) < MIN_NAME:
         raise AgreementError('name the approver and their role, e.g. "Name, Caldicott Guardian"')
@@ -299,6 +302,11 @@ def approve(
     current = load_agreement_file(path)
     if current.end_date < today:
         raise AgreementError(f"agreement {agreement_id} ended on {current.end_date}; it cannot be approved")
+    if current.approval.status == SUSPENDED:
+        raise AgreementError(
+            f"agreement {agreement_id}'s file says it is suspended ({current.approval.reason}), which withholds it "
+            "whatever the store says; the file must be changed before it can be approved"
+        )
     as_approved = current.model_copy(
         update={"approval": Approval(status="approved", approver=approver.strip(), date=today)}
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -125,10 +126,18 @@ def test_a_file_edited_after_adoption_is_not_approved(haven: Haven) -> None:
 
 
 def test_a_file_saying_suspended_is_not_overridden_by_an_approval_in_the_store(haven: Haven) -> None:
-    write_agreement(haven.registry.root, agreement_data(approval=SUSPENDED_BLOCK))
-    approvals.approve(haven.con, LINKED, GOVERNANCE_LEAD, registry=haven.registry, actor="ig-lead")
+    path = write_agreement(haven.registry.root, agreement_data(approval=SUSPENDED_BLOCK))
+    with pytest.raises(AgreementError, match="file says it is suspended"):
+        approvals.approve(haven.con, LINKED, GOVERNANCE_LEAD, registry=haven.registry, actor="ig-lead")
+    adopt(haven.con, haven.registry, LINKED)  # adopted as what the file says: suspended
     result = haven.prepare()
     assert result.status == SKIPPED and "is suspended: audit due" in result.reason
+    # and were the store to hold an approval of those very bytes, the file's suspension still stands
+    file_says = approvals.load_standing(haven.con, LINKED, haven.registry.root)
+    approved = approvals.Decision(LINKED, "approved", GOVERNANCE_LEAD, date.today(), None, sha256_file(path), "command")
+    standing = approvals.Standing(file_says.agreement, file_says.sha256, approved)
+    assert standing.in_force() == (False, f"agreement {LINKED} is suspended: audit due")
+    assert agreement_file(haven.registry, LINKED, haven.con).status_on() == "suspended"  # type: ignore[union-attr]
 
 
 def test_a_linkage_is_not_authorised_by_a_files_approval_block(haven: Haven) -> None:
