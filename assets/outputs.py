@@ -15,7 +15,7 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import Output, build_output, load_code_lists, load_outputs
 from safehaven.publish.publication import guard_table
 from safehaven.publish.quality import build_statement, render_markdown, store_statement
-from safehaven.share.agreements import load_agreements
+from safehaven.share import approvals
 from safehaven.share.linkage import authorise_linkage
 
 
@@ -73,7 +73,7 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
             if output.linkage:
                 agreement = authorise_linkage(
                     con,
-                    load_agreements(registry.root),
+                    approvals.effective_agreements(con, registry.root),  # the store's decisions, not the files
                     output.linkage.left,
                     output.linkage.right,
                     output.linkage.purpose,

@@ -57,9 +57,13 @@ def building_haven(root: Path) -> Iterator[tuple[Home, object]]:
 
     Lays ``root`` out as ``home`` does a test's directory (``haven/`` and ``dagster_home/``), so
     ``prebuilt`` can copy it; $SAFEHAVEN_HOME and $DAGSTER_HOME point there only inside the block.
+    The project's agreements are adopted in its store as the governance lead would
+    (``tests.governance_helpers.adopt_project_agreements``: a file's block alone approves nothing).
     Yields the home and a Dagster instance whose storage is ``root/dagster_home``.
     """
     import dagster as dg
+
+    from tests.governance_helpers import adopt_project_agreements
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
@@ -67,6 +71,7 @@ def building_haven(root: Path) -> Iterator[tuple[Home, object]]:
         mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
         (root / "dagster_home").mkdir()
         home = with_vault_keys(Home(root / "haven").ensure())
+        adopt_project_agreements(home)
         with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
             yield home, instance
 

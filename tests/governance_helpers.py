@@ -17,12 +17,15 @@ from typing import Any
 import duckdb
 import yaml
 
+from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.sql import q
+from safehaven.core.store import Store
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.intake.ingest import BATCHES, ensure_tables
 from safehaven.protect import objections
 from safehaven.protect.pseudonymise import haven_select_sql, install_key, pseudonym
+from safehaven.share import approvals
 from tests.unit.validation_helpers import nhs_numbers
 
 NHS = nhs_numbers(60)
@@ -101,6 +104,22 @@ def agreement_data(**overrides: Any) -> dict[str, Any]:
     data = copy.deepcopy(BASE)
     data.update(copy.deepcopy(overrides))
     return data
+
+
+#: who adopts agreements in tests, as the governance lead would (``safehaven agreements adopt``)
+GOVERNANCE_LEAD = "Dr Test, Caldicott Guardian"
+
+
+def adopt(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, *ids: str) -> None:
+    """Adopt the agreements' ``approval:`` blocks (all under ``registry.root`` when no id is given)
+    as the governance lead would: a file's block alone approves nothing (issue 18)."""
+    approvals.adopt(con, list(ids) or None, GOVERNANCE_LEAD, "adopted for the test", registry=registry, actor="ig-lead")
+
+
+def adopt_project_agreements(home: Home) -> None:
+    """Adopt the project's own agreements (``data_contracts/agreements``) in ``home``'s store."""
+    with Store(home).connect() as con:
+        adopt(con, ContractRegistry())
 
 
 def write_agreement(root: Path, data: dict[str, Any]) -> Path:

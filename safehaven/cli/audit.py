@@ -29,6 +29,7 @@ AUDITED_COMMANDS = frozenset(
     {
         ("run",),
         ("agreements", "approve"),
+        ("agreements", "adopt"),
         ("agreements", "suspend"),
         ("agreements", "release"),
         ("subject-access",),

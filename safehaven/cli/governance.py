@@ -1,7 +1,7 @@
 """``safehaven`` commands for governance: agreements, subject access, registers.
 
 Roles are enforced by keys (CoP 27b; Caldicott 4; ``docs/rules.md`` "Users"): the governance
-lead's commands (``agreements approve|suspend``, ``subject-access``, identifiable releases)
+lead's commands (``agreements approve|adopt|suspend``, ``subject-access``, identifiable releases)
 need the identity vault's private key ``keys/vault.key``, sealed under the key custodian's
 passphrase (``safehaven.core.keys``);
 the pipeline holds the store and haven keys; analysts hold no key and read only ``published/``.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import date, timedelta
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,6 +23,11 @@ from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.legal_basis import BASES_IN_ORDER
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from safehaven.intake.contracts import ContractRegistry
 
 
 def require_governance_key(home: Home, what: str) -> KeyRing:
@@ -90,10 +96,10 @@ def list_agreements(as_json: bool) -> None:
     found, errors = scan_agreements(registry.root)
     rows = []
     with Store(home).connect() as con:
+        standing = {aid: approvals.standing(con, a, agreement_path(aid, registry.root)) for aid, a in found.items()}
         status = {aid: approvals.status_label(con, a, agreement_path(aid, registry.root)) for aid, a in found.items()}
     for aid, a in found.items():
-        ok, why = a.in_force()
-        ok = ok and status[aid] == "approved"
+        ok, why = standing[aid].in_force()  # the store's decision, never the file's block
         rows.append(
             {
                 "id": aid,
@@ -191,6 +197,60 @@ def approve_agreement(agreement_id: str, approver: str) -> None:
         f"approved {agreement_id} (file SHA-256 {d.agreement_sha256[:12]}...) by {d.decided_by} on {d.decided_on}; "
         "releases are prepared for review at the next run"
     )
+
+
+@agreements.command("adopt")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every agreement file under data_contracts/agreements/.")
+@click.option("--by", "by", required=True, help='Who adopts the files\' approvals, with their role: "Name, role".')
+@click.option("--reason", required=True, help="Why the files' approvals are adopted (recorded and audited).")
+def adopt_agreements(ids: tuple[str, ...], all_: bool, by: str, reason: str) -> None:
+    """Adopt agreement files' approval blocks as decisions by a named person (audited).
+
+    Each file whose ``approval:`` block says approved or suspended gets a decision with source
+    ``file``, pinned to its SHA-256; others are reported, not adopted; an agreement that already
+    has a decision is left as it is (safehaven.share.approvals). A file's block alone approves
+    nothing.
+    """
+    from safehaven.core.store import Store
+
+    if bool(ids) == all_:
+        _fail("name the agreements to adopt, or give --all (not both)")
+    home = _home()
+    keyring = require_governance_key(home, "adopting an agreement's approval")
+    with Store(home, keyring).connect() as con:
+        done = adopt_in_store(con, home, list(ids) if ids else None, by, reason, actor=_actor())
+        for aid in done:
+            _create_agreement_salt(con, keyring, aid)
+
+
+def adopt_in_store(
+    con: duckdb.DuckDBPyConnection, home: Home, ids: list[str] | None, by: str, reason: str, *, actor: str
+) -> list[str]:
+    """Adopt, export the decisions, print one line per agreement (also the demo set-up's adoption).
+
+    Returns the ids adopted whose releases carry pseudonyms (their salt is created by the caller).
+    """
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.share import approvals
+    from safehaven.share.agreements import AgreementError
+
+    registry = ContractRegistry()
+    try:
+        found = approvals.adopt(con, ids, by, reason, registry=registry, actor=actor)
+    except AgreementError as exc:
+        _fail(str(exc))
+    approvals.export(con, home)
+    for a in found:
+        click.echo(a.message)
+    adopted = [a for a in found if a.outcome == approvals.ADOPTED]
+    return [a.agreement_id for a in adopted if _level(registry, a.agreement_id) != "anonymised"]
+
+
+def _level(registry: ContractRegistry, agreement_id: str) -> str:
+    from safehaven.share.agreements import agreement_path, load_agreement_file
+
+    return load_agreement_file(agreement_path(agreement_id, registry.root)).identifiability
 
 
 @agreements.command("suspend")

@@ -8,6 +8,8 @@ disposed of by receipt date (objections are honoured for as long as the haven ho
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Any
 
@@ -24,14 +26,24 @@ from safehaven.dispose.vault_sets import disposed_people, drop_vault_sets, load_
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.pseudonymise import install_key
+from safehaven.share import approvals
 from safehaven.share.agreements import Agreement, AgreementError, agreement_path, load_agreement_file
 
 #: Folders of ``releases/<agreement>/`` that are not releases.
 NOT_RELEASES = ("notices", "rekey")
 
 
-def agreement_file(registry: ContractRegistry, agreement_id: str) -> Agreement | None:
-    """The agreement, or ``None`` when it has no file; an unreadable file is refused (its status is unknown)."""
+def agreement_file(
+    registry: ContractRegistry, agreement_id: str, con: duckdb.DuckDBPyConnection | None = None
+) -> Agreement | None:
+    """The agreement as the haven acts on it, or ``None`` when it has no file; an unreadable file
+    is refused (its status is unknown).
+
+    Terms, dates and retention come from the file; whether it is approved or suspended from the
+    store's decision (``safehaven.share.approvals.for_disposal``; no store: not approved), so a
+    file saying ``approved`` cannot keep data from disposal and a file saying ``suspended``
+    is not overridden (Caldicott 1; CoP 43d, 43f).
+    """
     try:
         path = agreement_path(agreement_id, registry.root)
     except AgreementError:
@@ -39,7 +51,7 @@ def agreement_file(registry: ContractRegistry, agreement_id: str) -> Agreement |
     if not path.exists():
         return None
     try:
-        return load_agreement_file(path)
+        return approvals.for_disposal(con, load_agreement_file(path), path)
     except AgreementError as exc:
         raise DisposalError(f"{exc}; fix the agreement file before disposing of its data") from None
 
@@ -70,9 +82,9 @@ def _plan_releases(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Home
         plan.release_tables = release_tables(con, aid)
 
 
-def _refuse_in_force(registry: ContractRegistry, aid: str, today: date) -> None:
+def _refuse_in_force(registry: ContractRegistry, aid: str, today: date, con: duckdb.DuckDBPyConnection | None) -> None:
     """An agreement in force keeps its data (CoP 43d: only when the purpose is achieved)."""
-    agreement = agreement_file(registry, aid)
+    agreement = agreement_file(registry, aid, con)
     if agreement is None:
         return
     in_force, why = agreement.in_force(today)
@@ -109,7 +121,7 @@ def _plan_agreement(
         _plan_releases(plan, con, home)
         return
     aid = str(plan.target.agreement)
-    _refuse_in_force(registry, aid, today)
+    _refuse_in_force(registry, aid, today, con)
     folder = home.releases / aid
     plan.files, plan.dirs = files_under(home, folder, "release")
     plan.release_ids = (
@@ -225,8 +237,10 @@ def _collection_reason(target: Target, registry: ContractRegistry) -> str:
     return f"records of {target.collection} received before {target.before} are no longer required{days}"
 
 
-def _agreement_reason(target: Target, registry: ContractRegistry, today: date) -> str:
-    agreement = agreement_file(registry, target.agreement or "")
+def _agreement_reason(
+    target: Target, registry: ContractRegistry, today: date, con: duckdb.DuckDBPyConnection | None
+) -> str:
+    agreement = agreement_file(registry, target.agreement or "", con)
     if target.releases:
         return (
             f"the haven's copy of release(s) {', '.join(target.releases)} under agreement {target.agreement} "
@@ -245,11 +259,23 @@ def _agreement_reason(target: Target, registry: ContractRegistry, today: date) -
     return f"agreement {agreement.id} ({status}): its data is no longer required"
 
 
-def default_reason(target: Target, registry: ContractRegistry, today: date) -> str:
+def default_reason(
+    target: Target, registry: ContractRegistry, today: date, con: duckdb.DuckDBPyConnection | None = None
+) -> str:
     """Why ``target`` is disposed of, when the caller gives no reason (CoP 43d, 43f; contract retention)."""
     if target.kind == "collection":
         return _collection_reason(target, registry)
-    return _agreement_reason(target, registry, today)
+    return _agreement_reason(target, registry, today, con)
+
+
+@contextmanager
+def _read_store(home: Home, keyring: KeyRing) -> Iterator[duckdb.DuckDBPyConnection | None]:
+    """The store opened read-only, or ``None`` when the haven has none yet."""
+    if not home.store_file.exists():
+        yield None
+        return
+    with Store(home, keyring).connect(read_only=True) as con:
+        yield con
 
 
 def make_plan(
@@ -267,13 +293,10 @@ def make_plan(
     registry = registry or ContractRegistry()
     keyring = keyring or KeyRing(home.keys)
     today = today or date.today()
-    why = reason or default_reason(target, registry, today)
-    plan = Plan(new_id(), target, why, actor or reg.current_actor(), authorised_by, now())
-    if home.store_file.exists():
-        with Store(home, keyring).connect(read_only=True) as con:
-            _plan_target(plan, con, home, registry, keyring, today)
-    else:
-        _plan_target(plan, None, home, registry, keyring, today)
+    with _read_store(home, keyring) as con:
+        why = reason or default_reason(target, registry, today, con)
+        plan = Plan(new_id(), target, why, actor or reg.current_actor(), authorised_by, now())
+        _plan_target(plan, con, home, registry, keyring, today)
     if plan.vault_values_needing_key and not keyring.exists(VAULT):
         raise needs_vault_key(keyring, plan.vault_values_needing_key)
     return plan

@@ -4,7 +4,9 @@ Rules (``safehaven.dispose`` package docstring, "What is due"): a collection's r
 ``retention_days`` after the haven received them; an agreement's data when it has expired (CoP
 43d) or been suspended for a breach (CoP 43f); one release ``retention.days`` after it was made.
 A suspension not for a breach, and a pseudonym key without an agreement file, are listed for a
-person to review, never disposed of automatically. An interrupted disposal is resumed first.
+person to review, never disposed of automatically. Whether an agreement is approved, suspended
+or expired is the store's decision (``safehaven.share.approvals.for_disposal``), never the file's
+``approval:`` block alone; its dates and retention come from the file. An interrupted disposal is resumed first.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from safehaven.dispose.model import (
 from safehaven.dispose.run import dispose, resume
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
-from safehaven.share.agreements import Agreement, scan_agreements
+from safehaven.share import approvals
+from safehaven.share.agreements import Agreement, agreements_dir, scan_agreements
 
 #: A suspension whose approval reason names a breach is a suspension for a breach (CoP 43f).
 BREACH_REASON = re.compile(r"\bbreach", re.IGNORECASE)
@@ -148,8 +151,11 @@ def _due_in(
 ) -> None:
     collections = [_due_collection(home, c, con, today) for c in registry.content() if c.retention_days]
     found, errors = scan_agreements(registry.root)
+    folder = agreements_dir(registry.root)
     agreements = [
-        _due_agreement(home, aid, a, con, today) for aid, a in sorted(found.items()) if _holds(home, keyring, con, aid)
+        _due_agreement(home, aid, approvals.for_disposal(con, a, folder / f"{aid}.yaml"), con, today)
+        for aid, a in sorted(found.items())
+        if _holds(home, keyring, con, aid)
     ]
     items += [item for item in collections + agreements if item is not None]
     items += [

@@ -53,8 +53,10 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
   a dimension may add a label column from its code list after disclosure control, so a
   code and its label are never two dimensions (which would break the margins).
 * **Linkage only under an agreement.** An output that joins collections names its linkage;
-  its asset must obtain ``safehaven.share.linkage.authorise_linkage`` first and pass the
-  authorising agreement's id here, which refuses to run the join without it (CoP 22, 42b).
+  its asset must obtain ``safehaven.share.linkage.authorise_linkage`` first, over the
+  agreements as the store decided them (``safehaven.share.approvals.effective_agreements``:
+  an agreement file's own ``approval:`` block authorises nothing), and pass the authorising
+  agreement's id here, which refuses to run the join without it (CoP 22, 42b).
 * Anonymised aggregates include everyone: the national data opt-out covers confidential
   information only (``docs/rules.md`` "Objections"); type 1 objectors never entered the haven.
 """

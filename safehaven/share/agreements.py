@@ -24,8 +24,9 @@ What an agreement holds (CoP 43 a-i; CoP 41; Caldicott principles 1-4 and 6):
   *agreement* may serve between public bodies (CoP 41).
 * ``approval``: status (``draft``, ``approved``, ``suspended``, ``expired``), approver and date
   (Caldicott 1: scrutinised and documented by an appropriate guardian). The haven's decision
-  lives in its store (``safehaven.share.approvals``): this block is adopted once, the first
-  time the haven sees the agreement, and the file is otherwise terms only.
+  lives in its store (``safehaven.share.approvals``): this block approves nothing by itself;
+  the governance lead approves the agreement, or adopts this block, with a named, audited
+  command (``safehaven agreements approve|adopt``). A block saying ``suspended`` withholds.
 * Disclosure settings: ``k_anonymity`` (default 5) for record-level releases, what to do with
   groups smaller than k (``small_groups``: suppress locally, or refuse the release), the most
   people a release may drop that way (``max_suppressed_share``), and the ``coarsening`` allowed
@@ -244,7 +245,8 @@ class Agreement(_Strict):
             why = f": {self.approval.reason}" if self.approval.reason else ""
             return False, f"agreement {self.id} is suspended{why}"
         if status == "draft":
-            return False, f"agreement {self.id} is a draft and has not been approved"
+            # the haven's reason (``safehaven.share.approvals.effective``) says how to clear it
+            return False, self.approval.reason or f"agreement {self.id} is a draft and has not been approved"
         if day < self.start_date:
             return False, f"agreement {self.id} starts on {self.start_date.isoformat()}"
         return True, f"agreement {self.id} is approved and in force until {self.end_date.isoformat()}"

@@ -12,10 +12,19 @@ encrypted store (``governance.agreement_decisions``), audited, and exported to
   including a revert by a checkout) is *not approved* until the governance lead approves it
   again (``safehaven agreements approve``). Fail closed: the flow stops and says how to clear it.
 * **Latest decision wins**: ``approved`` or ``suspended``; none means not approved.
-* **Adoption, once.** The first time the haven sees an agreement that has no decision in the
-  store, an ``approval:`` block in the file saying ``approved`` or ``suspended`` is adopted as
-  a decision with ``source = file`` (audited). This carries over approvals made before they
-  moved into the store; after that the file's block is never read again for the decision.
+* **No decision, no flow.** An agreement with no decision in the store is *not approved in the
+  haven*, whatever its file's ``approval:`` block says: anyone who can add a file under
+  ``data_contracts/agreements/`` must not be able to approve it (fail closed; issue 18). The
+  reason given says how to clear it: ``safehaven agreements approve`` or ``adopt``.
+* **Adoption is a person's decision.** ``safehaven agreements adopt <id>... | --all --by ...
+  --reason ...`` (:func:`adopt`) records, for each agreement whose file's block says
+  ``approved`` or ``suspended``, a decision with ``source = file`` pinned to the file's
+  SHA-256, made by the named person and audited like an approval. A file without such a block
+  is reported, not adopted; an agreement that already has a decision is left as it is.
+* **A file can withhold, never grant.** A file whose block says ``suspended`` is suspended even
+  when the store's decision on those very bytes is ``approved`` (:func:`effective`). Disposal
+  (:func:`for_disposal`) reads the same way: dates and retention from the file, approval only
+  from the store, a file's suspension always standing (CoP 43d, 43f).
 
 :func:`effective` gives the agreement with its ``approval`` taken from the store, so the
 existing ``Agreement.in_force``/``status_on`` logic (dates, expiry) applies unchanged.
@@ -33,20 +42,28 @@ from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
+from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share.agreements import (
     Agreement,
     AgreementError,
     Approval,
     agreement_path,
+    agreements_dir,
     load_agreement_file,
     problems,
+    scan_agreements,
 )
 
 DECISIONS = "governance.agreement_decisions"
 APPROVED, SUSPENDED = "approved", "suspended"
-#: where a decision came from: a person's command, or the file's block adopted once
+#: where a decision came from: a person's command, or the file's block adopted by a person
 SOURCE_COMMAND, SOURCE_FILE = "command", "file"
+#: what :func:`adopt` did with one agreement
+ADOPTED, NO_BLOCK, ALREADY_DECIDED = "adopted", "no approval block", "already decided"
+#: the command that records a decision (quoted in every "not approved" reason)
+APPROVE_COMMAND = 'safehaven agreements approve {id} --approver "Name, role"'
+ADOPT_COMMAND = 'safehaven agreements adopt {id} --by "Name, role" --reason "..."'
 MIN_NAME = 3
 MIN_REASON = 5
 
@@ -92,20 +109,37 @@ class Standing:
     def changed_since_decision(self) -> bool:
         return self.decision is not None and self.decision.agreement_sha256 != self.sha256
 
-    def in_force(self, day: date | None = None) -> tuple[bool, str]:
-        """Whether data may flow under the agreement on ``day``; if not, why and how to clear it."""
+    def not_approved(self) -> str | None:
+        """Why the haven holds no standing decision on these terms, with how to clear it; else ``None``."""
         a = self.agreement
         if self.decision is None:
-            return False, (
-                f"agreement {a.id} has not been approved in this haven (its file says {a.approval.status}); "
-                f"approve it with: safehaven agreements approve {a.id} --approver ..."
+            adopt = (
+                f", or adopts its file's {a.approval.status} block with: {ADOPT_COMMAND.format(id=a.id)}"
+                if a.approval.status in (APPROVED, SUSPENDED)
+                else ""
+            )
+            return (
+                f"agreement {a.id} has not been approved in this haven (its file says {a.approval.status}, "
+                f"which approves nothing); the governance lead approves it with: {APPROVE_COMMAND.format(id=a.id)}"
+                + adopt
             )
         if self.changed_since_decision:
-            return False, (
+            return (
                 f"agreement {a.id} changed since it was {self.decision.decision} (its file's SHA-256 differs); "
-                f"nothing flows until it is approved again: safehaven agreements approve {a.id} --approver ..."
+                f"nothing flows until it is approved again: {APPROVE_COMMAND.format(id=a.id)}"
             )
+        return None
+
+    def in_force(self, day: date | None = None) -> tuple[bool, str]:
+        """Whether data may flow under the agreement on ``day``; if not, why and how to clear it."""
+        why = self.not_approved()
+        if why:
+            return False, why
         return effective(self).in_force(day)
+
+    def status_on(self, day: date | None = None) -> str:
+        """The status the haven acts on: ``draft`` without a standing decision, else the store's."""
+        return effective(self).status_on(day)
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -113,8 +147,9 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def latest(con: duckdb.DuckDBPyConnection, agreement_id: str) -> Decision | None:
-    """The most recent decision on an agreement, or ``None``."""
-    ensure_tables(con)
+    """The most recent decision on an agreement, or ``None`` (reads only: safe on a read-only store)."""
+    if not table_exists(con, *DECISIONS.split(".")):
+        return None
     row = con.execute(
         f"SELECT agreement_id, decision, decided_by, decided_on, reason, agreement_sha256, source FROM {DECISIONS} "
         "WHERE agreement_id = ? ORDER BY decision_id DESC LIMIT 1",
@@ -134,6 +169,7 @@ def _record(
     reason: str | None,
     source: str,
     actor: str,
+    extra: dict[str, object] | None = None,
 ) -> Decision:
     """Insert one decision and audit it (who, when, why, on which file hash)."""
     ensure_tables(con)
@@ -158,69 +194,90 @@ def _record(
             "version": agreement.version,
             "sha256": sha,
             "source": source,
+            **(extra or {}),
         },
     )
     return Decision(agreement.id, decision, by, on, reason, sha, source)
 
 
-def _adopt(con: duckdb.DuckDBPyConnection, agreement: Agreement, sha: str, actor: str) -> Decision | None:
-    """Adopt the file's approval block once, when the store holds no decision (module docstring)."""
-    ap = agreement.approval
-    if ap.status not in (APPROVED, SUSPENDED) or not ap.approver or ap.date is None:
-        return None
-    return _record(
-        con,
-        agreement,
-        sha,
-        decision=ap.status,
-        by=(ap.suspended_by if ap.status == SUSPENDED and ap.suspended_by else ap.approver),
-        on=(ap.suspended_on if ap.status == SUSPENDED and ap.suspended_on else ap.date),
-        reason=ap.reason,
-        source=SOURCE_FILE,
-        actor=actor,
-    )
+def standing(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path) -> Standing:
+    """The agreement's standing: its file hash and the store's latest decision. Adopts nothing
+    (module docstring, "No decision, no flow")."""
+    return Standing(agreement, sha256_file(path), latest(con, agreement.id))
 
 
-def standing(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path, actor: str) -> Standing:
-    """The agreement's standing: its file hash and the store's latest decision (adopting once)."""
-    sha = sha256_file(path)
-    decision = latest(con, agreement.id)
+def for_disposal(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, path: Path) -> Agreement:
+    """The agreement as disposal judges it (CoP 43d, 43f): the store's latest decision on the
+    file's dates and retention. A file saying ``suspended`` stands (nothing overrides it); a file
+    saying ``approved`` approves nothing (no decision, or no store: ``draft``). A file changed
+    since the decision keeps the decision here: nothing flows under it (:func:`effective`), but
+    its data is not treated as released from its agreement until a person decides."""
+    decision = latest(con, agreement.id) if con is not None else None
+    if agreement.approval.status == SUSPENDED:
+        return agreement
     if decision is None:
-        decision = _adopt(con, agreement, sha, actor)
-    return Standing(agreement, sha, decision)
+        return effective(Standing(agreement, sha256_file(path), None))
+    return _decided(agreement, decision)
+
+
+def load_standing(con: duckdb.DuckDBPyConnection, agreement_id: str, root: Path | None = None) -> Standing:
+    """Read ``<root>/agreements/<id>.yaml`` and its standing (raises ``AgreementError``)."""
+    path = agreement_path(agreement_id, root)
+    if not path.exists():
+        raise AgreementError(f"no agreement {agreement_id!r} ({path})")
+    return standing(con, load_agreement_file(path), path)
+
+
+def effective_agreements(con: duckdb.DuckDBPyConnection, root: Path | None = None) -> dict[str, Agreement]:
+    """Every readable agreement with its approval taken from the store (:func:`effective`).
+
+    What a caller passes to ``safehaven.share.linkage.authorise_linkage`` so the file's own
+    ``approval:`` block never authorises a join.
+    """
+    found, _errors = scan_agreements(root)
+    folder = agreements_dir(root)
+    return {aid: effective(standing(con, a, folder / f"{aid}.yaml")) for aid, a in found.items()}
 
 
 def status_label(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path, day: date | None = None) -> str:
     """The status to show a person: the store's decision (``changed`` if the file changed since),
-    or ``not approved in the haven`` for a file the haven has not adopted yet. Adopts nothing."""
-    decision = latest(con, agreement.id)
-    if decision is None:
+    or ``not approved in the haven`` for a file with no decision. Adopts nothing."""
+    s = standing(con, agreement, path)
+    if s.decision is None:
         return f"not approved in the haven (file: {agreement.approval.status})"
-    if decision.agreement_sha256 != sha256_file(path):
-        return f"changed since {decision.decision}"
-    return effective(Standing(agreement, decision.agreement_sha256, decision)).status_on(day)
+    if s.changed_since_decision:
+        return f"changed since {s.decision.decision}"
+    return s.status_on(day)
 
 
 def effective(s: Standing) -> Agreement:
-    """The agreement with its ``approval`` block replaced by the store's decision.
+    """The agreement with its ``approval`` block replaced by the store's decision (for flows).
 
-    A changed file or no decision gives ``draft`` (not approved); the store's reason is kept.
+    No decision or a changed file gives ``draft`` with the reason saying how to clear it; a file
+    whose own block says ``suspended`` stays suspended (a file can withhold, never grant).
     """
-    d = s.decision
-    if d is None or s.changed_since_decision:
-        return s.agreement.model_copy(update={"approval": Approval(status="draft")})
+    why = s.not_approved()
+    if s.decision is None or why:
+        return s.agreement.model_copy(update={"approval": Approval(status="draft", reason=why)})
+    return _decided(s.agreement, s.decision)
+
+
+def _decided(agreement: Agreement, d: Decision) -> Agreement:
+    """``agreement`` under decision ``d``; the file's own suspension stands."""
+    if agreement.approval.status == SUSPENDED:
+        return agreement
     if d.decision == APPROVED:
         approval = Approval(status="approved", approver=d.decided_by, date=d.decided_on)
     else:
         approval = Approval(
             status="suspended",
-            approver=s.agreement.approval.approver or d.decided_by,
-            date=s.agreement.approval.date or d.decided_on,
+            approver=agreement.approval.approver or d.decided_by,
+            date=agreement.approval.date or d.decided_on,
             reason=d.reason,
             suspended_by=d.decided_by,
             suspended_on=d.decided_on,
         )
-    return s.agreement.model_copy(update={"approval": approval})
+    return agreement.model_copy(update={"approval": approval})
 
 
 def approve(
@@ -232,7 +289,10 @@ def approve(
     actor: str,
     today: date | None = None,
 ) -> Decision:
-    """Approve (or re-approve) an agreement with no problems, pinned to its file's SHA-256."""
+    """Approve (or re-approve) an agreement with no problems, pinned to its file's SHA-256.
+
+    Refused for an agreement past its end date, or whose file's own block says ``suspended``
+    (a file can withhold, never grant: module docstring)."""
     today = today or date.today()
     if len(approver.strip()) < MIN_NAME:
         raise AgreementError('name the approver and their role, e.g. "Name, Caldicott Guardian"')
@@ -242,6 +302,11 @@ def approve(
     current = load_agreement_file(path)
     if current.end_date < today:
         raise AgreementError(f"agreement {agreement_id} ended on {current.end_date}; it cannot be approved")
+    if current.approval.status == SUSPENDED:
+        raise AgreementError(
+            f"agreement {agreement_id}'s file says it is suspended ({current.approval.reason}), which withholds it "
+            "whatever the store says; the file must be changed before it can be approved"
+        )
     as_approved = current.model_copy(
         update={"approval": Approval(status="approved", approver=approver.strip(), date=today)}
     )
@@ -278,7 +343,7 @@ def suspend(
     path = agreement_path(agreement_id, registry.root)
     if not path.exists():
         raise AgreementError(f"no agreement {agreement_id!r} ({path})")
-    s = standing(con, load_agreement_file(path), path, actor)
+    s = standing(con, load_agreement_file(path), path)
     if s.decision is None or s.decision.decision != APPROVED:
         raise AgreementError(
             f"agreement {agreement_id} is not approved in this haven; only an approved agreement can be suspended"
@@ -294,6 +359,78 @@ def suspend(
         source=SOURCE_COMMAND,
         actor=actor,
     )
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What :func:`adopt` did with one agreement: ADOPTED, NO_BLOCK or ALREADY_DECIDED."""
+
+    agreement_id: str
+    outcome: str
+    message: str
+    decision: Decision | None = None
+
+
+def _check_adopter(by: str, reason: str) -> None:
+    if len(by.strip()) < MIN_NAME:
+        raise AgreementError('name who adopts the file\'s approval and their role, e.g. "Name, Caldicott Guardian"')
+    if len(reason.strip()) < MIN_REASON:
+        raise AgreementError("give the reason the file's approval is adopted (recorded in the store and the audit)")
+
+
+def _adopt_one(
+    con: duckdb.DuckDBPyConnection,
+    s: Standing,
+    by: str,
+    reason: str,
+    *,
+    actor: str,
+    today: date,
+) -> Adoption:
+    """Adopt one agreement's block (module docstring, "Adoption is a person's decision")."""
+    a, ap = s.agreement, s.agreement.approval
+    if s.decision is not None:
+        return Adoption(a.id, ALREADY_DECIDED, f"{a.id}: already {s.decision.decision} in this haven; nothing adopted")
+    if ap.status not in (APPROVED, SUSPENDED):
+        return Adoption(a.id, NO_BLOCK, f"{a.id}: its file's approval block says {ap.status}; nothing to adopt")
+    decision = _record(
+        con,
+        a,
+        s.sha256,
+        decision=ap.status,
+        by=by.strip(),
+        on=today,
+        reason=ap.reason if ap.status == SUSPENDED else reason.strip(),
+        source=SOURCE_FILE,
+        actor=actor,
+        extra={"adopted": True, "adoption_reason": reason.strip(), "file_approval": ap.model_dump(mode="json")},
+    )
+    return Adoption(a.id, ADOPTED, f"{a.id}: adopted as {ap.status} by {by.strip()}", decision)
+
+
+def adopt(
+    con: duckdb.DuckDBPyConnection,
+    agreement_ids: list[str] | None,
+    by: str,
+    reason: str,
+    *,
+    registry: ContractRegistry,
+    actor: str,
+    today: date | None = None,
+) -> list[Adoption]:
+    """Adopt the ``approval:`` block of each named agreement (``None``: every readable one) as a
+    decision by ``by``, pinned to the file's SHA-256 and audited (Caldicott 1; CoP 41-43;
+    SATRE 3.3.04). Refused without a named person and a reason; a file without an
+    approved/suspended block, or one already decided, is only reported. Adoption records the
+    file's decision as it stands and does not re-judge the terms: an adopted agreement that does
+    not validate is refused at every release and linkage, as any approved one is
+    (``safehaven.share.releases`` rule 2).
+    """
+    _check_adopter(by, reason)
+    today = today or date.today()
+    ids = sorted(scan_agreements(registry.root)[0]) if agreement_ids is None else agreement_ids
+    found = [load_standing(con, aid, registry.root) for aid in ids]
+    return [_adopt_one(con, s, by, reason, actor=actor, today=today) for s in found]
 
 
 def export(con: duckdb.DuckDBPyConnection, home: Home) -> None:

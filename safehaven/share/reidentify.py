@@ -6,8 +6,9 @@ CoP 13, 14; Caldicott principles 2-4; CoP 12 and Govt response rec. 1 on audit):
 * Only through the CLI (``safehaven reidentify``), only by whoever holds the vault's
   private key (the governance lead; ``safehaven.protect.vault``), and only for an agreement that
   permits identifiable data today (``Agreement.permits_identifiable``: identifiable level,
-  a confidential legal basis, approved and in date). Anything else is refused, audited, and
-  recorded in the breach register as a near miss (processing without a legal basis).
+  a confidential legal basis, approved and in date), its approval taken from the store's
+  decision (``safehaven.share.approvals``), never from the file's ``approval:`` block. Anything else is
+  refused, audited, and recorded in the breach register as a near miss (processing without a legal basis).
 * Only pseudonyms the haven released to that agreement's recipient
   (``governance.release_members``) are resolved: a recipient cannot re-identify someone it
   was never sent. Pseudonyms are matched in DuckDB by recomputing the agreement-domain
@@ -97,19 +98,22 @@ def reidentify(
 
     ``keyring`` must carry the key custodian (``safehaven.protect.vault.private_key``).
     """
-    from safehaven.share.agreements import AgreementError, load_agreement
+    from safehaven.share import approvals
+    from safehaven.share.agreements import AgreementError
 
     registry = registry or ContractRegistry()
     asked = sorted({p.strip().lower() for p in pseudonyms if p.strip()})
     well_formed = [p for p in asked if _PSEUDONYM.fullmatch(p)]
     counts = {"requested": len(asked), "malformed": len(asked) - len(well_formed)}
     try:
-        agreement = load_agreement(agreement_id, agreements_root)
+        with Store(home).connect() as con:
+            standing = approvals.load_standing(con, agreement_id, agreements_root)
     except AgreementError as exc:
         _refuse(home, agreement_id, actor, f"no valid agreement: {exc}", counts)
         raise  # pragma: no cover - _refuse raises
+    agreement = approvals.effective(standing)  # the store's decision, never the file's block
     if not agreement.permits_identifiable:
-        ok, why = agreement.in_force()
+        ok, why = standing.in_force()
         reason = (
             why
             if not ok

@@ -6,8 +6,9 @@ are applied (each is a SQL statement over whole tables inside DuckDB; nothing lo
 1. **Only under an agreement in force** (CoP 21, 30-31, 41; Caldicott 6). The agreement is
    re-read from its YAML at release time and its approval taken from the store
    (``safehaven.share.approvals``: a decision pinned to the file's SHA-256), so a suspension
-   or an edit takes effect at once. A draft, suspended, expired, changed-since-approval or
-   not-yet-started agreement releases nothing: :func:`prepare` returns a ``skipped`` result
+   or an edit takes effect at once. An agreement with no decision in the store (its file's
+   ``approval:`` block alone approves nothing), a draft, suspended, expired,
+   changed-since-approval or not-yet-started agreement releases nothing: :func:`prepare` returns a ``skipped`` result
    (and audits it); no file, request, register row or member is written.
 2. **Only a consistent agreement** (``safehaven.share.agreements.problems``): an approved agreement
    that does not validate is refused and goes to the breach register (``no_legal_basis`` when
@@ -436,7 +437,7 @@ def prepare(
             remedial_action="nothing was released; the agreement file must be corrected and re-approved",
         )
         raise ReleaseRefused(str(exc), breach_id) from None
-    standing = approvals.standing(con, agreement, path, actor)
+    standing = approvals.standing(con, agreement, path)
     agreement_sha = standing.sha256
     ok, why = standing.in_force(today)
     if not ok:
@@ -450,7 +451,7 @@ def prepare(
             legal_basis=agreement.basis,
             agreement=agreement.id,
             outcome="skipped",
-            detail={"reason": why, "status": approvals.effective(standing).status_on(today)},
+            detail={"reason": why, "status": standing.status_on(today)},
         )
         return ReleaseResult(agreement.id, SKIPPED, f"nothing released: {why}", level=agreement.identifiability)
     agreement = approvals.effective(standing)

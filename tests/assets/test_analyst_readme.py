@@ -15,6 +15,7 @@ import pytest
 from assets.runner import run_nightly
 from safehaven.core.home import Home
 from safehaven.tools import synthetic
+from tests.governance_helpers import adopt_project_agreements
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,6 +42,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Home:
     synthetic.generate(home.incoming, patients=300, seed=11)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFEHAVEN_HOME", str(home.root))
+        adopt_project_agreements(home)
         ok, _ = run_nightly(home)
     assert ok
     return home

@@ -21,7 +21,7 @@ from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
 from safehaven.share import review
 from safehaven.tools import synthetic
-from tests.governance_helpers import approve_release
+from tests.governance_helpers import adopt_project_agreements, approve_release
 
 PATIENTS = 150
 
@@ -41,6 +41,7 @@ def _waiting(home: Home) -> int:
 
 def test_a_rolled_back_trail_blocks_the_nightly_run_until_a_decision_is_recorded(home: Home, dagster_instance) -> None:
     synthetic.generate(home.incoming, patients=PATIENTS, seed=5)
+    adopt_project_agreements(home)
     ok, stages = run_nightly(home, dagster_instance)
     assert ok, [s for s in stages if s.checks_failed]
 

@@ -14,6 +14,7 @@ from assets.runner import run_nightly
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.tools import synthetic
+from tests.governance_helpers import adopt_project_agreements
 
 ROOT = Path(__file__).resolve().parents[2]
 PATIENTS = 300
@@ -61,6 +62,7 @@ def test_hostile_files_are_quarantined_and_a_reader_is_waited_for_while_the_run_
     home: Home, dagster_instance, tmp_path: Path
 ) -> None:
     synthetic.generate(home.incoming, patients=PATIENTS, seed=11)
+    adopt_project_agreements(home)
     expected = _hostile(home, tmp_path / "outside")
     outside = tmp_path / "outside" / "hes_copy.csv"
     outside_before = outside.read_bytes()

@@ -36,6 +36,7 @@ from safehaven.publish.publication import guard_table
 from safehaven.publish.query import QueryRefused, run_query
 from safehaven.tools import synthetic
 from tests.conftest import custodian_ring, scan_for
+from tests.governance_helpers import adopt_project_agreements
 
 PATIENTS = 600
 # Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
@@ -95,6 +96,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         (root / "dagster").mkdir()
         home = Home(root / "haven").ensure()
         custodian_ring(home).create_keypair(VAULT)  # the custodian sets the haven up
+        adopt_project_agreements(home)
         synthetic.generate(home.incoming, patients=PATIENTS, seed=11)
         nhs, postcodes, dobs = seeded_values(home.incoming)
         assert nhs and postcodes and dobs

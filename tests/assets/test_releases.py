@@ -27,7 +27,15 @@ from safehaven.share.releases import MANIFEST, verify_release
 from safehaven.share.subject_access import subject_access
 from safehaven.tools import synthetic
 from tests.conftest import custodian_ring, leaked_nhs_numbers, seeded_nhs_numbers
-from tests.governance_helpers import agreement_data, approve_release, contracts_root, small_haven, write_agreement
+from tests.governance_helpers import (
+    adopt,
+    adopt_project_agreements,
+    agreement_data,
+    approve_release,
+    contracts_root,
+    small_haven,
+    write_agreement,
+)
 
 
 @pytest.fixture
@@ -38,6 +46,14 @@ def registry(home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Con
     with Store(home).connect() as con:
         small_haven(con, KeyRing(home.keys), registry)
     return registry
+
+
+def _adopted(home: Home, registry: ContractRegistry, data: dict) -> Path:
+    """Write the agreement and adopt its approval block, as the governance lead would."""
+    path = write_agreement(registry.root, data)
+    with Store(home).connect() as con:
+        adopt(con, registry, data["id"])
+    return path
 
 
 def _materialize(registry: ContractRegistry, agreement_id: str, instance: dg.DagsterInstance):
@@ -61,7 +77,7 @@ def test_one_release_asset_per_agreement_in_the_release_group() -> None:
 
 
 def test_release_asset_materialises_with_counts_only(home: Home, registry: ContractRegistry, dagster_instance) -> None:
-    write_agreement(registry.root, agreement_data())
+    _adopted(home, registry, agreement_data())
     result = _materialize(registry, "test-linked", dagster_instance)
     assert result.success
     (event,) = result.get_asset_materialization_events()
@@ -85,6 +101,18 @@ def test_release_asset_materialises_with_counts_only(home: Home, registry: Contr
         assert len(reg.releases(con)) == 1
 
 
+def test_a_files_approval_block_alone_releases_nothing_and_the_asset_says_how_to_clear_it(
+    home: Home, registry: ContractRegistry, dagster_instance
+) -> None:
+    write_agreement(registry.root, agreement_data())  # its file says approved; no decision in the haven
+    result = _materialize(registry, "test-linked", dagster_instance)
+    assert result.success and result.get_asset_materialization_events() == []
+    observations = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    reason = observations[0].event_specific_data.asset_observation.metadata["reason"].value  # type: ignore[union-attr]
+    assert "has not been approved in this haven" in reason and "safehaven agreements approve test-linked" in reason
+    assert not (home.releases / "test-linked").exists()
+
+
 @pytest.mark.parametrize(
     "approval",
     [
@@ -96,7 +124,7 @@ def test_release_asset_materialises_with_counts_only(home: Home, registry: Contr
 def test_suspended_or_expired_agreement_skips_and_writes_nothing(
     home: Home, registry: ContractRegistry, dagster_instance, approval: dict
 ) -> None:
-    write_agreement(registry.root, agreement_data(approval=approval))
+    _adopted(home, registry, agreement_data(approval=approval))
     result = _materialize(registry, "test-linked", dagster_instance)
     assert result.success
     assert result.get_asset_materialization_events() == []
@@ -111,7 +139,7 @@ def test_suspended_or_expired_agreement_skips_and_writes_nothing(
 def test_suspension_takes_effect_without_reloading_definitions(
     home: Home, registry: ContractRegistry, dagster_instance
 ) -> None:
-    path = write_agreement(registry.root, agreement_data())
+    path = _adopted(home, registry, agreement_data())
     assets = [a for a in build(registry) if release_key("test-linked") in a.keys]  # built while approved
     path.write_text(path.read_text().replace("status: approved", "status: suspended\n  reason: stop now"))
     result = dg.materialize(assets, resources={"haven": SafeHavenResource()}, instance=dagster_instance)
@@ -122,7 +150,7 @@ def test_suspension_takes_effect_without_reloading_definitions(
 def test_unlisted_linkage_fails_the_asset_and_is_registered(
     home: Home, registry: ContractRegistry, dagster_instance
 ) -> None:
-    write_agreement(registry.root, agreement_data(linkages=[]))
+    _adopted(home, registry, agreement_data(linkages=[]))
     result = _materialize(registry, "test-linked", dagster_instance)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
@@ -145,6 +173,7 @@ def test_unreadable_agreement_gets_a_failing_asset(home: Home, registry: Contrac
 def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_instance) -> None:
     synthetic.generate(home.incoming, patients=300, seed=11, defect_rate=0.01)
     seeded = seeded_nhs_numbers(home.incoming)
+    adopt_project_agreements(home)
     ok, stages = run_nightly(home, dagster_instance)
     assert ok, [s for s in stages if s.checks_failed]
     releases = [s for s in stages if s.asset.startswith("release/")]  # every release asset runs its check

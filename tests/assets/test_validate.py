@@ -26,6 +26,7 @@ from safehaven.intake.contracts import CONTRACTS_DIR
 from safehaven.intake.validation import RESULTS, RULE_RESULTS
 from safehaven.tools import synthetic
 from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
+from tests.governance_helpers import adopt_project_agreements
 from tests.unit.validation_helpers import nhs_numbers, write_csv
 
 PATIENTS = 300
@@ -241,6 +242,7 @@ def test_a_collection_added_by_contract_alone_flows_through(
     rows[0]["acuity"] = "9"  # one invalid row: quarantined, within tolerance
     write_csv(home.incoming_for("ae_attendances") / "ae_20260331.csv", rows, [f["name"] for f in AE_CONTRACT["fields"]])
 
+    adopt_project_agreements(home)
     ok, stages = run_nightly(home, dagster_instance)
     by_asset = {s.asset: s for s in stages}
     assert ok, [s for s in stages if s.checks_failed]

@@ -69,6 +69,16 @@ def test_safehaven_run_prints_progress_and_summary_and_no_event_log(launched) ->
     assert "cells of the full grid" in done.stdout
 
 
+@pytest.mark.slow
+def test_the_demo_run_adopts_the_example_agreements_audibly_and_releases_under_them(launched) -> None:
+    done, _, _ = launched
+    assert "demo set-up: adopting the example agreements' approvals as 'demo set-up (make run)'" in done.stdout
+    assert "research-hes-asc-linked: adopted as approved by demo set-up (make run)" in done.stdout
+    assert "cohort-consent-study: its file's approval block says draft; nothing to adopt" in done.stdout
+    assert "release/research-hes-asc-linked" in done.stdout and "release/statutory-gp-audit" in done.stdout
+    assert "has not been approved in this haven (its file says approved" not in done.stdout
+
+
 def test_version_is_printed() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0

@@ -27,6 +27,7 @@ from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.tools import synthetic
 from tests.conftest import TEST_PASSPHRASE
+from tests.governance_helpers import adopt_project_agreements
 
 ROOT = Path(__file__).resolve().parents[2]
 PATIENTS = 300
@@ -89,6 +90,7 @@ def _prepare(root: Path, keys: Path | None) -> tuple[Home, Path]:
         shutil.copytree(keys, home.keys)
         _fresh_audit_key(home)
     synthetic.generate(home.incoming, patients=PATIENTS, seed=7)
+    adopt_project_agreements(home)  # `run --no-demo` adopts nothing: the governance lead does it first
     return home, dagster_home
 
 

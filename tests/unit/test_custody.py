@@ -32,7 +32,7 @@ from safehaven.protect import custody, rotation, vault
 from safehaven.share import due, review
 from safehaven.share.releases import PREPARED, RELEASED, ReleaseRefused, prepare
 from tests.conftest import TEST_PASSPHRASE, custodian_ring, leaked_nhs_numbers
-from tests.governance_helpers import REVIEWERS, approve_release, prepare_and_release
+from tests.governance_helpers import REVIEWERS, adopt_project_agreements, approve_release, prepare_and_release
 from tests.unit.populate import drop, populated, process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +43,13 @@ AGREEMENT = "statutory-gp-audit"  # an approved pseudonymised agreement of the p
 def haven_home(home: Home) -> Home:
     populated(home, patients=120)
     return home
+
+
+@pytest.fixture
+def adopted_home(haven_home: Home) -> Home:
+    """``haven_home`` with the project's agreements adopted as the governance lead would."""
+    adopt_project_agreements(haven_home)
+    return haven_home
 
 
 def _entries(home: Home) -> int:
@@ -141,24 +148,24 @@ def test_a_swapped_or_missing_symmetric_key_is_refused_naming_the_key_expected(h
         pass
 
 
-def test_a_deleted_agreement_key_stops_that_agreements_release(haven_home: Home) -> None:
-    keyring = KeyRing(haven_home.keys)
+def test_a_deleted_agreement_key_stops_that_agreements_release(adopted_home: Home) -> None:
+    keyring = KeyRing(adopted_home.keys)
     registry = ContractRegistry()
-    with Store(haven_home).connect() as con:
-        first = prepare_and_release(con, AGREEMENT, home=haven_home, registry=registry, keyring=keyring)
+    with Store(adopted_home).connect() as con:
+        first = prepare_and_release(con, AGREEMENT, home=adopted_home, registry=registry, keyring=keyring)
     assert first.status == RELEASED
     path = keyring.path(agreement_purpose(AGREEMENT))
     expected = keyring.current_id(agreement_purpose(AGREEMENT))
     path.unlink()
-    with Store(haven_home).connect() as con:
+    with Store(adopted_home).connect() as con:
         with pytest.raises(ReleaseRefused, match=f"{expected}.*custodian's backup"):
-            prepare(con, AGREEMENT, home=haven_home, registry=registry, keyring=keyring)
-        (haven_home.keys / "keyring.json").unlink()  # even without the key ring's record
+            prepare(con, AGREEMENT, home=adopted_home, registry=registry, keyring=keyring)
+        (adopted_home.keys / "keyring.json").unlink()  # even without the key ring's record
         with pytest.raises(ReleaseRefused, match=f"{expected}.*custodian's backup"):
-            prepare(con, AGREEMENT, home=haven_home, registry=registry, keyring=keyring)
+            prepare(con, AGREEMENT, home=adopted_home, registry=registry, keyring=keyring)
         assert epoch_key_id(con, agreement_purpose(AGREEMENT)) == expected
     assert not path.exists(), "never silently re-created"
-    assert sorted(p.name for p in (haven_home.releases / AGREEMENT).iterdir()) == [first.release_id]
+    assert sorted(p.name for p in (adopted_home.releases / AGREEMENT).iterdir()) == [first.release_id]
 
 
 def _owner_only(directory: Path) -> None:
@@ -167,24 +174,24 @@ def _owner_only(directory: Path) -> None:
         assert path.stat().st_mode & 0o777 == want, path
 
 
-def test_release_files_and_folders_are_owner_only(haven_home: Home) -> None:
-    with Store(haven_home).connect() as con:
-        result = prepare(con, AGREEMENT, home=haven_home, keyring=KeyRing(haven_home.keys))
+def test_release_files_and_folders_are_owner_only(adopted_home: Home) -> None:
+    with Store(adopted_home).connect() as con:
+        result = prepare(con, AGREEMENT, home=adopted_home, keyring=KeyRing(adopted_home.keys))
         assert result.status == PREPARED and result.directory is not None
         _owner_only(result.directory)  # staged for review
-        approve_release(con, result.release_id, haven_home)
-    _owner_only(haven_home.releases / AGREEMENT / result.release_id)  # delivered
+        approve_release(con, result.release_id, adopted_home)
+    _owner_only(adopted_home.releases / AGREEMENT / result.release_id)  # delivered
 
 
-def test_a_prepared_request_pins_the_agreement_salt(haven_home: Home) -> None:
+def test_a_prepared_request_pins_the_agreement_salt(adopted_home: Home) -> None:
     """Staged files already hold pseudonyms under the salt: a lost salt is never re-created."""
     assert pins.RELEASE_REQUESTS == review.REQUESTS
-    keyring = KeyRing(haven_home.keys)
-    with Store(haven_home).connect() as con:
-        assert prepare(con, AGREEMENT, home=haven_home, keyring=keyring).status == PREPARED
+    keyring = KeyRing(adopted_home.keys)
+    with Store(adopted_home).connect() as con:
+        assert prepare(con, AGREEMENT, home=adopted_home, keyring=keyring).status == PREPARED
         keyring.path(agreement_purpose(AGREEMENT)).unlink()
         con.execute(f"DELETE FROM {pins.EPOCHS} WHERE purpose = ?", [agreement_purpose(AGREEMENT)])
-        (haven_home.keys / "keyring.json").unlink()  # no record left but the request itself
+        (adopted_home.keys / "keyring.json").unlink()  # no record left but the request itself
         with pytest.raises(KeyRingError, match="custodian's backup"):
             pins.agreement_salt(con, keyring, AGREEMENT)
     assert not keyring.path(agreement_purpose(AGREEMENT)).exists()

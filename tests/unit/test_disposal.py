@@ -39,7 +39,7 @@ from safehaven.share.agreements import suspend
 from safehaven.share.releases import PERSON_ID
 from safehaven.tools import synthetic
 from tests.conftest import custodian_ring, leaked_nhs_numbers, scan_for
-from tests.governance_helpers import agreement_data, contracts_root, prepare_and_release, write_agreement
+from tests.governance_helpers import adopt, agreement_data, contracts_root, prepare_and_release, write_agreement
 from tests.unit.populate import process, write_csv
 
 OLD_END = date(2015, 3, 31)
@@ -156,6 +156,7 @@ def _build(root: Path) -> None:
             [RECEIVED_2015],
         )
         assert con.execute("SELECT count(*) FROM governance.batches WHERE landed_at < '2016-01-01'").fetchone()[0] == 3
+        adopt(con, registry, STUDY)  # the governance lead adopts the study's approval
         result = prepare_and_release(con, STUDY, home=home, registry=registry, keyring=keyring)
         assert result.status == "released", result.reason
     for reason in home.quarantine_for("gp_events").glob("*.reason.json"):

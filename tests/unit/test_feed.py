@@ -37,6 +37,7 @@ from tests.governance_helpers import (
     BASE,
     NHS,
     OPTED_OUT,
+    adopt,
     agreement_data,
     contracts_root,
     prepare_and_release,
@@ -81,7 +82,9 @@ class Haven:
         return report.gx_success
 
     def release(self, today: date | None = None, **kwargs: Any):
-        """Prepare a release and approve it through the two-person review (the whole door)."""
+        """Adopt the agreement's approval as the governance lead would (once), prepare a release and
+        approve it through the two-person review (the whole door)."""
+        adopt(self.con, self.registry, self.agreement)
         return prepare_and_release(
             self.con,
             self.agreement,

@@ -16,7 +16,7 @@ from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share import approvals
-from tests.governance_helpers import NHS, REVIEWERS, agreement_data, contracts_root, small_haven, write_agreement
+from tests.governance_helpers import NHS, REVIEWERS, adopt, agreement_data, contracts_root, small_haven, write_agreement
 
 
 @pytest.fixture
@@ -202,6 +202,7 @@ def released(home: Home, root: Path, governance_key: None) -> Home:
     write_agreement(root, agreement_data())
     with Store(home).connect() as con:
         small_haven(con, KeyRing(home.keys), ContractRegistry(root))
+        adopt(con, ContractRegistry(root), "test-linked")  # the governance lead adopts its approval
     result = run("agreements", "release", "test-linked")
     assert result.exit_code == 0 and "prepared test-linked-r0001" in result.output, result.output
     for by in REVIEWERS:
@@ -236,6 +237,8 @@ def test_registers_command(released: Home) -> None:
 
 def test_release_command_refusal_exits_non_zero(released: Home, root: Path) -> None:
     write_agreement(root, agreement_data(id="unlinked", linkages=[]))
+    adopted = run("agreements", "adopt", "unlinked", "--by", "Dr Test, Caldicott Guardian", "--reason", "carried over")
+    assert adopted.exit_code == 0 and "unlinked: adopted as approved" in adopted.output, adopted.output
     result = run("agreements", "release", "unlinked")
     assert result.exit_code == 1 and "linkage refused" in result.output
     assert "severity 0 refused_linkage" in run("registers", "--show", "breaches").output

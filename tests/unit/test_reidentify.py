@@ -15,13 +15,14 @@ from safehaven.core import audit, registers
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, agreement_key
 from safehaven.core.store import Store
-from safehaven.intake.contracts import CONTRACTS_DIR
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.optouts import MEMBERS
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
 from safehaven.share.reidentify import ReidentificationRefused, reidentify
 from tests.conftest import copy_haven, custodian_ring
+from tests.governance_helpers import adopt
 
 
 def _agreement(root: Path, agreement_id: str, basis: str, level: str = "identifiable", status: str = "approved"):
@@ -68,6 +69,7 @@ def released(home: Home, contracts: Path, populated_haven: Path) -> dict[str, ob
         key = keyring.get("haven").material
         chosen = [n for n in people if pseudonym(key, n) in objectors][:2]
         chosen += [n for n in people if pseudonym(key, n) not in objectors][:8]
+        adopt(con, ContractRegistry(contracts), "reid-consent", "reid-s251", "reid-pseudo")
         for a in ("reid-consent", "reid-s251", "reid-pseudo"):
             con.executemany(
                 f"INSERT INTO {MEMBERS} VALUES ('r1', ?, ?, now())", [[a, pseudonym(key, n)] for n in chosen]
@@ -121,6 +123,13 @@ def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
         refused = [e for e in audit.entries_for(con, agreement=agreement_id) if e.outcome == "refused"]
         breaches = [b for b in registers.breaches(con) if b["kind"] == "no_legal_basis"]
     assert refused and breaches
+
+
+def test_a_files_approval_block_alone_permits_no_re_identification(home: Home, released, contracts: Path) -> None:
+    _agreement(contracts, "reid-unadopted", "consent")  # its file says approved; no decision in the haven
+    with pytest.raises(ReidentificationRefused, match="has not been approved in this haven") as refused:
+        reidentify(home, "reid-unadopted", ["0" * 64], actor="lead", keyring=custodian_ring(home))
+    assert "safehaven agreements approve reid-unadopted" in str(refused.value)
 
 
 def test_cli_reidentify_prints_csv_and_refuses_otherwise(home: Home, released, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from tests.governance_helpers import (
     TYPE1,
     UNIQUE,
     WITHDRAWN,
+    adopt,
     agreement_data,
     contracts_root,
     prepare_and_release,
@@ -57,8 +58,10 @@ class Haven:
     pids: dict[str, str]
 
     def add(self, **overrides: Any) -> str:
+        """Write the agreement and adopt its approval block, as the governance lead would."""
         data = agreement_data(**overrides)
         write_agreement(self.registry.root, data)
+        adopt(self.con, self.registry, data["id"])
         return data["id"]
 
     def release(self, agreement_id: str, keyring: KeyRing | None = None):
@@ -215,7 +218,7 @@ def test_statutory_release_overrules_opt_outs_and_says_why(haven: Haven) -> None
             },
             "expired on 2021-01-01",
         ),
-        ({"approval": {"status": "draft"}}, "not been approved in this haven (its file says draft)"),
+        ({"approval": {"status": "draft"}}, "not been approved in this haven (its file says draft"),
         ({"start_date": "2099-01-01"}, "starts on 2099-01-01"),
     ],
     ids=["suspended", "expired-status", "expired-by-date", "draft", "not-started"],
@@ -424,7 +427,7 @@ def test_every_release_is_audited_with_its_reads(haven: Haven) -> None:
     actions = [(e.action, e.object, e.outcome) for e in audit.entries_for(haven.con, agreement="test-linked")]
     request = f"release-request:{result.release_id}"
     assert actions == [
-        ("approve", "agreement:test-linked", "ok"),  # the file's approval adopted into the store, once
+        ("approve", "agreement:test-linked", "ok"),  # the file's approval adopted by the governance lead
         ("link", "linkage:haven.hospital_episodes+haven.social_care", "ok"),
         ("read", "haven.hospital_episodes", "ok"),
         ("read", "haven.social_care", "ok"),

@@ -28,7 +28,7 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.share import approvals, review
 from safehaven.share.releases import MANIFEST, PREPARED, SKIPPED, UNCHANGED, prepare
 from tests.conftest import leaked_nhs_numbers
-from tests.governance_helpers import NHS, REVIEWERS, agreement_data, contracts_root, small_haven, write_agreement
+from tests.governance_helpers import NHS, REVIEWERS, adopt, agreement_data, contracts_root, small_haven, write_agreement
 
 R1, R2 = REVIEWERS
 OPERATOR = "night-operator"
@@ -43,7 +43,10 @@ class Haven:
     keyring: KeyRing
 
     def add(self, **overrides: Any) -> Path:
-        return write_agreement(self.registry.root, agreement_data(**overrides))
+        """Write the agreement and adopt its approval block, as the governance lead would."""
+        path = write_agreement(self.registry.root, agreement_data(**overrides))
+        adopt(self.con, self.registry, path.stem)
+        return path
 
     def prepare(self, agreement_id: str = "test-linked"):
         return prepare(
@@ -198,7 +201,7 @@ def test_return_and_reject_need_a_comment_and_release_nothing(haven: Haven) -> N
 
 def test_a_changed_agreement_file_needs_re_approval(haven: Haven) -> None:
     path = haven.add()
-    assert haven.prepare().status == PREPARED  # the file's approval is adopted once, pinned to its hash
+    assert haven.prepare().status == PREPARED  # the file's approval adopted by the lead, pinned to its hash
     path.write_text(path.read_text().replace("Annual audit by the haven.", "Audit every two years."))
     result = haven.prepare()
     assert result.status == SKIPPED and "changed since it was approved" in result.reason

@@ -19,6 +19,7 @@ from tests.governance_helpers import (
     NHS,
     OPTED_OUT,
     WITHDRAWN,
+    adopt,
     agreement_data,
     contracts_root,
     prepare_and_release,
@@ -47,6 +48,7 @@ def setting(home: Home, tmp_path: Path) -> Iterator[tuple[duckdb.DuckDBPyConnect
     write_agreement(registry.root, agreement_data(**GP_ONLY))
     with Store(home).connect() as con:
         small_haven(con, keyring, registry)
+        adopt(con, registry)  # the governance lead adopts both agreements' approvals
         for aid in ("test-linked", "gp-audit"):
             prepare_and_release(con, aid, home=home, registry=registry, keyring=custodian_ring(home))
         yield con, home, registry

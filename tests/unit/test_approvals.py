@@ -1,0 +1,230 @@
+"""Agreement approvals fail closed (issue 18; ``safehaven.share.approvals``).
+
+A file's ``approval:`` block approves nothing by itself: only a decision in the store, made by a
+named person (``agreements approve``, or ``agreements adopt`` of the file's block) and pinned to
+the file's SHA-256, lets anything flow; every refusal says how to clear it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from safehaven.cli import run as run_cli
+from safehaven.cli.common import USAGE
+from safehaven.cli.main import main
+from safehaven.core import audit
+from safehaven.core import registers as reg
+from safehaven.core.files import sha256_file
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.dispose.planning import agreement_file
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.share import approvals
+from safehaven.share.agreements import AgreementError
+from safehaven.share.linkage import find_authority
+from safehaven.share.releases import SKIPPED, prepare
+from tests.governance_helpers import (
+    GOVERNANCE_LEAD,
+    adopt,
+    agreement_data,
+    contracts_root,
+    small_haven,
+    write_agreement,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+LINKED = "test-linked"
+SUSPENDED_BLOCK = {"status": "suspended", "approver": "Dr X, CG", "date": "2025-01-01", "reason": "audit due"}
+
+
+@dataclass
+class Haven:
+    home: Home
+    con: duckdb.DuckDBPyConnection
+    registry: ContractRegistry
+    keyring: KeyRing
+
+    def prepare(self, agreement_id: str = LINKED):
+        return prepare(self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring)
+
+
+@pytest.fixture
+def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    registry = ContractRegistry(contracts_root(tmp_path))
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        small_haven(con, keyring, registry)
+        yield Haven(home, con, registry, keyring)
+
+
+def test_an_approval_block_in_the_file_alone_releases_nothing_and_says_how_to_clear_it(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())  # its file says approved
+    result = haven.prepare()
+    assert result.status == SKIPPED
+    assert "has not been approved in this haven (its file says approved, which approves nothing)" in result.reason
+    assert f"safehaven agreements approve {LINKED}" in result.reason
+    assert f"safehaven agreements adopt {LINKED}" in result.reason
+    assert not (haven.home.releases / LINKED).exists() and reg.releases(haven.con) == []
+    assert approvals.latest(haven.con, LINKED) is None, "nothing was adopted on the way"
+
+
+def test_adopt_records_an_audited_file_decision_pinned_to_the_files_hash(haven: Haven) -> None:
+    path = write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    decision = approvals.latest(haven.con, LINKED)
+    assert decision is not None
+    assert (decision.decision, decision.source, decision.decided_by) == ("approved", "file", GOVERNANCE_LEAD)
+    assert decision.agreement_sha256 == sha256_file(path)
+    entry = audit.entries_for(haven.con, agreement=LINKED)[-1]
+    assert (entry.action, entry.object, entry.outcome) == ("approve", f"agreement:{LINKED}", "ok")
+    detail = entry.detail_value
+    assert detail["source"] == "file" and detail["adopted"] is True and detail["sha256"] == sha256_file(path)
+    assert detail["by"] == GOVERNANCE_LEAD and detail["adoption_reason"] == "adopted for the test"
+    assert haven.prepare().status != SKIPPED
+
+
+def test_adopt_refuses_without_a_named_person_or_a_reason(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())
+    with pytest.raises(AgreementError, match="name who adopts"):
+        approvals.adopt(haven.con, [LINKED], " ", "carried over", registry=haven.registry, actor="ig-lead")
+    with pytest.raises(AgreementError, match="give the reason"):
+        approvals.adopt(haven.con, [LINKED], GOVERNANCE_LEAD, "", registry=haven.registry, actor="ig-lead")
+    assert approvals.latest(haven.con, LINKED) is None
+
+
+def test_adopt_reports_an_agreement_without_an_approval_block_and_adopts_nothing(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data(approval={"status": "draft"}))
+    [outcome] = approvals.adopt(haven.con, None, GOVERNANCE_LEAD, "carried over", registry=haven.registry, actor="x")
+    assert outcome.outcome == approvals.NO_BLOCK and "says draft" in outcome.message
+    assert approvals.latest(haven.con, LINKED) is None
+
+
+def test_re_adopting_an_agreement_that_already_has_a_decision_is_a_no_op(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    [again] = approvals.adopt(haven.con, [LINKED], "Someone Else, SIRO", "again", registry=haven.registry, actor="x")
+    assert again.outcome == approvals.ALREADY_DECIDED and "nothing adopted" in again.message
+    assert haven.con.execute(f"SELECT count(*) FROM {approvals.DECISIONS}").fetchone() == (1,)
+
+
+def test_a_file_edited_after_adoption_is_not_approved(haven: Haven) -> None:
+    path = write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    path.write_text(path.read_text().replace("Annual audit by the haven.", "Audit every two years."))
+    result = haven.prepare()
+    assert result.status == SKIPPED and "changed since it was approved" in result.reason
+    assert f"safehaven agreements approve {LINKED}" in result.reason
+
+
+def test_a_file_saying_suspended_is_not_overridden_by_an_approval_in_the_store(haven: Haven) -> None:
+    path = write_agreement(haven.registry.root, agreement_data(approval=SUSPENDED_BLOCK))
+    with pytest.raises(AgreementError, match="file says it is suspended"):
+        approvals.approve(haven.con, LINKED, GOVERNANCE_LEAD, registry=haven.registry, actor="ig-lead")
+    adopt(haven.con, haven.registry, LINKED)  # adopted as what the file says: suspended
+    result = haven.prepare()
+    assert result.status == SKIPPED and "is suspended: audit due" in result.reason
+    # and were the store to hold an approval of those very bytes, the file's suspension still stands
+    file_says = approvals.load_standing(haven.con, LINKED, haven.registry.root)
+    approved = approvals.Decision(LINKED, "approved", GOVERNANCE_LEAD, date.today(), None, sha256_file(path), "command")
+    standing = approvals.Standing(file_says.agreement, file_says.sha256, approved)
+    assert standing.in_force() == (False, f"agreement {LINKED} is suspended: audit due")
+    assert agreement_file(haven.registry, LINKED, haven.con).status_on() == "suspended"  # type: ignore[union-attr]
+
+
+def test_a_linkage_is_not_authorised_by_a_files_approval_block(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())
+    found = approvals.effective_agreements(haven.con, haven.registry.root)
+    agreement, why = find_authority(found, "hospital_episodes", "social_care", registry=haven.registry)
+    assert agreement is None and f"safehaven agreements approve {LINKED}" in why
+    adopt(haven.con, haven.registry, LINKED)
+    found = approvals.effective_agreements(haven.con, haven.registry.root)
+    assert find_authority(found, "hospital_episodes", "social_care", registry=haven.registry)[0] is not None
+
+
+def test_disposal_reads_the_stores_decision_not_the_files_block(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())
+    assert agreement_file(haven.registry, LINKED, haven.con).status_on() == "draft"  # type: ignore[union-attr]
+    assert agreement_file(haven.registry, LINKED, None).status_on() == "draft"  # type: ignore[union-attr]
+    adopt(haven.con, haven.registry, LINKED)
+    assert agreement_file(haven.registry, LINKED, haven.con).in_force()[0]  # type: ignore[union-attr]
+
+
+# --- the commands ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def contracts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: Home) -> Path:
+    """A copy of the project's contracts, named by $SAFEHAVEN_CONTRACTS."""
+    root = tmp_path / "contracts"
+    shutil.copytree(ROOT / "data_contracts", root)
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(root))
+    return root
+
+
+def _decisions(home: Home) -> dict[str, tuple[str, str, str]]:
+    with Store(home).connect() as con:
+        rows = con.execute(f"SELECT agreement_id, decision, source, decided_by FROM {approvals.DECISIONS}").fetchall()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def test_agreements_adopt_records_named_file_decisions_and_reports_the_rest(contracts: Path, home: Home) -> None:
+    by = "Dr A. Example, Caldicott Guardian"
+    args = ["agreements", "adopt", "--all", "--by", by, "--reason", "approved before the store held decisions"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "research-hes-asc-linked: adopted as approved by Dr A. Example" in result.output
+    assert "cohort-consent-study: its file's approval block says draft; nothing to adopt" in result.output
+    decisions = _decisions(home)
+    assert decisions["research-hes-asc-linked"] == ("approved", "file", by)
+    assert decisions["risk-stratification"][:2] == ("suspended", "file")
+    assert "cohort-consent-study" not in decisions and "flu-surveillance-2024" not in decisions
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "already approved in this haven; nothing adopted" in again.output
+    assert _decisions(home) == decisions
+
+
+def test_agreements_adopt_refuses_without_by(contracts: Path, home: Home) -> None:
+    result = CliRunner().invoke(main, ["agreements", "adopt", "--all", "--reason", "carried over"])
+    assert result.exit_code == USAGE and "--by" in result.output
+    assert not home.store_file.exists() or _decisions(home) == {}
+
+
+def test_agreements_adopt_is_an_audited_command() -> None:
+    from safehaven.cli.audit import AUDITED_COMMANDS
+
+    assert ("agreements", "adopt") in AUDITED_COMMANDS
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, *args: str):
+    """``safehaven run`` with the job itself replaced (only the set-up before it is under test)."""
+    monkeypatch.setattr(run_cli, "_execute", lambda home, verbose, in_process: (True, [], None))
+    return CliRunner().invoke(main, ["run", *args])
+
+
+def test_the_demo_run_adopts_the_demo_agreements_and_says_so(
+    contracts: Path, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = _run(monkeypatch, "--demo-patients", "20")
+    assert result.exit_code == 0, result.output
+    assert "generated a synthetic demo drop" in result.output
+    assert f"adopting the example agreements' approvals as '{run_cli.DEMO_ADOPTER}'" in result.output
+    assert "statutory-gp-audit: adopted as approved by demo set-up (make run)" in result.output
+    assert _decisions(home)["research-hes-asc-linked"] == ("approved", "file", run_cli.DEMO_ADOPTER)
+
+
+def test_a_run_that_generates_no_demo_drop_adopts_nothing(
+    contracts: Path, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = _run(monkeypatch, "--no-demo")
+    assert result.exit_code == 0, result.output
+    assert "adopting" not in result.output
+    assert not home.store_file.exists() or _decisions(home) == {}
