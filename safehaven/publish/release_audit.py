@@ -78,7 +78,7 @@ def audit_tables(
     for key, rel in [*tables.items(), *((k + PREVIOUS, v) for k, v in previous.items())]:
         o = outputs[key.removesuffix(PREVIOUS)]
         audited = not key.endswith(PREVIOUS)  # the previous publication is evidence; its changes are audited
-        found.append(AuditTable(key, rel, tuple(o.dimension_names), o.count_col, o.policy.policy(), audited=audited))
+        found.append(AuditTable(key, rel, tuple(o.dimension_names), o.count_col, o.disclosure_policy, audited=audited))
     links: list[Link] = []
     for name in tables:
         o = outputs[name]

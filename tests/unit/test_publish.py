@@ -53,6 +53,7 @@ def output(name: str = "adm", **extra: object) -> Output:
             {"name": "label", "description": "a text dimension", "domain": "observed"},
         ],
         "measures": [{"name": "people", "description": "people"}],
+        "zeros": {"publish": True, "structural": []},
         "sql": """SELECT m.month, h.provider_code, h.primary_diagnosis AS label, count(DISTINCT h.pid) AS people
                   FROM haven.hospital_episodes h
                   JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end GROUP BY ALL""",
