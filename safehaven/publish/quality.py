@@ -20,7 +20,9 @@ the records it came from, never typed by hand:
   field as received, computed here; the disclosure control applied (cells suppressed and rounded: counts
   of cells, never which cells nor by how much, which would undo the protection); the zeros
   policy: whether sampling zeros are published, and the structural zeros declared (impossible
-  combinations, with their reasons) and the grid cells they removed.
+  combinations, with their reasons) and the grid cells they removed; against the previous
+  publication, the revised cells (``safehaven.publish.release_audit.revisions``: counted, and
+  listed with their previous and new *published* values, capped).
 * **Timeliness and punctuality**: days from the end of the reporting period to publication,
   against the output's target; when the data were last received.
 * **Accessibility and clarity**: the files, formats, licence, data dictionary and methods.
@@ -458,6 +460,34 @@ def _zeros_lines(zeros: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _cell(value: Any) -> str:
+    """A dimension value as a markdown table cell (a ``|`` would end the cell)."""
+    return str(value).replace("|", "\\|")
+
+
+def _revision_lines(rev: dict[str, Any] | None) -> list[str]:
+    """The cells revised since the previous publication of the same months, with published values."""
+    if not rev:
+        return []
+    lines = [
+        "",
+        f"**Revisions.** Against the previous publication of the same months, {_n(rev['cells_revised'])} of "
+        f"{_n(rev['cells_compared'])} cells are revised ({_n(rev['suppression_changed'])} changed suppression). "
+        "Values are published values.",
+    ]
+    cells = rev.get("cells") or []
+    if cells:
+        dims = list(cells[0]["cell"])
+        lines += ["", "| " + " | ".join([*dims, "previous", "new"]) + " |", "|" + "---|" * (len(dims) + 2)]
+        lines += [
+            "| " + " | ".join([*(_cell(v) for v in c["cell"].values()), _n(c["previous"]), _n(c["new"])]) + " |"
+            for c in cells
+        ]
+    if rev.get("cells_not_listed"):
+        lines += ["", f"{_n(rev['cells_not_listed'])} further revised cell(s) are not listed."]
+    return lines
+
+
 def render_markdown(st: dict[str, Any]) -> str:
     """The statement as a page for readers (the same figures as the JSON)."""
     rel, acc = st["relevance"], st["accuracy"]
@@ -524,6 +554,7 @@ def render_markdown(st: dict[str, Any]) -> str:
         f"and {_n(sdc['cells_published_unchanged'])} are published unchanged.",
     ]
     lines += _zeros_lines(sdc.get("zeros"))
+    lines += _revision_lines(acc.get("revisions"))
     if acc.get("linkage"):
         link = acc["linkage"]
         lines += [
