@@ -36,6 +36,20 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
   zero, and it would shrink a margin group (sometimes to one cell, which then gets no
   secondary protection). A query that yields a cell outside the declared grid, or a NULL
   dimension value, is refused: the declaration is wrong.
+* **Zeros are a stated policy: sampling zeros and structural zeros** (Hundepool et al. 2012,
+  *Statistical Disclosure Control*, Wiley, ch. 5 on frequency tables, and ONS disclosure
+  control guidance for tables: a *sampling* zero is a possible cell in which no one happens
+  to be, a *structural* zero a combination that cannot occur; ISB 1523 asks that zero cells
+  be considered for the risk they carry). Every output states ``zeros: {publish, structural}``
+  (:class:`ZerosSpec`); a declaration without it is refused when it loads, naming the file and
+  the key. ``publish`` says whether sampling zeros are published as 0 (``Policy.suppress_zeros``
+  is its negation). ``structural`` lists the impossible combinations as ``{match: {dimension:
+  value or [values]}, reason}``: their cells are deleted from the true grid before protection
+  (:func:`remove_structural_zeros`, one SQL statement), so they are never suppressed, never a
+  secondary and not rows of the published table (suppressing a cell everyone knows is 0 protects
+  nothing, and keeping it dilutes its margins); the quality statement lists the declarations
+  and the cells they removed. A declared structural zero with people in it (a true count above
+  0) refuses the output, naming it and the declaration: people are never dropped silently.
 * **Disclosure control before the published zone.** True counts live only in a temporary
   table of the connection; ``safehaven.publish.disclosure.protect`` applies the output's policy
   (suppress 1-7, round to 5 or midpoint 6, secondary suppression over every margin, rates
@@ -80,7 +94,7 @@ from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
 from safehaven.publish.disclosure.audit import AuditReport, AuditTable
 from safehaven.publish.disclosure.joint import protect_jointly
-from safehaven.publish.disclosure.policy import ROUNDING, SUPPRESS_ZEROS, THRESHOLD, Rounding
+from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
 
@@ -178,14 +192,70 @@ class Measure(Strict):
 
 
 class PolicySpec(Strict):
-    """The output's disclosure-control policy (``safehaven.publish.disclosure.Policy``)."""
+    """The output's threshold and rounding (``safehaven.publish.disclosure.Policy``; zeros: :class:`ZerosSpec`)."""
 
     threshold: int = Field(default=THRESHOLD, ge=0)
     rounding: Rounding = ROUNDING
-    suppress_zeros: bool = SUPPRESS_ZEROS
 
-    def policy(self) -> Policy:
-        return Policy(threshold=self.threshold, rounding=self.rounding, suppress_zeros=self.suppress_zeros)
+    @model_validator(mode="before")
+    @classmethod
+    def _zeros_elsewhere(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "suppress_zeros" in data:
+            raise ValueError("zeros are stated once, as zeros.publish (the output's zeros policy), not suppress_zeros")
+        return data
+
+
+class StructuralZero(Strict):
+    """A combination of dimension values that cannot occur: its cells are not cells of the grid.
+
+    ``match`` maps dimensions to a value or a list of values (compared as text, so a month is
+    ``'2026-01-01'``); a grid cell matches when every named dimension holds one of its values.
+    """
+
+    match: dict[str, list[str]] = Field(min_length=1)
+    #: why no one can be in these cells (e.g. a service the local authority does not provide)
+    reason: str = Field(min_length=10)
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _as_lists(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in data.items()}
+
+    @field_validator("match")
+    @classmethod
+    def _values(cls, match: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not all(match.values()):
+            raise ValueError("a structural zero names at least one value per dimension")
+        return match
+
+    def label(self) -> str:
+        """The declaration in one line: ``dimension=value|value, ...``."""
+        return ", ".join(f"{d}={'|'.join(v)}" for d, v in self.match.items())
+
+    def predicate_sql(self, alias: str = "") -> str:
+        """SQL true for the grid cells this declaration removes."""
+        prefix = f"{alias}." if alias else ""
+        return (
+            "("
+            + " AND ".join(
+                f"CAST({prefix}{q(d)} AS VARCHAR) IN ({', '.join(lit(v) for v in vs)})" for d, vs in self.match.items()
+            )
+            + ")"
+        )
+
+
+class ZerosSpec(Strict):
+    """The output's stated zeros policy (required: an output that does not state it is refused).
+
+    ``publish``: whether sampling zeros (possible cells where no one happened to be) are
+    published as 0 (``Policy.suppress_zeros`` is its negation). ``structural``: the impossible
+    combinations, which are not cells at all (module docstring, "Zeros"); ``[]`` states there are none.
+    """
+
+    publish: bool
+    structural: list[StructuralZero]
 
 
 class LinkageSpec(Strict):
@@ -210,6 +280,8 @@ class Output(Strict):
     dimensions: list[Dimension] = Field(min_length=1)
     measures: list[Measure] = Field(min_length=1)
     policy: PolicySpec = PolicySpec()
+    #: the zeros policy: sampling zeros published or suppressed, structural zeros declared
+    zeros: ZerosSpec
     #: margins for secondary suppression (dimension subsets held fixed); default: every row
     margins: list[list[str]] | None = None
     #: publish total rows summed from published cells (only where the dimension is additive)
@@ -222,6 +294,14 @@ class Output(Strict):
     #: relations to other outputs and to the previous publication (``disclosure.relations``)
     relations: list[Relation] = []
     sql: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zeros_stated(cls, data: Any) -> Any:
+        """Fail closed: an output that does not state its zeros policy is refused, naming the key."""
+        if isinstance(data, dict) and "zeros" not in data:
+            raise ValueError("missing key zeros: state the zeros policy (zeros: {publish: true|false, structural: []})")
+        return data
 
     @field_validator("dimensions")
     @classmethod
@@ -275,6 +355,21 @@ class Output(Strict):
             if set(r.match) - dims or (r.time and r.time not in dims):
                 raise ValueError(f"a {r.kind} relation names dimensions this output does not have")
         return self
+
+    @model_validator(mode="after")
+    def _structural_zeros(self) -> Output:
+        dims = {d.name for d in self.dimensions}
+        for zero in self.zeros.structural:
+            if set(zero.match) - dims:
+                raise ValueError(f"structural zero {zero.label()} names dimensions this output does not have")
+        return self
+
+    @property
+    def disclosure_policy(self) -> Policy:
+        """The policy ``disclosure.protect`` applies: threshold, rounding, and zeros from ``zeros.publish``."""
+        return Policy(
+            threshold=self.policy.threshold, rounding=self.policy.rounding, suppress_zeros=not self.zeros.publish
+        )
 
     @property
     def dimension_names(self) -> list[str]:
@@ -460,6 +555,19 @@ def install_helpers(con: duckdb.DuckDBPyConnection, period: Period) -> None:
 # --- building one output ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StructuralReport:
+    """The structural zeros declared and the grid cells they removed (quality statement)."""
+
+    #: per declaration: its ``dimension=value`` label, its reason and the cells it matched
+    declared: list[dict[str, Any]] = field(default_factory=list)
+    #: grid cells removed (a cell matched by two declarations counts once)
+    cells_removed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"declared": [dict(d) for d in self.declared], "cells_removed": self.cells_removed}
+
+
 @dataclass
 class OutputBuild:
     """What building one output did: counts for metadata and the quality statement."""
@@ -474,6 +582,8 @@ class OutputBuild:
     agreement: str | None = None
     #: the joint disclosure audit, for an output that declares relations
     audit: AuditReport | None = None
+    #: the declared structural zeros and the grid cells they removed
+    structural: StructuralReport = field(default_factory=StructuralReport)
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -481,6 +591,7 @@ class OutputBuild:
             "period_end": self.period.end.isoformat() if self.period.end else "none",
             "grid_cells": self.grid_cells,
             "observed_cells": self.observed_cells,
+            "structural_zero_cells": self.structural.cells_removed,
             "violations": len(self.violations),
             **self.report.as_metadata(),
             **(self.audit.as_metadata() if self.audit else {}),
@@ -505,18 +616,51 @@ def _domain_sql(dim: Dimension, cells: str) -> str:
     return f"SELECT DISTINCT v AS {d} FROM ({declared} UNION ALL {observed}) s(v)"
 
 
-def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> tuple[int, int]:
-    """Temp table ``target``: true counts on the full grid. Returns (grid cells, observed cells).
+def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> tuple[int, int, StructuralReport]:
+    """Temp table ``target``: true counts on the full grid less its structural zeros.
 
-    The output's SQL (gated when it loaded, ``sql_gate``) runs in a ``READ ONLY`` transaction:
-    whatever it says, it cannot write the store; only temporary tables are made.
+    Returns (grid cells, observed cells, structural zeros removed). The output's SQL (gated when
+    it loaded, ``sql_gate``) runs in a ``READ ONLY`` transaction: whatever it says, it cannot
+    write the store; only temporary tables are made.
     """
     cells = f"_cells_{output.name}"
     with read_only_transaction(con):
         observed = _count_cells(con, output, cells)
         grid = _declared_domains(con, output, cells)
         _fill_grid(con, output, cells, target)
-    return grid, observed
+    structural = remove_structural_zeros(con, output, target)
+    return grid - structural.cells_removed, observed, structural
+
+
+def remove_structural_zeros(con: duckdb.DuckDBPyConnection, output: Output, table: str) -> StructuralReport:
+    """Delete the declared structural-zero cells from the true grid ``table``, in one pass each way.
+
+    A declared structural zero with people in it (a true count or denominator above 0) is refused:
+    the declaration or the data is wrong, and dropping the cell would drop people silently.
+    """
+    zeros = output.zeros.structural
+    if not zeros:
+        return StructuralReport()
+    people = " OR ".join(f"{q(m)} > 0" for m in [output.count_col, *output.denominators])
+    tallies = [
+        f"count(*) FILTER (WHERE {z.predicate_sql()}), count(*) FILTER (WHERE {z.predicate_sql()} AND ({people}))"
+        for z in zeros
+    ]
+    row = con.execute(f"SELECT {', '.join(tallies)} FROM {table}").fetchone()
+    assert row is not None
+    inhabited = [f"{z.label()} ({row[2 * i + 1]} cell(s))" for i, z in enumerate(zeros) if row[2 * i + 1]]
+    if inhabited:
+        con.execute(f"DROP TABLE {table}")
+        raise OutputError(
+            f"{output.name}: declared structural zero(s) with people in them: {'; '.join(inhabited)}; "
+            "a structural zero is an impossible combination: correct the declaration or the data"
+        )
+    removed = con.execute(f"DELETE FROM {table} WHERE {' OR '.join(z.predicate_sql() for z in zeros)}").fetchone()
+    declared = [
+        {"match": z.label(), "reason": " ".join(z.reason.split()), "cells_removed": int(row[2 * i])}
+        for i, z in enumerate(zeros)
+    ]
+    return StructuralReport(declared, int(removed[0]) if removed else 0)
 
 
 def _count_cells(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:
@@ -609,7 +753,7 @@ def _protect(
         "count_col": output.count_col,
         "margins": output.margins,
         "rate_cols": output.rate_cols or None,
-        "policy": output.policy.policy(),
+        "policy": output.disclosure_policy,
         "totals": output.totals,
     }
     if not output.relations:
@@ -660,7 +804,7 @@ def build_output(
     period = reporting_period(con, output, registry, today)
     install_helpers(con, period)
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
-    grid, observed = true_cells(con, output, true_table)
+    grid, observed, structural = true_cells(con, output, true_table)
     report, audit_report = _protect(
         con,
         output,
@@ -683,10 +827,12 @@ def build_output(
         target,
         output.dimension_names,
         output.count_col,
-        output.policy.policy(),
+        output.disclosure_policy,
         margins=output.margins,
         rate_cols=output.rate_cols or None,
     )
     if audit_report is not None:
         violations += audit_report.problems
-    return OutputBuild(output.name, target, period, grid, observed, report, violations, agreement_id, audit_report)
+    return OutputBuild(
+        output.name, target, period, grid, observed, report, violations, agreement_id, audit_report, structural
+    )

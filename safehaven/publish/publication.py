@@ -240,7 +240,7 @@ def verify_release(con: duckdb.DuckDBPyConnection, outputs: Sequence[Output], re
                 table,
                 output.dimension_names,
                 output.count_col,
-                output.policy.policy(),
+                output.disclosure_policy,
                 margins=output.margins,
                 rate_cols=output.rate_cols or None,
             )
@@ -298,7 +298,7 @@ def dictionary(con: duckdb.DuckDBPyConnection, output: Output, registry: Contrac
         "description": "On total rows, the dimensions summed over; totals are sums of the published cells.",
     }
     columns = [{"name": name, "type": types[name], **described.get(name, {})} for name in types]
-    policy = output.policy
+    policy = output.disclosure_policy
     rounding = "nearest 5" if policy.rounding == "nearest5" else "midpoint 6 (0 stays 0; 1-6 -> 3, 7-12 -> 9, ...)"
     return {
         "name": output.name,
@@ -315,11 +315,21 @@ def dictionary(con: duckdb.DuckDBPyConnection, output: Output, registry: Contrac
             f"Counts of 1-{policy.threshold} people are suppressed; other counts are rounded to the {rounding}; "
             "further cells are suppressed where a row or column would otherwise reveal a suppressed one. "
             + ("Zero cells are true zeros." if not policy.suppress_zeros else "Zero cells are suppressed too.")
+            + _structural_note(output)
         ),
         "coherence": list(output.coherence),
         "quality_statement": f"{output.name}.quality.md",
         "methods": "methods.md",
     }
+
+
+def _structural_note(output: Output) -> str:
+    """The declared structural zeros, for the dictionary: combinations that are not rows."""
+    zeros = output.zeros.structural
+    if not zeros:
+        return ""
+    listed = "; ".join(f"{z.label()} ({' '.join(z.reason.split())})" for z in zeros)
+    return f" Combinations that cannot occur (structural zeros) are not rows: {listed}."
 
 
 def _copy_to(con: duckdb.DuckDBPyConnection, table: str, path: Path, options: str) -> None:

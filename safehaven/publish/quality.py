@@ -18,7 +18,11 @@ the records it came from, never typed by hand:
   row validity, completeness and validity per field, uniqueness of the patient key, date
   coverage), pooled over batches, or where that table is absent the completeness of each
   field as received, computed here; the disclosure control applied (cells suppressed and rounded: counts
-  of cells, never which cells nor by how much, which would undo the protection).
+  of cells, never which cells nor by how much, which would undo the protection); the zeros
+  policy: whether sampling zeros are published, and the structural zeros declared (impossible
+  combinations, with their reasons) and the grid cells they removed; against the previous
+  publication, the revised cells (``safehaven.publish.release_audit.revisions``: counted, and
+  listed with their previous and new *published* values, capped).
 * **Timeliness and punctuality**: days from the end of the reporting period to publication,
   against the output's target; when the data were last received.
 * **Accessibility and clarity**: the files, formats, licence, data dictionary and methods.
@@ -35,6 +39,7 @@ output as ``<output>.quality.json`` and ``.quality.md``.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -223,12 +228,25 @@ def _measures(con: duckdb.DuckDBPyConnection, collection: str) -> dict[str, Any]
     return pooled
 
 
+def policy_record(output: Output) -> dict[str, Any]:
+    """The disclosure policy as stated: threshold, rounding, zeros, and the structural zeros declared."""
+    return {**asdict(output.disclosure_policy), "structural_zeros": [z.label() for z in output.zeros.structural]}
+
+
 def disclosure_figures(output: Output, build: OutputBuild) -> dict[str, Any]:
-    """What disclosure control did, as numbers of cells (never which cells)."""
+    """What disclosure control did, as numbers of cells (never which cells), and the zeros policy.
+
+    The structural zeros are declarations (which combinations cannot occur, and why) and the
+    grid cells they removed: they describe the table's shape, not anybody in it.
+    """
     main = build.report.main
     suppressed = main.primary + main.secondary
     return {
-        "policy": output.policy.model_dump(),
+        "policy": asdict(output.disclosure_policy),
+        "zeros": {
+            "sampling_zeros": "published as 0" if output.zeros.publish else "suppressed",
+            "structural_zeros": build.structural.as_dict(),
+        },
         "margins_protected": "every row and column (each dimension's margin)"
         if output.margins is None
         else [", ".join(m) or "the whole table" for m in output.margins],
@@ -304,7 +322,7 @@ def build_statement(
         "comparability_and_coherence": {
             "contracts": {c: registry.contracts[c].version for c in output.collections},
             "code_lists": lists,
-            "disclosure_policy": output.policy.model_dump(),
+            "disclosure_policy": policy_record(output),
             "coherence": list(output.coherence),
             "changes_since_last_release": [],
         },
@@ -423,6 +441,53 @@ def _measures_line(name: str, measured: dict[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
+def _zeros_lines(zeros: dict[str, Any] | None) -> list[str]:
+    """The zeros policy: sampling zeros published or not; the structural zeros and the cells they removed."""
+    if not zeros:
+        return []
+    structural = zeros["structural_zeros"]
+    declared = structural["declared"]
+    text = (
+        "; ".join(f"`{d['match']}` ({d['reason']}): {_n(d['cells_removed'])} cell(s)" for d in declared)
+        + f"; {_n(structural['cells_removed'])} cell(s) removed from the grid in all"
+        if declared
+        else "none declared"
+    )
+    return [
+        "",
+        f"**Zeros.** Sampling zeros (possible cells in which no one was counted) are {zeros['sampling_zeros']}. "
+        f"Structural zeros (combinations that cannot occur, which are not cells of the table): {text}.",
+    ]
+
+
+def _cell(value: Any) -> str:
+    """A dimension value as a markdown table cell (a ``|`` would end the cell)."""
+    return str(value).replace("|", "\\|")
+
+
+def _revision_lines(rev: dict[str, Any] | None) -> list[str]:
+    """The cells revised since the previous publication of the same months, with published values."""
+    if not rev:
+        return []
+    lines = [
+        "",
+        f"**Revisions.** Against the previous publication of the same months, {_n(rev['cells_revised'])} of "
+        f"{_n(rev['cells_compared'])} cells are revised ({_n(rev['suppression_changed'])} changed suppression). "
+        "Values are published values.",
+    ]
+    cells = rev.get("cells") or []
+    if cells:
+        dims = list(cells[0]["cell"])
+        lines += ["", "| " + " | ".join([*dims, "previous", "new"]) + " |", "|" + "---|" * (len(dims) + 2)]
+        lines += [
+            "| " + " | ".join([*(_cell(v) for v in c["cell"].values()), _n(c["previous"]), _n(c["new"])]) + " |"
+            for c in cells
+        ]
+    if rev.get("cells_not_listed"):
+        lines += ["", f"{_n(rev['cells_not_listed'])} further revised cell(s) are not listed."]
+    return lines
+
+
 def render_markdown(st: dict[str, Any]) -> str:
     """The statement as a page for readers (the same figures as the JSON)."""
     rel, acc = st["relevance"], st["accuracy"]
@@ -488,6 +553,8 @@ def render_markdown(st: dict[str, Any]) -> str:
         f"({_pct(sdc['share_of_cells_suppressed'])}), {_n(sdc['cells_rounded'])} were changed by rounding "
         f"and {_n(sdc['cells_published_unchanged'])} are published unchanged.",
     ]
+    lines += _zeros_lines(sdc.get("zeros"))
+    lines += _revision_lines(acc.get("revisions"))
     if acc.get("linkage"):
         link = acc["linkage"]
         lines += [

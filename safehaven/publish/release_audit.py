@@ -11,9 +11,14 @@ Rules (``safehaven.publish.disclosure.audit`` states the protection interval and
 * **Fail closed.** A previous release whose manifest names a file that is missing or cannot
   be read refuses the release ("the previous publication is unreadable"): without it the
   audit cannot establish that the new figures do not difference against the old.
-* **Revisions are listed.** For each output with a previous publication, the cells whose
-  published value or suppression changed are counted into its quality statement
-  (``accuracy.revisions``), so users know which figures were revised (counts only).
+* **Revisions are listed.** For each output with a previous publication, the cells of the
+  same months whose published value or suppression changed are counted and listed in its
+  quality statement (``accuracy.revisions``; CoP 29i, say what changed; the ONS revisions
+  policy): each revised cell's dimension values with its previous and new *published* value
+  (``"suppressed"`` where suppressed). Both sides are public tables (``published.<name>`` and
+  the previous release's file), so the list never holds a true count. At most
+  :data:`REVISED_CELLS_LISTED` cells are listed, in dimension order; ``cells_not_listed``
+  counts the rest.
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ from safehaven.publish.disclosure.relations import PREVIOUS, Link, links_of
 from safehaven.publish.outputs import Output
 from safehaven.publish.quality import load_statement, store_statement
 
-__all__ = ["audit_release", "audit_tables", "load_previous", "revisions"]
+__all__ = ["REVISED_CELLS_LISTED", "audit_release", "audit_tables", "load_previous", "revisions"]
 
 MANIFEST = "release.json"
 PREVIOUS_TABLE = "_sdc_previous_{}"
+#: The most revised cells a quality statement lists (the rest are counted).
+REVISED_CELLS_LISTED = 200
+#: How a suppressed cell's value is shown in the list of revisions.
+SUPPRESSED = "suppressed"
 
 
 def _has_revision(output: Output) -> bool:
@@ -78,7 +87,7 @@ def audit_tables(
     for key, rel in [*tables.items(), *((k + PREVIOUS, v) for k, v in previous.items())]:
         o = outputs[key.removesuffix(PREVIOUS)]
         audited = not key.endswith(PREVIOUS)  # the previous publication is evidence; its changes are audited
-        found.append(AuditTable(key, rel, tuple(o.dimension_names), o.count_col, o.policy.policy(), audited=audited))
+        found.append(AuditTable(key, rel, tuple(o.dimension_names), o.count_col, o.disclosure_policy, audited=audited))
     links: list[Link] = []
     for name in tables:
         o = outputs[name]
@@ -86,16 +95,41 @@ def audit_tables(
     return found, links
 
 
-def revisions(con: duckdb.DuckDBPyConnection, output: Output, current: str, previous: str) -> dict[str, int]:
-    """Counts of cells of the same months revised since the previous publication."""
-    on = " AND ".join(f"n.{q(d)} = o.{q(d)}" for d in output.dimension_names)
+def revisions(con: duckdb.DuckDBPyConnection, output: Output, current: str, previous: str) -> dict[str, Any]:
+    """Cells of the same months revised since the previous publication: counted, and listed (capped).
+
+    ``current`` and ``previous`` are public tables: the values listed are published values.
+    """
+    dims = output.dimension_names
+    on = " AND ".join(f"n.{q(d)} = o.{q(d)}" for d in dims)
     c = q(output.count_col)
+    joined = f"FROM {current} n JOIN {previous} o ON {on}"
     row = con.execute(
         f"SELECT count(*), count(*) FILTER (WHERE n.{c} IS DISTINCT FROM o.{c}), "
-        f"count(*) FILTER (WHERE (n.{c} IS NULL) <> (o.{c} IS NULL)) FROM {current} n JOIN {previous} o ON {on}"
+        f"count(*) FILTER (WHERE (n.{c} IS NULL) <> (o.{c} IS NULL)) {joined}"
     ).fetchone()
     assert row is not None
-    return {"cells_compared": int(row[0]), "cells_revised": int(row[1]), "suppression_changed": int(row[2])}
+    listed = con.execute(
+        f"SELECT {', '.join(f'CAST(n.{q(d)} AS VARCHAR)' for d in dims)}, o.{c}, n.{c} {joined} "
+        f"WHERE n.{c} IS DISTINCT FROM o.{c} ORDER BY {', '.join(f'n.{q(d)}' for d in dims)} "
+        f"LIMIT {REVISED_CELLS_LISTED}"
+    ).fetchall()
+    cells = [
+        {"cell": dict(zip(dims, r[: len(dims)], strict=True)), "previous": _shown(r[-2]), "new": _shown(r[-1])}
+        for r in listed
+    ]
+    return {
+        "cells_compared": int(row[0]),
+        "cells_revised": int(row[1]),
+        "suppression_changed": int(row[2]),
+        "cells": cells,
+        "cells_not_listed": int(row[1]) - len(cells),
+    }
+
+
+def _shown(value: Any) -> int | str:
+    """A published value as listed: the number, or ``"suppressed"`` (NULL in a public table)."""
+    return SUPPRESSED if value is None else int(value)
 
 
 def _note(

@@ -164,7 +164,7 @@ def test_published_files_keep_the_disclosure_invariants_and_pass_the_guard(run: 
                         table,
                         output.dimension_names,
                         output.count_col,
-                        output.policy.policy(),
+                        output.disclosure_policy,
                         margins=output.margins,
                     )
                     == []

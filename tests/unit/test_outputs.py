@@ -10,6 +10,7 @@ from datetime import date
 
 import duckdb
 import pytest
+import yaml
 
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.disclosure import Policy, check_invariants, true_range
@@ -76,6 +77,7 @@ def admissions(name: str = "adm", where: str = "TRUE", **extra: object) -> Outpu
             {"name": "chapter", "description": "chapter", "domain": {"values": ["A", "B", "C"]}},
         ],
         "measures": [{"name": "people", "description": "people"}],
+        "zeros": {"publish": True, "structural": []},
         "sql": f"""SELECT m.month, h.provider_code, left(h.primary_diagnosis, 1) AS chapter,
                           count(DISTINCT h.pid) AS people
                    FROM haven.hospital_episodes h
@@ -167,6 +169,91 @@ def test_a_file_must_be_named_after_its_output(tmp_path, registry: ContractRegis
     (tmp_path / "other.yaml").write_text(source.read_text())
     with pytest.raises(OutputError, match="file name"):
         load_output(tmp_path / "other.yaml")
+
+
+# --- zeros: a stated policy, sampling vs structural (module docstring, "Zeros") ---------------
+
+STRUCTURAL_RY2_C = {"match": {"provider_code": "RY2", "chapter": "C"}, "reason": "RY2 has no chapter C service"}
+
+
+def test_an_output_that_does_not_state_its_zeros_policy_is_refused_naming_the_file_and_the_key(
+    tmp_path, registry: ContractRegistry
+) -> None:
+    spec = yaml.safe_load((outputs_dir(registry.root) / "gp_activity.yaml").read_text())
+    del spec["zeros"]
+    (tmp_path / "gp_activity.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError, match=r"gp_activity\.yaml: .*missing key zeros") as refused:
+        load_output(tmp_path / "gp_activity.yaml")
+    assert "\n" not in str(refused.value), "one line"
+    spec["zeros"] = {"publish": True}
+    (tmp_path / "gp_activity.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError, match=r"gp_activity\.yaml: zeros\.structural"):
+        load_output(tmp_path / "gp_activity.yaml")
+
+
+def test_the_zeros_policy_is_stated_once_and_sets_the_suppression_of_sampling_zeros() -> None:
+    with pytest.raises(ValueError, match="zeros.publish"):
+        admissions(policy={"suppress_zeros": True})
+    assert admissions().disclosure_policy.suppress_zeros is False
+    assert admissions(zeros={"publish": False, "structural": []}).disclosure_policy.suppress_zeros is True
+    with pytest.raises(ValueError, match="names dimensions this output does not have"):
+        admissions(zeros={"publish": True, "structural": [{"match": {"sex": "Male"}, "reason": "no such dimension"}]})
+
+
+def test_every_declared_output_states_its_zeros_policy(registry: ContractRegistry) -> None:
+    for output in load_outputs(registry).values():
+        assert output.zeros.publish, f"{output.name}: sampling zeros are published (a zero describes nobody)"
+        assert output.zeros.structural == [], f"{output.name}: no impossible combination in its dimensions"
+
+
+def test_structural_zeros_are_not_cells_of_the_grid_and_are_reported(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """In January RY2 has 3 people in A and nobody in B or C: B is a sampling zero, C a structural
+    zero. Without the declaration C could be B's fellow zero; with it, C is no cell at all and
+    the secondary suppression falls on B, the only zero left in the row."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 3, "RY2", "2026-01-10", "A01")
+    admit(con, 50, "RY2", "2026-02-10", "A01")
+    out = admissions(zeros={"publish": True, "structural": [STRUCTURAL_RY2_C]})
+    built = build_output(con, out, registry, today=TODAY)
+    got = rows(con, built.table)
+    assert not [k for k in got if k[1:] == ("RY2", "C")], "a structural zero is not a row"
+    assert len(got) == built.grid_cells == 2 * 2 * 3 - 2
+    assert built.structural.as_dict() == {
+        "declared": [
+            {"match": "provider_code=RY2, chapter=C", "reason": "RY2 has no chapter C service", "cells_removed": 2}
+        ],
+        "cells_removed": 2,
+    }
+    assert got[("2026-01-01", "RY2", "A")] == (None, True)
+    assert got[("2026-01-01", "RY2", "B")] == (None, True), "the secondary is the sampling zero"
+    assert built.report.cells == len(got) and built.violations == []
+    assert built.as_metadata()["structural_zero_cells"] == 2
+
+
+def test_structural_zeros_match_months_and_lists_of_values(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 40, "RY2", "2026-02-10", "A01")
+    zero = {"match": {"month": date(2026, 1, 1), "chapter": ["B", "C"]}, "reason": "no B or C service in January"}
+    built = build_output(con, admissions(zeros={"publish": True, "structural": [zero]}), registry, today=TODAY)
+    got = rows(con, built.table)
+    assert {k[2] for k in got if k[0] == "2026-01-01"} == {"A"}
+    assert built.structural.cells_removed == 2 * 2  # two providers, two chapters, one month
+
+
+def test_a_structural_zero_with_people_in_it_refuses_the_output(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 2, "RY2", "2026-01-10", "C01")  # people where the declaration says none can be
+    out = admissions(zeros={"publish": True, "structural": [STRUCTURAL_RY2_C]})
+    with pytest.raises(OutputError, match=r"adm: declared structural zero.*provider_code=RY2, chapter=C"):
+        build_output(con, out, registry, today=TODAY)
+    assert not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE '_true_%'").fetchone()[0]
+    assert not con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'published'").fetchone()[0]
 
 
 # --- reporting period ----------------------------------------------------------------------

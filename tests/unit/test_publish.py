@@ -18,6 +18,7 @@ import pytest
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish import release_audit
 from safehaven.publish.outputs import Output, build_output
 from safehaven.publish.publication import (
     OGL,
@@ -27,7 +28,7 @@ from safehaven.publish.publication import (
     publish_release,
     verify_release,
 )
-from safehaven.publish.quality import build_statement, store_statement
+from safehaven.publish.quality import _revision_lines, build_statement, store_statement
 
 TODAY = date(2026, 3, 15)
 NOW = datetime(2026, 3, 20, 9, 0, tzinfo=UTC)
@@ -53,6 +54,7 @@ def output(name: str = "adm", **extra: object) -> Output:
             {"name": "label", "description": "a text dimension", "domain": "observed"},
         ],
         "measures": [{"name": "people", "description": "people"}],
+        "zeros": {"publish": True, "structural": []},
         "sql": """SELECT m.month, h.provider_code, h.primary_diagnosis AS label, count(DISTINCT h.pid) AS people
                   FROM haven.hospital_episodes h
                   JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end GROUP BY ALL""",
@@ -349,9 +351,55 @@ def test_a_second_release_lists_revised_cells_and_audits_the_changes(store: Stor
         publish_release(con, [out], registry, home, now=NOW)
         second = json.loads((home.published / "adm.quality.json").read_text())
     assert "revisions" not in first["accuracy"]
-    assert second["accuracy"]["revisions"] == {"cells_compared": 4, "cells_revised": 4, "suppression_changed": 4}
+    revised = second["accuracy"]["revisions"]
+    assert {k: revised[k] for k in ("cells_compared", "cells_revised", "suppression_changed", "cells_not_listed")} == {
+        "cells_compared": 4,
+        "cells_revised": 4,
+        "suppression_changed": 4,
+        "cells_not_listed": 0,
+    }
+    # 40 and 3 people (all suppressed: 3 is small, 40 its secondary), then 52 and 12 (published 50 and 10)
+    assert revised["cells"] == [
+        {"cell": {"month": m, "provider_code": "RX1", "label": label}, "previous": "suppressed", "new": new}
+        for m in ("2026-01-01", "2026-02-01")
+        for label, new in (("A", 50), ("B", 10))
+    ], "published values only: never the true 52 or 12"
+    md = (home.published / "adm.quality.md").read_text()
+    assert "| month | provider_code | label | previous | new |" in md
+    assert "| 2026-01-01 | RX1 | A | suppressed | 50 |" in md
     audit = second["accuracy"]["disclosure_audit"]
     assert audit["audit_cells"] == 0 and audit["audit_changes"] == 4 and audit["audit_failing"] == 0
+
+
+def test_revised_cells_are_listed_with_their_published_values_up_to_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six of eight cells revised: each listed with its previous and new published value
+    ("suppressed" for a suppressed cell), in dimension order, up to the cap; the rest counted."""
+    monkeypatch.setattr(release_audit, "REVISED_CELLS_LISTED", 4)
+    con = duckdb.connect()
+    cols = "month DATE, provider_code VARCHAR, label VARCHAR, people BIGINT, suppressed BOOLEAN"
+    before = [10, None, 20, 30, 40, 50, None, 70]
+    after = [15, 25, 20, None, 45, 55, None, 75]  # cells 0, 1, 3, 4, 5, 7 revised
+    for table, values in (("now", after), ("before", before)):
+        con.execute(f"CREATE TABLE {table} ({cols})")
+        con.executemany(
+            f"INSERT INTO {table} VALUES (DATE '2026-01-01', 'RX1', ?, ?, ?)",
+            [(f"L{i}", v, v is None) for i, v in enumerate(values)],
+        )
+    got = release_audit.revisions(con, output(), "now", "before")
+    assert (got["cells_compared"], got["cells_revised"], got["suppression_changed"]) == (8, 6, 2)
+    assert [(c["cell"]["label"], c["previous"], c["new"]) for c in got["cells"]] == [
+        ("L0", 10, 15),
+        ("L1", "suppressed", 25),
+        ("L3", 30, "suppressed"),
+        ("L4", 40, 45),
+    ]
+    assert got["cells"][0]["cell"] == {"month": "2026-01-01", "provider_code": "RX1", "label": "L0"}
+    assert got["cells_not_listed"] == 2
+    md = "".join(_revision_lines(got))
+    assert "2 further revised cell(s) are not listed" in md and "| L3 | 30 | suppressed |" in md
+    con.close()
 
 
 def test_an_unreadable_previous_publication_refuses_the_release(store: Store, registry: ContractRegistry) -> None:

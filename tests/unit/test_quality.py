@@ -24,6 +24,7 @@ from safehaven.publish.quality import (
     changes_since_last_release,
     collection_figures,
     finalise,
+    policy_record,
     record_release,
     render_markdown,
 )
@@ -177,6 +178,7 @@ def social_output(**extra: object) -> Output:
             {"name": "service_type", "description": "s", "domain": {"code_list": "asc_service_types"}},
         ],
         "measures": [{"name": "people", "description": "people"}],
+        "zeros": {"publish": True, "structural": []},
         "coherence": ["A person can receive several services."],
         "sql": """SELECT m.month, s.service_type, count(DISTINCT s.pid) AS people FROM haven.social_care s
                   JOIN reporting_months m ON s.start_date BETWEEN m.month AND m.month_end GROUP BY ALL""",
@@ -227,6 +229,44 @@ def test_statement_covers_every_ess_dimension_with_figures_that_agree(
     assert not re.search(r"[0-9a-f]{32}", text.replace(out.definition_sha256(), ""))
 
 
+def test_the_statement_states_the_zeros_policy_and_the_cells_its_structural_zeros_removed(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, tmp_path: Path
+) -> None:
+    home = Home(tmp_path / "home").ensure()
+    seed(con, home)
+    nursing = {"match": {"service_type": "long_term_nursing"}, "reason": "this authority commissions no nursing care"}
+    out = social_output(zeros={"publish": True, "structural": [nursing]})
+    built = build_output(con, out, registry, today=TODAY)
+    st = build_statement(con, out, registry, home, built)
+    zeros = st["accuracy"]["disclosure_control"]["zeros"]
+    assert zeros == {
+        "sampling_zeros": "published as 0",
+        "structural_zeros": {
+            "declared": [
+                {
+                    "match": "service_type=long_term_nursing",
+                    "reason": "this authority commissions no nursing care",
+                    "cells_removed": 1,
+                }
+            ],
+            "cells_removed": 1,
+        },
+    }
+    assert st["accuracy"]["disclosure_control"]["cells"] == built.grid_cells
+    assert st["comparability_and_coherence"]["disclosure_policy"]["structural_zeros"] == [
+        "service_type=long_term_nursing"
+    ]
+    md = render_markdown(st)
+    assert "Sampling zeros (possible cells in which no one was counted) are published as 0" in md
+    assert "`service_type=long_term_nursing` (this authority commissions no nursing care): 1 cell(s)" in md
+    plain = build_statement(
+        con, social_output(), registry, home, build_output(con, social_output(), registry, today=TODAY)
+    )
+    assert "Structural zeros (combinations that cannot occur, which are not cells of the table): none declared" in (
+        render_markdown(plain)
+    )
+
+
 def test_finalise_stamps_the_release_and_its_punctuality() -> None:
     st = {"timeliness_and_punctuality": {"period_end": "2026-02-28", "target_days_after_period_end": 35}}
     done = finalise(st, "r1", datetime(2026, 3, 20, 12, tzinfo=UTC))
@@ -262,7 +302,7 @@ def test_changes_since_the_last_release(
             "definition_sha256": midpoint.definition_sha256(),
             "contracts": first["comparability_and_coherence"]["contracts"],
             "code_lists": first["comparability_and_coherence"]["code_lists"],
-            "policy": midpoint.policy.model_dump(),
+            "policy": policy_record(midpoint),
             "columns": first["accessibility_and_clarity"]["columns"],
         },
     )

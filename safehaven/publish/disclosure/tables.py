@@ -20,8 +20,9 @@ the dimension columns) held in DuckDB; every step is a SQL statement over the wh
    (denominator - count) is treated as a cell too: a complement of 1..threshold ("all but
    3 people") suppresses the count as primary. With ``suppress_zeros=True`` zero counts
    and zero complements (100% cells) are suppressed as well: use it when the output's
-   dimensions are themselves sensitive. Structural zeros (impossible combinations) should
-   not be rows of the source table at all.
+   dimensions are themselves sensitive. Structural zeros (impossible combinations) are
+   not rows of the source table at all (an output's declared ``zeros.structural``, removed
+   from its grid before protection: ``safehaven.publish.outputs``, "Zeros").
 3. **Other counts are rounded** (``Policy.rounding``):
 
    * ``"nearest5"`` (default; HES, OpenSAFELY): ``5 * round(n / 5)``; a count is known to
