@@ -34,6 +34,8 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   entries). Because a return or a rejection ends review at once, the reviews of a request still
   waiting can only be approvals; blinding hides who gave them, for which files and with what
   comment, and the state ``approved_by_one`` says no more than "1 of 2 reviews in".
+
+The states and the transitions between them are listed once, in :data:`TRANSITIONS`.
 """
 
 from __future__ import annotations
