@@ -34,6 +34,10 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   entries). Because a return or a rejection ends review at once, the reviews of a request still
   waiting can only be approvals; blinding hides who gave them, for which files and with what
   comment, and the state ``approved_by_one`` says no more than "1 of 2 reviews in".
+* **Disposal withdraws what is staged**: a request still staged under an agreement or holding
+  records of a collection being disposed of is withdrawn (:func:`withdraw_for_disposal`, why
+  ``disposed: <disposal id>``) and its staged files are shredded by the disposal
+  (``safehaven.dispose``), which counts them in its certificate.
 
 The states and the transitions between them are listed once, in :data:`TRANSITIONS`.
 """
@@ -512,6 +516,24 @@ def withdraw(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: 
     req = _transition(con, get(con, release_id), "withdraw", by=by.strip(), why=comment.strip())
     _discard(con, req)
     return req
+
+
+def withdraw_for_disposal(con: duckdb.DuckDBPyConnection, release_id: str, *, by: str, disposal_id: str) -> bool:
+    """Withdraw a request whose data is being disposed of (module docstring): whether this disposal withdrew it
+    (``False`` when it had already left, e.g. delivered, before the disposal reached it).
+
+    Its kept members are deleted; its staged files are left for the disposal's files step, which
+    shreds them and counts them in the certificate. Run again (a resumed disposal), it changes nothing.
+    """
+    req = get(con, release_id)
+    why = f"disposed: {disposal_id}"
+    if req.state == WITHDRAWN and req.comment == why:
+        return True
+    if req.state not in TRANSITIONS["withdraw"]:
+        return False
+    _transition(con, req, "withdraw", by=by, why=why, detail={"disposal_id": disposal_id})
+    con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [release_id])
+    return True
 
 
 def auto_approve(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, actor: str) -> Request:
