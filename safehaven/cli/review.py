@@ -3,11 +3,17 @@
 A request is named by the release id it would create (``research-hes-asc-linked-r0002``).
 Reviewers name themselves with ``--by``; neither may be the person who operated the run, and
 one person cannot approve twice. Every decision is audited (``safehaven.share.review``).
+
+Blinded review (SATRE 3.3.05; the OpenSAFELY Airlock): while a request awaits a decision,
+``list`` and ``show`` (text and ``--json``) say only how many of the reviews needed are in,
+never who has reviewed or any decision or comment (``safehaven.share.review.reviews_view``);
+once it has left review everything is shown.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -30,23 +36,45 @@ def list_requests(show_all: bool) -> None:
     home = _home()
     with Store(home).connect() as con:
         found = review.requests(con, states=None if show_all else review.OPEN)
-        approvers = {r.release_id: review.approvers(con, r) for r in found}
+        views = {r.release_id: review.reviews_view(con, r) for r in found}
     if not found:
         click.echo("no release requests waiting" if not show_all else "no release requests")
         return
     for r in found:
         click.echo(
             f"{r.release_id:<40} {r.state:<16} {r.rule:<28} {r.identifiability:<13} "
-            f"prepared {r.prepared_at:%Y-%m-%d %H:%M} by {r.prepared_by}; "
-            f"approved by {', '.join(approvers[r.release_id]) or 'nobody yet'}"
+            f"prepared {r.prepared_at:%Y-%m-%d %H:%M} by {r.prepared_by}; {_reviews_line(views[r.release_id])}"
         )
+
+
+def _reviews_line(view: dict[str, Any]) -> str:
+    """``N of M reviews in`` while blinded, else who approved (``safehaven.share.review.reviews_view``)."""
+    if view["blinded"]:
+        return f"{view['reviews_in']} of {view['reviews_needed']} reviews in"
+    return f"approved by {', '.join(view['approved_by']) or 'nobody'}"
+
+
+def _show_reviews(view: dict[str, Any], comment: str | None) -> None:
+    """The reviews part of ``review show``: counts while blinded, every decision afterwards."""
+    if view["blinded"]:
+        click.echo(
+            f"reviews: {view['reviews_in']} of {view['reviews_needed']} in; who reviewed and their decisions "
+            "and comments stay hidden until the request leaves review (blinded review)"
+        )
+        return
+    click.echo(_reviews_line(view))
+    if comment:
+        click.echo(f"comment: {comment}")
+    for d in view["decisions"]:
+        note = f" ({d['comment']})" if d["comment"] else ""
+        click.echo(f"  {d['decided_at'][:16]}  {d['reviewer']}: {d['decision']} {d['file']}{note}")
 
 
 @review_group.command("show")
 @click.argument("release_id")
-@click.option("--json", "as_json", is_flag=True, help="The checker summary as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="The checker summary and the reviews as JSON.")
 def show_request(release_id: str, as_json: bool) -> None:
-    """The checker summary of a request: counts only, never values."""
+    """The checker summary of a request (counts only, never values) and its reviews (blinded while waiting)."""
     from safehaven.core.store import Store
     from safehaven.share import checker, review
 
@@ -56,14 +84,13 @@ def show_request(release_id: str, as_json: bool) -> None:
             req = review.get(con, release_id)
         except review.ReviewError as exc:
             _fail(str(exc))
-        approvers = review.approvers(con, req)
+        view = review.reviews_view(con, req)
     if as_json:
-        click.echo(json.dumps(req.summary, indent=2))
+        click.echo(json.dumps({**req.summary, "reviews": {"state": req.state, **view}}, indent=2))
         return
     click.echo(f"{req.release_id}: {req.state}; rule {req.rule} ({req.rule_reason})")
-    click.echo(f"prepared by {req.prepared_by}; approved by {', '.join(approvers) or 'nobody yet'}")
-    if req.comment:
-        click.echo(f"comment: {req.comment}")
+    click.echo(f"prepared by {req.prepared_by}")
+    _show_reviews(view, None if view["blinded"] else req.comment)
     click.echo("files (SHA-256 pinned at preparation):")
     for f in req.files:
         click.echo(f"  {f['name']}  {f['sha256']}")

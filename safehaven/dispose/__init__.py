@@ -39,10 +39,17 @@ ids, file names, key ids), so that a crash at any point leaves a state the next 
    key destroyed), the ``vault.batches`` rows, GP practice registrations learned only from
    them, and the release-zone tables of the releases disposed of. ``governance.batches`` keeps
    a tombstone (status ``disposed``: file name, hash, row count), so the same file sent again
-   is not landed again.
+   is not landed again. Then every **release request still staged** that the disposal reaches
+   (not yet delivered nor closed: prepared, awaiting a reviewer, approved, returned) is
+   withdrawn, why ``disposed: <disposal id>``, audited (``review.withdraw``), and the pids kept
+   for it are deleted (``safehaven.share.review.withdraw_for_disposal``). It reaches, for an
+   agreement, every such request of the agreement (with ``--release``, those named); for a
+   collection, every record-level request holding the collection prepared since its first
+   disposed batch landed (the rule for the releases made from it).
 3. **files** (physical): every plain copy under ``$SAFEHAVEN_HOME`` is overwritten with random
    bytes, synced and unlinked: the release directories disposed of (extracts, manifest and, for
-   a whole agreement, its objection notices and re-key crosswalks), the collection's quarantined
+   a whole agreement, its objection notices and re-key crosswalks), the staged files of the
+   requests withdrawn (``staging/releases/<release-id>/``), the collection's quarantined
    files received before the date (they are plain identifiable data) with their reason files,
    and any copy of a disposed file waiting in ``incoming/``.
 4. **rebuild** (physical): DuckDB's DELETE leaves the bytes in the file (``docs/design.md``), so the
@@ -51,7 +58,7 @@ ids, file names, key ids), so that a crash at any point leaves a state the next 
    could open a copy of the old file, is overwritten and unlinked as the key ring replaces it
    (``safehaven.core.keys``: the bytes, not just the name, are destroyed).
 5. **record**: the certificate (what, why, when, by whom, rows per table, files with their
-   SHA-256, key ids destroyed, old and new store key ids) goes into
+   SHA-256, key ids destroyed, old and new store key ids, the staged requests withdrawn) goes into
    ``governance.disposal_register``, ``registers/disposal_register.csv|.parquet`` and the audit
    trail (``action="dispose"``). Then the journal is removed.
 

@@ -1,4 +1,5 @@
-"""The plain copies a disposal reaches: release folders, quarantined files, incoming copies (CoP 49).
+"""The plain copies a disposal reaches: release folders, staged release requests, quarantined
+files, incoming copies (CoP 49).
 
 Physical disposal destroys *all copies* (CoP 49): every file is listed with its size and SHA-256
 when the disposal is planned, so the certificate can show what was destroyed. Symbolic links are
@@ -17,6 +18,9 @@ import duckdb
 
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
+from safehaven.core.store import table_exists
+from safehaven.share import review
+from safehaven.share.releases import staging_dir
 
 REASON_SUFFIX = ".reason.json"
 
@@ -115,3 +119,49 @@ def release_tables(con: duckdb.DuckDBPyConnection | None, agreement_id: str) -> 
         [f"{agreement_id}__"],
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def staged_requests(
+    con: duckdb.DuckDBPyConnection | None,
+    *,
+    agreement: str | None = None,
+    release_ids: tuple[str, ...] = (),
+    collection: str | None = None,
+    since: datetime | None = None,
+) -> list[str]:
+    """Release requests still staged (not yet delivered nor closed: ``review.OPEN``) that a disposal reaches.
+
+    Of an agreement (all of them, or only ``release_ids``); or, for a collection, every
+    record-level request holding it prepared since ``since`` (when its first disposed batch
+    landed), as for the releases made from it.
+    """
+    if con is None or not table_exists(con, "governance", "release_requests"):
+        return []
+    where = [f"state IN ({', '.join('?' for _ in review.OPEN)})"]
+    params: list[Any] = list(review.OPEN)
+    if agreement is not None:
+        where.append("agreement_id = ?")
+        params.append(agreement)
+    if release_ids:
+        where.append("list_contains(?, release_id)")
+        params.append(list(release_ids))
+    if collection is not None:
+        held = "string_split(json_extract_string(register_row, '$.collections'), ', ')"
+        where += ["identifiability <> 'anonymised'", "prepared_at >= ?", f"list_contains({held}, ?)"]
+        params += [since, collection]
+    rows = con.execute(
+        f"SELECT release_id FROM {review.REQUESTS} WHERE {' AND '.join(where)} ORDER BY prepared_at, release_id",
+        params,
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def staged_files(home: Home, release_ids: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every file (kind ``staged``) and directory of the staging areas of ``release_ids``."""
+    files: list[dict[str, Any]] = []
+    dirs: list[str] = []
+    for rid in release_ids:
+        found, subdirs = files_under(home, staging_dir(home, rid), "staged")
+        files += found
+        dirs += subdirs
+    return files, dirs

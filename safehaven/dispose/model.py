@@ -136,10 +136,12 @@ class Plan:
     dirs: list[str] = field(default_factory=list)
     keys: list[dict[str, Any]] = field(default_factory=list)
     vault_values_needing_key: int = 0
+    #: release requests still staged that the disposal withdraws (their staged files are in ``files``)
+    staged_requests: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.batches or self.release_tables or self.files or self.dirs or self.keys)
+        return not (self.batches or self.release_tables or self.files or self.dirs or self.keys or self.staged_requests)
 
     @property
     def batch_ids(self) -> list[str]:
@@ -165,6 +167,7 @@ class Plan:
             "rows_in_batches": sum(int(b.get("rows") or 0) for b in self.batches),
             "releases": self.release_ids,
             "release_tables": self.release_tables,
+            "staged_requests": self.staged_requests,
             "files": len(self.files),
             "bytes": sum(int(f["bytes"]) for f in self.files),
             "keys": [{k: v for k, v in key.items() if k != "path"} for key in self.keys],
@@ -194,6 +197,7 @@ class DisposalResult:
                 batches=len(c["batches"]),
                 rows_disposed=c["rows_disposed"],
                 files_destroyed=c["files_destroyed"],
+                staged_requests_withdrawn=len(c.get("staged_requests_withdrawn", [])),
                 bytes_destroyed=c["bytes_destroyed"],
                 keys_destroyed=len(c["keys_destroyed"]),
                 key_ids_destroyed=", ".join(k["key_id"] for k in c["keys_destroyed"]),

@@ -19,7 +19,14 @@ from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, agreement_purpose, derive_agreement_key
 from safehaven.core.store import Store, table_exists
-from safehaven.dispose.found import files_under, incoming_copies, quarantine_files, release_tables
+from safehaven.dispose.found import (
+    files_under,
+    incoming_copies,
+    quarantine_files,
+    release_tables,
+    staged_files,
+    staged_requests,
+)
 from safehaven.dispose.journal import midnight, new_id, now
 from safehaven.dispose.model import RELEASE_REGISTER, DisposalError, Plan, Target
 from safehaven.dispose.vault_sets import disposed_people, drop_vault_sets, load_batches, needs_vault_key, vault_sets
@@ -80,6 +87,15 @@ def _plan_releases(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Home
     registered = _registered_releases(con, aid)
     if registered and registered[-1][0] in t.releases:
         plan.release_tables = release_tables(con, aid)
+    _plan_staged(plan, home, staged_requests(con, agreement=aid, release_ids=t.releases))
+
+
+def _plan_staged(plan: Plan, home: Home, release_ids: list[str]) -> None:
+    """Requests still staged: withdrawn by the rows step, their staged files shredded by the files step."""
+    files, dirs = staged_files(home, release_ids)
+    plan.staged_requests += release_ids
+    plan.files += files
+    plan.dirs += dirs
 
 
 def _refuse_in_force(registry: ContractRegistry, aid: str, today: date, con: duckdb.DuckDBPyConnection | None) -> None:
@@ -129,6 +145,7 @@ def _plan_agreement(
     )
     plan.release_tables = release_tables(con, aid)
     plan.keys += _agreement_key(keyring, aid)
+    _plan_staged(plan, home, staged_requests(con, agreement=aid))
 
 
 def _content_contract(registry: ContractRegistry, collection: str) -> Contract:
@@ -159,11 +176,15 @@ def _plan_batches(plan: Plan, con: duckdb.DuckDBPyConnection | None, cutoff: dat
 
 
 def _plan_collection_releases(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Home) -> None:
-    """Identifiable releases of the collection made since its first disposed batch landed, and their tables."""
+    """Record-level releases of the collection made since its first disposed batch landed, their tables, and
+    the requests holding it still staged."""
     accepted = [b for b in plan.batches if b["status"] == "accepted"]  # only these reached the haven
-    if not accepted or con is None or not table_exists(con, "governance", "release_register"):
+    if not accepted or con is None:
         return
     first = min(datetime.fromisoformat(b["landed_at"]) for b in accepted)
+    _plan_staged(plan, home, staged_requests(con, collection=plan.target.collection, since=first))
+    if not table_exists(con, "governance", "release_register"):
+        return
     releases = con.execute(
         f"SELECT release_id, agreement_id FROM {RELEASE_REGISTER} WHERE identifiability <> 'anonymised' "
         "AND list_contains(string_split(collections, ', '), ?) AND released_at >= ? "

@@ -66,7 +66,7 @@ def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
     detail = {
         "target": target.as_dict(),
         "reason": plan.reason[:500],
-        **{k: v for k, v in plan.summary().items() if k in ("batches", "files", "releases")},
+        **{k: v for k, v in plan.summary().items() if k in ("batches", "files", "releases", "staged_requests")},
     }
     _audit(home, keyring, plan, plan.requested_by, "started", detail)
     return journal

@@ -1,10 +1,10 @@
 """The five steps of a disposal, carried out from its journal (CoP 43d, 43f, 48-50).
 
 Rules: ``safehaven.dispose`` package docstring, "What disposal does": 1 keys (crypto-shredding),
-2 rows (one transaction, its counts committed with it), 3 files (plain copies overwritten and
-unlinked), 4 rebuild (a fresh store under a fresh key; the old key's bytes destroyed), 5 record
-(the certificate). Each step is journalled when done, so a crash between two steps is completed
-by the next run, and a step run again does nothing twice.
+2 rows (one transaction, its counts committed with it; then the staged requests withdrawn),
+3 files (plain copies overwritten and unlinked), 4 rebuild (a fresh store under a fresh key; the
+old key's bytes destroyed), 5 record (the certificate). Each step is journalled when done, so a
+crash between two steps is completed by the next run, and a step run again does nothing twice.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.haven import haven_key
 from safehaven.protect.pseudonymise import install_key
+from safehaven.share import review
 
 #: The crash point prefix that stops a rebuild inside ``Store.rebuild`` (tests only).
 REBUILD_CRASH = "rebuild:"
@@ -105,15 +106,31 @@ def _rows_progress(run: Run, con: duckdb.DuckDBPyConnection) -> Any:
 
 
 def delete_rows(run: Run) -> None:
-    """Delete the rows in one transaction, unless a previous attempt committed it (its progress row)."""
+    """Delete the rows in one transaction, unless a previous attempt committed it (its progress row);
+    then withdraw the staged requests of the plan."""
     with run.store.connect() as con:
         ensure_tables(con)
         row = _rows_progress(run, con)
         if row is None:
             delete_in(run, con)
             row = _rows_progress(run, con)
+        withdrawn = withdraw_staged(run, con)
     run.crash("rows")
-    run.done("rows", json.loads(row[0]))
+    run.done("rows", {**json.loads(row[0]), "staged_requests_withdrawn": withdrawn})
+
+
+def withdraw_staged(run: Run, con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Withdraw the plan's requests still staged, audited, why ``disposed: <disposal id>``; the ids withdrawn
+    by this disposal (run again, the same). Their staged files are shredded by the files step."""
+    plan = run.plan
+    withdrawn = [
+        rid
+        for rid in plan.staged_requests
+        if review.withdraw_for_disposal(con, rid, by=plan.requested_by, disposal_id=plan.disposal_id)
+    ]
+    if plan.staged_requests:
+        review.export(con, run.home)
+    return withdrawn
 
 
 def delete_in(run: Run, con: duckdb.DuckDBPyConnection) -> None:

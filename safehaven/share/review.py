@@ -21,6 +21,23 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   *shape*) equal those of an earlier release approved by two reviewers; identifiable releases
   always need two reviewers and the vault custodian (delivery needs the vault key).
 * **Every transition is audited** (``object = release-request:<id>``): who, when, from, to, why.
+* **Blinded review** (SATRE 3.3.05: output checks by two independent checkers; the OpenSAFELY
+  Airlock's independent review, where checkers do not see each other's decisions until both
+  have reviewed): while a request awaits a reviewer's decision (:data:`AWAITING_REVIEW`), what
+  the reviewers are shown (:func:`reviews_view`, used by ``safehaven review list|show``) says
+  only how many of the reviews its rule needs are in: not who has reviewed, nor any per-file
+  decision or comment (a reviewer's own included: ``--by`` is a name typed, not a login, so
+  "your own decisions" would show anyone's). Once the request has left review (approved,
+  returned, rejected, released, withdrawn, superseded) every decision, reviewer and comment is
+  shown. The store and the audit trail record every decision as it is made: that is the
+  custodian's and IG lead's record, not the reviewers' view (``review show`` prints no audit
+  entries). Because a return or a rejection ends review at once, the reviews of a request still
+  waiting can only be approvals; blinding hides who gave them, for which files and with what
+  comment, and the state ``approved_by_one`` says no more than "1 of 2 reviews in".
+* **Disposal withdraws what is staged**: a request still staged under an agreement or holding
+  records of a collection being disposed of is withdrawn (:func:`withdraw_for_disposal`, why
+  ``disposed: <disposal id>``) and its staged files are shredded by the disposal
+  (``safehaven.dispose``), which counts them in its certificate.
 
 The states and the transitions between them are listed once, in :data:`TRANSITIONS`.
 """
@@ -346,6 +363,55 @@ def approvers(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
     return [r[0] for r in rows if _approved_all(con, req, r[0])]
 
 
+# --- what reviewers are shown (blinded review, module docstring) ----------------------------
+
+
+def blinded(req: Request) -> bool:
+    """Whether the reviews of ``req`` are hidden from the reviewers (it still awaits a decision)."""
+    return req.state in AWAITING_REVIEW
+
+
+def reviews_in(con: duckdb.DuckDBPyConnection, req: Request) -> int:
+    """How many reviewers have decided every file of ``req`` (a review is in once it covers every file)."""
+    ensure_tables(con)
+    row = con.execute(
+        f"SELECT count(*) FROM (SELECT reviewer FROM {REVIEWS} WHERE release_id = ? GROUP BY reviewer "
+        "HAVING count(DISTINCT file_name) >= ?)",
+        [req.release_id, len(req.files)],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def decisions(con: duckdb.DuckDBPyConnection, req: Request) -> list[dict[str, Any]]:
+    """Every per-file decision on ``req``, oldest first: reviewer, file, SHA-256, decision, comment, when."""
+    ensure_tables(con)
+    rows = con.execute(
+        f"SELECT reviewer, file_name, sha256, decision, comment, decided_at FROM {REVIEWS} WHERE release_id = ? "
+        "ORDER BY decided_at, reviewer, file_name",
+        [req.release_id],
+    ).fetchall()
+    keys = ("reviewer", "file", "sha256", "decision", "comment", "decided_at")
+    return [dict(zip(keys, (*r[:5], r[5].isoformat()), strict=True)) for r in rows]
+
+
+def reviews_view(con: duckdb.DuckDBPyConnection, req: Request) -> dict[str, Any]:
+    """What the reviewers may see of the reviews of ``req`` (blinded review, module docstring).
+
+    While it awaits a decision: ``reviews_in`` of ``reviews_needed`` only (``approved_by`` and
+    ``decisions`` are ``None``). Afterwards: who approved, and every decision with its comment.
+    """
+    view: dict[str, Any] = {
+        "blinded": blinded(req),
+        "reviews_in": reviews_in(con, req),
+        "reviews_needed": req.reviewers_needed,
+        "approved_by": None,
+        "decisions": None,
+    }
+    if not view["blinded"]:
+        view.update(approved_by=approvers(con, req), decisions=decisions(con, req))
+    return view
+
+
 def _pin(req: Request, wanted: list[str] | None) -> dict[str, str]:
     """Hash the files being decided now; each must still equal its hash pinned at preparation."""
     pinned = {f["name"]: f["sha256"] for f in req.files}
@@ -450,6 +516,24 @@ def withdraw(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: 
     req = _transition(con, get(con, release_id), "withdraw", by=by.strip(), why=comment.strip())
     _discard(con, req)
     return req
+
+
+def withdraw_for_disposal(con: duckdb.DuckDBPyConnection, release_id: str, *, by: str, disposal_id: str) -> bool:
+    """Withdraw a request whose data is being disposed of (module docstring): whether this disposal withdrew it
+    (``False`` when it had already left, e.g. delivered, before the disposal reached it).
+
+    Its kept members are deleted; its staged files are left for the disposal's files step, which
+    shreds them and counts them in the certificate. Run again (a resumed disposal), it changes nothing.
+    """
+    req = get(con, release_id)
+    why = f"disposed: {disposal_id}"
+    if req.state == WITHDRAWN and req.comment == why:
+        return True
+    if req.state not in TRANSITIONS["withdraw"]:
+        return False
+    _transition(con, req, "withdraw", by=by, why=why, detail={"disposal_id": disposal_id})
+    con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [release_id])
+    return True
 
 
 def auto_approve(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, actor: str) -> Request:

@@ -35,11 +35,19 @@ from safehaven.dispose import disposal
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
+from safehaven.share import review
 from safehaven.share.agreements import suspend
-from safehaven.share.releases import PERSON_ID
+from safehaven.share.releases import PERSON_ID, prepare
 from safehaven.tools import synthetic
 from tests.conftest import custodian_ring, leaked_nhs_numbers, scan_for
-from tests.governance_helpers import adopt, agreement_data, contracts_root, prepare_and_release, write_agreement
+from tests.governance_helpers import (
+    REVIEWERS,
+    adopt,
+    agreement_data,
+    contracts_root,
+    prepare_and_release,
+    write_agreement,
+)
 from tests.unit.populate import process, write_csv
 
 OLD_END = date(2015, 3, 31)
@@ -632,6 +640,101 @@ def test_needs_the_vault_key_when_a_kept_person_has_another_disposed_value(world
     with Store(world.home).connect(read_only=True) as con:
         assert not disposal.certificates(con)
     assert world.dispose(disposal.Target.for_collection("gp_events", BEFORE)).status == "disposed"
+
+
+# --- release requests still staged -------------------------------------------------------------
+
+
+def _stage(world: World, approvals: int = 0) -> review.Request:
+    """A new request under the study, staged and not delivered (the kept GP data changed since r0001),
+    approved by ``approvals`` of the two reviewers it needs."""
+    with Store(world.home).connect() as con:
+        con.execute(
+            "DELETE FROM haven.gp_events WHERE rowid IN "
+            f"(SELECT rowid FROM haven.gp_events WHERE _batch IN ({KEPT}) ORDER BY rowid LIMIT 30)"
+        )
+        result = prepare(con, STUDY, home=world.home, registry=world.registry, keyring=world.keyring)
+        assert result.status == "prepared", result.reason
+        for by in REVIEWERS[:approvals]:
+            review.approve(con, result.release_id, by, home=world.home)
+        req = review.get(con, result.release_id)
+    assert any(req.staging_dir.iterdir())
+    return req
+
+
+def _withdrawn_by(world: World, release_id: str) -> tuple[review.Request, list[audit.Entry], int]:
+    """The request as stored, its ``review.withdraw`` audit entries and the members still kept for it."""
+    with Store(world.home).connect() as con:
+        req = review.get(con, release_id)
+        trail = audit.entries_for(con, object_like=f"release-request:{release_id}")
+        members = con.execute(f"SELECT count(*) FROM {review.REQUEST_MEMBERS} WHERE release_id = ?",
+                              [release_id]).fetchone()[0]  # fmt: skip
+    return req, [e for e in trail if e.action == "review.withdraw"], members
+
+
+def test_disposing_of_a_collection_shreds_and_withdraws_the_requests_still_staged_with_it(world: World) -> None:
+    """A request prepared from the disposed records, approved by one reviewer, is still staged: its
+    files are shredded (overwritten, not only unlinked), it is withdrawn, audited and certified."""
+    req = _stage(world, approvals=1)
+    assert req.state == review.APPROVED_BY_ONE
+    staged = sorted(p for p in req.staging_dir.iterdir() if p.suffix == ".parquet")
+    alias = world.home.root.parent / "alias.parquet"  # outside the home: a view of the same bytes
+    alias.hardlink_to(staged[0])
+    before = alias.read_bytes()
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    plan = disposal.make_plan(world.home, target, registry=world.registry, keyring=world.keyring)
+    assert plan.summary()["staged_requests"] == [req.release_id]
+    assert {f["path"] for f in plan.files if f["kind"] == "staged"} == {
+        str(p.relative_to(world.home.root)) for p in req.staging_dir.iterdir()
+    }
+
+    result = world.dispose(target)
+
+    assert not req.staging_dir.exists() and alias.read_bytes() != before
+    cert = result.certificate
+    assert cert["staged_requests"] == cert["staged_requests_withdrawn"] == [req.release_id]
+    assert result.as_metadata()["staged_requests_withdrawn"] == 1
+    staged_files = [f for f in cert["files"] if f["kind"] == "staged"]
+    assert len(staged_files) == len(staged) + 1 and cert["files_destroyed"] == len(cert["files"])  # + manifest
+    stored, withdrawals, members = _withdrawn_by(world, req.release_id)
+    assert stored.state == review.WITHDRAWN and stored.comment == f"disposed: {result.disposal_id}"
+    assert [(e.actor, e.detail_value["disposal_id"]) for e in withdrawals] == [
+        (cert["requested_by"], result.disposal_id)
+    ]
+    assert members == 0
+
+
+def test_disposing_of_an_agreement_shreds_and_withdraws_its_staged_requests_and_a_dry_run_lists_them(
+    world: World,
+) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    req = _stage(world)
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    dry = CliRunner().invoke(main, ["dispose", "--agreement", STUDY, "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.output)["staged_requests"] == [req.release_id] and any(req.staging_dir.iterdir())
+
+    result = world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, Caldicott Guardian")
+
+    assert result.certificate["staged_requests_withdrawn"] == [req.release_id]
+    assert not req.staging_dir.exists() and not (world.home.releases / STUDY).exists()
+    stored, withdrawals, _ = _withdrawn_by(world, req.release_id)
+    assert stored.state == review.WITHDRAWN and len(withdrawals) == 1
+    assert world.dispose(disposal.Target.for_agreement(STUDY)).status == "nothing_to_dispose"
+
+
+def test_a_crash_after_staged_requests_are_withdrawn_still_certifies_them(world: World) -> None:
+    req = _stage(world)
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, _crash_after="rows")
+    result = world.dispose(target)
+    assert result.resumed and result.certificate["staged_requests_withdrawn"] == [req.release_id]
+    assert not req.staging_dir.exists()
+    assert len(_withdrawn_by(world, req.release_id)[1]) == 1  # withdrawn once, however often the step ran
 
 
 def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:

@@ -293,6 +293,45 @@ def test_every_transition_appears_in_the_audit_trail(haven: Haven) -> None:
     assert audit.verify(haven.con).ok
 
 
+def test_while_a_request_awaits_review_reviewers_see_only_how_many_reviews_are_in(haven: Haven) -> None:
+    """Blinded review (SATRE 3.3.05; the OpenSAFELY Airlock): not who reviewed, nor any decision or comment."""
+    haven.add()
+    rid = haven.prepare().release_id
+    req = review.get(haven.con, rid)
+    assert review.reviews_view(haven.con, req) == {
+        "blinded": True, "reviews_in": 0, "reviews_needed": 2, "approved_by": None, "decisions": None,
+    }  # fmt: skip
+    review.approve(haven.con, rid, R1, home=haven.home, files=["hospital_episodes.parquet"], comment="rounded ok")
+    assert review.reviews_view(haven.con, review.get(haven.con, rid))["reviews_in"] == 0  # one file is not a review
+    req = review.approve(haven.con, rid, R1, home=haven.home, files=["social_care.parquet"], comment="fine by me")
+    view = review.reviews_view(haven.con, req)
+    assert req.state == review.APPROVED_BY_ONE
+    assert view == {"blinded": True, "reviews_in": 1, "reviews_needed": 2, "approved_by": None, "decisions": None}
+    assert R1 not in json.dumps(view) and "fine by me" not in json.dumps(view)
+    # the audit trail still records every decision as it is made (the custodian's record)
+    trail = audit.entries_for(haven.con, object_like=f"release-request:{rid}")
+    decided = [e for e in trail if e.action == "review.decide"]
+    assert [(e.actor, e.detail_value["comment"]) for e in decided] == [(R1, "rounded ok"), (R1, "fine by me")]
+
+
+@pytest.mark.parametrize("ending", ["release", "return"])
+def test_once_a_request_leaves_review_every_reviewer_decision_and_comment_is_shown(haven: Haven, ending: str) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    review.approve(haven.con, rid, R1, home=haven.home, comment="fine by me")
+    if ending == "release":
+        req = review.approve(haven.con, rid, R2, home=haven.home)
+    else:
+        req = review.return_request(haven.con, rid, R2, "coarsen the admission date")
+    view = review.reviews_view(haven.con, req)
+    assert view["blinded"] is False and view["reviews_in"] == 2
+    assert view["approved_by"] == ([R1, R2] if ending == "release" else [R1])
+    seen = {(d["reviewer"], d["file"], d["decision"], d["comment"]) for d in view["decisions"]}
+    files = ("hospital_episodes.parquet", "social_care.parquet")
+    theirs = ("approve", None) if ending == "release" else ("return", "coarsen the admission date")
+    assert seen == {(R1, f, "approve", "fine by me") for f in files} | {(R2, f, *theirs) for f in files}
+
+
 def test_transitions_are_listed_in_one_place() -> None:
     assert set(review.TRANSITIONS["withdraw"]) == set(review.OPEN)
     assert review.TRANSITIONS["release"] == {review.APPROVED: review.RELEASED}
@@ -330,14 +369,24 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
 
     assert "prepared test-linked-r0001" in run("agreements", "release", "test-linked").output
     listing = run("review", "list").output
-    assert "test-linked-r0001" in listing and "prepared" in listing and "nobody yet" in listing
+    assert "test-linked-r0001" in listing and "prepared" in listing and "0 of 2 reviews in" in listing
     shown = run("review", "show", "test-linked-r0001").output
     assert "k per person" in shown and "| person_id |" in shown and not any(n in shown for n in NHS)
     operator = run("review", "approve", "test-linked-r0001", "--by", current_actor())
     assert operator.exit_code == 1 and "operated the run" in operator.output
-    assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 0
+    assert run("review", "approve", "test-linked-r0001", "--by", R1, "--comment", "fine by me").exit_code == 0
     assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 1
     assert run("review", "return", "test-linked-r0001", "--by", R2, "--comment", "x").exit_code == 1
+    # blinded: the second reviewer sees that one review is in, not whose, nor its decisions or comment
+    blind = [run("review", "list").output, run("review", "show", "test-linked-r0001").output,
+             run("review", "show", "test-linked-r0001", "--json").output]  # fmt: skip
+    assert "1 of 2 reviews in" in blind[0] and "reviews: 1 of 2 in" in blind[1]
+    assert json.loads(blind[2])["reviews"]["reviews_in"] == 1 and "k_per_person" in blind[2]
+    assert not any(R1 in text or "fine by me" in text for text in blind)
     out = run("review", "approve", "test-linked-r0001", "--by", R2).output
     assert "released ->" in out and (haven.home.releases / "test-linked" / "test-linked-r0001").is_dir()
     assert "no release requests waiting" in run("review", "list").output
+    after = run("review", "show", "test-linked-r0001").output
+    assert f"approved by {R1}, {R2}" in after and f"{R1}: approve social_care.parquet (fine by me)" in after
+    decided = json.loads(run("review", "show", "test-linked-r0001", "--json").output)["reviews"]["decisions"]
+    assert {d["reviewer"] for d in decided} == {R1, R2}
