@@ -15,6 +15,7 @@ import pytest
 from assets.runner import run_nightly
 from safehaven.core.home import Home
 from safehaven.tools import synthetic
+from tests.conftest import with_vault_keys
 from tests.governance_helpers import adopt_project_agreements
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def readme_commands(section: str) -> list[str]:
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> Home:
     root = tmp_path_factory.mktemp("analyst")
-    home = Home(root / "haven").ensure()
+    home = with_vault_keys(Home(root / "haven").ensure())  # set up by the key custodian
     synthetic.generate(home.incoming, patients=300, seed=11)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFEHAVEN_HOME", str(home.root))

@@ -29,6 +29,7 @@ from safehaven.core.home import Home
 from safehaven.tools import synthetic
 from tests.conftest import NHS_LIKE, leaked_nhs_numbers, seeded_nhs_numbers, with_vault_keys
 from tests.deploy.postgres import PostgresServer, free_port, start_server
+from tests.governance_helpers import adopt_project_agreements
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCTION = REPO / "deploy" / "production"
@@ -109,6 +110,7 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
     # set up as the key custodian sets up a new haven before its first run (keys init-vault)
     home = with_vault_keys(Home(root / "haven").ensure())
     synthetic.generate(home.incoming, patients=PATIENTS, seed=11)
+    adopt_project_agreements(home)  # the governance lead's decisions on the project's agreements
     seeded = seeded_nhs_numbers(home.incoming)
     procs: list[subprocess.Popen] = []
     try:
