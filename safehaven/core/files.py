@@ -43,3 +43,20 @@ def shred_file(path: Path) -> int:
         os.close(fd)
     path.unlink()
     return size
+
+
+def shred_tree(root: Path) -> int:
+    """Shred every regular file under ``root`` (``shred_file``), then remove its folders; returns
+    the files shredded. A missing ``root`` is nothing to do. Links are removed, never followed."""
+    if not root.exists() and not root.is_symlink():
+        return 0
+    if root.is_symlink() or root.is_file():
+        shred_file(root)
+        return 1
+    files = [p for p in root.rglob("*") if p.is_file() or p.is_symlink()]
+    for path in files:
+        shred_file(path)
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    root.rmdir()
+    return len(files)

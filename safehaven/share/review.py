@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +55,7 @@ import duckdb
 
 from safehaven.core import audit
 from safehaven.core import registers as reg
-from safehaven.core.files import sha256_file
+from safehaven.core.files import sha256_file, shred_tree
 from safehaven.core.home import Home
 from safehaven.protect import optouts
 
@@ -324,9 +323,10 @@ def open_request(
 
 
 def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
-    """Remove the staged files and kept members of a request that will never be released."""
+    """Shred the staged files and drop the kept members of a request that will never be released
+    (CoP 27b: record-level files are overwritten, not only unlinked, as disposal does)."""
     con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
-    shutil.rmtree(req.staging_dir, ignore_errors=True)
+    shred_tree(req.staging_dir)
 
 
 def _require_independent(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:

@@ -10,6 +10,7 @@ transition appears in the audit trail.
 from __future__ import annotations
 
 import json
+import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,6 +185,25 @@ def test_changed_data_supersedes_the_waiting_request(haven: Haven) -> None:
     assert not review.get(haven.con, first).staging_dir.exists()
     with pytest.raises(review.ReviewError, match="only a prepared request"):
         haven.approve(first, R1)
+
+
+def test_a_request_that_will_never_leave_has_its_staged_files_shredded(haven: Haven, tmp_path) -> None:  # noqa: ANN001
+    """Rejected, withdrawn or superseded: the staged record-level files are overwritten before
+    they are unlinked (a hard link made outside the haven sees random bytes, not the extract)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    staged = sorted(p for p in review.get(haven.con, rid).staging_dir.rglob("*") if p.is_file())
+    assert staged
+    witnesses = []
+    for i, path in enumerate(staged):
+        witness = tmp_path / f"witness-{i}"
+        os.link(path, witness)
+        witnesses.append((witness, path.read_bytes()))
+    review.reject(haven.con, rid, R1, "the cohort is too small to leave")
+    assert not review.get(haven.con, rid).staging_dir.exists()
+    for witness, before in witnesses:
+        after = witness.read_bytes()
+        assert len(after) == len(before) and after != before
 
 
 def test_return_and_reject_need_a_comment_and_release_nothing(haven: Haven) -> None:
