@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -45,18 +46,21 @@ def shred_file(path: Path) -> int:
     return size
 
 
-def shred_tree(root: Path) -> int:
-    """Shred every regular file under ``root`` (``shred_file``), then remove its folders; returns
-    the files shredded. A missing ``root`` is nothing to do. Links are removed, never followed."""
+def shred_tree(root: Path, before: Callable[[Path], object] | None = None) -> int:
+    """Shred every regular file under ``root`` (``shred_file``, in path order; ``before`` is
+    called on each first), then remove its folders, deepest first; returns the files shredded.
+    A missing ``root`` is nothing to do. Links are removed, never followed."""
     if not root.exists() and not root.is_symlink():
         return 0
     if root.is_symlink() or root.is_file():
         shred_file(root)
         return 1
-    files = [p for p in root.rglob("*") if p.is_file() or p.is_symlink()]
+    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
     for path in files:
+        if before is not None:
+            before(path)
         shred_file(path)
-    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         folder.rmdir()
     root.rmdir()
     return len(files)

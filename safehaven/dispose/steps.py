@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core.files import shred_file
+from safehaven.core.files import shred_file, shred_tree
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.sql import q
@@ -240,13 +240,8 @@ def _registrations(con: duckdb.DuckDBPyConnection, contract: Contract) -> dict[s
 
 def _shred_folder(home: Home, folder: Path) -> list[dict[str, Any]]:
     """Shred every file under ``folder`` (written there since the plan, too) and remove its directories."""
-    extra = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
-        extra.append(file_entry(home, path, "release"))
-        shred_file(path)
-    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        sub.rmdir()
-    folder.rmdir()
+    extra: list[dict[str, Any]] = []
+    shred_tree(folder, before=lambda path: extra.append(file_entry(home, path, "release")))
     return extra
 
 
