@@ -1,8 +1,10 @@
 """Aggregate stage: each declared output counted in the store, protected by statistical
 disclosure control and checked before it enters the published zone (CoP 34b, 35; ISB 1523).
 
-Thin: the rules live in ``safehaven.publish.outputs`` (counting, grid, protection), ``safehaven.publish.publication``
-(the publication guard), ``safehaven.publish.quality`` (the statement) and ``safehaven.share.linkage``
+Thin: the unit of work is ``safehaven.publish.aggregate`` (an output is rebuilt only when an
+input changed: ``safehaven.publish.reuse``); the rules live in ``safehaven.publish.outputs``
+(counting, grid, protection), ``safehaven.publish.publication`` (the publication guard),
+``safehaven.publish.quality`` (the statement) and ``safehaven.share.linkage``
 (the agreement a linked output needs). Two blocking checks per output stop the publication
 step of the same run when the protected table breaks a disclosure invariant or the guard.
 """
@@ -12,11 +14,9 @@ import dagster as dg
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.publish.outputs import Output, build_output, load_code_lists, load_outputs
-from safehaven.publish.publication import guard_table
-from safehaven.publish.quality import build_statement, render_markdown, store_statement
-from safehaven.share import approvals
-from safehaven.share.linkage import authorise_linkage
+from safehaven.publish.aggregate import aggregate
+from safehaven.publish.outputs import Output, load_outputs
+from safehaven.publish.quality import render_markdown
 
 
 def sdc_check_name(output: Output) -> str:
@@ -65,55 +65,31 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
         kinds={"duckdb"},
     )
     def _output(haven: SafeHavenResource) -> dg.MaterializeResult:
-        registry = haven.registry()
         with haven.connect() as con:
-            # The store's code lists, refreshed once for this unit of work (no write when current).
-            load_code_lists(con, registry)
-            agreement_id = None
-            if output.linkage:
-                agreement = authorise_linkage(
-                    con,
-                    approvals.effective_agreements(con, registry.root),  # the store's decisions, not the files
-                    output.linkage.left,
-                    output.linkage.right,
-                    output.linkage.purpose,
-                    registry=registry,
-                )
-                agreement_id = agreement.id
-            built = build_output(
-                con,
-                output,
-                registry,
-                agreement_id=agreement_id,
-                publication=load_outputs(registry),
-                previous_folder=haven.home_dir().published,
-            )
-            guard = guard_table(con, built.table, output, registry)
-            statement = build_statement(con, output, registry, haven.home_dir(), built)
-            store_statement(con, statement)
+            result = aggregate(con, output, haven.registry(), haven.home_dir())
+        md = render_markdown(result.statement) if result.statement else None
+        statement = {"quality_statement": dg.MetadataValue.md(md)} if md else {}
         return dg.MaterializeResult(
             metadata={
-                "rows_in": built.observed_cells,
-                "rows_out": built.grid_cells,
-                "dagster/row_count": built.grid_cells,
-                **built.as_metadata(),
-                "quality_statement": dg.MetadataValue.md(render_markdown(statement)),
+                **result.metadata,
+                "dagster/row_count": int(result.metadata.get("grid_cells", 0)),
+                **statement,
             },
             check_results=[
                 dg.AssetCheckResult(
                     check_name=sdc_check_name(output),
-                    passed=not built.violations,
+                    passed=not result.violations,
                     severity=dg.AssetCheckSeverity.ERROR,
                     metadata={
-                        "violations": len(built.violations),
-                        "first_violations": "; ".join(built.violations[:5]) or "none",
+                        "violations": len(result.violations),
+                        "first_violations": "; ".join(result.violations[:5]) or "none",
                     },
                 ),
                 dg.AssetCheckResult(
                     check_name=guard_check_name(output),
-                    passed=not guard,
+                    passed=not result.guard,
                     severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"findings": len(guard), "first_findings": "; ".join(guard[:5]) or "none"},
+                    metadata={"findings": len(result.guard), "first_findings": "; ".join(result.guard[:5]) or "none"},
                 ),
             ],
         )

@@ -1,7 +1,8 @@
 """Publish stage: the protected outputs leave the store as open files (``safehaven.publish.publication``).
 
 The core verifies the whole release again (disclosure invariants, publication guard, quality
-statements) and writes nothing if any output fails; the asset only reports what was written.
+statements) and writes nothing if any output fails, nor when nothing changed since the last
+publication (``safehaven.publish.reuse``); the asset only reports what was written.
 """
 
 import dagster as dg
@@ -33,7 +34,11 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             statement = load_statement(con, outputs[0].name) if outputs else None
         # the disclosure audit of the whole release (safehaven.publish.release_audit): counts and time only
         audit = ((statement or {}).get("accuracy") or {}).get("disclosure_audit") or {}
-        context.log.info(f"published release {release.release_id}: {len(release.outputs)} outputs to {home.published}")
+        if release.unchanged:
+            context.log.info(f"nothing changed since release {release.release_id}: not re-issued ({home.published})")
+        else:
+            n = len(release.outputs)
+            context.log.info(f"published release {release.release_id}: {n} outputs to {home.published}")
         return dg.MaterializeResult(
             metadata={
                 "rows_in": release.rows,
@@ -43,6 +48,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                 "files": len(release.files),
                 "files_removed": len(release.removed),
                 "release_id": release.release_id,
+                "unchanged": release.unchanged,
                 "location": dg.MetadataValue.path(str(home.published)),
                 "licence": OGL,
                 **audit,

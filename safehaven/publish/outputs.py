@@ -774,6 +774,19 @@ def _protect(
     return report, audited
 
 
+def table_violations(con: duckdb.DuckDBPyConnection, output: Output) -> list[str]:
+    """The disclosure invariants broken by ``published.<output>`` as it stands (empty: none)."""
+    return check_invariants(
+        con,
+        f"published.{output.name}",
+        output.dimension_names,
+        output.count_col,
+        output.disclosure_policy,
+        margins=output.margins,
+        rate_cols=output.rate_cols or None,
+    )
+
+
 def build_output(
     con: duckdb.DuckDBPyConnection,
     output: Output,
@@ -783,6 +796,7 @@ def build_output(
     agreement_id: str | None = None,
     publication: Mapping[str, Output] | None = None,
     previous_folder: Path | None = None,
+    period: Period | None = None,
 ) -> OutputBuild:
     """Count, fill the grid, protect and write ``published.<name>`` in public form; check it.
 
@@ -792,7 +806,8 @@ def build_output(
     the aggregate asset); a store without a copy yet (a new store, a test) gets one here.
     An output that declares ``relations`` is protected jointly with the related outputs
     already in ``published`` (``publication``: the declared outputs, default all) and its
-    previous publication (files in ``previous_folder``), and audited with them.
+    previous publication (files in ``previous_folder``), and audited with them. ``period``:
+    the reporting period when the caller has computed it (default: :func:`reporting_period`).
     """
     if output.linkage and agreement_id != output.linkage.agreement:
         raise OutputError(
@@ -801,7 +816,7 @@ def build_output(
         )
     if not table_exists(con, *CODES.split(".")):
         load_code_lists(con, registry)
-    period = reporting_period(con, output, registry, today)
+    period = period or reporting_period(con, output, registry, today)
     install_helpers(con, period)
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
     grid, observed, structural = true_cells(con, output, true_table)
@@ -822,15 +837,7 @@ def build_output(
         f"CREATE OR REPLACE TABLE {target} AS {public_select_sql(con, protected, order_by=output.dimension_names)}"
     )
     con.execute(f"DROP TABLE {protected}")
-    violations = check_invariants(
-        con,
-        target,
-        output.dimension_names,
-        output.count_col,
-        output.disclosure_policy,
-        margins=output.margins,
-        rate_cols=output.rate_cols or None,
-    )
+    violations = table_violations(con, output)
     if audit_report is not None:
         violations += audit_report.problems
     return OutputBuild(

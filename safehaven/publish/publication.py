@@ -69,6 +69,7 @@ from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect.pseudonymise import haven_coarsening, haven_column
+from safehaven.publish import reuse
 from safehaven.publish.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_invariants
 from safehaven.publish.outputs import Output
 from safehaven.publish.quality import (
@@ -401,6 +402,42 @@ class Release:
     rows: int = 0
     files: dict[str, str] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
+    #: the content equals the last publication's, whose files are all in place: nothing written
+    unchanged: bool = False
+
+
+#: What the release audit adds to a statement (``safehaven.publish.release_audit``): derived from
+#: the tables and the previous publication, and timed, so not part of a publication's content.
+AUDIT_NOTES = ("disclosure_audit", "revisions")
+
+
+def _as_built(statement: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored statement without the release audit's notes."""
+    if statement is None:
+        return None
+    accuracy = {k: v for k, v in statement.get("accuracy", {}).items() if k not in AUDIT_NOTES}
+    return {**statement, "accuracy": accuracy}
+
+
+def publication_sha(
+    con: duckdb.DuckDBPyConnection, outputs: Sequence[Output], registry: ContractRegistry, methods: Path
+) -> str:
+    """SHA-256 of what a publication would carry: each protected table (row hash), its quality
+    statement as built and its dictionary, the methods and the licence."""
+    return reuse.sha_of(
+        {
+            "outputs": {
+                o.name: [
+                    reuse.table_sha(con, f"published.{q(o.name)}"),
+                    _as_built(load_statement(con, o.name)),
+                    dictionary(con, o, registry),
+                ]
+                for o in outputs
+            },
+            "methods": sha256_file(methods) if methods.exists() else None,
+            "licence": _licence_text(),
+        }
+    )
 
 
 def publish_release(
@@ -413,11 +450,24 @@ def publish_release(
     now: datetime | None = None,
     actor: str = "safehaven",
 ) -> Release:
-    """Verify, then write the release to ``home.published`` atomically (see the module docstring)."""
-    problems = verify_release(con, outputs, registry) or audit_release(con, outputs, home.published)[1]
+    """Verify, then write the release to ``home.published`` atomically (see the module docstring).
+
+    A publication whose content equals the last one's, with every file of it still in place,
+    is not re-issued (``safehaven.publish.reuse``): the returned release is that one, marked
+    ``unchanged``, and nothing is written or registered.
+    """
+    problems = verify_release(con, outputs, registry)
     if problems:
         raise PublicationRefused(problems)
     audit_head = audit.head(con, home)  # refuses (AuditTrailBroken) before any file is written
+    methods = methods or METHODS_DOC
+    content = publication_sha(con, outputs, registry, methods)
+    same = reuse.unchanged_publication(con, content, home.published)
+    if same is not None:
+        return Release(same[0], datetime.now(UTC), [o.name for o in outputs], rows=same[1], unchanged=True)
+    problems = audit_release(con, outputs, home.published)[1]
+    if problems:
+        raise PublicationRefused(problems)
     now = now or datetime.now(UTC)
     release = Release(f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}", now, [o.name for o in outputs])
     out = home.published
@@ -438,7 +488,6 @@ def publish_release(
             (staging / f"{output.name}.quality.json").write_text(json.dumps(statement, indent=2))
             (staging / f"{output.name}.quality.md").write_text(render_markdown(statement))
         _write_db(con, outputs, staging / "published.duckdb", dictionaries, statements)
-        methods = methods or METHODS_DOC
         if methods.exists():
             shutil.copyfile(methods, staging / "methods.md")
         (staging / "LICENCE.txt").write_text(_licence_text())
@@ -455,6 +504,7 @@ def publish_release(
             "audit_head": audit_head,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        written = {**release.files, MANIFEST: sha256_file(staging / MANIFEST)}
         for name in names:
             os.replace(staging / name, out / name)
         os.replace(staging / MANIFEST, out / MANIFEST)
@@ -465,6 +515,7 @@ def publish_release(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record_release(con, list(statements.values()))
+    reuse.record_publication(con, release.release_id, content, written, release.rows)
     audit.append_many(
         con,
         [

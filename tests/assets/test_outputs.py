@@ -343,6 +343,9 @@ def test_a_violating_output_blocks_publication_in_the_same_run(
         return report
 
     monkeypatch.setattr(core, "protect", broken_protect)
+    import safehaven.publish.reuse as reuse
+
+    monkeypatch.setattr(reuse, "code_sha", lambda: "the broken protection is new code")  # so outputs rebuild
     keys = [published_key(n) for n in run.outputs] + [PUBLISHED_FILES]
     result = dg.materialize(
         stage_assets(run.registry), resources={"haven": SafeHavenResource()}, selection=keys, raise_on_error=False
@@ -394,3 +397,109 @@ def test_reporting_period_ends_with_the_last_complete_month(run: Run) -> None:
     end = date.fromisoformat(st["accuracy"]["reporting_period"]["end"])
     assert end < date.today().replace(day=1)
     assert st["timeliness_and_punctuality"]["days_from_period_end_to_publication"] >= 1
+
+
+# --- a night with nothing new: outputs reused, the publication not re-issued (issue 22) -----
+
+
+def rerun_outputs(run: Run, dest: Path, monkeypatch: pytest.MonkeyPatch) -> dg.ExecuteInProcessResult:
+    """Run the aggregate and publish stages again on ``dest`` (a copy of the run's haven)."""
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(dest))
+    keys = [published_key(n) for n in run.outputs] + [PUBLISHED_FILES]
+    result = dg.materialize(stage_assets(run.registry), resources={"haven": SafeHavenResource()}, selection=keys)
+    assert result.success
+    return result
+
+
+def rebuilt(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    """Per output: whether this run rebuilt it (False: reused, nothing it reads changed)."""
+    found = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization  # type: ignore[union-attr]
+        if "rebuilt" in mat.metadata:
+            found[mat.asset_key.path[-1]] = mat.metadata["rebuilt"].value
+    return found
+
+
+def publish_metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization  # type: ignore[union-attr]
+        if mat.asset_key == PUBLISHED_FILES:
+            return {k: v.value for k, v in mat.metadata.items()}
+    raise AssertionError("published files were not materialised")
+
+
+def published_tables(home: Home, names: list[str]) -> dict[str, list[tuple]]:
+    with Store(home).connect(read_only=True) as con:
+        return {n: sorted(con.execute(f"SELECT * FROM published.{n}").fetchall(), key=repr) for n in names}
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    from safehaven.core.files import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_night_with_nothing_new_reuses_every_output_and_does_not_reissue_the_publication(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "haven"
+    shutil.copytree(run.home.root, dest)
+    before = file_hashes(Home(dest).published)
+    with Store(Home(dest)).connect(read_only=True) as con:
+        register_rows = con.execute("SELECT count(*) FROM governance.publication_contents").fetchone()[0]
+    result = rerun_outputs(run, dest, monkeypatch)
+    assert rebuilt(result) == {n: False for n in run.outputs}
+    meta = publish_metadata(result)
+    assert meta["unchanged"] is True
+    assert meta["release_id"] == json.loads((dest / "published" / "release.json").read_text())["release_id"]
+    assert file_hashes(Home(dest).published) == before, "not one published file was rewritten"
+    with Store(Home(dest)).connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM governance.publication_contents").fetchone()[0] == register_rows
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks and all(checks.values()), "the checks ran again on the reused tables, and pass"
+
+
+def test_reused_outputs_equal_a_full_rebuild_over_the_same_history(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "haven"
+    shutil.copytree(run.home.root, dest)
+    reused = rerun_outputs(run, dest, monkeypatch)
+    assert not any(rebuilt(reused).values())
+    tables = published_tables(Home(dest), list(run.outputs))
+    import safehaven.publish.reuse as reuse
+
+    monkeypatch.setattr(reuse, "code_sha", lambda: "a new version of the code")  # every output rebuilt
+    full = rerun_outputs(run, dest, monkeypatch)
+    assert all(rebuilt(full).values()) and set(rebuilt(full)) == set(run.outputs)
+    assert published_tables(Home(dest), list(run.outputs)) == tables
+
+
+def test_a_changed_haven_table_rebuilds_the_outputs_that_read_it_and_republishes(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "haven"
+    shutil.copytree(run.home.root, dest)
+    with Store(Home(dest)).connect() as con:  # as a disposal of one batch's records would
+        con.execute("DELETE FROM haven.social_care WHERE _row IN (SELECT _row FROM haven.social_care LIMIT 25)")
+    result = rerun_outputs(run, dest, monkeypatch)
+    reads_social_care = {n for n, o in run.outputs.items() if "social_care" in o.collections}
+    assert reads_social_care
+    assert rebuilt(result) == {n: n in reads_social_care for n in run.outputs}
+    assert publish_metadata(result)["unchanged"] is False
+
+
+def test_an_altered_protected_table_or_a_missing_file_is_put_right(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "haven"
+    shutil.copytree(run.home.root, dest)
+    name = next(iter(run.outputs))
+    with Store(Home(dest)).connect() as con:  # an edit behind the pipeline's back
+        con.execute(f"DELETE FROM published.{name} WHERE rowid IN (SELECT rowid FROM published.{name} LIMIT 1)")
+    (dest / "published" / f"{next(reversed(run.outputs))}.csv").unlink()
+    result = rerun_outputs(run, dest, monkeypatch)
+    assert rebuilt(result)[name] is True
+    assert publish_metadata(result)["unchanged"] is False
+    assert (dest / "published" / f"{next(reversed(run.outputs))}.csv").is_file()

@@ -1,0 +1,185 @@
+"""Work a night does not need to repeat: an output, or a publication, whose inputs are unchanged.
+
+A haven lives for years; a night's cost should be set by what changed, not by the whole
+history (issue 22). The rule here is narrow, and it fails towards rebuilding:
+
+* **An output is rebuilt unless every input it reads is unchanged** since its last build that
+  passed its checks. Its *fingerprint* covers: the code of the ``safehaven`` package, the
+  output definition, the related outputs' definitions and protected tables (joint protection),
+  the reporting period (so a new month rebuilds), the content of every haven table it reads
+  (a row hash over every column: inserts, deletions, re-pseudonymisation and edits all
+  change it), the store's code lists, the collections' contract versions and quality figures
+  (the quality statement's inputs), and the agreement that authorised a linkage. The output
+  SQL reads nothing else: ``safehaven.publish.sql_gate`` refuses any other table.
+* A reused output's protected table must still be the one that build wrote (its own row hash
+  is kept with the fingerprint), and its disclosure invariants and publication guard are
+  checked again on every run (cheap: the table is small). Only the counting, the protection
+  and the linear-programming attack, which depend on nothing but the inputs, are not redone.
+* **A publication is not re-issued** when the protected tables, their quality statements and
+  dictionaries, the methods and the licence are those of the last publication and every file
+  it wrote is still in ``published/`` with its recorded hash. Nothing changed, so nothing is
+  re-released and no register row is added; a missing or altered file is written again.
+
+The previous publication is deliberately not an input of an output: when the inputs are
+unchanged, the table equals the one last published, and publishing it again reveals no
+difference (CoP 34b).
+
+Skipping is never a way around a safeguard: linkage authorisation, the audit-trail head and
+the publication checks run as before; only recomputation is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from safehaven.core.files import sha256_file
+from safehaven.core.home import Home
+from safehaven.core.sql import q
+from safehaven.core.store import table_exists
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.outputs import CODES, Output, Period, code_lists_of
+from safehaven.publish.quality import collection_figures
+
+OUTPUT_BUILDS = "governance.output_builds"
+PUBLICATIONS = "governance.publication_contents"
+#: The package whose code decides every output: a change of any module rebuilds them all.
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {OUTPUT_BUILDS} (output VARCHAR PRIMARY KEY, fingerprint VARCHAR, "
+        "table_sha VARCHAR, built_at TIMESTAMPTZ, metadata JSON)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {PUBLICATIONS} (release_id VARCHAR PRIMARY KEY, content_sha VARCHAR, "
+        "files JSON, rows BIGINT, published_at TIMESTAMPTZ)"
+    )
+
+
+@cache
+def code_sha() -> str:
+    """SHA-256 over the source of every module of the ``safehaven`` package (read once a process)."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def table_sha(con: duckdb.DuckDBPyConnection, table: str) -> str:
+    """A digest of a table's rows as a multiset: its row count and the sum of a hash of each whole row.
+
+    Order-independent and computed in one DuckDB pass; not a cryptographic commitment (it
+    detects change, it is not a seal against a forger: the audit trail is that).
+    """
+    schema, name = table.split(".", 1)
+    if not table_exists(con, schema, name.strip('"')):
+        return "absent"
+    n, total = con.execute(f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {table} AS t").fetchone()
+    return f"{n}:{total}"
+
+
+def sha_of(value: Any) -> str:
+    """SHA-256 of a JSON-able value (keys sorted; dates and other values as text)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def haven_shas(con: duckdb.DuckDBPyConnection, collections: list[str]) -> dict[str, str]:
+    return {c: table_sha(con, f"haven.{q(c)}") for c in collections}
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+
+def output_fingerprint(
+    con: duckdb.DuckDBPyConnection,
+    output: Output,
+    registry: ContractRegistry,
+    home: Home,
+    *,
+    period: Period,
+    publication: dict[str, Output],
+    agreement_id: str | None,
+) -> str:
+    """SHA-256 over every input of ``output`` (the module docstring lists them)."""
+    related = sorted({r.of for r in output.relations if r.of})
+    inputs = {
+        "code": code_sha(),
+        "definition": output.definition_sha256(),
+        "related": {
+            name: [
+                publication[name].definition_sha256() if name in publication else None,
+                table_sha(con, f"published.{q(name)}"),
+            ]
+            for name in related
+        },  # fmt: skip
+        "period": period.as_dict(),
+        "haven": haven_shas(con, list(output.collections)),
+        "codes": table_sha(con, CODES),
+        "code_lists": {n: registry.code_list(n).version for n in code_lists_of(output)},
+        "contracts": {c: registry.contracts[c].version for c in output.collections},
+        "figures": {c: collection_figures(con, registry.contracts[c], home) for c in output.collections},
+        "agreement": agreement_id,
+    }
+    return sha_of(inputs)
+
+
+def reusable_build(con: duckdb.DuckDBPyConnection, output: str, fingerprint: str) -> dict[str, Any] | None:
+    """The recorded metadata of ``output``'s last passing build, if its fingerprint is ``fingerprint``
+    and ``published.<output>`` still holds the rows that build wrote; else None (rebuild)."""
+    ensure_tables(con)
+    row = con.execute(
+        f"SELECT fingerprint, table_sha, built_at, metadata FROM {OUTPUT_BUILDS} WHERE output = ?", [output]
+    ).fetchone()
+    if row is None or row[0] != fingerprint:
+        return None
+    if table_sha(con, f"published.{q(output)}") != row[1]:
+        return None
+    return {**json.loads(row[3]), "built_at": row[2].isoformat(timespec="seconds")}
+
+
+def record_build(
+    con: duckdb.DuckDBPyConnection, output: str, fingerprint: str | None, metadata: dict[str, Any]
+) -> None:
+    """Keep the fingerprint of a passing build (``fingerprint`` None: forget it, the build failed)."""
+    ensure_tables(con)
+    con.execute(f"DELETE FROM {OUTPUT_BUILDS} WHERE output = ?", [output])
+    if fingerprint is not None:
+        con.execute(
+            f"INSERT INTO {OUTPUT_BUILDS} VALUES (?, ?, ?, now(), ?)",
+            [output, fingerprint, table_sha(con, f"published.{q(output)}"), json.dumps(metadata, default=str)],
+        )
+
+
+# --- publications --------------------------------------------------------------------------
+
+
+def unchanged_publication(con: duckdb.DuckDBPyConnection, content_sha: str, folder: Path) -> tuple[str, int] | None:
+    """(release id, rows) of the last publication when its content was ``content_sha`` and every
+    file it wrote is still in ``folder`` with its hash; else None (publish again)."""
+    ensure_tables(con)
+    row = con.execute(
+        f"SELECT release_id, content_sha, files, rows FROM {PUBLICATIONS} ORDER BY published_at DESC LIMIT 1"
+    ).fetchone()
+    if row is None or row[1] != content_sha:
+        return None
+    for name, sha in json.loads(row[2]).items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != sha:
+            return None
+    return row[0], int(row[3])
+
+
+def record_publication(
+    con: duckdb.DuckDBPyConnection, release_id: str, content_sha: str, files: dict[str, str], rows: int
+) -> None:
+    ensure_tables(con)
+    con.execute(
+        f"INSERT INTO {PUBLICATIONS} VALUES (?, ?, ?, ?, now())", [release_id, content_sha, json.dumps(files), rows]
+    )
