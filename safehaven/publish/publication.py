@@ -464,6 +464,7 @@ def publish_release(
     content = publication_sha(con, outputs, registry, methods)
     same = reuse.unchanged_publication(con, content, home.published)
     if same is not None:
+        _refresh_head(con, home, same[0], audit_head)
         return Release(same[0], datetime.now(UTC), [o.name for o in outputs], rows=same[1], unchanged=True)
     problems = audit_release(con, outputs, home.published)[1]
     if problems:
@@ -535,6 +536,22 @@ def publish_release(
         ],
     )
     return release
+
+
+def _refresh_head(con: duckdb.DuckDBPyConnection, home: Home, release_id: str, audit_head: dict[str, Any]) -> None:
+    """An unchanged publication still carries tonight's audit head (``safehaven.core.anchors``):
+    its manifest alone is rewritten, atomically, with the same release id and files."""
+    path = home.published / MANIFEST
+    manifest = json.loads(path.read_text())
+    if manifest.get("audit_head") == audit_head:
+        return
+    staging = _fresh_staging(home, f"{release_id}-head")
+    try:
+        (staging / MANIFEST).write_text(json.dumps({**manifest, "audit_head": audit_head}, indent=2))
+        os.replace(staging / MANIFEST, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    reuse.record_manifest(con, release_id, MANIFEST, sha256_file(path))
 
 
 def _fresh_staging(home: Home, release_id: str) -> Path:

@@ -18,7 +18,9 @@ history (issue 22). The rule here is narrow, and it fails towards rebuilding:
 * **A publication is not re-issued** when the protected tables, their quality statements and
   dictionaries, the methods and the licence are those of the last publication and every file
   it wrote is still in ``published/`` with its recorded hash. Nothing changed, so nothing is
-  re-released and no register row is added; a missing or altered file is written again.
+  re-released and no register row is added; a missing or altered file is written again. Its
+  manifest alone is rewritten with tonight's audit head, so the head published to others
+  stays as fresh as the run (``safehaven.core.anchors``).
 
 The previous publication is deliberately not an input of an output: when the inputs are
 unchanged, the table equals the one last published, and publishing it again reveals no
@@ -182,4 +184,15 @@ def record_publication(
     ensure_tables(con)
     con.execute(
         f"INSERT INTO {PUBLICATIONS} VALUES (?, ?, ?, ?, now())", [release_id, content_sha, json.dumps(files), rows]
+    )
+
+
+def record_manifest(con: duckdb.DuckDBPyConnection, release_id: str, name: str, sha: str) -> None:
+    """The publication's manifest was rewritten (a newer audit head): keep its new hash."""
+    ensure_tables(con)
+    files = json.loads(
+        con.execute(f"SELECT files FROM {PUBLICATIONS} WHERE release_id = ?", [release_id]).fetchone()[0]
+    )
+    con.execute(
+        f"UPDATE {PUBLICATIONS} SET files = ? WHERE release_id = ?", [json.dumps({**files, name: sha}), release_id]
     )

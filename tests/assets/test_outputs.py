@@ -446,14 +446,20 @@ def test_a_night_with_nothing_new_reuses_every_output_and_does_not_reissue_the_p
     dest = tmp_path / "haven"
     shutil.copytree(run.home.root, dest)
     before = file_hashes(Home(dest).published)
+    old_manifest = json.loads((dest / "published" / "release.json").read_text())
     with Store(Home(dest)).connect(read_only=True) as con:
         register_rows = con.execute("SELECT count(*) FROM governance.publication_contents").fetchone()[0]
     result = rerun_outputs(run, dest, monkeypatch)
     assert rebuilt(result) == {n: False for n in run.outputs}
     meta = publish_metadata(result)
     assert meta["unchanged"] is True
-    assert meta["release_id"] == json.loads((dest / "published" / "release.json").read_text())["release_id"]
-    assert file_hashes(Home(dest).published) == before, "not one published file was rewritten"
+    manifest = json.loads((dest / "published" / "release.json").read_text())
+    assert meta["release_id"] == manifest["release_id"] == old_manifest["release_id"]
+    assert manifest["files"] == old_manifest["files"]
+    assert manifest["audit_head"]["seq"] >= old_manifest["audit_head"]["seq"], "it carries tonight's audit head"
+    after = file_hashes(Home(dest).published)
+    del before["release.json"], after["release.json"]
+    assert after == before, "not one published file was rewritten"
     with Store(Home(dest)).connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM governance.publication_contents").fetchone()[0] == register_rows
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
