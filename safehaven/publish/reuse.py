@@ -32,26 +32,22 @@ the publication checks run as before; only recomputation is saved.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from safehaven.core.digests import code_sha, sha_of, table_sha
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.sql import q
-from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import CODES, Output, Period, code_lists_of
 from safehaven.publish.quality import collection_figures
 
 OUTPUT_BUILDS = "governance.output_builds"
 PUBLICATIONS = "governance.publication_contents"
-#: The package whose code decides every output: a change of any module rebuilds them all.
-PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -63,33 +59,6 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
         f"CREATE TABLE IF NOT EXISTS {PUBLICATIONS} (release_id VARCHAR PRIMARY KEY, content_sha VARCHAR, "
         "files JSON, rows BIGINT, published_at TIMESTAMPTZ)"
     )
-
-
-@cache
-def code_sha() -> str:
-    """SHA-256 over the source of every module of the ``safehaven`` package (read once a process)."""
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")):
-        digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def table_sha(con: duckdb.DuckDBPyConnection, table: str) -> str:
-    """A digest of a table's rows as a multiset: its row count and the sum of a hash of each whole row.
-
-    Order-independent and computed in one DuckDB pass; not a cryptographic commitment (it
-    detects change, it is not a seal against a forger: the audit trail is that).
-    """
-    schema, name = table.split(".", 1)
-    if not table_exists(con, schema, name.strip('"')):
-        return "absent"
-    n, total = con.execute(f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {table} AS t").fetchone()
-    return f"{n}:{total}"
-
-
-def sha_of(value: Any) -> str:
-    """SHA-256 of a JSON-able value (keys sorted; dates and other values as text)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def haven_shas(con: duckdb.DuckDBPyConnection, collections: list[str]) -> dict[str, str]:

@@ -95,7 +95,7 @@ from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.protect import feed, optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, kanon, protect
 from safehaven.publish.disclosure.kanon import KReport
-from safehaven.share import approvals, checker, due, review
+from safehaven.share import approvals, checker, due, release_inputs, review
 from safehaven.share.agreements import (
     Agreement,
     AgreementError,
@@ -531,17 +531,11 @@ def _build(
     contracts = {c: registry.contracts[c] for c in a.collections}
     record_level = a.identifiability != "anonymised"
     result = ReleaseResult(a.id, PREPARED, "", level=a.identifiability)
-    try:  # the objection feed fails closed (safehaven.protect.feed)
-        result.optout_list_date = feed.release_guard(
-            con,
-            home,
-            today,
-            record_level=record_level,
-            agreement_days=a.objections_max_age_days,
-            haven_days=haven_days,
-        )
-    except feed.ObjectionFeedBlocked as exc:
-        raise ReleaseRefused(str(exc)) from None
+    result.optout_list_date = _objection_guard(con, a, home, today, haven_days)
+    inputs = _inputs(con, a, agreement_sha, today, keyring)
+    known = release_inputs.known_unchanged(con, a.id, inputs) if inputs else None
+    if known is not None:  # the same inputs as the content of the latest request: nothing to build
+        return _unchanged_result(con, a, known, actor, known.content_sha256)
 
     # 3. the linked cohort (each person once)
     cohort = " INTERSECT ".join(f"SELECT pid FROM haven.{q(c)}" for c in a.collections)
@@ -622,7 +616,39 @@ def _build(
 
     # stage the files, then open a request (or find nothing changed)
     return _stage(con, a, agreement_sha, contracts, result, home=home, actor=actor, work=work,
-                  extra=_Extras(key_id, cohort_excluded, sdc, decision))  # fmt: skip
+                  extra=_Extras(key_id, cohort_excluded, sdc, decision, inputs))  # fmt: skip
+
+
+def _objection_guard(
+    con: duckdb.DuckDBPyConnection, a: Agreement, home: Home, today: date, haven_days: int
+) -> date | None:
+    """The opt-out list date the release applies; refuses while the objection feed is blocked
+    (``safehaven.protect.feed``: it fails closed)."""
+    try:
+        return feed.release_guard(
+            con,
+            home,
+            today,
+            record_level=a.identifiability != "anonymised",
+            agreement_days=a.objections_max_age_days,
+            haven_days=haven_days,
+        )
+    except feed.ObjectionFeedBlocked as exc:
+        raise ReleaseRefused(str(exc)) from None
+
+
+def _inputs(con: duckdb.DuckDBPyConnection, a: Agreement, agreement_sha: str, today: date, keyring: KeyRing) -> str:
+    """The digest of this preparation's inputs (``safehaven.share.release_inputs``); "" when
+    the release is always built (identifiable: the custodian's, with the vault)."""
+    if a.identifiability == "identifiable":
+        return ""
+    key_id = ""
+    if a.identifiability != "anonymised":
+        try:  # a lost or swapped salt is refused, never re-created (safehaven.core.pins)
+            key_id = pseudonymise.install_agreement_domain(con, keyring, a.id)[1]
+        except KeyRingError as exc:
+            raise ReleaseRefused(str(exc)) from None
+    return release_inputs.inputs_sha(con, a, agreement_sha, today, key_id)
 
 
 def _aggregate(
@@ -657,6 +683,8 @@ class _Extras:
     cohort_excluded: dict[str, int]
     sdc: dict[str, Any]
     decision: optouts.OptOutDecision
+    #: the digest of the preparation's inputs ("" when not kept)
+    inputs_sha: str = ""
 
 
 def staging_dir(home: Home, release_id: str) -> Path:
@@ -764,6 +792,12 @@ def _unchanged(con: duckdb.DuckDBPyConnection, a: Agreement, result: ReleaseResu
     if last is None or last.content_sha256 != content:
         return None
     shutil.rmtree(tmp, ignore_errors=True)
+    return _unchanged_result(con, a, last, actor, content)
+
+
+def _unchanged_result(con: duckdb.DuckDBPyConnection, a: Agreement, last: review.Request, actor: str,
+                      content: str) -> ReleaseResult:  # fmt: skip
+    """Nothing new to release: the content equals request ``last``'s (audited)."""
     audit.append(con, actor=actor, role="pipeline", action="release", object=f"agreement:{a.id}",
                  purpose=a.purposes[0], legal_basis=a.basis, agreement=a.id, outcome="unchanged",
                  detail={"same_as": last.release_id, "state": last.state, "content_sha256": content})  # fmt: skip
@@ -796,6 +830,8 @@ def _stage(
     content = _content_sha(result.files)
     unchanged = _unchanged(con, a, result, tmp, actor, content)
     if unchanged is not None:
+        if extra.inputs_sha:
+            release_inputs.remember(con, a.id, extra.inputs_sha, unchanged.release_id or "")
         return unchanged
     result.release_id = release_id
     shape = _shape_sha(a, result)
@@ -823,6 +859,8 @@ def _stage(
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
+    if extra.inputs_sha:
+        release_inputs.remember(con, a.id, extra.inputs_sha, release_id)
     result.status, result.directory, result.rule = PREPARED, final, rule[0]
     result.reason = f"prepared {release_id} for review ({rule[0]}): {result.records_released} records"
     if rule[0] == review.AUTOMATIC:

@@ -1,0 +1,121 @@
+"""A release whose inputs are unchanged is not built again (``safehaven.share.release_inputs``).
+
+Issue 22: a night's cost should be set by what changed. The rule as tests: the same inputs give
+``unchanged`` without building anything, and the same answer a full build gives; a new
+objection, a changed haven table or a new day builds again; the guards before the build still
+refuse while the objection feed is blocked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import objections
+from safehaven.share import release_inputs, releases, review
+from safehaven.share.releases import PREPARED, UNCHANGED, ReleaseRefused, prepare
+from tests.governance_helpers import NHS, adopt, agreement_data, contracts_root, small_haven, write_agreement
+
+TODAY = date.today()
+
+
+@dataclass
+class Haven:
+    home: Home
+    con: duckdb.DuckDBPyConnection
+    registry: ContractRegistry
+    keyring: KeyRing
+    pids: dict[str, str]
+
+    def prepare(self, today: date = TODAY):
+        return prepare(
+            self.con, "test-linked", home=self.home, registry=self.registry, keyring=self.keyring, today=today
+        )
+
+
+@pytest.fixture
+def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    registry = ContractRegistry(contracts_root(tmp_path))
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        pids = small_haven(con, keyring, registry)
+        write_agreement(registry.root, agreement_data())
+        adopt(con, registry, "test-linked")
+        yield Haven(home, con, registry, keyring, pids)
+
+
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The agreements whose release files were built (``_stage`` is where the files are written)."""
+    built: list[str] = []
+    real = releases._stage
+
+    def counting(con, a, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append(a.id)
+        return real(con, a, *args, **kwargs)
+
+    monkeypatch.setattr(releases, "_stage", counting)
+    return built
+
+
+def test_the_same_inputs_are_unchanged_without_building_anything(haven: Haven, builds: list[str]) -> None:
+    first = haven.prepare()
+    assert first.status == PREPARED and builds == ["test-linked"]
+    again = haven.prepare()
+    assert (again.status, again.release_id) == (UNCHANGED, first.release_id)
+    assert builds == ["test-linked"], "nothing was built the second time"
+    assert [r.release_id for r in review.requests(haven.con)] == [first.release_id]
+
+
+def test_skipping_gives_the_answer_a_full_build_gives(
+    haven: Haven, builds: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = haven.prepare()
+    skipped = haven.prepare()
+    monkeypatch.setattr(release_inputs, "known_unchanged", lambda *a: None)  # build in full
+    full = haven.prepare()
+    assert len(builds) == 2
+    assert (skipped.status, skipped.release_id, skipped.reason) == (full.status, full.release_id, full.reason)
+    assert full.release_id == first.release_id
+
+
+def test_a_new_objection_builds_again_and_is_honoured(haven: Haven, builds: list[str]) -> None:
+    first = haven.prepare()
+    person = haven.pids[NHS[0]]
+    haven.con.execute(
+        f"INSERT INTO {objections.EVENTS} (event_id, pid, objection_type, recorded_date, withdrawn_date, "
+        "_batch, _row, registered_at) VALUES (99, ?, 'national_opt_out', ?, NULL, 'b-objections', 2, now())",
+        [person, TODAY - timedelta(days=1)],
+    )
+    second = haven.prepare()
+    assert len(builds) == 2, "the new objection is an input: the release was built again"
+    assert second.status == PREPARED and second.release_id != first.release_id
+    assert second.records_withheld > first.records_withheld
+
+
+def test_a_changed_haven_table_or_a_new_day_builds_again(haven: Haven, builds: list[str]) -> None:
+    haven.prepare()
+    haven.prepare(TODAY + timedelta(days=1))
+    assert len(builds) == 2, "a new day: objections and opt-outs apply as of it"
+    haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")
+    changed = haven.prepare(TODAY + timedelta(days=1))
+    assert len(builds) == 3 and changed.status == PREPARED
+
+
+def test_the_objection_feed_guard_still_refuses_before_any_skip(haven: Haven, builds: list[str]) -> None:
+    haven.prepare()
+    haven.con.execute(
+        "INSERT INTO governance.objection_feed_faults (sha256, file_name, level, detected_at) "
+        "VALUES ('f' || repeat('0', 63), 'objections-bad.csv', 'batch', now())"
+    )
+    with pytest.raises(ReleaseRefused, match="objection"):
+        haven.prepare()
