@@ -19,14 +19,16 @@ Configuration carries paths and limits only, never key material or a passphrase.
   there: ``audit_worm_dir`` becomes ``Home.audit_worm`` (the write-once audit anchor target,
   ``safehaven.core.anchors``; CoP 12, 23d) and ``objections_max_age_days`` is the haven's
   objection-register window (``safehaven.protect.feed``; CoP 11-14). ``from_environment``
-  reads the documented variables once, for the code location (``assets.definitions``).
+  reads the documented variables once, for the code location (``assets.definitions``). An empty
+  ``home`` or ``contracts`` is resolved here, at the edge, from ``$SAFEHAVEN_HOME`` and
+  ``$SAFEHAVEN_CONTRACTS`` (the CLI's readers in ``safehaven.cli.common``), and the domain is
+  handed the resulting ``Home`` and ``ContractRegistry``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -47,7 +49,8 @@ STORE_BUSY_RETRY_SECONDS = 30
 
 
 class SafeHavenResource(dg.ConfigurableResource):
-    """Paths of the haven; empty means ``$SAFEHAVEN_HOME`` (default ``data/``)."""
+    """Paths of the haven; empty means ``$SAFEHAVEN_HOME`` (default ``data/``) and
+    ``$SAFEHAVEN_CONTRACTS`` (default the project's ``data_contracts/``)."""
 
     home: str = ""
     contracts: str = ""
@@ -74,7 +77,13 @@ class SafeHavenResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """At run start: hold the run's liveness lock until it ends (``safehaven.core.runs``),
-        then verify the audit trail and record the run (fails closed, ``_begin_audited_run``)."""
+        then verify the audit trail and record the run (fails closed, ``_begin_audited_run``).
+
+        A sensor's evaluation (``assets.automation.incoming_sensor``) is not a run: it only lists
+        the files waiting in ``incoming/``, so it holds no lock and opens no store.
+        """
+        if not context.run_id and context.dagster_run is None:
+            return
         if context.run_id and context.run_id not in _RUN_LOCKS:
             _RUN_LOCKS[context.run_id] = runs.hold(self.home_dir().ensure(), context.run_id)
         self._begin_audited_run(context)
@@ -86,15 +95,20 @@ class SafeHavenResource(dg.ConfigurableResource):
 
     def home_dir(self) -> Home:
         """The haven's home (``home``, else ``$SAFEHAVEN_HOME``) with its write-once anchor target."""
-        home = Home(Path(self.home).resolve()) if self.home else Home.from_env()
-        return replace(home, audit_worm=Path(self.audit_worm_dir) if self.audit_worm_dir else None)
+        from safehaven.cli.common import home_root_from_env
+
+        root = Path(self.home).resolve() if self.home else home_root_from_env()
+        return Home(root, audit_worm=Path(self.audit_worm_dir) if self.audit_worm_dir else None)
 
     def keyring(self) -> KeyRing:
         """The pipeline's key ring: never a custodian, so it cannot open the vault's private key."""
         return KeyRing(self.home_dir().keys)
 
     def registry(self) -> ContractRegistry:
-        return ContractRegistry(Path(self.contracts) if self.contracts else None)
+        """The contracts under ``contracts``, else ``$SAFEHAVEN_CONTRACTS`` (default ``data_contracts/``)."""
+        from safehaven.cli.common import contracts_from_env
+
+        return ContractRegistry(Path(self.contracts) if self.contracts else contracts_from_env())
 
     def store(self) -> Store:
         """The store; refused where the pipeline could read an unsealed private key (custody)."""
