@@ -39,6 +39,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store, StoreBusy
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import feed
 from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
 
 #: run id -> descriptor of its held liveness lock, for the runs of this process
@@ -64,16 +65,41 @@ class SafeHavenResource(dg.ConfigurableResource):
     audit_worm_dir: str | None = None
     #: the haven's objection-register window in days, where an agreement sets none
     objections_max_age_days: int = DEFAULT_WINDOW_DAYS
+    #: why the environment's window was refused (``from_environment``); while set, the window is
+    #: 0, which no step accepts, and the step that needs it refuses with this line (fails closed)
+    objections_window_error: str | None = None
 
     @classmethod
     def from_environment(cls) -> SafeHavenResource:
         """The code location's resource: ``$SAFEHAVEN_AUDIT_WORM`` and
         ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS`` read once here, at the Dagster edge, with the
-        CLI's readers (``safehaven.cli.common``); an unreadable window refuses to load."""
+        CLI's readers (``safehaven.cli.common``).
+
+        An unreadable window does not stop the code location from loading (every other asset,
+        the sensor and the schedules stay available); it is kept as ``objections_window_error``
+        with a window of 0, and the step that needs the window refuses at run time
+        (``objections_window``).
+        """
         from safehaven.cli.common import audit_worm_from_env, objections_window_from_env
 
         worm = audit_worm_from_env()
-        return cls(audit_worm_dir=str(worm) if worm else None, objections_max_age_days=objections_window_from_env())
+        try:
+            window, error = objections_window_from_env(), None
+        except feed.ObjectionFeedBlocked as exc:
+            window, error = 0, str(exc)
+        return cls(
+            audit_worm_dir=str(worm) if worm else None, objections_max_age_days=window, objections_window_error=error
+        )
+
+    def objections_window(self) -> int:
+        """The haven's objection-register window in days (``safehaven.protect.feed.window_days``).
+
+        Raises ``ObjectionFeedBlocked`` with one line naming the variable, its value and the fix
+        when the environment gave an unreadable window: a mistyped window never widens the check.
+        """
+        if self.objections_window_error:
+            raise feed.ObjectionFeedBlocked(self.objections_window_error)
+        return feed.window_days(haven_days=self.objections_max_age_days)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """At run start: hold the run's liveness lock until it ends (``safehaven.core.runs``),
