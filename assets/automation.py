@@ -4,6 +4,7 @@ import hashlib
 
 import dagster as dg
 
+from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
 
 NIGHTLY = "nightly"
@@ -37,9 +38,10 @@ def incoming_fingerprint(home: Home) -> str:
 
 
 @dg.sensor(job=nightly_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
-def incoming_sensor(context: dg.SensorEvaluationContext):
-    """Start the nightly job when new files wait in ``incoming/`` (once per distinct set)."""
-    home = Home.from_env()
+def incoming_sensor(context: dg.SensorEvaluationContext, haven: SafeHavenResource):
+    """Start the nightly job when new files wait in ``incoming/`` (once per distinct set) of the
+    resource's home (``SafeHavenResource.home_dir``)."""
+    home = haven.home_dir()
     if not home.incoming.exists() or not any(p.is_file() for p in home.incoming.rglob("*")):
         return dg.SkipReason("no files waiting in incoming/")
     fingerprint = incoming_fingerprint(home)

@@ -25,7 +25,8 @@ def build_catalog(registry: ContractRegistry) -> Catalog:
 
 def build_definitions(registry: ContractRegistry | None = None) -> dg.Definitions:
     """All assets, checks, the nightly job, schedule and sensor for one set of contracts."""
-    registry = registry or ContractRegistry()
+    haven = SafeHavenResource.from_environment()
+    registry = registry or haven.registry()  # $SAFEHAVEN_CONTRACTS, read at this edge
     stage_assets = [
         *ingest.build(registry),
         *validate.build(registry),
@@ -40,7 +41,7 @@ def build_definitions(registry: ContractRegistry | None = None) -> dg.Definition
         jobs=[automation.nightly_job, disposal.disposal_job],
         schedules=[automation.nightly_schedule, disposal.disposal_schedule],
         sensors=[automation.incoming_sensor],
-        resources={"haven": SafeHavenResource.from_environment()},
+        resources={"haven": haven},
         executor=dg.in_process_executor,
     )
 

@@ -50,8 +50,11 @@ def feed_asset() -> dg.AssetsDefinition:
         kinds={"duckdb"},
     )
     def objection_feed(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
+        try:
+            window = haven.objections_window()
+        except feed.ObjectionFeedBlocked as exc:  # an unreadable window: refuse, in one line
+            raise dg.Failure(description=str(exc), metadata={"window_days": "refused"}) from None
         with haven.connect() as con:
-            window = feed.window_days(haven_days=haven.objections_max_age_days)
             problems = feed.feed_problems(con, haven.home_dir(), date.today(), window)
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)

@@ -19,14 +19,16 @@ Configuration carries paths and limits only, never key material or a passphrase.
   there: ``audit_worm_dir`` becomes ``Home.audit_worm`` (the write-once audit anchor target,
   ``safehaven.core.anchors``; CoP 12, 23d) and ``objections_max_age_days`` is the haven's
   objection-register window (``safehaven.protect.feed``; CoP 11-14). ``from_environment``
-  reads the documented variables once, for the code location (``assets.definitions``).
+  reads the documented variables once, for the code location (``assets.definitions``). An empty
+  ``home`` or ``contracts`` is resolved here, at the edge, from ``$SAFEHAVEN_HOME`` and
+  ``$SAFEHAVEN_CONTRACTS`` (the CLI's readers in ``safehaven.cli.common``), and the domain is
+  handed the resulting ``Home`` and ``ContractRegistry``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -37,6 +39,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store, StoreBusy
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import feed
 from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
 
 #: run id -> descriptor of its held liveness lock, for the runs of this process
@@ -47,7 +50,8 @@ STORE_BUSY_RETRY_SECONDS = 30
 
 
 class SafeHavenResource(dg.ConfigurableResource):
-    """Paths of the haven; empty means ``$SAFEHAVEN_HOME`` (default ``data/``)."""
+    """Paths of the haven; empty means ``$SAFEHAVEN_HOME`` (default ``data/``) and
+    ``$SAFEHAVEN_CONTRACTS`` (default the project's ``data_contracts/``)."""
 
     home: str = ""
     contracts: str = ""
@@ -61,20 +65,51 @@ class SafeHavenResource(dg.ConfigurableResource):
     audit_worm_dir: str | None = None
     #: the haven's objection-register window in days, where an agreement sets none
     objections_max_age_days: int = DEFAULT_WINDOW_DAYS
+    #: why the environment's window was refused (``from_environment``); while set, the window is
+    #: 0, which no step accepts, and the step that needs it refuses with this line (fails closed)
+    objections_window_error: str | None = None
 
     @classmethod
     def from_environment(cls) -> SafeHavenResource:
         """The code location's resource: ``$SAFEHAVEN_AUDIT_WORM`` and
         ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS`` read once here, at the Dagster edge, with the
-        CLI's readers (``safehaven.cli.common``); an unreadable window refuses to load."""
+        CLI's readers (``safehaven.cli.common``).
+
+        An unreadable window does not stop the code location from loading (every other asset,
+        the sensor and the schedules stay available); it is kept as ``objections_window_error``
+        with a window of 0, and the step that needs the window refuses at run time
+        (``objections_window``).
+        """
         from safehaven.cli.common import audit_worm_from_env, objections_window_from_env
 
         worm = audit_worm_from_env()
-        return cls(audit_worm_dir=str(worm) if worm else None, objections_max_age_days=objections_window_from_env())
+        try:
+            window, error = objections_window_from_env(), None
+        except feed.ObjectionFeedBlocked as exc:
+            window, error = 0, str(exc)
+        return cls(
+            audit_worm_dir=str(worm) if worm else None, objections_max_age_days=window, objections_window_error=error
+        )
+
+    def objections_window(self) -> int:
+        """The haven's objection-register window in days (``safehaven.protect.feed.window_days``).
+
+        Raises ``ObjectionFeedBlocked`` with one line naming the variable, its value and the fix
+        when the environment gave an unreadable window: a mistyped window never widens the check.
+        """
+        if self.objections_window_error:
+            raise feed.ObjectionFeedBlocked(self.objections_window_error)
+        return feed.window_days(haven_days=self.objections_max_age_days)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """At run start: hold the run's liveness lock until it ends (``safehaven.core.runs``),
-        then verify the audit trail and record the run (fails closed, ``_begin_audited_run``)."""
+        then verify the audit trail and record the run (fails closed, ``_begin_audited_run``).
+
+        A sensor's evaluation (``assets.automation.incoming_sensor``) is not a run: it only lists
+        the files waiting in ``incoming/``, so it holds no lock and opens no store.
+        """
+        if not context.run_id and context.dagster_run is None:
+            return
         if context.run_id and context.run_id not in _RUN_LOCKS:
             _RUN_LOCKS[context.run_id] = runs.hold(self.home_dir().ensure(), context.run_id)
         self._begin_audited_run(context)
@@ -86,15 +121,20 @@ class SafeHavenResource(dg.ConfigurableResource):
 
     def home_dir(self) -> Home:
         """The haven's home (``home``, else ``$SAFEHAVEN_HOME``) with its write-once anchor target."""
-        home = Home(Path(self.home).resolve()) if self.home else Home.from_env()
-        return replace(home, audit_worm=Path(self.audit_worm_dir) if self.audit_worm_dir else None)
+        from safehaven.cli.common import home_root_from_env
+
+        root = Path(self.home).resolve() if self.home else home_root_from_env()
+        return Home(root, audit_worm=Path(self.audit_worm_dir) if self.audit_worm_dir else None)
 
     def keyring(self) -> KeyRing:
         """The pipeline's key ring: never a custodian, so it cannot open the vault's private key."""
         return KeyRing(self.home_dir().keys)
 
     def registry(self) -> ContractRegistry:
-        return ContractRegistry(Path(self.contracts) if self.contracts else None)
+        """The contracts under ``contracts``, else ``$SAFEHAVEN_CONTRACTS`` (default ``data_contracts/``)."""
+        from safehaven.cli.common import contracts_from_env
+
+        return ContractRegistry(Path(self.contracts) if self.contracts else contracts_from_env())
 
     def store(self) -> Store:
         """The store; refused where the pipeline could read an unsealed private key (custody)."""

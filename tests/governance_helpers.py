@@ -122,6 +122,25 @@ def adopt_project_agreements(home: Home) -> None:
         adopt(con, ContractRegistry())
 
 
+def record_unchecked_decision(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, *ids: str) -> None:
+    """Record the files' ``approval:`` blocks as decisions *without* adoption's problems check,
+    as a store holds decisions adopted before ``approvals.adopt`` checked a file (or whose
+    contracts changed since): only to prove the release-time refusals that still guard them."""
+    for aid in ids:
+        s = approvals.load_standing(con, aid, registry.root)
+        approvals._record(
+            con,
+            s.agreement,
+            s.sha256,
+            decision=s.agreement.approval.status,
+            by=GOVERNANCE_LEAD,
+            on=date.today(),
+            reason="decided before adoption checked the file",
+            source=approvals.SOURCE_FILE,
+            actor="ig-lead",
+        )
+
+
 def write_agreement(root: Path, data: dict[str, Any]) -> Path:
     path = root / "agreements" / f"{data['id']}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

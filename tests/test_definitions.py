@@ -7,6 +7,7 @@ import dagster as dg
 from assets.catalog import IDENTIFIABILITY_TAG, STAGE_TAG
 from assets.definitions import build_definitions, defs
 from assets.keys import PUBLISHED_FILES
+from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 
 
@@ -80,16 +81,35 @@ def test_nightly_schedule_runs_at_two_in_london() -> None:
 
 def test_sensor_on_incoming_starts_the_nightly_job(home) -> None:
     sensor = defs.resolve_sensor_def("incoming_sensor")
-    ctx = dg.build_sensor_context()
-    assert isinstance(sensor(ctx), dg.SkipReason)
+    haven = {"haven": SafeHavenResource(home=str(home.root))}
+    with dg.build_sensor_context(resources=haven) as ctx:
+        assert isinstance(sensor(ctx), dg.SkipReason)
     drop = home.incoming_for("gp_events")
     drop.mkdir(parents=True)
     (drop / "gp_events_20260101.csv").write_text("practice_code\n")
-    ctx = dg.build_sensor_context()
-    result = sensor(ctx)
+    with dg.build_sensor_context(resources=haven) as ctx:
+        result = sensor(ctx)
     assert isinstance(result, dg.RunRequest)
-    again = sensor(dg.build_sensor_context(cursor=ctx.cursor))
-    assert isinstance(again, dg.SkipReason), "the same files must not start a second run"
+    with dg.build_sensor_context(cursor=ctx.cursor, resources=haven) as again:
+        assert isinstance(sensor(again), dg.SkipReason), "the same files must not start a second run"
+    assert not home.store_file.exists(), "evaluating the sensor opens no store"
+
+
+def test_the_sensor_watches_the_incoming_folder_of_the_resources_home(home, tmp_path) -> None:
+    from safehaven.core.home import Home
+
+    sensor = defs.resolve_sensor_def("incoming_sensor")
+    elsewhere = Home(tmp_path / "elsewhere")  # the resource's home, not $SAFEHAVEN_HOME
+    haven = {"haven": SafeHavenResource(home=str(elsewhere.root))}
+    drop = home.incoming_for("gp_events")
+    drop.mkdir(parents=True)
+    (drop / "gp_events_20260101.csv").write_text("practice_code\n")
+    with dg.build_sensor_context(resources=haven) as context:
+        assert isinstance(sensor(context), dg.SkipReason)
+    elsewhere.incoming_for("gp_events").mkdir(parents=True)
+    (elsewhere.incoming_for("gp_events") / "gp_events_20260101.csv").write_text("practice_code\n")
+    with dg.build_sensor_context(resources=haven) as context:
+        assert isinstance(sensor(context), dg.RunRequest)
 
 
 def test_every_store_asset_shares_the_single_writer_pool() -> None:

@@ -8,21 +8,47 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from safehaven.core.home import Home
+from safehaven.core.home import DEFAULT_HOME, Home
 from safehaven.core.keys import Custodian, KeyRing, KeyRingError
 
+if TYPE_CHECKING:
+    from safehaven.intake.contracts import ContractRegistry
+
+#: The haven's home directory (default ``data/`` under the working directory), read here only.
+HOME_ENV = "SAFEHAVEN_HOME"
+#: Another copy of the contracts to use (default the project's ``data_contracts/``), read here only.
+CONTRACTS_ENV = "SAFEHAVEN_CONTRACTS"
 #: The key custodian's passphrase for automation and tests, read here (the CLI edge) only.
 PASSPHRASE_ENV = "SAFEHAVEN_CUSTODIAN_PASSPHRASE"
 #: The write-once audit anchor directory (optional; ``safehaven.core.anchors``), read here only.
 AUDIT_WORM_ENV = "SAFEHAVEN_AUDIT_WORM"
 #: The haven's objection-register window in whole days (``safehaven.protect.feed``), read here only.
 OBJECTIONS_WINDOW_ENV = "SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS"
+
+
+def home_root_from_env() -> Path:
+    """``$SAFEHAVEN_HOME`` if set, else ``data/`` under the working directory, resolved."""
+    return Path(os.environ.get(HOME_ENV, DEFAULT_HOME)).resolve()
+
+
+def contracts_from_env() -> Path:
+    """``$SAFEHAVEN_CONTRACTS`` if set, else the project's ``data_contracts/``."""
+    from safehaven.intake.contracts import contracts_dir
+
+    value = os.environ.get(CONTRACTS_ENV)
+    return Path(value).resolve() if value else contracts_dir()
+
+
+def registry_from_env() -> ContractRegistry:
+    """The contracts under ``contracts_from_env()``: every command passes this one on."""
+    from safehaven.intake.contracts import ContractRegistry
+
+    return ContractRegistry(contracts_from_env())
 
 
 def audit_worm_from_env() -> Path | None:
@@ -45,7 +71,7 @@ def objections_window_from_env() -> int:
 def home_from_env() -> Home:
     """The haven home named by the environment: ``$SAFEHAVEN_HOME`` with its write-once
     anchor target ``$SAFEHAVEN_AUDIT_WORM`` (``safehaven.core.home``)."""
-    return replace(Home.from_env(), audit_worm=audit_worm_from_env())
+    return Home(home_root_from_env(), audit_worm=audit_worm_from_env())
 
 
 def ensure_home() -> Home:

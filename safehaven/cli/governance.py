@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from safehaven.cli.common import contracts_from_env, registry_from_env
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
@@ -87,12 +88,11 @@ def agreements() -> None:
 def list_agreements(as_json: bool) -> None:
     """Every agreement: status in the haven today, whether in force, level, basis, recipient, dates, problems."""
     from safehaven.core.store import Store
-    from safehaven.intake.contracts import ContractRegistry
     from safehaven.share import approvals
     from safehaven.share.agreements import agreement_path, problems, scan_agreements
 
     home = _home()
-    registry = ContractRegistry()
+    registry = registry_from_env()
     found, errors = scan_agreements(registry.root)
     rows = []
     with Store(home).connect() as con:
@@ -137,10 +137,9 @@ def validate_agreements(ids: tuple[str, ...], today: str | None) -> None:
     Exits 1 when a named agreement, an approved or suspended one, or any file fails. Drafts are
     reported but do not fail a check of the whole directory.
     """
-    from safehaven.intake.contracts import ContractRegistry
     from safehaven.share.agreements import problems, scan_agreements
 
-    registry = ContractRegistry()
+    registry = registry_from_env()
     found, errors = scan_agreements(registry.root)
     day = _parse_day(today)
     wanted = list(ids) or sorted({*found, *errors})
@@ -178,13 +177,12 @@ def approve_agreement(agreement_id: str, approver: str) -> None:
     approval before anything flows under it (safehaven.share.approvals).
     """
     from safehaven.core.store import Store
-    from safehaven.intake.contracts import ContractRegistry
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError, agreement_path, load_agreement_file
 
     home = _home()
     keyring = require_governance_key(home, "approving an agreement")
-    registry = ContractRegistry()
+    registry = registry_from_env()
     with Store(home, keyring).connect() as con:
         try:
             d = approvals.approve(con, agreement_id, approver, registry=registry, actor=_actor())
@@ -231,11 +229,10 @@ def adopt_in_store(
 
     Returns the ids adopted whose releases carry pseudonyms (their salt is created by the caller).
     """
-    from safehaven.intake.contracts import ContractRegistry
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError
 
-    registry = ContractRegistry()
+    registry = registry_from_env()
     try:
         found = approvals.adopt(con, ids, by, reason, registry=registry, actor=actor)
     except AgreementError as exc:
@@ -260,7 +257,6 @@ def _level(registry: ContractRegistry, agreement_id: str) -> str:
 def suspend_agreement(agreement_id: str, reason: str, by: str) -> None:
     """Suspend an approved agreement: nothing is released under it until it is re-approved."""
     from safehaven.core.store import Store
-    from safehaven.intake.contracts import ContractRegistry
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError
 
@@ -268,7 +264,7 @@ def suspend_agreement(agreement_id: str, reason: str, by: str) -> None:
     require_governance_key(home, "suspending an agreement")
     with Store(home).connect() as con:
         try:
-            approvals.suspend(con, agreement_id, reason, by, registry=ContractRegistry(), actor=_actor())
+            approvals.suspend(con, agreement_id, reason, by, registry=registry_from_env(), actor=_actor())
         except AgreementError as exc:
             _fail(str(exc))
         approvals.export(con, home)
@@ -315,7 +311,7 @@ def draft_agreement(
     from safehaven.share.agreements import AgreementError, agreement_path, draft_yaml, parse_agreement
 
     try:
-        path = agreement_path(agreement_id)
+        path = agreement_path(agreement_id, contracts_from_env())
     except AgreementError as exc:
         _fail(str(exc))
     if path.exists():
@@ -379,7 +375,6 @@ def release_now(agreement_id: str) -> None:
     """
     from safehaven.cli.common import custodian_keyring, objections_window_from_env
     from safehaven.core.store import Store
-    from safehaven.intake.contracts import ContractRegistry
     from safehaven.protect.feed import ObjectionFeedBlocked
     from safehaven.share.linkage import LinkageRefused
     from safehaven.share.releases import PREPARED, ReleaseRefused, prepare
@@ -392,7 +387,7 @@ def release_now(agreement_id: str) -> None:
                 con,
                 agreement_id,
                 home=home,
-                registry=ContractRegistry(),
+                registry=registry_from_env(),
                 keyring=keyring,
                 objections_max_age_days=objections_window_from_env(),
             )
@@ -425,7 +420,7 @@ def subject_access_command(nhs_number: tuple[str, ...], as_json: bool) -> None:
         _fail("no store yet: the haven holds nothing")
     with Store(home, keyring).connect() as con:
         try:
-            report = subject_access(con, number, home=home, keyring=keyring)
+            report = subject_access(con, number, home=home, keyring=keyring, registry=registry_from_env())
         except SubjectAccessDenied as exc:
             _fail(str(exc), 2)
     click.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else report.to_text())

@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import click
 
-from safehaven.cli.common import PASSPHRASE_ENV, REFUSED, custodian_keyring, ensure_home, fail
+from safehaven.cli.common import (
+    PASSPHRASE_ENV,
+    REFUSED,
+    contracts_from_env,
+    custodian_keyring,
+    ensure_home,
+    fail,
+    registry_from_env,
+)
 from safehaven.core.home import Home
 
 if TYPE_CHECKING:
@@ -117,13 +125,12 @@ def _rotate(home: Home, purpose: str) -> None:
     """Rotate one key (``safehaven.protect.rotation.rotate``); the custodian is asked only if the
     vault private key is opened. Prints the retired and new ids, counts and crosswalks."""
     from safehaven.core.registers import current_actor
-    from safehaven.intake.contracts import ContractRegistry
     from safehaven.protect import rotation
 
     keyring = custodian_keyring(home)
     try:
         report = rotation.rotate(
-            home, purpose, ContractRegistry().contracts.values(), actor=current_actor(), keyring=keyring
+            home, purpose, registry_from_env().contracts.values(), actor=current_actor(), keyring=keyring
         )
     except Exception as exc:  # every error here names ids and counts only
         raise click.ClickException(f"{purpose} key not rotated: {exc}") from None
@@ -209,7 +216,14 @@ def reidentify_cmd(agreement_id: str, pseudonyms: tuple[str, ...], file: Path | 
         raise click.UsageError("give --pseudonym or --file")
     home = ensure_home()
     try:
-        result = reidentify(home, agreement_id, asked, actor=current_actor(), keyring=custodian_keyring(home))
+        result = reidentify(
+            home,
+            agreement_id,
+            asked,
+            actor=current_actor(),
+            registry=registry_from_env(),
+            keyring=custodian_keyring(home),
+        )
     except ReidentificationRefused as exc:
         raise click.ClickException(f"refused: {exc}") from None
     except Exception as exc:
@@ -235,7 +249,7 @@ def _notify_failed(agreement_id: str, exc: Exception) -> NoReturn:
     """Refuse a notice: an agreement with no file and no key is named as a typo, else the error."""
     from safehaven.share.agreements import scan_agreements
 
-    known, broken = scan_agreements()
+    known, broken = scan_agreements(contracts_from_env())
     if agreement_id not in known and agreement_id not in broken:
         fail(f"no such agreement: {agreement_id} (safehaven agreements list shows them)")
     fail(str(exc))
@@ -332,10 +346,9 @@ def objections_record(
 ) -> None:
     """Write one objection (or withdrawal) as a drop for the objections collection."""
     from safehaven.core.identifiers import canonical_nhs
-    from safehaven.intake.contracts import ContractRegistry
 
     _check_objection(nhs_number, objection_type, source_practice)
-    contract = ContractRegistry().objections()
+    contract = registry_from_env().objections()
     recorded = (recorded_date.date() if recorded_date else date.today()).isoformat()
     withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
     row = {

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from safehaven.cli.common import fail
-from safehaven.core.home import Home
+from safehaven.cli.common import fail, home_from_env
 
 
 def register(main: click.Group) -> None:
@@ -49,7 +48,7 @@ def register(main: click.Group) -> None:
         """
         from safehaven.publish.query import QueryRefused, format_result, run_query
 
-        path = db or Home.from_env().published_db
+        path = db or home_from_env().published_db
         try:
             result = run_query(path, sql, max_rows=max_rows, timeout=timeout)
         except QueryRefused as exc:

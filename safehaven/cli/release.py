@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import click
 
-from safehaven.cli.common import USAGE, custodian_keyring, ensure_home, fail, objections_window_from_env
+from safehaven.cli.common import (
+    USAGE,
+    custodian_keyring,
+    ensure_home,
+    fail,
+    objections_window_from_env,
+    registry_from_env,
+)
 
 
 def register(main: click.Group) -> None:
@@ -29,7 +36,6 @@ def register(main: click.Group) -> None:
         from safehaven.core.audit import AuditTrailBroken
         from safehaven.core.registers import current_actor
         from safehaven.core.store import Store
-        from safehaven.intake.contracts import ContractRegistry
         from safehaven.share import due
         from safehaven.share.releases import PREPARED, RELEASED, prepare
 
@@ -48,7 +54,7 @@ def register(main: click.Group) -> None:
                     con,
                     agreement_id or "",
                     home=home,
-                    registry=ContractRegistry(),
+                    registry=registry_from_env(),
                     keyring=keyring,
                     actor=current_actor(),
                     objections_max_age_days=objections_window_from_env(),

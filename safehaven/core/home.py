@@ -1,4 +1,4 @@
-"""Where the haven keeps its files: ``$SAFEHAVEN_HOME`` (default ``data/``).
+"""Where the haven keeps its files: one directory, named by the edge (default ``data/``).
 
 Layout (one place for it, so every module agrees):
 
@@ -19,12 +19,13 @@ One place lies outside the tree on purpose: the optional **write-once audit anch
 (``audit_worm``, see ``safehaven.core.anchors``), on storage that someone who can rewrite the
 whole home still cannot change (CoP 12, 23d). It is configuration the edge passes in (the
 ``SafeHavenResource`` field ``audit_worm_dir``, or ``$SAFEHAVEN_AUDIT_WORM`` read by the CLI),
-never read from the environment here.
+never read from the environment here. The home itself is passed in the same way: the CLI reads
+``$SAFEHAVEN_HOME`` (``safehaven.cli.common.home_from_env``) and the Dagster resource takes its
+``home`` field, else the same variable (``resources.haven.SafeHavenResource.home_dir``).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +39,6 @@ class Home:
     root: Path
     #: the external write-once anchor directory (``safehaven.core.anchors``); None: no such target
     audit_worm: Path | None = None
-
-    @classmethod
-    def from_env(cls) -> Home:
-        """``$SAFEHAVEN_HOME`` if set, else ``data/`` under the working directory."""
-        return cls(Path(os.environ.get("SAFEHAVEN_HOME", DEFAULT_HOME)).resolve())
 
     @property
     def incoming(self) -> Path:

@@ -43,7 +43,6 @@ change.
 
 from __future__ import annotations
 
-import os
 from datetime import date
 from functools import cached_property
 from pathlib import Path
@@ -56,9 +55,13 @@ CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
 
 
 def contracts_dir() -> Path:
-    """``$SAFEHAVEN_CONTRACTS`` if set, else the project's ``data_contracts/``."""
-    env = os.environ.get("SAFEHAVEN_CONTRACTS")
-    return Path(env).resolve() if env else CONTRACTS_DIR
+    """The project's ``data_contracts/``: the contracts root where the caller names none.
+
+    No environment is read here: the edges name another root (``$SAFEHAVEN_CONTRACTS``, read by
+    ``safehaven.cli.common.contracts_from_env`` for the CLI and the Dagster resource) and pass it
+    in, as ``ContractRegistry(root)`` or a ``root`` argument.
+    """
+    return CONTRACTS_DIR
 
 
 Identifiability = Literal["direct_identifier", "quasi_identifier", "sensitive", "content"]

@@ -220,7 +220,10 @@ def parse_window(text: str, source: str) -> int:
     if not text:
         return DEFAULT_WINDOW_DAYS
     if not text.isdigit() or int(text) < 1:
-        raise ObjectionFeedBlocked(f"{source}={text!r} is not a whole number of days; set it to e.g. 31")
+        raise ObjectionFeedBlocked(
+            f"{source}={text!r} is not a whole number of days; set it to whole days of at least one "
+            f"(e.g. 31), or unset it for the default of {DEFAULT_WINDOW_DAYS}"
+        )
     return int(text)
 
 

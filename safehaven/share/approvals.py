@@ -20,7 +20,10 @@ encrypted store (``governance.agreement_decisions``), audited, and exported to
   --reason ...`` (:func:`adopt`) records, for each agreement whose file's block says
   ``approved`` or ``suspended``, a decision with ``source = file`` pinned to the file's
   SHA-256, made by the named person and audited like an approval. A file without such a block
-  is reported, not adopted; an agreement that already has a decision is left as it is.
+  is reported, not adopted; an agreement that already has a decision is left as it is. A file
+  with problems (``safehaven.share.agreements.problems``, what ``safehaven agreements
+  validate`` reports) is not adopted: the whole request is refused in one line before anything
+  is recorded, as ``approve`` refuses it.
 * **A file can withhold, never grant.** A file whose block says ``suspended`` is suspended even
   when the store's decision on those very bytes is ``approved`` (:func:`effective`). Disposal
   (:func:`for_disposal`) reads the same way: dates and retention from the file, approval only
@@ -421,16 +424,39 @@ def adopt(
     """Adopt the ``approval:`` block of each named agreement (``None``: every readable one) as a
     decision by ``by``, pinned to the file's SHA-256 and audited (Caldicott 1; CoP 41-43;
     SATRE 3.3.04). Refused without a named person and a reason; a file without an
-    approved/suspended block, or one already decided, is only reported. Adoption records the
-    file's decision as it stands and does not re-judge the terms: an adopted agreement that does
-    not validate is refused at every release and linkage, as any approved one is
-    (``safehaven.share.releases`` rule 2).
+    approved/suspended block, or one already decided, is only reported. Refused whole, with
+    nothing recorded or audited, when any file that would be adopted has problems
+    (:func:`adoption_problems`). An agreement decided before that check, or whose contracts
+    changed since, is still refused at every release and linkage (``safehaven.share.releases``
+    rule 2).
     """
     _check_adopter(by, reason)
     today = today or date.today()
     ids = sorted(scan_agreements(registry.root)[0]) if agreement_ids is None else agreement_ids
     found = [load_standing(con, aid, registry.root) for aid in ids]
+    refused = adoption_problems(found, registry, today)
+    if refused:
+        raise AgreementError(refused)
     return [_adopt_one(con, s, by, reason, actor=actor, today=today) for s in found]
+
+
+def adoption_problems(found: list[Standing], registry: ContractRegistry, today: date) -> str:
+    """One line naming each agreement that would be adopted but whose file has problems, and
+    how to see them; empty when every one validates."""
+    bad = {
+        s.agreement.id: issues
+        for s in found
+        if s.decision is None and s.agreement.approval.status in (APPROVED, SUSPENDED)
+        for issues in [problems(s.agreement, registry, today=today)]
+        if issues
+    }
+    if not bad:
+        return ""
+    named = " | ".join(f"{aid}: {'; '.join(issues)}" for aid, issues in bad.items())
+    return (
+        f"refused, nothing adopted: {named}. Correct the file(s) "
+        f"(safehaven agreements validate {' '.join(bad)}), then adopt again"
+    )
 
 
 def export(con: duckdb.DuckDBPyConnection, home: Home) -> None:

@@ -107,7 +107,7 @@ def reidentify(
     counts = {"requested": len(asked), "malformed": len(asked) - len(well_formed)}
     try:
         with Store(home).connect() as con:
-            standing = approvals.load_standing(con, agreement_id, agreements_root)
+            standing = approvals.load_standing(con, agreement_id, agreements_root or registry.root)
     except AgreementError as exc:
         _refuse(home, agreement_id, actor, f"no valid agreement: {exc}", counts)
         raise  # pragma: no cover - _refuse raises

@@ -38,6 +38,11 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   records of a collection being disposed of is withdrawn (:func:`withdraw_for_disposal`, why
   ``disposed: <disposal id>``) and its staged files are shredded by the disposal
   (``safehaven.dispose``), which counts them in its certificate.
+* **What will never leave is shredded** (CoP 27b): a rejected, withdrawn or superseded
+  request's staged files are overwritten and unlinked (:func:`_discard`). The state is recorded
+  first, so a request whose shredding failed can never be delivered; the shredding is retried
+  by the next discard and the next request opened (:func:`shred_discarded`), until the staged
+  folder is gone.
 
 The states and the transitions between them are listed once, in :data:`TRANSITIONS`.
 """
@@ -78,6 +83,10 @@ SUPERSEDED = "superseded"
 AWAITING_REVIEW = (PREPARED, APPROVED_BY_ONE)
 #: not yet final: a newer preparation supersedes these
 OPEN = (PREPARED, APPROVED_BY_ONE, APPROVED, RETURNED)
+#: will never leave: their staged files are shredded (``_discard``)
+NEVER_LEAVES = (REJECTED, WITHDRAWN, SUPERSEDED)
+#: the comment of a request withdrawn for a disposal, whose files the disposal shreds and certifies
+DISPOSED_PREFIX = "disposed: "
 
 #: action -> {from state: to state}
 TRANSITIONS: dict[str, dict[str, str]] = {
@@ -289,6 +298,7 @@ def open_request(
     the store until delivery. Call outside an open transaction.
     """
     ensure_tables(con)
+    shred_discarded(con)  # a shredding that failed before is retried by the next run
     older = requests(con, states=OPEN, agreement_id=agreement_id)
     con.execute("BEGIN TRANSACTION")
     try:
@@ -324,9 +334,29 @@ def open_request(
 
 def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
     """Shred the staged files and drop the kept members of a request that will never be released
-    (CoP 27b: record-level files are overwritten, not only unlinked, as disposal does)."""
+    (CoP 27b: record-level files are overwritten, not only unlinked, as disposal does).
+
+    Called once the request's state says it will never leave, so a failure here leaves nothing
+    deliverable; the shredding of any request left so (this one included) is retried first.
+    """
+    shred_discarded(con, but=req.release_id)
     con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
     shred_tree(req.staging_dir)
+
+
+def shred_discarded(con: duckdb.DuckDBPyConnection, *, but: str | None = None) -> list[str]:
+    """Shred the staged files a failed :func:`_discard` left behind: requests that will never leave
+    whose staged folder still exists (those withdrawn for a disposal are left to it: it shreds
+    and certifies them). Returns their ids."""
+    left = [
+        r
+        for r in requests(con, states=NEVER_LEAVES)
+        if r.release_id != but and r.staging_dir.exists() and not (r.comment or "").startswith(DISPOSED_PREFIX)
+    ]
+    for req in left:
+        con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
+        shred_tree(req.staging_dir)
+    return [r.release_id for r in left]
 
 
 def _require_independent(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
@@ -526,7 +556,7 @@ def withdraw_for_disposal(con: duckdb.DuckDBPyConnection, release_id: str, *, by
     shreds them and counts them in the certificate. Run again (a resumed disposal), it changes nothing.
     """
     req = get(con, release_id)
-    why = f"disposed: {disposal_id}"
+    why = f"{DISPOSED_PREFIX}{disposal_id}"
     if req.state == WITHDRAWN and req.comment == why:
         return True
     if req.state not in TRANSITIONS["withdraw"]:

@@ -33,6 +33,7 @@ from tests.governance_helpers import (
     agreement_data,
     approve_release,
     contracts_root,
+    record_unchecked_decision,
     small_haven,
     write_agreement,
 )
@@ -150,7 +151,9 @@ def test_suspension_takes_effect_without_reloading_definitions(
 def test_unlisted_linkage_fails_the_asset_and_is_registered(
     home: Home, registry: ContractRegistry, dagster_instance
 ) -> None:
-    _adopted(home, registry, agreement_data(linkages=[]))
+    write_agreement(registry.root, agreement_data(linkages=[]))  # adoption refuses it: approved before that check
+    with Store(home).connect() as con:
+        record_unchecked_decision(con, registry, "test-linked")
     result = _materialize(registry, "test-linked", dagster_instance)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")

@@ -192,6 +192,24 @@ def test_agreements_adopt_records_named_file_decisions_and_reports_the_rest(cont
     assert _decisions(home) == decisions
 
 
+def test_agreements_adopt_refuses_a_file_with_problems_in_one_line_and_records_nothing(
+    contracts: Path, home: Home
+) -> None:
+    write_agreement(contracts, agreement_data(id="no-basis", legal_basis={"basis": "anonymised"}))
+    with Store(home).connect() as con:
+        approvals.ensure_tables(con)
+        before = len(audit.entries_for(con))
+    by = "Dr A. Example, Caldicott Guardian"
+    for args in (["no-basis"], ["--all"]):  # --all: the clean files are not adopted either
+        result = CliRunner().invoke(main, ["agreements", "adopt", *args, "--by", by, "--reason", "carried over"])
+        assert result.exit_code == 1, result.output
+        assert result.output.count("\n") == 1 and result.output.startswith("refused, nothing adopted: no-basis: ")
+        assert "pseudonymised" in result.output and "safehaven agreements validate no-basis" in result.output
+        assert _decisions(home) == {}
+        with Store(home).connect() as con:
+            assert len(audit.entries_for(con)) == before, "nothing audited"
+
+
 def test_agreements_adopt_refuses_without_by(contracts: Path, home: Home) -> None:
     result = CliRunner().invoke(main, ["agreements", "adopt", "--all", "--reason", "carried over"])
     assert result.exit_code == USAGE and "--by" in result.output

@@ -210,13 +210,20 @@ def test_a_code_list_must_exist_and_be_well_formed(tmp_path: Path, problem: str)
         _ = ContractRegistry(root).contracts
 
 
-def test_contracts_directory_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_contracts_directory_from_the_environment_is_read_at_the_edges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resources.haven import SafeHavenResource
+    from safehaven.cli.common import contracts_from_env, registry_from_env
+
     root = _copy(tmp_path)
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(root))
-    assert contracts_dir() == root.resolve()
-    assert ContractRegistry().root == root.resolve()
+    assert contracts_from_env() == root.resolve()
+    assert registry_from_env().root == root.resolve() == SafeHavenResource().registry().root
+    assert ContractRegistry().root == contracts_dir() == CONTRACTS_DIR  # the domain reads no environment
+    assert ContractRegistry(root).root == root
     monkeypatch.delenv("SAFEHAVEN_CONTRACTS")
-    assert contracts_dir() == CONTRACTS_DIR
+    assert contracts_from_env() == CONTRACTS_DIR == SafeHavenResource().registry().root
 
 
 def test_uniqueness_declaration_loads() -> None:

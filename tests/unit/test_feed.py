@@ -227,9 +227,53 @@ def test_a_window_that_is_not_whole_days_fails_closed(monkeypatch: pytest.Monkey
         feed.window_days(None, 0)
     monkeypatch.setenv(OBJECTIONS_WINDOW_ENV, "9")
     assert objections_window_from_env() == 9 == SafeHavenResource.from_environment().objections_max_age_days
+    assert SafeHavenResource.from_environment().objections_window() == 9
     monkeypatch.setenv(OBJECTIONS_WINDOW_ENV, "nine")
     with pytest.raises(feed.ObjectionFeedBlocked):
-        SafeHavenResource.from_environment()
+        objections_window_from_env()
+    resource = SafeHavenResource.from_environment()  # loads; the window is refused where it is used
+    assert resource.objections_max_age_days == 0
+    with pytest.raises(feed.ObjectionFeedBlocked, match="not a whole number of days"):
+        resource.objections_window()
+    with pytest.raises(feed.ObjectionFeedBlocked):
+        feed.window_days(haven_days=resource.objections_max_age_days)  # a step reading the field refuses too
+
+
+def test_a_malformed_window_in_the_environment_still_loads_the_definitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dagster as dg
+
+    from assets.definitions import build_definitions
+    from safehaven.cli.common import OBJECTIONS_WINDOW_ENV
+
+    monkeypatch.setenv(OBJECTIONS_WINDOW_ENV, "abc")
+    defs = build_definitions()
+    dg.Definitions.validate_loadable(defs)
+    assert defs.resolve_job_def("nightly") is not None
+
+
+def test_a_malformed_window_in_the_environment_refuses_the_objection_feed_step_in_one_line(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dagster as dg
+
+    from assets.objections import feed_asset
+    from resources.haven import SafeHavenResource
+    from safehaven.cli.common import OBJECTIONS_WINDOW_ENV
+
+    monkeypatch.setenv(OBJECTIONS_WINDOW_ENV, "abc")
+    result = dg.materialize(
+        [feed_asset()], resources={"haven": SafeHavenResource.from_environment()}, raise_on_error=False
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.user_failure_data.description
+    assert message == (
+        "SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS='abc' is not a whole number of days; set it to whole days of at "
+        "least one (e.g. 31), or unset it for the default of 31"
+    )
+    assert "\n" not in message
+    assert failure.step_key == feed_asset().op.name
+    assert not result.get_asset_materialization_events(), "nothing was materialised"
 
 
 def test_anonymised_release_is_not_blocked(haven: Haven) -> None:

@@ -16,7 +16,16 @@ from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share import approvals
-from tests.governance_helpers import NHS, REVIEWERS, adopt, agreement_data, contracts_root, small_haven, write_agreement
+from tests.governance_helpers import (
+    NHS,
+    REVIEWERS,
+    adopt,
+    agreement_data,
+    contracts_root,
+    record_unchecked_decision,
+    small_haven,
+    write_agreement,
+)
 
 
 @pytest.fixture
@@ -238,7 +247,9 @@ def test_registers_command(released: Home) -> None:
 def test_release_command_refusal_exits_non_zero(released: Home, root: Path) -> None:
     write_agreement(root, agreement_data(id="unlinked", linkages=[]))
     adopted = run("agreements", "adopt", "unlinked", "--by", "Dr Test, Caldicott Guardian", "--reason", "carried over")
-    assert adopted.exit_code == 0 and "unlinked: adopted as approved" in adopted.output, adopted.output
+    assert adopted.exit_code == 1 and "refused, nothing adopted: unlinked:" in adopted.output, adopted.output
+    with Store(released).connect() as con:  # approved before adoption checked the file
+        record_unchecked_decision(con, ContractRegistry(root), "unlinked")
     result = run("agreements", "release", "unlinked")
     assert result.exit_code == 1 and "linkage refused" in result.output
     assert "severity 0 refused_linkage" in run("registers", "--show", "breaches").output

@@ -81,11 +81,16 @@ def _ps(home: Home, agreement_id: str, pid: str) -> str:
     return release_pseudonym(agreement_key(KeyRing(home.keys), agreement_id), pid)
 
 
-def test_consented_agreement_re_identifies_its_own_released_people(home: Home, released) -> None:
+def test_consented_agreement_re_identifies_its_own_released_people(home: Home, released, contracts: Path) -> None:
     asked = {_ps(home, "reid-consent", released["pid"][n]): n for n in released["nhs"]}
     stranger = _ps(home, "reid-s251", released["pid"][released["nhs"][3]])  # another recipient's pseudonym
     result = reidentify(
-        home, "reid-consent", [*asked, stranger, "not-a-pseudonym"], actor="lead", keyring=custodian_ring(home)
+        home,
+        "reid-consent",
+        [*asked, stranger, "not-a-pseudonym"],
+        actor="lead",
+        registry=ContractRegistry(contracts),
+        keyring=custodian_ring(home),
     )
     assert {p: v["nhs_number"] for p, v in result.identified.items()} == {p: [n] for p, n in asked.items()}
     assert result.fields == ["nhs_number"], "only the identifiers the agreement releases"
@@ -99,9 +104,11 @@ def test_consented_agreement_re_identifies_its_own_released_people(home: Home, r
     assert all(n not in str(e.detail_value) for e in entries for n in released["nhs"])
 
 
-def test_the_opt_out_withholds_objectors_under_section_251(home: Home, released) -> None:
+def test_the_opt_out_withholds_objectors_under_section_251(home: Home, released, contracts: Path) -> None:
     asked = [_ps(home, "reid-s251", released["pid"][n]) for n in released["nhs"]]
-    result = reidentify(home, "reid-s251", asked, actor="lead", keyring=custodian_ring(home))
+    result = reidentify(
+        home, "reid-s251", asked, actor="lead", registry=ContractRegistry(contracts), keyring=custodian_ring(home)
+    )
     assert result.withheld_objection == len(released["objecting"]) == 2
     got = {v["nhs_number"][0] for v in result.identified.values()}
     assert got == set(released["nhs"]) - set(released["objecting"])
@@ -109,7 +116,7 @@ def test_the_opt_out_withholds_objectors_under_section_251(home: Home, released)
 
 @pytest.mark.parametrize("agreement_id", ["reid-pseudo", "no-such-agreement"])
 def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
-    home: Home, released, agreement_id: str
+    home: Home, released, contracts: Path, agreement_id: str
 ) -> None:
     with pytest.raises(ReidentificationRefused):
         reidentify(
@@ -117,6 +124,7 @@ def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
             agreement_id,
             [_ps(home, "reid-consent", released["pid"][released["nhs"][5]])],
             actor="lead",
+            registry=ContractRegistry(contracts),
             keyring=custodian_ring(home),
         )
     with Store(home).connect() as con:
@@ -128,7 +136,14 @@ def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
 def test_a_files_approval_block_alone_permits_no_re_identification(home: Home, released, contracts: Path) -> None:
     _agreement(contracts, "reid-unadopted", "consent")  # its file says approved; no decision in the haven
     with pytest.raises(ReidentificationRefused, match="has not been approved in this haven") as refused:
-        reidentify(home, "reid-unadopted", ["0" * 64], actor="lead", keyring=custodian_ring(home))
+        reidentify(
+            home,
+            "reid-unadopted",
+            ["0" * 64],
+            actor="lead",
+            registry=ContractRegistry(contracts),
+            keyring=custodian_ring(home),
+        )
     assert "safehaven agreements approve reid-unadopted" in str(refused.value)
 
 

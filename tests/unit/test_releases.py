@@ -44,6 +44,7 @@ from tests.governance_helpers import (
     agreement_data,
     contracts_root,
     prepare_and_release,
+    record_unchecked_decision,
     small_haven,
     write_agreement,
 )
@@ -62,6 +63,14 @@ class Haven:
         data = agreement_data(**overrides)
         write_agreement(self.registry.root, data)
         adopt(self.con, self.registry, data["id"])
+        return data["id"]
+
+    def add_with_problems(self, **overrides: Any) -> str:
+        """Write an agreement that adoption refuses, approved in the store as a store from before
+        that check holds it: release and linkage must still refuse it."""
+        data = agreement_data(**overrides)
+        write_agreement(self.registry.root, data)
+        record_unchecked_decision(self.con, self.registry, data["id"])
         return data["id"]
 
     def release(self, agreement_id: str, keyring: KeyRing | None = None):
@@ -235,7 +244,7 @@ def test_agreements_not_in_force_release_nothing(haven: Haven, overrides: dict, 
 
 
 def test_unlisted_linkage_is_refused_and_registered(haven: Haven) -> None:
-    aid = haven.add(linkages=[])
+    aid = haven.add_with_problems(linkages=[])
     with pytest.raises(LinkageRefused, match="no agreement names a linkage of hospital_episodes and social_care"):
         haven.release(aid)
     breaches = reg.breaches(haven.con)
@@ -246,7 +255,7 @@ def test_unlisted_linkage_is_refused_and_registered(haven: Haven) -> None:
 
 
 def test_agreement_without_a_legal_basis_is_refused_as_a_breach(haven: Haven) -> None:
-    aid = haven.add(legal_basis={"basis": "anonymised"})
+    aid = haven.add_with_problems(legal_basis={"basis": "anonymised"})
     with pytest.raises(ReleaseRefused, match="pseudonymised level with legal basis 'anonymised'"):
         haven.release(aid)
     assert [b["kind"] for b in reg.breaches(haven.con)] == ["no_legal_basis"]
@@ -415,7 +424,7 @@ def test_no_seeded_nhs_number_in_any_release_manifest_or_register(haven: Haven) 
             legal_basis={"basis": "anonymised"},
         )
     )
-    haven.add(id="refused-one", linkages=[])
+    haven.add_with_problems(id="refused-one", linkages=[])
     with pytest.raises(LinkageRefused):
         haven.release("refused-one")
     assert leaked_nhs_numbers([haven.home.releases, haven.home.registers], set(NHS)) == {}

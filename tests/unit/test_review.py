@@ -206,6 +206,33 @@ def test_a_request_that_will_never_leave_has_its_staged_files_shredded(haven: Ha
         assert len(after) == len(before) and after != before
 
 
+def test_a_failed_shredding_leaves_nothing_deliverable_and_is_retried_by_the_next_run(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    staging = review.get(haven.con, rid).staging_dir
+    real, failed = review.shred_tree, []
+
+    def fails_once(root: Path, *args: Any, **kwargs: Any) -> int:
+        if not failed:
+            failed.append(root)
+            raise OSError("input/output error while shredding")
+        return real(root, *args, **kwargs)
+
+    monkeypatch.setattr(review, "shred_tree", fails_once)
+    with pytest.raises(OSError, match="input/output error"):
+        review.withdraw(haven.con, rid, CG, "the staged files were changed by hand")
+    assert failed == [staging] and staging.exists(), "the shredding failed and left the files"
+    assert review.get(haven.con, rid).state == review.WITHDRAWN, "the state is recorded: it will never leave"
+    with pytest.raises(review.ReviewError):
+        review.deliver(haven.con, rid, home=haven.home, by=CG)
+    assert haven.delivered() == []
+    assert haven.prepare().status == PREPARED  # the next run opens a request, and first retries the shredding
+    assert not staging.exists()
+    assert review.shred_discarded(haven.con) == [], "nothing is left to retry"
+
+
 def test_return_and_reject_need_a_comment_and_release_nothing(haven: Haven) -> None:
     haven.add()
     rid = haven.prepare().release_id

@@ -74,7 +74,12 @@ def test_rotation_refuses_to_start_while_a_run_is_alive(haven_home: Home) -> Non
 
 def test_a_dead_runs_lock_does_not_block_rotation(haven_home: Home) -> None:
     subprocess.run(
-        [sys.executable, "-c", f"from safehaven.core import runs, home; runs.hold(home.Home.from_env(), {RUN_ID!r})"],
+        [
+            sys.executable,
+            "-c",
+            "from safehaven.cli.common import home_from_env; from safehaven.core import runs; "
+            f"runs.hold(home_from_env(), {RUN_ID!r})",
+        ],
         env={**os.environ, "PYTHONPATH": str(ROOT), "SAFEHAVEN_HOME": str(haven_home.root)},
         check=True,
     )
