@@ -32,6 +32,7 @@ from assets import keys
 from assets.keys import release as release_key
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import feed
 from safehaven.publish.outputs import load_outputs
 from safehaven.share import checker, review
 from safehaven.share.agreements import Agreement, scan_agreements
@@ -60,6 +61,22 @@ def review_check(con: object, agreement_id: str) -> dg.AssetCheckResult:
         metadata=metadata,
         description=f"{len(waiting)} release request(s) waiting for review" if waiting else "nothing waiting",
     )
+
+
+def _objections_window(haven: SafeHavenResource, agreement_id: str, agreement: Agreement | None) -> int:
+    """The haven's objection window; an unreadable one stops a record-level release (one line).
+
+    Anonymised releases are not held by the objection feed (guide Rule 4C), so they go on.
+    """
+    try:
+        return haven.objections_window()
+    except feed.ObjectionFeedBlocked as exc:
+        if agreement is not None and agreement.identifiability == "anonymised":
+            return feed.DEFAULT_WINDOW_DAYS
+        raise dg.Failure(
+            description=f"release under {agreement_id} refused: {exc}",
+            metadata={"agreement": agreement_id, "released": False},
+        ) from None
 
 
 def release_asset(
@@ -99,6 +116,7 @@ def release_asset(
         if error is not None:
             raise dg.Failure(description=error, metadata={"agreement": agreement_id, "released": False})
         home = haven.home_dir()
+        window = _objections_window(haven, agreement_id, agreement)
         with haven.connect() as con:
             try:
                 result = prepare(
@@ -107,7 +125,7 @@ def release_asset(
                     home=home,
                     registry=haven.registry(),
                     keyring=haven.keyring(),
-                    objections_max_age_days=haven.objections_max_age_days,
+                    objections_max_age_days=window,
                 )
             except (ReleaseRefused, LinkageRefused) as exc:
                 raise dg.Failure(

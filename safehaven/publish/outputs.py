@@ -393,7 +393,7 @@ class Output(Strict):
 
 
 def outputs_dir(root: Path | None = None) -> Path:
-    """``<contracts root>/outputs`` (``$SAFEHAVEN_CONTRACTS`` or the project's ``data_contracts``)."""
+    """``<contracts root>/outputs`` (the root the edge passes in, else the project's ``data_contracts``)."""
     return (root or contracts_dir()) / "outputs"
 
 

@@ -276,6 +276,34 @@ def test_a_malformed_window_in_the_environment_refuses_the_objection_feed_step_i
     assert not result.get_asset_materialization_events(), "nothing was materialised"
 
 
+@pytest.mark.parametrize("identifiability", ["pseudonymised", "anonymised"])
+def test_a_malformed_window_in_the_environment_stops_record_level_releases_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, identifiability: str
+) -> None:
+    import dagster as dg
+
+    from assets.releases import _objections_window
+    from resources.haven import SafeHavenResource
+    from safehaven.cli.common import OBJECTIONS_WINDOW_ENV
+    from safehaven.share.agreements import load_agreement_file
+
+    monkeypatch.setenv(OBJECTIONS_WINDOW_ENV, "abc")
+    extra = {"legal_basis": {"basis": "anonymised"}} if identifiability == "anonymised" else {}
+    data = agreement_data(id="test-window", identifiability=identifiability, **extra)
+    (tmp_path / "agreements").mkdir()
+    agreement = load_agreement_file(write_agreement(tmp_path, data))
+    haven = SafeHavenResource.from_environment()
+    if identifiability == "anonymised":  # not held by the objection feed (guide Rule 4C)
+        assert _objections_window(haven, "test-window", agreement) == feed.DEFAULT_WINDOW_DAYS
+        return
+    with pytest.raises(dg.Failure) as refused:
+        _objections_window(haven, "test-window", agreement)
+    assert refused.value.description == (
+        "release under test-window refused: SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS='abc' is not a whole number of "
+        "days; set it to whole days of at least one (e.g. 31), or unset it for the default of 31"
+    )
+
+
 def test_anonymised_release_is_not_blocked(haven: Haven) -> None:
     haven.drop("practice_d.csv", [_opt_out(30, recorded=FUTURE)])
     haven.run()
