@@ -11,7 +11,8 @@ vocabulary, applied to the stage assets once when the definitions are built:
 * ``code_version``: the version of the contract, output definition or agreement the asset is
   built from (so the UI marks an asset stale when its contract changes);
 * ``group_name``: the first part of the asset key (``landing``, ``validated``, ``haven``,
-  ``vault``, ``governance``, ``published``, ``release``), so groups and keys agree; the stage
+  ``vault``, ``governance``, ``published``, ``release``), so groups and keys agree (keys
+  come from ``assets.keys`` only, and their last part, the UI's label, is distinct); the stage
   the asset was built by (ingest, validate, objections, pseudonymise, aggregate, publish,
   release) stays visible as the tag ``safehaven/stage``;
 * ``dagster/column_schema``: the columns of the table the asset writes, each tagged with its
@@ -29,6 +30,7 @@ from datetime import timedelta
 
 import dagster as dg
 
+from assets import keys
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.protect.pseudonymise import haven_column
 from safehaven.publish.outputs import Output
@@ -128,24 +130,24 @@ class Catalog:
         self._entries: dict[dg.AssetKey, Entry] = {}
         for c in registry.contracts.values():
             owner = owner_of(c.owner)
-            self._entries[dg.AssetKey(["landing", c.collection])] = Entry(owner, c.version, landing_schema(c))
-            self._entries[dg.AssetKey(["validated", c.collection])] = Entry(owner, c.version, landing_schema(c))
-            self._entries[dg.AssetKey(["haven", c.collection])] = Entry(owner, c.version, haven_schema(c))
-            self._entries[dg.AssetKey(["vault", c.collection])] = Entry(owner, c.version, dg.TableSchema(VAULT_COLUMNS))
+            self._entries[keys.landing(c.collection)] = Entry(owner, c.version, landing_schema(c))
+            self._entries[keys.validated(c.collection)] = Entry(owner, c.version, landing_schema(c))
+            self._entries[keys.haven(c.collection)] = Entry(owner, c.version, haven_schema(c))
+            self._entries[keys.vault(c.collection)] = Entry(owner, c.version, dg.TableSchema(VAULT_COLUMNS))
         for o in outputs:
             entry = Entry(OWNER_STATISTICS, o.version, output_schema(o), output_freshness(o))
-            self._entries[dg.AssetKey(["published", o.name])] = entry
+            self._entries[keys.published(o.name)] = entry
         for agreement_id, version in agreement_versions.items():
-            self._entries[dg.AssetKey(["release", agreement_id])] = Entry(OWNER_GOVERNANCE, version)
+            self._entries[keys.release(agreement_id)] = Entry(OWNER_GOVERNANCE, version)
         self._objections_version = registry.objections().version
 
     def entry(self, key: dg.AssetKey) -> Entry:
         """The catalog's entry for ``key`` (governance assets follow the objections contract)."""
         if key in self._entries:
             return self._entries[key]
-        if key.path[0] == "governance":
+        if keys.group(key) == keys.GOVERNANCE:
             return Entry(OWNER_GOVERNANCE, self._objections_version)
-        return Entry(OWNER_STATISTICS if key.path[0] == "published" else OWNER_PIPELINE)
+        return Entry(OWNER_STATISTICS if keys.group(key) == keys.PUBLISHED else OWNER_PIPELINE)
 
     def annotate(self, spec: dg.AssetSpec) -> dg.AssetSpec:
         """The spec with owners, code version, a group named after its key, schema and freshness."""
@@ -156,7 +158,7 @@ class Catalog:
         return spec.replace_attributes(
             owners=[entry.owner],
             code_version=entry.version,
-            group_name=spec.key.path[0],
+            group_name=keys.group(spec.key),
             tags={**spec.tags, STAGE_TAG: spec.group_name or "default"},
             metadata=metadata,
             freshness_policy=entry.freshness or spec.freshness_policy,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets import keys
 from assets.catalog import IDENTIFIABILITY_TAG, STAGE_TAG
 from assets.definitions import build_definitions, defs
 from assets.keys import PUBLISHED_FILES
@@ -36,7 +37,7 @@ def test_every_asset_has_owners_and_a_code_version_from_its_contract() -> None:
         assert node.owners and all(o.startswith("team:") or "@" in o for o in node.owners), key
         if key != PUBLISHED_FILES:
             assert node.code_version, f"{key.to_user_string()} has no code version"
-    gp = graph.get(dg.AssetKey(["landing", "gp_events"]))
+    gp = graph.get(keys.landing("gp_events"))
     assert gp.code_version == registry.contracts["gp_events"].version
     assert gp.owners == ["team:data-engineering"]
 
@@ -44,24 +45,25 @@ def test_every_asset_has_owners_and_a_code_version_from_its_contract() -> None:
 def test_every_table_asset_declares_its_columns_with_their_identifiability() -> None:
     graph = defs.resolve_asset_graph()
     registry = ContractRegistry()
+    tables = {keys.LANDING, keys.VALIDATED, keys.HAVEN, keys.VAULT, keys.PUBLISHED}
     for key in graph.get_all_asset_keys():
-        if key.path[0] in {"landing", "validated", "haven", "vault", "published"} and key != PUBLISHED_FILES:
+        if keys.group(key) in tables and key != PUBLISHED_FILES:
             schema = graph.get(key).metadata["dagster/column_schema"]
             assert schema.columns and all(c.tags.get(IDENTIFIABILITY_TAG) for c in schema.columns), key
-    landing = {c.name: c.tags[IDENTIFIABILITY_TAG] for c in _schema(graph, "landing", "gp_events").columns}
+    landing = {c.name: c.tags[IDENTIFIABILITY_TAG] for c in _schema(graph, keys.landing("gp_events")).columns}
     assert landing["nhs_number"] == "direct_identifier"
-    haven = {c.name: c.tags[IDENTIFIABILITY_TAG] for c in _schema(graph, "haven", "gp_events").columns}
+    haven = {c.name: c.tags[IDENTIFIABILITY_TAG] for c in _schema(graph, keys.haven("gp_events")).columns}
     assert "nhs_number" not in haven and haven["pid"] == "pseudonym"
     assert set(landing) == {f.name for f in registry.contracts["gp_events"].fields}
 
 
-def _schema(graph, *path: str) -> dg.TableSchema:
-    return graph.get(dg.AssetKey(list(path))).metadata["dagster/column_schema"]
+def _schema(graph, key: dg.AssetKey) -> dg.TableSchema:
+    return graph.get(key).metadata["dagster/column_schema"]
 
 
 def test_published_outputs_are_stale_past_their_timeliness_target() -> None:
     graph = defs.resolve_asset_graph()
-    policy = graph.get(dg.AssetKey(["published", "gp_activity"])).freshness_policy
+    policy = graph.get(keys.published("gp_activity")).freshness_policy
     assert policy is not None and policy.fail_window.to_timedelta().days == 35
 
 
