@@ -23,10 +23,19 @@ def test_nightly_job_covers_every_stage() -> None:
     assert {"ingest", "validate", "objections", "pseudonymise", "aggregate", "publish", "release"} <= stages
 
 
-def test_every_asset_group_is_the_first_part_of_its_key() -> None:
-    graph = defs.resolve_asset_graph()
+def test_every_asset_has_a_distinct_label_and_its_group_is_the_first_part_of_its_key() -> None:
+    """The UI labels an asset by its key's last part: no two assets share one (issue 20)."""
+    graph = build_definitions().resolve_asset_graph()
+    groups = {keys.LANDING, keys.VALIDATED, keys.HAVEN, keys.VAULT, keys.GOVERNANCE, keys.PUBLISHED, keys.RELEASE}
+    labels: dict[str, list[str]] = {}
     for key in graph.get_all_asset_keys():
-        assert graph.get(key).group_name == key.path[0], key
+        assert len(key.path) == 2, key
+        assert graph.get(key).group_name == key.path[0] == keys.group(key), key
+        assert keys.group(key) in groups, key
+        labels.setdefault(keys.label(key), []).append(key.to_user_string())
+    assert not {label: ks for label, ks in labels.items() if len(ks) > 1}
+    gp_events = {"gp_events_landed", "gp_events_valid", "gp_events_haven", "gp_events_vault"}
+    assert gp_events | {"published_files", "objection_register", "gp_activity"} <= set(labels)
 
 
 def test_every_asset_has_owners_and_a_code_version_from_its_contract() -> None:
