@@ -5,6 +5,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from assets import keys
 from assets.runner import run_nightly
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -57,13 +58,14 @@ def first_run(home: Home, nightly_once) -> tuple[Home, set[str], object]:
 def test_full_job_materialises_every_stage(first_run) -> None:
     home, _, stages = first_run
     names = {s.asset for s in stages}
-    for prefix in ("landing/", "validated/", "governance/objection_register", "haven/", "published/"):
-        assert any(n.startswith(prefix) for n in names), prefix
+    for group in (keys.LANDING, keys.VALIDATED, keys.HAVEN, keys.PUBLISHED):
+        assert any(n.startswith(f"{group}/") for n in names), group
+    assert keys.OBJECTION_REGISTER.to_user_string() in names
     # every stage that materialised reports its counts; one that did not (an agreement not in
     # force) says why instead
     materialised = [s for s in stages if not s.note.startswith("skipped: ")]
     assert all(s.rows_in is not None and s.rows_out is not None for s in materialised)
-    haven_rows = {s.asset: s.rows_out for s in stages if s.asset.startswith("haven/")}
+    haven_rows = {s.asset: s.rows_out for s in stages if s.asset.startswith(f"{keys.HAVEN}/")}
     assert all(n > 0 for n in haven_rows.values())
     for name in ("gp_activity", "hospital_admissions", "social_care_users"):
         assert (home.published / f"{name}.csv").exists()
@@ -100,7 +102,7 @@ def test_rerun_of_the_same_drop_is_idempotent(first_run, dagster_instance) -> No
     assert ok
     assert _counts(home) == before
     assert (home.published / "hospital_admissions.csv").read_bytes() == published_before
-    landing = {s.asset: s.rows_in for s in stages if s.asset.startswith("landing/")}
+    landing = {s.asset: s.rows_in for s in stages if s.asset.startswith(f"{keys.LANDING}/")}
     assert set(landing.values()) == {0}
 
 
@@ -119,4 +121,4 @@ def test_bad_drop_is_quarantined_and_earlier_data_kept(first_run, dagster_instan
     assert not bad.exists()
     assert _counts(home) == before
     landing = {s.asset: s.rows_in for s in stages}
-    assert landing["landing/social_care"] == 0
+    assert landing[keys.landing("social_care").to_user_string()] == 0

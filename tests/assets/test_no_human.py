@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from assets import keys
 from assets.runner import run_nightly
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -83,4 +84,4 @@ def test_hostile_files_are_quarantined_and_a_reader_is_waited_for_while_the_run_
     for output in ("gp_activity", "hospital_admissions", "social_care_users", "discharge_to_social_care"):
         assert (home.published / f"{output}.csv").exists()
     rows = {s.asset: s.rows_in for s in stages}
-    assert rows["landing/gp_events"] > 0 and rows["landing/hospital_episodes"] > 0
+    assert all(rows[keys.landing(c).to_user_string()] > 0 for c in ("gp_events", "hospital_episodes"))

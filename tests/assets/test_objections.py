@@ -9,7 +9,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets import ingest, objections, pseudonymise, validate
+from assets import ingest, keys, objections, pseudonymise, validate
 from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
 from safehaven.intake.contracts import ContractRegistry
@@ -71,11 +71,11 @@ def run(ran_once) -> tuple[dg.ExecuteInProcessResult, str, set[str]]:
     return result, outlier, seeded
 
 
-def _meta(result, key: list[str]) -> dict:
+def _meta(result, key: dg.AssetKey) -> dict:
     [mat] = [
         e.event_specific_data.materialization
         for e in result.get_asset_materialization_events()
-        if e.event_specific_data.materialization.asset_key == dg.AssetKey(key)
+        if e.event_specific_data.materialization.asset_key == key
     ]
     return {k: v.value for k, v in mat.metadata.items()}
 
@@ -93,21 +93,21 @@ def test_the_outlier_practice_is_flagged_as_a_warning_and_ordinary_ones_are_not(
 
 def test_type1_drops_are_counted_per_sender(run) -> None:
     result, outlier, _ = run
-    meta = _meta(result, ["haven", "gp_events"])
+    meta = _meta(result, keys.haven("gp_events"))
     by_sender = meta["type1_dropped_by_sender"]
     assert meta["type1_records_dropped"] == sum(by_sender.values()) > 0
     assert max(by_sender, key=by_sender.get) == outlier
     assert meta["rows_out"] == meta["rows_in"] - meta["type1_records_dropped"]
-    assert _meta(result, ["haven", "hospital_episodes"])["type1_records_dropped"] == 0
+    assert _meta(result, keys.haven("hospital_episodes"))["type1_records_dropped"] == 0
 
 
 def test_vault_assets_write_identifiers_once(run, home: Home, dagster_instance) -> None:
     result, _, _ = run
-    gp = _meta(result, ["vault", "gp_events"])
+    gp = _meta(result, keys.vault("gp_events"))
     assert gp["rows_out"] > 0 and gp["fields"] == ["nhs_number", "date_of_birth", "postcode"]
     again = dg.materialize(_assets(), resources={"haven": SafeHavenResource()}, instance=dagster_instance)
-    assert _meta(again, ["vault", "gp_events"])["rows_out"] == 0
-    assert _meta(again, ["haven", "gp_events"])["rows_in"] == 0
+    assert _meta(again, keys.vault("gp_events"))["rows_out"] == 0
+    assert _meta(again, keys.haven("gp_events"))["rows_in"] == 0
 
 
 def test_no_nhs_number_reaches_dagster_storage_or_any_file(run, home: Home, tmp_path: Path) -> None:

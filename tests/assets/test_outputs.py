@@ -25,6 +25,7 @@ import pytest
 from assets import ingest, objections, outputs, pseudonymise, publish, validate
 from assets.keys import PUBLISHED_FILES
 from assets.keys import published as published_key
+from assets.keys import validated as validated_key
 from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT
@@ -206,7 +207,7 @@ def test_quality_statement_figures_agree_with_the_validation_results(run: Run) -
             assert st["release"]["id"] == json.loads((pub / "release.json").read_text())["release_id"]
             for c in output.collections:
                 figures = st["accuracy"]["collections"][c]
-                meta = materialization(run, dg.AssetKey(["validated", c])).metadata
+                meta = materialization(run, validated_key(c)).metadata
                 assert figures["rows_checked"] == meta["rows_checked"].value
                 assert figures["rows_invalid"] == meta["rows_invalid"].value
                 assert figures["pass_rate"] == pytest.approx(meta["pass_rate"].value, abs=1e-6)

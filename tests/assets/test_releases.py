@@ -11,6 +11,7 @@ import duckdb
 import pytest
 
 from assets.definitions import build_definitions
+from assets.keys import haven as haven_key
 from assets.releases import GROUP, REVIEW_CHECK, build, release_key
 from assets.runner import run_nightly
 from resources.haven import SafeHavenResource
@@ -73,8 +74,7 @@ def test_one_release_asset_per_agreement_in_the_release_group() -> None:
         spec = defs.resolve_assets_def(key)
         assert spec.group_names_by_key[key] == GROUP
         assert spec.node_def.pool == "safehaven_store"
-        deps = {d.to_user_string() for d in spec.asset_deps[key]}
-        assert {f"haven/{c}" for c in agreement.collections} <= deps
+        assert {haven_key(c) for c in agreement.collections} <= set(spec.asset_deps[key])
 
 
 def test_release_asset_materialises_with_counts_only(home: Home, registry: ContractRegistry, dagster_instance) -> None:

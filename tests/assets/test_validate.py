@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from assets import keys
 from assets.runner import run_nightly
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -119,14 +120,16 @@ def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run
 ) -> None:
     ok, stages, _, bad, _ = blocked_run
     assert not ok
-    assert stages["validated/social_care"].checks_failed == ["social_care_meets_contract"]
-    assert stages["validated/social_care"].rows_out == 0
+    social_care = stages[keys.validated("social_care").to_user_string()]
+    assert social_care.checks_failed == ["social_care_meets_contract"]
+    assert social_care.rows_out == 0
     # Nothing downstream of social care materialised; the other collections went on.
-    assert "haven/social_care" not in stages and "vault/social_care" not in stages
-    assert not [a for a in stages if a.startswith("published/social_care")]
+    assert keys.haven("social_care").to_user_string() not in stages
+    assert keys.vault("social_care").to_user_string() not in stages
+    assert not [a for a in stages if a.startswith(f"{keys.PUBLISHED}/social_care")]
     for collection in ("gp_events", "hospital_episodes"):
-        assert stages[f"validated/{collection}"].checks_failed == []
-        assert stages[f"haven/{collection}"].rows_out > 0
+        assert stages[keys.validated(collection).to_user_string()].checks_failed == []
+        assert stages[keys.haven(collection).to_user_string()].rows_out > 0
     # The check's metadata: version, rows, failures per rule, pass rate; decided by GX.
     evaluations = [
         e
@@ -246,9 +249,9 @@ def test_a_collection_added_by_contract_alone_flows_through(
     ok, stages = run_nightly(home, dagster_instance)
     by_asset = {s.asset: s for s in stages}
     assert ok, [s for s in stages if s.checks_failed]
-    assert by_asset["landing/ae_attendances"].rows_in == 40
-    assert by_asset["validated/ae_attendances"].rows_out == 39
-    assert by_asset["haven/ae_attendances"].rows_out == 39
+    assert by_asset[keys.landing("ae_attendances").to_user_string()].rows_in == 40
+    assert by_asset[keys.validated("ae_attendances").to_user_string()].rows_out == 39
+    assert by_asset[keys.haven("ae_attendances").to_user_string()].rows_out == 39
     with Store(home).connect(read_only=True) as con:
         rejected = con.execute("SELECT failed_rules FROM landing.ae_attendances_rejected").fetchall()
         measures = con.execute(
