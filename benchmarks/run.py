@@ -299,22 +299,34 @@ def pipeline_stages(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
         s["cpu_seconds"] += step.get("cpu_seconds") or 0.0
         s["steps"] += 1
         s["peak_rss_sampled"] = max(s["peak_rss_sampled"], step["peak_rss_sampled"])
+    keys = _asset_keys()
     assets = doc["assets"]
-    haven = [a for k, a in assets.items() if k.startswith("haven/")]
+    haven = [a for k, a in assets.items() if k.startswith(f"{keys.HAVEN}/")]
+    register = keys.OBJECTION_REGISTER.to_user_string()
     for group, s in stages.items():
         if group == "pseudonymise" and haven:
             s["rows"] = sum(a["rows_in"] or 0 for a in haven)
         elif group == "aggregate" and haven:
             s["rows"] = sum(a["rows_out"] or 0 for a in haven)
-        elif group == "objections" and "governance/objection_register" in assets:
-            s["rows"] = assets["governance/objection_register"]["rows_in"] or 0
+        elif group == "objections" and register in assets:
+            s["rows"] = assets[register]["rows_in"] or 0
         else:
             s["rows"] = sum(a["rows_in"] or 0 for a in assets.values() if a["group"] == group)
     return stages
 
 
-def _meta(doc: dict[str, Any], asset: str, key: str) -> Any:
-    return doc["assets"].get(asset, {}).get("metadata", {}).get(key)
+def _asset_keys() -> Any:
+    """``assets.keys``, where every asset key is built; imported when first needed, since it
+    imports Dagster, which the rest of this module (it starts the measured runs) does without."""
+    from assets import keys
+
+    return keys
+
+
+def _meta(doc: dict[str, Any], asset: Any, key: str) -> Any:
+    """Metadata ``key`` of ``asset`` (an asset key, or its name as ``doc`` records it)."""
+    name = asset if isinstance(asset, str) else asset.to_user_string()
+    return doc["assets"].get(name, {}).get("metadata", {}).get(key)
 
 
 def agreement(pipe: dict[str, Any], base: dict[str, Any]) -> list[str]:
@@ -323,12 +335,13 @@ def agreement(pipe: dict[str, Any], base: dict[str, Any]) -> list[str]:
     Counts from the pipeline's asset metadata against the baseline's, and the published
     Parquet files row for row (on the baseline's columns).
     """
+    keys = _asset_keys()
     counts = base["counts"]
     pairs: list[tuple[str, Any, Any]] = []
     for c in COLLECTIONS:
-        pairs.append((f"{c} valid rows", _meta(pipe, f"validated/{c}", "rows_out"), counts["valid"][c]))
-        pairs.append((f"{c} invalid rows", _meta(pipe, f"validated/{c}", "rows_invalid"), counts["rejected"][c]))
-        rules = _meta(pipe, f"validated/{c}", "failures_per_rule")
+        pairs.append((f"{c} valid rows", _meta(pipe, keys.validated(c), "rows_out"), counts["valid"][c]))
+        pairs.append((f"{c} invalid rows", _meta(pipe, keys.validated(c), "rows_invalid"), counts["rejected"][c]))
+        rules = _meta(pipe, keys.validated(c), "failures_per_rule")
         if isinstance(rules, dict):
             pairs.append(
                 (
@@ -338,21 +351,17 @@ def agreement(pipe: dict[str, Any], base: dict[str, Any]) -> list[str]:
                 )
             )
     for c in CONTENT:
-        pairs.append((f"haven {c} rows", _meta(pipe, f"haven/{c}", "rows_out"), counts["haven"][c]))
-    pairs.append(
-        ("type 1 records dropped", _meta(pipe, "haven/gp_events", "type1_records_dropped"), counts.get("type1_dropped"))
-    )
+        pairs.append((f"haven {c} rows", _meta(pipe, keys.haven(c), "rows_out"), counts["haven"][c]))
+    type1 = _meta(pipe, keys.haven("gp_events"), "type1_records_dropped")
+    pairs.append(("type 1 records dropped", type1, counts.get("type1_dropped")))
     for name, p in counts["published"].items():
-        if f"published/{name}" not in pipe["assets"]:
+        output = keys.published(name)
+        if output.to_user_string() not in pipe["assets"]:
             pairs.append((f"{name}", "not built", "built"))
             continue
-        pairs.append((f"{name} cells", _meta(pipe, f"published/{name}", "rows_out"), p["cells"]))
-        pairs.append(
-            (f"{name} primary suppressed", _meta(pipe, f"published/{name}", "sdc_people_primary"), p["primary"])
-        )
-        pairs.append(
-            (f"{name} secondary suppressed", _meta(pipe, f"published/{name}", "sdc_people_secondary"), p["secondary"])
-        )
+        pairs.append((f"{name} cells", _meta(pipe, output, "rows_out"), p["cells"]))
+        pairs.append((f"{name} primary suppressed", _meta(pipe, output, "sdc_people_primary"), p["primary"]))
+        pairs.append((f"{name} secondary suppressed", _meta(pipe, output, "sdc_people_secondary"), p["secondary"]))
     problems = [f"{what}: pipeline {a} != baseline {b}" for what, a, b in pairs if a is not None and a != b]
     if pipe.get("published_dir") and base.get("published_dir"):
         problems += _compare_published(
@@ -455,21 +464,22 @@ def pseudonymisation(pipe: dict[str, Any], hmac_doc: dict[str, Any] | None) -> d
     steps' rate over the same Python rates, for context: those steps also read the landing
     records, coarsen them and write them to the encrypted store, which the Python jobs do not.
     """
+    keys = _asset_keys()
     parts: dict[str, dict[str, float]] = {}
     for step in pipe["steps"]:
         if step["group"] != "pseudonymise":
             continue
-        kind = "haven" if any(a.startswith("haven/") for a in step["assets"]) else "vault"
+        kind = "haven" if any(a.startswith(f"{keys.HAVEN}/") for a in step["assets"]) else "vault"
         for key in (kind, "stage"):
             part = parts.setdefault(key, {"seconds": 0.0, "cpu_seconds": 0.0, "steps": 0})
             part["seconds"] += step["seconds"]
             part["cpu_seconds"] += step.get("cpu_seconds") or 0.0
             part["steps"] += 1
-    rows = sum(a["rows_in"] or 0 for k, a in pipe["assets"].items() if k.startswith("haven/"))
+    rows = sum(a["rows_in"] or 0 for k, a in pipe["assets"].items() if k.startswith(f"{keys.HAVEN}/"))
     out: dict[str, Any] = {"rows": rows}
     for key, part in parts.items():
         out[key] = {**part, "rows_per_s": rows / part["seconds"] if part["seconds"] else None}
-    out["vault_entries"] = sum(a["rows_out"] or 0 for k, a in pipe["assets"].items() if k.startswith("vault/"))
+    out["vault_entries"] = sum(a["rows_out"] or 0 for k, a in pipe["assets"].items() if k.startswith(f"{keys.VAULT}/"))
     if not hmac_doc or "error" in hmac_doc:
         return out
     python = {
@@ -1146,7 +1156,8 @@ def assemble(report: dict[str, Any]) -> dict[str, Any]:
     plain = best_baseline(runs["plain"]) if runs.get("plain") else None
     comparison = compare(pipe, base, plain)
     peak_step = max(pipe["steps"], key=lambda s: s["peak_rss_sampled"])["step"] if pipe["steps"] else "-"
-    gp_step = next((s for s in pipe["steps"] if s["step"] == "validated__gp_events"), None)
+    gp_validated = _asset_keys().validated("gp_events").to_python_identifier()  # its step's name
+    gp_step = next((s for s in pipe["steps"] if s["step"] == gp_validated), None)
     report.update(
         {
             "comparison": comparison,
@@ -1201,8 +1212,9 @@ def assemble(report: dict[str, Any]) -> dict[str, Any]:
 
 def disclosure_audit(pipe: dict[str, Any]) -> dict[str, Any]:
     """The release's disclosure audit (publish asset metadata) and the joint protection of the linked output."""
-    meta = _meta_all(pipe, "published/files")
-    joint = _meta_all(pipe, "published/discharge_to_social_care")
+    keys = _asset_keys()
+    meta = _meta_all(pipe, keys.PUBLISHED_FILES.to_user_string())
+    joint = _meta_all(pipe, keys.published("discharge_to_social_care").to_user_string())
     publish = pipeline_stages(pipe).get("publish", {})
     out = {k.removeprefix("audit_"): v for k, v in meta.items() if k.startswith("audit_")}
     out["publish_stage_s"] = publish.get("seconds")
