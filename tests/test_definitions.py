@@ -139,3 +139,16 @@ def test_publication_agreement_gets_no_second_release_asset() -> None:
     assert "published/discharge_to_social_care" in keys
     assert "release/anon-linked-stats" not in keys
     assert "release/research-hes-asc-linked" in keys
+
+
+def test_loading_the_code_location_imports_no_numerical_libraries() -> None:
+    """Issue 22: every process that loads the definitions (the code server, each run worker)
+    does not pay for numpy, scipy or pyarrow; the steps that use them import them."""
+    import subprocess
+    import sys
+
+    heavy = ("numpy", "scipy", "pyarrow", "great_expectations")
+    code = f"import sys, assets.definitions; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
