@@ -152,3 +152,20 @@ def test_loading_the_code_location_imports_no_numerical_libraries() -> None:
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_definitions_are_built_once_while_nothing_they_read_changes(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from safehaven.cli.common import CONTRACTS_ENV
+
+    assert build_definitions() is build_definitions()
+    contracts = tmp_path / "data_contracts"
+    shutil.copytree(ContractRegistry().root, contracts)
+    monkeypatch.setenv(CONTRACTS_ENV, str(contracts))
+    first = build_definitions()
+    assert build_definitions() is first
+    code_list = sorted((contracts / "code_lists").glob("*.yaml"))[0]
+    code_list.write_text(code_list.read_text() + "\n# edited\n")  # any file changed: built again
+    again = build_definitions()
+    assert again is not first and build_definitions() is again
