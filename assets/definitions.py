@@ -7,6 +7,9 @@ owners, code version, group and column schema from the same contracts.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import dagster as dg
 
 from assets import automation, disposal, ingest, objections, outputs, pseudonymise, publish, releases, validate
@@ -23,10 +26,42 @@ def build_catalog(registry: ContractRegistry) -> Catalog:
     return Catalog(registry, load_outputs(registry).values(), {i: a.version for i, a in found.items()})
 
 
+#: the definitions last built from the environment, and what they were built from (``_inputs``)
+_BUILT: tuple[tuple[str, str, str], dg.Definitions] | None = None
+
+
+def _declarations_sha(root: Path) -> str:
+    """SHA-256 over every file under the contracts root (names and bytes): any change rebuilds."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _inputs(haven: SafeHavenResource, registry: ContractRegistry) -> tuple[str, str, str]:
+    return repr(haven), str(registry.root.resolve()), _declarations_sha(registry.root)
+
+
 def build_definitions(registry: ContractRegistry | None = None) -> dg.Definitions:
-    """All assets, checks, the nightly job, schedule and sensor for one set of contracts."""
+    """All assets, checks, the nightly job, schedule and sensor for one set of contracts.
+
+    Built once a process (issue 22: importing this module builds them for the code location,
+    and the in-process runner and tools asked again): without a ``registry``, the definitions
+    built last are reused while the environment's resource, the contracts root and every file
+    under it are the same; any change builds them again. A given ``registry`` always builds.
+    """
+    global _BUILT
     haven = SafeHavenResource.from_environment()
-    registry = registry or haven.registry()  # $SAFEHAVEN_CONTRACTS, read at this edge
+    if registry is not None:
+        return _build(haven, registry)
+    registry = haven.registry()  # $SAFEHAVEN_CONTRACTS, read at this edge
+    inputs = _inputs(haven, registry)
+    if _BUILT is None or _BUILT[0] != inputs:
+        _BUILT = inputs, _build(haven, registry)
+    return _BUILT[1]
+
+
+def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitions:
     stage_assets = [
         *ingest.build(registry),
         *validate.build(registry),

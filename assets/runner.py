@@ -42,7 +42,6 @@ from pathlib import Path
 import dagster as dg
 
 from assets.automation import NIGHTLY
-from assets.definitions import build_definitions
 from safehaven.core import runs
 from safehaven.core.home import Home
 
@@ -129,6 +128,10 @@ def run_nightly(
 ) -> tuple[bool, list[StageSummary]]:
     """Recover from earlier crashes, then materialise every asset of the nightly job once in
     this process; success and per-asset counts. What recovery did goes to ``report``."""
+    # imported here: ``launch_nightly`` (``safehaven run``) never needs this process's definitions
+    # (the code location's server and the run's worker build their own), so it does not build them
+    from assets.definitions import build_definitions
+
     job = build_definitions().resolve_job_def(NIGHTLY)
     instance = instance or dg.DagsterInstance.ephemeral()
     _recover(instance, home, report)

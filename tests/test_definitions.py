@@ -150,3 +150,33 @@ def test_publication_agreement_gets_no_second_release_asset() -> None:
     assert "published/discharge_to_social_care" in keys
     assert "release/anon-linked-stats" not in keys
     assert "release/research-hes-asc-linked" in keys
+
+
+def test_loading_the_code_location_imports_no_numerical_libraries() -> None:
+    """Issue 22: every process that loads the definitions (the code server, each run worker)
+    does not pay for numpy, scipy or pyarrow; the steps that use them import them."""
+    import subprocess
+    import sys
+
+    heavy = ("numpy", "scipy", "pyarrow", "great_expectations")
+    code = f"import sys, assets.definitions; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_definitions_are_built_once_while_nothing_they_read_changes(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from safehaven.cli.common import CONTRACTS_ENV
+
+    assert build_definitions() is build_definitions()
+    contracts = tmp_path / "data_contracts"
+    shutil.copytree(ContractRegistry().root, contracts)
+    monkeypatch.setenv(CONTRACTS_ENV, str(contracts))
+    first = build_definitions()
+    assert build_definitions() is first
+    code_list = sorted((contracts / "code_lists").glob("*.yaml"))[0]
+    code_list.write_text(code_list.read_text() + "\n# edited\n")  # any file changed: built again
+    again = build_definitions()
+    assert again is not first and build_definitions() is again

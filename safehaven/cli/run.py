@@ -126,11 +126,11 @@ def register(main: click.Group) -> None:
     )
     def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool) -> None:
         """Run the whole nightly job once, then say what it did and where the outputs are."""
-        from safehaven.tools import synthetic
-
         home = ensure_home()
         keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair
         if not no_demo and not _has_files(home.incoming):
+            from safehaven.tools import synthetic  # here: numpy and polars, for the demo drop only
+
             counts = synthetic.generate(home.incoming, patients=demo_patients, seed=seed)
             click.echo(
                 f"generated a synthetic demo drop in {home.incoming}: "

@@ -70,10 +70,28 @@ def start_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str) -> None:
     con.execute(f"INSERT INTO {EPOCHS} VALUES (?, ?, now(), NULL)", [purpose, kid])
 
 
+def current_epochs(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Every purpose's current epoch key id (as :func:`epoch_key_id` reads one), in one query."""
+    schema, _, table = EPOCHS.partition(".")
+    if not table_exists(con, schema, table):
+        return {}
+    rows = con.execute(  # the same order as epoch_key_id's, per purpose
+        "SELECT purpose, key_id FROM (SELECT purpose, key_id, row_number() OVER (PARTITION BY purpose "
+        f"ORDER BY started_at DESC) AS n FROM {EPOCHS} WHERE retired_at IS NULL) WHERE n = 1"
+    ).fetchall()
+    return {str(purpose): str(kid) for purpose, kid in rows if kid is not None}
+
+
 def check_epoch(con: duckdb.DuckDBPyConnection, purpose: str, kid: str, what: str, *, writable: bool = True) -> None:
     """Refuse ``kid`` for ``purpose`` unless it is the current epoch; record it when there is none
     (on a connection without the store's governance zone there is nothing to pin against)."""
-    recorded = epoch_key_id(con, purpose)
+    _check_recorded(con, purpose, kid, what, epoch_key_id(con, purpose), writable=writable)
+
+
+def _check_recorded(
+    con: duckdb.DuckDBPyConnection, purpose: str, kid: str, what: str, recorded: str | None, *, writable: bool
+) -> None:
+    """:func:`check_epoch` against ``recorded``, the epoch read on this connection just before."""
     if recorded is None:
         if writable and _has_governance(con):
             start_epoch(con, purpose, kid)
@@ -94,9 +112,16 @@ def _has_governance(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool = True) -> None:
-    """Check the audit and haven key files against their epochs (each pipeline connection)."""
+    """Check the audit and haven key files against their epochs (each pipeline connection).
+
+    Both epochs are read in one query on this connection, right before the checks (issue 22:
+    it was four lookups, each with its catalog check); each key file is still read and checked
+    here, every connection. Recording the audit key's first epoch does not touch the haven's.
+    """
+    epochs = current_epochs(con)
     for purpose in SYMMETRIC:
-        recorded = epoch_key_id(con, purpose) or keyring.current_id(purpose)
+        pinned = epochs.get(purpose)
+        recorded = pinned or keyring.current_id(purpose)
         if not keyring.exists(purpose):
             if recorded or keyring.recorded(purpose):
                 raise KeyRingError(
@@ -104,7 +129,8 @@ def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool =
                     "restore it from the key custodian's backup"
                 )
             continue
-        check_epoch(con, purpose, keyring.get(purpose).key_id, str(keyring.path(purpose)), writable=writable)
+        kid = keyring.get(purpose).key_id
+        _check_recorded(con, purpose, kid, str(keyring.path(purpose)), pinned, writable=writable)
 
 
 def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:

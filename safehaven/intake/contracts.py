@@ -48,8 +48,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from safehaven.core import yamlio
 
 CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "data_contracts"
 
@@ -329,7 +330,7 @@ def load_named_yaml(
     if not path.exists():
         raise error(f"{kind} {path.stem!r} is missing ({path})")
     try:
-        declared = model.model_validate(yaml.safe_load(path.read_text()))
+        declared = model.model_validate(yamlio.safe_load(path.read_text()))
     except ValidationError as exc:
         raise error(f"invalid {kind} {path.name}: {validation_summary(exc)}") from None
     except Exception as exc:

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 import duckdb
-import numpy as np
 
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
@@ -261,6 +260,8 @@ def binomial_upper(n: int, p0: float, x: int, alpha: float = ALPHA_UPPER) -> tup
 
     Vectorised over ``k = 0..n`` in log space with numpy (one call per practice, not per person).
     """
+    import numpy as np  # here: only the objection-rate check needs it, not loading the code location
+
     k = np.arange(n + 1, dtype=np.float64)
     log_choose = np.concatenate([[0.0], np.cumsum(np.log(n - k[1:] + 1) - np.log(k[1:]))])
     log_pmf = log_choose + k * math.log(p0) + (n - k) * math.log1p(-p0)

@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import duckdb
-import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization as ser
@@ -149,6 +148,8 @@ def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, col
     entries only. Nonces are 96 random bits each from one ``os.urandom`` call; with a fresh data
     key per write that is far inside the 2^32 invocations NIST SP 800-38D section 8.3 allows per key.
     """
+    import pyarrow as pa  # here: only the vault's encryption needs it, not loading the code location (issue 22)
+
     dek_id = secrets.token_hex(8)
     arrow = con.execute(
         f"SELECT pid, field, encode(value) AS plain, {_ad_sql('pid', 'field', '?')} AS ad FROM {table}",
@@ -336,6 +337,8 @@ def decrypt_table(con: duckdb.DuckDBPyConnection, private: Key, where_sql: str, 
     plaintexts go back as one Arrow column. An entry that does not authenticate against its own
     (pid, field, data key) raises ``VaultError`` naming the pid and field, never a value.
     """
+    import pyarrow as pa  # here: only the vault's encryption needs it, not loading the code location (issue 22)
+
     ensure_tables(con)
     dek_rows = con.execute(
         f"SELECT dek_id, vault_key_id, eph_pub, wrap_nonce, wrapped FROM {DATA_KEYS} "

@@ -92,10 +92,10 @@ from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
-from safehaven.publish.disclosure.audit import AuditReport, AuditTable
 from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
+from safehaven.publish.disclosure.report import AuditReport, AuditTable
 from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
 
 CODES = "governance.code_list"

@@ -32,8 +32,8 @@ import duckdb
 
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
-from safehaven.publish.disclosure.audit import AuditReport, AuditTable, audit
 from safehaven.publish.disclosure.relations import PREVIOUS, Link, links_of
+from safehaven.publish.disclosure.report import AuditReport, AuditTable
 from safehaven.publish.outputs import Output
 from safehaven.publish.quality import load_statement, store_statement
 
@@ -151,6 +151,9 @@ def audit_release(
     con: duckdb.DuckDBPyConnection, outputs: Sequence[Output], previous_folder: Path | None
 ) -> tuple[AuditReport, list[str]]:
     """Attack the release (module docstring): its report and one-line problems (empty: passes)."""
+    # imported here: the audit needs numpy and scipy, which loading the outputs does not (issue 22)
+    from safehaven.publish.disclosure.audit import audit
+
     previous, problems = load_previous(con, outputs, previous_folder)
     if problems:
         return AuditReport(problems=problems), problems

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import duckdb
 import sqlglot
@@ -86,7 +87,16 @@ def check_output_sql(sql: str, collections: Iterable[str], *, what: str = "sql")
 
     ``what`` names the SQL in the message (``sql``, or a dimension's domain). Raises
     :class:`OutputSqlRefused` naming the problem; the loader adds the file (module docstring).
+
+    The verdict depends on these arguments only, and a pass is kept for the process (issue 22:
+    the outputs are loaded many times a run, each parse ~5 ms); a refusal is never kept, so
+    refused SQL is parsed and refused again every time.
     """
+    _passed(sql, frozenset(collections), what)
+
+
+@lru_cache(maxsize=1024)
+def _passed(sql: str, collections: frozenset[str], what: str) -> None:
     query = _single_query(sql, what)
     _refuse_statements(query, what)
     _refuse_functions(query, what)

@@ -79,6 +79,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from safehaven.core import yamlio
 from safehaven.core.legal_basis import CONFIDENTIAL_BASES, LegalBasis
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec, contracts_dir
 from safehaven.protect.pseudonymise import haven_coarsening
@@ -288,7 +289,7 @@ def load_agreement_file(path: Path) -> Agreement:
 def parse_agreement(text: str, name: str) -> Agreement:
     """Parse an agreement's YAML text (``name``: its file name, ``<id>.yaml``); errors name each bad key."""
     try:
-        data = yaml.safe_load(text)
+        data = yamlio.safe_load(text)
     except yaml.YAMLError as exc:
         raise AgreementError(f"agreement {name} cannot be read: {exc}") from None
     if not isinstance(data, dict):
@@ -558,7 +559,7 @@ def write_approval(path: Path, approval: Approval) -> Agreement:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(new, encoding="utf-8")
     try:
-        agreement = Agreement.model_validate(yaml.safe_load(new))
+        agreement = Agreement.model_validate(yamlio.safe_load(new))
         if agreement.approval != approval:
             raise AgreementError(f"rewriting the approval block of {path.name} did not give the approval asked for")
     except Exception:

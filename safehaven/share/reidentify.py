@@ -28,8 +28,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
@@ -98,6 +96,8 @@ def reidentify(
 
     ``keyring`` must carry the key custodian (``safehaven.protect.vault.private_key``).
     """
+    import pyarrow as pa  # here: only re-identification needs it, not loading the code location (issue 22)
+
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError
 

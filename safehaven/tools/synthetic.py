@@ -76,8 +76,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import yaml
 
+from safehaven.core import yamlio
 from safehaven.core.identifiers import MODULUS, WEIGHTS
 
 #: Where the code lists live (``data_contracts/code_lists/<name>.yaml``).
@@ -427,7 +427,7 @@ class CodeList:
 
 def load_code_list(name: str, directory: Path = CODE_LIST_DIR) -> CodeList:
     """Read ``<directory>/<name>.yaml``; codes are always strings."""
-    data = yaml.safe_load((directory / f"{name}.yaml").read_text(encoding="utf-8"))
+    data = yamlio.safe_load((directory / f"{name}.yaml").read_text(encoding="utf-8"))
     codes = tuple(str(c["code"]) for c in data["codes"])
     groups = tuple(str(c.get("group", "")) for c in data["codes"])
     return CodeList(name=str(data["name"]), system=str(data["system"]), codes=codes, groups=groups)

@@ -148,6 +148,26 @@ def test_a_swapped_or_missing_symmetric_key_is_refused_naming_the_key_expected(h
         pass
 
 
+@pytest.mark.parametrize("purpose", ["audit", "haven"])
+def test_a_key_replaced_with_its_record_is_refused_by_the_stores_epoch(haven_home: Home, purpose: str) -> None:
+    """keyring.json rewritten to match a substituted key: the store's epoch still refuses it
+    (``pins.verify``, both epochs read in one query on each pipeline connection)."""
+    from resources.haven import SafeHavenResource
+    from safehaven.core import audit
+
+    keyring = KeyRing(haven_home.keys)
+    with Store(haven_home).connect() as con:  # the audit key and its epoch are made by the first audit entry
+        audit.append(con, actor="tester", role="key_custodian", action="test", object="keys", home=haven_home)
+    pipeline = SafeHavenResource(home=str(haven_home.root))
+    with pipeline.connect() as con:
+        expected = epoch_key_id(con, purpose)
+        assert pins.current_epochs(con)[purpose] == expected == keyring.get(purpose).key_id
+    keyring.write(purpose, os.urandom(32), replace=True)  # recorded in keyring.json as current
+    with pytest.raises(KeyRingError, match=f"made with key {expected}"):
+        with pipeline.connect():
+            pass
+
+
 def test_a_deleted_agreement_key_stops_that_agreements_release(adopted_home: Home) -> None:
     keyring = KeyRing(adopted_home.keys)
     registry = ContractRegistry()

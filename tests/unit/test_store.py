@@ -4,7 +4,7 @@ import duckdb
 import pytest
 
 from safehaven.core.home import Home
-from safehaven.core.store import ZONES, Store, StoreError
+from safehaven.core.store import ZONES, Store, StoreError, table_exists
 from tests.conftest import scan_for
 
 SEEDED = "9990001236"
@@ -24,6 +24,17 @@ def test_zones_exist(store: Store) -> None:
             ).fetchall()
         }
     assert set(ZONES) <= schemas
+
+
+def test_table_exists_sees_tables_and_views_of_the_store_only(store: Store) -> None:
+    """One catalog lookup (tables, then views) answers as information_schema.tables did."""
+    with store.connect() as con:
+        con.execute("CREATE TABLE landing.t (a INT)")
+        con.execute("CREATE VIEW landing.v AS SELECT a FROM landing.t")
+        con.execute("CREATE TEMP TABLE only_temp (a INT)")
+        assert table_exists(con, "landing", "t") and table_exists(con, "landing", "v")
+        assert not table_exists(con, "landing", "missing") and not table_exists(con, "haven", "t")
+        assert not table_exists(con, "main", "only_temp")  # a temporary table is not the store's
 
 
 def test_store_file_holds_no_plain_identifier(store: Store, home: Home) -> None:

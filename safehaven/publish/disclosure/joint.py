@@ -38,8 +38,8 @@ from typing import Any
 
 import duckdb
 
-from safehaven.publish.disclosure.audit import AuditReport, AuditTable, audit
 from safehaven.publish.disclosure.relations import Link
+from safehaven.publish.disclosure.report import AuditReport, AuditTable
 from safehaven.publish.disclosure.tables import ProtectionReport, default_margins, protect
 
 __all__ = ["MAX_ROUNDS", "protect_jointly"]
@@ -127,6 +127,9 @@ def protect_jointly(
     **options: Any,
 ) -> tuple[ProtectionReport, AuditReport]:
     """:func:`protect` ``source`` into ``target`` jointly with ``others`` (module docstring)."""
+    # imported here: the audit needs numpy and scipy, which loading the outputs does not (issue 22)
+    from safehaven.publish.disclosure.audit import audit
+
     dims = list(dimensions)
     policy = options["policy"]
     count_col = options.get("count_col", "people")
