@@ -11,7 +11,8 @@ Rules:
   signed, with no network (``docs/design.md`` "Encryption at rest").
 * DuckDB allows one writer process: every connection is opened for one unit of work and
   closed (``docs/design.md`` "One writer, short-lived connections"); the Dagster jobs run in
-  process with a concurrency limit.
+  process with a concurrency limit. Closing detaches the store; the DuckDB instance, with its
+  extension loaded, is kept for the next connection (``safehaven.core.instances``).
 * Zones (``docs/design.md`` "Zones") are schemas of the one encrypted file: ``landing`` (as
   received, identifiable), ``haven`` (pseudonymised content), ``vault`` (encrypted identity
   vault), ``release`` (per-agreement extracts), ``published`` (anonymised outputs, exported
@@ -47,6 +48,7 @@ from pathlib import Path
 import duckdb
 
 from safehaven.core.home import Home
+from safehaven.core.instances import POOL
 from safehaven.core.keys import KeyRing
 
 ZONES = ("landing", "haven", "vault", "release", "published", "governance")
@@ -132,6 +134,25 @@ def httpfs_extension_path() -> Path:
     )
 
 
+def _ensure_zones(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the zones' schemas that the store does not have yet (one catalog query when all exist)."""
+    present = {
+        name
+        for (name,) in con.execute(
+            f"SELECT schema_name FROM duckdb_schemas() WHERE database_name = '{CATALOG}'"
+        ).fetchall()
+    }
+    for zone in ZONES:
+        if zone not in present:
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {zone}")
+
+
+def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
+    """Set up a new DuckDB instance for the store: the crypto module, encrypted spill files."""
+    instance.execute(f"LOAD '{httpfs_extension_path()}'")
+    instance.execute("SET temp_file_encryption = true")
+
+
 class Store:
     """Opens the encrypted store; the only place that attaches it."""
 
@@ -197,11 +218,10 @@ class Store:
         config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
         if self.threads:
             config["threads"] = self.threads
-        con = duckdb.connect(":memory:", config=config)
+        instance, pool_key = POOL.take(config, _prepare_instance)
+        con = instance.cursor()
         lock_fd: int | None = None
         try:
-            con.execute(f"LOAD '{httpfs_extension_path()}'")
-            con.execute("SET temp_file_encryption = true")
             waiter = _Waiter(self.lock_wait, self.logger, self.path)
             while True:
                 lock_fd, busy = self._try_attach(con, read_only)
@@ -210,13 +230,13 @@ class Store:
                 waiter.pause(busy)
             con.execute(f"USE {CATALOG}")
             if not read_only:
-                for zone in ZONES:
-                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {zone}")
+                _ensure_zones(con)
             _OPENED_BY[con] = self.home
             yield con
         finally:
             _OPENED_BY.pop(con, None)
             con.close()
+            POOL.give_back(instance, pool_key)
             if lock_fd is not None:
                 os.close(lock_fd)
 
