@@ -8,11 +8,11 @@ connections, the test suite thousands. So an instance, once loaded, is lent agai
 * **One borrower at a time.** An instance is taken from the pool for one ``Store.connect``
   and given back when it ends; two connections never share an instance, so attaching,
   read-only mode and ``USE`` behave exactly as with a fresh instance.
-* **Given back clean.** The borrower works on its own cursor (its own client context:
-  temporary tables, registered frames and ``USE`` die with it). On return every database the
+* **Given back clean.** On return an open transaction is rolled back and every database the
   borrower attached is detached (the store's file and DuckDB's file lock are released then,
-  as they were by closing the instance), and an instance that holds anything else, or fails
-  to detach, is closed instead of kept.
+  as they were by closing the instance). An instance that holds anything else (a temporary
+  table, a registered frame, a table of its own), or fails to detach, is closed instead of
+  kept; so is one the borrower closed itself (which released the store as before).
 * **Per process.** Instances are never shared across a fork: a child process starts its own.
 
 Keyed by the instance configuration (spill directory, threads), so a pooled instance always
@@ -86,6 +86,7 @@ class InstancePool:
 def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
     """Detach every attached database; True if the instance is then as it was when prepared."""
     try:
+        _rollback(instance)
         instance.execute("USE memory")
         attached = instance.execute(
             "SELECT database_name FROM duckdb_databases() WHERE NOT internal AND database_name <> 'memory'"
@@ -96,11 +97,20 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
             "SELECT (SELECT count(*) FROM duckdb_databases() WHERE database_name NOT IN "
             f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
             "WHERE database_name = 'memory') + (SELECT count(*) FROM duckdb_views() "
-            "WHERE database_name = 'memory' AND NOT internal)"
+            "WHERE database_name = 'memory' AND NOT internal) + (SELECT count(*) FROM duckdb_tables() "
+            "WHERE temporary) + (SELECT count(*) FROM duckdb_views() WHERE temporary AND NOT internal)"
         ).fetchone()
     except duckdb.Error:
         return False
     return left is not None and left[0] == 0
+
+
+def _rollback(instance: duckdb.DuckDBPyConnection) -> None:
+    """End a transaction the borrower left open, as closing the instance would have."""
+    try:
+        instance.execute("ROLLBACK")
+    except duckdb.TransactionException:
+        pass  # none was open
 
 
 #: The pool of this process.

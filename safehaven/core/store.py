@@ -218,8 +218,7 @@ class Store:
         config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
         if self.threads:
             config["threads"] = self.threads
-        instance, pool_key = POOL.take(config, _prepare_instance)
-        con = instance.cursor()
+        con, pool_key = POOL.take(config, _prepare_instance)
         lock_fd: int | None = None
         try:
             waiter = _Waiter(self.lock_wait, self.logger, self.path)
@@ -235,8 +234,7 @@ class Store:
             yield con
         finally:
             _OPENED_BY.pop(con, None)
-            con.close()
-            POOL.give_back(instance, pool_key)
+            POOL.give_back(con, pool_key)
             if lock_fd is not None:
                 os.close(lock_fd)
 

@@ -62,3 +62,27 @@ def test_after_a_connection_ends_another_process_can_open_the_store(store: Store
     assert done.returncode == 0, done.stderr[-2000:]
     with store.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM landing.t").fetchone() == (2,)
+
+
+def test_a_connection_closed_by_its_user_releases_the_store_at_once(store: Store) -> None:
+    """Code that closes its connection and opens another before the block ends still can."""
+    with store.connect() as con:
+        con.execute("CREATE TABLE landing.t AS SELECT 1 AS a")
+        con.close()
+        with store.connect(read_only=True) as again:
+            assert again.execute("SELECT count(*) FROM landing.t").fetchone() == (1,)
+
+
+def test_a_transaction_left_open_is_rolled_back_as_closing_did(store: Store) -> None:
+    with store.connect() as con:
+        con.execute("CREATE TABLE landing.t (a INT)")
+    with pytest.raises(RuntimeError):
+        with store.connect() as con:
+            con.execute("BEGIN")
+            con.execute("INSERT INTO landing.t VALUES (1)")
+            raise RuntimeError("the step failed")
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM landing.t").fetchone() == (0,)
+        con.execute("INSERT INTO landing.t VALUES (2)")  # no transaction is left open
+    with store.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM landing.t").fetchone() == (1,)
