@@ -10,9 +10,10 @@ connections, the test suite thousands. So an instance, once loaded, is lent agai
   read-only mode and ``USE`` behave exactly as with a fresh instance.
 * **Given back clean.** On return an open transaction is rolled back and every database the
   borrower attached is detached (the store's file and DuckDB's file lock are released then,
-  as they were by closing the instance). An instance that holds anything else (a temporary
-  table, a registered frame, a table of its own), or fails to detach, is closed instead of
-  kept; so is one the borrower closed itself (which released the store as before).
+  as they were by closing the instance); its temporary tables and views are dropped and its
+  registered frames unregistered. An instance that still holds anything (a table of its
+  own), or fails to reset, is closed instead of kept; so is one the borrower closed itself
+  (which released the store as before).
 * **Per process.** Instances are never shared across a fork: a child process starts its own.
 
 Keyed by the instance configuration (spill directory, threads), so a pooled instance always
@@ -93,6 +94,7 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
         ).fetchall()
         for (name,) in attached:
             instance.execute(f'DETACH "{name}"')
+        _drop_temporary(instance)
         left = instance.execute(
             "SELECT (SELECT count(*) FROM duckdb_databases() WHERE database_name NOT IN "
             f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
@@ -103,6 +105,19 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
     except duckdb.Error:
         return False
     return left is not None and left[0] == 0
+
+
+def _drop_temporary(instance: duckdb.DuckDBPyConnection) -> None:
+    """Drop the borrower's temporary tables and views, and unregister its frames."""
+    tables = instance.execute("SELECT schema_name, table_name FROM duckdb_tables() WHERE temporary").fetchall()
+    for schema, name in tables:
+        instance.execute(f'DROP TABLE IF EXISTS temp."{schema}"."{name}"')
+    views = instance.execute(
+        "SELECT schema_name, view_name FROM duckdb_views() WHERE temporary AND NOT internal"
+    ).fetchall()
+    for schema, name in views:
+        instance.unregister(name)
+        instance.execute(f'DROP VIEW IF EXISTS temp."{schema}"."{name}"')
 
 
 def _rollback(instance: duckdb.DuckDBPyConnection) -> None:
