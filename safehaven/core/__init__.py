@@ -1,1 +1,1 @@
-"""What every stage stands on: the home, files, the store, keys, audit, registers, identifiers."""
+"""What every stage stands on: the home, files, the store and its schema, keys, audit, registers, identifiers."""

@@ -75,7 +75,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core import anchors
+from safehaven.core import anchors, schema
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import Home
 from safehaven.core.keys import Key, KeyRing, KeyRingError, KeySubstituted
@@ -83,8 +83,8 @@ from safehaven.core.store import CATALOG, opened_by, table_exists
 
 __all__ = ["GENESIS", "HEAD_FILE", "TABLE", "AuditTrailBroken", "Entry", "VerifyResult"]
 
-TABLE = "governance.audit_log"
-GENESIS_TABLE = "governance.audit_genesis"
+TABLE = schema.AUDIT_LOG
+GENESIS_TABLE = schema.AUDIT_GENESIS
 KEY_PURPOSE = "audit"
 #: The action of the first entry of a new segment: a recorded breach and the decision to resume.
 SEGMENT_ACTION = "audit_breach_decision"
@@ -92,8 +92,8 @@ SEGMENT_ACTION = "audit_breach_decision"
 RUN_ACTION = "run"
 #: Schemas whose rows mean the haven holds landed, released or published data.
 DATA_SCHEMAS = ("landing", "release", "published")
-RELEASE_REGISTER = "governance.release_register"
-REGISTER_HEADS = "governance.release_audit_heads"
+RELEASE_REGISTER = schema.RELEASE_REGISTER
+REGISTER_HEADS = schema.RELEASE_AUDIT_HEADS
 PUBLISHED_MANIFEST = "release.json"
 RESOLVE_HINT = "record the breach and the decision to resume: safehaven audit resolve --decision '...'"
 
@@ -108,33 +108,6 @@ _OPTIONAL: dict[str, Any] = {
 }
 #: Columns in table order.
 _COLUMNS = ("seq", "at", *_REQUIRED, *_OPTIONAL, "prev_hash", "entry_hash")
-
-_DDL = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
-    seq BIGINT PRIMARY KEY,
-    "at" TIMESTAMPTZ NOT NULL,
-    actor VARCHAR NOT NULL,
-    role VARCHAR NOT NULL,
-    action VARCHAR NOT NULL,
-    object VARCHAR NOT NULL,
-    purpose VARCHAR,
-    legal_basis VARCHAR,
-    agreement VARCHAR,
-    outcome VARCHAR NOT NULL,
-    detail JSON,
-    prev_hash VARCHAR NOT NULL,
-    entry_hash VARCHAR NOT NULL
-)
-"""
-
-_GENESIS_DDL = f"""
-CREATE TABLE IF NOT EXISTS {GENESIS_TABLE} (
-    seq BIGINT PRIMARY KEY,
-    entry_hash VARCHAR NOT NULL,
-    key_id VARCHAR NOT NULL,
-    recorded_at TIMESTAMPTZ NOT NULL
-)
-"""
 
 #: Read back with ``at`` as epoch microseconds, so hashing never depends on time zones.
 _SELECT = (
@@ -331,8 +304,7 @@ def _table_exists(con: duckdb.DuckDBPyConnection, table: str = TABLE) -> bool:
 
 def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
     """Create ``governance.audit_log`` and ``governance.audit_genesis`` if they do not exist."""
-    con.execute(_DDL)
-    con.execute(_GENESIS_DDL)
+    schema.ensure(con, TABLE, GENESIS_TABLE)
 
 
 def _row_entry(row: Sequence[Any]) -> Entry:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.keys import (
     VAULT,
     Key,
@@ -37,7 +38,7 @@ from safehaven.core.keys import (
 )
 from safehaven.core.store import table_exists
 
-EPOCHS = "governance.key_epochs"
+EPOCHS = schema.KEY_EPOCHS
 #: Symmetric keys whose file is checked against the store's epoch by :func:`verify`. The store
 #: key is pinned by the store itself (AES-GCM: no other key opens it) and by ``keyring.json``.
 SYMMETRIC = ("audit", "haven")
@@ -45,10 +46,7 @@ RESUME = "safehaven keys rotate --resume"
 
 
 def ensure_epochs(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {EPOCHS} (purpose VARCHAR, key_id VARCHAR, started_at TIMESTAMPTZ, "
-        "retired_at TIMESTAMPTZ)"
-    )
+    schema.ensure(con, EPOCHS)
 
 
 def epoch_key_id(con: duckdb.DuckDBPyConnection, purpose: str = "haven") -> str | None:

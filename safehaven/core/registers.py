@@ -45,18 +45,19 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.home import Home
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.publish.disclosure import neutralise_sql
 
-RELEASE_REGISTER = "governance.release_register"
-BREACH_REGISTER = "governance.breach_register"
-RELEASE_MEMBERS = "governance.release_members"
+RELEASE_REGISTER = schema.RELEASE_REGISTER
+BREACH_REGISTER = schema.BREACH_REGISTER
+RELEASE_MEMBERS = schema.RELEASE_MEMBERS
 #: The audit head when each release was first exported, published with the register.
-RELEASE_AUDIT_HEADS = "governance.release_audit_heads"
+RELEASE_AUDIT_HEADS = schema.RELEASE_AUDIT_HEADS
 #: The register as published: every release row with its audit head.
-RELEASE_REGISTER_PUBLIC = "governance.release_register_public"
+RELEASE_REGISTER_PUBLIC = schema.RELEASE_REGISTER_PUBLIC
 
 SEVERITY_LABELS: dict[int, str] = {
     0: "near miss: stopped by a control, nothing processed or disclosed without a basis",
@@ -109,77 +110,8 @@ KINDS: dict[str, BreachKind] = {
     ),
 }
 
-_RELEASE_DDL = f"""
-CREATE TABLE IF NOT EXISTS {RELEASE_REGISTER} (
-    release_id VARCHAR PRIMARY KEY,
-    agreement_id VARCHAR NOT NULL,
-    agreement_version VARCHAR NOT NULL,
-    agreement_sha256 VARCHAR NOT NULL,
-    recipient VARCHAR NOT NULL,
-    recipient_public_body BOOLEAN NOT NULL,
-    purposes VARCHAR NOT NULL,
-    legal_basis VARCHAR NOT NULL,
-    legal_basis_reference VARCHAR,
-    collections VARCHAR NOT NULL,
-    identifiability VARCHAR NOT NULL,
-    agreement_start DATE NOT NULL,
-    agreement_end DATE NOT NULL,
-    approved_by VARCHAR,
-    approved_on DATE,
-    released_at TIMESTAMPTZ NOT NULL,
-    opt_outs_applied BOOLEAN NOT NULL,
-    opt_outs_reason VARCHAR NOT NULL,
-    files INTEGER NOT NULL,
-    records_released BIGINT NOT NULL,
-    people_released BIGINT,
-    records_withheld_objections BIGINT NOT NULL,
-    objector_records_included BIGINT NOT NULL,
-    people_suppressed_k_anonymity BIGINT NOT NULL,
-    manifest_sha256 VARCHAR NOT NULL,
-    review_rule VARCHAR,
-    reviewed_by VARCHAR,
-    optout_list_date DATE
-)
-"""
-
-#: columns added since the first version of the release register (added to older stores)
-_RELEASE_ADDED = ("review_rule VARCHAR", "reviewed_by VARCHAR", "optout_list_date DATE")
-
-_BREACH_DDL = f"""
-CREATE TABLE IF NOT EXISTS {BREACH_REGISTER} (
-    breach_id BIGINT PRIMARY KEY,
-    recorded_at TIMESTAMPTZ NOT NULL,
-    kind VARCHAR NOT NULL,
-    severity INTEGER NOT NULL,
-    severity_label VARCHAR NOT NULL,
-    what VARCHAR NOT NULL,
-    remedial_action VARCHAR NOT NULL,
-    detail JSON
-)
-"""
-
-_MEMBERS_DDL = f"""
-CREATE TABLE IF NOT EXISTS {RELEASE_MEMBERS} (
-    release_id VARCHAR,
-    agreement_id VARCHAR,
-    pid VARCHAR,
-    released_at TIMESTAMPTZ
-)
-"""
-
-_HEADS_DDL = f"""
-CREATE TABLE IF NOT EXISTS {RELEASE_AUDIT_HEADS} (
-    release_id VARCHAR PRIMARY KEY,
-    audit_head_seq BIGINT NOT NULL,
-    audit_head_hash VARCHAR NOT NULL
-)
-"""
-
-_PUBLIC_DDL = f"""
-CREATE OR REPLACE VIEW {RELEASE_REGISTER_PUBLIC} AS
-SELECT r.*, h.audit_head_seq, h.audit_head_hash
-FROM {RELEASE_REGISTER} r LEFT JOIN {RELEASE_AUDIT_HEADS} h USING (release_id)
-"""
+#: The register tables :func:`ensure_tables` makes (the audit heads and the public view come with an export).
+TABLES = (RELEASE_REGISTER, BREACH_REGISTER, RELEASE_MEMBERS)
 
 #: Exported file stems, by table.
 EXPORTS = {RELEASE_REGISTER: "data_release_register", BREACH_REGISTER: "breach_register"}
@@ -195,10 +127,7 @@ def current_actor() -> str:
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create the register tables (and ``governance.release_members``) if they do not exist."""
-    for ddl in (_RELEASE_DDL, _BREACH_DDL, _MEMBERS_DDL):
-        con.execute(ddl)
-    for column in _RELEASE_ADDED:
-        con.execute(f"ALTER TABLE {RELEASE_REGISTER} ADD COLUMN IF NOT EXISTS {column}")
+    schema.ensure(con, *TABLES)
 
 
 def severity_level(severity: int | str | None, kind: str) -> int:
@@ -320,8 +249,7 @@ def stamp_audit_heads(con: duckdb.DuckDBPyConnection, home: Home) -> int:
     """
     from safehaven.core import audit
 
-    con.execute(_HEADS_DDL)
-    con.execute(_PUBLIC_DDL)
+    schema.ensure(con, RELEASE_AUDIT_HEADS)  # and the register as published, its view
     pending = f"SELECT release_id FROM {RELEASE_REGISTER} EXCEPT SELECT release_id FROM {RELEASE_AUDIT_HEADS}"
     if not con.execute(f"SELECT count(*) FROM ({pending})").fetchone()[0]:  # type: ignore[index]
         return 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
@@ -23,44 +23,10 @@ from safehaven.core.store import table_exists
 from safehaven.dispose.journal import count, now
 from safehaven.dispose.model import EXPORT_STEM, METHOD, PROGRESS, PURPOSE, REGISTER, RETAINED, Plan
 
-_REGISTER_DDL = f"""
-CREATE TABLE IF NOT EXISTS {REGISTER} (
-    disposal_id VARCHAR PRIMARY KEY,
-    target_kind VARCHAR NOT NULL,
-    target VARCHAR NOT NULL,
-    agreement_id VARCHAR,
-    collection VARCHAR,
-    received_before DATE,
-    release_ids VARCHAR,
-    reason VARCHAR NOT NULL,
-    requested_by VARCHAR NOT NULL,
-    authorised_by VARCHAR,
-    started_at TIMESTAMPTZ NOT NULL,
-    logical_done_at TIMESTAMPTZ,
-    physical_done_at TIMESTAMPTZ,
-    completed_at TIMESTAMPTZ NOT NULL,
-    batches BIGINT NOT NULL,
-    rows_disposed BIGINT NOT NULL,
-    files_destroyed BIGINT NOT NULL,
-    bytes_destroyed BIGINT NOT NULL,
-    keys_destroyed BIGINT NOT NULL,
-    key_ids_destroyed VARCHAR,
-    store_key_old VARCHAR,
-    store_key_new VARCHAR,
-    method VARCHAR NOT NULL,
-    retained VARCHAR NOT NULL,
-    certificate JSON NOT NULL
-)
-"""
-
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create the disposal register and the per-step progress table."""
-    con.execute(_REGISTER_DDL)
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {PROGRESS} (disposal_id VARCHAR, step VARCHAR, done_at TIMESTAMPTZ, "
-        "detail JSON, PRIMARY KEY (disposal_id, step))"
-    )
+    schema.ensure(con, REGISTER, PROGRESS)
 
 
 def certificates(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:

@@ -12,11 +12,12 @@ from datetime import date
 from typing import Any
 
 from safehaven.core import registers as reg
+from safehaven.core import schema
 from safehaven.core.keys import KeyRingError, check_agreement_id
 
 JOURNAL = "disposal.json"
-REGISTER = "governance.disposal_register"
-PROGRESS = "governance.disposal_progress"
+REGISTER = schema.DISPOSAL_REGISTER
+PROGRESS = schema.DISPOSAL_PROGRESS
 EXPORT_STEM = "disposal_register"
 STEPS = ("keys", "rows", "files", "rebuild", "record")
 PURPOSE = "disposal at the end of retention or of the agreement (CoP 43d, 43f, 48-50)"

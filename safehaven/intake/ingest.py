@@ -51,13 +51,14 @@ from pathlib import Path
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract
 
 SUPPORTED = (".csv", ".parquet")
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
-BATCHES = "governance.batches"
+BATCHES = schema.BATCHES
 CHUNK = 1 << 20
 #: The longest first line (header) read, in bytes: a header of the contract is far shorter.
 MAX_HEADER_BYTES = 1 << 16
@@ -88,12 +89,8 @@ class IngestReport:
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     """Create the batch register and the collection's landing table (all text)."""
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {BATCHES} (batch_id VARCHAR PRIMARY KEY, "
-        "collection VARCHAR, file_name VARCHAR, sha256 VARCHAR, rows BIGINT, "
-        "landed_at TIMESTAMPTZ, status VARCHAR, invalid_rows BIGINT, validated_at TIMESTAMPTZ, "
-        "contract_version VARCHAR)"
-    )
+    schema.ensure(con, BATCHES)
+    # by shape from data: the contract's fields (safehaven.core.schema, "made elsewhere")
     cols = ", ".join(f"{q(f)} VARCHAR" for f in contract.field_names)
     con.execute(f"CREATE TABLE IF NOT EXISTS landing.{contract.collection} ({cols}, _batch VARCHAR, _row BIGINT)")
 

@@ -41,13 +41,14 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract
 from safehaven.intake.rules import RuleCheck, raw_column
 from safehaven.publish.outputs import month_end, months_spanned
 
-MEASURES_TABLE = "governance.quality_measures"
-RULE_RESULTS = "governance.validation_rule_results"
+MEASURES_TABLE = schema.QUALITY_MEASURES
+RULE_RESULTS = schema.VALIDATION_RULE_RESULTS
 BATCH = "*"
 
 #: Kinds of rule that judge one field's own value (not presence, not other fields).
@@ -56,22 +57,12 @@ VALUE_RULES = ("type", "nhs_number", "format", "code_list", "allowed", "range")
 
 def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
     """The quality measures table (one row per batch, field and measure)."""
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {MEASURES_TABLE} (batch_id VARCHAR, collection VARCHAR, "
-        "contract_version VARCHAR, field VARCHAR, measure VARCHAR, value DOUBLE, numerator BIGINT, "
-        "denominator BIGINT, period_start DATE, period_end DATE, measured_at TIMESTAMPTZ, "
-        "PRIMARY KEY (batch_id, field, measure))"
-    )
+    schema.ensure(con, MEASURES_TABLE)
 
 
 def ensure_rule_results_table(con: duckdb.DuckDBPyConnection) -> None:
     """The per-batch, per-rule validation results (one row per batch and rule, the row-level tolerance included)."""
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {RULE_RESULTS} (batch_id VARCHAR, collection VARCHAR, "
-        "contract_version VARCHAR, rule_id VARCHAR, kind VARCHAR, description VARCHAR, evaluated_by VARCHAR, "
-        "expectation_type VARCHAR, sql_failures BIGINT, gx_unexpected BIGINT, gx_element_count BIGINT, "
-        "gx_success BOOLEAN, check_digit_failures BIGINT, PRIMARY KEY (batch_id, rule_id))"
-    )
+    schema.ensure(con, RULE_RESULTS)
 
 
 @dataclass(frozen=True)

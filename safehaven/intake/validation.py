@@ -61,25 +61,25 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES, ensure_tables
 from safehaven.intake.measures import (
+    MEASURES_TABLE,
     RULE_RESULTS,
     Measure,
     aggregates,
     build_measures,
-    ensure_rule_results_table,
     store_measures,
 )
-from safehaven.intake.measures import ensure_table as ensure_measures_table
 from safehaven.intake.rules import NHS_RE, ROWS_RULE, RuleCheck, compile_checks, pass_sql, typed_projection
 
 if TYPE_CHECKING:  # Great Expectations is imported when a batch is validated, not with this module
     from safehaven.intake.expectations import PlannedExpectation
     from safehaven.intake.gx_duckdb import SuiteResult
 
-RESULTS = "governance.validation_results"
+RESULTS = schema.VALIDATION_RESULTS
 CHECKED = "_checked"
 VIEW = "_gx_batch"
 
@@ -221,19 +221,13 @@ def ensure_tables_validated(con: duckdb.DuckDBPyConnection, contract: Contract) 
     """The collection's valid and rejected tables, and the validation registers."""
     ensure_tables(con, contract)
     c = contract.collection
+    # by shape from data: the contract's typed fields (safehaven.core.schema, "made elsewhere")
     typed_cols = ", ".join(f"{q(f.name)} {f.type}" for f in contract.fields)
     con.execute(f"CREATE TABLE IF NOT EXISTS landing.{c}_valid ({typed_cols}, _batch VARCHAR, _row BIGINT)")
     con.execute(
         f"CREATE TABLE IF NOT EXISTS landing.{c}_rejected (_batch VARCHAR, _row BIGINT, failed_rules VARCHAR[])"
     )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {RESULTS} (batch_id VARCHAR PRIMARY KEY, collection VARCHAR, "
-        "contract_version VARCHAR, suite_name VARCHAR, gx_version VARCHAR, gx_success BOOLEAN, status VARCHAR, "
-        "rows BIGINT, invalid_rows BIGINT, tolerance DOUBLE, gx_seconds DOUBLE, evaluated_at TIMESTAMPTZ, "
-        "document JSON)"
-    )
-    ensure_rule_results_table(con)
-    ensure_measures_table(con)
+    schema.ensure(con, RESULTS, RULE_RESULTS, MEASURES_TABLE)
 
 
 def pending_batches(con: duckdb.DuckDBPyConnection, collection: str) -> list[str]:

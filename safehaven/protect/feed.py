@@ -41,17 +41,17 @@ from pathlib import Path
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.objections import EVENTS
-from safehaven.protect.objections import ensure_tables as ensure_register
+from safehaven.protect.objections import TABLES as REGISTER_TABLES
 
 COLLECTION = "objections"
-FAULTS = "governance.objection_feed_faults"
-REFRESHES = "governance.objection_refreshes"
+FAULTS = schema.OBJECTION_FEED_FAULTS
+REFRESHES = schema.OBJECTION_REFRESHES
 #: The haven's freshness window for the objection register, in days (NDOP: a current list).
 DEFAULT_WINDOW_DAYS = 31
 #: The validation refusal's reason file (row-level; counted from the rejected table instead).
@@ -78,17 +78,8 @@ class Fault:
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """The fault log and the refresh attestations."""
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {FAULTS} (sha256 VARCHAR PRIMARY KEY, file_name VARCHAR, level VARCHAR, "
-        "rules VARCHAR, rows BIGINT, arrived_at TIMESTAMPTZ, detected_at TIMESTAMPTZ, resolved_at TIMESTAMPTZ, "
-        "resolved_by VARCHAR, resolution VARCHAR, reason VARCHAR)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {REFRESHES} (as_of DATE, attested_at TIMESTAMPTZ, attested_by VARCHAR, "
-        "reason VARCHAR)"
-    )
-    ensure_register(con)
+    """The fault log and the refresh attestations, and the objection register they stand with."""
+    schema.ensure(con, FAULTS, REFRESHES, *REGISTER_TABLES)
 
 
 def _file_faults(quarantine: Path) -> list[tuple[str, str, str, str]]:

@@ -76,7 +76,7 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
     install_key(con, "haven", haven_key.material)
     report = HavenReport(c, key_id=haven_key.key_id)
     source = f"landing.{c}_valid"
-    con.execute(
+    con.execute(  # by shape from data: the contract's projection (safehaven.core.schema, "made elsewhere")
         f"CREATE TABLE IF NOT EXISTS haven.{c} AS {haven_select_sql(contract, f'(SELECT * FROM {source} LIMIT 0)')}"
     )
     con.execute(

@@ -40,16 +40,19 @@ from datetime import date, datetime
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
 from safehaven.core.sql import q
 from safehaven.intake.contracts import Contract
 from safehaven.protect.pseudonymise import hmac_sql
 
-EVENTS = "governance.objection_events"
-TYPE1_INCIDENTS = "governance.type1_incidents"
-REGISTRATIONS = "governance.practice_registrations"
-RATES = "governance.objection_rates"
+EVENTS = schema.OBJECTION_EVENTS
+TYPE1_INCIDENTS = schema.TYPE1_INCIDENTS
+REGISTRATIONS = schema.PRACTICE_REGISTRATIONS
+RATES = schema.OBJECTION_RATES
+#: The tables :func:`ensure_tables` makes (the monitor's table is made whole by :func:`save_rates`).
+TABLES = (EVENTS, TYPE1_INCIDENTS, REGISTRATIONS)
 
 TYPE1 = "type1"
 NATIONAL_OPT_OUT = "national_opt_out"
@@ -88,19 +91,7 @@ def known_at_sql(known_at: str | datetime) -> str:
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create the register, the type 1 incident log and the practice registrations."""
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {EVENTS} (event_id BIGINT, pid VARCHAR, objection_type VARCHAR, "
-        "recorded_date DATE, withdrawn_date DATE, source_practice VARCHAR, _batch VARCHAR, "
-        "_row BIGINT, registered_at TIMESTAMPTZ, key_id VARCHAR)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {TYPE1_INCIDENTS} (detected_at TIMESTAMPTZ, collection VARCHAR, "
-        "sender VARCHAR, records_dropped BIGINT, batches VARCHAR[])"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {REGISTRATIONS} (practice VARCHAR, pid VARCHAR, "
-        "first_seen TIMESTAMPTZ, collection VARCHAR)"
-    )
+    schema.ensure(con, *TABLES)
 
 
 def register_objections(con: duckdb.DuckDBPyConnection, contract: Contract, key_id: str = "") -> int:
@@ -361,11 +352,7 @@ def objection_rates(
 
 def save_rates(con: duckdb.DuckDBPyConnection, rates: list[PracticeRate]) -> None:
     """Replace the monitor's table ``governance.objection_rates`` with the latest assessment."""
-    con.execute(
-        f"CREATE OR REPLACE TABLE {RATES} (assessed_at TIMESTAMPTZ, practice VARCHAR, objection_type VARCHAR, "
-        "list_size BIGINT, objectors BIGINT, rate DOUBLE, baseline DOUBLE, upper_limit DOUBLE, p_value DOUBLE, "
-        "z DOUBLE, assessed BOOLEAN, outlier BOOLEAN)"
-    )
+    schema.recreate(con, RATES)
     if not rates:
         return
     con.executemany(

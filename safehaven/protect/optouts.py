@@ -53,7 +53,7 @@ from typing import get_args
 
 import duckdb
 
-from safehaven.core import registers
+from safehaven.core import registers, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import check_agreement_id
 from safehaven.core.legal_basis import EXEMPT_BASES, LEGAL_BASES, OPT_OUT_EXEMPT
@@ -66,10 +66,10 @@ from safehaven.share.agreements import Level
 #: Every identifiability level (``safehaven.share.agreements.Level``).
 IDENTIFIABILITY: tuple[str, ...] = get_args(Level)
 
-DECISIONS = "governance.optout_decisions"
+DECISIONS = schema.OPTOUT_DECISIONS
 #: Alias of ``safehaven.core.registers.RELEASE_MEMBERS`` (the haven pids of everyone released).
 MEMBERS = RELEASE_MEMBERS
-NOTICES = "governance.optout_notices"
+NOTICES = schema.OPTOUT_NOTICES
 
 
 @dataclass(frozen=True)
@@ -156,16 +156,7 @@ def apply_optouts(
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     """Create the decision log and the notice log, and the registers' tables they read
     (``release_members``, written by releases; ``safehaven.core.registers.ensure_tables``)."""
-    registers.ensure_tables(con)
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {DECISIONS} (release_id VARCHAR, agreement_id VARCHAR, legal_basis VARCHAR, "
-        "identifiability VARCHAR, applied BOOLEAN, reason VARCHAR, withheld BIGINT, overruled BIGINT, "
-        "decided_at TIMESTAMPTZ)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {NOTICES} (agreement_id VARCHAR, issued_at TIMESTAMPTZ, since TIMESTAMPTZ, "
-        "release_id VARCHAR, objected BIGINT, withdrawn BIGINT, withheld BIGINT, file VARCHAR)"
-    )
+    schema.ensure(con, *registers.TABLES, DECISIONS, NOTICES)
 
 
 def record_decision(

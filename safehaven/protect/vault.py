@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from safehaven.core import schema
 from safehaven.core.keys import VAULT, Key, KeyRing, key_id, x25519_public
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
@@ -58,9 +59,9 @@ from safehaven.intake.ingest import BATCHES
 from safehaven.protect.objections import type1_objectors_sql
 from safehaven.protect.pseudonymise import haven_coarsening, hmac_sql
 
-IDENTITY = "vault.identity"
-DATA_KEYS = "vault.data_keys"
-VAULTED = "vault.batches"
+IDENTITY = schema.VAULT_IDENTITY
+DATA_KEYS = schema.VAULT_DATA_KEYS
+VAULTED = schema.VAULT_BATCHES
 WRAP_INFO = b"safehaven vault key wrap v1"
 NONCE = 12
 
@@ -70,18 +71,7 @@ class VaultError(Exception):
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {DATA_KEYS} (dek_id VARCHAR PRIMARY KEY, vault_key_id VARCHAR, "
-        "eph_pub BLOB, wrap_nonce BLOB, wrapped BLOB, created_at TIMESTAMPTZ, entries BIGINT)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {IDENTITY} (pid VARCHAR, field VARCHAR, nonce BLOB, ciphertext BLOB, "
-        "dek_id VARCHAR, collection VARCHAR, added_at TIMESTAMPTZ)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {VAULTED} (batch_id VARCHAR, collection VARCHAR, vaulted_at TIMESTAMPTZ, "
-        "entries BIGINT)"
-    )
+    schema.ensure(con, DATA_KEYS, IDENTITY, VAULTED)
 
 
 def vault_fields(contract: Contract) -> list[str]:

@@ -88,6 +88,7 @@ from typing import Any, Literal
 import duckdb
 from pydantic import Field, field_validator, model_validator
 
+from safehaven.core import schema
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
@@ -98,7 +99,7 @@ from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
 from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
 
-CODES = "governance.code_list"
+CODES = schema.CODE_LIST
 MONTHS = "reporting_months"
 #: The largest grid an output may declare (cells); beyond it the declaration is refused.
 MAX_GRID_CELLS = 5_000_000
@@ -457,10 +458,7 @@ def load_code_lists(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) 
         held = con.execute(f"SELECT list, code, display, grp, system, version FROM {CODES}").fetchall()
         if len(held) == len(rows) and set(held) == set(rows):
             return len(rows)
-    con.execute(
-        f"CREATE OR REPLACE TABLE {CODES} (list VARCHAR, code VARCHAR, display VARCHAR, grp VARCHAR, "
-        "system VARCHAR, version VARCHAR)"
-    )
+    schema.recreate(con, CODES)
     if rows:
         columns = [list(column) for column in zip(*rows, strict=True)]
         con.execute(f"INSERT INTO {CODES} SELECT {', '.join('unnest(?::VARCHAR[])' for _ in columns)}", columns)

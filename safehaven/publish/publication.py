@@ -62,7 +62,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.sql import lit, q
@@ -351,10 +351,7 @@ def _write_db(
         for output in outputs:
             con.execute(f"CREATE TABLE pub.main.{q(output.name)} AS SELECT * FROM published.{q(output.name)}")
             _comment(con, f"pub.main.{q(output.name)}", dictionaries[output.name])
-        con.execute(
-            "CREATE TABLE pub.main.dictionary (output VARCHAR, column_name VARCHAR, type VARCHAR, role VARCHAR, "
-            "description VARCHAR)"
-        )
+        schema.create_published_file_tables(con, "pub")  # dictionary, quality
         rows = [
             (name, c["name"], c["type"], c.get("role"), c.get("description"))
             for name, d in dictionaries.items()
@@ -362,10 +359,6 @@ def _write_db(
         ]
         if rows:
             con.executemany("INSERT INTO pub.main.dictionary VALUES (?, ?, ?, ?, ?)", rows)
-        con.execute(
-            "CREATE TABLE pub.main.quality (output VARCHAR, release_id VARCHAR, published_at VARCHAR, "
-            "statement JSON, statement_markdown VARCHAR)"
-        )
         for name, st in statements.items():
             con.execute(
                 "INSERT INTO pub.main.quality VALUES (?, ?, ?, ?, ?)",

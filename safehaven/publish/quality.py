@@ -45,6 +45,7 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.home import Home
 from safehaven.core.sql import q
 from safehaven.core.store import table_exists
@@ -59,8 +60,8 @@ LICENCE = "Open Government Licence v3.0"
 LICENCE_URL = "https://www.nationalarchives.gov.uk/doc/open-government-licence/version/3/"
 OGL = f"{LICENCE} - {LICENCE_URL}"
 
-QUALITY_TABLE = "governance.output_quality"
-RELEASES_TABLE = "governance.output_releases"
+QUALITY_TABLE = schema.OUTPUT_QUALITY
+RELEASES_TABLE = schema.OUTPUT_RELEASES
 ESS_DIMENSIONS = (
     "relevance",
     "accuracy",
@@ -72,13 +73,7 @@ ESS_DIMENSIONS = (
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     """The stored statements (latest per output) and the history of published releases."""
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {QUALITY_TABLE} (output VARCHAR PRIMARY KEY, built_at TIMESTAMPTZ, statement JSON)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {RELEASES_TABLE} (release_id VARCHAR, output VARCHAR, "
-        "published_at TIMESTAMPTZ, statement JSON, PRIMARY KEY (release_id, output))"
-    )
+    schema.ensure(con, QUALITY_TABLE, RELEASES_TABLE)
 
 
 # --- accuracy --------------------------------------------------------------------------

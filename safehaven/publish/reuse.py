@@ -38,6 +38,7 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.digests import code_sha, sha_of, table_sha
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
@@ -46,19 +47,12 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import CODES, Output, Period, code_lists_of
 from safehaven.publish.quality import collection_figures
 
-OUTPUT_BUILDS = "governance.output_builds"
-PUBLICATIONS = "governance.publication_contents"
+OUTPUT_BUILDS = schema.OUTPUT_BUILDS
+PUBLICATIONS = schema.PUBLICATION_CONTENTS
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {OUTPUT_BUILDS} (output VARCHAR PRIMARY KEY, fingerprint VARCHAR, "
-        "table_sha VARCHAR, built_at TIMESTAMPTZ, metadata JSON)"
-    )
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {PUBLICATIONS} (release_id VARCHAR PRIMARY KEY, content_sha VARCHAR, "
-        "files JSON, rows BIGINT, published_at TIMESTAMPTZ)"
-    )
+    schema.ensure(con, OUTPUT_BUILDS, PUBLICATIONS)
 
 
 def haven_shas(con: duckdb.DuckDBPyConnection, collections: list[str]) -> dict[str, str]:

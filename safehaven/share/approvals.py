@@ -41,7 +41,7 @@ from pathlib import Path
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
@@ -58,7 +58,7 @@ from safehaven.share.agreements import (
     scan_agreements,
 )
 
-DECISIONS = "governance.agreement_decisions"
+DECISIONS = schema.AGREEMENT_DECISIONS
 APPROVED, SUSPENDED = "approved", "suspended"
 #: where a decision came from: a person's command, or the file's block adopted by a person
 SOURCE_COMMAND, SOURCE_FILE = "command", "file"
@@ -69,22 +69,6 @@ APPROVE_COMMAND = 'safehaven agreements approve {id} --approver "Name, role"'
 ADOPT_COMMAND = 'safehaven agreements adopt {id} --by "Name, role" --reason "..."'
 MIN_NAME = 3
 MIN_REASON = 5
-
-_DDL = f"""
-CREATE TABLE IF NOT EXISTS {DECISIONS} (
-    decision_id BIGINT PRIMARY KEY,
-    agreement_id VARCHAR NOT NULL,
-    decision VARCHAR NOT NULL,
-    decided_by VARCHAR NOT NULL,
-    decided_on DATE NOT NULL,
-    reason VARCHAR,
-    agreement_version VARCHAR NOT NULL,
-    agreement_sha256 VARCHAR NOT NULL,
-    source VARCHAR NOT NULL,
-    recorded_by VARCHAR NOT NULL,
-    recorded_at TIMESTAMPTZ NOT NULL
-)
-"""
 
 
 @dataclass(frozen=True)
@@ -146,7 +130,7 @@ class Standing:
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(_DDL)
+    schema.ensure(con, DECISIONS)
 
 
 def latest(con: duckdb.DuckDBPyConnection, agreement_id: str) -> Decision | None:

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core.store import table_exists
 
-DUE = "governance.releases_due"
+DUE = schema.RELEASES_DUE
 COMMAND = "safehaven release --agreement {id}"
 
 
 def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {DUE} (agreement_id VARCHAR, agreement_version VARCHAR, "
-        "agreement_sha256 VARCHAR, due_since TIMESTAMPTZ, last_seen_at TIMESTAMPTZ, "
-        "released_as VARCHAR, released_at TIMESTAMPTZ)"
-    )
+    schema.ensure(con, DUE)
 
 
 def record_due(

@@ -25,6 +25,7 @@ from datetime import date
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.digests import code_sha, sha_of, table_sha
 from safehaven.core.registers import RELEASE_MEMBERS
 from safehaven.core.sql import q
@@ -33,16 +34,13 @@ from safehaven.protect.optouts import DECISIONS, NOTICES
 from safehaven.share import review
 from safehaven.share.agreements import Agreement
 
-INPUTS = "governance.release_inputs"
+INPUTS = schema.RELEASE_INPUTS
 #: The tables the objection and opt-out rules read when a release is prepared.
 OBJECTION_TABLES = (EVENTS, REGISTRATIONS, RELEASE_MEMBERS, NOTICES, DECISIONS)
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {INPUTS} (agreement_id VARCHAR, inputs_sha VARCHAR, release_id VARCHAR, "
-        "recorded_at TIMESTAMPTZ)"
-    )
+    schema.ensure(con, INPUTS)
 
 
 def inputs_sha(

@@ -58,15 +58,15 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file, shred_tree
 from safehaven.core.home import Home
 from safehaven.protect import optouts
 
-REQUESTS = "governance.release_requests"
-REVIEWS = "governance.release_reviews"
-REQUEST_MEMBERS = "governance.release_request_members"
+REQUESTS = schema.RELEASE_REQUESTS
+REVIEWS = schema.RELEASE_REVIEWS
+REQUEST_MEMBERS = schema.RELEASE_REQUEST_MEMBERS
 
 # --- the state machine (one place) --------------------------------------------------------
 
@@ -111,39 +111,6 @@ RULES: dict[str, int] = {TWO_REVIEWERS: 2, ONE_REVIEWER: 1, AUTOMATIC: 0, TWO_RE
 AUTOMATIC_REVIEWER = "routine rule (automatic)"
 MIN_COMMENT = 5
 
-_DDL = (
-    f"""CREATE TABLE IF NOT EXISTS {REQUESTS} (
-    release_id VARCHAR PRIMARY KEY,
-    agreement_id VARCHAR NOT NULL,
-    identifiability VARCHAR NOT NULL,
-    state VARCHAR NOT NULL,
-    rule VARCHAR NOT NULL,
-    rule_reason VARCHAR NOT NULL,
-    staging_dir VARCHAR NOT NULL,
-    content_sha256 VARCHAR NOT NULL,
-    shape_sha256 VARCHAR NOT NULL,
-    manifest_sha256 VARCHAR NOT NULL,
-    files JSON NOT NULL,
-    summary JSON NOT NULL,
-    register_row JSON NOT NULL,
-    optout_decision JSON NOT NULL,
-    prepared_by VARCHAR NOT NULL,
-    prepared_at TIMESTAMPTZ NOT NULL,
-    updated_at TIMESTAMPTZ NOT NULL,
-    comment VARCHAR
-)""",
-    f"""CREATE TABLE IF NOT EXISTS {REVIEWS} (
-    release_id VARCHAR NOT NULL,
-    reviewer VARCHAR NOT NULL,
-    file_name VARCHAR NOT NULL,
-    sha256 VARCHAR NOT NULL,
-    decision VARCHAR NOT NULL,
-    comment VARCHAR,
-    decided_at TIMESTAMPTZ NOT NULL
-)""",
-    f"CREATE TABLE IF NOT EXISTS {REQUEST_MEMBERS} (release_id VARCHAR, agreement_id VARCHAR, pid VARCHAR)",
-)
-
 
 class ReviewError(Exception):
     """A review step that must not happen; the message says why and how to clear it (no values)."""
@@ -181,8 +148,7 @@ _COLS = (
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    for ddl in _DDL:
-        con.execute(ddl)
+    schema.ensure(con, REQUESTS, REVIEWS, REQUEST_MEMBERS)
 
 
 def _request(row: tuple[Any, ...]) -> Request:
