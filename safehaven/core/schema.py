@@ -196,7 +196,14 @@ TYPE1_INCIDENTS = _declare(
 PRACTICE_REGISTRATIONS = _declare(
     "governance.practice_registrations",
     "practice VARCHAR, pid VARCHAR, first_seen TIMESTAMPTZ, collection VARCHAR",
-    "which practice each person was seen at, the objection-rate monitor's list sizes (Govt response 7.15)",
+    "which practice each person was seen at (every GP haven batch and the dropped type 1 records): the "
+    "objection-rate monitor's running list sizes (Govt response 7.15)",
+)
+PRACTICE_MEMBERS_SEEDED = _declare(
+    "governance.practice_members_seeded",
+    "collection VARCHAR PRIMARY KEY, seeded_at TIMESTAMPTZ",
+    "GP collections whose haven rows were once counted into practice_registrations whole; after that each "
+    "new batch adds its own (the objection-rate monitor's running list sizes, Govt response 7.15)",
 )
 OBJECTION_RATES = _declare(
     "governance.objection_rates",

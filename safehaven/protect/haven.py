@@ -10,9 +10,10 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
   register. No Python touches a row, and the records are written once (no intermediate
   copy of the batch). Type 1 records are found by NHS number against the few objectors
   among the batch's people, so the drop costs a semi-join, not a second pass.
-* The (practice, pid) pairs of the dropped type 1 records are kept in
-  ``governance.practice_registrations``: with the GP haven tables they give the list sizes of
-  the objection-rate monitor, so a practice's objectors still count in its list.
+* The (practice, pid) pairs of each GP batch, those of its dropped type 1 records included,
+  are added to ``governance.practice_registrations`` as it enters: the objection-rate
+  monitor's running list sizes (Govt response 7.15), so a night never re-reads the haven's
+  history and a practice's objectors still count in its list.
 * **One haven key per epoch** (CoP 27b-c): ``governance.key_epochs`` records the id of the
   key the haven's pseudonyms are made with. A key file that does not match it (lost and
   re-created, or swapped) is refused: pseudonyms made under another key would not match the
@@ -112,6 +113,12 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
             report.practice_registrations = register_practices(con, dropped, contract.practice_field, c)
             kept = f"(SELECT * FROM {incoming} WHERE {nhs} IS NULL OR {nhs} NOT IN (SELECT nhs FROM _type1))"
         con.execute(f"INSERT INTO haven.{c} {haven_select_sql(contract, kept, ids='_ids')}")
+        if contract.practice_field:  # the monitor's running list sizes (objections.seed_members)
+            new_rows = (
+                f"(SELECT {q(contract.practice_field)}, pid FROM haven.{c} "
+                "WHERE _batch IN (SELECT batch_id FROM _new_batches))"
+            )
+            report.practice_registrations += register_practices(con, new_rows, contract.practice_field, c)
         report.rows_out = report.rows_in - report.type1_dropped
         con.execute("DROP TABLE IF EXISTS _type1")
         con.execute("DROP TABLE _ids")

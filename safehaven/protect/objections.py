@@ -50,9 +50,10 @@ from safehaven.protect.pseudonymise import hmac_sql
 EVENTS = schema.OBJECTION_EVENTS
 TYPE1_INCIDENTS = schema.TYPE1_INCIDENTS
 REGISTRATIONS = schema.PRACTICE_REGISTRATIONS
+MEMBERS_SEEDED = schema.PRACTICE_MEMBERS_SEEDED
 RATES = schema.OBJECTION_RATES
 #: The tables :func:`ensure_tables` makes (the monitor's table is made whole by :func:`save_rates`).
-TABLES = (EVENTS, TYPE1_INCIDENTS, REGISTRATIONS)
+TABLES = (EVENTS, TYPE1_INCIDENTS, REGISTRATIONS, MEMBERS_SEEDED)
 
 TYPE1 = "type1"
 NATIONAL_OPT_OUT = "national_opt_out"
@@ -228,6 +229,28 @@ def register_practices(con: duckdb.DuckDBPyConnection, source: str, practice_col
     return int(added)
 
 
+def seed_members(
+    con: duckdb.DuckDBPyConnection, gp_sources: list[tuple[str, str]] | tuple[tuple[str, str], ...]
+) -> int:
+    """Count a GP haven table's (practice, pid) pairs into the registrations once, whole.
+
+    The monitor's list sizes are running counts: each new haven batch adds its own pairs
+    (``safehaven.protect.haven.build_haven``), so a night reads the registrations, not the
+    history. A haven table made before that (or a table given here for the first time) is
+    counted in whole once, and its collection recorded in ``governance.practice_members_seeded``.
+    """
+    schema.ensure(con, *TABLES)
+    seeded = {c for (c,) in con.execute(f"SELECT collection FROM {MEMBERS_SEEDED}").fetchall()}
+    added = 0
+    for table, practice_col in gp_sources:
+        collection = table.split(".", 1)[-1].strip('"')
+        if collection in seeded:
+            continue
+        added += register_practices(con, f"(SELECT {q(practice_col)}, pid FROM {table})", practice_col, collection)
+        con.execute(f"INSERT INTO {MEMBERS_SEEDED} VALUES (?, now())", [collection])
+    return added
+
+
 @dataclass(frozen=True)
 class PracticeRate:
     """One practice's objection rate against the baseline it was compared with."""
@@ -273,13 +296,14 @@ def objection_rates(
 
     Method (Govt response 7.15; a funnel plot, Spiegelhalter, Stat Med 2005;24:1185-1202):
 
-    * The list size ``n`` of a practice is the people it sent records about: those in the GP
-      haven tables (``gp_sources``: pairs of table and practice column), those whose type 1
-      records were dropped on arrival (``governance.practice_registrations``), and the type 1
-      objectors recorded at it (``source_practice``), so a practice that rightly withholds
-      its objectors' records still counts them. Objectors ``x`` are the list's people with an objection of this type in
-      force on ``as_of``; for type 1 the objection must also have been recorded at that
-      practice.
+    * The list size ``n`` of a practice is the people it sent records about, kept as running
+      counts in ``governance.practice_registrations``: the people of every GP haven batch
+      (added as the batch enters the haven; ``gp_sources``, pairs of table and practice
+      column, are counted in whole once by ``seed_members``), those whose type 1 records were
+      dropped on arrival, and the type 1 objectors recorded at it (``source_practice``), so a
+      practice that rightly withholds its objectors' records still counts them. Objectors
+      ``x`` are the list's people with an objection of this type in force on ``as_of``; for
+      type 1 the objection must also have been recorded at that practice.
     * The baseline ``p0`` is the pooled rate of every other practice (leave-one-out), so an
       outlier does not raise its own baseline; with few practices it would otherwise hide.
     * Under ``p0`` the count is binomial. A practice is an outlier when its count lies above
@@ -296,12 +320,11 @@ def objection_rates(
     if objection_type not in TYPES:
         raise ValueError(f"unknown objection type {objection_type!r}")
     practice_filter = "AND e.source_practice = m.practice" if objection_type == TYPE1 else ""
-    gp_union = "".join(f" UNION SELECT {q(col)}, pid FROM {table}" for table, col in gp_sources)
+    seed_members(con, gp_sources)
     rows = con.execute(
         f"""
         WITH members AS (
             SELECT practice, pid FROM {REGISTRATIONS}
-            {gp_union}
             UNION
             SELECT source_practice, pid FROM {EVENTS}
             WHERE objection_type = '{TYPE1}' AND source_practice IS NOT NULL

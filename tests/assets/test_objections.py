@@ -12,7 +12,9 @@ import pytest
 from assets import ingest, keys, objections, pseudonymise, validate
 from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
+from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect.objections import MEMBERS_SEEDED, REGISTRATIONS, TYPE1, objection_rates
 from safehaven.tools import synthetic
 from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
 
@@ -114,3 +116,24 @@ def test_no_nhs_number_reaches_dagster_storage_or_any_file(run, home: Home, tmp_
     _, _, seeded = run
     assert len(seeded) > 300
     assert leaked_nhs_numbers([home.root, tmp_path / "dagster_home"], seeded) == {}
+
+
+def test_running_list_sizes_equal_a_full_recount_after_a_second_drop(run, home: Home, dagster_instance) -> None:
+    """The monitor's list sizes are running counts (issue 22): the second drop's batch adds its own
+    (practice, pid) pairs as it enters the haven, and the rates equal those of a recount of the
+    whole GP haven table."""
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=6, defect_rate=0.01)
+    again = dg.materialize(_assets(), resources={"haven": SafeHavenResource()}, instance=dagster_instance)
+    assert again.success and _meta(again, keys.haven("gp_events"))["rows_in"] > 0
+    sources = [("haven.gp_events", "practice_code")]
+    with Store(home).connect() as con:
+        running = objection_rates(con, TYPE1, gp_sources=sources)
+        assert con.execute(f"SELECT count(*) FROM {MEMBERS_SEEDED}").fetchone() == (1,)
+        (recounted,) = con.execute(  # forget every pair the haven table gives, and count them again whole
+            f"DELETE FROM {REGISTRATIONS} r WHERE EXISTS (SELECT 1 FROM haven.gp_events h "
+            "WHERE h.practice_code = r.practice AND h.pid = r.pid)"
+        ).fetchone()
+        con.execute(f"DELETE FROM {MEMBERS_SEEDED}")
+        full = objection_rates(con, TYPE1, gp_sources=sources)
+    assert recounted > PATIENTS  # both drops' people were in the running counts
+    assert running == full and sum(r.list_size for r in full) >= recounted
