@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import automation, disposal, ingest, objections, outputs, pseudonymise, publish, releases, validate
+from assets import automation, disposal, ingest, keys, objections, outputs, pseudonymise, publish, releases, validate
 from assets.catalog import Catalog, annotate_all
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
@@ -71,6 +71,7 @@ def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitio
         *publish.build(registry),
         *releases.build(registry),
     ]
+    keys.check_labels([key for a in stage_assets for key in a.keys])
     return dg.Definitions(
         assets=annotate_all(stage_assets, build_catalog(registry)),
         jobs=[automation.nightly_job, disposal.disposal_job],

@@ -10,7 +10,8 @@ release is ``release/<agreement>``; the objection register and its checks are
 ``governance/objection_*``.
 
 Keys are built here only: other modules (the catalog, the stages, the tests) call these
-functions rather than spelling a key themselves.
+functions rather than spelling a key themselves. ``check_labels`` refuses definitions in which
+two assets would share a label (for example an output named ``gp_events_haven``), naming both.
 """
 
 import dagster as dg
@@ -69,3 +70,20 @@ def group(key: dg.AssetKey) -> str:
 def label(key: dg.AssetKey) -> str:
     """What the Dagster UI labels the asset with: the last part of its key."""
     return key.path[-1]
+
+
+def check_labels(asset_keys: list[dg.AssetKey]) -> None:
+    """Refuse two assets with one label: the asset graph would show them as one name.
+
+    A label comes from a collection, output or agreement name in the contracts, so the message
+    names the assets and says which name to change.
+    """
+    seen: dict[str, dg.AssetKey] = {}
+    for key in asset_keys:
+        other = seen.setdefault(label(key), key)
+        if other != key:
+            raise dg.DagsterInvalidDefinitionError(
+                f"assets {other.to_user_string()} and {key.to_user_string()} share the label {label(key)!r}, "
+                "which the Dagster UI shows for both: rename the collection, output or agreement whose name "
+                "makes one of them (assets/keys.py lists how each label is made)"
+            )

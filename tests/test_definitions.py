@@ -180,3 +180,22 @@ def test_definitions_are_built_once_while_nothing_they_read_changes(tmp_path, mo
     code_list.write_text(code_list.read_text() + "\n# edited\n")  # any file changed: built again
     again = build_definitions()
     assert again is not first and build_definitions() is again
+
+
+def test_an_output_whose_name_makes_a_taken_label_is_refused_when_the_definitions_load(tmp_path) -> None:
+    """Label uniqueness holds when the definitions load, not only in this suite: an output named
+    like a collection's haven asset is refused, naming both assets."""
+    import shutil
+
+    import pytest
+
+    contracts = tmp_path / "data_contracts"
+    shutil.copytree(ContractRegistry().root, contracts)
+    source = contracts / "outputs" / "gp_activity.yaml"
+    clash = contracts / "outputs" / "gp_events_haven.yaml"
+    clash.write_text(source.read_text().replace("name: gp_activity", "name: gp_events_haven"))
+    with pytest.raises(
+        dg.DagsterInvalidDefinitionError,
+        match="published/gp_events_haven and haven/gp_events_haven|haven/gp_events_haven and published/gp_events_haven",
+    ):
+        build_definitions(ContractRegistry(contracts))
