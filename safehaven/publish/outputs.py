@@ -359,10 +359,18 @@ class Output(Strict):
 
     @model_validator(mode="after")
     def _structural_zeros(self) -> Output:
-        dims = {d.name for d in self.dimensions}
+        dims = {d.name: d for d in self.dimensions}
         for zero in self.zeros.structural:
-            if set(zero.match) - dims:
+            if set(zero.match) - set(dims):
                 raise ValueError(f"structural zero {zero.label()} names dimensions this output does not have")
+            for name, values in zero.match.items():
+                domain = dims[name].domain
+                unknown = sorted(set(values) - set(domain.values or [])) if domain.kind == "values" else []
+                if unknown:
+                    raise ValueError(
+                        f"structural zero {zero.label()} names {name}={'|'.join(unknown)}, not a value of that "
+                        f"dimension ({', '.join(domain.values or [])}): a misspelt declaration removes nothing"
+                    )
         return self
 
     @property
@@ -653,12 +661,39 @@ def remove_structural_zeros(con: duckdb.DuckDBPyConnection, output: Output, tabl
             f"{output.name}: declared structural zero(s) with people in them: {'; '.join(inhabited)}; "
             "a structural zero is an impossible combination: correct the declaration or the data"
         )
+    _refuse_unknown_values(con, output, table)
     removed = con.execute(f"DELETE FROM {table} WHERE {' OR '.join(z.predicate_sql() for z in zeros)}").fetchone()
     declared = [
         {"match": z.label(), "reason": " ".join(z.reason.split()), "cells_removed": int(row[2 * i])}
         for i, z in enumerate(zeros)
     ]
     return StructuralReport(declared, int(removed[0]) if removed else 0)
+
+
+#: Domains whose every value is a cell of the grid, so a structural zero's value missing from
+#: the grid is a misspelling (a reporting month, an observed value or one an SQL domain reads from
+#: the data may simply be absent).
+_WHOLE_DOMAINS = ("code_list", "values")
+
+
+def _refuse_unknown_values(con: duckdb.DuckDBPyConnection, output: Output, table: str) -> None:
+    """Refuse a structural zero naming a value its dimension's domain does not have: it would
+    remove nothing, and the impossible cells it meant would be treated as sampling zeros."""
+    domains = {d.name: d.domain.kind for d in output.dimensions}
+    for zero in output.zeros.structural:
+        for name, values in zero.match.items():
+            if domains[name] not in _WHOLE_DOMAINS:
+                continue
+            have = {
+                str(v) for (v,) in con.execute(f"SELECT DISTINCT CAST({q(name)} AS VARCHAR) FROM {table}").fetchall()
+            }
+            unknown = sorted(set(values) - have)
+            if unknown:
+                con.execute(f"DROP TABLE {table}")
+                raise OutputError(
+                    f"{output.name}: declared structural zero {zero.label()} names {name}={'|'.join(unknown)}, "
+                    "which is not in that dimension's domain: correct the declaration (a misspelt one removes nothing)"
+                )
 
 
 def _count_cells(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:

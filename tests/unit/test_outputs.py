@@ -256,6 +256,32 @@ def test_a_structural_zero_with_people_in_it_refuses_the_output(
     assert not con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'published'").fetchone()[0]
 
 
+def test_a_structural_zero_naming_a_value_the_dimension_lacks_is_refused(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """A misspelt declaration removes nothing, so the impossible cells it meant would be treated
+    as sampling zeros: refused when the output loads (a listed domain) or builds (a code list)."""
+    with pytest.raises(ValueError, match=r"names chapter=D, not a value of that dimension \(A, B, C\)"):
+        admissions(zeros={"publish": True, "structural": [{"match": {"chapter": "D"}, "reason": "misspelt: no D"}]})
+
+    load_code_lists(con, registry)
+    admit(con, 40, "RX1", "2026-01-10", "A09")
+    by_code = admissions(
+        dimensions=[
+            {"name": "month", "description": "month", "domain": "reporting_months"},
+            {"name": "provider_code", "description": "provider", "domain": "observed"},
+            {"name": "icd", "description": "category", "domain": {"code_list": "icd10", "field": "code"}},
+        ],
+        sql="""SELECT m.month, h.provider_code, left(h.primary_diagnosis, 3) AS icd, count(DISTINCT h.pid) AS people
+               FROM haven.hospital_episodes h
+               JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end GROUP BY ALL""",
+        zeros={"publish": True, "structural": [{"match": {"icd": ["A08", "A0S"]}, "reason": "a typo for A09"}]},
+    )
+    with pytest.raises(OutputError, match=r"adm: declared structural zero icd=A08\|A0S names icd=A0S, which is not"):
+        build_output(con, by_code, registry, today=TODAY)
+    assert not con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'published'").fetchone()[0]
+
+
 # --- reporting period ----------------------------------------------------------------------
 
 
