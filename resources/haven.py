@@ -160,7 +160,9 @@ class SafeHavenResource(dg.ConfigurableResource):
 
         run = context.dagster_run
         job = run.job_name if run is not None else "adhoc"
-        with self.connect() as con:
+        # at run start a busy store fails the run with StoreBusy's own words: Dagster retries
+        # steps, not resources, so asking for a retry here would only hide why
+        with self.connect(retry=False) as con:
             audit.begin_run(
                 con,
                 self.home_dir(),
@@ -171,14 +173,17 @@ class SafeHavenResource(dg.ConfigurableResource):
             )
 
     @contextmanager
-    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, *, read_only: bool = False, retry: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection whose audit and haven keys were checked against the store's epochs; a
-        store still busy after ``lock_wait_seconds`` asks Dagster to retry the step (module docstring)."""
+        store still busy after ``lock_wait_seconds`` asks Dagster to retry the step (module
+        docstring), or with ``retry=False`` raises ``StoreBusy``."""
         store = self.store()
         with ExitStack() as stack:
             try:
                 con = stack.enter_context(store.connect(read_only=read_only))
             except StoreBusy as exc:
+                if not retry:
+                    raise
                 raise dg.RetryRequested(max_retries=self.busy_retries, seconds_to_wait=self.busy_retry_seconds) from exc
             if not read_only:
                 pins.verify(con, store.keyring)

@@ -140,3 +140,55 @@ def test_a_step_that_finds_the_store_busy_past_its_wait_is_retried_by_dagster(st
     assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 1
     assert result.output_for_node("busy_store") == 10
     assert holders and holders[0].wait(timeout=30) == 0
+
+
+def test_a_store_busy_past_every_retry_fails_the_step_saying_why_and_the_next_run_goes_through(
+    store: Store, home: Home
+) -> None:
+    """When the store stays busy through every retry the step fails, naming the store, the wait
+    and what to do, having written nothing; once the holder has gone the same asset succeeds."""
+    with store.connect():
+        pass  # a new, empty store (its audit trail has nothing to verify)
+    holders: list[subprocess.Popen] = []
+    attempts: list[int] = []
+
+    @dg.asset
+    def busy_store(context, haven: SafeHavenResource) -> int:  # noqa: ANN001 (Dagster reads the name)
+        attempts.append(context.retry_number)
+        if context.retry_number == 0 and not holders:  # taken after the run has started, held throughout
+            holders.append(_hold([HOLD_EMPTY, str(home.root), "6"]))
+        with haven.connect() as con:
+            con.execute("CREATE TABLE landing.written AS SELECT 1 AS a")
+            return 1
+
+    haven = SafeHavenResource(home=str(home.root), lock_wait_seconds=0.3, busy_retries=2, busy_retry_seconds=0.5)
+    result = dg.materialize([busy_store], resources={"haven": haven}, raise_on_error=False)
+    assert not result.success and attempts == [0, 1, 2]
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    text = str(failure.event_specific_data.error)
+    assert "was busy" in text and "the next run will try again" in text
+    assert holders[0].wait(timeout=30) == 0
+    with store.connect(read_only=True) as con:
+        assert not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'written'").fetchone()[0]
+    again = dg.materialize([busy_store], resources={"haven": haven})
+    assert again.success and again.output_for_node("busy_store") == 1
+
+
+def test_a_store_busy_when_the_run_starts_fails_the_run_with_the_reason(store: Store, home: Home) -> None:
+    """Dagster retries steps, not resources: at run start the run fails with StoreBusy's words."""
+    with store.connect():
+        pass
+    holder = _hold([HOLD_EMPTY, str(home.root), "3"])
+
+    @dg.asset
+    def never_reached(haven: SafeHavenResource) -> int:
+        with haven.connect(read_only=True) as con:
+            return con.execute("SELECT 1").fetchone()[0]
+
+    haven = SafeHavenResource(home=str(home.root), lock_wait_seconds=0.3)
+    result = dg.materialize([never_reached], resources={"haven": haven}, raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "RESOURCE_INIT_FAILURE"]
+    text = str(failure.event_specific_data.error)
+    assert "StoreBusy" in text and "was busy" in text and "RetryRequested" not in text
+    assert holder.wait(timeout=30) == 0
