@@ -230,6 +230,25 @@ def _entry_ok(key: Key, entry: Entry) -> bool:
 # --- the identifier guard ---------------------------------------------------------------
 
 
+#: what ``scrub`` puts where a run of digits looked like an NHS number
+WITHHELD = "[number withheld]"
+
+
+def scrub(text: str) -> str:
+    """Machine-made text (a refusal naming a file, a hash prefix) made safe to record: every run
+    that looks like an NHS number, hex tokens aside, becomes ``WITHHELD``. The guard below still
+    refuses such a run in anything a person typed; this is for text the haven composed itself,
+    whose digits come from file names and hashes, so recording the refusal never fails on them."""
+    kept: list[str] = []
+    last = 0
+    for token in _HEX_TOKEN.finditer(text):
+        kept.append(_NHS_LIKE.sub(WITHHELD, text[last : token.start()]))
+        kept.append(token.group(0))
+        last = token.end()
+    kept.append(_NHS_LIKE.sub(WITHHELD, text[last:]))
+    return "".join(kept)
+
+
 def _check_no_identifier(value: Any, where: str) -> None:
     """Raise ValueError if ``value`` (or anything inside it) looks like an NHS number."""
     if isinstance(value, Mapping):

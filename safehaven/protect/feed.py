@@ -54,6 +54,10 @@ FAULTS = schema.OBJECTION_FEED_FAULTS
 REFRESHES = schema.OBJECTION_REFRESHES
 #: The haven's freshness window for the objection register, in days (NDOP: a current list).
 DEFAULT_WINDOW_DAYS = 31
+#: hex characters of a file's SHA-256 shown in a refusal: enough to name it (``objections resolve``
+#: takes 12 or more), and a whole hex token, so the audit guard never mistakes its digits for an
+#: NHS number (``safehaven.core.audit``)
+SHA_SHOWN = 16
 #: The validation refusal's reason file (row-level; counted from the rejected table instead).
 _BATCH_RULE = "batch.tolerance"
 _CLEAR = (
@@ -246,7 +250,7 @@ def _describe(fault: Fault) -> str:
         if fault.level == "rows"
         else f"the whole file quarantined ({fault.rules})"
     )
-    return f"objections file {fault.file_name} (sha256 {fault.sha256[:12]}): {what}; {_CLEAR}"
+    return f"objections file {fault.file_name} (sha256 {fault.sha256[:SHA_SHOWN]}): {what}; {_CLEAR}"
 
 
 def require_sound_feed(

@@ -291,13 +291,14 @@ def _count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
 def _refuse(
     con: duckdb.DuckDBPyConnection, agreement: Agreement, actor: str, reason: str, *, kind: str | None = None
 ) -> ReleaseRefused:
+    recorded = audit.scrub(reason)  # composed from file names and hashes: recorded, never refused for them
     breach_id = None
     if kind is not None:
         breach_id = reg.record_breach(
             con,
             kind=kind,
             severity=0,
-            what=f"release under agreement {agreement.id} refused: {reason}",
+            what=f"release under agreement {agreement.id} refused: {recorded}",
             remedial_action="nothing was released; the governance lead corrects the agreement and re-approves "
             "it, or suspends it",
             detail={"agreement": agreement.id, "agreement_version": agreement.version},
@@ -312,7 +313,7 @@ def _refuse(
         legal_basis=agreement.basis,
         agreement=agreement.id,
         outcome="refused",
-        detail={"reason": reason[:2000], "breach_id": breach_id},
+        detail={"reason": recorded[:2000], "breach_id": breach_id},
     )
     return ReleaseRefused(reason, breach_id)
 

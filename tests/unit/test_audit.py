@@ -456,3 +456,13 @@ def test_any_accepted_entry_round_trips_and_verifies(growing: Log, fields: dict[
     assert entry.actor == fields["actor"] and entry.object == fields["object"]
     assert entry.detail_value == fields.get("detail")
     assert audit.verify(con, home).ok
+
+
+def test_scrub_withholds_number_runs_but_keeps_hex_tokens_and_other_text() -> None:
+    """Text the haven composes (file names, hash prefixes) is recorded with NHS-like runs withheld."""
+    token = "6672895249f1c0de"  # a 16-character hash prefix: ten digits in a row, and no identifier
+    text = f"file export_943 476 5919.csv and 9434765919 (sha256 {token}): 3 rows; year 2026"
+    assert audit.scrub(text) == (
+        f"file export_{audit.WITHHELD}.csv and {audit.WITHHELD} (sha256 {token}): 3 rows; year 2026"
+    )
+    assert audit.scrub("nothing to withhold 12345") == "nothing to withhold 12345"
