@@ -23,6 +23,8 @@ Configuration carries paths and limits only, never key material or a passphrase.
   ``home`` or ``contracts`` is resolved here, at the edge, from ``$SAFEHAVEN_HOME`` and
   ``$SAFEHAVEN_CONTRACTS`` (the CLI's readers in ``safehaven.cli.common``), and the domain is
   handed the resulting ``Home`` and ``ContractRegistry``.
+* ``context`` builds the one context of the domain calls (``safehaven.context.Haven``) from this
+  configuration: the home, the pipeline's key ring, the contracts, the OS user, today.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
+from safehaven.context import Haven
 from safehaven.core import pins, runs
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
@@ -135,6 +138,12 @@ class SafeHavenResource(dg.ConfigurableResource):
         from safehaven.cli.common import contracts_from_env
 
         return ContractRegistry(Path(self.contracts) if self.contracts else contracts_from_env())
+
+    def context(self) -> Haven:
+        """The domain calls' context (``safehaven.context.Haven``): this resource's home, the pipeline's
+        key ring, its contracts, the OS user and today, built afresh on each call."""
+        home = self.home_dir()
+        return Haven.open(home, contracts=self.registry(), keyring=KeyRing(home.keys))
 
     def store(self) -> Store:
         """The store; refused where the pipeline could read an unsealed private key (custody)."""

@@ -17,6 +17,7 @@ from safehaven.core.home import DEFAULT_HOME, Home
 from safehaven.core.keys import Custodian, KeyRing, KeyRingError
 
 if TYPE_CHECKING:
+    from safehaven.context import Haven
     from safehaven.intake.contracts import ContractRegistry
 
 #: The haven's home directory (default ``data/`` under the working directory), read here only.
@@ -77,6 +78,16 @@ def home_from_env() -> Home:
 def ensure_home() -> Home:
     """The haven home named by the environment (``home_from_env``), created if missing."""
     return home_from_env().ensure()
+
+
+def haven_from_env(home: Home | None = None, keyring: KeyRing | None = None) -> Haven:
+    """The context of a command (``safehaven.context.Haven``): ``home`` (else ``home_from_env``), the
+    contracts under ``$SAFEHAVEN_CONTRACTS`` (``registry_from_env``), ``keyring`` (else the home's,
+    without a custodian: pass ``custodian_keyring(home)`` for a custodian command), the OS user, today."""
+    from safehaven.context import Haven
+
+    home = home or home_from_env()
+    return Haven.open(home, contracts=registry_from_env(), keyring=keyring)
 
 
 #: exit codes, the same for every command: a safeguard or the haven's state refused the request
