@@ -42,18 +42,17 @@ def _inputs(haven: SafeHavenResource, registry: ContractRegistry) -> tuple[str, 
     return repr(haven), str(registry.root.resolve()), _declarations_sha(registry.root)
 
 
-def build_definitions(registry: ContractRegistry | None = None) -> dg.Definitions:
-    """All assets, checks, the nightly job, schedule and sensor for one set of contracts.
+def build_definitions() -> dg.Definitions:
+    """All assets, checks, the nightly job, schedule and sensor for the environment's contracts
+    (the resource's ``registry()``: ``$SAFEHAVEN_CONTRACTS``, read at this edge).
 
     Built once a process (issue 22: importing this module builds them for the code location,
-    and the in-process runner and tools asked again): without a ``registry``, the definitions
-    built last are reused while the environment's resource, the contracts root and every file
-    under it are the same; any change builds them again. A given ``registry`` always builds.
+    and the in-process runner and tools asked again): the definitions built last are reused
+    while the environment's resource, the contracts root and every file under it are the same;
+    any change builds them again. There is no default registry to fall back on (issue 13).
     """
     global _BUILT
     haven = SafeHavenResource.from_environment()
-    if registry is not None:
-        return _build(haven, registry)
     registry = haven.registry()  # $SAFEHAVEN_CONTRACTS, read at this edge
     inputs = _inputs(haven, registry)
     if _BUILT is None or _BUILT[0] != inputs:

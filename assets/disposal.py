@@ -60,14 +60,13 @@ class DisposalConfig(dg.Config):
     description="Dispose of what the config names (or everything due), then certify it.",
 )
 def dispose_op(context: dg.OpExecutionContext, config: DisposalConfig, haven: SafeHavenResource) -> None:
-    home, registry, keyring = haven.home_dir(), haven.registry(), haven.keyring()
+    ctx = haven.context()
+    home = ctx.home
     target = config.target()
     results: list[disposal.DisposalResult] = []
     try:
         if target is None:
-            report = disposal.sweep(
-                home, registry=registry, keyring=keyring, authorised_by=config.authorised_by or None
-            )
+            report = disposal.sweep(ctx, authorised_by=config.authorised_by or None)
             results = report.results
             for item in report.review:
                 context.log.warning(f"for review, not disposed of: {item.reason}")
@@ -81,15 +80,13 @@ def dispose_op(context: dg.OpExecutionContext, config: DisposalConfig, haven: Sa
         else:
             resumed = disposal.pending(home)
             if resumed is not None and disposal.Target.from_dict(resumed["target"]) != target:
-                done = disposal.resume(home, registry=registry, keyring=keyring)
+                done = disposal.resume(ctx)
                 if done is not None:
                     results.append(done)
             results.append(
                 disposal.dispose(
-                    home,
+                    ctx,
                     target,
-                    registry=registry,
-                    keyring=keyring,
                     reason=config.reason or None,
                     authorised_by=config.authorised_by or None,
                 )

@@ -115,16 +115,13 @@ def release_asset(
     def _release(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> Iterator[object]:
         if error is not None:
             raise dg.Failure(description=error, metadata={"agreement": agreement_id, "released": False})
-        home = haven.home_dir()
         window = _objections_window(haven, agreement_id, agreement)
         with haven.connect() as con:
             try:
                 result = prepare(
                     con,
                     agreement_id,
-                    home=home,
-                    registry=haven.registry(),
-                    keyring=haven.keyring(),
+                    haven=haven.context(),
                     objections_max_age_days=window,
                 )
             except (ReleaseRefused, LinkageRefused) as exc:

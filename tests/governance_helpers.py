@@ -228,15 +228,17 @@ def approve_release(con: duckdb.DuckDBPyConnection, release_id: str, home: Any, 
     return req
 
 
-def prepare_and_release(con: duckdb.DuckDBPyConnection, agreement_id: str, *, home: Any, **kwargs: Any) -> Any:
-    """``releases.prepare`` then two reviewers' approvals: the old one-step release, through review.
+def prepare_and_release(con: duckdb.DuckDBPyConnection, agreement_id: str, *, haven: Any, **kwargs: Any) -> Any:
+    """``releases.prepare`` under the context ``haven`` (``safehaven.context.Haven``), then two
+    reviewers' approvals: the old one-step release, through review.
 
     Returns the preparation's result with ``status`` and ``directory`` as delivered (a skipped
     or unchanged result is returned as it is).
     """
     from safehaven.share.releases import PREPARED, RELEASED, prepare
 
-    result = prepare(con, agreement_id, home=home, **kwargs)
+    home = haven.home
+    result = prepare(con, agreement_id, haven=haven, **kwargs)
     if result.status == PREPARED:
         approve_release(con, result.release_id, home)
         result.status, result.directory = RELEASED, home.releases / agreement_id / result.release_id

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from safehaven.cli.common import custodian_keyring, ensure_home, fail, registry_from_env
+from safehaven.cli.common import custodian_keyring, ensure_home, fail, haven_from_env
 
 if TYPE_CHECKING:
     from safehaven.core.home import Home
@@ -62,7 +62,7 @@ def _list_due(home: Home, as_json: bool) -> None:
     """``--due``: list what is due for disposal."""
     from safehaven.dispose import disposal as d
 
-    items = d.due(home, registry=registry_from_env())
+    items = d.due(haven_from_env(home))
     if as_json:
         click.echo(json.dumps([i.as_dict() for i in items], indent=2, default=str))
         return
@@ -77,7 +77,7 @@ def _resume(home: Home, as_json: bool) -> None:
     """``--resume``: complete an interrupted disposal, if there is one."""
     from safehaven.dispose import disposal as d
 
-    result = d.resume(home, registry=registry_from_env(), keyring=custodian_keyring(home))
+    result = d.resume(haven_from_env(home, custodian_keyring(home)))
     if result is None:
         click.echo("no interrupted disposal")
         return
@@ -90,7 +90,7 @@ def _sweep(home: Home, authorised_by: str | None, yes: bool) -> None:
 
     if not yes and not click.confirm("dispose of everything due now (irreversible)?"):
         fail("nothing was disposed of", 1)
-    report = d.sweep(home, registry=registry_from_env(), authorised_by=authorised_by, keyring=custodian_keyring(home))
+    report = d.sweep(haven_from_env(home, custodian_keyring(home)), authorised_by=authorised_by)
     out = {
         "disposed": [r.as_metadata() for r in report.results if r.status == "disposed"],
         "for_review": [i.as_dict() for i in report.review],
@@ -123,7 +123,7 @@ def _plan(
     """
     from safehaven.dispose import disposal as d
 
-    plan = d.make_plan(home, target, reason=reason, authorised_by=authorised_by, registry=registry_from_env())
+    plan = d.make_plan(haven_from_env(home), target, reason=reason, authorised_by=authorised_by)
     if plan.empty:
         click.echo(f"nothing is held for {target.describe()}: nothing to dispose of")
         return None
@@ -150,15 +150,7 @@ def _dispose_target(
     elif dry_run:
         fail("an interrupted disposal is pending: run safehaven dispose --resume", 1)
     keyring = custodian_keyring(home)  # asked for the passphrase only if a vault value must be kept
-    return d.dispose(
-        home,
-        target,
-        reason=reason,
-        authorised_by=authorised_by,
-        plan=plan,
-        registry=registry_from_env(),
-        keyring=keyring,
-    )
+    return d.dispose(haven_from_env(home, keyring), target, reason=reason, authorised_by=authorised_by, plan=plan)
 
 
 def _show_result(home: Home, result: DisposalResult, as_json: bool) -> None:

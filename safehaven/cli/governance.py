@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from safehaven.cli.common import contracts_from_env, registry_from_env
+from safehaven.cli.common import contracts_from_env, haven_from_env, registry_from_env
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
 from safehaven.core.home import Home
@@ -386,9 +386,7 @@ def release_now(agreement_id: str) -> None:
             result = prepare(
                 con,
                 agreement_id,
-                home=home,
-                registry=registry_from_env(),
-                keyring=keyring,
+                haven=haven_from_env(home, keyring),
                 objections_max_age_days=objections_window_from_env(),
             )
         except (ReleaseRefused, LinkageRefused, ObjectionFeedBlocked) as exc:
@@ -420,7 +418,7 @@ def subject_access_command(nhs_number: tuple[str, ...], as_json: bool) -> None:
         _fail("no store yet: the haven holds nothing")
     with Store(home, keyring).connect() as con:
         try:
-            report = subject_access(con, number, home=home, keyring=keyring, registry=registry_from_env())
+            report = subject_access(con, number, haven=haven_from_env(home, keyring))
         except SubjectAccessDenied as exc:
             _fail(str(exc), 2)
     click.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else report.to_text())

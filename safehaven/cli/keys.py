@@ -38,6 +38,7 @@ from safehaven.cli.common import (
     custodian_keyring,
     ensure_home,
     fail,
+    haven_from_env,
     registry_from_env,
 )
 from safehaven.core.home import Home
@@ -208,7 +209,6 @@ def _identified_csv(result: ReidentifyResult, fh: TextIO) -> None:
 )
 def reidentify_cmd(agreement_id: str, pseudonyms: tuple[str, ...], file: Path | None, output: Path | None) -> None:
     """Resolve a recipient's pseudonyms to the identifiers its agreement releases (audited)."""
-    from safehaven.core.registers import current_actor
     from safehaven.share.reidentify import ReidentificationRefused, reidentify
 
     asked = _pseudonyms_asked(pseudonyms, file)
@@ -216,14 +216,7 @@ def reidentify_cmd(agreement_id: str, pseudonyms: tuple[str, ...], file: Path | 
         raise click.UsageError("give --pseudonym or --file")
     home = ensure_home()
     try:
-        result = reidentify(
-            home,
-            agreement_id,
-            asked,
-            actor=current_actor(),
-            registry=registry_from_env(),
-            keyring=custodian_keyring(home),
-        )
+        result = reidentify(haven_from_env(home, custodian_keyring(home)), agreement_id, asked)
     except ReidentificationRefused as exc:
         raise click.ClickException(f"refused: {exc}") from None
     except Exception as exc:

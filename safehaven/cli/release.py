@@ -19,8 +19,8 @@ from safehaven.cli.common import (
     custodian_keyring,
     ensure_home,
     fail,
+    haven_from_env,
     objections_window_from_env,
-    registry_from_env,
 )
 
 
@@ -34,7 +34,6 @@ def register(main: click.Group) -> None:
         """Prepare a release as the key custodian (the nightly run never builds identifiable extracts)."""
         from safehaven.core import pins
         from safehaven.core.audit import AuditTrailBroken
-        from safehaven.core.registers import current_actor
         from safehaven.core.store import Store
         from safehaven.share import due
         from safehaven.share.releases import PREPARED, RELEASED, prepare
@@ -53,10 +52,7 @@ def register(main: click.Group) -> None:
                 result = prepare(
                     con,
                     agreement_id or "",
-                    home=home,
-                    registry=registry_from_env(),
-                    keyring=keyring,
-                    actor=current_actor(),
+                    haven=haven_from_env(home, keyring),
                     objections_max_age_days=objections_window_from_env(),
                 )
         except AuditTrailBroken:

@@ -15,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core import registers as reg
+from safehaven.context import Haven
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, agreement_purpose, derive_agreement_key
 from safehaven.core.store import Store, table_exists
@@ -300,23 +300,21 @@ def _read_store(home: Home, keyring: KeyRing) -> Iterator[duckdb.DuckDBPyConnect
 
 
 def make_plan(
-    home: Home,
+    haven: Haven,
     target: Target,
     *,
-    registry: ContractRegistry | None = None,
-    keyring: KeyRing | None = None,
     reason: str | None = None,
     authorised_by: str | None = None,
-    actor: str | None = None,
-    today: date | None = None,
 ) -> Plan:
-    """What disposing of ``target`` would touch (read-only; a dry run prints its summary)."""
-    registry = registry or ContractRegistry()
-    keyring = keyring or KeyRing(home.keys)
-    today = today or date.today()
+    """What disposing of ``target`` would touch (read-only; a dry run prints its summary).
+
+    ``haven`` gives the home, the contracts (retention periods, agreements), the key ring, the
+    requester (``haven.actor``) and the day retention is counted to.
+    """
+    home, registry, keyring, today = haven.home, haven.contracts, haven.keyring, haven.today
     with _read_store(home, keyring) as con:
         why = reason or default_reason(target, registry, today, con)
-        plan = Plan(new_id(), target, why, actor or reg.current_actor(), authorised_by, now())
+        plan = Plan(new_id(), target, why, haven.actor, authorised_by, now())
         _plan_target(plan, con, home, registry, keyring, today)
     if plan.vault_values_needing_key and not keyring.exists(VAULT):
         raise needs_vault_key(keyring, plan.vault_values_needing_key)

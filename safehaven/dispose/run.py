@@ -7,9 +7,9 @@ completed; the same target resumes it. Every start, resumption and completion is
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Any
 
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
@@ -73,15 +73,11 @@ def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
 
 
 def dispose(
-    home: Home,
+    haven: Haven,
     target: Target,
     *,
-    registry: ContractRegistry | None = None,
-    keyring: KeyRing | None = None,
     reason: str | None = None,
     authorised_by: str | None = None,
-    actor: str | None = None,
-    today: date | None = None,
     plan: Plan | None = None,
     _crash_after: str | None = None,
 ) -> DisposalResult:
@@ -93,9 +89,9 @@ def dispose(
     person confirmed) is carried out as it stands. ``_crash_after`` (tests only) stops after
     a step's action and before its journal entry: ``plan``, ``keys``, ``rows``, ``files``,
     ``rebuild:build``, ``rebuild:journal`` (inside ``Store.rebuild``), ``rebuild``, ``record``.
+    ``haven`` gives the home, the contracts, the key ring, the requester and the day.
     """
-    registry = registry or ContractRegistry()
-    keyring = keyring or KeyRing(home.keys)
+    home, registry, keyring = haven.home, haven.contracts, haven.keyring
     home.ensure()
     journal = pending(home)
     if journal is not None:
@@ -107,16 +103,7 @@ def dispose(
             "complete it first: safehaven dispose --resume"
         )
     if plan is None or plan.target != target:
-        plan = make_plan(
-            home,
-            target,
-            registry=registry,
-            keyring=keyring,
-            reason=reason,
-            authorised_by=authorised_by,
-            actor=actor,
-            today=today,
-        )
+        plan = make_plan(haven, target, reason=reason, authorised_by=authorised_by)
     if plan.empty:
         return DisposalResult("nothing_to_dispose", target, f"nothing is held for {target.describe()}")
     journal = _start(home, keyring, plan)
@@ -125,17 +112,10 @@ def dispose(
     return _run(home, journal, registry, keyring, _crash_after, resumed=False)
 
 
-def resume(
-    home: Home,
-    *,
-    registry: ContractRegistry | None = None,
-    keyring: KeyRing | None = None,
-    _crash_after: str | None = None,
-) -> DisposalResult | None:
-    """Complete an interrupted disposal from its journal; ``None`` when there is none."""
-    journal = pending(home)
+def resume(haven: Haven, *, _crash_after: str | None = None) -> DisposalResult | None:
+    """Complete an interrupted disposal from its journal (with ``haven``'s contracts and key ring);
+    ``None`` when there is none."""
+    journal = pending(haven.home)
     if journal is None:
         return None
-    return _run(
-        home, journal, registry or ContractRegistry(), keyring or KeyRing(home.keys), _crash_after, resumed=True
-    )
+    return _run(haven.home, journal, haven.contracts, haven.keyring, _crash_after, resumed=True)

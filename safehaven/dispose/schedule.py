@@ -16,6 +16,7 @@ from datetime import date, timedelta
 
 import duckdb
 
+from safehaven.context import Haven
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, agreement_ids, agreement_purpose
@@ -170,13 +171,10 @@ def _due_in(
     ]
 
 
-def due(
-    home: Home, *, registry: ContractRegistry | None = None, keyring: KeyRing | None = None, today: date | None = None
-) -> list[DueItem]:
-    """Everything whose retention period or agreement has ended (module docstring), oldest rule first."""
-    registry = registry or ContractRegistry()
-    keyring = keyring or KeyRing(home.keys)
-    today = today or date.today()
+def due(haven: Haven) -> list[DueItem]:
+    """Everything whose retention period or agreement has ended by ``haven.today`` (module docstring),
+    under ``haven``'s contracts, oldest rule first."""
+    home, registry, keyring, today = haven.home, haven.contracts, haven.keyring, haven.today
     items: list[DueItem] = []
     journal = pending(home)
     if journal is not None:
@@ -196,50 +194,25 @@ def due(
     return items
 
 
-def sweep(
-    home: Home,
-    *,
-    registry: ContractRegistry | None = None,
-    keyring: KeyRing | None = None,
-    today: date | None = None,
-    authorised_by: str | None = None,
-) -> SweepReport:
-    """Resume an interrupted disposal, then dispose of everything due (the daily job)."""
-    registry = registry or ContractRegistry()
-    keyring = keyring or KeyRing(home.keys)
+def sweep(haven: Haven, *, authorised_by: str | None = None) -> SweepReport:
+    """Resume an interrupted disposal, then dispose of everything due (the daily job), with ``haven``."""
     report = SweepReport()
-    resumed = resume(home, registry=registry, keyring=keyring)
+    resumed = resume(haven)
     if resumed is not None:
         report.results.append(resumed)
-    for item in due(home, registry=registry, keyring=keyring, today=today):
+    for item in due(haven):
         if item.action == "review":
             report.review.append(item)
         elif item.action == "dispose" and item.target is not None:
-            _sweep_one(home, item, report, registry, keyring, today, authorised_by)
+            _sweep_one(haven, item, report, authorised_by)
     return report
 
 
-def _sweep_one(
-    home: Home,
-    item: DueItem,
-    report: SweepReport,
-    registry: ContractRegistry,
-    keyring: KeyRing,
-    today: date | None,
-    authorised_by: str | None,
-) -> None:
+def _sweep_one(haven: Haven, item: DueItem, report: SweepReport, authorised_by: str | None) -> None:
     """Dispose of one due item; a refusal is reported and the sweep goes on (an interruption stops it)."""
     assert item.target is not None
     try:
-        result = dispose(
-            home,
-            item.target,
-            registry=registry,
-            keyring=keyring,
-            reason=item.reason,
-            authorised_by=authorised_by,
-            today=today,
-        )
+        result = dispose(haven, item.target, reason=item.reason, authorised_by=authorised_by)
     except DisposalPending:
         raise
     except DisposalError as exc:

@@ -411,9 +411,8 @@ def load_output(path: Path) -> Output:
     return load_named_yaml(Output, path, "output", error=OutputError)
 
 
-def load_outputs(registry: ContractRegistry | None = None) -> dict[str, Output]:
+def load_outputs(registry: ContractRegistry) -> dict[str, Output]:
     """Every declared output whose collections and code lists the contracts provide."""
-    registry = registry or ContractRegistry()
     found: dict[str, Output] = {}
     for path in sorted(outputs_dir(registry.root).glob("*.yaml")):
         output = load_output(path)

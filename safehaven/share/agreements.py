@@ -456,7 +456,7 @@ def _released_field_problems(agreement: Agreement, f: ReleasedField, contracts: 
     return found
 
 
-def field_problems(agreement: Agreement, registry: ContractRegistry | None = None) -> list[str]:
+def field_problems(agreement: Agreement, registry: ContractRegistry) -> list[str]:
     """Collection and field rules (CoP 7-9; Caldicott 3), against the contracts.
 
     Each collection has a content contract and at least one released field; each field is in
@@ -465,7 +465,6 @@ def field_problems(agreement: Agreement, registry: ContractRegistry | None = Non
     one it holds as a birth week only to the year in an anonymised release
     (``safehaven.protect.pseudonymise.haven_coarsening`` says which fields those are).
     """
-    registry = registry or ContractRegistry()
     a = agreement
     contracts = registry.contracts
     found = _collection_problems(a, contracts)
@@ -509,7 +508,7 @@ def term_problems(agreement: Agreement, *, today: date | None = None) -> list[st
     return found
 
 
-def problems(agreement: Agreement, registry: ContractRegistry | None = None, *, today: date | None = None) -> list[str]:
+def problems(agreement: Agreement, registry: ContractRegistry, *, today: date | None = None) -> list[str]:
     """Everything missing or contradictory in an agreement; empty means it may be acted on.
 
     The groups, in order: :func:`basis_problems`, :func:`field_problems`,
@@ -574,7 +573,7 @@ def approve(
     approver: str,
     *,
     root: Path | None = None,
-    registry: ContractRegistry | None = None,
+    registry: ContractRegistry,
     today: date | None = None,
 ) -> Agreement:
     """Approve (or re-approve after a suspension) an agreement that has no problems.

@@ -53,7 +53,7 @@ def find_authority(
     right: str,
     *,
     today: date | None = None,
-    registry: ContractRegistry | None = None,
+    registry: ContractRegistry,
     identifiability: str | None = None,
 ) -> tuple[Agreement | None, str]:
     """The first agreement (by id) authorising the join, or None and why none does. No side effects."""
@@ -93,7 +93,7 @@ def authorise_linkage(
     purpose: str,
     *,
     today: date | None = None,
-    registry: ContractRegistry | None = None,
+    registry: ContractRegistry,
     actor: str | None = None,
     role: str = "pipeline",
     identifiability: str | None = None,

@@ -28,11 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safehaven.context import Haven
 from safehaven.core import audit
-from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing
-from safehaven.core.store import Store
-from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import optouts, vault
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.pseudonymise import PSEUDONYM_HEX, hmac_sql, install_agreement_key
@@ -56,10 +53,10 @@ class ReidentifyResult:
     opt_out_reason: str = ""
 
 
-def _refuse(home: Home, agreement_id: str, actor: str, reason: str, detail: dict[str, object]) -> None:
+def _refuse(haven: Haven, agreement_id: str, reason: str, detail: dict[str, object]) -> None:
     from safehaven.core import registers
 
-    with Store(home).connect() as con:
+    with haven.store().connect() as con:
         registers.record_breach(
             con,
             kind="no_legal_basis",
@@ -70,46 +67,45 @@ def _refuse(home: Home, agreement_id: str, actor: str, reason: str, detail: dict
         )
         audit.append(
             con,
-            actor=actor,
+            actor=haven.actor,
             role="governance",
             action="reidentify",
             object=f"agreement:{agreement_id}",
             agreement=agreement_id,
             outcome="refused",
             detail={"reason": reason, **detail},
-            home=home,
+            home=haven.home,
         )
     raise ReidentificationRefused(reason)
 
 
 def reidentify(
-    home: Home,
+    haven: Haven,
     agreement_id: str,
     pseudonyms: list[str],
     *,
-    actor: str,
-    registry: ContractRegistry | None = None,
     agreements_root: Path | None = None,
-    keyring: KeyRing | None = None,
 ) -> ReidentifyResult:
     """Resolve a recipient's pseudonyms to the identifiers its agreement releases (module docstring).
 
-    ``keyring`` must carry the key custodian (``safehaven.protect.vault.private_key``).
+    ``haven.keyring`` must carry the key custodian (``safehaven.protect.vault.private_key``); the
+    agreements are read under ``agreements_root``, else the context's contracts root; ``haven.actor``
+    is audited.
     """
     import pyarrow as pa  # here: only re-identification needs it, not loading the code location (issue 22)
 
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError
 
-    registry = registry or ContractRegistry()
+    home, actor, registry, keyring = haven.home, haven.actor, haven.contracts, haven.keyring
     asked = sorted({p.strip().lower() for p in pseudonyms if p.strip()})
     well_formed = [p for p in asked if _PSEUDONYM.fullmatch(p)]
     counts = {"requested": len(asked), "malformed": len(asked) - len(well_formed)}
     try:
-        with Store(home).connect() as con:
+        with haven.store().connect() as con:
             standing = approvals.load_standing(con, agreement_id, agreements_root or registry.root)
     except AgreementError as exc:
-        _refuse(home, agreement_id, actor, f"no valid agreement: {exc}", counts)
+        _refuse(haven, agreement_id, f"no valid agreement: {exc}", counts)
         raise  # pragma: no cover - _refuse raises
     agreement = approvals.effective(standing)  # the store's decision, never the file's block
     if not agreement.permits_identifiable:
@@ -122,7 +118,7 @@ def reidentify(
                 "not identifiable data"
             )
         )
-        _refuse(home, agreement_id, actor, reason, counts)
+        _refuse(haven, agreement_id, reason, counts)
     contracts = {c: registry.contracts[c] for c in agreement.collections if c in registry.contracts}
     wanted = sorted(
         {
@@ -132,15 +128,14 @@ def reidentify(
         }
     )
     if not wanted:
-        _refuse(home, agreement_id, actor, "the agreement releases no identifier held in the vault", counts)
-    keyring = keyring or KeyRing(home.keys)
+        _refuse(haven, agreement_id, "the agreement releases no identifier held in the vault", counts)
     private = vault.private_key(keyring)
     decision = optouts.decide(agreement.basis, "identifiable")
     gp = any(c.practice_field for c in contracts.values())
     result = ReidentifyResult(
         agreement_id, len(asked), wanted, malformed=counts["malformed"], opt_out_reason=decision.reason
     )
-    with Store(home, keyring).connect() as con:
+    with haven.store().connect() as con:
         optouts.ensure_tables(con)
         name = install_agreement_key(con, keyring, agreement_id, create=False)
         con.register("_reid_asked_rows", pa.table({"pseudonym": pa.array(well_formed, pa.string())}))

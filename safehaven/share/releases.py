@@ -84,6 +84,7 @@ from typing import Any
 
 import duckdb
 
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
@@ -398,14 +399,14 @@ def prepare(
     con: duckdb.DuckDBPyConnection,
     agreement_id: str,
     *,
-    home: Home,
-    registry: ContractRegistry | None = None,
-    keyring: KeyRing | None = None,
-    today: date | None = None,
-    actor: str | None = None,
+    haven: Haven,
     objections_max_age_days: int = feed.DEFAULT_WINDOW_DAYS,
 ) -> ReleaseResult:
     """Prepare one release under ``agreement_id`` for review, or skip it, or refuse it (module docstring).
+
+    ``haven`` gives the home, the contracts (and the agreements under their root), the key ring
+    (the pipeline's: an identifiable release is recorded as due; the key custodian's: it is built),
+    the actor audited and the day the agreement must be in force.
 
     ``objections_max_age_days`` is the haven's objection-register window, used where the
     agreement sets none (``safehaven.protect.feed.window_days``).
@@ -416,10 +417,7 @@ def prepare(
     :class:`ReleaseRefused` or ``safehaven.share.linkage.LinkageRefused`` (after recording the
     breach and the audit entry). Delivery is ``safehaven.share.review``'s.
     """
-    registry = registry or ContractRegistry()
-    keyring = keyring or KeyRing(home.keys)
-    today = today or date.today()
-    actor = actor or reg.current_actor()
+    home, registry, keyring, today, actor = haven.home, haven.contracts, haven.keyring, haven.today, haven.actor
     reg.ensure_tables(con)
     optouts.ensure_tables(con)
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import duckdb
 
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core import registers as reg
-from safehaven.core.home import Home
 from safehaven.core.identifiers import canonical_nhs, is_valid_nhs
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.sql import q
@@ -203,14 +203,12 @@ def subject_access(
     con: duckdb.DuckDBPyConnection,
     nhs_number: str,
     *,
-    home: Home,
-    keyring: KeyRing | None = None,
-    registry: ContractRegistry | None = None,
-    actor: str | None = None,
+    haven: Haven,
 ) -> SubjectAccessReport:
-    """The report for one NHS number (any formatting). Raises :class:`SubjectAccessDenied`."""
-    keyring = keyring or KeyRing(home.keys)
-    registry = registry or ContractRegistry()
+    """The report for one NHS number (any formatting), from the collections of ``haven.contracts``,
+    with ``haven.keyring`` (the key custodian's), audited as ``haven.actor``. Raises
+    :class:`SubjectAccessDenied`."""
+    keyring, registry = haven.keyring, haven.contracts
     _check_request(keyring, nhs_number)
     pid = pseudonym(keyring.get("haven").material, canonical_nhs(nhs_number))
     report = SubjectAccessReport(datetime.now(UTC).isoformat(timespec="seconds"))
@@ -220,7 +218,7 @@ def subject_access(
     report.accesses = _accesses(con, report, pid)
     audit.append(
         con,
-        actor=actor or reg.current_actor(),
+        actor=haven.actor,
         role="governance",
         action="subject_access",
         object=pid,

@@ -11,6 +11,7 @@ import pytest
 
 from assets.definitions import build_definitions, defs
 from assets.runner import run_nightly
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
@@ -114,7 +115,7 @@ def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagst
     assert not (home.releases / GP_AUDIT).exists()
     assert gp_only and leaked_nhs_numbers([home.root], gp_only) == {}
     assert (home.registers / "disposal_register.csv").exists()
-    due = disposal.due(home, registry=ContractRegistry(contracts))
+    due = disposal.due(Haven.open(home, contracts=ContractRegistry(contracts)))
     assert due == [] or all(i.action == "review" for i in due)
 
     again = _run(dagster_instance, {"sweep": True})  # nothing left: a no-op, no new certificate

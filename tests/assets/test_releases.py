@@ -15,6 +15,7 @@ from assets.keys import haven as haven_key
 from assets.releases import GROUP, REVIEW_CHECK, build, release_key
 from assets.runner import run_nightly
 from resources.haven import SafeHavenResource
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
@@ -223,10 +224,8 @@ def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_
     assert leaked_nhs_numbers([home.releases, home.registers, home.root], seeded) == {}
 
     # subject access for someone in the statutory GP release lists it
-    keyring = custodian_ring(home)
+    lead = Haven.open(home, contracts=ContractRegistry(), keyring=custodian_ring(home))
     with Store(home).connect() as con:
-        reports = [
-            subject_access(con, n, home=home, keyring=keyring) for n in sorted(filter(is_valid_nhs, seeded))[:40]
-        ]
+        reports = [subject_access(con, n, haven=lead) for n in sorted(filter(is_valid_nhs, seeded))[:40]]
     statutory = next(r for r in rows if r["agreement_id"] == "statutory-gp-audit")["release_id"]
     assert any(statutory in [x["release_id"] for x in r.releases] for r in reports)

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from safehaven.cli import run as run_cli
 from safehaven.cli.common import USAGE
 from safehaven.cli.main import main
+from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
@@ -54,7 +55,8 @@ class Haven:
     keyring: KeyRing
 
     def prepare(self, agreement_id: str = LINKED):
-        return prepare(self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring)
+        context = Context.open(self.home, contracts=self.registry, keyring=self.keyring)
+        return prepare(self.con, agreement_id, haven=context)
 
 
 @pytest.fixture

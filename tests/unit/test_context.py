@@ -4,6 +4,7 @@ and passed explicitly, so no domain function finds its own key ring or contracts
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from datetime import date
 from pathlib import Path
@@ -68,3 +69,66 @@ def test_the_edges_build_the_context_from_their_own_configuration(
     assert haven_from_env(home, ring).keyring is ring
     monkeypatch.delenv("SAFEHAVEN_CONTRACTS")
     assert haven_from_env().contracts.root == contracts_dir()
+
+
+def _without_diagnosis_code(tmp_path: Path) -> ContractRegistry:
+    """A copy of the contracts in which ``gp_events`` no longer declares ``diagnosis_code``, and the
+    ``statutory-gp-audit`` agreement is gone."""
+    root = _contracts_copy(tmp_path)
+    path = root / "collections" / "gp_events.yaml"
+    text = path.read_text()
+    block = re.search(r"  - name: diagnosis_code\n(    .*\n)+", text)
+    assert block is not None
+    path.write_text(text.replace(block.group(0), ""))
+    (root / "agreements" / "statutory-gp-audit.yaml").unlink()
+    return ContractRegistry(root)
+
+
+def test_a_function_given_the_context_uses_its_contracts_not_the_packaged_ones(home: Home, tmp_path: Path) -> None:
+    from safehaven.core.store import Store
+    from safehaven.share.agreements import load_agreement, problems
+    from safehaven.share.releases import SKIPPED, prepare
+
+    agreement = load_agreement("statutory-gp-audit")  # the packaged file
+    haven = Haven.open(home, contracts=_without_diagnosis_code(tmp_path))
+    assert "diagnosis_code" not in haven.contracts.contracts["gp_events"].field_names
+    version = haven.contracts.contracts["gp_events"].version
+    changed = [p for p in problems(agreement, haven.contracts) if "diagnosis_code" in p]
+    assert changed == [f"field gp_events.diagnosis_code is not in the gp_events contract (v{version})"]
+    assert not [p for p in problems(agreement, ContractRegistry()) if "diagnosis_code" in p]
+    with Store(home).connect() as con:
+        result = prepare(con, "statutory-gp-audit", haven=haven)
+    assert result.status == SKIPPED and str(haven.contracts.root / "agreements") in result.reason
+
+
+#: where a fallback of the old kind would stand: a function finding its own key ring or contracts
+FALLBACKS = re.compile(
+    r"registry or ContractRegistry\(\)|keyring or KeyRing\(|KeyRing \| None = None|ContractRegistry \| None = None"
+)
+#: the one place defaults are chosen, and the CLI's helper that hands ``None`` on to it unchanged
+ALLOWED = {
+    "safehaven/context.py": "Haven.open: the one place defaults are chosen",
+    "safehaven/cli/common.py": "haven_from_env passes keyring=None on to Haven.open",
+}
+#: what is left of the old fallbacks, with why, until it is removed (the list only shrinks)
+NOT_YET = {
+    "safehaven/protect/rotation.py": 10,
+    "safehaven/core/audit.py": 9,
+    "safehaven/core/store.py": 2,
+}
+
+
+def test_no_function_finds_its_own_key_ring_or_contracts() -> None:
+    found: dict[str, int] = {}
+    for top in ("safehaven", "assets", "resources"):
+        for path in sorted((PROJECT / top).rglob("*.py")):
+            rel = path.relative_to(PROJECT).as_posix()
+            hits = FALLBACKS.findall(path.read_text(encoding="utf-8"))
+            if hits and rel not in ALLOWED:
+                found[rel] = len(hits)
+    assert found == NOT_YET
+
+
+def test_the_context_module_reads_no_environment_and_imports_no_dagster() -> None:
+    text = (PROJECT / "safehaven" / "context.py").read_text(encoding="utf-8")
+    assert not re.search(r"os\.environ|getenv|^\s*(import|from) dagster", text, re.M)

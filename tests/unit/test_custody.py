@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from safehaven.cli.common import PASSPHRASE_ENV
+from safehaven.context import Haven
 from safehaven.core import pins
 from safehaven.core.home import Home
 from safehaven.core.keys import (
@@ -172,20 +173,25 @@ def test_a_deleted_agreement_key_stops_that_agreements_release(adopted_home: Hom
     keyring = KeyRing(adopted_home.keys)
     registry = ContractRegistry()
     with Store(adopted_home).connect() as con:
-        first = prepare_and_release(con, AGREEMENT, home=adopted_home, registry=registry, keyring=keyring)
+        first = prepare_and_release(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=registry, keyring=keyring))
     assert first.status == RELEASED
     path = keyring.path(agreement_purpose(AGREEMENT))
     expected = keyring.current_id(agreement_purpose(AGREEMENT))
     path.unlink()
     with Store(adopted_home).connect() as con:
         with pytest.raises(ReleaseRefused, match=f"{expected}.*custodian's backup"):
-            prepare(con, AGREEMENT, home=adopted_home, registry=registry, keyring=keyring)
+            prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=registry, keyring=keyring))
         (adopted_home.keys / "keyring.json").unlink()  # even without the key ring's record
         with pytest.raises(ReleaseRefused, match=f"{expected}.*custodian's backup"):
-            prepare(con, AGREEMENT, home=adopted_home, registry=registry, keyring=keyring)
+            prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=registry, keyring=keyring))
         assert epoch_key_id(con, agreement_purpose(AGREEMENT)) == expected
     assert not path.exists(), "never silently re-created"
     assert sorted(p.name for p in (adopted_home.releases / AGREEMENT).iterdir()) == [first.release_id]
+
+
+def _project(home: Home, keyring: KeyRing) -> Haven:
+    """The context under the project's contracts (whose agreements ``adopted_home`` adopted)."""
+    return Haven.open(home, contracts=ContractRegistry(), keyring=keyring)
 
 
 def _owner_only(directory: Path) -> None:
@@ -196,7 +202,7 @@ def _owner_only(directory: Path) -> None:
 
 def test_release_files_and_folders_are_owner_only(adopted_home: Home) -> None:
     with Store(adopted_home).connect() as con:
-        result = prepare(con, AGREEMENT, home=adopted_home, keyring=KeyRing(adopted_home.keys))
+        result = prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=ContractRegistry()))
         assert result.status == PREPARED and result.directory is not None
         _owner_only(result.directory)  # staged for review
         approve_release(con, result.release_id, adopted_home)
@@ -208,7 +214,7 @@ def test_a_prepared_request_pins_the_agreement_salt(adopted_home: Home) -> None:
     assert pins.RELEASE_REQUESTS == review.REQUESTS
     keyring = KeyRing(adopted_home.keys)
     with Store(adopted_home).connect() as con:
-        assert prepare(con, AGREEMENT, home=adopted_home, keyring=keyring).status == PREPARED
+        assert prepare(con, AGREEMENT, haven=_project(adopted_home, keyring)).status == PREPARED
         keyring.path(agreement_purpose(AGREEMENT)).unlink()
         con.execute(f"DELETE FROM {pins.EPOCHS} WHERE purpose = ?", [agreement_purpose(AGREEMENT)])
         (adopted_home.keys / "keyring.json").unlink()  # no record left but the request itself

@@ -27,6 +27,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
@@ -80,8 +81,12 @@ class World:
             hits[path] = found
         return hits
 
+    def context(self, today: date | None = None) -> Haven:
+        """The context of a disposal in this world: its home, contracts and key ring."""
+        return Haven.open(self.home, contracts=self.registry, keyring=self.keyring, today=today)
+
     def dispose(self, target: disposal.Target, **kw) -> disposal.DisposalResult:
-        return disposal.dispose(self.home, target, registry=self.registry, keyring=self.keyring, **kw)
+        return disposal.dispose(self.context(), target, **kw)
 
 
 def _read(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -165,7 +170,7 @@ def _build(root: Path) -> None:
         )
         assert con.execute("SELECT count(*) FROM governance.batches WHERE landed_at < '2016-01-01'").fetchone()[0] == 3
         adopt(con, registry, STUDY)  # the governance lead adopts the study's approval
-        result = prepare_and_release(con, STUDY, home=home, registry=registry, keyring=keyring)
+        result = prepare_and_release(con, STUDY, haven=Haven.open(home, contracts=registry, keyring=keyring))
         assert result.status == "released", result.reason
     for reason in home.quarantine_for("gp_events").glob("*.reason.json"):
         data = json.loads(reason.read_text())
@@ -334,12 +339,7 @@ def test_control_delete_and_checkpoint_leave_the_values_a_rebuild_removes(world:
     needles = [n.encode() for n in sorted(world.old_nhs)] + world.needles()
     assert scan_for(tmp_path, needles), "the plain copy must hold the values, or the control proves nothing"
 
-    plans = [
-        disposal.make_plan(
-            world.home, disposal.Target.for_collection(c, BEFORE), registry=world.registry, keyring=world.keyring
-        )
-        for c in CONTENT
-    ]
+    plans = [disposal.make_plan(world.context(), disposal.Target.for_collection(c, BEFORE)) for c in CONTENT]
     con = duckdb.connect()
     con.execute(f"ATTACH '{plain}' AS store")
     con.execute("USE store")
@@ -405,11 +405,7 @@ def test_the_destroyed_agreement_key_cannot_recompute_pseudonyms(world: World) -
     with pytest.raises(disposal.DisposalError, match="in force"):
         world.dispose(disposal.Target.for_agreement(STUDY))
     suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
-    assert [
-        i.action
-        for i in disposal.due(home, registry=world.registry, keyring=world.keyring)
-        if i.target and i.target.agreement == STUDY
-    ] == ["dispose"]
+    assert [i.action for i in disposal.due(world.context()) if i.target and i.target.agreement == STUDY] == ["dispose"]
     result = world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, Caldicott Guardian")
 
     assert result.status == "disposed"
@@ -472,7 +468,7 @@ def test_data_not_due_is_intact_and_the_haven_keeps_working(world: World) -> Non
             con.execute("SELECT count(*) FROM governance.batches WHERE status = 'accepted'").fetchone()[0]
             == statuses["accepted"] + 4
         )
-        again = prepare_and_release(con, STUDY, home=world.home, registry=world.registry, keyring=world.keyring)
+        again = prepare_and_release(con, STUDY, haven=world.context())
         assert again.status == "released" and again.release_id == f"{STUDY}-r0002"
         assert audit.verify(con, world.home).ok
 
@@ -532,7 +528,7 @@ def test_a_crash_between_steps_leaves_a_state_the_next_run_completes(world: Worl
     """Each crash stops after a step's action and before its journal entry (the harshest moment)."""
     target = disposal.Target.for_collection("gp_events", BEFORE)
     old_store = world.keyring.get("store").key_id
-    planned = disposal.make_plan(world.home, target, registry=world.registry, keyring=world.keyring)
+    planned = disposal.make_plan(world.context(), target)
     with pytest.raises(disposal.SimulatedCrash):
         world.dispose(target, _crash_after=point)
     assert disposal.pending(world.home) is not None
@@ -565,7 +561,7 @@ def test_crash_after_the_agreement_key_is_destroyed_is_completed_by_resume(world
     with pytest.raises(disposal.SimulatedCrash):
         world.dispose(disposal.Target.for_agreement(STUDY), _crash_after="keys")
     assert not world.keyring.exists(f"agreement-{STUDY}")
-    result = disposal.resume(world.home, registry=world.registry, keyring=world.keyring)
+    result = disposal.resume(world.context())
     assert result is not None and result.status == "disposed"
     assert any(k["kind"] == "agreement_pseudonym_salt" for k in result.certificate["keys_destroyed"])
     assert not (world.home.releases / STUDY).exists()
@@ -575,24 +571,16 @@ def test_crash_after_the_agreement_key_is_destroyed_is_completed_by_resume(world
 
 
 def test_due_finds_retention_expiry_and_suspension_for_breach(world: World) -> None:
-    items = disposal.due(world.home, registry=world.registry, keyring=world.keyring)
+    items = disposal.due(world.context())
     collections = {i.target.collection for i in items if i.action == "dispose" and i.target.kind == "collection"}
     assert collections == set(CONTENT), "2015 receipts are past the contracts' seven years"
     assert all(i.target.before == date.today() - timedelta(days=2557) for i in items if i.target.kind == "collection")
     assert not [i for i in items if i.target.kind == "agreement"]  # in force, release is new
     later = date.today() + timedelta(days=400)
-    releases = [
-        i
-        for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring, today=later)
-        if i.target.kind == "agreement"
-    ]
+    releases = [i for i in disposal.due(world.context(later)) if i.target.kind == "agreement"]
     assert [(i.action, i.target.releases) for i in releases] == [("dispose", (f"{STUDY}-r0001",))]
     suspend(STUDY, "pending an audit of the recipient", "SIRO", root=world.registry.root)
-    review = [
-        i
-        for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
-        if i.target.kind == "agreement"
-    ]
+    review = [i for i in disposal.due(world.context()) if i.target.kind == "agreement"]
     assert [i.action for i in review] == ["review"]
     path = world.registry.root / "agreements" / f"{STUDY}.yaml"
     path.write_text(
@@ -600,19 +588,15 @@ def test_due_finds_retention_expiry_and_suspension_for_breach(world: World) -> N
         .replace("end_date: '2099-12-31'", "end_date: '2025-06-30'")
         .replace("status: suspended", "status: approved")
     )
-    expired = [
-        i
-        for i in disposal.due(world.home, registry=world.registry, keyring=world.keyring)
-        if i.target.kind == "agreement"
-    ]
+    expired = [i for i in disposal.due(world.context()) if i.target.kind == "agreement"]
     assert [i.action for i in expired] == ["dispose"] and "expired" in expired[0].reason
 
 
 def test_sweep_disposes_of_what_is_due_and_leaves_reviews(world: World) -> None:
-    report = disposal.sweep(world.home, registry=world.registry, keyring=world.keyring)
+    report = disposal.sweep(world.context())
     assert sorted(r.target.collection for r in report.results) == sorted(CONTENT)
     assert report.failed == [] and world.leaks() == {}
-    assert disposal.due(world.home, registry=world.registry, keyring=world.keyring) == []
+    assert disposal.due(world.context()) == []
 
 
 def test_release_past_retention_goes_but_the_agreement_key_stays(world: World) -> None:
@@ -653,7 +637,7 @@ def _stage(world: World, approvals: int = 0) -> review.Request:
             "DELETE FROM haven.gp_events WHERE rowid IN "
             f"(SELECT rowid FROM haven.gp_events WHERE _batch IN ({KEPT}) ORDER BY rowid LIMIT 30)"
         )
-        result = prepare(con, STUDY, home=world.home, registry=world.registry, keyring=world.keyring)
+        result = prepare(con, STUDY, haven=world.context())
         assert result.status == "prepared", result.reason
         for by in REVIEWERS[:approvals]:
             review.approve(con, result.release_id, by, home=world.home)
@@ -682,7 +666,7 @@ def test_disposing_of_a_collection_shreds_and_withdraws_the_requests_still_stage
     alias.hardlink_to(staged[0])
     before = alias.read_bytes()
     target = disposal.Target.for_collection("gp_events", BEFORE)
-    plan = disposal.make_plan(world.home, target, registry=world.registry, keyring=world.keyring)
+    plan = disposal.make_plan(world.context(), target)
     assert plan.summary()["staged_requests"] == [req.release_id]
     assert {f["path"] for f in plan.files if f["kind"] == "staged"} == {
         str(p.relative_to(world.home.root)) for p in req.staging_dir.iterdir()

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
@@ -88,15 +89,8 @@ class Haven:
         """Adopt the agreement's approval as the governance lead would (once), prepare a release and
         approve it through the two-person review (the whole door)."""
         adopt(self.con, self.registry, self.agreement)
-        return prepare_and_release(
-            self.con,
-            self.agreement,
-            home=self.home,
-            registry=self.registry,
-            keyring=self.keyring,
-            today=today,
-            **kwargs,
-        )
+        context = Context.open(self.home, contracts=self.registry, keyring=self.keyring, today=today)
+        return prepare_and_release(self.con, self.agreement, haven=context, **kwargs)
 
     def members(self, release_id: str) -> set[str]:
         rows = self.con.execute(f"SELECT pid FROM {reg.RELEASE_MEMBERS} WHERE release_id = ?", [release_id])

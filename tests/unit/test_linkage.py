@@ -118,6 +118,7 @@ def test_the_anonymised_publication_agreement_permits_the_linked_statistic(
         "hospital_episodes",
         "social_care",
         "published linked statistic",
+        registry=ContractRegistry(),  # the project's contracts, whose agreements these are
     )
     assert got.id == "anon-linked-stats" and got.identifiability == "anonymised"
     assert json.loads(audit.entries_for(con)[-1].detail or "{}")["agreement_version"] == got.version
@@ -137,6 +138,12 @@ def test_linkage_can_be_restricted_to_one_level(con: duckdb.DuckDBPyConnection, 
             identifiability="anonymised",
         )
     got = authorise_linkage(
-        con, load_agreements(), "hospital_episodes", "social_care", "published statistic", identifiability="anonymised"
+        con,
+        load_agreements(),
+        "hospital_episodes",
+        "social_care",
+        "published statistic",
+        registry=ContractRegistry(),  # the project's contracts, whose agreements these are
+        identifiability="anonymised",
     )
     assert got.id == "anon-linked-stats"

@@ -11,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from safehaven.cli.main import main
+from safehaven.context import Haven
 from safehaven.core import audit, registers
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, agreement_key
@@ -77,6 +78,11 @@ def released(home: Home, contracts: Path, populated_haven: Path) -> dict[str, ob
     return {"nhs": chosen, "objecting": chosen[:2], "pid": {n: pseudonym(key, n) for n in chosen}}
 
 
+def _lead(home: Home, contracts: Path) -> Haven:
+    """The key custodian's context, under the test's contracts root."""
+    return Haven.open(home, contracts=ContractRegistry(contracts), keyring=custodian_ring(home), actor="lead")
+
+
 def _ps(home: Home, agreement_id: str, pid: str) -> str:
     return release_pseudonym(agreement_key(KeyRing(home.keys), agreement_id), pid)
 
@@ -85,12 +91,9 @@ def test_consented_agreement_re_identifies_its_own_released_people(home: Home, r
     asked = {_ps(home, "reid-consent", released["pid"][n]): n for n in released["nhs"]}
     stranger = _ps(home, "reid-s251", released["pid"][released["nhs"][3]])  # another recipient's pseudonym
     result = reidentify(
-        home,
+        _lead(home, contracts),
         "reid-consent",
         [*asked, stranger, "not-a-pseudonym"],
-        actor="lead",
-        registry=ContractRegistry(contracts),
-        keyring=custodian_ring(home),
     )
     assert {p: v["nhs_number"] for p, v in result.identified.items()} == {p: [n] for p, n in asked.items()}
     assert result.fields == ["nhs_number"], "only the identifiers the agreement releases"
@@ -106,9 +109,7 @@ def test_consented_agreement_re_identifies_its_own_released_people(home: Home, r
 
 def test_the_opt_out_withholds_objectors_under_section_251(home: Home, released, contracts: Path) -> None:
     asked = [_ps(home, "reid-s251", released["pid"][n]) for n in released["nhs"]]
-    result = reidentify(
-        home, "reid-s251", asked, actor="lead", registry=ContractRegistry(contracts), keyring=custodian_ring(home)
-    )
+    result = reidentify(_lead(home, contracts), "reid-s251", asked)
     assert result.withheld_objection == len(released["objecting"]) == 2
     got = {v["nhs_number"][0] for v in result.identified.values()}
     assert got == set(released["nhs"]) - set(released["objecting"])
@@ -120,12 +121,9 @@ def test_refused_without_a_basis_for_identifiable_data_audited_and_registered(
 ) -> None:
     with pytest.raises(ReidentificationRefused):
         reidentify(
-            home,
+            _lead(home, contracts),
             agreement_id,
             [_ps(home, "reid-consent", released["pid"][released["nhs"][5]])],
-            actor="lead",
-            registry=ContractRegistry(contracts),
-            keyring=custodian_ring(home),
         )
     with Store(home).connect() as con:
         refused = [e for e in audit.entries_for(con, agreement=agreement_id) if e.outcome == "refused"]
@@ -137,12 +135,9 @@ def test_a_files_approval_block_alone_permits_no_re_identification(home: Home, r
     _agreement(contracts, "reid-unadopted", "consent")  # its file says approved; no decision in the haven
     with pytest.raises(ReidentificationRefused, match="has not been approved in this haven") as refused:
         reidentify(
-            home,
+            _lead(home, contracts),
             "reid-unadopted",
             ["0" * 64],
-            actor="lead",
-            registry=ContractRegistry(contracts),
-            keyring=custodian_ring(home),
         )
     assert "safehaven agreements approve reid-unadopted" in str(refused.value)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from safehaven.context import Haven as Context
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
@@ -37,9 +38,8 @@ class Haven:
     pids: dict[str, str]
 
     def prepare(self, today: date = TODAY):
-        return prepare(
-            self.con, "test-linked", home=self.home, registry=self.registry, keyring=self.keyring, today=today
-        )
+        context = Context.open(self.home, contracts=self.registry, keyring=self.keyring, today=today)
+        return prepare(self.con, "test-linked", haven=context)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
@@ -76,7 +77,8 @@ class Haven:
     def release(self, agreement_id: str, keyring: KeyRing | None = None):
         """Prepare, then approve by two reviewers (delivery happens on the second approval)."""
         keyring = keyring or self.keyring
-        return prepare_and_release(self.con, agreement_id, home=self.home, registry=self.registry, keyring=keyring)
+        context = Context.open(self.home, contracts=self.registry, keyring=keyring)
+        return prepare_and_release(self.con, agreement_id, haven=context)
 
     def parquet(self, path: Path) -> duckdb.DuckDBPyRelation:
         return duckdb.sql(f"SELECT * FROM '{path}'")

@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
@@ -50,9 +51,8 @@ class Haven:
         return path
 
     def prepare(self, agreement_id: str = "test-linked"):
-        return prepare(
-            self.con, agreement_id, home=self.home, registry=self.registry, keyring=self.keyring, actor=OPERATOR
-        )
+        context = Context.open(self.home, contracts=self.registry, keyring=self.keyring, actor=OPERATOR)
+        return prepare(self.con, agreement_id, haven=context)
 
     def approve(self, release_id: str, by: str) -> review.Request:
         return review.approve(self.con, release_id, by, home=self.home)

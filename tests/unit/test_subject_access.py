@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing
@@ -40,6 +41,11 @@ GP_ONLY = {
 }
 
 
+def _lead(home: Home, registry: ContractRegistry) -> Haven:
+    """The governance lead's context: the key custodian's ring, the test's contracts."""
+    return Haven.open(home, contracts=registry, keyring=custodian_ring(home))
+
+
 @pytest.fixture
 def setting(home: Home, tmp_path: Path) -> Iterator[tuple[duckdb.DuckDBPyConnection, Home, ContractRegistry]]:
     registry = ContractRegistry(contracts_root(tmp_path))
@@ -50,13 +56,13 @@ def setting(home: Home, tmp_path: Path) -> Iterator[tuple[duckdb.DuckDBPyConnect
         small_haven(con, keyring, registry)
         adopt(con, registry)  # the governance lead adopts both agreements' approvals
         for aid in ("test-linked", "gp-audit"):
-            prepare_and_release(con, aid, home=home, registry=registry, keyring=custodian_ring(home))
+            prepare_and_release(con, aid, haven=_lead(home, registry))
         yield con, home, registry
 
 
 def test_report_lists_every_release_that_held_the_person(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[0], home=home, registry=registry, keyring=custodian_ring(home))
+    report = subject_access(con, NHS[0], haven=_lead(home, registry))
     assert report.records_held == {"gp_events": 3, "hospital_episodes": 2, "social_care": 1}
     assert [r["release_id"] for r in report.releases] == ["test-linked-r0001", "gp-audit-r0001"]
     assert report.releases[1]["legal_basis"] == "statutory"
@@ -72,12 +78,12 @@ def test_report_lists_every_release_that_held_the_person(setting) -> None:
 
 def test_objector_is_only_in_the_release_that_overruled_the_opt_out(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[OPTED_OUT], home=home, registry=registry, keyring=custodian_ring(home))
+    report = subject_access(con, NHS[OPTED_OUT], haven=_lead(home, registry))
     assert [r["release_id"] for r in report.releases] == ["gp-audit-r0001"]
     assert report.objections == [
         {"objection_type": "national_opt_out", "recorded_date": "2024-01-01", "withdrawn_date": None, "in_force": True}
     ]
-    withdrawn = subject_access(con, NHS[WITHDRAWN], home=home, registry=registry, keyring=custodian_ring(home))
+    withdrawn = subject_access(con, NHS[WITHDRAWN], haven=_lead(home, registry))
     assert withdrawn.objections[0]["in_force"] is False and withdrawn.objections[0]["withdrawn_date"] == "2024-06-01"
 
 
@@ -85,14 +91,14 @@ def test_any_formatting_finds_the_same_person(setting) -> None:
     con, home, registry = setting
     spaced = f"{NHS[1][:3]} {NHS[1][3:6]} {NHS[1][6:]}"
     assert (
-        subject_access(con, spaced, home=home, registry=registry, keyring=custodian_ring(home)).records_held
-        == subject_access(con, NHS[1], home=home, registry=registry, keyring=custodian_ring(home)).records_held
+        subject_access(con, spaced, haven=_lead(home, registry)).records_held
+        == subject_access(con, NHS[1], haven=_lead(home, registry)).records_held
     )
 
 
 def test_report_and_audit_hold_no_identifier(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[0], home=home, registry=registry, keyring=custodian_ring(home))
+    report = subject_access(con, NHS[0], haven=_lead(home, registry))
     text = report.to_text() + str(report.as_dict())
     assert NHS[0] not in text
     last = audit.entries_for(con)[-1]
@@ -103,7 +109,7 @@ def test_report_and_audit_hold_no_identifier(setting) -> None:
 
 def test_someone_the_haven_never_received(setting) -> None:
     con, home, registry = setting
-    report = subject_access(con, NHS[59], home=home, registry=registry, keyring=custodian_ring(home))
+    report = subject_access(con, NHS[59], haven=_lead(home, registry))
     assert not any(report.records_held.values()) and report.releases == [] and report.accesses == []
     assert "no records" in report.to_text()
 
@@ -111,7 +117,7 @@ def test_someone_the_haven_never_received(setting) -> None:
 def test_refused_without_the_governance_key_or_with_a_bad_number(setting) -> None:
     con, home, registry = setting
     with pytest.raises(SubjectAccessDenied, match="not a valid NHS number"):
-        subject_access(con, "9990000001", home=home, registry=registry, keyring=custodian_ring(home))
+        subject_access(con, "9990000001", haven=_lead(home, registry))
     KeyRing(home.keys).destroy(VAULT)
     with pytest.raises(SubjectAccessDenied, match="governance lead's identity vault key"):
-        subject_access(con, NHS[0], home=home, registry=registry, keyring=custodian_ring(home))
+        subject_access(con, NHS[0], haven=_lead(home, registry))
