@@ -111,11 +111,10 @@ def keys_list() -> None:
 
 def _resume_rotation(home: Home) -> None:
     """Finish or undo an interrupted rotation (``safehaven.protect.rotation.resume``) and say what was done."""
-    from safehaven.core.registers import current_actor
     from safehaven.protect import rotation
 
     try:
-        done = rotation.resume(home, actor=current_actor())
+        done = rotation.resume(haven_from_env(home))
     except Exception as exc:  # ids and counts only
         fail(f"not resumed: {exc}")
     for line in done or ["nothing to resume"]:
@@ -125,14 +124,11 @@ def _resume_rotation(home: Home) -> None:
 def _rotate(home: Home, purpose: str) -> None:
     """Rotate one key (``safehaven.protect.rotation.rotate``); the custodian is asked only if the
     vault private key is opened. Prints the retired and new ids, counts and crosswalks."""
-    from safehaven.core.registers import current_actor
     from safehaven.protect import rotation
 
     keyring = custodian_keyring(home)
     try:
-        report = rotation.rotate(
-            home, purpose, registry_from_env().contracts.values(), actor=current_actor(), keyring=keyring
-        )
+        report = rotation.rotate(haven_from_env(home, keyring), purpose)
     except Exception as exc:  # every error here names ids and counts only
         raise click.ClickException(f"{purpose} key not rotated: {exc}") from None
     click.echo(f"{purpose} key rotated: {report.old_key_id} (retired) -> {report.new_key_id}")

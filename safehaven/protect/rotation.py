@@ -54,6 +54,7 @@ from pathlib import Path
 
 import duckdb
 
+from safehaven.context import Haven
 from safehaven.core import audit, runs
 from safehaven.core.files import shred_file
 from safehaven.core.home import Home
@@ -154,12 +155,11 @@ def _landing_nhs_sql(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contrac
     ]
 
 
-def rotate_haven(
-    home: Home, contracts: Iterable[Contract], *, actor: str, keyring: KeyRing | None = None
-) -> RotationReport:
-    """Rotate the haven key and re-pseudonymise every pid consistently (module docstring)."""
-    keyring = keyring or KeyRing(home.keys)
-    contracts = list(contracts)
+def rotate_haven(haven: Haven) -> RotationReport:
+    """Rotate the haven key and re-pseudonymise every pid consistently (module docstring), over the
+    landed tables of ``haven.contracts``, with ``haven.keyring`` (the key custodian's)."""
+    home, actor, keyring = haven.home, haven.actor, haven.keyring
+    contracts = list(haven.contracts.contracts.values())
     store = Store(home, keyring)
     private = vault.private_key(keyring)
     with store.connect() as con:
@@ -305,14 +305,14 @@ def _tables(con: duckdb.DuckDBPyConnection, catalog: str) -> list[tuple[str, str
     ).fetchall()
 
 
-def rotate_store(home: Home, *, actor: str, keyring: KeyRing | None = None) -> RotationReport:
+def rotate_store(haven: Haven) -> RotationReport:
     """Re-encrypt the store under a new key and swap it in atomically (module docstring).
 
     Uses ``Store.rebuild`` (shared with physical disposal: its journal makes the swap
     crash-safe, and ``Store.check`` finishes or undoes an interrupted one), and checks that
     every table holds the same number of rows afterwards.
     """
-    keyring = keyring or KeyRing(home.keys)
+    home, actor, keyring = haven.home, haven.actor, haven.keyring
     store = Store(home, keyring)
     if not store.path.exists():
         raise RotationError(f"there is no store at {store.path} to rotate")
@@ -344,9 +344,10 @@ def _row_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 # --- vault ---------------------------------------------------------------------------------
 
 
-def rotate_vault(home: Home, *, actor: str, keyring: KeyRing | None = None) -> RotationReport:
-    """Re-wrap the vault's data keys to a new X25519 key pair, crash-safe (module docstring)."""
-    keyring = keyring or KeyRing(home.keys)
+def rotate_vault(haven: Haven) -> RotationReport:
+    """Re-wrap the vault's data keys to a new X25519 key pair, crash-safe (module docstring), with
+    ``haven.keyring`` (the key custodian's)."""
+    home, actor, keyring = haven.home, haven.actor, haven.keyring
     private = vault.private_key(keyring)
     old_id = key_id(x25519_public(private.material))
     with Store(home, keyring).connect() as con:
@@ -389,16 +390,16 @@ def pending(keyring: KeyRing) -> list[str]:
     return [p for p in STAGED if keyring.exists(_staged(p)) or (p == VAULT and keyring.staged_pair(VAULT))]
 
 
-def resume(home: Home, *, actor: str, keyring: KeyRing | None = None) -> list[str]:
+def resume(haven: Haven) -> list[str]:
     """Finish or undo interrupted rotations; returns what was done, one line per purpose (audited).
 
     A staged key is installed when the store shows the rotation committed (its epoch);
     otherwise it is discarded (shredded) and the old key stays. Old key files an interrupted
     replacement left behind (``<name>.retired``) are shredded. Opening the store finishes or undoes an
     interrupted store-key rotation by itself (``Store.recover``). No passphrase is needed: a
-    staged vault pair is installed as it was sealed.
+    staged vault pair is installed as it was sealed. Audited as ``haven.actor``.
     """
-    keyring = keyring or KeyRing(home.keys)
+    home, actor, keyring = haven.home, haven.actor, haven.keyring
     todo = pending(keyring)
     done = [
         f"{name}: an old key file left by an interrupted replacement was shredded" for name in keyring.shred_leftovers()
@@ -450,14 +451,13 @@ def _settle_crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyR
     return done
 
 
-def rotate(
-    home: Home, purpose: str, contracts: Iterable[Contract], *, actor: str, keyring: KeyRing | None = None
-) -> RotationReport:
+def rotate(haven: Haven, purpose: str) -> RotationReport:
     """Rotate one purpose's key; refuses while an earlier rotation is unfinished.
 
-    ``keyring`` carries the key custodian (haven and vault rotations open the vault's private key).
+    ``haven.keyring`` carries the key custodian (haven and vault rotations open the vault's private
+    key); a haven rotation re-pseudonymises the landed tables of ``haven.contracts``.
     """
-    keyring = keyring or KeyRing(home.keys)
+    home, keyring = haven.home, haven.keyring
     if live := runs.live_runs(home):
         raise RotationError(
             f"a pipeline run ({', '.join(live)}) holds the store; rotate the {purpose} key after it has finished"
@@ -468,9 +468,9 @@ def rotate(
             "run `safehaven keys rotate --resume` first"
         )
     if purpose == "haven":
-        return rotate_haven(home, contracts, actor=actor, keyring=keyring)
+        return rotate_haven(haven)
     if purpose == "store":
-        return rotate_store(home, actor=actor, keyring=keyring)
+        return rotate_store(haven)
     if purpose == VAULT:
-        return rotate_vault(home, actor=actor, keyring=keyring)
+        return rotate_vault(haven)
     raise KeyRingError(f"unknown key purpose {purpose!r}; expected one of {PURPOSES}")

@@ -112,7 +112,6 @@ ALLOWED = {
 }
 #: what is left of the old fallbacks, with why, until it is removed (the list only shrinks)
 NOT_YET = {
-    "safehaven/protect/rotation.py": 10,
     "safehaven/core/audit.py": 9,
     "safehaven/core/store.py": 2,
 }

@@ -230,8 +230,10 @@ import os, signal, sys
 from pathlib import Path
 
 home_dir, step = sys.argv[1], sys.argv[2]
+from safehaven.context import Haven
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import rotation, vault
 from tests.conftest import test_custodian
 
@@ -250,7 +252,8 @@ else:  # just before the n-th atomic rename of the rotation (each one a durable 
         return real(*a, **k)
     os.replace = replace
 home = Home(Path(home_dir))
-rotation.rotate(home, "vault", [], actor="custodian", keyring=KeyRing(home.keys, test_custodian()))
+custodian = KeyRing(home.keys, test_custodian())
+rotation.rotate(Haven.open(home, contracts=ContractRegistry(), keyring=custodian, actor="custodian"), "vault")
 """
 
 
@@ -313,7 +316,7 @@ def test_vault_rotation_killed_at_every_step_loses_no_entry(home: Home, tmp_path
             assert "pending" in str(exc) or "store's data was made with key" in str(exc), exc
         else:
             assert states[-1] in ("not started", "finished"), states
-        rotation.resume(case, actor="custodian")
+        rotation.resume(Haven.open(case, contracts=ContractRegistry(), actor="custodian"))
         assert not rotation.pending(KeyRing(case.keys))
         process(case)  # the next run vaults what was refused
         _check_every_entry_decrypts(case)

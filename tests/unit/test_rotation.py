@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
@@ -31,6 +32,22 @@ CONTENT = ("gp_events", "hospital_episodes", "social_care")
 def haven_home(home: Home, populated_haven: Path) -> Home:
     """``home`` as ``populated(home)`` leaves it: a copy of the session's populated haven."""
     return copy_haven(populated_haven, home)
+
+
+def _custodian(home: Home, keyring: KeyRing | None = None, registry: ContractRegistry | None = None) -> Haven:
+    """The key custodian's context (``keyring``, else the custodian's ring), under ``registry``, else
+    the project's contracts."""
+    return Haven.open(
+        home,
+        contracts=registry if registry is not None else ContractRegistry(),
+        keyring=keyring if keyring is not None else custodian_ring(home),
+        actor="tester",
+    )
+
+
+def _pipeline(home: Home, actor: str) -> Haven:
+    """The pipeline's context (no custodian), under the project's contracts."""
+    return Haven.open(home, contracts=ContractRegistry(), actor=actor)
 
 
 def _consistent(con, key: bytes) -> None:
@@ -71,9 +88,7 @@ def test_haven_rotation_re_pseudonymises_everything_consistently(haven_home: Hom
         ).fetchone()[0]
     old_release = {p: release_pseudonym(agreement_key(keyring, "study-a"), p) for p in some}
 
-    report = rotation.rotate(
-        haven_home, "haven", ContractRegistry().contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
-    )
+    report = rotation.rotate(_custodian(haven_home), "haven")
 
     new = keyring.get("haven")
     assert new.key_id == report.new_key_id != old.key_id == report.old_key_id
@@ -119,9 +134,7 @@ def _nhs_of(con, pids: list[str], key: bytes) -> list[str]:
 
 
 def test_new_batches_after_rotation_link_to_old_data(haven_home: Home) -> None:
-    rotation.rotate(
-        haven_home, "haven", ContractRegistry().contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
-    )
+    rotation.rotate(_custodian(haven_home), "haven")
     drop(haven_home, seed=8)  # a new drop (different population seed, new files)
     process(haven_home)
     key = KeyRing(haven_home.keys).get("haven")
@@ -134,13 +147,7 @@ def test_rotation_refuses_without_the_vault_key_and_changes_nothing(haven_home: 
     old = keyring.get("haven")
     os.rename(keyring.path(VAULT), haven_home.root / "vault.key.offline")
     with pytest.raises(vault.VaultError):
-        rotation.rotate(
-            haven_home,
-            "haven",
-            ContractRegistry().contracts.values(),
-            actor="tester",
-            keyring=custodian_ring(haven_home),
-        )
+        rotation.rotate(_custodian(haven_home), "haven")
     assert keyring.get("haven").material == old.material and not rotation.pending(keyring)
 
 
@@ -158,15 +165,15 @@ def test_interrupted_haven_rotation_is_finished_or_undone(haven_home: Home) -> N
     # crash before commit: a staged key but the store still on the old epoch -> discarded
     keyring.write("haven-next", os.urandom(32), record=False)
     with pytest.raises(rotation.RotationError, match="resume"):
-        rotation.rotate(haven_home, "haven", [], actor="t")
-    assert "discarded" in rotation.resume(haven_home, actor="t")[0]
+        rotation.rotate(_pipeline(haven_home, "t"), "haven")
+    assert "discarded" in rotation.resume(_pipeline(haven_home, "t"))[0]
     assert keyring.get("haven").material == old.material
     # crash after commit: the store's epoch names the staged key -> installed
     staged = keyring.write("haven-next", os.urandom(32), record=False)
     with Store(haven_home).connect() as con:
         con.execute(f"UPDATE {EPOCHS} SET retired_at = now() WHERE purpose = 'haven'")
         con.execute(f"INSERT INTO {EPOCHS} VALUES ('haven', ?, now(), NULL)", [staged.key_id])
-    assert "finished" in rotation.resume(haven_home, actor="t")[0]
+    assert "finished" in rotation.resume(_pipeline(haven_home, "t"))[0]
     assert keyring.get("haven").key_id == staged.key_id and old.key_id in keyring.retired_ids("haven")
 
 
@@ -175,7 +182,7 @@ def test_store_rotation_re_encrypts_and_retires_the_old_key(haven_home: Home) ->
     old = keyring.get("store")
     with Store(haven_home).connect() as con:
         before = con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0]
-    report = rotation.rotate(haven_home, "store", [], actor="tester")
+    report = rotation.rotate(_pipeline(haven_home, "tester"), "store")
     assert report.old_key_id == old.key_id and keyring.get("store").key_id == report.new_key_id
     assert old.key_id in keyring.retired_ids("store")
     with Store(haven_home).connect() as con:
@@ -196,7 +203,7 @@ def test_vault_rotation_rewraps_data_keys(haven_home: Home) -> None:
     keyring = custodian_ring(haven_home)
     old_private = keyring.get_private(VAULT)
     old_id = keyring.current_id(VAULT)
-    report = rotation.rotate(haven_home, "vault", [], actor="tester", keyring=keyring)
+    report = rotation.rotate(_custodian(haven_home, keyring), "vault")
     assert report.old_key_id == old_id and keyring.current_id(VAULT) == report.new_key_id
     assert old_id in keyring.retired_ids(VAULT)
     assert keyring.path(VAULT).read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
@@ -212,9 +219,7 @@ def test_objection_register_follows_the_rotation(haven_home: Home) -> None:
     keyring = KeyRing(haven_home.keys)
     with Store(haven_home).connect() as con:
         n_before = len(con.execute(objectors_sql()).fetchall())
-    rotation.rotate(
-        haven_home, "haven", ContractRegistry().contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
-    )
+    rotation.rotate(_custodian(haven_home), "haven")
     with Store(haven_home).connect() as con:
         install_key(con, "haven", keyring.get("haven"))
         assert len(con.execute(objectors_sql()).fetchall()) == n_before
@@ -234,9 +239,7 @@ def test_rotation_shreds_the_old_key_file(
     spy = tmp_path_factory.mktemp("spies") / "old.key"
     os.link(keyring.path(purpose), spy)
     registry = ContractRegistry()
-    rotation.rotate(
-        haven_home, purpose, registry.contracts.values(), actor="tester", keyring=custodian_ring(haven_home)
-    )
+    rotation.rotate(_custodian(haven_home, registry=registry), purpose)
     assert keyring.path(purpose).read_bytes() != old
     assert old not in spy.read_bytes()
     assert not [

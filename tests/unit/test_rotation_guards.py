@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from safehaven.context import Haven
 from safehaven.core import runs
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, agreement_key
 from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import rotation
 from safehaven.protect.optouts import MEMBERS
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
@@ -27,15 +29,21 @@ import sys
 from pathlib import Path
 from tests.crash.harness import arm
 arm(sys.argv[2], 1, "before")
+from safehaven.context import Haven
 from safehaven.core.home import Home
-from safehaven.intake.contracts import ContractRegistry
 from safehaven.core.keys import KeyRing
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import rotation
 from tests.conftest import test_custodian
 home = Home(Path(sys.argv[1]))  # a haven rotation re-encrypts the vault: the key custodian runs it
 custodian = KeyRing(home.keys, test_custodian())
-rotation.rotate(home, "haven", ContractRegistry().contracts.values(), actor="t", keyring=custodian)
+rotation.rotate(Haven.open(home, contracts=ContractRegistry(), keyring=custodian, actor="t"), "haven")
 """
+
+
+def _as_t(home: Home) -> Haven:
+    """The pipeline's context (no custodian) as actor ``t``, under the project's contracts."""
+    return Haven.open(home, contracts=ContractRegistry(), actor="t")
 
 
 @pytest.fixture
@@ -65,11 +73,11 @@ def test_rotation_refuses_to_start_while_a_run_is_alive(haven_home: Home) -> Non
     fd = runs.hold(haven_home, RUN_ID)
     try:
         with pytest.raises(rotation.RotationError, match="pipeline run .* holds the store"):
-            rotation.rotate(haven_home, "store", [], actor="t")
+            rotation.rotate(_as_t(haven_home), "store")
     finally:
         runs.release(haven_home, RUN_ID, fd)
     assert KeyRing(haven_home.keys).get("store").key_id == old
-    assert rotation.rotate(haven_home, "store", [], actor="t").new_key_id != old  # once the run has ended
+    assert rotation.rotate(_as_t(haven_home), "store").new_key_id != old  # once the run has ended
 
 
 def test_a_dead_runs_lock_does_not_block_rotation(haven_home: Home) -> None:
@@ -85,7 +93,7 @@ def test_a_dead_runs_lock_does_not_block_rotation(haven_home: Home) -> None:
     )
     assert runs.is_alive(haven_home, RUN_ID) is False
     assert runs.live_runs(haven_home) == []
-    rotation.rotate(haven_home, "store", [], actor="t")
+    rotation.rotate(_as_t(haven_home), "store")
 
 
 def test_killed_before_commit_no_crosswalk_reaches_a_recipient(haven_home: Home) -> None:
@@ -93,7 +101,7 @@ def test_killed_before_commit_no_crosswalk_reaches_a_recipient(haven_home: Home)
     _rotate_and_die(haven_home, "safehaven.protect.rotation:_retire_epoch")
     assert _crosswalks(haven_home) == [], "no crosswalk for a key that has not committed"
     assert list((haven_home.staging / "rekey").glob("*/*.csv")), "the staged crosswalks wait outside releases/"
-    done = rotation.resume(haven_home, actor="t")
+    done = rotation.resume(_as_t(haven_home))
     assert any("discarded" in line for line in done) and any("crosswalk" in line for line in done)
     assert not list((haven_home.staging / "rekey").glob("*/*.csv"))
     assert _crosswalks(haven_home) == [] and KeyRing(haven_home.keys).get("haven").key_id == old
@@ -102,7 +110,7 @@ def test_killed_before_commit_no_crosswalk_reaches_a_recipient(haven_home: Home)
 def test_killed_after_commit_resume_delivers_the_crosswalks(haven_home: Home) -> None:
     _rotate_and_die(haven_home, "safehaven.protect.rotation:_finish_haven")
     assert _crosswalks(haven_home) == []
-    done = rotation.resume(haven_home, actor="t")
+    done = rotation.resume(_as_t(haven_home))
     assert any("finished" in line for line in done)
     new = KeyRing(haven_home.keys).get("haven").key_id
     delivered = _crosswalks(haven_home)
