@@ -14,8 +14,9 @@ packaged ``data_contracts/``), the ``actor`` recorded in the audit trail and reg
 ``keys/`` (no custodian) when none is given, the OS user as the actor, the local date as today.
 The contracts are never defaulted: the caller names them, so a deployment's own contracts root
 (``$SAFEHAVEN_CONTRACTS``, the resource's ``contracts``) cannot be bypassed by a function that
-finds the packaged ones on its own. No domain function builds a ``KeyRing`` or a
-``ContractRegistry`` when it is not given one (``tests/unit/test_context.py`` scans for it).
+finds the packaged ones on its own. No domain function builds a ``ContractRegistry`` when it is
+not given one, nor a ``KeyRing`` but ``Store(home)`` and the audit trail, for the store and audit
+keys, which are never sealed (``tests/unit/test_context.py`` scans for it).
 
 The module sits at the top of the package because it joins ``safehaven.core`` (home, keys,
 store, actor) and ``safehaven.intake`` (contracts); it imports no Dagster and reads no

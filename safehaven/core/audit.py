@@ -313,6 +313,14 @@ def home_of(con: duckdb.DuckDBPyConnection) -> Home:
 
 
 def _keyring(con: duckdb.DuckDBPyConnection, home: Home | None, keyring: KeyRing | None) -> tuple[Home, KeyRing]:
+    """The home and key ring the trail is checked and written with: ``home`` else the one that opened
+    ``con`` (``home_of``), and ``keyring`` else that home's ``keys/``.
+
+    The one default of this module, kept on purpose (issue 13): the audit key is never sealed, so
+    a custodian's ring reads the same ``keys/audit.key`` as the home's own, and every production
+    caller means the connection's home. A ``keyring`` is given only to check the trail with
+    another key directory (a swapped or missing key, ``tests/unit/test_audit.py``).
+    """
     home = home or home_of(con)
     return home, keyring or KeyRing(home.keys)
 

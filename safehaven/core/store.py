@@ -154,7 +154,13 @@ def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
 
 
 class Store:
-    """Opens the encrypted store; the only place that attaches it."""
+    """Opens the encrypted store; the only place that attaches it.
+
+    ``keyring`` omitted is the key ring of ``home``'s ``keys/`` without a custodian. That default
+    is kept on purpose (issue 13): the store key is never sealed, so a custodian's ring reads the
+    same key from the same directory, and no contracts are involved. Code holding the context
+    opens the store with its key ring (``safehaven.context.Haven.store``).
+    """
 
     def __init__(
         self,
