@@ -165,20 +165,15 @@ class SafeHavenResource(dg.ConfigurableResource):
         touches data (CoP 23d).
         """
         from safehaven.core import audit
-        from safehaven.core.registers import current_actor
 
         run = context.dagster_run
         job = run.job_name if run is not None else "adhoc"
+        haven = self.context()
         # at run start a busy store fails the run with StoreBusy's own words: Dagster retries
         # steps, not resources, so asking for a retry here would only hide why
         with self.connect(retry=False) as con:
             audit.begin_run(
-                con,
-                self.home_dir(),
-                actor=current_actor(),
-                job=job,
-                run_id=context.run_id or "",
-                keyring=self.keyring(),
+                con, haven.home, actor=haven.actor, job=job, run_id=context.run_id or "", keyring=haven.keyring
             )
 
     @contextmanager
