@@ -49,7 +49,7 @@ def build_definitions() -> dg.Definitions:
     Built once a process (issue 22: importing this module builds them for the code location,
     and the in-process runner and tools asked again): the definitions built last are reused
     while the environment's resource, the contracts root and every file under it are the same;
-    any change builds them again. There is no default registry to fall back on (issue 13).
+    any change builds them again. ``build_definitions_for`` builds them for given contracts.
     """
     global _BUILT
     haven = SafeHavenResource.from_environment()
@@ -58,6 +58,12 @@ def build_definitions() -> dg.Definitions:
     if _BUILT is None or _BUILT[0] != inputs:
         _BUILT = inputs, _build(haven, registry)
     return _BUILT[1]
+
+
+def build_definitions_for(registry: ContractRegistry) -> dg.Definitions:
+    """The same definitions for the contracts of ``registry``, always built afresh (never cached);
+    the resource is still the environment's (issue 13: the contracts are named, never defaulted)."""
+    return _build(SafeHavenResource.from_environment(), registry)
 
 
 def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitions:

@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets import keys
 from assets.catalog import IDENTIFIABILITY_TAG, STAGE_TAG
-from assets.definitions import build_definitions, defs
+from assets.definitions import build_definitions, build_definitions_for, defs
 from assets.keys import PUBLISHED_FILES
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
@@ -198,4 +198,4 @@ def test_an_output_whose_name_makes_a_taken_label_is_refused_when_the_definition
         dg.DagsterInvalidDefinitionError,
         match="published/gp_events_haven and haven/gp_events_haven|haven/gp_events_haven and published/gp_events_haven",
     ):
-        build_definitions(ContractRegistry(contracts))
+        build_definitions_for(ContractRegistry(contracts))
