@@ -91,7 +91,7 @@ from pydantic import Field, field_validator, model_validator
 from safehaven.core import schema
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
-from safehaven.intake.contracts import NAME, ContractRegistry, Strict, contracts_dir, load_named_yaml, unique_names
+from safehaven.intake.contracts import NAME, ContractRegistry, Strict, load_named_yaml, unique_names
 from safehaven.publish.disclosure import Policy, ProtectionReport, check_invariants, protect, public_select_sql
 from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
@@ -401,9 +401,9 @@ class Output(Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def outputs_dir(root: Path | None = None) -> Path:
-    """``<contracts root>/outputs`` (the root the edge passes in, else the project's ``data_contracts``)."""
-    return (root or contracts_dir()) / "outputs"
+def outputs_dir(root: Path) -> Path:
+    """``<contracts root>/outputs`` (the root the edge passes in; no default, issue 13)."""
+    return root / "outputs"
 
 
 def load_output(path: Path) -> Output:

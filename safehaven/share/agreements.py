@@ -81,7 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from safehaven.core import yamlio
 from safehaven.core.legal_basis import CONFIDENTIAL_BASES, LegalBasis
-from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec, contracts_dir
+from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.protect.pseudonymise import haven_coarsening
 from safehaven.publish.disclosure.policy import K_ANONYMITY, MIN_K_ANONYMITY
 
@@ -265,13 +265,16 @@ class Agreement(_Strict):
 # --- loading ----------------------------------------------------------------------------
 
 
-def agreements_dir(root: Path | None = None) -> Path:
-    """The agreements directory: ``root/agreements`` for a contracts root, else ``root`` itself."""
-    base = Path(root) if root is not None else contracts_dir()
+def agreements_dir(root: Path) -> Path:
+    """The agreements directory: ``root/agreements`` for a contracts root, else ``root`` itself.
+
+    The root is always named by the caller (the context's contracts): no default, so a
+    deployment's own contracts can never be passed over for the packaged ones (issue 13)."""
+    base = Path(root)
     return base / "agreements" if (base / "agreements").is_dir() or base.name != "agreements" else base
 
 
-def agreement_path(agreement_id: str, root: Path | None = None) -> Path:
+def agreement_path(agreement_id: str, root: Path) -> Path:
     if not re.fullmatch(ID_PATTERN, agreement_id):
         raise AgreementError(f"{agreement_id!r} is not a valid agreement id (lower case, digits, hyphens)")
     return agreements_dir(root) / f"{agreement_id}.yaml"
@@ -304,7 +307,7 @@ def parse_agreement(text: str, name: str) -> Agreement:
     return agreement
 
 
-def scan_agreements(root: Path | None = None) -> tuple[dict[str, Agreement], dict[str, str]]:
+def scan_agreements(root: Path) -> tuple[dict[str, Agreement], dict[str, str]]:
     """Every agreement file: the ones that parse, and an error message for each that does not."""
     found: dict[str, Agreement] = {}
     errors: dict[str, str] = {}
@@ -317,7 +320,7 @@ def scan_agreements(root: Path | None = None) -> tuple[dict[str, Agreement], dic
     return found, errors
 
 
-def load_agreements(root: Path | None = None) -> dict[str, Agreement]:
+def load_agreements(root: Path) -> dict[str, Agreement]:
     """All agreements under ``root`` (a contracts root or the agreements directory itself).
 
     Raises :class:`AgreementError` if any file does not parse: an unreadable agreement must be
@@ -329,7 +332,7 @@ def load_agreements(root: Path | None = None) -> dict[str, Agreement]:
     return found
 
 
-def load_agreement(agreement_id: str, root: Path | None = None) -> Agreement:
+def load_agreement(agreement_id: str, root: Path) -> Agreement:
     path = agreement_path(agreement_id, root)
     if not path.exists():
         raise AgreementError(f"no agreement {agreement_id!r} ({path})")
@@ -572,7 +575,7 @@ def approve(
     agreement_id: str,
     approver: str,
     *,
-    root: Path | None = None,
+    root: Path,
     registry: ContractRegistry,
     today: date | None = None,
 ) -> Agreement:
@@ -594,9 +597,7 @@ def approve(
     return write_approval(path, approval)
 
 
-def suspend(
-    agreement_id: str, reason: str, by: str, *, root: Path | None = None, today: date | None = None
-) -> Agreement:
+def suspend(agreement_id: str, reason: str, by: str, *, root: Path, today: date | None = None) -> Agreement:
     """Suspend an approved agreement: nothing is released under it until it is re-approved."""
     today = today or date.today()
     if len(reason.strip()) < 5:

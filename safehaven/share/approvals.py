@@ -207,7 +207,7 @@ def for_disposal(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, pa
     return _decided(agreement, decision)
 
 
-def load_standing(con: duckdb.DuckDBPyConnection, agreement_id: str, root: Path | None = None) -> Standing:
+def load_standing(con: duckdb.DuckDBPyConnection, agreement_id: str, root: Path) -> Standing:
     """Read ``<root>/agreements/<id>.yaml`` and its standing (raises ``AgreementError``)."""
     path = agreement_path(agreement_id, root)
     if not path.exists():
@@ -215,7 +215,7 @@ def load_standing(con: duckdb.DuckDBPyConnection, agreement_id: str, root: Path 
     return standing(con, load_agreement_file(path), path)
 
 
-def effective_agreements(con: duckdb.DuckDBPyConnection, root: Path | None = None) -> dict[str, Agreement]:
+def effective_agreements(con: duckdb.DuckDBPyConnection, root: Path) -> dict[str, Agreement]:
     """Every readable agreement with its approval taken from the store (:func:`effective`).
 
     What a caller passes to ``safehaven.share.linkage.authorise_linkage`` so the file's own

@@ -22,7 +22,7 @@ from safehaven.core.home import Home
 from safehaven.core.identifiers import is_valid_nhs
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
-from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.contracts import ContractRegistry, contracts_dir
 from safehaven.share import review
 from safehaven.share.agreements import load_agreements
 from safehaven.share.releases import MANIFEST, verify_release
@@ -67,7 +67,7 @@ def _materialize(registry: ContractRegistry, agreement_id: str, instance: dg.Dag
 def test_one_release_asset_per_agreement_in_the_release_group() -> None:
     defs = build_definitions()
     job = defs.resolve_job_def("nightly")
-    for agreement_id, agreement in load_agreements().items():
+    for agreement_id, agreement in load_agreements(contracts_dir()).items():
         if agreement_id == "anon-linked-stats":  # its product is the published linked output
             continue
         key = release_key(agreement_id)

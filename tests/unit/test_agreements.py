@@ -45,7 +45,7 @@ def _one(root: Path, **overrides: Any):
 
 
 def test_project_agreements_parse_and_validate() -> None:
-    found = load_agreements()
+    found = load_agreements(CONTRACTS_DIR)
     assert {
         "research-hes-asc-linked",
         "anon-linked-stats",

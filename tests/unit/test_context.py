@@ -89,7 +89,7 @@ def test_a_function_given_the_context_uses_its_contracts_not_the_packaged_ones(h
     from safehaven.share.agreements import load_agreement, problems
     from safehaven.share.releases import SKIPPED, prepare
 
-    agreement = load_agreement("statutory-gp-audit")  # the packaged file
+    agreement = load_agreement("statutory-gp-audit", contracts_dir())  # the packaged file
     haven = Haven.open(home, contracts=_without_diagnosis_code(tmp_path))
     assert "diagnosis_code" not in haven.contracts.contracts["gp_events"].field_names
     version = haven.contracts.contracts["gp_events"].version
@@ -131,3 +131,19 @@ def test_no_function_finds_its_own_key_ring_or_contracts() -> None:
 def test_the_context_module_reads_no_environment_and_imports_no_dagster() -> None:
     text = (PROJECT / "safehaven" / "context.py").read_text(encoding="utf-8")
     assert not re.search(r"os\.environ|getenv|^\s*(import|from) dagster", text, re.M)
+
+
+def test_the_packaged_contracts_are_named_only_at_the_edges() -> None:
+    """No agreement, output or approval lookup falls back to the packaged ``data_contracts``: the
+    root is a required argument, and ``contracts_dir()`` is called only where it is defined (the
+    ``ContractRegistry()`` of tests and tools) and by the CLI's environment reader."""
+    calls = {
+        path.relative_to(PROJECT).as_posix()
+        for top in ("safehaven", "assets", "resources")
+        for path in sorted((PROJECT / top).rglob("*.py"))
+        if "contracts_dir()" in path.read_text(encoding="utf-8").replace("def contracts_dir()", "")
+    }
+    assert calls == {"safehaven/intake/contracts.py", "safehaven/cli/common.py"}
+    optional_root = re.compile(r"\broot: Path \| None = None")
+    for rel in ("safehaven/share/agreements.py", "safehaven/share/approvals.py", "safehaven/publish/outputs.py"):
+        assert not optional_root.search((PROJECT / rel).read_text(encoding="utf-8")), rel

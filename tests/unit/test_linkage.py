@@ -14,7 +14,7 @@ from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.store import Store
-from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.contracts import ContractRegistry, contracts_dir
 from safehaven.share.agreements import load_agreements
 from safehaven.share.linkage import LinkageRefused, authorise_linkage, find_authority
 from tests.governance_helpers import agreement_data, contracts_root, write_agreement
@@ -111,7 +111,7 @@ def test_the_anonymised_publication_agreement_permits_the_linked_statistic(
     con: duckdb.DuckDBPyConnection,
 ) -> None:
     """The outputs stage links hospital episodes to social care under anon-linked-stats."""
-    agreements = load_agreements()
+    agreements = load_agreements(contracts_dir())
     got = authorise_linkage(
         con,
         {"anon-linked-stats": agreements["anon-linked-stats"]},
@@ -139,7 +139,7 @@ def test_linkage_can_be_restricted_to_one_level(con: duckdb.DuckDBPyConnection, 
         )
     got = authorise_linkage(
         con,
-        load_agreements(),
+        load_agreements(contracts_dir()),
         "hospital_episodes",
         "social_care",
         "published statistic",

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from safehaven.core.store import Store, table_exists
-from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.contracts import ContractRegistry, contracts_dir
 from safehaven.publish.outputs import OutputError, build_output, load_output, load_outputs, outputs_dir
 from safehaven.publish.sql_gate import OutputSqlRefused, check_output_sql, read_only_transaction
 
@@ -30,7 +30,7 @@ GROUP BY ALL"""
 
 def declaration_with(tmp_path: Path, sql: str) -> Path:
     """A copy of a shipped declaration, in its own file, with ``sql`` as its SQL."""
-    spec = yaml.safe_load((outputs_dir() / f"{SHIPPED}.yaml").read_text())
+    spec = yaml.safe_load((outputs_dir(contracts_dir()) / f"{SHIPPED}.yaml").read_text())
     spec["sql"] = sql
     path = tmp_path / f"{SHIPPED}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -141,7 +141,7 @@ def test_a_cte_out_of_its_scope_is_a_table_and_refused() -> None:
 
 
 def test_a_domain_sql_is_gated_too(tmp_path: Path) -> None:
-    spec = yaml.safe_load((outputs_dir() / f"{SHIPPED}.yaml").read_text())
+    spec = yaml.safe_load((outputs_dir(contracts_dir()) / f"{SHIPPED}.yaml").read_text())
     spec["dimensions"][1]["domain"] = {"sql": "SELECT practice_code FROM landing.gp_events"}
     path = tmp_path / f"{SHIPPED}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -150,7 +150,7 @@ def test_a_domain_sql_is_gated_too(tmp_path: Path) -> None:
 
 
 def test_every_shipped_output_passes_the_gate() -> None:
-    paths = sorted(outputs_dir().glob("*.yaml"))
+    paths = sorted(outputs_dir(contracts_dir()).glob("*.yaml"))
     assert paths, "the project ships output declarations"
     for path in paths:
         output = load_output(path)  # the gate runs in the model: loading is passing
@@ -183,7 +183,7 @@ def test_the_output_sql_runs_in_a_transaction_that_cannot_write_the_store(store:
 def test_a_build_with_ungated_sql_cannot_drop_a_table(store: Store) -> None:
     """An output whose SQL escaped the gate (copied without validation) still cannot drop a haven table."""
     registry = ContractRegistry()
-    output = load_output(outputs_dir() / "social_care_users.yaml")
+    output = load_output(outputs_dir(contracts_dir()) / "social_care_users.yaml")
     smuggled = output.model_copy(update={"sql": output.sql + ";\nDROP TABLE haven.social_care"})
     with store.connect() as con:
         con.execute(
