@@ -10,10 +10,11 @@ connections, the test suite thousands. So an instance, once loaded, is lent agai
   read-only mode and ``USE`` behave exactly as with a fresh instance.
 * **Given back clean.** On return an open transaction is rolled back and every database the
   borrower attached is detached (the store's file and DuckDB's file lock are released then,
-  as they were by closing the instance); its temporary tables and views are dropped and its
-  registered frames unregistered. An instance that still holds anything (a table of its
-  own), or fails to reset, is closed instead of kept; so is one the borrower closed itself
-  (which released the store as before).
+  as they were by closing the instance); its temporary tables, views and macros are dropped
+  and its registered frames unregistered. An instance that still holds anything (a table of its
+  own, a macro, a variable, a secret: nothing a borrower defined may reach the next), or
+  fails to reset, is closed instead of kept; so is one the borrower closed itself (which
+  released the store as before).
 * **Per process.** Instances are never shared across a fork: a child process starts its own.
 
 Keyed by the instance configuration (spill directory, threads), so a pooled instance always
@@ -100,7 +101,9 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
             f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
             "WHERE database_name = 'memory') + (SELECT count(*) FROM duckdb_views() "
             "WHERE database_name = 'memory' AND NOT internal) + (SELECT count(*) FROM duckdb_tables() "
-            "WHERE temporary) + (SELECT count(*) FROM duckdb_views() WHERE temporary AND NOT internal)"
+            "WHERE temporary) + (SELECT count(*) FROM duckdb_views() WHERE temporary AND NOT internal) "
+            "+ (SELECT count(*) FROM duckdb_functions() WHERE NOT internal) "
+            "+ (SELECT count(*) FROM duckdb_variables()) + (SELECT count(*) FROM duckdb_secrets())"
         ).fetchone()
     except duckdb.Error:
         return False
@@ -108,7 +111,7 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
 
 
 def _drop_temporary(instance: duckdb.DuckDBPyConnection) -> None:
-    """Drop the borrower's temporary tables and views, and unregister its frames."""
+    """Drop the borrower's temporary tables, views and macros, and unregister its frames."""
     tables = instance.execute("SELECT schema_name, table_name FROM duckdb_tables() WHERE temporary").fetchall()
     for schema, name in tables:
         instance.execute(f'DROP TABLE IF EXISTS temp."{schema}"."{name}"')
@@ -118,6 +121,13 @@ def _drop_temporary(instance: duckdb.DuckDBPyConnection) -> None:
     for schema, name in views:
         instance.unregister(name)
         instance.execute(f'DROP VIEW IF EXISTS temp."{schema}"."{name}"')
+    macros = instance.execute(
+        "SELECT DISTINCT schema_name, function_name, function_type FROM duckdb_functions() "
+        "WHERE database_name = 'temp' AND NOT internal"
+    ).fetchall()
+    for schema, name, kind in macros:
+        table = " TABLE" if kind == "table_macro" else ""
+        instance.execute(f'DROP MACRO{table} IF EXISTS temp."{schema}"."{name}"')
 
 
 def _rollback(instance: duckdb.DuckDBPyConnection) -> None:

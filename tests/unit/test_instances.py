@@ -86,3 +86,17 @@ def test_a_transaction_left_open_is_rolled_back_as_closing_did(store: Store) -> 
         con.execute("INSERT INTO landing.t VALUES (2)")  # no transaction is left open
     with store.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM landing.t").fetchone() == (1,)
+
+
+def test_a_macro_variable_or_secret_a_connection_defined_never_reaches_the_next(store: Store) -> None:
+    """Key material lives in temporary tables (dropped on return, as are temporary macros);
+    anything else a borrower defines on the instance makes it be closed rather than lent again."""
+    for define, gone in [
+        ("CREATE TEMP MACRO padded(x) AS x || 'pad'", "SELECT count(*) FROM duckdb_functions() WHERE NOT internal"),
+        ("CREATE MACRO memory.main.kept(x) AS x", "SELECT count(*) FROM duckdb_functions() WHERE NOT internal"),
+        ("SET VARIABLE haven_pad = 'secret'", "SELECT count(*) FROM duckdb_variables()"),
+    ]:
+        with store.connect() as con:
+            con.execute(define)
+        with store.connect() as con:
+            assert con.execute(gone).fetchone() == (0,), define
