@@ -10,11 +10,18 @@ connections, the test suite thousands. So an instance, once loaded, is lent agai
   read-only mode and ``USE`` behave exactly as with a fresh instance.
 * **Given back clean.** On return an open transaction is rolled back and every database the
   borrower attached is detached (the store's file and DuckDB's file lock are released then,
-  as they were by closing the instance); its temporary tables, views and macros are dropped
-  and its registered frames unregistered. An instance that still holds anything (a table of its
-  own, a macro, a variable, a secret: nothing a borrower defined may reach the next), or
-  fails to reset, is closed instead of kept; so is one the borrower closed itself (which
-  released the store as before).
+  as they were by closing the instance); its temporary tables and views are dropped and its
+  registered frames unregistered. An instance that still holds anything of the borrower's (a
+  table outside the store, a variable, a secret, a prepared statement, a sequence), whose
+  settings, loaded extensions, schemas or types differ from when it was prepared (a ``SET``
+  that turned off spill encryption, logging that would write the next ATTACH's key), or that
+  fails to reset or is interrupted resetting, is closed instead of kept; so is one the
+  borrower closed itself (which released the store as before).
+* **Used only inside its block.** A connection must not be kept past its ``with`` block: the
+  instance may by then serve another borrower (before the pool such a handle raised
+  "connection closed"). Temporary macros (the output SQL's helpers) are replaced by their
+  next maker rather than dropped, and Python functions registered on an instance are not
+  detected: the pipeline registers none.
 * **Per process.** Instances are never shared across a fork: a child process starts its own.
 
 Keyed by the instance configuration (spill directory, threads), so a pooled instance always
@@ -43,6 +50,8 @@ class InstancePool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: dict[Config, list[duckdb.DuckDBPyConnection]] = {}
+        #: each lent or idle instance -> its state when it was prepared (``_state``)
+        self._prepared: dict[int, tuple] = {}
         self._pid = os.getpid()
 
     def take(
@@ -52,26 +61,39 @@ class InstancePool:
         key: Config = tuple(sorted(config.items()))
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the parent's instances are not ours
-                self._idle, self._pid = {}, os.getpid()
+                self._idle, self._prepared, self._pid = {}, {}, os.getpid()
             idle = self._idle.get(key)
             if idle:
                 return idle.pop(), key
         instance = duckdb.connect(":memory:", config=dict(config))
         try:
             prepare(instance)
+            instance.execute("USE memory")  # as ``_reset`` leaves it, so the states compare
+            state = _state(instance)
         except BaseException:
             instance.close()
             raise
+        with self._lock:
+            self._prepared[id(instance)] = state
         return instance, key
 
     def give_back(self, instance: duckdb.DuckDBPyConnection, key: Config) -> None:
-        """Detach what the borrower attached and keep ``instance``, or close it if it is not clean."""
-        if not _reset(instance):
+        """Reset ``instance`` and keep it, or close it if it is not as it was prepared.
+
+        An interruption (Ctrl-C, a run being terminated) during the reset closes the instance,
+        so the store is released, and is raised again.
+        """
+        with self._lock:
+            prepared = self._prepared.pop(id(instance), None)
+        try:
+            clean = prepared is not None and _reset(instance) and _state(instance) == prepared
+        except BaseException:
             instance.close()
-            return
+            raise
         with self._lock:
             idle = self._idle.setdefault(key, [])
-            if self._pid == os.getpid() and len(idle) < MAX_IDLE_PER_CONFIG:
+            if clean and self._pid == os.getpid() and len(idle) < MAX_IDLE_PER_CONFIG:
+                self._prepared[id(instance)] = prepared  # type: ignore[assignment]
                 idle.append(instance)
                 return
         instance.close()
@@ -80,13 +102,31 @@ class InstancePool:
         """Close every idle instance (tests; a process that wants its memory back)."""
         with self._lock:
             idle, self._idle = self._idle, {}
+            for instances in idle.values():
+                for instance in instances:
+                    self._prepared.pop(id(instance), None)
         for instances in idle.values():
             for instance in instances:
                 instance.close()
 
 
+def _state(instance: duckdb.DuckDBPyConnection) -> tuple:
+    """What a borrower could change that outlives its connection: every setting (``SET``, a
+    ``PRAGMA``, logging), the loaded extensions, and the non-internal schemas and types."""
+    return tuple(
+        tuple(instance.execute(sql).fetchall())
+        for sql in (
+            "SELECT name, value FROM duckdb_settings() ORDER BY name",
+            "SELECT extension_name FROM duckdb_extensions() WHERE loaded ORDER BY 1",
+            "SELECT database_name, schema_name FROM duckdb_schemas() WHERE NOT internal ORDER BY ALL",
+            "SELECT database_name, type_name FROM duckdb_types() WHERE NOT internal ORDER BY ALL",
+        )
+    )
+
+
 def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
-    """Detach every attached database; True if the instance is then as it was when prepared."""
+    """Detach every attached database and drop the borrower's temporary objects; True if nothing
+    of the borrower's is left (``_state`` is compared by the caller)."""
     try:
         _rollback(instance)
         instance.execute("USE memory")
@@ -99,19 +139,23 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
         left = instance.execute(
             "SELECT (SELECT count(*) FROM duckdb_databases() WHERE database_name NOT IN "
             f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
-            "WHERE database_name = 'memory') + (SELECT count(*) FROM duckdb_views() "
-            "WHERE database_name = 'memory' AND NOT internal) + (SELECT count(*) FROM duckdb_tables() "
-            "WHERE temporary) + (SELECT count(*) FROM duckdb_views() WHERE temporary AND NOT internal) "
-            "+ (SELECT count(*) FROM duckdb_functions() WHERE NOT internal) "
-            "+ (SELECT count(*) FROM duckdb_variables()) + (SELECT count(*) FROM duckdb_secrets())"
+            "WHERE database_name = 'memory' OR temporary) + (SELECT count(*) FROM duckdb_views() "
+            "WHERE (database_name = 'memory' OR temporary) AND NOT internal) "
+            "+ (SELECT count(*) FROM duckdb_variables()) + (SELECT count(*) FROM duckdb_secrets()) "
+            "+ (SELECT count(*) FROM duckdb_prepared_statements()) + (SELECT count(*) FROM duckdb_sequences())"
         ).fetchone()
-    except duckdb.Error:
+    except Exception:  # a DuckDB error, or an interrupted query (RuntimeError): not clean
         return False
     return left is not None and left[0] == 0
 
 
 def _drop_temporary(instance: duckdb.DuckDBPyConnection) -> None:
-    """Drop the borrower's temporary tables, views and macros, and unregister its frames."""
+    """Drop the borrower's temporary tables and views, and unregister its frames.
+
+    Temporary macros are replaced, not dropped: the output SQL's helpers (``MACROS`` of
+    ``safehaven.publish.outputs``) are made with ``CREATE OR REPLACE TEMP MACRO`` and hold no
+    data; listing functions costs about 50 ms a connection, which is what the pool saves.
+    """
     tables = instance.execute("SELECT schema_name, table_name FROM duckdb_tables() WHERE temporary").fetchall()
     for schema, name in tables:
         instance.execute(f'DROP TABLE IF EXISTS temp."{schema}"."{name}"')
@@ -121,13 +165,6 @@ def _drop_temporary(instance: duckdb.DuckDBPyConnection) -> None:
     for schema, name in views:
         instance.unregister(name)
         instance.execute(f'DROP VIEW IF EXISTS temp."{schema}"."{name}"')
-    macros = instance.execute(
-        "SELECT DISTINCT schema_name, function_name, function_type FROM duckdb_functions() "
-        "WHERE database_name = 'temp' AND NOT internal"
-    ).fetchall()
-    for schema, name, kind in macros:
-        table = " TABLE" if kind == "table_macro" else ""
-        instance.execute(f'DROP MACRO{table} IF EXISTS temp."{schema}"."{name}"')
 
 
 def _rollback(instance: duckdb.DuckDBPyConnection) -> None:

@@ -240,9 +240,11 @@ class Store:
             yield con
         finally:
             _OPENED_BY.pop(con, None)
-            POOL.give_back(con, pool_key)
-            if lock_fd is not None:
-                os.close(lock_fd)
+            try:
+                POOL.give_back(con, pool_key)
+            finally:  # even when the reset is interrupted: the store's rebuild lock is never kept
+                if lock_fd is not None:
+                    os.close(lock_fd)
 
     def _try_attach(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> tuple[int | None, str | None]:
         """One attempt to attach: (the shared lock's descriptor, None) or (None, why it is busy)."""

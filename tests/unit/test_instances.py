@@ -88,15 +88,50 @@ def test_a_transaction_left_open_is_rolled_back_as_closing_did(store: Store) -> 
         assert con.execute("SELECT count(*) FROM landing.t").fetchone() == (1,)
 
 
-def test_a_macro_variable_or_secret_a_connection_defined_never_reaches_the_next(store: Store) -> None:
-    """Key material lives in temporary tables (dropped on return, as are temporary macros);
-    anything else a borrower defines on the instance makes it be closed rather than lent again."""
-    for define, gone in [
-        ("CREATE TEMP MACRO padded(x) AS x || 'pad'", "SELECT count(*) FROM duckdb_functions() WHERE NOT internal"),
-        ("CREATE MACRO memory.main.kept(x) AS x", "SELECT count(*) FROM duckdb_functions() WHERE NOT internal"),
-        ("SET VARIABLE haven_pad = 'secret'", "SELECT count(*) FROM duckdb_variables()"),
-    ]:
+def test_a_setting_variable_or_statement_a_connection_left_never_reaches_the_next(store: Store, tmp_path) -> None:
+    """Settings are global to an instance: one changed (spill encryption off, query logging on,
+    which would write the next ATTACH's key to a file) makes the instance be closed, not lent
+    again; so does a variable, a prepared statement or a sequence a borrower left."""
+    checks = [
+        ("SET temp_file_encryption = false", "SELECT current_setting('temp_file_encryption')", (True,)),
+        ("SET default_order = 'DESC'", "SELECT lower(current_setting('default_order'))", ("ascending",)),
+        (
+            f"CALL enable_logging('QueryLog', storage = 'file', storage_path = '{tmp_path / 'log'}')",
+            "SELECT current_setting('enable_logging')",
+            (False,),
+        ),
+        ("SET VARIABLE haven_pad = 'secret'", "SELECT count(*) FROM duckdb_variables()", (0,)),
+        ("PREPARE kept AS SELECT 'secret'", "SELECT count(*) FROM duckdb_prepared_statements()", (0,)),
+        ("CREATE TEMP SEQUENCE kept_seq", "SELECT count(*) FROM duckdb_sequences()", (0,)),
+    ]
+    for change, probe, fresh in checks:
         with store.connect() as con:
-            con.execute(define)
+            con.execute(change)
         with store.connect() as con:
-            assert con.execute(gone).fetchone() == (0,), define
+            assert con.execute(probe).fetchone() == fresh, change
+    assert not (tmp_path / "log").exists() or not any(
+        "ENCRYPTION_KEY" in p.read_text(errors="replace") for p in (tmp_path / "log").rglob("*") if p.is_file()
+    )
+
+
+def test_an_interrupted_reset_closes_the_instance_and_releases_the_store(store: Store, home: Home, monkeypatch) -> None:
+    """Ctrl-C or a terminated run while a connection is given back: the interruption is raised
+    again, and the instance is closed, so the store is not left attached or locked."""
+    import safehaven.core.instances as instances
+
+    def interrupted(instance):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(instances, "_reset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with store.connect() as con:
+            con.execute("CREATE TABLE landing.t AS SELECT 1 AS a")
+    monkeypatch.undo()
+    code = (
+        "import sys; from pathlib import Path; from safehaven.core.home import Home\n"
+        "from safehaven.core.store import Store\n"
+        "with Store(Home(Path(sys.argv[1])), lock_wait=0.5).connect() as con:\n"
+        "    con.execute('INSERT INTO landing.t VALUES (2)')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(home.root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
