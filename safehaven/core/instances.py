@@ -13,7 +13,7 @@ connections, the test suite thousands. So an instance, once loaded, is lent agai
   as they were by closing the instance); its temporary tables and views are dropped and its
   registered frames unregistered. An instance that still holds anything of the borrower's (a
   table outside the store, a variable, a secret, a prepared statement, a sequence), whose
-  settings, loaded extensions, schemas or types differ from when it was prepared (a ``SET``
+  settings, schemas or types differ from when it was prepared (a ``SET``
   that turned off spill encryption, logging that would write the next ATTACH's key), or that
   fails to reset or is interrupted resetting, is closed instead of kept; so is one the
   borrower closed itself (which released the store as before).
@@ -69,12 +69,13 @@ class InstancePool:
         try:
             prepare(instance)
             instance.execute("USE memory")  # as ``_reset`` leaves it, so the states compare
-            state = _state(instance)
+            state = _state(instance)  # None: cannot be read, so the instance is not lent again
         except BaseException:
             instance.close()
             raise
-        with self._lock:
-            self._prepared[id(instance)] = state
+        if state is not None:
+            with self._lock:
+                self._prepared[id(instance)] = state
         return instance, key
 
     def give_back(self, instance: duckdb.DuckDBPyConnection, key: Config) -> None:
@@ -110,18 +111,21 @@ class InstancePool:
                 instance.close()
 
 
-def _state(instance: duckdb.DuckDBPyConnection) -> tuple:
+def _state(instance: duckdb.DuckDBPyConnection) -> tuple | None:
     """What a borrower could change that outlives its connection: every setting (``SET``, a
-    ``PRAGMA``, logging), the loaded extensions, and the non-internal schemas and types."""
-    return tuple(
-        tuple(instance.execute(sql).fetchall())
-        for sql in (
-            "SELECT name, value FROM duckdb_settings() ORDER BY name",
-            "SELECT extension_name FROM duckdb_extensions() WHERE loaded ORDER BY 1",
-            "SELECT database_name, schema_name FROM duckdb_schemas() WHERE NOT internal ORDER BY ALL",
-            "SELECT database_name, type_name FROM duckdb_types() WHERE NOT internal ORDER BY ALL",
+    ``PRAGMA``, logging), and the non-internal schemas and types; None when it cannot be read
+    (then the instance is not lent again)."""
+    try:
+        return tuple(
+            tuple(instance.execute(sql).fetchall())
+            for sql in (
+                "SELECT name, value FROM duckdb_settings() ORDER BY name",
+                "SELECT database_name, schema_name FROM duckdb_schemas() WHERE NOT internal ORDER BY ALL",
+                "SELECT database_name, type_name FROM duckdb_types() WHERE NOT internal ORDER BY ALL",
+            )
         )
-    )
+    except Exception:  # a DuckDB error, or an interrupted query (RuntimeError)
+        return None
 
 
 def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
