@@ -12,6 +12,18 @@ from safehaven.core.instances import POOL
 from safehaven.core.store import Store
 
 
+def _insert_from_another_process(home: Home) -> None:
+    """Another process opens the store (waiting at most 0.5 s for it) and adds a row to ``landing.t``."""
+    code = (
+        "import sys; from pathlib import Path; from safehaven.core.home import Home\n"
+        "from safehaven.core.store import Store\n"
+        "with Store(Home(Path(sys.argv[1])), lock_wait=0.5).connect() as con:\n"
+        "    con.execute('INSERT INTO landing.t VALUES (2)')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(home.root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_connection_reuses_an_instance_and_starts_clean(store: Store, home: Home, tmp_path) -> None:
     other = tmp_path / "other.duckdb"
     duckdb.connect(str(other)).close()
@@ -52,14 +64,7 @@ def test_after_a_connection_ends_another_process_can_open_the_store(store: Store
     """Closing detaches the store, so DuckDB's file lock is released as closing the instance did."""
     with store.connect() as con:
         con.execute("CREATE TABLE landing.t AS SELECT 1 AS a")
-    code = (
-        "import sys; from pathlib import Path; from safehaven.core.home import Home\n"
-        "from safehaven.core.store import Store\n"
-        "s = Store(Home(Path(sys.argv[1])), lock_wait=0.5)\n"
-        "with s.connect() as con: con.execute('INSERT INTO landing.t VALUES (2)')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(home.root)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _insert_from_another_process(home)
     with store.connect(read_only=True) as con:
         assert con.execute("SELECT count(*) FROM landing.t").fetchone() == (2,)
 
@@ -127,11 +132,4 @@ def test_an_interrupted_reset_closes_the_instance_and_releases_the_store(store: 
         with store.connect() as con:
             con.execute("CREATE TABLE landing.t AS SELECT 1 AS a")
     monkeypatch.undo()
-    code = (
-        "import sys; from pathlib import Path; from safehaven.core.home import Home\n"
-        "from safehaven.core.store import Store\n"
-        "with Store(Home(Path(sys.argv[1])), lock_wait=0.5).connect() as con:\n"
-        "    con.execute('INSERT INTO landing.t VALUES (2)')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(home.root)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _insert_from_another_process(home)
