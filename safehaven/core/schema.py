@@ -246,6 +246,12 @@ VAULT_IDENTITY = _declare(
     "pid VARCHAR, field VARCHAR, nonce BLOB, ciphertext BLOB, dek_id VARCHAR, collection VARCHAR, added_at TIMESTAMPTZ",
     "direct identifiers, AES-GCM encrypted, one row per person, field and value (CoP 8a, 27b-c; guide Rule 3)",
 )
+VAULT_SEEN = _declare(
+    "vault.seen",
+    "pid VARCHAR, field VARCHAR, lookup UHUGEINT",
+    "a keyed digest of each vault entry's (pid, field, value), so a night finds values already vaulted "
+    "without reading the landing history (issue 22; safehaven.protect.vault)",
+)
 VAULT_BATCHES = _declare(
     "vault.batches",
     "batch_id VARCHAR, collection VARCHAR, vaulted_at TIMESTAMPTZ, entries BIGINT",

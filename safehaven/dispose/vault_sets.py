@@ -116,6 +116,7 @@ def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous:
     )
     con.execute("DROP TABLE _amb_plain")
     deleted = count(con, "DELETE FROM vault.identity WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
+    con.execute(f"DELETE FROM {vault.SEEN} WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
     again = vault.encrypt_by_collection(con, "_amb_keep", keyring.get_public(VAULT))
     con.execute("DROP TABLE _amb_keep")
     return deleted, again
@@ -131,11 +132,10 @@ def dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, ke
     if not table_exists(con, "vault", "identity"):
         return out
     ambiguous = vault_sets(con, registry)
-    out["vault.identity"] = count(
-        con,
-        "DELETE FROM vault.identity WHERE pid IN (SELECT pid FROM _disp_ids) "
-        "AND (pid, field) NOT IN (SELECT pid, field FROM _keep_pairs)",
-    )
+    gone = "pid IN (SELECT pid FROM _disp_ids) AND (pid, field) NOT IN (SELECT pid, field FROM _keep_pairs)"
+    out["vault.identity"] = count(con, f"DELETE FROM vault.identity WHERE {gone}")
+    vault.ensure_tables(con)
+    con.execute(f"DELETE FROM {vault.SEEN} WHERE {gone}")  # each entry's digest goes with it
     if ambiguous:
         deleted, again = _reencrypt_kept(con, keyring, ambiguous)
         out["vault.identity"] += deleted - again

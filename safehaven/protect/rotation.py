@@ -142,7 +142,7 @@ def _pid_columns(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
         "JOIN information_schema.tables t USING (table_catalog, table_schema, table_name) "
         f"WHERE c.table_catalog = '{CATALOG}' AND c.table_schema IN ({zones}) AND t.table_type = 'BASE TABLE' "
         "AND (c.column_name = 'pid' OR c.column_name LIKE '%\\_pid' ESCAPE '\\') AND c.data_type = 'VARCHAR' "
-        "AND NOT (c.table_schema = 'vault' AND c.table_name = 'identity') ORDER BY 1, 2, 3"
+        "AND NOT (c.table_schema = 'vault' AND c.table_name IN ('identity', 'seen')) ORDER BY 1, 2, 3"
     ).fetchall()
 
 

@@ -31,8 +31,23 @@ confidentiality guide Rule 3):
 * GP records about a person with a type 1 objection in force should never have been sent
   (``safehaven.protect.objections``); identifiers from them are not vaulted.
 * Incremental and idempotent: a batch is vaulted once (``vault.batches``); a value already
-  vaulted from an earlier batch (compared in SQL against the landing zone, inside the
-  encrypted store) is not added again.
+  vaulted from an earlier batch is not added again.
+* **Values already vaulted are found by a keyed lookup, not by re-reading history** (issue 22).
+  ``vault.seen`` holds, for every entry, its (pid, field) and a 128-bit digest of
+  ``pid | field | value`` keyed with a lookup key derived from the haven key
+  (HMAC-SHA256(haven key, ``LOOKUP_LABEL``), computed in SQL from the installed key). A night
+  digests only its own candidates and anti-joins them with that one narrow column; before,
+  it unpivoted every landed row of every vaulted batch, so its cost grew with the history.
+  The digest is MD5 over the secret lookup key and the entry (``md5_number``, about twice as
+  fast as SHA-256 in DuckDB, measured here): it is compared only inside the encrypted store,
+  and without the haven key a value cannot be tested against it. The pipeline, which holds
+  the haven key, could test guesses against it, but the landing zone of the same store
+  already holds those values in clear for as long as the entry exists: the digest reveals
+  nothing the pipeline cannot read. Every write of an entry writes its digest
+  (``encrypt_entries``) and every deletion deletes it (disposal, ``safehaven.dispose.vault_sets``;
+  haven-key rotation, :func:`reencrypt`, which digests again under the new key). A store
+  whose digests are missing (made before them, or emptied) has them rebuilt once from the
+  landed values of its vaulted batches, as the earlier rule compared (:func:`_backfill_seen`).
 """
 
 from __future__ import annotations
@@ -62,6 +77,9 @@ from safehaven.protect.pseudonymise import haven_coarsening, hmac_sql
 IDENTITY = schema.VAULT_IDENTITY
 DATA_KEYS = schema.VAULT_DATA_KEYS
 VAULTED = schema.VAULT_BATCHES
+SEEN = schema.VAULT_SEEN
+#: the label the vault's lookup key is derived under from the haven key (module docstring)
+LOOKUP_LABEL = "safehaven vault lookup v1"
 WRAP_INFO = b"safehaven vault key wrap v1"
 NONCE = 12
 
@@ -71,7 +89,7 @@ class VaultError(Exception):
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    schema.ensure(con, DATA_KEYS, IDENTITY, VAULTED)
+    schema.ensure(con, DATA_KEYS, IDENTITY, SEEN, VAULTED)
 
 
 def vault_fields(contract: Contract) -> list[str]:
@@ -127,11 +145,53 @@ def unwrap(private: Key, vault_key_id: str, dek_id: str, eph_pub: bytes, nonce: 
         raise VaultError(f"data key {dek_id} does not unwrap: tampered, or not for this vault key") from None
 
 
+# --- the lookup of values already vaulted -----------------------------------------------
+
+
+def lookup_sql(pid: str, field_name: str, value: str, key: str = "haven") -> str:
+    """SQL: an entry's lookup digest (module docstring): MD5 over the lookup key derived from the
+    installed HMAC key ``key`` and ``pid | field | value``; arguments are SQL expressions."""
+    derived = f"(SELECT unhex(sha256(opad || unhex(sha256(ipad || encode({lit(LOOKUP_LABEL)}))))) FROM _hmac_{key})"
+    return f"md5_number({derived} || encode({pid} || '|' || {field_name} || '|' || {value}))"
+
+
+def remember(con: duckdb.DuckDBPyConnection, table: str, key: str = "haven") -> None:
+    """Add the digests of the entries of ``table`` (pid, field, value) to ``vault.seen``."""
+    con.execute(f"INSERT INTO {SEEN} SELECT pid, field, {lookup_sql('pid', 'field', 'value', key)} FROM {table}")
+
+
+def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> None:
+    """Rebuild missing digests once (module docstring): when the vault holds entries and
+    ``vault.seen`` none, digest the landed values of every vaulted batch (a superset of the
+    entries: values of type 1 objectors' GP records count as seen, as the earlier rule had it)."""
+    held, seen = con.execute(f"SELECT (SELECT count(*) FROM {IDENTITY}), (SELECT count(*) FROM {SEEN})").fetchone()
+    if held == 0 or seen > 0:
+        return
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _vault_old AS SELECT DISTINCT nhs, field, value "
+        f"FROM ({vaulted_values_sql(con, contracts)}) WHERE nhs IS NOT NULL"
+    )
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _vault_old_ids AS SELECT nhs, {hmac_sql('nhs', 'haven')} AS pid "
+        "FROM (SELECT DISTINCT nhs FROM _vault_old)"
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _vault_old_entries AS SELECT i.pid, o.field, o.value "
+        "FROM _vault_old o JOIN _vault_old_ids i USING (nhs)"
+    )
+    remember(con, "_vault_old_entries")
+    for t in ("_vault_old_entries", "_vault_old_ids", "_vault_old"):
+        con.execute(f"DROP TABLE {t}")
+
+
 # --- writing ---------------------------------------------------------------------------
 
 
-def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, collection: str) -> int:
-    """Encrypt rows ``(pid, field, value)`` of temp ``table`` into the vault under one new data key.
+def encrypt_entries(
+    con: duckdb.DuckDBPyConnection, table: str, public: Key, collection: str, lookup_key: str = "haven"
+) -> int:
+    """Encrypt rows ``(pid, field, value)`` of temp ``table`` into the vault under one new data key,
+    and keep each entry's lookup digest under the installed key ``lookup_key`` (module docstring).
 
     DuckDB prepares each entry's plaintext and associated data as bytes (``_ad_sql``), so the
     only per-entry Python is the AES-GCM call itself (see the module docstring), over distinct
@@ -177,6 +237,7 @@ def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, col
         )
     finally:
         con.unregister("_vault_rows")
+    remember(con, table, lookup_key)
     return n
 
 
@@ -219,6 +280,26 @@ class VaultReport:
     fields: list[str] = field(default_factory=list)
 
 
+def _new_entries(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
+    """Temp table ``_vault_enc`` (pid, field, value): the distinct values of the batches in
+    ``_vault_new`` not in the vault yet (found by their digests in ``vault.seen``); one HMAC per
+    person of those batches. Needs the haven key installed as ``haven``."""
+    new_where = "_batch IN (SELECT batch_id FROM _vault_new)"
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _vault_cand AS SELECT DISTINCT * FROM ({unpivot_sql(contract, new_where)})"
+    )
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _vault_ids AS SELECT nhs, {hmac_sql('nhs', 'haven')} AS pid "
+        "FROM (SELECT DISTINCT nhs FROM _vault_cand)"
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT pid, field, value FROM "
+        f"(SELECT i.pid, c.field, c.value, {lookup_sql('i.pid', 'c.field', 'c.value')} AS lookup "
+        "FROM _vault_cand c JOIN _vault_ids i USING (nhs)) "
+        f"WHERE lookup NOT IN (SELECT lookup FROM {SEEN} WHERE lookup IS NOT NULL)"
+    )
+
+
 def vault_collection(
     con: duckdb.DuckDBPyConnection, contract: Contract, contracts: Iterable[Contract], public: Key
 ) -> VaultReport:
@@ -241,35 +322,13 @@ def vault_collection(
         return report
     con.execute("BEGIN TRANSACTION")
     try:
-        new_where = "_batch IN (SELECT batch_id FROM _vault_new)"
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _vault_cand AS SELECT DISTINCT * FROM ({unpivot_sql(contract, new_where)})"
-        )
-        # values vaulted from earlier batches of any collection are not added again
-        con.execute(
-            "DELETE FROM _vault_cand WHERE (nhs, field, value) IN "
-            f"(SELECT nhs, field, value FROM ({vaulted_values_sql(con, contracts)}))"
-        )
-        # one HMAC per person with something new to vault
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _vault_ids AS SELECT nhs, {hmac_sql('nhs', 'haven')} AS pid "
-            "FROM (SELECT DISTINCT nhs FROM _vault_cand)"
-        )
+        _backfill_seen(con, contracts)
+        _new_entries(con, contract)
+        report.candidates = con.execute("SELECT count(*) FROM _vault_enc").fetchone()[0]
         if contract.practice_field:
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE _vault_type1 AS SELECT nhs FROM _vault_ids "
-                f"WHERE pid IN ({type1_objectors_sql()})"
-            )
             report.type1_rows_skipped = con.execute(
-                "SELECT count(*) FROM _vault_cand WHERE nhs IN (SELECT nhs FROM _vault_type1)"
+                f"DELETE FROM _vault_enc WHERE pid IN ({type1_objectors_sql()})"
             ).fetchone()[0]
-            con.execute("DELETE FROM _vault_ids WHERE nhs IN (SELECT nhs FROM _vault_type1)")
-            con.execute("DROP TABLE _vault_type1")
-        report.candidates = con.execute("SELECT count(*) FROM _vault_cand").fetchone()[0]
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT i.pid, c.field, c.value "
-            "FROM _vault_cand c JOIN _vault_ids i USING (nhs)"
-        )
         report.entries = encrypt_entries(con, "_vault_enc", public, c)
         con.execute(f"INSERT INTO {VAULTED} SELECT batch_id, ?, now(), ? FROM _vault_new", [c, report.entries])
         for t in ("_vault_enc", "_vault_ids", "_vault_cand"):
@@ -393,9 +452,10 @@ def reveal(
     return out
 
 
-def encrypt_by_collection(con: duckdb.DuckDBPyConnection, table: str, public: Key) -> int:
+def encrypt_by_collection(con: duckdb.DuckDBPyConnection, table: str, public: Key, lookup_key: str = "haven") -> int:
     """Encrypt the distinct (pid, field, value) of temp ``table`` (pid, field, value, collection)
-    into the vault, one fresh data key per collection (an entry keeps the collection it came from)."""
+    into the vault, one fresh data key per collection (an entry keeps the collection it came from);
+    digests under the installed key ``lookup_key``."""
     total = 0
     collections = con.execute(f"SELECT DISTINCT collection FROM {table} ORDER BY 1").fetchall()
     for (collection,) in collections:  # per collection, not per row
@@ -404,13 +464,14 @@ def encrypt_by_collection(con: duckdb.DuckDBPyConnection, table: str, public: Ke
             "WHERE collection IS NOT DISTINCT FROM ?",
             [collection],
         )
-        total += encrypt_entries(con, "_vault_enc", public, collection)
+        total += encrypt_entries(con, "_vault_enc", public, collection, lookup_key)
     con.execute("DROP TABLE IF EXISTS _vault_enc")
     return total
 
 
-def reencrypt(con: duckdb.DuckDBPyConnection, plain: str, public: Key, pid_map: str) -> int:
-    """Re-encrypt every vault entry under new pids (haven-key rotation); ``pid_map`` has (old, new).
+def reencrypt(con: duckdb.DuckDBPyConnection, plain: str, public: Key, pid_map: str, new_key: str = "haven_new") -> int:
+    """Re-encrypt every vault entry under new pids (haven-key rotation); ``pid_map`` has (old, new),
+    and the new haven key is installed as ``new_key`` (the entries' digests are made again under it).
 
     ``plain`` is the whole vault decrypted (:func:`decrypt_table` with ``true``): every entry is
     replaced, so a table missing any is refused. The associated data binds each ciphertext to its
@@ -426,12 +487,13 @@ def reencrypt(con: duckdb.DuckDBPyConnection, plain: str, public: Key, pid_map: 
     if missing:
         raise VaultError(f"{missing} vault people have no new pid; rotation stopped")
     con.execute(f"DELETE FROM {IDENTITY}")
+    con.execute(f"DELETE FROM {SEEN}")
     con.execute(f"DELETE FROM {DATA_KEYS}")
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _vault_remapped AS SELECT m.new AS pid, p.field, p.value, p.collection "
         f"FROM {plain} p JOIN {pid_map} m ON m.old = p.pid"
     )
-    total = encrypt_by_collection(con, "_vault_remapped", public)
+    total = encrypt_by_collection(con, "_vault_remapped", public, new_key)
     con.execute("DROP TABLE _vault_remapped")
     return total
 

@@ -24,6 +24,7 @@ from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 from safehaven.protect.pseudonymise import install_key, pseudonym, release_pseudonym
 from tests.conftest import copy_haven, custodian_ring
 from tests.unit.populate import drop, process
+from tests.unit.test_vault import seen_matches_vault
 
 CONTENT = ("gp_events", "hospital_episodes", "social_care")
 
@@ -115,6 +116,7 @@ def test_haven_rotation_re_pseudonymises_everything_consistently(haven_home: Hom
             f"SELECT count(*) FROM {vault.IDENTITY} WHERE pid = ?", [pseudonym(old.material, nhs)]
         ).fetchone()[0]
         entries = audit.entries_for(con, object_like="key:haven")
+        seen_matches_vault(con, custodian_ring(haven_home))  # digests made again under the new key
     assert entries and entries[-1].action == "key.rotate"
     detail = entries[-1].detail_value
     assert detail["old_key_id"] == old.key_id and detail["new_key_id"] == new.key_id

@@ -140,3 +140,65 @@ def test_public_key_only_wraps(tmp_path) -> None:
     with pytest.raises(vault.VaultError):
         vault.unwrap(ring.get_private(VAULT), public.key_id, "d2", eph, nonce, wrapped)
     assert isinstance(public, Key) and public.material != ring.get_private(VAULT).material
+
+
+# --- the keyed lookup of values already vaulted (issue 22) ---------------------------------
+
+
+def seen_matches_vault(con, keyring: KeyRing) -> None:
+    """Every vault entry has exactly its digest in ``vault.seen``, under the installed haven key."""
+    install_key(con, "haven", keyring.get("haven"))
+    vault.decrypt_table(con, vault.private_key(keyring), "true", "_all_plain")
+    expected = con.execute(
+        f"SELECT pid, field, {vault.lookup_sql('pid', 'field', 'value')} FROM _all_plain ORDER BY ALL"
+    ).fetchall()
+    assert con.execute(f"SELECT pid, field, lookup FROM {vault.SEEN} ORDER BY ALL").fetchall() == expected
+
+
+def _redeliver(home: Home) -> None:
+    """The same people again in new files (an earlier reporting period, sent late): their NHS numbers and
+    postcodes recur, their dates of birth in this synthetic population do not."""
+    from datetime import date
+
+    from safehaven.tools import synthetic
+
+    synthetic.generate(home.incoming, patients=300, seed=7, defect_rate=0.0, period_end=date(2026, 10, 31))
+
+
+def _duplicates(con, keyring: KeyRing) -> int:
+    vault.decrypt_table(con, vault.private_key(keyring), "true", "_dup_plain")
+    return con.execute("SELECT count(*) - count(DISTINCT (pid, field, value)) FROM _dup_plain").fetchone()[0]
+
+
+def test_values_already_vaulted_are_found_without_reading_the_landing_history(haven_home: Home) -> None:
+    """The rule: a night compares its own values with the digests of the vault's entries, so the
+    landed rows of earlier batches are not read. Shown by removing them before the next drop:
+    the recurring NHS numbers and postcodes are still not vaulted twice."""
+    keyring = custodian_ring(haven_home)
+    with Store(haven_home).connect() as con:
+        for c in ("gp_events", "hospital_episodes", "social_care", "objections"):
+            con.execute(f"DELETE FROM landing.{c}_valid")
+        postcodes = con.execute(f"SELECT count(*) FROM {vault.IDENTITY} WHERE field = 'postcode'").fetchone()[0]
+    _redeliver(haven_home)
+    process(haven_home)
+    with Store(haven_home).connect() as con:
+        assert _duplicates(con, keyring) == 0
+        assert con.execute(f"SELECT count(*) FROM {vault.IDENTITY} WHERE field = 'postcode'").fetchone()[0] == postcodes
+        seen_matches_vault(con, keyring)
+
+
+def test_missing_digests_are_rebuilt_from_the_landed_values_once(haven_home: Home) -> None:
+    keyring = custodian_ring(haven_home)
+    with Store(haven_home).connect() as con:
+        con.execute(f"DELETE FROM {vault.SEEN}")  # a store made before the digests, or emptied by hand
+        before = con.execute(f"SELECT count(*) FROM {vault.IDENTITY}").fetchone()[0]
+    _redeliver(haven_home)
+    process(haven_home)
+    with Store(haven_home).connect() as con:
+        assert _duplicates(con, keyring) == 0
+        assert con.execute(f"SELECT count(*) FROM {vault.IDENTITY}").fetchone()[0] > before  # new dates of birth
+
+
+def test_every_entry_has_its_digest(haven_home: Home) -> None:
+    with Store(haven_home).connect() as con:
+        seen_matches_vault(con, custodian_ring(haven_home))
