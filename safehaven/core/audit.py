@@ -27,6 +27,15 @@ How:
   that is empty or missing while the genesis row, an anchor, the audit key, a published head
   or any landed, released or published data exists fails verification: emptiness is not
   innocence.
+* **A new trail's key is installed only once its first entry and anchor exist.** The key is
+  written staged (``audit-next.key``, not recorded in the key ring), entry 1 is written and
+  anchored with it, and only then is it installed as the audit key. A process killed before
+  entry 1 commits leaves a staged key and an empty log, which is still a fresh haven (the
+  next run writes entry 1 with the same staged key); killed after, it leaves a log that
+  verifies under the staged key with no installed key, which the next write completes
+  (:func:`_finish_genesis`: anchor the head if it is missing, install the key). Before this,
+  either kill left "an audit key without its log" or "a log without its anchor", both
+  refused until a person recorded a breach decision, for a crash and not a breach.
 * **Fail closed on append** (``check``): before anything is appended, the tail of the log is
   checked against the anchor: the head file's MAC, its ``seq``, hash and entry count equal to
   the log's last entry and row count, the last anchor history line equal to the head, the
@@ -67,6 +76,7 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,7 +88,7 @@ import duckdb
 from safehaven.core import anchors, schema
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import Home
-from safehaven.core.keys import Key, KeyRing, KeyRingError, KeySubstituted
+from safehaven.core.keys import KEY_BYTES, Key, KeyRing, KeyRingError, KeySubstituted, staged
 from safehaven.core.store import CATALOG, opened_by, table_exists
 
 __all__ = ["GENESIS", "HEAD_FILE", "TABLE", "AuditTrailBroken", "Entry", "VerifyResult"]
@@ -86,6 +96,8 @@ __all__ = ["GENESIS", "HEAD_FILE", "TABLE", "AuditTrailBroken", "Entry", "Verify
 TABLE = schema.AUDIT_LOG
 GENESIS_TABLE = schema.AUDIT_GENESIS
 KEY_PURPOSE = "audit"
+#: the name a new trail's key is staged under until entry 1 is anchored (module docstring, "Genesis")
+GENESIS_KEY = staged(KEY_PURPOSE)
 #: The action of the first entry of a new segment: a recorded breach and the decision to resume.
 SEGMENT_ACTION = "audit_breach_decision"
 #: The action recorded at the start of every pipeline run (after a full verification).
@@ -370,6 +382,44 @@ def _genesis(con: duckdb.DuckDBPyConnection) -> tuple[int, str] | None:
     return (int(row[0]), str(row[1])) if row else None
 
 
+def _genesis_key(keyring: KeyRing) -> Key:
+    """The key a new trail is written with, staged until its first entry is anchored (module
+    docstring); the one an interrupted genesis staged, if any."""
+    if keyring.exists(GENESIS_KEY):
+        return keyring.get(GENESIS_KEY)
+    return keyring.write(GENESIS_KEY, secrets.token_bytes(KEY_BYTES), record=False)
+
+
+def _install_genesis_key(keyring: KeyRing, key: Key) -> Key:
+    """Install the staged key as the audit key (recorded in the key ring) and shred the staged file."""
+    installed = keyring.write(KEY_PURPOSE, key.material)
+    keyring.discard(GENESIS_KEY)
+    return installed
+
+
+def _finish_genesis(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> None:
+    """Complete a genesis a crash interrupted after entry 1 committed (module docstring): when no
+    audit key was ever installed and the log verifies under the staged key, anchor its head if
+    no anchor exists and install the key. Anything else is left for ``verify`` to judge."""
+    if not keyring.exists(GENESIS_KEY):
+        return
+    if keyring.exists(KEY_PURPOSE):  # installed, the staged copy not yet shredded
+        if keyring.get(KEY_PURPOSE).material == keyring.get(GENESIS_KEY).material:
+            keyring.discard(GENESIS_KEY)
+        return
+    if keyring.recorded(KEY_PURPOSE):
+        return
+    if not table_exists(con, "governance", "audit_log") or _tail(con).seq == 0:
+        return  # entry 1 never committed: the next append writes it with the staged key
+    key = keyring.get(GENESIS_KEY)
+    bad, last_seq, last_hash = _check_chain(con, key, _breaks(con, key))
+    if bad is not None:
+        return
+    if anchors.read_head(home) is None and not anchors.read_history(home):
+        _anchor_everywhere(home, key, Anchor(last_seq, last_hash, _tail(con).entries))
+    _install_genesis_key(keyring, key)
+
+
 def _read_key(keyring: KeyRing) -> Key | None:
     """The audit key, or None when it does not exist; KeyRingError when it is unsafe or unreadable."""
     return keyring.get(KEY_PURPOSE) if keyring.exists(KEY_PURPOSE) else None
@@ -526,12 +576,16 @@ def append_many(
         return []
     home, keyring = _keyring(con, home, keyring)
     ensure_table(con)
+    _finish_genesis(con, home, keyring)
     check(con, home, keyring=keyring)
     tail = _tail(con)
-    key = keyring.get_or_create(KEY_PURPOSE, allow_create=tail.seq == 0 and _fresh(con, home, keyring))
+    genesis = tail.seq == 0 and _fresh(con, home, keyring)
+    key = _genesis_key(keyring) if genesis else keyring.get_or_create(KEY_PURPOSE, allow_create=False)
     last = _transaction(con, lambda: _insert(con, key, prepared, tail.seq + 1, tail.entry_hash))
     seq = tail.seq + len(prepared)
     _anchor_everywhere(home, key, Anchor(seq, last, tail.entries + len(prepared)))
+    if genesis:
+        _install_genesis_key(keyring, key)
     return list(range(tail.seq + 1, seq + 1))
 
 
@@ -583,8 +637,11 @@ def begin_run(
     """Start of a pipeline run: a full ``verify``, then an entry recording the run; returns its seq.
 
     Raises ``AuditTrailBroken`` when the trail does not verify, so the run does nothing (fail
-    closed; CoP 23d). Recording every run also sets the genesis before any data lands.
+    closed; CoP 23d). Recording every run also sets the genesis before any data lands. A
+    genesis a crash interrupted is completed first (``_finish_genesis``).
     """
+    ensure_table(con)
+    _finish_genesis(con, *_keyring(con, home, keyring))
     result = verify(con, home, keyring=keyring)
     if not result.ok:
         raise AuditTrailBroken(result)
