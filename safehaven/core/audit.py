@@ -32,8 +32,9 @@ How:
   anchored with it, and only then is it installed as the audit key. A process killed before
   entry 1 commits leaves a staged key and an empty log, which is still a fresh haven (the
   next run writes entry 1 with the same staged key); killed after, it leaves a log that
-  verifies under the staged key with no installed key, which the next write completes
-  (:func:`_finish_genesis`: anchor the head if it is missing, install the key). Before this,
+  verifies under the staged key with no installed key, which the next ``verify`` (every run,
+  every audited command, ``safehaven audit verify``) completes (:func:`_finish_genesis`:
+  anchor the head if its file is missing, install and record the key). Before this,
   either kill left "an audit key without its log" or "a log without its anchor", both
   refused until a person recorded a breach decision, for a crash and not a breach.
 * **Fail closed on append** (``check``): before anything is appended, the tail of the log is
@@ -398,26 +399,31 @@ def _install_genesis_key(keyring: KeyRing, key: Key) -> Key:
 
 
 def _finish_genesis(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> None:
-    """Complete a genesis a crash interrupted after entry 1 committed (module docstring): when no
-    audit key was ever installed and the log verifies under the staged key, anchor its head if
-    no anchor exists and install the key. Anything else is left for ``verify`` to judge."""
+    """Complete a genesis a crash interrupted (module docstring), before anything reads the key.
+
+    Installed but the staged copy left: the installation is recorded if it was not, and the
+    copy shredded. Not installed, with entry 1 committed and the log verifying under the staged
+    key: the head is anchored if the head file is missing, then the key installed. Anything
+    else (no staged key, a key ring that already records an audit key, a log that does not
+    verify under the staged key) is left for ``verify`` to judge.
+    """
     if not keyring.exists(GENESIS_KEY):
         return
-    if keyring.exists(KEY_PURPOSE):  # installed, the staged copy not yet shredded
-        if keyring.get(KEY_PURPOSE).material == keyring.get(GENESIS_KEY).material:
+    staged_key = keyring.get(GENESIS_KEY)
+    if keyring.exists(KEY_PURPOSE):
+        if keyring.get(KEY_PURPOSE).material == staged_key.material:
+            if not keyring.recorded(KEY_PURPOSE):  # killed between the key file and its record
+                keyring.write(KEY_PURPOSE, staged_key.material, replace=True)
             keyring.discard(GENESIS_KEY)
         return
-    if keyring.recorded(KEY_PURPOSE):
-        return
-    if not table_exists(con, "governance", "audit_log") or _tail(con).seq == 0:
-        return  # entry 1 never committed: the next append writes it with the staged key
-    key = keyring.get(GENESIS_KEY)
-    bad, last_seq, last_hash = _check_chain(con, key, _breaks(con, key))
+    if keyring.recorded(KEY_PURPOSE) or not table_exists(con, "governance", "audit_log") or _tail(con).seq == 0:
+        return  # a recorded key is never replaced; with no entry 1 the next append uses the staged key
+    bad, last_seq, last_hash = _check_chain(con, staged_key, _breaks(con, staged_key))
     if bad is not None:
         return
-    if anchors.read_head(home) is None and not anchors.read_history(home):
-        _anchor_everywhere(home, key, Anchor(last_seq, last_hash, _tail(con).entries))
-    _install_genesis_key(keyring, key)
+    if anchors.read_head(home) is None:  # killed before (or while) anchoring entry 1
+        _anchor_everywhere(home, staged_key, Anchor(last_seq, last_hash, _tail(con).entries))
+    _install_genesis_key(keyring, staged_key)
 
 
 def _read_key(keyring: KeyRing) -> Key | None:
@@ -576,7 +582,6 @@ def append_many(
         return []
     home, keyring = _keyring(con, home, keyring)
     ensure_table(con)
-    _finish_genesis(con, home, keyring)
     check(con, home, keyring=keyring)
     tail = _tail(con)
     genesis = tail.seq == 0 and _fresh(con, home, keyring)
@@ -637,11 +642,8 @@ def begin_run(
     """Start of a pipeline run: a full ``verify``, then an entry recording the run; returns its seq.
 
     Raises ``AuditTrailBroken`` when the trail does not verify, so the run does nothing (fail
-    closed; CoP 23d). Recording every run also sets the genesis before any data lands. A
-    genesis a crash interrupted is completed first (``_finish_genesis``).
+    closed; CoP 23d). Recording every run also sets the genesis before any data lands.
     """
-    ensure_table(con)
-    _finish_genesis(con, *_keyring(con, home, keyring))
     result = verify(con, home, keyring=keyring)
     if not result.ok:
         raise AuditTrailBroken(result)
@@ -1032,9 +1034,11 @@ def verify(
     Guarantees when ok: every entry's hash verifies under the audit key and links to the one
     before (across recorded breach decisions, which are shown); the head file, the anchor
     history, the genesis record, every published head and the write-once target all name
-    entries still in the log with the same hash, none beyond its end.
+    entries still in the log with the same hash, none beyond its end. A genesis a crash
+    interrupted is completed first (``_finish_genesis``: it writes key and anchor files only).
     """
     home, keyring = _keyring(con, home, keyring)
+    _finish_genesis(con, home, keyring)
     try:
         key = _read_key(keyring)
     except KeySubstituted as exc:  # the key ring pins every key (safehaven.core.keys)

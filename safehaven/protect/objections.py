@@ -167,6 +167,11 @@ def type1_objectors_sql(as_of: str | date = "current_date") -> str:
     return objectors_sql(as_of, (TYPE1,))
 
 
+def ever_type1_objectors_sql() -> str:
+    """SQL relation ``(pid)``: people with a type 1 objection ever recorded, in force or not."""
+    return f"SELECT DISTINCT pid FROM ({episodes_sql()}) WHERE objection_type = '{TYPE1}'"
+
+
 # --- type 1 incidents -------------------------------------------------------------------
 
 

@@ -41,13 +41,16 @@ confidentiality guide Rule 3):
   The digest is MD5 over the secret lookup key and the entry (``md5_number``, about twice as
   fast as SHA-256 in DuckDB, measured here): it is compared only inside the encrypted store,
   and without the haven key a value cannot be tested against it. The pipeline, which holds
-  the haven key, could test guesses against it, but the landing zone of the same store
-  already holds those values in clear for as long as the entry exists: the digest reveals
-  nothing the pipeline cannot read. Every write of an entry writes its digest
-  (``encrypt_entries``) and every deletion deletes it (disposal, ``safehaven.dispose.vault_sets``;
+  the haven key, could test guesses against it (a date of birth in well under a second), but
+  the landing zone of the same store holds those values in clear for as long as the records
+  they came from are kept: the digest reveals nothing the pipeline cannot read. **This rests
+  on landing rows living as long as their vault entries** (disposal removes both together);
+  a rule that purged landing rows earlier would have to drop or re-key their digests too.
+  Every write of an entry writes its digest (``encrypt_entries``) and every deletion deletes it (disposal, ``safehaven.dispose.vault_sets``;
   haven-key rotation, :func:`reencrypt`, which digests again under the new key). A store
   whose digests are missing (made before them, or emptied) has them rebuilt once from the
-  landed values of its vaulted batches, as the earlier rule compared (:func:`_backfill_seen`).
+  landed values of its vaulted batches, erring towards a value vaulted twice rather than one
+  not vaulted (:func:`_backfill_seen`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
-from safehaven.protect.objections import type1_objectors_sql
+from safehaven.protect.objections import ever_type1_objectors_sql, type1_objectors_sql
 from safehaven.protect.pseudonymise import haven_coarsening, hmac_sql
 
 IDENTITY = schema.VAULT_IDENTITY
@@ -162,26 +165,43 @@ def remember(con: duckdb.DuckDBPyConnection, table: str, key: str = "haven") -> 
 
 def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> None:
     """Rebuild missing digests once (module docstring): when the vault holds entries and
-    ``vault.seen`` none, digest the landed values of every vaulted batch (a superset of the
-    entries: values of type 1 objectors' GP records count as seen, as the earlier rule had it)."""
+    ``vault.seen`` none, digest the landed values of every vaulted batch that can be in the vault.
+
+    Without the vault private key the entries cannot be read, so the rebuild errs towards a
+    value vaulted twice, never towards a value not vaulted: it leaves out the GP values of
+    anyone with a type 1 objection ever recorded (such values were not vaulted while it was in
+    force) and any value of a (pid, field) with no entry at all.
+    """
     held, seen = con.execute(f"SELECT (SELECT count(*) FROM {IDENTITY}), (SELECT count(*) FROM {SEEN})").fetchone()
-    if held == 0 or seen > 0:
+    parts = [
+        f"SELECT nhs, field, value, {bool(c.practice_field)} AS gp FROM ({unpivot_sql(c, _vaulted_where(c))})"
+        for c in contracts
+        if table_exists(con, "landing", f"{c.collection}_valid")
+    ]
+    if held == 0 or seen > 0 or not parts:
         return
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE _vault_old AS SELECT DISTINCT nhs, field, value "
-        f"FROM ({vaulted_values_sql(con, contracts)}) WHERE nhs IS NOT NULL"
+        f"CREATE OR REPLACE TEMP TABLE _vault_old AS SELECT DISTINCT * FROM ({' UNION ALL '.join(parts)}) "
+        "WHERE nhs IS NOT NULL"
     )
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _vault_old_ids AS SELECT nhs, {hmac_sql('nhs', 'haven')} AS pid "
         "FROM (SELECT DISTINCT nhs FROM _vault_old)"
     )
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE _vault_old_entries AS SELECT i.pid, o.field, o.value "
-        "FROM _vault_old o JOIN _vault_old_ids i USING (nhs)"
+        "CREATE OR REPLACE TEMP TABLE _vault_old_entries AS SELECT DISTINCT i.pid, o.field, o.value "
+        "FROM _vault_old o JOIN _vault_old_ids i USING (nhs) "
+        f"WHERE NOT (o.gp AND i.pid IN ({ever_type1_objectors_sql()})) "
+        f"AND (i.pid, o.field) IN (SELECT pid, field FROM {IDENTITY})"
     )
     remember(con, "_vault_old_entries")
     for t in ("_vault_old_entries", "_vault_old_ids", "_vault_old"):
         con.execute(f"DROP TABLE {t}")
+
+
+def _vaulted_where(contract: Contract) -> str:
+    """SQL condition over a landing valid table: the row is of a vaulted batch of ``contract``."""
+    return f"_batch IN (SELECT batch_id FROM {VAULTED} WHERE collection = {lit(contract.collection)})"
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -258,9 +278,7 @@ def vaulted_values_sql(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contr
     collection whose landing valid table exists, its rows further limited by ``extra_where`` (over
     columns every valid table has, such as ``_batch``); an empty relation when there is none."""
     parts = [
-        unpivot_sql(
-            c, f"_batch IN (SELECT batch_id FROM {VAULTED} WHERE collection = {lit(c.collection)}) AND ({extra_where})"
-        )
+        unpivot_sql(c, f"{_vaulted_where(c)} AND ({extra_where})")
         for c in contracts
         if table_exists(con, "landing", f"{c.collection}_valid")
     ]

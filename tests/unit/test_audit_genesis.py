@@ -27,7 +27,7 @@ FIRST_ENTRY_AND_DIE = """
 import sys
 from pathlib import Path
 from tests.crash.harness import arm
-arm(sys.argv[2], 1, "before")
+arm(sys.argv[2], int(sys.argv[3]), "before")
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -36,18 +36,21 @@ with Store(home).connect() as con:
     audit.append(con, actor="t", role="pipeline", action="pipeline.run", object="job:nightly")
 """
 
-#: (what the kill leaves, target, entries the log holds after the next append)
+#: (what the kill leaves, target, its call number, entries the log holds after the next append);
+#: ``KeyRing._record`` is called first for the store key, then for the audit key
 POINTS = [
-    ("key staged, entry 1 not committed", "safehaven.core.audit:_insert", 1),
-    ("entry 1 committed, not anchored", "safehaven.core.audit:_anchor_everywhere", 2),
-    ("entry 1 anchored, key not installed", "safehaven.core.audit:_install_genesis_key", 2),
-    ("key installed, staged copy not shredded", "safehaven.core.keys:KeyRing.discard", 2),
+    ("key staged, entry 1 not committed", "safehaven.core.audit:_insert", 1, 1),
+    ("entry 1 committed, not anchored", "safehaven.core.audit:_anchor_everywhere", 1, 2),
+    ("anchor history written, head file not", "safehaven.core.anchors:write_head", 1, 2),
+    ("entry 1 anchored, key not installed", "safehaven.core.audit:_install_genesis_key", 1, 2),
+    ("key file installed, not recorded in the key ring", "safehaven.core.keys:KeyRing._record", 2, 2),
+    ("key installed, staged copy not shredded", "safehaven.core.keys:KeyRing.discard", 1, 2),
 ]
 
 
-def _kill_first_entry(home: Home, target: str) -> None:
+def _kill_first_entry(home: Home, target: str, nth: int = 1) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", FIRST_ENTRY_AND_DIE, str(home.root), target],
+        [sys.executable, "-c", FIRST_ENTRY_AND_DIE, str(home.root), target, str(nth)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         cwd=ROOT,
         capture_output=True,
@@ -57,12 +60,12 @@ def _kill_first_entry(home: Home, target: str) -> None:
     assert done.returncode == -9, f"not killed where asked:\n{done.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize(("left", "target", "entries"), POINTS, ids=[p[0] for p in POINTS])
+@pytest.mark.parametrize(("left", "target", "nth", "entries"), POINTS, ids=[p[0] for p in POINTS])
 def test_a_first_entry_killed_at_any_point_is_completed_by_the_next_append(
-    tmp_path: Path, left: str, target: str, entries: int
+    tmp_path: Path, left: str, target: str, nth: int, entries: int
 ) -> None:
     home = Home(tmp_path / "haven")
-    _kill_first_entry(home, target)
+    _kill_first_entry(home, target, nth)
     with Store(home).connect() as con:
         audit.append(con, actor="t", role="pipeline", action="pipeline.run", object="job:nightly")
         result = audit.verify(con, home)
@@ -85,3 +88,22 @@ def test_a_staged_key_the_log_does_not_verify_under_is_never_installed(tmp_path:
         with pytest.raises(audit.AuditTrailBroken, match="audit key"):
             audit.begin_run(con, home, actor="t", job="nightly", run_id="0" * 32)
     assert not keyring.exists(audit.KEY_PURPOSE) and not keyring.recorded(audit.KEY_PURPOSE)
+
+
+def test_audit_verify_completes_an_interrupted_genesis_and_records_no_breach(tmp_path: Path) -> None:
+    """``safehaven audit verify`` (and so every audited command's check) after the kill: the trail
+    verifies, the key is installed, and no breach is recorded for a crash."""
+    home = Home(tmp_path / "haven")
+    _kill_first_entry(home, "safehaven.core.audit:_anchor_everywhere")
+    done = subprocess.run(
+        [sys.executable, "-c", "from safehaven.cli.main import main; main()", "audit", "verify"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "SAFEHAVEN_HOME": str(home.root)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "breach" not in (done.stdout + done.stderr).lower()
+    keyring = KeyRing(home.keys)
+    assert keyring.recorded(audit.KEY_PURPOSE) and not keyring.exists(audit.GENESIS_KEY)

@@ -12,9 +12,9 @@ from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.objections import objectors_sql
-from safehaven.protect.pseudonymise import install_key, pseudonym
+from safehaven.protect.pseudonymise import hmac_sql, install_key, pseudonym
 from tests.conftest import copy_haven, custodian_ring, test_custodian
-from tests.unit.populate import drop, populated, process
+from tests.unit.populate import drop, populated, process, write_csv
 
 
 @pytest.fixture
@@ -202,3 +202,32 @@ def test_missing_digests_are_rebuilt_from_the_landed_values_once(haven_home: Hom
 def test_every_entry_has_its_digest(haven_home: Home) -> None:
     with Store(haven_home).connect() as con:
         seen_matches_vault(con, custodian_ring(haven_home))
+
+
+def test_rebuilt_digests_never_mark_a_value_that_was_not_vaulted(haven_home: Home) -> None:
+    """A type 1 objector's GP identifiers were not vaulted; rebuilt digests must not claim they
+    were, or the same person's hospital record (which type 1 does not cover) would add nothing."""
+    with Store(haven_home).connect() as con:
+        install_key(con, "haven", KeyRing(haven_home.keys).get("haven"))
+        nhs, dob, postcode, pid = con.execute(
+            f"SELECT g.nhs_number, CAST(g.date_of_birth AS VARCHAR), g.postcode, {hmac_sql('g.nhs_number', 'haven')} "
+            f"AS p FROM landing.gp_events_valid g WHERE p IN ({objectors_sql('current_date', ('type1',))}) "
+            "AND g.nhs_number NOT IN (SELECT nhs_number FROM landing.hospital_episodes_valid) ORDER BY p LIMIT 1"
+        ).fetchone()
+        assert _fields_of(con, pid) == ["nhs_number"]  # from the objections collection only
+        con.execute(f"DELETE FROM {vault.SEEN}")  # a store made before the digests
+    header = "provider_code,nhs_number,date_of_birth,sex,postcode,admission_date,discharge_date,primary_diagnosis"
+    write_csv(
+        haven_home.incoming / "hospital_episodes" / "hospital_episodes_20261130b.csv",
+        header.split(","),
+        [["RR1", nhs, dob, "2", postcode, "2026-11-01", "2026-11-03", "E86"]],
+    )
+    process(haven_home)
+    with Store(haven_home).connect() as con:
+        assert _fields_of(con, pid) == ["date_of_birth", "nhs_number", "postcode"]
+
+
+def _fields_of(con, pid: str) -> list[str]:
+    return sorted(
+        r[0] for r in con.execute(f"SELECT DISTINCT field FROM {vault.IDENTITY} WHERE pid = ?", [pid]).fetchall()
+    )
