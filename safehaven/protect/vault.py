@@ -159,8 +159,11 @@ def lookup_sql(pid: str, field_name: str, value: str, key: str = "haven") -> str
 
 
 def remember(con: duckdb.DuckDBPyConnection, table: str, key: str = "haven") -> None:
-    """Add the digests of the entries of ``table`` (pid, field, value) to ``vault.seen``."""
-    con.execute(f"INSERT INTO {SEEN} SELECT pid, field, {lookup_sql('pid', 'field', 'value', key)} FROM {table}")
+    """Add the digests of the entries of ``table`` (pid, field, value) to ``vault.seen``; a
+    ``lookup`` column the table already has (made by :func:`lookup_sql` under ``key``) is used as it is."""
+    columns = {r[0] for r in con.execute(f"SELECT * FROM {table} LIMIT 0").description}
+    digest = "lookup" if "lookup" in columns else lookup_sql("pid", "field", "value", key)
+    con.execute(f"INSERT INTO {SEEN} SELECT pid, field, {digest} FROM {table}")
 
 
 def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> None:
@@ -299,7 +302,7 @@ class VaultReport:
 
 
 def _new_entries(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
-    """Temp table ``_vault_enc`` (pid, field, value): the distinct values of the batches in
+    """Temp table ``_vault_enc`` (pid, field, value, lookup): the distinct values of the batches in
     ``_vault_new`` not in the vault yet (found by their digests in ``vault.seen``); one HMAC per
     person of those batches. Needs the haven key installed as ``haven``."""
     new_where = "_batch IN (SELECT batch_id FROM _vault_new)"
@@ -311,7 +314,7 @@ def _new_entries(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
         "FROM (SELECT DISTINCT nhs FROM _vault_cand)"
     )
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT pid, field, value FROM "
+        "CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT pid, field, value, lookup FROM "
         f"(SELECT i.pid, c.field, c.value, {lookup_sql('i.pid', 'c.field', 'c.value')} AS lookup "
         "FROM _vault_cand c JOIN _vault_ids i USING (nhs)) "
         f"WHERE lookup NOT IN (SELECT lookup FROM {SEEN} WHERE lookup IS NOT NULL)"
