@@ -6,12 +6,6 @@ Each case is a real subprocess killed with a real SIGKILL (``tests.crash.harness
 Dagster instance configured by ``deploy/dagster.yaml`` (one slot in the ``safehaven_store``
 pool: without recovery the next run waits for the dead run's slot forever). All homes share
 the no-crash run's key files, so pseudonyms and releases are comparable byte for byte.
-
-The recovery run is a plain ``safehaven run`` launched through the instance (its run queue,
-code server and run worker) in the cases of ``LAUNCHED``, and ``safehaven run --in-process`` on
-the same instance in the others: both call the same recovery (``assets.runner.recover``) before
-the job starts, and the in-process run is one Python process instead of three, which keeps
-the matrix's time down (issue 13).
 """
 
 from __future__ import annotations
@@ -61,11 +55,6 @@ POINTS = [
 ]
 
 
-#: the cases whose recovery run goes through the instance's queue and launcher: the dead run
-#: held the pool's only slot (a queued run would wait for it forever), or had published
-LAUNCHED = {"validate: inside the first validation step", "publish: files in place, release not yet recorded"}
-
-
 def _env(home: Path, dagster_home: Path) -> dict[str, str]:
     """The run's environment; the custodian's passphrase creates the vault pair on the first run."""
     return {
@@ -77,13 +66,12 @@ def _env(home: Path, dagster_home: Path) -> dict[str, str]:
     }
 
 
-def _run(env: dict[str, str], *harness: str, launched: bool = True) -> subprocess.CompletedProcess:
-    """A plain ``safehaven run`` (launched through the instance, or ``launched=False``: in this
-    process on the instance), or one the harness kills: that one runs the job in its own process
-    (``--in-process``) so the kill lands inside a store step."""
+def _run(env: dict[str, str], *harness: str) -> subprocess.CompletedProcess:
+    """A plain ``safehaven run`` (launched through the instance), or one the harness kills: that
+    one runs the job in its own process (``--in-process``) so the kill lands inside a store step."""
     plain = ["-c", "from safehaven.cli.main import main; main()"]
     prefix = ["-m", "tests.crash.harness", *harness, "--"] if harness else plain
-    killed = ["--in-process"] if harness or not launched else []
+    killed = ["--in-process"] if harness else []
     return subprocess.run(
         [sys.executable, *prefix, "run", "--no-demo", *killed],
         env=env,
@@ -192,7 +180,7 @@ def test_after_a_kill_9_a_plain_run_recovers_and_equals_a_run_with_no_crash(
     assert killed.returncode == -9, f"{name}: the run was not killed where asked\n{killed.stderr[-2000:]}"
 
     started = time.monotonic()
-    again = _run(env, launched=name in LAUNCHED)
+    again = _run(env)
     assert again.returncode == 0, f"{name}: the next run failed\n{again.stdout[-2000:]}{again.stderr[-3000:]}"
     assert time.monotonic() - started < RECOVERY_LIMIT_SECONDS
     assert "Step blocked by limit for pool" not in again.stderr
