@@ -114,9 +114,12 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
             kept = f"(SELECT * FROM {incoming} WHERE {nhs} IS NULL OR {nhs} NOT IN (SELECT nhs FROM _type1))"
         con.execute(f"INSERT INTO haven.{c} {haven_select_sql(contract, kept, ids='_ids')}")
         if contract.practice_field:  # the monitor's running list sizes (objections.seed_members)
+            # the pairs of the records just written, from the source: each distinct (practice,
+            # NHS number) once, joined to its pid (not a scan of the haven table's history)
+            practice, nhs = q(contract.practice_field), q(contract.patient_key)
             new_rows = (
-                f"(SELECT {q(contract.practice_field)}, pid FROM haven.{c} "
-                "WHERE _batch IN (SELECT batch_id FROM _new_batches))"
+                f"(SELECT d.{practice}, i.pid FROM (SELECT DISTINCT {practice}, {nhs} FROM {kept}) d "
+                f"JOIN _ids i ON i.nhs = d.{nhs})"
             )
             report.practice_registrations += register_practices(con, new_rows, contract.practice_field, c)
         report.rows_out = report.rows_in - report.type1_dropped
