@@ -193,6 +193,12 @@ TYPE1_INCIDENTS = _declare(
     "detected_at TIMESTAMPTZ, collection VARCHAR, sender VARCHAR, records_dropped BIGINT, batches VARCHAR[]",
     "GP records about type 1 objectors received and dropped, per sender (guide Rule 4B; CoP 11-14)",
 )
+HAVEN_BATCHES = _declare(
+    "governance.haven_batches",
+    "batch_id VARCHAR, collection VARCHAR, built_at TIMESTAMPTZ",
+    "the accepted batches that have entered the haven, including one whose every record was a type 1 "
+    "objector's and dropped (safehaven.protect.haven)",
+)
 PRACTICE_REGISTRATIONS = _declare(
     "governance.practice_registrations",
     "practice VARCHAR, pid VARCHAR, first_seen TIMESTAMPTZ, collection VARCHAR",

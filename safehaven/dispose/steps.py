@@ -10,6 +10,7 @@ crash between two steps is completed by the next run, and a step run again does 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ def _delete_vault(
     out = dispose_vault(con, run.registry, run.keyring)
     counts["vault.identity"] = int(out["vault.identity"])
     counts["vault.data_keys"] = len(out["vault_data_keys"])
-    counts.update(_registrations(con, contract))
+    counts.update(_registrations(con, contract, run.registry.contracts.values()))
     return out
 
 
@@ -219,20 +220,35 @@ def _batch_tables(run: Run, con: duckdb.DuckDBPyConnection, collection: str) -> 
     return [(s, t) for s, t in rows if not any(t == o or t.startswith(o + "_") for o in others)]
 
 
-def _registrations(con: duckdb.DuckDBPyConnection, contract: Contract) -> dict[str, int]:
-    """GP practice registrations learned only from the disposed records (list sizes of the objection monitor)."""
+def _registrations(con: duckdb.DuckDBPyConnection, contract: Contract, contracts: Iterable[Contract]) -> dict[str, int]:
+    """GP practice registrations learned only from the disposed records (list sizes of the
+    objection monitor): a disposed person's (practice, pid) pair goes unless a kept record of any
+    collection with a practice field still shows it (a pair is recorded once, under the
+    collection that showed it first, so its tag alone cannot say what still backs it)."""
     if not contract.practice_field or not table_exists(con, "governance", "practice_registrations"):
         return {}
-    practice, nhs = q(contract.practice_field), q(contract.patient_key)
-    valid = f"landing.{q(contract.collection + '_valid')}"
+    kept = [
+        _kept_pairs_sql(c, disposed=c.collection == contract.collection)
+        for c in contracts
+        if c.practice_field and table_exists(con, "landing", f"{c.collection}_valid")
+    ]
     n = count(
         con,
-        "DELETE FROM governance.practice_registrations WHERE collection = ? AND pid IN (SELECT pid FROM _disp_ids) "
-        f"AND (practice, pid) NOT IN (SELECT DISTINCT v.{practice}, i.pid FROM {valid} v "
-        f"JOIN _disp_ids i ON i.nhs = v.{nhs} WHERE v._batch NOT IN (SELECT batch_id FROM _disp_batches))",
-        [contract.collection],
+        "DELETE FROM governance.practice_registrations WHERE pid IN (SELECT pid FROM _disp_ids) "
+        f"AND (practice, pid) NOT IN ({' UNION '.join(kept)})",
     )
     return {"governance.practice_registrations": n}
+
+
+def _kept_pairs_sql(contract: Contract, *, disposed: bool) -> str:
+    """SELECT (practice, pid) of the disposed people in ``contract``'s kept valid records (the
+    disposed batches left out when ``disposed``: they are the collection being disposed of)."""
+    practice, nhs = q(contract.practice_field or ""), q(contract.patient_key)
+    where = " WHERE v._batch NOT IN (SELECT batch_id FROM _disp_batches)" if disposed else ""
+    return (
+        f"SELECT DISTINCT v.{practice}, i.pid FROM landing.{q(contract.collection + '_valid')} v "
+        f"JOIN _disp_ids i ON i.nhs = v.{nhs}{where}"
+    )
 
 
 # 3. files: plain copies overwritten and unlinked

@@ -3,8 +3,11 @@
 Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 27b-c) and
 ``safehaven.protect.objections`` (type 1, CoP 11-14; guide Rule 4B).
 
-* Batches enter the haven once: a batch already present in ``haven.<collection>`` is not
-  processed again, so reruns add nothing.
+* Batches enter the haven once: each is recorded in ``governance.haven_batches`` in the same
+  transaction as its records, and a recorded batch (or one already present in
+  ``haven.<collection>``, for stores made before that table) is not processed again, so reruns
+  add nothing. A batch whose every record was a type 1 objector's leaves no haven row; it too
+  is recorded, so its incident and breach are recorded once, not again every night.
 * The whole move is SQL in DuckDB: one HMAC per distinct NHS number into a small temporary
   table, then one INSERT joining it back, with the type 1 drop as an anti-join against the
   register. No Python touches a row, and the records are written once (no intermediate
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+from safehaven.core import schema
 from safehaven.core.keys import Key, KeyRing, KeyRingError
 from safehaven.core.pins import epoch_key_id, start_epoch
 from safehaven.core.sql import q
@@ -33,6 +37,8 @@ from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.objections import ensure_tables, record_type1_incident, register_practices, type1_objectors_sql
 from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_key
+
+HAVEN_BATCHES = schema.HAVEN_BATCHES
 
 
 def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
@@ -80,11 +86,13 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
     con.execute(  # by shape from data: the contract's projection (safehaven.core.schema, "made elsewhere")
         f"CREATE TABLE IF NOT EXISTS haven.{c} AS {haven_select_sql(contract, f'(SELECT * FROM {source} LIMIT 0)')}"
     )
-    con.execute(
+    schema.ensure(con, HAVEN_BATCHES)
+    con.execute(  # a batch whose every record was dropped leaves no row in haven.{c}: hence HAVEN_BATCHES
         f"CREATE OR REPLACE TEMP TABLE _new_batches AS SELECT batch_id FROM {BATCHES} "
         f"WHERE collection = ? AND status = 'accepted' "
+        f"AND batch_id NOT IN (SELECT batch_id FROM {HAVEN_BATCHES} WHERE collection = ?) "
         f"AND batch_id NOT IN (SELECT DISTINCT _batch FROM haven.{c})",
-        [c],
+        [c, c],
     )
     report.batches = con.execute("SELECT count(*) FROM _new_batches").fetchone()[0]
     if report.batches == 0:
@@ -123,6 +131,7 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
             )
             report.practice_registrations += register_practices(con, new_rows, contract.practice_field, c)
         report.rows_out = report.rows_in - report.type1_dropped
+        con.execute(f"INSERT INTO {HAVEN_BATCHES} SELECT batch_id, ?, now() FROM _new_batches", [c])
         con.execute("DROP TABLE IF EXISTS _type1")
         con.execute("DROP TABLE _ids")
         con.execute("COMMIT")

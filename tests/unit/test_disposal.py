@@ -772,3 +772,36 @@ def test_command_line(world: World) -> None:
     assert runner.invoke(main, ["dispose", "--resume"]).output.strip() == "no interrupted disposal"
     refused = runner.invoke(main, ["dispose", "--agreement", STUDY, "--yes"])
     assert refused.exit_code == 1 and "in force" in refused.output
+
+
+def test_a_registration_still_shown_by_another_gp_collection_survives_a_disposal() -> None:
+    """The objection monitor's list sizes after disposing of one GP collection's batch: a person
+    whose (practice, pid) pair another collection with a practice field still shows keeps it,
+    one shown only by the disposed records loses it (equal to a full recount)."""
+    from safehaven.dispose.steps import _registrations
+    from safehaven.protect.objections import REGISTRATIONS, register_practices
+    from safehaven.protect.objections import ensure_tables as ensure_objection_tables
+
+    gp = ContractRegistry().contracts["gp_events"]
+    gp2 = gp.model_copy(update={"collection": "gp_events2"})
+    con = duckdb.connect()
+    for zone in ("governance", "landing"):
+        con.execute(f"CREATE SCHEMA {zone}")
+    ensure_objection_tables(con)
+    rows = {
+        "gp_events": [("A", "n1", "b1"), ("A", "n2", "b1"), ("A", "n3", "b1"), ("A", "n1", "b2")],
+        "gp_events2": [("A", "n3", "c1")],
+    }
+    for c, records in rows.items():
+        con.execute(f"CREATE TABLE landing.{c}_valid (practice_code VARCHAR, nhs_number VARCHAR, _batch VARCHAR)")
+        con.executemany(f"INSERT INTO landing.{c}_valid VALUES (?, ?, ?)", [list(r) for r in records])
+        source = f"(SELECT practice_code, 'pid_' || nhs_number AS pid FROM landing.{c}_valid)"
+        register_practices(con, source, "practice_code", c)
+    con.execute("CREATE TEMP TABLE _disp_batches AS SELECT 'b1' AS batch_id")
+    con.execute(
+        "CREATE TEMP TABLE _disp_ids AS SELECT DISTINCT nhs_number AS nhs, 'pid_' || nhs_number AS pid "
+        "FROM landing.gp_events_valid WHERE _batch = 'b1'"
+    )
+    assert _registrations(con, gp, [gp, gp2]) == {"governance.practice_registrations": 1}
+    left = sorted(r[0] for r in con.execute(f"SELECT pid FROM {REGISTRATIONS}").fetchall())
+    assert left == ["pid_n1", "pid_n3"]  # n1 kept in batch b2, n3 in gp_events2; n2 was only in b1

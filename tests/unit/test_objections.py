@@ -12,6 +12,7 @@ import pytest
 
 from safehaven.core import registers
 from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
 from safehaven.protect.objections import (
     EVENTS,
@@ -23,6 +24,7 @@ from safehaven.protect.objections import (
     objection_rates,
     objectors_sql,
 )
+from safehaven.protect.pseudonymise import hmac_sql, install_key
 from tests.unit.populate import populated
 
 
@@ -178,3 +180,30 @@ def test_exact_binomial_tail() -> None:
     k = round(limit * n)
     assert sum(comb(n, j) * p0**j * (1 - p0) ** (n - j) for j in range(k, n + 1)) < 0.001
     assert sum(comb(n, j) * p0**j * (1 - p0) ** (n - j) for j in range(k - 1, n + 1)) >= 0.001
+
+
+def test_a_batch_of_type1_records_only_is_recorded_once_not_every_night(home: Home, populated_haven) -> None:
+    """A GP file holding only a type 1 objector's records leaves no haven row; it still enters
+    the haven once (``governance.haven_batches``), so its incident is recorded once, not nightly."""
+    from tests.conftest import copy_haven
+    from tests.unit.populate import process, write_csv
+
+    copy_haven(populated_haven, home)
+    with Store(home).connect() as con:
+        install_key(con, "haven", KeyRing(home.keys).get("haven"))
+        nhs, practice = con.execute(
+            f"SELECT nhs_number, source_practice FROM landing.objections_valid "
+            f"WHERE {hmac_sql('nhs_number', 'haven')} IN ({objectors_sql('current_date', ('type1',))}) "
+            "AND source_practice IS NOT NULL ORDER BY 1 LIMIT 1"
+        ).fetchone()
+        before = con.execute(f"SELECT count(*) FROM {TYPE1_INCIDENTS}").fetchone()[0]
+    header = ["practice_code", "nhs_number", "date_of_birth", "sex", "postcode", "event_date", "diagnosis_code"]
+    write_csv(
+        home.incoming_for("gp_events") / "gp_events_20260101.csv",
+        header,
+        [[practice, nhs, "1950-01-01", "1", "LE6 7US", "2025-03-01", "58214004"]],
+    )
+    nights = [process(home)["gp_events"] for _ in range(3)]
+    assert [(n.batches, n.type1_dropped) for n in nights] == [(1, 1), (0, 0), (0, 0)]
+    with Store(home).connect() as con:
+        assert con.execute(f"SELECT count(*) FROM {TYPE1_INCIDENTS}").fetchone()[0] == before + 1
