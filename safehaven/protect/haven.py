@@ -4,10 +4,11 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
 ``safehaven.protect.objections`` (type 1, CoP 11-14; guide Rule 4B).
 
 * Batches enter the haven once: each is recorded in ``governance.haven_batches`` in the same
-  transaction as its records, and a recorded batch (or one already present in
-  ``haven.<collection>``, for stores made before that table) is not processed again, so reruns
-  add nothing. A batch whose every record was a type 1 objector's leaves no haven row; it too
-  is recorded, so its incident and breach are recorded once, not again every night.
+  transaction as its records, and a recorded batch is not processed again, so reruns add
+  nothing and a night never scans the haven's history to tell new batches from old (a store
+  made before that table has it filled once from ``haven.<collection>``). A batch whose every
+  record was a type 1 objector's leaves no haven row; it too is recorded, so its incident and
+  breach are recorded once, not again every night.
 * The whole move is SQL in DuckDB: one HMAC per distinct NHS number into a small temporary
   table, then one INSERT joining it back, with the type 1 drop as an anti-join against the
   register. No Python touches a row, and the records are written once (no intermediate
@@ -76,6 +77,18 @@ class HavenReport:
     practice_registrations: int = 0
 
 
+def _seed_haven_batches(con: duckdb.DuckDBPyConnection, collection: str) -> None:
+    """Record the batches already in ``haven.<collection>`` when none is recorded for it (a store
+    made before ``governance.haven_batches``, or a table emptied): once, so a night does not scan
+    the haven's history to tell new batches from old."""
+    schema.ensure(con, HAVEN_BATCHES)
+    recorded = con.execute(f"SELECT count(*) FROM {HAVEN_BATCHES} WHERE collection = ?", [collection]).fetchone()[0]
+    if not recorded:
+        con.execute(
+            f"INSERT INTO {HAVEN_BATCHES} SELECT DISTINCT _batch, ?, now() FROM haven.{collection}", [collection]
+        )
+
+
 def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: Key) -> HavenReport:
     """Pseudonymise accepted batches not yet in the haven; drop and count type 1 records."""
     ensure_tables(con)
@@ -86,12 +99,11 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
     con.execute(  # by shape from data: the contract's projection (safehaven.core.schema, "made elsewhere")
         f"CREATE TABLE IF NOT EXISTS haven.{c} AS {haven_select_sql(contract, f'(SELECT * FROM {source} LIMIT 0)')}"
     )
-    schema.ensure(con, HAVEN_BATCHES)
+    _seed_haven_batches(con, c)
     con.execute(  # a batch whose every record was dropped leaves no row in haven.{c}: hence HAVEN_BATCHES
         f"CREATE OR REPLACE TEMP TABLE _new_batches AS SELECT batch_id FROM {BATCHES} "
         f"WHERE collection = ? AND status = 'accepted' "
-        f"AND batch_id NOT IN (SELECT batch_id FROM {HAVEN_BATCHES} WHERE collection = ?) "
-        f"AND batch_id NOT IN (SELECT DISTINCT _batch FROM haven.{c})",
+        f"AND batch_id NOT IN (SELECT batch_id FROM {HAVEN_BATCHES} WHERE collection = ?)",
         [c, c],
     )
     report.batches = con.execute("SELECT count(*) FROM _new_batches").fetchone()[0]

@@ -207,3 +207,25 @@ def test_a_batch_of_type1_records_only_is_recorded_once_not_every_night(home: Ho
     assert [(n.batches, n.type1_dropped) for n in nights] == [(1, 1), (0, 0), (0, 0)]
     with Store(home).connect() as con:
         assert con.execute(f"SELECT count(*) FROM {TYPE1_INCIDENTS}").fetchone()[0] == before + 1
+
+
+def test_a_store_without_the_haven_batch_record_has_it_filled_once_and_adds_nothing(
+    home: Home, populated_haven
+) -> None:
+    """A store made before ``governance.haven_batches``: its haven's batches are recorded once
+    from the haven table, and a rerun adds no record (batches enter the haven once)."""
+    from tests.conftest import copy_haven
+    from tests.unit.populate import process
+
+    copy_haven(populated_haven, home)
+    with Store(home).connect() as con:
+        recorded = con.execute("SELECT collection, count(*) FROM governance.haven_batches GROUP BY 1 ORDER BY 1")
+        recorded = recorded.fetchall()
+        con.execute("DELETE FROM governance.haven_batches")
+        rows = con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0]
+    reports = process(home)
+    assert all(r.batches == 0 for r in reports.values())
+    with Store(home).connect() as con:
+        assert con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] == rows
+        again = con.execute("SELECT collection, count(*) FROM governance.haven_batches GROUP BY 1 ORDER BY 1")
+        assert again.fetchall() == recorded
