@@ -243,7 +243,7 @@ def _registrations(con: duckdb.DuckDBPyConnection, contract: Contract, contracts
 def _kept_pairs_sql(contract: Contract, *, disposed: bool) -> str:
     """SELECT (practice, pid) of the disposed people in ``contract``'s kept valid records (the
     disposed batches left out when ``disposed``: they are the collection being disposed of)."""
-    practice, nhs = q(contract.practice_field or ""), q(contract.patient_key)
+    practice, nhs = q(str(contract.practice_field)), q(contract.patient_key)
     where = " WHERE v._batch NOT IN (SELECT batch_id FROM _disp_batches)" if disposed else ""
     return (
         f"SELECT DISTINCT v.{practice}, i.pid FROM landing.{q(contract.collection + '_valid')} v "

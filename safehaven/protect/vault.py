@@ -158,12 +158,10 @@ def lookup_sql(pid: str, field_name: str, value: str, key: str = "haven") -> str
     return f"md5_number({derived} || encode({pid} || '|' || {field_name} || '|' || {value}))"
 
 
-def remember(con: duckdb.DuckDBPyConnection, table: str, key: str = "haven") -> None:
-    """Add the digests of the entries of ``table`` (pid, field, value) to ``vault.seen``; a
-    ``lookup`` column the table already has (made by :func:`lookup_sql` under ``key``) is used as it is."""
-    columns = {r[0] for r in con.execute(f"SELECT * FROM {table} LIMIT 0").description}
-    digest = "lookup" if "lookup" in columns else lookup_sql("pid", "field", "value", key)
-    con.execute(f"INSERT INTO {SEEN} SELECT pid, field, {digest} FROM {table}")
+def remember(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    """Add the digests of the entries of ``table`` (pid, field, value, lookup) to ``vault.seen``:
+    every table of entries carries its ``lookup`` column, made once by :func:`lookup_sql`."""
+    con.execute(f"INSERT INTO {SEEN} SELECT pid, field, lookup FROM {table}")
 
 
 def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> None:
@@ -192,10 +190,11 @@ def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]
         "FROM (SELECT DISTINCT nhs FROM _vault_old)"
     )
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE _vault_old_entries AS SELECT DISTINCT i.pid, o.field, o.value "
+        "CREATE OR REPLACE TEMP TABLE _vault_old_entries AS SELECT pid, field, "
+        f"{lookup_sql('pid', 'field', 'value')} AS lookup FROM (SELECT DISTINCT i.pid, o.field, o.value "
         "FROM _vault_old o JOIN _vault_old_ids i USING (nhs) "
         f"WHERE NOT (o.gp AND i.pid IN ({ever_type1_objectors_sql()})) "
-        f"AND (i.pid, o.field) IN (SELECT pid, field FROM {IDENTITY})"
+        f"AND (i.pid, o.field) IN (SELECT pid, field FROM {IDENTITY}))"
     )
     remember(con, "_vault_old_entries")
     for t in ("_vault_old_entries", "_vault_old_ids", "_vault_old"):
@@ -210,11 +209,9 @@ def _vaulted_where(contract: Contract) -> str:
 # --- writing ---------------------------------------------------------------------------
 
 
-def encrypt_entries(
-    con: duckdb.DuckDBPyConnection, table: str, public: Key, collection: str, lookup_key: str = "haven"
-) -> int:
-    """Encrypt rows ``(pid, field, value)`` of temp ``table`` into the vault under one new data key,
-    and keep each entry's lookup digest under the installed key ``lookup_key`` (module docstring).
+def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, collection: str) -> int:
+    """Encrypt rows ``(pid, field, value, lookup)`` of temp ``table`` into the vault under one new
+    data key, and keep each entry's lookup digest (module docstring).
 
     DuckDB prepares each entry's plaintext and associated data as bytes (``_ad_sql``), so the
     only per-entry Python is the AES-GCM call itself (see the module docstring), over distinct
@@ -260,7 +257,7 @@ def encrypt_entries(
         )
     finally:
         con.unregister("_vault_rows")
-    remember(con, table, lookup_key)
+    remember(con, table)
     return n
 
 
@@ -481,11 +478,12 @@ def encrypt_by_collection(con: duckdb.DuckDBPyConnection, table: str, public: Ke
     collections = con.execute(f"SELECT DISTINCT collection FROM {table} ORDER BY 1").fetchall()
     for (collection,) in collections:  # per collection, not per row
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT DISTINCT pid, field, value FROM {table} "
-            "WHERE collection IS NOT DISTINCT FROM ?",
+            "CREATE OR REPLACE TEMP TABLE _vault_enc AS SELECT pid, field, value, "
+            f"{lookup_sql('pid', 'field', 'value', lookup_key)} AS lookup "
+            f"FROM (SELECT DISTINCT pid, field, value FROM {table} WHERE collection IS NOT DISTINCT FROM ?)",
             [collection],
         )
-        total += encrypt_entries(con, "_vault_enc", public, collection, lookup_key)
+        total += encrypt_entries(con, "_vault_enc", public, collection)
     con.execute("DROP TABLE IF EXISTS _vault_enc")
     return total
 

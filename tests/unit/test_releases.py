@@ -481,7 +481,9 @@ def _vault(haven: Haven) -> None:
     public = haven.keyring.get_public(VAULT)  # the pair the custodian created with the haven
     vault.ensure_tables(haven.con)
     haven.con.execute(
-        "CREATE OR REPLACE TEMP TABLE _v AS SELECT unnest(?) AS pid, 'nhs_number' AS field, unnest(?) AS value",
+        "CREATE OR REPLACE TEMP TABLE _v AS SELECT *, "
+        f"{vault.lookup_sql('pid', 'field', 'value')} AS lookup FROM "
+        "(SELECT unnest(?) AS pid, 'nhs_number' AS field, unnest(?) AS value)",
         [[haven.pids[n] for n in NHS[:52]], NHS[:52]],
     )
     vault.encrypt_entries(haven.con, "_v", public, "hospital_episodes")
