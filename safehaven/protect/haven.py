@@ -8,7 +8,8 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
   nothing and a night never scans the haven's history to tell new batches from old (a store
   made before that table has it filled once from ``haven.<collection>``). A batch whose every
   record was a type 1 objector's leaves no haven row; it too is recorded, so its incident and
-  breach are recorded once, not again every night.
+  breach are recorded once, not again every night. The incident and the breach are written in
+  that same transaction, so a kill cannot leave a batch entered without them (guide Rule 4B).
 * The whole move is SQL in DuckDB: one HMAC per distinct NHS number into a small temporary
   table, then one INSERT joining it back, with the type 1 drop as an anti-join against the
   register. No Python touches a row, and the records are written once (no intermediate
@@ -143,6 +144,9 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
             )
             report.practice_registrations += register_practices(con, new_rows, contract.practice_field, c)
         report.rows_out = report.rows_in - report.type1_dropped
+        # in the same transaction as the batch's entry: a kill after the commit cannot lose the
+        # incident of a batch that will never be new again (both registers are plain INSERTs)
+        record_type1_incident(con, c, report.type1_by_sender, batches)
         con.execute(f"INSERT INTO {HAVEN_BATCHES} SELECT batch_id, ?, now() FROM _new_batches", [c])
         con.execute("DROP TABLE IF EXISTS _type1")
         con.execute("DROP TABLE _ids")
@@ -150,6 +154,4 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
     except Exception:
         con.execute("ROLLBACK")
         raise
-    # after the commit: the breach register may write the audit trail in its own transaction
-    record_type1_incident(con, c, report.type1_by_sender, batches)
     return report

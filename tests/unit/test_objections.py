@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -26,6 +27,8 @@ from safehaven.protect.objections import (
 )
 from safehaven.protect.pseudonymise import hmac_sql, install_key
 from tests.unit.populate import populated
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _memory() -> duckdb.DuckDBPyConnection:
@@ -182,13 +185,11 @@ def test_exact_binomial_tail() -> None:
     assert sum(comb(n, j) * p0**j * (1 - p0) ** (n - j) for j in range(k - 1, n + 1)) >= 0.001
 
 
-def test_a_batch_of_type1_records_only_is_recorded_once_not_every_night(home: Home, populated_haven) -> None:
-    """A GP file holding only a type 1 objector's records leaves no haven row; it still enters
-    the haven once (``governance.haven_batches``), so its incident is recorded once, not nightly."""
-    from tests.conftest import copy_haven
-    from tests.unit.populate import process, write_csv
+def _type1_only_gp_file(home: Home) -> int:
+    """Write a GP file holding one record of a type 1 objector (sent by a practice that should
+    have withheld it); returns how many type 1 incidents the store held before."""
+    from tests.unit.populate import write_csv
 
-    copy_haven(populated_haven, home)
     with Store(home).connect() as con:
         install_key(con, "haven", KeyRing(home.keys).get("haven"))
         nhs, practice = con.execute(
@@ -203,10 +204,69 @@ def test_a_batch_of_type1_records_only_is_recorded_once_not_every_night(home: Ho
         header,
         [[practice, nhs, "1950-01-01", "1", "LE6 7US", "2025-03-01", "58214004"]],
     )
+    return before
+
+
+def _incidents_and_breaches(home: Home) -> tuple[int, int]:
+    with Store(home).connect() as con:
+        incidents = con.execute(f"SELECT count(*) FROM {TYPE1_INCIDENTS}").fetchone()[0]
+        breaches = [b for b in registers.breaches(con) if b["kind"] == "type1_objection_disregarded"]
+    return incidents, len(breaches)
+
+
+def test_a_batch_of_type1_records_only_is_recorded_once_not_every_night(home: Home, populated_haven) -> None:
+    """A GP file holding only a type 1 objector's records leaves no haven row; it still enters
+    the haven once (``governance.haven_batches``), so its incident is recorded once, not nightly."""
+    from tests.conftest import copy_haven
+    from tests.unit.populate import process
+
+    copy_haven(populated_haven, home)
+    before = _type1_only_gp_file(home)
     nights = [process(home)["gp_events"] for _ in range(3)]
     assert [(n.batches, n.type1_dropped) for n in nights] == [(1, 1), (0, 0), (0, 0)]
-    with Store(home).connect() as con:
-        assert con.execute(f"SELECT count(*) FROM {TYPE1_INCIDENTS}").fetchone()[0] == before + 1
+    assert _incidents_and_breaches(home)[0] == before + 1
+
+
+KILLED_AT_THE_INCIDENT = """
+import sys
+from pathlib import Path
+from tests.crash.harness import arm
+arm("safehaven.protect.haven:record_type1_incident", 1, sys.argv[2])
+from safehaven.core.home import Home
+from tests.unit.populate import process
+process(Home(Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_kill_as_the_type1_incident_is_recorded_loses_neither_the_incident_nor_the_breach(
+    home: Home, populated_haven, when: str
+) -> None:
+    """The incident and its breach are written in the transaction that enters the batch into
+    the haven (``safehaven.protect.haven``): a ``kill -9`` just before or just after writing
+    them leaves either nothing of the batch (the next night does it all) or all of it; never a
+    batch entered whose incident is lost (it would never be new again). guide Rule 4B."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import copy_haven
+    from tests.unit.populate import process
+
+    copy_haven(populated_haven, home)
+    before = _type1_only_gp_file(home)
+    before_breaches = _incidents_and_breaches(home)[1]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AT_THE_INCIDENT, str(home.root), when],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    process(home)
+    assert _incidents_and_breaches(home) == (before + 1, before_breaches + 1)
 
 
 def test_a_store_without_the_haven_batch_record_has_it_filled_once_and_adds_nothing(
