@@ -27,11 +27,12 @@ ui: install
 	$(BIN)/dagster dev -w workspace.yaml
 
 # The whole suite, slow tier included, on $(TEST_WORKERS) pytest-xdist workers; each test module
-# stays on one worker (loadscope), so a module's shared run is built once. For a targeted run,
+# stays on one worker (one xdist group; the crash matrix is split in two), so a module's shared
+# run is built once, and the longest groups start first (tests/conftest.py). For a targeted run,
 # call pytest directly (one process); `pytest -m "not slow"` is the quick tier.
 TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -182,3 +182,42 @@ def dagster_instance(tmp_path: Path, home: Home):
 
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
         yield instance
+
+
+# --- scheduling on pytest-xdist workers (``make test``: ``--dist loadgroup --no-loadscope-reorder``) ---
+
+#: The crash matrix is split into this many groups, so its cases run on every worker (each
+#: group builds its own no-crash run once); any other module is one group, so a module's
+#: shared full-job run is still built once.
+CRASH_GROUPS = 2
+CRASH_GROUP = "crash-matrix-{}"
+#: Marks of the long end-to-end tests: a module holding one is scheduled before the others.
+HEAVY_MARKS = ("slow", "deploy")
+
+
+def crash_group(index: int) -> pytest.MarkDecorator:
+    """The ``xdist_group`` of the crash matrix's ``index``-th case."""
+    return pytest.mark.xdist_group(CRASH_GROUP.format(index % CRASH_GROUPS))
+
+
+def _group(item: pytest.Item) -> str:
+    marks = [m.kwargs.get("name", m.args[0] if m.args else "") for m in item.iter_markers("xdist_group")]
+    return marks[0] if marks else item.nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test in an ``xdist_group`` (its module's unless it names one) and the longest groups
+    first: the crash matrix's, then the modules with a slow or deploy test, then the rest in
+    collection order. The workers take groups from that queue as they finish one, so the long
+    ones start first and the two workers end at about the same time (the longest job first).
+    """
+    heavy = {_group(i) for i in items if any(i.get_closest_marker(m) for m in HEAVY_MARKS)}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+    def rank(item: pytest.Item) -> int:
+        group = _group(item)
+        return 0 if group.startswith(CRASH_GROUP.format("")) else 1 if group in heavy else 2
+
+    items.sort(key=rank)

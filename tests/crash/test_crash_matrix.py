@@ -26,7 +26,7 @@ from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.tools import synthetic
-from tests.conftest import TEST_PASSPHRASE
+from tests.conftest import TEST_PASSPHRASE, crash_group
 from tests.governance_helpers import adopt_project_agreements
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +168,10 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "target", "nth", "when"), POINTS, ids=[p[0] for p in POINTS])
+@pytest.mark.parametrize(
+    ("name", "target", "nth", "when"),
+    [pytest.param(*point, id=point[0], marks=crash_group(i)) for i, point in enumerate(POINTS)],
+)
 def test_after_a_kill_9_a_plain_run_recovers_and_equals_a_run_with_no_crash(
     baseline: tuple[Path, dict[str, object]], tmp_path: Path, name: str, target: str, nth: int, when: str
 ) -> None:

@@ -292,6 +292,7 @@ def _state(home: Home) -> str:
     return "committed, not installed" if committed == keyring.staged_public_id(VAULT) else "staged"
 
 
+@pytest.mark.slow
 def test_vault_rotation_killed_at_every_step_loses_no_entry(home: Home, tmp_path: Path) -> None:
     populated(home, patients=60)
     with Store(home).connect() as con:  # a haven that has run has an audit trail (and its key) already
@@ -358,6 +359,7 @@ def _unsealed_private_keys(root: Path, vault_pub: bytes) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifiable_extract(tmp_path: Path) -> None:
     contracts = tmp_path / "data_contracts"
     shutil.copytree(ROOT / "data_contracts", contracts)
