@@ -13,7 +13,9 @@ period ends last month, as a real nightly drop's would), into ONE haven home:
    objection statements to its register, in ONE persistent encrypted DuckDB file, and rebuilds
    the outputs over the whole haven, as the pipeline does.
 4. After the last night, one more pipeline run with an empty ``incoming/``: the fixed cost of
-   a run with nothing to do (``idle_run_seconds``: the worker process, start to exit).
+   a run with nothing to do (``idle_run_seconds``: the worker process, start to exit). The
+   haven's one-time set-up (the vault pair, the agreements adopted) is done once before night 1
+   in its own worker, so neither a night nor the idle run counts it.
 
 Per night: wall and CPU seconds per stage (an asset's ``safehaven/stage`` tag, or its group),
 the job's wall and CPU seconds, peak RSS, the store's bytes, each over night 1; the
@@ -73,13 +75,22 @@ def _generate(
 def _pipeline(runner: bench.Runner, home: Path, work: Path, name: str, threads: int | None) -> dict[str, Any]:
     """The nightly job on whatever ``home/incoming`` holds, in a fresh worker."""
     out = work / f"{name}.json"
-    args = ["--home", str(home), "--out", str(out)] + (["--threads", str(threads)] if threads else [])
+    args = ["--home", str(home), "--out", str(out), "--no-set-up"] + (["--threads", str(threads)] if threads else [])
     code, seconds = runner.run("benchmarks.pipeline", args, name, {"DAGSTER_HOME": str(work / "dagster_home")})
     doc = runner.load(out, name, f"the pipeline run ({name})", code)
     store = home / "store" / "haven.duckdb"
     doc.update(seconds_process=seconds, exit_code=code, store_bytes=store.stat().st_size if store.exists() else 0)
     doc["stages"] = bench.pipeline_stages(doc)
     return doc
+
+
+def _set_up(runner: bench.Runner, home: Path, work: Path) -> None:
+    """The haven's one-time set-up, in its own worker before night 1: no night pays for it, and
+    the run with nothing to do measures a run, not the set-up (``benchmarks.pipeline``)."""
+    out = work / "pipeline_set_up.json"
+    args = ["--home", str(home), "--out", str(out), "--set-up-only"]
+    code, _ = runner.run("benchmarks.pipeline", args, "pipeline_set_up", {"DAGSTER_HOME": str(work / "dagster_home")})
+    runner.load(out, "pipeline_set_up", "the haven's set-up", code)
 
 
 def _baseline(runner: bench.Runner, drop: Path, work: Path, name: str, threads: int | None) -> dict[str, Any]:
@@ -107,6 +118,7 @@ def run_nights(args: argparse.Namespace, patients: int, work: Path, runner: benc
     (nights_work / "dagster_home").mkdir(parents=True)
     nights: list[dict[str, Any]] = []
     ends = period_ends(args.nights)
+    _set_up(runner, home, nights_work)
     for i, end in enumerate(ends, start=1):
         runner.say(f"night {i}/{len(ends)}: generating the drop ending {end} ({patients:,} patients)")
         drop, rows = _generate(runner, work / "drops" / f"night_{i}", patients, args.seed, end, cache)

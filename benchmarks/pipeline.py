@@ -303,10 +303,17 @@ def _adopt_agreements(home: Path) -> None:
         approvals.adopt(con, None, BENCHMARK_ADOPTER, reason, registry=ContractRegistry(), actor=current_actor())
 
 
-def run(home: Path, threads: int | None, trace_sql: bool = False) -> dict[str, Any]:
-    os.environ["SAFEHAVEN_HOME"] = str(home)
+def set_up(home: Path) -> None:
+    """The haven's one-time set-up a person does before its first run (the vault pair, the
+    agreements adopted): not part of any night's cost, so a multi-night run does it once."""
     _vault_pair(home)
     _adopt_agreements(home)
+
+
+def run(home: Path, threads: int | None, trace_sql: bool = False, *, with_set_up: bool = True) -> dict[str, Any]:
+    os.environ["SAFEHAVEN_HOME"] = str(home)
+    if with_set_up:
+        set_up(home)
     import dagster as dg
 
     trace: list[tuple[float, str, float, float]] = []
@@ -363,8 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--trace-sql", action="store_true", help="time every store statement (profiling)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--set-up-only", action="store_true", help="only the haven's one-time set-up (no run)")
+    mode.add_argument("--no-set-up", action="store_true", help="the haven is set up already (--set-up-only)")
     args = parser.parse_args(argv)
-    doc = run(args.home.resolve(), args.threads or None, args.trace_sql)
+    if args.set_up_only:
+        os.environ["SAFEHAVEN_HOME"] = str(args.home.resolve())
+        set_up(args.home.resolve())
+        write_json(args.out, {"success": True, "set_up": True})
+        return 0
+    doc = run(args.home.resolve(), args.threads or None, args.trace_sql, with_set_up=not args.no_set_up)
     write_json(args.out, doc)
     return 0 if doc["success"] else 1
 
