@@ -34,11 +34,17 @@ def landing_asset(contract: Contract) -> dg.AssetsDefinition:
                 f"{contract.collection}: file quarantined ({item['rule']}); "
                 f"see quarantine/{contract.collection}/{item['file']}.reason.json"
             )
+        if report.files_vanished:
+            context.log.info(
+                f"{contract.collection}: {report.files_vanished} file(s) were renamed or removed by their "
+                "sender while the folder was read; whatever is in the folder now is read by the next run"
+            )
         return dg.MaterializeResult(
             metadata={
                 "files_landed": report.files_landed,
                 "files_skipped_already_landed": report.files_skipped,
                 "files_quarantined": report.files_quarantined,
+                "files_vanished": report.files_vanished,
                 "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
                 "rows_in": report.rows_landed,
                 "rows_out": report.rows_landed,

@@ -262,6 +262,19 @@ def scrub(text: str) -> str:
     return "".join(kept)
 
 
+def shown_name(name: str) -> str:
+    """A received file's name as the haven shows and records it: in logs, Dagster metadata,
+    reason files, quarantine and the batch register (the one rule for names from outside).
+
+    Bytes that are not UTF-8 and characters that do not print (a line feed, a tab, an escape)
+    are written as backslash escapes, so a name can neither break a log line nor forge one;
+    then :func:`scrub` withholds any run that looks like an NHS number (CoP 8a: identifiers
+    never reach logs or metadata). The name on the sender's side is unchanged."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return scrub(printable)
+
+
 def _check_no_identifier(value: Any, where: str) -> None:
     """Raise ValueError if ``value`` (or anything inside it) looks like an NHS number."""
     if isinstance(value, Mapping):

@@ -11,9 +11,10 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   Parquet), ``file.empty``, ``file.nul_byte``, ``file.encoding``, ``file.header.missing``,
   ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
   ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
-  ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting) or ``file.no_rows``. A
-  UTF-8 byte-order mark (removed before the header is parsed), CRLF line ends and quoted
-  header names (every field quoted, as pandas ``QUOTE_ALL`` and Excel write) are accepted.
+  ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting), ``file.no_rows`` or
+  ``file.name`` (a name that is not UTF-8 text). One UTF-8 byte-order mark (removed before the
+  header is parsed; two or more are ``file.encoding``), CRLF line ends and quoted header names
+  (every field quoted, as pandas ``QUOTE_ALL`` and Excel write) are accepted.
 * **Every file is contained** (the project's "no file can fail a stage" rule): whatever goes
   wrong while reading one file quarantines that file, never the stage, and nothing stays in
   ``incoming/``. A first line longer than ``MAX_HEADER_BYTES`` (e.g. a 10 MB file with no
@@ -21,10 +22,16 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   longer than DuckDB's line limit is ``file.field_too_large``; any other error reading it is
   ``file.unreadable`` (the reason names the error's type, never its text, which may quote
   values).
-* **Nothing outside the home is read** (CoP 27h: a secure environment): a symbolic link, a
-  folder, a device or a pipe in a collection folder is quarantined as it is
-  (``file.not_regular``) without being opened or followed, and so is a collection folder
-  that is itself a link or not a folder (its target is never listed).
+* **Nothing outside the home is read or overwritten** (CoP 27h: a secure environment): a
+  symbolic link, a hard link (a file with another name, whose bytes landing would shred: it
+  is copied into quarantine and its name here unlinked), a folder, a device or a pipe in a
+  collection folder is quarantined as it is (``file.not_regular``) without being followed, and so is a collection folder
+  that is itself a link or not a folder (its target is never listed). An entry renamed or
+  removed by its sender while the folder is read is left alone (``files_vanished``): the
+  stage goes on with the next file.
+* **Names from outside are shown safely** (``safehaven.core.audit.shown_name``): in logs,
+  metadata, reason files, quarantine and the batch register a received file's name has its
+  non-printing characters and non-UTF-8 bytes escaped and any NHS-number-like run withheld.
 * Landing is idempotent: a file is known by its SHA-256, and a file already landed is
   skipped. A file lands in one transaction with its batch record.
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
@@ -37,6 +44,7 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import io
@@ -52,6 +60,7 @@ from pathlib import Path
 import duckdb
 
 from safehaven.core import schema
+from safehaven.core.audit import shown_name
 from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract
@@ -82,6 +91,8 @@ class IngestReport:
     files_landed: int = 0
     files_skipped: int = 0
     files_quarantined: int = 0
+    #: entries gone before they could be read (renamed or removed by the sender meanwhile)
+    files_vanished: int = 0
     rows_landed: int = 0
     quarantined: list[dict[str, str]] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
@@ -95,12 +106,26 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     con.execute(f"CREATE TABLE IF NOT EXISTS landing.{contract.collection} ({cols}, _batch VARCHAR, _row BIGINT)")
 
 
+def _one_bom_at_most(path: Path) -> None:
+    """A UTF-8 byte-order mark is accepted once (Excel's "CSV UTF-8"); two or more are refused by
+    name (``file.encoding``), not left to be misread as broken CSV."""
+    with open(path, "rb") as fh:
+        start = fh.read(len(codecs.BOM_UTF8) * 2)
+    if start == codecs.BOM_UTF8 * 2:
+        raise FileRejected(
+            "file.encoding",
+            "the file starts with more than one UTF-8 byte-order mark",
+            "save the file again as UTF-8 (with one byte-order mark at most)",
+        )
+
+
 def check_bytes(path: Path) -> None:
     """Non-empty, valid UTF-8, no NUL bytes: checked in 1 MiB chunks, not per row."""
     if path.stat().st_size == 0:
         raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
+    _one_bom_at_most(path)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             if b"\x00" in chunk:
@@ -330,14 +355,15 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     """Move the whole file to quarantine with a reason file a person can act on."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest_dir.chmod(0o700)
-    dest = dest_dir / path.name
-    if os.path.lexists(dest):
-        dest = dest_dir / f"{path.stem}.{sha[:12]}{path.suffix}"
-    shutil.move(str(path), dest)
+    shown = Path(shown_name(path.name))
+    dest = dest_dir / shown.name
+    if os.path.lexists(dest) or os.path.lexists(dest.with_name(dest.name + ".reason.json")):
+        dest = dest_dir / f"{shown.stem}.{sha[:12]}{shown.suffix}"
+    _move_whole(path, dest)
     reason = {
         "collection": contract.collection,
         "contract_version": contract.version,
-        "file": path.name,
+        "file": shown.name,
         "quarantined_as": dest.name,
         "sha256": sha,
         "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -349,6 +375,18 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     }
     dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=2))
     return dest
+
+
+def _move_whole(path: Path, dest: Path) -> None:
+    """Move an entry to quarantine as it is; a file with another hard link is copied and its
+    name unlinked, so quarantine holds a file of its own and a later shred of it (disposal)
+    never overwrites the bytes of the other name, which may be outside the home."""
+    entry = os.lstat(path)
+    if stat.S_ISREG(entry.st_mode) and entry.st_nlink > 1:
+        shutil.copyfile(path, dest, follow_symlinks=False)
+        path.unlink()
+        return
+    shutil.move(str(path), dest)
 
 
 def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str) -> int:
@@ -366,7 +404,7 @@ def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sh
             raise FileRejected("file.no_rows", "the file has a header but no rows", "send the file again with its rows")
         con.execute(
             f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?)",
-            [sha, contract.collection, path.name, sha, rows, contract.version],
+            [sha, contract.collection, shown_name(path.name), sha, rows, contract.version],
         )
         con.execute("COMMIT")
         return int(rows)
@@ -399,12 +437,19 @@ def not_regular(path: Path) -> FileRejected | None:
     """Why ``path`` is not a plain file of the home (``file.not_regular``), from ``lstat`` only.
 
     A symbolic link is never followed (its target may be anywhere, e.g. ``/etc/passwd``), so
-    it is refused whatever it points to; so are folders, devices, pipes and sockets.
+    it is refused whatever it points to; so are folders, devices, pipes and sockets, and a
+    file with another hard link (its bytes are also a name elsewhere, perhaps outside the
+    home, which landing would shred).
     """
-    mode = os.lstat(path).st_mode
-    if stat.S_ISREG(mode):
+    entry = os.lstat(path)
+    if stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1:
         return None
-    kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+    if stat.S_ISREG(entry.st_mode):
+        kind = "a hard link (the same file also has another name)"
+    elif stat.S_ISLNK(entry.st_mode):
+        kind = "a symbolic link"
+    else:
+        kind = "a folder" if stat.S_ISDIR(entry.st_mode) else "not a regular file"
     return FileRejected(
         "file.not_regular",
         f"the entry is {kind}; only plain files placed in the collection folder are read "
@@ -412,6 +457,19 @@ def not_regular(path: Path) -> FileRejected | None:
         "place the file itself (a copy, not a link) in the collection folder",
         {"kind": kind},
     )
+
+
+def bad_name(path: Path) -> FileRejected | None:
+    """Why ``path``'s name cannot be read as given (``file.name``): bytes that are not UTF-8."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return FileRejected(
+            "file.name",
+            f"the file name is not UTF-8 text (shown as {shown_name(path.name)!r}); the file was not read",
+            "rename the file with letters, digits, '-', '_' and '.' only, and place it again",
+        )
+    return None
 
 
 def _name_hash(path: Path) -> str:
@@ -452,6 +510,8 @@ def _record(report: IngestReport, dest: Path, err: FileRejected, sha: str) -> No
 def _hash(path: Path) -> str:
     try:
         return sha256_file(path)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise _unreadable(exc) from None
 
@@ -485,7 +545,8 @@ def _ingest_one(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, 
     report.files_landed += 1
     report.rows_landed += rows
     report.batches.append(sha)
-    shred_file(path)
+    with contextlib.suppress(FileNotFoundError):  # landed; removed meanwhile by its sender
+        shred_file(path)
 
 
 def ingest_collection(
@@ -501,13 +562,27 @@ def ingest_collection(
     if _refuse_folder(incoming, quarantine_dir, contract, report):
         return report
     for path in sorted(incoming.iterdir()):
-        sha, err = _name_hash(path), not_regular(path)
-        if err is None:
-            try:
-                sha = _hash(path)
-                _ingest_one(con, path, contract, sha, report)
-                continue
-            except FileRejected as rejected:
-                err = rejected
-        _record(report, quarantine(path, quarantine_dir, contract, sha, err), err, sha)
+        try:
+            _ingest_entry(con, path, contract, quarantine_dir, report)
+        except FileNotFoundError:  # renamed or removed by the sender while we looked: not ours now
+            if os.path.lexists(path):
+                raise
+            report.files_vanished += 1
     return report
+
+
+def _ingest_entry(
+    con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, quarantine_dir: Path, report: IngestReport
+) -> None:
+    """Land one entry of the collection folder, or quarantine it whole."""
+    sha, err = _name_hash(path), not_regular(path) or bad_name(path)
+    if err is None:
+        try:
+            sha = _hash(path)
+            _ingest_one(con, path, contract, sha, report)
+            return
+        except FileRejected as rejected:
+            err = rejected
+    if not os.path.lexists(path):
+        raise FileNotFoundError(path)
+    _record(report, quarantine(path, quarantine_dir, contract, sha, err), err, sha)

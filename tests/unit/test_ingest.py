@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,7 @@ CSV_BUILDERS: dict[str, Callable[[str], bytes]] = {
     "ragged": _ragged,
     "broken_quote": lambda body: (HEADER + "\n" + body.replace("M83337", '"M83337', 1)).encode(),
     "header_only": lambda body: (HEADER + "\n").encode(),
+    "double_bom": lambda body: ("\ufeff\ufeff" + HEADER + "\n" + body).encode(),
 }
 
 
@@ -91,6 +93,7 @@ CSV_CASES = {
     "ragged": "file.malformed",
     "broken_quote": "file.malformed",
     "header_only": "file.no_rows",
+    "double_bom": "file.encoding",
 }
 
 
@@ -215,6 +218,102 @@ def test_two_bad_files_with_one_name_are_both_kept(store: Store, earlier: Home) 
     _, second = _ingest_one(store, earlier, "gp.csv", _csv_bytes("broken_quote"))
     assert second.name != "gp.csv"
     assert len(list(earlier.quarantine_for("gp_events").glob("*.reason.json"))) == 2
+
+
+def test_a_hard_linked_file_is_quarantined_and_the_other_name_keeps_its_bytes(
+    store: Store, earlier: Home, tmp_path: Path
+) -> None:
+    """A file with another hard link shares its bytes with a name outside the collection folder
+    (here: outside the home): it is not landed, and neither ingest nor a later disposal of the
+    quarantined copy overwrites those bytes."""
+    from safehaven.core.files import shred_file
+
+    outside = tmp_path / "sender_archive.csv"
+    data = (HEADER + "\n" + LINE + "\n").encode()
+    outside.write_bytes(data)
+    linked = earlier.incoming_for("gp_events") / "gp_linked.csv"
+    linked.hardlink_to(outside)
+    before = _state(store)
+    with store.connect() as con:
+        report = ingest_collection(con, GP, earlier.incoming_for("gp_events"), earlier.quarantine_for("gp_events"))
+    assert (report.files_landed, report.files_quarantined) == (0, 1)
+    assert report.quarantined[0]["rule"] == "file.not_regular"
+    assert outside.read_bytes() == data and not linked.exists()
+    kept = earlier.quarantine_for("gp_events") / report.quarantined[0]["file"]
+    assert kept.read_bytes() == data and kept.stat().st_nlink == 1, "quarantine holds a file of its own"
+    shred_file(kept)  # as disposal later does
+    assert outside.read_bytes() == data
+    assert _state(store) == before
+
+
+def test_an_entry_renamed_by_its_sender_while_the_folder_is_read_does_not_fail_the_stage(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transfer tool renames ``b.csv.filepart`` while ``a.csv`` is read: the stage goes on,
+    ``a.csv`` lands, and the vanished entry is counted, not quarantined (it is not ours now)."""
+    from safehaven.intake import ingest
+
+    folder = home.incoming_for("gp_events")
+    write_csv(folder / "a.csv", gp_rows(3), GP.field_names)
+    write_csv(folder / "b.csv.filepart", gp_rows(3, start=50), GP.field_names)
+    original = ingest.inspect_file
+
+    def renaming(con, path, contract):
+        if path.name == "a.csv":
+            (folder / "b.csv.filepart").rename(folder / "b.csv")
+        return original(con, path, contract)
+
+    monkeypatch.setattr(ingest, "inspect_file", renaming)
+    with store.connect() as con:
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert (report.files_landed, report.files_quarantined, report.files_vanished) == (1, 0, 1)
+    assert (folder / "b.csv").exists(), "left for the next run"
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name_with_a_reason_a_person_can_act_on(
+    store: Store, home: Home
+) -> None:
+    folder = home.incoming_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    name = Path(os.fsdecode(b"gp_d\xe9cembre.csv"))
+    (folder / name).write_bytes((HEADER + "\n" + LINE + "\n").encode())
+    with store.connect() as con:
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert report.quarantined[0]["rule"] == "file.name"
+    moved = home.quarantine_for("gp_events") / report.quarantined[0]["file"]
+    reason = json.loads(moved.with_name(moved.name + ".reason.json").read_text())
+    assert "rename the file" in reason["what_to_do"] and reason["file"] == "gp_d\\xe9cembre.csv"
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("9990000018.csv", "[number withheld].csv"),
+        ("optout 999 000 0018.csv", "optout [number withheld].csv"),
+        ("gp\n2026 dagster - INFO - forged.csv", "gp\\n2026 dagster - INFO - forged.csv"),
+        ("tab\there\x1b[31m.csv", "tab\\there\\x1b[31m.csv"),
+    ],
+)
+def test_a_received_file_name_is_shown_with_numbers_withheld_and_control_characters_escaped(
+    store: Store, home: Home, name: str, shown: str
+) -> None:
+    """The name recorded in the reason file, the quarantine, the report (logs, metadata) and the
+    batch register: never an NHS-number-like run, never a raw line feed (``audit.shown_name``)."""
+    folder = home.incoming_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(_csv_bytes("ragged"))
+    (folder / ("ok_" + name)).write_bytes((HEADER + "\n" + LINE + "\n").encode())
+    with store.connect() as con:
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        registered = con.execute("SELECT file_name FROM governance.batches").fetchall()
+    assert report.quarantined[0]["file"] == shown
+    reason = (home.quarantine_for("gp_events") / (shown + ".reason.json")).read_text()
+    assert json.loads(reason)["file"] == shown
+    assert registered == [("ok_" + shown,)]
+    names = [p.name for p in home.quarantine_for("gp_events").iterdir()]
+    for text in (reason, str(report), str(registered), *names):
+        assert "9990000018" not in text and "999 000 0018" not in text
+    assert not any("\n" in n or "\x1b" in n for n in [*names, *(r[0] for r in registered)])
 
 
 # --- files written by other tools: BOM, every field quoted, CRLF -----------------------------
