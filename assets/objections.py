@@ -65,6 +65,7 @@ def feed_asset() -> dg.AssetsDefinition:
             "unresolved_files": len(faults),
             "rows_unresolved": sum(f.rows or 0 for f in faults),
             "files_quarantined_whole": sum(f.level == "file" for f in faults),
+            "later_clean_files_awaiting_a_decision": sum(f.later_clean_sha256 is not None for f in faults),
             "register_refreshed_on": refreshed.isoformat() if refreshed else "never",
             "window_days": window,
         }

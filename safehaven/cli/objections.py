@@ -1,9 +1,12 @@
 """``safehaven objections`` commands that clear the objection feed's block (safehaven.protect.feed).
 
 * ``safehaven objections faults``: unresolved objections files and rows, and the register's
-  refresh date (counts, file names and rule ids; never a value).
-* ``safehaven objections resolve <file> --by <name> --reason <text>``: a person's decision on
-  a quarantined objections file or its rejected rows; audited.
+  refresh date (counts, file names and rule ids; never a value); for each, a later clean file
+  of its name, if one landed, and the exact command that clears it (``to_clear``).
+* ``safehaven objections resolve <file> --by <name> --reason <text> [--corrected-by <sha256>]``:
+  a person's decision on a quarantined objections file or its rejected rows, or (with
+  ``--corrected-by``) that a later file corrects it; audited. A later file never clears a
+  fault by itself (safehaven.protect.feed, "Clearing a fault").
 * ``safehaven objections refreshed --as-of <date> --by <name> --reason <text>``: a person
   attests that the register matched the current opt-out list on that date; audited.
 
@@ -13,6 +16,7 @@ The ``objections`` group itself (``record``, ``notify``) is made by ``safehaven.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import date, datetime
 
 import click
@@ -39,7 +43,7 @@ def register(main: click.Group) -> None:
         click.echo(
             json.dumps(
                 {
-                    "unresolved": [f.__dict__ for f in faults],
+                    "unresolved": [{**asdict(f), "to_clear": feed.how_to_clear(f)} for f in faults],
                     "register_refreshed_on": refreshed.isoformat() if refreshed else None,
                     "window_days": objections_window_from_env(),
                 },
@@ -50,19 +54,32 @@ def register(main: click.Group) -> None:
     @group.command("resolve")
     @click.argument("file")
     @click.option("--by", "by", required=True, help="Who decides (recorded in the audit trail).")
-    @click.option("--reason", required=True, help="Why the file or its rows need not be re-sent.")
-    def objections_resolve(file: str, by: str, reason: str) -> None:
-        """Record a decision on a quarantined objections FILE (its name or SHA-256) or its rejected rows."""
+    @click.option(
+        "--reason", required=True, help="Why the file or its rows need not be re-sent, or why the file corrects it."
+    )
+    @click.option(
+        "--corrected-by",
+        "corrected_by",
+        default=None,
+        help="SHA-256 (12+ characters) of a later objections file, landed and validated cleanly, that you judge "
+        "re-sends the lost objections (shown by: safehaven objections faults).",
+    )
+    def objections_resolve(file: str, by: str, reason: str, corrected_by: str | None) -> None:
+        """Record a decision on a quarantined objections FILE (its name or SHA-256) or its rejected rows.
+
+        A later file of the same name never clears a fault by itself; with --corrected-by a person
+        records that a named later file corrects it.
+        """
         from safehaven.core.store import Store
         from safehaven.protect import feed
 
         home = ensure_home()
         try:
             with Store(home).connect() as con:
-                n = feed.resolve(con, home, file, by=by, reason=reason)
+                n = feed.resolve(con, home, file, by=by, reason=reason, corrected_by=corrected_by)
         except ValueError as exc:
             fail(f"safehaven objections resolve: {exc}")
-        click.echo(json.dumps({"resolved": n, "file": file, "by": by, "audited": True}))
+        click.echo(json.dumps({"resolved": n, "file": file, "corrected_by": corrected_by, "by": by, "audited": True}))
 
     @group.command("refreshed")
     @click.option("--as-of", "as_of", type=click.DateTime(["%Y-%m-%d"]), required=True)

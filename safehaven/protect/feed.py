@@ -16,10 +16,17 @@ against a current list). Rules:
   validated and registered, ``require_sound_feed`` refuses every record-level release, in
   this run and every later one. Anonymised aggregates are not blocked: the opt-out does not
   cover them (guide Rule 4C).
-* **Clearing a fault** needs a person: re-send a corrected file under the same file name
-  (the fault clears when a later file of that name lands and validates with no rejected
-  row), or record a decision with ``safehaven objections resolve <file> --by <name>
-  --reason <text>`` (``resolve``). Both are audited.
+* **Clearing a fault** needs a person, and only a person: ``safehaven objections resolve
+  <file> --by <name> --reason <text>`` records a decision (``resolve``, audited). A later file
+  of the same name never clears a fault by itself: the faulty file could not be read, so the
+  haven cannot tell a re-sent correction from the sender's next routine file (a sender using
+  one fixed name every day would otherwise clear every fault with its next file, and the
+  lost objections would never be registered). When a later objections file of that name has
+  landed and validated with no rejected row, the refusal names it (file name, SHA-256 prefix,
+  the day it landed) and gives the command recording that it corrects the fault: ``safehaven
+  objections resolve <fault sha256> --corrected-by <file sha256> --by <name> --reason <text>``
+  (resolution ``corrected_file``, audited; the haven checks the file landed after the fault
+  and validated cleanly). Until then the block stands.
 * **Freshness.** The register's *refresh date* is the latest day an objections file landed
   and was validated (its rows honoured), or the latest date a person attested that the
   register matches the current list (``safehaven objections refreshed --as-of``,
@@ -35,6 +42,7 @@ against a current list). Rules:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -60,10 +68,8 @@ DEFAULT_WINDOW_DAYS = 31
 SHA_SHOWN = 16
 #: The validation refusal's reason file (row-level; counted from the rejected table instead).
 _BATCH_RULE = "batch.tolerance"
-_CLEAR = (
-    "re-send a corrected file under the same name, or record a decision: "
-    "safehaven objections resolve <file> --by <name> --reason <text>"
-)
+#: what ``--corrected-by`` takes: a file's SHA-256, or 12 or more of its first hex characters
+_SHA_KEY = re.compile(r"[0-9a-f]{12,64}")
 
 
 class ObjectionFeedBlocked(Exception):
@@ -72,13 +78,22 @@ class ObjectionFeedBlocked(Exception):
 
 @dataclass(frozen=True)
 class Fault:
-    """One unresolved fault of the feed: file, SHA-256, level, rule ids and rows (no values)."""
+    """One unresolved fault of the feed: file, SHA-256, level, rule ids and rows (no values).
+
+    ``later_clean_sha256`` and ``later_clean_on`` (ISO date) name the first later objections
+    file of the same name that landed and validated with no rejected row, and
+    ``later_clean_files`` counts such files: a candidate correction a person must confirm
+    (module docstring, "Clearing a fault"); None and 0 when there is none.
+    """
 
     file_name: str
     sha256: str
     level: str
     rules: str
     rows: int | None
+    later_clean_sha256: str | None = None
+    later_clean_on: str | None = None
+    later_clean_files: int = 0
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -103,8 +118,10 @@ def _file_faults(quarantine: Path) -> list[tuple[str, str, str, str]]:
 
 
 def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
-    """Record faults not yet known (file-level from quarantine, row-level from the rejected table),
-    then clear those a corrected file has replaced. Returns the number of new faults."""
+    """Record faults not yet known (file-level from quarantine, row-level from the rejected table).
+
+    Returns the number of new faults. It never clears one: only a person does (``resolve``).
+    """
     ensure_tables(con)
     before = _scalar(con, f"SELECT count(*) FROM {FAULTS}")
     for sha, name, rule, arrived in _file_faults(home.quarantine_for(COLLECTION)):
@@ -121,46 +138,33 @@ def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
             f"FROM landing.{COLLECTION}_rejected r JOIN {BATCHES} b ON b.batch_id = r._batch "
             f"WHERE r._batch NOT IN (SELECT sha256 FROM {FAULTS}) GROUP BY r._batch, b.file_name, b.landed_at"
         )
-    _clear_corrected(con)
     return _scalar(con, f"SELECT count(*) FROM {FAULTS}") - before
 
 
-def _clear_corrected(con: duckdb.DuckDBPyConnection) -> None:
-    """A fault clears when a later file of the same name landed and validated with no rejected row."""
+def _clean_batches_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """Objections batches that landed, were accepted and have no rejected row (batch_id, file_name, landed_at)."""
+    if not table_exists(con, *BATCHES.split(".")):
+        return "SELECT NULL::VARCHAR AS batch_id, NULL::VARCHAR AS file_name, NULL::TIMESTAMPTZ AS landed_at LIMIT 0"
     rejected = (
         f"SELECT _batch FROM landing.{COLLECTION}_rejected"
         if table_exists(con, "landing", f"{COLLECTION}_rejected")
         else "SELECT NULL::VARCHAR AS _batch WHERE false"
     )
-    cleared = con.execute(
-        f"UPDATE {FAULTS} f SET resolved_at = now(), resolved_by = 'pipeline', resolution = 'corrected_file', "
-        "reason = b.batch_id "
-        f"FROM {BATCHES} b WHERE f.resolved_at IS NULL AND b.collection = ? AND b.file_name = f.file_name "
-        "AND b.landed_at > f.arrived_at AND b.validated_at IS NOT NULL AND b.batch_id <> f.sha256 "
-        f"AND b.batch_id NOT IN ({rejected}) RETURNING sha256, reason",
-        [COLLECTION],
-    ).fetchall()
-    for sha, by_batch in cleared:
-        audit.append(
-            con,
-            actor=current_actor(),
-            role="pipeline",
-            action="objections.fault_cleared",
-            object=f"objections_file:{sha}",
-            detail={
-                "resolution": "corrected_file",
-                "reason": "a later file of the same name landed and validated with no rejected row",
-                "corrected_by_batch": by_batch,
-            },
-        )
+    return (
+        f"SELECT batch_id, file_name, landed_at FROM {BATCHES} WHERE collection = '{COLLECTION}' "
+        f"AND status = 'accepted' AND validated_at IS NOT NULL AND batch_id NOT IN ({rejected})"
+    )
 
 
 def unresolved(con: duckdb.DuckDBPyConnection) -> list[Fault]:
-    """Unresolved faults, oldest first."""
+    """Unresolved faults, oldest first, each with the later clean file of its name, if any (``Fault``)."""
     ensure_tables(con)
     rows = con.execute(
-        f"SELECT file_name, sha256, level, rules, rows FROM {FAULTS} WHERE resolved_at IS NULL "
-        "ORDER BY arrived_at, sha256"
+        "SELECT f.file_name, f.sha256, f.level, f.rules, f.rows, arg_min(c.batch_id, c.landed_at), "
+        "strftime(min(c.landed_at), '%Y-%m-%d'), count(c.batch_id) "
+        f"FROM {FAULTS} f LEFT JOIN ({_clean_batches_sql(con)}) c ON c.file_name = f.file_name "
+        "AND c.landed_at > f.arrived_at AND c.batch_id <> f.sha256 WHERE f.resolved_at IS NULL "
+        "GROUP BY f.file_name, f.sha256, f.level, f.rules, f.rows, f.arrived_at ORDER BY f.arrived_at, f.sha256"
     ).fetchall()
     return [Fault(*r) for r in rows]
 
@@ -250,7 +254,28 @@ def _describe(fault: Fault) -> str:
         if fault.level == "rows"
         else f"the whole file quarantined ({fault.rules})"
     )
-    return f"objections file {fault.file_name} (sha256 {fault.sha256[:SHA_SHOWN]}): {what}; {_CLEAR}"
+    return f"objections file {fault.file_name} (sha256 {fault.sha256[:SHA_SHOWN]}): {what}; {how_to_clear(fault)}"
+
+
+def how_to_clear(fault: Fault) -> str:
+    """What a person does to clear ``fault``, with the exact commands (module docstring, "Clearing a fault")."""
+    me = fault.sha256[:SHA_SHOWN]
+    decide = f"safehaven objections resolve {me} --by <name> --reason <text>"
+    if fault.later_clean_sha256 is None:
+        return (
+            "have the sender re-send its objections, then record that the new file corrects it: "
+            f"safehaven objections resolve {me} --corrected-by <sha256 of the new file> --by <name> --reason <text>; "
+            f"or record a decision: {decide}"
+        )
+    later = fault.later_clean_sha256[:SHA_SHOWN]
+    first = f" (the first of {fault.later_clean_files})" if fault.later_clean_files > 1 else ""
+    return (
+        f"a later file of that name, {fault.file_name} (sha256 {later}), landed and validated cleanly on "
+        f"{fault.later_clean_on}{first}, but the haven cannot tell a correction from the sender's next routine "
+        "file, so the block stands until a person decides: if that file re-sends this one's objections, record it: "
+        f"safehaven objections resolve {me} --corrected-by {later} --by <name> --reason <text>; "
+        f"otherwise have them re-sent, or record a decision: {decide}"
+    )
 
 
 def require_sound_feed(
@@ -291,24 +316,43 @@ def release_guard(
     return refreshed_on(con)
 
 
-def resolve(con: duckdb.DuckDBPyConnection, home: Home, file: str, *, by: str, reason: str) -> int:
+def resolve(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    file: str,
+    *,
+    by: str,
+    reason: str,
+    corrected_by: str | None = None,
+) -> int:
     """A person's decision clearing the unresolved faults of ``file`` (its name or SHA-256), audited.
 
-    Returns the number of faults resolved; raises ``ValueError`` when none matches.
+    ``corrected_by`` (a file's SHA-256 or 12 or more of its first characters) records that the
+    person judged that objections file to correct the fault (resolution ``corrected_file``): it
+    must have landed after the fault and validated with no rejected row. Without it the
+    resolution is a ``decision``. Returns the number of faults resolved; raises ``ValueError``
+    when none matches.
     """
     if not by.strip() or not reason.strip():
         raise ValueError("a decision needs --by <name> and --reason <text>")
     sync_faults(con, home)
     key = Path(file).name
+    batch, landed, resolution, note = None, None, "decision", reason
+    if corrected_by is not None:
+        batch, landed = _correcting_batch(con, corrected_by)
+        resolution, note = "corrected_file", f"corrected by {batch}: {reason}"
     rows = con.execute(
-        f"UPDATE {FAULTS} SET resolved_at = now(), resolved_by = ?, resolution = 'decision', reason = ? "
+        f"UPDATE {FAULTS} SET resolved_at = now(), resolved_by = ?, resolution = ?, reason = ? "
         "WHERE resolved_at IS NULL AND (file_name = ? OR sha256 = ? OR (length(?) >= 12 AND sha256 LIKE ? || '%')) "
+        "AND (CAST(? AS TIMESTAMPTZ) IS NULL OR (arrived_at < CAST(? AS TIMESTAMPTZ) AND sha256 <> ?)) "
         "RETURNING sha256, level, rows",
-        [by, reason, key, key, key, key],
+        [by, resolution, note, key, key, key, key, landed, landed, batch or ""],
     ).fetchall()
     if not rows:
-        raise ValueError(f"no unresolved objections fault for {key!r}; see: safehaven objections faults")
+        later = f" that arrived before the file {batch[:SHA_SHOWN]}" if batch else ""
+        raise ValueError(f"no unresolved objections fault for {key!r}{later}; see: safehaven objections faults")
     for sha, level, n in rows:
+        detail = {"level": level, "rows": n, "resolution": resolution, "reason": reason[:500]}
         audit.append(
             con,
             actor=by,
@@ -316,9 +360,31 @@ def resolve(con: duckdb.DuckDBPyConnection, home: Home, file: str, *, by: str, r
             action="objections.resolve",
             object=f"objections_file:{sha}",
             outcome="ok",
-            detail={"level": level, "rows": n, "reason": reason[:500], "recorded_by": current_actor()},
+            detail={**detail, **({"corrected_by_batch": batch} if batch else {}), "recorded_by": current_actor()},
         )
     return len(rows)
+
+
+def _correcting_batch(con: duckdb.DuckDBPyConnection, corrected_by: str) -> tuple[str, datetime]:
+    """The one objections file (batch id, landed at) whose SHA-256 is or starts with ``corrected_by``
+    and that landed and validated with no rejected row; ``ValueError`` otherwise."""
+    key = corrected_by.strip().lower()
+    if not _SHA_KEY.fullmatch(key):
+        raise ValueError(
+            "--corrected-by takes the SHA-256 of the correcting objections file, or 12 or more of its first "
+            "characters, as shown by: safehaven objections faults"
+        )
+    found = con.execute(
+        f"SELECT batch_id, landed_at FROM ({_clean_batches_sql(con)}) WHERE starts_with(batch_id, ?)", [key]
+    ).fetchall()
+    if not found:
+        raise ValueError(
+            f"--corrected-by {key} names no objections file that landed and validated with no rejected row; "
+            "see: safehaven objections faults"
+        )
+    if len(found) > 1:
+        raise ValueError(f"--corrected-by {key} names more than one objections file; give more of its SHA-256")
+    return found[0][0], found[0][1]
 
 
 def attest_refresh(con: duckdb.DuckDBPyConnection, as_of: date, *, by: str, reason: str, today: date) -> None:

@@ -175,23 +175,110 @@ def test_a_refusal_naming_a_file_with_ten_digits_is_recorded_with_the_number_wit
     assert "export_[number withheld].csv" in recorded and "1733312345" not in recorded
 
 
-def test_one_bad_row_blocks_every_later_run_and_a_corrected_file_clears_it(haven: Haven) -> None:
-    """Scenario 2: a future recorded date refuses the batch; the valid rows are honoured; the block stands."""
+def test_one_bad_row_blocks_every_later_run_until_a_person_records_the_corrected_file(haven: Haven) -> None:
+    """Scenario 2: a future recorded date refuses the batch; the valid rows are honoured; the block stands,
+    also after the corrected file lands, until a person records that it corrects the fault (audited)."""
     haven.drop("practice_c.csv", [_opt_out(20), _opt_out(21), _opt_out(22, recorded=FUTURE)])
     assert not haven.run()  # the batch is refused in the run that sees it
     for _ in range(3):  # later runs with no new files
         assert haven.run()
         message = _refused(haven)
         assert "practice_c.csv" in message and "1 row(s) rejected (recorded_date.range)" in message
+        assert "a later file of that name" not in message
     assert {haven.pids[NHS[20]], haven.pids[NHS[21]]} <= {
         r[0] for r in haven.con.execute("SELECT pid FROM governance.objection_events").fetchall()
     }  # valid rows honoured although the batch was refused
     haven.drop("practice_c.csv", [_opt_out(20), _opt_out(21), _opt_out(22)])
     assert haven.run()
+    message = _refused(haven)  # the corrected file alone does not clear it
+    [fault] = feed.unresolved(haven.con)
+    assert fault.later_clean_sha256 is not None and fault.later_clean_files == 1
+    fault_key, later_key = fault.sha256[: feed.SHA_SHOWN], fault.later_clean_sha256[: feed.SHA_SHOWN]
+    assert f"a later file of that name, practice_c.csv (sha256 {later_key}), landed and validated cleanly" in message
+    assert f"safehaven objections resolve {fault_key} --corrected-by {later_key} --by <name>" in message
+    assert not any(e.action == "objections.fault_cleared" for e in audit.entries_for(haven.con))
+    assert (
+        feed.resolve(
+            haven.con,
+            haven.home,
+            fault_key,
+            by="Dr Guardian",
+            reason="the practice re-sent the file with the date corrected",
+            corrected_by=later_key,
+        )
+        == 1
+    )
     result = haven.release()
     assert not {haven.pids[NHS[i]] for i in (20, 21, 22, OPTED_OUT)} & haven.members(result.release_id)
     assert result.records_withheld == 4 * EPISODES_EACH
-    assert any(e.action == "objections.fault_cleared" for e in audit.entries_for(haven.con))
+    [entry] = [e for e in audit.entries_for(haven.con) if e.action == "objections.resolve"]
+    assert entry.actor == "Dr Guardian" and entry.detail_value["resolution"] == "corrected_file"
+    assert entry.detail_value["corrected_by_batch"] == fault.later_clean_sha256
+
+
+def test_a_later_clean_file_of_the_same_name_keeps_releases_refused_until_a_person_records_it_corrects_the_fault(
+    haven: Haven,
+) -> None:
+    """A sender using one fixed name: day 1's file is quarantined whole; day 2's routine file of the same
+    name (another patient) validates cleanly. The haven cannot tell a correction from the routine file,
+    so releases stay refused, and the refusal names the later file and the command recording that it
+    corrects the fault. Day 3 the sender re-sends day 1's objection; a person records that, audited."""
+    folder = haven.home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "optouts.csv").write_text("NHS Number," + ",".join(COLUMNS[1:]) + "\n" + ",".join(_opt_out(40)) + "\n")
+    haven.run()
+    assert "the whole file quarantined" in _refused(haven)
+    haven.drop("optouts.csv", [_opt_out(41)])  # day 2: a different patient, well-formed
+    assert haven.run()
+    for _ in range(2):  # the run that lands it, and a later run
+        message = _refused(haven)
+        problems = feed.feed_problems(haven.con, haven.home, TODAY, feed.DEFAULT_WINDOW_DAYS)
+        [fault] = feed.unresolved(haven.con)
+        later = fault.later_clean_sha256
+        assert later is not None and fault.later_clean_on == TODAY.isoformat()
+        assert len(problems) == 1 and problems[0] in message and "\n" not in message
+        assert (
+            f"a later file of that name, optouts.csv (sha256 {later[: feed.SHA_SHOWN]}), landed and validated "
+            f"cleanly on {TODAY.isoformat()}" in message
+        )
+        assert (
+            f"safehaven objections resolve {fault.sha256[: feed.SHA_SHOWN]} --corrected-by "
+            f"{later[: feed.SHA_SHOWN]} --by <name> --reason <text>" in message
+        )
+        assert NHS[40] not in message and NHS[41] not in message
+        haven.run()
+    [(resolved_by, resolution)] = haven.con.execute(
+        "SELECT resolved_by, resolution FROM governance.objection_feed_faults"
+    ).fetchall()
+    assert (resolved_by, resolution) == (None, None)
+    assert not {"objections.fault_cleared", "objections.resolve"} & {e.action for e in audit.entries_for(haven.con)}
+    haven.drop("optouts.csv", [_opt_out(40), _opt_out(41)])  # day 3: the sender re-sends day 1's objection
+    assert haven.run()
+    [fault] = feed.unresolved(haven.con)
+    assert fault.later_clean_files == 2 and "(the first of 2)" in _refused(haven)
+    day3 = haven.con.execute(
+        "SELECT batch_id FROM governance.batches WHERE collection = 'objections' ORDER BY landed_at DESC LIMIT 1"
+    ).fetchone()[0]
+    with pytest.raises(ValueError, match="names no objections file"):
+        feed.resolve(haven.con, haven.home, "optouts.csv", by="Dr Guardian", reason="x", corrected_by="0" * 16)
+    n = feed.resolve(
+        haven.con,
+        haven.home,
+        fault.sha256[: feed.SHA_SHOWN],
+        by="Dr Guardian",
+        reason="the practice confirmed the file of day 3 re-sends the objection of day 1",
+        corrected_by=day3[: feed.SHA_SHOWN],
+    )
+    assert n == 1 and feed.unresolved(haven.con) == []
+    result = haven.release()
+    assert not {haven.pids[NHS[i]] for i in (40, 41, OPTED_OUT)} & haven.members(result.release_id)
+    [(resolved_by, resolution)] = haven.con.execute(
+        "SELECT resolved_by, resolution FROM governance.objection_feed_faults"
+    ).fetchall()
+    assert (resolved_by, resolution) == ("Dr Guardian", "corrected_file")
+    [entry] = [e for e in audit.entries_for(haven.con) if e.action == "objections.resolve"]
+    assert entry.actor == "Dr Guardian" and entry.object == f"objections_file:{fault.sha256}"
+    assert entry.detail_value["corrected_by_batch"] == day3
 
 
 def test_stale_register_refuses_and_an_attested_refresh_clears_it(haven: Haven) -> None:
@@ -428,6 +515,46 @@ def test_resolve_command_is_audited_and_says_when_nothing_matches(home: Home) ->
         assert feed.unresolved(con) == []
         [entry] = [e for e in audit.entries_for(con) if e.action == "objections.resolve"]
     assert entry.actor == "Dr G" and entry.detail_value["reason"] == "empty by mistake"
+
+
+def test_the_faults_listing_names_a_later_clean_file_and_resolve_corrected_by_records_it(home: Home) -> None:
+    """``objections faults`` names the later clean file of a fault's name and the exact command; the
+    command records it as the correction (audited), and refuses a file that is not a clean objections file."""
+    import json
+
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    registry = ContractRegistry()
+    folder = home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "daily.csv").write_text("")  # file.empty: quarantined whole
+    with Store(home).connect() as con:
+        ingest_collection(con, registry.objections(), folder, home.quarantine_for("objections"))
+    (folder / "daily.csv").write_text(",".join(COLUMNS) + "\n" + ",".join(_opt_out(44)) + "\n")
+    with Store(home).connect() as con:
+        ingest_collection(con, registry.objections(), folder, home.quarantine_for("objections"))
+        validate_collection(con, registry.objections(), registry, home.quarantine_for("objections"))
+    runner = CliRunner()
+    listed = runner.invoke(main, ["objections", "faults"])
+    assert listed.exit_code == 0, listed.output
+    [fault] = json.loads(listed.output)["unresolved"]
+    assert fault["file_name"] == "daily.csv" and fault["later_clean_on"] == TODAY.isoformat()
+    mine, later = fault["sha256"][: feed.SHA_SHOWN], fault["later_clean_sha256"][: feed.SHA_SHOWN]
+    assert f"safehaven objections resolve {mine} --corrected-by {later} --by <name>" in fault["to_clear"]
+    assert NHS[44] not in listed.output
+    args = ["objections", "resolve", mine, "--by", "Dr G", "--reason", "the practice confirmed it"]
+    for bad in ("abc", mine):  # not a SHA-256; the faulty file itself, which never landed
+        refused = runner.invoke(main, [*args, "--corrected-by", bad])
+        assert refused.exit_code != 0 and "--corrected-by" in refused.output
+    done = runner.invoke(main, [*args, "--corrected-by", later])
+    assert done.exit_code == 0, done.output
+    with Store(home).connect() as con:
+        assert feed.unresolved(con) == []
+        [entry] = [e for e in audit.entries_for(con) if e.action == "objections.resolve"]
+    assert entry.actor == "Dr G" and entry.detail_value["resolution"] == "corrected_file"
+    assert entry.detail_value["corrected_by_batch"] == fault["later_clean_sha256"]
 
 
 def test_type1_registered_after_gp_records_entered_withholds_them_and_the_notice_says_so(haven: Haven) -> None:
