@@ -162,14 +162,16 @@ def test_a_file_quarantined_whole_blocks_until_a_person_resolves_it(haven: Haven
 
 
 def test_a_refusal_naming_a_file_with_ten_digits_is_recorded_with_the_number_withheld(haven: Haven) -> None:
-    """The refusal names the file and its hash as they are; what the audit trail records has every
-    run that looks like an NHS number withheld, so recording it never fails on a file's name."""
+    """A received name is shown with every run that looks like an NHS number withheld
+    (``audit.shown_name``): in the refusal a person reads (logs, metadata) and in what the audit
+    trail records, so recording it never fails on a file's name and never leaks the number."""
     folder = haven.home.incoming_for("objections")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "export_1733312345.csv").write_text("nhs number;objection type\n" + NHS[12] + ";national_opt_out\n")
     haven.run()
     message = _refused(haven)
-    assert "export_1733312345.csv" in message and "safehaven objections resolve" in message
+    assert "export_[number withheld].csv" in message and "safehaven objections resolve" in message
+    assert "1733312345" not in message
     [entry] = [e for e in audit.entries_for(haven.con) if e.action == "release" and e.outcome == "refused"]
     recorded = entry.detail_value["reason"]
     assert "export_[number withheld].csv" in recorded and "1733312345" not in recorded
