@@ -157,6 +157,12 @@ BATCHES = _declare(
     "landed_at TIMESTAMPTZ, status VARCHAR, invalid_rows BIGINT, validated_at TIMESTAMPTZ, contract_version VARCHAR",
     "the batch register: each file landed whole, its hash, rows and verdict (CoP 7-9; safehaven.intake.ingest)",
 )
+BATCH_CONTENTS = _declare(
+    "governance.batch_contents",
+    "batch_id VARCHAR PRIMARY KEY, collection VARCHAR, rows BIGINT, digest VARCHAR",
+    "each landed batch's records as a multiset digest, so a re-saved copy of a landed file (same "
+    "records, other bytes) is known and not landed twice (safehaven.intake.ingest)",
+)
 VALIDATION_RESULTS = _declare(
     "governance.validation_results",
     "batch_id VARCHAR PRIMARY KEY, collection VARCHAR, contract_version VARCHAR, suite_name VARCHAR, "

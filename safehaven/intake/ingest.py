@@ -33,7 +33,11 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   metadata, reason files, quarantine and the batch register a received file's name has its
   non-printing characters and non-UTF-8 bytes escaped and any NHS-number-like run withheld.
 * Landing is idempotent: a file is known by its SHA-256, and a file already landed is
-  skipped. A file lands in one transaction with its batch record.
+  skipped. So is a re-saved copy (other bytes, the same records: a spreadsheet adds a
+  byte-order mark or CRLF): each batch's records are digested as a multiset
+  (``governance.batch_contents``) and a file whose records equal a held batch's is not landed
+  again, and is named in the report (``copies``). A file lands in one transaction with its
+  batch record and digest.
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
   so identifiable data is held in one protected place (CoP 27b-c).
 * Reasons, logs and metadata carry counts, column names of the contract, line numbers and
@@ -66,6 +70,9 @@ from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract
 
 SUPPORTED = (".csv", ".parquet")
+BATCH_CONTENTS = schema.BATCH_CONTENTS
+#: batch statuses whose records are still held: a copy of one of them is not landed again
+HELD = ("landed", "accepted", "refused")
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 BATCHES = schema.BATCHES
 CHUNK = 1 << 20
@@ -95,12 +102,14 @@ class IngestReport:
     files_vanished: int = 0
     rows_landed: int = 0
     quarantined: list[dict[str, str]] = field(default_factory=list)
+    #: files not landed because a held batch has the same records (re-saved copies)
+    copies: list[dict[str, str]] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     """Create the batch register and the collection's landing table (all text)."""
-    schema.ensure(con, BATCHES)
+    schema.ensure(con, BATCHES, BATCH_CONTENTS)
     # by shape from data: the contract's fields (safehaven.core.schema, "made elsewhere")
     cols = ", ".join(f"{q(f)} VARCHAR" for f in contract.field_names)
     con.execute(f"CREATE TABLE IF NOT EXISTS landing.{contract.collection} ({cols}, _batch VARCHAR, _row BIGINT)")
@@ -377,6 +386,58 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     return dest
 
 
+class SameRecords(Exception):
+    """The file holds exactly the records of a batch already held: a re-saved copy (other bytes,
+    e.g. a byte-order mark or CRLF added by a spreadsheet), not landed again."""
+
+    def __init__(self, batch_id: str, file_name: str):
+        super().__init__(batch_id)
+        self.batch_id, self.file_name = batch_id, file_name
+
+
+def _digest_sql(contract: Contract) -> str:
+    """SQL of a batch's records digest over ``landing.<collection>`` rows (grouped by the caller)."""
+    cols = ", ".join(q(f) for f in contract.field_names)
+    return f"sum(hash({cols})::HUGEINT)::VARCHAR || ':' || sum(hash({cols}, 'second')::HUGEINT)::VARCHAR"
+
+
+def _backfill_contents(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
+    """Digest, once, the held batches landed before ``governance.batch_contents`` existed (the
+    landing table is read only when there are such batches)."""
+    held = ", ".join(lit(s) for s in HELD)
+    missing = con.execute(
+        f"SELECT list(batch_id) FROM {BATCHES} WHERE collection = ? AND status IN ({held}) "
+        f"AND batch_id NOT IN (SELECT batch_id FROM {BATCH_CONTENTS})",
+        [contract.collection],
+    ).fetchone()[0]
+    if not missing:
+        return
+    con.execute(
+        f"INSERT INTO {BATCH_CONTENTS} SELECT _batch, ?, count(*), {_digest_sql(contract)} "
+        f"FROM landing.{q(contract.collection)} WHERE list_contains(?, _batch) GROUP BY _batch",
+        [contract.collection, missing],
+    )
+
+
+def _refuse_copy(con: duckdb.DuckDBPyConnection, contract: Contract, sha: str, rows: int) -> None:
+    """Record the new batch's records digest, or raise ``SameRecords`` when a held batch of the
+    collection has the same records (as a multiset: order and bytes aside). Inside the landing
+    transaction, over the new batch's rows only. Two independent 64-bit row hashes summed with
+    the row count: a different file matches only by a 128-bit accident."""
+    digest = con.execute(
+        f"SELECT {_digest_sql(contract)} FROM landing.{q(contract.collection)} WHERE _batch = ?", [sha]
+    ).fetchone()[0]
+    held = ", ".join(lit(s) for s in HELD)
+    same = con.execute(
+        f"SELECT b.batch_id, b.file_name FROM {BATCH_CONTENTS} c JOIN {BATCHES} b USING (batch_id) "
+        f"WHERE c.collection = ? AND c.rows = ? AND c.digest = ? AND b.status IN ({held}) LIMIT 1",
+        [contract.collection, rows, digest],
+    ).fetchone()
+    if same is not None:
+        raise SameRecords(same[0], same[1])
+    con.execute(f"INSERT INTO {BATCH_CONTENTS} VALUES (?, ?, ?, ?)", [sha, contract.collection, rows, digest])
+
+
 def _move_whole(path: Path, dest: Path) -> None:
     """Move an entry to quarantine as it is; a file with another hard link is copied and its
     name unlinked, so quarantine holds a file of its own and a later shred of it (disposal)
@@ -402,13 +463,14 @@ def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sh
         rows = int(inserted[0]) if inserted else 0
         if rows == 0:
             raise FileRejected("file.no_rows", "the file has a header but no rows", "send the file again with its rows")
+        _refuse_copy(con, contract, sha, rows)
         con.execute(
             f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?)",
             [sha, contract.collection, shown_name(path.name), sha, rows, contract.version],
         )
         con.execute("COMMIT")
         return int(rows)
-    except FileRejected:
+    except (FileRejected, SameRecords):
         con.execute("ROLLBACK")
         raise
     except duckdb.Error as exc:
@@ -535,6 +597,11 @@ def _ingest_one(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, 
             return
         inspect_file(con, path, contract)
         rows = land_file(con, path, contract, sha)
+    except SameRecords as copy:
+        report.files_skipped += 1
+        report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
+        shred_file(path)
+        return
     except FileRejected:
         raise
     except csv.Error as exc:
@@ -558,6 +625,7 @@ def ingest_collection(
     unread; any error reading a file quarantines that file, and the next file is read.
     """
     ensure_tables(con, contract)
+    _backfill_contents(con, contract)
     report = IngestReport(contract.collection)
     if _refuse_folder(incoming, quarantine_dir, contract, report):
         return report

@@ -316,6 +316,46 @@ def test_a_received_file_name_is_shown_with_numbers_withheld_and_control_charact
     assert not any("\n" in n or "\x1b" in n for n in [*names, *(r[0] for r in registered)])
 
 
+def test_a_resaved_copy_of_a_landed_file_is_not_landed_again(store: Store, home: Home) -> None:
+    """Excel's "CSV UTF-8" re-save of a landed file (a byte-order mark, CRLF, every field quoted,
+    rows in another order): other bytes, the same records; it is named and not landed twice. A
+    file with one record more is a different file and lands."""
+    folder = home.incoming_for("gp_events")
+    rows = gp_rows(6, start=300)
+    write_csv(folder / "gp_events_20261130.csv", rows, GP.field_names)
+    with store.connect() as con:
+        first = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\r\n")
+    writer.writerow(GP.field_names)
+    writer.writerows([[r[f] for f in GP.field_names] for r in reversed(rows)])
+    (folder / "gp_events_20261130 (1).csv").write_bytes(("\ufeff" + buffer.getvalue()).encode())
+    with store.connect() as con:
+        again = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        held = con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0]
+    assert (first.files_landed, again.files_landed, again.files_skipped) == (1, 0, 1)
+    assert again.copies == [{"file": "gp_events_20261130 (1).csv", "same_records_as": first.batches[0][:16]}]
+    assert held == 6 and not list(folder.iterdir())
+    write_csv(folder / "gp_more.csv", [*rows, *gp_rows(1, start=900)], GP.field_names)
+    with store.connect() as con:
+        more = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert (more.files_landed, more.copies) == (1, [])
+
+
+def test_batches_landed_before_the_records_digest_are_digested_once(store: Store, home: Home) -> None:
+    folder = home.incoming_for("gp_events")
+    rows = gp_rows(4, start=700)
+    write_csv(folder / "old.csv", rows, GP.field_names)
+    with store.connect() as con:
+        ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        con.execute("DELETE FROM governance.batch_contents")  # as a store made before the table
+    write_csv(folder / "old again.csv", list(reversed(rows)), GP.field_names)
+    with store.connect() as con:
+        again = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        digests = con.execute("SELECT count(*) FROM governance.batch_contents").fetchone()[0]
+    assert (again.files_landed, len(again.copies), digests) == (0, 1, 1)
+
+
 # --- files written by other tools: BOM, every field quoted, CRLF -----------------------------
 
 #: Cell text: any Unicode but surrogates and NUL (a NUL byte is refused by rule), no CR/LF
