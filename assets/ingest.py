@@ -39,6 +39,11 @@ def landing_asset(contract: Contract) -> dg.AssetsDefinition:
                 f"{contract.collection}: {copy['file']} holds the same records as batch {copy['same_records_as']} "
                 "(a re-saved copy: other bytes, same rows); not landed again"
             )
+        if report.files_arriving:
+            context.log.info(
+                f"{contract.collection}: {report.files_arriving} file(s) still being written were left "
+                "in the folder; a later run reads them once they are complete"
+            )
         if report.files_vanished:
             context.log.info(
                 f"{contract.collection}: {report.files_vanished} file(s) were renamed or removed by their "
@@ -50,6 +55,7 @@ def landing_asset(contract: Contract) -> dg.AssetsDefinition:
                 "files_skipped_already_landed": report.files_skipped,
                 "files_quarantined": report.files_quarantined,
                 "files_vanished": report.files_vanished,
+                "files_still_arriving": report.files_arriving,
                 "files_not_landed_same_records": len(report.copies),
                 "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
                 "rows_in": report.rows_landed,

@@ -29,6 +29,10 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   that is itself a link or not a folder (its target is never listed). An entry renamed or
   removed by its sender while the folder is read is left alone (``files_vanished``): the
   stage goes on with the next file.
+* **A file still being written is not read** (:func:`still_arriving`): one another process has
+  open for writing, or one that changes while it is read (nothing of it is committed), stays
+  in the folder for a later run (``files_arriving``); it is neither landed half-way nor
+  quarantined.
 * **Names from outside are shown safely** (``safehaven.core.audit.shown_name``): in logs,
   metadata, reason files, quarantine and the batch register a received file's name has its
   non-printing characters and non-UTF-8 bytes escaped and any NHS-number-like run withheld.
@@ -50,13 +54,17 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import stat
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +79,9 @@ from safehaven.intake.contracts import Contract
 
 SUPPORTED = (".csv", ".parquet")
 BATCH_CONTENTS = schema.BATCH_CONTENTS
+#: where the kernel cannot say whether a file is open for writing (no lease: another owner, a
+#: network file system), a file changed within this many seconds is taken as still arriving
+ARRIVING_FALLBACK_SECONDS = 60
 #: batch statuses whose records are still held: a copy of one of them is not landed again
 HELD = ("landed", "accepted", "refused")
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -100,6 +111,8 @@ class IngestReport:
     files_quarantined: int = 0
     #: entries gone before they could be read (renamed or removed by the sender meanwhile)
     files_vanished: int = 0
+    #: files still being written (left in the folder for a later run)
+    files_arriving: int = 0
     rows_landed: int = 0
     quarantined: list[dict[str, str]] = field(default_factory=list)
     #: files not landed because a held batch has the same records (re-saved copies)
@@ -438,6 +451,40 @@ def _refuse_copy(con: duckdb.DuckDBPyConnection, contract: Contract, sha: str, r
     con.execute(f"INSERT INTO {BATCH_CONTENTS} VALUES (?, ?, ?, ?)", [sha, contract.collection, rows, digest])
 
 
+class StillArriving(Exception):
+    """The file is still being written (or changed while it was read): a later run reads it."""
+
+
+def still_arriving(path: Path) -> bool:
+    """Whether another process has ``path`` open for writing: the kernel grants a read lease
+    only when none has (Linux ``F_SETLEASE``; the lease is released at once, and a lease break
+    in between would signal ``SIGURG``, which is ignored, never the default ``SIGIO``). Where no
+    lease can be taken, a file changed in the last ``ARRIVING_FALLBACK_SECONDS`` is taken as
+    arriving. A transfer tool that writes a file in place is thus never read half-way."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not hasattr(fcntl, "F_SETLEASE"):
+            return time.time() - os.fstat(fd).st_mtime < ARRIVING_FALLBACK_SECONDS
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETSIG", 10), signal.SIGURG)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                return True
+            return time.time() - os.fstat(fd).st_mtime < ARRIVING_FALLBACK_SECONDS
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _unchanged_since(path: Path, seen: os.stat_result) -> None:
+    """Raise ``StillArriving`` if ``path`` changed since ``seen`` (written to while it was read)."""
+    now = os.stat(path, follow_symlinks=False)
+    if (now.st_size, now.st_mtime_ns, now.st_ino) != (seen.st_size, seen.st_mtime_ns, seen.st_ino):
+        raise StillArriving(path.name)
+
+
 def _move_whole(path: Path, dest: Path) -> None:
     """Move an entry to quarantine as it is; a file with another hard link is copied and its
     name unlinked, so quarantine holds a file of its own and a later shred of it (disposal)
@@ -450,8 +497,11 @@ def _move_whole(path: Path, dest: Path) -> None:
     shutil.move(str(path), dest)
 
 
-def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str) -> int:
-    """Insert the file's rows into ``landing.<collection>`` with its batch record, atomically."""
+def land_file(
+    con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str, seen: os.stat_result | None = None
+) -> int:
+    """Insert the file's rows into ``landing.<collection>`` with its batch record, atomically;
+    nothing is committed if the file changed since ``seen`` (its state when it was hashed)."""
     relation = read_relation_sql(path, contract)
     names = ", ".join(q(f) for f in contract.field_names)
     con.execute("BEGIN TRANSACTION")
@@ -464,13 +514,15 @@ def land_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sh
         if rows == 0:
             raise FileRejected("file.no_rows", "the file has a header but no rows", "send the file again with its rows")
         _refuse_copy(con, contract, sha, rows)
+        if seen is not None:
+            _unchanged_since(path, seen)
         con.execute(
             f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?)",
             [sha, contract.collection, shown_name(path.name), sha, rows, contract.version],
         )
         con.execute("COMMIT")
         return int(rows)
-    except (FileRejected, SameRecords):
+    except (FileRejected, SameRecords, StillArriving):
         con.execute("ROLLBACK")
         raise
     except duckdb.Error as exc:
@@ -587,8 +639,16 @@ def _unreadable(exc: BaseException) -> FileRejected:
     )
 
 
-def _ingest_one(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str, report: IngestReport) -> None:
-    """Land or skip one regular file; raises FileRejected for any reason it cannot be read."""
+def _ingest_one(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    contract: Contract,
+    sha: str,
+    report: IngestReport,
+    seen: os.stat_result | None = None,
+) -> None:
+    """Land or skip one regular file; raises FileRejected for any reason it cannot be read, and
+    StillArriving if it changed while it was read."""
     try:
         known = con.execute(f"SELECT status FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()
         if known is not None:
@@ -596,13 +656,13 @@ def _ingest_one(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, 
             shred_file(path)
             return
         inspect_file(con, path, contract)
-        rows = land_file(con, path, contract, sha)
+        rows = land_file(con, path, contract, sha, seen)
     except SameRecords as copy:
         report.files_skipped += 1
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
         shred_file(path)
         return
-    except FileRejected:
+    except (FileRejected, StillArriving):
         raise
     except csv.Error as exc:
         raise _csv_rejection(exc, "the file") from None
@@ -646,8 +706,14 @@ def _ingest_entry(
     sha, err = _name_hash(path), not_regular(path) or bad_name(path)
     if err is None:
         try:
+            if still_arriving(path):
+                raise StillArriving(path.name)
+            seen = os.stat(path, follow_symlinks=False)
             sha = _hash(path)
-            _ingest_one(con, path, contract, sha, report)
+            _ingest_one(con, path, contract, sha, report, seen)
+            return
+        except StillArriving:
+            report.files_arriving += 1
             return
         except FileRejected as rejected:
             err = rejected

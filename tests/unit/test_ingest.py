@@ -356,6 +356,51 @@ def test_batches_landed_before_the_records_digest_are_digested_once(store: Store
     assert (again.files_landed, len(again.copies), digests) == (0, 1, 1)
 
 
+def test_a_file_still_open_for_writing_is_left_for_a_later_run_and_then_landed_whole(store: Store, home: Home) -> None:
+    """A transfer tool writing the file in place has flushed 2 of its 5 rows when the run
+    starts: nothing of it is landed or quarantined; once the writer closes it, it lands whole."""
+    folder = home.incoming_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [",".join(r[f] for f in GP.field_names) for r in gp_rows(5, start=400)]
+    with open(folder / "gp_extract.csv", "w") as writer:
+        writer.write(HEADER + "\n" + "\n".join(rows[:2]) + "\n")
+        writer.flush()
+        with store.connect() as con:
+            during = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        writer.write("\n".join(rows[2:]) + "\n")
+    with store.connect() as con:
+        after = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert (during.files_arriving, during.files_landed, during.files_quarantined) == (1, 0, 0)
+    assert (after.files_landed, after.rows_landed) == (1, 5)
+
+
+def test_a_file_written_to_while_it_is_read_is_not_committed(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written to between the hash and the end of landing (a writer that opened it just after
+    the check): the landing is rolled back and the file waits for the next run."""
+    from safehaven.intake import ingest
+
+    folder = home.incoming_for("gp_events")
+    write_csv(folder / "gp_extract.csv", gp_rows(3, start=450), GP.field_names)
+    original = ingest.read_relation_sql
+
+    def appending(path, contract):
+        with open(path, "a", newline="") as fh:  # as write_csv writes (csv module, CRLF)
+            csv.writer(fh).writerow([gp_rows(1, start=460)[0][f] for f in GP.field_names])
+        return original(path, contract)
+
+    monkeypatch.setattr(ingest, "read_relation_sql", appending)
+    with store.connect() as con:
+        during = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        held = con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0]
+    assert (during.files_arriving, during.files_landed, held) == (1, 0, 0)
+    monkeypatch.setattr(ingest, "read_relation_sql", original)
+    with store.connect() as con:
+        after = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert (after.files_landed, after.rows_landed) == (1, 4)
+
+
 # --- files written by other tools: BOM, every field quoted, CRLF -----------------------------
 
 #: Cell text: any Unicode but surrogates and NUL (a NUL byte is refused by rule), no CR/LF
