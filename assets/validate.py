@@ -26,7 +26,8 @@ def contract_check(contract: Contract) -> dg.AssetCheckSpec:
         blocking=True,
         description=f"Each new batch of {contract.collection} passes the Great Expectations suite compiled "
         f"from contract v{contract.version}: at most {contract.tolerance:.1%} of its rows, and of the values "
-        "each rule checks, break the contract; otherwise the batch is refused and nothing downstream runs.",
+        "each rule checks, break the contract, and GX and the single SQL pass agree on every rule; otherwise "
+        "the batch is refused and nothing downstream runs.",
     )
 
 
@@ -46,11 +47,12 @@ def check_metadata(contract: Contract, report: ValidationReport) -> dict[str, ob
         "gx_version": report.gx_version or "not run (no new batch)",
         "gx_success": report.gx_success,
         "gx_expectations_failed": dg.MetadataValue.json(failed),
+        "rules_gx_and_sql_disagree_on": dg.MetadataValue.json(report.rules_disagreeing),
     }
 
 
 def contract_check_result(contract: Contract, report: ValidationReport) -> dg.AssetCheckResult:
-    """The check's verdict: passed when every new batch's GX suite succeeded."""
+    """The check's verdict: passed when every new batch's GX suite succeeded and agreed with the single pass."""
     return dg.AssetCheckResult(
         check_name=check_name(contract),
         passed=report.gx_success,
@@ -77,10 +79,15 @@ def validated_asset(contract: Contract) -> dg.AssetsDefinition:
         with haven.connect() as con:
             report = validate_collection(con, contract, haven.registry(), home.quarantine_for(contract.collection))
             valid_total = con.execute(f'SELECT count(*) FROM landing."{contract.collection}_valid"').fetchone()[0]
-        for refused in report.batches_refused:
+        for refused in (b for b in report.batches if not b.accepted):
+            why = (
+                f"GX and the single SQL pass disagree on {', '.join(refused.disagreeing)}"
+                if refused.disagreeing
+                else f"{refused.invalid_rows} of {refused.rows} rows invalid"
+            )
             context.log.warning(
-                f"{contract.collection}: a batch was refused ({refused['invalid_rows']} of {refused['rows']} rows "
-                f"invalid); see quarantine/{contract.collection}/ for its reason file"
+                f"{contract.collection}: a batch was refused ({why}); see quarantine/{contract.collection}/ "
+                "for its reason file"
             )
         result = contract_check_result(contract, report)
         yield dg.MaterializeResult(

@@ -20,8 +20,10 @@ rule kind          Great Expectations expectation
 ``spreadsheet``    ``expect_column_values_to_not_match_regex`` with the anchored float or
                    scientific rendering regex (``safehaven.core.identifiers.SPREADSHEET_RE``)
 ``code_list``,     ``expect_column_values_to_be_in_set`` with the code list; for ICD-10
-``allowed``        style ``match: prefix3`` an anchored regex of the three-character codes,
-                   case-insensitive, equal to ``upper(left(value, 3)) IN (...)``
+``allowed``        style ``match: prefix3`` an anchored regex of the three-character codes
+                   (``safehaven.intake.rules.prefix3_regex``), ignoring the case of ASCII
+                   letters only, equal to the pass's ``prefix3_sql``: a non-ASCII look-alike
+                   (the Kelvin sign for K, a dotless i) fails both
 ``range``          ``expect_column_values_to_be_between`` on the typed date
 ``order``          ``expect_column_pair_values_a_to_be_greater_than_b`` (``or_equal``, rows
                    with either value missing ignored)
@@ -41,7 +43,6 @@ check (``safehaven.intake.validation``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Literal
@@ -60,6 +61,7 @@ from safehaven.intake.rules import (
     code_values,
     compile_checks,
     date_bounds,
+    prefix3_regex,
     raw_column,
 )
 
@@ -90,18 +92,6 @@ class PlannedExpectation:
 def anchored(regex: str) -> str:
     """A whole-value regex for GX on DuckDB (``regexp_matches`` finds partial matches)."""
     return f"^(?:{regex})$"
-
-
-def prefix3_regex(values: list[str]) -> str:
-    """An anchored, case-insensitive regex equal to ``upper(left(v, 3)) IN values``.
-
-    Three-character codes match as prefixes; shorter codes must be the whole value; longer
-    codes can never equal a three-character prefix and are left out.
-    """
-    three = sorted(re.escape(v.upper()) for v in values if len(v) == 3)
-    short = sorted(re.escape(v.upper()) for v in values if len(v) < 3)
-    parts = ([f"(?:{'|'.join(three)})"] if three else []) + ([f"(?:{'|'.join(short)})$"] if short else [])
-    return f"^(?i:{'|'.join(parts)})" if parts else "^$a"  # "^$a" matches nothing
 
 
 def compile_suite(

@@ -15,9 +15,15 @@ Rules (CoP 7-9, 45-46; issue #3):
   check stops everything downstream of the collection in the same run. The exception is a
   restriction feed (objections, ``honours_every_valid_row``): its valid rows go on even from
   a refused batch, since a valid objection dropped would let an objector's record out.
-* GX and the single pass must agree on every count they both compute. If they do not, or
-  GX cannot evaluate an expectation, validation stops with ``ValidationInconsistent`` and
-  writes nothing (the batches stay ``landed`` and are validated again next run).
+* GX and the single pass must agree on every count they both compute (a safeguard: the two
+  are compiled from the same rule so that they agree by construction). If they do not, or GX
+  cannot evaluate an expectation, on a batch, that batch is refused (``CHECKS_DISAGREE``): the
+  haven cannot tell which of its rows meet the rule, so none go on (a restriction feed
+  excepted, as above: there the reason file is also a file-level fault of the feed, which
+  blocks record-level releases until a person clears it, ``safehaven.protect.feed``); its
+  reason file names the rules and the two counts, never a value. It is recorded like any
+  refused batch, so the next run does not judge it again, and the other batches and
+  collections carry on; the blocking check of its collection fails.
 * The scrubbed GX result document of each batch (counts only, never a failing value) is kept
   in ``governance.validation_results``, the per-rule figures in
   ``governance.validation_rule_results``, and the quality measures in
@@ -82,10 +88,25 @@ if TYPE_CHECKING:  # Great Expectations is imported when a batch is validated, n
 RESULTS = schema.VALIDATION_RESULTS
 CHECKED = "_checked"
 VIEW = "_gx_batch"
+#: The reason file's rule of a batch refused for breaking the contract beyond its tolerance.
+TOLERANCE = "batch.tolerance"
+#: The reason file's rule of a batch refused because GX and the single pass disagree on a rule.
+CHECKS_DISAGREE = "batch.checks_disagree"
+#: Rules of a refusal at validation (a landed batch), as against a file quarantined at ingest.
+BATCH_REFUSALS = frozenset({TOLERANCE, CHECKS_DISAGREE})
 
 
 class ValidationInconsistent(Exception):
-    """GX and the single pass disagree, or GX could not evaluate a rule (counts and ids only)."""
+    """GX and the single pass disagree on a batch, or GX could not evaluate a rule (counts and ids only).
+
+    Raised by ``_compare`` and contained by ``validate_collection``, which refuses the batch
+    (``CHECKS_DISAGREE``). ``rule_ids``: the rules concerned; ``outcomes``: the rules compared.
+    """
+
+    def __init__(self, message: str, rule_ids: list[str], outcomes: list[RuleOutcome]) -> None:
+        super().__init__(message)
+        self.rule_ids = rule_ids
+        self.outcomes = outcomes
 
 
 @dataclass
@@ -119,10 +140,21 @@ class BatchOutcome:
     failures_by_rule: dict[str, int]
     gx: SuiteResult
     rules: list[RuleOutcome]
+    #: rules on which GX and the single pass disagree (or GX failed): the batch is refused
+    disagreeing: list[str] = field(default_factory=list)
+    #: the disagreement, as rule ids and counts (never a value)
+    disagreement: str | None = None
 
     @property
     def accepted(self) -> bool:
-        return self.gx.success
+        return self.gx.success and not self.disagreeing
+
+    @property
+    def refusal_rule(self) -> str | None:
+        """Why the batch was refused (``CHECKS_DISAGREE`` or ``TOLERANCE``), or None when accepted."""
+        if self.disagreeing:
+            return CHECKS_DISAGREE
+        return None if self.accepted else TOLERANCE
 
     @property
     def invalid_share(self) -> float:
@@ -171,14 +203,16 @@ class ValidationReport:
 
     @property
     def batches_refused(self) -> list[dict[str, object]]:
-        """Each refused batch: its counts and the rules over the tolerance (ids only)."""
+        """Each refused batch: why, its counts, the rules over the tolerance and those the checks disagree on (ids)."""
         return [
             {
                 "batch": b.batch_id,
+                "rule": b.refusal_rule,
                 "rows": b.rows,
                 "invalid_rows": b.invalid_rows,
                 "invalid_share": round(b.invalid_share, 6),
                 "rules_over_tolerance": [r.rule_id for r in b.rules if not r.gx_success],
+                "rules_disagreeing": list(b.disagreeing),
             }
             for b in self.batches
             if not b.accepted
@@ -191,8 +225,13 @@ class ValidationReport:
 
     @property
     def gx_success(self) -> bool:
-        """Every batch's GX suite succeeded, so none was refused (a batch is accepted exactly when it did)."""
+        """No batch was refused: each one's GX suite succeeded and agreed with the single pass."""
         return all(b.accepted for b in self.batches)
+
+    @property
+    def rules_disagreeing(self) -> list[str]:
+        """Rules on which GX and the single pass disagreed, in any batch (ids)."""
+        return sorted({r for b in self.batches for r in b.disagreeing})
 
     def rules_table(self) -> dict[str, dict[str, Any]]:
         """Per rule, summed over the batches: the pass's failures and GX's unexpected count."""
@@ -281,10 +320,12 @@ def validate_collection(
                 found = counts[batch]
                 gx_result = _run_gx(con, contract, suite, index)
                 report.gx_version = gx_result.gx_version
-                outcomes = _compare(contract, suite, checks, gx_result, found)
-                report.batches.append(
-                    BatchOutcome(batch, index, found.rows, found.invalid, found.by_rule, gx_result, outcomes)
-                )
+                outcome = BatchOutcome(batch, index, found.rows, found.invalid, found.by_rule, gx_result, [])
+                try:
+                    outcome.rules = _compare(contract, suite, checks, gx_result, found)
+                except ValidationInconsistent as exc:  # contained: this batch is refused, the others go on
+                    outcome.rules, outcome.disagreeing, outcome.disagreement = exc.outcomes, exc.rule_ids, str(exc)
+                report.batches.append(outcome)
         with clock("write"):
             _write(con, contract, report, measures)
     finally:
@@ -387,18 +428,22 @@ def _compare(
     by_id = {o.meta_id: o for o in gx_result.outcomes}
     outcomes: list[RuleOutcome] = []
     problems: list[str] = []
+    concerned: list[str] = []
     for planned in suite:
         gx = by_id.get(planned.rule_id)
         if gx is None or gx.error is not None:
             problems.append(f"{planned.rule_id}: GX could not evaluate it ({gx.error if gx else 'no result'})")
+            concerned.append(planned.rule_id)
             continue
         sql = found.invalid if planned.rule_id == ROWS_RULE else found.by_rule.get(planned.rule_id, 0)
         digits = found.check_digit.get(planned.rule_id) if planned.kind == "nhs_number" else None
         unexpected = gx.unexpected_count or 0
         if planned.comparable and unexpected != sql:
             problems.append(f"{planned.rule_id}: GX counts {unexpected}, the single pass {sql}")
+            concerned.append(planned.rule_id)
         if digits is not None and unexpected + digits != sql:
             problems.append(f"{planned.rule_id}: GX format {unexpected} + check digit {digits} != {sql}")
+            concerned.append(planned.rule_id)
         outcomes.append(
             RuleOutcome(
                 planned.rule_id,
@@ -415,8 +460,9 @@ def _compare(
         )
     if problems:
         raise ValidationInconsistent(
-            f"{contract.collection}: Great Expectations and the single SQL pass disagree; nothing was written "
-            "and the batches stay landed: " + "; ".join(problems)
+            f"{contract.collection}: Great Expectations and the single SQL pass disagree: " + "; ".join(problems),
+            sorted(set(concerned)),
+            outcomes,
         )
     return outcomes
 
@@ -443,6 +489,8 @@ def _write(
                 "rows": b.rows,
                 "invalid_rows": b.invalid_rows,
                 "tolerance": contract.tolerance,
+                "refused_by": b.refusal_rule,
+                "rules_disagreeing": b.disagreeing,
                 "rules": [r.as_dict() for r in b.rules],
                 "great_expectations": b.gx.document(),
             }
@@ -536,7 +584,6 @@ def _write_refusal(
     """A reason file for a refused batch (its rows stay encrypted in landing): counts and rule ids only."""
     row = con.execute(f"SELECT file_name FROM {BATCHES} WHERE batch_id = ?", [outcome.batch_id]).fetchone()
     name = row[0] if row else outcome.batch_id
-    over = [r for r in outcome.rules if not r.gx_success and r.rule_id != ROWS_RULE]
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     reason = {
         "collection": contract.collection,
@@ -544,12 +591,37 @@ def _write_refusal(
         "file": name,
         "sha256": outcome.batch_id,
         "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rule": "batch.tolerance",
+        **(_disagreement_reason(outcome) if outcome.disagreeing else _tolerance_reason(contract, outcome)),
+        "failures_by_rule": dict(sorted(outcome.failures_by_rule.items(), key=lambda kv: -kv[1])),
+    }
+    (quarantine_dir / f"{name}.reason.json").write_text(json.dumps(reason, indent=2))
+
+
+def _tolerance_reason(contract: Contract, outcome: BatchOutcome) -> dict[str, str]:
+    """Why a batch over its contract's tolerance was refused, and what to do."""
+    over = [r for r in outcome.rules if not r.gx_success and r.rule_id != ROWS_RULE]
+    return {
+        "rule": TOLERANCE,
         "reason": f"{outcome.invalid_rows} of {outcome.rows} rows ({outcome.invalid_share:.2%}) break the contract"
         + (f", and rules over tolerance: {', '.join(r.rule_id for r in over)}" if over else "")
         + f"; the tolerance is {contract.tolerance:.2%}",
-        "failures_by_rule": dict(sorted(outcome.failures_by_rule.items(), key=lambda kv: -kv[1])),
         "what_to_do": "ask the sender to correct the rules listed and send the file again; the refused "
         "batch is held encrypted in the landing zone and none of its rows went on",
     }
-    (quarantine_dir / f"{name}.reason.json").write_text(json.dumps(reason, indent=2))
+
+
+def _disagreement_reason(outcome: BatchOutcome) -> dict[str, Any]:
+    """Why a batch on which GX and the single pass disagree was refused, and what to do (rule ids and counts)."""
+    rules = ", ".join(outcome.disagreeing)
+    return {
+        "rule": CHECKS_DISAGREE,
+        "reason": f"the two checks of the contract (Great Expectations and the single SQL pass) disagree on "
+        f"{rules} for this file, so the haven cannot tell which of its rows meet the rules listed; "
+        f"the batch is refused whole ({outcome.disagreement})",
+        "rules_disagreeing": outcome.disagreeing,
+        "what_to_do": f"report the rule ids ({rules}) and this file's SHA-256 to the haven's data engineers: the "
+        "two checks are built to agree, so this is a fault in the haven to fix; meanwhile ask the sender to "
+        "check those fields for characters outside the code system (such as non-ASCII letters that look like "
+        "ASCII ones) and to send a corrected file; the refused batch is held encrypted in the landing zone "
+        "and none of its rows went on",
+    }

@@ -66,7 +66,9 @@ DEFAULT_WINDOW_DAYS = 31
 #: takes 12 or more), and a whole hex token, so the audit guard never mistakes its digits for an
 #: NHS number (``safehaven.core.audit``)
 SHA_SHOWN = 16
-#: The validation refusal's reason file (row-level; counted from the rejected table instead).
+#: The validation refusal's reason file (row-level; counted from the rejected table instead). A batch
+#: refused because the two checks disagree (``batch.checks_disagree``) is a file-level fault: the
+#: rejected table cannot be trusted to list its bad rows.
 _BATCH_RULE = "batch.tolerance"
 #: what ``--corrected-by`` takes: a file's SHA-256, or 12 or more of its first hex characters
 _SHA_KEY = re.compile(r"[0-9a-f]{12,64}")

@@ -53,6 +53,7 @@ from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.intake.measures import MEASURES_TABLE, RULE_RESULTS
 from safehaven.intake.rules import ROWS_RULE, text_sql
+from safehaven.intake.validation import BATCH_REFUSALS
 from safehaven.publish.outputs import Output, OutputBuild, code_lists_of
 
 #: The licence of every published output (CoP 36; the haven is a public body).
@@ -172,7 +173,7 @@ def _quarantined_files(home: Home, collection: str) -> dict[str, Any]:
             rule = str(json.loads(path.read_text()).get("rule", "unknown"))
         except (OSError, ValueError):
             rule = "unreadable reason file"
-        if rule != "batch.tolerance":
+        if rule not in BATCH_REFUSALS:
             by_rule[rule] = by_rule.get(rule, 0) + 1
     return {"files": sum(by_rule.values()), "by_rule": by_rule}
 

@@ -9,7 +9,7 @@ import pytest
 
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.intake.expectations import BROKEN_RULES, ROWS_RULE, anchored, compile_suite, prefix3_regex
-from safehaven.intake.rules import FORMAT_RE, NHS_RE, compile_checks, typed_projection
+from safehaven.intake.rules import FORMAT_RE, NHS_RE, compile_checks, prefix3_sql, typed_projection
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
 TODAY = date(2026, 6, 30)
@@ -72,7 +72,8 @@ def test_expectations_read_the_typed_values_and_the_contract() -> None:
     assert nhs.expectation.configuration.kwargs["regex"] == anchored(NHS_RE)
     icd = hospital["primary_diagnosis.code_list"].expectation.configuration
     assert icd.type == "expect_column_values_to_match_regex"
-    assert icd.kwargs["regex"].startswith("^(?i:")
+    assert icd.kwargs["regex"] == prefix3_regex(REGISTRY.code_list("icd10").code_values)
+    assert "(?i" not in icd.kwargs["regex"]  # RE2's case folding is not DuckDB's upper(): ASCII letters only
 
 
 SAMPLES = {
@@ -96,15 +97,31 @@ def test_anchored_regexes_on_duckdb_equal_the_sql_full_match(fmt: str) -> None:
 
 
 def test_prefix3_regex_equals_the_sql_rule() -> None:
-    codes = ["A08", "I21", "C50", "Z9", "LONG1"]
+    codes = ["A08", "I21", "C50", "Z9", "LONG1", "K21"]
     regex = prefix3_regex(codes)
     con = duckdb.connect()
-    for value in ["A08", "a08", "A081", "I219X", "I2", "Z9", "z9", "Z91", "LONG1", "LON", "B01", "", "A0"]:
+    look_alikes = ["\u212a21", "\u013121", "\u0130219", "\uff2b21", "\u041a21", "K21\uff19", "\u017a9", "A\uff108"]
+    for value in [
+        "A08",
+        "a08",
+        "A081",
+        "I219X",
+        "I2",
+        "Z9",
+        "z9",
+        "Z91",
+        "LONG1",
+        "LON",
+        "B01",
+        "",
+        "A0",
+        *look_alikes,
+    ]:
         gx_side, sql_side = con.execute(
-            "SELECT regexp_matches($v, $re), list_contains($codes, upper(left($v, 3)))",
-            {"v": value, "re": regex, "codes": codes},
+            f"SELECT regexp_matches($v, $re), {prefix3_sql('$v', codes)}", {"v": value, "re": regex}
         ).fetchone()
         assert gx_side is sql_side, value
+        assert sql_side is (value.isascii() and value[:3].upper() in {"A08", "I21", "C50", "Z9", "K21"}), value
     assert prefix3_regex(["LONG1"]) == "^$a"
 
 

@@ -15,7 +15,7 @@ from safehaven.core.store import Store
 from safehaven.intake import rules
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.intake.rules import RuleCheck
-from safehaven.intake.validation import RESULTS, RULE_RESULTS, ValidationInconsistent, validate_collection
+from safehaven.intake.validation import RESULTS, RULE_RESULTS, validate_collection
 from tests.unit.validation_helpers import gp_rows, land, nhs_numbers
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
@@ -24,6 +24,7 @@ GP = REGISTRY.contracts["gp_events"]
 BAD_CHECK_DIGIT = "9990000019"  # 999 000 001 -> check digit 8
 BAD_CODE = "12345678"
 BAD_POSTCODE = "QQ 1ZZ"
+CHECKS_DISAGREE = "batch.checks_disagree"  # the reason file's rule of a batch the two checks disagree on
 
 
 @pytest.fixture
@@ -188,10 +189,15 @@ def test_gx_and_the_pass_agree_on_every_rule(con, home: Home) -> None:
     assert table["rows.within_tolerance"]["sql_failures"] == 18
 
 
-def test_gx_evaluates_the_rules_itself_and_a_disagreement_stops_validation(
+def test_a_disagreement_between_gx_and_the_pass_refuses_the_batch_naming_the_rule_and_a_rerun_does_not_raise(
     con, home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Break the pass's code-list rule: GX, reading the code list itself, still finds the bad code."""
+    """Blind the pass's code-list rule: GX, reading the code list itself, still finds the bad code.
+
+    The stage does not fail: that batch is refused (none of its rows go on) under
+    ``batch.checks_disagree``, naming the rule and never the value; the good batch beside it
+    and later ones are accepted; the contract check fails; the next run does not raise.
+    """
     original = rules.compile_checks
 
     def blind(*args, **kwargs) -> list[RuleCheck]:
@@ -203,16 +209,43 @@ def test_gx_evaluates_the_rules_itself_and_a_disagreement_stops_validation(
     monkeypatch.setattr(rules, "compile_checks", blind)  # used by the single pass only
     rows = gp_rows(30)
     rows[4]["sex"] = "7"
-    batch = land(con, home, REGISTRY, "gp_events", rows, "gp.csv")
-    with pytest.raises(ValidationInconsistent, match="sex.code_list: GX counts 1, the single pass 0") as err:
-        _validate(con, home)
-    assert "7" not in str(err.value).replace("sex.code_list", "")
-    # Nothing was written: the batch waits, landed, for the next run.
-    assert con.execute("SELECT status FROM governance.batches WHERE batch_id = ?", [batch]).fetchone() == ("landed",)
-    assert con.execute("SELECT count(*) FROM landing.gp_events_valid").fetchone() == (0,)
-    assert con.execute(f"SELECT count(*) FROM {RESULTS}").fetchone() == (0,)
+    bad = land(con, home, REGISTRY, "gp_events", rows, "gp.csv")
+    good = land(con, home, REGISTRY, "gp_events", gp_rows(20, start=100), "gp_good.csv")
+    report = _validate(con, home)  # raised ValidationInconsistent on the old code
+
+    assert report.batches_accepted == [good] and not report.gx_success
+    [refused] = report.batches_refused
+    assert (refused["batch"], refused["rule"], refused["rules_disagreeing"]) == (
+        bad,
+        CHECKS_DISAGREE,
+        ["sex.code_list"],
+    )
+    assert report.rules_disagreeing == ["sex.code_list"]
+    statuses = dict(con.execute("SELECT batch_id, status FROM governance.batches").fetchall())
+    assert statuses == {bad: "refused", good: "accepted"}
+    assert con.execute("SELECT DISTINCT _batch FROM landing.gp_events_valid").fetchall() == [(good,)]
+    assert con.execute(f"SELECT status FROM {RESULTS} WHERE batch_id = ?", [bad]).fetchone() == ("refused",)
+    reason = json.loads((home.quarantine_for("gp_events") / "gp.csv.reason.json").read_text())
+    assert reason["rule"] == CHECKS_DISAGREE and reason["rules_disagreeing"] == ["sex.code_list"]
+    assert "sex.code_list: GX counts 1, the single pass 0" in reason["reason"]
+    assert "sex.code_list" in reason["what_to_do"]
+    for text in (reason["reason"], reason["what_to_do"]):
+        assert "7" not in text  # the value is never named
+    for nhs in (r["nhs_number"] for r in rows):
+        assert nhs not in json.dumps(reason)
+
+    from assets.validate import contract_check_result
+
+    check = contract_check_result(GP, report)
+    assert check.passed is False
+    assert check.metadata["rules_gx_and_sql_disagree_on"].value == ["sex.code_list"]
+
+    again = _validate(con, home)  # recorded: the refused batch is not judged again
+    assert not again.batches and again.gx_success
+    later = land(con, home, REGISTRY, "gp_events", gp_rows(10, start=200), "gp_later.csv")
+    assert _validate(con, home).batches_accepted == [later]
     monkeypatch.setattr(rules, "compile_checks", original)
-    assert _validate(con, home).failures_by_rule == {"sex.code_list": 1}
+    assert not _validate(con, home).batches
 
 
 def test_stored_results_keep_counts_and_never_values(con, home: Home) -> None:
