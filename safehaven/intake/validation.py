@@ -594,7 +594,24 @@ def _write_refusal(
         **(_disagreement_reason(outcome) if outcome.disagreeing else _tolerance_reason(contract, outcome)),
         "failures_by_rule": dict(sorted(outcome.failures_by_rule.items(), key=lambda kv: -kv[1])),
     }
-    (quarantine_dir / f"{name}.reason.json").write_text(json.dumps(reason, indent=2))
+    _reason_path(quarantine_dir, name, outcome.batch_id).write_text(json.dumps(reason, indent=2))
+
+
+def _reason_path(folder: Path, name: str, sha: str) -> Path:
+    """``<name>.reason.json``, unless that is another file's reason or a quarantined file of that
+    name: then ``<stem>.<sha prefix><suffix>.reason.json``, so no reason is overwritten by
+    another's (each quarantined or refused file keeps its own rule and reason)."""
+    path = folder / f"{name}.reason.json"
+    taken = (folder / name).exists()
+    if path.exists():
+        try:
+            taken = taken or json.loads(path.read_text()).get("sha256") != sha
+        except (OSError, ValueError):
+            taken = True
+    if not taken:
+        return path
+    plain = Path(name)
+    return folder / f"{plain.stem}.{sha[:12]}{plain.suffix}.reason.json"
 
 
 def _tolerance_reason(contract: Contract, outcome: BatchOutcome) -> dict[str, str]:

@@ -98,6 +98,23 @@ def test_a_batch_over_tolerance_is_refused_whole_with_a_reason(con, home: Home) 
     assert [r[0] for r in over] == ["rows.within_tolerance"]  # 3% per rule is within 5%; the rows are not
 
 
+def test_refused_files_of_one_name_each_keep_their_own_reason(con, home: Home) -> None:
+    """A sender using one file name: a file quarantined at ingest, then two refused batches of
+    that name; no reason overwrites another's (each names its own file's SHA-256)."""
+    folder = home.quarantine_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gp.csv").write_text("quarantined whole at ingest\n")
+    (folder / "gp.csv.reason.json").write_text(json.dumps({"rule": "file.header.columns", "sha256": "a" * 64}))
+    batches = [
+        land(con, home, REGISTRY, "gp_events", _defective(gp_rows(100, start=100 * n), 9), "gp.csv") for n in (1, 2)
+    ]
+    _validate(con, home)
+    reasons = {json.loads(p.read_text())["sha256"]: p.name for p in folder.glob("*.reason.json")}
+    assert set(reasons) == {"a" * 64, *batches}
+    assert reasons["a" * 64] == "gp.csv.reason.json"
+    assert all(json.loads((folder / reasons[b]).read_text())["rule"] == "batch.tolerance" for b in batches)
+
+
 def test_one_rule_over_tolerance_of_its_values_refuses_the_batch(con, home: Home) -> None:
     """An optional field mostly empty: 2 bad end dates are 2% of the rows but 40% of the end dates."""
     numbers = nhs_numbers(100)
