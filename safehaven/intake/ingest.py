@@ -12,7 +12,9 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
   ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
   ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting), ``file.no_rows`` or
-  ``file.name`` (a name that is not UTF-8 text). One UTF-8 byte-order mark (removed before the
+  ``file.name`` (a name that is not UTF-8 text), ``file.header.excel_sep`` (Excel's ``sep=``
+  first line) or ``file.header.empty_name`` (a column without a name: trailing commas); an
+  archive or workbook under a ``.csv`` name is ``file.type``. One UTF-8 byte-order mark (removed before the
   header is parsed; two or more are ``file.encoding``), CRLF line ends and quoted header names
   (every field quoted, as pandas ``QUOTE_ALL`` and Excel write) are accepted.
 * **Every file is contained** (the project's "no file can fail a stage" rule): whatever goes
@@ -128,6 +130,22 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     con.execute(f"CREATE TABLE IF NOT EXISTS landing.{contract.collection} ({cols}, _batch VARCHAR, _row BIGINT)")
 
 
+#: leading bytes of containers sometimes saved under a ``.csv`` name: (magic, what it is)
+ARCHIVES = ((b"PK\x03\x04", "a zip archive (an Excel workbook is one)"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def _not_an_archive(path: Path) -> None:
+    """An archive or workbook with a ``.csv`` name is refused as what it is (``file.type``), not
+    as a NUL byte at some offset."""
+    with open(path, "rb") as fh:
+        start = fh.read(4)
+    for magic, what in ARCHIVES:
+        if start.startswith(magic):
+            raise FileRejected(
+                "file.type", f"the file is {what}, not CSV text", "export the data itself as CSV (UTF-8) and send that"
+            )
+
+
 def _one_bom_at_most(path: Path) -> None:
     """A UTF-8 byte-order mark is accepted once (Excel's "CSV UTF-8"); two or more are refused by
     name (``file.encoding``), not left to be misread as broken CSV."""
@@ -147,6 +165,7 @@ def check_bytes(path: Path) -> None:
         raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
+    _not_an_archive(path)
     _one_bom_at_most(path)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
@@ -181,6 +200,23 @@ def _display(name: str) -> str:
     return name if SAFE_NAME.fullmatch(name) else "<a column name that is not a plain identifier>"
 
 
+def _spreadsheet_artefacts(names: list[str]) -> None:
+    """Refuse, by name, a header line a spreadsheet left: Excel's ``sep=`` line, or columns with
+    no name (trailing commas)."""
+    if len(names) <= 2 and re.fullmatch(r"sep=.?", ",".join(names).strip()):
+        raise FileRejected(
+            "file.header.excel_sep",
+            "the first line is Excel's 'sep=' line, not the header row",
+            "save the file as plain 'CSV UTF-8' (without the sep= line) and send it again",
+        )
+    if len(names) > 1 and any(not n.strip() for n in names):
+        raise FileRejected(
+            "file.header.empty_name",
+            f"{sum(1 for n in names if not n.strip())} column(s) of the header have no name (trailing commas?)",
+            "remove the empty columns (and trailing commas) and send the file again",
+        )
+
+
 def check_header(header: list[str], contract: Contract) -> None:
     """Exactly the contract's columns, each once, as plain lower-case identifiers.
 
@@ -192,6 +228,7 @@ def check_header(header: list[str], contract: Contract) -> None:
     expected = contract.field_names
     names = [h.lstrip("\ufeff") if i == 0 else h for i, h in enumerate(header)]
     normalised = [n.strip().lower() for n in names]
+    _spreadsheet_artefacts(names)
     if len(names) == 1 and any(sep in names[0] for sep in (";", "\t", "|")):
         raise FileRejected(
             "file.header.delimiter",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -65,6 +66,10 @@ CSV_BUILDERS: dict[str, Callable[[str], bytes]] = {
     "broken_quote": lambda body: (HEADER + "\n" + body.replace("M83337", '"M83337', 1)).encode(),
     "header_only": lambda body: (HEADER + "\n").encode(),
     "double_bom": lambda body: ("\ufeff\ufeff" + HEADER + "\n" + body).encode(),
+    "excel_sep": lambda body: ("sep=,\r\n" + HEADER + "\r\n" + body).encode(),
+    "trailing_empty_columns": lambda body: (HEADER + ",,\n" + body.replace("\n", ",,\n")).encode(),
+    "gzip": lambda body: gzip.compress((HEADER + "\n" + body).encode()),
+    "xlsx": lambda body: b"PK\x03\x04\x14\x00\x06\x00" + bytes(range(256)),
 }
 
 
@@ -94,6 +99,10 @@ CSV_CASES = {
     "broken_quote": "file.malformed",
     "header_only": "file.no_rows",
     "double_bom": "file.encoding",
+    "excel_sep": "file.header.excel_sep",
+    "trailing_empty_columns": "file.header.empty_name",
+    "gzip": "file.type",
+    "xlsx": "file.type",
 }
 
 
