@@ -310,7 +310,9 @@ def set_up(home: Path) -> None:
     _adopt_agreements(home)
 
 
-def run(home: Path, threads: int | None, trace_sql: bool = False, *, with_set_up: bool = True) -> dict[str, Any]:
+def run(
+    home: Path, threads: int | None, trace_sql: bool = False, *, with_set_up: bool = True, memory_limit: str = ""
+) -> dict[str, Any]:
     os.environ["SAFEHAVEN_HOME"] = str(home)
     if with_set_up:
         set_up(home)
@@ -328,7 +330,9 @@ def run(home: Path, threads: int | None, trace_sql: bool = False, *, with_set_up
     group_of = {key: stage_of(graph.get(key)) for key in graph.get_all_asset_keys()}
     job = defs.resolve_job_def("nightly")
     instance = dg.DagsterInstance.ephemeral()
-    run_config = {"resources": {"haven": {"config": {"threads": threads}}}} if threads else None
+    config = {"threads": threads} if threads else {}
+    config |= {"memory_limit": memory_limit} if memory_limit else {}
+    run_config = {"resources": {"haven": {"config": config}}} if config else None
     built = time.perf_counter()
 
     sampler = RssSampler()
@@ -369,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--memory-limit", default="", help="DuckDB's memory limit for the store (e.g. 1.5GB)")
     parser.add_argument("--trace-sql", action="store_true", help="time every store statement (profiling)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--set-up-only", action="store_true", help="only the haven's one-time set-up (no run)")
@@ -379,7 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         set_up(args.home.resolve())
         write_json(args.out, {"success": True, "set_up": True})
         return 0
-    doc = run(args.home.resolve(), args.threads or None, args.trace_sql, with_set_up=not args.no_set_up)
+    doc = run(
+        args.home.resolve(),
+        args.threads or None,
+        args.trace_sql,
+        with_set_up=not args.no_set_up,
+        memory_limit=args.memory_limit,
+    )
     write_json(args.out, doc)
     return 0 if doc["success"] else 1
 

@@ -59,6 +59,8 @@ class SafeHavenResource(dg.ConfigurableResource):
     home: str = ""
     contracts: str = ""
     threads: int = 0
+    #: DuckDB's memory limit for the store's connections (``"1.5GB"``); empty: DuckDB's default
+    memory_limit: str = ""
     #: how long a step waits for a store held by another process before it fails
     lock_wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS
     #: further attempts of a step that found the store busy past the wait, and the pause before each
@@ -153,6 +155,7 @@ class SafeHavenResource(dg.ConfigurableResource):
             self.home_dir(),
             keyring,
             threads=self.threads or None,
+            memory_limit=self.memory_limit or None,
             lock_wait=self.lock_wait_seconds,
             logger=dg.get_dagster_logger("safehaven.store"),
         )

@@ -170,10 +170,14 @@ class Store:
         *,
         lock_wait: float = DEFAULT_LOCK_WAIT_SECONDS,
         logger: logging.Logger | None = None,
+        memory_limit: str | None = None,
     ):
         self.home = home
         self.keyring = keyring or KeyRing(home.keys)
         self.threads = threads
+        #: DuckDB's ``memory_limit`` for this store's connections (e.g. ``"1.5GB"``); None: DuckDB's
+        #: own default (80% of the machine's memory). Past it DuckDB spills to ``store/tmp``.
+        self.memory_limit = memory_limit
         self.lock_wait = lock_wait
         self.logger = logger or log
         #: set while this object holds the rebuild lock exclusively (its own connections skip it)
@@ -224,6 +228,8 @@ class Store:
         config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
         if self.threads:
             config["threads"] = self.threads
+        if self.memory_limit:
+            config["memory_limit"] = self.memory_limit
         con, pool_key = POOL.take(config, _prepare_instance)
         lock_fd: int | None = None
         try:

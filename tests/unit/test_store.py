@@ -59,3 +59,15 @@ def test_store_cannot_be_opened_with_wrong_key(store: Store, home: Home) -> None
         with store.connect():
             pass
     assert real.hex not in str(err.value) and bytes(32).hex() not in str(err.value)
+
+
+def test_a_memory_limit_bounds_every_connection_and_none_keeps_duckdbs_default(home: Home) -> None:
+    """``Store(memory_limit=...)`` (the haven resource's ``memory_limit``) reaches DuckDB on each
+    connection, pooled or not; without it DuckDB's own default applies (issue 22: peak memory)."""
+    limited = Store(home, memory_limit="1GiB")
+    for _ in range(2):  # a fresh instance, then one from the pool
+        with limited.connect() as con:
+            assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] in ("1.0 GiB", "1024.0 MiB")
+    with Store(home).connect() as con:
+        default = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert default not in ("1.0 GiB", "1024.0 MiB")
