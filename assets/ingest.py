@@ -39,6 +39,11 @@ def landing_asset(contract: Contract) -> dg.AssetsDefinition:
                 f"{contract.collection}: {copy['file']} holds the same records as batch {copy['same_records_as']} "
                 "(a re-saved copy: other bytes, same rows); not landed again"
             )
+        for name in report.not_overwritten:
+            context.log.warning(
+                f"{contract.collection}: {name} was landed, but the haven's user could not overwrite the received "
+                "file; give it write access to incoming/, and check the file is gone"
+            )
         if report.files_arriving:
             context.log.info(
                 f"{contract.collection}: {report.files_arriving} file(s) still being written were left "
@@ -55,6 +60,7 @@ def landing_asset(contract: Contract) -> dg.AssetsDefinition:
                 "files_skipped_already_landed": report.files_skipped,
                 "files_quarantined": report.files_quarantined,
                 "files_vanished": report.files_vanished,
+                "files_not_overwritten": len(report.not_overwritten),
                 "files_still_arriving": report.files_arriving,
                 "files_not_landed_same_records": len(report.copies),
                 "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",

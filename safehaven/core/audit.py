@@ -266,13 +266,36 @@ def shown_name(name: str) -> str:
     """A received file's name as the haven shows and records it: in logs, Dagster metadata,
     reason files, quarantine and the batch register (the one rule for names from outside).
 
-    Bytes that are not UTF-8 and characters that do not print (a line feed, a tab, an escape)
-    are written as backslash escapes, so a name can neither break a log line nor forge one;
-    then :func:`scrub` withholds any run that looks like an NHS number (CoP 8a: identifiers
-    never reach logs or metadata). The name on the sender's side is unchanged."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return scrub(printable)
+    First every run of ten digits split 3-3-4 by at most two characters that are not letters
+    or digits (spaces, tabs, line feeds, ``_ , : ( )``, zero-width or non-UTF-8 characters),
+    or not split at all, is withheld, on the raw name and with no exception for hex-looking
+    runs (CoP 8a: identifiers never reach logs or metadata). Then bytes that are not UTF-8 and
+    characters that do not print are written as backslash escapes, so a name can neither
+    break a log line nor forge one. At most ``SHOWN_NAME_BYTES`` bytes are kept (the suffix
+    stays), so the name and its reason file fit a file system's name limit. The name on the
+    sender's side is unchanged."""
+    withheld = _NAME_NHS_LIKE.sub(WITHHELD, name)
+    text = withheld.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return _at_most(shown, SHOWN_NAME_BYTES)
+
+
+#: ten digits, 3-3-4, each gap at most two characters that are neither letters nor digits
+_NAME_NHS_LIKE = re.compile(r"(?<!\d)\d{3}[\W_]{0,2}\d{3}[\W_]{0,2}\d{4}(?!\d)")
+#: bytes of a shown name: room for a SHA-256 prefix and ``.reason.json`` under the usual 255
+SHOWN_NAME_BYTES = 200
+
+
+def _at_most(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` UTF-8 bytes, its suffix kept, the cut marked with ``~``."""
+    if len(name.encode()) <= limit:
+        return name
+    dot = name.rfind(".")
+    suffix = name[dot:] if 0 < dot and len(name) - dot <= 16 else ""
+    stem = name[: len(name) - len(suffix)]
+    while len((stem + "~" + suffix).encode()) > limit:
+        stem = stem[:-1]
+    return stem + "~" + suffix
 
 
 def _check_no_identifier(value: Any, where: str) -> None:

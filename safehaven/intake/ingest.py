@@ -34,7 +34,12 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 * **A file still being written is not read** (:func:`still_arriving`): one another process has
   open for writing, or one that changes while it is read (nothing of it is committed), stays
   in the folder for a later run (``files_arriving``); it is neither landed half-way nor
-  quarantined.
+  quarantined. Known limit: a writer that closes the file between chunks, on a system where
+  leases work, is not seen between two chunks; transfer tools write under a temporary name or
+  keep the file open.
+* A received file the haven's user may not overwrite (another account's upload) is unlinked
+  once landed and named in ``not_overwritten`` (a person gives the haven's user write access
+  to ``incoming/``); the stage goes on.
 * **Names from outside are shown safely** (``safehaven.core.audit.shown_name``): in logs,
   metadata, reason files, quarantine and the batch register a received file's name has its
   non-printing characters and non-UTF-8 bytes escaped and any NHS-number-like run withheld.
@@ -60,6 +65,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -84,8 +90,9 @@ BATCH_CONTENTS = schema.BATCH_CONTENTS
 #: where the kernel cannot say whether a file is open for writing (no lease: another owner, a
 #: network file system), a file changed within this many seconds is taken as still arriving
 ARRIVING_FALLBACK_SECONDS = 60
-#: batch statuses whose records are still held: a copy of one of them is not landed again
-HELD = ("landed", "accepted", "refused")
+#: batch statuses whose records are still held and going on: a copy of one of them is not
+#: landed again (a refused batch's records may be sent again, and are judged again)
+HELD = ("landed", "accepted")
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 BATCHES = schema.BATCHES
 CHUNK = 1 << 20
@@ -117,6 +124,8 @@ class IngestReport:
     files_arriving: int = 0
     rows_landed: int = 0
     quarantined: list[dict[str, str]] = field(default_factory=list)
+    #: received files whose records are held but which the haven's user could not overwrite
+    not_overwritten: list[str] = field(default_factory=list)
     #: files not landed because a held batch has the same records (re-saved copies)
     copies: list[dict[str, str]] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
@@ -415,9 +424,7 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest_dir.chmod(0o700)
     shown = Path(shown_name(path.name))
-    dest = dest_dir / shown.name
-    if os.path.lexists(dest) or os.path.lexists(dest.with_name(dest.name + ".reason.json")):
-        dest = dest_dir / f"{shown.stem}.{sha[:12]}{shown.suffix}"
+    dest = _free_name(dest_dir, shown, sha)
     _move_whole(path, dest)
     reason = {
         "collection": contract.collection,
@@ -496,23 +503,36 @@ def still_arriving(path: Path) -> bool:
     """Whether another process has ``path`` open for writing: the kernel grants a read lease
     only when none has (Linux ``F_SETLEASE``; the lease is released at once, and a lease break
     in between would signal ``SIGURG``, which is ignored, never the default ``SIGIO``). Where no
-    lease can be taken, a file changed in the last ``ARRIVING_FALLBACK_SECONDS`` is taken as
-    arriving. A transfer tool that writes a file in place is thus never read half-way."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    lease can be taken, a file changed in the last ``ARRIVING_FALLBACK_SECONDS`` (and not in the
+    future: a sender's clock ahead of ours) is taken as arriving. A file that cannot be opened
+    is not arriving (reading it fails next, and it is quarantined with that reason); an entry
+    that is no longer a plain file is refused as such (never opened in a way that blocks)."""
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return False
+    try:
+        entry = os.fstat(fd)
+        if not stat.S_ISREG(entry.st_mode):
+            raise not_regular(path) or _unreadable(OSError("not a regular file"))
         if not hasattr(fcntl, "F_SETLEASE"):
-            return time.time() - os.fstat(fd).st_mtime < ARRIVING_FALLBACK_SECONDS
+            return _changed_lately(entry)
         try:
             fcntl.fcntl(fd, getattr(fcntl, "F_SETSIG", 10), signal.SIGURG)
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EBUSY):
-                return True
-            return time.time() - os.fstat(fd).st_mtime < ARRIVING_FALLBACK_SECONDS
+            return exc.errno in (errno.EAGAIN, errno.EBUSY) or _changed_lately(entry)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         return False
     finally:
         os.close(fd)
+
+
+def _changed_lately(entry: os.stat_result) -> bool:
+    """Changed within the last ``ARRIVING_FALLBACK_SECONDS`` (an mtime ahead of now is not)."""
+    return 0 <= time.time() - entry.st_mtime < ARRIVING_FALLBACK_SECONDS
 
 
 def _unchanged_since(path: Path, seen: os.stat_result) -> None:
@@ -520,6 +540,17 @@ def _unchanged_since(path: Path, seen: os.stat_result) -> None:
     now = os.stat(path, follow_symlinks=False)
     if (now.st_size, now.st_mtime_ns, now.st_ino) != (seen.st_size, seen.st_mtime_ns, seen.st_ino):
         raise StillArriving(path.name)
+
+
+def _free_name(folder: Path, shown: Path, sha: str) -> Path:
+    """A name in ``folder`` that neither a file nor a reason file has: ``shown``, else with the
+    SHA-256 prefix, else with a counter as well (no quarantined file or reason is overwritten)."""
+    numbered = (f"{shown.stem}.{sha[:12]}.{n}{shown.suffix}" for n in range(1, 10_000))
+    for name in itertools.chain([shown.name, f"{shown.stem}.{sha[:12]}{shown.suffix}"], numbered):
+        dest = folder / name
+        if not os.path.lexists(dest) and not os.path.lexists(folder / (name + ".reason.json")):
+            return dest
+    raise FileExistsError(folder / shown.name)
 
 
 def _move_whole(path: Path, dest: Path) -> None:
@@ -624,8 +655,15 @@ def bad_name(path: Path) -> FileRejected | None:
 
 
 def _name_hash(path: Path) -> str:
-    """Stands in for the content hash of an entry that is not read (its name's SHA-256)."""
-    return hashlib.sha256(os.fsencode(path.name)).hexdigest()
+    """Stands in for the content hash of an entry that is not read: SHA-256 of its name and of
+    this sighting (inode, size, times, now), so two entries of one name never share a key (a
+    quarantined copy, a reason file, a feed fault)."""
+    try:
+        entry = os.lstat(path)
+        seen = f"{entry.st_ino}:{entry.st_size}:{entry.st_mtime_ns}:{entry.st_ctime_ns}"
+    except OSError:
+        seen = ""
+    return hashlib.sha256(os.fsencode(path.name) + f"\0{seen}\0{time.time_ns()}".encode()).hexdigest()
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
@@ -690,14 +728,14 @@ def _ingest_one(
         known = con.execute(f"SELECT status FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()
         if known is not None:
             report.files_skipped += 1
-            shred_file(path)
+            _remove_received(path, report)
             return
         inspect_file(con, path, contract)
         rows = land_file(con, path, contract, sha, seen)
     except SameRecords as copy:
         report.files_skipped += 1
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
-        shred_file(path)
+        _remove_received(path, report)
         return
     except (FileRejected, StillArriving):
         raise
@@ -709,8 +747,22 @@ def _ingest_one(
     report.files_landed += 1
     report.rows_landed += rows
     report.batches.append(sha)
-    with contextlib.suppress(FileNotFoundError):  # landed; removed meanwhile by its sender
+    _remove_received(path, report)
+
+
+def _remove_received(path: Path, report: IngestReport) -> None:
+    """Shred a received file whose records the store holds (module docstring). One the haven's
+    user may not overwrite (another account's upload) is unlinked if the folder allows it, and
+    named in ``not_overwritten`` either way: a person must give the haven's user write access to
+    its incoming folder, or remove the file; the stage goes on."""
+    try:
         shred_file(path)
+    except FileNotFoundError:
+        return  # removed meanwhile by its sender
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        report.not_overwritten.append(shown_name(path.name))
 
 
 def ingest_collection(
@@ -729,9 +781,7 @@ def ingest_collection(
     for path in sorted(incoming.iterdir()):
         try:
             _ingest_entry(con, path, contract, quarantine_dir, report)
-        except FileNotFoundError:  # renamed or removed by the sender while we looked: not ours now
-            if os.path.lexists(path):
-                raise
+        except FileNotFoundError:  # renamed or removed (perhaps sent again) meanwhile: next run
             report.files_vanished += 1
     return report
 

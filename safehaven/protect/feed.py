@@ -140,6 +140,14 @@ def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
             f"FROM landing.{COLLECTION}_rejected r JOIN {BATCHES} b ON b.batch_id = r._batch "
             f"WHERE r._batch NOT IN (SELECT sha256 FROM {FAULTS}) GROUP BY r._batch, b.file_name, b.landed_at"
         )
+    # a refused batch is a fault in its own right, from the batch register (committed with the
+    # verdict), not only from its reason file, which is written after that commit
+    con.execute(
+        f"INSERT INTO {FAULTS} SELECT batch_id, file_name, 'file', 'batch.refused', invalid_rows, landed_at, now(), "
+        f"NULL, NULL, NULL, NULL FROM {BATCHES} WHERE collection = ? AND status = 'refused' "
+        f"AND batch_id NOT IN (SELECT sha256 FROM {FAULTS})",
+        [COLLECTION],
+    )
     return _scalar(con, f"SELECT count(*) FROM {FAULTS}") - before
 
 

@@ -587,3 +587,24 @@ def test_type1_registered_after_gp_records_entered_withholds_them_and_the_notice
         haven.con, agreement_id="test-gp", recipient_key_name=name, since_release_id=first.release_id, gp_sourced=True
     )
     assert len(report.objected) == 1 and report.withheld == second.records_withheld
+
+
+def test_a_refused_objections_batch_is_a_fault_even_without_its_reason_file(tmp_path: Path) -> None:
+    """The verdict ``refused`` is committed before the batch's reason file is written; a kill in
+    between must not leave a refused objections batch that blocks nothing. The batch register
+    alone makes it a fault (``feed.sync_faults``)."""
+    from safehaven.intake.ingest import BATCHES
+    from safehaven.intake.ingest import ensure_tables as ensure_intake
+
+    home = with_vault_keys(Home(tmp_path / "haven").ensure())
+    registry = ContractRegistry()
+    with Store(home).connect() as con:
+        ensure_intake(con, registry.contracts["objections"])
+        con.execute(
+            f"INSERT INTO {BATCHES} VALUES ('{'ab' * 32}', 'objections', 'objections_daily.csv', '{'ab' * 32}', 5, "
+            "now(), 'refused', 1, now(), '1.0.0')"
+        )
+        problems = feed.feed_problems(con, home, date.today(), 31)
+        faults = feed.unresolved(con)
+    assert [f.sha256 for f in faults] == ["ab" * 32]
+    assert any("objections_daily.csv" in p for p in problems)

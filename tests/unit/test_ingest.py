@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -408,6 +409,158 @@ def test_a_file_written_to_while_it_is_read_is_not_committed(
     with store.connect() as con:
         after = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
     assert (after.files_landed, after.rows_landed) == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gp 999\t000\t0018.csv",
+        "gp 999\n000\n0018.csv",
+        "optout_999_000_0018.csv",
+        "(999) 000 0018.csv",
+        "999,000,0018.csv",
+        "999:000:0018.csv",
+        "999  000  0018.csv",
+        "9990000018abcdef.csv",
+        "gp 999\u200b000\u200b0018.csv",
+        os.fsdecode(b"gp 999\xe9000\xe90018.csv"),
+        "\u0669\u0669\u0669\u0660\u0660\u0660\u0660\u0660\u0661\u0668.csv",
+    ],
+)
+def test_a_name_withholds_an_nhs_number_however_its_digit_groups_are_separated(name: str) -> None:
+    from safehaven.core.audit import WITHHELD, shown_name
+
+    shown = shown_name(name)
+    assert WITHHELD in shown and not any(run in shown for run in ("999", "0018", "\u0669\u0669\u0669"))
+
+
+def test_dates_and_times_in_a_name_are_kept() -> None:
+    from safehaven.core.audit import shown_name
+
+    for name in ("gp_events_20261130.csv", "extract_2026-11-30_1200.csv", "drop 2026-11-30T23.59.59.csv"):
+        assert shown_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["x" * 246 + ".csv", "\x01" * 70 + ".csv", "1234567890 " * 20 + ".csv"])
+def test_a_name_too_long_once_shown_is_quarantined_under_a_shorter_one_with_its_reason(
+    store: Store, home: Home, name: str
+) -> None:
+    folder = home.incoming_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(_csv_bytes("ragged"))
+    with store.connect() as con:
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    moved = home.quarantine_for("gp_events") / report.quarantined[0]["file"]
+    assert moved.exists() and len(moved.name.encode()) <= 200 and moved.name.endswith(".csv")
+    assert json.loads(moved.with_name(moved.name + ".reason.json").read_text())["rule"] == "file.malformed"
+
+
+def test_entries_of_one_name_quarantined_unread_each_keep_their_own_copy_and_reason(
+    store: Store, home: Home, tmp_path: Path
+) -> None:
+    """Three nights, each a symbolic link named ``export.csv`` (quarantined unread, so keyed by a
+    stand-in for its hash): none overwrites another."""
+    folder = home.incoming_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    for night in range(3):
+        target = tmp_path / f"target{night}.csv"
+        target.write_text(str(night))
+        (folder / "export.csv").symlink_to(target)
+        with store.connect() as con:
+            report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        assert report.files_quarantined == 1
+    kept = sorted(p.name for p in home.quarantine_for("gp_events").iterdir())
+    assert len([k for k in kept if k.endswith(".reason.json")]) == 3 and len(kept) == 6
+    assert (
+        len(
+            {
+                json.loads((home.quarantine_for("gp_events") / k).read_text())["sha256"]
+                for k in kept
+                if k.endswith(".json")
+            }
+        )
+        == 3
+    )
+
+
+def test_a_file_that_cannot_be_opened_is_quarantined_and_the_next_file_lands(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The haven's user may not read a file (another account's 0600): it is quarantined as
+    unreadable, the stage goes on (the check for a writer does not fail on it)."""
+    folder = home.incoming_for("gp_events")
+    write_csv(folder / "a_locked.csv", gp_rows(3, start=600), GP.field_names)
+    write_csv(folder / "b_open.csv", gp_rows(3, start=610), GP.field_names)
+    real_open = os.open
+
+    def denying(path, flags, *args, **kwargs):
+        if str(path).endswith("a_locked.csv"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denying)
+    from safehaven.intake import ingest
+
+    real_hash = ingest.sha256_file
+
+    def denying_hash(path: Path) -> str:
+        if path.name == "a_locked.csv":
+            raise PermissionError(13, "Permission denied")
+        return real_hash(path)
+
+    monkeypatch.setattr(ingest, "sha256_file", denying_hash)
+    with store.connect() as con:
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert (report.files_landed, report.quarantined[0]["rule"]) == (1, "file.unreadable")
+
+
+def test_a_file_removed_and_sent_again_while_the_folder_is_read_does_not_fail_the_stage(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safehaven.intake import ingest
+
+    folder = home.incoming_for("gp_events")
+    write_csv(folder / "gp.csv", gp_rows(3, start=620), GP.field_names)
+    real = ingest.still_arriving
+
+    def replaced(path):
+        raise FileNotFoundError(path)  # gone at this instant; the sender re-uploads it at once
+
+    monkeypatch.setattr(ingest, "still_arriving", replaced)
+    with store.connect() as con:
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert report.files_vanished == 1 and (folder / "gp.csv").exists()
+    monkeypatch.setattr(ingest, "still_arriving", real)
+    with store.connect() as con:
+        assert ingest_collection(con, GP, folder, home.quarantine_for("gp_events")).files_landed == 1
+
+
+def test_a_change_time_ahead_of_the_clock_is_not_taken_as_arriving(tmp_path: Path) -> None:
+    """Where no lease can be taken, "changed in the last minute" decides; a sender's clock an
+    hour ahead (``scp -p``) must not make a complete file wait for ever."""
+    from safehaven.intake.ingest import _changed_lately
+
+    path = tmp_path / "f.csv"
+    path.write_text("x")
+    assert _changed_lately(path.stat())
+    ahead = time.time() + 3600
+    os.utime(path, (ahead, ahead))
+    assert not _changed_lately(path.stat())
+
+
+def test_records_of_a_refused_batch_sent_again_are_judged_again(store: Store, home: Home) -> None:
+    """A re-saved copy of a refused batch is not a copy of held records: it lands and is
+    validated again (after the sender's or the haven's fix it may be accepted)."""
+    folder = home.incoming_for("gp_events")
+    rows = gp_rows(4, start=640)
+    write_csv(folder / "gp.csv", rows, GP.field_names)
+    with store.connect() as con:
+        first = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        con.execute("UPDATE governance.batches SET status = 'refused' WHERE batch_id = ?", [first.batches[0]])
+    write_csv(folder / "gp again.csv", list(reversed(rows)), GP.field_names)
+    with store.connect() as con:
+        again = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+    assert (again.files_landed, again.copies) == (1, [])
 
 
 # --- files written by other tools: BOM, every field quoted, CRLF -----------------------------
