@@ -93,6 +93,7 @@ ARRIVING_FALLBACK_SECONDS = 60
 #: batch statuses whose records are still held and going on: a copy of one of them is not
 #: landed again (a refused batch's records may be sent again, and are judged again)
 HELD = ("landed", "accepted")
+_HELD_SQL = ", ".join(lit(s) for s in HELD)
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 BATCHES = schema.BATCHES
 CHUNK = 1 << 20
@@ -143,24 +144,17 @@ def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
 ARCHIVES = ((b"PK\x03\x04", "a zip archive (an Excel workbook is one)"), (b"\x1f\x8b", "a gzip archive"))
 
 
-def _not_an_archive(path: Path) -> None:
-    """An archive or workbook with a ``.csv`` name is refused as what it is (``file.type``), not
-    as a NUL byte at some offset."""
-    with open(path, "rb") as fh:
-        start = fh.read(4)
+def _check_start(start: bytes) -> None:
+    """The file's first bytes: an archive or workbook under a ``.csv`` name is refused as what it
+    is (``file.type``), not as a NUL byte at some offset; a UTF-8 byte-order mark is accepted once
+    (Excel's "CSV UTF-8"), two or more are refused by name (``file.encoding``), not misread as
+    broken CSV."""
     for magic, what in ARCHIVES:
         if start.startswith(magic):
             raise FileRejected(
                 "file.type", f"the file is {what}, not CSV text", "export the data itself as CSV (UTF-8) and send that"
             )
-
-
-def _one_bom_at_most(path: Path) -> None:
-    """A UTF-8 byte-order mark is accepted once (Excel's "CSV UTF-8"); two or more are refused by
-    name (``file.encoding``), not left to be misread as broken CSV."""
-    with open(path, "rb") as fh:
-        start = fh.read(len(codecs.BOM_UTF8) * 2)
-    if start == codecs.BOM_UTF8 * 2:
+    if start.startswith(codecs.BOM_UTF8 * 2):
         raise FileRejected(
             "file.encoding",
             "the file starts with more than one UTF-8 byte-order mark",
@@ -174,10 +168,10 @@ def check_bytes(path: Path) -> None:
         raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    _not_an_archive(path)
-    _one_bom_at_most(path)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
+            if offset == 0:
+                _check_start(chunk)
             if b"\x00" in chunk:
                 raise FileRejected(
                     "file.nul_byte",
@@ -424,7 +418,7 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest_dir.chmod(0o700)
     shown = Path(shown_name(path.name))
-    dest = _free_name(dest_dir, shown, sha)
+    dest = free_name(dest_dir, shown, sha)
     _move_whole(path, dest)
     reason = {
         "collection": contract.collection,
@@ -461,9 +455,8 @@ def _digest_sql(contract: Contract) -> str:
 def _backfill_contents(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     """Digest, once, the held batches landed before ``governance.batch_contents`` existed (the
     landing table is read only when there are such batches)."""
-    held = ", ".join(lit(s) for s in HELD)
     missing = con.execute(
-        f"SELECT list(batch_id) FROM {BATCHES} WHERE collection = ? AND status IN ({held}) "
+        f"SELECT list(batch_id) FROM {BATCHES} WHERE collection = ? AND status IN ({_HELD_SQL}) "
         f"AND batch_id NOT IN (SELECT batch_id FROM {BATCH_CONTENTS})",
         [contract.collection],
     ).fetchone()[0]
@@ -484,10 +477,9 @@ def _refuse_copy(con: duckdb.DuckDBPyConnection, contract: Contract, sha: str, r
     digest = con.execute(
         f"SELECT {_digest_sql(contract)} FROM landing.{q(contract.collection)} WHERE _batch = ?", [sha]
     ).fetchone()[0]
-    held = ", ".join(lit(s) for s in HELD)
     same = con.execute(
         f"SELECT b.batch_id, b.file_name FROM {BATCH_CONTENTS} c JOIN {BATCHES} b USING (batch_id) "
-        f"WHERE c.collection = ? AND c.rows = ? AND c.digest = ? AND b.status IN ({held}) LIMIT 1",
+        f"WHERE c.collection = ? AND c.rows = ? AND c.digest = ? AND b.status IN ({_HELD_SQL}) LIMIT 1",
         [contract.collection, rows, digest],
     ).fetchone()
     if same is not None:
@@ -542,7 +534,7 @@ def _unchanged_since(path: Path, seen: os.stat_result) -> None:
         raise StillArriving(path.name)
 
 
-def _free_name(folder: Path, shown: Path, sha: str) -> Path:
+def free_name(folder: Path, shown: Path, sha: str) -> Path:
     """A name in ``folder`` that neither a file nor a reason file has: ``shown``, else with the
     SHA-256 prefix, else with a counter as well (no quarantined file or reason is overwritten)."""
     numbered = (f"{shown.stem}.{sha[:12]}.{n}{shown.suffix}" for n in range(1, 10_000))

@@ -70,7 +70,7 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.ingest import BATCHES, ensure_tables
+from safehaven.intake.ingest import BATCHES, ensure_tables, free_name
 from safehaven.intake.measures import (
     MEASURES_TABLE,
     RULE_RESULTS,
@@ -594,24 +594,10 @@ def _write_refusal(
         **(_disagreement_reason(outcome) if outcome.disagreeing else _tolerance_reason(contract, outcome)),
         "failures_by_rule": dict(sorted(outcome.failures_by_rule.items(), key=lambda kv: -kv[1])),
     }
-    _reason_path(quarantine_dir, name, outcome.batch_id).write_text(json.dumps(reason, indent=2))
-
-
-def _reason_path(folder: Path, name: str, sha: str) -> Path:
-    """``<name>.reason.json``, unless that is another file's reason or a quarantined file of that
-    name: then ``<stem>.<sha prefix><suffix>.reason.json``, so no reason is overwritten by
-    another's (each quarantined or refused file keeps its own rule and reason)."""
-    path = folder / f"{name}.reason.json"
-    taken = (folder / name).exists()
-    if path.exists():
-        try:
-            taken = taken or json.loads(path.read_text()).get("sha256") != sha
-        except (OSError, ValueError):
-            taken = True
-    if not taken:
-        return path
-    plain = Path(name)
-    return folder / f"{plain.stem}.{sha[:12]}{plain.suffix}.reason.json"
+    # the name quarantine uses: no other file's reason (of this name, quarantined at ingest or
+    # refused on another night) is overwritten
+    dest = free_name(quarantine_dir, Path(name), outcome.batch_id)
+    dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=2))
 
 
 def _tolerance_reason(contract: Contract, outcome: BatchOutcome) -> dict[str, str]:

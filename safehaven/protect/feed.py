@@ -143,7 +143,7 @@ def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
     # a refused batch is a fault in its own right, from the batch register (committed with the
     # verdict), not only from its reason file, which is written after that commit
     con.execute(
-        f"INSERT INTO {FAULTS} SELECT batch_id, file_name, 'file', 'batch.refused', invalid_rows, landed_at, now(), "
+        f"INSERT INTO {FAULTS} SELECT batch_id, file_name, 'batch', 'batch.refused', invalid_rows, landed_at, now(), "
         f"NULL, NULL, NULL, NULL FROM {BATCHES} WHERE collection = ? AND status = 'refused' "
         f"AND batch_id NOT IN (SELECT sha256 FROM {FAULTS})",
         [COLLECTION],
@@ -259,11 +259,10 @@ def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_a
 
 
 def _describe(fault: Fault) -> str:
-    what = (
-        f"{fault.rows} row(s) rejected ({fault.rules})"
-        if fault.level == "rows"
-        else f"the whole file quarantined ({fault.rules})"
-    )
+    what = {
+        "rows": f"{fault.rows} row(s) rejected ({fault.rules})",
+        "batch": f"the batch refused at validation ({fault.rules}; its reason file was not written)",
+    }.get(fault.level, f"the whole file quarantined ({fault.rules})")
     return f"objections file {fault.file_name} (sha256 {fault.sha256[:SHA_SHOWN]}): {what}; {how_to_clear(fault)}"
 
 

@@ -607,4 +607,4 @@ def test_a_refused_objections_batch_is_a_fault_even_without_its_reason_file(tmp_
         problems = feed.feed_problems(con, home, date.today(), 31)
         faults = feed.unresolved(con)
     assert [f.sha256 for f in faults] == ["ab" * 32]
-    assert any("objections_daily.csv" in p for p in problems)
+    assert any("objections_daily.csv" in p and "refused at validation" in p for p in problems)

@@ -71,3 +71,9 @@ def test_a_memory_limit_bounds_every_connection_and_none_keeps_duckdbs_default(h
     with Store(home).connect() as con:
         default = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
     assert default not in ("1.0 GiB", "1024.0 MiB")
+
+
+def test_a_memory_limit_duckdb_cannot_read_refuses_the_connection(home: Home) -> None:
+    """A mistyped limit is not ignored: no connection opens (the run fails, saying why)."""
+    with pytest.raises(duckdb.Error, match="memory"), Store(home, memory_limit="lots").connect():
+        pass
