@@ -32,6 +32,8 @@ the rows being copied, so they cannot be declared here):
   ``CREATE OR REPLACE TABLE ... AS SELECT``);
 * ``published.<output>``: ``safehaven.publish.outputs`` and ``safehaven.publish.disclosure.tables``
   (an output's protected cells, ``CREATE OR REPLACE TABLE ... AS``);
+* ``counts.<output>``: ``safehaven.publish.counting`` (an output's true counts per month, the
+  columns of its SELECT);
 * the published file's output tables: ``safehaven.publish.publication`` (copies of
   ``published.<output>``);
 * the rebuilt store: ``safehaven.core.store.Store.rebuild`` (``COPY FROM DATABASE``: every table
@@ -334,6 +336,11 @@ OUTPUT_BUILDS = _declare(
     "governance.output_builds",
     "output VARCHAR PRIMARY KEY, fingerprint VARCHAR, table_sha VARCHAR, built_at TIMESTAMPTZ, metadata JSON",
     "each output's inputs fingerprint at its last passing build, so unchanged ones are reused (issue 22)",
+)
+OUTPUT_COUNTS = _declare(
+    "governance.output_counts",
+    "output VARCHAR, month DATE, fingerprint VARCHAR, counted_at TIMESTAMPTZ, cells BIGINT",
+    "per output and reporting month, the inputs fingerprint its counts.<output> rows were made from",
 )
 PUBLICATION_CONTENTS = _declare(
     "governance.publication_contents",

@@ -51,7 +51,7 @@ from safehaven.core.home import Home
 from safehaven.core.instances import POOL
 from safehaven.core.keys import KeyRing
 
-ZONES = ("landing", "haven", "vault", "release", "published", "governance")
+ZONES = ("landing", "haven", "counts", "vault", "release", "published", "governance")
 CATALOG = "store"
 #: How long opening the store waits for another process before failing (seconds).
 DEFAULT_LOCK_WAIT_SECONDS = 600.0

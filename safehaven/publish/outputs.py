@@ -97,10 +97,10 @@ from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
-from safehaven.publish.sql_gate import check_output_sql, read_only_transaction
+from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, check_output_sql, read_only_transaction
 
 CODES = schema.CODE_LIST
-MONTHS = "reporting_months"
+MONTHS = REPORTING_MONTHS
 #: The largest grid an output may declare (cells); beyond it the declaration is refused.
 MAX_GRID_CELLS = 5_000_000
 
@@ -542,7 +542,8 @@ def reporting_period(
 
 
 def install_helpers(con: duckdb.DuckDBPyConnection, period: Period) -> None:
-    """The ``reporting_months`` table and the helper macros (:data:`MACROS`) the output SQL may use.
+    """The ``reporting_months`` table, ``counting_months`` (every month, until ``counting`` narrows it)
+    and the helper macros (:data:`MACROS`) the output SQL may use.
 
     ``codes`` reads ``governance.code_list``, which must exist: :func:`load_code_lists` first.
     """
@@ -553,6 +554,7 @@ def install_helpers(con: duckdb.DuckDBPyConnection, period: Period) -> None:
             "FROM generate_series(CAST(? AS TIMESTAMP), CAST(? AS TIMESTAMP), INTERVAL 1 MONTH) g(m)",
             [period.start, period.end],
         )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {COUNTING_MONTHS} AS SELECT * FROM {MONTHS}")
     for name, body in MACROS.items():
         con.execute(f"CREATE OR REPLACE TEMP MACRO {name}{body}")
 
@@ -621,20 +623,32 @@ def _domain_sql(dim: Dimension, cells: str) -> str:
     return f"SELECT DISTINCT v AS {d} FROM ({declared} UNION ALL {observed}) s(v)"
 
 
-def true_cells(con: duckdb.DuckDBPyConnection, output: Output, target: str) -> tuple[int, int, StructuralReport]:
-    """Temp table ``target``: true counts on the full grid less its structural zeros.
+def true_cells(
+    con: duckdb.DuckDBPyConnection, output: Output, target: str, cells: str
+) -> tuple[int, int, StructuralReport]:
+    """Temp table ``target``: the counted ``cells`` (``safehaven.publish.counting``) on the full grid
+    less its structural zeros. Returns (grid cells, observed cells, structural zeros removed).
 
-    Returns (grid cells, observed cells, structural zeros removed). The output's SQL (gated when
-    it loaded, ``sql_gate``) runs in a ``READ ONLY`` transaction: whatever it says, it cannot
-    write the store; only temporary tables are made.
+    A domain's SQL (gated when it loaded, ``sql_gate``) runs in a ``READ ONLY`` transaction: whatever
+    it says, it cannot write the store; only temporary tables are made.
     """
-    cells = f"_cells_{output.name}"
+    observed = int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
     with read_only_transaction(con):
-        observed = _count_cells(con, output, cells)
         grid = _declared_domains(con, output, cells)
         _fill_grid(con, output, cells, target)
     structural = remove_structural_zeros(con, output, target)
     return grid - structural.cells_removed, observed, structural
+
+
+def count_cells(
+    con: duckdb.DuckDBPyConnection, output: Output, period: Period, agreement_id: str | None, cells: str
+) -> None:
+    """Temp table ``cells``: the period's true counts, the stale months counted first (``counting``)."""
+    from safehaven.publish import counting  # it imports this module
+
+    fingerprint = counting.counting_fingerprint(con, output, period, agreement_id, codes=CODES)
+    counting.count_months(con, output, period, fingerprint)
+    counting.read_counts(con, output, period, fingerprint, cells)
 
 
 def remove_structural_zeros(con: duckdb.DuckDBPyConnection, output: Output, table: str) -> StructuralReport:
@@ -693,21 +707,6 @@ def _refuse_unknown_values(con: duckdb.DuckDBPyConnection, output: Output, table
                     f"{output.name}: declared structural zero {zero.label()} names {name}={'|'.join(unknown)}, "
                     "which is not in that dimension's domain: correct the declaration (a misspelt one removes nothing)"
                 )
-
-
-def _count_cells(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:
-    """Temp table ``cells``: the output's SQL, checked for its columns and NULL dimensions."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {cells} AS {output.sql}")
-    have = {d[0] for d in con.execute(f"SELECT * FROM {cells} LIMIT 0").description}
-    missing = set(output.dimension_names) | {output.count_col, *output.denominators}
-    missing -= have
-    if missing:
-        raise OutputError(f"{output.name}: the query lacks columns {sorted(missing)}")
-    dims = [q(d) for d in output.dimension_names]
-    nulls = con.execute(f"SELECT count(*) FROM {cells} WHERE {' OR '.join(f'{d} IS NULL' for d in dims)}").fetchone()[0]
-    if nulls:
-        raise OutputError(f"{output.name}: {nulls} cell(s) with a NULL dimension value; map them to a category")
-    return int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
 
 
 def _declared_domains(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> int:
@@ -851,7 +850,9 @@ def build_output(
     period = period or reporting_period(con, output, registry, today)
     install_helpers(con, period)
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
-    grid, observed, structural = true_cells(con, output, true_table)
+    cells = f"_cells_{output.name}"
+    count_cells(con, output, period, agreement_id, cells)
+    grid, observed, structural = true_cells(con, output, true_table, cells)
     report, audit_report = _protect(
         con,
         output,

@@ -15,7 +15,8 @@ else. :func:`check_output_sql` refuses, when the definitions load, SQL that:
   ``nextval`` ...: :func:`_forbidden_function`), or uses in ``FROM`` a table function outside
   the allow-list :data:`TABLE_FUNCTIONS`;
 * reads a table outside the haven zone: every table must be ``haven.<collection>`` for one of
-  the output's declared collections, the temporary ``reporting_months`` table, or a CTE of the
+  the output's declared collections, the temporary ``reporting_months`` or ``counting_months``
+  table, or a CTE of the
   query (a file name in ``FROM``, ``landing.x``, ``vault.x``, ``store.haven.x`` are refused).
 
 The helper macros of ``safehaven.publish.outputs.MACROS`` (``codes``, ``age_band``,
@@ -41,7 +42,11 @@ DIALECT = "duckdb"
 #: The only zone (schema) output SQL may read.
 HAVEN_ZONE = "haven"
 #: Relations of the connection the SQL may name without a schema (``outputs.install_helpers``).
-HELPER_TABLES = frozenset({"reporting_months"})
+#: ``reporting_months``: every month of the period; ``counting_months``: those being counted now
+#: (``safehaven.publish.counting``).
+REPORTING_MONTHS = "reporting_months"
+COUNTING_MONTHS = "counting_months"
+HELPER_TABLES = frozenset({REPORTING_MONTHS, COUNTING_MONTHS})
 #: Table-valued functions allowed in ``FROM``: the haven's code-list macro and pure generators.
 TABLE_FUNCTIONS = frozenset({"codes", "generate_series", "range", "unnest"})
 #: Function names refused anywhere: they read files, the network, settings or the environment,

@@ -1,0 +1,229 @@
+"""True counts per output and reporting month, kept in the store so a month can be counted alone.
+
+The aggregate stage protects an output over its whole table (``safehaven.publish.disclosure``:
+suppression is chosen jointly over every month and with related outputs), so protection cannot
+be split by month without letting a month slice and the whole table differ (CoP 34b). The
+*counting* can: it is where the month partitions of the Dagster assets ``counts/<output>_counts``
+live (``docs/architecture.md`` "Partitions"). Rules:
+
+* **Counted a set of months at a time.** The output SQL sees the months it is to count as the
+  temporary table ``counting_months(month, month_end)`` (:data:`COUNTING_MONTHS`, a subset of
+  ``reporting_months``) and joins it for the month a record is counted in; it may read
+  ``reporting_months`` for the period as a whole (``discharge_to_social_care``'s 14-day
+  follow-up ends within the period, whichever month is counted). Counting every month at once
+  and one month at a time give the same rows (``tests/unit/test_counting.py``).
+* **A count that yields a month it was not asked for is refused** (:class:`CountError`): its SQL
+  does not join ``counting_months``, so one month counted alone would carry other months' rows.
+  The whole period counted at once is unaffected, so such a declaration still builds every night.
+* **Kept with what they were counted from.** ``counts.<output>`` holds the observed cells of
+  every month of the period (true counts: never published as they are; the zone ``counts`` is
+  inside the encrypted store, beside the haven it is counted from). ``governance.output_counts``
+  keeps, per month, the fingerprint of the inputs (:func:`counting_fingerprint`: the code, the
+  definition, the reporting period, every haven table read, the code lists, the authorising
+  agreement). A month whose fingerprint is not the current one is *stale*.
+* **Fail closed: a protection never reads a stale or missing month.** :func:`ensure_current`
+  counts the stale months before :func:`read_counts` is allowed, and :func:`read_counts` refuses
+  if any month of the period is still stale (an input changed in between). Months that left the
+  period are deleted from the table. The counts and their fingerprints change in one transaction,
+  so a killed process leaves the months as they were (stale or current, never half-counted).
+* **The SQL runs read-only** (``safehaven.publish.sql_gate.read_only_transaction``); only the
+  haven's own code writes its result to ``counts.<output>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+
+import duckdb
+
+from safehaven.core import schema
+from safehaven.core.digests import code_sha, sha_of, table_sha
+from safehaven.core.sql import q
+from safehaven.core.store import table_exists
+from safehaven.publish.outputs import Output, OutputError, Period
+from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, read_only_transaction
+
+#: the store zone of the true counts (``safehaven.core.store.ZONES``)
+COUNTS_ZONE = "counts"
+#: per output and month, the fingerprint its counts were made from
+OUTPUT_COUNTS = schema.OUTPUT_COUNTS
+#: the dimension an output counts by month (every output has one: ``outputs.Output``)
+MONTH = "month"
+#: the temporary table the SQL's result is written to before it is kept
+_CELLS = "_counted_cells"
+
+
+class CountError(OutputError):
+    """An output that cannot be counted as asked (the message names it and what to change)."""
+
+
+@dataclass
+class CountReport:
+    """What one count did: the months counted now, those already current, the cells counted."""
+
+    output: str
+    counted: list[date] = field(default_factory=list)
+    current: list[date] = field(default_factory=list)
+    cells: int = 0
+    cells_by_month: dict[date, int] = field(default_factory=dict)
+
+
+def counts_table(output: Output) -> str:
+    """``counts.<output>``: the output's observed cells, every month of its period."""
+    return f"{COUNTS_ZONE}.{q(output.name)}"
+
+
+def period_months(period: Period) -> list[date]:
+    """The first days of the period's months, in order (none when the period is empty)."""
+    if period.start is None or period.end is None:
+        return []
+    months, month = [], period.start.replace(day=1)
+    while month <= period.end:
+        months.append(month)
+        month = date(month.year + month.month // 12, month.month % 12 + 1, 1)
+    return months
+
+
+def counting_fingerprint(
+    con: duckdb.DuckDBPyConnection, output: Output, period: Period, agreement_id: str | None, *, codes: str
+) -> str:
+    """SHA-256 over everything a count reads: code, definition, period, haven tables, code lists, agreement."""
+    return sha_of(
+        {
+            "code": code_sha(),
+            "definition": output.definition_sha256(),
+            "period": period.as_dict(),
+            "haven": {c: table_sha(con, f"haven.{q(c)}") for c in output.collections},
+            "codes": table_sha(con, codes),
+            "agreement": agreement_id,
+        }
+    )
+
+
+def stale_months(con: duckdb.DuckDBPyConnection, output: Output, period: Period, fingerprint: str) -> list[date]:
+    """The period's months whose counts are missing, or were made from other inputs."""
+    schema.ensure(con, OUTPUT_COUNTS)
+    current = {
+        row[0]
+        for row in con.execute(
+            f"SELECT month FROM {OUTPUT_COUNTS} WHERE output = ? AND fingerprint = ?", [output.name, fingerprint]
+        ).fetchall()
+    }
+    if not table_exists(con, COUNTS_ZONE, output.name):
+        current = set()
+    return [m for m in period_months(period) if m not in current]
+
+
+def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date]) -> int:
+    """Temp table :data:`_CELLS`: the output's SQL over ``months``; checks its columns, NULLs and months."""
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {COUNTING_MONTHS} AS "
+        f"SELECT * FROM {REPORTING_MONTHS} WHERE list_contains(?::DATE[], month)",
+        [months],
+    )
+    with read_only_transaction(con):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {_CELLS} AS {output.sql}")
+    have = {d[0] for d in con.execute(f"SELECT * FROM {_CELLS} LIMIT 0").description}
+    missing = ({MONTH, *output.dimension_names, output.count_col, *output.denominators}) - have
+    if missing:
+        raise CountError(f"{output.name}: the query lacks columns {sorted(missing)}")
+    dims = [q(d) for d in output.dimension_names]
+    nulls = con.execute(f"SELECT count(*) FROM {_CELLS} WHERE {' OR '.join(f'{d} IS NULL' for d in dims)}").fetchone()
+    if nulls[0]:
+        raise CountError(f"{output.name}: {nulls[0]} cell(s) with a NULL dimension value; map them to a category")
+    strays = con.execute(
+        f"SELECT count(*) FROM {_CELLS} WHERE NOT list_contains(?::DATE[], {MONTH})", [months]
+    ).fetchone()[0]
+    if strays:
+        raise CountError(
+            f"{output.name}: asked to count {len(months)} month(s), its SQL counted {strays} cell(s) of other "
+            f"months: join {COUNTING_MONTHS} (not reporting_months) for the month a record is counted in"
+        )
+    return int(con.execute(f"SELECT count(*) FROM {_CELLS}").fetchone()[0])
+
+
+def _keep(
+    con: duckdb.DuckDBPyConnection, output: Output, months: list[date], keep: list[date], fingerprint: str
+) -> None:
+    """Replace the counted months' rows and fingerprints, and drop months outside ``keep``, in one transaction."""
+    table = counts_table(output)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {COUNTS_ZONE}")  # a store has it (ZONES); a bare connection not
+        if not table_exists(con, COUNTS_ZONE, output.name) or _columns(con, table) != _columns(con, _CELLS):
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM {_CELLS} LIMIT 0")
+            con.execute(f"DELETE FROM {OUTPUT_COUNTS} WHERE output = ?", [output.name])
+        con.execute(
+            f"DELETE FROM {table} WHERE list_contains(?::DATE[], {MONTH}) OR NOT list_contains(?::DATE[], {MONTH})",
+            [months, keep],
+        )
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {_CELLS}")
+        con.execute(
+            f"DELETE FROM {OUTPUT_COUNTS} WHERE output = ? AND (list_contains(?::DATE[], month) "
+            "OR NOT list_contains(?::DATE[], month))",
+            [output.name, months, keep],
+        )
+        con.execute(
+            f"INSERT INTO {OUTPUT_COUNTS} SELECT ?, m, ?, now(), "
+            f"(SELECT count(*) FROM {_CELLS} WHERE {MONTH} = m) FROM unnest(?::DATE[]) u(m)",
+            [output.name, fingerprint, months],
+        )
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
+    return [(d[0], str(d[1])) for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description]
+
+
+def count_months(
+    con: duckdb.DuckDBPyConnection,
+    output: Output,
+    period: Period,
+    fingerprint: str,
+    months: Iterable[date] | None = None,
+) -> CountReport:
+    """Count ``months`` (default: the stale ones) and every stale month with them; keep the result.
+
+    The caller has installed the helpers for ``period`` (``outputs.install_helpers``). A month
+    outside the period is refused, naming it. Months already current and not asked for are left.
+    """
+    all_months = period_months(period)
+    asked = sorted(set(months or []))
+    outside = [m for m in asked if m not in all_months]
+    if outside:
+        raise CountError(
+            f"{output.name}: month(s) {', '.join(m.isoformat() for m in outside)} are outside its reporting period "
+            f"({all_months[0].isoformat() + ' to ' + all_months[-1].isoformat() if all_months else 'empty'})"
+        )
+    todo = sorted(set(asked) | set(stale_months(con, output, period, fingerprint)))
+    report = CountReport(output.name, counted=todo, current=[m for m in all_months if m not in todo])
+    if not todo and table_exists(con, COUNTS_ZONE, output.name):
+        return report
+    report.cells = _run_sql(con, output, todo)
+    report.cells_by_month = dict(
+        con.execute(f"SELECT {MONTH}, count(*) FROM {_CELLS} GROUP BY ALL").fetchall()  # months with a cell
+    )
+    _keep(con, output, todo, all_months, fingerprint)
+    con.execute(f"DROP TABLE {_CELLS}")
+    return report
+
+
+def read_counts(con: duckdb.DuckDBPyConnection, output: Output, period: Period, fingerprint: str, target: str) -> int:
+    """Temp table ``target``: the period's counts, refused while any month is stale; returns its rows."""
+    stale = stale_months(con, output, period, fingerprint)
+    if stale:
+        raise CountError(
+            f"{output.name}: the counts of {len(stale)} month(s) (first {stale[0].isoformat()}) are not from the "
+            "current inputs; they are counted again by the next run of counts/ or published/"
+        )
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT * FROM {counts_table(output)} "
+        f"WHERE list_contains(?::DATE[], {MONTH})",
+        [period_months(period)],
+    )
+    return int(con.execute(f"SELECT count(*) FROM {target}").fetchone()[0])

@@ -1,0 +1,112 @@
+"""Counting by month (``safehaven.publish.counting``): a month counted alone gives the rows it has
+when every month is counted at once, stale counts are never read, and SQL that cannot count one
+month alone is refused when asked to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish import counting
+from safehaven.publish.outputs import CODES, Output, install_helpers, load_code_lists, load_outputs, reporting_period
+from tests.conftest import copy_haven
+
+REGISTRY = ContractRegistry()
+OUTPUTS = load_outputs(REGISTRY)
+
+
+@pytest.fixture
+def con(home: Home, populated_haven: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    copy_haven(populated_haven, home)
+    with Store(home).connect() as connection:
+        load_code_lists(connection, REGISTRY)
+        yield connection
+
+
+def prepared(con: duckdb.DuckDBPyConnection, output: Output) -> tuple[counting.Period, str]:
+    """The output's period installed on ``con`` and the fingerprint of its current inputs."""
+    period = reporting_period(con, output, REGISTRY)
+    install_helpers(con, period)
+    return period, counting.counting_fingerprint(con, output, period, "agreement", codes=CODES)
+
+
+def rows(con: duckdb.DuckDBPyConnection, output: Output) -> list[tuple]:
+    return con.execute(f"SELECT * FROM {counting.counts_table(output)} ORDER BY ALL").fetchall()
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUTS))
+def test_each_month_counted_alone_gives_its_rows_of_the_whole_count(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    output = OUTPUTS[name]
+    period, fingerprint = prepared(con, output)
+    months = counting.period_months(period)
+    assert len(months) >= 3, "the populated haven spans several months"
+    whole = counting.count_months(con, output, period, fingerprint)
+    assert whole.counted == months and whole.cells > 0
+    everything = rows(con, output)
+    for month in months:
+        con.execute(f"DELETE FROM {counting.counts_table(output)} WHERE month = ?", [month])
+        con.execute(f"DELETE FROM {counting.OUTPUT_COUNTS} WHERE output = ? AND month = ?", [name, month])
+        assert counting.stale_months(con, output, period, fingerprint) == [month]
+        alone = counting.count_months(con, output, period, fingerprint)
+        assert alone.counted == [month], "only the missing month is counted"
+        assert rows(con, output) == everything, month
+    again = counting.count_months(con, output, period, fingerprint, [months[1]])
+    assert again.counted == [months[1]] and rows(con, output) == everything, "a month asked for is counted again"
+
+
+def test_counts_from_other_inputs_are_stale_and_never_read(con: duckdb.DuckDBPyConnection) -> None:
+    output = OUTPUTS["hospital_admissions"]
+    period, fingerprint = prepared(con, output)
+    counting.count_months(con, output, period, fingerprint)
+    counting.read_counts(con, output, period, fingerprint, "cells")
+    con.execute("DELETE FROM haven.hospital_episodes WHERE pid IN (SELECT pid FROM haven.hospital_episodes LIMIT 1)")
+    period, changed = prepared(con, output)
+    assert changed != fingerprint
+    assert counting.stale_months(con, output, period, changed) == counting.period_months(period)
+    with pytest.raises(counting.CountError, match=r"hospital_admissions: the counts of \d+ month\(s\) .* not from"):
+        counting.read_counts(con, output, period, changed, "cells")
+    assert counting.count_months(con, output, period, changed).counted == counting.period_months(period)
+    assert counting.read_counts(con, output, period, changed, "cells") > 0
+
+
+def test_sql_that_ignores_counting_months_is_refused_a_month_alone_but_counts_the_whole_period(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    declared = OUTPUTS["hospital_admissions"]
+    output = declared.model_copy(update={"sql": declared.sql.replace("counting_months", "reporting_months")})
+    period, fingerprint = prepared(con, output)
+    months = counting.period_months(period)
+    assert counting.count_months(con, output, period, fingerprint).counted == months
+    con.execute(f"DELETE FROM {counting.OUTPUT_COUNTS} WHERE output = ? AND month = ?", [output.name, months[0]])
+    before = rows(con, output)
+    with pytest.raises(counting.CountError, match="join counting_months"):
+        counting.count_months(con, output, period, fingerprint)
+    assert rows(con, output) == before, "nothing kept from a refused count"
+
+
+def test_a_month_outside_the_period_is_refused_naming_it(con: duckdb.DuckDBPyConnection) -> None:
+    output = OUTPUTS["gp_activity"]
+    period, fingerprint = prepared(con, output)
+    with pytest.raises(counting.CountError, match=r"gp_activity: month\(s\) 1999-01-01 are outside"):
+        counting.count_months(con, output, period, fingerprint, [date(1999, 1, 1)])
+
+
+def test_months_that_leave_the_period_leave_the_counts(con: duckdb.DuckDBPyConnection) -> None:
+    output = OUTPUTS["hospital_admissions"]
+    period, fingerprint = prepared(con, output)
+    counting.count_months(con, output, period, fingerprint)
+    first = counting.period_months(period)[0]
+    shorter = counting.Period(date(first.year + (first.month == 12), first.month % 12 + 1, 1), period.end)
+    install_helpers(con, shorter)
+    counting.count_months(con, output, shorter, "other inputs")
+    left = con.execute(f"SELECT min(month) FROM {counting.counts_table(output)}").fetchone()[0]
+    assert left == shorter.start
+    kept = con.execute(f"SELECT min(month) FROM {counting.OUTPUT_COUNTS} WHERE output = ?", [output.name]).fetchone()
+    assert kept == (shorter.start,)
