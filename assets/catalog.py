@@ -11,7 +11,7 @@ vocabulary, applied to the stage assets once when the definitions are built:
 * ``code_version``: the version of the contract, output definition or agreement the asset is
   built from (so the UI marks an asset stale when its contract changes);
 * ``group_name``: the first part of the asset key (``landing``, ``validated``, ``haven``,
-  ``vault``, ``governance``, ``published``, ``release``), so groups and keys agree (keys
+  ``counts``, ``vault``, ``governance``, ``published``, ``release``), so groups and keys agree (keys
   come from ``assets.keys`` only, and their last part, the UI's label, is distinct); the stage
   the asset was built by (ingest, validate, objections, pseudonymise, aggregate, publish,
   release) stays visible as the tag ``safehaven/stage``;
@@ -102,6 +102,18 @@ def output_schema(output: Output) -> dg.TableSchema:
     return dg.TableSchema(columns=dims + measures)
 
 
+def counts_schema(output: Output) -> dg.TableSchema:
+    """An output's true counts: its dimensions and counted measures, before disclosure control."""
+    true_count = {IDENTIFIABILITY_TAG: "true_count"}
+    dims = [dg.TableColumn(d.name, "VARCHAR", description=d.description, tags=true_count) for d in output.dimensions]
+    counted = [m for m in output.measures if m.kind in ("count", "denominator")]
+    measures = [
+        dg.TableColumn(m.name, "BIGINT", description="True count, unrounded and unsuppressed", tags=true_count)
+        for m in counted
+    ]
+    return dg.TableSchema(columns=dims + measures)
+
+
 #: a published output not refreshed for this long means a nightly run was missed (a warning)
 MISSED_NIGHTS_WARNING = timedelta(days=2)
 
@@ -137,6 +149,7 @@ class Catalog:
         for o in outputs:
             entry = Entry(OWNER_STATISTICS, o.version, output_schema(o), output_freshness(o))
             self._entries[keys.published(o.name)] = entry
+            self._entries[keys.counts(o.name)] = Entry(OWNER_STATISTICS, o.version, counts_schema(o))
         for agreement_id, version in agreement_versions.items():
             self._entries[keys.release(agreement_id)] = Entry(OWNER_GOVERNANCE, version)
         self._objections_version = registry.objections().version

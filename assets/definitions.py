@@ -12,7 +12,19 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import automation, disposal, ingest, keys, objections, outputs, pseudonymise, publish, releases, validate
+from assets import (
+    automation,
+    counts,
+    disposal,
+    ingest,
+    keys,
+    objections,
+    outputs,
+    pseudonymise,
+    publish,
+    releases,
+    validate,
+)
 from assets.catalog import Catalog, annotate_all
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
@@ -72,6 +84,7 @@ def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitio
         *validate.build(registry),
         *objections.build(registry),
         *pseudonymise.build(registry),
+        *counts.build(registry),
         *outputs.build(registry),
         *publish.build(registry),
         *releases.build(registry),

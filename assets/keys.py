@@ -1,13 +1,13 @@
 """Asset keys shared by the stage modules (one place, so dependencies line up).
 
 Every key has two parts. The first is the asset's group: the store zone or register it
-writes (``landing``, ``validated``, ``haven``, ``vault``, ``governance``, ``published``,
-``release``). The last is its label, which the Dagster UI shows on the asset graph, so it is
-distinct across the whole graph: a collection's four assets are ``landing/<c>_landed``,
-``validated/<c>_valid``, ``haven/<c>_haven`` and ``vault/<c>_vault``; a published output is
-``published/<output>``, the publication of them all ``published/published_files``; a
-release is ``release/<agreement>``; the objection register and its checks are
-``governance/objection_*``.
+writes (``landing``, ``validated``, ``haven``, ``counts``, ``vault``, ``governance``,
+``published``, ``release``). The last is its label, which the Dagster UI shows on the asset
+graph, so it is distinct across the whole graph: a collection's four assets are
+``landing/<c>_landed``, ``validated/<c>_valid``, ``haven/<c>_haven`` and ``vault/<c>_vault``;
+an output's true counts are ``counts/<output>_counts`` and its protected table
+``published/<output>``, the publication of them all ``published/published_files``; a release
+is ``release/<agreement>``; the objection register and its checks are ``governance/objection_*``.
 
 Keys are built here only: other modules (the catalog, the stages, the tests) call these
 functions rather than spelling a key themselves. ``check_labels`` refuses definitions in which
@@ -22,6 +22,7 @@ STORE_POOL = "safehaven_store"
 LANDING = "landing"
 VALIDATED = "validated"
 HAVEN = "haven"
+COUNTS = "counts"
 VAULT = "vault"
 GOVERNANCE = "governance"
 PUBLISHED = "published"
@@ -56,6 +57,11 @@ OBJECTION_REGISTER = dg.AssetKey([GOVERNANCE, "objection_register"])
 OBJECTION_RATES = dg.AssetKey([GOVERNANCE, "objection_rates"])
 OBJECTION_FEED = dg.AssetKey([GOVERNANCE, "objection_feed"])
 PUBLISHED_FILES = dg.AssetKey([PUBLISHED, "published_files"])
+
+
+def counts(output: str) -> dg.AssetKey:
+    """An output's true counts per reporting month (the store's ``counts.<output>``; never published)."""
+    return dg.AssetKey([COUNTS, f"{output}_counts"])
 
 
 def published(output: str) -> dg.AssetKey:

@@ -2,7 +2,8 @@
 disclosure control and checked before it enters the published zone (CoP 34b, 35; ISB 1523).
 
 Thin: the unit of work is ``safehaven.publish.aggregate`` (an output is rebuilt only when an
-input changed: ``safehaven.publish.reuse``); the rules live in ``safehaven.publish.outputs``
+input changed: ``safehaven.publish.reuse``), built from the month counts of ``counts/<output>_counts``
+(``assets.counts``; a stale month is counted first); the rules live in ``safehaven.publish.outputs``
 (counting, grid, protection), ``safehaven.publish.publication`` (the publication guard),
 ``safehaven.publish.quality`` (the statement) and ``safehaven.share.linkage``
 (the agreement a linked output needs). Two blocking checks per output stop the publication
@@ -57,7 +58,7 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
     @dg.asset(
         key=key,
         # related outputs first: this one's suppression is chosen knowing them (disclosure.joint)
-        deps=[keys.haven(c) for c in output.collections] + [keys.published(r.of) for r in output.relations if r.of],
+        deps=[keys.counts(output.name)] + [keys.published(r.of) for r in output.relations if r.of],
         group_name="aggregate",
         pool=keys.STORE_POOL,
         check_specs=specs,

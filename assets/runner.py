@@ -40,6 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG as PARTITION_RANGE_END_TAG,
+)
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_START_TAG as PARTITION_RANGE_START_TAG,
+)
+from dagster._core.storage.tags import PARTITION_NAME_TAG as PARTITION_TAG
 
 from assets.automation import NIGHTLY
 from safehaven.core import runs
@@ -124,10 +131,14 @@ def _recover(instance: dg.DagsterInstance, home: Home, report: Callable[[str], N
 
 
 def run_nightly(
-    home: Home, instance: dg.DagsterInstance | None = None, report: Callable[[str], None] | None = None
+    home: Home,
+    instance: dg.DagsterInstance | None = None,
+    report: Callable[[str], None] | None = None,
+    months: tuple[str, str] | None = None,
 ) -> tuple[bool, list[StageSummary]]:
     """Recover from earlier crashes, then materialise every asset of the nightly job once in
-    this process; success and per-asset counts. What recovery did goes to ``report``."""
+    this process; success and per-asset counts. What recovery did goes to ``report``;
+    ``months`` as for :func:`launch_nightly`."""
     # imported here: ``launch_nightly`` (``safehaven run``) never needs this process's definitions
     # (the code location's server and the run's worker build their own), so it does not build them
     from assets.definitions import build_definitions
@@ -136,7 +147,7 @@ def run_nightly(
     instance = instance or dg.DagsterInstance.ephemeral()
     _recover(instance, home, report)
     result = job.execute_in_process(
-        instance=instance, raise_on_error=False, run_config=haven_run_config(home, quiet=True)
+        instance=instance, raise_on_error=False, run_config=haven_run_config(home, quiet=True), tags=month_tags(months)
     )
     ok, stages = summarise_run(instance, result.run_id)
     return ok and result.success, stages
@@ -213,7 +224,20 @@ def _workspace(instance: dg.DagsterInstance, workspace: Path) -> Iterator[object
         yield process_context
 
 
-def _create_run(instance: dg.DagsterInstance, request_context, home: Home) -> dg.DagsterRun:
+def month_tags(months: tuple[str, str] | None) -> dict[str, str]:
+    """The tags that make a run of the nightly job a run for one reporting month or a range of them
+    (``assets.partitions``: Dagster's own partition tags, as a backfill of one run sets them)."""
+    if months is None:
+        return {}
+    first, last = months
+    if first == last:
+        return {PARTITION_TAG: first}
+    return {PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last}
+
+
+def _create_run(
+    instance: dg.DagsterInstance, request_context, home: Home, months: tuple[str, str] | None = None
+) -> dg.DagsterRun:
     """A run of the nightly job of the code location, with its remote origin (as the UI makes one)."""
     from dagster._cli.job import _create_run as create_run
 
@@ -226,7 +250,7 @@ def _create_run(instance: dg.DagsterInstance, request_context, home: Home) -> dg
         remote_repo=repository,
         remote_job=remote_job,
         run_config=haven_run_config(home, quiet=True),
-        tags={"safehaven/started_by": "safehaven run"},
+        tags={"safehaven/started_by": "safehaven run", **month_tags(months)},
         op_selection=None,
         run_id=None,
     )
@@ -250,13 +274,15 @@ def launch_nightly(
     workspace: Path = WORKSPACE,
     timeout: float = 6 * 3600,
     verbose: bool = False,
+    months: tuple[str, str] | None = None,
 ) -> tuple[bool, list[StageSummary], str]:
     """Recover from earlier crashes, submit the nightly job to the instance, follow it to the
-    end, and summarise it."""
+    end, and summarise it. ``months``: the first and last reporting month to count again (the run
+    is then one of those partitions, :func:`month_tags`)."""
     _recover(instance, home, lambda line: progress(f"recovered: {line}"))
     with _workspace(instance, workspace) as process_context:
         request_context = process_context.create_request_context()
-        run = _create_run(instance, request_context, home)
+        run = _create_run(instance, request_context, home, months)
         instance.submit_run(run.run_id, request_context)
         progress(f"run {run.run_id} submitted to the instance ({len(run.step_keys_to_execute or [])} steps)")
         _follow(process_context, instance, run, progress, time.monotonic() + timeout, verbose)

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import keys
+from assets import keys, partitions
 from assets.catalog import IDENTIFIABILITY_TAG, STAGE_TAG
 from assets.definitions import build_definitions, build_definitions_for, defs
 from assets.keys import PUBLISHED_FILES
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.publish.outputs import load_outputs
 
 
 def test_definitions_load() -> None:
@@ -26,7 +27,16 @@ def test_nightly_job_covers_every_stage() -> None:
 def test_every_asset_has_a_distinct_label_and_its_group_is_the_first_part_of_its_key() -> None:
     """The UI labels an asset by its key's last part: no two assets share one (issue 20)."""
     graph = build_definitions().resolve_asset_graph()
-    groups = {keys.LANDING, keys.VALIDATED, keys.HAVEN, keys.VAULT, keys.GOVERNANCE, keys.PUBLISHED, keys.RELEASE}
+    groups = {
+        keys.LANDING,
+        keys.VALIDATED,
+        keys.HAVEN,
+        keys.COUNTS,
+        keys.VAULT,
+        keys.GOVERNANCE,
+        keys.PUBLISHED,
+        keys.RELEASE,
+    }
     labels: dict[str, list[str]] = {}
     for key in graph.get_all_asset_keys():
         assert len(key.path) == 2, key
@@ -35,7 +45,20 @@ def test_every_asset_has_a_distinct_label_and_its_group_is_the_first_part_of_its
         labels.setdefault(keys.label(key), []).append(key.to_user_string())
     assert not {label: ks for label, ks in labels.items() if len(ks) > 1}
     gp_events = {"gp_events_landed", "gp_events_valid", "gp_events_haven", "gp_events_vault"}
-    assert gp_events | {"published_files", "objection_register", "gp_activity"} <= set(labels)
+    assert gp_events | {"published_files", "objection_register", "gp_activity", "gp_activity_counts"} <= set(labels)
+
+
+def test_counting_is_partitioned_by_reporting_month_and_nothing_else_is() -> None:
+    """Issue 20 (partitions that fit the data; ``assets.partitions``): only counting is split by month;
+    protection is whole-table (CoP 34b), so ``published/<output>`` reads every month's counts."""
+    graph = defs.resolve_asset_graph()
+    partitioned = {key for key in graph.get_all_asset_keys() if graph.get(key).partitions_def is not None}
+    assert partitioned == {keys.counts(name) for name in load_outputs(ContractRegistry())}
+    for key in partitioned:
+        assert graph.get(key).partitions_def == partitions.REPORTING_MONTHS
+        (child,) = graph.get(key).child_keys
+        assert child == keys.published(keys.label(key).removesuffix("_counts"))
+    assert defs.resolve_job_def("nightly").partitions_def == partitions.REPORTING_MONTHS
 
 
 def test_every_asset_has_owners_and_a_code_version_from_its_contract() -> None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import date
 from pathlib import Path
 
 import click
 
 from safehaven.cli import keys
-from safehaven.cli.common import ensure_home
+from safehaven.cli.common import ensure_home, fail
 from safehaven.core.home import Home
 
 
@@ -63,7 +64,36 @@ def _recovered(line: str) -> None:
     click.echo(f"recovered: {line}")
 
 
-def _execute(home: Home, verbose: bool, in_process: bool):
+def parse_months(value: str | None) -> tuple[str, str] | None:
+    """``--months FIRST[:LAST]``: reporting months as partition keys (``2026-03-01``); usage error otherwise."""
+    if not value:
+        return None
+    first, _, last = value.partition(":")
+    try:
+        start, end = date.fromisoformat(first), date.fromisoformat(last or first)
+    except ValueError:
+        raise click.BadParameter("give months as FIRST[:LAST], each the first day of a month (2026-03-01)") from None
+    if start.day != 1 or end.day != 1 or end < start:
+        raise click.BadParameter("each month is its first day (2026-03-01), and LAST is not before FIRST")
+    return start.isoformat(), end.isoformat()
+
+
+def _known_months(instance, months: tuple[str, str] | None) -> None:
+    """Refuse months the haven has not counted yet: they are not partitions (``assets.partitions``)."""
+    from assets.partitions import REPORTING_MONTHS
+
+    if months is None:
+        return
+    known = instance.get_dynamic_partitions(REPORTING_MONTHS.name)
+    missing = [m for m in dict.fromkeys(months) if m not in known]
+    if missing:
+        fail(
+            f"no reporting month {', '.join(missing)} in this haven yet (months are added as the data reach "
+            f"them; known: {known[0] + ' to ' + known[-1] if known else 'none, run safehaven run first'})"
+        )
+
+
+def _execute(home: Home, verbose: bool, in_process: bool, months: tuple[str, str] | None = None):
     """Launch through the instance named by ``$DAGSTER_HOME``, or run in this process (no
     ``$DAGSTER_HOME``: on a temporary instance; ``--in-process``: on that instance)."""
     import dagster as dg
@@ -71,14 +101,17 @@ def _execute(home: Home, verbose: bool, in_process: bool):
     from assets.runner import launch_nightly, run_nightly
 
     if not os.environ.get("DAGSTER_HOME"):
+        if months:
+            fail("--months needs the instance that knows the haven's months: set DAGSTER_HOME")
         click.echo("no DAGSTER_HOME: running in this process on a temporary instance")
         ok, stages = run_nightly(home, report=_recovered)
         return ok, stages, None
     with dg.DagsterInstance.get() as instance:
+        _known_months(instance, months)
         if in_process:
-            ok, stages = run_nightly(home, instance, report=_recovered)
+            ok, stages = run_nightly(home, instance, report=_recovered, months=months)
             return ok, stages, None
-        return launch_nightly(instance, home, progress=click.echo, verbose=verbose)
+        return launch_nightly(instance, home, progress=click.echo, verbose=verbose, months=months)
 
 
 #: who adopts the project's example agreements on a demo haven (named in the store and the audit)
@@ -120,12 +153,19 @@ def register(main: click.Group) -> None:
     )
     @click.option("--verbose", is_flag=True, help="Also show the run's event log.")
     @click.option(
+        "--months",
+        metavar="FIRST[:LAST]",
+        help="Also count these reporting months again (first days, e.g. 2026-03-01:2026-05-01): the run is "
+        "one run of those partitions, as a backfill in the UI makes.",
+    )
+    @click.option(
         "--in-process",
         is_flag=True,
         help="Run the job in this process on the instance instead of launching it (debugging, crash tests).",
     )
-    def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool) -> None:
+    def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool, months: str | None) -> None:
         """Run the whole nightly job once, then say what it did and where the outputs are."""
+        month_range = parse_months(months)
         home = ensure_home()
         keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair
         if not no_demo and not _has_files(home.incoming):
@@ -137,7 +177,7 @@ def register(main: click.Group) -> None:
                 + ", ".join(f"{k} {v:,}" for k, v in counts.items())
             )
             adopt_demo_agreements(home)
-        ok, stages, run_id = _execute(home, verbose, in_process)
+        ok, stages, run_id = _execute(home, verbose, in_process, month_range)
         print_summary(stages, home)
         if run_id:
             click.echo(f"run:         {run_id} (make ui: Runs)")

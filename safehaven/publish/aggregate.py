@@ -1,6 +1,8 @@
 """The aggregate stage's unit of work: one output built, protected and checked, or reused.
 
-Order, each step refusing before the next (CoP 34b, 35; ISB 1523):
+:func:`count` is the counting step alone (the ``counts/<output>_counts`` assets, by reporting
+month: ``safehaven.publish.counting``); :func:`aggregate` builds from those counts, counting any
+month that is stale first. Order, each step refusing before the next (CoP 34b, 35; ISB 1523):
 
 1. the store's code lists refreshed (no write when current);
 2. a linked output's linkage authorised by the store's agreement decisions, every run
@@ -23,10 +25,12 @@ import duckdb
 
 from safehaven.core.home import Home
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.publish import reuse
+from safehaven.publish import counting, reuse
 from safehaven.publish.outputs import (
+    CODES,
     Output,
     build_output,
+    install_helpers,
     load_code_lists,
     load_outputs,
     reporting_period,
@@ -67,6 +71,31 @@ def _authorised_agreement(con: duckdb.DuckDBPyConnection, output: Output, regist
         registry=registry,
     )
     return agreement.id
+
+
+def count(
+    con: duckdb.DuckDBPyConnection,
+    output: Output,
+    registry: ContractRegistry,
+    months: list[date] | None = None,
+    *,
+    today: date | None = None,
+) -> tuple[counting.CountReport, list[date]]:
+    """Count ``output``'s stale months and ``months`` (``safehaven.publish.counting``), linkage first.
+
+    A linked output's counting *is* its linkage, so the agreement is authorised before any count,
+    as for a build. Asked months outside this output's period are not counted and are returned
+    second (another output's period may hold them: the month partitions are shared).
+    """
+    load_code_lists(con, registry)
+    agreement_id = _authorised_agreement(con, output, registry)
+    period = reporting_period(con, output, registry, today)
+    install_helpers(con, period)
+    inside = set(counting.period_months(period))
+    outside = sorted(m for m in months or [] if m not in inside)
+    fingerprint = counting.counting_fingerprint(con, output, period, agreement_id, codes=CODES)
+    report = counting.count_months(con, output, period, fingerprint, [m for m in months or [] if m in inside])
+    return report, outside
 
 
 def aggregate(

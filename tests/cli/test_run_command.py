@@ -13,6 +13,8 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
+from assets import keys
+from assets.partitions import REPORTING_MONTHS
 from safehaven import __version__
 from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.cli.main import main
@@ -77,6 +79,58 @@ def test_the_demo_run_adopts_the_example_agreements_audibly_and_releases_under_t
     assert "cohort-consent-study: its file's approval block says draft; nothing to adopt" in done.stdout
     assert "release/research-hes-asc-linked" in done.stdout and "release/statutory-gp-audit" in done.stdout
     assert "has not been approved in this haven (its file says approved" not in done.stdout
+
+
+@pytest.mark.slow
+def test_a_month_is_counted_again_by_one_run_of_its_partition(launched) -> None:
+    """Issue 20: a reporting month is a partition of the counting assets; ``--months`` launches the
+    nightly job as one run of it, which recounts it; nothing else changed, so nothing is rebuilt."""
+    done, dagster_home, haven = launched
+    assert done.returncode == 0, done.stderr[-2000:]
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        months = instance.get_dynamic_partitions(REPORTING_MONTHS.name)
+    assert len(months) >= 3, "the first run added the reporting months"
+    env = {**os.environ, "SAFEHAVEN_HOME": str(haven), "DAGSTER_HOME": str(dagster_home)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    again = subprocess.run(
+        [sys.executable, "-m", "safehaven.cli.main", "run", "--no-demo", "--months", months[1]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Warning" not in again.stdout + again.stderr
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        run = instance.get_runs(filters=dg.RunsFilter(job_name="nightly"), limit=1)[0]
+        assert run.tags["dagster/partition"] == months[1] and run.status == dg.DagsterRunStatus.SUCCESS
+        for name in ("gp_activity", "discharge_to_social_care"):
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=keys.counts(name), asset_partitions=[months[1]]), limit=1
+            ).records
+            assert records and records[0].run_id == run.run_id, name
+            other = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=keys.counts(name), asset_partitions=[months[2]]), limit=1
+            ).records
+            assert other and other[0].run_id != run.run_id, "a month not asked for is not counted again"
+        published = instance.fetch_materializations(keys.published("gp_activity"), limit=1).records[0]
+        assert published.run_id == run.run_id
+        assert published.asset_materialization.metadata["rebuilt"].value is False, "same counts: reused"
+
+
+def test_months_are_refused_in_one_line_when_malformed_or_unknown(tmp_path: Path, monkeypatch) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(main, ["run", "--no-demo", "--months", "2026-03"])
+    assert bad.exit_code == 2 and "first day of a month" in bad.output
+    backwards = runner.invoke(main, ["run", "--no-demo", "--months", "2026-05-01:2026-03-01"])
+    assert backwards.exit_code == 2
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(tmp_path / "haven"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+    unknown = runner.invoke(main, ["run", "--no-demo", "--months", "2031-03-01"])
+    assert unknown.exit_code == 1, unknown.output
+    assert "no reporting month 2031-03-01 in this haven yet" in unknown.output
+    assert "Traceback" not in unknown.output
 
 
 def test_version_is_printed() -> None:

@@ -1,0 +1,54 @@
+"""The partitions of the haven's assets, and why each stage has the partitioning it has.
+
+``docs/architecture.md`` "Partitions" gives the reasoning in full; in short:
+
+* **Counting: one partition per reporting month** (:data:`REPORTING_MONTHS`). An output's true
+  counts are made and kept per month (``safehaven.publish.counting``), so a month can be
+  counted, inspected and backfilled alone. The months are the data's, not the calendar's: a
+  dynamic partitions definition to which the counting asset adds the months of its reporting
+  period, so the UI shows exactly the months the haven reports on.
+* **Protection and publication: none.** Suppression is chosen over the whole table and
+  jointly with related outputs (CoP 34b), so ``published/<output>`` is built from every month's
+  counts at once.
+* The nightly job holds the month-partitioned counting assets, so it is a partitioned job:
+  launched without a partition (the schedule, the sensor, ``safehaven run``) it counts every
+  month whose inputs changed and records a materialisation for each; launched for a month or
+  a range (a backfill), it counts those months (and any other stale month, which a protection
+  would otherwise refuse to read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date
+
+import dagster as dg
+
+#: the reporting months of the outputs, added by the counting assets as the data reach them
+REPORTING_MONTHS = dg.DynamicPartitionsDefinition(name="reporting_months")
+
+
+def month_key(month: date) -> str:
+    """A month's partition key: its first day, ISO 8601 (``2026-01-01``)."""
+    return month.isoformat()
+
+
+def months_of(context: dg.AssetExecutionContext) -> list[date] | None:
+    """The months a run was launched for; None when it was launched without a partition."""
+    if not (context.has_partition_key or context.has_partition_key_range):
+        return None
+    months = []
+    for key in context.partition_keys:
+        try:
+            months.append(date.fromisoformat(key))
+        except ValueError:
+            raise dg.Failure(f"partition {key!r} is not a month (YYYY-MM-01): add months only through a run") from None
+    return months
+
+
+def add_months(instance: dg.DagsterInstance, months: Iterable[date]) -> None:
+    """Make the months partitions of :data:`REPORTING_MONTHS` (those already there are left)."""
+    have = set(instance.get_dynamic_partitions(REPORTING_MONTHS.name))
+    new = sorted({month_key(m) for m in months} - have)
+    if new:
+        instance.add_dynamic_partitions(REPORTING_MONTHS.name, new)
