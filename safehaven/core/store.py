@@ -51,7 +51,9 @@ from safehaven.core.home import Home
 from safehaven.core.instances import POOL
 from safehaven.core.keys import KeyRing
 
-ZONES = ("landing", "haven", "counts", "vault", "release", "published", "governance")
+#: the zones; ``counts`` holds the outputs' true counts per month (``safehaven.publish.counting``)
+COUNTS_ZONE = "counts"
+ZONES = ("landing", "haven", COUNTS_ZONE, "vault", "release", "published", "governance")
 CATALOG = "store"
 #: How long opening the store waits for another process before failing (seconds).
 DEFAULT_LOCK_WAIT_SECONDS = 600.0

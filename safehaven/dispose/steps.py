@@ -20,8 +20,9 @@ import duckdb
 from safehaven.core.files import shred_file, shred_tree
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
+from safehaven.core.schema import OUTPUT_COUNTS
 from safehaven.core.sql import q
-from safehaven.core.store import SimulatedCrash, Store, table_exists
+from safehaven.core.store import COUNTS_ZONE, SimulatedCrash, Store, table_exists
 from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
 from safehaven.dispose.found import file_entry
 from safehaven.dispose.journal import count, journal_path, now, write_json
@@ -162,6 +163,7 @@ def _delete_all(run: Run, con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         if table_exists(con, "landing", f"{contract.collection}_valid"):
             vault_out = _delete_vault(run, con, contract, counts)
         counts.update(_delete_batches(run, con, contract.collection))
+        counts.update(_drop_counts(con))
     counts.update(_drop_release_tables(con, run.plan.release_tables))
     return {
         "rows": counts,
@@ -194,6 +196,22 @@ def _delete_batches(run: Run, con: duckdb.DuckDBPyConnection, collection: str) -
     counts["governance.batches (marked disposed)"] = count(
         con, f"UPDATE {BATCHES} SET status = 'disposed' WHERE batch_id IN {disposed}"
     )
+    return counts
+
+
+def _drop_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Every output's true counts (``safehaven.publish.counting``), which the deleted rows may be in:
+    dropped with their fingerprints, so the next run counts them again from the haven that remains."""
+    counts: dict[str, int] = {}
+    tables = con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = ?",
+        [COUNTS_ZONE],
+    ).fetchall()
+    for (table,) in tables:
+        counts[f"{COUNTS_ZONE}.{table}"] = count(con, f"SELECT count(*) FROM {COUNTS_ZONE}.{q(table)}")
+        con.execute(f"DROP TABLE {COUNTS_ZONE}.{q(table)}")
+    if table_exists(con, *OUTPUT_COUNTS.split(".")):
+        con.execute(f"DELETE FROM {OUTPUT_COUNTS}")
     return counts
 
 

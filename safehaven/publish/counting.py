@@ -41,12 +41,10 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.digests import code_sha, sha_of, table_sha
 from safehaven.core.sql import q
-from safehaven.core.store import table_exists
+from safehaven.core.store import COUNTS_ZONE, table_exists
 from safehaven.publish.outputs import Output, OutputError, Period
 from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, read_only_transaction
 
-#: the store zone of the true counts (``safehaven.core.store.ZONES``)
-COUNTS_ZONE = "counts"
 #: per output and month, the fingerprint its counts were made from
 OUTPUT_COUNTS = schema.OUTPUT_COUNTS
 #: the dimension an output counts by month (every output has one: ``outputs.Output``)

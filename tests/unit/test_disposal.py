@@ -31,11 +31,13 @@ from safehaven.context import Haven
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
-from safehaven.core.store import Store, httpfs_extension_path
+from safehaven.core.store import Store, httpfs_extension_path, table_exists
 from safehaven.dispose import disposal
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
+from safehaven.publish.aggregate import count
+from safehaven.publish.outputs import load_outputs
 from safehaven.share import review
 from safehaven.share.agreements import suspend
 from safehaven.share.releases import PERSON_ID, prepare
@@ -805,3 +807,18 @@ def test_a_registration_still_shown_by_another_gp_collection_survives_a_disposal
     assert _registrations(con, gp, [gp, gp2]) == {"governance.practice_registrations": 1}
     left = sorted(r[0] for r in con.execute(f"SELECT pid FROM {REGISTRATIONS}").fetchall())
     assert left == ["pid_n1", "pid_n3"]  # n1 kept in batch b2, n3 in gp_events2; n2 was only in b1
+
+
+def test_disposal_drops_the_true_counts_the_disposed_rows_may_be_in(world: World) -> None:
+    """True counts (``safehaven.publish.counting``) are derived from haven rows: disposing of rows drops
+    every output's counts and fingerprints in the same transaction, so none outlives the rows."""
+    output = load_outputs(ContractRegistry())["gp_activity"]  # the project's output over this haven
+    with Store(world.home).connect() as con:
+        report, _ = count(con, output, world.registry)
+        assert report.cells > 0 and table_exists(con, "counts", "gp_activity")
+    result = world.dispose(disposal.Target.for_collection("gp_events", BEFORE), authorised_by="Dr Test, CG")
+    assert result.certificate is not None
+    assert result.certificate["rows_by_table"]["counts.gp_activity"] == report.cells
+    with Store(world.home).connect(read_only=True) as con:
+        assert not table_exists(con, "counts", "gp_activity")
+        assert con.execute("SELECT count(*) FROM governance.output_counts").fetchone() == (0,)
