@@ -12,12 +12,13 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
   collections covers to the last month all of them cover, never past the last complete
   month before the run (a month still under way would be revised at the next release;
   its records wait, and the quality statement says how many). The SQL sees the months as
-  the temporary table ``reporting_months(month, month_end)``; a dated record joins its month on
-  ``m.month = date_trunc('month', <date>)`` (for a DATE, the same month as ``<date> BETWEEN
+  the temporary table ``reporting_months(month, month_end)``, and the months being counted now as
+  ``counting_months`` (``safehaven.publish.counting``: a month can be counted alone); a dated record
+  joins the month it is counted in on ``m.month = date_trunc('month', <date>)`` of ``counting_months`` (for a DATE, the same month as ``<date> BETWEEN
   m.month AND m.month_end``, found by a hash join instead of a range join).
 * **The SQL only reads the haven** (``safehaven.publish.sql_gate``): an output's SQL, and any
   domain's, is one ``SELECT`` over ``haven.<collection>`` of its declared collections, the
-  ``reporting_months`` table, its CTEs and the helpers below; anything else (a second
+  ``reporting_months`` and ``counting_months`` tables, its CTEs and the helpers below; anything else (a second
   statement, a write, ``ATTACH``, a function that reads files, another zone) is refused when
   the declaration loads, and the SQL runs in a ``READ ONLY`` transaction.
 * **Helpers: lookups are joins.** The SQL may also use the temporary macros of :data:`MACROS`:
@@ -50,8 +51,9 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
   nothing, and keeping it dilutes its margins); the quality statement lists the declarations
   and the cells they removed. A declared structural zero with people in it (a true count above
   0) refuses the output, naming it and the declaration: people are never dropped silently.
-* **Disclosure control before the published zone.** True counts live only in a temporary
-  table of the connection; ``safehaven.publish.disclosure.protect`` applies the output's policy
+* **Disclosure control before the published zone.** True counts live only inside the store:
+  per month in ``counts.<output>`` (``safehaven.publish.counting``), and on the full grid in a
+  temporary table of the connection; ``safehaven.publish.disclosure.protect`` applies the output's policy
   (suppress 1-7, round to 5 or midpoint 6, secondary suppression over every margin, rates
   from published values, totals from published cells if asked), and the table written to
   ``published.<name>`` is the *public form* (one boolean ``suppressed`` marker, text
