@@ -11,6 +11,7 @@ import dagster as dg
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.intake.ingest import BATCHES
 from safehaven.intake.validation import ValidationReport, validate_collection
 
 
@@ -61,6 +62,20 @@ def contract_check_result(contract: Contract, report: ValidationReport) -> dg.As
     )
 
 
+def drops_table(report: ValidationReport, names: dict[str, str]) -> dg.MetadataValue:
+    """Which drop (file) each checked batch came from and its verdict, so the UI says which drop failed.
+
+    ``names`` are the batch register's file names, already shown names (``safehaven.core.audit.shown_name``:
+    escaped, NHS-number-like runs withheld); rows and rule ids only, never a value.
+    """
+    rows = ["| drop | batch | rows | invalid | verdict |", "|---|---|---|---|---|"]
+    for b in report.batches:
+        name = names.get(b.batch_id, "?").replace("|", "\\|")
+        verdict = "accepted" if b.accepted else f"refused ({b.refusal_rule})"
+        rows.append(f"| {name} | {b.batch_id[:12]} | {b.rows:,} | {b.invalid_rows:,} | {verdict} |")
+    return dg.MetadataValue.md("\n".join(rows) if report.batches else "no new drop")
+
+
 def validated_asset(contract: Contract) -> dg.AssetsDefinition:
     """The validation asset of one collection, with its blocking contract check."""
 
@@ -79,6 +94,12 @@ def validated_asset(contract: Contract) -> dg.AssetsDefinition:
         with haven.connect() as con:
             report = validate_collection(con, contract, haven.registry(), home.quarantine_for(contract.collection))
             valid_total = con.execute(f'SELECT count(*) FROM landing."{contract.collection}_valid"').fetchone()[0]
+            names = dict(
+                con.execute(
+                    f"SELECT batch_id, file_name FROM {BATCHES} WHERE list_contains(?::VARCHAR[], batch_id)",
+                    [[b.batch_id for b in report.batches]],
+                ).fetchall()
+            )
         for refused in (b for b in report.batches if not b.accepted):
             why = (
                 f"GX and the single SQL pass disagree on {', '.join(refused.disagreeing)}"
@@ -97,6 +118,7 @@ def validated_asset(contract: Contract) -> dg.AssetsDefinition:
                 "dagster/row_count": int(valid_total),
                 **result.metadata,
                 "seconds": dg.MetadataValue.json(report.seconds),
+                "drops": drops_table(report, names),
             },
             check_results=[result],
         )

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -150,6 +151,17 @@ def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run
     assert meta["rows_checked"] > 0 and "rows.within_tolerance" in meta["gx_expectations_failed"]
     reason = json.loads(next(home.quarantine_for("social_care").glob("*.reason.json")).read_text())
     assert reason["rule"] == "batch.tolerance"
+    # Issue 20: the UI says which drop failed (the validated asset's "drops" table, by file name).
+    materialised = next(
+        e.event_log_entry.dagster_event.event_specific_data.materialization
+        for e in dagster_instance.get_records_for_run(run_id=dagster_instance.get_runs()[0].run_id).records
+        if e.event_log_entry.dagster_event
+        and e.event_log_entry.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
+        and e.event_log_entry.dagster_event.event_specific_data.materialization.asset_key
+        == keys.validated("social_care")
+    )
+    drops = materialised.metadata["drops"].value
+    assert re.search(r"\| [^|]+\.csv \| \w{12} \| [\d,]+ \| [\d,]+ \| refused \(batch\.tolerance\) \|", drops), drops
 
 
 def test_no_seeded_nhs_number_in_event_storage_gx_results_or_logs(blocked_run, home: Home, tmp_path: Path) -> None:
