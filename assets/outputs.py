@@ -57,8 +57,10 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key,
-        # related outputs first: this one's suppression is chosen knowing them (disclosure.joint)
-        deps=[keys.counts(output.name)] + [keys.published(r.of) for r in output.relations if r.of],
+        # its counts (a month still stale is counted here from the haven), and related outputs first:
+        # this one's suppression is chosen knowing them (disclosure.joint)
+        deps=[keys.counts(output.name), *(keys.haven(c) for c in output.collections)]
+        + [keys.published(r.of) for r in output.relations if r.of],
         group_name="aggregate",
         pool=keys.STORE_POOL,
         check_specs=specs,

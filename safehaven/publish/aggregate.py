@@ -111,8 +111,9 @@ def aggregate(
     agreement_id = _authorised_agreement(con, output, registry)
     publication = load_outputs(registry)
     period = reporting_period(con, output, registry, today)
+    counted = counting.counting_fingerprint(con, output, period, agreement_id, codes=CODES)
     fingerprint = reuse.output_fingerprint(
-        con, output, registry, home, period=period, publication=publication, agreement_id=agreement_id
+        con, output, registry, home, period=period, publication=publication, agreement_id=agreement_id, counted=counted
     )
     reused = reuse.reusable_build(con, output.name, fingerprint)
     if reused is not None:
@@ -129,6 +130,7 @@ def aggregate(
             publication=publication,
             previous_folder=home.published,
             period=period,
+            counted=counted,
         )
         metadata = {"rows_in": built.observed_cells, "rows_out": built.grid_cells, **built.as_metadata()}
         result = AggregateResult(output.name, True, {**metadata, "rebuilt": True}, violations=list(built.violations))

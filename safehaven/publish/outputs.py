@@ -12,10 +12,11 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
   collections covers to the last month all of them cover, never past the last complete
   month before the run (a month still under way would be revised at the next release;
   its records wait, and the quality statement says how many). The SQL sees the months as
-  the temporary table ``reporting_months(month, month_end)``, and the months being counted now as
-  ``counting_months`` (``safehaven.publish.counting``: a month can be counted alone); a dated record
-  joins the month it is counted in on ``m.month = date_trunc('month', <date>)`` of ``counting_months`` (for a DATE, the same month as ``<date> BETWEEN
-  m.month AND m.month_end``, found by a hash join instead of a range join).
+  the temporary table ``reporting_months(month, month_end)``, and the months being counted now
+  as ``counting_months`` (``safehaven.publish.counting``: a month can be counted alone); a dated
+  record joins the month it is counted in on ``m.month = date_trunc('month', <date>)`` of
+  ``counting_months`` (for a DATE, the same month as ``<date> BETWEEN m.month AND m.month_end``,
+  found by a hash join instead of a range join).
 * **The SQL only reads the haven** (``safehaven.publish.sql_gate``): an output's SQL, and any
   domain's, is one ``SELECT`` over ``haven.<collection>`` of its declared collections, the
   ``reporting_months`` and ``counting_months`` tables, its CTEs and the helpers below; anything else (a second
@@ -643,12 +644,18 @@ def true_cells(
 
 
 def count_cells(
-    con: duckdb.DuckDBPyConnection, output: Output, period: Period, agreement_id: str | None, cells: str
+    con: duckdb.DuckDBPyConnection,
+    output: Output,
+    period: Period,
+    agreement_id: str | None,
+    cells: str,
+    counted: str | None = None,
 ) -> None:
-    """Temp table ``cells``: the period's true counts, the stale months counted first (``counting``)."""
+    """Temp table ``cells``: the period's true counts, the stale months counted first (``counting``).
+    ``counted``: the fingerprint of the current inputs when the caller has it (else computed here)."""
     from safehaven.publish import counting  # it imports this module
 
-    fingerprint = counting.counting_fingerprint(con, output, period, agreement_id, codes=CODES)
+    fingerprint = counted or counting.counting_fingerprint(con, output, period, agreement_id, codes=CODES)
     counting.count_months(con, output, period, fingerprint)
     counting.read_counts(con, output, period, fingerprint, cells)
 
@@ -830,6 +837,7 @@ def build_output(
     publication: Mapping[str, Output] | None = None,
     previous_folder: Path | None = None,
     period: Period | None = None,
+    counted: str | None = None,
 ) -> OutputBuild:
     """Count, fill the grid, protect and write ``published.<name>`` in public form; check it.
 
@@ -840,7 +848,9 @@ def build_output(
     An output that declares ``relations`` is protected jointly with the related outputs
     already in ``published`` (``publication``: the declared outputs, default all) and its
     previous publication (files in ``previous_folder``), and audited with them. ``period``:
-    the reporting period when the caller has computed it (default: :func:`reporting_period`).
+    the reporting period when the caller has computed it (default: :func:`reporting_period`), and
+    ``counted`` the fingerprint of its counts' inputs (``counting.counting_fingerprint``, default
+    computed here).
     """
     if output.linkage and agreement_id != output.linkage.agreement:
         raise OutputError(
@@ -853,7 +863,7 @@ def build_output(
     install_helpers(con, period)
     true_table, protected = f"_true_{output.name}", f"_sdc_{output.name}"
     cells = f"_cells_{output.name}"
-    count_cells(con, output, period, agreement_id, cells)
+    count_cells(con, output, period, agreement_id, cells, counted)
     grid, observed, structural = true_cells(con, output, true_table, cells)
     report, audit_report = _protect(
         con,

@@ -10,7 +10,10 @@ history (issue 22). The rule here is narrow, and it fails towards rebuilding:
   (a row hash over every column: inserts, deletions, re-pseudonymisation and edits all
   change it), the store's code lists, the collections' contract versions and quality figures
   (the quality statement's inputs), and the agreement that authorised a linkage. The output
-  SQL reads nothing else: ``safehaven.publish.sql_gate`` refuses any other table.
+  SQL reads nothing else: ``safehaven.publish.sql_gate`` refuses any other table. What the
+  counts read (code, definition, period, haven tables, code lists, agreement) enters as one
+  value, the counts' own fingerprint (``safehaven.publish.counting.counting_fingerprint``),
+  computed once per build.
 * A reused output's protected table must still be the one that build wrote (its own row hash
   is kept with the fingerprint), and its disclosure invariants and publication guard are
   checked again on every run (cheap: the table is small). Only the counting, the protection
@@ -44,7 +47,7 @@ from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.sql import q
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.publish.outputs import CODES, Output, Period, code_lists_of
+from safehaven.publish.outputs import Output, Period, code_lists_of
 from safehaven.publish.quality import collection_figures
 
 OUTPUT_BUILDS = schema.OUTPUT_BUILDS
@@ -53,10 +56,6 @@ PUBLICATIONS = schema.PUBLICATION_CONTENTS
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     schema.ensure(con, OUTPUT_BUILDS, PUBLICATIONS)
-
-
-def haven_shas(con: duckdb.DuckDBPyConnection, collections: list[str]) -> dict[str, str]:
-    return {c: table_sha(con, f"haven.{q(c)}") for c in collections}
 
 
 # --- outputs -------------------------------------------------------------------------------
@@ -71,8 +70,11 @@ def output_fingerprint(
     period: Period,
     publication: dict[str, Output],
     agreement_id: str | None,
+    counted: str,
 ) -> str:
-    """SHA-256 over every input of ``output`` (the module docstring lists them)."""
+    """SHA-256 over every input of ``output`` (the module docstring lists them). ``counted`` is the
+    fingerprint of what its counts read (``counting.counting_fingerprint``: the code, the definition,
+    the period, the haven tables, the code lists, the agreement), computed once by the caller."""
     related = sorted({r.of for r in output.relations if r.of})
     inputs = {
         "code": code_sha(),
@@ -85,8 +87,7 @@ def output_fingerprint(
             for name in related
         },  # fmt: skip
         "period": period.as_dict(),
-        "haven": haven_shas(con, list(output.collections)),
-        "codes": table_sha(con, CODES),
+        "counted": counted,
         "code_lists": {n: registry.code_list(n).version for n in code_lists_of(output)},
         "contracts": {c: registry.contracts[c].version for c in output.collections},
         "figures": {c: collection_figures(con, registry.contracts[c], home) for c in output.collections},

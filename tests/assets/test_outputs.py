@@ -22,7 +22,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets import ingest, objections, outputs, pseudonymise, publish, validate
+from assets import counts, ingest, objections, outputs, pseudonymise, publish, validate
 from assets.keys import PUBLISHED_FILES
 from assets.keys import published as published_key
 from assets.keys import validated as validated_key
@@ -51,6 +51,7 @@ def stage_assets(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
         *validate.build(registry),
         *objections.build(registry),
         *pseudonymise.build(registry),
+        *counts.build(registry),
         *outputs.build(registry),
         *publish.build(registry),
     ]
