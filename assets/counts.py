@@ -47,9 +47,10 @@ def _counts_asset(output: Output, linked: str) -> dg.AssetsDefinition:
             report, outside = count(con, output, haven.registry(), asked)
             rows = con.execute(f"SELECT count(*) FROM {counting.counts_table(output)}").fetchone()[0]
         partitions.add_months(context.instance, report.counted + report.current)
-        if outside:
-            context.log.info(
-                f"{output.name}: {', '.join(m.isoformat() for m in outside)} not in its reporting period; not counted"
+        if outside:  # after the months in the period were counted and kept: say which were not, and fail
+            raise dg.Failure(
+                f"{output.name}: {', '.join(m.isoformat() for m in outside)} not in its reporting period "
+                f"({_period(report)}); not counted: leave this output out of that backfill"
             )
         for month in sorted(set(report.counted) - set(asked or [])):  # the run's own partitions are recorded by Dagster
             context.log_event(
@@ -71,6 +72,11 @@ def _counts_asset(output: Output, linked: str) -> dg.AssetsDefinition:
         )
 
     return _counts
+
+
+def _period(report: counting.CountReport) -> str:
+    months = sorted(report.counted + report.current)
+    return f"{months[0].isoformat()} to {months[-1].isoformat()}" if months else "empty"
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:

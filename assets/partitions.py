@@ -40,15 +40,28 @@ def months_of(context: dg.AssetExecutionContext) -> list[date] | None:
     months = []
     for key in context.partition_keys:
         try:
-            months.append(date.fromisoformat(key))
+            month = date.fromisoformat(key)
         except ValueError:
-            raise dg.Failure(f"partition {key!r} is not a month (YYYY-MM-01): add months only through a run") from None
+            month = None
+        if month is None or month.day != 1 or month_key(month) != key:
+            raise dg.Failure(
+                f"partition {key!r} is not a reporting month (the first day of one, 2026-03-01): months are added "
+                "by the counting itself; delete this partition in the UI"
+            )
+        months.append(month)
     return months
 
 
 def add_months(instance: dg.DagsterInstance, months: Iterable[date]) -> None:
-    """Make the months partitions of :data:`REPORTING_MONTHS` (those already there are left)."""
-    have = set(instance.get_dynamic_partitions(REPORTING_MONTHS.name))
-    new = sorted({month_key(m) for m in months} - have)
-    if new:
-        instance.add_dynamic_partitions(REPORTING_MONTHS.name, new)
+    """Make the months partitions of :data:`REPORTING_MONTHS`, in calendar order (Dagster resolves a
+    range of partitions by their position, so a month earlier than the last re-adds them all sorted;
+    materialisations are kept by key, so nothing is lost)."""
+    have = instance.get_dynamic_partitions(REPORTING_MONTHS.name)
+    new = sorted({month_key(m) for m in months} - set(have))
+    if not new:
+        return
+    if have and new[0] < max(have):  # a range is resolved by position: keep the calendar's order
+        for key in have:
+            instance.delete_dynamic_partition(REPORTING_MONTHS.name, key)
+        new = sorted(set(have) | set(new))
+    instance.add_dynamic_partitions(REPORTING_MONTHS.name, new)

@@ -66,7 +66,7 @@ def _recovered(line: str) -> None:
 
 def parse_months(value: str | None) -> tuple[str, str] | None:
     """``--months FIRST[:LAST]``: reporting months as partition keys (``2026-03-01``); usage error otherwise."""
-    if not value:
+    if value is None:
         return None
     first, _, last = value.partition(":")
     try:
@@ -78,18 +78,24 @@ def parse_months(value: str | None) -> tuple[str, str] | None:
     return start.isoformat(), end.isoformat()
 
 
-def _known_months(instance, months: tuple[str, str] | None) -> None:
-    """Refuse months the haven has not counted yet: they are not partitions (``assets.partitions``)."""
+def check_months(months: tuple[str, str] | None) -> None:
+    """Refuse months the haven has not counted yet (they are not partitions: ``assets.partitions``),
+    and months without the instance that knows them; before the run changes anything."""
+    import dagster as dg
+
     from assets.partitions import REPORTING_MONTHS
 
     if months is None:
         return
-    known = instance.get_dynamic_partitions(REPORTING_MONTHS.name)
+    if not os.environ.get("DAGSTER_HOME"):
+        fail("--months needs the instance that knows the haven's months: set DAGSTER_HOME")
+    with dg.DagsterInstance.get() as instance:
+        known = instance.get_dynamic_partitions(REPORTING_MONTHS.name)
     missing = [m for m in dict.fromkeys(months) if m not in known]
     if missing:
         fail(
             f"no reporting month {', '.join(missing)} in this haven yet (months are added as the data reach "
-            f"them; known: {known[0] + ' to ' + known[-1] if known else 'none, run safehaven run first'})"
+            f"them; known: {min(known) + ' to ' + max(known) if known else 'none, run safehaven run first'})"
         )
 
 
@@ -101,13 +107,10 @@ def _execute(home: Home, verbose: bool, in_process: bool, months: tuple[str, str
     from assets.runner import launch_nightly, run_nightly
 
     if not os.environ.get("DAGSTER_HOME"):
-        if months:
-            fail("--months needs the instance that knows the haven's months: set DAGSTER_HOME")
         click.echo("no DAGSTER_HOME: running in this process on a temporary instance")
         ok, stages = run_nightly(home, report=_recovered)
         return ok, stages, None
     with dg.DagsterInstance.get() as instance:
-        _known_months(instance, months)
         if in_process:
             ok, stages = run_nightly(home, instance, report=_recovered, months=months)
             return ok, stages, None
@@ -166,6 +169,7 @@ def register(main: click.Group) -> None:
     def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool, months: str | None) -> None:
         """Run the whole nightly job once, then say what it did and where the outputs are."""
         month_range = parse_months(months)
+        check_months(month_range)  # before anything is set up or generated
         home = ensure_home()
         keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair
         if not no_demo and not _has_files(home.incoming):

@@ -339,8 +339,8 @@ OUTPUT_BUILDS = _declare(
 )
 OUTPUT_COUNTS = _declare(
     "governance.output_counts",
-    "output VARCHAR, month DATE, fingerprint VARCHAR, counted_at TIMESTAMPTZ, cells BIGINT",
-    "per output and reporting month, the inputs fingerprint its counts.<output> rows were made from",
+    "output VARCHAR, month DATE, fingerprint VARCHAR, counted_at TIMESTAMPTZ, cells BIGINT, seal VARCHAR",
+    "per output and reporting month, the inputs fingerprint its counts.<output> rows were made from, and their seal",
 )
 PUBLICATION_CONTENTS = _declare(
     "governance.publication_contents",

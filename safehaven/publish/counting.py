@@ -21,6 +21,9 @@ live (``docs/architecture.md`` "Partitions"). Rules:
   keeps, per month, the fingerprint of the inputs (:func:`counting_fingerprint`: the code, the
   definition, the reporting period, every haven table read, the code lists, the authorising
   agreement). A month whose fingerprint is not the current one is *stale*.
+* **Sealed.** Each month's fingerprint row also keeps its cell count and a seal of its rows (the
+  sum of their row hashes); a month whose rows no longer match (edited or deleted in the store
+  since they were counted) is stale like a month counted from other inputs, and counted again.
 * **Fail closed: a protection never reads a stale or missing month.** :func:`ensure_current`
   counts the stale months before :func:`read_counts` is allowed, and :func:`read_counts` refuses
   if any month of the period is still stale (an input changed in between). Months that left the
@@ -100,17 +103,29 @@ def counting_fingerprint(
     )
 
 
+def _seals(table: str, alias: str) -> str:
+    """Per month of ``table``: its cells and the seal of its rows (row count and sum of row hashes)."""
+    return (
+        f"SELECT {MONTH}, count(*) AS cells, sum(hash({alias})::HUGEINT)::VARCHAR AS seal "
+        f"FROM {table} AS {alias} GROUP BY {MONTH}"
+    )
+
+
 def stale_months(con: duckdb.DuckDBPyConnection, output: Output, period: Period, fingerprint: str) -> list[date]:
-    """The period's months whose counts are missing, or were made from other inputs."""
+    """The period's months whose counts are missing, were made from other inputs, or no longer match
+    their seal (rows edited or deleted since they were counted)."""
     schema.ensure(con, OUTPUT_COUNTS)
-    current = {
-        row[0]
-        for row in con.execute(
-            f"SELECT month FROM {OUTPUT_COUNTS} WHERE output = ? AND fingerprint = ?", [output.name, fingerprint]
-        ).fetchall()
-    }
-    if not table_exists(con, COUNTS_ZONE, output.name):
-        current = set()
+    current: set[date] = set()
+    if table_exists(con, COUNTS_ZONE, output.name):
+        current = {
+            row[0]
+            for row in con.execute(
+                f"SELECT g.month FROM {OUTPUT_COUNTS} g LEFT JOIN ({_seals(counts_table(output), 't')}) s "
+                "ON s.month = g.month WHERE g.output = ? AND g.fingerprint = ? "
+                "AND g.cells = coalesce(s.cells, 0) AND g.seal = coalesce(s.seal, '0')",
+                [output.name, fingerprint],
+            ).fetchall()
+        }
     return [m for m in period_months(period) if m not in current]
 
 
@@ -121,8 +136,11 @@ def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date])
         f"SELECT * FROM {REPORTING_MONTHS} WHERE list_contains(?::DATE[], month)",
         [months],
     )
-    with read_only_transaction(con):
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {_CELLS} AS {output.sql}")
+    try:
+        with read_only_transaction(con):
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {_CELLS} AS {output.sql}")
+    finally:  # every later reader (a domain's SQL, the next output) sees the whole period again
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {COUNTING_MONTHS} AS SELECT * FROM {REPORTING_MONTHS}")
     have = {d[0] for d in con.execute(f"SELECT * FROM {_CELLS} LIMIT 0").description}
     missing = ({MONTH, *output.dimension_names, output.count_col, *output.denominators}) - have
     if missing:
@@ -140,6 +158,30 @@ def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date])
             f"months: join {COUNTING_MONTHS} (not reporting_months) for the month a record is counted in"
         )
     return int(con.execute(f"SELECT count(*) FROM {_CELLS}").fetchone()[0])
+
+
+def _same_alone(con: duckdb.DuckDBPyConnection, output: Output, months: list[date]) -> None:
+    """Refuse a recount of current ``months`` that differs from their kept rows.
+
+    They were kept from the same inputs (their fingerprint is current and their seal holds), so
+    counted again with fewer months beside them they must give the same rows; if not, the SQL
+    depends on which months are counted together (it reads ``counting_months`` for the period),
+    and a month counted alone would be wrong. Nothing is kept from such a count.
+    """
+    if not months:
+        return
+    kept = f"(SELECT * FROM {counts_table(output)} WHERE list_contains(?::DATE[], {MONTH}))"
+    now = f"(SELECT * FROM {_CELLS} WHERE list_contains(?::DATE[], {MONTH}))"
+    differ = con.execute(
+        f"SELECT (SELECT count(*) FROM ({kept} EXCEPT ALL {now})) + (SELECT count(*) FROM ({now} EXCEPT ALL {kept}))",
+        [months, months, months, months],
+    ).fetchone()[0]
+    if differ:
+        raise CountError(
+            f"{output.name}: counting {', '.join(m.isoformat() for m in months)} again gave {differ} cell(s) other "
+            "than the same inputs gave with the whole period: its SQL depends on the months counted together; read "
+            f"reporting_months for the period and join {COUNTING_MONTHS} only for the month a record is counted in"
+        )
 
 
 def _keep(
@@ -164,9 +206,33 @@ def _keep(
             [output.name, months, keep],
         )
         con.execute(
-            f"INSERT INTO {OUTPUT_COUNTS} SELECT ?, m, ?, now(), "
-            f"(SELECT count(*) FROM {_CELLS} WHERE {MONTH} = m) FROM unnest(?::DATE[]) u(m)",
+            f"INSERT INTO {OUTPUT_COUNTS} SELECT ?, u.m, ?, now(), coalesce(s.cells, 0), coalesce(s.seal, '0') "
+            f"FROM unnest(?::DATE[]) u(m) LEFT JOIN ({_seals(_CELLS, 'c')}) s ON s.{MONTH} = u.m",
             [output.name, fingerprint, months],
+        )
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _prune(con: duckdb.DuckDBPyConnection, output: Output, keep: list[date]) -> None:
+    """Delete the rows and fingerprints of months outside ``keep`` (the period shrank, or emptied)."""
+    outside = f"NOT list_contains(?::DATE[], {MONTH})"
+    left = con.execute(f"SELECT count(*) FROM {counts_table(output)} WHERE {outside}", [keep]).fetchone()[0]
+    kept = con.execute(
+        f"SELECT count(*) FROM {OUTPUT_COUNTS} WHERE output = ? AND {outside}", [output.name, keep]
+    ).fetchone()[0]
+    if left or kept:
+        _drop_outside(con, output, keep)
+
+
+def _drop_outside(con: duckdb.DuckDBPyConnection, output: Output, keep: list[date]) -> None:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"DELETE FROM {counts_table(output)} WHERE NOT list_contains(?::DATE[], {MONTH})", [keep])
+        con.execute(
+            f"DELETE FROM {OUTPUT_COUNTS} WHERE output = ? AND NOT list_contains(?::DATE[], month)", [output.name, keep]
         )
     except BaseException:
         con.execute("ROLLBACK")
@@ -198,11 +264,14 @@ def count_months(
             f"{output.name}: month(s) {', '.join(m.isoformat() for m in outside)} are outside its reporting period "
             f"({all_months[0].isoformat() + ' to ' + all_months[-1].isoformat() if all_months else 'empty'})"
         )
-    todo = sorted(set(asked) | set(stale_months(con, output, period, fingerprint)))
+    stale = stale_months(con, output, period, fingerprint)
+    todo = sorted(set(asked) | set(stale))
     report = CountReport(output.name, counted=todo, current=[m for m in all_months if m not in todo])
     if not todo and table_exists(con, COUNTS_ZONE, output.name):
+        _prune(con, output, all_months)
         return report
     report.cells = _run_sql(con, output, todo)
+    _same_alone(con, output, [m for m in asked if m not in stale and len(todo) < len(all_months)])
     report.cells_by_month = dict(
         con.execute(f"SELECT {MONTH}, count(*) FROM {_CELLS} GROUP BY ALL").fetchall()  # months with a cell
     )

@@ -14,6 +14,9 @@ else. :func:`check_output_sql` refuses, when the definitions load, SQL that:
   state (``read_csv``, ``read_parquet``, ``glob``, ``sniff_csv``, ``query``, ``getenv``,
   ``nextval`` ...: :func:`_forbidden_function`), or uses in ``FROM`` a table function outside
   the allow-list :data:`TABLE_FUNCTIONS`;
+* reads ``counting_months`` other than as a joined table of the query or of a CTE (a subquery or
+  a domain reading it would change with the months counted together:
+  :func:`_refuse_counting_months_elsewhere`);
 * reads a table outside the haven zone: every table must be ``haven.<collection>`` for one of
   the output's declared collections, the temporary ``reporting_months`` or ``counting_months``
   table, or a CTE of the
@@ -106,6 +109,7 @@ def _passed(sql: str, collections: frozenset[str], what: str) -> None:
     _refuse_statements(query, what)
     _refuse_functions(query, what)
     _refuse_tables(query, set(collections), what)
+    _refuse_counting_months_elsewhere(query, what)
 
 
 def _single_query(sql: str, what: str) -> exp.Query:
@@ -193,6 +197,28 @@ def _refuse_tables(query: exp.Query, collections: set[str], what: str) -> None:
         if table.name not in collections:
             raise OutputSqlRefused(
                 f"{what} reads {name}, which is not one of the output's collections {sorted(collections)}"
+            )
+
+
+def _refuse_counting_months_elsewhere(query: exp.Query, what: str) -> None:
+    """``counting_months`` is only joined, in the FROM of the query or of a CTE, and only by the count.
+
+    It holds the months being counted (``safehaven.publish.counting``), so anything else that
+    reads it (a scalar subquery such as the period's last month, ``IN``, a dimension's domain)
+    would change with the months counted together: a month counted alone would lose cells.
+    Those read ``reporting_months``, the whole period.
+    """
+    for table in query.find_all(exp.Table):
+        if table.db or table.catalog or table.name != COUNTING_MONTHS:
+            continue
+        select = table.find_ancestor(exp.Select)
+        joined = isinstance(table.parent, (exp.From, exp.Join)) and select is not None
+        top = joined and (select is query or isinstance(select.parent, exp.CTE))
+        if what != "sql" or not top:
+            raise OutputSqlRefused(
+                f"{what} reads {COUNTING_MONTHS} {'in a domain' if what != 'sql' else 'outside a join'}: it holds "
+                f"only the months being counted; join it for the month a record is counted in, and read "
+                f"{REPORTING_MONTHS} for the whole period"
             )
 
 

@@ -124,13 +124,15 @@ def test_months_are_refused_in_one_line_when_malformed_or_unknown(tmp_path: Path
     assert bad.exit_code == 2 and "first day of a month" in bad.output
     backwards = runner.invoke(main, ["run", "--no-demo", "--months", "2026-05-01:2026-03-01"])
     assert backwards.exit_code == 2
+    assert runner.invoke(main, ["run", "--no-demo", "--months", ""]).exit_code == 2, "empty is not the whole job"
     monkeypatch.setenv("SAFEHAVEN_HOME", str(tmp_path / "haven"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     monkeypatch.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
-    unknown = runner.invoke(main, ["run", "--no-demo", "--months", "2031-03-01"])
+    unknown = runner.invoke(main, ["run", "--months", "2031-03-01"])
     assert unknown.exit_code == 1, unknown.output
     assert "no reporting month 2031-03-01 in this haven yet" in unknown.output
     assert "Traceback" not in unknown.output
+    assert not (tmp_path / "haven").exists(), "refused before any set-up or demo drop"
 
 
 def test_version_is_printed() -> None:

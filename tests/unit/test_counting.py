@@ -110,3 +110,51 @@ def test_months_that_leave_the_period_leave_the_counts(con: duckdb.DuckDBPyConne
     assert left == shorter.start
     kept = con.execute(f"SELECT min(month) FROM {counting.OUTPUT_COUNTS} WHERE output = ?", [output.name]).fetchone()
     assert kept == (shorter.start,)
+
+
+def test_kept_counts_edited_or_deleted_in_the_store_no_longer_match_their_seal_and_are_counted_again(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    output = OUTPUTS["hospital_admissions"]
+    period, fingerprint = prepared(con, output)
+    months = counting.period_months(period)
+    counting.count_months(con, output, period, fingerprint)
+    honest = rows(con, output)
+    con.execute(f"UPDATE {counting.counts_table(output)} SET people = people + 50 WHERE month = ?", [months[0]])
+    con.execute(f"DELETE FROM {counting.counts_table(output)} WHERE month = ?", [months[1]])
+    assert counting.stale_months(con, output, period, fingerprint) == months[:2]
+    with pytest.raises(counting.CountError, match=r"the counts of 2 month\(s\)"):
+        counting.read_counts(con, output, period, fingerprint, "cells")
+    assert counting.count_months(con, output, period, fingerprint).counted == months[:2]
+    assert rows(con, output) == honest
+
+
+def test_sql_whose_months_depend_on_each_other_is_refused_when_a_current_month_is_counted_again(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    """The mistake the gate cannot always see: the period's end read from ``counting_months`` (here
+    through a CTE). Counted whole it is right; a month counted again alone would lose its cells."""
+    declared = OUTPUTS["discharge_to_social_care"]
+    wrong = declared.sql.replace(
+        "WITH discharges AS (", "WITH last AS (SELECT max(month_end) AS e FROM counting_months), discharges AS ("
+    ).replace("(SELECT max(month_end) FROM reporting_months)", "(SELECT e FROM last)")
+    assert wrong != declared.sql
+    output = declared.model_copy(update={"sql": wrong})
+    period, fingerprint = prepared(con, output)
+    months = counting.period_months(period)
+    counting.count_months(con, output, period, fingerprint)
+    before = rows(con, output)
+    with pytest.raises(counting.CountError, match="depends on the months counted together"):
+        counting.count_months(con, output, period, fingerprint, [months[-3]])
+    assert rows(con, output) == before, "nothing kept from the refused count"
+
+
+def test_an_emptied_period_empties_the_counts(con: duckdb.DuckDBPyConnection) -> None:
+    output = OUTPUTS["hospital_admissions"]
+    period, fingerprint = prepared(con, output)
+    counting.count_months(con, output, period, fingerprint)
+    empty = counting.Period(None, None)
+    install_helpers(con, empty)
+    counting.count_months(con, output, empty, "an empty haven")
+    assert rows(con, output) == []
+    assert con.execute(f"SELECT count(*) FROM {counting.OUTPUT_COUNTS}").fetchone() == (0,)

@@ -195,3 +195,32 @@ def test_a_build_with_ungated_sql_cannot_drop_a_table(store: Store) -> None:
             build_output(con, smuggled, registry, today=date(2026, 3, 15))
         assert table_exists(con, "haven", "social_care")
         assert con.execute("SELECT count(*) FROM haven.social_care").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    ("sql", "what"),
+    [
+        (  # the period's end read from the months being counted: a month counted alone would lose cells
+            "SELECT m.month, count(DISTINCT h.pid) AS people FROM haven.hospital_episodes h JOIN counting_months m "
+            "ON m.month = date_trunc('month', h.discharge_date) "
+            "WHERE m.month_end + 14 <= (SELECT max(month_end) FROM counting_months) GROUP BY ALL",
+            "sql",
+        ),
+        (
+            "SELECT 1 FROM haven.hospital_episodes h WHERE date_trunc('month', h.discharge_date) IN "
+            "(SELECT month FROM counting_months)",
+            "sql",
+        ),
+        ("SELECT month FROM counting_months", "the domain of dimension month"),
+    ],
+)
+def test_counting_months_is_read_only_as_a_joined_table_of_the_count(sql: str, what: str) -> None:
+    with pytest.raises(OutputSqlRefused, match="counting_months .*join it for the month a record is counted in"):
+        check_output_sql(sql, ["hospital_episodes"], what=what)
+    check_output_sql(
+        "WITH d AS (SELECT h.pid, m.month FROM haven.hospital_episodes h JOIN counting_months m "
+        "ON m.month = date_trunc('month', h.discharge_date) "
+        "WHERE m.month_end + 14 <= (SELECT max(month_end) FROM reporting_months)) "
+        "SELECT month, count(DISTINCT pid) AS people FROM d GROUP BY ALL",
+        ["hospital_episodes"],
+    )
