@@ -66,6 +66,7 @@ def _counts_asset(output: Output, linked: str) -> dg.AssetsDefinition:
                 "months_current": len(report.current),
                 "months_outside_period": len(outside),
                 "cells_counted_in_run": report.cells,
+                "rows_in": report.records,
                 "rows_out": report.cells,
                 "dagster/row_count": int(rows),
             }

@@ -69,6 +69,8 @@ class CountReport:
     current: list[date] = field(default_factory=list)
     cells: int = 0
     cells_by_month: dict[date, int] = field(default_factory=dict)
+    #: haven records the count read (its collections' records in the haven; 0 when nothing was counted)
+    records: int = 0
 
 
 def counts_table(output: Output) -> str:
@@ -271,6 +273,7 @@ def count_months(
         _prune(con, output, all_months)
         return report
     report.cells = _run_sql(con, output, todo)
+    report.records = sum(period.records.values())
     _same_alone(con, output, [m for m in asked if m not in stale and len(todo) < len(all_months)])
     report.cells_by_month = dict(
         con.execute(f"SELECT {MONTH}, count(*) FROM {_CELLS} GROUP BY ALL").fetchall()  # months with a cell

@@ -226,7 +226,7 @@ def test_agreements_adopt_is_an_audited_command() -> None:
 
 def _run(monkeypatch: pytest.MonkeyPatch, *args: str):
     """``safehaven run`` with the job itself replaced (only the set-up before it is under test)."""
-    monkeypatch.setattr(run_cli, "_execute", lambda home, verbose, in_process: (True, [], None))
+    monkeypatch.setattr(run_cli, "_execute", lambda home, verbose, in_process, months=None: (True, [], None))
     return CliRunner().invoke(main, ["run", *args])
 
 
