@@ -52,15 +52,25 @@ def months_of(context: dg.AssetExecutionContext) -> list[date] | None:
     return months
 
 
+def _is_month_key(key: str) -> bool:
+    try:
+        return month_key(date.fromisoformat(key)) == key and key.endswith("-01")
+    except ValueError:
+        return False
+
+
 def add_months(instance: dg.DagsterInstance, months: Iterable[date]) -> None:
     """Make the months partitions of :data:`REPORTING_MONTHS`, in calendar order (Dagster resolves a
     range of partitions by their position, so a month earlier than the last re-adds them all sorted;
-    materialisations are kept by key, so nothing is lost)."""
+    materialisations are kept by key, so nothing is lost). The re-adding is not one transaction:
+    a range resolved meanwhile fails (it names missing keys), and a process killed meanwhile
+    leaves months missing until the next count adds them again; both refuse, neither miscounts."""
     have = instance.get_dynamic_partitions(REPORTING_MONTHS.name)
     new = sorted({month_key(m) for m in months} - set(have))
     if not new:
         return
-    if have and new[0] < max(have):  # a range is resolved by position: keep the calendar's order
+    months_had = [key for key in have if _is_month_key(key)]  # a stray key added in the UI sorts last
+    if months_had and new[0] < max(months_had):  # a range is resolved by position: keep the calendar's order
         for key in have:
             instance.delete_dynamic_partition(REPORTING_MONTHS.name, key)
         new = sorted(set(have) | set(new))

@@ -15,6 +15,8 @@ live (``docs/architecture.md`` "Partitions"). Rules:
 * **A count that yields a month it was not asked for is refused** (:class:`CountError`): its SQL
   does not join ``counting_months``, so one month counted alone would carry other months' rows.
   The whole period counted at once is unaffected, so such a declaration still builds every night.
+  Whenever fewer months than the period are counted (a backfill, a month whose seal broke), the
+  whole period is counted too and the months must agree with it, or nothing is kept.
 * **Kept with what they were counted from.** ``counts.<output>`` holds the observed cells of
   every month of the period (true counts: never published as they are; the zone ``counts`` is
   inside the encrypted store, beside the haven it is counted from). ``governance.output_counts``
@@ -22,8 +24,11 @@ live (``docs/architecture.md`` "Partitions"). Rules:
   definition, the reporting period, every haven table read, the code lists, the authorising
   agreement). A month whose fingerprint is not the current one is *stale*.
 * **Sealed.** Each month's fingerprint row also keeps its cell count and a seal of its rows (the
-  sum of their row hashes); a month whose rows no longer match (edited or deleted in the store
-  since they were counted) is stale like a month counted from other inputs, and counted again.
+  table's column names and types, and the sum of the rows' hashes); a month whose rows no longer
+  match (edited, deleted or renamed in the store since they were counted) is stale like a month
+  counted from other inputs, and counted again. The seal is not keyed: it detects change, not a
+  forger who holds the store key and rewrites the seal too (the audit trail is the record of who
+  ran what).
 * **Fail closed: a protection never reads a stale or missing month.** :func:`ensure_current`
   counts the stale months before :func:`read_counts` is allowed, and :func:`read_counts` refuses
   if any month of the period is still stale (an input changed in between). Months that left the
@@ -52,8 +57,10 @@ from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, read_o
 OUTPUT_COUNTS = schema.OUTPUT_COUNTS
 #: the dimension an output counts by month (every output has one: ``outputs.Output``)
 MONTH = "month"
-#: the temporary table the SQL's result is written to before it is kept
+#: the temporary tables the SQL's result is written to before it is kept, and the whole period's
+#: count a count of fewer months is checked against
 _CELLS = "_counted_cells"
+_WHOLE = "_counted_whole"
 
 
 class CountError(OutputError):
@@ -105,11 +112,17 @@ def counting_fingerprint(
     )
 
 
-def _seals(table: str, alias: str) -> str:
-    """Per month of ``table``: its cells and the seal of its rows (row count and sum of row hashes)."""
+def _seals(con: duckdb.DuckDBPyConnection, table: str, alias: str) -> tuple[str, str]:
+    """Per month of ``table``: its cells and the seal of its rows, and the seal of a month without rows.
+
+    A seal is the table's column names and types (a row's hash ignores names, so renamed columns
+    would keep it) and the sum of the month's row hashes.
+    """
+    layout = sha_of(_columns(con, table))[:16]
     return (
-        f"SELECT {MONTH}, count(*) AS cells, sum(hash({alias})::HUGEINT)::VARCHAR AS seal "
-        f"FROM {table} AS {alias} GROUP BY {MONTH}"
+        f"SELECT {MONTH}, count(*) AS cells, '{layout}:' || sum(hash({alias})::HUGEINT)::VARCHAR AS seal "
+        f"FROM {table} AS {alias} GROUP BY {MONTH}",
+        f"{layout}:0",
     )
 
 
@@ -119,20 +132,21 @@ def stale_months(con: duckdb.DuckDBPyConnection, output: Output, period: Period,
     schema.ensure(con, OUTPUT_COUNTS)
     current: set[date] = set()
     if table_exists(con, COUNTS_ZONE, output.name):
+        seals, empty = _seals(con, counts_table(output), "t")
         current = {
             row[0]
             for row in con.execute(
-                f"SELECT g.month FROM {OUTPUT_COUNTS} g LEFT JOIN ({_seals(counts_table(output), 't')}) s "
-                "ON s.month = g.month WHERE g.output = ? AND g.fingerprint = ? "
-                "AND g.cells = coalesce(s.cells, 0) AND g.seal = coalesce(s.seal, '0')",
-                [output.name, fingerprint],
+                f"SELECT g.month FROM {OUTPUT_COUNTS} g LEFT JOIN ({seals}) s ON s.month = g.month "
+                "WHERE g.output = ? AND g.fingerprint = ? AND g.cells = coalesce(s.cells, 0) "
+                "AND g.seal = coalesce(s.seal, ?)",
+                [output.name, fingerprint, empty],
             ).fetchall()
         }
     return [m for m in period_months(period) if m not in current]
 
 
-def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date]) -> int:
-    """Temp table :data:`_CELLS`: the output's SQL over ``months``; checks its columns, NULLs and months."""
+def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date], target: str) -> int:
+    """Temp table ``target``: the output's SQL over ``months``; checks its columns, NULLs and months."""
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {COUNTING_MONTHS} AS "
         f"SELECT * FROM {REPORTING_MONTHS} WHERE list_contains(?::DATE[], month)",
@@ -140,48 +154,51 @@ def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date])
     )
     try:
         with read_only_transaction(con):
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {_CELLS} AS {output.sql}")
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {target} AS {output.sql}")
     finally:  # every later reader (a domain's SQL, the next output) sees the whole period again
         con.execute(f"CREATE OR REPLACE TEMP TABLE {COUNTING_MONTHS} AS SELECT * FROM {REPORTING_MONTHS}")
-    have = {d[0] for d in con.execute(f"SELECT * FROM {_CELLS} LIMIT 0").description}
+    have = {d[0] for d in con.execute(f"SELECT * FROM {target} LIMIT 0").description}
     missing = ({MONTH, *output.dimension_names, output.count_col, *output.denominators}) - have
     if missing:
         raise CountError(f"{output.name}: the query lacks columns {sorted(missing)}")
     dims = [q(d) for d in output.dimension_names]
-    nulls = con.execute(f"SELECT count(*) FROM {_CELLS} WHERE {' OR '.join(f'{d} IS NULL' for d in dims)}").fetchone()
+    nulls = con.execute(f"SELECT count(*) FROM {target} WHERE {' OR '.join(f'{d} IS NULL' for d in dims)}").fetchone()
     if nulls[0]:
         raise CountError(f"{output.name}: {nulls[0]} cell(s) with a NULL dimension value; map them to a category")
     strays = con.execute(
-        f"SELECT count(*) FROM {_CELLS} WHERE NOT list_contains(?::DATE[], {MONTH})", [months]
+        f"SELECT count(*) FROM {target} WHERE NOT list_contains(?::DATE[], {MONTH})", [months]
     ).fetchone()[0]
     if strays:
         raise CountError(
             f"{output.name}: asked to count {len(months)} month(s), its SQL counted {strays} cell(s) of other "
             f"months: join {COUNTING_MONTHS} (not reporting_months) for the month a record is counted in"
         )
-    return int(con.execute(f"SELECT count(*) FROM {_CELLS}").fetchone()[0])
+    return int(con.execute(f"SELECT count(*) FROM {target}").fetchone()[0])
 
 
-def _same_alone(con: duckdb.DuckDBPyConnection, output: Output, months: list[date]) -> None:
-    """Refuse a recount of current ``months`` that differs from their kept rows.
+def _same_as_whole(con: duckdb.DuckDBPyConnection, output: Output, months: list[date], every: list[date]) -> None:
+    """Refuse a count of some of the period's ``months`` that differs from counting ``every`` month.
 
-    They were kept from the same inputs (their fingerprint is current and their seal holds), so
-    counted again with fewer months beside them they must give the same rows; if not, the SQL
-    depends on which months are counted together (it reads ``counting_months`` for the period),
-    and a month counted alone would be wrong. Nothing is kept from such a count.
+    A month counted alone must give the rows it has when the whole period is counted: SQL whose
+    result depends on which months are counted together (the period's end or a window read from
+    ``counting_months``) would otherwise keep a wrong month. The gate refuses the common forms when
+    the declaration loads; this check, run on every count of fewer months than the period (a
+    backfill, a month whose seal broke), refuses any form. Nothing is kept from a refused count.
     """
-    if not months:
+    if len(months) == len(every):
         return
-    kept = f"(SELECT * FROM {counts_table(output)} WHERE list_contains(?::DATE[], {MONTH}))"
-    now = f"(SELECT * FROM {_CELLS} WHERE list_contains(?::DATE[], {MONTH}))"
+    _run_sql(con, output, every, _WHOLE)
+    part = f"(SELECT * FROM {_WHOLE} WHERE list_contains(?::DATE[], {MONTH}))"
     differ = con.execute(
-        f"SELECT (SELECT count(*) FROM ({kept} EXCEPT ALL {now})) + (SELECT count(*) FROM ({now} EXCEPT ALL {kept}))",
-        [months, months, months, months],
+        f"SELECT (SELECT count(*) FROM (FROM {_CELLS} EXCEPT ALL {part})) "
+        f"+ (SELECT count(*) FROM ({part} EXCEPT ALL FROM {_CELLS}))",
+        [months, months],
     ).fetchone()[0]
+    con.execute(f"DROP TABLE {_WHOLE}")
     if differ:
         raise CountError(
-            f"{output.name}: counting {', '.join(m.isoformat() for m in months)} again gave {differ} cell(s) other "
-            "than the same inputs gave with the whole period: its SQL depends on the months counted together; read "
+            f"{output.name}: counting {', '.join(m.isoformat() for m in months)} alone gave {differ} cell(s) other "
+            "than counting the whole period: its SQL depends on the months counted together; read "
             f"reporting_months for the period and join {COUNTING_MONTHS} only for the month a record is counted in"
         )
 
@@ -207,10 +224,11 @@ def _keep(
             "OR NOT list_contains(?::DATE[], month))",
             [output.name, months, keep],
         )
+        seals, empty = _seals(con, _CELLS, "c")
         con.execute(
-            f"INSERT INTO {OUTPUT_COUNTS} SELECT ?, u.m, ?, now(), coalesce(s.cells, 0), coalesce(s.seal, '0') "
-            f"FROM unnest(?::DATE[]) u(m) LEFT JOIN ({_seals(_CELLS, 'c')}) s ON s.{MONTH} = u.m",
-            [output.name, fingerprint, months],
+            f"INSERT INTO {OUTPUT_COUNTS} SELECT ?, u.m, ?, now(), coalesce(s.cells, 0), coalesce(s.seal, ?) "
+            f"FROM unnest(?::DATE[]) u(m) LEFT JOIN ({seals}) s ON s.{MONTH} = u.m",
+            [output.name, fingerprint, empty, months],
         )
     except BaseException:
         con.execute("ROLLBACK")
@@ -266,15 +284,14 @@ def count_months(
             f"{output.name}: month(s) {', '.join(m.isoformat() for m in outside)} are outside its reporting period "
             f"({all_months[0].isoformat() + ' to ' + all_months[-1].isoformat() if all_months else 'empty'})"
         )
-    stale = stale_months(con, output, period, fingerprint)
-    todo = sorted(set(asked) | set(stale))
+    todo = sorted(set(asked) | set(stale_months(con, output, period, fingerprint)))
     report = CountReport(output.name, counted=todo, current=[m for m in all_months if m not in todo])
     if not todo and table_exists(con, COUNTS_ZONE, output.name):
         _prune(con, output, all_months)
         return report
-    report.cells = _run_sql(con, output, todo)
+    report.cells = _run_sql(con, output, todo, _CELLS)
     report.records = sum(period.records.values())
-    _same_alone(con, output, [m for m in asked if m not in stale and len(todo) < len(all_months)])
+    _same_as_whole(con, output, todo, all_months)
     report.cells_by_month = dict(
         con.execute(f"SELECT {MONTH}, count(*) FROM {_CELLS} GROUP BY ALL").fetchall()  # months with a cell
     )

@@ -14,9 +14,8 @@ else. :func:`check_output_sql` refuses, when the definitions load, SQL that:
   state (``read_csv``, ``read_parquet``, ``glob``, ``sniff_csv``, ``query``, ``getenv``,
   ``nextval`` ...: :func:`_forbidden_function`), or uses in ``FROM`` a table function outside
   the allow-list :data:`TABLE_FUNCTIONS`;
-* reads ``counting_months`` other than as a joined table of the query or of a CTE (a subquery or
-  a domain reading it would change with the months counted together:
-  :func:`_refuse_counting_months_elsewhere`);
+* reads ``counting_months`` other than as a joined table (a subquery reading it as a value, or a
+  domain, would change with the months counted together: :func:`_refuse_counting_months_elsewhere`);
 * reads a table outside the haven zone: every table must be ``haven.<collection>`` for one of
   the output's declared collections, the temporary ``reporting_months`` or ``counting_months``
   table, or a CTE of the
@@ -201,25 +200,37 @@ def _refuse_tables(query: exp.Query, collections: set[str], what: str) -> None:
 
 
 def _refuse_counting_months_elsewhere(query: exp.Query, what: str) -> None:
-    """``counting_months`` is only joined, in the FROM of the query or of a CTE, and only by the count.
+    """``counting_months`` is only a joined table (in a FROM or JOIN), never read as a value, and only
+    by the count itself.
 
-    It holds the months being counted (``safehaven.publish.counting``), so anything else that
-    reads it (a scalar subquery such as the period's last month, ``IN``, a dimension's domain)
-    would change with the months counted together: a month counted alone would lose cells.
-    Those read ``reporting_months``, the whole period.
+    It holds the months being counted (``safehaven.publish.counting``), so SQL that reads it as a
+    value (a scalar subquery such as the period's last month, ``IN``, ``EXISTS``) or a dimension's
+    domain would change with the months counted together: a month counted alone would lose cells.
+    Those read ``reporting_months``, the whole period. This is the first line; the count itself
+    checks any count of fewer months against the whole period (``counting._same_as_whole``).
     """
     for table in query.find_all(exp.Table):
         if table.db or table.catalog or table.name != COUNTING_MONTHS:
             continue
-        select = table.find_ancestor(exp.Select)
-        joined = isinstance(table.parent, (exp.From, exp.Join)) and select is not None
-        top = joined and (select is query or isinstance(select.parent, exp.CTE))
-        if what != "sql" or not top:
+        joined = isinstance(table.parent, (exp.From, exp.Join))
+        if what != "sql" or not joined or _read_as_value(table, query):
             raise OutputSqlRefused(
-                f"{what} reads {COUNTING_MONTHS} {'in a domain' if what != 'sql' else 'outside a join'}: it holds "
+                f"{what} reads {COUNTING_MONTHS} {'in a domain' if what != 'sql' else 'as a value'}: it holds "
                 f"only the months being counted; join it for the month a record is counted in, and read "
                 f"{REPORTING_MONTHS} for the whole period"
             )
+
+
+def _read_as_value(node: exp.Expression, root: exp.Expression) -> bool:
+    """Whether ``node`` stands in a subquery used as a value (scalar, ``IN``, ``EXISTS``, ``ANY``)."""
+    parent = node.parent
+    while parent is not None and parent is not root:
+        if isinstance(parent, (exp.In, exp.Exists, exp.Any, exp.All)):
+            return True
+        if isinstance(parent, exp.Subquery) and not isinstance(parent.parent, (exp.From, exp.Join, exp.Lateral)):
+            return True
+        parent = parent.parent
+    return False
 
 
 @contextmanager

@@ -215,12 +215,15 @@ def test_a_build_with_ungated_sql_cannot_drop_a_table(store: Store) -> None:
     ],
 )
 def test_counting_months_is_read_only_as_a_joined_table_of_the_count(sql: str, what: str) -> None:
-    with pytest.raises(OutputSqlRefused, match="counting_months .*join it for the month a record is counted in"):
+    with pytest.raises(OutputSqlRefused, match="counting_months (as a value|in a domain).*join it for the month"):
         check_output_sql(sql, ["hospital_episodes"], what=what)
-    check_output_sql(
-        "WITH d AS (SELECT h.pid, m.month FROM haven.hospital_episodes h JOIN counting_months m "
-        "ON m.month = date_trunc('month', h.discharge_date) "
-        "WHERE m.month_end + 14 <= (SELECT max(month_end) FROM reporting_months)) "
+    joined = "FROM haven.hospital_episodes h JOIN counting_months m ON m.month = date_trunc('month', h.discharge_date)"
+    for allowed in (  # a CTE, a union of two joined sources, a derived table
+        f"WITH d AS (SELECT h.pid, m.month {joined} WHERE m.month_end + 14 <= "
+        "(SELECT max(month_end) FROM reporting_months)) "
         "SELECT month, count(DISTINCT pid) AS people FROM d GROUP BY ALL",
-        ["hospital_episodes"],
-    )
+        f"WITH d AS (SELECT h.pid, m.month {joined} UNION ALL SELECT h.pid, m.month {joined}) "
+        "SELECT month, count(DISTINCT pid) AS people FROM d GROUP BY ALL",
+        f"SELECT month, count(DISTINCT pid) AS people FROM (SELECT h.pid, m.month {joined}) d GROUP BY ALL",
+    ):
+        check_output_sql(allowed, ["hospital_episodes"])
