@@ -341,6 +341,7 @@ OUTPUT_COUNTS = _declare(
     "governance.output_counts",
     "output VARCHAR, month DATE, fingerprint VARCHAR, counted_at TIMESTAMPTZ, cells BIGINT, seal VARCHAR",
     "per output and reporting month, the inputs fingerprint its counts.<output> rows were made from, and their seal",
+    added=("seal VARCHAR",),  # a store counted before the seal: NULL, so every month is counted again
 )
 PUBLICATION_CONTENTS = _declare(
     "governance.publication_contents",

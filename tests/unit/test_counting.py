@@ -178,3 +178,14 @@ def test_an_emptied_period_empties_the_counts(con: duckdb.DuckDBPyConnection) ->
     counting.count_months(con, output, empty, "an empty haven")
     assert rows(con, output) == []
     assert con.execute(f"SELECT count(*) FROM {counting.OUTPUT_COUNTS}").fetchone() == (0,)
+
+
+def test_a_store_counted_before_the_seal_counts_every_month_again(con: duckdb.DuckDBPyConnection) -> None:
+    output = OUTPUTS["gp_activity"]
+    period, fingerprint = prepared(con, output)
+    counting.count_months(con, output, period, fingerprint)
+    honest = rows(con, output)
+    con.execute(f"ALTER TABLE {counting.OUTPUT_COUNTS} DROP COLUMN seal")  # as the table was first made
+    assert counting.stale_months(con, output, period, fingerprint) == counting.period_months(period)
+    counting.count_months(con, output, period, fingerprint)
+    assert counting.stale_months(con, output, period, fingerprint) == [] and rows(con, output) == honest
