@@ -64,7 +64,6 @@ def _counts_asset(output: Output, linked: str) -> dg.AssetsDefinition:
             metadata={
                 "months_counted": len(report.counted),
                 "months_current": len(report.current),
-                "months_outside_period": len(outside),
                 "cells_counted_in_run": report.cells,
                 "rows_in": report.records,
                 "rows_out": report.cells,

@@ -201,6 +201,10 @@ def _materialised(stage: StageSummary, meta: dict) -> None:
     grid, observed = _value(meta, "grid_cells"), _value(meta, "observed_cells")
     if grid is not None and observed is not None:
         stage.note = f"{grid:,} cells of the full grid, {observed:,} with people before protection"
+    counted, current = _value(meta, "months_counted"), _value(meta, "months_current")
+    if counted is not None and current is not None:
+        unchanged = "" if counted else " (their inputs unchanged)"
+        stage.note = f"{counted} of {counted + current} reporting months counted{unchanged}"
 
 
 def _checked(stage: StageSummary, evaluation: dg.AssetCheckEvaluation) -> bool:

@@ -69,6 +69,7 @@ def test_safehaven_run_prints_progress_and_summary_and_no_event_log(launched) ->
         "skipped releases give their reason"
     )
     assert "cells of the full grid" in done.stdout
+    assert re.search(r"(\d+) of \1 reporting months counted", done.stdout), "a first run counts every month"
 
 
 @pytest.mark.slow
@@ -101,6 +102,7 @@ def test_a_month_is_counted_again_by_one_run_of_its_partition(launched) -> None:
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Warning" not in again.stdout + again.stderr
+    assert re.search(r"counts/gp_activity_counts[^\n]*\n\s+1 of \d+ reporting months counted\n", again.stdout)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         run = instance.get_runs(filters=dg.RunsFilter(job_name="nightly"), limit=1)[0]
         assert run.tags["dagster/partition"] == months[1] and run.status == dg.DagsterRunStatus.SUCCESS
