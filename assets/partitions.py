@@ -39,24 +39,22 @@ def months_of(context: dg.AssetExecutionContext) -> list[date] | None:
         return None
     months = []
     for key in context.partition_keys:
-        try:
-            month = date.fromisoformat(key)
-        except ValueError:
-            month = None
-        if month is None or month.day != 1 or month_key(month) != key:
+        if not _is_month_key(key):
             raise dg.Failure(
                 f"partition {key!r} is not a reporting month (the first day of one, 2026-03-01): months are added "
                 "by the counting itself; delete this partition in the UI"
             )
-        months.append(month)
+        months.append(date.fromisoformat(key))
     return months
 
 
 def _is_month_key(key: str) -> bool:
+    """Whether ``key`` is a month's partition key (:func:`month_key` of a first day)."""
     try:
-        return month_key(date.fromisoformat(key)) == key and key.endswith("-01")
+        day = date.fromisoformat(key)
     except ValueError:
         return False
+    return day.day == 1 and month_key(day) == key
 
 
 def add_months(instance: dg.DagsterInstance, months: Iterable[date]) -> None:

@@ -90,7 +90,7 @@ from safehaven.core import anchors, schema
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import Home
 from safehaven.core.keys import KEY_BYTES, Key, KeyRing, KeyRingError, KeySubstituted, staged
-from safehaven.core.store import CATALOG, opened_by, table_exists
+from safehaven.core.store import CATALOG, opened_by, table_exists, transaction
 
 __all__ = ["GENESIS", "HEAD_FILE", "TABLE", "AuditTrailBroken", "Entry", "VerifyResult"]
 
@@ -577,15 +577,8 @@ def _insert(con: duckdb.DuckDBPyConnection, key: Key, prepared: list[dict[str, A
 
 
 def _transaction(con: duckdb.DuckDBPyConnection, work: Any) -> Any:
-    con.execute("BEGIN TRANSACTION")
-    try:
-        result = work()
-        con.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(duckdb.Error):  # DuckDB may have rolled back already
-            con.execute("ROLLBACK")
-        raise
-    return result
+    with transaction(con):
+        return work()
 
 
 def _anchor_everywhere(home: Home, key: Key, anchor: Anchor) -> None:

@@ -32,6 +32,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import json
@@ -395,6 +396,19 @@ class Store:
 
     def table_exists(self, con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
         return table_exists(con, schema, table)
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """One transaction on ``con``: committed when the block ends, rolled back if it raises (all or nothing)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):  # DuckDB may have rolled back already
+            con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:

@@ -46,10 +46,11 @@ from datetime import date
 
 import duckdb
 
-from safehaven.core import schema
+from safehaven.core import audit, schema
 from safehaven.core.digests import code_sha, sha_of, table_sha
+from safehaven.core.registers import current_actor
 from safehaven.core.sql import q
-from safehaven.core.store import COUNTS_ZONE, table_exists
+from safehaven.core.store import COUNTS_ZONE, table_exists, transaction
 from safehaven.publish.outputs import Output, OutputError, Period
 from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, read_only_transaction
 
@@ -78,6 +79,8 @@ class CountReport:
     cells_by_month: dict[date, int] = field(default_factory=dict)
     #: haven records the count read (its collections' records in the haven; 0 when nothing was counted)
     records: int = 0
+    #: months counted from current inputs whose kept rows no longer matched their seal (counted again)
+    broken: list[date] = field(default_factory=list)
 
 
 def counts_table(output: Output) -> str:
@@ -128,21 +131,28 @@ def _seals(con: duckdb.DuckDBPyConnection, table: str, alias: str) -> tuple[str,
 
 def stale_months(con: duckdb.DuckDBPyConnection, output: Output, period: Period, fingerprint: str) -> list[date]:
     """The period's months whose counts are missing, were made from other inputs, or no longer match
-    their seal (rows edited or deleted since they were counted)."""
+    their seal (rows edited, deleted or renamed since they were counted)."""
+    return _month_states(con, output, period, fingerprint)[0]
+
+
+def _month_states(
+    con: duckdb.DuckDBPyConnection, output: Output, period: Period, fingerprint: str
+) -> tuple[list[date], list[date]]:
+    """(stale months, the stale ones whose fingerprint is current but whose rows broke their seal)."""
     schema.ensure(con, OUTPUT_COUNTS)
-    current: set[date] = set()
+    sealed: dict[date, bool] = {}
     if table_exists(con, COUNTS_ZONE, output.name):
         seals, empty = _seals(con, counts_table(output), "t")
-        current = {
-            row[0]
-            for row in con.execute(
-                f"SELECT g.month FROM {OUTPUT_COUNTS} g LEFT JOIN ({seals}) s ON s.month = g.month "
-                "WHERE g.output = ? AND g.fingerprint = ? AND g.cells = coalesce(s.cells, 0) "
-                "AND g.seal = coalesce(s.seal, ?)",
-                [output.name, fingerprint, empty],
+        sealed = dict(
+            con.execute(
+                f"SELECT g.month, g.cells = coalesce(s.cells, 0) AND g.seal IS NOT DISTINCT FROM coalesce(s.seal, ?) "
+                f"FROM {OUTPUT_COUNTS} g LEFT JOIN ({seals}) s ON s.month = g.month "
+                "WHERE g.output = ? AND g.fingerprint = ?",
+                [empty, output.name, fingerprint],
             ).fetchall()
-        }
-    return [m for m in period_months(period) if m not in current]
+        )
+    months = period_months(period)
+    return [m for m in months if not sealed.get(m)], [m for m in months if sealed.get(m) is False]
 
 
 def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date], target: str) -> int:
@@ -208,8 +218,7 @@ def _keep(
 ) -> None:
     """Replace the counted months' rows and fingerprints, and drop months outside ``keep``, in one transaction."""
     table = counts_table(output)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {COUNTS_ZONE}")  # a store has it (ZONES); a bare connection not
         if not table_exists(con, COUNTS_ZONE, output.name) or _columns(con, table) != _columns(con, _CELLS):
             con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM {_CELLS} LIMIT 0")
@@ -230,34 +239,39 @@ def _keep(
             f"FROM unnest(?::DATE[]) u(m) LEFT JOIN ({seals}) s ON s.{MONTH} = u.m",
             [output.name, fingerprint, empty, months],
         )
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
-
-
-def _prune(con: duckdb.DuckDBPyConnection, output: Output, keep: list[date]) -> None:
-    """Delete the rows and fingerprints of months outside ``keep`` (the period shrank, or emptied)."""
-    outside = f"NOT list_contains(?::DATE[], {MONTH})"
-    left = con.execute(f"SELECT count(*) FROM {counts_table(output)} WHERE {outside}", [keep]).fetchone()[0]
-    kept = con.execute(
-        f"SELECT count(*) FROM {OUTPUT_COUNTS} WHERE output = ? AND {outside}", [output.name, keep]
-    ).fetchone()[0]
-    if left or kept:
-        _drop_outside(con, output, keep)
 
 
 def _drop_outside(con: duckdb.DuckDBPyConnection, output: Output, keep: list[date]) -> None:
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute(f"DELETE FROM {counts_table(output)} WHERE NOT list_contains(?::DATE[], {MONTH})", [keep])
-        con.execute(
-            f"DELETE FROM {OUTPUT_COUNTS} WHERE output = ? AND NOT list_contains(?::DATE[], month)", [output.name, keep]
-        )
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
+    """Delete the rows and fingerprints of months outside ``keep`` (the period shrank, or emptied);
+    no write when there are none."""
+    outside = f"NOT list_contains(?::DATE[], {MONTH})"
+    left = con.execute(
+        f"SELECT (SELECT count(*) FROM {counts_table(output)} WHERE {outside}) "
+        f"+ (SELECT count(*) FROM {OUTPUT_COUNTS} WHERE output = ? AND {outside.replace(MONTH, 'month')})",
+        [keep, output.name, keep],
+    ).fetchone()[0]
+    if left:
+        with transaction(con):
+            con.execute(f"DELETE FROM {counts_table(output)} WHERE {outside}", [keep])
+            con.execute(f"DELETE FROM {OUTPUT_COUNTS} WHERE output = ? AND {outside}", [output.name, keep])
+
+
+def _record_broken_seals(con: duckdb.DuckDBPyConnection, output: Output, months: list[date]) -> None:
+    """Say, in the audit trail, that kept counts were changed in the store since they were counted.
+
+    The count goes on (the months are counted again from the haven, so nothing wrong is read),
+    but a change to ``counts.*`` outside the haven's code is someone's edit: it is recorded for
+    the governance lead to look into, and ``safehaven audit`` shows it.
+    """
+    audit.append(
+        con,
+        actor=current_actor(),
+        role="pipeline",
+        action="counts.seal_broken",
+        object=counts_table(output),
+        outcome="changed outside the pipeline; counted again",
+        detail={"months": [m.isoformat() for m in months]},
+    )
 
 
 def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
@@ -284,10 +298,13 @@ def count_months(
             f"{output.name}: month(s) {', '.join(m.isoformat() for m in outside)} are outside its reporting period "
             f"({all_months[0].isoformat() + ' to ' + all_months[-1].isoformat() if all_months else 'empty'})"
         )
-    todo = sorted(set(asked) | set(stale_months(con, output, period, fingerprint)))
-    report = CountReport(output.name, counted=todo, current=[m for m in all_months if m not in todo])
+    stale, broken = _month_states(con, output, period, fingerprint)
+    todo = sorted(set(asked) | set(stale))
+    report = CountReport(output.name, counted=todo, current=[m for m in all_months if m not in todo], broken=broken)
+    if broken:
+        _record_broken_seals(con, output, broken)
     if not todo and table_exists(con, COUNTS_ZONE, output.name):
-        _prune(con, output, all_months)
+        _drop_outside(con, output, all_months)
         return report
     report.cells = _run_sql(con, output, todo, _CELLS)
     report.records = sum(period.records.values())

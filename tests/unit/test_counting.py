@@ -4,6 +4,7 @@ month alone is refused when asked to."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -125,8 +126,14 @@ def test_kept_counts_edited_or_deleted_in_the_store_no_longer_match_their_seal_a
     assert counting.stale_months(con, output, period, fingerprint) == months[:2]
     with pytest.raises(counting.CountError, match=r"the counts of 2 month\(s\)"):
         counting.read_counts(con, output, period, fingerprint, "cells")
-    assert counting.count_months(con, output, period, fingerprint).counted == months[:2]
+    report = counting.count_months(con, output, period, fingerprint)
+    assert report.counted == months[:2] and report.broken == months[:2]
     assert rows(con, output) == honest
+    (entry,) = con.execute(
+        "SELECT object, outcome, detail FROM governance.audit_log WHERE action = 'counts.seal_broken'"
+    ).fetchall()
+    assert entry[0] == counting.counts_table(output) and "changed outside the pipeline" in entry[1]
+    assert json.loads(entry[2])["months"] == [m.isoformat() for m in months[:2]], "the audit trail says which months"
 
 
 def test_sql_whose_months_depend_on_each_other_is_refused_when_a_current_month_is_counted_again(
