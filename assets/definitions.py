@@ -16,14 +16,13 @@ from assets import (
     automation,
     counts,
     disposal,
-    ingest,
+    intake,
     keys,
     objections,
     outputs,
     pseudonymise,
     publish,
     releases,
-    validate,
 )
 from assets.catalog import Catalog, annotate_all
 from resources.haven import SafeHavenResource
@@ -80,8 +79,7 @@ def build_definitions_for(registry: ContractRegistry) -> dg.Definitions:
 
 def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitions:
     stage_assets = [
-        *ingest.build(registry),
-        *validate.build(registry),
+        *intake.build(registry),
         *objections.build(registry),
         *pseudonymise.build(registry),
         *counts.build(registry),
@@ -90,11 +88,12 @@ def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitio
         *releases.build(registry),
     ]
     keys.check_labels([key for a in stage_assets for key in a.keys])
+    intake_jobs = automation.intake_jobs(registry)
     return dg.Definitions(
         assets=annotate_all(stage_assets, build_catalog(registry)),
-        jobs=[automation.nightly_job, disposal.disposal_job],
+        jobs=[automation.nightly_job, *intake_jobs, disposal.disposal_job],
         schedules=[automation.nightly_schedule, disposal.disposal_schedule],
-        sensors=[automation.incoming_sensor],
+        sensors=[automation.incoming_sensor(registry, intake_jobs)],
         resources={"haven": haven},
         executor=dg.in_process_executor,
     )

@@ -1,79 +1,93 @@
-"""Ingest stage: land each collection's new files, or quarantine them whole (see safehaven.intake.ingest)."""
+"""Ingest stage: land each collection's new files, or quarantine them whole (see safehaven.intake.ingest).
+
+The landing half of a collection's intake step (``assets.intake``), partitioned by drop
+(``assets.partitions``): a run for a drop lands that drop only; a run without a partition lands
+every drop waiting and records a materialisation of each drop's partition, saying what became
+of it (landed, already landed, a copy, quarantined and why).
+"""
 
 import dagster as dg
 
-from assets import keys
-from resources.haven import SafeHavenResource
-from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.ingest import ingest_collection
+from assets import keys, partitions
+from safehaven.core.home import Home
+from safehaven.intake.contracts import Contract
+from safehaven.intake.ingest import IngestReport, ingest_collection
 
 
-def landing_asset(contract: Contract) -> dg.AssetsDefinition:
-    """The landing asset of one collection, built from its contract."""
+def record_drops(
+    context: dg.AssetExecutionContext, collection: str, asset: dg.AssetKey, outcomes: dict[str, str]
+) -> None:
+    """Add the drops met to the collection's partitions, and record a materialisation of ``asset``
+    for each one the run was not launched for (the run's own partitions Dagster records), with its outcome."""
+    partitions.add_drops(context.instance, collection, outcomes)
+    asked = set(partitions.drops_of(context) or [])
+    for drop, outcome in outcomes.items():
+        if drop not in asked:
+            context.log_event(dg.AssetMaterialization(asset_key=asset, partition=drop, metadata={"outcome": outcome}))
 
-    @dg.asset(
-        key=keys.landing(contract.collection),
-        group_name="ingest",
-        pool=keys.STORE_POOL,
-        description=f"{contract.collection} drops landed as received into the encrypted "
-        f"landing zone (contract v{contract.version}); bad files quarantined whole.",
-        kinds={"duckdb"},
-    )
-    def _landing(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
-        home = haven.home_dir()
-        with haven.connect() as con:
-            report = ingest_collection(
-                con,
-                contract,
-                home.incoming_for(contract.collection),
-                home.quarantine_for(contract.collection),
-            )
-            total = con.execute(f"SELECT count(*) FROM landing.{contract.collection}").fetchone()[0]
-        for item in report.quarantined:
-            context.log.warning(
-                f"{contract.collection}: file quarantined ({item['rule']}); "
-                f"see quarantine/{contract.collection}/{item['file']}.reason.json"
-            )
-        for copy in report.copies:
-            context.log.warning(
-                f"{contract.collection}: {copy['file']} holds the same records as batch {copy['same_records_as']} "
-                "(a re-saved copy: other bytes, same rows); not landed again"
-            )
-        for name in report.not_overwritten:
-            context.log.warning(
-                f"{contract.collection}: {name} was landed, but the haven's user could not overwrite the received "
-                "file; give it write access to incoming/, and check the file is gone"
-            )
-        if report.files_arriving:
-            context.log.info(
-                f"{contract.collection}: {report.files_arriving} file(s) still being written were left "
-                "in the folder; a later run reads them once they are complete"
-            )
-        if report.files_vanished:
-            context.log.info(
-                f"{contract.collection}: {report.files_vanished} file(s) were renamed or removed by their "
-                "sender while the folder was read; whatever is in the folder now is read by the next run"
-            )
-        return dg.MaterializeResult(
-            metadata={
-                "files_landed": report.files_landed,
-                "files_skipped_already_landed": report.files_skipped,
-                "files_quarantined": report.files_quarantined,
-                "files_vanished": report.files_vanished,
-                "files_not_overwritten": len(report.not_overwritten),
-                "files_still_arriving": report.files_arriving,
-                "files_not_landed_same_records": len(report.copies),
-                "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
-                "rows_in": report.rows_landed,
-                "rows_out": report.rows_landed,
-                "rows_in_landing_total": int(total),
-                "dagster/row_count": int(total),
-                "contract_version": contract.version,
-            }
+
+def drops_table(outcomes: dict[str, str]) -> dg.MetadataValue:
+    """Each drop of the run and what became of it (names are shown names: nothing identifiable)."""
+    rows = ["| drop | outcome |", "|---|---|"]
+    rows += [f"| {drop.replace('|', chr(92) + '|')} | {outcome} |" for drop, outcome in outcomes.items()]
+    return dg.MetadataValue.md("\n".join(rows) if outcomes else "no drop waiting")
+
+
+def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home) -> dg.MaterializeResult:
+    """Land the run's drops of one collection (every drop waiting when the run has no partition)
+    and say what became of each: logs and metadata carry counts, rule ids and shown names only."""
+    asked = partitions.drops_of(context)
+    c = contract.collection
+    report = ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c), drops=asked)
+    total = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
+    record_drops(context, c, keys.landing(c), report.drops)
+    for drop in sorted(set(asked or []) - set(report.drops)):
+        context.log.info(
+            f"{c}: drop {drop} is no longer waiting in incoming/ (landed by an earlier run, "
+            "or removed by its sender): nothing to land"
         )
+    _log_report(context, c, report)
+    return dg.MaterializeResult(
+        asset_key=keys.landing(c),
+        metadata={
+            "files_landed": report.files_landed,
+            "files_skipped_already_landed": report.files_skipped,
+            "files_quarantined": report.files_quarantined,
+            "files_vanished": report.files_vanished,
+            "files_not_overwritten": len(report.not_overwritten),
+            "files_still_arriving": report.files_arriving,
+            "files_not_landed_same_records": len(report.copies),
+            "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
+            "rows_in": report.rows_landed,
+            "rows_out": report.rows_landed,
+            "rows_in_landing_total": int(total),
+            "dagster/row_count": int(total),
+            "contract_version": contract.version,
+            "drops": drops_table(report.drops),
+        },
+    )
 
-    return _landing
 
-
-def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
-    return [landing_asset(c) for c in registry.contracts.values()]
+def _log_report(context: dg.AssetExecutionContext, c: str, report: IngestReport) -> None:
+    for item in report.quarantined:
+        context.log.warning(f"{c}: file quarantined ({item['rule']}); see quarantine/{c}/{item['file']}.reason.json")
+    for copy in report.copies:
+        context.log.warning(
+            f"{c}: {copy['file']} holds the same records as batch {copy['same_records_as']} "
+            "(a re-saved copy: other bytes, same rows); not landed again"
+        )
+    for name in report.not_overwritten:
+        context.log.warning(
+            f"{c}: {name} was landed, but the haven's user could not overwrite the received "
+            "file; give it write access to incoming/, and check the file is gone"
+        )
+    if report.files_arriving:
+        context.log.info(
+            f"{c}: {report.files_arriving} file(s) still being written were left "
+            "in the folder; a later run reads them once they are complete"
+        )
+    if report.files_vanished:
+        context.log.info(
+            f"{c}: {report.files_vanished} file(s) were renamed or removed by their "
+            "sender while the folder was read; whatever is in the folder now is read by the next run"
+        )

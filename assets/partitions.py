@@ -2,6 +2,15 @@
 
 ``docs/architecture.md`` "Partitions" gives the reasoning in full; in short:
 
+* **Intake: one partition per drop** (:func:`drops`, one dynamic partitions definition per
+  collection). A drop is one entry of the collection's ``incoming/`` folder as it was received
+  (``safehaven.intake.ingest.drop_key``: its shown name and a digest, never a value). Landing
+  and validation work drop by drop, so the UI shows which drop landed, was quarantined or was
+  refused, and one drop can be run again (a run that failed part-way). The sensor adds a
+  collection's new drops and starts one intake run per drop; a run without a partition (the
+  in-process runner, ``safehaven run``) lands every drop waiting and records each drop's
+  partition. The intake assets are in the collection's own job, ``intake_<collection>``: a
+  Dagster job has one partitions definition, and a drop is not a month.
 * **Counting: one partition per reporting month** (:data:`REPORTING_MONTHS`). An output's true
   counts are made and kept per month (``safehaven.publish.counting``), so a month can be
   counted, inspected and backfilled alone. The months are the data's, not the calendar's: a
@@ -26,6 +35,29 @@ import dagster as dg
 
 #: the reporting months of the outputs, added by the counting assets as the data reach them
 REPORTING_MONTHS = dg.DynamicPartitionsDefinition(name="reporting_months")
+#: the name of a collection's drops partitions definition: ``drops_<collection>``
+DROPS_PREFIX = "drops_"
+
+
+def drops(collection: str) -> dg.DynamicPartitionsDefinition:
+    """The drops of one collection (module docstring): keys are ``safehaven.intake.ingest.drop_key``."""
+    return dg.DynamicPartitionsDefinition(name=f"{DROPS_PREFIX}{collection}")
+
+
+def drops_of(context: dg.AssetExecutionContext) -> list[str] | None:
+    """The drops a run was launched for; None when it was launched without a partition (every drop)."""
+    if not (context.has_partition_key or context.has_partition_key_range):
+        return None
+    return list(context.partition_keys)
+
+
+def add_drops(instance: dg.DagsterInstance, collection: str, keys: Iterable[str]) -> None:
+    """Make ``keys`` partitions of the collection's drops, in the order given (arrival order)."""
+    name = drops(collection).name
+    have = set(instance.get_dynamic_partitions(name))
+    new = [key for key in dict.fromkeys(keys) if key not in have]
+    if new:
+        instance.add_dynamic_partitions(name, new)
 
 
 def month_key(month: date) -> str:

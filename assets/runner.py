@@ -1,6 +1,8 @@
-"""Run the nightly job and summarise it (used by ``safehaven run`` / ``make run`` and the tests).
+"""Run intake and the nightly job and summarise them (used by ``safehaven run`` / ``make run`` and the tests).
 
-Two ways to run, one summary:
+A night is the intake job of every collection with something waiting in ``incoming/`` (each
+without a partition: every drop waiting, each drop's partition recorded), then the nightly job
+(``assets.automation``), one after the other, each to the end. Two ways to run, one summary:
 
 * ``launch_nightly``: a real run of the code location ``safehaven`` (workspace.yaml) through
   the instance: it is submitted to the instance's run coordinator, so the run queue and its
@@ -32,6 +34,7 @@ Self-healing (the project's "no human after a crash" rule): before a run starts,
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +51,7 @@ from dagster._core.storage.tags import (
 )
 from dagster._core.storage.tags import PARTITION_NAME_TAG as PARTITION_TAG
 
-from assets.automation import NIGHTLY
+from assets.automation import INTAKE_PREFIX, NIGHTLY
 from safehaven.core import runs
 from safehaven.core.home import Home
 
@@ -130,27 +133,50 @@ def _recover(instance: dg.DagsterInstance, home: Home, report: Callable[[str], N
         (report or log.warning)(line)
 
 
+def intake_waiting(home: Home, collection: str) -> bool:
+    """Whether a collection's intake has something to do: an entry in its ``incoming/`` folder, or a
+    folder that is not a plain folder (landing refuses it, so it must run)."""
+    folder = home.incoming_for(collection)
+    if not os.path.lexists(folder):
+        return False
+    if folder.is_symlink() or not folder.is_dir():
+        return True
+    return any(True for _ in folder.iterdir())
+
+
+def night_jobs(home: Home, job_names: list[str]) -> list[str]:
+    """The jobs of one night, in order: the intake jobs (of ``job_names``) with something waiting, then nightly."""
+    intake = sorted(n for n in job_names if n.startswith(INTAKE_PREFIX))
+    return [n for n in intake if intake_waiting(home, n.removeprefix(INTAKE_PREFIX))] + [NIGHTLY]
+
+
 def run_nightly(
     home: Home,
     instance: dg.DagsterInstance | None = None,
     report: Callable[[str], None] | None = None,
     months: tuple[str, str] | None = None,
 ) -> tuple[bool, list[StageSummary]]:
-    """Recover from earlier crashes, then materialise every asset of the nightly job once in
-    this process; success and per-asset counts. What recovery did goes to ``report``;
-    ``months`` as for :func:`launch_nightly`."""
+    """Recover from earlier crashes, then run one night (module docstring) in this process;
+    success and per-asset counts. What recovery did goes to ``report``; ``months`` as for
+    :func:`launch_nightly` (the nightly job only)."""
     # imported here: ``launch_nightly`` (``safehaven run``) never needs this process's definitions
     # (the code location's server and the run's worker build their own), so it does not build them
     from assets.definitions import build_definitions
 
-    job = build_definitions().resolve_job_def(NIGHTLY)
+    defs = build_definitions()
     instance = instance or dg.DagsterInstance.ephemeral()
     _recover(instance, home, report)
-    result = job.execute_in_process(
-        instance=instance, raise_on_error=False, run_config=haven_run_config(home, quiet=True), tags=month_tags(months)
-    )
-    ok, stages = summarise_run(instance, result.run_id)
-    return ok and result.success, stages
+    ok, stages = True, []
+    for name in night_jobs(home, [job.name for job in defs.resolve_all_job_defs()]):
+        result = defs.resolve_job_def(name).execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config=haven_run_config(home, quiet=True),
+            tags=month_tags(months) if name == NIGHTLY else {},
+        )
+        run_ok, run_stages = summarise_run(instance, result.run_id)
+        ok, stages = ok and run_ok and result.success, stages + run_stages
+    return ok, stages
 
 
 def summarise_run(instance: dg.DagsterInstance, run_id: str) -> tuple[bool, list[StageSummary]]:
@@ -239,15 +265,19 @@ def month_tags(months: tuple[str, str] | None) -> dict[str, str]:
     return {PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last}
 
 
+def _repository(request_context):
+    location = request_context.get_code_location(LOCATION)
+    return location, next(iter(location.get_repositories().values()))
+
+
 def _create_run(
-    instance: dg.DagsterInstance, request_context, home: Home, months: tuple[str, str] | None = None
+    instance: dg.DagsterInstance, request_context, home: Home, job: str, months: tuple[str, str] | None = None
 ) -> dg.DagsterRun:
-    """A run of the nightly job of the code location, with its remote origin (as the UI makes one)."""
+    """A run of the job ``job`` of the code location, with its remote origin (as the UI makes one)."""
     from dagster._cli.job import _create_run as create_run
 
-    location = request_context.get_code_location(LOCATION)
-    repository = next(iter(location.get_repositories().values()))
-    remote_job = repository.get_full_job(NIGHTLY)
+    location, repository = _repository(request_context)
+    remote_job = repository.get_full_job(job)
     return create_run(
         instance=instance,
         code_location=location,
@@ -280,19 +310,26 @@ def launch_nightly(
     verbose: bool = False,
     months: tuple[str, str] | None = None,
 ) -> tuple[bool, list[StageSummary], str]:
-    """Recover from earlier crashes, submit the nightly job to the instance, follow it to the
-    end, and summarise it. ``months``: the first and last reporting month to count again (the run
-    is then one of those partitions, :func:`month_tags`)."""
+    """Recover from earlier crashes, then submit each job of one night (module docstring) to the
+    instance in turn, follow it to the end, and summarise them all. ``months``: the first and last
+    reporting month to count again (the nightly run is then one of those partitions, :func:`month_tags`).
+    Returns success, the summaries and the nightly run's id."""
     _recover(instance, home, lambda line: progress(f"recovered: {line}"))
+    deadline = time.monotonic() + timeout
+    ok, stages, run_id = True, [], ""
     with _workspace(instance, workspace) as process_context:
         request_context = process_context.create_request_context()
-        run = _create_run(instance, request_context, home, months)
-        instance.submit_run(run.run_id, request_context)
-        progress(f"run {run.run_id} submitted to the instance ({len(run.step_keys_to_execute or [])} steps)")
-        _follow(process_context, instance, run, progress, time.monotonic() + timeout, verbose)
-    ok, stages = summarise_run(instance, run.run_id)
-    final = instance.get_run_by_id(run.run_id)
-    return ok and final is not None and final.status == dg.DagsterRunStatus.SUCCESS, stages, run.run_id
+        names = [job.name for job in _repository(request_context)[1].get_all_jobs()]
+        for name in night_jobs(home, names):
+            run = _create_run(instance, request_context, home, name, months if name == NIGHTLY else None)
+            instance.submit_run(run.run_id, request_context)
+            progress(f"run {run.run_id} ({name}) submitted to the instance ({len(run.step_keys_to_execute or [])} steps)")
+            _follow(process_context, instance, run, progress, deadline, verbose)
+            run_ok, run_stages = summarise_run(instance, run.run_id)
+            final = instance.get_run_by_id(run.run_id)
+            ok = ok and run_ok and final is not None and final.status == dg.DagsterRunStatus.SUCCESS
+            stages, run_id = stages + run_stages, run.run_id
+    return ok, stages, run_id
 
 
 _WORD = {"STEP_SUCCESS": "done", "STEP_FAILURE": "FAILED", "STEP_SKIPPED": "skipped"}

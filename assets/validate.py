@@ -1,18 +1,20 @@
 """Validate stage: each new batch against its contract (CoP 7-9, 45-46; see safehaven.intake.validation).
 
-One validated asset per contract, each with one blocking asset check made by
-``contract_check``: the Great Expectations suite compiled from the contract decides it, so a
-batch over the contract's tolerance stops everything downstream of that collection in the
-same run. Metadata and logs carry counts, rule ids and versions, never a value.
+The validation half of a collection's intake step (``assets.intake``): the validated asset has
+one blocking asset check made by ``contract_check``, decided by the Great Expectations suite
+compiled from the contract. A batch over the contract's tolerance is refused: its rows never
+enter ``landing.<c>_valid``, which is all the stages after intake read, and the check fails.
+Metadata and logs carry counts, rule ids and versions, never a value.
 """
 
 import dagster as dg
 
-from assets import keys
-from resources.haven import SafeHavenResource
+from assets import keys, partitions
+from assets.ingest import record_drops
+from safehaven.core.home import Home
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
-from safehaven.intake.validation import ValidationReport, validate_collection
+from safehaven.intake.validation import BatchOutcome, ValidationReport, validate_collection
 
 
 def check_name(contract: Contract) -> str:
@@ -62,69 +64,67 @@ def contract_check_result(contract: Contract, report: ValidationReport) -> dg.As
     )
 
 
+def verdict(outcome: BatchOutcome) -> str:
+    """A checked batch's verdict in a word or two: ``accepted``, or ``refused (<rule>)``."""
+    return "accepted" if outcome.accepted else f"refused ({outcome.refusal_rule})"
+
+
 def drops_table(report: ValidationReport, names: dict[str, str]) -> dg.MetadataValue:
     """Which drop (file) each checked batch came from and its verdict, so the UI says which drop failed.
 
-    ``names`` are the batch register's file names, already shown names (``safehaven.core.audit.shown_name``:
-    escaped, NHS-number-like runs withheld); rows and rule ids only, never a value.
+    ``names`` are the batch register's drop keys, else file names, both shown names
+    (``safehaven.core.audit.shown_name``: escaped, NHS-number-like runs withheld); rows and rule
+    ids only, never a value.
     """
     rows = ["| drop | batch | rows | invalid | verdict |", "|---|---|---|---|---|"]
     for b in report.batches:
         name = names.get(b.batch_id, "?").replace("|", "\\|")
-        verdict = "accepted" if b.accepted else f"refused ({b.refusal_rule})"
-        rows.append(f"| {name} | {b.batch_id[:12]} | {b.rows:,} | {b.invalid_rows:,} | {verdict} |")
+        rows.append(f"| {name} | {b.batch_id[:12]} | {b.rows:,} | {b.invalid_rows:,} | {verdict(b)} |")
     return dg.MetadataValue.md("\n".join(rows) if report.batches else "no new drop")
 
 
-def validated_asset(contract: Contract) -> dg.AssetsDefinition:
-    """The validation asset of one collection, with its blocking contract check."""
+def _batch_drops(con, report: ValidationReport) -> dict[str, tuple[str, str | None]]:
+    """Each checked batch's (file name, drop key) from the batch register (shown names)."""
+    rows = con.execute(
+        f"SELECT batch_id, file_name, drop_key FROM {BATCHES} WHERE list_contains(?::VARCHAR[], batch_id)",
+        [[b.batch_id for b in report.batches]],
+    ).fetchall()
+    return {batch: (name, drop) for batch, name, drop in rows}
 
-    @dg.asset(
-        key=keys.validated(contract.collection),
-        deps=[keys.landing(contract.collection)],
-        group_name="validate",
-        pool=keys.STORE_POOL,
-        check_specs=[contract_check(contract)],
-        description=f"Rows of {contract.collection} that meet contract v{contract.version}; "
-        "failing rows held in a rejected table with rule ids; GX results and quality measures kept.",
-        kinds={"duckdb"},
-    )
-    def _validated(context: dg.AssetExecutionContext, haven: SafeHavenResource):
-        home = haven.home_dir()
-        with haven.connect() as con:
-            report = validate_collection(con, contract, haven.registry(), home.quarantine_for(contract.collection))
-            valid_total = con.execute(f'SELECT count(*) FROM landing."{contract.collection}_valid"').fetchone()[0]
-            names = dict(
-                con.execute(
-                    f"SELECT batch_id, file_name FROM {BATCHES} WHERE list_contains(?::VARCHAR[], batch_id)",
-                    [[b.batch_id for b in report.batches]],
-                ).fetchall()
-            )
-        for refused in (b for b in report.batches if not b.accepted):
-            why = (
-                f"GX and the single SQL pass disagree on {', '.join(refused.disagreeing)}"
-                if refused.disagreeing
-                else f"{refused.invalid_rows} of {refused.rows} rows invalid"
-            )
-            context.log.warning(
-                f"{contract.collection}: a batch was refused ({why}); see quarantine/{contract.collection}/ "
-                "for its reason file"
-            )
-        result = contract_check_result(contract, report)
-        yield dg.MaterializeResult(
-            metadata={
-                "rows_in": report.rows_checked,
-                "rows_out": report.rows_valid,
-                "dagster/row_count": int(valid_total),
-                **result.metadata,
-                "seconds": dg.MetadataValue.json(report.seconds),
-                "drops": drops_table(report, names),
-            },
-            check_results=[result],
+
+def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: Home, registry: ContractRegistry):
+    """Validate the run's drops of one collection (every batch waiting when the run has no
+    partition): the validated asset's materialisation with its blocking check's result."""
+    asked = partitions.drops_of(context)
+    c = contract.collection
+    report = validate_collection(con, contract, registry, home.quarantine_for(c), drops=asked)
+    valid_total = con.execute(f'SELECT count(*) FROM landing."{c}_valid"').fetchone()[0]
+    found = _batch_drops(con, report)
+    names = {batch: drop or name for batch, (name, drop) in found.items()}
+    outcomes = {found[b.batch_id][1]: verdict(b) for b in report.batches if found.get(b.batch_id, ("", None))[1]}
+    record_drops(context, c, keys.validated(c), outcomes)
+    for drop in sorted(set(asked or []) - set(outcomes)):
+        context.log.info(
+            f"{c}: drop {drop} has no batch waiting for validation (validated by an earlier run, "
+            "or never landed: see its landing)"
         )
-
-    return _validated
-
-
-def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
-    return [validated_asset(c) for c in registry.contracts.values()]
+    for refused in (b for b in report.batches if not b.accepted):
+        why = (
+            f"GX and the single SQL pass disagree on {', '.join(refused.disagreeing)}"
+            if refused.disagreeing
+            else f"{refused.invalid_rows} of {refused.rows} rows invalid"
+        )
+        context.log.warning(f"{c}: a batch was refused ({why}); see quarantine/{c}/ for its reason file")
+    result = contract_check_result(contract, report)
+    return dg.MaterializeResult(
+        asset_key=keys.validated(c),
+        metadata={
+            "rows_in": report.rows_checked,
+            "rows_out": report.rows_valid,
+            "dagster/row_count": int(valid_total),
+            **result.metadata,
+            "seconds": dg.MetadataValue.json(report.seconds),
+            "drops": drops_table(report, names),
+        },
+        check_results=[result],
+    )

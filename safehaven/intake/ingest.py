@@ -73,6 +73,7 @@ import shutil
 import signal
 import stat
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,6 +131,9 @@ class IngestReport:
     #: files not landed because a held batch has the same records (re-saved copies)
     copies: list[dict[str, str]] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
+    #: each drop read (:func:`drop_key`) and what became of it: ``landed``, ``already landed``,
+    #: ``same records as <batch>``, ``quarantined (<rule>)``, ``still arriving`` or ``vanished``
+    drops: dict[str, str] = field(default_factory=dict)
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
@@ -558,10 +562,16 @@ def _move_whole(path: Path, dest: Path) -> None:
 
 
 def land_file(
-    con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str, seen: os.stat_result | None = None
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    contract: Contract,
+    sha: str,
+    seen: os.stat_result | None = None,
+    drop: str | None = None,
 ) -> int:
-    """Insert the file's rows into ``landing.<collection>`` with its batch record, atomically;
-    nothing is committed if the file changed since ``seen`` (its state when it was hashed)."""
+    """Insert the file's rows into ``landing.<collection>`` with its batch record (naming its
+    ``drop``, :func:`drop_key`), atomically; nothing is committed if the file changed since
+    ``seen`` (its state when it was hashed)."""
     relation = read_relation_sql(path, contract)
     names = ", ".join(q(f) for f in contract.field_names)
     con.execute("BEGIN TRANSACTION")
@@ -577,8 +587,8 @@ def land_file(
         if seen is not None:
             _unchanged_since(path, seen)
         con.execute(
-            f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?)",
-            [sha, contract.collection, shown_name(path.name), sha, rows, contract.version],
+            f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?, ?)",
+            [sha, contract.collection, shown_name(path.name), sha, rows, contract.version, drop],
         )
         con.execute("COMMIT")
         return int(rows)
@@ -658,6 +668,45 @@ def _name_hash(path: Path) -> str:
     return hashlib.sha256(os.fsencode(path.name) + f"\0{seen}\0{time.time_ns()}".encode()).hexdigest()
 
 
+#: characters of a drop key's digest (:func:`drop_key`)
+DROP_DIGEST_HEX = 8
+
+
+def drop_key(path: Path, entry: os.stat_result | None = None) -> str:
+    """A drop's key: the partition of the collection's intake assets it lands and is validated in.
+
+    A drop is one entry of a collection folder as it was received. Its key is its shown name
+    (``safehaven.core.audit.shown_name``: nothing identifiable reaches Dagster's event storage)
+    and ``@`` a digest of its raw name, size and modification time, so two files sent under one
+    name (each night's ``extract.csv``) are two drops, and the sensor, which never reads a file,
+    and the landing, which does, name a drop alike. An entry changed after it was seen is a new
+    drop (landing does not read an entry while it is still being written). From ``lstat``
+    (links are not followed; ``entry`` when the caller has it).
+    """
+    entry = entry or os.lstat(path)
+    seen = f"\0{entry.st_size}:{entry.st_mtime_ns}".encode()
+    digest = hashlib.sha256(os.fsencode(path.name) + seen).hexdigest()[:DROP_DIGEST_HEX]
+    return f"{shown_name(path.name).replace('...', '. . .')}@{digest}"  # Dagster refuses '...' in a key
+
+
+def waiting_drops(incoming: Path) -> dict[str, Path]:
+    """The drops waiting in a collection folder (:func:`drop_key` -> entry), in name order; files
+    still being written (:func:`still_arriving`) are left out until they are complete. Reads no
+    file's bytes (the sensor calls this every minute)."""
+    if not incoming.is_dir() or incoming.is_symlink():
+        return {}
+    found: dict[str, Path] = {}
+    for path in sorted(incoming.iterdir()):
+        try:
+            if not (os.path.isfile(path) and not os.path.islink(path) and still_arriving(path)):
+                found[drop_key(path)] = path
+        except FileNotFoundError:
+            continue  # renamed or removed meanwhile
+        except FileRejected:
+            found[drop_key(path)] = path  # not a plain file: landing quarantines it
+    return found
+
+
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
     try:
         con.execute("ROLLBACK")
@@ -712,21 +761,24 @@ def _ingest_one(
     contract: Contract,
     sha: str,
     report: IngestReport,
-    seen: os.stat_result | None = None,
+    seen: os.stat_result,
+    drop: str,
 ) -> None:
-    """Land or skip one regular file; raises FileRejected for any reason it cannot be read, and
-    StillArriving if it changed while it was read."""
+    """Land or skip one regular file, the drop ``drop``; raises FileRejected for any reason it
+    cannot be read, and StillArriving if it changed while it was read."""
     try:
         known = con.execute(f"SELECT status FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()
         if known is not None:
             report.files_skipped += 1
+            report.drops[drop] = "already landed"
             _remove_received(path, report)
             return
         inspect_file(con, path, contract)
-        rows = land_file(con, path, contract, sha, seen)
+        rows = land_file(con, path, contract, sha, seen, drop)
     except SameRecords as copy:
         report.files_skipped += 1
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
+        report.drops[drop] = f"same records as batch {copy.batch_id[:12]}"
         _remove_received(path, report)
         return
     except (FileRejected, StillArriving):
@@ -739,6 +791,7 @@ def _ingest_one(
     report.files_landed += 1
     report.rows_landed += rows
     report.batches.append(sha)
+    report.drops[drop] = "landed"
     _remove_received(path, report)
 
 
@@ -758,12 +811,18 @@ def _remove_received(path: Path, report: IngestReport) -> None:
 
 
 def ingest_collection(
-    con: duckdb.DuckDBPyConnection, contract: Contract, incoming: Path, quarantine_dir: Path
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    incoming: Path,
+    quarantine_dir: Path,
+    drops: Collection[str] | None = None,
 ) -> IngestReport:
-    """Land every new file in ``incoming``; quarantine bad ones; skip ones already landed.
+    """Land every new file in ``incoming`` (or only the ``drops`` named, :func:`drop_key`);
+    quarantine bad ones; skip ones already landed.
 
     Containment (module docstring): an entry that is not a regular file is quarantined
-    unread; any error reading a file quarantines that file, and the next file is read.
+    unread; any error reading a file quarantines that file, and the next file is read. A
+    collection folder that is itself a link or not a folder is refused whichever drops are asked.
     """
     ensure_tables(con, contract)
     _backfill_contents(con, contract)
@@ -772,16 +831,24 @@ def ingest_collection(
         return report
     for path in sorted(incoming.iterdir()):
         try:
-            _ingest_entry(con, path, contract, quarantine_dir, report)
+            entry = os.lstat(path)
+            if drops is None or drop_key(path, entry) in drops:
+                _ingest_entry(con, path, contract, quarantine_dir, report, entry)
         except FileNotFoundError:  # renamed or removed (perhaps sent again) meanwhile: next run
             report.files_vanished += 1
     return report
 
 
 def _ingest_entry(
-    con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, quarantine_dir: Path, report: IngestReport
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    contract: Contract,
+    quarantine_dir: Path,
+    report: IngestReport,
+    entry: os.stat_result,
 ) -> None:
-    """Land one entry of the collection folder, or quarantine it whole."""
+    """Land one entry of the collection folder (as ``lstat`` saw it: ``entry``), or quarantine it whole."""
+    drop = drop_key(path, entry)
     sha, err = _name_hash(path), not_regular(path) or bad_name(path)
     if err is None:
         try:
@@ -789,13 +856,15 @@ def _ingest_entry(
                 raise StillArriving(path.name)
             seen = os.stat(path, follow_symlinks=False)
             sha = _hash(path)
-            _ingest_one(con, path, contract, sha, report, seen)
+            _ingest_one(con, path, contract, sha, report, seen, drop)
             return
         except StillArriving:
             report.files_arriving += 1
+            report.drops[drop] = "still arriving"
             return
         except FileRejected as rejected:
             err = rejected
     if not os.path.lexists(path):
         raise FileNotFoundError(path)
     _record(report, quarantine(path, quarantine_dir, contract, sha, err), err, sha)
+    report.drops[drop] = f"quarantined ({err.rule})"

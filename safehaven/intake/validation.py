@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -269,12 +269,17 @@ def ensure_tables_validated(con: duckdb.DuckDBPyConnection, contract: Contract) 
     schema.ensure(con, RESULTS, RULE_RESULTS, MEASURES_TABLE)
 
 
-def pending_batches(con: duckdb.DuckDBPyConnection, collection: str) -> list[str]:
+def pending_batches(
+    con: duckdb.DuckDBPyConnection, collection: str, drops: Collection[str] | None = None
+) -> list[str]:
+    """The collection's batches still in status ``landed``, oldest first; with ``drops``, only
+    those that came as one of these drops (``safehaven.intake.ingest.drop_key``)."""
     return [
         r[0]
         for r in con.execute(
-            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status = 'landed' ORDER BY landed_at, batch_id",
-            [collection],
+            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status = 'landed' "
+            "AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], drop_key)) ORDER BY landed_at, batch_id",
+            [collection, None if drops is None else list(drops), None if drops is None else list(drops)],
         ).fetchall()
     ]
 
@@ -285,12 +290,13 @@ def validate_collection(
     registry: ContractRegistry,
     quarantine_dir: Path,
     today: date | None = None,
+    drops: Collection[str] | None = None,
 ) -> ValidationReport:
-    """Validate every batch of the collection still in status ``landed``."""
+    """Validate every batch of the collection still in status ``landed`` (with ``drops``, of those drops only)."""
     ensure_tables_validated(con, contract)
     c = contract.collection
     report = ValidationReport(c, contract.version, honours_refused=honours_every_valid_row(contract))
-    pending = pending_batches(con, c)
+    pending = pending_batches(con, c, drops)
     if not pending:
         return report
     from safehaven.intake.expectations import compile_suite  # imports Great Expectations (seconds)
