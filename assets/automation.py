@@ -17,7 +17,6 @@ import dagster as dg
 
 from assets import keys, partitions
 from resources.haven import SafeHavenResource
-from safehaven.core.home import Home
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import waiting_drops
 
@@ -66,13 +65,12 @@ def intake_jobs(registry: ContractRegistry) -> list[dg.JobDefinition]:
     return [intake_job(c) for c in registry.contracts]
 
 
-def incoming_fingerprint(home: Home) -> str:
-    """A digest of the names, sizes and times of the files waiting in ``incoming/``."""
+def drops_fingerprint(found: dict[str, dict[str, object]]) -> str:
+    """A digest of the drops waiting, per collection (their keys carry names, sizes and times)."""
     digest = hashlib.sha256()
-    if home.incoming.exists():
-        for path in sorted(p for p in home.incoming.rglob("*") if p.is_file()):
-            st = path.stat()
-            digest.update(f"{path.relative_to(home.incoming)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for collection in sorted(found):
+        for drop in sorted(found[collection]):
+            digest.update(f"{collection}/{drop}\n".encode())
     return digest.hexdigest()
 
 
@@ -89,12 +87,13 @@ def incoming_sensor(registry: ContractRegistry, intake: list[dg.JobDefinition]) 
     def _incoming_sensor(context: dg.SensorEvaluationContext, haven: SafeHavenResource):
         """For each drop waiting in ``incoming/`` (of the resource's home, ``SafeHavenResource.home_dir``):
         add it to its collection's drops and start its intake run (once per drop); then start the
-        nightly job after them (once per distinct set of files waiting). Opens no store."""
+        nightly job after them (once per distinct set of drops waiting). A file still being written is
+        not a drop yet. Opens no store."""
         home = haven.home_dir()
         found = {c: waiting_drops(home.incoming_for(c)) for c in registry.contracts}
         if not any(found.values()):
             return dg.SkipReason("no files waiting in incoming/")
-        fingerprint = incoming_fingerprint(home)
+        fingerprint = drops_fingerprint(found)
         if fingerprint == context.cursor:
             return dg.SkipReason("these files were already picked up")
         requests = [
@@ -106,6 +105,7 @@ def incoming_sensor(registry: ContractRegistry, intake: list[dg.JobDefinition]) 
             dg.AddDynamicPartitionsRequest(partitions.drops(c).name, list(drops)) for c, drops in found.items() if drops
         ]
         requests.append(dg.RunRequest(job_name=NIGHTLY, run_key=fingerprint))
-        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=added, cursor=fingerprint)
+        context.update_cursor(fingerprint)
+        return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=added)
 
     return _incoming_sensor

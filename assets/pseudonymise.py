@@ -8,9 +8,27 @@ from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.core.pins import vault_public
 from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.intake.validation import refusal_outstanding
 from safehaven.protect.haven import build_haven, haven_key
 from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.vault import IDENTITY, vault_collection
+
+
+def hold_refused(con, contract: Contract) -> None:
+    """Refuse the step while the collection's latest drop was refused at validation and none
+    passed since (``safehaven.intake.validation.refusal_outstanding``): its downstream stages are
+    skipped in this run, and in every run until a later drop passes. Objections are guarded by
+    the objection feed instead (``safehaven.protect.feed``: a refused drop is a feed fault)."""
+    if contract.kind != "content":
+        return
+    drop = refusal_outstanding(con, contract.collection)
+    if drop is not None:
+        c = contract.collection
+        raise dg.Failure(
+            f"{c}: its latest drop {drop} was refused at validation (the reason file is in quarantine/{c}/); "
+            f"{c} is held here and in every stage after it until a later drop of {c} passes validation: "
+            "ask its sender for a corrected file"
+        )
 
 
 def haven_asset(contract: Contract) -> dg.AssetsDefinition:
@@ -25,6 +43,7 @@ def haven_asset(contract: Contract) -> dg.AssetsDefinition:
     )
     def _haven(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
+            hold_refused(con, contract)
             key = haven_key(con, haven.keyring())
             report = build_haven(con, contract, key)
             total = con.execute(f"SELECT count(*) FROM haven.{contract.collection}").fetchone()[0]
@@ -67,6 +86,7 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
     def _vault(haven: SafeHavenResource) -> dg.MaterializeResult:
         keyring = haven.keyring()
         with haven.connect() as con:
+            hold_refused(con, contract)
             public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
             install_key(con, "haven", haven_key(con, keyring))
             report = vault_collection(con, contract, registry.contracts.values(), public)

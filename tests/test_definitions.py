@@ -1,5 +1,6 @@
 """The Dagster definitions load, and the nightly job, schedule and sensor are wired."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -10,6 +11,7 @@ from assets.definitions import build_definitions, build_definitions_for, defs
 from assets.keys import PUBLISHED_FILES
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import drop_key
 from safehaven.publish.outputs import load_outputs
 
 
@@ -17,11 +19,21 @@ def test_definitions_load() -> None:
     dg.Definitions.validate_loadable(defs)
 
 
-def test_nightly_job_covers_every_stage() -> None:
-    job = defs.resolve_job_def("nightly")
+def test_a_night_covers_every_stage_intake_per_collection_then_the_nightly_job() -> None:
+    """Issue 20: each collection's intake job lands and validates its drops; the nightly job does
+    every stage after intake; between them every asset of the graph is in a night's jobs."""
     graph = defs.resolve_asset_graph()
-    stages = {graph.get(key).tags[STAGE_TAG] for key in job.asset_layer.executable_asset_keys}
-    assert {"ingest", "validate", "objections", "pseudonymise", "aggregate", "publish", "release"} <= stages
+    nightly = defs.resolve_job_def("nightly").asset_layer.executable_asset_keys
+    stages = {graph.get(key).tags[STAGE_TAG] for key in nightly}
+    assert {"objections", "pseudonymise", "aggregate", "publish", "release"} <= stages
+    assert not stages & {"ingest", "validate"}
+    covered = set(nightly)
+    for collection in ContractRegistry().contracts:
+        intake = defs.resolve_job_def(f"intake_{collection}")
+        assert set(intake.asset_layer.executable_asset_keys) == {keys.landing(collection), keys.validated(collection)}
+        assert intake.partitions_def == partitions.drops(collection)
+        covered |= set(intake.asset_layer.executable_asset_keys)
+    assert covered == set(graph.get_all_asset_keys())
 
 
 def test_every_asset_has_a_distinct_label_and_its_group_is_the_first_part_of_its_key() -> None:
@@ -48,16 +60,23 @@ def test_every_asset_has_a_distinct_label_and_its_group_is_the_first_part_of_its
     assert gp_events | {"published_files", "objection_register", "gp_activity", "gp_activity_counts"} <= set(labels)
 
 
-def test_counting_is_partitioned_by_reporting_month_and_nothing_else_is() -> None:
-    """Issue 20 (partitions that fit the data; ``assets.partitions``): only counting is split by month;
-    protection is whole-table (CoP 34b), so ``published/<output>`` reads every month's counts."""
+def test_intake_is_partitioned_by_drop_counting_by_reporting_month_and_nothing_else_is() -> None:
+    """Issue 20 (partitions that fit the data; ``assets.partitions``): a collection's landing and
+    validation by its drops, counting by month; protection is whole-table (CoP 34b), so
+    ``published/<output>`` reads every month's counts, and the stages between are unpartitioned."""
     graph = defs.resolve_asset_graph()
     partitioned = {key for key in graph.get_all_asset_keys() if graph.get(key).partitions_def is not None}
-    assert partitioned == {keys.counts(name) for name in load_outputs(ContractRegistry())}
-    for key in partitioned:
+    counting = {keys.counts(name) for name in load_outputs(ContractRegistry())}
+    collections = ContractRegistry().contracts
+    intake = {key for c in collections for key in (keys.landing(c), keys.validated(c))}
+    assert partitioned == counting | intake
+    for key in counting:
         assert graph.get(key).partitions_def == partitions.REPORTING_MONTHS
         (child,) = graph.get(key).child_keys
         assert child == keys.published(keys.label(key).removesuffix("_counts"))
+    for c in collections:
+        assert graph.get(keys.landing(c)).partitions_def == graph.get(keys.validated(c)).partitions_def
+        assert graph.get(keys.landing(c)).partitions_def == partitions.drops(c)
     assert defs.resolve_job_def("nightly").partitions_def == partitions.REPORTING_MONTHS
 
 
@@ -113,17 +132,28 @@ def test_nightly_schedule_runs_at_two_in_london() -> None:
     assert schedule.job_name == "nightly"
 
 
-def test_sensor_on_incoming_starts_the_nightly_job(home) -> None:
+def test_sensor_adds_each_drop_starts_its_intake_run_then_the_nightly_job(home) -> None:
+    """Issue 20: each file waiting is a drop, added as a partition of its collection's drops and
+    given its own intake run; the nightly job is asked for after them, once per set of files."""
     sensor = defs.resolve_sensor_def("incoming_sensor")
     haven = {"haven": SafeHavenResource(home=str(home.root))}
     with dg.build_sensor_context(resources=haven) as ctx:
         assert isinstance(sensor(ctx), dg.SkipReason)
     drop = home.incoming_for("gp_events")
     drop.mkdir(parents=True)
-    (drop / "gp_events_20260101.csv").write_text("practice_code\n")
+    for name in ("gp_events_20260101.csv", "gp_events_20260102.csv"):
+        (drop / name).write_text("practice_code\n")
+        os.utime(drop / name, (0, 0))  # written long ago: not still arriving
     with dg.build_sensor_context(resources=haven) as ctx:
         result = sensor(ctx)
-    assert isinstance(result, dg.RunRequest)
+    assert isinstance(result, dg.SensorResult)
+    *intake, nightly = result.run_requests
+    wanted = [drop_key(drop / "gp_events_20260101.csv"), drop_key(drop / "gp_events_20260102.csv")]
+    assert [(r.job_name, r.partition_key) for r in intake] == [("intake_gp_events", k) for k in wanted]
+    assert wanted[0].startswith("gp_events_20260101.csv@")
+    assert nightly.job_name == "nightly" and nightly.partition_key is None
+    (added,) = result.dynamic_partitions_requests
+    assert added.partitions_def_name == "drops_gp_events" and list(added.partition_keys) == wanted
     with dg.build_sensor_context(cursor=ctx.cursor, resources=haven) as again:
         assert isinstance(sensor(again), dg.SkipReason), "the same files must not start a second run"
     assert not home.store_file.exists(), "evaluating the sensor opens no store"
@@ -142,8 +172,9 @@ def test_the_sensor_watches_the_incoming_folder_of_the_resources_home(home, tmp_
         assert isinstance(sensor(context), dg.SkipReason)
     elsewhere.incoming_for("gp_events").mkdir(parents=True)
     (elsewhere.incoming_for("gp_events") / "gp_events_20260101.csv").write_text("practice_code\n")
+    os.utime(elsewhere.incoming_for("gp_events") / "gp_events_20260101.csv", (0, 0))
     with dg.build_sensor_context(resources=haven) as context:
-        assert isinstance(sensor(context), dg.RunRequest)
+        assert isinstance(sensor(context), dg.SensorResult)
 
 
 def test_every_store_asset_shares_the_single_writer_pool() -> None:

@@ -269,9 +269,7 @@ def ensure_tables_validated(con: duckdb.DuckDBPyConnection, contract: Contract) 
     schema.ensure(con, RESULTS, RULE_RESULTS, MEASURES_TABLE)
 
 
-def pending_batches(
-    con: duckdb.DuckDBPyConnection, collection: str, drops: Collection[str] | None = None
-) -> list[str]:
+def pending_batches(con: duckdb.DuckDBPyConnection, collection: str, drops: Collection[str] | None = None) -> list[str]:
     """The collection's batches still in status ``landed``, oldest first; with ``drops``, only
     those that came as one of these drops (``safehaven.intake.ingest.drop_key``)."""
     return [
@@ -282,6 +280,27 @@ def pending_batches(
             [collection, None if drops is None else list(drops), None if drops is None else list(drops)],
         ).fetchall()
     ]
+
+
+def refusal_outstanding(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:
+    """The shown name (drop key, else file name) of the collection's latest drop refused at
+    validation, while no drop of it validated as late or later passed; None otherwise.
+
+    The stages after intake read accepted batches only, so a refused drop never reaches them; but
+    outputs built without it would state a collection's figures as if its sender had sent nothing
+    (CoP 7-9: data must be fit for the purpose). So, as the contract check blocked the rest of the
+    night when intake and the night were one run, the stages after intake hold that collection
+    while its latest validation refused a drop, and go on once a later drop of it passes (the
+    sender sends the file again, corrected). Refused and accepted batches of one validation pass
+    share its time: the refusal holds.
+    """
+    row = con.execute(
+        f"SELECT coalesce(drop_key, file_name) FROM {BATCHES} WHERE collection = ? AND status = 'refused' "
+        f"AND validated_at >= coalesce((SELECT max(validated_at) FROM {BATCHES} WHERE collection = ? "
+        "AND status = 'accepted'), '-infinity'::TIMESTAMPTZ) ORDER BY validated_at DESC, batch_id LIMIT 1",
+        [collection, collection],
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def validate_collection(

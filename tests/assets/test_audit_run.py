@@ -35,6 +35,11 @@ def _last_seq(home: Home) -> int:
         return con.execute(f"SELECT max(seq) FROM {TABLE}").fetchone()[0]
 
 
+def _runs_recorded(home: Home) -> int:
+    with Store(home).connect(read_only=True) as con:
+        return sum(1 for e in audit.entries_for(con) if e.action == audit.RUN_ACTION)
+
+
 def _waiting(home: Home) -> int:
     return sum(1 for p in home.incoming.rglob("*") if p.is_file())
 
@@ -44,6 +49,8 @@ def test_a_rolled_back_trail_blocks_the_nightly_run_until_a_decision_is_recorded
     adopt_project_agreements(home)
     ok, stages = run_nightly(home, dagster_instance)
     assert ok, [s for s in stages if s.checks_failed]
+    night = _runs_recorded(home)  # a night's runs: each collection's intake, then the nightly job
+    assert night == 5
 
     # the head goes out with the publication and with every row of the public release register
     with Store(home).connect() as con:  # the prepared releases are reviewed and leave
@@ -81,6 +88,4 @@ def test_a_rolled_back_trail_blocks_the_nightly_run_until_a_decision_is_recorded
     verified = _cli("audit", "verify")
     assert verified.exit_code == 0, verified.output
     assert f"chain broken at entries {last - 2}-" in verified.output
-    with Store(home).connect(read_only=True) as con:
-        runs = [e for e in audit.entries_for(con) if e.action == audit.RUN_ACTION]
-    assert len(runs) == 2  # the first run and the clean one; the refused runs recorded nothing
+    assert _runs_recorded(home) == 2 * night  # the first night and the clean one; the refused runs recorded nothing

@@ -9,7 +9,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets import ingest, keys, objections, pseudonymise, validate
+from assets import intake, keys, objections, pseudonymise
 from resources.haven import SafeHavenResource
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -17,6 +17,7 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect.objections import MEMBERS_SEEDED, REGISTRATIONS, TYPE1, objection_rates
 from safehaven.tools import synthetic
 from tests.conftest import building_haven, leaked_nhs_numbers, seeded_nhs_numbers
+from tests.stages import materialize_stages
 
 PATIENTS = 600
 # Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
@@ -26,8 +27,7 @@ pytestmark = pytest.mark.slow
 def _assets() -> list:
     registry = ContractRegistry()
     return [
-        *ingest.build(registry),
-        *validate.build(registry),
+        *intake.build(registry),
         *objections.build(registry),
         *pseudonymise.build(registry),
     ]
@@ -57,7 +57,7 @@ def ran_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.Execute
         synthetic.generate(home.incoming, patients=PATIENTS, seed=5, defect_rate=0.01)
         outlier = _expected_outlier(home.incoming)
         seeded = seeded_nhs_numbers(home.incoming)
-        result = dg.materialize(_assets(), resources={"haven": SafeHavenResource()}, instance=instance)
+        result = materialize_stages(_assets(), resources={"haven": SafeHavenResource()}, instance=instance)
     return root, result, outlier, seeded
 
 
@@ -107,7 +107,7 @@ def test_vault_assets_write_identifiers_once(run, home: Home, dagster_instance) 
     result, _, _ = run
     gp = _meta(result, keys.vault("gp_events"))
     assert gp["rows_out"] > 0 and gp["fields"] == ["nhs_number", "date_of_birth", "postcode"]
-    again = dg.materialize(_assets(), resources={"haven": SafeHavenResource()}, instance=dagster_instance)
+    again = materialize_stages(_assets(), resources={"haven": SafeHavenResource()}, instance=dagster_instance)
     assert _meta(again, keys.vault("gp_events"))["rows_out"] == 0
     assert _meta(again, keys.haven("gp_events"))["rows_in"] == 0
 
@@ -123,7 +123,7 @@ def test_running_list_sizes_equal_a_full_recount_after_a_second_drop(run, home: 
     (practice, pid) pairs as it enters the haven, and the rates equal those of a recount of the
     whole GP haven table."""
     synthetic.generate(home.incoming, patients=PATIENTS, seed=6, defect_rate=0.01)
-    again = dg.materialize(_assets(), resources={"haven": SafeHavenResource()}, instance=dagster_instance)
+    again = materialize_stages(_assets(), resources={"haven": SafeHavenResource()}, instance=dagster_instance)
     assert again.success and _meta(again, keys.haven("gp_events"))["rows_in"] > 0
     sources = [("haven.gp_events", "practice_code")]
     with Store(home).connect() as con:

@@ -22,7 +22,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets import counts, ingest, objections, outputs, pseudonymise, publish, validate
+from assets import counts, intake, objections, outputs, pseudonymise, publish
 from assets.keys import PUBLISHED_FILES
 from assets.keys import published as published_key
 from assets.keys import validated as validated_key
@@ -38,6 +38,7 @@ from safehaven.publish.query import QueryRefused, run_query
 from safehaven.tools import synthetic
 from tests.conftest import custodian_ring, scan_for
 from tests.governance_helpers import adopt_project_agreements
+from tests.stages import materialize_stages
 
 PATIENTS = 600
 # Every test here reads or reruns a run of the pipeline: the slow tier (`pytest -m "not slow"` skips it).
@@ -47,8 +48,7 @@ pytestmark = pytest.mark.slow
 def stage_assets(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     """The stages from ingest to publication (release extracts are another stage's tests)."""
     return [
-        *ingest.build(registry),
-        *validate.build(registry),
+        *intake.build(registry),
         *objections.build(registry),
         *pseudonymise.build(registry),
         *counts.build(registry),
@@ -103,7 +103,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         nhs, postcodes, dobs = seeded_values(home.incoming)
         assert nhs and postcodes and dobs
         registry = ContractRegistry()
-        result = dg.materialize(stage_assets(registry), resources={"haven": SafeHavenResource()}, raise_on_error=False)
+        result = materialize_stages(
+            stage_assets(registry), resources={"haven": SafeHavenResource()}, raise_on_error=False
+        )
         with Store(home).connect(read_only=True) as con:
             pids = {
                 r[0]
@@ -349,7 +351,7 @@ def test_a_violating_output_blocks_publication_in_the_same_run(
 
     monkeypatch.setattr(reuse, "code_sha", lambda: "the broken protection is new code")  # so outputs rebuild
     keys = [published_key(n) for n in run.outputs] + [PUBLISHED_FILES]
-    result = dg.materialize(
+    result = materialize_stages(
         stage_assets(run.registry), resources={"haven": SafeHavenResource()}, selection=keys, raise_on_error=False
     )
     assert not result.success
@@ -379,7 +381,7 @@ def test_an_output_carrying_pseudonyms_is_refused_by_the_guard(
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(contracts))
     registry = ContractRegistry(contracts)
     resource = SafeHavenResource(contracts=str(contracts))
-    result = dg.materialize(
+    result = materialize_stages(
         stage_assets(registry),
         resources={"haven": resource},
         selection=[published_key("leaky"), PUBLISHED_FILES],
@@ -408,7 +410,7 @@ def rerun_outputs(run: Run, dest: Path, monkeypatch: pytest.MonkeyPatch) -> dg.E
     """Run the aggregate and publish stages again on ``dest`` (a copy of the run's haven)."""
     monkeypatch.setenv("SAFEHAVEN_HOME", str(dest))
     keys = [published_key(n) for n in run.outputs] + [PUBLISHED_FILES]
-    result = dg.materialize(stage_assets(run.registry), resources={"haven": SafeHavenResource()}, selection=keys)
+    result = materialize_stages(stage_assets(run.registry), resources={"haven": SafeHavenResource()}, selection=keys)
     assert result.success
     return result
 

@@ -116,7 +116,12 @@ def blocked_run(blocked_once):
     return blocked_once[1:]
 
 
-def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run(
+def _records(instance) -> list:
+    """The event records of every run of the night (each collection's intake, then the nightly job)."""
+    return [r for run in instance.get_runs() for r in instance.get_records_for_run(run_id=run.run_id).records]
+
+
+def test_a_batch_over_tolerance_holds_its_collection_downstream_until_a_drop_passes(
     blocked_run, home: Home, dagster_instance
 ) -> None:
     ok, stages, _, bad, _ = blocked_run
@@ -124,9 +129,11 @@ def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run
     social_care = stages[keys.validated("social_care").to_user_string()]
     assert social_care.checks_failed == ["social_care_meets_contract"]
     assert social_care.rows_out == 0
-    # Nothing downstream of social care materialised; the other collections went on.
+    # Nothing downstream of social care materialised (its haven and vault steps refused, naming
+    # the drop); the other collections went on.
     assert keys.haven("social_care").to_user_string() not in stages
     assert keys.vault("social_care").to_user_string() not in stages
+    assert stages["haven__social_care_haven (step)"].checks_failed == ["step failed"]
     assert not [a for a in stages if a.startswith(f"{keys.PUBLISHED}/social_care")]
     for collection in ("gp_events", "hospital_episodes"):
         assert stages[keys.validated(collection).to_user_string()].checks_failed == []
@@ -134,7 +141,7 @@ def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run
     # The check's metadata: version, rows, failures per rule, pass rate; decided by GX.
     evaluations = [
         e
-        for e in dagster_instance.get_records_for_run(run_id=dagster_instance.get_runs()[0].run_id).records
+        for e in _records(dagster_instance)
         if e.event_log_entry.dagster_event
         and e.event_log_entry.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
     ]
@@ -151,17 +158,23 @@ def test_a_batch_over_tolerance_blocks_its_collection_downstream_in_the_same_run
     assert meta["rows_checked"] > 0 and "rows.within_tolerance" in meta["gx_expectations_failed"]
     reason = json.loads(next(home.quarantine_for("social_care").glob("*.reason.json")).read_text())
     assert reason["rule"] == "batch.tolerance"
-    # Issue 20: the UI says which drop failed (the validated asset's "drops" table, by file name).
-    materialised = next(
+    # Issue 20: the UI says which drop failed: the validated asset's "drops" table, and the drop's own
+    # partition, materialised with its outcome.
+    materialised = [
         e.event_log_entry.dagster_event.event_specific_data.materialization
-        for e in dagster_instance.get_records_for_run(run_id=dagster_instance.get_runs()[0].run_id).records
+        for e in _records(dagster_instance)
         if e.event_log_entry.dagster_event
         and e.event_log_entry.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
         and e.event_log_entry.dagster_event.event_specific_data.materialization.asset_key
         == keys.validated("social_care")
-    )
-    drops = materialised.metadata["drops"].value
-    assert re.search(r"\| [^|]+\.csv \| \w{12} \| [\d,]+ \| [\d,]+ \| refused \(batch\.tolerance\) \|", drops), drops
+    ]
+    drops = next(m.metadata["drops"].value for m in materialised if "drops" in m.metadata)
+    assert re.search(
+        r"\| [^|]+\.csv@[0-9a-f]{8} \| \w{12} \| [\d,]+ \| [\d,]+ \| refused \(batch\.tolerance\) \|", drops
+    ), drops
+    (per_drop,) = [m for m in materialised if m.partition is not None]
+    assert per_drop.metadata["outcome"].value == "refused (batch.tolerance)"
+    assert per_drop.partition in dagster_instance.get_dynamic_partitions("drops_social_care")
 
 
 def test_no_seeded_nhs_number_in_event_storage_gx_results_or_logs(blocked_run, home: Home, tmp_path: Path) -> None:
