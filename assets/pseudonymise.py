@@ -8,27 +8,24 @@ from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.core.pins import vault_public
 from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.validation import refusal_outstanding
+from safehaven.intake.validation import held_drop
 from safehaven.protect.haven import build_haven, haven_key
 from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.vault import IDENTITY, vault_collection
 
 
 def hold_refused(con, contract: Contract) -> None:
-    """Refuse the step while the collection's latest drop was refused at validation and none
-    passed since (``safehaven.intake.validation.refusal_outstanding``): its downstream stages are
-    skipped in this run, and in every run until a later drop passes. Objections are guarded by
-    the objection feed instead (``safehaven.protect.feed``: a refused drop is a feed fault)."""
+    """Refuse the step while the collection's intake is not done with a drop it received
+    (``safehaven.intake.validation.held_drop``: landed but not validated, or refused with none
+    passed since): its downstream stages are skipped in this run, and in every run until that is
+    put right. Objections are guarded by the objection feed instead (``safehaven.protect.feed``:
+    such a drop is a feed fault)."""
     if contract.kind != "content":
         return
-    drop = refusal_outstanding(con, contract.collection)
-    if drop is not None:
+    why = held_drop(con, contract.collection)
+    if why is not None:
         c = contract.collection
-        raise dg.Failure(
-            f"{c}: its latest drop {drop} was refused at validation (the reason file is in quarantine/{c}/); "
-            f"{c} is held here and in every stage after it until a later drop of {c} passes validation: "
-            "ask its sender for a corrected file"
-        )
+        raise dg.Failure(f"{c} is held here and in every stage after it: {why}")
 
 
 def haven_asset(contract: Contract) -> dg.AssetsDefinition:

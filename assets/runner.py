@@ -54,6 +54,8 @@ from dagster._core.storage.tags import PARTITION_NAME_TAG as PARTITION_TAG
 from assets.automation import INTAKE_PREFIX, NIGHTLY
 from safehaven.core import runs
 from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.validation import collections_pending
 
 LOCATION = "safehaven"
 WORKSPACE = Path(__file__).resolve().parents[1] / "workspace.yaml"
@@ -144,10 +146,25 @@ def intake_waiting(home: Home, collection: str) -> bool:
     return any(True for _ in folder.iterdir())
 
 
+def _pending(home: Home) -> set[str]:
+    """The collections with a batch landed and not validated (``collections_pending``)."""
+    if not home.store_file.exists():
+        return set()
+    with Store(home).connect(read_only=True) as con:
+        return collections_pending(con)
+
+
 def night_jobs(home: Home, job_names: list[str]) -> list[str]:
-    """The jobs of one night, in order: the intake jobs (of ``job_names``) with something waiting, then nightly."""
+    """The jobs of one night, in order: the intake jobs (of ``job_names``) of the collections with
+    something waiting in ``incoming/`` or a batch landed and not validated, then nightly."""
+    pending = _pending(home)
     intake = sorted(n for n in job_names if n.startswith(INTAKE_PREFIX))
-    return [n for n in intake if intake_waiting(home, n.removeprefix(INTAKE_PREFIX))] + [NIGHTLY]
+    due = [
+        n
+        for n in intake
+        if n.removeprefix(INTAKE_PREFIX) in pending or intake_waiting(home, n.removeprefix(INTAKE_PREFIX))
+    ]
+    return [*due, NIGHTLY]
 
 
 def run_nightly(

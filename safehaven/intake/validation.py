@@ -69,6 +69,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.sql import lit, q
+from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES, ensure_tables, free_name
 from safehaven.intake.measures import (
@@ -280,6 +281,39 @@ def pending_batches(con: duckdb.DuckDBPyConnection, collection: str, drops: Coll
             [collection, None if drops is None else list(drops), None if drops is None else list(drops)],
         ).fetchall()
     ]
+
+
+def collections_pending(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The collections with a batch landed and not yet validated (an intake run stopped between
+    its landing and its validation): their intake must run again, drop or no drop waiting."""
+    if not table_exists(con, *BATCHES.split(".")):
+        return set()
+    return {
+        str(c) for (c,) in con.execute(f"SELECT DISTINCT collection FROM {BATCHES} WHERE status = 'landed'").fetchall()
+    }
+
+
+def held_drop(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:
+    """Why the stages after intake hold a collection, or None: a drop landed but not validated (an
+    intake run stopped part-way), or a refused drop with no later drop passed (:func:`refusal_outstanding`).
+    Either way its figures would be stated without data its sender sent (CoP 7-9)."""
+    pending = con.execute(
+        f"SELECT coalesce(drop_key, file_name) FROM {BATCHES} WHERE collection = ? AND status = 'landed' "
+        "ORDER BY landed_at, batch_id LIMIT 1",
+        [collection],
+    ).fetchone()
+    if pending is not None:
+        return (
+            f"its drop {pending[0]} was landed but not validated (an intake run stopped part-way): run its "
+            "intake again (safehaven run, or that drop's partition in the UI)"
+        )
+    refused = refusal_outstanding(con, collection)
+    if refused is not None:
+        return (
+            f"its latest drop {refused} was refused at validation (the reason file is in quarantine/{collection}/) "
+            f"and no later drop passed: ask its sender for a corrected file"
+        )
+    return None
 
 
 def refusal_outstanding(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:

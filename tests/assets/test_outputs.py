@@ -116,9 +116,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 
 def materialization(run: Run, key: dg.AssetKey) -> dg.AssetMaterialization:
+    """The run's materialisation of ``key`` (for an intake asset, the run's own: each drop's partition
+    is recorded beside it with its outcome only)."""
     for event in run.result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization  # type: ignore[union-attr]
-        if mat.asset_key == key:
+        if mat.asset_key == key and mat.partition is None:
             return mat
     raise AssertionError(f"{key.to_user_string()} was not materialised")
 
