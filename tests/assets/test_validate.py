@@ -177,6 +177,21 @@ def test_a_batch_over_tolerance_holds_its_collection_downstream_until_a_drop_pas
     assert per_drop.partition in dagster_instance.get_dynamic_partitions("drops_social_care")
 
 
+def test_the_hold_ends_when_a_later_drop_of_the_collection_passes(
+    blocked_run, home: Home, dagster_instance, tmp_path: Path
+) -> None:
+    """The refused drop stays refused; a corrected file sent afterwards passes, and the stages after
+    intake go on with the collection (``safehaven.intake.validation.refusal_outstanding``)."""
+    synthetic.generate(tmp_path / "resent", patients=PATIENTS, seed=5, defect_rate=0.0)
+    corrected = next((tmp_path / "resent" / "social_care").glob("*.csv"))
+    shutil.copy(corrected, home.incoming_for("social_care") / "social_care_resent.csv")
+    ok, stages = run_nightly(home, dagster_instance)
+    by_asset = {s.asset: s for s in stages}
+    assert by_asset[keys.validated("social_care").to_user_string()].checks_failed == []
+    assert by_asset[keys.haven("social_care").to_user_string()].rows_out > 0
+    assert ok, [s for s in stages if s.checks_failed]
+
+
 def test_no_seeded_nhs_number_in_event_storage_gx_results_or_logs(blocked_run, home: Home, tmp_path: Path) -> None:
     _, _, seeded, _, logs = blocked_run
     assert len(seeded) > 100

@@ -1,0 +1,139 @@
+"""Drops as partitions (issue 20; ``assets.partitions``, ``assets.intake``): each file received is
+a drop, a partition of its collection's landing and validated assets. A run for one drop lands and
+validates that drop only; a drop whose run stopped part-way is run again on its own; until it is,
+the stages after intake hold its collection, naming the drop and the fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+import assets.validate
+from assets import keys
+from assets.definitions import build_definitions
+from assets.runner import haven_run_config, run_nightly
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake.ingest import BATCHES, drop_key, waiting_drops
+from safehaven.tools import synthetic
+from tests.governance_helpers import adopt_project_agreements
+
+PATIENTS = 150
+
+
+def _old(path: Path) -> Path:
+    """A file written long ago (not still arriving)."""
+    os.utime(path, (0, 0))
+    return path
+
+
+def _two_gp_drops(home: Home, tmp_path: Path) -> tuple[str, str]:
+    """Two GP files in ``incoming/gp_events`` (two seeds): their drop keys, in name order."""
+    for seed, name in ((3, "gp_extract_a.csv"), (4, "gp_extract_b.csv")):
+        out = tmp_path / f"gen_{seed}"
+        synthetic.generate(out, patients=PATIENTS, seed=seed)
+        home.incoming_for("gp_events").mkdir(parents=True, exist_ok=True)
+        source = next((out / "gp_events").glob("*.csv"))
+        shutil.copy(source, home.incoming_for("gp_events") / name)
+        _old(home.incoming_for("gp_events") / name)
+    found = waiting_drops(home.incoming_for("gp_events"))
+    assert len(found) == 2
+    return tuple(found)  # type: ignore[return-value]
+
+
+def _gp_batches(home: Home) -> dict[str, str]:
+    """drop key -> batch status, for the GP batches landed."""
+    with Store(home).connect(read_only=True) as con:
+        rows = con.execute(f"SELECT drop_key, status FROM {BATCHES} WHERE collection = 'gp_events'").fetchall()
+    return dict(rows)
+
+
+def _intake(home: Home, instance: dg.DagsterInstance, drop: str | None = None) -> dg.ExecuteInProcessResult:
+    job = build_definitions().resolve_job_def("intake_gp_events")
+    if drop is not None:
+        instance.add_dynamic_partitions(
+            "drops_gp_events", [d for d in [drop] if not instance.has_dynamic_partition("drops_gp_events", d)]
+        )
+    return job.execute_in_process(
+        instance=instance, partition_key=drop, run_config=haven_run_config(home, quiet=True), raise_on_error=False
+    )
+
+
+def _partitions_materialised(instance: dg.DagsterInstance, key: dg.AssetKey) -> set[str]:
+    return set(instance.get_materialized_partitions(key))
+
+
+def test_a_drop_key_is_its_shown_name_and_a_digest_of_what_was_received(tmp_path: Path) -> None:
+    first = tmp_path / "extract.csv"
+    first.write_text("a,b\n1,2\n")
+    _old(first)
+    key = drop_key(first)
+    name, _, digest = key.rpartition("@")
+    assert name == "extract.csv" and len(digest) == 8
+    assert drop_key(first) == key, "the sensor and the landing name a drop alike"
+    first.write_text("a,b\n1,2\n3,4\n")  # the same name sent again, other bytes: another drop
+    _old(first)
+    assert drop_key(first) != key
+    nhs_like = tmp_path / "gp_943 476 5919...csv"
+    nhs_like.write_text("x\n")
+    shown = drop_key(nhs_like)
+    assert "5919" not in shown and "..." not in shown, "nothing identifiable, nothing Dagster refuses"
+
+
+def test_a_run_for_one_drop_lands_and_validates_that_drop_only(home: Home, dagster_instance, tmp_path: Path) -> None:
+    first, second = _two_gp_drops(home, tmp_path)
+    result = _intake(home, dagster_instance, first)
+    assert result.success
+    assert _gp_batches(home) == {first: "accepted"}
+    assert list(waiting_drops(home.incoming_for("gp_events"))) == [second], "the other drop still waits"
+    for asset in (keys.landing("gp_events"), keys.validated("gp_events")):
+        assert _partitions_materialised(dagster_instance, asset) == {first}
+
+    everything = _intake(home, dagster_instance)  # a night's run: no partition, every drop waiting
+    assert everything.success
+    assert _gp_batches(home) == {first: "accepted", second: "accepted"}
+    assert set(dagster_instance.get_dynamic_partitions("drops_gp_events")) == {first, second}
+    for asset in (keys.landing("gp_events"), keys.validated("gp_events")):
+        assert _partitions_materialised(dagster_instance, asset) == {first, second}
+
+
+def _step_failure(instance: dg.DagsterInstance, step: str) -> str:
+    for run in instance.get_runs():
+        for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+            if event.step_key == step:
+                return str(event.dagster_event.step_failure_data.user_failure_data.description)
+    raise AssertionError(f"{step} did not fail")
+
+
+def test_a_drop_whose_run_stopped_part_way_holds_its_collection_until_that_drop_is_run_again(
+    home: Home, dagster_instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=5)
+    adopt_project_agreements(home)
+    (gp,) = waiting_drops(home.incoming_for("gp_events"))
+    real = assets.validate.validate_collection
+
+    def stops_for_gp(con, contract, *args, **kwargs):
+        if contract.collection == "gp_events":
+            raise RuntimeError("the process stopped here")
+        return real(con, contract, *args, **kwargs)
+
+    monkeypatch.setattr(assets.validate, "validate_collection", stops_for_gp)
+    ok, _ = run_nightly(home, dagster_instance)
+    assert not ok
+    assert _gp_batches(home) == {gp: "landed"}, "landed, never validated"
+    held = _step_failure(dagster_instance, "haven__gp_events_haven")
+    assert f"its drop {gp} was landed but not validated" in held and "run its intake again" in held
+
+    monkeypatch.setattr(assets.validate, "validate_collection", real)
+    again = _intake(home, dagster_instance, gp)  # the drop run again on its own (its partition in the UI)
+    assert again.success and _gp_batches(home) == {gp: "accepted"}
+    assert gp in _partitions_materialised(dagster_instance, keys.validated("gp_events"))
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok, [s for s in stages if s.checks_failed]
+    haven = {s.asset: s for s in stages}[keys.haven("gp_events").to_user_string()]
+    assert haven.rows_out > 0
