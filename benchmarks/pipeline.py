@@ -1,4 +1,5 @@
-"""Worker: run the nightly job through Dagster, in process, and time every step.
+"""Worker: run a night (each collection's intake job with something waiting, then the nightly
+job; ``assets.runner.night_jobs``) through Dagster, in process, and time every step.
 
 Run by ``benchmarks.run`` in its own subprocess, so that the peak memory it reports
 (``ru_maxrss``) is the pipeline's own::
@@ -222,17 +223,37 @@ EVENT_HANDLERS: dict[str, Callable[[_RunEvents, str, Any, Any], None]] = {
 }
 
 
-def _read_events(instance: Any, run_id: str, group_of: dict[Any, str | None]) -> _RunEvents:
-    """Gather the run's step events (those without a step are skipped)."""
+def _read_events(instance: Any, run_ids: list[str], group_of: dict[Any, str | None]) -> _RunEvents:
+    """Gather the step events of a night's runs (those without a step are skipped)."""
     events = _RunEvents(group_of)
-    for record in instance.all_logs(run_id):
-        event = record.dagster_event
-        if event is None or not event.step_key:
-            continue
-        handler = EVENT_HANDLERS.get(event.event_type_value)
-        if handler is not None:
-            handler(events, event.step_key, record, event)
+    for run_id in run_ids:
+        for record in instance.all_logs(run_id):
+            event = record.dagster_event
+            if event is None or not event.step_key:
+                continue
+            handler = EVENT_HANDLERS.get(event.event_type_value)
+            if handler is not None:
+                handler(events, event.step_key, record, event)
     return events
+
+
+#: the stage groups of a collection's intake step (``assets.intake``: landing and validation in one step)
+INTAKE_GROUPS = ["ingest", "validate"]
+
+
+def _split_intake(record: dict[str, Any], events: _RunEvents) -> list[dict[str, Any]]:
+    """An intake step as its two stages: validation's seconds are its own clock (the validated
+    asset's ``seconds`` metadata, ``total``), landing the rest; CPU split in the same proportion."""
+    validated = [a for a in record["assets"] if a.startswith("validated/")]
+    timed = events.assets.get(validated[0], {}).get("metadata", {}).get("seconds") if validated else None
+    total = timed.get("total", 0.0) if isinstance(timed, dict) else 0.0
+    share = min(1.0, total / record["seconds"]) if record["seconds"] else 0.0
+    ingest = {**record, "group": "ingest", "assets": [a for a in record["assets"] if a not in validated]}
+    validate = {**record, "group": "validate", "assets": validated, "started": record["started"]}
+    ingest["seconds"], validate["seconds"] = record["seconds"] * (1 - share), record["seconds"] * share
+    ingest["cpu_seconds"], validate["cpu_seconds"] = record["cpu_seconds"] * (1 - share), record["cpu_seconds"] * share
+    validate["step"] = record["step"] + " (validation)"
+    return [ingest, validate]
 
 
 def _step_groups(events: _RunEvents, step: str) -> list[str]:
@@ -249,18 +270,17 @@ def _steps(events: _RunEvents, sampler: RssSampler, wall_end: float) -> list[dic
     for step, start in sorted(events.starts.items(), key=lambda kv: kv[1]):
         end, status = events.ends.get(step, (wall_end, "STEP_INCOMPLETE"))
         groups = _step_groups(events, step)
-        steps.append(
-            {
-                "step": step,
-                "started": start,
-                "group": groups[0] if len(groups) == 1 else "+".join(groups),
-                "assets": sorted(events.step_assets.get(step, set())),
-                "seconds": end - start,
-                "cpu_seconds": sampler.cpu_at(end) - sampler.cpu_at(start),
-                "status": status,
-                "peak_rss_sampled": sampler.peak_between(start, end),
-            }
-        )
+        record = {
+            "step": step,
+            "started": start,
+            "group": groups[0] if len(groups) == 1 else "+".join(groups),
+            "assets": sorted(events.step_assets.get(step, set())),
+            "seconds": end - start,
+            "cpu_seconds": sampler.cpu_at(end) - sampler.cpu_at(start),
+            "status": status,
+            "peak_rss_sampled": sampler.peak_between(start, end),
+        }
+        steps += _split_intake(record, events) if groups == INTAKE_GROUPS else [record]
     return steps
 
 
@@ -323,12 +343,14 @@ def run(
         install_trace(trace)
 
     from assets.definitions import build_definitions
+    from assets.runner import night_jobs
+    from safehaven.core.home import Home
 
     imported = time.perf_counter()
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     group_of = {key: stage_of(graph.get(key)) for key in graph.get_all_asset_keys()}
-    job = defs.resolve_job_def("nightly")
+    jobs = [defs.resolve_job_def(n) for n in night_jobs(Home(home), [j.name for j in defs.resolve_all_job_defs()])]
     instance = dg.DagsterInstance.ephemeral()
     config = {"threads": threads} if threads else {}
     config |= {"memory_limit": memory_limit} if memory_limit else {}
@@ -338,12 +360,12 @@ def run(
     sampler = RssSampler()
     sampler.start()
     began, cpu_began = time.perf_counter(), time.process_time()
-    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config)
+    results = [job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config) for job in jobs]
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
     wall_end = time.time()
     sampler.stop()
 
-    events = _read_events(instance, result.run_id, group_of)
+    events = _read_events(instance, [r.run_id for r in results], group_of)
     steps = _steps(events, sampler, wall_end)
     from assets import definitions as definitions_module
 
@@ -353,7 +375,7 @@ def run(
     return {
         "code": str(Path(definitions_module.__file__).parents[1]),
         "sql_trace": summary,
-        "success": bool(result.success),
+        "success": all(r.success for r in results),
         "checks_failed": events.checks_failed,
         "seconds_import": imported - _T0,
         "seconds_build_definitions": built - imported,
