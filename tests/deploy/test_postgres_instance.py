@@ -174,8 +174,14 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
         # that the only run is the one submitted below.
         cli("sensor-stop", "sensor", "stop", "incoming_sensor", *workspace)
         cli("schedule-stop", "schedule", "stop", "nightly_0200_london", *workspace)
+        # A night: each collection's intake job (every drop waiting), then the nightly job, queued
+        # in that order; the queue's one-writer limit runs them one at a time, first come first.
+        night = [
+            (f"intake_{c}", str(uuid.uuid4())) for c in ("gp_events", "hospital_episodes", "objections", "social_care")
+        ]
         run_id = str(uuid.uuid4())
-        cli("launch", "job", "launch", *workspace, "-l", "safehaven", "-j", "nightly", "--run-id", run_id)
+        for job, rid in [*night, ("nightly", run_id)]:
+            cli(f"launch-{job}", "job", "launch", *workspace, "-l", "safehaven", "-j", job, "--run-id", rid)
         status = _query(server, "SELECT status FROM runs WHERE run_id = %s", (run_id,))
         assert status == [("QUEUED",)], f"the launch must only queue the run, got {status}"
 
@@ -185,7 +191,9 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
             rows = _query(server, "SELECT status FROM runs WHERE run_id = %s", (run_id,))
             return rows[0][0] in ("SUCCESS", "FAILURE", "CANCELED")
 
-        _wait_for(finished, RUN_TIMEOUT_S, "the daemon to dequeue and finish the nightly run", procs, logs)
+        _wait_for(finished, RUN_TIMEOUT_S, "the daemon to dequeue and finish the night's runs", procs, logs)
+        intake = _query(server, "SELECT status FROM runs WHERE run_id = ANY(%s)", ([rid for _, rid in night],))
+        assert intake == [("SUCCESS",)] * len(night), intake
         yield DaemonRun(server, run_id, seeded, home, dagster_home, logs)
     finally:
         for proc in reversed(procs):
