@@ -2,6 +2,8 @@
 
 * ``intake_<collection>``: a collection's landing and validation, partitioned by drop
   (``assets.partitions``). The sensor starts one run per new drop as it arrives.
+  Each intake job also runs at 01:45 Europe/London without a partition (every drop still waiting,
+  every batch landed and not validated), so what a failed run left is taken up before the night.
 * ``nightly``: everything after intake (objections, pseudonymisation and the vault, counting
   by reporting month, protection, publication and releases), over what intake accepted; it is
   partitioned by reporting month, and the schedule starts it without a partition (every month
@@ -63,6 +65,23 @@ def intake_job(collection: str) -> dg.JobDefinition:
 
 def intake_jobs(registry: ContractRegistry) -> list[dg.JobDefinition]:
     return [intake_job(c) for c in registry.contracts]
+
+
+def intake_schedules(jobs: list[dg.JobDefinition]) -> list[dg.ScheduleDefinition]:
+    """Each intake job, without a partition, at 01:45 Europe/London, before the nightly job: it takes
+    every drop still waiting and validates every batch landed and not validated, so a drop whose
+    sensor-started run failed (its run key is not requested twice), or a run stopped between
+    landing and validation, is taken up the same night with no one stepping in."""
+    return [
+        dg.ScheduleDefinition(
+            name=f"{job.name}_0145_london",
+            job=job,
+            cron_schedule="45 1 * * *",
+            execution_timezone="Europe/London",
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+        )
+        for job in jobs
+    ]
 
 
 def drops_fingerprint(found: dict[str, dict[str, object]]) -> str:

@@ -92,7 +92,7 @@ def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitio
     return dg.Definitions(
         assets=annotate_all(stage_assets, build_catalog(registry)),
         jobs=[automation.nightly_job, *intake_jobs, disposal.disposal_job],
-        schedules=[automation.nightly_schedule, disposal.disposal_schedule],
+        schedules=[*automation.intake_schedules(intake_jobs), automation.nightly_schedule, disposal.disposal_schedule],
         sensors=[automation.incoming_sensor(registry, intake_jobs)],
         resources={"haven": haven},
         executor=dg.in_process_executor,

@@ -10,6 +10,7 @@ import dagster as dg
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.validation import ensure_tables_validated
 from safehaven.protect import feed
 from safehaven.protect.haven import haven_key
 from safehaven.protect.objections import (
@@ -98,6 +99,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     )
     def objection_register(haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
+            ensure_tables_validated(con, contract)  # a collection that never sent a drop has its tables, empty
             key = haven_key(con, haven.keyring())
             install_key(con, "haven", key)
             added = register_objections(con, contract, key.key_id)

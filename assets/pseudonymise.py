@@ -8,7 +8,7 @@ from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.core.pins import vault_public
 from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.validation import held_drop
+from safehaven.intake.validation import ensure_tables_validated, held_drop
 from safehaven.protect.haven import build_haven, haven_key
 from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.vault import IDENTITY, vault_collection
@@ -19,7 +19,9 @@ def hold_refused(con, contract: Contract) -> None:
     (``safehaven.intake.validation.held_drop``: landed but not validated, or refused with none
     passed since): its downstream stages are skipped in this run, and in every run until that is
     put right. Objections are guarded by the objection feed instead (``safehaven.protect.feed``:
-    such a drop is a feed fault)."""
+    such a drop is a feed fault). A collection that never sent a drop (its intake never ran) gets
+    its intake tables, empty, as intake would have made them."""
+    ensure_tables_validated(con, contract)
     if contract.kind != "content":
         return
     why = held_drop(con, contract.collection)

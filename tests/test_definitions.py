@@ -125,6 +125,16 @@ def test_code_location_is_named_safehaven() -> None:
     assert workspace["load_from"][0]["python_module"]["location_name"] == "safehaven"
 
 
+def test_each_intake_job_runs_at_a_quarter_to_two_in_london_without_a_partition() -> None:
+    """A drop whose sensor-started run failed, or a batch landed and not validated, is taken up
+    before the nightly job, with no one stepping in (``assets.automation.intake_schedules``)."""
+    for collection in ContractRegistry().contracts:
+        schedule = defs.resolve_schedule_def(f"intake_{collection}_0145_london")
+        assert schedule.job_name == f"intake_{collection}"
+        assert (schedule.cron_schedule, schedule.execution_timezone) == ("45 1 * * *", "Europe/London")
+        assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
 def test_nightly_schedule_runs_at_two_in_london() -> None:
     schedule = defs.resolve_schedule_def("nightly_0200_london")
     assert schedule.cron_schedule == "0 2 * * *"

@@ -670,6 +670,7 @@ def _name_hash(path: Path) -> str:
 
 #: characters of a drop key's digest (:func:`drop_key`)
 DROP_DIGEST_HEX = 8
+_DOTS = re.compile(r"\.{3,}")
 
 
 def drop_key(path: Path, entry: os.stat_result | None = None) -> str:
@@ -679,24 +680,29 @@ def drop_key(path: Path, entry: os.stat_result | None = None) -> str:
     (``safehaven.core.audit.shown_name``: nothing identifiable reaches Dagster's event storage)
     and ``@`` a digest of its raw name, size and modification time, so two files sent under one
     name (each night's ``extract.csv``) are two drops, and the sensor, which never reads a file,
-    and the landing, which does, name a drop alike. An entry changed after it was seen is a new
-    drop (landing does not read an entry while it is still being written). From ``lstat``
-    (links are not followed; ``entry`` when the caller has it).
+    and the landing, which does, name a drop alike. The digest also covers the entry's inode and
+    status-change time, which a sender cannot set: a corrected file copied in with the old one's
+    name, size and time kept (``cp -p``, ``rsync -t``) is still another drop. An entry changed after
+    it was seen is a new drop (landing does not read an entry while it is still being written).
+    From ``lstat`` (links are not followed; ``entry`` when the caller has it).
     """
     entry = entry or os.lstat(path)
-    seen = f"\0{entry.st_size}:{entry.st_mtime_ns}".encode()
+    seen = f"\0{entry.st_size}:{entry.st_mtime_ns}:{entry.st_ino}:{entry.st_ctime_ns}".encode()
     digest = hashlib.sha256(os.fsencode(path.name) + seen).hexdigest()[:DROP_DIGEST_HEX]
-    return f"{shown_name(path.name).replace('...', '. . .')}@{digest}"  # Dagster refuses '...' in a key
+    # '...' separates the first and last key of a range in Dagster's partition syntax
+    return f"{_DOTS.sub(lambda m: ' '.join(m.group()), shown_name(path.name))}@{digest}"
 
 
 def waiting_drops(incoming: Path) -> dict[str, Path]:
-    """The drops waiting in a collection folder (:func:`drop_key` -> entry), in name order; files
-    still being written (:func:`still_arriving`) are left out until they are complete. Reads no
-    file's bytes (the sensor calls this every minute)."""
+    """The drops waiting in a collection folder (:func:`drop_key` -> entry), in the order they
+    arrived (modification time, then name: a drop's runs, one each, validate them in that order,
+    so the latest drop is the one that arrived last); files still being written
+    (:func:`still_arriving`) are left out until they are complete. Reads no file's bytes (the
+    sensor calls this every minute)."""
     if not incoming.is_dir() or incoming.is_symlink():
         return {}
     found: dict[str, Path] = {}
-    for path in sorted(incoming.iterdir()):
+    for path in sorted(incoming.iterdir(), key=_arrival):
         try:
             if not (os.path.isfile(path) and not os.path.islink(path) and still_arriving(path)):
                 found[drop_key(path)] = path
@@ -705,6 +711,13 @@ def waiting_drops(incoming: Path) -> dict[str, Path]:
         except FileRejected:
             found[drop_key(path)] = path  # not a plain file: landing quarantines it
     return found
+
+
+def _arrival(path: Path) -> tuple[int, str]:
+    try:
+        return os.lstat(path).st_mtime_ns, path.name
+    except FileNotFoundError:
+        return 0, path.name
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:

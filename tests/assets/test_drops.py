@@ -84,6 +84,29 @@ def test_a_drop_key_is_its_shown_name_and_a_digest_of_what_was_received(tmp_path
     assert "5919" not in shown and "..." not in shown, "nothing identifiable, nothing Dagster refuses"
 
 
+def test_drops_wait_in_the_order_they_arrived(tmp_path: Path) -> None:
+    """The sensor starts one run per drop in this order, so the latest drop is validated last
+    (a refusal holds its collection until a *later* drop passes)."""
+    for name, when in (("a_tuesday.csv", 2_000), ("b_monday.csv", 1_000)):
+        (tmp_path / name).write_text("x\n")
+        os.utime(tmp_path / name, (when, when))
+    assert [k.split("@")[0] for k in waiting_drops(tmp_path)] == ["b_monday.csv", "a_tuesday.csv"]
+
+
+def test_a_collection_that_never_sent_a_drop_does_not_stop_the_night(home: Home, dagster_instance) -> None:
+    """Its intake never runs, so the stages after intake make its tables, empty, as intake would."""
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=5)
+    adopt_project_agreements(home)
+    for collection in ("hospital_episodes", "social_care"):
+        shutil.rmtree(home.incoming_for(collection))
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok, [s for s in stages if s.checks_failed]
+    by_asset = {s.asset: s for s in stages}
+    assert by_asset[keys.haven("social_care").to_user_string()].rows_out == 0
+    assert by_asset[keys.haven("gp_events").to_user_string()].rows_out > 0
+    assert (home.published / "gp_activity.csv").exists()
+
+
 def test_a_run_for_one_drop_lands_and_validates_that_drop_only(home: Home, dagster_instance, tmp_path: Path) -> None:
     first, second = _two_gp_drops(home, tmp_path)
     result = _intake(home, dagster_instance, first)
