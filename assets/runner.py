@@ -340,9 +340,8 @@ def launch_nightly(
         for name in night_jobs(home, names):
             run = _create_run(instance, request_context, home, name, months if name == NIGHTLY else None)
             instance.submit_run(run.run_id, request_context)
-            progress(
-                f"run {run.run_id} ({name}) submitted to the instance ({len(run.step_keys_to_execute or [])} steps)"
-            )
+            steps = len(run.step_keys_to_execute or [])
+            progress(f"run {run.run_id} ({name}) submitted to the instance ({steps} step{'s' * (steps != 1)})")
             _follow(process_context, instance, run, progress, deadline, verbose)
             run_ok, run_stages = summarise_run(instance, run.run_id)
             final = instance.get_run_by_id(run.run_id)
