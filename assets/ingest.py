@@ -12,6 +12,7 @@ from assets import keys, partitions
 from safehaven.core.home import Home
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import IngestReport, ingest_collection
+from safehaven.intake.validation import stored_verdicts
 
 
 def record_drops(
@@ -41,11 +42,16 @@ def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home)
     report = ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c), drops=asked)
     total = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
     record_drops(context, c, keys.landing(c), report.drops)
-    for drop in sorted(set(asked or []) - set(report.drops)):
-        context.log.info(
-            f"{c}: drop {drop} is no longer waiting in incoming/ (landed by an earlier run, "
-            "or removed by its sender): nothing to land"
+    shown = dict(report.drops)
+    missing = sorted(set(asked or []) - set(report.drops))
+    earlier = stored_verdicts(con, c, missing)
+    for drop in missing:  # asked for, not waiting: say why, in the run's log and its drops table
+        shown[drop] = (
+            "landed by an earlier run"
+            if drop in earlier
+            else "not waiting in incoming/ (removed by its sender, or quarantined: see quarantine/)"
         )
+        context.log.info(f"{c}: drop {drop}: {shown[drop]}; nothing to land")
     _log_report(context, c, report)
     return dg.MaterializeResult(
         asset_key=keys.landing(c),
@@ -63,7 +69,7 @@ def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home)
             "rows_in_landing_total": int(total),
             "dagster/row_count": int(total),
             "contract_version": contract.version,
-            "drops": drops_table(report.drops),
+            "drops": drops_table(shown),
         },
     )
 

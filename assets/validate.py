@@ -14,7 +14,13 @@ from assets.ingest import record_drops
 from safehaven.core.home import Home
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
-from safehaven.intake.validation import BatchOutcome, ValidationReport, validate_collection
+from safehaven.intake.validation import (
+    BatchOutcome,
+    ValidationReport,
+    refusal_outstanding,
+    stored_verdicts,
+    validate_collection,
+)
 
 
 def check_name(contract: Contract) -> str:
@@ -30,7 +36,8 @@ def contract_check(contract: Contract) -> dg.AssetCheckSpec:
         description=f"Each new batch of {contract.collection} passes the Great Expectations suite compiled "
         f"from contract v{contract.version}: at most {contract.tolerance:.1%} of its rows, and of the values "
         "each rule checks, break the contract, and GX and the single SQL pass agree on every rule; otherwise "
-        "the batch is refused and nothing downstream runs.",
+        "the batch is refused. The check also fails while the collection's latest drop is a refused one (the "
+        "stages after intake hold it until a later drop passes), whatever the run checked.",
     )
 
 
@@ -54,13 +61,18 @@ def check_metadata(contract: Contract, report: ValidationReport) -> dict[str, ob
     }
 
 
-def contract_check_result(contract: Contract, report: ValidationReport) -> dg.AssetCheckResult:
-    """The check's verdict: passed when every new batch's GX suite succeeded and agreed with the single pass."""
+def contract_check_result(
+    contract: Contract, report: ValidationReport, refused_latest: str | None = None
+) -> dg.AssetCheckResult:
+    """The check's verdict: passed when every new batch's GX suite succeeded and agreed with the
+    single pass, and the collection's latest drop (``refused_latest``,
+    ``safehaven.intake.validation.refusal_outstanding``) is not a refused one: a run with nothing
+    new to check never shows a held collection's check as passed."""
     return dg.AssetCheckResult(
         check_name=check_name(contract),
-        passed=report.gx_success,
+        passed=report.gx_success and refused_latest is None,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata=check_metadata(contract, report),
+        metadata={**check_metadata(contract, report), "latest_drop_refused": refused_latest or "no"},
     )
 
 
@@ -69,7 +81,9 @@ def verdict(outcome: BatchOutcome) -> str:
     return "accepted" if outcome.accepted else f"refused ({outcome.refusal_rule})"
 
 
-def drops_table(report: ValidationReport, names: dict[str, str]) -> dg.MetadataValue:
+def drops_table(
+    report: ValidationReport, names: dict[str, str], earlier: dict[str, str] | None = None
+) -> dg.MetadataValue:
     """Which drop (file) each checked batch came from and its verdict, so the UI says which drop failed.
 
     ``names`` are the batch register's drop keys, else file names, both shown names
@@ -80,7 +94,9 @@ def drops_table(report: ValidationReport, names: dict[str, str]) -> dg.MetadataV
     for b in report.batches:
         name = names.get(b.batch_id, "?").replace("|", "\\|")
         rows.append(f"| {name} | {b.batch_id[:12]} | {b.rows:,} | {b.invalid_rows:,} | {verdict(b)} |")
-    return dg.MetadataValue.md("\n".join(rows) if report.batches else "no new drop")
+    for drop, status in sorted((earlier or {}).items()):  # asked for, judged by an earlier run
+        rows.append(f"| {drop.replace('|', chr(92) + '|')} | - | - | - | {status} (an earlier run; it stands) |")
+    return dg.MetadataValue.md("\n".join(rows) if len(rows) > 2 else "no new drop")
 
 
 def _batch_drops(con, report: ValidationReport) -> dict[str, tuple[str, str | None]]:
@@ -100,13 +116,17 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
     report = validate_collection(con, contract, registry, home.quarantine_for(c), drops=asked)
     valid_total = con.execute(f'SELECT count(*) FROM landing."{c}_valid"').fetchone()[0]
     found = _batch_drops(con, report)
+    refused_latest = refusal_outstanding(con, c)
     names = {batch: drop or name for batch, (name, drop) in found.items()}
     outcomes = {found[b.batch_id][1]: verdict(b) for b in report.batches if found.get(b.batch_id, ("", None))[1]}
     record_drops(context, c, keys.validated(c), outcomes)
+    earlier = stored_verdicts(con, c, set(asked or []) - set(outcomes))
     for drop in sorted(set(asked or []) - set(outcomes)):
+        judged = earlier.get(drop)
         context.log.info(
-            f"{c}: drop {drop} has no batch waiting for validation (validated by an earlier run, "
-            "or never landed: see its landing)"
+            f"{c}: drop {drop} was {judged} by an earlier run (its verdict stands)"
+            if judged
+            else f"{c}: drop {drop} has no batch (never landed, or quarantined: see its landing)"
         )
     for refused in (b for b in report.batches if not b.accepted):
         why = (
@@ -115,7 +135,7 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
             else f"{refused.invalid_rows} of {refused.rows} rows invalid"
         )
         context.log.warning(f"{c}: a batch was refused ({why}); see quarantine/{c}/ for its reason file")
-    result = contract_check_result(contract, report)
+    result = contract_check_result(contract, report, refused_latest)
     return dg.MaterializeResult(
         asset_key=keys.validated(c),
         metadata={
@@ -124,7 +144,7 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
             "dagster/row_count": int(valid_total),
             **result.metadata,
             "seconds": dg.MetadataValue.json(report.seconds),
-            "drops": drops_table(report, names),
+            "drops": drops_table(report, names, earlier),
         },
         check_results=[result],
     )

@@ -157,10 +157,11 @@ BATCHES = _declare(
     "governance.batches",
     "batch_id VARCHAR PRIMARY KEY, collection VARCHAR, file_name VARCHAR, sha256 VARCHAR, rows BIGINT, "
     "landed_at TIMESTAMPTZ, status VARCHAR, invalid_rows BIGINT, validated_at TIMESTAMPTZ, contract_version VARCHAR, "
-    "drop_key VARCHAR",
-    "the batch register: each file landed whole, its hash, rows and verdict, and the drop (the intake "
-    "assets' partition) it came as (CoP 7-9; safehaven.intake.ingest)",
-    added=("drop_key VARCHAR",),  # a batch landed before drops were partitions: NULL, in no drop
+    "drop_key VARCHAR, arrived_at TIMESTAMPTZ",
+    "the batch register: each file landed whole, its hash, rows and verdict, the drop (the intake "
+    "assets' partition) it came as and when it arrived (its modification time) (CoP 7-9; safehaven.intake.ingest)",
+    # a batch landed before drops were partitions: NULL, in no drop, arrived when it landed
+    added=("drop_key VARCHAR", "arrived_at TIMESTAMPTZ"),
 )
 BATCH_CONTENTS = _declare(
     "governance.batch_contents",

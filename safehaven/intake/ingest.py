@@ -587,8 +587,8 @@ def land_file(
         if seen is not None:
             _unchanged_since(path, seen)
         con.execute(
-            f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?, ?)",
-            [sha, contract.collection, shown_name(path.name), sha, rows, contract.version, drop],
+            f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?, ?, to_timestamp(?))",
+            [sha, contract.collection, shown_name(path.name), sha, rows, contract.version, drop, _arrived(seen, path)],
         )
         con.execute("COMMIT")
         return int(rows)
@@ -711,6 +711,11 @@ def waiting_drops(incoming: Path) -> dict[str, Path]:
         except FileRejected:
             found[drop_key(path)] = path  # not a plain file: landing quarantines it
     return found
+
+
+def _arrived(seen: os.stat_result | None, path: Path) -> float:
+    """When a file arrived, in seconds since the epoch: its modification time as seen when it was hashed."""
+    return (seen or os.lstat(path)).st_mtime
 
 
 def _arrival(path: Path) -> tuple[int, str]:

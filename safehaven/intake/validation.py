@@ -317,24 +317,38 @@ def held_drop(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:
 
 
 def refusal_outstanding(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:
-    """The shown name (drop key, else file name) of the collection's latest drop refused at
-    validation, while no drop of it validated as late or later passed; None otherwise.
+    """The shown name (drop key, else file name) of the collection's latest drop, by arrival, when
+    it was refused at validation; None otherwise (no drop judged yet, or the latest passed).
 
     The stages after intake read accepted batches only, so a refused drop never reaches them; but
     outputs built without it would state a collection's figures as if its sender had sent nothing
     (CoP 7-9: data must be fit for the purpose). So, as the contract check blocked the rest of the
     night when intake and the night were one run, the stages after intake hold that collection
-    while its latest validation refused a drop, and go on once a later drop of it passes (the
-    sender sends the file again, corrected). Refused and accepted batches of one validation pass
-    share its time: the refusal holds.
+    while its latest drop is a refused one, and go on once a drop that arrived later passes (the
+    sender sends the file again, corrected). "Latest" is by arrival (the file's modification time,
+    ``arrived_at``; the landing time for a batch landed before it was kept), not by when a drop
+    happened to be validated: an older drop validated late never lifts a newer drop's refusal.
+    Drops that arrived at the same time hold if any of them was refused.
     """
     row = con.execute(
-        f"SELECT coalesce(drop_key, file_name) FROM {BATCHES} WHERE collection = ? AND status = 'refused' "
-        f"AND validated_at >= coalesce((SELECT max(validated_at) FROM {BATCHES} WHERE collection = ? "
-        "AND status = 'accepted'), '-infinity'::TIMESTAMPTZ) ORDER BY validated_at DESC, batch_id LIMIT 1",
-        [collection, collection],
+        f"WITH judged AS (SELECT coalesce(drop_key, file_name) AS shown, status, "
+        f"coalesce(arrived_at, landed_at) AS arrived FROM {BATCHES} "
+        "WHERE collection = ? AND status IN ('accepted', 'refused')) "
+        "SELECT shown FROM judged WHERE status = 'refused' AND arrived = (SELECT max(arrived) FROM judged) "
+        "ORDER BY shown LIMIT 1",
+        [collection],
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+def stored_verdicts(con: duckdb.DuckDBPyConnection, collection: str, drops: Collection[str]) -> dict[str, str]:
+    """The verdicts already recorded for ``drops`` of the collection (drop key -> ``accepted``,
+    ``refused`` or ``landed``), for a run asked for a drop that an earlier run judged."""
+    rows = con.execute(
+        f"SELECT drop_key, status FROM {BATCHES} WHERE collection = ? AND list_contains(?::VARCHAR[], drop_key)",
+        [collection, list(drops)],
+    ).fetchall()
+    return {str(drop): str(status) for drop, status in rows}
 
 
 def validate_collection(

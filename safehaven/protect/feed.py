@@ -242,7 +242,10 @@ def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_a
     problems = [_describe(f) for f in unresolved(con)]
     pending = pending_batches(con)
     if pending:
-        problems.append(f"{pending} objections batch(es) landed but not yet validated and registered; run the pipeline")
+        problems.append(
+            f"{pending} objections batch(es) landed but not yet validated and registered (an intake run stopped "
+            "part-way): run their intake again (safehaven run, or the intake_objections job)"
+        )
     refreshed = refreshed_on(con)
     if refreshed is None:
         problems.append(

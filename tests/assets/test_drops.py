@@ -19,7 +19,9 @@ from assets.runner import haven_run_config, run_nightly
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.intake.ingest import BATCHES, drop_key, waiting_drops
+from safehaven.intake.validation import held_drop
 from safehaven.tools import synthetic
+from tests.assets.test_validate import _corrupt_nhs_numbers
 from tests.governance_helpers import adopt_project_agreements
 
 PATIENTS = 150
@@ -122,6 +124,42 @@ def test_a_run_for_one_drop_lands_and_validates_that_drop_only(home: Home, dagst
     assert set(dagster_instance.get_dynamic_partitions("drops_gp_events")) == {first, second}
     for asset in (keys.landing("gp_events"), keys.validated("gp_events")):
         assert _partitions_materialised(dagster_instance, asset) == {first, second}
+
+
+def _check_passed(result: dg.ExecuteInProcessResult) -> bool:
+    (evaluation,) = result.get_asset_check_evaluations()
+    return evaluation.passed
+
+
+def test_an_older_drop_judged_later_never_lifts_a_newer_drops_refusal(
+    home: Home, dagster_instance, tmp_path: Path
+) -> None:
+    """ "Latest" is by arrival: the good drop that came first, validated after the refused drop that
+    came later (its sensor run failed and ran again), leaves the collection held; and every run's
+    contract check says so, even one with nothing new to check."""
+    good, bad = _two_gp_drops(home, tmp_path)  # gp_extract_a.csv, gp_extract_b.csv
+    folder = home.incoming_for("gp_events")
+    _corrupt_nhs_numbers(folder / "gp_extract_b.csv", 0.2)  # over the contract's tolerance
+    os.utime(folder / "gp_extract_a.csv", (1_000, 1_000))
+    os.utime(folder / "gp_extract_b.csv", (2_000, 2_000))
+    good, bad = waiting_drops(folder)  # arrival order: a (Monday), then b (Tuesday)
+    assert good.startswith("gp_extract_a.csv@") and bad.startswith("gp_extract_b.csv@")
+    refused = _intake(home, dagster_instance, bad)
+    assert not _check_passed(refused) and _gp_batches(home) == {bad: "refused"}
+    late = _intake(home, dagster_instance, good)  # the older drop, validated last
+    assert _gp_batches(home) == {bad: "refused", good: "accepted"}
+    assert not _check_passed(late), "the newer drop is still the refused one"
+    with Store(home).connect(read_only=True) as con:
+        assert held_drop(con, "gp_events") is not None
+    nothing_new = _intake(home, dagster_instance)
+    assert not _check_passed(nothing_new)
+    again = _intake(home, dagster_instance, bad)  # asked for again: its verdict stands, and says so
+    (mat,) = [
+        e.event_specific_data.materialization
+        for e in again.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == keys.validated("gp_events")
+    ]
+    assert "refused (an earlier run; it stands)" in mat.metadata["drops"].value
 
 
 def _step_failure(instance: dg.DagsterInstance, step: str) -> str:

@@ -602,7 +602,7 @@ def test_a_refused_objections_batch_is_a_fault_even_without_its_reason_file(tmp_
         ensure_intake(con, registry.contracts["objections"])
         con.execute(
             f"INSERT INTO {BATCHES} VALUES ('{'ab' * 32}', 'objections', 'objections_daily.csv', '{'ab' * 32}', 5, "
-            "now(), 'refused', 1, now(), '1.0.0', NULL)"
+            "now(), 'refused', 1, now(), '1.0.0', NULL, NULL)"
         )
         problems = feed.feed_problems(con, home, date.today(), 31)
         faults = feed.unresolved(con)
