@@ -14,7 +14,7 @@ from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.vault import IDENTITY, vault_collection
 
 
-def hold_refused(con, contract: Contract) -> None:
+def refuse_while_held(con, contract: Contract) -> None:
     """Refuse the step while the collection's intake is not done with a drop it received
     (``safehaven.intake.validation.held_drop``: landed but not validated, or refused with none
     passed since): its downstream stages are skipped in this run, and in every run until that is
@@ -42,7 +42,7 @@ def haven_asset(contract: Contract) -> dg.AssetsDefinition:
     )
     def _haven(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
-            hold_refused(con, contract)
+            refuse_while_held(con, contract)
             key = haven_key(con, haven.keyring())
             report = build_haven(con, contract, key)
             total = con.execute(f"SELECT count(*) FROM haven.{contract.collection}").fetchone()[0]
@@ -85,7 +85,7 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
     def _vault(haven: SafeHavenResource) -> dg.MaterializeResult:
         keyring = haven.keyring()
         with haven.connect() as con:
-            hold_refused(con, contract)
+            refuse_while_held(con, contract)
             public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
             install_key(con, "haven", haven_key(con, keyring))
             report = vault_collection(con, contract, registry.contracts.values(), public)

@@ -159,7 +159,7 @@ BATCHES = _declare(
     "landed_at TIMESTAMPTZ, status VARCHAR, invalid_rows BIGINT, validated_at TIMESTAMPTZ, contract_version VARCHAR, "
     "drop_key VARCHAR, arrived_at TIMESTAMPTZ",
     "the batch register: each file landed whole, its hash, rows and verdict, the drop (the intake "
-    "assets' partition) it came as and when it arrived (its modification time) (CoP 7-9; safehaven.intake.ingest)",
+    "assets' partition) it came as and when it arrived in incoming/ (CoP 7-9; safehaven.intake.ingest)",
     # a batch landed before drops were partitions: NULL, in no drop, arrived when it landed
     added=("drop_key VARCHAR", "arrived_at TIMESTAMPTZ"),
 )

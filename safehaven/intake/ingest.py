@@ -588,7 +588,16 @@ def land_file(
             _unchanged_since(path, seen)
         con.execute(
             f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?, ?, to_timestamp(?))",
-            [sha, contract.collection, shown_name(path.name), sha, rows, contract.version, drop, _arrived(seen, path)],
+            [
+                sha,
+                contract.collection,
+                shown_name(path.name),
+                sha,
+                rows,
+                contract.version,
+                drop,
+                arrived(seen or os.lstat(path)),
+            ],
         )
         con.execute("COMMIT")
         return int(rows)
@@ -695,8 +704,8 @@ def drop_key(path: Path, entry: os.stat_result | None = None) -> str:
 
 def waiting_drops(incoming: Path) -> dict[str, Path]:
     """The drops waiting in a collection folder (:func:`drop_key` -> entry), in the order they
-    arrived (modification time, then name: a drop's runs, one each, validate them in that order,
-    so the latest drop is the one that arrived last); files still being written
+    arrived (:func:`arrived`, then name: a drop's runs, one each, validate them in that order, so
+    the latest drop is the one that arrived last); files still being written
     (:func:`still_arriving`) are left out until they are complete. Reads no file's bytes (the
     sensor calls this every minute)."""
     if not incoming.is_dir() or incoming.is_symlink():
@@ -713,16 +722,23 @@ def waiting_drops(incoming: Path) -> dict[str, Path]:
     return found
 
 
-def _arrived(seen: os.stat_result | None, path: Path) -> float:
-    """When a file arrived, in seconds since the epoch: its modification time as seen when it was hashed."""
-    return (seen or os.lstat(path)).st_mtime
+def arrived(entry: os.stat_result) -> float:
+    """When an entry arrived in its collection folder, in seconds since the epoch: its status-change
+    time, set by this host when the file was created or renamed into the folder. Not its
+    modification time, which a sender sets (``cp -p``, ``rsync -t``, an unzipped archive): a refused
+    drop must never pass for an older one (``safehaven.intake.validation.refusal_outstanding``)."""
+    return entry.st_ctime
 
 
-def _arrival(path: Path) -> tuple[int, str]:
+def _arrived_at(path: Path, seen: os.stat_result | None) -> float:
+    return arrived(seen or os.lstat(path))
+
+
+def _arrival(path: Path) -> tuple[float, str]:
     try:
-        return os.lstat(path).st_mtime_ns, path.name
+        return arrived(os.lstat(path)), path.name
     except FileNotFoundError:
-        return 0, path.name
+        return 0.0, path.name
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
@@ -849,9 +865,9 @@ def ingest_collection(
         return report
     for path in sorted(incoming.iterdir()):
         try:
-            entry = os.lstat(path)
-            if drops is None or drop_key(path, entry) in drops:
-                _ingest_entry(con, path, contract, quarantine_dir, report, entry)
+            drop = drop_key(path)
+            if drops is None or drop in drops:
+                _ingest_entry(con, path, contract, quarantine_dir, report, drop)
         except FileNotFoundError:  # renamed or removed (perhaps sent again) meanwhile: next run
             report.files_vanished += 1
     return report
@@ -863,10 +879,9 @@ def _ingest_entry(
     contract: Contract,
     quarantine_dir: Path,
     report: IngestReport,
-    entry: os.stat_result,
+    drop: str,
 ) -> None:
-    """Land one entry of the collection folder (as ``lstat`` saw it: ``entry``), or quarantine it whole."""
-    drop = drop_key(path, entry)
+    """Land one entry of the collection folder, the drop ``drop`` (:func:`drop_key`), or quarantine it whole."""
     sha, err = _name_hash(path), not_regular(path) or bad_name(path)
     if err is None:
         try:

@@ -325,8 +325,9 @@ def refusal_outstanding(con: duckdb.DuckDBPyConnection, collection: str) -> str 
     (CoP 7-9: data must be fit for the purpose). So, as the contract check blocked the rest of the
     night when intake and the night were one run, the stages after intake hold that collection
     while its latest drop is a refused one, and go on once a drop that arrived later passes (the
-    sender sends the file again, corrected). "Latest" is by arrival (the file's modification time,
-    ``arrived_at``; the landing time for a batch landed before it was kept), not by when a drop
+    sender sends the file again, corrected). "Latest" is by arrival in the collection folder
+    (``arrived_at``, ``safehaven.intake.ingest.arrived``: this host's clock, never the sender's; the
+    landing time for a batch landed before it was kept), not by when a drop
     happened to be validated: an older drop validated late never lifts a newer drop's refusal.
     Drops that arrived at the same time hold if any of them was refused.
     """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -88,10 +89,13 @@ def test_a_drop_key_is_its_shown_name_and_a_digest_of_what_was_received(tmp_path
 
 def test_drops_wait_in_the_order_they_arrived(tmp_path: Path) -> None:
     """The sensor starts one run per drop in this order, so the latest drop is validated last
-    (a refusal holds its collection until a *later* drop passes)."""
-    for name, when in (("a_tuesday.csv", 2_000), ("b_monday.csv", 1_000)):
+    (a refusal holds its collection until a *later* drop passes). Arrival is when the file appeared
+    in the folder, by this host's clock: a sender's modification time (here an older one kept by the
+    later file) does not reorder drops."""
+    for name, when in (("b_monday.csv", 2_000), ("a_tuesday.csv", 1_000)):
         (tmp_path / name).write_text("x\n")
         os.utime(tmp_path / name, (when, when))
+        time.sleep(0.01)
     assert [k.split("@")[0] for k in waiting_drops(tmp_path)] == ["b_monday.csv", "a_tuesday.csv"]
 
 
@@ -140,7 +144,8 @@ def test_an_older_drop_judged_later_never_lifts_a_newer_drops_refusal(
     good, bad = _two_gp_drops(home, tmp_path)  # gp_extract_a.csv, gp_extract_b.csv
     folder = home.incoming_for("gp_events")
     _corrupt_nhs_numbers(folder / "gp_extract_b.csv", 0.2)  # over the contract's tolerance
-    os.utime(folder / "gp_extract_a.csv", (1_000, 1_000))
+    os.utime(folder / "gp_extract_a.csv", (1_000, 1_000))  # touched last here: a arrives, then b
+    time.sleep(0.01)
     os.utime(folder / "gp_extract_b.csv", (2_000, 2_000))
     good, bad = waiting_drops(folder)  # arrival order: a (Monday), then b (Tuesday)
     assert good.startswith("gp_extract_a.csv@") and bad.startswith("gp_extract_b.csv@")
