@@ -205,11 +205,16 @@ def _group(item: pytest.Item) -> str:
     return marks[0] if marks else item.nodeid.split("::", 1)[0]
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test in an ``xdist_group`` (its module's unless it names one) and the longest groups
     first: the crash matrix's, then the modules with a slow or deploy test, then the rest in
     collection order. The workers take groups from that queue as they finish one, so the long
     ones start first and the two workers end at about the same time (the longest job first).
+
+    Runs before pytest-xdist's own hook (``tryfirst``), which turns each test's ``xdist_group``
+    into the unit it schedules: marked after it, every test was a unit of its own, so a module's
+    shared run was built again on each worker that took one of its tests.
     """
     heavy = {_group(i) for i in items if any(i.get_closest_marker(m) for m in HEAVY_MARKS)}
     for item in items:
@@ -221,3 +226,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return 0 if group.startswith(CRASH_GROUP.format("")) else 1 if group in heavy else 2
 
     items.sort(key=rank)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Refuse to run when pytest-xdist's ``loadgroup`` did not take: every test would be scheduled
+    alone and each module's shared run built again on every worker (pytest 9.2 with
+    pytest-xdist 3.8 did exactly that, silently; pinned in ``pyproject.toml``)."""
+    if session.config.getvalue("loadgroup") and any("@" not in item.nodeid for item in session.items):
+        raise pytest.UsageError(
+            "pytest-xdist's --dist loadgroup did not mark the tests with their group; "
+            "check the pinned pytest and pytest-xdist versions (pyproject.toml)"
+        )
