@@ -27,10 +27,10 @@ def record_drops(
             context.log_event(dg.AssetMaterialization(asset_key=asset, partition=drop, metadata={"outcome": outcome}))
 
 
-def drops_table(outcomes: dict[str, str]) -> dg.MetadataValue:
+def landing_outcomes(outcomes: dict[str, str]) -> dg.MetadataValue:
     """Each drop of the run and what became of it (names are shown names: nothing identifiable)."""
     rows = ["| drop | outcome |", "|---|---|"]
-    rows += [f"| {drop.replace('|', chr(92) + '|')} | {outcome} |" for drop, outcome in outcomes.items()]
+    rows += [f"| {partitions.md_cell(drop)} | {outcome} |" for drop, outcome in outcomes.items()]
     return dg.MetadataValue.md("\n".join(rows) if outcomes else "no drop waiting")
 
 
@@ -69,7 +69,7 @@ def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home)
             "rows_in_landing_total": int(total),
             "dagster/row_count": int(total),
             "contract_version": contract.version,
-            "drops": drops_table(shown),
+            "drops": landing_outcomes(shown),
         },
     )
 

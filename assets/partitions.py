@@ -60,6 +60,11 @@ def add_drops(instance: dg.DagsterInstance, collection: str, keys: Iterable[str]
         instance.add_dynamic_partitions(name, new)
 
 
+def md_cell(shown: str) -> str:
+    """A drop's shown name as a cell of a Markdown table in the UI (its ``|`` escaped)."""
+    return shown.replace("|", "\\|")
+
+
 def month_key(month: date) -> str:
     """A month's partition key: its first day, ISO 8601 (``2026-01-01``)."""
     return month.isoformat()

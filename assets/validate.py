@@ -81,7 +81,7 @@ def verdict(outcome: BatchOutcome) -> str:
     return "accepted" if outcome.accepted else f"refused ({outcome.refusal_rule})"
 
 
-def drops_table(
+def verdicts_table(
     report: ValidationReport, names: dict[str, str], earlier: dict[str, str] | None = None
 ) -> dg.MetadataValue:
     """Which drop (file) each checked batch came from and its verdict, so the UI says which drop failed.
@@ -92,10 +92,10 @@ def drops_table(
     """
     rows = ["| drop | batch | rows | invalid | verdict |", "|---|---|---|---|---|"]
     for b in report.batches:
-        name = names.get(b.batch_id, "?").replace("|", "\\|")
+        name = partitions.md_cell(names.get(b.batch_id, "?"))
         rows.append(f"| {name} | {b.batch_id[:12]} | {b.rows:,} | {b.invalid_rows:,} | {verdict(b)} |")
     for drop, status in sorted((earlier or {}).items()):  # asked for, judged by an earlier run
-        rows.append(f"| {drop.replace('|', chr(92) + '|')} | - | - | - | {status} (an earlier run; it stands) |")
+        rows.append(f"| {partitions.md_cell(drop)} | - | - | - | {status} (an earlier run; it stands) |")
     return dg.MetadataValue.md("\n".join(rows) if len(rows) > 2 else "no new drop")
 
 
@@ -144,7 +144,7 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
             "dagster/row_count": int(valid_total),
             **result.metadata,
             "seconds": dg.MetadataValue.json(report.seconds),
-            "drops": drops_table(report, names, earlier),
+            "drops": verdicts_table(report, names, earlier),
         },
         check_results=[result],
     )

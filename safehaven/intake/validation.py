@@ -270,17 +270,21 @@ def ensure_tables_validated(con: duckdb.DuckDBPyConnection, contract: Contract) 
     schema.ensure(con, RESULTS, RULE_RESULTS, MEASURES_TABLE)
 
 
+def _landed(con: duckdb.DuckDBPyConnection, collection: str, drops: Collection[str] | None) -> list[tuple[str, str]]:
+    """The collection's batches still in status ``landed``, oldest first, as (batch id, shown name:
+    the drop key, else the file name); with ``drops``, only those that came as one of these drops."""
+    given = None if drops is None else list(drops)
+    return con.execute(
+        f"SELECT batch_id, coalesce(drop_key, file_name) FROM {BATCHES} WHERE collection = ? AND status = 'landed' "
+        "AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], drop_key)) ORDER BY landed_at, batch_id",
+        [collection, given, given],
+    ).fetchall()
+
+
 def pending_batches(con: duckdb.DuckDBPyConnection, collection: str, drops: Collection[str] | None = None) -> list[str]:
     """The collection's batches still in status ``landed``, oldest first; with ``drops``, only
     those that came as one of these drops (``safehaven.intake.ingest.drop_key``)."""
-    return [
-        r[0]
-        for r in con.execute(
-            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status = 'landed' "
-            "AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], drop_key)) ORDER BY landed_at, batch_id",
-            [collection, None if drops is None else list(drops), None if drops is None else list(drops)],
-        ).fetchall()
-    ]
+    return [batch for batch, _ in _landed(con, collection, drops)]
 
 
 def collections_pending(con: duckdb.DuckDBPyConnection) -> set[str]:
@@ -297,14 +301,10 @@ def held_drop(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:
     """Why the stages after intake hold a collection, or None: a drop landed but not validated (an
     intake run stopped part-way), or a refused drop with no later drop passed (:func:`refusal_outstanding`).
     Either way its figures would be stated without data its sender sent (CoP 7-9)."""
-    pending = con.execute(
-        f"SELECT coalesce(drop_key, file_name) FROM {BATCHES} WHERE collection = ? AND status = 'landed' "
-        "ORDER BY landed_at, batch_id LIMIT 1",
-        [collection],
-    ).fetchone()
-    if pending is not None:
+    pending = _landed(con, collection, None)
+    if pending:
         return (
-            f"its drop {pending[0]} was landed but not validated (an intake run stopped part-way): run its "
+            f"its drop {pending[0][1]} was landed but not validated (an intake run stopped part-way): run its "
             "intake again (safehaven run, or that drop's partition in the UI)"
         )
     refused = refusal_outstanding(con, collection)
