@@ -232,7 +232,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Refuse to run when pytest-xdist's ``loadgroup`` did not take: every test would be scheduled
     alone and each module's shared run built again on every worker (pytest 9.2 with
     pytest-xdist 3.8 did exactly that, silently; pinned in ``pyproject.toml``)."""
-    if session.config.getvalue("loadgroup") and any("@" not in item.nodeid for item in session.items):
+    if getattr(session.config.option, "loadgroup", False) and any("@" not in item.nodeid for item in session.items):
         raise pytest.UsageError(
             "pytest-xdist's --dist loadgroup did not mark the tests with their group; "
             "check the pinned pytest and pytest-xdist versions (pyproject.toml)"

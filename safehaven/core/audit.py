@@ -280,6 +280,13 @@ def shown_name(name: str) -> str:
     return _at_most(shown, SHOWN_NAME_BYTES)
 
 
+def shown_path(relative: str) -> str:
+    """A path under the home as the haven records it: each part a :func:`shown_name` (a received
+    file keeps its sender's name on disk until it is landed or shredded; a record of it, such as a
+    disposal certificate, shows it as logs do)."""
+    return "/".join(shown_name(part) for part in relative.split("/"))
+
+
 #: ten digits, 3-3-4, each gap at most two characters that are neither letters nor digits
 _NAME_NHS_LIKE = re.compile(r"(?<!\d)\d{3}[\W_]{0,2}\d{3}[\W_]{0,2}\d{4}(?!\d)")
 #: bytes of a shown name: room for a SHA-256 prefix and ``.reason.json`` under the usual 255

@@ -58,7 +58,9 @@ ids, file names, key ids), so that a crash at any point leaves a state the next 
    could open a copy of the old file, is overwritten and unlinked as the key ring replaces it
    (``safehaven.core.keys``: the bytes, not just the name, are destroyed).
 5. **record**: the certificate (what, why, when, by whom, rows per table, files with their
-   SHA-256, key ids destroyed, old and new store key ids, the staged requests withdrawn) goes into
+   SHA-256 and their paths as shown names, ``safehaven.core.audit.shown_path``: a copy waiting in
+   ``incoming/`` still had its sender's name, which may hold an NHS number; key ids destroyed,
+   old and new store key ids, the staged requests withdrawn) goes into
    ``governance.disposal_register``, ``registers/disposal_register.csv|.parquet`` and the audit
    trail (``action="dispose"``). Then the journal is removed.
 

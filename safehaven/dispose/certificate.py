@@ -70,7 +70,8 @@ def _keys_destroyed(steps: dict[str, Any]) -> list[dict[str, Any]]:
 def build_certificate(plan: Plan, steps: dict[str, Any]) -> dict[str, Any]:
     """The certificate of a disposal whose four steps are journalled in ``steps``."""
     rows = steps["rows"]["rows"]
-    files = plan.files + steps["files"]["found_after_plan"]
+    # paths as shown names: a copy waiting in incoming/ still has its sender's name (CoP 8a)
+    files = [{**f, "path": audit.shown_path(f["path"])} for f in plan.files + steps["files"]["found_after_plan"]]
     t = plan.target
     return {
         "disposal_id": plan.disposal_id,

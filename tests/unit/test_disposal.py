@@ -516,6 +516,28 @@ def test_certificate_in_register_exports_and_audit(world: World) -> None:
     assert leaked_nhs_numbers([world.home.registers], world.old_nhs | world.kept_nhs) == {}
 
 
+def test_a_copy_named_after_a_patient_is_shredded_and_its_name_withheld_in_the_certificate(world: World) -> None:
+    """A sender's copy of a disposed file waiting in incoming/ under a name holding an NHS number
+    (as some extract tools name per-patient files) is shredded, and the certificate, its exports
+    and the audit trail show its path as a shown name: the number is withheld (CoP 8a, 49)."""
+    nhs = sorted(world.old_nhs)[0]
+    old_gp = next(
+        p for p in (world.home.root.parent / "old" / "gp_events").glob("gp_events_2015*.csv") if "resent" not in p.name
+    )
+    named = world.home.incoming_for("gp_events") / f"referral {nhs[:3]} {nhs[3:6]} {nhs[6:]}.csv"
+    shutil.copy(old_gp, named)
+    result = world.dispose(disposal.Target.for_collection("gp_events", BEFORE), authorised_by="Dr Test, CG")
+    assert not named.exists()
+    paths = [f["path"] for f in result.certificate["files"] if f["kind"] == "incoming"]
+    assert f"incoming/gp_events/referral {audit.WITHHELD}.csv" in paths, paths
+    assert leaked_nhs_numbers([world.home.registers], {nhs}) == {}
+    with Store(world.home).connect(read_only=True) as con:
+        stored = json.dumps(disposal.certificates(con), default=str) + json.dumps(
+            [e.detail for e in audit.entries_for(con, object_like="disposal:%")], default=str
+        )
+    assert nhs not in stored and f"{nhs[:3]} {nhs[3:6]} {nhs[6:]}" not in stored
+
+
 def test_disposal_is_idempotent(world: World) -> None:
     first = _dispose_old(world)
     again = _dispose_old(world)
