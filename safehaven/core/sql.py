@@ -9,6 +9,9 @@ places it does not (macro bodies, ``list_contains`` constants).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 IDENTIFIER_QUOTE = '"'
 LITERAL_QUOTE = "'"
 
@@ -16,6 +19,21 @@ LITERAL_QUOTE = "'"
 def q(name: str) -> str:
     """Quote an SQL identifier for DuckDB: wrapped in double quotes, each double quote doubled."""
     return IDENTIFIER_QUOTE + name.replace(IDENTIFIER_QUOTE, IDENTIFIER_QUOTE * 2) + IDENTIFIER_QUOTE
+
+
+#: the characters DuckDB's file readers take as a glob pattern in a path
+GLOB_CHARACTERS = re.compile(r"([*?\[])")
+
+
+def file_lit(path: Path) -> str:
+    """A path as a literal for DuckDB's file readers (``read_csv``, ``read_parquet``) that names
+    that one file: each glob character is written as a one-character class (``*`` as ``[*]``).
+
+    DuckDB reads a path holding ``*``, ``?`` or ``[`` as a pattern, so a received file named
+    ``*.csv`` would be read together with every other file of its folder, a symbolic link's
+    target outside the home included (a file is landed whole or not at all: CoP 7-9).
+    """
+    return lit(GLOB_CHARACTERS.sub(r"[\1]", str(path)))
 
 
 def lit(value: str) -> str:

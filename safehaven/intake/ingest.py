@@ -83,7 +83,7 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.audit import shown_name
 from safehaven.core.files import sha256_file, shred_file
-from safehaven.core.sql import lit, q
+from safehaven.core.sql import file_lit, lit, q
 from safehaven.intake.contracts import Contract
 
 SUPPORTED = (".csv", ".parquet")
@@ -386,10 +386,10 @@ def read_relation_sql(path: Path, contract: Contract) -> str:
     """A SQL relation over the file, every column as text, in contract order."""
     cols = ", ".join(f"CAST({q(f)} AS VARCHAR) AS {q(f)}" for f in contract.field_names)
     if is_parquet(path):
-        return f"SELECT {cols} FROM read_parquet({lit(str(path))})"
+        return f"SELECT {cols} FROM read_parquet({file_lit(path)})"
     columns = "{" + ", ".join(f"{lit(f)}: 'VARCHAR'" for f in _csv_header(path)) + "}"
     return (
-        f"SELECT {cols} FROM read_csv({lit(str(path))}, header=true, delim=',', quote='\"', "
+        f"SELECT {cols} FROM read_csv({file_lit(path)}, header=true, delim=',', quote='\"', "
         f"escape='\"', columns={columns}, strict_mode=true, null_padding=false, "
         "encoding='utf-8', auto_detect=false)"
     )
@@ -405,7 +405,7 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
         raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
     if is_parquet(path):
         try:
-            described = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(str(path))})").fetchall()
+            described = con.execute(f"DESCRIBE SELECT * FROM read_parquet({file_lit(path)})").fetchall()
         except duckdb.Error:
             raise FileRejected(
                 "file.parquet", "the file is not readable Parquet", "export the file again as Parquet"

@@ -30,7 +30,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core.sql import lit, q
+from safehaven.core.sql import file_lit, q
 from safehaven.core.store import table_exists
 from safehaven.publish.disclosure.relations import PREVIOUS, Link, links_of
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
@@ -71,7 +71,7 @@ def load_previous(
         table = PREVIOUS_TABLE.format(output.name)
         try:
             con.execute(
-                f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM read_parquet({lit(str(folder / name))})"
+                f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM read_parquet({file_lit(folder / name)})"
             )
         except duckdb.Error:
             return {}, [f"{output.name}: the previous publication is unreadable ({name})"]

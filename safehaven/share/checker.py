@@ -27,7 +27,7 @@ from typing import Any
 
 import duckdb
 
-from safehaven.core.sql import lit, q
+from safehaven.core.sql import file_lit, q
 
 #: aggregate counts leave rounded to this base (safehaven.publish.disclosure)
 ROUNDING_BASE = 5
@@ -89,7 +89,7 @@ def file_summary(
     pseudonym column of a record-level file (``None`` for an aggregate), ``count_col`` the
     count column of an aggregate.
     """
-    src = f"read_parquet({lit(str(path))})"
+    src = f"read_parquet({file_lit(path)})"
     described = con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
     summary: dict[str, Any] = {
         "file": path.name,

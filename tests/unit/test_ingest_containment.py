@@ -144,3 +144,20 @@ def test_an_unforeseen_error_reading_one_file_quarantines_that_file_only(
     assert reason["rule"] == "file.unreadable" and "RuntimeError" in reason["reason"]
     assert "9990000018" not in json.dumps(reason), "the error's text may hold values: it is not repeated"
     assert _landed(store) == 4
+
+
+@pytest.mark.parametrize("name", ["*.csv", "gp_?.csv", "Q1 [final].csv", "gp_[!x]*.csv"])
+def test_a_name_duckdb_would_read_as_a_pattern_lands_that_file_only(
+    store: Store, home: Home, folder: Path, tmp_path: Path, name: str
+) -> None:
+    """DuckDB's readers take ``*``, ``?`` and ``[`` in a path as a glob: a received file so named
+    would have been landed with the rows of its neighbours, a symbolic link's target outside the
+    home included (``safehaven.core.sql.file_lit``). It lands its own rows, once."""
+    outside = tmp_path / "outside.csv"
+    write_csv(outside, gp_rows(5, start=500), GP.field_names)
+    (folder / "gp_link.csv").symlink_to(outside)
+    write_csv(folder / name, gp_rows(1, start=900), GP.field_names)
+    report = _run(store, home)
+    assert report.files_landed == 2 and report.rows_landed == 4 + 1
+    assert [r["rule"] for r in report.quarantined] == ["file.not_regular"]
+    assert outside.exists()
