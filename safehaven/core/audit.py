@@ -89,6 +89,7 @@ import duckdb
 from safehaven.core import anchors, schema
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import Home
+from safehaven.core.identifiers import nhs_numbers_in_text
 from safehaven.core.keys import KEY_BYTES, Key, KeyRing, KeyRingError, KeySubstituted, staged
 from safehaven.core.store import CATALOG, opened_by, table_exists, transaction
 
@@ -266,14 +267,19 @@ def shown_name(name: str) -> str:
     """A received file's name as the haven shows and records it: in logs, Dagster metadata,
     reason files, quarantine and the batch register (the one rule for names from outside).
 
-    First every run of ten digits split 3-3-4 by at most two characters that are not letters
-    or digits (spaces, tabs, line feeds, ``_ , : ( )``, zero-width or non-UTF-8 characters),
-    or not split at all, is withheld, on the raw name and with no exception for hex-looking
-    runs (CoP 8a: identifiers never reach logs or metadata). Then bytes that are not UTF-8 and
+    First, on the raw name, every run of digits that spells a valid NHS number however it is
+    grouped or written (gaps of up to three characters that are not letters or digits, digits
+    of any script or width: ``identifiers.nhs_numbers_in_text``), and every run of ten digits
+    split 3-3-4 by at most two such characters (spaces, tabs, line feeds, ``_ , : ( )``,
+    zero-width or non-UTF-8 characters), or not split at all, valid or not, is withheld, with
+    no exception for hex-looking runs (CoP 8a: identifiers never reach logs or metadata).
+    Postcodes and dates in a name are kept (a date names most extracts). Then bytes that are not UTF-8 and
     characters that do not print are written as backslash escapes, so a name can neither
     break a log line nor forge one. At most ``SHOWN_NAME_BYTES`` bytes are kept (the suffix
     stays), so the name and its reason file fit a file system's name limit. The name on the
     sender's side is unchanged."""
+    for start, end in reversed(nhs_numbers_in_text(name)):
+        name = name[:start] + WITHHELD + name[end:]
     withheld = _NAME_NHS_LIKE.sub(WITHHELD, name)
     text = withheld.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

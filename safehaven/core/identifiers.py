@@ -33,6 +33,8 @@ SQL (``canonical_nhs_sql``), proved by a differential test over generated string
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Iterator
 
 #: Weights of digits 1-9 of an NHS number (digit 10 is the check digit).
 WEIGHTS: tuple[int, ...] = (10, 9, 8, 7, 6, 5, 4, 3, 2)
@@ -188,3 +190,54 @@ def nhs_check_digit_lookup_sql(number: str) -> str:
 def is_test_number(value: str) -> bool:
     """True for the never-issued 999 test range."""
     return canonical_nhs(value).startswith("999")
+
+
+#: characters between two digits of a number spelled in free text (a file name): at most this
+#: many, none a letter or digit ("999 - 028 - 6876", "9 9 9 0 2 8 6 8 7 6")
+TEXT_GAP = 3
+
+
+def _digit(c: str) -> int | None:
+    """The decimal value of a character that is a digit once NFKC-normalised (ASCII, full-width,
+    superscript, circled, Arabic-Indic...), else None."""
+    norm = unicodedata.normalize("NFKC", c)
+    return int(norm) if len(norm) == 1 and norm.isdecimal() else None
+
+
+def _digit_runs(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, digits) of each run of digits in ``text`` whose gaps are at most
+    :data:`TEXT_GAP` characters that are neither letters nor digits."""
+    i, n = 0, len(text)
+    while i < n:
+        if _digit(text[i]) is None:
+            i += 1
+            continue
+        start, end, digits, gap, j = i, i, [], 0, i
+        while j < n and gap <= TEXT_GAP:
+            d = _digit(text[j])
+            if d is not None:
+                digits.append(str(d))
+                end, gap = j + 1, 0
+            elif text[j].isalnum():
+                break
+            else:
+                gap += 1
+            j += 1
+        yield start, end, "".join(digits)
+        i = end
+
+
+def _holds_valid_number(digits: str) -> bool:
+    return any(check_digit(digits[k : k + 9]) == int(digits[k + 9]) for k in range(len(digits) - 9))
+
+
+def nhs_numbers_in_text(text: str) -> list[tuple[int, int]]:
+    """Where ``text`` may spell a valid NHS number: each run of digits (:func:`_digit_runs`) with
+    ten of them in a row that pass the mod-11 check, however they are grouped or written.
+
+    For free text from outside (a received file's name): over-withholding is the safe error, so
+    a run holding such ten digits anywhere (``0`` + a number, two numbers run together) is
+    returned whole; about one date-and-sequence name in eleven (``20261130_01``) passes the check
+    by chance.
+    """
+    return [(s, e) for s, e, digits in _digit_runs(text) if len(digits) >= 10 and _holds_valid_number(digits)]

@@ -425,6 +425,17 @@ def test_a_file_written_to_while_it_is_read_is_not_committed(
         "gp 999\u200b000\u200b0018.csv",
         os.fsdecode(b"gp 999\xe9000\xe90018.csv"),
         "\u0669\u0669\u0669\u0660\u0660\u0660\u0660\u0660\u0661\u0668.csv",
+        # spellings a hostile review found passing the 3-3-4 rule (all valid numbers)
+        "referral 999 - 000 - 0018.csv",
+        "99 9000 0018.csv",
+        "99900 00018.csv",
+        "9 9 9 0 0 0 0 0 1 8.csv",
+        "999-\u00ad 0000018.csv",
+        "999\u200b\u200b\u200b0000018.csv",
+        "\u2079\u2079\u2079\u2070\u2070\u2070\u2070\u2070\u00b9\u2078.csv",
+        "\u2468\u2468\u2468\u24ea\u24ea\u24ea\u24ea\u24ea\u2460\u2467.csv",
+        "09990000018.csv",
+        "99900000189990000018.csv",
     ],
 )
 def test_a_name_withholds_an_nhs_number_however_its_digit_groups_are_separated(name: str) -> None:
@@ -432,6 +443,48 @@ def test_a_name_withholds_an_nhs_number_however_its_digit_groups_are_separated(n
 
     shown = shown_name(name)
     assert WITHHELD in shown and not any(run in shown for run in ("999", "0018", "\u0669\u0669\u0669"))
+
+
+#: digits of three scripts and widths, and characters that may stand between two digits
+_SCRIPTS = (
+    "0123456789",
+    "\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18\uff19",
+    "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669",
+)
+_GAPS = st.text(alphabet=" \t_-.,:;()[]\u00a0\u200b\u2010\u2013\u00ad/+#~", max_size=3)
+
+
+@st.composite
+def spelled_numbers(draw: st.DrawFn) -> tuple[str, str]:
+    """(a valid NHS number, a file name spelling it in any grouping, script and width, between
+    any text without digits)."""
+    from safehaven.core.identifiers import check_digit
+
+    nine = draw(st.text(alphabet="0123456789", min_size=9, max_size=9))
+    check = check_digit(nine)
+    if check is None:
+        nine, check = "999000001", 8
+    number = nine + str(check)
+    script = draw(st.sampled_from(_SCRIPTS))
+    spelled = "".join(script[int(d)] + (draw(_GAPS) if i < 9 else "") for i, d in enumerate(number))
+    words = st.text(alphabet=st.characters(blacklist_categories=("Nd", "No", "Nl", "Cs")), max_size=12)
+    return number, draw(words) + spelled + draw(words) + ".csv"
+
+
+@settings(max_examples=300, deadline=None)
+@given(spelled_numbers())
+def test_no_spelling_of_a_valid_nhs_number_survives_in_a_shown_name(case: tuple[str, str]) -> None:
+    """Whatever the grouping (gaps of up to three non-alphanumeric characters), the digits'
+    script or width, and the text around it, the shown name never holds the number's ten digits
+    in a row once its digits are read and its gaps dropped (CoP 8a)."""
+    import unicodedata
+
+    from safehaven.core.audit import shown_name
+
+    number, name = case
+    shown = shown_name(name)
+    digits = "".join(str(int(n)) for c in shown if len(n := unicodedata.normalize("NFKC", c)) == 1 and n.isdecimal())
+    assert number not in digits, (name, shown)
 
 
 def test_dates_and_times_in_a_name_are_kept() -> None:
