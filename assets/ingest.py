@@ -61,6 +61,7 @@ def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home)
             "files_quarantined": report.files_quarantined,
             "files_vanished": report.files_vanished,
             "files_not_overwritten": len(report.not_overwritten),
+            "files_not_moved": len(report.not_moved),
             "files_still_arriving": report.files_arriving,
             "files_not_landed_same_records": len(report.copies),
             "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
@@ -81,6 +82,12 @@ def _log_report(context: dg.AssetExecutionContext, c: str, report: IngestReport)
         context.log.warning(
             f"{c}: {copy['file']} holds the same records as batch {copy['same_records_as']} "
             "(a re-saved copy: other bytes, same rows); not landed again"
+        )
+    for stuck in report.not_moved:
+        context.log.warning(
+            f"{c}: {stuck['file']} was refused ({stuck['rule']}) but the haven's user could not move it to "
+            f"quarantine ({stuck['error']}); it stays in incoming/{c}/ and nothing of it was landed: give the "
+            f"haven's user write access to incoming/{c}/ (or remove the file), then run intake again"
         )
     for name in report.not_overwritten:
         context.log.warning(

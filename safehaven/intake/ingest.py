@@ -128,6 +128,9 @@ class IngestReport:
     quarantined: list[dict[str, str]] = field(default_factory=list)
     #: received files whose records are held but which the haven's user could not overwrite
     not_overwritten: list[str] = field(default_factory=list)
+    #: refused files the haven's user could not move to quarantine (left in incoming/): (shown
+    #: name, rule, the error's kind)
+    not_moved: list[dict[str, str]] = field(default_factory=list)
     #: files not landed because a held batch has the same records (re-saved copies)
     copies: list[dict[str, str]] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
@@ -423,7 +426,13 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     dest_dir.chmod(0o700)
     shown = Path(shown_name(path.name))
     dest = free_name(dest_dir, shown, sha)
-    _move_whole(path, dest)
+    try:
+        _move_whole(path, dest)
+    except OSError as exc:  # its message names the raw path: never raised or logged as it is
+        if os.path.lexists(path) and os.path.lexists(dest):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()
+        raise NotMoved(shown.name, type(exc).__name__) from None
     reason = {
         "collection": contract.collection,
         "contract_version": contract.version,
@@ -439,6 +448,15 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     }
     dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=2))
     return dest
+
+
+class NotMoved(Exception):
+    """A refused entry the haven's user could not move to quarantine (the folder's permissions):
+    it stays in incoming/, named by its shown name only, and each run tries again."""
+
+    def __init__(self, shown: str, kind: str):
+        super().__init__(f"{shown} could not be moved to quarantine ({kind})")
+        self.shown, self.kind = shown, kind
 
 
 class SameRecords(Exception):
@@ -762,7 +780,10 @@ def _refuse_folder(incoming: Path, quarantine_dir: Path, contract: Contract, rep
         f"make incoming/{contract.collection} a plain folder and place the files themselves in it",
         {"kind": kind},
     )
-    _record(report, quarantine(incoming, quarantine_dir, contract, _name_hash(incoming), err), err, "")
+    try:
+        _record(report, quarantine(incoming, quarantine_dir, contract, _name_hash(incoming), err), err, "")
+    except NotMoved as stuck:
+        report.not_moved.append({"file": stuck.shown, "rule": err.rule, "error": stuck.kind})
     return True
 
 
@@ -899,5 +920,10 @@ def _ingest_entry(
             err = rejected
     if not os.path.lexists(path):
         raise FileNotFoundError(path)
-    _record(report, quarantine(path, quarantine_dir, contract, sha, err), err, sha)
+    try:
+        _record(report, quarantine(path, quarantine_dir, contract, sha, err), err, sha)
+    except NotMoved as stuck:
+        report.not_moved.append({"file": stuck.shown, "rule": err.rule, "error": stuck.kind})
+        report.drops[drop] = f"refused ({err.rule}), left in incoming/: it could not be moved to quarantine"
+        return
     report.drops[drop] = f"quarantined ({err.rule})"

@@ -161,3 +161,27 @@ def test_a_name_duckdb_would_read_as_a_pattern_lands_that_file_only(
     assert report.files_landed == 2 and report.rows_landed == 4 + 1
     assert [r["rule"] for r in report.quarantined] == ["file.not_regular"]
     assert outside.exists()
+
+
+def test_a_refused_file_that_cannot_be_moved_stays_named_by_its_shown_name_and_the_stage_goes_on(
+    store: Store, home: Home, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The haven's user may lack the right to move a sender's file out of incoming/ (a sticky or
+    read-only folder): the move fails with an OSError whose message is the raw path. The file is
+    left where it is, named by its shown name only, any half-made copy is removed, nothing of it
+    is landed, and the good file beside it still lands (CoP 8a; no file fails a stage)."""
+    bad = folder / "referral 999 000 0018.csv"
+    bad.write_text("not,the,header\n1,2,3\n")
+
+    def refused_move(path: Path, dest: Path) -> None:
+        dest.write_bytes(path.read_bytes()[:5])  # a copy begun, then the source cannot be unlinked
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ingest, "_move_whole", refused_move)
+    report = _run(store, home)
+    assert report.files_landed == 1 and report.files_quarantined == 0
+    assert report.not_moved == [
+        {"file": "referral [number withheld].csv", "rule": "file.header.missing", "error": "PermissionError"}
+    ]
+    assert bad.exists() and not any(home.quarantine_for("gp_events").glob("referral*"))
+    assert "0018" not in repr(report)
