@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from safehaven.core.audit import shown_path
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.store import table_exists
+from safehaven.dispose.model import DisposalError
 from safehaven.share import review
 from safehaven.share.releases import staging_dir
 
@@ -28,12 +32,29 @@ REASON_SUFFIX = ".reason.json"
 def file_entry(home: Home, path: Path, kind: str) -> dict[str, Any]:
     """One file of a plan: its path under the home, kind, size and SHA-256 (none for a link)."""
     link = path.is_symlink()
-    return {
-        "path": str(path.relative_to(home.root)),
-        "kind": kind,
-        "bytes": 0 if link else path.stat().st_size,
-        "sha256": None if link else sha256_file(path),
-    }
+    with unreadable_refused(home, path):
+        return {
+            "path": str(path.relative_to(home.root)),
+            "kind": kind,
+            "bytes": 0 if link else path.stat().st_size,
+            "sha256": None if link else sha256_file(path),
+        }
+
+
+@contextmanager
+def unreadable_refused(home: Home, path: Path, doing: str = "read") -> Iterator[None]:
+    """Refuse the disposal (``DisposalError``) when a file it must read or overwrite cannot be:
+    a file it cannot read may be a copy it must destroy (fail closed). The OSError's own message
+    names the raw path, which in incoming/ is a sender's name (CoP 8a): the refusal shows it as a
+    shown name (``audit.shown_path``) with what to do."""
+    try:
+        yield
+    except OSError as exc:
+        shown = shown_path(str(path.relative_to(home.root)) if path.is_relative_to(home.root) else path.name)
+        raise DisposalError(
+            f"cannot {doing} {shown} ({type(exc).__name__}): give the haven's user access to it, or remove "
+            "it, then run the disposal again (an interrupted one: safehaven dispose --resume)"
+        ) from None
 
 
 def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -106,7 +127,12 @@ def incoming_copies(home: Home, collection: str, batch_ids: set[str]) -> list[di
     if not folder.is_dir() or not batch_ids:
         return []
     paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
-    return [file_entry(home, path, "incoming") for path in paths if sha256_file(path) in batch_ids]
+    return [file_entry(home, path, "incoming") for path in paths if _sha(home, path) in batch_ids]
+
+
+def _sha(home: Home, path: Path) -> str:
+    with unreadable_refused(home, path):
+        return sha256_file(path)
 
 
 def release_tables(con: duckdb.DuckDBPyConnection | None, agreement_id: str) -> list[str]:

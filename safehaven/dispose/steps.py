@@ -24,7 +24,7 @@ from safehaven.core.schema import OUTPUT_COUNTS
 from safehaven.core.sql import q
 from safehaven.core.store import COUNTS_ZONE, SimulatedCrash, Store, table_exists
 from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
-from safehaven.dispose.found import file_entry
+from safehaven.dispose.found import file_entry, unreadable_refused
 from safehaven.dispose.journal import count, journal_path, now, write_json
 from safehaven.dispose.model import PROGRESS, Plan
 from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
@@ -285,13 +285,15 @@ def shred_files(run: Run) -> None:
     for entry in run.plan.files:
         path = run.home.root / entry["path"]
         if path.exists() or path.is_symlink():
-            shred_file(path)
+            with unreadable_refused(run.home, path, "overwrite"):
+                shred_file(path)
             destroyed += 1
     extra: list[dict[str, Any]] = []
     for rel in run.plan.dirs:
         folder = run.home.root / rel
         if folder.is_dir() and not folder.is_symlink():
-            extra += _shred_folder(run.home, folder)
+            with unreadable_refused(run.home, folder, "overwrite the files of"):
+                extra += _shred_folder(run.home, folder)
     run.crash("files")
     run.done("files", {"shredded_by_this_run": destroyed, "found_after_plan": extra})
 

@@ -538,6 +538,71 @@ def test_a_copy_named_after_a_patient_is_shredded_and_its_name_withheld_in_the_c
     assert nhs not in stored and f"{nhs[:3]} {nhs[3:6]} {nhs[6:]}" not in stored
 
 
+def _named_copy(world: World) -> tuple[str, Path]:
+    """A copy of the old GP file waiting in incoming/ under a name holding a disposed NHS number."""
+    nhs = sorted(world.old_nhs)[0]
+    old_gp = next(
+        p for p in (world.home.root.parent / "old" / "gp_events").glob("gp_events_2015*.csv") if "resent" not in p.name
+    )
+    named = world.home.incoming_for("gp_events") / f"referral {nhs[:3]} {nhs[3:6]} {nhs[6:]}.csv"
+    shutil.copy(old_gp, named)
+    return nhs, named
+
+
+def _refused_on(named: Path, real):
+    """``real``, except on ``named``, where it fails as the OS does: an OSError naming the raw path."""
+
+    def call(path: Path, *args):
+        if Path(path).name == named.name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args)
+
+    return call
+
+
+def test_a_copy_the_haven_cannot_read_refuses_the_disposal_naming_it_by_its_shown_name(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file in incoming/ the haven's user cannot read may be a copy the disposal must destroy:
+    the disposal is refused before anything changes, and says which file by its shown name, never
+    the raw name the OS error carries (CoP 8a, 49: fail closed)."""
+    from safehaven.dispose import found
+
+    nhs, named = _named_copy(world)
+    monkeypatch.setattr(found, "sha256_file", _refused_on(named, found.sha256_file))
+    with pytest.raises(disposal.DisposalError) as refused:
+        world.dispose(disposal.Target.for_collection("gp_events", BEFORE), authorised_by="Dr Test, CG")
+    message = str(refused.value)
+    assert f"incoming/gp_events/referral {audit.WITHHELD}.csv" in message and "PermissionError" in message
+    assert nhs[6:] not in message and nhs[:3] + " " not in message
+    assert disposal.pending(world.home) is None
+    with Store(world.home).connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM governance.batches WHERE status = 'disposed'").fetchone()[0] == 0
+
+
+def test_a_copy_the_haven_cannot_overwrite_holds_the_disposal_by_its_shown_name_until_resumed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overwriting a planned copy fails (another account's read-only upload): the disposal stops
+    with the file's shown name and stays pending (every other disposal waits for it); once access
+    is given, ``resume`` completes it and the copy is gone."""
+    from safehaven.dispose import steps
+
+    nhs, named = _named_copy(world)
+    real = steps.shred_file
+    monkeypatch.setattr(steps, "shred_file", _refused_on(named, real))
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.DisposalError) as stopped:
+        world.dispose(target, authorised_by="Dr Test, CG")
+    assert f"overwrite incoming/gp_events/referral {audit.WITHHELD}.csv" in str(stopped.value)
+    assert nhs[6:] not in str(stopped.value)
+    assert disposal.pending(world.home) is not None
+    monkeypatch.setattr(steps, "shred_file", real)  # access given
+    result = disposal.resume(world.context())
+    assert result is not None and result.certificate is not None
+    assert not named.exists() and disposal.pending(world.home) is None
+
+
 def test_disposal_is_idempotent(world: World) -> None:
     first = _dispose_old(world)
     again = _dispose_old(world)
