@@ -104,21 +104,30 @@ def _data_file_due(path: Path, cutoff: datetime) -> list[Path]:
     return [path, reason] if reason.exists() else [path]
 
 
-def quarantine_files(home: Home, collection: str, cutoff: datetime, batch_ids: set[str]) -> list[dict[str, Any]]:
-    """Quarantined files of ``collection`` received before ``cutoff`` (with their reason files), and the
-    reason files of refused batches being disposed of."""
+def quarantine_files(
+    home: Home, collection: str, cutoff: datetime, batch_ids: set[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Quarantined entries of ``collection`` received before ``cutoff`` (with their reason files), and
+    the reason files of refused batches being disposed of: (files, folders). A folder received
+    where a file should be was quarantined whole; it goes whole, every file in it (CoP 49)."""
     folder = home.quarantine_for(collection)
     if not folder.is_dir():
-        return []
+        return [], []
     chosen: list[Path] = []
     for path in sorted(folder.iterdir()):
-        if path.is_dir() and not path.is_symlink():
-            continue
         if path.name.endswith(REASON_SUFFIX):
             chosen += _lone_reason_due(path, cutoff, batch_ids)
         else:
             chosen += _data_file_due(path, cutoff)
-    return [file_entry(home, p, "quarantine") for p in chosen]
+    files: list[dict[str, Any]] = []
+    dirs: list[str] = []
+    for path in chosen:
+        if path.is_dir() and not path.is_symlink():
+            inside, folders = files_under(home, path, "quarantine")
+            files, dirs = files + inside, dirs + folders
+        else:
+            files.append(file_entry(home, path, "quarantine"))
+    return files, dirs
 
 
 def incoming_copies(home: Home, collection: str, batch_ids: set[str]) -> list[dict[str, Any]]:

@@ -231,7 +231,9 @@ def _plan_collection(
     _plan_batches(plan, con, cutoff)
     ids = set(plan.batch_ids)
     _plan_collection_releases(plan, con, home)
-    plan.files += quarantine_files(home, t.collection, cutoff, ids)
+    files, dirs = quarantine_files(home, t.collection, cutoff, ids)
+    plan.files += files
+    plan.dirs += dirs
     plan.files += incoming_copies(home, t.collection, ids)
     _plan_vault(plan, con, contract, registry, keyring)
 

@@ -81,7 +81,7 @@ def _due_collection(
             f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND landed_at < ? AND status <> 'disposed'",
             [contract.collection, midnight(cutoff)],
         )
-    files = quarantine_files(home, contract.collection, midnight(cutoff), set())
+    files, _ = quarantine_files(home, contract.collection, midnight(cutoff), set())
     if not (batches or files):
         return None
     return DueItem(

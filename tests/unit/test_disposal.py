@@ -603,6 +603,31 @@ def test_a_copy_the_haven_cannot_overwrite_holds_the_disposal_by_its_shown_name_
     assert not named.exists() and disposal.pending(world.home) is None
 
 
+def test_a_folder_quarantined_whole_is_disposed_of_whole(world: World) -> None:
+    """A folder sent where a file should be is quarantined whole, with the names and records
+    inside it; once received before the disposal's date it goes whole: every file in it
+    shredded, the folder removed, its inner names shown in the certificate (CoP 49, 8a)."""
+    nhs, _ = _named_copy(world)
+    (world.home.incoming_for("gp_events") / f"referral {nhs[:3]} {nhs[3:6]} {nhs[6:]}.csv").unlink()
+    sent = world.home.incoming_for("gp_events") / "batch 7"
+    sent.mkdir()
+    old_gp = next(
+        p for p in (world.home.root.parent / "old" / "gp_events").glob("gp_events_2015*.csv") if "resent" not in p.name
+    )
+    shutil.copy(old_gp, sent / f"referral {nhs}.csv")
+    process(world.home, world.registry)
+    held = world.home.quarantine_for("gp_events") / "batch 7"
+    assert (held / f"referral {nhs}.csv").exists()
+    reason = held.with_name("batch 7.reason.json")
+    data = json.loads(reason.read_text())
+    reason.write_text(json.dumps({**data, "quarantined_at": "2015-04-02T09:00:00+00:00"}))
+    result = world.dispose(disposal.Target.for_collection("gp_events", BEFORE), authorised_by="Dr Test, CG")
+    assert not held.exists() and not reason.exists()
+    paths = {f["path"] for f in result.certificate["files"]}
+    assert f"quarantine/gp_events/batch 7/referral {audit.WITHHELD}.csv" in paths
+    assert leaked_nhs_numbers([world.home.root], {nhs}) == {}
+
+
 def test_disposal_is_idempotent(world: World) -> None:
     first = _dispose_old(world)
     again = _dispose_old(world)
