@@ -50,8 +50,11 @@ ids, file names, key ids), so that a crash at any point leaves a state the next 
    bytes, synced and unlinked: the release directories disposed of (extracts, manifest and, for
    a whole agreement, its objection notices and re-key crosswalks), the staged files of the
    requests withdrawn (``staging/releases/<release-id>/``), the collection's quarantined
-   files received before the date (they are plain identifiable data) with their reason files,
-   and any copy of a disposed file waiting in ``incoming/``.
+   files received before the date (they are plain identifiable data) with their reason files
+   (a folder quarantined whole goes whole), and any copy of a disposed file waiting in
+   ``incoming/``. The journal is a plain file: it names a copy in ``incoming/`` by its shown path
+   and SHA-256, and the files step finds it again by its hash; a file the haven's user cannot
+   read or overwrite refuses the disposal, named by its shown path (``found.unreadable_refused``).
 4. **rebuild** (physical): DuckDB's DELETE leaves the bytes in the file (``docs/design.md``), so the
    store is copied into a fresh file under a fresh key and swapped in atomically
    (``Store.rebuild``: WAL and temporary files go with the old file). The old store key, which

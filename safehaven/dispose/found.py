@@ -119,14 +119,10 @@ def quarantine_files(
             chosen += _lone_reason_due(path, cutoff, batch_ids)
         else:
             chosen += _data_file_due(path, cutoff)
-    files: list[dict[str, Any]] = []
-    dirs: list[str] = []
-    for path in chosen:
-        if path.is_dir() and not path.is_symlink():
-            inside, folders = files_under(home, path, "quarantine")
-            files, dirs = files + inside, dirs + folders
-        else:
-            files.append(file_entry(home, path, "quarantine"))
+    # a folder is planned by its own (shown) name only: the names inside it are a sender's, kept
+    # out of the plain journal; the files step shreds all it holds and lists each in the certificate
+    dirs = [str(p.relative_to(home.root)) for p in chosen if p.is_dir() and not p.is_symlink()]
+    files = [file_entry(home, p, "quarantine") for p in chosen if not (p.is_dir() and not p.is_symlink())]
     return files, dirs
 
 
@@ -135,8 +131,23 @@ def incoming_copies(home: Home, collection: str, batch_ids: set[str]) -> list[di
     folder = home.incoming_for(collection)
     if not folder.is_dir() or not batch_ids:
         return []
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
-    return [file_entry(home, path, "incoming") for path in paths if _sha(home, path) in batch_ids]
+    return [
+        {**file_entry(home, path, "incoming"), "path": shown_path(str(path.relative_to(home.root)))}
+        for path in _waiting(folder)
+        if _sha(home, path) in batch_ids
+    ]
+
+
+def _waiting(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()) if folder.is_dir() else []
+
+
+def incoming_copy(home: Home, entry: dict[str, Any]) -> Path | None:
+    """The file an ``incoming`` entry of a plan stands for, found again by its SHA-256 (the plan
+    keeps its shown path only: the journal is a plain file, and a sender's name may hold an NHS
+    number); None once it is gone."""
+    folder = home.root / Path(entry["path"]).parent
+    return next((p for p in _waiting(folder) if _sha(home, p) == entry["sha256"]), None)
 
 
 def _sha(home: Home, path: Path) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.audit import shown_path
 from safehaven.core.files import shred_file, shred_tree
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
@@ -24,7 +25,7 @@ from safehaven.core.schema import OUTPUT_COUNTS
 from safehaven.core.sql import q
 from safehaven.core.store import COUNTS_ZONE, SimulatedCrash, Store, table_exists
 from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
-from safehaven.dispose.found import file_entry, unreadable_refused
+from safehaven.dispose.found import file_entry, incoming_copy, unreadable_refused
 from safehaven.dispose.journal import count, journal_path, now, write_json
 from safehaven.dispose.model import PROGRESS, Plan
 from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
@@ -273,18 +274,33 @@ def _kept_pairs_sql(contract: Contract, *, disposed: bool) -> str:
 
 
 def _shred_folder(home: Home, folder: Path) -> list[dict[str, Any]]:
-    """Shred every file under ``folder`` (written there since the plan, too) and remove its directories."""
+    """Shred every file under ``folder`` (written there since the plan, too) and remove its
+    directories; each file is listed by its shown path (a quarantined folder holds a sender's names)."""
     extra: list[dict[str, Any]] = []
-    shred_tree(folder, before=lambda path: extra.append(file_entry(home, path, "release")))
+    rel = folder.relative_to(home.root)
+    kind = "quarantine" if rel.parts[0] == home.quarantine.name else "release"
+
+    def listed(path: Path) -> None:
+        extra.append({**file_entry(home, path, kind), "path": shown_path(str(path.relative_to(home.root)))})
+
+    shred_tree(folder, before=listed)
     return extra
+
+
+def _planned_file(run: Run, entry: dict[str, Any]) -> Path | None:
+    """The file a planned entry stands for, if it is still there (a copy in incoming/ by its hash)."""
+    if entry["kind"] == "incoming":
+        return incoming_copy(run.home, entry)
+    path = run.home.root / entry["path"]
+    return path if path.exists() or path.is_symlink() else None
 
 
 def shred_files(run: Run) -> None:
     """Overwrite, sync and unlink every planned file, then the planned folders (deepest first)."""
     destroyed = 0
     for entry in run.plan.files:
-        path = run.home.root / entry["path"]
-        if path.exists() or path.is_symlink():
+        path = _planned_file(run, entry)
+        if path is not None:
             with unreadable_refused(run.home, path, "overwrite"):
                 shred_file(path)
             destroyed += 1

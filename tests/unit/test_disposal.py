@@ -603,6 +603,23 @@ def test_a_copy_the_haven_cannot_overwrite_holds_the_disposal_by_its_shown_name_
     assert not named.exists() and disposal.pending(world.home) is None
 
 
+@pytest.mark.parametrize("point", ["plan", "files"])
+def test_an_interrupted_disposal_journals_a_copy_by_its_shown_name_and_hash_and_resume_finds_it(
+    world: World, point: str
+) -> None:
+    """The journal is a plain file that outlives a crash: a copy waiting in incoming/ is planned
+    by its shown path and SHA-256 (never its sender's name, which may hold an NHS number), and
+    the files step finds it again by its hash (CoP 8a, 49)."""
+    nhs, named = _named_copy(world)
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, authorised_by="Dr Test, CG", _crash_after=point)
+    journal = disposal.journal_path(world.home).read_text()
+    assert nhs[6:] not in journal and f"referral {audit.WITHHELD}.csv" in journal
+    assert disposal.resume(world.context()).certificate is not None
+    assert not named.exists() and leaked_nhs_numbers([world.home.root], {nhs}) == {}
+
+
 def test_a_folder_quarantined_whole_is_disposed_of_whole(world: World) -> None:
     """A folder sent where a file should be is quarantined whole, with the names and records
     inside it; once received before the disposal's date it goes whole: every file in it
