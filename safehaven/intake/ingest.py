@@ -736,7 +736,8 @@ def waiting_drops(incoming: Path) -> dict[str, Path]:
         except FileNotFoundError:
             continue  # renamed or removed meanwhile
         except FileRejected:
-            found[drop_key(path)] = path  # not a plain file: landing quarantines it
+            with contextlib.suppress(FileNotFoundError):  # its message would name the raw path
+                found[drop_key(path)] = path  # not a plain file: landing quarantines it
     return found
 
 
