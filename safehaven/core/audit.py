@@ -268,8 +268,8 @@ def shown_name(name: str) -> str:
     reason files, quarantine and the batch register (the one rule for names from outside).
 
     First, on the raw name, every run of digits that spells a valid NHS number however it is
-    grouped or written (gaps of up to three characters that are not letters or digits, digits
-    of any script or width: ``identifiers.nhs_numbers_in_text``), and every run of ten digits
+    grouped or written (any characters but letters between its digits, digits of any script
+    or width: ``identifiers.nhs_numbers_in_text``), and every run of ten digits
     split 3-3-4 by at most two such characters (spaces, tabs, line feeds, ``_ , : ( )``,
     zero-width or non-UTF-8 characters), or not split at all, valid or not, is withheld, with
     no exception for hex-looking runs (CoP 8a: identifiers never reach logs or metadata).
@@ -281,7 +281,11 @@ def shown_name(name: str) -> str:
     for start, end in reversed(nhs_numbers_in_text(name)):
         name = name[:start] + WITHHELD + name[end:]
     withheld = _NAME_NHS_LIKE.sub(WITHHELD, name)
-    text = withheld.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        raw = withheld.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file system name decodes to
+        raw = withheld.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
     shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return _at_most(shown, SHOWN_NAME_BYTES)
 
@@ -290,6 +294,8 @@ def shown_path(relative: str) -> str:
     """A path under the home as the haven records it: each part a :func:`shown_name` (a received
     file keeps its sender's name on disk until it is landed or shredded; a record of it, such as a
     disposal certificate, shows it as logs do)."""
+    for start, end in reversed(nhs_numbers_in_text(relative)):  # a number spread over folders too
+        relative = relative[:start] + WITHHELD + relative[end:]
     return "/".join(shown_name(part) for part in relative.split("/"))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def sha256_file(path: Path) -> str:
 
 def shred_file(path: Path) -> int:
     """Overwrite a regular file with random bytes, sync it, and unlink it; returns its size."""
-    if path.is_symlink():
+    if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, pipe or device holds no bytes of ours
         path.unlink()
         return 0
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))

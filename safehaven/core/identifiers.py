@@ -192,11 +192,6 @@ def is_test_number(value: str) -> bool:
     return canonical_nhs(value).startswith("999")
 
 
-#: characters between two digits of a number spelled in free text (a file name): at most this
-#: many, none a letter or digit ("999 - 028 - 6876", "9 9 9 0 2 8 6 8 7 6")
-TEXT_GAP = 3
-
-
 def _digit(c: str) -> int | None:
     """The decimal value of a character that is a digit once NFKC-normalised (ASCII, full-width,
     superscript, circled, Arabic-Indic...), else None."""
@@ -205,26 +200,23 @@ def _digit(c: str) -> int | None:
 
 
 def _digit_runs(text: str) -> Iterator[tuple[int, int, str]]:
-    """(start, end, digits) of each run of digits in ``text`` whose gaps are at most
-    :data:`TEXT_GAP` characters that are neither letters nor digits."""
+    """(start, end, digits) of each run of digits in ``text`` with no letter between two of them:
+    any number of other characters (spaces, dashes, ``/``, invisible or undecodable ones) may
+    stand between the digits of a number spelled in free text ("999 - 028 - 6876")."""
     i, n = 0, len(text)
     while i < n:
         if _digit(text[i]) is None:
             i += 1
             continue
-        start, end, digits, gap, j = i, i, [], 0, i
-        while j < n and gap <= TEXT_GAP:
+        start, end, digits, j = i, i, [], i
+        while j < n and not (text[j].isalnum() and _digit(text[j]) is None):
             d = _digit(text[j])
             if d is not None:
                 digits.append(str(d))
-                end, gap = j + 1, 0
-            elif text[j].isalnum():
-                break
-            else:
-                gap += 1
+                end = j + 1
             j += 1
         yield start, end, "".join(digits)
-        i = end
+        i = max(end, i + 1)
 
 
 def _holds_valid_number(digits: str) -> bool:
@@ -232,8 +224,9 @@ def _holds_valid_number(digits: str) -> bool:
 
 
 def nhs_numbers_in_text(text: str) -> list[tuple[int, int]]:
-    """Where ``text`` may spell a valid NHS number: each run of digits (:func:`_digit_runs`) with
-    ten of them in a row that pass the mod-11 check, however they are grouped or written.
+    """Where ``text`` may spell a valid NHS number: each run of digits (:func:`_digit_runs`: no
+    letter between them) with ten of them in a row that pass the mod-11 check, however they are
+    grouped or written.
 
     For free text from outside (a received file's name): over-withholding is the safe error, so
     a run holding such ten digits anywhere (``0`` + a number, two numbers run together) is

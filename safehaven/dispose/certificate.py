@@ -71,7 +71,9 @@ def build_certificate(plan: Plan, steps: dict[str, Any]) -> dict[str, Any]:
     """The certificate of a disposal whose four steps are journalled in ``steps``."""
     rows = steps["rows"]["rows"]
     # paths as shown names: a copy waiting in incoming/ still has its sender's name (CoP 8a)
-    files = [{**f, "path": audit.shown_path(f["path"])} for f in plan.files + steps["files"]["found_after_plan"]]
+    gone = set(steps["files"].get("not_found", []))  # not there at the files step: not certified
+    planned = [f for f in plan.files if f["path"] not in gone or f["kind"] != "incoming"]
+    files = [{**f, "path": audit.shown_path(f["path"])} for f in planned + steps["files"]["found_after_plan"]]
     t = plan.target
     return {
         "disposal_id": plan.disposal_id,
@@ -94,6 +96,9 @@ def build_certificate(plan: Plan, steps: dict[str, Any]) -> dict[str, Any]:
         "vault_entries_reencrypted": steps["rows"]["vault_entries_reencrypted"],
         "files": files,
         "files_destroyed": len(files),
+        # copies planned in incoming/ that the files step no longer found (renamed, changed or
+        # removed by their sender, or shredded by an interrupted attempt): listed, not certified
+        "files_not_found": sorted(audit.shown_path(p) for p in gone),
         "bytes_destroyed": sum(int(f["bytes"]) for f in files),
         "keys_destroyed": _keys_destroyed(steps),
         "store_key_old": steps["rebuild"]["old_store_key_id"],

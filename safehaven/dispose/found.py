@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -30,14 +31,15 @@ REASON_SUFFIX = ".reason.json"
 
 
 def file_entry(home: Home, path: Path, kind: str) -> dict[str, Any]:
-    """One file of a plan: its path under the home, kind, size and SHA-256 (none for a link)."""
-    link = path.is_symlink()
+    """One file of a plan: its path under the home, kind, size and SHA-256 (none for a link or a
+    special file: a quarantined pipe would block a read for ever)."""
     with unreadable_refused(home, path):
+        plain = stat.S_ISREG(os.lstat(path).st_mode)  # a link, pipe or device is never opened
         return {
             "path": str(path.relative_to(home.root)),
             "kind": kind,
-            "bytes": 0 if link else path.stat().st_size,
-            "sha256": None if link else sha256_file(path),
+            "bytes": path.stat().st_size if plain else 0,
+            "sha256": sha256_file(path) if plain else None,
         }
 
 

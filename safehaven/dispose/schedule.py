@@ -81,15 +81,15 @@ def _due_collection(
             f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND landed_at < ? AND status <> 'disposed'",
             [contract.collection, midnight(cutoff)],
         )
-    files, _ = quarantine_files(home, contract.collection, midnight(cutoff), set())
-    if not (batches or files):
+    files, folders = quarantine_files(home, contract.collection, midnight(cutoff), set())
+    if not (batches or files or folders):
         return None
     return DueItem(
         "dispose",
         f"{contract.collection}: received before {cutoff}, more than the contract's retention of "
         f"{contract.retention_days} days ago (contract v{contract.version})",
         Target.for_collection(contract.collection, cutoff),
-        {"batches": batches, "quarantined_files": len(files)},
+        {"batches": batches, "quarantined_files": len(files), "quarantined_folders": len(folders)},
     )
 
 

@@ -297,13 +297,15 @@ def _planned_file(run: Run, entry: dict[str, Any]) -> Path | None:
 
 def shred_files(run: Run) -> None:
     """Overwrite, sync and unlink every planned file, then the planned folders (deepest first)."""
-    destroyed = 0
+    destroyed, missing = 0, []
     for entry in run.plan.files:
         path = _planned_file(run, entry)
-        if path is not None:
-            with unreadable_refused(run.home, path, "overwrite"):
-                shred_file(path)
-            destroyed += 1
+        if path is None:  # a copy in incoming/ renamed away, changed or removed since the plan
+            missing += [entry["path"]] if entry["kind"] == "incoming" else []
+            continue
+        with unreadable_refused(run.home, path, "overwrite"):
+            shred_file(path)
+        destroyed += 1
     extra: list[dict[str, Any]] = []
     for rel in run.plan.dirs:
         folder = run.home.root / rel
@@ -311,7 +313,7 @@ def shred_files(run: Run) -> None:
             with unreadable_refused(run.home, folder, "overwrite the files of"):
                 extra += _shred_folder(run.home, folder)
     run.crash("files")
-    run.done("files", {"shredded_by_this_run": destroyed, "found_after_plan": extra})
+    run.done("files", {"shredded_by_this_run": destroyed, "found_after_plan": extra, "not_found": missing})
 
 
 # 4. rebuild: a fresh store under a fresh key; the old key's bytes destroyed

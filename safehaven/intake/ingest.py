@@ -429,9 +429,9 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
     try:
         _move_whole(path, dest)
     except OSError as exc:  # its message names the raw path: never raised or logged as it is
-        if os.path.lexists(path) and os.path.lexists(dest):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()
+        if os.path.lexists(path) and os.path.isfile(dest) and not os.path.islink(dest):
+            with contextlib.suppress(OSError):  # a regular file's copy; the received file is whole
+                dest.unlink()
         raise NotMoved(shown.name, type(exc).__name__) from None
     reason = {
         "collection": contract.collection,
@@ -572,7 +572,10 @@ def _move_whole(path: Path, dest: Path) -> None:
     name unlinked, so quarantine holds a file of its own and a later shred of it (disposal)
     never overwrites the bytes of the other name, which may be outside the home."""
     entry = os.lstat(path)
-    if stat.S_ISREG(entry.st_mode) and entry.st_nlink > 1:
+    if not stat.S_ISREG(entry.st_mode):
+        os.rename(path, dest)  # a folder, link or special file moves whole or not at all: never copied
+        return
+    if entry.st_nlink > 1:
         shutil.copyfile(path, dest, follow_symlinks=False)
         path.unlink()
         return
@@ -670,14 +673,29 @@ def not_regular(path: Path) -> FileRejected | None:
     )
 
 
+#: characters DuckDB's file readers take as a pattern, or as a folder separator within one
+PATTERN_CHARACTERS = frozenset("*?[\\")
+
+
 def bad_name(path: Path) -> FileRejected | None:
-    """Why ``path``'s name cannot be read as given (``file.name``): bytes that are not UTF-8."""
+    """Why ``path``'s name cannot be read as given (``file.name``): bytes that are not UTF-8, or a
+    character DuckDB's readers would take as a pattern (``* ? [``) or as a folder separator inside
+    one (``\\``): such a name could make the reader take in other files, even one outside the
+    home through a quarantined link (``..\\..\\quarantine\\...[1].csv``), so it is never read.
+    ``safehaven.core.sql.file_lit`` escapes the same characters in the paths the haven chooses."""
     try:
         path.name.encode("utf-8")
     except UnicodeEncodeError:
         return FileRejected(
             "file.name",
             f"the file name is not UTF-8 text (shown as {shown_name(path.name)!r}); the file was not read",
+            "rename the file with letters, digits, '-', '_' and '.' only, and place it again",
+        )
+    if PATTERN_CHARACTERS & set(path.name):
+        return FileRejected(
+            "file.name",
+            "the file name holds a character the reader takes as a pattern or a folder (* ? [ \\); "
+            "the file was not read",
             "rename the file with letters, digits, '-', '_' and '.' only, and place it again",
         )
     return None

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -618,6 +619,45 @@ def test_an_interrupted_disposal_journals_a_copy_by_its_shown_name_and_hash_and_
     assert nhs[6:] not in journal and f"referral {audit.WITHHELD}.csv" in journal
     assert disposal.resume(world.context()).certificate is not None
     assert not named.exists() and leaked_nhs_numbers([world.home.root], {nhs}) == {}
+
+
+def test_a_copy_changed_after_the_plan_is_listed_as_not_found_not_certified_destroyed(world: World) -> None:
+    """A copy waiting in incoming/ is found again by its hash at the files step: one its sender
+    changed in between is no longer that copy. It is left (intake judges it as any new file) and
+    the certificate lists it as not found, never as destroyed (CoP 49: the certificate is true)."""
+    _, named = _named_copy(world)
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, authorised_by="Dr Test, CG", _crash_after="plan")
+    named.write_bytes(named.read_bytes() + b"\n")
+    cert = disposal.resume(world.context()).certificate
+    shown = f"incoming/gp_events/referral {audit.WITHHELD}.csv"
+    assert cert["files_not_found"] == [shown]
+    assert shown not in {f["path"] for f in cert["files"]} and named.exists()
+
+
+def test_a_pipe_quarantined_long_ago_is_removed_without_being_read(world: World) -> None:
+    """A named pipe sent where a file should be is quarantined as it is; a disposal that reaches
+    it removes it without opening it (a read would wait for ever)."""
+    import signal
+
+    pipe = world.home.quarantine_for("gp_events") / "gp_pipe.csv"
+    os.mkfifo(pipe)
+    old = datetime(2015, 4, 2, tzinfo=UTC).timestamp()
+    os.utime(pipe, (old, old), follow_symlinks=False)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the disposal waited on the pipe"))
+    signal.alarm(60)
+    try:
+        result = world.dispose(disposal.Target.for_collection("gp_events", BEFORE), authorised_by="Dr Test, CG")
+    finally:
+        signal.alarm(0)
+    assert not os.path.lexists(pipe)
+    assert {
+        "path": "quarantine/gp_events/gp_pipe.csv",
+        "kind": "quarantine",
+        "bytes": 0,
+        "sha256": None,
+    } in result.certificate["files"]
 
 
 def test_a_folder_quarantined_whole_is_disposed_of_whole(world: World) -> None:

@@ -146,21 +146,25 @@ def test_an_unforeseen_error_reading_one_file_quarantines_that_file_only(
     assert _landed(store) == 4
 
 
-@pytest.mark.parametrize("name", ["*.csv", "gp_?.csv", "Q1 [final].csv", "gp_[!x]*.csv"])
-def test_a_name_duckdb_would_read_as_a_pattern_lands_that_file_only(
+@pytest.mark.parametrize(
+    "name", ["*.csv", "gp_?.csv", "Q1 [final].csv", "gp_[!x]*.csv", "..\\..\\quarantine\\gp_events\\gp_link[1].csv"]
+)
+def test_a_name_duckdb_would_read_as_a_pattern_is_refused_unread(
     store: Store, home: Home, folder: Path, tmp_path: Path, name: str
 ) -> None:
-    """DuckDB's readers take ``*``, ``?`` and ``[`` in a path as a glob: a received file so named
-    would have been landed with the rows of its neighbours, a symbolic link's target outside the
-    home included (``safehaven.core.sql.file_lit``). It lands its own rows, once."""
+    """DuckDB's readers take ``*``, ``?`` and ``[`` in a path as a glob, and split a pattern on
+    ``\\`` too: a file so named would have been landed with its neighbours' rows, or with those of
+    a quarantined link's target outside the home. It is quarantined unread (``file.name``); the
+    good file beside it lands, and the link's target is never read (``ingest.bad_name``)."""
     outside = tmp_path / "outside.csv"
     write_csv(outside, gp_rows(5, start=500), GP.field_names)
-    (folder / "gp_link.csv").symlink_to(outside)
+    (folder / "gp_link[1].csv").symlink_to(outside)
+    _run(store, home)  # the link is quarantined (file.not_regular) under its own name
+    assert (home.quarantine_for("gp_events") / "gp_link[1].csv").is_symlink()
     write_csv(folder / name, gp_rows(1, start=900), GP.field_names)
     report = _run(store, home)
-    assert report.files_landed == 2 and report.rows_landed == 4 + 1
-    assert [r["rule"] for r in report.quarantined] == ["file.not_regular"]
-    assert outside.exists()
+    assert report.files_landed == 0 and [r["rule"] for r in report.quarantined] == ["file.name"]
+    assert _landed(store) == 4
 
 
 def test_a_refused_file_that_cannot_be_moved_stays_named_by_its_shown_name_and_the_stage_goes_on(
@@ -185,3 +189,24 @@ def test_a_refused_file_that_cannot_be_moved_stays_named_by_its_shown_name_and_t
     ]
     assert bad.exists() and not any(home.quarantine_for("gp_events").glob("referral*"))
     assert "0018" not in repr(report)
+
+
+def test_a_folder_that_cannot_be_renamed_into_quarantine_is_left_whole(
+    store: Store, home: Home, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder (or link, or pipe) moves to quarantine by a rename or not at all: when the rename
+    fails (quarantine on another file system), it is never copied and half-deleted, which could
+    leave its only whole copy in a quarantine the clean-up removes; it stays in incoming/, whole,
+    reported by its shown name."""
+    sent = folder / "batch 7"
+    sent.mkdir()
+    write_csv(sent / "inner.csv", gp_rows(3, start=700), GP.field_names)
+
+    def cross_device(src, dst) -> None:
+        raise OSError(18, "Invalid cross-device link", str(src))
+
+    monkeypatch.setattr(ingest.os, "rename", cross_device)
+    report = _run(store, home)
+    assert report.not_moved == [{"file": "batch 7", "rule": "file.not_regular", "error": "OSError"}]
+    assert (sent / "inner.csv").read_text().count("\n") == 4
+    assert not any(home.quarantine_for("gp_events").iterdir())
