@@ -273,18 +273,30 @@ def _kept_pairs_sql(contract: Contract, *, disposed: bool) -> str:
 # 3. files: plain copies overwritten and unlinked
 
 
-def _shred_folder(home: Home, folder: Path) -> list[dict[str, Any]]:
+#: the files step's journal of its own progress: what it has shredded so far, so a resumed step
+#: certifies a copy an interrupted attempt destroyed, and every file of a folder it emptied
+PROGRESS_KEY = "files_progress"
+
+
+def _progress(run: Run) -> dict[str, list[Any]]:
+    return run.journal.setdefault(PROGRESS_KEY, {"shredded": [], "found_after_plan": []})
+
+
+def _shred_folder(run: Run, folder: Path) -> None:
     """Shred every file under ``folder`` (written there since the plan, too) and remove its
-    directories; each file is listed by its shown path (a quarantined folder holds a sender's names)."""
-    extra: list[dict[str, Any]] = []
-    rel = folder.relative_to(home.root)
-    kind = "quarantine" if rel.parts[0] == home.quarantine.name else "release"
+    directories; each file is journalled by its shown path (a quarantined folder holds a
+    sender's names) before it is shredded."""
+    rel = folder.relative_to(run.home.root)
+    kind = "quarantine" if rel.parts[0] == run.home.quarantine.name else "release"
+    listed = _progress(run)["found_after_plan"]
 
-    def listed(path: Path) -> None:
-        extra.append({**file_entry(home, path, kind), "path": shown_path(str(path.relative_to(home.root)))})
+    def before(path: Path) -> None:
+        entry = {**file_entry(run.home, path, kind), "path": shown_path(str(path.relative_to(run.home.root)))}
+        if entry["path"] not in {e["path"] for e in listed}:
+            listed.append(entry)
+            run.save()
 
-    shred_tree(folder, before=listed)
-    return extra
+    shred_tree(folder, before=before)
 
 
 def _planned_file(run: Run, entry: dict[str, Any]) -> Path | None:
@@ -296,23 +308,29 @@ def _planned_file(run: Run, entry: dict[str, Any]) -> Path | None:
 
 
 def shred_files(run: Run) -> None:
-    """Overwrite, sync and unlink every planned file, then the planned folders (deepest first)."""
+    """Overwrite, sync and unlink every planned file, then the planned folders (deepest first).
+    A planned copy in incoming/ no longer found (renamed, changed or removed by its sender since
+    the plan) is listed as not found, unless this step's own journal says it shredded it."""
+    progress = _progress(run)
     destroyed, missing = 0, []
     for entry in run.plan.files:
         path = _planned_file(run, entry)
-        if path is None:  # a copy in incoming/ renamed away, changed or removed since the plan
-            missing += [entry["path"]] if entry["kind"] == "incoming" else []
+        if path is None:
+            if entry["kind"] == "incoming" and entry["path"] not in progress["shredded"]:
+                missing.append(entry["path"])
             continue
         with unreadable_refused(run.home, path, "overwrite"):
             shred_file(path)
         destroyed += 1
-    extra: list[dict[str, Any]] = []
+        progress["shredded"].append(entry["path"])
+        run.save()
     for rel in run.plan.dirs:
         folder = run.home.root / rel
         if folder.is_dir() and not folder.is_symlink():
             with unreadable_refused(run.home, folder, "overwrite the files of"):
-                extra += _shred_folder(run.home, folder)
+                _shred_folder(run, folder)
     run.crash("files")
+    extra = progress["found_after_plan"]
     run.done("files", {"shredded_by_this_run": destroyed, "found_after_plan": extra, "not_found": missing})
 
 
