@@ -30,7 +30,7 @@ from pathlib import Path
 
 from safehaven.context import Haven
 from safehaven.core import audit
-from safehaven.protect import optouts, vault
+from safehaven.protect import feed, optouts, vault
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.pseudonymise import PSEUDONYM_HEX, hmac_sql, install_agreement_key
 
@@ -77,6 +77,16 @@ def _refuse(haven: Haven, agreement_id: str, reason: str, detail: dict[str, obje
             home=haven.home,
         )
     raise ReidentificationRefused(reason)
+
+
+def _require_feed(haven: Haven, agreement_id: str, agreement_days: int | None, counts: dict[str, int]) -> None:
+    """Refuse (audited) while the objection feed is blocked or stale: an objection it has not
+    delivered could not be honoured (``safehaven.protect.feed``; NDOP, CoP 14b)."""
+    try:
+        with haven.store().connect() as con:
+            feed.require_sound_feed(con, haven.home, haven.today, agreement_days)
+    except feed.ObjectionFeedBlocked as exc:
+        _refuse(haven, agreement_id, f"objections cannot be honoured now: {exc}", counts)
 
 
 def reidentify(
@@ -131,6 +141,8 @@ def reidentify(
         _refuse(haven, agreement_id, "the agreement releases no identifier held in the vault", counts)
     private = vault.private_key(keyring)
     decision = optouts.decide(agreement.basis, "identifiable")
+    if decision.applied:  # objections are honoured only from a complete, fresh feed (fail closed)
+        _require_feed(haven, agreement_id, agreement.objections_max_age_days, counts)
     gp = any(c.practice_field for c in contracts.values())
     result = ReidentifyResult(
         agreement_id, len(asked), wanted, malformed=counts["malformed"], opt_out_reason=decision.reason

@@ -159,3 +159,26 @@ def test_cli_reidentify_prints_csv_and_refuses_otherwise(home: Home, released, t
     assert oct(out.stat().st_mode & 0o777) == oct(0o600)
     refused = runner.invoke(main, ["reidentify", "--agreement", "reid-pseudo", "--pseudonym", p])
     assert refused.exit_code != 0 and "refused" in refused.output and n not in refused.output
+
+
+def test_reidentification_is_refused_while_the_objection_feed_is_blocked(home: Home, released, contracts: Path) -> None:
+    """Re-identification under a basis the opt-out applies to honours objections, so it needs the
+    feed complete: an objections file quarantined whole (Excel's ``sep=`` line) may hold an
+    objection the register lacks, and nobody is re-identified until a person resolves it (fail
+    closed; the refusal is audited)."""
+    from safehaven.intake.ingest import ingest_collection
+
+    target = released["nhs"][2]
+    folder = home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "optouts.csv").write_text(
+        "sep=,\r\nnhs_number,objection_type,recorded_date,withdrawn_date,source_practice\r\n"
+        f"{target},national_opt_out,2024-03-01,,\r\n"
+    )
+    with Store(home).connect() as con:
+        ingest_collection(con, ContractRegistry(contracts).objections(), folder, home.quarantine_for("objections"))
+    with pytest.raises(ReidentificationRefused, match="objections cannot be honoured now"):
+        reidentify(_lead(home, contracts), "reid-s251", [_ps(home, "reid-s251", released["pid"][target])])
+    with Store(home).connect(read_only=True) as con:
+        refused = [e for e in audit.entries_for(con, object_like="%reid-s251%") if e.outcome == "refused"]
+    assert refused
