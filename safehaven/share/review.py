@@ -601,6 +601,7 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
     req = get(con, release_id)
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
+    _objections_still_honoured(con, req, home, by)
     found = _verify_staged(con, req)
     if found:
         raise _refuse_delivery(con, req, by, found)
@@ -632,6 +633,35 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
     reg.export(con, home)
     export(con, home)
     return req
+
+
+def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, home: Home, by: str) -> None:
+    """Refuse to deliver (audited) a request prepared under the opt-out while the objection feed is
+    blocked or stale now, or once someone in it has opted out since it was prepared: its files were
+    filtered against the register as it then stood (NDOP; ``safehaven.protect.feed``, fail closed).
+    The next run prepares it again from the register as it stands."""
+    from safehaven.protect import feed
+    from safehaven.protect.objections import NATIONAL_OPT_OUT, objectors_sql
+
+    stored = con.execute(f"SELECT optout_decision FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()
+    if not (stored and json.loads(stored[0]).get("applied")):
+        return
+    try:
+        feed.require_sound_feed(con, home, datetime.now(UTC).date())
+        since = con.execute(
+            f"SELECT count(DISTINCT pid) FROM {REQUEST_MEMBERS} WHERE release_id = ? "
+            f"AND pid IN ({objectors_sql('current_date', (NATIONAL_OPT_OUT,))})",
+            [req.release_id],
+        ).fetchone()[0]
+        if since:
+            raise feed.ObjectionFeedBlocked(f"{since} person(s) in it have opted out since it was prepared")
+    except feed.ObjectionFeedBlocked as exc:
+        audit.append(con, actor=by, role="review", action="release", object=f"release-request:{req.release_id}",
+                     agreement=req.agreement_id, outcome="refused", detail={"reason": "objections"})  # fmt: skip
+        raise ReviewError(
+            f"release {req.release_id} not delivered: {exc}; withdraw it (safehaven review withdraw "
+            f"{req.release_id} --by ... --comment ...) and let the next run prepare it again"
+        ) from None
 
 
 def _register(con: duckdb.DuckDBPyConnection, req: Request, released_at: datetime) -> None:

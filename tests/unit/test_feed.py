@@ -608,3 +608,35 @@ def test_a_refused_objections_batch_is_a_fault_even_without_its_reason_file(tmp_
         faults = feed.unresolved(con)
     assert [f.sha256 for f in faults] == ["ab" * 32]
     assert any("objections_daily.csv" in p and "refused at validation" in p for p in problems)
+
+
+def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed_broke(
+    home: Home, tmp_path: Path
+) -> None:
+    """A request's files were filtered against the register as it stood when it was prepared:
+    delivery is refused (audited) once a person in it has opted out since, and while the feed is
+    blocked (an objections file quarantined whole may hold an objection the register lacks); the
+    next run prepares it again from the register as it stands (NDOP; fail closed)."""
+    from safehaven.context import Haven as Context
+    from safehaven.share import review
+    from safehaven.share.releases import PREPARED, prepare
+    from safehaven.share.review import ReviewError
+    from tests.governance_helpers import adopt, approve_release
+
+    with open_haven(home, tmp_path) as h:
+        adopt(h.con, h.registry, h.agreement)
+        res = prepare(h.con, h.agreement, haven=Context.open(h.home, contracts=h.registry, keyring=h.keyring))
+        assert res.status == PREPARED
+        h.drop("optouts_d2.csv", [_opt_out(31)])
+        assert h.run()
+        with pytest.raises(ReviewError, match="opted out since it was prepared"):
+            approve_release(h.con, res.release_id, h.home)
+        folder = h.home.incoming_for("objections")
+        (folder / "optouts_d3.csv").write_text(
+            "sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(_opt_out(30)) + "\r\n"
+        )
+        h.run()
+        with pytest.raises(
+            ReviewError, match="not delivered: record-level releases are blocked"
+        ):  # approved, still refused
+            review.deliver(h.con, res.release_id, home=h.home, by="V. Keeper, custodian")
