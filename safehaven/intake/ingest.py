@@ -77,6 +77,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -421,18 +422,13 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
 
 
 def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: FileRejected) -> Path:
-    """Move the whole file to quarantine with a reason file a person can act on."""
+    """Move the whole file to quarantine with a reason file a person can act on. One that cannot be
+    moved (:class:`NotMoved`) still gets its reason file, marked as left in incoming/, so every
+    safeguard that reads reasons (the objection feed) sees the refusal (fail closed)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest_dir.chmod(0o700)
     shown = Path(shown_name(path.name))
     dest = free_name(dest_dir, shown, sha)
-    try:
-        _move_whole(path, dest)
-    except OSError as exc:  # its message names the raw path: never raised or logged as it is
-        if os.path.lexists(path) and os.path.isfile(dest) and not os.path.islink(dest):
-            with contextlib.suppress(OSError):  # a regular file's copy; the received file is whole
-                dest.unlink()
-        raise NotMoved(shown.name, type(exc).__name__) from None
     reason = {
         "collection": contract.collection,
         "contract_version": contract.version,
@@ -446,8 +442,30 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
         f"incoming/{contract.collection}/. Nothing of this file was landed.",
         "details": err.details,
     }
+    try:
+        _move_whole(path, dest)
+    except OSError as exc:  # its message names the raw path: never raised or logged as it is
+        if os.path.lexists(path) and os.path.isfile(dest) and not os.path.islink(dest):
+            with contextlib.suppress(OSError):  # a regular file's copy; the received file is whole
+                dest.unlink()
+        _left_in_incoming(dest_dir, shown, sha, reason, contract.collection)
+        raise NotMoved(shown.name, type(exc).__name__) from None
     dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=2))
     return dest
+
+
+def _left_in_incoming(dest_dir: Path, shown: Path, sha: str, reason: dict[str, Any], collection: str) -> None:
+    """The reason file of a refused entry that could not be moved: one per entry and content
+    (written again, not added to, by each run that meets it)."""
+    left = {
+        **reason,
+        "quarantined_as": None,
+        "left_in": f"incoming/{collection}/",
+        "what_to_do": f"give the haven's user write access to incoming/{collection}/ (or remove the file); "
+        + reason["what_to_do"],
+    }
+    # not suppressed: a haven that cannot write its own quarantine fails the stage (shown names only)
+    (dest_dir / f"{shown.name}.{sha[:12]}.not-moved.reason.json").write_text(json.dumps(left, indent=2))
 
 
 class NotMoved(Exception):

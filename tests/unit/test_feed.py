@@ -640,3 +640,25 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
             ReviewError, match="not delivered: record-level releases are blocked"
         ):  # approved, still refused
             review.deliver(h.con, res.release_id, home=h.home, by="V. Keeper, custodian")
+
+
+def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_level_releases(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The haven's user may read the sender's upload folder but not write it: a refused objections
+    file then stays in incoming/. Its reason file is still written (marked as left there), so the
+    feed records the fault and record-level releases wait until a person resolves it."""
+    from safehaven.intake import ingest
+
+    def refused_move(path: Path, dest: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with open_haven(home, tmp_path) as h:
+        folder = h.home.incoming_for("objections")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "optouts.csv").write_text("sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(_opt_out(32)) + "\r\n")
+        monkeypatch.setattr(ingest, "_move_whole", refused_move)
+        report = ingest.ingest_collection(h.con, h.registry.objections(), folder, h.home.quarantine_for("objections"))
+        assert [m["file"] for m in report.not_moved] == ["optouts.csv"]
+        problems = feed.feed_problems(h.con, h.home, TODAY, 31)
+        assert any("optouts.csv" in p and "file.header.excel_sep" in p for p in problems), problems

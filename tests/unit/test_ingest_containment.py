@@ -187,8 +187,12 @@ def test_a_refused_file_that_cannot_be_moved_stays_named_by_its_shown_name_and_t
     assert report.not_moved == [
         {"file": "referral [number withheld].csv", "rule": "file.header.missing", "error": "PermissionError"}
     ]
-    assert bad.exists() and not any(home.quarantine_for("gp_events").glob("referral*"))
-    assert "0018" not in repr(report)
+    held = [p.name for p in home.quarantine_for("gp_events").iterdir()]
+    assert bad.exists() and len(held) == 1 and held[0].startswith("referral [number withheld].csv.")
+    assert held[0].endswith(".not-moved.reason.json")
+    reason = json.loads((home.quarantine_for("gp_events") / held[0]).read_text())
+    assert reason["left_in"] == "incoming/gp_events/" and reason["quarantined_as"] is None
+    assert "0018" not in repr(report) + json.dumps(reason)
 
 
 def test_a_folder_that_cannot_be_renamed_into_quarantine_is_left_whole(
@@ -209,4 +213,4 @@ def test_a_folder_that_cannot_be_renamed_into_quarantine_is_left_whole(
     report = _run(store, home)
     assert report.not_moved == [{"file": "batch 7", "rule": "file.not_regular", "error": "OSError"}]
     assert (sent / "inner.csv").read_text().count("\n") == 4
-    assert not any(home.quarantine_for("gp_events").iterdir())
+    assert [p.name.endswith(".not-moved.reason.json") for p in home.quarantine_for("gp_events").iterdir()] == [True]
