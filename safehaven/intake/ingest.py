@@ -909,8 +909,9 @@ def ingest_collection(
     quarantine_dir: Path,
     drops: Collection[str] | None = None,
 ) -> IngestReport:
-    """Land every new file in ``incoming`` (or only the ``drops`` named, :func:`drop_key`);
-    quarantine bad ones; skip ones already landed.
+    """Land every new file in ``incoming`` (or only the ``drops`` named, :func:`drop_key`), in the
+    order they arrived (:func:`arrived`, then name: objections are numbered by landing, and the
+    latest statement wins); quarantine bad ones; skip ones already landed.
 
     Containment (module docstring): an entry that is not a regular file is quarantined
     unread; any error reading a file quarantines that file, and the next file is read. A
@@ -921,7 +922,7 @@ def ingest_collection(
     report = IngestReport(contract.collection)
     if _refuse_folder(incoming, quarantine_dir, contract, report):
         return report
-    for path in sorted(incoming.iterdir()):
+    for path in sorted(incoming.iterdir(), key=_arrival):  # arrival order: the later statement lands later
         try:
             drop = drop_key(path)
             if drops is None or drop in drops:

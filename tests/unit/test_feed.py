@@ -662,3 +662,20 @@ def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_leve
         assert [m["file"] for m in report.not_moved] == ["optouts.csv"]
         problems = feed.feed_problems(h.con, h.home, TODAY, 31)
         assert any("optouts.csv" in p and "file.header.excel_sep" in p for p in problems), problems
+
+
+def test_two_statements_sent_in_one_night_take_effect_in_the_order_they_arrived(home: Home, tmp_path: Path) -> None:
+    """Two objections files in one night: the withdrawal arrives first, then the sender's file in
+    which the objection stands. Files land in arrival order, not name order, so the later
+    statement is the one in force and the objector is not released."""
+    import time
+
+    with open_haven(home, tmp_path) as h:
+        h.drop("optouts_d1.csv", [_opt_out(21)])
+        assert h.run()
+        h.drop("z_0100.csv", [[NHS[21], "national_opt_out", "2024-03-01", "2024-06-01", ""]])
+        time.sleep(0.05)  # status-change times are nanoseconds here
+        h.drop("a_0200.csv", [_opt_out(21), _opt_out(22)])
+        assert h.run()
+        released = h.release()
+        assert h.pids[NHS[21]] not in h.members(released.release_id)
