@@ -37,7 +37,15 @@ from safehaven.core.pins import epoch_key_id, start_epoch
 from safehaven.core.sql import q
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
-from safehaven.protect.objections import ensure_tables, record_type1_incident, register_practices, type1_objectors_sql
+from safehaven.protect.objections import (
+    TYPE1,
+    ensure_tables,
+    episodes_sql,
+    in_force_sql,
+    record_type1_incident,
+    register_practices,
+    type1_objectors_sql,
+)
 from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_key
 
 HAVEN_BATCHES = schema.HAVEN_BATCHES
@@ -73,6 +81,8 @@ class HavenReport:
     rows_out: int = 0
     type1_dropped: int = 0
     type1_by_sender: dict[str, int] = field(default_factory=dict)
+    #: records already held that a type 1 objection registered since says were never to be sent
+    type1_purged: int = 0
     batches: int = 0
     key_id: str = ""
     practice_registrations: int = 0
@@ -90,6 +100,34 @@ def _seed_haven_batches(con: duckdb.DuckDBPyConnection, collection: str) -> None
         )
 
 
+def purge_late_type1(con: duckdb.DuckDBPyConnection, contract: Contract) -> int:
+    """Drop the records a type 1 objection in force says should never have been sent, when the
+    objection reached the haven after them (its file came after the GP file): records of batches
+    landed after the day the objection was recorded, as entry drops them (guide Rule 4B), with
+    the incident per sender. Records landed by the day it was recorded were sent before it and
+    stay (withheld from record-level releases by the opt-out rules). Returns the records dropped."""
+    c, sender = contract.collection, q(contract.practice_field or "")
+    late = (
+        f"SELECT DISTINCT h._batch, h._row, h.{sender} AS sender FROM haven.{c} h "
+        f"JOIN {BATCHES} b ON b.batch_id = h._batch "
+        f"JOIN ({episodes_sql()}) e ON e.pid = h.pid AND e.objection_type = '{TYPE1}' AND {in_force_sql()} "
+        "WHERE CAST(b.landed_at AS DATE) > e.recorded_date"
+    )
+    rows = con.execute(f"SELECT sender, count(*), list(DISTINCT _batch) FROM ({late}) GROUP BY 1").fetchall()
+    if not rows:
+        return 0
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"DELETE FROM haven.{c} AS t USING ({late}) AS l WHERE t._batch = l._batch AND t._row = l._row")
+        batches = sorted({b for *_, listed in rows for b in listed})
+        record_type1_incident(con, c, {str(s): int(n) for s, n, _ in rows}, batches)
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return sum(int(n) for _, n, _ in rows)
+
+
 def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: Key) -> HavenReport:
     """Pseudonymise accepted batches not yet in the haven; drop and count type 1 records."""
     ensure_tables(con)
@@ -101,6 +139,8 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
         f"CREATE TABLE IF NOT EXISTS haven.{c} AS {haven_select_sql(contract, f'(SELECT * FROM {source} LIMIT 0)')}"
     )
     _seed_haven_batches(con, c)
+    if contract.practice_field:
+        report.type1_purged = purge_late_type1(con, contract)
     con.execute(  # a batch whose every record was dropped leaves no row in haven.{c}: hence HAVEN_BATCHES
         f"CREATE OR REPLACE TEMP TABLE _new_batches AS SELECT batch_id FROM {BATCHES} "
         f"WHERE collection = ? AND status = 'accepted' "

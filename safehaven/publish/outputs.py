@@ -75,7 +75,9 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
   an agreement file's own ``approval:`` block authorises nothing), and pass the authorising
   agreement's id here, which refuses to run the join without it (CoP 22, 42b).
 * Anonymised aggregates include everyone: the national data opt-out covers confidential
-  information only (``docs/rules.md`` "Objections"); type 1 objectors never entered the haven.
+  information only (``docs/rules.md`` "Objections"); GP records a type 1 objection says were
+  never to be sent are not in the haven (dropped at entry, or when the objection arrives after
+  them: ``safehaven.protect.haven.purge_late_type1``).
 """
 
 from __future__ import annotations

@@ -75,6 +75,33 @@ def test_register_as_known_at_an_earlier_time() -> None:
     assert _pids(con, objectors_sql("2024-05-01")) == {"late"}
 
 
+def test_type1_records_held_before_their_objection_arrived_are_dropped_with_the_incident(home: Home) -> None:
+    """The objections file comes a night after the GP file: the GP records of people whose type 1
+    objection was recorded before that GP file was sent are already in the haven. Once the
+    objections are registered they are dropped as entry would have dropped them, with the
+    incident per sender, so no output counts them (guide Rule 4B)."""
+    import shutil
+
+    from tests.unit.populate import drop, process
+
+    drop(home)
+    held_back = home.root.parent / "objections_later"
+    shutil.move(str(home.incoming_for("objections")), held_back)
+    first = process(home)["gp_events"]
+    assert first.type1_dropped == 0  # nothing registered yet: every GP record entered
+    shutil.move(str(held_back), home.incoming_for("objections"))
+    second = process(home)["gp_events"]
+    assert second.type1_purged > 0
+    with Store(home).connect() as con:
+        in_haven = con.execute(
+            f"SELECT count(*) FROM haven.gp_events h JOIN governance.batches b ON b.batch_id = h._batch "
+            f"WHERE h.pid IN ({objectors_sql('current_date', ('type1',))})"
+        ).fetchone()[0]
+        incidents = con.execute(f"SELECT sum(records_dropped) FROM {TYPE1_INCIDENTS}").fetchone()[0]
+    assert in_haven == 0
+    assert incidents == second.type1_purged
+
+
 def test_types_are_checked() -> None:
     with pytest.raises(ValueError):
         objectors_sql("current_date", ("type2",))
