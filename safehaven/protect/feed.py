@@ -349,6 +349,7 @@ def resolve(
         raise ValueError("a decision needs --by <name> and --reason <text>")
     sync_faults(con, home)
     key = Path(file).name
+    _one_fault_by_name(con, key)
     batch, landed, resolution, note = None, None, "decision", reason
     if corrected_by is not None:
         batch, landed = _correcting_batch(con, corrected_by)
@@ -375,6 +376,22 @@ def resolve(
             detail={**detail, **({"corrected_by_batch": batch} if batch else {}), "recorded_by": current_actor()},
         )
     return len(rows)
+
+
+def _one_fault_by_name(con: duckdb.DuckDBPyConnection, key: str) -> None:
+    """A decision given by file name clears one fault only: several unresolved faults of that name
+    (files sent under one name on different days; one may have arrived after the person looked)
+    are resolved each by its SHA-256, so none is cleared unseen (fail closed)."""
+    if _SHA_KEY.fullmatch(key.lower()):
+        return
+    named = con.execute(f"SELECT count(*) FROM {FAULTS} WHERE resolved_at IS NULL AND file_name = ?", [key]).fetchone()[
+        0
+    ]
+    if named > 1:
+        raise ValueError(
+            f"{named} unresolved objections faults are named {key!r}: resolve each by its SHA-256 "
+            "(12 or more of its first characters), as shown by: safehaven objections faults"
+        )
 
 
 def _correcting_batch(con: duckdb.DuckDBPyConnection, corrected_by: str) -> tuple[str, datetime]:

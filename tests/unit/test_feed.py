@@ -679,3 +679,21 @@ def test_two_statements_sent_in_one_night_take_effect_in_the_order_they_arrived(
         assert h.run()
         released = h.release()
         assert h.pids[NHS[21]] not in h.members(released.release_id)
+
+
+def test_a_decision_by_file_name_never_clears_a_second_fault_of_that_name_unseen(haven: Haven) -> None:
+    """Two faulty files sent under one name (the second may arrive after the person looked): a
+    decision given by the name is refused, saying why; each is resolved by its SHA-256."""
+    haven.drop("practice_c.csv", [_opt_out(20), _opt_out(22, recorded=FUTURE)])
+    haven.run()
+    haven.drop("practice_c.csv", [_opt_out(21), _opt_out(23, recorded=FUTURE)])
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)
+    faults = feed.unresolved(haven.con)
+    assert len(faults) == 2
+    with pytest.raises(ValueError, match="2 unresolved objections faults are named 'practice_c.csv'"):
+        feed.resolve(haven.con, haven.home, "practice_c.csv", by="Dr Guardian", reason="checked")
+    assert len(feed.unresolved(haven.con)) == 2
+    for fault in faults:
+        feed.resolve(haven.con, haven.home, fault.sha256[:12], by="Dr Guardian", reason="checked")
+    assert feed.unresolved(haven.con) == []
