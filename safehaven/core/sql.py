@@ -22,7 +22,11 @@ def q(name: str) -> str:
 
 
 #: the characters DuckDB's file readers take as a glob pattern in a path
-GLOB_CHARACTERS = re.compile(r"([*?\[])")
+GLOB_CHARACTERS = "*?["
+#: and the one DuckDB also splits a pattern's folders on: a received name holding any of these is
+#: never read (``safehaven.intake.ingest.bad_name``); the haven's own paths are escaped here
+PATTERN_CHARACTERS = frozenset(GLOB_CHARACTERS + "\\")
+_GLOB = re.compile(f"([{re.escape(GLOB_CHARACTERS)}])")
 
 
 def file_lit(path: Path) -> str:
@@ -33,7 +37,7 @@ def file_lit(path: Path) -> str:
     ``*.csv`` would be read together with every other file of its folder, a symbolic link's
     target outside the home included (a file is landed whole or not at all: CoP 7-9).
     """
-    return lit(GLOB_CHARACTERS.sub(r"[\1]", str(path)))
+    return lit(_GLOB.sub(r"[\1]", str(path)))
 
 
 def lit(value: str) -> str:

@@ -144,12 +144,14 @@ def _waiting(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()) if folder.is_dir() else []
 
 
-def incoming_copy(home: Home, entry: dict[str, Any]) -> Path | None:
-    """The file an ``incoming`` entry of a plan stands for, found again by its SHA-256 (the plan
-    keeps its shown path only: the journal is a plain file, and a sender's name may hold an NHS
-    number); None once it is gone."""
-    folder = home.root / Path(entry["path"]).parent
-    return next((p for p in _waiting(folder) if _sha(home, p) == entry["sha256"]), None)
+def waiting_by_sha(home: Home, folder: Path) -> dict[str, list[Path]]:
+    """The files waiting in an incoming folder by SHA-256, in name order (each hashed once): how
+    the files step finds again the copies a plan names by shown path and hash (the journal is a
+    plain file, and a sender's name may hold an NHS number)."""
+    found: dict[str, list[Path]] = {}
+    for path in _waiting(folder):
+        found.setdefault(_sha(home, path), []).append(path)
+    return found
 
 
 def _sha(home: Home, path: Path) -> str:

@@ -25,7 +25,7 @@ from safehaven.core.schema import OUTPUT_COUNTS
 from safehaven.core.sql import q
 from safehaven.core.store import COUNTS_ZONE, SimulatedCrash, Store, table_exists
 from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
-from safehaven.dispose.found import file_entry, incoming_copy, unreadable_refused
+from safehaven.dispose.found import file_entry, unreadable_refused, waiting_by_sha
 from safehaven.dispose.journal import count, journal_path, now, write_json
 from safehaven.dispose.model import PROGRESS, Plan
 from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
@@ -299,10 +299,15 @@ def _shred_folder(run: Run, folder: Path) -> None:
     shred_tree(folder, before=before)
 
 
-def _planned_file(run: Run, entry: dict[str, Any]) -> Path | None:
-    """The file a planned entry stands for, if it is still there (a copy in incoming/ by its hash)."""
+def _planned_file(run: Run, entry: dict[str, Any], waiting: dict[Path, dict[str, list[Path]]]) -> Path | None:
+    """The file a planned entry stands for, if it is still there (a copy in incoming/ by its hash,
+    from ``waiting``: each folder's files hashed once per step)."""
     if entry["kind"] == "incoming":
-        return incoming_copy(run.home, entry)
+        folder = run.home.root / Path(entry["path"]).parent
+        if folder not in waiting:
+            waiting[folder] = waiting_by_sha(run.home, folder)
+        copies = waiting[folder].get(entry["sha256"], [])
+        return copies.pop(0) if copies else None
     path = run.home.root / entry["path"]
     return path if path.exists() or path.is_symlink() else None
 
@@ -313,8 +318,9 @@ def shred_files(run: Run) -> None:
     the plan) is listed as not found, unless this step's own journal says it shredded it."""
     progress = _progress(run)
     destroyed, missing = 0, []
+    waiting: dict[Path, dict[str, list[Path]]] = {}
     for entry in run.plan.files:
-        path = _planned_file(run, entry)
+        path = _planned_file(run, entry, waiting)
         if path is None:
             if entry["kind"] == "incoming" and entry["path"] not in progress["shredded"]:
                 missing.append(entry["path"])

@@ -84,7 +84,7 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.audit import shown_name
 from safehaven.core.files import sha256_file, shred_file
-from safehaven.core.sql import file_lit, lit, q
+from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.intake.contracts import Contract
 
 SUPPORTED = (".csv", ".parquet")
@@ -689,10 +689,6 @@ def not_regular(path: Path) -> FileRejected | None:
         "place the file itself (a copy, not a link) in the collection folder",
         {"kind": kind},
     )
-
-
-#: characters DuckDB's file readers take as a pattern, or as a folder separator within one
-PATTERN_CHARACTERS = frozenset("*?[\\")
 
 
 def bad_name(path: Path) -> FileRejected | None:
