@@ -644,7 +644,8 @@ def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, hom
     from safehaven.protect.objections import NATIONAL_OPT_OUT, objectors_sql
 
     stored = con.execute(f"SELECT optout_decision FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()
-    if not (stored and json.loads(stored[0]).get("applied")):
+    decision = json.loads(stored[0]) if stored and stored[0] else {}
+    if decision.get("applied") is False:  # only a recorded "does not apply" skips it: a lost one checks
         return
     try:
         feed.require_sound_feed(con, home, datetime.now(UTC).date())

@@ -697,3 +697,25 @@ def test_a_decision_by_file_name_never_clears_a_second_fault_of_that_name_unseen
     for fault in faults:
         feed.resolve(haven.con, haven.home, fault.sha256[:12], by="Dr Guardian", reason="checked")
     assert feed.unresolved(haven.con) == []
+
+
+def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(home: Home, tmp_path: Path) -> None:
+    """The delivery guard skips only a request whose stored decision says the opt-out does not
+    apply: one whose decision is gone (emptied in the store) is checked, and refused once a
+    member has opted out (fail closed)."""
+    from safehaven.context import Haven as Context
+    from safehaven.share.releases import PREPARED, prepare
+    from safehaven.share.review import ReviewError
+    from tests.governance_helpers import adopt, approve_release
+
+    with open_haven(home, tmp_path) as h:
+        adopt(h.con, h.registry, h.agreement)
+        res = prepare(h.con, h.agreement, haven=Context.open(h.home, contracts=h.registry, keyring=h.keyring))
+        assert res.status == PREPARED
+        h.con.execute(
+            "UPDATE governance.release_requests SET optout_decision = '{}' WHERE release_id = ?", [res.release_id]
+        )
+        h.drop("optouts_d2.csv", [_opt_out(31)])
+        assert h.run()
+        with pytest.raises(ReviewError, match="opted out since it was prepared"):
+            approve_release(h.con, res.release_id, h.home)
