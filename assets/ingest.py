@@ -64,6 +64,7 @@ def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home)
             "files_not_moved": len(report.not_moved),
             "files_still_arriving": report.files_arriving,
             "files_not_landed_same_records": len(report.copies),
+            "files_restating_objections": len(report.restated),
             "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
             "rows_in": report.rows_landed,
             "rows_out": report.rows_landed,
@@ -82,6 +83,11 @@ def _log_report(context: dg.AssetExecutionContext, c: str, report: IngestReport)
         context.log.warning(
             f"{c}: {copy['file']} holds the same records as batch {copy['same_records_as']} "
             "(a re-saved copy: other bytes, same rows); not landed again"
+        )
+    for restated in report.restated:
+        context.log.info(
+            f"{c}: {restated['file']} was received before (batch {restated['restates']}): not landed again; "
+            "the objection register registers its statements again, in the order they arrived"
         )
     for stuck in report.not_moved:
         context.log.warning(

@@ -3,9 +3,10 @@ objection feed with its blocking check ``objections_feed_complete`` (safehaven.p
 an objections file or row is unresolved, or the register is stale, no record-level release runs),
 and the objection-rate monitor with its warning check (Govt response 7.15)."""
 
-from datetime import date
+from datetime import date, datetime
 
 import dagster as dg
+import duckdb
 
 from assets import keys
 from resources.haven import SafeHavenResource
@@ -17,6 +18,7 @@ from safehaven.protect.objections import (
     ALPHA_UPPER,
     EVENTS,
     NATIONAL_OPT_OUT,
+    RESTATEMENTS,
     TYPE1,
     current_sql,
     objection_rates,
@@ -85,6 +87,16 @@ def feed_asset() -> dg.AssetsDefinition:
     return objection_feed
 
 
+def _withdrawals_held(con: duckdb.DuckDBPyConnection, since: datetime) -> int:
+    """Withdrawals in objections files received again, registered since ``since``, that were not
+    applied (``safehaven.protect.objections.register_restatements``)."""
+    return int(
+        con.execute(
+            f"SELECT coalesce(sum(withdrawals_held), 0) FROM {RESTATEMENTS} WHERE registered_at >= ?", [since]
+        ).fetchone()[0]
+    )
+
+
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     contract = registry.objections()
 
@@ -97,12 +109,20 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
         "keyed by haven pseudonym; the current state is derived from it.",
         kinds={"duckdb"},
     )
-    def objection_register(haven: SafeHavenResource) -> dg.MaterializeResult:
+    def objection_register(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
             ensure_tables_validated(con, contract)  # a collection that never sent a drop has its tables, empty
             key = haven_key(con, haven.keyring())
             install_key(con, "haven", key)
+            (started,) = con.execute("SELECT now()").fetchone()
             added = register_objections(con, contract, key.key_id)
+            held = _withdrawals_held(con, started)
+            if held:
+                context.log.warning(
+                    f"{held} withdrawal(s) in objections files received again were not applied (a file sent "
+                    "again may keep an objection in force, never end one): the sender sends the withdrawal "
+                    "in a new file (governance.objection_restatements)"
+                )
             total = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0]
             in_force = dict(
                 con.execute(
@@ -117,6 +137,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                 "type1_in_force": int(in_force.get(TYPE1, 0)),
                 "national_opt_out_in_force": int(in_force.get(NATIONAL_OPT_OUT, 0)),
                 "pseudonym_key_id": key.key_id,
+                "withdrawals_held_from_files_sent_again": held,
             }
         )
 

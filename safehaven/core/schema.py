@@ -236,6 +236,13 @@ OBJECTION_FEED_FAULTS = _declare(
     "resolution VARCHAR, reason VARCHAR",
     "faults of the objection feed, which block record-level releases until resolved (CoP 11-14; guide Rule 4B)",
 )
+OBJECTION_RESTATEMENTS = _declare(
+    "governance.objection_restatements",
+    "drop_key VARCHAR PRIMARY KEY, batch_id VARCHAR, file_name VARCHAR, arrived_at TIMESTAMPTZ, "
+    "noted_at TIMESTAMPTZ, registered_at TIMESTAMPTZ, statements BIGINT, added BIGINT, withdrawals_held BIGINT",
+    "objections files received again (the bytes or the records of a batch already landed): each a "
+    "restatement of that batch's statements, registered in arrival order (CoP 11-14; safehaven.protect.objections)",
+)
 OBJECTION_REFRESHES = _declare(
     "governance.objection_refreshes",
     "as_of DATE, attested_at TIMESTAMPTZ, attested_by VARCHAR, reason VARCHAR",

@@ -48,7 +48,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   byte-order mark or CRLF): each batch's records are digested as a multiset
   (``governance.batch_contents``) and a file whose records equal a held batch's is not landed
   again, and is named in the report (``copies``). A file lands in one transaction with its
-  batch record and digest.
+  batch record and digest. An *objections* file received again is not landed again either, but
+  it is not a no-op: it restates that batch's objections (``restated``; ``_note_restatement``).
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
   so identifiable data is held in one protected place (CoP 27b-c).
 * Reasons, logs and metadata carry counts, column names of the contract, line numbers and
@@ -98,6 +99,7 @@ HELD = ("landed", "accepted")
 _HELD_SQL = ", ".join(lit(s) for s in HELD)
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 BATCHES = schema.BATCHES
+RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
 CHUNK = 1 << 20
 #: The longest first line (header) read, in bytes: a header of the contract is far shorter.
 MAX_HEADER_BYTES = 1 << 16
@@ -134,15 +136,20 @@ class IngestReport:
     not_moved: list[dict[str, str]] = field(default_factory=list)
     #: files not landed because a held batch has the same records (re-saved copies)
     copies: list[dict[str, str]] = field(default_factory=list)
+    #: objections files received again, each a restatement of a batch's statements (:func:`_note_restatement`)
+    restated: list[dict[str, str]] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
     #: each drop read (:func:`drop_key`) and what became of it: ``landed``, ``already landed``,
-    #: ``same records as <batch>``, ``quarantined (<rule>)``, ``still arriving`` or ``vanished``
+    #: ``same records as <batch>``, ``restates batch <batch>``, ``quarantined (<rule>)``,
+    #: ``still arriving`` or ``vanished``
     drops: dict[str, str] = field(default_factory=dict)
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     """Create the batch register and the collection's landing table (all text)."""
     schema.ensure(con, BATCHES, BATCH_CONTENTS)
+    if contract.kind == "objections":
+        schema.ensure(con, RESTATEMENTS)
     # by shape from data: the contract's fields (safehaven.core.schema, "made elsewhere")
     cols = ", ".join(f"{q(f)} VARCHAR" for f in contract.field_names)
     con.execute(f"CREATE TABLE IF NOT EXISTS landing.{contract.collection} ({cols}, _batch VARCHAR, _row BIGINT)")
@@ -859,6 +866,7 @@ def _ingest_one(
         if known is not None:
             report.files_skipped += 1
             report.drops[drop] = "already landed"
+            _note_restatement(con, contract, sha, path, seen, drop, report)
             _remove_received(path, report)
             return
         inspect_file(con, path, contract)
@@ -867,6 +875,7 @@ def _ingest_one(
         report.files_skipped += 1
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
         report.drops[drop] = f"same records as batch {copy.batch_id[:12]}"
+        _note_restatement(con, contract, copy.batch_id, path, seen, drop, report)
         _remove_received(path, report)
         return
     except (FileRejected, StillArriving):
@@ -881,6 +890,37 @@ def _ingest_one(
     report.batches.append(sha)
     report.drops[drop] = "landed"
     _remove_received(path, report)
+
+
+def _note_restatement(
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    batch_id: str,
+    path: Path,
+    seen: os.stat_result,
+    drop: str,
+    report: IngestReport,
+) -> None:
+    """An objections file received again (the bytes or the records of the batch ``batch_id``) is
+    a *restatement*: its sender states those objections again today, e.g. to undo a withdrawal
+    sent by mistake, or sends an unchanged daily list. It is recorded in
+    ``governance.objection_restatements`` by its drop and arrival time, and the objection register
+    registers its statements in arrival order (``safehaven.protect.objections.register_restatements``),
+    so re-sending a file is never silently a no-op for the register (CoP 11-14). The batch's own
+    drop seen again (a run repeated after a crash, before the file was shredded) restates nothing."""
+    if contract.kind != "objections":
+        return
+    own = con.execute(
+        f"SELECT drop_key FROM {BATCHES} WHERE batch_id = ? AND collection = ?", [batch_id, contract.collection]
+    ).fetchone()
+    if own is None or own[0] == drop:
+        return
+    con.execute(
+        f"INSERT OR IGNORE INTO {RESTATEMENTS} VALUES (?, ?, ?, to_timestamp(?), now(), NULL, NULL, NULL, NULL)",
+        [drop, batch_id, shown_name(path.name), arrived(seen)],
+    )
+    report.restated.append({"file": shown_name(path.name), "restates": batch_id[:16]})
+    report.drops[drop] = f"restates batch {batch_id[:12]} (registered by the objection register)"
 
 
 def _remove_received(path: Path, report: IngestReport) -> None:

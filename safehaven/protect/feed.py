@@ -13,7 +13,8 @@ against a current list). Rules:
   rows (``landing.objections_rejected``). ``sync_faults`` records each in
   ``governance.objection_feed_faults`` (file name, SHA-256, rule ids, rows; never a value),
   once. While any fault is unresolved, or an objections batch is landed but not yet
-  validated and registered, ``require_sound_feed`` refuses every record-level release, in
+  validated and registered (or a file received again not yet registered as a restatement),
+  ``require_sound_feed`` refuses every record-level release, in
   this run and every later one. Anonymised aggregates are not blocked: the opt-out does not
   cover them (guide Rule 4C).
 * **Clearing a fault** needs a person, and only a person: ``safehaven objections resolve
@@ -28,7 +29,9 @@ against a current list). Rules:
   (resolution ``corrected_file``, audited; the haven checks the file landed after the fault
   and validated cleanly). Until then the block stands.
 * **Freshness.** The register's *refresh date* is the latest day an objections file landed
-  and was validated (its rows honoured), or the latest date a person attested that the
+  and was validated (its rows honoured), or an objections file received again was registered
+  as a restatement (an unchanged daily list is still a current list;
+  ``safehaven.protect.objections.register_restatements``), or the latest date a person attested that the
   register matches the current list (``safehaven objections refreshed --as-of``,
   ``attest_refresh``). A record-level release refuses when that date is older than the
   agreement's ``objections_max_age_days`` or else the haven's window (``haven_days``: the
@@ -54,7 +57,7 @@ from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake.ingest import BATCHES
-from safehaven.protect.objections import EVENTS
+from safehaven.protect.objections import EVENTS, RESTATEMENTS
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
 
 COLLECTION = "objections"
@@ -180,9 +183,11 @@ def unresolved(con: duckdb.DuckDBPyConnection) -> list[Fault]:
 
 
 def pending_batches(con: duckdb.DuckDBPyConnection) -> int:
-    """Objections batches landed but not validated, plus validated batches with valid rows not registered."""
+    """Objections batches landed but not validated, validated batches with valid rows not
+    registered, and objections files received again whose restatement is not registered."""
     if not table_exists(con, *BATCHES.split(".")):
         return 0
+    ensure_tables(con)
     landed = _scalar(con, f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND status = 'landed'", [COLLECTION])
     if not table_exists(con, "landing", f"{COLLECTION}_valid"):
         return landed
@@ -191,7 +196,8 @@ def pending_batches(con: duckdb.DuckDBPyConnection) -> int:
         f"SELECT count(DISTINCT v._batch) FROM landing.{COLLECTION}_valid v WHERE NOT EXISTS "
         f"(SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row)",
     )
-    return landed + unregistered
+    restated = _scalar(con, f"SELECT count(*) FROM {RESTATEMENTS} WHERE registered_at IS NULL")
+    return landed + unregistered + restated
 
 
 def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
@@ -203,8 +209,11 @@ def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
             f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL",
             [COLLECTION],
         ).fetchone()[0]
+    restated = con.execute(
+        f"SELECT max(CAST(noted_at AS DATE)) FROM {RESTATEMENTS} WHERE registered_at IS NOT NULL"
+    ).fetchone()[0]
     attested = con.execute(f"SELECT max(as_of) FROM {REFRESHES}").fetchone()[0]
-    known = [d for d in (dropped, attested) if d is not None]
+    known = [d for d in (dropped, restated, attested) if d is not None]
     return max(known) if known else None
 
 

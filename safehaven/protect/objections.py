@@ -14,7 +14,10 @@ response to the Caldicott review 7.15):
   by (pid, type, recorded date); the latest statement about an episode wins (so a later drop
   that restates it with a withdrawn date withdraws it). An objection is in force on day ``d``
   when some episode has ``recorded_date <= d`` and no ``withdrawn_date <= d``: it applies
-  from its recorded date and stops applying on its withdrawn date. Reading the register
+  from its recorded date and stops applying on its withdrawn date. **A file sent again** (the
+  bytes or records of a batch already landed) restates that batch's statements, registered in
+  arrival order where they keep an objection in force, never where they would end one
+  (:func:`register_restatements`). Reading the register
   "as known at" an earlier time (``known_at``) uses only the events registered by then; the
   notices to recipients (``safehaven.protect.optouts``) compare these two views.
 * **Formatting never lets an objector through.** Objections and records are matched on the
@@ -43,17 +46,18 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
-from safehaven.core.sql import q
+from safehaven.core.sql import lit, q
 from safehaven.intake.contracts import Contract
 from safehaven.protect.pseudonymise import hmac_sql
 
 EVENTS = schema.OBJECTION_EVENTS
+RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
 TYPE1_INCIDENTS = schema.TYPE1_INCIDENTS
 REGISTRATIONS = schema.PRACTICE_REGISTRATIONS
 MEMBERS_SEEDED = schema.PRACTICE_MEMBERS_SEEDED
 RATES = schema.OBJECTION_RATES
 #: The tables :func:`ensure_tables` makes (the monitor's table is made whole by :func:`save_rates`).
-TABLES = (EVENTS, TYPE1_INCIDENTS, REGISTRATIONS, MEMBERS_SEEDED)
+TABLES = (EVENTS, TYPE1_INCIDENTS, REGISTRATIONS, MEMBERS_SEEDED, RESTATEMENTS)
 
 TYPE1 = "type1"
 NATIONAL_OPT_OUT = "national_opt_out"
@@ -96,23 +100,88 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def register_objections(con: duckdb.DuckDBPyConnection, contract: Contract, key_id: str = "") -> int:
-    """Append newly validated objection rows to the register (idempotent by batch and row).
+    """Append newly validated objection rows, and the statements of objections files received
+    again (:func:`register_restatements`), to the register, in the order they arrived
+    (idempotent: by batch and row; by restatement).
 
     Needs the haven key installed as ``haven`` (``safehaven.protect.pseudonymise.install_key``). The
     NHS number is canonicalised again here, so the register never depends on a caller having
-    done it. Events are numbered in landing order (batch landing time, then row).
+    done it. Events are numbered in landing order (batch landing time, then row); a restatement's
+    after every batch that arrived before it.
     """
     ensure_tables(con)
     pid = hmac_sql(canonical_nhs_sql(q(contract.patient_key)), "haven")
+    added = 0
+    for drop, arrived_at, batch_id in con.execute(
+        f"SELECT drop_key, arrived_at, batch_id FROM {RESTATEMENTS} WHERE registered_at IS NULL ORDER BY arrived_at"
+    ).fetchall():
+        added += _register_batches(con, contract, pid, key_id, arrived_by=arrived_at)
+        added += register_restatements(con, contract, pid, key_id, drop, batch_id)
+    return added + _register_batches(con, contract, pid, key_id)
+
+
+def _register_batches(
+    con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, key_id: str, arrived_by: datetime | None = None
+) -> int:
+    """Register the valid rows of batches not yet registered (those arrived by ``arrived_by``)."""
+    by = "" if arrived_by is None else "AND coalesce(b.arrived_at, b.landed_at) <= ? "
     (added,) = con.execute(
         f"INSERT INTO {EVENTS} SELECT "
         f"(SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
         f"+ row_number() OVER (ORDER BY b.landed_at, v._batch, v._row), "
         f"{pid}, objection_type, recorded_date, withdrawn_date, source_practice, v._batch, v._row, now(), ? "
         f"FROM landing.{contract.collection}_valid v LEFT JOIN governance.batches b ON b.batch_id = v._batch "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row)",
-        [key_id],
+        f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row) {by}",
+        [key_id] if arrived_by is None else [key_id, arrived_by],
     ).fetchone()
+    return int(added)
+
+
+def register_restatements(
+    con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, key_id: str, drop: str, batch_id: str
+) -> int:
+    """Register one restatement (``safehaven.intake.ingest._note_restatement``): the batch's
+    statements, received again, as new events, where they differ from the register's latest
+    statement about the episode and do not lift an objection (CoP 11-14; fail closed).
+
+    A restated statement that keeps an objection in force longer (no withdrawn date where the
+    register has one, or a later one) is appended, so re-sending a file undoes a withdrawal sent
+    by mistake. One that would withdraw an objection the register holds, or bring its withdrawal
+    forward, is *held*, not applied (counted in ``withdrawals_held``): a withdrawal takes effect
+    from a file the haven has not seen, never from an old file sent again by accident. A
+    statement equal to the register's latest adds nothing (an unchanged daily list). In one
+    transaction with the restatement's record; rows already registered are never changed."""
+    stated = (
+        f"SELECT {pid} AS pid, objection_type, CAST(recorded_date AS DATE) AS recorded_date, "
+        f"CAST(withdrawn_date AS DATE) AS withdrawn_date, source_practice, _batch, _row "
+        f"FROM landing.{contract.collection}_valid WHERE _batch = {lit(batch_id)}"
+    )
+    later = "(s.withdrawn_date IS NULL OR s.withdrawn_date > l.withdrawn_date)"
+    appended = f"(l.pid IS NULL OR (l.withdrawn_date IS NOT NULL AND {later}))"
+    earlier = "(l.withdrawn_date IS NULL OR s.withdrawn_date < l.withdrawn_date)"
+    held = f"(l.pid IS NOT NULL AND s.withdrawn_date IS NOT NULL AND {earlier})"
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _restated AS SELECT s.*, {appended} AS appended, {held} AS held "
+            f"FROM ({stated}) s LEFT JOIN ({episodes_sql()}) l USING (pid, objection_type, recorded_date)"
+        )
+        (added,) = con.execute(
+            f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
+            "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
+            "source_practice, _batch, _row, now(), ? FROM _restated WHERE appended",
+            [key_id],
+        ).fetchone()
+        con.execute(
+            f"UPDATE {RESTATEMENTS} SET registered_at = now(), statements = (SELECT count(*) FROM _restated), "
+            "added = ?, withdrawals_held = (SELECT count(*) FILTER (WHERE held) FROM _restated) WHERE drop_key = ?",
+            [added, drop],
+        )
+        con.execute("DROP TABLE _restated")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
     return int(added)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,14 +28,16 @@ from hypothesis import strategies as st
 from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
+from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
+from safehaven.intake import ingest
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import validate_collection
 from safehaven.protect import feed
-from safehaven.protect.objections import register_objections
+from safehaven.protect.objections import RESTATEMENTS, objectors_sql, register_objections
 from safehaven.share.releases import ReleaseRefused
 from tests.conftest import with_vault_keys
 from tests.governance_helpers import (
@@ -719,3 +722,115 @@ def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(ho
         assert h.run()
         with pytest.raises(ReviewError, match="opted out since it was prepared"):
             approve_release(h.con, res.release_id, h.home)
+
+
+# --- an objections file received again restates its objections (CoP 11-14; fail closed) ----
+
+
+def _withdrawn(i: int, on: str, recorded: str = "2024-03-01") -> list[str]:
+    return [NHS[i], "national_opt_out", recorded, on, ""]
+
+
+def _in_force(haven: Haven, i: int) -> bool:
+    found = haven.con.execute(f"SELECT count(*) FROM ({objectors_sql()}) WHERE pid = ?", [haven.pids[NHS[i]]])
+    return found.fetchone()[0] == 1
+
+
+def _restatements(haven: Haven) -> list[tuple]:
+    return haven.con.execute(
+        f"SELECT statements, added, withdrawals_held FROM {RESTATEMENTS} ORDER BY arrived_at"
+    ).fetchall()
+
+
+def test_an_objections_file_sent_again_after_a_mistaken_withdrawal_puts_the_objection_back_in_force(
+    haven: Haven,
+) -> None:
+    """The sender withdrew an objection by mistake and sends the original file again: the same
+    bytes, so not landed twice, but its objection is registered again and its records withheld."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    haven.run()
+    assert not _in_force(haven, 10)
+    haven.drop("objections.csv", [_opt_out(10)])  # the original file, sent again
+    haven.run()
+    assert _in_force(haven, 10)
+    assert _restatements(haven) == [(1, 1, 0)]
+    assert haven.pids[NHS[10]] not in haven.members(haven.release().release_id)
+
+
+def test_an_old_withdrawal_sent_again_never_lifts_an_objection_the_register_holds(haven: Haven) -> None:
+    """Fail closed: a file received again may keep an objection in force, never end one. The old
+    withdrawal, re-sent after the objection was restated, is held and counted, not applied."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    haven.run()
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])  # the old withdrawal, sent again
+    haven.run()
+    assert _in_force(haven, 10)
+    assert _restatements(haven) == [(1, 1, 0), (1, 0, 1)]
+
+
+def test_a_re_saved_copy_restates_too(haven: Haven) -> None:
+    """Excel's re-save (byte-order mark, every field quoted, CRLF) holds the same records: a copy,
+    not landed again, and a restatement all the same."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("objections.csv", [_opt_out(10), _opt_out(11)])
+    haven.run()
+    haven.drop("withdrawals.csv", [_withdrawn(11, yesterday)])
+    haven.run()
+    haven.drop("objections (1).csv", [_opt_out(10), _opt_out(11)], excel=True)
+    haven.run()
+    assert _in_force(haven, 11) and _in_force(haven, 10)
+    assert _restatements(haven) == [(2, 1, 0)], "the unchanged statement adds nothing"
+
+
+def test_an_unchanged_daily_list_adds_no_event_and_keeps_the_register_current(haven: Haven) -> None:
+    """A sender's full list, unchanged since yesterday, arrives byte for byte again: nothing is
+    added to the register, but the register is as current as that file, so releases go on."""
+    haven.drop("daily.csv", [_opt_out(10)])
+    haven.run()
+    haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
+    with pytest.raises(ReleaseRefused, match="last refreshed on"):
+        haven.release()
+    events = haven.con.execute("SELECT count(*) FROM governance.objection_events").fetchone()[0]
+    haven.drop("daily.csv", [_opt_out(10)])
+    haven.run()
+    assert haven.con.execute("SELECT count(*) FROM governance.objection_events").fetchone()[0] == events
+    assert feed.refreshed_on(haven.con) == TODAY
+    assert haven.release().status == "released"
+
+
+def test_a_restatement_not_yet_registered_refuses_record_level_releases(haven: Haven) -> None:
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("objections.csv", [_opt_out(10)])
+    contract = haven.registry.objections()
+    ingest_collection(
+        haven.con, contract, haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
+    )
+    assert feed.pending_batches(haven.con) == 1
+    with pytest.raises(ReleaseRefused, match="not yet"):
+        haven.release()
+    register_objections(haven.con, contract)
+    assert feed.pending_batches(haven.con) == 0
+
+
+def test_the_same_drop_seen_again_after_a_crash_restates_nothing(haven: Haven) -> None:
+    """A run killed after landing a file and before shredding it sees that very file again: it is
+    already landed, and not a second sending."""
+    haven.drop("objections.csv", [_opt_out(10)])
+    contract = haven.registry.objections()
+    folder = haven.home.incoming_for("objections")
+    [path] = folder.iterdir()
+    ingest.ensure_tables(haven.con, contract)
+    ingest.inspect_file(haven.con, path, contract)
+    ingest.land_file(haven.con, path, contract, sha256_file(path), os.lstat(path), ingest.drop_key(path))
+    report = ingest_collection(haven.con, contract, folder, haven.home.quarantine_for("objections"))
+    assert list(report.drops.values()) == ["already landed"] and report.restated == []
+    assert _restatements(haven) == []
