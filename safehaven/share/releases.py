@@ -154,6 +154,8 @@ class ReleaseResult:
     optouts_reason: str = ""
     #: the objection register's refresh date: the date of the opt-out list applied
     optout_list_date: date | None = None
+    #: the freshness window the objection register was held to (the agreement's, else the haven's)
+    objections_window_days: int = feed.DEFAULT_WINDOW_DAYS
     k: KReport | None = None
     manifest_sha256: str | None = None
     rule: str | None = None
@@ -531,6 +533,7 @@ def _build(
     record_level = a.identifiability != "anonymised"
     result = ReleaseResult(a.id, PREPARED, "", level=a.identifiability)
     result.optout_list_date = _objection_guard(con, a, home, today, haven_days)
+    result.objections_window_days = feed.window_days(a.objections_max_age_days, haven_days)
     inputs = _inputs(con, a, agreement_sha, today, keyring)
     known = release_inputs.known_unchanged(con, a.id, inputs) if inputs else None
     if known is not None:  # the same inputs as the content of the latest request: nothing to build
@@ -844,7 +847,11 @@ def _stage(
     result.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     summary = _summary(con, a, contracts, result, tmp, rule)
     tmp.rename(final)
-    decision = {**asdict(extra.decision), "withheld": result.records_withheld}
+    decision = {
+        **asdict(extra.decision),
+        "withheld": result.records_withheld,
+        review.WINDOW_KEY: result.objections_window_days,  # delivery holds the register to it again
+    }
     try:
         review.open_request(
             con, release_id=release_id, agreement_id=a.id, identifiability=a.identifiability, rule=rule,

@@ -74,6 +74,9 @@ PREPARED = "prepared"
 APPROVED_BY_ONE = "approved_by_one"
 APPROVED = "approved"
 RELEASED = "released"
+#: the key of the opt-out decision stored with a request that holds the objection register's
+#: freshness window it was prepared under (delivery holds the register to it again)
+WINDOW_KEY = "objections_window_days"
 RETURNED = "returned"
 REJECTED = "rejected"
 WITHDRAWN = "withdrawn"
@@ -636,26 +639,20 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
 
 
 def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, home: Home, by: str) -> None:
-    """Refuse to deliver (audited) a request prepared under the opt-out while the objection feed is
-    blocked or stale now, or once someone in it has opted out since it was prepared: its files were
-    filtered against the register as it then stood (NDOP; ``safehaven.protect.feed``, fail closed).
-    The next run prepares it again from the register as it stands."""
+    """Refuse to deliver (audited) a request once someone in it has a type 1 objection registered
+    since it was prepared (whatever the legal basis: GP records of a type 1 objector never leave,
+    guide Rule 4B), and, prepared under the opt-out, while the objection feed is blocked or stale
+    now or once someone in it has opted out since it was prepared: its files were filtered against
+    the register as it then stood (NDOP; ``safehaven.protect.feed``, fail closed). The next run
+    prepares it again from the register as it stands."""
     from safehaven.protect import feed
-    from safehaven.protect.objections import NATIONAL_OPT_OUT, objectors_sql
 
-    stored = con.execute(f"SELECT optout_decision FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()
-    decision = json.loads(stored[0]) if stored and stored[0] else {}
-    if decision.get("applied") is False:  # only a recorded "does not apply" skips it: a lost one checks
-        return
+    decision = _decision(con, req)
     try:
-        feed.require_sound_feed(con, home, datetime.now(UTC).date())
-        since = con.execute(
-            f"SELECT count(DISTINCT pid) FROM {REQUEST_MEMBERS} WHERE release_id = ? "
-            f"AND pid IN ({objectors_sql('current_date', (NATIONAL_OPT_OUT,))})",
-            [req.release_id],
-        ).fetchone()[0]
-        if since:
-            raise feed.ObjectionFeedBlocked(f"{since} person(s) in it have opted out since it was prepared")
+        _no_type1_since(con, req)
+        if decision.get("applied") is not False:  # only a recorded "does not apply" skips: a lost one checks
+            feed.require_sound_feed(con, home, datetime.now(UTC).date(), agreement_days=_window(decision))
+            _no_optout_since(con, req)
     except feed.ObjectionFeedBlocked as exc:
         audit.append(con, actor=by, role="review", action="release", object=f"release-request:{req.release_id}",
                      agreement=req.agreement_id, outcome="refused", detail={"reason": "objections"})  # fmt: skip
@@ -663,6 +660,56 @@ def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, hom
             f"release {req.release_id} not delivered: {exc}; withdraw it (safehaven review withdraw "
             f"{req.release_id} --by ... --comment ...) and let the next run prepare it again"
         ) from None
+
+
+def _decision(con: duckdb.DuckDBPyConnection, req: Request) -> dict[str, Any]:
+    """The opt-out decision stored with the request ({} when lost or emptied: checked as if the
+    opt-out applied, fail closed)."""
+    stored = con.execute(f"SELECT optout_decision FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()
+    decision = json.loads(stored[0]) if stored and stored[0] else {}
+    return decision if isinstance(decision, dict) else {}
+
+
+def _window(decision: dict[str, Any]) -> int:
+    """The freshness window the request was prepared under (the agreement's, else the haven's,
+    ``safehaven.protect.feed.window_days``); the haven's default for a request that lacks one."""
+    from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
+
+    days = decision.get(WINDOW_KEY)
+    return days if isinstance(days, int) and not isinstance(days, bool) and days >= 1 else DEFAULT_WINDOW_DAYS
+
+
+def _members_objecting(con: duckdb.DuckDBPyConnection, req: Request, objectors: str) -> int:
+    return con.execute(
+        f"SELECT count(DISTINCT pid) FROM {REQUEST_MEMBERS} WHERE release_id = ? AND pid IN ({objectors})",
+        [req.release_id],
+    ).fetchone()[0]
+
+
+def _no_optout_since(con: duckdb.DuckDBPyConnection, req: Request) -> None:
+    """Members with a national opt-out in force now were not withheld when it was prepared."""
+    from safehaven.protect.feed import ObjectionFeedBlocked
+    from safehaven.protect.objections import NATIONAL_OPT_OUT, objectors_sql
+
+    since = _members_objecting(con, req, objectors_sql("current_date", (NATIONAL_OPT_OUT,)))
+    if since:
+        raise ObjectionFeedBlocked(f"{since} person(s) in it have opted out since it was prepared")
+
+
+def _no_type1_since(con: duckdb.DuckDBPyConnection, req: Request) -> None:
+    """Members with a type 1 objection in force now that was not in force, as the register stood,
+    when the request was prepared: their GP records may be in its files (a type 1 objector of
+    before then had none prepared: ``safehaven.protect.haven``)."""
+    from safehaven.protect.feed import ObjectionFeedBlocked
+    from safehaven.protect.objections import TYPE1, objectors_sql
+
+    then = objectors_sql(req.prepared_at.date(), (TYPE1,), known_at=req.prepared_at)
+    since = _members_objecting(con, req, f"{objectors_sql('current_date', (TYPE1,))} EXCEPT {then}")
+    if since:
+        raise ObjectionFeedBlocked(
+            f"{since} person(s) in it have a type 1 objection registered since it was prepared "
+            "(their GP records must not leave the practice)"
+        )
 
 
 def _register(con: duckdb.DuckDBPyConnection, req: Request, released_at: datetime) -> None:
@@ -684,6 +731,7 @@ def _register(con: duckdb.DuckDBPyConnection, req: Request, released_at: datetim
             [row[c] for c in cols],
         )
         withheld = decision.pop("withheld")
+        decision.pop(WINDOW_KEY, None)
         optouts.record_decision(con, release_id=req.release_id, agreement_id=req.agreement_id,
                                 decision=optouts.OptOutDecision(**decision), withheld=withheld)  # fmt: skip
         con.execute(

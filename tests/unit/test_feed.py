@@ -645,6 +645,65 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
             review.deliver(h.con, res.release_id, home=h.home, by="V. Keeper, custodian")
 
 
+def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_registered_since(
+    home: Home, tmp_path: Path
+) -> None:
+    """A type 1 objection registered after a request was prepared: its files may hold that person's
+    GP records, so delivery is refused (audited) whatever the basis; a type 1 objector known when it
+    was prepared does not block it (guide Rule 4B; fail closed, not over-refusing)."""
+    from safehaven.context import Haven as Context
+    from safehaven.share.releases import PREPARED, RELEASED, prepare
+    from safehaven.share.review import ReviewError, withdraw
+    from tests.governance_helpers import adopt, approve_release
+
+    def type1(i: int) -> list[str]:
+        return [NHS[i], "type1", "2024-03-01", "", "A81001"]
+
+    with open_haven(home, tmp_path) as h:
+        h.drop("type1_d1.csv", [type1(32)])
+        assert h.run()
+        adopt(h.con, h.registry, h.agreement)
+        context = Context.open(h.home, contracts=h.registry, keyring=h.keyring)
+        first = prepare(h.con, h.agreement, haven=context)
+        assert first.status == PREPARED
+        h.drop("type1_d2.csv", [type1(33)])
+        assert h.run()
+        with pytest.raises(ReviewError, match="1 person.s. in it have a type 1 objection registered since"):
+            approve_release(h.con, first.release_id, h.home)
+        assert [e for e in audit.entries_for(h.con) if e.action == "release" and e.outcome == "refused"]
+        withdraw(h.con, first.release_id, by="A. Checker", comment="a type 1 objection arrived")
+        again = prepare(h.con, h.agreement, haven=context)
+        assert approve_release(h.con, again.release_id, h.home).state == RELEASED
+        assert {h.pids[NHS[32]], h.pids[NHS[33]]} <= h.members(again.release_id), "hospital records go on"
+
+
+def test_delivery_holds_the_register_to_the_window_the_request_was_prepared_under(haven: Haven) -> None:
+    """An agreement's window of 5 days: a request prepared with the register 4 days old is not
+    delivered once the register is 7 days old, though the haven's own window (31) would pass it."""
+    from safehaven.context import Haven as Context
+    from safehaven.share.releases import PREPARED, prepare
+    from safehaven.share.review import ReviewError
+    from tests.governance_helpers import approve_release
+
+    def age(days: int) -> None:
+        haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL (?) DAY", [days])
+        feed.ensure_tables(haven.con)
+        haven.con.execute("UPDATE governance.objection_refreshes SET as_of = as_of - INTERVAL (?) DAY", [days])
+
+    write_agreement(haven.registry.root, {**agreement_data(id="test-feed-five"), "objections_max_age_days": 5})
+    haven.agreement = "test-feed-five"
+    adopt(haven.con, haven.registry, haven.agreement)
+    haven.drop("list.csv", [_opt_out(10)])
+    haven.run()
+    age(4)
+    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring)
+    res = prepare(haven.con, haven.agreement, haven=context)
+    assert res.status == PREPARED
+    age(3)
+    with pytest.raises(ReviewError, match="more than 5 days"):
+        approve_release(haven.con, res.release_id, haven.home)
+
+
 def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_level_releases(
     home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
