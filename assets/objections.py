@@ -11,6 +11,7 @@ import duckdb
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import arrived_first
 from safehaven.intake.validation import ensure_tables_validated
 from safehaven.protect import feed
 from safehaven.protect.haven import haven_key
@@ -115,13 +116,15 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             key = haven_key(con, haven.keyring())
             install_key(con, "haven", key)
             (started,) = con.execute("SELECT now()").fetchone()
-            added = register_objections(con, contract, key.key_id)
+            waiting = arrived_first(haven.home_dir().incoming_for(contract.collection))
+            added = register_objections(con, contract, key.key_id, waiting_since=waiting)
             held = _withdrawals_held(con, started)
             if held:
                 context.log.warning(
                     f"{held} withdrawal(s) in objections files received again were not applied (a file sent "
-                    "again may keep an objection in force, never end one): the sender sends the withdrawal "
-                    "in a new file (governance.objection_restatements)"
+                    "again may keep an objection in force, never end one): check with the sender; a genuine "
+                    "withdrawal takes effect once it arrives in a file whose records differ from any received "
+                    "before, e.g. within their current list (governance.objection_restatements)"
                 )
             total = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0]
             in_force = dict(

@@ -124,9 +124,11 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
     for drop in sorted(set(asked or []) - set(outcomes)):
         judged = earlier.get(drop)
         context.log.info(
-            f"{c}: drop {drop} was {judged} by an earlier run (its verdict stands)"
-            if judged
-            else f"{c}: drop {drop} has no batch (never landed, or quarantined: see its landing)"
+            f"{c}: drop {drop} has no batch (never landed, or quarantined: see its landing)"
+            if not judged
+            else f"{c}: drop {drop} was {judged}: nothing to validate"
+            if judged.startswith("sent before")
+            else f"{c}: drop {drop} was {judged} by an earlier run (its verdict stands)"
         )
     for refused in (b for b in report.batches if not b.accepted):
         why = (

@@ -788,6 +788,17 @@ def arrived(entry: os.stat_result) -> float:
     return entry.st_ctime
 
 
+def arrived_first(folder: Path) -> datetime | None:
+    """When the earliest entry still in a collection folder arrived (:func:`arrived`), or None
+    when the folder is empty or missing. Reads no file's bytes."""
+    times = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in folder.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                times.append(arrived(os.lstat(entry)))
+    return datetime.fromtimestamp(min(times), UTC) if times else None
+
+
 def _arrived_at(path: Path, seen: os.stat_result | None) -> float:
     return arrived(seen or os.lstat(path))
 

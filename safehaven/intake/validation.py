@@ -71,7 +71,7 @@ from safehaven.core import schema
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.ingest import BATCHES, ensure_tables, free_name
+from safehaven.intake.ingest import BATCHES, RESTATEMENTS, ensure_tables, free_name
 from safehaven.intake.measures import (
     MEASURES_TABLE,
     RULE_RESULTS,
@@ -344,11 +344,18 @@ def refusal_outstanding(con: duckdb.DuckDBPyConnection, collection: str) -> str 
 
 def stored_verdicts(con: duckdb.DuckDBPyConnection, collection: str, drops: Collection[str]) -> dict[str, str]:
     """The verdicts already recorded for ``drops`` of the collection (drop key -> ``accepted``,
-    ``refused`` or ``landed``), for a run asked for a drop that an earlier run judged."""
+    ``refused`` or ``landed``), for a run asked for a drop that an earlier run judged; an
+    objections file sent again is ``sent before`` (``safehaven.intake.ingest._note_restatement``)."""
     rows = con.execute(
         f"SELECT drop_key, status FROM {BATCHES} WHERE collection = ? AND list_contains(?::VARCHAR[], drop_key)",
         [collection, list(drops)],
     ).fetchall()
+    if table_exists(con, *RESTATEMENTS.split(".")):
+        rows += con.execute(
+            f"SELECT r.drop_key, 'sent before (batch ' || left(r.batch_id, 12) || ', restated)' FROM {RESTATEMENTS} r "
+            f"JOIN {BATCHES} b USING (batch_id) WHERE b.collection = ? AND list_contains(?::VARCHAR[], r.drop_key)",
+            [collection, list(drops)],
+        ).fetchall()
     return {str(drop): str(status) for drop, status in rows}
 
 

@@ -209,8 +209,9 @@ def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
             f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL",
             [COLLECTION],
         ).fetchone()[0]
-    restated = con.execute(
-        f"SELECT max(CAST(noted_at AS DATE)) FROM {RESTATEMENTS} WHERE registered_at IS NOT NULL"
+    restated = con.execute(  # a clean file's statements, sent again: not a faulty one's, nor an empty restatement
+        f"SELECT max(CAST(r.noted_at AS DATE)) FROM {RESTATEMENTS} r JOIN ({_clean_batches_sql(con)}) c "
+        "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0"
     ).fetchone()[0]
     attested = con.execute(f"SELECT max(as_of) FROM {REFRESHES}").fetchone()[0]
     known = [d for d in (dropped, restated, attested) if d is not None]
@@ -252,8 +253,9 @@ def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_a
     pending = pending_batches(con)
     if pending:
         problems.append(
-            f"{pending} objections batch(es) landed but not yet validated and registered (an intake run stopped "
-            "part-way): run their intake again (safehaven run, or the intake_objections job)"
+            f"{pending} objections file(s) landed, or sent again, but not yet validated and registered (an intake "
+            "run stopped part-way, or a file sent again waits for one that arrived before it): run intake and the "
+            "objection register again (safehaven run)"
         )
     refreshed = refreshed_on(con)
     if refreshed is None:

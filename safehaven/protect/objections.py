@@ -99,7 +99,9 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     schema.ensure(con, *TABLES)
 
 
-def register_objections(con: duckdb.DuckDBPyConnection, contract: Contract, key_id: str = "") -> int:
+def register_objections(
+    con: duckdb.DuckDBPyConnection, contract: Contract, key_id: str = "", waiting_since: datetime | None = None
+) -> int:
     """Append newly validated objection rows, and the statements of objections files received
     again (:func:`register_restatements`), to the register, in the order they arrived
     (idempotent: by batch and row; by restatement).
@@ -107,17 +109,39 @@ def register_objections(con: duckdb.DuckDBPyConnection, contract: Contract, key_
     Needs the haven key installed as ``haven`` (``safehaven.protect.pseudonymise.install_key``). The
     NHS number is canonicalised again here, so the register never depends on a caller having
     done it. Events are numbered in landing order (batch landing time, then row); a restatement's
-    after every batch that arrived before it.
+    after every batch that arrived before it. A restatement waits (pending: record-level releases
+    stay blocked, ``safehaven.protect.feed``) while a file that arrived before it is not yet
+    registered: one still in ``incoming/`` (``waiting_since``: the earliest arrival there) or
+    landed and not yet validated, since a withdrawal registered after it would override it.
     """
     ensure_tables(con)
     pid = hmac_sql(canonical_nhs_sql(q(contract.patient_key)), "haven")
     added = 0
-    for drop, arrived_at, batch_id in con.execute(
-        f"SELECT drop_key, arrived_at, batch_id FROM {RESTATEMENTS} WHERE registered_at IS NULL ORDER BY arrived_at"
-    ).fetchall():
+    for drop, arrived_at, batch_id in due_restatements(con, contract, waiting_since):
         added += _register_batches(con, contract, pid, key_id, arrived_by=arrived_at)
         added += register_restatements(con, contract, pid, key_id, drop, batch_id)
     return added + _register_batches(con, contract, pid, key_id)
+
+
+def due_restatements(
+    con: duckdb.DuckDBPyConnection, contract: Contract, waiting_since: datetime | None = None
+) -> list[tuple[str, datetime, str]]:
+    """Restatements to register now, in arrival order: those of an objections batch of this
+    collection that arrived before any file still waiting (in ``incoming/`` since
+    ``waiting_since``, or landed and not validated). Any other row (a forged one naming no such
+    batch) stays pending, and so blocks record-level releases."""
+    (unvalidated,) = con.execute(
+        "SELECT min(coalesce(arrived_at, landed_at)) FROM governance.batches "
+        "WHERE collection = ? AND status = 'landed'",
+        [contract.collection],
+    ).fetchone()
+    first_waiting = min((t for t in (unvalidated, waiting_since) if t is not None), default=None)
+    return con.execute(
+        f"SELECT r.drop_key, r.arrived_at, r.batch_id FROM {RESTATEMENTS} r JOIN governance.batches b "
+        "ON b.batch_id = r.batch_id AND b.collection = ? WHERE r.registered_at IS NULL AND r.arrived_at IS NOT NULL "
+        "AND (CAST(? AS TIMESTAMPTZ) IS NULL OR r.arrived_at < ?) ORDER BY r.arrived_at, r.drop_key",
+        [contract.collection, first_waiting, first_waiting],
+    ).fetchall()
 
 
 def _register_batches(
@@ -149,12 +173,14 @@ def register_restatements(
     by mistake. One that would withdraw an objection the register holds, or bring its withdrawal
     forward, is *held*, not applied (counted in ``withdrawals_held``): a withdrawal takes effect
     from a file the haven has not seen, never from an old file sent again by accident. A
-    statement equal to the register's latest adds nothing (an unchanged daily list). In one
-    transaction with the restatement's record; rows already registered are never changed."""
-    stated = (
+    statement equal to the register's latest adds nothing (an unchanged daily list); a file that
+    lists an episode's history restates its last statement about it. In one transaction with the
+    restatement's record; rows already registered are never changed."""
+    stated = (  # the file's last statement about each episode (a file may list an episode's history)
         f"SELECT {pid} AS pid, objection_type, CAST(recorded_date AS DATE) AS recorded_date, "
         f"CAST(withdrawn_date AS DATE) AS withdrawn_date, source_practice, _batch, _row "
-        f"FROM landing.{contract.collection}_valid WHERE _batch = {lit(batch_id)}"
+        f"FROM landing.{contract.collection}_valid WHERE _batch = {lit(batch_id)} "
+        "QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY _row DESC) = 1"
     )
     later = "(s.withdrawn_date IS NULL OR s.withdrawn_date > l.withdrawn_date)"
     appended = f"(l.pid IS NULL OR (l.withdrawn_date IS NOT NULL AND {later}))"

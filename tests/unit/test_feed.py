@@ -85,7 +85,8 @@ class Haven:
             self.con, contract, self.home.incoming_for("objections"), self.home.quarantine_for("objections")
         )
         report = validate_collection(self.con, contract, self.registry, self.home.quarantine_for("objections"))
-        register_objections(self.con, contract)
+        waiting = ingest.arrived_first(self.home.incoming_for("objections"))
+        register_objections(self.con, contract, waiting_since=waiting)  # as the register step passes it
         return report.gx_success
 
     def release(self, today: date | None = None, **kwargs: Any):
@@ -893,3 +894,87 @@ def test_the_same_drop_seen_again_after_a_crash_restates_nothing(haven: Haven) -
     report = ingest_collection(haven.con, contract, folder, haven.home.quarantine_for("objections"))
     assert list(report.drops.values()) == ["already landed"] and report.restated == []
     assert _restatements(haven) == []
+
+
+def test_a_file_sent_again_waits_for_a_withdrawal_that_arrived_before_it(haven: Haven) -> None:
+    """Arrival order holds across runs: the withdrawal W lands but its run stops before validating
+    it, then the original file is sent again to undo W. The restatement waits (record-level
+    releases blocked) until W is validated and registered, then registers after it: in force."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    contract = haven.registry.objections()
+    folder, quarantine = haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    ingest_collection(haven.con, contract, folder, quarantine)  # W landed; its run stopped here
+    haven.drop("objections.csv", [_opt_out(10)])  # sent again, after W
+    ingest_collection(haven.con, contract, folder, quarantine)
+    register_objections(haven.con, contract, waiting_since=ingest.arrived_first(folder))  # the night's register
+    assert feed.pending_batches(haven.con) == 2, "W not validated, and the restatement behind it"
+    assert _restatements(haven) == [(None, None, None)]
+    with pytest.raises(ReleaseRefused, match="waits for one that arrived before it"):
+        haven.release()
+    haven.run()  # W validated and registered, then the restatement
+    assert _in_force(haven, 10) and feed.pending_batches(haven.con) == 0
+    assert haven.pids[NHS[10]] not in haven.members(haven.release().release_id)
+
+
+def test_a_file_sent_again_waits_for_an_earlier_file_still_in_incoming(haven: Haven) -> None:
+    """The withdrawal W is still waiting in incoming/ (its intake run failed, or has not run) when
+    the original file, sent again after it, is landed and the register runs: the restatement waits."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    contract = haven.registry.objections()
+    folder, quarantine = haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    haven.drop("objections.csv", [_opt_out(10)])
+    resent = ingest.drop_key(folder / "objections.csv")
+    ingest_collection(haven.con, contract, folder, quarantine, drops=[resent])  # only the later file's run
+    register_objections(haven.con, contract, waiting_since=ingest.arrived_first(folder))
+    assert feed.pending_batches(haven.con) == 1
+    haven.run()
+    assert _in_force(haven, 10)
+
+
+def test_a_faulty_file_sent_again_does_not_refresh_the_register(haven: Haven) -> None:
+    """A file whose every row was rejected (a fault a person resolved) sent again byte for byte:
+    it restates nothing, so the register is no fresher for it and a stale register still refuses."""
+    haven.drop("daily.csv", [_opt_out(10, recorded=FUTURE), _opt_out(11, recorded=FUTURE)])
+    haven.run()
+    feed.resolve(haven.con, haven.home, "daily.csv", by="Dr Guardian", reason="the sender was told")
+    haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
+    haven.drop("daily.csv", [_opt_out(10, recorded=FUTURE), _opt_out(11, recorded=FUTURE)])
+    haven.run()
+    assert _restatements(haven) == [(0, 0, 0)]
+    with pytest.raises(ReleaseRefused, match="last refreshed on"):
+        haven.release()
+
+
+def test_a_list_with_an_episodes_history_sent_again_restates_its_last_statement(haven: Haven) -> None:
+    """A full list holding an objection and, in a later row, its withdrawal: the later row wins
+    when it lands, and the same list sent again restates that, not the first row."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("daily.csv", [_opt_out(10), _withdrawn(10, yesterday)])
+    haven.run()
+    haven.drop("daily.csv", [_opt_out(10), _withdrawn(10, yesterday)])
+    haven.run()
+    assert not _in_force(haven, 10)
+    assert _restatements(haven) == [(1, 0, 0)]
+
+
+def test_a_forged_restatement_naming_no_objections_batch_stays_pending(haven: Haven) -> None:
+    """A row in the restatements table naming no batch of the objections collection (a forged
+    or damaged one) registers nothing, never fails the register, and blocks record-level releases."""
+    contract = haven.registry.objections()
+    ingest.ensure_tables(haven.con, contract)
+    haven.run()
+    for batch in (None, "a-batch-of-hospital_episodes"):
+        haven.con.execute(
+            f"INSERT INTO {RESTATEMENTS} VALUES (?, ?, 'x.csv', now(), now(), NULL, NULL, NULL, NULL)",
+            [f"x.csv@{batch or 'none'}", batch],
+        )
+    register_objections(haven.con, contract)
+    assert feed.pending_batches(haven.con) == 2
+    with pytest.raises(ReleaseRefused, match="not yet validated and registered"):
+        haven.release()
