@@ -13,7 +13,7 @@ from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import arrived_first
 from safehaven.intake.validation import ensure_tables_validated
-from safehaven.protect import feed
+from safehaven.protect import feed, register_seal
 from safehaven.protect.haven import haven_key
 from safehaven.protect.objections import (
     ALPHA_UPPER,
@@ -23,10 +23,10 @@ from safehaven.protect.objections import (
     TYPE1,
     current_sql,
     objection_rates,
-    register_objections,
     save_rates,
 )
 from safehaven.protect.pseudonymise import install_key
+from safehaven.protect.register_seal import register_and_seal
 
 RATE_CHECK = "objection_rate_within_control_limits"
 FEED_CHECK = "objections_feed_complete"
@@ -117,7 +117,12 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             install_key(con, "haven", key)
             (started,) = con.execute("SELECT now()").fetchone()
             waiting = arrived_first(haven.home_dir().incoming_for(contract.collection))
-            added = register_objections(con, contract, key.key_id, waiting_since=waiting)
+            unit = haven.context()
+            added, sealed = register_and_seal(
+                con, contract, key.key_id, unit.home, actor=unit.actor, waiting_since=waiting
+            )
+            if not sealed:
+                context.log.warning(register_seal.problem(con) or "the objection register differs from its seal")
             held = _withdrawals_held(con, started)
             if held:
                 context.log.warning(
@@ -141,6 +146,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                 "national_opt_out_in_force": int(in_force.get(NATIONAL_OPT_OUT, 0)),
                 "pseudonym_key_id": key.key_id,
                 "withdrawals_held_from_files_sent_again": held,
+                "register_sealed": sealed,
             }
         )
 

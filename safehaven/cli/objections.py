@@ -7,6 +7,9 @@
   a person's decision on a quarantined objections file or its rejected rows, or (with
   ``--corrected-by``) that a later file corrects it; audited. A later file never clears a
   fault by itself (safehaven.protect.feed, "Clearing a fault").
+* ``safehaven objections seal --by <name> --reason <text>``: a person's decision that the objection
+  register as it now stands is right (after an edit outside the haven was found and undone or
+  checked: ``safehaven.protect.register_seal``); audited.
 * ``safehaven objections refreshed --as-of <date> --by <name> --reason <text>``: a person
   attests that the register matched the current opt-out list on that date; audited.
 
@@ -80,6 +83,27 @@ def register(main: click.Group) -> None:
         except ValueError as exc:
             fail(f"safehaven objections resolve: {exc}")
         click.echo(json.dumps({"resolved": n, "file": file, "corrected_by": corrected_by, "by": by, "audited": True}))
+
+    @group.command("seal")
+    @click.option("--by", "by", required=True, help="Who decides (recorded in the audit trail).")
+    @click.option("--reason", required=True, help="How the register was restored or checked.")
+    def objections_seal(by: str, reason: str) -> None:
+        """Seal the objection register as it now stands, once a person has restored it or checked a change.
+
+        Record-level releases are refused while the register differs from its last seal (an edit
+        made outside the haven); this records the decision (audited) and clears that refusal.
+        """
+        from safehaven.core.store import Store
+        from safehaven.protect import register_seal
+
+        home = ensure_home()
+        try:
+            with Store(home).connect() as con:
+                before = register_seal.problem(con)
+                now = register_seal.reseal(con, home, by=by, reason=reason)
+        except ValueError as exc:
+            fail(f"safehaven objections seal: {exc}")
+        click.echo(json.dumps({"sealed": now.as_detail(), "differed": before is not None, "by": by, "audited": True}))
 
     @group.command("refreshed")
     @click.option("--as-of", "as_of", type=click.DateTime(["%Y-%m-%d"]), required=True)

@@ -57,6 +57,7 @@ from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake.ingest import BATCHES
+from safehaven.protect import register_seal
 from safehaven.protect.objections import EVENTS, RESTATEMENTS
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
 
@@ -250,6 +251,9 @@ def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_a
     """Why record-level releases must not run now (empty when the feed is complete and fresh)."""
     sync_faults(con, home)
     problems = [_describe(f) for f in unresolved(con)]
+    tampered = register_seal.problem(con)
+    if tampered:
+        problems.append(tampered)
     pending = pending_batches(con)
     if pending:
         problems.append(

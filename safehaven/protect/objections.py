@@ -115,12 +115,18 @@ def register_objections(
     landed and not yet validated, since a withdrawal registered after it would override it.
     """
     ensure_tables(con)
-    pid = hmac_sql(canonical_nhs_sql(q(contract.patient_key)), "haven")
+    pid = pid_sql(contract)
     added = 0
     for drop, arrived_at, batch_id in due_restatements(con, contract, waiting_since):
         added += _register_batches(con, contract, pid, key_id, arrived_by=arrived_at)
         added += register_restatements(con, contract, pid, key_id, drop, batch_id)
     return added + _register_batches(con, contract, pid, key_id)
+
+
+def pid_sql(contract: Contract) -> str:
+    """SQL of a landed objections row's haven pseudonym (of its canonical NHS number; the haven key
+    installed as ``haven``)."""
+    return hmac_sql(canonical_nhs_sql(q(contract.patient_key)), "haven")
 
 
 def due_restatements(

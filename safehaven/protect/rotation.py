@@ -75,7 +75,7 @@ from safehaven.core.pins import check_epoch, epoch_key_id, start_epoch, vault_pu
 from safehaven.core.sql import lit, q
 from safehaven.core.store import CATALOG, Store, StoreError, table_exists
 from safehaven.intake.contracts import Contract
-from safehaven.protect import vault
+from safehaven.protect import register_seal, vault
 from safehaven.protect.haven import haven_key
 from safehaven.protect.pseudonymise import hmac_sql, install_key
 
@@ -164,6 +164,7 @@ def rotate_haven(haven: Haven) -> RotationReport:
     private = vault.private_key(keyring)
     with store.connect() as con:
         old = haven_key(con, keyring)
+        sealed = register_seal.problem(con) is None  # re-keyed pids are sealed again only if it matched
         new = keyring.write(_staged("haven"), secrets.token_bytes(KEY_BYTES), replace=True, record=False)
         new = Key("haven", new.material)
         report = RotationReport("haven", old.key_id, new.key_id)
@@ -222,6 +223,8 @@ def rotate_haven(haven: Haven) -> RotationReport:
         _finish_haven(keyring, new)
         report.crosswalks = _commit_crosswalks(home, new.key_id)
         _audit(con, home, actor, report)
+        if sealed:
+            register_seal.seal(con, home, actor=actor, role="key_custodian")
     return report
 
 

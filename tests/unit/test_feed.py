@@ -36,8 +36,9 @@ from safehaven.intake import ingest
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import validate_collection
-from safehaven.protect import feed
+from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import RESTATEMENTS, objectors_sql, register_objections
+from safehaven.protect.register_seal import register_and_seal
 from safehaven.share.releases import ReleaseRefused
 from tests.conftest import with_vault_keys
 from tests.governance_helpers import (
@@ -86,7 +87,7 @@ class Haven:
         )
         report = validate_collection(self.con, contract, self.registry, self.home.quarantine_for("objections"))
         waiting = ingest.arrived_first(self.home.incoming_for("objections"))
-        register_objections(self.con, contract, waiting_since=waiting)  # as the register step passes it
+        register_and_seal(self.con, contract, "", self.home, actor="test run", waiting_since=waiting)  # the step
         return report.gx_success
 
     def release(self, today: date | None = None, **kwargs: Any):
@@ -978,3 +979,82 @@ def test_a_forged_restatement_naming_no_objections_batch_stays_pending(haven: Ha
     assert feed.pending_batches(haven.con) == 2
     with pytest.raises(ReleaseRefused, match="not yet validated and registered"):
         haven.release()
+
+
+# --- the register is sealed in the audit trail: an edit outside the haven blocks (CoP 11-14, 23d) ----
+
+
+def test_an_objection_deleted_outside_the_haven_refuses_record_level_releases_until_a_person_decides(
+    haven: Haven,
+) -> None:
+    """Someone holding the store key deletes an objector's events: every record-level release is
+    refused, the next register step does not seal over the edit (it registers the landed row
+    again, so the objection is honoured, but the register still differs from its seal), and a
+    person's decision (``objections seal``, audited) clears it."""
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    assert register_seal.problem(haven.con) is None
+    haven.con.execute("DELETE FROM governance.objection_events WHERE pid = ?", [haven.pids[NHS[10]]])
+    assert not _in_force(haven, 10)
+    for _ in range(2):  # the run that finds it, and a later one
+        with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+            haven.release()
+        haven.run()
+    assert _in_force(haven, 10), "the landed row is registered again"
+    register_seal.reseal(haven.con, haven.home, by="Dr Guardian", reason="restored from the landed file")
+    assert haven.pids[NHS[10]] not in haven.members(haven.release().release_id)
+    assert [e.actor for e in audit.entries_for(haven.con) if e.action == register_seal.RESEALED] == ["Dr Guardian"]
+
+
+def test_a_withdrawal_added_outside_the_haven_is_never_sealed(haven: Haven) -> None:
+    """An event appended with SQL (a withdrawal no file stated) lifts the objection in the register,
+    so releases are refused, and the register step will not seal it as a run's leftover."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.con.execute(  # after every sealed event, naming the landed row it "restates"
+        "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
+        f"pid, objection_type, recorded_date, DATE '{yesterday}', source_practice, _batch, _row, now(), key_id "
+        "FROM governance.objection_events WHERE pid = ?",
+        [haven.pids[NHS[10]]],
+    )
+    haven.run()
+    assert not _in_force(haven, 10)
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+
+
+def test_a_run_stopped_between_registering_and_sealing_is_sealed_by_the_next_register_step(haven: Haven) -> None:
+    """Not a breach: events the haven appended after the last seal, each stating a landed row
+    exactly, are sealed by the next register step with no one's decision."""
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("more.csv", [_opt_out(11)])
+    contract = haven.registry.objections()
+    ingest_collection(
+        haven.con, contract, haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
+    )
+    validate_collection(haven.con, contract, haven.registry, haven.home.quarantine_for("objections"))
+    register_objections(haven.con, contract)  # registered; killed before the seal
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+    haven.run()
+    assert register_seal.problem(haven.con) is None
+    members = haven.members(haven.release().release_id)
+    assert not {haven.pids[NHS[10]], haven.pids[NHS[11]]} & members
+
+
+def test_the_seal_command_records_a_persons_decision(home: Home) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    runner = CliRunner()
+    refused = runner.invoke(main, ["objections", "seal", "--by", " ", "--reason", "checked"])
+    assert refused.exit_code != 0 and "name and a reason" in refused.output
+    done = runner.invoke(main, ["objections", "seal", "--by", "Dr Guardian", "--reason", "restored from the backup"])
+    assert done.exit_code == 0 and '"audited": true' in done.output, done.output
+    with Store(home).connect() as con:
+        [entry] = [e for e in audit.entries_for(con) if e.action == register_seal.RESEALED]
+        assert register_seal.problem(con) is None
+    assert entry.actor == "Dr Guardian" and entry.detail_value["reason"] == "restored from the backup"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.pins import EPOCHS, epoch_key_id
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.protect import rotation, vault
+from safehaven.protect import register_seal, rotation, vault
 from safehaven.protect.haven import haven_key
 from safehaven.protect.objections import EVENTS, objectors_sql
 from safehaven.protect.optouts import MEMBERS, apply_optouts
@@ -227,7 +226,8 @@ def test_objection_register_follows_the_rotation(haven_home: Home) -> None:
         assert len(con.execute(objectors_sql()).fetchall()) == n_before
         ids = {r[0] for r in con.execute(f"SELECT DISTINCT key_id FROM {EVENTS}").fetchall()}
     assert ids == {keyring.get("haven").key_id}
-    assert datetime.now(UTC)
+    with Store(haven_home).connect() as con:  # the re-keyed register is sealed again (register_seal)
+        assert register_seal.problem(con) is None and register_seal.last_seal(con) == register_seal.state(con)
 
 
 @pytest.mark.parametrize("purpose", ["store", "haven", "vault"])

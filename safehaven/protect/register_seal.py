@@ -1,0 +1,194 @@
+"""The objection register is sealed in the audit trail: an edit made outside the haven stops
+record-level releases until a person decides.
+
+Rule (CoP 11-14 and 23d; guide Rule 4B; ``docs/rules.md`` "Objections"): a missing objection lets
+a record out that must not leave, so the register must not lapse silently. It lives in the
+encrypted store, which anyone holding the store key can edit (DuckDB has no triggers to forbid
+it): deleting an objector's events, or appending a withdrawal, would let their records out while
+every check carried on. So:
+
+* **Seal.** Each change the haven makes to ``governance.objection_events`` (the register step,
+  a haven key rotation) ends with an audit entry ``objections.sealed`` recording the register's
+  row count, highest ``event_id`` and digest (:func:`state`). The audit trail is keyed,
+  chained and anchored outside the store (``safehaven.core.audit``), so a seal cannot be
+  removed, replaced by an older one, or forged by someone holding only the store key.
+* **Check** (:func:`problem`): the register's current state must equal the last seal. The
+  release guard (``safehaven.protect.feed.feed_problems``) refuses every record-level release,
+  in this run and every later one, while it does not.
+* **A crash between a change and its seal is not a breach** (:func:`catch_up`): the register
+  step first checks that the events up to the sealed ``event_id`` still equal the seal, and
+  that every later event restates a landed, validated objections row exactly (its pseudonym,
+  type and dates, recomputed from the row with the haven key); then it seals. Anything else
+  (an event deleted, changed, or added that no landed row states) is left unsealed.
+* **Clearing it** needs a person: ``safehaven objections seal --by <name> --reason <text>`` seals
+  the register as it now stands (audited as ``objections.resealed``), once they have restored
+  it (e.g. from a backup) or established that the change is right.
+* A haven whose register was never sealed (made before this rule) is sealed by its next
+  register step as it stands (audited): there is no earlier seal to compare with.
+
+Limits: the digest is DuckDB's 64-bit row hash summed twice (with two seeds) with the row count:
+it detects any edit made with SQL, not a forger who crafts rows to a chosen sum; someone holding
+the audit key as well can re-seal, which the audit trail's external anchors show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import duckdb
+
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.core.store import table_exists
+from safehaven.intake.contracts import Contract
+from safehaven.protect.objections import EVENTS, pid_sql, register_objections
+
+#: the audit action of a seal made by the haven, and of one a person records (:func:`reseal`)
+SEALED = "objections.sealed"
+RESEALED = "objections.resealed"
+#: the audit entries' object
+OBJECT = EVENTS
+#: the columns digested: every column (a change to any of them is an edit)
+_COLUMNS = (
+    "event_id, pid, objection_type, recorded_date, withdrawn_date, source_practice, _batch, _row, registered_at, key_id"
+)
+
+
+class RegisterTampered(Exception):
+    """The objection register does not match its last seal (one line: what differs, how to clear it)."""
+
+
+@dataclass(frozen=True)
+class State:
+    """The register's row count, highest event id and digest (hex)."""
+
+    rows: int
+    last_event: int
+    digest: str
+
+    def as_detail(self) -> dict[str, object]:
+        return {"rows": self.rows, "last_event": self.last_event, "digest": self.digest}
+
+
+def state(con: duckdb.DuckDBPyConnection, up_to: int | None = None) -> State:
+    """The register's state (with ``up_to``: of the events with ``event_id <= up_to``), in one pass."""
+    if not table_exists(con, *EVENTS.split(".")):
+        return State(0, 0, _digest(0, 0, 0))
+    where = "" if up_to is None else f"WHERE event_id <= {int(up_to)}"
+    rows, last, first, second = con.execute(
+        f"SELECT count(*), coalesce(max(event_id), 0), coalesce(sum(hash({_COLUMNS})::HUGEINT), 0), "
+        f"coalesce(sum(hash({_COLUMNS}, 'seal')::HUGEINT), 0) FROM {EVENTS} {where}"
+    ).fetchone()
+    return State(int(rows), int(last), _digest(rows, first, second))
+
+
+def _digest(rows: int, first: int, second: int) -> str:
+    return hashlib.sha256(f"{rows}:{first}:{second}".encode()).hexdigest()
+
+
+def last_seal(con: duckdb.DuckDBPyConnection) -> State | None:
+    """The register's state as the latest seal in the audit trail recorded it (None: never sealed)."""
+    if not table_exists(con, *audit.TABLE.split(".")):
+        return None
+    row = con.execute(
+        f"SELECT detail FROM {audit.TABLE} WHERE action IN (?, ?) AND object = ? ORDER BY seq DESC LIMIT 1",
+        [SEALED, RESEALED, OBJECT],
+    ).fetchone()
+    if row is None:
+        return None
+    detail = json.loads(row[0]) if row[0] else {}
+    try:
+        return State(int(detail["rows"]), int(detail["last_event"]), str(detail["digest"]))
+    except (KeyError, TypeError, ValueError):
+        return State(-1, -1, "unreadable")  # never equal to a register's state: fails closed
+
+
+def problem(con: duckdb.DuckDBPyConnection) -> str | None:
+    """Why record-level releases must not run because of the register's seal (None: it matches,
+    or it was never sealed)."""
+    sealed = last_seal(con)
+    if sealed is None:
+        return None
+    now = state(con)
+    if now == sealed:
+        return None
+    return (
+        f"the objection register differs from its last seal in the audit trail ({now.rows} events now, "
+        f"{sealed.rows} sealed): events were deleted, changed or added outside the haven, or a run stopped "
+        "after registering objections; run the objection register again (safehaven run), and if it still "
+        "differs, restore the register and record a decision: safehaven objections seal --by <name> --reason <text>"
+    )
+
+
+def _unstated_events(con: duckdb.DuckDBPyConnection, after: int, collection: str, pid_sql: str) -> int:
+    """Events after ``after`` that no landed, validated objections row states exactly."""
+    valid = f"landing.{collection}_valid"
+    if not table_exists(con, "landing", f"{collection}_valid"):
+        return int(con.execute(f"SELECT count(*) FROM {EVENTS} WHERE event_id > ?", [after]).fetchone()[0])
+    return int(
+        con.execute(
+            f"SELECT count(*) FROM {EVENTS} e WHERE e.event_id > ? AND NOT EXISTS (SELECT 1 FROM {valid} v "
+            f"WHERE v._batch = e._batch AND v._row = e._row AND {pid_sql} = e.pid "
+            "AND v.objection_type = e.objection_type AND CAST(v.recorded_date AS DATE) = e.recorded_date "
+            "AND CAST(v.withdrawn_date AS DATE) IS NOT DISTINCT FROM e.withdrawn_date)",
+            [after],
+        ).fetchone()[0]
+    )
+
+
+def catch_up(con: duckdb.DuckDBPyConnection, collection: str, pid_sql: str) -> bool:
+    """Before the register step changes the register: True when it matches its last seal, was
+    never sealed, or differs only by events the haven appended after it (a run stopped between a
+    change and its seal: each later event restates a landed row exactly, module docstring).
+    ``pid_sql``: the pseudonym of a landed row ``v`` (the haven key installed)."""
+    sealed = last_seal(con)
+    if sealed is None or state(con) == sealed:
+        return True
+    if state(con, up_to=sealed.last_event) != sealed:
+        return False
+    return _unstated_events(con, sealed.last_event, collection, pid_sql) == 0
+
+
+def seal(
+    con: duckdb.DuckDBPyConnection, home: Home | None, *, actor: str, role: str = "pipeline", now: State | None = None
+) -> State:
+    """Record the register's state (``now``, else as it stands) in the audit trail
+    (``objections.sealed``); returns it."""
+    now = now or state(con)
+    audit.append(con, actor=actor, role=role, action=SEALED, object=OBJECT, detail=now.as_detail(), home=home)
+    return now
+
+
+def reseal(con: duckdb.DuckDBPyConnection, home: Home | None, *, by: str, reason: str) -> State:
+    """A person's decision: seal the register as it now stands (``objections.resealed``, with the
+    state it replaces and their reason; module docstring, "Clearing it")."""
+    if not by.strip() or not reason.strip():
+        raise ValueError("a decision needs the person's name and a reason")
+    before, now = last_seal(con), state(con)
+    detail = {**now.as_detail(), "replaces": before.as_detail() if before else None, "reason": reason}
+    audit.append(con, actor=by, role="governance", action=RESEALED, object=OBJECT, detail=detail, home=home)
+    return now
+
+
+def register_and_seal(
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    key_id: str,
+    home: Home | None,
+    *,
+    actor: str,
+    waiting_since: datetime | None = None,
+) -> tuple[int, bool]:
+    """The register step: check the register against its seal (:func:`catch_up`), register what
+    arrived (``register_objections``), and seal the result only if the check passed (a register
+    edited outside the haven stays unsealed, so record-level releases stay refused). Needs the
+    haven key installed as ``haven``. Returns the events added and whether the register is sealed."""
+    intact = catch_up(con, contract.collection, pid_sql(contract))
+    added = register_objections(con, contract, key_id, waiting_since=waiting_since)
+    now = state(con)
+    if intact and now != last_seal(con):
+        seal(con, home, actor=actor, now=now)
+    return added, intact
