@@ -42,6 +42,7 @@ AUDITED_COMMANDS = frozenset(
         ("dispose",),
         ("objections", "resolve"),
         ("objections", "refreshed"),
+        ("objections", "seal"),
         ("review", "approve"),
         ("review", "return"),
         ("review", "reject"),

@@ -551,6 +551,27 @@ def check(
         raise AuditTrailBroken(result)
 
 
+def authentic_from(
+    con: duckdb.DuckDBPyConnection, seq: int, home: Home | None = None, *, keyring: KeyRing | None = None
+) -> bool:
+    """Whether the entries from ``seq`` to the end are as the haven wrote them: the tail checked
+    against its anchor (:func:`check`), then each entry's hash under the audit key and its link to
+    the entry before. For a caller that trusts one recent entry (the objection register's seal,
+    ``safehaven.protect.register_seal``): it costs the entries since ``seq``, not the whole log."""
+    try:
+        home, keyring = _keyring(con, home, keyring)
+        check(con, home, keyring=keyring)
+        key = _read_key(keyring)
+    except (AuditTrailBroken, KeyRingError):
+        return False
+    rows = con.execute(f"{_SELECT} WHERE seq >= ? ORDER BY seq", [seq]).fetchall()
+    entries = [_row_entry(row) for row in rows]
+    if key is None or not entries or entries[0].seq != seq:
+        return False
+    linked = all(later.prev_hash == earlier.entry_hash for earlier, later in zip(entries, entries[1:], strict=False))
+    return linked and all(_entry_ok(key, e) for e in entries)
+
+
 def head(
     con: duckdb.DuckDBPyConnection,
     home: Home | None = None,

@@ -251,7 +251,7 @@ def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_a
     """Why record-level releases must not run now (empty when the feed is complete and fresh)."""
     sync_faults(con, home)
     problems = [_describe(f) for f in unresolved(con)]
-    tampered = register_seal.problem(con)
+    tampered = register_seal.problem(con, home)
     if tampered:
         problems.append(tampered)
     pending = pending_batches(con)

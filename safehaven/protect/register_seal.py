@@ -14,12 +14,18 @@ every check carried on. So:
   removed, replaced by an older one, or forged by someone holding only the store key.
 * **Check** (:func:`problem`): the register's current state must equal the last seal. The
   release guard (``safehaven.protect.feed.feed_problems``) refuses every record-level release,
-  in this run and every later one, while it does not.
+  in this run and every later one, while it does not. The seal is read only through the verified
+  trail (``audit.authentic_from``: its entry's hash and every link after it, the tail against
+  its anchor), so a seal edited in the store is never trusted. A register that is not a plain
+  table of numbered events (a view in its place, a function or macro stored in the store that
+  could stand in for ``hash``, an event with no number or a repeated one) equals no seal.
 * **A crash between a change and its seal is not a breach** (:func:`catch_up`): the register
   step first checks that the events up to the sealed ``event_id`` still equal the seal, and
   that every later event restates a landed, validated objections row exactly (its pseudonym,
-  type and dates, recomputed from the row with the haven key); then it seals. Anything else
-  (an event deleted, changed, or added that no landed row states) is left unsealed.
+  type and dates, recomputed from the row with the haven key), and repeats a row registered
+  before the seal only without a withdrawn date (a restatement only repeats a row to keep an
+  objection in force); then it seals. Anything else (an event deleted, changed, or added that
+  no landed row states, an old withdrawal replayed) is left unsealed.
 * **Clearing it** needs a person: ``safehaven objections seal --by <name> --reason <text>`` seals
   the register as it now stands (audited as ``objections.resealed``), once they have restored
   it (e.g. from a backup) or established that the change is right.
@@ -28,7 +34,11 @@ every check carried on. So:
 
 Limits: the digest is DuckDB's 64-bit row hash summed twice (with two seeds) with the row count:
 it detects any edit made with SQL, not a forger who crafts rows to a chosen sum; someone holding
-the audit key as well can re-seal, which the audit trail's external anchors show.
+the audit key as well can re-seal, which the audit trail's external anchors show. The landed
+objections rows the register is built from (``landing.objections_valid``) are not sealed: a
+forged landed row (a withdrawal) is registered as genuine by the next register step. A haven key
+rotation killed between its commit and its seal leaves a refusal a person clears (``objections
+seal``): every pseudonym changed, so the next run cannot tell it from an edit.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import duckdb
 
 from safehaven.core import audit
 from safehaven.core.home import Home
-from safehaven.core.store import table_exists
+from safehaven.core.store import CATALOG, table_exists
 from safehaven.intake.contracts import Contract
 from safehaven.protect.objections import EVENTS, pid_sql, register_objections
 
@@ -57,10 +67,6 @@ _COLUMNS = (
 )
 
 
-class RegisterTampered(Exception):
-    """The objection register does not match its last seal (one line: what differs, how to clear it)."""
-
-
 @dataclass(frozen=True)
 class State:
     """The register's row count, highest event id and digest (hex)."""
@@ -73,10 +79,18 @@ class State:
         return {"rows": self.rows, "last_event": self.last_event, "digest": self.digest}
 
 
+#: a seal that could not be verified, or a register that cannot be digested as it is (equal to nothing)
+UNVERIFIED = State(-1, -1, "unverified")
+MALFORMED = State(-1, -1, "malformed")
+
+
 def state(con: duckdb.DuckDBPyConnection, up_to: int | None = None) -> State:
-    """The register's state (with ``up_to``: of the events with ``event_id <= up_to``), in one pass."""
+    """The register's state (with ``up_to``: of the events with ``event_id <= up_to``), in one
+    pass; :data:`MALFORMED` when it cannot be trusted as the haven made it (:func:`_malformed`)."""
     if not table_exists(con, *EVENTS.split(".")):
         return State(0, 0, _digest(0, 0, 0))
+    if _malformed(con):
+        return MALFORMED
     where = "" if up_to is None else f"WHERE event_id <= {int(up_to)}"
     rows, last, first, second = con.execute(
         f"SELECT count(*), coalesce(max(event_id), 0), coalesce(sum(hash({_COLUMNS})::HUGEINT), 0), "
@@ -85,31 +99,60 @@ def state(con: duckdb.DuckDBPyConnection, up_to: int | None = None) -> State:
     return State(int(rows), int(last), _digest(rows, first, second))
 
 
+def _malformed(con: duckdb.DuckDBPyConnection) -> bool:
+    """The register is not a plain table of numbered events: a view in its place, a function or
+    macro stored in the store (which could stand in for ``hash`` or ``sum``: the haven stores
+    none, its macros are temporary), or an event with no number or a number used twice (invisible
+    to an ``event_id`` range, yet taken as registered)."""
+    schema, name = EVENTS.split(".")
+    kind = con.execute(
+        f"SELECT table_type FROM information_schema.tables WHERE table_catalog = '{CATALOG}' "
+        "AND table_schema = ? AND table_name = ?",
+        [schema, name],
+    ).fetchone()
+    stored = con.execute(
+        f"SELECT count(*) FROM duckdb_functions() WHERE NOT internal AND database_name = '{CATALOG}'"
+    ).fetchone()[0]
+    unnumbered = con.execute(
+        f"SELECT count(*) FILTER (WHERE event_id IS NULL) + count(event_id) - count(DISTINCT event_id) FROM {EVENTS}"
+    ).fetchone()[0]
+    return kind is None or kind[0] != "BASE TABLE" or stored > 0 or unnumbered > 0
+
+
 def _digest(rows: int, first: int, second: int) -> str:
     return hashlib.sha256(f"{rows}:{first}:{second}".encode()).hexdigest()
 
 
-def last_seal(con: duckdb.DuckDBPyConnection) -> State | None:
-    """The register's state as the latest seal in the audit trail recorded it (None: never sealed)."""
+def last_seal(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> State | None:
+    """The register's state as the latest seal in the audit trail recorded it (None: never sealed).
+
+    The seal is trusted only when the trail from it to its anchored end verifies (its hash under
+    the audit key and every link after it: ``audit.authentic_from``), so an entry edited in the
+    store is never read as a seal; with no seal found, only when the whole trail verifies (a seal
+    renamed away would otherwise pass for "never sealed"). Otherwise :data:`UNVERIFIED`, which no
+    register equals (fails closed)."""
     if not table_exists(con, *audit.TABLE.split(".")):
         return None
     row = con.execute(
-        f"SELECT detail FROM {audit.TABLE} WHERE action IN (?, ?) AND object = ? ORDER BY seq DESC LIMIT 1",
+        f"SELECT seq, detail FROM {audit.TABLE} WHERE action IN (?, ?) AND object = ? ORDER BY seq DESC LIMIT 1",
         [SEALED, RESEALED, OBJECT],
     ).fetchone()
     if row is None:
-        return None
-    detail = json.loads(row[0]) if row[0] else {}
+        empty = con.execute(f"SELECT count(*) = 0 FROM {audit.TABLE}").fetchone()[0]
+        return None if empty or audit.verify(con, home).ok else UNVERIFIED
+    if not audit.authentic_from(con, int(row[0]), home):
+        return UNVERIFIED
+    detail = json.loads(row[1]) if row[1] else {}
     try:
         return State(int(detail["rows"]), int(detail["last_event"]), str(detail["digest"]))
     except (KeyError, TypeError, ValueError):
-        return State(-1, -1, "unreadable")  # never equal to a register's state: fails closed
+        return UNVERIFIED
 
 
-def problem(con: duckdb.DuckDBPyConnection) -> str | None:
+def problem(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> str | None:
     """Why record-level releases must not run because of the register's seal (None: it matches,
     or it was never sealed)."""
-    sealed = last_seal(con)
+    sealed = last_seal(con, home)
     if sealed is None:
         return None
     now = state(con)
@@ -124,27 +167,33 @@ def problem(con: duckdb.DuckDBPyConnection) -> str | None:
 
 
 def _unstated_events(con: duckdb.DuckDBPyConnection, after: int, collection: str, pid_sql: str) -> int:
-    """Events after ``after`` that no landed, validated objections row states exactly."""
+    """Events after ``after`` that the haven could not have appended: one that no landed, validated
+    objections row states exactly, or one that repeats a row registered by then (a restatement
+    only ever repeats a row to keep an objection in force) with a withdrawn date."""
     valid = f"landing.{collection}_valid"
     if not table_exists(con, "landing", f"{collection}_valid"):
         return int(con.execute(f"SELECT count(*) FROM {EVENTS} WHERE event_id > ?", [after]).fetchone()[0])
+    stated = (
+        f"EXISTS (SELECT 1 FROM {valid} v WHERE v._batch = e._batch AND v._row = e._row AND {pid_sql} = e.pid "
+        "AND v.objection_type = e.objection_type AND CAST(v.recorded_date AS DATE) = e.recorded_date "
+        "AND CAST(v.withdrawn_date AS DATE) IS NOT DISTINCT FROM e.withdrawn_date)"
+    )
+    repeated = f"EXISTS (SELECT 1 FROM {EVENTS} o WHERE o.event_id <= ? AND o._batch = e._batch AND o._row = e._row)"
     return int(
         con.execute(
-            f"SELECT count(*) FROM {EVENTS} e WHERE e.event_id > ? AND NOT EXISTS (SELECT 1 FROM {valid} v "
-            f"WHERE v._batch = e._batch AND v._row = e._row AND {pid_sql} = e.pid "
-            "AND v.objection_type = e.objection_type AND CAST(v.recorded_date AS DATE) = e.recorded_date "
-            "AND CAST(v.withdrawn_date AS DATE) IS NOT DISTINCT FROM e.withdrawn_date)",
-            [after],
+            f"SELECT count(*) FROM {EVENTS} e WHERE e.event_id > ? "
+            f"AND (NOT {stated} OR ({repeated} AND e.withdrawn_date IS NOT NULL))",
+            [after, after],
         ).fetchone()[0]
     )
 
 
-def catch_up(con: duckdb.DuckDBPyConnection, collection: str, pid_sql: str) -> bool:
+def catch_up(con: duckdb.DuckDBPyConnection, collection: str, pid_sql: str, home: Home | None = None) -> bool:
     """Before the register step changes the register: True when it matches its last seal, was
     never sealed, or differs only by events the haven appended after it (a run stopped between a
     change and its seal: each later event restates a landed row exactly, module docstring).
     ``pid_sql``: the pseudonym of a landed row ``v`` (the haven key installed)."""
-    sealed = last_seal(con)
+    sealed = last_seal(con, home)
     if sealed is None or state(con) == sealed:
         return True
     if state(con, up_to=sealed.last_event) != sealed:
@@ -167,8 +216,13 @@ def reseal(con: duckdb.DuckDBPyConnection, home: Home | None, *, by: str, reason
     state it replaces and their reason; module docstring, "Clearing it")."""
     if not by.strip() or not reason.strip():
         raise ValueError("a decision needs the person's name and a reason")
-    before, now = last_seal(con), state(con)
-    detail = {**now.as_detail(), "replaces": before.as_detail() if before else None, "reason": reason}
+    before, now = last_seal(con, home), state(con)
+    if now == MALFORMED:
+        raise ValueError(
+            "the register cannot be sealed as it is (a view in its place, a function stored in the store, or an "
+            "event with no number or a repeated one): restore governance.objection_events from a backup first"
+        )
+    detail = {**now.as_detail(), "replaces": before.as_detail() if before else None, "reason": reason[:500]}
     audit.append(con, actor=by, role="governance", action=RESEALED, object=OBJECT, detail=detail, home=home)
     return now
 
@@ -186,9 +240,9 @@ def register_and_seal(
     arrived (``register_objections``), and seal the result only if the check passed (a register
     edited outside the haven stays unsealed, so record-level releases stay refused). Needs the
     haven key installed as ``haven``. Returns the events added and whether the register is sealed."""
-    intact = catch_up(con, contract.collection, pid_sql(contract))
+    intact = catch_up(con, contract.collection, pid_sql(contract), home)
     added = register_objections(con, contract, key_id, waiting_since=waiting_since)
     now = state(con)
-    if intact and now != last_seal(con):
+    if intact and now != MALFORMED and now != last_seal(con, home):
         seal(con, home, actor=actor, now=now)
     return added, intact

@@ -77,6 +77,8 @@ RELEASED = "released"
 #: the key of the opt-out decision stored with a request that holds the objection register's
 #: freshness window it was prepared under (delivery holds the register to it again)
 WINDOW_KEY = "objections_window_days"
+#: the longest freshness window a stored request may carry (a year)
+MAX_WINDOW_DAYS = 366
 RETURNED = "returned"
 REJECTED = "rejected"
 WITHDRAWN = "withdrawn"
@@ -639,19 +641,22 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
 
 
 def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, home: Home, by: str) -> None:
-    """Refuse to deliver (audited) a request once someone in it has a type 1 objection registered
-    since it was prepared (whatever the legal basis: GP records of a type 1 objector never leave,
-    guide Rule 4B), and, prepared under the opt-out, while the objection feed is blocked or stale
-    now or once someone in it has opted out since it was prepared: its files were filtered against
-    the register as it then stood (NDOP; ``safehaven.protect.feed``, fail closed). The next run
-    prepares it again from the register as it stands."""
+    """Refuse to deliver (audited) a record-level request while the objection feed is blocked or
+    stale now (under any basis, as at preparation: a faulty, pending or tampered register,
+    ``safehaven.protect.feed``), once someone in it has a type 1 objection registered since it was
+    prepared (whatever the legal basis: GP records of a type 1 objector never leave, guide Rule
+    4B), and, prepared under the opt-out, once someone in it has opted out since: its files were
+    filtered against the register as it then stood (NDOP; fail closed). The next run prepares it
+    again from the register as it stands."""
     from safehaven.protect import feed
 
+    if req.identifiability == "anonymised":  # not record level: the opt-outs do not cover it (guide Rule 4C)
+        return
     decision = _decision(con, req)
-    try:
+    try:  # the feed sound and fresh under any basis, as at preparation (``feed.release_guard``)
+        feed.require_sound_feed(con, home, datetime.now(UTC).date(), agreement_days=_window(decision))
         _no_type1_since(con, req)
         if decision.get("applied") is not False:  # only a recorded "does not apply" skips: a lost one checks
-            feed.require_sound_feed(con, home, datetime.now(UTC).date(), agreement_days=_window(decision))
             _no_optout_since(con, req)
     except feed.ObjectionFeedBlocked as exc:
         audit.append(con, actor=by, role="review", action="release", object=f"release-request:{req.release_id}",
@@ -672,11 +677,16 @@ def _decision(con: duckdb.DuckDBPyConnection, req: Request) -> dict[str, Any]:
 
 def _window(decision: dict[str, Any]) -> int:
     """The freshness window the request was prepared under (the agreement's, else the haven's,
-    ``safehaven.protect.feed.window_days``); the haven's default for a request that lacks one."""
+    ``safehaven.protect.feed.window_days``); the haven's default for a request prepared before
+    requests stored one; one day (the strictest) for a stored value that is not whole days from
+    one to :data:`MAX_WINDOW_DAYS` (odd input fails closed)."""
     from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
 
-    days = decision.get(WINDOW_KEY)
-    return days if isinstance(days, int) and not isinstance(days, bool) and days >= 1 else DEFAULT_WINDOW_DAYS
+    if WINDOW_KEY not in decision:
+        return DEFAULT_WINDOW_DAYS
+    days = decision[WINDOW_KEY]
+    ok = isinstance(days, int) and not isinstance(days, bool) and 1 <= days <= MAX_WINDOW_DAYS
+    return days if ok else 1
 
 
 def _members_objecting(con: duckdb.DuckDBPyConnection, req: Request, objectors: str) -> int:

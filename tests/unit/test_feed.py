@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -1058,3 +1059,125 @@ def test_the_seal_command_records_a_persons_decision(home: Home) -> None:
         [entry] = [e for e in audit.entries_for(con) if e.action == register_seal.RESEALED]
         assert register_seal.problem(con) is None
     assert entry.actor == "Dr Guardian" and entry.detail_value["reason"] == "restored from the backup"
+
+
+def _withdraw_with_sql(haven: Haven, i: int) -> None:
+    """What someone holding the store key could do: append a withdrawal no file stated."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.con.execute(
+        "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
+        f"pid, objection_type, recorded_date, DATE '{yesterday}', source_practice, _batch, _row, now(), key_id "
+        "FROM governance.objection_events WHERE pid = ?",
+        [haven.pids[NHS[i]]],
+    )
+
+
+def test_a_seal_edited_in_the_store_is_never_trusted(haven: Haven) -> None:
+    """The seal's audit entry rewritten to match an edited register (not the trail's last entry, so
+    the append-time check of the tail alone would pass), or renamed so the register looks never
+    sealed: the seal is read only through the verified trail, so releases are refused."""
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    feed.attest_refresh(haven.con, TODAY, by="Dr Guardian", reason="checked", today=TODAY)  # a later entry
+    _withdraw_with_sql(haven, 10)
+    forged = json.dumps(register_seal.state(haven.con).as_detail())
+    haven.con.execute(
+        "UPDATE governance.audit_log SET detail = ? WHERE seq = (SELECT max(seq) FROM governance.audit_log "
+        "WHERE action = 'objections.sealed')",
+        [forged],
+    )
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+    haven.con.execute("UPDATE governance.audit_log SET action = 'objections.other' WHERE action = 'objections.sealed'")
+    assert register_seal.last_seal(haven.con) == register_seal.UNVERIFIED
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+
+
+def test_an_old_withdrawal_replayed_with_sql_is_not_taken_for_a_runs_leftover(haven: Haven) -> None:
+    """A withdrawal that a later file overrode is a landed row; copied as a new event it restates
+    that row exactly, but the haven only ever repeats a row to keep an objection in force."""
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("a.csv", [_withdrawn(10, yesterday)])
+    haven.run()
+    haven.drop("b.csv", [_opt_out(10)])
+    haven.run()
+    haven.con.execute(
+        "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
+        "pid, objection_type, recorded_date, withdrawn_date, source_practice, _batch, _row, now(), key_id "
+        "FROM governance.objection_events WHERE pid = ? AND withdrawn_date IS NOT NULL",
+        [haven.pids[NHS[10]]],
+    )
+    haven.run()
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+
+
+@pytest.mark.parametrize("edit", ["unnumbered event", "a view in its place", "a macro stored in the store"])
+def test_a_register_that_is_not_a_plain_table_of_numbered_events_is_never_sealed(haven: Haven, edit: str) -> None:
+    """Edits that would hide from a digest: an event with no number (outside every event_id range,
+    yet taken as registered), the table replaced by a view, or a macro stored in the store (which
+    could stand in for hash or sum; the haven's own macros are temporary)."""
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    if edit == "unnumbered event":
+        haven.con.execute(
+            "INSERT INTO governance.objection_events SELECT NULL, 'x', objection_type, recorded_date, "
+            "withdrawn_date, source_practice, _batch, _row, now(), key_id FROM governance.objection_events LIMIT 1"
+        )
+    elif edit == "a view in its place":
+        haven.con.execute("ALTER TABLE governance.objection_events RENAME TO objection_events_kept")
+        haven.con.execute("CREATE VIEW governance.objection_events AS SELECT * FROM governance.objection_events_kept")
+    else:
+        haven.con.execute("CREATE MACRO store.main.twice(a) AS a * 2")
+    assert register_seal.state(haven.con) == register_seal.MALFORMED
+    try:
+        haven.run()  # the register step cannot append to a view: it fails, and seals nothing
+    except duckdb.Error:
+        assert edit == "a view in its place"
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+
+
+def test_delivery_under_an_exempt_basis_still_needs_a_sound_register(haven: Haven) -> None:
+    """A request under a basis the opt-out does not cover is still record level: its type 1 check
+    reads the register, so delivery refuses while the register differs from its seal."""
+    from safehaven.context import Haven as Context
+    from safehaven.share.releases import PREPARED, prepare
+    from safehaven.share.review import ReviewError
+    from tests.governance_helpers import approve_release
+
+    write_agreement(
+        haven.registry.root,
+        agreement_data(
+            id="test-statutory",
+            legal_basis={"basis": "statutory", "reference": "s.1 Test Act (synthetic)"},
+            collections=["hospital_episodes"],
+            linkages=[],
+            fields=[f for f in BASE["fields"] if f["collection"] == "hospital_episodes"],
+            small_groups="suppress",
+            max_suppressed_share=1.0,
+        ),
+    )
+    haven.agreement = "test-statutory"
+    adopt(haven.con, haven.registry, haven.agreement)
+    haven.drop("t1.csv", [[NHS[32], "type1", "2024-03-01", "", "A81001"]])
+    assert haven.run()
+    res = prepare(
+        haven.con, haven.agreement, haven=Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring)
+    )
+    assert res.status == PREPARED
+    haven.drop("t2.csv", [[NHS[33], "type1", "2024-03-01", "", "A81001"]])
+    assert haven.run()
+    haven.con.execute("DELETE FROM governance.objection_events WHERE pid = ?", [haven.pids[NHS[33]]])
+    with pytest.raises(ReviewError, match="differs from its last seal"):
+        approve_release(haven.con, res.release_id, haven.home)
+
+
+@pytest.mark.parametrize("stored", ["5", 5.0, 10**30, 0, True])
+def test_an_odd_stored_window_holds_the_register_to_one_day(stored: object) -> None:
+    from safehaven.share import review
+
+    assert review._window({review.WINDOW_KEY: stored}) == 1
+    assert review._window({review.WINDOW_KEY: 5}) == 5
+    assert review._window({}) == feed.DEFAULT_WINDOW_DAYS, "a request prepared before requests stored one"
