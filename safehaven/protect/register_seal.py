@@ -25,7 +25,9 @@ every check carried on. So:
   type and dates, recomputed from the row with the haven key), and repeats a row registered
   before the seal only without a withdrawn date (a restatement only repeats a row to keep an
   objection in force); then it seals. Anything else (an event deleted, changed, or added that
-  no landed row states, an old withdrawal replayed) is left unsealed.
+  no landed row states, an old withdrawal replayed) is left unsealed. After a haven key rotation
+  killed before its seal (every pseudonym changed), the register is accepted when it has the
+  sealed numbers of events and each states its landed row exactly under the new key.
 * **Clearing it** needs a person: ``safehaven objections seal --by <name> --reason <text>`` seals
   the register as it now stands (audited as ``objections.resealed``), once they have restored
   it (e.g. from a backup) or established that the change is right.
@@ -36,9 +38,7 @@ Limits: the digest is DuckDB's 64-bit row hash summed twice (with two seeds) wit
 it detects any edit made with SQL, not a forger who crafts rows to a chosen sum; someone holding
 the audit key as well can re-seal, which the audit trail's external anchors show. The landed
 objections rows the register is built from (``landing.objections_valid``) are not sealed: a
-forged landed row (a withdrawal) is registered as genuine by the next register step. A haven key
-rotation killed between its commit and its seal leaves a refusal a person clears (``objections
-seal``): every pseudonym changed, so the next run cannot tell it from an edit.
+forged landed row (a withdrawal) is registered as genuine by the next register step.
 """
 
 from __future__ import annotations
@@ -194,11 +194,29 @@ def catch_up(con: duckdb.DuckDBPyConnection, collection: str, pid_sql: str, home
     change and its seal: each later event restates a landed row exactly, module docstring).
     ``pid_sql``: the pseudonym of a landed row ``v`` (the haven key installed)."""
     sealed = last_seal(con, home)
-    if sealed is None or state(con) == sealed:
+    now = state(con)
+    if sealed is None or now == sealed:
         return True
+    if now == MALFORMED or sealed == UNVERIFIED:
+        return False
+    if _rekeyed_since_seal(con) and (now.rows, now.last_event) == (sealed.rows, sealed.last_event):
+        return _unstated_events(con, 0, collection, pid_sql) == 0  # every event, under the new key
     if state(con, up_to=sealed.last_event) != sealed:
         return False
     return _unstated_events(con, sealed.last_event, collection, pid_sql) == 0
+
+
+def _rekeyed_since_seal(con: duckdb.DuckDBPyConnection) -> bool:
+    """A haven key rotation is in the (verified) trail after the last seal: a rotation killed
+    between its commit and its seal changed every pseudonym, so the next register step accepts
+    the register if it has the sealed numbers of events and each states its landed row exactly."""
+    return bool(
+        con.execute(
+            f"SELECT count(*) FROM {audit.TABLE} WHERE action = 'key.rotate' AND object = 'key:haven' AND seq > "
+            f"(SELECT max(seq) FROM {audit.TABLE} WHERE action IN (?, ?) AND object = ?)",
+            [SEALED, RESEALED, OBJECT],
+        ).fetchone()[0]
+    )
 
 
 def seal(

@@ -80,12 +80,15 @@ class Haven:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(text.getvalue().encode("utf-8-sig" if excel else "utf-8"))
 
+    def land(self, drops: list[str] | None = None) -> ingest.IngestReport:
+        """An intake run's landing of the objections files waiting (or of ``drops``) and no more."""
+        folder, quarantine = self.home.incoming_for("objections"), self.home.quarantine_for("objections")
+        return ingest_collection(self.con, self.registry.objections(), folder, quarantine, drops=drops)
+
     def run(self) -> bool:
         """Ingest, validate and register objections as the pipeline does; False when validation refused a batch."""
         contract = self.registry.objections()
-        ingest_collection(
-            self.con, contract, self.home.incoming_for("objections"), self.home.quarantine_for("objections")
-        )
+        self.land()
         report = validate_collection(self.con, contract, self.registry, self.home.quarantine_for("objections"))
         waiting = ingest.arrived_first(self.home.incoming_for("objections"))
         register_and_seal(self.con, contract, "", self.home, actor="test run", waiting_since=waiting)  # the step
@@ -873,9 +876,7 @@ def test_a_restatement_not_yet_registered_refuses_record_level_releases(haven: H
     haven.run()
     haven.drop("objections.csv", [_opt_out(10)])
     contract = haven.registry.objections()
-    ingest_collection(
-        haven.con, contract, haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
-    )
+    haven.land()
     assert feed.pending_batches(haven.con) == 1
     with pytest.raises(ReleaseRefused, match="not yet"):
         haven.release()
@@ -898,20 +899,23 @@ def test_the_same_drop_seen_again_after_a_crash_restates_nothing(haven: Haven) -
     assert _restatements(haven) == []
 
 
+def _register_as_the_night_does(haven: Haven) -> None:
+    """The nightly register step alone (told when the earliest file still in incoming/ arrived)."""
+    waiting = ingest.arrived_first(haven.home.incoming_for("objections"))
+    register_objections(haven.con, haven.registry.objections(), waiting_since=waiting)
+
+
 def test_a_file_sent_again_waits_for_a_withdrawal_that_arrived_before_it(haven: Haven) -> None:
     """Arrival order holds across runs: the withdrawal W lands but its run stops before validating
     it, then the original file is sent again to undo W. The restatement waits (record-level
     releases blocked) until W is validated and registered, then registers after it: in force."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
-    contract = haven.registry.objections()
-    folder, quarantine = haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
     haven.drop("objections.csv", [_opt_out(10)])
     haven.run()
-    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
-    ingest_collection(haven.con, contract, folder, quarantine)  # W landed; its run stopped here
+    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+    haven.land()  # W landed; its run stopped here
     haven.drop("objections.csv", [_opt_out(10)])  # sent again, after W
-    ingest_collection(haven.con, contract, folder, quarantine)
-    register_objections(haven.con, contract, waiting_since=ingest.arrived_first(folder))  # the night's register
+    haven.land()
+    _register_as_the_night_does(haven)
     assert feed.pending_batches(haven.con) == 2, "W not validated, and the restatement behind it"
     assert _restatements(haven) == [(None, None, None)]
     with pytest.raises(ReleaseRefused, match="waits for one that arrived before it"):
@@ -924,16 +928,12 @@ def test_a_file_sent_again_waits_for_a_withdrawal_that_arrived_before_it(haven: 
 def test_a_file_sent_again_waits_for_an_earlier_file_still_in_incoming(haven: Haven) -> None:
     """The withdrawal W is still waiting in incoming/ (its intake run failed, or has not run) when
     the original file, sent again after it, is landed and the register runs: the restatement waits."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
-    contract = haven.registry.objections()
-    folder, quarantine = haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
     haven.drop("objections.csv", [_opt_out(10)])
     haven.run()
-    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
     haven.drop("objections.csv", [_opt_out(10)])
-    resent = ingest.drop_key(folder / "objections.csv")
-    ingest_collection(haven.con, contract, folder, quarantine, drops=[resent])  # only the later file's run
-    register_objections(haven.con, contract, waiting_since=ingest.arrived_first(folder))
+    haven.land([ingest.drop_key(haven.home.incoming_for("objections") / "objections.csv")])  # the later file's run
+    _register_as_the_night_does(haven)
     assert feed.pending_batches(haven.con) == 1
     haven.run()
     assert _in_force(haven, 10)
@@ -1032,9 +1032,7 @@ def test_a_run_stopped_between_registering_and_sealing_is_sealed_by_the_next_reg
     haven.run()
     haven.drop("more.csv", [_opt_out(11)])
     contract = haven.registry.objections()
-    ingest_collection(
-        haven.con, contract, haven.home.incoming_for("objections"), haven.home.quarantine_for("objections")
-    )
+    haven.land()
     validate_collection(haven.con, contract, haven.registry, haven.home.quarantine_for("objections"))
     register_objections(haven.con, contract)  # registered; killed before the seal
     with pytest.raises(ReleaseRefused, match="differs from its last seal"):

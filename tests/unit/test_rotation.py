@@ -249,3 +249,32 @@ def test_rotation_shreds_the_old_key_file(
         for p in haven_home.keys.iterdir()
         if p.name.endswith((".retired", ".tmp")) or "next" in p.name or "staged" in p.name
     ]
+
+
+def test_a_rotation_killed_before_its_seal_is_sealed_by_the_next_register_step(
+    haven_home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pseudonym changed, so the register differs from its seal; the next register step finds
+    a haven key rotation after the seal in the trail and every event stating its landed row under
+    the new key, and seals it: a crash, not a breach, needs no one."""
+    with Store(haven_home).connect() as con:
+        register_seal.seal(con, haven_home, actor="the night's register step")
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("killed before the seal")
+
+    monkeypatch.setattr(register_seal, "seal", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rotation.rotate(_custodian(haven_home), "haven")
+    monkeypatch.undo()
+    rotation.resume(_pipeline(haven_home, "tester"))
+    keyring = KeyRing(haven_home.keys)
+    with Store(haven_home).connect() as con:
+        assert register_seal.problem(con) is not None
+        install_key(con, "haven", keyring.get("haven"))
+        contract = ContractRegistry().objections()
+        _, intact = register_seal.register_and_seal(con, contract, keyring.get("haven").key_id, haven_home, actor="t")
+        assert intact and register_seal.problem(con) is None
+        con.execute("DELETE FROM governance.objection_events WHERE event_id = (SELECT max(event_id) FROM "
+                    "governance.objection_events)")  # fmt: skip
+        assert register_seal.problem(con) is not None, "an edit after it is still caught"
