@@ -29,8 +29,9 @@ against a current list). Rules:
   (resolution ``corrected_file``, audited; the haven checks the file landed after the fault
   and validated cleanly). Until then the block stands.
 * **Freshness.** The register's *refresh date* is the latest day an objections file landed
-  and was validated (its rows honoured), or an objections file received again was registered
-  as a restatement (an unchanged daily list is still a current list;
+  and was validated (its rows honoured), or the latest clean objections file was received again
+  unchanged and registered as a restatement (an unchanged daily list is still a current list;
+  an older file sent again is not: files landed after it hold newer statements;
   ``safehaven.protect.objections.register_restatements``), or the latest date a person attested that the
   register matches the current list (``safehaven objections refreshed --as-of``,
   ``attest_refresh``). A record-level release refuses when that date is older than the
@@ -210,9 +211,10 @@ def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
             f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL",
             [COLLECTION],
         ).fetchone()[0]
-    restated = con.execute(  # a clean file's statements, sent again: not a faulty one's, nor an empty restatement
+    restated = con.execute(  # the latest clean file, sent again unchanged (module docstring, "Freshness")
         f"SELECT max(CAST(r.noted_at AS DATE)) FROM {RESTATEMENTS} r JOIN ({_clean_batches_sql(con)}) c "
-        "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0"
+        "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0 AND NOT EXISTS "
+        f"(SELECT 1 FROM {BATCHES} later WHERE later.collection = '{COLLECTION}' AND later.landed_at > c.landed_at)"
     ).fetchone()[0]
     attested = con.execute(f"SELECT max(as_of) FROM {REFRESHES}").fetchone()[0]
     known = [d for d in (dropped, restated, attested) if d is not None]

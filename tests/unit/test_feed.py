@@ -1179,3 +1179,18 @@ def test_an_odd_stored_window_holds_the_register_to_one_day(stored: object) -> N
     assert review._window({review.WINDOW_KEY: stored}) == 1
     assert review._window({review.WINDOW_KEY: 5}) == 5
     assert review._window({}) == feed.DEFAULT_WINDOW_DAYS, "a request prepared before requests stored one"
+
+
+def test_an_older_file_sent_again_does_not_refresh_the_register(haven: Haven) -> None:
+    """Files landed after it hold newer statements: an old list sent again restates its objections
+    (they stay in force) but does not make a stale register current."""
+    haven.drop("monday.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("tuesday.csv", [_opt_out(10), _opt_out(11)])
+    haven.run()
+    haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
+    haven.drop("monday.csv", [_opt_out(10)])
+    haven.run()
+    assert _restatements(haven) == [(1, 0, 0)]
+    with pytest.raises(ReleaseRefused, match="last refreshed on"):
+        haven.release()
