@@ -1,8 +1,9 @@
 """``safehaven objections`` commands that clear the objection feed's block (safehaven.protect.feed).
 
-* ``safehaven objections faults``: unresolved objections files and rows, and the register's
-  refresh date (counts, file names and rule ids; never a value); for each, a later clean file
-  of its name, if one landed, and the exact command that clears it (``to_clear``).
+* ``safehaven objections faults``: unresolved objections files and rows, whether the register
+  differs from its seal (``register_seal_problem``), and the register's refresh date (counts,
+  file names and rule ids; never a value); for each, a later clean file of its name, if one
+  landed, and the exact command that clears it (``to_clear``).
 * ``safehaven objections resolve <file> --by <name> --reason <text> [--corrected-by <sha256>]``:
   a person's decision on a quarantined objections file or its rejected rows, or (with
   ``--corrected-by``) that a later file corrects it; audited. A later file never clears a
@@ -34,19 +35,21 @@ def register(main: click.Group) -> None:
 
     @group.command("faults")
     def objections_faults() -> None:
-        """Unresolved objections files and rows, and the register's refresh date."""
+        """Unresolved objections files and rows, whether the register matches its seal, and its refresh date."""
         from safehaven.core.store import Store
-        from safehaven.protect import feed
+        from safehaven.protect import feed, register_seal
 
         home = ensure_home()
         with Store(home).connect() as con:
             feed.sync_faults(con, home)
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
+            tampered = register_seal.problem(con, home)
         click.echo(
             json.dumps(
                 {
                     "unresolved": [{**asdict(f), "to_clear": feed.how_to_clear(f)} for f in faults],
+                    "register_seal_problem": tampered,
                     "register_refreshed_on": refreshed.isoformat() if refreshed else None,
                     "window_days": objections_window_from_env(),
                 },

@@ -159,11 +159,19 @@ def problem(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> str | N
     if now == sealed:
         return None
     return (
-        f"the objection register differs from its last seal in the audit trail ({now.rows} events now, "
-        f"{sealed.rows} sealed): events were deleted, changed or added outside the haven, or a run stopped "
+        f"the objection register differs from its last seal in the audit trail ({_described(now)} now, "
+        f"{_described(sealed)} sealed): events were deleted, changed or added outside the haven, or a run stopped "
         "after registering objections; run the objection register again (safehaven run), and if it still "
         "differs, restore the register and record a decision: safehaven objections seal --by <name> --reason <text>"
     )
+
+
+def _described(at: State) -> str:
+    if at == MALFORMED:
+        return "not a plain table of numbered events"
+    if at == UNVERIFIED:
+        return "a seal that does not verify"
+    return f"{at.rows} events up to event {at.last_event}, digest {at.digest[:12]}"
 
 
 def _unstated_events(con: duckdb.DuckDBPyConnection, after: int, collection: str, pid_sql: str) -> int:

@@ -1051,6 +1051,8 @@ def test_the_seal_command_records_a_persons_decision(home: Home) -> None:
     runner = CliRunner()
     refused = runner.invoke(main, ["objections", "seal", "--by", " ", "--reason", "checked"])
     assert refused.exit_code != 0 and "name and a reason" in refused.output
+    listed = runner.invoke(main, ["objections", "faults"])
+    assert listed.exit_code == 0 and '"register_seal_problem": null' in listed.output, listed.output
     done = runner.invoke(main, ["objections", "seal", "--by", "Dr Guardian", "--reason", "restored from the backup"])
     assert done.exit_code == 0 and '"audited": true' in done.output, done.output
     with Store(home).connect() as con:
