@@ -129,7 +129,8 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                     f"{held} withdrawal(s) in objections files received again were not applied (a file sent "
                     "again may keep an objection in force, never end one): check with the sender; a genuine "
                     "withdrawal takes effect once it arrives in a file whose records differ from any received "
-                    "before, e.g. within their current list (governance.objection_restatements)"
+                    "before, or once a person applies it: safehaven objections faults lists it, safehaven "
+                    "objections apply-held <drop> --by <name> --reason <text> applies it"
                 )
             total = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0]
             in_force = dict(

@@ -43,6 +43,7 @@ AUDITED_COMMANDS = frozenset(
         ("objections", "resolve"),
         ("objections", "refreshed"),
         ("objections", "seal"),
+        ("objections", "apply-held"),
         ("review", "approve"),
         ("review", "return"),
         ("review", "reject"),

@@ -11,6 +11,8 @@
 * ``safehaven objections seal --by <name> --reason <text>``: a person's decision that the objection
   register as it now stands is right (after an edit outside the haven was found and undone or
   checked: ``safehaven.protect.register_seal``); audited.
+* ``safehaven objections apply-held <drop> --by <name> --reason <text>``: a person's decision that
+  the withdrawals held from an objections file sent again are genuine; audited, register sealed.
 * ``safehaven objections refreshed --as-of <date> --by <name> --reason <text>``: a person
   attests that the register matched the current opt-out list on that date; audited.
 
@@ -25,7 +27,7 @@ from datetime import date, datetime
 
 import click
 
-from safehaven.cli.common import ensure_home, fail, objections_window_from_env
+from safehaven.cli.common import ensure_home, fail, objections_window_from_env, registry_from_env
 
 
 def register(main: click.Group) -> None:
@@ -45,11 +47,13 @@ def register(main: click.Group) -> None:
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
             tampered = register_seal.problem(con, home)
+            held = register_seal.held_withdrawals(con)
         click.echo(
             json.dumps(
                 {
                     "unresolved": [{**asdict(f), "to_clear": feed.how_to_clear(f)} for f in faults],
                     "register_seal_problem": tampered,
+                    "withdrawals_held": held,
                     "register_refreshed_on": refreshed.isoformat() if refreshed else None,
                     "window_days": objections_window_from_env(),
                 },
@@ -107,6 +111,32 @@ def register(main: click.Group) -> None:
         except ValueError as exc:
             fail(f"safehaven objections seal: {exc}")
         click.echo(json.dumps({"sealed": now.as_detail(), "differed": before is not None, "by": by, "audited": True}))
+
+    @group.command("apply-held")
+    @click.argument("drop")
+    @click.option("--by", "by", required=True, help="Who decides (recorded in the audit trail).")
+    @click.option(
+        "--reason", required=True, help="How the withdrawals were confirmed as genuine (e.g. with the sender)."
+    )
+    def objections_apply_held(drop: str, by: str, reason: str) -> None:
+        """Apply the withdrawals held from an objections file sent again (its DROP key, as shown by
+        safehaven objections faults), once a person has confirmed them; audited, and the register sealed."""
+        from safehaven.core.keys import KeyRing
+        from safehaven.core.store import Store
+        from safehaven.protect import register_seal
+        from safehaven.protect.haven import haven_key
+        from safehaven.protect.pseudonymise import install_key
+
+        home = ensure_home()
+        contract = registry_from_env().objections()
+        try:
+            with Store(home).connect() as con:
+                key = haven_key(con, KeyRing(home.keys))
+                install_key(con, "haven", key)
+                n = register_seal.apply_held_withdrawals(con, contract, drop, key.key_id, home, by=by, reason=reason)
+        except ValueError as exc:
+            fail(f"safehaven objections apply-held: {exc}")
+        click.echo(json.dumps({"drop": drop, "events_added": n, "by": by, "audited": True}))
 
     @group.command("refreshed")
     @click.option("--as-of", "as_of", type=click.DateTime(["%Y-%m-%d"]), required=True)

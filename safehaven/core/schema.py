@@ -239,9 +239,11 @@ OBJECTION_FEED_FAULTS = _declare(
 OBJECTION_RESTATEMENTS = _declare(
     "governance.objection_restatements",
     "drop_key VARCHAR PRIMARY KEY, batch_id VARCHAR, file_name VARCHAR, arrived_at TIMESTAMPTZ, "
-    "noted_at TIMESTAMPTZ, registered_at TIMESTAMPTZ, statements BIGINT, added BIGINT, withdrawals_held BIGINT",
+    "noted_at TIMESTAMPTZ, registered_at TIMESTAMPTZ, statements BIGINT, added BIGINT, withdrawals_held BIGINT, "
+    "held_applied_at TIMESTAMPTZ",
     "objections files received again (the bytes or the records of a batch already landed): each a "
     "restatement of that batch's statements, registered in arrival order (CoP 11-14; safehaven.protect.objections)",
+    added=("held_applied_at TIMESTAMPTZ",),
 )
 OBJECTION_REFRESHES = _declare(
     "governance.objection_refreshes",

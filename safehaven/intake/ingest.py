@@ -927,7 +927,8 @@ def _note_restatement(
     if own is None or own[0] == drop:
         return
     con.execute(
-        f"INSERT OR IGNORE INTO {RESTATEMENTS} VALUES (?, ?, ?, to_timestamp(?), now(), NULL, NULL, NULL, NULL)",
+        f"INSERT OR IGNORE INTO {RESTATEMENTS} (drop_key, batch_id, file_name, arrived_at, noted_at) "
+        "VALUES (?, ?, ?, to_timestamp(?), now())",
         [drop, batch_id, shown_name(path.name), arrived(seen)],
     )
     report.restated.append({"file": shown_name(path.name), "restates": batch_id[:16]})

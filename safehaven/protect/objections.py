@@ -182,22 +182,9 @@ def register_restatements(
     statement equal to the register's latest adds nothing (an unchanged daily list); a file that
     lists an episode's history restates its last statement about it. In one transaction with the
     restatement's record; rows already registered are never changed."""
-    stated = (  # the file's last statement about each episode (a file may list an episode's history)
-        f"SELECT {pid} AS pid, objection_type, CAST(recorded_date AS DATE) AS recorded_date, "
-        f"CAST(withdrawn_date AS DATE) AS withdrawn_date, source_practice, _batch, _row "
-        f"FROM landing.{contract.collection}_valid WHERE _batch = {lit(batch_id)} "
-        "QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY _row DESC) = 1"
-    )
-    later = "(s.withdrawn_date IS NULL OR s.withdrawn_date > l.withdrawn_date)"
-    appended = f"(l.pid IS NULL OR (l.withdrawn_date IS NOT NULL AND {later}))"
-    earlier = "(l.withdrawn_date IS NULL OR s.withdrawn_date < l.withdrawn_date)"
-    held = f"(l.pid IS NOT NULL AND s.withdrawn_date IS NOT NULL AND {earlier})"
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _restated AS SELECT s.*, {appended} AS appended, {held} AS held "
-            f"FROM ({stated}) s LEFT JOIN ({episodes_sql()}) l USING (pid, objection_type, recorded_date)"
-        )
+        _compare_restated(con, contract, pid, batch_id)
         (added,) = con.execute(
             f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
             "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
@@ -209,6 +196,56 @@ def register_restatements(
             "added = ?, withdrawals_held = (SELECT count(*) FILTER (WHERE held) FROM _restated) WHERE drop_key = ?",
             [added, drop],
         )
+        con.execute("DROP TABLE _restated")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return int(added)
+
+
+def _compare_restated(con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, batch_id: str) -> None:
+    """``_restated``: the batch's last statement about each episode (a file may list an episode's
+    history), each marked ``appended`` (it keeps an objection in force longer, or is new) or
+    ``held`` (it would end or shorten one the register holds), against the register's latest."""
+    stated = (
+        f"SELECT {pid} AS pid, objection_type, CAST(recorded_date AS DATE) AS recorded_date, "
+        f"CAST(withdrawn_date AS DATE) AS withdrawn_date, source_practice, _batch, _row "
+        f"FROM landing.{contract.collection}_valid WHERE _batch = {lit(batch_id)} "
+        "QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY _row DESC) = 1"
+    )
+    later = "(s.withdrawn_date IS NULL OR s.withdrawn_date > l.withdrawn_date)"
+    appended = f"(l.pid IS NULL OR (l.withdrawn_date IS NOT NULL AND {later}))"
+    earlier = "(l.withdrawn_date IS NULL OR s.withdrawn_date < l.withdrawn_date)"
+    held = f"(l.pid IS NOT NULL AND s.withdrawn_date IS NOT NULL AND {earlier})"
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _restated AS SELECT s.*, {appended} AS appended, {held} AS held "
+        f"FROM ({stated}) s LEFT JOIN ({episodes_sql()}) l USING (pid, objection_type, recorded_date)"
+    )
+
+
+def apply_held(con: duckdb.DuckDBPyConnection, contract: Contract, drop: str, key_id: str = "") -> int:
+    """A person's decision (``safehaven objections apply-held``): the withdrawals a file sent again
+    held (:func:`register_restatements`) are genuine; append them now, compared with the register
+    as it now stands (a statement no longer ending an objection is not appended). Returns the
+    events added. Raises ValueError when ``drop`` names no registered restatement holding any."""
+    row = con.execute(
+        f"SELECT batch_id FROM {RESTATEMENTS} WHERE drop_key = ? AND registered_at IS NOT NULL "
+        "AND withdrawals_held > 0 AND held_applied_at IS NULL",
+        [drop],
+    ).fetchone()
+    if row is None:
+        raise ValueError(f"no file sent again with withdrawals held has the drop key {drop!r}")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        _compare_restated(con, contract, pid_sql(contract), row[0])
+        (added,) = con.execute(
+            f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
+            "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
+            "source_practice, _batch, _row, now(), ? FROM _restated WHERE held",
+            [key_id],
+        ).fetchone()
+        con.execute(f"UPDATE {RESTATEMENTS} SET held_applied_at = now() WHERE drop_key = ?", [drop])
         con.execute("DROP TABLE _restated")
         con.execute("COMMIT")
     except BaseException:

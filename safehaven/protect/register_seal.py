@@ -54,11 +54,13 @@ from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.store import CATALOG, table_exists
 from safehaven.intake.contracts import Contract
-from safehaven.protect.objections import EVENTS, pid_sql, register_objections
+from safehaven.protect.objections import EVENTS, RESTATEMENTS, apply_held, pid_sql, register_objections
 
 #: the audit action of a seal made by the haven, and of one a person records (:func:`reseal`)
 SEALED = "objections.sealed"
 RESEALED = "objections.resealed"
+#: the audit action of a person applying withdrawals held from a file sent again
+HELD_APPLIED = "objections.held_applied"
 #: the audit entries' object
 OBJECT = EVENTS
 #: the columns digested: every column (a change to any of them is an edit)
@@ -272,3 +274,41 @@ def register_and_seal(
     if intact and now != MALFORMED and now != last_seal(con, home):
         seal(con, home, actor=actor, now=now)
     return added, intact
+
+
+def held_withdrawals(con: duckdb.DuckDBPyConnection) -> list[dict[str, object]]:
+    """Files sent again whose withdrawals were held and not yet applied (drop key, shown name, count)."""
+    if not table_exists(con, *RESTATEMENTS.split(".")):
+        return []
+    rows = con.execute(
+        f"SELECT drop_key, file_name, withdrawals_held FROM {RESTATEMENTS} WHERE withdrawals_held > 0 "
+        "AND held_applied_at IS NULL ORDER BY arrived_at"
+    ).fetchall()
+    return [{"drop": d, "file": f, "withdrawals_held": int(n)} for d, f, n in rows]
+
+
+def apply_held_withdrawals(
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    drop: str,
+    key_id: str,
+    home: Home | None,
+    *,
+    by: str,
+    reason: str,
+) -> int:
+    """A person's decision that the withdrawals a file sent again held are genuine (e.g. the
+    sender confirmed a new withdrawal whose records equal an old file's): applied
+    (``objections.apply_held``), audited (``objections.held_applied``, with their reason) and
+    sealed. Refused while the register differs from its seal (that comes first). The haven key
+    must be installed as ``haven``. Returns the events added."""
+    if not by.strip() or not reason.strip():
+        raise ValueError("a decision needs the person's name and a reason")
+    tampered = problem(con, home)
+    if tampered:
+        raise ValueError(f"record a decision on the register's seal first: {tampered}")
+    added = apply_held(con, contract, drop, key_id)
+    detail = {"drop": drop, "events_added": added, "reason": reason[:500]}
+    audit.append(con, actor=by, role="governance", action=HELD_APPLIED, object=OBJECT, detail=detail, home=home)
+    seal(con, home, actor=by, role="governance")
+    return added

@@ -39,6 +39,7 @@ from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import validate_collection
 from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import RESTATEMENTS, objectors_sql, register_objections
+from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.register_seal import register_and_seal
 from safehaven.share.releases import ReleaseRefused
 from tests.conftest import with_vault_keys
@@ -973,7 +974,8 @@ def test_a_forged_restatement_naming_no_objections_batch_stays_pending(haven: Ha
     haven.run()
     for batch in (None, "a-batch-of-hospital_episodes"):
         haven.con.execute(
-            f"INSERT INTO {RESTATEMENTS} VALUES (?, ?, 'x.csv', now(), now(), NULL, NULL, NULL, NULL)",
+            f"INSERT INTO {RESTATEMENTS} (drop_key, batch_id, file_name, arrived_at, noted_at) "
+            "VALUES (?, ?, 'x.csv', now(), now())",
             [f"x.csv@{batch or 'none'}", batch],
         )
     register_objections(haven.con, contract)
@@ -1196,3 +1198,39 @@ def test_an_older_file_sent_again_does_not_refresh_the_register(haven: Haven) ->
     assert _restatements(haven) == [(1, 0, 0)]
     with pytest.raises(ReleaseRefused, match="last refreshed on"):
         haven.release()
+
+
+def test_a_held_withdrawal_is_applied_by_a_persons_decision(haven: Haven) -> None:
+    """A genuine new withdrawal whose records equal an old withdrawal file's is held like an old
+    file sent again; a person who confirmed it with the sender applies it (audited, and the
+    register sealed), after which the objection ends. The command names the drop it applies."""
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("objections.csv", [_opt_out(10)])
+    haven.run()
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    haven.run()
+    haven.drop("objections.csv", [_opt_out(10)])  # the mistaken withdrawal undone
+    haven.run()
+    haven.drop("withdrawal (new).csv", [_withdrawn(10, yesterday)], excel=True)  # weeks later, genuine
+    haven.run()
+    assert _in_force(haven, 10)
+    [held] = register_seal.held_withdrawals(haven.con)
+    assert held["withdrawals_held"] == 1 and held["file"] == "withdrawal (new).csv"
+    runner = CliRunner()
+    haven.con.close()  # the command opens the store itself
+    refused = runner.invoke(main, ["objections", "apply-held", "nothing@00000000", "--by", "Dr G", "--reason", "x"])
+    assert refused.exit_code != 0 and "no file sent again with withdrawals held" in refused.output
+    done = runner.invoke(
+        main, ["objections", "apply-held", str(held["drop"]), "--by", "Dr Guardian", "--reason", "confirmed"]
+    )
+    assert done.exit_code == 0 and '"events_added": 1' in done.output, done.output
+    with Store(haven.home).connect() as con:
+        haven.con = con
+        install_key(con, "haven", haven.keyring.get("haven"))
+        assert not _in_force(haven, 10)
+        assert register_seal.problem(con) is None and register_seal.held_withdrawals(con) == []
+        assert [e.actor for e in audit.entries_for(con) if e.action == register_seal.HELD_APPLIED] == ["Dr Guardian"]
