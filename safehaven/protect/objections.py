@@ -40,6 +40,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Literal
 
 import duckdb
 
@@ -47,6 +48,7 @@ from safehaven.core import schema
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
 from safehaven.core.sql import lit, q
+from safehaven.core.store import transaction
 from safehaven.intake.contracts import Contract
 from safehaven.protect.pseudonymise import hmac_sql
 
@@ -182,26 +184,16 @@ def register_restatements(
     statement equal to the register's latest adds nothing (an unchanged daily list); a file that
     lists an episode's history restates its last statement about it. In one transaction with the
     restatement's record; rows already registered are never changed."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         _compare_restated(con, contract, pid, batch_id)
-        (added,) = con.execute(
-            f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
-            "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
-            "source_practice, _batch, _row, now(), ? FROM _restated WHERE appended",
-            [key_id],
-        ).fetchone()
+        added = _append_restated(con, key_id, "appended")
         con.execute(
             f"UPDATE {RESTATEMENTS} SET registered_at = now(), statements = (SELECT count(*) FROM _restated), "
             "added = ?, withdrawals_held = (SELECT count(*) FILTER (WHERE held) FROM _restated) WHERE drop_key = ?",
             [added, drop],
         )
         con.execute("DROP TABLE _restated")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return int(added)
+    return added
 
 
 def _compare_restated(con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, batch_id: str) -> None:
@@ -224,6 +216,17 @@ def _compare_restated(con: duckdb.DuckDBPyConnection, contract: Contract, pid: s
     )
 
 
+def _append_restated(con: duckdb.DuckDBPyConnection, key_id: str, which: Literal["appended", "held"]) -> int:
+    """Append the statements of ``_restated`` marked ``which`` as events, numbered after the last."""
+    (added,) = con.execute(
+        f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
+        "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
+        f"source_practice, _batch, _row, now(), ? FROM _restated WHERE {which}",
+        [key_id],
+    ).fetchone()
+    return int(added)
+
+
 def apply_held(con: duckdb.DuckDBPyConnection, contract: Contract, drop: str, key_id: str = "") -> int:
     """A person's decision (``safehaven objections apply-held``): the withdrawals a file sent again
     held (:func:`register_restatements`) are genuine; append them now, compared with the register
@@ -236,22 +239,12 @@ def apply_held(con: duckdb.DuckDBPyConnection, contract: Contract, drop: str, ke
     ).fetchone()
     if row is None:
         raise ValueError(f"no file sent again with withdrawals held has the drop key {drop!r}")
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         _compare_restated(con, contract, pid_sql(contract), row[0])
-        (added,) = con.execute(
-            f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
-            "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
-            "source_practice, _batch, _row, now(), ? FROM _restated WHERE held",
-            [key_id],
-        ).fetchone()
+        added = _append_restated(con, key_id, "held")
         con.execute(f"UPDATE {RESTATEMENTS} SET held_applied_at = now() WHERE drop_key = ?", [drop])
         con.execute("DROP TABLE _restated")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return int(added)
+    return added
 
 
 def episodes_sql(known_at: str | datetime | None = None) -> str:
