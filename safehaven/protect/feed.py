@@ -104,8 +104,9 @@ class Fault:
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """The fault log and the refresh attestations, and the objection register they stand with."""
-    schema.ensure(con, FAULTS, REFRESHES, *REGISTER_TABLES)
+    """The fault log and the refresh attestations, and the objection register and batch register
+    they stand with (made empty on a haven that has landed nothing yet, so no query here special-cases it)."""
+    schema.ensure(con, FAULTS, REFRESHES, *REGISTER_TABLES, BATCHES)
 
 
 def _file_faults(quarantine: Path) -> list[tuple[str, str, str, str]]:
@@ -147,13 +148,12 @@ def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
         )
     # a refused batch is a fault in its own right, from the batch register (committed with the
     # verdict), not only from its reason file, which is written after that commit
-    if table_exists(con, *BATCHES.split(".")):  # a haven that has landed nothing has no register yet
-        con.execute(
-            f"INSERT INTO {FAULTS} SELECT batch_id, file_name, 'batch', 'batch.refused', invalid_rows, landed_at, "
-            f"now(), NULL, NULL, NULL, NULL FROM {BATCHES} WHERE collection = ? AND status = 'refused' "
-            f"AND batch_id NOT IN (SELECT sha256 FROM {FAULTS})",
-            [COLLECTION],
-        )
+    con.execute(
+        f"INSERT INTO {FAULTS} SELECT batch_id, file_name, 'batch', 'batch.refused', invalid_rows, landed_at, "
+        f"now(), NULL, NULL, NULL, NULL FROM {BATCHES} WHERE collection = ? AND status = 'refused' "
+        f"AND batch_id NOT IN (SELECT sha256 FROM {FAULTS})",
+        [COLLECTION],
+    )
     return _scalar(con, f"SELECT count(*) FROM {FAULTS}") - before
 
 
@@ -206,17 +206,15 @@ def pending_batches(con: duckdb.DuckDBPyConnection) -> int:
 def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
     """The register's refresh date: the latest objections file validated, or attestation (module docstring)."""
     ensure_tables(con)
-    dropped = restated = None
-    if table_exists(con, *BATCHES.split(".")):  # a haven that has landed nothing has no batch register
-        dropped = con.execute(
-            f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL",
-            [COLLECTION],
-        ).fetchone()[0]
-        restated = con.execute(  # the latest clean file, sent again unchanged (module docstring, "Freshness")
-            f"SELECT max(CAST(r.noted_at AS DATE)) FROM {RESTATEMENTS} r JOIN ({_clean_batches_sql(con)}) c "
-            "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0 AND NOT EXISTS (SELECT 1 "
-            f"FROM {BATCHES} later WHERE later.collection = '{COLLECTION}' AND later.landed_at > c.landed_at)"
-        ).fetchone()[0]
+    dropped = con.execute(
+        f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL",
+        [COLLECTION],
+    ).fetchone()[0]
+    restated = con.execute(  # the latest clean file, sent again unchanged (module docstring, "Freshness")
+        f"SELECT max(CAST(r.noted_at AS DATE)) FROM {RESTATEMENTS} r JOIN ({_clean_batches_sql(con)}) c "
+        "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0 AND NOT EXISTS (SELECT 1 "
+        f"FROM {BATCHES} later WHERE later.collection = '{COLLECTION}' AND later.landed_at > c.landed_at)"
+    ).fetchone()[0]
     attested = con.execute(f"SELECT max(as_of) FROM {REFRESHES}").fetchone()[0]
     known = [d for d in (dropped, restated, attested) if d is not None]
     return max(known) if known else None
