@@ -1268,6 +1268,18 @@ def resolve(
     return Decision(resume, breach, lost_from, resume - 1)
 
 
+def latest_entry(con: duckdb.DuckDBPyConnection, object: str, actions: Sequence[str]) -> Entry | None:
+    """The latest entry on ``object`` with one of ``actions``, as stored (unverified: a caller
+    that trusts it checks it with :func:`authentic_from`)."""
+    if not _table_exists(con):
+        return None
+    row = con.execute(
+        f"{_SELECT} WHERE object = ? AND list_contains(?::VARCHAR[], action) ORDER BY seq DESC LIMIT 1",
+        [object, list(actions)],
+    ).fetchone()
+    return None if row is None else _row_entry(row)
+
+
 def entries_for(
     con: duckdb.DuckDBPyConnection,
     *,

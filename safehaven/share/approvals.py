@@ -29,6 +29,13 @@ encrypted store (``governance.agreement_decisions``), audited, and exported to
   (:func:`for_disposal`) reads the same way: dates and retention from the file, approval only
   from the store, a file's suspension always standing (CoP 43d, 43f).
 
+* **Checked against the audit trail** (:func:`unaudited`). The decisions table is in the store,
+  which anyone holding the store key can edit (an approval inserted, a suspension deleted). Each
+  decision is also an audit entry, keyed, chained and anchored outside the store, so the store's
+  latest decision is acted on only while it is the trail's latest decision on the agreement and
+  that entry verifies; otherwise nothing flows until the governance lead records a decision
+  again (a decision killed between its store row and its audit entry is refused the same way).
+
 :func:`effective` gives the agreement with its ``approval`` taken from the store, so the
 existing ``Agreement.in_force``/``status_on`` logic (dates, expiry) applies unchanged.
 """
@@ -60,6 +67,8 @@ from safehaven.share.agreements import (
 
 DECISIONS = schema.AGREEMENT_DECISIONS
 APPROVED, SUSPENDED = "approved", "suspended"
+#: the audit action recording each decision (:func:`_record`)
+_ACTION = {APPROVED: "approve", SUSPENDED: "suspend"}
 #: where a decision came from: a person's command, or the file's block adopted by a person
 SOURCE_COMMAND, SOURCE_FILE = "command", "file"
 #: what :func:`adopt` did with one agreement
@@ -91,6 +100,8 @@ class Standing:
     agreement: Agreement
     sha256: str
     decision: Decision | None
+    #: why the store's decision cannot be acted on: it is not the one the audit trail records (:func:`unaudited`)
+    unaudited: str | None = None
 
     @property
     def changed_since_decision(self) -> bool:
@@ -99,6 +110,11 @@ class Standing:
     def not_approved(self) -> str | None:
         """Why the haven holds no standing decision on these terms, with how to clear it; else ``None``."""
         a = self.agreement
+        if self.unaudited:
+            return (
+                f"{self.unaudited}; nothing flows until the governance lead records the decision again: "
+                f"{APPROVE_COMMAND.format(id=a.id)} (or suspends it)"
+            )
         if self.decision is None:
             adopt = (
                 f", or adopts its file's {a.approval.status} block with: {ADOPT_COMMAND.format(id=a.id)}"
@@ -169,7 +185,7 @@ def _record(
         con,
         actor=actor,
         role="governance",
-        action="approve" if decision == APPROVED else "suspend",
+        action=_ACTION[decision],
         object=f"agreement:{agreement.id}",
         purpose=agreement.purposes[0],
         legal_basis=agreement.basis,
@@ -188,9 +204,53 @@ def _record(
 
 
 def standing(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path) -> Standing:
-    """The agreement's standing: its file hash and the store's latest decision. Adopts nothing
-    (module docstring, "No decision, no flow")."""
-    return Standing(agreement, sha256_file(path), latest(con, agreement.id))
+    """The agreement's standing: its file hash and the store's latest decision, checked against
+    the audit trail (:func:`unaudited`). Adopts nothing (module docstring, "No decision, no flow")."""
+    decision = latest(con, agreement.id)
+    return Standing(agreement, sha256_file(path), decision, unaudited(con, agreement.id, decision))
+
+
+def unaudited(con: duckdb.DuckDBPyConnection, agreement_id: str, decision: Decision | None) -> str | None:
+    """Why the store's latest decision on the agreement must not be acted on (None: it is the
+    latest decision the audit trail records for it, or neither records one).
+
+    Module docstring, "Checked against the audit trail": the decisions table is in the store,
+    which anyone holding the store key can edit; each decision is also an audit entry (keyed,
+    chained, anchored outside the store: :func:`_record`). The store's latest decision must be
+    the trail's latest ``approve``/``suspend`` of ``agreement:<id>`` (decision, file SHA-256, by
+    whom), and that entry must verify with every entry after it (``audit.authentic_from``)."""
+    entry = _latest_audited(con, agreement_id)
+    held = (
+        None if decision is None else (_ACTION.get(decision.decision), decision.agreement_sha256, decision.decided_by)
+    )
+    said = _detail(entry)
+    stated = None if entry is None else (entry.action, said.get("sha256"), said.get("by"))
+    if held != stated:
+        return (
+            f"agreement {agreement_id}'s decision in the store ({_said(held)}) is not the audit trail's latest "
+            f"({_said(stated)}): it was recorded, changed or deleted outside the haven, or a decision stopped "
+            "before its audit entry"
+        )
+    if entry is not None and not audit.authentic_from(con, entry.seq):
+        return f"the audit entry of agreement {agreement_id}'s decision does not verify"
+    return None
+
+
+def _latest_audited(con: duckdb.DuckDBPyConnection, agreement_id: str) -> audit.Entry | None:
+    """The audit trail's latest decision entry on the agreement (unverified: :func:`unaudited` verifies it)."""
+    return audit.latest_entry(con, f"agreement:{agreement_id}", tuple(_ACTION.values()))
+
+
+def _detail(entry: audit.Entry | None) -> dict:
+    try:
+        detail = entry.detail_value if entry is not None else None
+    except ValueError:
+        return {}
+    return detail if isinstance(detail, dict) else {}
+
+
+def _said(decision: tuple | None) -> str:
+    return "none" if decision is None else f"{decision[0]} by {decision[2]}"
 
 
 def for_disposal(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, path: Path) -> Agreement:
@@ -230,6 +290,8 @@ def status_label(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Pat
     """The status to show a person: the store's decision (``changed`` if the file changed since),
     or ``not approved in the haven`` for a file with no decision. Adopts nothing."""
     s = standing(con, agreement, path)
+    if s.unaudited:
+        return "not approved: its decision in the store is not the audit trail's"
     if s.decision is None:
         return f"not approved in the haven (file: {agreement.approval.status})"
     if s.changed_since_decision:

@@ -248,3 +248,48 @@ def test_a_run_that_generates_no_demo_drop_adopts_nothing(
     assert result.exit_code == 0, result.output
     assert "adopting" not in result.output
     assert not home.store_file.exists() or _decisions(home) == {}
+
+
+# --- the decisions are checked against the audit trail ------------------------------------
+
+
+def _approve_with_sql(haven: Haven, sha: str, decision: str = "approved") -> None:
+    """What someone holding the store key could do: record a decision no person made."""
+    haven.con.execute(
+        f"INSERT INTO {approvals.DECISIONS} SELECT coalesce(max(decision_id), 0) + 1, ?, ?, 'Dr Forged, CG', "
+        f"current_date, NULL, '1', ?, 'command', 'x', now() FROM {approvals.DECISIONS}",
+        [LINKED, decision, sha],
+    )
+
+
+def test_an_approval_inserted_in_the_store_without_its_audit_entry_releases_nothing(haven: Haven) -> None:
+    path = write_agreement(haven.registry.root, agreement_data())
+    approvals.ensure_tables(haven.con)
+    _approve_with_sql(haven, sha256_file(path))
+    result = haven.prepare()
+    assert result.status == SKIPPED
+    assert "decision in the store (approve by Dr Forged, CG) is not the audit trail's latest (none)" in result.reason
+    assert f"safehaven agreements approve {LINKED}" in result.reason
+    assert not (haven.home.releases / LINKED).exists()
+
+
+def test_a_suspension_deleted_from_the_store_does_not_revive_the_approval(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    approvals.suspend(haven.con, LINKED, "audit overdue", "Dr Y, CG", registry=haven.registry, actor="ig-lead")
+    haven.con.execute(f"DELETE FROM {approvals.DECISIONS} WHERE decision = 'suspended'")
+    result = haven.prepare()
+    assert result.status == SKIPPED and "is not the audit trail's latest (suspend by Dr Y, CG)" in result.reason
+    approvals.approve(haven.con, LINKED, "Dr Z, CG", registry=haven.registry, actor="ig-lead")  # a person decides again
+    assert haven.prepare().status != SKIPPED
+
+
+def test_a_decision_changed_in_the_store_and_in_its_audit_entry_does_not_verify(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    approvals.suspend(haven.con, LINKED, "audit overdue", "Dr Y, CG", registry=haven.registry, actor="ig-lead")
+    haven.con.execute(f"UPDATE {approvals.DECISIONS} SET decision = 'approved' WHERE decision = 'suspended'")
+    haven.con.execute(f"UPDATE {audit.TABLE} SET action = 'approve' WHERE action = 'suspend'")
+    standing = approvals.load_standing(haven.con, LINKED, haven.registry.root)
+    assert "the audit entry of agreement test-linked's decision does not verify" in (standing.not_approved() or "")
+    assert standing.in_force()[0] is False
