@@ -21,6 +21,10 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   *shape*) equal those of an earlier release approved by two reviewers; identifiable releases
   always need two reviewers and the vault custodian (delivery needs the vault key).
 * **Every transition is audited** (``object = release-request:<id>``): who, when, from, to, why.
+  **Delivery reads the review from the audit trail** (:func:`_unaudited_approval`): the store's
+  tables can be edited by anyone holding the store key, so a request leaves only when the
+  verified trail shows it prepared with the stored files, approved as its latest state, and
+  approved file by file by the people its (stricter) rule needs.
 * **Blinded review** (SATRE 3.3.05: output checks by two independent checkers; the OpenSAFELY
   Airlock's independent review, where checkers do not see each other's decisions until both
   have reviewed): while a request awaits a reviewer's decision (:data:`AWAITING_REVIEW`), what
@@ -570,14 +574,74 @@ def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
     return found
 
 
-def _refuse_delivery(con: duckdb.DuckDBPyConnection, req: Request, by: str, found: list[str]) -> ReviewError:
+def _unaudited_approval(con: duckdb.DuckDBPyConnection, req: Request) -> str | None:
+    """Why the audit trail does not show ``req`` prepared and approved as it is about to leave
+    (None: it does).
+
+    The requests and reviews tables are in the store, which anyone holding the store key can edit
+    (a state set to approved, a review inserted, a rule or a pinned hash changed); the audit
+    trail is keyed, chained and anchored outside it (CoP 23d; SATRE 3.3.04-3.3.05). So the trail
+    must hold the request's preparation with the stored files and manifest hash, its move to
+    ``approved`` as its latest state, and approvals of every file at its prepared hash by as many
+    distinct people, none of them its operator, as the stricter of its audited and stored rules
+    needs (none only when both are ``automatic``); and those entries must verify, with every
+    entry after them."""
+    entries = [e for e in audit.entries_for(con, object_like=f"release-request:{req.release_id}")]
+    entries = [e for e in entries if e.object == f"release-request:{req.release_id}"]
+    prepared = [e for e in entries if e.action == "review.prepare"]
+    if not prepared or not audit.authentic_from(con, entries[0].seq):
+        return f"the audit trail holds no verified record of the preparation of {req.release_id}"
+    at = _detail(prepared[-1])
+    files = {f.get("name"): f.get("sha256") for f in at.get("files", []) if isinstance(f, dict)}
+    if (files, at.get("manifest_sha256")) != ({f["name"]: f["sha256"] for f in req.files}, req.manifest_sha256):
+        return f"the files of {req.release_id} in the store differ from those audited at its preparation"
+    states = [_detail(e).get("to") for e in entries if "to" in _detail(e)]
+    if states[-1] != APPROVED:
+        return f"the audit trail's latest state of {req.release_id} is {states[-1]}, not approved"
+    needed = max(_needed(at.get("rule")), _needed(req.rule))
+    reviewed = _audited_approvers(entries, files, prepared[-1].actor)
+    if len(reviewed) < needed:
+        return f"the audit trail holds {len(reviewed)} approval(s) of every file of {req.release_id}; it needs {needed}"
+    return None
+
+
+def _needed(rule: object) -> int:
+    """The reviewers a rule needs; the most any rule needs for a rule that is not one."""
+    return RULES[rule] if isinstance(rule, str) and rule in RULES else max(RULES.values())
+
+
+def _detail(entry: audit.Entry) -> dict[str, Any]:
+    try:
+        detail = entry.detail_value
+    except ValueError:
+        return {}
+    return detail if isinstance(detail, dict) else {}
+
+
+def _audited_approvers(entries: list[audit.Entry], files: dict[str, str], operator: str) -> set[str]:
+    """The people (not the operator) whose audited decisions approve every file at its prepared hash."""
+    approved: dict[str, set[str]] = {}
+    for entry in entries:
+        detail = _detail(entry)
+        if entry.action != "review.decide" or detail.get("decision") != "approve":
+            continue
+        decided = detail.get("files") if isinstance(detail.get("files"), dict) else {}
+        names = {name for name, sha in decided.items() if files.get(name) == sha}
+        approved.setdefault(" ".join(entry.actor.split()).casefold(), set()).update(names)
+    return {who for who, names in approved.items() if names >= set(files) and not _same(who, operator)}
+
+
+def _refuse_delivery(
+    con: duckdb.DuckDBPyConnection, req: Request, by: str, found: list[str], kind: str = "reviewed_file_changed"
+) -> ReviewError:
+    """Record the refusal as a near-miss breach (``kind``) and audit it; the error says how to clear it."""
     breach = reg.record_breach(
         con,
-        kind="reviewed_file_changed",
+        kind=kind,
         severity=0,
         what=f"release {req.release_id} refused at delivery: " + "; ".join(found[:5]),
-        remedial_action="nothing was released; investigate who changed the staged files, withdraw the request and "
-        "let the next run prepare it again for review",
+        remedial_action="nothing was released; investigate who changed the staged files or the review records, "
+        "withdraw the request and let the next run prepare it again for review",
         detail={"release_id": req.release_id, "problems": len(found)},
     )
     audit.append(
@@ -606,6 +670,9 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
     req = get(con, release_id)
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
+    unaudited = _unaudited_approval(con, req)
+    if unaudited:
+        raise _refuse_delivery(con, req, by, [unaudited], kind="review_not_in_audit_trail")
     _objections_still_honoured(con, req, home, by)
     found = _verify_staged(con, req)
     if found:

@@ -437,3 +437,41 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
     assert f"approved by {R1}, {R2}" in after and f"{R1}: approve social_care.parquet (fine by me)" in after
     decided = json.loads(run("review", "show", "test-linked-r0001", "--json").output)["reviews"]["decisions"]
     assert {d["reviewer"] for d in decided} == {R1, R2}
+
+
+# --- delivery reads the review from the audit trail, not only the store ---------------------
+
+
+def test_a_request_set_to_approved_in_the_store_is_not_delivered(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET state = 'approved' WHERE release_id = ?", [rid])
+    with pytest.raises(review.ReviewError, match="audit trail's latest state of test-linked-r0001 is prepared"):
+        review.deliver(haven.con, rid, home=haven.home, by="V. Keeper, custodian")
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    assert [b["kind"] for b in reg.breaches(haven.con)] == ["review_not_in_audit_trail"]
+
+
+def test_a_second_review_inserted_in_the_store_does_not_make_two(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    haven.con.execute(  # the insider's second reviewer: rows in the store, no audit entry
+        f"INSERT INTO {review.REVIEWS} SELECT release_id, 'A. Nother, Output checker', file_name, sha256, "
+        f"decision, comment, now() FROM {review.REVIEWS} WHERE release_id = ?",
+        [rid],
+    )
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET state = 'approved' WHERE release_id = ?", [rid])
+    assert len(review.approvers(haven.con, review.get(haven.con, rid))) == 2  # as the store tells it
+    with pytest.raises(review.ReviewError, match="latest state of test-linked-r0001 is approved_by_one"):
+        review.deliver(haven.con, rid, home=haven.home, by="V. Keeper, custodian")
+    assert haven.delivered() == []
+
+
+def test_a_rule_lowered_in_the_store_before_review_still_needs_the_audited_reviewers(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?", [review.ONE_REVIEWER, rid])
+    with pytest.raises(review.ReviewError, match="holds 1 approval"):
+        haven.approve(rid, R1)  # one reviewer meets the stored rule; the audited one needs two
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
