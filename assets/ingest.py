@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets import keys, partitions
 from safehaven.core.home import Home
+from safehaven.intake import batch_seal
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import IngestReport, ingest_collection
 from safehaven.intake.validation import stored_verdicts
@@ -39,7 +40,8 @@ def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home)
     and say what became of each: logs and metadata carry counts, rule ids and shown names only."""
     asked = partitions.drops_of(context)
     c = contract.collection
-    report = ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c), drops=asked)
+    sealer = batch_seal.sealer_for(con, contract, home)
+    report = ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c), drops=asked, sealer=sealer)
     total = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
     record_drops(context, c, keys.landing(c), report.drops)
     shown = dict(report.drops)

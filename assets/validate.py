@@ -12,6 +12,7 @@ import dagster as dg
 from assets import keys, partitions
 from assets.ingest import record_drops
 from safehaven.core.home import Home
+from safehaven.intake import batch_seal
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.intake.validation import (
@@ -113,7 +114,8 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
     partition): the validated asset's materialisation with its blocking check's result."""
     asked = partitions.drops_of(context)
     c = contract.collection
-    report = validate_collection(con, contract, registry, home.quarantine_for(c), drops=asked)
+    sealer = batch_seal.sealer_for(con, contract, home)
+    report = validate_collection(con, contract, registry, home.quarantine_for(c), drops=asked, sealer=sealer)
     valid_total = con.execute(f'SELECT count(*) FROM landing."{c}_valid"').fetchone()[0]
     found = _batch_drops(con, report)
     refused_latest = refusal_outstanding(con, c)
@@ -137,6 +139,11 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
             else f"{refused.invalid_rows} of {refused.rows} rows invalid"
         )
         context.log.warning(f"{c}: a batch was refused ({why}); see quarantine/{c}/ for its reason file")
+    for batch, why in report.batches_unsound.items():
+        context.log.warning(
+            f"{c}: batch {batch[:12]} was not validated: {why} (rows added, changed or removed outside the haven); "
+            "record-level releases stay refused until a person decides (safehaven objections faults)"
+        )
     result = contract_check_result(contract, report, refused_latest)
     return dg.MaterializeResult(
         asset_key=keys.validated(c),
@@ -147,6 +154,7 @@ def validate(context: dg.AssetExecutionContext, con, contract: Contract, home: H
             **result.metadata,
             "seconds": dg.MetadataValue.json(report.seconds),
             "drops": verdicts_table(report, names, earlier),
+            "batches_left_unsound": len(report.batches_unsound),
         },
         check_results=[result],
     )

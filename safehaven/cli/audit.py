@@ -43,6 +43,7 @@ AUDITED_COMMANDS = frozenset(
         ("objections", "resolve"),
         ("objections", "refreshed"),
         ("objections", "seal"),
+        ("objections", "accept-batch"),
         ("objections", "apply-held"),
         ("review", "approve"),
         ("review", "return"),

@@ -13,6 +13,9 @@
   checked: ``safehaven.protect.register_seal``); audited.
 * ``safehaven objections apply-held <drop> --by <name> --reason <text>``: a person's decision that
   the withdrawals held from an objections file sent again are genuine; audited, register sealed.
+* ``safehaven objections accept-batch <batch> --by <name> --reason <text>``: a person's decision
+  that an objections batch whose landed rows differ from their seal is right as it stands
+  (``safehaven.intake.batch_seal``); audited, then sealed.
 * ``safehaven objections refreshed --as-of <date> --by <name> --reason <text>``: a person
   attests that the register matched the current opt-out list on that date; audited.
 
@@ -39,6 +42,7 @@ def register(main: click.Group) -> None:
     def objections_faults() -> None:
         """Unresolved objections files and rows, whether the register matches its seal, and its refresh date."""
         from safehaven.core.store import Store
+        from safehaven.intake import batch_seal
         from safehaven.protect import feed, register_seal
 
         home = ensure_home()
@@ -47,12 +51,16 @@ def register(main: click.Group) -> None:
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
             tampered = register_seal.problem(con, home)
+            batches = batch_seal.problem(con, feed.COLLECTION, home)
+            unsound = batch_seal.sealer(con, feed.COLLECTION, home).unsound(con) if batches else {}
             held = register_seal.held_withdrawals(con)
         click.echo(
             json.dumps(
                 {
                     "unresolved": [{**asdict(f), "to_clear": feed.how_to_clear(f)} for f in faults],
                     "register_seal_problem": tampered,
+                    "batch_seal_problem": batches,
+                    "batches_unsound": [{"batch": b, "why": why} for b, why in unsound.items()],
                     "withdrawals_held": held,
                     "register_refreshed_on": refreshed.isoformat() if refreshed else None,
                     "window_days": objections_window_from_env(),
@@ -90,6 +98,29 @@ def register(main: click.Group) -> None:
         except ValueError as exc:
             fail(f"safehaven objections resolve: {exc}")
         click.echo(json.dumps({"resolved": n, "file": file, "corrected_by": corrected_by, "by": by, "audited": True}))
+
+    _register_seal_decisions(group)
+
+    @group.command("refreshed")
+    @click.option("--as-of", "as_of", type=click.DateTime(["%Y-%m-%d"]), required=True)
+    @click.option("--by", "by", required=True, help="Who attests (recorded in the audit trail).")
+    @click.option("--reason", required=True, help="How the register was checked against the current list.")
+    def objections_refreshed(as_of: datetime, by: str, reason: str) -> None:
+        """Attest that the objection register matched the current opt-out list on --as-of."""
+        from safehaven.core.store import Store
+        from safehaven.protect import feed
+
+        home = ensure_home()
+        try:
+            with Store(home).connect() as con:
+                feed.attest_refresh(con, as_of.date(), by=by, reason=reason, today=date.today())
+        except ValueError as exc:
+            fail(f"safehaven objections refreshed: {exc}")
+        click.echo(json.dumps({"refreshed_as_of": as_of.date().isoformat(), "by": by, "audited": True}))
+
+
+def _register_seal_decisions(group: click.Group) -> None:
+    """The decisions on the register's seal and the batches' seals (``seal``, ``apply-held``, ``accept-batch``)."""
 
     @group.command("seal")
     @click.option("--by", "by", required=True, help="Who decides (recorded in the audit trail).")
@@ -138,19 +169,22 @@ def register(main: click.Group) -> None:
             fail(f"safehaven objections apply-held: {exc}")
         click.echo(json.dumps({"drop": drop, "events_added": n, "by": by, "audited": True}))
 
-    @group.command("refreshed")
-    @click.option("--as-of", "as_of", type=click.DateTime(["%Y-%m-%d"]), required=True)
-    @click.option("--by", "by", required=True, help="Who attests (recorded in the audit trail).")
-    @click.option("--reason", required=True, help="How the register was checked against the current list.")
-    def objections_refreshed(as_of: datetime, by: str, reason: str) -> None:
-        """Attest that the objection register matched the current opt-out list on --as-of."""
+    @group.command("accept-batch")
+    @click.argument("batch")
+    @click.option("--by", "by", required=True, help="Who decides (recorded in the audit trail).")
+    @click.option("--reason", required=True, help="How the batch's rows were checked (e.g. with the sender).")
+    def objections_accept_batch(batch: str, by: str, reason: str) -> None:
+        """Seal an objections BATCH (its id, or 12+ characters of it, as shown by safehaven objections
+        faults) whose rows differ from their seal, as they now stand, once a person has checked them
+        with the sender or restored them; audited. Until then the register does not take it in."""
         from safehaven.core.store import Store
+        from safehaven.intake import batch_seal
         from safehaven.protect import feed
 
         home = ensure_home()
         try:
             with Store(home).connect() as con:
-                feed.attest_refresh(con, as_of.date(), by=by, reason=reason, today=date.today())
+                done = batch_seal.accept(con, feed.COLLECTION, batch, home, by=by, reason=reason)
         except ValueError as exc:
-            fail(f"safehaven objections refreshed: {exc}")
-        click.echo(json.dumps({"refreshed_as_of": as_of.date().isoformat(), "by": by, "audited": True}))
+            fail(f"safehaven objections accept-batch: {exc}")
+        click.echo(json.dumps({**done, "by": by, "audited": True}))

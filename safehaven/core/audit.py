@@ -85,6 +85,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from safehaven.core import anchors, schema
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
@@ -568,6 +570,17 @@ def authentic_from(con: duckdb.DuckDBPyConnection, seq: int, home: Home | None =
         return False
     linked = all(later.prev_hash == earlier.entry_hash for earlier, later in zip(entries, entries[1:], strict=False))
     return linked and all(_entry_ok(key, e) for e in entries)
+
+
+def derived_key(con: duckdb.DuckDBPyConnection, info: bytes, home: Home | None = None) -> bytes:
+    """A key derived (HKDF-SHA256, ``info`` naming its use) from the audit key, for a seal that
+    someone holding only the store key must not be able to make (the objections batches' MACs,
+    ``safehaven.intake.batch_seal``). Raises KeyRingError when there is no audit key yet."""
+    _, keyring = _keyring(con, home, None)  # the home's ring: the audit key is never sealed
+    key = _read_key(keyring)
+    if key is None:
+        raise KeyRingError("there is no audit key yet: the audit trail has no entry")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(key.material)
 
 
 def head(

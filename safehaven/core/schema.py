@@ -245,6 +245,13 @@ OBJECTION_RESTATEMENTS = _declare(
     "restatement of that batch's statements, registered in arrival order (CoP 11-14; safehaven.protect.objections)",
     added=("held_applied_at TIMESTAMPTZ",),
 )
+OBJECTION_BATCH_SEALS = _declare(
+    "governance.objection_batch_seals",
+    "batch_id VARCHAR, stage VARCHAR, collection VARCHAR, rows BIGINT, digest VARCHAR, mac VARCHAR, "
+    "sealed_at TIMESTAMPTZ, sealed_by VARCHAR, PRIMARY KEY (batch_id, stage)",
+    "a MAC (under a key derived from the audit key) of each objections batch's landed and valid rows, "
+    "written where they are written (CoP 11-14, 23d; safehaven.intake.batch_seal)",
+)
 OBJECTION_REFRESHES = _declare(
     "governance.objection_refreshes",
     "as_of DATE, attested_at TIMESTAMPTZ, attested_by VARCHAR, reason VARCHAR",

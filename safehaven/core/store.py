@@ -411,6 +411,17 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     con.execute("COMMIT")
 
 
+def functions_stored(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the store holds a function or macro of its own: the haven stores none (its macros
+    are temporary), and one stored by someone else could stand in for ``hash`` or ``sum`` in a
+    seal's digest (``safehaven.protect.register_seal``, ``safehaven.intake.batch_seal``)."""
+    return bool(
+        con.execute(
+            f"SELECT count(*) FROM duckdb_functions() WHERE NOT internal AND database_name = '{CATALOG}'"
+        ).fetchone()[0]
+    )
+
+
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     """Whether ``schema.table`` exists in the database in use (the one place that asks).
 

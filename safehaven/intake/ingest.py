@@ -86,6 +86,8 @@ from safehaven.core import schema
 from safehaven.core.audit import shown_name
 from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
+from safehaven.intake import batch_seal
+from safehaven.intake.batch_seal import Sealer
 from safehaven.intake.contracts import Contract
 
 SUPPORTED = (".csv", ".parquet")
@@ -614,10 +616,12 @@ def land_file(
     sha: str,
     seen: os.stat_result | None = None,
     drop: str | None = None,
+    sealer: Sealer | None = None,
 ) -> int:
     """Insert the file's rows into ``landing.<collection>`` with its batch record (naming its
     ``drop``, :func:`drop_key`), atomically; nothing is committed if the file changed since
-    ``seen`` (its state when it was hashed)."""
+    ``seen`` (its state when it was hashed). An objections batch is sealed in the same
+    transaction (``sealer``: ``safehaven.intake.batch_seal``)."""
     relation = read_relation_sql(path, contract)
     names = ", ".join(q(f) for f in contract.field_names)
     con.execute("BEGIN TRANSACTION")
@@ -630,6 +634,8 @@ def land_file(
         if rows == 0:
             raise FileRejected("file.no_rows", "the file has a header but no rows", "send the file again with its rows")
         _refuse_copy(con, contract, sha, rows)
+        if sealer is not None:
+            sealer.seal(con, batch_seal.LANDED, [sha])
         if seen is not None:
             _unchanged_since(path, seen)
         con.execute(
@@ -869,6 +875,7 @@ def _ingest_one(
     report: IngestReport,
     seen: os.stat_result,
     drop: str,
+    sealer: Sealer | None = None,
 ) -> None:
     """Land or skip one regular file, the drop ``drop``; raises FileRejected for any reason it
     cannot be read, and StillArriving if it changed while it was read."""
@@ -881,7 +888,7 @@ def _ingest_one(
             _remove_received(path, report)
             return
         inspect_file(con, path, contract)
-        rows = land_file(con, path, contract, sha, seen, drop)
+        rows = land_file(con, path, contract, sha, seen, drop, sealer)
     except SameRecords as copy:
         report.files_skipped += 1
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
@@ -956,10 +963,13 @@ def ingest_collection(
     incoming: Path,
     quarantine_dir: Path,
     drops: Collection[str] | None = None,
+    sealer: Sealer | None = None,
 ) -> IngestReport:
     """Land every new file in ``incoming`` (or only the ``drops`` named, :func:`drop_key`), in the
     order they arrived (:func:`arrived`, then name: objections are numbered by landing, and the
-    latest statement wins); quarantine bad ones; skip ones already landed.
+    latest statement wins); quarantine bad ones; skip ones already landed. An objections batch
+    is sealed as it lands by ``sealer`` (``safehaven.intake.batch_seal.sealer_for``); landed
+    without one, the register step never takes it in.
 
     Containment (module docstring): an entry that is not a regular file is quarantined
     unread; any error reading a file quarantines that file, and the next file is read. A
@@ -974,7 +984,7 @@ def ingest_collection(
         try:
             drop = drop_key(path)
             if drops is None or drop in drops:
-                _ingest_entry(con, path, contract, quarantine_dir, report, drop)
+                _ingest_entry(con, path, contract, quarantine_dir, report, drop, sealer)
         except FileNotFoundError:  # renamed or removed (perhaps sent again) meanwhile: next run
             report.files_vanished += 1
     return report
@@ -987,6 +997,7 @@ def _ingest_entry(
     quarantine_dir: Path,
     report: IngestReport,
     drop: str,
+    sealer: Sealer | None = None,
 ) -> None:
     """Land one entry of the collection folder, the drop ``drop`` (:func:`drop_key`), or quarantine it whole."""
     sha, err = _name_hash(path), not_regular(path) or bad_name(path)
@@ -996,7 +1007,7 @@ def _ingest_entry(
                 raise StillArriving(path.name)
             seen = os.stat(path, follow_symlinks=False)
             sha = _hash(path)
-            _ingest_one(con, path, contract, sha, report, seen, drop)
+            _ingest_one(con, path, contract, sha, report, seen, drop, sealer)
             return
         except StillArriving:
             report.files_arriving += 1

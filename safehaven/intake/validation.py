@@ -70,6 +70,7 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
+from safehaven.intake import batch_seal
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES, RESTATEMENTS, ensure_tables, free_name
 from safehaven.intake.measures import (
@@ -173,6 +174,9 @@ class ValidationReport:
     seconds: dict[str, float] = field(default_factory=dict)
     #: a restriction feed: the valid rows of refused batches go on too (``honours_every_valid_row``)
     honours_refused: bool = False
+    #: objections batches left landed, not validated: their rows differ from their seal (id: why;
+    #: ``safehaven.intake.batch_seal``)
+    batches_unsound: dict[str, str] = field(default_factory=dict)
 
     @property
     def rows_checked(self) -> int:
@@ -366,12 +370,16 @@ def validate_collection(
     quarantine_dir: Path,
     today: date | None = None,
     drops: Collection[str] | None = None,
+    sealer: batch_seal.Sealer | None = None,
 ) -> ValidationReport:
-    """Validate every batch of the collection still in status ``landed`` (with ``drops``, of those drops only)."""
+    """Validate every batch of the collection still in status ``landed`` (with ``drops``, of those
+    drops only). An objections batch is checked against its landed seal first and its valid rows
+    sealed by ``sealer`` (``safehaven.intake.batch_seal.sealer_for``); validated without one, the
+    register step never takes it in."""
     ensure_tables_validated(con, contract)
     c = contract.collection
     report = ValidationReport(c, contract.version, honours_refused=honours_every_valid_row(contract))
-    pending = pending_batches(con, c, drops)
+    pending = _sound_pending(con, sealer, pending_batches(con, c, drops), report)
     if not pending:
         return report
     from safehaven.intake.expectations import compile_suite  # imports Great Expectations (seconds)
@@ -408,7 +416,7 @@ def validate_collection(
                     outcome.rules, outcome.disagreeing, outcome.disagreement = exc.outcomes, exc.rule_ids, str(exc)
                 report.batches.append(outcome)
         with clock("write"):
-            _write(con, contract, report, measures)
+            _write(con, contract, report, measures, sealer)
     finally:
         con.execute("RESET preserve_insertion_order")
         con.execute(f"DROP VIEW IF EXISTS temp.main.{VIEW}")
@@ -548,14 +556,34 @@ def _compare(
     return outcomes
 
 
+def _sound_pending(
+    con: duckdb.DuckDBPyConnection, sealer: batch_seal.Sealer | None, pending: list[str], report: ValidationReport
+) -> list[str]:
+    """The pending batches that may be validated: with a ``sealer`` (objections), an objections
+    batch whose landed rows differ from their seal stays landed, named in
+    ``report.batches_unsound`` (``safehaven.intake.batch_seal``, CoP 11-14)."""
+    if sealer is None or not pending:
+        return pending
+    unsound = sealer.unsound(con)
+    report.batches_unsound = {b: unsound[b] for b in pending if b in unsound}
+    return [b for b in pending if b not in unsound]
+
+
 def _write(
-    con: duckdb.DuckDBPyConnection, contract: Contract, report: ValidationReport, measures: list[Measure]
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    report: ValidationReport,
+    measures: list[Measure],
+    sealer: batch_seal.Sealer | None = None,
 ) -> None:
-    """Everything of one validation run, in one transaction: the rows, then each batch's records."""
+    """Everything of one validation run, in one transaction: the rows (an objections batch's valid
+    rows sealed with them, ``safehaven.intake.batch_seal``), then each batch's records."""
     c = contract.collection
     con.execute("BEGIN TRANSACTION")
     try:
         _write_rows(con, contract, report)
+        if sealer is not None:
+            sealer.seal(con, batch_seal.VALID, [b.batch_id for b in report.batches])
         for b in report.batches:
             status = "accepted" if b.accepted else "refused"
             con.execute(

@@ -57,6 +57,7 @@ from safehaven.core import audit, schema
 from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
+from safehaven.intake import batch_seal
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect import register_seal
 from safehaven.protect.objections import EVENTS, RESTATEMENTS
@@ -252,9 +253,9 @@ def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_a
     """Why record-level releases must not run now (empty when the feed is complete and fresh)."""
     sync_faults(con, home)
     problems = [_describe(f) for f in unresolved(con)]
-    tampered = register_seal.problem(con, home)
-    if tampered:
-        problems.append(tampered)
+    for tampered in (register_seal.problem(con, home), batch_seal.problem(con, COLLECTION, home)):
+        if tampered:
+            problems.append(tampered)
     pending = pending_batches(con)
     if pending:
         problems.append(

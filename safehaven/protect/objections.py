@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
@@ -102,7 +103,11 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def register_objections(
-    con: duckdb.DuckDBPyConnection, contract: Contract, key_id: str = "", waiting_since: datetime | None = None
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    key_id: str = "",
+    waiting_since: datetime | None = None,
+    excluded: Collection[str] = (),
 ) -> int:
     """Append newly validated objection rows, and the statements of objections files received
     again (:func:`register_restatements`), to the register, in the order they arrived
@@ -115,14 +120,16 @@ def register_objections(
     stay blocked, ``safehaven.protect.feed``) while a file that arrived before it is not yet
     registered: one still in ``incoming/`` (``waiting_since``: the earliest arrival there) or
     landed and not yet validated, since a withdrawal registered after it would override it.
+    The rows of the ``excluded`` batches (their rows differ from their seal,
+    ``safehaven.intake.batch_seal``) are not registered: they stay pending.
     """
     ensure_tables(con)
     pid = pid_sql(contract)
     added = 0
-    for drop, arrived_at, batch_id in due_restatements(con, contract, waiting_since):
-        added += _register_batches(con, contract, pid, key_id, arrived_by=arrived_at)
+    for drop, arrived_at, batch_id in due_restatements(con, contract, waiting_since, excluded):
+        added += _register_batches(con, contract, pid, key_id, arrived_by=arrived_at, excluded=excluded)
         added += register_restatements(con, contract, pid, key_id, drop, batch_id)
-    return added + _register_batches(con, contract, pid, key_id)
+    return added + _register_batches(con, contract, pid, key_id, excluded=excluded)
 
 
 def pid_sql(contract: Contract) -> str:
@@ -132,30 +139,41 @@ def pid_sql(contract: Contract) -> str:
 
 
 def due_restatements(
-    con: duckdb.DuckDBPyConnection, contract: Contract, waiting_since: datetime | None = None
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    waiting_since: datetime | None = None,
+    excluded: Collection[str] = (),
 ) -> list[tuple[str, datetime, str]]:
     """Restatements to register now, in arrival order: those of an objections batch of this
     collection that arrived before any file still waiting (in ``incoming/`` since
-    ``waiting_since``, or landed and not validated). Any other row (a forged one naming no such
-    batch) stays pending, and so blocks record-level releases."""
+    ``waiting_since``, landed and not validated, or ``excluded``: its rows differ from their seal,
+    ``safehaven.intake.batch_seal``). Any other row (a forged one naming no such batch, or one of
+    an excluded batch) stays pending, and so blocks record-level releases."""
     (unvalidated,) = con.execute(
         "SELECT min(coalesce(arrived_at, landed_at)) FROM governance.batches "
-        "WHERE collection = ? AND status = 'landed'",
-        [contract.collection],
+        "WHERE collection = ? AND (status = 'landed' OR list_contains(?::VARCHAR[], batch_id))",
+        [contract.collection, list(excluded)],
     ).fetchone()
     first_waiting = min((t for t in (unvalidated, waiting_since) if t is not None), default=None)
     return con.execute(
         f"SELECT r.drop_key, r.arrived_at, r.batch_id FROM {RESTATEMENTS} r JOIN governance.batches b "
         "ON b.batch_id = r.batch_id AND b.collection = ? WHERE r.registered_at IS NULL AND r.arrived_at IS NOT NULL "
+        "AND NOT list_contains(?::VARCHAR[], r.batch_id) "
         "AND (CAST(? AS TIMESTAMPTZ) IS NULL OR r.arrived_at < ?) ORDER BY r.arrived_at, r.drop_key",
-        [contract.collection, first_waiting, first_waiting],
+        [contract.collection, list(excluded), first_waiting, first_waiting],
     ).fetchall()
 
 
 def _register_batches(
-    con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, key_id: str, arrived_by: datetime | None = None
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    pid: str,
+    key_id: str,
+    arrived_by: datetime | None = None,
+    excluded: Collection[str] = (),
 ) -> int:
-    """Register the valid rows of batches not yet registered (those arrived by ``arrived_by``)."""
+    """Register the valid rows of batches not yet registered (those arrived by ``arrived_by``),
+    except rows of the ``excluded`` batches and rows with no batch id."""
     by = "" if arrived_by is None else "AND coalesce(b.arrived_at, b.landed_at) <= ? "
     (added,) = con.execute(
         f"INSERT INTO {EVENTS} SELECT "
@@ -163,8 +181,9 @@ def _register_batches(
         f"+ row_number() OVER (ORDER BY b.landed_at, v._batch, v._row), "
         f"{pid}, objection_type, recorded_date, withdrawn_date, source_practice, v._batch, v._row, now(), ? "
         f"FROM landing.{contract.collection}_valid v LEFT JOIN governance.batches b ON b.batch_id = v._batch "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row) {by}",
-        [key_id] if arrived_by is None else [key_id, arrived_by],
+        f"WHERE v._batch IS NOT NULL AND NOT list_contains(?::VARCHAR[], v._batch) "
+        f"AND NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row) {by}",
+        [key_id, list(excluded)] if arrived_by is None else [key_id, list(excluded), arrived_by],
     ).fetchone()
     return int(added)
 

@@ -37,14 +37,15 @@ every check carried on. So:
 Limits: the digest is DuckDB's 64-bit row hash summed twice (with two seeds) with the row count:
 it detects any edit made with SQL, not a forger who crafts rows to a chosen sum; someone holding
 the audit key as well can re-seal, which the audit trail's external anchors show. The landed
-objections rows the register is built from (``landing.objections_valid``) are not sealed: a
-forged landed row (a withdrawal) is registered as genuine by the next register step.
+objections rows the register is built from are sealed batch by batch where they are written
+(``safehaven.intake.batch_seal``): the register step takes in rows of sound batches only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,7 +53,8 @@ import duckdb
 
 from safehaven.core import audit
 from safehaven.core.home import Home
-from safehaven.core.store import CATALOG, table_exists
+from safehaven.core.store import CATALOG, functions_stored, table_exists
+from safehaven.intake import batch_seal
 from safehaven.intake.contracts import Contract
 from safehaven.protect.objections import EVENTS, RESTATEMENTS, apply_held, pid_sql, register_objections
 
@@ -112,13 +114,10 @@ def _malformed(con: duckdb.DuckDBPyConnection) -> bool:
         "AND table_schema = ? AND table_name = ?",
         [schema, name],
     ).fetchone()
-    stored = con.execute(
-        f"SELECT count(*) FROM duckdb_functions() WHERE NOT internal AND database_name = '{CATALOG}'"
-    ).fetchone()[0]
     unnumbered = con.execute(
         f"SELECT count(*) FILTER (WHERE event_id IS NULL) + count(event_id) - count(DISTINCT event_id) FROM {EVENTS}"
     ).fetchone()[0]
-    return kind is None or kind[0] != "BASE TABLE" or stored > 0 or unnumbered > 0
+    return kind is None or kind[0] != "BASE TABLE" or functions_stored(con) or unnumbered > 0
 
 
 def _digest(rows: int, first: int, second: int) -> str:
@@ -176,15 +175,19 @@ def _described(at: State) -> str:
     return f"{at.rows} events up to event {at.last_event}, digest {at.digest[:12]}"
 
 
-def _unstated_events(con: duckdb.DuckDBPyConnection, after: int, collection: str, pid_sql: str) -> int:
+def _unstated_events(
+    con: duckdb.DuckDBPyConnection, after: int, collection: str, pid_sql: str, excluded: Collection[str] = ()
+) -> int:
     """Events after ``after`` that the haven could not have appended: one that no landed, validated
-    objections row states exactly, or one that repeats a row registered by then (a restatement
-    only ever repeats a row to keep an objection in force) with a withdrawn date."""
+    objections row of a sound batch (not ``excluded``, ``safehaven.intake.batch_seal``) states
+    exactly, or one that repeats a row registered by then (a restatement only ever repeats a row
+    to keep an objection in force) with a withdrawn date."""
     valid = f"landing.{collection}_valid"
     if not table_exists(con, "landing", f"{collection}_valid"):
         return int(con.execute(f"SELECT count(*) FROM {EVENTS} WHERE event_id > ?", [after]).fetchone()[0])
     stated = (
         f"EXISTS (SELECT 1 FROM {valid} v WHERE v._batch = e._batch AND v._row = e._row AND {pid_sql} = e.pid "
+        "AND NOT list_contains(?::VARCHAR[], v._batch) "
         "AND v.objection_type = e.objection_type AND CAST(v.recorded_date AS DATE) = e.recorded_date "
         "AND CAST(v.withdrawn_date AS DATE) IS NOT DISTINCT FROM e.withdrawn_date)"
     )
@@ -193,16 +196,23 @@ def _unstated_events(con: duckdb.DuckDBPyConnection, after: int, collection: str
         con.execute(
             f"SELECT count(*) FROM {EVENTS} e WHERE e.event_id > ? "
             f"AND (NOT {stated} OR ({repeated} AND e.withdrawn_date IS NOT NULL))",
-            [after, after],
+            [after, list(excluded), after],
         ).fetchone()[0]
     )
 
 
-def catch_up(con: duckdb.DuckDBPyConnection, collection: str, pid_sql: str, home: Home | None = None) -> bool:
+def catch_up(
+    con: duckdb.DuckDBPyConnection,
+    collection: str,
+    pid_sql: str,
+    home: Home | None = None,
+    excluded: Collection[str] = (),
+) -> bool:
     """Before the register step changes the register: True when it matches its last seal, was
     never sealed, or differs only by events the haven appended after it (a run stopped between a
-    change and its seal: each later event restates a landed row exactly, module docstring).
-    ``pid_sql``: the pseudonym of a landed row ``v`` (the haven key installed)."""
+    change and its seal: each later event restates a landed row of a sound batch, not
+    ``excluded``, exactly; module docstring). ``pid_sql``: the pseudonym of a landed row ``v``
+    (the haven key installed)."""
     sealed = last_seal(con, home)
     now = state(con)
     if sealed is None or now == sealed:
@@ -210,10 +220,10 @@ def catch_up(con: duckdb.DuckDBPyConnection, collection: str, pid_sql: str, home
     if now == MALFORMED or sealed == UNVERIFIED:
         return False
     if _rekeyed_since_seal(con) and (now.rows, now.last_event) == (sealed.rows, sealed.last_event):
-        return _unstated_events(con, 0, collection, pid_sql) == 0  # every event, under the new key
+        return _unstated_events(con, 0, collection, pid_sql, excluded) == 0  # every event, under the new key
     if state(con, up_to=sealed.last_event) != sealed:
         return False
-    return _unstated_events(con, sealed.last_event, collection, pid_sql) == 0
+    return _unstated_events(con, sealed.last_event, collection, pid_sql, excluded) == 0
 
 
 def _rekeyed_since_seal(con: duckdb.DuckDBPyConnection) -> bool:
@@ -265,11 +275,14 @@ def register_and_seal(
     waiting_since: datetime | None = None,
 ) -> tuple[int, bool]:
     """The register step: check the register against its seal (:func:`catch_up`), register what
-    arrived (``register_objections``), and seal the result only if the check passed (a register
-    edited outside the haven stays unsealed, so record-level releases stay refused). Needs the
-    haven key installed as ``haven``. Returns the events added and whether the register is sealed."""
-    intact = catch_up(con, contract.collection, pid_sql(contract), home)
-    added = register_objections(con, contract, key_id, waiting_since=waiting_since)
+    arrived (``register_objections``) from sound batches only (``safehaven.intake.batch_seal``:
+    a batch whose rows differ from their seal stays pending), and seal the result only if the
+    check passed (a register edited outside the haven stays unsealed, so record-level releases
+    stay refused). Needs the haven key installed as ``haven``. Returns the events added and
+    whether the register is sealed."""
+    unsound = batch_seal.sealer(con, contract.collection, home).unsound(con)
+    intact = catch_up(con, contract.collection, pid_sql(contract), home, excluded=unsound)
+    added = register_objections(con, contract, key_id, waiting_since=waiting_since, excluded=unsound)
     now = state(con)
     if intact and now != MALFORMED and now != last_seal(con, home):
         seal(con, home, actor=actor, now=now)
@@ -307,6 +320,12 @@ def apply_held_withdrawals(
     tampered = problem(con, home)
     if tampered:
         raise ValueError(f"record a decision on the register's seal first: {tampered}")
+    unsound = batch_seal.sealer(con, contract.collection, home).unsound(con)
+    restated = con.execute(f"SELECT batch_id FROM {RESTATEMENTS} WHERE drop_key = ?", [drop]).fetchone()
+    if restated is not None and restated[0] in unsound:
+        raise ValueError(
+            f"the batch this file restates differs from its seal ({unsound[restated[0]]}): decide that first"
+        )
     added = apply_held(con, contract, drop, key_id)
     detail = {"drop": drop, "events_added": added, "reason": reason[:500]}
     audit.append(con, actor=by, role="governance", action=HELD_APPLIED, object=OBJECT, detail=detail, home=home)

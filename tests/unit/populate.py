@@ -10,6 +10,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.pins import vault_public
 from safehaven.core.store import Store
+from safehaven.intake import batch_seal
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import validate_collection
@@ -32,8 +33,9 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
     with Store(home).connect() as con:
         for contract in registry.contracts.values():
             c = contract.collection
-            ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c))
-            validate_collection(con, contract, registry, home.quarantine_for(c))
+            sealer = batch_seal.sealer_for(con, contract, home)
+            ingest_collection(con, contract, home.incoming_for(c), home.quarantine_for(c), sealer=sealer)
+            validate_collection(con, contract, registry, home.quarantine_for(c), sealer=sealer)
         key = haven_key(con, keyring)
         install_key(con, "haven", key)
         objections = registry.objections()

@@ -9,17 +9,12 @@ resolved; a stale register refuses; resolving is audited.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pytest
@@ -31,16 +26,14 @@ from safehaven.core import audit
 from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
-from safehaven.intake import ingest
+from safehaven.intake import batch_seal, ingest
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import validate_collection
 from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import RESTATEMENTS, objectors_sql, register_objections
 from safehaven.protect.pseudonymise import install_key
-from safehaven.protect.register_seal import register_and_seal
 from safehaven.share.releases import ReleaseRefused
 from tests.conftest import with_vault_keys
 from tests.governance_helpers import (
@@ -49,83 +42,18 @@ from tests.governance_helpers import (
     OPTED_OUT,
     adopt,
     agreement_data,
-    contracts_root,
-    prepare_and_release,
-    small_haven,
     write_agreement,
 )
-
-COLUMNS = ["nhs_number", "objection_type", "recorded_date", "withdrawn_date", "source_practice"]
-TODAY = date.today()
-FUTURE = (TODAY + timedelta(days=30)).isoformat()
-#: hospital_episodes holds two records per person (small_haven)
-EPISODES_EACH = 2
-
-
-@dataclass
-class Haven:
-    home: Home
-    con: duckdb.DuckDBPyConnection
-    registry: ContractRegistry
-    keyring: KeyRing
-    pids: dict[str, str]
-    agreement: str = "test-feed"
-
-    def drop(self, name: str, rows: list[list[str]], *, excel: bool = False) -> None:
-        """An objections file; ``excel``: BOM, every field quoted, CRLF (pandas QUOTE_ALL / Excel)."""
-        text = io.StringIO()
-        writer = csv.writer(text, quoting=csv.QUOTE_ALL if excel else csv.QUOTE_MINIMAL, lineterminator="\r\n")
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
-        folder = self.home.incoming_for("objections")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(text.getvalue().encode("utf-8-sig" if excel else "utf-8"))
-
-    def land(self, drops: list[str] | None = None) -> ingest.IngestReport:
-        """An intake run's landing of the objections files waiting (or of ``drops``) and no more."""
-        folder, quarantine = self.home.incoming_for("objections"), self.home.quarantine_for("objections")
-        return ingest_collection(self.con, self.registry.objections(), folder, quarantine, drops=drops)
-
-    def run(self) -> bool:
-        """Ingest, validate and register objections as the pipeline does; False when validation refused a batch."""
-        contract = self.registry.objections()
-        self.land()
-        report = validate_collection(self.con, contract, self.registry, self.home.quarantine_for("objections"))
-        waiting = ingest.arrived_first(self.home.incoming_for("objections"))
-        register_and_seal(self.con, contract, "", self.home, actor="test run", waiting_since=waiting)  # the step
-        return report.gx_success
-
-    def release(self, today: date | None = None, **kwargs: Any):
-        """Adopt the agreement's approval as the governance lead would (once), prepare a release and
-        approve it through the two-person review (the whole door)."""
-        adopt(self.con, self.registry, self.agreement)
-        context = Context.open(self.home, contracts=self.registry, keyring=self.keyring, today=today)
-        return prepare_and_release(self.con, self.agreement, haven=context, **kwargs)
-
-    def members(self, release_id: str) -> set[str]:
-        rows = self.con.execute(f"SELECT pid FROM {reg.RELEASE_MEMBERS} WHERE release_id = ?", [release_id])
-        return {r[0] for r in rows.fetchall()}
-
-
-@contextmanager
-def open_haven(home: Home, root: Path) -> Iterator[Haven]:
-    """A small haven in ``home`` with the test agreement written under ``root``."""
-    registry = ContractRegistry(contracts_root(root))
-    keyring = KeyRing(home.keys)
-    write_agreement(
-        registry.root,
-        agreement_data(
-            id="test-feed",
-            collections=["hospital_episodes"],
-            linkages=[],
-            fields=[f for f in BASE["fields"] if f["collection"] == "hospital_episodes"],
-            small_groups="suppress",
-            max_suppressed_share=1.0,
-        ),
-    )
-    with Store(home).connect() as con:
-        pids = small_haven(con, keyring, registry)
-        yield Haven(home, con, registry, keyring, pids)
+from tests.unit.feed_helpers import (
+    COLUMNS,
+    EPISODES_EACH,
+    FUTURE,
+    TODAY,
+    Haven,
+    open_haven,
+    opt_out,
+    refused,
+)
 
 
 @pytest.fixture
@@ -134,19 +62,9 @@ def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
         yield opened
 
 
-def _opt_out(i: int, recorded: str = "2024-03-01") -> list[str]:
-    return [NHS[i], "national_opt_out", recorded, "", ""]
-
-
-def _refused(haven: Haven) -> str:
-    with pytest.raises(ReleaseRefused) as exc:
-        haven.release()
-    return str(exc.value)
-
-
 def test_excel_objections_file_is_honoured_in_the_same_run(haven: Haven) -> None:
     """Scenario 1: BOM + every field quoted; the objectors' records are withheld at once."""
-    haven.drop("practice_a.csv", [_opt_out(10), _opt_out(11)], excel=True)
+    haven.drop("practice_a.csv", [opt_out(10), opt_out(11)], excel=True)
     assert haven.run()
     assert not list(haven.home.quarantine_for("objections").glob("*.reason.json"))
     result = haven.release()
@@ -161,7 +79,7 @@ def test_a_file_quarantined_whole_blocks_until_a_person_resolves_it(haven: Haven
     haven.run()
     for _ in range(2):  # the run that sees it, and a later run with no new file
         haven.run()
-        message = _refused(haven)
+        message = refused(haven)
         assert "practice_b.csv" in message and "the whole file quarantined" in message
         assert "safehaven objections resolve" in message and "\n" not in message
         assert NHS[12] not in message
@@ -179,7 +97,7 @@ def test_a_refusal_naming_a_file_with_ten_digits_is_recorded_with_the_number_wit
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "export_1733312345.csv").write_text("nhs number;objection type\n" + NHS[12] + ";national_opt_out\n")
     haven.run()
-    message = _refused(haven)
+    message = refused(haven)
     assert "export_[number withheld].csv" in message and "safehaven objections resolve" in message
     assert "1733312345" not in message
     [entry] = [e for e in audit.entries_for(haven.con) if e.action == "release" and e.outcome == "refused"]
@@ -190,19 +108,19 @@ def test_a_refusal_naming_a_file_with_ten_digits_is_recorded_with_the_number_wit
 def test_one_bad_row_blocks_every_later_run_until_a_person_records_the_corrected_file(haven: Haven) -> None:
     """Scenario 2: a future recorded date refuses the batch; the valid rows are honoured; the block stands,
     also after the corrected file lands, until a person records that it corrects the fault (audited)."""
-    haven.drop("practice_c.csv", [_opt_out(20), _opt_out(21), _opt_out(22, recorded=FUTURE)])
+    haven.drop("practice_c.csv", [opt_out(20), opt_out(21), opt_out(22, recorded=FUTURE)])
     assert not haven.run()  # the batch is refused in the run that sees it
     for _ in range(3):  # later runs with no new files
         assert haven.run()
-        message = _refused(haven)
+        message = refused(haven)
         assert "practice_c.csv" in message and "1 row(s) rejected (recorded_date.range)" in message
         assert "a later file of that name" not in message
     assert {haven.pids[NHS[20]], haven.pids[NHS[21]]} <= {
         r[0] for r in haven.con.execute("SELECT pid FROM governance.objection_events").fetchall()
     }  # valid rows honoured although the batch was refused
-    haven.drop("practice_c.csv", [_opt_out(20), _opt_out(21), _opt_out(22)])
+    haven.drop("practice_c.csv", [opt_out(20), opt_out(21), opt_out(22)])
     assert haven.run()
-    message = _refused(haven)  # the corrected file alone does not clear it
+    message = refused(haven)  # the corrected file alone does not clear it
     [fault] = feed.unresolved(haven.con)
     assert fault.later_clean_sha256 is not None and fault.later_clean_files == 1
     fault_key, later_key = fault.sha256[: feed.SHA_SHOWN], fault.later_clean_sha256[: feed.SHA_SHOWN]
@@ -237,13 +155,13 @@ def test_a_later_clean_file_of_the_same_name_keeps_releases_refused_until_a_pers
     corrects the fault. Day 3 the sender re-sends day 1's objection; a person records that, audited."""
     folder = haven.home.incoming_for("objections")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "optouts.csv").write_text("NHS Number," + ",".join(COLUMNS[1:]) + "\n" + ",".join(_opt_out(40)) + "\n")
+    (folder / "optouts.csv").write_text("NHS Number," + ",".join(COLUMNS[1:]) + "\n" + ",".join(opt_out(40)) + "\n")
     haven.run()
-    assert "the whole file quarantined" in _refused(haven)
-    haven.drop("optouts.csv", [_opt_out(41)])  # day 2: a different patient, well-formed
+    assert "the whole file quarantined" in refused(haven)
+    haven.drop("optouts.csv", [opt_out(41)])  # day 2: a different patient, well-formed
     assert haven.run()
     for _ in range(2):  # the run that lands it, and a later run
-        message = _refused(haven)
+        message = refused(haven)
         problems = feed.feed_problems(haven.con, haven.home, TODAY, feed.DEFAULT_WINDOW_DAYS)
         [fault] = feed.unresolved(haven.con)
         later = fault.later_clean_sha256
@@ -264,10 +182,10 @@ def test_a_later_clean_file_of_the_same_name_keeps_releases_refused_until_a_pers
     ).fetchall()
     assert (resolved_by, resolution) == (None, None)
     assert not {"objections.fault_cleared", "objections.resolve"} & {e.action for e in audit.entries_for(haven.con)}
-    haven.drop("optouts.csv", [_opt_out(40), _opt_out(41)])  # day 3: the sender re-sends day 1's objection
+    haven.drop("optouts.csv", [opt_out(40), opt_out(41)])  # day 3: the sender re-sends day 1's objection
     assert haven.run()
     [fault] = feed.unresolved(haven.con)
-    assert fault.later_clean_files == 2 and "(the first of 2)" in _refused(haven)
+    assert fault.later_clean_files == 2 and "(the first of 2)" in refused(haven)
     day3 = haven.con.execute(
         "SELECT batch_id FROM governance.batches WHERE collection = 'objections' ORDER BY landed_at DESC LIMIT 1"
     ).fetchone()[0]
@@ -412,7 +330,7 @@ def test_a_malformed_window_in_the_environment_stops_record_level_releases_in_on
 
 
 def test_anonymised_release_is_not_blocked(haven: Haven) -> None:
-    haven.drop("practice_d.csv", [_opt_out(30, recorded=FUTURE)])
+    haven.drop("practice_d.csv", [opt_out(30, recorded=FUTURE)])
     haven.run()
     write_agreement(
         haven.registry.root,
@@ -484,7 +402,7 @@ def _objectors_are_withheld(haven: Haven, people: list, excel: bool) -> None:
     }
     assert {haven.pids[NHS[i]] for i, _, bad in people if bad is None} <= objectors
     if any(bad for _, _, bad in people):
-        _refused(haven)
+        refused(haven)
         feed.resolve(haven.con, haven.home, name, by="Dr Guardian", reason="the sender confirmed the bad rows")
     result = haven.release()
     assert not objectors & haven.members(result.release_id)
@@ -544,10 +462,11 @@ def test_the_faults_listing_names_a_later_clean_file_and_resolve_corrected_by_re
     (folder / "daily.csv").write_text("")  # file.empty: quarantined whole
     with Store(home).connect() as con:
         ingest_collection(con, registry.objections(), folder, home.quarantine_for("objections"))
-    (folder / "daily.csv").write_text(",".join(COLUMNS) + "\n" + ",".join(_opt_out(44)) + "\n")
+    (folder / "daily.csv").write_text(",".join(COLUMNS) + "\n" + ",".join(opt_out(44)) + "\n")
     with Store(home).connect() as con:
-        ingest_collection(con, registry.objections(), folder, home.quarantine_for("objections"))
-        validate_collection(con, registry.objections(), registry, home.quarantine_for("objections"))
+        sealer = batch_seal.sealer(con, "objections", home)
+        ingest_collection(con, registry.objections(), folder, home.quarantine_for("objections"), sealer=sealer)
+        validate_collection(con, registry.objections(), registry, home.quarantine_for("objections"), sealer=sealer)
     runner = CliRunner()
     listed = runner.invoke(main, ["objections", "faults"])
     assert listed.exit_code == 0, listed.output
@@ -627,7 +546,6 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
     delivery is refused (audited) once a person in it has opted out since, and while the feed is
     blocked (an objections file quarantined whole may hold an objection the register lacks); the
     next run prepares it again from the register as it stands (NDOP; fail closed)."""
-    from safehaven.context import Haven as Context
     from safehaven.share import review
     from safehaven.share.releases import PREPARED, prepare
     from safehaven.share.review import ReviewError
@@ -637,13 +555,13 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
         adopt(h.con, h.registry, h.agreement)
         res = prepare(h.con, h.agreement, haven=Context.open(h.home, contracts=h.registry, keyring=h.keyring))
         assert res.status == PREPARED
-        h.drop("optouts_d2.csv", [_opt_out(31)])
+        h.drop("optouts_d2.csv", [opt_out(31)])
         assert h.run()
         with pytest.raises(ReviewError, match="opted out since it was prepared"):
             approve_release(h.con, res.release_id, h.home)
         folder = h.home.incoming_for("objections")
         (folder / "optouts_d3.csv").write_text(
-            "sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(_opt_out(30)) + "\r\n"
+            "sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(opt_out(30)) + "\r\n"
         )
         h.run()
         with pytest.raises(
@@ -658,7 +576,6 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_reg
     """A type 1 objection registered after a request was prepared: its files may hold that person's
     GP records, so delivery is refused (audited) whatever the basis; a type 1 objector known when it
     was prepared does not block it (guide Rule 4B; fail closed, not over-refusing)."""
-    from safehaven.context import Haven as Context
     from safehaven.share.releases import PREPARED, RELEASED, prepare
     from safehaven.share.review import ReviewError, withdraw
     from tests.governance_helpers import adopt, approve_release
@@ -687,7 +604,6 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_reg
 def test_delivery_holds_the_register_to_the_window_the_request_was_prepared_under(haven: Haven) -> None:
     """An agreement's window of 5 days: a request prepared with the register 4 days old is not
     delivered once the register is 7 days old, though the haven's own window (31) would pass it."""
-    from safehaven.context import Haven as Context
     from safehaven.share.releases import PREPARED, prepare
     from safehaven.share.review import ReviewError
     from tests.governance_helpers import approve_release
@@ -700,7 +616,7 @@ def test_delivery_holds_the_register_to_the_window_the_request_was_prepared_unde
     write_agreement(haven.registry.root, {**agreement_data(id="test-feed-five"), "objections_max_age_days": 5})
     haven.agreement = "test-feed-five"
     adopt(haven.con, haven.registry, haven.agreement)
-    haven.drop("list.csv", [_opt_out(10)])
+    haven.drop("list.csv", [opt_out(10)])
     haven.run()
     age(4)
     context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring)
@@ -725,7 +641,7 @@ def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_leve
     with open_haven(home, tmp_path) as h:
         folder = h.home.incoming_for("objections")
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "optouts.csv").write_text("sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(_opt_out(32)) + "\r\n")
+        (folder / "optouts.csv").write_text("sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(opt_out(32)) + "\r\n")
         monkeypatch.setattr(ingest, "_move_whole", refused_move)
         report = ingest.ingest_collection(h.con, h.registry.objections(), folder, h.home.quarantine_for("objections"))
         assert [m["file"] for m in report.not_moved] == ["optouts.csv"]
@@ -740,11 +656,11 @@ def test_two_statements_sent_in_one_night_take_effect_in_the_order_they_arrived(
     import time
 
     with open_haven(home, tmp_path) as h:
-        h.drop("optouts_d1.csv", [_opt_out(21)])
+        h.drop("optouts_d1.csv", [opt_out(21)])
         assert h.run()
         h.drop("z_0100.csv", [[NHS[21], "national_opt_out", "2024-03-01", "2024-06-01", ""]])
         time.sleep(0.05)  # status-change times are nanoseconds here
-        h.drop("a_0200.csv", [_opt_out(21), _opt_out(22)])
+        h.drop("a_0200.csv", [opt_out(21), opt_out(22)])
         assert h.run()
         released = h.release()
         assert h.pids[NHS[21]] not in h.members(released.release_id)
@@ -753,9 +669,9 @@ def test_two_statements_sent_in_one_night_take_effect_in_the_order_they_arrived(
 def test_a_decision_by_file_name_never_clears_a_second_fault_of_that_name_unseen(haven: Haven) -> None:
     """Two faulty files sent under one name (the second may arrive after the person looked): a
     decision given by the name is refused, saying why; each is resolved by its SHA-256."""
-    haven.drop("practice_c.csv", [_opt_out(20), _opt_out(22, recorded=FUTURE)])
+    haven.drop("practice_c.csv", [opt_out(20), opt_out(22, recorded=FUTURE)])
     haven.run()
-    haven.drop("practice_c.csv", [_opt_out(21), _opt_out(23, recorded=FUTURE)])
+    haven.drop("practice_c.csv", [opt_out(21), opt_out(23, recorded=FUTURE)])
     haven.run()
     feed.sync_faults(haven.con, haven.home)
     faults = feed.unresolved(haven.con)
@@ -772,7 +688,6 @@ def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(ho
     """The delivery guard skips only a request whose stored decision says the opt-out does not
     apply: one whose decision is gone (emptied in the store) is checked, and refused once a
     member has opted out (fail closed)."""
-    from safehaven.context import Haven as Context
     from safehaven.share.releases import PREPARED, prepare
     from safehaven.share.review import ReviewError
     from tests.governance_helpers import adopt, approve_release
@@ -784,7 +699,7 @@ def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(ho
         h.con.execute(
             "UPDATE governance.release_requests SET optout_decision = '{}' WHERE release_id = ?", [res.release_id]
         )
-        h.drop("optouts_d2.csv", [_opt_out(31)])
+        h.drop("optouts_d2.csv", [opt_out(31)])
         assert h.run()
         with pytest.raises(ReviewError, match="opted out since it was prepared"):
             approve_release(h.con, res.release_id, h.home)
@@ -814,12 +729,12 @@ def test_an_objections_file_sent_again_after_a_mistaken_withdrawal_puts_the_obje
     """The sender withdrew an objection by mistake and sends the original file again: the same
     bytes, so not landed twice, but its objection is registered again and its records withheld."""
     yesterday = (TODAY - timedelta(days=1)).isoformat()
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
     haven.run()
     assert not _in_force(haven, 10)
-    haven.drop("objections.csv", [_opt_out(10)])  # the original file, sent again
+    haven.drop("objections.csv", [opt_out(10)])  # the original file, sent again
     haven.run()
     assert _in_force(haven, 10)
     assert _restatements(haven) == [(1, 1, 0)]
@@ -830,11 +745,11 @@ def test_an_old_withdrawal_sent_again_never_lifts_an_objection_the_register_hold
     """Fail closed: a file received again may keep an objection in force, never end one. The old
     withdrawal, re-sent after the objection was restated, is held and counted, not applied."""
     yesterday = (TODAY - timedelta(days=1)).isoformat()
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
     haven.run()
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])  # the old withdrawal, sent again
     haven.run()
@@ -846,11 +761,11 @@ def test_a_re_saved_copy_restates_too(haven: Haven) -> None:
     """Excel's re-save (byte-order mark, every field quoted, CRLF) holds the same records: a copy,
     not landed again, and a restatement all the same."""
     yesterday = (TODAY - timedelta(days=1)).isoformat()
-    haven.drop("objections.csv", [_opt_out(10), _opt_out(11)])
+    haven.drop("objections.csv", [opt_out(10), opt_out(11)])
     haven.run()
     haven.drop("withdrawals.csv", [_withdrawn(11, yesterday)])
     haven.run()
-    haven.drop("objections (1).csv", [_opt_out(10), _opt_out(11)], excel=True)
+    haven.drop("objections (1).csv", [opt_out(10), opt_out(11)], excel=True)
     haven.run()
     assert _in_force(haven, 11) and _in_force(haven, 10)
     assert _restatements(haven) == [(2, 1, 0)], "the unchanged statement adds nothing"
@@ -859,13 +774,13 @@ def test_a_re_saved_copy_restates_too(haven: Haven) -> None:
 def test_an_unchanged_daily_list_adds_no_event_and_keeps_the_register_current(haven: Haven) -> None:
     """A sender's full list, unchanged since yesterday, arrives byte for byte again: nothing is
     added to the register, but the register is as current as that file, so releases go on."""
-    haven.drop("daily.csv", [_opt_out(10)])
+    haven.drop("daily.csv", [opt_out(10)])
     haven.run()
     haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
     with pytest.raises(ReleaseRefused, match="last refreshed on"):
         haven.release()
     events = haven.con.execute("SELECT count(*) FROM governance.objection_events").fetchone()[0]
-    haven.drop("daily.csv", [_opt_out(10)])
+    haven.drop("daily.csv", [opt_out(10)])
     haven.run()
     assert haven.con.execute("SELECT count(*) FROM governance.objection_events").fetchone()[0] == events
     assert feed.refreshed_on(haven.con) == TODAY
@@ -873,9 +788,9 @@ def test_an_unchanged_daily_list_adds_no_event_and_keeps_the_register_current(ha
 
 
 def test_a_restatement_not_yet_registered_refuses_record_level_releases(haven: Haven) -> None:
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     contract = haven.registry.objections()
     haven.land()
     assert feed.pending_batches(haven.con) == 1
@@ -888,7 +803,7 @@ def test_a_restatement_not_yet_registered_refuses_record_level_releases(haven: H
 def test_the_same_drop_seen_again_after_a_crash_restates_nothing(haven: Haven) -> None:
     """A run killed after landing a file and before shredding it sees that very file again: it is
     already landed, and not a second sending."""
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     contract = haven.registry.objections()
     folder = haven.home.incoming_for("objections")
     [path] = folder.iterdir()
@@ -910,11 +825,11 @@ def test_a_file_sent_again_waits_for_a_withdrawal_that_arrived_before_it(haven: 
     """Arrival order holds across runs: the withdrawal W lands but its run stops before validating
     it, then the original file is sent again to undo W. The restatement waits (record-level
     releases blocked) until W is validated and registered, then registers after it: in force."""
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
     haven.land()  # W landed; its run stopped here
-    haven.drop("objections.csv", [_opt_out(10)])  # sent again, after W
+    haven.drop("objections.csv", [opt_out(10)])  # sent again, after W
     haven.land()
     _register_as_the_night_does(haven)
     assert feed.pending_batches(haven.con) == 2, "W not validated, and the restatement behind it"
@@ -929,10 +844,10 @@ def test_a_file_sent_again_waits_for_a_withdrawal_that_arrived_before_it(haven: 
 def test_a_file_sent_again_waits_for_an_earlier_file_still_in_incoming(haven: Haven) -> None:
     """The withdrawal W is still waiting in incoming/ (its intake run failed, or has not run) when
     the original file, sent again after it, is landed and the register runs: the restatement waits."""
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.land([ingest.drop_key(haven.home.incoming_for("objections") / "objections.csv")])  # the later file's run
     _register_as_the_night_does(haven)
     assert feed.pending_batches(haven.con) == 1
@@ -943,11 +858,11 @@ def test_a_file_sent_again_waits_for_an_earlier_file_still_in_incoming(haven: Ha
 def test_a_faulty_file_sent_again_does_not_refresh_the_register(haven: Haven) -> None:
     """A file whose every row was rejected (a fault a person resolved) sent again byte for byte:
     it restates nothing, so the register is no fresher for it and a stale register still refuses."""
-    haven.drop("daily.csv", [_opt_out(10, recorded=FUTURE), _opt_out(11, recorded=FUTURE)])
+    haven.drop("daily.csv", [opt_out(10, recorded=FUTURE), opt_out(11, recorded=FUTURE)])
     haven.run()
     feed.resolve(haven.con, haven.home, "daily.csv", by="Dr Guardian", reason="the sender was told")
     haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
-    haven.drop("daily.csv", [_opt_out(10, recorded=FUTURE), _opt_out(11, recorded=FUTURE)])
+    haven.drop("daily.csv", [opt_out(10, recorded=FUTURE), opt_out(11, recorded=FUTURE)])
     haven.run()
     assert _restatements(haven) == [(0, 0, 0)]
     with pytest.raises(ReleaseRefused, match="last refreshed on"):
@@ -958,9 +873,9 @@ def test_a_list_with_an_episodes_history_sent_again_restates_its_last_statement(
     """A full list holding an objection and, in a later row, its withdrawal: the later row wins
     when it lands, and the same list sent again restates that, not the first row."""
     yesterday = (TODAY - timedelta(days=1)).isoformat()
-    haven.drop("daily.csv", [_opt_out(10), _withdrawn(10, yesterday)])
+    haven.drop("daily.csv", [opt_out(10), _withdrawn(10, yesterday)])
     haven.run()
-    haven.drop("daily.csv", [_opt_out(10), _withdrawn(10, yesterday)])
+    haven.drop("daily.csv", [opt_out(10), _withdrawn(10, yesterday)])
     haven.run()
     assert not _in_force(haven, 10)
     assert _restatements(haven) == [(1, 0, 0)]
@@ -994,7 +909,7 @@ def test_an_objection_deleted_outside_the_haven_refuses_record_level_releases_un
     refused, the next register step does not seal over the edit (it registers the landed row
     again, so the objection is honoured, but the register still differs from its seal), and a
     person's decision (``objections seal``, audited) clears it."""
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     assert register_seal.problem(haven.con) is None
     haven.con.execute("DELETE FROM governance.objection_events WHERE pid = ?", [haven.pids[NHS[10]]])
@@ -1013,7 +928,7 @@ def test_a_withdrawal_added_outside_the_haven_is_never_sealed(haven: Haven) -> N
     """An event appended with SQL (a withdrawal no file stated) lifts the objection in the register,
     so releases are refused, and the register step will not seal it as a run's leftover."""
     yesterday = (TODAY - timedelta(days=1)).isoformat()
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.con.execute(  # after every sealed event, naming the landed row it "restates"
         "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
@@ -1030,12 +945,12 @@ def test_a_withdrawal_added_outside_the_haven_is_never_sealed(haven: Haven) -> N
 def test_a_run_stopped_between_registering_and_sealing_is_sealed_by_the_next_register_step(haven: Haven) -> None:
     """Not a breach: events the haven appended after the last seal, each stating a landed row
     exactly, are sealed by the next register step with no one's decision."""
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
-    haven.drop("more.csv", [_opt_out(11)])
+    haven.drop("more.csv", [opt_out(11)])
     contract = haven.registry.objections()
     haven.land()
-    validate_collection(haven.con, contract, haven.registry, haven.home.quarantine_for("objections"))
+    haven.validate()
     register_objections(haven.con, contract)  # registered; killed before the seal
     with pytest.raises(ReleaseRefused, match="differs from its last seal"):
         haven.release()
@@ -1078,7 +993,7 @@ def test_a_seal_edited_in_the_store_is_never_trusted(haven: Haven) -> None:
     """The seal's audit entry rewritten to match an edited register (not the trail's last entry, so
     the append-time check of the tail alone would pass), or renamed so the register looks never
     sealed: the seal is read only through the verified trail, so releases are refused."""
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     feed.attest_refresh(haven.con, TODAY, by="Dr Guardian", reason="checked", today=TODAY)  # a later entry
     _withdraw_with_sql(haven, 10)
@@ -1102,7 +1017,7 @@ def test_an_old_withdrawal_replayed_with_sql_is_not_taken_for_a_runs_leftover(ha
     yesterday = (TODAY - timedelta(days=1)).isoformat()
     haven.drop("a.csv", [_withdrawn(10, yesterday)])
     haven.run()
-    haven.drop("b.csv", [_opt_out(10)])
+    haven.drop("b.csv", [opt_out(10)])
     haven.run()
     haven.con.execute(
         "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
@@ -1120,7 +1035,7 @@ def test_a_register_that_is_not_a_plain_table_of_numbered_events_is_never_sealed
     """Edits that would hide from a digest: an event with no number (outside every event_id range,
     yet taken as registered), the table replaced by a view, or a macro stored in the store (which
     could stand in for hash or sum; the haven's own macros are temporary)."""
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     if edit == "unnumbered event":
         haven.con.execute(
@@ -1144,7 +1059,6 @@ def test_a_register_that_is_not_a_plain_table_of_numbered_events_is_never_sealed
 def test_delivery_under_an_exempt_basis_still_needs_a_sound_register(haven: Haven) -> None:
     """A request under a basis the opt-out does not cover is still record level: its type 1 check
     reads the register, so delivery refuses while the register differs from its seal."""
-    from safehaven.context import Haven as Context
     from safehaven.share.releases import PREPARED, prepare
     from safehaven.share.review import ReviewError
     from tests.governance_helpers import approve_release
@@ -1188,12 +1102,12 @@ def test_an_odd_stored_window_holds_the_register_to_one_day(stored: object) -> N
 def test_an_older_file_sent_again_does_not_refresh_the_register(haven: Haven) -> None:
     """Files landed after it hold newer statements: an old list sent again restates its objections
     (they stay in force) but does not make a stale register current."""
-    haven.drop("monday.csv", [_opt_out(10)])
+    haven.drop("monday.csv", [opt_out(10)])
     haven.run()
-    haven.drop("tuesday.csv", [_opt_out(10), _opt_out(11)])
+    haven.drop("tuesday.csv", [opt_out(10), opt_out(11)])
     haven.run()
     haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
-    haven.drop("monday.csv", [_opt_out(10)])
+    haven.drop("monday.csv", [opt_out(10)])
     haven.run()
     assert _restatements(haven) == [(1, 0, 0)]
     with pytest.raises(ReleaseRefused, match="last refreshed on"):
@@ -1209,11 +1123,11 @@ def test_a_held_withdrawal_is_applied_by_a_persons_decision(haven: Haven) -> Non
     from safehaven.cli.main import main
 
     yesterday = (TODAY - timedelta(days=1)).isoformat()
-    haven.drop("objections.csv", [_opt_out(10)])
+    haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
     haven.run()
-    haven.drop("objections.csv", [_opt_out(10)])  # the mistaken withdrawal undone
+    haven.drop("objections.csv", [opt_out(10)])  # the mistaken withdrawal undone
     haven.run()
     haven.drop("withdrawal (new).csv", [_withdrawn(10, yesterday)], excel=True)  # weeks later, genuine
     haven.run()

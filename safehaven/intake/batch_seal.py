@@ -1,0 +1,282 @@
+"""Objections batches are sealed where their rows are written: a landed objections row added,
+changed or removed outside the haven is not taken into the register until a person decides.
+
+Rule (CoP 11-14 and 23d; ``docs/rules.md`` "Objections"): the objection register is sealed in the
+audit trail (``safehaven.protect.register_seal``), but it is built from the landed objections rows
+(``landing.objections``, then ``landing.objections_valid``), which anyone holding the store key
+can edit: a forged landed withdrawal would be registered, and sealed, as genuine by the next
+register step. So:
+
+* **Seal** (:meth:`Sealer.seal`): the landing transaction of an objections batch records a MAC of
+  its landed rows (stage ``landed``: their count and digest), and the validation transaction one
+  of its valid rows (stage ``valid``), in ``governance.objection_batch_seals``. The MAC key is
+  derived (HKDF-SHA256) from the audit key (``safehaven.core.audit.derived_key``), which the store
+  key does not open: someone holding only the store key cannot seal a row they wrote.
+* **Check** (:meth:`Sealer.unsound`): a batch still landed is checked against its ``landed`` seal
+  before it is validated; a validated batch, and any batch with valid rows, against its ``valid``
+  seal before the register takes its rows in, registers a restatement of it, or accepts an event
+  stating one of its rows as a run's leftover. A batch whose rows differ from its seal, that has
+  no seal, or whose seal does not verify is *unsound*: it is not validated or registered, so it
+  stays pending, and every record-level release is refused (``safehaven.protect.feed``, with the
+  reason from :func:`problem`) in every run until a person decides. So is every batch while the
+  store holds a function of its own (it could stand in for ``hash``) or a landing table is not a
+  plain table.
+* **Clearing it** needs a person: restore the rows (from a backup; the seal then matches again),
+  or ``safehaven objections accept-batch <batch> --by <name> --reason <text>`` (:func:`accept`)
+  seals the batch as it stands once they have checked it with its sender (audited first, as
+  ``objections.batch_accepted``).
+* **Starting** (:func:`sealer`): the first time a haven seals a collection's batches (a new haven,
+  or one made before this rule), every batch it holds is sealed as it stands, after the whole
+  audit trail verifies, and that is audited (``objections.batch_seals_started``); from then on a
+  batch without a seal is unsound.
+
+Limits: the digest is two seeded 64-bit DuckDB row hashes summed, with the row count (as the
+register seal's: it detects edits made with SQL, not rows crafted to a chosen sum); someone
+holding the audit key as well can seal; a batch deleted whole (its rows, its batch record and its
+seals) before it was registered is not detected here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+
+import duckdb
+
+from safehaven.core import audit, schema
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRingError
+from safehaven.core.sql import q
+from safehaven.core.store import CATALOG, functions_stored, table_exists, transaction
+from safehaven.intake.contracts import Contract
+
+TABLE = schema.OBJECTION_BATCH_SEALS
+BATCHES = schema.BATCHES
+#: the audit actions: a collection's batches first sealed as they stood; a person's decision on one
+STARTED = "objections.batch_seals_started"
+ACCEPTED = "objections.batch_accepted"
+#: the stages sealed: the rows landed from the file, and the rows validation passed on
+LANDED, VALID = "landed", "valid"
+#: batch statuses whose valid rows count (validated; a refused objections batch's valid rows are honoured)
+VALIDATED = ("accepted", "refused")
+#: what the MAC key is derived for (HKDF info)
+_INFO = b"safehaven objections batch seal v1"
+#: a batch's count and digest when it has no rows in a stage's table
+_NO_ROWS = (0, "0:0")
+#: how a row with no batch id is named in reasons
+NO_BATCH = "(no batch)"
+
+
+@dataclass(frozen=True)
+class Sealer:
+    """Seals and checks one objections collection's batches under the derived key."""
+
+    collection: str
+    key: bytes
+
+    def table(self, stage: str) -> str:
+        return self.collection if stage == LANDED else f"{self.collection}_valid"
+
+    def digests(self, con: duckdb.DuckDBPyConnection, stage: str, batches: list[str] | None = None) -> dict:
+        """Each batch's row count and digest in the stage's table (all its columns, ``_batch`` and
+        ``_row`` included), one pass; with ``batches``, of those only."""
+        if not table_exists(con, "landing", self.table(stage)):
+            return {}
+        where = "" if batches is None else "WHERE list_contains(?::VARCHAR[], t._batch)"
+        rows = con.execute(
+            "SELECT t._batch, count(*), coalesce(sum(hash(t)::HUGEINT), 0)::VARCHAR || ':' || "
+            f"coalesce(sum(hash(t, 'batch seal')::HUGEINT), 0)::VARCHAR FROM landing.{q(self.table(stage))} t "
+            f"{where} GROUP BY t._batch",
+            [] if batches is None else [batches],
+        ).fetchall()
+        return {b: (int(n), str(d)) for b, n, d in rows}
+
+    def mac(self, batch: str, stage: str, rows: int, digest: str) -> str:
+        message = json.dumps([self.collection, batch, stage, rows, digest]).encode()
+        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
+
+    def seal(self, con: duckdb.DuckDBPyConnection, stage: str, batches: list[str], by: str = "pipeline") -> None:
+        """Seal ``batches`` at ``stage`` as their rows now stand, in the caller's transaction."""
+        if not batches:
+            return
+        found = self.digests(con, stage, batches)
+        con.executemany(
+            f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, now(), ?)",
+            [
+                [b, stage, self.collection, *found.get(b, _NO_ROWS), self.mac(b, stage, *found.get(b, _NO_ROWS)), by]
+                for b in batches
+            ],
+        )
+
+    def held(self, con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
+        """The collection's batches by the stage they are checked at: still landed, or validated."""
+        rows = con.execute(
+            f"SELECT batch_id, status FROM {BATCHES} WHERE collection = ? AND status IN (?, ?, ?) ORDER BY batch_id",
+            [self.collection, LANDED, *VALIDATED],
+        ).fetchall()
+        return {LANDED: [b for b, s in rows if s == LANDED], VALID: [b for b, s in rows if s != LANDED]}
+
+    def unsound(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        """The batches that must not be validated or registered, each with why (module docstring, "Check")."""
+        found: dict[str, str] = {}
+        everything = _store_tampered(con, self)
+        for stage, batches in self.held(con).items():
+            current = self.digests(con, stage, None if stage == VALID else batches)
+            seals = _seals(con, self.collection, stage)
+            for batch in sorted(set(batches) | set(current), key=str):
+                why = everything or self._why(batch, stage, current.get(batch, _NO_ROWS), seals.get(batch))
+                if why:
+                    found[NO_BATCH if batch is None else batch] = why
+        return found
+
+    def _why(self, batch: str | None, stage: str, now: tuple[int, str], sealed: tuple | None) -> str | None:
+        if batch is None:
+            return f"{stage} rows with no batch id"
+        if sealed is None:
+            return f"its {stage} rows have no seal"
+        rows, digest, mac = sealed
+        if (rows, digest) != now:
+            return f"its {stage} rows differ from their seal ({now[0]} rows now, {rows} sealed)"
+        if not hmac.compare_digest(str(mac), self.mac(batch, stage, rows, digest)):
+            return f"its {stage} seal does not verify under the audit key"
+        return None
+
+
+def _seals(con: duckdb.DuckDBPyConnection, collection: str, stage: str) -> dict[str, tuple]:
+    rows = con.execute(
+        f"SELECT batch_id, rows, digest, mac FROM {TABLE} WHERE collection = ? AND stage = ?", [collection, stage]
+    ).fetchall()
+    return {b: (int(n), str(d), m) for b, n, d, m in rows}
+
+
+def _store_tampered(con: duckdb.DuckDBPyConnection, sealer: Sealer) -> str | None:
+    """A reason that makes every batch unsound: a function stored in the store, or a landing table
+    (or the seal table) that is not a plain table."""
+    if functions_stored(con):
+        return "the store holds a function of its own, which could stand in for the digest's hash"
+    names = [sealer.table(LANDED), sealer.table(VALID)]
+    odd = con.execute(
+        f"SELECT count(*) FROM information_schema.tables WHERE table_catalog = '{CATALOG}' "
+        "AND table_type <> 'BASE TABLE' AND ((table_schema = 'landing' AND list_contains(?, table_name)) "
+        "OR (table_schema || '.' || table_name = ?))",
+        [names, TABLE],
+    ).fetchone()[0]
+    return "a landing table of the collection is not a plain table" if odd else None
+
+
+def _started(con: duckdb.DuckDBPyConnection, collection: str) -> bool:
+    if not table_exists(con, *audit.TABLE.split(".")):
+        return False
+    return bool(
+        con.execute(
+            f"SELECT count(*) FROM {audit.TABLE} WHERE action = ? AND object = ?", [STARTED, collection]
+        ).fetchone()[0]
+    )
+
+
+def sealer(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None) -> Sealer:
+    """The collection's sealer. The first time, every batch it holds is sealed as it stands, once
+    the whole audit trail verifies, and that is audited (module docstring, "Starting"); on a new
+    haven that entry also starts the audit trail, and so makes the audit key the MAC key comes from."""
+    schema.ensure(con, BATCHES, TABLE)
+    if not _started(con, collection):
+        _start(con, collection, home)
+    return Sealer(collection, audit.derived_key(con, _INFO, home))
+
+
+def sealer_for(con: duckdb.DuckDBPyConnection, contract: Contract, home: Home | None) -> Sealer | None:
+    """The sealer an intake step passes to landing and validation: for an objections contract
+    (None for another kind)."""
+    return sealer(con, contract.collection, home) if contract.kind == "objections" else None
+
+
+def _start(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None) -> None:
+    """Seal every batch held as it stands and audit it; on a trail with no entry yet (so no audit
+    key) the entry comes first, as it makes the key."""
+    holding = _holding(con, collection)
+    keyed = _audit_key_exists(con, home)
+    if holding and keyed:
+        _seal_held(con, collection, home)
+    detail = {"batches_sealed_as_they_stood": int(holding)}
+    audit.append(con, actor="safehaven", role="pipeline", action=STARTED, object=collection, detail=detail, home=home)
+    if holding and not keyed:
+        _seal_held(con, collection, home)
+
+
+def _holding(con: duckdb.DuckDBPyConnection, collection: str) -> bool:
+    return bool(
+        con.execute(
+            f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND status IN (?, ?, ?)",
+            [collection, LANDED, *VALIDATED],
+        ).fetchone()[0]
+    )
+
+
+def _audit_key_exists(con: duckdb.DuckDBPyConnection, home: Home | None) -> bool:
+    try:
+        audit.derived_key(con, _INFO, home)
+    except KeyRingError:
+        return False
+    return True
+
+
+def _seal_held(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None) -> None:
+    """Seal every batch the collection holds as it stands, once the whole audit trail verifies."""
+    verified = audit.verify(con, home)
+    if not verified.ok:
+        raise audit.AuditTrailBroken(verified)
+    first = Sealer(collection, audit.derived_key(con, _INFO, home))
+    with transaction(con):
+        for stage, batches in first.held(con).items():
+            first.seal(con, stage, batches)
+
+
+def problem(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None) -> str | None:
+    """Why record-level releases must not run because of the collection's batch seals (None: every
+    batch is sound). A haven that has not started sealing starts here (:func:`sealer`)."""
+    if not table_exists(con, *BATCHES.split(".")):
+        return None
+    try:
+        bad = sealer(con, collection, home).unsound(con)
+    except (KeyRingError, audit.AuditTrailBroken) as exc:
+        return f"the objections batches' seals cannot be checked ({exc}): fix the audit trail or key first"
+    if not bad:
+        return None
+    named = "; ".join(f"{_shown(con, b)}: {why}" for b, why in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (
+        f"{len(bad)} objections batch(es) differ from their seal ({named}{more}): rows were added, changed or "
+        "removed outside the haven, so the register does not take them in; restore the rows from a backup, or "
+        "once a person has checked them with the sender: safehaven objections accept-batch <batch> --by <name> "
+        "--reason <text>"
+    )
+
+
+def _shown(con: duckdb.DuckDBPyConnection, batch: str) -> str:
+    row = con.execute(f"SELECT file_name FROM {BATCHES} WHERE batch_id = ?", [batch]).fetchone()
+    return f"batch {batch[:12]}" + (f" ({row[0]})" if row and row[0] else "")
+
+
+def accept(
+    con: duckdb.DuckDBPyConnection, collection: str, batch: str, home: Home | None, *, by: str, reason: str
+) -> dict[str, object]:
+    """A person's decision that an unsound batch's rows, as they now stand, are right (checked
+    with the sender, or restored): audited (``objections.batch_accepted``), then sealed at the
+    stage it is checked at. ``batch``: its id, or a prefix of 12 or more characters of it."""
+    if not by.strip() or not reason.strip():
+        raise ValueError("a decision needs the person's name and a reason")
+    current = sealer(con, collection, home)
+    bad = current.unsound(con)
+    matches = [b for b in bad if b != NO_BATCH and len(batch) >= 12 and b.startswith(batch)]
+    if len(matches) != 1:
+        raise ValueError(f"no single unsound objections batch starts with {batch!r} (safehaven objections faults)")
+    chosen = matches[0]
+    stage = LANDED if chosen in current.held(con)[LANDED] else VALID
+    rows, digest = current.digests(con, stage, [chosen]).get(chosen, _NO_ROWS)
+    detail = {"batch": chosen, "stage": stage, "rows": rows, "was": bad[chosen], "reason": reason[:500]}
+    audit.append(con, actor=by, role="governance", action=ACCEPTED, object=collection, detail=detail, home=home)
+    with transaction(con):
+        current.seal(con, stage, [chosen], by=by)
+    return {"batch": chosen, "stage": stage, "rows": rows, "digest": digest[:12]}

@@ -1,0 +1,132 @@
+"""A small haven whose objections arrive as real files through real ingest, validation and the
+register step (``tests.unit.test_feed``, ``tests.unit.test_batch_seal``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from safehaven.context import Haven as Context
+from safehaven.core import registers as reg
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.core.store import Store
+from safehaven.intake import batch_seal, ingest
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import ingest_collection
+from safehaven.intake.validation import ValidationReport, validate_collection
+from safehaven.protect.register_seal import register_and_seal
+from safehaven.share.releases import ReleaseRefused
+from tests.governance_helpers import (
+    BASE,
+    NHS,
+    adopt,
+    agreement_data,
+    contracts_root,
+    prepare_and_release,
+    small_haven,
+    write_agreement,
+)
+
+COLUMNS = ["nhs_number", "objection_type", "recorded_date", "withdrawn_date", "source_practice"]
+TODAY = date.today()
+FUTURE = (TODAY + timedelta(days=30)).isoformat()
+#: hospital_episodes holds two records per person (small_haven)
+EPISODES_EACH = 2
+
+
+@dataclass
+class Haven:
+    home: Home
+    con: duckdb.DuckDBPyConnection
+    registry: ContractRegistry
+    keyring: KeyRing
+    pids: dict[str, str]
+    agreement: str = "test-feed"
+
+    def drop(self, name: str, rows: list[list[str]], *, excel: bool = False) -> None:
+        """An objections file; ``excel``: BOM, every field quoted, CRLF (pandas QUOTE_ALL / Excel)."""
+        text = io.StringIO()
+        writer = csv.writer(text, quoting=csv.QUOTE_ALL if excel else csv.QUOTE_MINIMAL, lineterminator="\r\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+        folder = self.home.incoming_for("objections")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(text.getvalue().encode("utf-8-sig" if excel else "utf-8"))
+
+    def land(self, drops: list[str] | None = None) -> ingest.IngestReport:
+        """An intake run's landing of the objections files waiting (or of ``drops``) and no more."""
+        folder, quarantine = self.home.incoming_for("objections"), self.home.quarantine_for("objections")
+        contract = self.registry.objections()
+        return ingest_collection(self.con, contract, folder, quarantine, drops=drops, sealer=self.sealer())
+
+    def sealer(self) -> batch_seal.Sealer:
+        """The objections sealer an intake step passes to landing and validation."""
+        return batch_seal.sealer(self.con, "objections", self.home)
+
+    def validate(self) -> ValidationReport:
+        """An intake run's validation of the objections batches landed."""
+        quarantine = self.home.quarantine_for("objections")
+        return validate_collection(
+            self.con, self.registry.objections(), self.registry, quarantine, sealer=self.sealer()
+        )
+
+    def run(self) -> bool:
+        """Ingest, validate and register objections as the pipeline does; False when validation refused a batch."""
+        contract = self.registry.objections()
+        self.land()
+        report = self.validate()
+        waiting = ingest.arrived_first(self.home.incoming_for("objections"))
+        register_and_seal(self.con, contract, "", self.home, actor="test run", waiting_since=waiting)  # the step
+        return report.gx_success
+
+    def release(self, today: date | None = None, **kwargs: Any):
+        """Adopt the agreement's approval as the governance lead would (once), prepare a release and
+        approve it through the two-person review (the whole door)."""
+        adopt(self.con, self.registry, self.agreement)
+        context = Context.open(self.home, contracts=self.registry, keyring=self.keyring, today=today)
+        return prepare_and_release(self.con, self.agreement, haven=context, **kwargs)
+
+    def members(self, release_id: str) -> set[str]:
+        rows = self.con.execute(f"SELECT pid FROM {reg.RELEASE_MEMBERS} WHERE release_id = ?", [release_id])
+        return {r[0] for r in rows.fetchall()}
+
+
+@contextmanager
+def open_haven(home: Home, root: Path) -> Iterator[Haven]:
+    """A small haven in ``home`` with the test agreement written under ``root``."""
+    registry = ContractRegistry(contracts_root(root))
+    keyring = KeyRing(home.keys)
+    write_agreement(
+        registry.root,
+        agreement_data(
+            id="test-feed",
+            collections=["hospital_episodes"],
+            linkages=[],
+            fields=[f for f in BASE["fields"] if f["collection"] == "hospital_episodes"],
+            small_groups="suppress",
+            max_suppressed_share=1.0,
+        ),
+    )
+    with Store(home).connect() as con:
+        pids = small_haven(con, keyring, registry)
+        yield Haven(home, con, registry, keyring, pids)
+
+
+def opt_out(i: int, recorded: str = "2024-03-01") -> list[str]:
+    return [NHS[i], "national_opt_out", recorded, "", ""]
+
+
+def refused(haven: Haven) -> str:
+    with pytest.raises(ReleaseRefused) as exc:
+        haven.release()
+    return str(exc.value)
