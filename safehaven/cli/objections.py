@@ -51,8 +51,7 @@ def register(main: click.Group) -> None:
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
             tampered = register_seal.problem(con, home)
-            batches = batch_seal.problem(con, feed.COLLECTION, home)
-            unsound = batch_seal.sealer(con, feed.COLLECTION, home).unsound(con) if batches else {}
+            batches, unsound = batch_seal.check(con, feed.COLLECTION, home)
             held = register_seal.held_withdrawals(con)
         click.echo(
             json.dumps(
@@ -174,9 +173,10 @@ def _register_seal_decisions(group: click.Group) -> None:
     @click.option("--by", "by", required=True, help="Who decides (recorded in the audit trail).")
     @click.option("--reason", required=True, help="How the batch's rows were checked (e.g. with the sender).")
     def objections_accept_batch(batch: str, by: str, reason: str) -> None:
-        """Seal an objections BATCH (its id, or 12+ characters of it, as shown by safehaven objections
-        faults) whose rows differ from their seal, as they now stand, once a person has checked them
-        with the sender or restored them; audited. Until then the register does not take it in."""
+        """Seal an objections BATCH (its id, or 12+ characters of it; or the drop key of a file sent
+        again, as shown by safehaven objections faults) whose rows differ from their seal, as they now
+        stand, once a person has checked them with the sender; audited. Until then the register does
+        not take it in."""
         from safehaven.core.store import Store
         from safehaven.intake import batch_seal
         from safehaven.protect import feed

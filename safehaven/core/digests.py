@@ -1,8 +1,11 @@
-"""Digests that tell whether work is needed: of the code, of a table's rows, of a value.
+"""Digests that tell whether work is needed: of the code, of a table's rows, of a value; and
+the one digest a seal stands on (:func:`sealed_rows_sql`).
 
 Used where a stage may skip work whose inputs did not change (``safehaven.publish.reuse``,
-``safehaven.share.release_inputs``). They detect change; they are not seals against a forger
-(the audit trail and the key pins are those).
+``safehaven.share.release_inputs``). Those detect change; they are not seals against a forger.
+:func:`sealed_rows_sql` is: SHA-256 over an ordered, typed serialisation of every row, which
+no crafted edit can match (a sum of 64-bit row hashes can be matched by choosing one column's
+value: DuckDB's ``hash`` is not keyed and can be inverted).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.sql import q
 from safehaven.core.store import table_exists
 
 #: The package whose code decides every result: a change of any module redoes everything.
@@ -46,3 +50,37 @@ def table_sha(con: duckdb.DuckDBPyConnection, table: str) -> str:
 def sha_of(value: Any) -> str:
     """SHA-256 of a JSON-able value (keys sorted; dates and other values as text)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+#: rows per part of a sealed digest: each part's rows are joined and hashed on their own, so a
+#: large table is never held as one string
+SEAL_PART_ROWS = 100_000
+
+
+def _row_json(con: duckdb.DuckDBPyConnection, relation: str) -> str:
+    """SQL of the JSON text of a row ``t`` of ``relation``: every column by name, timestamps as
+    epoch microseconds (their text would depend on the session's time zone)."""
+    columns = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
+    fields = [
+        f"{q(name)} := " + (f"epoch_us(t.{q(name)})" if str(kind).startswith("TIMESTAMP") else f"t.{q(name)}")
+        for name, kind, *_ in columns
+    ]
+    return f"to_json(struct_pack({', '.join(fields)}))::VARCHAR"
+
+
+def sealed_rows_sql(
+    con: duckdb.DuckDBPyConnection, relation: str, order: str, *, group: str = "NULL", where: str = ""
+) -> str:
+    """SQL of ``(group value, row count, digest)`` for each ``group`` of ``relation``'s rows ``t``:
+    SHA-256 over its parts' SHA-256s in order, each part (``order // SEAL_PART_ROWS``) over its
+    rows' JSON text (:func:`_row_json`) in ``order`` and then by the text itself. Any change to a
+    row, its order column included, changes it; collision resistant (a seal's digest:
+    ``safehaven.protect.register_seal``, ``safehaven.intake.batch_seal``)."""
+    return (
+        f"WITH _r AS (SELECT {group} AS _g, {order} AS _o, {_row_json(con, relation)} AS _j "
+        f"FROM {relation} t {where}), "
+        f"_p AS (SELECT _g, _o // {SEAL_PART_ROWS} AS _part, count(*) AS _n, "
+        "sha256(string_agg(_j, chr(10) ORDER BY _o NULLS FIRST, _j)) AS _h FROM _r GROUP BY _g, _part) "
+        "SELECT _g, sum(_n)::BIGINT, sha256(string_agg(coalesce(_part::VARCHAR, '-') || ':' || _h, chr(10) "
+        "ORDER BY _part NULLS FIRST)) FROM _p GROUP BY _g"
+    )

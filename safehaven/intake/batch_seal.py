@@ -30,10 +30,12 @@ register step. So:
   audit trail verifies, and that is audited (``objections.batch_seals_started``); from then on a
   batch without a seal is unsound.
 
-Limits: the digest is two seeded 64-bit DuckDB row hashes summed, with the row count (as the
-register seal's: it detects edits made with SQL, not rows crafted to a chosen sum); someone
-holding the audit key as well can seal; a batch deleted whole (its rows, its batch record and its
-seals) before it was registered is not detected here.
+The digest is SHA-256 over the batch's rows in ``_row`` order, each as typed JSON
+(``safehaven.core.digests.sealed_rows_sql``), so no crafted edit keeps it; the MAC also covers the
+batch record's collection, landing and arrival times and drop (what orders its statements), and a
+file sent again is sealed with its record (the batch it restates, its arrival: stage
+``restated``). Limits: someone holding the audit key as well can seal; a batch deleted whole (its
+rows, its batch record and its seals) before it was registered is not detected here.
 """
 
 from __future__ import annotations
@@ -46,19 +48,24 @@ from dataclasses import dataclass
 import duckdb
 
 from safehaven.core import audit, schema
+from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRingError
-from safehaven.core.sql import q
+from safehaven.core.sql import lit, q
 from safehaven.core.store import CATALOG, functions_stored, table_exists, transaction
 from safehaven.intake.contracts import Contract
 
 TABLE = schema.OBJECTION_BATCH_SEALS
 BATCHES = schema.BATCHES
+RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
 #: the audit actions: a collection's batches first sealed as they stood; a person's decision on one
 STARTED = "objections.batch_seals_started"
 ACCEPTED = "objections.batch_accepted"
-#: the stages sealed: the rows landed from the file, and the rows validation passed on
-LANDED, VALID = "landed", "valid"
+#: the audit entry that makes the audit key on a trail with none yet, before a start seals (:func:`_start`)
+KEYED = "objections.batch_seals_keyed"
+#: the stages sealed: the rows landed from the file, the rows validation passed on, and the record
+#: of a file sent again (its batch and arrival: ``governance.objection_restatements``)
+LANDED, VALID, RESTATED = "landed", "valid", "restated"
 #: batch statuses whose valid rows count (validated; a refused objections batch's valid rows are honoured)
 VALIDATED = ("accepted", "refused")
 #: what the MAC key is derived for (HKDF info)
@@ -80,35 +87,39 @@ class Sealer:
         return self.collection if stage == LANDED else f"{self.collection}_valid"
 
     def digests(self, con: duckdb.DuckDBPyConnection, stage: str, batches: list[str] | None = None) -> dict:
-        """Each batch's row count and digest in the stage's table (all its columns, ``_batch`` and
-        ``_row`` included), one pass; with ``batches``, of those only."""
+        """Each batch's row count and digest in the stage's table (``core.digests.sealed_rows_sql``:
+        every column, ``_row`` included, in ``_row`` order), one pass; with ``batches``, of those only."""
         if not table_exists(con, "landing", self.table(stage)):
             return {}
-        where = "" if batches is None else "WHERE list_contains(?::VARCHAR[], t._batch)"
-        rows = con.execute(
-            "SELECT t._batch, count(*), coalesce(sum(hash(t)::HUGEINT), 0)::VARCHAR || ':' || "
-            f"coalesce(sum(hash(t, 'batch seal')::HUGEINT), 0)::VARCHAR FROM landing.{q(self.table(stage))} t "
-            f"{where} GROUP BY t._batch",
-            [] if batches is None else [batches],
-        ).fetchall()
+        relation = f"landing.{q(self.table(stage))}"
+        where = "" if batches is None else f"WHERE list_contains({_list(batches)}, t._batch)"
+        rows = con.execute(sealed_rows_sql(con, relation, "t._row", group="t._batch", where=where)).fetchall()
         return {b: (int(n), str(d)) for b, n, d in rows}
 
-    def mac(self, batch: str, stage: str, rows: int, digest: str) -> str:
-        message = json.dumps([self.collection, batch, stage, rows, digest]).encode()
+    def records(self, con: duckdb.DuckDBPyConnection, batches: list[str]) -> dict[str, list]:
+        """Each batch's record as it is sealed: what orders its statements (landed, arrived) and
+        where it came from (collection, drop); timestamps as epoch microseconds."""
+        rows = con.execute(
+            f"SELECT batch_id, collection, epoch_us(landed_at), epoch_us(arrived_at), drop_key FROM {BATCHES} "
+            "WHERE list_contains(?::VARCHAR[], batch_id)",
+            [batches],
+        ).fetchall()
+        return {r[0]: list(r[1:]) for r in rows}
+
+    def mac(self, batch: str, stage: str, rows: int, digest: str, record: list | None) -> str:
+        message = json.dumps([self.collection, batch, stage, rows, digest, record]).encode()
         return hmac.new(self.key, message, hashlib.sha256).hexdigest()
 
     def seal(self, con: duckdb.DuckDBPyConnection, stage: str, batches: list[str], by: str = "pipeline") -> None:
-        """Seal ``batches`` at ``stage`` as their rows now stand, in the caller's transaction."""
+        """Seal ``batches`` at ``stage`` as their rows and batch records now stand, in the caller's transaction."""
         if not batches:
             return
-        found = self.digests(con, stage, batches)
+        found, records = self.digests(con, stage, batches), self.records(con, batches)
         con.executemany(
             f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, now(), ?)",
-            [
-                [b, stage, self.collection, *found.get(b, _NO_ROWS), self.mac(b, stage, *found.get(b, _NO_ROWS)), by]
-                for b in batches
-            ],
-        )
+            [[b, stage, self.collection, *now, self.mac(b, stage, *now, records.get(b)), by] for b, now in
+             ((b, found.get(b, _NO_ROWS)) for b in batches)],
+        )  # fmt: skip
 
     def held(self, con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
         """The collection's batches by the stage they are checked at: still landed, or validated."""
@@ -120,28 +131,77 @@ class Sealer:
 
     def unsound(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
         """The batches that must not be validated or registered, each with why (module docstring, "Check")."""
-        found: dict[str, str] = {}
+        found: dict[str, list[str]] = {}
         everything = _store_tampered(con, self)
         for stage, batches in self.held(con).items():
             current = self.digests(con, stage, None if stage == VALID else batches)
-            seals = _seals(con, self.collection, stage)
-            for batch in sorted(set(batches) | set(current), key=str):
-                why = everything or self._why(batch, stage, current.get(batch, _NO_ROWS), seals.get(batch))
+            wanted = sorted(set(batches) | set(current), key=str)
+            seals, records = _seals(con, self.collection, stage), self.records(con, [b for b in wanted if b])
+            for batch in wanted:
+                now = current.get(batch, _NO_ROWS)
+                why = everything or self._why(batch, stage, now, seals.get(batch), records.get(batch))
                 if why:
-                    found[NO_BATCH if batch is None else batch] = why
+                    found.setdefault(NO_BATCH if batch is None else batch, []).append(why)
+        return {batch: "; ".join(reasons) for batch, reasons in found.items()} | self._unsound_restatements(con)
+
+    def unsound_stages(self, con: duckdb.DuckDBPyConnection, batch: str) -> list[str]:
+        """The stages at which ``batch`` differs from its seal (what a person's acceptance seals)."""
+        stages = []
+        for stage, batches in self.held(con).items():
+            now = self.digests(con, stage, [batch]).get(batch, _NO_ROWS)
+            if batch in batches or now != _NO_ROWS:
+                sealed, record = _seals(con, self.collection, stage).get(batch), self.records(con, [batch]).get(batch)
+                if self._why(batch, stage, now, sealed, record):
+                    stages.append(stage)
+        return stages
+
+    def restatements(self, con: duckdb.DuckDBPyConnection) -> dict[str, list]:
+        """Each file sent again (by drop key) as it is sealed: the batch it restates and its arrival."""
+        rows = con.execute(
+            f"SELECT r.drop_key, r.batch_id, epoch_us(r.arrived_at) FROM {RESTATEMENTS} r "
+            f"LEFT JOIN {BATCHES} b ON b.batch_id = r.batch_id WHERE coalesce(b.collection, ?) = ?",
+            [self.collection, self.collection],
+        ).fetchall()
+        return {drop: [batch, arrived] for drop, batch, arrived in rows}
+
+    def seal_restatement(self, con: duckdb.DuckDBPyConnection, drop: str, by: str = "pipeline") -> None:
+        """Seal a file sent again's record (what it restates, when it arrived: its order), in the
+        caller's transaction."""
+        record = self.restatements(con).get(drop)
+        digest = json.dumps(record)
+        con.execute(
+            f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, 0, ?, ?, now(), ?)",
+            [drop, RESTATED, self.collection, digest, self.mac(drop, RESTATED, 0, digest, None), by],
+        )
+
+    def _unsound_restatements(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        """Files sent again whose record differs from its seal (what it restates, its arrival), with why."""
+        seals = _seals(con, self.collection, RESTATED)
+        found = {}
+        for drop, record in self.restatements(con).items():
+            now, sealed = json.dumps(record), seals.get(drop)
+            if sealed is None:
+                found[drop] = "its record (the batch it restates, its arrival) has no seal"
+            elif sealed[1] != now or not hmac.compare_digest(str(sealed[2]), self.mac(drop, RESTATED, 0, now, None)):
+                found[drop] = "its record (the batch it restates, its arrival) differs from its seal"
         return found
 
-    def _why(self, batch: str | None, stage: str, now: tuple[int, str], sealed: tuple | None) -> str | None:
+    def _why(self, batch: str | None, stage: str, now: tuple, sealed: tuple | None, record: list | None) -> str | None:
         if batch is None:
-            return f"{stage} rows with no batch id"
+            return f"{stage} rows with no batch id (delete them: no decision can accept them)"
         if sealed is None:
             return f"its {stage} rows have no seal"
         rows, digest, mac = sealed
         if (rows, digest) != now:
             return f"its {stage} rows differ from their seal ({now[0]} rows now, {rows} sealed)"
-        if not hmac.compare_digest(str(mac), self.mac(batch, stage, rows, digest)):
-            return f"its {stage} seal does not verify under the audit key"
+        if not hmac.compare_digest(str(mac), self.mac(batch, stage, rows, digest, record)):
+            return f"its {stage} seal does not verify under the audit key (or its batch record was changed)"
         return None
+
+
+def _list(values: list[str]) -> str:
+    """A SQL list literal of batch ids (quoted)."""
+    return "[" + ", ".join(lit(v) for v in values) + "]::VARCHAR[]"
 
 
 def _seals(con: duckdb.DuckDBPyConnection, collection: str, stage: str) -> dict[str, tuple]:
@@ -177,10 +237,9 @@ def _started(con: duckdb.DuckDBPyConnection, collection: str) -> bool:
 
 
 def sealer(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None) -> Sealer:
-    """The collection's sealer. The first time, every batch it holds is sealed as it stands, once
-    the whole audit trail verifies, and that is audited (module docstring, "Starting"); on a new
-    haven that entry also starts the audit trail, and so makes the audit key the MAC key comes from."""
-    schema.ensure(con, BATCHES, TABLE)
+    """The collection's sealer. The first time, every batch and restatement it holds is sealed as
+    it stands, once the whole audit trail verifies, and that is audited (module docstring, "Starting")."""
+    schema.ensure(con, BATCHES, RESTATEMENTS, TABLE)
     if not _started(con, collection):
         _start(con, collection, home)
     return Sealer(collection, audit.derived_key(con, _INFO, home))
@@ -193,20 +252,21 @@ def sealer_for(con: duckdb.DuckDBPyConnection, contract: Contract, home: Home | 
 
 
 def _start(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None) -> None:
-    """Seal every batch held as it stands and audit it; on a trail with no entry yet (so no audit
-    key) the entry comes first, as it makes the key."""
+    """Seal what the collection holds as it stands, then audit that. A trail with no entry has no
+    audit key, so one entry (``objections.batch_seals_keyed``) comes first to make it; a run killed
+    after it and before the seal starts again (the start is audited last)."""
     holding = _holding(con, collection)
-    keyed = _audit_key_exists(con, home)
-    if holding and keyed:
+    if holding and not _audit_key_exists(con, home):
+        detail = {"batches_held": holding}
+        audit.append(con, actor="safehaven", role="pipeline", action=KEYED, object=collection, detail=detail, home=home)
+    if holding:
         _seal_held(con, collection, home)
-    detail = {"batches_sealed_as_they_stood": int(holding)}
+    detail = {"batches_sealed_as_they_stood": holding}
     audit.append(con, actor="safehaven", role="pipeline", action=STARTED, object=collection, detail=detail, home=home)
-    if holding and not keyed:
-        _seal_held(con, collection, home)
 
 
-def _holding(con: duckdb.DuckDBPyConnection, collection: str) -> bool:
-    return bool(
+def _holding(con: duckdb.DuckDBPyConnection, collection: str) -> int:
+    return int(
         con.execute(
             f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND status IN (?, ?, ?)",
             [collection, LANDED, *VALIDATED],
@@ -223,7 +283,7 @@ def _audit_key_exists(con: duckdb.DuckDBPyConnection, home: Home | None) -> bool
 
 
 def _seal_held(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None) -> None:
-    """Seal every batch the collection holds as it stands, once the whole audit trail verifies."""
+    """Seal every batch and restatement the collection holds as it stands, once the whole audit trail verifies."""
     verified = audit.verify(con, home)
     if not verified.ok:
         raise audit.AuditTrailBroken(verified)
@@ -231,52 +291,69 @@ def _seal_held(con: duckdb.DuckDBPyConnection, collection: str, home: Home | Non
     with transaction(con):
         for stage, batches in first.held(con).items():
             first.seal(con, stage, batches)
+        for drop in first.restatements(con):
+            first.seal_restatement(con, drop)
 
 
-def problem(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None) -> str | None:
-    """Why record-level releases must not run because of the collection's batch seals (None: every
-    batch is sound). A haven that has not started sealing starts here (:func:`sealer`)."""
+def check(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None) -> tuple[str | None, dict]:
+    """Why record-level releases must not run because of the collection's seals (None: every batch
+    and restatement is sound), and the unsound ones with why. A haven that has not started sealing
+    starts here (:func:`sealer`)."""
     if not table_exists(con, *BATCHES.split(".")):
-        return None
+        return None, {}
     try:
         bad = sealer(con, collection, home).unsound(con)
     except (KeyRingError, audit.AuditTrailBroken) as exc:
-        return f"the objections batches' seals cannot be checked ({exc}): fix the audit trail or key first"
+        return f"the objections batches' seals cannot be checked ({exc}): fix the audit trail or key first", {}
     if not bad:
-        return None
+        return None, {}
     named = "; ".join(f"{_shown(con, b)}: {why}" for b, why in list(bad.items())[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return (
-        f"{len(bad)} objections batch(es) differ from their seal ({named}{more}): rows were added, changed or "
-        "removed outside the haven, so the register does not take them in; restore the rows from a backup, or "
-        "once a person has checked them with the sender: safehaven objections accept-batch <batch> --by <name> "
-        "--reason <text>"
-    )
+        f"{len(bad)} objections batch(es) or files sent again differ from their seal ({named}{more}): rows were "
+        "added, changed or removed outside the haven, so the register does not take them in; restore the rows from "
+        "a backup, or once a person has checked them with the sender: safehaven objections accept-batch <batch or "
+        "drop> --by <name> --reason <text>"
+    ), bad
 
 
-def _shown(con: duckdb.DuckDBPyConnection, batch: str) -> str:
-    row = con.execute(f"SELECT file_name FROM {BATCHES} WHERE batch_id = ?", [batch]).fetchone()
-    return f"batch {batch[:12]}" + (f" ({row[0]})" if row and row[0] else "")
+def problem(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None) -> str | None:
+    """Why record-level releases must not run because of the collection's seals (:func:`check`)."""
+    return check(con, collection, home)[0]
+
+
+def _shown(con: duckdb.DuckDBPyConnection, key: str) -> str:
+    row = con.execute(f"SELECT file_name FROM {BATCHES} WHERE batch_id = ?", [key]).fetchone()
+    if row is None:
+        row = con.execute(f"SELECT file_name FROM {RESTATEMENTS} WHERE drop_key = ?", [key]).fetchone()
+        return f"file sent again {key}" if row is not None else f"batch {key[:12]}"
+    return f"batch {key[:12]}" + (f" ({row[0]})" if row[0] else "")
 
 
 def accept(
-    con: duckdb.DuckDBPyConnection, collection: str, batch: str, home: Home | None, *, by: str, reason: str
+    con: duckdb.DuckDBPyConnection, collection: str, key: str, home: Home | None, *, by: str, reason: str
 ) -> dict[str, object]:
-    """A person's decision that an unsound batch's rows, as they now stand, are right (checked
-    with the sender, or restored): audited (``objections.batch_accepted``), then sealed at the
-    stage it is checked at. ``batch``: its id, or a prefix of 12 or more characters of it."""
+    """A person's decision that an unsound batch's rows (or a restatement's record), as they now
+    stand, are right (checked with the sender, or restored): audited (``objections.batch_accepted``),
+    then sealed at every stage that differs. ``key``: a batch id (or 12+ characters of it), or a
+    drop key of a file sent again. Rows with no batch id cannot be accepted: they are deleted."""
     if not by.strip() or not reason.strip():
         raise ValueError("a decision needs the person's name and a reason")
     current = sealer(con, collection, home)
     bad = current.unsound(con)
-    matches = [b for b in bad if b != NO_BATCH and len(batch) >= 12 and b.startswith(batch)]
+    matches = [b for b in bad if b != NO_BATCH and (b == key or (len(key) >= 12 and b.startswith(key)))]
     if len(matches) != 1:
-        raise ValueError(f"no single unsound objections batch starts with {batch!r} (safehaven objections faults)")
+        raise ValueError(
+            f"no single unsound objections batch or file sent again is {key!r} (safehaven objections faults)"
+        )
     chosen = matches[0]
-    stage = LANDED if chosen in current.held(con)[LANDED] else VALID
-    rows, digest = current.digests(con, stage, [chosen]).get(chosen, _NO_ROWS)
-    detail = {"batch": chosen, "stage": stage, "rows": rows, "was": bad[chosen], "reason": reason[:500]}
+    stages = [RESTATED] if chosen in current.restatements(con) else current.unsound_stages(con, chosen)
+    detail = {"batch": chosen, "stages": stages, "was": bad[chosen], "reason": reason[:500]}
     audit.append(con, actor=by, role="governance", action=ACCEPTED, object=collection, detail=detail, home=home)
     with transaction(con):
-        current.seal(con, stage, [chosen], by=by)
-    return {"batch": chosen, "stage": stage, "rows": rows, "digest": digest[:12]}
+        for stage in stages:
+            if stage == RESTATED:
+                current.seal_restatement(con, chosen, by=by)
+            else:
+                current.seal(con, stage, [chosen], by=by)
+    return {"batch": chosen, "stages": stages}

@@ -86,6 +86,7 @@ from safehaven.core import schema
 from safehaven.core.audit import shown_name
 from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
+from safehaven.core.store import transaction
 from safehaven.intake import batch_seal
 from safehaven.intake.batch_seal import Sealer
 from safehaven.intake.contracts import Contract
@@ -634,8 +635,6 @@ def land_file(
         if rows == 0:
             raise FileRejected("file.no_rows", "the file has a header but no rows", "send the file again with its rows")
         _refuse_copy(con, contract, sha, rows)
-        if sealer is not None:
-            sealer.seal(con, batch_seal.LANDED, [sha])
         if seen is not None:
             _unchanged_since(path, seen)
         con.execute(
@@ -651,6 +650,8 @@ def land_file(
                 arrived(seen or os.lstat(path)),
             ],
         )
+        if sealer is not None:  # its rows and its batch record (what orders its statements)
+            sealer.seal(con, batch_seal.LANDED, [sha])
         con.execute("COMMIT")
         return int(rows)
     except (FileRejected, SameRecords, StillArriving):
@@ -884,7 +885,7 @@ def _ingest_one(
         if known is not None:
             report.files_skipped += 1
             report.drops[drop] = "already landed"
-            _note_restatement(con, contract, sha, path, seen, drop, report)
+            _note_restatement(con, contract, sha, path, seen, drop, report, sealer)
             _remove_received(path, report)
             return
         inspect_file(con, path, contract)
@@ -893,7 +894,7 @@ def _ingest_one(
         report.files_skipped += 1
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
         report.drops[drop] = f"same records as batch {copy.batch_id[:12]}"
-        _note_restatement(con, contract, copy.batch_id, path, seen, drop, report)
+        _note_restatement(con, contract, copy.batch_id, path, seen, drop, report, sealer)
         _remove_received(path, report)
         return
     except (FileRejected, StillArriving):
@@ -918,6 +919,7 @@ def _note_restatement(
     seen: os.stat_result,
     drop: str,
     report: IngestReport,
+    sealer: Sealer | None = None,
 ) -> None:
     """An objections file received again (the bytes or the records of the batch ``batch_id``) is
     a *restatement*: its sender states those objections again today, e.g. to undo a withdrawal
@@ -925,7 +927,9 @@ def _note_restatement(
     ``governance.objection_restatements`` by its drop and arrival time, and the objection register
     registers its statements in arrival order (``safehaven.protect.objections.register_restatements``),
     so re-sending a file is never silently a no-op for the register (CoP 11-14). The batch's own
-    drop seen again (a run repeated after a crash, before the file was shredded) restates nothing."""
+    drop seen again (a run repeated after a crash, before the file was shredded) restates nothing.
+    Its record is sealed with it (``sealer``, ``safehaven.intake.batch_seal``: its arrival orders
+    it); noted without one, it is never registered."""
     if contract.kind != "objections":
         return
     own = con.execute(
@@ -933,11 +937,14 @@ def _note_restatement(
     ).fetchone()
     if own is None or own[0] == drop:
         return
-    con.execute(
-        f"INSERT OR IGNORE INTO {RESTATEMENTS} (drop_key, batch_id, file_name, arrived_at, noted_at) "
-        "VALUES (?, ?, ?, to_timestamp(?), now())",
-        [drop, batch_id, shown_name(path.name), arrived(seen)],
-    )
+    with transaction(con):
+        (noted,) = con.execute(
+            f"INSERT OR IGNORE INTO {RESTATEMENTS} (drop_key, batch_id, file_name, arrived_at, noted_at) "
+            "VALUES (?, ?, ?, to_timestamp(?), now())",
+            [drop, batch_id, shown_name(path.name), arrived(seen)],
+        ).fetchone()
+        if noted and sealer is not None:  # a record already noted keeps the seal it was noted with
+            sealer.seal_restatement(con, drop)
     report.restated.append({"file": shown_name(path.name), "restates": batch_id[:16]})
     report.drops[drop] = f"restates batch {batch_id[:12]} (registered by the objection register)"
 

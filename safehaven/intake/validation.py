@@ -667,7 +667,8 @@ def _write_rows(con: duckdb.DuckDBPyConnection, contract: Contract, report: Vali
     accepted = ", ".join(str(b.index) for b in report.batches if b.accepted or honours_every_valid_row(contract))
     if accepted:
         con.execute(
-            f"INSERT INTO landing.{q(c + '_valid')} SELECT {fields}, {batch_id}, _row FROM {CHECKED} "
+            f"INSERT INTO landing.{q(c + '_valid')} ({fields}, _batch, _row) SELECT {fields}, {batch_id}, _row "
+            f"FROM {CHECKED} "
             f"WHERE _b IN ({accepted}) AND len(failed_rules) = 0"
         )
     con.execute(

@@ -149,19 +149,29 @@ def due_restatements(
     ``waiting_since``, landed and not validated, or ``excluded``: its rows differ from their seal,
     ``safehaven.intake.batch_seal``). Any other row (a forged one naming no such batch, or one of
     an excluded batch) stays pending, and so blocks record-level releases."""
-    (unvalidated,) = con.execute(
-        "SELECT min(coalesce(arrived_at, landed_at)) FROM governance.batches "
-        "WHERE collection = ? AND (status = 'landed' OR list_contains(?::VARCHAR[], batch_id))",
-        [contract.collection, list(excluded)],
-    ).fetchone()
+    unvalidated = held_back_since(con, contract, excluded)
     first_waiting = min((t for t in (unvalidated, waiting_since) if t is not None), default=None)
     return con.execute(
         f"SELECT r.drop_key, r.arrived_at, r.batch_id FROM {RESTATEMENTS} r JOIN governance.batches b "
         "ON b.batch_id = r.batch_id AND b.collection = ? WHERE r.registered_at IS NULL AND r.arrived_at IS NOT NULL "
-        "AND NOT list_contains(?::VARCHAR[], r.batch_id) "
+        "AND NOT list_contains(?::VARCHAR[], r.batch_id) AND NOT list_contains(?::VARCHAR[], r.drop_key) "
         "AND (CAST(? AS TIMESTAMPTZ) IS NULL OR r.arrived_at < ?) ORDER BY r.arrived_at, r.drop_key",
-        [contract.collection, list(excluded), first_waiting, first_waiting],
+        [contract.collection, list(excluded), list(excluded), first_waiting, first_waiting],
     ).fetchall()
+
+
+def held_back_since(
+    con: duckdb.DuckDBPyConnection, contract: Contract, excluded: Collection[str] = ()
+) -> datetime | None:
+    """When the earliest batch not yet registrable arrived: one landed and not validated, or
+    ``excluded`` (its rows differ from their seal). Nothing that arrived after it is registered
+    before it, so an older statement never lands on top of a newer one (CoP 11-14; fail closed:
+    releases are refused meanwhile, ``safehaven.protect.feed``)."""
+    return con.execute(
+        "SELECT min(coalesce(arrived_at, landed_at)) FROM governance.batches "
+        "WHERE collection = ? AND (status = 'landed' OR list_contains(?::VARCHAR[], batch_id))",
+        [contract.collection, list(excluded)],
+    ).fetchone()[0]
 
 
 def _register_batches(
@@ -172,9 +182,12 @@ def _register_batches(
     arrived_by: datetime | None = None,
     excluded: Collection[str] = (),
 ) -> int:
-    """Register the valid rows of batches not yet registered (those arrived by ``arrived_by``),
-    except rows of the ``excluded`` batches and rows with no batch id."""
+    """Register the valid rows of batches not yet registered that arrived by ``arrived_by`` and
+    before any batch held back (:func:`held_back_since`), except rows of the ``excluded`` batches
+    and rows with no batch id."""
+    before = held_back_since(con, contract, excluded)
     by = "" if arrived_by is None else "AND coalesce(b.arrived_at, b.landed_at) <= ? "
+    by += "" if before is None else "AND coalesce(b.arrived_at, b.landed_at) < ? "
     (added,) = con.execute(
         f"INSERT INTO {EVENTS} SELECT "
         f"(SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
@@ -183,7 +196,7 @@ def _register_batches(
         f"FROM landing.{contract.collection}_valid v LEFT JOIN governance.batches b ON b.batch_id = v._batch "
         f"WHERE v._batch IS NOT NULL AND NOT list_contains(?::VARCHAR[], v._batch) "
         f"AND NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row) {by}",
-        [key_id, list(excluded)] if arrived_by is None else [key_id, list(excluded), arrived_by],
+        [key_id, list(excluded), *(t for t in (arrived_by, before) if t is not None)],
     ).fetchone()
     return int(added)
 

@@ -34,9 +34,12 @@ every check carried on. So:
 * A haven whose register was never sealed (made before this rule) is sealed by its next
   register step as it stands (audited): there is no earlier seal to compare with.
 
-Limits: the digest is DuckDB's 64-bit row hash summed twice (with two seeds) with the row count:
-it detects any edit made with SQL, not a forger who crafts rows to a chosen sum; someone holding
-the audit key as well can re-seal, which the audit trail's external anchors show. The landed
+The digest is SHA-256 over the events in ``event_id`` order, each as typed JSON
+(``safehaven.core.digests.sealed_rows_sql``): no edit, however crafted, keeps it (a sum of
+DuckDB's 64-bit row hashes, the form of seals made before, can be matched by choosing one
+column's value; such a seal is checked in its own form once and the next register step seals
+again). Limits: someone holding the audit key as well can re-seal, which the audit trail's
+external anchors show. The landed
 objections rows the register is built from are sealed batch by batch where they are written
 (``safehaven.intake.batch_seal``): the register step takes in rows of sound batches only.
 """
@@ -52,6 +55,7 @@ from datetime import datetime
 import duckdb
 
 from safehaven.core import audit
+from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.home import Home
 from safehaven.core.store import CATALOG, functions_stored, table_exists
 from safehaven.intake import batch_seal
@@ -71,36 +75,57 @@ _COLUMNS = (
 )
 
 
+#: the digest a seal records: SHA-256 over the events in order (``core.digests.sealed_rows_sql``);
+#: seals made before it (no ``digest_form``) hold the :data:`LEGACY_FORM`, a sum of DuckDB row
+#: hashes that a crafted edit can match: such a seal is checked in its own form, once, and the
+#: next register step seals again in this one
+DIGEST_FORM, LEGACY_FORM = 2, 1
+
+
 @dataclass(frozen=True)
 class State:
-    """The register's row count, highest event id and digest (hex)."""
+    """The register's row count, highest event id and digest (hex), and the digest's form."""
 
     rows: int
     last_event: int
     digest: str
+    form: int = DIGEST_FORM
 
     def as_detail(self) -> dict[str, object]:
-        return {"rows": self.rows, "last_event": self.last_event, "digest": self.digest}
+        return {"rows": self.rows, "last_event": self.last_event, "digest": self.digest, "digest_form": self.form}
 
 
 #: a seal that could not be verified, or a register that cannot be digested as it is (equal to nothing)
-UNVERIFIED = State(-1, -1, "unverified")
-MALFORMED = State(-1, -1, "malformed")
+UNVERIFIED = State(-1, -1, "unverified", 0)
+MALFORMED = State(-1, -1, "malformed", 0)
 
 
-def state(con: duckdb.DuckDBPyConnection, up_to: int | None = None) -> State:
-    """The register's state (with ``up_to``: of the events with ``event_id <= up_to``), in one
-    pass; :data:`MALFORMED` when it cannot be trusted as the haven made it (:func:`_malformed`)."""
+def state(con: duckdb.DuckDBPyConnection, up_to: int | None = None, form: int = DIGEST_FORM) -> State:
+    """The register's state (with ``up_to``: of the events with ``event_id <= up_to``) in the
+    digest ``form``; :data:`MALFORMED` when it cannot be trusted as the haven made it (:func:`_malformed`)."""
     if not table_exists(con, *EVENTS.split(".")):
-        return State(0, 0, _digest(0, 0, 0))
+        return State(0, 0, _digest(0, 0, 0) if form == LEGACY_FORM else _EMPTY, form)
     if _malformed(con):
         return MALFORMED
     where = "" if up_to is None else f"WHERE event_id <= {int(up_to)}"
+    if form == LEGACY_FORM:
+        return _legacy_state(con, where)
+    rows, last = con.execute(f"SELECT count(*), coalesce(max(event_id), 0) FROM {EVENTS} {where}").fetchone()
+    found = con.execute(sealed_rows_sql(con, EVENTS, "t.event_id", where=where)).fetchone()
+    return State(int(rows), int(last), found[2] if found else _EMPTY, form)
+
+
+#: the digest of a register with no events
+_EMPTY = hashlib.sha256(b"").hexdigest()
+
+
+def _legacy_state(con: duckdb.DuckDBPyConnection, where: str) -> State:
+    """The register's state in the :data:`LEGACY_FORM` (two seeded row-hash sums with the count)."""
     rows, last, first, second = con.execute(
         f"SELECT count(*), coalesce(max(event_id), 0), coalesce(sum(hash({_COLUMNS})::HUGEINT), 0), "
         f"coalesce(sum(hash({_COLUMNS}, 'seal')::HUGEINT), 0) FROM {EVENTS} {where}"
     ).fetchone()
-    return State(int(rows), int(last), _digest(rows, first, second))
+    return State(int(rows), int(last), _digest(rows, first, second), LEGACY_FORM)
 
 
 def _malformed(con: duckdb.DuckDBPyConnection) -> bool:
@@ -145,9 +170,11 @@ def last_seal(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> State
         return UNVERIFIED
     detail = json.loads(row[1]) if row[1] else {}
     try:
-        return State(int(detail["rows"]), int(detail["last_event"]), str(detail["digest"]))
-    except (KeyError, TypeError, ValueError):
+        form = int(detail.get("digest_form", LEGACY_FORM))
+        sealed = State(int(detail["rows"]), int(detail["last_event"]), str(detail["digest"]), form)
+    except (AttributeError, KeyError, TypeError, ValueError):
         return UNVERIFIED
+    return sealed if form in (DIGEST_FORM, LEGACY_FORM) else UNVERIFIED
 
 
 def problem(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> str | None:
@@ -156,7 +183,7 @@ def problem(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> str | N
     sealed = last_seal(con, home)
     if sealed is None:
         return None
-    now = state(con)
+    now = state(con, form=sealed.form)
     if now == sealed:
         return None
     return (
@@ -214,14 +241,14 @@ def catch_up(
     ``excluded``, exactly; module docstring). ``pid_sql``: the pseudonym of a landed row ``v``
     (the haven key installed)."""
     sealed = last_seal(con, home)
-    now = state(con)
+    now = state(con, form=sealed.form if sealed else DIGEST_FORM)
     if sealed is None or now == sealed:
         return True
     if now == MALFORMED or sealed == UNVERIFIED:
         return False
     if _rekeyed_since_seal(con) and (now.rows, now.last_event) == (sealed.rows, sealed.last_event):
         return _unstated_events(con, 0, collection, pid_sql, excluded) == 0  # every event, under the new key
-    if state(con, up_to=sealed.last_event) != sealed:
+    if state(con, up_to=sealed.last_event, form=sealed.form) != sealed:
         return False
     return _unstated_events(con, sealed.last_event, collection, pid_sql, excluded) == 0
 
@@ -322,10 +349,9 @@ def apply_held_withdrawals(
         raise ValueError(f"record a decision on the register's seal first: {tampered}")
     unsound = batch_seal.sealer(con, contract.collection, home).unsound(con)
     restated = con.execute(f"SELECT batch_id FROM {RESTATEMENTS} WHERE drop_key = ?", [drop]).fetchone()
-    if restated is not None and restated[0] in unsound:
-        raise ValueError(
-            f"the batch this file restates differs from its seal ({unsound[restated[0]]}): decide that first"
-        )
+    for key in (drop, restated[0] if restated else None):
+        if key in unsound:
+            raise ValueError(f"{key} differs from its seal ({unsound[key]}): decide that first")
     added = apply_held(con, contract, drop, key_id)
     detail = {"drop": drop, "events_added": added, "reason": reason[:500]}
     audit.append(con, actor=by, role="governance", action=HELD_APPLIED, object=OBJECT, detail=detail, home=home)

@@ -73,6 +73,14 @@ class Haven:
         """The objections sealer an intake step passes to landing and validation."""
         return batch_seal.sealer(self.con, "objections", self.home)
 
+    def age(self, days: int) -> None:
+        """As if every batch had landed ``days`` earlier: their landing times moved back and sealed
+        again as the haven would have sealed them then (``safehaven.intake.batch_seal``)."""
+        self.con.execute("UPDATE governance.batches SET landed_at = landed_at - INTERVAL (?) DAY", [days])
+        sealer = self.sealer()
+        for stage, batches in sealer.held(self.con).items():
+            sealer.seal(self.con, stage, batches)
+
     def validate(self) -> ValidationReport:
         """An intake run's validation of the objections batches landed."""
         quarantine = self.home.quarantine_for("objections")

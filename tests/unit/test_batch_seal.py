@@ -68,7 +68,7 @@ def test_a_withdrawal_forged_into_a_landed_batch_is_never_registered_until_a_per
         assert "safehaven objections accept-batch" in message and NHS[10] not in message
     assert register_seal.problem(haven.con, haven.home) is None  # the register itself was not touched
     done = batch_seal.accept(haven.con, COLLECTION, batch[:16], haven.home, by="Dr Guardian", reason="sender confirmed")
-    assert done["batch"] == batch and done["stage"] == batch_seal.VALID
+    assert done["batch"] == batch and done["stages"] == [batch_seal.VALID]
     haven.run()
     assert _withdrawals(haven) == 1  # the person's decision, and only then
     assert _released(haven) == "released"

@@ -609,7 +609,7 @@ def test_delivery_holds_the_register_to_the_window_the_request_was_prepared_unde
     from tests.governance_helpers import approve_release
 
     def age(days: int) -> None:
-        haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL (?) DAY", [days])
+        haven.age(days)
         feed.ensure_tables(haven.con)
         haven.con.execute("UPDATE governance.objection_refreshes SET as_of = as_of - INTERVAL (?) DAY", [days])
 
@@ -776,7 +776,7 @@ def test_an_unchanged_daily_list_adds_no_event_and_keeps_the_register_current(ha
     added to the register, but the register is as current as that file, so releases go on."""
     haven.drop("daily.csv", [opt_out(10)])
     haven.run()
-    haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
+    haven.age(40)
     with pytest.raises(ReleaseRefused, match="last refreshed on"):
         haven.release()
     events = haven.con.execute("SELECT count(*) FROM governance.objection_events").fetchone()[0]
@@ -861,7 +861,7 @@ def test_a_faulty_file_sent_again_does_not_refresh_the_register(haven: Haven) ->
     haven.drop("daily.csv", [opt_out(10, recorded=FUTURE), opt_out(11, recorded=FUTURE)])
     haven.run()
     feed.resolve(haven.con, haven.home, "daily.csv", by="Dr Guardian", reason="the sender was told")
-    haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
+    haven.age(40)
     haven.drop("daily.csv", [opt_out(10, recorded=FUTURE), opt_out(11, recorded=FUTURE)])
     haven.run()
     assert _restatements(haven) == [(0, 0, 0)]
@@ -1106,7 +1106,7 @@ def test_an_older_file_sent_again_does_not_refresh_the_register(haven: Haven) ->
     haven.run()
     haven.drop("tuesday.csv", [opt_out(10), opt_out(11)])
     haven.run()
-    haven.con.execute(f"UPDATE {ingest.BATCHES} SET landed_at = landed_at - INTERVAL 40 DAY")
+    haven.age(40)
     haven.drop("monday.csv", [opt_out(10)])
     haven.run()
     assert _restatements(haven) == [(1, 0, 0)]

@@ -1,0 +1,260 @@
+"""The seals hold against a forger who crafts their edit (hostile review of the objections seals).
+
+DuckDB's ``hash`` is not keyed and can be inverted: a row's BIGINT column (``_row``,
+``event_id``) can be chosen so the row keeps the hash of the row it replaces. A digest that
+sums row hashes is then kept by any edit; the seals' digest is SHA-256 over the rows in order
+(``safehaven.core.digests.sealed_rows_sql``), and the batch seals' MAC also covers what orders
+a batch's statements. Each test is the attack that passed before, now refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from safehaven.core import audit
+from safehaven.core.home import Home
+from safehaven.intake import batch_seal
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import register_seal
+from safehaven.protect.objections import EVENTS, objectors_sql
+from tests.governance_helpers import NHS
+from tests.unit.feed_helpers import TODAY, Haven, open_haven, opt_out, refused
+
+MASK = (1 << 64) - 1
+#: the multiplier of DuckDB's MurmurHash64 finaliser, and its inverse modulo 2**64
+K = 0xD6E8FEB86659FD93
+K_INV = pow(K, -1, 1 << 64)
+YESTERDAY = (TODAY - timedelta(days=1)).isoformat()
+
+
+@pytest.fixture
+def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    with open_haven(home, tmp_path) as opened:
+        yield opened
+
+
+def _unmurmur(h: int) -> int:
+    """The BIGINT whose DuckDB hash is ``h`` (the finaliser inverted)."""
+    x = h & MASK
+    for _ in range(2):
+        x ^= x >> 32
+        x = (x * K_INV) & MASK
+    x ^= x >> 32
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def forge_same_hash(con: duckdb.DuckDBPyConnection, table: str, batch: str, row: int, set_sql: str) -> None:
+    """The insider's edit, SQL only: row ``row`` of ``batch`` changed by ``set_sql``, its ``_row``
+    (the last column) chosen so that ``hash(t)`` of the row is unchanged."""
+    where = "WHERE _batch = ? AND _row = ?"
+    (target,) = con.execute(f"SELECT hash(t) FROM landing.{table} t {where}", [batch, row]).fetchone()
+    con.execute(f"CREATE OR REPLACE TEMP TABLE forged AS SELECT * FROM landing.{table} {where}", [batch, row])
+    con.execute(f"UPDATE forged SET {set_sql}, _row = 0")  # the hash of BIGINT 0 is 0
+    (prefix,) = con.execute("SELECT hash(t) FROM forged t").fetchone()
+    con.execute("UPDATE forged SET _row = ?", [_unmurmur(target ^ prefix)])
+    assert con.execute("SELECT hash(t) FROM forged t").fetchone()[0] == target
+    con.execute(f"DELETE FROM landing.{table} {where}", [batch, row])
+    con.execute(f"INSERT INTO landing.{table} SELECT * FROM forged")
+
+
+def _batch(haven: Haven, name: str) -> str:
+    return haven.con.execute("SELECT batch_id FROM governance.batches WHERE file_name = ?", [name]).fetchone()[0]
+
+
+def _in_force(haven: Haven, i: int) -> bool:
+    found = haven.con.execute(f"SELECT count(*) FROM ({objectors_sql()}) WHERE pid = ?", [haven.pids[NHS[i]]])
+    return found.fetchone()[0] == 1
+
+
+def _unsound(haven: Haven) -> dict[str, str]:
+    return batch_seal.sealer(haven.con, "objections", haven.home).unsound(haven.con)
+
+
+def test_a_valid_row_crafted_to_keep_its_row_hash_still_breaks_the_batch_seal(haven: Haven) -> None:
+    haven.drop("practice_a.csv", [opt_out(10), opt_out(11)])
+    haven.run()
+    batch = _batch(haven, "practice_a.csv")
+    forge_same_hash(haven.con, "objections_valid", batch, 1, f"withdrawn_date = DATE '{YESTERDAY}'")
+    assert "its valid rows differ from their seal" in _unsound(haven)[batch]
+    haven.run()
+    assert _in_force(haven, 10)
+    assert "differ from their seal" in refused(haven)
+
+
+def test_a_landed_row_crafted_to_keep_its_row_hash_is_not_validated(haven: Haven) -> None:
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.land()
+    batch = _batch(haven, "practice_a.csv")
+    forge_same_hash(haven.con, "objections", batch, 1, f"withdrawn_date = '{YESTERDAY}'")
+    haven.run()
+    assert haven.con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0] == 3  # small_haven's three only
+    assert "its landed rows differ from their seal" in refused(haven)
+
+
+def test_an_event_changed_in_place_with_sql_breaks_the_register_seal(haven: Haven) -> None:
+    """The register's digest is SHA-256 over its events in order: a withdrawal set on an event, its
+    event number and time nudged (what kept the old sum of row hashes), is seen."""
+    haven.drop("practice_a.csv", [opt_out(10), opt_out(11)])
+    haven.run()
+    pid = haven.pids[NHS[10]]
+    haven.con.execute(
+        f"UPDATE {EVENTS} SET withdrawn_date = DATE '{YESTERDAY}', registered_at = registered_at + INTERVAL 1 "
+        "MICROSECOND, event_id = event_id + 1000 WHERE pid = ?",
+        [pid],
+    )
+    assert register_seal.problem(haven.con, haven.home) is not None
+    haven.run()
+    assert "differs from its last seal" in refused(haven)
+
+
+def test_a_seal_made_in_the_old_digest_form_is_checked_in_it_and_sealed_again_in_the_new_one(haven: Haven) -> None:
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    old = register_seal.state(haven.con, form=register_seal.LEGACY_FORM)
+    legacy = {"rows": old.rows, "last_event": old.last_event, "digest": old.digest}  # no digest_form: before it
+    audit.append(haven.con, actor="x", role="pipeline", action=register_seal.SEALED, object=EVENTS, detail=legacy)
+    assert register_seal.problem(haven.con, haven.home) is None
+    haven.run()  # the register step seals it again, in the SHA-256 form
+    assert register_seal.last_seal(haven.con, haven.home) == register_seal.state(haven.con)
+    assert register_seal.last_seal(haven.con, haven.home).form == register_seal.DIGEST_FORM
+
+
+def test_two_batches_whose_landing_order_was_swapped_break_their_seals(haven: Haven) -> None:
+    """Events are numbered in landing order and the latest statement wins: swapping two batches'
+    landing and arrival times would make an older withdrawal win. Both are in the seal's MAC."""
+    haven.drop("optouts_d1.csv", [opt_out(21)])
+    assert haven.run()
+    haven.drop("z_0100.csv", [[NHS[21], "national_opt_out", "2024-03-01", "2024-06-01", ""]])
+    time.sleep(0.05)
+    haven.drop("a_0200.csv", [opt_out(21), opt_out(22)])
+    haven.land()
+    haven.validate()
+    (first, l1, a1), (second, l2, a2) = haven.con.execute(
+        "SELECT batch_id, landed_at, arrived_at FROM governance.batches "
+        "WHERE file_name IN ('z_0100.csv', 'a_0200.csv') ORDER BY landed_at"
+    ).fetchall()
+    swap = "UPDATE governance.batches SET landed_at = ?, arrived_at = ? WHERE batch_id = ?"
+    haven.con.execute(swap, [l2, a2, first])
+    haven.con.execute(swap, [l1, a1, second])
+    assert {first, second} <= set(_unsound(haven))
+    haven.run()
+    assert _in_force(haven, 21)
+    assert "batch record was changed" in refused(haven)
+
+
+def test_a_batch_held_back_holds_back_the_batches_that_arrived_after_it(haven: Haven) -> None:
+    """An older withdrawal made unsound for a while, then restored: a newer list saying the person
+    objects, landed meanwhile, waits for it, so the newer statement is still the latest one."""
+    haven.drop("night0.csv", [opt_out(21)])
+    assert haven.run()
+    haven.drop("night1_withdrawal.csv", [[NHS[21], "national_opt_out", "2024-03-01", "2024-06-01", ""]])
+    haven.run()
+    older = _batch(haven, "night1_withdrawal.csv")
+    haven.con.execute(  # an edit that sat there before the register step took the batch in
+        "DELETE FROM governance.objection_events WHERE _batch = ?", [older]
+    )
+    haven.con.execute(
+        "INSERT INTO landing.objections_valid SELECT * REPLACE (99 AS _row) FROM landing.objections_valid "
+        "WHERE _batch = ?",
+        [older],
+    )
+    register_seal.reseal(haven.con, haven.home, by="Dr G", reason="events restored as the batch was")
+    time.sleep(0.05)
+    haven.drop("night2_objections.csv", [opt_out(21), opt_out(22)])
+    haven.run()
+    assert (
+        haven.con.execute(  # held back behind the unsound older batch
+            f"SELECT count(*) FROM {EVENTS} WHERE _batch = ?", [_batch(haven, "night2_objections.csv")]
+        ).fetchone()[0]
+        == 0
+    )
+    haven.con.execute("DELETE FROM landing.objections_valid WHERE _batch = ? AND _row = 99", [older])  # restored
+    haven.run()
+    assert _in_force(haven, 21)  # the newer list's statement is registered after the older withdrawal
+    assert haven.pids[NHS[21]] not in haven.members(haven.release().release_id)
+
+
+def test_a_restatement_whose_arrival_was_moved_is_not_registered(haven: Haven) -> None:
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    haven.drop("practice_a.csv", [opt_out(10)])  # the same file sent again
+    haven.land()
+    haven.con.execute("UPDATE governance.objection_restatements SET arrived_at = arrived_at - INTERVAL 1 DAY")
+    haven.validate()
+    haven.run()
+    assert haven.con.execute("SELECT count(*) FROM governance.objection_restatements WHERE registered_at IS NULL")
+    message = refused(haven)
+    assert "file sent again practice_a.csv@" in message and "its arrival) differs from its seal" in message
+
+
+def test_accepting_a_batch_seals_every_stage_that_differs(haven: Haven) -> None:
+    """A landed batch given valid rows with SQL differs at the valid stage, not the landed one: a
+    person's acceptance seals that stage, and the batch is validated by the next run."""
+    haven.drop("night0.csv", [opt_out(10)])
+    haven.run()
+    haven.drop("night1.csv", [opt_out(11)])
+    haven.land()
+    batch = _batch(haven, "night1.csv")
+    haven.con.execute(
+        "INSERT INTO landing.objections_valid SELECT * REPLACE (? AS _batch) FROM landing.objections_valid LIMIT 1",
+        [batch],
+    )
+    assert _unsound(haven)[batch] == "its valid rows have no seal"
+    done = batch_seal.accept(haven.con, "objections", batch, haven.home, by="Dr G", reason="checked with sender")
+    assert done["stages"] == [batch_seal.VALID] and batch not in _unsound(haven)
+    haven.run()
+    status = haven.con.execute("SELECT status FROM governance.batches WHERE batch_id = ?", [batch]).fetchone()[0]
+    assert status == "accepted"
+
+
+def test_rows_with_no_batch_id_are_named_with_what_clears_them(haven: Haven) -> None:
+    haven.drop("night0.csv", [opt_out(10)])
+    haven.run()
+    haven.con.execute(
+        "INSERT INTO landing.objections_valid SELECT * REPLACE (NULL AS _batch) FROM landing.objections_valid"
+    )
+    assert "valid rows with no batch id (delete them: no decision can accept them)" in refused(haven)
+    with pytest.raises(ValueError, match="no single unsound"):
+        batch_seal.accept(haven.con, "objections", batch_seal.NO_BATCH, haven.home, by="Dr G", reason="x")
+
+
+def test_the_faults_listing_says_when_the_seals_cannot_be_checked(home: Home, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    with open_haven(home, tmp_path) as haven:
+        haven.drop("night0.csv", [opt_out(10)])
+        haven.run()
+    (home.keys / "audit.key").rename(tmp_path / "audit.key.away")  # not yet restored by its custodian
+    listed = CliRunner().invoke(main, ["objections", "faults"])
+    assert listed.exit_code == 0, listed.output
+    assert "seals cannot be checked" in json.loads(listed.output)["batch_seal_problem"]
+
+
+def test_a_contract_listing_its_fields_in_another_order_keeps_each_value_in_its_column(haven: Haven) -> None:
+    """Validation writes the valid rows by column name: a contract version listing the withdrawn
+    date before the recorded date does not swap them (an objection would never be in force)."""
+    haven.drop("night0.csv", [opt_out(10)])
+    haven.run()
+    path = Path(haven.registry.root) / "collections" / "objections.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["fields"][2], data["fields"][3] = data["fields"][3], data["fields"][2]
+    data["version"] = "1.0.1"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    haven.registry = ContractRegistry(haven.registry.root)
+    haven.drop("night1.csv", [opt_out(11)])
+    haven.run()
+    row = haven.con.execute(
+        "SELECT recorded_date, withdrawn_date FROM landing.objections_valid WHERE nhs_number = ?", [NHS[11]]
+    ).fetchone()
+    assert str(row[0]) == "2024-03-01" and row[1] is None
+    assert _in_force(haven, 11)
