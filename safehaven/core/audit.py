@@ -1293,6 +1293,24 @@ def latest_entry(con: duckdb.DuckDBPyConnection, object: str, actions: Sequence[
     return None if row is None else _row_entry(row)
 
 
+def authentic_entries(con: duckdb.DuckDBPyConnection, actions: Sequence[str], home: Home | None = None) -> list[Entry]:
+    """The entries with one of ``actions`` whose own hash verifies under the audit key, in order:
+    each was written by the haven and reads as it was written (a copy at another place in the
+    trail fails: the hash covers its number and link). For a caller that needs a decision to be
+    on record (a fault resolved, a refresh attested: ``safehaven.protect.feed``); that none was
+    removed is not checked, which can only make such a caller stricter. None without an audit key."""
+    if not _table_exists(con):
+        return []
+    try:
+        key = _read_key(_keyring(con, home, None)[1])
+    except KeyRingError:
+        return []
+    if key is None:
+        return []
+    rows = con.execute(f"{_SELECT} WHERE list_contains(?::VARCHAR[], action) ORDER BY seq", [list(actions)]).fetchall()
+    return [entry for entry in map(_row_entry, rows) if _entry_ok(key, entry)]
+
+
 def entries_for(
     con: duckdb.DuckDBPyConnection,
     *,

@@ -9,7 +9,8 @@ register step. So:
 
 * **Seal** (:meth:`Sealer.seal`): the landing transaction of an objections batch records a MAC of
   its landed rows (stage ``landed``: their count and digest), and the validation transaction one
-  of its valid rows (stage ``valid``), in ``governance.objection_batch_seals``. The MAC key is
+  of its valid and rejected rows and its verdict (stage ``valid``: the rejected rows and a refusal
+  are the feed's faults, ``safehaven.protect.feed``), in ``governance.objection_batch_seals``. The MAC key is
   derived (HKDF-SHA256) from the audit key (``safehaven.core.audit.derived_key``), which the store
   key does not open: someone holding only the store key cannot seal a row they wrote.
 * **Check** (:meth:`Sealer.unsound`): a batch still landed is checked against its ``landed`` seal
@@ -87,20 +88,34 @@ class Sealer:
         return self.collection if stage == LANDED else f"{self.collection}_valid"
 
     def digests(self, con: duckdb.DuckDBPyConnection, stage: str, batches: list[str] | None = None) -> dict:
-        """Each batch's row count and digest in the stage's table (``core.digests.sealed_rows_sql``:
-        every column, ``_row`` included, in ``_row`` order), one pass; with ``batches``, of those only."""
-        if not table_exists(con, "landing", self.table(stage)):
+        """Each batch's row count and digest at ``stage``: of its rows in the stage's table, and at
+        the valid stage of its rejected rows too (what the feed's faults are made from: deleting
+        them would clear a fault); with ``batches``, of those only."""
+        found = self._table_digests(con, self.table(stage), batches)
+        if stage != VALID:
+            return found
+        rejected = self._table_digests(con, f"{self.collection}_rejected", batches)
+        return {
+            b: (found.get(b, _NO_ROWS)[0], f"{found.get(b, _NO_ROWS)[1]}+{rejected.get(b, _NO_ROWS)[1]}")
+            for b in set(found) | set(rejected)
+        }
+
+    def _table_digests(self, con: duckdb.DuckDBPyConnection, table: str, batches: list[str] | None) -> dict:
+        """Each batch's row count and digest in ``landing.<table>`` (``core.digests.sealed_rows_sql``:
+        every column, ``_row`` included, in ``_row`` order), one pass."""
+        if not table_exists(con, "landing", table):
             return {}
-        relation = f"landing.{q(self.table(stage))}"
         where = "" if batches is None else f"WHERE list_contains({_list(batches)}, t._batch)"
-        rows = con.execute(sealed_rows_sql(con, relation, "t._row", group="t._batch", where=where)).fetchall()
-        return {b: (int(n), str(d)) for b, n, d in rows}
+        sql = sealed_rows_sql(con, f"landing.{q(table)}", "t._row", group="t._batch", where=where)
+        return {b: (int(n), str(d)) for b, n, d in con.execute(sql).fetchall()}
 
     def records(self, con: duckdb.DuckDBPyConnection, batches: list[str]) -> dict[str, list]:
-        """Each batch's record as it is sealed: what orders its statements (landed, arrived) and
-        where it came from (collection, drop); timestamps as epoch microseconds."""
+        """Each batch's record as it is sealed: what orders its statements (landed, arrived), where
+        it came from (collection, drop) and its verdict (status, invalid rows: a refused batch is a
+        fault of the feed); timestamps as epoch microseconds."""
         rows = con.execute(
-            f"SELECT batch_id, collection, epoch_us(landed_at), epoch_us(arrived_at), drop_key FROM {BATCHES} "
+            f"SELECT batch_id, collection, epoch_us(landed_at), epoch_us(arrived_at), drop_key, status, invalid_rows "
+            f"FROM {BATCHES} "
             "WHERE list_contains(?::VARCHAR[], batch_id)",
             [batches],
         ).fetchall()
@@ -149,7 +164,7 @@ class Sealer:
         stages = []
         for stage, batches in self.held(con).items():
             now = self.digests(con, stage, [batch]).get(batch, _NO_ROWS)
-            if batch in batches or now != _NO_ROWS:
+            if batch in batches or (stage == VALID and now != _NO_ROWS):  # as :meth:`unsound` checks it
                 sealed, record = _seals(con, self.collection, stage).get(batch), self.records(con, [batch]).get(batch)
                 if self._why(batch, stage, now, sealed, record):
                     stages.append(stage)
@@ -216,7 +231,7 @@ def _store_tampered(con: duckdb.DuckDBPyConnection, sealer: Sealer) -> str | Non
     (or the seal table) that is not a plain table."""
     if functions_stored(con):
         return "the store holds a function of its own, which could stand in for the digest's hash"
-    names = [sealer.table(LANDED), sealer.table(VALID)]
+    names = [sealer.table(LANDED), sealer.table(VALID), f"{sealer.collection}_rejected"]
     odd = con.execute(
         f"SELECT count(*) FROM information_schema.tables WHERE table_catalog = '{CATALOG}' "
         "AND table_type <> 'BASE TABLE' AND ((table_schema = 'landing' AND list_contains(?, table_name)) "

@@ -582,8 +582,6 @@ def _write(
     con.execute("BEGIN TRANSACTION")
     try:
         _write_rows(con, contract, report)
-        if sealer is not None:
-            sealer.seal(con, batch_seal.VALID, [b.batch_id for b in report.batches])
         for b in report.batches:
             status = "accepted" if b.accepted else "refused"
             con.execute(
@@ -644,6 +642,8 @@ def _write(
                 ],
             )
         store_measures(con, contract, measures)
+        if sealer is not None:  # the valid and rejected rows and the verdict, as committed with them
+            sealer.seal(con, batch_seal.VALID, [b.batch_id for b in report.batches])
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

@@ -27,14 +27,18 @@ against a current list). Rules:
   the day it landed) and gives the command recording that it corrects the fault: ``safehaven
   objections resolve <fault sha256> --corrected-by <file sha256> --by <name> --reason <text>``
   (resolution ``corrected_file``, audited; the haven checks the file landed after the fault
-  and validated cleanly). Until then the block stands.
+  and validated cleanly). Until then the block stands. A resolution counts only while it is on
+  record: an ``objections.resolve`` entry of the audit trail whose own hash verifies
+  (:func:`resolved_on_record`); a fault marked resolved in the store by SQL, or by a resolution
+  killed before its entry, still blocks (and ``resolve`` takes it again).
 * **Freshness.** The register's *refresh date* is the latest day an objections file landed
   and was validated (its rows honoured), or the latest clean objections file was received again
   unchanged and registered as a restatement (an unchanged daily list is still a current list;
   an older file sent again is not: files landed after it hold newer statements;
   ``safehaven.protect.objections.register_restatements``), or the latest date a person attested that the
   register matches the current list (``safehaven objections refreshed --as-of``,
-  ``attest_refresh``). A record-level release refuses when that date is older than the
+  ``attest_refresh``; only attestations on record in the audit trail count, :func:`attested_on`,
+  not a date added to the store's table). A record-level release refuses when that date is older than the
   agreement's ``objections_max_age_days`` or else the haven's window (``haven_days``: the
   ``SafeHavenResource`` field ``objections_max_age_days``, or
   ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS`` read by the CLI; default ``DEFAULT_WINDOW_DAYS`` =
@@ -64,6 +68,9 @@ from safehaven.protect.objections import EVENTS, RESTATEMENTS
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
 
 COLLECTION = "objections"
+#: the audit actions of a person's decisions on the feed, and the object naming a fault's file
+RESOLVE_ACTION, REFRESH_ACTION = "objections.resolve", "objections.refreshed"
+FAULT_OBJECT = "objections_file:"
 FAULTS = schema.OBJECTION_FEED_FAULTS
 REFRESHES = schema.OBJECTION_REFRESHES
 #: The haven's freshness window for the objection register, in days (NDOP: a current list).
@@ -173,15 +180,27 @@ def _clean_batches_sql(con: duckdb.DuckDBPyConnection) -> str:
     )
 
 
+def resolved_on_record(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The faults (SHA-256) whose resolution is on record: an ``objections.resolve`` entry of the
+    audit trail whose own hash verifies. A fault marked resolved in the store without one (set
+    with SQL by someone holding the store key, or a resolution killed before its entry) is still
+    unresolved (module docstring, "Clearing a fault")."""
+    entries = audit.authentic_entries(con, [RESOLVE_ACTION])
+    return [e.object.removeprefix(FAULT_OBJECT) for e in entries if e.object.startswith(FAULT_OBJECT)]
+
+
 def unresolved(con: duckdb.DuckDBPyConnection) -> list[Fault]:
-    """Unresolved faults, oldest first, each with the later clean file of its name, if any (``Fault``)."""
+    """Unresolved faults, oldest first, each with the later clean file of its name, if any
+    (``Fault``); resolved ones count only with their resolution on record (:func:`resolved_on_record`)."""
     ensure_tables(con)
     rows = con.execute(
         "SELECT f.file_name, f.sha256, f.level, f.rules, f.rows, arg_min(c.batch_id, c.landed_at), "
         "strftime(min(c.landed_at), '%Y-%m-%d'), count(c.batch_id) "
         f"FROM {FAULTS} f LEFT JOIN ({_clean_batches_sql(con)}) c ON c.file_name = f.file_name "
-        "AND c.landed_at > f.arrived_at AND c.batch_id <> f.sha256 WHERE f.resolved_at IS NULL "
-        "GROUP BY f.file_name, f.sha256, f.level, f.rules, f.rows, f.arrived_at ORDER BY f.arrived_at, f.sha256"
+        "AND c.landed_at > f.arrived_at AND c.batch_id <> f.sha256 "
+        "WHERE (f.resolved_at IS NULL OR NOT list_contains(?::VARCHAR[], f.sha256)) "
+        "GROUP BY f.file_name, f.sha256, f.level, f.rules, f.rows, f.arrived_at ORDER BY f.arrived_at, f.sha256",
+        [resolved_on_record(con)],
     ).fetchall()
     return [Fault(*r) for r in rows]
 
@@ -216,8 +235,7 @@ def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
         "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0 AND NOT EXISTS (SELECT 1 "
         f"FROM {BATCHES} later WHERE later.collection = '{COLLECTION}' AND later.landed_at > c.landed_at)"
     ).fetchone()[0]
-    attested = con.execute(f"SELECT max(as_of) FROM {REFRESHES}").fetchone()[0]
-    known = [d for d in (dropped, restated, attested) if d is not None]
+    known = [d for d in (dropped, restated, attested_on(con)) if d is not None]
     return max(known) if known else None
 
 
@@ -373,10 +391,11 @@ def resolve(
         resolution, note = "corrected_file", f"corrected by {batch}: {reason}"
     rows = con.execute(
         f"UPDATE {FAULTS} SET resolved_at = now(), resolved_by = ?, resolution = ?, reason = ? "
-        "WHERE resolved_at IS NULL AND (file_name = ? OR sha256 = ? OR (length(?) >= 12 AND sha256 LIKE ? || '%')) "
+        "WHERE (resolved_at IS NULL OR NOT list_contains(?::VARCHAR[], sha256)) "
+        "AND (file_name = ? OR sha256 = ? OR (length(?) >= 12 AND sha256 LIKE ? || '%')) "
         "AND (CAST(? AS TIMESTAMPTZ) IS NULL OR (arrived_at < CAST(? AS TIMESTAMPTZ) AND sha256 <> ?)) "
         "RETURNING sha256, level, rows",
-        [by, resolution, note, key, key, key, key, landed, landed, batch or ""],
+        [by, resolution, note, resolved_on_record(con), key, key, key, key, landed, landed, batch or ""],
     ).fetchall()
     if not rows:
         later = f" that arrived before the file {batch[:SHA_SHOWN]}" if batch else ""
@@ -387,8 +406,8 @@ def resolve(
             con,
             actor=by,
             role="governance",
-            action="objections.resolve",
-            object=f"objections_file:{sha}",
+            action=RESOLVE_ACTION,
+            object=f"{FAULT_OBJECT}{sha}",
             outcome="ok",
             detail={**detail, **({"corrected_by_batch": batch} if batch else {}), "recorded_by": current_actor()},
         )
@@ -401,9 +420,7 @@ def _one_fault_by_name(con: duckdb.DuckDBPyConnection, key: str) -> None:
     are resolved each by its SHA-256, so none is cleared unseen (fail closed)."""
     if _SHA_KEY.fullmatch(key.lower()):
         return
-    named = con.execute(f"SELECT count(*) FROM {FAULTS} WHERE resolved_at IS NULL AND file_name = ?", [key]).fetchone()[
-        0
-    ]
+    named = sum(1 for fault in unresolved(con) if fault.file_name == key)
     if named > 1:
         raise ValueError(
             f"{named} unresolved objections faults are named {key!r}: resolve each by its SHA-256 "
@@ -445,10 +462,23 @@ def attest_refresh(con: duckdb.DuckDBPyConnection, as_of: date, *, by: str, reas
         con,
         actor=by,
         role="governance",
-        action="objections.refreshed",
+        action=REFRESH_ACTION,
         object="governance.objection_events",
         detail={"as_of": as_of.isoformat(), "reason": reason[:500], "recorded_by": current_actor()},
     )
+
+
+def attested_on(con: duckdb.DuckDBPyConnection) -> date | None:
+    """The latest date a person attested the register current, from the attestations on record
+    (``objections.refreshed`` entries whose own hash verifies), not from the store's table, which
+    someone holding the store key could add a date to."""
+    dates = []
+    for entry in audit.authentic_entries(con, [REFRESH_ACTION]):
+        try:
+            dates.append(date.fromisoformat(str(entry.detail_value["as_of"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return max(dates, default=None)
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> int:

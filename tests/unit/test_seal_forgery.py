@@ -23,7 +23,7 @@ from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.intake import batch_seal
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.protect import register_seal
+from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import EVENTS, objectors_sql
 from tests.governance_helpers import NHS
 from tests.unit.feed_helpers import TODAY, Haven, open_haven, opt_out, refused
@@ -258,3 +258,44 @@ def test_a_contract_listing_its_fields_in_another_order_keeps_each_value_in_its_
     ).fetchone()
     assert str(row[0]) == "2024-03-01" and row[1] is None
     assert _in_force(haven, 11)
+
+
+# --- the feed's own records: faults, their resolutions, refresh attestations ---------------
+
+
+def test_a_fault_marked_resolved_with_sql_still_blocks_until_a_person_resolves_it(haven: Haven) -> None:
+    folder = haven.home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "practice_b.csv").write_text("nhs number;objection type\n" + NHS[12] + ";national_opt_out\n")
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)  # what every release does first
+    haven.con.execute("UPDATE governance.objection_feed_faults SET resolved_at = now(), resolved_by = 'x'")
+    assert "practice_b.csv" in refused(haven)  # a resolution not on record is no resolution
+
+    assert feed.resolve(haven.con, haven.home, "practice_b.csv", by="Dr Guardian", reason="sent again by post") == 1
+    assert haven.release().status == "released"
+
+
+def test_a_refresh_attested_with_sql_does_not_freshen_the_register(haven: Haven) -> None:
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    haven.age(40)
+    feed.ensure_tables(haven.con)
+    haven.con.execute("INSERT INTO governance.objection_refreshes VALUES (current_date, now(), 'x', 'forged')")
+    assert "was last refreshed on" in refused(haven)
+    feed.attest_refresh(haven.con, TODAY, by="Dr Guardian", reason="checked against the list", today=TODAY)
+    assert haven.release().status == "released"
+
+
+def test_rejected_rows_deleted_or_a_verdict_changed_with_sql_break_the_batch_seal(haven: Haven) -> None:
+    """A batch's rejected rows are what its fault is made from, and its verdict is a fault too:
+    deleting them (and the fault) or turning a refused batch into an accepted one is seen."""
+    haven.drop("rows.csv", [opt_out(30), ["123", "national_opt_out", "2024-03-01", "", ""]])
+    haven.run()
+    batch = _batch(haven, "rows.csv")
+    feed.sync_faults(haven.con, haven.home)
+    haven.con.execute("DELETE FROM landing.objections_rejected WHERE _batch = ?", [batch])
+    haven.con.execute("DELETE FROM governance.objection_feed_faults WHERE sha256 = ?", [batch])
+    haven.con.execute("UPDATE governance.batches SET status = 'accepted', invalid_rows = 0 WHERE batch_id = ?", [batch])
+    assert "its valid rows differ from their seal" in _unsound(haven)[batch]
+    assert "rows.csv" in refused(haven)
