@@ -72,15 +72,17 @@ def sealed_rows_sql(
     con: duckdb.DuckDBPyConnection, relation: str, order: str, *, group: str = "NULL", where: str = ""
 ) -> str:
     """SQL of ``(group value, row count, digest)`` for each ``group`` of ``relation``'s rows ``t``:
-    SHA-256 over its parts' SHA-256s in order, each part (``order // SEAL_PART_ROWS``) over its
-    rows' JSON text (:func:`_row_json`) in ``order`` and then by the text itself. Any change to a
-    row, its order column included, changes it; collision resistant (a seal's digest:
-    ``safehaven.protect.register_seal``, ``safehaven.intake.batch_seal``)."""
+    SHA-256 over its parts' SHA-256s in order, each part (``SEAL_PART_ROWS`` rows) over its rows'
+    JSON text (:func:`_row_json`) in ``order`` and then by the text itself. Any change to a row,
+    its order column included, changes it; collision resistant (a seal's digest:
+    ``safehaven.protect.register_seal``, ``safehaven.intake.batch_seal``, a release request's members)."""
+    ordered = "ORDER BY _o NULLS FIRST, _j"
     return (
         f"WITH _r AS (SELECT {group} AS _g, {order} AS _o, {_row_json(con, relation)} AS _j "
         f"FROM {relation} t {where}), "
-        f"_p AS (SELECT _g, _o // {SEAL_PART_ROWS} AS _part, count(*) AS _n, "
-        "sha256(string_agg(_j, chr(10) ORDER BY _o NULLS FIRST, _j)) AS _h FROM _r GROUP BY _g, _part) "
+        f"_n AS (SELECT *, (row_number() OVER (PARTITION BY _g {ordered}) - 1) // {SEAL_PART_ROWS} AS _part FROM _r), "
+        f"_p AS (SELECT _g, _part, count(*) AS _n, sha256(string_agg(_j, chr(10) {ordered})) AS _h "
+        "FROM _n GROUP BY _g, _part) "
         "SELECT _g, sum(_n)::BIGINT, sha256(string_agg(coalesce(_part::VARCHAR, '-') || ':' || _h, chr(10) "
         "ORDER BY _part NULLS FIRST)) FROM _p GROUP BY _g"
     )

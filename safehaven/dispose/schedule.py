@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, timedelta
+from pathlib import Path
 
 import duckdb
 
@@ -35,7 +36,7 @@ from safehaven.dispose.run import dispose, resume
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.share import approvals
-from safehaven.share.agreements import Agreement, agreements_dir, scan_agreements
+from safehaven.share.agreements import Agreement, AgreementError, agreements_dir, scan_agreements
 
 #: A suspension whose approval reason names a breach is a suspension for a breach (CoP 43f).
 BREACH_REASON = re.compile(r"\bbreach", re.IGNORECASE)
@@ -142,6 +143,18 @@ def _due_agreement(
     return _due_releases(home, aid, a, status, con, today)
 
 
+def _agreement_item(
+    home: Home, aid: str, a: Agreement, path: Path, con: duckdb.DuckDBPyConnection | None, today: date
+) -> DueItem | None:
+    """What is due for one agreement, as disposal judges it; a review item when its decision in the
+    store is not the audit trail's (``approvals.for_disposal``: never acted on, never ignored)."""
+    try:
+        judged = approvals.for_disposal(con, a, path)
+    except AgreementError as exc:
+        return DueItem("review", str(exc), Target.for_agreement(aid), {})
+    return _due_agreement(home, aid, judged, con, today)
+
+
 def _due_in(
     items: list[DueItem],
     home: Home,
@@ -154,7 +167,7 @@ def _due_in(
     found, errors = scan_agreements(registry.root)
     folder = agreements_dir(registry.root)
     agreements = [
-        _due_agreement(home, aid, approvals.for_disposal(con, a, folder / f"{aid}.yaml"), con, today)
+        _agreement_item(home, aid, a, folder / f"{aid}.yaml", con, today)
         for aid, a in sorted(found.items())
         if _holds(home, keyring, con, aid)
     ]

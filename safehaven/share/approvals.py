@@ -113,7 +113,7 @@ class Standing:
         if self.unaudited:
             return (
                 f"{self.unaudited}; nothing flows until the governance lead records the decision again: "
-                f"{APPROVE_COMMAND.format(id=a.id)} (or suspends it)"
+                f"{APPROVE_COMMAND.format(id=a.id)} (and then suspends it, if it should not flow)"
             )
         if self.decision is None:
             adopt = (
@@ -220,20 +220,30 @@ def unaudited(con: duckdb.DuckDBPyConnection, agreement_id: str, decision: Decis
     the trail's latest ``approve``/``suspend`` of ``agreement:<id>`` (decision, file SHA-256, by
     whom), and that entry must verify with every entry after it (``audit.authentic_from``)."""
     entry = _latest_audited(con, agreement_id)
-    held = (
-        None if decision is None else (_ACTION.get(decision.decision), decision.agreement_sha256, decision.decided_by)
-    )
-    said = _detail(entry)
-    stated = None if entry is None else (entry.action, said.get("sha256"), said.get("by"))
-    if held != stated:
+    if _as_recorded(decision) != _as_audited(entry):
         return (
-            f"agreement {agreement_id}'s decision in the store ({_said(held)}) is not the audit trail's latest "
-            f"({_said(stated)}): it was recorded, changed or deleted outside the haven, or a decision stopped "
+            f"agreement {agreement_id}'s decision in the store is not the audit trail's latest "
+            f"({_said(entry)}): it was recorded, changed or deleted outside the haven, or a decision stopped "
             "before its audit entry"
         )
     if entry is not None and not audit.authentic_from(con, entry.seq):
         return f"the audit entry of agreement {agreement_id}'s decision does not verify"
     return None
+
+
+def _as_recorded(d: Decision | None) -> tuple | None:
+    """What a decision in the store says, in the terms of its audit entry (every field it holds)."""
+    if d is None:
+        return None
+    on = d.decided_on.isoformat() if isinstance(d.decided_on, date) else str(d.decided_on)
+    return (_ACTION.get(d.decision), d.agreement_sha256, d.decided_by, on, d.reason, d.source)
+
+
+def _as_audited(entry: audit.Entry | None) -> tuple | None:
+    if entry is None:
+        return None
+    said = _detail(entry)
+    return (entry.action, *(said.get(k) for k in ("sha256", "by", "on", "reason", "source")))
 
 
 def _latest_audited(con: duckdb.DuckDBPyConnection, agreement_id: str) -> audit.Entry | None:
@@ -249,8 +259,10 @@ def _detail(entry: audit.Entry | None) -> dict:
     return detail if isinstance(detail, dict) else {}
 
 
-def _said(decision: tuple | None) -> str:
-    return "none" if decision is None else f"{decision[0]} by {decision[2]}"
+def _said(entry: audit.Entry | None) -> str:
+    """The trail's latest decision, as its entry says it (never the store's text, which anyone
+    holding the store key could have written)."""
+    return "none" if entry is None else f"{entry.action} by {audit.scrub(str(_detail(entry).get('by')))}"
 
 
 def for_disposal(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, path: Path) -> Agreement:
@@ -258,10 +270,15 @@ def for_disposal(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, pa
     file's dates and retention. A file saying ``suspended`` stands (nothing overrides it); a file
     saying ``approved`` approves nothing (no decision, or no store: ``draft``). A file changed
     since the decision keeps the decision here: nothing flows under it (:func:`effective`), but
-    its data is not treated as released from its agreement until a person decides."""
+    its data is not treated as released from its agreement until a person decides. A decision
+    that is not the audit trail's (:func:`unaudited`) is neither acted on nor ignored: raises
+    ``AgreementError`` (disposal refuses; the daily sweep makes it a review item)."""
     decision = latest(con, agreement.id) if con is not None else None
     if agreement.approval.status == SUSPENDED:
         return agreement
+    why = unaudited(con, agreement.id, decision) if con is not None else None
+    if why:
+        raise AgreementError(f"{why}; the governance lead records the decision again before disposal acts on it")
     if decision is None:
         return effective(Standing(agreement, sha256_file(path), None))
     return _decided(agreement, decision)

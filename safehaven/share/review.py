@@ -64,8 +64,10 @@ import duckdb
 
 from safehaven.core import audit, schema
 from safehaven.core import registers as reg
+from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.files import sha256_file, shred_tree
 from safehaven.core.home import Home
+from safehaven.core.sql import lit
 from safehaven.protect import optouts
 
 REQUESTS = schema.RELEASE_REQUESTS
@@ -115,6 +117,8 @@ ONE_REVIEWER = "one_reviewer"
 AUTOMATIC = "automatic"
 TWO_REVIEWERS_AND_CUSTODIAN = "two_reviewers_and_custodian"
 #: rule -> reviewers needed
+#: the audit action of a delivery (its entry names the reviewers and the release's shape)
+RELEASE_ACTION = "release"
 RULES: dict[str, int] = {TWO_REVIEWERS: 2, ONE_REVIEWER: 1, AUTOMATIC: 0, TWO_REVIEWERS_AND_CUSTODIAN: 2}
 #: an automatic approval is recorded under this name
 AUTOMATIC_REVIEWER = "routine rule (automatic)"
@@ -203,13 +207,23 @@ def latest_comparable(con: duckdb.DuckDBPyConnection, agreement_id: str) -> Requ
 
 
 def two_reviewer_shapes(con: duckdb.DuckDBPyConnection, agreement_id: str) -> set[str]:
-    """Shapes of this agreement's releases that two reviewers approved (routine flows start from these)."""
-    ensure_tables(con)
-    rows = con.execute(
-        f"SELECT DISTINCT shape_sha256 FROM {REQUESTS} WHERE agreement_id = ? AND state = ? AND rule = ?",
-        [agreement_id, RELEASED, TWO_REVIEWERS],
-    ).fetchall()
-    return {r[0] for r in rows}
+    """Shapes of this agreement's releases that two reviewers approved (routine flows start from
+    these), from the audit trail's ``release`` entries whose own hash verifies, not from the
+    store's requests, whose state and rule someone holding the store key could set. A release
+    whose entry predates shapes in it (none recorded) starts no routine flow."""
+    found = set()
+    for entry in audit.authentic_entries(con, [RELEASE_ACTION]):
+        detail = _detail(entry)
+        reviewers = detail.get("reviewers")
+        if (
+            entry.agreement == agreement_id
+            and detail.get("rule") == TWO_REVIEWERS
+            and isinstance(reviewers, list)
+            and len(reviewers) >= RULES[TWO_REVIEWERS]
+            and isinstance(detail.get("shape_sha256"), str)
+        ):
+            found.add(detail["shape_sha256"])
+    return found
 
 
 def _same(a: str, b: str) -> bool:
@@ -300,11 +314,20 @@ def open_request(
         object=f"release-request:{release_id}",
         agreement=agreement_id,
         detail={"to": PREPARED, "rule": rule[0], "files": [{"name": f["name"], "sha256": f["sha256"]} for f in files],
-                "manifest_sha256": manifest_sha256},
+                "manifest_sha256": manifest_sha256, "shape_sha256": shape_sha256, "identifiability": identifiability,
+                "members": _members(con, release_id)},
     )  # fmt: skip
     for old in older:
         _discard(con, _transition(con, old, "supersede", by=actor, why=f"superseded by {release_id}"))
     return get(con, release_id)
+
+
+def _members(con: duckdb.DuckDBPyConnection, release_id: str) -> list:
+    """The request's kept members as they stand: their count and SHA-256 over their haven pids in
+    order (``core.digests.sealed_rows_sql``), recorded at preparation and checked at delivery."""
+    where = f"WHERE t.release_id = {lit(release_id)}"
+    found = con.execute(sealed_rows_sql(con, REQUEST_MEMBERS, "t.pid", where=where)).fetchone()
+    return [int(found[1]), str(found[2])] if found else [0, ""]
 
 
 def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
@@ -465,8 +488,7 @@ def approve(
         raise ReviewError(f"request {release_id} is {req.state}; only a prepared request can be approved")
     _require_independent(con, req, by)
     hashes = _pin(req, files)
-    _decide(con, req, by, "approve", hashes, comment)
-    audit.append(
+    audit.append(  # first: a decision whose entry cannot be written (or is killed before) is not recorded
         con,
         actor=by.strip(),
         role="review",
@@ -475,14 +497,22 @@ def approve(
         agreement=req.agreement_id,
         detail={"decision": "approve", "files": hashes, "comment": comment, "os_user": reg.current_actor()},
     )
+    _decide(con, req, by, "approve", hashes, comment)
     names = approvers(con, req)
     if len(names) >= req.reviewers_needed:
         req = _transition(con, req, "approve", by=by.strip(), why=f"approved by {', '.join(names)}")
-        if req.rule != TWO_REVIEWERS_AND_CUSTODIAN:
+        if TWO_REVIEWERS_AND_CUSTODIAN not in (req.rule, _audited_rule(con, req)):
             return deliver(con, release_id, home=home, by=by.strip())
     elif names and req.state == PREPARED:
         req = _transition(con, req, "approve_first", by=by.strip(), why=f"approved by {names[0]}")
     return req
+
+
+def _audited_rule(con: duckdb.DuckDBPyConnection, req: Request) -> object:
+    """The rule audited at the request's latest preparation (None when there is none): an
+    identifiable request waits for the custodian whatever rule the store now says."""
+    entry = audit.latest_entry(con, f"release-request:{req.release_id}", ["review.prepare"])
+    return _detail(entry).get("rule") if entry is not None else None
 
 
 def _close(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: str, action: str,
@@ -579,29 +609,53 @@ def _unaudited_approval(con: duckdb.DuckDBPyConnection, req: Request) -> str | N
     (None: it does).
 
     The requests and reviews tables are in the store, which anyone holding the store key can edit
-    (a state set to approved, a review inserted, a rule or a pinned hash changed); the audit
-    trail is keyed, chained and anchored outside it (CoP 23d; SATRE 3.3.04-3.3.05). So the trail
-    must hold the request's preparation with the stored files and manifest hash, its move to
-    ``approved`` as its latest state, and approvals of every file at its prepared hash by as many
-    distinct people, none of them its operator, as the stricter of its audited and stored rules
-    needs (none only when both are ``automatic``); and those entries must verify, with every
-    entry after them."""
+    (a state set to approved, a review inserted, a rule, a recipient, a level or a pinned hash
+    changed, members deleted); the audit trail is keyed, chained and anchored outside it (CoP 23d;
+    SATRE 3.3.04-3.3.05). So the trail must hold the request's latest preparation with the stored
+    agreement, level, files, manifest hash and members; after it, its move to ``approved`` as its
+    latest state and approvals of every file at its prepared hash by as many distinct people, none
+    of them its operator, as the stricter of its audited and stored rules needs (none only when
+    both are ``automatic``); a routine rule only for a shape two reviewers approved before
+    (:func:`two_reviewer_shapes`); and those entries must verify, with every entry after them."""
     entries = [e for e in audit.entries_for(con, object_like=f"release-request:{req.release_id}")]
     entries = [e for e in entries if e.object == f"release-request:{req.release_id}"]
     prepared = [e for e in entries if e.action == "review.prepare"]
     if not prepared or not audit.authentic_from(con, entries[0].seq):
         return f"the audit trail holds no verified record of the preparation of {req.release_id}"
+    since = [e for e in entries if e.seq >= prepared[-1].seq]  # a release id used again counts only its own
     at = _detail(prepared[-1])
     files = {f.get("name"): f.get("sha256") for f in at.get("files", []) if isinstance(f, dict)}
-    if (files, at.get("manifest_sha256")) != ({f["name"]: f["sha256"] for f in req.files}, req.manifest_sha256):
-        return f"the files of {req.release_id} in the store differ from those audited at its preparation"
-    states = [_detail(e).get("to") for e in entries if "to" in _detail(e)]
+    why = _prepared_as_stored(con, req, prepared[-1], files)
+    if why:
+        return why
+    states = [_detail(e).get("to") for e in since if "to" in _detail(e)]
     if states[-1] != APPROVED:
         return f"the audit trail's latest state of {req.release_id} is {states[-1]}, not approved"
     needed = max(_needed(at.get("rule")), _needed(req.rule))
-    reviewed = _audited_approvers(entries, files, prepared[-1].actor)
+    reviewed = _audited_approvers(since, files, prepared[-1].actor)
     if len(reviewed) < needed:
         return f"the audit trail holds {len(reviewed)} approval(s) of every file of {req.release_id}; it needs {needed}"
+    if needed < RULES[TWO_REVIEWERS] and at.get("shape_sha256") not in two_reviewer_shapes(con, req.agreement_id):
+        return f"{req.release_id} is under a routine rule, but no release of its shape was approved by two reviewers"
+    return None
+
+
+def _prepared_as_stored(
+    con: duckdb.DuckDBPyConnection, req: Request, prepared: audit.Entry, files: dict[str, str]
+) -> str | None:
+    """Why the stored request is not the one audited at its preparation (None: it is). A
+    preparation audited before its level and members were recorded is checked on the rest."""
+    at = _detail(prepared)
+    if (prepared.agreement, files, at.get("manifest_sha256")) != (
+        req.agreement_id,
+        {f["name"]: f["sha256"] for f in req.files},
+        req.manifest_sha256,
+    ):
+        return f"the agreement or files of {req.release_id} in the store differ from those audited at its preparation"
+    if "identifiability" in at and at["identifiability"] != req.identifiability:
+        return f"the level of {req.release_id} in the store differs from the one audited at its preparation"
+    if "members" in at and at["members"] != _members(con, req.release_id):
+        return f"the members of {req.release_id} in the store differ from those audited at its preparation"
     return None
 
 
@@ -695,11 +749,11 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
         con,
         actor=by,
         role="review",
-        action="release",
+        action=RELEASE_ACTION,
         object=f"release:{release_id}",
         agreement=req.agreement_id,
         detail={"release_id": release_id, "rule": req.rule, "reviewers": reviewers,
-                "manifest_sha256": req.manifest_sha256, "files": len(req.files)},
+                "manifest_sha256": req.manifest_sha256, "files": len(req.files), "shape_sha256": req.shape_sha256},
     )  # fmt: skip
     req = _transition(con, req, "release", by=by, why=f"released under the {req.rule} rule")
     reg.export(con, home)

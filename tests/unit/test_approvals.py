@@ -268,7 +268,7 @@ def test_an_approval_inserted_in_the_store_without_its_audit_entry_releases_noth
     _approve_with_sql(haven, sha256_file(path))
     result = haven.prepare()
     assert result.status == SKIPPED
-    assert "decision in the store (approve by Dr Forged, CG) is not the audit trail's latest (none)" in result.reason
+    assert "decision in the store is not the audit trail's latest (none)" in result.reason
     assert f"safehaven agreements approve {LINKED}" in result.reason
     assert not (haven.home.releases / LINKED).exists()
 
@@ -293,3 +293,30 @@ def test_a_decision_changed_in_the_store_and_in_its_audit_entry_does_not_verify(
     standing = approvals.load_standing(haven.con, LINKED, haven.registry.root)
     assert "the audit entry of agreement test-linked's decision does not verify" in (standing.not_approved() or "")
     assert standing.in_force()[0] is False
+
+
+def test_disposal_neither_acts_on_nor_ignores_a_decision_that_is_not_the_trails(haven: Haven) -> None:
+    from datetime import date
+
+    from safehaven.dispose import schedule
+    from safehaven.dispose.model import DisposalError
+
+    path = write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    _approve_with_sql(haven, sha256_file(path), decision="suspended")  # "suspended", by no one
+    haven.con.execute(f"UPDATE {approvals.DECISIONS} SET reason = 'breach of onward sharing' WHERE decision_id = 2")
+    agreement = approvals.load_standing(haven.con, LINKED, haven.registry.root).agreement
+    item = schedule._agreement_item(haven.home, LINKED, agreement, path, haven.con, date.today())
+    assert item is not None and item.action == "review" and "not the audit trail's latest" in item.reason
+    with pytest.raises(DisposalError, match="not the audit trail's latest"):
+        agreement_file(haven.registry, LINKED, haven.con)
+
+
+def test_every_field_of_a_decision_is_checked_and_no_stored_text_is_quoted(haven: Haven) -> None:
+    write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    haven.con.execute(f"UPDATE {approvals.DECISIONS} SET decided_on = DATE '2001-01-01'")
+    assert approvals.load_standing(haven.con, LINKED, haven.registry.root).unaudited
+    haven.con.execute(f"UPDATE {approvals.DECISIONS} SET decided_by = '943 476 5919'")
+    result = haven.prepare()
+    assert result.status == SKIPPED and "943 476 5919" not in result.reason

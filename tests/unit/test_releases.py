@@ -514,6 +514,25 @@ def test_identifiable_release_needs_the_governance_leads_vault_key(haven: Haven)
     assert not (haven.home.releases / aid).exists()
 
 
+def test_an_identifiable_request_waits_for_the_custodian_whatever_rule_the_store_says(haven: Haven) -> None:
+    """The custodian's delivery is kept when the stored rule is lowered: the rule audited at
+    preparation decides it as well (``safehaven.share.review.approve``)."""
+    from safehaven.share import review
+    from safehaven.share.releases import prepare
+    from tests.governance_helpers import REVIEWERS
+
+    _vault(haven)
+    aid = haven.add(**IDENTIFIABLE)
+    result = prepare(haven.con, aid, haven=Context.open(haven.home, contracts=haven.registry,
+                                                        keyring=custodian_ring(haven.home)))  # fmt: skip
+    assert result.rule == review.TWO_REVIEWERS_AND_CUSTODIAN
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
+                      [review.TWO_REVIEWERS, result.release_id])  # fmt: skip
+    for reviewer in REVIEWERS:
+        request = review.approve(haven.con, result.release_id, reviewer, home=haven.home)
+    assert request.state == review.APPROVED and not (haven.home.releases / aid).exists()
+
+
 # --- k-anonymity, as a property ---------------------------------------------------------
 
 

@@ -475,3 +475,55 @@ def test_a_rule_lowered_in_the_store_before_review_still_needs_the_audited_revie
     with pytest.raises(review.ReviewError, match="holds 1 approval"):
         haven.approve(rid, R1)  # one reviewer meets the stored rule; the audited one needs two
     assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+def test_a_routine_rule_is_not_unlocked_by_a_release_set_in_the_store(haven: Haven) -> None:
+    """Routine flows start from a release two reviewers approved, as the audit trail records it:
+    a request set to released with SQL starts none."""
+    haven.add(routine_release="automatic")
+    first = haven.prepare()
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET state = 'released' WHERE release_id = ?", [first.release_id])
+    haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")  # new data, same shape
+    second = haven.prepare()
+    assert second.rule == review.TWO_REVIEWERS and second.status == PREPARED
+    assert haven.delivered() == []
+
+
+def test_a_release_id_used_again_counts_only_the_reviews_of_its_latest_preparation(haven: Haven) -> None:
+    haven.add()
+    first = haven.prepare()
+    haven.approve(first.release_id, R1)
+    review.return_request(haven.con, first.release_id, R2, "please check the counts")
+    haven.con.execute(f"DELETE FROM {review.REVIEWS} WHERE release_id = ?", [first.release_id])
+    haven.con.execute(f"DELETE FROM {review.REQUESTS} WHERE release_id = ?", [first.release_id])
+    again = haven.prepare()
+    assert again.release_id == first.release_id
+    req = review.get(haven.con, again.release_id)
+    haven.con.execute(  # R1's old approval replayed in the store for the new preparation
+        f"INSERT INTO {review.REVIEWS} SELECT ?, ?, name, sha256, 'approve', NULL, now() FROM "
+        "(SELECT unnest(?) AS name, unnest(?) AS sha256)",
+        [req.release_id, R1, [f["name"] for f in req.files], [f["sha256"] for f in req.files]],
+    )
+    with pytest.raises(review.ReviewError, match="holds 1 approval"):
+        haven.approve(again.release_id, "C. Third, Output checker")
+    assert haven.delivered() == []
+
+
+def test_a_decision_whose_audit_entry_cannot_be_written_is_not_recorded(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    with pytest.raises(ValueError, match="NHS number"):
+        review.approve(haven.con, rid, R1, home=haven.home, comment="see ticket 0123456789")
+    assert review.decisions(haven.con, review.get(haven.con, rid)) == []
+    haven.approve(rid, R1)  # recorded now, as if the first attempt had never been
+    assert haven.approve(rid, R2).state == review.RELEASED
+
+
+def test_a_request_redirected_to_another_agreement_in_the_store_is_not_delivered(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET agreement_id = 'other-recipient' WHERE release_id = ?", [rid])
+    with pytest.raises(review.ReviewError, match="agreement or files of test-linked-r0001 in the store differ"):
+        haven.approve(rid, R2)
+    assert not (haven.home.releases / "other-recipient").exists() and haven.delivered() == []

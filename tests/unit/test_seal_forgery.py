@@ -299,3 +299,25 @@ def test_rejected_rows_deleted_or_a_verdict_changed_with_sql_break_the_batch_sea
     haven.con.execute("UPDATE governance.batches SET status = 'accepted', invalid_rows = 0 WHERE batch_id = ?", [batch])
     assert "its valid rows differ from their seal" in _unsound(haven)[batch]
     assert "rows.csv" in refused(haven)
+
+
+@pytest.mark.parametrize("edit", ["level", "members"])
+def test_a_request_whose_level_or_members_were_edited_is_not_delivered(haven: Haven, edit: str) -> None:
+    """Delivery re-checks objections against the request's members at its level (record level):
+    making it anonymised, or deleting its members, with SQL would skip an opt-out since; both are
+    audited at preparation and checked."""
+    from safehaven.context import Haven as Context
+    from safehaven.share import review
+    from safehaven.share.releases import PREPARED, prepare
+    from tests.governance_helpers import adopt, approve_release
+
+    adopt(haven.con, haven.registry, haven.agreement)
+    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring)
+    result = prepare(haven.con, haven.agreement, haven=context)
+    assert result.status == PREPARED
+    if edit == "level":
+        haven.con.execute(f"UPDATE {review.REQUESTS} SET identifiability = 'anonymised'")
+    else:
+        haven.con.execute(f"DELETE FROM {review.REQUEST_MEMBERS}")
+    with pytest.raises(review.ReviewError, match=f"{'level' if edit == 'level' else 'members'} of"):
+        approve_release(haven.con, result.release_id, haven.home)
