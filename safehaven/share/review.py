@@ -727,6 +727,7 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
     unaudited = _unaudited_approval(con, req)
     if unaudited:
         raise _refuse_delivery(con, req, by, [unaudited], kind="review_not_in_audit_trail")
+    _agreement_still_approved(con, req, by)
     _objections_still_honoured(con, req, home, by)
     found = _verify_staged(con, req)
     if found:
@@ -759,6 +760,25 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
     reg.export(con, home)
     export(con, home)
     return req
+
+
+def _agreement_still_approved(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
+    """Refuse to deliver (audited) once the agreement's decision, as the audit trail records it,
+    is no longer an approval: a suspension takes effect on requests already prepared, not only on
+    the next preparation (Caldicott 1; CoP 43). The next run prepares it again if it is approved again."""
+    from safehaven.share import approvals
+
+    decision = approvals.latest(con, req.agreement_id)
+    why = approvals.unaudited(con, req.agreement_id, decision)
+    if why is None and decision is not None and decision.decision == approvals.APPROVED:
+        return
+    why = why or f"agreement {req.agreement_id} is {decision.decision if decision else 'not approved'} now"
+    audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
+                 agreement=req.agreement_id, outcome="refused", detail={"reason": "agreement"})  # fmt: skip
+    raise ReviewError(
+        f"release {req.release_id} not delivered: {why}; withdraw it (safehaven review withdraw {req.release_id} "
+        "--by ... --comment ...)"
+    )
 
 
 def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, home: Home, by: str) -> None:

@@ -527,3 +527,14 @@ def test_a_request_redirected_to_another_agreement_in_the_store_is_not_delivered
     with pytest.raises(review.ReviewError, match="agreement or files of test-linked-r0001 in the store differ"):
         haven.approve(rid, R2)
     assert not (haven.home.releases / "other-recipient").exists() and haven.delivered() == []
+
+
+def test_a_request_prepared_before_its_agreement_was_suspended_is_not_delivered(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    approvals.suspend(haven.con, "test-linked", "audit of onward sharing", "Dr Y, CG", registry=haven.registry,
+                      actor="ig-lead")  # fmt: skip
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="agreement test-linked is suspended now"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
