@@ -556,21 +556,20 @@ def check(
 def authentic_from(con: duckdb.DuckDBPyConnection, seq: int, home: Home | None = None) -> bool:
     """Whether the entries from ``seq`` to the end are as the haven wrote them: the tail checked
     against its anchor (:func:`check`), then each entry's hash under the audit key and its link to
-    the entry before. For a caller that trusts one recent entry (the objection register's seal,
-    ``safehaven.protect.register_seal``; an agreement's decision): it costs the entries since
-    ``seq`` (about 14 microseconds each)."""
+    the entry before, passing over a range written off by a breach decision (:func:`verify`'s
+    walk from ``seq``; an entry inside such a range is not authentic). For a caller that trusts
+    one recent entry (the objection register's seal, ``safehaven.protect.register_seal``; an
+    agreement's decision): it costs the entries since ``seq`` (about 14 microseconds each)."""
     try:
         home, keyring = _keyring(con, home, None)  # the home's ring: the audit key is never sealed
         check(con, home, keyring=keyring)
         key = _read_key(keyring)
     except (AuditTrailBroken, KeyRingError):
         return False
-    rows = con.execute(f"{_SELECT} WHERE seq >= ? ORDER BY seq", [seq]).fetchall()
-    entries = [_row_entry(row) for row in rows]
-    if key is None or not entries or entries[0].seq != seq:
+    if key is None or _entry_at(con, seq) is None:
         return False
-    linked = all(later.prev_hash == earlier.entry_hash for earlier, later in zip(entries, entries[1:], strict=False))
-    return linked and all(_entry_ok(key, e) for e in entries)
+    breaks = _breaks(con, key)  # a range a person wrote off after a breach is passed over, as verify does
+    return not _covered(breaks, seq) and _check_chain(con, key, breaks, start=seq)[0] is None
 
 
 def derived_key(con: duckdb.DuckDBPyConnection, info: bytes, home: Home | None = None) -> bytes:
@@ -811,22 +810,25 @@ def _check_decision(entry: Entry, brk: _Break, expected: int, prev: str) -> Veri
 
 
 def _check_chain(
-    con: duckdb.DuckDBPyConnection, key: Key, breaks: Sequence[_Break] = ()
+    con: duckdb.DuckDBPyConnection, key: Key, breaks: Sequence[_Break] = (), start: int = 1
 ) -> tuple[VerifyResult | None, int, str]:
-    """Walk the entries in ``seq`` order: the first gap, chain break or altered entry.
+    """Walk the entries in ``seq`` order from ``start``: the first gap, chain break or altered entry.
 
     Entries inside a range written off by a breach decision are passed over (their stored hash
-    still links the walk to the decision). Returns the problem (or None), the last stored
-    ``seq`` walked and its hash.
+    still links the walk to the decision). A walk from a later ``start`` takes the link of the
+    entry it starts at as given (:func:`authentic_from`). Returns the problem (or None), the last
+    stored ``seq`` walked and its hash.
     """
     if not _table_exists(con):
         return None, 0, GENESIS
     decisions = {b.seq: b for b in breaks}
-    expected, prev = 1, GENESIS
-    cursor = con.execute(_SELECT + " ORDER BY seq")
+    expected, prev = start, GENESIS
+    cursor = con.execute(_SELECT + " WHERE seq >= ? ORDER BY seq", [start])
     while batch := cursor.fetchmany(10_000):
         for row in batch:
             entry = _row_entry(row)
+            if entry.seq == start > 1:
+                prev = entry.prev_hash
             if not _covered(breaks, entry.seq):
                 brk = decisions.get(entry.seq)
                 bad = _check_decision(entry, brk, expected, prev) if brk else _check_entry(key, entry, expected, prev)

@@ -320,3 +320,17 @@ def test_every_field_of_a_decision_is_checked_and_no_stored_text_is_quoted(haven
     haven.con.execute(f"UPDATE {approvals.DECISIONS} SET decided_by = '943 476 5919'")
     result = haven.prepare()
     assert result.status == SKIPPED and "943 476 5919" not in result.reason
+
+
+def test_a_decision_made_before_a_breach_of_the_trail_that_was_resolved_still_stands(haven: Haven) -> None:
+    """A later entry altered, recorded as a breach and resolved (``audit resolve``) writes off that
+    range only: the decision before it is still on record, as ``verify`` reads the trail."""
+    write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    seq = audit.append(haven.con, actor="p", role="pipeline", action="x", object="t", detail={"n": 1})
+    audit.append(haven.con, actor="p", role="pipeline", action="x", object="t", detail={"n": 2})
+    haven.con.execute(f"UPDATE {audit.TABLE} SET detail = '{{\"n\":9}}' WHERE seq = ?", [seq])
+    assert "does not verify" in (approvals.load_standing(haven.con, LINKED, haven.registry.root).unaudited or "")
+    audit.resolve(haven.con, haven.home, actor="ig-lead", decision="entry altered; investigated; resume")
+    assert approvals.load_standing(haven.con, LINKED, haven.registry.root).unaudited is None
+    assert haven.prepare().status != SKIPPED
