@@ -173,6 +173,16 @@ class Entry:
         """``detail`` parsed from JSON."""
         return None if self.detail is None else json.loads(self.detail)
 
+    @property
+    def fields(self) -> dict[str, Any]:
+        """``detail`` as a mapping: {} when it is not a JSON object (a reader of decisions on
+        record treats an odd detail as saying nothing)."""
+        try:
+            detail = self.detail_value
+        except ValueError:
+            return {}
+        return detail if isinstance(detail, dict) else {}
+
 
 @dataclass(frozen=True)
 class VerifyResult:

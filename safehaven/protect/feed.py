@@ -475,8 +475,8 @@ def attested_on(con: duckdb.DuckDBPyConnection) -> date | None:
     dates = []
     for entry in audit.authentic_entries(con, [REFRESH_ACTION]):
         try:
-            dates.append(date.fromisoformat(str(entry.detail_value["as_of"])))
-        except (KeyError, TypeError, ValueError):
+            dates.append(date.fromisoformat(str(entry.fields.get("as_of"))))
+        except ValueError:
             continue
     return max(dates, default=None)
 

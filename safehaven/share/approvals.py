@@ -242,7 +242,7 @@ def _as_recorded(d: Decision | None) -> tuple | None:
 def _as_audited(entry: audit.Entry | None) -> tuple | None:
     if entry is None:
         return None
-    said = _detail(entry)
+    said = entry.fields
     return (entry.action, *(said.get(k) for k in ("sha256", "by", "on", "reason", "source")))
 
 
@@ -251,18 +251,10 @@ def _latest_audited(con: duckdb.DuckDBPyConnection, agreement_id: str) -> audit.
     return audit.latest_entry(con, f"agreement:{agreement_id}", tuple(_ACTION.values()))
 
 
-def _detail(entry: audit.Entry | None) -> dict:
-    try:
-        detail = entry.detail_value if entry is not None else None
-    except ValueError:
-        return {}
-    return detail if isinstance(detail, dict) else {}
-
-
 def _said(entry: audit.Entry | None) -> str:
     """The trail's latest decision, as its entry says it (never the store's text, which anyone
     holding the store key could have written)."""
-    return "none" if entry is None else f"{entry.action} by {audit.scrub(str(_detail(entry).get('by')))}"
+    return "none" if entry is None else f"{entry.action} by {audit.scrub(str(entry.fields.get('by')))}"
 
 
 def for_disposal(con: duckdb.DuckDBPyConnection | None, agreement: Agreement, path: Path) -> Agreement:

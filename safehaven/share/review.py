@@ -213,7 +213,7 @@ def two_reviewer_shapes(con: duckdb.DuckDBPyConnection, agreement_id: str) -> se
     whose entry predates shapes in it (none recorded) starts no routine flow."""
     found = set()
     for entry in audit.authentic_entries(con, [RELEASE_ACTION]):
-        detail = _detail(entry)
+        detail = entry.fields
         reviewers = detail.get("reviewers")
         if (
             entry.agreement == agreement_id
@@ -512,7 +512,7 @@ def _audited_rule(con: duckdb.DuckDBPyConnection, req: Request) -> object:
     """The rule audited at the request's latest preparation (None when there is none): an
     identifiable request waits for the custodian whatever rule the store now says."""
     entry = audit.latest_entry(con, f"release-request:{req.release_id}", ["review.prepare"])
-    return _detail(entry).get("rule") if entry is not None else None
+    return entry.fields.get("rule") if entry is not None else None
 
 
 def _close(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: str, action: str,
@@ -623,12 +623,12 @@ def _unaudited_approval(con: duckdb.DuckDBPyConnection, req: Request) -> str | N
     if not prepared or not audit.authentic_from(con, entries[0].seq):
         return f"the audit trail holds no verified record of the preparation of {req.release_id}"
     since = [e for e in entries if e.seq >= prepared[-1].seq]  # a release id used again counts only its own
-    at = _detail(prepared[-1])
+    at = prepared[-1].fields
     files = {f.get("name"): f.get("sha256") for f in at.get("files", []) if isinstance(f, dict)}
     why = _prepared_as_stored(con, req, prepared[-1], files)
     if why:
         return why
-    states = [_detail(e).get("to") for e in since if "to" in _detail(e)]
+    states = [e.fields.get("to") for e in since if "to" in e.fields]
     if states[-1] != APPROVED:
         return f"the audit trail's latest state of {req.release_id} is {states[-1]}, not approved"
     needed = max(_needed(at.get("rule")), _needed(req.rule))
@@ -645,7 +645,7 @@ def _prepared_as_stored(
 ) -> str | None:
     """Why the stored request is not the one audited at its preparation (None: it is). A
     preparation audited before its level and members were recorded is checked on the rest."""
-    at = _detail(prepared)
+    at = prepared.fields
     if (prepared.agreement, files, at.get("manifest_sha256")) != (
         req.agreement_id,
         {f["name"]: f["sha256"] for f in req.files},
@@ -664,19 +664,11 @@ def _needed(rule: object) -> int:
     return RULES[rule] if isinstance(rule, str) and rule in RULES else max(RULES.values())
 
 
-def _detail(entry: audit.Entry) -> dict[str, Any]:
-    try:
-        detail = entry.detail_value
-    except ValueError:
-        return {}
-    return detail if isinstance(detail, dict) else {}
-
-
 def _audited_approvers(entries: list[audit.Entry], files: dict[str, str], operator: str) -> set[str]:
     """The people (not the operator) whose audited decisions approve every file at its prepared hash."""
     approved: dict[str, set[str]] = {}
     for entry in entries:
-        detail = _detail(entry)
+        detail = entry.fields
         if entry.action != "review.decide" or detail.get("decision") != "approve":
             continue
         decided = detail.get("files") if isinstance(detail.get("files"), dict) else {}
