@@ -130,12 +130,7 @@ def _state(instance: duckdb.DuckDBPyConnection) -> tuple | None:
 
 def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
     """Detach every attached database and drop the borrower's temporary objects; True if nothing
-    of the borrower's is left (``_state`` is compared by the caller).
-
-    What is left is counted first: most borrowers leave no temporary object, and then the two
-    catalog scans of ``_drop_temporary`` (about 1.5 ms a connection) would find nothing to drop.
-    Otherwise they are dropped and everything is counted again.
-    """
+    of the borrower's is left (``_state`` is compared by the caller)."""
     try:
         _rollback(instance)
         instance.execute("USE memory")
@@ -144,31 +139,18 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
         ).fetchall()
         for (name,) in attached:
             instance.execute(f'DETACH "{name}"')
-        if _leftovers(instance) == 0:  # then it holds no temporary table or view to drop either
-            return True
         _drop_temporary(instance)
-        return _leftovers(instance) == 0
+        left = instance.execute(
+            "SELECT (SELECT count(*) FROM duckdb_databases() WHERE database_name NOT IN "
+            f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
+            "WHERE database_name = 'memory' OR temporary) + (SELECT count(*) FROM duckdb_views() "
+            "WHERE (database_name = 'memory' OR temporary) AND NOT internal) "
+            "+ (SELECT count(*) FROM duckdb_variables()) + (SELECT count(*) FROM duckdb_secrets()) "
+            "+ (SELECT count(*) FROM duckdb_prepared_statements()) + (SELECT count(*) FROM duckdb_sequences())"
+        ).fetchone()
     except Exception:  # a DuckDB error, or an interrupted query (RuntimeError): not clean
         return False
-
-
-#: Counts what a borrower can leave in an instance besides settings, schemas and types (``_state``):
-#: databases, tables and views in ``memory`` or temporary, variables, secrets, prepared statements
-#: and sequences. Its temporary tables and views are a subset, so when this is 0 there are none.
-_LEFTOVERS = (
-    "SELECT (SELECT count(*) FROM duckdb_databases() WHERE database_name NOT IN "
-    f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
-    "WHERE database_name = 'memory' OR temporary) + (SELECT count(*) FROM duckdb_views() "
-    "WHERE (database_name = 'memory' OR temporary) AND NOT internal) "
-    "+ (SELECT count(*) FROM duckdb_variables()) + (SELECT count(*) FROM duckdb_secrets()) "
-    "+ (SELECT count(*) FROM duckdb_prepared_statements()) + (SELECT count(*) FROM duckdb_sequences())"
-)
-
-
-def _leftovers(instance: duckdb.DuckDBPyConnection) -> int | None:
-    """How many of the borrower's things are left (``_LEFTOVERS``); None if it cannot be told."""
-    row = instance.execute(_LEFTOVERS).fetchone()
-    return None if row is None else int(row[0])
+    return left is not None and left[0] == 0
 
 
 def _drop_temporary(instance: duckdb.DuckDBPyConnection) -> None:
