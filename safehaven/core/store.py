@@ -38,6 +38,7 @@ import glob
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
@@ -422,12 +423,40 @@ def functions_stored(con: duckdb.DuckDBPyConnection) -> bool:
     )
 
 
+#: a name the catalog lookup of :func:`table_exists` is asked directly: lower case, no quoting needed
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     """Whether ``schema.table`` exists in the database in use (the one place that asks).
 
     On a ``Store.connect`` connection that is the store (``USE store``); on any other
     connection (a test's in-memory database, the analysts' published file) it is that one.
+
+    A table or view of a plain lower-case name is looked up in the catalog directly
+    (``pragma_table_info``, a quarter of the cost of the ``duckdb_tables()`` scan: a night asks
+    some 300 times, nearly always for a table that exists). The lookup is DuckDB's own, case
+    blind as SQL is; every table and schema the haven makes has a lower-case name
+    (``safehaven.core.schema``, the contracts' ``NAME``), so for them it answers as the scan
+    does. It binds nothing (no view's query, no replacement scan of a Python variable) and a
+    failed lookup leaves a transaction open. Any other name, or any other error, is answered by
+    the scan (:func:`_listed`).
     """
+    if _PLAIN_NAME.fullmatch(schema) and _PLAIN_NAME.fullmatch(table):
+        try:
+            row = con.execute(
+                f"SELECT count(*) FROM pragma_table_info('\"' || current_database() || '\".{schema}.{table}')"
+            ).fetchone()
+        except duckdb.CatalogException:  # no table or view of that name (in any case) in that schema
+            return False
+        except duckdb.Error:
+            return _listed(con, schema, table)
+        return bool(row and row[0])
+    return _listed(con, schema, table)
+
+
+def _listed(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    """:func:`table_exists` by the catalog's listings, exact names compared (any name)."""
     # duckdb_tables() first: information_schema.tables is a view over it and over every view
     # (DuckDB's internal ones included, each rendered as SQL), so it costs ~3x as much; views,
     # which information_schema.tables also lists, are looked up only when no table matched.
