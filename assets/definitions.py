@@ -7,6 +7,7 @@ owners, code version, group and column schema from the same contracts.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from pathlib import Path
 
@@ -99,4 +100,23 @@ def _build(haven: SafeHavenResource, registry: ContractRegistry) -> dg.Definitio
     )
 
 
+def freeze_loaded_objects() -> None:
+    """Leave what is loaded so far out of the garbage collector's future passes (``gc.freeze``).
+
+    Loading the code location (Dagster and the definitions) leaves some 140,000 objects that
+    live as long as the process; every full collection walks them again, and so does the
+    interpreter's last collection at exit. In a first night's process (``safehaven run
+    --in-process``, 300 patients) that was 1.1-1.2 s of garbage collection and 1.3 s of exit;
+    frozen here, 0.8-0.95 s and 0.5 s (each run worker and the code server load this module
+    too). Frozen, they are skipped
+    (Python docs, ``gc.freeze``: "move them to a permanent generation and ignore them in all the
+    future collections"). It changes when memory is reclaimed, never what the code does: the
+    frozen objects are the loaded modules' and live until the process ends (one that later
+    becomes garbage in a reference cycle is not reclaimed: memory only, bounded by what was
+    loaded). Objects made afterwards (each night's work) are collected as before.
+    """
+    gc.freeze()
+
+
 defs = build_definitions()
+freeze_loaded_objects()
