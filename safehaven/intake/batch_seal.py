@@ -35,8 +35,11 @@ The digest is SHA-256 over the batch's rows in ``_row`` order, each as typed JSO
 (``safehaven.core.digests.sealed_rows_sql``), so no crafted edit keeps it; the MAC also covers the
 batch record's collection, landing and arrival times and drop (what orders its statements), and a
 file sent again is sealed with its record (the batch it restates, its arrival: stage
-``restated``). Limits: someone holding the audit key as well can seal; a batch deleted whole (its
-rows, its batch record and its seals) before it was registered is not detected here.
+``restated``). A batch deleted whole (its rows, its batch record and its seals) is still known:
+each landing is audited (``objections.batch_landed``), and a batch the trail records that the
+store no longer holds is unsound until the store is restored or a person accepts its loss
+(:meth:`Sealer.missing`). Limits: someone holding the audit key as well can seal; a batch landed
+by a run killed between its landing and that entry is not known to the trail.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
 #: the audit actions: a collection's batches first sealed as they stood; a person's decision on one
 STARTED = "objections.batch_seals_started"
 ACCEPTED = "objections.batch_accepted"
+#: the audit entry of each objections batch landed (after its landing commits), and the stage a
+#: person's acceptance of a batch gone from the store records (its loss: nothing to seal)
+LANDED_ACTION = "objections.batch_landed"
+LOST = "lost"
 #: the audit entry that makes the audit key on a trail with none yet, before a start seals (:func:`_start`)
 KEYED = "objections.batch_seals_keyed"
 #: the stages sealed: the rows landed from the file, the rows validation passed on, and the record
@@ -157,7 +164,38 @@ class Sealer:
                 why = everything or self._why(batch, stage, now, seals.get(batch), records.get(batch))
                 if why:
                     found.setdefault(NO_BATCH if batch is None else batch, []).append(why)
-        return {batch: "; ".join(reasons) for batch, reasons in found.items()} | self._unsound_restatements(con)
+        reasons = {batch: "; ".join(why) for batch, why in found.items()}
+        return reasons | self._unsound_restatements(con) | self.missing(con)
+
+    def record_landed(self, con: duckdb.DuckDBPyConnection, batch: str, rows: int) -> None:
+        """Audit that ``batch`` landed (after its landing commits): a batch deleted whole from the
+        store later (its rows, its record and its seals) is then still known (:meth:`missing`)."""
+        detail = {"batch": batch, "rows": rows}
+        audit.append(
+            con, actor="safehaven", role="pipeline", action=LANDED_ACTION, object=self.collection, detail=detail
+        )
+
+    def missing(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        """Batches the audit trail records as landed that the batch register no longer holds, but
+        for those whose loss a person accepted (:func:`accept`); each with why."""
+        landed = {
+            e.fields.get("batch")
+            for e in audit.authentic_entries(con, [LANDED_ACTION])
+            if e.object == self.collection and isinstance(e.fields.get("batch"), str)
+        }
+        lost = {
+            e.fields.get("batch")
+            for e in audit.authentic_entries(con, [ACCEPTED])
+            if e.object == self.collection and e.fields.get("stages") == [LOST]
+        }
+        held = {
+            b
+            for (b,) in con.execute(
+                f"SELECT batch_id FROM {BATCHES} WHERE collection = ?", [self.collection]
+            ).fetchall()
+        }
+        why = "it landed (the audit trail records it) and is gone from the store: restore the store from a backup"
+        return {batch: why for batch in sorted(landed - held - lost)}
 
     def unsound_stages(self, con: duckdb.DuckDBPyConnection, batch: str) -> list[str]:
         """The stages at which ``batch`` differs from its seal (what a person's acceptance seals)."""
@@ -362,11 +400,16 @@ def accept(
             f"no single unsound objections batch or file sent again is {key!r} (safehaven objections faults)"
         )
     chosen = matches[0]
-    stages = [RESTATED] if chosen in current.restatements(con) else current.unsound_stages(con, chosen)
+    if chosen in current.missing(con):
+        stages = [LOST]  # its loss accepted: nothing is left to seal
+    elif chosen in current.restatements(con):
+        stages = [RESTATED]
+    else:
+        stages = current.unsound_stages(con, chosen)
     detail = {"batch": chosen, "stages": stages, "was": bad[chosen], "reason": reason[:500]}
     audit.append(con, actor=by, role="governance", action=ACCEPTED, object=collection, detail=detail, home=home)
     with transaction(con):
-        for stage in stages:
+        for stage in (s for s in stages if s != LOST):
             if stage == RESTATED:
                 current.seal_restatement(con, chosen, by=by)
             else:

@@ -904,6 +904,8 @@ def _ingest_one(
     except Exception as exc:  # contained: one file never fails the stage
         _rollback(con)
         raise _unreadable(exc) from None
+    if sealer is not None:
+        sealer.record_landed(con, sha, rows)
     report.files_landed += 1
     report.rows_landed += rows
     report.batches.append(sha)

@@ -321,3 +321,24 @@ def test_a_request_whose_level_or_members_were_edited_is_not_delivered(haven: Ha
         haven.con.execute(f"DELETE FROM {review.REQUEST_MEMBERS}")
     with pytest.raises(review.ReviewError, match=f"{'level' if edit == 'level' else 'members'} of"):
         approve_release(haven.con, result.release_id, haven.home)
+
+
+def test_a_batch_deleted_whole_before_it_was_registered_blocks_until_restored_or_its_loss_is_accepted(
+    haven: Haven,
+) -> None:
+    """Its rows, its batch record and its seals deleted with SQL: nothing in the store is left to
+    differ from a seal, but the audit trail records that it landed."""
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    haven.drop("practice_b.csv", [opt_out(11)])
+    haven.land()
+    batch = _batch(haven, "practice_b.csv")
+    for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
+                          (batch_seal.TABLE, "batch_id")):  # fmt: skip
+        haven.con.execute(f"DELETE FROM {table} WHERE {column} = ?", [batch])
+    haven.run()
+    assert not _in_force(haven, 11)
+    assert "is gone from the store: restore the store from a backup" in refused(haven)
+    done = batch_seal.accept(haven.con, "objections", batch, haven.home, by="Dr G", reason="re-sent in a later file")
+    assert done["stages"] == [batch_seal.LOST]
+    assert haven.release().status == "released"
