@@ -167,13 +167,20 @@ class Sealer:
         reasons = {batch: "; ".join(why) for batch, why in found.items()}
         return reasons | self._unsound_restatements(con) | self.missing(con)
 
-    def record_landed(self, con: duckdb.DuckDBPyConnection, batch: str, rows: int) -> None:
+    def record_landed(self, con: duckdb.DuckDBPyConnection, batch: str, rows: int) -> bool:
         """Audit that ``batch`` landed (after its landing commits): a batch deleted whole from the
-        store later (its rows, its record and its seals) is then still known (:meth:`missing`)."""
+        store later (its rows, its record and its seals) is then still known (:meth:`missing`).
+        False when the audit trail refuses the entry (it does not verify): the landing, committed,
+        stands (a file never fails the stage), and every record-level flow is refused anyway while
+        the trail does not verify (the register seal is read through it)."""
         detail = {"batch": batch, "rows": rows}
-        audit.append(
-            con, actor="safehaven", role="pipeline", action=LANDED_ACTION, object=self.collection, detail=detail
-        )
+        try:
+            audit.append(
+                con, actor="safehaven", role="pipeline", action=LANDED_ACTION, object=self.collection, detail=detail
+            )
+        except audit.AuditTrailBroken:
+            return False
+        return True
 
     def missing(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
         """Batches the audit trail records as landed that the batch register no longer holds, but

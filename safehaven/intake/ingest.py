@@ -124,6 +124,8 @@ class IngestReport:
 
     collection: str
     files_landed: int = 0
+    #: objections batches landed whose ``objections.batch_landed`` audit entry the trail refused
+    landings_unaudited: int = 0
     files_skipped: int = 0
     files_quarantined: int = 0
     #: entries gone before they could be read (renamed or removed by the sender meanwhile)
@@ -904,8 +906,8 @@ def _ingest_one(
     except Exception as exc:  # contained: one file never fails the stage
         _rollback(con)
         raise _unreadable(exc) from None
-    if sealer is not None:
-        sealer.record_landed(con, sha, rows)
+    if sealer is not None and not sealer.record_landed(con, sha, rows):
+        report.landings_unaudited += 1
     report.files_landed += 1
     report.rows_landed += rows
     report.batches.append(sha)

@@ -342,3 +342,17 @@ def test_a_batch_deleted_whole_before_it_was_registered_blocks_until_restored_or
     done = batch_seal.accept(haven.con, "objections", batch, haven.home, by="Dr G", reason="re-sent in a later file")
     assert done["stages"] == [batch_seal.LOST]
     assert haven.release().status == "released"
+
+
+def test_a_landing_whose_audit_entry_the_trail_refuses_stands_and_is_counted(haven: Haven) -> None:
+    """A file never fails the stage: the landing is committed before its entry; with a trail that
+    does not verify, the entry is refused, the batch stays landed, and releases are refused anyway."""
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    haven.con.execute(f"UPDATE {audit.TABLE} SET detail = '{{}}' WHERE seq = (SELECT max(seq) FROM {audit.TABLE})")
+    haven.drop("practice_b.csv", [opt_out(11)])
+    report = haven.land()
+    assert report.files_landed == 1 and report.landings_unaudited == 1
+    assert _batch(haven, "practice_b.csv")
+    with pytest.raises(Exception, match="audit trail"):
+        haven.release()
