@@ -145,27 +145,36 @@ class Sealer:
 
     def held(self, con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
         """The collection's batches by the stage they are checked at: still landed, or validated."""
-        rows = con.execute(
-            f"SELECT batch_id, status FROM {BATCHES} WHERE collection = ? AND status IN (?, ?, ?) ORDER BY batch_id",
-            [self.collection, LANDED, *VALIDATED],
-        ).fetchall()
-        return {LANDED: [b for b, s in rows if s == LANDED], VALID: [b for b, s in rows if s != LANDED]}
+        return _held(con, self.collection)
 
-    def unsound(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-        """The batches that must not be validated or registered, each with why (module docstring, "Check")."""
-        found: dict[str, list[str]] = {}
+    def unsound_by_stage(self, con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, str]]:
+        """At each stage, the batches that differ from their seal there, each with why: the landed
+        stage checks batches still landed; the valid stage checks validated batches and any batch
+        with valid or rejected rows (module docstring, "Check")."""
         everything = _store_tampered(con, self)
+        found: dict[str, dict[str, str]] = {}
         for stage, batches in self.held(con).items():
             current = self.digests(con, stage, None if stage == VALID else batches)
             wanted = sorted(set(batches) | set(current), key=str)
             seals, records = _seals(con, self.collection, stage), self.records(con, [b for b in wanted if b])
-            for batch in wanted:
-                now = current.get(batch, _NO_ROWS)
-                why = everything or self._why(batch, stage, now, seals.get(batch), records.get(batch))
-                if why:
-                    found.setdefault(NO_BATCH if batch is None else batch, []).append(why)
-        reasons = {batch: "; ".join(why) for batch, why in found.items()}
-        return reasons | self._unsound_restatements(con) | self.missing(con)
+            reasons = {
+                NO_BATCH if batch is None else batch: everything
+                or self._why(batch, stage, current.get(batch, _NO_ROWS), seals.get(batch), records.get(batch))
+                for batch in wanted
+            }
+            found[stage] = {batch: why for batch, why in reasons.items() if why}
+        return found
+
+    def unsound(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        """The batches (and files sent again) that must not be validated or registered, each with
+        why: those of :meth:`unsound_by_stage`, restatements whose record differs from its seal,
+        and batches gone from the store (:meth:`missing`)."""
+        found: dict[str, list[str]] = {}
+        for reasons in self.unsound_by_stage(con).values():
+            for batch, why in reasons.items():
+                found.setdefault(batch, []).append(why)
+        joined = {batch: "; ".join(why) for batch, why in found.items()}
+        return joined | self._unsound_restatements(con) | self.missing(con)
 
     def record_landed(self, con: duckdb.DuckDBPyConnection, batch: str, rows: int) -> bool:
         """Audit that ``batch`` landed (after its landing commits): a batch deleted whole from the
@@ -203,17 +212,6 @@ class Sealer:
         }
         why = "it landed (the audit trail records it) and is gone from the store: restore the store from a backup"
         return {batch: why for batch in sorted(landed - held - lost)}
-
-    def unsound_stages(self, con: duckdb.DuckDBPyConnection, batch: str) -> list[str]:
-        """The stages at which ``batch`` differs from its seal (what a person's acceptance seals)."""
-        stages = []
-        for stage, batches in self.held(con).items():
-            now = self.digests(con, stage, [batch]).get(batch, _NO_ROWS)
-            if batch in batches or (stage == VALID and now != _NO_ROWS):  # as :meth:`unsound` checks it
-                sealed, record = _seals(con, self.collection, stage).get(batch), self.records(con, [batch]).get(batch)
-                if self._why(batch, stage, now, sealed, record):
-                    stages.append(stage)
-        return stages
 
     def restatements(self, con: duckdb.DuckDBPyConnection) -> dict[str, list]:
         """Each file sent again (by drop key) as it is sealed: the batch it restates and its arrival."""
@@ -315,7 +313,7 @@ def _start(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None) -
     """Seal what the collection holds as it stands, then audit that. A trail with no entry has no
     audit key, so one entry (``objections.batch_seals_keyed``) comes first to make it; a run killed
     after it and before the seal starts again (the start is audited last)."""
-    holding = _holding(con, collection)
+    holding = sum(len(batches) for batches in _held(con, collection).values())
     if holding and not _audit_key_exists(con, home):
         detail = {"batches_held": holding}
         audit.append(con, actor="safehaven", role="pipeline", action=KEYED, object=collection, detail=detail, home=home)
@@ -325,13 +323,13 @@ def _start(con: duckdb.DuckDBPyConnection, collection: str, home: Home | None) -
     audit.append(con, actor="safehaven", role="pipeline", action=STARTED, object=collection, detail=detail, home=home)
 
 
-def _holding(con: duckdb.DuckDBPyConnection, collection: str) -> int:
-    return int(
-        con.execute(
-            f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND status IN (?, ?, ?)",
-            [collection, LANDED, *VALIDATED],
-        ).fetchone()[0]
-    )
+def _held(con: duckdb.DuckDBPyConnection, collection: str) -> dict[str, list[str]]:
+    """The collection's batches by the stage they are checked at: still landed, or validated."""
+    rows = con.execute(
+        f"SELECT batch_id, status FROM {BATCHES} WHERE collection = ? AND status IN (?, ?, ?) ORDER BY batch_id",
+        [collection, LANDED, *VALIDATED],
+    ).fetchall()
+    return {LANDED: [b for b, s in rows if s == LANDED], VALID: [b for b, s in rows if s != LANDED]}
 
 
 def _audit_key_exists(con: duckdb.DuckDBPyConnection, home: Home | None) -> bool:
@@ -412,7 +410,7 @@ def accept(
     elif chosen in current.restatements(con):
         stages = [RESTATED]
     else:
-        stages = current.unsound_stages(con, chosen)
+        stages = [stage for stage, found in current.unsound_by_stage(con).items() if chosen in found]
     detail = {"batch": chosen, "stages": stages, "was": bad[chosen], "reason": reason[:500]}
     audit.append(con, actor=by, role="governance", action=ACCEPTED, object=collection, detail=detail, home=home)
     with transaction(con):
