@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 
 from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.core.home import Home
@@ -51,6 +52,18 @@ def with_vault_keys(home: Home) -> Home:
     return home
 
 
+#: The project's Dagster instance settings (``make install`` copies them into $DAGSTER_HOME).
+DAGSTER_YAML = Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml"
+
+
+def instance_settings(dagster_home: Path) -> dict[str, object]:
+    """``dg.instance_for_test`` arguments for an instance under ``dagster_home`` with the project's
+    instance storage (``deploy/dagster.yaml``'s ``storage``: ``resources.instance_storage``)."""
+    storage = yaml.safe_load(DAGSTER_YAML.read_text())["storage"]
+    storage["custom"]["config"]["base_dir"] = str(dagster_home)
+    return {"temp_dir": str(dagster_home), "overrides": {"storage": storage}}
+
+
 @contextmanager
 def building_haven(root: Path) -> Iterator[tuple[Home, object]]:
     """An empty haven under ``root`` for a module- or session-scoped fixture to run jobs in.
@@ -72,7 +85,7 @@ def building_haven(root: Path) -> Iterator[tuple[Home, object]]:
         (root / "dagster_home").mkdir()
         home = with_vault_keys(Home(root / "haven").ensure())
         adopt_project_agreements(home)
-        with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        with dg.instance_for_test(**instance_settings(root / "dagster_home")) as instance:
             yield home, instance
 
 
@@ -180,7 +193,7 @@ def dagster_instance(tmp_path: Path, home: Home):
     """
     import dagster as dg
 
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+    with dg.instance_for_test(**instance_settings(tmp_path / "dagster_home")) as instance:
         yield instance
 
 

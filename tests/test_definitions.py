@@ -194,10 +194,11 @@ def test_every_store_asset_shares_the_single_writer_pool() -> None:
         assert built.resolve_assets_def(key).node_def.pool == "safehaven_store"
 
 
-def test_instance_settings_limit_the_store_pool_to_one(tmp_path) -> None:
+def test_instance_settings_limit_the_store_pool_to_one(tmp_path, monkeypatch) -> None:
     import shutil
     from pathlib import Path
 
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # where deploy/dagster.yaml places the storage
     shutil.copy(Path(__file__).parent.parent / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     try:

@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -21,6 +23,16 @@ from safehaven.cli.main import main
 from tests.conftest import TEST_PASSPHRASE
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def _instance(dagster_home: Path) -> Iterator[dg.DagsterInstance]:
+    """The run's instance, opened as the ``dagster`` command opens it: $DAGSTER_HOME names it
+    (``deploy/dagster.yaml`` places its storage there)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(dagster_home))
+        with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+            yield instance
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +60,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
 def test_safehaven_run_is_a_run_of_the_nightly_job_in_the_instance(launched) -> None:
     done, dagster_home, _ = launched
     assert done.returncode == 0, done.stderr[-2000:]
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+    with _instance(dagster_home) as instance:
         runs = instance.get_runs(filters=dg.RunsFilter(job_name="nightly"))
         assert len(runs) == 1
         run = runs[0]
@@ -88,7 +100,7 @@ def test_a_month_is_counted_again_by_one_run_of_its_partition(launched) -> None:
     nightly job as one run of it, which recounts it; nothing else changed, so nothing is rebuilt."""
     done, dagster_home, haven = launched
     assert done.returncode == 0, done.stderr[-2000:]
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+    with _instance(dagster_home) as instance:
         months = instance.get_dynamic_partitions(REPORTING_MONTHS.name)
     assert len(months) >= 3, "the first run added the reporting months"
     env = {**os.environ, "SAFEHAVEN_HOME": str(haven), "DAGSTER_HOME": str(dagster_home)}
@@ -103,7 +115,7 @@ def test_a_month_is_counted_again_by_one_run_of_its_partition(launched) -> None:
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Warning" not in again.stdout + again.stderr
     assert re.search(r"counts/gp_activity_counts[^\n]*\n\s+1 of \d+ reporting months counted\n", again.stdout)
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+    with _instance(dagster_home) as instance:
         run = instance.get_runs(filters=dg.RunsFilter(job_name="nightly"), limit=1)[0]
         assert run.tags["dagster/partition"] == months[1] and run.status == dg.DagsterRunStatus.SUCCESS
         for name in ("gp_activity", "discharge_to_social_care"):
