@@ -13,7 +13,9 @@ points marked :data:`LAUNCHED`, one of each kind (between runs, inside an intake
 a nightly step); at the others it is ``safehaven run --in-process`` on the same instance, which
 recovers through the same code (``assets.runner.recover``, before anything runs) and then runs
 the night in its own process, 13 s instead of 32 s here: five launched worker processes each
-import Dagster and load the definitions.
+import Dagster and load the definitions. The run with no crash that every case is compared with
+is an in-process one too, so each launched recovery is also checked against the other way of
+running a night.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def _leftovers(home: Home) -> list[str]:
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
     root = tmp_path_factory.mktemp("no_crash")
     home, dagster_home = _prepare(root, None)
-    done = _run(_env(home.root, dagster_home))
+    done = _run(_env(home.root, dagster_home), launched=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return home.keys, snapshot(home)
 

@@ -379,6 +379,7 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
         PASSPHRASE_ENV: TEST_PASSPHRASE,
     }
     (tmp_path / "dagster").mkdir()
+    shutil.copy(ROOT / "deploy" / "dagster.yaml", tmp_path / "dagster" / "dagster.yaml")  # as `make install` does
     run = _cli(["run", "--demo-patients", "200"], env)
     assert "sealed under the key custodian's passphrase" in run.stdout, run.stdout + run.stderr
     assert TEST_PASSPHRASE not in run.stdout + run.stderr
