@@ -34,9 +34,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
@@ -50,6 +51,9 @@ from dagster._core.storage.sqlite_storage import (
     _schedule_directory,
 )
 from dagster._serdes import ConfigurableClassData
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
 
 #: The SQLite durability of Dagster's bookkeeping (module docstring).
 SYNCHRONOUS = "NORMAL"
@@ -72,17 +76,30 @@ def _engine(conn_string: str, **connect_args: Any) -> sa.Engine:
     return engine
 
 
+#: Engines a forked child inherited from its parent: never used, never closed (``_Engines``).
+_INHERITED: list[sa.Engine] = []
+
+
 class _Engines:
-    """Open engines by connection string, at most ``limit`` (least recently used closed first)."""
+    """Open engines by connection string, at most ``limit`` (least recently used closed first).
+
+    A SQLite connection must never cross a ``fork()`` (https://www.sqlite.org/howtocorrupt.html,
+    2.6): a child process that inherited engines leaves them (and their connections) to its
+    parent, untouched and referenced so they are never closed in the child, and opens its own.
+    """
 
     def __init__(self, limit: int, **connect_args: Any) -> None:
         self._limit = limit
         self._connect_args = connect_args
         self._open: OrderedDict[str, sa.Engine] = OrderedDict()
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def get(self, conn_string: str) -> sa.Engine:
         with self._lock:
+            if self._pid != os.getpid():
+                _INHERITED.extend(self._open.values())
+                self._open, self._pid = OrderedDict(), os.getpid()
             engine = self._open.pop(conn_string, None) or _engine(conn_string, **self._connect_args)
             self._open[conn_string] = engine
             while len(self._open) > self._limit:
@@ -91,6 +108,9 @@ class _Engines:
 
     def dispose(self) -> None:
         with self._lock:
+            if self._pid != os.getpid():  # a forked child's inherited engines stay its parent's
+                _INHERITED.extend(self._open.values())
+                self._open, self._pid = OrderedDict(), os.getpid()
             while self._open:
                 self._open.popitem()[1].dispose()
 
@@ -122,6 +142,25 @@ class HavenSqliteEventLogStorage(SqliteEventLogStorage):
                 wrote = raw.total_changes != before
             if wrote:
                 _touch(self.path_for_shard(shard))
+
+    def register_instance(self, instance: DagsterInstance) -> None:
+        """Refuse to serve an instance whose home is not its own home's ``history/runs``: ``deploy/dagster.yaml`` places
+        the storage in ``$DAGSTER_HOME``, so an instance opened from another directory while the
+        variable names a different home would read and write that home's runs."""
+        expected = _event_logs_directory(instance.root_directory)
+        if os.path.realpath(expected) != os.path.realpath(self._base_dir):
+            raise DagsterInvariantViolationError(
+                f"the Dagster instance at {instance.root_directory} has its storage configured in "
+                f"{self._base_dir} ($DAGSTER_HOME); set DAGSTER_HOME to the instance's directory"
+            )
+        super().register_instance(instance)
+
+    def wipe(self) -> None:
+        """Close every shard before Dagster deletes the files (a connection kept open to a deleted
+        file would take later writes into it, never to be read again)."""
+        with self._db_lock:
+            self._engines.dispose()
+        super().wipe()
 
     def dispose(self) -> None:
         super().dispose()

@@ -3,11 +3,17 @@ schema, its databases kept open, and a live run still followed by the webserver'
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
+from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.storage.event_log.base import EventLogCursor
 
 from resources.instance_storage import (
@@ -107,3 +113,60 @@ def test_more_runs_than_open_shards_still_write_and_read(tmp_path: Path) -> None
         ids = [small.execute_in_process(instance=instance).run_id for _ in range(OPEN_RUN_SHARDS + 3)]
         assert all(instance.get_run_by_id(i).status == dg.DagsterRunStatus.SUCCESS for i in ids)
         assert all(any(e.user_message == "a line of the run's log" for e in instance.all_logs(i)) for i in ids)
+
+
+def _messages(instance, run_id: str) -> list[str]:
+    return [e.message for e in instance.all_logs(run_id)]
+
+
+def test_a_forked_childs_writes_survive_its_parent_closing_the_instance(tmp_path: Path) -> None:
+    """A SQLite connection must not cross a fork: a child that inherited the open storage opens
+    its own connections, so what it writes after its parent closed the instance is kept (found
+    by review: the parent's close deleted the WAL the child was still writing to)."""
+    with _instance(tmp_path) as instance:
+        run = instance.get_run_by_id(small.execute_in_process(instance=instance).run_id)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: wait for the parent to close, then write
+            os.close(read)
+            time.sleep(1.0)
+            written = 0
+            with contextlib.suppress(BaseException):
+                for i in range(5):
+                    instance.report_engine_event(f"child {i}", run)
+                    written += 1
+            os.write(write, str(written).encode())
+            os._exit(0)
+        os.close(write)
+    os.waitpid(pid, 0)
+    written = int(os.read(read, 16).decode() or 0)
+    os.close(read)
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as plain:
+        kept = [m for m in _messages(plain, run.run_id) if m.startswith("child ")]
+    assert written == 5 and len(kept) == 5
+
+
+def test_what_is_written_after_a_wipe_is_kept(tmp_path: Path) -> None:
+    """``wipe`` deletes the shards' files: the storage closes them first, so a later write makes a
+    new file rather than going into a deleted one (found by review)."""
+    with _instance(tmp_path) as instance:
+        run = instance.get_run_by_id(small.execute_in_process(instance=instance).run_id)
+        instance.wipe()
+        instance.report_engine_event("after the wipe", run)
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as plain:
+        assert "after the wipe" in _messages(plain, run.run_id)
+
+
+def test_an_instance_opened_from_another_home_than_dagster_home_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``deploy/dagster.yaml`` places the storage in $DAGSTER_HOME: an instance opened from another
+    directory would read and write that home's runs, so it is refused, saying what to set."""
+    named, opened = tmp_path / "named", tmp_path / "opened"
+    named.mkdir()
+    opened.mkdir()
+    shutil.copy(DAGSTER_YAML, opened / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(named))
+    with pytest.raises(DagsterInvariantViolationError, match="set DAGSTER_HOME to the instance's directory"):
+        dg.DagsterInstance.from_config(str(opened))
+    assert {p.name for p in (named / "history" / "runs").glob("*.db")} <= {"index.db"}, "no run went there"
