@@ -107,6 +107,11 @@ def _log_report(context: dg.AssetExecutionContext, c: str, report: IngestReport)
             f"{c}: {report.files_arriving} file(s) still being written were left "
             "in the folder; a later run reads them once they are complete"
         )
+    if report.landings_audited_late:
+        context.log.info(
+            f"{c}: {report.landings_audited_late} batch(es) landed by an earlier run without their "
+            "audit entry (the run was stopped, or the trail did not verify) are now on record"
+        )
     if report.files_vanished:
         context.log.info(
             f"{c}: {report.files_vanished} file(s) were renamed or removed by their "

@@ -38,8 +38,11 @@ file sent again is sealed with its record (the batch it restates, its arrival: s
 ``restated``). A batch deleted whole (its rows, its batch record and its seals) is still known:
 each landing is audited (``objections.batch_landed``), and a batch the trail records that the
 store no longer holds is unsound until the store is restored or a person accepts its loss
-(:meth:`Sealer.missing`). Limits: someone holding the audit key as well can seal; a batch landed
-by a run killed between its landing and that entry is not known to the trail.
+(:meth:`Sealer.missing`). A batch whose landing has no entry (a run killed between the landing's
+commit and the entry, or a trail that did not verify then) is put on record by the next landing
+step of the collection if it still matches its seals (:meth:`Sealer.record_unrecorded`). Limits:
+someone holding the audit key as well can seal; a batch landed without its entry and deleted
+whole before the collection's next landing step is not known to the trail.
 """
 
 from __future__ import annotations
@@ -190,6 +193,30 @@ class Sealer:
         except audit.AuditTrailBroken:
             return False
         return True
+
+    def record_unrecorded(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        """Audit the landing of each sound batch the trail does not record as landed, and return
+        them: a run killed between a landing's commit and its entry, or a landing while the trail
+        did not verify, left none, and a batch the trail does not know of could be deleted whole
+        unseen (:meth:`missing`). Only a batch that matches its seals (the haven sealed it as it
+        landed) is recorded; an unsound one is refused anyway. Called by each landing step of the
+        collection (``safehaven.intake.ingest.ingest_collection``), before it lands anything."""
+        recorded = {
+            e.fields.get("batch") for e in audit.authentic_entries(con, [LANDED_ACTION]) if e.object == self.collection
+        }
+        held = con.execute(
+            f"SELECT batch_id, rows FROM {BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id",
+            [self.collection],
+        ).fetchall()
+        unrecorded = [(batch, rows) for batch, rows in held if batch not in recorded]
+        if not unrecorded:
+            return []
+        unsound = {batch for found in self.unsound_by_stage(con).values() for batch in found}
+        done = []
+        for batch, rows in unrecorded:
+            if batch not in unsound and self.record_landed(con, batch, int(rows or 0)):
+                done.append(batch)
+        return done
 
     def missing(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
         """Batches the audit trail records as landed that the batch register no longer holds, but

@@ -126,6 +126,8 @@ class IngestReport:
     files_landed: int = 0
     #: objections batches landed whose ``objections.batch_landed`` audit entry the trail refused
     landings_unaudited: int = 0
+    #: earlier landings audited by this one (``safehaven.intake.batch_seal.Sealer.record_unrecorded``)
+    landings_audited_late: int = 0
     files_skipped: int = 0
     files_quarantined: int = 0
     #: entries gone before they could be read (renamed or removed by the sender meanwhile)
@@ -989,6 +991,8 @@ def ingest_collection(
     ensure_tables(con, contract)
     _backfill_contents(con, contract)
     report = IngestReport(contract.collection)
+    if sealer is not None:  # landings an earlier run could not audit (killed, or the trail refused)
+        report.landings_audited_late = len(sealer.record_unrecorded(con))
     if _refuse_folder(incoming, quarantine_dir, contract, report):
         return report
     for path in sorted(incoming.iterdir(), key=_arrival):  # arrival order: the later statement lands later

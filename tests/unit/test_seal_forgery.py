@@ -344,6 +344,45 @@ def test_a_batch_deleted_whole_before_it_was_registered_blocks_until_restored_or
     assert haven.release().status == "released"
 
 
+def test_a_landing_a_crash_left_unaudited_is_audited_by_the_next_landing_step_so_its_deletion_is_refused(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed between a landing's commit and its ``objections.batch_landed`` entry leaves a
+    batch the trail does not know of; deleted whole after that, nothing would say it existed. The
+    next landing step of the collection audits it (its seals verify), so its loss is refused."""
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    haven.drop("practice_b.csv", [opt_out(11)])
+    with monkeypatch.context() as killed:  # the run died before the entry: the landing is committed
+        killed.setattr(batch_seal.Sealer, "record_landed", lambda *_: True)
+        haven.land()
+    batch = _batch(haven, "practice_b.csv")
+    assert haven.land().landings_audited_late == 1  # the next intake run of the collection, nothing new
+    assert haven.land().landings_audited_late == 0
+    for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
+                          (batch_seal.TABLE, "batch_id")):  # fmt: skip
+        haven.con.execute(f"DELETE FROM {table} WHERE {column} = ?", [batch])
+    haven.run()
+    assert not _in_force(haven, 11)
+    assert "is gone from the store: restore the store from a backup" in refused(haven)
+
+
+def test_a_batch_that_differs_from_its_seal_is_not_put_on_record_late(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a batch the haven sealed as it landed is audited late: rows edited since are refused, not recorded."""
+    haven.drop("practice_a.csv", [opt_out(10)])
+    with monkeypatch.context() as killed:
+        killed.setattr(batch_seal.Sealer, "record_landed", lambda *_: True)
+        haven.land()
+    batch = _batch(haven, "practice_a.csv")
+    haven.con.execute("UPDATE landing.objections SET recorded_date = '2020-01-01'")
+    haven.land()
+    landed = [e.fields["batch"] for e in audit.authentic_entries(haven.con, [batch_seal.LANDED_ACTION])]
+    assert batch not in landed
+    assert "differ from their seal" in _unsound(haven)[batch]
+
+
 def test_a_landing_whose_audit_entry_the_trail_refuses_stands_and_is_counted(haven: Haven) -> None:
     """A file never fails the stage: the landing is committed before its entry; with a trail that
     does not verify, the entry is refused, the batch stays landed, and releases are refused anyway."""
