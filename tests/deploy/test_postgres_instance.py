@@ -62,7 +62,7 @@ def _wait_for(predicate, timeout: float, what: str, procs: list[subprocess.Popen
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("*.log")))
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def _query(server: PostgresServer, sql: str, params: tuple = ()) -> list[tuple]:
