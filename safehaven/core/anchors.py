@@ -59,11 +59,13 @@ class Anchor:
     segment_start: bool = False
 
 
+#: The encoder of :func:`canonical`, made once (``json.dumps`` with these settings makes one per call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(fields: Mapping[str, Any]) -> bytes:
     """JSON with sorted keys and no whitespace (the one canonical form of the audit trail)."""
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return _CANONICAL.encode(fields).encode("utf-8")
 
 
 def mac(key: Key, fields: Mapping[str, Any]) -> str:

@@ -73,12 +73,13 @@ everything local; only the write-once target and the heads others hold show that
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -125,6 +126,8 @@ _OPTIONAL: dict[str, Any] = {
 #: Columns in table order.
 _COLUMNS = ("seq", "at", *_REQUIRED, *_OPTIONAL, "prev_hash", "entry_hash")
 
+#: The fields an entry's hash covers: every column but the hash.
+_HASHED = _COLUMNS[:-1]
 #: Read back with ``at`` as epoch microseconds, so hashing never depends on time zones.
 _SELECT = (
     'SELECT seq, epoch_us("at"), actor, role, action, object, purpose, legal_basis, '
@@ -240,9 +243,22 @@ def entry_hash(key: Key, entry: Mapping[str, Any]) -> str:
     ``at`` is hashed as an ISO 8601 UTC string with microseconds and ``detail`` as its stored
     JSON text, so any change to the stored bytes changes the hash.
     """
-    fields = {name: entry[name] for name in _COLUMNS if name != "entry_hash"}
+    fields = {name: entry[name] for name in _HASHED}
     fields["at"] = _iso(fields["at"])
+    return _hash_fields(key, fields)
+
+
+def _hash_fields(key: Key, fields: Mapping[str, Any]) -> str:
+    """The entry hash of an entry's fields, ``at`` already in its ISO form (:func:`entry_hash`)."""
     return hmac.new(key.material, _canonical(fields), hashlib.sha256).hexdigest()
+
+
+def _row_ok(key: Key, row: Sequence[Any]) -> bool:
+    """Whether a row as :data:`_SELECT` reads it holds its own entry hash (:func:`entry_hash`,
+    with the fields taken from the row: the walk's hot path builds no ``Entry``)."""
+    fields = dict(zip(_COLUMNS[:-1], row[:-1], strict=True))
+    fields["at"] = _iso(_EPOCH + timedelta(microseconds=row[1]))
+    return hmac.compare_digest(_hash_fields(key, fields), row[-1])
 
 
 def _head_mac(key: Key, head: Mapping[str, Any]) -> str:
@@ -563,6 +579,28 @@ def check(
         raise AuditTrailBroken(result)
 
 
+#: Inside :func:`one_walk`: per connection, the first ``seq`` of a walk that found the trail sound,
+#: and the tail it ended at.
+_WALKED: contextvars.ContextVar[dict[int, tuple[int, _Tail, tuple]] | None] = contextvars.ContextVar(
+    "safehaven_audit_walked", default=None
+)
+
+
+@contextlib.contextmanager
+def one_walk() -> Iterator[None]:
+    """Within the block, :func:`authentic_from` walks the trail once per connection: a later call
+    for an entry at or after the start of a sound walk, with the tail and the breach decisions
+    unchanged, is answered from it (the entries it asks about were checked by that walk). For a
+    caller that checks several decisions at once, in its own code with the store held (every
+    agreement's decision: ``safehaven.share.approvals.effective_agreements``); outside a block,
+    every call walks."""
+    token = _WALKED.set({})
+    try:
+        yield
+    finally:
+        _WALKED.reset(token)
+
+
 def authentic_from(con: duckdb.DuckDBPyConnection, seq: int, home: Home | None = None) -> bool:
     """Whether the entries from ``seq`` to the end are as the haven wrote them: the tail checked
     against its anchor (:func:`check`), then each entry's hash under the audit key and its link to
@@ -579,7 +617,16 @@ def authentic_from(con: duckdb.DuckDBPyConnection, seq: int, home: Home | None =
     if key is None or _entry_at(con, seq) is None:
         return False
     breaks = _breaks(con, key)  # a range a person wrote off after a breach is passed over, as verify does
-    return not _covered(breaks, seq) and _check_chain(con, key, breaks, start=seq)[0] is None
+    if _covered(breaks, seq):
+        return False
+    walked, tail = _WALKED.get(), _tail(con)
+    done = walked.get(id(con)) if walked is not None else None
+    if done is not None and done[0] <= seq and done[1:] == (tail, tuple(breaks)):
+        return True
+    sound = _check_chain(con, key, breaks, start=seq)[0] is None
+    if sound and walked is not None:
+        walked[id(con)] = (seq, tail, tuple(breaks))
+    return sound
 
 
 def derived_key(con: duckdb.DuckDBPyConnection, info: bytes, home: Home | None = None) -> bytes:
@@ -819,6 +866,12 @@ def _check_decision(entry: Entry, brk: _Break, expected: int, prev: str) -> Veri
     return None
 
 
+def _check_row(key: Key, row: Sequence[Any], brk: _Break | None, expected: int, prev: str) -> VerifyResult | None:
+    """A row the walk's quick test did not pass: a breach decision, or what is wrong with the entry."""
+    entry = _row_entry(row)
+    return _check_decision(entry, brk, expected, prev) if brk else _check_entry(key, entry, expected, prev)
+
+
 def _check_chain(
     con: duckdb.DuckDBPyConnection, key: Key, breaks: Sequence[_Break] = (), start: int = 1
 ) -> tuple[VerifyResult | None, int, str]:
@@ -836,15 +889,16 @@ def _check_chain(
     cursor = con.execute(_SELECT + " WHERE seq >= ? ORDER BY seq", [start])
     while batch := cursor.fetchmany(10_000):
         for row in batch:
-            entry = _row_entry(row)
-            if entry.seq == start > 1:
-                prev = entry.prev_hash
-            if not _covered(breaks, entry.seq):
-                brk = decisions.get(entry.seq)
-                bad = _check_decision(entry, brk, expected, prev) if brk else _check_entry(key, entry, expected, prev)
+            seq, prev_hash = row[0], row[-2]
+            if seq == start > 1:
+                prev = prev_hash
+            if not _covered(breaks, seq):
+                brk = decisions.get(seq)
+                sound = brk is None and seq == expected and prev_hash == prev and _row_ok(key, row)
+                bad = None if sound else _check_row(key, row, brk, expected, prev)
                 if bad:
                     return bad, expected - 1, prev
-            expected, prev = entry.seq + 1, entry.entry_hash
+            expected, prev = seq + 1, row[-1]
     return None, expected - 1, prev
 
 
@@ -1321,7 +1375,7 @@ def authentic_entries(con: duckdb.DuckDBPyConnection, actions: Sequence[str], ho
     if key is None:
         return []
     rows = con.execute(f"{_SELECT} WHERE list_contains(?::VARCHAR[], action) ORDER BY seq", [list(actions)]).fetchall()
-    return [entry for entry in map(_row_entry, rows) if _entry_ok(key, entry)]
+    return [_row_entry(row) for row in rows if _row_ok(key, row)]
 
 
 def entries_for(

@@ -292,7 +292,8 @@ def effective_agreements(con: duckdb.DuckDBPyConnection, root: Path) -> dict[str
     """
     found, _errors = scan_agreements(root)
     folder = agreements_dir(root)
-    return {aid: effective(standing(con, a, folder / f"{aid}.yaml")) for aid, a in found.items()}
+    with audit.one_walk():  # every decision checked against the trail by one walk of it
+        return {aid: effective(standing(con, a, folder / f"{aid}.yaml")) for aid, a in found.items()}
 
 
 def status_label(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path, day: date | None = None) -> str:

@@ -466,3 +466,55 @@ def test_scrub_withholds_number_runs_but_keeps_hex_tokens_and_other_text() -> No
         f"file export_{audit.WITHHELD}.csv and {audit.WITHHELD} (sha256 {token}): 3 rows; year 2026"
     )
     assert audit.scrub("nothing to withhold 12345") == "nothing to withhold 12345"
+
+
+# --- checking several decisions with one walk (audit.one_walk) -----------------------------
+
+
+def _walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The start of every walk of the chain from here on."""
+    starts: list[int] = []
+    walk = audit._check_chain
+
+    def counted(con, key, breaks=(), start=1):  # noqa: ANN001, ANN202
+        starts.append(start)
+        return walk(con, key, breaks, start)
+
+    monkeypatch.setattr(audit, "_check_chain", counted)
+    return starts
+
+
+def test_inside_one_walk_entries_after_the_start_of_a_sound_walk_are_not_walked_again(
+    con: duckdb.DuckDBPyConnection, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill(con)
+    starts = _walks(monkeypatch)
+    with audit.one_walk():
+        assert all(audit.authentic_from(con, seq, home) for seq in (2, 3, 5, 4))
+        assert audit.authentic_from(con, 1, home)  # before the walk's start: walked again
+    assert starts == [2, 1]
+    assert [audit.authentic_from(con, seq, home) for seq in (2, 3)] == [True, True]
+    assert starts == [2, 1, 2, 3], "outside a block every call walks"
+
+
+def test_one_walk_walks_again_once_the_tail_moved(
+    con: duckdb.DuckDBPyConnection, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill(con)
+    starts = _walks(monkeypatch)
+    with audit.one_walk():
+        assert audit.authentic_from(con, 2, home)
+        audit.append(con, **_entry(N + 1))
+        assert audit.authentic_from(con, 3, home)
+    assert starts == [2, 3]
+
+
+def test_one_walk_never_vouches_for_an_entry_a_walk_did_not_find_sound(
+    con: duckdb.DuckDBPyConnection, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill(con)
+    con.execute(f"UPDATE {TABLE} SET actor = 'someone else' WHERE seq = 3")
+    starts = _walks(monkeypatch)
+    with audit.one_walk():
+        assert [audit.authentic_from(con, seq, home) for seq in (2, 4, 5)] == [False, True, True]
+    assert starts == [2, 4]
