@@ -257,8 +257,11 @@ def _row_ok(key: Key, row: Sequence[Any]) -> bool:
     """Whether a row as :data:`_SELECT` reads it holds its own entry hash (:func:`entry_hash`,
     with the fields taken from the row: the walk's hot path builds no ``Entry``)."""
     fields = dict(zip(_COLUMNS[:-1], row[:-1], strict=True))
-    fields["at"] = _iso(_EPOCH + timedelta(microseconds=row[1]))
-    return hmac.compare_digest(_hash_fields(key, fields), row[-1])
+    try:
+        fields["at"] = _iso(_EPOCH + timedelta(microseconds=row[1]))
+        return hmac.compare_digest(_hash_fields(key, fields), row[-1])
+    except (TypeError, ValueError, OverflowError):  # a value of the wrong type (an edit): not as the haven wrote it
+        return False
 
 
 def _head_mac(key: Key, head: Mapping[str, Any]) -> str:
@@ -266,7 +269,10 @@ def _head_mac(key: Key, head: Mapping[str, Any]) -> str:
 
 
 def _entry_ok(key: Key, entry: Entry) -> bool:
-    return hmac.compare_digest(entry_hash(key, vars(entry)), entry.entry_hash)
+    try:
+        return hmac.compare_digest(entry_hash(key, vars(entry)), entry.entry_hash)
+    except (TypeError, ValueError):  # a value of the wrong type (an edit): not as the haven wrote it
+        return False
 
 
 # --- the identifier guard ---------------------------------------------------------------
@@ -621,7 +627,8 @@ def authentic_from(con: duckdb.DuckDBPyConnection, seq: int, home: Home | None =
         return False
     walked, tail = _WALKED.get(), _tail(con)
     done = walked.get(id(con)) if walked is not None else None
-    if done is not None and done[0] <= seq and done[1:] == (tail, tuple(breaks)):
+    decision = any(b.seq == seq for b in breaks)  # a walk from a decision checks it as a start: walk
+    if done is not None and done[0] <= seq and done[1:] == (tail, tuple(breaks)) and not decision:
         return True
     sound = _check_chain(con, key, breaks, start=seq)[0] is None
     if sound and walked is not None:

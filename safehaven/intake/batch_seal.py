@@ -40,7 +40,8 @@ each landing is audited (``objections.batch_landed``), and a batch the trail rec
 store no longer holds is unsound until the store is restored or a person accepts its loss
 (:meth:`Sealer.missing`). A batch whose landing has no entry (a run killed between the landing's
 commit and the entry, or a trail that did not verify then) is put on record by the next landing
-step of the collection if it still matches its seals (:meth:`Sealer.record_unrecorded`). Limits:
+step of the collection, whether or not it matches its seals then (:meth:`Sealer.record_unrecorded`:
+the record says only that it must exist; its seals still decide whether it is trusted). Limits:
 someone holding the audit key as well can seal; a batch landed without its entry and deleted
 whole before the collection's next landing step is not known to the trail.
 """
@@ -50,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import dataclass
 
 import duckdb
@@ -85,6 +87,10 @@ _INFO = b"safehaven objections batch seal v1"
 _NO_ROWS = (0, "0:0")
 #: how a row with no batch id is named in reasons
 NO_BATCH = "(no batch)"
+#: a batch id as the haven makes one: the SHA-256 of the file it landed from
+_BATCH_ID = re.compile(r"[0-9a-f]{64}")
+#: the status of a batch whose rows disposal removed (``safehaven.dispose``)
+DISPOSED = "disposed"
 
 
 @dataclass(frozen=True)
@@ -185,38 +191,40 @@ class Sealer:
         False when the audit trail refuses the entry (it does not verify): the landing, committed,
         stands (a file never fails the stage), and every record-level flow is refused anyway while
         the trail does not verify (the register seal is read through it)."""
-        detail = {"batch": batch, "rows": rows}
         try:
-            audit.append(
-                con, actor="safehaven", role="pipeline", action=LANDED_ACTION, object=self.collection, detail=detail
-            )
+            audit.append_many(con, [_landed_entry(self.collection, {"batch": batch, "rows": rows})])
         except audit.AuditTrailBroken:
             return False
         return True
 
     def record_unrecorded(self, con: duckdb.DuckDBPyConnection) -> list[str]:
-        """Audit the landing of each sound batch the trail does not record as landed, and return
-        them: a run killed between a landing's commit and its entry, or a landing while the trail
-        did not verify, left none, and a batch the trail does not know of could be deleted whole
-        unseen (:meth:`missing`). Only a batch that matches its seals (the haven sealed it as it
-        landed) is recorded; an unsound one is refused anyway. Called by each landing step of the
-        collection (``safehaven.intake.ingest.ingest_collection``), before it lands anything."""
+        """Audit the landing of each batch of the collection the trail does not record as landed,
+        and return them: a run killed between a landing's commit and its entry, or a landing while
+        the trail did not verify, left none, and a batch the trail does not know of could be deleted
+        whole unseen (:meth:`missing`). Called by each landing step of the collection
+        (``safehaven.intake.ingest.ingest_collection``), before it lands anything.
+
+        Every batch named as the haven names one (a file's SHA-256) is recorded whether or not it
+        matches its seals now: the entry says only that the batch must exist (its seals still decide
+        whether it is trusted), so tampering with a batch before this step cannot keep it off the
+        record. Its entry carries no row count (the store's is not sealed). Disposed batches are
+        left out (nothing of them is left to lose). All in one append; none when the trail does not
+        verify (the landing stands: record-level flows are refused anyway), so this never fails the
+        step."""
         recorded = {
             e.fields.get("batch") for e in audit.authentic_entries(con, [LANDED_ACTION]) if e.object == self.collection
         }
         held = con.execute(
-            f"SELECT batch_id, rows FROM {BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id",
-            [self.collection],
+            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status <> ? ORDER BY landed_at, batch_id",
+            [self.collection, DISPOSED],
         ).fetchall()
-        unrecorded = [(batch, rows) for batch, rows in held if batch not in recorded]
-        if not unrecorded:
+        late = [b for (b,) in held if isinstance(b, str) and _BATCH_ID.fullmatch(b) and b not in recorded]
+        entries = [_landed_entry(self.collection, {"batch": b, "recorded": "late"}) for b in late]
+        try:
+            audit.append_many(con, entries)
+        except (audit.AuditTrailBroken, ValueError, duckdb.Error):
             return []
-        unsound = {batch for found in self.unsound_by_stage(con).values() for batch in found}
-        done = []
-        for batch, rows in unrecorded:
-            if batch not in unsound and self.record_landed(con, batch, int(rows or 0)):
-                done.append(batch)
-        return done
+        return late
 
     def missing(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
         """Batches the audit trail records as landed that the batch register no longer holds, but
@@ -282,6 +290,11 @@ class Sealer:
         if not hmac.compare_digest(str(mac), self.mac(batch, stage, rows, digest, record)):
             return f"its {stage} seal does not verify under the audit key (or its batch record was changed)"
         return None
+
+
+def _landed_entry(collection: str, detail: dict) -> dict:
+    """The audit entry of a batch's landing (:data:`LANDED_ACTION`)."""
+    return {"actor": "safehaven", "role": "pipeline", "action": LANDED_ACTION, "object": collection, "detail": detail}
 
 
 def _list(values: list[str]) -> str:

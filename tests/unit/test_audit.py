@@ -518,3 +518,27 @@ def test_one_walk_never_vouches_for_an_entry_a_walk_did_not_find_sound(
     with audit.one_walk():
         assert [audit.authentic_from(con, seq, home) for seq in (2, 4, 5)] == [False, True, True]
     assert starts == [2, 4]
+
+
+def test_an_entry_hash_no_hash_could_be_is_reported_as_an_altered_entry_not_a_crash(
+    con: duckdb.DuckDBPyConnection, home: Home
+) -> None:
+    """A non-ASCII ``entry_hash`` made the comparison raise (found by review): now it is an edit."""
+    _fill(con)
+    con.execute(f"UPDATE {TABLE} SET entry_hash = 'é' WHERE seq = 3")
+    _bad(audit.verify(con, home), 3, "altered")
+    assert not audit.authentic_from(con, 2, home)
+
+
+def test_one_walk_walks_again_from_a_breach_decision(
+    con: duckdb.DuckDBPyConnection, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk that starts at a breach decision checks it as a start (as outside a block), so the
+    memo of an earlier walk does not answer for one (found by review)."""
+    _fill(con)
+    con.execute(f"DELETE FROM {TABLE} WHERE seq = {N}")
+    decision = audit.resolve(con, home, actor="Dr G", decision="the last entry was lost; carry on").seq
+    expected = audit.authentic_from(con, decision, home)
+    with audit.one_walk():
+        assert audit.authentic_from(con, 1, home) is audit.authentic_from(con, 1, home)
+        assert audit.authentic_from(con, decision, home) is expected

@@ -352,11 +352,7 @@ def test_a_landing_a_crash_left_unaudited_is_audited_by_the_next_landing_step_so
     next landing step of the collection audits it (its seals verify), so its loss is refused."""
     haven.drop("practice_a.csv", [opt_out(10)])
     haven.run()
-    haven.drop("practice_b.csv", [opt_out(11)])
-    with monkeypatch.context() as killed:  # the run died before the entry: the landing is committed
-        killed.setattr(batch_seal.Sealer, "record_landed", lambda *_: True)
-        haven.land()
-    batch = _batch(haven, "practice_b.csv")
+    batch = _crash_landing(haven, monkeypatch, "practice_b.csv", 11)
     assert haven.land().landings_audited_late == 1  # the next intake run of the collection, nothing new
     assert haven.land().landings_audited_late == 0
     for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
@@ -367,20 +363,81 @@ def test_a_landing_a_crash_left_unaudited_is_audited_by_the_next_landing_step_so
     assert "is gone from the store: restore the store from a backup" in refused(haven)
 
 
-def test_a_batch_that_differs_from_its_seal_is_not_put_on_record_late(
-    haven: Haven, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only a batch the haven sealed as it landed is audited late: rows edited since are refused, not recorded."""
-    haven.drop("practice_a.csv", [opt_out(10)])
+def _crash_landing(haven: Haven, monkeypatch: pytest.MonkeyPatch, name: str, i: int) -> str:
+    """Land ``name`` as a run killed between the landing's commit and its audit entry leaves it."""
+    haven.drop(name, [opt_out(i)])
     with monkeypatch.context() as killed:
         killed.setattr(batch_seal.Sealer, "record_landed", lambda *_: True)
         haven.land()
-    batch = _batch(haven, "practice_a.csv")
-    haven.con.execute("UPDATE landing.objections SET recorded_date = '2020-01-01'")
+    return _batch(haven, name)
+
+
+def _landed_entries(haven: Haven) -> dict[str, dict]:
+    return {e.fields.get("batch"): e.fields for e in audit.authentic_entries(haven.con, [batch_seal.LANDED_ACTION])}
+
+
+def test_a_batch_tampered_with_before_the_next_landing_step_is_still_put_on_record(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making the unaudited batch unsound for a while (any stored macro makes every batch unsound)
+    does not keep it off the record: deleted whole later, its loss is refused (found by review)."""
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    batch = _crash_landing(haven, monkeypatch, "practice_b.csv", 11)
+    haven.con.execute("CREATE MACRO store.main.nothing() AS 1")
     haven.land()
-    landed = [e.fields["batch"] for e in audit.authentic_entries(haven.con, [batch_seal.LANDED_ACTION])]
-    assert batch not in landed
-    assert "differ from their seal" in _unsound(haven)[batch]
+    assert batch in _landed_entries(haven)
+    haven.con.execute("DROP MACRO store.main.nothing")
+    for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
+                          (batch_seal.TABLE, "batch_id")):  # fmt: skip
+        haven.con.execute(f"DELETE FROM {table} WHERE {column} = ?", [batch])
+    haven.run()
+    assert "is gone from the store: restore the store from a backup" in refused(haven)
+
+
+def test_a_late_entry_carries_no_count_from_the_unsealed_batch_record(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch register's ``rows`` is not sealed: the late entry does not repeat it (found by review)."""
+    batch = _crash_landing(haven, monkeypatch, "practice_a.csv", 10)
+    haven.con.execute("UPDATE governance.batches SET rows = 777777 WHERE batch_id = ?", [batch])
+    haven.land()
+    assert _landed_entries(haven)[batch] == {"batch": batch, "recorded": "late"}
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE governance.batches SET rows = 4000000000 WHERE file_name = 'practice_a.csv'",
+        "INSERT INTO governance.batches (batch_id, collection, file_name, rows, landed_at, status) "
+        "VALUES ('batch 1234567890', 'objections', 'x.csv', 1, now(), 'whatever')",
+    ],
+    ids=["ten-digit count", "ten-digit batch id"],
+)
+def test_an_odd_batch_record_never_fails_the_landing_step(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch, edit: str
+) -> None:
+    """A record the audit trail's identifier guard would refuse made the step raise before landing
+    anything, in every run, with releases still going out (found by review): the next file lands."""
+    _crash_landing(haven, monkeypatch, "practice_a.csv", 10)
+    haven.con.execute(edit)
+    haven.drop("practice_b.csv", [opt_out(11)])
+    assert haven.land().files_landed == 1
+
+
+def test_a_trail_that_does_not_verify_is_tried_once_for_all_unrecorded_batches(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One append for every batch to record, so a trail that does not verify costs one check, not one
+    per batch (found by review); nothing is recorded and the step goes on."""
+    for i in range(3):
+        _crash_landing(haven, monkeypatch, f"practice_{i}.csv", 10 + i)
+    haven.con.execute(f"UPDATE {audit.TABLE} SET detail = '{{}}' WHERE seq = (SELECT max(seq) FROM {audit.TABLE})")
+    calls: list[int] = []
+    verify = audit.verify
+    monkeypatch.setattr(audit, "verify", lambda *a, **k: calls.append(1) or verify(*a, **k))
+    assert haven.land().landings_audited_late == 0
+    assert len(calls) == 1
 
 
 def test_a_landing_whose_audit_entry_the_trail_refuses_stands_and_is_counted(haven: Haven) -> None:
