@@ -89,8 +89,6 @@ _NO_ROWS = (0, "0:0")
 NO_BATCH = "(no batch)"
 #: a batch id as the haven makes one: the SHA-256 of the file it landed from
 _BATCH_ID = re.compile(r"[0-9a-f]{64}")
-#: the status of a batch whose rows disposal removed (``safehaven.dispose``)
-DISPOSED = "disposed"
 
 
 @dataclass(frozen=True)
@@ -177,13 +175,28 @@ class Sealer:
     def unsound(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
         """The batches (and files sent again) that must not be validated or registered, each with
         why: those of :meth:`unsound_by_stage`, restatements whose record differs from its seal,
-        and batches gone from the store (:meth:`missing`)."""
+        batches gone from the store (:meth:`missing`) and batches of a status no objections batch
+        can have (:meth:`odd_status`)."""
         found: dict[str, list[str]] = {}
         for reasons in self.unsound_by_stage(con).values():
             for batch, why in reasons.items():
                 found.setdefault(batch, []).append(why)
         joined = {batch: "; ".join(why) for batch, why in found.items()}
-        return joined | self._unsound_restatements(con) | self.missing(con)
+        return joined | self._unsound_restatements(con) | self.missing(con) | self.odd_status(con)
+
+    def odd_status(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        """Batches whose status is none of landed, accepted or refused, each with why. Neither stage
+        checks such a batch (the landed stage checks batches still landed; the valid stage validated
+        ones and any with valid or rejected rows), and validation takes only landed ones: a landed
+        batch set to ``disposed`` with SQL would never be validated or registered, its objections
+        silently never in force. No objections batch is disposed of (objections are honoured for as
+        long as the haven holds data: ``safehaven.dispose.planning``), so every other status is an edit."""
+        rows = con.execute(
+            f"SELECT batch_id, status FROM {BATCHES} WHERE collection = ? AND status NOT IN (?, ?, ?)",
+            [self.collection, LANDED, *VALIDATED],
+        ).fetchall()
+        why = "its status is {!r}, which no objections batch can have (it was changed outside the haven): restore it"
+        return {str(batch): why.format(status) for batch, status in rows}
 
     def record_landed(self, con: duckdb.DuckDBPyConnection, batch: str, rows: int) -> bool:
         """Audit that ``batch`` landed (after its landing commits): a batch deleted whole from the
@@ -207,19 +220,19 @@ class Sealer:
         Every batch named as the haven names one (a file's SHA-256) is recorded whether or not it
         matches its seals now: the entry says only that the batch must exist (its seals still decide
         whether it is trusted), so tampering with a batch before this step cannot keep it off the
-        record. Its entry carries no row count (the store's is not sealed). Disposed batches are
-        left out (nothing of them is left to lose). All in one append; none when the trail does not
-        verify (the landing stands: record-level flows are refused anyway), so this never fails the
-        step."""
+        record. Its entry carries no row count (the store's is not sealed). All in one append; none
+        when the trail does not verify (the landing stands: record-level flows are refused anyway),
+        so this never fails the step."""
         recorded = {
             e.fields.get("batch") for e in audit.authentic_entries(con, [LANDED_ACTION]) if e.object == self.collection
         }
         held = con.execute(
-            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status <> ? ORDER BY landed_at, batch_id",
-            [self.collection, DISPOSED],
+            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id", [self.collection]
         ).fetchall()
         late = [b for (b,) in held if isinstance(b, str) and _BATCH_ID.fullmatch(b) and b not in recorded]
         entries = [_landed_entry(self.collection, {"batch": b, "recorded": "late"}) for b in late]
+        if not entries:
+            return []
         try:
             audit.append_many(con, entries)
         except (audit.AuditTrailBroken, ValueError, duckdb.Error):

@@ -452,3 +452,23 @@ def test_a_landing_whose_audit_entry_the_trail_refuses_stands_and_is_counted(hav
     assert _batch(haven, "practice_b.csv")
     with pytest.raises(Exception, match="audit trail"):
         haven.release()
+
+
+@pytest.mark.parametrize("status", ["disposed", "quarantined"])
+def test_a_landed_batch_given_another_status_is_refused_not_silently_never_validated(haven: Haven, status: str) -> None:
+    """A landed objections batch set to a status neither stage checks (found while reviewing the
+    late entries): validation takes only landed batches, so its objection would never be in force."""
+    haven.drop("practice_a.csv", [opt_out(10)])
+    haven.run()
+    haven.drop("practice_b.csv", [opt_out(11)])
+    haven.land()
+    batch = _batch(haven, "practice_b.csv")
+    haven.con.execute("UPDATE governance.batches SET status = ? WHERE batch_id = ?", [status, batch])
+    haven.run()
+    assert not _in_force(haven, 11)
+    assert f"its status is '{status}', which no objections batch can have" in _unsound(haven)[batch]
+    assert "which no objections batch can have" in refused(haven)
+    haven.con.execute("UPDATE governance.batches SET status = 'landed' WHERE batch_id = ?", [batch])
+    haven.run()
+    assert _in_force(haven, 11)
+    assert haven.release().status == "released"
