@@ -175,38 +175,31 @@ def _touch(path: str) -> None:
         pass
 
 
-class HavenSqliteRunStorage(SqliteRunStorage):
+class _KeptOpen:
+    """Dagster's one-database SQLite storage (runs, schedules) with its connection kept open."""
+
+    _conn_string: str
+
+    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
+        self._engines = _Engines(1)
+        super().__init__(conn_string, inst_data)  # type: ignore[call-arg]
+
+    @contextmanager
+    def connect(self) -> Iterator[sa.Connection]:
+        with _transaction(self._engines.get(self._conn_string)) as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        super().dispose()  # type: ignore[misc]
+        self._engines.dispose()
+
+
+class HavenSqliteRunStorage(_KeptOpen, SqliteRunStorage):
     """Dagster's SQLite run storage, its connection kept open."""
 
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
-        self._engines = _Engines(1)
-        super().__init__(conn_string, inst_data)
 
-    @contextmanager
-    def connect(self) -> Iterator[sa.Connection]:
-        with _transaction(self._engines.get(self._conn_string)) as conn:
-            yield conn
-
-    def dispose(self) -> None:
-        super().dispose()
-        self._engines.dispose()
-
-
-class HavenSqliteScheduleStorage(SqliteScheduleStorage):
+class HavenSqliteScheduleStorage(_KeptOpen, SqliteScheduleStorage):
     """Dagster's SQLite schedule storage, its connection kept open."""
-
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
-        self._engines = _Engines(1)
-        super().__init__(conn_string, inst_data)
-
-    @contextmanager
-    def connect(self) -> Iterator[sa.Connection]:
-        with _transaction(self._engines.get(self._conn_string)) as conn:
-            yield conn
-
-    def dispose(self) -> None:
-        super().dispose()
-        self._engines.dispose()
 
 
 class HavenSqliteStorage(DagsterSqliteStorage):
