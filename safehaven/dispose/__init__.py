@@ -15,11 +15,13 @@ What is due (:func:`due`, run every day by the ``disposal`` schedule):
   what was received before day ``D`` (00:00 UTC) by hand. The objections collection is not
   disposed of this way: objections are honoured for as long as the haven holds data.
 * **An agreement's data** when the agreement has expired (CoP 43d: the purpose is achieved) or
-  has been suspended *for a breach* (CoP 43f: the agreement's ``on_breach`` arrangements): its
-  approval reason names a breach, or the breach register holds a breach of severity 1 or 2
-  naming the agreement since it was suspended. Any other suspension may be lifted, so it is
-  listed for review, never disposed of automatically. An agreement in force is refused
-  (suspend it first).
+  has been suspended *for a breach* (CoP 43f: the agreement's ``on_breach`` arrangements): the
+  reason of its suspension, as the audit trail records it, names a breach. Any other suspension
+  may be lifted, so it is listed for review, never disposed of automatically; a breach of
+  severity 1 or 2 naming the agreement in the breach register since it was suspended is named
+  in that review item (the register is in the store, not on the audit trail: a row anyone
+  holding the store key could add never destroys data by itself). An agreement in force is
+  refused (suspend it first).
 * **One release**, ``retention.days`` after it was made, under an agreement still in force:
   the haven's copy of the extract; the agreement's pseudonym key stays (later releases to the
   same recipient must keep its pseudonyms).

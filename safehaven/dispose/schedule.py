@@ -44,20 +44,31 @@ BREACH_REASON = re.compile(r"\bbreach", re.IGNORECASE)
 BREACH_SEVERITY = 1
 
 
-def suspended_for_breach(agreement: Agreement, con: duckdb.DuckDBPyConnection | None) -> str | None:
-    """Why a suspended agreement counts as suspended for a breach (CoP 43f), or ``None``."""
+def suspended_for_breach(agreement: Agreement) -> str | None:
+    """Why a suspended agreement counts as suspended for a breach (CoP 43f), or ``None``: its
+    suspension's reason names one. That decision is the one the audit trail records
+    (``safehaven.share.approvals``: a decision edited in the store is refused before this)."""
     ap = agreement.approval
     if BREACH_REASON.search(ap.reason or ""):
         return f"suspended for a breach: {ap.reason}"
+    return None
+
+
+def breach_on_register(agreement: Agreement, con: duckdb.DuckDBPyConnection | None) -> str | None:
+    """A breach of severity 1 or 2 naming the agreement in the breach register since it was
+    suspended, or ``None``. The register is in the store, not on the audit trail (anyone holding
+    the store key can add a row), so such a breach never disposes of data by itself: a person
+    weighs it (the agreement is listed for review, saying so)."""
     if con is None or not table_exists(con, "governance", "breach_register"):
         return None
+    ap = agreement.approval
     since = midnight(ap.suspended_on or ap.date or date.min)
     row = con.execute(
         f"SELECT breach_id, kind FROM {reg.BREACH_REGISTER} WHERE severity >= {BREACH_SEVERITY} AND recorded_at >= ? "
         "AND json_extract_string(detail, '$.agreement') = ? ORDER BY breach_id LIMIT 1",
         [since, agreement.id],
     ).fetchone()
-    return f"suspended after breach {row[0]} ({row[1]}) in the breach register" if row else None
+    return f"breach {row[0]} ({row[1]}) in the breach register names it" if row else None
 
 
 def _holds(home: Home, keyring: KeyRing, con: duckdb.DuckDBPyConnection | None, agreement_id: str) -> bool:
@@ -96,7 +107,7 @@ def _due_collection(
 
 def _due_suspended(aid: str, a: Agreement, con: duckdb.DuckDBPyConnection | None) -> DueItem:
     """A suspended agreement: disposed of if for a breach (CoP 43f), else listed for review."""
-    breach = suspended_for_breach(a, con)
+    breach = suspended_for_breach(a)
     if breach:
         reason = f"agreement {aid} {breach} (CoP 43f): {a.retention.on_breach}"
         return DueItem("dispose", reason, Target.for_agreement(aid), {"status": "suspended"})
@@ -104,6 +115,12 @@ def _due_suspended(aid: str, a: Agreement, con: duckdb.DuckDBPyConnection | None
         f"agreement {aid} is suspended ({a.approval.reason}), not for a recorded breach; a suspension can be "
         "lifted, so its data is not disposed of automatically"
     )
+    on_register = breach_on_register(a, con)
+    if on_register:
+        reason += (
+            f"; {on_register}: if the suspension is for it, record the suspension again with a reason naming "
+            "the breach (the register alone does not dispose of data: it is not on the audit trail)"
+        )
     return DueItem("review", reason, Target.for_agreement(aid), {"status": "suspended"})
 
 

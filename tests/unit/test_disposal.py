@@ -765,6 +765,25 @@ def test_due_finds_retention_expiry_and_suspension_for_breach(world: World) -> N
     assert [i.action for i in expired] == ["dispose"] and "expired" in expired[0].reason
 
 
+def test_a_breach_only_in_the_breach_register_lists_a_suspended_agreement_for_review_not_disposal(
+    world: World,
+) -> None:
+    """The breach register is in the store, not on the audit trail: a row naming the agreement
+    (added with the store key alone) never destroys its data, but the review item names it."""
+    from safehaven.core import registers
+
+    suspend(STUDY, "pending an audit of the recipient", "SIRO", root=world.registry.root)
+    with Store(world.home).connect() as con:
+        breach = registers.record_breach(
+            con, kind="onward_sharing", severity=2, what="recipient shared the extract",
+            remedial_action="suspend", detail={"agreement": STUDY},
+        )  # fmt: skip
+    [item] = [i for i in disposal.due(world.context()) if i.target.kind == "agreement"]
+    assert item.action == "review"
+    assert f"breach {breach} (onward_sharing) in the breach register names it" in item.reason
+    assert "record the suspension again with a reason naming the breach" in item.reason
+
+
 def test_sweep_disposes_of_what_is_due_and_leaves_reviews(world: World) -> None:
     report = disposal.sweep(world.context())
     assert sorted(r.target.collection for r in report.results) == sorted(CONTENT)
