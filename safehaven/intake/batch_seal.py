@@ -192,11 +192,14 @@ class Sealer:
         silently never in force. No objections batch is disposed of (objections are honoured for as
         long as the haven holds data: ``safehaven.dispose.planning``), so every other status is an edit."""
         rows = con.execute(
-            f"SELECT batch_id, status FROM {BATCHES} WHERE collection = ? AND status NOT IN (?, ?, ?)",
+            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status NOT IN (?, ?, ?)",
             [self.collection, LANDED, *VALIDATED],
         ).fetchall()
-        why = "its status is {!r}, which no objections batch can have (it was changed outside the haven): restore it"
-        return {str(batch): why.format(status) for batch, status in rows}
+        why = (  # the stored status is not quoted: text written outside the haven never reaches a message
+            f"its status was changed outside the haven to one no objections batch can have "
+            f"(only {LANDED}, {' or '.join(VALIDATED)}): restore it"
+        )
+        return {str(batch): why for (batch,) in rows}
 
     def record_landed(self, con: duckdb.DuckDBPyConnection, batch: str, rows: int) -> bool:
         """Audit that ``batch`` landed (after its landing commits): a batch deleted whole from the
