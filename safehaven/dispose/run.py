@@ -7,6 +7,8 @@ completed; the same target resumes it. Every start, resumption and completion is
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from safehaven.context import Haven
@@ -17,10 +19,13 @@ from safehaven.core.keys import KeyRing
 from safehaven.core.store import SimulatedCrash, Store
 from safehaven.dispose.certificate import ensure_tables
 from safehaven.dispose.journal import journal_path, pending, write_json
-from safehaven.dispose.model import PURPOSE, DisposalPending, DisposalResult, Plan, Target
+from safehaven.dispose.model import PURPOSE, DisposalError, DisposalPending, DisposalResult, Plan, Target
 from safehaven.dispose.planning import make_plan
 from safehaven.dispose.steps import Run
 from safehaven.intake.contracts import ContractRegistry
+
+#: the audit action of a disposal, and the outcome of its start
+ACTION, STARTED = "dispose", "started"
 
 
 def _audit(home: Home, keyring: KeyRing, plan: Plan, actor: str, outcome: str, detail: dict[str, Any]) -> None:
@@ -31,7 +36,7 @@ def _audit(home: Home, keyring: KeyRing, plan: Plan, actor: str, outcome: str, d
             con,
             actor=actor,
             role="governance",
-            action="dispose",
+            action=ACTION,
             object=f"disposal:{plan.disposal_id}",
             purpose=PURPOSE,
             agreement=plan.target.agreement,
@@ -42,6 +47,39 @@ def _audit(home: Home, keyring: KeyRing, plan: Plan, actor: str, outcome: str, d
         )
 
 
+def plan_digest(plan: dict[str, Any]) -> str:
+    """SHA-256 of a plan as the journal holds it (canonical JSON): recorded in the audit entry of
+    the disposal's start, so a journal written or changed outside the haven is not carried out."""
+    text = json.dumps(plan, sort_keys=True, separators=(",", ":"), default=str)  # as the journal file holds it
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _started_on_record(home: Home, keyring: KeyRing, journal: dict[str, Any]) -> None:
+    """Refuse to resume a journal whose plan is not the one the audit trail records starting.
+
+    The journal is a file beside the store: whoever can write there could otherwise have the
+    daily sweep, which resumes first, destroy whatever a forged plan names. The trail's own
+    ``started`` entry of the disposal (its hash verified under the audit key) must hold the SHA-256
+    of the journal's plan (:func:`plan_digest`); one written before that digest was recorded must
+    name the same target and not be finished."""
+    disposal = journal.get("disposal_id")
+    with Store(home, keyring).connect(read_only=True) as con:
+        entries = [e for e in audit.authentic_entries(con, [ACTION], home) if e.object == f"disposal:{disposal}"]
+    started = [e.fields for e in entries if e.outcome == STARTED]
+    plan = journal.get("plan")
+    if isinstance(plan, dict) and any(f.get("plan_sha256") == plan_digest(plan) for f in started):
+        return
+    finished = any(e.outcome == "ok" for e in entries)
+    legacy = [f for f in started if "plan_sha256" not in f]  # started before the digest was recorded
+    if legacy and not finished and any(f.get("target") == journal.get("target") for f in legacy):
+        return
+    raise DisposalError(
+        f"the disposal journal {journal_path(home)} is not a disposal the audit trail records starting "
+        "(written or changed outside the haven): nothing was disposed of; check it with the governance "
+        "lead, restore the journal from a backup, or remove it"
+    )
+
+
 def _run(
     home: Home,
     journal: dict[str, Any],
@@ -50,6 +88,8 @@ def _run(
     crash_after: str | None,
     resumed: bool,
 ) -> DisposalResult:
+    if resumed:
+        _started_on_record(home, keyring, journal)
     plan = Plan.from_dict(journal["plan"])
     if resumed:
         detail = {"steps_done": sorted(journal["steps"])}
@@ -59,16 +99,18 @@ def _run(
 
 
 def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
-    """Write the journal of a new disposal and audit its start; returns the journal."""
+    """Audit the start of a new disposal, then write its journal (a journal is carried out only
+    as the trail records it starting: :func:`_started_on_record`); returns the journal."""
     target = plan.target
     journal = {"disposal_id": plan.disposal_id, "target": target.as_dict(), "plan": plan.as_dict(), "steps": {}}
-    write_json(journal_path(home), journal)
     detail = {
         "target": target.as_dict(),
+        "plan_sha256": plan_digest(journal["plan"]),
         "reason": plan.reason[:500],
         **{k: v for k, v in plan.summary().items() if k in ("batches", "files", "releases", "staged_requests")},
     }
-    _audit(home, keyring, plan, plan.requested_by, "started", detail)
+    _audit(home, keyring, plan, plan.requested_by, STARTED, detail)
+    write_json(journal_path(home), journal)
     return journal
 
 

@@ -1010,3 +1010,34 @@ def test_disposal_drops_the_true_counts_the_disposed_rows_may_be_in(world: World
     with Store(world.home).connect(read_only=True) as con:
         assert not table_exists(con, "counts", "gp_activity")
         assert con.execute("SELECT count(*) FROM governance.output_counts").fetchone() == (0,)
+
+
+# --- a journal is carried out only as the audit trail records it starting -------------------------
+
+
+def test_a_journal_written_outside_the_haven_is_not_carried_out(world: World) -> None:
+    """``store/disposal.json`` is a file beside the store, and the daily sweep resumes it first:
+    a journal the audit trail does not record starting destroys nothing and says why."""
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    plan = disposal.make_plan(world.context(), target)
+    journal = {"disposal_id": "forged", "target": target.as_dict(), "plan": plan.as_dict(), "steps": {}}
+    disposal.journal_path(world.home).write_text(json.dumps(journal, default=str))
+    with Store(world.home).connect(read_only=True) as con:
+        before = con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0]
+    with pytest.raises(disposal.DisposalError, match="not a disposal the audit trail records starting"):
+        disposal.resume(world.context())
+    with Store(world.home).connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0] == before
+
+
+def test_a_journal_whose_plan_was_changed_after_it_started_is_not_carried_out(world: World) -> None:
+    """An interrupted disposal's plan widened in the file (another collection's batches added) is refused."""
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, _crash_after="plan")
+    path = disposal.journal_path(world.home)
+    journal = json.loads(path.read_text())
+    journal["plan"]["reason"] = journal["plan"]["reason"] + " and more"
+    path.write_text(json.dumps(journal))
+    with pytest.raises(disposal.DisposalError, match="not a disposal the audit trail records starting"):
+        disposal.resume(world.context())
