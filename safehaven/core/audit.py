@@ -641,6 +641,11 @@ def derived_key(con: duckdb.DuckDBPyConnection, info: bytes, home: Home | None =
     someone holding only the store key must not be able to make (the objections batches' MACs,
     ``safehaven.intake.batch_seal``). Raises KeyRingError when there is no audit key yet."""
     _, keyring = _keyring(con, home, None)  # the home's ring: the audit key is never sealed
+    return key_derived_from(keyring, info)
+
+
+def key_derived_from(keyring: KeyRing, info: bytes) -> bytes:
+    """:func:`derived_key` from a key ring (a caller with no store connection: the disposal journal)."""
     key = _read_key(keyring)
     if key is None:
         raise KeyRingError("there is no audit key yet: the audit trail has no entry")

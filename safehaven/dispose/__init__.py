@@ -29,10 +29,12 @@ What is due (:func:`due`, run every day by the ``disposal`` schedule):
 What disposal does, in steps recorded in a journal ``store/disposal.json`` (no values: batch
 ids, file names, key ids), so that a crash at any point leaves a state the next run completes
 (:func:`resume`; the daily job resumes first). The journal is a file beside the store, so it is
-carried out only as the audit trail records the disposal starting: the start's entry, written
-before the journal, holds the SHA-256 of its plan, and a journal whose plan is not on record
-(written or changed outside the haven) is refused and destroys nothing
-(``safehaven.dispose.run._started_on_record``; CoP 23d, 48-50):
+carried out only as the haven wrote it and as the audit trail records the disposal starting: it
+carries a MAC over all of it (plan, steps done, progress) under a key derived from the audit key,
+and the start's entry, written before the journal, holds the SHA-256 of its plan. A journal that
+fails either (written or changed outside the haven, or by an earlier version) is refused and
+destroys nothing; a person plans that disposal again (``safehaven.dispose.run._started_on_record``;
+CoP 23d, 48-50):
 
 1. **keys** (logical, crypto-shredding): the agreement's pseudonym salt
    ``keys/agreement-<id>.key`` is overwritten and unlinked (``safehaven.core.keys.destroy``); its

@@ -7,6 +7,8 @@ run completes (``safehaven.dispose`` package docstring).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -16,7 +18,9 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core import audit
 from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing, KeyRingError
 from safehaven.dispose.model import JOURNAL
 
 
@@ -44,6 +48,34 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+#: what the journal's MAC key is derived for (HKDF info, from the audit key)
+_MAC_INFO = b"safehaven disposal journal v1"
+#: the journal's field holding its MAC
+MAC = "mac"
+
+
+def _mac(keyring: KeyRing, journal: dict[str, Any]) -> str:
+    body = {k: v for k, v in journal.items() if k != MAC}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hmac.new(audit.key_derived_from(keyring, _MAC_INFO), text.encode(), hashlib.sha256).hexdigest()
+
+
+def save_journal(home: Home, keyring: KeyRing, journal: dict[str, Any]) -> None:
+    """Write the journal with a MAC over all of it under a key derived from the audit key: the file
+    is beside the store, and whoever can write there must not be able to say which steps are done
+    (a step marked done is skipped, and the certificate would claim it) or what they remove."""
+    journal[MAC] = _mac(keyring, journal)
+    write_json(journal_path(home), journal)
+
+
+def journal_sound(keyring: KeyRing, journal: dict[str, Any]) -> bool:
+    """Whether the journal is as the haven last wrote it (:func:`save_journal`)."""
+    try:
+        return hmac.compare_digest(str(journal.get(MAC)), _mac(keyring, journal))
+    except (KeyRingError, TypeError, ValueError):
+        return False
 
 
 def journal_path(home: Home) -> Path:

@@ -18,7 +18,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import SimulatedCrash, Store
 from safehaven.dispose.certificate import ensure_tables
-from safehaven.dispose.journal import journal_path, pending, write_json
+from safehaven.dispose.journal import journal_path, journal_sound, pending, save_journal
 from safehaven.dispose.model import PURPOSE, DisposalError, DisposalPending, DisposalResult, Plan, Target
 from safehaven.dispose.planning import make_plan
 from safehaven.dispose.steps import Run
@@ -55,28 +55,29 @@ def plan_digest(plan: dict[str, Any]) -> str:
 
 
 def _started_on_record(home: Home, keyring: KeyRing, journal: dict[str, Any]) -> None:
-    """Refuse to resume a journal whose plan is not the one the audit trail records starting.
+    """Refuse to resume a journal the haven did not write as it stands, or whose plan is not the
+    one the audit trail records starting.
 
     The journal is a file beside the store: whoever can write there could otherwise have the
-    daily sweep, which resumes first, destroy whatever a forged plan names. The trail's own
-    ``started`` entry of the disposal (its hash verified under the audit key) must hold the SHA-256
-    of the journal's plan (:func:`plan_digest`); one written before that digest was recorded must
-    name the same target and not be finished."""
+    daily sweep, which resumes first, destroy whatever a forged plan names, or mark steps done so
+    that they are skipped while the certificate claims them. It carries a MAC over all of it under
+    a key derived from the audit key (``safehaven.dispose.journal.save_journal``), and the trail's
+    own ``started`` entry of the disposal (its hash verified under the audit key) must hold the
+    SHA-256 of its plan (:func:`plan_digest`). A journal from before either was recorded is refused
+    too: a person plans that disposal again."""
     disposal = journal.get("disposal_id")
     with Store(home, keyring).connect(read_only=True) as con:
         entries = [e for e in audit.authentic_entries(con, [ACTION], home) if e.object == f"disposal:{disposal}"]
-    started = [e.fields for e in entries if e.outcome == STARTED]
     plan = journal.get("plan")
-    if isinstance(plan, dict) and any(f.get("plan_sha256") == plan_digest(plan) for f in started):
-        return
-    finished = any(e.outcome == "ok" for e in entries)
-    legacy = [f for f in started if "plan_sha256" not in f]  # started before the digest was recorded
-    if legacy and not finished and any(f.get("target") == journal.get("target") for f in legacy):
-        return
+    started = [e.fields for e in entries if e.outcome == STARTED]
+    if journal_sound(keyring, journal) and isinstance(plan, dict):
+        if any(f.get("plan_sha256") == plan_digest(plan) for f in started):
+            return
     raise DisposalError(
-        f"the disposal journal {journal_path(home)} is not a disposal the audit trail records starting "
-        "(written or changed outside the haven): nothing was disposed of; check it with the governance "
-        "lead, restore the journal from a backup, or remove it"
+        f"the disposal journal {journal_path(home)} is not a disposal the audit trail records starting, "
+        "or not as the haven wrote it (written or changed outside the haven, or by an earlier version): "
+        "nothing was disposed of; check it with the governance lead, restore it from a backup, or remove "
+        "it and plan the disposal again"
     )
 
 
@@ -110,7 +111,7 @@ def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
         **{k: v for k, v in plan.summary().items() if k in ("batches", "files", "releases", "staged_requests")},
     }
     _audit(home, keyring, plan, plan.requested_by, STARTED, detail)
-    write_json(journal_path(home), journal)
+    save_journal(home, keyring, journal)
     return journal
 
 

@@ -26,7 +26,7 @@ from safehaven.core.sql import q
 from safehaven.core.store import COUNTS_ZONE, SimulatedCrash, Store, table_exists
 from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
 from safehaven.dispose.found import file_entry, unreadable_refused, waiting_by_sha
-from safehaven.dispose.journal import count, journal_path, now, write_json
+from safehaven.dispose.journal import count, journal_path, now, save_journal
 from safehaven.dispose.model import PROGRESS, Plan
 from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
 from safehaven.intake.contracts import Contract, ContractRegistry
@@ -60,7 +60,7 @@ class Run:
         return self.journal["steps"]
 
     def save(self) -> None:
-        write_json(journal_path(self.home), self.journal)
+        save_journal(self.home, self.keyring, self.journal)
 
     def crash(self, point: str) -> None:
         if self.crash_after == point:

@@ -192,7 +192,7 @@ class Sealer:
         silently never in force. No objections batch is disposed of (objections are honoured for as
         long as the haven holds data: ``safehaven.dispose.planning``), so every other status is an edit."""
         rows = con.execute(
-            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND status NOT IN (?, ?, ?)",
+            f"SELECT batch_id FROM {BATCHES} WHERE collection = ? AND (status IS NULL OR status NOT IN (?, ?, ?))",
             [self.collection, LANDED, *VALIDATED],
         ).fetchall()
         why = (  # the stored status is not quoted: text written outside the haven never reaches a message

@@ -1041,3 +1041,33 @@ def test_a_journal_whose_plan_was_changed_after_it_started_is_not_carried_out(wo
     path.write_text(json.dumps(journal))
     with pytest.raises(disposal.DisposalError, match="not a disposal the audit trail records starting"):
         disposal.resume(world.context())
+
+
+def test_a_journal_whose_steps_were_marked_done_outside_the_haven_is_not_carried_out(world: World) -> None:
+    """Steps marked done in the file would be skipped while the certificate claimed them (found by
+    review): the journal's MAC covers all of it, so nothing is certified and nothing skipped."""
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, _crash_after="plan")
+    path = disposal.journal_path(world.home)
+    journal = json.loads(path.read_text())
+    journal["steps"] = {step: {"done_at": "2026-01-01T00:00:00+00:00"} for step in ("keys", "rows", "files", "rebuild")}
+    path.write_text(json.dumps(journal))
+    with pytest.raises(disposal.DisposalError, match="not as the haven wrote it"):
+        disposal.resume(world.context())
+    with Store(world.home).connect(read_only=True) as con:
+        assert not disposal.certificates(con)
+
+
+def test_a_journal_without_its_mac_is_not_carried_out(world: World) -> None:
+    """A journal as an earlier version wrote it, or as anyone writes it by hand, has no MAC: a
+    person plans that disposal again (the legacy path accepted any plan: found by review)."""
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, _crash_after="plan")
+    path = disposal.journal_path(world.home)
+    journal = json.loads(path.read_text())
+    del journal["mac"]
+    path.write_text(json.dumps(journal))
+    with pytest.raises(disposal.DisposalError, match="plan the disposal again"):
+        disposal.resume(world.context())
