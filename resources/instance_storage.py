@@ -95,11 +95,15 @@ class _Engines:
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
+    def _leave_inherited(self) -> None:
+        """In a forked child, leave the parent's engines to it (class docstring); under ``_lock``."""
+        if self._pid != os.getpid():
+            _INHERITED.extend(self._open.values())
+            self._open, self._pid = OrderedDict(), os.getpid()
+
     def get(self, conn_string: str) -> sa.Engine:
         with self._lock:
-            if self._pid != os.getpid():
-                _INHERITED.extend(self._open.values())
-                self._open, self._pid = OrderedDict(), os.getpid()
+            self._leave_inherited()
             engine = self._open.pop(conn_string, None) or _engine(conn_string, **self._connect_args)
             self._open[conn_string] = engine
             while len(self._open) > self._limit:
@@ -108,9 +112,7 @@ class _Engines:
 
     def dispose(self) -> None:
         with self._lock:
-            if self._pid != os.getpid():  # a forked child's inherited engines stay its parent's
-                _INHERITED.extend(self._open.values())
-                self._open, self._pid = OrderedDict(), os.getpid()
+            self._leave_inherited()
             while self._open:
                 self._open.popitem()[1].dispose()
 

@@ -21,7 +21,7 @@ import duckdb
 from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
-from safehaven.dispose.model import JOURNAL
+from safehaven.dispose.model import JOURNAL, DisposalError
 
 
 def now() -> str:
@@ -83,10 +83,29 @@ def journal_path(home: Home) -> Path:
     return home.store_dir / JOURNAL
 
 
+#: the fields every journal has, and their types (:func:`_start` of ``safehaven.dispose.run`` writes them)
+_SHAPE = {"disposal_id": str, "target": dict, "plan": dict, "steps": dict}
+
+
 def pending(home: Home) -> dict[str, Any] | None:
-    """The journal of an interrupted disposal, if there is one."""
+    """The journal of an interrupted disposal, if there is one; raises ``DisposalError`` for one that
+    cannot be read as a journal (cut short, not JSON, a field missing or of another type), so every
+    disposal waits, saying why, until a person removes it. Whether the haven wrote it as it stands
+    is checked before it is carried out (``safehaven.dispose.run._started_on_record``)."""
     path = journal_path(home)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        journal = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        journal = None
+    if not isinstance(journal, dict) or any(not isinstance(journal.get(k), t) for k, t in _SHAPE.items()):
+        raise DisposalError(
+            f"the disposal journal {path} cannot be read as a journal (cut short, or written outside the "
+            "haven): nothing was disposed of; check it with the governance lead, restore it from a backup, "
+            "or remove it and plan the disposal again"
+        )
+    return journal
 
 
 def new_id() -> str:

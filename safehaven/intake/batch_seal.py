@@ -226,9 +226,7 @@ class Sealer:
         record. Its entry carries no row count (the store's is not sealed). All in one append; none
         when the trail does not verify (the landing stands: record-level flows are refused anyway),
         so this never fails the step."""
-        recorded = {
-            e.fields.get("batch") for e in audit.authentic_entries(con, [LANDED_ACTION]) if e.object == self.collection
-        }
+        recorded = self._on_record(con, LANDED_ACTION)
         held = con.execute(
             f"SELECT batch_id FROM {BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id", [self.collection]
         ).fetchall()
@@ -245,16 +243,8 @@ class Sealer:
     def missing(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
         """Batches the audit trail records as landed that the batch register no longer holds, but
         for those whose loss a person accepted (:func:`accept`); each with why."""
-        landed = {
-            e.fields.get("batch")
-            for e in audit.authentic_entries(con, [LANDED_ACTION])
-            if e.object == self.collection and isinstance(e.fields.get("batch"), str)
-        }
-        lost = {
-            e.fields.get("batch")
-            for e in audit.authentic_entries(con, [ACCEPTED])
-            if e.object == self.collection and e.fields.get("stages") == [LOST]
-        }
+        landed = self._on_record(con, LANDED_ACTION)
+        lost = self._on_record(con, ACCEPTED, stages=[LOST])
         held = {
             b
             for (b,) in con.execute(
@@ -263,6 +253,16 @@ class Sealer:
         }
         why = "it landed (the audit trail records it) and is gone from the store: restore the store from a backup"
         return {batch: why for batch in sorted(landed - held - lost)}
+
+    def _on_record(self, con: duckdb.DuckDBPyConnection, action: str, **fields: object) -> set[str]:
+        """The batches of this collection named by authentic ``action`` entries whose detail holds ``fields``."""
+        return {
+            batch
+            for e in audit.authentic_entries(con, [action])
+            if e.object == self.collection
+            and isinstance(batch := e.fields.get("batch"), str)
+            and all(e.fields.get(k) == v for k, v in fields.items())
+        }
 
     def restatements(self, con: duckdb.DuckDBPyConnection) -> dict[str, list]:
         """Each file sent again (by drop key) as it is sealed: the batch it restates and its arrival."""

@@ -1071,3 +1071,16 @@ def test_a_journal_without_its_mac_is_not_carried_out(world: World) -> None:
     path.write_text(json.dumps(journal))
     with pytest.raises(disposal.DisposalError, match="plan the disposal again"):
         disposal.resume(world.context())
+
+
+@pytest.mark.parametrize("text", ['{"disposal_id": "d1", "plan": {', "[]", '{"disposal_id": "d1"}'],
+                         ids=["cut short", "not an object", "fields missing"])  # fmt: skip
+def test_a_journal_that_cannot_be_read_stops_every_disposal_saying_why(world: World, text: str) -> None:
+    """A journal cut short or of another shape is refused by name, not a crash, and by every way in:
+    what is due, resuming, and a new disposal."""
+    disposal.journal_path(world.home).write_text(text)
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    for attempt in (lambda: disposal.due(world.context()), lambda: disposal.resume(world.context()),
+                    lambda: world.dispose(target)):  # fmt: skip
+        with pytest.raises(disposal.DisposalError, match="cannot be read as a journal"):
+            attempt()

@@ -333,9 +333,7 @@ def test_a_batch_deleted_whole_before_it_was_registered_blocks_until_restored_or
     haven.drop("practice_b.csv", [opt_out(11)])
     haven.land()
     batch = _batch(haven, "practice_b.csv")
-    for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
-                          (batch_seal.TABLE, "batch_id")):  # fmt: skip
-        haven.con.execute(f"DELETE FROM {table} WHERE {column} = ?", [batch])
+    _delete_whole(haven, batch)
     haven.run()
     assert not _in_force(haven, 11)
     assert "is gone from the store: restore the store from a backup" in refused(haven)
@@ -349,18 +347,23 @@ def test_a_landing_a_crash_left_unaudited_is_audited_by_the_next_landing_step_so
 ) -> None:
     """A run killed between a landing's commit and its ``objections.batch_landed`` entry leaves a
     batch the trail does not know of; deleted whole after that, nothing would say it existed. The
-    next landing step of the collection audits it (its seals verify), so its loss is refused."""
+    next landing step of the collection audits it, so its loss is refused."""
     haven.drop("practice_a.csv", [opt_out(10)])
     haven.run()
     batch = _crash_landing(haven, monkeypatch, "practice_b.csv", 11)
     assert haven.land().landings_audited_late == 1  # the next intake run of the collection, nothing new
     assert haven.land().landings_audited_late == 0
-    for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
-                          (batch_seal.TABLE, "batch_id")):  # fmt: skip
-        haven.con.execute(f"DELETE FROM {table} WHERE {column} = ?", [batch])
+    _delete_whole(haven, batch)
     haven.run()
     assert not _in_force(haven, 11)
     assert "is gone from the store: restore the store from a backup" in refused(haven)
+
+
+def _delete_whole(haven: Haven, batch: str) -> None:
+    """Delete ``batch`` from the store as an insider would: its rows, its batch record, its seals."""
+    for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
+                          (batch_seal.TABLE, "batch_id")):  # fmt: skip
+        haven.con.execute(f"DELETE FROM {table} WHERE {column} = ?", [batch])
 
 
 def _crash_landing(haven: Haven, monkeypatch: pytest.MonkeyPatch, name: str, i: int) -> str:
@@ -388,9 +391,7 @@ def test_a_batch_tampered_with_before_the_next_landing_step_is_still_put_on_reco
     haven.land()
     assert batch in _landed_entries(haven)
     haven.con.execute("DROP MACRO store.main.nothing")
-    for table, column in (("landing.objections", "_batch"), ("governance.batches", "batch_id"),
-                          (batch_seal.TABLE, "batch_id")):  # fmt: skip
-        haven.con.execute(f"DELETE FROM {table} WHERE {column} = ?", [batch])
+    _delete_whole(haven, batch)
     haven.run()
     assert "is gone from the store: restore the store from a backup" in refused(haven)
 
