@@ -33,8 +33,9 @@ carried out only as the haven wrote it and as the audit trail records the dispos
 carries a MAC over all of it (plan, steps done, progress) under a key derived from the audit key,
 and the start's entry, written before the journal, holds the SHA-256 of its plan. A journal that
 fails either (written or changed outside the haven, or by an earlier version) is refused and
-destroys nothing; a person plans that disposal again (``safehaven.dispose.run._started_on_record``;
-CoP 23d, 48-50):
+destroys nothing; a person plans that disposal again. A journal of a disposal the trail records
+certified (a crash after the certificate, or a copy put back later) is removed with no step run
+again (``safehaven.dispose.run._started_on_record``; CoP 23d, 48-50):
 
 1. **keys** (logical, crypto-shredding): the agreement's pseudonym salt
    ``keys/agreement-<id>.key`` is overwritten and unlinked (``safehaven.core.keys.destroy``); its

@@ -21,7 +21,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import table_exists
 from safehaven.dispose.journal import count, now
-from safehaven.dispose.model import EXPORT_STEM, METHOD, PROGRESS, PURPOSE, REGISTER, RETAINED, Plan
+from safehaven.dispose.model import ACTION, EXPORT_STEM, FINISHED, METHOD, PROGRESS, PURPOSE, REGISTER, RETAINED, Plan
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -157,7 +157,7 @@ def _audit_once(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, pl
     done = [
         e
         for e in audit.entries_for(con, object_like=f"disposal:{cert['disposal_id']}")
-        if e.action == "dispose" and e.outcome == "ok"
+        if e.action == ACTION and e.outcome == FINISHED
     ]
     if done:
         return
@@ -166,11 +166,11 @@ def _audit_once(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, pl
         con,
         actor=plan.requested_by,
         role="governance",
-        action="dispose",
+        action=ACTION,
         object=f"disposal:{cert['disposal_id']}",
         purpose=PURPOSE,
         agreement=t.agreement,
-        outcome="ok",
+        outcome=FINISHED,
         home=home,
         keyring=keyring,
         detail={
@@ -187,6 +187,14 @@ def _audit_once(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, pl
     )
 
 
+def certificate_of(con: duckdb.DuckDBPyConnection, disposal_id: str) -> dict[str, Any] | None:
+    """The certificate of ``disposal_id`` as the register holds it; None when it has none."""
+    if not table_exists(con, *REGISTER.split(".")):
+        return None
+    stored = con.execute(f"SELECT certificate FROM {REGISTER} WHERE disposal_id = ?", [disposal_id]).fetchone()
+    return None if stored is None else json.loads(stored[0])
+
+
 def record_certificate(
     con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, plan: Plan, cert: dict[str, Any]
 ) -> dict[str, Any]:
@@ -195,5 +203,6 @@ def record_certificate(
     _insert_once(con, plan, cert)
     export_register(con, home)
     _audit_once(con, home, keyring, plan, cert)
-    stored = con.execute(f"SELECT certificate FROM {REGISTER} WHERE disposal_id = ?", [cert["disposal_id"]]).fetchone()
-    return json.loads(stored[0])
+    stored = certificate_of(con, cert["disposal_id"])
+    assert stored is not None  # inserted above
+    return stored

@@ -17,15 +17,22 @@ from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import SimulatedCrash, Store
-from safehaven.dispose.certificate import ensure_tables
+from safehaven.dispose.certificate import certificate_of, ensure_tables
 from safehaven.dispose.journal import journal_path, journal_sound, pending, save_journal
-from safehaven.dispose.model import PURPOSE, DisposalError, DisposalPending, DisposalResult, Plan, Target
+from safehaven.dispose.model import (
+    ACTION,
+    FINISHED,
+    PURPOSE,
+    STARTED,
+    DisposalError,
+    DisposalPending,
+    DisposalResult,
+    Plan,
+    Target,
+)
 from safehaven.dispose.planning import make_plan
 from safehaven.dispose.steps import Run
 from safehaven.intake.contracts import ContractRegistry
-
-#: the audit action of a disposal, and the outcome of its start
-ACTION, STARTED = "dispose", "started"
 
 
 def _audit(home: Home, keyring: KeyRing, plan: Plan, actor: str, outcome: str, detail: dict[str, Any]) -> None:
@@ -54,9 +61,9 @@ def plan_digest(plan: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _started_on_record(home: Home, keyring: KeyRing, journal: dict[str, Any]) -> None:
+def _started_on_record(home: Home, keyring: KeyRing, journal: dict[str, Any]) -> bool:
     """Refuse to resume a journal the haven did not write as it stands, or whose plan is not the
-    one the audit trail records starting.
+    one the audit trail records starting; True when the trail also records it finished (certified).
 
     The journal is a file beside the store: whoever can write there could otherwise have the
     daily sweep, which resumes first, destroy whatever a forged plan names, or mark steps done so
@@ -64,7 +71,9 @@ def _started_on_record(home: Home, keyring: KeyRing, journal: dict[str, Any]) ->
     a key derived from the audit key (``safehaven.dispose.journal.save_journal``), and the trail's
     own ``started`` entry of the disposal (its hash verified under the audit key) must hold the
     SHA-256 of its plan (:func:`plan_digest`). A journal from before either was recorded is refused
-    too: a person plans that disposal again."""
+    too: a person plans that disposal again. An authentic journal of a disposal already certified
+    (left by a crash after the certificate, or a copy put back later) is never carried out again:
+    its steps would destroy whatever now bears the planned names, e.g. a file sent again."""
     disposal = journal.get("disposal_id")
     with Store(home, keyring).connect(read_only=True) as con:
         entries = [e for e in audit.authentic_entries(con, [ACTION], home) if e.object == f"disposal:{disposal}"]
@@ -72,7 +81,7 @@ def _started_on_record(home: Home, keyring: KeyRing, journal: dict[str, Any]) ->
     started = [e.fields for e in entries if e.outcome == STARTED]
     if journal_sound(keyring, journal) and isinstance(plan, dict):
         if any(f.get("plan_sha256") == plan_digest(plan) for f in started):
-            return
+            return any(e.outcome == FINISHED for e in entries)
     raise DisposalError(
         f"the disposal journal {journal_path(home)} is not a disposal the audit trail records starting, "
         "or not as the haven wrote it (written or changed outside the haven, or by an earlier version): "
@@ -89,14 +98,31 @@ def _run(
     crash_after: str | None,
     resumed: bool,
 ) -> DisposalResult:
-    if resumed:
-        _started_on_record(home, keyring, journal)
+    finished = resumed and _started_on_record(home, keyring, journal)
     plan = Plan.from_dict(journal["plan"])
     if resumed:
-        detail = {"steps_done": sorted(journal["steps"])}
+        detail = {"steps_done": sorted(journal["steps"]), **({"already_certified": True} if finished else {})}
         _audit(home, keyring, plan, reg.current_actor(), "resumed", detail)
-    certificate = Run(home, journal, registry, keyring, crash_after).run()
+    if finished:
+        certificate = _certified(home, keyring, plan)
+    else:
+        certificate = Run(home, journal, registry, keyring, crash_after).run()
     return DisposalResult("disposed", plan.target, plan.reason, plan.disposal_id, certificate, resumed)
+
+
+def _certified(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
+    """The certificate of a disposal the trail records finished; its journal is removed with no
+    step carried out again (:func:`_started_on_record`)."""
+    with Store(home, keyring).connect(read_only=True) as con:
+        stored = certificate_of(con, plan.disposal_id)
+    if stored is None:
+        raise DisposalError(
+            f"the audit trail records disposal {plan.disposal_id} certified but the disposal register has no "
+            f"certificate for it: nothing was disposed of again; check the register with the governance lead "
+            f"(restore it from a backup) before removing {journal_path(home)}"
+        )
+    journal_path(home).unlink(missing_ok=True)
+    return stored
 
 
 def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:

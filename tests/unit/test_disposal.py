@@ -1084,3 +1084,28 @@ def test_a_journal_that_cannot_be_read_stops_every_disposal_saying_why(world: Wo
                     lambda: world.dispose(target)):  # fmt: skip
         with pytest.raises(disposal.DisposalError, match="cannot be read as a journal"):
             attempt()
+
+
+def test_the_journal_of_a_certified_disposal_put_back_is_not_carried_out_again(world: World) -> None:
+    """An authentic journal copied aside mid-disposal and put back after the certificate (or left
+    by a crash after it) would run the steps again on whatever bears the planned names now: the
+    store rebuilt under yet another key, files of those names shredded. It is removed instead,
+    the certificate on record returned, and the resumption audited as already certified."""
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, _crash_after="rows")
+    path = disposal.journal_path(world.home)
+    copied = path.read_bytes()
+    finished = disposal.resume(world.context())
+    assert finished is not None and disposal.pending(world.home) is None
+    store_key = world.keyring.get("store").key_id
+
+    path.write_bytes(copied)
+    again = disposal.resume(world.context())
+    assert again is not None and again.certificate == finished.certificate
+    assert disposal.pending(world.home) is None
+    assert world.keyring.get("store").key_id == store_key  # no step ran again
+    with Store(world.home).connect(read_only=True) as con:
+        assert len(disposal.certificates(con)) == 1
+        resumed = [e.fields for e in audit.entries_for(con, object_like="disposal:%") if e.outcome == "resumed"]
+    assert resumed[-1].get("already_certified") is True
