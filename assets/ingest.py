@@ -107,6 +107,11 @@ def _log_report(context: dg.AssetExecutionContext, c: str, report: IngestReport)
             f"{c}: {report.files_arriving} file(s) still being written were left "
             "in the folder; a later run reads them once they are complete"
         )
+    if report.landings_unaudited:
+        context.log.warning(
+            f"{c}: {report.landings_unaudited} batch(es) landed but the audit trail refused their landing entry "
+            "(it does not verify: safehaven audit verify); the next landing step puts them on record once it does"
+        )
     if report.landings_audited_late:
         context.log.info(
             f"{c}: {report.landings_audited_late} batch(es) landed by an earlier run without their "

@@ -8,12 +8,14 @@ certificate, and can show that the bytes are gone.
 What is due (:func:`due`, run every day by the ``disposal`` schedule):
 
 * **A collection's records**, ``retention_days`` after the haven *received* them (the
-  ``retention_days`` of the collection's contract, counted from ``governance.batches.landed_at``,
-  or from ``quarantined_at`` for a file set aside at ingest). The unit of disposal is the
-  received file (the batch): every copy of it is known by its SHA-256, so "all copies" can be
-  found and shown to be gone. ``safehaven dispose --collection C --before D`` disposes of
-  what was received before day ``D`` (00:00 UTC) by hand. The objections collection is not
-  disposed of this way: objections are honoured for as long as the haven holds data.
+  ``retention_days`` of the collection's contract, counted from the receipt the audit trail
+  records, ``safehaven.intake.landings``: never from ``governance.batches.landed_at`` alone,
+  which the store key can change; or from ``quarantined_at`` for a file set aside at ingest).
+  The unit of disposal is the received file (the batch): every copy of it is known by its
+  SHA-256, so "all copies" can be found and shown to be gone. ``safehaven dispose --collection C
+  --before D`` disposes of what was received before day ``D`` (00:00 UTC) by hand. The objections
+  collection is not disposed of this way: objections are honoured for as long as the haven holds
+  data.
 * **An agreement's data** when the agreement has expired (CoP 43d: the purpose is achieved) or
   has been suspended *for a breach* (CoP 43f: the agreement's ``on_breach`` arrangements): the
   reason of its suspension, as the audit trail records it, names a breach. Any other suspension

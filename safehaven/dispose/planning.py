@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from safehaven.dispose.found import (
 from safehaven.dispose.journal import midnight, new_id, now
 from safehaven.dispose.model import RELEASE_REGISTER, DisposalError, Plan, Target
 from safehaven.dispose.vault_sets import disposed_people, drop_vault_sets, load_batches, needs_vault_key, vault_sets
+from safehaven.intake import landings
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.pseudonymise import install_key
@@ -161,15 +163,50 @@ def _content_contract(registry: ContractRegistry, collection: str) -> Contract:
     return contract
 
 
-def _plan_batches(plan: Plan, con: duckdb.DuckDBPyConnection | None, cutoff: datetime) -> None:
-    """The collection's batches received before ``cutoff`` and not yet disposed of."""
+@dataclass
+class Received:
+    """A collection's batches not yet disposed of, by when the audit trail records them received
+    (``safehaven.intake.landings``) against a cut-off."""
+
+    #: received before the cut-off: (batch id, file name, rows, received, status), oldest first
+    before: list[tuple[str, str, int, datetime, str]] = field(default_factory=list)
+    #: not on record, the register dating them before the cut-off: not disposed of by date
+    unrecorded: list[str] = field(default_factory=list)
+    #: on record, the register's time on the other side of the cut-off: the record decides
+    register_differs: list[str] = field(default_factory=list)
+
+
+def received_before(con: duckdb.DuckDBPyConnection | None, collection: str, cutoff: datetime) -> Received:
+    """The batches of ``collection`` received before ``cutoff`` as the audit trail records them,
+    never as the batch register alone dates them (CoP 43d, 23d; ``safehaven.intake.landings``)."""
+    out = Received()
     if con is None or not table_exists(con, "governance", "batches"):
-        return
+        return out
+    recorded = landings.received(con, collection)
     rows = con.execute(
         f"SELECT batch_id, file_name, rows, landed_at, status FROM {BATCHES} WHERE collection = ? "
-        "AND landed_at < ? AND status <> 'disposed' ORDER BY landed_at, batch_id",
-        [plan.target.collection, cutoff],
+        "AND status <> 'disposed' ORDER BY landed_at, batch_id",
+        [collection],
     ).fetchall()
+    for batch, name, n, at, status in rows:
+        on_record = recorded.get(batch)
+        by_register = at is None or at < cutoff
+        if on_record is None:
+            if by_register:
+                out.unrecorded.append(batch)
+            continue
+        if on_record < cutoff:
+            out.before.append((batch, name, n, on_record, status))
+        if by_register != (on_record < cutoff):
+            out.register_differs.append(batch)
+    out.before.sort(key=lambda r: (r[3], r[0]))
+    return out
+
+
+def _plan_batches(plan: Plan, con: duckdb.DuckDBPyConnection | None, cutoff: datetime) -> None:
+    """The collection's batches received before ``cutoff`` (as the audit trail records it) and not yet
+    disposed of; a batch whose receipt is not on record is left out (:func:`received_before`)."""
+    rows = received_before(con, plan.target.collection, cutoff).before
     plan.batches = [
         {"batch_id": b, "file_name": f, "rows": n, "landed_at": at.isoformat(), "status": s} for b, f, n, at, s in rows
     ]

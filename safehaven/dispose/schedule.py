@@ -23,7 +23,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, agreement_ids, agreement_purpose
 from safehaven.core.store import Store, table_exists
 from safehaven.dispose.found import quarantine_files, release_tables
-from safehaven.dispose.journal import count, midnight, pending
+from safehaven.dispose.journal import midnight, pending
 from safehaven.dispose.model import (
     RELEASE_REGISTER,
     DisposalError,
@@ -32,9 +32,10 @@ from safehaven.dispose.model import (
     SweepReport,
     Target,
 )
+from safehaven.dispose.planning import Received, received_before
 from safehaven.dispose.run import dispose, resume
+from safehaven.intake import landings
 from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.ingest import BATCHES
 from safehaven.share import approvals
 from safehaven.share.agreements import Agreement, AgreementError, agreements_dir, scan_agreements
 
@@ -83,25 +84,46 @@ def _holds(home: Home, keyring: KeyRing, con: duckdb.DuckDBPyConnection | None, 
 
 def _due_collection(
     home: Home, contract: Contract, con: duckdb.DuckDBPyConnection | None, today: date
-) -> DueItem | None:
-    """The collection's records received more than its retention ago, if any."""
+) -> list[DueItem]:
+    """The collection's records received more than its retention ago, if any, as the audit trail
+    records their receipt (``safehaven.dispose.planning.received_before``); and a review item for
+    batches whose receipt the record does not settle."""
     cutoff = today - timedelta(days=contract.retention_days or 0)
-    batches = 0
-    if con is not None and table_exists(con, "governance", "batches"):
-        batches = count(
-            con,
-            f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND landed_at < ? AND status <> 'disposed'",
-            [contract.collection, midnight(cutoff)],
-        )
+    received = received_before(con, contract.collection, midnight(cutoff))
     files, folders = quarantine_files(home, contract.collection, midnight(cutoff), set())
-    if not (batches or files or folders):
-        return None
-    return DueItem(
+    items = [_unsettled(contract, received, cutoff)] if received.unrecorded or received.register_differs else []
+    if not (received.before or files or folders):
+        return items
+    due = DueItem(
         "dispose",
         f"{contract.collection}: received before {cutoff}, more than the contract's retention of "
         f"{contract.retention_days} days ago (contract v{contract.version})",
         Target.for_collection(contract.collection, cutoff),
-        {"batches": batches, "quarantined_files": len(files), "quarantined_folders": len(folders)},
+        {"batches": len(received.before), "quarantined_files": len(files), "quarantined_folders": len(folders)},
+    )
+    return [due, *items]
+
+
+def _unsettled(contract: Contract, received: Received, cutoff: date) -> DueItem:
+    """The review item for batches the register dates one side of the cut-off and the audit trail
+    the other, or not at all (``safehaven.intake.landings``): none is disposed of by the register."""
+    parts = []
+    if received.unrecorded:
+        parts.append(
+            f"{len(received.unrecorded)} batch(es) whose receipt is not on the audit trail (landed by a run "
+            "that was stopped, or while the trail did not verify) are not disposed of by date; the "
+            "collection's next landing step (safehaven run) puts them on record"
+        )
+    if received.register_differs:
+        parts.append(
+            f"{len(received.register_differs)} batch(es) whose received time in the batch register differs from "
+            "the one the audit trail records: retention counts from the trail's; check who changed the register"
+        )
+    return DueItem(
+        "review",
+        f"{contract.collection} (retention cut-off {cutoff}): " + "; ".join(parts),
+        Target.for_collection(contract.collection, cutoff),
+        {"unrecorded": received.unrecorded[:20], "register_differs": received.register_differs[:20]},
     )
 
 
@@ -180,7 +202,9 @@ def _due_in(
     con: duckdb.DuckDBPyConnection | None,
     today: date,
 ) -> None:
-    collections = [_due_collection(home, c, con, today) for c in registry.content() if c.retention_days]
+    collections = [
+        item for c in registry.content() if c.retention_days for item in _due_collection(home, c, con, today)
+    ]
     found, errors = scan_agreements(registry.root)
     folder = agreements_dir(registry.root)
     agreements = [
@@ -227,6 +251,7 @@ def due(haven: Haven) -> list[DueItem]:
 def sweep(haven: Haven, *, authorised_by: str | None = None) -> SweepReport:
     """Resume an interrupted disposal, then dispose of everything due (the daily job), with ``haven``."""
     report = SweepReport()
+    _record_landings(haven)
     resumed = resume(haven)
     if resumed is not None:
         report.results.append(resumed)
@@ -236,6 +261,18 @@ def sweep(haven: Haven, *, authorised_by: str | None = None) -> SweepReport:
         elif item.action == "dispose" and item.target is not None:
             _sweep_one(haven, item, report, authorised_by)
     return report
+
+
+def _record_landings(haven: Haven) -> None:
+    """Put on record the receipt of every content batch the audit trail does not record
+    (``safehaven.intake.landings.record_unrecorded``), so a collection that sends nothing more is
+    still disposed of by date; nothing is recorded while the trail does not verify."""
+    if not haven.home.store_file.exists():
+        return
+    with Store(haven.home, haven.keyring).connect() as con:
+        if table_exists(con, "governance", "batches"):
+            for contract in haven.contracts.content():
+                landings.record_unrecorded(con, contract.collection)
 
 
 def _sweep_one(haven: Haven, item: DueItem, report: SweepReport, authorised_by: str | None) -> None:

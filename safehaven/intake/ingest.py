@@ -87,7 +87,7 @@ from safehaven.core.audit import shown_name
 from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.core.store import transaction
-from safehaven.intake import batch_seal
+from safehaven.intake import batch_seal, landings
 from safehaven.intake.batch_seal import Sealer
 from safehaven.intake.contracts import Contract
 
@@ -124,9 +124,9 @@ class IngestReport:
 
     collection: str
     files_landed: int = 0
-    #: objections batches landed whose ``objections.batch_landed`` audit entry the trail refused
+    #: batches landed whose landing entry the trail refused (``_record_landing``)
     landings_unaudited: int = 0
-    #: earlier landings audited by this one (``safehaven.intake.batch_seal.Sealer.record_unrecorded``)
+    #: earlier landings audited by this one (``Sealer.record_unrecorded``, ``landings.record_unrecorded``)
     landings_audited_late: int = 0
     files_skipped: int = 0
     files_quarantined: int = 0
@@ -642,13 +642,14 @@ def land_file(
         if seen is not None:
             _unchanged_since(path, seen)
         con.execute(
-            f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, now(), 'landed', NULL, NULL, ?, ?, to_timestamp(?))",
+            f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, ?, ?, 'landed', NULL, NULL, ?, ?, to_timestamp(?))",
             [
                 sha,
                 contract.collection,
                 shown_name(path.name),
                 sha,
                 rows,
+                landings.clock(contract.collection),
                 contract.version,
                 drop,
                 arrived(seen or os.lstat(path)),
@@ -908,13 +909,27 @@ def _ingest_one(
     except Exception as exc:  # contained: one file never fails the stage
         _rollback(con)
         raise _unreadable(exc) from None
-    if sealer is not None and not sealer.record_landed(con, sha, rows):
+    if not _record_landing(con, contract, sha, rows, sealer):
         report.landings_unaudited += 1
     report.files_landed += 1
     report.rows_landed += rows
     report.batches.append(sha)
     report.drops[drop] = "landed"
     _remove_received(path, report)
+
+
+def _record_landing(
+    con: duckdb.DuckDBPyConnection, contract: Contract, sha: str, rows: int, sealer: Sealer | None
+) -> bool:
+    """Audit a landing once it has committed: an objections batch by its sealer
+    (``safehaven.intake.batch_seal``), a content batch with the time retention counts from
+    (``safehaven.intake.landings``); False when the trail refused the entry."""
+    if sealer is not None:
+        return sealer.record_landed(con, sha, rows)
+    if contract.kind != "content":
+        return True
+    landed_at = con.execute(f"SELECT landed_at FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()[0]
+    return landings.record(con, contract.collection, sha, landed_at)
 
 
 def _note_restatement(
@@ -993,6 +1008,8 @@ def ingest_collection(
     report = IngestReport(contract.collection)
     if sealer is not None:  # landings an earlier run could not audit (killed, or the trail refused)
         report.landings_audited_late = len(sealer.record_unrecorded(con))
+    elif contract.kind == "content":
+        report.landings_audited_late = len(landings.record_unrecorded(con, contract.collection))
     if _refuse_folder(incoming, quarantine_dir, contract, report):
         return report
     for path in sorted(incoming.iterdir(), key=_arrival):  # arrival order: the later statement lands later

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -17,6 +17,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
 from safehaven.dispose import disposal
+from safehaven.intake import landings
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.share import review
 from safehaven.share.agreements import suspend
@@ -41,6 +42,12 @@ def test_disposal_job_and_daily_schedule_are_wired() -> None:
     assert request.run_config == {"ops": {"dispose": {"config": {"sweep": True}}}}
 
 
+def _gp_received_eight_years_ago(collection: str) -> datetime:
+    """The landing clock of the module's run: the GP drop is received eight years ago, as the audit
+    trail records it (retention counts from there: ``safehaven.intake.landings``)."""
+    return datetime.now(UTC) - timedelta(days=2920 if collection == "gp_events" else 0)
+
+
 @pytest.fixture(scope="module")
 def ran_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
     """One nightly run over a drop for the whole module, with the project's agreements copied beside
@@ -57,6 +64,7 @@ def ran_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
             | seeded_nhs_numbers(home.incoming_for("social_care"))
             | seeded_nhs_numbers(home.incoming_for("objections"))
         )
+        mp.setattr(landings, "clock", _gp_received_eight_years_ago)
         ok, stages = run_nightly(home, instance)
         assert ok, [s for s in stages if s.checks_failed]
         with Store(home).connect() as con:  # two output checkers approve what the run prepared
@@ -89,10 +97,6 @@ def _run(instance, config: dict) -> dg.ExecuteInProcessResult:
 @pytest.mark.slow
 def test_daily_sweep_disposes_of_what_is_due_and_the_pipeline_runs_on(ran, dagster_instance) -> None:
     home, contracts, gp_only = ran
-    with Store(home).connect() as con:  # the GP drop was received eight years ago
-        con.execute(
-            "UPDATE governance.batches SET landed_at = now() - INTERVAL 2920 DAY WHERE collection = 'gp_events'"
-        )
     suspend(GP_AUDIT, "the recipient breached the no-onward-sharing term", "SIRO", root=contracts)
     salt_id = KeyRing(home.keys).get(f"agreement-{GP_AUDIT}").key_id
 

@@ -2,11 +2,12 @@
 
 The haven used here is built with the core functions (``tests.unit.populate``) from two drops:
 
-* an *old* drop, received in 2015 (its batches' ``landed_at`` is set back, as if it had been
-  received then): gp_events, hospital_episodes and social_care of people who appear nowhere
-  else, plus one hospital episode of a person ("the mover") who is also in the new drop but with
-  another postcode and date of birth, plus a malformed GP file quarantined in 2015, plus a
-  resent copy of the old GP file still waiting in ``incoming/``;
+* an *old* drop, received in 2015 (landed with the landing clock set back,
+  ``safehaven.intake.landings.clock``, so the audit trail records it received then):
+  gp_events, hospital_episodes and social_care of people who appear nowhere else, plus one
+  hospital episode of a person ("the mover") who is also in the new drop but with another
+  postcode and date of birth, plus a malformed GP file quarantined in 2015, plus a resent copy
+  of the old GP file still waiting in ``incoming/``;
 * a *new* drop, received now, that is kept.
 
 A record-level agreement (``gp-study``) releases gp_events after both drops landed. The
@@ -34,7 +35,9 @@ from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path, table_exists
 from safehaven.dispose import disposal
+from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import ingest_collection
 from safehaven.protect import vault
 from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
 from safehaven.publish.aggregate import count
@@ -56,7 +59,7 @@ from tests.unit.populate import process, write_csv
 from tests.unit.test_vault import seen_matches_vault
 
 OLD_END = date(2015, 3, 31)
-RECEIVED_2015 = "2015-04-02 09:00:00+00"
+RECEIVED_2015 = datetime(2015, 4, 2, 9, tzinfo=UTC)
 BEFORE = date(2016, 1, 1)
 CONTENT = ("gp_events", "hospital_episodes", "social_care")
 MOVER_POSTCODE = "ZZ9 9ZZ"
@@ -160,18 +163,17 @@ def _build(root: Path) -> None:
     old_gp = next((old / "gp_events").glob("*.csv"))
     header, rows = _read(old_gp)
     write_csv(old / "gp_events" / "gp_events_20150331_resent.csv", [*header, "note"], [[*r, "x"] for r in rows[:20]])
+    received = {old: lambda _: RECEIVED_2015, new: landings.clock}  # the old drop is received in 2015
     for sub in (old, new):  # received separately: each drop gets its own vault data keys
         for path in sub.rglob("*.csv"):
             dest = home.incoming_for(path.parent.name) / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, dest)
-        process(home, registry)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(landings, "clock", received[sub])
+            process(home, registry)
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        con.execute(
-            "UPDATE governance.batches SET landed_at = CAST(? AS TIMESTAMPTZ) WHERE file_name LIKE '%20150331%'",
-            [RECEIVED_2015],
-        )
         assert con.execute("SELECT count(*) FROM governance.batches WHERE landed_at < '2016-01-01'").fetchone()[0] == 3
         adopt(con, registry, STUDY)  # the governance lead adopts the study's approval
         result = prepare_and_release(con, STUDY, haven=Haven.open(home, contracts=registry, keyring=keyring))
@@ -1109,3 +1111,71 @@ def test_the_journal_of_a_certified_disposal_put_back_is_not_carried_out_again(w
         assert len(disposal.certificates(con)) == 1
         resumed = [e.fields for e in audit.entries_for(con, object_like="disposal:%") if e.outcome == "resumed"]
     assert resumed[-1].get("already_certified") is True
+
+
+# --- retention counts from the receipt the audit trail records (safehaven.intake.landings) ----------
+
+
+def _held(world: World, collection: str) -> int:
+    with Store(world.home).connect(read_only=True) as con:
+        return con.execute(f"SELECT count(*) FROM landing.{collection}").fetchone()[0]
+
+
+def test_a_receipt_moved_back_in_the_batch_register_destroys_nothing_and_is_named_for_review(world: World) -> None:
+    """Whoever holds the store key could date the new drop's batches to 2000 so that the daily
+    sweep destroyed them unasked: the sweep counts retention from the receipt the audit trail
+    records, disposes of the old drop alone, and names the batches whose register time differs."""
+    with Store(world.home).connect() as con:
+        con.execute("UPDATE governance.batches SET landed_at = '2000-01-01' WHERE landed_at >= '2016-01-01'")
+    kept = _held(world, "social_care") - _held_old(world, "social_care")
+    items = [i for i in disposal.due(world.context()) if i.target.collection == "social_care"]
+    assert [i.action for i in items] == ["dispose", "review"]
+    assert items[0].detail["batches"] == 1 and "differs from the one the audit trail records" in items[1].reason
+    disposal.sweep(world.context())
+    assert _held(world, "social_care") == kept > 0
+
+
+def _held_old(world: World, collection: str) -> int:
+    with Store(world.home).connect(read_only=True) as con:
+        return con.execute(
+            f"SELECT count(*) FROM landing.{collection} WHERE _batch IN (SELECT batch_id FROM governance.batches "
+            "WHERE file_name LIKE '%20150331%')"
+        ).fetchone()[0]
+
+
+def test_a_receipt_moved_forward_in_the_batch_register_does_not_stop_retention(world: World) -> None:
+    """Dating the old drop's batches to today in the register would let retention lapse: the
+    audit trail's receipt (2015) still makes them due."""
+    with Store(world.home).connect() as con:
+        con.execute("UPDATE governance.batches SET landed_at = now()")
+    [due, review] = [i for i in disposal.due(world.context()) if i.target.collection == "gp_events"]
+    assert due.action == "dispose" and due.detail["batches"] == 1
+    assert review.action == "review" and review.detail["register_differs"]
+    result = world.dispose(due.target)
+    assert result.status == "disposed" and _held_old(world, "gp_events") == 0
+
+
+def test_a_receipt_not_on_the_audit_trail_is_not_disposed_of_by_date_until_the_sweep_records_it(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A landing with no entry (a run stopped between its commit and the entry; a haven from before
+    the rule): what is due and a plan leave it out and say why; the sweep puts it on record first,
+    with the register's time as it stands, then disposes of it by that."""
+    synthetic.generate(tmp_path / "drop", patients=20, seed=99, defect_rate=0.0, period_end=OLD_END)
+    folder = world.home.incoming_for("social_care")
+    shutil.copy(next((tmp_path / "drop" / "social_care").glob("*.csv")), folder / "late.csv")
+    with monkeypatch.context() as mp, Store(world.home).connect() as con:
+        mp.setattr(landings, "record", lambda *_: False)  # stopped between the landing's commit and its entry
+        report = ingest_collection(con, world.registry.contracts["social_care"], folder, world.home.quarantine)
+        assert report.landings_unaudited == 1
+        con.execute("UPDATE governance.batches SET landed_at = '2015-01-01' WHERE batch_id = ?", report.batches)
+    target = disposal.Target.for_collection("social_care", BEFORE)
+    assert report.batches[0] not in [b["batch_id"] for b in disposal.make_plan(world.context(), target).batches]
+    review = [i for i in disposal.due(world.context()) if i.target.collection == "social_care" and i.action == "review"]
+    assert "1 batch(es) whose receipt is not on the audit trail" in review[0].reason
+
+    disposal.sweep(world.context())
+    with Store(world.home).connect(read_only=True) as con:
+        status = con.execute("SELECT status FROM governance.batches WHERE batch_id = ?", report.batches).fetchone()
+        assert status == ("disposed",) and audit.verify(con, world.home).ok
+    assert not [i for i in disposal.due(world.context()) if i.target.collection == "social_care"]

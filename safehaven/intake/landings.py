@@ -1,0 +1,121 @@
+"""When each content batch was received, as the audit trail records it: retention counts from there.
+
+Rule (CoP 43d, 48-50; CoP 23d: a decision on the record; ``docs/rules.md`` "Retention and
+disposal"): a collection's records are disposed of ``retention_days`` after the haven received
+them (``safehaven.dispose``), and the daily sweep destroys what is due without a person. The
+batch register's ``landed_at`` is a store column: whoever holds the store key could move it back
+(the sweep would destroy a file received yesterday) or forward (retention would lapse). So:
+
+* each content batch's landing is audited once its landing commits (:data:`ACTION`, detail
+  ``{"batch", "landed_at"}``: :func:`record`); retention counts from the time so recorded, never
+  later than the entry itself (:func:`received`);
+* a landing the trail does not record (a run killed between the commit and the entry, a trail
+  that did not verify then, a batch landed before this rule) is put on record by the collection's
+  next landing step, with the register's time as it stands then (:func:`record_unrecorded`:
+  ``recorded: late``); until then its records are not disposed of by date, and the sweep lists
+  them for review (``safehaven.dispose.schedule``);
+* a register time that differs from the recorded one is not acted on either way; the sweep names
+  it in a review item.
+
+Objections batches have their own landing entries and seals (``safehaven.intake.batch_seal``) and
+are never disposed of by date. Limit: the first recording of a batch landed before this rule takes
+the register's time as it stands when the rule first runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+
+from safehaven.core import audit, schema
+from safehaven.core.store import table_exists
+
+ACTION = "intake.batch_landed"
+#: a register time further than this from the recorded one is named for review
+TOLERANCE = timedelta(minutes=5)
+#: a batch id as the haven makes one: the SHA-256 of the file it landed from
+_BATCH_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _now(collection: str) -> datetime:
+    """The landing time of a batch of ``collection``: now (tests receive a drop in the past)."""
+    return datetime.now(UTC)
+
+
+#: the clock landings read (:func:`_now`; a test sets a drop's receipt back through it)
+clock: Callable[[str], datetime] = _now
+
+
+def _entry(collection: str, detail: dict) -> dict:
+    return {"actor": "safehaven", "role": "pipeline", "action": ACTION, "object": collection, "detail": detail}
+
+
+def record(con: duckdb.DuckDBPyConnection, collection: str, batch: str, landed_at: datetime) -> bool:
+    """Audit that ``batch`` of ``collection`` landed at ``landed_at`` (after its landing commits).
+    False when the trail refuses the entry (it does not verify): the landing stands, and the
+    collection's next landing step records it late (:func:`record_unrecorded`)."""
+    try:
+        audit.append_many(con, [_entry(collection, {"batch": batch, "landed_at": landed_at.isoformat()})])
+    except (audit.AuditTrailBroken, ValueError, duckdb.Error):
+        return False
+    return True
+
+
+def _recorded_ids(con: duckdb.DuckDBPyConnection, collection: str) -> set[str]:
+    """The batches of ``collection`` named by a landing entry (read as written: only to find the
+    ones to record; :func:`received` verifies each entry it acts on)."""
+    if not table_exists(con, *schema.AUDIT_LOG.split(".")):
+        return set()
+    rows = con.execute(
+        f"SELECT json_extract_string(detail, '$.batch') FROM {schema.AUDIT_LOG} WHERE action = ? AND object = ?",
+        [ACTION, collection],
+    ).fetchall()
+    return {b for (b,) in rows if b}
+
+
+def record_unrecorded(con: duckdb.DuckDBPyConnection, collection: str) -> list[str]:
+    """Audit, in one append, the landing of every batch of ``collection`` the trail does not record,
+    with the register's time as it stands now (module docstring); returns them. Never fails the step:
+    nothing is recorded while the trail does not verify."""
+    recorded = _recorded_ids(con, collection)
+    held = con.execute(
+        f"SELECT batch_id, landed_at FROM {schema.BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id",
+        [collection],
+    ).fetchall()
+    late = [(b, at) for b, at in held if isinstance(b, str) and _BATCH_ID.fullmatch(b) and b not in recorded]
+    entries = [
+        _entry(collection, {"batch": b, "landed_at": at.isoformat() if at else None, "recorded": "late"})
+        for b, at in late
+    ]
+    if not entries:
+        return []
+    try:
+        audit.append_many(con, entries)
+    except (audit.AuditTrailBroken, ValueError, duckdb.Error):
+        return []
+    return [b for b, _ in late]
+
+
+def _time(entry: audit.Entry) -> datetime:
+    """An entry's landing time: the one it names, never later than the entry itself."""
+    try:
+        named = datetime.fromisoformat(str(entry.fields.get("landed_at")))
+    except ValueError:
+        return entry.at
+    if named.tzinfo is None:
+        return entry.at
+    return min(named, entry.at)
+
+
+def received(con: duckdb.DuckDBPyConnection, collection: str) -> dict[str, datetime]:
+    """Each batch of ``collection`` with the time the audit trail records it landing (authentic
+    entries only: each verifies under the audit key); a batch with none is not in it."""
+    out: dict[str, datetime] = {}
+    for entry in audit.authentic_entries(con, [ACTION]):
+        batch = entry.fields.get("batch")
+        if entry.object == collection and isinstance(batch, str):
+            out[batch] = min(out.get(batch, _time(entry)), _time(entry))
+    return out
