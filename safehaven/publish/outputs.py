@@ -198,9 +198,14 @@ class Measure(Strict):
 
 
 class PolicySpec(Strict):
-    """The output's threshold and rounding (``safehaven.publish.disclosure.Policy``; zeros: :class:`ZerosSpec`)."""
+    """The output's threshold and rounding (``safehaven.publish.disclosure.Policy``; zeros: :class:`ZerosSpec`).
 
-    threshold: int = Field(default=THRESHOLD, ge=0)
+    An output may suppress more than the haven's floor, never less: counts of 1 to ``THRESHOLD``
+    people are suppressed in every output (``safehaven.publish.disclosure.policy``; ISB 1523,
+    CoP 34b). Every check reads the threshold from the same definition it
+    protects, so a definition below the floor is refused when the definitions load."""
+
+    threshold: int = Field(default=THRESHOLD, ge=THRESHOLD)
     rounding: Rounding = ROUNDING
 
     @model_validator(mode="before")

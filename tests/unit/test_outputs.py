@@ -14,6 +14,7 @@ import yaml
 
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.disclosure import Policy, check_invariants, true_range
+from safehaven.publish.disclosure.policy import THRESHOLD
 from safehaven.publish.outputs import (
     MACROS,
     Output,
@@ -169,6 +170,23 @@ def test_a_file_must_be_named_after_its_output(tmp_path, registry: ContractRegis
     (tmp_path / "other.yaml").write_text(source.read_text())
     with pytest.raises(OutputError, match="file name"):
         load_output(tmp_path / "other.yaml")
+
+
+def test_an_output_below_the_havens_suppression_floor_is_refused_naming_the_file(
+    tmp_path, registry: ContractRegistry
+) -> None:
+    """Every check (invariants, guard, audit) reads the threshold from the definition it protects,
+    so a definition may raise the floor of suppressed counts, never lower it: ``threshold: 0`` in
+    an output's YAML published a cell of 3 people as 5 (found by review)."""
+    spec = yaml.safe_load((outputs_dir(registry.root) / "gp_activity.yaml").read_text())
+    for lowered in (0, THRESHOLD - 1):
+        spec["policy"]["threshold"] = lowered
+        (tmp_path / "gp_activity.yaml").write_text(yaml.safe_dump(spec))
+        with pytest.raises(OutputError, match=r"gp_activity\.yaml: policy\.threshold"):
+            load_output(tmp_path / "gp_activity.yaml")
+    spec["policy"]["threshold"] = THRESHOLD + 3
+    (tmp_path / "gp_activity.yaml").write_text(yaml.safe_dump(spec))
+    assert load_output(tmp_path / "gp_activity.yaml").disclosure_policy.threshold == THRESHOLD + 3
 
 
 # --- zeros: a stated policy, sampling vs structural (module docstring, "Zeros") ---------------
