@@ -286,6 +286,28 @@ def _hex_key(path: Path) -> bytes | None:
     return material if len(material) == KEY_BYTES else None
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object with no name twice (``json`` would keep the last silently)."""
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("a name appears twice")
+    return dict(pairs)
+
+
+def _manifest_shape(data: object) -> str | None:
+    """What is wrong with the shape of a parsed ``keyring.json``, or None (:meth:`KeyRing.manifest`)."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for purpose, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("history"), list):
+            return f"{purpose!r} has no history list"
+        if not (entry.get("current") is None or isinstance(entry.get("current"), str)):
+            return f"{purpose!r} has a current key id that is not text"
+        if not all(isinstance(item, dict) and isinstance(item.get("key_id"), str) for item in entry["history"]):
+            return f"{purpose!r} has a history entry without a key id"
+    return None
+
+
 class KeyRing:
     """Key files in one directory, each checked (and pinned) before it is read.
 
@@ -628,15 +650,25 @@ class KeyRing:
         )
 
     def manifest(self) -> dict[str, dict[str, object]]:
-        """Key ids and dates per purpose; never material."""
+        """Key ids and dates per purpose; never material.
+
+        The manifest pins each key file to the key id recorded for it, so one of another shape is
+        refused, never read as "nothing recorded" (which accepted any key file and let a missing
+        key be made anew: found by review): a JSON object of purposes, each ``current`` (a key id
+        or null) and ``history`` (objects with a ``key_id``), no name twice (:func:`_manifest_shape`)."""
         path = self.directory / MANIFEST
         if not path.exists():
             return {}
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
         except (ValueError, UnicodeDecodeError):
             raise KeyRingError(f"{path} is not readable JSON; restore it from the key custodian's backup") from None
-        return data if isinstance(data, dict) else {}
+        problem = _manifest_shape(data)
+        if problem:
+            raise KeyRingError(
+                f"{path} is not a key ring manifest ({problem}); restore it from the key custodian's backup"
+            )
+        return data
 
     def _mark_pending(self, purpose: str, kid: str) -> None:
         data = self.manifest()

@@ -170,9 +170,15 @@ def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_i
 
 
 def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
-    """An agreement's pseudonym key: HKDF over the haven key with its pinned salt (``safehaven.core.keys``)."""
+    """An agreement's pseudonym key: HKDF over the haven key with its pinned salt (``safehaven.core.keys``).
+
+    The haven key is the store's current epoch or refused (:func:`check_epoch`): a key file swapped
+    or re-made beside an edited ``keyring.json`` would otherwise give a recipient pseudonyms that
+    link to nothing they hold, and re-identification a wrong person (found by review)."""
     salt = agreement_salt(con, keyring, agreement_id, create=create)
-    return derive_agreement_key(keyring.get("haven").material, salt.material, agreement_id)
+    haven = keyring.get("haven")
+    check_epoch(con, "haven", haven.key_id, f"the haven key file {keyring.path('haven')}", writable=False)
+    return derive_agreement_key(haven.material, salt.material, agreement_id)
 
 
 #: release requests (``safehaven.share.review.REQUESTS``): a prepared request's staged files

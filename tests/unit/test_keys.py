@@ -167,3 +167,37 @@ def test_leftover_from_an_interrupted_replacement(tmp_path: Path) -> None:
     assert ring.path("audit").read_text() != old.hex
     with pytest.raises(KeyRingError, match=f"records key {old.key_id}"):
         ring.get("audit")  # a key file the key ring did not write is refused (pinned)
+
+
+@pytest.mark.parametrize(
+    "text", ["[]", "null", '"x"', '{"haven": "x"}', '{"haven": {"current": null, "history": []}, "haven": {}}',
+             '{"haven": {"current": 7, "history": []}}', '{"haven": {"current": null, "history": [{}]}}'],
+    ids=["a list", "null", "text", "an entry not an object", "a name twice", "an id not text", "history without ids"],
+)  # fmt: skip
+def test_a_key_ring_manifest_of_another_shape_is_refused_not_read_as_empty(tmp_path: Path, text: str) -> None:
+    """``keyring.json`` pins each key file to its recorded id: read as "nothing recorded", an odd
+    one accepted any key file and let a missing key be made anew (found by review)."""
+    ring = KeyRing(tmp_path / "keys")
+    ring.get_or_create("haven")
+    (tmp_path / "keys" / "keyring.json").write_text(text)
+    with pytest.raises(KeyRingError, match="restore it from the key custodian's backup"):
+        ring.get("haven")
+
+
+def test_an_agreement_key_is_never_derived_from_a_haven_key_the_store_does_not_pin(home: Home) -> None:
+    """A haven key file swapped beside an emptied key ring would give recipients pseudonyms that
+    link to nothing they hold: the agreement key is derived only from the store's current haven
+    key epoch (``pins.agreement_key``; found by review)."""
+    from safehaven.core import pins
+    from safehaven.protect.haven import haven_key
+
+    ring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        haven_key(con, ring)  # records the haven epoch
+        pins.agreement_key(con, ring, "agr1")
+    (home.keys / "keyring.json").write_text("{}")
+    swapped = home.keys / "haven.key"
+    swapped.write_text(os.urandom(32).hex())
+    swapped.chmod(0o600)
+    with Store(home).connect() as con, pytest.raises(KeyRingError, match="the store's data was made with key"):
+        pins.agreement_key(con, ring, "agr1")
