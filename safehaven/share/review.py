@@ -68,6 +68,7 @@ from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.files import sha256_file, shred_tree
 from safehaven.core.home import Home
 from safehaven.core.sql import lit
+from safehaven.core.store import table_exists
 from safehaven.protect import optouts
 
 REQUESTS = schema.RELEASE_REQUESTS
@@ -326,7 +327,10 @@ def _members(con: duckdb.DuckDBPyConnection, release_id: str) -> list:
     """The request's kept members as they stand: their count and SHA-256 over their haven pids in
     order (``core.digests.sealed_rows_sql``), recorded at preparation and checked at delivery."""
     where = f"WHERE t.release_id = {lit(release_id)}"
-    found = con.execute(sealed_rows_sql(con, REQUEST_MEMBERS, "t.pid", where=where)).fetchone()
+    table = REQUEST_MEMBERS
+    if _registered(con, release_id):  # moved at registration (a delivery stopped after it is finished)
+        table = f"(SELECT release_id, agreement_id, pid FROM {reg.RELEASE_MEMBERS})"
+    found = con.execute(sealed_rows_sql(con, table, "t.pid", where=where)).fetchone()
     return [int(found[1]), str(found[2])] if found else [0, ""]
 
 
@@ -585,15 +589,17 @@ def auto_approve(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home,
 # --- delivery ------------------------------------------------------------------------------
 
 
-def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
-    """Problems between the staged directory and what was prepared and reviewed (empty: identical)."""
-    if not req.staging_dir.is_dir():
+def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request, folder: Path | None = None) -> list[str]:
+    """Problems between the staged directory (or ``folder``, where an interrupted delivery moved it)
+    and what was prepared and reviewed (empty: identical)."""
+    folder = folder or req.staging_dir
+    if not folder.is_dir():
         return [f"the staged directory of {req.release_id} is missing"]
     listed = {f["name"]: f["sha256"] for f in req.files}
     listed["manifest.json"] = req.manifest_sha256
-    found = [f"{p.name} was added after preparation" for p in sorted(req.staging_dir.iterdir()) if p.name not in listed]
+    found = [f"{p.name} was added after preparation" for p in sorted(folder.iterdir()) if p.name not in listed]
     for name, sha in listed.items():
-        path = req.staging_dir / name
+        path = folder / name
         if not path.is_file() or sha256_file(path) != sha:
             found.append(f"{name} is not the file that was prepared and reviewed (SHA-256 differs or it is missing)")
     reviewed = con.execute(
@@ -678,15 +684,28 @@ def _audited_approvers(entries: list[audit.Entry], files: dict[str, str], operat
 
 
 def _refuse_delivery(
-    con: duckdb.DuckDBPyConnection, req: Request, by: str, found: list[str], kind: str = "reviewed_file_changed"
+    con: duckdb.DuckDBPyConnection,
+    req: Request,
+    by: str,
+    found: list[str],
+    kind: str = "reviewed_file_changed",
+    *,
+    moved: bool = False,
 ) -> ReviewError:
-    """Record the refusal as a near-miss breach (``kind``) and audit it; the error says how to clear it."""
+    """Record the refusal as a near-miss breach (``kind``) and audit it; the error says how to clear it.
+    ``moved``: an interrupted delivery had already moved the files into ``releases/``, so it says so."""
+    where = (
+        f"the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/ and differ "
+        "from those reviewed: shred them after investigating"
+        if moved
+        else "nothing was released"
+    )
     breach = reg.record_breach(
         con,
         kind=kind,
         severity=0,
         what=f"release {req.release_id} refused at delivery: " + "; ".join(found[:5]),
-        remedial_action="nothing was released; investigate who changed the staged files or the review records, "
+        remedial_action=f"{where}; investigate who changed the staged files or the review records, "
         "withdraw the request and let the next run prepare it again for review",
         detail={"release_id": req.release_id, "problems": len(found)},
     )
@@ -721,37 +740,65 @@ def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: 
         raise _refuse_delivery(con, req, by, [unaudited], kind="review_not_in_audit_trail")
     _agreement_still_approved(con, req, by)
     _objections_still_honoured(con, req, home, by)
-    found = _verify_staged(con, req)
+    final = home.releases / req.agreement_id / release_id
+    moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
+    found = _verify_staged(con, req, final if moved else None)
     if found:
-        raise _refuse_delivery(con, req, by, found)
-    folder = home.releases / req.agreement_id
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)
-    final = folder / release_id
+        raise _refuse_delivery(con, req, by, found, moved=moved)
+    if not moved:
+        _move(req, final)
+    if not _registered(con, release_id):
+        try:
+            _register(con, req, datetime.now(UTC))
+        except BaseException:
+            if not moved:
+                os.rename(final, req.staging_dir)
+            raise
+    if not _delivery_audited(con, release_id):
+        _audit_delivery(con, req, by)
+    req = _transition(con, req, "release", by=by, why=f"released under the {req.rule} rule")
+    reg.export(con, home)
+    export(con, home)
+    return req
+
+
+def _move(req: Request, final: Path) -> None:
+    """Move the verified staged directory to ``final`` (``releases/<agreement>/<release-id>/``)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.chmod(0o700)
     if final.exists():
         raise ReviewError(f"{final} already exists; nothing was released (move it aside after investigating)")
     os.rename(req.staging_dir, final)
-    released_at = datetime.now(UTC)
-    try:
-        _register(con, req, released_at)
-    except BaseException:
-        os.rename(final, req.staging_dir)
-        raise
-    reviewers = approvers(con, req)
+
+
+def _registered(con: duckdb.DuckDBPyConnection, release_id: str) -> bool:
+    """Whether the release register holds ``release_id`` (a delivery stopped after registering it)."""
+    if not table_exists(con, *reg.RELEASE_REGISTER.split(".")):
+        return False
+    query = f"SELECT count(*) FROM {reg.RELEASE_REGISTER} WHERE release_id = ?"
+    return bool(con.execute(query, [release_id]).fetchone()[0])
+
+
+def _delivery_audited(con: duckdb.DuckDBPyConnection, release_id: str) -> bool:
+    """Whether the trail already records ``release_id`` delivered (a delivery stopped after its entry)."""
+    return any(
+        e.action == RELEASE_ACTION and e.outcome == "ok" and e.object == f"release:{release_id}"
+        for e in audit.entries_for(con, object_like=f"release:{release_id}")
+    )
+
+
+def _audit_delivery(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
+    """The audit entry of a delivery: rule, reviewers, manifest and shape hashes, files."""
     audit.append(
         con,
         actor=by,
         role="review",
         action=RELEASE_ACTION,
-        object=f"release:{release_id}",
+        object=f"release:{req.release_id}",
         agreement=req.agreement_id,
-        detail={"release_id": release_id, "rule": req.rule, "reviewers": reviewers,
+        detail={"release_id": req.release_id, "rule": req.rule, "reviewers": approvers(con, req),
                 "manifest_sha256": req.manifest_sha256, "files": len(req.files), "shape_sha256": req.shape_sha256},
     )  # fmt: skip
-    req = _transition(con, req, "release", by=by, why=f"released under the {req.rule} rule")
-    reg.export(con, home)
-    export(con, home)
-    return req
 
 
 def _agreement_still_approved(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:

@@ -538,3 +538,74 @@ def test_a_request_prepared_before_its_agreement_was_suspended_is_not_delivered(
     with pytest.raises(review.ReviewError, match="agreement test-linked is suspended now"):
         haven.approve(rid, R2)
     assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+# --- a delivery stopped part way is finished by the next attempt -------------------------------
+
+
+@pytest.mark.parametrize("stopped", ["after the move", "after the register"])
+def test_a_delivery_stopped_part_way_is_finished_by_the_next_attempt(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch, stopped: str
+) -> None:
+    """A kill after the files moved into ``releases/`` (or after the register row) runs no rollback:
+    the files sat there with no register row or members, so subject access and disposal could not
+    know those people were released, and the next attempt was refused as "nothing was released"
+    (found by review). The next attempt checks the moved files against the reviewed hashes and
+    finishes: registered once, audited once, the request released."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+
+    def killed(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt("killed")  # a kill -9 runs no except-block: the rename back is stubbed too
+
+    if stopped == "after the move":
+        monkeypatch.setattr(review, "_register", killed)
+    else:
+        monkeypatch.setattr(review, "_audit_delivery", killed)
+    monkeypatch.setattr(review.os, "rename", _once(review.os.rename))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        haven.approve(rid, R2)
+    monkeypatch.undo()
+    assert rid in haven.delivered() and review.get(haven.con, rid).state == review.APPROVED
+
+    review.deliver(haven.con, rid, home=haven.home, by="custodian")
+    assert review.get(haven.con, rid).state == review.RELEASED
+    assert [r["release_id"] for r in reg.releases(haven.con)] == [rid]
+    assert haven.con.execute("SELECT count(*) FROM governance.release_members").fetchone()[0] > 0
+    assert reg.breaches(haven.con) == []
+    delivered = [e for e in audit.entries_for(haven.con, object_like=f"release:{rid}") if e.outcome == "ok"]
+    assert len(delivered) == 1
+
+
+def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_where_they_are(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    monkeypatch.setattr(review, "_register", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(review.os, "rename", _once(review.os.rename))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        haven.approve(rid, R2)
+    monkeypatch.undo()
+    moved = haven.home.releases / "test-linked" / rid
+    next(moved.glob("*.parquet")).write_bytes(b"changed")
+    with pytest.raises(review.ReviewError, match="is not the file that was prepared and reviewed"):
+        review.deliver(haven.con, rid, home=haven.home, by="custodian")
+    (breach,) = reg.breaches(haven.con)
+    assert f"releases/test-linked/{rid}/" in str(breach) and "nothing was released" not in str(breach)
+    assert reg.releases(haven.con) == []
+
+
+def _once(rename):
+    """``os.rename`` that works once (the move) and then fails (a killed process renames nothing back)."""
+    calls = []
+
+    def first_only(src, dst):
+        calls.append(src)
+        if len(calls) > 1:
+            raise OSError("the process was killed")
+        return rename(src, dst)
+
+    return first_only
