@@ -36,6 +36,7 @@ the publication checks run as before; only recomputation is saved.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from safehaven.core.digests import code_sha, sha_of, table_sha
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.sql import q
+from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import Output, Period, code_lists_of
 from safehaven.publish.quality import collection_figures
@@ -140,6 +142,27 @@ def unchanged_publication(con: duckdb.DuckDBPyConnection, content_sha: str, fold
         if not path.is_file() or sha256_file(path) != sha:
             return None
     return row[0], int(row[3])
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One publication as the store records it: its release id, content digest and files (name -> SHA-256)."""
+
+    release_id: str
+    content_sha: str
+    files: dict[str, str]
+
+
+def publications(con: duckdb.DuckDBPyConnection) -> list[Publication]:
+    """Every publication the store records, newest first (none: nothing was ever published).
+
+    This record, not the files in ``published/`` (which anyone with file access can delete,
+    edit or swap), says what analysts hold (``safehaven.publish.release_audit``; CoP 23d)."""
+    if not table_exists(con, *PUBLICATIONS.split(".")):
+        return []
+    sql = f"SELECT release_id, content_sha, files FROM {PUBLICATIONS} ORDER BY published_at DESC"
+    rows = con.execute(sql).fetchall()
+    return [Publication(r[0], r[1], json.loads(r[2])) for r in rows]
 
 
 def record_publication(
