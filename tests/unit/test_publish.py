@@ -505,3 +505,35 @@ def test_a_swapped_previous_parquet_refuses_the_next_publication(store: Store, r
     assert "its SHA-256 must match" in problem
     assert accuracy and accuracy["revisions"]["cells_compared"] == 4
     assert accuracy["disclosure_audit"]["audit_changes"] == 4
+
+
+def test_an_output_left_out_of_a_publication_is_compared_with_its_last_publication_when_it_returns(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """An output left out of one publication (its files removed from published/) and back in a
+    later one is not new: analysts hold its last publication, so the release is refused, naming
+    that release's file, until a person puts it back; then the changes since it are audited."""
+    home = store.home
+    adm, other = output(relations=[REVISION]), output("other")
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, adm, registry, home)
+        build_all(con, other, registry, home)
+        first = publish_release(con, [adm, other], registry, home, now=NOW)
+        kept = (home.published / "adm.parquet").read_bytes()
+        seed_haven(con, {"A": 41, "B": 3})
+        build_all(con, other, registry, home)
+        publish_release(con, [other], registry, home, now=NOW)
+        assert not (home.published / "adm.parquet").exists()
+        seed_haven(con, {"A": 52, "B": 12})
+        build_all(con, adm, registry, home)
+        build_all(con, other, registry, home)
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [adm, other], registry, home, now=NOW)
+        (home.published / "adm.parquet").write_bytes(kept)
+        publish_release(con, [adm, other], registry, home, now=NOW)
+    (problem,) = refused.value.problems
+    assert problem.startswith(f"adm: published/adm.parquet of release {first.release_id}, the last publication of adm")
+    assert "left the output out" in problem
+    accuracy = json.loads((home.published / "adm.quality.json").read_text())["accuracy"]
+    assert accuracy["disclosure_audit"]["audit_changes"] == 4 and accuracy["revisions"]["cells_revised"] == 4
