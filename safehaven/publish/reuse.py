@@ -21,7 +21,9 @@ history (issue 22). The rule here is narrow, and it fails towards rebuilding:
 * **A publication is not re-issued** when the protected tables, their quality statements and
   dictionaries, the methods and the licence are those of the last publication and every file
   it wrote is still in ``published/`` with its recorded hash. Nothing changed, so nothing is
-  re-released and no register row is added; a missing or altered file is written again. Its
+  re-released and no register row is added; a missing or altered file is written again, except
+  ``release.json`` and the Parquet of an output declaring a revision, the base of the release's
+  disclosure audit: those refuse it until put back (``safehaven.publish.release_audit``). Its
   manifest alone is rewritten with tonight's audit head, so the head published to others
   stays as fresh as the run (``safehaven.core.anchors``).
 
