@@ -5,12 +5,21 @@ Rules (``safehaven.publish.disclosure.audit`` states the protection interval and
 
 * **Blocking, before anything is written.** :func:`audit_release` runs the attack on every
   output of the release at once: each ``published.<name>`` table, the relations its
-  definition declares, and the previous publication of the same months (the files of the
-  last release, ``release.json`` and ``<name>.parquet``) for every output that declares a
-  ``revision``. Any failure refuses the release with one-line reasons.
-* **Fail closed.** A previous release whose manifest names a file that is missing or cannot
-  be read refuses the release ("the previous publication is unreadable"): without it the
-  audit cannot establish that the new figures do not difference against the old.
+  definition declares, and the previous publication of the same months for every output that
+  declares a ``revision``. Any failure refuses the release with one-line reasons.
+* **The previous publication is the store's record** (``governance.publication_contents``:
+  each publication's release id and its files' SHA-256), not what sits in ``published/``,
+  which anyone with file access can delete, edit or swap (CoP 23d). An output's previous
+  publication is the last recorded one that contained it, also when later ones left it out;
+  never published, it has none. With no publication recorded at all, the manifest in
+  ``published/`` (if any) stands in, its files checked against it.
+* **Fail closed.** The release is refused, naming the file, the release it belongs to and how
+  to put it back (from a backup of ``published/`` or any copy of that release: it is open
+  data, the SHA-256 must match), and refused again on every run until a person has, when
+  ``published/release.json`` is missing or does not list the files the store records for the
+  last publication, or an output's previous ``<name>.parquet`` is missing, is not the file
+  recorded (another SHA-256), or cannot be read: without it the audit cannot establish that
+  the new figures do not difference against what analysts hold.
 * **Revisions are listed.** For each output with a previous publication, the cells of the
   same months whose published value or suppression changed are counted and listed in its
   quality statement (``accuracy.revisions``; CoP 29i, say what changed; the ONS revisions
@@ -30,8 +39,10 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.files import sha256_file
 from safehaven.core.sql import file_lit, q
 from safehaven.core.store import table_exists
+from safehaven.publish import reuse
 from safehaven.publish.disclosure.relations import PREVIOUS, Link, links_of
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
 from safehaven.publish.outputs import Output
@@ -52,31 +63,119 @@ def _has_revision(output: Output) -> bool:
 
 
 def load_previous(
-    con: duckdb.DuckDBPyConnection, outputs: Sequence[Output], folder: Path | None
+    con: duckdb.DuckDBPyConnection,
+    outputs: Sequence[Output],
+    folder: Path | None,
 ) -> tuple[dict[str, str], list[str]]:
-    """Temp tables of the previous publication of each output declaring a revision; problems."""
+    """Temp tables of the previous publication of each output declaring a revision; problems.
+
+    The previous publication is the store's record (``safehaven.publish.reuse.publications``),
+    not whatever sits in ``folder``: its manifest and each file read are checked against that
+    record (module docstring, "Fail closed"; CoP 23d).
+    """
     wanted = [o for o in outputs if _has_revision(o)]
-    manifest = folder / MANIFEST if folder else None
-    if not wanted or manifest is None or not manifest.exists():
+    if not wanted or folder is None:
         return {}, []
+    records = reuse.publications(con)
+    if not records:  # nothing recorded: a first publication, or one whose record a crash cut off
+        return _unrecorded(con, wanted, folder)
+    problem = _manifest_problem(folder, records[0])
+    if problem:
+        return {}, [problem]
+    return _load_bases(con, {o.name: _last_with(records, o.name) for o in wanted}, folder, records[0].release_id)
+
+
+#: the release a base comes from, and each file's SHA-256 (None: nothing to difference against)
+Base = reuse.Publication | None
+
+
+def _unrecorded(
+    con: duckdb.DuckDBPyConnection, outputs: Sequence[Output], folder: Path
+) -> tuple[dict[str, str], list[str]]:
+    """No publication recorded: the one whose manifest is in ``folder`` if any (a crash between
+    putting a first release in place and recording it), each file checked against that manifest."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return {}, []  # the first publication
     try:
-        files = set(json.loads(manifest.read_text()).get("files", {}))
-    except (OSError, ValueError):
-        return {}, ["the previous publication is unreadable (release.json)"]
+        manifest = json.loads(path.read_text())
+        base = reuse.Publication(str(manifest["release_id"]), "", dict(manifest["files"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}, [f"the previous publication is unreadable ({MANIFEST})"]
+    return _load_bases(con, {o.name: _last_with([base], o.name) for o in outputs}, folder)
+
+
+def _last_with(records: Sequence[reuse.Publication], name: str) -> Base:
+    """The latest recorded publication that contained output ``name`` (None: never published)."""
+    return next((r for r in records if f"{name}.parquet" in r.files), None)
+
+
+def _manifest_problem(folder: Path, last: reuse.Publication) -> str | None:
+    """Why ``release.json`` in ``folder`` is not the manifest of ``last`` (its release id and
+    files as the store records them; the audit head in it is rewritten nightly), or None."""
+    path = folder / MANIFEST
+    expected = {k: v for k, v in last.files.items() if k != MANIFEST}
+    try:
+        manifest = json.loads(path.read_text())
+        same = manifest.get("release_id") == last.release_id and manifest.get("files") == expected
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if same:
+        return None
+    state = "missing" if not path.exists() else "not its manifest as the store records it (edited or replaced)"
+    return (
+        f"published/{MANIFEST} of release {last.release_id}, the last publication the store records, is {state}: "
+        "the changes since cannot be audited against what analysts hold. Put that release's "
+        f"{MANIFEST} back in published/ from a backup of published/ (its files must be those "
+        "governance.publication_contents records), then publish again"
+    )
+
+
+def _load_bases(
+    con: duckdb.DuckDBPyConnection, bases: Mapping[str, Base], folder: Path, last: str | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """Load each output's previous file, checked against its recorded SHA-256; any problem refuses.
+    ``last``: the release id of the last publication (an output's base may be an earlier one)."""
     loaded: dict[str, str] = {}
-    for output in wanted:
-        name = f"{output.name}.parquet"
-        if name not in files:
-            continue  # not in the previous release: nothing to difference against
-        table = PREVIOUS_TABLE.format(output.name)
-        try:
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM read_parquet({file_lit(folder / name)})"
-            )
-        except duckdb.Error:
-            return {}, [f"{output.name}: the previous publication is unreadable ({name})"]
-        loaded[output.name] = table
+    for name, base in bases.items():
+        if base is None:
+            continue  # never published: nothing to difference against
+        problem = _file_problem(folder, name, base, dropped=base.release_id != (last or base.release_id))
+        if problem is None:
+            loaded[name] = PREVIOUS_TABLE.format(name)
+            try:
+                con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE {loaded[name]} AS "
+                    f"SELECT * FROM read_parquet({file_lit(folder / f'{name}.parquet')})"
+                )
+            except duckdb.Error:
+                problem = f"{name}: the previous publication is unreadable ({name}.parquet)"
+        if problem:
+            for table in loaded.values():
+                con.execute(f"DROP TABLE IF EXISTS {table}")
+            return {}, [problem]
     return loaded, []
+
+
+def _file_problem(folder: Path, name: str, base: reuse.Publication, *, dropped: bool) -> str | None:
+    """Why ``<name>.parquet`` in ``folder`` is not the file release ``base`` published, or None.
+    ``dropped``: a later publication left ``name`` out (and removed its files from ``published/``)."""
+    file = f"{name}.parquet"
+    path = folder / file
+    recorded = base.files[file]
+    if path.is_file() and sha256_file(path) == recorded:
+        return None
+    state = (
+        "missing" if not path.is_file() else f"not the file that release published (SHA-256 {str(recorded)[:12]}...)"
+    )
+    if dropped:
+        state += " (a later publication left the output out and removed its files)"
+    return (
+        f"{name}: published/{file} of release {base.release_id}, the last publication of {name}, is {state}: "
+        "the changes since cannot be audited against what analysts hold. Put that release's "
+        f"{file} back in published/ from a backup of published/ or any copy of that release (it is open data; "
+        "its SHA-256 must match), then publish again"
+    )
 
 
 def audit_tables(
@@ -148,7 +247,9 @@ def _note(
 
 
 def audit_release(
-    con: duckdb.DuckDBPyConnection, outputs: Sequence[Output], previous_folder: Path | None
+    con: duckdb.DuckDBPyConnection,
+    outputs: Sequence[Output],
+    previous_folder: Path | None,
 ) -> tuple[AuditReport, list[str]]:
     """Attack the release (module docstring): its report and one-line problems (empty: passes)."""
     # imported here: the audit needs numpy and scipy, which loading the outputs does not (issue 22)

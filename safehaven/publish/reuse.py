@@ -21,7 +21,9 @@ history (issue 22). The rule here is narrow, and it fails towards rebuilding:
 * **A publication is not re-issued** when the protected tables, their quality statements and
   dictionaries, the methods and the licence are those of the last publication and every file
   it wrote is still in ``published/`` with its recorded hash. Nothing changed, so nothing is
-  re-released and no register row is added; a missing or altered file is written again. Its
+  re-released and no register row is added; a missing or altered file is written again, except
+  ``release.json`` and the Parquet of an output declaring a revision, the base of the release's
+  disclosure audit: those refuse it until put back (``safehaven.publish.release_audit``). Its
   manifest alone is rewritten with tonight's audit head, so the head published to others
   stays as fresh as the run (``safehaven.core.anchors``).
 
@@ -36,6 +38,7 @@ the publication checks run as before; only recomputation is saved.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from safehaven.core.digests import code_sha, sha_of, table_sha
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.sql import q
+from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import Output, Period, code_lists_of
 from safehaven.publish.quality import collection_figures
@@ -140,6 +144,27 @@ def unchanged_publication(con: duckdb.DuckDBPyConnection, content_sha: str, fold
         if not path.is_file() or sha256_file(path) != sha:
             return None
     return row[0], int(row[3])
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One publication as the store records it: its release id, content digest and files (name -> SHA-256)."""
+
+    release_id: str
+    content_sha: str
+    files: dict[str, str]
+
+
+def publications(con: duckdb.DuckDBPyConnection) -> list[Publication]:
+    """Every publication the store records, newest first (none: nothing was ever published).
+
+    This record, not the files in ``published/`` (which anyone with file access can delete,
+    edit or swap), says what analysts hold (``safehaven.publish.release_audit``; CoP 23d)."""
+    if not table_exists(con, *PUBLICATIONS.split(".")):
+        return []
+    sql = f"SELECT release_id, content_sha, files FROM {PUBLICATIONS} ORDER BY published_at DESC"
+    rows = con.execute(sql).fetchall()
+    return [Publication(r[0], r[1], json.loads(r[2])) for r in rows]
 
 
 def record_publication(

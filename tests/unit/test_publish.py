@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -413,5 +415,125 @@ def test_an_unreadable_previous_publication_refuses_the_release(store: Store, re
         before = sorted(p.name for p in home.published.iterdir())
         with pytest.raises(PublicationRefused) as refused:
             publish_release(con, [out], registry, home, now=NOW)
-    assert refused.value.problems == ["adm: the previous publication is unreadable (adm.parquet)"]
+    (problem,) = refused.value.problems
+    assert problem.startswith("adm: published/adm.parquet of release ") and "is not the file" in problem
     assert sorted(p.name for p in home.published.iterdir()) == before
+
+
+# --- the previous publication is the store's record, not what sits in published/ (CoP 23d) ---------
+
+
+def _publish_twice(
+    store: Store, registry: ContractRegistry, tamper: Callable[[Home], None], *, restore: bool = False
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Publish 40/3, ``tamper`` with published/, then publish 52/12 (late records): the refusal of
+    the second, and with ``restore`` (published/ put back from a backup) the next one's accuracy."""
+    home = store.home
+    out = output(relations=[REVISION])
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        backup = {p.name: p.read_bytes() for p in home.published.iterdir() if p.is_file()}
+        tamper(home)
+        before = {p.name: p.read_bytes() for p in home.published.iterdir() if p.is_file()}
+        seed_haven(con, {"A": 52, "B": 12})
+        build_all(con, out, registry, home)
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [out], registry, home, now=NOW)
+        assert {p.name: p.read_bytes() for p in home.published.iterdir() if p.is_file()} == before, "nothing written"
+        with pytest.raises(PublicationRefused):
+            publish_release(con, [out], registry, home, now=NOW)  # and again, until a person puts it right
+        if not restore:
+            return refused.value.problems, None
+        for name, data in backup.items():
+            (home.published / name).write_bytes(data)
+        publish_release(con, [out], registry, home, now=NOW)
+    return refused.value.problems, json.loads((home.published / "adm.quality.json").read_text())["accuracy"]
+
+
+def test_a_previous_publication_whose_manifest_is_gone_refuses_the_next_one(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """A deleted ``published/release.json`` is not "no previous publication": the store records
+    one that analysts hold, so the next release is refused, naming the manifest and how to put it
+    back, until it is; then the changes are audited against it (``release_audit`` "Fail closed")."""
+    problems, accuracy = _publish_twice(store, registry, _delete_manifest, restore=True)
+    (problem,) = problems
+    assert problem.startswith("published/release.json of release ") and "is missing" in problem
+    assert "from a backup of published/" in problem
+    assert accuracy and accuracy["disclosure_audit"]["audit_changes"] == 4
+    assert accuracy["revisions"]["cells_revised"] == 4
+
+
+def _delete_manifest(home: Home) -> None:
+    (home.published / "release.json").unlink()
+
+
+def _drop_from_manifest(home: Home) -> None:
+    manifest = json.loads((home.published / "release.json").read_text())
+    manifest["files"].pop("adm.parquet")
+    (home.published / "release.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_that_no_longer_lists_an_output_refuses_the_next_publication(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """A manifest edited so that it no longer lists an output's file does not make the output
+    new: the manifest must list the files the store records for the last publication, or the
+    release is refused (``release_audit`` "Fail closed")."""
+    (problem,), _ = _publish_twice(store, registry, _drop_from_manifest)
+    assert problem.startswith("published/release.json of release ") and "edited or replaced" in problem
+
+
+def _swap_parquet(home: Home) -> None:
+    """Another readable Parquet of the same columns, with no rows, in place of the published one."""
+    path = home.published / "adm.parquet"
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT * FROM read_parquet('{path}') LIMIT 0) TO '{path}.tmp' (FORMAT parquet)")
+    con.close()
+    Path(f"{path}.tmp").replace(path)
+
+
+def test_a_swapped_previous_parquet_refuses_the_next_publication(store: Store, registry: ContractRegistry) -> None:
+    """The previous Parquet is read only if its SHA-256 is the one the store recorded when it was
+    published: another file, however readable, refuses the release, naming the file and how to put
+    it back; put back, the changes are audited against it (``release_audit`` "Fail closed")."""
+    problems, accuracy = _publish_twice(store, registry, _swap_parquet, restore=True)
+    (problem,) = problems
+    assert problem.startswith("adm: published/adm.parquet of release ") and "is not the file" in problem
+    assert "its SHA-256 must match" in problem
+    assert accuracy and accuracy["revisions"]["cells_compared"] == 4
+    assert accuracy["disclosure_audit"]["audit_changes"] == 4
+
+
+def test_an_output_left_out_of_a_publication_is_compared_with_its_last_publication_when_it_returns(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """An output left out of one publication (its files removed from published/) and back in a
+    later one is not new: analysts hold its last publication, so the release is refused, naming
+    that release's file, until a person puts it back; then the changes since it are audited."""
+    home = store.home
+    adm, other = output(relations=[REVISION]), output("other")
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, adm, registry, home)
+        build_all(con, other, registry, home)
+        first = publish_release(con, [adm, other], registry, home, now=NOW)
+        kept = (home.published / "adm.parquet").read_bytes()
+        seed_haven(con, {"A": 41, "B": 3})
+        build_all(con, other, registry, home)
+        publish_release(con, [other], registry, home, now=NOW)
+        assert not (home.published / "adm.parquet").exists()
+        seed_haven(con, {"A": 52, "B": 12})
+        build_all(con, adm, registry, home)
+        build_all(con, other, registry, home)
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [adm, other], registry, home, now=NOW)
+        (home.published / "adm.parquet").write_bytes(kept)
+        publish_release(con, [adm, other], registry, home, now=NOW)
+    (problem,) = refused.value.problems
+    assert problem.startswith(f"adm: published/adm.parquet of release {first.release_id}, the last publication of adm")
+    assert "left the output out" in problem
+    accuracy = json.loads((home.published / "adm.quality.json").read_text())["accuracy"]
+    assert accuracy["disclosure_audit"]["audit_changes"] == 4 and accuracy["revisions"]["cells_revised"] == 4
