@@ -368,6 +368,12 @@ PUBLICATION_CONTENTS = _declare(
     "release_id VARCHAR PRIMARY KEY, content_sha VARCHAR, files JSON, rows BIGINT, published_at TIMESTAMPTZ",
     "each publication's content digest, so an unchanged one is not published again (issue 22)",
 )
+PUBLICATION_PENDING = _declare(
+    "governance.publication_pending",
+    "release_id VARCHAR PRIMARY KEY, files JSON, started_at TIMESTAMPTZ",
+    "a publication being put in place and not yet recorded: after a crash its files in published/ are "
+    "known as what analysts may hold (safehaven.publish.release_audit)",
+)
 
 # --- dispose: the disposal register --------------------------------------------------------
 

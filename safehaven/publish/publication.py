@@ -499,6 +499,7 @@ def publish_release(
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         written = {**release.files, MANIFEST: sha256_file(staging / MANIFEST)}
+        reuse.record_pending(con, release.release_id, written)  # a crash from here on leaves its files known
         for name in names:
             os.replace(staging / name, out / name)
         os.replace(staging / MANIFEST, out / MANIFEST)

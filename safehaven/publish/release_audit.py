@@ -11,8 +11,12 @@ Rules (``safehaven.publish.disclosure.audit`` states the protection interval and
   each publication's release id and its files' SHA-256), not what sits in ``published/``,
   which anyone with file access can delete, edit or swap (CoP 23d). An output's previous
   publication is the last recorded one that contained it, also when later ones left it out;
-  never published, it has none. With no publication recorded at all, the manifest in
-  ``published/`` (if any) stands in, its files checked against it.
+  never published, it has none. A publication is recorded as pending before its first file
+  moves into ``published/`` (``reuse.record_pending``): after a crash part way, its manifest is
+  accepted in place of the last recorded one's, and an output whose Parquet there is the pending
+  one's (analysts may hold it) is compared with that, so the next run needs no person. With no
+  publication recorded at all, the manifest in ``published/`` (if any) stands in, its files
+  checked against it.
 * **Fail closed.** The release is refused, naming the file, the release it belongs to and how
   to put it back (from a backup of ``published/`` or any copy of that release: it is open
   data, the SHA-256 must match), and refused again on every run until a person has, when
@@ -76,13 +80,28 @@ def load_previous(
     wanted = [o for o in outputs if _has_revision(o)]
     if not wanted or folder is None:
         return {}, []
-    records = reuse.publications(con)
-    if not records:  # nothing recorded: a first publication, or one whose record a crash cut off
+    records, pending = reuse.publications(con), reuse.pending_publication(con)
+    if not records and pending is None:  # a first publication, or a haven from before the pending record
         return _unrecorded(con, wanted, folder)
-    problem = _manifest_problem(folder, records[0])
-    if problem:
+    problem = _manifest_problem(folder, records[0]) if records else None
+    if problem and not (pending is not None and _is_manifest_of(folder, pending)):
         return {}, [problem]
-    return _load_bases(con, {o.name: _last_with(records, o.name) for o in wanted}, folder, records[0].release_id)
+    bases = {o.name: _base(folder, o.name, records, pending) for o in wanted}
+    return _load_bases(con, bases, folder, records[0].release_id if records else None)
+
+
+def _base(
+    folder: Path, name: str, records: Sequence[reuse.Publication], pending: reuse.Publication | None
+) -> reuse.Publication | None:
+    """The publication ``<name>.parquet`` in ``folder`` is compared with: the one a crash left part way
+    into ``published/`` (``reuse.pending_publication``) when the file there is that one's (analysts
+    may hold it), else the last recorded publication that contained ``name``."""
+    file = f"{name}.parquet"
+    if pending is not None and file in pending.files:
+        path = folder / file
+        if path.is_file() and sha256_file(path) == pending.files[file]:
+            return pending
+    return _last_with(records, name)
 
 
 #: the release a base comes from, and each file's SHA-256 (None: nothing to difference against)
@@ -110,17 +129,21 @@ def _last_with(records: Sequence[reuse.Publication], name: str) -> Base:
     return next((r for r in records if f"{name}.parquet" in r.files), None)
 
 
-def _manifest_problem(folder: Path, last: reuse.Publication) -> str | None:
-    """Why ``release.json`` in ``folder`` is not the manifest of ``last`` (its release id and
-    files as the store records them; the audit head in it is rewritten nightly), or None."""
-    path = folder / MANIFEST
-    expected = {k: v for k, v in last.files.items() if k != MANIFEST}
+def _is_manifest_of(folder: Path, publication: reuse.Publication) -> bool:
+    """Whether ``release.json`` in ``folder`` is ``publication``'s: its release id and files as the
+    store records them (the audit head in it is rewritten nightly)."""
+    expected = {k: v for k, v in publication.files.items() if k != MANIFEST}
     try:
-        manifest = json.loads(path.read_text())
-        same = manifest.get("release_id") == last.release_id and manifest.get("files") == expected
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return manifest.get("release_id") == publication.release_id and manifest.get("files") == expected
     except (OSError, ValueError, AttributeError):
-        same = False
-    if same:
+        return False
+
+
+def _manifest_problem(folder: Path, last: reuse.Publication) -> str | None:
+    """Why ``release.json`` in ``folder`` is not the manifest of ``last``, or None."""
+    path = folder / MANIFEST
+    if _is_manifest_of(folder, last):
         return None
     state = "missing" if not path.exists() else "not its manifest as the store records it (edited or replaced)"
     return (

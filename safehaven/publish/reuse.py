@@ -56,10 +56,11 @@ from safehaven.publish.quality import collection_figures
 
 OUTPUT_BUILDS = schema.OUTPUT_BUILDS
 PUBLICATIONS = schema.PUBLICATION_CONTENTS
+PENDING = schema.PUBLICATION_PENDING
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    schema.ensure(con, OUTPUT_BUILDS, PUBLICATIONS)
+    schema.ensure(con, OUTPUT_BUILDS, PUBLICATIONS, PENDING)
 
 
 # --- outputs -------------------------------------------------------------------------------
@@ -167,13 +168,39 @@ def publications(con: duckdb.DuckDBPyConnection) -> list[Publication]:
     return [Publication(r[0], r[1], json.loads(r[2])) for r in rows]
 
 
+def record_pending(con: duckdb.DuckDBPyConnection, release_id: str, files: dict[str, str]) -> None:
+    """Record a publication about to be put in place (committed before the first file moves): a
+    crash part way leaves its files in ``published/`` known (:func:`pending_publication`)."""
+    ensure_tables(con)
+    con.execute(f"DELETE FROM {PENDING}")
+    con.execute(f"INSERT INTO {PENDING} VALUES (?, ?, now())", [release_id, json.dumps(files)])
+
+
+def pending_publication(con: duckdb.DuckDBPyConnection) -> Publication | None:
+    """The publication a crash left part way into ``published/`` and unrecorded, if any: analysts
+    may hold any of its files, so the next release is audited against them too
+    (``safehaven.publish.release_audit``)."""
+    if not table_exists(con, *PENDING.split(".")):
+        return None
+    row = con.execute(f"SELECT release_id, files FROM {PENDING} ORDER BY started_at DESC LIMIT 1").fetchone()
+    return None if row is None else Publication(row[0], "", json.loads(row[1]))
+
+
 def record_publication(
     con: duckdb.DuckDBPyConnection, release_id: str, content_sha: str, files: dict[str, str], rows: int
 ) -> None:
+    """Record a publication put in place; it is no longer pending (:func:`record_pending`)."""
     ensure_tables(con)
-    con.execute(
-        f"INSERT INTO {PUBLICATIONS} VALUES (?, ?, ?, ?, now())", [release_id, content_sha, json.dumps(files), rows]
-    )
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"INSERT INTO {PUBLICATIONS} VALUES (?, ?, ?, ?, now())", [release_id, content_sha, json.dumps(files), rows]
+        )
+        con.execute(f"DELETE FROM {PENDING}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
 
 
 def record_manifest(con: duckdb.DuckDBPyConnection, release_id: str, name: str, sha: str) -> None:

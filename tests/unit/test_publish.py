@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.publish import release_audit
+from safehaven.publish import publication, release_audit, reuse
 from safehaven.publish.outputs import Output, build_output
 from safehaven.publish.publication import (
     OGL,
@@ -537,3 +538,59 @@ def test_an_output_left_out_of_a_publication_is_compared_with_its_last_publicati
     assert "left the output out" in problem
     accuracy = json.loads((home.published / "adm.quality.json").read_text())["accuracy"]
     assert accuracy["disclosure_audit"]["audit_changes"] == 4 and accuracy["revisions"]["cells_revised"] == 4
+
+
+# --- a publication a crash left part way into published/ ------------------------------------------
+
+
+@pytest.mark.parametrize("moved", [1, 3, "all"], ids=["one file moved", "three files moved", "all moved, unrecorded"])
+def test_a_publication_stopped_part_way_into_published_is_audited_against_and_the_next_run_goes_on(
+    store: Store, registry: ContractRegistry, monkeypatch: pytest.MonkeyPatch, moved: int | str
+) -> None:
+    """A kill while the files move into ``published/`` (or after, before the release is recorded)
+    leaves some of a release there unrecorded: it is recorded as pending before the first move, so
+    the next run needs no person (the files there are that release's or the last recorded one's)
+    and audits its changes against whichever analysts may hold (``release_audit``)."""
+    home, out = store.home, output(relations=[REVISION])
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        seed_haven(con, {"A": 52, "B": 5})  # B suppressed (and A with it) in the release that is stopped
+        build_all(con, out, registry, home)
+        with monkeypatch.context() as mp:
+            if moved == "all":
+                mp.setattr(reuse, "record_publication", _killed)
+            else:
+                mp.setattr(publication.os, "replace", _replaces(moved))
+            with pytest.raises(KeyboardInterrupt):
+                publish_release(con, [out], registry, home, now=NOW)
+        assert reuse.pending_publication(con) is not None
+        seed_haven(con, {"A": 60, "B": 30})
+        build_all(con, out, registry, home)
+        release = publish_release(con, [out], registry, home, now=NOW)
+        assert not release.unchanged and reuse.pending_publication(con) is None
+        assert [p.release_id for p in reuse.publications(con)][0] == release.release_id
+    accuracy = json.loads((home.published / "adm.quality.json").read_text())["accuracy"]
+    previous = {c["cell"]["label"]: c["previous"] for c in accuracy["revisions"]["cells"]}
+    # compared with the stopped release once its Parquet was in place (analysts may hold it), else the last recorded
+    assert previous == ({"A": "suppressed", "B": "suppressed"} if moved == "all" else {"A": 40, "B": 20})
+    assert accuracy["disclosure_audit"]["audit_changes"] == (4 if moved == "all" else 0)
+
+
+def _killed(*_args: object, **_kwargs: object) -> None:
+    raise KeyboardInterrupt("killed")
+
+
+def _replaces(allowed: int) -> Callable[[object, object], None]:
+    """``os.replace`` that moves ``allowed`` files, then the process is killed."""
+    done: list[object] = []
+    real = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if len(done) >= allowed:
+            raise KeyboardInterrupt("killed")
+        done.append(src)
+        real(src, dst)  # type: ignore[arg-type]
+
+    return replace
