@@ -433,6 +433,13 @@ def publication_sha(
     )
 
 
+def _move_order(name: str) -> tuple[bool, str]:
+    """Each output's Parquet goes into ``published/`` before any other file of the release: a crash
+    part way leaves no new figure public whose Parquet, the next release's disclosure base, is not
+    in place too (``safehaven.publish.release_audit``)."""
+    return (not name.endswith(".parquet"), name)
+
+
 def publish_release(
     con: duckdb.DuckDBPyConnection,
     outputs: Sequence[Output],
@@ -500,7 +507,7 @@ def publish_release(
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         written = {**release.files, MANIFEST: sha256_file(staging / MANIFEST)}
         reuse.record_pending(con, release.release_id, written)  # a crash from here on leaves its files known
-        for name in names:
+        for name in sorted(names, key=_move_order):
             os.replace(staging / name, out / name)
         os.replace(staging / MANIFEST, out / MANIFEST)
         for name in sorted(previous - set(names) - {MANIFEST}):
