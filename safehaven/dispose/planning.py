@@ -183,14 +183,13 @@ def received_before(con: duckdb.DuckDBPyConnection | None, collection: str, cuto
     if con is None or not table_exists(con, "governance", "batches"):
         return out
     recorded = landings.received(con, collection)
-    rows = con.execute(
-        f"SELECT batch_id, file_name, rows, landed_at, status FROM {BATCHES} WHERE collection = ? "
-        "AND status <> 'disposed' ORDER BY landed_at, batch_id",
-        [collection],
+    rows = con.execute(  # compared in SQL: an odd register time (infinity, NULL) is never read as a date
+        f"SELECT batch_id, file_name, rows, coalesce(landed_at < ?, true), status FROM {BATCHES} "
+        "WHERE collection = ? AND status <> 'disposed' ORDER BY batch_id",
+        [cutoff, collection],
     ).fetchall()
-    for batch, name, n, at, status in rows:
+    for batch, name, n, by_register, status in rows:
         on_record = recorded.get(batch)
-        by_register = at is None or at < cutoff
         if on_record is None:
             if by_register:
                 out.unrecorded.append(batch)

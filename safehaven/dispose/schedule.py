@@ -111,8 +111,9 @@ def _unsettled(contract: Contract, received: Received, cutoff: date) -> DueItem:
     if received.unrecorded:
         parts.append(
             f"{len(received.unrecorded)} batch(es) whose receipt is not on the audit trail (landed by a run "
-            "that was stopped, or while the trail did not verify) are not disposed of by date; the "
-            "collection's next landing step (safehaven run) puts them on record"
+            "that was stopped, or while the trail did not verify) are not disposed of by date; the daily "
+            "sweep and the collection's next landing step put them on record, counting from then (if they "
+            "stay listed, the audit trail does not verify: safehaven audit verify)"
         )
     if received.register_differs:
         parts.append(

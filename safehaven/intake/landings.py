@@ -10,23 +10,28 @@ batch register's ``landed_at`` is a store column: whoever holds the store key co
   ``{"batch", "landed_at"}``: :func:`record`); retention counts from the time so recorded, never
   later than the entry itself (:func:`received`);
 * a landing the trail does not record (a run killed between the commit and the entry, a trail
-  that did not verify then, a batch landed before this rule) is put on record by the collection's
-  next landing step, with the register's time as it stands then (:func:`record_unrecorded`:
-  ``recorded: late``); until then its records are not disposed of by date, and the sweep lists
-  them for review (``safehaven.dispose.schedule``);
+  that did not verify then) is put on record by the collection's next landing step or the daily
+  sweep (:func:`record_unrecorded`: ``recorded: late``), and retention counts from that entry's own
+  time, never from the register's: whoever could keep the entry from being written (a kill, a row
+  that stops the trail verifying for one landing) and then date the batch back would otherwise
+  have the sweep destroy a fresh drop (found by review). Until then its records are not disposed of
+  by date, and the sweep lists them for review (``safehaven.dispose.schedule``);
+* the batches of a collection the trail holds no landing entry for at all (a haven from before
+  this rule) are adopted once with the register's times (``recorded: adopted``), as the haven
+  counted retention before;
 * a register time that differs from the recorded one is not acted on either way; the sweep names
   it in a review item.
 
 Objections batches have their own landing entries and seals (``safehaven.intake.batch_seal``) and
-are never disposed of by date. Limit: the first recording of a batch landed before this rule takes
-the register's time as it stands when the rule first runs.
+are never disposed of by date. Limit: the adoption takes the register's times as they stand when
+the rule first runs.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import duckdb
 
@@ -34,8 +39,9 @@ from safehaven.core import audit, schema
 from safehaven.core.store import table_exists
 
 ACTION = "intake.batch_landed"
-#: a register time further than this from the recorded one is named for review
-TOLERANCE = timedelta(minutes=5)
+#: how a landing was put on record: after a run that could not (its own time counts), or adopted
+#: from the register when the collection had no landing entry at all (the register's time counts)
+LATE, ADOPTED = "late", "adopted"
 #: a batch id as the haven makes one: the SHA-256 of the file it landed from
 _BATCH_ID = re.compile(r"[0-9a-f]{64}")
 
@@ -82,14 +88,12 @@ def record_unrecorded(con: duckdb.DuckDBPyConnection, collection: str) -> list[s
     nothing is recorded while the trail does not verify."""
     recorded = _recorded_ids(con, collection)
     held = con.execute(
-        f"SELECT batch_id, landed_at FROM {schema.BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id",
+        f"SELECT batch_id, {_REGISTER_TIME} FROM {schema.BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id",
         [collection],
     ).fetchall()
-    late = [(b, at) for b, at in held if isinstance(b, str) and _BATCH_ID.fullmatch(b) and b not in recorded]
-    entries = [
-        _entry(collection, {"batch": b, "landed_at": at.isoformat() if at else None, "recorded": "late"})
-        for b, at in late
-    ]
+    late = [(b, us) for b, us in held if isinstance(b, str) and _BATCH_ID.fullmatch(b) and b not in recorded]
+    how = LATE if recorded else ADOPTED  # a collection with no landing entry at all: before this rule
+    entries = [_entry(collection, {"batch": b, "recorded": how, **_named(us, how)}) for b, us in late]
     if not entries:
         return []
     try:
@@ -99,8 +103,23 @@ def record_unrecorded(con: duckdb.DuckDBPyConnection, collection: str) -> list[s
     return [b for b, _ in late]
 
 
+#: the register's landing time as epoch microseconds, NULL when it is not an ordinary time
+#: (infinity, a year past 9999, NULL): such a value is never read as a date
+_REGISTER_TIME = "CASE WHEN isfinite(landed_at) AND year(landed_at) BETWEEN 1 AND 9999 THEN epoch_us(landed_at) END"
+
+
+def _named(epoch_us: int | None, how: str) -> dict[str, str]:
+    """The register's time to name in an adopted entry (module docstring); none for a late one."""
+    if how != ADOPTED or epoch_us is None:
+        return {}
+    return {"landed_at": datetime.fromtimestamp(epoch_us / 1e6, UTC).isoformat()}
+
+
 def _time(entry: audit.Entry) -> datetime:
-    """An entry's landing time: the one it names, never later than the entry itself."""
+    """An entry's landing time: the one it names, never later than the entry itself; a late
+    entry's own time (module docstring)."""
+    if entry.fields.get("recorded") == LATE:
+        return entry.at
     try:
         named = datetime.fromisoformat(str(entry.fields.get("landed_at")))
     except ValueError:

@@ -1155,12 +1155,13 @@ def test_a_receipt_moved_forward_in_the_batch_register_does_not_stop_retention(w
     assert result.status == "disposed" and _held_old(world, "gp_events") == 0
 
 
-def test_a_receipt_not_on_the_audit_trail_is_not_disposed_of_by_date_until_the_sweep_records_it(
+def test_a_receipt_not_on_the_audit_trail_is_recorded_by_the_sweep_and_counted_from_then(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A landing with no entry (a run stopped between its commit and the entry; a haven from before
-    the rule): what is due and a plan leave it out and say why; the sweep puts it on record first,
-    with the register's time as it stands, then disposes of it by that."""
+    """A landing with no entry (a run stopped between its commit and the entry, or a trail kept from
+    verifying for one landing) whose register time was then set back: what is due and a plan leave
+    it out and say why; the sweep puts it on record counting from then, so it is kept, and names the
+    register's differing time for review (before, the sweep destroyed the fresh drop: found by review)."""
     synthetic.generate(tmp_path / "drop", patients=20, seed=99, defect_rate=0.0, period_end=OLD_END)
     folder = world.home.incoming_for("social_care")
     shutil.copy(next((tmp_path / "drop" / "social_care").glob("*.csv")), folder / "late.csv")
@@ -1177,5 +1178,21 @@ def test_a_receipt_not_on_the_audit_trail_is_not_disposed_of_by_date_until_the_s
     disposal.sweep(world.context())
     with Store(world.home).connect(read_only=True) as con:
         status = con.execute("SELECT status FROM governance.batches WHERE batch_id = ?", report.batches).fetchone()
-        assert status == ("disposed",) and audit.verify(con, world.home).ok
-    assert not [i for i in disposal.due(world.context()) if i.target.collection == "social_care"]
+        assert status == ("landed",) and audit.verify(con, world.home).ok
+    [item] = [i for i in disposal.due(world.context()) if i.target.collection == "social_care"]
+    assert item.action == "review" and item.detail["register_differs"] == report.batches
+
+
+@pytest.mark.parametrize("odd", ["infinity", "294000-01-01"])
+def test_a_register_time_that_is_not_a_date_stops_no_disposal(world: World, odd: str) -> None:
+    """One batch's ``landed_at`` set to infinity or past year 9999 stopped every disposal with a bare
+    Python error (found by review): compared in SQL, the haven is disposed of as due (the batch's
+    receipt on the audit trail decides it)."""
+    with Store(world.home).connect() as con:
+        con.execute(
+            f"UPDATE governance.batches SET landed_at = '{odd}' WHERE batch_id = (SELECT min(batch_id) FROM "
+            "governance.batches WHERE collection = 'hospital_episodes' AND landed_at >= '2016-01-01')"
+        )
+    report = disposal.sweep(world.context())
+    assert sorted(r.target.collection for r in report.results) == sorted(CONTENT) and report.failed == []
+    assert _held_old(world, "gp_events") == 0
