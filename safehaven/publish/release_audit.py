@@ -80,28 +80,27 @@ def load_previous(
     wanted = [o for o in outputs if _has_revision(o)]
     if not wanted or folder is None:
         return {}, []
-    records, pending = reuse.publications(con), reuse.pending_publication(con)
-    if not records and pending is None:  # a first publication, or a haven from before the pending record
+    records, pending = reuse.publications(con), reuse.pending_publications(con)
+    if not records and not pending:  # a first publication, or a haven from before the pending record
         return _unrecorded(con, wanted, folder)
     problem = _manifest_problem(folder, records[0]) if records else None
-    if problem and not (pending is not None and _is_manifest_of(folder, pending)):
+    if problem and not any(_is_manifest_of(folder, p) for p in pending):
         return {}, [problem]
     bases = {o.name: _base(folder, o.name, records, pending) for o in wanted}
     return _load_bases(con, bases, folder, records[0].release_id if records else None)
 
 
 def _base(
-    folder: Path, name: str, records: Sequence[reuse.Publication], pending: reuse.Publication | None
+    folder: Path, name: str, records: Sequence[reuse.Publication], pending: Sequence[reuse.Publication]
 ) -> reuse.Publication | None:
-    """The publication ``<name>.parquet`` in ``folder`` is compared with: the one a crash left part way
-    into ``published/`` (``reuse.pending_publication``) when the file there is that one's (analysts
+    """The publication ``<name>.parquet`` in ``folder`` is compared with: one a crash left part way
+    into ``published/`` (``reuse.pending_publications``) when the file there is that one's (analysts
     may hold it), else the last recorded publication that contained ``name``."""
     file = f"{name}.parquet"
-    if pending is not None and file in pending.files:
-        path = folder / file
-        if path.is_file() and sha256_file(path) == pending.files[file]:
-            return pending
-    return _last_with(records, name)
+    path = folder / file
+    found = sha256_file(path) if path.is_file() else None
+    in_place = [p for p in pending if found is not None and p.files.get(file) == found]
+    return in_place[0] if in_place else _last_with(records, name)
 
 
 #: the release a base comes from, and each file's SHA-256 (None: nothing to difference against)

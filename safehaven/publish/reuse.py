@@ -170,20 +170,21 @@ def publications(con: duckdb.DuckDBPyConnection) -> list[Publication]:
 
 def record_pending(con: duckdb.DuckDBPyConnection, release_id: str, files: dict[str, str]) -> None:
     """Record a publication about to be put in place (committed before the first file moves): a
-    crash part way leaves its files in ``published/`` known (:func:`pending_publication`)."""
+    crash part way leaves its files in ``published/`` known (:func:`pending_publications`). Every
+    pending one is kept until a publication is recorded: two stopped in a row may each have left
+    files there (found by review)."""
     ensure_tables(con)
-    con.execute(f"DELETE FROM {PENDING}")
     con.execute(f"INSERT INTO {PENDING} VALUES (?, ?, now())", [release_id, json.dumps(files)])
 
 
-def pending_publication(con: duckdb.DuckDBPyConnection) -> Publication | None:
-    """The publication a crash left part way into ``published/`` and unrecorded, if any: analysts
-    may hold any of its files, so the next release is audited against them too
-    (``safehaven.publish.release_audit``)."""
+def pending_publications(con: duckdb.DuckDBPyConnection) -> list[Publication]:
+    """The publications crashes left part way into ``published/`` since the last one recorded,
+    newest first: analysts may hold any of their files, so the next release is audited against
+    those in place (``safehaven.publish.release_audit``)."""
     if not table_exists(con, *PENDING.split(".")):
-        return None
-    row = con.execute(f"SELECT release_id, files FROM {PENDING} ORDER BY started_at DESC LIMIT 1").fetchone()
-    return None if row is None else Publication(row[0], "", json.loads(row[1]))
+        return []
+    rows = con.execute(f"SELECT release_id, files FROM {PENDING} ORDER BY started_at DESC").fetchall()
+    return [Publication(r[0], "", json.loads(r[1])) for r in rows]
 
 
 def record_publication(

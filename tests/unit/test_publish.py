@@ -6,6 +6,7 @@ Rule 3 part A; OWASP CSV injection).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -565,11 +566,11 @@ def test_a_publication_stopped_part_way_into_published_is_audited_against_and_th
                 mp.setattr(publication.os, "replace", _replaces(moved))
             with pytest.raises(KeyboardInterrupt):
                 publish_release(con, [out], registry, home, now=NOW)
-        assert reuse.pending_publication(con) is not None
+        assert reuse.pending_publications(con)
         seed_haven(con, {"A": 60, "B": 30})
         build_all(con, out, registry, home)
         release = publish_release(con, [out], registry, home, now=NOW)
-        assert not release.unchanged and reuse.pending_publication(con) is None
+        assert not release.unchanged and not reuse.pending_publications(con)
         assert [p.release_id for p in reuse.publications(con)][0] == release.release_id
     accuracy = json.loads((home.published / "adm.quality.json").read_text())["accuracy"]
     previous = {c["cell"]["label"]: c["previous"] for c in accuracy["revisions"]["cells"]}
@@ -594,3 +595,29 @@ def _replaces(allowed: int) -> Callable[[object, object], None]:
         real(src, dst)  # type: ignore[arg-type]
 
     return replace
+
+
+@pytest.mark.parametrize("moved", [0, 1, 3], ids=["none moved", "one moved", "three moved"])
+def test_two_publications_stopped_in_a_row_need_no_person(
+    store: Store, registry: ContractRegistry, monkeypatch: pytest.MonkeyPatch, moved: int
+) -> None:
+    """Release B stopped after all its files moved, then C stopped before its manifest moved: B's
+    files in ``published/`` stay known as pending (one pending row, replaced by C's, refused every
+    later release as tampering: found by review), so the next publication goes through."""
+    home, out = store.home, output(relations=[REVISION])
+    with store.connect() as con:
+        for counts, stop in (({"A": 40, "B": 20}, None), ({"A": 52, "B": 25}, "all"), ({"A": 60, "B": 30}, moved)):
+            seed_haven(con, counts)
+            build_all(con, out, registry, home)
+            with monkeypatch.context() as mp:
+                if stop == "all":
+                    mp.setattr(reuse, "record_publication", _killed)
+                elif stop is not None:
+                    mp.setattr(publication.os, "replace", _replaces(stop))
+                with pytest.raises(KeyboardInterrupt) if stop is not None else contextlib.nullcontext():
+                    publish_release(con, [out], registry, home, now=NOW)
+        assert len(reuse.pending_publications(con)) == 2
+        seed_haven(con, {"A": 70, "B": 35})
+        build_all(con, out, registry, home)
+        release = publish_release(con, [out], registry, home, now=NOW)
+        assert not release.unchanged and not reuse.pending_publications(con)
