@@ -327,11 +327,16 @@ def _members(con: duckdb.DuckDBPyConnection, release_id: str) -> list:
     """The request's kept members as they stand: their count and SHA-256 over their haven pids in
     order (``core.digests.sealed_rows_sql``), recorded at preparation and checked at delivery."""
     where = f"WHERE t.release_id = {lit(release_id)}"
-    table = REQUEST_MEMBERS
-    if _registered(con, release_id):  # moved at registration (a delivery stopped after it is finished)
-        table = f"(SELECT release_id, agreement_id, pid FROM {reg.RELEASE_MEMBERS})"
-    found = con.execute(sealed_rows_sql(con, table, "t.pid", where=where)).fetchone()
+    found = con.execute(sealed_rows_sql(con, _member_table(con, release_id), "t.pid", where=where)).fetchone()
     return [int(found[1]), str(found[2])] if found else [0, ""]
+
+
+def _member_table(con: duckdb.DuckDBPyConnection, release_id: str) -> str:
+    """Where the request's members are: moved to the release's at registration, so a delivery
+    stopped after it reads them there (its checks of the members are the same either way)."""
+    if _registered(con, release_id):
+        return f"(SELECT release_id, agreement_id, pid FROM {reg.RELEASE_MEMBERS})"
+    return REQUEST_MEMBERS
 
 
 def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
@@ -780,11 +785,10 @@ def _registered(con: duckdb.DuckDBPyConnection, release_id: str) -> bool:
 
 
 def _delivery_audited(con: duckdb.DuckDBPyConnection, release_id: str) -> bool:
-    """Whether the trail already records ``release_id`` delivered (a delivery stopped after its entry)."""
-    return any(
-        e.action == RELEASE_ACTION and e.outcome == "ok" and e.object == f"release:{release_id}"
-        for e in audit.entries_for(con, object_like=f"release:{release_id}")
-    )
+    """Whether the trail already records ``release_id`` delivered (a delivery stopped after its
+    entry): an authentic entry only, so a row written into the log cannot stand in for it."""
+    entries = audit.authentic_entries(con, [RELEASE_ACTION])
+    return any(e.outcome == "ok" and e.object == f"release:{release_id}" for e in entries)
 
 
 def _audit_delivery(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
@@ -870,8 +874,9 @@ def _window(decision: dict[str, Any]) -> int:
 
 
 def _members_objecting(con: duckdb.DuckDBPyConnection, req: Request, objectors: str) -> int:
+    members = _member_table(con, req.release_id)
     return con.execute(
-        f"SELECT count(DISTINCT pid) FROM {REQUEST_MEMBERS} WHERE release_id = ? AND pid IN ({objectors})",
+        f"SELECT count(DISTINCT pid) FROM {members} WHERE release_id = ? AND pid IN ({objectors})",
         [req.release_id],
     ).fetchone()[0]
 

@@ -1148,3 +1148,55 @@ def test_a_held_withdrawal_is_applied_by_a_persons_decision(haven: Haven) -> Non
         assert not _in_force(haven, 10)
         assert register_seal.problem(con) is None and register_seal.held_withdrawals(con) == []
         assert [e.actor for e in audit.entries_for(con) if e.action == register_seal.HELD_APPLIED] == ["Dr Guardian"]
+
+
+def test_a_delivery_stopped_after_its_register_row_still_checks_objections_registered_since(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registration moves a request's members to the release's; the checks of a delivery finished
+    after a stop read them there, so a type 1 objection registered between the stop and the next
+    attempt still refuses it (the check saw no members and let it through: found by review)."""
+    from safehaven.share import review
+    from safehaven.share.releases import PREPARED, prepare
+    from tests.governance_helpers import REVIEWERS
+
+    type1 = lambda i: [NHS[i], "type1", "2024-03-01", "", "A81001"]  # noqa: E731
+    with open_haven(home, tmp_path) as h:
+        h.drop("type1_d1.csv", [type1(32)])
+        assert h.run()
+        adopt(h.con, h.registry, h.agreement)
+        first = prepare(h.con, h.agreement, haven=Context.open(h.home, contracts=h.registry, keyring=h.keyring))
+        assert first.status == PREPARED
+        rid, needed = first.release_id, review.get(h.con, first.release_id).reviewers_needed
+        for by in REVIEWERS[: needed - 1]:
+            review.approve(h.con, rid, by, home=h.home)
+        with monkeypatch.context() as mp:  # stopped after the register row: no rollback runs
+            mp.setattr(review, "_audit_delivery", _stopped)
+            mp.setattr(review.os, "rename", _renames_once(review.os.rename))
+            with pytest.raises((KeyboardInterrupt, OSError)):
+                if review.approve(h.con, rid, REVIEWERS[needed - 1], home=h.home).state == review.APPROVED:
+                    review.deliver(h.con, rid, home=h.home, by="V. Keeper, custodian")
+        assert [r["release_id"] for r in reg.releases(h.con)] == [rid]
+        assert h.pids[NHS[33]] in h.members(rid)
+        h.drop("type1_d2.csv", [type1(33)])  # a member's type 1 objection arrives before the next attempt
+        assert h.run()
+        with pytest.raises(review.ReviewError, match="1 person.s. in it have a type 1 objection registered since"):
+            review.deliver(h.con, rid, home=h.home, by="V. Keeper, custodian")
+        assert review.get(h.con, rid).state != review.RELEASED
+
+
+def _stopped(*_args: object, **_kwargs: object) -> None:
+    raise KeyboardInterrupt("the process was killed")
+
+
+def _renames_once(rename):
+    """``os.rename`` that works once (the move) and then fails (a killed process renames nothing back)."""
+    calls: list[object] = []
+
+    def first_only(src, dst):
+        calls.append(src)
+        if len(calls) > 1:
+            raise OSError("the process was killed")
+        return rename(src, dst)
+
+    return first_only
