@@ -135,6 +135,22 @@ def test_the_anchor_history_is_hash_chained_and_monotonic(filled, home: Home) ->
     assert all(parsed[i]["prev"] == parsed[i - 1]["mac"] for i in range(1, N))
 
 
+def test_deleting_the_oldest_anchor_history_lines_is_seen(filled, home: Home) -> None:
+    """The anchor history is evidence from its first line (CoP 23d): line 1 must be anchor 1 linked
+    to the genesis, and each line numbered one more than the line before, so cutting lines off the
+    front is named by ``verify`` and the nightly run refuses (the append's cheap check reads only
+    the last line, as for a line edited in the middle)."""
+    path = anchors.history_path(home)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[6:]) + "\n")
+    result = audit.verify(filled, home)
+    assert not result.ok and "line 1 of the anchor history is anchor 7, not 1" in result.reason
+    with pytest.raises(AuditTrailBroken, match="anchor history is anchor 7"):
+        audit.begin_run(filled, home, actor="pipeline", job="nightly", run_id="r")
+    path.write_text("\n".join(lines) + "\n")
+    assert audit.verify(filled, home).ok
+
+
 def test_cutting_the_history_back_too_is_seen_in_the_published_head(con, home: Home) -> None:
     """Without a write-once target: head and history rolled back together; published heads show it."""
     _fill(con, home, 10)
