@@ -24,9 +24,10 @@ How:
   history, and an optional write-once target), and the head is published to others in every
   ``published/release.json`` and every row of the data release register.
 * **Genesis.** The first entry's hash is also recorded in ``governance.audit_genesis``. A log
-  that is empty or missing while the genesis row, an anchor, the audit key, a published head
-  or any landed, released or published data exists fails verification: emptiness is not
-  innocence.
+  that is empty or missing while the genesis row, an anchor, the audit key, an audit key on
+  record (the key ring's history, ``governance.key_epochs``), a published head or any landed,
+  pseudonymised, vault, released or published data exists fails verification, and ``check``
+  asks the same, so no new entry 1 is written over a wiped trail: emptiness is not innocence.
 * **A new trail's key is installed only once its first entry and anchor exist.** The key is
   written staged (``audit-next.key``, not recorded in the key ring), entry 1 is written and
   anchored with it, and only then is it installed as the audit key. A process killed before
@@ -107,8 +108,10 @@ GENESIS_KEY = staged(KEY_PURPOSE)
 SEGMENT_ACTION = "audit_breach_decision"
 #: The action recorded at the start of every pipeline run (after a full verification).
 RUN_ACTION = "run"
-#: Schemas whose rows mean the haven holds landed, released or published data.
-DATA_SCHEMAS = ("landing", "release", "published")
+#: Schemas whose rows mean the haven holds landed, pseudonymised (haven), identity (vault), released
+#: or published data: none of it is made without an audit entry.
+DATA_SCHEMAS = ("landing", "haven", "vault", "release", "published")
+KEY_EPOCHS = schema.KEY_EPOCHS
 RELEASE_REGISTER = schema.RELEASE_REGISTER
 REGISTER_HEADS = schema.RELEASE_AUDIT_HEADS
 PUBLISHED_MANIFEST = "release.json"
@@ -550,14 +553,10 @@ def _worm_agrees(worm: Path | None, tail: _Tail) -> bool:
 
 
 def _fresh(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> bool:
-    """An empty log that nothing says was ever written: no anchor, genesis row or audit key."""
-    return (
-        anchors.read_head(home) is None
-        and not anchors.read_history(home)
-        and _genesis(con) is None
-        and not keyring.exists(KEY_PURPOSE)
-        and not anchors.worm_seqs(home.audit_worm)
-    )
+    """An empty log that nothing says was ever written: the one test of ``verify`` for an empty log
+    (:func:`_evidence_of_use`: no anchor, genesis row, audit key or key on record, published head,
+    or data in the store), so ``check`` never lets a wiped trail start again (CoP 23d)."""
+    return _evidence_of_use(con, home, keyring) is None
 
 
 def check(
@@ -961,17 +960,35 @@ def _worm_witnesses(worm: Path | None) -> list[Witness]:
 
 
 def _evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> str | None:
-    """What shows that an empty log once held entries (or should have), or None."""
+    """What shows that an empty log once held entries (or should have), or None (CoP 23d)."""
     checks = (
         (lambda: anchors.read_head(home) is not None, f"the head anchor registers/{HEAD_FILE} exists"),
         (lambda: bool(anchors.read_history(home)), f"the anchor history registers/{anchors.HISTORY_FILE} has lines"),
         (lambda: _genesis(con) is not None, f"the genesis record {GENESIS_TABLE} holds the first entry's hash"),
         (lambda: keyring.exists(KEY_PURPOSE), "the audit key exists (it is created with the first entry)"),
         (lambda: bool(anchors.worm_seqs(home.audit_worm)), "the write-once target holds anchors"),
+    )
+    return next((text for test, text in checks if test()), None) or _prior_use(con, home, keyring)
+
+
+def _prior_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> str | None:
+    """What shows the haven was used before, apart from the trail's own records (its anchors,
+    genesis row and key): an audit key on record, published heads, data in the store; or None."""
+    checks = (
+        (lambda: keyring.recorded(KEY_PURPOSE), "the key ring records an audit key (current, retired or destroyed)"),
+        (lambda: _audit_epoch(con), f"{KEY_EPOCHS} records an audit key"),
         (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
-        (lambda: _holds_data(con), "the store holds landed, released or published data"),
+        (lambda: _holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
     )
     return next((text for test, text in checks if test()), None)
+
+
+def _audit_epoch(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``governance.key_epochs`` has a row for the audit key (``safehaven.core.pins``)."""
+    if not _table_exists(con, KEY_EPOCHS):
+        return False
+    row = con.execute(f"SELECT EXISTS (SELECT 1 FROM {KEY_EPOCHS} WHERE purpose = ?)", [KEY_PURPOSE]).fetchone()
+    return bool(row and row[0])
 
 
 def _check_empty(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> VerifyResult:

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from safehaven.cli.main import main
-from safehaven.core import anchors, audit
+from safehaven.core import anchors, audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.audit import TABLE, AuditTrailBroken
 from safehaven.core.home import Home
@@ -95,6 +95,53 @@ def test_an_emptied_log_without_its_anchor_is_not_innocent(filled, home: Home) -
     filled.execute(f"DROP TABLE {TABLE}")
     filled.execute(f"DROP TABLE {audit.GENESIS_TABLE}")
     assert "audit key exists" in audit.verify(filled, home).reason
+
+
+def _wipe(con: duckdb.DuckDBPyConnection, home: Home, *, forget_key: bool) -> None:
+    """An insider's wipe: the log, its genesis row, both anchor files and the audit key file, and
+    with ``forget_key`` the key ring's record of the audit key and its epoch in the store."""
+    con.execute(f"DELETE FROM {TABLE}")
+    con.execute(f"DELETE FROM {audit.GENESIS_TABLE}")
+    anchors.head_path(home).unlink()
+    anchors.history_path(home).unlink()
+    KeyRing(home.keys).path(audit.KEY_PURPOSE).unlink()
+    if forget_key:
+        manifest = home.keys / "keyring.json"
+        manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+        if audit._table_exists(con, audit.KEY_EPOCHS):
+            con.execute(f"DELETE FROM {audit.KEY_EPOCHS} WHERE purpose = ?", [audit.KEY_PURPOSE])
+
+
+def test_a_wiped_trail_is_not_started_again_while_the_store_holds_data(filled, home: Home) -> None:
+    """An emptied log is a fresh haven's only when nothing shows prior use (CoP 23d): the append's
+    check asks what ``verify`` asks, so with landed data in the store, or pseudonymised (haven) or
+    vault rows, no new entry 1 is written under a new key; every append and run is refused."""
+    for table in ("landing.gp_events", "haven.gp_events", "vault.identities"):
+        filled.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT 'A81001' AS practice_code")
+        filled.execute(f"DELETE FROM {table}")
+    filled.execute("INSERT INTO vault.identities VALUES ('A81001')")
+    _wipe(filled, home, forget_key=True)
+    with pytest.raises(AuditTrailBroken, match="haven or vault rows"):
+        audit.check(filled, home)
+    _refused(filled, home, "seq 1")
+    assert not KeyRing(home.keys).exists(audit.KEY_PURPOSE)
+
+
+def test_a_wiped_trail_is_not_started_again_while_its_key_is_on_record(filled, home: Home) -> None:
+    """With no data in the store, the key ring's record of an audit key (current, retired or
+    destroyed), or the store's record of its epoch (``governance.key_epochs``), still shows that
+    the trail existed (CoP 23d): the next append is refused."""
+    _wipe(filled, home, forget_key=False)
+    with pytest.raises(AuditTrailBroken, match="key ring records an audit key"):
+        audit.check(filled, home)
+    _refused(filled, home, "seq 1")
+    manifest = home.keys / "keyring.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+    schema.ensure(filled, audit.KEY_EPOCHS)
+    filled.execute(f"INSERT INTO {audit.KEY_EPOCHS} VALUES ('audit', 'kid', now(), NULL)")
+    with pytest.raises(AuditTrailBroken, match="key_epochs records an audit key"):
+        audit.check(filled, home)
+    _refused(filled, home, "seq 1")
 
 
 def test_a_store_holding_landed_data_with_no_audit_log_fails(con, home: Home) -> None:
