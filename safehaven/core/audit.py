@@ -35,7 +35,9 @@ How:
   next run writes entry 1 with the same staged key); killed after, it leaves a log that
   verifies under the staged key with no installed key, which the next ``verify`` (every run,
   every audited command, ``safehaven audit verify``) completes (:func:`_finish_genesis`:
-  anchor the head if its file is missing, install and record the key). Before this,
+  anchor the head if its file is missing, install and record the key), but only while the log
+  holds entry 1 alone, no audit key is on record and nothing else shows prior use, so a key
+  someone stages after rewriting the log is never adopted. Before this,
   either kill left "an audit key without its log" or "a log without its anchor", both
   refused until a person recorded a breach decision, for a crash and not a breach.
 * **Fail closed on append** (``check``): before anything is appended, the tail of the log is
@@ -493,29 +495,53 @@ def _install_genesis_key(keyring: KeyRing, key: Key) -> Key:
 def _finish_genesis(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> None:
     """Complete a genesis a crash interrupted (module docstring), before anything reads the key.
 
-    Installed but the staged copy left: the installation is recorded if it was not, and the
-    copy shredded. Not installed, with entry 1 committed and the log verifying under the staged
-    key: the head is anchored if the head file is missing, then the key installed. Anything
-    else (no staged key, a key ring that already records an audit key, a log that does not
-    verify under the staged key) is left for ``verify`` to judge.
+    Installed and recorded but the staged copy left: the copy is shredded. Installed, not
+    recorded, or not installed with the log verifying under the staged key: completed only for
+    a genesis (:func:`_unfinished_genesis`: the log holds entry 1 alone, and nothing else shows the
+    trail or the haven was used before), by anchoring the head if its file is missing and
+    installing and recording the key. Anything else (no staged key, a key the log does not verify
+    under, a log past entry 1, an audit key on record) is left for ``verify`` to judge, so a key
+    someone staged after rewriting the log is never adopted (CoP 23d).
     """
     if not keyring.exists(GENESIS_KEY):
         return
     staged_key = keyring.get(GENESIS_KEY)
     if keyring.exists(KEY_PURPOSE):
-        if keyring.get(KEY_PURPOSE).material == staged_key.material:
-            if not keyring.recorded(KEY_PURPOSE):  # killed between the key file and its record
-                keyring.write(KEY_PURPOSE, staged_key.material, replace=True)
-            keyring.discard(GENESIS_KEY)
+        _finish_installed(con, home, keyring, staged_key)
         return
-    if keyring.recorded(KEY_PURPOSE) or not table_exists(con, "governance", "audit_log") or _tail(con).seq == 0:
-        return  # a recorded key is never replaced; with no entry 1 the next append uses the staged key
+    if not _unfinished_genesis(con, home, keyring, staged_key):
+        return  # with no entry 1 the next append uses the staged key
     bad, last_seq, last_hash = _check_chain(con, staged_key, _breaks(con, staged_key))
     if bad is not None:
         return
     if anchors.read_head(home) is None:  # killed before (or while) anchoring entry 1
         _anchor_everywhere(home, staged_key, Anchor(last_seq, last_hash, _tail(con).entries))
     _install_genesis_key(keyring, staged_key)
+
+
+def _finish_installed(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, staged_key: Key) -> None:
+    """The staged key was installed: record it if a genesis was killed before its record, and
+    shred the staged copy once the installed key is on record (:func:`_finish_genesis`)."""
+    if keyring.get(KEY_PURPOSE).material != staged_key.material:
+        return
+    if not keyring.recorded(KEY_PURPOSE):  # killed between the key file and its record
+        if not _unfinished_genesis(con, home, keyring, staged_key):
+            return
+        keyring.write(KEY_PURPOSE, staged_key.material, replace=True)
+    keyring.discard(GENESIS_KEY)
+
+
+def _unfinished_genesis(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, staged_key: Key) -> bool:
+    """Whether the log is a new trail's first entry alone, written with ``staged_key`` and not yet
+    complete: entry 1 is the only entry, nothing shows prior use (:func:`_prior_use`: no audit key
+    on record, no other key's epoch, no published head, no data in the store), and no anchor
+    names a later entry (CoP 23d: a trail is started once, by the haven)."""
+    tail = _tail(con)
+    if (tail.seq, tail.entries) != (1, 1) or _prior_use(con, home, keyring, own=staged_key.key_id) is not None:
+        return False
+    head = anchors.read_head(home)
+    anchored = [*([] if head is None else [head.get("seq")]), *(h.get("seq") for h in anchors.read_history(home) or [])]
+    return all(seq == 1 for seq in anchored) and set(anchors.worm_seqs(home.audit_worm)) <= {1}
 
 
 def _read_key(keyring: KeyRing) -> Key | None:
@@ -567,7 +593,9 @@ def check(
 ) -> None:
     """Raise ``AuditTrailBroken`` unless the log may be appended to (rule in the module docstring).
 
-    Cheap when the tail matches its anchor; otherwise a full ``verify`` finds the first bad entry.
+    Cheap when the tail matches its anchor; otherwise, or while a staged genesis key waits to be
+    completed (:func:`_finish_genesis`, which only a log holding entry 1 alone may complete), a
+    full ``verify`` finds the first bad entry.
     """
     home, keyring = _keyring(con, home, keyring)
     tail = _tail(con)
@@ -577,7 +605,8 @@ def check(
         key = None
     if tail.seq == 0 and _fresh(con, home, keyring):
         return
-    if key is not None and tail.seq and _tail_matches_anchor(con, home, key, tail):
+    unfinished = keyring.exists(GENESIS_KEY)  # a genesis to complete first: verify does (_finish_genesis)
+    if key is not None and tail.seq and not unfinished and _tail_matches_anchor(con, home, key, tail):
         return
     result = verify(con, home, keyring=keyring)
     if not result.ok:
@@ -971,23 +1000,29 @@ def _evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRin
     return next((text for test, text in checks if test()), None) or _prior_use(con, home, keyring)
 
 
-def _prior_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> str | None:
+def _prior_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, *, own: str | None = None) -> str | None:
     """What shows the haven was used before, apart from the trail's own records (its anchors,
-    genesis row and key): an audit key on record, published heads, data in the store; or None."""
+    genesis row and key): an audit key on record, published heads, data in the store; or None.
+    ``own``: the id of the key a genesis is being completed with, whose epoch may already be
+    on record (:func:`_unfinished_genesis`)."""
     checks = (
         (lambda: keyring.recorded(KEY_PURPOSE), "the key ring records an audit key (current, retired or destroyed)"),
-        (lambda: _audit_epoch(con), f"{KEY_EPOCHS} records an audit key"),
+        (lambda: _audit_epoch(con, own), f"{KEY_EPOCHS} records an audit key"),
         (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
         (lambda: _holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
     )
     return next((text for test, text in checks if test()), None)
 
 
-def _audit_epoch(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether ``governance.key_epochs`` has a row for the audit key (``safehaven.core.pins``)."""
+def _audit_epoch(con: duckdb.DuckDBPyConnection, own: str | None = None) -> bool:
+    """Whether ``governance.key_epochs`` has a row for an audit key other than ``own``
+    (``safehaven.core.pins``)."""
     if not _table_exists(con, KEY_EPOCHS):
         return False
-    row = con.execute(f"SELECT EXISTS (SELECT 1 FROM {KEY_EPOCHS} WHERE purpose = ?)", [KEY_PURPOSE]).fetchone()
+    row = con.execute(
+        f"SELECT EXISTS (SELECT 1 FROM {KEY_EPOCHS} WHERE purpose = ? AND key_id IS DISTINCT FROM ?)",
+        [KEY_PURPOSE, own],
+    ).fetchone()
     return bool(row and row[0])
 
 
