@@ -67,10 +67,12 @@ ten digits in a row.
 
 Limits: ``append`` runs its own transaction, so call it outside an open one. If the process
 dies between the commit and the anchor write, ``verify`` reports the unanchored entries and a
-person re-anchors with ``anchor`` after review. The ``audit`` key is not rotated (a new key
-would fail every existing entry; the anchors record the key id in use, so a swapped key is
-reported as the wrong key). Someone holding the audit key as well as the store can rewrite
-everything local; only the write-once target and the heads others hold show that.
+person re-anchors with ``anchor`` after review; ``anchor`` refuses any other fault (a head file
+or anchor history that names entries the log no longer holds, or that was edited or cut back).
+The ``audit`` key is not rotated (a new key would fail every existing entry; the anchors record
+the key id in use, so a swapped key is reported as the wrong key). Someone holding the audit
+key as well as the store can rewrite everything local; only the write-once target and the heads
+others hold show that.
 """
 
 from __future__ import annotations
@@ -1064,14 +1066,15 @@ def _swapped(keyring: KeyRing, found: str, recorded: str) -> VerifyResult:
     )
 
 
-def _check_head(
+def _check_head_at(
     con: duckdb.DuckDBPyConnection,
     key: Key,
     head: Mapping[str, Any] | None,
     last_seq: int,
     last_hash: str,
 ) -> VerifyResult | None:
-    """Compare a verified chain ending at ``last_seq`` with the anchored head."""
+    """The head file is present, readable and MACed under ``key``, and names an entry still in the
+    log ending at ``last_seq`` with the hash the log holds for it (entries after it aside)."""
     where = f"registers/{HEAD_FILE}"
     if head is None:
         return VerifyResult(
@@ -1119,6 +1122,22 @@ def _check_head(
             "anchor file was edited outside the haven; restore it from the write-once copy",
             "anchor",
         )
+    return None
+
+
+def _check_head(
+    con: duckdb.DuckDBPyConnection,
+    key: Key,
+    head: Mapping[str, Any] | None,
+    last_seq: int,
+    last_hash: str,
+) -> VerifyResult | None:
+    """Compare a verified chain ending at ``last_seq`` with the anchored head: :func:`_check_head_at`,
+    then entries written after the head (the one failure ``anchor`` may clear)."""
+    bad = _check_head_at(con, key, head, last_seq, last_hash)
+    if bad or head is None:
+        return bad
+    seq = int(head["seq"])
     if seq < last_seq:
         return VerifyResult(
             False,
@@ -1207,8 +1226,15 @@ def _check_anchors(
     bad, section = _history(home, key, head)
     if bad:
         return bad
+    witnesses = _anchored_heads(con, home, section)
+    return _check_witnesses(con, breaks, last_seq, witnesses) or _check_latest(section, head, home.audit_worm)
+
+
+def _anchored_heads(con: duckdb.DuckDBPyConnection, home: Home, section: list[dict[str, Any]]) -> list[Witness]:
+    """Every head recorded outside the log but the head file: the anchor history's last
+    ``section``, the genesis record, published heads and the write-once target."""
     genesis = _genesis(con)
-    witnesses = [
+    return [
         *(
             (int(line["seq"]), str(line["entry_hash"]), f"line {line.get('n')} of the anchor history")
             for line in section
@@ -1217,7 +1243,6 @@ def _check_anchors(
         *_published_heads(con, home),
         *_worm_witnesses(home.audit_worm),
     ]
-    return _check_witnesses(con, breaks, last_seq, witnesses) or _check_latest(section, head, home.audit_worm)
 
 
 def _ok(entries: int, breaks: Sequence[_Break]) -> VerifyResult:
@@ -1286,10 +1311,14 @@ def anchor(
 ) -> int:
     """Re-anchor the head at the last entry, after a person has reviewed unanchored entries.
 
-    Only for a chain that verifies whose anchors are merely behind it (an append interrupted
-    before anchoring, or a write-once target that was unavailable). Refuses anything else: a
-    broken chain, or an anchor or published head beyond the log (a rollback), needs a recorded
-    breach decision (``resolve``). Returns the anchored ``seq``.
+    Only for a trail whose one fault is that its anchors are behind it (CoP 23d): the chain
+    verifies, the head file's MAC verifies and it names an entry still in the log with its hash
+    (entries written after it: an append interrupted before anchoring), the anchor history
+    verifies (``anchors.check_history``) and is not behind the head file, and every head anchored
+    or published elsewhere is still in the log; or a write-once target that was unavailable.
+    Refuses anything else (ValueError): a broken chain, a swapped key, a missing or edited head
+    file, or a head beyond the log (a truncation, even with the history cut back to match) needs
+    a recorded breach decision (``resolve``). Returns the anchored ``seq``.
     """
     home, keyring = _keyring(con, home, keyring)
     key = keyring.get(KEY_PURPOSE)
@@ -1297,13 +1326,33 @@ def anchor(
     bad, last_seq, last_hash = _check_chain(con, key, breaks)
     if bad is not None:
         raise ValueError(f"will not anchor an audit log that fails verification: {bad.reason}")
-    witnesses = _published_heads(con, home) + _worm_witnesses(home.audit_worm)
-    witnesses += [(int(line.get("seq", 0)), str(line.get("entry_hash")), "the anchor history") for line in _lines(home)]
-    bad = _check_witnesses(con, breaks, last_seq, witnesses)
+    bad = _key_problem(home, keyring, key)
+    if bad is not None:
+        raise ValueError(f"will not anchor with this audit key: {bad.reason}")
+    bad = _not_only_behind(con, home, key, breaks, last_seq, last_hash)
     if bad is not None:
         raise ValueError(f"will not anchor over a rollback: {bad.reason}")
     _anchor_everywhere(home, key, Anchor(last_seq, last_hash, _tail(con).entries))
     return last_seq
+
+
+def _not_only_behind(
+    con: duckdb.DuckDBPyConnection, home: Home, key: Key, breaks: Sequence[_Break], last_seq: int, last_hash: str
+) -> VerifyResult | None:
+    """What ``verify`` finds wrong with the anchors of a chain that verifies, other than their
+    being behind it (:func:`anchor`): the head file (:func:`_check_head_at`), the anchor history
+    (its MACs, links and numbering, and not behind the head file), and every anchored or
+    published head still in the log with the same hash; None when re-anchoring is safe."""
+    head = anchors.read_head(home)
+    bad = _check_head_at(con, key, head, last_seq, last_hash)
+    if bad or head is None:
+        return bad
+    bad, section = _history(home, key, head)
+    if bad:
+        return bad
+    if section and int(section[-1]["seq"]) < int(head["seq"]):  # the history cut back behind the head
+        return _check_latest(section, head, None)
+    return _check_witnesses(con, breaks, last_seq, _anchored_heads(con, home, section))
 
 
 def _lines(home: Home) -> list[dict[str, Any]]:

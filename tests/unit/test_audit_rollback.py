@@ -344,6 +344,32 @@ def test_anchor_command_refuses_to_paper_over_a_rollback(filled, home: Home) -> 
         audit.anchor(filled, home)
 
 
+def _cut_history(home: Home, last_seq: int) -> None:
+    """Keep only the anchor history's lines up to entry ``last_seq`` (a genuine prefix)."""
+    path = anchors.history_path(home)
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["seq"] <= last_seq]
+    path.write_text("\n".join(kept) + "\n")
+
+
+def test_anchor_refuses_a_truncation_the_head_file_still_shows(filled, home: Home) -> None:
+    """``audit anchor`` clears only anchors that are behind the log (CoP 23d): with the last entries
+    deleted and the anchor history cut back to match, the head file still names the old end, so
+    re-anchoring is refused and the truncation stays reported until a breach decision; the same
+    for a history cut back behind the head file with the log intact."""
+    saved = _copy(home, anchors.HISTORY_FILE)
+    _cut_history(home, 22)
+    with pytest.raises(ValueError, match="will not anchor over a rollback: the anchor history ends at entry 22"):
+        audit.anchor(filled, home)
+    shutil.copy(saved, anchors.history_path(home))
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    _cut_history(home, 22)
+    with pytest.raises(ValueError, match="head anchor records entry 25: entries 23-25 were removed"):
+        audit.anchor(filled, home)
+    result = audit.verify(filled, home)
+    assert (result.ok, result.first_bad_seq) == (False, 23)
+    _refused(filled, home, "seq 23")
+
+
 # --- the commands -----------------------------------------------------------------------
 
 
