@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import yaml
 
+from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.sql import q
@@ -148,7 +149,12 @@ def write_agreement(root: Path, data: dict[str, Any]) -> Path:
 
 
 def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: ContractRegistry) -> dict[str, str]:
-    """Build ``haven.<collection>`` and the objection register; returns NHS number -> pid."""
+    """Build ``haven.<collection>`` and the objection register; returns NHS number -> pid.
+
+    On a new haven the run is recorded first (``audit.begin_run``, as the pipeline's resource
+    does): an audit trail is never started on a store that already holds data (CoP 23d)."""
+    if audit._tail(con).seq == 0:
+        audit.begin_run(con, audit.home_of(con), actor="pipeline", job="small_haven", run_id="small_haven")
     key = keyring.get_or_create("haven")
     install_key(con, "haven", key.material)
     con.execute(

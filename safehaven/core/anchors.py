@@ -8,10 +8,11 @@ that the store key does not reach:
 * **The head file** ``registers/audit_head.json``: the latest head, with an HMAC under the
   audit key. Replaced atomically on every anchor.
 * **The anchor history** ``registers/audit_anchors.jsonl``: one line per anchor, append-only,
-  each line carrying the previous line's MAC (``prev``) and its own MAC under the audit key.
-  ``seq`` never goes down along it, and every anchored ``seq`` must still be in the log with
-  the anchored hash; so replaying an older (genuine) head file after cutting the log back is
-  caught by the newer lines. A line with ``segment_start`` true begins the section written
+  each line numbered ``n`` from 1 and carrying the previous line's MAC (``prev``; the genesis
+  for line 1) and its own MAC under the audit key, so lines cut off the front are seen as well
+  as lines cut from the middle. ``seq`` never goes down along it, and every anchored ``seq``
+  must still be in the log with the anchored hash; so replaying an older (genuine) head file
+  after cutting the log back is caught by the newer lines. A line with ``segment_start`` true begins the section written
   after a recorded breach decision (``safehaven.core.audit.resolve``); sections before the
   last such line were judged by a person when the breach was recorded and are kept as
   evidence, not re-checked.
@@ -198,26 +199,53 @@ def append_history(home: Home, key: Key, anchor: Anchor) -> dict[str, Any]:
 def check_history(key: Key, lines: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
     """Check the section of the history after its last breach decision; returns (problem, section).
 
-    Guarantees for that section: every line is readable and MACed under the audit key, links
-    to the line before it, and ``seq`` never decreases. The caller compares the section's
+    Guarantees for that section (CoP 23d: nothing removed from the trail's evidence unseen):
+    every line is readable and MACed under the audit key; its first line follows what came
+    before it (with nothing before: ``n`` 1 and ``prev`` the genesis; after a segment start's
+    predecessor: that line's ``n`` + 1 and MAC, as :func:`append_history` wrote it), so lines
+    deleted from the front are seen; every later line is numbered one more than the line before
+    and links to its MAC; and ``seq`` never decreases. The caller compares the section's
     anchored heads with the log and its last line with the head file.
     """
     start = max((i for i, line in enumerate(lines) if line.get("segment_start") and mac_ok(key, line)), default=0)
     section = lines[start:]
-    prev_seq, prev_mac = 0, None
+    before = lines[start - 1] if start else {}
+    n, prev_mac, prev_seq = _int(before.get("n", 0)), str(before.get("mac", GENESIS)), 0
     for i, line in enumerate(section, start=start + 1):
-        if not mac_ok(key, line):
-            return f"line {i} of the anchor history is unreadable or was edited (its MAC does not verify)", section
-        if prev_mac is not None and line.get("prev") != prev_mac:
-            return f"line {i} of the anchor history does not follow line {i - 1}: lines were removed", section
-        if int(line["seq"]) < prev_seq:
-            return (
-                f"line {i} of the anchor history goes back from entry {prev_seq} to entry {line['seq']}: "
-                "an older anchor was replayed",
-                section,
-            )
-        prev_seq, prev_mac = int(line["seq"]), line["mac"]
+        problem = _line_problem(key, line, i, n + 1, prev_mac) or _went_back(line, i, prev_seq)
+        if problem:
+            return problem, section
+        n, prev_mac, prev_seq = int(line["n"]), str(line["mac"]), int(line["seq"])
     return None, section
+
+
+def _int(value: Any) -> int:
+    """``value`` as :func:`append_history` read it (``int``), or -1 when it is not a number (an edit)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _line_problem(key: Key, line: dict[str, Any], i: int, n: int, prev_mac: str) -> str | None:
+    """Line ``i`` of the history: MACed under ``key``, numbered ``n`` and linked to ``prev_mac``."""
+    if not mac_ok(key, line):
+        return f"line {i} of the anchor history is unreadable or was edited (its MAC does not verify)"
+    if line.get("prev") == prev_mac and line.get("n") == n:
+        return None
+    if i == 1:
+        return f"line 1 of the anchor history is anchor {line.get('n')}, not {n}: the lines before it were removed"
+    return f"line {i} of the anchor history does not follow line {i - 1}: lines were removed"
+
+
+def _went_back(line: dict[str, Any], i: int, prev_seq: int) -> str | None:
+    """Line ``i`` anchors an older entry than the line before it: an older anchor was replayed."""
+    if int(line["seq"]) < prev_seq:
+        return (
+            f"line {i} of the anchor history goes back from entry {prev_seq} to entry {line['seq']}: "
+            "an older anchor was replayed"
+        )
+    return None
 
 
 # --- the external write-once target -----------------------------------------------------

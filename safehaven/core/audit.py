@@ -24,9 +24,10 @@ How:
   history, and an optional write-once target), and the head is published to others in every
   ``published/release.json`` and every row of the data release register.
 * **Genesis.** The first entry's hash is also recorded in ``governance.audit_genesis``. A log
-  that is empty or missing while the genesis row, an anchor, the audit key, a published head
-  or any landed, released or published data exists fails verification: emptiness is not
-  innocence.
+  that is empty or missing while the genesis row, an anchor, the audit key, an audit key on
+  record (the key ring's history, ``governance.key_epochs``), a published head or any landed,
+  pseudonymised, vault, released or published data exists fails verification, and ``check``
+  asks the same, so no new entry 1 is written over a wiped trail: emptiness is not innocence.
 * **A new trail's key is installed only once its first entry and anchor exist.** The key is
   written staged (``audit-next.key``, not recorded in the key ring), entry 1 is written and
   anchored with it, and only then is it installed as the audit key. A process killed before
@@ -34,7 +35,9 @@ How:
   next run writes entry 1 with the same staged key); killed after, it leaves a log that
   verifies under the staged key with no installed key, which the next ``verify`` (every run,
   every audited command, ``safehaven audit verify``) completes (:func:`_finish_genesis`:
-  anchor the head if its file is missing, install and record the key). Before this,
+  anchor the head if its file is missing, install and record the key), but only while the log
+  holds entry 1 alone, no audit key is on record and nothing else shows prior use, so a key
+  someone stages after rewriting the log is never adopted. Before this,
   either kill left "an audit key without its log" or "a log without its anchor", both
   refused until a person recorded a breach decision, for a crash and not a breach.
 * **Fail closed on append** (``check``): before anything is appended, the tail of the log is
@@ -64,10 +67,12 @@ ten digits in a row.
 
 Limits: ``append`` runs its own transaction, so call it outside an open one. If the process
 dies between the commit and the anchor write, ``verify`` reports the unanchored entries and a
-person re-anchors with ``anchor`` after review. The ``audit`` key is not rotated (a new key
-would fail every existing entry; the anchors record the key id in use, so a swapped key is
-reported as the wrong key). Someone holding the audit key as well as the store can rewrite
-everything local; only the write-once target and the heads others hold show that.
+person re-anchors with ``anchor`` after review; ``anchor`` refuses any other fault (a head file
+or anchor history that names entries the log no longer holds, or that was edited or cut back).
+The ``audit`` key is not rotated (a new key would fail every existing entry; the anchors record
+the key id in use, so a swapped key is reported as the wrong key). Someone holding the audit
+key as well as the store can rewrite everything local; only the write-once target and the heads
+others hold show that.
 """
 
 from __future__ import annotations
@@ -107,8 +112,10 @@ GENESIS_KEY = staged(KEY_PURPOSE)
 SEGMENT_ACTION = "audit_breach_decision"
 #: The action recorded at the start of every pipeline run (after a full verification).
 RUN_ACTION = "run"
-#: Schemas whose rows mean the haven holds landed, released or published data.
-DATA_SCHEMAS = ("landing", "release", "published")
+#: Schemas whose rows mean the haven holds landed, pseudonymised (haven), identity (vault), released
+#: or published data: none of it is made without an audit entry.
+DATA_SCHEMAS = ("landing", "haven", "vault", "release", "published")
+KEY_EPOCHS = schema.KEY_EPOCHS
 RELEASE_REGISTER = schema.RELEASE_REGISTER
 REGISTER_HEADS = schema.RELEASE_AUDIT_HEADS
 PUBLISHED_MANIFEST = "release.json"
@@ -490,29 +497,53 @@ def _install_genesis_key(keyring: KeyRing, key: Key) -> Key:
 def _finish_genesis(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> None:
     """Complete a genesis a crash interrupted (module docstring), before anything reads the key.
 
-    Installed but the staged copy left: the installation is recorded if it was not, and the
-    copy shredded. Not installed, with entry 1 committed and the log verifying under the staged
-    key: the head is anchored if the head file is missing, then the key installed. Anything
-    else (no staged key, a key ring that already records an audit key, a log that does not
-    verify under the staged key) is left for ``verify`` to judge.
+    Installed and recorded but the staged copy left: the copy is shredded. Installed, not
+    recorded, or not installed with the log verifying under the staged key: completed only for
+    a genesis (:func:`_unfinished_genesis`: the log holds entry 1 alone, and nothing else shows the
+    trail or the haven was used before), by anchoring the head if its file is missing and
+    installing and recording the key. Anything else (no staged key, a key the log does not verify
+    under, a log past entry 1, an audit key on record) is left for ``verify`` to judge, so a key
+    someone staged after rewriting the log is never adopted (CoP 23d).
     """
     if not keyring.exists(GENESIS_KEY):
         return
     staged_key = keyring.get(GENESIS_KEY)
     if keyring.exists(KEY_PURPOSE):
-        if keyring.get(KEY_PURPOSE).material == staged_key.material:
-            if not keyring.recorded(KEY_PURPOSE):  # killed between the key file and its record
-                keyring.write(KEY_PURPOSE, staged_key.material, replace=True)
-            keyring.discard(GENESIS_KEY)
+        _finish_installed(con, home, keyring, staged_key)
         return
-    if keyring.recorded(KEY_PURPOSE) or not table_exists(con, "governance", "audit_log") or _tail(con).seq == 0:
-        return  # a recorded key is never replaced; with no entry 1 the next append uses the staged key
+    if not _unfinished_genesis(con, home, keyring, staged_key):
+        return  # with no entry 1 the next append uses the staged key
     bad, last_seq, last_hash = _check_chain(con, staged_key, _breaks(con, staged_key))
     if bad is not None:
         return
     if anchors.read_head(home) is None:  # killed before (or while) anchoring entry 1
         _anchor_everywhere(home, staged_key, Anchor(last_seq, last_hash, _tail(con).entries))
     _install_genesis_key(keyring, staged_key)
+
+
+def _finish_installed(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, staged_key: Key) -> None:
+    """The staged key was installed: record it if a genesis was killed before its record, and
+    shred the staged copy once the installed key is on record (:func:`_finish_genesis`)."""
+    if keyring.get(KEY_PURPOSE).material != staged_key.material:
+        return
+    if not keyring.recorded(KEY_PURPOSE):  # killed between the key file and its record
+        if not _unfinished_genesis(con, home, keyring, staged_key):
+            return
+        keyring.write(KEY_PURPOSE, staged_key.material, replace=True)
+    keyring.discard(GENESIS_KEY)
+
+
+def _unfinished_genesis(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, staged_key: Key) -> bool:
+    """Whether the log is a new trail's first entry alone, written with ``staged_key`` and not yet
+    complete: entry 1 is the only entry, nothing shows prior use (:func:`_prior_use`: no audit key
+    on record, no other key's epoch, no published head, no data in the store), and no anchor
+    names a later entry (CoP 23d: a trail is started once, by the haven)."""
+    tail = _tail(con)
+    if (tail.seq, tail.entries) != (1, 1) or _prior_use(con, home, keyring, own=staged_key.key_id) is not None:
+        return False
+    head = anchors.read_head(home)
+    anchored = [*([] if head is None else [head.get("seq")]), *(h.get("seq") for h in anchors.read_history(home) or [])]
+    return all(seq == 1 for seq in anchored) and set(anchors.worm_seqs(home.audit_worm)) <= {1}
 
 
 def _read_key(keyring: KeyRing) -> Key | None:
@@ -550,14 +581,10 @@ def _worm_agrees(worm: Path | None, tail: _Tail) -> bool:
 
 
 def _fresh(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> bool:
-    """An empty log that nothing says was ever written: no anchor, genesis row or audit key."""
-    return (
-        anchors.read_head(home) is None
-        and not anchors.read_history(home)
-        and _genesis(con) is None
-        and not keyring.exists(KEY_PURPOSE)
-        and not anchors.worm_seqs(home.audit_worm)
-    )
+    """An empty log that nothing says was ever written: the one test of ``verify`` for an empty log
+    (:func:`_evidence_of_use`: no anchor, genesis row, audit key or key on record, published head,
+    or data in the store), so ``check`` never lets a wiped trail start again (CoP 23d)."""
+    return _evidence_of_use(con, home, keyring) is None
 
 
 def check(
@@ -568,7 +595,9 @@ def check(
 ) -> None:
     """Raise ``AuditTrailBroken`` unless the log may be appended to (rule in the module docstring).
 
-    Cheap when the tail matches its anchor; otherwise a full ``verify`` finds the first bad entry.
+    Cheap when the tail matches its anchor; otherwise, or while a staged genesis key waits to be
+    completed (:func:`_finish_genesis`, which only a log holding entry 1 alone may complete), a
+    full ``verify`` finds the first bad entry.
     """
     home, keyring = _keyring(con, home, keyring)
     tail = _tail(con)
@@ -578,7 +607,8 @@ def check(
         key = None
     if tail.seq == 0 and _fresh(con, home, keyring):
         return
-    if key is not None and tail.seq and _tail_matches_anchor(con, home, key, tail):
+    unfinished = keyring.exists(GENESIS_KEY)  # a genesis to complete first: verify does (_finish_genesis)
+    if key is not None and tail.seq and not unfinished and _tail_matches_anchor(con, home, key, tail):
         return
     result = verify(con, home, keyring=keyring)
     if not result.ok:
@@ -961,17 +991,41 @@ def _worm_witnesses(worm: Path | None) -> list[Witness]:
 
 
 def _evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> str | None:
-    """What shows that an empty log once held entries (or should have), or None."""
+    """What shows that an empty log once held entries (or should have), or None (CoP 23d)."""
     checks = (
         (lambda: anchors.read_head(home) is not None, f"the head anchor registers/{HEAD_FILE} exists"),
         (lambda: bool(anchors.read_history(home)), f"the anchor history registers/{anchors.HISTORY_FILE} has lines"),
         (lambda: _genesis(con) is not None, f"the genesis record {GENESIS_TABLE} holds the first entry's hash"),
         (lambda: keyring.exists(KEY_PURPOSE), "the audit key exists (it is created with the first entry)"),
         (lambda: bool(anchors.worm_seqs(home.audit_worm)), "the write-once target holds anchors"),
+    )
+    return next((text for test, text in checks if test()), None) or _prior_use(con, home, keyring)
+
+
+def _prior_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, *, own: str | None = None) -> str | None:
+    """What shows the haven was used before, apart from the trail's own records (its anchors,
+    genesis row and key): an audit key on record, published heads, data in the store; or None.
+    ``own``: the id of the key a genesis is being completed with, whose epoch may already be
+    on record (:func:`_unfinished_genesis`)."""
+    checks = (
+        (lambda: keyring.recorded(KEY_PURPOSE), "the key ring records an audit key (current, retired or destroyed)"),
+        (lambda: _audit_epoch(con, own), f"{KEY_EPOCHS} records an audit key"),
         (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
-        (lambda: _holds_data(con), "the store holds landed, released or published data"),
+        (lambda: _holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
     )
     return next((text for test, text in checks if test()), None)
+
+
+def _audit_epoch(con: duckdb.DuckDBPyConnection, own: str | None = None) -> bool:
+    """Whether ``governance.key_epochs`` has a row for an audit key other than ``own``
+    (``safehaven.core.pins``)."""
+    if not _table_exists(con, KEY_EPOCHS):
+        return False
+    row = con.execute(
+        f"SELECT EXISTS (SELECT 1 FROM {KEY_EPOCHS} WHERE purpose = ? AND key_id IS DISTINCT FROM ?)",
+        [KEY_PURPOSE, own],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _check_empty(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing) -> VerifyResult:
@@ -1012,14 +1066,15 @@ def _swapped(keyring: KeyRing, found: str, recorded: str) -> VerifyResult:
     )
 
 
-def _check_head(
+def _check_head_at(
     con: duckdb.DuckDBPyConnection,
     key: Key,
     head: Mapping[str, Any] | None,
     last_seq: int,
     last_hash: str,
 ) -> VerifyResult | None:
-    """Compare a verified chain ending at ``last_seq`` with the anchored head."""
+    """The head file is present, readable and MACed under ``key``, and names an entry still in the
+    log ending at ``last_seq`` with the hash the log holds for it (entries after it aside)."""
     where = f"registers/{HEAD_FILE}"
     if head is None:
         return VerifyResult(
@@ -1067,6 +1122,22 @@ def _check_head(
             "anchor file was edited outside the haven; restore it from the write-once copy",
             "anchor",
         )
+    return None
+
+
+def _check_head(
+    con: duckdb.DuckDBPyConnection,
+    key: Key,
+    head: Mapping[str, Any] | None,
+    last_seq: int,
+    last_hash: str,
+) -> VerifyResult | None:
+    """Compare a verified chain ending at ``last_seq`` with the anchored head: :func:`_check_head_at`,
+    then entries written after the head (the one failure ``anchor`` may clear)."""
+    bad = _check_head_at(con, key, head, last_seq, last_hash)
+    if bad or head is None:
+        return bad
+    seq = int(head["seq"])
     if seq < last_seq:
         return VerifyResult(
             False,
@@ -1155,8 +1226,15 @@ def _check_anchors(
     bad, section = _history(home, key, head)
     if bad:
         return bad
+    witnesses = _anchored_heads(con, home, section)
+    return _check_witnesses(con, breaks, last_seq, witnesses) or _check_latest(section, head, home.audit_worm)
+
+
+def _anchored_heads(con: duckdb.DuckDBPyConnection, home: Home, section: list[dict[str, Any]]) -> list[Witness]:
+    """Every head recorded outside the log but the head file: the anchor history's last
+    ``section``, the genesis record, published heads and the write-once target."""
     genesis = _genesis(con)
-    witnesses = [
+    return [
         *(
             (int(line["seq"]), str(line["entry_hash"]), f"line {line.get('n')} of the anchor history")
             for line in section
@@ -1165,7 +1243,6 @@ def _check_anchors(
         *_published_heads(con, home),
         *_worm_witnesses(home.audit_worm),
     ]
-    return _check_witnesses(con, breaks, last_seq, witnesses) or _check_latest(section, head, home.audit_worm)
 
 
 def _ok(entries: int, breaks: Sequence[_Break]) -> VerifyResult:
@@ -1234,10 +1311,14 @@ def anchor(
 ) -> int:
     """Re-anchor the head at the last entry, after a person has reviewed unanchored entries.
 
-    Only for a chain that verifies whose anchors are merely behind it (an append interrupted
-    before anchoring, or a write-once target that was unavailable). Refuses anything else: a
-    broken chain, or an anchor or published head beyond the log (a rollback), needs a recorded
-    breach decision (``resolve``). Returns the anchored ``seq``.
+    Only for a trail whose one fault is that its anchors are behind it (CoP 23d): the chain
+    verifies, the head file's MAC verifies and it names an entry still in the log with its hash
+    (entries written after it: an append interrupted before anchoring), the anchor history
+    verifies (``anchors.check_history``) and is not behind the head file, and every head anchored
+    or published elsewhere is still in the log; or a write-once target that was unavailable.
+    Refuses anything else (ValueError): a broken chain, a swapped key, a missing or edited head
+    file, or a head beyond the log (a truncation, even with the history cut back to match) needs
+    a recorded breach decision (``resolve``). Returns the anchored ``seq``.
     """
     home, keyring = _keyring(con, home, keyring)
     key = keyring.get(KEY_PURPOSE)
@@ -1245,13 +1326,33 @@ def anchor(
     bad, last_seq, last_hash = _check_chain(con, key, breaks)
     if bad is not None:
         raise ValueError(f"will not anchor an audit log that fails verification: {bad.reason}")
-    witnesses = _published_heads(con, home) + _worm_witnesses(home.audit_worm)
-    witnesses += [(int(line.get("seq", 0)), str(line.get("entry_hash")), "the anchor history") for line in _lines(home)]
-    bad = _check_witnesses(con, breaks, last_seq, witnesses)
+    bad = _key_problem(home, keyring, key)
+    if bad is not None:
+        raise ValueError(f"will not anchor with this audit key: {bad.reason}")
+    bad = _not_only_behind(con, home, key, breaks, last_seq, last_hash)
     if bad is not None:
         raise ValueError(f"will not anchor over a rollback: {bad.reason}")
     _anchor_everywhere(home, key, Anchor(last_seq, last_hash, _tail(con).entries))
     return last_seq
+
+
+def _not_only_behind(
+    con: duckdb.DuckDBPyConnection, home: Home, key: Key, breaks: Sequence[_Break], last_seq: int, last_hash: str
+) -> VerifyResult | None:
+    """What ``verify`` finds wrong with the anchors of a chain that verifies, other than their
+    being behind it (:func:`anchor`): the head file (:func:`_check_head_at`), the anchor history
+    (its MACs, links and numbering, and not behind the head file), and every anchored or
+    published head still in the log with the same hash; None when re-anchoring is safe."""
+    head = anchors.read_head(home)
+    bad = _check_head_at(con, key, head, last_seq, last_hash)
+    if bad or head is None:
+        return bad
+    bad, section = _history(home, key, head)
+    if bad:
+        return bad
+    if section and int(section[-1]["seq"]) < int(head["seq"]):  # the history cut back behind the head
+        return _check_latest(section, head, None)
+    return _check_witnesses(con, breaks, last_seq, _anchored_heads(con, home, section))
 
 
 def _lines(home: Home) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.pins import vault_public
@@ -26,11 +27,17 @@ def drop(home: Home, patients: int = 300, seed: int = 7) -> None:
 
 
 def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, object]:
-    """Ingest, validate, register objections, build the haven and the vault, in pipeline order."""
+    """Ingest, validate, register objections, build the haven and the vault, in pipeline order.
+    On a new haven the run is recorded first (``audit.begin_run``, as the pipeline's resource
+    does), so the trail starts before any data lands: it is never started on a store that holds
+    data (CoP 23d). Later calls do not verify the trail first (a test may run this over a trail
+    a killed step left behind its anchor)."""
     registry = registry or ContractRegistry()
     keyring = KeyRing(home.keys)
     reports: dict[str, object] = {}
     with Store(home).connect() as con:
+        if audit._tail(con).seq == 0:
+            audit.begin_run(con, home, actor="pipeline", job="populate", run_id="populate")
         for contract in registry.contracts.values():
             c = contract.collection
             sealer = batch_seal.sealer_for(con, contract, home)

@@ -9,6 +9,7 @@ person involved, and the trail must verify with its key installed and recorded.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from safehaven.core import audit
+from safehaven.core import anchors, audit
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing
+from safehaven.core.keys import Key, KeyRing
 from safehaven.core.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +108,57 @@ def test_audit_verify_completes_an_interrupted_genesis_and_records_no_breach(tmp
     assert "breach" not in (done.stdout + done.stderr).lower()
     keyring = KeyRing(home.keys)
     assert keyring.recorded(audit.KEY_PURPOSE) and not keyring.exists(audit.GENESIS_KEY)
+
+
+def _rewrite_under_a_planted_key(home: Home, entries: int, keep: int, *, landed: bool) -> bytes:
+    """An insider's forgery (store key and shell, no audit key): a trail of ``entries`` cut to its
+    first ``keep`` entries re-hashed under a key they stage as ``audit-next.key``, with its genesis
+    row fixed, the anchors, the audit key and its record removed. Returns the planted material."""
+    planted = os.urandom(32)
+    with Store(home).connect() as con:
+        for i in range(entries):
+            audit.append(con, actor="t", role="pipeline", action="read", object=f"haven.gp_events/{i}", home=home)
+        if landed:
+            con.execute("CREATE TABLE landing.gp_events AS SELECT 'A81001' AS practice_code")
+        kept = con.execute(audit._SELECT + " WHERE seq <= ? ORDER BY seq", [keep]).fetchall()
+        rows = [audit._row_entry(row) for row in kept]
+        con.execute(f"DELETE FROM {audit.TABLE}")
+        prev = audit.GENESIS
+        for entry in rows:
+            fields = dict(vars(entry), prev_hash=prev)
+            fields["entry_hash"] = prev = audit.entry_hash(Key(audit.KEY_PURPOSE, planted), fields)
+            con.execute(
+                f"INSERT INTO {audit.TABLE} VALUES (?, CAST(? AS TIMESTAMPTZ), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [fields["seq"], audit._iso(fields["at"]), *[fields[c] for c in audit._COLUMNS[2:]]],
+            )
+        first = con.execute(f"SELECT entry_hash FROM {audit.TABLE} WHERE seq = 1").fetchone()[0]
+        con.execute(f"UPDATE {audit.GENESIS_TABLE} SET entry_hash = ?", [first])
+    anchors.head_path(home).unlink()
+    anchors.history_path(home).unlink()
+    keyring = KeyRing(home.keys)
+    keyring.path(audit.KEY_PURPOSE).unlink()
+    manifest = home.keys / "keyring.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+    keyring.write(audit.GENESIS_KEY, planted, record=False)
+    return planted
+
+
+@pytest.mark.parametrize(("entries", "keep", "landed"), [(10, 6, False), (10, 1, True)], ids=["past entry 1", "data"])
+def test_a_staged_key_is_never_adopted_for_a_log_that_is_not_a_new_trail(
+    home: Home, entries: int, keep: int, landed: bool
+) -> None:
+    """A genesis is completed only for a new trail (CoP 23d): the log holds entry 1 alone and
+    nothing shows the haven was used before (no audit key on record, no data in the store). A key
+    staged after the log was rewritten under it is not installed: the trail is refused, naming
+    the missing audit key, until the original key is restored."""
+    planted = _rewrite_under_a_planted_key(home, entries, keep, landed=landed)
+    with Store(home).connect() as con:
+        result = audit.verify(con, home)
+        assert not result.ok and result.kind == "key" and "is missing" in result.reason
+        with pytest.raises(audit.AuditTrailBroken, match="audit key"):
+            audit.begin_run(con, home, actor="t", job="nightly", run_id="0" * 32)
+        with pytest.raises(audit.AuditTrailBroken, match="audit key"):
+            audit.append(con, actor="t", role="pipeline", action="read", object="haven.gp_events", home=home)
+    keyring = KeyRing(home.keys)
+    assert not keyring.exists(audit.KEY_PURPOSE) and not keyring.recorded(audit.KEY_PURPOSE)
+    assert keyring.get(audit.GENESIS_KEY).material == planted  # left for the custodian to judge

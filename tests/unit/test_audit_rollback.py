@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from safehaven.cli.main import main
-from safehaven.core import anchors, audit
+from safehaven.core import anchors, audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.audit import TABLE, AuditTrailBroken
 from safehaven.core.home import Home
@@ -97,6 +97,53 @@ def test_an_emptied_log_without_its_anchor_is_not_innocent(filled, home: Home) -
     assert "audit key exists" in audit.verify(filled, home).reason
 
 
+def _wipe(con: duckdb.DuckDBPyConnection, home: Home, *, forget_key: bool) -> None:
+    """An insider's wipe: the log, its genesis row, both anchor files and the audit key file, and
+    with ``forget_key`` the key ring's record of the audit key and its epoch in the store."""
+    con.execute(f"DELETE FROM {TABLE}")
+    con.execute(f"DELETE FROM {audit.GENESIS_TABLE}")
+    anchors.head_path(home).unlink()
+    anchors.history_path(home).unlink()
+    KeyRing(home.keys).path(audit.KEY_PURPOSE).unlink()
+    if forget_key:
+        manifest = home.keys / "keyring.json"
+        manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+        if audit._table_exists(con, audit.KEY_EPOCHS):
+            con.execute(f"DELETE FROM {audit.KEY_EPOCHS} WHERE purpose = ?", [audit.KEY_PURPOSE])
+
+
+def test_a_wiped_trail_is_not_started_again_while_the_store_holds_data(filled, home: Home) -> None:
+    """An emptied log is a fresh haven's only when nothing shows prior use (CoP 23d): the append's
+    check asks what ``verify`` asks, so with landed data in the store, or pseudonymised (haven) or
+    vault rows, no new entry 1 is written under a new key; every append and run is refused."""
+    for table in ("landing.gp_events", "haven.gp_events", "vault.identities"):
+        filled.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT 'A81001' AS practice_code")
+        filled.execute(f"DELETE FROM {table}")
+    filled.execute("INSERT INTO vault.identities VALUES ('A81001')")
+    _wipe(filled, home, forget_key=True)
+    with pytest.raises(AuditTrailBroken, match="haven or vault rows"):
+        audit.check(filled, home)
+    _refused(filled, home, "seq 1")
+    assert not KeyRing(home.keys).exists(audit.KEY_PURPOSE)
+
+
+def test_a_wiped_trail_is_not_started_again_while_its_key_is_on_record(filled, home: Home) -> None:
+    """With no data in the store, the key ring's record of an audit key (current, retired or
+    destroyed), or the store's record of its epoch (``governance.key_epochs``), still shows that
+    the trail existed (CoP 23d): the next append is refused."""
+    _wipe(filled, home, forget_key=False)
+    with pytest.raises(AuditTrailBroken, match="key ring records an audit key"):
+        audit.check(filled, home)
+    _refused(filled, home, "seq 1")
+    manifest = home.keys / "keyring.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+    schema.ensure(filled, audit.KEY_EPOCHS)
+    filled.execute(f"INSERT INTO {audit.KEY_EPOCHS} VALUES ('audit', 'kid', now(), NULL)")
+    with pytest.raises(AuditTrailBroken, match="key_epochs records an audit key"):
+        audit.check(filled, home)
+    _refused(filled, home, "seq 1")
+
+
 def test_a_store_holding_landed_data_with_no_audit_log_fails(con, home: Home) -> None:
     assert audit.verify(con, home).ok  # a new haven: nothing landed, nothing audited
     con.execute("CREATE TABLE landing.gp_events AS SELECT 'A81001' AS practice_code")
@@ -133,6 +180,22 @@ def test_the_anchor_history_is_hash_chained_and_monotonic(filled, home: Home) ->
     parsed = [json.loads(line) for line in lines]
     assert [p["seq"] for p in parsed] == list(range(1, N + 1))
     assert all(parsed[i]["prev"] == parsed[i - 1]["mac"] for i in range(1, N))
+
+
+def test_deleting_the_oldest_anchor_history_lines_is_seen(filled, home: Home) -> None:
+    """The anchor history is evidence from its first line (CoP 23d): line 1 must be anchor 1 linked
+    to the genesis, and each line numbered one more than the line before, so cutting lines off the
+    front is named by ``verify`` and the nightly run refuses (the append's cheap check reads only
+    the last line, as for a line edited in the middle)."""
+    path = anchors.history_path(home)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[6:]) + "\n")
+    result = audit.verify(filled, home)
+    assert not result.ok and "line 1 of the anchor history is anchor 7, not 1" in result.reason
+    with pytest.raises(AuditTrailBroken, match="anchor history is anchor 7"):
+        audit.begin_run(filled, home, actor="pipeline", job="nightly", run_id="r")
+    path.write_text("\n".join(lines) + "\n")
+    assert audit.verify(filled, home).ok
 
 
 def test_cutting_the_history_back_too_is_seen_in_the_published_head(con, home: Home) -> None:
@@ -279,6 +342,32 @@ def test_anchor_command_refuses_to_paper_over_a_rollback(filled, home: Home) -> 
     filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
     with pytest.raises(ValueError, match="will not anchor over a rollback"):
         audit.anchor(filled, home)
+
+
+def _cut_history(home: Home, last_seq: int) -> None:
+    """Keep only the anchor history's lines up to entry ``last_seq`` (a genuine prefix)."""
+    path = anchors.history_path(home)
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["seq"] <= last_seq]
+    path.write_text("\n".join(kept) + "\n")
+
+
+def test_anchor_refuses_a_truncation_the_head_file_still_shows(filled, home: Home) -> None:
+    """``audit anchor`` clears only anchors that are behind the log (CoP 23d): with the last entries
+    deleted and the anchor history cut back to match, the head file still names the old end, so
+    re-anchoring is refused and the truncation stays reported until a breach decision; the same
+    for a history cut back behind the head file with the log intact."""
+    saved = _copy(home, anchors.HISTORY_FILE)
+    _cut_history(home, 22)
+    with pytest.raises(ValueError, match="will not anchor over a rollback: the anchor history ends at entry 22"):
+        audit.anchor(filled, home)
+    shutil.copy(saved, anchors.history_path(home))
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    _cut_history(home, 22)
+    with pytest.raises(ValueError, match="head anchor records entry 25: entries 23-25 were removed"):
+        audit.anchor(filled, home)
+    result = audit.verify(filled, home)
+    assert (result.ok, result.first_bad_seq) == (False, 23)
+    _refused(filled, home, "seq 23")
 
 
 # --- the commands -----------------------------------------------------------------------

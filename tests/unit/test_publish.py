@@ -19,6 +19,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from safehaven.core import audit
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
@@ -68,6 +69,10 @@ def output(name: str = "adm", **extra: object) -> Output:
 
 
 def seed_haven(con: duckdb.DuckDBPyConnection, labels: dict[str, int]) -> None:
+    """Pseudonymised rows for the outputs; on a new haven the run is recorded first, as the pipeline
+    does, since an audit trail is never started on a store that holds data (CoP 23d)."""
+    if audit._tail(con).seq == 0:
+        audit.begin_run(con, audit.home_of(con), actor="pipeline", job="seed_haven", run_id="seed_haven")
     con.execute(
         "CREATE OR REPLACE TABLE haven.hospital_episodes (pid VARCHAR, provider_code VARCHAR, admission_date DATE, "
         "discharge_date DATE, primary_diagnosis VARCHAR)"
