@@ -122,6 +122,7 @@ def write_head(home: Home, key: Key, anchor: Anchor) -> dict[str, Any]:
         "entries": anchor.entries,
         "key_id": key.key_id,
         "anchored_at": _now(),
+        "worm": home.audit_worm is not None,  # so dropping the target's setting later is seen (verify)
     }
     head["mac"] = mac(key, head)
     home.registers.mkdir(parents=True, exist_ok=True)

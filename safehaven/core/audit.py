@@ -568,7 +568,25 @@ def _tail_matches_anchor(con: duckdb.DuckDBPyConnection, home: Home, key: Key, t
         if (last.get("seq"), last.get("entry_hash")) != (tail.seq, tail.entry_hash):
             return False
     entry = _entry_at(con, tail.seq)
-    return entry is not None and _entry_ok(key, entry) and _worm_agrees(home.audit_worm, tail)
+    worm_ok = _worm_setting(head, home.audit_worm) is None and _worm_agrees(home.audit_worm, tail)
+    return entry is not None and _entry_ok(key, entry) and worm_ok
+
+
+def _worm_setting(head: Mapping[str, Any], worm: Path | None) -> str | None:
+    """Why the write-once target is not usable as configured (None: it is, or none is needed): one
+    is configured but is not a directory (not mounted), or the head was anchored with one and none
+    is configured now. Without it a complete local rollback would pass unseen (found by review)."""
+    if worm is not None and not worm.is_dir():
+        return (
+            f"the write-once target {worm} is configured but is not a directory (not mounted?): mount or "
+            "create it, then run again"
+        )
+    if worm is None and head.get("worm") is True:
+        return (
+            "the audit trail was anchored in a write-once target, and none is configured now (the resource's "
+            "audit_worm_dir, or $SAFEHAVEN_AUDIT_WORM for commands): configure it again, then run again"
+        )
+    return None
 
 
 def _worm_agrees(worm: Path | None, tail: _Tail) -> bool:
@@ -1223,6 +1241,9 @@ def _check_anchors(
     bad = _check_head(con, key, head, last_seq, last_hash)
     if bad or head is None:
         return bad
+    unusable = _worm_setting(head, home.audit_worm)
+    if unusable:
+        return VerifyResult(False, None, unusable, "anchor")
     bad, section = _history(home, key, head)
     if bad:
         return bad

@@ -138,7 +138,9 @@ def _rewrite_under_a_planted_key(home: Home, entries: int, keep: int, *, landed:
     keyring = KeyRing(home.keys)
     keyring.path(audit.KEY_PURPOSE).unlink()
     manifest = home.keys / "keyring.json"
-    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+    manifest.write_text(
+        json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != audit.KEY_PURPOSE})
+    )
     keyring.write(audit.GENESIS_KEY, planted, record=False)
     return planted
 

@@ -107,7 +107,9 @@ def _wipe(con: duckdb.DuckDBPyConnection, home: Home, *, forget_key: bool) -> No
     KeyRing(home.keys).path(audit.KEY_PURPOSE).unlink()
     if forget_key:
         manifest = home.keys / "keyring.json"
-        manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+        manifest.write_text(
+            json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != audit.KEY_PURPOSE})
+        )
         if audit._table_exists(con, audit.KEY_EPOCHS):
             con.execute(f"DELETE FROM {audit.KEY_EPOCHS} WHERE purpose = ?", [audit.KEY_PURPOSE])
 
@@ -136,7 +138,9 @@ def test_a_wiped_trail_is_not_started_again_while_its_key_is_on_record(filled, h
         audit.check(filled, home)
     _refused(filled, home, "seq 1")
     manifest = home.keys / "keyring.json"
-    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {audit.KEY_PURPOSE: {}}))
+    manifest.write_text(
+        json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != audit.KEY_PURPOSE})
+    )
     schema.ensure(filled, audit.KEY_EPOCHS)
     filled.execute(f"INSERT INTO {audit.KEY_EPOCHS} VALUES ('audit', 'kid', now(), NULL)")
     with pytest.raises(AuditTrailBroken, match="key_epochs records an audit key"):
@@ -422,3 +426,30 @@ def test_every_tampering_blocks_the_next_run_until_a_decision_then_verifies(
     assert run == done.seq + 1
     result = audit.verify(filled, home)
     assert result.ok and result.breaks == ((seq, done.seq),)
+
+
+def test_a_write_once_target_dropped_from_the_settings_or_unmounted_is_refused_not_ignored(
+    home: Home, tmp_path: Path
+) -> None:
+    """With the target's setting dropped (or the target unmounted), a complete local rollback would
+    pass unseen and appends fail only after they commit (found by review): the head records that a
+    target was in use, so verify and every append refuse, saying what to configure or mount."""
+    worm = tmp_path / "worm"
+    worm.mkdir()
+    anchored = dataclasses.replace(home, audit_worm=worm)
+    with Store(anchored).connect() as con:
+        _fill(con, anchored, 3)
+    with Store(home).connect() as con:  # the setting dropped
+        result = audit.verify(con, home)
+        assert not result.ok and "none is configured now" in result.reason
+        with pytest.raises(audit.AuditTrailBroken, match="none is configured now"):
+            _fill(con, home, 1)
+    worm.rename(tmp_path / "unmounted")
+    with Store(anchored).connect() as con:
+        with pytest.raises(audit.AuditTrailBroken, match="is configured but is not a directory"):
+            _fill(con, anchored, 1)
+        assert con.execute(f"SELECT max(seq) FROM {TABLE}").fetchone()[0] == 3  # refused before it committed
+    (tmp_path / "unmounted").rename(worm)
+    with Store(anchored).connect() as con:
+        _fill(con, anchored, 1)
+        assert audit.verify(con, anchored).ok
