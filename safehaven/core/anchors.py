@@ -177,7 +177,7 @@ def append_history(home: Home, key: Key, anchor: Anchor) -> dict[str, Any]:
     """Append one anchor line, chained to the previous line's MAC, and fsync it."""
     last = last_history_line(home)
     line: dict[str, Any] = {
-        "n": int(last.get("n", 0)) + 1 if last else 1,
+        "n": _int(last.get("n", 0)) + 1 if last else 1,  # an edited n must not stop resolve from anchoring
         "seq": anchor.seq,
         "entry_hash": anchor.entry_hash,
         "entries": anchor.entries,

@@ -625,7 +625,8 @@ def check(
         key = None
     if tail.seq == 0 and _fresh(con, home, keyring):
         return
-    unfinished = keyring.exists(GENESIS_KEY)  # a genesis to complete first: verify does (_finish_genesis)
+    # a genesis to complete first (verify does: _finish_genesis), only ever for a log of entry 1 alone
+    unfinished = tail.seq <= 1 and keyring.exists(GENESIS_KEY)
     if key is not None and tail.seq and not unfinished and _tail_matches_anchor(con, home, key, tail):
         return
     result = verify(con, home, keyring=keyring)
@@ -967,14 +968,15 @@ def _qi(name: str) -> str:
 
 
 def _holds_data(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether any landed, released or published table (or the data release register) has a row."""
+    """Whether any landed, released or published table (or the data release or breach register) has a row."""
     tables = con.execute(
         "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database() "
         f"AND table_type = 'BASE TABLE' AND table_schema IN ({', '.join('?' for _ in DATA_SCHEMAS)})",
         list(DATA_SCHEMAS),
     ).fetchall()
-    if _table_exists(con, RELEASE_REGISTER):
-        tables.append(tuple(RELEASE_REGISTER.split(".")))
+    for held in (RELEASE_REGISTER, schema.BREACH_REGISTER):  # a breach is recorded with an entry
+        if _table_exists(con, held):
+            tables.append(tuple(held.split(".")))
     return any(
         con.execute(f"SELECT EXISTS (SELECT 1 FROM {_qi(s)}.{_qi(t)})").fetchone()[0]  # type: ignore[index]
         for s, t in tables
@@ -1029,6 +1031,7 @@ def _prior_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, *, 
         (lambda: keyring.recorded(KEY_PURPOSE), "the key ring records an audit key (current, retired or destroyed)"),
         (lambda: _audit_epoch(con, own), f"{KEY_EPOCHS} records an audit key"),
         (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
+        (lambda: home.published.is_dir() and any(home.published.iterdir()), "published/ holds files"),
         (lambda: _holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
     )
     return next((text for test, text in checks if test()), None)
@@ -1172,10 +1175,11 @@ def _history(home: Home, key: Key, head: Mapping[str, Any]) -> tuple[VerifyResul
     """The anchor history's last section (see ``anchors.check_history``), or the problem with it."""
     lines = anchors.read_history(home)
     where = f"registers/{anchors.HISTORY_FILE}"
-    if lines is None:
+    if not lines:  # missing, or emptied: every earlier anchored head would be lost unseen (found by review)
         if "entries" not in head:  # a head written before the anchor history existed
             return None, []
-        return VerifyResult(False, None, f"the anchor history {where} is missing; {RESOLVE_HINT}", "anchor"), []
+        state = "missing" if lines is None else "empty"
+        return VerifyResult(False, None, f"the anchor history {where} is {state}; {RESOLVE_HINT}", "anchor"), []
     problem, section = anchors.check_history(key, lines)
     if problem:
         return VerifyResult(False, None, f"{problem}; {RESOLVE_HINT}", "anchor"), []

@@ -129,6 +129,21 @@ def test_a_wiped_trail_is_not_started_again_while_the_store_holds_data(filled, h
     assert not KeyRing(home.keys).exists(audit.KEY_PURPOSE)
 
 
+@pytest.mark.parametrize("left", ["a breach on the register", "files in published/"])
+def test_a_wiped_trail_is_not_started_again_while_a_breach_or_a_publication_remains(
+    filled, home: Home, left: str
+) -> None:
+    """With the data, the key and its records gone too, a breach on the register (recorded with an
+    entry) or files in ``published/`` still show the trail existed (found by review)."""
+    if left == "files in published/":
+        home.published.mkdir(parents=True, exist_ok=True)
+        (home.published / "gp_activity.csv").write_text("month,people\n")
+    else:
+        reg.record_breach(filled, kind="integrity_failure", severity=2, what="a test", remedial_action="none")
+    _wipe(filled, home, forget_key=True)
+    _refused(filled, home, "seq 1")
+
+
 def test_a_wiped_trail_is_not_started_again_while_its_key_is_on_record(filled, home: Home) -> None:
     """With no data in the store, the key ring's record of an audit key (current, retired or
     destroyed), or the store's record of its epoch (``governance.key_epochs``), still shows that
@@ -453,3 +468,49 @@ def test_a_write_once_target_dropped_from_the_settings_or_unmounted_is_refused_n
     with Store(anchored).connect() as con:
         _fill(con, anchored, 1)
         assert audit.verify(con, anchored).ok
+
+
+def test_an_emptied_anchor_history_is_refused_as_a_missing_one_is(home: Home, con: duckdb.DuckDBPyConnection) -> None:
+    """Emptying the history (no audit key needed) passed verify and restarted it at line 1, every
+    earlier anchored head lost unseen, while a deleted one was refused (found by review)."""
+    _fill(con, home, 10)
+    anchors.history_path(home).write_text("\n")
+    result = audit.verify(con, home)
+    assert not result.ok and "audit_anchors.jsonl is empty" in result.reason
+    _refused(con, home, "is empty")
+
+
+@pytest.mark.parametrize("edited", [None, "x", [1]], ids=["null", "text", "a list"])
+def test_resolve_anchors_its_decision_after_the_last_history_line_was_edited(
+    home: Home, con: duckdb.DuckDBPyConnection, edited: object
+) -> None:
+    """The documented remedy for an edited history line is a breach decision; with the last line's
+    number edited, ``resolve`` committed its decision and then failed to anchor it, for ever (found by
+    review). It anchors now, and the trail goes on."""
+    _fill(con, home, 5)
+    path = anchors.history_path(home)
+    lines = path.read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["n"] = edited
+    path.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    assert "audit resolve" in audit.verify(con, home).reason
+    audit.resolve(con, home, actor="Dr X, SIRO", decision="a history line was edited; investigated")
+    assert audit.verify(con, home).ok
+    _fill(con, home, 1)
+
+
+def test_a_staged_audit_key_left_beside_a_long_trail_does_not_make_every_append_a_full_verify(
+    home: Home, con: duckdb.DuckDBPyConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A genesis is completed only for a log of entry 1 alone, so a ``keys/audit-next.key`` left
+    beside a longer trail (planted, or restored from a backup) does not force a full verify on
+    every append (found by review)."""
+    _fill(con, home, 5)
+    staged = KeyRing(home.keys).path(audit.GENESIS_KEY)
+    staged.write_text(os.urandom(32).hex())
+    staged.chmod(0o600)
+    walks: list[object] = []
+    real = audit.verify
+    monkeypatch.setattr(audit, "verify", lambda *a, **k: walks.append(a) or real(*a, **k))
+    _fill(con, home, 3)
+    assert walks == []
