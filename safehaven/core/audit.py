@@ -968,15 +968,14 @@ def _qi(name: str) -> str:
 
 
 def _holds_data(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether any landed, released or published table (or the data release or breach register) has a row."""
+    """Whether any landed, released or published table (or the data release register) has a row."""
     tables = con.execute(
         "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database() "
         f"AND table_type = 'BASE TABLE' AND table_schema IN ({', '.join('?' for _ in DATA_SCHEMAS)})",
         list(DATA_SCHEMAS),
     ).fetchall()
-    for held in (RELEASE_REGISTER, schema.BREACH_REGISTER):  # a breach is recorded with an entry
-        if _table_exists(con, held):
-            tables.append(tuple(held.split(".")))
+    if _table_exists(con, RELEASE_REGISTER):  # not the breach register: a refusal records its breach first
+        tables.append(tuple(RELEASE_REGISTER.split(".")))
     return any(
         con.execute(f"SELECT EXISTS (SELECT 1 FROM {_qi(s)}.{_qi(t)})").fetchone()[0]  # type: ignore[index]
         for s, t in tables
