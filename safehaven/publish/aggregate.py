@@ -69,6 +69,7 @@ def _authorised_agreement(con: duckdb.DuckDBPyConnection, output: Output, regist
         output.linkage.right,
         output.linkage.purpose,
         registry=registry,
+        identifiability="anonymised",  # a published statistic: never under a record-level agreement
     )
     return agreement.id
 

@@ -147,3 +147,25 @@ def test_linkage_can_be_restricted_to_one_level(con: duckdb.DuckDBPyConnection, 
         identifiability="anonymised",
     )
     assert got.id == "anon-linked-stats"
+
+
+def test_a_published_linked_output_is_never_authorised_by_a_record_level_agreement(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    """The restriction above is what a published statistic asks for: with only the pseudonymised
+    research agreement naming the linkage approved, the published output's linkage is refused
+    (it was authorised by that agreement: found by review)."""
+    import shutil
+
+    from safehaven.intake.contracts import CONTRACTS_DIR
+    from safehaven.publish.aggregate import _authorised_agreement
+    from safehaven.publish.outputs import load_output
+    from safehaven.share import approvals
+
+    root = contracts_root(tmp_path)
+    shutil.copy(CONTRACTS_DIR / "agreements" / "research-hes-asc-linked.yaml", root / "agreements")
+    registry = ContractRegistry(root)
+    output = load_output(CONTRACTS_DIR / "outputs" / "discharge_to_social_care.yaml")
+    approvals.approve(con, "research-hes-asc-linked", "Dr Test, Caldicott Guardian", registry=registry, actor="ig")
+    with pytest.raises(LinkageRefused, match="at the anonymised level"):
+        _authorised_agreement(con, output, registry)
