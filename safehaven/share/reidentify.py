@@ -33,6 +33,7 @@ from safehaven.core import audit
 from safehaven.protect import feed, optouts, vault
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.pseudonymise import PSEUDONYM_HEX, hmac_sql, install_agreement_key
+from safehaven.share.agreements import Agreement, problems
 
 _PSEUDONYM = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX}}}")
 
@@ -89,6 +90,15 @@ def _require_feed(haven: Haven, agreement_id: str, agreement_days: int | None, c
         _refuse(haven, agreement_id, f"objections cannot be honoured now: {exc}", counts)
 
 
+def _refuse_unless_sound(haven: Haven, agreement: Agreement, counts: dict[str, int]) -> None:
+    """Refuse under an agreement with problems (``agreements.problems``: e.g. a consent basis naming
+    no reference, a field its contracts no longer hold), as releases and linkage do; an approval
+    decided before the problems arose does not cure them (found by review; Caldicott 1, CoP 41-43)."""
+    found = problems(agreement, haven.contracts, today=haven.today)
+    if found:
+        _refuse(haven, agreement.id, f"agreement {agreement.id} cannot be acted on: {found[0]}", counts)
+
+
 def reidentify(
     haven: Haven,
     agreement_id: str,
@@ -118,8 +128,9 @@ def reidentify(
         _refuse(haven, agreement_id, f"no valid agreement: {exc}", counts)
         raise  # pragma: no cover - _refuse raises
     agreement = approvals.effective(standing)  # the store's decision, never the file's block
-    if not agreement.permits_identifiable:
-        ok, why = standing.in_force()
+    _refuse_unless_sound(haven, agreement, counts)
+    if not agreement.permits_identifiable_on(haven.today):
+        ok, why = standing.in_force(haven.today)
         reason = (
             why
             if not ok

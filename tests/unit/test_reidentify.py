@@ -182,3 +182,29 @@ def test_reidentification_is_refused_while_the_objection_feed_is_blocked(home: H
     with Store(home).connect(read_only=True) as con:
         refused = [e for e in audit.entries_for(con, object_like="%reid-s251%") if e.outcome == "refused"]
     assert refused
+
+
+def test_an_agreement_with_problems_permits_no_re_identification(home: Home, released, contracts: Path) -> None:
+    """Releases and linkage refuse an agreement with problems (here a consent basis naming no
+    reference), whatever its decision says; so does re-identification (it revealed identifiers under
+    it: found by review)."""
+    from safehaven.share import approvals
+    from safehaven.share.agreements import problems
+    from tests.governance_helpers import record_unchecked_decision
+
+    _agreement(contracts, "reid-noref", "consent")
+    path = contracts / "agreements" / "reid-noref.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["legal_basis"] = {"basis": "consent", "reference": None}
+    path.write_text(yaml.safe_dump(data))
+    registry = ContractRegistry(contracts)
+    with Store(home).connect() as con:
+        record_unchecked_decision(con, registry, "reid-noref")  # decided before the problem was checked
+        con.executemany(
+            f"INSERT INTO {MEMBERS} VALUES ('r1', 'reid-noref', ?, now())", [[p] for p in released["pid"].values()]
+        )
+        assert any("names no reference" in p for p in problems(approvals.effective(
+            approvals.load_standing(con, "reid-noref", contracts)), registry))  # fmt: skip
+    asked = [_ps(home, "reid-noref", released["pid"][n]) for n in released["nhs"][2:4]]
+    with pytest.raises(ReidentificationRefused, match="cannot be acted on: .*names no reference"):
+        reidentify(_lead(home, contracts), "reid-noref", asked)
