@@ -19,7 +19,29 @@ from typing import Any
 import yaml
 
 #: the C loader when PyYAML was built with libyaml, else the pure-Python one (both safe)
-SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class SafeLoader(_Base):  # type: ignore[valid-type,misc]
+    """The safe loader, refusing a mapping that names a key twice: YAML's own rule, which PyYAML does
+    not enforce (the last one silently won, so an agreement could say two things and mean the second,
+    past a reviewer reading from the top: found by review)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:  # merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 @lru_cache(maxsize=512)

@@ -17,6 +17,7 @@ from safehaven.share.agreements import (
     approve,
     draft_yaml,
     load_agreement,
+    load_agreement_file,
     load_agreements,
     problems,
     scan_agreements,
@@ -325,3 +326,14 @@ def test_draft_parses_and_lists_every_todo(root: Path, registry: ContractRegistr
     assert {"fields[0].justification is still marked TODO", "penalties is still marked TODO"} <= set(todos)
     with pytest.raises(AgreementError, match="cannot be approved"):
         approve("new-study", "Dr A. Example, Caldicott Guardian", root=root, registry=registry)
+
+
+def test_an_agreement_that_names_a_key_twice_is_refused_not_read_as_its_last(tmp_path: Path) -> None:
+    """YAML forbids a key twice in one mapping; PyYAML kept the last, so an agreement could show a
+    reviewer one recipient at the top and act for another further down (found by review)."""
+    root = contracts_root(tmp_path)
+    path = write_agreement(root, agreement_data())
+    text = path.read_text()
+    path.write_text(text + "recipient:\n  organisation: Someone Else Ltd\n  contact: x@example.org\n")
+    with pytest.raises(AgreementError, match="the key 'recipient' appears twice"):
+        load_agreement_file(path)
