@@ -68,6 +68,7 @@ agreement past its end date is treated as expired without anyone editing the fil
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -282,11 +283,19 @@ def agreement_path(agreement_id: str, root: Path) -> Path:
 
 def load_agreement_file(path: Path) -> Agreement:
     """Parse one file; errors name the file and each bad key."""
+    return load_agreement_pinned(path)[0]
+
+
+def load_agreement_pinned(path: Path) -> tuple[Agreement, str]:
+    """Parse one file and give the SHA-256 of the very bytes parsed: an approval is pinned to the
+    file's hash, so the terms acted on and the hash compared must come from one read (two reads
+    let a file swapped in between be acted on under another's approval: found by review)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise AgreementError(f"agreement {path.name} cannot be read: {exc}") from None
-    return parse_agreement(text, path.name)
+    return parse_agreement(text.replace("\r\n", "\n"), path.name), hashlib.sha256(data).hexdigest()
 
 
 def parse_agreement(text: str, name: str) -> Agreement:

@@ -61,6 +61,7 @@ from safehaven.share.agreements import (
     agreement_path,
     agreements_dir,
     load_agreement_file,
+    load_agreement_pinned,
     problems,
     scan_agreements,
 )
@@ -203,11 +204,15 @@ def _record(
     return Decision(agreement.id, decision, by, on, reason, sha, source)
 
 
-def standing(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path) -> Standing:
+def standing(con: duckdb.DuckDBPyConnection, agreement: Agreement, path: Path, sha: str | None = None) -> Standing:
     """The agreement's standing: its file hash and the store's latest decision, checked against
     the audit trail (:func:`unaudited`). Adopts nothing (module docstring, "No decision, no flow")."""
+    if sha is None:  # the terms and their hash from one read (``sha``: of the read ``agreement`` came from)
+        pinned, sha = load_agreement_pinned(path)
+        if pinned != agreement:
+            raise AgreementError(f"agreement {agreement.id}'s file changed while it was being read; run again")
     decision = latest(con, agreement.id)
-    return Standing(agreement, sha256_file(path), decision, unaudited(con, agreement.id, decision))
+    return Standing(agreement, sha, decision, unaudited(con, agreement.id, decision))
 
 
 def unaudited(con: duckdb.DuckDBPyConnection, agreement_id: str, decision: Decision | None) -> str | None:
@@ -281,7 +286,8 @@ def load_standing(con: duckdb.DuckDBPyConnection, agreement_id: str, root: Path)
     path = agreement_path(agreement_id, root)
     if not path.exists():
         raise AgreementError(f"no agreement {agreement_id!r} ({path})")
-    return standing(con, load_agreement_file(path), path)
+    agreement, sha = load_agreement_pinned(path)
+    return standing(con, agreement, path, sha)
 
 
 def effective_agreements(con: duckdb.DuckDBPyConnection, root: Path) -> dict[str, Agreement]:
@@ -358,7 +364,7 @@ def approve(
     path = agreement_path(agreement_id, registry.root)
     if not path.exists():
         raise AgreementError(f"no agreement {agreement_id!r} ({path})")
-    current = load_agreement_file(path)
+    current, sha = load_agreement_pinned(path)  # approved as read: the hash of the bytes checked
     if current.end_date < today:
         raise AgreementError(f"agreement {agreement_id} ended on {current.end_date}; it cannot be approved")
     if current.approval.status == SUSPENDED:
@@ -375,7 +381,7 @@ def approve(
     return _record(
         con,
         current,
-        sha256_file(path),
+        sha,
         decision=APPROVED,
         by=approver.strip(),
         on=today,

@@ -334,3 +334,32 @@ def test_a_decision_made_before_a_breach_of_the_trail_that_was_resolved_still_st
     audit.resolve(haven.con, haven.home, actor="ig-lead", decision="entry altered; investigated; resume")
     assert approvals.load_standing(haven.con, LINKED, haven.registry.root).unaudited is None
     assert haven.prepare().status != SKIPPED
+
+
+def test_the_terms_acted_on_and_the_hash_compared_come_from_one_read_of_the_file(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An approval is pinned to the file's SHA-256. Parsed from one read and hashed from another,
+    a widened file swapped in for the parse and the approved bytes swapped back for the hash ran
+    under the old approval (found by review): now whatever is parsed is what is hashed."""
+    from safehaven.core import yamlio
+    from safehaven.share import agreements
+
+    root = contracts_root(tmp_path)
+    registry = ContractRegistry(root)
+    path = write_agreement(root, agreement_data())
+    approved = path.read_bytes()
+    with Store(home).connect() as con:
+        adopt(con, registry, "test-linked")
+        write_agreement(root, agreement_data(recipient={"name": "Data Broker Ltd (private)", "public_body": False}))
+        real = yamlio.safe_load
+
+        def swapped_back_while_parsed(text: str) -> object:
+            path.write_bytes(approved)  # the insider's rename lands while the widened text is parsed
+            return real(text)
+
+        monkeypatch.setattr(agreements.yamlio, "safe_load", swapped_back_while_parsed)
+        standing = approvals.load_standing(con, "test-linked", root)
+    assert standing.agreement.recipient.name == "Data Broker Ltd (private)"
+    ok, why = standing.in_force()
+    assert not ok and "changed" in why
