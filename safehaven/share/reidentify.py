@@ -99,6 +99,21 @@ def _refuse_unless_sound(haven: Haven, agreement: Agreement, counts: dict[str, i
         _refuse(haven, agreement.id, f"agreement {agreement.id} cannot be acted on: {found[0]}", counts)
 
 
+def _refuse_unless_members_on_record(haven: Haven, agreement_id: str, counts: dict[str, int]) -> None:
+    """Refuse while a release's members in the store are not as the audit trail records them
+    (``safehaven.share.review.members_not_on_record``): a row added with the store key would let the
+    custodian re-identify someone never released (found by review; CoP 23d)."""
+    from safehaven.share import review  # review imports the release machinery; only this needs it
+
+    with haven.store().connect(read_only=True) as con:
+        found = review.members_not_on_record(con, agreement_id)
+    if found:
+        reason = (
+            f"release membership is not as the audit trail records it ({found[0]}); restore the store from a backup"
+        )
+        _refuse(haven, agreement_id, reason, counts)
+
+
 def reidentify(
     haven: Haven,
     agreement_id: str,
@@ -154,6 +169,7 @@ def reidentify(
     decision = optouts.decide(agreement.basis, "identifiable")
     if decision.applied:  # objections are honoured only from a complete, fresh feed (fail closed)
         _require_feed(haven, agreement_id, agreement.objections_max_age_days, counts)
+    _refuse_unless_members_on_record(haven, agreement_id, counts)
     gp = any(c.practice_field for c in contracts.values())
     result = ReidentifyResult(
         agreement_id, len(asked), wanted, malformed=counts["malformed"], opt_out_reason=decision.reason

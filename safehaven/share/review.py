@@ -120,6 +120,8 @@ TWO_REVIEWERS_AND_CUSTODIAN = "two_reviewers_and_custodian"
 #: rule -> reviewers needed
 #: the audit action of a delivery (its entry names the reviewers and the release's shape)
 RELEASE_ACTION = "release"
+#: the audit action of a request's preparation (its files, manifest, level and members)
+PREPARE_ACTION = "review.prepare"
 RULES: dict[str, int] = {TWO_REVIEWERS: 2, ONE_REVIEWER: 1, AUTOMATIC: 0, TWO_REVIEWERS_AND_CUSTODIAN: 2}
 #: an automatic approval is recorded under this name
 AUTOMATIC_REVIEWER = "routine rule (automatic)"
@@ -311,7 +313,7 @@ def open_request(
         con,
         actor=actor,
         role="pipeline",
-        action="review.prepare",
+        action=PREPARE_ACTION,
         object=f"release-request:{release_id}",
         agreement=agreement_id,
         detail={"to": PREPARED, "rule": rule[0], "files": [{"name": f["name"], "sha256": f["sha256"]} for f in files],
@@ -321,6 +323,41 @@ def open_request(
     for old in older:
         _discard(con, _transition(con, old, "supersede", by=actor, why=f"superseded by {release_id}"))
     return get(con, release_id)
+
+
+def members_not_on_record(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) -> list[str]:
+    """Record-level releases (under ``agreement_id``, or any) whose members in the store are not as
+    the audit trail records them, each with why; empty: every one is.
+
+    ``governance.release_members`` says who was sent what; anyone holding the store key can add a
+    row (the custodian would then re-identify someone never released) or delete one (a subject
+    access report would omit a release). So a release there must have an authentic delivery entry,
+    and its members must match the count and digest audited at its latest preparation (a
+    preparation audited before members were recorded is checked on its delivery alone). Found by
+    review; CoP 12, 23d."""
+    reg.ensure_tables(con)
+    where, params = ("WHERE agreement_id = ?", [agreement_id]) if agreement_id else ("", [])
+    rids = sorted(
+        {r for (r,) in con.execute(f"SELECT DISTINCT release_id FROM {reg.RELEASE_MEMBERS} {where}", params).fetchall()}
+        | {
+            r
+            for (r,) in con.execute(
+                f"SELECT release_id FROM {reg.RELEASE_REGISTER} {where} {'AND' if where else 'WHERE'} "
+                "identifiability <> 'anonymised'",
+                params,
+            ).fetchall()
+        }  # fmt: skip
+    )
+    delivered = {e.object for e in audit.authentic_entries(con, [RELEASE_ACTION]) if e.outcome == "ok"}
+    prepared = {e.object: e.fields for e in audit.authentic_entries(con, [PREPARE_ACTION])}  # the latest wins
+    found = []
+    for rid in rids:
+        audited = prepared.get(f"release-request:{rid}", {}).get("members")
+        if f"release:{rid}" not in delivered:
+            found.append(f"{rid}: its members are in the store but the audit trail records no delivery of it")
+        elif audited is not None and audited != _members(con, rid):
+            found.append(f"{rid}: its members in the store differ from those audited when it was prepared")
+    return found
 
 
 def _members(con: duckdb.DuckDBPyConnection, release_id: str) -> list:
@@ -520,7 +557,7 @@ def approve(
 def _audited_rule(con: duckdb.DuckDBPyConnection, req: Request) -> object:
     """The rule audited at the request's latest preparation (None when there is none): an
     identifiable request waits for the custodian whatever rule the store now says."""
-    entry = audit.latest_entry(con, f"release-request:{req.release_id}", ["review.prepare"])
+    entry = audit.latest_entry(con, f"release-request:{req.release_id}", [PREPARE_ACTION])
     return entry.fields.get("rule") if entry is not None else None
 
 
@@ -630,7 +667,7 @@ def _unaudited_approval(con: duckdb.DuckDBPyConnection, req: Request) -> str | N
     (:func:`two_reviewer_shapes`); and those entries must verify, with every entry after them."""
     entries = [e for e in audit.entries_for(con, object_like=f"release-request:{req.release_id}")]
     entries = [e for e in entries if e.object == f"release-request:{req.release_id}"]
-    prepared = [e for e in entries if e.action == "review.prepare"]
+    prepared = [e for e in entries if e.action == PREPARE_ACTION]
     if not prepared or not audit.authentic_from(con, entries[0].seq):
         return f"the audit trail holds no verified record of the preparation of {req.release_id}"
     since = [e for e in entries if e.seq >= prepared[-1].seq]  # a release id used again counts only its own

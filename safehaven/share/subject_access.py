@@ -110,6 +110,20 @@ def _check_request(keyring: KeyRing, nhs_number: str) -> None:
         raise SubjectAccessDenied("that is not a valid NHS number (10 digits with a valid mod-11 check digit)")
 
 
+def _check_members(con: duckdb.DuckDBPyConnection) -> None:
+    """Refuse while a release's members in the store are not as the audit trail records them
+    (``safehaven.share.review.members_not_on_record``): a member row deleted with the store key would
+    have the report say the person was in no release that held them (found by review; CoP 12, 23d)."""
+    from safehaven.share import review  # review imports the release machinery; only this check needs it
+
+    found = review.members_not_on_record(con)
+    if found:
+        raise SubjectAccessDenied(
+            f"release membership is not as the audit trail records it ({found[0]}): the report could miss a "
+            "release that held the person; restore the store from a backup, then ask again"
+        )
+
+
 def _records_held(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry, pid: str, report: SubjectAccessReport
 ) -> None:
@@ -210,6 +224,7 @@ def subject_access(
     :class:`SubjectAccessDenied`."""
     keyring, registry = haven.keyring, haven.contracts
     _check_request(keyring, nhs_number)
+    _check_members(con)
     pid = pseudonym(keyring.get("haven").material, canonical_nhs(nhs_number))
     report = SubjectAccessReport(datetime.now(UTC).isoformat(timespec="seconds"))
     _records_held(con, registry, pid, report)

@@ -75,7 +75,17 @@ def released(home: Home, contracts: Path, populated_haven: Path) -> dict[str, ob
             con.executemany(
                 f"INSERT INTO {MEMBERS} VALUES ('r1', ?, ?, now())", [[a, pseudonym(key, n)] for n in chosen]
             )
+        _delivered(con, home, "r1")
     return {"nhs": chosen, "objecting": chosen[:2], "pid": {n: pseudonym(key, n) for n in chosen}}
+
+
+def _delivered(con, home: Home, release_id: str) -> None:
+    """The audit entry of a release's delivery, as ``safehaven.share.review.deliver`` writes it (the
+    members above stand for what that delivery registered)."""
+    from safehaven.share import review
+
+    audit.append(con, actor="custodian", role="review", action=review.RELEASE_ACTION, object=f"release:{release_id}",
+                 home=home, detail={"release_id": release_id})  # fmt: skip
 
 
 def _lead(home: Home, contracts: Path) -> Haven:
@@ -208,3 +218,20 @@ def test_an_agreement_with_problems_permits_no_re_identification(home: Home, rel
     asked = [_ps(home, "reid-noref", released["pid"][n]) for n in released["nhs"][2:4]]
     with pytest.raises(ReidentificationRefused, match="cannot be acted on: .*names no reference"):
         reidentify(_lead(home, contracts), "reid-noref", asked)
+
+
+def test_a_membership_row_added_in_the_store_permits_no_re_identification(
+    home: Home, released, contracts: Path
+) -> None:
+    """``governance.release_members`` says who was sent what; a row added there with the store key,
+    for a release the audit trail records no delivery of, let the custodian resolve people never
+    released (found by review): refused until the store is restored."""
+    with Store(home).connect() as con:
+        con.executemany(
+            f"INSERT INTO {MEMBERS} VALUES ('r9', 'reid-consent', ?, now())", [[p] for p in released["pid"].values()]
+        )
+    asked = [_ps(home, "reid-consent", released["pid"][n]) for n in released["nhs"][2:4]]
+    with pytest.raises(
+        ReidentificationRefused, match="r9: its members are in the store but the audit trail records no"
+    ):
+        reidentify(_lead(home, contracts), "reid-consent", asked)

@@ -121,3 +121,16 @@ def test_refused_without_the_governance_key_or_with_a_bad_number(setting) -> Non
     KeyRing(home.keys).destroy(VAULT)
     with pytest.raises(SubjectAccessDenied, match="governance lead's identity vault key"):
         subject_access(con, NHS[0], haven=_lead(home, registry))
+
+
+def test_a_membership_row_deleted_in_the_store_refuses_the_report_instead_of_omitting_the_release(setting) -> None:
+    """A release's members are checked against the count and digest audited when it was prepared: a
+    row deleted with the store key had the report say the person was in no release (found by review)."""
+    con, home, registry = setting
+    assert subject_access(con, NHS[0], haven=_lead(home, registry)).releases
+    con.execute(
+        "DELETE FROM governance.release_members WHERE release_id = 'test-linked-r0001' AND pid = "
+        "(SELECT min(pid) FROM governance.release_members WHERE release_id = 'test-linked-r0001')"
+    )
+    with pytest.raises(SubjectAccessDenied, match="test-linked-r0001: its members in the store differ"):
+        subject_access(con, NHS[0], haven=_lead(home, registry))
