@@ -67,6 +67,7 @@ from safehaven.share.agreements import (
 )
 
 DECISIONS = schema.AGREEMENT_DECISIONS
+RELEASE_REGISTER = schema.RELEASE_REGISTER
 APPROVED, SUSPENDED = "approved", "suspended"
 #: the audit action recording each decision (:func:`_record`)
 _ACTION = {APPROVED: "approve", SUSPENDED: "suspend"}
@@ -162,6 +163,29 @@ def latest(con: duckdb.DuckDBPyConnection, agreement_id: str) -> Decision | None
     return Decision(*row) if row else None
 
 
+def _same_recipient(con: duckdb.DuckDBPyConnection, agreement: Agreement) -> None:
+    """Refuse to approve an agreement for a recipient other than the one it was approved for or
+    released to before. The pseudonym domain and the release members are the agreement id's, so a
+    new recipient under the old id would be given pseudonyms linking to the old recipient's
+    extracts, and re-identification would resolve the old recipient's people for it (found by
+    review; Caldicott 1, CoP 41-43): a new recipient needs a new agreement id."""
+    earlier = {
+        e.fields.get("recipient")
+        for e in audit.authentic_entries(con, [_ACTION[APPROVED]])
+        if e.object == f"agreement:{agreement.id}"
+    }
+    if table_exists(con, *RELEASE_REGISTER.split(".")):
+        query = f"SELECT DISTINCT recipient FROM {RELEASE_REGISTER} WHERE agreement_id = ?"
+        earlier |= {r for (r,) in con.execute(query, [agreement.id]).fetchall()}
+    others = sorted(str(r) for r in earlier - {None, agreement.recipient.name})
+    if others:
+        raise AgreementError(
+            f"agreement {agreement.id} was approved for, or released to, {others[0]}; its file now names "
+            f"{agreement.recipient.name}. A new recipient needs a new agreement (a new id): pseudonyms and "
+            "release members belong to the agreement id"
+        )
+
+
 def _record(
     con: duckdb.DuckDBPyConnection,
     agreement: Agreement,
@@ -175,8 +199,12 @@ def _record(
     actor: str,
     extra: dict[str, object] | None = None,
 ) -> Decision:
-    """Insert one decision and audit it (who, when, why, on which file hash)."""
+    """Insert one decision and audit it (who, when, why, on which file hash; an approval also names
+    its recipient, :func:`_same_recipient`)."""
     ensure_tables(con)
+    if decision == APPROVED:
+        _same_recipient(con, agreement)
+        extra = {**(extra or {}), "recipient": agreement.recipient.name}
     con.execute(
         f"INSERT INTO {DECISIONS} SELECT coalesce(max(decision_id), 0) + 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
         f"CAST(? AS TIMESTAMPTZ) FROM {DECISIONS}",

@@ -363,3 +363,20 @@ def test_the_terms_acted_on_and_the_hash_compared_come_from_one_read_of_the_file
     assert standing.agreement.recipient.name == "Data Broker Ltd (private)"
     ok, why = standing.in_force()
     assert not ok and "changed" in why
+
+
+def test_an_agreement_id_is_not_approved_again_for_another_recipient(home: Home, tmp_path: Path) -> None:
+    """The pseudonym domain and the release members belong to the agreement id: approved again for
+    a new recipient, the old id gave it pseudonyms linking to the old recipient's extracts and let
+    re-identification resolve the old recipient's people (found by review). Refused; a new recipient
+    needs a new agreement."""
+    root = contracts_root(tmp_path)
+    registry = ContractRegistry(root)
+    write_agreement(root, agreement_data())
+    with Store(home).connect() as con:
+        approvals.approve(con, "test-linked", "Dr Test, Caldicott Guardian", registry=registry, actor="ig")
+        write_agreement(root, agreement_data(recipient={"name": "Another Body Ltd", "public_body": False}))
+        with pytest.raises(AgreementError, match="A new recipient needs a new agreement"):
+            approvals.approve(con, "test-linked", "Dr Test, Caldicott Guardian", registry=registry, actor="ig")
+        write_agreement(root, agreement_data(version="1.1"))  # the same recipient: approved again as ever
+        approvals.approve(con, "test-linked", "Dr Test, Caldicott Guardian", registry=registry, actor="ig")
