@@ -43,6 +43,7 @@ change.
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from functools import cached_property
 from pathlib import Path
@@ -134,6 +135,11 @@ class Rule(Strict):
         return self
 
 
+#: a field named for a date of birth (``date_of_birth``, ``birth_date``, ``dob``)
+_BIRTH = re.compile(r"(^|_)(birth|dob)(_|$)", re.IGNORECASE)
+_AT_LEAST_QUASI = ("direct_identifier", "quasi_identifier")
+
+
 class FieldSpec(Strict):
     """One field of a collection."""
 
@@ -153,6 +159,25 @@ class FieldSpec(Strict):
             raise ValueError(f"field {self.name}: format {fmt} needs type VARCHAR")
         if self.rule and (self.rule.allowed or self.rule.code_list) and self.type != "VARCHAR":
             raise ValueError(f"field {self.name}: allowed sets and code lists hold text (type VARCHAR)")
+        return self
+
+    @model_validator(mode="after")
+    def _identifiers_declared_as_such(self) -> FieldSpec:
+        """What identifies a person cannot be declared as something else: the haven keeps a field as
+        its class says (a direct identifier only in the vault, a date of birth only to its week), so
+        a mislabelled one reached the haven whole (found by review; confidentiality guide Rule 3).
+        An NHS number is a direct identifier; a date of birth a quasi-identifier at least; a text
+        field other than a direct identifier has a value rule, since free text can carry one."""
+        fmt = self.rule.format if self.rule else None
+        if fmt == "nhs_number" and self.identifiability != "direct_identifier":
+            raise ValueError(f"field {self.name}: an NHS number (format nhs_number) is a direct_identifier")
+        if self.type == "DATE" and _BIRTH.search(self.name) and self.identifiability not in _AT_LEAST_QUASI:
+            raise ValueError(f"field {self.name}: a date of birth is a quasi_identifier (the haven keeps its week)")
+        if self.type == "VARCHAR" and self.rule is None and self.identifiability != "direct_identifier":
+            raise ValueError(
+                f"field {self.name}: a text field needs a value rule (a format, an allowed set or a code list): "
+                "free text can carry an identifier into the haven"
+            )
         return self
 
 

@@ -237,3 +237,25 @@ def test_uniqueness_declaration_loads() -> None:
     ]
     contract = Contract.model_validate(doc)
     assert contract.unique[0].fields == ["nhs_number", "service_type", "start_date"]
+
+
+@pytest.mark.parametrize(
+    ("field", "words"),
+    [
+        ({"name": "carer_nhs_number", "type": "VARCHAR", "description": "the carer's NHS number",
+          "identifiability": "content", "rule": {"format": "nhs_number"}}, "is a direct_identifier"),
+        ({"name": "birth_date", "type": "DATE", "description": "when the person was born",
+          "identifiability": "sensitive", "rule": {"format": "date"}}, "a date of birth is a quasi_identifier"),
+        ({"name": "notes", "type": "VARCHAR", "description": "free text typed by a clinician",
+          "identifiability": "content"}, "free text can carry an identifier"),
+    ],
+    ids=["a second NHS number as content", "a date of birth as sensitive", "free text"],
+)  # fmt: skip
+def test_a_field_that_identifies_cannot_be_declared_as_something_else(field: dict[str, Any], words: str) -> None:
+    """The haven keeps a field as its class says: a second NHS number declared content, a date of
+    birth declared sensitive, or free text (which can hold an NHS number) reached the haven whole
+    (found by review). Refused when the contract loads."""
+    doc = _base()
+    doc["fields"].append(field)
+    with pytest.raises(ValueError, match=words):
+        Contract.model_validate(doc)
