@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -249,3 +250,17 @@ def prepare_and_release(con: duckdb.DuckDBPyConnection, agreement_id: str, *, ha
         approve_release(con, result.release_id, home)
         result.status, result.directory = RELEASED, home.releases / agreement_id / result.release_id
     return result
+
+
+def renames_once(rename: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``os.rename`` that works once (a delivery's move) and then fails, as a killed process renames
+    nothing back (its rollback never runs)."""
+    calls: list[object] = []
+
+    def first_only(src: Any, dst: Any) -> Any:
+        calls.append(src)
+        if len(calls) > 1:
+            raise OSError("the process was killed")
+        return rename(src, dst)
+
+    return first_only

@@ -42,6 +42,7 @@ from tests.governance_helpers import (
     OPTED_OUT,
     adopt,
     agreement_data,
+    renames_once,
     write_agreement,
 )
 from tests.unit.feed_helpers import (
@@ -1172,7 +1173,7 @@ def test_a_delivery_stopped_after_its_register_row_still_checks_objections_regis
             review.approve(h.con, rid, by, home=h.home)
         with monkeypatch.context() as mp:  # stopped after the register row: no rollback runs
             mp.setattr(review, "_audit_delivery", _stopped)
-            mp.setattr(review.os, "rename", _renames_once(review.os.rename))
+            mp.setattr(review.os, "rename", renames_once(review.os.rename))
             with pytest.raises((KeyboardInterrupt, OSError)):
                 if review.approve(h.con, rid, REVIEWERS[needed - 1], home=h.home).state == review.APPROVED:
                     review.deliver(h.con, rid, home=h.home, by="V. Keeper, custodian")
@@ -1187,16 +1188,3 @@ def test_a_delivery_stopped_after_its_register_row_still_checks_objections_regis
 
 def _stopped(*_args: object, **_kwargs: object) -> None:
     raise KeyboardInterrupt("the process was killed")
-
-
-def _renames_once(rename):
-    """``os.rename`` that works once (the move) and then fails (a killed process renames nothing back)."""
-    calls: list[object] = []
-
-    def first_only(src, dst):
-        calls.append(src)
-        if len(calls) > 1:
-            raise OSError("the process was killed")
-        return rename(src, dst)
-
-    return first_only

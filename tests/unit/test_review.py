@@ -30,7 +30,16 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.share import approvals, review
 from safehaven.share.releases import MANIFEST, PREPARED, SKIPPED, UNCHANGED, prepare
 from tests.conftest import leaked_nhs_numbers
-from tests.governance_helpers import NHS, REVIEWERS, adopt, agreement_data, contracts_root, small_haven, write_agreement
+from tests.governance_helpers import (
+    NHS,
+    REVIEWERS,
+    adopt,
+    agreement_data,
+    contracts_root,
+    renames_once,
+    small_haven,
+    write_agreement,
+)
 
 R1, R2 = REVIEWERS
 OPERATOR = "night-operator"
@@ -563,7 +572,7 @@ def test_a_delivery_stopped_part_way_is_finished_by_the_next_attempt(
         monkeypatch.setattr(review, "_register", killed)
     else:
         monkeypatch.setattr(review, "_audit_delivery", killed)
-    monkeypatch.setattr(review.os, "rename", _once(review.os.rename))
+    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
     with pytest.raises((KeyboardInterrupt, OSError)):
         haven.approve(rid, R2)
     monkeypatch.undo()
@@ -585,7 +594,7 @@ def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_
     rid = haven.prepare().release_id
     haven.approve(rid, R1)
     monkeypatch.setattr(review, "_register", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    monkeypatch.setattr(review.os, "rename", _once(review.os.rename))
+    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
     with pytest.raises((KeyboardInterrupt, OSError)):
         haven.approve(rid, R2)
     monkeypatch.undo()
@@ -596,16 +605,3 @@ def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_
     (breach,) = reg.breaches(haven.con)
     assert f"releases/test-linked/{rid}/" in str(breach) and "nothing was released" not in str(breach)
     assert reg.releases(haven.con) == []
-
-
-def _once(rename):
-    """``os.rename`` that works once (the move) and then fails (a killed process renames nothing back)."""
-    calls = []
-
-    def first_only(src, dst):
-        calls.append(src)
-        if len(calls) > 1:
-            raise OSError("the process was killed")
-        return rename(src, dst)
-
-    return first_only
