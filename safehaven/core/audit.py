@@ -792,6 +792,17 @@ def append_many(
     return list(range(tail.seq + 1, seq + 1))
 
 
+def append_if_sound(con: duckdb.DuckDBPyConnection, entries: Sequence[Mapping[str, Any]]) -> bool:
+    """:func:`append_many` for a step that must not fail for its record (a landing already
+    committed): False, with nothing written, when the trail refuses the entries (it does not
+    verify, or the store cannot be written); the caller records them again later."""
+    try:
+        append_many(con, entries)
+    except (AuditTrailBroken, ValueError, duckdb.Error):
+        return False
+    return True
+
+
 def append(
     con: duckdb.DuckDBPyConnection,
     *,

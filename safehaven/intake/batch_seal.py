@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from dataclasses import dataclass
 
 import duckdb
@@ -63,6 +62,7 @@ from safehaven.core.keys import KeyRingError
 from safehaven.core.sql import lit, q
 from safehaven.core.store import CATALOG, functions_stored, table_exists, transaction
 from safehaven.intake.contracts import Contract
+from safehaven.intake.landings import BATCH_ID
 
 TABLE = schema.OBJECTION_BATCH_SEALS
 BATCHES = schema.BATCHES
@@ -87,8 +87,6 @@ _INFO = b"safehaven objections batch seal v1"
 _NO_ROWS = (0, "0:0")
 #: how a row with no batch id is named in reasons
 NO_BATCH = "(no batch)"
-#: a batch id as the haven makes one: the SHA-256 of the file it landed from
-_BATCH_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -230,15 +228,9 @@ class Sealer:
         held = con.execute(
             f"SELECT batch_id FROM {BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id", [self.collection]
         ).fetchall()
-        late = [b for (b,) in held if isinstance(b, str) and _BATCH_ID.fullmatch(b) and b not in recorded]
+        late = [b for (b,) in held if isinstance(b, str) and BATCH_ID.fullmatch(b) and b not in recorded]
         entries = [_landed_entry(self.collection, {"batch": b, "recorded": "late"}) for b in late]
-        if not entries:
-            return []
-        try:
-            audit.append_many(con, entries)
-        except (audit.AuditTrailBroken, ValueError, duckdb.Error):
-            return []
-        return late
+        return late if entries and audit.append_if_sound(con, entries) else []
 
     def missing(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
         """Batches the audit trail records as landed that the batch register no longer holds, but

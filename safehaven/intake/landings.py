@@ -43,7 +43,7 @@ ACTION = "intake.batch_landed"
 #: from the register when the collection had no landing entry at all (the register's time counts)
 LATE, ADOPTED = "late", "adopted"
 #: a batch id as the haven makes one: the SHA-256 of the file it landed from
-_BATCH_ID = re.compile(r"[0-9a-f]{64}")
+BATCH_ID = re.compile(r"[0-9a-f]{64}")
 
 
 def _now(collection: str) -> datetime:
@@ -63,11 +63,7 @@ def record(con: duckdb.DuckDBPyConnection, collection: str, batch: str, landed_a
     """Audit that ``batch`` of ``collection`` landed at ``landed_at`` (after its landing commits).
     False when the trail refuses the entry (it does not verify): the landing stands, and the
     collection's next landing step records it late (:func:`record_unrecorded`)."""
-    try:
-        audit.append_many(con, [_entry(collection, {"batch": batch, "landed_at": landed_at.isoformat()})])
-    except (audit.AuditTrailBroken, ValueError, duckdb.Error):
-        return False
-    return True
+    return audit.append_if_sound(con, [_entry(collection, {"batch": batch, "landed_at": landed_at.isoformat()})])
 
 
 def _recorded_ids(con: duckdb.DuckDBPyConnection, collection: str) -> set[str]:
@@ -91,16 +87,10 @@ def record_unrecorded(con: duckdb.DuckDBPyConnection, collection: str) -> list[s
         f"SELECT batch_id, {_REGISTER_TIME} FROM {schema.BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id",
         [collection],
     ).fetchall()
-    late = [(b, us) for b, us in held if isinstance(b, str) and _BATCH_ID.fullmatch(b) and b not in recorded]
+    late = [(b, us) for b, us in held if isinstance(b, str) and BATCH_ID.fullmatch(b) and b not in recorded]
     how = LATE if recorded else ADOPTED  # a collection with no landing entry at all: before this rule
     entries = [_entry(collection, {"batch": b, "recorded": how, **_named(us, how)}) for b, us in late]
-    if not entries:
-        return []
-    try:
-        audit.append_many(con, entries)
-    except (audit.AuditTrailBroken, ValueError, duckdb.Error):
-        return []
-    return [b for b, _ in late]
+    return [b for b, _ in late] if entries and audit.append_if_sound(con, entries) else []
 
 
 #: the register's landing time as epoch microseconds, NULL when it is not an ordinary time
