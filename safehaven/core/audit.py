@@ -263,7 +263,7 @@ def _hash_fields(key: Key, fields: Mapping[str, Any]) -> str:
 def _row_ok(key: Key, row: Sequence[Any]) -> bool:
     """Whether a row as :data:`_SELECT` reads it holds its own entry hash (:func:`entry_hash`,
     with the fields taken from the row: the walk's hot path builds no ``Entry``)."""
-    fields = dict(zip(_COLUMNS[:-1], row[:-1], strict=True))
+    fields = dict(zip(_HASHED, row[:-1], strict=True))
     try:
         fields["at"] = _iso(_EPOCH + timedelta(microseconds=row[1]))
         return hmac.compare_digest(_hash_fields(key, fields), row[-1])

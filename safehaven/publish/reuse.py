@@ -138,13 +138,27 @@ def unchanged_publication(con: duckdb.DuckDBPyConnection, content_sha: str, fold
     row = con.execute(
         f"SELECT release_id, content_sha, files, rows FROM {PUBLICATIONS} ORDER BY published_at DESC LIMIT 1"
     ).fetchone()
-    if row is None or row[1] != content_sha:
+    files = _files(row[2]) if row is not None else {}
+    if row is None or row[1] != content_sha or not files:  # no files on record: never "unchanged"
         return None
-    for name, sha in json.loads(row[2]).items():
+    for name, sha in files.items():
         path = folder / name
         if not path.is_file() or sha256_file(path) != sha:
             return None
     return row[0], int(row[3])
+
+
+def _files(text: str | None) -> dict[str, str]:
+    """A publication's recorded files (name -> SHA-256) as stored; an empty record when the stored
+    value is not such a mapping (edited in the store): no file then matches it, so the release
+    audit refuses, naming the manifest, rather than failing on the shape."""
+    try:
+        files = json.loads(text or "null")
+    except ValueError:
+        return {}
+    if not isinstance(files, dict):
+        return {}
+    return {str(k): v for k, v in files.items() if isinstance(v, str)}
 
 
 @dataclass(frozen=True)
@@ -165,7 +179,7 @@ def publications(con: duckdb.DuckDBPyConnection) -> list[Publication]:
         return []
     sql = f"SELECT release_id, content_sha, files FROM {PUBLICATIONS} ORDER BY published_at DESC"
     rows = con.execute(sql).fetchall()
-    return [Publication(r[0], r[1], json.loads(r[2])) for r in rows]
+    return [Publication(r[0], r[1], _files(r[2])) for r in rows]
 
 
 def record_pending(con: duckdb.DuckDBPyConnection, release_id: str, files: dict[str, str]) -> None:
@@ -184,7 +198,7 @@ def pending_publications(con: duckdb.DuckDBPyConnection) -> list[Publication]:
     if not table_exists(con, *PENDING.split(".")):
         return []
     rows = con.execute(f"SELECT release_id, files FROM {PENDING} ORDER BY started_at DESC").fetchall()
-    return [Publication(r[0], "", json.loads(r[1])) for r in rows]
+    return [Publication(r[0], "", _files(r[1])) for r in rows]
 
 
 def record_publication(

@@ -335,19 +335,7 @@ def members_not_on_record(con: duckdb.DuckDBPyConnection, agreement_id: str | No
     and its members must match the count and digest audited at its latest preparation (a
     preparation audited before members were recorded is checked on its delivery alone). Found by
     review; CoP 12, 23d."""
-    reg.ensure_tables(con)
-    where, params = ("WHERE agreement_id = ?", [agreement_id]) if agreement_id else ("", [])
-    rids = sorted(
-        {r for (r,) in con.execute(f"SELECT DISTINCT release_id FROM {reg.RELEASE_MEMBERS} {where}", params).fetchall()}
-        | {
-            r
-            for (r,) in con.execute(
-                f"SELECT release_id FROM {reg.RELEASE_REGISTER} {where} {'AND' if where else 'WHERE'} "
-                "identifiability <> 'anonymised'",
-                params,
-            ).fetchall()
-        }  # fmt: skip
-    )
+    rids = _record_level_releases(con, agreement_id)
     delivered = {e.object for e in audit.authentic_entries(con, [RELEASE_ACTION]) if e.outcome == "ok"}
     prepared = {e.object: e.fields for e in audit.authentic_entries(con, [PREPARE_ACTION])}  # the latest wins
     found = []
@@ -355,9 +343,25 @@ def members_not_on_record(con: duckdb.DuckDBPyConnection, agreement_id: str | No
         audited = prepared.get(f"release-request:{rid}", {}).get("members")
         if f"release:{rid}" not in delivered:
             found.append(f"{rid}: its members are in the store but the audit trail records no delivery of it")
+        elif not _registered(con, rid):
+            found.append(f"{rid}: the audit trail records its delivery but the release register has no row for it")
         elif audited is not None and audited != _members(con, rid):
             found.append(f"{rid}: its members in the store differ from those audited when it was prepared")
     return found
+
+
+def _record_level_releases(con: duckdb.DuckDBPyConnection, agreement_id: str | None) -> list[str]:
+    """The ids of releases with members, or registered above the anonymised level, under
+    ``agreement_id`` (or any), in order; read only (a read-only connection may ask)."""
+    parts = [
+        f"SELECT release_id FROM {table} WHERE (CAST(? AS VARCHAR) IS NULL OR agreement_id = ?){extra}"
+        for table, extra in ((reg.RELEASE_MEMBERS, ""), (reg.RELEASE_REGISTER, " AND identifiability <> 'anonymised'"))
+        if table_exists(con, *table.split("."))
+    ]
+    if not parts:
+        return []
+    rows = con.execute(" UNION ".join(parts) + " ORDER BY 1", [agreement_id, agreement_id] * len(parts)).fetchall()
+    return [r for (r,) in rows]
 
 
 def _members(con: duckdb.DuckDBPyConnection, release_id: str) -> list:

@@ -626,3 +626,24 @@ def test_two_publications_stopped_in_a_row_need_no_person(
         build_all(con, out, registry, home)
         release = publish_release(con, [out], registry, home, now=NOW)
         assert not release.unchanged and not reuse.pending_publications(con)
+
+
+@pytest.mark.parametrize("stored", ["[]", '"x"', '{"adm.parquet": 7}'], ids=["a list", "text", "a hash not text"])
+def test_a_publication_record_of_another_shape_refuses_the_next_release_naming_the_manifest(
+    store: Store, registry: ContractRegistry, stored: str
+) -> None:
+    """The store's record of the last publication (its files by SHA-256) edited to another shape
+    matches no file: the next release is refused naming the manifest, not failed on the shape,
+    and an unchanged publication is never taken as "not re-issued" on it."""
+    home, out = store.home, output(relations=[REVISION])
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        con.execute("UPDATE governance.publication_contents SET files = ?", [stored])
+        assert reuse.publications(con)[0].files == {}
+        seed_haven(con, {"A": 52, "B": 12})
+        build_all(con, out, registry, home)
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [out], registry, home, now=NOW)
+    assert "release.json of release" in refused.value.problems[0]

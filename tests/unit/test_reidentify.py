@@ -86,6 +86,16 @@ def _delivered(con, home: Home, release_id: str) -> None:
 
     audit.append(con, actor="custodian", role="review", action=review.RELEASE_ACTION, object=f"release:{release_id}",
                  home=home, detail={"release_id": release_id})  # fmt: skip
+    registers.ensure_tables(con)  # and its register row, as delivery registers it
+    con.execute(
+        f"INSERT INTO {registers.RELEASE_REGISTER} (release_id, agreement_id, agreement_version, agreement_sha256, "
+        "recipient, recipient_public_body, purposes, legal_basis, collections, identifiability, agreement_start, "
+        "agreement_end, released_at, opt_outs_applied, opt_outs_reason, files, records_released, "
+        "records_withheld_objections, objector_records_included, people_suppressed_k_anonymity, manifest_sha256) "
+        "VALUES (?, 'reid-consent', '1', 'x', 'A university', true, 'research', 'consent', 'hospital_episodes', "
+        "'identifiable', DATE '2024-01-01', DATE '2099-01-01', now(), false, 'consent', 1, 10, 0, 0, 0, 'x')",
+        [release_id],
+    )
 
 
 def _lead(home: Home, contracts: Path) -> Haven:

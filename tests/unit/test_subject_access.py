@@ -134,3 +134,23 @@ def test_a_membership_row_deleted_in_the_store_refuses_the_report_instead_of_omi
     )
     with pytest.raises(SubjectAccessDenied, match="test-linked-r0001: its members in the store differ"):
         subject_access(con, NHS[0], haven=_lead(home, registry))
+
+
+def test_a_delivered_release_whose_register_row_was_deleted_refuses_the_report(setting) -> None:
+    """The trail records the delivery; with its register row deleted in the store the report could
+    not say who received it: refused, naming the release."""
+    con, home, registry = setting
+    con.execute("DELETE FROM governance.release_register WHERE release_id = 'gp-audit-r0001'")
+    with pytest.raises(SubjectAccessDenied, match="gp-audit-r0001: the audit trail records its delivery but"):
+        subject_access(con, NHS[0], haven=_lead(home, registry))
+
+
+def test_release_membership_is_checked_on_a_read_only_store_that_never_released(home: Home) -> None:
+    """The check reads only: a store with no release tables (nothing ever released) has nothing to
+    check, and a read-only connection (re-identification's) is never asked to create them."""
+    from safehaven.share import review
+
+    with Store(home).connect():
+        pass
+    with Store(home).connect(read_only=True) as con:
+        assert review.members_not_on_record(con) == []
