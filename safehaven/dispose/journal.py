@@ -56,10 +56,15 @@ _MAC_INFO = b"safehaven disposal journal v1"
 MAC = "mac"
 
 
+def canonical(value: dict[str, Any]) -> bytes:
+    """The one canonical JSON of a journal's parts (keys sorted, no spaces, dates as text): what
+    the journal's MAC and the audited plan digest (``safehaven.dispose.run.plan_digest``) cover."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
 def _mac(keyring: KeyRing, journal: dict[str, Any]) -> str:
     body = {k: v for k, v in journal.items() if k != MAC}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hmac.new(audit.key_derived_from(keyring, _MAC_INFO), text.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(audit.key_derived_from(keyring, _MAC_INFO), canonical(body), hashlib.sha256).hexdigest()
 
 
 def save_journal(home: Home, keyring: KeyRing, journal: dict[str, Any]) -> None:

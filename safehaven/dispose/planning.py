@@ -35,7 +35,7 @@ from safehaven.intake import landings
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.pseudonymise import install_key
-from safehaven.share import approvals
+from safehaven.share import approvals, review
 from safehaven.share.agreements import Agreement, AgreementError, agreement_path, load_agreement_file
 
 #: Folders of ``releases/<agreement>/`` that are not releases.
@@ -199,6 +199,45 @@ def received_before(con: duckdb.DuckDBPyConnection | None, collection: str, cuto
         if by_register != (on_record < cutoff):
             out.register_differs.append(batch)
     out.before.sort(key=lambda r: (r[3], r[0]))
+    return out
+
+
+@dataclass
+class Released:
+    """An agreement's releases by when the audit trail records them delivered
+    (``safehaven.share.review.deliveries``) against a cut-off."""
+
+    #: delivered before the cut-off, oldest first
+    before: list[str] = field(default_factory=list)
+    #: not on record, the release register dating them before the cut-off: not disposed of by date
+    unrecorded: list[str] = field(default_factory=list)
+    #: on record, the register's time on the other side of the cut-off: the record decides
+    register_differs: list[str] = field(default_factory=list)
+
+
+def released_before(con: duckdb.DuckDBPyConnection | None, agreement_id: str, cutoff: datetime) -> Released:
+    """The releases of ``agreement_id`` delivered before ``cutoff`` as the audit trail records them,
+    never as the release register alone dates them (CoP 43d, 23d): the daily sweep destroys the
+    haven's copy of a release past its retention with no person, and the register is a store table
+    that whoever holds the store key can date back (a fresh release destroyed) or forward (one kept
+    past its retention). Also those registered but not on record, and those the two date apart."""
+    out = Released()
+    if con is None or not table_exists(con, "governance", "release_register"):
+        return out
+    recorded = review.deliveries(con, agreement_id)
+    rows = con.execute(  # compared in SQL: an odd register time (infinity, NULL) is never read as a date
+        f"SELECT release_id, coalesce(released_at < ?, true) FROM {RELEASE_REGISTER} WHERE agreement_id = ? "
+        "ORDER BY release_id",
+        [cutoff, agreement_id],
+    ).fetchall()
+    registered = dict(rows)
+    for rid, by_register in registered.items():
+        on_record = recorded.get(rid)
+        if on_record is None:
+            out.unrecorded += [rid] if by_register else []
+        elif by_register != (on_record < cutoff):
+            out.register_differs.append(rid)
+    out.before = sorted((r for r, at in recorded.items() if at < cutoff), key=lambda r: (recorded[r], r))
     return out
 
 

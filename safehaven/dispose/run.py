@@ -8,7 +8,6 @@ completed; the same target resumes it. Every start, resumption and completion is
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from safehaven.context import Haven
@@ -17,6 +16,7 @@ from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import SimulatedCrash, Store
+from safehaven.dispose import journal
 from safehaven.dispose.certificate import certificate_of, ensure_tables
 from safehaven.dispose.journal import journal_path, journal_sound, pending, save_journal
 from safehaven.dispose.model import (
@@ -57,8 +57,7 @@ def _audit(home: Home, keyring: KeyRing, plan: Plan, actor: str, outcome: str, d
 def plan_digest(plan: dict[str, Any]) -> str:
     """SHA-256 of a plan as the journal holds it (canonical JSON): recorded in the audit entry of
     the disposal's start, so a journal written or changed outside the haven is not carried out."""
-    text = json.dumps(plan, sort_keys=True, separators=(",", ":"), default=str)  # as the journal file holds it
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(journal.canonical(plan)).hexdigest()
 
 
 def _started_on_record(home: Home, keyring: KeyRing, journal: dict[str, Any]) -> bool:

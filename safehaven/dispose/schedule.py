@@ -12,7 +12,7 @@ or expired is the store's decision (``safehaven.share.approvals.for_disposal``),
 from __future__ import annotations
 
 import re
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -25,14 +25,13 @@ from safehaven.core.store import Store, table_exists
 from safehaven.dispose.found import quarantine_files, release_tables
 from safehaven.dispose.journal import midnight, pending
 from safehaven.dispose.model import (
-    RELEASE_REGISTER,
     DisposalError,
     DisposalPending,
     DueItem,
     SweepReport,
     Target,
 )
-from safehaven.dispose.planning import Received, received_before
+from safehaven.dispose.planning import Received, received_before, released_before
 from safehaven.dispose.run import dispose, resume
 from safehaven.intake import landings
 from safehaven.intake.contracts import Contract, ContractRegistry
@@ -149,49 +148,72 @@ def _due_suspended(aid: str, a: Agreement, con: duckdb.DuckDBPyConnection | None
 
 def _due_releases(
     home: Home, aid: str, a: Agreement, status: str, con: duckdb.DuckDBPyConnection | None, today: date
-) -> DueItem | None:
-    """Releases under an agreement in force made more than its retention ago whose copy the haven holds."""
-    if con is None or not table_exists(con, "governance", "release_register"):
-        return None
+) -> list[DueItem]:
+    """Releases under an agreement in force delivered more than its retention ago, as the audit trail
+    records their delivery (``safehaven.dispose.planning.released_before``), whose copy the haven
+    holds; and a review item for releases whose delivery the record does not settle."""
     cutoff = midnight(today - timedelta(days=a.retention.days))
-    rows = con.execute(
-        f"SELECT release_id FROM {RELEASE_REGISTER} WHERE agreement_id = ? AND released_at < ? "
-        "ORDER BY released_at, release_id",
-        [aid, cutoff],
-    ).fetchall()
-    old = [r[0] for r in rows if (home.releases / aid / r[0]).exists()]
+    released = released_before(con, aid, cutoff)
+    held = [[r for r in rids if (home.releases / aid / r).exists()] for rids in (released.before, released.unrecorded,
+            released.register_differs)]  # fmt: skip
+    old, unrecorded, differs = held
+    items = [_unsettled_releases(aid, unrecorded, differs, cutoff)] if unrecorded or differs else []
     if not old:
-        return None
-    return DueItem(
+        return items
+    due = DueItem(
         "dispose",
         f"{len(old)} release(s) under agreement {aid} were made more than its retention of {a.retention.days} days ago",
         Target.for_agreement(aid, old),
         {"status": status},
     )
+    return [due, *items]
+
+
+def _unsettled_releases(aid: str, unrecorded: list[str], differs: list[str], cutoff: datetime) -> DueItem:
+    """The review item for releases the release register dates one side of the cut-off and the audit
+    trail the other, or that it holds with no delivery on record: none is disposed of by the register."""
+    parts = []
+    if unrecorded:
+        parts.append(
+            f"{len(unrecorded)} release(s) in the release register have no delivery on the audit trail and are "
+            "not disposed of by date (a delivery that was stopped: safehaven review release finishes it; "
+            "otherwise check who added the register row)"
+        )
+    if differs:
+        parts.append(
+            f"{len(differs)} release(s) whose release time in the release register differs from the delivery "
+            "the audit trail records: retention counts from the trail's; check who changed the register"
+        )
+    return DueItem(
+        "review",
+        f"agreement {aid} (retention cut-off {cutoff.date()}): " + "; ".join(parts),
+        Target.for_agreement(aid),
+        {"unrecorded": unrecorded[:20], "register_differs": differs[:20]},
+    )
 
 
 def _due_agreement(
     home: Home, aid: str, a: Agreement, con: duckdb.DuckDBPyConnection | None, today: date
-) -> DueItem | None:
+) -> list[DueItem]:
     """What is due for one agreement the haven holds data of."""
     status = a.status_on(today)
     if status == "expired":
         reason = f"agreement {aid} expired on {a.end_date} (CoP 43d): {a.retention.destruction}"
-        return DueItem("dispose", reason, Target.for_agreement(aid), {"status": status})
+        return [DueItem("dispose", reason, Target.for_agreement(aid), {"status": status})]
     if status == "suspended":
-        return _due_suspended(aid, a, con)
+        return [_due_suspended(aid, a, con)]
     return _due_releases(home, aid, a, status, con, today)
 
 
-def _agreement_item(
+def _agreement_items(
     home: Home, aid: str, a: Agreement, path: Path, con: duckdb.DuckDBPyConnection | None, today: date
-) -> DueItem | None:
+) -> list[DueItem]:
     """What is due for one agreement, as disposal judges it; a review item when its decision in the
     store is not the audit trail's (``approvals.for_disposal``: never acted on, never ignored)."""
     try:
         judged = approvals.for_disposal(con, a, path)
     except AgreementError as exc:
-        return DueItem("review", str(exc), Target.for_agreement(aid), {})
+        return [DueItem("review", str(exc), Target.for_agreement(aid), {})]
     return _due_agreement(home, aid, judged, con, today)
 
 
@@ -209,11 +231,12 @@ def _due_in(
     found, errors = scan_agreements(registry.root)
     folder = agreements_dir(registry.root)
     agreements = [
-        _agreement_item(home, aid, a, folder / f"{aid}.yaml", con, today)
+        item
         for aid, a in sorted(found.items())
         if _holds(home, keyring, con, aid)
+        for item in _agreement_items(home, aid, a, folder / f"{aid}.yaml", con, today)
     ]
-    items += [item for item in collections + agreements if item is not None]
+    items += collections + agreements
     items += [
         DueItem(
             "review",

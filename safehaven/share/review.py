@@ -832,6 +832,18 @@ def _delivery_audited(con: duckdb.DuckDBPyConnection, release_id: str) -> bool:
     return any(e.outcome == "ok" and e.object == f"release:{release_id}" for e in entries)
 
 
+def deliveries(con: duckdb.DuckDBPyConnection, agreement_id: str) -> dict[str, datetime]:
+    """Each release of ``agreement_id`` the audit trail records delivered, with the time of its
+    delivery entry (authentic entries only, the first if there are several): when the haven's copy
+    was released, as the record says it, never as the store's release register alone dates it
+    (CoP 23d, 43d)."""
+    out: dict[str, datetime] = {}
+    for entry in audit.authentic_entries(con, [RELEASE_ACTION]):
+        if entry.outcome == "ok" and entry.agreement == agreement_id and entry.object.startswith("release:"):
+            out.setdefault(entry.object.removeprefix("release:"), entry.at)
+    return out
+
+
 def _audit_delivery(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
     """The audit entry of a delivery: rule, reviewers, manifest and shape hashes, files."""
     audit.append(

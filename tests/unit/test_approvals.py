@@ -306,8 +306,8 @@ def test_disposal_neither_acts_on_nor_ignores_a_decision_that_is_not_the_trails(
     _approve_with_sql(haven, sha256_file(path), decision="suspended")  # "suspended", by no one
     haven.con.execute(f"UPDATE {approvals.DECISIONS} SET reason = 'breach of onward sharing' WHERE decision_id = 2")
     agreement = approvals.load_standing(haven.con, LINKED, haven.registry.root).agreement
-    item = schedule._agreement_item(haven.home, LINKED, agreement, path, haven.con, date.today())
-    assert item is not None and item.action == "review" and "not the audit trail's latest" in item.reason
+    [item] = schedule._agreement_items(haven.home, LINKED, agreement, path, haven.con, date.today())
+    assert item.action == "review" and "not the audit trail's latest" in item.reason
     with pytest.raises(DisposalError, match="not the audit trail's latest"):
         agreement_file(haven.registry, LINKED, haven.con)
 

@@ -1196,3 +1196,54 @@ def test_a_register_time_that_is_not_a_date_stops_no_disposal(world: World, odd:
     report = disposal.sweep(world.context())
     assert sorted(r.target.collection for r in report.results) == sorted(CONTENT) and report.failed == []
     assert _held_old(world, "gp_events") == 0
+
+
+# --- a release's retention counts from its delivery on the audit trail (review.deliveries) ---------
+
+RELEASE = f"{STUDY}-r0001"
+
+
+def _date_release(world: World, when: str) -> None:
+    with Store(world.home).connect() as con:
+        con.execute("UPDATE governance.release_register SET released_at = ? WHERE release_id = ?", [when, RELEASE])
+
+
+def _agreement_items(world: World, today: date | None = None) -> list[disposal.DueItem]:
+    return [i for i in disposal.due(world.context(today)) if i.target.kind == "agreement"]
+
+
+def test_a_release_dated_back_in_the_release_register_is_kept_and_named_for_review(world: World) -> None:
+    """Whoever holds the store key could date a fresh release to 2000 so that the daily sweep
+    destroyed the haven's copy of what it released: retention counts from the delivery the audit
+    trail records, so nothing is due and the release is named for review."""
+    _date_release(world, "2000-01-01")
+    [item] = _agreement_items(world)
+    assert item.action == "review" and item.detail["register_differs"] == [RELEASE]
+    assert "differs from the delivery the audit trail records" in item.reason
+    disposal.sweep(world.context())
+    assert (world.home.releases / STUDY / RELEASE).is_dir()
+
+
+def test_a_release_dated_forward_in_the_release_register_still_goes_at_its_retention(world: World) -> None:
+    """Dating the release to 2099 in the register would keep the haven's copy past its retention:
+    the delivery on record still makes it due, and the register's time is named for review."""
+    _date_release(world, "2099-01-01")
+    due, review_item = _agreement_items(world, date.today() + timedelta(days=400))
+    assert (due.action, due.target.releases) == ("dispose", (RELEASE,))
+    assert review_item.action == "review" and review_item.detail["register_differs"] == [RELEASE]
+
+
+def test_a_release_in_the_register_with_no_delivery_on_record_is_not_disposed_of_by_date(world: World) -> None:
+    """A register row (and folder) with no authentic delivery entry, dated past retention, is never
+    disposed of by its register date: a person is asked to look."""
+    added = f"{STUDY}-r0099"
+    shutil.copytree(world.home.releases / STUDY / RELEASE, world.home.releases / STUDY / added)
+    with Store(world.home).connect() as con:
+        con.execute(
+            "INSERT INTO governance.release_register SELECT * REPLACE (? AS release_id, "
+            "TIMESTAMPTZ '2000-01-01 00:00:00+00' AS released_at) FROM governance.release_register WHERE release_id = ?",
+            [added, RELEASE],
+        )
+    [item] = _agreement_items(world)
+    assert item.action == "review" and item.detail["unrecorded"] == [added]
+    assert "no delivery on the audit trail" in item.reason
