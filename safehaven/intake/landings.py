@@ -16,9 +16,13 @@ batch register's ``landed_at`` is a store column: whoever holds the store key co
   that stops the trail verifying for one landing) and then date the batch back would otherwise
   have the sweep destroy a fresh drop (found by review). Until then its records are not disposed of
   by date, and the sweep lists them for review (``safehaven.dispose.schedule``);
-* the batches of a collection the trail holds no landing entry for at all (a haven from before
-  this rule) are adopted once with the register's times (``recorded: adopted``), as the haven
-  counted retention before;
+* the batches of a collection the rule has not started for (a haven from before this rule) are
+  adopted once with the register's times (``recorded: adopted``), as the haven counted retention
+  before, in the same append as the entry that starts the rule for the collection (:data:`STARTED`).
+  The rule starts when the collection's first landing step (or the daily sweep) runs, before any
+  landing of that step, so a collection's very first landing killed before its entry and dated
+  back is recorded late, never adopted (found by review: before, "no landing entry yet" was how a
+  haven from before the rule was told, and a new collection's first landing looked like one);
 * a register time that differs from the recorded one is not acted on either way; the sweep names
   it in a review item.
 
@@ -39,6 +43,9 @@ from safehaven.core import audit, schema
 from safehaven.core.store import table_exists
 
 ACTION = "intake.batch_landed"
+#: the entry that starts the rule for a collection (detail ``{"batches_adopted": n}``): from then on a
+#: landing not on record is recorded late, never adopted
+STARTED = "intake.landings_started"
 #: how a landing was put on record: after a run that could not (its own time counts), or adopted
 #: from the register when the collection had no landing entry at all (the register's time counts)
 LATE, ADOPTED = "late", "adopted"
@@ -66,31 +73,42 @@ def record(con: duckdb.DuckDBPyConnection, collection: str, batch: str, landed_a
     return audit.append_if_sound(con, [_entry(collection, {"batch": batch, "landed_at": landed_at.isoformat()})])
 
 
-def _recorded_ids(con: duckdb.DuckDBPyConnection, collection: str) -> set[str]:
-    """The batches of ``collection`` named by a landing entry (read as written: only to find the
-    ones to record; :func:`received` verifies each entry it acts on)."""
+def _recorded_ids(con: duckdb.DuckDBPyConnection, collection: str) -> tuple[set[str], bool]:
+    """The batches of ``collection`` named by a landing entry, and whether the rule has started for
+    it (a :data:`STARTED` entry, or any landing entry: a haven that recorded landings before the start
+    entry existed). Read as written: only to find the ones to record; :func:`received` verifies each
+    entry it acts on, and a row written into the log stops the append that would rest on it."""
     if not table_exists(con, *schema.AUDIT_LOG.split(".")):
-        return set()
+        return set(), False
     rows = con.execute(
-        f"SELECT json_extract_string(detail, '$.batch') FROM {schema.AUDIT_LOG} WHERE action = ? AND object = ?",
-        [ACTION, collection],
+        f"SELECT action, json_extract_string(detail, '$.batch') FROM {schema.AUDIT_LOG} "
+        "WHERE list_contains(?::VARCHAR[], action) AND object = ?",
+        [[ACTION, STARTED], collection],
     ).fetchall()
-    return {b for (b,) in rows if b}
+    return {b for a, b in rows if a == ACTION and b}, bool(rows)
 
 
 def record_unrecorded(con: duckdb.DuckDBPyConnection, collection: str) -> list[str]:
     """Audit, in one append, the landing of every batch of ``collection`` the trail does not record,
     with the register's time as it stands now (module docstring); returns them. Never fails the step:
     nothing is recorded while the trail does not verify."""
-    recorded = _recorded_ids(con, collection)
-    held = con.execute(
-        f"SELECT batch_id, {_REGISTER_TIME} FROM {schema.BATCHES} WHERE collection = ? ORDER BY landed_at, batch_id",
-        [collection],
-    ).fetchall()
+    recorded, started = _recorded_ids(con, collection)
+    held = (
+        con.execute(
+            f"SELECT batch_id, {_REGISTER_TIME} FROM {schema.BATCHES} WHERE collection = ? "
+            "ORDER BY landed_at, batch_id",
+            [collection],
+        ).fetchall()
+        if table_exists(con, *schema.BATCHES.split("."))
+        else []
+    )
     late = [(b, us) for b, us in held if isinstance(b, str) and BATCH_ID.fullmatch(b) and b not in recorded]
-    how = LATE if recorded else ADOPTED  # a collection with no landing entry at all: before this rule
+    how = LATE if started else ADOPTED  # the rule not started for the collection: before this rule
     entries = [_entry(collection, {"batch": b, "recorded": how, **_named(us, how)}) for b, us in late]
-    return [b for b, _ in late] if entries and audit.append_if_sound(con, entries) else []
+    start = [] if started else [{**_entry(collection, {"batches_adopted": len(late)}), "action": STARTED}]
+    if not (entries or start) or not audit.append_if_sound(con, start + entries):
+        return []
+    return [b for b, _ in late]
 
 
 #: the register's landing time as epoch microseconds, NULL when it is not an ordinary time

@@ -69,6 +69,22 @@ def test_a_landing_recorded_late_counts_from_its_entry_never_from_a_register_tim
     assert landings.received(con, GP)[FRESH] >= before
 
 
+def test_a_collections_first_landing_killed_before_its_entry_is_recorded_late_never_adopted(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    """The landing step starts the rule for its collection before it lands anything (one entry), so
+    a new collection's very first landing, killed between its commit and its entry and then dated
+    back in the register, is recorded late and counts from then: adopting it as from before the
+    rule let the daily sweep destroy a fresh drop (found by review)."""
+    assert landings.record_unrecorded(con, GP) == []  # the step's start, before its first landing
+    _land(con, FRESH, "2000-01-01 00:00:00+00")  # landed, killed before its entry, dated back
+    before = datetime.now(UTC)
+    assert landings.record_unrecorded(con, GP) == [FRESH]
+    assert landings.received(con, GP)[FRESH] >= before
+    started = [e for e in audit.authentic_entries(con, [landings.STARTED]) if e.object == GP]
+    assert [e.fields for e in started] == [{"batches_adopted": 0}]  # once
+
+
 @pytest.mark.parametrize("odd", ["infinity", "-infinity", "294000-01-01", None])
 def test_a_register_time_that_is_not_an_ordinary_time_is_never_read_as_one(
     con: duckdb.DuckDBPyConnection, odd: str | None
