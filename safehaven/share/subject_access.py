@@ -38,6 +38,7 @@ from safehaven.core.identifiers import canonical_nhs, is_valid_nhs
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.sql import q
 from safehaven.core.store import table_exists
+from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.objections import EVENTS, episodes_sql, in_force_sql
@@ -126,23 +127,45 @@ def _check_members(con: duckdb.DuckDBPyConnection) -> None:
 
 def _records_held(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry, pid: str, report: SubjectAccessReport
-) -> None:
-    """Records held per collection, when each was first received, and the person's vault entries."""
-    landed = "b.landed_at" if table_exists(con, "governance", "batches") else "NULL::TIMESTAMPTZ"
-    join = "LEFT JOIN governance.batches b ON b.batch_id = h._batch" if landed != "NULL::TIMESTAMPTZ" else ""
+) -> dict[str, datetime | None]:
+    """Records held per collection, when each was first received, and the person's vault entries.
+    Returns, per collection, the time from which its accesses are listed (:func:`_received`)."""
+    has_batches = table_exists(con, "governance", "batches")
+    landed = "b.landed_at" if has_batches else "NULL::TIMESTAMPTZ"
+    join = "LEFT JOIN governance.batches b ON b.batch_id = h._batch" if has_batches else ""
+    windows: dict[str, datetime | None] = {}
     for contract in registry.content():
         c = contract.collection
         if not table_exists(con, "haven", c):
             continue
-        n, first = con.execute(
-            f"SELECT count(*), min({landed}) FROM haven.{q(c)} h {join} WHERE h.pid = ?", [pid]
+        n, first, batches = con.execute(
+            f"SELECT count(*), min({landed}), list(DISTINCT h._batch) FROM haven.{q(c)} h {join} WHERE h.pid = ?",
+            [pid],
         ).fetchone()
         report.records_held[c] = int(n)
-        if n and first is not None:
-            report.first_received[c] = first.isoformat(timespec="seconds")
+        if n:
+            shown, windows[c] = _received(con, c, batches or [], first)
+            if shown is not None:
+                report.first_received[c] = shown.isoformat(timespec="seconds")
     if table_exists(con, "vault", "identity"):
         row = con.execute("SELECT count(*) FROM vault.identity WHERE pid = ?", [pid]).fetchone()
         report.vault_entries = int(row[0]) if row else 0
+    return windows
+
+
+def _received(
+    con: duckdb.DuckDBPyConnection, collection: str, batches: list[str], register_first: datetime | None
+) -> tuple[datetime | None, datetime | None]:
+    """When the person's records of ``collection`` were first received, and the time from which the
+    collection's accesses are listed. The batch register's time is a store column whoever holds the
+    store key can move forward, which would hide the accesses in between from the person (CoP 12,
+    23d): the receipt the audit trail records (``safehaven.intake.landings``) counts, the earlier of
+    the two is shown, and a batch with no receipt on record lists the collection's accesses from the
+    start (none is hidden on the register's word)."""
+    recorded = landings.received(con, collection)
+    times = [recorded[b] for b in batches if b in recorded] + ([register_first] if register_first else [])
+    first = min(times, default=None)
+    return first, None if any(b not in recorded for b in batches) else first
 
 
 def _objections(con: duckdb.DuckDBPyConnection, pid: str) -> list[dict[str, Any]]:
@@ -176,14 +199,15 @@ def _releases(con: duckdb.DuckDBPyConnection, pid: str) -> list[dict[str, Any]]:
     ]
 
 
-def _access_entries(con: duckdb.DuckDBPyConnection, report: SubjectAccessReport, pid: str) -> dict[int, audit.Entry]:
+def _access_entries(
+    con: duckdb.DuckDBPyConnection, report: SubjectAccessReport, pid: str, windows: dict[str, datetime | None]
+) -> dict[int, audit.Entry]:
     """Audit entries about the person: their releases, their collections since received, their pseudonym."""
     entries: dict[int, audit.Entry] = {}
     for r in report.releases:
         for e in audit.entries_for(con, object_like=f"release:{r['release_id']}"):
             entries[e.seq] = e
-    for c, first in report.first_received.items():
-        since = datetime.fromisoformat(first)
+    for c, since in windows.items():
         for e in audit.entries_for(con, object_like=f"haven.{c}", since=since):
             entries[e.seq] = e
         for e in audit.entries_for(con, object_like=f"linkage:%haven.{c}%", since=since):
@@ -194,7 +218,9 @@ def _access_entries(con: duckdb.DuckDBPyConnection, report: SubjectAccessReport,
     return entries
 
 
-def _accesses(con: duckdb.DuckDBPyConnection, report: SubjectAccessReport, pid: str) -> list[dict[str, Any]]:
+def _accesses(
+    con: duckdb.DuckDBPyConnection, report: SubjectAccessReport, pid: str, windows: dict[str, datetime | None]
+) -> list[dict[str, Any]]:
     """The accesses to the person's records, oldest first; their pseudonym shown as ``<you>``."""
     return [
         {
@@ -209,7 +235,7 @@ def _accesses(con: duckdb.DuckDBPyConnection, report: SubjectAccessReport, pid: 
             "agreement": e.agreement,
             "outcome": e.outcome,
         }
-        for e in sorted(_access_entries(con, report, pid).values(), key=lambda e: e.seq)
+        for e in sorted(_access_entries(con, report, pid, windows).values(), key=lambda e: e.seq)
     ]
 
 
@@ -227,10 +253,10 @@ def subject_access(
     _check_members(con)
     pid = pseudonym(keyring.get("haven").material, canonical_nhs(nhs_number))
     report = SubjectAccessReport(datetime.now(UTC).isoformat(timespec="seconds"))
-    _records_held(con, registry, pid, report)
+    windows = _records_held(con, registry, pid, report)
     report.objections = _objections(con, pid)
     report.releases = _releases(con, pid)
-    report.accesses = _accesses(con, report, pid)
+    report.accesses = _accesses(con, report, pid, windows)
     audit.append(
         con,
         actor=haven.actor,

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pytest
 
 from safehaven.context import Haven
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
+from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share.subject_access import SubjectAccessDenied, subject_access
 from tests.conftest import custodian_ring
@@ -154,3 +156,17 @@ def test_release_membership_is_checked_on_a_read_only_store_that_never_released(
         pass
     with Store(home).connect(read_only=True) as con:
         assert review.members_not_on_record(con) == []
+
+
+def test_a_receipt_moved_forward_in_the_batch_register_hides_no_access_from_the_person(setting) -> None:
+    """The batch register is a store column: dated forward to 2099 it would have the report list the
+    accesses to the person's records only from then. The receipt the audit trail records counts (and
+    is shown); a batch with no receipt on record has its collection's accesses listed from the start."""
+    con, home, registry = setting
+    moved = con.execute(f"UPDATE {schema.BATCHES} SET landed_at = '2099-01-01 00:00:00+00'").fetchone()[0]
+    assert moved >= 2  # small_haven's batch of each collection
+    landings.record(con, "gp_events", "b-gp_events", datetime(2020, 1, 1, tzinfo=UTC))  # on record
+    report = subject_access(con, NHS[0], haven=_lead(home, registry))
+    assert report.first_received["gp_events"].startswith("2020-01-01")
+    read = {a["object"] for a in report.accesses if a["action"] == "read"}
+    assert {"haven.gp_events", "haven.hospital_episodes"} <= read
