@@ -123,6 +123,9 @@ def test_killed_after_commit_resume_delivers_the_crosswalks(haven_home: Home) ->
     delivered = _crosswalks(haven_home)
     assert delivered and all(p.name.endswith(f"-{new}.csv") for p in delivered)
     assert not list((haven_home.staging / "rekey").glob("*/*.csv"))
+    assert [r["new_key_id"] for r in _rotations(haven_home, "haven")] == [new], (
+        "the rotation resume finished is on record"
+    )
 
 
 # --- a rotation installed but killed before its audit entry is put on record, once ----------------
