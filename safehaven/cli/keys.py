@@ -2,8 +2,10 @@
 
 * ``safehaven keys list``: key ids per purpose, current and retired (never material).
 * ``safehaven keys rotate --purpose haven|store|vault``: rotate one key (``safehaven.protect.rotation``);
-  ``--resume`` finishes or undoes an interrupted rotation. Haven and vault rotations open the
-  sealed vault private key, so they ask for the key custodian's passphrase.
+  ``--resume`` finishes or undoes an interrupted rotation, and records late a rotation that was
+  installed without its ``key.rotate`` entry (the haven and vault keys are refused until then:
+  ``safehaven.core.pins.unrecorded_rotations``). Haven and vault rotations open the sealed vault
+  private key, so they ask for the key custodian's passphrase.
 * ``safehaven keys init-vault``: the key custodian creates the identity vault's key pair, the
   private half sealed under their passphrase (``safehaven.protect.custody``); ``safehaven run``
   does this on a new haven.
@@ -110,7 +112,8 @@ def keys_list() -> None:
 
 
 def _resume_rotation(home: Home) -> None:
-    """Finish or undo an interrupted rotation (``safehaven.protect.rotation.resume``) and say what was done."""
+    """Finish or undo an interrupted rotation, record one installed without its audit entry
+    (``safehaven.protect.rotation.resume``), and say what was done."""
     from safehaven.protect import rotation
 
     try:
@@ -146,7 +149,9 @@ def _rotate(home: Home, purpose: str) -> None:
     help="haven: pseudonym key (re-pseudonymises the haven; needs the vault private key); "
     "store: encryption at rest (re-encrypts the store); vault: identity-vault key pair.",
 )
-@click.option("--resume", is_flag=True, help="Finish or undo an interrupted rotation.")
+@click.option(
+    "--resume", is_flag=True, help="Finish or undo an interrupted rotation; record one installed without its entry."
+)
 def keys_rotate(purpose: str | None, resume: bool) -> None:
     """Rotate a key; the old key id is recorded as retired and the rotation audited."""
     home = ensure_home()

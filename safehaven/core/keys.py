@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -607,6 +608,13 @@ class KeyRing:
     def retired_ids(self, purpose: str) -> list[str]:
         """Ids of earlier keys of ``purpose`` that were replaced (rotated out)."""
         return [h["key_id"] for h in self._history(purpose) if "retired_at" in h]
+
+    def replacements(self, purpose: str) -> list[tuple[str, str]]:
+        """(old id, new id) for each key of ``purpose`` the key ring records as retired, with the key
+        recorded after it: the rotations ``keyring.json`` claims, which a file edit can forge (a
+        rotation is taken as real only as ``safehaven.core.pins.unrecorded_rotations`` says)."""
+        history = self._history(purpose)
+        return [(old["key_id"], new["key_id"]) for old, new in itertools.pairwise(history) if "retired_at" in old]
 
     def destroyed_at(self, purpose: str, kid: str | None = None) -> str | None:
         """When the key ring recorded ``purpose``'s key (``kid``, else any) as destroyed."""

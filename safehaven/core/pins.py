@@ -17,6 +17,13 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   would then replace; after the rotation commits, the store's epoch names the new key and the
   old ``vault.pub`` no longer matches it until ``safehaven keys rotate --resume`` installs it.
   The pipeline never creates the vault pair: the key custodian does (``safehaven keys init-vault``).
+* **Every installed rotation is on record** (:func:`unrecorded_rotations`): a haven or vault key
+  rotation that was installed with no authentic ``key.rotate`` entry (the process was killed
+  between installing the key and appending the entry, or ``--resume`` installed it) refuses the
+  use of that key (:func:`check_rotations_recorded`: the haven key, vault writes, :func:`verify`)
+  until the key custodian runs ``safehaven keys rotate --resume``, which records it then
+  (``"late": true``). Only a rotation the store's key epochs and the key file confirm is
+  recorded; a claim of ``keyring.json`` alone is reported, never recorded.
 * **Agreement salts** (``agreement_key``): created once, when the agreement is first approved
   (or, for an agreement approved by editing its file, at its first release); never re-created
   once recorded, once released or prepared for release under, or after disposal destroyed it.
@@ -24,9 +31,13 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+from datetime import datetime
+
 import duckdb
 
-from safehaven.core import schema
+from safehaven.core import audit, schema
 from safehaven.core.keys import (
     VAULT,
     Key,
@@ -43,6 +54,12 @@ EPOCHS = schema.KEY_EPOCHS
 #: key is pinned by the store itself (AES-GCM: no other key opens it) and by ``keyring.json``.
 SYMMETRIC = ("audit", "haven")
 RESUME = "safehaven keys rotate --resume"
+#: Purposes rotated by staging a key, re-keying the data with a new epoch in one transaction, then
+#: installing the key (``safehaven.protect.rotation``). The store key is left out: physical
+#: disposal re-keys it as well (``Store.rebuild``), so its key ring history is not its rotations.
+ROTATED = ("haven", VAULT)
+#: The audit action of a rotation (``safehaven.protect.rotation``), detail ``old_key_id``, ``new_key_id``.
+ROTATE_ACTION = "key.rotate"
 
 
 def ensure_epochs(con: duckdb.DuckDBPyConnection) -> None:
@@ -110,7 +127,8 @@ def _has_governance(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool = True) -> None:
-    """Check the audit and haven key files against their epochs (each pipeline connection).
+    """Check the audit and haven key files against their epochs (each pipeline connection), and that
+    every installed haven and vault key rotation is on record (:func:`check_rotations_recorded`).
 
     Both epochs are read in one query on this connection, right before the checks (issue 22:
     it was four lookups, each with its catalog check); each key file is still read and checked
@@ -129,6 +147,99 @@ def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool =
             continue
         kid = keyring.get(purpose).key_id
         _check_recorded(con, purpose, kid, str(keyring.path(purpose)), pinned, writable=writable)
+    check_rotations_recorded(con, keyring)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A rotation of ``purpose`` from ``old_key_id`` to ``new_key_id``; ``since`` when the store's
+    epoch of the new key started (the re-keying committed)."""
+
+    purpose: str
+    old_key_id: str
+    new_key_id: str
+    since: datetime | None = None
+
+
+def unrecorded_rotations(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, purposes: tuple[str, ...] = ROTATED
+) -> tuple[list[Rotation], list[Rotation]]:
+    """Rotations the key ring records as installed for which the authentic audit trail holds no
+    ``key.rotate`` entry: ``(real, unconfirmed)``.
+
+    Rule (CoP 23d, every change recorded; CoP 27b-c and NIST SP 800-57 Part 1 section 8.2, which
+    key protects the data since when): every installed rotation of the haven or vault key is on
+    record. A rotation killed between installing its key and appending its entry left none, and
+    moving the entry before the install records rotations that then never finish. So the key
+    ring's record of each purpose's retired and current ids is compared, here and only here,
+    with the ``key.rotate`` entries whose own hash verifies under the audit key
+    (``audit.authentic_entries``). A claimed step ``old -> new`` with no entry is *real* only when
+    the store agrees: ``governance.key_epochs`` has the epoch of ``old`` retired for that of
+    ``new`` (written in the re-keying transaction), and, while ``new`` is current, its key file
+    holds it. Anything else (``keyring.json`` edited to claim a rotation) is *unconfirmed* and is
+    never recorded as a rotation. A first key (created, not rotated) is no step, so the pipeline's
+    first epochs and havens that never rotated expect nothing; a haven made before this rule with
+    a rotation finished by ``--resume`` (which wrote no ``key.rotate``) has its step recorded
+    late once. Nothing is read from the store unless the key ring claims a step."""
+    claims = [(p, old, new) for p in purposes for old, new in keyring.replacements(p)]
+    if not claims:
+        return [], []
+    recorded = _recorded_rotations(con)
+    steps = {purpose: _epoch_steps(con, purpose) for purpose in purposes}
+    real: list[Rotation] = []
+    unconfirmed: list[Rotation] = []
+    for purpose, old, new in claims:
+        if (purpose, old, new) in recorded:
+            continue
+        confirmed = (old, new) in steps[purpose] and (
+            keyring.current_id(purpose) != new or _file_id(keyring, purpose) == new
+        )
+        (real if confirmed else unconfirmed).append(Rotation(purpose, old, new, steps[purpose].get((old, new))))
+    return real, unconfirmed
+
+
+def check_rotations_recorded(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, purposes: tuple[str, ...] = ROTATED
+) -> None:
+    """Refuse a key whose installed rotation is not on record (:func:`unrecorded_rotations`),
+    naming the command that records it."""
+    real, _ = unrecorded_rotations(con, keyring, purposes)
+    if real:
+        r = real[0]
+        raise KeyRingError(
+            f"the {r.purpose} key rotation {r.old_key_id} -> {r.new_key_id} was installed but is pending its "
+            f"audit entry (the rotation was stopped before it); the key custodian runs `{RESUME}`, which records it"
+        )
+
+
+def _recorded_rotations(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str, str]]:
+    """(purpose, old id, new id) of every authentic ``key.rotate`` entry."""
+    found = set()
+    for entry in audit.authentic_entries(con, [ROTATE_ACTION]):
+        fields = entry.fields
+        found.add((entry.object.removeprefix("key:"), fields.get("old_key_id"), fields.get("new_key_id")))
+    return found
+
+
+def _epoch_steps(con: duckdb.DuckDBPyConnection, purpose: str) -> dict[tuple[str, str], datetime]:
+    """(old id, new id) -> when the new epoch started, for each epoch of ``purpose`` the store
+    retired for the next one."""
+    schema_name, _, table = EPOCHS.partition(".")
+    if not table_exists(con, schema_name, table):
+        return {}
+    rows = con.execute(
+        f"SELECT key_id, started_at, retired_at FROM {EPOCHS} WHERE purpose = ? ORDER BY started_at, key_id",
+        [purpose],
+    ).fetchall()
+    return {(a[0], b[0]): b[1] for a, b in itertools.pairwise(rows) if a[2] is not None}
+
+
+def _file_id(keyring: KeyRing, purpose: str) -> str | None:
+    """The id of the key ``purpose``'s file holds (a pair: its public half); None when unreadable."""
+    try:
+        return (keyring.get_public(purpose) if purpose == VAULT else keyring.get(purpose)).key_id
+    except KeyRingError:
+        return None
 
 
 def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
@@ -150,6 +261,7 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
         )
     public = keyring.get_public(VAULT)
     check_epoch(con, VAULT, public.key_id, str(path))
+    check_rotations_recorded(con, keyring, (VAULT,))
     return public
 
 
@@ -178,6 +290,7 @@ def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id
     salt = agreement_salt(con, keyring, agreement_id, create=create)
     haven = keyring.get("haven")
     check_epoch(con, "haven", haven.key_id, f"the haven key file {keyring.path('haven')}", writable=False)
+    check_rotations_recorded(con, keyring, ("haven",))
     return derive_agreement_key(haven.material, salt.material, agreement_id)
 
 

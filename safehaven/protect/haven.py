@@ -22,7 +22,8 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
 * **One haven key per epoch** (CoP 27b-c): ``governance.key_epochs`` records the id of the
   key the haven's pseudonyms are made with. A key file that does not match it (lost and
   re-created, or swapped) is refused: pseudonyms made under another key would not match the
-  objection register, and objectors would get through.
+  objection register, and objectors would get through. A rotation of it installed with no
+  ``key.rotate`` entry is refused until it is on record (``safehaven.core.pins.unrecorded_rotations``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.keys import Key, KeyRing, KeyRingError
-from safehaven.core.pins import epoch_key_id, start_epoch
+from safehaven.core.pins import check_rotations_recorded, epoch_key_id, start_epoch
 from safehaven.core.sql import q
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
@@ -69,6 +70,7 @@ def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
             f"the haven key file holds key {key.key_id}, but the haven's pseudonyms were made with key "
             f"{recorded}; restore the right key, or finish the pending rotation (safehaven keys rotate --resume)"
         )
+    check_rotations_recorded(con, keyring, ("haven",))  # a rotation installed but not on record is refused
     return key
 
 

@@ -33,6 +33,13 @@ Rules (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; ``safehav
   matches the store's epoch, so no new data key can be wrapped to a key about to be replaced:
   a crash at any step loses no entry, and ``resume`` installs or discards the staged pair.
 * ``resume`` is audited (``action="key.rotate.resume"``): it is how a person clears the refusal.
+* **A rotation installed without its entry is recorded late**: a process killed after the new
+  key is installed and before ``key.rotate`` is appended (or a rotation ``resume`` installs)
+  leaves a rotation no entry records; the haven and vault keys are refused until then
+  (``safehaven.core.pins.check_rotations_recorded``), and ``resume`` appends its ``key.rotate``
+  entry with ``"late": true``, the old and new ids and when the store's epoch started, once the
+  store's key epochs and the key file confirm it (``safehaven.core.pins.unrecorded_rotations``;
+  a ``keyring.json`` claim they do not confirm is named in the resume entry, never recorded).
 * One writer at a time (DuckDB): a rotation refuses to start while a pipeline run is alive
   (``safehaven.core.runs.live_runs``), rather than rewriting the store under the run.
 * **Crosswalks only for a committed key**: they are written to ``staging/rekey/`` first and
@@ -71,7 +78,16 @@ from safehaven.core.keys import (
     x25519_private,
     x25519_public,
 )
-from safehaven.core.pins import check_epoch, epoch_key_id, start_epoch, vault_public
+from safehaven.core.pins import (
+    ROTATE_ACTION,
+    Rotation,
+    check_epoch,
+    check_rotations_recorded,
+    epoch_key_id,
+    start_epoch,
+    unrecorded_rotations,
+    vault_public,
+)
 from safehaven.core.sql import lit, q
 from safehaven.core.store import CATALOG, Store, StoreError, table_exists
 from safehaven.intake.contracts import Contract
@@ -111,7 +127,7 @@ def _audit(con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: Rotat
         con,
         actor=actor,
         role="key_custodian",
-        action="key.rotate",
+        action=ROTATE_ACTION,
         object=f"key:{report.purpose}",
         detail={
             "old_key_id": report.old_key_id,
@@ -355,6 +371,7 @@ def rotate_vault(haven: Haven) -> RotationReport:
     old_id = key_id(x25519_public(private.material))
     with Store(home, keyring).connect() as con:
         check_epoch(con, VAULT, old_id, str(keyring.path(VAULT)))
+        check_rotations_recorded(con, keyring, (VAULT,))  # an earlier one not on record: --resume first
         new_public = keyring.seal_keypair(VAULT, x25519_private(), stage=True)
         report = RotationReport(VAULT, old_id, new_public.key_id)
         vault.ensure_tables(con)
@@ -400,31 +417,74 @@ def resume(haven: Haven) -> list[str]:
     otherwise it is discarded (shredded) and the old key stays. Old key files an interrupted
     replacement left behind (``<name>.retired``) are shredded. Opening the store finishes or undoes an
     interrupted store-key rotation by itself (``Store.recover``). No passphrase is needed: a
-    staged vault pair is installed as it was sealed. Audited as ``haven.actor``.
+    staged vault pair is installed as it was sealed. An installed rotation with no ``key.rotate``
+    entry is then recorded late (module docstring). Audited as ``haven.actor``, in one append
+    with the late entries.
     """
     home, actor, keyring = haven.home, haven.actor, haven.keyring
     todo = pending(keyring)
     done = [
         f"{name}: an old key file left by an interrupted replacement was shredded" for name in keyring.shred_leftovers()
     ]
-    if not todo and not done and not _staged_crosswalks(home):
+    store = Store(home, keyring)
+    claims = store.path.exists() and any(keyring.replacements(p) for p in STAGED)
+    if not todo and not done and not claims and not _staged_crosswalks(home):
         return []
     try:
-        with Store(home, keyring).connect() as con:
+        with store.connect() as con:
             done = [_resume_one(con, home, keyring, purpose) for purpose in todo] + done
             done += _settle_crosswalks(con, home, keyring)
-            audit.append(
-                con,
-                actor=actor,
-                role="key_custodian",
-                action="key.rotate.resume",
-                object="keys",
-                detail={"done": done},
-                home=home,
-            )
+            late, lines = _unrecorded(con, keyring, actor)
+            done += lines
+            if done:
+                audit.append_many(con, [*late, _resume_entry(actor, done)], home=home)
     except StoreError as exc:
         raise RotationError(f"cannot open the store to resume: {exc}") from None
     return done
+
+
+def _resume_entry(actor: str, done: list[str]) -> dict[str, object]:
+    return {
+        "actor": actor,
+        "role": "key_custodian",
+        "action": "key.rotate.resume",
+        "object": "keys",
+        "detail": {"done": done},
+    }
+
+
+def _unrecorded(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, actor: str
+) -> tuple[list[dict[str, object]], list[str]]:
+    """The late ``key.rotate`` entries of installed rotations no entry records, and a line for each,
+    and for each rotation ``keyring.json`` claims that the store does not confirm (not recorded)."""
+    real, unconfirmed = unrecorded_rotations(con, keyring, STAGED)
+    entries = [_late_entry(actor, r) for r in real]
+    lines = [
+        f"{r.purpose}: the rotation {r.old_key_id} -> {r.new_key_id} was installed without its audit entry; "
+        "recorded now (late)"
+        for r in real
+    ] + [
+        f"{r.purpose}: keyring.json names a rotation {r.old_key_id} -> {r.new_key_id} that the store's key epochs "
+        "and key file do not confirm; not recorded (restore keyring.json from the key custodian's backup)"
+        for r in unconfirmed
+    ]
+    return entries, lines
+
+
+def _late_entry(actor: str, r: Rotation) -> dict[str, object]:
+    """The ``key.rotate`` entry of a rotation recorded after the fact: its ids, ``late`` and when
+    the store's epoch of the new key started."""
+    detail = {"old_key_id": r.old_key_id, "new_key_id": r.new_key_id, "late": True}
+    if r.since is not None:
+        detail["epoch_started_at"] = r.since.isoformat()
+    return {
+        "actor": actor,
+        "role": "key_custodian",
+        "action": ROTATE_ACTION,
+        "object": f"key:{r.purpose}",
+        "detail": detail,
+    }
 
 
 def _resume_one(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str) -> str:

@@ -1,8 +1,10 @@
-"""Key rotation and runs (issue 17): rotation refuses while a run is alive, and a recipient
-never sees a crosswalk for a haven key that did not become current (real ``kill -9``)."""
+"""Key rotation and runs (issue 17): rotation refuses while a run is alive, a recipient never sees
+a crosswalk for a haven key that did not become current, and a rotation killed after its install is
+put on record once (real ``kill -9``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,14 +13,17 @@ from pathlib import Path
 import pytest
 
 from safehaven.context import Haven
-from safehaven.core import runs
+from safehaven.core import audit, runs
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing, agreement_key
+from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key, x25519_private
+from safehaven.core.pins import vault_public
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import rotation
+from safehaven.protect.haven import haven_key
 from safehaven.protect.optouts import MEMBERS
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
+from tests.conftest import custodian_ring
 from tests.unit.populate import populated
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +42,8 @@ from safehaven.protect import rotation
 from tests.conftest import test_custodian
 home = Home(Path(sys.argv[1]))  # a haven rotation re-encrypts the vault: the key custodian runs it
 custodian = KeyRing(home.keys, test_custodian())
-rotation.rotate(Haven.open(home, contracts=ContractRegistry(), keyring=custodian, actor="t"), "haven")
+purpose = sys.argv[3] if len(sys.argv) > 3 else "haven"
+rotation.rotate(Haven.open(home, contracts=ContractRegistry(), keyring=custodian, actor="t"), purpose)
 """
 
 
@@ -62,9 +68,10 @@ def _crosswalks(home: Home) -> list[Path]:
     return sorted(home.releases.glob("*/rekey/*.csv"))
 
 
-def _rotate_and_die(home: Home, kill_before: str) -> None:
+def _rotate_and_die(home: Home, kill_before: str, purpose: str = "haven") -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", ROTATE_AND_DIE, str(home.root), kill_before], env=env, timeout=600)
+    argv = [sys.executable, "-c", ROTATE_AND_DIE, str(home.root), kill_before, purpose]
+    done = subprocess.run(argv, env=env, timeout=600)
     assert done.returncode == -9
 
 
@@ -116,3 +123,76 @@ def test_killed_after_commit_resume_delivers_the_crosswalks(haven_home: Home) ->
     delivered = _crosswalks(haven_home)
     assert delivered and all(p.name.endswith(f"-{new}.csv") for p in delivered)
     assert not list((haven_home.staging / "rekey").glob("*/*.csv"))
+    assert [r["new_key_id"] for r in _rotations(haven_home, "haven")] == [new], (
+        "the rotation resume finished is on record"
+    )
+
+
+# --- a rotation installed but killed before its audit entry is put on record, once ----------------
+
+
+def _rotations(home: Home, purpose: str) -> list[dict[str, object]]:
+    """The details of the authentic ``key.rotate`` entries of ``purpose``'s key."""
+    with Store(home).connect(read_only=True) as con:
+        return [e.fields for e in audit.authentic_entries(con, ["key.rotate"]) if e.object == f"key:{purpose}"]
+
+
+def _entries(home: Home) -> int:
+    with Store(home).connect(read_only=True) as con:
+        return con.execute(f"SELECT count(*) FROM {audit.TABLE}").fetchone()[0]
+
+
+def _use_key(home: Home, purpose: str) -> None:
+    """Use ``purpose``'s key as the pipeline does (the haven key, or a vault write's public key)."""
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        haven_key(con, keyring) if purpose == "haven" else vault_public(con, keyring)
+
+
+@pytest.mark.parametrize("purpose", ["haven", VAULT])
+def test_a_rotation_killed_after_its_install_is_recorded_late_once_by_resume(haven_home: Home, purpose: str) -> None:
+    """The new key is installed, then the process dies before ``key.rotate`` is appended: the key is
+    refused until ``--resume`` records the rotation (``"late": true``, old and new ids), once."""
+    keyring = KeyRing(haven_home.keys)
+    old = keyring.current_id(purpose)
+    _rotate_and_die(haven_home, "safehaven.protect.rotation:_audit", purpose)
+    new = keyring.current_id(purpose)
+    assert new != old and not rotation.pending(keyring), "the rotation was installed"
+    assert not [r for r in _rotations(haven_home, purpose) if r["new_key_id"] == new]
+    with pytest.raises(KeyRingError, match="keys rotate --resume"):
+        _use_key(haven_home, purpose)
+    done = rotation.resume(_as_t(haven_home))
+    assert any("late" in line and new in line for line in done), done
+    recorded = [r for r in _rotations(haven_home, purpose) if r["new_key_id"] == new]
+    assert len(recorded) == 1 and recorded[0]["old_key_id"] == old and recorded[0]["late"] is True, recorded
+    before = _entries(haven_home)
+    assert rotation.resume(_as_t(haven_home)) == [] and _entries(haven_home) == before, "a second resume adds nothing"
+    _use_key(haven_home, purpose)
+    with Store(haven_home).connect(read_only=True) as con:
+        assert audit.verify(con, haven_home).ok
+
+
+@pytest.mark.parametrize("purpose", ["haven", VAULT])
+def test_a_rotation_claimed_by_an_edited_key_ring_is_never_recorded(haven_home: Home, purpose: str) -> None:
+    """``keyring.json`` edited to claim an earlier rotation, then a key file replaced and recorded as
+    one: the store's key epochs show neither, so resume names them and records no ``key.rotate``."""
+    manifest = haven_home.keys / "keyring.json"
+    data = json.loads(manifest.read_text())
+    first = data[purpose]["history"][0]
+    forged = "0123456789abcdef"
+    when = first["created_at"]
+    data[purpose]["history"].insert(0, {"key_id": forged, "created_at": when, "retired_at": when})
+    manifest.write_text(json.dumps(data))
+    keyring = custodian_ring(haven_home)
+    old = keyring.current_id(purpose)
+    if purpose == VAULT:
+        keyring.seal_keypair(VAULT, x25519_private())
+    else:
+        keyring.write("haven", os.urandom(32), replace=True)
+    new = keyring.current_id(purpose)
+    assert new != old and old in keyring.retired_ids(purpose) and forged in keyring.retired_ids(purpose)
+    for _ in range(2):
+        done = rotation.resume(_as_t(haven_home))
+        assert any("not recorded" in line and forged in line for line in done), done
+        assert any("not recorded" in line and new in line for line in done), done
+        assert _rotations(haven_home, purpose) == []
