@@ -1240,8 +1240,8 @@ def test_a_release_in_the_register_with_no_delivery_on_record_is_not_disposed_of
     shutil.copytree(world.home.releases / STUDY / RELEASE, world.home.releases / STUDY / added)
     with Store(world.home).connect() as con:
         con.execute(
-            "INSERT INTO governance.release_register SELECT * REPLACE (? AS release_id, "
-            "TIMESTAMPTZ '2000-01-01 00:00:00+00' AS released_at) FROM governance.release_register WHERE release_id = ?",
+            "INSERT INTO governance.release_register SELECT * REPLACE (? AS release_id, TIMESTAMPTZ "
+            "'2000-01-01 00:00:00+00' AS released_at) FROM governance.release_register WHERE release_id = ?",
             [added, RELEASE],
         )
     [item] = _agreement_items(world)
