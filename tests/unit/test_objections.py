@@ -123,6 +123,8 @@ class LateWorld:
     purged_only: frozenset  # the values of the purged records that no kept record has
     shared: frozenset  # the values of the purged records that a kept record also has
     early: str  # the pid of the objector with an early GP record (landed before the objection)
+    early_nhs: str  # ... and NHS number
+    early_elsewhere: frozenset  # that objector's (field, value) in the other collections and the objection
     late_postcode: str  # that objector's postcode in the purged records
     report: object  # the haven report of gp_events of the night the objections were registered
 
@@ -214,7 +216,16 @@ def late_type1_world(tmp_path_factory: pytest.TempPathFactory) -> LateWorld:
     )
     as_pids = lambda values: frozenset((pseudonym(key, n), f, v) for n, f, v in values)  # noqa: E731
     return LateWorld(
-        root, before, after, as_pids(late - kept), as_pids(late & kept), pseudonym(key, early), late_postcode, report
+        root,
+        before,
+        after,
+        as_pids(late - kept),
+        as_pids(late & kept),
+        pseudonym(key, early),
+        early,
+        frozenset((f, v) for n, f, v in elsewhere if n == early),
+        late_postcode,
+        report,
     )
 
 
@@ -302,6 +313,40 @@ def test_a_late_type1_incident_counts_the_vault_entries_removed_and_names_no_one
     text = repr(breaches) + repr(incidents)
     named = {p for p, _, _ in world.purged_only} | {v for _, _, v in world.purged_only | world.shared}
     assert not [value for value in named if value in text]
+
+
+def test_a_disposal_counts_no_never_sent_landing_row_as_keeping_a_vault_entry(
+    late_type1_world: LateWorld, late_home: Home
+) -> None:
+    """The purged records' landing rows stay until their batch is disposed of, but keep no vault
+    entry: disposing of the early GP file (landed before the objection) removes the values its
+    person's purged records also had, and keeps those another collection or the objection has
+    (``safehaven.dispose.vault_sets.never_sent``)."""
+    from datetime import date
+
+    from safehaven.context import Haven
+    from safehaven.dispose import disposal
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.protect import vault
+    from tests.conftest import custodian_ring
+
+    world = late_type1_world
+    keyring = custodian_ring(late_home)
+    haven = Haven.open(late_home, contracts=ContractRegistry(), keyring=keyring)
+    result = disposal.dispose(haven, disposal.Target.for_collection("gp_events", date(2025, 7, 1)), authorised_by="CG")
+    assert result.certificate is not None
+    with Store(late_home).connect() as con:
+        left = {(f, v) for p, f, v, _ in vault.decrypt_rows(con, vault.private_key(keyring)) if p == world.early}
+        landed = con.execute(
+            "SELECT count(*) FROM landing.gp_events_valid l JOIN governance.batches b ON b.batch_id = l._batch "
+            "WHERE b.landed_at > ?",
+            [EARLY],
+        ).fetchone()[0]
+    early_before = {(f, v) for p, f, v in world.after if p == world.early}
+    only_never_sent = early_before - world.early_elsewhere - {("postcode", OLD_POSTCODE)}
+    assert landed > 0  # the purged records' landing rows are still there
+    assert only_never_sent  # a value the early and the purged GP records alone had (a date of birth)
+    assert left == set(world.early_elsewhere) and ("nhs_number", world.early_nhs) in left
 
 
 def test_types_are_checked() -> None:
