@@ -15,6 +15,10 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
   register. No Python touches a row, and the records are written once (no intermediate
   copy of the batch). Type 1 records are found by NHS number against the few objectors
   among the batch's people, so the drop costs a semi-join, not a second pass.
+* **Records already held when their type 1 objection arrives** are purged each night before new
+  batches enter (:func:`purge_late_type1`): from the haven, and their identifiers from the
+  identity vault, in one transaction with the incident; their landing rows stay, as those of
+  records dropped on entry do (the function's docstring says why).
 * The (practice, pid) pairs of each GP batch, those of its dropped type 1 records included,
   are added to ``governance.practice_registrations`` as it enters: the objection-rate
   monitor's running list sizes (Govt response 7.15), so a night never re-reads the haven's

@@ -393,8 +393,13 @@ def record_type1_incident(
         severity=None,
         what=f"{sum(by_sender.values())} {collection} records about patients with a type 1 objection "
         f"in force were sent by {len(by_sender)} practice(s)",
-        remedial_action="records dropped before the haven; the sending practices are to be told "
-        "to apply type 1 objections to their extracts",
+        remedial_action=(
+            "records dropped before the haven"
+            if vault_entries_removed is None
+            else f"records removed from the haven, with the {vault_entries_removed} identity-vault entries only they "
+            "supported"
+        )
+        + "; the sending practices are to be told to apply type 1 objections to their extracts",
         detail={
             "collection": collection,
             "records_by_sender": dict(sorted(by_sender.items())),

@@ -52,10 +52,12 @@ confidentiality guide Rule 3):
   on landing rows living as long as their vault entries** (disposal removes both together);
   a rule that purged landing rows earlier would have to drop or re-key their digests too.
   Every write of an entry writes its digest (``encrypt_entries``) and every deletion deletes
-  it (disposal, ``safehaven.dispose.vault_sets``; haven-key rotation, :func:`reencrypt`, which
-  digests again under the new key). A store whose digests are missing (made before them, or
-  emptied) has them rebuilt once from the landed values of its vaulted batches, erring towards
-  a value vaulted twice rather than one not vaulted (:func:`_backfill_seen`).
+  it (disposal and the late type 1 purge, ``safehaven.dispose.vault_sets``; haven-key rotation,
+  :func:`reencrypt`, which digests again under the new key). The late purge removes entries
+  and digests while the landing rows they came from stay: the safe direction of this rule. A
+  store whose digests are missing (made before them, or emptied) has them rebuilt once from the
+  landed values of its vaulted batches, erring towards a value vaulted twice rather than one not
+  vaulted (:func:`_backfill_seen`).
 """
 
 from __future__ import annotations
