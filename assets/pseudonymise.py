@@ -30,7 +30,7 @@ def refuse_while_held(con, contract: Contract) -> None:
         raise dg.Failure(f"{c} is held here and in every stage after it: {why}")
 
 
-def haven_asset(contract: Contract) -> dg.AssetsDefinition:
+def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefinition:
     @dg.asset(
         key=keys.haven(contract.collection),
         deps=[keys.validated(contract.collection), keys.OBJECTION_REGISTER],
@@ -43,8 +43,10 @@ def haven_asset(contract: Contract) -> dg.AssetsDefinition:
     def _haven(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
             refuse_while_held(con, contract)
-            key = haven_key(con, haven.keyring())
-            report = build_haven(con, contract, key)
+            keyring = haven.keyring()
+            key = haven_key(con, keyring)
+            # the vault public key only if a late type 1 purge must encrypt a kept value again
+            report = build_haven(con, contract, key, registry.contracts.values(), lambda: vault_public(con, keyring))
             total = con.execute(f"SELECT count(*) FROM haven.{contract.collection}").fetchone()[0]
         if report.type1_dropped:
             context.log.warning(
@@ -57,6 +59,8 @@ def haven_asset(contract: Contract) -> dg.AssetsDefinition:
                 "rows_out": report.rows_out,
                 "type1_records_dropped": report.type1_dropped,
                 "type1_dropped_by_sender": dg.MetadataValue.json(report.type1_by_sender),
+                "type1_records_purged": report.type1_purged,
+                "type1_vault_entries_removed": report.type1_vault_removed,
                 "batches": report.batches,
                 "rows_in_haven_total": int(total),
                 "dagster/row_count": int(total),
@@ -107,5 +111,5 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
 
 
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
-    havens = [haven_asset(c) for c in registry.content()]
+    havens = [haven_asset(c, registry) for c in registry.content()]
     return havens + [vault_asset(c, registry) for c in registry.contracts.values()]

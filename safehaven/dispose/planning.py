@@ -291,7 +291,7 @@ def _plan_vault(
     install_key(con, "haven", keyring.get("haven"))
     load_batches(con, plan.batch_ids)
     disposed_people(con, contract)
-    plan.vault_values_needing_key = vault_sets(con, registry)
+    plan.vault_values_needing_key = vault_sets(con, registry.contracts.values())
     drop_vault_sets(con)
 
 

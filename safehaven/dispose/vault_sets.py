@@ -9,24 +9,41 @@ the person's field with another value, the entries of that (pid, field) are decr
 governance lead's vault private key, deleted, and the values still needed are encrypted again
 under a fresh data key. Without the private key such a disposal is refused before anything is
 changed.
+
+A kept record is a remaining landing row of a vaulted batch that was sent: a GP record a type 1
+objection in force says should never have been sent (``safehaven.protect.objections.never_sent_sql``)
+supports no entry, whether the haven dropped it on entry or purged it later; its landing row stays
+until its batch is disposed of, but it keeps no identifier in the vault.
+
+The same sets serve the haven's late type 1 purge (:func:`purge_vault`; guide Rule 4B): the
+records it removes are "disposed of" here, row by row instead of batch by batch. It runs in the
+nightly pipeline, which holds the vault's public key only, so a (pid, field) with both a purged
+and a kept value is not decrypted: its entries are deleted and the kept values, read in clear
+from their landing rows, are encrypted again under the public key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import duckdb
 
-from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.keys import VAULT, Key, KeyRing
+from safehaven.core.sql import q
 from safehaven.core.store import table_exists
 from safehaven.dispose.journal import count
 from safehaven.dispose.model import DisposalError
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.protect import vault
+from safehaven.protect.objections import never_sent_sql
 from safehaven.protect.pseudonymise import hmac_sql
 
 #: The temporary tables this module makes (dropped by :func:`drop_vault_sets`).
-VAULT_SETS = ("_disp_raw", "_disp_ids", "_keep_raw", "_gone", "_keep_pairs", "_amb")
+VAULT_SETS = ("_disp_raw", "_disp_ids", "_never_sent", "_keep_raw", "_gone", "_keep_pairs", "_amb")
+#: the landing rows a disposal disposes of, and those it keeps (over a landing valid table)
+DISPOSED = "_batch IN (SELECT batch_id FROM _disp_batches)"
+KEPT = "_batch NOT IN (SELECT batch_id FROM _disp_batches)"
 
 
 def load_batches(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> None:
@@ -36,11 +53,11 @@ def load_batches(con: duckdb.DuckDBPyConnection, batch_ids: list[str]) -> None:
         con.execute("INSERT INTO _disp_batches SELECT unnest(?::VARCHAR[])", [batch_ids])
 
 
-def disposed_people(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
+def disposed_people(con: duckdb.DuckDBPyConnection, contract: Contract, disposed: str = DISPOSED) -> None:
     """Temp tables ``_disp_raw`` (nhs, field, value) of the vault fields of the disposed records
-    (batches in ``_disp_batches``) and ``_disp_ids`` (nhs, pid) of their people. Needs the haven key
-    installed as ``haven``."""
-    disposed = "_batch IN (SELECT batch_id FROM _disp_batches)"
+    (the rows of ``contract``'s landing valid table matching ``disposed``: by default the batches in
+    ``_disp_batches``) and ``_disp_ids`` (nhs, pid) of their people. Needs the haven key installed
+    as ``haven``."""
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _disp_raw AS SELECT DISTINCT * FROM ({vault.unpivot_sql(contract, disposed)})"
     )
@@ -50,16 +67,34 @@ def disposed_people(con: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     )
 
 
-def vault_sets(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> int:
+def never_sent(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> None:
+    """Temp table ``_never_sent`` (_batch, _row): the GP landing rows of the people in ``_disp_ids``
+    that a type 1 objection says should never have been sent (module docstring), of every GP-sourced
+    collection with a landing valid table."""
+    parts = [
+        f"SELECT l._batch, l._row, i.pid FROM landing.{q(c.collection + '_valid')} l "
+        f"JOIN _disp_ids i ON i.nhs = l.{q(c.patient_key)}"
+        for c in contracts
+        if c.practice_field and table_exists(con, "landing", f"{c.collection}_valid")
+    ]
+    rows = " UNION ALL ".join(parts) or "SELECT NULL::VARCHAR AS _batch, NULL::BIGINT AS _row, NULL AS pid WHERE false"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _never_sent AS SELECT _batch, _row FROM ({never_sent_sql(rows)})")
+
+
+def vault_sets(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract], kept_rows: str = KEPT) -> int:
     """Temp tables describing the vault values of the disposed records (after :func:`disposed_people`);
     returns the number of vault entries that need the vault private key to be disposed of precisely.
 
-    ``_keep_raw`` (nhs, field, value) still needed by kept records of vaulted batches of any
-    collection; ``_gone`` (pid, field, value) needed no more; ``_keep_pairs`` (pid, field) with some
-    value still needed; ``_amb`` the (pid, field) pairs with both.
+    ``_keep_raw`` (nhs, field, value, collection) still needed by kept records (landing rows
+    matching ``kept_rows``, by default those of batches not disposed of, less the never-sent ones:
+    :func:`never_sent`) of vaulted batches of any collection; ``_gone`` (pid, field, value) needed
+    no more; ``_keep_pairs`` (pid, field) with some value still needed; ``_amb`` the (pid, field)
+    pairs with both.
     """
+    contracts = list(contracts)
+    never_sent(con, contracts)
     kept = vault.vaulted_values_sql(
-        con, registry.contracts.values(), "_batch NOT IN (SELECT batch_id FROM _disp_batches)"
+        con, contracts, f"({kept_rows}) AND (_batch, _row) NOT IN (SELECT _batch, _row FROM _never_sent)"
     )
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _keep_raw AS SELECT DISTINCT * FROM ({kept}) "
@@ -98,6 +133,17 @@ def drop_vault_sets(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"DROP TABLE IF EXISTS {t}")
 
 
+def _replace_ambiguous(con: duckdb.DuckDBPyConnection, public: Key) -> tuple[int, int]:
+    """Delete the entries of the ambiguous (pid, field) pairs with their digests, and encrypt the
+    values still needed (``_amb_keep``: pid, field, value, collection) again; returns (entries
+    deleted, entries encrypted again)."""
+    deleted = count(con, "DELETE FROM vault.identity WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
+    con.execute(f"DELETE FROM {vault.SEEN} WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
+    again = vault.encrypt_by_collection(con, "_amb_keep", public)
+    con.execute("DROP TABLE _amb_keep")
+    return deleted, again
+
+
 def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous: int) -> tuple[int, int]:
     """Decrypt the ambiguous (pid, field) entries, delete them, encrypt the kept values again.
 
@@ -115,29 +161,37 @@ def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous:
         "GROUP BY pid, field, value"
     )
     con.execute("DROP TABLE _amb_plain")
-    deleted = count(con, "DELETE FROM vault.identity WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
-    con.execute(f"DELETE FROM {vault.SEEN} WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
-    again = vault.encrypt_by_collection(con, "_amb_keep", keyring.get_public(VAULT))
-    con.execute("DROP TABLE _amb_keep")
-    return deleted, again
+    return _replace_ambiguous(con, keyring.get_public(VAULT))
 
 
-def dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, keyring: KeyRing) -> dict[str, Any]:
-    """Delete the vault entries the disposed records alone needed, and the data keys left empty.
+def _reencrypt_from_landing(con: duckdb.DuckDBPyConnection, public: Key) -> tuple[int, int]:
+    """The late purge's ambiguous pairs (module docstring): the kept values are read in clear from
+    their landing rows (``_keep_raw``), never decrypted, and encrypted again under ``public``."""
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _amb_keep AS SELECT i.pid, k.field, k.value, min(k.collection) AS collection "
+        "FROM _keep_raw k JOIN _disp_ids i USING (nhs) WHERE (i.pid, k.field) IN (SELECT pid, field FROM _amb) "
+        "GROUP BY i.pid, k.field, k.value"
+    )
+    return _replace_ambiguous(con, public)
 
-    Runs inside the caller's transaction, after :func:`disposed_people` and before the landing
-    rows are deleted.
-    """
+
+def _remove_unsupported(
+    con: duckdb.DuckDBPyConnection,
+    contracts: Iterable[Contract],
+    kept_rows: str,
+    reencrypt: Callable[[int], tuple[int, int]],
+) -> dict[str, Any]:
+    """Delete the vault entries (and digests) of the disposed people (``_disp_ids``) no kept record
+    supports; ``reencrypt`` handles the ambiguous pairs (:func:`vault_sets`), given their number.
+    Then the data keys left with no entry go."""
     out: dict[str, Any] = {"vault.identity": 0, "vault_entries_reencrypted": 0, "vault_data_keys": []}
-    if not table_exists(con, "vault", "identity"):
-        return out
-    ambiguous = vault_sets(con, registry)
+    ambiguous = vault_sets(con, contracts, kept_rows)
     gone = "pid IN (SELECT pid FROM _disp_ids) AND (pid, field) NOT IN (SELECT pid, field FROM _keep_pairs)"
     out["vault.identity"] = count(con, f"DELETE FROM vault.identity WHERE {gone}")
     vault.ensure_tables(con)
     con.execute(f"DELETE FROM {vault.SEEN} WHERE {gone}")  # each entry's digest goes with it
     if ambiguous:
-        deleted, again = _reencrypt_kept(con, keyring, ambiguous)
+        deleted, again = reencrypt(ambiguous)
         out["vault.identity"] += deleted - again
         out["vault_entries_reencrypted"] += again
     out["vault_data_keys"] = [
@@ -148,3 +202,41 @@ def dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, ke
         ).fetchall()
     ]
     return out
+
+
+def dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, keyring: KeyRing) -> dict[str, Any]:
+    """Delete the vault entries the disposed records alone needed, and the data keys left empty.
+
+    Runs inside the caller's transaction, after :func:`disposed_people` and before the landing
+    rows are deleted.
+    """
+    if not table_exists(con, "vault", "identity"):
+        return {"vault.identity": 0, "vault_entries_reencrypted": 0, "vault_data_keys": []}
+    return _remove_unsupported(
+        con, registry.contracts.values(), KEPT, lambda ambiguous: _reencrypt_kept(con, keyring, ambiguous)
+    )
+
+
+def purge_vault(
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    contracts: Iterable[Contract],
+    purged: str,
+    public: Callable[[], Key],
+) -> int:
+    """Delete the vault entries and digests that only the records of ``purged`` supported: the
+    late type 1 purge's records (``safehaven.protect.haven.purge_late_type1``; guide Rule 4B),
+    a relation (_batch, _row) of ``contract``'s records. Returns the number of entries removed.
+
+    The purged records are never-sent (:func:`never_sent`), so every other landing row of a
+    vaulted batch is kept; an entry one of them also supports stays (of any collection: the vault
+    is shared). ``public`` gives the vault public key, asked for only when a (pid, field) has both a
+    purged and a kept value (module docstring). Runs inside the caller's transaction; needs the
+    haven key installed as ``haven``.
+    """
+    if not table_exists(con, "vault", "identity"):
+        return 0
+    disposed_people(con, contract, f"(_batch, _row) IN (SELECT _batch, _row FROM ({purged}))")
+    out = _remove_unsupported(con, contracts, "true", lambda _n: _reencrypt_from_landing(con, public()))
+    drop_vault_sets(con)
+    return int(out["vault.identity"])

@@ -15,6 +15,10 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
   register. No Python touches a row, and the records are written once (no intermediate
   copy of the batch). Type 1 records are found by NHS number against the few objectors
   among the batch's people, so the drop costs a semi-join, not a second pass.
+* **Records already held when their type 1 objection arrives** are purged each night before new
+  batches enter (:func:`purge_late_type1`): from the haven, and their identifiers from the
+  identity vault, in one transaction with the incident; their landing rows stay, as those of
+  records dropped on entry do (the function's docstring says why).
 * The (practice, pid) pairs of each GP batch, those of its dropped type 1 records included,
   are added to ``governance.practice_registrations`` as it enters: the objection-rate
   monitor's running list sizes (Govt response 7.15), so a night never re-reads the haven's
@@ -28,6 +32,7 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -36,13 +41,12 @@ from safehaven.core import schema
 from safehaven.core.keys import Key, KeyRing, KeyRingError
 from safehaven.core.pins import check_rotations_recorded, epoch_key_id, start_epoch
 from safehaven.core.sql import q
+from safehaven.dispose.vault_sets import purge_vault
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.objections import (
-    TYPE1,
     ensure_tables,
-    episodes_sql,
-    in_force_sql,
+    never_sent_sql,
     record_type1_incident,
     register_practices,
     type1_objectors_sql,
@@ -85,6 +89,8 @@ class HavenReport:
     type1_by_sender: dict[str, int] = field(default_factory=dict)
     #: records already held that a type 1 objection registered since says were never to be sent
     type1_purged: int = 0
+    #: identity-vault entries only those records supported, removed with them
+    type1_vault_removed: int = 0
     batches: int = 0
     key_id: str = ""
     practice_registrations: int = 0
@@ -102,36 +108,76 @@ def _seed_haven_batches(con: duckdb.DuckDBPyConnection, collection: str) -> None
         )
 
 
-def purge_late_type1(con: duckdb.DuckDBPyConnection, contract: Contract) -> int:
+def purge_late_type1(
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    contracts: Iterable[Contract],
+    vault_public: Callable[[], Key] | None = None,
+) -> tuple[int, int]:
     """Drop the records a type 1 objection in force says should never have been sent, when the
     objection reached the haven after them (its file came after the GP file): records of batches
-    landed after the day the objection was recorded, as entry drops them (guide Rule 4B), with
-    the incident per sender. Records landed by the day it was recorded were sent before it and
-    stay (withheld from record-level releases by the opt-out rules). Returns the records dropped."""
+    landed after the day the objection was recorded, as entry drops them (guide Rule 4B;
+    ``safehaven.protect.objections.never_sent_sql``), with the incident per sender. Records landed
+    by the day it was recorded were sent before it and stay (withheld from record-level releases
+    by the opt-out rules). Returns (records dropped, identity-vault entries removed).
+
+    What the haven keeps of them, all in one transaction:
+
+    * **the vault**: nothing. The entries and ``vault.seen`` digests that only these records
+      supported go with them (``safehaven.dispose.vault_sets.purge_vault``, disposal's entry sets:
+      an entry a kept record of any collection also supports stays, the objection's own NHS
+      number included). ``vault_public`` gives the vault public key, asked for only when a
+      person's field has both a purged and a kept value (an old postcode) and the kept one must
+      be encrypted again; without it such a purge is refused and nothing changes.
+    * **the landing zone**: their rows stay, as those of type 1 records dropped on entry do. The
+      landing zone is the record of what was received: each batch is sealed whole
+      (``safehaven.intake.batch_seal``) and disposed of whole at the end of its retention, with
+      its certificate (``safehaven.dispose``). Never-sent landing rows feed nothing onward: the
+      haven never takes a batch twice (``governance.haven_batches``), the vault never vaults one
+      twice and counts no never-sent row as supporting an entry (``safehaven.dispose.vault_sets``),
+      and a lost digest is rebuilt without them (``safehaven.protect.vault._backfill_seen``). The
+      vault's rule that landing rows live as long as their vault entries still holds: here the
+      entries and digests go first and the rows later.
+    * **the incident**: counts only (records per sender, batches, vault entries removed).
+    """
     c, sender = contract.collection, q(contract.practice_field or "")
-    late = (
-        f"SELECT DISTINCT h._batch, h._row, h.{sender} AS sender FROM haven.{c} h "
-        f"JOIN {BATCHES} b ON b.batch_id = h._batch "
-        f"JOIN ({episodes_sql()}) e ON e.pid = h.pid AND e.objection_type = '{TYPE1}' AND {in_force_sql()} "
-        "WHERE CAST(b.landed_at AS DATE) > e.recorded_date"
-    )
+    late = never_sent_sql(f"SELECT _batch, _row, pid, {sender} AS sender FROM haven.{c}")
     rows = con.execute(f"SELECT sender, count(*), list(DISTINCT _batch) FROM ({late}) GROUP BY 1").fetchall()
     if not rows:
-        return 0
+        return 0, 0
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(f"DELETE FROM haven.{c} AS t USING ({late}) AS l WHERE t._batch = l._batch AND t._row = l._row")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _late AS SELECT _batch, _row FROM ({late})")
+        removed = purge_vault(con, contract, contracts, "SELECT _batch, _row FROM _late", vault_public or _no_key)
+        con.execute(f"DELETE FROM haven.{c} AS t USING _late AS l WHERE t._batch = l._batch AND t._row = l._row")
+        con.execute("DROP TABLE _late")
         batches = sorted({b for *_, listed in rows for b in listed})
-        record_type1_incident(con, c, {str(s): int(n) for s, n, _ in rows}, batches)
+        record_type1_incident(con, c, {str(s): int(n) for s, n, _ in rows}, batches, vault_entries_removed=removed)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
         raise
-    return sum(int(n) for _, n, _ in rows)
+    return sum(int(n) for _, n, _ in rows), removed
 
 
-def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: Key) -> HavenReport:
-    """Pseudonymise accepted batches not yet in the haven; drop and count type 1 records."""
+def _no_key() -> Key:
+    raise KeyRingError(
+        "a late type 1 purge must encrypt again a kept value of a person whose purged records held another; "
+        "it needs the vault public key, which was not given: nothing was purged"
+    )
+
+
+def build_haven(
+    con: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    haven_key: Key,
+    contracts: Iterable[Contract],
+    vault_public: Callable[[], Key] | None = None,
+) -> HavenReport:
+    """Pseudonymise accepted batches not yet in the haven; drop and count type 1 records.
+
+    ``contracts`` are all collections (the vault is shared, :func:`purge_late_type1`), and
+    ``vault_public`` gives the vault public key should the late purge need it."""
     ensure_tables(con)
     c = contract.collection
     install_key(con, "haven", haven_key.material)
@@ -142,7 +188,7 @@ def build_haven(con: duckdb.DuckDBPyConnection, contract: Contract, haven_key: K
     )
     _seed_haven_batches(con, c)
     if contract.practice_field:
-        report.type1_purged = purge_late_type1(con, contract)
+        report.type1_purged, report.type1_vault_removed = purge_late_type1(con, contract, contracts, vault_public)
     con.execute(  # a batch whose every record was dropped leaves no row in haven.{c}: hence HAVEN_BATCHES
         f"CREATE OR REPLACE TEMP TABLE _new_batches AS SELECT batch_id FROM {BATCHES} "
         f"WHERE collection = ? AND status = 'accepted' "

@@ -330,6 +330,25 @@ def type1_objectors_sql(as_of: str | date = "current_date") -> str:
     return objectors_sql(as_of, (TYPE1,))
 
 
+def never_sent_sql(rows: str) -> str:
+    """SQL relation: the distinct rows of ``rows`` (a relation of a GP-sourced collection's records
+    with ``_batch`` and ``pid``) that a type 1 objection in force says should never have been sent.
+
+    The rule (guide Rule 4B; ``docs/rules.md`` "Objections"; NDOP practice: an objection applies
+    from its recorded date): a record is never-sent when its person has a type 1 objection in
+    force and its batch landed after the day that objection was recorded. Records landed by that
+    day were sent before it and stay. The one statement of the rule: the haven's late purge
+    (``safehaven.protect.haven.purge_late_type1``) finds its records with it, and the vault's
+    entry sets (``safehaven.dispose.vault_sets``) leave such records out of those that support a
+    vault entry.
+    """
+    return (
+        f"SELECT DISTINCT r.* FROM ({rows}) r JOIN {schema.BATCHES} b ON b.batch_id = r._batch "
+        f"JOIN ({episodes_sql()}) e ON e.pid = r.pid AND e.objection_type = '{TYPE1}' AND {in_force_sql()} "
+        "WHERE CAST(b.landed_at AS DATE) > e.recorded_date"
+    )
+
+
 def ever_type1_objectors_sql() -> str:
     """SQL relation ``(pid)``: people with a type 1 objection ever recorded, in force or not."""
     return f"SELECT DISTINCT pid FROM ({episodes_sql()}) WHERE objection_type = '{TYPE1}'"
@@ -346,14 +365,20 @@ class Type1Report:
 
 
 def record_type1_incident(
-    con: duckdb.DuckDBPyConnection, collection: str, by_sender: dict[str, int], batches: list[str]
+    con: duckdb.DuckDBPyConnection,
+    collection: str,
+    by_sender: dict[str, int],
+    batches: list[str],
+    vault_entries_removed: int | None = None,
 ) -> None:
     """Record type 1 records that should never have been sent: one incident row per sender.
 
     Also recorded in the breach register (``safehaven.core.registers.record_breach``) as kind
     ``type1_objection_disregarded`` at that kind's usual severity (contained): the records were
     dropped before the haven used them, so no onward disclosure happened, but the sending
-    practice disregarded its patients' objections (guide Rule 4B).
+    practice disregarded its patients' objections (guide Rule 4B). A late purge (records already
+    held) also gives the number of identity-vault entries it removed with them
+    (``vault_entries_removed``, in the breach's detail).
     Counts and practice codes only; never a pseudonym or a value.
     """
     if not by_sender:
@@ -368,12 +393,18 @@ def record_type1_incident(
         severity=None,
         what=f"{sum(by_sender.values())} {collection} records about patients with a type 1 objection "
         f"in force were sent by {len(by_sender)} practice(s)",
-        remedial_action="records dropped before the haven; the sending practices are to be told "
-        "to apply type 1 objections to their extracts",
+        remedial_action=(
+            "records dropped before the haven"
+            if vault_entries_removed is None
+            else f"records removed from the haven, with the {vault_entries_removed} identity-vault entries only they "
+            "supported"
+        )
+        + "; the sending practices are to be told to apply type 1 objections to their extracts",
         detail={
             "collection": collection,
             "records_by_sender": dict(sorted(by_sender.items())),
             "batches": len(batches),
+            **({} if vault_entries_removed is None else {"vault_entries_removed": vault_entries_removed}),
         },
     )
 

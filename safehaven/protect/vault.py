@@ -29,7 +29,12 @@ confidentiality guide Rule 3):
   one ``AESGCM.encrypt`` call per entry (measured about 1.7M/s on one core: the calls hold
   the GIL, so a second thread does not help) and the results go back through Arrow.
 * GP records about a person with a type 1 objection in force should never have been sent
-  (``safehaven.protect.objections``); identifiers from them are not vaulted.
+  (``safehaven.protect.objections.never_sent_sql``); identifiers from them are not vaulted, and
+  none stays vaulted for them: when the objection reaches the haven after the records, the
+  haven's late purge removes, in its own transaction, the entries and digests only those records
+  supported (``safehaven.protect.haven.purge_late_type1``, ``safehaven.dispose.vault_sets.purge_vault``).
+  Their landing rows stay until their batch is disposed of, as those of records dropped on entry
+  do, but they support no entry (``safehaven.dispose.vault_sets.never_sent``).
 * Incremental and idempotent: a batch is vaulted once (``vault.batches``); a value already
   vaulted from an earlier batch is not added again.
 * **Values already vaulted are found by a keyed lookup, not by re-reading history** (issue 22).
@@ -47,10 +52,12 @@ confidentiality guide Rule 3):
   on landing rows living as long as their vault entries** (disposal removes both together);
   a rule that purged landing rows earlier would have to drop or re-key their digests too.
   Every write of an entry writes its digest (``encrypt_entries``) and every deletion deletes
-  it (disposal, ``safehaven.dispose.vault_sets``; haven-key rotation, :func:`reencrypt`, which
-  digests again under the new key). A store whose digests are missing (made before them, or
-  emptied) has them rebuilt once from the landed values of its vaulted batches, erring towards
-  a value vaulted twice rather than one not vaulted (:func:`_backfill_seen`).
+  it (disposal and the late type 1 purge, ``safehaven.dispose.vault_sets``; haven-key rotation,
+  :func:`reencrypt`, which digests again under the new key). The late purge removes entries
+  and digests while the landing rows they came from stay: the safe direction of this rule. A
+  store whose digests are missing (made before them, or emptied) has them rebuilt once from the
+  landed values of its vaulted batches, erring towards a value vaulted twice rather than one not
+  vaulted (:func:`_backfill_seen`).
 """
 
 from __future__ import annotations
@@ -274,16 +281,21 @@ def unpivot_sql(contract: Contract, where: str) -> str:
 
 
 def vaulted_values_sql(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract], extra_where: str = "true") -> str:
-    """SQL (nhs, field, value): the vault fields of every vaulted batch (``vault.batches``) of every
-    collection whose landing valid table exists, its rows further limited by ``extra_where`` (over
-    columns every valid table has, such as ``_batch``); an empty relation when there is none."""
+    """SQL (nhs, field, value, collection): the vault fields of every vaulted batch (``vault.batches``)
+    of every collection whose landing valid table exists, its rows further limited by
+    ``extra_where`` (over columns every valid table has, such as ``_batch`` and ``_row``); an empty
+    relation when there is none."""
     parts = [
-        unpivot_sql(c, f"{_vaulted_where(c)} AND ({extra_where})")
+        f"SELECT *, {lit(c.collection)} AS collection "
+        f"FROM ({unpivot_sql(c, f'{_vaulted_where(c)} AND ({extra_where})')})"
         for c in contracts
         if table_exists(con, "landing", f"{c.collection}_valid")
     ]
     if not parts:
-        return "SELECT NULL::VARCHAR AS nhs, NULL::VARCHAR AS field, NULL::VARCHAR AS value WHERE false"
+        return (
+            "SELECT NULL::VARCHAR AS nhs, NULL::VARCHAR AS field, NULL::VARCHAR AS value, "
+            "NULL::VARCHAR AS collection WHERE false"
+        )
     return " UNION ALL ".join(parts)
 
 

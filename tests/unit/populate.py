@@ -50,7 +50,9 @@ def process(home: Home, registry: ContractRegistry | None = None) -> dict[str, o
         public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
         vault_collection(con, objections, registry.contracts.values(), public)
         for contract in registry.content():
-            reports[contract.collection] = build_haven(con, contract, key)  # installs the haven key too
+            reports[contract.collection] = build_haven(  # installs the haven key too
+                con, contract, key, registry.contracts.values(), lambda: public
+            )
             vault_collection(con, contract, registry.contracts.values(), public)
     return reports
 

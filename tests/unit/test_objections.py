@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import shutil
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -100,6 +103,250 @@ def test_type1_records_held_before_their_objection_arrived_are_dropped_with_the_
         incidents = con.execute(f"SELECT sum(records_dropped) FROM {TYPE1_INCIDENTS}").fetchone()[0]
     assert in_haven == 0
     assert incidents == second.type1_purged
+
+
+# --- a late type 1 objection and the identity vault (guide Rule 4B) ----------------------------
+
+#: when the early GP file of the late world is received: before any objection in the drop was recorded
+EARLY = datetime(2025, 6, 1, 9, 0, tzinfo=UTC)
+#: the postcode the early file gives its type 1 objector (a kept value where the late file has another)
+OLD_POSTCODE = "LS1 4AP"
+
+
+@dataclass(frozen=True)
+class LateWorld:
+    """A haven whose objections file arrived after its GP file (``late_type1_world``)."""
+
+    root: Path
+    before: frozenset  # the vault (pid, field, value) before the objections were registered
+    after: frozenset  # ... and after
+    purged_only: frozenset  # the values of the purged records that no kept record has
+    shared: frozenset  # the values of the purged records that a kept record also has
+    early: str  # the pid of the objector with an early GP record (landed before the objection)
+    early_nhs: str  # ... and NHS number
+    early_elsewhere: frozenset  # that objector's (field, value) in the other collections and the objection
+    late_postcode: str  # that objector's postcode in the purged records
+    report: object  # the haven report of gp_events of the night the objections were registered
+
+
+def _csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1:]
+
+
+def _digits(nhs: str) -> str:
+    return "".join(ch for ch in nhs if ch.isdigit())
+
+
+def _vault_values(folder: Path, registry, keep) -> set[tuple[str, str, str]]:
+    """(nhs, field, value) of the vault fields of the files under ``folder`` whose rows ``keep(collection, row)``."""
+    from safehaven.protect.vault import vault_fields
+
+    out: set[tuple[str, str, str]] = set()
+    for path in folder.rglob("*.csv"):
+        contract = registry.contracts[path.parent.name]
+        header, rows = _csv(path)
+        for record in (dict(zip(header, r, strict=True)) for r in rows):
+            if keep(contract.collection, record):
+                nhs = _digits(record[contract.patient_key])
+                out |= {(nhs, f, nhs if f == contract.patient_key else record[f]) for f in vault_fields(contract)}
+    return {t for t in out if t[2]}
+
+
+@pytest.fixture(scope="module")
+def late_type1_world(tmp_path_factory: pytest.TempPathFactory) -> LateWorld:
+    """Three nights: an early GP file holding one type 1 objector's records with an old postcode,
+    received before any objection was recorded; the drop without its objections file; then the
+    objections file, which purges the GP records of the drop's type 1 objectors."""
+    from safehaven.cli.common import PASSPHRASE_ENV
+    from safehaven.intake import landings
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.protect import vault
+    from safehaven.protect.pseudonymise import pseudonym
+    from tests.conftest import TEST_PASSPHRASE, custodian_ring, with_vault_keys
+    from tests.unit.populate import drop, process, write_csv
+
+    base = tmp_path_factory.mktemp("late_type1")
+    root, aside = base / "haven", base / "aside"
+    registry = ContractRegistry()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        home = with_vault_keys(Home(root).ensure())
+        drop(home)
+        shutil.move(str(home.incoming), aside)
+        header, objections = _csv(next((aside / "objections").glob("*.csv")))
+        type1 = {_digits(r[0]) for r in objections if r[1] == "type1" and not r[3]}  # in force today
+        gp_header, gp_rows = _csv(next((aside / "gp_events").glob("*.csv")))
+        nhs_i, pc_i = gp_header.index("nhs_number"), gp_header.index("postcode")
+        elsewhere = _vault_values(aside, registry, lambda c, r: c != "gp_events")
+        # an objector whose GP postcode no other collection has: it goes with the purged records
+        early = next(
+            n for r in gp_rows for n in [_digits(r[nhs_i])] if n in type1 and (n, "postcode", r[pc_i]) not in elsewhere
+        )
+        early_rows = [[*r[:pc_i], OLD_POSTCODE, *r[pc_i + 1 :]] for r in gp_rows if _digits(r[nhs_i]) == early]
+        late_postcode = early_rows and next(r[pc_i] for r in gp_rows if _digits(r[nhs_i]) == early)
+        assert late_postcode and late_postcode != OLD_POSTCODE
+        write_csv(base / "early" / "gp_events" / "gp_events_20250531.csv", gp_header, early_rows)
+        home.incoming.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(base / "early", home.incoming, dirs_exist_ok=True)
+        with pytest.MonkeyPatch.context() as clock:
+            clock.setattr(landings, "clock", lambda _: EARLY)
+            process(home, registry)
+        shutil.copytree(aside, home.incoming, dirs_exist_ok=True, ignore=shutil.ignore_patterns("objections*"))
+        process(home, registry)
+        keyring = custodian_ring(home)
+        with Store(home).connect() as con:
+            before = frozenset(t[:3] for t in vault.decrypt_rows(con, vault.private_key(keyring)))
+        shutil.copytree(aside / "objections", home.incoming_for("objections"), dirs_exist_ok=True)
+        report = process(home, registry)["gp_events"]
+        with Store(home).connect() as con:
+            after = frozenset(t[:3] for t in vault.decrypt_rows(con, vault.private_key(keyring)))
+        key = keyring.get("haven").material
+
+    def purged(collection: str, row: dict) -> bool:
+        return collection == "gp_events" and _digits(row["nhs_number"]) in type1
+
+    late = _vault_values(aside, registry, purged)
+    kept = _vault_values(aside, registry, lambda c, r: not purged(c, r)) | _vault_values(
+        base / "early", registry, lambda c, r: True
+    )
+    as_pids = lambda values: frozenset((pseudonym(key, n), f, v) for n, f, v in values)  # noqa: E731
+    return LateWorld(
+        root,
+        before,
+        after,
+        as_pids(late - kept),
+        as_pids(late & kept),
+        pseudonym(key, early),
+        early,
+        frozenset((f, v) for n, f, v in elsewhere if n == early),
+        late_postcode,
+        report,
+    )
+
+
+@pytest.fixture
+def late_home(home: Home, late_type1_world: LateWorld) -> Home:
+    from tests.conftest import copy_haven
+
+    return copy_haven(late_type1_world.root, home)
+
+
+def test_a_late_type1_objection_removes_the_vault_entries_and_digests_of_the_purged_records(
+    late_type1_world: LateWorld, late_home: Home
+) -> None:
+    """The identifiers of GP records that should never have been sent leave the vault with them,
+    and their digests with them (guide Rule 4B; ``safehaven.dispose.vault_sets.purge_vault``)."""
+    from tests.conftest import custodian_ring
+    from tests.unit.test_vault import seen_matches_vault
+
+    world = late_type1_world
+    assert world.report.type1_purged > 0 and world.purged_only <= world.before
+    assert world.before - world.after == world.purged_only != frozenset()
+    assert world.after - world.before == frozenset()  # nothing new: only what the purge removed
+    assert world.report.type1_vault_removed == len(world.purged_only)
+    with Store(late_home).connect() as con:
+        seen_matches_vault(con, custodian_ring(late_home))  # every remaining entry its digest, no other
+
+
+def test_vault_entries_records_that_stay_also_support_are_kept_through_a_late_purge(
+    late_type1_world: LateWorld,
+) -> None:
+    """An entry a kept record also supports stays: the objection's own NHS number, another
+    collection's value, and the early GP record's (landed before the objection was recorded);
+    where the purged and the kept records of a field differ, only the purged value goes."""
+    world = late_type1_world
+    assert world.shared and world.shared <= world.before and world.shared <= world.after
+    assert {f for _, f, _ in world.shared} >= {"nhs_number"}
+    early = {(f, v) for p, f, v in world.after if p == world.early}
+    assert ("postcode", OLD_POSTCODE) in early  # kept: the early record's, encrypted again
+    assert (world.early, "postcode", world.late_postcode) in world.purged_only & world.before
+    assert ("postcode", world.late_postcode) not in early  # gone: the purged records' only
+    assert {f for f, _ in early} == {"nhs_number", "date_of_birth", "postcode"}
+
+
+def test_a_late_type1_purge_run_again_changes_nothing(late_type1_world: LateWorld, late_home: Home) -> None:
+    """Run again, the purge finds nothing to do: the vault, its digests and the incidents stay."""
+    from safehaven.protect import vault
+    from tests.conftest import custodian_ring
+    from tests.unit.populate import process
+
+    world = late_type1_world
+    assert world.before - world.after  # the first run removed entries
+    keyring = custodian_ring(late_home)
+
+    def state(con) -> tuple:
+        return (
+            frozenset(t[:3] for t in vault.decrypt_rows(con, vault.private_key(keyring))),
+            con.execute(f"SELECT count(*), sum(lookup) FROM {vault.SEEN}").fetchone(),
+            con.execute(f"SELECT count(*) FROM {TYPE1_INCIDENTS}").fetchone()[0],
+            len(registers.breaches(con)),
+        )
+
+    with Store(late_home).connect() as con:
+        first = state(con)
+    again = process(late_home)["gp_events"]
+    with Store(late_home).connect() as con:
+        assert state(con) == first
+    assert first[0] == world.after
+    assert (again.type1_purged, again.type1_vault_removed) == (0, 0)
+
+
+def test_a_late_type1_incident_counts_the_vault_entries_removed_and_names_no_one(
+    late_type1_world: LateWorld, late_home: Home
+) -> None:
+    """The incident says how many vault entries went, in counts only: no pid, NHS number, date
+    of birth or postcode of the purged records (``safehaven.protect.objections.record_type1_incident``)."""
+    world = late_type1_world
+    with Store(late_home).connect() as con:
+        breaches = [b for b in registers.breaches(con) if b["kind"] == "type1_objection_disregarded"]
+        incidents = con.execute(f"SELECT * FROM {TYPE1_INCIDENTS}").fetchall()
+    late = [b for b in breaches if "vault_entries_removed" in str(b["detail"])]
+    assert len(late) == 1
+    detail = late[0]["detail"]
+    detail = json.loads(detail) if isinstance(detail, str) else detail
+    assert detail["vault_entries_removed"] == len(world.purged_only) > 0
+    text = repr(breaches) + repr(incidents)
+    named = {p for p, _, _ in world.purged_only} | {v for _, _, v in world.purged_only | world.shared}
+    assert not [value for value in named if value in text]
+
+
+def test_a_disposal_counts_no_never_sent_landing_row_as_keeping_a_vault_entry(
+    late_type1_world: LateWorld, late_home: Home
+) -> None:
+    """The purged records' landing rows stay until their batch is disposed of, but keep no vault
+    entry: disposing of the early GP file (landed before the objection) removes the values its
+    person's purged records also had, and keeps those another collection or the objection has
+    (``safehaven.dispose.vault_sets.never_sent``)."""
+    from datetime import date
+
+    from safehaven.context import Haven
+    from safehaven.dispose import disposal
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.protect import vault
+    from tests.conftest import custodian_ring
+
+    world = late_type1_world
+    keyring = custodian_ring(late_home)
+    haven = Haven.open(late_home, contracts=ContractRegistry(), keyring=keyring)
+    result = disposal.dispose(haven, disposal.Target.for_collection("gp_events", date(2025, 7, 1)), authorised_by="CG")
+    assert result.certificate is not None
+    with Store(late_home).connect() as con:
+        left = {(f, v) for p, f, v, _ in vault.decrypt_rows(con, vault.private_key(keyring)) if p == world.early}
+        landed = con.execute(
+            "SELECT count(*) FROM landing.gp_events_valid l JOIN governance.batches b ON b.batch_id = l._batch "
+            "WHERE b.landed_at > ?",
+            [EARLY],
+        ).fetchone()[0]
+    early_before = {(f, v) for p, f, v in world.after if p == world.early}
+    only_never_sent = early_before - world.early_elsewhere - {("postcode", OLD_POSTCODE)}
+    assert landed > 0  # the purged records' landing rows are still there
+    assert only_never_sent  # a value the early and the purged GP records alone had (a date of birth)
+    assert left == set(world.early_elsewhere) and ("nhs_number", world.early_nhs) in left
 
 
 def test_types_are_checked() -> None:
