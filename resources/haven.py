@@ -45,6 +45,13 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import feed
 from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
 
+#: Settings of the resource that are the haven's governance, not a run's choice: the contracts (what
+#: each field is, which fields identify: k-anonymity and the release shape follow from them) and the
+#: objection-register window and its refusal. A run's own configuration (the UI's Launchpad, a
+#: schedule's or sensor's request) may name the home and tune the store's waits and memory; a run
+#: setting one of these is refused (found by review: a run widened the window past a stale register,
+#: cleared its refusal, or relabelled a quasi-identifier as content so that k-anonymity did not apply).
+GOVERNED = ("contracts", "objections_max_age_days", "objections_window_error")
 #: run id -> descriptor of its held liveness lock, for the runs of this process
 _RUN_LOCKS: dict[str, int] = {}
 #: further attempts of a step that found the store busy past its wait, and the pause before each
@@ -107,14 +114,17 @@ class SafeHavenResource(dg.ConfigurableResource):
         return feed.window_days(haven_days=self.objections_max_age_days)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """At run start: hold the run's liveness lock until it ends (``safehaven.core.runs``),
-        then verify the audit trail and record the run (fails closed, ``_begin_audited_run``).
+        """At run start: refuse a run whose own configuration sets a governance setting
+        (:func:`refuse_governed_config`), hold the run's liveness lock until it ends
+        (``safehaven.core.runs``), then verify the audit trail and record the run (fails closed,
+        ``_begin_audited_run``).
 
         A sensor's evaluation (``assets.automation.incoming_sensor``) is not a run: it only lists
         the files waiting in ``incoming/``, so it holds no lock and opens no store.
         """
         if not context.run_id and context.dagster_run is None:
             return
+        refuse_governed_config(context.dagster_run.run_config if context.dagster_run is not None else None)
         if context.run_id and context.run_id not in _RUN_LOCKS:
             _RUN_LOCKS[context.run_id] = runs.hold(self.home_dir().ensure(), context.run_id)
         self._begin_audited_run(context)
@@ -195,3 +205,26 @@ class SafeHavenResource(dg.ConfigurableResource):
             if not read_only:
                 pins.verify(con, store.keyring)
             yield con
+
+
+class GovernedSettingInRunConfig(dg.DagsterInvariantViolationError):
+    """A run's configuration set one of the haven's governance settings (:data:`GOVERNED`)."""
+
+
+def refuse_governed_config(run_config: object) -> None:
+    """Refuse a run whose configuration sets a governance setting (:data:`GOVERNED`) of any resource
+    (Caldicott 2 and 4: the minimum, under the haven's own rules; CoP 11-14: the objection window is
+    the haven's). The code location's settings come from its environment and its contracts folder
+    (``SafeHavenResource.from_environment``, ``assets.definitions``); an agreement may shorten the
+    window (``safehaven.protect.feed.window_days``), a run never changes it."""
+    resources = run_config.get("resources") if isinstance(run_config, dict) else None
+    for name, entry in (resources or {}).items() if isinstance(resources, dict) else ():
+        config = entry.get("config") if isinstance(entry, dict) else None
+        given = sorted(set(config) & set(GOVERNED)) if isinstance(config, dict) else []
+        if given:
+            raise GovernedSettingInRunConfig(
+                f"the run's configuration sets {', '.join(given)} of resource {name!r}: these are the haven's "
+                "governance settings, not a run's (the contracts folder is the code location's, "
+                "$SAFEHAVEN_CONTRACTS; the objection window is $SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS or an "
+                "agreement's own): remove them from the run's configuration and launch it again"
+            )

@@ -44,6 +44,7 @@ from safehaven.core.sql import q
 from safehaven.dispose.vault_sets import purge_vault
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
+from safehaven.protect import feed
 from safehaven.protect.objections import (
     ensure_tables,
     never_sent_sql,
@@ -167,6 +168,22 @@ def _no_key() -> Key:
     )
 
 
+def refuse_while_objections_unregistered(con: duckdb.DuckDBPyConnection, collection: str) -> None:
+    """Refuse to take a collection sent by GP practices into the haven while an objections batch is
+    landed but not yet in the objection register (``safehaven.protect.feed.pending_batches``): the
+    records of its type 1 objectors would enter the haven, and whatever is counted from it, until
+    the next register step purged them (NDOP type 1; guide Rule 4B: never sent, so never taken in;
+    found by review: the haven step materialised alone in the UI after an intake run). The nightly
+    job runs the register step first, so only a run out of that order is refused."""
+    pending = feed.pending_batches(con)
+    if pending:
+        raise feed.ObjectionFeedBlocked(
+            f"{collection} is not taken into the haven while {pending} objections batch(es) are not in the "
+            "objection register: run the register step first (safehaven run, or governance/objection_register "
+            "in the Dagster UI), then this step again"
+        )
+
+
 def build_haven(
     con: duckdb.DuckDBPyConnection,
     contract: Contract,
@@ -180,6 +197,8 @@ def build_haven(
     ``vault_public`` gives the vault public key should the late purge need it."""
     ensure_tables(con)
     c = contract.collection
+    if contract.practice_field:
+        refuse_while_objections_unregistered(con, c)
     install_key(con, "haven", haven_key.material)
     report = HavenReport(c, key_id=haven_key.key_id)
     source = f"landing.{c}_valid"

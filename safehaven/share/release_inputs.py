@@ -7,9 +7,11 @@ Here the same answer is reached from the inputs instead, before anything is buil
 
 * the inputs of a preparation are the code of the ``safehaven`` package, the agreement file's
   hash as approved, the day (objections and opt-outs are applied as of a date), the agreement's
-  pseudonym key id, the row hash of every haven table the agreement reads, and the tables the
-  objection and opt-out rules read (objection events, practice registrations, release members,
-  notices, decisions);
+  pseudonym key id, the contract of every collection the agreement reads (what each field is and
+  which fields identify: the release's shape and k-anonymity follow from them, so a contract that
+  now names a quasi-identifier builds the release again; found by review), the row hash of every
+  haven table the agreement reads, and the tables the objection and opt-out rules read (objection
+  events, practice registrations, release members, notices, decisions);
 * when a preparation ends ``unchanged`` or opens a request, its inputs' digest is kept with that
   request's id; the next preparation with the same digest, while that request is still the
   agreement's latest comparable one, is ``unchanged`` at once.
@@ -21,6 +23,7 @@ Identifiable releases (a custodian's command, rare) are always built.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date
 
 import duckdb
@@ -29,6 +32,7 @@ from safehaven.core import schema
 from safehaven.core.digests import code_sha, sha_of, table_sha
 from safehaven.core.registers import RELEASE_MEMBERS
 from safehaven.core.sql import q
+from safehaven.intake.contracts import Contract
 from safehaven.protect.objections import EVENTS, REGISTRATIONS
 from safehaven.protect.optouts import DECISIONS, NOTICES
 from safehaven.share import review
@@ -44,7 +48,12 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def inputs_sha(
-    con: duckdb.DuckDBPyConnection, agreement: Agreement, agreement_sha: str, today: date, key_id: str
+    con: duckdb.DuckDBPyConnection,
+    agreement: Agreement,
+    agreement_sha: str,
+    today: date,
+    key_id: str,
+    contracts: Mapping[str, Contract],
 ) -> str:
     """SHA-256 over every input of a preparation under ``agreement`` (the module docstring lists them)."""
     return sha_of(
@@ -53,6 +62,7 @@ def inputs_sha(
             "agreement": agreement_sha,
             "today": today.isoformat(),
             "key": key_id,
+            "contracts": {c: contracts[c].model_dump(mode="json") for c in agreement.collections},
             "haven": {c: table_sha(con, f"haven.{q(c)}") for c in agreement.collections},
             "objections": {t: table_sha(con, t) for t in OBJECTION_TABLES},
         }

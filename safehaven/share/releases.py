@@ -534,7 +534,7 @@ def _build(
     result = ReleaseResult(a.id, PREPARED, "", level=a.identifiability)
     result.optout_list_date = _objection_guard(con, a, home, today, haven_days)
     result.objections_window_days = feed.window_days(a.objections_max_age_days, haven_days)
-    inputs = _inputs(con, a, agreement_sha, today, keyring)
+    inputs = _inputs(con, a, agreement_sha, today, keyring, contracts)
     known = release_inputs.known_unchanged(con, a.id, inputs) if inputs else None
     if known is not None:  # the same inputs as the content of the latest request: nothing to build
         return _unchanged_result(con, a, known, actor, known.content_sha256)
@@ -639,7 +639,14 @@ def _objection_guard(
         raise ReleaseRefused(str(exc)) from None
 
 
-def _inputs(con: duckdb.DuckDBPyConnection, a: Agreement, agreement_sha: str, today: date, keyring: KeyRing) -> str:
+def _inputs(
+    con: duckdb.DuckDBPyConnection,
+    a: Agreement,
+    agreement_sha: str,
+    today: date,
+    keyring: KeyRing,
+    contracts: dict[str, Contract],
+) -> str:
     """The digest of this preparation's inputs (``safehaven.share.release_inputs``); "" when
     the release is always built (identifiable: the custodian's, with the vault)."""
     if a.identifiability == "identifiable":
@@ -650,7 +657,7 @@ def _inputs(con: duckdb.DuckDBPyConnection, a: Agreement, agreement_sha: str, to
             key_id = pseudonymise.install_agreement_domain(con, keyring, a.id)[1]
         except KeyRingError as exc:
             raise ReleaseRefused(str(exc)) from None
-    return release_inputs.inputs_sha(con, a, agreement_sha, today, key_id)
+    return release_inputs.inputs_sha(con, a, agreement_sha, today, key_id, contracts)
 
 
 def _aggregate(

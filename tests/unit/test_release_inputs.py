@@ -119,3 +119,17 @@ def test_the_objection_feed_guard_still_refuses_before_any_skip(haven: Haven, bu
     )
     with pytest.raises(ReleaseRefused, match="objection"):
         haven.prepare()
+
+
+def test_a_changed_contract_builds_again(haven: Haven, builds: list[str]) -> None:
+    """The contracts say which fields identify (quasi-identifiers: k-anonymity and the release's
+    shape follow from them): a release prepared under one version of a collection's contract is
+    built again under another, never taken as unchanged from its inputs (found by review: a run
+    that read contracts relabelling a quasi-identifier as content had that release kept as
+    unchanged under the real contracts)."""
+    assert haven.prepare().status == PREPARED
+    path = haven.registry.root / "collections" / "social_care.yaml"
+    path.write_text(path.read_text().replace("version: 1.0.0", "version: 1.1.0", 1))
+    haven.registry = ContractRegistry(haven.registry.root)
+    haven.prepare()
+    assert len(builds) == 2, "the changed contract is an input: the release was built again"
