@@ -53,8 +53,10 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
   so identifiable data is held in one protected place (CoP 27b-c).
 * Reasons, logs and metadata carry counts, column names of the contract, line numbers and
-  hashes, never a row's values (DuckDB's own parse errors quote lines, so they are reduced
-  to their line number here).
+  hashes, never a row's values; a received column name is shown only if it is a plain
+  identifier, and then as a name from outside (``shown_name``: NHS-number-like runs withheld),
+  and a nested Parquet type by its kind only. DuckDB's own parse errors quote lines, so they
+  are reduced to their line number here.
 """
 
 from __future__ import annotations
@@ -218,11 +220,13 @@ def check_bytes(path: Path) -> None:
 
 
 def _display(name: str) -> str:
-    """A column name fit for a reason file: shown only if it is a plain identifier.
+    """A received column name fit for a reason file: shown only if it is a plain identifier, and
+    then as any name from outside is (``safehaven.core.audit.shown_name``: an NHS-number-like run
+    is withheld, CoP 8a), so a per-patient column (``nhs_9990000018``) names no patient.
 
     A file without a header has a data row in its first line, so other "names" may be values.
     """
-    return name if SAFE_NAME.fullmatch(name) else "<a column name that is not a plain identifier>"
+    return shown_name(name) if SAFE_NAME.fullmatch(name) else "<a column name that is not a plain identifier>"
 
 
 def _spreadsheet_artefacts(names: list[str]) -> None:
@@ -330,6 +334,17 @@ READABLE_AS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: a DuckDB type shown as it is in a reason: a name, digit parameters (``DECIMAL(9,2)``), array
+#: marks; any other (``STRUCT(...)``, ``ENUM(...)``, ``MAP(...)``) holds names or values from the file
+_PLAIN_TYPE = re.compile(r"[A-Z][A-Z0-9 ]*(\(\d+(, ?\d+)?\))?(\[\d*\])*")
+
+
+def _shown_type(physical: str) -> str:
+    """A Parquet column's type fit for a reason file: a nested or enumerated type is named by its
+    kind only, since its parameters are the sender's field names or values (CoP 8a)."""
+    return physical if _PLAIN_TYPE.fullmatch(physical) else physical.split("(")[0] + "(...)"
+
+
 def check_column_types(types: dict[str, str], contract: Contract) -> None:
     """Each Parquet column's physical type can be read as the contract's type.
 
@@ -343,7 +358,7 @@ def check_column_types(types: dict[str, str], contract: Contract) -> None:
         base = physical.split("(")[0]
         decimal_for_double = spec.type == "DOUBLE" and base == "DECIMAL"
         if base not in READABLE_AS[spec.type] and not decimal_for_double:
-            wrong.append(f"{spec.name} is {physical}, the contract's type is {spec.type}")
+            wrong.append(f"{spec.name} is {_shown_type(physical)}, the contract's type is {spec.type}")
     if wrong:
         raise FileRejected(
             "file.column_type",
@@ -417,7 +432,9 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
     """Raise FileRejected if ``path`` cannot be read whole as ``contract``'s collection."""
     if path.suffix.lower() not in SUPPORTED:
         raise FileRejected(
-            "file.type", f"unsupported file type {path.suffix or '(none)'!r}", "send CSV (.csv) or Parquet (.parquet)"
+            "file.type",
+            f"unsupported file type {shown_name(path.suffix) or '(none)'!r}",
+            "send CSV (.csv) or Parquet (.parquet)",
         )
     if path.stat().st_size == 0:
         raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")

@@ -205,6 +205,39 @@ def test_parquet_with_dates_and_integer_codes_lands(store: Store, home: Home, tm
     assert row == ("9990000018", "1950-02-03", "1", "38341003")
 
 
+NHS = "9990000018"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "rule"),
+    [
+        ("gp.csv", (HEADER + f",nhs_{NHS}\n" + LINE + ",1\n").encode(), "file.header.columns"),
+        ("gp.csv", (HEADER + f",x{NHS},x{NHS}\n" + LINE + ",1,1\n").encode(), "file.header.duplicate"),
+        (f"gp.{NHS}", (HEADER + "\n" + LINE + "\n").encode(), "file.type"),
+    ],
+    ids=["extra column", "duplicate column", "suffix"],
+)
+def test_an_nhs_number_in_a_received_column_name_or_suffix_is_withheld_from_the_reason_file(
+    store: Store, earlier: Home, name: str, data: bytes, rule: str
+) -> None:
+    """A per-patient column (``nhs_9990000018``) is named in the reason as ``shown_name`` shows it
+    (CoP 8a): the reason and its details still say which column, the number withheld."""
+    reason, moved = _ingest_one(store, earlier, name, data)
+    assert reason["rule"] == rule
+    assert NHS not in moved.with_name(moved.name + ".reason.json").read_text()
+    assert "[number withheld]" in reason["reason"]
+
+
+def test_a_nested_parquet_column_is_refused_without_its_field_names(
+    store: Store, earlier: Home, tmp_path: Path
+) -> None:
+    """A STRUCT's field names are the sender's: the reason names the column's kind of type only."""
+    data = _parquet(tmp_path / "x.parquet", GOOD_SELECT.replace("'B29 3RH' AS", f"{{'nhs_{NHS}': 'x'}} AS"))
+    reason, moved = _ingest_one(store, earlier, "gp.parquet", data)
+    assert reason["rule"] == "file.column_type" and "postcode is STRUCT(...)" in reason["reason"]
+    assert NHS not in moved.with_name(moved.name + ".reason.json").read_text()
+
+
 def test_bom_and_crlf_are_accepted_and_a_known_file_is_skipped(store: Store, home: Home) -> None:
     body = "\ufeff" + HEADER + "\r\n" + LINE + "\r\n"
     folder = home.incoming_for("gp_events")
