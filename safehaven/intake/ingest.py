@@ -5,9 +5,10 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 * A file is read as its collection only if it is CSV or Parquet, non-empty, UTF-8 without NUL
   bytes, has exactly the contract's columns (no missing, extra, duplicate, case-colliding or
   hostile names), no ragged rows, at least one row and, for Parquet, columns whose type can
-  be the contract's. Otherwise the whole file moves to ``quarantine/<collection>/`` with
-  ``<file>.reason.json`` saying what is wrong and what to do; nothing of it is landed, and
-  data landed earlier is untouched. The reason's ``rule``: ``file.type`` (not CSV or
+  be the contract's (a column with no value at all, such as pandas writes for a column of
+  only ``None``, can be any type: it is read as NULLs). Otherwise the whole file moves to
+  ``quarantine/<collection>/`` with ``<file>.reason.json`` saying what is wrong and what to
+  do; nothing of it is landed, and data landed earlier is untouched. The reason's ``rule``: ``file.type`` (not CSV or
   Parquet), ``file.empty``, ``file.nul_byte``, ``file.encoding``, ``file.header.missing``,
   ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
   ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
@@ -345,8 +346,8 @@ def _shown_type(physical: str) -> str:
     return physical if _PLAIN_TYPE.fullmatch(physical) else physical.split("(")[0] + "(...)"
 
 
-def check_column_types(types: dict[str, str], contract: Contract) -> None:
-    """Each Parquet column's physical type can be read as the contract's type.
+def mistyped_columns(types: dict[str, str], contract: Contract) -> list[str]:
+    """The contract's columns whose Parquet (DuckDB) type cannot be read as the contract's type.
 
     Text can be anything (it is checked row by row); a code held as an integer is text
     without loss; a DATE must be a date or ISO text. A float for a code, a timestamp for a
@@ -354,11 +355,46 @@ def check_column_types(types: dict[str, str], contract: Contract) -> None:
     """
     wrong = []
     for spec in contract.fields:
-        physical = types.get(spec.name, "")
-        base = physical.split("(")[0]
+        base = types.get(spec.name, "").split("(")[0]
         decimal_for_double = spec.type == "DOUBLE" and base == "DECIMAL"
         if base not in READABLE_AS[spec.type] and not decimal_for_double:
-            wrong.append(f"{spec.name} is {_shown_type(physical)}, the contract's type is {spec.type}")
+            wrong.append(spec.name)
+    return wrong
+
+
+def columns_without_values(con: duckdb.DuckDBPyConnection, path: Path, names: list[str]) -> set[str]:
+    """Those of ``names`` that hold no value in the Parquet file at ``path`` (every row NULL).
+
+    pandas/Arrow writes a column of only ``None`` (an objections list with no withdrawals) with
+    Arrow's null type, which DuckDB reads as INTEGER, and its statistics carry no null count: so
+    the values are counted, in SQL, for the columns asked about only.
+    """
+    if not names:
+        return set()
+    counts = ", ".join(f"count({q(n)})" for n in names)
+    try:
+        found = con.execute(f"SELECT {counts} FROM read_parquet({file_lit(path)})").fetchone()
+    except duckdb.Error:
+        raise _parquet_rows_unreadable() from None
+    return {n for n, c in zip(names, found, strict=True) if c == 0}
+
+
+def _parquet_rows_unreadable() -> FileRejected:
+    """A Parquet file whose schema reads but whose rows do not (``file.parquet``)."""
+    return FileRejected("file.parquet", "the file's rows cannot be read as Parquet", "export the file again as Parquet")
+
+
+def check_column_types(types: dict[str, str], contract: Contract, empty: Collection[str] = ()) -> None:
+    """Each Parquet column's type can be read as the contract's (:func:`mistyped_columns`), or
+    the column holds no value at all (``empty``, :func:`columns_without_values`): a column with
+    no values can be any type, and is read as NULLs of the contract's (the "bad input loses
+    nothing" standard: an everyday file is not refused for a type its values never had).
+    """
+    wrong = [
+        f"{name} is {_shown_type(types.get(name, ''))}, the contract's type is {contract.field(name).type}"
+        for name in mistyped_columns(types, contract)
+        if name not in empty
+    ]
     if wrong:
         raise FileRejected(
             "file.column_type",
@@ -446,7 +482,8 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
                 "file.parquet", "the file is not readable Parquet", "export the file again as Parquet"
             ) from None
         check_header([r[0] for r in described], contract)
-        check_column_types({r[0]: str(r[1]) for r in described}, contract)
+        types = {r[0]: str(r[1]) for r in described}
+        check_column_types(types, contract, columns_without_values(con, path, mistyped_columns(types, contract)))
     else:
         check_bytes(path)  # text only: Parquet is binary (it holds NUL bytes by design)
         check_header(_csv_header(path), contract)
@@ -683,9 +720,7 @@ def land_file(
         con.execute("ROLLBACK")
         text = str(exc)
         if is_parquet(path):
-            raise FileRejected(
-                "file.parquet", "the file's rows cannot be read as Parquet", "export the file again as Parquet"
-            ) from None
+            raise _parquet_rows_unreadable() from None
         if DUCKDB_LINE_TOO_LONG in text:
             raise FileRejected(
                 "file.field_too_large",
