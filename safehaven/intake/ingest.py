@@ -5,9 +5,10 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 * A file is read as its collection only if it is CSV or Parquet, non-empty, UTF-8 without NUL
   bytes, has exactly the contract's columns (no missing, extra, duplicate, case-colliding or
   hostile names), no ragged rows, at least one row and, for Parquet, columns whose type can
-  be the contract's. Otherwise the whole file moves to ``quarantine/<collection>/`` with
-  ``<file>.reason.json`` saying what is wrong and what to do; nothing of it is landed, and
-  data landed earlier is untouched. The reason's ``rule``: ``file.type`` (not CSV or
+  be the contract's (a column with no value at all, such as pandas writes for a column of
+  only ``None``, can be any type: it is read as NULLs). Otherwise the whole file moves to
+  ``quarantine/<collection>/`` with ``<file>.reason.json`` saying what is wrong and what to
+  do; nothing of it is landed, and data landed earlier is untouched. The reason's ``rule``: ``file.type`` (not CSV or
   Parquet), ``file.empty``, ``file.nul_byte``, ``file.encoding``, ``file.header.missing``,
   ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
   ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
@@ -53,8 +54,10 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
   so identifiable data is held in one protected place (CoP 27b-c).
 * Reasons, logs and metadata carry counts, column names of the contract, line numbers and
-  hashes, never a row's values (DuckDB's own parse errors quote lines, so they are reduced
-  to their line number here).
+  hashes, never a row's values; a received column name is shown only if it is a plain
+  identifier, and then as a name from outside (``shown_name``: NHS-number-like runs withheld),
+  and a nested Parquet type by its kind only. DuckDB's own parse errors quote lines, so they
+  are reduced to their line number here.
 """
 
 from __future__ import annotations
@@ -218,11 +221,13 @@ def check_bytes(path: Path) -> None:
 
 
 def _display(name: str) -> str:
-    """A column name fit for a reason file: shown only if it is a plain identifier.
+    """A received column name fit for a reason file: shown only if it is a plain identifier, and
+    then as any name from outside is (``safehaven.core.audit.shown_name``: an NHS-number-like run
+    is withheld, CoP 8a), so a per-patient column (``nhs_9990000018``) names no patient.
 
     A file without a header has a data row in its first line, so other "names" may be values.
     """
-    return name if SAFE_NAME.fullmatch(name) else "<a column name that is not a plain identifier>"
+    return shown_name(name) if SAFE_NAME.fullmatch(name) else "<a column name that is not a plain identifier>"
 
 
 def _spreadsheet_artefacts(names: list[str]) -> None:
@@ -330,8 +335,19 @@ READABLE_AS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_column_types(types: dict[str, str], contract: Contract) -> None:
-    """Each Parquet column's physical type can be read as the contract's type.
+#: a DuckDB type shown as it is in a reason: a name, digit parameters (``DECIMAL(9,2)``), array
+#: marks; any other (``STRUCT(...)``, ``ENUM(...)``, ``MAP(...)``) holds names or values from the file
+_PLAIN_TYPE = re.compile(r"[A-Z][A-Z0-9 ]*(\(\d+(, ?\d+)?\))?(\[\d*\])*")
+
+
+def _shown_type(physical: str) -> str:
+    """A Parquet column's type fit for a reason file: a nested or enumerated type is named by its
+    kind only, since its parameters are the sender's field names or values (CoP 8a)."""
+    return physical if _PLAIN_TYPE.fullmatch(physical) else physical.split("(")[0] + "(...)"
+
+
+def mistyped_columns(types: dict[str, str], contract: Contract) -> list[str]:
+    """The contract's columns whose Parquet (DuckDB) type cannot be read as the contract's type.
 
     Text can be anything (it is checked row by row); a code held as an integer is text
     without loss; a DATE must be a date or ISO text. A float for a code, a timestamp for a
@@ -339,11 +355,46 @@ def check_column_types(types: dict[str, str], contract: Contract) -> None:
     """
     wrong = []
     for spec in contract.fields:
-        physical = types.get(spec.name, "")
-        base = physical.split("(")[0]
+        base = types.get(spec.name, "").split("(")[0]
         decimal_for_double = spec.type == "DOUBLE" and base == "DECIMAL"
         if base not in READABLE_AS[spec.type] and not decimal_for_double:
-            wrong.append(f"{spec.name} is {physical}, the contract's type is {spec.type}")
+            wrong.append(spec.name)
+    return wrong
+
+
+def columns_without_values(con: duckdb.DuckDBPyConnection, path: Path, names: list[str]) -> set[str]:
+    """Those of ``names`` that hold no value in the Parquet file at ``path`` (every row NULL).
+
+    pandas/Arrow writes a column of only ``None`` (an objections list with no withdrawals) with
+    Arrow's null type, which DuckDB reads as INTEGER, and its statistics carry no null count: so
+    the values are counted, in SQL, for the columns asked about only.
+    """
+    if not names:
+        return set()
+    counts = ", ".join(f"count({q(n)})" for n in names)
+    try:
+        found = con.execute(f"SELECT {counts} FROM read_parquet({file_lit(path)})").fetchone()
+    except duckdb.Error:
+        raise _parquet_rows_unreadable() from None
+    return {n for n, c in zip(names, found, strict=True) if c == 0}
+
+
+def _parquet_rows_unreadable() -> FileRejected:
+    """A Parquet file whose schema reads but whose rows do not (``file.parquet``)."""
+    return FileRejected("file.parquet", "the file's rows cannot be read as Parquet", "export the file again as Parquet")
+
+
+def check_column_types(types: dict[str, str], contract: Contract, empty: Collection[str] = ()) -> None:
+    """Each Parquet column's type can be read as the contract's (:func:`mistyped_columns`), or
+    the column holds no value at all (``empty``, :func:`columns_without_values`): a column with
+    no values can be any type, and is read as NULLs of the contract's (the "bad input loses
+    nothing" standard: an everyday file is not refused for a type its values never had).
+    """
+    wrong = [
+        f"{name} is {_shown_type(types.get(name, ''))}, the contract's type is {contract.field(name).type}"
+        for name in mistyped_columns(types, contract)
+        if name not in empty
+    ]
     if wrong:
         raise FileRejected(
             "file.column_type",
@@ -417,7 +468,9 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
     """Raise FileRejected if ``path`` cannot be read whole as ``contract``'s collection."""
     if path.suffix.lower() not in SUPPORTED:
         raise FileRejected(
-            "file.type", f"unsupported file type {path.suffix or '(none)'!r}", "send CSV (.csv) or Parquet (.parquet)"
+            "file.type",
+            f"unsupported file type {shown_name(path.suffix) or '(none)'!r}",
+            "send CSV (.csv) or Parquet (.parquet)",
         )
     if path.stat().st_size == 0:
         raise FileRejected("file.empty", "the file is empty", "send the file again with its rows")
@@ -429,7 +482,8 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
                 "file.parquet", "the file is not readable Parquet", "export the file again as Parquet"
             ) from None
         check_header([r[0] for r in described], contract)
-        check_column_types({r[0]: str(r[1]) for r in described}, contract)
+        types = {r[0]: str(r[1]) for r in described}
+        check_column_types(types, contract, columns_without_values(con, path, mistyped_columns(types, contract)))
     else:
         check_bytes(path)  # text only: Parquet is binary (it holds NUL bytes by design)
         check_header(_csv_header(path), contract)
@@ -666,9 +720,7 @@ def land_file(
         con.execute("ROLLBACK")
         text = str(exc)
         if is_parquet(path):
-            raise FileRejected(
-                "file.parquet", "the file's rows cannot be read as Parquet", "export the file again as Parquet"
-            ) from None
+            raise _parquet_rows_unreadable() from None
         if DUCKDB_LINE_TOO_LONG in text:
             raise FileRejected(
                 "file.field_too_large",

@@ -203,3 +203,21 @@ def test_a_drop_whose_run_stopped_part_way_holds_its_collection_until_that_drop_
     assert ok, [s for s in stages if s.checks_failed]
     haven = {s.asset: s for s in stages}[keys.haven("gp_events").to_user_string()]
     assert haven.rows_out > 0
+
+
+def test_an_nhs_number_in_a_column_name_of_a_drop_is_withheld_from_its_reason_file_in_a_nightly_run(
+    home: Home, dagster_instance
+) -> None:
+    """A per-patient column (``nhs_9990000018``) refuses the drop, and its reason file names the
+    column as ``shown_name`` shows it: no patient's NHS number (CoP 8a)."""
+    number = "9990000018"
+    adopt_project_agreements(home)
+    folder = home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "objections.csv").write_text(
+        f"nhs_number,objection_type,recorded_date,withdrawn_date,source_practice,nhs_{number}\n"
+        f"{number},national_opt_out,2024-03-01,,,1\n"
+    )
+    run_nightly(home, dagster_instance)
+    reasons = list(home.quarantine_for("objections").glob("*.reason.json"))
+    assert reasons and all(number.encode() not in p.read_bytes() for p in home.quarantine.rglob("*.reason.json"))

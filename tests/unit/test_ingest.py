@@ -22,6 +22,7 @@ from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.intake.ingest import ingest_collection
+from safehaven.intake.validation import validate_collection
 from tests.unit.validation_helpers import gp_rows, write_csv
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
@@ -203,6 +204,90 @@ def test_parquet_with_dates_and_integer_codes_lands(store: Store, home: Home, tm
         assert report.files_landed == 1
         row = con.execute("SELECT nhs_number, date_of_birth, sex, diagnosis_code FROM landing.gp_events").fetchone()
     assert row == ("9990000018", "1950-02-03", "1", "38341003")
+
+
+OBJ = REGISTRY.contracts["objections"]
+NHS = "9990000018"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "rule"),
+    [
+        ("gp.csv", (HEADER + f",nhs_{NHS}\n" + LINE + ",1\n").encode(), "file.header.columns"),
+        ("gp.csv", (HEADER + f",x{NHS},x{NHS}\n" + LINE + ",1,1\n").encode(), "file.header.duplicate"),
+        (f"gp.{NHS}", (HEADER + "\n" + LINE + "\n").encode(), "file.type"),
+    ],
+    ids=["extra column", "duplicate column", "suffix"],
+)
+def test_an_nhs_number_in_a_received_column_name_or_suffix_is_withheld_from_the_reason_file(
+    store: Store, earlier: Home, name: str, data: bytes, rule: str
+) -> None:
+    """A per-patient column (``nhs_9990000018``) is named in the reason as ``shown_name`` shows it
+    (CoP 8a): the reason and its details still say which column, the number withheld."""
+    reason, moved = _ingest_one(store, earlier, name, data)
+    assert reason["rule"] == rule
+    assert NHS not in moved.with_name(moved.name + ".reason.json").read_text()
+    assert "[number withheld]" in reason["reason"]
+
+
+def test_a_nested_parquet_column_is_refused_without_its_field_names(
+    store: Store, earlier: Home, tmp_path: Path
+) -> None:
+    """A STRUCT's field names are the sender's: the reason names the column's kind of type only."""
+    data = _parquet(tmp_path / "x.parquet", GOOD_SELECT.replace("'B29 3RH' AS", f"{{'nhs_{NHS}': 'x'}} AS"))
+    reason, moved = _ingest_one(store, earlier, "gp.parquet", data)
+    assert reason["rule"] == "file.column_type" and "postcode is STRUCT(...)" in reason["reason"]
+    assert NHS not in moved.with_name(moved.name + ".reason.json").read_text()
+
+
+def _objections_parquet(home: Home, withdrawn: list) -> Path:
+    """An objections list as pandas writes it (a column of only ``None`` has Arrow's null type)."""
+    folder = home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "nhs_number": [NHS, "9990000026"],
+            "objection_type": ["national_opt_out", "national_opt_out"],
+            "recorded_date": ["2024-01-02", "2024-01-03"],
+            "withdrawn_date": withdrawn,
+            "source_practice": [None, None],
+        }
+    ).to_parquet(folder / "objections.parquet")
+    return folder
+
+
+def test_a_pandas_parquet_objections_list_with_no_withdrawals_lands_and_validates_with_null_dates(
+    store: Store, home: Home
+) -> None:
+    """A column with no value at all can be any type: read as NULLs, not refused as INTEGER."""
+    folder = _objections_parquet(home, [None, None])
+    with store.connect() as con:
+        report = ingest_collection(con, OBJ, folder, home.quarantine_for("objections"))
+        assert (report.files_landed, report.files_quarantined, report.rows_landed) == (1, 0, 2)
+        checked = validate_collection(con, OBJ, REGISTRY, home.quarantine_for("objections"))
+        assert (checked.rows_valid, checked.rows_invalid) == (2, 0)
+        valid = con.execute("SELECT count(*), count(withdrawn_date) FROM landing.objections_valid").fetchone()
+    assert valid == (2, 0)
+
+
+def test_a_parquet_column_of_another_type_with_a_value_is_still_refused(store: Store, home: Home) -> None:
+    """Only a column with no values is exempt: one integer among NULLs is an integer date column."""
+    folder = _objections_parquet(home, [None, 5])
+    with store.connect() as con:
+        report = ingest_collection(con, OBJ, folder, home.quarantine_for("objections"))
+    assert (report.files_landed, report.files_quarantined) == (0, 1)
+    [reason] = [json.loads(p.read_text()) for p in home.quarantine_for("objections").glob("*.reason.json")]
+    assert reason["rule"] == "file.column_type" and "withdrawn_date is " in reason["reason"]
+
+
+def test_a_parquet_column_with_no_values_lands_as_nulls_for_any_contract(store: Store, home: Home) -> None:
+    """Not the objections contract only: a GP column of booleans, all NULL, lands as NULLs."""
+    home.incoming_for("gp_events").mkdir(parents=True, exist_ok=True)
+    _parquet(home.incoming_for("gp_events") / "gp.parquet", GOOD_SELECT.replace("1 AS sex", "NULL::BOOLEAN AS sex"))
+    with store.connect() as con:
+        report = ingest_collection(con, GP, home.incoming_for("gp_events"), home.quarantine_for("gp_events"))
+        assert report.files_landed == 1
+        assert con.execute("SELECT sex, practice_code FROM landing.gp_events").fetchone() == (None, "M83337")
 
 
 def test_bom_and_crlf_are_accepted_and_a_known_file_is_skipped(store: Store, home: Home) -> None:
