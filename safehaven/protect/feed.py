@@ -21,11 +21,11 @@ against a current list). Rules:
   objections contract's own column ``objection_type`` among the header's columns:
   ``feed.misrouted``; moved into ``incoming/objections/`` it lands, and a person records that
   with ``--corrected-by``). Only the haven's reason files are read as reasons: a received file
-  named ``*.reason.json`` is quarantined with a reason file of its own, and is not one. While any fault is unresolved, or an objections batch is landed but not yet
-  validated and registered (or a file received again not yet registered as a restatement),
-  ``require_sound_feed`` refuses every record-level release, in
-  this run and every later one. Anonymised aggregates are not blocked: the opt-out does not
-  cover them (guide Rule 4C).
+  named ``*.reason.json`` is quarantined with a reason file of its own, and is not one. While
+  any fault is unresolved, or an objections batch is landed but not yet validated and
+  registered (or a file received again not yet registered as a restatement),
+  ``require_sound_feed`` refuses every record-level release, in this run and every later one.
+  Anonymised aggregates are not blocked: the opt-out does not cover them (guide Rule 4C).
 * **Clearing a fault** needs a person, and only a person: ``safehaven objections resolve
   <file> --by <name> --reason <text>`` records a decision (``resolve``, audited). A later file
   of the same name never clears a fault by itself: the faulty file could not be read, so the
