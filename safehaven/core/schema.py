@@ -233,8 +233,10 @@ OBJECTION_FEED_FAULTS = _declare(
     "governance.objection_feed_faults",
     "sha256 VARCHAR PRIMARY KEY, file_name VARCHAR, level VARCHAR, rules VARCHAR, rows BIGINT, "
     "arrived_at TIMESTAMPTZ, detected_at TIMESTAMPTZ, resolved_at TIMESTAMPTZ, resolved_by VARCHAR, "
-    "resolution VARCHAR, reason VARCHAR",
-    "faults of the objection feed, which block record-level releases until resolved (CoP 11-14; guide Rule 4B)",
+    "resolution VARCHAR, reason VARCHAR, arrival VARCHAR, file_sha256 VARCHAR",
+    "faults of the objection feed, which block record-level releases until resolved, a file's fault one per "
+    "arrival in quarantine (CoP 11-14; guide Rule 4B)",
+    added=("arrival VARCHAR", "file_sha256 VARCHAR"),
 )
 OBJECTION_RESTATEMENTS = _declare(
     "governance.objection_restatements",

@@ -12,11 +12,20 @@ against a current list). Rules:
   ``quarantine/objections/<file>.reason.json``) or a landed objections batch with rejected
   rows (``landing.objections_rejected``). ``sync_faults`` records each in
   ``governance.objection_feed_faults`` (file name, SHA-256, rule ids, rows; never a value),
-  once. While any fault is unresolved, or an objections batch is landed but not yet
-  validated and registered (or a file received again not yet registered as a restatement),
-  ``require_sound_feed`` refuses every record-level release, in
-  this run and every later one. Anonymised aggregates are not blocked: the opt-out does not
-  cover them (guide Rule 4C).
+  once. Each *arrival* in quarantine is a fault of its own (its quarantined name and time):
+  the same bytes quarantined again (an empty file, a header-only file, an unreadable file sent
+  again) are a new fault, whatever was decided about the earlier one. A file in
+  ``quarantine/objections/`` with no reason file (the haven stopped, or its disk filled, between
+  moving it and writing why) is a fault (``feed.reason_missing``), and so is an objections file
+  received in a content collection's folder and quarantined there (its reason shows the
+  objections contract's own column ``objection_type`` among the header's columns:
+  ``feed.misrouted``; moved into ``incoming/objections/`` it lands, and a person records that
+  with ``--corrected-by``). Only the haven's reason files are read as reasons: a received file
+  named ``*.reason.json`` is quarantined with a reason file of its own, and is not one. While
+  any fault is unresolved, or an objections batch is landed but not yet validated and
+  registered (or a file received again not yet registered as a restatement),
+  ``require_sound_feed`` refuses every record-level release, in this run and every later one.
+  Anonymised aggregates are not blocked: the opt-out does not cover them (guide Rule 4C).
 * **Clearing a fault** needs a person, and only a person: ``safehaven objections resolve
   <file> --by <name> --reason <text>`` records a decision (``resolve``, audited). A later file
   of the same name never clears a fault by itself: the faulty file could not be read, so the
@@ -49,7 +58,9 @@ against a current list). Rules:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -85,6 +96,20 @@ SHA_SHOWN = 16
 _BATCH_RULE = "batch.tolerance"
 #: what ``--corrected-by`` takes: a file's SHA-256, or 12 or more of its first hex characters
 _SHA_KEY = re.compile(r"[0-9a-f]{12,64}")
+#: a landed file corrects a fault only if it is not the faulty file itself; a misrouted objections
+#: file moved into incoming/objections/ lands with its own bytes, and that is its correction
+_NOT_ITSELF = "({f}level = 'misrouted' OR {batch} <> coalesce({f}file_sha256, {f}sha256))"
+#: a file's SHA-256, as ingest records it
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: the haven's reason file of a quarantined file is named after it with this suffix
+#: (``safehaven.intake.ingest.quarantine``)
+REASON_SUFFIX = ".reason.json"
+#: a column only the objections contract has: a header naming it is an objections file, misrouted
+#: when it was received in a content collection's folder
+OBJECTIONS_MARK = "objection_type"
+#: the feed's own rule ids: a reason file that cannot be read, a quarantined file with no reason
+#: file, an objections file received in a content collection's folder
+REASON_UNREADABLE, REASON_MISSING, MISROUTED = "feed.reason_unreadable", "feed.reason_missing", "feed.misrouted"
 
 
 class ObjectionFeedBlocked(Exception):
@@ -109,6 +134,9 @@ class Fault:
     later_clean_sha256: str | None = None
     later_clean_on: str | None = None
     later_clean_files: int = 0
+    #: the file's own SHA-256 when the fault's key (``sha256``) is another's: the same bytes
+    #: quarantined again, each arrival a fault of its own
+    file_sha256: str | None = None
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -117,49 +145,171 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     schema.ensure(con, FAULTS, REFRESHES, *REGISTER_TABLES, BATCHES)
 
 
-def _file_faults(quarantine: Path) -> list[tuple[str, str, str, str]]:
-    """(sha256, file, rule, arrived) of each file quarantined whole; an unreadable reason is a fault too."""
+@dataclass(frozen=True)
+class _Arrival:
+    """One arrival of a file in a quarantine folder that is a fault of the feed (module docstring,
+    "A standing block"): the file's SHA-256 (or a stand-in naming its reason file), its shown
+    name, the rule, when it arrived, and ``arrival``, which names that arrival alone (its
+    quarantined name and time), so the same bytes quarantined again are a fault of their own."""
+
+    sha: str
+    name: str
+    rule: str
+    arrived: str
+    arrival: str | None
+    level: str = "file"
+
+
+def _is_reason(path: Path) -> bool:
+    """A reason file of the haven's: named ``*.reason.json`` and not a received file quarantined
+    under that name (which has a reason file of its own), so a sender cannot write one."""
+    return path.name.endswith(REASON_SUFFIX) and not os.path.lexists(path.with_name(path.name + REASON_SUFFIX))
+
+
+def _changed_at(path: Path) -> str:
+    """When ``path`` was put where it is (its inode change time; a rename sets it), ISO."""
+    return datetime.fromtimestamp(os.lstat(path).st_ctime, UTC).isoformat()
+
+
+def _reason(path: Path) -> dict | None:
+    """The reason file's record, or None when it cannot be read as one."""
+    try:
+        reason = json.loads(path.read_text())
+        return reason if isinstance(reason, dict) and {"sha256", "file", "rule"} <= reason.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _from_reason(path: Path) -> _Arrival:
+    """The fault of one reason file; an unreadable reason is a fault too."""
+    reason = _reason(path)
+    if reason is None:
+        at = _changed_at(path)
+        return _Arrival(f"unreadable:{path.name}", path.name, REASON_UNREADABLE, at, f"{path.name}@{at}")
+    arrived = str(reason.get("quarantined_at") or _changed_at(path))
+    return _Arrival(str(reason["sha256"]), str(reason["file"]), str(reason["rule"]), arrived, _arrival(reason, path))
+
+
+def _arrival(reason: dict, path: Path) -> str | None:
+    """Which arrival a reason file records: the quarantined name and time; the reason file's name for
+    a file left in incoming/ (its reason is written again by each run that meets that entry); None
+    for a batch refused at validation (no ``quarantined_as``: a landed batch is one arrival, its id)."""
+    if "quarantined_as" not in reason:
+        return None
+    moved = reason["quarantined_as"]
+    return f"{moved}@{reason.get('quarantined_at')}" if moved else path.name
+
+
+def _file_faults(quarantine: Path) -> list[_Arrival]:
+    """Each file quarantined whole (from its reason file), and each file in quarantine with no
+    reason file (the haven stopped, or its disk filled, between moving it and writing why)."""
     found = []
-    for path in sorted(quarantine.glob("*.reason.json")) if quarantine.exists() else []:
-        try:
-            reason = json.loads(path.read_text())
-            sha, name, rule = str(reason["sha256"]), str(reason["file"]), str(reason["rule"])
-            arrived = str(reason.get("quarantined_at") or datetime.now(UTC).isoformat())
-        except (OSError, ValueError, KeyError, TypeError):
-            sha, name, rule = f"unreadable:{path.name}", path.name, "feed.reason_unreadable"
-            arrived = datetime.now(UTC).isoformat()
-        if rule != _BATCH_RULE:
-            found.append((sha, name, rule, arrived))
+    for path in sorted(quarantine.iterdir()) if quarantine.is_dir() else []:
+        if _is_reason(path):
+            found.append(_from_reason(path))
+        elif not os.path.lexists(path.with_name(path.name + REASON_SUFFIX)):
+            at = _changed_at(path)
+            found.append(_Arrival(f"reason_missing:{path.name}", path.name, REASON_MISSING, at, f"{path.name}@{at}"))
+    return [f for f in found if f.rule != _BATCH_RULE]
+
+
+def _misrouted(home: Home) -> list[_Arrival]:
+    """Objections files received in a content collection's folder and quarantined there (module
+    docstring, "A standing block"): each a fault, or their objections are never registered."""
+    folders = sorted(home.quarantine.iterdir()) if home.quarantine.is_dir() else []
+    return [f for folder in folders if folder.name != COLLECTION for f in _misrouted_in(folder)]
+
+
+def _misrouted_in(folder: Path) -> list[_Arrival]:
+    """The reasons in a content collection's quarantine ``folder`` whose header shows the objections
+    contract's own column (``OBJECTIONS_MARK``, among the unexpected columns ingest records)."""
+    found = []
+    for path in sorted(p for p in folder.glob(f"*{REASON_SUFFIX}") if _is_reason(p)):
+        reason = _reason(path) or {}
+        details = reason.get("details")
+        if OBJECTIONS_MARK in (details.get("extra") or [] if isinstance(details, dict) else []):
+            arrived = str(reason.get("quarantined_at") or _changed_at(path))
+            arrival = f"{folder.name}/{_arrival(reason, path) or path.name}"
+            rule = f"{MISROUTED} in incoming/{folder.name}/"
+            found.append(_Arrival(str(reason["sha256"]), str(reason["file"]), rule, arrived, arrival, "misrouted"))
     return found
 
 
+def _record(con: duckdb.DuckDBPyConnection, fault: _Arrival) -> None:
+    """Record one arrival's fault once (module docstring, "A standing block"). A batch refused at
+    validation (no arrival) is recorded once, by its id; any other arrival by :func:`_record_arrival`."""
+    if fault.arrival is None:
+        con.execute(
+            f"INSERT INTO {FAULTS} (sha256, file_name, level, rules, arrived_at, detected_at, file_sha256) "
+            "SELECT ?, ?, ?, ?, CAST(? AS TIMESTAMPTZ), now(), ? "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {FAULTS} WHERE sha256 = ?)",
+            [fault.sha, fault.name, fault.level, fault.rule, fault.arrived, fault.sha, fault.sha],
+        )
+        return
+    _adopt(con, fault)
+    _record_arrival(con, fault)
+
+
+def _adopt(con: duckdb.DuckDBPyConnection, fault: _Arrival) -> None:
+    """A fault an older haven recorded by its file's SHA-256 alone (no arrival) is this arrival when
+    its file and time are the same (an unreadable reason's: its name), so its resolution still counts."""
+    con.execute(
+        f"UPDATE {FAULTS} SET arrival = ?, file_sha256 = sha256 WHERE arrival IS NULL AND level = ? AND sha256 = ? "
+        "AND (arrived_at = TRY_CAST(? AS TIMESTAMPTZ) OR starts_with(sha256, 'unreadable:')) "
+        f"AND NOT EXISTS (SELECT 1 FROM {FAULTS} WHERE arrival = ?)",
+        [fault.arrival, fault.level, fault.sha, fault.arrived, fault.arrival],
+    )
+
+
+def _record_arrival(con: duckdb.DuckDBPyConnection, fault: _Arrival) -> None:
+    """A new arrival's fault. Its key is the file's SHA-256 when no fault has it yet (as every fault's
+    was before arrivals were told apart), else a SHA-256 of the file's and the arrival's names (also
+    the key of a fault with no file hash: a stand-in naming its reason file is no key to type)."""
+    real = bool(_SHA256.fullmatch(fault.sha))
+    own = hashlib.sha256(f"{fault.sha}\n{fault.arrival}".encode()).hexdigest()
+    con.execute(
+        f"INSERT INTO {FAULTS} (sha256, file_name, level, rules, arrived_at, detected_at, arrival, file_sha256) "
+        f"SELECT CASE WHEN EXISTS (SELECT 1 FROM {FAULTS} WHERE sha256 = $first) THEN $own ELSE $first END, "
+        "$name, $level, $rule, CAST($arrived AS TIMESTAMPTZ), now(), $arrival, $file "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {FAULTS} WHERE arrival = $arrival)",
+        {
+            "first": fault.sha if real else own,
+            "own": own,
+            "file": fault.sha if real else None,
+            "name": fault.name,
+            "level": fault.level,
+            "rule": fault.rule,
+            "arrived": fault.arrived,
+            "arrival": fault.arrival,
+        },
+    )
+
+
 def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
-    """Record faults not yet known (file-level from quarantine, row-level from the rejected table).
+    """Record faults not yet known (file-level from quarantine, one per arrival; misrouted files
+    from the content collections' quarantine; row-level from the rejected table).
 
     Returns the number of new faults. It never clears one: only a person does (``resolve``).
     """
     ensure_tables(con)
     before = _scalar(con, f"SELECT count(*) FROM {FAULTS}")
-    for sha, name, rule, arrived in _file_faults(home.quarantine_for(COLLECTION)):
-        con.execute(
-            f"INSERT INTO {FAULTS} SELECT ?, ?, 'file', ?, NULL, CAST(? AS TIMESTAMPTZ), now(), NULL, NULL, NULL, NULL "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {FAULTS} WHERE sha256 = ?)",
-            [sha, name, rule, arrived, sha],
-        )
+    for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home):
+        _record(con, fault)
     if table_exists(con, "landing", f"{COLLECTION}_rejected"):
         con.execute(
-            f"INSERT INTO {FAULTS} SELECT r._batch, b.file_name, 'rows', "
+            f"INSERT INTO {FAULTS} (sha256, file_name, level, rules, rows, arrived_at, detected_at) "
+            "SELECT r._batch, b.file_name, 'rows', "
             "array_to_string(list_sort(list_distinct(flatten(list(r.failed_rules)))), ', '), count(*), "
-            "b.landed_at, now(), NULL, NULL, NULL, NULL "
+            "b.landed_at, now() "
             f"FROM landing.{COLLECTION}_rejected r JOIN {BATCHES} b ON b.batch_id = r._batch "
             f"WHERE r._batch NOT IN (SELECT sha256 FROM {FAULTS}) GROUP BY r._batch, b.file_name, b.landed_at"
         )
     # a refused batch is a fault in its own right, from the batch register (committed with the
     # verdict), not only from its reason file, which is written after that commit
     con.execute(
-        f"INSERT INTO {FAULTS} SELECT batch_id, file_name, 'batch', 'batch.refused', invalid_rows, landed_at, "
-        f"now(), NULL, NULL, NULL, NULL FROM {BATCHES} WHERE collection = ? AND status = 'refused' "
-        f"AND batch_id NOT IN (SELECT sha256 FROM {FAULTS})",
+        f"INSERT INTO {FAULTS} (sha256, file_name, level, rules, rows, arrived_at, detected_at) "
+        "SELECT batch_id, file_name, 'batch', 'batch.refused', invalid_rows, landed_at, now() "
+        f"FROM {BATCHES} WHERE collection = ? AND status = 'refused' AND batch_id NOT IN (SELECT sha256 FROM {FAULTS})",
         [COLLECTION],
     )
     return _scalar(con, f"SELECT count(*) FROM {FAULTS}") - before
@@ -195,11 +345,12 @@ def unresolved(con: duckdb.DuckDBPyConnection) -> list[Fault]:
     ensure_tables(con)
     rows = con.execute(
         "SELECT f.file_name, f.sha256, f.level, f.rules, f.rows, arg_min(c.batch_id, c.landed_at), "
-        "strftime(min(c.landed_at), '%Y-%m-%d'), count(c.batch_id) "
+        "strftime(min(c.landed_at), '%Y-%m-%d'), count(c.batch_id), nullif(f.file_sha256, f.sha256) "
         f"FROM {FAULTS} f LEFT JOIN ({_clean_batches_sql(con)}) c ON c.file_name = f.file_name "
-        "AND c.landed_at > f.arrived_at AND c.batch_id <> f.sha256 "
+        f"AND c.landed_at > f.arrived_at AND {_NOT_ITSELF.format(f='f.', batch='c.batch_id')} "
         "WHERE (f.resolved_at IS NULL OR NOT list_contains(?::VARCHAR[], f.sha256)) "
-        "GROUP BY f.file_name, f.sha256, f.level, f.rules, f.rows, f.arrived_at ORDER BY f.arrived_at, f.sha256",
+        "GROUP BY f.file_name, f.sha256, f.level, f.rules, f.rows, f.file_sha256, f.arrived_at "
+        "ORDER BY f.arrived_at, f.sha256",
         [resolved_on_record(con)],
     ).fetchall()
     return [Fault(*r) for r in rows]
@@ -300,14 +451,38 @@ def _describe(fault: Fault) -> str:
     what = {
         "rows": f"{fault.rows} row(s) rejected ({fault.rules})",
         "batch": f"the batch refused at validation ({fault.rules}; its reason file was not written)",
+        "misrouted": f"its header has the objections contract's columns ({OBJECTIONS_MARK}) but it was received "
+        f"and quarantined as a content file ({fault.rules}), so its objections were never registered",
     }.get(fault.level, f"the whole file quarantined ({fault.rules})")
-    return f"objections file {fault.file_name} (sha256 {fault.sha256[:SHA_SHOWN]}): {what}; {how_to_clear(fault)}"
+    if fault.rules == REASON_MISSING:
+        what = (
+            "found in quarantine/objections/ with no reason file (the haven stopped, or its disk was full, while "
+            "quarantining it), so its objections were never registered"
+        )
+    return f"objections file {fault.file_name} ({_named(fault)}): {what}; {how_to_clear(fault)}"
+
+
+def _named(fault: Fault) -> str:
+    """The fault's key as a person types it: the file's SHA-256, or the key of its own arrival."""
+    key = fault.sha256[:SHA_SHOWN]
+    if fault.rules in (REASON_MISSING, REASON_UNREADABLE):
+        return f"fault {key}"
+    if fault.file_sha256 is not None:
+        return f"sha256 {fault.file_sha256[:SHA_SHOWN]}, received again: fault {key}"
+    return f"sha256 {key}"
 
 
 def how_to_clear(fault: Fault) -> str:
     """What a person does to clear ``fault``, with the exact commands (module docstring, "Clearing a fault")."""
     me = fault.sha256[:SHA_SHOWN]
     decide = f"safehaven objections resolve {me} --by <name> --reason <text>"
+    if fault.level == "misrouted" and fault.later_clean_sha256 is None:
+        folder = fault.rules.rsplit("incoming/", 1)[-1]
+        return (
+            f"move it from quarantine/{folder} into incoming/objections/ and run intake "
+            f"(safehaven run), then record that it landed: safehaven objections resolve {me} --corrected-by "
+            f"<sha256 of the landed file> --by <name> --reason <text>; or record a decision: {decide}"
+        )
     if fault.later_clean_sha256 is None:
         return (
             "have the sender re-send its objections, then record that the new file corrects it: "
@@ -393,7 +568,8 @@ def resolve(
         f"UPDATE {FAULTS} SET resolved_at = now(), resolved_by = ?, resolution = ?, reason = ? "
         "WHERE (resolved_at IS NULL OR NOT list_contains(?::VARCHAR[], sha256)) "
         "AND (file_name = ? OR sha256 = ? OR (length(?) >= 12 AND sha256 LIKE ? || '%')) "
-        "AND (CAST(? AS TIMESTAMPTZ) IS NULL OR (arrived_at < CAST(? AS TIMESTAMPTZ) AND sha256 <> ?)) "
+        "AND (CAST(? AS TIMESTAMPTZ) IS NULL OR (arrived_at < CAST(? AS TIMESTAMPTZ) AND "
+        f"{_NOT_ITSELF.format(f='', batch='?')})) "
         "RETURNING sha256, level, rows",
         [by, resolution, note, resolved_on_record(con), key, key, key, key, landed, landed, batch or ""],
     ).fetchall()

@@ -1,0 +1,184 @@
+"""Faults of the objection feed that its quarantine folders hold (``safehaven.protect.feed``,
+module docstring, "A standing block"): each arrival a fault of its own, a quarantined file
+without its reason file, an objections file quarantined in a content collection's folder, and a
+received file named like a reason file (the hostile review's findings 1, 2, 3 and 8).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from safehaven.core.home import Home
+from safehaven.intake.ingest import ingest_collection
+from safehaven.protect import feed
+from tests.governance_helpers import NHS
+from tests.unit.feed_helpers import COLUMNS, Haven, open_haven, opt_out, refused
+
+#: a Windows-1252 byte in an otherwise valid objections file: refused whole (``file.encoding``)
+UNREADABLE = (",".join(COLUMNS) + f"\n{NHS[30]},national_opt_out,2024-03-01,,\n# caf\xe9\n").encode("latin-1")
+
+
+@pytest.fixture
+def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    with open_haven(home, tmp_path) as opened:
+        yield opened
+
+
+def _drop_bytes(haven: Haven, name: str, data: bytes) -> None:
+    folder = haven.home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+
+
+def _reasons(haven: Haven) -> list[Path]:
+    return list(haven.home.quarantine_for("objections").glob("*.reason.json"))
+
+
+def test_a_later_empty_objections_file_is_a_new_fault_after_an_earlier_one_was_resolved(haven: Haven) -> None:
+    """Every 0-byte file has one SHA-256: the second empty export (that day's objections never
+    received) is a fault of its own, and blocks until a person resolves it too (finding 1)."""
+    haven.drop("base.csv", [opt_out(10)])
+    haven.run()
+    _drop_bytes(haven, "objections_20241201.csv", b"")
+    haven.run()
+    feed.resolve(haven.con, haven.home, "objections_20241201.csv", by="Dr Guardian", reason="export glitch")
+    assert haven.release().status == "released"
+    _drop_bytes(haven, "objections_20241220.csv", b"")
+    haven.run()
+    assert len(_reasons(haven)) == 2
+    feed.sync_faults(haven.con, haven.home)
+    [fault] = feed.unresolved(haven.con)
+    assert fault.file_name == "objections_20241220.csv" and fault.file_sha256 is not None
+    message = refused(haven)
+    assert f"received again: fault {fault.sha256[: feed.SHA_SHOWN]}" in message
+    assert f"safehaven objections resolve {fault.sha256[: feed.SHA_SHOWN]} --by <name>" in message
+    assert feed.resolve(haven.con, haven.home, fault.sha256[:12], by="Dr Guardian", reason="export failed again") == 1
+    assert feed.unresolved(haven.con) == []
+
+
+def test_the_same_unreadable_file_sent_again_after_a_resolution_blocks_again(haven: Haven) -> None:
+    """The sender's system retries the very bytes a person resolved: quarantined again, it is a
+    new fault, and the objector's records stay in no release until a person decides (finding 1)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    _drop_bytes(haven, "daily.csv", UNREADABLE)
+    haven.run()
+    feed.resolve(haven.con, haven.home, "daily.csv", by="Dr Guardian", reason="sender will send a corrected file")
+    assert haven.release().status == "released"
+    _drop_bytes(haven, "daily.csv", UNREADABLE)
+    haven.run()
+    for _ in range(2):  # the run that sees it, and a later one
+        haven.run()
+        assert "daily.csv" in refused(haven)
+    assert feed.resolve(haven.con, haven.home, "daily.csv", by="Dr Guardian", reason="sent again by post") == 1
+    assert haven.release().status in ("released", "unchanged")  # not refused
+
+
+def test_a_resolution_clears_only_the_arrival_it_names(haven: Haven) -> None:
+    """Two empty files unresolved at once: resolving one (by its key) leaves the other blocking."""
+    haven.drop("base.csv", [opt_out(10)])
+    haven.run()
+    _drop_bytes(haven, "a.csv", b"")
+    _drop_bytes(haven, "b.csv", b"")
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)
+    first, second = feed.unresolved(haven.con)
+    assert first.sha256 != second.sha256
+    assert feed.resolve(haven.con, haven.home, first.sha256[:16], by="Dr Guardian", reason="checked") == 1
+    assert [f.sha256 for f in feed.unresolved(haven.con)] == [second.sha256]
+
+
+def test_a_fault_recorded_by_hash_alone_keeps_its_resolution_and_a_later_arrival_is_new(haven: Haven) -> None:
+    """A haven whose faults were keyed by the file's SHA-256 alone (no arrival recorded): its
+    resolved fault stays resolved (its reason file is that fault's arrival), and the same bytes
+    arriving again are a new fault."""
+    haven.drop("base.csv", [opt_out(10)])
+    haven.run()
+    _drop_bytes(haven, "objections_20241201.csv", b"")
+    haven.run()
+    feed.resolve(haven.con, haven.home, "objections_20241201.csv", by="Dr Guardian", reason="export glitch")
+    haven.con.execute(f"UPDATE {feed.FAULTS} SET arrival = NULL, file_sha256 = NULL")  # as an older haven left it
+    feed.sync_faults(haven.con, haven.home)
+    assert feed.unresolved(haven.con) == []
+    assert haven.con.execute(f"SELECT count(*) FROM {feed.FAULTS}").fetchone()[0] == 1
+    _drop_bytes(haven, "objections_20241220.csv", b"")
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)
+    [fault] = feed.unresolved(haven.con)
+    assert fault.file_name == "objections_20241220.csv"
+
+
+def test_a_quarantined_objections_file_without_its_reason_file_blocks_until_resolved(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reason write fails after the move (disk full, a kill): the file sits in quarantine with
+    no reason; it is a fault of its own (``feed.reason_missing``) until a person resolves it (finding 2)."""
+    haven.drop("base.csv", [opt_out(10)])
+    haven.run()
+    _drop_bytes(haven, "objections.csv", ("nhs_number;objection_type\n" + NHS[46] + ";national_opt_out\n").encode())
+    real = Path.write_text
+
+    def failing(self: Path, *args, **kwargs):
+        if self.name.endswith(".reason.json"):
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+    with pytest.raises(OSError):
+        haven.run()
+    monkeypatch.setattr(Path, "write_text", real)
+    haven.run()
+    assert not _reasons(haven)
+    for _ in range(2):
+        message = refused(haven)
+        assert "objections.csv" in message and "with no reason file" in message and NHS[46] not in message
+    [fault] = feed.unresolved(haven.con)
+    assert fault.rules == feed.REASON_MISSING
+    assert f"(fault {fault.sha256[: feed.SHA_SHOWN]})" in message
+    assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="re-sent") == 1
+    assert haven.release().status == "released"
+
+
+def test_an_objections_file_quarantined_in_a_content_folder_blocks_until_moved_and_recorded(haven: Haven) -> None:
+    """An objections file dropped in incoming/hospital_episodes/ is quarantined there as a content
+    file; its header shows ``objection_type``, so it is a feed fault naming the file and how to
+    clear it; moved into incoming/objections/ it lands, and a person records that (finding 3)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    folder = haven.home.incoming_for("hospital_episodes")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "objections_20241201.csv").write_text(",".join(COLUMNS) + f"\n{NHS[31]},national_opt_out,2024-03-01,,\n")
+    contract = haven.registry.contracts["hospital_episodes"]
+    quarantine = haven.home.quarantine_for("hospital_episodes")
+    assert ingest_collection(haven.con, contract, folder, quarantine).files_quarantined == 1
+    haven.run()
+    message = refused(haven)
+    assert "objections_20241201.csv" in message and "feed.misrouted in incoming/hospital_episodes/" in message
+    assert "move it from quarantine/hospital_episodes/ into incoming/objections/" in message
+    assert NHS[31] not in message
+    [fault] = feed.unresolved(haven.con)
+    (quarantine / "objections_20241201.csv").rename(haven.home.incoming_for("objections") / "objections_20241201.csv")
+    haven.run()
+    assert "objections_20241201.csv" in refused(haven)  # landed, but only a person clears the fault
+    n = feed.resolve(
+        haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="moved it", corrected_by=fault.sha256[:16]
+    )
+    assert n == 1
+    result = haven.release()
+    assert haven.pids[NHS[31]] not in haven.members(result.release_id)
+
+
+def test_a_received_file_named_like_a_reason_file_is_not_read_as_the_havens_reason(haven: Haven) -> None:
+    """A sender's ``x.reason.json`` is quarantined with a reason file of its own; the feed reads that
+    reason, never the sender's bytes as one (finding 8)."""
+    haven.drop("base.csv", [opt_out(10)])
+    haven.run()
+    spoof = {"sha256": "f" * 64, "file": "SPOOFED_BY_SENDER.csv", "rule": "file.empty", "quarantined_at": "2030-01-01"}
+    _drop_bytes(haven, "x.reason.json", json.dumps(spoof).encode())
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)
+    assert {f.file_name for f in feed.unresolved(haven.con)} == {"x.reason.json"}
