@@ -17,6 +17,21 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   would then replace; after the rotation commits, the store's epoch names the new key and the
   old ``vault.pub`` no longer matches it until ``safehaven keys rotate --resume`` installs it.
   The pipeline never creates the vault pair: the key custodian does (``safehaven keys init-vault``).
+* **The vault key is the audit trail's** (:func:`check_vault_audited`, every vault write): besides
+  ``keyring.json`` and the store's epoch, which anyone holding the store key and the haven's files
+  can rewrite together, ``vault.pub`` must be the key the latest authentic audit entry that set the
+  vault key names (``key.create`` by ``safehaven keys init-vault``, ``key.rotate`` by a vault-key
+  rotation or its ``--resume``, ``key.adopt`` below, each on ``key:vault``): that entry is keyed
+  under the audit key, chained and anchored, so it cannot be forged with the store key. Otherwise
+  a substituted ``vault.pub`` would have every new data key wrapped to someone else's key,
+  silently. A different key, or an entry that does not verify, is refused, naming the key the
+  trail expects; the fix is to restore ``keys/vault.pub`` from the key custodian's backup (a new
+  vault key is only ever installed by an audited rotation, ``safehaven keys rotate vault``).
+  A haven whose trail records no vault key (a pair made before its creation was audited, e.g.
+  by ``KeyRing.create_keypair`` directly) has it **adopted once**, by a ``key.adopt`` entry at
+  its first vault write, only while the vault holds no entry (``vault.data_keys`` and
+  ``vault.identity`` empty): nothing has been wrapped to any key yet. With entries and no key
+  on record it is refused: the key custodian rotates the vault key, which records it.
 * **Agreement salts** (``agreement_key``): created once, when the agreement is first approved
   (or, for an agreement approved by editing its file, at its first release); never re-created
   once recorded, once released or prepared for release under, or after disposal destroyed it.
@@ -26,7 +41,7 @@ from __future__ import annotations
 
 import duckdb
 
-from safehaven.core import schema
+from safehaven.core import audit, schema
 from safehaven.core.keys import (
     VAULT,
     Key,
@@ -150,7 +165,64 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
         )
     public = keyring.get_public(VAULT)
     check_epoch(con, VAULT, public.key_id, str(path))
+    check_vault_audited(con, public.key_id, str(path))
     return public
+
+
+#: Audit actions on :data:`VAULT_OBJECT` that set the vault key, and the detail field naming it.
+VAULT_KEY_SET = {"key.create": "key_id", "key.rotate": "new_key_id", "key.adopt": "key_id"}
+VAULT_OBJECT = f"key:{VAULT}"
+ADOPT = "key.adopt"
+ROTATE_VAULT = "safehaven keys rotate vault"
+
+
+def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str | None] | None:
+    """The latest audit entry that set the vault key and the key id it names (unverified: None when
+    the trail records none)."""
+    entry = audit.latest_entry(con, VAULT_OBJECT, tuple(VAULT_KEY_SET))
+    if entry is None:
+        return None
+    kid = entry.fields.get(VAULT_KEY_SET[entry.action])
+    return entry, kid if isinstance(kid, str) else None
+
+
+def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str) -> None:
+    """Refuse vault key ``kid`` (held in ``what``) unless it is the key the latest authentic audit
+    entry that set the vault key names; adopt it once when the trail records none and the vault
+    holds no entry (module docstring, "The vault key is the audit trail's"; CoP 27b-c,
+    ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit")."""
+    recorded = audited_vault_key(con)
+    if recorded is None:
+        if _vault_holds_entries(con):
+            raise KeyRingError(
+                f"{what} holds vault key {kid}, but the audit trail records no vault key while the vault holds "
+                f"entries; restore keys/vault.pub from the key custodian's backup, and the key custodian "
+                f"records the key with an audited rotation (`{ROTATE_VAULT}`)"
+            )
+        audit.append(con, actor="pipeline", role="pipeline", action=ADOPT, object=VAULT_OBJECT, detail={"key_id": kid})
+        return
+    entry, expected = recorded
+    if not audit.authentic_from(con, entry.seq):
+        raise KeyRingError(
+            f"the audit entry that set the vault key (seq {entry.seq}, key {expected or '-'}) does not verify, so "
+            f"{what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
+            f"then restores key {expected or '-'} from backup or records the key with `{ROTATE_VAULT}`"
+        )
+    if kid != expected:
+        raise KeyRingError(
+            f"{what} holds vault key {kid}, but the audit trail records vault key {expected or '-'} "
+            f"({entry.action}, seq {entry.seq}); restore keys/vault.pub (key {expected or '-'}) from the key "
+            f"custodian's backup (a new vault key is installed only by `{ROTATE_VAULT}`)"
+        )
+
+
+def _vault_holds_entries(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether anything was ever wrapped to a vault key: a data key or an entry in the vault."""
+    for held in (schema.VAULT_DATA_KEYS, schema.VAULT_IDENTITY):
+        name, _, table = held.partition(".")
+        if table_exists(con, name, table) and con.execute(f"SELECT count(*) FROM {held}").fetchone()[0]:
+            return True
+    return False
 
 
 def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:

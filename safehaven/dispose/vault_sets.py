@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core.keys import VAULT, KeyRing
+from safehaven.core.pins import vault_public
 from safehaven.core.store import table_exists
 from safehaven.dispose.journal import count
 from safehaven.dispose.model import DisposalError
@@ -117,7 +118,7 @@ def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous:
     con.execute("DROP TABLE _amb_plain")
     deleted = count(con, "DELETE FROM vault.identity WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
     con.execute(f"DELETE FROM {vault.SEEN} WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
-    again = vault.encrypt_by_collection(con, "_amb_keep", keyring.get_public(VAULT))
+    again = vault.encrypt_by_collection(con, "_amb_keep", vault_public(con, keyring))  # pinned, as every vault write
     con.execute("DROP TABLE _amb_keep")
     return deleted, again
 

@@ -32,6 +32,12 @@ Rules (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; ``safehav
   (``safehaven.core.pins.vault_public``), and after the commit the old ``vault.pub`` no longer
   matches the store's epoch, so no new data key can be wrapped to a key about to be replaced:
   a crash at any step loses no entry, and ``resume`` installs or discards the staged pair.
+  The audit trail names the vault key too (``safehaven.core.pins.check_vault_audited``): the
+  new pair is recorded as staged (``key.rotate.stage``, new key id) before it is written, and the
+  ``key.rotate`` entry is appended before the pair is installed; ``resume`` installing a committed
+  pair whose rotation stopped before that entry appends it (``resumed``), but only for the pair
+  the latest authentic ``key.rotate.stage`` names, so a pair staged some other way never becomes
+  the key the trail records.
 * ``resume`` is audited (``action="key.rotate.resume"``): it is how a person clears the refusal.
 * One writer at a time (DuckDB): a rotation refuses to start while a pipeline run is alive
   (``safehaven.core.runs.live_runs``), rather than rewriting the store under the run.
@@ -71,7 +77,7 @@ from safehaven.core.keys import (
     x25519_private,
     x25519_public,
 )
-from safehaven.core.pins import check_epoch, epoch_key_id, start_epoch, vault_public
+from safehaven.core.pins import VAULT_KEY_SET, VAULT_OBJECT, check_epoch, epoch_key_id, start_epoch, vault_public
 from safehaven.core.sql import lit, q
 from safehaven.core.store import CATALOG, Store, StoreError, table_exists
 from safehaven.intake.contracts import Contract
@@ -87,6 +93,14 @@ REMAP_SCHEMAS = ("haven", "governance", "vault", "release")
 #: objector through or break linkage. Elsewhere (history such as release members) a pid of a
 #: person already disposed of keeps its old value and is counted as unmapped.
 STRICT = {("governance", "objection_events")}
+
+
+#: The audit action of a committed rotation; for the vault key, the entry that names the new key
+#: (``safehaven.core.pins.check_vault_audited``).
+ROTATE_ACTION = "key.rotate"
+#: The audit action recording a vault key pair staged by :func:`rotate_vault`, before anything is
+#: written: ``resume`` records a committed staged pair as the vault key only when this names it.
+STAGE_ACTION = "key.rotate.stage"
 
 
 class RotationError(Exception):
@@ -106,12 +120,14 @@ def _staged(purpose: str) -> str:
     return f"{purpose}-next"
 
 
-def _audit(con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: RotationReport) -> None:
+def _audit(
+    con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: RotationReport, *, action: str = ROTATE_ACTION
+) -> None:
     audit.append(
         con,
         actor=actor,
         role="key_custodian",
-        action="key.rotate",
+        action=action,
         object=f"key:{report.purpose}",
         detail={
             "old_key_id": report.old_key_id,
@@ -164,6 +180,7 @@ def rotate_haven(haven: Haven) -> RotationReport:
     private = vault.private_key(keyring)
     with store.connect() as con:
         old = haven_key(con, keyring)
+        public = vault_public(con, keyring)  # pinned and checked against the trail before anything is staged
         sealed = register_seal.problem(con) is None  # re-keyed pids are sealed again only if it matched
         new = keyring.write(_staged("haven"), secrets.token_bytes(KEY_BYTES), replace=True, record=False)
         new = Key("haven", new.material)
@@ -209,7 +226,7 @@ def rotate_haven(haven: Haven) -> RotationReport:
                 report.counts[f"{schema}.{table}.{column}"] = int(n)
             if table_exists(con, "governance", "objection_events"):
                 con.execute("UPDATE governance.objection_events SET key_id = ?", [new.key_id])
-            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", vault_public(con, keyring), "_pid_map")
+            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", public, "_pid_map")
             _retire_epoch(con, "haven", new.key_id)
             con.execute("COMMIT")
         except BaseException:
@@ -355,8 +372,10 @@ def rotate_vault(haven: Haven) -> RotationReport:
     old_id = key_id(x25519_public(private.material))
     with Store(home, keyring).connect() as con:
         check_epoch(con, VAULT, old_id, str(keyring.path(VAULT)))
-        new_public = keyring.seal_keypair(VAULT, x25519_private(), stage=True)
-        report = RotationReport(VAULT, old_id, new_public.key_id)
+        new_private = x25519_private()
+        report = RotationReport(VAULT, old_id, key_id(x25519_public(new_private)))
+        _audit(con, home, actor, report, action=STAGE_ACTION)  # what resume may install (module docstring)
+        new_public = keyring.seal_keypair(VAULT, new_private, stage=True)
         vault.ensure_tables(con)
         con.execute("BEGIN TRANSACTION")
         try:
@@ -367,8 +386,8 @@ def rotate_vault(haven: Haven) -> RotationReport:
             con.execute("ROLLBACK")
             _discard_staged(keyring, VAULT)
             raise
+        _audit(con, home, actor, report)  # before the install: the trail names the key vault.pub will hold
         keyring.install_staged_pair(VAULT)
-        _audit(con, home, actor, report)
     return report
 
 
@@ -409,22 +428,44 @@ def resume(haven: Haven) -> list[str]:
     ]
     if not todo and not done and not _staged_crosswalks(home):
         return []
+    staged_vault = keyring.staged_public_id(VAULT) if VAULT in todo else None
     try:
         with Store(home, keyring).connect() as con:
             done = [_resume_one(con, home, keyring, purpose) for purpose in todo] + done
             done += _settle_crosswalks(con, home, keyring)
-            audit.append(
-                con,
-                actor=actor,
-                role="key_custodian",
-                action="key.rotate.resume",
-                object="keys",
-                detail={"done": done},
-                home=home,
-            )
+            entry = {"actor": actor, "role": "key_custodian", "action": "key.rotate.resume", "object": "keys"}
+            entries = [*_resumed_vault_key(con, keyring, staged_vault, actor), {**entry, "detail": {"done": done}}]
+            audit.append_many(con, entries, home=home)
     except StoreError as exc:
         raise RotationError(f"cannot open the store to resume: {exc}") from None
     return done
+
+
+def _resumed_vault_key(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, staged_id: str | None, actor: str
+) -> list[dict[str, object]]:
+    """The ``key.rotate`` entry of a vault pair ``resume`` just installed, so the audit trail names the
+    key ``vault.pub`` now holds (``safehaven.core.pins.check_vault_audited``): only when the latest
+    authentic entry on ``key:vault`` is the rotation's own ``key.rotate.stage`` naming it (a pair
+    staged some other way is installed as before, but vault writes stay refused); nothing when the
+    killed rotation had recorded it already."""
+    if staged_id is None or keyring.current_id(VAULT) != staged_id or epoch_key_id(con, VAULT) != staged_id:
+        return []
+    entry = audit.latest_entry(con, VAULT_OBJECT, (STAGE_ACTION, *VAULT_KEY_SET))
+    if entry is None or entry.action != STAGE_ACTION or entry.fields.get("new_key_id") != staged_id:
+        return []
+    if not audit.authentic_from(con, entry.seq):
+        return []
+    detail = {**entry.fields, "resumed": True, "staged_seq": entry.seq}
+    return [
+        {
+            "actor": actor,
+            "role": "key_custodian",
+            "action": ROTATE_ACTION,
+            "object": VAULT_OBJECT,
+            "detail": detail,
+        }
+    ]
 
 
 def _resume_one(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str) -> str:
