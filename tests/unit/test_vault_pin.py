@@ -145,15 +145,20 @@ def test_a_pair_staged_outside_a_rotation_is_installed_by_resume_but_never_used(
 # --- the legitimate paths --------------------------------------------------------------------
 
 
-def test_a_fresh_haven_vaults_on_its_first_and_next_nights(created_home: Home) -> None:
-    populated(created_home, patients=PATIENTS)
-    kid = KeyRing(created_home.keys).current_id(VAULT)
-    first = _entries(created_home)
-    drop(created_home, patients=30, seed=41)
-    process(created_home)
-    assert _entries(created_home) > first > 0
-    assert set(_wrapped_to(created_home)) == {kid}
-    assert _vault_key_entries(created_home) == [("key.create", {"key_id": kid})], "nothing adopted over a record"
+@pytest.mark.parametrize("setup", ["created_home", "home"])
+def test_a_fresh_haven_vaults_on_its_first_and_next_nights(setup: str, request: pytest.FixtureRequest) -> None:
+    """Set up by ``init-vault`` (``key.create`` on record) or with a pair never audited (``home``:
+    ``KeyRing.create_keypair``, adopted by the first night's ``key.adopt``); the next night vaults too."""
+    home: Home = request.getfixturevalue(setup)
+    populated(home, patients=PATIENTS)
+    kid = KeyRing(home.keys).current_id(VAULT)
+    first = _entries(home)
+    drop(home, patients=30, seed=41)
+    process(home)
+    assert _entries(home) > first > 0
+    assert set(_wrapped_to(home)) == {kid}
+    recorded = "key.create" if setup == "created_home" else "key.adopt"
+    assert _vault_key_entries(home) == [(recorded, {"key_id": kid})], "recorded once, never adopted over a record"
 
 
 def test_a_night_after_a_vault_key_rotation_wraps_to_the_new_key(created_home: Home) -> None:
