@@ -42,6 +42,7 @@ from __future__ import annotations
 import duckdb
 
 from safehaven.core import audit, schema
+from safehaven.core.home import Home
 from safehaven.core.keys import (
     VAULT,
     Key,
@@ -146,8 +147,9 @@ def verify(con: duckdb.DuckDBPyConnection, keyring: KeyRing, *, writable: bool =
         _check_recorded(con, purpose, kid, str(keyring.path(purpose)), pinned, writable=writable)
 
 
-def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
-    """The vault public key for a vault write, pinned (module docstring); the pipeline's only vault key."""
+def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None) -> Key:
+    """The vault public key for a vault write, pinned (module docstring); the pipeline's only vault key.
+    ``home``: the haven whose audit trail records the key, when ``con`` was not opened by its store."""
     if keyring.staged_pair(VAULT):
         raise KeyRingError(
             "a vault key rotation is pending (keys/vault-next.*): vault writes are refused until the key "
@@ -165,7 +167,7 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
         )
     public = keyring.get_public(VAULT)
     check_epoch(con, VAULT, public.key_id, str(path))
-    check_vault_audited(con, public.key_id, str(path))
+    check_vault_audited(con, public.key_id, str(path), home)
     return public
 
 
@@ -186,7 +188,7 @@ def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str 
     return entry, kid if isinstance(kid, str) else None
 
 
-def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str) -> None:
+def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None) -> None:
     """Refuse vault key ``kid`` (held in ``what``) unless it is the key the latest authentic audit
     entry that set the vault key names; adopt it once when the trail records none and the vault
     holds no entry (module docstring, "The vault key is the audit trail's"; CoP 27b-c,
@@ -199,10 +201,10 @@ def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str) -> 
                 f"entries; restore keys/vault.pub from the key custodian's backup, and the key custodian "
                 f"records the key with an audited rotation (`{ROTATE_VAULT}`)"
             )
-        audit.append(con, actor="pipeline", role="pipeline", action=ADOPT, object=VAULT_OBJECT, detail={"key_id": kid})
+        _adopt(con, kid, home)
         return
     entry, expected = recorded
-    if not audit.authentic_from(con, entry.seq):
+    if not audit.authentic_from(con, entry.seq, home):
         raise KeyRingError(
             f"the audit entry that set the vault key (seq {entry.seq}, key {expected or '-'}) does not verify, so "
             f"{what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
@@ -214,6 +216,13 @@ def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str) -> 
             f"({entry.action}, seq {entry.seq}); restore keys/vault.pub (key {expected or '-'}) from the key "
             f"custodian's backup (a new vault key is installed only by `{ROTATE_VAULT}`)"
         )
+
+
+def _adopt(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None) -> None:
+    """Record ``kid`` as the vault key (``key.adopt``): a key never audited, before its first entry."""
+    audit.append(
+        con, actor="pipeline", role="pipeline", action=ADOPT, object=VAULT_OBJECT, detail={"key_id": kid}, home=home
+    )
 
 
 def _vault_holds_entries(con: duckdb.DuckDBPyConnection) -> bool:

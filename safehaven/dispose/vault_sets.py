@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.pins import vault_public
 from safehaven.core.store import table_exists
@@ -99,7 +100,9 @@ def drop_vault_sets(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"DROP TABLE IF EXISTS {t}")
 
 
-def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous: int) -> tuple[int, int]:
+def _reencrypt_kept(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous: int, home: Home | None
+) -> tuple[int, int]:
     """Decrypt the ambiguous (pid, field) entries, delete them, encrypt the kept values again.
 
     Returns (entries deleted, entries encrypted again); refused without the vault private key.
@@ -118,16 +121,20 @@ def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous:
     con.execute("DROP TABLE _amb_plain")
     deleted = count(con, "DELETE FROM vault.identity WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
     con.execute(f"DELETE FROM {vault.SEEN} WHERE (pid, field) IN (SELECT pid, field FROM _amb)")
-    again = vault.encrypt_by_collection(con, "_amb_keep", vault_public(con, keyring))  # pinned, as every vault write
+    public = vault_public(con, keyring, home)  # pinned, as every vault write
+    again = vault.encrypt_by_collection(con, "_amb_keep", public)
     con.execute("DROP TABLE _amb_keep")
     return deleted, again
 
 
-def dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, keyring: KeyRing) -> dict[str, Any]:
+def dispose_vault(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, keyring: KeyRing, home: Home | None = None
+) -> dict[str, Any]:
     """Delete the vault entries the disposed records alone needed, and the data keys left empty.
 
     Runs inside the caller's transaction, after :func:`disposed_people` and before the landing
-    rows are deleted.
+    rows are deleted. Kept values encrypted again are wrapped to the pinned vault key
+    (``safehaven.core.pins.vault_public``, checked against ``home``'s audit trail).
     """
     out: dict[str, Any] = {"vault.identity": 0, "vault_entries_reencrypted": 0, "vault_data_keys": []}
     if not table_exists(con, "vault", "identity"):
@@ -138,7 +145,7 @@ def dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, ke
     vault.ensure_tables(con)
     con.execute(f"DELETE FROM {vault.SEEN} WHERE {gone}")  # each entry's digest goes with it
     if ambiguous:
-        deleted, again = _reencrypt_kept(con, keyring, ambiguous)
+        deleted, again = _reencrypt_kept(con, keyring, ambiguous, home)
         out["vault.identity"] += deleted - again
         out["vault_entries_reencrypted"] += again
     out["vault_data_keys"] = [
