@@ -26,11 +26,13 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   a substituted ``vault.pub`` would have every new data key wrapped to someone else's key,
   silently. A different key, or an entry that does not verify, is refused, naming the key the
   trail expects; the fix is to restore ``keys/vault.pub`` from the key custodian's backup (a new
-  vault key is only ever installed by an audited rotation, ``safehaven keys rotate vault``).
+  vault key is only ever installed by an audited rotation, ``safehaven keys rotate --purpose vault``).
   A haven whose trail records no vault key (a pair made before its creation was audited, e.g.
   by ``KeyRing.create_keypair`` directly) has it **adopted once**, by a ``key.adopt`` entry at
   its first vault write, only while the vault holds no entry (``vault.data_keys`` and
-  ``vault.identity`` empty): nothing has been wrapped to any key yet. With entries and no key
+  ``vault.identity`` empty: nothing has been wrapped to any key yet) and the whole trail
+  verifies (a ``key.create`` renamed or removed with the store key must not pass for none, as
+  ``safehaven.protect.register_seal.last_seal`` reads a missing seal). With entries and no key
   on record it is refused: the key custodian rotates the vault key, which records it.
 * **Agreement salts** (``agreement_key``): created once, when the agreement is first approved
   (or, for an agreement approved by editing its file, at its first release); never re-created
@@ -175,7 +177,7 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | 
 VAULT_KEY_SET = {"key.create": "key_id", "key.rotate": "new_key_id", "key.adopt": "key_id"}
 VAULT_OBJECT = f"key:{VAULT}"
 ADOPT = "key.adopt"
-ROTATE_VAULT = "safehaven keys rotate vault"
+ROTATE_VAULT = "safehaven keys rotate --purpose vault"
 
 
 def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str | None] | None:
@@ -200,6 +202,12 @@ def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, hom
                 f"{what} holds vault key {kid}, but the audit trail records no vault key while the vault holds "
                 f"entries; restore keys/vault.pub from the key custodian's backup, and the key custodian "
                 f"records the key with an audited rotation (`{ROTATE_VAULT}`)"
+            )
+        if not audit.verify(con, home).ok:  # a record renamed or removed must not pass for none (last_seal's rule)
+            raise KeyRingError(
+                f"{what} holds vault key {kid}, but the audit trail records no vault key and does not verify, so "
+                "the key is not adopted: run `safehaven audit verify`, and restore keys/vault.pub from the key "
+                "custodian's backup"
             )
         _adopt(con, kid, home)
         return

@@ -16,7 +16,7 @@ from safehaven.context import Haven
 from safehaven.core import audit, pins
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, key_id, x25519_private, x25519_public
-from safehaven.core.store import Store
+from safehaven.core.store import Store, table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import custody, rotation, vault
 from tests.conftest import custodian_ring, test_custodian
@@ -32,6 +32,8 @@ def _haven(home: Home) -> Haven:
 def _wrapped_to(home: Home) -> dict[str, int]:
     """Data keys per vault key id they are wrapped to."""
     with Store(home).connect(read_only=True) as con:
+        if not table_exists(con, "vault", "data_keys"):
+            return {}
         rows = con.execute(f"SELECT vault_key_id, count(*) FROM {vault.DATA_KEYS} GROUP BY 1").fetchall()
     return {str(k): int(n) for k, n in rows}
 
@@ -126,6 +128,24 @@ def test_a_vault_key_entry_forged_with_the_store_key_is_refused(created_home: Ho
             [f'{{"new_key_id": "{theirs}"}}'],
         )
     _refused_and_nothing_wrapped(created_home, theirs, "does not verify")
+
+
+def test_a_key_record_hidden_with_the_store_key_before_the_first_night_is_not_replaced_by_adoption(
+    created_home: Home,
+) -> None:
+    """Before any entry, the insider renames the ``key.create`` entry (not the trail's last) so the
+    trail seems to record no vault key: the key is adopted only if the whole trail verifies."""
+    with Store(created_home).connect() as con:
+        audit.append(con, actor="pipeline", role="pipeline", action="run", object="job:test", home=created_home)
+    theirs = _substitute(created_home)
+    with Store(created_home).connect() as con:
+        con.execute(f"UPDATE {audit.TABLE} SET action = 'key.seal' WHERE action = 'key.create'")
+    drop(created_home, patients=30, seed=37)
+    with pytest.raises(KeyRingError, match="records no vault key and does not verify"):
+        process(created_home)
+    assert not _wrapped_to(created_home)
+    assert [a for a, _ in _vault_key_entries(created_home)] == ["key.seal"], "nothing adopted"
+    assert theirs
 
 
 def test_a_pair_staged_outside_a_rotation_is_installed_by_resume_but_never_used(created_home: Home) -> None:
