@@ -3,7 +3,7 @@
 * ``safehaven keys list``: key ids per purpose, current and retired (never material).
 * ``safehaven keys rotate --purpose haven|store|vault``: rotate one key (``safehaven.protect.rotation``);
   ``--resume`` finishes or undoes an interrupted rotation, and records late a rotation that was
-  installed without its ``key.rotate`` entry (the haven and vault keys are refused until then:
+  installed without its ``key.rotate`` entry (the haven key is refused until then:
   ``safehaven.core.pins.unrecorded_rotations``). Haven and vault rotations open the sealed vault
   private key, so they ask for the key custodian's passphrase.
 * ``safehaven keys init-vault``: the key custodian creates the identity vault's key pair, the

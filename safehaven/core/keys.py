@@ -40,6 +40,8 @@ file whose id is not the recorded one (swapped or substituted), naming the id ex
 with a record is never re-created when its file is missing: the message asks for the
 custodian's backup. The store pins the same ids again in ``governance.key_epochs``
 (``safehaven.core.pins``), so editing ``keyring.json`` alongside a key file does not get past it.
+The vault public key is pinned a third time, by the audit trail (``safehaven.core.pins.check_vault_audited``):
+the store key can rewrite the store's epoch, but not an authentic audit entry naming the key.
 ``keyring.json`` notes an id as ``pending`` before a key file is replaced, so a crash between
 the file and the record leaves both ids acceptable until the next write finishes.
 

@@ -17,13 +17,32 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   would then replace; after the rotation commits, the store's epoch names the new key and the
   old ``vault.pub`` no longer matches it until ``safehaven keys rotate --resume`` installs it.
   The pipeline never creates the vault pair: the key custodian does (``safehaven keys init-vault``).
-* **Every installed rotation is on record** (:func:`unrecorded_rotations`): a haven or vault key
+* **Every installed rotation is on record** (:func:`unrecorded_rotations`): a haven key
   rotation that was installed with no authentic ``key.rotate`` entry (the process was killed
   between installing the key and appending the entry, or ``--resume`` installed it) refuses the
   use of that key (:func:`check_rotations_recorded`: the haven key, vault writes, :func:`verify`)
   until the key custodian runs ``safehaven keys rotate --resume``, which records it then
   (``"late": true``). Only a rotation the store's key epochs and the key file confirm is
-  recorded; a claim of ``keyring.json`` alone is reported, never recorded.
+  recorded; a claim of ``keyring.json`` alone is reported, never recorded. The vault key is not
+  recorded late so: it is on record only by its own rotation's entries (next rule), since the
+  store's epochs and ``keyring.json`` are what a store-key holder substituting ``vault.pub`` rewrites.
+* **The vault key is the audit trail's** (:func:`check_vault_audited`, every vault write): besides
+  ``keyring.json`` and the store's epoch, which anyone holding the store key and the haven's files
+  can rewrite together, ``vault.pub`` must be the key the latest authentic audit entry that set the
+  vault key names (``key.create`` by ``safehaven keys init-vault``, ``key.rotate`` by a vault-key
+  rotation or its ``--resume``, ``key.adopt`` below, each on ``key:vault``): that entry is keyed
+  under the audit key, chained and anchored, so it cannot be forged with the store key. Otherwise
+  a substituted ``vault.pub`` would have every new data key wrapped to someone else's key,
+  silently. A different key, or an entry that does not verify, is refused, naming the key the
+  trail expects; the fix is to restore ``keys/vault.pub`` from the key custodian's backup (a new
+  vault key is only ever installed by an audited rotation, ``safehaven keys rotate --purpose vault``).
+  A haven whose trail records no vault key (a pair made before its creation was audited, e.g.
+  by ``KeyRing.create_keypair`` directly) has it **adopted once**, by a ``key.adopt`` entry at
+  its first vault write, only while the vault holds no entry (``vault.data_keys`` and
+  ``vault.identity`` empty: nothing has been wrapped to any key yet) and the whole trail
+  verifies (a ``key.create`` renamed or removed with the store key must not pass for none, as
+  ``safehaven.protect.register_seal.last_seal`` reads a missing seal). With entries and no key
+  on record it is refused: the key custodian rotates the vault key, which records it.
 * **Agreement salts** (``agreement_key``): created once, when the agreement is first approved
   (or, for an agreement approved by editing its file, at its first release); never re-created
   once recorded, once released or prepared for release under, or after disposal destroyed it.
@@ -38,6 +57,7 @@ from datetime import datetime
 import duckdb
 
 from safehaven.core import audit, schema
+from safehaven.core.home import Home
 from safehaven.core.keys import (
     VAULT,
     Key,
@@ -57,7 +77,7 @@ RESUME = "safehaven keys rotate --resume"
 #: Purposes rotated by staging a key, re-keying the data with a new epoch in one transaction, then
 #: installing the key (``safehaven.protect.rotation``). The store key is left out: physical
 #: disposal re-keys it as well (``Store.rebuild``), so its key ring history is not its rotations.
-ROTATED = ("haven", VAULT)
+ROTATED = ("haven",)
 #: The audit action of a rotation (``safehaven.protect.rotation``), detail ``old_key_id``, ``new_key_id``.
 ROTATE_ACTION = "key.rotate"
 
@@ -242,8 +262,9 @@ def _file_id(keyring: KeyRing, purpose: str) -> str | None:
         return None
 
 
-def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
-    """The vault public key for a vault write, pinned (module docstring); the pipeline's only vault key."""
+def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None) -> Key:
+    """The vault public key for a vault write, pinned (module docstring); the pipeline's only vault key.
+    ``home``: the haven whose audit trail records the key, when ``con`` was not opened by its store."""
     if keyring.staged_pair(VAULT):
         raise KeyRingError(
             "a vault key rotation is pending (keys/vault-next.*): vault writes are refused until the key "
@@ -261,8 +282,77 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
         )
     public = keyring.get_public(VAULT)
     check_epoch(con, VAULT, public.key_id, str(path))
-    check_rotations_recorded(con, keyring, (VAULT,))
+    check_vault_audited(con, public.key_id, str(path), home)
     return public
+
+
+#: Audit actions on :data:`VAULT_OBJECT` that set the vault key, and the detail field naming it.
+VAULT_KEY_SET = {"key.create": "key_id", "key.rotate": "new_key_id", "key.adopt": "key_id"}
+VAULT_OBJECT = f"key:{VAULT}"
+ADOPT = "key.adopt"
+ROTATE_VAULT = "safehaven keys rotate --purpose vault"
+
+
+def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str | None] | None:
+    """The latest audit entry that set the vault key and the key id it names (unverified: None when
+    the trail records none)."""
+    entry = audit.latest_entry(con, VAULT_OBJECT, tuple(VAULT_KEY_SET))
+    if entry is None:
+        return None
+    kid = entry.fields.get(VAULT_KEY_SET[entry.action])
+    return entry, kid if isinstance(kid, str) else None
+
+
+def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None) -> None:
+    """Refuse vault key ``kid`` (held in ``what``) unless it is the key the latest authentic audit
+    entry that set the vault key names; adopt it once when the trail records none and the vault
+    holds no entry (module docstring, "The vault key is the audit trail's"; CoP 27b-c,
+    ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit")."""
+    recorded = audited_vault_key(con)
+    if recorded is None:
+        if _vault_holds_entries(con):
+            raise KeyRingError(
+                f"{what} holds vault key {kid}, but the audit trail records no vault key while the vault holds "
+                f"entries; restore keys/vault.pub from the key custodian's backup, and the key custodian "
+                f"records the key with an audited rotation (`{ROTATE_VAULT}`)"
+            )
+        if not audit.verify(con, home).ok:  # a record renamed or removed must not pass for none (last_seal's rule)
+            raise KeyRingError(
+                f"{what} holds vault key {kid}, but the audit trail records no vault key and does not verify, so "
+                "the key is not adopted: run `safehaven audit verify`, and restore keys/vault.pub from the key "
+                "custodian's backup"
+            )
+        _adopt(con, kid, home)
+        return
+    entry, expected = recorded
+    if not audit.authentic_from(con, entry.seq, home):
+        raise KeyRingError(
+            f"the audit entry that set the vault key (seq {entry.seq}, key {expected or '-'}) does not verify, so "
+            f"{what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
+            f"then restores key {expected or '-'} from backup or records the key with `{ROTATE_VAULT}`"
+        )
+    if kid != expected:
+        raise KeyRingError(
+            f"{what} holds vault key {kid}, but the audit trail records vault key {expected or '-'} "
+            f"({entry.action}, seq {entry.seq}); restore keys/vault.pub (key {expected or '-'}) from the key "
+            f"custodian's backup (a new vault key is installed only by `{ROTATE_VAULT}`)"
+        )
+
+
+def _adopt(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None) -> None:
+    """Record ``kid`` as the vault key (``key.adopt``): a key never audited, before its first entry."""
+    audit.append(
+        con, actor="pipeline", role="pipeline", action=ADOPT, object=VAULT_OBJECT, detail={"key_id": kid}, home=home
+    )
+
+
+def _vault_holds_entries(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether anything was ever wrapped to a vault key: a data key or an entry in the vault."""
+    for held in (schema.VAULT_DATA_KEYS, schema.VAULT_IDENTITY):
+        name, _, table = held.partition(".")
+        if table_exists(con, name, table) and con.execute(f"SELECT count(*) FROM {held}").fetchone()[0]:
+            return True
+    return False
 
 
 def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:

@@ -179,7 +179,7 @@ def _delete_vault(
     """The vault entries and data keys only the disposed records needed, and practice registrations."""
     install_key(con, "haven", haven_key(con, run.keyring))
     disposed_people(con, contract)
-    out = dispose_vault(con, run.registry, run.keyring)
+    out = dispose_vault(con, run.registry, run.keyring, run.home)
     counts["vault.identity"] = int(out["vault.identity"])
     counts["vault.data_keys"] = len(out["vault_data_keys"])
     counts.update(_registrations(con, contract, run.registry.contracts.values()))

@@ -29,7 +29,9 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, Key, KeyRing
+from safehaven.core.pins import vault_public
 from safehaven.core.sql import q
 from safehaven.core.store import table_exists
 from safehaven.dispose.journal import count
@@ -144,7 +146,9 @@ def _replace_ambiguous(con: duckdb.DuckDBPyConnection, public: Key) -> tuple[int
     return deleted, again
 
 
-def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous: int) -> tuple[int, int]:
+def _reencrypt_kept(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous: int, home: Home | None
+) -> tuple[int, int]:
     """Decrypt the ambiguous (pid, field) entries, delete them, encrypt the kept values again.
 
     Returns (entries deleted, entries encrypted again); refused without the vault private key.
@@ -161,7 +165,7 @@ def _reencrypt_kept(con: duckdb.DuckDBPyConnection, keyring: KeyRing, ambiguous:
         "GROUP BY pid, field, value"
     )
     con.execute("DROP TABLE _amb_plain")
-    return _replace_ambiguous(con, keyring.get_public(VAULT))
+    return _replace_ambiguous(con, vault_public(con, keyring, home))  # pinned, as every vault write
 
 
 def _reencrypt_from_landing(con: duckdb.DuckDBPyConnection, public: Key) -> tuple[int, int]:
@@ -204,16 +208,19 @@ def _remove_unsupported(
     return out
 
 
-def dispose_vault(con: duckdb.DuckDBPyConnection, registry: ContractRegistry, keyring: KeyRing) -> dict[str, Any]:
+def dispose_vault(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, keyring: KeyRing, home: Home | None = None
+) -> dict[str, Any]:
     """Delete the vault entries the disposed records alone needed, and the data keys left empty.
 
     Runs inside the caller's transaction, after :func:`disposed_people` and before the landing
-    rows are deleted.
+    rows are deleted. Kept values encrypted again are wrapped to the pinned vault key
+    (``safehaven.core.pins.vault_public``, checked against ``home``'s audit trail).
     """
     if not table_exists(con, "vault", "identity"):
         return {"vault.identity": 0, "vault_entries_reencrypted": 0, "vault_data_keys": []}
     return _remove_unsupported(
-        con, registry.contracts.values(), KEPT, lambda ambiguous: _reencrypt_kept(con, keyring, ambiguous)
+        con, registry.contracts.values(), KEPT, lambda ambiguous: _reencrypt_kept(con, keyring, ambiguous, home)
     )
 
 

@@ -5,7 +5,8 @@ Rules (NIST SP 800-57 Part 2, key custodian role; CoP 27b; ``safehaven.core.keys
 * The pipeline never creates the vault pair (``safehaven.core.pins.vault_public`` refuses a
   vault write without one). The key custodian creates it once, its private half sealed under
   their passphrase, and the store records the vault epoch at once, so a later substitute for
-  ``vault.pub`` is refused from the first run.
+  ``vault.pub`` is refused from the first run. The ``key.create`` entry naming its id is what
+  every vault write checks ``vault.pub`` against (``safehaven.core.pins.check_vault_audited``).
 * A key ring from before sealing holds the private half as raw hex, which the pipeline could
   read; the pipeline refuses to start on it (``KeyRing.check_custody``) until the custodian
   seals it in place (same pair, so no data key needs re-wrapping).

@@ -32,14 +32,23 @@ Rules (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; ``safehav
   (``safehaven.core.pins.vault_public``), and after the commit the old ``vault.pub`` no longer
   matches the store's epoch, so no new data key can be wrapped to a key about to be replaced:
   a crash at any step loses no entry, and ``resume`` installs or discards the staged pair.
+  The audit trail names the vault key too (``safehaven.core.pins.check_vault_audited``): the
+  new pair is recorded as staged (``key.rotate.stage``, new key id) before it is written, and the
+  ``key.rotate`` entry is appended before the pair is installed; ``resume`` installing a committed
+  pair whose rotation stopped before that entry appends it (``resumed``), but only for the pair
+  the latest authentic ``key.rotate.stage`` names, so a pair staged some other way never becomes
+  the key the trail records.
 * ``resume`` is audited (``action="key.rotate.resume"``): it is how a person clears the refusal.
 * **A rotation installed without its entry is recorded late**: a process killed after the new
   key is installed and before ``key.rotate`` is appended (or a rotation ``resume`` installs)
-  leaves a rotation no entry records; the haven and vault keys are refused until then
+  leaves a rotation no entry records; the haven key is refused until then
   (``safehaven.core.pins.check_rotations_recorded``), and ``resume`` appends its ``key.rotate``
   entry with ``"late": true``, the old and new ids and when the store's epoch started, once the
   store's key epochs and the key file confirm it (``safehaven.core.pins.unrecorded_rotations``;
   a ``keyring.json`` claim they do not confirm is named in the resume entry, never recorded).
+  The vault key is not recorded late: its rotation records ``key.rotate.stage`` before anything
+  is written and ``key.rotate`` before the install, and ``resume`` records a pair it installs only
+  after its own stage entry (``safehaven.core.pins.check_vault_audited``).
 * One writer at a time (DuckDB): a rotation refuses to start while a pipeline run is alive
   (``safehaven.core.runs.live_runs``), rather than rewriting the store under the run.
 * **Crosswalks only for a committed key**: they are written to ``staging/rekey/`` first and
@@ -80,9 +89,10 @@ from safehaven.core.keys import (
 )
 from safehaven.core.pins import (
     ROTATE_ACTION,
+    VAULT_KEY_SET,
+    VAULT_OBJECT,
     Rotation,
     check_epoch,
-    check_rotations_recorded,
     epoch_key_id,
     start_epoch,
     unrecorded_rotations,
@@ -105,6 +115,17 @@ REMAP_SCHEMAS = ("haven", "governance", "vault", "release")
 STRICT = {("governance", "objection_events")}
 
 
+#: Rotations a ``--resume`` records late when installed with no ``key.rotate`` entry
+#: (``safehaven.core.pins.unrecorded_rotations``). Not the vault key: it is on record only by its own
+#: rotation's entries (``key.rotate.stage`` before anything is written, ``key.rotate`` before the
+#: install; ``safehaven.core.pins.check_vault_audited``), never late from ``keyring.json`` and the
+#: store's epochs, which whoever holds the store key can rewrite together with ``vault.pub``.
+LATE_RECORDED = ("haven",)
+#: The audit action recording a vault key pair staged by :func:`rotate_vault`, before anything is
+#: written: ``resume`` records a committed staged pair as the vault key only when this names it.
+STAGE_ACTION = "key.rotate.stage"
+
+
 class RotationError(Exception):
     """A rotation could not be done; nothing was changed unless the message says so."""
 
@@ -122,12 +143,14 @@ def _staged(purpose: str) -> str:
     return f"{purpose}-next"
 
 
-def _audit(con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: RotationReport) -> None:
+def _audit(
+    con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: RotationReport, *, action: str = ROTATE_ACTION
+) -> None:
     audit.append(
         con,
         actor=actor,
         role="key_custodian",
-        action=ROTATE_ACTION,
+        action=action,
         object=f"key:{report.purpose}",
         detail={
             "old_key_id": report.old_key_id,
@@ -180,6 +203,7 @@ def rotate_haven(haven: Haven) -> RotationReport:
     private = vault.private_key(keyring)
     with store.connect() as con:
         old = haven_key(con, keyring)
+        public = vault_public(con, keyring)  # pinned and checked against the trail before anything is staged
         sealed = register_seal.problem(con) is None  # re-keyed pids are sealed again only if it matched
         new = keyring.write(_staged("haven"), secrets.token_bytes(KEY_BYTES), replace=True, record=False)
         new = Key("haven", new.material)
@@ -225,7 +249,7 @@ def rotate_haven(haven: Haven) -> RotationReport:
                 report.counts[f"{schema}.{table}.{column}"] = int(n)
             if table_exists(con, "governance", "objection_events"):
                 con.execute("UPDATE governance.objection_events SET key_id = ?", [new.key_id])
-            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", vault_public(con, keyring), "_pid_map")
+            report.counts["vault.identity"] = vault.reencrypt(con, "_rot_vault", public, "_pid_map")
             _retire_epoch(con, "haven", new.key_id)
             con.execute("COMMIT")
         except BaseException:
@@ -371,9 +395,10 @@ def rotate_vault(haven: Haven) -> RotationReport:
     old_id = key_id(x25519_public(private.material))
     with Store(home, keyring).connect() as con:
         check_epoch(con, VAULT, old_id, str(keyring.path(VAULT)))
-        check_rotations_recorded(con, keyring, (VAULT,))  # an earlier one not on record: --resume first
-        new_public = keyring.seal_keypair(VAULT, x25519_private(), stage=True)
-        report = RotationReport(VAULT, old_id, new_public.key_id)
+        new_private = x25519_private()
+        report = RotationReport(VAULT, old_id, key_id(x25519_public(new_private)))
+        _audit(con, home, actor, report, action=STAGE_ACTION)  # what resume may install (module docstring)
+        new_public = keyring.seal_keypair(VAULT, new_private, stage=True)
         vault.ensure_tables(con)
         con.execute("BEGIN TRANSACTION")
         try:
@@ -384,8 +409,8 @@ def rotate_vault(haven: Haven) -> RotationReport:
             con.execute("ROLLBACK")
             _discard_staged(keyring, VAULT)
             raise
+        _audit(con, home, actor, report)  # before the install: the trail names the key vault.pub will hold
         keyring.install_staged_pair(VAULT)
-        _audit(con, home, actor, report)
     return report
 
 
@@ -430,14 +455,16 @@ def resume(haven: Haven) -> list[str]:
     claims = store.path.exists() and any(keyring.replacements(p) for p in STAGED)
     if not todo and not done and not claims and not _staged_crosswalks(home):
         return []
+    staged_vault = keyring.staged_public_id(VAULT) if VAULT in todo else None
     try:
         with store.connect() as con:
             done = [_resume_one(con, home, keyring, purpose) for purpose in todo] + done
             done += _settle_crosswalks(con, home, keyring)
+            resumed = _resumed_vault_key(con, keyring, staged_vault, actor)
             late, lines = _unrecorded(con, keyring, actor)
             done += lines
             if done:
-                audit.append_many(con, [*late, _resume_entry(actor, done)], home=home)
+                audit.append_many(con, [*resumed, *late, _resume_entry(actor, done)], home=home)
     except StoreError as exc:
         raise RotationError(f"cannot open the store to resume: {exc}") from None
     return done
@@ -458,7 +485,7 @@ def _unrecorded(
 ) -> tuple[list[dict[str, object]], list[str]]:
     """The late ``key.rotate`` entries of installed rotations no entry records, and a line for each,
     and for each rotation ``keyring.json`` claims that the store does not confirm (not recorded)."""
-    real, unconfirmed = unrecorded_rotations(con, keyring, STAGED)
+    real, unconfirmed = unrecorded_rotations(con, keyring, LATE_RECORDED)
     entries = [_late_entry(actor, r) for r in real]
     lines = [
         f"{r.purpose}: the rotation {r.old_key_id} -> {r.new_key_id} was installed without its audit entry; "
@@ -485,6 +512,33 @@ def _late_entry(actor: str, r: Rotation) -> dict[str, object]:
         "object": f"key:{r.purpose}",
         "detail": detail,
     }
+
+
+def _resumed_vault_key(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, staged_id: str | None, actor: str
+) -> list[dict[str, object]]:
+    """The ``key.rotate`` entry of a vault pair ``resume`` just installed, so the audit trail names the
+    key ``vault.pub`` now holds (``safehaven.core.pins.check_vault_audited``): only when the latest
+    authentic entry on ``key:vault`` is the rotation's own ``key.rotate.stage`` naming it (a pair
+    staged some other way is installed as before, but vault writes stay refused); nothing when the
+    killed rotation had recorded it already."""
+    if staged_id is None or keyring.current_id(VAULT) != staged_id or epoch_key_id(con, VAULT) != staged_id:
+        return []
+    entry = audit.latest_entry(con, VAULT_OBJECT, (STAGE_ACTION, *VAULT_KEY_SET))
+    if entry is None or entry.action != STAGE_ACTION or entry.fields.get("new_key_id") != staged_id:
+        return []
+    if not audit.authentic_from(con, entry.seq):
+        return []
+    detail = {**entry.fields, "resumed": True, "staged_seq": entry.seq}
+    return [
+        {
+            "actor": actor,
+            "role": "key_custodian",
+            "action": ROTATE_ACTION,
+            "object": VAULT_OBJECT,
+            "detail": detail,
+        }
+    ]
 
 
 def _resume_one(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str) -> str:

@@ -16,7 +16,8 @@ confidentiality guide Rule 3):
   key is wrapped to the vault's X25519 *public* key (ECIES: an ephemeral X25519 key pair,
   ECDH, HKDF-SHA256 over the shared secret bound to both public keys, AES-256-GCM over the
   data key) and kept only in wrapped form in ``vault.data_keys``. The pipeline holds only
-  ``keys/vault.pub``, pinned to the store's vault epoch (``safehaven.core.pins.vault_public``):
+  ``keys/vault.pub``, pinned to the store's vault epoch and to the audit trail's record of the
+  vault key (``safehaven.core.pins.vault_public``):
   it can add entries and can never read one back. The private half ``keys/vault.key`` is
   sealed under the key custodian's passphrase (``safehaven.core.keys``) and opened only by
   :func:`private_key` for a custodian command (re-identification, subject access, an
