@@ -50,8 +50,13 @@ from safehaven.protect.feed import DEFAULT_WINDOW_DAYS
 #: objection-register window and its refusal. A run's own configuration (the UI's Launchpad, a
 #: schedule's or sensor's request) may name the home and tune the store's waits and memory; a run
 #: setting one of these is refused (found by review: a run widened the window past a stale register,
-#: cleared its refusal, or relabelled a quasi-identifier as content so that k-anonymity did not apply).
-GOVERNED = ("contracts", "objections_max_age_days", "objections_window_error")
+#: cleared its refusal, or relabelled a quasi-identifier as content so that k-anonymity did not apply;
+#: and pointed the write-once audit anchor at an ordinary folder, which later runs then had to trust).
+#: A run may restate one with the value the code location's environment gives it (``safehaven run``
+#: names the write-once target it was given, ``assets.runner.haven_run_config``), never change it.
+GOVERNED = ("contracts", "objections_max_age_days", "objections_window_error", "audit_worm_dir")
+#: of those, the ones that name a path (compared resolved)
+_GOVERNED_PATHS = ("contracts", "audit_worm_dir")
 #: run id -> descriptor of its held liveness lock, for the runs of this process
 _RUN_LOCKS: dict[str, int] = {}
 #: further attempts of a step that found the store busy past its wait, and the pause before each
@@ -212,19 +217,40 @@ class GovernedSettingInRunConfig(dg.DagsterInvariantViolationError):
 
 
 def refuse_governed_config(run_config: object) -> None:
-    """Refuse a run whose configuration sets a governance setting (:data:`GOVERNED`) of any resource
-    (Caldicott 2 and 4: the minimum, under the haven's own rules; CoP 11-14: the objection window is
-    the haven's). The code location's settings come from its environment and its contracts folder
-    (``SafeHavenResource.from_environment``, ``assets.definitions``); an agreement may shorten the
-    window (``safehaven.protect.feed.window_days``), a run never changes it."""
+    """Refuse a run whose configuration sets a governance setting (:data:`GOVERNED`) of any resource to
+    another value than the code location's environment gives it (Caldicott 2 and 4: the minimum,
+    under the haven's own rules; CoP 11-14: the objection window is the haven's; CoP 12, 23d: the
+    write-once audit target). The code location's settings come from its environment and its
+    contracts folder (``SafeHavenResource.from_environment``, ``assets.definitions``); an approved
+    agreement may set its own window (``safehaven.protect.feed.window_days``), a run never does."""
     resources = run_config.get("resources") if isinstance(run_config, dict) else None
     for name, entry in (resources or {}).items() if isinstance(resources, dict) else ():
         config = entry.get("config") if isinstance(entry, dict) else None
-        given = sorted(set(config) & set(GOVERNED)) if isinstance(config, dict) else []
+        given = _changed_governance(config) if isinstance(config, dict) else []
         if given:
             raise GovernedSettingInRunConfig(
                 f"the run's configuration sets {', '.join(given)} of resource {name!r}: these are the haven's "
                 "governance settings, not a run's (the contracts folder is the code location's, "
                 "$SAFEHAVEN_CONTRACTS; the objection window is $SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS or an "
-                "agreement's own): remove them from the run's configuration and launch it again"
+                "agreement's own; the write-once audit target $SAFEHAVEN_AUDIT_WORM): remove them from the "
+                "run's configuration and launch it again"
             )
+
+
+def _changed_governance(config: dict) -> list[str]:
+    """The governance settings ``config`` sets to another value than the environment's (sorted)."""
+    from safehaven.cli.common import contracts_from_env
+
+    given = sorted(set(config) & set(GOVERNED))
+    if not given:
+        return []
+    env = SafeHavenResource.from_environment()
+    haven = {**{f: getattr(env, f) for f in GOVERNED}, "contracts": str(contracts_from_env())}
+    return [f for f in given if _normal(f, config[f]) != _normal(f, haven[f])]
+
+
+def _normal(field: str, value: object) -> object:
+    """A governance setting as compared: a path resolved, an empty path as none."""
+    if field in _GOVERNED_PATHS:
+        return str(Path(str(value)).resolve()) if value else None
+    return value

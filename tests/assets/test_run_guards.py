@@ -76,8 +76,9 @@ def _failure(result: dg.ExecuteInProcessResult) -> str:
         {"objections_max_age_days": 100000},
         {"objections_window_error": None, "objections_max_age_days": 100000},
         {"contracts": "/elsewhere/data_contracts"},
+        {"audit_worm_dir": "/tmp/an-ordinary-folder"},
     ],
-    ids=["window widened", "window refusal cleared", "other contracts"],
+    ids=["window widened", "window refusal cleared", "other contracts", "another audit target"],
 )
 def test_a_run_that_sets_a_governance_setting_is_refused_before_anything_runs(
     home: Home, stale: ContractRegistry, dagster_instance: dg.DagsterInstance, config: dict
@@ -97,9 +98,11 @@ def test_a_run_that_sets_a_governance_setting_is_refused_before_anything_runs(
 def test_a_run_naming_only_the_home_and_the_stores_waits_runs(
     home: Home, stale: ContractRegistry, dagster_instance: dg.DagsterInstance
 ) -> None:
-    """What a run may set: the home (``safehaven run`` names it) and operational limits; the guard
-    it meets is the stale register's, not the configuration's."""
-    result = _release(stale, dagster_instance, {"home": str(home.root), "lock_wait_seconds": 5.0})
+    """What a run may set: the home (``safehaven run`` names it), operational limits, and a governance
+    setting restated with the value the environment gives it; the guard it meets is the stale
+    register's, not the configuration's."""
+    restated = {"objections_max_age_days": 31, "contracts": str(stale.root), "audit_worm_dir": None}
+    result = _release(stale, dagster_instance, {"home": str(home.root), "lock_wait_seconds": 5.0, **restated})
     assert not result.success and "last refreshed" in _failure(result)
     assert "governance settings" not in _failure(result)
 
