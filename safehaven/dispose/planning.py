@@ -188,18 +188,24 @@ def received_before(con: duckdb.DuckDBPyConnection | None, collection: str, cuto
         "WHERE collection = ? AND status <> 'disposed' ORDER BY batch_id",
         [cutoff, collection],
     ).fetchall()
-    for batch, name, n, by_register, status in rows:
-        on_record = recorded.get(batch)
-        if on_record is None:
-            if by_register:
-                out.unrecorded.append(batch)
-            continue
-        if on_record < cutoff:
-            out.before.append((batch, name, n, on_record, status))
-        if by_register != (on_record < cutoff):
-            out.register_differs.append(batch)
-    out.before.sort(key=lambda r: (r[3], r[0]))
+    out.unrecorded, out.register_differs = _unsettled([(r[0], r[3]) for r in rows], recorded, cutoff)
+    out.before = sorted(
+        ((b, name, n, recorded[b], status) for b, name, n, _, status in rows if recorded.get(b, cutoff) < cutoff),
+        key=lambda r: (r[3], r[0]),
+    )
     return out
+
+
+def _unsettled(
+    register: list[tuple[str, bool]], recorded: dict[str, datetime], cutoff: datetime
+) -> tuple[list[str], list[str]]:
+    """The one rule for batches and releases alike (CoP 43d, 23d): the audit trail's time decides,
+    the store's register never does. Of the register's (id, dated before the cut-off) rows, those
+    with no time on record that the register dates before the cut-off, and those on record that it
+    dates on the other side: each a review item, neither disposed of by date."""
+    unrecorded = [key for key, by_register in register if key not in recorded and by_register]
+    differs = [key for key, by_register in register if key in recorded and by_register != (recorded[key] < cutoff)]
+    return unrecorded, differs
 
 
 @dataclass
@@ -230,13 +236,7 @@ def released_before(con: duckdb.DuckDBPyConnection | None, agreement_id: str, cu
         "ORDER BY release_id",
         [cutoff, agreement_id],
     ).fetchall()
-    registered = dict(rows)
-    for rid, by_register in registered.items():
-        on_record = recorded.get(rid)
-        if on_record is None:
-            out.unrecorded += [rid] if by_register else []
-        elif by_register != (on_record < cutoff):
-            out.register_differs.append(rid)
+    out.unrecorded, out.register_differs = _unsettled(rows, recorded, cutoff)
     out.before = sorted((r for r, at in recorded.items() if at < cutoff), key=lambda r: (recorded[r], r))
     return out
 

@@ -48,15 +48,21 @@ def _vault_key_entries(home: Home) -> list[tuple[str, dict]]:
         return [(e.action, e.fields) for e in audit.entries_for(con, object_like=pins.VAULT_OBJECT)]
 
 
-def _substitute(home: Home) -> str:
+def _substitute(home: Home, *, as_rotation: bool = False) -> str:
     """The attack: the insider's own public half in vault.pub, its id in keyring.json and in the
-    store's vault epoch (updated with the store key). Returns the substituted key id."""
+    store's vault epoch (updated with the store key); ``as_rotation``: dressed up as a rotation
+    (the real key retired in ``keyring.json`` and a new epoch started). Returns the substituted id."""
     keyring = KeyRing(home.keys)
     real = keyring.current_id(VAULT)
     public = x25519_public(x25519_private())
     theirs = key_id(public)
     keyring.public_path(VAULT).write_text(public.hex())
     keyring.public_path(VAULT).chmod(0o644)
+    if as_rotation:
+        keyring._record(VAULT, theirs)
+        with Store(home).connect() as con:
+            pins.start_epoch(con, VAULT, theirs)
+        return theirs
     manifest = home.keys / "keyring.json"
     manifest.write_text(manifest.read_text().replace(real, theirs))
     with Store(home).connect() as con:
@@ -105,16 +111,9 @@ def test_a_vault_key_substituted_as_a_rotation_is_not_recorded_by_resume_and_sta
     ``safehaven keys rotate --resume``, which needs no passphrase: no ``key.rotate`` is recorded for
     it (the vault key is never recorded late), and vault writes stay refused."""
     populated(created_home, patients=PATIENTS)
-    keyring = KeyRing(created_home.keys)
-    real = keyring.current_id(VAULT)
-    public = x25519_public(x25519_private())
-    theirs = key_id(public)
-    keyring.public_path(VAULT).write_text(public.hex())
-    keyring.public_path(VAULT).chmod(0o644)
-    keyring._record(VAULT, theirs)  # keyring.json: the real key retired, theirs current
-    with Store(created_home).connect() as con:
-        pins.start_epoch(con, VAULT, theirs)
-    assert theirs != real and real in keyring.retired_ids(VAULT)
+    real = KeyRing(created_home.keys).current_id(VAULT)
+    theirs = _substitute(created_home, as_rotation=True)
+    assert theirs != real and real in KeyRing(created_home.keys).retired_ids(VAULT)
     rotation.resume(_haven(created_home))
     assert [kid for action, d in _vault_key_entries(created_home) for kid in (d.get("new_key_id"),) if kid] == []
     _refused_and_nothing_wrapped(created_home, theirs, "audit trail records vault key")
