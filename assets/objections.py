@@ -11,7 +11,6 @@ import duckdb
 from assets import keys
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.intake.ingest import arrived_first
 from safehaven.intake.validation import ensure_tables_validated
 from safehaven.protect import feed, register_seal
 from safehaven.protect.haven import haven_key
@@ -116,7 +115,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             key = haven_key(con, haven.keyring())
             install_key(con, "haven", key)
             (started,) = con.execute("SELECT now()").fetchone()
-            waiting = arrived_first(haven.home_dir().incoming_for(contract.collection))
+            waiting = feed.waiting_since(haven.home_dir())  # not an entry refused in place
             unit = haven.context()
             added, sealed = register_and_seal(
                 con, contract, key.key_id, unit.home, actor=unit.actor, waiting_since=waiting

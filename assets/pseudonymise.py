@@ -46,7 +46,9 @@ def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
             keyring = haven.keyring()
             key = haven_key(con, keyring)
             # the vault public key only if a late type 1 purge must encrypt a kept value again
-            report = build_haven(con, contract, key, registry.contracts.values(), lambda: vault_public(con, keyring))
+            report = build_haven(
+                con, contract, key, registry.contracts.values(), lambda: vault_public(con, keyring), haven.home_dir()
+            )
             total = con.execute(f"SELECT count(*) FROM haven.{contract.collection}").fetchone()[0]
         if report.type1_dropped:
             context.log.warning(

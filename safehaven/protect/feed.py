@@ -54,10 +54,24 @@ against a current list). Rules:
   31 days), or when there is no refresh at all. The
   release register and manifest state the refresh date as the date of the opt-out list
   applied.
+* **What a restatement waits for.** A file sent again is registered after every objections
+  file that arrived before it (``safehaven.protect.objections.due_restatements``), including
+  one still in ``incoming/objections/`` (:func:`waiting_since`). An entry there the haven has
+  already judged and refused, but could not move to quarantine (its not-moved reason file,
+  ``safehaven.intake.ingest._left_in_incoming``, written since the entry arrived), is not
+  waited for: nothing of it will ever be registered, so no later statement can be overtaken by
+  it, and its fault blocks releases on its own until a person resolves it. Waiting for it would
+  hold every later restatement, every GP haven step and every record-level release for ever
+  (fail closed, never stuck). An entry not yet judged (still arriving, intake not yet run on it,
+  or sent again under that name after its reason was written) is still waited for. While
+  anything is pending, the refusal names it by kind (:func:`describe_pending`: landed and not
+  validated, valid rows not registered, restatements waiting and the shown name of what they
+  wait for, and why) and the step that clears it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,7 +87,7 @@ from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake import batch_seal
-from safehaven.intake.ingest import BATCHES
+from safehaven.intake.ingest import BATCHES, arrived
 from safehaven.protect import register_seal
 from safehaven.protect.objections import EVENTS, RESTATEMENTS
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
@@ -110,6 +124,13 @@ OBJECTIONS_MARK = "objection_type"
 #: the feed's own rule ids: a reason file that cannot be read, a quarantined file with no reason
 #: file, an objections file received in a content collection's folder
 REASON_UNREADABLE, REASON_MISSING, MISROUTED = "feed.reason_unreadable", "feed.reason_missing", "feed.misrouted"
+#: the haven's reason file of a refused entry it could not move out of incoming/objections/:
+#: ``<shown name>.<12 hex characters of its SHA-256>.not-moved.reason.json``
+#: (``safehaven.intake.ingest._left_in_incoming``)
+_NOT_MOVED = re.compile(r"(?P<shown>.+)\.[0-9a-f]{12}\.not-moved\.reason\.json")
+#: the steps that clear what is pending (module docstring, "What a restatement waits for")
+RUN_INTAKE = "run intake and the objection register again (safehaven run)"
+RUN_REGISTER = "run the register step (safehaven run, or governance/objection_register in the Dagster UI)"
 
 
 class ObjectionFeedBlocked(Exception):
@@ -356,22 +377,121 @@ def unresolved(con: duckdb.DuckDBPyConnection) -> list[Fault]:
     return [Fault(*r) for r in rows]
 
 
-def pending_batches(con: duckdb.DuckDBPyConnection) -> int:
-    """Objections batches landed but not validated, validated batches with valid rows not
-    registered, and objections files received again whose restatement is not registered."""
+@dataclass(frozen=True)
+class Pending:
+    """What keeps objections out of the register, by kind (module docstring, "What a restatement
+    waits for"): batches landed and not validated, validated batches with valid rows not
+    registered, and files received again whose restatement is not registered."""
+
+    landed: int = 0
+    unregistered: int = 0
+    restated: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.landed + self.unregistered + self.restated
+
+
+def pending(con: duckdb.DuckDBPyConnection) -> Pending:
+    """The objections batches and restatements not yet in the register, by kind (:class:`Pending`)."""
     if not table_exists(con, *BATCHES.split(".")):
-        return 0
+        return Pending()
     ensure_tables(con)
     landed = _scalar(con, f"SELECT count(*) FROM {BATCHES} WHERE collection = ? AND status = 'landed'", [COLLECTION])
     if not table_exists(con, "landing", f"{COLLECTION}_valid"):
-        return landed
+        return Pending(landed)
     unregistered = _scalar(
         con,
         f"SELECT count(DISTINCT v._batch) FROM landing.{COLLECTION}_valid v WHERE NOT EXISTS "
         f"(SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row)",
     )
     restated = _scalar(con, f"SELECT count(*) FROM {RESTATEMENTS} WHERE registered_at IS NULL")
-    return landed + unregistered + restated
+    return Pending(landed, unregistered, restated)
+
+
+def pending_batches(con: duckdb.DuckDBPyConnection) -> int:
+    """Objections batches landed but not validated, validated batches with valid rows not
+    registered, and objections files received again whose restatement is not registered."""
+    return pending(con).total
+
+
+def refused_in_place(home: Home) -> dict[str, float]:
+    """Entries of incoming/objections/ the haven judged and refused but could not move: shown name
+    -> when its latest not-moved reason file was written (the haven's reason files only,
+    :func:`_is_reason`, naming that folder). Each run that meets such an entry writes it again."""
+    found: dict[str, float] = {}
+    folder = home.quarantine_for(COLLECTION)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        named = _NOT_MOVED.fullmatch(path.name)
+        reason = _reason(path) if named and _is_reason(path) else None
+        if reason and reason.get("left_in") == f"incoming/{COLLECTION}/" and reason["file"] == named["shown"]:
+            with contextlib.suppress(FileNotFoundError):
+                found[named["shown"]] = max(found.get(named["shown"], 0.0), os.lstat(path).st_ctime)
+    return found
+
+
+def first_waiting(home: Home) -> tuple[datetime, str] | None:
+    """The entry of incoming/objections/ that arrived first (``safehaven.intake.ingest.arrived``)
+    and is not yet judged, with its shown name; None when there is none. An entry refused in place
+    (:func:`refused_in_place`, its reason written since it arrived) is not waiting (module
+    docstring, "What a restatement waits for"). Reads no file's bytes."""
+    refused, waiting = refused_in_place(home), []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in home.incoming_for(COLLECTION).iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                at, shown = arrived(os.lstat(entry)), audit.shown_name(entry.name)
+                if refused.get(shown, float("-inf")) < at:
+                    waiting.append((at, shown))
+    if not waiting:
+        return None
+    at, shown = min(waiting)
+    return datetime.fromtimestamp(at, UTC), shown
+
+
+def waiting_since(home: Home) -> datetime | None:
+    """When the earliest objections entry still waiting in incoming/ arrived (:func:`first_waiting`):
+    what the register step's restatements wait for (``safehaven.protect.objections.due_restatements``)."""
+    first = first_waiting(home)
+    return first[0] if first else None
+
+
+def _restatements_wait_for(con: duckdb.DuckDBPyConnection, home: Home | None) -> str:
+    """What the pending restatements wait for, by shown name, why, and the step that clears it:
+    the earliest objections file landed and not validated, or still waiting in incoming/."""
+    landed = con.execute(
+        f"SELECT coalesce(arrived_at, landed_at), file_name FROM {BATCHES} WHERE collection = ? "
+        "AND status = 'landed' ORDER BY 1 LIMIT 1",
+        [COLLECTION],
+    ).fetchone()
+    entry = first_waiting(home) if home is not None else None
+    if landed and (entry is None or landed[0] <= entry[0]):
+        return f"they wait for {audit.shown_name(str(landed[1]))}, landed but not validated: {RUN_INTAKE}"
+    if entry:
+        return (
+            f"they wait for {entry[1]}, which arrived before them and is still in incoming/{COLLECTION}/, not "
+            f"yet landed (still arriving, or intake has not run on it): {RUN_INTAKE}"
+        )
+    return (
+        "nothing that arrived before them is waiting (unless a batch differs from its seal, named apart): "
+        f"{RUN_REGISTER}"
+    )
+
+
+def describe_pending(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> str | None:
+    """What keeps objections out of the register, by kind, with the step that clears each (module
+    docstring, "What a restatement waits for"); None when nothing does. Shown names only."""
+    now = pending(con)
+    parts = []
+    if now.landed:
+        parts.append(f"{now.landed} objections file(s) landed but not yet validated: {RUN_INTAKE}")
+    if now.unregistered:
+        parts.append(f"{now.unregistered} validated objections batch(es) with rows not registered: {RUN_REGISTER}")
+    if now.restated:
+        parts.append(
+            f"{now.restated} objections file(s) sent again whose restatement is not registered; "
+            + _restatements_wait_for(con, home)
+        )
+    return "; ".join(parts) or None
 
 
 def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
@@ -425,13 +545,9 @@ def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_a
     for tampered in (register_seal.problem(con, home), batch_seal.problem(con, COLLECTION, home)):
         if tampered:
             problems.append(tampered)
-    pending = pending_batches(con)
-    if pending:
-        problems.append(
-            f"{pending} objections file(s) landed, or sent again, but not yet validated and registered (an intake "
-            "run stopped part-way, or a file sent again waits for one that arrived before it): run intake and the "
-            "objection register again (safehaven run)"
-        )
+    waiting = describe_pending(con, home)
+    if waiting:
+        problems.append(f"objections not yet validated and registered: {waiting}")
     refreshed = refreshed_on(con)
     if refreshed is None:
         problems.append(

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from safehaven.core import schema
+from safehaven.core.home import Home
 from safehaven.core.keys import Key, KeyRing, KeyRingError
 from safehaven.core.pins import check_rotations_recorded, epoch_key_id, start_epoch
 from safehaven.core.sql import q
@@ -168,19 +169,22 @@ def _no_key() -> Key:
     )
 
 
-def refuse_while_objections_unregistered(con: duckdb.DuckDBPyConnection, collection: str) -> None:
+def refuse_while_objections_unregistered(
+    con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None
+) -> None:
     """Refuse to take a collection sent by GP practices into the haven while an objections batch is
     landed but not yet in the objection register (``safehaven.protect.feed.pending_batches``): the
     records of its type 1 objectors would enter the haven, and whatever is counted from it, until
     the next register step purged them (NDOP type 1; guide Rule 4B: never sent, so never taken in;
     found by review: the haven step materialised alone in the UI after an intake run). The nightly
-    job runs the register step first, so only a run out of that order is refused."""
-    pending = feed.pending_batches(con)
-    if pending:
+    job runs the register step first, so only a run out of that order is refused. The refusal
+    names what waits, by kind, and the step that clears it (``safehaven.protect.feed.describe_pending``;
+    with ``home``, an entry still in incoming/ by its shown name): never a refusal no one can clear."""
+    waiting = feed.describe_pending(con, home)
+    if waiting:
         raise feed.ObjectionFeedBlocked(
-            f"{collection} is not taken into the haven while {pending} objections batch(es) are not in the "
-            "objection register: run the register step first (safehaven run, or governance/objection_register "
-            "in the Dagster UI), then this step again"
+            f"{collection} is not taken into the haven while objections are not in the objection register: "
+            f"{waiting}; then this step again"
         )
 
 
@@ -190,15 +194,17 @@ def build_haven(
     haven_key: Key,
     contracts: Iterable[Contract],
     vault_public: Callable[[], Key] | None = None,
+    home: Home | None = None,
 ) -> HavenReport:
     """Pseudonymise accepted batches not yet in the haven; drop and count type 1 records.
 
     ``contracts`` are all collections (the vault is shared, :func:`purge_late_type1`), and
-    ``vault_public`` gives the vault public key should the late purge need it."""
+    ``vault_public`` gives the vault public key should the late purge need it, and ``home`` the
+    folders a refusal names what it waits for from (:func:`refuse_while_objections_unregistered`)."""
     ensure_tables(con)
     c = contract.collection
     if contract.practice_field:
-        refuse_while_objections_unregistered(con, c)
+        refuse_while_objections_unregistered(con, c, home)
     install_key(con, "haven", haven_key.material)
     report = HavenReport(c, key_id=haven_key.key_id)
     source = f"landing.{c}_valid"

@@ -118,8 +118,10 @@ def register_objections(
     done it. Events are numbered in landing order (batch landing time, then row); a restatement's
     after every batch that arrived before it. A restatement waits (pending: record-level releases
     stay blocked, ``safehaven.protect.feed``) while a file that arrived before it is not yet
-    registered: one still in ``incoming/`` (``waiting_since``: the earliest arrival there) or
-    landed and not yet validated, since a withdrawal registered after it would override it.
+    registered: one still in ``incoming/`` and not yet judged (``waiting_since``: the earliest
+    arrival there, ``safehaven.protect.feed.waiting_since``; not an entry refused but left there,
+    which is never registered) or landed and not yet validated, since a withdrawal registered
+    after it would override it.
     The rows of the ``excluded`` batches (their rows differ from their seal,
     ``safehaven.intake.batch_seal``) are not registered: they stay pending.
     """
@@ -145,8 +147,9 @@ def due_restatements(
     excluded: Collection[str] = (),
 ) -> list[tuple[str, datetime, str]]:
     """Restatements to register now, in arrival order: those of an objections batch of this
-    collection that arrived before any file still waiting (in ``incoming/`` since
-    ``waiting_since``, landed and not validated, or ``excluded``: its rows differ from their seal,
+    collection that arrived before any file still waiting (in ``incoming/`` and not yet judged
+    since ``waiting_since``, ``safehaven.protect.feed.waiting_since``; landed and not validated;
+    or ``excluded``: its rows differ from their seal,
     ``safehaven.intake.batch_seal``). Any other row (a forged one naming no such batch, or one of
     an excluded batch) stays pending, and so blocks record-level releases."""
     unvalidated = held_back_since(con, contract, excluded)

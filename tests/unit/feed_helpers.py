@@ -24,6 +24,7 @@ from safehaven.intake import batch_seal, ingest
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import ValidationReport, validate_collection
+from safehaven.protect import feed
 from safehaven.protect.register_seal import register_and_seal
 from safehaven.share.releases import ReleaseRefused
 from tests.governance_helpers import (
@@ -93,7 +94,7 @@ class Haven:
         contract = self.registry.objections()
         self.land()
         report = self.validate()
-        waiting = ingest.arrived_first(self.home.incoming_for("objections"))
+        waiting = feed.waiting_since(self.home)
         register_and_seal(self.con, contract, "", self.home, actor="test run", waiting_since=waiting)  # the step
         return report.gx_success
 

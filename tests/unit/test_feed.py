@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import validate_collection
 from safehaven.protect import feed, register_seal
+from safehaven.protect.haven import refuse_while_objections_unregistered
 from safehaven.protect.objections import RESTATEMENTS, objectors_sql, register_objections
 from safehaven.protect.pseudonymise import install_key
 from safehaven.share.releases import ReleaseRefused
@@ -817,8 +819,8 @@ def test_the_same_drop_seen_again_after_a_crash_restates_nothing(haven: Haven) -
 
 
 def _register_as_the_night_does(haven: Haven) -> None:
-    """The nightly register step alone (told when the earliest file still in incoming/ arrived)."""
-    waiting = ingest.arrived_first(haven.home.incoming_for("objections"))
+    """The nightly register step alone (told when the earliest file still waiting in incoming/ arrived)."""
+    waiting = feed.waiting_since(haven.home)
     register_objections(haven.con, haven.registry.objections(), waiting_since=waiting)
 
 
@@ -835,7 +837,7 @@ def test_a_file_sent_again_waits_for_a_withdrawal_that_arrived_before_it(haven: 
     _register_as_the_night_does(haven)
     assert feed.pending_batches(haven.con) == 2, "W not validated, and the restatement behind it"
     assert _restatements(haven) == [(None, None, None)]
-    with pytest.raises(ReleaseRefused, match="waits for one that arrived before it"):
+    with pytest.raises(ReleaseRefused, match="they wait for withdrawals.csv, landed but not validated: run intake"):
         haven.release()
     haven.run()  # W validated and registered, then the restatement
     assert _in_force(haven, 10) and feed.pending_batches(haven.con) == 0
@@ -854,6 +856,75 @@ def test_a_file_sent_again_waits_for_an_earlier_file_still_in_incoming(haven: Ha
     assert feed.pending_batches(haven.con) == 1
     haven.run()
     assert _in_force(haven, 10)
+
+
+def _refuse_in_place(h: Haven, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """A refused objections entry (an Excel ``sep=`` line) the haven's user cannot move out of
+    incoming/objections/: it stays there with its not-moved reason file."""
+    folder = h.home.incoming_for("objections")
+    (folder / name).write_text("sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(opt_out(32)) + "\r\n")
+
+    def refused_move(path: Path, dest: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ingest, "_move_whole", refused_move)
+    h.run()
+    assert (folder / name).exists() and list(h.home.quarantine_for("objections").glob(f"{name}.*.not-moved.*"))
+    return folder / name
+
+
+def test_a_restatement_does_not_wait_for_an_entry_refused_in_place_whose_fault_was_resolved(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed, never stuck (review: GP data held out of the haven for ever): a refused objections
+    entry the haven cannot move stays in incoming/, and a person resolves its fault. The sender's
+    unchanged daily list, sent again after it, is registered: nothing of the refused entry will ever
+    be registered, so it cannot be overtaken, and waiting for it would hold every restatement, GP
+    haven step and record-level release for ever."""
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.run()
+    stuck = _refuse_in_place(haven, monkeypatch, "odd.csv")
+    feed.sync_faults(haven.con, haven.home)
+    [fault] = feed.unresolved(haven.con)
+    assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr G", reason="sender re-sends by post") == 1
+    time.sleep(0.05)  # status-change times are nanoseconds here
+    haven.drop("daily.csv", [opt_out(10)])  # the unchanged daily list, sent again
+    haven.run()
+    assert stuck.exists() and feed.unresolved(haven.con) == []
+    assert feed.pending_batches(haven.con) == 0 and _restatements(haven) == [(1, 0, 0)]
+    refuse_while_objections_unregistered(haven.con, "gp_events", haven.home)  # not refused
+    assert haven.release().status == "released"
+
+
+def test_an_entry_not_yet_judged_still_holds_a_later_restatement_back_and_the_refusals_name_it(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait stands for an entry not yet judged: the sender replaces the refused odd.csv with a
+    new file of that name (its reason was written before it arrived), then re-sends the daily list,
+    and only the list's run lands. The restatement waits, so an earlier statement is never
+    registered after a later one, and both refusals name what waits (by shown name, why) and the
+    step that clears it; the next run lands odd.csv and registers the restatement after it."""
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.run()
+    stuck = _refuse_in_place(haven, monkeypatch, "odd.csv")
+    time.sleep(0.05)
+    haven.drop("new.csv", [opt_out(11)])
+    os.replace(stuck.with_name("new.csv"), stuck)  # a new file under the refused name, not yet judged
+    time.sleep(0.05)
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.land([ingest.drop_key(stuck.with_name("daily.csv"))])  # the later file's run
+    _register_as_the_night_does(haven)
+    assert feed.pending_batches(haven.con) == 1 and _restatements(haven) == [(None, None, None)]
+    waits = "they wait for odd.csv, which arrived before them and is still in incoming/objections/"
+    with pytest.raises(feed.ObjectionFeedBlocked, match="1 objections file.s. sent again") as refused:
+        refuse_while_objections_unregistered(haven.con, "gp_events", haven.home)
+    assert waits in str(refused.value) and "run intake and the objection register again (safehaven run)" in str(
+        refused.value
+    )
+    with pytest.raises(ReleaseRefused, match=waits):
+        haven.release()
+    haven.run()
+    assert feed.pending_batches(haven.con) == 0 and _in_force(haven, 11) and _in_force(haven, 10)
 
 
 def test_a_faulty_file_sent_again_does_not_refresh_the_register(haven: Haven) -> None:
