@@ -18,10 +18,14 @@ against a current list). Rules:
   ``quarantine/objections/`` with no reason file (the haven stopped, or its disk filled, between
   moving it and writing why) is a fault (``feed.reason_missing``), and so is an objections file
   received in a content collection's folder and quarantined there (its reason shows the
-  objections contract's own column ``objection_type`` among the header's columns:
-  ``feed.misrouted``; moved into ``incoming/objections/`` it lands, and a person records that
-  with ``--corrected-by``). Only the haven's reason files are read as reasons: a received file
-  named ``*.reason.json`` is quarantined with a reason file of its own, and is not one. While
+  objections contract's own column ``objection_type`` among the header's columns, ingest's
+  ``objections_header`` flag, whichever header rule refused it: ``feed.misrouted``; moved into
+  ``incoming/objections/`` it lands, and a person records that with ``--corrected-by``; rows it
+  lands with rejected are a fault of their own, a file fault of the same SHA-256 never standing in
+  for a batch's). Any entry directly in ``incoming/`` that is no known collection's folder is
+  never read, so it is a fault (``feed.unknown_incoming``). Only the haven's reason files are read
+  as reasons: a received file named ``*.reason.json`` is quarantined with a reason file of its own,
+  and is not one. While
   any fault is unresolved, or an objections batch is landed but not yet validated and
   registered (or a file received again not yet registered as a restatement),
   ``require_sound_feed`` refuses every record-level release, in this run and every later one.
