@@ -326,7 +326,8 @@ def _record_arrival(con: duckdb.DuckDBPyConnection, fault: _Arrival) -> None:
 def sync_faults(con: duckdb.DuckDBPyConnection, home: Home, collections: Iterable[str] | None = None) -> int:
     """Record faults not yet known (file-level from quarantine, one per arrival; misrouted files
     from the content collections' quarantine; entries of incoming/ that are no collection's folder,
-    ``collections`` naming them, else the default contracts registry's; row-level from the
+    ``collections`` naming them (the deployment's registry's, which every caller in the haven
+    passes), else the packaged contracts registry's; row-level from the
     rejected table; refused batches).
 
     Returns the number of new faults. It never clears one: only a person does (``resolve``).
@@ -473,9 +474,16 @@ def parse_window(text: str, source: str) -> int:
     return int(text)
 
 
-def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_age_days: int) -> list[str]:
-    """Why record-level releases must not run now (empty when the feed is complete and fresh)."""
-    sync_faults(con, home)
+def feed_problems(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    today: date,
+    max_age_days: int,
+    collections: Iterable[str] | None = None,
+) -> list[str]:
+    """Why record-level releases must not run now (empty when the feed is complete and fresh);
+    ``collections``: the deployment's collections (``sync_faults``)."""
+    sync_faults(con, home, collections)
     problems = [_describe(f) for f in unresolved(con)]
     for tampered in (register_seal.problem(con, home), batch_seal.problem(con, COLLECTION, home)):
         if tampered:
@@ -574,14 +582,16 @@ def require_sound_feed(
     today: date,
     agreement_days: int | None = None,
     haven_days: int = DEFAULT_WINDOW_DAYS,
+    collections: Iterable[str] | None = None,
 ) -> date:
     """The guard of every record-level release: the objection feed is complete and fresh
-    within the agreement's window, else the haven's (``window_days``).
+    within the agreement's window, else the haven's (``window_days``); ``collections``: the
+    deployment's collections (``sync_faults``).
 
     Returns the register's refresh date (the date of the opt-out list applied). Raises
     :class:`ObjectionFeedBlocked` with every reason on one line otherwise.
     """
-    problems = feed_problems(con, home, today, window_days(agreement_days, haven_days))
+    problems = feed_problems(con, home, today, window_days(agreement_days, haven_days), collections)
     if problems:
         raise ObjectionFeedBlocked("record-level releases are blocked: " + " | ".join(problems))
     refreshed = refreshed_on(con)
@@ -597,12 +607,13 @@ def release_guard(
     record_level: bool,
     agreement_days: int | None,
     haven_days: int = DEFAULT_WINDOW_DAYS,
+    collections: Iterable[str] | None = None,
 ) -> date | None:
     """The one check a release makes: record-level releases need a complete, fresh feed
     (``require_sound_feed``); anonymised ones are not blocked (guide Rule 4C). Returns the date
     of the opt-out list applied (None when the register was never refreshed)."""
     if record_level:
-        return require_sound_feed(con, home, today, agreement_days, haven_days)
+        return require_sound_feed(con, home, today, agreement_days, haven_days, collections)
     return refreshed_on(con)
 
 
@@ -614,6 +625,7 @@ def resolve(
     by: str,
     reason: str,
     corrected_by: str | None = None,
+    collections: Iterable[str] | None = None,
 ) -> int:
     """A person's decision clearing the unresolved faults of ``file`` (its name or SHA-256), audited.
 
@@ -625,7 +637,7 @@ def resolve(
     """
     if not by.strip() or not reason.strip():
         raise ValueError("a decision needs --by <name> and --reason <text>")
-    sync_faults(con, home)
+    sync_faults(con, home, collections)
     key = Path(file).name
     _one_fault_by_name(con, key)
     batch, landed, resolution, note = None, None, "decision", reason
