@@ -58,7 +58,7 @@ def feed_asset() -> dg.AssetsDefinition:
         except feed.ObjectionFeedBlocked as exc:  # an unreadable window: refuse, in one line
             raise dg.Failure(description=str(exc), metadata={"window_days": "refused"}) from None
         with haven.connect() as con:
-            problems = feed.feed_problems(con, haven.home_dir(), date.today(), window)
+            problems = feed.feed_problems(con, haven.home_dir(), date.today(), window, haven.registry().contracts)
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
             events = int(con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0])

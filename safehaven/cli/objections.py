@@ -47,7 +47,7 @@ def register(main: click.Group) -> None:
 
         home = ensure_home()
         with Store(home).connect() as con:
-            feed.sync_faults(con, home)
+            feed.sync_faults(con, home, registry_from_env().contracts)
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
             tampered = register_seal.problem(con, home)
@@ -93,7 +93,15 @@ def register(main: click.Group) -> None:
         home = ensure_home()
         try:
             with Store(home).connect() as con:
-                n = feed.resolve(con, home, file, by=by, reason=reason, corrected_by=corrected_by)
+                n = feed.resolve(
+                    con,
+                    home,
+                    file,
+                    by=by,
+                    reason=reason,
+                    corrected_by=corrected_by,
+                    collections=registry_from_env().contracts,
+                )
         except ValueError as exc:
             fail(f"safehaven objections resolve: {exc}")
         click.echo(json.dumps({"resolved": n, "file": file, "corrected_by": corrected_by, "by": by, "audited": True}))

@@ -109,6 +109,12 @@ RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
 CHUNK = 1 << 20
 #: The longest first line (header) read, in bytes: a header of the contract is far shorter.
 MAX_HEADER_BYTES = 1 << 16
+#: the suffix of the reason file of a refused entry left in incoming/ (:func:`_left_in_incoming`)
+NOT_MOVED_SUFFIX = ".not-moved.reason.json"
+#: a column only the objections contract has: a header naming it is an objections file's
+OBJECTIONS_MARK = "objection_type"
+#: the key, in a refused header's reason details, of whether it names ``OBJECTIONS_MARK``
+OBJECTIONS_FLAG = "objections_header"
 #: DuckDB's text when a row is longer than its line limit (``max_line_size``).
 DUCKDB_LINE_TOO_LONG = "Maximum line size"
 
@@ -247,7 +253,26 @@ def _spreadsheet_artefacts(names: list[str]) -> None:
         )
 
 
+def objections_header(header: list[str]) -> bool:
+    """Whether a header names the objections contract's own column (``OBJECTIONS_MARK``), its names
+    read as a person would (byte-order mark and spaces stripped, lower-cased): a file with that
+    header is an objections file, whatever folder it was received in (CoP 11-14)."""
+    return OBJECTIONS_MARK in {h.lstrip("\ufeff").strip().lower() for h in header}
+
+
 def check_header(header: list[str], contract: Contract) -> None:
+    """:func:`_check_header`; every refusal of a header it read records whether that header is an
+    objections file's (``OBJECTIONS_FLAG``, :func:`objections_header`), whichever rule refused it
+    first, so the objection feed sees an objections file received in a content collection's folder
+    (``safehaven.protect.feed``, ``feed.misrouted``; CoP 11-14, fail closed)."""
+    try:
+        _check_header(header, contract)
+    except FileRejected as err:
+        err.details = {**err.details, OBJECTIONS_FLAG: objections_header(header)}
+        raise
+
+
+def _check_header(header: list[str], contract: Contract) -> None:
     """Exactly the contract's columns, each once, as plain lower-case identifiers.
 
     Reasons, most specific first: a first line that names none of the contract's columns
@@ -533,7 +558,35 @@ def _left_in_incoming(dest_dir: Path, shown: Path, sha: str, reason: dict[str, A
         + reason["what_to_do"],
     }
     # not suppressed: a haven that cannot write its own quarantine fails the stage (shown names only)
-    (dest_dir / f"{shown.name}.{sha[:12]}.not-moved.reason.json").write_text(json.dumps(left, indent=2))
+    _not_moved_name(dest_dir, shown, sha).write_text(json.dumps(left, indent=2))
+
+
+def _not_moved_name(dest_dir: Path, shown: Path, sha: str) -> Path:
+    """The not-moved reason's name: the first of ``<shown>.<sha12>[.<n>].not-moved.reason.json``
+    that is free (:func:`free_name`'s test) or is this entry's own not-moved reason, written by an
+    earlier run; never a file of another kind (a received file quarantined under that name, a
+    link), so a sender who sends a file of that name first never has the haven's reason overwrite
+    it and read as a received file (fail closed)."""
+    for n in range(10_000):
+        stem = f"{shown.name}.{sha[:12]}" + (f".{n}" if n else "")
+        dest = dest_dir / f"{stem}{NOT_MOVED_SUFFIX}"
+        if not os.path.lexists(dest) and not os.path.lexists(dest_dir / (dest.name + ".reason.json")):
+            return dest
+        if _own_not_moved(dest, sha):
+            return dest
+    raise FileExistsError(dest_dir / shown.name)
+
+
+def _own_not_moved(path: Path, sha: str) -> bool:
+    """Whether ``path`` is the haven's not-moved reason of the entry with SHA-256 ``sha``: a regular
+    file (not a link), with no reason file of its own, recording that entry as left in incoming/."""
+    if path.is_symlink() or not path.is_file() or os.path.lexists(path.with_name(path.name + ".reason.json")):
+        return False
+    try:
+        reason = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(reason, dict) and reason.get("sha256") == sha and reason.get("quarantined_as", "") is None
 
 
 class NotMoved(Exception):

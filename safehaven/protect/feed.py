@@ -18,10 +18,14 @@ against a current list). Rules:
   ``quarantine/objections/`` with no reason file (the haven stopped, or its disk filled, between
   moving it and writing why) is a fault (``feed.reason_missing``), and so is an objections file
   received in a content collection's folder and quarantined there (its reason shows the
-  objections contract's own column ``objection_type`` among the header's columns:
-  ``feed.misrouted``; moved into ``incoming/objections/`` it lands, and a person records that
-  with ``--corrected-by``). Only the haven's reason files are read as reasons: a received file
-  named ``*.reason.json`` is quarantined with a reason file of its own, and is not one. While
+  objections contract's own column ``objection_type`` among the header's columns, ingest's
+  ``objections_header`` flag, whichever header rule refused it: ``feed.misrouted``; moved into
+  ``incoming/objections/`` it lands, and a person records that with ``--corrected-by``; rows it
+  lands with rejected are a fault of their own, a file fault of the same SHA-256 never standing in
+  for a batch's). Any entry directly in ``incoming/`` that is no known collection's folder is
+  never read, so it is a fault (``feed.unknown_incoming``). Only the haven's reason files are read
+  as reasons: a received file named ``*.reason.json`` is quarantined with a reason file of its own,
+  and is not one. While
   any fault is unresolved, or an objections batch is landed but not yet validated and
   registered (or a file received again not yet registered as a restatement),
   ``require_sound_feed`` refuses every record-level release, in this run and every later one.
@@ -76,6 +80,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -87,7 +92,8 @@ from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake import batch_seal
-from safehaven.intake.ingest import BATCHES, arrived
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.ingest import BATCHES, NOT_MOVED_SUFFIX, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
 from safehaven.protect import register_seal
 from safehaven.protect.objections import EVENTS, RESTATEMENTS
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
@@ -118,19 +124,23 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: the haven's reason file of a quarantined file is named after it with this suffix
 #: (``safehaven.intake.ingest.quarantine``)
 REASON_SUFFIX = ".reason.json"
-#: a column only the objections contract has: a header naming it is an objections file, misrouted
-#: when it was received in a content collection's folder
-OBJECTIONS_MARK = "objection_type"
 #: the feed's own rule ids: a reason file that cannot be read, a quarantined file with no reason
-#: file, an objections file received in a content collection's folder
+#: file, an objections file received in a content collection's folder (its header names
+#: ``OBJECTIONS_MARK``, ``safehaven.intake.ingest.objections_header``), an entry of incoming/ that
+#: is no collection's folder
 REASON_UNREADABLE, REASON_MISSING, MISROUTED = "feed.reason_unreadable", "feed.reason_missing", "feed.misrouted"
 #: the haven's reason file of a refused entry it could not move out of incoming/objections/:
-#: ``<shown name>.<12 hex characters of its SHA-256>.not-moved.reason.json``
+#: ``<shown name>.<12 hex characters of its SHA-256>[.<n>].not-moved.reason.json`` (``ingest._not_moved_name``)
 #: (``safehaven.intake.ingest._left_in_incoming``)
-_NOT_MOVED = re.compile(r"(?P<shown>.+)\.[0-9a-f]{12}\.not-moved\.reason\.json")
+_NOT_MOVED = re.compile(r"(?P<shown>.+)\.[0-9a-f]{12}(?:\.[0-9]+)?" + re.escape(NOT_MOVED_SUFFIX))
 #: the steps that clear what is pending (module docstring, "What a restatement waits for")
 RUN_INTAKE = "run intake and the objection register again (safehaven run)"
 RUN_REGISTER = "run the register step (safehaven run, or governance/objection_register in the Dagster UI)"
+UNKNOWN_INCOMING = "feed.unknown_incoming"
+#: the faults a batch has of its own (rejected rows, refused at validation): a fault of another
+#: level keyed by the same SHA-256 (the misrouted file moved into incoming/objections/, which lands
+#: as a batch of that id) never stands in for them
+_BATCH_LEVELS = "('rows', 'batch')"
 
 
 class ObjectionFeedBlocked(Exception):
@@ -241,18 +251,46 @@ def _misrouted(home: Home) -> list[_Arrival]:
     return [f for folder in folders if folder.name != COLLECTION for f in _misrouted_in(folder)]
 
 
+def _objections_header(details: object) -> bool:
+    """Whether a reason's details show an objections file's header: ingest's flag
+    (``OBJECTIONS_FLAG``, recorded whichever header rule refused it, its names stripped and
+    lower-cased), or, in a reason written before that flag, ``OBJECTIONS_MARK`` among the
+    unexpected columns."""
+    if not isinstance(details, dict):
+        return False
+    return details.get(OBJECTIONS_FLAG) is True or OBJECTIONS_MARK in (details.get("extra") or [])
+
+
 def _misrouted_in(folder: Path) -> list[_Arrival]:
-    """The reasons in a content collection's quarantine ``folder`` whose header shows the objections
-    contract's own column (``OBJECTIONS_MARK``, among the unexpected columns ingest records)."""
+    """The reasons in a content collection's quarantine ``folder`` whose header is an objections
+    file's (:func:`_objections_header`)."""
     found = []
     for path in sorted(p for p in folder.glob(f"*{REASON_SUFFIX}") if _is_reason(p)):
         reason = _reason(path) or {}
-        details = reason.get("details")
-        if OBJECTIONS_MARK in (details.get("extra") or [] if isinstance(details, dict) else []):
+        if _objections_header(reason.get("details")):
             arrived = str(reason.get("quarantined_at") or _changed_at(path))
             arrival = f"{folder.name}/{_arrival(reason, path) or path.name}"
             rule = f"{MISROUTED} in incoming/{folder.name}/"
             found.append(_Arrival(str(reason["sha256"]), str(reason["file"]), rule, arrived, arrival, "misrouted"))
+    return found
+
+
+def _unknown_incoming(home: Home, collections: Iterable[str]) -> list[_Arrival]:
+    """Each entry directly in incoming/ that is not a known collection's folder (a file at
+    incoming/x.csv, a mistyped folder such as incoming/Objections/, a hidden file): the haven never
+    reads it, so objections in it would never be registered; a fault until moved into the right
+    collection's folder or removed, or resolved (CoP 11-14; fail closed). Only the names are
+    listed (nothing is read); the haven itself writes nothing there but the collections' folders,
+    so nothing is excused."""
+    known = set(collections)
+    entries = sorted(home.incoming.iterdir()) if home.incoming.is_dir() else []
+    found = []
+    for path in entries:
+        if path.name in known and path.is_dir():
+            continue
+        shown, at = audit.shown_name(path.name), _changed_at(path)
+        arrival = f"incoming/{shown}@{at}"
+        found.append(_Arrival(f"{UNKNOWN_INCOMING}:{shown}", shown, UNKNOWN_INCOMING, at, arrival))
     return found
 
 
@@ -306,34 +344,52 @@ def _record_arrival(con: duckdb.DuckDBPyConnection, fault: _Arrival) -> None:
     )
 
 
-def sync_faults(con: duckdb.DuckDBPyConnection, home: Home) -> int:
+def sync_faults(con: duckdb.DuckDBPyConnection, home: Home, collections: Iterable[str] | None = None) -> int:
     """Record faults not yet known (file-level from quarantine, one per arrival; misrouted files
-    from the content collections' quarantine; row-level from the rejected table).
+    from the content collections' quarantine; entries of incoming/ that are no collection's folder,
+    ``collections`` naming them (the deployment's registry's, which every caller in the haven
+    passes), else the packaged contracts registry's; row-level from the
+    rejected table; refused batches).
 
     Returns the number of new faults. It never clears one: only a person does (``resolve``).
     """
     ensure_tables(con)
     before = _scalar(con, f"SELECT count(*) FROM {FAULTS}")
-    for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home):
+    known = ContractRegistry().contracts if collections is None else collections
+    for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home) + _unknown_incoming(home, known):
         _record(con, fault)
     if table_exists(con, "landing", f"{COLLECTION}_rejected"):
-        con.execute(
-            f"INSERT INTO {FAULTS} (sha256, file_name, level, rules, rows, arrived_at, detected_at) "
-            "SELECT r._batch, b.file_name, 'rows', "
-            "array_to_string(list_sort(list_distinct(flatten(list(r.failed_rules)))), ', '), count(*), "
-            "b.landed_at, now() "
-            f"FROM landing.{COLLECTION}_rejected r JOIN {BATCHES} b ON b.batch_id = r._batch "
-            f"WHERE r._batch NOT IN (SELECT sha256 FROM {FAULTS}) GROUP BY r._batch, b.file_name, b.landed_at"
+        _record_batch_faults(
+            con,
+            "SELECT r._batch AS batch, b.file_name, 'rows' AS level, "
+            "array_to_string(list_sort(list_distinct(flatten(list(r.failed_rules)))), ', ') AS rules, "
+            f"count(*) AS n, b.landed_at FROM landing.{COLLECTION}_rejected r JOIN {BATCHES} b "
+            "ON b.batch_id = r._batch GROUP BY r._batch, b.file_name, b.landed_at",
         )
     # a refused batch is a fault in its own right, from the batch register (committed with the
     # verdict), not only from its reason file, which is written after that commit
-    con.execute(
-        f"INSERT INTO {FAULTS} (sha256, file_name, level, rules, rows, arrived_at, detected_at) "
-        "SELECT batch_id, file_name, 'batch', 'batch.refused', invalid_rows, landed_at, now() "
-        f"FROM {BATCHES} WHERE collection = ? AND status = 'refused' AND batch_id NOT IN (SELECT sha256 FROM {FAULTS})",
-        [COLLECTION],
+    _record_batch_faults(
+        con,
+        "SELECT batch_id AS batch, file_name, 'batch' AS level, 'batch.refused' AS rules, invalid_rows AS n, "
+        f"landed_at FROM {BATCHES} WHERE collection = '{COLLECTION}' AND status = 'refused'",
     )
     return _scalar(con, f"SELECT count(*) FROM {FAULTS}") - before
+
+
+def _record_batch_faults(con: duckdb.DuckDBPyConnection, found_sql: str) -> None:
+    """Record the batch faults ``found_sql`` lists (batch, file_name, level, rules, n, landed_at)
+    that the batch has not yet (a rows or batch fault of its, ``_BATCH_LEVELS``): a fault of
+    another level with the same key (a misrouted file's, moved in and landed) does not stand in
+    for them (CoP 11-14; fail closed). Keyed by the batch id, or, when a fault has that key, by
+    a SHA-256 of it and the level (``file_sha256`` then names the batch)."""
+    con.execute(
+        f"INSERT INTO {FAULTS} (sha256, file_name, level, rules, rows, arrived_at, detected_at, file_sha256) "
+        f"SELECT CASE WHEN EXISTS (SELECT 1 FROM {FAULTS} f WHERE f.sha256 = x.batch) "
+        "THEN sha256(x.batch || chr(10) || x.level) ELSE x.batch END, "
+        "x.file_name, x.level, x.rules, x.n, x.landed_at, now(), x.batch "
+        f"FROM ({found_sql}) x WHERE NOT EXISTS (SELECT 1 FROM {FAULTS} f WHERE "
+        f"coalesce(f.file_sha256, f.sha256) = x.batch AND f.level IN {_BATCH_LEVELS})"
+    )
 
 
 def _clean_batches_sql(con: duckdb.DuckDBPyConnection) -> str:
@@ -538,9 +594,16 @@ def parse_window(text: str, source: str) -> int:
     return int(text)
 
 
-def feed_problems(con: duckdb.DuckDBPyConnection, home: Home, today: date, max_age_days: int) -> list[str]:
-    """Why record-level releases must not run now (empty when the feed is complete and fresh)."""
-    sync_faults(con, home)
+def feed_problems(
+    con: duckdb.DuckDBPyConnection,
+    home: Home,
+    today: date,
+    max_age_days: int,
+    collections: Iterable[str] | None = None,
+) -> list[str]:
+    """Why record-level releases must not run now (empty when the feed is complete and fresh);
+    ``collections``: the deployment's collections (``sync_faults``)."""
+    sync_faults(con, home, collections)
     problems = [_describe(f) for f in unresolved(con)]
     for tampered in (register_seal.problem(con, home), batch_seal.problem(con, COLLECTION, home)):
         if tampered:
@@ -575,14 +638,21 @@ def _describe(fault: Fault) -> str:
             "found in quarantine/objections/ with no reason file (the haven stopped, or its disk was full, while "
             "quarantining it), so its objections were never registered"
         )
+    if fault.rules == UNKNOWN_INCOMING:
+        return (
+            f"incoming/{fault.file_name} ({_named(fault)}) is in incoming/ but no collection's folder, so the haven "
+            f"never reads it and any objections in it were never registered; {how_to_clear(fault)}"
+        )
     return f"objections file {fault.file_name} ({_named(fault)}): {what}; {how_to_clear(fault)}"
 
 
 def _named(fault: Fault) -> str:
     """The fault's key as a person types it: the file's SHA-256, or the key of its own arrival."""
     key = fault.sha256[:SHA_SHOWN]
-    if fault.rules in (REASON_MISSING, REASON_UNREADABLE):
+    if fault.rules in (REASON_MISSING, REASON_UNREADABLE, UNKNOWN_INCOMING):
         return f"fault {key}"
+    if fault.file_sha256 is not None and fault.level in ("rows", "batch"):
+        return f"sha256 {fault.file_sha256[:SHA_SHOWN]}: fault {key}"
     if fault.file_sha256 is not None:
         return f"sha256 {fault.file_sha256[:SHA_SHOWN]}, received again: fault {key}"
     return f"sha256 {key}"
@@ -592,11 +662,17 @@ def how_to_clear(fault: Fault) -> str:
     """What a person does to clear ``fault``, with the exact commands (module docstring, "Clearing a fault")."""
     me = fault.sha256[:SHA_SHOWN]
     decide = f"safehaven objections resolve {me} --by <name> --reason <text>"
+    if fault.rules == UNKNOWN_INCOMING:
+        return (
+            "move it into its collection's folder (incoming/objections/ for objections) and run intake "
+            f"(safehaven run), or remove it, then record that: {decide}"
+        )
     if fault.level == "misrouted" and fault.later_clean_sha256 is None:
         folder = fault.rules.rsplit("incoming/", 1)[-1]
         return (
             f"move it from quarantine/{folder} into incoming/objections/ and run intake "
-            f"(safehaven run), then record that it landed: safehaven objections resolve {me} --corrected-by "
+            "(safehaven run; any row it lands with rejected is a fault of its own), then record that it landed "
+            f"cleanly: safehaven objections resolve {me} --corrected-by "
             f"<sha256 of the landed file> --by <name> --reason <text>; or record a decision: {decide}"
         )
     if fault.later_clean_sha256 is None:
@@ -622,14 +698,16 @@ def require_sound_feed(
     today: date,
     agreement_days: int | None = None,
     haven_days: int = DEFAULT_WINDOW_DAYS,
+    collections: Iterable[str] | None = None,
 ) -> date:
     """The guard of every record-level release: the objection feed is complete and fresh
-    within the agreement's window, else the haven's (``window_days``).
+    within the agreement's window, else the haven's (``window_days``); ``collections``: the
+    deployment's collections (``sync_faults``).
 
     Returns the register's refresh date (the date of the opt-out list applied). Raises
     :class:`ObjectionFeedBlocked` with every reason on one line otherwise.
     """
-    problems = feed_problems(con, home, today, window_days(agreement_days, haven_days))
+    problems = feed_problems(con, home, today, window_days(agreement_days, haven_days), collections)
     if problems:
         raise ObjectionFeedBlocked("record-level releases are blocked: " + " | ".join(problems))
     refreshed = refreshed_on(con)
@@ -645,12 +723,13 @@ def release_guard(
     record_level: bool,
     agreement_days: int | None,
     haven_days: int = DEFAULT_WINDOW_DAYS,
+    collections: Iterable[str] | None = None,
 ) -> date | None:
     """The one check a release makes: record-level releases need a complete, fresh feed
     (``require_sound_feed``); anonymised ones are not blocked (guide Rule 4C). Returns the date
     of the opt-out list applied (None when the register was never refreshed)."""
     if record_level:
-        return require_sound_feed(con, home, today, agreement_days, haven_days)
+        return require_sound_feed(con, home, today, agreement_days, haven_days, collections)
     return refreshed_on(con)
 
 
@@ -662,6 +741,7 @@ def resolve(
     by: str,
     reason: str,
     corrected_by: str | None = None,
+    collections: Iterable[str] | None = None,
 ) -> int:
     """A person's decision clearing the unresolved faults of ``file`` (its name or SHA-256), audited.
 
@@ -673,7 +753,7 @@ def resolve(
     """
     if not by.strip() or not reason.strip():
         raise ValueError("a decision needs --by <name> and --reason <text>")
-    sync_faults(con, home)
+    sync_faults(con, home, collections)
     key = Path(file).name
     _one_fault_by_name(con, key)
     batch, landed, resolution, note = None, None, "decision", reason

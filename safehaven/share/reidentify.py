@@ -85,7 +85,7 @@ def _require_feed(haven: Haven, agreement_id: str, agreement_days: int | None, c
     delivered could not be honoured (``safehaven.protect.feed``; NDOP, CoP 14b)."""
     try:
         with haven.store().connect() as con:
-            feed.require_sound_feed(con, haven.home, haven.today, agreement_days)
+            feed.require_sound_feed(con, haven.home, haven.today, agreement_days, collections=haven.contracts.contracts)
     except feed.ObjectionFeedBlocked as exc:
         _refuse(haven, agreement_id, f"objections cannot be honoured now: {exc}", counts)
 

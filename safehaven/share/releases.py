@@ -77,6 +77,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -532,7 +533,7 @@ def _build(
     contracts = {c: registry.contracts[c] for c in a.collections}
     record_level = a.identifiability != "anonymised"
     result = ReleaseResult(a.id, PREPARED, "", level=a.identifiability)
-    result.optout_list_date = _objection_guard(con, a, home, today, haven_days)
+    result.optout_list_date = _objection_guard(con, a, home, today, haven_days, registry.contracts)
     result.objections_window_days = feed.window_days(a.objections_max_age_days, haven_days)
     inputs = _inputs(con, a, agreement_sha, today, keyring, contracts)
     known = release_inputs.known_unchanged(con, a.id, inputs) if inputs else None
@@ -622,7 +623,7 @@ def _build(
 
 
 def _objection_guard(
-    con: duckdb.DuckDBPyConnection, a: Agreement, home: Home, today: date, haven_days: int
+    con: duckdb.DuckDBPyConnection, a: Agreement, home: Home, today: date, haven_days: int, collections: Iterable[str]
 ) -> date | None:
     """The opt-out list date the release applies; refuses while the objection feed is blocked
     (``safehaven.protect.feed``: it fails closed)."""
@@ -634,6 +635,7 @@ def _objection_guard(
             record_level=a.identifiability != "anonymised",
             agreement_days=a.objections_max_age_days,
             haven_days=haven_days,
+            collections=collections,
         )
     except feed.ObjectionFeedBlocked as exc:
         raise ReleaseRefused(str(exc)) from None

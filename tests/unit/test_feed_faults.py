@@ -1,11 +1,15 @@
 """Faults of the objection feed that its quarantine folders hold (``safehaven.protect.feed``,
 module docstring, "A standing block"): each arrival a fault of its own, a quarantined file
 without its reason file, an objections file quarantined in a content collection's folder, and a
-received file named like a reason file (the hostile review's findings 1, 2, 3 and 8).
+received file named like a reason file (the hostile review's findings 1, 2, 3 and 8); and the
+third review's: a misrouted header refused by an earlier header rule, a misrouted file moved in
+with rejected rows, a sender's file named as the haven's not-moved reason, and an entry of
+incoming/ that is no collection's folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from safehaven.core.home import Home
+from safehaven.intake import ingest
 from safehaven.intake.ingest import ingest_collection
 from safehaven.protect import feed
 from tests.governance_helpers import NHS
-from tests.unit.feed_helpers import COLUMNS, Haven, open_haven, opt_out, refused
+from tests.unit.feed_helpers import COLUMNS, FUTURE, Haven, open_haven, opt_out, refused
 
 #: a Windows-1252 byte in an otherwise valid objections file: refused whole (``file.encoding``)
 UNREADABLE = (",".join(COLUMNS) + f"\n{NHS[30]},national_opt_out,2024-03-01,,\n# caf\xe9\n").encode("latin-1")
@@ -182,3 +187,113 @@ def test_a_received_file_named_like_a_reason_file_is_not_read_as_the_havens_reas
     haven.run()
     feed.sync_faults(haven.con, haven.home)
     assert {f.file_name for f in feed.unresolved(haven.con)} == {"x.reason.json"}
+
+
+def _misroute(haven: Haven, name: str, text: str) -> Path:
+    """Drop ``text`` as ``name`` in incoming/hospital_episodes/ and ingest it there (quarantined)."""
+    folder = haven.home.incoming_for("hospital_episodes")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    contract = haven.registry.contracts["hospital_episodes"]
+    quarantine = haven.home.quarantine_for("hospital_episodes")
+    assert ingest_collection(haven.con, contract, folder, quarantine).files_quarantined == 1
+    return quarantine
+
+
+@pytest.mark.parametrize(
+    ("header", "sep"),
+    [(", ".join(COLUMNS), ", "), (",".join(c.upper() for c in COLUMNS), ",")],
+    ids=["spaced", "upper_case"],
+)
+def test_a_misrouted_objections_header_refused_by_an_earlier_header_rule_still_blocks(
+    haven: Haven, header: str, sep: str
+) -> None:
+    """A header with spaces after its commas, or in capitals, is refused by an earlier header rule
+    (``file.header.hostile_name``, ``case_collision``) with no list of unexpected columns; ingest's
+    ``objections_header`` flag (names stripped, lower-cased) still makes it a ``feed.misrouted``
+    fault, and the objector is not released (review 3, finding 1)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    row = sep.join([NHS[31], "national_opt_out", "2024-03-01", "", ""])
+    _misroute(haven, "objections_20241201.csv", f"{header}\n{row}\n")
+    haven.run()
+    message = refused(haven)
+    assert "feed.misrouted in incoming/hospital_episodes/" in message and NHS[31] not in message
+    [fault] = feed.unresolved(haven.con)
+    assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="re-sent") == 1
+
+
+def test_a_misrouted_file_moved_in_with_a_rejected_row_is_a_rows_fault_of_its_own(haven: Haven) -> None:
+    """The misrouted fault is keyed by the file's SHA-256, and the file moved into incoming/objections/
+    lands as the batch of that id; its rejected row is still a rows fault, which a decision on the
+    misrouted fault does not clear (review 3, finding 2)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    rows = f"{NHS[31]},national_opt_out,2024-03-01,,\n{NHS[32]},national_opt_out,{FUTURE},,\n"
+    quarantine = _misroute(haven, "objections_20241201.csv", ",".join(COLUMNS) + "\n" + rows)
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)
+    [misrouted] = feed.unresolved(haven.con)
+    (quarantine / "objections_20241201.csv").rename(haven.home.incoming_for("objections") / "objections_20241201.csv")
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)
+    assert [f.level for f in feed.unresolved(haven.con)] == ["misrouted", "rows"]
+    assert feed.resolve(haven.con, haven.home, misrouted.sha256[:16], by="Dr Guardian", reason="moved it") == 1
+    [rows_fault] = feed.unresolved(haven.con)
+    assert rows_fault.level == "rows" and rows_fault.rows == 1
+    message = refused(haven)
+    assert "1 row(s) rejected" in message and f"sha256 {misrouted.sha256[: feed.SHA_SHOWN]}" in message
+
+
+def test_a_sender_file_named_as_the_not_moved_reason_is_never_overwritten_and_the_refusal_blocks(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender first sends a file named ``<shown>.<sha12>.not-moved.reason.json`` of the file it then
+    sends; when that file cannot be moved, the haven's reason goes under a free name, the sender's
+    file is left as it was, and the refusal is a fault (review 3, finding 3)."""
+    folder = haven.home.incoming_for("objections")
+    folder.mkdir(parents=True, exist_ok=True)
+    haven.drop("base.csv", [opt_out(10)])
+    haven.run()
+    bad = ("sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(opt_out(32)) + "\r\n").encode()
+    decoy = f"optouts.csv.{hashlib.sha256(bad).hexdigest()[:12]}.not-moved.reason.json"
+    (folder / decoy).write_text("{}")
+    haven.run()
+    feed.sync_faults(haven.con, haven.home)
+    [junk] = feed.unresolved(haven.con)
+    assert feed.resolve(haven.con, haven.home, junk.sha256[:16], by="Dr Guardian", reason="junk from sender") == 1
+    (folder / "optouts.csv").write_bytes(bad)
+
+    def refused_move(path: Path, dest: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ingest, "_move_whole", refused_move)
+    quarantine = haven.home.quarantine_for("objections")
+    for _ in range(2):  # each run meets the entry again: its own reason is rewritten, never a second one
+        report = ingest_collection(haven.con, haven.registry.objections(), folder, quarantine)
+        assert [m["file"] for m in report.not_moved] == ["optouts.csv"]
+    assert (quarantine / decoy).read_text() == "{}"
+    assert len(list(quarantine.glob("*.not-moved.reason.json"))) == 2  # the decoy and the haven's one
+    feed.sync_faults(haven.con, haven.home)
+    [fault] = feed.unresolved(haven.con)
+    assert fault.file_name == "optouts.csv" and fault.rules == "file.header.excel_sep"
+
+
+@pytest.mark.parametrize("where", [".", "Objections"], ids=["incoming_itself", "mistyped_folder"])
+def test_an_entry_of_incoming_outside_every_collection_folder_blocks_until_resolved(haven: Haven, where: str) -> None:
+    """A file at incoming/x.csv, or in a folder no contract names (incoming/Objections/), is never
+    read; it is a fault (``feed.unknown_incoming``) naming the entry and how to clear it, and the
+    objector is not released (review 3, finding 4)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    folder = haven.home.incoming / where
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "objections_20241201.csv").write_text(",".join(COLUMNS) + f"\n{NHS[31]},national_opt_out,2024-03-01,,\n")
+    haven.run()
+    message = refused(haven)
+    entry = "objections_20241201.csv" if where == "." else where
+    assert f"incoming/{entry} (fault " in message and feed.UNKNOWN_INCOMING in feed.unresolved(haven.con)[0].rules
+    assert "move it into its collection's folder" in message and NHS[31] not in message
+    [fault] = feed.unresolved(haven.con)
+    assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="moved it") == 1
+    assert haven.release().status == "released"
