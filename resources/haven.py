@@ -233,7 +233,9 @@ def refuse_governed_config(run_config: object) -> None:
                 "governance settings, not a run's (the contracts folder is the code location's, "
                 "$SAFEHAVEN_CONTRACTS; the objection window is $SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS or an "
                 "agreement's own; the write-once audit target $SAFEHAVEN_AUDIT_WORM): remove them from the "
-                "run's configuration and launch it again"
+                "run's configuration and launch it again; if the run was started by `safehaven run`, the "
+                "code location runs with other values of these variables than this shell: restart it with "
+                "the same ones"
             )
 
 
@@ -250,7 +252,10 @@ def _changed_governance(config: dict) -> list[str]:
 
 
 def _normal(field: str, value: object) -> object:
-    """A governance setting as compared: a path resolved, an empty path as none."""
+    """A governance setting as compared: a path as written (``Path`` drops a trailing slash), an
+    empty path as none. Never resolved: a symbolic link to the environment's folder passes a
+    resolved comparison, is kept as the run's text and followed again at each use, so repointed
+    after the run started it would read other contracts or anchor elsewhere (found by review)."""
     if field in _GOVERNED_PATHS:
-        return str(Path(str(value)).resolve()) if value else None
+        return str(Path(str(value)).expanduser()) if value else None
     return value

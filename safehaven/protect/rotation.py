@@ -455,12 +455,12 @@ def resume(haven: Haven) -> list[str]:
     claims = store.path.exists() and any(keyring.replacements(p) for p in STAGED)
     if not todo and not done and not claims and not _staged_crosswalks(home):
         return []
-    staged_vault = keyring.staged_public_id(VAULT) if VAULT in todo else None
     try:
         with store.connect() as con:
             done = [_resume_one(con, home, keyring, purpose) for purpose in todo] + done
             done += _settle_crosswalks(con, home, keyring)
-            resumed = _resumed_vault_key(con, keyring, staged_vault, actor)
+            resumed = _resumed_vault_key(con, keyring, actor)
+            done += [f"vault: the rotation to key {e['detail']['new_key_id']} is on record" for e in resumed]
             late, lines = _unrecorded(con, keyring, actor)
             done += lines
             if done:
@@ -514,15 +514,20 @@ def _late_entry(actor: str, r: Rotation) -> dict[str, object]:
     }
 
 
-def _resumed_vault_key(
-    con: duckdb.DuckDBPyConnection, keyring: KeyRing, staged_id: str | None, actor: str
-) -> list[dict[str, object]]:
-    """The ``key.rotate`` entry of a vault pair ``resume`` just installed, so the audit trail names the
-    key ``vault.pub`` now holds (``safehaven.core.pins.check_vault_audited``): only when the latest
-    authentic entry on ``key:vault`` is the rotation's own ``key.rotate.stage`` naming it (a pair
-    staged some other way is installed as before, but vault writes stay refused); nothing when the
-    killed rotation had recorded it already."""
-    if staged_id is None or keyring.current_id(VAULT) != staged_id or epoch_key_id(con, VAULT) != staged_id:
+def _resumed_vault_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, actor: str) -> list[dict[str, object]]:
+    """The ``key.rotate`` entry of the vault pair ``vault.pub``, ``keyring.json`` and the store's epoch
+    all hold when the latest authentic entry on ``key:vault`` is the rotation's own
+    ``key.rotate.stage`` naming it, so the audit trail names the key ``vault.pub`` holds
+    (``safehaven.core.pins.check_vault_audited``): a pair this resume installed, or one an earlier
+    resume installed and was killed before recording (found by review: its staged files gone,
+    nothing then recorded it, and vault writes were refused for good). A pair staged some other
+    way is installed as before, but vault writes stay refused; nothing when the rotation had
+    recorded it already."""
+    try:
+        staged_id = keyring.get_public(VAULT).key_id  # the file, pinned to keyring.json
+    except KeyRingError:
+        return []
+    if epoch_key_id(con, VAULT) != staged_id:
         return []
     entry = audit.latest_entry(con, VAULT_OBJECT, (STAGE_ACTION, *VAULT_KEY_SET))
     if entry is None or entry.action != STAGE_ACTION or entry.fields.get("new_key_id") != staged_id:

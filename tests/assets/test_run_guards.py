@@ -18,7 +18,7 @@ from assets import keys
 from assets.definitions import build_definitions
 from assets.releases import build, release_key
 from assets.runner import haven_run_config
-from resources.haven import GOVERNED, SafeHavenResource
+from resources.haven import GOVERNED, GovernedSettingInRunConfig, SafeHavenResource, refuse_governed_config
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
@@ -138,3 +138,21 @@ def test_gp_data_is_not_taken_into_the_haven_while_objections_wait_outside_the_r
             "WHERE objection_type = 'type1' AND withdrawn_date IS NULL)"
         ).fetchone()[0]
     assert objectors == 0
+
+
+@pytest.mark.parametrize("setting", ["contracts", "audit_worm_dir"])
+def test_a_link_to_the_environments_folder_is_not_the_environments_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """A run naming a symbolic link to the environment's contracts folder (or write-once target)
+    would pass a comparison of resolved paths, and the resource follows the link again at each use:
+    repointed once the run started, its later steps read other contracts or anchor elsewhere (found
+    by review). The run's text must be the environment's; the environment's own spelling passes."""
+    folder = tmp_path / "approved"
+    folder.mkdir()
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS" if setting == "contracts" else "SAFEHAVEN_AUDIT_WORM", str(folder))
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    with pytest.raises(GovernedSettingInRunConfig, match=setting):
+        refuse_governed_config({"resources": {"haven": {"config": {setting: str(link)}}}})
+    refuse_governed_config({"resources": {"haven": {"config": {setting: f"{folder}/"}}}})

@@ -198,3 +198,49 @@ def test_a_rotation_claimed_by_an_edited_key_ring_is_never_recorded(haven_home: 
         assert any("not recorded" in line and forged in line for line in done), done
         assert any("not recorded" in line and new in line for line in done), done
         assert _rotations(haven_home, purpose) == []
+
+
+# --- a resume killed after it installs a vault pair is finished by the next resume ----------------
+
+DIE_IN = """
+import sys
+from pathlib import Path
+from tests.crash.harness import arm
+arm(sys.argv[2], int(sys.argv[3]), "before")
+from safehaven.context import Haven
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import rotation
+from tests.conftest import test_custodian
+home = Home(Path(sys.argv[1]))
+ring = KeyRing(home.keys, test_custodian()) if sys.argv[4] == "rotate" else KeyRing(home.keys)
+context = Haven.open(home, contracts=ContractRegistry(), keyring=ring, actor="t")
+rotation.rotate(context, "vault") if sys.argv[4] == "rotate" else rotation.resume(context)
+"""
+
+
+def _die_in(home: Home, target: str, nth: int, what: str) -> None:
+    argv = [sys.executable, "-c", DIE_IN, str(home.root), target, str(nth), what]
+    assert subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600).returncode == -9
+
+
+def test_a_resume_killed_after_installing_the_vault_pair_is_finished_by_the_next_resume(home: Home) -> None:
+    """A vault rotation killed after its commit and before ``key.rotate``; its ``--resume`` installs the
+    pair and is killed before recording it. The next ``--resume`` records it (the stage entry names
+    the key ``vault.pub`` and the store hold), once, and vault writes go on: before, nothing staged
+    was left, nothing recorded it, and every vault write was refused for good (found by review)."""
+    populated(home)
+    old = KeyRing(home.keys).current_id(VAULT)
+    _die_in(home, "safehaven.protect.rotation:_audit", 2, "rotate")  # the stage entry written, not key.rotate
+    assert rotation.pending(KeyRing(home.keys)) == [VAULT]
+    _die_in(home, "safehaven.protect.rotation:_resumed_vault_key", 1, "resume")  # after the install
+    new = KeyRing(home.keys).current_id(VAULT)
+    assert new != old and rotation.pending(KeyRing(home.keys)) == []
+    done = rotation.resume(_as_t(home))
+    assert any(new in line for line in done), done
+    recorded = [r for r in _rotations(home, VAULT) if r["new_key_id"] == new]
+    assert len(recorded) == 1 and recorded[0]["resumed"] is True
+    assert rotation.resume(_as_t(home)) == []
+    with Store(home).connect() as con:
+        assert vault_public(con, KeyRing(home.keys)).key_id == new
