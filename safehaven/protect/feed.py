@@ -23,12 +23,13 @@ against a current list). Rules:
   ``incoming/objections/`` it lands, and a person records that with ``--corrected-by``; rows it
   lands with rejected are a fault of their own, a file fault of the same SHA-256 never standing in
   for a batch's). Any entry directly in ``incoming/`` that is no known collection's folder is
-  never read, so it is a fault (``feed.unknown_incoming``). Only the haven's reason files are read
-  as reasons: a received file named ``*.reason.json`` is quarantined with a reason file of its own,
-  and is not one. While
-  any fault is unresolved, or an objections batch is landed but not yet validated and
-  registered (or a file received again not yet registered as a restatement),
-  ``require_sound_feed`` refuses every record-level release, in this run and every later one.
+  never read, so it is a fault (``feed.unknown_incoming``), found by the checks that have the
+  deployment's contracts registry (``sync_faults``; never another registry's collections). Only
+  the haven's reason files are read as reasons: a received file named ``*.reason.json`` is
+  quarantined with a reason file of its own, and is not one. While any fault is unresolved, or
+  an objections batch is landed but not yet validated and registered (or a file received again
+  not yet registered as a restatement), ``require_sound_feed`` refuses every record-level
+  release, in this run and every later one.
   Anonymised aggregates are not blocked: the opt-out does not cover them (guide Rule 4C).
 * **Clearing a fault** needs a person, and only a person: ``safehaven objections resolve
   <file> --by <name> --reason <text>`` records a decision (``resolve``, audited). A later file
@@ -95,7 +96,6 @@ from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake import batch_seal, ingest
-from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import BATCHES, NOT_MOVED_SUFFIX, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
 from safehaven.protect import register_seal
 from safehaven.protect.objections import EVENTS, RESTATEMENTS
@@ -349,17 +349,23 @@ def _record_arrival(con: duckdb.DuckDBPyConnection, fault: _Arrival) -> None:
 
 def sync_faults(con: duckdb.DuckDBPyConnection, home: Home, collections: Iterable[str] | None = None) -> int:
     """Record faults not yet known (file-level from quarantine, one per arrival; misrouted files
-    from the content collections' quarantine; entries of incoming/ that are no collection's folder,
-    ``collections`` naming them (the deployment's registry's, which every caller in the haven
-    passes), else the packaged contracts registry's; row-level from the
-    rejected table; refused batches).
+    from the content collections' quarantine; row-level from the rejected table; refused batches;
+    and entries of incoming/ that are no collection's folder, only when ``collections`` names the
+    deployment's collections).
+
+    Without ``collections`` (delivery, ``safehaven.share.review.deliver``, which has no registry at
+    hand) incoming/ is not scanned: any other registry (the packaged contracts') would take a
+    deployment's own collection folder for an unknown entry, a spurious fault after every night.
+    Those callers rely on the faults already recorded by the checks that have the deployment's
+    registry (every release's guard, re-identification, the objection_feed asset, the objections
+    CLI), which still block while unresolved (fail closed).
 
     Returns the number of new faults. It never clears one: only a person does (``resolve``).
     """
     ensure_tables(con)
     before = _scalar(con, f"SELECT count(*) FROM {FAULTS}")
-    known = ContractRegistry().contracts if collections is None else collections
-    for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home) + _unknown_incoming(home, known):
+    unknown = _unknown_incoming(home, collections) if collections is not None else []
+    for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home) + unknown:
         _record(con, fault)
     if table_exists(con, "landing", f"{COLLECTION}_rejected"):
         _record_batch_faults(
@@ -747,7 +753,8 @@ def require_sound_feed(
 ) -> date:
     """The guard of every record-level release: the objection feed is complete and fresh
     within the agreement's window, else the haven's (``window_days``); ``collections``: the
-    deployment's collections (``sync_faults``).
+    deployment's collections, without which incoming/ is not scanned for unknown entries
+    (``sync_faults``).
 
     Returns the register's refresh date (the date of the opt-out list applied). Raises
     :class:`ObjectionFeedBlocked` with every reason on one line otherwise.
