@@ -995,6 +995,25 @@ def test_an_entry_replaced_while_the_haven_refuses_it_in_place_is_still_waited_f
     assert feed.pending_batches(haven.con) == 0 and _in_force(haven, 10)
 
 
+def test_an_entry_refused_in_place_is_waited_for_when_its_bytes_are_not_those_the_haven_refused(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: an entry is the refused one only when its bytes, hashed again, are those the
+    not-moved reason records, not merely its name, inode, size and times; with the recorded SHA-256
+    not the entry's, it is waited for, and with it restored it is not (never stuck)."""
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.run()
+    stuck = _refuse_in_place(haven, monkeypatch, "odd.csv")
+    [reason_file] = haven.home.quarantine_for("objections").glob("odd.csv.*.not-moved.reason.json")
+    reason = json.loads(reason_file.read_text())
+    assert reason["entry"]["hashed"] and reason["sha256"] == sha256_file(stuck)
+    assert feed.first_waiting(haven.home) is None
+    reason_file.write_text(json.dumps({**reason, "sha256": "0" * 64}))
+    assert feed.first_waiting(haven.home) is not None
+    reason_file.write_text(json.dumps(reason))
+    assert feed.first_waiting(haven.home) is None
+
+
 def test_a_faulty_file_sent_again_does_not_refresh_the_register(haven: Haven) -> None:
     """A file whose every row was rejected (a fault a person resolved) sent again byte for byte:
     it restates nothing, so the register is no fresher for it and a stale register still refuses."""
