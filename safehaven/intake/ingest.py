@@ -514,10 +514,13 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
         check_header(_csv_header(path), contract)
 
 
-def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: FileRejected) -> Path:
+def quarantine(
+    path: Path, dest_dir: Path, contract: Contract, sha: str, err: FileRejected, entry: dict[str, Any] | None = None
+) -> Path:
     """Move the whole file to quarantine with a reason file a person can act on. One that cannot be
-    moved (:class:`NotMoved`) still gets its reason file, marked as left in incoming/, so every
-    safeguard that reads reasons (the objection feed) sees the refusal (fail closed)."""
+    moved (:class:`NotMoved`) still gets its reason file, marked as left in incoming/, with the
+    entry's raw identity as judged (``entry``, :func:`entry_identity`), so every safeguard that
+    reads reasons (the objection feed) sees the refusal, and of which entry (fail closed)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest_dir.chmod(0o700)
     shown = Path(shown_name(path.name))
@@ -541,15 +544,41 @@ def quarantine(path: Path, dest_dir: Path, contract: Contract, sha: str, err: Fi
         if os.path.lexists(path) and os.path.isfile(dest) and not os.path.islink(dest):
             with contextlib.suppress(OSError):  # a regular file's copy; the received file is whole
                 dest.unlink()
-        _left_in_incoming(dest_dir, shown, sha, reason, contract.collection)
+        _left_in_incoming(dest_dir, shown, sha, {**reason, "entry": entry}, contract.collection)
         raise NotMoved(shown.name, type(exc).__name__) from None
     dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=2))
     return dest
 
 
+def entry_identity(entry: os.stat_result | None, hashed: bool) -> dict[str, Any] | None:
+    """An entry's raw identity as the haven judged it (from ``lstat``: inode, size, modification and
+    status-change times, none of which names anyone) and whether the reason's ``sha256`` is its
+    bytes' hash (``hashed``; else it stands in for one, :func:`_name_hash`). A not-moved reason records
+    it, so the objection feed takes an entry for the refused one only while it is that entry
+    (``safehaven.protect.feed.refused_in_place``); None when the entry could not be seen."""
+    if entry is None:
+        return None
+    return {
+        "ino": entry.st_ino,
+        "size": entry.st_size,
+        "mtime_ns": entry.st_mtime_ns,
+        "ctime_ns": entry.st_ctime_ns,
+        "hashed": hashed,
+    }
+
+
+def _seen(path: Path) -> os.stat_result | None:
+    """The entry's ``lstat``, or None when it cannot be had."""
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def _left_in_incoming(dest_dir: Path, shown: Path, sha: str, reason: dict[str, Any], collection: str) -> None:
     """The reason file of a refused entry that could not be moved: one per entry and content
-    (written again, not added to, by each run that meets it)."""
+    (written again, not added to, by each run that meets it), with the entry's identity as judged
+    (``reason["entry"]``, :func:`entry_identity`)."""
     left = {
         **reason,
         "quarantined_as": None,
@@ -1137,7 +1166,9 @@ def _ingest_entry(
     sealer: Sealer | None = None,
 ) -> None:
     """Land one entry of the collection folder, the drop ``drop`` (:func:`drop_key`), or quarantine it whole."""
-    sha, err = _name_hash(path), not_regular(path) or bad_name(path)
+    first, seen = _seen(path), None  # the entry as judged: its identity goes in a not-moved reason
+    sha = named = _name_hash(path)
+    err = not_regular(path) or bad_name(path)
     if err is None:
         try:
             if still_arriving(path):
@@ -1155,7 +1186,8 @@ def _ingest_entry(
     if not os.path.lexists(path):
         raise FileNotFoundError(path)
     try:
-        _record(report, quarantine(path, quarantine_dir, contract, sha, err), err, sha)
+        judged = entry_identity(seen or first, hashed=sha != named)
+        _record(report, quarantine(path, quarantine_dir, contract, sha, err, judged), err, sha)
     except NotMoved as stuck:
         report.not_moved.append({"file": stuck.shown, "rule": err.rule, "error": stuck.kind})
         report.drops[drop] = f"refused ({err.rule}), left in incoming/: it could not be moved to quarantine"

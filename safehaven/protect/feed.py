@@ -23,12 +23,13 @@ against a current list). Rules:
   ``incoming/objections/`` it lands, and a person records that with ``--corrected-by``; rows it
   lands with rejected are a fault of their own, a file fault of the same SHA-256 never standing in
   for a batch's). Any entry directly in ``incoming/`` that is no known collection's folder is
-  never read, so it is a fault (``feed.unknown_incoming``). Only the haven's reason files are read
-  as reasons: a received file named ``*.reason.json`` is quarantined with a reason file of its own,
-  and is not one. While
-  any fault is unresolved, or an objections batch is landed but not yet validated and
-  registered (or a file received again not yet registered as a restatement),
-  ``require_sound_feed`` refuses every record-level release, in this run and every later one.
+  never read, so it is a fault (``feed.unknown_incoming``), found by the checks that have the
+  deployment's contracts registry (``sync_faults``; never another registry's collections). Only
+  the haven's reason files are read as reasons: a received file named ``*.reason.json`` is
+  quarantined with a reason file of its own, and is not one. While any fault is unresolved, or
+  an objections batch is landed but not yet validated and registered (or a file received again
+  not yet registered as a restatement), ``require_sound_feed`` refuses every record-level
+  release, in this run and every later one.
   Anonymised aggregates are not blocked: the opt-out does not cover them (guide Rule 4C).
 * **Clearing a fault** needs a person, and only a person: ``safehaven objections resolve
   <file> --by <name> --reason <text>`` records a decision (``resolve``, audited). A later file
@@ -62,12 +63,15 @@ against a current list). Rules:
   file that arrived before it (``safehaven.protect.objections.due_restatements``), including
   one still in ``incoming/objections/`` (:func:`waiting_since`). An entry there the haven has
   already judged and refused, but could not move to quarantine (its not-moved reason file,
-  ``safehaven.intake.ingest._left_in_incoming``, written since the entry arrived), is not
+  ``safehaven.intake.ingest._left_in_incoming``, written since the entry arrived, records that
+  very entry: its inode, size and times as judged and, when its bytes were read, their SHA-256,
+  which the feed hashes again; never its shown name alone, which entries share), is not
   waited for: nothing of it will ever be registered, so no later statement can be overtaken by
   it, and its fault blocks releases on its own until a person resolves it. Waiting for it would
   hold every later restatement, every GP haven step and every record-level release for ever
   (fail closed, never stuck). An entry not yet judged (still arriving, intake not yet run on it,
-  or sent again under that name after its reason was written) is still waited for. While
+  sent again under that name, replaced or changed after it was judged, or unreadable) is still
+  waited for. While
   anything is pending, the refusal names it by kind (:func:`describe_pending`: landed and not
   validated, valid rows not registered, restatements waiting and the shown name of what they
   wait for, and why) and the step that clears it.
@@ -91,8 +95,7 @@ from safehaven.core import audit, schema
 from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
-from safehaven.intake import batch_seal
-from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake import batch_seal, ingest
 from safehaven.intake.ingest import BATCHES, NOT_MOVED_SUFFIX, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
 from safehaven.protect import register_seal
 from safehaven.protect.objections import EVENTS, RESTATEMENTS
@@ -346,17 +349,23 @@ def _record_arrival(con: duckdb.DuckDBPyConnection, fault: _Arrival) -> None:
 
 def sync_faults(con: duckdb.DuckDBPyConnection, home: Home, collections: Iterable[str] | None = None) -> int:
     """Record faults not yet known (file-level from quarantine, one per arrival; misrouted files
-    from the content collections' quarantine; entries of incoming/ that are no collection's folder,
-    ``collections`` naming them (the deployment's registry's, which every caller in the haven
-    passes), else the packaged contracts registry's; row-level from the
-    rejected table; refused batches).
+    from the content collections' quarantine; row-level from the rejected table; refused batches;
+    and entries of incoming/ that are no collection's folder, only when ``collections`` names the
+    deployment's collections).
+
+    Without ``collections`` (delivery, ``safehaven.share.review.deliver``, which has no registry at
+    hand) incoming/ is not scanned: any other registry (the packaged contracts') would take a
+    deployment's own collection folder for an unknown entry, a spurious fault after every night.
+    Those callers rely on the faults already recorded by the checks that have the deployment's
+    registry (every release's guard, re-identification, the objection_feed asset, the objections
+    CLI), which still block while unresolved (fail closed).
 
     Returns the number of new faults. It never clears one: only a person does (``resolve``).
     """
     ensure_tables(con)
     before = _scalar(con, f"SELECT count(*) FROM {FAULTS}")
-    known = ContractRegistry().contracts if collections is None else collections
-    for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home) + _unknown_incoming(home, known):
+    unknown = _unknown_incoming(home, collections) if collections is not None else []
+    for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home) + unknown:
         _record(con, fault)
     if table_exists(con, "landing", f"{COLLECTION}_rejected"):
         _record_batch_faults(
@@ -471,33 +480,75 @@ def pending_batches(con: duckdb.DuckDBPyConnection) -> int:
     return pending(con).total
 
 
-def refused_in_place(home: Home) -> dict[str, float]:
-    """Entries of incoming/objections/ the haven judged and refused but could not move: shown name
-    -> when its latest not-moved reason file was written (the haven's reason files only,
-    :func:`_is_reason`, naming that folder). Each run that meets such an entry writes it again."""
-    found: dict[str, float] = {}
+@dataclass(frozen=True)
+class _RefusedInPlace:
+    """One not-moved reason of incoming/objections/: the refused entry's shown name, SHA-256 and raw
+    identity as judged (``safehaven.intake.ingest.entry_identity``), and when the reason was written."""
+
+    shown: str
+    sha256: str
+    entry: dict
+    written: float
+
+
+def refused_in_place(home: Home) -> list[_RefusedInPlace]:
+    """The entries of incoming/objections/ the haven judged and refused but could not move, from
+    their not-moved reason files (the haven's reason files only, :func:`_is_reason`, naming that
+    folder, recording the entry's identity; one written before identities were recorded names no
+    entry, so its entry is waited for until the next run writes it again, as each run that meets
+    such an entry does)."""
+    found = []
     folder = home.quarantine_for(COLLECTION)
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         named = _NOT_MOVED.fullmatch(path.name)
         reason = _reason(path) if named and _is_reason(path) else None
         if reason and reason.get("left_in") == f"incoming/{COLLECTION}/" and reason["file"] == named["shown"]:
             with contextlib.suppress(FileNotFoundError):
-                found[named["shown"]] = max(found.get(named["shown"], 0.0), os.lstat(path).st_ctime)
+                written = os.lstat(path).st_ctime
+                entry = reason.get("entry")
+                if isinstance(entry, dict):
+                    found.append(_RefusedInPlace(named["shown"], str(reason["sha256"]), entry, written))
     return found
+
+
+def _content_sha256(entry: Path) -> str | None:
+    """The SHA-256 of a regular file's bytes now (links not followed), or None when it cannot be read."""
+    try:
+        with open(entry, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _is_refused(entry: Path, seen: os.stat_result, refused: list[_RefusedInPlace]) -> bool:
+    """Whether ``entry`` (``seen``: its ``lstat`` now) IS an entry the haven refused in place: a
+    not-moved reason of its shown name, written since it arrived, records its identity as it is now
+    (inode, size, times) and, when the haven read its bytes, their SHA-256, which it hashes again.
+    An entry replaced, changed, or sharing only a shown name with a refused one is not (never
+    matched on the shown name alone: withheld digits, truncation and escapes collide)."""
+    shown, at = audit.shown_name(entry.name), arrived(seen)
+    now = ingest.entry_identity(seen, hashed=True)
+    for one in refused:
+        same = one.shown == shown and one.written >= at and {**one.entry, "hashed": True} == now
+        if same and (not one.entry.get("hashed") or _content_sha256(entry) == one.sha256):
+            return True
+    return False
 
 
 def first_waiting(home: Home) -> tuple[datetime, str] | None:
     """The entry of incoming/objections/ that arrived first (``safehaven.intake.ingest.arrived``)
     and is not yet judged, with its shown name; None when there is none. An entry refused in place
-    (:func:`refused_in_place`, its reason written since it arrived) is not waiting (module
-    docstring, "What a restatement waits for"). Reads no file's bytes."""
+    (:func:`_is_refused`: it is the very entry a not-moved reason records) is not waiting (module
+    docstring, "What a restatement waits for"); anything else, or anything that cannot be read, is.
+    Reads the bytes of an entry only when a reason records an entry of its shown name and identity:
+    a name, size and times are the sender's to repeat, the bytes' SHA-256 is what the haven judged."""
     refused, waiting = refused_in_place(home), []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in home.incoming_for(COLLECTION).iterdir():
             with contextlib.suppress(FileNotFoundError):
-                at, shown = arrived(os.lstat(entry)), audit.shown_name(entry.name)
-                if refused.get(shown, float("-inf")) < at:
-                    waiting.append((at, shown))
+                seen = os.lstat(entry)
+                if not _is_refused(entry, seen, refused):
+                    waiting.append((arrived(seen), audit.shown_name(entry.name)))
     if not waiting:
         return None
     at, shown = min(waiting)
@@ -702,7 +753,8 @@ def require_sound_feed(
 ) -> date:
     """The guard of every record-level release: the objection feed is complete and fresh
     within the agreement's window, else the haven's (``window_days``); ``collections``: the
-    deployment's collections (``sync_faults``).
+    deployment's collections, without which incoming/ is not scanned for unknown entries
+    (``sync_faults``).
 
     Returns the register's refresh date (the date of the opt-out list applied). Raises
     :class:`ObjectionFeedBlocked` with every reason on one line otherwise.

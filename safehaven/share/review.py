@@ -884,7 +884,9 @@ def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, hom
     prepared (whatever the legal basis: GP records of a type 1 objector never leave, guide Rule
     4B), and, prepared under the opt-out, once someone in it has opted out since: its files were
     filtered against the register as it then stood (NDOP; fail closed). The next run prepares it
-    again from the register as it stands."""
+    again from the register as it stands. It has no contracts registry at hand, so it does not
+    scan incoming/ for unknown entries (``feed.sync_faults``): the faults the checks with the
+    deployment's registry recorded still block it."""
     from safehaven.protect import feed
 
     if req.identifiability == "anonymised":  # not record level: the opt-outs do not cover it (guide Rule 4C)

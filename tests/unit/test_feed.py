@@ -9,6 +9,7 @@ resolved; a stale register refuses; resolving is audited.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -869,7 +870,8 @@ def _refuse_in_place(h: Haven, monkeypatch: pytest.MonkeyPatch, name: str) -> Pa
 
     monkeypatch.setattr(ingest, "_move_whole", refused_move)
     h.run()
-    assert (folder / name).exists() and list(h.home.quarantine_for("objections").glob(f"{name}.*.not-moved.*"))
+    shown = glob.escape(audit.shown_name(name))
+    assert (folder / name).exists() and list(h.home.quarantine_for("objections").glob(f"{shown}.*.not-moved.*"))
     return folder / name
 
 
@@ -925,6 +927,91 @@ def test_an_entry_not_yet_judged_still_holds_a_later_restatement_back_and_the_re
         haven.release()
     haven.run()
     assert feed.pending_batches(haven.con) == 0 and _in_force(haven, 11) and _in_force(haven, 10)
+
+
+def test_an_unjudged_entry_sharing_a_refused_entrys_shown_name_still_holds_a_later_restatement_back(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed (review: an objection lifted): a refused entry odd_1234567890.csv stays in
+    incoming/ (its not-moved reason rewritten each night), and a withdrawal arrives as
+    odd_1234567891.csv, the same shown name (digits withheld), still being written when the night
+    runs; the daily list is sent again after it. The withdrawal is not the refused entry (another
+    entry, other bytes), so the restatement waits for it and is registered after it: the later
+    statement (the objection stands) is the one in force."""
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.run()
+    odd = _refuse_in_place(haven, monkeypatch, "odd_1234567890.csv")
+    withdrawal = odd.with_name("odd_1234567891.csv")
+    assert audit.shown_name(odd.name) == audit.shown_name(withdrawal.name)
+    time.sleep(0.05)
+    haven.drop("tmp.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+    os.replace(odd.with_name("tmp.csv"), withdrawal)
+    with open(withdrawal, "ab"):  # still being written while the night runs
+        time.sleep(0.05)
+        haven.drop("daily.csv", [opt_out(10)])
+        haven.run()
+        assert withdrawal.exists() and odd.exists()
+        assert feed.first_waiting(haven.home) is not None
+        assert feed.pending_batches(haven.con) == 1 and _restatements(haven) == [(None, None, None)]
+    haven.run()
+    assert feed.pending_batches(haven.con) == 0 and _in_force(haven, 10)
+
+
+def test_an_entry_replaced_while_the_haven_refuses_it_in_place_is_still_waited_for(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed (review: a race): the haven reads odd.csv and refuses it, and before it writes the
+    not-moved reason the sender replaces odd.csv by a withdrawal, an entry never judged. The reason
+    records the entry the haven read (its identity and SHA-256), so the withdrawal is waited for:
+    the list re-sent after it, landed by its own run, is registered only after the withdrawal."""
+    folder = haven.home.incoming_for("objections")
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.run()
+    odd = folder / "odd.csv"
+    odd.write_text("sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(opt_out(32)) + "\r\n")
+    left = ingest._left_in_incoming
+
+    def replaced_first(*args, **kwargs) -> None:
+        haven.drop("tmp.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+        os.replace(folder / "tmp.csv", odd)  # the sender's replacement lands in the window
+        time.sleep(0.02)
+        left(*args, **kwargs)
+
+    def refused_move(path: Path, dest: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ingest, "_move_whole", refused_move)
+    monkeypatch.setattr(ingest, "_left_in_incoming", replaced_first)
+    haven.land([ingest.drop_key(odd)])  # odd.csv's own run
+    monkeypatch.setattr(ingest, "_left_in_incoming", left)
+    time.sleep(0.05)
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.land([ingest.drop_key(folder / "daily.csv")])  # the later file's own run
+    _register_as_the_night_does(haven)
+    assert feed.first_waiting(haven.home) is not None
+    assert feed.pending_batches(haven.con) == 1 and _restatements(haven) == [(None, None, None)]
+    monkeypatch.undo()
+    haven.run()
+    assert feed.pending_batches(haven.con) == 0 and _in_force(haven, 10)
+
+
+def test_an_entry_refused_in_place_is_waited_for_when_its_bytes_are_not_those_the_haven_refused(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: an entry is the refused one only when its bytes, hashed again, are those the
+    not-moved reason records, not merely its name, inode, size and times; with the recorded SHA-256
+    not the entry's, it is waited for, and with it restored it is not (never stuck)."""
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.run()
+    stuck = _refuse_in_place(haven, monkeypatch, "odd.csv")
+    [reason_file] = haven.home.quarantine_for("objections").glob("odd.csv.*.not-moved.reason.json")
+    reason = json.loads(reason_file.read_text())
+    assert reason["entry"]["hashed"] and reason["sha256"] == sha256_file(stuck)
+    assert feed.first_waiting(haven.home) is None
+    reason_file.write_text(json.dumps({**reason, "sha256": "0" * 64}))
+    assert feed.first_waiting(haven.home) is not None
+    reason_file.write_text(json.dumps(reason))
+    assert feed.first_waiting(haven.home) is None
 
 
 def test_a_faulty_file_sent_again_does_not_refresh_the_register(haven: Haven) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +19,11 @@ import pytest
 
 from safehaven.core.home import Home
 from safehaven.intake import ingest
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.protect import feed
 from tests.governance_helpers import NHS
-from tests.unit.feed_helpers import COLUMNS, FUTURE, Haven, open_haven, opt_out, refused
+from tests.unit.feed_helpers import COLUMNS, FUTURE, TODAY, Haven, open_haven, opt_out, refused
 
 #: a Windows-1252 byte in an otherwise valid objections file: refused whole (``file.encoding``)
 UNREADABLE = (",".join(COLUMNS) + f"\n{NHS[30]},national_opt_out,2024-03-01,,\n# caf\xe9\n").encode("latin-1")
@@ -297,3 +299,28 @@ def test_an_entry_of_incoming_outside_every_collection_folder_blocks_until_resol
     [fault] = feed.unresolved(haven.con)
     assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="moved it") == 1
     assert haven.release().status == "released"
+
+
+def test_delivery_never_takes_a_deployment_collection_folder_for_an_unknown_entry(haven: Haven) -> None:
+    """Never stuck (review: a spurious fault after every night): a deployment ($SAFEHAVEN_CONTRACTS)
+    has a collection the packaged contracts lack. Delivery's feed check, which has no registry at
+    hand (``safehaven.share.review``), does not scan incoming/ with another registry's collections,
+    so the deployment's folder is never recorded as ``feed.unknown_incoming``, however often its
+    files come and go; the checks with the deployment's registry find nothing wrong either."""
+    root = haven.registry.root
+    text = (root / "collections" / "social_care.yaml").read_text()
+    community = text.replace("collection: social_care", "collection: community_care", 1)
+    (root / "collections" / "community_care.yaml").write_text(community)
+    deployment = ContractRegistry(root).contracts
+    assert "community_care" in deployment and "community_care" not in ContractRegistry().contracts
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    folder = haven.home.incoming_for("community_care")
+    folder.mkdir(parents=True)
+    for night in range(2):
+        time.sleep(0.05)
+        (folder / f"cc{night}.csv").write_text("x\n")
+        (folder / f"cc{night}.csv").unlink()  # landed and shredded: the folder's times change
+        feed.require_sound_feed(haven.con, haven.home, TODAY)  # delivery's check, as it calls it: not refused
+        assert feed.feed_problems(haven.con, haven.home, TODAY, 31, deployment) == []
+    assert feed.unresolved(haven.con) == []
