@@ -115,6 +115,10 @@ NOT_MOVED_SUFFIX = ".not-moved.reason.json"
 OBJECTIONS_MARK = "objection_type"
 #: the key, in a refused header's reason details, of whether it names ``OBJECTIONS_MARK``
 OBJECTIONS_FLAG = "objections_header"
+#: the most bytes read of a content file refused before its header was, to look for ``OBJECTIONS_MARK``
+SNIFF_BYTES = 1 << 13
+#: the delimiters a header read that way is split on (a comma, or what a spreadsheet chose)
+SNIFF_DELIMITERS = re.compile(r"[,;\t|]")
 #: DuckDB's text when a row is longer than its line limit (``max_line_size``).
 DUCKDB_LINE_TOO_LONG = "Maximum line size"
 
@@ -258,6 +262,56 @@ def objections_header(header: list[str]) -> bool:
     read as a person would (byte-order mark and spaces stripped, lower-cased): a file with that
     header is an objections file, whatever folder it was received in (CoP 11-14)."""
     return OBJECTIONS_MARK in {h.lstrip("\ufeff").strip().lower() for h in header}
+
+
+def _first_bytes(path: Path) -> bytes | None:
+    """At most ``SNIFF_BYTES`` of ``path`` if it is a plain file (regular, one link; opened without
+    following a link, and checked again once open); None for any other entry, or if it cannot be read."""
+    try:
+        if not _plain(os.lstat(path)):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, SNIFF_BYTES) if _plain(os.fstat(fd)) else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _plain(entry: os.stat_result) -> bool:
+    return stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1
+
+
+def first_line_names(start: bytes) -> list[str]:
+    """The names of the first line of a file's first bytes ``start``, read leniently: UTF-16 if it
+    starts with a UTF-16 byte-order mark, else UTF-8 with bad bytes replaced; leading byte-order
+    marks, blank lines and Excel's ``sep=`` line skipped; split on ``SNIFF_DELIMITERS``, quotes
+    around a name removed."""
+    utf16 = start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    text = start.decode("utf-16" if utf16 else "utf-8", errors="replace").lstrip("\ufeff")
+    lines = [line for line in text.splitlines() if line.strip("\ufeff \t")]
+    if lines and re.fullmatch(r"sep=.?", lines[0].strip("\ufeff ").lower()):
+        lines = lines[1:]
+    return [name.strip().strip("\"'") for name in SNIFF_DELIMITERS.split(lines[0])] if lines else []
+
+
+def with_objections_flag(path: Path, contract: Contract, details: dict[str, Any]) -> dict[str, Any]:
+    """A content file's refusal ``details`` with ``OBJECTIONS_FLAG`` (:func:`objections_header`) also
+    when it was refused before :func:`check_header` read its header (its name, suffix, bytes), or
+    its header was a line before the header (Excel's ``sep=``): the first line of its first bytes
+    (:func:`first_line_names`) is looked at, so an objections file received in a content
+    collection's folder is ``feed.misrouted`` whichever rule refused it (CoP 11-14, fail closed).
+    Only the flag is recorded, never what was read. A link or other entry that is not a plain file
+    is not opened (:func:`_first_bytes`). :func:`quarantine` calls it for every refusal."""
+    if contract.kind != "content" or details.get(OBJECTIONS_FLAG) is True:
+        return details
+    start = _first_bytes(path)
+    if start is None:
+        return details
+    return {**details, OBJECTIONS_FLAG: objections_header(first_line_names(start))}
 
 
 def check_header(header: list[str], contract: Contract) -> None:
@@ -536,7 +590,7 @@ def quarantine(
         "reason": err.reason,
         "what_to_do": err.action + "; then place the corrected file in "
         f"incoming/{contract.collection}/. Nothing of this file was landed.",
-        "details": err.details,
+        "details": with_objections_flag(path, contract, err.details),
     }
     try:
         _move_whole(path, dest)

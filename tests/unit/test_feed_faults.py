@@ -4,7 +4,8 @@ without its reason file, an objections file quarantined in a content collection'
 received file named like a reason file (the hostile review's findings 1, 2, 3 and 8); and the
 third review's: a misrouted header refused by an earlier header rule, a misrouted file moved in
 with rejected rows, a sender's file named as the haven's not-moved reason, and an entry of
-incoming/ that is no collection's folder.
+incoming/ that is no collection's folder; and the fourth's: a misrouted file refused before its
+header was read.
 """
 
 from __future__ import annotations
@@ -223,6 +224,53 @@ def test_a_misrouted_objections_header_refused_by_an_earlier_header_rule_still_b
     assert "feed.misrouted in incoming/hospital_episodes/" in message and NHS[31] not in message
     [fault] = feed.unresolved(haven.con)
     assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="re-sent") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "encoding"),
+    [
+        ("objections_20241201.csv", "sep=,\r\n", "utf-8"),
+        ("objections_20241201.csv", "\ufeff\ufeff", "utf-8"),
+        ("objections_20241201.txt", "", "utf-8"),
+        ("objections_20241201.csv", "\ufeff", "utf-16-le"),
+    ],
+    ids=["excel_sep_line", "two_boms", "txt_suffix", "utf16"],
+)
+def test_a_misrouted_objections_file_refused_before_its_header_was_read_still_blocks(
+    haven: Haven, name: str, prefix: str, encoding: str
+) -> None:
+    """An objections file in a content folder refused before its header was parsed (Excel's ``sep=``
+    line, two byte-order marks, a ``.txt`` suffix, UTF-16) still has ``objections_header`` in its
+    reason (ingest reads its first line leniently), so it is a ``feed.misrouted`` fault and the
+    objector is not released; only the flag, nothing read, is in the reason (review 4)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    row = ",".join([NHS[31], "national_opt_out", "2024-03-01", "", ""])
+    folder = haven.home.incoming_for("hospital_episodes")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes((prefix + ",".join(COLUMNS) + "\r\n" + row + "\r\n").encode(encoding))
+    contract = haven.registry.contracts["hospital_episodes"]
+    quarantine = haven.home.quarantine_for("hospital_episodes")
+    assert ingest_collection(haven.con, contract, folder, quarantine).files_quarantined == 1
+    [reason] = quarantine.glob("*.reason.json")
+    assert json.loads(reason.read_text())["details"][ingest.OBJECTIONS_FLAG] is True
+    assert NHS[31] not in reason.read_text() and "national_opt_out" not in reason.read_text()
+    haven.run()
+    message = refused(haven)
+    assert "feed.misrouted in incoming/hospital_episodes/" in message and NHS[31] not in message
+
+
+def test_a_content_file_refused_before_its_header_was_read_is_not_taken_for_objections(haven: Haven) -> None:
+    """A content file refused before its header was parsed (a ``.txt`` suffix) is looked at the same
+    way, and recorded as no objections file: it is no ``feed.misrouted`` fault (review 4)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    fields = haven.registry.contracts["hospital_episodes"].field_names
+    quarantine = _misroute(haven, "episodes.txt", ",".join(fields) + "\n" + ",".join("x" for _ in fields) + "\n")
+    [reason] = quarantine.glob("*.reason.json")
+    assert json.loads(reason.read_text())["details"] == {ingest.OBJECTIONS_FLAG: False}
+    feed.sync_faults(haven.con, haven.home, haven.registry.contracts)
+    assert feed.unresolved(haven.con) == []
 
 
 def test_a_misrouted_file_moved_in_with_a_rejected_row_is_a_rows_fault_of_its_own(haven: Haven) -> None:
