@@ -19,7 +19,8 @@ against a current list). Rules:
   moving it and writing why) is a fault (``feed.reason_missing``), and so is an objections file
   received in a content collection's folder and quarantined there (its reason shows the
   objections contract's own column ``objection_type`` among the header's columns, ingest's
-  ``objections_header`` flag, whichever header rule refused it: ``feed.misrouted``; moved into
+  ``objections_header`` flag, whichever rule refused it, before or after its header was parsed:
+  ``feed.misrouted``; moved into
   ``incoming/objections/`` it lands, and a person records that with ``--corrected-by``; rows it
   lands with rejected are a fault of their own, a file fault of the same SHA-256 never standing in
   for a batch's). Any entry directly in ``incoming/`` that is no known collection's folder is
@@ -256,7 +257,7 @@ def _misrouted(home: Home) -> list[_Arrival]:
 
 def _objections_header(details: object) -> bool:
     """Whether a reason's details show an objections file's header: ingest's flag
-    (``OBJECTIONS_FLAG``, recorded whichever header rule refused it, its names stripped and
+    (``OBJECTIONS_FLAG``, recorded whichever rule refused it, its names stripped and
     lower-cased), or, in a reason written before that flag, ``OBJECTIONS_MARK`` among the
     unexpected columns."""
     if not isinstance(details, dict):
