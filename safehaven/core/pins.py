@@ -74,9 +74,13 @@ EPOCHS = schema.KEY_EPOCHS
 #: key is pinned by the store itself (AES-GCM: no other key opens it) and by ``keyring.json``.
 SYMMETRIC = ("audit", "haven")
 RESUME = "safehaven keys rotate --resume"
-#: Purposes rotated by staging a key, re-keying the data with a new epoch in one transaction, then
-#: installing the key (``safehaven.protect.rotation``). The store key is left out: physical
-#: disposal re-keys it as well (``Store.rebuild``), so its key ring history is not its rotations.
+#: Purposes whose installed rotations must each have a ``key.rotate`` entry, recorded late by
+#: ``--resume`` when a kill left one without (:func:`unrecorded_rotations`). The store key is left
+#: out: physical disposal re-keys it as well (``Store.rebuild``), so its key ring history is not its
+#: rotations. The vault key too: it is on record only by its own rotation's entries
+#: (``key.rotate.stage`` before anything is written, ``key.rotate`` before the install;
+#: :func:`check_vault_audited`), never late from ``keyring.json`` and the store's epochs, which
+#: whoever holds the store key can rewrite together with ``vault.pub``.
 ROTATED = ("haven",)
 #: The audit action of a rotation (``safehaven.protect.rotation``), detail ``old_key_id``, ``new_key_id``.
 ROTATE_ACTION = "key.rotate"

@@ -111,6 +111,8 @@ CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 16
 #: the suffix of the reason file of a refused entry left in incoming/ (:func:`_left_in_incoming`)
 NOT_MOVED_SUFFIX = ".not-moved.reason.json"
+#: the name :func:`_not_moved_name` gives a not-moved reason: ``<shown>.<sha12>[.<n>]`` and the suffix
+NOT_MOVED_NAME = re.compile(r"(?P<shown>.+)\.[0-9a-f]{12}(?:\.[0-9]+)?" + re.escape(NOT_MOVED_SUFFIX))
 #: a column only the objections contract has: a header naming it is an objections file's
 OBJECTIONS_MARK = "objection_type"
 #: the key, in a refused header's reason details, of whether it names ``OBJECTIONS_MARK``
@@ -986,17 +988,6 @@ def arrived(entry: os.stat_result) -> float:
     modification time, which a sender sets (``cp -p``, ``rsync -t``, an unzipped archive): a refused
     drop must never pass for an older one (``safehaven.intake.validation.refusal_outstanding``)."""
     return entry.st_ctime
-
-
-def arrived_first(folder: Path) -> datetime | None:
-    """When the earliest entry still in a collection folder arrived (:func:`arrived`), or None
-    when the folder is empty or missing. Reads no file's bytes."""
-    times = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in folder.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                times.append(arrived(os.lstat(entry)))
-    return datetime.fromtimestamp(min(times), UTC) if times else None
 
 
 def _arrived_at(path: Path, seen: os.stat_result | None) -> float:

@@ -97,7 +97,7 @@ from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake import batch_seal, ingest
-from safehaven.intake.ingest import BATCHES, NOT_MOVED_SUFFIX, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
+from safehaven.intake.ingest import BATCHES, NOT_MOVED_NAME, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
 from safehaven.protect import register_seal
 from safehaven.protect.objections import EVENTS, RESTATEMENTS
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
@@ -133,10 +133,6 @@ REASON_SUFFIX = ".reason.json"
 #: ``OBJECTIONS_MARK``, ``safehaven.intake.ingest.objections_header``), an entry of incoming/ that
 #: is no collection's folder
 REASON_UNREADABLE, REASON_MISSING, MISROUTED = "feed.reason_unreadable", "feed.reason_missing", "feed.misrouted"
-#: the haven's reason file of a refused entry it could not move out of incoming/objections/:
-#: ``<shown name>.<12 hex characters of its SHA-256>[.<n>].not-moved.reason.json`` (``ingest._not_moved_name``)
-#: (``safehaven.intake.ingest._left_in_incoming``)
-_NOT_MOVED = re.compile(r"(?P<shown>.+)\.[0-9a-f]{12}(?:\.[0-9]+)?" + re.escape(NOT_MOVED_SUFFIX))
 #: the steps that clear what is pending (module docstring, "What a restatement waits for")
 RUN_INTAKE = "run intake and the objection register again (safehaven run)"
 RUN_REGISTER = "run the register step (safehaven run, or governance/objection_register in the Dagster UI)"
@@ -501,7 +497,7 @@ def refused_in_place(home: Home) -> list[_RefusedInPlace]:
     found = []
     folder = home.quarantine_for(COLLECTION)
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        named = _NOT_MOVED.fullmatch(path.name)
+        named = NOT_MOVED_NAME.fullmatch(path.name)
         reason = _reason(path) if named and _is_reason(path) else None
         if reason and reason.get("left_in") == f"incoming/{COLLECTION}/" and reason["file"] == named["shown"]:
             with contextlib.suppress(FileNotFoundError):

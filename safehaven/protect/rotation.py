@@ -115,12 +115,6 @@ REMAP_SCHEMAS = ("haven", "governance", "vault", "release")
 STRICT = {("governance", "objection_events")}
 
 
-#: Rotations a ``--resume`` records late when installed with no ``key.rotate`` entry
-#: (``safehaven.core.pins.unrecorded_rotations``). Not the vault key: it is on record only by its own
-#: rotation's entries (``key.rotate.stage`` before anything is written, ``key.rotate`` before the
-#: install; ``safehaven.core.pins.check_vault_audited``), never late from ``keyring.json`` and the
-#: store's epochs, which whoever holds the store key can rewrite together with ``vault.pub``.
-LATE_RECORDED = ("haven",)
 #: The audit action recording a vault key pair staged by :func:`rotate_vault`, before anything is
 #: written: ``resume`` records a committed staged pair as the vault key only when this names it.
 STAGE_ACTION = "key.rotate.stage"
@@ -485,7 +479,7 @@ def _unrecorded(
 ) -> tuple[list[dict[str, object]], list[str]]:
     """The late ``key.rotate`` entries of installed rotations no entry records, and a line for each,
     and for each rotation ``keyring.json`` claims that the store does not confirm (not recorded)."""
-    real, unconfirmed = unrecorded_rotations(con, keyring, LATE_RECORDED)
+    real, unconfirmed = unrecorded_rotations(con, keyring)  # pins.ROTATED: never the vault key
     entries = [_late_entry(actor, r) for r in real]
     lines = [
         f"{r.purpose}: the rotation {r.old_key_id} -> {r.new_key_id} was installed without its audit entry; "
