@@ -192,8 +192,9 @@ def unrecorded_rotations(
     ``key.rotate`` entry: ``(real, unconfirmed)``.
 
     Rule (CoP 23d, every change recorded; CoP 27b-c and NIST SP 800-57 Part 1 section 8.2, which
-    key protects the data since when): every installed rotation of the haven or vault key is on
-    record. A rotation killed between installing its key and appending its entry left none, and
+    key protects the data since when): every installed rotation of a :data:`ROTATED` key (the
+    haven key; the vault key is on record by its own rotation's entries, :func:`check_vault_audited`)
+    is on record. A rotation killed between installing its key and appending its entry left none, and
     moving the entry before the install records rotations that then never finish. So the key
     ring's record of each purpose's retired and current ids is compared, here and only here,
     with the ``key.rotate`` entries whose own hash verifies under the audit key

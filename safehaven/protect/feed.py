@@ -217,8 +217,14 @@ def _from_reason(path: Path) -> _Arrival:
     if reason is None:
         at = _changed_at(path)
         return _Arrival(f"unreadable:{path.name}", path.name, REASON_UNREADABLE, at, f"{path.name}@{at}")
-    arrived = str(reason.get("quarantined_at") or _changed_at(path))
-    return _Arrival(str(reason["sha256"]), str(reason["file"]), str(reason["rule"]), arrived, _arrival(reason, path))
+    return _Arrival(
+        str(reason["sha256"]), str(reason["file"]), str(reason["rule"]), _arrived(reason, path), _arrival(reason, path)
+    )
+
+
+def _arrived(reason: dict, path: Path) -> str:
+    """When a reason's file arrived in quarantine: the time it records, else its reason file's."""
+    return str(reason.get("quarantined_at") or _changed_at(path))
 
 
 def _arrival(reason: dict, path: Path) -> str | None:
@@ -268,10 +274,11 @@ def _misrouted_in(folder: Path) -> list[_Arrival]:
     for path in sorted(p for p in folder.glob(f"*{REASON_SUFFIX}") if _is_reason(p)):
         reason = _reason(path) or {}
         if _objections_header(reason.get("details")):
-            arrived = str(reason.get("quarantined_at") or _changed_at(path))
             arrival = f"{folder.name}/{_arrival(reason, path) or path.name}"
             rule = f"{MISROUTED} in incoming/{folder.name}/"
-            found.append(_Arrival(str(reason["sha256"]), str(reason["file"]), rule, arrived, arrival, "misrouted"))
+            found.append(
+                _Arrival(str(reason["sha256"]), str(reason["file"]), rule, _arrived(reason, path), arrival, "misrouted")
+            )
     return found
 
 
@@ -288,7 +295,10 @@ def _unknown_incoming(home: Home, collections: Iterable[str]) -> list[_Arrival]:
     for path in entries:
         if path.name in known and path.is_dir():
             continue
-        shown, at = audit.shown_name(path.name), _changed_at(path)
+        try:
+            shown, at = audit.shown_name(path.name), _changed_at(path)
+        except FileNotFoundError:  # removed since the listing (by its sender): no longer there to report
+            continue
         arrival = f"incoming/{shown}@{at}"
         found.append(_Arrival(f"{UNKNOWN_INCOMING}:{shown}", shown, UNKNOWN_INCOMING, at, arrival))
     return found

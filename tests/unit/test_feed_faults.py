@@ -372,3 +372,23 @@ def test_delivery_never_takes_a_deployment_collection_folder_for_an_unknown_entr
         feed.require_sound_feed(haven.con, haven.home, TODAY)  # delivery's check, as it calls it: not refused
         assert feed.feed_problems(haven.con, haven.home, TODAY, 31, deployment) == []
     assert feed.unresolved(haven.con) == []
+
+
+def test_an_entry_removed_from_incoming_while_it_is_listed_stops_no_check(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender may remove its own stray entry between the listing of incoming/ and its inspection:
+    the feed's check goes on (the entry is no longer there to report) instead of failing with the
+    file system's error, and an entry still there is still a fault."""
+    (haven.home.incoming / "gone.csv").write_text("x\n")
+    (haven.home.incoming / "stays.csv").write_text("x\n")
+    real = feed._changed_at
+
+    def vanished(path: Path) -> str:
+        if path.name == "gone.csv":
+            raise FileNotFoundError(path)
+        return real(path)
+
+    monkeypatch.setattr(feed, "_changed_at", vanished)
+    found = feed._unknown_incoming(haven.home, haven.registry.contracts)
+    assert [f.name for f in found] == ["stays.csv"]
