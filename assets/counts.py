@@ -13,6 +13,7 @@ import warnings
 import dagster as dg
 
 from assets import keys, partitions
+from assets.guards import held_fails
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish import counting
@@ -43,7 +44,7 @@ def _counts_asset(output: Output, linked: str) -> dg.AssetsDefinition:
     )
     def _counts(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         asked = partitions.months_of(context)
-        with haven.connect() as con:
+        with haven.connect() as con, held_fails():
             report, outside = count(con, output, haven.registry(), asked)
             rows = con.execute(f"SELECT count(*) FROM {counting.counts_table(output)}").fetchone()[0]
         if report.broken:

@@ -13,6 +13,7 @@ step of the same run when the protected table breaks a disclosure invariant or t
 import dagster as dg
 
 from assets import keys
+from assets.guards import held_fails
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.aggregate import aggregate
@@ -68,7 +69,7 @@ def output_asset(output: Output) -> dg.AssetsDefinition:
         kinds={"duckdb"},
     )
     def _output(haven: SafeHavenResource) -> dg.MaterializeResult:
-        with haven.connect() as con:
+        with haven.connect() as con, held_fails():
             result = aggregate(con, output, haven.registry(), haven.home_dir())
         md = render_markdown(result.statement) if result.statement else None
         statement = {"quality_statement": dg.MetadataValue.md(md)} if md else {}

@@ -5,10 +5,11 @@ identity vault, which the pipeline can write but not read (safehaven.protect.vau
 import dagster as dg
 
 from assets import keys
+from assets.guards import held_fails
 from resources.haven import SafeHavenResource
 from safehaven.core.pins import vault_public
 from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.validation import ensure_tables_validated, held_drop
+from safehaven.intake.validation import ensure_tables_validated, refuse_held
 from safehaven.protect.haven import build_haven, haven_key
 from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.vault import IDENTITY, vault_collection
@@ -16,18 +17,14 @@ from safehaven.protect.vault import IDENTITY, vault_collection
 
 def refuse_while_held(con, contract: Contract) -> None:
     """Refuse the step while the collection's intake is not done with a drop it received
-    (``safehaven.intake.validation.held_drop``: landed but not validated, or refused with none
+    (``safehaven.intake.validation.refuse_held``: landed but not validated, or refused with none
     passed since): its downstream stages are skipped in this run, and in every run until that is
     put right. Objections are guarded by the objection feed instead (``safehaven.protect.feed``:
     such a drop is a feed fault). A collection that never sent a drop (its intake never ran) gets
     its intake tables, empty, as intake would have made them."""
     ensure_tables_validated(con, contract)
-    if contract.kind != "content":
-        return
-    why = held_drop(con, contract.collection)
-    if why is not None:
-        c = contract.collection
-        raise dg.Failure(f"{c} is held here and in every stage after it: {why}")
+    with held_fails():
+        refuse_held(con, [contract], f"{contract.collection}'s haven and vault steps, and every stage after them,")
 
 
 def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefinition:

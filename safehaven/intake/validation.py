@@ -320,6 +320,28 @@ def held_drop(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:
     return None
 
 
+class CollectionHeld(Exception):
+    """A stage after intake refused because a collection it reads is held (:func:`held_drop`);
+    the message names the collection, why, and what clears it (never a value)."""
+
+
+def refuse_held(con: duckdb.DuckDBPyConnection, contracts: Collection[Contract], stage: str) -> None:
+    """Refuse ``stage`` while any content collection of ``contracts`` is held (:func:`held_drop`).
+
+    CoP 7-9 (data fit for its purpose): the nightly job skips every step after a held
+    collection's haven step, and this is the same rule for a step materialised alone (a count, an
+    output, a release started from the UI or the CLI), which would otherwise state the collection's
+    figures, or release its records, as if its sender had sent nothing since. Objections are
+    guarded by the objection feed instead (``safehaven.protect.feed``). A collection that never
+    sent a drop holds nothing."""
+    if not table_exists(con, *BATCHES.split(".")):
+        return
+    held = {c.collection: held_drop(con, c.collection) for c in contracts if c.kind == "content"}
+    reasons = [f"{c} is held: {why}" for c, why in sorted(held.items()) if why is not None]
+    if reasons:
+        raise CollectionHeld(f"{stage} refused: " + "; ".join(reasons))
+
+
 def refusal_outstanding(con: duckdb.DuckDBPyConnection, collection: str) -> str | None:
     """The shown name (drop key, else file name) of the collection's latest drop, by arrival, when
     it was refused at validation; None otherwise (no drop judged yet, or the latest passed).

@@ -94,6 +94,7 @@ from safehaven.core.keys import KeyRing, KeyRingError
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
+from safehaven.intake.validation import CollectionHeld, refuse_held
 from safehaven.protect import feed, optouts, pseudonymise, vault
 from safehaven.publish.disclosure import Policy, check_invariants, kanon, protect
 from safehaven.publish.disclosure.kanon import KReport
@@ -470,6 +471,10 @@ def prepare(
     for c in agreement.collections:
         if not table_exists(con, "haven", c):
             raise _refuse(con, agreement, actor, f"haven.{c} has not been built yet; run the pipeline first")
+    try:  # CoP 7-9: never records of a collection whose sender's latest drop the haven could not take
+        refuse_held(con, [registry.contracts[c] for c in agreement.collections if c in registry.contracts], "release")
+    except CollectionHeld as exc:
+        raise _refuse(con, agreement, actor, str(exc)) from None
     if agreement.identifiability == "identifiable" and keyring.custodian is None:
         # the unattended pipeline never writes identifiable data: the key custodian does (safehaven.share.due)
         why = due.record_due(

@@ -16,6 +16,7 @@ import pytest
 import assets.validate
 from assets import keys
 from assets.definitions import build_definitions
+from assets.releases import release_key
 from assets.runner import haven_run_config, run_nightly
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -221,3 +222,48 @@ def test_an_nhs_number_in_a_column_name_of_a_drop_is_withheld_from_its_reason_fi
     run_nightly(home, dagster_instance)
     reasons = list(home.quarantine_for("objections").glob("*.reason.json"))
     assert reasons and all(number.encode() not in p.read_bytes() for p in home.quarantine.rglob("*.reason.json"))
+
+
+def _failure_text(result: dg.ExecuteInProcessResult) -> str:
+    failures = [e for e in result.all_events if e.is_failure and e.event_specific_data is not None]
+    return " ".join(str(e.event_specific_data.error) for e in failures)
+
+
+def test_a_held_collection_holds_its_counts_outputs_and_releases_materialised_alone(
+    home: Home, dagster_instance, tmp_path: Path
+) -> None:
+    """CoP 7-9 (``safehaven.intake.validation.refuse_held``): once a collection's latest drop was
+    refused at validation, a count, an output or a release that reads it, materialised alone from
+    the UI as the nightly job would never run it, refuses with the reason and its remedy (no
+    figures stated, no records released, as if its sender had sent nothing since); an output over
+    other collections only is built as before."""
+    synthetic.generate(home.incoming, patients=PATIENTS, seed=5)
+    adopt_project_agreements(home)
+    ok, _ = run_nightly(home, dagster_instance)
+    assert ok
+    later = tmp_path / "later"
+    synthetic.generate(later, patients=PATIENTS, seed=6)
+    late = home.incoming_for("gp_events") / "gp_extract_late.csv"
+    shutil.copy(next((later / "gp_events").glob("*.csv")), late)
+    _corrupt_nhs_numbers(late, 0.2)  # over the contract's tolerance
+    _old(late)
+    (bad,) = waiting_drops(home.incoming_for("gp_events"))
+    _intake(home, dagster_instance, bad)
+    assert _gp_batches(home)[bad] == "refused"
+
+    nightly = build_definitions().resolve_job_def("nightly")
+
+    def alone(key: dg.AssetKey) -> dg.ExecuteInProcessResult:
+        return nightly.execute_in_process(
+            instance=dagster_instance,
+            run_config=haven_run_config(home, quiet=True),
+            raise_on_error=False,
+            asset_selection=[key],
+        )
+
+    for key in (keys.counts("gp_activity"), keys.published("gp_activity"), release_key("statutory-gp-audit")):
+        refused = alone(key)
+        why = _failure_text(refused)
+        assert not refused.success, key
+        assert "gp_events is held" in why and "refused at validation" in why and "corrected file" in why, why
+    assert alone(keys.published("hospital_admissions")).success
