@@ -21,7 +21,15 @@ from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
 
 if TYPE_CHECKING:
+    import duckdb
+
     from safehaven.core.audit import VerifyResult
+
+#: the audit action of a reviewer's decision on a release request, and the object it names
+#: (``safehaven.share.review``)
+DECIDE, REQUEST_OBJECT = "review.decide", "release-request:"
+WITHHELD = "withheld while the request awaits review"
+
 
 #: Commands that act on data or approvals and so append to the audit trail: refused up front
 #: while the trail does not verify (the append itself would refuse too, but after the work).
@@ -149,11 +157,27 @@ def audit_log(agreement: str | None, limit: int) -> None:
         return
     with Store(home).connect(read_only=True) as con:
         entries = audit.entries_for(con, agreement=agreement)[-limit:]
+        awaiting = _awaiting_review(con)
+    from safehaven.share.review import PREPARE_ACTION
+
     for e in entries:
+        actor, outcome = e.actor, e.outcome
+        if e.object.removeprefix(REQUEST_OBJECT) in awaiting and e.action != PREPARE_ACTION:
+            actor, outcome = WITHHELD, (WITHHELD if e.action == DECIDE else outcome)
         click.echo(
-            f"#{e.seq} {e.at.isoformat(timespec='seconds')} {e.actor} ({e.role}) {e.action} {e.object} "
-            f"[{e.outcome}]" + (f" agreement={e.agreement}" if e.agreement else "")
+            f"#{e.seq} {e.at.isoformat(timespec='seconds')} {actor} ({e.role}) {e.action} {e.object} "
+            f"[{outcome}]" + (f" agreement={e.agreement}" if e.agreement else "")
         )
+
+
+def _awaiting_review(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The release requests whose reviews are blinded (``safehaven.share.review.blinded``: SATRE
+    3.3.05, docs/rules.md "Output checking"): while one awaits a decision, the log shows neither
+    who acted on it since its preparation nor how each reviewer decided, as ``safehaven review
+    show`` shows only how many reviews are in; both appear once the request is decided."""
+    from safehaven.share import review
+
+    return {r.release_id for r in review.requests(con) if review.blinded(r)}
 
 
 @audit_group.command("anchor")

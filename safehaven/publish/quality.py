@@ -17,8 +17,9 @@ the records it came from, never typed by hand:
   ``governance.quality_measures`` written by the validation stage (``safehaven.intake.measures``:
   row validity, completeness and validity per field, uniqueness of the patient key, date
   coverage), pooled over batches, or where that table is absent the completeness of each
-  field as received, computed here; the disclosure control applied (cells suppressed and rounded: counts
-  of cells, never which cells nor by how much, which would undo the protection); the zeros
+  field as received, computed here; the disclosure control applied (cells suppressed: a count
+  of cells, never which cells; not how many cells rounding changed, which would undo the
+  protection); the zeros
   policy: whether sampling zeros are published, and the structural zeros declared (impossible
   combinations, with their reasons) and the grid cells they removed; against the previous
   publication, the revised cells (``safehaven.publish.release_audit.revisions``: counted, and
@@ -232,6 +233,12 @@ def policy_record(output: Output) -> dict[str, Any]:
 def disclosure_figures(output: Output, build: OutputBuild) -> dict[str, Any]:
     """What disclosure control did, as numbers of cells (never which cells), and the zeros policy.
 
+    Suppressed cells are counted; cells changed by rounding are not, nor those it left as they
+    were: how many published counts are exact would tell a reader which of them rounding hides
+    nothing in (a table of multiples of 5 with "0 changed" is a table of true counts), undoing
+    the rounding across tables and nights (CoP 34b; ONS disclosure guidance: rounding protects
+    only while the true values stay unknown).
+
     The structural zeros are declarations (which combinations cannot occur, and why) and the
     grid cells they removed: they describe the table's shape, not anybody in it.
     """
@@ -248,8 +255,6 @@ def disclosure_figures(output: Output, build: OutputBuild) -> dict[str, Any]:
         else [", ".join(m) or "the whole table" for m in output.margins],
         "cells": build.report.cells,
         "cells_suppressed": suppressed,
-        "cells_rounded": main.rounded,
-        "cells_published_unchanged": main.published - main.rounded,
         "share_of_cells_suppressed": _rate(suppressed, build.report.cells),
     }
 
@@ -546,8 +551,8 @@ def render_markdown(st: dict[str, Any]) -> str:
         f"**Disclosure control.** Counts of 1-{sdc['policy']['threshold']} suppressed, others rounded "
         f"({sdc['policy']['rounding']}); secondary suppression over {margins}. "
         f"Of {_n(sdc['cells'])} cells, {_n(sdc['cells_suppressed'])} are suppressed "
-        f"({_pct(sdc['share_of_cells_suppressed'])}), {_n(sdc['cells_rounded'])} were changed by rounding "
-        f"and {_n(sdc['cells_published_unchanged'])} are published unchanged.",
+        f"({_pct(sdc['share_of_cells_suppressed'])}); every other count is rounded, and how many of them "
+        "rounding changed is not stated (it would tell which published counts are exact).",
     ]
     lines += _zeros_lines(sdc.get("zeros"))
     lines += _revision_lines(acc.get("revisions"))

@@ -23,6 +23,7 @@ from safehaven.publish.quality import (
     build_statement,
     changes_since_last_release,
     collection_figures,
+    disclosure_figures,
     finalise,
     policy_record,
     record_release,
@@ -204,7 +205,8 @@ def test_statement_covers_every_ess_dimension_with_figures_that_agree(
         "FROM published.users"
     ).fetchone()
     assert (sdc["cells"], sdc["cells_suppressed"]) == table[:2]
-    assert sdc["cells_rounded"] + sdc["cells_published_unchanged"] == table[2]
+    assert table[2] == sdc["cells"] - sdc["cells_suppressed"], "every published count is on the rounding grid"
+    assert not {"cells_rounded", "cells_published_unchanged"} & set(sdc)
     assert st["accuracy"]["collections"]["social_care"]["rows_checked"] == 150
     assert st["accuracy"]["reporting_period"]["end"] == "2026-01-31"
     tp = st["timeliness_and_punctuality"]
@@ -310,3 +312,49 @@ def test_changes_since_the_last_release(
     assert "output definition version" in text and "1.1.0" in text
     assert "disclosure control policy" in text and "midpoint6" in text
     assert "code list" not in text and "contract" not in text
+
+
+def _built_figures(counts: dict[tuple[str, str], int]) -> tuple[dict, list]:
+    """The disclosure figures and published cells of a one-output build over ``counts``
+    (people per provider and admission day), in a store of its own."""
+    con = duckdb.connect()
+    for zone in ("haven", "published", "governance"):
+        con.execute(f"CREATE SCHEMA {zone}")
+    con.execute(
+        "CREATE TABLE haven.hospital_episodes (pid VARCHAR, provider_code VARCHAR, admission_date DATE, "
+        "discharge_date DATE, primary_diagnosis VARCHAR)"
+    )
+    for (provider, day), n in counts.items():
+        con.execute(
+            "INSERT INTO haven.hospital_episodes SELECT md5(? || ? || i::VARCHAR), ?, CAST(? AS DATE), "
+            "CAST(? AS DATE), 'A01' FROM range(?) t(i)",
+            [provider, day, provider, day, day, n],
+        )
+    output = Output.model_validate(
+        {
+            "name": "adm", "version": "1.0.0", "title": "t", "description": "d", "purpose": "p", "users": ["u"],
+            "collections": ["hospital_episodes"],
+            "dimensions": [
+                {"name": "month", "description": "month", "domain": "reporting_months"},
+                {"name": "provider_code", "description": "provider", "domain": "observed"},
+            ],
+            "measures": [{"name": "people", "description": "people"}],
+            "zeros": {"publish": True, "structural": []},
+            "sql": "SELECT m.month, h.provider_code, count(DISTINCT h.pid) AS people FROM haven.hospital_episodes h "
+            "JOIN counting_months m ON m.month = date_trunc('month', h.admission_date) GROUP BY ALL",
+        }
+    )  # fmt: skip
+    built = build_output(con, output, ContractRegistry(), today=date(2026, 4, 15))
+    cells = con.execute(f"SELECT provider_code, month, people FROM {built.table} WHERE NOT suppressed ORDER BY ALL")
+    return disclosure_figures(output, built), cells.fetchall()
+
+
+def test_the_statement_does_not_say_how_many_counts_rounding_changed() -> None:
+    """Two populations that publish the same table (every count 30) get the same statement: had
+    it said how many cells rounding changed, "none" would tell a reader every count is exact and
+    "one" that one 30 is not 30, undoing the rounding (``quality.disclosure_figures``; CoP 34b)."""
+    exact = {(p, d): 30 for p in ("RX1", "RX2") for d in ("2026-01-05", "2026-02-05", "2026-03-05")}
+    figures, published = _built_figures(exact)
+    off_figures, off_published = _built_figures({**exact, ("RX2", "2026-03-05"): 32})
+    assert published == off_published
+    assert figures == off_figures
