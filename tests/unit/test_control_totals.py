@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -87,7 +88,7 @@ def test_a_file_with_a_matching_control_file_lands_and_both_are_removed(store: S
     data = write_csv(home.incoming_for("gp_events") / "gp_extract.csv", ROWS, GP.field_names)
     _control(data, {"rows": 5, "sha256": hashlib.sha256(data.read_bytes()).hexdigest().upper()})
     report = _ingest(store, home)
-    assert (report.files_landed, report.rows_landed, report.files_quarantined) == (1, 5, 0)
+    assert (report.files_landed, report.rows_landed, report.files_quarantined, report.files_vanished) == (1, 5, 0, 0)
     assert list(home.incoming_for("gp_events").iterdir()) == []
 
 
@@ -168,6 +169,21 @@ def test_a_control_file_that_is_a_link_is_not_followed_and_refuses_its_file(
     assert (report.files_landed, report.files_quarantined) == (0, 2)
     assert _reason(home, "gp_extract.csv")["rule"] == "file.control.unreadable"
     assert (home.quarantine_for("gp_events") / "gp_extract.csv.ctl.json").is_symlink()
+
+
+def test_a_hard_linked_control_file_refuses_its_file_and_the_other_name_keeps_its_bytes(
+    store: Store, home: Home, tmp_path: Path
+) -> None:
+    """Landing removes (shreds) a control file with its data file: one that is also a name elsewhere
+    is never read, so the other name's bytes are never overwritten."""
+    data = write_csv(home.incoming_for("gp_events") / "gp_extract.csv", ROWS, GP.field_names)
+    elsewhere = tmp_path / "senders_copy.json"
+    elsewhere.write_text('{"rows": 5}')
+    os.link(elsewhere, control.control_path(data))
+    report = _ingest(store, home)
+    assert (report.files_landed, report.files_quarantined) == (0, 2)
+    assert _reason(home, "gp_extract.csv")["rule"] == "file.control.unreadable"
+    assert elsewhere.read_text() == '{"rows": 5}'
 
 
 def test_a_control_file_with_no_data_file_is_quarantined_as_an_orphan(store: Store, home: Home) -> None:
