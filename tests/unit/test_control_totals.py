@@ -282,3 +282,19 @@ def test_a_contract_declares_control_manifest_or_none() -> None:
     assert Contract.model_validate({**doc, "control": "manifest"}).control == "manifest"
     with pytest.raises(ValueError):
         Contract.model_validate({**doc, "control": "checksum"})
+
+
+def test_the_runs_log_names_the_file_waiting_for_its_control_file(store: Store, home: Home) -> None:
+    """The landing step's summary says which file waits, for what, and that a later run lands it."""
+    from types import SimpleNamespace
+
+    from assets.ingest import _log_report
+
+    write_csv(home.incoming_for("gp_events") / "gp_extract.csv", ROWS, GP.field_names)
+    said: list[str] = []
+    log = SimpleNamespace(info=said.append, warning=said.append)
+    _log_report(SimpleNamespace(log=log), "gp_events", _ingest(store, home))
+    assert said == [
+        "gp_events: gp_extract.csv waits for its control file (gp_extract.csv.ctl.json, which the contract asks "
+        "for and its sender writes last); it stays in incoming/gp_events/ and a later run lands it once that is there"
+    ]
