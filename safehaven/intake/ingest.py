@@ -38,6 +38,12 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   quarantined. Known limit: a writer that closes the file between chunks, on a system where
   leases work, is not seen between two chunks; transfer tools write under a temporary name or
   keep the file open.
+* **A file cut short at a row boundary is not landed as a smaller file** (``safehaven.intake.control``):
+  for a contract with ``control: manifest`` a data file waits (``files_arriving``, ``awaiting_control``)
+  until its sender's control file ``<file>.ctl.json`` is there, and is quarantined whole with it
+  (``file.control.rows``, ``file.control.sha256``, ``file.control.unreadable``) when it disagrees; the
+  rows compared are those DuckDB inserted, in the landing transaction. A control file with no data
+  file is ``file.control.orphan``.
 * A received file the haven's user may not overwrite (another account's upload) is unlinked
   once landed and named in ``not_overwritten`` (a person gives the haven's user write access
   to ``incoming/``); the stage goes on.
