@@ -18,7 +18,9 @@ is read, so none is accepted (a misspelt ``sha256`` would otherwise drop its che
 * a control file that cannot be read as that object (not a plain file, larger than
   ``MAX_CONTROL_BYTES``, not UTF-8 JSON, a duplicate key, an unknown key, ``rows`` missing,
   negative or not a whole number, ``sha256`` not 64 hex characters) is ``file.control.unreadable``;
-  a SHA-256 other than the file's is ``file.control.sha256``; a row count other than the rows
+  a SHA-256 other than the file's is ``file.control.sha256``; a CSV that does not end with a line
+  end was cut inside its last row (a row count cannot see that: the cut row still reads as a row,
+  its last value shortened), ``file.control.last_row``; a row count other than the rows
   DuckDB read from the file (``file.control.rows``, checked inside the landing transaction, so
   nothing of the file commits) refuses the whole data file; its control file goes to quarantine
   with it;
@@ -55,6 +57,7 @@ RULE_UNREADABLE = "file.control.unreadable"
 RULE_ROWS = "file.control.rows"
 RULE_SHA256 = "file.control.sha256"
 RULE_ORPHAN = "file.control.orphan"
+RULE_LAST_ROW = "file.control.last_row"
 _RESEND = "ask the sender to send the file again, with its control file written last"
 
 
@@ -161,6 +164,26 @@ def check_sha256(control: Control, sha: str) -> None:
             RULE_SHA256,
             "the control file's SHA-256 is not the file's: the file is not the one the sender "
             "described (cut short, changed or corrupted in transfer)",
+            _RESEND,
+        )
+
+
+def check_last_row(path: Path) -> None:
+    """A CSV ends with a line end, so its last row is whole (``file.control.last_row``): a transfer
+    cut inside the last row leaves a row DuckDB still reads, one value shortened, which its count
+    cannot show. Every CSV writer ends its last row so (the csv module, pandas, Excel, DuckDB)."""
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return  # refused as empty (``file.empty``) when it is read
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+    except OSError:
+        return  # refused as unreadable when it is read
+    if last != b"\n":
+        raise FileRejected(
+            RULE_LAST_ROW,
+            "the file does not end with a line end: the transfer was cut short inside its last row",
             _RESEND,
         )
 

@@ -84,6 +84,26 @@ def test_a_file_cut_short_at_a_row_boundary_is_quarantined_whole_with_its_contro
     _no_seeded_number_in_reasons(home)
 
 
+def test_a_file_cut_short_inside_its_last_row_is_refused_though_its_rows_agree(store: Store, home: Home) -> None:
+    """Cut inside the last value of the last row: DuckDB still reads 5 rows, one value shortened, so
+    the count agrees; the missing line end shows the cut."""
+    data = write_csv(home.incoming_for("gp_events") / "gp_extract.csv", ROWS, GP.field_names)
+    data.write_bytes(data.read_bytes()[:-5])  # "...,38341" for "...,38341003\r\n"
+    _control(data, {"rows": 5})
+    report = _ingest(store, home)
+    assert (report.files_landed, report.files_quarantined) == (0, 2)
+    reason = _reason(home, "gp_extract.csv")
+    assert reason["rule"] == "file.control.last_row" and "cut short inside its last row" in reason["reason"]
+
+
+def test_an_empty_file_with_a_control_file_is_refused_as_empty(store: Store, home: Home) -> None:
+    folder = home.incoming_for("gp_events")
+    folder.mkdir(parents=True)
+    (folder / "gp_extract.csv").write_bytes(b"")
+    _control(folder / "gp_extract.csv", {"rows": 0})
+    assert [q["rule"] for q in _ingest(store, home).quarantined] == ["file.empty", "file.empty"]
+
+
 def test_a_file_with_a_matching_control_file_lands_and_both_are_removed(store: Store, home: Home) -> None:
     data = write_csv(home.incoming_for("gp_events") / "gp_extract.csv", ROWS, GP.field_names)
     _control(data, {"rows": 5, "sha256": hashlib.sha256(data.read_bytes()).hexdigest().upper()})
