@@ -41,7 +41,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
 * **A file cut short at a row boundary is not landed as a smaller file** (``safehaven.intake.control``):
   for a contract with ``control: manifest`` a data file waits (``files_arriving``, ``awaiting_control``)
   until its sender's control file ``<file>.ctl.json`` is there, and is quarantined whole with it
-  (``file.control.rows``, ``file.control.sha256``, ``file.control.unreadable``) when it disagrees; the
+  (``file.control.rows``, ``file.control.sha256``, ``file.control.last_row``, ``file.control.unreadable``)
+  when it disagrees (or a CSV does not end with a line end: cut inside its last row); the
   rows compared are those DuckDB inserted, in the landing transaction. A control file with no data
   file is ``file.control.orphan``.
 * A received file the haven's user may not overwrite (another account's upload) is unlinked
@@ -1246,7 +1247,7 @@ def _ingest_entry(
             seen = os.stat(path, follow_symlinks=False)
             sha = _hash(path)
             if declared is not None:
-                totals.check_sha256(declared, sha)
+                _check_declared(path, declared, sha)
             _ingest_one(con, path, contract, sha, report, seen, drop, sealer, declared)
             return
         except StillArriving as waiting:
@@ -1334,6 +1335,14 @@ def _declared(path: Path, contract: Contract) -> totals.Control | None:
         return totals.read_control(totals.control_path(path))
     except FileNotFoundError:  # removed since it was seen: the file waits for it again
         raise AwaitingControl(path.name) from None
+
+
+def _check_declared(path: Path, declared: totals.Control, sha: str) -> None:
+    """What can be checked of a file against its control file before it is read: its SHA-256 and, for
+    a CSV, a whole last row (its rows are counted as it lands, :func:`land_file`)."""
+    totals.check_sha256(declared, sha)
+    if not is_parquet(path):
+        totals.check_last_row(path)
 
 
 def _refuse_control(
