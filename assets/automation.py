@@ -109,7 +109,7 @@ def incoming_sensor(registry: ContractRegistry, intake: list[dg.JobDefinition]) 
         nightly job after them (once per distinct set of drops waiting). A file still being written is
         not a drop yet. Opens no store."""
         home = haven.home_dir()
-        found = {c: waiting_drops(home.incoming_for(c)) for c in registry.contracts}
+        found = {c: waiting_drops(home.incoming_for(c), contract) for c, contract in registry.contracts.items()}
         if not any(found.values()):
             return dg.SkipReason("no files waiting in incoming/")
         fingerprint = drops_fingerprint(found)

@@ -12,6 +12,7 @@ from assets import keys, partitions
 from safehaven.core.home import Home
 from safehaven.intake import batch_seal
 from safehaven.intake.contracts import Contract
+from safehaven.intake.control import CONTROL_SUFFIX
 from safehaven.intake.ingest import IngestReport, ingest_collection
 from safehaven.intake.validation import stored_verdicts
 
@@ -65,6 +66,7 @@ def land(context: dg.AssetExecutionContext, con, contract: Contract, home: Home)
             "files_not_overwritten": len(report.not_overwritten),
             "files_not_moved": len(report.not_moved),
             "files_still_arriving": report.files_arriving,
+            "files_awaiting_control_file": len(report.awaiting_control),
             "files_not_landed_same_records": len(report.copies),
             "files_restating_objections": len(report.restated),
             "quarantine_rules": ", ".join(sorted({q["rule"] for q in report.quarantined})) or "none",
@@ -102,11 +104,7 @@ def _log_report(context: dg.AssetExecutionContext, c: str, report: IngestReport)
             f"{c}: {name} was landed, but the haven's user could not overwrite the received "
             "file; give it write access to incoming/, and check the file is gone"
         )
-    if report.files_arriving:
-        context.log.info(
-            f"{c}: {report.files_arriving} file(s) still being written were left "
-            "in the folder; a later run reads them once they are complete"
-        )
+    _log_left_for_later(context, c, report)
     if report.landings_unaudited:
         context.log.warning(
             f"{c}: {report.landings_unaudited} batch(es) landed but the audit trail refused their landing entry "
@@ -121,4 +119,20 @@ def _log_report(context: dg.AssetExecutionContext, c: str, report: IngestReport)
         context.log.info(
             f"{c}: {report.files_vanished} file(s) were renamed or removed by their "
             "sender while the folder was read; whatever is in the folder now is read by the next run"
+        )
+
+
+def _log_left_for_later(context: dg.AssetExecutionContext, c: str, report: IngestReport) -> None:
+    """Name the files left in incoming/ for a later run: still being written, or waiting for their
+    control file (``safehaven.intake.control``)."""
+    writing = report.files_arriving - len(report.awaiting_control)
+    if writing:
+        context.log.info(
+            f"{c}: {writing} file(s) still being written were left "
+            "in the folder; a later run reads them once they are complete"
+        )
+    for name in report.awaiting_control:
+        context.log.info(
+            f"{c}: {name} waits for its control file ({name}{CONTROL_SUFFIX}, which the contract asks for and "
+            f"its sender writes last); it stays in incoming/{c}/ and a later run lands it once that is there"
         )

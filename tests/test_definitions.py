@@ -169,6 +169,31 @@ def test_sensor_adds_each_drop_starts_its_intake_run_then_the_nightly_job(home) 
     assert not home.store_file.exists(), "evaluating the sensor opens no store"
 
 
+def test_the_sensor_starts_no_run_for_a_file_waiting_for_its_control_file(home, tmp_path) -> None:
+    """A collection whose contract asks for control files (``control: manifest``): a data file is a
+    drop only once its control file is there (a run before would land nothing, and its run key
+    would never start it again), and the control file is never a drop of its own."""
+    import shutil
+
+    contracts = tmp_path / "data_contracts"
+    shutil.copytree(ContractRegistry().root, contracts)
+    with open(contracts / "collections" / "gp_events.yaml", "a") as fh:
+        fh.write("control: manifest\n")
+    sensor = build_definitions_for(ContractRegistry(contracts)).resolve_sensor_def("incoming_sensor")
+    haven = {"haven": SafeHavenResource(home=str(home.root))}
+    drop = home.incoming_for("gp_events")
+    drop.mkdir(parents=True)
+    (drop / "gp_events_20260101.csv").write_text("practice_code\n")
+    with dg.build_sensor_context(resources=haven) as ctx:
+        assert isinstance(sensor(ctx), dg.SkipReason)
+    (drop / "gp_events_20260101.csv.ctl.json").write_text('{"rows": 1}')
+    with dg.build_sensor_context(resources=haven) as ctx:
+        result = sensor(ctx)
+    assert isinstance(result, dg.SensorResult)
+    *intake, _nightly = result.run_requests
+    assert [r.partition_key for r in intake] == [drop_key(drop / "gp_events_20260101.csv")]
+
+
 def test_the_sensor_watches_the_incoming_folder_of_the_resources_home(home, tmp_path) -> None:
     from safehaven.core.home import Home
 

@@ -35,6 +35,10 @@ suite and the quality measures all use (``safehaven.intake.rules``):
 A missing value fails only its field's ``required`` rule (and only if the field is
 required); every other rule passes on NULL, so each failure has one cause.
 
+``control: manifest`` makes each data file wait for its sender's control file and land only
+when the control file's row count (and SHA-256, if given) agrees with it
+(``safehaven.intake.control``); the default ``none`` expects none.
+
 ``tolerance`` is the largest share of a batch that may break the contract: of its rows (a row
 that breaks any rule is invalid) and of the values checked by any one rule. A batch over it is
 refused whole. Adding a collection means adding a contract and a drop folder, with no code
@@ -251,6 +255,10 @@ class Contract(Strict):
     tolerance: float = Field(ge=0.0, le=1.0)
     #: days the haven keeps the collection's records before disposal (CoP 43d, 48-50).
     retention_days: int | None = Field(default=None, gt=0)
+    #: ``manifest``: each data file comes with its sender's control file (``<file>.ctl.json``: its
+    #: row count, optionally its SHA-256), and lands only when it agrees (a file cut short at a row
+    #: boundary is refused; ``safehaven.intake.control``); ``none``: no control file is expected.
+    control: Literal["none", "manifest"] = "none"
     fields: list[FieldSpec] = Field(min_length=1)
     rules: list[CrossFieldRule] = []
     unique: list[UniqueKey] = []

@@ -38,6 +38,13 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   quarantined. Known limit: a writer that closes the file between chunks, on a system where
   leases work, is not seen between two chunks; transfer tools write under a temporary name or
   keep the file open.
+* **A file cut short at a row boundary is not landed as a smaller file** (``safehaven.intake.control``):
+  for a contract with ``control: manifest`` a data file waits (``files_arriving``, ``awaiting_control``)
+  until its sender's control file ``<file>.ctl.json`` is there, and is quarantined whole with it
+  (``file.control.rows``, ``file.control.sha256``, ``file.control.last_row``, ``file.control.unreadable``)
+  when it disagrees (or a CSV does not end with a line end: cut inside its last row); the
+  rows compared are those DuckDB inserted, in the landing transaction. A control file with no data
+  file is ``file.control.orphan``.
 * A received file the haven's user may not overwrite (another account's upload) is unlinked
   once landed and named in ``not_overwritten`` (a person gives the haven's user write access
   to ``incoming/``); the stage goes on.
@@ -91,8 +98,10 @@ from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.core.store import transaction
 from safehaven.intake import batch_seal, landings
+from safehaven.intake import control as totals
 from safehaven.intake.batch_seal import Sealer
 from safehaven.intake.contracts import Contract
+from safehaven.intake.refusals import FileRejected
 
 SUPPORTED = (".csv", ".parquet")
 BATCH_CONTENTS = schema.BATCH_CONTENTS
@@ -125,14 +134,6 @@ SNIFF_DELIMITERS = re.compile(r"[,;\t|]")
 DUCKDB_LINE_TOO_LONG = "Maximum line size"
 
 
-class FileRejected(Exception):
-    """A file cannot be read as its collection; ``rule`` and ``reason`` say why."""
-
-    def __init__(self, rule: str, reason: str, action: str, details: dict | None = None):
-        super().__init__(reason)
-        self.rule, self.reason, self.action, self.details = rule, reason, action, details or {}
-
-
 @dataclass
 class IngestReport:
     """What one ingest of one collection did (counts and hashes only)."""
@@ -147,8 +148,10 @@ class IngestReport:
     files_quarantined: int = 0
     #: entries gone before they could be read (renamed or removed by the sender meanwhile)
     files_vanished: int = 0
-    #: files still being written (left in the folder for a later run)
+    #: files still being written, or waiting for their control file (left in the folder for a later run)
     files_arriving: int = 0
+    #: of those, the files waiting for their sender's control file (shown names; ``safehaven.intake.control``)
+    awaiting_control: list[str] = field(default_factory=list)
     rows_landed: int = 0
     quarantined: list[dict[str, str]] = field(default_factory=list)
     #: received files whose records are held but which the haven's user could not overwrite
@@ -163,7 +166,7 @@ class IngestReport:
     batches: list[str] = field(default_factory=list)
     #: each drop read (:func:`drop_key`) and what became of it: ``landed``, ``already landed``,
     #: ``same records as <batch>``, ``restates batch <batch>``, ``quarantined (<rule>)``,
-    #: ``still arriving`` or ``vanished``
+    #: ``still arriving``, ``AWAITING_CONTROL`` or ``vanished``
     drops: dict[str, str] = field(default_factory=dict)
 
 
@@ -814,11 +817,13 @@ def land_file(
     seen: os.stat_result | None = None,
     drop: str | None = None,
     sealer: Sealer | None = None,
+    declared: totals.Control | None = None,
 ) -> int:
     """Insert the file's rows into ``landing.<collection>`` with its batch record (naming its
     ``drop``, :func:`drop_key`), atomically; nothing is committed if the file changed since
-    ``seen`` (its state when it was hashed). An objections batch is sealed in the same
-    transaction (``sealer``: ``safehaven.intake.batch_seal``)."""
+    ``seen`` (its state when it was hashed), or if it does not hold the rows its control file
+    ``declared`` (``safehaven.intake.control.check_rows``: the rows DuckDB inserted are counted).
+    An objections batch is sealed in the same transaction (``sealer``: ``safehaven.intake.batch_seal``)."""
     relation = read_relation_sql(path, contract)
     names = ", ".join(q(f) for f in contract.field_names)
     con.execute("BEGIN TRANSACTION")
@@ -828,6 +833,8 @@ def land_file(
             f"SELECT {names}, {lit(sha)}, row_number() OVER () FROM ({relation})"
         ).fetchone()
         rows = int(inserted[0]) if inserted else 0
+        if declared is not None:
+            totals.check_rows(declared, rows)
         if rows == 0:
             raise FileRejected("file.no_rows", "the file has a header but no rows", "send the file again with its rows")
         _refuse_copy(con, contract, sha, rows)
@@ -961,17 +968,22 @@ def drop_key(path: Path, entry: os.stat_result | None = None) -> str:
     return f"{_DOTS.sub(lambda m: ' '.join(m.group()), shown_name(path.name))}@{digest}"
 
 
-def waiting_drops(incoming: Path) -> dict[str, Path]:
+def waiting_drops(incoming: Path, contract: Contract | None = None) -> dict[str, Path]:
     """The drops waiting in a collection folder (:func:`drop_key` -> entry), in the order they
     arrived (:func:`arrived`, then name: a drop's runs, one each, validate them in that order, so
     the latest drop is the one that arrived last); files still being written
-    (:func:`still_arriving`) are left out until they are complete. Reads no file's bytes (the
-    sensor calls this every minute)."""
+    (:func:`still_arriving`) are left out until they are complete, and so, for a ``contract``
+    asking for control files, are data files whose control file has not arrived
+    (:func:`_control_missing`) and the control files of data files present (:func:`_companion`:
+    each lands or is refused with its data file). Reads no file's bytes (the sensor calls this
+    every minute)."""
     if not incoming.is_dir() or incoming.is_symlink():
         return {}
     found: dict[str, Path] = {}
     for path in sorted(incoming.iterdir(), key=_arrival):
         try:
+            if contract is not None and (_companion(path, contract) or _control_missing(path, contract)):
+                continue
             if not (os.path.isfile(path) and not os.path.islink(path) and still_arriving(path)):
                 found[drop_key(path)] = path
         except FileNotFoundError:
@@ -1061,25 +1073,27 @@ def _ingest_one(
     seen: os.stat_result,
     drop: str,
     sealer: Sealer | None = None,
+    declared: totals.Control | None = None,
 ) -> None:
     """Land or skip one regular file, the drop ``drop``; raises FileRejected for any reason it
-    cannot be read, and StillArriving if it changed while it was read."""
+    cannot be read (or its rows are not those its control file ``declared``), and StillArriving if
+    it changed while it was read. Its control file, if any, is removed with it."""
     try:
         known = con.execute(f"SELECT status FROM {BATCHES} WHERE batch_id = ?", [sha]).fetchone()
         if known is not None:
             report.files_skipped += 1
             report.drops[drop] = "already landed"
             _note_restatement(con, contract, sha, path, seen, drop, report, sealer)
-            _remove_received(path, report)
+            _remove_held(path, report, declared)
             return
         inspect_file(con, path, contract)
-        rows = land_file(con, path, contract, sha, seen, drop, sealer)
+        rows = land_file(con, path, contract, sha, seen, drop, sealer, declared)
     except SameRecords as copy:
         report.files_skipped += 1
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
         report.drops[drop] = f"same records as batch {copy.batch_id[:12]}"
         _note_restatement(con, contract, copy.batch_id, path, seen, drop, report, sealer)
-        _remove_received(path, report)
+        _remove_held(path, report, declared)
         return
     except (FileRejected, StillArriving):
         raise
@@ -1094,7 +1108,15 @@ def _ingest_one(
     report.rows_landed += rows
     report.batches.append(sha)
     report.drops[drop] = "landed"
+    _remove_held(path, report, declared)
+
+
+def _remove_held(path: Path, report: IngestReport, declared: totals.Control | None) -> None:
+    """Remove a received file whose records the store holds (:func:`_remove_received`) and the
+    control file it was read with (``declared``), which has no use once its file is held."""
     _remove_received(path, report)
+    if declared is not None:
+        _remove_received(totals.control_path(path), report)
 
 
 def _record_landing(
@@ -1192,6 +1214,8 @@ def ingest_collection(
     if _refuse_folder(incoming, quarantine_dir, contract, report):
         return report
     for path in sorted(incoming.iterdir(), key=_arrival):  # arrival order: the later statement lands later
+        if _companion(path, contract):
+            continue
         try:
             drop = drop_key(path)
             if drops is None or drop in drops:
@@ -1210,7 +1234,8 @@ def _ingest_entry(
     drop: str,
     sealer: Sealer | None = None,
 ) -> None:
-    """Land one entry of the collection folder, the drop ``drop`` (:func:`drop_key`), or quarantine it whole."""
+    """Land one entry of the collection folder, the drop ``drop`` (:func:`drop_key`), or quarantine
+    it whole (with its control file, ``safehaven.intake.control``); or leave it for a later run."""
     first, seen = _seen(path), None  # the entry as judged: its identity goes in a not-moved reason
     sha = named = _name_hash(path)
     err = not_regular(path) or bad_name(path)
@@ -1218,23 +1243,120 @@ def _ingest_entry(
         try:
             if still_arriving(path):
                 raise StillArriving(path.name)
+            declared = _declared(path, contract)
             seen = os.stat(path, follow_symlinks=False)
             sha = _hash(path)
-            _ingest_one(con, path, contract, sha, report, seen, drop, sealer)
+            if declared is not None:
+                _check_declared(path, declared, sha)
+            _ingest_one(con, path, contract, sha, report, seen, drop, sealer, declared)
             return
-        except StillArriving:
-            report.files_arriving += 1
-            report.drops[drop] = "still arriving"
+        except StillArriving as waiting:
+            _left_for_later(report, drop, path, waiting)
             return
         except FileRejected as rejected:
             err = rejected
     if not os.path.lexists(path):
         raise FileNotFoundError(path)
+    _refuse_entry(path, contract, quarantine_dir, report, drop, err, sha, entry_identity(seen or first, sha != named))
+
+
+def _refuse_entry(
+    path: Path,
+    contract: Contract,
+    quarantine_dir: Path,
+    report: IngestReport,
+    drop: str,
+    err: FileRejected,
+    sha: str,
+    judged: dict[str, Any] | None,
+) -> None:
+    """Quarantine a refused entry (as ``judged``, :func:`entry_identity`) and its control file; one
+    that cannot be moved is named in ``not_moved`` with a reason left beside quarantine."""
     try:
-        judged = entry_identity(seen or first, hashed=sha != named)
         _record(report, quarantine(path, quarantine_dir, contract, sha, err, judged), err, sha)
     except NotMoved as stuck:
         report.not_moved.append({"file": stuck.shown, "rule": err.rule, "error": stuck.kind})
         report.drops[drop] = f"refused ({err.rule}), left in incoming/: it could not be moved to quarantine"
         return
     report.drops[drop] = f"quarantined ({err.rule})"
+    _refuse_control(path, contract, quarantine_dir, report, err)
+
+
+#: a drop's outcome while it waits for its control file (``safehaven.intake.control``)
+AWAITING_CONTROL = f"waiting for its control file (<file name>{totals.CONTROL_SUFFIX}, which its sender writes last)"
+
+
+class AwaitingControl(StillArriving):
+    """A data file whose control file has not arrived, or is still being written: a later run reads it."""
+
+
+def _left_for_later(report: IngestReport, drop: str, path: Path, waiting: StillArriving) -> None:
+    """Note a file left in incoming/ for a later run: still being written, or waiting for its control file."""
+    report.files_arriving += 1
+    if isinstance(waiting, AwaitingControl):
+        report.awaiting_control.append(shown_name(path.name))
+        report.drops[drop] = AWAITING_CONTROL
+    else:
+        report.drops[drop] = "still arriving"
+
+
+def _companion(path: Path, contract: Contract) -> bool:
+    """Whether ``path`` is the control file of a data file beside it (landed or refused with that
+    file, never on its own), or a control file gone since the folder was listed (taken away with its
+    data file by this run); a control file whose data file is absent is judged as an orphan."""
+    if not (totals.controlled(contract) and totals.is_control(path)):
+        return False
+    return os.path.lexists(totals.data_path(path)) or not os.path.lexists(path)
+
+
+def _control_missing(path: Path, contract: Contract) -> bool:
+    """Whether ``path`` is a data file (a supported suffix) of a collection asking for control files
+    whose control file has not arrived, or is still being written (:func:`still_arriving`)."""
+    if not totals.controlled(contract) or totals.is_control(path) or path.suffix.lower() not in SUPPORTED:
+        return False
+    ctl = totals.control_path(path)
+    return not os.path.lexists(ctl) or (_plain(os.lstat(ctl)) and still_arriving(ctl))
+
+
+def _declared(path: Path, contract: Contract) -> totals.Control | None:
+    """What the control file of the entry ``path`` declares (``safehaven.intake.control``); None where
+    the contract asks for none, or the entry is refused whatever it says (not CSV or Parquet).
+    Raises AwaitingControl while it has not arrived; ``file.control.orphan`` for a control file
+    judged on its own (no data file beside it); ``file.control.unreadable`` for one not readable."""
+    if not totals.controlled(contract):
+        return None
+    if totals.is_control(path):
+        raise totals.orphan()
+    if _control_missing(path, contract):
+        raise AwaitingControl(path.name)
+    if path.suffix.lower() not in SUPPORTED:
+        return None
+    try:
+        return totals.read_control(totals.control_path(path))
+    except FileNotFoundError:  # removed since it was seen: the file waits for it again
+        raise AwaitingControl(path.name) from None
+
+
+def _check_declared(path: Path, declared: totals.Control, sha: str) -> None:
+    """What can be checked of a file against its control file before it is read: its SHA-256 and, for
+    a CSV, a whole last row (its rows are counted as it lands, :func:`land_file`)."""
+    totals.check_sha256(declared, sha)
+    if not is_parquet(path):
+        totals.check_last_row(path)
+
+
+def _refuse_control(
+    path: Path, contract: Contract, quarantine_dir: Path, report: IngestReport, err: FileRejected
+) -> None:
+    """Move a refused data file's control file to quarantine with it, with a reason naming the data
+    file and its refusal (``safehaven.intake.control.companion``); a control file is never judged on
+    its own while its data file is here."""
+    ctl = totals.control_path(path)
+    if not totals.controlled(contract) or totals.is_control(path) or not os.path.lexists(ctl):
+        return
+    why = totals.companion(err, shown_name(path.name))
+    sha, judged = _name_hash(ctl), entry_identity(_seen(ctl), hashed=False)
+    try:
+        _record(report, quarantine(ctl, quarantine_dir, contract, sha, why, judged), why, sha)
+    except NotMoved as stuck:
+        report.not_moved.append({"file": stuck.shown, "rule": why.rule, "error": stuck.kind})
