@@ -352,8 +352,9 @@ class Output(Strict):
 
     @model_validator(mode="after")
     def _gated_sql(self) -> Output:
-        """The SQL, and every domain's, is one read-only SELECT over the output's haven tables (``sql_gate``)."""
-        check_output_sql(self.sql, self.collections)
+        """The SQL, and every domain's, is one read-only SELECT over the output's haven tables, and the SQL
+        counts its count column as distinct haven pseudonyms (``sql_gate``)."""
+        check_output_sql(self.sql, self.collections, count=self.count_col)
         for dim in self.dimensions:
             if dim.domain.sql:
                 check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
