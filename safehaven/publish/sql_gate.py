@@ -14,6 +14,9 @@ else. :func:`check_output_sql` refuses, when the definitions load, SQL that:
   state (``read_csv``, ``read_parquet``, ``glob``, ``sniff_csv``, ``query``, ``getenv``,
   ``nextval`` ...: :func:`_forbidden_function`), or uses in ``FROM`` a table function outside
   the allow-list :data:`TABLE_FUNCTIONS`;
+* calls a function that raises an error with a message of the caller's choosing (``error``): the
+  message would carry record-level values out of the store into the step failure, Dagster's
+  event log and ``safehaven run``'s output;
 * reads ``counting_months`` other than as a joined table (a subquery reading it as a value, or a
   domain, would change with the months counted together: :func:`_refuse_counting_months_elsewhere`);
 * reads a table outside the haven zone: every table must be ``haven.<collection>`` for one of
@@ -30,13 +33,23 @@ The helper macros of ``safehaven.publish.outputs.MACROS`` (``codes``, ``age_band
 ``age_years``, ``sex_category``) are the haven's own and stay usable. The gate is the first
 line; the second is that the SQL runs in a ``READ ONLY`` transaction
 (:func:`read_only_transaction`), in which the store cannot be written whatever the SQL says.
+
+**Run-time failures name the output and DuckDB's error class, never DuckDB's message.** A
+message can quote the value that failed (``Could not convert string 'AB1' to INT32``), and a
+step's failure reaches Dagster's event log and the console. Every place an output's SQL runs
+(``counting._run_sql``, ``outputs.build_output``, which runs the domains' SQL) withholds it
+(:func:`withholds_run_time_errors`), raising :class:`OutputSqlFailed` instead, which says how to see
+the detail: run the SQL by hand on a copy of the store (README "metadata, logs and errors carry
+counts, hashes and versions, never values").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, wraps
+from typing import ParamSpec, TypeVar
 
 import duckdb
 import sqlglot
@@ -57,9 +70,21 @@ HELPER_TABLES = frozenset({REPORTING_MONTHS, COUNTING_MONTHS})
 #: Table-valued functions allowed in ``FROM``: the haven's code-list macro and pure generators.
 TABLE_FUNCTIONS = frozenset({"codes", "generate_series", "range", "unnest"})
 #: Function names refused anywhere: they read files, the network, settings or the environment,
-#: run SQL text, or change state.
+#: run SQL text, change state, or raise an error with a message of the caller's choosing (``error``,
+#: DuckDB's only one: its message would carry record-level values into the logs).
 FORBIDDEN_FUNCTIONS = frozenset(
-    {"glob", "query", "query_table", "getenv", "current_setting", "nextval", "currval", "setseed", "which_secret"}
+    {
+        "glob",
+        "query",
+        "query_table",
+        "getenv",
+        "current_setting",
+        "nextval",
+        "currval",
+        "setseed",
+        "which_secret",
+        "error",
+    }
 )
 #: Prefixes and suffixes of function families that read files or other databases.
 FORBIDDEN_PREFIXES = ("read_", "parquet_", "sniff_", "duckdb_", "pragma_", "http", "iceberg_", "delta_")
@@ -94,10 +119,25 @@ STATEMENTS = (
 PSEUDONYM = "pid"
 #: The one form an output's people measure takes (:func:`_refuse_other_count`).
 PEOPLE_COUNT = f"count(DISTINCT <alias>.{PSEUDONYM})"
+#: What a run-time failure says: the output, what failed and DuckDB's error class, never its message.
+RUN_TIME_FAILURE = (
+    "{output}: {what} failed at run time ({error}); DuckDB's message is withheld, as it may quote "
+    "record-level values: run the output's SQL by hand on a copy of the store to see it, then correct "
+    "the output's definition"
+)
+#: What an error class alone says about a failure inside the read-only run (never read from its message).
+RUN_TIME_HINTS = {"TransactionException": "usually a write, refused in read-only mode"}
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class OutputSqlRefused(ValueError):
     """An output's SQL is not one read-only SELECT over its haven tables."""
+
+
+class OutputSqlFailed(RuntimeError):
+    """An output's SQL failed at run time; DuckDB's message, which may quote values, is withheld."""
 
 
 def check_output_sql(sql: str, collections: Iterable[str], *, what: str = "sql", count: str | None = None) -> None:
@@ -374,6 +414,42 @@ def _branches(scope: Scope) -> list[Scope]:
     if not scope.set_operation_scopes:
         return [scope]
     return [leaf for branch in scope.set_operation_scopes for leaf in _branches(branch)]
+
+
+@contextmanager
+def run_time_errors_withheld(output: str, what: str = "its SQL") -> Iterator[None]:
+    """Re-raise a DuckDB error as :class:`OutputSqlFailed`: the output, ``what`` failed and the error's
+    class, never its message (module docstring, "Run-time failures"). The DuckDB error is neither the
+    new one's cause nor its shown context, so no traceback or event log carries its message."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise OutputSqlFailed(run_time_failure(output, what, exc)) from None
+
+
+def run_time_failure(output: str, what: str, error: duckdb.Error) -> str:
+    """The one-line message of a run-time failure: :data:`RUN_TIME_FAILURE`, with a hint the class alone gives."""
+    name = type(error).__name__
+    hint = RUN_TIME_HINTS.get(name)
+    return RUN_TIME_FAILURE.format(output=output, what=what, error=f"{name}: {hint}" if hint else name)
+
+
+def withholds_run_time_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function that runs an output's SQL (its ``output`` argument): a DuckDB error it
+    raises is withheld as in :func:`run_time_errors_withheld`, naming the output and ``what``."""
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(func)
+
+        @wraps(func)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            output = signature.bind_partial(*args, **kwargs).arguments["output"]
+            with run_time_errors_withheld(output.name, what):
+                return func(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 @contextmanager

@@ -3,22 +3,35 @@
 Rules under test: ``safehaven.publish.sql_gate`` module docstring (CoP 22, 28-29, 34b, 42b;
 Caldicott principle 3). A declaration whose SQL does anything else, or counts its people
 measure as anything but distinct haven pseudonyms, is refused when it loads, naming the file and
-the problem; the SQL that runs does so in a transaction that cannot write.
+the problem; the SQL that runs does so in a transaction that cannot write, and a failure names the
+output and DuckDB's error class, never a value.
 """
 
 from __future__ import annotations
 
+import traceback
 from datetime import date
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 import yaml
 
+from assets.counts import counts_asset
+from resources.haven import SafeHavenResource
+from safehaven.core import audit
 from safehaven.core.store import Store, table_exists
 from safehaven.intake.contracts import ContractRegistry, contracts_dir
 from safehaven.publish.outputs import Output, OutputError, build_output, load_output, load_outputs, outputs_dir
-from safehaven.publish.sql_gate import PEOPLE_COUNT, OutputSqlRefused, check_output_sql, read_only_transaction
+from safehaven.publish.sql_gate import (
+    PEOPLE_COUNT,
+    OutputSqlFailed,
+    OutputSqlRefused,
+    check_output_sql,
+    read_only_transaction,
+)
+from tests.conftest import leaked_nhs_numbers
 
 SHIPPED = "gp_activity"
 GOOD_SQL = """SELECT m.month, e.practice_code, coalesce(d.grp, 'Unknown') AS diagnosis_group,
@@ -57,6 +70,8 @@ ADMISSIONS_SQL = """SELECT m.month, h.provider_code, count(DISTINCT h.pid) AS pe
 FROM haven.hospital_episodes h
 JOIN counting_months m ON m.month = date_trunc('month', h.admission_date)
 GROUP BY ALL"""
+#: A domain that converts every provider code to a number (fails on a code that is not one).
+CAST_DOMAIN = "SELECT DISTINCT CAST(CAST(provider_code AS INTEGER) AS VARCHAR) FROM haven.hospital_episodes"
 
 
 def seed_episodes(con: duckdb.DuckDBPyConnection) -> None:
@@ -384,3 +399,82 @@ def test_every_shipped_output_counts_distinct_haven_pseudonyms() -> None:
     for path in sorted(outputs_dir(contracts_dir()).glob("*.yaml")):
         output = load_output(path)
         check_output_sql(output.sql, output.collections, count=output.count_col)
+
+
+# --- no value of the haven in a failure's message ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "error(e.pid)",
+        "ERROR(e.pid)",
+        '"error"(e.pid)',
+        "main.error(e.pid)",
+        "(e.pid).error()",
+        "(SELECT error(string_agg(x.pid, ';')) FROM haven.gp_events x)",
+    ],
+)
+def test_a_function_that_raises_a_message_of_its_own_is_refused(tmp_path: Path, call: str) -> None:
+    """``error()`` raises with the caller's text: the haven's rows, in the step failure and the event log."""
+    message = refusal(tmp_path, f"SELECT m.month, count(DISTINCT e.pid) AS people {MONTHLY} WHERE {call} IS NULL")
+    assert "calls error()" in message
+
+
+#: A value of the haven that DuckDB quotes when it fails to convert it: a 999-range NHS number as a provider code.
+SEEDED = "999 000 0018"
+FAILING_CAST = ADMISSIONS_SQL.replace("GROUP BY ALL", "WHERE CAST(h.provider_code AS INTEGER) > 0 GROUP BY ALL")
+
+
+def withheld(failure: pytest.ExceptionInfo[OutputSqlFailed], output: str, what: str) -> str:
+    """The failure's message, checked to name the output, what failed and the error class, and no value."""
+    message = str(failure.value)
+    shown = "".join(traceback.format_exception(failure.value))  # as a log or Dagster prints it, chain included
+    assert message.startswith(f"{output}: {what}") and "failed at run time (ConversionException)" in message
+    assert "run the output's SQL by hand on a copy of the store" in message and "\n" not in message
+    assert SEEDED not in shown and "9990000018" not in shown and "Could not convert" not in shown
+    return message
+
+
+def test_output_sql_failing_on_a_value_names_the_output_and_the_error_class_never_the_value() -> None:
+    """A cast that fails puts the value into DuckDB's message; the haven's error withholds it."""
+    con = haven_with_episodes()
+    con.execute(f"UPDATE haven.hospital_episodes SET provider_code = '{SEEDED}' WHERE pid = md5('0')")
+    with pytest.raises(OutputSqlFailed) as failure:
+        build_output(con, admissions_output(FAILING_CAST), ContractRegistry(), today=TODAY)
+    withheld(failure, "adm", "its SQL")
+
+
+def test_a_domain_sql_failing_on_a_value_names_the_output_never_the_value() -> None:
+    con = haven_with_episodes()
+    con.execute(f"UPDATE haven.hospital_episodes SET provider_code = '{SEEDED}' WHERE pid = md5('0')")
+    output = admissions_output(ADMISSIONS_SQL, provider_domain={"sql": CAST_DOMAIN})
+    with pytest.raises(OutputSqlFailed) as failure:
+        build_output(con, output, ContractRegistry(), today=TODAY)
+    withheld(failure, "adm", "its build")
+
+
+def test_a_counts_step_failing_on_a_value_leaves_it_out_of_the_dagster_event_log(
+    store: Store, tmp_path: Path, dagster_instance: dg.DagsterInstance
+) -> None:
+    """The counts asset runs the output's SQL (``counting._run_sql``): its failure names the output
+    and the error class; no event of the run, and no file of the Dagster instance, holds the value."""
+    with store.connect() as con:
+        audit.begin_run(con, audit.home_of(con), actor="pipeline", job="test", run_id="test")  # a trail, then data
+        con.execute(f"CREATE TABLE haven.hospital_episodes ({EPISODE_COLUMNS})")
+        seed_episodes(con)
+        con.execute(f"UPDATE haven.hospital_episodes SET provider_code = '{SEEDED}' WHERE pid = md5('0')")
+    output = admissions_output(FAILING_CAST)
+    result = dg.materialize(
+        [counts_asset(output)],
+        resources={"haven": SafeHavenResource(home=str(store.home.root))},
+        instance=dagster_instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    logged = "\n".join(repr(entry) for entry in dagster_instance.all_logs(result.run_id))
+    assert SEEDED not in logged and "Could not convert" not in logged
+    assert leaked_nhs_numbers([tmp_path / "dagster_home"], {"9990000018"}) == {}
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "adm: its SQL failed at run time (ConversionException)" in str(failure.event_specific_data.error)
+    assert "OutputSqlFailed" in logged, "the event log holds the failure, in the haven's words"
