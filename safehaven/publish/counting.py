@@ -35,7 +35,8 @@ live (``docs/architecture.md`` "Partitions"). Rules:
   period are deleted from the table. The counts and their fingerprints change in one transaction,
   so a killed process leaves the months as they were (stale or current, never half-counted).
 * **The SQL runs read-only** (``safehaven.publish.sql_gate.read_only_transaction``); only the
-  haven's own code writes its result to ``counts.<output>``.
+  haven's own code writes its result to ``counts.<output>``. If it fails, the error names the
+  output and DuckDB's error class, never DuckDB's message (``sql_gate``, "Run-time failures").
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ from safehaven.core.registers import current_actor
 from safehaven.core.sql import q
 from safehaven.core.store import COUNTS_ZONE, table_exists, transaction
 from safehaven.publish.outputs import Output, OutputError, Period
-from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, read_only_transaction
+from safehaven.publish.sql_gate import (
+    COUNTING_MONTHS,
+    REPORTING_MONTHS,
+    read_only_transaction,
+    withholds_run_time_errors,
+)
 
 #: per output and month, the fingerprint its counts were made from
 OUTPUT_COUNTS = schema.OUTPUT_COUNTS
@@ -155,8 +161,12 @@ def _month_states(
     return [m for m in months if not sealed.get(m)], [m for m in months if sealed.get(m) is False]
 
 
+@withholds_run_time_errors("its SQL")
 def _run_sql(con: duckdb.DuckDBPyConnection, output: Output, months: list[date], target: str) -> int:
-    """Temp table ``target``: the output's SQL over ``months``; checks its columns, NULLs and months."""
+    """Temp table ``target``: the output's SQL over ``months``; checks its columns, NULLs and months.
+
+    A DuckDB error names the output and its class, never its message, which may quote a value
+    (``sql_gate.withholds_run_time_errors``)."""
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {COUNTING_MONTHS} AS "
         f"SELECT * FROM {REPORTING_MONTHS} WHERE list_contains(?::DATE[], month)",

@@ -102,7 +102,13 @@ from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
-from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, check_output_sql, read_only_transaction
+from safehaven.publish.sql_gate import (
+    COUNTING_MONTHS,
+    REPORTING_MONTHS,
+    check_output_sql,
+    read_only_transaction,
+    withholds_run_time_errors,
+)
 
 CODES = schema.CODE_LIST
 MONTHS = REPORTING_MONTHS
@@ -352,8 +358,9 @@ class Output(Strict):
 
     @model_validator(mode="after")
     def _gated_sql(self) -> Output:
-        """The SQL, and every domain's, is one read-only SELECT over the output's haven tables (``sql_gate``)."""
-        check_output_sql(self.sql, self.collections)
+        """The SQL, and every domain's, is one read-only SELECT over the output's haven tables, and the SQL
+        counts its count column as distinct haven pseudonyms (``sql_gate``)."""
+        check_output_sql(self.sql, self.collections, count=self.count_col)
         for dim in self.dimensions:
             if dim.domain.sql:
                 check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
@@ -834,6 +841,7 @@ def table_violations(con: duckdb.DuckDBPyConnection, output: Output) -> list[str
     )
 
 
+@withholds_run_time_errors("its build (its SQL, its domains' SQL or their results)")
 def build_output(
     con: duckdb.DuckDBPyConnection,
     output: Output,

@@ -14,30 +14,48 @@ else. :func:`check_output_sql` refuses, when the definitions load, SQL that:
   state (``read_csv``, ``read_parquet``, ``glob``, ``sniff_csv``, ``query``, ``getenv``,
   ``nextval`` ...: :func:`_forbidden_function`), or uses in ``FROM`` a table function outside
   the allow-list :data:`TABLE_FUNCTIONS`;
+* calls a function that raises an error with a message of the caller's choosing (``error``): the
+  message would carry record-level values out of the store into the step failure, Dagster's
+  event log and ``safehaven run``'s output;
 * reads ``counting_months`` other than as a joined table (a subquery reading it as a value, or a
   domain, would change with the months counted together: :func:`_refuse_counting_months_elsewhere`);
 * reads a table outside the haven zone: every table must be ``haven.<collection>`` for one of
   the output's declared collections, the temporary ``reporting_months`` or ``counting_months``
   table, or a CTE of the
-  query (a file name in ``FROM``, ``landing.x``, ``vault.x``, ``store.haven.x`` are refused).
+  query (a file name in ``FROM``, ``landing.x``, ``vault.x``, ``store.haven.x`` are refused);
+* counts its people measure (the output's count column, passed as ``count``) as anything but
+  ``count(DISTINCT <alias>.pid)`` of a haven table, read directly or through CTEs and derived
+  tables that pass the pseudonym on unchanged (:func:`_refuse_other_count`). The threshold
+  (suppress 1-7) is applied to whatever number the SQL returns, so ``count(*)`` would publish one
+  person with twelve episodes as a cell of 10 people (CoP 34b; ISB 1523: small counts of *people*).
 
 The helper macros of ``safehaven.publish.outputs.MACROS`` (``codes``, ``age_band``,
 ``age_years``, ``sex_category``) are the haven's own and stay usable. The gate is the first
 line; the second is that the SQL runs in a ``READ ONLY`` transaction
 (:func:`read_only_transaction`), in which the store cannot be written whatever the SQL says.
+
+**Run-time failures name the output and DuckDB's error class, never DuckDB's message.** A
+message can quote the value that failed (``Could not convert string 'AB1' to INT32``), and a
+step's failure reaches Dagster's event log and the console. Every place an output's SQL runs
+(``counting._run_sql``, ``outputs.build_output``, which runs the domains' SQL) withholds it
+(:func:`withholds_run_time_errors`), raising :class:`OutputSqlFailed` instead, which says how to see
+the detail: run the SQL by hand on a copy of the store (README "metadata, logs and errors carry
+counts, hashes and versions, never values").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, wraps
+from typing import ParamSpec, TypeVar
 
 import duckdb
 import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
-from sqlglot.optimizer.scope import traverse_scope
+from sqlglot.optimizer.scope import Scope, build_scope, traverse_scope
 
 #: The dialect output SQL is written in.
 DIALECT = "duckdb"
@@ -52,9 +70,21 @@ HELPER_TABLES = frozenset({REPORTING_MONTHS, COUNTING_MONTHS})
 #: Table-valued functions allowed in ``FROM``: the haven's code-list macro and pure generators.
 TABLE_FUNCTIONS = frozenset({"codes", "generate_series", "range", "unnest"})
 #: Function names refused anywhere: they read files, the network, settings or the environment,
-#: run SQL text, or change state.
+#: run SQL text, change state, or raise an error with a message of the caller's choosing (``error``,
+#: DuckDB's only one: its message would carry record-level values into the logs).
 FORBIDDEN_FUNCTIONS = frozenset(
-    {"glob", "query", "query_table", "getenv", "current_setting", "nextval", "currval", "setseed", "which_secret"}
+    {
+        "glob",
+        "query",
+        "query_table",
+        "getenv",
+        "current_setting",
+        "nextval",
+        "currval",
+        "setseed",
+        "which_secret",
+        "error",
+    }
 )
 #: Prefixes and suffixes of function families that read files or other databases.
 FORBIDDEN_PREFIXES = ("read_", "parquet_", "sniff_", "duckdb_", "pragma_", "http", "iceberg_", "delta_")
@@ -85,30 +115,55 @@ STATEMENTS = (
 )
 
 
+#: The haven's pseudonym column: one value per person, in every haven table (``safehaven.protect.pseudonymise``).
+PSEUDONYM = "pid"
+#: The one form an output's people measure takes (:func:`_refuse_other_count`).
+PEOPLE_COUNT = f"count(DISTINCT <alias>.{PSEUDONYM})"
+#: What a run-time failure says: the output, what failed and DuckDB's error class, never its message.
+RUN_TIME_FAILURE = (
+    "{output}: {what} failed at run time ({error}); DuckDB's message is withheld, as it may quote "
+    "record-level values: run the output's SQL by hand on a copy of the store to see it, then correct "
+    "the output's definition"
+)
+#: What an error class alone says about a failure inside the read-only run (never read from its message).
+RUN_TIME_HINTS = {"TransactionException": "usually a write, refused in read-only mode"}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 class OutputSqlRefused(ValueError):
     """An output's SQL is not one read-only SELECT over its haven tables."""
 
 
-def check_output_sql(sql: str, collections: Iterable[str], *, what: str = "sql") -> None:
+class OutputSqlFailed(RuntimeError):
+    """An output's SQL failed at run time; DuckDB's message, which may quote values, is withheld."""
+
+
+def check_output_sql(sql: str, collections: Iterable[str], *, what: str = "sql", count: str | None = None) -> None:
     """Refuse ``sql`` unless it is one read-only SELECT over ``haven.<collection>`` tables.
 
-    ``what`` names the SQL in the message (``sql``, or a dimension's domain). Raises
-    :class:`OutputSqlRefused` naming the problem; the loader adds the file (module docstring).
+    ``what`` names the SQL in the message (``sql``, or a dimension's domain); ``count``, the
+    output's count column, which must be ``count(DISTINCT <alias>.pid)`` of a haven table (a
+    domain's SQL has none). Raises :class:`OutputSqlRefused` naming the problem; the loader adds
+    the file (module docstring).
 
     The verdict depends on these arguments only, and a pass is kept for the process (issue 22:
     the outputs are loaded many times a run, each parse ~5 ms); a refusal is never kept, so
     refused SQL is parsed and refused again every time.
     """
-    _passed(sql, frozenset(collections), what)
+    _passed(sql, frozenset(collections), what, count)
 
 
 @lru_cache(maxsize=1024)
-def _passed(sql: str, collections: frozenset[str], what: str) -> None:
+def _passed(sql: str, collections: frozenset[str], what: str, count: str | None) -> None:
     query = _single_query(sql, what)
     _refuse_statements(query, what)
     _refuse_functions(query, what)
     _refuse_tables(query, set(collections), what)
     _refuse_counting_months_elsewhere(query, what)
+    if count is not None:
+        _refuse_other_count(query, count, what)
 
 
 def _single_query(sql: str, what: str) -> exp.Query:
@@ -231,6 +286,170 @@ def _read_as_value(node: exp.Expression, root: exp.Expression) -> bool:
             return True
         parent = parent.parent
     return False
+
+
+def _refuse_other_count(query: exp.Query, count: str, what: str) -> None:
+    """The people measure is ``count(DISTINCT <alias>.pid)`` of a haven table, and nothing else.
+
+    Every output counts distinct people (haven pseudonyms) per cell (``outputs`` module docstring,
+    "People"), and the threshold (suppress 1-7; CoP 34b, ISB 1523) is applied to whatever number the
+    SQL returns: ``count(*)`` counts records, so one person with twelve episodes would be published
+    as 10 people. The count column is defined once, in the outer SELECT, as ``count(DISTINCT x.pid)``
+    (or ``count(DISTINCT pid)`` where only one table of the SELECT can hold it), and ``x.pid`` is
+    the ``pid`` of a haven table, read directly or through CTEs and derived tables that pass it on
+    as a plain column (:func:`_pseudonym_of_haven`).
+    """
+    measure = _count_expression(query, count, what)
+    column = _distinct_column(measure)
+    if column is None:
+        raise OutputSqlRefused(
+            f"{what} defines its count column {count} as {_shown(measure)}: an output counts people, "
+            f"so write it {PEOPLE_COUNT} of a haven table (the threshold is applied to this number)"
+        )
+    if not _pseudonym_of_haven(column, build_scope(query), frozenset()):
+        raise OutputSqlRefused(
+            f"{what} counts its count column {count} over {column.sql(dialect=DIALECT)}, which is not the "
+            f"{PSEUDONYM} of a haven table: "
+            f"write {PEOPLE_COUNT} with <alias> a haven table, or a CTE or subquery passing its {PSEUDONYM} on "
+            "unchanged and without a column list or PIVOT"
+        )
+
+
+def _count_expression(query: exp.Query, count: str, what: str) -> exp.Expression:
+    """The expression of the count column in the outer SELECT (refused unless defined there once)."""
+    if not isinstance(query, exp.Select):
+        raise OutputSqlRefused(
+            f"{what} is a {query.key.upper()}: its count column {count} is defined once, in one outer SELECT, "
+            f"as {PEOPLE_COUNT}; put the set operation in a CTE"
+        )
+    found = [p for p in query.selects if p.alias_or_name.lower() == count.lower()]
+    if len(found) != 1:
+        raise OutputSqlRefused(
+            f"{what} defines its count column {count} {len(found)} time(s) in its outer SELECT; "
+            f"define it once there, as {PEOPLE_COUNT}"
+        )
+    return found[0].unalias()
+
+
+def _distinct_column(measure: exp.Expression) -> exp.Column | None:
+    """The column of ``count(DISTINCT <column>)``; None for any other expression."""
+    if not isinstance(measure, exp.Count) or measure.args.get("expressions"):
+        return None
+    distinct = measure.this
+    if not isinstance(distinct, exp.Distinct) or distinct.args.get("on") or len(distinct.expressions) != 1:
+        return None
+    column = distinct.expressions[0]
+    return column if isinstance(column, exp.Column) and not isinstance(column.this, exp.Star) else None
+
+
+def _shown(node: exp.Expression, limit: int = 60) -> str:
+    """The expression as written in the declaration (not data), cut to ``limit`` characters."""
+    text = " ".join(node.sql(dialect=DIALECT).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pseudonym_of_haven(column: exp.Column, scope: Scope, seen: frozenset[tuple[int, str]]) -> bool:
+    """Whether ``column``, read in ``scope``, is the ``pid`` of a haven table, passed on unchanged."""
+    source = _source_of(column, scope)
+    if isinstance(source, exp.Table):
+        haven = source.db == HAVEN_ZONE and not source.catalog and not isinstance(source.this, exp.Func)
+        return haven and column.name.lower() == PSEUDONYM
+    if isinstance(source, Scope):
+        return _projects_pseudonym(source, column.name.lower(), seen)
+    return False
+
+
+def _source_of(column: exp.Column, scope: Scope) -> exp.Table | Scope | None:
+    """The table or query ``column`` reads in ``scope``: by its qualifier, else the one source that
+    is not a helper table; None when there is none, several, or it renames or pivots its columns."""
+    sources = scope.selected_sources
+    if column.table:
+        found = [sources[column.table]] if column.table in sources else []
+    else:
+        found = [(node, source) for node, source in sources.values() if not _helper_table(source)]
+    if len(found) != 1:
+        return None
+    node, source = found[0]
+    defined = source.expression.parent if isinstance(source, Scope) else None
+    if _reshaped(node) or (defined is not None and _reshaped(defined)):
+        return None
+    return source
+
+
+def _helper_table(source: exp.Table | Scope) -> bool:
+    """Whether ``source`` is ``reporting_months`` or ``counting_months`` (they hold months only)."""
+    return isinstance(source, exp.Table) and not source.db and not source.catalog and source.name in HELPER_TABLES
+
+
+def _reshaped(node: exp.Expression) -> bool:
+    """Whether ``node`` renames its columns (``AS x(a, b)``) or pivots them: a name no longer says which column."""
+    alias = node.args.get("alias")
+    return bool(node.args.get("pivots")) or bool(isinstance(alias, exp.TableAlias) and alias.columns)
+
+
+def _projects_pseudonym(scope: Scope, name: str, seen: frozenset[tuple[int, str]]) -> bool:
+    """Whether column ``name`` of the CTE or subquery ``scope`` is, in every branch of it, a haven ``pid``."""
+    if (id(scope), name) in seen:  # a recursive CTE: not passed on unchanged
+        return False
+    seen = seen | {(id(scope), name)}
+    branches = _branches(scope)
+    if not all(isinstance(b.expression, exp.Select) for b in branches):
+        return False
+    names = [p.alias_or_name.lower() for p in branches[0].expression.selects]
+    if names.count(name) != 1:
+        return False
+    position = names.index(name)
+    for branch in branches:
+        selects = branch.expression.selects
+        if position >= len(selects) or selects[position].alias_or_name.lower() != name:
+            return False
+        inner = selects[position].unalias()
+        if not isinstance(inner, exp.Column) or not _pseudonym_of_haven(inner, branch, seen):
+            return False
+    return True
+
+
+def _branches(scope: Scope) -> list[Scope]:
+    """The SELECTs of ``scope``: itself, or every branch of its UNION, INTERSECT or EXCEPT."""
+    if not scope.set_operation_scopes:
+        return [scope]
+    return [leaf for branch in scope.set_operation_scopes for leaf in _branches(branch)]
+
+
+@contextmanager
+def run_time_errors_withheld(output: str, what: str = "its SQL") -> Iterator[None]:
+    """Re-raise a DuckDB error as :class:`OutputSqlFailed`: the output, ``what`` failed and the error's
+    class, never its message (module docstring, "Run-time failures"). The DuckDB error is neither the
+    new one's cause nor its shown context, so no traceback or event log carries its message."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise OutputSqlFailed(run_time_failure(output, what, exc)) from None
+
+
+def run_time_failure(output: str, what: str, error: duckdb.Error) -> str:
+    """The one-line message of a run-time failure: :data:`RUN_TIME_FAILURE`, with a hint the class alone gives."""
+    name = type(error).__name__
+    hint = RUN_TIME_HINTS.get(name)
+    return RUN_TIME_FAILURE.format(output=output, what=what, error=f"{name}: {hint}" if hint else name)
+
+
+def withholds_run_time_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function that runs an output's SQL (its ``output`` argument): a DuckDB error it
+    raises is withheld as in :func:`run_time_errors_withheld`, naming the output and ``what``."""
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(func)
+
+        @wraps(func)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            output = signature.bind_partial(*args, **kwargs).arguments["output"]
+            with run_time_errors_withheld(output.name, what):
+                return func(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 @contextmanager
