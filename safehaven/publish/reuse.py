@@ -186,7 +186,8 @@ def record_pending(con: duckdb.DuckDBPyConnection, release_id: str, files: dict[
     """Record a publication about to be put in place (committed before the first file moves): a
     crash part way leaves its files in ``published/`` known (:func:`pending_publications`). Every
     pending one is kept until a publication is recorded: two stopped in a row may each have left
-    files there (found by review)."""
+    files there (found by review). A manifest rewritten for a newer audit head is recorded so too,
+    under the release it belongs to, until :func:`record_manifest` keeps its hash."""
     ensure_tables(con)
     con.execute(f"INSERT INTO {PENDING} VALUES (?, ?, now())", [release_id, json.dumps(files)])
 
