@@ -187,7 +187,7 @@ def _keep(source: Path, finding: Finding, evidence: Path) -> None:
     copied, and left to the publication (module docstring)."""
     target = evidence / "files" / finding.name
     if finding.kind == PLANTED:
-        os.replace(source, target)
+        shutil.move(source, target)  # a rename; a copy and removal if published/ is another volume
     else:
         shutil.copy2(source, target, follow_symlinks=False)
 
