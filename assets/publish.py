@@ -2,7 +2,9 @@
 
 The core verifies the whole release again (disclosure invariants, publication guard, quality
 statements) and writes nothing if any output fails, nor when nothing changed since the last
-publication (``safehaven.publish.reuse``); the asset only reports what was written.
+publication (``safehaven.publish.reuse``); the asset only reports what was written, and, as
+warnings, what the check of ``published/`` found altered or planted and set aside
+(``safehaven.publish.integrity``; a refusal carries those lines in its message).
 """
 
 import dagster as dg
@@ -34,6 +36,8 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
             statement = load_statement(con, outputs[0].name) if outputs else None
         # the disclosure audit of the whole release (safehaven.publish.release_audit): counts and time only
         audit = ((statement or {}).get("accuracy") or {}).get("disclosure_audit") or {}
+        for line in release.set_aside:  # altered or planted in published/ (safehaven.publish.integrity)
+            context.log.warning(line)
         if release.unchanged:
             context.log.info(f"nothing changed since release {release.release_id}: not re-issued ({home.published})")
         else:
@@ -47,6 +51,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                 "outputs": len(release.outputs),
                 "files": len(release.files),
                 "files_removed": len(release.removed),
+                "set_aside": len(release.set_aside),
                 "release_id": release.release_id,
                 "unchanged": release.unchanged,
                 "location": dg.MetadataValue.path(str(home.published)),

@@ -250,6 +250,13 @@ def _materialised(stage: StageSummary, meta: dict) -> None:
     if counted is not None and current is not None:
         unchanged = "" if counted else " (their inputs unchanged)"
         stage.note = f"{counted} of {counted + current} reporting months counted{unchanged}"
+    set_aside = _value(meta, "set_aside")
+    if set_aside:  # safehaven.publish.integrity: the lines are warnings in the run's log
+        entries = "1 entry" if set_aside == 1 else f"{set_aside} entries"
+        stage.note = (
+            f"{entries} of published/ altered or planted: kept in evidence/, recorded in the breach register "
+            "(the run's log says which)"
+        )
 
 
 def _checked(stage: StageSummary, evaluation: dg.AssetCheckEvaluation) -> bool:

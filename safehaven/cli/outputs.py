@@ -35,13 +35,15 @@ def register(main: click.Group) -> None:
         "--db",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help="A published.duckdb (default: $SAFEHAVEN_HOME/published/published.duckdb).",
+        help="A published.duckdb with its release.json beside it "
+        "(default: $SAFEHAVEN_HOME/published/published.duckdb).",
     )
     def query(sql: str, fmt: str, max_rows: int, timeout: float, db: Path | None) -> None:
         """Run one read-only SELECT against the published (anonymised) outputs only.
 
-        The database is opened read-only with external access disabled and locked, so the
-        query cannot read other files or the store. Tables: one per output, plus
+        The database is used only while it is the file its release.json records (SHA-256), then
+        opened read-only with external access disabled and locked, so the query cannot read
+        other files or the store. Tables: one per output, plus
         `dictionary` and `quality`. Example:
 
           safehaven query "SELECT month, sum(people) FROM hospital_admissions GROUP BY ALL ORDER BY 1"

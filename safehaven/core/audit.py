@@ -96,7 +96,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from safehaven.core import anchors, schema
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
-from safehaven.core.home import Home
+from safehaven.core.home import PUBLISHED_MANIFEST, Home
 from safehaven.core.identifiers import nhs_numbers_in_text
 from safehaven.core.keys import KEY_BYTES, Key, KeyRing, KeyRingError, KeySubstituted, staged
 from safehaven.core.store import CATALOG, opened_by, table_exists, transaction
@@ -118,7 +118,6 @@ DATA_SCHEMAS = ("landing", "haven", "vault", "release", "published")
 KEY_EPOCHS = schema.KEY_EPOCHS
 RELEASE_REGISTER = schema.RELEASE_REGISTER
 REGISTER_HEADS = schema.RELEASE_AUDIT_HEADS
-PUBLISHED_MANIFEST = "release.json"
 RESOLVE_HINT = "record the breach and the decision to resume: safehaven audit resolve --decision '...'"
 
 #: Fields a caller supplies, with their defaults (None means required).

@@ -11,6 +11,8 @@ Layout (one place for it, so every module agrees):
 * ``registers/``               data release and breach registers (CSV and Parquet)
 * ``staging/``                 files being prepared (a publication, rotation crosswalks), never
   read by anyone; on the same file system, so they are renamed into place
+* ``evidence/published-<when>/`` 0700: what a publication found altered or planted in
+  ``published/``, kept for the governance lead (``safehaven.publish.integrity``)
 
 The landing and haven zones live only inside the encrypted store: the haven is a secure
 environment distinct from other activity (CoP 27h).
@@ -30,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = Path("data")
+#: The analysts' database in ``published/`` and the manifest of the release it belongs to (each
+#: published file's SHA-256), one name each for the publication and every reader of it.
+PUBLISHED_DB = "published.duckdb"
+PUBLISHED_MANIFEST = "release.json"
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class Home:
 
     @property
     def published_db(self) -> Path:
-        return self.published / "published.duckdb"
+        return self.published / PUBLISHED_DB
 
     @property
     def releases(self) -> Path:
@@ -79,6 +85,10 @@ class Home:
     @property
     def staging(self) -> Path:
         return self.root / "staging"
+
+    @property
+    def evidence(self) -> Path:
+        return self.root / "evidence"
 
     def ensure(self) -> Home:
         """Create the tree. Directories that can hold confidential data are 0700."""

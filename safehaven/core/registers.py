@@ -23,8 +23,9 @@ scale agreed with the Department and the ICO in 2013 (Govt response 4.10), as th
   objection *inside* the haven, or was sent to the haven when it should not have been
   (type 1 objectors' GP records received and dropped); nothing left the haven.
 * **2, serious, reportable**: confidential data left the haven without a basis or against an
-  objection, or the integrity of the audit trail cannot be shown. Reported to the SIRO and
-  the board (rec. 6), and assessed for reporting to the ICO.
+  objection, or the integrity of the audit trail cannot be shown, or ``published/`` held files
+  the haven did not publish (altered or planted: ``safehaven.publish.integrity``). Reported to
+  the SIRO and the board (rec. 6), and assessed for reporting to the ICO.
 
 Known kinds and their usual severity are in :data:`KINDS`; a caller may record another kind
 (lower-case words) and must then give the severity. Both registers are tables in the
@@ -107,6 +108,16 @@ KINDS: dict[str, BreachKind] = {
     ),
     "integrity_failure": BreachKind(
         2, "the audit trail failed verification: entries edited, deleted, reordered or truncated (CoP 23d)"
+    ),
+    "published_altered": BreachKind(
+        2,
+        "a file of a recorded publication in published/ was altered after it was published: analysts may have "
+        "been served figures the haven did not publish (CoP 23d, 35; safehaven.publish.integrity)",
+    ),
+    "published_planted": BreachKind(
+        2,
+        "an entry no publication names was found in published/, where analysts may have read it; what it held "
+        "is not known (CoP 35; safehaven.publish.integrity)",
     ),
 }
 

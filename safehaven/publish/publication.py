@@ -42,6 +42,15 @@ Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; ``docs/rules.md`` "Publi
   folders are removed by the next publication and at the start of every run
   (``assets.runner.recover``). Files of an output that a release no longer contains are
   removed.
+* **What is in ``published/`` is checked first** (``safehaven.publish.integrity``): once the
+  audit trail verifies, and before the last publication is taken as unchanged, every entry of
+  ``published/`` is compared with the store's record. A recorded file with other bytes
+  (altered) is copied into an evidence folder in the home and recorded once (audit entry and
+  breach register); an entry no publication names (planted) is moved out into that folder and
+  recorded. Publishing then goes on, so the fresh release replaces altered files with the
+  haven's own (the release audit still refuses first over an altered manifest or previous
+  Parquet, as below). What was found is returned (``Release.set_aside``) for the run's log,
+  and carried by a refusal (``PublicationRefused.set_aside``).
 * Each publication is recorded: the statements in ``governance.output_releases`` (the base
   for "changes since the last release") and one audit entry per output (``publish``, legal
   basis ``anonymised``, the agreement of a linked output).
@@ -64,12 +73,12 @@ import duckdb
 
 from safehaven.core import audit, schema
 from safehaven.core.files import sha256_file
-from safehaven.core.home import Home
+from safehaven.core.home import PUBLISHED_DB, PUBLISHED_MANIFEST, Home
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect.pseudonymise import haven_coarsening, haven_column
-from safehaven.publish import reuse
+from safehaven.publish import integrity, reuse
 from safehaven.publish.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_invariants
 from safehaven.publish.outputs import Output
 from safehaven.publish.quality import (
@@ -96,7 +105,7 @@ __all__ = [
 ATTRIBUTION = "Contains public sector information licensed under the Open Government Licence v3.0."
 PIPELINE_COLUMNS = ("pid", "_batch", "_row")
 METHODS_DOC = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
-MANIFEST = "release.json"
+MANIFEST = PUBLISHED_MANIFEST
 
 #: Value patterns (RE2, partial match) refused in any published text cell.
 TEXT_PATTERNS: dict[str, str] = {
@@ -124,11 +133,16 @@ _PLAIN_TYPES = ("BOOLEAN", "FLOAT", "DOUBLE", "VARCHAR", "DATE")
 
 
 class PublicationRefused(Exception):
-    """The release failed the guard or the disclosure invariants; nothing was written."""
+    """The release failed the guard or the disclosure invariants; nothing was written.
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("publication refused: " + "; ".join(problems[:10]))
+    ``set_aside``: what the check of ``published/`` found before the refusal (``integrity``), one
+    line each, also in the message so the run's log says it."""
+
+    def __init__(self, problems: list[str], set_aside: Sequence[str] = ()) -> None:
+        found = f"; before it, published/ was checked: {'; '.join(set_aside)}" if set_aside else ""
+        super().__init__("publication refused: " + "; ".join(problems[:10]) + found)
         self.problems = problems
+        self.set_aside = list(set_aside)
 
 
 def _norm(name: str) -> str:
@@ -395,6 +409,8 @@ class Release:
     rows: int = 0
     files: dict[str, str] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
+    #: what the check of ``published/`` found altered or planted, one line each (``integrity``)
+    set_aside: list[str] = field(default_factory=list)
     #: the content equals the last publication's, whose files are all in place: nothing written
     unchanged: bool = False
 
@@ -460,17 +476,22 @@ def publish_release(
     if problems:
         raise PublicationRefused(problems)
     audit_head = audit.head(con, home)  # refuses (AuditTrailBroken) before any file is written
+    set_aside = integrity.set_aside(con, home, actor=actor)  # altered or planted: evidence, audit, breach
+    if set_aside:
+        audit_head = audit.head(con, home)  # the head published covers the incident's entries
     methods = methods or METHODS_DOC
     content = publication_sha(con, outputs, registry, methods)
     same = reuse.unchanged_publication(con, content, home.published)
     if same is not None:
         _refresh_head(con, home, same[0], audit_head)
-        return Release(same[0], datetime.now(UTC), [o.name for o in outputs], rows=same[1], unchanged=True)
+        outputs_named = [o.name for o in outputs]
+        return Release(same[0], datetime.now(UTC), outputs_named, rows=same[1], unchanged=True, set_aside=set_aside)
     problems = audit_release(con, outputs, home.published)[1]
     if problems:
-        raise PublicationRefused(problems)
+        raise PublicationRefused(problems, set_aside)
     now = now or datetime.now(UTC)
     release = Release(f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}", now, [o.name for o in outputs])
+    release.set_aside = set_aside
     out = home.published
     out.mkdir(parents=True, exist_ok=True)
     staging = _fresh_staging(home, release.release_id)
@@ -488,7 +509,7 @@ def publish_release(
             statements[output.name] = statement
             (staging / f"{output.name}.quality.json").write_text(json.dumps(statement, indent=2))
             (staging / f"{output.name}.quality.md").write_text(render_markdown(statement))
-        _write_db(con, outputs, staging / "published.duckdb", dictionaries, statements)
+        _write_db(con, outputs, staging / PUBLISHED_DB, dictionaries, statements)
         if methods.exists():
             shutil.copyfile(methods, staging / "methods.md")
         (staging / "LICENCE.txt").write_text(_licence_text())
@@ -549,10 +570,12 @@ def _refresh_head(con: duckdb.DuckDBPyConnection, home: Home, release_id: str, a
     staging = _fresh_staging(home, f"{release_id}-head")
     try:
         (staging / MANIFEST).write_text(json.dumps({**manifest, "audit_head": audit_head}, indent=2))
+        sha = sha256_file(staging / MANIFEST)
+        reuse.record_pending(con, release_id, {MANIFEST: sha})  # a crash before its record: still the haven's
         os.replace(staging / MANIFEST, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    reuse.record_manifest(con, release_id, MANIFEST, sha256_file(path))
+    reuse.record_manifest(con, release_id, MANIFEST, sha)
 
 
 def _fresh_staging(home: Home, release_id: str) -> Path:

@@ -7,6 +7,15 @@ need to know; ``docs/design.md`` "Zones": access control by key separation, not 
   the publication step writes with the published tables, their dictionary and quality
   statements. It is opened ``read_only``; the store and its key are never touched, so an
   analyst's account needs no access to either.
+* **Only the release's own file** (fail closed): before it is opened, the database's SHA-256
+  must be the one ``release.json`` beside it records for it (:func:`check_release`), and no
+  write-ahead log (``published.duckdb.wal``) may lie beside it, since DuckDB would replay one over
+  the checked bytes. Otherwise the query is refused: the file was altered after it was
+  published (e.g. suppressed cells rewritten as small counts). The analyst holds no key, so
+  this is a *consistency* check, not a proof: someone who rewrites the database and its
+  manifest together passes it; the next publication compares every file in ``published/``
+  with the store's record, keeps what was altered as evidence and records a breach
+  (``safehaven.publish.integrity``), and publishes afresh.
 * Once the file is open, the connection is hardened before the analyst's SQL runs:
   extension auto-install and auto-load off, ``enable_external_access = false`` (no reading
   or writing other files, no ``ATTACH`` of the store, no ``COPY``, no extension loading),
@@ -31,6 +40,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import threading
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -40,6 +50,9 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core.files import sha256_file
+from safehaven.core.home import PUBLISHED_DB, PUBLISHED_MANIFEST
+
 HARDENING = (
     "SET autoinstall_known_extensions = false",
     "SET autoload_known_extensions = false",
@@ -48,8 +61,16 @@ HARDENING = (
 )
 
 
+#: What a database that is not its release's file is told (never a value or a hash).
+ALTERED = (
+    f"{PUBLISHED_DB} differs from the release it belongs to (its SHA-256 is not the one {PUBLISHED_MANIFEST} "
+    "records): do not use it; the governance lead is told at the next run, which publishes it afresh. "
+    "If a publication is running now, try again once it has finished"
+)
+
+
 class QueryRefused(ValueError):
-    """The SQL is not one read-only query, or the published database is missing."""
+    """The SQL is not one read-only query, or the published database is missing or not its release's."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +80,45 @@ class QueryResult:
     truncated: bool
 
 
+def _recorded_sha(path: Path) -> str:
+    """The SHA-256 the manifest beside ``path`` records for the database, or :class:`QueryRefused`."""
+    manifest = path.parent / PUBLISHED_MANIFEST
+    unusable = (
+        f"{PUBLISHED_DB} cannot be checked against the release it belongs to: {PUBLISHED_MANIFEST} beside it is "
+        "{}; do not use it. Ask the haven's operator to publish again (safehaven run)"
+    )
+    try:
+        recorded = json.loads(manifest.read_text())["files"][PUBLISHED_DB]
+    except FileNotFoundError:
+        raise QueryRefused(unusable.format("missing")) from None
+    except (OSError, ValueError, TypeError, KeyError):
+        raise QueryRefused(unusable.format(f"unreadable or does not list {PUBLISHED_DB}")) from None
+    if not isinstance(recorded, str):
+        raise QueryRefused(unusable.format(f"unreadable or does not list {PUBLISHED_DB}"))
+    return recorded
+
+
+def check_release(path: Path) -> None:
+    """Refuse (:class:`QueryRefused`) the database at ``path`` unless it is its release's file: its
+    SHA-256 the one ``release.json`` beside it records, and no write-ahead log beside it (module
+    docstring, "Only the release's own file"). A consistency check: the analyst holds no key."""
+    recorded = _recorded_sha(path)
+    if os.path.lexists(path.with_name(path.name + ".wal")):
+        raise QueryRefused(
+            f"a write-ahead log ({PUBLISHED_DB}.wal) lies beside {PUBLISHED_DB}: it would change what is read, "
+            "and the haven never writes one. Do not use the database; the governance lead is told at the next "
+            "run, which moves the log out of published/ and publishes afresh"
+        )
+    if sha256_file(path) != recorded:
+        raise QueryRefused(ALTERED)
+
+
 def open_published(path: Path) -> duckdb.DuckDBPyConnection:
-    """The published database, read-only, with external access disabled and locked."""
+    """The published database, once it is its release's file (:func:`check_release`), read-only,
+    with external access disabled and locked."""
     if not path.is_file():
         raise QueryRefused(f"no published database at {path}; run the pipeline (safehaven run) first")
+    check_release(path)
     con = duckdb.connect(str(path), read_only=True)
     try:
         for statement in HARDENING:

@@ -44,6 +44,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core.files import sha256_file
+from safehaven.core.home import PUBLISHED_MANIFEST
 from safehaven.core.sql import file_lit, q
 from safehaven.core.store import table_exists
 from safehaven.publish import reuse
@@ -54,7 +55,7 @@ from safehaven.publish.quality import load_statement, store_statement
 
 __all__ = ["REVISED_CELLS_LISTED", "audit_release", "audit_tables", "load_previous", "revisions"]
 
-MANIFEST = "release.json"
+MANIFEST = PUBLISHED_MANIFEST
 PREVIOUS_TABLE = "_sdc_previous_{}"
 #: The most revised cells a quality statement lists (the rest are counted).
 REVISED_CELLS_LISTED = 200

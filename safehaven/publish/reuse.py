@@ -186,7 +186,8 @@ def record_pending(con: duckdb.DuckDBPyConnection, release_id: str, files: dict[
     """Record a publication about to be put in place (committed before the first file moves): a
     crash part way leaves its files in ``published/`` known (:func:`pending_publications`). Every
     pending one is kept until a publication is recorded: two stopped in a row may each have left
-    files there (found by review)."""
+    files there (found by review). A manifest rewritten for a newer audit head is recorded so too,
+    under the release it belongs to, until :func:`record_manifest` keeps its hash."""
     ensure_tables(con)
     con.execute(f"INSERT INTO {PENDING} VALUES (?, ?, now())", [release_id, json.dumps(files)])
 
@@ -219,11 +220,21 @@ def record_publication(
 
 
 def record_manifest(con: duckdb.DuckDBPyConnection, release_id: str, name: str, sha: str) -> None:
-    """The publication's manifest was rewritten (a newer audit head): keep its new hash."""
+    """The publication's manifest was rewritten (a newer audit head): keep its new hash. The rewrite
+    was recorded as pending before it (:func:`record_pending`), so a crash between the two leaves
+    the new manifest known, never taken for an altered one (``safehaven.publish.integrity``); that
+    pending record is done with here."""
     ensure_tables(con)
     files = json.loads(
         con.execute(f"SELECT files FROM {PUBLICATIONS} WHERE release_id = ?", [release_id]).fetchone()[0]
     )
-    con.execute(
-        f"UPDATE {PUBLICATIONS} SET files = ? WHERE release_id = ?", [json.dumps({**files, name: sha}), release_id]
-    )
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            f"UPDATE {PUBLICATIONS} SET files = ? WHERE release_id = ?", [json.dumps({**files, name: sha}), release_id]
+        )
+        con.execute(f"DELETE FROM {PENDING} WHERE release_id = ?", [release_id])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise

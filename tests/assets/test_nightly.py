@@ -122,3 +122,17 @@ def test_bad_drop_is_quarantined_and_earlier_data_kept(first_run, dagster_instan
     assert _counts(home) == before
     landing = {s.asset: s.rows_in for s in stages}
     assert landing[keys.landing("social_care").to_user_string()] == 0
+
+
+def test_a_file_planted_in_published_is_moved_out_and_the_run_says_so(first_run, dagster_instance) -> None:
+    """The next run's publication moves a planted file out of published/ into evidence/, and the
+    run's summary says so (``safehaven.publish.integrity``)."""
+    home, _, _ = first_run
+    planted = home.published / "adm_by_postcode.csv"
+    planted.write_text("nhs_number,postcode\n9434765919,LS1 4AP\n")
+    ok, stages = run_nightly(home, dagster_instance)
+    assert ok
+    assert not planted.exists()
+    assert [p.name for p in home.evidence.glob("published-*/files/*")] == [planted.name]
+    (stage,) = [s for s in stages if s.asset == keys.PUBLISHED_FILES.to_user_string()]
+    assert stage.note.startswith("1 entry of published/ altered or planted: kept in evidence/")

@@ -647,3 +647,175 @@ def test_a_publication_record_of_another_shape_refuses_the_next_release_naming_t
         with pytest.raises(PublicationRefused) as refused:
             publish_release(con, [out], registry, home, now=NOW)
     assert "release.json of release" in refused.value.problems[0]
+
+
+# --- what is in published/ is what the store records (safehaven.publish.integrity) ----------------
+
+
+def _actions(con: duckdb.DuckDBPyConnection, action: str) -> list[dict[str, Any]]:
+    rows = con.execute(
+        "SELECT object, outcome, detail FROM governance.audit_log WHERE action = ? ORDER BY seq", [action]
+    ).fetchall()
+    return [{"object": r[0], "outcome": r[1], **json.loads(r[2])} for r in rows]
+
+
+def _evidence(home: Home) -> list[Path]:
+    """Every entry kept as evidence, in every evidence folder."""
+    return sorted(p for folder in home.evidence.glob("published-*") for p in (folder / "files").iterdir())
+
+
+def test_an_altered_published_database_is_refused_to_analysts_and_recorded_kept_and_replaced_at_the_next_run(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """Suppressed cells rewritten in published.duckdb as small counts (an insider, no key): the
+    analyst's query is refused; the next publication records an incident (audit entry and breach
+    register), keeps the altered file as evidence and publishes afresh, saying so; once."""
+    from safehaven.core.registers import breaches
+    from safehaven.publish.query import QueryRefused, run_query
+
+    home, out = store.home, output()
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, out, registry, home)
+        first = publish_release(con, [out], registry, home, now=NOW)
+    db = home.published_db
+    tamper = duckdb.connect(str(db))
+    tamper.execute("UPDATE adm SET people = 3, suppressed = false WHERE label = 'B'")
+    tamper.close()
+    altered = hashlib.sha256(db.read_bytes()).hexdigest()
+    with pytest.raises(QueryRefused, match="differs from the release it belongs to"):
+        run_query(db, "SELECT people FROM adm WHERE label = 'B' AND NOT suppressed")
+    with store.connect() as con:
+        second = publish_release(con, [out], registry, home, now=NOW)
+        recorded = _actions(con, "published_altered")
+        breach = [b for b in breaches(con) if b["kind"] == "published_altered"]
+        third = publish_release(con, [out], registry, home, now=NOW)
+        again = _actions(con, "published_altered")
+    assert second.release_id != first.release_id and third.unchanged
+    assert [(r["object"], r["sha256"], r["release_id"]) for r in recorded] == [
+        ("published/published.duckdb", altered, first.release_id)
+    ]
+    assert len(breach) == 1 and breach[0]["severity"] == 2 and recorded[0]["breach_id"] == breach[0]["breach_id"]
+    (kept,) = _evidence(home)
+    assert kept.name == "published.duckdb" and hashlib.sha256(kept.read_bytes()).hexdigest() == altered
+    (line,) = second.set_aside
+    assert "published/published.duckdb was altered" in line and f"breach {breach[0]['breach_id']}" in line
+    assert run_query(db, "SELECT count(*) FROM adm WHERE label = 'B' AND NOT suppressed").rows == [(0,)]
+    assert again == recorded and third.set_aside == [], "recorded once; the fresh publication is the haven's"
+
+
+@pytest.mark.parametrize("name", ["adm.csv", "adm.parquet", "adm.quality.json", "adm.dictionary.json", "LICENCE.txt"])
+def test_any_recorded_file_altered_after_publication_is_an_incident_and_replaced(
+    store: Store, registry: ContractRegistry, name: str
+) -> None:
+    home, out = store.home, output()
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        original = (home.published / name).read_bytes()
+        (home.published / name).write_bytes(original + b"\n")
+        release = publish_release(con, [out], registry, home, now=NOW)
+        recorded = _actions(con, "published_altered")
+    assert [r["object"] for r in recorded] == [f"published/{name}"] and not release.unchanged
+    assert [p.name for p in _evidence(home)] == [name]
+    manifest = json.loads((home.published / "release.json").read_text())
+    assert hashlib.sha256((home.published / name).read_bytes()).hexdigest() == manifest["files"][name]
+
+
+def test_an_altered_previous_parquet_is_recorded_once_while_the_release_audit_refuses(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """The release audit still refuses over a swapped previous Parquet, which stays in place for it
+    (``test_a_swapped_previous_parquet_refuses_the_next_publication``); the swap is recorded once,
+    with a copy kept, however many runs are refused, and the refusal says so."""
+    swapped: list[str] = []
+
+    def swap(home: Home) -> None:
+        _swap_parquet(home)
+        swapped.append(hashlib.sha256((home.published / "adm.parquet").read_bytes()).hexdigest())
+
+    problems, accuracy = _publish_twice(store, registry, swap, restore=True)
+    assert len(problems) == 1 and accuracy is not None
+    with store.connect() as con:
+        recorded = _actions(con, "published_altered")
+    assert [(r["object"], r["sha256"]) for r in recorded] == [("published/adm.parquet", swapped[0])]
+    assert [p.name for p in _evidence(store.home)] == ["adm.parquet"]
+
+
+def test_a_refusal_after_the_check_of_published_says_what_was_set_aside(
+    store: Store, registry: ContractRegistry
+) -> None:
+    home, out = store.home, output(relations=[REVISION])
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        _swap_parquet(home)
+        with pytest.raises(PublicationRefused) as refused:
+            publish_release(con, [out], registry, home, now=NOW)
+    (line,) = refused.value.set_aside
+    assert "published/adm.parquet was altered" in line and line in str(refused.value)
+
+
+PLANTED = {
+    "adm_by_postcode.csv": "nhs_number,postcode\n9434765919,LS1 4AP\n",
+    "9434765919.csv": "x\n",
+    ".hidden": "x\n",
+    "published.duckdb.wal": "not a log\n",
+}
+
+
+def test_an_entry_planted_in_published_is_moved_out_recorded_and_reported(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """Files (and a folder) the store records no publication of, put in published/ between runs:
+    the next publication moves each into the evidence folder, records it (audit entry, breach
+    register) and reports it, never naming an NHS number; the publication itself goes on."""
+    from safehaven.core.registers import breaches
+
+    home, out = store.home, output()
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        for name, text in PLANTED.items():
+            (home.published / name).write_text(text)
+        (home.published / "extra").mkdir()
+        (home.published / "extra" / "list.csv").write_text(PLANTED["adm_by_postcode.csv"])
+        same = publish_release(con, [out], registry, home, now=NOW)
+        recorded = _actions(con, "published_planted")
+        kinds = [b["kind"] for b in breaches(con)]
+        seed_haven(con, {"A": 45, "B": 25})
+        build_all(con, out, registry, home)
+        changed = publish_release(con, [out], registry, home, now=NOW)
+    planted = {*PLANTED, "extra"}
+    assert same.unchanged and not changed.unchanged and changed.set_aside == []
+    assert not planted & {p.name for p in home.published.iterdir()}
+    assert {p.name for p in _evidence(home)} == planted, "kept, not deleted"
+    assert (home.evidence.glob("published-*").__next__() / "files" / "extra" / "list.csv").is_file()
+    assert len(recorded) == len(planted) and kinds.count("published_planted") == len(planted)
+    assert all(r["outcome"] == "set_aside" and r["breach_id"] for r in recorded)
+    text = json.dumps(recorded) + "\n".join(same.set_aside)
+    assert "9434765919" not in text and "published/[number withheld].csv" in text
+    assert len(same.set_aside) == len(planted) and all("moved out of published/" in line for line in same.set_aside)
+
+
+def test_a_manifest_rewritten_for_a_new_audit_head_and_killed_before_its_record_is_no_incident(
+    store: Store, registry: ContractRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unchanged publication rewrites only its manifest's audit head; a kill between the rename
+    and recording its hash leaves the haven's own manifest, which the next run must not report."""
+    home, out = store.home, output()
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        audit.append(con, actor="tests", role="pipeline", action="noted", object="tests")  # a newer head
+        with monkeypatch.context() as mp:
+            mp.setattr(reuse, "record_manifest", _killed)
+            with pytest.raises(KeyboardInterrupt):
+                publish_release(con, [out], registry, home, now=NOW)
+        release = publish_release(con, [out], registry, home, now=NOW)
+        recorded = _actions(con, "published_altered")
+    assert recorded == [] and release.set_aside == [] and not _evidence(home)

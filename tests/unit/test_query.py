@@ -5,7 +5,9 @@ Rules under test: ``safehaven.publish.query`` module docstring (``docs/rules.md`
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -16,9 +18,16 @@ from safehaven.cli.main import main
 from safehaven.publish.query import QueryRefused, format_result, run_query
 
 
+def _manifest(path: Path) -> None:
+    """``release.json`` beside ``path``, naming it with its SHA-256, as a publication writes it."""
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    (path.parent / "release.json").write_text(json.dumps({"release_id": "r1", "files": {"published.duckdb": sha}}))
+
+
 @pytest.fixture
 def published(tmp_path: Path) -> Path:
-    """A published.duckdb with one table, and a secret file beside it that must stay unreadable."""
+    """A published.duckdb with one table and its release's manifest, and a secret file beside it
+    that must stay unreadable."""
     (tmp_path / "secret.csv").write_text("nhs_number\n9434765919\n")
     other = tmp_path / "store.duckdb"
     c = duckdb.connect(str(other))
@@ -32,6 +41,7 @@ def published(tmp_path: Path) -> Path:
         "(DATE '2026-02-01', 'RX1', 25, false)) t(month, provider_code, people, suppressed)"
     )
     c.close()
+    _manifest(path)
     return path
 
 
@@ -150,3 +160,50 @@ def test_cli_prints_a_table_and_refuses_with_exit_code_1(published: Path) -> Non
         main, ["query", "--db", str(published), f"SELECT * FROM read_csv('{published.parent / 'secret.csv'}')"]
     )
     assert store.exit_code == 1 and "9434765919" not in store.output
+
+
+# --- only the release's own file (fail closed) ----------------------------------------------------
+
+
+def test_a_database_altered_after_its_release_is_refused_before_it_is_opened(published: Path) -> None:
+    """A suppressed cell rewritten as a small count (an insider with write access to published/,
+    no key): the file is no longer the one release.json records, so nothing is served from it."""
+    c = duckdb.connect(str(published))
+    c.execute("UPDATE hospital_admissions SET people = 3, suppressed = false WHERE suppressed")
+    c.close()
+    with pytest.raises(QueryRefused) as refused:
+        run_query(published, "SELECT people FROM hospital_admissions WHERE provider_code = 'RY2'")
+    assert "differs from the release it belongs to" in str(refused.value)
+    assert "do not use it" in str(refused.value) and "governance lead is told at the next run" in str(refused.value)
+    cli = CliRunner().invoke(main, ["query", "--db", str(published), "SELECT 1"])
+    assert cli.exit_code == 1 and "differs from the release it belongs to" in cli.output
+
+
+def test_a_database_without_its_manifest_or_not_listed_in_it_is_refused(published: Path) -> None:
+    manifest = published.parent / "release.json"
+    manifest.write_text(json.dumps({"release_id": "r1", "files": {}}))
+    with pytest.raises(QueryRefused, match="does not list published.duckdb"):
+        run_query(published, "SELECT 1")
+    manifest.write_text("{not json")
+    with pytest.raises(QueryRefused, match="cannot be checked against the release"):
+        run_query(published, "SELECT 1")
+    manifest.unlink()
+    with pytest.raises(QueryRefused, match="release.json beside it is missing"):
+        run_query(published, "SELECT 1")
+
+
+def test_a_write_ahead_log_planted_beside_the_database_is_refused(published: Path, tmp_path: Path) -> None:
+    """DuckDB replays a ``.wal`` beside a database even read-only: the bytes checked against the
+    manifest would not be what is served, so a log beside it refuses the query."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copyfile(published, work / "published.duckdb")
+    c = duckdb.connect(str(work / "published.duckdb"))
+    c.execute("SET checkpoint_threshold = '1GB'")
+    c.execute("PRAGMA disable_checkpoint_on_shutdown")
+    c.execute("UPDATE hospital_admissions SET people = 3, suppressed = false WHERE suppressed")
+    shutil.copyfile(work / "published.duckdb.wal", tmp_path / "published.duckdb.wal")
+    c.close()
+    assert hashlib.sha256(published.read_bytes()).hexdigest() in (published.parent / "release.json").read_text()
+    with pytest.raises(QueryRefused, match="write-ahead log"):
+        run_query(published, "SELECT people FROM hospital_admissions WHERE provider_code = 'RY2'")
