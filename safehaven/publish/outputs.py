@@ -69,11 +69,14 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
 * **Labels after protection.** Dimensions are codes with resolvable code systems (CoP 46);
   a dimension may add a label column from its code list after disclosure control, so a
   code and its label are never two dimensions (which would break the margins).
-* **Linkage only under an agreement.** An output that joins collections names its linkage;
-  its asset must obtain ``safehaven.share.linkage.authorise_linkage`` first, over the
+* **Linkage only under an agreement.** An output that reads more than one collection names its
+  linkage, naming exactly those collections, or it is refused when the declarations load
+  (:meth:`Output._linkage_declared`); its asset must obtain
+  ``safehaven.share.linkage.authorise_linkage`` first, over the
   agreements as the store decided them (``safehaven.share.approvals.effective_agreements``:
   an agreement file's own ``approval:`` block authorises nothing), and pass the authorising
-  agreement's id here, which refuses to run the join without it (CoP 22, 42b).
+  agreement's id here, which refuses to run the join without it (CoP 22, 42b;
+  :func:`require_agreement`, also for an output reading several collections without a linkage).
 * Anonymised aggregates include everyone: the national data opt-out covers confidential
   information only (``docs/rules.md`` "Objections"); GP records a type 1 objection says were
   never to be sent are not in the haven (dropped at entry, or when the objection arrives after
@@ -351,6 +354,21 @@ class Output(Strict):
         return self
 
     @model_validator(mode="after")
+    def _linkage_declared(self) -> Output:
+        """Fail closed: an output reading more than one collection declares the linkage of exactly those
+        collections, so that it runs only under the agreement that authorises it (CoP 22, 42b)."""
+        if self.reads_several and not self._links_exactly_its_collections():
+            raise ValueError(
+                f"reads {len(set(self.collections))} collections ({', '.join(sorted(set(self.collections)))}) "
+                "without a linkage naming exactly them: add linkage: {agreement, left, right, purpose} for its "
+                "two collections (it then runs only under that agreement), or read one collection"
+            )
+        return self
+
+    def _links_exactly_its_collections(self) -> bool:
+        return self.linkage is not None and {self.linkage.left, self.linkage.right} == set(self.collections)
+
+    @model_validator(mode="after")
     def _gated_sql(self) -> Output:
         """The SQL, and every domain's, is one read-only SELECT over the output's haven tables (``sql_gate``)."""
         check_output_sql(self.sql, self.collections)
@@ -393,6 +411,11 @@ class Output(Strict):
     @property
     def dimension_names(self) -> list[str]:
         return [d.name for d in self.dimensions]
+
+    @property
+    def reads_several(self) -> bool:
+        """Whether the output reads more than one collection (a linkage)."""
+        return len(set(self.collections)) > 1
 
     @property
     def count_col(self) -> str:
@@ -650,6 +673,24 @@ def true_cells(
     return grid - structural.cells_removed, observed, structural
 
 
+def require_agreement(output: Output, agreement_id: str | None) -> None:
+    """Refuse to count a linkage without its authorising agreement (CoP 22, 42b; module docstring).
+
+    Linked: an output that declares a linkage, or reads more than one collection (refused when it
+    loads; refused here too, for a declaration that reaches the build some other way).
+    """
+    if output.linkage is None and output.reads_several:
+        raise OutputError(
+            f"{output.name} reads {', '.join(sorted(set(output.collections)))} with no linkage declared, so no "
+            "agreement authorises joining them: declare its linkage and the agreement that authorises it"
+        )
+    if output.linkage and agreement_id != output.linkage.agreement:
+        raise OutputError(
+            f"{output.name} links {output.linkage.left} and {output.linkage.right}: it runs only after "
+            f"agreement {output.linkage.agreement} has authorised the linkage"
+        )
+
+
 def count_cells(
     con: duckdb.DuckDBPyConnection,
     output: Output,
@@ -859,11 +900,7 @@ def build_output(
     ``counted`` the fingerprint of its counts' inputs (``counting.counting_fingerprint``, default
     computed here).
     """
-    if output.linkage and agreement_id != output.linkage.agreement:
-        raise OutputError(
-            f"{output.name} links {output.linkage.left} and {output.linkage.right}: it runs only after "
-            f"agreement {output.linkage.agreement} has authorised the linkage"
-        )
+    require_agreement(output, agreement_id)
     if not table_exists(con, *CODES.split(".")):
         load_code_lists(con, registry)
     period = period or reporting_period(con, output, registry, today)

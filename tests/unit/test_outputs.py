@@ -555,6 +555,47 @@ def test_a_linked_output_needs_its_agreement(con: duckdb.DuckDBPyConnection, reg
         build_output(con, linked, registry, today=TODAY, agreement_id="some-other-agreement")
 
 
+def test_an_output_reading_two_collections_without_its_linkage_is_refused_naming_the_file(
+    tmp_path, registry: ContractRegistry
+) -> None:
+    """Found by review: ``discharge_to_social_care.yaml`` with its ``linkage:`` block deleted loaded,
+    and its join on pid ran under no agreement. More than one collection needs a linkage naming
+    exactly them (a linkage names two collections, so three are always refused)."""
+    spec = yaml.safe_load((outputs_dir(registry.root) / "discharge_to_social_care.yaml").read_text())
+    linkage = spec.pop("linkage")
+    (tmp_path / "discharge_to_social_care.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(
+        OutputError, match=r"discharge_to_social_care\.yaml: .*reads 2 collections .*without a linkage naming"
+    ) as refused:
+        load_output(tmp_path / "discharge_to_social_care.yaml")
+    assert "\n" not in str(refused.value) and "add linkage:" in str(refused.value)
+    spec["linkage"] = linkage
+    spec["collections"] = [*spec["collections"], "gp_events"]
+    (tmp_path / "discharge_to_social_care.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError, match=r"reads 3 collections .*without a linkage naming exactly them"):
+        load_output(tmp_path / "discharge_to_social_care.yaml")
+
+
+def test_a_build_over_two_collections_without_a_linkage_is_refused_whatever_the_caller_passes(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """Defence in depth: a declaration that reaches the build without its linkage (not through the
+    loader) is never counted, and the aggregate stage does not take it for an unlinked output."""
+    from safehaven.publish.aggregate import _authorised_agreement
+
+    linked = load_outputs(registry)["discharge_to_social_care"]
+    unlinked = linked.model_copy(update={"linkage": None})  # not validated: as if the loader were bypassed
+    admit(con, 12, "RX1", "2026-01-05", "A01")
+    for agreement in (None, linked.linkage.agreement):
+        with pytest.raises(OutputError, match="no linkage declared, so no agreement authorises joining them"):
+            build_output(con, unlinked, registry, today=TODAY, agreement_id=agreement)
+    with pytest.raises(OutputError, match="no linkage declared"):
+        _authorised_agreement(con, unlinked, registry)
+    assert not con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name IN ('published', 'counts')"
+    ).fetchone()[0]
+
+
 def test_linked_output_counts_care_within_the_window_only(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry
 ) -> None:
