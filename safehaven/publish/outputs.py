@@ -69,6 +69,11 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
 * **Labels after protection.** Dimensions are codes with resolvable code systems (CoP 46);
   a dimension may add a label column from its code list after disclosure control, so a
   code and its label are never two dimensions (which would break the margins).
+* **Observed values are held by enough people.** A dimension whose domain is ``observed``
+  publishes values read from the data as row labels, so each must be held by more distinct
+  people over the reporting period than the output's disclosure threshold, or the build is
+  refused; one computed from ``pid`` is refused when the declaration loads
+  (``safehaven.publish.observed``).
 * **Linkage only under an agreement.** An output that reads more than one collection names its
   linkage, naming exactly those collections, or it is refused when the declarations load
   (:meth:`Output._linkage_declared`); its asset must obtain
@@ -105,6 +110,7 @@ from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
+from safehaven.publish.observed import ObservedError, dimension_reads_pid, refuse_rare_values
 from safehaven.publish.sql_gate import COUNTING_MONTHS, REPORTING_MONTHS, check_output_sql, read_only_transaction
 
 CODES = schema.CODE_LIST
@@ -378,6 +384,17 @@ class Output(Strict):
         return self
 
     @model_validator(mode="after")
+    def _observed_not_pid(self) -> Output:
+        """An observed dimension is never computed from ``pid`` (``safehaven.publish.observed``)."""
+        for name in self.observed_dimensions:
+            if dimension_reads_pid(self.sql, name):
+                raise ValueError(
+                    f"observed dimension {name} is computed from pid, the haven pseudonym, which is never "
+                    "published: take it from another column, declare a code list for it, or remove it"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _relations(self) -> Output:
         dims = {d.name for d in self.dimensions}
         for r in self.relations:
@@ -411,6 +428,11 @@ class Output(Strict):
     @property
     def dimension_names(self) -> list[str]:
         return [d.name for d in self.dimensions]
+
+    @property
+    def observed_dimensions(self) -> list[str]:
+        """The dimensions whose domain is the values observed in the data."""
+        return [d.name for d in self.dimensions if d.domain.kind == "observed"]
 
     @property
     def reads_several(self) -> bool:
@@ -667,10 +689,24 @@ def true_cells(
     """
     observed = int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
     with read_only_transaction(con):
+        _refuse_rare_observed(con, output, cells)
         grid = _declared_domains(con, output, cells)
         _fill_grid(con, output, cells, target)
     structural = remove_structural_zeros(con, output, target)
     return grid - structural.cells_removed, observed, structural
+
+
+def _refuse_rare_observed(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> None:
+    """Refuse an observed dimension value held by the output's threshold of people or fewer over the
+    period (``safehaven.publish.observed``; the threshold: ``Policy.threshold``). ``counting_months``
+    holds the whole period again once counting is done (``counting._run_sql``)."""
+    if not output.observed_dimensions:
+        return
+    threshold = output.disclosure_policy.threshold
+    try:
+        refuse_rare_values(con, output.name, output.sql, output.observed_dimensions, output.count_col, cells, threshold)
+    except ObservedError as exc:
+        raise OutputError(str(exc)) from None
 
 
 def require_agreement(output: Output, agreement_id: str | None) -> None:
