@@ -22,6 +22,8 @@ Rules, data-driven so that renaming a column cannot dodge them:
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import duckdb
 import sqlglot
 from sqlglot import exp
@@ -62,8 +64,10 @@ def _projection(select: exp.Select, name: str) -> exp.Expression | None:
     return None
 
 
+@lru_cache(maxsize=1024)
 def dimension_reads_pid(sql: str, dimension: str) -> bool:
-    """Whether the outer SELECT's expression for ``dimension`` reads a ``pid`` column."""
+    """Whether the outer SELECT's expression for ``dimension`` reads a ``pid`` column (kept per
+    process: the outputs load many times a run, as for the gate's passes)."""
     select = _outer_select(sql)
     value = _projection(select, dimension) if select is not None else None
     return value is not None and any(column.name.lower() == PID for column in value.find_all(exp.Column))
