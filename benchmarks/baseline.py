@@ -290,6 +290,10 @@ def _values(*values: str) -> str:
     return f"SELECT unnest([{', '.join(repr(v) for v in values)}])"
 
 
+#: The trusts ``hospital_admissions`` declares (its ``provider_code`` domain).
+TRUSTS = ("R0A", "RA7", "REM", "RHQ", "RJ1", "RR1", "RR8", "RRK", "RTD", "RTK", "RWF", "RX1")
+
+
 @dataclass(frozen=True)
 class Out:
     """One published output: its dimensions (each with the relation of its declared values, or
@@ -329,7 +333,11 @@ GROUP BY ALL""",
     ),
     # People admitted in the month, by provider and ICD-10 chapter of the primary diagnosis.
     "hospital_admissions": Out(
-        (("month", "SELECT month FROM months"), ("provider_code", None), ("diagnosis_chapter", _list("icd10", "grp"))),
+        (
+            ("month", "SELECT month FROM months"),
+            ("provider_code", _values(*TRUSTS)),
+            ("diagnosis_chapter", _list("icd10", "grp")),
+        ),
         (),
         ("hospital_episodes",),
         """

@@ -35,6 +35,7 @@ from safehaven.publish.outputs import (
     load_code_lists,
     load_outputs,
     reporting_period,
+    require_agreement,
     table_violations,
 )
 from safehaven.publish.publication import guard_table
@@ -60,8 +61,13 @@ class AggregateResult:
 
 
 def _authorised_agreement(con: duckdb.DuckDBPyConnection, output: Output, registry: ContractRegistry) -> str | None:
-    """The id of the agreement authorising a linked output's linkage (refuses otherwise); None if unlinked."""
+    """The id of the agreement authorising a linked output's linkage (refuses otherwise); None if unlinked.
+
+    An output reading several collections with no linkage declared is refused, not treated as
+    unlinked (``outputs.require_agreement``): its counting would join them under no agreement.
+    """
     if not output.linkage:
+        require_agreement(output, None)
         return None
     agreement = authorise_linkage(
         con,

@@ -69,11 +69,19 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
 * **Labels after protection.** Dimensions are codes with resolvable code systems (CoP 46);
   a dimension may add a label column from its code list after disclosure control, so a
   code and its label are never two dimensions (which would break the margins).
-* **Linkage only under an agreement.** An output that joins collections names its linkage;
-  its asset must obtain ``safehaven.share.linkage.authorise_linkage`` first, over the
+* **Observed values are held by enough people.** A dimension whose domain is ``observed``
+  publishes values read from the data as row labels, so each must be held by more distinct
+  people over the reporting period than the output's disclosure threshold, or the build is
+  refused; one computed from ``pid`` is refused when the declaration loads
+  (``safehaven.publish.observed``).
+* **Linkage only under an agreement.** An output that reads more than one collection names its
+  linkage, naming exactly those collections, or it is refused when the declarations load
+  (:meth:`Output._linkage_declared`); its asset must obtain
+  ``safehaven.share.linkage.authorise_linkage`` first, over the
   agreements as the store decided them (``safehaven.share.approvals.effective_agreements``:
   an agreement file's own ``approval:`` block authorises nothing), and pass the authorising
-  agreement's id here, which refuses to run the join without it (CoP 22, 42b).
+  agreement's id here, which refuses to run the join without it (CoP 22, 42b;
+  :func:`require_agreement`, also for an output reading several collections without a linkage).
 * Anonymised aggregates include everyone: the national data opt-out covers confidential
   information only (``docs/rules.md`` "Objections"); GP records a type 1 objection says were
   never to be sent are not in the haven (dropped at entry, or when the objection arrives after
@@ -102,6 +110,7 @@ from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
+from safehaven.publish.observed import ObservedError, dimension_reads_pid, refuse_rare_values
 from safehaven.publish.sql_gate import (
     COUNTING_MONTHS,
     REPORTING_MONTHS,
@@ -357,6 +366,21 @@ class Output(Strict):
         return self
 
     @model_validator(mode="after")
+    def _linkage_declared(self) -> Output:
+        """Fail closed: an output reading more than one collection declares the linkage of exactly those
+        collections, so that it runs only under the agreement that authorises it (CoP 22, 42b)."""
+        if self.reads_several and not self._links_exactly_its_collections():
+            raise ValueError(
+                f"reads {len(set(self.collections))} collections ({', '.join(sorted(set(self.collections)))}) "
+                "without a linkage naming exactly them: add linkage: {agreement, left, right, purpose} for its "
+                "two collections (it then runs only under that agreement), or read one collection"
+            )
+        return self
+
+    def _links_exactly_its_collections(self) -> bool:
+        return self.linkage is not None and {self.linkage.left, self.linkage.right} == set(self.collections)
+
+    @model_validator(mode="after")
     def _gated_sql(self) -> Output:
         """The SQL, and every domain's, is one read-only SELECT over the output's haven tables, and the SQL
         counts its count column as distinct haven pseudonyms (``sql_gate``)."""
@@ -364,6 +388,17 @@ class Output(Strict):
         for dim in self.dimensions:
             if dim.domain.sql:
                 check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _observed_not_pid(self) -> Output:
+        """An observed dimension is never computed from ``pid`` (``safehaven.publish.observed``)."""
+        for name in self.observed_dimensions:
+            if dimension_reads_pid(self.sql, name):
+                raise ValueError(
+                    f"observed dimension {name} is computed from pid, the haven pseudonym, which is never "
+                    "published: take it from another column, declare a code list for it, or remove it"
+                )
         return self
 
     @model_validator(mode="after")
@@ -400,6 +435,16 @@ class Output(Strict):
     @property
     def dimension_names(self) -> list[str]:
         return [d.name for d in self.dimensions]
+
+    @property
+    def observed_dimensions(self) -> list[str]:
+        """The dimensions whose domain is the values observed in the data."""
+        return [d.name for d in self.dimensions if d.domain.kind == "observed"]
+
+    @property
+    def reads_several(self) -> bool:
+        """Whether the output reads more than one collection (a linkage)."""
+        return len(set(self.collections)) > 1
 
     @property
     def count_col(self) -> str:
@@ -651,10 +696,42 @@ def true_cells(
     """
     observed = int(con.execute(f"SELECT count(*) FROM {cells}").fetchone()[0])
     with read_only_transaction(con):
+        _refuse_rare_observed(con, output, cells)
         grid = _declared_domains(con, output, cells)
         _fill_grid(con, output, cells, target)
     structural = remove_structural_zeros(con, output, target)
     return grid - structural.cells_removed, observed, structural
+
+
+def _refuse_rare_observed(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> None:
+    """Refuse an observed dimension value held by the output's threshold of people or fewer over the
+    period (``safehaven.publish.observed``; the threshold: ``Policy.threshold``). ``counting_months``
+    holds the whole period again once counting is done (``counting._run_sql``)."""
+    if not output.observed_dimensions:
+        return
+    threshold = output.disclosure_policy.threshold
+    try:
+        refuse_rare_values(con, output.name, output.sql, output.observed_dimensions, output.count_col, cells, threshold)
+    except ObservedError as exc:
+        raise OutputError(str(exc)) from None
+
+
+def require_agreement(output: Output, agreement_id: str | None) -> None:
+    """Refuse to count a linkage without its authorising agreement (CoP 22, 42b; module docstring).
+
+    Linked: an output that declares a linkage, or reads more than one collection (refused when it
+    loads; refused here too, for a declaration that reaches the build some other way).
+    """
+    if output.linkage is None and output.reads_several:
+        raise OutputError(
+            f"{output.name} reads {', '.join(sorted(set(output.collections)))} with no linkage declared, so no "
+            "agreement authorises joining them: declare its linkage and the agreement that authorises it"
+        )
+    if output.linkage and agreement_id != output.linkage.agreement:
+        raise OutputError(
+            f"{output.name} links {output.linkage.left} and {output.linkage.right}: it runs only after "
+            f"agreement {output.linkage.agreement} has authorised the linkage"
+        )
 
 
 def count_cells(
@@ -867,11 +944,7 @@ def build_output(
     ``counted`` the fingerprint of its counts' inputs (``counting.counting_fingerprint``, default
     computed here).
     """
-    if output.linkage and agreement_id != output.linkage.agreement:
-        raise OutputError(
-            f"{output.name} links {output.linkage.left} and {output.linkage.right}: it runs only after "
-            f"agreement {output.linkage.agreement} has authorised the linkage"
-        )
+    require_agreement(output, agreement_id)
     if not table_exists(con, *CODES.split(".")):
         load_code_lists(con, registry)
     period = period or reporting_period(con, output, registry, today)

@@ -266,6 +266,7 @@ def test_a_structural_zero_with_people_in_it_refuses_the_output(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry
 ) -> None:
     admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 20, "RY2", "2026-01-10", "A01")  # RY2 held by enough people to be a published label
     admit(con, 2, "RY2", "2026-01-10", "C01")  # people where the declaration says none can be
     out = admissions(zeros={"publish": True, "structural": [STRUCTURAL_RY2_C]})
     with pytest.raises(OutputError, match=r"adm: declared structural zero.*provider_code=RY2, chapter=C"):
@@ -479,7 +480,8 @@ def test_two_small_cells_and_a_small_margin(con: duckdb.DuckDBPyConnection, regi
     admit(con, 2, "RX1", "2026-01-10", "A01")
     admit(con, 5, "RX1", "2026-01-10", "B01")
     admit(con, 60, "RX1", "2026-01-10", "C01")
-    admit(con, 1, "RY2", "2026-02-10", "A01")  # RY2's whole row is one person
+    admit(con, 30, "RY2", "2026-01-10", "C01")  # RY2 is held by enough people to be a label
+    admit(con, 1, "RY2", "2026-02-10", "A01")  # RY2's whole February row is one person
     built = build_output(con, admissions(), registry, today=TODAY)
     got = rows(con, built.table)
     assert got[("2026-01-01", "RX1", "A")][1] and got[("2026-01-01", "RX1", "B")][1]
@@ -555,6 +557,47 @@ def test_a_linked_output_needs_its_agreement(con: duckdb.DuckDBPyConnection, reg
         build_output(con, linked, registry, today=TODAY, agreement_id="some-other-agreement")
 
 
+def test_an_output_reading_two_collections_without_its_linkage_is_refused_naming_the_file(
+    tmp_path, registry: ContractRegistry
+) -> None:
+    """Found by review: ``discharge_to_social_care.yaml`` with its ``linkage:`` block deleted loaded,
+    and its join on pid ran under no agreement. More than one collection needs a linkage naming
+    exactly them (a linkage names two collections, so three are always refused)."""
+    spec = yaml.safe_load((outputs_dir(registry.root) / "discharge_to_social_care.yaml").read_text())
+    linkage = spec.pop("linkage")
+    (tmp_path / "discharge_to_social_care.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(
+        OutputError, match=r"discharge_to_social_care\.yaml: .*reads 2 collections .*without a linkage naming"
+    ) as refused:
+        load_output(tmp_path / "discharge_to_social_care.yaml")
+    assert "\n" not in str(refused.value) and "add linkage:" in str(refused.value)
+    spec["linkage"] = linkage
+    spec["collections"] = [*spec["collections"], "gp_events"]
+    (tmp_path / "discharge_to_social_care.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError, match=r"reads 3 collections .*without a linkage naming exactly them"):
+        load_output(tmp_path / "discharge_to_social_care.yaml")
+
+
+def test_a_build_over_two_collections_without_a_linkage_is_refused_whatever_the_caller_passes(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """Defence in depth: a declaration that reaches the build without its linkage (not through the
+    loader) is never counted, and the aggregate stage does not take it for an unlinked output."""
+    from safehaven.publish.aggregate import _authorised_agreement
+
+    linked = load_outputs(registry)["discharge_to_social_care"]
+    unlinked = linked.model_copy(update={"linkage": None})  # not validated: as if the loader were bypassed
+    admit(con, 12, "RX1", "2026-01-05", "A01")
+    for agreement in (None, linked.linkage.agreement):
+        with pytest.raises(OutputError, match="no linkage declared, so no agreement authorises joining them"):
+            build_output(con, unlinked, registry, today=TODAY, agreement_id=agreement)
+    with pytest.raises(OutputError, match="no linkage declared"):
+        _authorised_agreement(con, unlinked, registry)
+    assert not con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name IN ('published', 'counts')"
+    ).fetchone()[0]
+
+
 def test_linked_output_counts_care_within_the_window_only(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry
 ) -> None:
@@ -577,6 +620,133 @@ def test_linked_output_counts_care_within_the_window_only(
     # i = 1..12 -> care starts 1..12 days after discharge: all 12 within 14 days.
     assert cell == (10, "Birmingham", "Short term support to maximise independence (reablement)")
     assert built.violations == []
+
+
+# --- observed dimensions: values held by enough people (safehaven.publish.observed) ----------------
+
+#: An observed dimension that is one person's pseudonym (its digits as letters), admission date and
+#: diagnosis under a provider's name (found by review: the whole table was one row per person).
+PID_AS_PROVIDER = """SELECT m.month,
+       translate(h.pid, '0123456789', 'ghijklmnop') || '|' || strftime(h.admission_date, '%d %b %Y') AS provider_code,
+       left(h.primary_diagnosis, 1) AS chapter, count(DISTINCT h.pid) AS people
+FROM haven.hospital_episodes h
+JOIN counting_months m ON m.month = date_trunc('month', h.admission_date)
+GROUP BY ALL"""
+
+
+def published_tables(con: duckdb.DuckDBPyConnection) -> int:
+    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'published'").fetchone()[0]
+
+
+def test_an_observed_dimension_computed_from_pid_is_refused_naming_the_file(
+    tmp_path, registry: ContractRegistry
+) -> None:
+    spec = yaml.safe_load((outputs_dir(registry.root) / "gp_activity.yaml").read_text())
+    spec["sql"] = spec["sql"].replace("e.practice_code,", "lower(e.pid) AS practice_code,")
+    (tmp_path / "gp_activity.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(
+        OutputError, match=r"gp_activity\.yaml: .*observed dimension practice_code is computed from pid"
+    ):
+        load_output(tmp_path / "gp_activity.yaml")
+    with pytest.raises(ValueError, match="observed dimension provider_code is computed from pid"):
+        admissions(sql=PID_AS_PROVIDER)
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        "strftime(h.admission_date, '%d %b %Y')",  # an exact date, as text
+        "h.provider_code || '|' || h.primary_diagnosis || strftime(h.admission_date, '%j')",
+    ],
+)
+def test_an_observed_value_held_by_few_people_refuses_the_build_naming_no_value(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, provider: str
+) -> None:
+    """Found by review: the dimension values of the grid are published whatever they are (only the
+    counts are protected), so an observed value held by one person published that person as a row."""
+    for day in range(1, 29):
+        admit(con, 2, "RX1", f"2026-01-{day:02d}", "A01")
+    out = admissions(sql=admissions().sql.replace("h.provider_code,", f"{provider} AS provider_code,"))
+    with pytest.raises(OutputError) as refused:
+        build_output(con, out, registry, today=TODAY)
+    message = str(refused.value)
+    assert message.startswith("adm: observed dimension provider_code has 28 value(s) held by 7 people or fewer")
+    assert message.endswith("declare a code list for it, or group rare values in the output's SQL")
+    assert "Jan" not in message and "2026" not in message and "RX1" not in message, "never a value"
+    assert published_tables(con) == 0
+
+
+def test_an_observed_value_derived_from_pid_out_of_sight_is_refused_by_the_people_holding_it(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """The load check sees only the outer SELECT; a pseudonym rewritten in a CTE is refused by the
+    data: each value is held by one person."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    hidden = (
+        PID_AS_PROVIDER.replace("FROM haven.hospital_episodes h", "FROM person h")
+        .replace(
+            "SELECT m.month,",
+            "WITH person AS (SELECT pid, translate(pid, '0123456789', 'ghijklmnop') AS tag, admission_date, "
+            "primary_diagnosis FROM haven.hospital_episodes) SELECT m.month,",
+        )
+        .replace("translate(h.pid, '0123456789', 'ghijklmnop')", "h.tag")
+    )
+    with pytest.raises(OutputError, match="adm: observed dimension provider_code has 40 value"):
+        build_output(con, admissions(sql=hidden), registry, today=TODAY)
+    assert published_tables(con) == 0
+
+
+def test_an_observed_value_the_check_cannot_find_among_the_rows_counted_is_held_by_no_one(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """Fail closed: values are matched to the people holding them by running the SQL again; a value
+    not found that way (here an expression that differs at every run) counts as held by no one."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    random = admissions().sql.replace("h.provider_code,", "CAST(random() AS VARCHAR) AS provider_code,")
+    with pytest.raises(OutputError, match="adm: observed dimension provider_code has 1 value"):
+        build_output(con, admissions(sql=random), registry, today=TODAY)
+    assert published_tables(con) == 0
+
+
+def test_an_observed_value_needs_more_distinct_people_over_the_period_than_the_threshold(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """People, not cells: RZ9's same 5 people in two months fill cells adding to 10 and are refused;
+    the threshold's own number of people (counts of 1-7 are suppressed) is too few, one more is not;
+    an output that raises its threshold raises the bar."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    for month in ("2026-01-05", "2026-02-05"):
+        con.execute(
+            "INSERT INTO haven.hospital_episodes SELECT md5('same' || i::VARCHAR), 'RZ9', CAST(? AS DATE) + j::INT, "
+            "CAST(? AS DATE) + j::INT + 2, 'B01' FROM range(5) t(i), range(2) u(j)",
+            [month, month],
+        )
+    with pytest.raises(OutputError, match="provider_code has 1 value"):
+        build_output(con, admissions(), registry, today=TODAY)
+    admit(con, THRESHOLD - 5, "RZ9", "2026-02-20", "C01")  # seven people in all
+    with pytest.raises(OutputError, match="provider_code has 1 value"):
+        build_output(con, admissions(), registry, today=TODAY)
+    admit(con, 1, "RZ9", "2026-02-21", "C01")  # eight
+    built = build_output(con, admissions(), registry, today=TODAY)
+    assert {k[1] for k in rows(con, built.table)} == {"RX1", "RZ9"} and built.violations == []
+    with pytest.raises(OutputError, match="held by 10 people or fewer"):
+        build_output(con, admissions(policy={"threshold": 10}), registry, today=TODAY)
+
+
+def test_an_observed_dimension_whose_people_cannot_be_counted_is_refused(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """Fail closed: the people holding a value are counted from the output's own SQL, so SQL in
+    which that cannot be done (its count is not of distinct pid, or it drops rows after grouping)
+    is refused, saying how to write it."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    for sql in (
+        admissions().sql.replace("count(DISTINCT h.pid)", "count(*)"),
+        admissions().sql.replace("GROUP BY ALL", "GROUP BY ALL HAVING count(DISTINCT h.pid) > 0"),
+    ):
+        with pytest.raises(OutputError, match="adm: the people holding each value of observed dimension provider_code"):
+            build_output(con, admissions(sql=sql), registry, today=TODAY)
+    assert published_tables(con) == 0
 
 
 # --- relations between outputs: joint protection and the release audit ----------------------------

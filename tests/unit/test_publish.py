@@ -325,6 +325,13 @@ def test_methods_document_exists_and_explains_the_choices() -> None:
 # --- the disclosure audit of the whole release (safehaven.publish.release_audit) --------------------
 
 REVISION = {"kind": "revision", "why": "each release re-publishes every month"}
+#: The output's dimensions with its labels declared: the releases below have a label held by a few
+#: people (B: 3 a month), which an observed label would not be (safehaven.publish.observed).
+DECLARED = [
+    {"name": "month", "description": "month", "domain": "reporting_months"},
+    {"name": "provider_code", "description": "provider", "domain": "observed"},
+    {"name": "label", "description": "a text dimension", "domain": {"values": ["A", "B"]}},
+]
 
 
 def test_the_audit_refuses_a_release_whose_relation_exposes_a_suppressed_cell(
@@ -332,8 +339,12 @@ def test_the_audit_refuses_a_release_whose_relation_exposes_a_suppressed_cell(
 ) -> None:
     home = store.home
     dims = {"month": "month", "provider_code": "provider_code", "label": "label"}
-    parent = output("parent")
-    child = output("child", relations=[{"kind": "subset", "of": "parent", "match": dims, "why": "the same people"}])
+    parent = output("parent", dimensions=DECLARED)
+    child = output(
+        "child",
+        dimensions=DECLARED,
+        relations=[{"kind": "subset", "of": "parent", "match": dims, "why": "the same people"}],
+    )
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 3})
         build_all(con, child, registry, home)  # built first: nothing to protect it jointly with
@@ -349,7 +360,7 @@ def test_the_audit_refuses_a_release_whose_relation_exposes_a_suppressed_cell(
 
 def test_a_second_release_lists_revised_cells_and_audits_the_changes(store: Store, registry: ContractRegistry) -> None:
     home = store.home
-    out = output(relations=[REVISION])
+    out = output(relations=[REVISION], dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 3})
         build_all(con, out, registry, home)
@@ -436,7 +447,7 @@ def _publish_twice(
     """Publish 40/3, ``tamper`` with published/, then publish 52/12 (late records): the refusal of
     the second, and with ``restore`` (published/ put back from a backup) the next one's accuracy."""
     home = store.home
-    out = output(relations=[REVISION])
+    out = output(relations=[REVISION], dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 3})
         build_all(con, out, registry, home)
@@ -521,7 +532,7 @@ def test_an_output_left_out_of_a_publication_is_compared_with_its_last_publicati
     later one is not new: analysts hold its last publication, so the release is refused, naming
     that release's file, until a person puts it back; then the changes since it are audited."""
     home = store.home
-    adm, other = output(relations=[REVISION]), output("other")
+    adm, other = output(relations=[REVISION], dimensions=DECLARED), output("other", dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 3})
         build_all(con, adm, registry, home)
@@ -635,7 +646,7 @@ def test_a_publication_record_of_another_shape_refuses_the_next_release_naming_t
     """The store's record of the last publication (its files by SHA-256) edited to another shape
     matches no file: the next release is refused naming the manifest, not failed on the shape,
     and an unchanged publication is never taken as "not re-issued" on it."""
-    home, out = store.home, output(relations=[REVISION])
+    home, out = store.home, output(relations=[REVISION], dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 3})
         build_all(con, out, registry, home)
