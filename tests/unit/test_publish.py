@@ -684,7 +684,7 @@ def test_an_altered_published_database_is_refused_to_analysts_and_recorded_kept_
     from safehaven.core.registers import breaches
     from safehaven.publish.query import QueryRefused, run_query
 
-    home, out = store.home, output()
+    home, out = store.home, output(dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 3})
         build_all(con, out, registry, home)
@@ -719,7 +719,7 @@ def test_an_altered_published_database_is_refused_to_analysts_and_recorded_kept_
 def test_any_recorded_file_altered_after_publication_is_an_incident_and_replaced(
     store: Store, registry: ContractRegistry, name: str
 ) -> None:
-    home, out = store.home, output()
+    home, out = store.home, output(dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 20})
         build_all(con, out, registry, home)
@@ -757,7 +757,7 @@ def test_an_altered_previous_parquet_is_recorded_once_while_the_release_audit_re
 def test_a_refusal_after_the_check_of_published_says_what_was_set_aside(
     store: Store, registry: ContractRegistry
 ) -> None:
-    home, out = store.home, output(relations=[REVISION])
+    home, out = store.home, output(relations=[REVISION], dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 3})
         build_all(con, out, registry, home)
@@ -785,7 +785,7 @@ def test_an_entry_planted_in_published_is_moved_out_recorded_and_reported(
     register) and reports it, never naming an NHS number; the publication itself goes on."""
     from safehaven.core.registers import breaches
 
-    home, out = store.home, output()
+    home, out = store.home, output(dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 20})
         build_all(con, out, registry, home)
@@ -817,7 +817,7 @@ def test_a_manifest_rewritten_for_a_new_audit_head_and_killed_before_its_record_
 ) -> None:
     """An unchanged publication rewrites only its manifest's audit head; a kill between the rename
     and recording its hash leaves the haven's own manifest, which the next run must not report."""
-    home, out = store.home, output()
+    home, out = store.home, output(dimensions=DECLARED)
     with store.connect() as con:
         seed_haven(con, {"A": 40, "B": 20})
         build_all(con, out, registry, home)
