@@ -23,9 +23,10 @@ every check carried on. So:
   step first checks that the events up to the sealed ``event_id`` still equal the seal, and
   that every later event restates a landed, validated objections row exactly (its pseudonym,
   type and dates, recomputed from the row with the haven key), and repeats a row registered
-  before the seal only without a withdrawn date (a restatement only repeats a row to keep an
-  objection in force); then it seals. Anything else (an event deleted, changed, or added that
-  no landed row states, an old withdrawal replayed) is left unsealed. After a haven key rotation
+  before the seal, or states a withdrawal held as stale and not yet applied, only without a
+  withdrawn date (a restatement only repeats a row to keep an objection in force); then it
+  seals. Anything else (an event deleted, changed, or added that no landed row states, an old
+  withdrawal replayed, a stale one applied with SQL) is left unsealed. After a haven key rotation
   killed before its seal (every pseudonym changed), the register is accepted when it has the
   sealed numbers of events and each states its landed row exactly under the new key.
 * **Clearing it** needs a person: ``safehaven objections seal --by <name> --reason <text>`` seals
@@ -217,7 +218,8 @@ def _unstated_events(
     """Events after ``after`` that the haven could not have appended: one that no landed, validated
     objections row of a sound batch (not ``excluded``, ``safehaven.intake.batch_seal``) states
     exactly, or one that repeats a row registered by then (a restatement only ever repeats a row
-    to keep an objection in force) with a withdrawn date."""
+    to keep an objection in force) or states a withdrawal held as stale and not applied (only a
+    person's decision applies it, sealed with it) with a withdrawn date."""
     valid = f"landing.{collection}_valid"
     if not table_exists(con, "landing", f"{collection}_valid"):
         return int(con.execute(f"SELECT count(*) FROM {EVENTS} WHERE event_id > ?", [after]).fetchone()[0])
@@ -228,10 +230,11 @@ def _unstated_events(
         "AND CAST(v.withdrawn_date AS DATE) IS NOT DISTINCT FROM e.withdrawn_date)"
     )
     repeated = f"EXISTS (SELECT 1 FROM {EVENTS} o WHERE o.event_id <= ? AND o._batch = e._batch AND o._row = e._row)"
+    held = f"EXISTS (SELECT 1 FROM {HELD} h WHERE h.batch_id = e._batch AND h._row = e._row AND h.applied_at IS NULL)"
     return int(
         con.execute(
             f"SELECT count(*) FROM {EVENTS} e WHERE e.event_id > ? "
-            f"AND (NOT {stated} OR ({repeated} AND e.withdrawn_date IS NOT NULL))",
+            f"AND (NOT {stated} OR (({repeated} OR {held}) AND e.withdrawn_date IS NOT NULL))",
             [after, list(excluded), after],
         ).fetchone()[0]
     )

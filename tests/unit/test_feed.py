@@ -1410,6 +1410,23 @@ def test_a_stale_withdrawal_is_applied_by_a_persons_decision_and_listed_until_th
         assert entry.actor == "Dr Guardian" and entry.detail_value["batch"] == held["batch"]
 
 
+def test_a_stale_withdrawal_appended_with_sql_is_not_taken_for_a_runs_leftover(haven: Haven) -> None:
+    """The held row is a landed row; copied into the register as an event it states that row
+    exactly, but only a person's decision applies it, so the register is not sealed and releases
+    are refused."""
+    _stale_story(haven)
+    haven.con.execute(
+        "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
+        "?, v.objection_type, v.recorded_date, v.withdrawn_date, v.source_practice, v._batch, v._row, now(), '' "
+        "FROM landing.objections_valid v JOIN governance.objection_withdrawals_held h "
+        "ON h.batch_id = v._batch AND h._row = v._row",
+        [haven.pids[NHS[10]]],
+    )
+    haven.run()
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+
+
 def test_a_delivery_stopped_after_its_register_row_still_checks_objections_registered_since(
     home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
