@@ -1368,15 +1368,17 @@ def test_a_withdrawal_dated_the_day_the_objection_was_learnt_is_held(haven: Have
 
 
 def test_a_new_file_listing_an_episodes_history_is_judged_by_its_last_statement(haven: Haven) -> None:
-    """A file listing an objection and, in a later row, an old withdrawal of it: its last statement
-    is stale, so the withdrawal is held and the objection stays in force; listed the other way round
-    the last statement keeps it in force and nothing is held."""
-    old = (TODAY - timedelta(days=10)).isoformat()
-    haven.drop("objections.csv", [opt_out(10), opt_out(11)])
+    """A file listing each episode's history is judged by its last statement about it: an objection
+    then an old withdrawal of it is stale (held, in force); an old withdrawal then the objection
+    keeps it in force (nothing held); an old withdrawal then a new one ends it (applied)."""
+    old, yesterday = ((TODAY - timedelta(days=n)).isoformat() for n in (10, 1))
+    haven.drop("objections.csv", [opt_out(10), opt_out(11), opt_out(12)])
     haven.run()
-    haven.drop("history.csv", [opt_out(10), _withdrawn(10, old), _withdrawn(11, old), opt_out(11)])
+    haven.learnt_earlier(3)
+    history = [opt_out(10), _withdrawn(10, old), _withdrawn(11, old), opt_out(11)]
+    haven.drop("history.csv", [*history, _withdrawn(12, old), _withdrawn(12, yesterday)])
     haven.run()
-    assert _in_force(haven, 10) and _in_force(haven, 11)
+    assert _in_force(haven, 10) and _in_force(haven, 11) and not _in_force(haven, 12)
     assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
 
 
