@@ -1429,6 +1429,17 @@ def test_a_stale_withdrawal_appended_with_sql_is_not_taken_for_a_runs_leftover(h
         haven.release()
 
 
+def test_a_store_made_before_stale_withdrawals_were_held_still_checks_its_register(haven: Haven) -> None:
+    """A store with no table of held withdrawals yet: the register step's check of events added
+    since the seal makes it, and an edit outside the haven is still refused, not a crash."""
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.con.execute("DROP TABLE governance.objection_withdrawals_held")
+    _withdraw_with_sql(haven, 10)
+    haven.run()
+    assert "differs from its last seal" in refused(haven)
+
+
 def test_a_delivery_stopped_after_its_register_row_still_checks_objections_registered_since(
     home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
