@@ -1367,6 +1367,24 @@ def test_a_withdrawal_dated_the_day_the_objection_was_learnt_is_held(haven: Have
     assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
 
 
+def test_an_objection_restated_by_a_file_sent_again_was_learnt_when_it_was_sent_again(haven: Haven) -> None:
+    """The day the register learnt a statement is the later of its event's registration and its
+    batch's arrival: an objection put back in force by the original file sent again was learnt
+    today, not when that file first arrived, so a new file's withdrawal dated between is stale."""
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.learnt_earlier(5)
+    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=3)).isoformat())])
+    haven.run()
+    assert not _in_force(haven, 10)
+    haven.drop("objections.csv", [opt_out(10)])  # sent again: back in force
+    haven.run()
+    haven.drop("withdrawals (2).csv", [_withdrawn(10, (TODAY - timedelta(days=2)).isoformat()), opt_out(11)])
+    haven.run()
+    assert _in_force(haven, 10) and _in_force(haven, 11)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
 def test_a_new_file_listing_an_episodes_history_is_judged_by_its_last_statement(haven: Haven) -> None:
     """A file listing each episode's history is judged by its last statement about it: an objection
     then an old withdrawal of it is stale (held, in force); an old withdrawal then the objection
