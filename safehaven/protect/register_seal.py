@@ -55,7 +55,7 @@ from datetime import datetime
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.home import Home
 from safehaven.core.store import CATALOG, functions_stored, table_exists
@@ -221,6 +221,7 @@ def _unstated_events(
     to keep an objection in force) or states a withdrawal held as stale and not applied (only a
     person's decision applies it, sealed with it) with a withdrawn date."""
     valid = f"landing.{collection}_valid"
+    schema.ensure(con, HELD)  # a store made before withdrawals were held as stale has none yet
     if not table_exists(con, "landing", f"{collection}_valid"):
         return int(con.execute(f"SELECT count(*) FROM {EVENTS} WHERE event_id > ?", [after]).fetchone()[0])
     stated = (
@@ -391,6 +392,7 @@ def apply_held_withdrawals(
 
 def _holds_stale(con: duckdb.DuckDBPyConnection, batch: str) -> bool:
     """``batch`` names a new objections batch with withdrawals held as stale, not yet applied."""
+    schema.ensure(con, HELD)
     found = con.execute(
         f"SELECT count(*) FROM {HELD} WHERE batch_id = ? AND statement AND applied_at IS NULL", [batch]
     ).fetchone()[0]
