@@ -17,6 +17,7 @@ from safehaven.protect.haven import haven_key
 from safehaven.protect.objections import (
     ALPHA_UPPER,
     EVENTS,
+    HELD,
     NATIONAL_OPT_OUT,
     RESTATEMENTS,
     TYPE1,
@@ -97,6 +98,12 @@ def _withdrawals_held(con: duckdb.DuckDBPyConnection, since: datetime) -> int:
     )
 
 
+def _stale_withdrawals_held(con: duckdb.DuckDBPyConnection, since: datetime) -> int:
+    """Withdrawals in new objections batches, held since ``since`` as stale (dated on or before the
+    register learnt the statement they contradict: ``safehaven.protect.objections._register_batch``)."""
+    return int(con.execute(f"SELECT count(*) FROM {HELD} WHERE statement AND held_at >= ?", [since]).fetchone()[0])
+
+
 def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     contract = registry.objections()
 
@@ -131,6 +138,16 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                     "before, or once a person applies it: safehaven objections faults lists it, safehaven "
                     "objections apply-held <drop> --by <name> --reason <text> applies it"
                 )
+            stale = _stale_withdrawals_held(con, started)
+            if stale:
+                context.log.warning(
+                    f"{stale} withdrawal(s) in new objections files were not applied: each is dated on or before "
+                    "the day the register learnt the statement that kept the objection in force, so the file "
+                    "repeats an old withdrawal (a regenerated old extract) and the objection stays in force: "
+                    "check with the sender; a genuine withdrawal dated after that statement takes effect, or a "
+                    "person applies it: safehaven objections faults lists it, safehaven objections apply-held "
+                    "<batch> --by <name> --reason <text> applies it"
+                )
             total = con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0]
             in_force = dict(
                 con.execute(
@@ -146,6 +163,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                 "national_opt_out_in_force": int(in_force.get(NATIONAL_OPT_OUT, 0)),
                 "pseudonym_key_id": key.key_id,
                 "withdrawals_held_from_files_sent_again": held,
+                "stale_withdrawals_held": stale,
                 "register_sealed": sealed,
             }
         )

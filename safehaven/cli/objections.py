@@ -11,8 +11,10 @@
 * ``safehaven objections seal --by <name> --reason <text>``: a person's decision that the objection
   register as it now stands is right (after an edit outside the haven was found and undone or
   checked: ``safehaven.protect.register_seal``); audited.
-* ``safehaven objections apply-held <drop> --by <name> --reason <text>``: a person's decision that
-  the withdrawals held from an objections file sent again are genuine; audited, register sealed.
+* ``safehaven objections apply-held <drop or batch> --by <name> --reason <text>``: a person's decision
+  that the withdrawals held from an objections file sent again (its drop key), or from a new batch
+  whose withdrawals were stale (its batch id: dated on or before the register learnt the statement
+  they contradict), are genuine; audited, register sealed.
 * ``safehaven objections accept-batch <batch> --by <name> --reason <text>``: a person's decision
   that an objections batch whose landed rows differ from their seal is right as it stands
   (``safehaven.intake.batch_seal``); audited, then sealed.
@@ -157,8 +159,9 @@ def _register_seal_decisions(group: click.Group) -> None:
         "--reason", required=True, help="How the withdrawals were confirmed as genuine (e.g. with the sender)."
     )
     def objections_apply_held(drop: str, by: str, reason: str) -> None:
-        """Apply the withdrawals held from an objections file sent again (its DROP key, as shown by
-        safehaven objections faults), once a person has confirmed them; audited, and the register sealed."""
+        """Apply the withdrawals held from an objections file sent again (its DROP key) or from a new
+        batch whose withdrawals were stale (its batch id), as shown by safehaven objections faults, once
+        a person has confirmed them; audited, and the register sealed."""
         from safehaven.core.keys import KeyRing
         from safehaven.core.store import Store
         from safehaven.protect import register_seal

@@ -247,6 +247,14 @@ OBJECTION_RESTATEMENTS = _declare(
     "restatement of that batch's statements, registered in arrival order (CoP 11-14; safehaven.protect.objections)",
     added=("held_applied_at TIMESTAMPTZ",),
 )
+OBJECTION_WITHDRAWALS_HELD = _declare(
+    "governance.objection_withdrawals_held",
+    "batch_id VARCHAR, _row BIGINT, statement BOOLEAN, held_at TIMESTAMPTZ, applied_at TIMESTAMPTZ, "
+    "PRIMARY KEY (batch_id, _row)",
+    "withdrawal rows of a new objections batch held, not registered, because they repeat a withdrawal dated on or "
+    "before the register learnt the statement they contradict (a stale file); applied only by a person's decision "
+    "(CoP 11-14; safehaven.protect.objections)",
+)
 OBJECTION_BATCH_SEALS = _declare(
     "governance.objection_batch_seals",
     "batch_id VARCHAR, stage VARCHAR, collection VARCHAR, rows BIGINT, digest VARCHAR, mac VARCHAR, "

@@ -99,7 +99,7 @@ from safehaven.core.store import table_exists
 from safehaven.intake import batch_seal, ingest
 from safehaven.intake.ingest import BATCHES, NOT_MOVED_NAME, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
 from safehaven.protect import register_seal
-from safehaven.protect.objections import EVENTS, RESTATEMENTS
+from safehaven.protect.objections import RESTATEMENTS, unregistered_sql
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
 
 COLLECTION = "objections"
@@ -474,8 +474,7 @@ def pending(con: duckdb.DuckDBPyConnection) -> Pending:
         return Pending(landed)
     unregistered = _scalar(
         con,
-        f"SELECT count(DISTINCT v._batch) FROM landing.{COLLECTION}_valid v WHERE NOT EXISTS "
-        f"(SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row)",
+        f"SELECT count(DISTINCT v._batch) FROM landing.{COLLECTION}_valid v WHERE {unregistered_sql()}",
     )
     restated = _scalar(con, f"SELECT count(*) FROM {RESTATEMENTS} WHERE registered_at IS NULL")
     return Pending(landed, unregistered, restated)

@@ -17,7 +17,17 @@ response to the Caldicott review 7.15):
   from its recorded date and stops applying on its withdrawn date. **A file sent again** (the
   bytes or records of a batch already landed) restates that batch's statements, registered in
   arrival order where they keep an objection in force, never where they would end one
-  (:func:`register_restatements`). Reading the register
+  (:func:`register_restatements`). **A new file repeating an old withdrawal** (an old extract
+  regenerated, one row differing, so a new batch) is judged too (:func:`_judge_batch`): a
+  statement that would end or shorten an objection the register holds is *held*, not applied,
+  when its withdrawn date is on or before the day the register learnt the statement it
+  contradicts (the later of that event's registration and its batch's arrival; the same day is
+  held). The sender knew of that withdrawal when it stated the objection in force, so repeating
+  it later is stale; a withdrawal made since carries a later date and applies. A file listing an
+  episode's history is judged by its last statement about it; held withdrawals are recorded in
+  ``governance.objection_withdrawals_held`` (so they are neither pending nor registered again),
+  the rest of the batch registers as ever, and a person applies them
+  (``safehaven objections apply-held <batch>``, :func:`apply_held_batch`; audited). Reading the register
   "as known at" an earlier time (``known_at``) uses only the events registered by then; the
   notices to recipients (``safehaven.protect.optouts``) compare these two views.
 * **Formatting never lets an objector through.** Objections and records are matched on the
@@ -55,12 +65,13 @@ from safehaven.protect.pseudonymise import hmac_sql
 
 EVENTS = schema.OBJECTION_EVENTS
 RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
+HELD = schema.OBJECTION_WITHDRAWALS_HELD
 TYPE1_INCIDENTS = schema.TYPE1_INCIDENTS
 REGISTRATIONS = schema.PRACTICE_REGISTRATIONS
 MEMBERS_SEEDED = schema.PRACTICE_MEMBERS_SEEDED
 RATES = schema.OBJECTION_RATES
 #: The tables :func:`ensure_tables` makes (the monitor's table is made whole by :func:`save_rates`).
-TABLES = (EVENTS, TYPE1_INCIDENTS, REGISTRATIONS, MEMBERS_SEEDED, RESTATEMENTS)
+TABLES = (EVENTS, TYPE1_INCIDENTS, REGISTRATIONS, MEMBERS_SEEDED, RESTATEMENTS, HELD)
 
 TYPE1 = "type1"
 NATIONAL_OPT_OUT = "national_opt_out"
@@ -177,6 +188,23 @@ def held_back_since(
     ).fetchone()[0]
 
 
+#: SQL predicate: the statement ``s`` would end or shorten the objection episode ``l`` (the
+#: register's latest statement about it) holds: a withdrawal where it has none, or an earlier one
+ENDS = "(s.withdrawn_date IS NOT NULL AND (l.withdrawn_date IS NULL OR s.withdrawn_date < l.withdrawn_date))"
+
+
+def unregistered_sql(v: str = "v") -> str:
+    """SQL predicate over a valid objections row ``v``: not yet in the register, neither as an event
+    nor as a withdrawal held as stale (:func:`_register_batch`; ``governance.objection_withdrawals_held``).
+    Only a withdrawal is ever taken as held: an entry there naming a row that keeps an objection in
+    force (forged) never keeps that row out of the register."""
+    return (
+        f"(NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = {v}._batch AND e._row = {v}._row) "
+        f"AND NOT ({v}.withdrawn_date IS NOT NULL AND EXISTS (SELECT 1 FROM {HELD} h "
+        f"WHERE h.batch_id = {v}._batch AND h._row = {v}._row)))"
+    )
+
+
 def _register_batches(
     con: duckdb.DuckDBPyConnection,
     contract: Contract,
@@ -187,21 +215,79 @@ def _register_batches(
 ) -> int:
     """Register the valid rows of batches not yet registered that arrived by ``arrived_by`` and
     before any batch held back (:func:`held_back_since`), except rows of the ``excluded`` batches
-    and rows with no batch id."""
+    and rows with no batch id: batch by batch in landing order (:func:`_register_batch`), so each
+    is judged against the register as the batches before it left it."""
     before = held_back_since(con, contract, excluded)
     by = "" if arrived_by is None else "AND coalesce(b.arrived_at, b.landed_at) <= ? "
     by += "" if before is None else "AND coalesce(b.arrived_at, b.landed_at) < ? "
-    (added,) = con.execute(
-        f"INSERT INTO {EVENTS} SELECT "
-        f"(SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
-        f"+ row_number() OVER (ORDER BY b.landed_at, v._batch, v._row), "
-        f"{pid}, objection_type, recorded_date, withdrawn_date, source_practice, v._batch, v._row, now(), ? "
-        f"FROM landing.{contract.collection}_valid v LEFT JOIN governance.batches b ON b.batch_id = v._batch "
-        f"WHERE v._batch IS NOT NULL AND NOT list_contains(?::VARCHAR[], v._batch) "
-        f"AND NOT EXISTS (SELECT 1 FROM {EVENTS} e WHERE e._batch = v._batch AND e._row = v._row) {by}",
-        [key_id, list(excluded), *(t for t in (arrived_by, before) if t is not None)],
-    ).fetchone()
+    batches = con.execute(
+        f"SELECT v._batch FROM landing.{contract.collection}_valid v LEFT JOIN governance.batches b "
+        f"ON b.batch_id = v._batch WHERE v._batch IS NOT NULL AND NOT list_contains(?::VARCHAR[], v._batch) "
+        f"AND {unregistered_sql()} {by}GROUP BY v._batch ORDER BY min(b.landed_at) NULLS LAST, v._batch",
+        [list(excluded), *(t for t in (arrived_by, before) if t is not None)],
+    ).fetchall()
+    return sum(_register_batch(con, contract, pid, key_id, batch) for (batch,) in batches)
+
+
+def _register_batch(con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, key_id: str, batch: str) -> int:
+    """Register one new batch's rows not yet registered, except the withdrawals of a stale statement
+    (:func:`_judge_batch`): those are recorded in ``governance.objection_withdrawals_held`` (one row
+    each, ``statement`` marking the episode's last), not applied, and the objection stays in force
+    until a person applies them (:func:`apply_held_batch`). The rest of the batch registers as
+    ever. In one transaction."""
+    with transaction(con):
+        _judge_batch(con, contract, pid, batch)
+        con.execute(f"INSERT INTO {HELD} SELECT _batch, _row, is_last, now(), NULL FROM _judged WHERE held")
+        (added,) = con.execute(
+            f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
+            "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
+            "source_practice, _batch, _row, now(), ? FROM _judged WHERE NOT held",
+            [key_id],
+        ).fetchone()
+        con.execute("DROP TABLE _judged")
     return int(added)
+
+
+def _judge_batch(con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, batch: str) -> None:
+    """``_judged``: the batch's rows not yet registered, each marked ``held`` when it is a withdrawal
+    about an episode whose last statement in the batch (a file may list an episode's history) is
+    *stale*: it would end or shorten the objection the register holds (:data:`ENDS`) and its
+    withdrawn date is on or before the day the register learnt the statement it contradicts
+    (:func:`learnt_sql`). The sender knew of that withdrawal when it stated the objection in force,
+    so a later file repeating it is an old extract regenerated, not news (CoP 11-14; fail closed:
+    the same day, or a day unknown, is held). ``is_last`` marks each episode's last row."""
+    stated = (
+        f"SELECT {pid} AS pid, objection_type, recorded_date, withdrawn_date, source_practice, _batch, _row "
+        f"FROM landing.{contract.collection}_valid v WHERE v._batch = {lit(batch)} AND {unregistered_sql()}"
+    )
+    rows = (
+        "SELECT *, row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY _row DESC) = 1 "
+        f"AS is_last FROM ({stated})"
+    )
+    stale = (
+        f"SELECT s.pid, s.objection_type, s.recorded_date FROM _rows s JOIN ({learnt_sql()}) l "
+        f"USING (pid, objection_type, recorded_date) WHERE s.is_last AND {ENDS} "
+        "AND coalesce(s.withdrawn_date <= l.learnt_on, true)"
+    )
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _judged AS WITH _rows AS ({rows}), stale AS ({stale}) "
+        "SELECT r.*, (r.withdrawn_date IS NOT NULL AND t.pid IS NOT NULL) AS held "
+        "FROM _rows r LEFT JOIN stale t USING (pid, objection_type, recorded_date)"
+    )
+
+
+def learnt_sql() -> str:
+    """SQL relation of objection episodes (pid, objection_type, recorded_date, withdrawn_date,
+    learnt_on): the register's latest statement about each, and the day the register learnt it,
+    the later of its event's registration and its batch's arrival (the later holds more)."""
+    arrived = "coalesce(b.arrived_at, b.landed_at, e.registered_at)"
+    return (
+        "SELECT e.pid, e.objection_type, e.recorded_date, e.withdrawn_date, "
+        f"CAST(greatest(e.registered_at, {arrived}) AS DATE) AS learnt_on "
+        f"FROM {EVENTS} e LEFT JOIN governance.batches b ON b.batch_id = e._batch "
+        "QUALIFY row_number() OVER (PARTITION BY e.pid, e.objection_type, e.recorded_date "
+        "ORDER BY e.event_id DESC) = 1"
+    )
 
 
 def register_restatements(
@@ -243,8 +329,7 @@ def _compare_restated(con: duckdb.DuckDBPyConnection, contract: Contract, pid: s
     )
     later = "(s.withdrawn_date IS NULL OR s.withdrawn_date > l.withdrawn_date)"
     appended = f"(l.pid IS NULL OR (l.withdrawn_date IS NOT NULL AND {later}))"
-    earlier = "(l.withdrawn_date IS NULL OR s.withdrawn_date < l.withdrawn_date)"
-    held = f"(l.pid IS NOT NULL AND s.withdrawn_date IS NOT NULL AND {earlier})"
+    held = f"(l.pid IS NOT NULL AND {ENDS})"
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _restated AS SELECT s.*, {appended} AS appended, {held} AS held "
         f"FROM ({stated}) s LEFT JOIN ({episodes_sql()}) l USING (pid, objection_type, recorded_date)"
@@ -280,6 +365,30 @@ def apply_held(con: duckdb.DuckDBPyConnection, contract: Contract, drop: str, ke
         con.execute(f"UPDATE {RESTATEMENTS} SET held_applied_at = now() WHERE drop_key = ?", [drop])
         con.execute("DROP TABLE _restated")
     return added
+
+
+def apply_held_batch(con: duckdb.DuckDBPyConnection, contract: Contract, batch: str, key_id: str = "") -> int:
+    """A person's decision (``safehaven objections apply-held``): the withdrawals a new batch's stale
+    statements held (:func:`_register_batch`) are genuine; append each episode's last one now where
+    it still ends or shortens the objection as the register now stands (:data:`ENDS`). Returns the
+    events added. Raises ValueError when ``batch`` names no batch holding any."""
+    held = f"SELECT _row FROM {HELD} WHERE batch_id = ? AND statement AND applied_at IS NULL"
+    if not con.execute(held, [batch]).fetchall():
+        raise ValueError(f"no objections batch with withdrawals held has the id {batch!r}")
+    stated = (
+        f"SELECT {pid_sql(contract)} AS pid, objection_type, recorded_date, withdrawn_date, source_practice, "
+        f"_batch, _row FROM landing.{contract.collection}_valid WHERE _batch = ? AND _row IN ({held})"
+    )
+    with transaction(con):
+        (added,) = con.execute(
+            f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
+            "+ row_number() OVER (ORDER BY s._row), s.pid, s.objection_type, s.recorded_date, s.withdrawn_date, "
+            f"s.source_practice, s._batch, s._row, now(), ? FROM ({stated}) s LEFT JOIN ({episodes_sql()}) l "
+            f"USING (pid, objection_type, recorded_date) WHERE l.pid IS NOT NULL AND {ENDS}",
+            [key_id, batch, batch],
+        ).fetchone()
+        con.execute(f"UPDATE {HELD} SET applied_at = now() WHERE batch_id = ? AND applied_at IS NULL", [batch])
+    return int(added)
 
 
 def episodes_sql(known_at: str | datetime | None = None) -> str:

@@ -23,9 +23,10 @@ every check carried on. So:
   step first checks that the events up to the sealed ``event_id`` still equal the seal, and
   that every later event restates a landed, validated objections row exactly (its pseudonym,
   type and dates, recomputed from the row with the haven key), and repeats a row registered
-  before the seal only without a withdrawn date (a restatement only repeats a row to keep an
-  objection in force); then it seals. Anything else (an event deleted, changed, or added that
-  no landed row states, an old withdrawal replayed) is left unsealed. After a haven key rotation
+  before the seal, or states a withdrawal held as stale and not yet applied, only without a
+  withdrawn date (a restatement only repeats a row to keep an objection in force); then it
+  seals. Anything else (an event deleted, changed, or added that no landed row states, an old
+  withdrawal replayed, a stale one applied with SQL) is left unsealed. After a haven key rotation
   killed before its seal (every pseudonym changed), the register is accepted when it has the
   sealed numbers of events and each states its landed row exactly under the new key.
 * **Clearing it** needs a person: ``safehaven objections seal --by <name> --reason <text>`` seals
@@ -54,18 +55,27 @@ from datetime import datetime
 
 import duckdb
 
-from safehaven.core import audit
+from safehaven.core import audit, schema
 from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.home import Home
 from safehaven.core.store import CATALOG, functions_stored, table_exists
 from safehaven.intake import batch_seal
 from safehaven.intake.contracts import Contract
-from safehaven.protect.objections import EVENTS, RESTATEMENTS, apply_held, pid_sql, register_objections
+from safehaven.protect.objections import (
+    EVENTS,
+    HELD,
+    RESTATEMENTS,
+    apply_held,
+    apply_held_batch,
+    pid_sql,
+    register_objections,
+)
 
 #: the audit action of a seal made by the haven, and of one a person records (:func:`reseal`)
 SEALED = "objections.sealed"
 RESEALED = "objections.resealed"
-#: the audit action of a person applying withdrawals held from a file sent again
+#: the audit action of a person applying withdrawals held from a file sent again, or from a new
+#: batch whose statements were stale
 HELD_APPLIED = "objections.held_applied"
 #: the audit entries' object
 OBJECT = EVENTS
@@ -208,8 +218,10 @@ def _unstated_events(
     """Events after ``after`` that the haven could not have appended: one that no landed, validated
     objections row of a sound batch (not ``excluded``, ``safehaven.intake.batch_seal``) states
     exactly, or one that repeats a row registered by then (a restatement only ever repeats a row
-    to keep an objection in force) with a withdrawn date."""
+    to keep an objection in force) or states a withdrawal held as stale and not applied (only a
+    person's decision applies it, sealed with it) with a withdrawn date."""
     valid = f"landing.{collection}_valid"
+    schema.ensure(con, HELD)  # a store made before withdrawals were held as stale has none yet
     if not table_exists(con, "landing", f"{collection}_valid"):
         return int(con.execute(f"SELECT count(*) FROM {EVENTS} WHERE event_id > ?", [after]).fetchone()[0])
     stated = (
@@ -219,10 +231,11 @@ def _unstated_events(
         "AND CAST(v.withdrawn_date AS DATE) IS NOT DISTINCT FROM e.withdrawn_date)"
     )
     repeated = f"EXISTS (SELECT 1 FROM {EVENTS} o WHERE o.event_id <= ? AND o._batch = e._batch AND o._row = e._row)"
+    held = f"EXISTS (SELECT 1 FROM {HELD} h WHERE h.batch_id = e._batch AND h._row = e._row AND h.applied_at IS NULL)"
     return int(
         con.execute(
             f"SELECT count(*) FROM {EVENTS} e WHERE e.event_id > ? "
-            f"AND (NOT {stated} OR ({repeated} AND e.withdrawn_date IS NOT NULL))",
+            f"AND (NOT {stated} OR (({repeated} OR {held}) AND e.withdrawn_date IS NOT NULL))",
             [after, list(excluded), after],
         ).fetchone()[0]
     )
@@ -317,14 +330,24 @@ def register_and_seal(
 
 
 def held_withdrawals(con: duckdb.DuckDBPyConnection) -> list[dict[str, object]]:
-    """Files sent again whose withdrawals were held and not yet applied (drop key, shown name, count)."""
-    if not table_exists(con, *RESTATEMENTS.split(".")):
-        return []
-    rows = con.execute(
-        f"SELECT drop_key, file_name, withdrawals_held FROM {RESTATEMENTS} WHERE withdrawals_held > 0 "
-        "AND held_applied_at IS NULL ORDER BY arrived_at"
-    ).fetchall()
-    return [{"drop": d, "file": f, "withdrawals_held": int(n)} for d, f, n in rows]
+    """Withdrawals held and not yet applied (shown name and count): those of files sent again (by
+    drop key), then those of new batches whose statements were stale (by ``batch`` id;
+    ``safehaven.protect.objections._register_batch``), each in arrival order."""
+    found: list[dict[str, object]] = []
+    if table_exists(con, *RESTATEMENTS.split(".")):
+        rows = con.execute(
+            f"SELECT drop_key, file_name, withdrawals_held FROM {RESTATEMENTS} WHERE withdrawals_held > 0 "
+            "AND held_applied_at IS NULL ORDER BY arrived_at"
+        ).fetchall()
+        found += [{"drop": d, "file": f, "withdrawals_held": int(n)} for d, f, n in rows]
+    if table_exists(con, *HELD.split(".")):
+        rows = con.execute(
+            f"SELECT h.batch_id, any_value(b.file_name), count(*) FROM {HELD} h LEFT JOIN {batch_seal.BATCHES} b "
+            "USING (batch_id) WHERE h.statement AND h.applied_at IS NULL GROUP BY h.batch_id "
+            "ORDER BY min(coalesce(b.arrived_at, b.landed_at)), h.batch_id"
+        ).fetchall()
+        found += [{"batch": d, "file": f, "withdrawals_held": int(n), "stale": True} for d, f, n in rows]
+    return found
 
 
 def apply_held_withdrawals(
@@ -337,9 +360,11 @@ def apply_held_withdrawals(
     by: str,
     reason: str,
 ) -> int:
-    """A person's decision that the withdrawals a file sent again held are genuine (e.g. the
-    sender confirmed a new withdrawal whose records equal an old file's): applied
-    (``objections.apply_held``), audited (``objections.held_applied``, with their reason) and
+    """A person's decision that the withdrawals held from a file sent again (``drop``, its drop key)
+    or from a new batch whose statements were stale (``drop``, its batch id) are genuine (e.g. the
+    sender confirmed a new withdrawal whose records equal an old file's, or a withdrawal dated
+    before the objection it ends was last stated): applied (``objections.apply_held``,
+    ``objections.apply_held_batch``), audited (``objections.held_applied``, with their reason) and
     sealed. Refused while the register differs from its seal (that comes first). The haven key
     must be installed as ``haven``. Returns the events added."""
     if not by.strip() or not reason.strip():
@@ -352,8 +377,23 @@ def apply_held_withdrawals(
     for key in (drop, restated[0] if restated else None):
         if key in unsound:
             raise ValueError(f"{key} differs from its seal ({unsound[key]}): decide that first")
-    added = apply_held(con, contract, drop, key_id)
-    detail = {"drop": drop, "events_added": added, "reason": reason[:500]}
+    stale = restated is None and _holds_stale(con, drop)
+    if restated is None and not stale:
+        raise ValueError(
+            f"no file sent again with withdrawals held has the drop key {drop!r}, and no objections batch with "
+            "withdrawals held not yet applied has that id: safehaven objections faults lists them"
+        )
+    added = (apply_held_batch if stale else apply_held)(con, contract, drop, key_id)
+    detail = {"batch" if stale else "drop": drop, "events_added": added, "reason": reason[:500]}
     audit.append(con, actor=by, role="governance", action=HELD_APPLIED, object=OBJECT, detail=detail, home=home)
     seal(con, home, actor=by, role="governance")
     return added
+
+
+def _holds_stale(con: duckdb.DuckDBPyConnection, batch: str) -> bool:
+    """``batch`` names a new objections batch with withdrawals held as stale, not yet applied."""
+    schema.ensure(con, HELD)
+    found = con.execute(
+        f"SELECT count(*) FROM {HELD} WHERE batch_id = ? AND statement AND applied_at IS NULL", [batch]
+    ).fetchone()[0]
+    return bool(found)

@@ -24,7 +24,7 @@ from safehaven.intake import batch_seal, ingest
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import ValidationReport, validate_collection
-from safehaven.protect import feed
+from safehaven.protect import feed, register_seal
 from safehaven.protect.register_seal import register_and_seal
 from safehaven.share.releases import ReleaseRefused
 from tests.governance_helpers import (
@@ -81,6 +81,18 @@ class Haven:
         sealer = self.sealer()
         for stage, batches in sealer.held(self.con).items():
             sealer.seal(self.con, stage, batches)
+
+    def learnt_earlier(self, days: int) -> None:
+        """As if the register had learnt all it holds ``days`` earlier (a withdrawal dated since then
+        is news, ``safehaven.protect.objections._judge_batch``): every batch's arrival and landing
+        and every event's registration moved back, and sealed again as the haven would have sealed
+        them then."""
+        self.con.execute("UPDATE governance.batches SET arrived_at = arrived_at - INTERVAL (?) DAY", [days])
+        self.age(days)
+        self.con.execute(
+            "UPDATE governance.objection_events SET registered_at = registered_at - INTERVAL (?) DAY", [days]
+        )
+        register_seal.seal(self.con, self.home, actor="test run")
 
     def validate(self) -> ValidationReport:
         """An intake run's validation of the objections batches landed."""

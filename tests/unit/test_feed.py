@@ -735,6 +735,7 @@ def test_an_objections_file_sent_again_after_a_mistaken_withdrawal_puts_the_obje
     yesterday = (TODAY - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
+    haven.learnt_earlier(2)  # the withdrawal below is dated after the register learnt the objection
     haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
     haven.run()
     assert not _in_force(haven, 10)
@@ -751,6 +752,7 @@ def test_an_old_withdrawal_sent_again_never_lifts_an_objection_the_register_hold
     yesterday = (TODAY - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
+    haven.learnt_earlier(2)  # the withdrawal below is dated after the register learnt the objection
     haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
     haven.run()
     haven.drop("objections.csv", [opt_out(10)])
@@ -767,6 +769,7 @@ def test_a_re_saved_copy_restates_too(haven: Haven) -> None:
     yesterday = (TODAY - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10), opt_out(11)])
     haven.run()
+    haven.learnt_earlier(2)
     haven.drop("withdrawals.csv", [_withdrawn(11, yesterday)])
     haven.run()
     haven.drop("objections (1).csv", [opt_out(10), opt_out(11)], excel=True)
@@ -1284,6 +1287,7 @@ def test_a_held_withdrawal_is_applied_by_a_persons_decision(haven: Haven) -> Non
     yesterday = (TODAY - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
+    haven.learnt_earlier(2)  # the withdrawal below is dated after the register learnt the objection
     haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
     haven.run()
     haven.drop("objections.csv", [opt_out(10)])  # the mistaken withdrawal undone
@@ -1307,6 +1311,151 @@ def test_a_held_withdrawal_is_applied_by_a_persons_decision(haven: Haven) -> Non
         assert not _in_force(haven, 10)
         assert register_seal.problem(con) is None and register_seal.held_withdrawals(con) == []
         assert [e.actor for e in audit.entries_for(con) if e.action == register_seal.HELD_APPLIED] == ["Dr Guardian"]
+
+
+# --- a new file repeating a withdrawal the sender stated away is stale (CoP 11-14; fail closed) ----
+
+
+def _stale_story(haven: Haven) -> None:
+    """Day 1, extract A: person 10's objection withdrawn ten days ago. Day 2, extract B: the sender
+    reversed it, in force. Day 3, A regenerated (A'): one unrelated row differs, so a new batch."""
+    withdrawn = (TODAY - timedelta(days=10)).isoformat()
+    haven.drop("extract.csv", [_withdrawn(10, withdrawn), opt_out(12)])
+    haven.run()
+    haven.drop("extract.csv", [opt_out(10), opt_out(12)])
+    haven.run()
+    haven.drop("extract.csv", [_withdrawn(10, withdrawn), opt_out(12), opt_out(11)])
+    haven.run()
+
+
+def _held_by_batch(haven: Haven) -> list[dict]:
+    return [h for h in register_seal.held_withdrawals(haven.con) if "batch" in h]
+
+
+def test_a_regenerated_old_extract_does_not_lift_an_objection_the_sender_put_back_in_force(haven: Haven) -> None:
+    """A new batch repeating a withdrawal dated on or before the day the register learnt the
+    statement that put the objection back in force is stale: its withdrawal is held and counted,
+    the objection stays in force, and the rest of the batch registers as ever (its new objector)."""
+    _stale_story(haven)
+    assert _in_force(haven, 10) and _in_force(haven, 11) and _in_force(haven, 12)
+    [held] = _held_by_batch(haven)
+    assert held["withdrawals_held"] == 1 and held["file"] == "extract.csv"
+    assert feed.pending_batches(haven.con) == 0, "a held withdrawal is decided on, not left pending"
+    members = haven.members(haven.release().release_id)
+    assert not {haven.pids[NHS[i]] for i in (10, 11, 12)} & members
+
+
+def test_a_withdrawal_dated_after_the_register_learnt_the_objection_still_applies(haven: Haven) -> None:
+    """A genuine new withdrawal, made after the in-force statement it ends was learnt, carries a
+    later withdrawn date and takes effect as it always did."""
+    _stale_story(haven)
+    haven.learnt_earlier(3)
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("withdrawn.csv", [_withdrawn(10, yesterday)])
+    haven.run()
+    assert not _in_force(haven, 10)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1], "only the stale one is held"
+
+
+def test_a_withdrawal_dated_the_day_the_objection_was_learnt_is_held(haven: Haven) -> None:
+    """Fail closed: the same day cannot tell which came first, so the withdrawal is held."""
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.drop("withdrawn.csv", [_withdrawn(10, TODAY.isoformat())])
+    haven.run()
+    assert _in_force(haven, 10)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
+def test_an_objection_restated_by_a_file_sent_again_was_learnt_when_it_was_sent_again(haven: Haven) -> None:
+    """The day the register learnt a statement is the later of its event's registration and its
+    batch's arrival: an objection put back in force by the original file sent again was learnt
+    today, not when that file first arrived, so a new file's withdrawal dated between is stale."""
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.learnt_earlier(5)
+    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=3)).isoformat())])
+    haven.run()
+    assert not _in_force(haven, 10)
+    haven.drop("objections.csv", [opt_out(10)])  # sent again: back in force
+    haven.run()
+    haven.drop("withdrawals (2).csv", [_withdrawn(10, (TODAY - timedelta(days=2)).isoformat()), opt_out(11)])
+    haven.run()
+    assert _in_force(haven, 10) and _in_force(haven, 11)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
+def test_a_new_file_listing_an_episodes_history_is_judged_by_its_last_statement(haven: Haven) -> None:
+    """A file listing each episode's history is judged by its last statement about it: an objection
+    then an old withdrawal of it is stale (held, in force); an old withdrawal then the objection
+    keeps it in force (nothing held); an old withdrawal then a new one ends it (applied)."""
+    old, yesterday = ((TODAY - timedelta(days=n)).isoformat() for n in (10, 1))
+    haven.drop("objections.csv", [opt_out(10), opt_out(11), opt_out(12)])
+    haven.run()
+    haven.learnt_earlier(3)
+    history = [opt_out(10), _withdrawn(10, old), _withdrawn(11, old), opt_out(11)]
+    haven.drop("history.csv", [*history, _withdrawn(12, old), _withdrawn(12, yesterday)])
+    haven.run()
+    assert _in_force(haven, 10) and _in_force(haven, 11) and not _in_force(haven, 12)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
+def test_a_stale_withdrawal_is_applied_by_a_persons_decision_and_listed_until_then(haven: Haven) -> None:
+    """The held withdrawal is listed by ``safehaven objections faults`` under its batch, and applied
+    only by ``safehaven objections apply-held <batch>``: audited, the register sealed, and then the
+    objection ends; the same decision cannot be applied twice."""
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    _stale_story(haven)
+    [held] = _held_by_batch(haven)
+    runner = CliRunner()
+    haven.con.close()  # the commands open the store themselves
+    faults = runner.invoke(main, ["objections", "faults"])
+    assert faults.exit_code == 0, faults.output
+    [listed] = [h for h in json.loads(faults.output)["withdrawals_held"] if "batch" in h]
+    assert listed == held and NHS[10] not in faults.output
+    args = ["objections", "apply-held", str(held["batch"]), "--by", "Dr Guardian", "--reason", "confirmed"]
+    done = runner.invoke(main, args)
+    assert done.exit_code == 0 and '"events_added": 1' in done.output, done.output
+    again = runner.invoke(main, args)
+    assert again.exit_code != 0 and "no objections batch with withdrawals held" in again.output
+    with Store(haven.home).connect() as con:
+        haven.con = con
+        install_key(con, "haven", haven.keyring.get("haven"))
+        assert not _in_force(haven, 10) and _in_force(haven, 11)
+        assert register_seal.problem(con) is None and register_seal.held_withdrawals(con) == []
+        [entry] = [e for e in audit.entries_for(con) if e.action == register_seal.HELD_APPLIED]
+        assert entry.actor == "Dr Guardian" and entry.detail_value["batch"] == held["batch"]
+
+
+def test_a_stale_withdrawal_appended_with_sql_is_not_taken_for_a_runs_leftover(haven: Haven) -> None:
+    """The held row is a landed row; copied into the register as an event it states that row
+    exactly, but only a person's decision applies it, so the register is not sealed and releases
+    are refused."""
+    _stale_story(haven)
+    haven.con.execute(
+        "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
+        "?, v.objection_type, v.recorded_date, v.withdrawn_date, v.source_practice, v._batch, v._row, now(), '' "
+        "FROM landing.objections_valid v JOIN governance.objection_withdrawals_held h "
+        "ON h.batch_id = v._batch AND h._row = v._row",
+        [haven.pids[NHS[10]]],
+    )
+    haven.run()
+    with pytest.raises(ReleaseRefused, match="differs from its last seal"):
+        haven.release()
+
+
+def test_a_store_made_before_stale_withdrawals_were_held_still_checks_its_register(haven: Haven) -> None:
+    """A store with no table of held withdrawals yet: the register step's check of events added
+    since the seal makes it, and an edit outside the haven is still refused, not a crash."""
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.con.execute("DROP TABLE governance.objection_withdrawals_held")
+    _withdraw_with_sql(haven, 10)
+    haven.run()
+    assert "differs from its last seal" in refused(haven)
 
 
 def test_a_delivery_stopped_after_its_register_row_still_checks_objections_registered_since(

@@ -202,6 +202,8 @@ def test_withdrawal_re_includes_from_its_date() -> None:
         f"INSERT INTO landing.objections_valid VALUES ('{nhs}', 'national_opt_out', '2024-02-01', NULL, NULL, 'b1', 1)"
     )
     register_objections(con, ContractRegistry().objections())
+    # learnt before the withdrawal was made (a withdrawal dated by then would be stale: held)
+    con.execute("UPDATE governance.objection_events SET registered_at = TIMESTAMPTZ '2024-03-01 00:00:00+00'")
     con.execute(
         f"INSERT INTO landing.objections_valid VALUES ('{nhs}', 'national_opt_out', '2024-02-01', "
         "'2024-04-01', NULL, 'b2', 1)"
