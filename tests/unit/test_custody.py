@@ -205,7 +205,7 @@ def test_release_files_and_folders_are_owner_only(adopted_home: Home) -> None:
         result = prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=ContractRegistry()))
         assert result.status == PREPARED and result.directory is not None
         _owner_only(result.directory)  # staged for review
-        approve_release(con, result.release_id, adopted_home)
+        approve_release(con, result.release_id, adopted_home, registry=ContractRegistry())
     _owner_only(adopted_home.releases / AGREEMENT / result.release_id)  # delivered
 
 
