@@ -9,13 +9,21 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   request named by the release id it would create is opened. Nothing reaches
   ``releases/<agreement>/`` until the request is approved.
 * **Two independent reviewers**: neither the person who operated the run (the actor recorded
-  when the request was prepared) nor each other. Each records a decision per file, pinned to
-  the file's SHA-256 at that moment; a request is approved only when the rule's number of
-  reviewers have each approved every file.
+  when the request was prepared) nor each other, names compared in one canonical form
+  (:func:`person_key`). Each approves from their own OS login: not the login that prepared the
+  request at a terminal (the pipeline's scheduled run is the service account, not a person), nor
+  the login of another person's approval (:func:`_own_login`; counted so at delivery). Each
+  records a decision per file, pinned to the file's SHA-256 at that moment; a request is
+  approved only when the rule's number of reviewers have each approved every file.
 * **What is released is what was reviewed**: at delivery every staged file is hashed again
   and must equal the hash pinned when it was prepared and when each reviewer approved it;
   anything else is refused (a near-miss breach, audited) and keeps being refused until a
-  person withdraws the request and a new one is prepared.
+  person withdraws the request and a new one is prepared, even once the files match again
+  (:func:`_not_refused_before`). Staged files are hashed as plain files only, never through a
+  link (``core.files.sha256_plain``).
+* **Under the agreement in force, on the terms reviewed**: a request is delivered only while its
+  agreement is in force on the day of delivery and its file is the one the request was
+  prepared under (:func:`_agreement_in_force`).
 * **Rules** (:data:`RULES`): ``two_reviewers`` by default; an agreement may declare
   ``routine_release: one_reviewer | automatic`` for releases whose fields and checks (the
   *shape*) equal those of an earlier release approved by two reviewers; identifiable releases
@@ -502,14 +510,14 @@ def blinded(req: Request) -> bool:
 
 
 def reviews_in(con: duckdb.DuckDBPyConnection, req: Request) -> int:
-    """How many reviewers have decided every file of ``req`` (a review is in once it covers every file)."""
+    """How many reviewers have decided every file of ``req`` (a review is in once it covers every
+    file), one per person (:func:`person_key`)."""
     ensure_tables(con)
-    row = con.execute(
-        f"SELECT count(*) FROM (SELECT reviewer FROM {REVIEWS} WHERE release_id = ? GROUP BY reviewer "
-        "HAVING count(DISTINCT file_name) >= ?)",
-        [req.release_id, len(req.files)],
-    ).fetchone()
-    return int(row[0]) if row else 0
+    rows = con.execute(f"SELECT reviewer, file_name FROM {REVIEWS} WHERE release_id = ?", [req.release_id]).fetchall()
+    decided: dict[str, set[str]] = {}
+    for reviewer, name in rows:
+        decided.setdefault(person_key(reviewer), set()).add(name)
+    return sum(1 for names in decided.values() if names >= {f["name"] for f in req.files})
 
 
 def decisions(con: duckdb.DuckDBPyConnection, req: Request) -> list[dict[str, Any]]:
@@ -1016,7 +1024,10 @@ def _not_in_force(
     try:
         standing = approvals.load_standing(con, req.agreement_id, registry.root)
     except (AgreementError, OSError) as exc:
-        return f"{exc}; nothing leaves under an agreement the haven cannot read: {_withdraw_hint(req)}"
+        return (
+            f"{exc}; nothing leaves under an agreement the haven cannot read (check that the contracts given, "
+            f"$SAFEHAVEN_CONTRACTS for the command line, are the deployment's), or {_withdraw_hint(req)}"
+        )
     ok, why = standing.in_force(_today())
     if not ok:
         return (

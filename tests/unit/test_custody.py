@@ -33,7 +33,13 @@ from safehaven.protect import custody, rotation, vault
 from safehaven.share import due, review
 from safehaven.share.releases import PREPARED, RELEASED, ReleaseRefused, prepare
 from tests.conftest import TEST_PASSPHRASE, custodian_ring, leaked_nhs_numbers
-from tests.governance_helpers import REVIEWERS, adopt_project_agreements, approve_release, prepare_and_release
+from tests.governance_helpers import (
+    REVIEWERS,
+    adopt_project_agreements,
+    approve_release,
+    login_of,
+    prepare_and_release,
+)
 from tests.unit.populate import drop, populated, process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -414,7 +420,8 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
         [request] = review.requests(con, agreement_id="cohort-consent-study")
     assert request.rule == review.TWO_REVIEWERS_AND_CUSTODIAN
     for by in REVIEWERS:
-        approved = _cli(["review", "approve", request.release_id, "--by", by], env)
+        at_own_login = {**env, "LOGNAME": login_of(by)}  # each reviewer at their own login, not the custodian's
+        approved = _cli(["review", "approve", request.release_id, "--by", by], at_own_login)
         assert approved.returncode == 0, approved.stdout + approved.stderr
     assert not (home.releases / "cohort-consent-study").exists(), "the custodian delivers it"
     no_key = _cli(["review", "release", request.release_id, "--by", "V. Keeper, vault custodian"],
