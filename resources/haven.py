@@ -158,9 +158,10 @@ class SafeHavenResource(dg.ConfigurableResource):
 
     def context(self) -> Haven:
         """The domain calls' context (``safehaven.context.Haven``): this resource's home, the pipeline's
-        key ring, its contracts, the OS user and today, built afresh on each call."""
+        key ring, its contracts, the OS user and today, built afresh on each call; a run of the
+        pipeline (``scheduled``), not a person at a terminal."""
         home = self.home_dir()
-        return Haven.open(home, contracts=self.registry(), keyring=KeyRing(home.keys))
+        return Haven.open(home, contracts=self.registry(), keyring=KeyRing(home.keys)).as_scheduled()
 
     def store(self) -> Store:
         """The store; refused where the pipeline could read an unsealed private key (custody)."""

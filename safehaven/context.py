@@ -44,6 +44,10 @@ class Haven:
     contracts: ContractRegistry
     actor: str
     today: date
+    #: a run of the pipeline (the Dagster resource's context), not a person at a terminal: a
+    #: request it prepares names the service account, not a person, as its preparer's login
+    #: (``safehaven.share.review``, "reviewers at their own logins")
+    scheduled: bool = False
 
     @classmethod
     def open(
@@ -73,6 +77,10 @@ class Haven:
     def with_keyring(self, keyring: KeyRing) -> Haven:
         """The same context with another key ring (e.g. the key custodian's)."""
         return replace(self, keyring=keyring)
+
+    def as_scheduled(self) -> Haven:
+        """The same context as a run of the pipeline (``scheduled``)."""
+        return replace(self, scheduled=True)
 
     def on(self, today: date) -> Haven:
         """The same context on another day (e.g. a test's fixed date)."""

@@ -9,8 +9,11 @@ that k-anonymity has work to do: a large group, a group of ten, and two unique p
 from __future__ import annotations
 
 import copy
+import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -222,16 +225,49 @@ REVIEWERS = ("R. One, Output checker", "R. Two, Output checker")
 CUSTODIAN = "V. Keeper, vault custodian"
 
 
-def approve_release(con: duckdb.DuckDBPyConnection, release_id: str, home: Any, reviewers=REVIEWERS) -> Any:
-    """Approve a prepared request as each reviewer in turn (``safehaven.share.review``); the
-    request is delivered on the last approval its rule needs. Returns the request."""
+def login_of(name: str) -> str:
+    """The OS login a test's reviewer works at: one per name, never the test process's own (which
+    prepares the requests), as each output checker logs in as themselves."""
+    return "login-" + re.sub(r"[^a-z0-9]+", "-", name.casefold()).strip("-")
+
+
+@contextmanager
+def logged_in_as(login: str) -> Iterator[None]:
+    """Act as the OS login ``login`` (``registers.current_actor`` reads ``$LOGNAME`` first, as
+    ``getpass.getuser`` does), then as before."""
+    before = os.environ.get("LOGNAME")
+    os.environ["LOGNAME"] = login
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LOGNAME", None)
+        else:
+            os.environ["LOGNAME"] = before
+
+
+def approve_as(con: duckdb.DuckDBPyConnection, release_id: str, by: str, *, login: str | None = None,
+               **kwargs: Any) -> Any:  # fmt: skip
+    """``review.approve`` by ``by`` at their own OS login (``login``, else :func:`login_of`)."""
+    from safehaven.share import review
+
+    with logged_in_as(login or login_of(by)):
+        return review.approve(con, release_id, by, **kwargs)
+
+
+def approve_release(
+    con: duckdb.DuckDBPyConnection, release_id: str, home: Any, reviewers=REVIEWERS, *, registry: ContractRegistry
+) -> Any:
+    """Approve a prepared request as each reviewer in turn, each at their own login
+    (``safehaven.share.review``); the request is delivered on the last approval its rule needs.
+    Returns the request."""
     from safehaven.share import review
 
     req = review.get(con, release_id)
     for by in reviewers[: req.reviewers_needed]:
-        req = review.approve(con, release_id, by, home=home)
+        req = approve_as(con, release_id, by, home=home, registry=registry)
     if req.state == review.APPROVED:  # identifiable: the vault custodian delivers it
-        req = review.deliver(con, release_id, home=home, by=CUSTODIAN)
+        req = review.deliver(con, release_id, home=home, registry=registry, by=CUSTODIAN)
     return req
 
 
@@ -247,7 +283,7 @@ def prepare_and_release(con: duckdb.DuckDBPyConnection, agreement_id: str, *, ha
     home = haven.home
     result = prepare(con, agreement_id, haven=haven, **kwargs)
     if result.status == PREPARED:
-        approve_release(con, result.release_id, home)
+        approve_release(con, result.release_id, home, registry=haven.contracts)
         result.status, result.directory = RELEASED, home.releases / agreement_id / result.release_id
     return result
 

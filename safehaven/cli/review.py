@@ -98,6 +98,7 @@ def show_request(release_id: str, as_json: bool) -> None:
 
 
 def _run(action: str, release_id: str, by: str, comment: str | None, files: tuple[str, ...]) -> None:
+    from safehaven.cli.common import registry_from_env
     from safehaven.core.store import Store
     from safehaven.share import review
 
@@ -105,7 +106,15 @@ def _run(action: str, release_id: str, by: str, comment: str | None, files: tupl
     with Store(home).connect() as con:
         try:
             if action == "approve":
-                req = review.approve(con, release_id, by, home=home, files=list(files) or None, comment=comment)
+                req = review.approve(
+                    con,
+                    release_id,
+                    by,
+                    home=home,
+                    registry=registry_from_env(),
+                    files=list(files) or None,
+                    comment=comment,
+                )
             elif action == "return":
                 req = review.return_request(con, release_id, by, comment or "", list(files) or None)
             elif action == "reject":
@@ -167,6 +176,7 @@ def withdraw_request(release_id: str, by: str, comment: str) -> None:
 @click.option("--by", "by", required=True, help='The vault custodian: "Name, Caldicott Guardian".')
 def release_request(release_id: str, by: str) -> None:
     """Deliver an approved identifiable request (vault custodian only: needs the vault key)."""
+    from safehaven.cli.common import registry_from_env
     from safehaven.cli.governance import require_governance_key
     from safehaven.core.store import Store
     from safehaven.share import review
@@ -175,7 +185,7 @@ def release_request(release_id: str, by: str) -> None:
     require_governance_key(home, "releasing an identifiable request")
     with Store(home).connect() as con:
         try:
-            req = review.deliver(con, release_id, home=home, by=by)
+            req = review.deliver(con, release_id, home=home, registry=registry_from_env(), by=by)
         except review.ReviewError as exc:
             _fail(f"refused: {exc}")
     click.echo(f"{req.release_id}: {req.state} -> {home.releases / req.agreement_id / req.release_id}")

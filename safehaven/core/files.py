@@ -27,6 +27,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def plain(entry: os.stat_result) -> bool:
+    """Whether a ``stat`` result is a plain file: regular (no link, folder, device or pipe) with
+    one name (no hard link elsewhere, perhaps outside the home)."""
+    return stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1
+
+
+def sha256_plain(path: Path) -> str | None:
+    """SHA-256 of ``path`` if it is a plain file (:func:`plain`, from ``lstat``; opened without
+    following a link and checked again once open), else ``None`` (missing, a link, a hard link,
+    anything else). What the haven wrote and must vouch for is hashed so, never through a link
+    (CoP 27h; fail closed)."""
+    try:
+        if not plain(os.lstat(path)):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not plain(os.fstat(fh.fileno())):
+            return None
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def shred_file(path: Path) -> int:
     """Overwrite a regular file with random bytes, sync it, and unlink it; returns its size."""
     if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, pipe or device holds no bytes of ours

@@ -94,6 +94,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.audit import shown_name
+from safehaven.core.files import plain as _plain
 from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.core.store import transaction
@@ -284,10 +285,6 @@ def _first_bytes(path: Path) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-def _plain(entry: os.stat_result) -> bool:
-    return stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1
 
 
 def first_line_names(start: bytes) -> list[str]:

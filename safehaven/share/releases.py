@@ -515,6 +515,7 @@ def prepare(
             today=today,
             actor=actor,
             haven_days=objections_max_age_days,
+            scheduled=haven.scheduled,
         )
     except ReleaseRefused as exc:
         raise _refuse(con, agreement, actor, str(exc)) from None
@@ -533,6 +534,7 @@ def _build(
     today: date,
     actor: str,
     haven_days: int,
+    scheduled: bool = False,
 ) -> ReleaseResult:
     a = agreement
     contracts = {c: registry.contracts[c] for c in a.collections}
@@ -623,7 +625,8 @@ def _build(
         sdc = _aggregate(con, a, contracts, work)
 
     # stage the files, then open a request (or find nothing changed)
-    return _stage(con, a, agreement_sha, contracts, result, home=home, actor=actor, work=work,
+    return _stage(con, a, agreement_sha, contracts, result, home=home, registry=registry, actor=actor,
+                  scheduled=scheduled, work=work,
                   extra=_Extras(key_id, cohort_excluded, sdc, decision, inputs))  # fmt: skip
 
 
@@ -829,7 +832,9 @@ def _stage(
     result: ReleaseResult,
     *,
     home: Home,
+    registry: ContractRegistry,
     actor: str,
+    scheduled: bool,
     work: dict[str, str],
     extra: _Extras,
 ) -> ReleaseResult:
@@ -872,9 +877,10 @@ def _stage(
             staging_dir=final, content_sha256=content, shape_sha256=shape, manifest_sha256=result.manifest_sha256,
             files=[asdict(f) for f in result.files], summary=summary,
             register_row=_register_row(a, agreement_sha, result), optout_decision=decision,
+            agreement_sha256=agreement_sha,
             members_sql=" UNION ".join(f"SELECT pid FROM {t}" for t in work.values())
             if a.identifiability != "anonymised" else None,
-            actor=actor,
+            actor=actor, scheduled=scheduled,
         )  # fmt: skip
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
@@ -884,7 +890,7 @@ def _stage(
     result.status, result.directory, result.rule = PREPARED, final, rule[0]
     result.reason = f"prepared {release_id} for review ({rule[0]}): {result.records_released} records"
     if rule[0] == review.AUTOMATIC:
-        req = review.auto_approve(con, release_id, home=home, actor=actor)
+        req = review.auto_approve(con, release_id, home=home, registry=registry, actor=actor)
         result.status, result.directory = RELEASED, home.releases / a.id / req.release_id
         result.reason = f"released {release_id} under the automatic routine rule"
     else:

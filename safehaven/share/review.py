@@ -9,13 +9,21 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   request named by the release id it would create is opened. Nothing reaches
   ``releases/<agreement>/`` until the request is approved.
 * **Two independent reviewers**: neither the person who operated the run (the actor recorded
-  when the request was prepared) nor each other. Each records a decision per file, pinned to
-  the file's SHA-256 at that moment; a request is approved only when the rule's number of
-  reviewers have each approved every file.
+  when the request was prepared) nor each other, names compared in one canonical form
+  (:func:`person_key`). Each approves from their own OS login: not the login that prepared the
+  request at a terminal (the pipeline's scheduled run is the service account, not a person), nor
+  the login of another person's approval (:func:`_own_login`; counted so at delivery). Each
+  records a decision per file, pinned to the file's SHA-256 at that moment; a request is
+  approved only when the rule's number of reviewers have each approved every file.
 * **What is released is what was reviewed**: at delivery every staged file is hashed again
   and must equal the hash pinned when it was prepared and when each reviewer approved it;
   anything else is refused (a near-miss breach, audited) and keeps being refused until a
-  person withdraws the request and a new one is prepared.
+  person withdraws the request and a new one is prepared, even once the files match again
+  (:func:`_not_refused_before`). Staged files are hashed as plain files only, never through a
+  link (``core.files.sha256_plain``).
+* **Under the agreement in force, on the terms reviewed**: a request is delivered only while its
+  agreement is in force on the day of delivery and its file is the one the request was
+  prepared under (:func:`_agreement_in_force`).
 * **Rules** (:data:`RULES`): ``two_reviewers`` by default; an agreement may declare
   ``routine_release: one_reviewer | automatic`` for releases whose fields and checks (the
   *shape*) equal those of an earlier release approved by two reviewers; identifiable releases
@@ -55,8 +63,9 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +74,11 @@ import duckdb
 from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.digests import sealed_rows_sql
-from safehaven.core.files import sha256_file, shred_tree
+from safehaven.core.files import sha256_plain, shred_tree
 from safehaven.core.home import Home
 from safehaven.core.sql import lit
 from safehaven.core.store import table_exists
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import optouts
 
 REQUESTS = schema.RELEASE_REQUESTS
@@ -122,10 +132,18 @@ TWO_REVIEWERS_AND_CUSTODIAN = "two_reviewers_and_custodian"
 RELEASE_ACTION = "release"
 #: the audit action of a request's preparation (its files, manifest, level and members)
 PREPARE_ACTION = "review.prepare"
+#: the audit action of a delivery refused as a near-miss breach (:func:`_refuse_delivery`)
+REFUSED_ACTION = "review.release"
 RULES: dict[str, int] = {TWO_REVIEWERS: 2, ONE_REVIEWER: 1, AUTOMATIC: 0, TWO_REVIEWERS_AND_CUSTODIAN: 2}
 #: an automatic approval is recorded under this name
 AUTOMATIC_REVIEWER = "routine rule (automatic)"
 MIN_COMMENT = 5
+#: the fewest letters and digits a reviewer's name holds (:func:`person_key`)
+MIN_NAME = 3
+#: the Unicode categories a name keeps when compared: letters and numbers (:func:`person_key`)
+NAME_CATEGORIES = ("L", "N")
+#: the key of the agreement file's SHA-256 in a request's preparation entry (:func:`_agreement_in_force`)
+AGREEMENT_PIN = "agreement_sha256"
 
 
 class ReviewError(Exception):
@@ -229,8 +247,19 @@ def two_reviewer_shapes(con: duckdb.DuckDBPyConnection, agreement_id: str) -> se
     return found
 
 
+def person_key(name: str) -> str:
+    """The one form in which two names of people are compared (operator, reviewers; in the store
+    and in the audit trail): compatibility-normalised (NFKC: a fullwidth or styled letter is the
+    letter), letters and digits only (spaces, punctuation, and format characters such as a
+    zero-width space dropped), case-folded. "Alice Reviewer", "alice  REVIEWER.",
+    "Alice\u200bReviewer" and a fullwidth "Alice Reviewer" are one person (SATRE 3.3.04-3.3.05:
+    two independent checkers; found by review)."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return "".join(c for c in folded if unicodedata.category(c)[0] in NAME_CATEGORIES)
+
+
 def _same(a: str, b: str) -> bool:
-    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+    return person_key(a) == person_key(b)
 
 
 # --- transitions --------------------------------------------------------------------------
@@ -283,11 +312,16 @@ def open_request(
     optout_decision: dict[str, Any],
     members_sql: str | None,
     actor: str,
+    agreement_sha256: str,
+    scheduled: bool = False,
 ) -> Request:
     """Record a prepared request (superseding older open ones of the agreement) and audit it.
 
     ``members_sql`` selects the haven pids of everyone in the release (record level), kept in
-    the store until delivery. Call outside an open transaction.
+    the store until delivery. ``agreement_sha256``: the SHA-256 of the agreement file it was
+    prepared under (its audit entry pins it: :func:`_agreement_in_force`). The entry also records
+    the OS login that prepared it and whether that was a run of the pipeline (``scheduled``) or
+    a person at a terminal (:func:`_own_login`). Call outside an open transaction.
     """
     ensure_tables(con)
     shred_discarded(con)  # a shredding that failed before is retried by the next run
@@ -318,7 +352,8 @@ def open_request(
         agreement=agreement_id,
         detail={"to": PREPARED, "rule": rule[0], "files": [{"name": f["name"], "sha256": f["sha256"]} for f in files],
                 "manifest_sha256": manifest_sha256, "shape_sha256": shape_sha256, "identifiability": identifiability,
-                "members": _members(con, release_id)},
+                "members": _members(con, release_id), AGREEMENT_PIN: agreement_sha256, "os_user": reg.current_actor(),
+                "scheduled": scheduled},
     )  # fmt: skip
     for old in older:
         _discard(con, _transition(con, old, "supersede", by=actor, why=f"superseded by {release_id}"))
@@ -408,37 +443,62 @@ def shred_discarded(con: duckdb.DuckDBPyConnection, *, but: str | None = None) -
 
 
 def _require_independent(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
-    """Neither the operator of the run nor a reviewer who has already decided this request."""
-    if len(by.strip()) < 3:
+    """Neither the operator of the run nor a reviewer who has already approved this request, names
+    compared as one person's (:func:`person_key`)."""
+    if len(person_key(by)) < MIN_NAME:
         raise ReviewError('name the reviewer with --by, e.g. --by "Name, Output checker"')
     if _same(by, req.prepared_by):
         raise ReviewError(
             f"{by} operated the run that prepared {req.release_id}; the reviewers must be two other people"
         )
-    done = con.execute(f"SELECT DISTINCT reviewer FROM {REVIEWS} WHERE release_id = ?", [req.release_id]).fetchall()
-    for (reviewer,) in done:
-        if _same(by, reviewer) and _approved_all(con, req, reviewer):
-            raise ReviewError(
-                f"{by} has already approved {req.release_id}; the second approval must come from another person"
-            )
+    done = _store_approvals(con, req).get(person_key(by))
+    if done is not None and done[1] >= {f["name"] for f in req.files}:
+        raise ReviewError(
+            f"{by} has already approved {req.release_id}; the second approval must come from another person"
+        )
 
 
-def _approved_all(con: duckdb.DuckDBPyConnection, req: Request, reviewer: str) -> bool:
-    names = {f["name"] for f in req.files}
+def _store_approvals(con: duckdb.DuckDBPyConnection, req: Request) -> dict[str, tuple[str, set[str]]]:
+    """Each person's approvals in the store (by :func:`person_key`): the name they first gave, and
+    the files they approved under any spelling of it."""
     rows = con.execute(
-        f"SELECT DISTINCT file_name FROM {REVIEWS} WHERE release_id = ? AND reviewer = ? AND decision = 'approve'",
-        [req.release_id, reviewer],
+        f"SELECT reviewer, file_name FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve' "
+        "ORDER BY decided_at, reviewer",
+        [req.release_id],
     ).fetchall()
-    return names <= {r[0] for r in rows}
+    found: dict[str, tuple[str, set[str]]] = {}
+    for reviewer, name in rows:
+        found.setdefault(person_key(reviewer), (reviewer, set()))[1].add(name)
+    return found
 
 
 def approvers(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
-    """Reviewers who have approved every file of the request, by name."""
-    rows = con.execute(
-        f"SELECT DISTINCT reviewer FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve' ORDER BY ALL",
-        [req.release_id],
-    ).fetchall()
-    return [r[0] for r in rows if _approved_all(con, req, r[0])]
+    """Reviewers who have approved every file of the request, by name, one per person."""
+    names = {f["name"] for f in req.files}
+    return sorted(shown for shown, files in _store_approvals(con, req).values() if files >= names)
+
+
+def _own_login(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
+    """Refuse an approval given from the OS login that prepared the request (when a person at a
+    terminal prepared it, not the pipeline's scheduled run) or from the login of another person's
+    approval of it: a second typed ``--by`` name from one account is one person, whatever it
+    says (SATRE 3.3.04-3.3.05: two independent checkers, neither the operator; found by review).
+    Each approval's audit entry records its login; delivery counts them so too (:func:`_audited_approvers`)."""
+    trail = _trail(con, req)
+    if trail is None:
+        return  # delivery refuses a request whose preparation is not on the trail
+    prepared, since = trail
+    me, key = reg.current_actor(), person_key(by)
+    if me in _preparer_logins(prepared):
+        raise ReviewError(
+            f"the OS login that prepared {req.release_id} cannot approve it: each reviewer approves from their "
+            "own login, not the operator's (log in as yourself and approve again)"
+        )
+    if any(login == me for who, logins in _audited_logins(since).items() if who != key for login in logins):
+        raise ReviewError(
+            f"another reviewer of {req.release_id} approved it from this OS login; the second approval must come "
+            "from another person at their own login"
+        )
 
 
 # --- what reviewers are shown (blinded review, module docstring) ----------------------------
@@ -450,14 +510,14 @@ def blinded(req: Request) -> bool:
 
 
 def reviews_in(con: duckdb.DuckDBPyConnection, req: Request) -> int:
-    """How many reviewers have decided every file of ``req`` (a review is in once it covers every file)."""
+    """How many reviewers have decided every file of ``req`` (a review is in once it covers every
+    file), one per person (:func:`person_key`)."""
     ensure_tables(con)
-    row = con.execute(
-        f"SELECT count(*) FROM (SELECT reviewer FROM {REVIEWS} WHERE release_id = ? GROUP BY reviewer "
-        "HAVING count(DISTINCT file_name) >= ?)",
-        [req.release_id, len(req.files)],
-    ).fetchone()
-    return int(row[0]) if row else 0
+    rows = con.execute(f"SELECT reviewer, file_name FROM {REVIEWS} WHERE release_id = ?", [req.release_id]).fetchall()
+    decided: dict[str, set[str]] = {}
+    for reviewer, name in rows:
+        decided.setdefault(person_key(reviewer), set()).add(name)
+    return sum(1 for names in decided.values() if names >= {f["name"] for f in req.files})
 
 
 def decisions(con: duckdb.DuckDBPyConnection, req: Request) -> list[dict[str, Any]]:
@@ -499,11 +559,11 @@ def _pin(req: Request, wanted: list[str] | None) -> dict[str, str]:
         raise ReviewError(f"{req.release_id} has no file {', '.join(unknown)} (files: {', '.join(sorted(pinned))})")
     found: dict[str, str] = {}
     for name in names:
-        path = req.staging_dir / name
-        actual = sha256_file(path) if path.is_file() else "missing"
+        actual = sha256_plain(req.staging_dir / name) or "missing"  # a link is never followed
         if actual != pinned[name]:
             raise ReviewError(
-                f"{name} of {req.release_id} is not the file that was prepared (SHA-256 differs or it is missing); "
+                f"{name} of {req.release_id} is not the file that was prepared (SHA-256 differs, it is missing, "
+                "or it is not a plain file: a link or a second name); "
                 f"withdraw the request (safehaven review withdraw {req.release_id} --by ...) and let the next run "
                 "prepare it again"
             )
@@ -525,6 +585,7 @@ def approve(
     by: str,
     *,
     home: Home,
+    registry: ContractRegistry,
     files: list[str] | None = None,
     comment: str | None = None,
 ) -> Request:
@@ -537,6 +598,7 @@ def approve(
     if req.state not in AWAITING_REVIEW:
         raise ReviewError(f"request {release_id} is {req.state}; only a prepared request can be approved")
     _require_independent(con, req, by)
+    _own_login(con, req, by)
     hashes = _pin(req, files)
     audit.append(  # first: a decision whose entry cannot be written (or is killed before) is not recorded
         con,
@@ -552,7 +614,7 @@ def approve(
     if len(names) >= req.reviewers_needed:
         req = _transition(con, req, "approve", by=by.strip(), why=f"approved by {', '.join(names)}")
         if TWO_REVIEWERS_AND_CUSTODIAN not in (req.rule, _audited_rule(con, req)):
-            return deliver(con, release_id, home=home, by=by.strip())
+            return deliver(con, release_id, home=home, registry=registry, by=by.strip())
     elif names and req.state == PREPARED:
         req = _transition(con, req, "approve_first", by=by.strip(), why=f"approved by {names[0]}")
     return req
@@ -621,7 +683,9 @@ def withdraw_for_disposal(con: duckdb.DuckDBPyConnection, release_id: str, *, by
     return True
 
 
-def auto_approve(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, actor: str) -> Request:
+def auto_approve(
+    con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, registry: ContractRegistry, actor: str
+) -> Request:
     """Approve and deliver a request under the ``automatic`` routine rule (audited as such)."""
     req = get(con, release_id)
     if req.rule != AUTOMATIC:
@@ -629,7 +693,7 @@ def auto_approve(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home,
     hashes = _pin(req, None)
     _decide(con, req, AUTOMATIC_REVIEWER, "approve", hashes, req.rule_reason)
     _transition(con, req, "approve", by=actor, why=req.rule_reason)
-    return deliver(con, release_id, home=home, by=actor)
+    return deliver(con, release_id, home=home, registry=registry, by=actor)
 
 
 # --- delivery ------------------------------------------------------------------------------
@@ -639,15 +703,17 @@ def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request, folder: Path | 
     """Problems between the staged directory (or ``folder``, where an interrupted delivery moved it)
     and what was prepared and reviewed (empty: identical)."""
     folder = folder or req.staging_dir
-    if not folder.is_dir():
-        return [f"the staged directory of {req.release_id} is missing"]
+    if folder.is_symlink() or not folder.is_dir():
+        return [f"the staged directory of {req.release_id} is missing or is a link"]
     listed = {f["name"]: f["sha256"] for f in req.files}
     listed["manifest.json"] = req.manifest_sha256
     found = [f"{p.name} was added after preparation" for p in sorted(folder.iterdir()) if p.name not in listed]
     for name, sha in listed.items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != sha:
-            found.append(f"{name} is not the file that was prepared and reviewed (SHA-256 differs or it is missing)")
+        if sha256_plain(folder / name) != sha:  # a link or a second name is never hashed through
+            found.append(
+                f"{name} is not the file that was prepared and reviewed (SHA-256 differs, it is missing, or it is "
+                "not a plain file: a link or a second name)"
+            )
     reviewed = con.execute(
         f"SELECT file_name, sha256 FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve'", [req.release_id]
     ).fetchall()
@@ -656,7 +722,23 @@ def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request, folder: Path | 
     return found
 
 
-def _unaudited_approval(con: duckdb.DuckDBPyConnection, req: Request) -> str | None:
+#: a request's preparation entry, then every entry of it from there (:func:`_trail`)
+Trail = tuple[audit.Entry, list[audit.Entry]]
+
+
+def _trail(con: duckdb.DuckDBPyConnection, req: Request) -> Trail | None:
+    """The request's latest audited preparation and its entries since (a release id used again
+    counts only its own), or None when the trail holds no preparation of it or does not verify
+    from its first entry to the end."""
+    entries = [e for e in audit.entries_for(con, object_like=f"release-request:{req.release_id}")]
+    entries = [e for e in entries if e.object == f"release-request:{req.release_id}"]
+    prepared = [e for e in entries if e.action == PREPARE_ACTION]
+    if not prepared or not audit.authentic_from(con, entries[0].seq):
+        return None
+    return prepared[-1], [e for e in entries if e.seq >= prepared[-1].seq]
+
+
+def _unaudited_approval(con: duckdb.DuckDBPyConnection, req: Request, trail: Trail | None) -> str | None:
     """Why the audit trail does not show ``req`` prepared and approved as it is about to leave
     (None: it does).
 
@@ -666,25 +748,24 @@ def _unaudited_approval(con: duckdb.DuckDBPyConnection, req: Request) -> str | N
     SATRE 3.3.04-3.3.05). So the trail must hold the request's latest preparation with the stored
     agreement, level, files, manifest hash and members; after it, its move to ``approved`` as its
     latest state and approvals of every file at its prepared hash by as many distinct people, none
-    of them its operator, as the stricter of its audited and stored rules needs (none only when
+    of them its operator (names compared by :func:`person_key`) and each from their own OS login,
+    neither the login of a person at a terminal who prepared it nor another approver's
+    (:func:`_audited_approvers`), as the stricter of its audited and stored rules needs (none only when
     both are ``automatic``); a routine rule only for a shape two reviewers approved before
     (:func:`two_reviewer_shapes`); and those entries must verify, with every entry after them."""
-    entries = [e for e in audit.entries_for(con, object_like=f"release-request:{req.release_id}")]
-    entries = [e for e in entries if e.object == f"release-request:{req.release_id}"]
-    prepared = [e for e in entries if e.action == PREPARE_ACTION]
-    if not prepared or not audit.authentic_from(con, entries[0].seq):
+    if trail is None:
         return f"the audit trail holds no verified record of the preparation of {req.release_id}"
-    since = [e for e in entries if e.seq >= prepared[-1].seq]  # a release id used again counts only its own
-    at = prepared[-1].fields
+    prepared, since = trail
+    at = prepared.fields
     files = {f.get("name"): f.get("sha256") for f in at.get("files", []) if isinstance(f, dict)}
-    why = _prepared_as_stored(con, req, prepared[-1], files)
+    why = _prepared_as_stored(con, req, prepared, files)
     if why:
         return why
     states = [e.fields.get("to") for e in since if "to" in e.fields]
     if states[-1] != APPROVED:
         return f"the audit trail's latest state of {req.release_id} is {states[-1]}, not approved"
     needed = max(_needed(at.get("rule")), _needed(req.rule))
-    reviewed = _audited_approvers(since, files, prepared[-1].actor)
+    reviewed = _audited_approvers(since, files, prepared)
     if len(reviewed) < needed:
         return f"the audit trail holds {len(reviewed)} approval(s) of every file of {req.release_id}; it needs {needed}"
     if needed < RULES[TWO_REVIEWERS] and at.get("shape_sha256") not in two_reviewer_shapes(con, req.agreement_id):
@@ -708,7 +789,16 @@ def _prepared_as_stored(
         return f"the level of {req.release_id} in the store differs from the one audited at its preparation"
     if "members" in at and at["members"] != _members(con, req.release_id):
         return f"the members of {req.release_id} in the store differ from those audited at its preparation"
+    if AGREEMENT_PIN in at and at[AGREEMENT_PIN] != _stored(con, req, "register_row").get(AGREEMENT_PIN):
+        return f"the agreement version of {req.release_id} in the store differs from the one audited at its preparation"
     return None
+
+
+def _stored(con: duckdb.DuckDBPyConnection, req: Request, column: str) -> dict[str, Any]:
+    """A JSON column of the stored request ({} when lost, emptied or not an object: fail closed)."""
+    row = con.execute(f"SELECT {column} FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()
+    found = json.loads(row[0]) if row and row[0] else {}
+    return found if isinstance(found, dict) else {}
 
 
 def _needed(rule: object) -> int:
@@ -716,17 +806,48 @@ def _needed(rule: object) -> int:
     return RULES[rule] if isinstance(rule, str) and rule in RULES else max(RULES.values())
 
 
-def _audited_approvers(entries: list[audit.Entry], files: dict[str, str], operator: str) -> set[str]:
-    """The people (not the operator) whose audited decisions approve every file at its prepared hash."""
+def _approvals(entries: list[audit.Entry]) -> list[audit.Entry]:
+    """The approving decisions among ``entries``."""
+    return [e for e in entries if e.action == "review.decide" and e.fields.get("decision") == "approve"]
+
+
+def _audited_logins(entries: list[audit.Entry]) -> dict[str, set[str | None]]:
+    """Each approving person's (:func:`person_key`) OS logins as their decisions' entries record
+    them (``None`` for an entry that records none)."""
+    found: dict[str, set[str | None]] = {}
+    for entry in _approvals(entries):
+        login = entry.fields.get("os_user")
+        found.setdefault(person_key(entry.actor), set()).add(login if isinstance(login, str) else None)
+    return found
+
+
+def _preparer_logins(prepared: audit.Entry) -> set[str]:
+    """The OS logins no reviewer of a request may approve from: those of the person at a terminal
+    who prepared it (its actor, and the login its entry records); none for the pipeline's
+    scheduled run, whose login is the service account's, not a person's (``safehaven.context``)."""
+    if prepared.fields.get("scheduled") is True:
+        return set()
+    login = prepared.fields.get("os_user")
+    return {prepared.actor} | ({login} if isinstance(login, str) else set())
+
+
+def _audited_approvers(entries: list[audit.Entry], files: dict[str, str], prepared: audit.Entry) -> set[str]:
+    """The people whose audited decisions approve every file at its prepared hash: not the
+    operator (by :func:`person_key`), each from their own known OS login, never the preparer's
+    (:func:`_preparer_logins`); people who share a login count as none of them (fail closed)."""
     approved: dict[str, set[str]] = {}
-    for entry in entries:
-        detail = entry.fields
-        if entry.action != "review.decide" or detail.get("decision") != "approve":
-            continue
-        decided = detail.get("files") if isinstance(detail.get("files"), dict) else {}
+    for entry in _approvals(entries):
+        decided = entry.fields.get("files") if isinstance(entry.fields.get("files"), dict) else {}
         names = {name for name, sha in decided.items() if files.get(name) == sha}
-        approved.setdefault(" ".join(entry.actor.split()).casefold(), set()).update(names)
-    return {who for who, names in approved.items() if names >= set(files) and not _same(who, operator)}
+        approved.setdefault(person_key(entry.actor), set()).update(names)
+    logins, barred = _audited_logins(entries), _preparer_logins(prepared)
+    people = {
+        who
+        for who, names in approved.items()
+        if names >= set(files) and who != person_key(prepared.actor) and None not in logins[who]
+        and not logins[who] & barred
+    }  # fmt: skip
+    return {who for who in people if not any(logins[who] & logins[other] for other in people - {who})}
 
 
 def _refuse_delivery(
@@ -759,11 +880,11 @@ def _refuse_delivery(
         con,
         actor=by,
         role="review",
-        action="review.release",
+        action=REFUSED_ACTION,
         object=f"release-request:{req.release_id}",
         agreement=req.agreement_id,
         outcome="refused",
-        detail={"problems": found[:5], "breach_id": breach},
+        detail={"problems": found[:5], "breach_id": breach, "kind": kind},
     )
     return ReviewError(
         f"release {req.release_id} refused: {found[0]}; withdraw it "
@@ -771,26 +892,32 @@ def _refuse_delivery(
     )
 
 
-def deliver(con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, by: str) -> Request:
+def deliver(
+    con: duckdb.DuckDBPyConnection, release_id: str, *, home: Home, registry: ContractRegistry, by: str
+) -> Request:
     """Deliver an approved request: verify every pinned hash, move the staged directory into
     ``releases/<agreement>/<release-id>/``, and register it, in one step (module docstring).
 
-    For a ``two_reviewers_and_custodian`` request the caller must be the vault custodian (the
-    CLI checks the vault key is on the host).
+    ``registry``: the deployment's contracts, whose agreement file must be in force today and be
+    the one the request was prepared under (:func:`_agreement_in_force`). For a
+    ``two_reviewers_and_custodian`` request the caller must be the vault custodian (the CLI
+    checks the vault key is on the host).
     """
     req = get(con, release_id)
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
-    unaudited = _unaudited_approval(con, req)
-    if unaudited:
-        raise _refuse_delivery(con, req, by, [unaudited], kind="review_not_in_audit_trail")
-    _agreement_still_approved(con, req, by)
+    trail = _trail(con, req)
+    unaudited = _unaudited_approval(con, req, trail)
+    if unaudited or trail is None:  # (the first says so whenever the second holds)
+        raise _refuse_delivery(con, req, by, [str(unaudited)], kind="review_not_in_audit_trail")
+    _agreement_in_force(con, req, by, registry, trail[0].fields.get(AGREEMENT_PIN))
     _objections_still_honoured(con, req, home, by)
     final = home.releases / req.agreement_id / release_id
     moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
     found = _verify_staged(con, req, final if moved else None)
     if found:
         raise _refuse_delivery(con, req, by, found, moved=moved)
+    _not_refused_before(con, req, by, trail[1])
     if not moved:
         _move(req, final)
     if not _registered(con, release_id):
@@ -858,22 +985,80 @@ def _audit_delivery(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> No
     )  # fmt: skip
 
 
-def _agreement_still_approved(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
-    """Refuse to deliver (audited) once the agreement's decision, as the audit trail records it,
-    is no longer an approval: a suspension takes effect on requests already prepared, not only on
-    the next preparation (Caldicott 1; CoP 43). The next run prepares it again if it is approved again."""
-    from safehaven.share import approvals
+def _withdraw_hint(req: Request) -> str:
+    return f"withdraw it (safehaven review withdraw {req.release_id} --by ... --comment ...)"
 
-    decision = approvals.latest(con, req.agreement_id)
-    why = approvals.unaudited(con, req.agreement_id, decision)
-    if why is None and decision is not None and decision.decision == approvals.APPROVED:
+
+def _today() -> date:
+    """The day a delivery is judged on: the local date, as a run's ``today`` (``safehaven.context``)."""
+    return datetime.now().date()
+
+
+def _agreement_in_force(
+    con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, pinned: object
+) -> None:
+    """Refuse to deliver (audited) unless, on the day of delivery, the agreement is in force as
+    the haven stands on it (``safehaven.share.approvals.Standing.in_force``: its file, the store's
+    decision on those very bytes as the audit trail records it, a file's own suspension, its start
+    and end dates) and its file is the one the request was prepared under (the SHA-256 its
+    preparation entry pins). A suspension, an expiry or an end date brought forward takes effect
+    on requests already prepared; terms changed and approved again do not carry a request
+    prepared under the old ones; a request prepared before the pin was recorded has none and is
+    refused the same way (fail closed). Caldicott 1; CoP 41-43. The next run prepares it again
+    under the terms in force."""
+    why = _not_in_force(con, req, registry, pinned)
+    if why is None:
         return
-    why = why or f"agreement {req.agreement_id} is {decision.decision if decision else 'not approved'} now"
     audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
                  agreement=req.agreement_id, outcome="refused", detail={"reason": "agreement"})  # fmt: skip
+    raise ReviewError(f"release {req.release_id} not delivered: {why}")
+
+
+def _not_in_force(
+    con: duckdb.DuckDBPyConnection, req: Request, registry: ContractRegistry, pinned: object
+) -> str | None:
+    """Why ``req`` must not leave under its agreement today, with what clears it (None: it may)."""
+    from safehaven.share import approvals
+    from safehaven.share.agreements import AgreementError
+
+    try:
+        standing = approvals.load_standing(con, req.agreement_id, registry.root)
+    except (AgreementError, OSError) as exc:
+        return (
+            f"{exc}; nothing leaves under an agreement the haven cannot read (check that the contracts given, "
+            f"$SAFEHAVEN_CONTRACTS for the command line, are the deployment's), or {_withdraw_hint(req)}"
+        )
+    ok, why = standing.in_force(_today())
+    if not ok:
+        return (
+            f"{why}; nothing leaves under an agreement that is not in force on the day of delivery: "
+            f"{_withdraw_hint(req)}, and the next run prepares it again once the agreement is in force"
+        )
+    if pinned != standing.sha256:
+        return (
+            "it was prepared under an earlier version of the agreement (or before requests recorded it): "
+            f"{_withdraw_hint(req)}; the next run prepares it again under the current terms"
+        )
+    return None
+
+
+def _not_refused_before(con: duckdb.DuckDBPyConnection, req: Request, by: str, since: list[audit.Entry]) -> None:
+    """Refuse for ever (audited) a request whose delivery the trail records refused as a near-miss
+    breach since its latest preparation (a staged file, or its review records, not those
+    reviewed: :func:`_refuse_delivery`): bytes put back after the refusal prove nothing (the
+    extract may have been copied out meanwhile), so it must be withdrawn and prepared afresh
+    (CoP 23d; fail closed until a person resolves it; found by review)."""
+    refused = [e for e in since if e.action == REFUSED_ACTION and e.outcome == "refused" and "breach_id" in e.fields]
+    if not refused:
+        return
+    breach = refused[0].fields["breach_id"]
+    audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
+                 agreement=req.agreement_id, outcome="refused",
+                 detail={"reason": "refused_before", "breach_id": breach})  # fmt: skip
     raise ReviewError(
-        f"release {req.release_id} not delivered: {why}; withdraw it (safehaven review withdraw {req.release_id} "
-        "--by ... --comment ...)"
+        f"release {req.release_id} refused: its delivery was refused before as a breach (breach {breach}: a "
+        "staged file or its review records were not those reviewed), and a request so refused never leaves, "
+        f"even once its files match again; {_withdraw_hint(req)} and let the next run prepare it afresh for review"
     )
 
 
@@ -909,9 +1094,7 @@ def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, hom
 def _decision(con: duckdb.DuckDBPyConnection, req: Request) -> dict[str, Any]:
     """The opt-out decision stored with the request ({} when lost or emptied: checked as if the
     opt-out applied, fail closed)."""
-    stored = con.execute(f"SELECT optout_decision FROM {REQUESTS} WHERE release_id = ?", [req.release_id]).fetchone()
-    decision = json.loads(stored[0]) if stored and stored[0] else {}
-    return decision if isinstance(decision, dict) else {}
+    return _stored(con, req, "optout_decision")
 
 
 def _window(decision: dict[str, Any]) -> int:

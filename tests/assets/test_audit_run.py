@@ -19,6 +19,7 @@ from safehaven.core.audit import TABLE
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing
 from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.share import review
 from safehaven.tools import synthetic
 from tests.governance_helpers import adopt_project_agreements, approve_release
@@ -55,7 +56,7 @@ def test_a_rolled_back_trail_blocks_the_nightly_run_until_a_decision_is_recorded
     # the head goes out with the publication and with every row of the public release register
     with Store(home).connect() as con:  # the prepared releases are reviewed and leave
         for request in review.requests(con, states=review.AWAITING_REVIEW):
-            approve_release(con, request.release_id, home)
+            approve_release(con, request.release_id, home, registry=ContractRegistry())
     last = _last_seq(home)
     published = json.loads((home.published / "release.json").read_text())["audit_head"]
     assert 0 < published["seq"] <= last and len(published["entry_hash"]) == 64

@@ -93,7 +93,7 @@ def test_release_asset_materialises_with_counts_only(home: Home, registry: Contr
     assert check.check_name == REVIEW_CHECK and not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert check.metadata["waiting"].value == 1 and "k per person" in check.metadata["summary"].value
     with Store(home).connect() as con:
-        approve_release(con, "test-linked-r0001", home)
+        approve_release(con, "test-linked-r0001", home, registry=registry)
     assert (home.releases / "test-linked" / "test-linked-r0001" / MANIFEST).exists()
     # the next run finds nothing new: no request, no materialisation, and the check passes
     again = _materialize(registry, "test-linked", dagster_instance)
@@ -195,7 +195,7 @@ def test_nightly_run_releases_under_the_projects_agreements(home: Home, dagster_
     assert not any(home.releases.iterdir())
     with Store(home).connect() as con:
         for request in review.requests(con, states=review.AWAITING_REVIEW):
-            approve_release(con, request.release_id, home)
+            approve_release(con, request.release_id, home, registry=ContractRegistry())
     # anon-linked-stats is served by the published output that names it, not by a second table
     assert not (home.releases / "anon-linked-stats").exists()
     assert not (home.releases / "risk-stratification").exists()  # suspended

@@ -33,7 +33,13 @@ from safehaven.protect import custody, rotation, vault
 from safehaven.share import due, review
 from safehaven.share.releases import PREPARED, RELEASED, ReleaseRefused, prepare
 from tests.conftest import TEST_PASSPHRASE, custodian_ring, leaked_nhs_numbers
-from tests.governance_helpers import REVIEWERS, adopt_project_agreements, approve_release, prepare_and_release
+from tests.governance_helpers import (
+    REVIEWERS,
+    adopt_project_agreements,
+    approve_release,
+    login_of,
+    prepare_and_release,
+)
 from tests.unit.populate import drop, populated, process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +211,7 @@ def test_release_files_and_folders_are_owner_only(adopted_home: Home) -> None:
         result = prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=ContractRegistry()))
         assert result.status == PREPARED and result.directory is not None
         _owner_only(result.directory)  # staged for review
-        approve_release(con, result.release_id, adopted_home)
+        approve_release(con, result.release_id, adopted_home, registry=ContractRegistry())
     _owner_only(adopted_home.releases / AGREEMENT / result.release_id)  # delivered
 
 
@@ -414,7 +420,8 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
         [request] = review.requests(con, agreement_id="cohort-consent-study")
     assert request.rule == review.TWO_REVIEWERS_AND_CUSTODIAN
     for by in REVIEWERS:
-        approved = _cli(["review", "approve", request.release_id, "--by", by], env)
+        at_own_login = {**env, "LOGNAME": login_of(by)}  # each reviewer at their own login, not the custodian's
+        approved = _cli(["review", "approve", request.release_id, "--by", by], at_own_login)
         assert approved.returncode == 0, approved.stdout + approved.stderr
     assert not (home.releases / "cohort-consent-study").exists(), "the custodian delivers it"
     no_key = _cli(["review", "release", request.release_id, "--by", "V. Keeper, vault custodian"],

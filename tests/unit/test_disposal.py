@@ -51,6 +51,7 @@ from tests.governance_helpers import (
     REVIEWERS,
     adopt,
     agreement_data,
+    approve_as,
     contracts_root,
     prepare_and_release,
     write_agreement,
@@ -834,7 +835,7 @@ def _stage(world: World, approvals: int = 0) -> review.Request:
         result = prepare(con, STUDY, haven=world.context())
         assert result.status == "prepared", result.reason
         for by in REVIEWERS[:approvals]:
-            review.approve(con, result.release_id, by, home=world.home)
+            approve_as(con, result.release_id, by, home=world.home, registry=world.context().contracts)
         req = review.get(con, result.release_id)
     assert any(req.staging_dir.iterdir())
     return req

@@ -562,7 +562,7 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
         h.drop("optouts_d2.csv", [opt_out(31)])
         assert h.run()
         with pytest.raises(ReviewError, match="opted out since it was prepared"):
-            approve_release(h.con, res.release_id, h.home)
+            approve_release(h.con, res.release_id, h.home, registry=h.registry)
         folder = h.home.incoming_for("objections")
         (folder / "optouts_d3.csv").write_text(
             "sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(opt_out(30)) + "\r\n"
@@ -571,7 +571,7 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
         with pytest.raises(
             ReviewError, match="not delivered: record-level releases are blocked"
         ):  # approved, still refused
-            review.deliver(h.con, res.release_id, home=h.home, by="V. Keeper, custodian")
+            review.deliver(h.con, res.release_id, home=h.home, registry=h.registry, by="V. Keeper, custodian")
 
 
 def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_registered_since(
@@ -597,11 +597,11 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_reg
         h.drop("type1_d2.csv", [type1(33)])
         assert h.run()
         with pytest.raises(ReviewError, match="1 person.s. in it have a type 1 objection registered since"):
-            approve_release(h.con, first.release_id, h.home)
+            approve_release(h.con, first.release_id, h.home, registry=h.registry)
         assert [e for e in audit.entries_for(h.con) if e.action == "release" and e.outcome == "refused"]
         withdraw(h.con, first.release_id, by="A. Checker", comment="a type 1 objection arrived")
         again = prepare(h.con, h.agreement, haven=context)
-        assert approve_release(h.con, again.release_id, h.home).state == RELEASED
+        assert approve_release(h.con, again.release_id, h.home, registry=h.registry).state == RELEASED
         assert {h.pids[NHS[32]], h.pids[NHS[33]]} <= h.members(again.release_id), "hospital records go on"
 
 
@@ -628,7 +628,7 @@ def test_delivery_holds_the_register_to_the_window_the_request_was_prepared_unde
     assert res.status == PREPARED
     age(3)
     with pytest.raises(ReviewError, match="more than 5 days"):
-        approve_release(haven.con, res.release_id, haven.home)
+        approve_release(haven.con, res.release_id, haven.home, registry=haven.registry)
 
 
 def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_level_releases(
@@ -706,7 +706,7 @@ def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(ho
         h.drop("optouts_d2.csv", [opt_out(31)])
         assert h.run()
         with pytest.raises(ReviewError, match="opted out since it was prepared"):
-            approve_release(h.con, res.release_id, h.home)
+            approve_release(h.con, res.release_id, h.home, registry=h.registry)
 
 
 # --- an objections file received again restates its objections (CoP 11-14; fail closed) ----
@@ -1249,7 +1249,7 @@ def test_delivery_under_an_exempt_basis_still_needs_a_sound_register(haven: Have
     assert haven.run()
     haven.con.execute("DELETE FROM governance.objection_events WHERE pid = ?", [haven.pids[NHS[33]]])
     with pytest.raises(ReviewError, match="differs from its last seal"):
-        approve_release(haven.con, res.release_id, haven.home)
+        approve_release(haven.con, res.release_id, haven.home, registry=haven.registry)
 
 
 @pytest.mark.parametrize("stored", ["5", 5.0, 10**30, 0, True])
@@ -1466,7 +1466,7 @@ def test_a_delivery_stopped_after_its_register_row_still_checks_objections_regis
     attempt still refuses it (the check saw no members and let it through: found by review)."""
     from safehaven.share import review
     from safehaven.share.releases import PREPARED, prepare
-    from tests.governance_helpers import REVIEWERS
+    from tests.governance_helpers import REVIEWERS, approve_as
 
     type1 = lambda i: [NHS[i], "type1", "2024-03-01", "", "A81001"]  # noqa: E731
     with open_haven(home, tmp_path) as h:
@@ -1477,19 +1477,20 @@ def test_a_delivery_stopped_after_its_register_row_still_checks_objections_regis
         assert first.status == PREPARED
         rid, needed = first.release_id, review.get(h.con, first.release_id).reviewers_needed
         for by in REVIEWERS[: needed - 1]:
-            review.approve(h.con, rid, by, home=h.home)
+            approve_as(h.con, rid, by, home=h.home, registry=h.registry)
         with monkeypatch.context() as mp:  # stopped after the register row: no rollback runs
             mp.setattr(review, "_audit_delivery", _stopped)
             mp.setattr(review.os, "rename", renames_once(review.os.rename))
             with pytest.raises((KeyboardInterrupt, OSError)):
-                if review.approve(h.con, rid, REVIEWERS[needed - 1], home=h.home).state == review.APPROVED:
-                    review.deliver(h.con, rid, home=h.home, by="V. Keeper, custodian")
+                last = approve_as(h.con, rid, REVIEWERS[needed - 1], home=h.home, registry=h.registry)
+                if last.state == review.APPROVED:
+                    review.deliver(h.con, rid, home=h.home, registry=h.registry, by="V. Keeper, custodian")
         assert [r["release_id"] for r in reg.releases(h.con)] == [rid]
         assert h.pids[NHS[33]] in h.members(rid)
         h.drop("type1_d2.csv", [type1(33)])  # a member's type 1 objection arrives before the next attempt
         assert h.run()
         with pytest.raises(review.ReviewError, match="1 person.s. in it have a type 1 objection registered since"):
-            review.deliver(h.con, rid, home=h.home, by="V. Keeper, custodian")
+            review.deliver(h.con, rid, home=h.home, registry=h.registry, by="V. Keeper, custodian")
         assert review.get(h.con, rid).state != review.RELEASED
 
 

@@ -22,6 +22,8 @@ from tests.governance_helpers import (
     adopt,
     agreement_data,
     contracts_root,
+    logged_in_as,
+    login_of,
     record_unchecked_decision,
     small_haven,
     write_agreement,
@@ -215,7 +217,8 @@ def released(home: Home, root: Path, governance_key: None) -> Home:
     result = run("agreements", "release", "test-linked")
     assert result.exit_code == 0 and "prepared test-linked-r0001" in result.output, result.output
     for by in REVIEWERS:
-        result = run("review", "approve", "test-linked-r0001", "--by", by)
+        with logged_in_as(login_of(by)):  # each reviewer at their own login, not the operator's
+            result = run("review", "approve", "test-linked-r0001", "--by", by)
         assert result.exit_code == 0, result.output
     assert "released" in result.output
     return home

@@ -519,7 +519,7 @@ def test_an_identifiable_request_waits_for_the_custodian_whatever_rule_the_store
     preparation decides it as well (``safehaven.share.review.approve``)."""
     from safehaven.share import review
     from safehaven.share.releases import prepare
-    from tests.governance_helpers import REVIEWERS
+    from tests.governance_helpers import REVIEWERS, approve_as
 
     _vault(haven)
     aid = haven.add(**IDENTIFIABLE)
@@ -529,7 +529,7 @@ def test_an_identifiable_request_waits_for_the_custodian_whatever_rule_the_store
     haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
                       [review.TWO_REVIEWERS, result.release_id])  # fmt: skip
     for reviewer in REVIEWERS:
-        request = review.approve(haven.con, result.release_id, reviewer, home=haven.home)
+        request = approve_as(haven.con, result.release_id, reviewer, home=haven.home, registry=haven.registry)
     assert request.state == review.APPROVED and not (haven.home.releases / aid).exists()
 
 

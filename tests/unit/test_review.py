@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,14 @@ from safehaven.share import approvals, review
 from safehaven.share.releases import MANIFEST, PREPARED, SKIPPED, UNCHANGED, prepare
 from tests.conftest import leaked_nhs_numbers
 from tests.governance_helpers import (
+    BASE,
     NHS,
     REVIEWERS,
     adopt,
     agreement_data,
+    approve_as,
     contracts_root,
+    login_of,
     renames_once,
     small_haven,
     write_agreement,
@@ -63,8 +68,12 @@ class Haven:
         context = Context.open(self.home, contracts=self.registry, keyring=self.keyring, actor=OPERATOR)
         return prepare(self.con, agreement_id, haven=context)
 
-    def approve(self, release_id: str, by: str) -> review.Request:
-        return review.approve(self.con, release_id, by, home=self.home)
+    def approve(self, release_id: str, by: str, *, login: str | None = None, **kwargs: Any) -> review.Request:
+        """``by``'s approval at their own OS login (``login``, else ``login_of(by)``)."""
+        return approve_as(self.con, release_id, by, login=login, home=self.home, registry=self.registry, **kwargs)
+
+    def deliver(self, release_id: str, by: str = "V. Keeper, custodian") -> review.Request:
+        return review.deliver(self.con, release_id, home=self.home, registry=self.registry, by=by)
 
     def delivered(self, agreement_id: str = "test-linked") -> list[str]:
         folder = self.home.releases / agreement_id
@@ -112,9 +121,9 @@ def test_release_is_not_delivered_before_two_distinct_reviewers_approve(haven: H
 def test_each_file_needs_each_reviewers_decision(haven: Haven) -> None:
     haven.add()
     rid = haven.prepare().release_id
-    review.approve(haven.con, rid, R1, home=haven.home, files=["hospital_episodes.parquet"])
+    haven.approve(rid, R1, files=["hospital_episodes.parquet"])
     assert review.get(haven.con, rid).state == review.PREPARED  # social_care.parquet not yet decided
-    review.approve(haven.con, rid, R1, home=haven.home, files=["social_care.parquet"])
+    haven.approve(rid, R1, files=["social_care.parquet"])
     assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE
 
 
@@ -159,7 +168,7 @@ def test_a_file_changed_after_approval_is_refused_at_delivery_and_keeps_being_re
     staged.write_bytes(b"not what was reviewed")
     for _ in range(2):
         with pytest.raises(review.ReviewError, match="refused: hospital_episodes.parquet is not the file"):
-            review.deliver(haven.con, rid, home=haven.home, by="V. Keeper, custodian")
+            haven.deliver(rid)
     assert haven.delivered() == [] and reg.releases(haven.con) == []
     assert [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"] * 2
     review.withdraw(haven.con, rid, "V. Keeper, custodian", "staged file changed after review")
@@ -235,7 +244,7 @@ def test_a_failed_shredding_leaves_nothing_deliverable_and_is_retried_by_the_nex
     assert failed == [staging] and staging.exists(), "the shredding failed and left the files"
     assert review.get(haven.con, rid).state == review.WITHDRAWN, "the state is recorded: it will never leave"
     with pytest.raises(review.ReviewError):
-        review.deliver(haven.con, rid, home=haven.home, by=CG)
+        haven.deliver(rid, CG)
     assert haven.delivered() == []
     assert haven.prepare().status == PREPARED  # the next run opens a request, and first retries the shredding
     assert not staging.exists()
@@ -357,9 +366,9 @@ def test_while_a_request_awaits_review_reviewers_see_only_how_many_reviews_are_i
     assert review.reviews_view(haven.con, req) == {
         "blinded": True, "reviews_in": 0, "reviews_needed": 2, "approved_by": None, "decisions": None,
     }  # fmt: skip
-    review.approve(haven.con, rid, R1, home=haven.home, files=["hospital_episodes.parquet"], comment="rounded ok")
+    haven.approve(rid, R1, files=["hospital_episodes.parquet"], comment="rounded ok")
     assert review.reviews_view(haven.con, review.get(haven.con, rid))["reviews_in"] == 0  # one file is not a review
-    req = review.approve(haven.con, rid, R1, home=haven.home, files=["social_care.parquet"], comment="fine by me")
+    req = haven.approve(rid, R1, files=["social_care.parquet"], comment="fine by me")
     view = review.reviews_view(haven.con, req)
     assert req.state == review.APPROVED_BY_ONE
     assert view == {"blinded": True, "reviews_in": 1, "reviews_needed": 2, "approved_by": None, "decisions": None}
@@ -374,9 +383,9 @@ def test_while_a_request_awaits_review_reviewers_see_only_how_many_reviews_are_i
 def test_once_a_request_leaves_review_every_reviewer_decision_and_comment_is_shown(haven: Haven, ending: str) -> None:
     haven.add()
     rid = haven.prepare().release_id
-    review.approve(haven.con, rid, R1, home=haven.home, comment="fine by me")
+    haven.approve(rid, R1, comment="fine by me")
     if ending == "release":
-        req = review.approve(haven.con, rid, R2, home=haven.home)
+        req = haven.approve(rid, R2)
     else:
         req = review.return_request(haven.con, rid, R2, "coarsen the admission date")
     view = review.reviews_view(haven.con, req)
@@ -430,6 +439,7 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
     assert "k per person" in shown and "| person_id |" in shown and not any(n in shown for n in NHS)
     operator = run("review", "approve", "test-linked-r0001", "--by", current_actor())
     assert operator.exit_code == 1 and "operated the run" in operator.output
+    monkeypatch.setenv("LOGNAME", login_of(R1))  # each reviewer at their own login, not the operator's
     assert run("review", "approve", "test-linked-r0001", "--by", R1, "--comment", "fine by me").exit_code == 0
     assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 1
     assert run("review", "return", "test-linked-r0001", "--by", R2, "--comment", "x").exit_code == 1
@@ -439,6 +449,7 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
     assert "1 of 2 reviews in" in blind[0] and "reviews: 1 of 2 in" in blind[1]
     assert json.loads(blind[2])["reviews"]["reviews_in"] == 1 and "k_per_person" in blind[2]
     assert not any(R1 in text or "fine by me" in text for text in blind)
+    monkeypatch.setenv("LOGNAME", login_of(R2))
     out = run("review", "approve", "test-linked-r0001", "--by", R2).output
     assert "released ->" in out and (haven.home.releases / "test-linked" / "test-linked-r0001").is_dir()
     assert "no release requests waiting" in run("review", "list").output
@@ -456,7 +467,7 @@ def test_a_request_set_to_approved_in_the_store_is_not_delivered(haven: Haven) -
     rid = haven.prepare().release_id
     haven.con.execute(f"UPDATE {review.REQUESTS} SET state = 'approved' WHERE release_id = ?", [rid])
     with pytest.raises(review.ReviewError, match="audit trail's latest state of test-linked-r0001 is prepared"):
-        review.deliver(haven.con, rid, home=haven.home, by="V. Keeper, custodian")
+        haven.deliver(rid)
     assert haven.delivered() == [] and reg.releases(haven.con) == []
     assert [b["kind"] for b in reg.breaches(haven.con)] == ["review_not_in_audit_trail"]
 
@@ -473,7 +484,7 @@ def test_a_second_review_inserted_in_the_store_does_not_make_two(haven: Haven) -
     haven.con.execute(f"UPDATE {review.REQUESTS} SET state = 'approved' WHERE release_id = ?", [rid])
     assert len(review.approvers(haven.con, review.get(haven.con, rid))) == 2  # as the store tells it
     with pytest.raises(review.ReviewError, match="latest state of test-linked-r0001 is approved_by_one"):
-        review.deliver(haven.con, rid, home=haven.home, by="V. Keeper, custodian")
+        haven.deliver(rid)
     assert haven.delivered() == []
 
 
@@ -522,7 +533,7 @@ def test_a_decision_whose_audit_entry_cannot_be_written_is_not_recorded(haven: H
     haven.add()
     rid = haven.prepare().release_id
     with pytest.raises(ValueError, match="NHS number"):
-        review.approve(haven.con, rid, R1, home=haven.home, comment="see ticket 0123456789")
+        haven.approve(rid, R1, comment="see ticket 0123456789")
     assert review.decisions(haven.con, review.get(haven.con, rid)) == []
     haven.approve(rid, R1)  # recorded now, as if the first attempt had never been
     assert haven.approve(rid, R2).state == review.RELEASED
@@ -544,7 +555,7 @@ def test_a_request_prepared_before_its_agreement_was_suspended_is_not_delivered(
     approvals.suspend(haven.con, "test-linked", "audit of onward sharing", "Dr Y, CG", registry=haven.registry,
                       actor="ig-lead")  # fmt: skip
     haven.approve(rid, R1)
-    with pytest.raises(review.ReviewError, match="agreement test-linked is suspended now"):
+    with pytest.raises(review.ReviewError, match="agreement test-linked is suspended: audit of onward sharing"):
         haven.approve(rid, R2)
     assert haven.delivered() == [] and reg.releases(haven.con) == []
 
@@ -578,7 +589,7 @@ def test_a_delivery_stopped_part_way_is_finished_by_the_next_attempt(
     monkeypatch.undo()
     assert rid in haven.delivered() and review.get(haven.con, rid).state == review.APPROVED
 
-    review.deliver(haven.con, rid, home=haven.home, by="custodian")
+    haven.deliver(rid, "custodian")
     assert review.get(haven.con, rid).state == review.RELEASED
     assert [r["release_id"] for r in reg.releases(haven.con)] == [rid]
     assert haven.con.execute("SELECT count(*) FROM governance.release_members").fetchone()[0] > 0
@@ -601,7 +612,237 @@ def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_
     moved = haven.home.releases / "test-linked" / rid
     next(moved.glob("*.parquet")).write_bytes(b"changed")
     with pytest.raises(review.ReviewError, match="is not the file that was prepared and reviewed"):
-        review.deliver(haven.con, rid, home=haven.home, by="custodian")
+        haven.deliver(rid, "custodian")
     (breach,) = reg.breaches(haven.con)
     assert f"releases/test-linked/{rid}/" in str(breach) and "nothing was released" not in str(breach)
     assert reg.releases(haven.con) == []
+
+
+# --- delivery judges the agreement on the day of delivery, under the terms it was prepared under -----
+
+
+def _delivery_on(monkeypatch: pytest.MonkeyPatch, days: int) -> None:
+    """Deliveries from now on happen ``days`` later (``review``'s clock only)."""
+    later = datetime.now(UTC) + timedelta(days=days)
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206
+            return later if tz else later.replace(tzinfo=None)
+
+    monkeypatch.setattr(review, "datetime", Later)
+
+
+def test_a_request_prepared_in_force_is_not_delivered_once_its_agreement_has_expired(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())  # its last day
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    _delivery_on(monkeypatch, days=1)  # the second checker gets round to it the next day
+    with pytest.raises(review.ReviewError, match=r"expired on .*not in force on the day of delivery: withdraw it"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    refused = [e for e in audit.entries_for(haven.con, object_like=f"release-request:{rid}") if e.outcome == "refused"]
+    assert [e.fields["reason"] for e in refused] == ["agreement"]
+
+
+@pytest.mark.parametrize("change", ["file suspended", "end date brought forward"])
+def test_an_agreement_file_suspended_or_ended_after_preparation_stops_delivery(haven: Haven, change: str) -> None:
+    """The governance lead withholds the agreement in its file after a request was prepared: a
+    ``suspended`` block (a file can withhold, never grant) or an end date of yesterday. Either
+    changes the file, so nothing flows until it is approved again, and the request is not delivered."""
+    haven.add()
+    rid = haven.prepare().release_id
+    data = agreement_data()
+    if change == "file suspended":
+        data["approval"] = {**data["approval"], "status": "suspended", "reason": "onward sharing under audit"}
+    else:
+        data["end_date"] = (date.today() - timedelta(days=1)).isoformat()
+    write_agreement(haven.registry.root, data)
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="not delivered: agreement test-linked changed since it was approved"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+def test_a_request_prepared_under_terms_since_narrowed_and_approved_again_is_not_delivered(haven: Haven) -> None:
+    """A field is removed from the agreement (no longer justified) and the new file approved before
+    the checkers reach a request prepared under the old terms: it would release that field."""
+    haven.add()
+    rid = haven.prepare().release_id
+    narrowed = agreement_data(fields=[f for f in BASE["fields"] if f["field"] != "date_of_birth"], version="1.1.0")
+    write_agreement(haven.registry.root, narrowed)
+    approvals.approve(haven.con, "test-linked", CG, registry=haven.registry, actor="ig-lead")
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="prepared under an earlier version of the agreement.*current terms"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    review.withdraw(haven.con, rid, CG, "prepared under the old terms")
+    assert haven.prepare().status == PREPARED  # the next run prepares it under the current terms
+
+
+def test_a_request_prepared_before_requests_pinned_their_agreement_is_not_delivered(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    haven.add()
+    with monkeypatch.context() as mp:  # its preparation entry records no agreement SHA-256, as before the pin
+        mp.setattr(review, "AGREEMENT_PIN", "not_recorded_then")
+        rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="prepared under an earlier version of the agreement"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == []
+
+
+# --- one person is one reviewer, whatever the spelling or the name typed ------------------------------
+
+
+LOOKALIKES = ["Alice Reviewer\u200b", "\uff21lice Reviewer", "Alice Reviewer.", "alice\u00a0reviewer"]
+
+
+@pytest.mark.parametrize("twin", LOOKALIKES, ids=["zero-width-space", "fullwidth", "full-stop", "nbsp"])
+def test_one_reviewer_cannot_approve_twice_under_a_lookalike_of_their_own_name(haven: Haven, twin: str) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, "Alice Reviewer", login="login-alice")
+    with pytest.raises(review.ReviewError, match="already approved"):
+        haven.approve(rid, twin, login="login-other")  # another login: only the name says it is her
+    assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE and haven.delivered() == []
+
+
+@pytest.mark.parametrize("twin", LOOKALIKES[:3], ids=["zero-width-space", "fullwidth", "full-stop"])
+def test_the_audited_count_takes_a_lookalike_name_for_the_same_person(haven: Haven, twin: str) -> None:
+    """The store renamed behind the check: delivery counts the people in the audit trail the same way."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
+                      [review.TWO_REVIEWERS_AND_CUSTODIAN, rid])  # fmt: skip
+    haven.approve(rid, "Alice Reviewer", login="login-alice")
+    haven.con.execute(f"UPDATE {review.REVIEWS} SET reviewer = 'Somebody Else' WHERE release_id = ?", [rid])
+    assert haven.approve(rid, twin, login="login-other").state == review.APPROVED
+    with pytest.raises(review.ReviewError, match="holds 1 approval"):
+        haven.deliver(rid)
+    assert haven.delivered() == []
+
+
+def test_a_name_of_fewer_than_three_letters_or_digits_is_refused(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    with pytest.raises(review.ReviewError, match="name the reviewer with --by"):
+        haven.approve(rid, ". . . .")
+
+
+def test_the_login_that_prepared_a_request_at_a_terminal_cannot_approve_it(haven: Haven) -> None:
+    """`safehaven agreements release` at a terminal: the request's preparer is the OS login, and a
+    name typed with --by from that login is still the operator."""
+    me = reg.current_actor()
+    haven.add()
+    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring)
+    rid = prepare(haven.con, "test-linked", haven=context).release_id
+    assert review.get(haven.con, rid).prepared_by == me
+    with pytest.raises(review.ReviewError, match="OS login that prepared test-linked-r0001 cannot approve it"):
+        haven.approve(rid, R1, login=me)
+    assert review.decisions(haven.con, review.get(haven.con, rid)) == []
+
+
+def test_two_approvals_from_one_login_are_one_reviewer(haven: Haven) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1, login="login-shared")
+    with pytest.raises(review.ReviewError, match="approved it from this OS login"):
+        haven.approve(rid, R2, login="login-shared")
+    assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE and haven.delivered() == []
+
+
+def test_the_audited_count_takes_two_approvals_from_one_login_for_one_reviewer(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1, login="login-shared")
+    monkeypatch.setattr(review, "_own_login", lambda *_a: None)  # the approval-time check bypassed
+    with pytest.raises(review.ReviewError, match="holds 0 approval"):
+        haven.approve(rid, R2, login="login-shared")
+    assert haven.delivered() == []
+
+
+def test_the_audited_count_refuses_an_approval_from_the_login_that_prepared_it_at_a_terminal(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    me = reg.current_actor()
+    haven.add()
+    rid = prepare(haven.con, "test-linked", haven=Context.open(haven.home, contracts=haven.registry)).release_id
+    monkeypatch.setattr(review, "_own_login", lambda *_a: None)  # the approval-time check bypassed
+    haven.approve(rid, R1, login=me)
+    with pytest.raises(review.ReviewError, match="holds 1 approval"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == []
+
+
+def test_a_scheduled_runs_login_is_not_a_persons(haven: Haven) -> None:
+    """The pipeline's run prepares under the service account's login: a reviewer is not refused for it."""
+    haven.add()
+    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring).as_scheduled()
+    rid = prepare(haven.con, "test-linked", haven=context).release_id
+    haven.approve(rid, R1, login=reg.current_actor())
+    assert haven.approve(rid, R2).state == review.RELEASED
+
+
+# --- a request refused for a changed file never leaves; links are never followed ----------------------
+
+
+def _awaiting_custodian(haven: Haven) -> str:
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
+                      [review.TWO_REVIEWERS_AND_CUSTODIAN, rid])  # fmt: skip
+    haven.approve(rid, R1)
+    assert haven.approve(rid, R2).state == review.APPROVED
+    return rid
+
+
+def test_a_request_refused_for_a_changed_file_is_refused_even_once_the_bytes_are_put_back(haven: Haven) -> None:
+    rid = _awaiting_custodian(haven)
+    staged = review.get(haven.con, rid).staging_dir / "hospital_episodes.parquet"
+    original = staged.read_bytes()
+    staged.write_bytes(b"swapped by an insider")
+    with pytest.raises(review.ReviewError, match="not the file"):
+        haven.deliver(rid)
+    staged.write_bytes(original)  # put back
+    with pytest.raises(review.ReviewError, match="refused before as a breach.*withdraw it"):
+        haven.deliver(rid)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    assert [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"]  # recorded once
+    review.withdraw(haven.con, rid, CG, "staged file swapped and put back")
+    assert haven.prepare().status == PREPARED
+
+
+def test_a_staged_file_replaced_by_a_link_is_refused_at_review(haven: Haven, tmp_path: Path) -> None:
+    haven.add()
+    rid = haven.prepare().release_id
+    staged = review.get(haven.con, rid).staging_dir / "hospital_episodes.parquet"
+    outside = tmp_path / "insider" / "copy.parquet"
+    outside.parent.mkdir()
+    shutil.move(staged, outside)
+    staged.symlink_to(outside)  # the same bytes, through a link outside the home
+    with pytest.raises(review.ReviewError, match="not a plain file"):
+        haven.approve(rid, R1)
+    assert haven.delivered() == []
+
+
+@pytest.mark.parametrize("entry", ["symbolic link", "hard link"])
+def test_a_staged_file_replaced_by_a_link_after_review_is_refused_at_delivery(
+    haven: Haven, tmp_path: Path, entry: str
+) -> None:
+    rid = _awaiting_custodian(haven)
+    staged = review.get(haven.con, rid).staging_dir / "hospital_episodes.parquet"
+    outside = tmp_path / "insider.parquet"
+    if entry == "symbolic link":
+        shutil.move(staged, outside)
+        staged.symlink_to(outside)
+    else:
+        os.link(staged, outside)  # a second name outside the home for the same bytes
+    with pytest.raises(review.ReviewError, match="hospital_episodes.parquet is not the file.*not a plain file"):
+        haven.deliver(rid)
+    assert haven.delivered() == [] and [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"]

@@ -320,7 +320,7 @@ def test_a_request_whose_level_or_members_were_edited_is_not_delivered(haven: Ha
     else:
         haven.con.execute(f"DELETE FROM {review.REQUEST_MEMBERS}")
     with pytest.raises(review.ReviewError, match=f"{'level' if edit == 'level' else 'members'} of"):
-        approve_release(haven.con, result.release_id, haven.home)
+        approve_release(haven.con, result.release_id, haven.home, registry=haven.registry)
 
 
 def test_a_batch_deleted_whole_before_it_was_registered_blocks_until_restored_or_its_loss_is_accepted(
