@@ -11,7 +11,15 @@ from __future__ import annotations
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
-from tests.governance_helpers import REVIEWERS, adopt, agreement_data, small_haven, write_agreement
+from tests.governance_helpers import (
+    REVIEWERS,
+    adopt,
+    agreement_data,
+    logged_in_as,
+    login_of,
+    small_haven,
+    write_agreement,
+)
 from tests.unit.test_governance import governance_key, root, run  # noqa: F401  (fixtures)
 
 R1, R2 = REVIEWERS[0], REVIEWERS[1]
@@ -24,14 +32,16 @@ def test_the_audit_log_withholds_who_reviewed_a_request_until_it_is_decided(home
         small_haven(con, KeyRing(home.keys), ContractRegistry(root))
         adopt(con, ContractRegistry(root), "test-linked")
     assert run("agreements", "release", "test-linked").exit_code == 0
-    assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 0
+    with logged_in_as(login_of(R1)):  # each output checker at their own login
+        assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 0
 
     blinded = run("audit", "log", "--limit", "5").output
     (line,) = [row for row in blinded.splitlines() if DECIDED in row]
     assert R1 not in blinded and "approve" not in line.split(DECIDED)[1]
     assert "withheld while the request awaits review" in line
 
-    assert run("review", "approve", "test-linked-r0001", "--by", R2).exit_code == 0
+    with logged_in_as(login_of(R2)):
+        assert run("review", "approve", "test-linked-r0001", "--by", R2).exit_code == 0
     decided = [row for row in run("audit", "log", "--limit", "10").output.splitlines() if DECIDED in row]
     assert len(decided) == 2 and R1 in decided[0] and R2 in decided[1]
     assert not any("withheld" in row for row in decided)
