@@ -175,9 +175,16 @@ def _awaiting_review(con: duckdb.DuckDBPyConnection) -> set[str]:
     3.3.05, docs/rules.md "Output checking"): while one awaits a decision, the log shows neither
     who acted on it since its preparation nor how each reviewer decided, as ``safehaven review
     show`` shows only how many reviews are in; both appear once the request is decided."""
+    from safehaven.core.store import table_exists
     from safehaven.share import review
 
-    return {r.release_id for r in review.requests(con) if review.blinded(r)}
+    if not table_exists(con, *review.REQUESTS.split(".")):  # read-only: nothing to create
+        return set()
+    rows = con.execute(
+        f"SELECT release_id FROM {review.REQUESTS} WHERE list_contains(?::VARCHAR[], state)",
+        [list(review.AWAITING_REVIEW)],
+    ).fetchall()
+    return {str(r[0]) for r in rows}
 
 
 @audit_group.command("anchor")

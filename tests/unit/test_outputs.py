@@ -740,12 +740,11 @@ def test_an_observed_dimension_whose_people_cannot_be_counted_is_refused(
     which that cannot be done (its count is not of distinct pid, or it drops rows after grouping)
     is refused, saying how to write it."""
     admit(con, 40, "RX1", "2026-01-10", "A01")
-    for sql in (
-        admissions().sql.replace("count(DISTINCT h.pid)", "count(*)"),
-        admissions().sql.replace("GROUP BY ALL", "GROUP BY ALL HAVING count(DISTINCT h.pid) > 0"),
-    ):
-        with pytest.raises(OutputError, match="adm: the people holding each value of observed dimension provider_code"):
-            build_output(con, admissions(sql=sql), registry, today=TODAY)
+    with pytest.raises(ValueError, match="defines its count column people as COUNT"):  # the gate, at load
+        admissions(sql=admissions().sql.replace("count(DISTINCT h.pid)", "count(*)"))
+    having = admissions().sql.replace("GROUP BY ALL", "GROUP BY ALL HAVING count(DISTINCT h.pid) > 0")
+    with pytest.raises(OutputError, match="adm: the people holding each value of observed dimension provider_code"):
+        build_output(con, admissions(sql=having), registry, today=TODAY)
     assert published_tables(con) == 0
 
 
