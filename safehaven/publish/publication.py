@@ -40,8 +40,9 @@ Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; ``docs/rules.md`` "Publi
   the manifest (``release.json``, with each file's SHA-256) last, so readers never see half a
   file, and a crash leaves nothing half-written in the analysts' folder: stale staging
   folders are removed by the next publication and at the start of every run
-  (``assets.runner.recover``). Files of an output that a release no longer contains are
-  removed.
+  (``assets.runner.recover``). Nothing is ever staged inside ``published/``: an entry named
+  like the older layout's ``.staging-*`` is judged as any other (``integrity``). Files of an
+  output that a release no longer contains are removed.
 * **What is in ``published/`` is checked first** (``safehaven.publish.integrity``): once the
   audit trail verifies, and before the last publication is taken as unchanged, every entry of
   ``published/`` is compared with the store's record. A recorded file with other bytes
@@ -579,9 +580,11 @@ def _refresh_head(con: duckdb.DuckDBPyConnection, home: Home, release_id: str, a
 
 
 def _fresh_staging(home: Home, release_id: str) -> Path:
-    """An empty staging folder outside ``published/``; earlier ones (a crashed publish) are removed."""
+    """An empty staging folder outside ``published/``; earlier ones (a crashed publish) are removed.
+    Nothing in ``published/`` is removed here: an entry there the record does not name, whatever its
+    name, is evidence (``safehaven.publish.integrity``), moved out before this runs."""
     home.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in [*home.staging.glob("publish-*"), *home.published.glob(".staging-*")]:
+    for stale in home.staging.glob("publish-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = home.staging / f"publish-{release_id}"
     staging.mkdir()
