@@ -886,12 +886,15 @@ def test_an_altered_file_of_an_output_left_out_is_moved_out_not_left_in_publishe
         publish_release(con, [second], registry, home, now=NOW)
         (home.published / "first.parquet").write_text(NHS_LIST)
         one = publish_release(con, [second], registry, home, now=NOW)
+        gone = not (home.published / "first.parquet").exists()
+        (home.published / "first.parquet").write_text(NHS_LIST)  # put there again: a new incident
+        two = publish_release(con, [second], registry, home, now=NOW)
         recorded = _actions(con, "published_altered")
-    assert not (home.published / "first.parquet").exists()
-    assert [p.read_text() for p in _evidence(home)] == [NHS_LIST]
-    assert [r["object"] for r in recorded] == ["published/first.parquet"]
+    assert gone and not (home.published / "first.parquet").exists()
+    assert [p.read_text() for p in _evidence(home)] == [NHS_LIST, NHS_LIST]
+    assert [r["object"] for r in recorded] == ["published/first.parquet"] * 2
     (line,) = one.set_aside
-    assert "moved out of published/" in line and "put back" in line
+    assert "moved out of published/" in line and "put back" in line and len(two.set_aside) == 1
 
 
 def test_the_same_alteration_made_again_after_a_publication_replaced_the_file_is_a_new_incident(
