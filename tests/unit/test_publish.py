@@ -944,3 +944,37 @@ def test_before_the_first_publication_a_manifest_in_published_is_no_record_and_e
     kept = {p.name: p.read_text() for p in _evidence(home)}
     assert kept == {"list.csv": NHS_LIST, "release.json": forged}
     assert json.loads((home.published / "release.json").read_text())["release_id"] == release.release_id
+
+
+def _hold(con: duckdb.DuckDBPyConnection, collection: str) -> None:
+    """The collection's latest drop, arrived now, was refused at validation: the collection is held."""
+    from safehaven.core import schema
+
+    schema.ensure(con, schema.BATCHES)
+    con.execute(
+        f"INSERT INTO {schema.BATCHES} (batch_id, collection, file_name, sha256, rows, landed_at, status, "
+        "invalid_rows, validated_at, contract_version, drop_key, arrived_at) VALUES "
+        "(?, ?, 'bad.csv', 'x', 10, now(), 'refused', 10, now(), '1', 'drop-bad', now())",
+        [f"held-{collection}", collection],
+    )
+
+
+def test_a_publication_of_an_output_reading_a_held_collection_is_refused_and_writes_nothing(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """The publish step materialised alone, after the collection was held, refuses the whole
+    release, naming the collection and what clears the hold; published/ is left as it was."""
+    from safehaven.intake.validation import CollectionHeld
+
+    home, out = store.home, output(dimensions=DECLARED)
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        _hold(con, "hospital_episodes")
+        with pytest.raises(CollectionHeld) as refused:
+            publish_release(con, [out], registry, home, now=NOW)
+        published = _actions(con, "publish")
+    message = str(refused.value)
+    assert message.startswith("publication refused") and "hospital_episodes is held" in message
+    assert "corrected file" in message
+    assert published == [] and not (home.published.exists() and any(home.published.iterdir()))
