@@ -4,12 +4,14 @@ The core verifies the whole release again (disclosure invariants, publication gu
 statements) and writes nothing if any output fails, nor when nothing changed since the last
 publication (``safehaven.publish.reuse``); the asset only reports what was written, and, as
 warnings, what the check of ``published/`` found altered or planted and set aside
-(``safehaven.publish.integrity``; a refusal carries those lines in its message).
+(``safehaven.publish.integrity``; a refusal carries those lines in its message). A collection
+held at intake refuses it as it refuses the steps before it (``assets.guards.held_fails``).
 """
 
 import dagster as dg
 
 from assets import keys
+from assets.guards import held_fails
 from resources.haven import SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.publish.outputs import load_outputs
@@ -31,7 +33,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     )
     def published_files(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         home = haven.home_dir()
-        with haven.connect() as con:
+        with haven.connect() as con, held_fails():  # a held collection refuses it (its reason, no traceback)
             release = publish_release(con, outputs, haven.registry(), home)
             statement = load_statement(con, outputs[0].name) if outputs else None
         # the disclosure audit of the whole release (safehaven.publish.release_audit): counts and time only

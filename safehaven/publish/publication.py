@@ -2,6 +2,12 @@
 
 Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; ``docs/rules.md`` "Publication"):
 
+* **Never while a collection is held.** A publication whose outputs read a collection held at
+  intake (its latest drop refused, or landed and not validated) is refused whole before anything
+  is checked or written (``CollectionHeld``, naming the collection and what clears the hold;
+  ``safehaven.intake.validation.refuse_held``), as the steps before it are: materialised alone,
+  it would state the collection's figures as if its sender had sent nothing since (CoP 7-9).
+  What analysts hold stays as it is until the hold clears.
 * **Only through the guard.** Before anything is written, every output of the release is
   checked again (:func:`verify_release`): the disclosure invariants on the exact table to be
   exported (``safehaven.publish.disclosure.check_invariants``), the publication guard
@@ -40,8 +46,9 @@ Rules (CoP 35-36, 45-46; ISB 1523; guide Rule 3 part A; ``docs/rules.md`` "Publi
   the manifest (``release.json``, with each file's SHA-256) last, so readers never see half a
   file, and a crash leaves nothing half-written in the analysts' folder: stale staging
   folders are removed by the next publication and at the start of every run
-  (``assets.runner.recover``). Files of an output that a release no longer contains are
-  removed.
+  (``assets.runner.recover``). Nothing is ever staged inside ``published/``: an entry named
+  like the older layout's ``.staging-*`` is judged as any other (``integrity``). Files of an
+  output that a release no longer contains are removed.
 * **What is in ``published/`` is checked first** (``safehaven.publish.integrity``): once the
   audit trail verifies, and before the last publication is taken as unchanged, every entry of
   ``published/`` is compared with the store's record. A recorded file with other bytes
@@ -77,6 +84,7 @@ from safehaven.core.home import PUBLISHED_DB, PUBLISHED_MANIFEST, Home
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.intake.validation import refuse_held
 from safehaven.protect.pseudonymise import haven_coarsening, haven_column
 from safehaven.publish import integrity, reuse
 from safehaven.publish.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_invariants
@@ -99,6 +107,7 @@ __all__ = [
     "guard_table",
     "identifying_columns",
     "publish_release",
+    "refuse_held_outputs",
     "verify_release",
 ]
 
@@ -468,10 +477,14 @@ def publish_release(
 ) -> Release:
     """Verify, then write the release to ``home.published`` atomically (see the module docstring).
 
+    Refused first (``CollectionHeld``, nothing checked or written) while a collection an output
+    reads is held (:func:`refuse_held_outputs`).
+
     A publication whose content equals the last one's, with every file of it still in place,
     is not re-issued (``safehaven.publish.reuse``): the returned release is that one, marked
     ``unchanged``, and nothing is written or registered.
     """
+    refuse_held_outputs(con, outputs, registry)
     problems = verify_release(con, outputs, registry)
     if problems:
         raise PublicationRefused(problems)
@@ -560,6 +573,17 @@ def publish_release(
     return release
 
 
+def refuse_held_outputs(con: duckdb.DuckDBPyConnection, outputs: Sequence[Output], registry: ContractRegistry) -> None:
+    """Refuse the whole publication (``CollectionHeld``) while a collection any of its outputs reads is
+    held (``safehaven.intake.validation.refuse_held``; CoP 7-9). The publication is the step that
+    states the figures to the public: materialised alone, it must not publish a held collection's
+    figures as if its sender had sent nothing since. The whole release is refused, as for any
+    failure (a release is a coherent set), and what analysts hold stays as it is; the message names
+    the collection and what clears the hold (a corrected drop that passes, or the intake run again)."""
+    read = {c for o in outputs for c in o.collections if c in registry.contracts}
+    refuse_held(con, [registry.contracts[c] for c in sorted(read)], "publication")
+
+
 def _refresh_head(con: duckdb.DuckDBPyConnection, home: Home, release_id: str, audit_head: dict[str, Any]) -> None:
     """An unchanged publication still carries tonight's audit head (``safehaven.core.anchors``):
     its manifest alone is rewritten, atomically, with the same release id and files."""
@@ -579,9 +603,11 @@ def _refresh_head(con: duckdb.DuckDBPyConnection, home: Home, release_id: str, a
 
 
 def _fresh_staging(home: Home, release_id: str) -> Path:
-    """An empty staging folder outside ``published/``; earlier ones (a crashed publish) are removed."""
+    """An empty staging folder outside ``published/``; earlier ones (a crashed publish) are removed.
+    Nothing in ``published/`` is removed here: an entry there the record does not name, whatever its
+    name, is evidence (``safehaven.publish.integrity``), moved out before this runs."""
     home.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in [*home.staging.glob("publish-*"), *home.published.glob(".staging-*")]:
+    for stale in home.staging.glob("publish-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = home.staging / f"publish-{release_id}"
     staging.mkdir()

@@ -233,7 +233,7 @@ def test_a_held_collection_holds_its_counts_outputs_and_releases_materialised_al
     home: Home, dagster_instance, tmp_path: Path
 ) -> None:
     """CoP 7-9 (``safehaven.intake.validation.refuse_held``): once a collection's latest drop was
-    refused at validation, a count, an output or a release that reads it, materialised alone from
+    refused at validation, a count, an output, a release or the publication that reads it, materialised alone from
     the UI as the nightly job would never run it, refuses with the reason and its remedy (no
     figures stated, no records released, as if its sender had sent nothing since); an output over
     other collections only is built as before."""
@@ -261,9 +261,12 @@ def test_a_held_collection_holds_its_counts_outputs_and_releases_materialised_al
             asset_selection=[key],
         )
 
-    for key in (keys.counts("gp_activity"), keys.published("gp_activity"), release_key("statutory-gp-audit")):
+    published = {p.name: p.read_bytes() for p in home.published.iterdir()}
+    held = (keys.counts("gp_activity"), keys.published("gp_activity"), release_key("statutory-gp-audit"))
+    for key in (*held, keys.PUBLISHED_FILES):
         refused = alone(key)
         why = _failure_text(refused)
         assert not refused.success, key
         assert "gp_events is held" in why and "refused at validation" in why and "corrected file" in why, why
+    assert {p.name: p.read_bytes() for p in home.published.iterdir()} == published, "the publication wrote nothing"
     assert alone(keys.published("hospital_admissions")).success

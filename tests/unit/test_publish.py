@@ -830,3 +830,151 @@ def test_a_manifest_rewritten_for_a_new_audit_head_and_killed_before_its_record_
         release = publish_release(con, [out], registry, home, now=NOW)
         recorded = _actions(con, "published_altered")
     assert recorded == [] and release.set_aside == [] and not _evidence(home)
+
+
+NHS_LIST = PLANTED["adm_by_postcode.csv"]
+
+
+def test_an_entry_named_like_the_old_staging_folders_is_judged_planted_moved_out_and_recorded(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """No publication stages in published/ any more: a plain file, a link and a folder named
+    ``.staging-*`` are entries like any other, moved into evidence (the folder kept, not deleted)
+    and recorded, by an unchanged publication as by a changed one."""
+    from safehaven.core.registers import breaches
+
+    home, out = store.home, output(dimensions=DECLARED)
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        (home.published / ".staging-nhs.csv").write_text(NHS_LIST)
+        outside = home.root.parent / "outside.csv"
+        outside.write_text(NHS_LIST)
+        (home.published / ".staging-x").symlink_to(outside)
+        (home.published / ".staging-leak").mkdir()
+        (home.published / ".staging-leak" / "list.csv").write_text(NHS_LIST)
+        same = publish_release(con, [out], registry, home, now=NOW)
+        seed_haven(con, {"A": 45, "B": 25})
+        build_all(con, out, registry, home)
+        changed = publish_release(con, [out], registry, home, now=NOW)
+        recorded = _actions(con, "published_planted")
+        kinds = [b["kind"] for b in breaches(con)]
+    names = {".staging-nhs.csv", ".staging-x", ".staging-leak"}
+    assert same.unchanged and not changed.unchanged and len(same.set_aside) == 3 and changed.set_aside == []
+    assert not [p for p in home.published.iterdir() if p.name.startswith(".staging-")]
+    assert {p.name for p in _evidence(home)} == names
+    (folder,) = home.evidence.glob("published-*")
+    assert (folder / "files" / ".staging-leak" / "list.csv").read_text() == NHS_LIST, "kept, not deleted"
+    assert (folder / "files" / ".staging-x").is_symlink() and outside.read_text() == NHS_LIST
+    assert len(recorded) == 3 and kinds.count("published_planted") == 3
+
+
+def test_an_altered_file_of_an_output_left_out_is_moved_out_not_left_in_published(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """``first.parquet`` of an output a later publication left out is the haven's own by name, so a
+    file written there is altered; but no publication rewrites it, so it is moved out into evidence
+    (recorded) rather than left for analysts, and the release audit asks for it when the output returns."""
+    home = store.home
+    first, second = output("first", dimensions=DECLARED), output("second", dimensions=DECLARED)
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, first, registry, home)
+        build_all(con, second, registry, home)
+        publish_release(con, [first, second], registry, home, now=NOW)
+        publish_release(con, [second], registry, home, now=NOW)
+        (home.published / "first.parquet").write_text(NHS_LIST)
+        one = publish_release(con, [second], registry, home, now=NOW)
+        gone = not (home.published / "first.parquet").exists()
+        (home.published / "first.parquet").write_text(NHS_LIST)  # put there again: a new incident
+        two = publish_release(con, [second], registry, home, now=NOW)
+        recorded = _actions(con, "published_altered")
+    assert gone and not (home.published / "first.parquet").exists()
+    assert [p.read_text() for p in _evidence(home)] == [NHS_LIST, NHS_LIST]
+    assert [r["object"] for r in recorded] == ["published/first.parquet"] * 2
+    (line,) = one.set_aside
+    assert "moved out of published/" in line and "put back" in line and len(two.set_aside) == 1
+
+
+def test_the_same_alteration_made_again_after_a_publication_replaced_the_file_is_a_new_incident(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """'Recorded once' holds while an altered file stays in place; once a publication has replaced
+    it, the same bytes written again are a fresh tampering: recorded again, with its own evidence."""
+    from safehaven.core.registers import breaches
+
+    home, out = store.home, output(dimensions=DECLARED)
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        path = home.published / "adm.csv"
+        original = path.read_bytes()
+        path.write_bytes(original + b"A,99\n")
+        first = publish_release(con, [out], registry, home, now=NOW)
+        assert path.read_bytes() == original
+        path.write_bytes(original + b"A,99\n")
+        second = publish_release(con, [out], registry, home, now=NOW)
+        recorded = _actions(con, "published_altered")
+        kinds = [b["kind"] for b in breaches(con)]
+    assert len(first.set_aside) == 1 and len(second.set_aside) == 1
+    assert len(recorded) == 2 and recorded[1]["release_id"] == first.release_id != recorded[0]["release_id"]
+    assert kinds.count("published_altered") == 2 and [p.name for p in _evidence(home)] == ["adm.csv", "adm.csv"]
+
+
+def test_before_the_first_publication_a_manifest_in_published_is_no_record_and_every_entry_is_planted(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """With no publication recorded (nor pending), a ``release.json`` in published/ is anyone's: it
+    vouches for nothing, so the file it lists and the manifest itself are moved out and recorded."""
+    home, out = store.home, output(dimensions=DECLARED)
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        home.published.mkdir(parents=True, exist_ok=True)
+        (home.published / "list.csv").write_text(NHS_LIST)
+        sha = hashlib.sha256(NHS_LIST.encode()).hexdigest()
+        forged = json.dumps({"release_id": "forged", "files": {"list.csv": sha}})
+        (home.published / "release.json").write_text(forged)
+        release = publish_release(con, [out], registry, home, now=NOW)
+        recorded = _actions(con, "published_planted")
+    assert not (home.published / "list.csv").exists() and "list.csv" not in release.removed
+    assert {r["object"] for r in recorded} == {"published/list.csv", "published/release.json"}
+    kept = {p.name: p.read_text() for p in _evidence(home)}
+    assert kept == {"list.csv": NHS_LIST, "release.json": forged}
+    assert json.loads((home.published / "release.json").read_text())["release_id"] == release.release_id
+
+
+def _hold(con: duckdb.DuckDBPyConnection, collection: str) -> None:
+    """The collection's latest drop, arrived now, was refused at validation: the collection is held."""
+    from safehaven.core import schema
+
+    schema.ensure(con, schema.BATCHES)
+    con.execute(
+        f"INSERT INTO {schema.BATCHES} (batch_id, collection, file_name, sha256, rows, landed_at, status, "
+        "invalid_rows, validated_at, contract_version, drop_key, arrived_at) VALUES "
+        "(?, ?, 'bad.csv', 'x', 10, now(), 'refused', 10, now(), '1', 'drop-bad', now())",
+        [f"held-{collection}", collection],
+    )
+
+
+def test_a_publication_of_an_output_reading_a_held_collection_is_refused_and_writes_nothing(
+    store: Store, registry: ContractRegistry
+) -> None:
+    """The publish step materialised alone, after the collection was held, refuses the whole
+    release, naming the collection and what clears the hold; published/ is left as it was."""
+    from safehaven.intake.validation import CollectionHeld
+
+    home, out = store.home, output(dimensions=DECLARED)
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 20})
+        build_all(con, out, registry, home)
+        _hold(con, "hospital_episodes")
+        with pytest.raises(CollectionHeld) as refused:
+            publish_release(con, [out], registry, home, now=NOW)
+        published = _actions(con, "publish")
+    message = str(refused.value)
+    assert message.startswith("publication refused") and "hospital_episodes is held" in message
+    assert "corrected file" in message
+    assert published == [] and not (home.published.exists() and any(home.published.iterdir()))
