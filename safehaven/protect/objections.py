@@ -21,13 +21,17 @@ response to the Caldicott review 7.15):
   regenerated, one row differing, so a new batch) is judged too (:func:`_judge_batch`): a
   statement that would end or shorten an objection the register holds is *held*, not applied,
   when its withdrawn date is on or before the day the register learnt the statement it
-  contradicts (the later of that event's registration and its batch's arrival; the same day is
-  held). The sender knew of that withdrawal when it stated the objection in force, so repeating
-  it later is stale; a withdrawal made since carries a later date and applies. A file listing an
+  contradicts (:func:`learnt_sql`: the latest time the haven was told it, by that event, its
+  batch's arrival, or a file sent again or same-records copy stating it, which adds no event; on
+  the haven's UK calendar day; the same day is held). The sender knew of that withdrawal when it
+  stated the objection in force, so repeating it later is stale; a withdrawal made since carries
+  a later date and applies. A file listing an
   episode's history is judged by its last statement about it; held withdrawals are recorded in
   ``governance.objection_withdrawals_held`` (so they are neither pending nor registered again),
   the rest of the batch registers as ever, and a person applies them
-  (``safehaven objections apply-held <batch>``, :func:`apply_held_batch`; audited). Reading the register
+  (``safehaven objections apply-held <batch>``, :func:`apply_held_batch`; audited), except one
+  whose episode the register was told again since it was held (:data:`SUPERSEDED`: counted, not
+  applied; a decision made on outdated information). Reading the register
   "as known at" an earlier time (``known_at``) uses only the events registered by then; the
   notices to recipients (``safehaven.protect.optouts``) compare these two views.
 * **Formatting never lets an objector through.** Objections and records are matched on the
