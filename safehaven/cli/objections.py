@@ -34,6 +34,12 @@ import click
 
 from safehaven.cli.common import ensure_home, fail, objections_window_from_env, registry_from_env
 
+#: what apply-held says when held withdrawals were superseded (CoP 11-14; a count, never a value)
+SUPERSEDED_NOTE = (
+    "superseded withdrawals were not applied: the register was told those objections again after they were held "
+    "(a newer file or a file sent again); confirm with the sender and have them send a new withdrawal"
+)
+
 
 def register(main: click.Group) -> None:
     """Add the feed commands to the ``objections`` group."""
@@ -174,10 +180,13 @@ def _register_seal_decisions(group: click.Group) -> None:
             with Store(home).connect() as con:
                 key = haven_key(con, KeyRing(home.keys))
                 install_key(con, "haven", key)
-                n = register_seal.apply_held_withdrawals(con, contract, drop, key.key_id, home, by=by, reason=reason)
+                done = register_seal.apply_held_withdrawals(con, contract, drop, key.key_id, home, by=by, reason=reason)
         except ValueError as exc:
             fail(f"safehaven objections apply-held: {exc}")
-        click.echo(json.dumps({"drop": drop, "events_added": n, "by": by, "audited": True}))
+        shown = {"drop": drop, "events_added": done.added, "superseded": done.superseded, "by": by, "audited": True}
+        if done.superseded:
+            shown["note"] = SUPERSEDED_NOTE
+        click.echo(json.dumps(shown))
 
     @group.command("accept-batch")
     @click.argument("batch")

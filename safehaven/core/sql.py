@@ -43,3 +43,14 @@ def file_lit(path: Path) -> str:
 def lit(value: str) -> str:
     """Quote a string literal for DuckDB: wrapped in single quotes, each single quote doubled."""
     return LITERAL_QUOTE + value.replace(LITERAL_QUOTE, LITERAL_QUOTE * 2) + LITERAL_QUOTE
+
+
+#: the haven's calendar: the dates senders give (an objection's recorded and withdrawn dates) are
+#: UK dates, so a time is turned into the haven's day here, never in the session's time zone (the host's)
+HAVEN_TIME_ZONE = "Europe/London"
+
+
+def haven_day_sql(timestamp: str) -> str:
+    """SQL of the haven's calendar day (:data:`HAVEN_TIME_ZONE`) of a TIMESTAMPTZ expression: 00:30
+    BST on 2 July is 2 July, whatever the host's zone (CoP 11-14: objection dates are UK dates)."""
+    return f"CAST(timezone({lit(HAVEN_TIME_ZONE)}, {timestamp}) AS DATE)"

@@ -21,13 +21,17 @@ response to the Caldicott review 7.15):
   regenerated, one row differing, so a new batch) is judged too (:func:`_judge_batch`): a
   statement that would end or shorten an objection the register holds is *held*, not applied,
   when its withdrawn date is on or before the day the register learnt the statement it
-  contradicts (the later of that event's registration and its batch's arrival; the same day is
-  held). The sender knew of that withdrawal when it stated the objection in force, so repeating
-  it later is stale; a withdrawal made since carries a later date and applies. A file listing an
+  contradicts (:func:`learnt_sql`: the latest time the haven was told it, by that event, its
+  batch's arrival, or a file sent again or same-records copy stating it, which adds no event; on
+  the haven's UK calendar day; the same day is held). The sender knew of that withdrawal when it
+  stated the objection in force, so repeating it later is stale; a withdrawal made since carries
+  a later date and applies. A file listing an
   episode's history is judged by its last statement about it; held withdrawals are recorded in
   ``governance.objection_withdrawals_held`` (so they are neither pending nor registered again),
   the rest of the batch registers as ever, and a person applies them
-  (``safehaven objections apply-held <batch>``, :func:`apply_held_batch`; audited). Reading the register
+  (``safehaven objections apply-held <batch>``, :func:`apply_held_batch`; audited), except one
+  whose episode the register was told again since it was held (:data:`SUPERSEDED`: counted, not
+  applied; a decision made on outdated information). Reading the register
   "as known at" an earlier time (``known_at``) uses only the events registered by then; the
   notices to recipients (``safehaven.protect.optouts``) compare these two views.
 * **Formatting never lets an objector through.** Objections and records are matched on the
@@ -51,14 +55,14 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Literal
+from typing import NamedTuple
 
 import duckdb
 
 from safehaven.core import schema
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
-from safehaven.core.sql import lit, q
+from safehaven.core.sql import haven_day_sql, lit, q
 from safehaven.core.store import transaction
 from safehaven.intake.contracts import Contract
 from safehaven.protect.pseudonymise import hmac_sql
@@ -265,7 +269,7 @@ def _judge_batch(con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, b
         f"AS is_last FROM ({stated})"
     )
     stale = (
-        f"SELECT s.pid, s.objection_type, s.recorded_date FROM _rows s JOIN ({learnt_sql()}) l "
+        f"SELECT s.pid, s.objection_type, s.recorded_date FROM _rows s JOIN ({learnt_sql(contract, pid)}) l "
         f"USING (pid, objection_type, recorded_date) WHERE s.is_last AND {ENDS} "
         "AND coalesce(s.withdrawn_date <= l.learnt_on, true)"
     )
@@ -276,17 +280,54 @@ def _judge_batch(con: duckdb.DuckDBPyConnection, contract: Contract, pid: str, b
     )
 
 
-def learnt_sql() -> str:
+def learnt_sql(contract: Contract, pid: str) -> str:
     """SQL relation of objection episodes (pid, objection_type, recorded_date, withdrawn_date,
-    learnt_on): the register's latest statement about each, and the day the register learnt it,
-    the later of its event's registration and its batch's arrival (the later holds more)."""
-    arrived = "coalesce(b.arrived_at, b.landed_at, e.registered_at)"
-    return (
-        "SELECT e.pid, e.objection_type, e.recorded_date, e.withdrawn_date, "
-        f"CAST(greatest(e.registered_at, {arrived}) AS DATE) AS learnt_on "
-        f"FROM {EVENTS} e LEFT JOIN governance.batches b ON b.batch_id = e._batch "
+    learnt_at, learnt_on): the register's latest statement about each, and the latest time the haven
+    was told it (CoP 11-14; fail closed: the later holds more), and that time's day in the haven's
+    calendar (``safehaven.core.sql.haven_day_sql``). Told by: the latest event (the later of its
+    registration and its batch's arrival), and every registered restatement (a file sent again, or
+    a copy with the same records, ``safehaven.intake.ingest._note_restatement``) whose last
+    statement about the episode equals it (:func:`restated_sql`; the later of its arrival and its
+    registration): an unchanged daily list adds no event, yet the sender stated the episode again."""
+    told = "greatest(e.registered_at, coalesce(b.arrived_at, b.landed_at, e.registered_at))"
+    latest = (
+        f"SELECT e.pid, e.objection_type, e.recorded_date, e.withdrawn_date, {told} AS told_at FROM {EVENTS} e "
+        "LEFT JOIN governance.batches b ON b.batch_id = e._batch "
         "QUALIFY row_number() OVER (PARTITION BY e.pid, e.objection_type, e.recorded_date "
         "ORDER BY e.event_id DESC) = 1"
+    )
+    learnt_at = "greatest(l.told_at, max(r.told_at))"
+    return (
+        f"SELECT l.pid, l.objection_type, l.recorded_date, l.withdrawn_date, {learnt_at} AS learnt_at, "
+        f"{haven_day_sql(learnt_at)} AS learnt_on FROM ({latest}) l LEFT JOIN ({restated_sql(contract, pid)}) r "
+        "ON r.pid = l.pid AND r.objection_type = l.objection_type AND r.recorded_date = l.recorded_date "
+        "AND r.withdrawn_date IS NOT DISTINCT FROM l.withdrawn_date GROUP BY l.pid, l.objection_type, l.recorded_date, "
+        "l.withdrawn_date, l.told_at"
+    )
+
+
+def restated_sql(contract: Contract, pid: str) -> str:
+    """SQL relation (pid, objection_type, recorded_date, withdrawn_date, told_at): each registered
+    restatement's last statement about each episode (:func:`last_statements_sql`), told at the later
+    of the restatement's arrival and its registration."""
+    registered = f"SELECT * FROM {RESTATEMENTS} WHERE registered_at IS NOT NULL"
+    stated = last_statements_sql(contract, pid, f"_batch IN (SELECT batch_id FROM ({registered}))")
+    return (
+        "SELECT s.pid, s.objection_type, s.recorded_date, s.withdrawn_date, "
+        f"greatest(r.arrived_at, r.registered_at) AS told_at FROM ({registered}) r JOIN ({stated}) s "
+        "ON s._batch = r.batch_id"
+    )
+
+
+def last_statements_sql(contract: Contract, pid: str, where: str) -> str:
+    """SQL relation of the valid objections rows matching ``where``: each batch's last statement
+    about each episode (a file may list an episode's history; its last row about it is what it
+    states), with its pseudonym ``pid``."""
+    return (
+        f"SELECT {pid} AS pid, objection_type, CAST(recorded_date AS DATE) AS recorded_date, "
+        f"CAST(withdrawn_date AS DATE) AS withdrawn_date, source_practice, _batch, _row "
+        f"FROM landing.{contract.collection}_valid WHERE {where} "
+        "QUALIFY row_number() OVER (PARTITION BY _batch, pid, objection_type, recorded_date ORDER BY _row DESC) = 1"
     )
 
 
@@ -321,12 +362,7 @@ def _compare_restated(con: duckdb.DuckDBPyConnection, contract: Contract, pid: s
     """``_restated``: the batch's last statement about each episode (a file may list an episode's
     history), each marked ``appended`` (it keeps an objection in force longer, or is new) or
     ``held`` (it would end or shorten one the register holds), against the register's latest."""
-    stated = (
-        f"SELECT {pid} AS pid, objection_type, CAST(recorded_date AS DATE) AS recorded_date, "
-        f"CAST(withdrawn_date AS DATE) AS withdrawn_date, source_practice, _batch, _row "
-        f"FROM landing.{contract.collection}_valid WHERE _batch = {lit(batch_id)} "
-        "QUALIFY row_number() OVER (PARTITION BY pid, objection_type, recorded_date ORDER BY _row DESC) = 1"
-    )
+    stated = last_statements_sql(contract, pid, f"_batch = {lit(batch_id)}")
     later = "(s.withdrawn_date IS NULL OR s.withdrawn_date > l.withdrawn_date)"
     appended = f"(l.pid IS NULL OR (l.withdrawn_date IS NOT NULL AND {later}))"
     held = f"(l.pid IS NOT NULL AND {ENDS})"
@@ -336,8 +372,23 @@ def _compare_restated(con: duckdb.DuckDBPyConnection, contract: Contract, pid: s
     )
 
 
-def _append_restated(con: duckdb.DuckDBPyConnection, key_id: str, which: Literal["appended", "held"]) -> int:
-    """Append the statements of ``_restated`` marked ``which`` as events, numbered after the last."""
+#: SQL predicate over a held statement ``s`` (``s.held_at``: when it was held) and the episode's
+#: :func:`learnt_sql` row ``l``: the register was told the episode again after the hold (a registered
+#: event, a file sent again or a copy stating it), so a decision on the hold is made on outdated
+#: information and the withdrawal is not applied (CoP 11-14; fail closed: a time unknown supersedes)
+SUPERSEDED = "coalesce(l.learnt_at > s.held_at, true)"
+
+
+class HeldApplied(NamedTuple):
+    """A person's decision on held withdrawals: the events appended, and the held withdrawals not
+    applied because the register was told their episode again since they were held (:data:`SUPERSEDED`)."""
+
+    added: int
+    superseded: int
+
+
+def _append_restated(con: duckdb.DuckDBPyConnection, key_id: str, which: str) -> int:
+    """Append the statements of ``_restated`` matching ``which`` (a predicate over it), numbered after the last."""
     (added,) = con.execute(
         f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
         "+ row_number() OVER (ORDER BY _row), pid, objection_type, recorded_date, withdrawn_date, "
@@ -347,48 +398,61 @@ def _append_restated(con: duckdb.DuckDBPyConnection, key_id: str, which: Literal
     return int(added)
 
 
-def apply_held(con: duckdb.DuckDBPyConnection, contract: Contract, drop: str, key_id: str = "") -> int:
+def apply_held(con: duckdb.DuckDBPyConnection, contract: Contract, drop: str, key_id: str = "") -> HeldApplied:
     """A person's decision (``safehaven objections apply-held``): the withdrawals a file sent again
     held (:func:`register_restatements`) are genuine; append them now, compared with the register
-    as it now stands (a statement no longer ending an objection is not appended). Returns the
-    events added. Raises ValueError when ``drop`` names no registered restatement holding any."""
+    as it now stands (a statement no longer ending an objection is not appended), except those whose
+    episode the register was told again since they were held (:data:`SUPERSEDED`; counted). Raises
+    ValueError when ``drop`` names no registered restatement holding any."""
     row = con.execute(
-        f"SELECT batch_id FROM {RESTATEMENTS} WHERE drop_key = ? AND registered_at IS NOT NULL "
+        f"SELECT batch_id, registered_at FROM {RESTATEMENTS} WHERE drop_key = ? AND registered_at IS NOT NULL "
         "AND withdrawals_held > 0 AND held_applied_at IS NULL",
         [drop],
     ).fetchone()
     if row is None:
         raise ValueError(f"no file sent again with withdrawals held has the drop key {drop!r}")
+    pid = pid_sql(contract)
     with transaction(con):
-        _compare_restated(con, contract, pid_sql(contract), row[0])
-        added = _append_restated(con, key_id, "held")
+        _compare_restated(con, contract, pid, row[0])
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _restated AS SELECT s.*, s.held AND {SUPERSEDED} AS superseded "
+            f"FROM (SELECT *, ?::TIMESTAMPTZ AS held_at FROM _restated) s LEFT JOIN ({learnt_sql(contract, pid)}) l "
+            "USING (pid, objection_type, recorded_date)",
+            [row[1]],
+        )
+        (superseded,) = con.execute("SELECT count(*) FILTER (WHERE superseded) FROM _restated").fetchone()
+        added = _append_restated(con, key_id, "held AND NOT superseded")
         con.execute(f"UPDATE {RESTATEMENTS} SET held_applied_at = now() WHERE drop_key = ?", [drop])
         con.execute("DROP TABLE _restated")
-    return added
+    return HeldApplied(added, int(superseded))
 
 
-def apply_held_batch(con: duckdb.DuckDBPyConnection, contract: Contract, batch: str, key_id: str = "") -> int:
+def apply_held_batch(con: duckdb.DuckDBPyConnection, contract: Contract, batch: str, key_id: str = "") -> HeldApplied:
     """A person's decision (``safehaven objections apply-held``): the withdrawals a new batch's stale
     statements held (:func:`_register_batch`) are genuine; append each episode's last one now where
-    it still ends or shortens the objection as the register now stands (:data:`ENDS`). Returns the
-    events added. Raises ValueError when ``batch`` names no batch holding any."""
+    it still ends or shortens the objection as the register now stands (:data:`ENDS`) and the
+    register was not told the episode again since it was held (:data:`SUPERSEDED`; counted, not
+    applied). Raises ValueError when ``batch`` names no batch holding any."""
     held = f"SELECT _row FROM {HELD} WHERE batch_id = ? AND statement AND applied_at IS NULL"
     if not con.execute(held, [batch]).fetchall():
         raise ValueError(f"no objections batch with withdrawals held has the id {batch!r}")
+    pid = pid_sql(contract)
     stated = (
-        f"SELECT {pid_sql(contract)} AS pid, objection_type, recorded_date, withdrawn_date, source_practice, "
-        f"_batch, _row FROM landing.{contract.collection}_valid WHERE _batch = ? AND _row IN ({held})"
+        f"SELECT {pid} AS pid, v.objection_type, v.recorded_date, v.withdrawn_date, v.source_practice, v._batch, "
+        f"v._row, h.held_at FROM landing.{contract.collection}_valid v JOIN {HELD} h "
+        "ON h.batch_id = v._batch AND h._row = v._row WHERE v._batch = ? AND h.statement AND h.applied_at IS NULL"
     )
+    judged = f"FROM ({stated}) s JOIN ({learnt_sql(contract, pid)}) l USING (pid, objection_type, recorded_date)"
     with transaction(con):
+        (superseded,) = con.execute(f"SELECT count(*) {judged} WHERE {SUPERSEDED}", [batch]).fetchone()
         (added,) = con.execute(
             f"INSERT INTO {EVENTS} SELECT (SELECT coalesce(max(event_id), 0) FROM {EVENTS}) "
             "+ row_number() OVER (ORDER BY s._row), s.pid, s.objection_type, s.recorded_date, s.withdrawn_date, "
-            f"s.source_practice, s._batch, s._row, now(), ? FROM ({stated}) s LEFT JOIN ({episodes_sql()}) l "
-            f"USING (pid, objection_type, recorded_date) WHERE l.pid IS NOT NULL AND {ENDS}",
-            [key_id, batch, batch],
+            f"s.source_practice, s._batch, s._row, now(), ? {judged} WHERE {ENDS} AND NOT {SUPERSEDED}",
+            [key_id, batch],
         ).fetchone()
         con.execute(f"UPDATE {HELD} SET applied_at = now() WHERE batch_id = ? AND applied_at IS NULL", [batch])
-    return int(added)
+    return HeldApplied(int(added), int(superseded))
 
 
 def episodes_sql(known_at: str | datetime | None = None) -> str:

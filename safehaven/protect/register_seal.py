@@ -65,6 +65,7 @@ from safehaven.protect.objections import (
     EVENTS,
     HELD,
     RESTATEMENTS,
+    HeldApplied,
     apply_held,
     apply_held_batch,
     pid_sql,
@@ -359,14 +360,16 @@ def apply_held_withdrawals(
     *,
     by: str,
     reason: str,
-) -> int:
+) -> HeldApplied:
     """A person's decision that the withdrawals held from a file sent again (``drop``, its drop key)
     or from a new batch whose statements were stale (``drop``, its batch id) are genuine (e.g. the
     sender confirmed a new withdrawal whose records equal an old file's, or a withdrawal dated
     before the objection it ends was last stated): applied (``objections.apply_held``,
     ``objections.apply_held_batch``), audited (``objections.held_applied``, with their reason) and
     sealed. Refused while the register differs from its seal (that comes first). The haven key
-    must be installed as ``haven``. Returns the events added."""
+    must be installed as ``haven``. A held withdrawal whose episode the register was told again
+    since the hold is not applied (``objections.SUPERSEDED``): counted as ``superseded`` in the
+    result and the audit entry (a count, never a value). Returns the events added and that count."""
     if not by.strip() or not reason.strip():
         raise ValueError("a decision needs the person's name and a reason")
     tampered = problem(con, home)
@@ -383,11 +386,16 @@ def apply_held_withdrawals(
             f"no file sent again with withdrawals held has the drop key {drop!r}, and no objections batch with "
             "withdrawals held not yet applied has that id: safehaven objections faults lists them"
         )
-    added = (apply_held_batch if stale else apply_held)(con, contract, drop, key_id)
-    detail = {"batch" if stale else "drop": drop, "events_added": added, "reason": reason[:500]}
+    applied = (apply_held_batch if stale else apply_held)(con, contract, drop, key_id)
+    detail = {
+        "batch" if stale else "drop": drop,
+        "events_added": applied.added,
+        "superseded": applied.superseded,
+        "reason": reason[:500],
+    }
     audit.append(con, actor=by, role="governance", action=HELD_APPLIED, object=OBJECT, detail=detail, home=home)
     seal(con, home, actor=by, role="governance")
-    return added
+    return applied
 
 
 def _holds_stale(con: duckdb.DuckDBPyConnection, batch: str) -> bool:

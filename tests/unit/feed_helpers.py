@@ -84,10 +84,18 @@ class Haven:
 
     def learnt_earlier(self, days: int) -> None:
         """As if the register had learnt all it holds ``days`` earlier (a withdrawal dated since then
-        is news, ``safehaven.protect.objections._judge_batch``): every batch's arrival and landing
-        and every event's registration moved back, and sealed again as the haven would have sealed
-        them then."""
+        is news, ``safehaven.protect.objections._judge_batch``): every batch's arrival and landing,
+        every file sent again's arrival and registration, and every event's registration moved back,
+        and sealed again as the haven would have sealed them then."""
         self.con.execute("UPDATE governance.batches SET arrived_at = arrived_at - INTERVAL (?) DAY", [days])
+        self.con.execute(
+            "UPDATE governance.objection_restatements SET arrived_at = arrived_at - INTERVAL (?) DAY, "
+            "noted_at = noted_at - INTERVAL (?) DAY, registered_at = registered_at - INTERVAL (?) DAY",
+            [days] * 3,
+        )
+        sealer = self.sealer()
+        for drop in sealer.restatements(self.con):
+            sealer.seal_restatement(self.con, drop)
         self.age(days)
         self.con.execute(
             "UPDATE governance.objection_events SET registered_at = registered_at - INTERVAL (?) DAY", [days]

@@ -1400,6 +1400,140 @@ def test_a_new_file_listing_an_episodes_history_is_judged_by_its_last_statement(
     assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
 
 
+def test_an_objection_restated_unchanged_was_learnt_when_restated_so_an_older_withdrawal_is_held(
+    haven: Haven,
+) -> None:
+    """A file sent again unchanged adds no event, yet its sender stated the objection again that day
+    (a registered restatement): the register learnt it then, so a new file's withdrawal dated
+    between the first statement and the restatement is stale, held, and the objection stays in
+    force (found by review: only the latest event counted, so the old withdrawal lifted it)."""
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.learnt_earlier(10)
+    haven.drop("objections.csv", [opt_out(10)])  # sent again, unchanged, today
+    haven.run()
+    assert _restatements(haven) == [(1, 0, 0)], "the unchanged statement adds no event"
+    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=5)).isoformat())])
+    haven.run()
+    assert _in_force(haven, 10)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
+def test_an_unchanged_daily_list_re_exported_with_other_bytes_was_learnt_the_day_it_came(haven: Haven) -> None:
+    """The everyday case: today's daily list holds yesterday's records in other bytes (a spreadsheet's
+    re-save), a copy noted as a restatement, adding no event; the register learnt the objection
+    today all the same, so a regenerated old extract withdrawing it five days ago is held."""
+    haven.drop("daily.csv", [opt_out(10), opt_out(12)])
+    haven.run()
+    haven.learnt_earlier(10)
+    haven.drop("daily.csv", [opt_out(10), opt_out(12)], excel=True)  # today's list: the same records
+    haven.run()
+    assert _restatements(haven) == [(2, 0, 0)]
+    old = _withdrawn(10, (TODAY - timedelta(days=5)).isoformat())
+    haven.drop("old extract.csv", [old, opt_out(12), opt_out(11)])
+    haven.run()
+    assert _in_force(haven, 10) and _in_force(haven, 11)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
+def test_a_file_sent_again_stating_other_than_the_register_does_not_refresh_when_it_was_learnt(
+    haven: Haven,
+) -> None:
+    """Only a restatement whose statement equals the register's current one tells the haven that
+    state again: an old withdrawal file sent again (held) says nothing of the objection in force,
+    so a genuine new withdrawal dated after the register last learnt the objection still applies."""
+    yesterday, weekago = ((TODAY - timedelta(days=n)).isoformat() for n in (1, 5))
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.learnt_earlier(3)
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    haven.run()
+    haven.drop("objections.csv", [opt_out(10)])  # sent again: back in force
+    haven.run()
+    haven.learnt_earlier(10)
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])  # the old withdrawal sent again today: held
+    haven.run()
+    assert _in_force(haven, 10) and _restatements(haven)[-1] == (1, 0, 1)
+    haven.drop("withdrawn.csv", [_withdrawn(10, weekago), opt_out(11)])
+    haven.run()
+    assert not _in_force(haven, 10), "dated after the register last learnt the objection in force: applied"
+    assert _held_by_batch(haven) == []
+
+
+def test_a_held_withdrawal_the_sender_stated_away_since_the_hold_is_superseded_not_applied(haven: Haven) -> None:
+    """A person's decision to apply a stale withdrawal is made on what the register knew when it was
+    held; a newer list stating the objection in force since then supersedes it: nothing is
+    appended, the objection stays in force, and the decision is audited with the count superseded
+    (a count, never a value)."""
+    _stale_story(haven)
+    [held] = _held_by_batch(haven)
+    haven.drop("daily list.csv", [opt_out(10), opt_out(12), opt_out(11), opt_out(13)])  # newer: in force
+    haven.run()
+    done = register_seal.apply_held_withdrawals(
+        haven.con, haven.registry.objections(), str(held["batch"]), "", haven.home, by="Dr Guardian", reason="ok"
+    )
+    assert done == (0, 1)
+    assert _in_force(haven, 10)
+    assert register_seal.problem(haven.con) is None and _held_by_batch(haven) == []
+    [entry] = [e for e in audit.entries_for(haven.con) if e.action == register_seal.HELD_APPLIED]
+    assert entry.detail_value["superseded"] == 1 and entry.detail_value["events_added"] == 0
+    assert NHS[10] not in json.dumps(entry.detail_value) and haven.pids[NHS[10]] not in json.dumps(entry.detail_value)
+
+
+def test_a_withdrawal_held_from_a_file_sent_again_is_superseded_by_a_newer_list(haven: Haven) -> None:
+    """The same for a withdrawal held from a file sent again (``apply_held``): a newer list stating
+    the objection in force after the hold supersedes it, and the command says how many, not who."""
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    haven.learnt_earlier(2)
+    haven.drop("withdrawals.csv", [_withdrawn(10, yesterday)])
+    haven.run()
+    haven.drop("objections.csv", [opt_out(10)])  # the mistaken withdrawal undone
+    haven.run()
+    haven.drop("withdrawal (new).csv", [_withdrawn(10, yesterday)], excel=True)  # held
+    haven.run()
+    [held] = register_seal.held_withdrawals(haven.con)
+    haven.drop("daily list.csv", [opt_out(10), opt_out(11)])  # newer: still in force
+    haven.run()
+    haven.con.close()  # the command opens the store itself
+    args = ["objections", "apply-held", str(held["drop"]), "--by", "Dr Guardian", "--reason", "confirmed"]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    shown = json.loads(done.output)
+    assert (shown["events_added"], shown["superseded"]) == (0, 1) and "told those objections again" in shown["note"]
+    assert NHS[10] not in done.output
+    with Store(haven.home).connect() as con:
+        haven.con = con
+        install_key(con, "haven", haven.keyring.get("haven"))
+        assert _in_force(haven, 10)
+        assert register_seal.problem(con) is None and register_seal.held_withdrawals(con) == []
+
+
+def test_the_day_learnt_is_the_uk_day_so_a_same_uk_day_withdrawal_after_midnight_bst_is_held(haven: Haven) -> None:
+    """Withdrawn dates are UK calendar dates, so the day the register learnt a statement is its UK
+    day (``safehaven.core.sql.haven_day_sql``), not the host's: learnt at 00:30 BST on 2 July
+    (23:30 UTC on 1 July), a withdrawal dated 2 July is the same day, and held."""
+    haven.drop("objections.csv", [opt_out(10)])
+    haven.run()
+    at = "2026-07-02 00:30:00+01:00"
+    haven.con.execute(f"UPDATE governance.batches SET arrived_at = TIMESTAMPTZ '{at}', landed_at = TIMESTAMPTZ '{at}'")
+    sealer = haven.sealer()
+    for stage, batches in sealer.held(haven.con).items():
+        sealer.seal(haven.con, stage, batches)
+    haven.con.execute(f"UPDATE governance.objection_events SET registered_at = TIMESTAMPTZ '{at}'")
+    register_seal.seal(haven.con, haven.home, actor="test run")
+    haven.con.execute("SET TimeZone = 'UTC'")  # a host in another zone than the haven's
+    haven.drop("withdrawn.csv", [_withdrawn(10, "2026-07-02")])
+    haven.run()
+    assert _in_force(haven, 10)
+    assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
 def test_a_stale_withdrawal_is_applied_by_a_persons_decision_and_listed_until_then(haven: Haven) -> None:
     """The held withdrawal is listed by ``safehaven objections faults`` under its batch, and applied
     only by ``safehaven objections apply-held <batch>``: audited, the register sealed, and then the
