@@ -383,8 +383,8 @@ class Output(Strict):
     @model_validator(mode="after")
     def _gated_sql(self) -> Output:
         """The SQL, and every domain's, is one read-only SELECT over the output's haven tables, and the SQL
-        counts its count column as distinct haven pseudonyms (``sql_gate``)."""
-        check_output_sql(self.sql, self.collections, count=self.count_col)
+        counts its count column and every denominator as distinct haven pseudonyms (``sql_gate``)."""
+        check_output_sql(self.sql, self.collections, counts=self.people_measures)
         for dim in self.dimensions:
             if dim.domain.sql:
                 check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
@@ -453,6 +453,12 @@ class Output(Strict):
     @property
     def denominators(self) -> list[str]:
         return [m.name for m in self.measures if m.kind == "denominator"]
+
+    @property
+    def people_measures(self) -> list[str]:
+        """The measures that count people (the count and the denominators): each is ``count(DISTINCT
+        <alias>.pid)`` of a haven table (``sql_gate._refuse_other_count``)."""
+        return [self.count_col, *self.denominators]
 
     @property
     def rate_cols(self) -> dict[str, str]:
@@ -760,7 +766,7 @@ def remove_structural_zeros(con: duckdb.DuckDBPyConnection, output: Output, tabl
     zeros = output.zeros.structural
     if not zeros:
         return StructuralReport()
-    people = " OR ".join(f"{q(m)} > 0" for m in [output.count_col, *output.denominators])
+    people = " OR ".join(f"{q(m)} > 0" for m in output.people_measures)
     tallies = [
         f"count(*) FILTER (WHERE {z.predicate_sql()}), count(*) FILTER (WHERE {z.predicate_sql()} AND ({people}))"
         for z in zeros
@@ -830,7 +836,7 @@ def _fill_grid(con: duckdb.DuckDBPyConnection, output: Output, cells: str, targe
     ).fetchone()[0]
     if outside:
         raise OutputError(f"{output.name}: {outside} cell(s) fall outside the declared domains")
-    measures = [output.count_col, *output.denominators]
+    measures = output.people_measures
     fill = ", ".join(f"CAST(coalesce(c.{q(m)}, 0) AS BIGINT) AS {q(m)}" for m in measures)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT {', '.join('g.' + d for d in dims)}, {fill} "
