@@ -158,6 +158,9 @@ class Domain(Strict):
     #: which part of a code list entry the dimension holds
     field: Literal["code", "display", "group"] = "code"
     values: list[str] | None = None
+    #: for a code list: the values the SQL gives besides the list's (``Unknown`` for a code not in
+    #: it), declared so that they are rows of the grid like the list's (:func:`_domain_sql`)
+    also: list[str] = []
     sql: str | None = None
 
     @model_validator(mode="before")
@@ -177,6 +180,8 @@ class Domain(Strict):
         needed = {"code_list": self.code_list, "values": self.values, "sql": self.sql}
         if self.kind in needed and not needed[self.kind]:
             raise ValueError(f"a {self.kind} domain must name its {self.kind}")
+        if self.also and self.kind != "code_list":
+            raise ValueError("only a code_list domain declares also: values besides its list's")
         return self
 
 
@@ -674,21 +679,27 @@ class OutputBuild:
 
 
 def _domain_sql(dim: Dimension, cells: str) -> str:
+    """SQL of the dimension's domain: its values in the grid (module docstring, "The full grid").
+
+    Only an ``observed`` domain reads the cells. A ``code_list`` or ``values`` domain is exactly the
+    values it declares (with a code list's ``also``), so a cell the SQL puts outside them refuses the
+    build (:func:`_fill_grid`) rather than adding a row label nobody declared: a value the data
+    chose (an exact date as text, say) is never published under a declared domain.
+    """
     d = q(dim.name)
-    observed = f"SELECT DISTINCT {d} FROM {cells}"
     dom = dim.domain
     if dom.kind == "reporting_months":
         return f"SELECT month AS {d} FROM {MONTHS}"
     if dom.kind == "observed":
-        return observed
+        return f"SELECT DISTINCT {d} FROM {cells}"
     if dom.kind == "sql":
         return f"SELECT DISTINCT v AS {d} FROM ({dom.sql}) s(v)"
+    listed = [lit(v) for v in (dom.values if dom.kind == "values" else dom.also) or []]
+    declared = [f"SELECT unnest([{', '.join(listed)}])"] if listed else []
     if dom.kind == "code_list":
         col = {"code": "code", "display": "display", "group": "grp"}[dom.field]
-        declared = f"SELECT {col} FROM codes({lit(str(dom.code_list))}) WHERE {col} IS NOT NULL"
-    else:
-        declared = f"SELECT unnest([{', '.join(lit(v) for v in dom.values or [])}])"
-    return f"SELECT DISTINCT v AS {d} FROM ({declared} UNION ALL {observed}) s(v)"
+        declared.append(f"SELECT {col} FROM codes({lit(str(dom.code_list))}) WHERE {col} IS NOT NULL")
+    return f"SELECT DISTINCT v AS {d} FROM ({' UNION ALL '.join(declared)}) s(v)"
 
 
 def true_cells(
@@ -835,7 +846,10 @@ def _fill_grid(con: duckdb.DuckDBPyConnection, output: Output, cells: str, targe
         f"SELECT count(*) FROM {cells} c ANTI JOIN (SELECT * FROM {joins}) g USING ({using})"
     ).fetchone()[0]
     if outside:
-        raise OutputError(f"{output.name}: {outside} cell(s) fall outside the declared domains")
+        raise OutputError(
+            f"{output.name}: {outside} cell(s) fall outside the declared domains: declare their values "
+            "(values:, or a code list's also:) or map them onto declared values in the SQL"
+        )
     measures = output.people_measures
     fill = ", ".join(f"CAST(coalesce(c.{q(m)}, 0) AS BIGINT) AS {q(m)}" for m in measures)
     con.execute(

@@ -549,6 +549,56 @@ def test_cells_outside_the_declared_grid_and_null_dimensions_are_refused(
         )
 
 
+@pytest.mark.parametrize("domain", [{"values": ["A", "B", "C"]}, {"code_list": "icd10", "field": "group"}])
+def test_a_values_or_code_list_domain_is_exactly_its_declared_values(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, domain: dict
+) -> None:
+    """Found by review: a ``values`` or ``code_list`` domain was its declared values UNION the values
+    the SQL emitted, so SQL giving an exact admission date for the chapter published a lone person's
+    date as a row label and the "outside the declared domains" refusal never fired. Such a domain is
+    exactly its declared values: a cell outside them refuses the build and nothing is published."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 1, "RX1", "2026-01-17", "A01", tag="lone")
+    dims = [
+        {"name": "month", "description": "month", "domain": "reporting_months"},
+        {"name": "provider_code", "description": "provider", "domain": {"values": ["RX1"]}},
+        {"name": "chapter", "description": "chapter", "domain": domain},
+    ]
+    sql = admissions().sql.replace(
+        "left(h.primary_diagnosis, 1) AS chapter", "strftime(h.admission_date, '%d %b %Y') AS chapter"
+    )
+    with pytest.raises(OutputError, match="adm: 2 cell\\(s\\) fall outside the declared domains") as refused:
+        build_output(con, admissions(sql=sql, dimensions=dims), registry, today=TODAY)
+    assert "Jan" not in str(refused.value), "never a value"
+    assert published_tables(con) == 0
+
+
+def test_a_code_list_domain_declares_the_values_besides_its_list_and_they_are_rows_of_the_grid(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """A code list's ``also`` values (``Unknown`` for a code not in the list) are declared rows: present
+    whether or not anyone has such a code, and the only values the SQL may add to the list's."""
+    admit(con, 40, "RX1", "2026-01-10", "A09")
+    sql = admissions().sql.replace(
+        "left(h.primary_diagnosis, 1) AS chapter",
+        "coalesce((SELECT grp FROM codes('icd10') c WHERE c.code = h.primary_diagnosis), 'Unknown') AS chapter",
+    )
+    dims = [
+        {"name": "month", "description": "month", "domain": "reporting_months"},
+        {"name": "provider_code", "description": "provider", "domain": {"values": ["RX1"]}},
+        {
+            "name": "chapter",
+            "description": "chapter",
+            "domain": {"code_list": "icd10", "field": "group", "also": ["Unknown"]},
+        },
+    ]
+    built = build_output(con, admissions(sql=sql, dimensions=dims), registry, today=TODAY)
+    chapters = {r[0] for r in con.execute(f"SELECT DISTINCT chapter FROM {built.table}").fetchall()}
+    assert "Unknown" in chapters and "I Certain infectious and parasitic diseases" in chapters
+    with pytest.raises(ValueError, match="only a code_list domain declares also"):
+        admissions(dimensions=[{"name": "month", "description": "m", "domain": {"values": ["x"], "also": ["y"]}}])
+
+
 def test_a_linked_output_needs_its_agreement(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
     linked = load_outputs(registry)["discharge_to_social_care"]
     with pytest.raises(OutputError, match="authorised the linkage"):
@@ -740,12 +790,11 @@ def test_an_observed_dimension_whose_people_cannot_be_counted_is_refused(
     which that cannot be done (its count is not of distinct pid, or it drops rows after grouping)
     is refused, saying how to write it."""
     admit(con, 40, "RX1", "2026-01-10", "A01")
-    for sql in (
-        admissions().sql.replace("count(DISTINCT h.pid)", "count(*)"),
-        admissions().sql.replace("GROUP BY ALL", "GROUP BY ALL HAVING count(DISTINCT h.pid) > 0"),
-    ):
-        with pytest.raises(OutputError, match="adm: the people holding each value of observed dimension provider_code"):
-            build_output(con, admissions(sql=sql), registry, today=TODAY)
+    with pytest.raises(ValueError, match="count column people as COUNT"):  # refused earlier, when it loads (sql_gate)
+        admissions(sql=admissions().sql.replace("count(DISTINCT h.pid)", "count(*)"))
+    having = admissions().sql.replace("GROUP BY ALL", "GROUP BY ALL HAVING count(DISTINCT h.pid) > 0")
+    with pytest.raises(OutputError, match="adm: the people holding each value of observed dimension provider_code"):
+        build_output(con, admissions(sql=having), registry, today=TODAY)
     assert published_tables(con) == 0
 
 
