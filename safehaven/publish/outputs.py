@@ -110,7 +110,13 @@ from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
-from safehaven.publish.observed import ObservedError, dimension_reads_pid, refuse_rare_values
+from safehaven.publish.observed import (
+    ObservedError,
+    domain_people_sql,
+    observed_problem,
+    refuse_rare_domain_values,
+    refuse_rare_values,
+)
 from safehaven.publish.sql_gate import (
     COUNTING_MONTHS,
     REPORTING_MONTHS,
@@ -396,14 +402,21 @@ class Output(Strict):
         return self
 
     @model_validator(mode="after")
-    def _observed_not_pid(self) -> Output:
-        """An observed dimension is never computed from ``pid`` (``safehaven.publish.observed``)."""
+    def _observed_rows(self) -> Output:
+        """An observed dimension is the counted row's own value, never ``pid``, and a domain read from the
+        haven is SQL whose values' people can be counted (``safehaven.publish.observed``)."""
         for name in self.observed_dimensions:
-            if dimension_reads_pid(self.sql, name):
+            problem = observed_problem(self.sql, name, self.count_col)
+            if problem:
                 raise ValueError(
-                    f"observed dimension {name} is computed from pid, the haven pseudonym, which is never "
-                    "published: take it from another column, declare a code list for it, or remove it"
+                    f"observed dimension {name} {problem}: take it from plain columns of the alias whose pid "
+                    f"is counted, declare a code list for it, or remove it"
                 )
+        for dim in self.dimensions:
+            try:
+                domain_people_sql(dim.domain.sql or "")
+            except ObservedError as exc:
+                raise ValueError(f"the domain of dimension {dim.name}: {exc}") from None
         return self
 
     @model_validator(mode="after")
@@ -722,13 +735,18 @@ def true_cells(
 
 def _refuse_rare_observed(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> None:
     """Refuse an observed dimension value held by the output's threshold of people or fewer over the
-    period (``safehaven.publish.observed``; the threshold: ``Policy.threshold``). ``counting_months``
+    period, and a value of a domain read from the haven held by that few in the rows its SQL reads
+    (``safehaven.publish.observed``; the threshold: ``Policy.threshold``). ``counting_months``
     holds the whole period again once counting is done (``counting._run_sql``)."""
-    if not output.observed_dimensions:
-        return
     threshold = output.disclosure_policy.threshold
+    sql_domains = [d for d in output.dimensions if d.domain.kind == "sql"]
     try:
-        refuse_rare_values(con, output.name, output.sql, output.observed_dimensions, output.count_col, cells, threshold)
+        if output.observed_dimensions:
+            observed = output.observed_dimensions
+            refuse_rare_values(con, output.name, output.sql, observed, output.count_col, cells, threshold)
+        for dim in sql_domains:
+            values = f"({_domain_sql(dim, cells)})"
+            refuse_rare_domain_values(con, output.name, dim.name, str(dim.domain.sql), values, threshold)
     except ObservedError as exc:
         raise OutputError(str(exc)) from None
 
