@@ -1011,6 +1011,16 @@ def linked_case(con: duckdb.DuckDBPyConnection, extra: list[tuple[str, str]]) ->
         )
 
 
+def linked_output(outputs: dict[str, Output]) -> Output:
+    """The shipped discharge_to_social_care over this case's two providers (RX2 is not a declared
+    trust: since a values domain is exactly its values, the case's grid is declared here)."""
+    spec = outputs["discharge_to_social_care"].model_dump(mode="json")
+    for dim in spec["dimensions"]:
+        if dim["name"] == "provider_code":
+            dim["domain"] = {"kind": "values", "values": ["RX1", "RX2"]}
+    return Output.model_validate(spec)
+
+
 RECTANGLE = [
     ("E10000030", "short_term_reablement"),
     ("E08000025", "short_term_other"),
@@ -1026,7 +1036,7 @@ def test_the_linked_output_is_protected_knowing_social_care_users(
     from safehaven.publish.release_audit import audit_release
 
     outputs = load_outputs(registry)
-    users, linked = outputs["social_care_users"], outputs["discharge_to_social_care"]
+    users, linked = outputs["social_care_users"], linked_output(outputs)
     linked_case(con, RECTANGLE)
     assert build_output(con, users, registry, today=TODAY).violations == []
     agreement = linked.linkage.agreement
@@ -1058,7 +1068,7 @@ def test_the_linked_output_fails_closed_when_only_known_zeros_are_left(
     """Where a row's only other cells are proven 0 by social_care_users, no secondary
     suppression in this table can protect it: the build reports it and blocks publication."""
     outputs = load_outputs(registry)
-    users, linked = outputs["social_care_users"], outputs["discharge_to_social_care"]
+    users, linked = outputs["social_care_users"], linked_output(outputs)
     linked_case(con, RECTANGLE[:2])
     build_output(con, users, registry, today=TODAY)
     built = build_output(con, linked, registry, today=TODAY, agreement_id=linked.linkage.agreement)
