@@ -93,11 +93,10 @@ def _outer_select(sql: str) -> exp.Select | None:
 
 
 def _projection(select: exp.Select, name: str) -> exp.Expression | None:
-    """The expression the outer SELECT gives column ``name`` (without its alias)."""
-    for projection in select.expressions:
-        if projection.alias_or_name == name:
-            return projection.unalias()
-    return None
+    """The expression ``select`` gives column ``name`` (without its alias; names compared as DuckDB
+    does, ignoring case); None when it gives none, or several (which one is read is not certain)."""
+    found = [p for p in select.expressions if p.alias_or_name.lower() == name.lower()]
+    return found[0].unalias() if len(found) == 1 else None
 
 
 @lru_cache(maxsize=1024)

@@ -72,8 +72,12 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
 * **Observed values are held by enough people.** A dimension whose domain is ``observed``
   publishes values read from the data as row labels, so each must be held by more distinct
   people over the reporting period than the output's disclosure threshold, or the build is
-  refused; one computed from ``pid`` is refused when the declaration loads
-  (``safehaven.publish.observed``).
+  refused; its expression must be the counted row's own value (plain columns of the alias whose
+  ``pid`` is counted, traced through CTEs; no other alias, subquery, aggregate or window; never
+  ``pid``), or it is refused when the declaration loads. A ``domain: {sql: ...}`` that reads a
+  haven table is held to the same bar in the rows its own SQL reads; a ``values`` or
+  ``code_list`` domain is exactly its declared values (``_domain_sql``), so no value the data
+  chose is a label under it (``safehaven.publish.observed``).
 * **Linkage only under an agreement.** An output that reads more than one collection names its
   linkage, naming exactly those collections, or it is refused when the declarations load
   (:meth:`Output._linkage_declared`); its asset must obtain

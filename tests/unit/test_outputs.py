@@ -879,8 +879,13 @@ def test_an_observed_dimension_not_read_from_the_counted_row_is_refused_when_it_
             "provider_code || m.month",
             "cannot be traced|a column of m",
         ),
+        (
+            "SELECT pid, provider_code, strftime(admission_date, '%d') AS Provider_Code FROM haven.hospital_episodes",
+            "p.provider_code",
+            "cannot be traced to a column its query names",
+        ),
     ],
-    ids=["join_in_cte", "window_in_cte", "name_of_the_select", "select_star", "month_table"],
+    ids=["join_in_cte", "window_in_cte", "name_of_the_select", "select_star", "month_table", "named_twice"],
 )
 def test_an_observed_dimension_is_traced_through_ctes_to_the_counted_row_or_refused(
     cte: str, dimension: str, problem: str
