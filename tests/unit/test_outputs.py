@@ -850,6 +850,26 @@ def test_an_observed_dimension_not_read_from_the_counted_row_is_refused_when_it_
     assert published_tables(con) == 0
 
 
+def test_an_observed_dimension_from_a_self_join_is_refused_naming_the_file(
+    tmp_path, registry: ContractRegistry
+) -> None:
+    """The load refusal is one line naming the file and the problem (README's example)."""
+    spec = yaml.safe_load((outputs_dir(registry.root) / "gp_activity.yaml").read_text())
+    spec["sql"] = (
+        spec["sql"]
+        .replace("e.practice_code,", "strftime(x.event_date, '%d %b %Y') AS practice_code,")
+        .replace("FROM haven.gp_events e", "FROM haven.gp_events e JOIN haven.gp_events x USING (practice_code)")
+    )
+    (tmp_path / "gp_activity.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError) as refused:
+        load_output(tmp_path / "gp_activity.yaml")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("invalid output gp_activity.yaml: ")
+    assert (
+        "observed dimension practice_code reads x.event_date, a column of x, not of e whose pid is counted" in message
+    )
+
+
 @pytest.mark.parametrize(
     ("cte", "dimension", "problem"),
     [
