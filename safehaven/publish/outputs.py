@@ -72,8 +72,12 @@ part A; ``docs/rules.md`` "Statistical disclosure control"):
 * **Observed values are held by enough people.** A dimension whose domain is ``observed``
   publishes values read from the data as row labels, so each must be held by more distinct
   people over the reporting period than the output's disclosure threshold, or the build is
-  refused; one computed from ``pid`` is refused when the declaration loads
-  (``safehaven.publish.observed``).
+  refused; its expression must be the counted row's own value (plain columns of the alias whose
+  ``pid`` is counted, traced through CTEs; no other alias, subquery, aggregate or window; never
+  ``pid``), or it is refused when the declaration loads. A ``domain: {sql: ...}`` that reads a
+  haven table is held to the same bar in the rows its own SQL reads; a ``values`` or
+  ``code_list`` domain is exactly its declared values (``_domain_sql``), so no value the data
+  chose is a label under it (``safehaven.publish.observed``).
 * **Linkage only under an agreement.** An output that reads more than one collection names its
   linkage, naming exactly those collections, or it is refused when the declarations load
   (:meth:`Output._linkage_declared`); its asset must obtain
@@ -110,7 +114,13 @@ from safehaven.publish.disclosure.joint import protect_jointly
 from safehaven.publish.disclosure.policy import ROUNDING, THRESHOLD, Rounding
 from safehaven.publish.disclosure.relations import Link, Relation
 from safehaven.publish.disclosure.report import AuditReport, AuditTable
-from safehaven.publish.observed import ObservedError, dimension_reads_pid, refuse_rare_values
+from safehaven.publish.observed import (
+    ObservedError,
+    domain_people_sql,
+    observed_problem,
+    refuse_rare_domain_values,
+    refuse_rare_values,
+)
 from safehaven.publish.sql_gate import (
     COUNTING_MONTHS,
     REPORTING_MONTHS,
@@ -158,6 +168,9 @@ class Domain(Strict):
     #: which part of a code list entry the dimension holds
     field: Literal["code", "display", "group"] = "code"
     values: list[str] | None = None
+    #: for a code list: the values the SQL gives besides the list's (``Unknown`` for a code not in
+    #: it), declared so that they are rows of the grid like the list's (:func:`_domain_sql`)
+    also: list[str] = []
     sql: str | None = None
 
     @model_validator(mode="before")
@@ -177,6 +190,8 @@ class Domain(Strict):
         needed = {"code_list": self.code_list, "values": self.values, "sql": self.sql}
         if self.kind in needed and not needed[self.kind]:
             raise ValueError(f"a {self.kind} domain must name its {self.kind}")
+        if self.also and self.kind != "code_list":
+            raise ValueError("only a code_list domain declares also: values besides its list's")
         return self
 
 
@@ -383,22 +398,29 @@ class Output(Strict):
     @model_validator(mode="after")
     def _gated_sql(self) -> Output:
         """The SQL, and every domain's, is one read-only SELECT over the output's haven tables, and the SQL
-        counts its count column as distinct haven pseudonyms (``sql_gate``)."""
-        check_output_sql(self.sql, self.collections, count=self.count_col)
+        counts its count column and every denominator as distinct haven pseudonyms (``sql_gate``)."""
+        check_output_sql(self.sql, self.collections, counts=self.people_measures)
         for dim in self.dimensions:
             if dim.domain.sql:
                 check_output_sql(dim.domain.sql, self.collections, what=f"the domain of dimension {dim.name}")
         return self
 
     @model_validator(mode="after")
-    def _observed_not_pid(self) -> Output:
-        """An observed dimension is never computed from ``pid`` (``safehaven.publish.observed``)."""
+    def _observed_rows(self) -> Output:
+        """An observed dimension is the counted row's own value, never ``pid``, and a domain read from the
+        haven is SQL whose values' people can be counted (``safehaven.publish.observed``)."""
         for name in self.observed_dimensions:
-            if dimension_reads_pid(self.sql, name):
+            problem = observed_problem(self.sql, name, self.count_col)
+            if problem:
                 raise ValueError(
-                    f"observed dimension {name} is computed from pid, the haven pseudonym, which is never "
-                    "published: take it from another column, declare a code list for it, or remove it"
+                    f"observed dimension {name} {problem}: take it from plain columns of the alias whose pid "
+                    f"is counted, declare a code list for it, or remove it"
                 )
+        for dim in self.dimensions:
+            try:
+                domain_people_sql(dim.domain.sql or "")
+            except ObservedError as exc:
+                raise ValueError(f"the domain of dimension {dim.name}: {exc}") from None
         return self
 
     @model_validator(mode="after")
@@ -453,6 +475,12 @@ class Output(Strict):
     @property
     def denominators(self) -> list[str]:
         return [m.name for m in self.measures if m.kind == "denominator"]
+
+    @property
+    def people_measures(self) -> list[str]:
+        """The measures that count people (the count and the denominators): each is ``count(DISTINCT
+        <alias>.pid)`` of a haven table (``sql_gate._refuse_other_count``)."""
+        return [self.count_col, *self.denominators]
 
     @property
     def rate_cols(self) -> dict[str, str]:
@@ -668,21 +696,27 @@ class OutputBuild:
 
 
 def _domain_sql(dim: Dimension, cells: str) -> str:
+    """SQL of the dimension's domain: its values in the grid (module docstring, "The full grid").
+
+    Only an ``observed`` domain reads the cells. A ``code_list`` or ``values`` domain is exactly the
+    values it declares (with a code list's ``also``), so a cell the SQL puts outside them refuses the
+    build (:func:`_fill_grid`) rather than adding a row label nobody declared: a value the data
+    chose (an exact date as text, say) is never published under a declared domain.
+    """
     d = q(dim.name)
-    observed = f"SELECT DISTINCT {d} FROM {cells}"
     dom = dim.domain
     if dom.kind == "reporting_months":
         return f"SELECT month AS {d} FROM {MONTHS}"
     if dom.kind == "observed":
-        return observed
+        return f"SELECT DISTINCT {d} FROM {cells}"
     if dom.kind == "sql":
         return f"SELECT DISTINCT v AS {d} FROM ({dom.sql}) s(v)"
+    listed = [lit(v) for v in (dom.values if dom.kind == "values" else dom.also) or []]
+    declared = [f"SELECT unnest([{', '.join(listed)}])"] if listed else []
     if dom.kind == "code_list":
         col = {"code": "code", "display": "display", "group": "grp"}[dom.field]
-        declared = f"SELECT {col} FROM codes({lit(str(dom.code_list))}) WHERE {col} IS NOT NULL"
-    else:
-        declared = f"SELECT unnest([{', '.join(lit(v) for v in dom.values or [])}])"
-    return f"SELECT DISTINCT v AS {d} FROM ({declared} UNION ALL {observed}) s(v)"
+        declared.append(f"SELECT {col} FROM codes({lit(str(dom.code_list))}) WHERE {col} IS NOT NULL")
+    return f"SELECT DISTINCT v AS {d} FROM ({' UNION ALL '.join(declared)}) s(v)"
 
 
 def true_cells(
@@ -705,13 +739,18 @@ def true_cells(
 
 def _refuse_rare_observed(con: duckdb.DuckDBPyConnection, output: Output, cells: str) -> None:
     """Refuse an observed dimension value held by the output's threshold of people or fewer over the
-    period (``safehaven.publish.observed``; the threshold: ``Policy.threshold``). ``counting_months``
+    period, and a value of a domain read from the haven held by that few in the rows its SQL reads
+    (``safehaven.publish.observed``; the threshold: ``Policy.threshold``). ``counting_months``
     holds the whole period again once counting is done (``counting._run_sql``)."""
-    if not output.observed_dimensions:
-        return
     threshold = output.disclosure_policy.threshold
+    sql_domains = [d for d in output.dimensions if d.domain.kind == "sql"]
     try:
-        refuse_rare_values(con, output.name, output.sql, output.observed_dimensions, output.count_col, cells, threshold)
+        if output.observed_dimensions:
+            observed = output.observed_dimensions
+            refuse_rare_values(con, output.name, output.sql, observed, output.count_col, cells, threshold)
+        for dim in sql_domains:
+            values = f"({_domain_sql(dim, cells)})"
+            refuse_rare_domain_values(con, output.name, dim.name, str(dim.domain.sql), values, threshold)
     except ObservedError as exc:
         raise OutputError(str(exc)) from None
 
@@ -760,7 +799,7 @@ def remove_structural_zeros(con: duckdb.DuckDBPyConnection, output: Output, tabl
     zeros = output.zeros.structural
     if not zeros:
         return StructuralReport()
-    people = " OR ".join(f"{q(m)} > 0" for m in [output.count_col, *output.denominators])
+    people = " OR ".join(f"{q(m)} > 0" for m in output.people_measures)
     tallies = [
         f"count(*) FILTER (WHERE {z.predicate_sql()}), count(*) FILTER (WHERE {z.predicate_sql()} AND ({people}))"
         for z in zeros
@@ -829,8 +868,11 @@ def _fill_grid(con: duckdb.DuckDBPyConnection, output: Output, cells: str, targe
         f"SELECT count(*) FROM {cells} c ANTI JOIN (SELECT * FROM {joins}) g USING ({using})"
     ).fetchone()[0]
     if outside:
-        raise OutputError(f"{output.name}: {outside} cell(s) fall outside the declared domains")
-    measures = [output.count_col, *output.denominators]
+        raise OutputError(
+            f"{output.name}: {outside} cell(s) fall outside the declared domains: declare their values "
+            "(values:, or a code list's also:) or map them onto declared values in the SQL"
+        )
+    measures = output.people_measures
     fill = ", ".join(f"CAST(coalesce(c.{q(m)}, 0) AS BIGINT) AS {q(m)}" for m in measures)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {target} AS SELECT {', '.join('g.' + d for d in dims)}, {fill} "

@@ -23,11 +23,13 @@ else. :func:`check_output_sql` refuses, when the definitions load, SQL that:
   the output's declared collections, the temporary ``reporting_months`` or ``counting_months``
   table, or a CTE of the
   query (a file name in ``FROM``, ``landing.x``, ``vault.x``, ``store.haven.x`` are refused);
-* counts its people measure (the output's count column, passed as ``count``) as anything but
-  ``count(DISTINCT <alias>.pid)`` of a haven table, read directly or through CTEs and derived
-  tables that pass the pseudonym on unchanged (:func:`_refuse_other_count`). The threshold
-  (suppress 1-7) is applied to whatever number the SQL returns, so ``count(*)`` would publish one
-  person with twelve episodes as a cell of 10 people (CoP 34b; ISB 1523: small counts of *people*).
+* counts a people measure (the output's count column and every denominator, passed as
+  ``counts``) as anything but ``count(DISTINCT <alias>.pid)`` of a haven table, read directly or
+  through CTEs and derived tables that pass the pseudonym on unchanged (:func:`_refuse_other_count`).
+  The threshold (suppress 1-7) is applied to whatever number the SQL returns, so ``count(*)`` would
+  publish one person with twelve episodes as a cell of 10 people (CoP 34b; ISB 1523: small counts of
+  *people*); and a denominator is published beside the count, so one written as any other
+  expression (``max(admission_date)`` in days, say) would publish a per-record value under it.
 
 The helper macros of ``safehaven.publish.outputs.MACROS`` (``codes``, ``age_band``,
 ``age_years``, ``sex_category``) are the haven's own and stay usable. The gate is the first
@@ -140,29 +142,29 @@ class OutputSqlFailed(RuntimeError):
     """An output's SQL failed at run time; DuckDB's message, which may quote values, is withheld."""
 
 
-def check_output_sql(sql: str, collections: Iterable[str], *, what: str = "sql", count: str | None = None) -> None:
+def check_output_sql(sql: str, collections: Iterable[str], *, what: str = "sql", counts: Iterable[str] = ()) -> None:
     """Refuse ``sql`` unless it is one read-only SELECT over ``haven.<collection>`` tables.
 
-    ``what`` names the SQL in the message (``sql``, or a dimension's domain); ``count``, the
-    output's count column, which must be ``count(DISTINCT <alias>.pid)`` of a haven table (a
-    domain's SQL has none). Raises :class:`OutputSqlRefused` naming the problem; the loader adds
-    the file (module docstring).
+    ``what`` names the SQL in the message (``sql``, or a dimension's domain); ``counts``, the
+    output's people measures (its count column and its denominators), each of which must be
+    ``count(DISTINCT <alias>.pid)`` of a haven table (a domain's SQL has none). Raises
+    :class:`OutputSqlRefused` naming the problem; the loader adds the file (module docstring).
 
     The verdict depends on these arguments only, and a pass is kept for the process (issue 22:
     the outputs are loaded many times a run, each parse ~5 ms); a refusal is never kept, so
     refused SQL is parsed and refused again every time.
     """
-    _passed(sql, frozenset(collections), what, count)
+    _passed(sql, frozenset(collections), what, tuple(counts))
 
 
 @lru_cache(maxsize=1024)
-def _passed(sql: str, collections: frozenset[str], what: str, count: str | None) -> None:
+def _passed(sql: str, collections: frozenset[str], what: str, counts: tuple[str, ...]) -> None:
     query = _single_query(sql, what)
     _refuse_statements(query, what)
     _refuse_functions(query, what)
     _refuse_tables(query, set(collections), what)
     _refuse_counting_months_elsewhere(query, what)
-    if count is not None:
+    for count in counts:
         _refuse_other_count(query, count, what)
 
 
@@ -289,7 +291,8 @@ def _read_as_value(node: exp.Expression, root: exp.Expression) -> bool:
 
 
 def _refuse_other_count(query: exp.Query, count: str, what: str) -> None:
-    """The people measure is ``count(DISTINCT <alias>.pid)`` of a haven table, and nothing else.
+    """A people measure (the count column, or a denominator) is ``count(DISTINCT <alias>.pid)`` of a
+    haven table, and nothing else.
 
     Every output counts distinct people (haven pseudonyms) per cell (``outputs`` module docstring,
     "People"), and the threshold (suppress 1-7; CoP 34b, ISB 1523) is applied to whatever number the
@@ -297,7 +300,9 @@ def _refuse_other_count(query: exp.Query, count: str, what: str) -> None:
     as 10 people. The count column is defined once, in the outer SELECT, as ``count(DISTINCT x.pid)``
     (or ``count(DISTINCT pid)`` where only one table of the SELECT can hold it), and ``x.pid`` is
     the ``pid`` of a haven table, read directly or through CTEs and derived tables that pass it on
-    as a plain column (:func:`_pseudonym_of_haven`).
+    as a plain column (:func:`_pseudonym_of_haven`). A denominator likewise: it is published beside the
+    count, and any other expression (``max(admission_date)`` in days, a pseudonym's digits) would
+    publish a per-record value as a number no threshold touches.
     """
     measure = _count_expression(query, count, what)
     column = _distinct_column(measure)

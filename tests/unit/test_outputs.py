@@ -549,6 +549,56 @@ def test_cells_outside_the_declared_grid_and_null_dimensions_are_refused(
         )
 
 
+@pytest.mark.parametrize("domain", [{"values": ["A", "B", "C"]}, {"code_list": "icd10", "field": "group"}])
+def test_a_values_or_code_list_domain_is_exactly_its_declared_values(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, domain: dict
+) -> None:
+    """Found by review: a ``values`` or ``code_list`` domain was its declared values UNION the values
+    the SQL emitted, so SQL giving an exact admission date for the chapter published a lone person's
+    date as a row label and the "outside the declared domains" refusal never fired. Such a domain is
+    exactly its declared values: a cell outside them refuses the build and nothing is published."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 1, "RX1", "2026-01-17", "A01", tag="lone")
+    dims = [
+        {"name": "month", "description": "month", "domain": "reporting_months"},
+        {"name": "provider_code", "description": "provider", "domain": {"values": ["RX1"]}},
+        {"name": "chapter", "description": "chapter", "domain": domain},
+    ]
+    sql = admissions().sql.replace(
+        "left(h.primary_diagnosis, 1) AS chapter", "strftime(h.admission_date, '%d %b %Y') AS chapter"
+    )
+    with pytest.raises(OutputError, match="adm: 2 cell\\(s\\) fall outside the declared domains") as refused:
+        build_output(con, admissions(sql=sql, dimensions=dims), registry, today=TODAY)
+    assert "Jan" not in str(refused.value), "never a value"
+    assert published_tables(con) == 0
+
+
+def test_a_code_list_domain_declares_the_values_besides_its_list_and_they_are_rows_of_the_grid(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """A code list's ``also`` values (``Unknown`` for a code not in the list) are declared rows: present
+    whether or not anyone has such a code, and the only values the SQL may add to the list's."""
+    admit(con, 40, "RX1", "2026-01-10", "A09")
+    sql = admissions().sql.replace(
+        "left(h.primary_diagnosis, 1) AS chapter",
+        "coalesce((SELECT grp FROM codes('icd10') c WHERE c.code = h.primary_diagnosis), 'Unknown') AS chapter",
+    )
+    dims = [
+        {"name": "month", "description": "month", "domain": "reporting_months"},
+        {"name": "provider_code", "description": "provider", "domain": {"values": ["RX1"]}},
+        {
+            "name": "chapter",
+            "description": "chapter",
+            "domain": {"code_list": "icd10", "field": "group", "also": ["Unknown"]},
+        },
+    ]
+    built = build_output(con, admissions(sql=sql, dimensions=dims), registry, today=TODAY)
+    chapters = {r[0] for r in con.execute(f"SELECT DISTINCT chapter FROM {built.table}").fetchall()}
+    assert "Unknown" in chapters and "I Certain infectious and parasitic diseases" in chapters
+    with pytest.raises(ValueError, match="only a code_list domain declares also"):
+        admissions(dimensions=[{"name": "month", "description": "m", "domain": {"values": ["x"], "also": ["y"]}}])
+
+
 def test_a_linked_output_needs_its_agreement(con: duckdb.DuckDBPyConnection, registry: ContractRegistry) -> None:
     linked = load_outputs(registry)["discharge_to_social_care"]
     with pytest.raises(OutputError, match="authorised the linkage"):
@@ -679,7 +729,8 @@ def test_an_observed_value_held_by_few_people_refuses_the_build_naming_no_value(
 def test_an_observed_value_derived_from_pid_out_of_sight_is_refused_by_the_people_holding_it(
     con: duckdb.DuckDBPyConnection, registry: ContractRegistry
 ) -> None:
-    """The load check sees only the outer SELECT; a pseudonym rewritten in a CTE is refused by the
+    """A pseudonym rewritten in a CTE is refused when the declaration loads (the column is traced to
+    the pid it is computed from), and, should a declaration reach the build without that check, by the
     data: each value is held by one person."""
     admit(con, 40, "RX1", "2026-01-10", "A01")
     hidden = (
@@ -691,8 +742,11 @@ def test_an_observed_value_derived_from_pid_out_of_sight_is_refused_by_the_peopl
         )
         .replace("translate(h.pid, '0123456789', 'ghijklmnop')", "h.tag")
     )
+    with pytest.raises(ValueError, match="observed dimension provider_code is computed from pid"):
+        admissions(sql=hidden)
+    unchecked = admissions().model_copy(update={"sql": hidden})  # not validated: as if the loader were bypassed
     with pytest.raises(OutputError, match="adm: observed dimension provider_code has 40 value"):
-        build_output(con, admissions(sql=hidden), registry, today=TODAY)
+        build_output(con, unchecked, registry, today=TODAY)
     assert published_tables(con) == 0
 
 
@@ -740,12 +794,219 @@ def test_an_observed_dimension_whose_people_cannot_be_counted_is_refused(
     which that cannot be done (its count is not of distinct pid, or it drops rows after grouping)
     is refused, saying how to write it."""
     admit(con, 40, "RX1", "2026-01-10", "A01")
-    with pytest.raises(ValueError, match="defines its count column people as COUNT"):  # the gate, at load
+    with pytest.raises(ValueError, match="count column people as COUNT"):  # refused earlier, when it loads (sql_gate)
         admissions(sql=admissions().sql.replace("count(DISTINCT h.pid)", "count(*)"))
     having = admissions().sql.replace("GROUP BY ALL", "GROUP BY ALL HAVING count(DISTINCT h.pid) > 0")
     with pytest.raises(OutputError, match="adm: the people holding each value of observed dimension provider_code"):
         build_output(con, admissions(sql=having), registry, today=TODAY)
     assert published_tables(con) == 0
+
+
+#: The reviewer's self-join: one person's exact admission date from ``h``, the people counted from ``o``.
+SELF_JOIN = """SELECT m.month, strftime(h.admission_date, '%d %b %Y') AS provider_code,
+       left(h.primary_diagnosis, 1) AS chapter, count(DISTINCT o.pid) AS people
+FROM haven.hospital_episodes h
+JOIN haven.hospital_episodes o ON o.provider_code = h.provider_code
+JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end
+GROUP BY ALL"""
+#: The pseudonym, letter-encoded in a CTE, on the self-join.
+CTE_SELF_JOIN = """WITH person AS (SELECT pid, translate(pid, '0123456789', 'ghijklmnop') AS tag, provider_code,
+                        admission_date, primary_diagnosis FROM haven.hospital_episodes)
+SELECT m.month, h.tag AS provider_code, left(h.primary_diagnosis, 1) AS chapter, count(DISTINCT o.pid) AS people
+FROM person h JOIN person o ON o.provider_code = h.provider_code
+JOIN reporting_months m ON h.admission_date BETWEEN m.month AND m.month_end
+GROUP BY ALL"""
+#: The last admission date at the row's provider, one person's, as a correlated scalar subquery.
+SCALAR_SUBQUERY = admissions().sql.replace(
+    "h.provider_code,",
+    "(SELECT strftime(max(x.admission_date), '%d %b %Y') FROM haven.hospital_episodes x "
+    "WHERE x.provider_code = h.provider_code) AS provider_code,",
+)
+
+
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        (SELF_JOIN, "reads h.admission_date, a column of h, not of o whose pid is counted"),
+        (CTE_SELF_JOIN, "reads h.tag, a column of h, not of o whose pid is counted"),
+        (CTE_SELF_JOIN.replace("h.tag AS", "o.tag AS"), "is computed from pid"),
+        (SCALAR_SUBQUERY, "contains a subquery"),
+    ],
+    ids=["self_join", "cte_rename_self_join", "cte_rename", "scalar_subquery"],
+)
+def test_an_observed_dimension_not_read_from_the_counted_row_is_refused_when_it_loads(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, sql: str, problem: str
+) -> None:
+    """Found by review: the people holding an observed value were counted through the counted alias,
+    so a value read from another copy of the table (a self-join), from a scalar subquery, or a
+    pseudonym renamed in a CTE was "held" by everyone at the provider and published one person's
+    exact date, or every pseudonym, as row labels. An observed dimension reads plain columns of the
+    alias whose pid is counted, traced through CTEs, never pid; anything else is refused at load,
+    naming the file and the problem, and nothing is built."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 1, "RX1", "2026-01-17", "A01", tag="lone")
+    with pytest.raises(ValueError, match=f"observed dimension provider_code {problem}"):
+        admissions(sql=sql)
+    assert published_tables(con) == 0
+
+
+def test_an_observed_dimension_from_a_self_join_is_refused_naming_the_file(
+    tmp_path, registry: ContractRegistry
+) -> None:
+    """The load refusal is one line naming the file and the problem (README's example)."""
+    spec = yaml.safe_load((outputs_dir(registry.root) / "gp_activity.yaml").read_text())
+    spec["sql"] = (
+        spec["sql"]
+        .replace("e.practice_code,", "strftime(x.event_date, '%d %b %Y') AS practice_code,")
+        .replace("FROM haven.gp_events e", "FROM haven.gp_events e JOIN haven.gp_events x USING (practice_code)")
+    )
+    (tmp_path / "gp_activity.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError) as refused:
+        load_output(tmp_path / "gp_activity.yaml")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("invalid output gp_activity.yaml: ")
+    assert (
+        "observed dimension practice_code reads x.event_date, a column of x, not of e whose pid is counted" in message
+    )
+
+
+@pytest.mark.parametrize(
+    ("cte", "dimension", "problem"),
+    [
+        (
+            "SELECT h.pid, o.admission_date AS day FROM haven.hospital_episodes h "
+            "JOIN haven.hospital_episodes o USING (provider_code)",
+            "p.day",
+            "reads o.admission_date, a column of o",
+        ),
+        (
+            "SELECT pid, max(admission_date) OVER (PARTITION BY provider_code) AS day FROM haven.hospital_episodes",
+            "p.day",
+            "uses an aggregate or window function",
+        ),
+        (
+            "SELECT pid, translate(pid, '0123456789', 'ghijklmnop') AS tag, tag AS day FROM haven.hospital_episodes",
+            "p.day",
+            "cannot be traced",
+        ),
+        (
+            "SELECT pid, * EXCLUDE (pid) FROM haven.hospital_episodes",
+            "p.provider_code",
+            "cannot be traced to a column its query names",
+        ),
+        (
+            "SELECT pid, provider_code FROM haven.hospital_episodes",
+            "provider_code || m.month",
+            "cannot be traced|a column of m",
+        ),
+        (
+            "SELECT pid, provider_code, strftime(admission_date, '%d') AS Provider_Code FROM haven.hospital_episodes",
+            "p.provider_code",
+            "cannot be traced to a column its query names",
+        ),
+    ],
+    ids=["join_in_cte", "window_in_cte", "name_of_the_select", "select_star", "month_table", "named_twice"],
+)
+def test_an_observed_dimension_is_traced_through_ctes_to_the_counted_row_or_refused(
+    cte: str, dimension: str, problem: str
+) -> None:
+    """Fail closed at every level: inside a CTE the value must come from the row source that passes the
+    pid on, as a plain column of a haven table; a join, a window over other rows, a bare name the
+    SELECT gives a computed column, or a ``SELECT *`` (nothing to trace) is refused, and a month table
+    is read only for a dimension declared ``reporting_months``."""
+    sql = f"""WITH p AS ({cte})
+        SELECT m.month, {dimension} AS provider_code, 'A' AS chapter, count(DISTINCT p.pid) AS people
+        FROM p JOIN reporting_months m ON TRUE GROUP BY ALL"""
+    with pytest.raises(ValueError, match=f"observed dimension provider_code .*({problem})"):
+        admissions(sql=sql)
+
+
+def test_an_observed_dimension_read_from_the_counted_row_through_a_cte_loads_and_is_built(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """The rule refuses no honest SQL: a value computed in a CTE from the same row as the pid it passes
+    on is counted by the people holding it, as the shipped gp_activity's practice code is."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    sql = """WITH p AS (SELECT pid, upper(provider_code) AS trust, admission_date, primary_diagnosis
+                        FROM haven.hospital_episodes)
+        SELECT m.month, lower(p.trust) AS provider_code, left(p.primary_diagnosis, 1) AS chapter,
+               count(DISTINCT p.pid) AS people
+        FROM p JOIN reporting_months m ON p.admission_date BETWEEN m.month AND m.month_end GROUP BY ALL"""
+    built = build_output(con, admissions(sql=sql), registry, today=TODAY)
+    assert {k[1] for k in rows(con, built.table)} == {"rx1"} and built.violations == []
+
+
+#: A domain of exact admission dates, read from the haven.
+DATE_DOMAIN = "SELECT strftime(admission_date, '%d %b %Y') FROM haven.hospital_episodes"
+
+
+def date_dimensions(domain_sql: str = DATE_DOMAIN) -> list[dict]:
+    return [
+        {"name": "month", "description": "month", "domain": "reporting_months"},
+        {"name": "provider_code", "description": "day", "domain": {"sql": domain_sql}},
+        {"name": "chapter", "description": "chapter", "domain": {"values": ["A", "B", "C"]}},
+    ]
+
+
+def test_a_domain_read_from_the_haven_refuses_a_value_held_by_few_people_naming_no_value(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry
+) -> None:
+    """Found by review: a ``domain: {sql: ...}`` is data-driven like ``observed`` but had no people
+    check, so a domain of exact admission dates published one person's date as a row label of the grid
+    (its count suppressed, its label out). Each value of a domain read from the haven must be held by
+    more than the threshold of distinct people in the rows the domain's own SQL reads."""
+    admit(con, 40, "RX1", "2026-01-10", "A01")
+    admit(con, 1, "RX1", "2026-01-17", "A01", tag="lone")
+    sql = admissions().sql.replace("h.provider_code,", "strftime(h.admission_date, '%d %b %Y') AS provider_code,")
+    out = admissions(sql=sql, dimensions=date_dimensions())
+    with pytest.raises(OutputError) as refused:
+        build_output(con, out, registry, today=TODAY)
+    message = str(refused.value)
+    assert message.startswith("adm: the domain of dimension provider_code has 1 value(s) held by 7 people or fewer")
+    assert "Jan" not in message and "2026" not in message, "never a value"
+    assert published_tables(con) == 0
+    admit(con, THRESHOLD, "RX1", "2026-01-17", "A01", tag="more")  # eight people on that day
+    built = build_output(con, out, registry, today=TODAY)
+    assert {k[1] for k in rows(con, built.table)} == {"10 Jan 2026", "17 Jan 2026"} and built.violations == []
+
+
+@pytest.mark.parametrize(
+    ("domain_sql", "problem"),
+    [
+        ("SELECT provider_code FROM haven.hospital_episodes GROUP BY provider_code", "no GROUP BY"),
+        (
+            "SELECT DISTINCT h.provider_code || s.service_type FROM haven.hospital_episodes h "
+            "JOIN haven.social_care s USING (pid)",
+            "one SELECT of one column, read from one haven table",
+        ),
+        ("SELECT DISTINCT (SELECT max(provider_code) FROM haven.hospital_episodes)", "read from one haven table"),
+        ("SELECT DISTINCT lower(pid) FROM haven.hospital_episodes", "is computed from pid"),
+        ("SELECT DISTINCT 'RX1' FROM haven.hospital_episodes", "read from one haven table"),
+    ],
+    ids=["group_by", "two_tables", "scalar_subquery", "pid", "constant"],
+)
+def test_a_domain_read_from_the_haven_whose_people_cannot_be_counted_is_refused_when_it_loads(
+    domain_sql: str, problem: str
+) -> None:
+    """Fail closed: the people holding a domain's values are counted from its own SQL, so SQL that does
+    not read each value from one haven row source (or reads pid) is refused when the outputs load."""
+    with pytest.raises(ValueError, match=f"the domain of dimension provider_code: .*{problem}"):
+        admissions(
+            dimensions=date_dimensions(domain_sql),
+            collections=["hospital_episodes", "social_care"],
+            linkage={
+                "agreement": "x",
+                "left": "hospital_episodes",
+                "right": "social_care",
+                "purpose": "a test of the domain rule",
+            },
+        )
+
+
+def test_a_domain_that_reads_no_haven_table_is_not_counted() -> None:
+    """The reporting months or a generated series hold no one's values: such a domain loads as before
+    (the shipped discharge_to_social_care's month domain is one)."""
+    assert admissions(dimensions=date_dimensions("SELECT strftime(month, '%b') FROM reporting_months"))
 
 
 # --- relations between outputs: joint protection and the release audit ----------------------------
@@ -775,6 +1036,16 @@ def linked_case(con: duckdb.DuckDBPyConnection, extra: list[tuple[str, str]]) ->
         )
 
 
+def linked_output(outputs: dict[str, Output]) -> Output:
+    """The shipped discharge_to_social_care over this case's two providers (RX2 is not a declared
+    trust: since a values domain is exactly its values, the case's grid is declared here)."""
+    spec = outputs["discharge_to_social_care"].model_dump(mode="json")
+    for dim in spec["dimensions"]:
+        if dim["name"] == "provider_code":
+            dim["domain"] = {"kind": "values", "values": ["RX1", "RX2"]}
+    return Output.model_validate(spec)
+
+
 RECTANGLE = [
     ("E10000030", "short_term_reablement"),
     ("E08000025", "short_term_other"),
@@ -790,7 +1061,7 @@ def test_the_linked_output_is_protected_knowing_social_care_users(
     from safehaven.publish.release_audit import audit_release
 
     outputs = load_outputs(registry)
-    users, linked = outputs["social_care_users"], outputs["discharge_to_social_care"]
+    users, linked = outputs["social_care_users"], linked_output(outputs)
     linked_case(con, RECTANGLE)
     assert build_output(con, users, registry, today=TODAY).violations == []
     agreement = linked.linkage.agreement
@@ -822,7 +1093,7 @@ def test_the_linked_output_fails_closed_when_only_known_zeros_are_left(
     """Where a row's only other cells are proven 0 by social_care_users, no secondary
     suppression in this table can protect it: the build reports it and blocks publication."""
     outputs = load_outputs(registry)
-    users, linked = outputs["social_care_users"], outputs["discharge_to_social_care"]
+    users, linked = outputs["social_care_users"], linked_output(outputs)
     linked_case(con, RECTANGLE[:2])
     build_output(con, users, registry, today=TODAY)
     built = build_output(con, linked, registry, today=TODAY, agreement_id=linked.linkage.agreement)

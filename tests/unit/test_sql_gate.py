@@ -392,13 +392,44 @@ def test_one_person_with_many_episodes_is_refused_as_a_count_of_people_and_suppr
 def test_distinct_haven_pseudonyms_are_a_count_of_people_directly_or_passed_on_unchanged(
     sql: str, collections: list[str]
 ) -> None:
-    check_output_sql(sql, collections, count="people")
+    check_output_sql(sql, collections, counts=["people"])
+
+
+#: A denominator that is one person's exact admission date (days since 2000, times 5: rounding keeps it).
+DATE_AS_DENOMINATOR = "CAST(max(e.event_date) - DATE '2000-01-01' AS BIGINT) * 5"
+
+
+@pytest.mark.parametrize(
+    "denominator",
+    [DATE_AS_DENOMINATOR, "count(*)", "count(DISTINCT e.practice_code)", "count(DISTINCT e.pid) * 5"],
+)
+def test_a_denominator_that_is_not_distinct_haven_pseudonyms_is_refused_naming_the_file(
+    tmp_path: Path, denominator: str
+) -> None:
+    """Found by review: only the count column was checked, so a denominator ``(max(date) - 2000-01-01)
+    in days * 5`` published the exact admission date of a lone person whose count was suppressed. Every
+    people measure (the count and each denominator) is ``count(DISTINCT <alias>.pid)`` of a haven table."""
+    path = declaration_with(tmp_path, GOOD_SQL.replace(" AS people", f" AS people, {denominator} AS population"))
+    spec = yaml.safe_load(path.read_text())
+    spec["measures"] += [
+        {"name": "population", "kind": "denominator", "description": "people registered"},
+        {"name": "rate", "kind": "rate", "denominator": "population", "description": "people per person"},
+    ]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(OutputError) as caught:
+        load_output(path)
+    message = str(caught.value)
+    assert f"{SHIPPED}.yaml" in message and "\n" not in message
+    assert "count column population" in message and PEOPLE_COUNT in message
+    spec["sql"] = GOOD_SQL.replace(" AS people", " AS people, count(DISTINCT e.pid) AS population")
+    path.write_text(yaml.safe_dump(spec))
+    assert load_output(path).people_measures == ["people", "population"]
 
 
 def test_every_shipped_output_counts_distinct_haven_pseudonyms() -> None:
     for path in sorted(outputs_dir(contracts_dir()).glob("*.yaml")):
         output = load_output(path)
-        check_output_sql(output.sql, output.collections, count=output.count_col)
+        check_output_sql(output.sql, output.collections, counts=output.people_measures)
 
 
 # --- no value of the haven in a failure's message ----------------------------------------------------------
