@@ -1333,6 +1333,13 @@ def _control_missing(path: Path, contract: Contract) -> bool:
     return not os.path.lexists(ctl) or (_plain(os.lstat(ctl)) and still_arriving(ctl))
 
 
+def awaiting_control(path: Path, contract: Contract) -> bool:
+    """Whether the entry ``path`` of ``contract``'s folder is a data file an intake run leaves there
+    waiting for its control file (:func:`_control_missing`; ``safehaven.intake.control``): what the
+    objection feed blocks record-level releases on (``safehaven.protect.feed.awaiting_control``)."""
+    return _control_missing(path, contract)
+
+
 def _misnamed_control(path: Path) -> FileRejected | None:
     """``file.control.name`` for a data file whose control file cannot be found by its name: the name
     would be longer than the file system holds (``safehaven.intake.control.unnameable``), or the
