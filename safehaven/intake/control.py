@@ -24,7 +24,14 @@ is read, so none is accepted (a misspelt ``sha256`` would otherwise drop its che
   DuckDB read from the file (``file.control.rows``, checked inside the landing transaction, so
   nothing of the file commits) refuses the whole data file; its control file goes to quarantine
   with it;
-* a landed (or already held) file's control file is removed with it;
+* a landed (or already held) file's control file is removed with it, first (a run stopped between
+  the two leaves a data file waiting, never an orphan), and each only while it is the entry read
+  (:func:`identity`: a newer file of the name renamed into place stays for the next run);
+* a data file whose control file could never be found by its name, because that name would exceed
+  the file system's limit (:func:`unnameable`) or the control file is there named in another
+  Unicode normalisation (:func:`near_miss`), is ``file.control.name`` (never left waiting for ever);
+* a control file is checked again once open (``fstat``): one swapped for a folder or a link after
+  it was checked, or any error reading it, is ``file.control.unreadable``, never a failed stage;
 * a control file with no data file beside it, once it is complete, is ``file.control.orphan``.
 
 Reasons carry counts (shown as names from outside are: an NHS-number-like count is withheld) and

@@ -44,7 +44,7 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   (``file.control.rows``, ``file.control.sha256``, ``file.control.last_row``, ``file.control.unreadable``)
   when it disagrees (or a CSV does not end with a line end: cut inside its last row); the
   rows compared are those DuckDB inserted, in the landing transaction. A control file with no data
-  file is ``file.control.orphan``.
+  file is ``file.control.orphan``; one that could never be found by its name is ``file.control.name``.
 * A received file the haven's user may not overwrite (another account's upload) is unlinked
   once landed and named in ``not_overwritten`` (a person gives the haven's user write access
   to ``incoming/``); the stage goes on.
@@ -59,7 +59,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   batch record and digest. An *objections* file received again is not landed again either, but
   it is not a no-op: it restates that batch's objections (``restated``; ``_note_restatement``).
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
-  so identifiable data is held in one protected place (CoP 27b-c).
+  so identifiable data is held in one protected place (CoP 27b-c): only the entry read (its inode,
+  status-change time and size), so a newer file renamed into place meanwhile is judged next run.
 * Reasons, logs and metadata carry counts, column names of the contract, line numbers and
   hashes, never a row's values; a received column name is shown only if it is a plain
   identifier, and then as a name from outside (``shown_name``: NHS-number-like runs withheld),

@@ -72,8 +72,11 @@ against a current list). Rules:
   hold every later restatement, every GP haven step and every record-level release for ever
   (fail closed, never stuck). An entry not yet judged (still arriving, intake not yet run on it,
   sent again under that name, replaced or changed after it was judged, or unreadable) is still
-  waited for. While
-  anything is pending, the refusal names it by kind (:func:`describe_pending`: landed and not
+  waited for. An objections file waiting for its control file (the objections contract says
+  ``control: manifest``; :func:`awaiting_control`) is never read while its control file does not
+  come, so it refuses record-level releases (and the GP haven step) on its own, and a restatement
+  behind it is named as waiting for it: each refusal names the control file to ask the sender for.
+  While anything is pending, the refusal names it by kind (:func:`describe_pending`: landed and not
   validated, valid rows not registered, restatements waiting and the shown name of what they
   wait for, and why) and the step that clears it.
 """
