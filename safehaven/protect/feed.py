@@ -607,10 +607,22 @@ def _objections_of(collections: Iterable[str] | Mapping[str, Contract] | None) -
     return next((c for c in collections.values() if isinstance(c, Contract) and c.kind == "objections"), None)
 
 
-def _restatements_wait_for(con: duckdb.DuckDBPyConnection, home: Home | None, parked: dict[str, str]) -> str:
+def _unless_controlled(shown: str, objections: Contract | None) -> str:
+    """Where the caller has no objections contract to say whether a file waits for its control
+    file, the refusal still names that possibility and its remedy (never advice that may not clear it)."""
+    if objections is not None:
+        return ""
+    ctl = f"{shown}{totals.CONTROL_SUFFIX}"
+    return f", waiting for its control file {ctl} if the objections contract asks for one (ask the sender for {ctl})"
+
+
+def _restatements_wait_for(
+    con: duckdb.DuckDBPyConnection, home: Home | None, parked: dict[str, str], objections: Contract | None
+) -> str:
     """What the pending restatements wait for, by shown name, why, and the step that clears it:
     the earliest objections file landed and not validated, or still waiting in incoming/ (for
-    its control file, ``parked``: :func:`awaiting_control`)."""
+    its control file, ``parked``: :func:`awaiting_control`; named as a possibility where the
+    ``objections`` contract is not known, :func:`_unless_controlled`)."""
     landed = con.execute(
         f"SELECT coalesce(arrived_at, landed_at), file_name FROM {BATCHES} WHERE collection = ? "
         "AND status = 'landed' ORDER BY 1 LIMIT 1",
@@ -627,7 +639,8 @@ def _restatements_wait_for(con: duckdb.DuckDBPyConnection, home: Home | None, pa
     if entry:
         return (
             f"they wait for {entry[1]}, which arrived before them and is still in incoming/{COLLECTION}/, not "
-            f"yet landed (still arriving, or intake has not run on it): {RUN_INTAKE}"
+            f"yet landed (still arriving{_unless_controlled(entry[1], objections)}, or intake has not run on it): "
+            f"{RUN_INTAKE}"
         )
     return (
         "nothing that arrived before them is waiting (unless a batch differs from its seal, named apart): "
@@ -656,7 +669,7 @@ def describe_pending(
     if now.restated:
         parts.append(
             f"{now.restated} objections file(s) sent again whose restatement is not registered; "
-            + _restatements_wait_for(con, home, parked)
+            + _restatements_wait_for(con, home, parked, objections)
         )
     return "; ".join(parts) or None
 

@@ -1557,3 +1557,21 @@ def test_a_restatement_behind_a_file_waiting_for_its_control_file_names_that_con
         "for its control file parked.csv.ctl.json: ask the sender for parked.csv.ctl.json" in why
     ), why
     assert "intake has not run on it" not in why
+
+
+def test_a_restatements_refusal_without_the_objections_contract_still_names_a_possibly_missing_control_file(
+    controlled_haven: Haven,
+) -> None:
+    """A caller without the objections contract (``describe_pending(con, home)``) cannot tell a file
+    waiting for its control file from one intake has not run on: it names both, with the control
+    file to ask the sender for, never "run intake" alone, which would not clear a parked file."""
+    haven = controlled_haven
+    _drop_controlled(haven, "objections.csv", [opt_out(10)])
+    haven.run()
+    _drop_controlled(haven, "parked.csv", [opt_out(11)], control=False)
+    _drop_controlled(haven, "objections.csv", [opt_out(10)])  # sent again
+    haven.run()
+    why = feed.describe_pending(haven.con, haven.home)
+    assert why is not None and "parked.csv" in why
+    assert "waiting for its control file parked.csv.ctl.json if the objections contract asks for one" in why, why
+    assert "ask the sender for parked.csv.ctl.json" in why
