@@ -24,7 +24,14 @@ is read, so none is accepted (a misspelt ``sha256`` would otherwise drop its che
   DuckDB read from the file (``file.control.rows``, checked inside the landing transaction, so
   nothing of the file commits) refuses the whole data file; its control file goes to quarantine
   with it;
-* a landed (or already held) file's control file is removed with it;
+* a landed (or already held) file's control file is removed with it, first (a run stopped between
+  the two leaves a data file waiting, never an orphan), and each only while it is the entry read
+  (:func:`identity`: a newer file of the name renamed into place stays for the next run);
+* a data file whose control file could never be found by its name, because that name would exceed
+  the file system's limit (:func:`unnameable`) or the control file is there named in another
+  Unicode normalisation (:func:`near_miss`), is ``file.control.name`` (never left waiting for ever);
+* a control file is checked again once open (``fstat``): one swapped for a folder or a link after
+  it was checked, or any error reading it, is ``file.control.unreadable``, never a failed stage;
 * a control file with no data file beside it, once it is complete, is ``file.control.orphan``.
 
 Reasons carry counts (shown as names from outside are: an NHS-number-like count is withheld) and
@@ -36,11 +43,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from safehaven.core.audit import shown_name
+from safehaven.core.files import plain
 from safehaven.intake.contracts import Contract
 from safehaven.intake.refusals import FileRejected
 
@@ -58,15 +66,30 @@ RULE_ROWS = "file.control.rows"
 RULE_SHA256 = "file.control.sha256"
 RULE_ORPHAN = "file.control.orphan"
 RULE_LAST_ROW = "file.control.last_row"
+RULE_NAME = "file.control.name"
+#: the longest file name, in bytes, where the file system does not say (POSIX ``NAME_MAX``)
+DEFAULT_NAME_MAX = 255
+#: the one Unicode normal form names are compared in to find a near-miss (Linux tools write NFC)
+NORMAL_FORM = "NFC"
 _RESEND = "ask the sender to send the file again, with its control file written last"
 
 
 @dataclass(frozen=True)
 class Control:
-    """What a control file says of its data file: its data rows and, if given, its SHA-256."""
+    """What a control file says of its data file: its data rows and, if given, its SHA-256; and
+    ``entry``, the identity (:func:`identity`) of the control file it was read from, so that only
+    that entry is ever removed with its data file (a newer one renamed into place stays)."""
 
     rows: int
     sha256: str | None = None
+    entry: tuple[int, int, int] | None = field(default=None, compare=False)
+
+
+def identity(entry: os.stat_result) -> tuple[int, int, int]:
+    """An entry's identity as read: inode, status-change time and size. A sender can set a file's
+    modification time back (``os.utime``, ``cp -p``), never its status-change time, which the host
+    sets on every write and rename; an entry renamed into place has another inode."""
+    return entry.st_ino, entry.st_ctime_ns, entry.st_size
 
 
 def controlled(contract: Contract) -> bool:
@@ -89,18 +112,79 @@ def data_path(control: Path) -> Path:
     return control.with_name(control.name.removesuffix(CONTROL_SUFFIX))
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name ``folder``'s file system holds, in bytes (``DEFAULT_NAME_MAX`` if it does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return DEFAULT_NAME_MAX
+
+
+def unnameable(data: Path) -> FileRejected | None:
+    """``file.control.name`` when the control file of ``data`` could never be written: its name
+    (``<data file name>.ctl.json``) is longer than the file system holds, so the data file would
+    wait for ever for a file its sender cannot send (fail closed: refuse it, saying why)."""
+    if len(os.fsencode(control_path(data).name)) <= name_max(data.parent):
+        return None
+    return FileRejected(
+        RULE_NAME,
+        f"the file's control file could never be placed: its name ({len(CONTROL_SUFFIX)} characters longer than "
+        f"the file's) would exceed the file system's limit of {name_max(data.parent)} bytes; the file was not read",
+        f"ask the sender to rename the file at least {len(CONTROL_SUFFIX)} bytes shorter and send it again, "
+        "with its control file written last",
+    )
+
+
+def _normal(name: str) -> str:
+    return unicodedata.normalize(NORMAL_FORM, name)
+
+
+def near_miss(path: Path, name: str) -> Path | None:
+    """An entry beside ``path`` named ``name`` in another Unicode normalisation (NFD for NFC, as a
+    macOS sender's tools may write one name and not the other): the same letters to a person, other
+    bytes to the file system; None if there is none, or ``name`` itself is there."""
+    folder = path.parent
+    if os.path.lexists(folder / name):
+        return None
+    try:
+        return next((e for e in folder.iterdir() if e.name != name and _normal(e.name) == _normal(name)), None)
+    except OSError:
+        return None
+
+
+def misnamed(data: Path) -> FileRejected:
+    """``file.control.name``: the data file's control file is there under its name in another
+    Unicode normalisation (:func:`near_miss`). Not paired by a normalised name: two names a person
+    cannot tell apart never silently become one file's; the sender renames, or sends both again."""
+    return FileRejected(
+        RULE_NAME,
+        "the file's control file is beside it under a name that looks the same but is written in another "
+        "Unicode form (e.g. an accented letter as two characters, as some systems write names); the file was "
+        "not read",
+        "ask the sender to send the file and its control file again, both named from one system (the control "
+        f"file named exactly the file's name and {CONTROL_SUFFIX})",
+        {"control_for": shown_name(data.name)},
+    )
+
+
 def read_control(path: Path) -> Control:
-    """The control file at ``path`` (:class:`Control`), or ``file.control.unreadable`` naming what is
-    wrong with it (module docstring). Read without following a link; raises FileNotFoundError
-    if it is gone."""
-    return parse_control(_control_bytes(path))
+    """The control file at ``path`` (:class:`Control`, with the identity of the entry read), or
+    ``file.control.unreadable`` naming what is wrong with it (module docstring). Read without
+    following a link; raises FileNotFoundError if it is gone."""
+    data, entry = _control_bytes(path)
+    return replace(parse_control(data), entry=identity(entry))
 
 
-def _control_bytes(path: Path) -> bytes:
-    """At most ``MAX_CONTROL_BYTES`` of a plain file (regular, one link; never followed)."""
-    entry = os.lstat(path)
-    if not (stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1):
-        raise unreadable("it is a link, a folder or another entry that is not a plain file; it was not read")
+_NOT_PLAIN = "it is a link, a folder or another entry that is not a plain file; it was not read"
+
+
+def _control_bytes(path: Path) -> tuple[bytes, os.stat_result]:
+    """At most ``MAX_CONTROL_BYTES`` of a plain file (regular, one link; never followed), and the
+    ``fstat`` of the descriptor read: the entry is checked again once open (it may have been
+    swapped for a folder or a link since ``lstat``), and any error reading it is
+    ``file.control.unreadable``, never an error that fails the stage (the ingest module's rule)."""
+    if not plain(os.lstat(path)):
+        raise unreadable(_NOT_PLAIN)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -108,13 +192,29 @@ def _control_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise unreadable(f"it could not be opened ({type(exc).__name__})") from None
     try:
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(MAX_CONTROL_BYTES + 1)
+        entry = os.fstat(fd)
+        if not plain(entry):
+            raise unreadable(_NOT_PLAIN)
+        data = _read_at_most(fd, MAX_CONTROL_BYTES + 1)
+    except OSError as exc:
+        raise unreadable(f"it could not be read ({type(exc).__name__})") from None
     finally:
         os.close(fd)
     if len(data) > MAX_CONTROL_BYTES:
         raise unreadable(f"it is larger than {MAX_CONTROL_BYTES:,} bytes")
-    return data
+    return data, entry
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of the open descriptor ``fd``."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

@@ -44,7 +44,7 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   (``file.control.rows``, ``file.control.sha256``, ``file.control.last_row``, ``file.control.unreadable``)
   when it disagrees (or a CSV does not end with a line end: cut inside its last row); the
   rows compared are those DuckDB inserted, in the landing transaction. A control file with no data
-  file is ``file.control.orphan``.
+  file is ``file.control.orphan``; one that could never be found by its name is ``file.control.name``.
 * A received file the haven's user may not overwrite (another account's upload) is unlinked
   once landed and named in ``not_overwritten`` (a person gives the haven's user write access
   to ``incoming/``); the stage goes on.
@@ -59,7 +59,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   batch record and digest. An *objections* file received again is not landed again either, but
   it is not a no-op: it restates that batch's objections (``restated``; ``_note_restatement``).
 * Once landed inside the encrypted store, the plain received file is overwritten and removed,
-  so identifiable data is held in one protected place (CoP 27b-c).
+  so identifiable data is held in one protected place (CoP 27b-c): only the entry read (its inode,
+  status-change time and size), so a newer file renamed into place meanwhile is judged next run.
 * Reasons, logs and metadata carry counts, column names of the contract, line numbers and
   hashes, never a row's values; a received column name is shown only if it is a plain
   identifier, and then as a name from outside (``shown_name``: NHS-number-like runs withheld),
@@ -774,9 +775,12 @@ def _changed_lately(entry: os.stat_result) -> bool:
 
 
 def _unchanged_since(path: Path, seen: os.stat_result) -> None:
-    """Raise ``StillArriving`` if ``path`` changed since ``seen`` (written to while it was read)."""
+    """Raise ``StillArriving`` if ``path`` changed since ``seen`` (written to while it was read): its
+    inode, size, modification time or status-change time (``safehaven.intake.control.identity``), the
+    last of which a sender cannot set back, so a file rewritten in place after its SHA-256 was taken,
+    its size and modification time kept, is never landed as the bytes that were hashed."""
     now = os.stat(path, follow_symlinks=False)
-    if (now.st_size, now.st_mtime_ns, now.st_ino) != (seen.st_size, seen.st_mtime_ns, seen.st_ino):
+    if (totals.identity(now), now.st_mtime_ns) != (totals.identity(seen), seen.st_mtime_ns):
         raise StillArriving(path.name)
 
 
@@ -1081,7 +1085,7 @@ def _ingest_one(
             report.files_skipped += 1
             report.drops[drop] = "already landed"
             _note_restatement(con, contract, sha, path, seen, drop, report, sealer)
-            _remove_held(path, report, declared)
+            _remove_held(path, report, seen, declared)
             return
         inspect_file(con, path, contract)
         rows = land_file(con, path, contract, sha, seen, drop, sealer, declared)
@@ -1090,7 +1094,7 @@ def _ingest_one(
         report.copies.append({"file": shown_name(path.name), "same_records_as": copy.batch_id[:16]})
         report.drops[drop] = f"same records as batch {copy.batch_id[:12]}"
         _note_restatement(con, contract, copy.batch_id, path, seen, drop, report, sealer)
-        _remove_held(path, report, declared)
+        _remove_held(path, report, seen, declared)
         return
     except (FileRejected, StillArriving):
         raise
@@ -1105,15 +1109,20 @@ def _ingest_one(
     report.rows_landed += rows
     report.batches.append(sha)
     report.drops[drop] = "landed"
-    _remove_held(path, report, declared)
+    _remove_held(path, report, seen, declared)
 
 
-def _remove_held(path: Path, report: IngestReport, declared: totals.Control | None) -> None:
+def _remove_held(path: Path, report: IngestReport, seen: os.stat_result, declared: totals.Control | None) -> None:
     """Remove a received file whose records the store holds (:func:`_remove_received`) and the
-    control file it was read with (``declared``), which has no use once its file is held."""
-    _remove_received(path, report)
-    if declared is not None:
-        _remove_received(totals.control_path(path), report)
+    control file it was read with (``declared``), which has no use once its file is held: each only
+    while it is the entry read (``seen``, ``declared.entry``), so a newer file (or control file) of the
+    same name renamed into place meanwhile stays in incoming/ for the next run, never shredded unread.
+    The control file goes first: a run killed between the two leaves a data file without its control
+    file, which waits (and is known as landed once a control file comes), never a control file
+    refused as an orphan (``file.control.orphan``) though its data file landed."""
+    if declared is not None and declared.entry is not None:
+        _remove_received(totals.control_path(path), report, declared.entry)
+    _remove_received(path, report, totals.identity(seen))
 
 
 def _record_landing(
@@ -1168,12 +1177,15 @@ def _note_restatement(
     report.drops[drop] = f"restates batch {batch_id[:12]} (registered by the objection register)"
 
 
-def _remove_received(path: Path, report: IngestReport) -> None:
-    """Shred a received file whose records the store holds (module docstring). One the haven's
-    user may not overwrite (another account's upload) is unlinked if the folder allows it, and
-    named in ``not_overwritten`` either way: a person must give the haven's user write access to
-    its incoming folder, or remove the file; the stage goes on."""
+def _remove_received(path: Path, report: IngestReport, read: tuple[int, int, int]) -> None:
+    """Shred a received file whose records the store holds (module docstring), if it is still the
+    entry read (``read``: ``safehaven.intake.control.identity``); another entry now of its name is
+    left for the next run. One the haven's user may not overwrite (another account's upload) is
+    unlinked if the folder allows it, and named in ``not_overwritten`` either way: a person must
+    give the haven's user write access to its incoming folder, or remove the file; the stage goes on."""
     try:
+        if totals.identity(os.lstat(path)) != read:
+            return  # replaced since it was read: a new drop, judged by the next run
         shred_file(path)
     except FileNotFoundError:
         return  # removed meanwhile by its sender
@@ -1299,20 +1311,45 @@ def _left_for_later(report: IngestReport, drop: str, path: Path, waiting: StillA
 
 def _companion(path: Path, contract: Contract) -> bool:
     """Whether ``path`` is the control file of a data file beside it (landed or refused with that
-    file, never on its own), or a control file gone since the folder was listed (taken away with its
-    data file by this run); a control file whose data file is absent is judged as an orphan."""
+    file, never on its own; also when the data file's name is in another Unicode normalisation,
+    ``safehaven.intake.control.near_miss``: refused with it, naming that), or a control file gone
+    since the folder was listed (taken away with its data file by this run); a control file whose
+    data file is absent is judged as an orphan."""
     if not (totals.controlled(contract) and totals.is_control(path)):
         return False
-    return os.path.lexists(totals.data_path(path)) or not os.path.lexists(path)
+    data = totals.data_path(path)
+    return os.path.lexists(data) or not os.path.lexists(path) or totals.near_miss(data, data.name) is not None
 
 
 def _control_missing(path: Path, contract: Contract) -> bool:
     """Whether ``path`` is a data file (a supported suffix) of a collection asking for control files
-    whose control file has not arrived, or is still being written (:func:`still_arriving`)."""
+    whose control file has not arrived, or is still being written (:func:`still_arriving`). One whose
+    control file could never be named, or is there under its name in another Unicode normalisation
+    (:func:`_misnamed_control`), is not waiting: it is refused, saying why."""
     if not totals.controlled(contract) or totals.is_control(path) or path.suffix.lower() not in SUPPORTED:
         return False
     ctl = totals.control_path(path)
+    if _misnamed_control(path) is not None:
+        return False
     return not os.path.lexists(ctl) or (_plain(os.lstat(ctl)) and still_arriving(ctl))
+
+
+def awaiting_control(path: Path, contract: Contract) -> bool:
+    """Whether the entry ``path`` of ``contract``'s folder is a data file an intake run leaves there
+    waiting for its control file (:func:`_control_missing`; ``safehaven.intake.control``): what the
+    objection feed blocks record-level releases on (``safehaven.protect.feed.awaiting_control``)."""
+    return _control_missing(path, contract)
+
+
+def _misnamed_control(path: Path) -> FileRejected | None:
+    """``file.control.name`` for a data file whose control file cannot be found by its name: the name
+    would be longer than the file system holds (``safehaven.intake.control.unnameable``), or the
+    control file is there named in another Unicode normalisation (``safehaven.intake.control.misnamed``)."""
+    ctl = totals.control_path(path)
+    too_long = totals.unnameable(path)
+    if too_long is not None:
+        return too_long
+    return totals.misnamed(path) if totals.near_miss(ctl, ctl.name) is not None else None
 
 
 def _declared(path: Path, contract: Contract) -> totals.Control | None:
@@ -1324,6 +1361,9 @@ def _declared(path: Path, contract: Contract) -> totals.Control | None:
         return None
     if totals.is_control(path):
         raise totals.orphan()
+    misnamed = _misnamed_control(path) if path.suffix.lower() in SUPPORTED else None
+    if misnamed is not None:
+        raise misnamed
     if _control_missing(path, contract):
         raise AwaitingControl(path.name)
     if path.suffix.lower() not in SUPPORTED:
@@ -1345,11 +1385,15 @@ def _check_declared(path: Path, declared: totals.Control, sha: str) -> None:
 def _refuse_control(
     path: Path, contract: Contract, quarantine_dir: Path, report: IngestReport, err: FileRejected
 ) -> None:
-    """Move a refused data file's control file to quarantine with it, with a reason naming the data
+    """Move a refused data file's control file (or the one named in another Unicode normalisation,
+    ``safehaven.intake.control.near_miss``) to quarantine with it, with a reason naming the data
     file and its refusal (``safehaven.intake.control.companion``); a control file is never judged on
     its own while its data file is here."""
     ctl = totals.control_path(path)
-    if not totals.controlled(contract) or totals.is_control(path) or not os.path.lexists(ctl):
+    if not totals.controlled(contract) or totals.is_control(path):
+        return
+    ctl = ctl if os.path.lexists(ctl) else totals.near_miss(ctl, ctl.name)
+    if ctl is None:
         return
     why = totals.companion(err, shown_name(path.name))
     sha, judged = _name_hash(ctl), entry_identity(_seen(ctl), hashed=False)

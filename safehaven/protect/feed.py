@@ -72,8 +72,11 @@ against a current list). Rules:
   hold every later restatement, every GP haven step and every record-level release for ever
   (fail closed, never stuck). An entry not yet judged (still arriving, intake not yet run on it,
   sent again under that name, replaced or changed after it was judged, or unreadable) is still
-  waited for. While
-  anything is pending, the refusal names it by kind (:func:`describe_pending`: landed and not
+  waited for. An objections file waiting for its control file (the objections contract says
+  ``control: manifest``; :func:`awaiting_control`) is never read while its control file does not
+  come, so it refuses record-level releases (and the GP haven step) on its own, and a restatement
+  behind it is named as waiting for it: each refusal names the control file to ask the sender for.
+  While anything is pending, the refusal names it by kind (:func:`describe_pending`: landed and not
   validated, valid rows not registered, restatements waiting and the shown name of what they
   wait for, and why) and the step that clears it.
 """
@@ -85,7 +88,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -97,7 +100,10 @@ from safehaven.core.home import Home
 from safehaven.core.registers import current_actor
 from safehaven.core.store import table_exists
 from safehaven.intake import batch_seal, ingest
+from safehaven.intake import control as totals
+from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES, NOT_MOVED_NAME, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
+from safehaven.intake.refusals import FileRejected
 from safehaven.protect import register_seal
 from safehaven.protect.objections import RESTATEMENTS, unregistered_sql
 from safehaven.protect.objections import TABLES as REGISTER_TABLES
@@ -568,9 +574,55 @@ def waiting_since(home: Home) -> datetime | None:
     return first[0] if first else None
 
 
-def _restatements_wait_for(con: duckdb.DuckDBPyConnection, home: Home | None) -> str:
+#: what clears an objections file waiting for its control file (:func:`awaiting_control`)
+ASK_FOR_CONTROL = (
+    "ask the sender for {control} (written after the file), then run intake (safehaven run); a file the haven "
+    "landed before it stopped while removing it is known as landed once its control file comes"
+)
+
+
+def awaiting_control(home: Home, objections: Contract | None) -> dict[str, str]:
+    """The objections files in incoming/objections/ that wait for their control file (the
+    objections contract ``objections`` asks for one, ``control: manifest``;
+    ``safehaven.intake.ingest.awaiting_control``): shown name -> its control file's shown name.
+    Nothing of such a file is read, so its objections are not applied, for as long as its control
+    file does not come: it blocks record-level releases (:func:`describe_pending`), named with
+    the file it waits for (module docstring, "What a restatement waits for"; CoP 11-14; fail closed)."""
+    if objections is None or not totals.controlled(objections):
+        return {}
+    found = {}
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in sorted(home.incoming_for(COLLECTION).iterdir()):
+            with contextlib.suppress(FileNotFoundError, FileRejected):
+                if ingest.awaiting_control(entry, objections):
+                    found[audit.shown_name(entry.name)] = audit.shown_name(totals.control_path(entry).name)
+    return found
+
+
+def _objections_of(collections: Iterable[str] | Mapping[str, Contract] | None) -> Contract | None:
+    """The objections contract among the deployment's contracts (``collections``, when given as
+    the registry's name -> contract), else None."""
+    if not isinstance(collections, Mapping):
+        return None
+    return next((c for c in collections.values() if isinstance(c, Contract) and c.kind == "objections"), None)
+
+
+def _unless_controlled(shown: str, objections: Contract | None) -> str:
+    """Where the caller has no objections contract to say whether a file waits for its control
+    file, the refusal still names that possibility and its remedy (never advice that may not clear it)."""
+    if objections is not None:
+        return ""
+    ctl = f"{shown}{totals.CONTROL_SUFFIX}"
+    return f", waiting for its control file {ctl} if the objections contract asks for one (ask the sender for {ctl})"
+
+
+def _restatements_wait_for(
+    con: duckdb.DuckDBPyConnection, home: Home | None, parked: dict[str, str], objections: Contract | None
+) -> str:
     """What the pending restatements wait for, by shown name, why, and the step that clears it:
-    the earliest objections file landed and not validated, or still waiting in incoming/."""
+    the earliest objections file landed and not validated, or still waiting in incoming/ (for
+    its control file, ``parked``: :func:`awaiting_control`; named as a possibility where the
+    ``objections`` contract is not known, :func:`_unless_controlled`)."""
     landed = con.execute(
         f"SELECT coalesce(arrived_at, landed_at), file_name FROM {BATCHES} WHERE collection = ? "
         "AND status = 'landed' ORDER BY 1 LIMIT 1",
@@ -579,10 +631,16 @@ def _restatements_wait_for(con: duckdb.DuckDBPyConnection, home: Home | None) ->
     entry = first_waiting(home) if home is not None else None
     if landed and (entry is None or landed[0] <= entry[0]):
         return f"they wait for {audit.shown_name(str(landed[1]))}, landed but not validated: {RUN_INTAKE}"
+    if entry and entry[1] in parked:
+        return (
+            f"they wait for {entry[1]}, which arrived before them and is still in incoming/{COLLECTION}/, waiting "
+            f"for its control file {parked[entry[1]]}: " + ASK_FOR_CONTROL.format(control=parked[entry[1]])
+        )
     if entry:
         return (
             f"they wait for {entry[1]}, which arrived before them and is still in incoming/{COLLECTION}/, not "
-            f"yet landed (still arriving, or intake has not run on it): {RUN_INTAKE}"
+            f"yet landed (still arriving{_unless_controlled(entry[1], objections)}, or intake has not run on it): "
+            f"{RUN_INTAKE}"
         )
     return (
         "nothing that arrived before them is waiting (unless a batch differs from its seal, named apart): "
@@ -590,11 +648,20 @@ def _restatements_wait_for(con: duckdb.DuckDBPyConnection, home: Home | None) ->
     )
 
 
-def describe_pending(con: duckdb.DuckDBPyConnection, home: Home | None = None) -> str | None:
+def describe_pending(
+    con: duckdb.DuckDBPyConnection, home: Home | None = None, objections: Contract | None = None
+) -> str | None:
     """What keeps objections out of the register, by kind, with the step that clears each (module
-    docstring, "What a restatement waits for"); None when nothing does. Shown names only."""
+    docstring, "What a restatement waits for"), and, given ``home`` and the ``objections``
+    contract, the objections files waiting for their control file (:func:`awaiting_control`);
+    None when nothing does. Shown names only."""
     now = pending(con)
-    parts = []
+    parked = awaiting_control(home, objections) if home is not None else {}
+    parts = [
+        f"objections file {name} is in incoming/{COLLECTION}/ waiting for its control file {ctl}, so its "
+        f"objections are not applied: " + ASK_FOR_CONTROL.format(control=ctl)
+        for name, ctl in parked.items()
+    ]
     if now.landed:
         parts.append(f"{now.landed} objections file(s) landed but not yet validated: {RUN_INTAKE}")
     if now.unregistered:
@@ -602,7 +669,7 @@ def describe_pending(con: duckdb.DuckDBPyConnection, home: Home | None = None) -
     if now.restated:
         parts.append(
             f"{now.restated} objections file(s) sent again whose restatement is not registered; "
-            + _restatements_wait_for(con, home)
+            + _restatements_wait_for(con, home, parked, objections)
         )
     return "; ".join(parts) or None
 
@@ -659,13 +726,15 @@ def feed_problems(
     collections: Iterable[str] | None = None,
 ) -> list[str]:
     """Why record-level releases must not run now (empty when the feed is complete and fresh);
-    ``collections``: the deployment's collections (``sync_faults``)."""
+    ``collections``: the deployment's collections (``sync_faults``; given as the registry's
+    contracts, its objections contract says whether an objections file waits for a control file,
+    :func:`awaiting_control`)."""
     sync_faults(con, home, collections)
     problems = [_describe(f) for f in unresolved(con)]
     for tampered in (register_seal.problem(con, home), batch_seal.problem(con, COLLECTION, home)):
         if tampered:
             problems.append(tampered)
-    waiting = describe_pending(con, home)
+    waiting = describe_pending(con, home, _objections_of(collections))
     if waiting:
         problems.append(f"objections not yet validated and registered: {waiting}")
     refreshed = refreshed_on(con)

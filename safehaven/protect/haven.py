@@ -170,7 +170,7 @@ def _no_key() -> Key:
 
 
 def refuse_while_objections_unregistered(
-    con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None
+    con: duckdb.DuckDBPyConnection, collection: str, home: Home | None = None, objections: Contract | None = None
 ) -> None:
     """Refuse to take a collection sent by GP practices into the haven while an objections batch is
     landed but not yet in the objection register (``safehaven.protect.feed.pending_batches``): the
@@ -179,8 +179,10 @@ def refuse_while_objections_unregistered(
     found by review: the haven step materialised alone in the UI after an intake run). The nightly
     job runs the register step first, so only a run out of that order is refused. The refusal
     names what waits, by kind, and the step that clears it (``safehaven.protect.feed.describe_pending``;
-    with ``home``, an entry still in incoming/ by its shown name): never a refusal no one can clear."""
-    waiting = feed.describe_pending(con, home)
+    with ``home``, an entry still in incoming/ by its shown name, and, with the ``objections``
+    contract, an objections file waiting for its control file, ``feed.awaiting_control``): never a
+    refusal no one can clear."""
+    waiting = feed.describe_pending(con, home, objections)
     if waiting:
         raise feed.ObjectionFeedBlocked(
             f"{collection} is not taken into the haven while objections are not in the objection register: "
@@ -203,8 +205,10 @@ def build_haven(
     folders a refusal names what it waits for from (:func:`refuse_while_objections_unregistered`)."""
     ensure_tables(con)
     c = contract.collection
+    contracts = list(contracts)
     if contract.practice_field:
-        refuse_while_objections_unregistered(con, c, home)
+        objections = next((x for x in contracts if x.kind == "objections"), None)
+        refuse_while_objections_unregistered(con, c, home, objections)
     install_key(con, "haven", haven_key.material)
     report = HavenReport(c, key_id=haven_key.key_id)
     source = f"landing.{c}_valid"

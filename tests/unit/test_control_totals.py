@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -318,3 +319,159 @@ def test_the_runs_log_names_the_file_waiting_for_its_control_file(store: Store, 
         "gp_events: gp_extract.csv waits for its control file (gp_extract.csv.ctl.json, which the contract asks "
         "for and its sender writes last); it stays in incoming/gp_events/ and a later run lands it once that is there"
     ]
+
+
+def test_a_file_rewritten_in_place_after_its_sha256_check_is_not_landed(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rewritten in place (same inode, same size) after its SHA-256 matched the control file's, its
+    modification time set back: its status-change time, which a sender cannot set back, shows the
+    change, so nothing of it lands under the original bytes' SHA-256; the next run refuses it."""
+    from safehaven.intake import ingest
+
+    data = write_csv(home.incoming_for("gp_events") / "gp_extract.csv", ROWS, GP.field_names)
+    original = data.read_bytes()
+    _control(data, {"rows": 5, "sha256": hashlib.sha256(original).hexdigest()})
+    real_inspect = ingest.inspect_file
+
+    def rewrite_then_inspect(con, path, contract):  # noqa: ANN001, ANN202
+        st = os.stat(path)
+        time.sleep(0.01)  # a later status-change time, on any clock granularity
+        with open(path, "r+b") as fh:
+            fh.write(original.replace(b"M83337", b"Z99999", 1))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return real_inspect(con, path, contract)
+
+    monkeypatch.setattr(ingest, "inspect_file", rewrite_then_inspect)
+    during = _ingest(store, home)
+    assert (during.files_landed, during.files_arriving, _landed_rows(store)) == (0, 1, 0)
+    monkeypatch.undo()
+    after = _ingest(store, home)
+    assert (after.files_landed, _reason(home, "gp_extract.csv")["rule"]) == (0, "file.control.sha256")
+    assert _landed_rows(store) == 0
+
+
+def test_a_new_file_of_the_same_name_placed_while_the_old_one_lands_stays_for_the_next_run(
+    store: Store, home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daily sender of one fixed name renames the next extract.csv and its control file into place
+    while the last one lands: only the entries read are removed, so the new ones wait in incoming/
+    and the next run lands them (never shredded unread)."""
+    from safehaven.intake import ingest
+
+    folder = home.incoming_for("gp_events")
+    _control(write_csv(folder / "extract.csv", ROWS, GP.field_names), {"rows": 5})
+    staging = tmp_path / "sender_staging"
+    staging.mkdir()
+    v2 = write_csv(staging / "extract.csv", gp_rows(3, start=900), GP.field_names)
+    _control(v2, {"rows": 3})
+    real = ingest._record_landing
+
+    def sender_places_v2(*args):  # noqa: ANN002, ANN202
+        os.replace(v2, folder / "extract.csv")
+        os.replace(control.control_path(v2), control.control_path(folder / "extract.csv"))
+        return real(*args)
+
+    monkeypatch.setattr(ingest, "_record_landing", sender_places_v2)
+    first = _ingest(store, home)
+    assert (first.files_landed, first.rows_landed) == (1, 5)
+    assert sorted(p.name for p in folder.iterdir()) == ["extract.csv", "extract.csv.ctl.json"]
+    monkeypatch.undo()
+    second = _ingest(store, home)
+    assert (second.files_landed, second.rows_landed, _landed_rows(store)) == (1, 3, 8)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_run_killed_between_removing_a_landed_file_and_its_control_file_leaves_no_orphan(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control file is removed first: a run killed before the data file's removal leaves a data
+    file without its control file, which waits, never a control file refused as an orphan though its
+    data file landed; once a control file comes again it is known as landed and removed."""
+    from safehaven.intake import ingest
+
+    folder = home.incoming_for("gp_events")
+    data = write_csv(folder / "gp_extract.csv", ROWS, GP.field_names)
+    _control(data, {"rows": 5})
+    real_shred = ingest.shred_file
+
+    def killed_after_the_first(path: Path) -> int:
+        real_shred(path)
+        raise KeyboardInterrupt  # the run killed between the two removals
+
+    monkeypatch.setattr(ingest, "shred_file", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        _ingest(store, home)
+    monkeypatch.undo()
+    assert [p.name for p in folder.iterdir()] == ["gp_extract.csv"]
+    waiting = _ingest(store, home)
+    assert (waiting.awaiting_control, waiting.files_quarantined) == (["gp_extract.csv"], 0)
+    _control(data, {"rows": 5})
+    again = _ingest(store, home)
+    assert (again.files_skipped, again.files_quarantined, _landed_rows(store)) == (1, 0, 5)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_file_whose_control_file_name_would_exceed_the_name_limit_is_refused_naming_why(
+    store: Store, home: Home
+) -> None:
+    """A legal 250-byte name whose control file's name (259 bytes) no file system here holds: the
+    sender can never send it, so the file is refused (``file.control.name``), not left waiting for ever."""
+    folder = home.incoming_for("gp_events")
+    name = "x" * 246 + ".csv"
+    data = write_csv(folder / name, ROWS, GP.field_names)
+    assert waiting_drops(folder, GP) == {drop_key(data): data}  # a drop: the sensor starts its run
+    report = _ingest(store, home)
+    assert (report.files_quarantined, report.files_arriving, report.awaiting_control) == (1, 0, [])
+    [refused] = report.quarantined
+    reason = json.loads((home.quarantine_for("gp_events") / f"{refused['file']}.reason.json").read_text())
+    assert reason["rule"] == "file.control.name"
+    assert "would exceed the file system's limit of 255 bytes" in reason["reason"]
+    assert "rename the file at least 9 bytes shorter" in reason["what_to_do"]
+    assert list(folder.iterdir()) == [] and _landed_rows(store) == 0
+
+
+def test_a_control_file_named_in_another_unicode_normalisation_refuses_its_file_naming_that(
+    store: Store, home: Home
+) -> None:
+    """``café.csv`` (NFC) and its control file named in NFD (as a macOS sender's tools may write it):
+    the names look the same but are other bytes, so both are refused together as
+    ``file.control.name`` saying so, never an orphan beside a file waiting for ever."""
+    import unicodedata
+
+    folder = home.incoming_for("gp_events")
+    data = write_csv(folder / unicodedata.normalize("NFC", "café.csv"), ROWS, GP.field_names)
+    (folder / unicodedata.normalize("NFD", "café.csv.ctl.json")).write_text(json.dumps({"rows": 5}))
+    assert list(waiting_drops(folder, GP).values()) == [data]
+    report = _ingest(store, home)
+    assert [q["rule"] for q in report.quarantined] == ["file.control.name", "file.control.name"]
+    assert (report.files_arriving, report.awaiting_control) == (0, [])
+    assert "another Unicode form" in _reason(home, data.name)["reason"]
+    assert list(folder.iterdir()) == [] and _landed_rows(store) == 0
+
+
+def test_a_control_file_swapped_for_a_folder_after_it_was_checked_refuses_its_file_and_the_stage_goes_on(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Swapped for a folder between ``lstat`` and ``open``: the opened descriptor is checked again,
+    so the file is refused (``file.control.unreadable``) and the next file is judged."""
+    import sys
+
+    folder = home.incoming_for("gp_events")
+    data = write_csv(folder / "a_extract.csv", ROWS, GP.field_names)
+    ctl = _control(data, {"rows": 5})
+    _control(write_csv(folder / "b_extract.csv", gp_rows(2, start=800), GP.field_names), {"rows": 2})
+    real_lstat = os.lstat
+
+    def lstat_then_swap(path, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        st = real_lstat(path, *a, **k)
+        if Path(path) == ctl and ctl.is_file() and sys._getframe(1).f_code.co_name == "_control_bytes":
+            ctl.unlink()
+            ctl.mkdir()
+        return st
+
+    monkeypatch.setattr(control.os, "lstat", lstat_then_swap)
+    report = _ingest(store, home)
+    assert _reason(home, "a_extract.csv")["rule"] == "file.control.unreadable"
+    assert "not a plain file" in _reason(home, "a_extract.csv")["reason"]
+    assert (report.files_landed, _landed_rows(store)) == (1, 2)

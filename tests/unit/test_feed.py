@@ -1630,3 +1630,82 @@ def test_a_delivery_stopped_after_its_register_row_still_checks_objections_regis
 
 def _stopped(*_args: object, **_kwargs: object) -> None:
     raise KeyboardInterrupt("the process was killed")
+
+
+@pytest.fixture
+def controlled_haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+    """A haven whose objections contract asks for a control file with each file (``control: manifest``)."""
+    with open_haven(home, tmp_path) as opened:
+        c = opened.registry.objections()
+        opened.registry.contracts[c.collection] = c.model_copy(update={"control": "manifest"})
+        yield opened
+
+
+def _drop_controlled(haven: Haven, name: str, rows: list[list[str]], control: bool = True) -> None:
+    """An objections file and, unless ``control`` is False (its control file never comes), its control file."""
+    haven.drop(name, rows)
+    if control:
+        (haven.home.incoming_for("objections") / f"{name}.ctl.json").write_text(json.dumps({"rows": len(rows)}))
+
+
+def test_an_objections_file_waiting_for_its_control_file_refuses_record_level_releases_naming_it(
+    controlled_haven: Haven,
+) -> None:
+    """An objections file whose control file never comes is never read: its objector must not be
+    released, so record-level releases are refused, naming the control file and who sends it."""
+    haven = controlled_haven
+    _drop_controlled(haven, "objections.csv", [opt_out(10)], control=False)
+    for _ in range(2):
+        haven.run()
+    assert not _in_force(haven, 10)
+    why = feed.describe_pending(haven.con, haven.home, haven.registry.objections())
+    assert why is not None and "objections.csv is in incoming/objections/ waiting for its control file" in why
+    assert "ask the sender for objections.csv.ctl.json" in why
+    with pytest.raises(ReleaseRefused, match=r"ask the sender for objections\.csv\.ctl\.json"):
+        haven.release()
+    _drop_controlled(haven, "objections.csv", [opt_out(10)], control=False)
+    (haven.home.incoming_for("objections") / "objections.csv.ctl.json").write_text(json.dumps({"rows": 1}))
+    haven.run()
+    assert _in_force(haven, 10) and feed.describe_pending(haven.con, haven.home, haven.registry.objections()) is None
+
+
+def test_a_restatement_behind_a_file_waiting_for_its_control_file_names_that_control_file(
+    controlled_haven: Haven,
+) -> None:
+    """A file sent again waits for an earlier file parked for its control file: the refusal names
+    the missing control file and its remedy, not "run intake", which would never clear it."""
+    haven = controlled_haven
+    _drop_controlled(haven, "objections.csv", [opt_out(10)])
+    haven.run()
+    haven.learnt_earlier(2)
+    _drop_controlled(haven, "withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+    haven.run()
+    _drop_controlled(haven, "parked.csv", [opt_out(11)], control=False)
+    _drop_controlled(haven, "objections.csv", [opt_out(10)])  # sent again
+    for _ in range(3):
+        haven.run()
+    why = feed.describe_pending(haven.con, haven.home, haven.registry.objections())
+    assert why is not None
+    assert (
+        "they wait for parked.csv, which arrived before them and is still in incoming/objections/, waiting "
+        "for its control file parked.csv.ctl.json: ask the sender for parked.csv.ctl.json" in why
+    ), why
+    assert "intake has not run on it" not in why
+
+
+def test_a_restatements_refusal_without_the_objections_contract_still_names_a_possibly_missing_control_file(
+    controlled_haven: Haven,
+) -> None:
+    """A caller without the objections contract (``describe_pending(con, home)``) cannot tell a file
+    waiting for its control file from one intake has not run on: it names both, with the control
+    file to ask the sender for, never "run intake" alone, which would not clear a parked file."""
+    haven = controlled_haven
+    _drop_controlled(haven, "objections.csv", [opt_out(10)])
+    haven.run()
+    _drop_controlled(haven, "parked.csv", [opt_out(11)], control=False)
+    _drop_controlled(haven, "objections.csv", [opt_out(10)])  # sent again
+    haven.run()
+    why = feed.describe_pending(haven.con, haven.home)
+    assert why is not None and "parked.csv" in why
+    assert "waiting for its control file parked.csv.ctl.json if the objections contract asks for one" in why, why
+    assert "ask the sender for parked.csv.ctl.json" in why
