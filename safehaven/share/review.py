@@ -12,7 +12,8 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   when the request was prepared) nor each other, names compared in one canonical form
   (:func:`person_key`). Each approves from their own OS login: not the login that prepared the
   request at a terminal (the pipeline's scheduled run is the service account, not a person), nor
-  the login of another person's approval (:func:`_own_login`; counted so at delivery). Each
+  the login of another person's approval (:func:`_own_login`; counted so at delivery). The
+  login is the process's account (``registers.os_login``: its real uid's), never ``$LOGNAME``. Each
   records a decision per file, pinned to the file's SHA-256 at that moment; a request is
   approved only when the rule's number of reviewers have each approved every file.
 * **What is released is what was reviewed**: at delivery every staged file is hashed again
@@ -290,7 +291,7 @@ def _transition(
         action=f"review.{action}",
         object=f"release-request:{req.release_id}",
         agreement=req.agreement_id,
-        detail={"from": req.state, "to": to, "why": why, "os_user": reg.current_actor(), **(detail or {})},
+        detail={"from": req.state, "to": to, "why": why, "os_user": reg.os_login(), **(detail or {})},
     )
     return get(con, req.release_id)
 
@@ -352,7 +353,7 @@ def open_request(
         agreement=agreement_id,
         detail={"to": PREPARED, "rule": rule[0], "files": [{"name": f["name"], "sha256": f["sha256"]} for f in files],
                 "manifest_sha256": manifest_sha256, "shape_sha256": shape_sha256, "identifiability": identifiability,
-                "members": _members(con, release_id), AGREEMENT_PIN: agreement_sha256, "os_user": reg.current_actor(),
+                "members": _members(con, release_id), AGREEMENT_PIN: agreement_sha256, "os_user": reg.os_login(),
                 "scheduled": scheduled},
     )  # fmt: skip
     for old in older:
@@ -483,12 +484,14 @@ def _own_login(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
     terminal prepared it, not the pipeline's scheduled run) or from the login of another person's
     approval of it: a second typed ``--by`` name from one account is one person, whatever it
     says (SATRE 3.3.04-3.3.05: two independent checkers, neither the operator; found by review).
-    Each approval's audit entry records its login; delivery counts them so too (:func:`_audited_approvers`)."""
+    The login is the account of the process's real uid (``registers.os_login``), never an
+    environment variable one account can set to any name. Each approval's audit entry records
+    its login; delivery counts them so too (:func:`_audited_approvers`)."""
     trail = _trail(con, req)
     if trail is None:
         return  # delivery refuses a request whose preparation is not on the trail
     prepared, since = trail
-    me, key = reg.current_actor(), person_key(by)
+    me, key = reg.os_login(), person_key(by)
     if me in _preparer_logins(prepared):
         raise ReviewError(
             f"the OS login that prepared {req.release_id} cannot approve it: each reviewer approves from their "
@@ -607,7 +610,7 @@ def approve(
         action="review.decide",
         object=f"release-request:{release_id}",
         agreement=req.agreement_id,
-        detail={"decision": "approve", "files": hashes, "comment": comment, "os_user": reg.current_actor()},
+        detail={"decision": "approve", "files": hashes, "comment": comment, "os_user": reg.os_login()},
     )
     _decide(con, req, by, "approve", hashes, comment)
     names = approvers(con, req)

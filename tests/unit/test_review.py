@@ -439,7 +439,7 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
     assert "k per person" in shown and "| person_id |" in shown and not any(n in shown for n in NHS)
     operator = run("review", "approve", "test-linked-r0001", "--by", current_actor())
     assert operator.exit_code == 1 and "operated the run" in operator.output
-    monkeypatch.setenv("LOGNAME", login_of(R1))  # each reviewer at their own login, not the operator's
+    monkeypatch.setattr(reg, "os_login", lambda: login_of(R1))  # each at their own login, not the operator's
     assert run("review", "approve", "test-linked-r0001", "--by", R1, "--comment", "fine by me").exit_code == 0
     assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 1
     assert run("review", "return", "test-linked-r0001", "--by", R2, "--comment", "x").exit_code == 1
@@ -449,7 +449,7 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
     assert "1 of 2 reviews in" in blind[0] and "reviews: 1 of 2 in" in blind[1]
     assert json.loads(blind[2])["reviews"]["reviews_in"] == 1 and "k_per_person" in blind[2]
     assert not any(R1 in text or "fine by me" in text for text in blind)
-    monkeypatch.setenv("LOGNAME", login_of(R2))
+    monkeypatch.setattr(reg, "os_login", lambda: login_of(R2))
     out = run("review", "approve", "test-linked-r0001", "--by", R2).output
     assert "released ->" in out and (haven.home.releases / "test-linked" / "test-linked-r0001").is_dir()
     assert "no release requests waiting" in run("review", "list").output
@@ -753,6 +753,31 @@ def test_two_approvals_from_one_login_are_one_reviewer(haven: Haven) -> None:
     with pytest.raises(review.ReviewError, match="approved it from this OS login"):
         haven.approve(rid, R2, login="login-shared")
     assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE and haven.delivered() == []
+
+
+def test_setting_LOGNAME_does_not_change_the_os_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login is the account of the real uid, whatever the environment names (found by review)."""
+    import pwd
+
+    account = pwd.getpwuid(os.getuid()).pw_name
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(variable, "alice")
+    assert reg.os_login() == account and reg.current_actor() == account
+
+
+def test_one_account_renaming_itself_in_LOGNAME_is_one_reviewer(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One account (one uid) approving twice under two names and two LOGNAMEs is one person: the
+    second approval is refused and nothing leaves (SATRE 3.3.04-3.3.05; found by review)."""
+    haven.add()
+    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring).as_scheduled()
+    rid = prepare(haven.con, "test-linked", haven=context).release_id  # the service account's run
+    monkeypatch.setenv("LOGNAME", "alice")
+    review.approve(haven.con, rid, R1, home=haven.home, registry=haven.registry)
+    monkeypatch.setenv("LOGNAME", "bob")
+    with pytest.raises(review.ReviewError, match="approved it from this OS login"):
+        review.approve(haven.con, rid, R2, home=haven.home, registry=haven.registry)
+    assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
 
 
 def test_the_audited_count_takes_two_approvals_from_one_login_for_one_reviewer(
