@@ -65,6 +65,7 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -704,24 +705,28 @@ def auto_approve(
 
 def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request, folder: Path | None = None) -> list[str]:
     """Problems between the staged directory (or ``folder``, where an interrupted delivery moved it)
-    and what was prepared and reviewed (empty: identical)."""
+    and what was prepared and reviewed (empty: identical). A file there that was not prepared is
+    one (it was planted: nothing unreviewed leaves). Names are shown as logs show a received file's
+    (``audit.shown_name``: a name spelling an NHS number is withheld), so the refusal can always be
+    recorded (CoP 8a; found by review)."""
     folder = folder or req.staging_dir
     if folder.is_symlink() or not folder.is_dir():
         return [f"the staged directory of {req.release_id} is missing or is a link"]
     listed = {f["name"]: f["sha256"] for f in req.files}
     listed["manifest.json"] = req.manifest_sha256
-    found = [f"{p.name} was added after preparation" for p in sorted(folder.iterdir()) if p.name not in listed]
+    found = [f"{audit.shown_name(p.name)} was added after preparation" for p in sorted(folder.iterdir())
+             if p.name not in listed]  # fmt: skip
     for name, sha in listed.items():
         if sha256_plain(folder / name) != sha:  # a link or a second name is never hashed through
             found.append(
-                f"{name} is not the file that was prepared and reviewed (SHA-256 differs, it is missing, or it is "
-                "not a plain file: a link or a second name)"
+                f"{audit.shown_name(name)} is not the file that was prepared and reviewed (SHA-256 differs, it is "
+                "missing, or it is not a plain file: a link or a second name)"
             )
     reviewed = con.execute(
         f"SELECT file_name, sha256 FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve'", [req.release_id]
     ).fetchall()
-    found += [f"{name} was approved at a different SHA-256 than the one prepared" for name, sha in reviewed
-              if listed.get(name) != sha]  # fmt: skip
+    found += [f"{audit.shown_name(name)} was approved at a different SHA-256 than the one prepared"
+              for name, sha in reviewed if listed.get(name) != sha]  # fmt: skip
     return found
 
 
@@ -853,6 +858,10 @@ def _audited_approvers(entries: list[audit.Entry], files: dict[str, str], prepar
     return {who for who in people if not any(logins[who] & logins[other] for other in people - {who})}
 
 
+#: what a refusal records when its own description cannot be written (:func:`_refuse_delivery`)
+UNRECORDABLE_PROBLEM = "a staged file or its review records are not those reviewed (the details could not be recorded)"
+
+
 def _refuse_delivery(
     con: duckdb.DuckDBPyConnection,
     req: Request,
@@ -863,36 +872,51 @@ def _refuse_delivery(
     moved: bool = False,
 ) -> ReviewError:
     """Record the refusal as a near-miss breach (``kind``) and audit it; the error says how to clear it.
-    ``moved``: an interrupted delivery had already moved the files into ``releases/``, so it says so."""
+    ``moved``: an interrupted delivery had already moved the files into ``releases/``, so it says so.
+
+    The refusal is always recorded, fail closed: the problems are scrubbed (``audit.scrub``), and a
+    breach or an audit entry the guard still refuses is recorded with :data:`UNRECORDABLE_PROBLEM`
+    instead, so :func:`_not_refused_before` keeps refusing it (CoP 22-23d; found by review)."""
+    problems = [audit.scrub(p) for p in found[:5]] or [UNRECORDABLE_PROBLEM]
     where = (
         f"the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/ and differ "
         "from those reviewed: shred them after investigating"
         if moved
         else "nothing was released"
     )
-    breach = reg.record_breach(
-        con,
-        kind=kind,
-        severity=0,
-        what=f"release {req.release_id} refused at delivery: " + "; ".join(found[:5]),
-        remedial_action=f"{where}; investigate who changed the staged files or the review records, "
-        "withdraw the request and let the next run prepare it again for review",
-        detail={"release_id": req.release_id, "problems": len(found)},
+    remedial = (
+        f"{where}; investigate who changed the staged files or the review records, "
+        "withdraw the request and let the next run prepare it again for review"
     )
-    audit.append(
-        con,
-        actor=by,
-        role="review",
-        action=REFUSED_ACTION,
-        object=f"release-request:{req.release_id}",
-        agreement=req.agreement_id,
-        outcome="refused",
-        detail={"problems": found[:5], "breach_id": breach, "kind": kind},
-    )
+    breach, _ = _recorded(
+        lambda shown: reg.record_breach(
+            con, kind=kind, severity=0, what=f"release {req.release_id} refused at delivery: " + "; ".join(shown),
+            remedial_action=remedial, detail={"release_id": req.release_id, "problems": len(found)},
+        ),
+        problems,
+    )  # fmt: skip
+    _, said = _recorded(
+        lambda shown: audit.append(
+            con, actor=by, role="review", action=REFUSED_ACTION, object=f"release-request:{req.release_id}",
+            agreement=req.agreement_id, outcome="refused",
+            detail={"problems": shown, "breach_id": breach, "kind": kind},
+        ),
+        problems,
+    )  # fmt: skip
     return ReviewError(
-        f"release {req.release_id} refused: {found[0]}; withdraw it "
+        f"release {req.release_id} refused: {said[0]}; withdraw it "
         f"(safehaven review withdraw {req.release_id} --by ... --comment ...) and let the next run prepare it again"
     )
+
+
+def _recorded(write: Callable[[list[str]], Any], problems: list[str]) -> tuple[Any, list[str]]:
+    """``write(problems)``, else ``write`` of :data:`UNRECORDABLE_PROBLEM` when the audit guard refuses
+    the problems' text (``ValueError``): a refusal is recorded whatever its details say. Returns what
+    ``write`` returned and the problems recorded (the only ones a message may then repeat)."""
+    try:
+        return write(problems), problems
+    except ValueError:
+        return write([UNRECORDABLE_PROBLEM]), [UNRECORDABLE_PROBLEM]
 
 
 def deliver(

@@ -843,6 +843,71 @@ def test_a_request_refused_for_a_changed_file_is_refused_even_once_the_bytes_are
     assert haven.prepare().status == PREPARED
 
 
+#: a valid NHS number (the check digit holds) a planted file is named after
+NHS_LIKE_NAME = "9434765919.csv"
+
+
+def test_a_planted_file_named_like_an_nhs_number_is_refused_as_a_breach_and_for_ever(haven: Haven) -> None:
+    """A file planted in staging under a name that spells an NHS number, with a reviewed file
+    swapped: the refusal is recorded (breach and audit, the name withheld), and once everything
+    is put back the request is still refused for ever (found by review)."""
+    rid = _awaiting_custodian(haven)
+    staged = review.get(haven.con, rid).staging_dir
+    target = staged / "hospital_episodes.parquet"
+    original = target.read_bytes()
+    target.write_bytes(b"swapped by an insider")
+    planted = staged / NHS_LIKE_NAME
+    planted.write_text("x\n")
+    with pytest.raises(review.ReviewError, match="was added after preparation") as refused:
+        haven.deliver(rid)
+    [breach] = reg.breaches(haven.con)
+    assert breach["kind"] == "reviewed_file_changed" and "not the file" in breach["what"]
+    assert not any(NHS_LIKE_NAME[:10] in text for text in (str(refused.value), breach["what"]))
+    planted.unlink()
+    target.write_bytes(original)  # put back
+    with pytest.raises(review.ReviewError, match="refused before as a breach"):
+        haven.deliver(rid)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+@pytest.mark.parametrize("name", [NHS_LIKE_NAME, "943_476_5919.csv"])
+def test_a_file_planted_in_staging_is_a_reason_to_refuse_delivery_and_its_name_is_withheld(
+    haven: Haven, name: str
+) -> None:
+    """Nothing unreviewed leaves: a file in staging that was never prepared refuses the delivery. Its
+    name is shown as a received file's (``audit.shown_name``): a name spelling an NHS number, with
+    separators the audit guard does not know too, is recorded and said withheld (CoP 8a)."""
+    rid = _awaiting_custodian(haven)
+    (review.get(haven.con, rid).staging_dir / name).write_text("x\n")
+    with pytest.raises(review.ReviewError, match="was added after preparation") as refused:
+        haven.deliver(rid)
+    assert haven.delivered() == [] and [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"]
+    entries = audit.entries_for(haven.con, object_like=f"release-request:{rid}")
+    recorded = [str(refused.value), reg.breaches(haven.con)[0]["what"], *(str(e.detail) for e in entries)]
+    assert not any(name.removesuffix(".csv") in text for text in recorded)
+
+
+def test_a_refusal_whose_details_the_audit_guard_refuses_is_recorded_without_them(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: were a problem's text still to look like an NHS number (here the scrubbing and
+    the shown name are bypassed), the breach and the refusal are recorded with a generic text, and
+    the request is refused for ever all the same."""
+    rid = _awaiting_custodian(haven)
+    monkeypatch.setattr(audit, "scrub", lambda text: text)
+    monkeypatch.setattr(audit, "shown_name", lambda name: name)
+    planted = review.get(haven.con, rid).staging_dir / NHS_LIKE_NAME
+    planted.write_text("x\n")
+    with pytest.raises(review.ReviewError, match="the details could not be recorded") as refused:
+        haven.deliver(rid)
+    assert NHS_LIKE_NAME[:10] not in str(refused.value)
+    assert [b["what"].endswith(review.UNRECORDABLE_PROBLEM) for b in reg.breaches(haven.con)] == [True]
+    planted.unlink()
+    with pytest.raises(review.ReviewError, match="refused before as a breach"):
+        haven.deliver(rid)
+    assert haven.delivered() == []
+
+
 def test_a_staged_file_replaced_by_a_link_is_refused_at_review(haven: Haven, tmp_path: Path) -> None:
     haven.add()
     rid = haven.prepare().release_id
