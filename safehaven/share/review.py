@@ -24,7 +24,8 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   link (``core.files.sha256_plain``).
 * **Under the agreement in force, on the terms reviewed**: a request is delivered only while its
   agreement is in force on the day of delivery and its file is the one the request was
-  prepared under (:func:`_agreement_in_force`).
+  prepared under (:func:`_agreement_in_force`); and while no collection of it is held
+  (:func:`_collections_not_held`).
 * **Rules** (:data:`RULES`): ``two_reviewers`` by default; an agreement may declare
   ``routine_release: one_reviewer | automatic`` for releases whose fields and checks (the
   *shape*) equal those of an earlier release approved by two reviewers; identifiable releases
@@ -52,7 +53,9 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   ``disposed: <disposal id>``) and its staged files are shredded by the disposal
   (``safehaven.dispose``), which counts them in its certificate.
 * **What will never leave is shredded** (CoP 27b): a rejected, withdrawn or superseded
-  request's staged files are overwritten and unlinked (:func:`_discard`). The state is recorded
+  request's staged files are overwritten and unlinked (:func:`_discard`), and so are files a
+  stopped delivery of it moved into ``releases/`` unless registered or delivered
+  (:func:`_undelivered_release`). The state is recorded
   first, so a request whose shredding failed can never be delivered; the shredding is retried
   by the next discard and the next request opened (:func:`shred_discarded`), until the staged
   folder is gone.
@@ -69,7 +72,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
@@ -82,6 +85,9 @@ from safehaven.core.sql import lit
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import optouts
+
+if TYPE_CHECKING:
+    from safehaven.share.agreements import Agreement
 
 REQUESTS = schema.RELEASE_REQUESTS
 REVIEWS = schema.RELEASE_REVIEWS
@@ -419,28 +425,54 @@ def _member_table(con: duckdb.DuckDBPyConnection, release_id: str) -> str:
 
 def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
     """Shred the staged files and drop the kept members of a request that will never be released
-    (CoP 27b: record-level files are overwritten, not only unlinked, as disposal does).
+    (CoP 27b: record-level files are overwritten, not only unlinked, as disposal does), and the
+    files a stopped delivery of it had moved into ``releases/`` (:func:`_undelivered_release`).
 
     Called once the request's state says it will never leave, so a failure here leaves nothing
     deliverable; the shredding of any request left so (this one included) is retried first.
     """
     shred_discarded(con, but=req.release_id)
+    _shred(con, req)
+
+
+def _shred(con: duckdb.DuckDBPyConnection, req: Request) -> None:
+    """Drop a discarded request's kept members and shred its staged and undelivered files."""
     con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
     shred_tree(req.staging_dir)
+    undelivered = _undelivered_release(con, req)
+    if undelivered is not None:
+        shred_tree(undelivered)
+
+
+def _undelivered_release(con: duckdb.DuckDBPyConnection, req: Request) -> Path | None:
+    """``releases/<agreement>/<release-id>/`` of the haven ``req`` was staged in (its staged folder
+    is ``staging/releases/<release-id>/``: ``safehaven.share.releases.staging_dir``) when it exists
+    though the release was neither registered nor delivered: a delivery stopped after its move
+    left it, and a request that will never leave must not leave it there for the recipient,
+    unrecorded (CoP 27b; found by review). None otherwise: a registered or delivered release's
+    files are never shredded here."""
+    folder = Home(req.staging_dir.parents[2]).releases / req.agreement_id / req.release_id
+    if not (folder.exists() or folder.is_symlink()):
+        return None
+    if _registered(con, req.release_id) or _delivery_audited(con, req.release_id):
+        return None
+    return folder
 
 
 def shred_discarded(con: duckdb.DuckDBPyConnection, *, but: str | None = None) -> list[str]:
-    """Shred the staged files a failed :func:`_discard` left behind: requests that will never leave
-    whose staged folder still exists (those withdrawn for a disposal are left to it: it shreds
-    and certifies them). Returns their ids."""
+    """Shred the files a failed :func:`_discard` left behind: requests that will never leave whose
+    staged folder, or undelivered folder in ``releases/`` (:func:`_undelivered_release`), still
+    exists (those withdrawn for a disposal are left to it: it shreds and certifies them). Returns
+    their ids."""
     left = [
         r
         for r in requests(con, states=NEVER_LEAVES)
-        if r.release_id != but and r.staging_dir.exists() and not (r.comment or "").startswith(DISPOSED_PREFIX)
+        if r.release_id != but
+        and not (r.comment or "").startswith(DISPOSED_PREFIX)
+        and (r.staging_dir.exists() or _undelivered_release(con, r) is not None)
     ]
     for req in left:
-        con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
-        shred_tree(req.staging_dir)
+        _shred(con, req)
     return [r.release_id for r in left]
 
 
@@ -880,7 +912,7 @@ def _refuse_delivery(
     problems = [audit.scrub(p) for p in found[:5]] or [UNRECORDABLE_PROBLEM]
     where = (
         f"the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/ and differ "
-        "from those reviewed: shred them after investigating"
+        "from those reviewed: withdrawing the request shreds them (investigate first)"
         if moved
         else "nothing was released"
     )
@@ -933,18 +965,12 @@ def deliver(
     req = get(con, release_id)
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
-    trail = _trail(con, req)
-    unaudited = _unaudited_approval(con, req, trail)
-    if unaudited or trail is None:  # (the first says so whenever the second holds)
-        raise _refuse_delivery(con, req, by, [str(unaudited)], kind="review_not_in_audit_trail")
-    _agreement_in_force(con, req, by, registry, trail[0].fields.get(AGREEMENT_PIN))
-    _objections_still_honoured(con, req, home, by)
     final = home.releases / req.agreement_id / release_id
     moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
-    found = _verify_staged(con, req, final if moved else None)
-    if found:
-        raise _refuse_delivery(con, req, by, found, moved=moved)
-    _not_refused_before(con, req, by, trail[1])
+    try:
+        _cleared(con, req, by, home=home, registry=registry, moved_to=final if moved else None)
+    except ReviewError as exc:
+        raise ReviewError(f"{exc}{_stopped_hint(req) if moved else ''}") from None
     if not moved:
         _move(req, final)
     if not _registered(con, release_id):
@@ -960,6 +986,40 @@ def deliver(
     reg.export(con, home)
     export(con, home)
     return req
+
+
+def _cleared(
+    con: duckdb.DuckDBPyConnection,
+    req: Request,
+    by: str,
+    *,
+    home: Home,
+    registry: ContractRegistry,
+    moved_to: Path | None,
+) -> None:
+    """Every check a delivery passes before anything moves or is registered, each refusing (audited)
+    with why and what clears it: the review as the audit trail records it, the agreement in force,
+    no collection of it held, the objections honoured, the files those reviewed (``moved_to``: where
+    a stopped delivery moved them), and no refusal as a breach before."""
+    trail = _trail(con, req)
+    unaudited = _unaudited_approval(con, req, trail)
+    if unaudited or trail is None:  # (the first says so whenever the second holds)
+        raise _refuse_delivery(con, req, by, [str(unaudited)], kind="review_not_in_audit_trail")
+    agreement = _agreement_in_force(con, req, by, registry, trail[0].fields.get(AGREEMENT_PIN))
+    _collections_not_held(con, req, by, registry, agreement.collections)
+    _objections_still_honoured(con, req, home, by)
+    found = _verify_staged(con, req, moved_to)
+    if found:
+        raise _refuse_delivery(con, req, by, found, moved=moved_to is not None)
+    _not_refused_before(con, req, by, trail[1])
+
+
+def _stopped_hint(req: Request) -> str:
+    """What a refusal of a stopped delivery adds: where its files are, and what removes them (:func:`_discard`)."""
+    return (
+        f"; the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/, neither "
+        "registered nor delivered: withdrawing the request shreds them"
+    )
 
 
 def _move(req: Request, final: Path) -> None:
@@ -1023,7 +1083,7 @@ def _today() -> date:
 
 def _agreement_in_force(
     con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, pinned: object
-) -> None:
+) -> Agreement:
     """Refuse to deliver (audited) unless, on the day of delivery, the agreement is in force as
     the haven stands on it (``safehaven.share.approvals.Standing.in_force``: its file, the store's
     decision on those very bytes as the audit trail records it, a file's own suspension, its start
@@ -1032,19 +1092,19 @@ def _agreement_in_force(
     on requests already prepared; terms changed and approved again do not carry a request
     prepared under the old ones; a request prepared before the pin was recorded has none and is
     refused the same way (fail closed). Caldicott 1; CoP 41-43. The next run prepares it again
-    under the terms in force."""
-    why = _not_in_force(con, req, registry, pinned)
-    if why is None:
-        return
+    under the terms in force. Returns the agreement in force."""
+    found = _not_in_force(con, req, registry, pinned)
+    if not isinstance(found, str):
+        return found
     audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
                  agreement=req.agreement_id, outcome="refused", detail={"reason": "agreement"})  # fmt: skip
-    raise ReviewError(f"release {req.release_id} not delivered: {why}")
+    raise ReviewError(f"release {req.release_id} not delivered: {found}")
 
 
 def _not_in_force(
     con: duckdb.DuckDBPyConnection, req: Request, registry: ContractRegistry, pinned: object
-) -> str | None:
-    """Why ``req`` must not leave under its agreement today, with what clears it (None: it may)."""
+) -> str | Agreement:
+    """Why ``req`` must not leave under its agreement today, with what clears it (else the agreement: it may)."""
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError
 
@@ -1066,7 +1126,32 @@ def _not_in_force(
             "it was prepared under an earlier version of the agreement (or before requests recorded it): "
             f"{_withdraw_hint(req)}; the next run prepares it again under the current terms"
         )
-    return None
+    return standing.agreement
+
+
+def _collections_not_held(
+    con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, collections: list[str]
+) -> None:
+    """Refuse to deliver (audited, not a breach) while a collection of the agreement is held
+    (``safehaven.intake.validation.refuse_held``: its sender's latest drop was refused, or landed
+    but not validated), as preparation refuses: never records of a collection whose sender's latest
+    drop the haven could not take (CoP 7-9; found by review). A collection the contracts given do
+    not describe is refused too (fail closed). It clears once a corrected drop passes validation;
+    the request stays approved until then."""
+    from safehaven.intake.validation import CollectionHeld, refuse_held
+
+    unknown = sorted(set(collections) - set(registry.contracts))
+    try:
+        if unknown:
+            raise CollectionHeld(f"the contracts given do not describe {', '.join(unknown)}")
+        refuse_held(con, [registry.contracts[c] for c in collections], "delivery")
+    except CollectionHeld as exc:
+        audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
+                     agreement=req.agreement_id, outcome="refused", detail={"reason": "collection_held"})  # fmt: skip
+        raise ReviewError(
+            f"release {req.release_id} not delivered: {exc}; it stays approved and is delivered (deliver it again) "
+            f"once a corrected drop passes validation, or {_withdraw_hint(req)}"
+        ) from None
 
 
 def _not_refused_before(con: duckdb.DuckDBPyConnection, req: Request, by: str, since: list[audit.Entry]) -> None:

@@ -618,6 +618,99 @@ def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_
     assert reg.releases(haven.con) == []
 
 
+def _stopped_after_the_move(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """A request whose delivery was killed after its files moved into ``releases/``, before its
+    register row (the rename back never runs); returns its id and where its files are."""
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    monkeypatch.setattr(review, "_register", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        haven.approve(rid, R2)
+    monkeypatch.undo()
+    return rid, haven.home.releases / "test-linked" / rid
+
+
+def test_a_stopped_delivery_refused_then_withdrawn_leaves_nothing_in_releases(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agreement expires before the next attempt: the refusal says where the moved files are,
+    and withdrawing the request, as it says, shreds them (CoP 27b; found by review)."""
+    haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())
+    rid, folder = _stopped_after_the_move(haven, monkeypatch)
+    assert any(folder.glob("*.parquet")) and review.get(haven.con, rid).state == review.APPROVED
+    _delivery_on(monkeypatch, days=1)  # the next attempt is the next day: the agreement has expired
+    with pytest.raises(review.ReviewError, match="not in force") as refused:
+        haven.deliver(rid, "custodian")
+    assert f"releases/test-linked/{rid}/" in str(refused.value) and "withdrawing the request shreds" in str(
+        refused.value
+    )
+    review.withdraw(haven.con, rid, CG, "agreement expired before delivery")
+    assert review.get(haven.con, rid).state == review.WITHDRAWN
+    assert not folder.exists() and reg.releases(haven.con) == []
+    assert haven.con.execute(f"SELECT count(*) FROM {review.REQUEST_MEMBERS}").fetchone()[0] == 0
+
+
+def test_a_failed_shredding_of_a_stopped_deliverys_files_is_retried_by_the_next_discard(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    haven.add()
+    rid, folder = _stopped_after_the_move(haven, monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(review, "shred_tree", lambda *_a: (_ for _ in ()).throw(OSError("disk error")))
+        with pytest.raises(OSError):
+            review.withdraw(haven.con, rid, CG, "withdrawn before delivery")
+    assert folder.is_dir() and review.get(haven.con, rid).state == review.WITHDRAWN
+    assert review.shred_discarded(haven.con) == [rid] and not folder.exists()
+
+
+def test_withdrawing_never_shreds_a_registered_release(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery stopped after its register row: its files left on the record; a withdrawal keeps them."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    monkeypatch.setattr(review, "_audit_delivery", lambda *_a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        haven.approve(rid, R2)
+    monkeypatch.undo()
+    review.withdraw(haven.con, rid, CG, "withdrawn after registration")
+    assert haven.delivered() == [rid] and [r["release_id"] for r in reg.releases(haven.con)] == [rid]
+
+
+def _drop_judged(con: duckdb.DuckDBPyConnection, collection: str, status: str, minutes_later: int = 0) -> None:
+    """A drop of ``collection`` that arrived now (plus ``minutes_later``) and was ``status`` at validation."""
+    from safehaven.core import schema
+
+    schema.ensure(con, schema.BATCHES)
+    con.execute(
+        f"INSERT INTO {schema.BATCHES} (batch_id, collection, file_name, sha256, rows, landed_at, status, "
+        "invalid_rows, validated_at, contract_version, drop_key, arrived_at) VALUES (?, ?, 'drop.csv', 'x', 10, "
+        "now(), ?, 0, now(), '1', ?, now() + to_minutes(CAST(? AS BIGINT)))",
+        [f"{status}-{collection}-{minutes_later}", collection, status, f"drop-{minutes_later}", minutes_later],
+    )
+
+
+def test_an_approved_release_of_a_collection_held_since_preparation_is_not_delivered_until_it_clears(
+    haven: Haven,
+) -> None:
+    """A drop of one of its collections is refused after preparation: delivery is refused (audited,
+    not a breach) saying what clears it, and goes ahead once a corrected drop passes (CoP 7-9;
+    found by review)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    _drop_judged(haven.con, "social_care", "refused")
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="social_care is held.*corrected drop passes validation"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == [] and reg.breaches(haven.con) == []
+    assert review.get(haven.con, rid).state == review.APPROVED
+    refused = [e for e in audit.entries_for(haven.con, object_like=f"release-request:{rid}") if e.outcome == "refused"]
+    assert [e.fields["reason"] for e in refused] == ["collection_held"]
+    _drop_judged(haven.con, "social_care", "accepted", minutes_later=1)  # the sender's corrected file
+    assert haven.deliver(rid).state == review.RELEASED and haven.delivered() == [rid]
+
+
 # --- delivery judges the agreement on the day of delivery, under the terms it was prepared under -----
 
 
