@@ -24,7 +24,8 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   link (``core.files.sha256_plain``).
 * **Under the agreement in force, on the terms reviewed**: a request is delivered only while its
   agreement is in force on the day of delivery and its file is the one the request was
-  prepared under (:func:`_agreement_in_force`); and while no collection of it is held
+  prepared under (:func:`_agreement_in_force`), and the latest file of it the haven has on record
+  (:func:`_other_file_on_record`); and while no collection of it is held
   (:func:`_collections_not_held`).
 * **Rules** (:data:`RULES`): ``two_reviewers`` by default; an agreement may declare
   ``routine_release: one_reviewer | automatic`` for releases whose fields and checks (the
@@ -79,7 +80,7 @@ import duckdb
 from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.digests import sealed_rows_sql
-from safehaven.core.files import sha256_plain, shred_tree
+from safehaven.core.files import sha256_file, sha256_plain, shred_tree
 from safehaven.core.home import Home
 from safehaven.core.sql import lit
 from safehaven.core.store import table_exists
@@ -643,7 +644,13 @@ def approve(
         action="review.decide",
         object=f"release-request:{release_id}",
         agreement=req.agreement_id,
-        detail={"decision": "approve", "files": hashes, "comment": comment, "os_user": reg.os_login()},
+        detail={
+            "decision": "approve",
+            "files": hashes,
+            "comment": comment,
+            "os_user": reg.os_login(),
+            AGREEMENT_SEEN: _agreement_seen(registry, req.agreement_id),
+        },
     )
     _decide(con, req, by, "approve", hashes, comment)
     names = approvers(con, req)
@@ -1005,7 +1012,7 @@ def _cleared(
     unaudited = _unaudited_approval(con, req, trail)
     if unaudited or trail is None:  # (the first says so whenever the second holds)
         raise _refuse_delivery(con, req, by, [str(unaudited)], kind="review_not_in_audit_trail")
-    agreement = _agreement_in_force(con, req, by, registry, trail[0].fields.get(AGREEMENT_PIN))
+    agreement = _agreement_in_force(con, req, by, registry, trail[0])
     _collections_not_held(con, req, by, registry, agreement.collections)
     _objections_still_honoured(con, req, home, by)
     found = _verify_staged(con, req, moved_to)
@@ -1082,7 +1089,7 @@ def _today() -> date:
 
 
 def _agreement_in_force(
-    con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, pinned: object
+    con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, prepared: audit.Entry
 ) -> Agreement:
     """Refuse to deliver (audited) unless, on the day of delivery, the agreement is in force as
     the haven stands on it (``safehaven.share.approvals.Standing.in_force``: its file, the store's
@@ -1092,8 +1099,11 @@ def _agreement_in_force(
     on requests already prepared; terms changed and approved again do not carry a request
     prepared under the old ones; a request prepared before the pin was recorded has none and is
     refused the same way (fail closed). Caldicott 1; CoP 41-43. The next run prepares it again
-    under the terms in force. Returns the agreement in force."""
-    found = _not_in_force(con, req, registry, pinned)
+    under the terms in force. The file judged is the caller's (``registry``), so it must also be
+    the latest the haven has on record (:func:`_other_file_on_record`): an old copy of the contracts
+    cannot carry a request past a suspension written in the deployment's file. Returns the
+    agreement in force."""
+    found = _not_in_force(con, req, registry, prepared)
     if not isinstance(found, str):
         return found
     audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
@@ -1102,7 +1112,7 @@ def _agreement_in_force(
 
 
 def _not_in_force(
-    con: duckdb.DuckDBPyConnection, req: Request, registry: ContractRegistry, pinned: object
+    con: duckdb.DuckDBPyConnection, req: Request, registry: ContractRegistry, prepared: audit.Entry
 ) -> str | Agreement:
     """Why ``req`` must not leave under its agreement today, with what clears it (else the agreement: it may)."""
     from safehaven.share import approvals
@@ -1121,12 +1131,57 @@ def _not_in_force(
             f"{why}; nothing leaves under an agreement that is not in force on the day of delivery: "
             f"{_withdraw_hint(req)}, and the next run prepares it again once the agreement is in force"
         )
-    if pinned != standing.sha256:
+    if prepared.fields.get(AGREEMENT_PIN) != standing.sha256:
         return (
             "it was prepared under an earlier version of the agreement (or before requests recorded it): "
             f"{_withdraw_hint(req)}; the next run prepares it again under the current terms"
         )
-    return standing.agreement
+    return _other_file_on_record(con, req, prepared, standing.sha256) or standing.agreement
+
+
+#: the key of the agreement file's SHA-256 the caller's contracts held, in an approval's entry
+AGREEMENT_SEEN = "agreement_seen_sha256"
+#: audit actions that record a file of an agreement -> the key holding its SHA-256
+#: (``safehaven.share.approvals`` decisions; preparations; approvals of requests)
+FILE_RECORDS = {
+    "approve": "sha256",
+    "suspend": "sha256",
+    PREPARE_ACTION: AGREEMENT_PIN,
+    "review.decide": AGREEMENT_SEEN,
+}
+
+
+def _agreement_seen(registry: ContractRegistry, agreement_id: str) -> str | None:
+    """The SHA-256 of the agreement file the caller's contracts hold (None: none readable), recorded
+    with each approval so delivery knows the versions of the file the haven has seen."""
+    from safehaven.share.agreements import AgreementError, agreement_path
+
+    try:
+        return sha256_file(agreement_path(agreement_id, registry.root))
+    except (AgreementError, OSError):
+        return None
+
+
+def _other_file_on_record(
+    con: duckdb.DuckDBPyConnection, req: Request, prepared: audit.Entry, judged: str
+) -> str | None:
+    """Why the agreement file judged at delivery (``judged``, the caller's) is not the latest the
+    haven has on record (None: it is): an authentic audit entry since the request's preparation
+    records another file of the agreement (:data:`FILE_RECORDS`: a decision of the governance lead,
+    a later preparation, a reviewer's approval made with the deployment's contracts). The caller's
+    copy is then older or other than the deployment's (a suspension written in the file since, say),
+    and nothing leaves until the request is prepared afresh (Caldicott 1; CoP 41-43; fail closed;
+    found by review)."""
+    for entry in audit.authentic_entries(con, list(FILE_RECORDS)):
+        recorded = entry.fields.get(FILE_RECORDS[entry.action])
+        if entry.seq > prepared.seq and entry.agreement == req.agreement_id and recorded not in (None, judged):
+            return (
+                f"the haven has recorded another file of agreement {req.agreement_id} since {req.release_id} was "
+                "prepared (the contracts given hold an older or other copy: check they are the deployment's, "
+                f"$SAFEHAVEN_CONTRACTS for the command line); {_withdraw_hint(req)} and let the next run prepare it "
+                "again under the terms in force"
+            )
+    return None
 
 
 def _collections_not_held(

@@ -759,6 +759,28 @@ def test_an_agreement_file_suspended_or_ended_after_preparation_stops_delivery(h
     assert haven.delivered() == [] and reg.releases(haven.con) == []
 
 
+def test_an_old_copy_of_the_contracts_does_not_deliver_past_a_suspension_the_haven_has_seen(
+    haven: Haven, tmp_path: Path
+) -> None:
+    """The governance lead suspends the agreement in its file after preparation; the first checker
+    approves with the deployment's contracts (its entry records that file), the second points at a
+    copy taken before the suspension, whose bytes match the pin and the store's decision: the
+    delivery is refused, the file on record being another (Caldicott 1; CoP 41-43; found by review)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    stale = tmp_path / "stale_contracts"
+    shutil.copytree(haven.registry.root, stale)
+    data = agreement_data()
+    data["approval"] = {**data["approval"], "status": "suspended", "reason": "onward sharing under audit"}
+    write_agreement(haven.registry.root, data)  # the deployment's file: suspended
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="recorded another file of agreement test-linked.*withdraw it"):
+        approve_as(haven.con, rid, R2, home=haven.home, registry=ContractRegistry(stale))
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    refused = [e for e in audit.entries_for(haven.con, object_like=f"release-request:{rid}") if e.outcome == "refused"]
+    assert [e.fields["reason"] for e in refused] == ["agreement"]
+
+
 def test_a_request_prepared_under_terms_since_narrowed_and_approved_again_is_not_delivered(haven: Haven) -> None:
     """A field is removed from the agreement (no longer justified) and the new file approved before
     the checkers reach a request prepared under the old terms: it would release that field."""
