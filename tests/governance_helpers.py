@@ -9,7 +9,6 @@ that k-anonymity has work to do: a large group, a group of ten, and two unique p
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -17,11 +16,12 @@ from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import duckdb
 import yaml
 
-from safehaven.core import audit
+from safehaven.core import audit, registers
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.sql import q
@@ -233,17 +233,11 @@ def login_of(name: str) -> str:
 
 @contextmanager
 def logged_in_as(login: str) -> Iterator[None]:
-    """Act as the OS login ``login`` (``registers.current_actor`` reads ``$LOGNAME`` first, as
-    ``getpass.getuser`` does), then as before."""
-    before = os.environ.get("LOGNAME")
-    os.environ["LOGNAME"] = login
-    try:
+    """Act as the OS account ``login``, then as before: ``registers.os_login`` (the account of the
+    process's real uid, never the environment) answers ``login``. A test cannot create accounts,
+    so it stands in for the user database; every caller looks it up in its module when it runs."""
+    with mock.patch.object(registers, "os_login", return_value=login):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("LOGNAME", None)
-        else:
-            os.environ["LOGNAME"] = before
 
 
 def approve_as(con: duckdb.DuckDBPyConnection, release_id: str, by: str, *, login: str | None = None,

@@ -12,7 +12,8 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   when the request was prepared) nor each other, names compared in one canonical form
   (:func:`person_key`). Each approves from their own OS login: not the login that prepared the
   request at a terminal (the pipeline's scheduled run is the service account, not a person), nor
-  the login of another person's approval (:func:`_own_login`; counted so at delivery). Each
+  the login of another person's approval (:func:`_own_login`; counted so at delivery). The
+  login is the process's account (``registers.os_login``: its real uid's), never ``$LOGNAME``. Each
   records a decision per file, pinned to the file's SHA-256 at that moment; a request is
   approved only when the rule's number of reviewers have each approved every file.
 * **What is released is what was reviewed**: at delivery every staged file is hashed again
@@ -23,7 +24,9 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   link (``core.files.sha256_plain``).
 * **Under the agreement in force, on the terms reviewed**: a request is delivered only while its
   agreement is in force on the day of delivery and its file is the one the request was
-  prepared under (:func:`_agreement_in_force`).
+  prepared under (:func:`_agreement_in_force`), and the latest file of it the haven has on record
+  (:func:`_other_file_on_record`); and while no collection of it is held
+  (:func:`_collections_not_held`).
 * **Rules** (:data:`RULES`): ``two_reviewers`` by default; an agreement may declare
   ``routine_release: one_reviewer | automatic`` for releases whose fields and checks (the
   *shape*) equal those of an earlier release approved by two reviewers; identifiable releases
@@ -51,7 +54,9 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
   ``disposed: <disposal id>``) and its staged files are shredded by the disposal
   (``safehaven.dispose``), which counts them in its certificate.
 * **What will never leave is shredded** (CoP 27b): a rejected, withdrawn or superseded
-  request's staged files are overwritten and unlinked (:func:`_discard`). The state is recorded
+  request's staged files are overwritten and unlinked (:func:`_discard`), and so are files a
+  stopped delivery of it moved into ``releases/`` unless registered or delivered
+  (:func:`_undelivered_release`). The state is recorded
   first, so a request whose shredding failed can never be delivered; the shredding is retried
   by the next discard and the next request opened (:func:`shred_discarded`), until the staged
   folder is gone.
@@ -64,22 +69,26 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.digests import sealed_rows_sql
-from safehaven.core.files import sha256_plain, shred_tree
+from safehaven.core.files import sha256_file, sha256_plain, shred_tree
 from safehaven.core.home import Home
 from safehaven.core.sql import lit
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import optouts
+
+if TYPE_CHECKING:
+    from safehaven.share.agreements import Agreement
 
 REQUESTS = schema.RELEASE_REQUESTS
 REVIEWS = schema.RELEASE_REVIEWS
@@ -290,7 +299,7 @@ def _transition(
         action=f"review.{action}",
         object=f"release-request:{req.release_id}",
         agreement=req.agreement_id,
-        detail={"from": req.state, "to": to, "why": why, "os_user": reg.current_actor(), **(detail or {})},
+        detail={"from": req.state, "to": to, "why": why, "os_user": reg.os_login(), **(detail or {})},
     )
     return get(con, req.release_id)
 
@@ -352,7 +361,7 @@ def open_request(
         agreement=agreement_id,
         detail={"to": PREPARED, "rule": rule[0], "files": [{"name": f["name"], "sha256": f["sha256"]} for f in files],
                 "manifest_sha256": manifest_sha256, "shape_sha256": shape_sha256, "identifiability": identifiability,
-                "members": _members(con, release_id), AGREEMENT_PIN: agreement_sha256, "os_user": reg.current_actor(),
+                "members": _members(con, release_id), AGREEMENT_PIN: agreement_sha256, "os_user": reg.os_login(),
                 "scheduled": scheduled},
     )  # fmt: skip
     for old in older:
@@ -417,28 +426,54 @@ def _member_table(con: duckdb.DuckDBPyConnection, release_id: str) -> str:
 
 def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
     """Shred the staged files and drop the kept members of a request that will never be released
-    (CoP 27b: record-level files are overwritten, not only unlinked, as disposal does).
+    (CoP 27b: record-level files are overwritten, not only unlinked, as disposal does), and the
+    files a stopped delivery of it had moved into ``releases/`` (:func:`_undelivered_release`).
 
     Called once the request's state says it will never leave, so a failure here leaves nothing
     deliverable; the shredding of any request left so (this one included) is retried first.
     """
     shred_discarded(con, but=req.release_id)
+    _shred(con, req)
+
+
+def _shred(con: duckdb.DuckDBPyConnection, req: Request) -> None:
+    """Drop a discarded request's kept members and shred its staged and undelivered files."""
     con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
     shred_tree(req.staging_dir)
+    undelivered = _undelivered_release(con, req)
+    if undelivered is not None:
+        shred_tree(undelivered)
+
+
+def _undelivered_release(con: duckdb.DuckDBPyConnection, req: Request) -> Path | None:
+    """``releases/<agreement>/<release-id>/`` of the haven ``req`` was staged in (its staged folder
+    is ``staging/releases/<release-id>/``: ``safehaven.share.releases.staging_dir``) when it exists
+    though the release was neither registered nor delivered: a delivery stopped after its move
+    left it, and a request that will never leave must not leave it there for the recipient,
+    unrecorded (CoP 27b; found by review). None otherwise: a registered or delivered release's
+    files are never shredded here."""
+    folder = Home(req.staging_dir.parents[2]).releases / req.agreement_id / req.release_id
+    if not (folder.exists() or folder.is_symlink()):
+        return None
+    if _registered(con, req.release_id) or _delivery_audited(con, req.release_id):
+        return None
+    return folder
 
 
 def shred_discarded(con: duckdb.DuckDBPyConnection, *, but: str | None = None) -> list[str]:
-    """Shred the staged files a failed :func:`_discard` left behind: requests that will never leave
-    whose staged folder still exists (those withdrawn for a disposal are left to it: it shreds
-    and certifies them). Returns their ids."""
+    """Shred the files a failed :func:`_discard` left behind: requests that will never leave whose
+    staged folder, or undelivered folder in ``releases/`` (:func:`_undelivered_release`), still
+    exists (those withdrawn for a disposal are left to it: it shreds and certifies them). Returns
+    their ids."""
     left = [
         r
         for r in requests(con, states=NEVER_LEAVES)
-        if r.release_id != but and r.staging_dir.exists() and not (r.comment or "").startswith(DISPOSED_PREFIX)
+        if r.release_id != but
+        and not (r.comment or "").startswith(DISPOSED_PREFIX)
+        and (r.staging_dir.exists() or _undelivered_release(con, r) is not None)
     ]
     for req in left:
-        con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
-        shred_tree(req.staging_dir)
+        _shred(con, req)
     return [r.release_id for r in left]
 
 
@@ -483,12 +518,14 @@ def _own_login(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
     terminal prepared it, not the pipeline's scheduled run) or from the login of another person's
     approval of it: a second typed ``--by`` name from one account is one person, whatever it
     says (SATRE 3.3.04-3.3.05: two independent checkers, neither the operator; found by review).
-    Each approval's audit entry records its login; delivery counts them so too (:func:`_audited_approvers`)."""
+    The login is the account of the process's real uid (``registers.os_login``), never an
+    environment variable one account can set to any name. Each approval's audit entry records
+    its login; delivery counts them so too (:func:`_audited_approvers`)."""
     trail = _trail(con, req)
     if trail is None:
         return  # delivery refuses a request whose preparation is not on the trail
     prepared, since = trail
-    me, key = reg.current_actor(), person_key(by)
+    me, key = reg.os_login(), person_key(by)
     if me in _preparer_logins(prepared):
         raise ReviewError(
             f"the OS login that prepared {req.release_id} cannot approve it: each reviewer approves from their "
@@ -607,7 +644,13 @@ def approve(
         action="review.decide",
         object=f"release-request:{release_id}",
         agreement=req.agreement_id,
-        detail={"decision": "approve", "files": hashes, "comment": comment, "os_user": reg.current_actor()},
+        detail={
+            "decision": "approve",
+            "files": hashes,
+            "comment": comment,
+            "os_user": reg.os_login(),
+            AGREEMENT_SEEN: _agreement_seen(registry, req.agreement_id),
+        },
     )
     _decide(con, req, by, "approve", hashes, comment)
     names = approvers(con, req)
@@ -701,24 +744,28 @@ def auto_approve(
 
 def _verify_staged(con: duckdb.DuckDBPyConnection, req: Request, folder: Path | None = None) -> list[str]:
     """Problems between the staged directory (or ``folder``, where an interrupted delivery moved it)
-    and what was prepared and reviewed (empty: identical)."""
+    and what was prepared and reviewed (empty: identical). A file there that was not prepared is
+    one (it was planted: nothing unreviewed leaves). Names are shown as logs show a received file's
+    (``audit.shown_name``: a name spelling an NHS number is withheld), so the refusal can always be
+    recorded (CoP 8a; found by review)."""
     folder = folder or req.staging_dir
     if folder.is_symlink() or not folder.is_dir():
         return [f"the staged directory of {req.release_id} is missing or is a link"]
     listed = {f["name"]: f["sha256"] for f in req.files}
     listed["manifest.json"] = req.manifest_sha256
-    found = [f"{p.name} was added after preparation" for p in sorted(folder.iterdir()) if p.name not in listed]
+    found = [f"{audit.shown_name(p.name)} was added after preparation" for p in sorted(folder.iterdir())
+             if p.name not in listed]  # fmt: skip
     for name, sha in listed.items():
         if sha256_plain(folder / name) != sha:  # a link or a second name is never hashed through
             found.append(
-                f"{name} is not the file that was prepared and reviewed (SHA-256 differs, it is missing, or it is "
-                "not a plain file: a link or a second name)"
+                f"{audit.shown_name(name)} is not the file that was prepared and reviewed (SHA-256 differs, it is "
+                "missing, or it is not a plain file: a link or a second name)"
             )
     reviewed = con.execute(
         f"SELECT file_name, sha256 FROM {REVIEWS} WHERE release_id = ? AND decision = 'approve'", [req.release_id]
     ).fetchall()
-    found += [f"{name} was approved at a different SHA-256 than the one prepared" for name, sha in reviewed
-              if listed.get(name) != sha]  # fmt: skip
+    found += [f"{audit.shown_name(name)} was approved at a different SHA-256 than the one prepared"
+              for name, sha in reviewed if listed.get(name) != sha]  # fmt: skip
     return found
 
 
@@ -850,6 +897,10 @@ def _audited_approvers(entries: list[audit.Entry], files: dict[str, str], prepar
     return {who for who in people if not any(logins[who] & logins[other] for other in people - {who})}
 
 
+#: what a refusal records when its own description cannot be written (:func:`_refuse_delivery`)
+UNRECORDABLE_PROBLEM = "a staged file or its review records are not those reviewed (the details could not be recorded)"
+
+
 def _refuse_delivery(
     con: duckdb.DuckDBPyConnection,
     req: Request,
@@ -860,36 +911,51 @@ def _refuse_delivery(
     moved: bool = False,
 ) -> ReviewError:
     """Record the refusal as a near-miss breach (``kind``) and audit it; the error says how to clear it.
-    ``moved``: an interrupted delivery had already moved the files into ``releases/``, so it says so."""
+    ``moved``: an interrupted delivery had already moved the files into ``releases/``, so it says so.
+
+    The refusal is always recorded, fail closed: the problems are scrubbed (``audit.scrub``), and a
+    breach or an audit entry the guard still refuses is recorded with :data:`UNRECORDABLE_PROBLEM`
+    instead, so :func:`_not_refused_before` keeps refusing it (CoP 22-23d; found by review)."""
+    problems = [audit.scrub(p) for p in found[:5]] or [UNRECORDABLE_PROBLEM]
     where = (
         f"the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/ and differ "
-        "from those reviewed: shred them after investigating"
+        "from those reviewed: withdrawing the request shreds them (investigate first)"
         if moved
         else "nothing was released"
     )
-    breach = reg.record_breach(
-        con,
-        kind=kind,
-        severity=0,
-        what=f"release {req.release_id} refused at delivery: " + "; ".join(found[:5]),
-        remedial_action=f"{where}; investigate who changed the staged files or the review records, "
-        "withdraw the request and let the next run prepare it again for review",
-        detail={"release_id": req.release_id, "problems": len(found)},
+    remedial = (
+        f"{where}; investigate who changed the staged files or the review records, "
+        "withdraw the request and let the next run prepare it again for review"
     )
-    audit.append(
-        con,
-        actor=by,
-        role="review",
-        action=REFUSED_ACTION,
-        object=f"release-request:{req.release_id}",
-        agreement=req.agreement_id,
-        outcome="refused",
-        detail={"problems": found[:5], "breach_id": breach, "kind": kind},
-    )
+    breach, _ = _recorded(
+        lambda shown: reg.record_breach(
+            con, kind=kind, severity=0, what=f"release {req.release_id} refused at delivery: " + "; ".join(shown),
+            remedial_action=remedial, detail={"release_id": req.release_id, "problems": len(found)},
+        ),
+        problems,
+    )  # fmt: skip
+    _, said = _recorded(
+        lambda shown: audit.append(
+            con, actor=by, role="review", action=REFUSED_ACTION, object=f"release-request:{req.release_id}",
+            agreement=req.agreement_id, outcome="refused",
+            detail={"problems": shown, "breach_id": breach, "kind": kind},
+        ),
+        problems,
+    )  # fmt: skip
     return ReviewError(
-        f"release {req.release_id} refused: {found[0]}; withdraw it "
+        f"release {req.release_id} refused: {said[0]}; withdraw it "
         f"(safehaven review withdraw {req.release_id} --by ... --comment ...) and let the next run prepare it again"
     )
+
+
+def _recorded(write: Callable[[list[str]], Any], problems: list[str]) -> tuple[Any, list[str]]:
+    """``write(problems)``, else ``write`` of :data:`UNRECORDABLE_PROBLEM` when the audit guard refuses
+    the problems' text (``ValueError``): a refusal is recorded whatever its details say. Returns what
+    ``write`` returned and the problems recorded (the only ones a message may then repeat)."""
+    try:
+        return write(problems), problems
+    except ValueError:
+        return write([UNRECORDABLE_PROBLEM]), [UNRECORDABLE_PROBLEM]
 
 
 def deliver(
@@ -906,18 +972,12 @@ def deliver(
     req = get(con, release_id)
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
-    trail = _trail(con, req)
-    unaudited = _unaudited_approval(con, req, trail)
-    if unaudited or trail is None:  # (the first says so whenever the second holds)
-        raise _refuse_delivery(con, req, by, [str(unaudited)], kind="review_not_in_audit_trail")
-    _agreement_in_force(con, req, by, registry, trail[0].fields.get(AGREEMENT_PIN))
-    _objections_still_honoured(con, req, home, by)
     final = home.releases / req.agreement_id / release_id
     moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
-    found = _verify_staged(con, req, final if moved else None)
-    if found:
-        raise _refuse_delivery(con, req, by, found, moved=moved)
-    _not_refused_before(con, req, by, trail[1])
+    try:
+        _cleared(con, req, by, home=home, registry=registry, moved_to=final if moved else None)
+    except ReviewError as exc:
+        raise ReviewError(f"{exc}{_stopped_hint(req) if moved else ''}") from None
     if not moved:
         _move(req, final)
     if not _registered(con, release_id):
@@ -933,6 +993,40 @@ def deliver(
     reg.export(con, home)
     export(con, home)
     return req
+
+
+def _cleared(
+    con: duckdb.DuckDBPyConnection,
+    req: Request,
+    by: str,
+    *,
+    home: Home,
+    registry: ContractRegistry,
+    moved_to: Path | None,
+) -> None:
+    """Every check a delivery passes before anything moves or is registered, each refusing (audited)
+    with why and what clears it: the review as the audit trail records it, the agreement in force,
+    no collection of it held, the objections honoured, the files those reviewed (``moved_to``: where
+    a stopped delivery moved them), and no refusal as a breach before."""
+    trail = _trail(con, req)
+    unaudited = _unaudited_approval(con, req, trail)
+    if unaudited or trail is None:  # (the first says so whenever the second holds)
+        raise _refuse_delivery(con, req, by, [str(unaudited)], kind="review_not_in_audit_trail")
+    agreement = _agreement_in_force(con, req, by, registry, trail[0])
+    _collections_not_held(con, req, by, registry, agreement.collections)
+    _objections_still_honoured(con, req, home, by)
+    found = _verify_staged(con, req, moved_to)
+    if found:
+        raise _refuse_delivery(con, req, by, found, moved=moved_to is not None)
+    _not_refused_before(con, req, by, trail[1])
+
+
+def _stopped_hint(req: Request) -> str:
+    """What a refusal of a stopped delivery adds: where its files are, and what removes them (:func:`_discard`)."""
+    return (
+        f"; the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/, neither "
+        "registered nor delivered: withdrawing the request shreds them"
+    )
 
 
 def _move(req: Request, final: Path) -> None:
@@ -995,8 +1089,8 @@ def _today() -> date:
 
 
 def _agreement_in_force(
-    con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, pinned: object
-) -> None:
+    con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, prepared: audit.Entry
+) -> Agreement:
     """Refuse to deliver (audited) unless, on the day of delivery, the agreement is in force as
     the haven stands on it (``safehaven.share.approvals.Standing.in_force``: its file, the store's
     decision on those very bytes as the audit trail records it, a file's own suspension, its start
@@ -1005,19 +1099,22 @@ def _agreement_in_force(
     on requests already prepared; terms changed and approved again do not carry a request
     prepared under the old ones; a request prepared before the pin was recorded has none and is
     refused the same way (fail closed). Caldicott 1; CoP 41-43. The next run prepares it again
-    under the terms in force."""
-    why = _not_in_force(con, req, registry, pinned)
-    if why is None:
-        return
+    under the terms in force. The file judged is the caller's (``registry``), so it must also be
+    the latest the haven has on record (:func:`_other_file_on_record`): an old copy of the contracts
+    cannot carry a request past a suspension written in the deployment's file. Returns the
+    agreement in force."""
+    found = _not_in_force(con, req, registry, prepared)
+    if not isinstance(found, str):
+        return found
     audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
                  agreement=req.agreement_id, outcome="refused", detail={"reason": "agreement"})  # fmt: skip
-    raise ReviewError(f"release {req.release_id} not delivered: {why}")
+    raise ReviewError(f"release {req.release_id} not delivered: {found}")
 
 
 def _not_in_force(
-    con: duckdb.DuckDBPyConnection, req: Request, registry: ContractRegistry, pinned: object
-) -> str | None:
-    """Why ``req`` must not leave under its agreement today, with what clears it (None: it may)."""
+    con: duckdb.DuckDBPyConnection, req: Request, registry: ContractRegistry, prepared: audit.Entry
+) -> str | Agreement:
+    """Why ``req`` must not leave under its agreement today, with what clears it (else the agreement: it may)."""
     from safehaven.share import approvals
     from safehaven.share.agreements import AgreementError
 
@@ -1034,12 +1131,82 @@ def _not_in_force(
             f"{why}; nothing leaves under an agreement that is not in force on the day of delivery: "
             f"{_withdraw_hint(req)}, and the next run prepares it again once the agreement is in force"
         )
-    if pinned != standing.sha256:
+    if prepared.fields.get(AGREEMENT_PIN) != standing.sha256:
         return (
             "it was prepared under an earlier version of the agreement (or before requests recorded it): "
             f"{_withdraw_hint(req)}; the next run prepares it again under the current terms"
         )
+    return _other_file_on_record(con, req, prepared, standing.sha256) or standing.agreement
+
+
+#: the key of the agreement file's SHA-256 the caller's contracts held, in an approval's entry
+AGREEMENT_SEEN = "agreement_seen_sha256"
+#: audit actions that record a file of an agreement -> the key holding its SHA-256
+#: (``safehaven.share.approvals`` decisions; preparations; approvals of requests)
+FILE_RECORDS = {
+    "approve": "sha256",
+    "suspend": "sha256",
+    PREPARE_ACTION: AGREEMENT_PIN,
+    "review.decide": AGREEMENT_SEEN,
+}
+
+
+def _agreement_seen(registry: ContractRegistry, agreement_id: str) -> str | None:
+    """The SHA-256 of the agreement file the caller's contracts hold (None: none readable), recorded
+    with each approval so delivery knows the versions of the file the haven has seen."""
+    from safehaven.share.agreements import AgreementError, agreement_path
+
+    try:
+        return sha256_file(agreement_path(agreement_id, registry.root))
+    except (AgreementError, OSError):
+        return None
+
+
+def _other_file_on_record(
+    con: duckdb.DuckDBPyConnection, req: Request, prepared: audit.Entry, judged: str
+) -> str | None:
+    """Why the agreement file judged at delivery (``judged``, the caller's) is not the latest the
+    haven has on record (None: it is): an authentic audit entry since the request's preparation
+    records another file of the agreement (:data:`FILE_RECORDS`: a decision of the governance lead,
+    a later preparation, a reviewer's approval made with the deployment's contracts). The caller's
+    copy is then older or other than the deployment's (a suspension written in the file since, say),
+    and nothing leaves until the request is prepared afresh (Caldicott 1; CoP 41-43; fail closed;
+    found by review)."""
+    for entry in audit.authentic_entries(con, list(FILE_RECORDS)):
+        recorded = entry.fields.get(FILE_RECORDS[entry.action])
+        if entry.seq > prepared.seq and entry.agreement == req.agreement_id and recorded not in (None, judged):
+            return (
+                f"the haven has recorded another file of agreement {req.agreement_id} since {req.release_id} was "
+                "prepared (the contracts given hold an older or other copy: check they are the deployment's, "
+                f"$SAFEHAVEN_CONTRACTS for the command line); {_withdraw_hint(req)} and let the next run prepare it "
+                "again under the terms in force"
+            )
     return None
+
+
+def _collections_not_held(
+    con: duckdb.DuckDBPyConnection, req: Request, by: str, registry: ContractRegistry, collections: list[str]
+) -> None:
+    """Refuse to deliver (audited, not a breach) while a collection of the agreement is held
+    (``safehaven.intake.validation.refuse_held``: its sender's latest drop was refused, or landed
+    but not validated), as preparation refuses: never records of a collection whose sender's latest
+    drop the haven could not take (CoP 7-9; found by review). A collection the contracts given do
+    not describe is refused too (fail closed). It clears once a corrected drop passes validation;
+    the request stays approved until then."""
+    from safehaven.intake.validation import CollectionHeld, refuse_held
+
+    unknown = sorted(set(collections) - set(registry.contracts))
+    try:
+        if unknown:
+            raise CollectionHeld(f"the contracts given do not describe {', '.join(unknown)}")
+        refuse_held(con, [registry.contracts[c] for c in collections], "delivery")
+    except CollectionHeld as exc:
+        audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
+                     agreement=req.agreement_id, outcome="refused", detail={"reason": "collection_held"})  # fmt: skip
+        raise ReviewError(
+            f"release {req.release_id} not delivered: {exc}; it stays approved and is delivered (deliver it again) "
+            f"once a corrected drop passes validation, or {_withdraw_hint(req)}"
+        ) from None
 
 
 def _not_refused_before(con: duckdb.DuckDBPyConnection, req: Request, by: str, since: list[audit.Entry]) -> None:

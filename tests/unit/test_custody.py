@@ -354,9 +354,20 @@ def test_vault_rotation_killed_at_every_step_loses_no_entry(home: Home, tmp_path
 # --- the real command line: `safehaven run` as `make run` does it ----------------------------
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+#: runs the command line with ``registers.os_login`` answering the login given first (a test cannot
+#: create OS accounts; the haven reads the account, never ``$LOGNAME``: ``logged_in_as``)
+AT_LOGIN = (
+    "import sys; from unittest import mock; from safehaven.core import registers; "
+    "from safehaven.cli.main import main; login = sys.argv.pop(1); "
+    "mock.patch.object(registers, 'os_login', return_value=login).start(); main()"
+)
+
+
+def _cli(args: list[str], env: dict[str, str], *, login: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The command line in a process of its own, at the OS account ``login`` (else the test's own)."""
+    command = ["-c", AT_LOGIN, login] if login else ["-m", "safehaven.cli.main"]
     return subprocess.run(
-        [sys.executable, "-m", "safehaven.cli.main", *args],
+        [sys.executable, *command, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -420,8 +431,7 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
         [request] = review.requests(con, agreement_id="cohort-consent-study")
     assert request.rule == review.TWO_REVIEWERS_AND_CUSTODIAN
     for by in REVIEWERS:
-        at_own_login = {**env, "LOGNAME": login_of(by)}  # each reviewer at their own login, not the custodian's
-        approved = _cli(["review", "approve", request.release_id, "--by", by], at_own_login)
+        approved = _cli(["review", "approve", request.release_id, "--by", by], env, login=login_of(by))  # own login
         assert approved.returncode == 0, approved.stdout + approved.stderr
     assert not (home.releases / "cohort-consent-study").exists(), "the custodian delivers it"
     no_key = _cli(["review", "release", request.release_id, "--by", "V. Keeper, vault custodian"],

@@ -439,7 +439,7 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
     assert "k per person" in shown and "| person_id |" in shown and not any(n in shown for n in NHS)
     operator = run("review", "approve", "test-linked-r0001", "--by", current_actor())
     assert operator.exit_code == 1 and "operated the run" in operator.output
-    monkeypatch.setenv("LOGNAME", login_of(R1))  # each reviewer at their own login, not the operator's
+    monkeypatch.setattr(reg, "os_login", lambda: login_of(R1))  # each at their own login, not the operator's
     assert run("review", "approve", "test-linked-r0001", "--by", R1, "--comment", "fine by me").exit_code == 0
     assert run("review", "approve", "test-linked-r0001", "--by", R1).exit_code == 1
     assert run("review", "return", "test-linked-r0001", "--by", R2, "--comment", "x").exit_code == 1
@@ -449,7 +449,7 @@ def test_review_commands_through_the_cli(haven: Haven, monkeypatch: pytest.Monke
     assert "1 of 2 reviews in" in blind[0] and "reviews: 1 of 2 in" in blind[1]
     assert json.loads(blind[2])["reviews"]["reviews_in"] == 1 and "k_per_person" in blind[2]
     assert not any(R1 in text or "fine by me" in text for text in blind)
-    monkeypatch.setenv("LOGNAME", login_of(R2))
+    monkeypatch.setattr(reg, "os_login", lambda: login_of(R2))
     out = run("review", "approve", "test-linked-r0001", "--by", R2).output
     assert "released ->" in out and (haven.home.releases / "test-linked" / "test-linked-r0001").is_dir()
     assert "no release requests waiting" in run("review", "list").output
@@ -618,6 +618,99 @@ def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_
     assert reg.releases(haven.con) == []
 
 
+def _stopped_after_the_move(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """A request whose delivery was killed after its files moved into ``releases/``, before its
+    register row (the rename back never runs); returns its id and where its files are."""
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    monkeypatch.setattr(review, "_register", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        haven.approve(rid, R2)
+    monkeypatch.undo()
+    return rid, haven.home.releases / "test-linked" / rid
+
+
+def test_a_stopped_delivery_refused_then_withdrawn_leaves_nothing_in_releases(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agreement expires before the next attempt: the refusal says where the moved files are,
+    and withdrawing the request, as it says, shreds them (CoP 27b; found by review)."""
+    haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())
+    rid, folder = _stopped_after_the_move(haven, monkeypatch)
+    assert any(folder.glob("*.parquet")) and review.get(haven.con, rid).state == review.APPROVED
+    _delivery_on(monkeypatch, days=1)  # the next attempt is the next day: the agreement has expired
+    with pytest.raises(review.ReviewError, match="not in force") as refused:
+        haven.deliver(rid, "custodian")
+    assert f"releases/test-linked/{rid}/" in str(refused.value) and "withdrawing the request shreds" in str(
+        refused.value
+    )
+    review.withdraw(haven.con, rid, CG, "agreement expired before delivery")
+    assert review.get(haven.con, rid).state == review.WITHDRAWN
+    assert not folder.exists() and reg.releases(haven.con) == []
+    assert haven.con.execute(f"SELECT count(*) FROM {review.REQUEST_MEMBERS}").fetchone()[0] == 0
+
+
+def test_a_failed_shredding_of_a_stopped_deliverys_files_is_retried_by_the_next_discard(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    haven.add()
+    rid, folder = _stopped_after_the_move(haven, monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(review, "shred_tree", lambda *_a: (_ for _ in ()).throw(OSError("disk error")))
+        with pytest.raises(OSError):
+            review.withdraw(haven.con, rid, CG, "withdrawn before delivery")
+    assert folder.is_dir() and review.get(haven.con, rid).state == review.WITHDRAWN
+    assert review.shred_discarded(haven.con) == [rid] and not folder.exists()
+
+
+def test_withdrawing_never_shreds_a_registered_release(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery stopped after its register row: its files left on the record; a withdrawal keeps them."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    monkeypatch.setattr(review, "_audit_delivery", lambda *_a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        haven.approve(rid, R2)
+    monkeypatch.undo()
+    review.withdraw(haven.con, rid, CG, "withdrawn after registration")
+    assert haven.delivered() == [rid] and [r["release_id"] for r in reg.releases(haven.con)] == [rid]
+
+
+def _drop_judged(con: duckdb.DuckDBPyConnection, collection: str, status: str, minutes_later: int = 0) -> None:
+    """A drop of ``collection`` that arrived now (plus ``minutes_later``) and was ``status`` at validation."""
+    from safehaven.core import schema
+
+    schema.ensure(con, schema.BATCHES)
+    con.execute(
+        f"INSERT INTO {schema.BATCHES} (batch_id, collection, file_name, sha256, rows, landed_at, status, "
+        "invalid_rows, validated_at, contract_version, drop_key, arrived_at) VALUES (?, ?, 'drop.csv', 'x', 10, "
+        "now(), ?, 0, now(), '1', ?, now() + to_minutes(CAST(? AS BIGINT)))",
+        [f"{status}-{collection}-{minutes_later}", collection, status, f"drop-{minutes_later}", minutes_later],
+    )
+
+
+def test_an_approved_release_of_a_collection_held_since_preparation_is_not_delivered_until_it_clears(
+    haven: Haven,
+) -> None:
+    """A drop of one of its collections is refused after preparation: delivery is refused (audited,
+    not a breach) saying what clears it, and goes ahead once a corrected drop passes (CoP 7-9;
+    found by review)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    _drop_judged(haven.con, "social_care", "refused")
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="social_care is held.*corrected drop passes validation"):
+        haven.approve(rid, R2)
+    assert haven.delivered() == [] and reg.breaches(haven.con) == []
+    assert review.get(haven.con, rid).state == review.APPROVED
+    refused = [e for e in audit.entries_for(haven.con, object_like=f"release-request:{rid}") if e.outcome == "refused"]
+    assert [e.fields["reason"] for e in refused] == ["collection_held"]
+    _drop_judged(haven.con, "social_care", "accepted", minutes_later=1)  # the sender's corrected file
+    assert haven.deliver(rid).state == review.RELEASED and haven.delivered() == [rid]
+
+
 # --- delivery judges the agreement on the day of delivery, under the terms it was prepared under -----
 
 
@@ -664,6 +757,28 @@ def test_an_agreement_file_suspended_or_ended_after_preparation_stops_delivery(h
     with pytest.raises(review.ReviewError, match="not delivered: agreement test-linked changed since it was approved"):
         haven.approve(rid, R2)
     assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+def test_an_old_copy_of_the_contracts_does_not_deliver_past_a_suspension_the_haven_has_seen(
+    haven: Haven, tmp_path: Path
+) -> None:
+    """The governance lead suspends the agreement in its file after preparation; the first checker
+    approves with the deployment's contracts (its entry records that file), the second points at a
+    copy taken before the suspension, whose bytes match the pin and the store's decision: the
+    delivery is refused, the file on record being another (Caldicott 1; CoP 41-43; found by review)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    stale = tmp_path / "stale_contracts"
+    shutil.copytree(haven.registry.root, stale)
+    data = agreement_data()
+    data["approval"] = {**data["approval"], "status": "suspended", "reason": "onward sharing under audit"}
+    write_agreement(haven.registry.root, data)  # the deployment's file: suspended
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match="recorded another file of agreement test-linked.*withdraw it"):
+        approve_as(haven.con, rid, R2, home=haven.home, registry=ContractRegistry(stale))
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    refused = [e for e in audit.entries_for(haven.con, object_like=f"release-request:{rid}") if e.outcome == "refused"]
+    assert [e.fields["reason"] for e in refused] == ["agreement"]
 
 
 def test_a_request_prepared_under_terms_since_narrowed_and_approved_again_is_not_delivered(haven: Haven) -> None:
@@ -755,6 +870,31 @@ def test_two_approvals_from_one_login_are_one_reviewer(haven: Haven) -> None:
     assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE and haven.delivered() == []
 
 
+def test_setting_LOGNAME_does_not_change_the_os_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login is the account of the real uid, whatever the environment names (found by review)."""
+    import pwd
+
+    account = pwd.getpwuid(os.getuid()).pw_name
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(variable, "alice")
+    assert reg.os_login() == account and reg.current_actor() == account
+
+
+def test_one_account_renaming_itself_in_LOGNAME_is_one_reviewer(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One account (one uid) approving twice under two names and two LOGNAMEs is one person: the
+    second approval is refused and nothing leaves (SATRE 3.3.04-3.3.05; found by review)."""
+    haven.add()
+    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring).as_scheduled()
+    rid = prepare(haven.con, "test-linked", haven=context).release_id  # the service account's run
+    monkeypatch.setenv("LOGNAME", "alice")
+    review.approve(haven.con, rid, R1, home=haven.home, registry=haven.registry)
+    monkeypatch.setenv("LOGNAME", "bob")
+    with pytest.raises(review.ReviewError, match="approved it from this OS login"):
+        review.approve(haven.con, rid, R2, home=haven.home, registry=haven.registry)
+    assert review.get(haven.con, rid).state == review.APPROVED_BY_ONE
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
 def test_the_audited_count_takes_two_approvals_from_one_login_for_one_reviewer(
     haven: Haven, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -816,6 +956,71 @@ def test_a_request_refused_for_a_changed_file_is_refused_even_once_the_bytes_are
     assert [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"]  # recorded once
     review.withdraw(haven.con, rid, CG, "staged file swapped and put back")
     assert haven.prepare().status == PREPARED
+
+
+#: a valid NHS number (the check digit holds) a planted file is named after
+NHS_LIKE_NAME = "9434765919.csv"
+
+
+def test_a_planted_file_named_like_an_nhs_number_is_refused_as_a_breach_and_for_ever(haven: Haven) -> None:
+    """A file planted in staging under a name that spells an NHS number, with a reviewed file
+    swapped: the refusal is recorded (breach and audit, the name withheld), and once everything
+    is put back the request is still refused for ever (found by review)."""
+    rid = _awaiting_custodian(haven)
+    staged = review.get(haven.con, rid).staging_dir
+    target = staged / "hospital_episodes.parquet"
+    original = target.read_bytes()
+    target.write_bytes(b"swapped by an insider")
+    planted = staged / NHS_LIKE_NAME
+    planted.write_text("x\n")
+    with pytest.raises(review.ReviewError, match="was added after preparation") as refused:
+        haven.deliver(rid)
+    [breach] = reg.breaches(haven.con)
+    assert breach["kind"] == "reviewed_file_changed" and "not the file" in breach["what"]
+    assert not any(NHS_LIKE_NAME[:10] in text for text in (str(refused.value), breach["what"]))
+    planted.unlink()
+    target.write_bytes(original)  # put back
+    with pytest.raises(review.ReviewError, match="refused before as a breach"):
+        haven.deliver(rid)
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+
+
+@pytest.mark.parametrize("name", [NHS_LIKE_NAME, "943_476_5919.csv"])
+def test_a_file_planted_in_staging_is_a_reason_to_refuse_delivery_and_its_name_is_withheld(
+    haven: Haven, name: str
+) -> None:
+    """Nothing unreviewed leaves: a file in staging that was never prepared refuses the delivery. Its
+    name is shown as a received file's (``audit.shown_name``): a name spelling an NHS number, with
+    separators the audit guard does not know too, is recorded and said withheld (CoP 8a)."""
+    rid = _awaiting_custodian(haven)
+    (review.get(haven.con, rid).staging_dir / name).write_text("x\n")
+    with pytest.raises(review.ReviewError, match="was added after preparation") as refused:
+        haven.deliver(rid)
+    assert haven.delivered() == [] and [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"]
+    entries = audit.entries_for(haven.con, object_like=f"release-request:{rid}")
+    recorded = [str(refused.value), reg.breaches(haven.con)[0]["what"], *(str(e.detail) for e in entries)]
+    assert not any(name.removesuffix(".csv") in text for text in recorded)
+
+
+def test_a_refusal_whose_details_the_audit_guard_refuses_is_recorded_without_them(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: were a problem's text still to look like an NHS number (here the scrubbing and
+    the shown name are bypassed), the breach and the refusal are recorded with a generic text, and
+    the request is refused for ever all the same."""
+    rid = _awaiting_custodian(haven)
+    monkeypatch.setattr(audit, "scrub", lambda text: text)
+    monkeypatch.setattr(audit, "shown_name", lambda name: name)
+    planted = review.get(haven.con, rid).staging_dir / NHS_LIKE_NAME
+    planted.write_text("x\n")
+    with pytest.raises(review.ReviewError, match="the details could not be recorded") as refused:
+        haven.deliver(rid)
+    assert NHS_LIKE_NAME[:10] not in str(refused.value)
+    assert [b["what"].endswith(review.UNRECORDABLE_PROBLEM) for b in reg.breaches(haven.con)] == [True]
+    planted.unlink()
+    with pytest.raises(review.ReviewError, match="refused before as a breach"):
+        haven.deliver(rid)
+    assert haven.delivered() == []
 
 
 def test_a_staged_file_replaced_by_a_link_is_refused_at_review(haven: Haven, tmp_path: Path) -> None:
