@@ -33,21 +33,30 @@ def plain(entry: os.stat_result) -> bool:
     return stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1
 
 
-def sha256_plain(path: Path) -> str | None:
-    """SHA-256 of ``path`` if it is a plain file (:func:`plain`, from ``lstat``; opened without
-    following a link and checked again once open), else ``None`` (missing, a link, a hard link,
-    anything else). What the haven wrote and must vouch for is hashed so, never through a link
-    (CoP 27h; fail closed)."""
+def open_plain(path: Path) -> int | None:
+    """A read-only descriptor of ``path`` if it is a plain file (:func:`plain`, from ``lstat``;
+    opened without following a link and checked again once open), else ``None`` (missing, a
+    link, a hard link, anything else). The caller closes it."""
     try:
         if not plain(os.lstat(path)):
             return None
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    if plain(os.fstat(fd)):
+        return fd
+    os.close(fd)
+    return None
+
+
+def sha256_plain(path: Path) -> str | None:
+    """SHA-256 of ``path`` if it is a plain file (:func:`open_plain`), else ``None``. What the
+    haven wrote and must vouch for is hashed so, never through a link (CoP 27h; fail closed)."""
+    fd = open_plain(path)
+    if fd is None:
+        return None
+    digest = hashlib.sha256()
     with os.fdopen(fd, "rb") as fh:
-        if not plain(os.fstat(fh.fileno())):
-            return None
-        digest = hashlib.sha256()
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()

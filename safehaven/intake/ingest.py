@@ -95,8 +95,8 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.audit import shown_name
+from safehaven.core.files import open_plain, sha256_file, shred_file
 from safehaven.core.files import plain as _plain
-from safehaven.core.files import sha256_file, shred_file
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.core.store import transaction
 from safehaven.intake import batch_seal, landings
@@ -272,16 +272,13 @@ def objections_header(header: list[str]) -> bool:
 
 
 def _first_bytes(path: Path) -> bytes | None:
-    """At most ``SNIFF_BYTES`` of ``path`` if it is a plain file (regular, one link; opened without
-    following a link, and checked again once open); None for any other entry, or if it cannot be read."""
-    try:
-        if not _plain(os.lstat(path)):
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    """At most ``SNIFF_BYTES`` of ``path`` if it is a plain file (``safehaven.core.files.open_plain``);
+    None for any other entry, or if it cannot be read."""
+    fd = open_plain(path)
+    if fd is None:
         return None
     try:
-        return os.read(fd, SNIFF_BYTES) if _plain(os.fstat(fd)) else None
+        return os.read(fd, SNIFF_BYTES)
     except OSError:
         return None
     finally:
