@@ -290,6 +290,9 @@ def _values(*values: str) -> str:
     return f"SELECT unnest([{', '.join(repr(v) for v in values)}])"
 
 
+#: The value a code-list domain declares besides its list (``also: [Unknown]``): a code not grouped.
+UNKNOWN = " UNION SELECT 'Unknown'"
+
 #: The trusts ``hospital_admissions`` declares (its ``provider_code`` domain).
 TRUSTS = ("R0A", "RA7", "REM", "RHQ", "RJ1", "RR1", "RR8", "RRK", "RTD", "RTK", "RWF", "RX1")
 
@@ -313,7 +316,7 @@ OUTPUTS: dict[str, Out] = {
         (
             ("month", "SELECT month FROM months"),
             ("practice_code", None),
-            ("diagnosis_group", _list("snomed_gp_diagnoses", "grp")),
+            ("diagnosis_group", _list("snomed_gp_diagnoses", "grp") + UNKNOWN),
             ("age_band", _values("0-17", "18-44", "45-64", "65-74", "75-84", "85+")),
             ("sex", _values("Female", "Male", "Not known")),
         ),
@@ -336,7 +339,7 @@ GROUP BY ALL""",
         (
             ("month", "SELECT month FROM months"),
             ("provider_code", _values(*TRUSTS)),
-            ("diagnosis_chapter", _list("icd10", "grp")),
+            ("diagnosis_chapter", _list("icd10", "grp") + UNKNOWN),
         ),
         (),
         ("hospital_episodes",),
@@ -391,8 +394,6 @@ JOIN haven.social_care s ON s.pid = d.pid AND s.start_date BETWEEN d.discharge_d
 GROUP BY ALL""",
     ),
 }
-#: Dimensions whose values must come from their declared relation (any other value is an error).
-CLOSED = {("discharge_to_social_care", "month"), ("discharge_to_social_care", "provider_code")}
 
 
 def reporting_months(con: duckdb.DuckDBPyConnection, collections: tuple[str, ...]) -> None:
@@ -440,12 +441,10 @@ def protect(con: duckdb.DuckDBPyConnection, name: str, out: Out) -> dict[str, in
     con.execute(f"CREATE OR REPLACE TEMP TABLE cells AS {out.sql}")
     domains = []
     for dim, declared in out.dims:
-        if declared is None:
+        if declared is None:  # observed: the values in the cells
             domains.append(f"(SELECT DISTINCT {dim} FROM cells)")
-        elif (name, dim) in CLOSED:
+        else:  # declared: exactly these values (any other value is an error)
             domains.append(f"(SELECT DISTINCT v AS {dim} FROM ({declared}) s(v))")
-        else:
-            domains.append(f"(SELECT DISTINCT v AS {dim} FROM ({declared} UNION ALL SELECT {dim} FROM cells) s(v))")
     grid = " CROSS JOIN ".join(domains)
     outside = con.execute(f"SELECT count(*) FROM cells ANTI JOIN (SELECT * FROM {grid}) USING ({d})").fetchone()[0]
     if outside:
