@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 
     from safehaven.core.audit import VerifyResult
 
-#: the audit action of a reviewer's decision on a release request, and the object it names
-#: (``safehaven.share.review``)
-DECIDE, REQUEST_OBJECT = "review.decide", "release-request:"
+#: the object a release request's audit entries name (``safehaven.share.review``)
+REQUEST_OBJECT = "release-request:"
 WITHHELD = "withheld while the request awaits review"
 
 
@@ -158,12 +157,12 @@ def audit_log(agreement: str | None, limit: int) -> None:
     with Store(home).connect(read_only=True) as con:
         entries = audit.entries_for(con, agreement=agreement)[-limit:]
         awaiting = _awaiting_review(con)
-    from safehaven.share.review import PREPARE_ACTION
+    from safehaven.share.review import DECIDE_ACTION, PREPARE_ACTION
 
     for e in entries:
         actor, outcome = e.actor, e.outcome
         if e.object.removeprefix(REQUEST_OBJECT) in awaiting and e.action != PREPARE_ACTION:
-            actor, outcome = WITHHELD, (WITHHELD if e.action == DECIDE else outcome)
+            actor, outcome = WITHHELD, (WITHHELD if e.action == DECIDE_ACTION else outcome)
         click.echo(
             f"#{e.seq} {e.at.isoformat(timespec='seconds')} {actor} ({e.role}) {e.action} {e.object} "
             f"[{outcome}]" + (f" agreement={e.agreement}" if e.agreement else "")

@@ -39,7 +39,8 @@ Rules (CoP 23d, 35; Govt response to the Caldicott review, recs. 5-6; ``docs/rul
   it held, e.g. a list of NHS numbers, nor who read it).
 * **Evidence** is kept, never deleted: ``evidence/published-<UTC time>-<random>/files/`` in the
   home (0700), each entry under its own name, with :data:`EVIDENCE_LIST` listing them (shown
-  name, kind, SHA-256, release, breach id). The governance lead decides what becomes of it.
+  name, kind, SHA-256, release, whether it was moved out or copied, breach id). The governance
+  lead decides what becomes of it.
 * A planted name may carry an identifier: names are recorded and shown as received files' are
   (``safehaven.core.audit.shown_name``), and composed text is scrubbed (``audit.scrub``).
 * Each finding is one line for the run's log (what was found, where the evidence is, the breach
@@ -268,7 +269,16 @@ def set_aside(con: duckdb.DuckDBPyConnection, home: Home, *, actor: str = "safeh
     for finding in found:  # recorded first: a crash before the move records it again, never loses it
         breach_id = _record(con, finding, evidence, actor)
         _keep(home.published / finding.name, finding, folder)
-        listed.append({"name": finding.shown, "kind": finding.kind, "sha256": finding.sha256, "breach_id": breach_id})
+        listed.append(
+            {
+                "name": finding.shown,
+                "kind": finding.kind,
+                "sha256": finding.sha256,
+                "release_id": finding.release_id,
+                "moved": finding.moved,
+                "breach_id": breach_id,
+            }
+        )
         lines.append(audit.scrub(_log_line(finding, evidence, breach_id)))
     (folder / EVIDENCE_LIST).write_text(json.dumps({"found_at": datetime.now(UTC).isoformat(), "entries": listed}))
     return lines

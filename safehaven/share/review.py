@@ -11,8 +11,8 @@ Safes "safe outputs"; CoP 32-33, 43; the OpenSAFELY Airlock is the anchor):
 * **Two independent reviewers**: neither the person who operated the run (the actor recorded
   when the request was prepared) nor each other, names compared in one canonical form
   (:func:`person_key`). Each approves from their own OS login: not the login that prepared the
-  request at a terminal (the pipeline's scheduled run is the service account, not a person), nor
-  the login of another person's approval (:func:`_own_login`; counted so at delivery). The
+  request (at a terminal, from the UI or on the schedule: the service account approves nothing),
+  nor the login of another person's approval (:func:`_own_login`; counted so at delivery). The
   login is the process's account (``registers.os_login``: its real uid's), never ``$LOGNAME``. Each
   records a decision per file, pinned to the file's SHA-256 at that moment; a request is
   approved only when the rule's number of reviewers have each approved every file.
@@ -141,6 +141,8 @@ TWO_REVIEWERS_AND_CUSTODIAN = "two_reviewers_and_custodian"
 RELEASE_ACTION = "release"
 #: the audit action of a request's preparation (its files, manifest, level and members)
 PREPARE_ACTION = "review.prepare"
+#: the audit action of a reviewer's decision on a request
+DECIDE_ACTION = "review.decide"
 #: the audit action of a delivery refused as a near-miss breach (:func:`_refuse_delivery`)
 REFUSED_ACTION = "review.release"
 RULES: dict[str, int] = {TWO_REVIEWERS: 2, ONE_REVIEWER: 1, AUTOMATIC: 0, TWO_REVIEWERS_AND_CUSTODIAN: 2}
@@ -514,8 +516,8 @@ def approvers(con: duckdb.DuckDBPyConnection, req: Request) -> list[str]:
 
 
 def _own_login(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
-    """Refuse an approval given from the OS login that prepared the request (when a person at a
-    terminal prepared it, not the pipeline's scheduled run) or from the login of another person's
+    """Refuse an approval given from the OS login that prepared the request (however it was
+    prepared: :func:`_preparer_logins`) or from the login of another person's
     approval of it: a second typed ``--by`` name from one account is one person, whatever it
     says (SATRE 3.3.04-3.3.05: two independent checkers, neither the operator; found by review).
     The login is the account of the process's real uid (``registers.os_login``), never an
@@ -641,7 +643,7 @@ def approve(
         con,
         actor=by.strip(),
         role="review",
-        action="review.decide",
+        action=DECIDE_ACTION,
         object=f"release-request:{release_id}",
         agreement=req.agreement_id,
         detail={
@@ -855,7 +857,7 @@ def _needed(rule: object) -> int:
 
 def _approvals(entries: list[audit.Entry]) -> list[audit.Entry]:
     """The approving decisions among ``entries``."""
-    return [e for e in entries if e.action == "review.decide" and e.fields.get("decision") == "approve"]
+    return [e for e in entries if e.action == DECIDE_ACTION and e.fields.get("decision") == "approve"]
 
 
 def _audited_logins(entries: list[audit.Entry]) -> dict[str, set[str | None]]:
@@ -869,11 +871,10 @@ def _audited_logins(entries: list[audit.Entry]) -> dict[str, set[str | None]]:
 
 
 def _preparer_logins(prepared: audit.Entry) -> set[str]:
-    """The OS logins no reviewer of a request may approve from: those of the person at a terminal
-    who prepared it (its actor, and the login its entry records); none for the pipeline's
-    scheduled run, whose login is the service account's, not a person's (``safehaven.context``)."""
-    if prepared.fields.get("scheduled") is True:
-        return set()
+    """The OS logins no reviewer of a request may approve from: those that prepared it (its actor,
+    and the login its entry records), whoever ran it: a person at a terminal, a run they started
+    from the UI or ``safehaven run``, or the scheduled run's service account. Which path prepared
+    it is not who was at the keyboard, so no path is exempt (fail closed: found by review)."""
     login = prepared.fields.get("os_user")
     return {prepared.actor} | ({login} if isinstance(login, str) else set())
 
@@ -1014,7 +1015,7 @@ def _cleared(
         raise _refuse_delivery(con, req, by, [str(unaudited)], kind="review_not_in_audit_trail")
     agreement = _agreement_in_force(con, req, by, registry, trail[0])
     _collections_not_held(con, req, by, registry, agreement.collections)
-    _objections_still_honoured(con, req, home, by)
+    _objections_still_honoured(con, req, home, by, registry)
     found = _verify_staged(con, req, moved_to)
     if found:
         raise _refuse_delivery(con, req, by, found, moved=moved_to is not None)
@@ -1147,7 +1148,7 @@ FILE_RECORDS = {
     "approve": "sha256",
     "suspend": "sha256",
     PREPARE_ACTION: AGREEMENT_PIN,
-    "review.decide": AGREEMENT_SEEN,
+    DECIDE_ACTION: AGREEMENT_SEEN,
 }
 
 
@@ -1229,23 +1230,27 @@ def _not_refused_before(con: duckdb.DuckDBPyConnection, req: Request, by: str, s
     )
 
 
-def _objections_still_honoured(con: duckdb.DuckDBPyConnection, req: Request, home: Home, by: str) -> None:
+def _objections_still_honoured(
+    con: duckdb.DuckDBPyConnection, req: Request, home: Home, by: str, registry: ContractRegistry
+) -> None:
     """Refuse to deliver (audited) a record-level request while the objection feed is blocked or
     stale now (under any basis, as at preparation: a faulty, pending or tampered register,
     ``safehaven.protect.feed``), once someone in it has a type 1 objection registered since it was
     prepared (whatever the legal basis: GP records of a type 1 objector never leave, guide Rule
     4B), and, prepared under the opt-out, once someone in it has opted out since: its files were
     filtered against the register as it then stood (NDOP; fail closed). The next run prepares it
-    again from the register as it stands. It has no contracts registry at hand, so it does not
-    scan incoming/ for unknown entries (``feed.sync_faults``): the faults the checks with the
-    deployment's registry recorded still block it."""
+    again from the register as it stands. The deployment's contracts (``registry``) are given, as
+    at preparation: incoming/ is scanned for unknown entries (``feed.sync_faults``) and an
+    objections file waiting for its control file blocks it (``feed.awaiting_control``)."""
     from safehaven.protect import feed
 
     if req.identifiability == "anonymised":  # not record level: the opt-outs do not cover it (guide Rule 4C)
         return
     decision = _decision(con, req)
     try:  # the feed sound and fresh under any basis, as at preparation (``feed.release_guard``)
-        feed.require_sound_feed(con, home, datetime.now(UTC).date(), agreement_days=_window(decision))
+        feed.require_sound_feed(
+            con, home, datetime.now(UTC).date(), agreement_days=_window(decision), collections=registry.contracts
+        )
         _no_type1_since(con, req)
         if decision.get("applied") is not False:  # only a recorded "does not apply" skips: a lost one checks
             _no_optout_since(con, req)

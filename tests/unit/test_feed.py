@@ -1709,3 +1709,30 @@ def test_a_restatements_refusal_without_the_objections_contract_still_names_a_po
     assert why is not None and "parked.csv" in why
     assert "waiting for its control file parked.csv.ctl.json if the objections contract asks for one" in why, why
     assert "ask the sender for parked.csv.ctl.json" in why
+
+
+def test_an_objections_file_waiting_for_its_control_file_refuses_delivery_too(controlled_haven: Haven) -> None:
+    """A request prepared before an objections file arrived without its control file is not
+    delivered while that file waits: delivery reads the feed with the deployment's contracts, as
+    preparation does (found by the re-read: it passed none, so the parked file blocked nothing)."""
+    from safehaven.share import review
+    from safehaven.share.releases import PREPARED, prepare
+    from tests.governance_helpers import REVIEWERS, approve_as
+
+    haven = controlled_haven
+    _drop_controlled(haven, "objections.csv", [opt_out(10)])
+    assert haven.run()
+    adopt(haven.con, haven.registry, haven.agreement)
+    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring)
+    first = prepare(haven.con, haven.agreement, haven=context)
+    assert first.status == PREPARED
+    rid, needed = first.release_id, review.get(haven.con, first.release_id).reviewers_needed
+    for by in REVIEWERS[: needed - 1]:
+        approve_as(haven.con, rid, by, home=haven.home, registry=haven.registry)
+    _drop_controlled(haven, "later.csv", [opt_out(11)], control=False)
+    haven.run()
+    with pytest.raises(review.ReviewError, match=r"ask the sender for later\.csv\.ctl\.json"):
+        last = approve_as(haven.con, rid, REVIEWERS[needed - 1], home=haven.home, registry=haven.registry)
+        if last.state == review.APPROVED:
+            review.deliver(haven.con, rid, home=haven.home, registry=haven.registry, by="V. Keeper, custodian")
+    assert review.get(haven.con, rid).state != review.RELEASED

@@ -709,6 +709,8 @@ def test_an_altered_published_database_is_refused_to_analysts_and_recorded_kept_
     assert len(breach) == 1 and breach[0]["severity"] == 2 and recorded[0]["breach_id"] == breach[0]["breach_id"]
     (kept,) = _evidence(home)
     assert kept.name == "published.duckdb" and hashlib.sha256(kept.read_bytes()).hexdigest() == altered
+    (listed,) = json.loads((kept.parents[1] / "set_aside.json").read_text())["entries"]
+    assert (listed["release_id"], listed["moved"], listed["sha256"]) == (first.release_id, False, altered)
     (line,) = second.set_aside
     assert "published/published.duckdb was altered" in line and f"breach {breach[0]['breach_id']}" in line
     assert run_query(db, "SELECT count(*) FROM adm WHERE label = 'B' AND NOT suppressed").rows == [(0,)]

@@ -40,6 +40,7 @@ from tests.governance_helpers import (
     agreement_data,
     approve_as,
     contracts_root,
+    logged_in_as,
     login_of,
     renames_once,
     small_haven,
@@ -884,8 +885,9 @@ def test_one_account_renaming_itself_in_LOGNAME_is_one_reviewer(haven: Haven, mo
     """One account (one uid) approving twice under two names and two LOGNAMEs is one person: the
     second approval is refused and nothing leaves (SATRE 3.3.04-3.3.05; found by review)."""
     haven.add()
-    context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring).as_scheduled()
-    rid = prepare(haven.con, "test-linked", haven=context).release_id  # the service account's run
+    with logged_in_as("svc-pipeline"):  # the service account's run, not this account
+        context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring).as_scheduled()
+        rid = prepare(haven.con, "test-linked", haven=context).release_id
     monkeypatch.setenv("LOGNAME", "alice")
     review.approve(haven.con, rid, R1, home=haven.home, registry=haven.registry)
     monkeypatch.setenv("LOGNAME", "bob")
@@ -920,12 +922,16 @@ def test_the_audited_count_refuses_an_approval_from_the_login_that_prepared_it_a
     assert haven.delivered() == []
 
 
-def test_a_scheduled_runs_login_is_not_a_persons(haven: Haven) -> None:
-    """The pipeline's run prepares under the service account's login: a reviewer is not refused for it."""
+def test_the_login_of_a_run_of_the_pipeline_cannot_approve_what_it_prepared(haven: Haven) -> None:
+    """A run of the pipeline (scheduled, started from the UI, or ``safehaven run`` at a terminal:
+    the path does not say who was at the keyboard) prepares under its login, and that login
+    cannot approve the request; reviewers at their own logins can."""
     haven.add()
     context = Context.open(haven.home, contracts=haven.registry, keyring=haven.keyring).as_scheduled()
     rid = prepare(haven.con, "test-linked", haven=context).release_id
-    haven.approve(rid, R1, login=reg.current_actor())
+    with pytest.raises(review.ReviewError, match="the OS login that prepared"):
+        haven.approve(rid, R1, login=reg.os_login())
+    haven.approve(rid, R1)
     assert haven.approve(rid, R2).state == review.RELEASED
 
 
