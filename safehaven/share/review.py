@@ -978,7 +978,7 @@ def deliver(
     try:
         _cleared(con, req, by, home=home, registry=registry, moved_to=final if moved else None)
     except ReviewError as exc:
-        raise ReviewError(f"{exc}{_stopped_hint(req) if moved else ''}") from None
+        raise ReviewError(f"{exc}{_stopped_hint(con, req) if moved else ''}") from None
     if not moved:
         _move(req, final)
     if not _registered(con, release_id):
@@ -1022,11 +1022,16 @@ def _cleared(
     _not_refused_before(con, req, by, trail[1])
 
 
-def _stopped_hint(req: Request) -> str:
-    """What a refusal of a stopped delivery adds: where its files are, and what removes them (:func:`_discard`)."""
+def _stopped_hint(con: duckdb.DuckDBPyConnection, req: Request) -> str:
+    """What a refusal of a stopped delivery adds: where its files are, and what removes them: a
+    withdrawal while they are neither registered nor delivered (:func:`_undelivered_release`,
+    :func:`_discard`), else only a disposal of the agreement's data, as any registered release's."""
+    where = f"; the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/"
+    if _undelivered_release(con, req) is not None:
+        return f"{where}, neither registered nor delivered: withdrawing the request shreds them"
     return (
-        f"; the files of a delivery that was stopped are in releases/{req.agreement_id}/{req.release_id}/, neither "
-        "registered nor delivered: withdrawing the request shreds them"
+        f"{where}, registered in the release register: withdrawing the request does not remove them; a "
+        f"disposal of the agreement's data does (safehaven dispose --agreement {req.agreement_id})"
     )
 
 
@@ -1085,7 +1090,8 @@ def _withdraw_hint(req: Request) -> str:
 
 
 def _today() -> date:
-    """The day a delivery is judged on: the local date, as a run's ``today`` (``safehaven.context``)."""
+    """The day a delivery is judged on, by every check of it (the agreement's dates and the
+    objection feed's freshness): the local date, as a run's ``today`` (``safehaven.context``)."""
     return datetime.now().date()
 
 
@@ -1248,9 +1254,7 @@ def _objections_still_honoured(
         return
     decision = _decision(con, req)
     try:  # the feed sound and fresh under any basis, as at preparation (``feed.release_guard``)
-        feed.require_sound_feed(
-            con, home, datetime.now(UTC).date(), agreement_days=_window(decision), collections=registry.contracts
-        )
+        feed.require_sound_feed(con, home, _today(), agreement_days=_window(decision), collections=registry.contracts)
         _no_type1_since(con, req)
         if decision.get("applied") is not False:  # only a recorded "does not apply" skips: a lost one checks
             _no_optout_since(con, req)

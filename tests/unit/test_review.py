@@ -652,6 +652,30 @@ def test_a_stopped_delivery_refused_then_withdrawn_leaves_nothing_in_releases(
     assert haven.con.execute(f"SELECT count(*) FROM {review.REQUEST_MEMBERS}").fetchone()[0] == 0
 
 
+def test_a_refused_delivery_stopped_after_its_registration_says_a_withdrawal_does_not_remove_the_files(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after its register row, the delivery's files are a registered release: the refusal
+    says where they are and that only a disposal of the agreement's data removes them, never that
+    a withdrawal does (found by the re-read: it said so whether or not the release was registered)."""
+    haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())
+    rid = haven.prepare().release_id
+    haven.approve(rid, R1)
+    monkeypatch.setattr(review, "_audit_delivery", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        haven.approve(rid, R2)
+    monkeypatch.undo()
+    assert [r["release_id"] for r in reg.releases(haven.con)] == [rid]
+    _delivery_on(monkeypatch, days=1)
+    with pytest.raises(review.ReviewError, match="not in force") as refused:
+        haven.deliver(rid, "custodian")
+    said = str(refused.value)
+    assert f"releases/test-linked/{rid}/" in said and "withdrawing the request shreds" not in said
+    assert "registered in the release register: withdrawing the request does not remove them" in said
+    assert "safehaven dispose --agreement test-linked" in said
+
+
 def test_a_failed_shredding_of_a_stopped_deliverys_files_is_retried_by_the_next_discard(
     haven: Haven, monkeypatch: pytest.MonkeyPatch
 ) -> None:
