@@ -37,8 +37,8 @@ def registry() -> ContractRegistry:
     return ContractRegistry()
 
 
-@pytest.fixture
-def con() -> duckdb.DuckDBPyConnection:
+def haven_store() -> duckdb.DuckDBPyConnection:
+    """An in-memory store with the zones an output reads and writes, and two haven tables."""
     c = duckdb.connect()
     for schema in ("haven", "published", "governance"):
         c.execute(f"CREATE SCHEMA {schema}")
@@ -50,6 +50,12 @@ def con() -> duckdb.DuckDBPyConnection:
         "CREATE TABLE haven.social_care (pid VARCHAR, local_authority_code VARCHAR, service_type VARCHAR, "
         "start_date DATE, end_date DATE)"
     )
+    return c
+
+
+@pytest.fixture
+def con() -> duckdb.DuckDBPyConnection:
+    c = haven_store()
     yield c
     c.close()
 

@@ -29,6 +29,8 @@ from safehaven.publish.quality import (
     record_release,
     render_markdown,
 )
+from tests.unit.test_outputs import TODAY as OUTPUTS_TODAY
+from tests.unit.test_outputs import admissions, admit, haven_store
 
 TODAY = date(2026, 3, 15)
 
@@ -316,37 +318,16 @@ def test_changes_since_the_last_release(
 
 
 def _built_figures(counts: dict[tuple[str, str], int]) -> tuple[dict, list]:
-    """The disclosure figures and published cells of a one-output build over ``counts``
-    (people per provider and admission day), in a store of its own."""
-    con = duckdb.connect()
-    for zone in ("haven", "published", "governance"):
-        con.execute(f"CREATE SCHEMA {zone}")
-    con.execute(
-        "CREATE TABLE haven.hospital_episodes (pid VARCHAR, provider_code VARCHAR, admission_date DATE, "
-        "discharge_date DATE, primary_diagnosis VARCHAR)"
-    )
+    """The disclosure figures and published cells of a one-output build over ``counts`` (people
+    per provider and admission day), in a store of its own (``tests.unit.test_outputs``)."""
+    con = haven_store()
     for (provider, day), n in counts.items():
-        con.execute(
-            "INSERT INTO haven.hospital_episodes SELECT md5(? || ? || i::VARCHAR), ?, CAST(? AS DATE), "
-            "CAST(? AS DATE), 'A01' FROM range(?) t(i)",
-            [provider, day, provider, day, day, n],
-        )
-    output = Output.model_validate(
-        {
-            "name": "adm", "version": "1.0.0", "title": "t", "description": "d", "purpose": "p", "users": ["u"],
-            "collections": ["hospital_episodes"],
-            "dimensions": [
-                {"name": "month", "description": "month", "domain": "reporting_months"},
-                {"name": "provider_code", "description": "provider", "domain": "observed"},
-            ],
-            "measures": [{"name": "people", "description": "people"}],
-            "zeros": {"publish": True, "structural": []},
-            "sql": "SELECT m.month, h.provider_code, count(DISTINCT h.pid) AS people FROM haven.hospital_episodes h "
-            "JOIN counting_months m ON m.month = date_trunc('month', h.admission_date) GROUP BY ALL",
-        }
-    )  # fmt: skip
-    built = build_output(con, output, ContractRegistry(), today=date(2026, 4, 15))
-    cells = con.execute(f"SELECT provider_code, month, people FROM {built.table} WHERE NOT suppressed ORDER BY ALL")
+        admit(con, n, provider, day, "A01")
+    output = admissions()
+    built = build_output(con, output, ContractRegistry(), today=OUTPUTS_TODAY)
+    cells = con.execute(
+        f"SELECT month, provider_code, chapter, people FROM {built.table} WHERE NOT suppressed ORDER BY ALL"
+    )
     return disclosure_figures(output, built), cells.fetchall()
 
 
@@ -354,8 +335,8 @@ def test_the_statement_does_not_say_how_many_counts_rounding_changed() -> None:
     """Two populations that publish the same table (every count 30) get the same statement: had
     it said how many cells rounding changed, "none" would tell a reader every count is exact and
     "one" that one 30 is not 30, undoing the rounding (``quality.disclosure_figures``; CoP 34b)."""
-    exact = {(p, d): 30 for p in ("RX1", "RX2") for d in ("2026-01-05", "2026-02-05", "2026-03-05")}
+    exact = {(p, d): 30 for p in ("RX1", "RX2") for d in ("2025-12-05", "2026-01-05", "2026-02-05")}
     figures, published = _built_figures(exact)
-    off_figures, off_published = _built_figures({**exact, ("RX2", "2026-03-05"): 32})
+    off_figures, off_published = _built_figures({**exact, ("RX2", "2026-02-05"): 32})
     assert published == off_published
     assert figures == off_figures
