@@ -15,7 +15,7 @@ from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.vault import IDENTITY, vault_collection
 
 
-def refuse_while_held(con, contract: Contract) -> None:
+def refuse_while_held(con, contract: Contract, registry: ContractRegistry) -> None:
     """Refuse the step while the collection's intake is not done with a drop it received
     (``safehaven.intake.validation.refuse_held``: landed but not validated, or refused with none
     passed since): its downstream stages are skipped in this run, and in every run until that is
@@ -24,7 +24,12 @@ def refuse_while_held(con, contract: Contract) -> None:
     its intake tables, empty, as intake would have made them."""
     ensure_tables_validated(con, contract)
     with held_fails():
-        refuse_held(con, [contract], f"{contract.collection}'s haven and vault steps, and every stage after them,")
+        refuse_held(
+            con,
+            registry,
+            [contract.collection],
+            f"{contract.collection}'s haven and vault steps, and every stage after them,",
+        )
 
 
 def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefinition:
@@ -39,7 +44,7 @@ def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
     )
     def _haven(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
-            refuse_while_held(con, contract)
+            refuse_while_held(con, contract, registry)
             keyring = haven.keyring()
             key = haven_key(con, keyring)
             # the vault public key only if a late type 1 purge must encrypt a kept value again
@@ -88,7 +93,7 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
     def _vault(haven: SafeHavenResource) -> dg.MaterializeResult:
         keyring = haven.keyring()
         with haven.connect() as con:
-            refuse_while_held(con, contract)
+            refuse_while_held(con, contract, registry)
             public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
             install_key(con, "haven", haven_key(con, keyring))
             report = vault_collection(con, contract, registry.contracts.values(), public)

@@ -325,8 +325,12 @@ class CollectionHeld(Exception):
     the message names the collection, why, and what clears it (never a value)."""
 
 
-def refuse_held(con: duckdb.DuckDBPyConnection, contracts: Collection[Contract], stage: str) -> None:
-    """Refuse ``stage`` while any content collection of ``contracts`` is held (:func:`held_drop`).
+def refuse_held(
+    con: duckdb.DuckDBPyConnection, registry: ContractRegistry, collections: Collection[str], stage: str
+) -> None:
+    """Refuse ``stage`` while any content collection of ``collections`` is held (:func:`held_drop`),
+    and for a collection ``registry`` (the deployment's contracts) does not describe: whether it is
+    held cannot be told (fail closed).
 
     CoP 7-9 (data fit for its purpose): the nightly job skips every step after a held
     collection's haven step, and this is the same rule for a step materialised alone (a count, an
@@ -334,8 +338,12 @@ def refuse_held(con: duckdb.DuckDBPyConnection, contracts: Collection[Contract],
     figures, or release its records, as if its sender had sent nothing since. Objections are
     guarded by the objection feed instead (``safehaven.protect.feed``). A collection that never
     sent a drop holds nothing."""
+    unknown = sorted(set(collections) - set(registry.contracts))
+    if unknown:
+        raise CollectionHeld(f"{stage} refused: the contracts given do not describe {', '.join(unknown)}")
     if not table_exists(con, *BATCHES.split(".")):
         return
+    contracts = [registry.contracts[c] for c in sorted(set(collections))]
     held = {c.collection: held_drop(con, c.collection) for c in contracts if c.kind == "content"}
     reasons = [f"{c} is held: {why}" for c, why in sorted(held.items()) if why is not None]
     if reasons:

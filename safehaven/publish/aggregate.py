@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core.home import Home
-from safehaven.intake.contracts import Contract, ContractRegistry
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.validation import refuse_held
 from safehaven.publish import counting, reuse
 from safehaven.publish.outputs import (
@@ -81,11 +81,6 @@ def _authorised_agreement(con: duckdb.DuckDBPyConnection, output: Output, regist
     return agreement.id
 
 
-def _read(output: Output, registry: ContractRegistry) -> list[Contract]:
-    """The contracts of the collections ``output`` reads."""
-    return [registry.contracts[c] for c in output.collections if c in registry.contracts]
-
-
 def count(
     con: duckdb.DuckDBPyConnection,
     output: Output,
@@ -101,7 +96,7 @@ def count(
     second (another output's period may hold them: the month partitions are shared). Refused
     (``CollectionHeld``) while a collection it reads is held (``safehaven.intake.validation.refuse_held``).
     """
-    refuse_held(con, _read(output, registry), f"counting {output.name}")
+    refuse_held(con, registry, output.collections, f"counting {output.name}")
     load_code_lists(con, registry)
     agreement_id = _authorised_agreement(con, output, registry)
     period = reporting_period(con, output, registry, today)
@@ -123,7 +118,7 @@ def aggregate(
 ) -> AggregateResult:
     """Build ``published.<output>`` (or reuse it when nothing it reads changed), then check it.
     Refused (``CollectionHeld``) while a collection it reads is held, as :func:`count` is."""
-    refuse_held(con, _read(output, registry), f"output {output.name}")
+    refuse_held(con, registry, output.collections, f"output {output.name}")
     load_code_lists(con, registry)
     agreement_id = _authorised_agreement(con, output, registry)
     publication = load_outputs(registry)

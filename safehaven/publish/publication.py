@@ -580,8 +580,7 @@ def refuse_held_outputs(con: duckdb.DuckDBPyConnection, outputs: Sequence[Output
     figures as if its sender had sent nothing since. The whole release is refused, as for any
     failure (a release is a coherent set), and what analysts hold stays as it is; the message names
     the collection and what clears the hold (a corrected drop that passes, or the intake run again)."""
-    read = {c for o in outputs for c in o.collections if c in registry.contracts}
-    refuse_held(con, [registry.contracts[c] for c in sorted(read)], "publication")
+    refuse_held(con, registry, {c for o in outputs for c in o.collections}, "publication")
 
 
 def _refresh_head(con: duckdb.DuckDBPyConnection, home: Home, release_id: str, audit_head: dict[str, Any]) -> None:

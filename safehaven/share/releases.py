@@ -472,7 +472,7 @@ def prepare(
         if not table_exists(con, "haven", c):
             raise _refuse(con, agreement, actor, f"haven.{c} has not been built yet; run the pipeline first")
     try:  # CoP 7-9: never records of a collection whose sender's latest drop the haven could not take
-        refuse_held(con, [registry.contracts[c] for c in agreement.collections if c in registry.contracts], "release")
+        refuse_held(con, registry, agreement.collections, "release")
     except CollectionHeld as exc:
         raise _refuse(con, agreement, actor, str(exc)) from None
     if agreement.identifiability == "identifiable" and keyring.custodian is None:

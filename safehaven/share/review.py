@@ -1202,11 +1202,8 @@ def _collections_not_held(
     the request stays approved until then."""
     from safehaven.intake.validation import CollectionHeld, refuse_held
 
-    unknown = sorted(set(collections) - set(registry.contracts))
     try:
-        if unknown:
-            raise CollectionHeld(f"the contracts given do not describe {', '.join(unknown)}")
-        refuse_held(con, [registry.contracts[c] for c in collections], "delivery")
+        refuse_held(con, registry, collections, "delivery")
     except CollectionHeld as exc:
         audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
                      agreement=req.agreement_id, outcome="refused", detail={"reason": "collection_held"})  # fmt: skip

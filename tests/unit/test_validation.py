@@ -15,7 +15,7 @@ from safehaven.core.store import Store
 from safehaven.intake import rules
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.intake.rules import RuleCheck
-from safehaven.intake.validation import RESULTS, RULE_RESULTS, validate_collection
+from safehaven.intake.validation import RESULTS, RULE_RESULTS, CollectionHeld, refuse_held, validate_collection
 from tests.unit.validation_helpers import gp_rows, land, nhs_numbers
 
 REGISTRY = ContractRegistry(CONTRACTS_DIR)
@@ -316,3 +316,12 @@ def test_a_uniqueness_declaration_refuses_repeated_keys(con, home: Home, tmp_pat
     unique = report.rules_table()["one_code_per_patient_day"]
     assert unique["gx"] == "expect_compound_columns_to_be_unique"
     assert unique["gx_unexpected"] == 3  # GX counts every row of a repeated key
+
+
+def test_a_stage_reading_a_collection_the_contracts_do_not_describe_is_refused_as_held() -> None:
+    """Whether a collection the deployment's contracts do not describe is held cannot be told, so
+    a stage reading it is refused, naming it (``refuse_held``: one rule for counts, outputs,
+    publication, releases and delivery; fail closed)."""
+    with pytest.raises(CollectionHeld, match="release refused: the contracts given do not describe nowhere"):
+        refuse_held(duckdb.connect(), ContractRegistry(), ["hospital_episodes", "nowhere"], "release")
+    refuse_held(duckdb.connect(), ContractRegistry(), ["hospital_episodes"], "release")  # no drop yet: not held
