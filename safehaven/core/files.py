@@ -33,26 +33,32 @@ def plain(entry: os.stat_result) -> bool:
     return stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1
 
 
-def open_plain(path: Path) -> int | None:
-    """A read-only descriptor of ``path`` if it is a plain file (:func:`plain`, from ``lstat``;
-    opened without following a link and checked again once open), else ``None`` (missing, a
-    link, a hard link, anything else). The caller closes it."""
+def regular(entry: os.stat_result) -> bool:
+    """Whether a ``stat`` result is a regular file (no link, folder, device or pipe), whatever
+    other names it has."""
+    return stat.S_ISREG(entry.st_mode)
+
+
+def open_plain(path: Path, kind: Callable[[os.stat_result], bool] = plain) -> int | None:
+    """A read-only descriptor of ``path`` if it is of ``kind`` (:func:`plain` by default; from
+    ``lstat``, opened without following a link and checked again once open), else ``None``
+    (missing, a link, a hard link for :func:`plain`, anything else). The caller closes it."""
     try:
-        if not plain(os.lstat(path)):
+        if not kind(os.lstat(path)):
             return None
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
-    if plain(os.fstat(fd)):
+    if kind(os.fstat(fd)):
         return fd
     os.close(fd)
     return None
 
 
-def sha256_plain(path: Path) -> str | None:
-    """SHA-256 of ``path`` if it is a plain file (:func:`open_plain`), else ``None``. What the
+def sha256_plain(path: Path, kind: Callable[[os.stat_result], bool] = plain) -> str | None:
+    """SHA-256 of ``path`` if it is of ``kind`` (:func:`open_plain`), else ``None``. What the
     haven wrote and must vouch for is hashed so, never through a link (CoP 27h; fail closed)."""
-    fd = open_plain(path)
+    fd = open_plain(path, kind)
     if fd is None:
         return None
     digest = hashlib.sha256()

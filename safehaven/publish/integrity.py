@@ -51,10 +51,8 @@ Rules (CoP 23d, 35; Govt response to the Caldicott review, recs. 5-6; ``docs/rul
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,7 +60,7 @@ from pathlib import Path
 import duckdb
 
 from safehaven.core import audit, registers
-from safehaven.core.files import sha256_file
+from safehaven.core.files import regular, sha256_plain
 from safehaven.core.home import Home
 from safehaven.core.store import table_exists
 from safehaven.publish import reuse
@@ -130,9 +128,11 @@ def recorded(con: duckdb.DuckDBPyConnection) -> Known | None:
 
 
 def _plain_sha(path: Path) -> str | None:
-    """The SHA-256 of a plain file (never opening a link, folder, pipe or device), else None."""
+    """The SHA-256 of a regular file, opened without following a link (``core.files.open_plain``;
+    a hard link is allowed: a backup's hard-linked snapshot of ``published/`` alters nothing), else
+    None (a link, folder, pipe or device)."""
     try:
-        return sha256_file(path) if stat.S_ISREG(os.lstat(path).st_mode) else None
+        return sha256_plain(path, regular)
     except OSError:
         return None
 

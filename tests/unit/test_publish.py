@@ -980,3 +980,19 @@ def test_a_publication_of_an_output_reading_a_held_collection_is_refused_and_wri
     assert message.startswith("publication refused") and "hospital_episodes is held" in message
     assert "corrected file" in message
     assert published == [] and not (home.published.exists() and any(home.published.iterdir()))
+
+
+def test_a_published_file_hard_linked_elsewhere_is_not_an_incident(
+    store: Store, registry: ContractRegistry, tmp_path: Path
+) -> None:
+    """A backup's hard-linked snapshot gives a published file a second name; its bytes are still
+    those published, so nothing is set aside and the publication is unchanged (``integrity._plain_sha``
+    reads regular files, never through a symbolic link)."""
+    home, out = store.home, output(dimensions=DECLARED)
+    with store.connect() as con:
+        seed_haven(con, {"A": 40, "B": 3})
+        build_all(con, out, registry, home)
+        publish_release(con, [out], registry, home, now=NOW)
+        os.link(home.published / "adm.csv", tmp_path / "snapshot-adm.csv")
+        again = publish_release(con, [out], registry, home, now=NOW)
+    assert again.unchanged and again.set_aside == []
