@@ -22,6 +22,7 @@ from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, Custodian, KeyRing
 from safehaven.core.store import Store
+from tests.forkserver import ForkServer
 
 #: The key custodian's passphrase in tests (given to CLI commands through the environment).
 TEST_PASSPHRASE = "correct horse battery staple (tests)"
@@ -183,6 +184,15 @@ def leaked_nhs_numbers(roots: list[Path], seeded: set[str]) -> dict[str, int]:
             if leaked:
                 hits[str(path)] = len(leaked)
     return hits
+
+
+@pytest.fixture(scope="session")
+def forkserver() -> Iterator[ForkServer]:
+    """A warm interpreter that runs commands as processes of their own (``tests.forkserver``),
+    one per test worker: a test starting many ``safehaven`` processes pays their imports once."""
+    server = ForkServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

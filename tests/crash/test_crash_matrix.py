@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.tools import synthetic
 from tests.conftest import TEST_PASSPHRASE, crash_group
+from tests.forkserver import ForkServer
 from tests.governance_helpers import adopt_project_agreements
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,20 +87,14 @@ def _env(home: Path, dagster_home: Path) -> dict[str, str]:
     }
 
 
-def _run(env: dict[str, str], *harness: str, launched: bool = True) -> subprocess.CompletedProcess:
+def _run(server: ForkServer, env: dict[str, str], *harness: str, launched: bool = True) -> subprocess.CompletedProcess:
     """A plain ``safehaven run`` (launched through the instance, or ``--in-process``), or one the
-    harness kills: that one runs the job in its own process so the kill lands inside a store step."""
+    harness kills: that one runs the job in its own process so the kill lands inside a store step.
+    Each is a process of its own, forked from a warm interpreter (``tests.forkserver``)."""
     plain = ["-c", "from safehaven.cli.main import main; main()"]
     prefix = ["-m", "tests.crash.harness", *harness, "--"] if harness else plain
     in_process = ["--in-process"] if harness or not launched else []
-    return subprocess.run(
-        [sys.executable, *prefix, "run", "--no-demo", *in_process],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RECOVERY_LIMIT_SECONDS,
-    )
+    return server.run([*prefix, "run", "--no-demo", *in_process], env=env, cwd=ROOT, timeout=RECOVERY_LIMIT_SECONDS)
 
 
 def _prepare(root: Path, keys: Path | None) -> tuple[Home, Path]:
@@ -180,10 +174,10 @@ def _leftovers(home: Home) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+def baseline(tmp_path_factory: pytest.TempPathFactory, forkserver: ForkServer) -> tuple[Path, dict[str, object]]:
     root = tmp_path_factory.mktemp("no_crash")
     home, dagster_home = _prepare(root, None)
-    done = _run(_env(home.root, dagster_home), launched=False)
+    done = _run(forkserver, _env(home.root, dagster_home), launched=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return home.keys, snapshot(home)
 
@@ -194,17 +188,23 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     [pytest.param(*point, id=point[0], marks=crash_group(i)) for i, point in enumerate(POINTS)],
 )
 def test_after_a_kill_9_a_plain_run_recovers_and_equals_a_run_with_no_crash(
-    baseline: tuple[Path, dict[str, object]], tmp_path: Path, name: str, target: str, nth: int, when: str
+    baseline: tuple[Path, dict[str, object]],
+    forkserver: ForkServer,
+    tmp_path: Path,
+    name: str,
+    target: str,
+    nth: int,
+    when: str,
 ) -> None:
     keys, expected = baseline
     home, dagster_home = _prepare(tmp_path, keys)
     env = _env(home.root, dagster_home)
 
-    killed = _run(env, target, str(nth), when)
+    killed = _run(forkserver, env, target, str(nth), when)
     assert killed.returncode == -9, f"{name}: the run was not killed where asked\n{killed.stderr[-2000:]}"
 
     started = time.monotonic()
-    again = _run(env, launched=name in LAUNCHED)
+    again = _run(forkserver, env, launched=name in LAUNCHED)
     assert again.returncode == 0, f"{name}: the next run failed\n{again.stdout[-2000:]}{again.stderr[-3000:]}"
     assert time.monotonic() - started < RECOVERY_LIMIT_SECONDS
     assert "Step blocked by limit for pool" not in again.stderr
