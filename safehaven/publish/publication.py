@@ -82,7 +82,7 @@ from safehaven.core import audit, schema
 from safehaven.core.files import sha256_file
 from safehaven.core.home import PUBLISHED_DB, PUBLISHED_MANIFEST, Home
 from safehaven.core.sql import lit, q
-from safehaven.core.store import table_exists
+from safehaven.core.store import insert_values, table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.validation import refuse_held
 from safehaven.protect.pseudonymise import haven_coarsening, haven_column
@@ -403,7 +403,7 @@ def _write_db(
             for c in d["columns"]
         ]
         if rows:
-            con.executemany("INSERT INTO pub.main.dictionary VALUES (?, ?, ?, ?, ?)", rows)
+            insert_values(con, "pub.main.dictionary", "(?, ?, ?, ?, ?)", rows)
         for name, st in statements.items():
             con.execute(
                 "INSERT INTO pub.main.quality VALUES (?, ?, ?, ?, ?)",
