@@ -43,7 +43,7 @@ import secrets
 import shutil
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -410,6 +410,30 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
             con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+
+
+#: rows per statement of :func:`insert_values`
+INSERT_VALUES_CHUNK = 500
+
+
+def insert_values(con: duckdb.DuckDBPyConnection, into: str, row: str, rows: Sequence[Sequence[object]]) -> None:
+    """``INSERT INTO <into> VALUES <row>, <row>, ...`` with ``rows`` bound in order: what
+    ``executemany`` of ``INSERT INTO <into> VALUES <row>`` does, in one statement per
+    :data:`INSERT_VALUES_CHUNK` rows.
+
+    DuckDB runs ``executemany`` as one statement per row (about 0.25 ms each); a VALUES list
+    casts each bound value to its column's type as the one-row statement does, so the rows
+    stored are the same. ``row`` is the parenthesised row of placeholders (it may hold SQL such
+    as ``now()``, which inside the caller's transaction is the same for every row either way).
+    For a bounded number of rows (a contract's rules, an output's columns), not for data rows.
+    No rows: ``executemany``'s own error, as before.
+    """
+    if not rows:
+        con.executemany(f"INSERT INTO {into} VALUES {row}", rows)
+        return
+    for start in range(0, len(rows), INSERT_VALUES_CHUNK):
+        chunk = rows[start : start + INSERT_VALUES_CHUNK]
+        con.execute(f"INSERT INTO {into} VALUES " + ", ".join([row] * len(chunk)), [v for r in chunk for v in r])
 
 
 def functions_stored(con: duckdb.DuckDBPyConnection) -> bool:

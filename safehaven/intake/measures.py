@@ -43,6 +43,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.sql import lit, q
+from safehaven.core.store import insert_values
 from safehaven.intake.contracts import Contract
 from safehaven.intake.rules import RuleCheck, raw_column
 from safehaven.publish.outputs import month_end, months_spanned
@@ -140,8 +141,10 @@ def store_measures(con: duckdb.DuckDBPyConnection, contract: Contract, measures:
         return
     batches = sorted({m.batch_id for m in measures})
     con.execute(f"DELETE FROM {MEASURES_TABLE} WHERE batch_id IN ({', '.join(lit(b) for b in batches)})")
-    con.executemany(
-        f"INSERT INTO {MEASURES_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+    insert_values(
+        con,
+        MEASURES_TABLE,
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
         [
             [
                 m.batch_id,

@@ -69,7 +69,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.sql import lit, q
-from safehaven.core.store import table_exists
+from safehaven.core.store import insert_values, table_exists
 from safehaven.intake import batch_seal
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES, RESTATEMENTS, ensure_tables, free_name
@@ -650,8 +650,10 @@ def _write(
                 ],
             )
             con.execute(f"DELETE FROM {RULE_RESULTS} WHERE batch_id = ?", [b.batch_id])
-            con.executemany(
-                f"INSERT INTO {RULE_RESULTS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            insert_values(
+                con,
+                RULE_RESULTS,
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     [
                         b.batch_id,

