@@ -466,34 +466,17 @@ def _secondary(
     suppressed cell, mark the smallest unsuppressed cell (non-zero first, ties by cell
     order). Each pass that changes nothing ends the loop; each pass that changes something
     suppresses at least one more cell, so the loop ends within (number of cells) passes.
-
-    An UPDATE reads only its own column's suppression marks besides columns the loop never
-    changes, and is deterministic (ties broken by cell), so one that changed nothing is not
-    run again until some UPDATE of the same column has changed a mark since: on the same
-    marks it would change nothing again. The passes, their order and the cells marked are
-    those of running every UPDATE (a night at 300 patients skips 6 of 58).
     """
     limit = _scalar(con, f"SELECT count(*) FROM {work}") + 1
-    #: per suppression column: how many of its UPDATEs have changed a mark so far
-    version = {s_col: 0 for _, s_col in columns}
-    #: (column, margin) -> the column's version when that UPDATE last changed nothing
-    settled: dict[tuple[str, str, int], int] = {}
     for passes in range(1, limit + 1):
         changed = 0
         for n_col, s_col in columns:
-            for index, key in enumerate(groups):
-                if settled.get((n_col, s_col, index)) == version[s_col]:
-                    continue  # the same marks it last left unchanged (docstring)
+            for key in groups:
                 partners = _lonely_partners(work, key, n_col, s_col)
                 row = con.execute(
                     f"UPDATE {work} SET {s_col} = '{SECONDARY}' WHERE __sdc_cell IN ({partners})"
                 ).fetchone()
-                marked = int(row[0]) if row else 0
-                if marked:
-                    version[s_col] += 1
-                else:
-                    settled[(n_col, s_col, index)] = version[s_col]
-                changed += marked
+                changed += int(row[0]) if row else 0
         if not changed:
             return passes
     raise AssertionError("secondary suppression did not reach a fixed point")  # unreachable
