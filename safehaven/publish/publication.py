@@ -208,63 +208,41 @@ def _column_problems(output: Output, columns: list[str], registry: ContractRegis
 
 
 def _value_checks(col: str, dtype: str) -> tuple[list[tuple[str, str]], str | None]:
-    """The value checks of one column, as (finding, SQL condition on one value) pairs, and a
-    problem with the column itself."""
+    """The value checks of one column, as (finding, SQL count) pairs, and a problem with the column itself."""
     c = q(col)
     if dtype == "VARCHAR":
         leaders = ", ".join(lit(ch) for ch in FORMULA_LEADERS)
-        checks = [(label, f"regexp_matches({c}, {lit(p)})") for label, p in TEXT_PATTERNS.items()]
-        checks.append(("formula-leading text", f"left({c}, 1) IN ({leaders})"))
+        checks = [
+            (label, f"count(*) FILTER (WHERE regexp_matches({c}, {lit(p)}))") for label, p in TEXT_PATTERNS.items()
+        ]
+        checks.append(("formula-leading text", f"count(*) FILTER (WHERE left({c}, 1) IN ({leaders}))"))
         reason = col == REASON or col.endswith("_" + REASON)
         return checks, f"column {col!r} publishes the kind of suppression (must be boolean)" if reason else None
     if dtype in _INTEGER_TYPES or dtype.startswith("DECIMAL"):
-        return [("NHS-number-like (10-digit number)", f"abs({c}) BETWEEN 1000000000 AND 9999999999")], None
+        nhs_like = f"count(*) FILTER (WHERE abs({c}) BETWEEN 1000000000 AND 9999999999)"
+        return [("NHS-number-like (10-digit number)", nhs_like)], None
     if dtype == "DATE":
-        return [("day-precise date", f"day({c}) <> 1")], None
+        return [("day-precise date", f"count(*) FILTER (WHERE day({c}) <> 1)")], None
     if dtype.startswith("TIMESTAMP"):
-        return [("day-precise date", f"day({c}) <> 1 OR CAST({c} AS TIME) <> TIME '00:00:00'")], None
+        day = f"count(*) FILTER (WHERE day({c}) <> 1 OR CAST({c} AS TIME) <> TIME '00:00:00')"
+        return [("day-precise date", day)], None
     if dtype not in _PLAIN_TYPES:
         return [], f"column {col!r} has type {dtype}, which is not a flat open-data type"
     return [], None
-
-
-def _value_counts_sql(table: str, checks: list[tuple[str, str, str]]) -> str:
-    """One query counting, for each check (column, finding, condition), the rows whose value in
-    the column meets the condition.
-
-    Each condition depends on its column's value alone, so it is tested once per distinct value
-    and weighted by that value's rows (the same counts as testing every row, a NULL value
-    included: its condition is NULL, so it counts nowhere, as in a row-wise FILTER). An output's
-    text columns hold a few dozen distinct values over thousands of rows, and the patterns are
-    regular expressions: testing values, not rows, makes the guard several times cheaper.
-    """
-    columns = list(dict.fromkeys(col for col, _, _ in checks))
-    ctes = []
-    for i, col in enumerate(columns):
-        rows = "__guard_rows" if col != "__guard_rows" else "__guard_rows_"
-        ctes.append(f"__guard_values_{i} AS (SELECT {q(col)}, count(*) AS {rows} FROM {table} GROUP BY {q(col)})")
-    counts = []
-    for col, _, condition in checks:
-        i = columns.index(col)
-        rows = "__guard_rows" if col != "__guard_rows" else "__guard_rows_"
-        counts.append(
-            f"(SELECT CAST(coalesce(sum({rows}) FILTER (WHERE {condition}), 0) AS BIGINT) FROM __guard_values_{i})"
-        )
-    return f"WITH {', '.join(ctes)} SELECT {', '.join(counts)}"
 
 
 def guard_table(con: duckdb.DuckDBPyConnection, table: str, output: Output, registry: ContractRegistry) -> list[str]:
     """The publication guard on one table (see the module docstring); an empty list passes."""
     types = [(d[0], str(d[1])) for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description]
     problems = [f"{output.name}: {p}" for p in _column_problems(output, [c for c, _ in types], registry)]
-    checks: list[tuple[str, str, str]] = []  # (column, finding, SQL condition)
+    checks: list[tuple[str, str, str]] = []  # (column, finding, SQL count)
     for col, dtype in types:
         found, problem = _value_checks(col, dtype)
         checks += [(col, label, sql) for label, sql in found]
         if problem:
             problems.append(f"{output.name}: {problem}")
     if checks:
-        counts = con.execute(_value_counts_sql(table, checks)).fetchone()
+        counts = con.execute(f"SELECT {', '.join(sql for _, _, sql in checks)} FROM {table}").fetchone()
         for (col, label, _), n in zip(checks, counts or [], strict=True):
             if n:
                 problems.append(f"{output.name}: {n} value(s) in column {col!r} look like a {label}")
