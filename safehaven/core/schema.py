@@ -448,33 +448,18 @@ def _present(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[str]:
     return {name for (name,) in con.execute(sql, params).fetchall()}
 
 
-def _columns(con: duckdb.DuckDBPyConnection, tables: list[Table]) -> set[tuple[str, str]]:
-    """(table, column) of each of ``tables``, which are present as tables in the database in use.
-
-    One table (the common case: a step ensures the one table with migrations it writes) is read
-    from DuckDB's own lookup of it (``pragma_table_info``, a fifth of the cost of the
-    ``duckdb_columns()`` scan, which lists every column of every table; the names are the
-    same); several by one scan, so ensuring them all stays one query.
-    """
-    if len(tables) == 1:
-        name = tables[0].name
-        rows = con.execute(f"SELECT name FROM pragma_table_info('\"' || current_database() || '\".{name}')").fetchall()
-        return {(name, column) for (column,) in rows}
+def _migrate(con: duckdb.DuckDBPyConnection, tables: list[Table]) -> set[str]:
+    """Add the columns an older store's tables lack; returns the names of the tables changed."""
+    if not tables:
+        return set()
     marks = ", ".join("?" for _ in tables)
-    return set(
+    have = set(
         con.execute(
             "SELECT schema_name || '.' || table_name, column_name FROM duckdb_columns() "
             f"WHERE database_name = current_database() AND schema_name || '.' || table_name IN ({marks})",
             [t.name for t in tables],
         ).fetchall()
     )
-
-
-def _migrate(con: duckdb.DuckDBPyConnection, tables: list[Table]) -> set[str]:
-    """Add the columns an older store's tables lack; returns the names of the tables changed."""
-    if not tables:
-        return set()
-    have = _columns(con, tables)
     changed: set[str] = set()
     for table in tables:
         for column in table.added:
