@@ -22,6 +22,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
@@ -29,9 +30,10 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect.pseudonymise import install_key
 from safehaven.share import approvals, review
 from safehaven.share.releases import MANIFEST, PREPARED, SKIPPED, UNCHANGED, prepare
-from tests.conftest import leaked_nhs_numbers
+from tests.conftest import TEST_PASSPHRASE, leaked_nhs_numbers, with_vault_keys
 from tests.governance_helpers import (
     BASE,
     NHS,
@@ -81,12 +83,29 @@ class Haven:
         return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small haven built once for the module (``small_haven``; ``haven/`` with its keys and
+    ``data_contracts/`` with no agreement), closed; never change it, copy it (``haven``)."""
+    root = tmp_path_factory.mktemp("small_haven")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        home = with_vault_keys(Home(root / "haven").ensure())
+        registry = ContractRegistry(contracts_root(root))
+        with Store(home).connect() as con:
+            small_haven(con, KeyRing(home.keys), registry)
+    return root
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    registry = ContractRegistry(contracts_root(tmp_path))
+def haven(home: Home, tmp_path: Path, template: Path) -> Iterator[Haven]:
+    """A copy of the module's small haven (its store travels with its keys) in the test's home."""
+    shutil.copytree(template / "haven", home.root, dirs_exist_ok=True)
+    registry = ContractRegistry(shutil.copytree(template / "data_contracts", tmp_path / "data_contracts"))
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        small_haven(con, keyring, registry)
+        install_key(con, "haven", keyring.get_or_create("haven").material)  # as small_haven does
         yield Haven(home, con, registry, keyring)
 
 
