@@ -22,7 +22,6 @@ from typing import Any
 import duckdb
 import pytest
 
-from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
@@ -30,10 +29,9 @@ from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
-from safehaven.protect.pseudonymise import install_key
 from safehaven.share import approvals, review
 from safehaven.share.releases import MANIFEST, PREPARED, SKIPPED, UNCHANGED, prepare
-from tests.conftest import TEST_PASSPHRASE, leaked_nhs_numbers, with_vault_keys
+from tests.conftest import leaked_nhs_numbers
 from tests.governance_helpers import (
     BASE,
     NHS,
@@ -41,11 +39,12 @@ from tests.governance_helpers import (
     adopt,
     agreement_data,
     approve_as,
-    contracts_root,
+    copy_small_haven,
+    install_haven_key,
     logged_in_as,
     login_of,
     renames_once,
-    small_haven,
+    small_haven_template,
     write_agreement,
 )
 
@@ -85,27 +84,18 @@ class Haven:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small haven built once for the module (``small_haven``; ``haven/`` with its keys and
-    ``data_contracts/`` with no agreement), closed; never change it, copy it (``haven``)."""
+    """The small haven every test starts from, built once for the module (``haven`` copies it)."""
     root = tmp_path_factory.mktemp("small_haven")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
-        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
-        home = with_vault_keys(Home(root / "haven").ensure())
-        registry = ContractRegistry(contracts_root(root))
-        with Store(home).connect() as con:
-            small_haven(con, KeyRing(home.keys), registry)
+    small_haven_template(root)
     return root
 
 
 @pytest.fixture
 def haven(home: Home, tmp_path: Path, template: Path) -> Iterator[Haven]:
-    """A copy of the module's small haven (its store travels with its keys) in the test's home."""
-    shutil.copytree(template / "haven", home.root, dirs_exist_ok=True)
-    registry = ContractRegistry(shutil.copytree(template / "data_contracts", tmp_path / "data_contracts"))
+    registry = copy_small_haven(template, home, tmp_path)
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        install_key(con, "haven", keyring.get_or_create("haven").material)  # as small_haven does
+        install_haven_key(con, keyring)
         yield Haven(home, con, registry, keyring)
 
 
