@@ -28,7 +28,7 @@ from tests.forkserver import ForkServer
 TEST_PASSPHRASE = "correct horse battery staple (tests)"
 #: A cheaper scrypt work factor for keys sealed in tests; production seals with keys.SCRYPT_N
 #: (the factor is stored in each sealed file, so opening is unchanged).
-TEST_SCRYPT_N = 2**14
+TEST_SCRYPT_N = 2**10
 
 
 def test_custodian(passphrase: str = TEST_PASSPHRASE) -> Custodian:

@@ -220,6 +220,36 @@ def small_haven(con: duckdb.DuckDBPyConnection, keyring: KeyRing, registry: Cont
     return pids
 
 
+def small_haven_template(root: Path) -> dict[str, str]:
+    """``small_haven`` built once under ``root`` for a module's tests to copy (``copy_small_haven``):
+    ``root/haven`` (a haven home with the vault's keys) and ``root/data_contracts``
+    (``contracts_root``: no agreement), closed; never change it. Returns NHS number -> pid."""
+    import pytest
+
+    from safehaven.cli.common import PASSPHRASE_ENV
+    from tests.conftest import TEST_PASSPHRASE, with_vault_keys
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        home = with_vault_keys(Home(root / "haven").ensure())
+        with Store(home).connect() as con:
+            return small_haven(con, KeyRing(home.keys), ContractRegistry(contracts_root(root)))
+
+
+def copy_small_haven(template: Path, home: Home, root: Path) -> ContractRegistry:
+    """A copy of ``small_haven_template``'s haven in ``home`` (the store travels with its keys) and
+    of its contracts under ``root``; returns their registry. A connection to the copy needs
+    ``install_haven_key`` as ``small_haven``'s own connection had it."""
+    shutil.copytree(template / "haven", home.root, dirs_exist_ok=True)
+    return ContractRegistry(shutil.copytree(template / "data_contracts", root / "data_contracts"))
+
+
+def install_haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> None:
+    """The haven key on ``con``, as ``small_haven`` installs it on its connection."""
+    install_key(con, "haven", keyring.get_or_create("haven").material)
+
+
 #: two output checkers, neither of them the operator of the run (the OS user), and the custodian
 REVIEWERS = ("R. One, Output checker", "R. Two, Output checker")
 CUSTODIAN = "V. Keeper, vault custodian"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven as Context
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
@@ -25,8 +27,10 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.intake.validation import ValidationReport, validate_collection
 from safehaven.protect import feed, register_seal
+from safehaven.protect.pseudonymise import install_key
 from safehaven.protect.register_seal import register_and_seal
 from safehaven.share.releases import ReleaseRefused
+from tests.conftest import TEST_PASSPHRASE, with_vault_keys
 from tests.governance_helpers import (
     BASE,
     NHS,
@@ -130,9 +134,36 @@ class Haven:
         return {r[0] for r in rows.fetchall()}
 
 
+@dataclass(frozen=True)
+class Template:
+    """A small haven built once (``small_haven_template``), copied into a test's home by ``open_haven``."""
+
+    root: Path
+    pids: dict[str, str]
+
+
+def small_haven_template(root: Path) -> Template:
+    """The small haven ``open_haven`` builds, built once under ``root`` (``haven/`` with its keys,
+    ``data_contracts/`` with the test agreement) and closed; never change it, copy it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        with open_haven(with_vault_keys(Home(root / "haven").ensure()), root) as haven:
+            return Template(root, dict(haven.pids))
+
+
 @contextmanager
-def open_haven(home: Home, root: Path) -> Iterator[Haven]:
-    """A small haven in ``home`` with the test agreement written under ``root``."""
+def open_haven(home: Home, root: Path, template: Template | None = None) -> Iterator[Haven]:
+    """A small haven in ``home`` with the test agreement written under ``root``; with ``template``,
+    a copy of that haven (its store travels with its keys) instead of one built here."""
+    if template is not None:
+        shutil.copytree(template.root / "haven", home.root, dirs_exist_ok=True)
+        registry = ContractRegistry(shutil.copytree(template.root / "data_contracts", root / "data_contracts"))
+        keyring = KeyRing(home.keys)
+        with Store(home).connect() as con:
+            install_key(con, "haven", keyring.get_or_create("haven").material)  # as small_haven does
+            yield Haven(home, con, registry, keyring, dict(template.pids))
+        return
     registry = ContractRegistry(contracts_root(root))
     keyring = KeyRing(home.keys)
     write_agreement(

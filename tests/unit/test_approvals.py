@@ -38,7 +38,9 @@ from tests.governance_helpers import (
     adopt,
     agreement_data,
     contracts_root,
-    small_haven,
+    copy_small_haven,
+    install_haven_key,
+    small_haven_template,
     write_agreement,
 )
 
@@ -59,12 +61,20 @@ class Haven:
         return prepare(self.con, agreement_id, haven=context)
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small haven every test starts from, built once for the module (``haven`` copies it)."""
+    root = tmp_path_factory.mktemp("small_haven")
+    small_haven_template(root)
+    return root
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    registry = ContractRegistry(contracts_root(tmp_path))
+def haven(home: Home, tmp_path: Path, template: Path) -> Iterator[Haven]:
+    registry = copy_small_haven(template, home, tmp_path)
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        small_haven(con, keyring, registry)
+        install_haven_key(con, keyring)
         yield Haven(home, con, registry, keyring)
 
 

@@ -54,15 +54,23 @@ from tests.unit.feed_helpers import (
     FUTURE,
     TODAY,
     Haven,
+    Template,
     open_haven,
     opt_out,
     refused,
+    small_haven_template,
 )
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """The small haven every test starts from, built once for the module (``open_haven`` copies it)."""
+    return small_haven_template(tmp_path_factory.mktemp("small_haven"))
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    with open_haven(home, tmp_path) as opened:
+def haven(home: Home, tmp_path: Path, template: Template) -> Iterator[Haven]:
+    with open_haven(home, tmp_path, template) as opened:
         yield opened
 
 
@@ -382,12 +390,12 @@ def _render(nhs: str, seps: list[str]) -> str:
     ),
     excel=st.booleans(),
 )
-def test_no_objector_leaves_whatever_the_feed(tmp_path: Path, people, excel: bool) -> None:
+def test_no_objector_leaves_whatever_the_feed(tmp_path: Path, people, excel: bool, template: Template) -> None:
     """Any formatting and any mix of good and bad rows: no objector with a valid row is released,
     and while a bad row is unresolved nothing record-level is released at all. Each example
-    starts from its own new haven, so no example depends on what an earlier one left."""
+    starts from its own new haven (a copy of the module's), so no example depends on what an earlier one left."""
     root = Path(tempfile.mkdtemp(dir=tmp_path))
-    with open_haven(with_vault_keys(Home(root / "haven").ensure()), root) as haven:
+    with open_haven(with_vault_keys(Home(root / "haven").ensure()), root, template) as haven:
         _objectors_are_withheld(haven, people, excel)
 
 
@@ -544,7 +552,7 @@ def test_a_refused_objections_batch_is_a_fault_even_without_its_reason_file(tmp_
 
 
 def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed_broke(
-    home: Home, tmp_path: Path
+    home: Home, tmp_path: Path, template: Template
 ) -> None:
     """A request's files were filtered against the register as it stood when it was prepared:
     delivery is refused (audited) once a person in it has opted out since, and while the feed is
@@ -555,7 +563,7 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
     from safehaven.share.review import ReviewError
     from tests.governance_helpers import adopt, approve_release
 
-    with open_haven(home, tmp_path) as h:
+    with open_haven(home, tmp_path, template) as h:
         adopt(h.con, h.registry, h.agreement)
         res = prepare(h.con, h.agreement, haven=Context.open(h.home, contracts=h.registry, keyring=h.keyring))
         assert res.status == PREPARED
@@ -575,7 +583,7 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
 
 
 def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_registered_since(
-    home: Home, tmp_path: Path
+    home: Home, tmp_path: Path, template: Template
 ) -> None:
     """A type 1 objection registered after a request was prepared: its files may hold that person's
     GP records, so delivery is refused (audited) whatever the basis; a type 1 objector known when it
@@ -587,7 +595,7 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_reg
     def type1(i: int) -> list[str]:
         return [NHS[i], "type1", "2024-03-01", "", "A81001"]
 
-    with open_haven(home, tmp_path) as h:
+    with open_haven(home, tmp_path, template) as h:
         h.drop("type1_d1.csv", [type1(32)])
         assert h.run()
         adopt(h.con, h.registry, h.agreement)
@@ -632,7 +640,7 @@ def test_delivery_holds_the_register_to_the_window_the_request_was_prepared_unde
 
 
 def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_level_releases(
-    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template: Template
 ) -> None:
     """The haven's user may read the sender's upload folder but not write it: a refused objections
     file then stays in incoming/. Its reason file is still written (marked as left there), so the
@@ -642,7 +650,7 @@ def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_leve
     def refused_move(path: Path, dest: Path) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    with open_haven(home, tmp_path) as h:
+    with open_haven(home, tmp_path, template) as h:
         folder = h.home.incoming_for("objections")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "optouts.csv").write_text("sep=,\r\n" + ",".join(COLUMNS) + "\r\n" + ",".join(opt_out(32)) + "\r\n")
@@ -653,13 +661,15 @@ def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_leve
         assert any("optouts.csv" in p and "file.header.excel_sep" in p for p in problems), problems
 
 
-def test_two_statements_sent_in_one_night_take_effect_in_the_order_they_arrived(home: Home, tmp_path: Path) -> None:
+def test_two_statements_sent_in_one_night_take_effect_in_the_order_they_arrived(
+    home: Home, tmp_path: Path, template: Template
+) -> None:
     """Two objections files in one night: the withdrawal arrives first, then the sender's file in
     which the objection stands. Files land in arrival order, not name order, so the later
     statement is the one in force and the objector is not released."""
     import time
 
-    with open_haven(home, tmp_path) as h:
+    with open_haven(home, tmp_path, template) as h:
         h.drop("optouts_d1.csv", [opt_out(21)])
         assert h.run()
         h.drop("z_0100.csv", [[NHS[21], "national_opt_out", "2024-03-01", "2024-06-01", ""]])
@@ -688,7 +698,9 @@ def test_a_decision_by_file_name_never_clears_a_second_fault_of_that_name_unseen
     assert feed.unresolved(haven.con) == []
 
 
-def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(home: Home, tmp_path: Path) -> None:
+def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(
+    home: Home, tmp_path: Path, template: Template
+) -> None:
     """The delivery guard skips only a request whose stored decision says the opt-out does not
     apply: one whose decision is gone (emptied in the store) is checked, and refused once a
     member has opted out (fail closed)."""
@@ -696,7 +708,7 @@ def test_a_request_whose_opt_out_decision_is_lost_is_checked_as_if_it_applied(ho
     from safehaven.share.review import ReviewError
     from tests.governance_helpers import adopt, approve_release
 
-    with open_haven(home, tmp_path) as h:
+    with open_haven(home, tmp_path, template) as h:
         adopt(h.con, h.registry, h.agreement)
         res = prepare(h.con, h.agreement, haven=Context.open(h.home, contracts=h.registry, keyring=h.keyring))
         assert res.status == PREPARED
@@ -1593,7 +1605,7 @@ def test_a_store_made_before_stale_withdrawals_were_held_still_checks_its_regist
 
 
 def test_a_delivery_stopped_after_its_register_row_still_checks_objections_registered_since(
-    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template: Template
 ) -> None:
     """Registration moves a request's members to the release's; the checks of a delivery finished
     after a stop read them there, so a type 1 objection registered between the stop and the next
@@ -1603,7 +1615,7 @@ def test_a_delivery_stopped_after_its_register_row_still_checks_objections_regis
     from tests.governance_helpers import REVIEWERS, approve_as
 
     type1 = lambda i: [NHS[i], "type1", "2024-03-01", "", "A81001"]  # noqa: E731
-    with open_haven(home, tmp_path) as h:
+    with open_haven(home, tmp_path, template) as h:
         h.drop("type1_d1.csv", [type1(32)])
         assert h.run()
         adopt(h.con, h.registry, h.agreement)
@@ -1633,9 +1645,9 @@ def _stopped(*_args: object, **_kwargs: object) -> None:
 
 
 @pytest.fixture
-def controlled_haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
+def controlled_haven(home: Home, tmp_path: Path, template: Template) -> Iterator[Haven]:
     """A haven whose objections contract asks for a control file with each file (``control: manifest``)."""
-    with open_haven(home, tmp_path) as opened:
+    with open_haven(home, tmp_path, template) as opened:
         c = opened.registry.objections()
         opened.registry.contracts[c.collection] = c.model_copy(update={"control": "manifest"})
         yield opened

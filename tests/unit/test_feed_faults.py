@@ -24,15 +24,31 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.protect import feed
 from tests.governance_helpers import NHS
-from tests.unit.feed_helpers import COLUMNS, FUTURE, TODAY, Haven, open_haven, opt_out, refused
+from tests.unit.feed_helpers import (
+    COLUMNS,
+    FUTURE,
+    TODAY,
+    Haven,
+    Template,
+    open_haven,
+    opt_out,
+    refused,
+    small_haven_template,
+)
 
 #: a Windows-1252 byte in an otherwise valid objections file: refused whole (``file.encoding``)
 UNREADABLE = (",".join(COLUMNS) + f"\n{NHS[30]},national_opt_out,2024-03-01,,\n# caf\xe9\n").encode("latin-1")
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """The small haven every test starts from, built once for the module (``open_haven`` copies it)."""
+    return small_haven_template(tmp_path_factory.mktemp("small_haven"))
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    with open_haven(home, tmp_path) as opened:
+def haven(home: Home, tmp_path: Path, template: Template) -> Iterator[Haven]:
+    with open_haven(home, tmp_path, template) as opened:
         yield opened
 
 

@@ -24,7 +24,15 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import objections
 from safehaven.share import release_inputs, releases, review
 from safehaven.share.releases import PREPARED, UNCHANGED, ReleaseRefused, prepare
-from tests.governance_helpers import NHS, adopt, agreement_data, contracts_root, small_haven, write_agreement
+from tests.governance_helpers import (
+    NHS,
+    adopt,
+    agreement_data,
+    copy_small_haven,
+    install_haven_key,
+    small_haven_template,
+    write_agreement,
+)
 
 TODAY = date.today()
 
@@ -42,12 +50,22 @@ class Haven:
         return prepare(self.con, "test-linked", haven=context)
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The small haven every test starts from, built once for the module (``haven`` copies it),
+    and its NHS number -> pid."""
+    root = tmp_path_factory.mktemp("small_haven")
+    return root, small_haven_template(root)
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    registry = ContractRegistry(contracts_root(tmp_path))
+def haven(home: Home, tmp_path: Path, template: tuple[Path, dict[str, str]]) -> Iterator[Haven]:
+    root, pids = template
+    registry = copy_small_haven(root, home, tmp_path)
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        pids = small_haven(con, keyring, registry)
+        install_haven_key(con, keyring)
+        pids = dict(pids)
         write_agreement(registry.root, agreement_data())
         adopt(con, registry, "test-linked")
         yield Haven(home, con, registry, keyring, pids)

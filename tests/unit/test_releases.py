@@ -43,10 +43,11 @@ from tests.governance_helpers import (
     WITHDRAWN,
     adopt,
     agreement_data,
-    contracts_root,
+    copy_small_haven,
+    install_haven_key,
     prepare_and_release,
     record_unchecked_decision,
-    small_haven,
+    small_haven_template,
     write_agreement,
 )
 
@@ -84,13 +85,22 @@ class Haven:
         return duckdb.sql(f"SELECT * FROM '{path}'")
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The small haven every test starts from, built once for the module (``haven`` copies it),
+    and its NHS number -> pid."""
+    root = tmp_path_factory.mktemp("small_haven")
+    return root, small_haven_template(root)
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    registry = ContractRegistry(contracts_root(tmp_path))
+def haven(home: Home, tmp_path: Path, template: tuple[Path, dict[str, str]]) -> Iterator[Haven]:
+    root, pids = template
+    registry = copy_small_haven(root, home, tmp_path)
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        pids = small_haven(con, keyring, registry)
-        yield Haven(home, con, registry, keyring, pids)
+        install_haven_key(con, keyring)
+        yield Haven(home, con, registry, keyring, dict(pids))
 
 
 def _files(result) -> dict[str, Path]:

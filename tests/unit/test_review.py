@@ -39,11 +39,12 @@ from tests.governance_helpers import (
     adopt,
     agreement_data,
     approve_as,
-    contracts_root,
+    copy_small_haven,
+    install_haven_key,
     logged_in_as,
     login_of,
     renames_once,
-    small_haven,
+    small_haven_template,
     write_agreement,
 )
 
@@ -81,12 +82,20 @@ class Haven:
         return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small haven every test starts from, built once for the module (``haven`` copies it)."""
+    root = tmp_path_factory.mktemp("small_haven")
+    small_haven_template(root)
+    return root
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    registry = ContractRegistry(contracts_root(tmp_path))
+def haven(home: Home, tmp_path: Path, template: Path) -> Iterator[Haven]:
+    registry = copy_small_haven(template, home, tmp_path)
     keyring = KeyRing(home.keys)
     with Store(home).connect() as con:
-        small_haven(con, keyring, registry)
+        install_haven_key(con, keyring)
         yield Haven(home, con, registry, keyring)
 
 

@@ -26,7 +26,7 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import EVENTS, objectors_sql
 from tests.governance_helpers import NHS
-from tests.unit.feed_helpers import TODAY, Haven, open_haven, opt_out, refused
+from tests.unit.feed_helpers import TODAY, Haven, Template, open_haven, opt_out, refused, small_haven_template
 
 MASK = (1 << 64) - 1
 #: the multiplier of DuckDB's MurmurHash64 finaliser, and its inverse modulo 2**64
@@ -35,9 +35,15 @@ K_INV = pow(K, -1, 1 << 64)
 YESTERDAY = (TODAY - timedelta(days=1)).isoformat()
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """The small haven every test starts from, built once for the module (``open_haven`` copies it)."""
+    return small_haven_template(tmp_path_factory.mktemp("small_haven"))
+
+
 @pytest.fixture
-def haven(home: Home, tmp_path: Path) -> Iterator[Haven]:
-    with open_haven(home, tmp_path) as opened:
+def haven(home: Home, tmp_path: Path, template: Template) -> Iterator[Haven]:
+    with open_haven(home, tmp_path, template) as opened:
         yield opened
 
 
@@ -226,12 +232,14 @@ def test_rows_with_no_batch_id_are_named_with_what_clears_them(haven: Haven) -> 
         batch_seal.accept(haven.con, "objections", batch_seal.NO_BATCH, haven.home, by="Dr G", reason="x")
 
 
-def test_the_faults_listing_says_when_the_seals_cannot_be_checked(home: Home, tmp_path: Path) -> None:
+def test_the_faults_listing_says_when_the_seals_cannot_be_checked(
+    home: Home, tmp_path: Path, template: Template
+) -> None:
     from click.testing import CliRunner
 
     from safehaven.cli.main import main
 
-    with open_haven(home, tmp_path) as haven:
+    with open_haven(home, tmp_path, template) as haven:
         haven.drop("night0.csv", [opt_out(10)])
         haven.run()
     (home.keys / "audit.key").rename(tmp_path / "audit.key.away")  # not yet restored by its custodian

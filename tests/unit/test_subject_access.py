@@ -9,6 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven
 from safehaven.core import audit, schema
 from safehaven.core.home import Home
@@ -17,7 +18,7 @@ from safehaven.core.store import Store
 from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share.subject_access import SubjectAccessDenied, subject_access
-from tests.conftest import custodian_ring
+from tests.conftest import TEST_PASSPHRASE, custodian_ring, with_vault_keys
 from tests.governance_helpers import (
     NHS,
     OPTED_OUT,
@@ -25,6 +26,8 @@ from tests.governance_helpers import (
     adopt,
     agreement_data,
     contracts_root,
+    copy_small_haven,
+    install_haven_key,
     prepare_and_release,
     small_haven,
     write_agreement,
@@ -48,17 +51,34 @@ def _lead(home: Home, registry: ContractRegistry) -> Haven:
     return Haven.open(home, contracts=registry, keyring=custodian_ring(home))
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The haven every test starts from, built once for the module (``setting`` copies it): the
+    small haven with both agreements adopted and released once each; never change it."""
+    root = tmp_path_factory.mktemp("subject_access")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root / "haven"))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        home = with_vault_keys(Home(root / "haven").ensure())
+        registry = ContractRegistry(contracts_root(root))
+        keyring = KeyRing(home.keys)
+        write_agreement(registry.root, agreement_data())
+        write_agreement(registry.root, agreement_data(**GP_ONLY))
+        with Store(home).connect() as con:
+            small_haven(con, keyring, registry)
+            adopt(con, registry)  # the governance lead adopts both agreements' approvals
+            for aid in ("test-linked", "gp-audit"):
+                prepare_and_release(con, aid, haven=_lead(home, registry))
+    return root
+
+
 @pytest.fixture
-def setting(home: Home, tmp_path: Path) -> Iterator[tuple[duckdb.DuckDBPyConnection, Home, ContractRegistry]]:
-    registry = ContractRegistry(contracts_root(tmp_path))
-    keyring = KeyRing(home.keys)
-    write_agreement(registry.root, agreement_data())
-    write_agreement(registry.root, agreement_data(**GP_ONLY))
+def setting(
+    home: Home, tmp_path: Path, template: Path
+) -> Iterator[tuple[duckdb.DuckDBPyConnection, Home, ContractRegistry]]:
+    registry = copy_small_haven(template, home, tmp_path)
     with Store(home).connect() as con:
-        small_haven(con, keyring, registry)
-        adopt(con, registry)  # the governance lead adopts both agreements' approvals
-        for aid in ("test-linked", "gp-audit"):
-            prepare_and_release(con, aid, haven=_lead(home, registry))
+        install_haven_key(con, KeyRing(home.keys))  # as small_haven does
         yield con, home, registry
 
 

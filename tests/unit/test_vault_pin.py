@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven
 from safehaven.core import audit, pins
 from safehaven.core.home import Home
@@ -19,7 +20,7 @@ from safehaven.core.keys import VAULT, KeyRing, KeyRingError, key_id, x25519_pri
 from safehaven.core.store import Store, table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import custody, rotation, vault
-from tests.conftest import custodian_ring, test_custodian
+from tests.conftest import TEST_PASSPHRASE, copy_haven, custodian_ring, test_custodian, with_vault_keys
 from tests.unit.populate import drop, populated, process
 
 PATIENTS = 60
@@ -79,53 +80,89 @@ def _refused_and_nothing_wrapped(home: Home, theirs: str, match: str) -> None:
     assert theirs not in _wrapped_to(home), "nothing is wrapped to the substituted key"
 
 
+def _init_vault(root: Path) -> Home:
+    """A haven set up as the key custodian does it: ``safehaven keys init-vault`` (audited ``key.create``)."""
+    home = Home(root).ensure()
+    custody.init_vault(home, KeyRing(home.keys, test_custodian()), actor="custodian")
+    return home
+
+
 @pytest.fixture
 def created_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Home:
     """A haven set up as the key custodian does it: ``safehaven keys init-vault`` (audited ``key.create``)."""
-    home = Home(tmp_path / "created" / "haven").ensure()
-    monkeypatch.setenv("SAFEHAVEN_HOME", str(home.root))
-    custody.init_vault(home, KeyRing(home.keys, test_custodian()), actor="custodian")
-    return home
+    root = tmp_path / "created" / "haven"
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(root))
+    return _init_vault(root)
+
+
+@pytest.fixture(scope="module")
+def populated_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Havens built once for the module, to be copied (``copy_haven``), never changed: ``populated``
+    with ``PATIENTS`` after ``init-vault`` (``created_home``: ``key.create`` on record) or after
+    ``KeyRing.create_keypair`` (``home``: a pair never audited, adopted by the first night)."""
+    templates: dict[str, Path] = {}
+    for setup in ("created_home", "home"):
+        root = tmp_path_factory.mktemp(f"populated-{setup}") / "haven"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SAFEHAVEN_HOME", str(root))
+            mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+            made = _init_vault(root) if setup == "created_home" else with_vault_keys(Home(root).ensure())
+            populated(made, patients=PATIENTS)
+        templates[setup] = root
+    return templates
+
+
+@pytest.fixture
+def populated_created_home(created_home: Home, populated_templates: dict[str, Path]) -> Home:
+    """``created_home`` as ``populated(created_home, patients=PATIENTS)`` leaves it (a copy)."""
+    return copy_haven(populated_templates["created_home"], created_home)
+
+
+@pytest.fixture
+def populated_home(home: Home, populated_templates: dict[str, Path]) -> Home:
+    """``home`` as ``populated(home, patients=PATIENTS)`` leaves it (a copy)."""
+    return copy_haven(populated_templates["home"], home)
 
 
 # --- the attack ------------------------------------------------------------------------------
 
 
-def test_a_vault_key_substituted_with_its_records_is_refused_naming_the_trails_key(created_home: Home) -> None:
-    populated(created_home, patients=PATIENTS)
-    expected = KeyRing(created_home.keys).current_id(VAULT)
-    assert _vault_key_entries(created_home) == [("key.create", {"key_id": expected})]
-    theirs = _substitute(created_home)
+def test_a_vault_key_substituted_with_its_records_is_refused_naming_the_trails_key(
+    populated_created_home: Home,
+) -> None:
+    expected = KeyRing(populated_created_home.keys).current_id(VAULT)
+    assert _vault_key_entries(populated_created_home) == [("key.create", {"key_id": expected})]
+    theirs = _substitute(populated_created_home)
     _refused_and_nothing_wrapped(
-        created_home,
+        populated_created_home,
         theirs,
         f"holds vault key {theirs}, but the audit trail records vault key {expected}.*custodian's backup",
     )
 
 
 def test_a_vault_key_substituted_as_a_rotation_is_not_recorded_by_resume_and_stays_refused(
-    created_home: Home,
+    populated_created_home: Home,
 ) -> None:
     """The insider dresses the substitution up as a rotation (``keyring.json`` retiring the real key
     for theirs, the store's vault epoch retired and a new one started with the store key) and runs
     ``safehaven keys rotate --resume``, which needs no passphrase: no ``key.rotate`` is recorded for
     it (the vault key is never recorded late), and vault writes stay refused."""
-    populated(created_home, patients=PATIENTS)
-    real = KeyRing(created_home.keys).current_id(VAULT)
-    theirs = _substitute(created_home, as_rotation=True)
-    assert theirs != real and real in KeyRing(created_home.keys).retired_ids(VAULT)
-    rotation.resume(_haven(created_home))
-    assert [kid for action, d in _vault_key_entries(created_home) for kid in (d.get("new_key_id"),) if kid] == []
-    _refused_and_nothing_wrapped(created_home, theirs, "audit trail records vault key")
+    real = KeyRing(populated_created_home.keys).current_id(VAULT)
+    theirs = _substitute(populated_created_home, as_rotation=True)
+    assert theirs != real and real in KeyRing(populated_created_home.keys).retired_ids(VAULT)
+    rotation.resume(_haven(populated_created_home))
+    assert [
+        kid for action, d in _vault_key_entries(populated_created_home) for kid in (d.get("new_key_id"),) if kid
+    ] == []
+    _refused_and_nothing_wrapped(populated_created_home, theirs, "audit trail records vault key")
 
 
-def test_an_adopted_vault_key_cannot_be_substituted_either(home: Home) -> None:
+def test_an_adopted_vault_key_cannot_be_substituted_either(populated_home: Home) -> None:
     """A pair never audited (made by ``KeyRing.create_keypair``) is adopted at the first night, then pinned."""
-    populated(home, patients=PATIENTS)
-    expected = KeyRing(home.keys).current_id(VAULT)
-    assert _vault_key_entries(home) == [("key.adopt", {"key_id": expected})]
-    theirs = _substitute(home)
-    _refused_and_nothing_wrapped(home, theirs, f"audit trail records vault key {expected}")
+    expected = KeyRing(populated_home.keys).current_id(VAULT)
+    assert _vault_key_entries(populated_home) == [("key.adopt", {"key_id": expected})]
+    theirs = _substitute(populated_home)
+    _refused_and_nothing_wrapped(populated_home, theirs, f"audit trail records vault key {expected}")
 
 
 def test_a_vault_with_entries_and_no_key_on_record_is_refused(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,17 +176,16 @@ def test_a_vault_with_entries_and_no_key_on_record_is_refused(home: Home, monkey
     assert _vault_key_entries(home) == [], "the substituted key was not adopted"
 
 
-def test_a_vault_key_entry_forged_with_the_store_key_is_refused(created_home: Home) -> None:
-    populated(created_home, patients=PATIENTS)
-    theirs = _substitute(created_home)
-    with Store(created_home).connect() as con:  # a key.rotate entry naming their key, without the audit key
+def test_a_vault_key_entry_forged_with_the_store_key_is_refused(populated_created_home: Home) -> None:
+    theirs = _substitute(populated_created_home)
+    with Store(populated_created_home).connect() as con:  # a key.rotate entry naming their key, without the audit key
         con.execute(
             f"INSERT INTO {audit.TABLE} SELECT seq + 1, now(), 'custodian', 'key_custodian', 'key.rotate', "
             f"'key:vault', NULL, NULL, NULL, 'ok', ?, entry_hash, repeat('0', 64) FROM {audit.TABLE} "
             f"ORDER BY seq DESC LIMIT 1",
             [f'{{"new_key_id": "{theirs}"}}'],
         )
-    _refused_and_nothing_wrapped(created_home, theirs, "does not verify")
+    _refused_and_nothing_wrapped(populated_created_home, theirs, "does not verify")
 
 
 def test_a_key_record_hidden_with_the_store_key_before_the_first_night_is_not_replaced_by_adoption(
@@ -170,18 +206,17 @@ def test_a_key_record_hidden_with_the_store_key_before_the_first_night_is_not_re
     assert theirs
 
 
-def test_a_pair_staged_outside_a_rotation_is_installed_by_resume_but_never_used(created_home: Home) -> None:
+def test_a_pair_staged_outside_a_rotation_is_installed_by_resume_but_never_used(populated_created_home: Home) -> None:
     """``resume`` needs no passphrase: a pair staged with the insider's own, its id made the store's
     epoch, is installed as before, but the trail does not record it, so no vault write uses it."""
-    populated(created_home, patients=PATIENTS)
-    expected = KeyRing(created_home.keys).current_id(VAULT)
-    insider = KeyRing(created_home.keys, test_custodian("the insider's own passphrase"))
+    expected = KeyRing(populated_created_home.keys).current_id(VAULT)
+    insider = KeyRing(populated_created_home.keys, test_custodian("the insider's own passphrase"))
     theirs = insider.seal_keypair(VAULT, x25519_private(), stage=True).key_id
-    with Store(created_home).connect() as con:
+    with Store(populated_created_home).connect() as con:
         con.execute("UPDATE governance.key_epochs SET key_id = ? WHERE purpose = 'vault'", [theirs])
-    rotation.resume(Haven.open(created_home, contracts=ContractRegistry(), actor="insider"))
-    assert KeyRing(created_home.keys).current_id(VAULT) == theirs
-    _refused_and_nothing_wrapped(created_home, theirs, f"audit trail records vault key {expected}")
+    rotation.resume(Haven.open(populated_created_home, contracts=ContractRegistry(), actor="insider"))
+    assert KeyRing(populated_created_home.keys).current_id(VAULT) == theirs
+    _refused_and_nothing_wrapped(populated_created_home, theirs, f"audit trail records vault key {expected}")
 
 
 # --- the legitimate paths --------------------------------------------------------------------
@@ -191,8 +226,7 @@ def test_a_pair_staged_outside_a_rotation_is_installed_by_resume_but_never_used(
 def test_a_fresh_haven_vaults_on_its_first_and_next_nights(setup: str, request: pytest.FixtureRequest) -> None:
     """Set up by ``init-vault`` (``key.create`` on record) or with a pair never audited (``home``:
     ``KeyRing.create_keypair``, adopted by the first night's ``key.adopt``); the next night vaults too."""
-    home: Home = request.getfixturevalue(setup)
-    populated(home, patients=PATIENTS)
+    home: Home = request.getfixturevalue(f"populated_{setup}")
     kid = KeyRing(home.keys).current_id(VAULT)
     first = _entries(home)
     drop(home, patients=30, seed=41)
@@ -203,23 +237,21 @@ def test_a_fresh_haven_vaults_on_its_first_and_next_nights(setup: str, request: 
     assert _vault_key_entries(home) == [(recorded, {"key_id": kid})], "recorded once, never adopted over a record"
 
 
-def test_a_night_after_a_vault_key_rotation_wraps_to_the_new_key(created_home: Home) -> None:
-    populated(created_home, patients=PATIENTS)
-    report = rotation.rotate(_haven(created_home), VAULT)
-    before = _entries(created_home)
-    drop(created_home, patients=30, seed=43)
-    process(created_home)
-    assert _entries(created_home) > before
-    assert set(_wrapped_to(created_home)) == {report.new_key_id}
-    actions = [(a, f.get("new_key_id")) for a, f in _vault_key_entries(created_home)]
+def test_a_night_after_a_vault_key_rotation_wraps_to_the_new_key(populated_created_home: Home) -> None:
+    report = rotation.rotate(_haven(populated_created_home), VAULT)
+    before = _entries(populated_created_home)
+    drop(populated_created_home, patients=30, seed=43)
+    process(populated_created_home)
+    assert _entries(populated_created_home) > before
+    assert set(_wrapped_to(populated_created_home)) == {report.new_key_id}
+    actions = [(a, f.get("new_key_id")) for a, f in _vault_key_entries(populated_created_home)]
     assert actions[-2:] == [("key.rotate.stage", report.new_key_id), ("key.rotate", report.new_key_id)]
 
 
 def test_a_resumed_vault_key_rotation_is_recorded_and_the_next_night_uses_its_key(
-    created_home: Home, monkeypatch: pytest.MonkeyPatch
+    populated_created_home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed after its commit, before its ``key.rotate`` entry: resume installs the pair and records it."""
-    populated(created_home, patients=PATIENTS)
     audit_step = rotation._audit
 
     def killed(con, home, actor, report, *, action=rotation.ROTATE_ACTION):  # noqa: ANN001, ANN202
@@ -230,17 +262,17 @@ def test_a_resumed_vault_key_rotation_is_recorded_and_the_next_night_uses_its_ke
     with monkeypatch.context() as m:
         m.setattr(rotation, "_audit", killed)
         with pytest.raises(SystemExit):
-            rotation.rotate(_haven(created_home), VAULT)
-    new = KeyRing(created_home.keys).staged_public_id(VAULT)
-    assert new and rotation.pending(KeyRing(created_home.keys))
-    drop(created_home, patients=30, seed=47)
+            rotation.rotate(_haven(populated_created_home), VAULT)
+    new = KeyRing(populated_created_home.keys).staged_public_id(VAULT)
+    assert new and rotation.pending(KeyRing(populated_created_home.keys))
+    drop(populated_created_home, patients=30, seed=47)
     with pytest.raises(KeyRingError, match="pending"):
-        process(created_home)
-    rotation.resume(Haven.open(created_home, contracts=ContractRegistry(), actor="custodian"))
-    assert KeyRing(created_home.keys).current_id(VAULT) == new
-    last = _vault_key_entries(created_home)[-1]
+        process(populated_created_home)
+    rotation.resume(Haven.open(populated_created_home, contracts=ContractRegistry(), actor="custodian"))
+    assert KeyRing(populated_created_home.keys).current_id(VAULT) == new
+    last = _vault_key_entries(populated_created_home)[-1]
     assert last[0] == "key.rotate" and last[1]["new_key_id"] == new and last[1]["resumed"] is True
-    before = _entries(created_home)
-    process(created_home)
-    assert _entries(created_home) > before
-    assert set(_wrapped_to(created_home)) == {new}
+    before = _entries(populated_created_home)
+    process(populated_created_home)
+    assert _entries(populated_created_home) > before
+    assert set(_wrapped_to(populated_created_home)) == {new}
