@@ -111,7 +111,7 @@ def test_a_writer_waits_for_a_reader_or_writer_in_another_process_and_succeeds(
 ) -> None:
     holder = _hold([HOLD, str(home.root), mode])
     started = time.monotonic()
-    _release_after(holder)
+    _release_after(holder, 2.0)  # held twice as long as asserted: a store giving up early fails
     with caplog.at_level(logging.WARNING, logger="safehaven.core.store"):
         with filled.connect() as con:
             con.execute("INSERT INTO landing.t VALUES (10)")
@@ -173,12 +173,15 @@ def test_a_step_that_finds_the_store_busy_past_its_wait_is_retried_by_dagster(st
     with store.connect():
         pass  # a new, empty store (its audit trail has nothing to verify)
     holders: list[subprocess.Popen] = []
+    first: list[float] = []
 
     @dg.asset
     def busy_store(context, haven: SafeHavenResource) -> int:  # noqa: ANN001 (Dagster reads the name)
         if context.retry_number == 0:  # another process takes the store during the first attempt
             holders.append(_hold([HOLD_EMPTY, str(home.root)]))
-        else:  # and has let it go by the retry
+            first.append(time.monotonic())
+        else:  # the retry came only after busy_retry_seconds; the holder has let it go by then
+            assert time.monotonic() - first[0] >= 0.3 + 0.5, "Dagster was asked to retry later, not at once"
             _release(holders[0]).wait(timeout=30)
         with haven.connect(read_only=True) as con:
             return con.execute("SELECT 10").fetchone()[0]
