@@ -206,12 +206,20 @@ def staged_requests(
     return [r[0] for r in rows]
 
 
-def staged_files(home: Home, release_ids: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every file (kind ``staged``) and directory of the staging areas of ``release_ids``."""
+def staged_files(
+    con: duckdb.DuckDBPyConnection | None, home: Home, release_ids: list[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every file (kind ``staged``) and directory of the staging areas of ``release_ids``, and of
+    the folder in ``releases/`` a stopped delivery of one of them moved its files into while it is
+    neither registered nor delivered (``review.undelivered_folder``): withdrawn by the disposal,
+    the request will never leave, so those files are shredded and certified with its staged ones,
+    as a person's withdrawal shreds them (CoP 27b)."""
     files: list[dict[str, Any]] = []
     dirs: list[str] = []
     for rid in release_ids:
-        found, subdirs = files_under(home, staging_dir(home, rid), "staged")
-        files += found
-        dirs += subdirs
+        undelivered = review.undelivered_folder(con, rid) if con is not None else None
+        for folder in (staging_dir(home, rid), *([undelivered] if undelivered is not None else [])):
+            found, subdirs = files_under(home, folder, "staged")
+            files += found
+            dirs += subdirs
     return files, dirs

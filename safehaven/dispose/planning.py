@@ -89,15 +89,19 @@ def _plan_releases(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Home
     registered = _registered_releases(con, aid)
     if registered and registered[-1][0] in t.releases:
         plan.release_tables = release_tables(con, aid)
-    _plan_staged(plan, home, staged_requests(con, agreement=aid, release_ids=t.releases))
+    _plan_staged(plan, con, home, staged_requests(con, agreement=aid, release_ids=t.releases))
 
 
-def _plan_staged(plan: Plan, home: Home, release_ids: list[str]) -> None:
-    """Requests still staged: withdrawn by the rows step, their staged files shredded by the files step."""
-    files, dirs = staged_files(home, release_ids)
+def _plan_staged(plan: Plan, con: duckdb.DuckDBPyConnection | None, home: Home, release_ids: list[str]) -> None:
+    """Requests still staged: withdrawn by the rows step, their staged files (and the files a
+    stopped delivery left in ``releases/``: ``found.staged_files``) shredded by the files step.
+    A file or folder the plan holds already (an agreement's whole ``releases/`` folder) is not
+    listed twice."""
+    files, dirs = staged_files(con, home, release_ids)
+    planned = {f["path"] for f in plan.files}
     plan.staged_requests += release_ids
-    plan.files += files
-    plan.dirs += dirs
+    plan.files += [f for f in files if f["path"] not in planned]
+    plan.dirs += [d for d in dirs if d not in plan.dirs]
 
 
 def _refuse_in_force(registry: ContractRegistry, aid: str, today: date, con: duckdb.DuckDBPyConnection | None) -> None:
@@ -147,7 +151,7 @@ def _plan_agreement(
     )
     plan.release_tables = release_tables(con, aid)
     plan.keys += _agreement_key(keyring, aid)
-    _plan_staged(plan, home, staged_requests(con, agreement=aid))
+    _plan_staged(plan, con, home, staged_requests(con, agreement=aid))
 
 
 def _content_contract(registry: ContractRegistry, collection: str) -> Contract:
@@ -257,7 +261,7 @@ def _plan_collection_releases(plan: Plan, con: duckdb.DuckDBPyConnection | None,
     if not accepted or con is None:
         return
     first = min(datetime.fromisoformat(b["landed_at"]) for b in accepted)
-    _plan_staged(plan, home, staged_requests(con, collection=plan.target.collection, since=first))
+    _plan_staged(plan, con, home, staged_requests(con, collection=plan.target.collection, since=first))
     if not table_exists(con, "governance", "release_register"):
         return
     releases = con.execute(

@@ -447,6 +447,12 @@ def _shred(con: duckdb.DuckDBPyConnection, req: Request) -> None:
         shred_tree(undelivered)
 
 
+def undelivered_folder(con: duckdb.DuckDBPyConnection, release_id: str) -> Path | None:
+    """The folder in ``releases/`` a stopped delivery of ``release_id`` left, neither registered nor
+    delivered (:func:`_undelivered_release`); None otherwise (for a disposal's plan)."""
+    return _undelivered_release(con, get(con, release_id))
+
+
 def _undelivered_release(con: duckdb.DuckDBPyConnection, req: Request) -> Path | None:
     """``releases/<agreement>/<release-id>/`` of the haven ``req`` was staged in (its staged folder
     is ``staging/releases/<release-id>/``: ``safehaven.share.releases.staging_dir``) when it exists

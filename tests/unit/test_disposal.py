@@ -54,6 +54,7 @@ from tests.governance_helpers import (
     approve_as,
     contracts_root,
     prepare_and_release,
+    renames_once,
     write_agreement,
 )
 from tests.unit.populate import process, write_csv
@@ -881,6 +882,39 @@ def test_disposing_of_a_collection_shreds_and_withdraws_the_requests_still_stage
         (cert["requested_by"], result.disposal_id)
     ]
     assert members == 0
+
+
+def test_disposing_of_a_collection_shreds_the_files_a_stopped_delivery_of_a_staged_request_left_in_releases(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery killed after its files moved into ``releases/`` and before its register row
+    leaves them there, neither registered nor delivered. Withdrawn by a person, the request's
+    withdrawal shreds them; withdrawn by a disposal of the collection, they were left in
+    ``releases/`` for the recipient, unrecorded (found by review). The disposal now plans,
+    shreds and certifies them with the request's staged files."""
+    req = _stage(world, approvals=1)
+    with Store(world.home).connect() as con:
+        monkeypatch.setattr(review, "_register", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
+        with pytest.raises((KeyboardInterrupt, OSError)):
+            approve_as(con, req.release_id, REVIEWERS[1], home=world.home, registry=world.context().contracts)
+        monkeypatch.undo()
+        assert review.get(con, req.release_id).state == review.APPROVED
+    moved = world.home.releases / STUDY / req.release_id
+    left = sorted(p for p in moved.iterdir() if p.is_file())
+    assert left and not req.staging_dir.exists()
+
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    plan = disposal.make_plan(world.context(), target)
+    assert plan.summary()["staged_requests"] == [req.release_id]
+    result = world.dispose(target)
+
+    assert not moved.exists()
+    cert = result.certificate
+    assert cert["staged_requests_withdrawn"] == [req.release_id]
+    certified = {f["path"] for f in cert["files"] if f["kind"] == "staged"}
+    assert {str(p.relative_to(world.home.root)) for p in left} <= certified
+    assert _withdrawn_by(world, req.release_id)[0].state == review.WITHDRAWN
 
 
 def test_disposing_of_an_agreement_shreds_and_withdraws_its_staged_requests_and_a_dry_run_lists_them(
