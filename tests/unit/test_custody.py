@@ -32,7 +32,7 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import custody, rotation, vault
 from safehaven.share import due, review
 from safehaven.share.releases import PREPARED, RELEASED, ReleaseRefused, prepare
-from tests.conftest import TEST_PASSPHRASE, custodian_ring, leaked_nhs_numbers
+from tests.conftest import TEST_PASSPHRASE, copy_haven, custodian_ring, leaked_nhs_numbers, with_vault_keys
 from tests.governance_helpers import (
     REVIEWERS,
     adopt_project_agreements,
@@ -46,10 +46,22 @@ ROOT = Path(__file__).resolve().parents[2]
 AGREEMENT = "statutory-gp-audit"  # an approved pseudonymised agreement of the project
 
 
+@pytest.fixture(scope="module")
+def populated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A haven set up as ``home`` is (the vault pair sealed) and ``populated`` with 120 patients,
+    built once for the module to be copied (``copy_haven``), never changed."""
+    root = tmp_path_factory.mktemp("populated-custody") / "haven"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        populated(with_vault_keys(Home(root).ensure()), patients=120)
+    return root
+
+
 @pytest.fixture
-def haven_home(home: Home) -> Home:
-    populated(home, patients=120)
-    return home
+def haven_home(home: Home, populated_template: Path) -> Home:
+    """``home`` as ``populated(home, patients=120)`` leaves it (a copy of the module's template)."""
+    return copy_haven(populated_template, home)
 
 
 @pytest.fixture
