@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven
 from safehaven.core import audit, runs
 from safehaven.core.home import Home
@@ -23,7 +24,7 @@ from safehaven.protect import rotation
 from safehaven.protect.haven import haven_key
 from safehaven.protect.optouts import MEMBERS
 from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
-from tests.conftest import custodian_ring
+from tests.conftest import TEST_PASSPHRASE, copy_haven, custodian_ring, with_vault_keys
 from tests.unit.populate import populated
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,16 +53,28 @@ def _as_t(home: Home) -> Haven:
     return Haven.open(home, contracts=ContractRegistry(), actor="t")
 
 
+@pytest.fixture(scope="module")
+def haven_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A populated haven with five people released to agreement ``study-a`` (so it gets a
+    crosswalk), set up as ``home`` is; built once for the module to be copied, never changed."""
+    root = tmp_path_factory.mktemp("rotation-guards") / "haven"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        home = with_vault_keys(Home(root).ensure())
+        populated(home)
+        agreement_key(KeyRing(home.keys), "study-a")
+        with Store(home).connect() as con:
+            ensure_optout_tables(con)
+            some = [r[0] for r in con.execute("SELECT DISTINCT pid FROM haven.hospital_episodes LIMIT 5").fetchall()]
+            con.executemany(f"INSERT INTO {MEMBERS} VALUES ('r1', 'study-a', ?, now())", [[p] for p in some])
+    return root
+
+
 @pytest.fixture
-def haven_home(home: Home) -> Home:
-    """A populated haven with five people released to agreement ``study-a`` (so it gets a crosswalk)."""
-    populated(home)
-    agreement_key(KeyRing(home.keys), "study-a")
-    with Store(home).connect() as con:
-        ensure_optout_tables(con)
-        some = [r[0] for r in con.execute("SELECT DISTINCT pid FROM haven.hospital_episodes LIMIT 5").fetchall()]
-        con.executemany(f"INSERT INTO {MEMBERS} VALUES ('r1', 'study-a', ?, now())", [[p] for p in some])
-    return home
+def haven_home(home: Home, haven_template: Path) -> Home:
+    """A copy of the module's populated haven with five people released to ``study-a``."""
+    return copy_haven(haven_template, home)
 
 
 def _crosswalks(home: Home) -> list[Path]:
