@@ -513,7 +513,10 @@ def never_sent_sql(rows: str) -> str:
     The rule (guide Rule 4B; ``docs/rules.md`` "Objections"; NDOP practice: an objection applies
     from its recorded date): a record is never-sent when its person has a type 1 objection in
     force and its batch landed after the day that objection was recorded. Records landed by that
-    day were sent before it and stay. The one statement of the rule: the haven's late purge
+    day were sent before it and stay. Days are the haven's (UK) calendar days
+    (``safehaven.core.sql.haven_day_sql``), as the recorded date is: a batch landed at 00:30 BST is
+    on the next day, not the UTC day before (which kept such records as sent before the objection:
+    found by review). The one statement of the rule: the haven's late purge
     (``safehaven.protect.haven.purge_late_type1``) finds its records with it, and the vault's
     entry sets (``safehaven.dispose.vault_sets``) leave such records out of those that support a
     vault entry.
@@ -521,7 +524,7 @@ def never_sent_sql(rows: str) -> str:
     return (
         f"SELECT DISTINCT r.* FROM ({rows}) r JOIN {schema.BATCHES} b ON b.batch_id = r._batch "
         f"JOIN ({episodes_sql()}) e ON e.pid = r.pid AND e.objection_type = '{TYPE1}' AND {in_force_sql()} "
-        "WHERE CAST(b.landed_at AS DATE) > e.recorded_date"
+        f"WHERE {haven_day_sql('b.landed_at')} > e.recorded_date"
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from safehaven.core import registers
+from safehaven.core import registers, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
@@ -25,6 +25,7 @@ from safehaven.protect.objections import (
     binomial_upper,
     current_sql,
     ensure_tables,
+    never_sent_sql,
     objection_rates,
     objectors_sql,
 )
@@ -68,6 +69,20 @@ def test_the_latest_statement_of_an_episode_wins_and_history_is_kept() -> None:
     _event(con, "p", "type1", date(2024, 1, 1), date(2024, 2, 1))
     assert _pids(con, objectors_sql("2024-03-01", ("type1",))) == set()
     assert con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0] == 2, "append-only history"
+
+
+def test_a_record_landed_just_after_uk_midnight_is_judged_on_the_uk_day_of_its_landing() -> None:
+    """A type 1 objection recorded on 1 July applies from that day: a GP batch landed at 00:30 BST on
+    2 July (23:30 UTC on 1 July) landed after it and should never have been sent. Judged on the UTC
+    day, it was taken as sent the same day and kept; one landed at 23:30 BST on 1 July stays."""
+    con = _memory()
+    schema.ensure(con, schema.BATCHES)
+    _event(con, "p", "type1", date(2024, 7, 1))
+    for batch, landed in (("after", "2024-07-01 23:30:00+00"), ("same day", "2024-07-01 22:30:00+00")):
+        con.execute(f"INSERT INTO {schema.BATCHES} (batch_id, collection, landed_at) VALUES (?, 'gp_events', ?)",
+                    [batch, landed])  # fmt: skip
+    rows = "SELECT * FROM (VALUES ('after', 'p'), ('same day', 'p')) AS t(_batch, pid)"
+    assert {r[0] for r in con.execute(f"SELECT _batch FROM ({never_sent_sql(rows)})").fetchall()} == {"after"}
 
 
 def test_register_as_known_at_an_earlier_time() -> None:
