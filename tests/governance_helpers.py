@@ -324,3 +324,23 @@ def renames_once(rename: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]
         return rename(src, dst)
 
     return first_only
+
+
+def delivery_stopped(approve: Callable[[], object], killed_in: str = "_register") -> None:
+    """Run ``approve`` (the approval that delivers) as a delivery killed after its files moved into
+    ``releases/``: in ``review.<killed_in>`` (``_register``: before its register row;
+    ``_audit_delivery``: after it), which raises as a kill would, and the rename back never runs
+    (:func:`renames_once`)."""
+    import pytest
+
+    from safehaven.share import review
+
+    def killed(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt("killed")
+
+    with (
+        mock.patch.object(review, killed_in, killed),
+        mock.patch.object(review.os, "rename", renames_once(review.os.rename)),
+        pytest.raises((KeyboardInterrupt, OSError)),
+    ):
+        approve()

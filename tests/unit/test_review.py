@@ -40,10 +40,10 @@ from tests.governance_helpers import (
     agreement_data,
     approve_as,
     copy_small_haven,
+    delivery_stopped,
     install_haven_key,
     logged_in_as,
     login_of,
-    renames_once,
     small_haven_template,
     write_agreement,
 )
@@ -574,9 +574,7 @@ def test_a_request_prepared_before_its_agreement_was_suspended_is_not_delivered(
 
 
 @pytest.mark.parametrize("stopped", ["after the move", "after the register"])
-def test_a_delivery_stopped_part_way_is_finished_by_the_next_attempt(
-    haven: Haven, monkeypatch: pytest.MonkeyPatch, stopped: str
-) -> None:
+def test_a_delivery_stopped_part_way_is_finished_by_the_next_attempt(haven: Haven, stopped: str) -> None:
     """A kill after the files moved into ``releases/`` (or after the register row) runs no rollback:
     the files sat there with no register row or members, so subject access and disposal could not
     know those people were released, and the next attempt was refused as "nothing was released"
@@ -585,18 +583,8 @@ def test_a_delivery_stopped_part_way_is_finished_by_the_next_attempt(
     haven.add()
     rid = haven.prepare().release_id
     haven.approve(rid, R1)
-
-    def killed(*_args: object, **_kwargs: object) -> None:
-        raise KeyboardInterrupt("killed")  # a kill -9 runs no except-block: the rename back is stubbed too
-
-    if stopped == "after the move":
-        monkeypatch.setattr(review, "_register", killed)
-    else:
-        monkeypatch.setattr(review, "_audit_delivery", killed)
-    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
-    with pytest.raises((KeyboardInterrupt, OSError)):
-        haven.approve(rid, R2)
-    monkeypatch.undo()
+    killed_in = "_register" if stopped == "after the move" else "_audit_delivery"
+    delivery_stopped(lambda: haven.approve(rid, R2), killed_in=killed_in)  # a kill -9 runs no except-block
     assert rid in haven.delivered() and review.get(haven.con, rid).state == review.APPROVED
 
     haven.deliver(rid, "custodian")
@@ -609,17 +597,10 @@ def test_a_delivery_stopped_part_way_is_finished_by_the_next_attempt(
 
 
 def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_where_they_are(
-    haven: Haven, monkeypatch: pytest.MonkeyPatch
+    haven: Haven,
 ) -> None:
     haven.add()
-    rid = haven.prepare().release_id
-    haven.approve(rid, R1)
-    monkeypatch.setattr(review, "_register", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
-    with pytest.raises((KeyboardInterrupt, OSError)):
-        haven.approve(rid, R2)
-    monkeypatch.undo()
-    moved = haven.home.releases / "test-linked" / rid
+    rid, moved = _stopped_after_the_move(haven)
     next(moved.glob("*.parquet")).write_bytes(b"changed")
     with pytest.raises(review.ReviewError, match="is not the file that was prepared and reviewed"):
         haven.deliver(rid, "custodian")
@@ -628,16 +609,12 @@ def test_files_moved_by_a_stopped_delivery_and_changed_since_are_refused_saying_
     assert reg.releases(haven.con) == []
 
 
-def _stopped_after_the_move(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+def _stopped_after_the_move(haven: Haven) -> tuple[str, Path]:
     """A request whose delivery was killed after its files moved into ``releases/``, before its
     register row (the rename back never runs); returns its id and where its files are."""
     rid = haven.prepare().release_id
     haven.approve(rid, R1)
-    monkeypatch.setattr(review, "_register", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
-    with pytest.raises((KeyboardInterrupt, OSError)):
-        haven.approve(rid, R2)
-    monkeypatch.undo()
+    delivery_stopped(lambda: haven.approve(rid, R2))
     return rid, haven.home.releases / "test-linked" / rid
 
 
@@ -647,7 +624,7 @@ def test_a_stopped_delivery_refused_then_withdrawn_leaves_nothing_in_releases(
     """The agreement expires before the next attempt: the refusal says where the moved files are,
     and withdrawing the request, as it says, shreds them (CoP 27b; found by review)."""
     haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())
-    rid, folder = _stopped_after_the_move(haven, monkeypatch)
+    rid, folder = _stopped_after_the_move(haven)
     assert any(folder.glob("*.parquet")) and review.get(haven.con, rid).state == review.APPROVED
     _delivery_on(monkeypatch, days=1)  # the next attempt is the next day: the agreement has expired
     with pytest.raises(review.ReviewError, match="not in force") as refused:
@@ -670,11 +647,7 @@ def test_a_refused_delivery_stopped_after_its_registration_says_a_withdrawal_doe
     haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())
     rid = haven.prepare().release_id
     haven.approve(rid, R1)
-    monkeypatch.setattr(review, "_audit_delivery", lambda *_a, **_k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
-    with pytest.raises((KeyboardInterrupt, OSError)):
-        haven.approve(rid, R2)
-    monkeypatch.undo()
+    delivery_stopped(lambda: haven.approve(rid, R2), killed_in="_audit_delivery")
     assert [r["release_id"] for r in reg.releases(haven.con)] == [rid]
     _delivery_on(monkeypatch, days=1)
     with pytest.raises(review.ReviewError, match="not in force") as refused:
@@ -689,7 +662,7 @@ def test_a_failed_shredding_of_a_stopped_deliverys_files_is_retried_by_the_next_
     haven: Haven, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     haven.add()
-    rid, folder = _stopped_after_the_move(haven, monkeypatch)
+    rid, folder = _stopped_after_the_move(haven)
     with monkeypatch.context() as m:
         m.setattr(review, "shred_tree", lambda *_a: (_ for _ in ()).throw(OSError("disk error")))
         with pytest.raises(OSError):
@@ -698,16 +671,12 @@ def test_a_failed_shredding_of_a_stopped_deliverys_files_is_retried_by_the_next_
     assert review.shred_discarded(haven.con) == [rid] and not folder.exists()
 
 
-def test_withdrawing_never_shreds_a_registered_release(haven: Haven, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_withdrawing_never_shreds_a_registered_release(haven: Haven) -> None:
     """A delivery stopped after its register row: its files left on the record; a withdrawal keeps them."""
     haven.add()
     rid = haven.prepare().release_id
     haven.approve(rid, R1)
-    monkeypatch.setattr(review, "_audit_delivery", lambda *_a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    monkeypatch.setattr(review.os, "rename", renames_once(review.os.rename))
-    with pytest.raises((KeyboardInterrupt, OSError)):
-        haven.approve(rid, R2)
-    monkeypatch.undo()
+    delivery_stopped(lambda: haven.approve(rid, R2), killed_in="_audit_delivery")
     review.withdraw(haven.con, rid, CG, "withdrawn after registration")
     assert haven.delivered() == [rid] and [r["release_id"] for r in reg.releases(haven.con)] == [rid]
 
