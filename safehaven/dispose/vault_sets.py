@@ -36,13 +36,14 @@ from safehaven.core.sql import q
 from safehaven.core.store import table_exists
 from safehaven.dispose.journal import count
 from safehaven.dispose.model import DisposalError
+from safehaven.intake import landings
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.protect import vault
 from safehaven.protect.objections import never_sent_sql
 from safehaven.protect.pseudonymise import hmac_sql
 
 #: The temporary tables this module makes (dropped by :func:`drop_vault_sets`).
-VAULT_SETS = ("_disp_raw", "_disp_ids", "_never_sent", "_keep_raw", "_gone", "_keep_pairs", "_amb")
+VAULT_SETS = ("_disp_raw", "_disp_ids", landings.RECEIVED, "_never_sent", "_keep_raw", "_gone", "_keep_pairs", "_amb")
 #: the landing rows a disposal disposes of, and those it keeps (over a landing valid table)
 DISPOSED = "_batch IN (SELECT batch_id FROM _disp_batches)"
 KEPT = "_batch NOT IN (SELECT batch_id FROM _disp_batches)"
@@ -69,21 +70,27 @@ def disposed_people(con: duckdb.DuckDBPyConnection, contract: Contract, disposed
     )
 
 
-def never_sent(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]) -> None:
+def never_sent(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract], home: Home | None = None) -> None:
     """Temp table ``_never_sent`` (_batch, _row): the GP landing rows of the people in ``_disp_ids``
     that a type 1 objection says should never have been sent (module docstring), of every GP-sourced
-    collection with a landing valid table."""
+    collection with a landing valid table: by the haven's late purge's rule, each batch landed as
+    the audit trail records it (``safehaven.intake.landings.load_received``, with ``home``'s audit key)."""
+    gp = [c for c in contracts if c.practice_field and table_exists(con, "landing", f"{c.collection}_valid")]
     parts = [
         f"SELECT l._batch, l._row, i.pid FROM landing.{q(c.collection + '_valid')} l "
         f"JOIN _disp_ids i ON i.nhs = l.{q(c.patient_key)}"
-        for c in contracts
-        if c.practice_field and table_exists(con, "landing", f"{c.collection}_valid")
+        for c in gp
     ]
     rows = " UNION ALL ".join(parts) or "SELECT NULL::VARCHAR AS _batch, NULL::BIGINT AS _row, NULL AS pid WHERE false"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _never_sent AS SELECT _batch, _row FROM ({never_sent_sql(rows)})")
+    received = landings.load_received(con, [c.collection for c in gp], home)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _never_sent AS SELECT _batch, _row FROM ({never_sent_sql(rows, received)})"
+    )
 
 
-def vault_sets(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract], kept_rows: str = KEPT) -> int:
+def vault_sets(
+    con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract], kept_rows: str = KEPT, home: Home | None = None
+) -> int:
     """Temp tables describing the vault values of the disposed records (after :func:`disposed_people`);
     returns the number of vault entries that need the vault private key to be disposed of precisely.
 
@@ -94,7 +101,7 @@ def vault_sets(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract], ke
     pairs with both.
     """
     contracts = list(contracts)
-    never_sent(con, contracts)
+    never_sent(con, contracts, home)
     kept = vault.vaulted_values_sql(
         con, contracts, f"({kept_rows}) AND (_batch, _row) NOT IN (SELECT _batch, _row FROM _never_sent)"
     )
@@ -184,12 +191,13 @@ def _remove_unsupported(
     contracts: Iterable[Contract],
     kept_rows: str,
     reencrypt: Callable[[int], tuple[int, int]],
+    home: Home | None = None,
 ) -> dict[str, Any]:
     """Delete the vault entries (and digests) of the disposed people (``_disp_ids``) no kept record
     supports; ``reencrypt`` handles the ambiguous pairs (:func:`vault_sets`), given their number.
     Then the data keys left with no entry go."""
     out: dict[str, Any] = {"vault.identity": 0, "vault_entries_reencrypted": 0, "vault_data_keys": []}
-    ambiguous = vault_sets(con, contracts, kept_rows)
+    ambiguous = vault_sets(con, contracts, kept_rows, home)
     gone = "pid IN (SELECT pid FROM _disp_ids) AND (pid, field) NOT IN (SELECT pid, field FROM _keep_pairs)"
     out["vault.identity"] = count(con, f"DELETE FROM vault.identity WHERE {gone}")
     vault.ensure_tables(con)
@@ -220,7 +228,7 @@ def dispose_vault(
     if not table_exists(con, "vault", "identity"):
         return {"vault.identity": 0, "vault_entries_reencrypted": 0, "vault_data_keys": []}
     return _remove_unsupported(
-        con, registry.contracts.values(), KEPT, lambda ambiguous: _reencrypt_kept(con, keyring, ambiguous, home)
+        con, registry.contracts.values(), KEPT, lambda ambiguous: _reencrypt_kept(con, keyring, ambiguous, home), home
     )
 
 

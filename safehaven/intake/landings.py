@@ -26,6 +26,11 @@ batch register's ``landed_at`` is a store column: whoever holds the store key co
 * a register time that differs from the recorded one is not acted on either way; the sweep names
   it in a review item.
 
+The type 1 rule dates a GP batch's landing from here too (:func:`load_received`;
+``safehaven.protect.objections.never_sent_sql``, guide Rule 4B): at the later of the register's
+time and the recorded one, and now while none is recorded, so a register time moved back does not
+lapse an objection.
+
 Objections batches have their own landing entries and seals (``safehaven.intake.batch_seal``) and
 are never disposed of by date. Limit: the adoption takes the register's times as they stand when
 the rule first runs.
@@ -40,6 +45,7 @@ from datetime import UTC, datetime
 import duckdb
 
 from safehaven.core import audit, schema
+from safehaven.core.home import Home
 from safehaven.core.store import table_exists
 
 ACTION = "intake.batch_landed"
@@ -137,12 +143,39 @@ def _time(entry: audit.Entry) -> datetime:
     return min(named, entry.at)
 
 
+def _received_by(
+    con: duckdb.DuckDBPyConnection, collections: list[str], home: Home | None = None
+) -> dict[str, dict[str, datetime]]:
+    """:func:`received` for each of ``collections``, in one read of the landing entries (the audit
+    log's other entries are not read: ``audit.authentic_entries`` selects by action)."""
+    out: dict[str, dict[str, datetime]] = {c: {} for c in collections}
+    for entry in audit.authentic_entries(con, [ACTION], home):
+        batch, times = entry.fields.get("batch"), out.get(entry.object)
+        if times is not None and isinstance(batch, str):
+            times[batch] = min(times.get(batch, _time(entry)), _time(entry))
+    return out
+
+
 def received(con: duckdb.DuckDBPyConnection, collection: str) -> dict[str, datetime]:
     """Each batch of ``collection`` with the time the audit trail records it landing (authentic
     entries only: each verifies under the audit key); a batch with none is not in it."""
-    out: dict[str, datetime] = {}
-    for entry in audit.authentic_entries(con, [ACTION]):
-        batch = entry.fields.get("batch")
-        if entry.object == collection and isinstance(batch, str):
-            out[batch] = min(out.get(batch, _time(entry)), _time(entry))
-    return out
+    return _received_by(con, [collection])[collection]
+
+
+#: the temporary table :func:`load_received` makes: (batch_id, landed_at), one row per batch on record
+RECEIVED = "_received"
+
+
+def load_received(con: duckdb.DuckDBPyConnection, collections: list[str], home: Home | None = None) -> str:
+    """Temp table :data:`RECEIVED` (batch_id, landed_at): each batch of ``collections`` with the time
+    the audit trail records it landing (:func:`received`: authentic entries only, so an entry that
+    does not verify puts no time in it); returns its name. For the type 1 rule
+    (``safehaven.protect.objections.never_sent_sql``), which judges a GP batch's landing by it,
+    never by the register's time alone. ``home``: the audit key's, when ``con`` was not opened by it."""
+    rows = [(b, at) for times in _received_by(con, collections, home).values() for b, at in times.items()]
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {RECEIVED} (batch_id VARCHAR, landed_at TIMESTAMPTZ)")
+    con.execute(
+        f"INSERT INTO {RECEIVED} SELECT unnest(?::VARCHAR[]), unnest(?::TIMESTAMPTZ[])",
+        [[b for b, _ in rows], [at for _, at in rows]],
+    )
+    return RECEIVED

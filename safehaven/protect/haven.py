@@ -43,6 +43,7 @@ from safehaven.core.keys import Key, KeyRing, KeyRingError
 from safehaven.core.pins import check_rotations_recorded, epoch_key_id, start_epoch
 from safehaven.core.sql import q
 from safehaven.dispose.vault_sets import purge_vault
+from safehaven.intake import landings
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect import feed
@@ -119,9 +120,10 @@ def purge_late_type1(
     """Drop the records a type 1 objection in force says should never have been sent, when the
     objection reached the haven after them (its file came after the GP file): records of batches
     landed after the day the objection was recorded, as entry drops them (guide Rule 4B;
-    ``safehaven.protect.objections.never_sent_sql``), with the incident per sender. Records landed
-    by the day it was recorded were sent before it and stay (withheld from record-level releases
-    by the opt-out rules). Returns (records dropped, identity-vault entries removed).
+    ``safehaven.protect.objections.never_sent_sql``: landed as the audit trail records it, never
+    earlier than the register says), with the incident per sender. Records landed by the day it
+    was recorded were sent before it and stay (withheld from record-level releases by the opt-out
+    rules). Returns (records dropped, identity-vault entries removed).
 
     What the haven keeps of them, all in one transaction:
 
@@ -143,16 +145,18 @@ def purge_late_type1(
     * **the incident**: counts only (records per sender, batches, vault entries removed).
     """
     c, sender = contract.collection, q(contract.practice_field or "")
-    late = never_sent_sql(f"SELECT _batch, _row, pid, {sender} AS sender FROM haven.{c}")
+    received = landings.load_received(con, [c])  # when each batch landed, as the trail records it
+    late = never_sent_sql(f"SELECT _batch, _row, pid, {sender} AS sender FROM haven.{c}", received)
     rows = con.execute(f"SELECT sender, count(*), list(DISTINCT _batch) FROM ({late}) GROUP BY 1").fetchall()
     if not rows:
+        con.execute(f"DROP TABLE {received}")
         return 0, 0
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE _late AS SELECT _batch, _row FROM ({late})")
         removed = purge_vault(con, contract, contracts, "SELECT _batch, _row FROM _late", vault_public or _no_key)
         con.execute(f"DELETE FROM haven.{c} AS t USING _late AS l WHERE t._batch = l._batch AND t._row = l._row")
-        con.execute("DROP TABLE _late")
+        con.execute(f"DROP TABLE _late; DROP TABLE IF EXISTS {received}")
         batches = sorted({b for *_, listed in rows for b in listed})
         record_type1_incident(con, c, {str(s): int(n) for s, n, _ in rows}, batches, vault_entries_removed=removed)
         con.execute("COMMIT")

@@ -506,7 +506,7 @@ def type1_objectors_sql(as_of: str | date = "current_date") -> str:
     return objectors_sql(as_of, (TYPE1,))
 
 
-def never_sent_sql(rows: str) -> str:
+def never_sent_sql(rows: str, received: str) -> str:
     """SQL relation: the distinct rows of ``rows`` (a relation of a GP-sourced collection's records
     with ``_batch`` and ``pid``) that a type 1 objection in force says should never have been sent.
 
@@ -520,11 +520,23 @@ def never_sent_sql(rows: str) -> str:
     (``safehaven.protect.haven.purge_late_type1``) finds its records with it, and the vault's
     entry sets (``safehaven.dispose.vault_sets``) leave such records out of those that support a
     vault entry.
+
+    When a batch landed is a decision on the record (CoP 23d), so it is never the register's
+    ``landed_at`` alone: that is a store column whoever holds the store key can move, and moving a
+    GP batch's back to before an objection's recorded date kept records that should never have been
+    sent, the objection silently lapsing (found by review). A batch landed at the later of the
+    register's time and the time the audit trail records (``received``: a table (batch_id,
+    landed_at), ``safehaven.intake.landings.load_received``, authentic entries only); a batch the
+    trail does not record (a run killed before its entry, an entry that does not verify, a register
+    row removed) landed now, the latest it can have. Later is fail closed: more records are taken
+    as never sent, the objection honoured.
     """
+    landed = "greatest(b.landed_at, coalesce(t.landed_at, now()))"
     return (
-        f"SELECT DISTINCT r.* FROM ({rows}) r JOIN {schema.BATCHES} b ON b.batch_id = r._batch "
+        f"SELECT DISTINCT r.* FROM ({rows}) r LEFT JOIN {schema.BATCHES} b ON b.batch_id = r._batch "
+        f"LEFT JOIN {received} t ON t.batch_id = r._batch "
         f"JOIN ({episodes_sql()}) e ON e.pid = r.pid AND e.objection_type = '{TYPE1}' AND {in_force_sql()} "
-        f"WHERE {haven_day_sql('b.landed_at')} > e.recorded_date"
+        f"WHERE {haven_day_sql(landed)} > e.recorded_date"
     )
 
 
