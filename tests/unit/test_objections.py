@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from safehaven.core import registers, schema
+from safehaven.core import audit, registers, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
-from safehaven.core.store import Store
+from safehaven.core.store import Store, table_exists
+from safehaven.intake import landings
 from safehaven.protect.objections import (
     EVENTS,
     REGISTRATIONS,
@@ -86,6 +87,68 @@ def test_a_record_landed_just_after_uk_midnight_is_judged_on_the_uk_day_of_its_l
     assert {r[0] for r in con.execute(f"SELECT _batch FROM ({never_sent_sql(rows, 'trail')})").fetchall()} == {"after"}
 
 
+#: a GP batch of the trail tests, and the day its person's type 1 objection was recorded (``trail``)
+GP_BATCH, OBJECTED = "c" * 64, date(2024, 7, 1)
+BEFORE_IT, AFTER_IT = datetime(2024, 6, 1, 9, tzinfo=UTC), datetime(2024, 7, 2, 9, tzinfo=UTC)
+
+
+@pytest.fixture
+def trail(home: Home) -> duckdb.DuckDBPyConnection:
+    """A store with an audit trail, the register and a type 1 objection of ``p`` recorded on 1 July."""
+    with Store(home).connect() as con:
+        audit.append(con, actor="test", role="pipeline", action="test.start", object="haven", home=home)
+        ensure_tables(con)
+        schema.ensure(con, schema.BATCHES)
+        _event(con, "p", "type1", OBJECTED)
+        yield con
+
+
+def _gp_batch(con: duckdb.DuckDBPyConnection, register: datetime, recorded: datetime | None) -> None:
+    """``GP_BATCH`` of ``p`` in the register at ``register``, on the trail at ``recorded`` (or not)."""
+    con.execute(
+        f"INSERT INTO {schema.BATCHES} (batch_id, collection, landed_at, status) VALUES (?, ?, ?, 'accepted')",
+        [GP_BATCH, "gp_events", register],
+    )
+    if recorded is not None:
+        assert landings.record(con, "gp_events", GP_BATCH, recorded)
+
+
+def _never_sent(con: duckdb.DuckDBPyConnection) -> bool:
+    received = landings.load_received(con, ["gp_events"])
+    rows = f"SELECT '{GP_BATCH}' AS _batch, 'p' AS pid"
+    return con.execute(f"SELECT count(*) FROM ({never_sent_sql(rows, received)})").fetchone()[0] == 1
+
+
+def test_a_gp_batch_with_no_landing_entry_on_the_trail_is_taken_as_landed_now(trail) -> None:
+    """A landing the trail does not record (a run killed before its entry) is judged as landed now,
+    the latest it can have (fail closed): its register time, dated back to before the objection,
+    does not make its records sent before it."""
+    _gp_batch(trail, register=BEFORE_IT, recorded=None)
+    assert _never_sent(trail)
+
+
+def test_a_register_time_later_than_the_trails_is_used(trail) -> None:
+    """A batch lands at the later of the register's time and the trail's: never earlier than the
+    register says, so a trail time before the objection does not keep records the register says
+    came after it."""
+    _gp_batch(trail, register=AFTER_IT, recorded=BEFORE_IT)
+    assert _never_sent(trail)
+
+
+def test_a_landing_entry_that_does_not_verify_lets_no_earlier_time_through(trail) -> None:
+    """An insider who dates a GP batch back in the register and edits its landing entry to match
+    gains nothing: the edited entry fails its hash and is not used, so the batch is taken as landed
+    now and its records stay never sent."""
+    _gp_batch(trail, register=AFTER_IT, recorded=AFTER_IT)
+    trail.execute(f"UPDATE {schema.BATCHES} SET landed_at = ? WHERE batch_id = ?", [BEFORE_IT, GP_BATCH])
+    edited = trail.execute(
+        f"UPDATE {schema.AUDIT_LOG} SET detail = json_object('batch', ?, 'landed_at', ?) WHERE action = ?",
+        [GP_BATCH, BEFORE_IT.isoformat(), landings.ACTION],
+    ).fetchone()[0]
+    assert edited == 1 and landings.received(trail, "gp_events") == {}
+    assert _never_sent(trail)
+
+
 def test_register_as_known_at_an_earlier_time() -> None:
     con = _memory()
     then = datetime(2024, 5, 1, tzinfo=UTC)
@@ -119,6 +182,44 @@ def test_type1_records_held_before_their_objection_arrived_are_dropped_with_the_
         incidents = con.execute(f"SELECT sum(records_dropped) FROM {TYPE1_INCIDENTS}").fetchone()[0]
     assert in_haven == 0
     assert incidents == second.type1_purged
+
+
+def test_a_gp_batch_dated_back_in_the_register_is_still_purged_and_its_identifiers_not_vaulted(home: Home) -> None:
+    """The GP file comes before the objections file; an insider with the store key then moves the GP
+    batch's register ``landed_at`` back to before every objection was recorded. The trail records
+    it landing after them, so its type 1 objectors' records are still purged as never sent, and the
+    identifiers only they gave leave the vault (guide Rule 4B): judged by the register alone, the
+    objections silently lapsed and the records stayed (found by review)."""
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.protect import vault
+    from safehaven.protect.pseudonymise import install_key
+    from tests.conftest import custodian_ring
+    from tests.unit.populate import drop, process
+
+    drop(home)
+    held_back = home.root.parent / "objections_later"
+    shutil.move(str(home.incoming_for("objections")), held_back)
+    process(home)
+    with Store(home).connect() as con:
+        con.execute(f"UPDATE {schema.BATCHES} SET landed_at = '1971-01-01 09:00:00+00' WHERE collection = 'gp_events'")
+    shutil.move(str(held_back), home.incoming_for("objections"))
+    report = process(home)["gp_events"]
+    assert report.type1_purged > 0 and report.type1_vault_removed > 0
+    registry, objectors = ContractRegistry(), objectors_sql("current_date", ("type1",))
+    with Store(home).connect() as con:
+        install_key(con, "haven", KeyRing(home.keys).get("haven"))
+
+        def values(collections: list[str]) -> set[tuple]:
+            parts = [vault.unpivot_sql(registry.contracts[c], "true") for c in collections]
+            pid = hmac_sql("nhs", "haven")
+            sql = f"SELECT * FROM (SELECT {pid} AS pid, field, value FROM ({' UNION ALL '.join(parts)})) "
+            return set(con.execute(f"{sql} WHERE pid IN ({objectors})").fetchall())
+
+        assert con.execute(f"SELECT count(*) FROM haven.gp_events WHERE pid IN ({objectors})").fetchone()[0] == 0
+        others = [c for c in registry.contracts if c != "gp_events" and table_exists(con, "landing", f"{c}_valid")]
+        gp_only = values(["gp_events"]) - values(others)
+        held = {t[:3] for t in vault.decrypt_rows(con, vault.private_key(custodian_ring(home)))}
+    assert gp_only and not gp_only & held
 
 
 # --- a late type 1 objection and the identity vault (guide Rule 4B) ----------------------------
