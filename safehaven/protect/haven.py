@@ -123,7 +123,11 @@ def purge_late_type1(
     ``safehaven.protect.objections.never_sent_sql``: landed as the audit trail records it, never
     earlier than the register says), with the incident per sender. Records landed by the day it
     was recorded were sent before it and stay (withheld from record-level releases by the opt-out
-    rules). Returns (records dropped, identity-vault entries removed).
+    rules). Returns (records dropped, identity-vault entries removed). A landing the trail does not
+    record yet is put on record first (``landings.record_unrecorded``), as the collection's next
+    landing step would: recorded late (landed now) once the rule has started for the collection,
+    adopted with the register's time on a haven from before it, whose GP records sent before an
+    objection must not be purged for want of an entry the haven never wrote then.
 
     What the haven keeps of them, all in one transaction:
 
@@ -145,6 +149,7 @@ def purge_late_type1(
     * **the incident**: counts only (records per sender, batches, vault entries removed).
     """
     c, sender = contract.collection, q(contract.practice_field or "")
+    landings.record_unrecorded(con, c)  # a landing not on the trail yet: adopted or recorded late first
     received = landings.load_received(con, [c])  # when each batch landed, as the trail records it
     late = never_sent_sql(f"SELECT _batch, _row, pid, {sender} AS sender FROM haven.{c}", received)
     rows = con.execute(f"SELECT sender, count(*), list(DISTINCT _batch) FROM ({late}) GROUP BY 1").fetchall()

@@ -149,6 +149,43 @@ def test_a_landing_entry_that_does_not_verify_lets_no_earlier_time_through(trail
     assert _never_sent(trail)
 
 
+def _haven_row(con: duckdb.DuckDBPyConnection) -> tuple[object, object]:
+    """``p``'s one GP record of ``GP_BATCH`` in the haven; the gp_events contract and the purge."""
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.protect.haven import purge_late_type1
+
+    contract = ContractRegistry().contracts["gp_events"]
+    con.execute("CREATE SCHEMA IF NOT EXISTS haven")
+    con.execute(
+        f"CREATE TABLE haven.gp_events AS SELECT '{GP_BATCH}' AS _batch, 0::BIGINT AS _row, 'p' AS pid, "
+        f"'A81001' AS {contract.practice_field}"
+    )
+    return contract, purge_late_type1
+
+
+def test_a_gp_batch_landed_before_the_landing_rule_is_adopted_by_the_haven_step_not_purged(trail) -> None:
+    """A haven from before landings were audited: its GP batch has no landing entry, and none was
+    ever started for the collection. The haven step adopts it with the register's time, as the next
+    landing step would, so a record sent before its person's objection is kept, not purged for want
+    of an entry the haven never wrote (an irreversible loss of lawfully held data)."""
+    _gp_batch(trail, register=BEFORE_IT, recorded=None)
+    contract, purge = _haven_row(trail)
+    assert purge(trail, contract, [contract]) == (0, 0)
+    assert set(landings.received(trail, "gp_events")) == {GP_BATCH}
+    assert trail.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] == 1
+
+
+def test_a_gp_batch_not_on_the_trail_once_the_rule_started_is_recorded_late_and_purged(trail) -> None:
+    """Once the rule has started for the collection (a landing on record), a batch landed without its
+    entry (a run killed between its commit and the entry) is recorded late by the haven step: landed
+    now, after the objection, so its person's record is purged (fail closed)."""
+    assert landings.record(trail, "gp_events", "d" * 64, BEFORE_IT)  # the rule has started
+    _gp_batch(trail, register=BEFORE_IT, recorded=None)
+    contract, purge = _haven_row(trail)
+    assert purge(trail, contract, [contract])[0] == 1
+    assert trail.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] == 0
+
+
 def test_register_as_known_at_an_earlier_time() -> None:
     con = _memory()
     then = datetime(2024, 5, 1, tzinfo=UTC)
