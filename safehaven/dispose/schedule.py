@@ -32,8 +32,7 @@ from safehaven.dispose.model import (
     Target,
 )
 from safehaven.dispose.planning import Received, received_before, released_before
-from safehaven.dispose.run import dispose, resume
-from safehaven.intake import landings
+from safehaven.dispose.run import dispose, record_landings, resume
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.share import approvals
 from safehaven.share.agreements import Agreement, AgreementError, agreements_dir, scan_agreements
@@ -275,7 +274,7 @@ def due(haven: Haven) -> list[DueItem]:
 def sweep(haven: Haven, *, authorised_by: str | None = None) -> SweepReport:
     """Resume an interrupted disposal, then dispose of everything due (the daily job), with ``haven``."""
     report = SweepReport()
-    _record_landings(haven)
+    record_landings(haven)
     resumed = resume(haven)
     if resumed is not None:
         report.results.append(resumed)
@@ -285,18 +284,6 @@ def sweep(haven: Haven, *, authorised_by: str | None = None) -> SweepReport:
         elif item.action == "dispose" and item.target is not None:
             _sweep_one(haven, item, report, authorised_by)
     return report
-
-
-def _record_landings(haven: Haven) -> None:
-    """Put on record the receipt of every content batch the audit trail does not record
-    (``safehaven.intake.landings.record_unrecorded``), so a collection that sends nothing more is
-    still disposed of by date; nothing is recorded while the trail does not verify."""
-    if not haven.home.store_file.exists():
-        return
-    with Store(haven.home, haven.keyring).connect() as con:
-        if table_exists(con, "governance", "batches"):
-            for contract in haven.contracts.content():
-                landings.record_unrecorded(con, contract.collection)
 
 
 def _sweep_one(haven: Haven, item: DueItem, report: SweepReport, authorised_by: str | None) -> None:

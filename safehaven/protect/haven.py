@@ -127,7 +127,11 @@ def purge_late_type1(
     record yet is put on record first (``landings.record_unrecorded``), as the collection's next
     landing step would: recorded late (landed now) once the rule has started for the collection,
     adopted with the register's time on a haven from before it, whose GP records sent before an
-    objection must not be purged for want of an entry the haven never wrote then.
+    objection must not be purged for want of an entry the haven never wrote then. A batch the trail
+    still does not record (it refused the entry: it does not verify) is not judged in this run:
+    a purge cannot be undone and the batch's day is unknown; the next run records it (late) and
+    judges it (found by review). Its person's records are withheld from record-level releases by
+    the opt-out rules meanwhile, and a trail that does not verify stops every run at its start.
 
     What the haven keeps of them, all in one transaction:
 
@@ -151,7 +155,10 @@ def purge_late_type1(
     c, sender = contract.collection, q(contract.practice_field or "")
     landings.record_unrecorded(con, c)  # a landing not on the trail yet: adopted or recorded late first
     received = landings.load_received(con, [c])  # when each batch landed, as the trail records it
-    late = never_sent_sql(f"SELECT _batch, _row, pid, {sender} AS sender FROM haven.{c}", received)
+    on_record = (
+        f"SELECT _batch, _row, pid, {sender} AS sender FROM haven.{c} WHERE _batch IN (SELECT batch_id FROM {received})"
+    )
+    late = never_sent_sql(on_record, received)
     rows = con.execute(f"SELECT sender, count(*), list(DISTINCT _batch) FROM ({late}) GROUP BY 1").fetchall()
     if not rows:
         con.execute(f"DROP TABLE {received}")

@@ -186,6 +186,52 @@ def test_a_gp_batch_not_on_the_trail_once_the_rule_started_is_recorded_late_and_
     assert trail.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] == 0
 
 
+def test_a_gp_batch_whose_register_row_was_deleted_is_still_judged_by_the_trail(trail) -> None:
+    """An insider deletes the GP batch's register row: its records are judged by the trail's time
+    (and landed now with no entry either), never dropped from the rule (found by review: an inner
+    join on the register let them escape)."""
+    _gp_batch(trail, register=AFTER_IT, recorded=AFTER_IT)
+    trail.execute(f"DELETE FROM {schema.BATCHES} WHERE batch_id = ?", [GP_BATCH])
+    assert _never_sent(trail)
+
+
+def _break_trail(con: duckdb.DuckDBPyConnection) -> None:
+    """The trail stops verifying, as after any edited row: it takes no more entries."""
+    con.execute(f"UPDATE {schema.AUDIT_LOG} SET detail = '{{\"x\": 1}}' WHERE action = 'test.start'")
+    assert not audit.append_if_sound(con, [{"actor": "t", "role": "pipeline", "action": "t.x", "object": "o"}])
+
+
+def test_a_gp_batch_the_trail_cannot_record_is_not_purged_in_that_run(trail) -> None:
+    """A batch with no landing entry while the trail does not verify (it refuses the entry): its day
+    is unknown, and a purge cannot be undone, so the run does not judge it; a record sent before its
+    person's objection on a haven from before the rule is kept (found by review: taken as landed now,
+    it was purged for good)."""
+    _gp_batch(trail, register=BEFORE_IT, recorded=None)
+    contract, purge = _haven_row(trail)
+    _break_trail(trail)
+    assert purge(trail, contract, [contract]) == (0, 0)
+    assert trail.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] == 1
+
+
+def test_a_disposal_puts_landings_on_record_first_so_its_vault_sets_agree_with_the_purge(home: Home) -> None:
+    """On a haven from before the rule, a disposal run before any landing step, sweep or haven step
+    judged a GP batch with no landing entry as landed now (its records supporting no vault entry)
+    while the purge adopted it and kept them. A disposal now records unrecorded landings first,
+    as the purge and the sweep do (``safehaven.dispose.run.record_landings``)."""
+    from safehaven.context import Haven
+    from safehaven.dispose import disposal
+    from safehaven.intake.contracts import ContractRegistry
+
+    with Store(home).connect() as con:
+        audit.append(con, actor="test", role="pipeline", action="test.start", object="haven", home=home)
+        schema.ensure(con, schema.BATCHES)
+        _gp_batch(con, register=BEFORE_IT, recorded=None)
+    haven = Haven.open(home, contracts=ContractRegistry())
+    disposal.dispose(haven, disposal.Target.for_collection("hospital_episodes", date(2000, 1, 1)), authorised_by="x")
+    with Store(home).connect(read_only=True) as con:
+        assert landings.received(con, "gp_events") == {GP_BATCH: BEFORE_IT}
+
+
 def test_register_as_known_at_an_earlier_time() -> None:
     con = _memory()
     then = datetime(2024, 5, 1, tzinfo=UTC)
