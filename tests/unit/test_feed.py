@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from safehaven.context import Haven as Context
 from safehaven.core import audit, days
 from safehaven.core import registers as reg
+from safehaven.core.days import haven_today
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -545,7 +546,7 @@ def test_a_refused_objections_batch_is_a_fault_even_without_its_reason_file(tmp_
             f"INSERT INTO {BATCHES} VALUES ('{'ab' * 32}', 'objections', 'objections_daily.csv', '{'ab' * 32}', 5, "
             "now(), 'refused', 1, now(), '1.0.0', NULL, NULL)"
         )
-        problems = feed.feed_problems(con, home, date.today(), 31)
+        problems = feed.feed_problems(con, home, haven_today(), 31)
         faults = feed.unresolved(con)
     assert [f.sha256 for f in faults] == ["ab" * 32]
     assert any("objections_daily.csv" in p and "refused at validation" in p for p in problems)
