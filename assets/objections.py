@@ -3,13 +3,14 @@ objection feed with its blocking check ``objections_feed_complete`` (safehaven.p
 an objections file or row is unresolved, or the register is stale, no record-level release runs),
 and the objection-rate monitor with its warning check (Govt response 7.15)."""
 
-from datetime import date, datetime
+from datetime import datetime
 
 import dagster as dg
 import duckdb
 
 from assets import keys
 from resources.haven import SafeHavenResource
+from safehaven.core.days import haven_today
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.validation import ensure_tables_validated
 from safehaven.protect import feed, register_seal
@@ -59,7 +60,7 @@ def feed_asset() -> dg.AssetsDefinition:
         except feed.ObjectionFeedBlocked as exc:  # an unreadable window: refuse, in one line
             raise dg.Failure(description=str(exc), metadata={"window_days": "refused"}) from None
         with haven.connect() as con:
-            problems = feed.feed_problems(con, haven.home_dir(), date.today(), window, haven.registry().contracts)
+            problems = feed.feed_problems(con, haven.home_dir(), haven_today(), window, haven.registry().contracts)
             faults = feed.unresolved(con)
             refreshed = feed.refreshed_on(con)
             events = int(con.execute(f"SELECT count(*) FROM {EVENTS}").fetchone()[0])

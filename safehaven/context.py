@@ -11,7 +11,9 @@ packaged ``data_contracts/``), the ``actor`` recorded in the audit trail and reg
 * tests and tools call ``Haven.open``.
 
 ``Haven.open`` is the one place where the defaults are chosen: the key ring of the home's
-``keys/`` (no custodian) when none is given, the OS user as the actor, the local date as today.
+``keys/`` (no custodian) when none is given, the OS user as the actor, the haven's day as today: the
+UK calendar day, whatever the host's zone (``safehaven.core.days.haven_today``; CoP 11-14: the
+objection dates are UK dates, and an objection applies from its recorded date).
 The contracts are never defaulted: the caller names them, so a deployment's own contracts root
 (``$SAFEHAVEN_CONTRACTS``, the resource's ``contracts``) cannot be bypassed by a function that
 finds the packaged ones on its own. No domain function builds a ``ContractRegistry`` when it is
@@ -28,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import date
 
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.registers import current_actor
@@ -60,14 +63,15 @@ class Haven:
         today: date | None = None,
     ) -> Haven:
         """The usual context, and the one place defaults are chosen: ``keyring`` the home's key ring
-        without a custodian, ``actor`` the OS user (``current_actor``), ``today`` the local date.
+        without a custodian, ``actor`` the OS user (``current_actor``), ``today`` the haven's (UK) day
+        (``haven_today``, module docstring).
         ``contracts`` has no default (module docstring)."""
         return cls(
             home=home,
             keyring=keyring if keyring is not None else KeyRing(home.keys),
             contracts=contracts,
             actor=actor if actor is not None else current_actor(),
-            today=today if today is not None else date.today(),
+            today=today if today is not None else haven_today(),
         )
 
     def store(self) -> Store:

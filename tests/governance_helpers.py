@@ -22,6 +22,7 @@ import duckdb
 import yaml
 
 from safehaven.core import audit, registers
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.sql import q
@@ -139,7 +140,7 @@ def record_unchecked_decision(con: duckdb.DuckDBPyConnection, registry: Contract
             s.sha256,
             decision=s.agreement.approval.status,
             by=GOVERNANCE_LEAD,
-            on=date.today(),
+            on=haven_today(),
             reason="decided before adoption checked the file",
             source=approvals.SOURCE_FILE,
             actor="ig-lead",

@@ -21,6 +21,7 @@ import click
 from safehaven.cli.common import contracts_from_env, haven_from_env, registry_from_env
 from safehaven.cli.common import ensure_home as _home
 from safehaven.cli.common import fail as _fail
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.legal_basis import BASES_IN_ORDER
@@ -316,7 +317,7 @@ def draft_agreement(
         _fail(str(exc))
     if path.exists():
         _fail(f"{path} already exists")
-    day = _parse_day(start) or date.today()
+    day = _parse_day(start) or haven_today()
     parsed = []
     for item in fields:
         collection, _, name = item.partition(".")

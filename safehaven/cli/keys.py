@@ -27,7 +27,7 @@ import io
 import json
 import os
 import sys
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
@@ -43,6 +43,7 @@ from safehaven.cli.common import (
     haven_from_env,
     registry_from_env,
 )
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 
 if TYPE_CHECKING:
@@ -343,7 +344,7 @@ def objections_record(
 
     _check_objection(nhs_number, objection_type, source_practice)
     contract = registry_from_env().objections()
-    recorded = (recorded_date.date() if recorded_date else date.today()).isoformat()
+    recorded = (recorded_date.date() if recorded_date else haven_today()).isoformat()
     withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
     row = {
         contract.patient_key: canonical_nhs(nhs_number),

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import date, datetime
+from datetime import datetime
 
 import click
 
 from safehaven.cli.common import ensure_home, fail, objections_window_from_env, registry_from_env
+from safehaven.core.days import haven_today
 
 #: what apply-held says when held withdrawals were superseded (CoP 11-14; a count, never a value)
 SUPERSEDED_NOTE = (
@@ -128,7 +129,7 @@ def register(main: click.Group) -> None:
         home = ensure_home()
         try:
             with Store(home).connect() as con:
-                feed.attest_refresh(con, as_of.date(), by=by, reason=reason, today=date.today())
+                feed.attest_refresh(con, as_of.date(), by=by, reason=reason, today=haven_today())
         except ValueError as exc:
             fail(f"safehaven objections refreshed: {exc}")
         click.echo(json.dumps({"refreshed_as_of": as_of.date().isoformat(), "by": by, "audited": True}))

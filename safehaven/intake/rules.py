@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Literal
 
+from safehaven.core.days import haven_today
 from safehaven.core.identifiers import (
     CHECK_WEIGHTS,
     canonical_nhs_sql,
@@ -326,7 +327,7 @@ def compile_checks(
     whole batch: a window). ``today`` fixes what "no future dates" means for one validation
     run (the GX suite is compiled with the same day).
     """
-    today = today or date.today()
+    today = today or haven_today()
     typed = over == "typed"
 
     def value(spec: FieldSpec) -> str:

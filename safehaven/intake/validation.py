@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from safehaven.core import schema
+from safehaven.core.days import haven_today
 from safehaven.core.sql import lit, q
 from safehaven.core.store import insert_values, table_exists
 from safehaven.intake import batch_seal
@@ -414,7 +415,7 @@ def validate_collection(
         return report
     from safehaven.intake.expectations import compile_suite  # imports Great Expectations (seconds)
 
-    today = today or date.today()
+    today = today or haven_today()
     checks = compile_checks(contract, registry, today, over="typed")
     suite = compile_suite(contract, registry, today, checks)
     clock = _Clock(report.seconds)

@@ -60,6 +60,7 @@ from typing import NamedTuple
 import duckdb
 
 from safehaven.core import schema
+from safehaven.core.days import haven_today_sql
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
 from safehaven.core.sql import haven_day_sql, lit, q
@@ -90,15 +91,27 @@ _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([+-]\d{2}(:?\d{2})?|Z)?")
 
 
-def as_of_sql(as_of: str | date | datetime = "current_date") -> str:
-    """A safe SQL DATE expression for an as-of date: ``current_date``, a date, or ``YYYY-MM-DD``."""
+#: the word an as-of date may be given as for "the haven's day": kept as DuckDB's name, never
+#: rendered as DuckDB's ``current_date`` (the host's day)
+TODAY = "current_date"
+
+
+def as_of_sql(as_of: str | date | datetime | None = None) -> str:
+    """A safe SQL DATE expression for an as-of date: a date, ``YYYY-MM-DD``, or (``None`` or
+    ``"current_date"``) the haven's day, ``safehaven.core.days.haven_today_sql``: the UK calendar
+    day, whatever the host's zone, as the objection dates are UK dates (CoP 11-14; NDOP: an
+    objection applies from its recorded date). DuckDB's ``current_date`` is the host's day: from
+    00:00 to 01:00 BST on a UTC host it is yesterday, and an objection recorded today was not yet in
+    force (fail open)."""
+    if as_of is None:
+        return haven_today_sql()
     if isinstance(as_of, datetime):
         return f"DATE '{as_of.date().isoformat()}'"
     if isinstance(as_of, date):
         return f"DATE '{as_of.isoformat()}'"
     text = as_of.strip()
-    if text.lower() == "current_date":
-        return "current_date"
+    if text.lower() == TODAY:
+        return haven_today_sql()
     if _DATE.fullmatch(text):
         return f"DATE '{text}'"
     raise ValueError(f"as_of must be 'current_date' or a YYYY-MM-DD date, not {as_of!r}")
@@ -471,14 +484,15 @@ def episodes_sql(known_at: str | datetime | None = None) -> str:
     )
 
 
-def in_force_sql(as_of: str | date = "current_date") -> str:
-    """SQL predicate over an episode: in force on ``as_of`` (recorded by it, not withdrawn by it)."""
+def in_force_sql(as_of: str | date | None = None) -> str:
+    """SQL predicate over an episode: in force on ``as_of`` (recorded by it, not withdrawn by it);
+    by default on the haven's (UK) day (:func:`as_of_sql`)."""
     d = as_of_sql(as_of)
     return f"(recorded_date <= {d} AND (withdrawn_date IS NULL OR withdrawn_date > {d}))"
 
 
 def objectors_sql(
-    as_of: str | date = "current_date",
+    as_of: str | date | None = None,
     types: tuple[str, ...] = (NATIONAL_OPT_OUT,),
     known_at: str | datetime | None = None,
 ) -> str:
@@ -493,7 +507,7 @@ def objectors_sql(
     )
 
 
-def current_sql(as_of: str | date = "current_date") -> str:
+def current_sql(as_of: str | date | None = None) -> str:
     """SQL relation (pid, objection_type, in_force): each person's state per type on ``as_of``."""
     return (
         f"SELECT pid, objection_type, bool_or({in_force_sql(as_of)}) AS in_force "
@@ -501,7 +515,7 @@ def current_sql(as_of: str | date = "current_date") -> str:
     )
 
 
-def type1_objectors_sql(as_of: str | date = "current_date") -> str:
+def type1_objectors_sql(as_of: str | date | None = None) -> str:
     """SQL relation of pids with a type 1 objection in force."""
     return objectors_sql(as_of, (TYPE1,))
 
@@ -678,7 +692,7 @@ def binomial_upper(n: int, p0: float, x: int, alpha: float = ALPHA_UPPER) -> tup
 def objection_rates(
     con: duckdb.DuckDBPyConnection,
     objection_type: str = TYPE1,
-    as_of: str | date = "current_date",
+    as_of: str | date | None = None,
     alpha: float = ALPHA_UPPER,
     gp_sources: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
 ) -> list[PracticeRate]:

@@ -54,6 +54,7 @@ from typing import get_args
 import duckdb
 
 from safehaven.core import registers, schema
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import check_agreement_id
 from safehaven.core.legal_basis import EXEMPT_BASES, LEGAL_BASES, OPT_OUT_EXEMPT
@@ -130,7 +131,7 @@ def apply_optouts(
     pid_col: str,
     legal_basis: str,
     identifiability: str,
-    as_of: str = "current_date",
+    as_of: str | date | None = None,
     *,
     gp_sourced: bool = False,
     by_choice: bool = False,
@@ -140,7 +141,8 @@ def apply_optouts(
     Returns ``(sql, withheld, decision)``: the SQL of ``relation_sql`` without the records of
     people objecting on ``as_of`` (unchanged when the decision does not apply), the number of
     records withheld, and the decision (its ``overruled`` counts objectors' records kept when
-    it does not apply). ``pid_col`` is the haven pseudonym column. Everything runs in DuckDB;
+    it does not apply). ``as_of`` defaults to the haven's (UK) day (``safehaven.core.days``).
+    ``pid_col`` is the haven pseudonym column. Everything runs in DuckDB;
     the returned SQL reads the register, so run it on the same connection.
     """
     decision = decide(legal_basis, identifiability, by_choice=by_choice)
@@ -246,7 +248,8 @@ def notices(
     ensure_tables(con)
     since = _since(con, agreement_id, since_release_id)
     types = objector_types(gp_sourced)
-    now_set = objectors_sql("current_date", types)
+    today = haven_today()  # the haven's (UK) day, for the objectors now and the notice's date alike
+    now_set = objectors_sql(today, types)
     if since is None:
         then_set = "SELECT NULL::VARCHAR AS pid WHERE false"
     else:
@@ -271,7 +274,7 @@ def notices(
     ).fetchone()
     report = NoticeReport(
         agreement_id=agreement_id,
-        as_of=date.today().isoformat(),
+        as_of=today.isoformat(),
         since=since.isoformat() if since else None,
         release_id=latest[0] if latest else None,
         objected=[p for p, c in rows if c == "objected"],

@@ -65,13 +65,13 @@ import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import duckdb
 
 from safehaven.context import Haven
 from safehaven.core import audit, runs
+from safehaven.core.days import haven_today
 from safehaven.core.files import shred_file
 from safehaven.core.home import Home
 from safehaven.core.keys import (
@@ -285,7 +285,7 @@ def _crosswalks(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, ol
         folder = _crosswalk_staging(home) / agreement_id
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)
-        path = folder / f"{date.today().isoformat()}-{new.key_id}.csv"
+        path = folder / f"{haven_today().isoformat()}-{new.key_id}.csv"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", newline="") as fh:
             writer = csv.writer(fh)

@@ -106,6 +106,7 @@ import duckdb
 from pydantic import Field, field_validator, model_validator
 
 from safehaven.core import schema
+from safehaven.core.days import haven_today
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
 from safehaven.intake.contracts import NAME, ContractRegistry, Strict, load_named_yaml, unique_names
@@ -608,7 +609,7 @@ def reporting_period(
     con: duckdb.DuckDBPyConnection, output: Output, registry: ContractRegistry, today: date | None = None
 ) -> Period:
     """First month any collection covers to the last complete month all of them cover."""
-    cap = last_complete_month_end(today or date.today())
+    cap = last_complete_month_end(today or haven_today())
     starts, ends, records = [], [], {}
     for name in output.collections:
         contract = registry.contracts[name]

@@ -81,6 +81,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safehaven.core import yamlio
+from safehaven.core.days import haven_today
 from safehaven.core.legal_basis import CONFIDENTIAL_BASES, LegalBasis
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.protect.pseudonymise import haven_coarsening
@@ -232,14 +233,14 @@ class Agreement(_Strict):
 
     def status_on(self, day: date | None = None) -> Status:
         """The status in effect: an approved agreement past its end date is ``expired``."""
-        day = day or date.today()
+        day = day or haven_today()
         if self.approval.status == "approved" and day > self.end_date:
             return "expired"
         return self.approval.status
 
     def in_force(self, day: date | None = None) -> tuple[bool, str]:
         """Whether data may flow under this agreement on ``day``, and if not, why not."""
-        day = day or date.today()
+        day = day or haven_today()
         status = self.status_on(day)
         if status == "expired":
             return False, f"agreement {self.id} expired on {self.end_date.isoformat()}"
@@ -497,7 +498,7 @@ def term_problems(agreement: Agreement, *, today: date | None = None) -> list[st
     onward sharing states its terms; an approved (or suspended, or expired) agreement names its
     approver and a date not in the future; a suspended one its reason; no TODO is left.
     """
-    today = today or date.today()
+    today = today or haven_today()
     a = agreement
     found: list[str] = []
     if not a.recipient.public_body and a.instrument != "contract":
@@ -592,7 +593,7 @@ def approve(
 
     Refused when the agreement does not validate as approved, or has passed its end date.
     """
-    today = today or date.today()
+    today = today or haven_today()
     if len(approver.strip()) < 3:
         raise AgreementError('name the approver and their role, e.g. "Name, Caldicott Guardian"')
     path = agreement_path(agreement_id, root)
@@ -608,7 +609,7 @@ def approve(
 
 def suspend(agreement_id: str, reason: str, by: str, *, root: Path, today: date | None = None) -> Agreement:
     """Suspend an approved agreement: nothing is released under it until it is re-approved."""
-    today = today or date.today()
+    today = today or haven_today()
     if len(reason.strip()) < 5:
         raise AgreementError("give the reason for the suspension")
     path = agreement_path(agreement_id, root)

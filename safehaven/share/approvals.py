@@ -50,6 +50,7 @@ import duckdb
 
 from safehaven.core import audit, schema
 from safehaven.core import registers as reg
+from safehaven.core.days import haven_today
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.store import table_exists
@@ -386,7 +387,7 @@ def approve(
 
     Refused for an agreement past its end date, or whose file's own block says ``suspended``
     (a file can withhold, never grant: module docstring)."""
-    today = today or date.today()
+    today = today or haven_today()
     if len(approver.strip()) < MIN_NAME:
         raise AgreementError('name the approver and their role, e.g. "Name, Caldicott Guardian"')
     path = agreement_path(agreement_id, registry.root)
@@ -430,7 +431,7 @@ def suspend(
     today: date | None = None,
 ) -> Decision:
     """Suspend an approved agreement: nothing flows under it until it is approved again."""
-    today = today or date.today()
+    today = today or haven_today()
     if len(reason.strip()) < MIN_REASON:
         raise AgreementError("give the reason for the suspension")
     path = agreement_path(agreement_id, registry.root)
@@ -521,7 +522,7 @@ def adopt(
     rule 2).
     """
     _check_adopter(by, reason)
-    today = today or date.today()
+    today = today or haven_today()
     ids = sorted(scan_agreements(registry.root)[0]) if agreement_ids is None else agreement_ids
     found = [load_standing(con, aid, registry.root) for aid in ids]
     refused = adoption_problems(found, registry, today)

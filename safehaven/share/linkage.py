@@ -26,6 +26,7 @@ from datetime import date
 import duckdb
 
 from safehaven.core import audit
+from safehaven.core.days import haven_today
 from safehaven.core.registers import current_actor, record_breach
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.share.agreements import Agreement, problems
@@ -57,7 +58,7 @@ def find_authority(
     identifiability: str | None = None,
 ) -> tuple[Agreement | None, str]:
     """The first agreement (by id) authorising the join, or None and why none does. No side effects."""
-    today = today or date.today()
+    today = today or haven_today()
     if left == right:
         return None, f"a linkage needs two different collections, not {left} with itself"
     reasons: list[str] = []

@@ -189,7 +189,7 @@ def reidentify(
         matched = con.execute("SELECT count(*) FROM _reid_match").fetchone()[0]
         result.not_released = len(well_formed) - matched
         if decision.applied:
-            objectors = objectors_sql("current_date", optouts.objector_types(gp))
+            objectors = objectors_sql(None, optouts.objector_types(gp))  # the haven's (UK) day
             result.withheld_objection = con.execute(
                 f"SELECT count(*) FROM _reid_match WHERE pid IN ({objectors})"
             ).fetchone()[0]

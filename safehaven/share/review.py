@@ -79,6 +79,7 @@ import duckdb
 
 from safehaven.core import audit, schema
 from safehaven.core import registers as reg
+from safehaven.core.days import haven_today
 from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.files import sha256_file, sha256_plain, shred_tree
 from safehaven.core.home import Home
@@ -1096,9 +1097,10 @@ def _withdraw_hint(req: Request) -> str:
 
 
 def _today() -> date:
-    """The day a delivery is judged on, by every check of it (the agreement's dates and the
-    objection feed's freshness): the local date, as a run's ``today`` (``safehaven.context``)."""
-    return datetime.now().date()
+    """The day a delivery is judged on, by every check of it (the agreement's dates, the objection
+    feed's freshness and the objections in force now): the haven's (UK) day, as a run's ``today``
+    (``safehaven.context``; ``safehaven.core.days``: CoP 11-14, objection dates are UK dates)."""
+    return haven_today()
 
 
 def _agreement_in_force(
@@ -1303,7 +1305,7 @@ def _no_optout_since(con: duckdb.DuckDBPyConnection, req: Request) -> None:
     from safehaven.protect.feed import ObjectionFeedBlocked
     from safehaven.protect.objections import NATIONAL_OPT_OUT, objectors_sql
 
-    since = _members_objecting(con, req, objectors_sql("current_date", (NATIONAL_OPT_OUT,)))
+    since = _members_objecting(con, req, objectors_sql(_today(), (NATIONAL_OPT_OUT,)))
     if since:
         raise ObjectionFeedBlocked(f"{since} person(s) in it have opted out since it was prepared")
 
@@ -1316,7 +1318,7 @@ def _no_type1_since(con: duckdb.DuckDBPyConnection, req: Request) -> None:
     from safehaven.protect.objections import TYPE1, objectors_sql
 
     then = objectors_sql(req.prepared_at.date(), (TYPE1,), known_at=req.prepared_at)
-    since = _members_objecting(con, req, f"{objectors_sql('current_date', (TYPE1,))} EXCEPT {then}")
+    since = _members_objecting(con, req, f"{objectors_sql(_today(), (TYPE1,))} EXCEPT {then}")
     if since:
         raise ObjectionFeedBlocked(
             f"{since} person(s) in it have a type 1 objection registered since it was prepared "

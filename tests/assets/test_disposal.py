@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -13,6 +13,7 @@ from assets.definitions import build_definitions, defs
 from assets.runner import run_nightly
 from safehaven.context import Haven
 from safehaven.core import audit
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
@@ -142,7 +143,7 @@ def test_job_config_names_a_collection_or_an_agreement(ran, dagster_instance) ->
     refused = _run(dagster_instance, {"agreement": GP_AUDIT})  # in force: refused, nothing changed
     assert not refused.success
     assert KeyRing(home.keys).exists(f"agreement-{GP_AUDIT}")
-    tomorrow = (date.today() + timedelta(days=1)).isoformat()
+    tomorrow = (haven_today() + timedelta(days=1)).isoformat()
     done = _run(
         dagster_instance,
         {"collection": "social_care", "before": tomorrow, "authorised_by": "Dr A. Example, Caldicott Guardian"},

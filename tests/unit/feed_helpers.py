@@ -19,6 +19,7 @@ import pytest
 from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven as Context
 from safehaven.core import registers as reg
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
@@ -43,7 +44,7 @@ from tests.governance_helpers import (
 )
 
 COLUMNS = ["nhs_number", "objection_type", "recorded_date", "withdrawn_date", "source_practice"]
-TODAY = date.today()
+TODAY = haven_today()
 FUTURE = (TODAY + timedelta(days=30)).isoformat()
 #: hospital_episodes holds two records per person (small_haven)
 EPISODES_EACH = 2

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from safehaven.core.days import haven_today
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.share.agreements import (
     AgreementError,
@@ -194,7 +195,7 @@ CONTRADICTIONS = [
             "approval": {
                 "status": "approved",
                 "approver": "Dr X, CG",
-                "date": (date.today() + timedelta(days=30)).isoformat(),
+                "date": (haven_today() + timedelta(days=30)).isoformat(),
             }
         },
         "is in the future",
@@ -268,7 +269,7 @@ def test_approve_rewrites_only_the_approval_block(root: Path, registry: Contract
     original = "# a comment the governance lead wrote\n" + path.read_text() + "# trailing comment\n"
     path.write_text(original)
     a = approve("test-linked", "Dr A. Example, Caldicott Guardian", root=root, registry=registry)
-    assert a.approval == Approval(status="approved", approver="Dr A. Example, Caldicott Guardian", date=date.today())
+    assert a.approval == Approval(status="approved", approver="Dr A. Example, Caldicott Guardian", date=haven_today())
     text = path.read_text()
     assert text.startswith("# a comment the governance lead wrote\n")
     assert text.endswith("# trailing comment\n")
@@ -295,7 +296,7 @@ def test_suspend_then_reapprove(root: Path, registry: ContractRegistry) -> None:
     write_agreement(root, agreement_data())
     a = suspend("test-linked", "audit of onward sharing pending", "Dr A. Example, Caldicott Guardian", root=root)
     assert a.approval.status == "suspended" and a.approval.reason == "audit of onward sharing pending"
-    assert a.approval.suspended_on == date.today()
+    assert a.approval.suspended_on == haven_today()
     assert a.approval.approver == "Dr Test, Caldicott Guardian", "the original approval is kept"
     assert not a.in_force()[0]
     assert problems(a, registry) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -23,6 +22,7 @@ from safehaven.cli.main import main
 from safehaven.context import Haven as Context
 from safehaven.core import audit
 from safehaven.core import registers as reg
+from safehaven.core.days import haven_today
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
@@ -146,7 +146,9 @@ def test_a_file_saying_suspended_is_not_overridden_by_an_approval_in_the_store(h
     assert result.status == SKIPPED and "is suspended: audit due" in result.reason
     # and were the store to hold an approval of those very bytes, the file's suspension still stands
     file_says = approvals.load_standing(haven.con, LINKED, haven.registry.root)
-    approved = approvals.Decision(LINKED, "approved", GOVERNANCE_LEAD, date.today(), None, sha256_file(path), "command")
+    approved = approvals.Decision(
+        LINKED, "approved", GOVERNANCE_LEAD, haven_today(), None, sha256_file(path), "command"
+    )
     standing = approvals.Standing(file_says.agreement, file_says.sha256, approved)
     assert standing.in_force() == (False, f"agreement {LINKED} is suspended: audit due")
     assert agreement_file(haven.registry, LINKED, haven.con).status_on() == "suspended"  # type: ignore[union-attr]
@@ -306,7 +308,6 @@ def test_a_decision_changed_in_the_store_and_in_its_audit_entry_does_not_verify(
 
 
 def test_disposal_neither_acts_on_nor_ignores_a_decision_that_is_not_the_trails(haven: Haven) -> None:
-    from datetime import date
 
     from safehaven.dispose import schedule
     from safehaven.dispose.model import DisposalError
@@ -316,7 +317,7 @@ def test_disposal_neither_acts_on_nor_ignores_a_decision_that_is_not_the_trails(
     _approve_with_sql(haven, sha256_file(path), decision="suspended")  # "suspended", by no one
     haven.con.execute(f"UPDATE {approvals.DECISIONS} SET reason = 'breach of onward sharing' WHERE decision_id = 2")
     agreement = approvals.load_standing(haven.con, LINKED, haven.registry.root).agreement
-    [item] = schedule._agreement_items(haven.home, LINKED, agreement, path, haven.con, date.today())
+    [item] = schedule._agreement_items(haven.home, LINKED, agreement, path, haven.con, haven_today())
     assert item.action == "review" and "not the audit trail's latest" in item.reason
     with pytest.raises(DisposalError, match="not the audit trail's latest"):
         agreement_file(haven.registry, LINKED, haven.con)

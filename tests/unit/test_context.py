@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 
 from safehaven.context import Haven
+from safehaven.core import days
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.registers import current_actor
@@ -32,9 +33,16 @@ def test_open_chooses_the_defaults_in_one_place(home: Home) -> None:
     assert haven.home == home and haven.contracts is registry
     assert haven.keyring.directory == home.keys and haven.keyring.custodian is None
     assert haven.actor == current_actor()
-    assert haven.today == date.today()
+    assert haven.today == days.haven_today()
     store = haven.store()
     assert store.home == home and store.keyring is haven.keyring
+
+
+def test_the_default_today_is_the_uk_day_not_the_hosts(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 00:30 BST on 2 July (23:30 UTC on 1 July, still 1 July on a host in UTC) the context's
+    today is 2 July: the haven's day is the UK day (``safehaven.core.days``; CoP 11-14)."""
+    monkeypatch.setattr(days, "clock", lambda: datetime(2099, 7, 1, 23, 30, tzinfo=UTC))
+    assert Haven.open(home, contracts=ContractRegistry()).today == date(2099, 7, 2)
 
 
 def test_open_keeps_what_it_is_given_and_never_defaults_the_contracts(home: Home, tmp_path: Path) -> None:

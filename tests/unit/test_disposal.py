@@ -31,6 +31,7 @@ import pytest
 
 from safehaven.context import Haven
 from safehaven.core import audit
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path, table_exists
@@ -751,9 +752,9 @@ def test_due_finds_retention_expiry_and_suspension_for_breach(world: World) -> N
     items = disposal.due(world.context())
     collections = {i.target.collection for i in items if i.action == "dispose" and i.target.kind == "collection"}
     assert collections == set(CONTENT), "2015 receipts are past the contracts' seven years"
-    assert all(i.target.before == date.today() - timedelta(days=2557) for i in items if i.target.kind == "collection")
+    assert all(i.target.before == haven_today() - timedelta(days=2557) for i in items if i.target.kind == "collection")
     assert not [i for i in items if i.target.kind == "agreement"]  # in force, release is new
-    later = date.today() + timedelta(days=400)
+    later = haven_today() + timedelta(days=400)
     releases = [i for i in disposal.due(world.context(later)) if i.target.kind == "agreement"]
     assert [(i.action, i.target.releases) for i in releases] == [("dispose", (f"{STUDY}-r0001",))]
     suspend(STUDY, "pending an audit of the recipient", "SIRO", root=world.registry.root)
@@ -1260,7 +1261,7 @@ def test_a_release_dated_forward_in_the_release_register_still_goes_at_its_reten
     """Dating the release to 2099 in the register would keep the haven's copy past its retention:
     the delivery on record still makes it due, and the register's time is named for review."""
     _date_release(world, "2099-01-01")
-    due, review_item = _agreement_items(world, date.today() + timedelta(days=400))
+    due, review_item = _agreement_items(world, haven_today() + timedelta(days=400))
     assert (due.action, due.target.releases) == ("dispose", (RELEASE,))
     assert review_item.action == "review" and review_item.detail["register_differs"] == [RELEASE]
 

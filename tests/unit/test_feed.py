@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safehaven.context import Haven as Context
-from safehaven.core import audit
+from safehaven.core import audit, days
 from safehaven.core import registers as reg
+from safehaven.core.days import haven_today
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.store import Store
@@ -545,7 +546,7 @@ def test_a_refused_objections_batch_is_a_fault_even_without_its_reason_file(tmp_
             f"INSERT INTO {BATCHES} VALUES ('{'ab' * 32}', 'objections', 'objections_daily.csv', '{'ab' * 32}', 5, "
             "now(), 'refused', 1, now(), '1.0.0', NULL, NULL)"
         )
-        problems = feed.feed_problems(con, home, date.today(), 31)
+        problems = feed.feed_problems(con, home, haven_today(), 31)
         faults = feed.unresolved(con)
     assert [f.sha256 for f in faults] == ["ab" * 32]
     assert any("objections_daily.csv" in p and "refused at validation" in p for p in problems)
@@ -1544,6 +1545,24 @@ def test_the_day_learnt_is_the_uk_day_so_a_same_uk_day_withdrawal_after_midnight
     haven.run()
     assert _in_force(haven, 10)
     assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
+
+
+def test_an_objection_recorded_today_is_withheld_from_a_release_prepared_after_uk_midnight(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release prepared at 00:30 BST on 2 July (23:30 UTC on 1 July) withholds a person whose
+    opt-out was recorded on 2 July: the run's today and the objections in force are the haven's
+    (UK) day (``safehaven.core.days``), not the host's, still 1 July on a host in UTC (CoP 11-14;
+    NDOP: an objection applies from its recorded date)."""
+    monkeypatch.setattr(days, "clock", lambda: datetime(2099, 7, 1, 23, 30, tzinfo=UTC))
+    haven.con.execute("SET TimeZone = 'UTC'")  # a host in UTC
+    haven.drop("objections.csv", [opt_out(10, recorded="2099-07-02")])
+    assert haven.run()
+    feed.attest_refresh(haven.con, date(2099, 7, 2), by="Dr Guardian", reason="checked", today=days.haven_today())
+    result = haven.release()  # the context's default today
+    members = haven.members(result.release_id)
+    assert haven.pids[NHS[10]] not in members
+    assert haven.pids[NHS[11]] in members
 
 
 def test_a_stale_withdrawal_is_applied_by_a_persons_decision_and_listed_until_then(haven: Haven) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from safehaven.core import audit, registers, schema
+from safehaven.core import audit, days, registers, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store, table_exists
@@ -29,6 +29,7 @@ from safehaven.protect.objections import (
     never_sent_sql,
     objection_rates,
     objectors_sql,
+    type1_objectors_sql,
 )
 from safehaven.protect.pseudonymise import hmac_sql, install_key
 from tests.unit.populate import populated
@@ -230,6 +231,26 @@ def test_a_disposal_puts_landings_on_record_first_so_its_vault_sets_agree_with_t
     disposal.dispose(haven, disposal.Target.for_collection("hospital_episodes", date(2000, 1, 1)), authorised_by="x")
     with Store(home).connect(read_only=True) as con:
         assert landings.received(con, "gp_events") == {GP_BATCH: BEFORE_IT}
+
+
+def test_an_objection_recorded_today_is_in_force_from_uk_midnight_not_the_hosts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 00:30 BST on 2 July (23:30 UTC on 1 July), objections recorded on 2 July are in force: the
+    default as-of day is the haven's (UK) day (``safehaven.core.days``), not DuckDB's
+    ``current_date`` (the host's: still 1 July on a host in UTC, which let them through for an hour;
+    CoP 11-14, NDOP: an objection applies from its recorded date). At 23:30 BST on 1 July they are not."""
+    con = _memory()
+    con.execute("SET TimeZone = 'UTC'")  # a host in UTC
+    _event(con, "opted out", "national_opt_out", date(2099, 7, 2))
+    _event(con, "type 1", "type1", date(2099, 7, 2))
+    monkeypatch.setattr(days, "clock", lambda: datetime(2099, 7, 1, 23, 30, tzinfo=UTC))
+    assert _pids(con, objectors_sql()) == {"opted out"}
+    assert _pids(con, type1_objectors_sql()) == {"type 1"}
+    assert _pids(con, objectors_sql("current_date", ("type1", "national_opt_out"))) == {"opted out", "type 1"}
+    assert _pids(con, f"SELECT pid FROM ({current_sql()}) WHERE in_force") == {"opted out", "type 1"}
+    monkeypatch.setattr(days, "clock", lambda: datetime(2099, 7, 1, 22, 30, tzinfo=UTC))
+    assert _pids(con, objectors_sql(types=("type1", "national_opt_out"))) == set()
 
 
 def test_register_as_known_at_an_earlier_time() -> None:

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safehaven.core import audit
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.identifiers import canonical_nhs_sql, check_digit
 from safehaven.core.keys import KeyRing, agreement_key
@@ -308,7 +309,7 @@ def test_notices_use_the_recipients_pseudonym_domain(store: Store, home: Home) -
         ensure_tables(con)
         ensure_optout_tables(con)
         con.execute(f"INSERT INTO {MEMBERS} VALUES ('r1', 'study-a', ?, now() - INTERVAL 2 DAY)", [pid])
-        _event(con, pid, "national_opt_out", date.today(), None, datetime.now(UTC))
+        _event(con, pid, "national_opt_out", haven_today(), None, datetime.now(UTC))
         report = notices(
             con, agreement_id="study-a", recipient_key_name=install_agreement_key(con, keyring, "study-a"), write=False
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safehaven.cli.main import main
 from safehaven.context import Haven
 from safehaven.core import audit, registers
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, agreement_key
 from safehaven.core.store import Store
@@ -31,11 +32,11 @@ def _agreement(root: Path, agreement_id: str, basis: str, level: str = "identifi
     data.update(
         id=agreement_id,
         identifiability=level,
-        start_date=date.today() - timedelta(days=30),
-        end_date=date.today() + timedelta(days=300),
+        start_date=haven_today() - timedelta(days=30),
+        end_date=haven_today() + timedelta(days=300),
     )
     data["legal_basis"] = {"basis": basis, "reference": "test reference 1"}
-    data["approval"] = {"status": status, "approver": "Caldicott Guardian (test)", "date": date.today()}
+    data["approval"] = {"status": status, "approver": "Caldicott Guardian (test)", "date": haven_today()}
     if level != "identifiable":
         data["fields"] = [f for f in data["fields"] if f["field"] != "nhs_number"]
     (root / "agreements" / f"{agreement_id}.yaml").write_text(yaml.safe_dump(data))

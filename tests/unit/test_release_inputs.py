@@ -17,6 +17,7 @@ import duckdb
 import pytest
 
 from safehaven.context import Haven as Context
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
@@ -34,7 +35,7 @@ from tests.governance_helpers import (
     write_agreement,
 )
 
-TODAY = date.today()
+TODAY = haven_today()
 
 
 @dataclass

@@ -15,7 +15,7 @@ import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 
 from safehaven.context import Haven as Context
 from safehaven.core import audit
+from safehaven.core import days as haven_days
 from safehaven.core import registers as reg
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
@@ -623,7 +624,7 @@ def test_a_stopped_delivery_refused_then_withdrawn_leaves_nothing_in_releases(
 ) -> None:
     """The agreement expires before the next attempt: the refusal says where the moved files are,
     and withdrawing the request, as it says, shreds them (CoP 27b; found by review)."""
-    haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())
+    haven.add(identifiability="pseudonymised", end_date=haven_days.haven_today().isoformat())
     rid, folder = _stopped_after_the_move(haven)
     assert any(folder.glob("*.parquet")) and review.get(haven.con, rid).state == review.APPROVED
     _delivery_on(monkeypatch, days=1)  # the next attempt is the next day: the agreement has expired
@@ -644,7 +645,7 @@ def test_a_refused_delivery_stopped_after_its_registration_says_a_withdrawal_doe
     """Stopped after its register row, the delivery's files are a registered release: the refusal
     says where they are and that only a disposal of the agreement's data removes them, never that
     a withdrawal does (found by the re-read: it said so whether or not the release was registered)."""
-    haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())
+    haven.add(identifiability="pseudonymised", end_date=haven_days.haven_today().isoformat())
     rid = haven.prepare().release_id
     haven.approve(rid, R1)
     delivery_stopped(lambda: haven.approve(rid, R2), killed_in="_audit_delivery")
@@ -718,8 +719,10 @@ def test_an_approved_release_of_a_collection_held_since_preparation_is_not_deliv
 
 
 def _delivery_on(monkeypatch: pytest.MonkeyPatch, days: int) -> None:
-    """Deliveries from now on happen ``days`` later (``review``'s clock only)."""
+    """Deliveries from now on happen ``days`` later (``review``'s clock, and the haven's day:
+    ``safehaven.core.days.clock``, which the delivery's day is read from)."""
     later = datetime.now(UTC) + timedelta(days=days)
+    monkeypatch.setattr(haven_days, "clock", lambda: later)
 
     class Later(datetime):
         @classmethod
@@ -732,7 +735,7 @@ def _delivery_on(monkeypatch: pytest.MonkeyPatch, days: int) -> None:
 def test_a_request_prepared_in_force_is_not_delivered_once_its_agreement_has_expired(
     haven: Haven, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    haven.add(identifiability="pseudonymised", end_date=date.today().isoformat())  # its last day
+    haven.add(identifiability="pseudonymised", end_date=haven_days.haven_today().isoformat())  # its last day
     rid = haven.prepare().release_id
     haven.approve(rid, R1)
     _delivery_on(monkeypatch, days=1)  # the second checker gets round to it the next day
@@ -754,7 +757,7 @@ def test_an_agreement_file_suspended_or_ended_after_preparation_stops_delivery(h
     if change == "file suspended":
         data["approval"] = {**data["approval"], "status": "suspended", "reason": "onward sharing under audit"}
     else:
-        data["end_date"] = (date.today() - timedelta(days=1)).isoformat()
+        data["end_date"] = (haven_days.haven_today() - timedelta(days=1)).isoformat()
     write_agreement(haven.registry.root, data)
     haven.approve(rid, R1)
     with pytest.raises(review.ReviewError, match="not delivered: agreement test-linked changed since it was approved"):
