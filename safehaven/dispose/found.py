@@ -2,8 +2,11 @@
 files, incoming copies (CoP 49).
 
 Physical disposal destroys *all copies* (CoP 49): every file is listed with its size and SHA-256
-when the disposal is planned, so the certificate can show what was destroyed. Symbolic links are
-listed (and later unlinked) but never followed.
+when the disposal is planned, so the certificate can show what was destroyed. A symbolic link is
+never followed. A received one (in quarantine/) is listed and later unlinked. A link in a folder
+the haven wrote (a release, a staged request, the folder a stopped delivery left), or a link or
+anything but a folder in that folder's place, refuses the disposal (:func:`files_under`): the
+files it stands for may have been moved out of the disposal's reach.
 """
 
 from __future__ import annotations
@@ -52,25 +55,54 @@ def unreadable_refused(home: Home, path: Path, doing: str = "read") -> Iterator[
     try:
         yield
     except OSError as exc:
-        shown = shown_path(str(path.relative_to(home.root)) if path.is_relative_to(home.root) else path.name)
         raise DisposalError(
-            f"cannot {doing} {shown} ({type(exc).__name__}): give the haven's user access to it, or remove "
-            "it, then run the disposal again (an interrupted one: safehaven dispose --resume)"
+            f"cannot {doing} {_shown(home, path)} ({type(exc).__name__}): give the haven's user access to it, or "
+            "remove it, then run the disposal again (an interrupted one: safehaven dispose --resume)"
         ) from None
 
 
+def _shown(home: Home, path: Path) -> str:
+    """``path`` as a refusal names it: under the home, each part shown (``audit.shown_path``)."""
+    return shown_path(str(path.relative_to(home.root)) if path.is_relative_to(home.root) else path.name)
+
+
 def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every file (with size and hash) and directory under ``folder``, deepest directories first."""
+    """Every file (with size and hash) and directory under ``folder``, deepest directories first;
+    none when nothing is there.
+
+    The haven writes only plain files and folders there (a release, a staged request, the folder a
+    stopped delivery left). A symbolic link (dangling or not) at ``folder`` or under it, or anything
+    but a folder at ``folder``, may stand for files moved out of the disposal's reach: unlinking it
+    would certify them destroyed while they survive (CoP 49: physical disposal destroys all copies).
+    So the disposal is refused (``DisposalError``) naming it, at every run until a person puts the
+    files back or destroys them and removes it (fail closed). A link is never followed.
+    """
     files: list[dict[str, Any]] = []
     dirs: list[str] = []
-    if not folder.exists() or folder.is_symlink():
+    if not os.path.lexists(folder):
         return files, dirs
+    _refuse_stand_in(home, folder, folder.is_symlink() or not folder.is_dir())
     for root, subdirs, names in os.walk(folder, topdown=False, followlinks=False):
         base = Path(root)
+        for name in sorted([*subdirs, *names]):
+            _refuse_stand_in(home, base / name, (base / name).is_symlink())
         files += [file_entry(home, base / name, kind) for name in sorted(names)]
-        files += [file_entry(home, base / name, kind) for name in subdirs if (base / name).is_symlink()]
         dirs.append(str(base.relative_to(home.root)))
     return files, dirs
+
+
+def _refuse_stand_in(home: Home, path: Path, refused: bool) -> None:
+    """Refuse the disposal when ``refused``: ``path`` is a link, or not a folder, where the haven
+    wrote a file or folder (:func:`files_under`); says what to do, naming it by its shown path."""
+    if not refused:
+        return
+    what = "a symbolic link" if path.is_symlink() else "a file" if path.is_file() else "something other than a folder"
+    raise DisposalError(
+        f"{_shown(home, path)} is {what}, not what the haven wrote there: the files that were there may "
+        "have been moved out of the disposal's reach, and would survive it (CoP 49). Put them back in its "
+        "place, or remove it once you have found and destroyed the files it stood for, then run the "
+        "disposal again"
+    )
 
 
 def _quarantined_at(reason: Path, data: Path | None) -> tuple[datetime | None, dict[str, Any]]:

@@ -947,6 +947,134 @@ def test_a_crash_after_staged_requests_are_withdrawn_still_certifies_them(world:
     assert len(_withdrawn_by(world, req.release_id)[1]) == 1  # withdrawn once, however often the step ran
 
 
+# --- a link, or a file, in place of a folder the haven wrote (CoP 49: fail closed) -------------
+
+
+RELEASE = f"{STUDY}-r0001"
+STAND_INS = ("symbolic link", "dangling link", "file")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _moved_out(world: World, folder: Path, stand_in: str) -> Path:
+    """An insider's move: ``folder``'s files taken out of the home, ``stand_in`` left in its place."""
+    outside = world.home.root.parent / "insider" / folder.name
+    outside.parent.mkdir(exist_ok=True)
+    shutil.move(folder, outside)
+    if stand_in == "file":
+        folder.write_text("nothing to see\n")
+    else:
+        folder.symlink_to(outside if stand_in == "symbolic link" else outside.with_name("gone"))
+    return outside
+
+
+def _put_back(folder: Path, outside: Path) -> None:
+    folder.unlink()
+    shutil.move(outside, folder)
+
+
+def _refused(world: World, target: disposal.Target, shown: str, what: str) -> str:
+    with pytest.raises(disposal.DisposalError) as refused:
+        world.dispose(target, authorised_by="Dr Test, CG")
+    message = str(refused.value)
+    assert f"{shown} is {what}, not what the haven wrote there" in message and "run the disposal again" in message
+    assert disposal.pending(world.home) is None
+    with Store(world.home).connect(read_only=True) as con:
+        assert not disposal.certificates(con)
+    return message
+
+
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_a_release_folder_replaced_by_a_link_or_a_file_refuses_its_disposal_until_put_back(
+    world: World, stand_in: str
+) -> None:
+    """A release's files moved out of the home and a link (or a file) left in place of its folder:
+    the disposal planned nothing there and certified the release destroyed while its files
+    survived. It is refused, naming the folder, at every run; the link is never followed; once a
+    person puts the folder back, the disposal destroys and certifies its files."""
+    folder = world.home.releases / STUDY / RELEASE
+    held = _files(folder)
+    outside = _moved_out(world, folder, stand_in)
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    what = "a file" if stand_in == "file" else "a symbolic link"
+    for _ in range(2):  # and again at the next run
+        _refused(world, target, f"releases/{STUDY}/{RELEASE}", what)
+        assert _files(outside) == held, "the files the link points to are not touched"
+    _put_back(folder, outside)
+    result = world.dispose(target)
+    assert result.status == "disposed" and not folder.exists()
+    certified = {f["path"] for f in result.certificate["files"]}
+    assert {f"releases/{STUDY}/{RELEASE}/{name}" for name in held} <= certified
+
+
+def test_a_link_in_place_of_a_release_folder_is_refused_on_the_command_line_and_by_each_sweep(
+    world: World,
+) -> None:
+    """The command line says why, without a traceback; the daily sweep reports the disposal of the
+    collection the release was made from as failed, with the reason, and disposes of the rest."""
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    folder = world.home.releases / STUDY / RELEASE
+    outside = _moved_out(world, folder, "symbolic link")
+    cli = CliRunner().invoke(main, ["dispose", "--agreement", STUDY, "--release", RELEASE, "--yes"])
+    assert cli.exit_code == 1 and f"releases/{STUDY}/{RELEASE} is a symbolic link" in cli.output
+    assert "Traceback" not in cli.output
+    for run in range(2):
+        report = disposal.sweep(world.context())
+        assert [f["target"].split(":")[0] for f in report.failed] == ["collection gp_events"]
+        assert f"releases/{STUDY}/{RELEASE} is a symbolic link" in report.failed[0]["error"]
+        if run == 0:
+            assert sorted(r.target.collection for r in report.results) == ["hospital_episodes", "social_care"]
+    assert folder.is_symlink() and _files(outside)
+    _put_back(folder, outside)
+    report = disposal.sweep(world.context())
+    assert report.failed == [] and [r.target.collection for r in report.results] == ["gp_events"]
+    assert not folder.exists()
+
+
+def test_a_link_inside_a_release_folder_or_in_place_of_one_under_its_agreement_is_refused(world: World) -> None:
+    """A file of a release moved out and linked back is refused as its folder is; so is a release
+    folder linked back when the whole agreement is disposed of (its folder walked, never followed)."""
+    folder = world.home.releases / STUDY / RELEASE
+    data = next(p for p in sorted(folder.iterdir()) if p.suffix == ".parquet")
+    outside = world.home.root.parent / data.name
+    shutil.move(data, outside)
+    data.symlink_to(outside)
+    _refused(world, disposal.Target.for_agreement(STUDY, [RELEASE]), f"releases/{STUDY}/{RELEASE}/{data.name}",
+             "a symbolic link")  # fmt: skip
+    data.unlink()
+    shutil.move(outside, data)
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    outside = _moved_out(world, folder, "symbolic link")
+    _refused(world, disposal.Target.for_agreement(STUDY), f"releases/{STUDY}/{RELEASE}", "a symbolic link")
+    assert _files(outside) and world.keyring.exists(f"agreement-{STUDY}")
+
+
+def test_a_link_in_place_of_the_folder_a_stopped_delivery_left_refuses_the_disposal(world: World) -> None:
+    """A delivery killed after its files moved into ``releases/`` left them there, neither
+    registered nor delivered; the disposal of the collection shreds them with the request's staged
+    files. Moved out and linked back, they are refused as a release's are."""
+    req = _stage(world, approvals=1)
+    with Store(world.home).connect() as con:
+        registry = world.context().contracts
+        delivery_stopped(lambda: approve_as(con, req.release_id, REVIEWERS[1], home=world.home, registry=registry))
+    folder = world.home.releases / STUDY / req.release_id
+    held = _files(folder)
+    outside = _moved_out(world, folder, "symbolic link")
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    for _ in range(2):
+        _refused(world, target, f"releases/{STUDY}/{req.release_id}", "a symbolic link")
+    assert _files(outside) == held
+    _put_back(folder, outside)
+    result = world.dispose(target)
+    assert not folder.exists() and result.certificate["staged_requests_withdrawn"] == [req.release_id]
+    assert {f"releases/{STUDY}/{req.release_id}/{n}" for n in held} <= {f["path"] for f in result.certificate["files"]}
+
+
 def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:
     path = tmp_path / "f.csv"
     path.write_bytes(b"9990000000,ZZ9 9ZZ\n" * 100)
