@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,20 +75,44 @@ def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any
     but a folder at ``folder``, may stand for files moved out of the disposal's reach: unlinking it
     would certify them destroyed while they survive (CoP 49: physical disposal destroys all copies).
     So the disposal is refused (``DisposalError``) naming it, at every run until a person puts the
-    files back or destroys them and removes it (fail closed). A link is never followed.
+    files back or destroys them and removes it (fail closed). A link is never followed. The folders
+    the haven wrote above ``folder`` (``releases/<agreement>``) are held to the same rule, and a
+    folder that cannot be listed refuses it too (:func:`_unlisted`).
     """
     files: list[dict[str, Any]] = []
     dirs: list[str] = []
+    for parent in _written_parents(home, folder):
+        _refuse_stand_in(home, parent, parent.is_symlink())
     if not os.path.lexists(folder):
         return files, dirs
     _refuse_stand_in(home, folder, folder.is_symlink() or not folder.is_dir())
-    for root, subdirs, names in os.walk(folder, topdown=False, followlinks=False):
+    for root, subdirs, names in os.walk(folder, topdown=False, onerror=_unlisted(home), followlinks=False):
         base = Path(root)
         for name in sorted([*subdirs, *names]):
             _refuse_stand_in(home, base / name, (base / name).is_symlink())
         files += [file_entry(home, base / name, kind) for name in sorted(names)]
         dirs.append(str(base.relative_to(home.root)))
     return files, dirs
+
+
+def _written_parents(home: Home, folder: Path) -> list[Path]:
+    """The folders between the home's own area (``releases/``, ``staging/``) and ``folder``: the
+    haven wrote them too (``releases/<agreement>``), so a link there would be walked through."""
+    if not folder.is_relative_to(home.root):
+        return []
+    parts = folder.relative_to(home.root).parts
+    return [home.root.joinpath(*parts[:depth]) for depth in range(2, len(parts))]
+
+
+def _unlisted(home: Home) -> Callable[[OSError], None]:
+    """``os.walk``'s error handler: a folder it cannot list refuses the disposal (its files may be
+    copies it must destroy: fail closed), where ``os.walk`` alone would skip it unplanned."""
+
+    def refuse(error: OSError) -> None:
+        with unreadable_refused(home, Path(error.filename or home.root), "list"):
+            raise error
+
+    return refuse
 
 
 def _refuse_stand_in(home: Home, path: Path, refused: bool) -> None:

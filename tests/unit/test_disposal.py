@@ -1075,6 +1075,44 @@ def test_a_link_in_place_of_the_folder_a_stopped_delivery_left_refuses_the_dispo
     assert {f"releases/{STUDY}/{req.release_id}/{n}" for n in held} <= {f["path"] for f in result.certificate["files"]}
 
 
+def test_a_link_in_place_of_the_agreement_folder_refuses_the_disposal_of_one_of_its_releases(world: World) -> None:
+    """The agreement's folder moved out and linked back: disposing of one of its releases walked
+    through the link and shredded the files where it pointed, while the haven's own path held
+    nothing. It is refused, naming the agreement's folder, and nothing outside is touched."""
+    folder = world.home.releases / STUDY
+    held = _files(folder)
+    outside = _moved_out(world, folder, "symbolic link")
+    for _ in range(2):
+        _refused(world, disposal.Target.for_agreement(STUDY, [RELEASE]), f"releases/{STUDY}", "a symbolic link")
+        assert _files(outside) == held
+    _put_back(folder, outside)
+    assert world.dispose(disposal.Target.for_agreement(STUDY, [RELEASE])).status == "disposed"
+    assert not (folder / RELEASE).exists()
+
+
+def test_a_release_subfolder_that_cannot_be_listed_refuses_the_disposal(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder inside a release that cannot be listed (its permissions changed) may hold copies:
+    ``os.walk`` alone skipped it and the disposal certified the release without them. Refused,
+    saying what to do (tests run as root, whom permissions do not stop: the listing is made to fail)."""
+    folder = world.home.releases / STUDY / RELEASE
+    hidden = folder / "extra"
+    hidden.mkdir()
+    (hidden / "copy.csv").write_text("9990000000\n")
+    listing = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(os.fsdecode(path)) == hidden:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(disposal.DisposalError, match=f"cannot list releases/{STUDY}/{RELEASE}/extra"):
+        world.dispose(disposal.Target.for_agreement(STUDY, [RELEASE]), authorised_by="Dr Test, CG")
+    assert (hidden / "copy.csv").exists() and disposal.pending(world.home) is None
+
+
 def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:
     path = tmp_path / "f.csv"
     path.write_bytes(b"9990000000,ZZ9 9ZZ\n" * 100)
