@@ -82,7 +82,7 @@ def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any
     files: list[dict[str, Any]] = []
     dirs: list[str] = []
     for parent in _written_parents(home, folder):
-        _refuse_stand_in(home, parent, parent.is_symlink())
+        _refuse_stand_in(home, parent, parent.is_symlink() or (parent.exists() and not parent.is_dir()))
     if not os.path.lexists(folder):
         return files, dirs
     _refuse_stand_in(home, folder, folder.is_symlink() or not folder.is_dir())

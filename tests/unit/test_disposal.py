@@ -1075,19 +1075,44 @@ def test_a_link_in_place_of_the_folder_a_stopped_delivery_left_refuses_the_dispo
     assert {f"releases/{STUDY}/{req.release_id}/{n}" for n in held} <= {f["path"] for f in result.certificate["files"]}
 
 
-def test_a_link_in_place_of_the_agreement_folder_refuses_the_disposal_of_one_of_its_releases(world: World) -> None:
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_a_link_or_a_file_in_place_of_the_agreement_folder_refuses_the_disposal_of_one_of_its_releases(
+    world: World, stand_in: str
+) -> None:
     """The agreement's folder moved out and linked back: disposing of one of its releases walked
-    through the link and shredded the files where it pointed, while the haven's own path held
-    nothing. It is refused, naming the agreement's folder, and nothing outside is touched."""
+    through the link and shredded the files where it pointed; with a dangling link or a file there,
+    the release's folder was "not there" and certified destroyed while its files survived. Each is
+    refused, naming the agreement's folder, and nothing outside is touched (found by review)."""
     folder = world.home.releases / STUDY
     held = _files(folder)
-    outside = _moved_out(world, folder, "symbolic link")
-    for _ in range(2):
-        _refused(world, disposal.Target.for_agreement(STUDY, [RELEASE]), f"releases/{STUDY}", "a symbolic link")
+    outside = _moved_out(world, folder, stand_in)
+    what = "a file" if stand_in == "file" else "a symbolic link"
+    for target in (
+        disposal.Target.for_agreement(STUDY, [RELEASE]),
+        disposal.Target.for_collection("gp_events", BEFORE),
+    ):
+        _refused(world, target, f"releases/{STUDY}", what)
         assert _files(outside) == held
     _put_back(folder, outside)
     assert world.dispose(disposal.Target.for_agreement(STUDY, [RELEASE])).status == "disposed"
     assert not (folder / RELEASE).exists()
+
+
+def test_a_release_past_its_retention_whose_folder_is_a_dangling_link_is_due_and_refused_by_the_sweep(
+    world: World,
+) -> None:
+    """Only the agreement's retention reaches the release (its collections' are longer). A dangling
+    link in place of its folder made it "not held", so the sweep skipped it in silence; it is due,
+    and the sweep reports its disposal refused (found by review)."""
+    for contract in world.registry.contracts.values():
+        if contract.retention_days:
+            object.__setattr__(contract, "retention_days", 100_000)
+    later = world.context().today + timedelta(days=800)
+    due = [i.target.describe() for i in disposal.due(world.context(today=later)) if i.action == "dispose"]
+    assert any(RELEASE in d for d in due)
+    _moved_out(world, world.home.releases / STUDY / RELEASE, "dangling link")
+    report = disposal.sweep(world.context(today=later))
+    assert [f for f in report.failed if f"releases/{STUDY}/{RELEASE} is a symbolic link" in f["error"]]
 
 
 def test_a_release_subfolder_that_cannot_be_listed_refuses_the_disposal(
