@@ -81,11 +81,8 @@ def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any
     """
     files: list[dict[str, Any]] = []
     dirs: list[str] = []
-    for parent in _written_parents(home, folder):
-        _refuse_stand_in(home, parent, parent.is_symlink() or (parent.exists() and not parent.is_dir()))
-    if not os.path.lexists(folder):
+    if not folder_in_place(home, folder):
         return files, dirs
-    _refuse_stand_in(home, folder, folder.is_symlink() or not folder.is_dir())
     for root, subdirs, names in os.walk(folder, topdown=False, onerror=_unlisted(home), followlinks=False):
         base = Path(root)
         for name in sorted([*subdirs, *names]):
@@ -104,6 +101,54 @@ def _written_parents(home: Home, folder: Path) -> list[Path]:
     return [home.root.joinpath(*parts[:depth]) for depth in range(2, len(parts))]
 
 
+def planned_in_place(home: Home, path: Path, *, plain: bool) -> bool:
+    """Whether a file a plan names in a folder the haven wrote (a release, a staged request) is
+    still where it was planned; ``False`` when nothing is there (the files step decides then).
+
+    The rule of :func:`files_under`, held again when the plan is carried out (after it was shown
+    and confirmed, or at ``--resume``): a link, or anything but a folder, in place of a folder
+    between the home's area (``releases/``, ``staging/``) and the file, or a link (or a folder;
+    for a file planned with its hash, anything but a plain file) in place of the file, refuses the
+    disposal (``DisposalError``). Shredding through the link would destroy files outside the
+    haven; unlinking it would certify destroyed files that survive (CoP 49). A link is never
+    followed.
+    """
+    if not folder_in_place(home, path.parent) or not os.path.lexists(path):
+        return False
+    mode = os.lstat(path).st_mode
+    _refuse_stand_in(home, path, stat.S_ISLNK(mode) or stat.S_ISDIR(mode) or (plain and not stat.S_ISREG(mode)))
+    return True
+
+
+def folder_in_place(home: Home, folder: Path) -> bool:
+    """Whether ``folder`` (one the haven wrote: a release, a staged request, ``quarantine/`` or
+    ``incoming/<collection>``) is there; ``False`` when it or a folder above it is not. A link (dangling
+    or not), or anything but a folder, in its place or in place of a folder between the home's area
+    and it refuses the disposal (``DisposalError``): the files it stands for may have been moved
+    out of the disposal's reach, and walking through it would shred files outside the haven (CoP 49)."""
+    for path in [*_written_parents(home, folder), folder]:
+        if not os.path.lexists(path):
+            return False
+        _refuse_stand_in(home, path, path.is_symlink() or not path.is_dir())
+    return True
+
+
+def not_a_link(home: Home, path: Path) -> None:
+    """Refuse the disposal when ``path``, in a folder the haven wrote, is a link (:func:`files_under`)."""
+    _refuse_stand_in(home, path, path.is_symlink())
+
+
+def refuse_gone(home: Home, path: Path) -> None:
+    """Refuse the disposal: ``path``, a file of a release or staged request it planned, is gone and
+    this disposal did not shred it. It may have been moved out of the disposal's reach: certified
+    destroyed, it would survive (CoP 49). Fail closed until a person puts it back."""
+    raise DisposalError(
+        f"{_shown(home, path)} was planned for this disposal and is no longer there, and this disposal did not "
+        "destroy it: it may have been moved out of the disposal's reach and would survive it (CoP 49). Put it "
+        "back where it was, then run the disposal again (safehaven dispose --resume)"
+    )
+
+
 def _unlisted(home: Home) -> Callable[[OSError], None]:
     """``os.walk``'s error handler: a folder it cannot list refuses the disposal (its files may be
     copies it must destroy: fail closed), where ``os.walk`` alone would skip it unplanned."""
@@ -120,7 +165,8 @@ def _refuse_stand_in(home: Home, path: Path, refused: bool) -> None:
     wrote a file or folder (:func:`files_under`); says what to do, naming it by its shown path."""
     if not refused:
         return
-    what = "a symbolic link" if path.is_symlink() else "a file" if path.is_file() else "something other than a folder"
+    kinds = ((path.is_symlink, "a symbolic link"), (path.is_file, "a file"), (path.is_dir, "a folder"))
+    what = next((name for test, name in kinds if test()), "something other than a file or folder")
     raise DisposalError(
         f"{_shown(home, path)} is {what}, not what the haven wrote there: the files that were there may "
         "have been moved out of the disposal's reach, and would survive it (CoP 49). Put them back in its "

@@ -35,6 +35,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path, table_exists
 from safehaven.dispose import disposal
+from safehaven.dispose import steps as disposal_steps
 from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
@@ -1136,6 +1137,88 @@ def test_a_release_subfolder_that_cannot_be_listed_refuses_the_disposal(
     with pytest.raises(disposal.DisposalError, match=f"cannot list releases/{STUDY}/{RELEASE}/extra"):
         world.dispose(disposal.Target.for_agreement(STUDY, [RELEASE]), authorised_by="Dr Test, CG")
     assert (hidden / "copy.csv").exists() and disposal.pending(world.home) is None
+
+
+def _refused_at_files_step(world: World, run: object, shown: str, what: str) -> None:
+    """``run`` (a disposal carrying out its plan) refuses at the files step, naming ``shown``; the
+    journal is kept, so a resume carries on once the files are back."""
+    with pytest.raises(disposal.DisposalError, match=f"{re.escape(shown)} {what}"):
+        run()  # type: ignore[operator]
+    assert disposal.pending(world.home) is not None
+    with Store(world.home).connect(read_only=True) as con:
+        assert not disposal.certificates(con)
+
+
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_a_release_folder_replaced_after_the_plan_was_confirmed_is_refused_at_every_resume_until_put_back(
+    world: World, stand_in: str
+) -> None:
+    """The command line plans, shows the plan, asks, then carries out that plan: a release folder
+    moved out and a link (or a file) left in its place in between was certified destroyed (a live
+    link walked through: the files where it pointed shredded). The files step refuses, naming it,
+    at every resume, touching nothing outside; once put back, the resume destroys and certifies
+    the files (CoP 49; found by review)."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    folder = world.home.releases / STUDY / RELEASE
+    held = _files(folder)
+    outside = _moved_out(world, folder, stand_in)
+    what = "is a file" if stand_in == "file" else "is a symbolic link"
+    shown = f"releases/{STUDY}/{RELEASE}"
+    _refused_at_files_step(world, lambda: world.dispose(target, authorised_by="Dr Test, CG", plan=plan), shown, what)
+    for _ in range(2):
+        _refused_at_files_step(world, lambda: disposal.resume(world.context()), shown, what)
+        assert _files(outside) == held and (folder.is_symlink() or folder.is_file())
+    _put_back(folder, outside)
+    result = disposal.resume(world.context())
+    assert result is not None and result.status == "disposed" and not folder.exists()
+    assert {f"{shown}/{name}" for name in held} <= {f["path"] for f in result.certificate["files"]}
+
+
+def test_a_file_of_a_release_replaced_by_a_link_after_the_plan_is_refused_not_unlinked(world: World) -> None:
+    """A planned file moved out and linked back after the plan was unlinked and certified with its
+    old hash while it survived outside: refused, naming it, the link and the file left as they are."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    data = next(p for p in sorted((world.home.releases / STUDY / RELEASE).iterdir()) if p.suffix == ".parquet")
+    outside = world.home.root.parent / data.name
+    shutil.move(data, outside)
+    data.symlink_to(outside)
+    shown = f"releases/{STUDY}/{RELEASE}/{data.name}"
+    run = lambda: world.dispose(target, authorised_by="Dr Test, CG", plan=plan)  # noqa: E731
+    _refused_at_files_step(world, run, shown, "is a symbolic link")
+    assert data.is_symlink() and outside.is_file()
+
+
+def test_a_release_folder_gone_before_a_resume_is_refused_but_a_crash_mid_shred_completes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planned release file gone before the files step (its folder moved out, no link left) was
+    skipped in silence and the release certified destroyed: refused until put back. A file this
+    disposal was shredding when a crash stopped it (unlinked before the journal recorded it) is
+    not refused: the resume completes (CoP 49)."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, authorised_by="Dr Test, CG", _crash_after="rows")
+    folder = world.home.releases / STUDY / RELEASE
+    outside = world.home.root.parent / "insider"
+    shutil.move(folder, outside)
+    gone = f"releases/{STUDY}/{RELEASE}/{sorted(_files(outside))[0]}"
+    for _ in range(2):
+        _refused_at_files_step(world, lambda: disposal.resume(world.context()), gone, "was planned")
+    shutil.move(outside, folder)
+    real = disposal_steps.shred_file
+
+    def crash_after_unlink(path: Path) -> int:
+        real(path)
+        monkeypatch.setattr(disposal_steps, "shred_file", real)
+        raise disposal.SimulatedCrash("crash after the unlink, before the journal")
+
+    monkeypatch.setattr(disposal_steps, "shred_file", crash_after_unlink)
+    with pytest.raises(disposal.SimulatedCrash):
+        disposal.resume(world.context())
+    result = disposal.resume(world.context())
+    assert result is not None and result.status == "disposed" and not folder.exists()
 
 
 def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:
