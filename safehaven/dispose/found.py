@@ -213,9 +213,12 @@ def quarantine_files(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Quarantined entries of ``collection`` received before ``cutoff`` (with their reason files), and
     the reason files of refused batches being disposed of: (files, folders). A folder received
-    where a file should be was quarantined whole; it goes whole, every file in it (CoP 49)."""
+    where a file should be was quarantined whole; it goes whole, every file in it (CoP 49). A link
+    (or anything but a folder) in place of ``quarantine/<collection>`` refuses the disposal
+    (:func:`folder_in_place`): walked through, it would shred files outside the home, and the
+    files it stands for may have been moved out of the disposal's reach."""
     folder = home.quarantine_for(collection)
-    if not folder.is_dir():
+    if not folder_in_place(home, folder):
         return [], []
     chosen: list[Path] = []
     for path in sorted(folder.iterdir()):
@@ -231,9 +234,11 @@ def quarantine_files(
 
 
 def incoming_copies(home: Home, collection: str, batch_ids: set[str]) -> list[dict[str, Any]]:
-    """Copies of the disposed batches still waiting in ``incoming/<collection>`` (found by SHA-256)."""
+    """Copies of the disposed batches still waiting in ``incoming/<collection>`` (found by SHA-256).
+    A link (or anything but a folder) in place of that folder refuses the disposal, as for
+    quarantine (:func:`folder_in_place`; CoP 49), naming it by its shown path."""
     folder = home.incoming_for(collection)
-    if not folder.is_dir() or not batch_ids:
+    if not batch_ids or not folder_in_place(home, folder):
         return []
     return [
         {**file_entry(home, path, "incoming"), "path": shown_path(str(path.relative_to(home.root)))}

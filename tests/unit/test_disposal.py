@@ -1221,6 +1221,29 @@ def test_a_release_folder_gone_before_a_resume_is_refused_but_a_crash_mid_shred_
     assert result is not None and result.status == "disposed" and not folder.exists()
 
 
+@pytest.mark.parametrize("area", ["quarantine", "incoming"])
+@pytest.mark.parametrize("when", ["before the plan", "after the plan"])
+def test_a_link_in_place_of_a_collections_quarantine_or_incoming_folder_refuses_its_disposal(
+    world: World, area: str, when: str
+) -> None:
+    """``quarantine/<collection>`` (or ``incoming/<collection>``) moved out and linked back: the
+    disposal walked through the link and shredded the files where it pointed, outside the home.
+    Refused, naming it, before or after the plan; nothing outside touched (CoP 49; found by review)."""
+    folder = getattr(world.home, f"{area}_for")("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    held = _files(folder)
+    outside = _moved_out(world, folder, "symbolic link")
+    if when == "before the plan":
+        _refused(world, target, f"{area}/gp_events", "a symbolic link")
+    else:
+        run = lambda: world.dispose(target, authorised_by="Dr Test, CG", plan=plan)  # noqa: E731
+        _refused_at_files_step(world, run, f"{area}/gp_events", "is a symbolic link")
+    assert _files(outside) == held
+    assert held or area == "incoming", "the world quarantines some of gp_events"
+
+
 def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:
     path = tmp_path / "f.csv"
     path.write_bytes(b"9990000000,ZZ9 9ZZ\n" * 100)
