@@ -1244,6 +1244,19 @@ def test_a_link_in_place_of_a_collections_quarantine_or_incoming_folder_refuses_
     assert held or area == "incoming", "the world quarantines some of gp_events"
 
 
+def test_a_pipe_left_in_a_release_after_the_plan_is_removed_and_certified(world: World) -> None:
+    """A pipe (or other special file) put in a release folder after the plan stopped the removal
+    of the folder and the disposal was refused as if the folder could not be written: it is
+    removed, never opened, and listed in the certificate as found after the plan (found by review)."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    folder = world.home.releases / STUDY / RELEASE
+    os.mkfifo(folder / "pipe")
+    result = world.dispose(target, authorised_by="Dr Test, CG", plan=plan)
+    assert result.status == "disposed" and not folder.exists()
+    assert f"releases/{STUDY}/{RELEASE}/pipe" in {f["path"] for f in result.certificate["files"]}
+
+
 def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:
     path = tmp_path / "f.csv"
     path.write_bytes(b"9990000000,ZZ9 9ZZ\n" * 100)
