@@ -91,13 +91,14 @@ def shred_file(path: Path) -> int:
 def shred_tree(root: Path, before: Callable[[Path], object] | None = None) -> int:
     """Shred every regular file under ``root`` (``shred_file``, in path order; ``before`` is
     called on each first), then remove its folders, deepest first; returns the files shredded.
-    A missing ``root`` is nothing to do. Links are removed, never followed."""
+    A missing ``root`` is nothing to do. Links, pipes and other special files are removed
+    (``shred_file``: never opened nor followed), so none is left to stop a folder's removal."""
     if not root.exists() and not root.is_symlink():
         return 0
     if root.is_symlink() or root.is_file():
         shred_file(root)
         return 1
-    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    files = sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir())
     for path in files:
         if before is not None:
             before(path)

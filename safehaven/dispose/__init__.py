@@ -66,6 +66,8 @@ again (``safehaven.dispose.run._started_on_record``; CoP 23d, 48-50):
    ``incoming/``. The journal is a plain file: it names a copy in ``incoming/`` by its shown path
    and SHA-256, and the files step finds it again by its hash; a file the haven's user cannot
    read or overwrite refuses the disposal, named by its shown path (``found.unreadable_refused``).
+   So does a symbolic link (dangling or not) in place of, or inside, a release or staged folder,
+   or a file in place of one: its files may have been moved out of reach (``found.files_under``).
 4. **rebuild** (physical): DuckDB's DELETE leaves the bytes in the file (``docs/design.md``), so the
    store is copied into a fresh file under a fresh key and swapped in atomically
    (``Store.rebuild``: WAL and temporary files go with the old file). The old store key, which

@@ -2,8 +2,11 @@
 files, incoming copies (CoP 49).
 
 Physical disposal destroys *all copies* (CoP 49): every file is listed with its size and SHA-256
-when the disposal is planned, so the certificate can show what was destroyed. Symbolic links are
-listed (and later unlinked) but never followed.
+when the disposal is planned, so the certificate can show what was destroyed. A symbolic link is
+never followed. A received one (in quarantine/) is listed and later unlinked. A link in a folder
+the haven wrote (a release, a staged request, the folder a stopped delivery left), or a link or
+anything but a folder in that folder's place, refuses the disposal (:func:`files_under`): the
+files it stands for may have been moved out of the disposal's reach.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,25 +55,124 @@ def unreadable_refused(home: Home, path: Path, doing: str = "read") -> Iterator[
     try:
         yield
     except OSError as exc:
-        shown = shown_path(str(path.relative_to(home.root)) if path.is_relative_to(home.root) else path.name)
         raise DisposalError(
-            f"cannot {doing} {shown} ({type(exc).__name__}): give the haven's user access to it, or remove "
-            "it, then run the disposal again (an interrupted one: safehaven dispose --resume)"
+            f"cannot {doing} {_shown(home, path)} ({type(exc).__name__}): give the haven's user access to it, or "
+            "remove it, then run the disposal again (an interrupted one: safehaven dispose --resume)"
         ) from None
 
 
+def _shown(home: Home, path: Path) -> str:
+    """``path`` as a refusal names it: under the home, each part shown (``audit.shown_path``)."""
+    return shown_path(str(path.relative_to(home.root)) if path.is_relative_to(home.root) else path.name)
+
+
 def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every file (with size and hash) and directory under ``folder``, deepest directories first."""
+    """Every file (with size and hash) and directory under ``folder``, deepest directories first;
+    none when nothing is there.
+
+    The haven writes only plain files and folders there (a release, a staged request, the folder a
+    stopped delivery left). A symbolic link (dangling or not) at ``folder`` or under it, or anything
+    but a folder at ``folder``, may stand for files moved out of the disposal's reach: unlinking it
+    would certify them destroyed while they survive (CoP 49: physical disposal destroys all copies).
+    So the disposal is refused (``DisposalError``) naming it, at every run until a person puts the
+    files back or destroys them and removes it (fail closed). A link is never followed. The folders
+    the haven wrote above ``folder`` (``releases/<agreement>``) are held to the same rule, and a
+    folder that cannot be listed refuses it too (:func:`_unlisted`).
+    """
     files: list[dict[str, Any]] = []
     dirs: list[str] = []
-    if not folder.exists() or folder.is_symlink():
+    if not folder_in_place(home, folder):
         return files, dirs
-    for root, subdirs, names in os.walk(folder, topdown=False, followlinks=False):
+    for root, subdirs, names in os.walk(folder, topdown=False, onerror=_unlisted(home), followlinks=False):
         base = Path(root)
+        for name in sorted([*subdirs, *names]):
+            _refuse_stand_in(home, base / name, (base / name).is_symlink())
         files += [file_entry(home, base / name, kind) for name in sorted(names)]
-        files += [file_entry(home, base / name, kind) for name in subdirs if (base / name).is_symlink()]
         dirs.append(str(base.relative_to(home.root)))
     return files, dirs
+
+
+def _written_parents(home: Home, folder: Path) -> list[Path]:
+    """The folders between the home's own area (``releases/``, ``staging/``) and ``folder``: the
+    haven wrote them too (``releases/<agreement>``), so a link there would be walked through."""
+    if not folder.is_relative_to(home.root):
+        return []
+    parts = folder.relative_to(home.root).parts
+    return [home.root.joinpath(*parts[:depth]) for depth in range(2, len(parts))]
+
+
+def planned_in_place(home: Home, path: Path, *, plain: bool) -> bool:
+    """Whether a file a plan names in a folder the haven wrote (a release, a staged request) is
+    still where it was planned; ``False`` when nothing is there (the files step decides then).
+
+    The rule of :func:`files_under`, held again when the plan is carried out (after it was shown
+    and confirmed, or at ``--resume``): a link, or anything but a folder, in place of a folder
+    between the home's area (``releases/``, ``staging/``) and the file, or a link (or a folder;
+    for a file planned with its hash, anything but a plain file) in place of the file, refuses the
+    disposal (``DisposalError``). Shredding through the link would destroy files outside the
+    haven; unlinking it would certify destroyed files that survive (CoP 49). A link is never
+    followed.
+    """
+    if not folder_in_place(home, path.parent) or not os.path.lexists(path):
+        return False
+    mode = os.lstat(path).st_mode
+    _refuse_stand_in(home, path, stat.S_ISLNK(mode) or stat.S_ISDIR(mode) or (plain and not stat.S_ISREG(mode)))
+    return True
+
+
+def folder_in_place(home: Home, folder: Path) -> bool:
+    """Whether ``folder`` (one the haven wrote: a release, a staged request, ``quarantine/`` or
+    ``incoming/<collection>``) is there; ``False`` when it or a folder above it is not. A link (dangling
+    or not), or anything but a folder, in its place or in place of a folder between the home's area
+    and it refuses the disposal (``DisposalError``): the files it stands for may have been moved
+    out of the disposal's reach, and walking through it would shred files outside the haven (CoP 49)."""
+    for path in [*_written_parents(home, folder), folder]:
+        if not os.path.lexists(path):
+            return False
+        _refuse_stand_in(home, path, path.is_symlink() or not path.is_dir())
+    return True
+
+
+def not_a_link(home: Home, path: Path) -> None:
+    """Refuse the disposal when ``path``, in a folder the haven wrote, is a link (:func:`files_under`)."""
+    _refuse_stand_in(home, path, path.is_symlink())
+
+
+def refuse_gone(home: Home, path: Path) -> None:
+    """Refuse the disposal: ``path``, a file of a release or staged request it planned, is gone and
+    this disposal did not shred it. It may have been moved out of the disposal's reach: certified
+    destroyed, it would survive (CoP 49). Fail closed until a person puts it back."""
+    raise DisposalError(
+        f"{_shown(home, path)} was planned for this disposal and is no longer there, and this disposal did not "
+        "destroy it: it may have been moved out of the disposal's reach and would survive it (CoP 49). Put it "
+        "back where it was, then run the disposal again (safehaven dispose --resume)"
+    )
+
+
+def _unlisted(home: Home) -> Callable[[OSError], None]:
+    """``os.walk``'s error handler: a folder it cannot list refuses the disposal (its files may be
+    copies it must destroy: fail closed), where ``os.walk`` alone would skip it unplanned."""
+
+    def refuse(error: OSError) -> None:
+        with unreadable_refused(home, Path(error.filename or home.root), "list"):
+            raise error
+
+    return refuse
+
+
+def _refuse_stand_in(home: Home, path: Path, refused: bool) -> None:
+    """Refuse the disposal when ``refused``: ``path`` is a link, or not a folder, where the haven
+    wrote a file or folder (:func:`files_under`); says what to do, naming it by its shown path."""
+    if not refused:
+        return
+    kinds = ((path.is_symlink, "a symbolic link"), (path.is_file, "a file"), (path.is_dir, "a folder"))
+    what = next((name for test, name in kinds if test()), "something other than a file or folder")
+    raise DisposalError(
+        f"{_shown(home, path)} is {what}, not what the haven wrote there: the files that were there may "
+        "have been moved out of the disposal's reach, and would survive it (CoP 49). Put them back in its "
+        "place, or remove it once you have found and destroyed the files it stood for, then run the "
+        "disposal again"
+    )
 
 
 def _quarantined_at(reason: Path, data: Path | None) -> tuple[datetime | None, dict[str, Any]]:
@@ -111,9 +213,12 @@ def quarantine_files(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Quarantined entries of ``collection`` received before ``cutoff`` (with their reason files), and
     the reason files of refused batches being disposed of: (files, folders). A folder received
-    where a file should be was quarantined whole; it goes whole, every file in it (CoP 49)."""
+    where a file should be was quarantined whole; it goes whole, every file in it (CoP 49). A link
+    (or anything but a folder) in place of ``quarantine/<collection>`` refuses the disposal
+    (:func:`folder_in_place`): walked through, it would shred files outside the home, and the
+    files it stands for may have been moved out of the disposal's reach."""
     folder = home.quarantine_for(collection)
-    if not folder.is_dir():
+    if not folder_in_place(home, folder):
         return [], []
     chosen: list[Path] = []
     for path in sorted(folder.iterdir()):
@@ -129,9 +234,11 @@ def quarantine_files(
 
 
 def incoming_copies(home: Home, collection: str, batch_ids: set[str]) -> list[dict[str, Any]]:
-    """Copies of the disposed batches still waiting in ``incoming/<collection>`` (found by SHA-256)."""
+    """Copies of the disposed batches still waiting in ``incoming/<collection>`` (found by SHA-256).
+    A link (or anything but a folder) in place of that folder refuses the disposal, as for
+    quarantine (:func:`folder_in_place`; CoP 49), naming it by its shown path."""
     folder = home.incoming_for(collection)
-    if not folder.is_dir() or not batch_ids:
+    if not batch_ids or not folder_in_place(home, folder):
         return []
     return [
         {**file_entry(home, path, "incoming"), "path": shown_path(str(path.relative_to(home.root)))}

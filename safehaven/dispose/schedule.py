@@ -11,6 +11,7 @@ or expired is the store's decision (``safehaven.share.approvals.for_disposal``),
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -75,6 +76,7 @@ def _holds(home: Home, keyring: KeyRing, con: duckdb.DuckDBPyConnection | None, 
     folder = home.releases / agreement_id
     return (
         keyring.exists(agreement_purpose(agreement_id))
+        or folder.is_symlink()  # a link in place of its folder: held until a disposal refuses it (found.files_under)
         or (folder.is_dir() and any(folder.iterdir()))
         or bool(release_tables(con, agreement_id))
     )
@@ -153,8 +155,9 @@ def _due_releases(
     holds; and a review item for releases whose delivery the record does not settle."""
     cutoff = midnight(today - timedelta(days=a.retention.days))
     released = released_before(con, aid, cutoff)
-    held = [[r for r in rids if (home.releases / aid / r).exists()] for rids in (released.before, released.unrecorded,
-            released.register_differs)]  # fmt: skip
+    # a link in place of a release's folder counts as held: its disposal then refuses it (found.files_under)
+    kinds = (released.before, released.unrecorded, released.register_differs)
+    held = [[r for r in rids if os.path.lexists(home.releases / aid / r)] for rids in kinds]
     old, unrecorded, differs = held
     items = [_unsettled_releases(aid, unrecorded, differs, cutoff)] if unrecorded or differs else []
     if not old:

@@ -10,6 +10,7 @@ crash between two steps is completed by the next run, and a step run again does 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,15 @@ from safehaven.core.schema import OUTPUT_COUNTS
 from safehaven.core.sql import q
 from safehaven.core.store import COUNTS_ZONE, SimulatedCrash, Store, table_exists
 from safehaven.dispose.certificate import build_certificate, ensure_tables, record_certificate
-from safehaven.dispose.found import file_entry, unreadable_refused, waiting_by_sha
+from safehaven.dispose.found import (
+    file_entry,
+    folder_in_place,
+    not_a_link,
+    planned_in_place,
+    refuse_gone,
+    unreadable_refused,
+    waiting_by_sha,
+)
 from safehaven.dispose.journal import count, journal_path, now, save_journal
 from safehaven.dispose.model import PROGRESS, Plan
 from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
@@ -273,12 +282,17 @@ def _kept_pairs_sql(contract: Contract, *, disposed: bool) -> str:
 # 3. files: plain copies overwritten and unlinked
 
 
-#: the files step's journal of its own progress: what it has shredded so far, so a resumed step
-#: certifies a copy an interrupted attempt destroyed, and every file of a folder it emptied
+#: the files step's journal of its own progress: what it has shredded so far (and, under
+#: ``shredding``, the file it was about to shred), so a resumed step certifies a copy an
+#: interrupted attempt destroyed, and every file of a folder it emptied
 PROGRESS_KEY = "files_progress"
 
+#: the kinds of planned file the haven wrote itself (a release, a staged request): re-checked in
+#: place before each is shredded (``found.planned_in_place``), and refused when gone
+WRITTEN = ("release", "staged")
 
-def _progress(run: Run) -> dict[str, list[Any]]:
+
+def _progress(run: Run) -> dict[str, Any]:
     return run.journal.setdefault(PROGRESS_KEY, {"shredded": [], "found_after_plan": []})
 
 
@@ -291,6 +305,8 @@ def _shred_folder(run: Run, folder: Path) -> None:
     listed = _progress(run)["found_after_plan"]
 
     def before(path: Path) -> None:
+        if kind != "quarantine":  # a link in a folder the haven wrote, since the plan (CoP 49)
+            not_a_link(run.home, path)
         entry = {**file_entry(run.home, path, kind), "path": shown_path(str(path.relative_to(run.home.root)))}
         if entry["path"] not in {e["path"] for e in listed}:
             listed.append(entry)
@@ -301,42 +317,87 @@ def _shred_folder(run: Run, folder: Path) -> None:
 
 def _planned_file(run: Run, entry: dict[str, Any], waiting: dict[Path, dict[str, list[Path]]]) -> Path | None:
     """The file a planned entry stands for, if it is still there (a copy in incoming/ by its hash,
-    from ``waiting``: each folder's files hashed once per step)."""
-    if entry["kind"] == "incoming":
-        folder = run.home.root / Path(entry["path"]).parent
-        if folder not in waiting:
-            waiting[folder] = waiting_by_sha(run.home, folder)
-        copies = waiting[folder].get(entry["sha256"], [])
-        return copies.pop(0) if copies else None
+    from ``waiting``: each folder's files hashed once per step). The folders the haven wrote on the
+    way are re-checked first, as at planning: a link in place of one refuses the disposal, never
+    walked through (``found.folder_in_place``; a release's or staged request's file itself:
+    ``found.planned_in_place``; CoP 49)."""
     path = run.home.root / entry["path"]
-    return path if path.exists() or path.is_symlink() else None
+    if not folder_in_place(run.home, path.parent):
+        return None
+    if entry["kind"] == "incoming":
+        if path.parent not in waiting:
+            waiting[path.parent] = waiting_by_sha(run.home, path.parent)
+        copies = waiting[path.parent].get(entry["sha256"], [])
+        return copies.pop(0) if copies else None
+    if entry["kind"] in WRITTEN:
+        return path if planned_in_place(run.home, path, plain=entry["sha256"] is not None) else None
+    return path if os.path.lexists(path) else None
+
+
+def _not_there(run: Run, entry: dict[str, Any], missing: list[str]) -> None:
+    """A planned file no longer found, unless this step's own journal says it shredded it (or was
+    shredding it when a crash stopped it: its unlink may have come before the journal recorded
+    it, and a resume must complete). A copy in incoming/ (renamed, changed or removed by its
+    sender since the plan) is listed as not found; a file of a release or staged request refuses
+    the disposal (``found.refuse_gone``): the haven wrote it, so it may have been moved out of the
+    disposal's reach, and certified destroyed it would survive (CoP 49). A quarantined file gone
+    is left out (a person may release it from quarantine)."""
+    progress = _progress(run)
+    if entry["path"] in progress["shredded"] or entry["path"] == progress.get("shredding"):
+        return
+    if entry["kind"] == "incoming":
+        missing.append(entry["path"])
+    elif entry["kind"] in WRITTEN:
+        refuse_gone(run.home, run.home.root / entry["path"])
+
+
+def _shred_planned(run: Run, entry: dict[str, Any], path: Path) -> None:
+    """Shred one planned file, journalling it as being shredded first, and as shredded after."""
+    progress = _progress(run)
+    progress["shredding"] = entry["path"]
+    run.save()
+    with unreadable_refused(run.home, path, "overwrite"):
+        shred_file(path)
+    progress["shredded"].append(entry["path"])
+    run.save()
+
+
+def _shred_dirs(run: Run) -> None:
+    """The planned folders, deepest first, each re-checked in place (``found.folder_in_place``): a
+    release's or staged request's by its own path, a quarantined folder by its collection's."""
+    for rel in run.plan.dirs:
+        folder = run.home.root / rel
+        quarantined = folder.relative_to(run.home.root).parts[0] == run.home.quarantine.name
+        if not folder_in_place(run.home, folder.parent if quarantined else folder):
+            continue
+        if folder.is_dir() and not folder.is_symlink():
+            with unreadable_refused(run.home, folder, "overwrite the files of"):
+                _shred_folder(run, folder)
 
 
 def shred_files(run: Run) -> None:
     """Overwrite, sync and unlink every planned file, then the planned folders (deepest first).
-    A planned copy in incoming/ no longer found (renamed, changed or removed by its sender since
-    the plan) is listed as not found, unless this step's own journal says it shredded it."""
-    progress = _progress(run)
+
+    The plan was made before it was shown and confirmed, or before a crash (``--resume``, the
+    sweep's resume): each file is found again where it was planned, and a link (dangling or not)
+    or anything but a folder now standing in place of a folder the haven wrote on its way, or a
+    link in place of the file, refuses the disposal (``DisposalError``; :func:`_planned_file`),
+    never shredding through it. The journal is kept, so every resume refuses again until a person
+    puts the files back (CoP 49: physical disposal destroys all copies). A planned file gone:
+    :func:`_not_there`.
+    """
     destroyed, missing = 0, []
     waiting: dict[Path, dict[str, list[Path]]] = {}
     for entry in run.plan.files:
         path = _planned_file(run, entry, waiting)
         if path is None:
-            if entry["kind"] == "incoming" and entry["path"] not in progress["shredded"]:
-                missing.append(entry["path"])
+            _not_there(run, entry, missing)
             continue
-        with unreadable_refused(run.home, path, "overwrite"):
-            shred_file(path)
+        _shred_planned(run, entry, path)
         destroyed += 1
-        progress["shredded"].append(entry["path"])
-        run.save()
-    for rel in run.plan.dirs:
-        folder = run.home.root / rel
-        if folder.is_dir() and not folder.is_symlink():
-            with unreadable_refused(run.home, folder, "overwrite the files of"):
-                _shred_folder(run, folder)
+    _shred_dirs(run)
     run.crash("files")
-    extra = progress["found_after_plan"]
+    extra = _progress(run)["found_after_plan"]
     run.done("files", {"shredded_by_this_run": destroyed, "found_after_plan": extra, "not_found": missing})
 
 

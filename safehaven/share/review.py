@@ -440,12 +440,36 @@ def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
 
 
 def _shred(con: duckdb.DuckDBPyConnection, req: Request) -> None:
-    """Drop a discarded request's kept members and shred its staged and undelivered files."""
+    """Drop a discarded request's kept members and shred its staged and undelivered files, each
+    folder first found in place (:func:`_refuse_stand_in`)."""
     con.execute(f"DELETE FROM {REQUEST_MEMBERS} WHERE release_id = ?", [req.release_id])
-    shred_tree(req.staging_dir)
     undelivered = _undelivered_release(con, req)
-    if undelivered is not None:
-        shred_tree(undelivered)
+    for folder in (req.staging_dir, *([undelivered] if undelivered is not None else [])):
+        _refuse_stand_in(req, folder)
+        shred_tree(folder)
+
+
+def _refuse_stand_in(req: Request, folder: Path) -> None:
+    """Refuse (``ReviewError``) to shred a folder the haven wrote for ``req`` when a symbolic link
+    (dangling or not), or anything but a folder, stands in its place, in place of a folder the
+    haven wrote above it (between the home's area and it) or inside it: the files it stands for
+    may have been moved out of the haven's reach, and unlinking it would record them shredded
+    while they survive (CoP 27b: what will never leave is destroyed; CoP 49). The request stays
+    as recorded (it will never leave); :func:`shred_discarded` retries at the next discard or run,
+    and refuses again until a person puts the files back."""
+    root = req.staging_dir.parents[2]
+    parts = folder.relative_to(root).parts
+    above = [root.joinpath(*parts[:depth]) for depth in range(2, len(parts) + 1)]
+    inside = sorted(folder.rglob("*")) if folder.is_dir() and not folder.is_symlink() else []
+    for path in [*above, *inside]:
+        if path.is_symlink() or (path in above and os.path.lexists(path) and not path.is_dir()):
+            shown = audit.shown_path(str(path.relative_to(root)))
+            raise ReviewError(
+                f"{shown} is {'a symbolic link' if path.is_symlink() else 'not a folder'}, not what the haven wrote "
+                f"there: the files of {req.release_id} may have been moved out of the haven's reach and would "
+                "survive its shredding (CoP 27b). Put them back in its place, or remove it once you have found and "
+                "destroyed them; the shredding is retried by the next withdrawal, rejection or run"
+            )
 
 
 def undelivered_folder(con: duckdb.DuckDBPyConnection, release_id: str) -> Path | None:
@@ -472,14 +496,14 @@ def _undelivered_release(con: duckdb.DuckDBPyConnection, req: Request) -> Path |
 def shred_discarded(con: duckdb.DuckDBPyConnection, *, but: str | None = None) -> list[str]:
     """Shred the files a failed :func:`_discard` left behind: requests that will never leave whose
     staged folder, or undelivered folder in ``releases/`` (:func:`_undelivered_release`), still
-    exists (those withdrawn for a disposal are left to it: it shreds and certifies them). Returns
-    their ids."""
+    exists (those withdrawn for a disposal are left to it: it shreds and certifies them), or a
+    link stands in its place (refused again: :func:`_refuse_stand_in`). Returns their ids."""
     left = [
         r
         for r in requests(con, states=NEVER_LEAVES)
         if r.release_id != but
         and not (r.comment or "").startswith(DISPOSED_PREFIX)
-        and (r.staging_dir.exists() or _undelivered_release(con, r) is not None)
+        and (os.path.lexists(r.staging_dir) or _undelivered_release(con, r) is not None)
     ]
     for req in left:
         _shred(con, req)

@@ -36,6 +36,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path, table_exists
 from safehaven.dispose import disposal
+from safehaven.dispose import steps as disposal_steps
 from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
@@ -946,6 +947,315 @@ def test_a_crash_after_staged_requests_are_withdrawn_still_certifies_them(world:
     assert result.resumed and result.certificate["staged_requests_withdrawn"] == [req.release_id]
     assert not req.staging_dir.exists()
     assert len(_withdrawn_by(world, req.release_id)[1]) == 1  # withdrawn once, however often the step ran
+
+
+# --- a link, or a file, in place of a folder the haven wrote (CoP 49: fail closed) -------------
+
+
+RELEASE = f"{STUDY}-r0001"
+STAND_INS = ("symbolic link", "dangling link", "file")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _moved_out(world: World, folder: Path, stand_in: str) -> Path:
+    """An insider's move: ``folder``'s files taken out of the home, ``stand_in`` left in its place."""
+    outside = world.home.root.parent / "insider" / folder.name
+    outside.parent.mkdir(exist_ok=True)
+    shutil.move(folder, outside)
+    if stand_in == "file":
+        folder.write_text("nothing to see\n")
+    else:
+        folder.symlink_to(outside if stand_in == "symbolic link" else outside.with_name("gone"))
+    return outside
+
+
+def _put_back(folder: Path, outside: Path) -> None:
+    folder.unlink()
+    shutil.move(outside, folder)
+
+
+def _refused(world: World, target: disposal.Target, shown: str, what: str) -> str:
+    with pytest.raises(disposal.DisposalError) as refused:
+        world.dispose(target, authorised_by="Dr Test, CG")
+    message = str(refused.value)
+    assert f"{shown} is {what}, not what the haven wrote there" in message and "run the disposal again" in message
+    assert disposal.pending(world.home) is None
+    with Store(world.home).connect(read_only=True) as con:
+        assert not disposal.certificates(con)
+    return message
+
+
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_a_release_folder_replaced_by_a_link_or_a_file_refuses_its_disposal_until_put_back(
+    world: World, stand_in: str
+) -> None:
+    """A release's files moved out of the home and a link (or a file) left in place of its folder:
+    the disposal planned nothing there and certified the release destroyed while its files
+    survived. It is refused, naming the folder, at every run; the link is never followed; once a
+    person puts the folder back, the disposal destroys and certifies its files."""
+    folder = world.home.releases / STUDY / RELEASE
+    held = _files(folder)
+    outside = _moved_out(world, folder, stand_in)
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    what = "a file" if stand_in == "file" else "a symbolic link"
+    for _ in range(2):  # and again at the next run
+        _refused(world, target, f"releases/{STUDY}/{RELEASE}", what)
+        assert _files(outside) == held, "the files the link points to are not touched"
+    _put_back(folder, outside)
+    result = world.dispose(target)
+    assert result.status == "disposed" and not folder.exists()
+    certified = {f["path"] for f in result.certificate["files"]}
+    assert {f"releases/{STUDY}/{RELEASE}/{name}" for name in held} <= certified
+
+
+def test_a_link_in_place_of_a_release_folder_is_refused_on_the_command_line_and_by_each_sweep(
+    world: World,
+) -> None:
+    """The command line says why, without a traceback; the daily sweep reports the disposal of the
+    collection the release was made from as failed, with the reason, and disposes of the rest."""
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    folder = world.home.releases / STUDY / RELEASE
+    outside = _moved_out(world, folder, "symbolic link")
+    cli = CliRunner().invoke(main, ["dispose", "--agreement", STUDY, "--release", RELEASE, "--yes"])
+    assert cli.exit_code == 1 and f"releases/{STUDY}/{RELEASE} is a symbolic link" in cli.output
+    assert "Traceback" not in cli.output
+    for run in range(2):
+        report = disposal.sweep(world.context())
+        assert [f["target"].split(":")[0] for f in report.failed] == ["collection gp_events"]
+        assert f"releases/{STUDY}/{RELEASE} is a symbolic link" in report.failed[0]["error"]
+        if run == 0:
+            assert sorted(r.target.collection for r in report.results) == ["hospital_episodes", "social_care"]
+    assert folder.is_symlink() and _files(outside)
+    _put_back(folder, outside)
+    report = disposal.sweep(world.context())
+    assert report.failed == [] and [r.target.collection for r in report.results] == ["gp_events"]
+    assert not folder.exists()
+
+
+def test_a_link_inside_a_release_folder_or_in_place_of_one_under_its_agreement_is_refused(world: World) -> None:
+    """A file of a release moved out and linked back is refused as its folder is; so is a release
+    folder linked back when the whole agreement is disposed of (its folder walked, never followed)."""
+    folder = world.home.releases / STUDY / RELEASE
+    data = next(p for p in sorted(folder.iterdir()) if p.suffix == ".parquet")
+    outside = world.home.root.parent / data.name
+    shutil.move(data, outside)
+    data.symlink_to(outside)
+    _refused(world, disposal.Target.for_agreement(STUDY, [RELEASE]), f"releases/{STUDY}/{RELEASE}/{data.name}",
+             "a symbolic link")  # fmt: skip
+    data.unlink()
+    shutil.move(outside, data)
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    outside = _moved_out(world, folder, "symbolic link")
+    _refused(world, disposal.Target.for_agreement(STUDY), f"releases/{STUDY}/{RELEASE}", "a symbolic link")
+    assert _files(outside) and world.keyring.exists(f"agreement-{STUDY}")
+
+
+def test_a_link_in_place_of_the_folder_a_stopped_delivery_left_refuses_the_disposal(world: World) -> None:
+    """A delivery killed after its files moved into ``releases/`` left them there, neither
+    registered nor delivered; the disposal of the collection shreds them with the request's staged
+    files. Moved out and linked back, they are refused as a release's are."""
+    req = _stage(world, approvals=1)
+    with Store(world.home).connect() as con:
+        registry = world.context().contracts
+        delivery_stopped(lambda: approve_as(con, req.release_id, REVIEWERS[1], home=world.home, registry=registry))
+    folder = world.home.releases / STUDY / req.release_id
+    held = _files(folder)
+    outside = _moved_out(world, folder, "symbolic link")
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    for _ in range(2):
+        _refused(world, target, f"releases/{STUDY}/{req.release_id}", "a symbolic link")
+    assert _files(outside) == held
+    _put_back(folder, outside)
+    result = world.dispose(target)
+    assert not folder.exists() and result.certificate["staged_requests_withdrawn"] == [req.release_id]
+    assert {f"releases/{STUDY}/{req.release_id}/{n}" for n in held} <= {f["path"] for f in result.certificate["files"]}
+
+
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_a_link_or_a_file_in_place_of_the_agreement_folder_refuses_the_disposal_of_one_of_its_releases(
+    world: World, stand_in: str
+) -> None:
+    """The agreement's folder moved out and linked back: disposing of one of its releases walked
+    through the link and shredded the files where it pointed; with a dangling link or a file there,
+    the release's folder was "not there" and certified destroyed while its files survived. Each is
+    refused, naming the agreement's folder, and nothing outside is touched (found by review)."""
+    folder = world.home.releases / STUDY
+    held = _files(folder)
+    outside = _moved_out(world, folder, stand_in)
+    what = "a file" if stand_in == "file" else "a symbolic link"
+    for target in (
+        disposal.Target.for_agreement(STUDY, [RELEASE]),
+        disposal.Target.for_collection("gp_events", BEFORE),
+    ):
+        _refused(world, target, f"releases/{STUDY}", what)
+        assert _files(outside) == held
+    _put_back(folder, outside)
+    assert world.dispose(disposal.Target.for_agreement(STUDY, [RELEASE])).status == "disposed"
+    assert not (folder / RELEASE).exists()
+
+
+def test_a_release_past_its_retention_whose_folder_is_a_dangling_link_is_due_and_refused_by_the_sweep(
+    world: World,
+) -> None:
+    """Only the agreement's retention reaches the release (its collections' are longer). A dangling
+    link in place of its folder made it "not held", so the sweep skipped it in silence; it is due,
+    and the sweep reports its disposal refused (found by review)."""
+    for contract in world.registry.contracts.values():
+        if contract.retention_days:
+            object.__setattr__(contract, "retention_days", 100_000)
+    later = world.context().today + timedelta(days=800)
+    due = [i.target.describe() for i in disposal.due(world.context(today=later)) if i.action == "dispose"]
+    assert any(RELEASE in d for d in due)
+    _moved_out(world, world.home.releases / STUDY / RELEASE, "dangling link")
+    report = disposal.sweep(world.context(today=later))
+    assert [f for f in report.failed if f"releases/{STUDY}/{RELEASE} is a symbolic link" in f["error"]]
+
+
+def test_a_release_subfolder_that_cannot_be_listed_refuses_the_disposal(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder inside a release that cannot be listed (its permissions changed) may hold copies:
+    ``os.walk`` alone skipped it and the disposal certified the release without them. Refused,
+    saying what to do (tests run as root, whom permissions do not stop: the listing is made to fail)."""
+    folder = world.home.releases / STUDY / RELEASE
+    hidden = folder / "extra"
+    hidden.mkdir()
+    (hidden / "copy.csv").write_text("9990000000\n")
+    listing = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(os.fsdecode(path)) == hidden:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(disposal.DisposalError, match=f"cannot list releases/{STUDY}/{RELEASE}/extra"):
+        world.dispose(disposal.Target.for_agreement(STUDY, [RELEASE]), authorised_by="Dr Test, CG")
+    assert (hidden / "copy.csv").exists() and disposal.pending(world.home) is None
+
+
+def _refused_at_files_step(world: World, run: object, shown: str, what: str) -> None:
+    """``run`` (a disposal carrying out its plan) refuses at the files step, naming ``shown``; the
+    journal is kept, so a resume carries on once the files are back."""
+    with pytest.raises(disposal.DisposalError, match=f"{re.escape(shown)} {what}"):
+        run()  # type: ignore[operator]
+    assert disposal.pending(world.home) is not None
+    with Store(world.home).connect(read_only=True) as con:
+        assert not disposal.certificates(con)
+
+
+@pytest.mark.parametrize("stand_in", STAND_INS)
+def test_a_release_folder_replaced_after_the_plan_was_confirmed_is_refused_at_every_resume_until_put_back(
+    world: World, stand_in: str
+) -> None:
+    """The command line plans, shows the plan, asks, then carries out that plan: a release folder
+    moved out and a link (or a file) left in its place in between was certified destroyed (a live
+    link walked through: the files where it pointed shredded). The files step refuses, naming it,
+    at every resume, touching nothing outside; once put back, the resume destroys and certifies
+    the files (CoP 49; found by review)."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    folder = world.home.releases / STUDY / RELEASE
+    held = _files(folder)
+    outside = _moved_out(world, folder, stand_in)
+    what = "is a file" if stand_in == "file" else "is a symbolic link"
+    shown = f"releases/{STUDY}/{RELEASE}"
+    _refused_at_files_step(world, lambda: world.dispose(target, authorised_by="Dr Test, CG", plan=plan), shown, what)
+    for _ in range(2):
+        _refused_at_files_step(world, lambda: disposal.resume(world.context()), shown, what)
+        assert _files(outside) == held and (folder.is_symlink() or folder.is_file())
+    _put_back(folder, outside)
+    result = disposal.resume(world.context())
+    assert result is not None and result.status == "disposed" and not folder.exists()
+    assert {f"{shown}/{name}" for name in held} <= {f["path"] for f in result.certificate["files"]}
+
+
+def test_a_file_of_a_release_replaced_by_a_link_after_the_plan_is_refused_not_unlinked(world: World) -> None:
+    """A planned file moved out and linked back after the plan was unlinked and certified with its
+    old hash while it survived outside: refused, naming it, the link and the file left as they are."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    data = next(p for p in sorted((world.home.releases / STUDY / RELEASE).iterdir()) if p.suffix == ".parquet")
+    outside = world.home.root.parent / data.name
+    shutil.move(data, outside)
+    data.symlink_to(outside)
+    shown = f"releases/{STUDY}/{RELEASE}/{data.name}"
+    run = lambda: world.dispose(target, authorised_by="Dr Test, CG", plan=plan)  # noqa: E731
+    _refused_at_files_step(world, run, shown, "is a symbolic link")
+    assert data.is_symlink() and outside.is_file()
+
+
+def test_a_release_folder_gone_before_a_resume_is_refused_but_a_crash_mid_shred_completes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planned release file gone before the files step (its folder moved out, no link left) was
+    skipped in silence and the release certified destroyed: refused until put back. A file this
+    disposal was shredding when a crash stopped it (unlinked before the journal recorded it) is
+    not refused: the resume completes (CoP 49)."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, authorised_by="Dr Test, CG", _crash_after="rows")
+    folder = world.home.releases / STUDY / RELEASE
+    outside = world.home.root.parent / "insider"
+    shutil.move(folder, outside)
+    gone = f"releases/{STUDY}/{RELEASE}/{sorted(_files(outside))[0]}"
+    for _ in range(2):
+        _refused_at_files_step(world, lambda: disposal.resume(world.context()), gone, "was planned")
+    shutil.move(outside, folder)
+    real = disposal_steps.shred_file
+
+    def crash_after_unlink(path: Path) -> int:
+        real(path)
+        monkeypatch.setattr(disposal_steps, "shred_file", real)
+        raise disposal.SimulatedCrash("crash after the unlink, before the journal")
+
+    monkeypatch.setattr(disposal_steps, "shred_file", crash_after_unlink)
+    with pytest.raises(disposal.SimulatedCrash):
+        disposal.resume(world.context())
+    result = disposal.resume(world.context())
+    assert result is not None and result.status == "disposed" and not folder.exists()
+
+
+@pytest.mark.parametrize("area", ["quarantine", "incoming"])
+@pytest.mark.parametrize("when", ["before the plan", "after the plan"])
+def test_a_link_in_place_of_a_collections_quarantine_or_incoming_folder_refuses_its_disposal(
+    world: World, area: str, when: str
+) -> None:
+    """``quarantine/<collection>`` (or ``incoming/<collection>``) moved out and linked back: the
+    disposal walked through the link and shredded the files where it pointed, outside the home.
+    Refused, naming it, before or after the plan; nothing outside touched (CoP 49; found by review)."""
+    folder = getattr(world.home, f"{area}_for")("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    held = _files(folder)
+    outside = _moved_out(world, folder, "symbolic link")
+    if when == "before the plan":
+        _refused(world, target, f"{area}/gp_events", "a symbolic link")
+    else:
+        run = lambda: world.dispose(target, authorised_by="Dr Test, CG", plan=plan)  # noqa: E731
+        _refused_at_files_step(world, run, f"{area}/gp_events", "is a symbolic link")
+    assert _files(outside) == held
+    assert held or area == "incoming", "the world quarantines some of gp_events"
+
+
+def test_a_pipe_left_in_a_release_after_the_plan_is_removed_and_certified(world: World) -> None:
+    """A pipe (or other special file) put in a release folder after the plan stopped the removal
+    of the folder and the disposal was refused as if the folder could not be written: it is
+    removed, never opened, and listed in the certificate as found after the plan (found by review)."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    folder = world.home.releases / STUDY / RELEASE
+    os.mkfifo(folder / "pipe")
+    result = world.dispose(target, authorised_by="Dr Test, CG", plan=plan)
+    assert result.status == "disposed" and not folder.exists()
+    assert f"releases/{STUDY}/{RELEASE}/pipe" in {f["path"] for f in result.certificate["files"]}
 
 
 def test_shred_overwrites_before_unlinking(tmp_path: Path) -> None:

@@ -262,6 +262,35 @@ def test_a_failed_shredding_leaves_nothing_deliverable_and_is_retried_by_the_nex
     assert review.shred_discarded(haven.con) == [], "nothing is left to retry"
 
 
+@pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling link"])
+def test_a_withdrawal_whose_staged_folder_is_a_link_is_refused_and_retried_until_put_back(
+    haven: Haven, tmp_path: Path, dangling: bool
+) -> None:
+    """The staged folder moved out and linked back: the withdrawal unlinked the link and recorded
+    the request withdrawn and shredded while its files survived outside. Refused saying what to do
+    (the request stays withdrawn: it will never leave), retried at every later discard or run and
+    refused again, the files outside untouched; once put back, they are shredded (CoP 27b, 49;
+    found by review)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    staging = review.get(haven.con, rid).staging_dir
+    held = sorted(p.name for p in staging.rglob("*"))
+    outside = tmp_path / "insider" / staging.name
+    outside.parent.mkdir()
+    shutil.move(staging, outside)
+    staging.symlink_to(outside.with_name("gone") if dangling else outside)
+    with pytest.raises(review.ReviewError, match=f"staging/releases/{rid} is a symbolic link.*Put them back"):
+        review.withdraw(haven.con, rid, CG, "the staged files were changed by hand")
+    assert review.get(haven.con, rid).state == review.WITHDRAWN and staging.is_symlink()
+    for _ in range(2):
+        with pytest.raises(review.ReviewError, match="is a symbolic link"):
+            review.shred_discarded(haven.con)
+    assert sorted(p.name for p in outside.rglob("*")) == held
+    staging.unlink()
+    shutil.move(outside, staging)
+    assert review.shred_discarded(haven.con) == [rid] and not os.path.lexists(staging)
+
+
 def test_return_and_reject_need_a_comment_and_release_nothing(haven: Haven) -> None:
     haven.add()
     rid = haven.prepare().release_id
