@@ -107,3 +107,31 @@ def shred_tree(root: Path, before: Callable[[Path], object] | None = None) -> in
         folder.rmdir()
     root.rmdir()
     return len(files)
+
+
+def written_parents(root: Path, folder: Path) -> list[Path]:
+    """The folders between the home ``root``'s own area folder (``releases/``, ``staging/``: an
+    operator may put one on another disk through a link) and ``folder``: the haven wrote them
+    (``releases/<agreement>``)."""
+    if not folder.is_relative_to(root):
+        return []
+    parts = folder.relative_to(root).parts
+    return [root.joinpath(*parts[:depth]) for depth in range(2, len(parts))]
+
+
+def stand_in(root: Path, folder: Path, *, inside: bool = False) -> tuple[bool, Path | None]:
+    """Whether ``folder``, one the haven wrote under the home ``root``, is there, and the first path
+    that stands in for what the haven wrote: a symbolic link (dangling or not), or anything but a
+    folder, in its place or in place of a folder above it (:func:`written_parents`), or, with
+    ``inside``, a link inside it. The rule (CoP 49; CoP 27b): such a path may stand for files moved
+    out of the haven's reach; walked through, files outside the haven would be destroyed, and
+    unlinked, files recorded destroyed would survive. So a disposal (``safehaven.dispose.found``)
+    and a withdrawal (``safehaven.share.review``) refuse it, never following it."""
+    for path in [*written_parents(root, folder), folder]:
+        if not os.path.lexists(path):
+            return False, None
+        if path.is_symlink() or not path.is_dir():
+            return True, path
+    if inside:
+        return True, next((p for p in sorted(folder.rglob("*")) if p.is_symlink()), None)
+    return True, None

@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core.audit import shown_path
-from safehaven.core.files import sha256_file
+from safehaven.core.files import sha256_file, stand_in
 from safehaven.core.home import Home
 from safehaven.core.store import table_exists
 from safehaven.dispose.model import DisposalError
@@ -81,24 +81,13 @@ def files_under(home: Home, folder: Path, kind: str) -> tuple[list[dict[str, Any
     """
     files: list[dict[str, Any]] = []
     dirs: list[str] = []
-    if not folder_in_place(home, folder):
+    if not folder_in_place(home, folder, inside=True):
         return files, dirs
-    for root, subdirs, names in os.walk(folder, topdown=False, onerror=_unlisted(home), followlinks=False):
+    for root, _subdirs, names in os.walk(folder, topdown=False, onerror=_unlisted(home), followlinks=False):
         base = Path(root)
-        for name in sorted([*subdirs, *names]):
-            _refuse_stand_in(home, base / name, (base / name).is_symlink())
         files += [file_entry(home, base / name, kind) for name in sorted(names)]
         dirs.append(str(base.relative_to(home.root)))
     return files, dirs
-
-
-def _written_parents(home: Home, folder: Path) -> list[Path]:
-    """The folders between the home's own area (``releases/``, ``staging/``) and ``folder``: the
-    haven wrote them too (``releases/<agreement>``), so a link there would be walked through."""
-    if not folder.is_relative_to(home.root):
-        return []
-    parts = folder.relative_to(home.root).parts
-    return [home.root.joinpath(*parts[:depth]) for depth in range(2, len(parts))]
 
 
 def planned_in_place(home: Home, path: Path, *, plain: bool) -> bool:
@@ -120,17 +109,17 @@ def planned_in_place(home: Home, path: Path, *, plain: bool) -> bool:
     return True
 
 
-def folder_in_place(home: Home, folder: Path) -> bool:
+def folder_in_place(home: Home, folder: Path, *, inside: bool = False) -> bool:
     """Whether ``folder`` (one the haven wrote: a release, a staged request, ``quarantine/`` or
     ``incoming/<collection>``) is there; ``False`` when it or a folder above it is not. A link (dangling
     or not), or anything but a folder, in its place or in place of a folder between the home's area
-    and it refuses the disposal (``DisposalError``): the files it stands for may have been moved
-    out of the disposal's reach, and walking through it would shred files outside the haven (CoP 49)."""
-    for path in [*_written_parents(home, folder), folder]:
-        if not os.path.lexists(path):
-            return False
-        _refuse_stand_in(home, path, path.is_symlink() or not path.is_dir())
-    return True
+    and it (with ``inside``, a link inside it too) refuses the disposal (``DisposalError``): the files
+    it stands for may have been moved out of the disposal's reach, and walking through it would shred
+    files outside the haven (CoP 49; the rule's one statement: ``safehaven.core.files.stand_in``)."""
+    present, found = stand_in(home.root, folder, inside=inside)
+    if found is not None:
+        _refuse_stand_in(home, found, True)
+    return present
 
 
 def not_a_link(home: Home, path: Path) -> None:

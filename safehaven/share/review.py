@@ -81,7 +81,7 @@ from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.days import haven_today
 from safehaven.core.digests import sealed_rows_sql
-from safehaven.core.files import sha256_file, sha256_plain, shred_tree
+from safehaven.core.files import sha256_file, sha256_plain, shred_tree, stand_in
 from safehaven.core.home import Home
 from safehaven.core.sql import lit
 from safehaven.core.store import table_exists
@@ -458,18 +458,15 @@ def _refuse_stand_in(req: Request, folder: Path) -> None:
     as recorded (it will never leave); :func:`shred_discarded` retries at the next discard or run,
     and refuses again until a person puts the files back."""
     root = req.staging_dir.parents[2]
-    parts = folder.relative_to(root).parts
-    above = [root.joinpath(*parts[:depth]) for depth in range(2, len(parts) + 1)]
-    inside = sorted(folder.rglob("*")) if folder.is_dir() and not folder.is_symlink() else []
-    for path in [*above, *inside]:
-        if path.is_symlink() or (path in above and os.path.lexists(path) and not path.is_dir()):
-            shown = audit.shown_path(str(path.relative_to(root)))
-            raise ReviewError(
-                f"{shown} is {'a symbolic link' if path.is_symlink() else 'not a folder'}, not what the haven wrote "
-                f"there: the files of {req.release_id} may have been moved out of the haven's reach and would "
-                "survive its shredding (CoP 27b). Put them back in its place, or remove it once you have found and "
-                "destroyed them; the shredding is retried by the next withdrawal, rejection or run"
-            )
+    _, path = stand_in(root, folder, inside=True)  # the rule's one statement (safehaven.core.files)
+    if path is not None:
+        shown = audit.shown_path(str(path.relative_to(root)))
+        raise ReviewError(
+            f"{shown} is {'a symbolic link' if path.is_symlink() else 'not a folder'}, not what the haven wrote "
+            f"there: the files of {req.release_id} may have been moved out of the haven's reach and would "
+            "survive its shredding (CoP 27b). Put them back in its place, or remove it once you have found and "
+            "destroyed them; the shredding is retried by the next withdrawal, rejection or run"
+        )
 
 
 def undelivered_folder(con: duckdb.DuckDBPyConnection, release_id: str) -> Path | None:
