@@ -72,7 +72,7 @@ def build_certificate(plan: Plan, steps: dict[str, Any]) -> dict[str, Any]:
     rows = steps["rows"]["rows"]
     # paths as shown names: a copy waiting in incoming/ still has its sender's name (CoP 8a)
     gone = set(steps["files"].get("not_found", []))  # not there at the files step: not certified
-    planned = [f for f in plan.files if f["path"] not in gone or f["kind"] != "incoming"]
+    planned = [f for f in plan.files if f["path"] not in gone]
     files = [{**f, "path": audit.shown_path(f["path"])} for f in planned + steps["files"]["found_after_plan"]]
     t = plan.target
     return {
@@ -96,8 +96,9 @@ def build_certificate(plan: Plan, steps: dict[str, Any]) -> dict[str, Any]:
         "vault_entries_reencrypted": steps["rows"]["vault_entries_reencrypted"],
         "files": files,
         "files_destroyed": len(files),
-        # copies planned in incoming/ that the files step no longer found (renamed, changed or
-        # removed by their sender, or shredded by an interrupted attempt): listed, not certified
+        # planned files the files step no longer found (a copy its sender renamed or removed, a
+        # file shredded meanwhile or by an interrupted attempt, one moved out of the haven's
+        # reach: safehaven.dispose.steps._not_there): listed, never certified destroyed
         "files_not_found": sorted(audit.shown_path(p) for p in gone),
         "bytes_destroyed": sum(int(f["bytes"]) for f in files),
         "keys_destroyed": _keys_destroyed(steps),

@@ -127,17 +127,6 @@ def not_a_link(home: Home, path: Path) -> None:
     _refuse_stand_in(home, path, path.is_symlink())
 
 
-def refuse_gone(home: Home, path: Path) -> None:
-    """Refuse the disposal: ``path``, a file of a release or staged request it planned, is gone and
-    this disposal did not shred it. It may have been moved out of the disposal's reach: certified
-    destroyed, it would survive (CoP 49). Fail closed until a person puts it back."""
-    raise DisposalError(
-        f"{_shown(home, path)} was planned for this disposal and is no longer there, and this disposal did not "
-        "destroy it: it may have been moved out of the disposal's reach and would survive it (CoP 49). Put it "
-        "back where it was, then run the disposal again (safehaven dispose --resume)"
-    )
-
-
 def _unlisted(home: Home) -> Callable[[OSError], None]:
     """``os.walk``'s error handler: a folder it cannot list refuses the disposal (its files may be
     copies it must destroy: fail closed), where ``os.walk`` alone would skip it unplanned."""

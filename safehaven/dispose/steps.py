@@ -31,7 +31,6 @@ from safehaven.dispose.found import (
     folder_in_place,
     not_a_link,
     planned_in_place,
-    refuse_gone,
     unreadable_refused,
     waiting_by_sha,
 )
@@ -282,13 +281,12 @@ def _kept_pairs_sql(contract: Contract, *, disposed: bool) -> str:
 # 3. files: plain copies overwritten and unlinked
 
 
-#: the files step's journal of its own progress: what it has shredded so far (and, under
-#: ``shredding``, the file it was about to shred), so a resumed step certifies a copy an
-#: interrupted attempt destroyed, and every file of a folder it emptied
+#: the files step's journal of its own progress: what it has shredded so far, so a resumed step
+#: certifies a copy an interrupted attempt destroyed, and every file of a folder it emptied
 PROGRESS_KEY = "files_progress"
 
 #: the kinds of planned file the haven wrote itself (a release, a staged request): re-checked in
-#: place before each is shredded (``found.planned_in_place``), and refused when gone
+#: place before each is shredded (``found.planned_in_place``)
 WRITTEN = ("release", "staged")
 
 
@@ -335,30 +333,24 @@ def _planned_file(run: Run, entry: dict[str, Any], waiting: dict[Path, dict[str,
 
 
 def _not_there(run: Run, entry: dict[str, Any], missing: list[str]) -> None:
-    """A planned file no longer found, unless this step's own journal says it shredded it (or was
-    shredding it when a crash stopped it: its unlink may have come before the journal recorded
-    it, and a resume must complete). A copy in incoming/ (renamed, changed or removed by its
-    sender since the plan) is listed as not found; a file of a release or staged request refuses
-    the disposal (``found.refuse_gone``): the haven wrote it, so it may have been moved out of the
-    disposal's reach, and certified destroyed it would survive (CoP 49). A quarantined file gone
-    is left out (a person may release it from quarantine)."""
-    progress = _progress(run)
-    if entry["path"] in progress["shredded"] or entry["path"] == progress.get("shredding"):
-        return
-    if entry["kind"] == "incoming":
+    """A planned file no longer found, unless this step's own journal says it shredded it: listed
+    as not found, never certified destroyed (CoP 49: the certificate is true). A copy in incoming/
+    renamed or removed by its sender, a quarantined file a person released, a release's or staged
+    request's file shredded meanwhile by a supersession, a withdrawal or an earlier disposal of
+    the same target, or moved out of the haven's reach (the certificate names it for the
+    governance lead), or one an interrupted attempt unlinked before its journal recorded it. None
+    of these can be put back, so none refuses: refusing wedged the disposal for ever, with every
+    later one waiting behind it (found by review). A link or a file standing in the way refuses
+    (:func:`_planned_file`): that a person can clear."""
+    if entry["path"] not in _progress(run)["shredded"]:
         missing.append(entry["path"])
-    elif entry["kind"] in WRITTEN:
-        refuse_gone(run.home, run.home.root / entry["path"])
 
 
 def _shred_planned(run: Run, entry: dict[str, Any], path: Path) -> None:
-    """Shred one planned file, journalling it as being shredded first, and as shredded after."""
-    progress = _progress(run)
-    progress["shredding"] = entry["path"]
-    run.save()
+    """Shred one planned file and journal it as shredded."""
     with unreadable_refused(run.home, path, "overwrite"):
         shred_file(path)
-    progress["shredded"].append(entry["path"])
+    _progress(run)["shredded"].append(entry["path"])
     run.save()
 
 
@@ -370,7 +362,8 @@ def _shred_dirs(run: Run) -> None:
         quarantined = folder.relative_to(run.home.root).parts[0] == run.home.quarantine.name
         if not folder_in_place(run.home, folder.parent if quarantined else folder):
             continue
-        if folder.is_dir() and not folder.is_symlink():
+        not_a_link(run.home, folder)  # a quarantined folder linked out since the plan (CoP 49)
+        if folder.is_dir():
             with unreadable_refused(run.home, folder, "overwrite the files of"):
                 _shred_folder(run, folder)
 
@@ -383,8 +376,8 @@ def shred_files(run: Run) -> None:
     or anything but a folder now standing in place of a folder the haven wrote on its way, or a
     link in place of the file, refuses the disposal (``DisposalError``; :func:`_planned_file`),
     never shredding through it. The journal is kept, so every resume refuses again until a person
-    puts the files back (CoP 49: physical disposal destroys all copies). A planned file gone:
-    :func:`_not_there`.
+    removes it, having put the files back or found them (CoP 49: physical disposal destroys all
+    copies). A planned file gone is listed as not found, not certified: :func:`_not_there`.
     """
     destroyed, missing = 0, []
     waiting: dict[Path, dict[str, list[Path]]] = {}

@@ -67,6 +67,7 @@ The states and the transitions between them are listed once, in :data:`TRANSITIO
 from __future__ import annotations
 
 import json
+import logging
 import os
 import unicodedata
 from collections.abc import Callable
@@ -90,6 +91,8 @@ from safehaven.protect import optouts
 
 if TYPE_CHECKING:
     from safehaven.share.agreements import Agreement
+
+log = logging.getLogger(__name__)
 
 REQUESTS = schema.RELEASE_REQUESTS
 REVIEWS = schema.RELEASE_REVIEWS
@@ -494,17 +497,32 @@ def shred_discarded(con: duckdb.DuckDBPyConnection, *, but: str | None = None) -
     """Shred the files a failed :func:`_discard` left behind: requests that will never leave whose
     staged folder, or undelivered folder in ``releases/`` (:func:`_undelivered_release`), still
     exists (those withdrawn for a disposal are left to it: it shreds and certifies them), or a
-    link stands in its place (refused again: :func:`_refuse_stand_in`). Returns their ids."""
+    link stands in its place or above it (refused again: :func:`_refuse_stand_in`). Returns the
+    ids shredded. A refused one is logged and retried at the next discard or run; it does not stop
+    the others, nor the preparation or withdrawal that called this (found by review: one link
+    failed every agreement's release each night)."""
     left = [
         r
         for r in requests(con, states=NEVER_LEAVES)
-        if r.release_id != but
-        and not (r.comment or "").startswith(DISPOSED_PREFIX)
-        and (os.path.lexists(r.staging_dir) or _undelivered_release(con, r) is not None)
+        if r.release_id != but and not (r.comment or "").startswith(DISPOSED_PREFIX) and _left_behind(con, r)
     ]
+    done = []
     for req in left:
-        _shred(con, req)
-    return [r.release_id for r in left]
+        try:
+            _shred(con, req)
+        except ReviewError as refused:
+            log.warning("the shredding of %s is refused: %s", req.release_id, refused)
+            continue
+        done.append(req.release_id)
+    return done
+
+
+def _left_behind(con: duckdb.DuckDBPyConnection, req: Request) -> bool:
+    """Whether a discarded request's files (or a link standing in for them, or for a folder above
+    them: ``safehaven.core.files.stand_in``) are still there."""
+    if os.path.lexists(req.staging_dir) or _undelivered_release(con, req) is not None:
+        return True
+    return stand_in(req.staging_dir.parents[2], req.staging_dir)[1] is not None
 
 
 def _require_independent(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:

@@ -1191,23 +1191,32 @@ def test_a_file_of_a_release_replaced_by_a_link_after_the_plan_is_refused_not_un
     assert data.is_symlink() and outside.is_file()
 
 
-def test_a_release_folder_gone_before_a_resume_is_refused_but_a_crash_mid_shred_completes(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A planned release file gone before the files step (its folder moved out, no link left) was
-    skipped in silence and the release certified destroyed: refused until put back. A file this
-    disposal was shredding when a crash stopped it (unlinked before the journal recorded it) is
-    not refused: the resume completes (CoP 49)."""
+def test_a_release_folder_gone_before_a_resume_is_listed_not_found_never_certified(world: World) -> None:
+    """A planned release file gone before the files step (its folder moved out, no link left, or
+    shredded meanwhile by another disposal of the same release) was certified destroyed; refusing
+    it wedged the disposal for ever, every later one waiting behind it (found by review). The
+    disposal completes and its certificate lists the files as not found, never as destroyed (CoP
+    49: the certificate is true)."""
     target = disposal.Target.for_agreement(STUDY, [RELEASE])
     with pytest.raises(disposal.SimulatedCrash):
         world.dispose(target, authorised_by="Dr Test, CG", _crash_after="rows")
     folder = world.home.releases / STUDY / RELEASE
     outside = world.home.root.parent / "insider"
     shutil.move(folder, outside)
-    gone = f"releases/{STUDY}/{RELEASE}/{sorted(_files(outside))[0]}"
-    for _ in range(2):
-        _refused_at_files_step(world, lambda: disposal.resume(world.context()), gone, "was planned")
-    shutil.move(outside, folder)
+    gone = {f"releases/{STUDY}/{RELEASE}/{name}" for name in _files(outside)}
+    result = disposal.resume(world.context())
+    assert result is not None and result.status == "disposed"
+    assert gone <= set(result.certificate["files_not_found"])
+    assert not gone & {f["path"] for f in result.certificate["files"]}
+
+
+def test_a_crash_after_a_files_unlink_and_before_its_journal_resumes_to_the_end(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after a planned file's unlink and before the journal recorded it, then again later in
+    the same files step: every resume completes (a planned file gone is listed, not refused; with
+    the refusal two ordinary crashes wedged the disposal for ever: found by review)."""
+    target = disposal.Target.for_agreement(STUDY, [RELEASE])
     real = disposal_steps.shred_file
 
     def crash_after_unlink(path: Path) -> int:
@@ -1217,9 +1226,32 @@ def test_a_release_folder_gone_before_a_resume_is_refused_but_a_crash_mid_shred_
 
     monkeypatch.setattr(disposal_steps, "shred_file", crash_after_unlink)
     with pytest.raises(disposal.SimulatedCrash):
-        disposal.resume(world.context())
+        world.dispose(target, authorised_by="Dr Test, CG")
+    with pytest.raises(disposal.SimulatedCrash):
+        disposal.resume(world.context(), _crash_after="files")
     result = disposal.resume(world.context())
-    assert result is not None and result.status == "disposed" and not folder.exists()
+    assert result is not None and result.status == "disposed"
+    assert not (world.home.releases / STUDY / RELEASE).exists()
+    assert len(result.certificate["files_not_found"]) == 1
+
+
+def test_a_quarantined_folder_linked_out_after_the_plan_refuses_the_disposal(world: World) -> None:
+    """A quarantined folder planned by its path, moved out and linked back after the plan, was
+    skipped in silence and the disposal completed (found by review): refused, nothing outside
+    touched."""
+    quarantine = world.home.quarantine_for("gp_events")
+    folder = quarantine / "batch 7"  # a folder received and set aside whole, long ago
+    folder.mkdir(parents=True)
+    (folder / "inner.csv").write_text("nhs_number\n9990000018\n")
+    os.utime(folder, (1428000000, 1428000000))
+    (quarantine / "batch 7.reason.json").write_text(json.dumps({"quarantined_at": "2015-04-02T09:00:00+00:00"}))
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    assert "quarantine/gp_events/batch 7" in plan.dirs
+    outside = _moved_out(world, folder, "symbolic link")
+    with pytest.raises(disposal.DisposalError, match="is a symbolic link"):
+        world.dispose(target, authorised_by="Dr Test, CG", plan=plan)
+    assert _files(outside)
 
 
 @pytest.mark.parametrize("area", ["quarantine", "incoming"])

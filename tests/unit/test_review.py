@@ -10,6 +10,7 @@ transition appears in the audit trail.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -264,13 +265,14 @@ def test_a_failed_shredding_leaves_nothing_deliverable_and_is_retried_by_the_nex
 
 @pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling link"])
 def test_a_withdrawal_whose_staged_folder_is_a_link_is_refused_and_retried_until_put_back(
-    haven: Haven, tmp_path: Path, dangling: bool
+    haven: Haven, tmp_path: Path, dangling: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The staged folder moved out and linked back: the withdrawal unlinked the link and recorded
     the request withdrawn and shredded while its files survived outside. Refused saying what to do
     (the request stays withdrawn: it will never leave), retried at every later discard or run and
-    refused again, the files outside untouched; once put back, they are shredded (CoP 27b, 49;
-    found by review)."""
+    refused again (logged), the files outside untouched, while the next preparation goes on (one
+    refusal failed every agreement's release each night: found by review); once put back, they
+    are shredded (CoP 27b, 49; found by review)."""
     haven.add()
     rid = haven.prepare().release_id
     staging = review.get(haven.con, rid).staging_dir
@@ -283,12 +285,34 @@ def test_a_withdrawal_whose_staged_folder_is_a_link_is_refused_and_retried_until
         review.withdraw(haven.con, rid, CG, "the staged files were changed by hand")
     assert review.get(haven.con, rid).state == review.WITHDRAWN and staging.is_symlink()
     for _ in range(2):
-        with pytest.raises(review.ReviewError, match="is a symbolic link"):
-            review.shred_discarded(haven.con)
+        with caplog.at_level(logging.WARNING, logger=review.log.name):
+            assert review.shred_discarded(haven.con) == []
+        assert f"the shredding of {rid} is refused" in caplog.text and "is a symbolic link" in caplog.text
+        caplog.clear()
+    assert haven.prepare().release_id != rid, "the next preparation goes on"
     assert sorted(p.name for p in outside.rglob("*")) == held
     staging.unlink()
     shutil.move(outside, staging)
     assert review.shred_discarded(haven.con) == [rid] and not os.path.lexists(staging)
+
+
+def test_a_withdrawal_under_a_dangling_link_in_place_of_staging_releases_is_refused_at_every_retry(
+    haven: Haven, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``staging/releases`` moved out and a dangling link left: the withdrawal is refused, and so is
+    every retry (its staged folder is not "there" through the link, so it was never retried: found
+    by review); the files moved out are untouched."""
+    haven.add()
+    rid = haven.prepare().release_id
+    staging = review.get(haven.con, rid).staging_dir
+    shutil.move(staging.parent, tmp_path / "moved")
+    staging.parent.symlink_to(tmp_path / "gone")
+    with pytest.raises(review.ReviewError, match="staging/releases is a symbolic link"):
+        review.withdraw(haven.con, rid, CG, "the staged files were changed by hand")
+    with caplog.at_level(logging.WARNING, logger=review.log.name):
+        assert review.shred_discarded(haven.con) == []
+    assert f"the shredding of {rid} is refused" in caplog.text
+    assert (tmp_path / "moved" / staging.name).is_dir()
 
 
 def test_return_and_reject_need_a_comment_and_release_nothing(haven: Haven) -> None:
