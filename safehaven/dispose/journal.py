@@ -41,10 +41,13 @@ def count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = N
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it."""
+    """Write ``data`` to ``path`` atomically: a synced temporary file renamed over it. Compact, one
+    line: the files step saves the journal after every file it shreds, and indented JSON (Python's
+    pure-Python encoder) of a plan naming 2,000 files took 15-20 ms a save, growing with the plan
+    (found by review); the MAC covers the canonical form, not the file's layout."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True, default=str))
+        fh.write(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
