@@ -22,12 +22,15 @@ class HavenGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         from safehaven.core.audit import AuditTrailBroken
+        from safehaven.core.home import HomeError
 
         try:
             audit.precheck([*getattr(ctx, "_protected_args", []), *ctx.args])
             return super().invoke(ctx)
         except AuditTrailBroken as exc:
             fail(str(exc), audit.EXIT_REFUSED)
+        except HomeError as exc:  # a folder of the home's layout cannot be made: one line, no traceback
+            fail(str(exc))
 
 
 @click.group(cls=HavenGroup)

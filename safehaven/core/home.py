@@ -38,6 +38,25 @@ PUBLISHED_DB = "published.duckdb"
 PUBLISHED_MANIFEST = "release.json"
 
 
+class HomeError(Exception):
+    """A folder of the home's layout cannot be made: something else stands at its path."""
+
+
+def _folder(path: Path, mode: int | None = None) -> None:
+    """Make one folder of the layout (``mode``: its permissions). A file, or a link to a folder that
+    is not there, at its path is refused in words a person can act on, not with the OS error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        what = "a symbolic link to a folder that is not there" if path.is_symlink() else "not a folder"
+        raise HomeError(
+            f"{path} is {what}: the haven keeps a folder there. Make it a folder (or point the link at one), "
+            "then run again"
+        ) from None
+    if mode is not None:
+        path.chmod(mode)
+
+
 @dataclass(frozen=True)
 class Home:
     """The directory tree of one safe haven."""
@@ -93,10 +112,9 @@ class Home:
     def ensure(self) -> Home:
         """Create the tree. Directories that can hold confidential data are 0700."""
         for path in (self.incoming, self.quarantine, self.store_dir, self.keys, self.releases, self.staging):
-            path.mkdir(parents=True, exist_ok=True)
-            path.chmod(0o700)
+            _folder(path, 0o700)
         for path in (self.published, self.registers):
-            path.mkdir(parents=True, exist_ok=True)
+            _folder(path)
         return self
 
     def incoming_for(self, collection: str) -> Path:
