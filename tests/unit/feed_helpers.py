@@ -44,8 +44,8 @@ from tests.governance_helpers import (
 )
 
 COLUMNS = ["nhs_number", "objection_type", "recorded_date", "withdrawn_date", "source_practice"]
-TODAY = haven_today()
-FUTURE = (TODAY + timedelta(days=30)).isoformat()
+#: a recorded date in the future (a month ahead: the same across a run that passes midnight)
+FUTURE = (haven_today() + timedelta(days=30)).isoformat()
 #: hospital_episodes holds two records per person (small_haven)
 EPISODES_EACH = 2
 

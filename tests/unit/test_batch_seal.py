@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from safehaven.core import audit
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.intake import batch_seal
 from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import EVENTS
 from tests.governance_helpers import NHS
-from tests.unit.feed_helpers import TODAY, Haven, open_haven, opt_out, refused
+from tests.unit.feed_helpers import Haven, open_haven, opt_out, refused
 
 COLLECTION = "objections"
 
@@ -146,7 +147,7 @@ def test_an_event_stating_a_forged_row_is_not_sealed_as_a_runs_leftover(haven: H
 
 
 def test_a_haven_made_before_batch_seals_seals_its_batches_once_as_they_stood(haven: Haven) -> None:
-    assert feed.feed_problems(haven.con, haven.home, TODAY, feed.DEFAULT_WINDOW_DAYS) == []
+    assert feed.feed_problems(haven.con, haven.home, haven_today(), feed.DEFAULT_WINDOW_DAYS) == []
     [started] = [e for e in audit.entries_for(haven.con) if e.action == batch_seal.STARTED]
     assert started.detail_value == {"batches_sealed_as_they_stood": 1}
     haven.con.execute(f"DELETE FROM {batch_seal.TABLE}")  # the seals removed: never sealed again by themselves

@@ -53,7 +53,6 @@ from tests.unit.feed_helpers import (
     COLUMNS,
     EPISODES_EACH,
     FUTURE,
-    TODAY,
     Haven,
     Template,
     open_haven,
@@ -175,14 +174,14 @@ def test_a_later_clean_file_of_the_same_name_keeps_releases_refused_until_a_pers
     assert haven.run()
     for _ in range(2):  # the run that lands it, and a later run
         message = refused(haven)
-        problems = feed.feed_problems(haven.con, haven.home, TODAY, feed.DEFAULT_WINDOW_DAYS)
+        problems = feed.feed_problems(haven.con, haven.home, haven_today(), feed.DEFAULT_WINDOW_DAYS)
         [fault] = feed.unresolved(haven.con)
         later = fault.later_clean_sha256
-        assert later is not None and fault.later_clean_on == TODAY.isoformat()
+        assert later is not None and fault.later_clean_on == haven_today().isoformat()
         assert len(problems) == 1 and problems[0] in message and "\n" not in message
         assert (
             f"a later file of that name, optouts.csv (sha256 {later[: feed.SHA_SHOWN]}), landed and validated "
-            f"cleanly on {TODAY.isoformat()}" in message
+            f"cleanly on {haven_today().isoformat()}" in message
         )
         assert (
             f"safehaven objections resolve {fault.sha256[: feed.SHA_SHOWN]} --corrected-by "
@@ -225,30 +224,34 @@ def test_a_later_clean_file_of_the_same_name_keeps_releases_refused_until_a_pers
 
 
 def test_stale_register_refuses_and_an_attested_refresh_clears_it(haven: Haven) -> None:
-    later = TODAY + timedelta(days=feed.DEFAULT_WINDOW_DAYS + 1)
+    later = haven_today() + timedelta(days=feed.DEFAULT_WINDOW_DAYS + 1)
     with pytest.raises(ReleaseRefused, match="last refreshed on"):
         haven.release(today=later)
-    feed.attest_refresh(haven.con, TODAY, by="Dr Guardian", reason="checked against the current list", today=TODAY)
+    feed.attest_refresh(
+        haven.con, haven_today(), by="Dr Guardian", reason="checked against the current list", today=haven_today()
+    )
     with pytest.raises(ReleaseRefused, match="last refreshed on"):
         haven.release(today=later)  # attested today: still older than the window on `later`
     result = haven.release()
-    assert result.optout_list_date == TODAY
+    assert result.optout_list_date == haven_today()
     [row] = reg.releases(haven.con, "test-feed")
-    assert row["optout_list_date"] == TODAY
-    assert (result.directory / "manifest.json").read_text().count(f'"objection_list_date": "{TODAY.isoformat()}"') == 1
+    assert row["optout_list_date"] == haven_today()
+    assert (result.directory / "manifest.json").read_text().count(
+        f'"objection_list_date": "{haven_today().isoformat()}"'
+    ) == 1
 
 
 def test_agreement_window_overrides_the_havens(haven: Haven) -> None:
     write_agreement(haven.registry.root, {**agreement_data(id="test-feed-tight"), "objections_max_age_days": 1})
     haven.agreement = "test-feed-tight"
     with pytest.raises(ReleaseRefused, match="more than 1 days"):
-        haven.release(today=TODAY + timedelta(days=3))
+        haven.release(today=haven_today() + timedelta(days=3))
 
 
 def test_the_havens_window_is_passed_in(haven: Haven) -> None:
     """The haven's window is an argument (the resource's field, or the CLI's variable), not ambient."""
     with pytest.raises(ReleaseRefused, match="more than 2 days"):
-        haven.release(today=TODAY + timedelta(days=5), objections_max_age_days=2)
+        haven.release(today=haven_today() + timedelta(days=5), objections_max_age_days=2)
 
 
 def test_a_window_that_is_not_whole_days_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -484,7 +487,7 @@ def test_the_faults_listing_names_a_later_clean_file_and_resolve_corrected_by_re
     listed = runner.invoke(main, ["objections", "faults"])
     assert listed.exit_code == 0, listed.output
     [fault] = json.loads(listed.output)["unresolved"]
-    assert fault["file_name"] == "daily.csv" and fault["later_clean_on"] == TODAY.isoformat()
+    assert fault["file_name"] == "daily.csv" and fault["later_clean_on"] == haven_today().isoformat()
     mine, later = fault["sha256"][: feed.SHA_SHOWN], fault["later_clean_sha256"][: feed.SHA_SHOWN]
     assert f"safehaven objections resolve {mine} --corrected-by {later} --by <name>" in fault["to_clear"]
     assert NHS[44] not in listed.output
@@ -658,7 +661,7 @@ def test_a_refused_objections_file_that_cannot_be_moved_still_blocks_record_leve
         monkeypatch.setattr(ingest, "_move_whole", refused_move)
         report = ingest.ingest_collection(h.con, h.registry.objections(), folder, h.home.quarantine_for("objections"))
         assert [m["file"] for m in report.not_moved] == ["optouts.csv"]
-        problems = feed.feed_problems(h.con, h.home, TODAY, 31)
+        problems = feed.feed_problems(h.con, h.home, haven_today(), 31)
         assert any("optouts.csv" in p and "file.header.excel_sep" in p for p in problems), problems
 
 
@@ -745,7 +748,7 @@ def test_an_objections_file_sent_again_after_a_mistaken_withdrawal_puts_the_obje
 ) -> None:
     """The sender withdrew an objection by mistake and sends the original file again: the same
     bytes, so not landed twice, but its objection is registered again and its records withheld."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.learnt_earlier(2)  # the withdrawal below is dated after the register learnt the objection
@@ -762,7 +765,7 @@ def test_an_objections_file_sent_again_after_a_mistaken_withdrawal_puts_the_obje
 def test_an_old_withdrawal_sent_again_never_lifts_an_objection_the_register_holds(haven: Haven) -> None:
     """Fail closed: a file received again may keep an objection in force, never end one. The old
     withdrawal, re-sent after the objection was restated, is held and counted, not applied."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.learnt_earlier(2)  # the withdrawal below is dated after the register learnt the objection
@@ -779,7 +782,7 @@ def test_an_old_withdrawal_sent_again_never_lifts_an_objection_the_register_hold
 def test_a_re_saved_copy_restates_too(haven: Haven) -> None:
     """Excel's re-save (byte-order mark, every field quoted, CRLF) holds the same records: a copy,
     not landed again, and a restatement all the same."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10), opt_out(11)])
     haven.run()
     haven.learnt_earlier(2)
@@ -803,7 +806,7 @@ def test_an_unchanged_daily_list_adds_no_event_and_keeps_the_register_current(ha
     haven.drop("daily.csv", [opt_out(10)])
     haven.run()
     assert haven.con.execute("SELECT count(*) FROM governance.objection_events").fetchone()[0] == events
-    assert feed.refreshed_on(haven.con) == TODAY
+    assert feed.refreshed_on(haven.con) == haven_today()
     assert haven.release().status == "released"
 
 
@@ -847,7 +850,7 @@ def test_a_file_sent_again_waits_for_a_withdrawal_that_arrived_before_it(haven: 
     releases blocked) until W is validated and registered, then registers after it: in force."""
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
-    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+    haven.drop("withdrawals.csv", [_withdrawn(10, (haven_today() - timedelta(days=1)).isoformat())])
     haven.land()  # W landed; its run stopped here
     haven.drop("objections.csv", [opt_out(10)])  # sent again, after W
     haven.land()
@@ -866,7 +869,7 @@ def test_a_file_sent_again_waits_for_an_earlier_file_still_in_incoming(haven: Ha
     the original file, sent again after it, is landed and the register runs: the restatement waits."""
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
-    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+    haven.drop("withdrawals.csv", [_withdrawn(10, (haven_today() - timedelta(days=1)).isoformat())])
     haven.drop("objections.csv", [opt_out(10)])
     haven.land([ingest.drop_key(haven.home.incoming_for("objections") / "objections.csv")])  # the later file's run
     _register_as_the_night_does(haven)
@@ -960,7 +963,7 @@ def test_an_unjudged_entry_sharing_a_refused_entrys_shown_name_still_holds_a_lat
     withdrawal = odd.with_name("odd_1234567891.csv")
     assert audit.shown_name(odd.name) == audit.shown_name(withdrawal.name)
     time.sleep(0.05)
-    haven.drop("tmp.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+    haven.drop("tmp.csv", [_withdrawn(10, (haven_today() - timedelta(days=1)).isoformat())])
     os.replace(odd.with_name("tmp.csv"), withdrawal)
     with open(withdrawal, "ab"):  # still being written while the night runs
         time.sleep(0.05)
@@ -988,7 +991,7 @@ def test_an_entry_replaced_while_the_haven_refuses_it_in_place_is_still_waited_f
     left = ingest._left_in_incoming
 
     def replaced_first(*args, **kwargs) -> None:
-        haven.drop("tmp.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+        haven.drop("tmp.csv", [_withdrawn(10, (haven_today() - timedelta(days=1)).isoformat())])
         os.replace(folder / "tmp.csv", odd)  # the sender's replacement lands in the window
         time.sleep(0.02)
         left(*args, **kwargs)
@@ -1047,7 +1050,7 @@ def test_a_faulty_file_sent_again_does_not_refresh_the_register(haven: Haven) ->
 def test_a_list_with_an_episodes_history_sent_again_restates_its_last_statement(haven: Haven) -> None:
     """A full list holding an objection and, in a later row, its withdrawal: the later row wins
     when it lands, and the same list sent again restates that, not the first row."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("daily.csv", [opt_out(10), _withdrawn(10, yesterday)])
     haven.run()
     haven.drop("daily.csv", [opt_out(10), _withdrawn(10, yesterday)])
@@ -1102,7 +1105,7 @@ def test_an_objection_deleted_outside_the_haven_refuses_record_level_releases_un
 def test_a_withdrawal_added_outside_the_haven_is_never_sealed(haven: Haven) -> None:
     """An event appended with SQL (a withdrawal no file stated) lifts the objection in the register,
     so releases are refused, and the register step will not seal it as a run's leftover."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.con.execute(  # after every sealed event, naming the landed row it "restates"
@@ -1155,7 +1158,7 @@ def test_the_seal_command_records_a_persons_decision(home: Home) -> None:
 
 def _withdraw_with_sql(haven: Haven, i: int) -> None:
     """What someone holding the store key could do: append a withdrawal no file stated."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.con.execute(
         "INSERT INTO governance.objection_events SELECT (SELECT max(event_id) FROM governance.objection_events) + 1, "
         f"pid, objection_type, recorded_date, DATE '{yesterday}', source_practice, _batch, _row, now(), key_id "
@@ -1170,7 +1173,9 @@ def test_a_seal_edited_in_the_store_is_never_trusted(haven: Haven) -> None:
     sealed: the seal is read only through the verified trail, so releases are refused."""
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
-    feed.attest_refresh(haven.con, TODAY, by="Dr Guardian", reason="checked", today=TODAY)  # a later entry
+    feed.attest_refresh(
+        haven.con, haven_today(), by="Dr Guardian", reason="checked", today=haven_today()
+    )  # a later entry
     _withdraw_with_sql(haven, 10)
     forged = json.dumps(register_seal.state(haven.con).as_detail())
     haven.con.execute(
@@ -1189,7 +1194,7 @@ def test_a_seal_edited_in_the_store_is_never_trusted(haven: Haven) -> None:
 def test_an_old_withdrawal_replayed_with_sql_is_not_taken_for_a_runs_leftover(haven: Haven) -> None:
     """A withdrawal that a later file overrode is a landed row; copied as a new event it restates
     that row exactly, but the haven only ever repeats a row to keep an objection in force."""
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("a.csv", [_withdrawn(10, yesterday)])
     haven.run()
     haven.drop("b.csv", [opt_out(10)])
@@ -1297,7 +1302,7 @@ def test_a_held_withdrawal_is_applied_by_a_persons_decision(haven: Haven) -> Non
 
     from safehaven.cli.main import main
 
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.learnt_earlier(2)  # the withdrawal below is dated after the register learnt the objection
@@ -1332,7 +1337,7 @@ def test_a_held_withdrawal_is_applied_by_a_persons_decision(haven: Haven) -> Non
 def _stale_story(haven: Haven) -> None:
     """Day 1, extract A: person 10's objection withdrawn ten days ago. Day 2, extract B: the sender
     reversed it, in force. Day 3, A regenerated (A'): one unrelated row differs, so a new batch."""
-    withdrawn = (TODAY - timedelta(days=10)).isoformat()
+    withdrawn = (haven_today() - timedelta(days=10)).isoformat()
     haven.drop("extract.csv", [_withdrawn(10, withdrawn), opt_out(12)])
     haven.run()
     haven.drop("extract.csv", [opt_out(10), opt_out(12)])
@@ -1363,7 +1368,7 @@ def test_a_withdrawal_dated_after_the_register_learnt_the_objection_still_applie
     later withdrawn date and takes effect as it always did."""
     _stale_story(haven)
     haven.learnt_earlier(3)
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("withdrawn.csv", [_withdrawn(10, yesterday)])
     haven.run()
     assert not _in_force(haven, 10)
@@ -1374,7 +1379,7 @@ def test_a_withdrawal_dated_the_day_the_objection_was_learnt_is_held(haven: Have
     """Fail closed: the same day cannot tell which came first, so the withdrawal is held."""
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
-    haven.drop("withdrawn.csv", [_withdrawn(10, TODAY.isoformat())])
+    haven.drop("withdrawn.csv", [_withdrawn(10, haven_today().isoformat())])
     haven.run()
     assert _in_force(haven, 10)
     assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
@@ -1387,12 +1392,12 @@ def test_an_objection_restated_by_a_file_sent_again_was_learnt_when_it_was_sent_
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.learnt_earlier(5)
-    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=3)).isoformat())])
+    haven.drop("withdrawals.csv", [_withdrawn(10, (haven_today() - timedelta(days=3)).isoformat())])
     haven.run()
     assert not _in_force(haven, 10)
     haven.drop("objections.csv", [opt_out(10)])  # sent again: back in force
     haven.run()
-    haven.drop("withdrawals (2).csv", [_withdrawn(10, (TODAY - timedelta(days=2)).isoformat()), opt_out(11)])
+    haven.drop("withdrawals (2).csv", [_withdrawn(10, (haven_today() - timedelta(days=2)).isoformat()), opt_out(11)])
     haven.run()
     assert _in_force(haven, 10) and _in_force(haven, 11)
     assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
@@ -1402,7 +1407,7 @@ def test_a_new_file_listing_an_episodes_history_is_judged_by_its_last_statement(
     """A file listing each episode's history is judged by its last statement about it: an objection
     then an old withdrawal of it is stale (held, in force); an old withdrawal then the objection
     keeps it in force (nothing held); an old withdrawal then a new one ends it (applied)."""
-    old, yesterday = ((TODAY - timedelta(days=n)).isoformat() for n in (10, 1))
+    old, yesterday = ((haven_today() - timedelta(days=n)).isoformat() for n in (10, 1))
     haven.drop("objections.csv", [opt_out(10), opt_out(11), opt_out(12)])
     haven.run()
     haven.learnt_earlier(3)
@@ -1426,7 +1431,7 @@ def test_an_objection_restated_unchanged_was_learnt_when_restated_so_an_older_wi
     haven.drop("objections.csv", [opt_out(10)])  # sent again, unchanged, today
     haven.run()
     assert _restatements(haven) == [(1, 0, 0)], "the unchanged statement adds no event"
-    haven.drop("withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=5)).isoformat())])
+    haven.drop("withdrawals.csv", [_withdrawn(10, (haven_today() - timedelta(days=5)).isoformat())])
     haven.run()
     assert _in_force(haven, 10)
     assert [h["withdrawals_held"] for h in _held_by_batch(haven)] == [1]
@@ -1442,7 +1447,7 @@ def test_an_unchanged_daily_list_re_exported_with_other_bytes_was_learnt_the_day
     haven.drop("daily.csv", [opt_out(10), opt_out(12)], excel=True)  # today's list: the same records
     haven.run()
     assert _restatements(haven) == [(2, 0, 0)]
-    old = _withdrawn(10, (TODAY - timedelta(days=5)).isoformat())
+    old = _withdrawn(10, (haven_today() - timedelta(days=5)).isoformat())
     haven.drop("old extract.csv", [old, opt_out(12), opt_out(11)])
     haven.run()
     assert _in_force(haven, 10) and _in_force(haven, 11)
@@ -1455,7 +1460,7 @@ def test_a_file_sent_again_stating_other_than_the_register_does_not_refresh_when
     """Only a restatement whose statement equals the register's current one tells the haven that
     state again: an old withdrawal file sent again (held) says nothing of the objection in force,
     so a genuine new withdrawal dated after the register last learnt the objection still applies."""
-    yesterday, weekago = ((TODAY - timedelta(days=n)).isoformat() for n in (1, 5))
+    yesterday, weekago = ((haven_today() - timedelta(days=n)).isoformat() for n in (1, 5))
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.learnt_earlier(3)
@@ -1500,7 +1505,7 @@ def test_a_withdrawal_held_from_a_file_sent_again_is_superseded_by_a_newer_list(
 
     from safehaven.cli.main import main
 
-    yesterday = (TODAY - timedelta(days=1)).isoformat()
+    yesterday = (haven_today() - timedelta(days=1)).isoformat()
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()
     haven.learnt_earlier(2)
@@ -1709,7 +1714,7 @@ def test_a_restatement_behind_a_file_waiting_for_its_control_file_names_that_con
     _drop_controlled(haven, "objections.csv", [opt_out(10)])
     haven.run()
     haven.learnt_earlier(2)
-    _drop_controlled(haven, "withdrawals.csv", [_withdrawn(10, (TODAY - timedelta(days=1)).isoformat())])
+    _drop_controlled(haven, "withdrawals.csv", [_withdrawn(10, (haven_today() - timedelta(days=1)).isoformat())])
     haven.run()
     _drop_controlled(haven, "parked.csv", [opt_out(11)], control=False)
     _drop_controlled(haven, "objections.csv", [opt_out(10)])  # sent again

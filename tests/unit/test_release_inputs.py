@@ -35,8 +35,6 @@ from tests.governance_helpers import (
     write_agreement,
 )
 
-TODAY = haven_today()
-
 
 @dataclass
 class Haven:
@@ -46,7 +44,9 @@ class Haven:
     keyring: KeyRing
     pids: dict[str, str]
 
-    def prepare(self, today: date = TODAY):
+    def prepare(self, today: date | None = None):
+        """A preparation on ``today``, by default the haven's day when it runs (read then, not when the
+        module was imported: a module run across midnight would prepare on yesterday's date)."""
         context = Context.open(self.home, contracts=self.registry, keyring=self.keyring, today=today)
         return prepare(self.con, "test-linked", haven=context)
 
@@ -113,7 +113,7 @@ def test_a_new_objection_builds_again_and_is_honoured(haven: Haven, builds: list
     haven.con.execute(
         f"INSERT INTO {objections.EVENTS} (event_id, pid, objection_type, recorded_date, withdrawn_date, "
         "_batch, _row, registered_at) VALUES (99, ?, 'national_opt_out', ?, NULL, 'b-objections', 2, now())",
-        [person, TODAY - timedelta(days=1)],
+        [person, haven_today() - timedelta(days=1)],
     )
     second = haven.prepare()
     assert len(builds) == 2, "the new objection is an input: the release was built again"
@@ -122,11 +122,12 @@ def test_a_new_objection_builds_again_and_is_honoured(haven: Haven, builds: list
 
 
 def test_a_changed_haven_table_or_a_new_day_builds_again(haven: Haven, builds: list[str]) -> None:
-    haven.prepare()
-    haven.prepare(TODAY + timedelta(days=1))
+    today = haven_today()
+    haven.prepare(today)
+    haven.prepare(today + timedelta(days=1))
     assert len(builds) == 2, "a new day: objections and opt-outs apply as of it"
     haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")
-    changed = haven.prepare(TODAY + timedelta(days=1))
+    changed = haven.prepare(today + timedelta(days=1))
     assert len(builds) == 3 and changed.status == PREPARED
 
 

@@ -20,19 +20,20 @@ import pytest
 import yaml
 
 from safehaven.core import audit
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.intake import batch_seal
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import EVENTS, objectors_sql
 from tests.governance_helpers import NHS
-from tests.unit.feed_helpers import TODAY, Haven, Template, open_haven, opt_out, refused, small_haven_template
+from tests.unit.feed_helpers import Haven, Template, open_haven, opt_out, refused, small_haven_template
 
 MASK = (1 << 64) - 1
 #: the multiplier of DuckDB's MurmurHash64 finaliser, and its inverse modulo 2**64
 K = 0xD6E8FEB86659FD93
 K_INV = pow(K, -1, 1 << 64)
-YESTERDAY = (TODAY - timedelta(days=1)).isoformat()
+YESTERDAY = (haven_today() - timedelta(days=1)).isoformat()
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +292,9 @@ def test_a_refresh_attested_with_sql_does_not_freshen_the_register(haven: Haven)
     feed.ensure_tables(haven.con)
     haven.con.execute("INSERT INTO governance.objection_refreshes VALUES (current_date, now(), 'x', 'forged')")
     assert "was last refreshed on" in refused(haven)
-    feed.attest_refresh(haven.con, TODAY, by="Dr Guardian", reason="checked against the list", today=TODAY)
+    feed.attest_refresh(
+        haven.con, haven_today(), by="Dr Guardian", reason="checked against the list", today=haven_today()
+    )
     assert haven.release().status == "released"
 
 
