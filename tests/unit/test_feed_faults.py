@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.intake import ingest
 from safehaven.intake.contracts import ContractRegistry
@@ -27,7 +28,6 @@ from tests.governance_helpers import NHS
 from tests.unit.feed_helpers import (
     COLUMNS,
     FUTURE,
-    TODAY,
     Haven,
     Template,
     open_haven,
@@ -385,8 +385,8 @@ def test_delivery_never_takes_a_deployment_collection_folder_for_an_unknown_entr
         time.sleep(0.05)
         (folder / f"cc{night}.csv").write_text("x\n")
         (folder / f"cc{night}.csv").unlink()  # landed and shredded: the folder's times change
-        feed.require_sound_feed(haven.con, haven.home, TODAY)  # delivery's check, as it calls it: not refused
-        assert feed.feed_problems(haven.con, haven.home, TODAY, 31, deployment) == []
+        feed.require_sound_feed(haven.con, haven.home, haven_today())  # delivery's check, as it calls it: not refused
+        assert feed.feed_problems(haven.con, haven.home, haven_today(), 31, deployment) == []
     assert feed.unresolved(haven.con) == []
 
 
