@@ -55,3 +55,11 @@ def haven_today_sql() -> str:
     """SQL DATE literal of :func:`haven_today`: the haven's day for SQL, in place of DuckDB's
     ``current_date`` (the host's day; module docstring says why a literal)."""
     return f"DATE '{haven_today().isoformat()}'"
+
+
+def haven_now_sql() -> str:
+    """SQL TIMESTAMPTZ literal of :data:`clock`'s now: "now" where a rule judges by it (a batch the
+    audit trail has not recorded landed now: ``safehaven.protect.objections.never_sent_sql``), from
+    the same clock as :func:`haven_today_sql`, so the judgement and its as-of day never straddle
+    midnight, nor a test's clock and DuckDB's ``now()``."""
+    return f"TIMESTAMPTZ '{clock().isoformat()}'"

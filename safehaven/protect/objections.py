@@ -60,7 +60,7 @@ from typing import NamedTuple
 import duckdb
 
 from safehaven.core import schema
-from safehaven.core.days import haven_today_sql
+from safehaven.core.days import haven_now_sql, haven_today_sql
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
 from safehaven.core.sql import haven_day_sql, lit, q
@@ -545,7 +545,7 @@ def never_sent_sql(rows: str, received: str) -> str:
     row removed) landed now, the latest it can have. Later is fail closed: more records are taken
     as never sent, the objection honoured.
     """
-    landed = "greatest(b.landed_at, coalesce(t.landed_at, now()))"
+    landed = f"greatest(b.landed_at, coalesce(t.landed_at, {haven_now_sql()}))"
     return (
         f"SELECT DISTINCT r.* FROM ({rows}) r LEFT JOIN {schema.BATCHES} b ON b.batch_id = r._batch "
         f"LEFT JOIN {received} t ON t.batch_id = r._batch "

@@ -128,6 +128,17 @@ def test_a_gp_batch_with_no_landing_entry_on_the_trail_is_taken_as_landed_now(tr
     assert _never_sent(trail)
 
 
+def test_landed_now_is_read_from_the_havens_clock_as_its_as_of_day_is(trail, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "Landed now" for a batch the trail does not record comes from the haven's one clock
+    (``core.days``), as the day the objection is judged in force on does: on the objection's own
+    day it is not after it, the next day it is (DuckDB's ``now()`` was another clock)."""
+    _gp_batch(trail, register=BEFORE_IT, recorded=None)
+    monkeypatch.setattr(days, "clock", lambda: datetime(2024, 7, 1, 12, tzinfo=UTC))
+    assert not _never_sent(trail)
+    monkeypatch.setattr(days, "clock", lambda: datetime(2024, 7, 2, 12, tzinfo=UTC))
+    assert _never_sent(trail)
+
+
 def test_a_register_time_later_than_the_trails_is_used(trail) -> None:
     """A batch lands at the later of the register's time and the trail's: never earlier than the
     register says, so a trail time before the objection does not keep records the register says
