@@ -57,9 +57,10 @@ def haven_today_sql() -> str:
     return f"DATE '{haven_today().isoformat()}'"
 
 
-def haven_now_sql() -> str:
-    """SQL TIMESTAMPTZ literal of :data:`clock`'s now: "now" where a rule judges by it (a batch the
-    audit trail has not recorded landed now: ``safehaven.protect.objections.never_sent_sql``), from
-    the same clock as :func:`haven_today_sql`, so the judgement and its as-of day never straddle
-    midnight, nor a test's clock and DuckDB's ``now()``."""
-    return f"TIMESTAMPTZ '{clock().isoformat()}'"
+def haven_now_sql(moment: datetime | None = None) -> str:
+    """SQL TIMESTAMPTZ literal of :data:`clock`'s now (or of ``moment``, a reading of it the caller
+    also takes its day from): "now" where a rule judges by it (a batch the audit trail has not
+    recorded landed now: ``safehaven.protect.objections.never_sent_sql``), from the same clock as
+    :func:`haven_today_sql`, so the judgement and its as-of day never straddle midnight, nor a
+    test's clock and DuckDB's ``now()``."""
+    return f"TIMESTAMPTZ '{(moment or clock()).isoformat()}'"

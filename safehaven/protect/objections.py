@@ -59,8 +59,8 @@ from typing import NamedTuple
 
 import duckdb
 
-from safehaven.core import schema
-from safehaven.core.days import haven_now_sql, haven_today, haven_today_sql
+from safehaven.core import days, schema
+from safehaven.core.days import haven_today_sql
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
 from safehaven.core.sql import haven_day_sql, lit, q
@@ -545,8 +545,9 @@ def never_sent_sql(rows: str, received: str) -> str:
     row removed) landed now, the latest it can have. Later is fail closed: more records are taken
     as never sent, the objection honoured.
     """
-    day = haven_today()  # one day for the pre-filter and the rule (``as_of_sql``)
-    landed = f"greatest(b.landed_at, coalesce(t.landed_at, {haven_now_sql()}))"
+    now = days.clock()  # one reading: "landed now", and the day of the pre-filter and of the rule
+    day = days.haven_day(now)
+    landed = f"greatest(b.landed_at, coalesce(t.landed_at, {days.haven_now_sql(now)}))"
     # the rule's own condition, applied first to the records alone: only the few people with a type 1
     # objection in force reach the joins (a night with nothing new scanned every GP record through
     # them: 0.8 s at six nights of 100,000 patients against 0.1 s, issue 22; the same rows)
