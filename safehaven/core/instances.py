@@ -65,6 +65,7 @@ class InstancePool:
             idle = self._idle.get(key)
             if idle:
                 return idle.pop(), key
+        import_before_duckdb()
         instance = duckdb.connect(":memory:", config=dict(config))
         try:
             prepare(instance)
@@ -109,6 +110,23 @@ class InstancePool:
         for instances in idle.values():
             for instance in instances:
                 instance.close()
+
+
+def import_before_duckdb() -> None:
+    """Import pandas here, in Python, before DuckDB's Python client would, so that an interrupt is
+    never lost in that import.
+
+    duckdb 1.4.4 imports pandas (when it is installed: Great Expectations installs it) inside a
+    process's first query with a parameter, to compare each parameter with ``pandas.NaT``. A Ctrl-C,
+    or the SIGINT with which a run is terminated, arriving during that import (about half a second)
+    is swallowed there: the query goes on and so does the command (found by review: ``safehaven
+    run`` interrupted then finished the whole night with exit 0; reproduced 3 times in 3). Imported
+    here, the interrupt is raised as anywhere else. It costs a store user nothing: its first
+    query with a parameter would import pandas anyway."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError:  # not installed: DuckDB will not import it either
+        pass
 
 
 def _state(instance: duckdb.DuckDBPyConnection) -> tuple | None:

@@ -133,3 +133,29 @@ def test_an_interrupted_reset_closes_the_instance_and_releases_the_store(store: 
             con.execute("CREATE TABLE landing.t AS SELECT 1 AS a")
     monkeypatch.undo()
     _insert_from_another_process(home)
+
+
+_INTERRUPTED_FIRST_QUERY = """
+import os, signal, sys, threading, time
+from safehaven.core.instances import POOL
+instance, _ = POOL.take({}, lambda i: None)
+print("pandas imported before the first query:", "pandas" in sys.modules, flush=True)
+threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    instance.execute("SELECT ?", [1]).fetchall()
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(0)
+print("the interrupt was lost", flush=True)
+sys.exit(1)
+"""
+
+
+def test_an_interrupt_during_a_processs_first_query_with_a_parameter_is_not_lost() -> None:
+    """duckdb 1.4.4 imports pandas inside a process's first query with a parameter and swallows a
+    Ctrl-C (or a run's termination) that arrives meanwhile; the pool imports pandas first, in
+    Python, so the interrupt stops the process (``safehaven.core.instances.import_before_duckdb``)."""
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_FIRST_QUERY], capture_output=True, text=True, timeout=60)
+    assert "pandas imported before the first query: True" in done.stdout
+    assert done.returncode == 0 and "interrupted" in done.stdout, done.stdout + done.stderr
