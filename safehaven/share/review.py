@@ -186,6 +186,12 @@ class Request:
     comment: str | None
 
     @property
+    def home(self) -> Home:
+        """The home the request was staged in: its staged folder is ``staging/releases/<release-id>/``
+        (``safehaven.share.releases.staging_dir``)."""
+        return Home(self.staging_dir.parents[2])
+
+    @property
     def reviewers_needed(self) -> int:
         return RULES[self.rule]
 
@@ -460,7 +466,7 @@ def _refuse_stand_in(req: Request, folder: Path) -> None:
     while they survive (CoP 27b: what will never leave is destroyed; CoP 49). The request stays
     as recorded (it will never leave); :func:`shred_discarded` retries at the next discard or run,
     and refuses again until a person puts the files back."""
-    root = req.staging_dir.parents[2]
+    root = req.home.root
     _, path = stand_in(root, folder, inside=True)  # the rule's one statement (safehaven.core.files)
     if path is not None:
         shown = audit.shown_path(str(path.relative_to(root)))
@@ -485,7 +491,7 @@ def _undelivered_release(con: duckdb.DuckDBPyConnection, req: Request) -> Path |
     left it, and a request that will never leave must not leave it there for the recipient,
     unrecorded (CoP 27b; found by review). None otherwise: a registered or delivered release's
     files are never shredded here."""
-    folder = Home(req.staging_dir.parents[2]).releases / req.agreement_id / req.release_id
+    folder = req.home.releases / req.agreement_id / req.release_id
     if not (folder.exists() or folder.is_symlink()):
         return None
     if _registered(con, req.release_id) or _delivery_audited(con, req.release_id):
@@ -522,7 +528,7 @@ def _left_behind(con: duckdb.DuckDBPyConnection, req: Request) -> bool:
     them: ``safehaven.core.files.stand_in``) are still there."""
     if os.path.lexists(req.staging_dir) or _undelivered_release(con, req) is not None:
         return True
-    return stand_in(req.staging_dir.parents[2], req.staging_dir)[1] is not None
+    return stand_in(req.home.root, req.staging_dir)[1] is not None
 
 
 def _require_independent(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
