@@ -11,7 +11,9 @@ Each asset re-reads its agreement when it runs, so a suspension or expiry takes 
   materialise but records an observation with the reason;
 * its check ``release_requests_reviewed`` (severity WARN) fails while a request of the
   agreement waits for reviewers or the custodian, with the checker summary as Markdown
-  metadata: a waiting request is a warning, not a failed run (SATRE 3.3.05);
+  metadata: a waiting request is a warning, not a failed run (SATRE 3.3.05); and while a
+  request of it that will never leave keeps files whose shredding is refused (retried at
+  every run, audited once per reason: ``safehaven.share.review.shred_discarded``; CoP 27b);
 * refused (a linkage no agreement names, an agreement that does not validate, k-anonymity
   that cannot be met, an identifiable release without the vault): the asset fails with the
   reason; breaches are in the breach register and every outcome in the audit trail.
@@ -46,20 +48,27 @@ WAITING = (*review.AWAITING_REVIEW, review.APPROVED)
 
 
 def review_check(con: object, agreement_id: str) -> dg.AssetCheckResult:
-    """WARN while requests of the agreement wait; the newest one's checker summary as Markdown."""
+    """WARN while requests of the agreement wait (the newest one's checker summary as Markdown),
+    or while a request of it that will never leave keeps files whose shredding is refused
+    (``safehaven.share.review.unshredded``: in view until a person clears it; CoP 27b)."""
     waiting = review.requests(con, states=WAITING, agreement_id=agreement_id)  # type: ignore[arg-type]
+    unshredded = review.unshredded(con, agreement_id)  # type: ignore[arg-type]
     metadata: dict[str, object] = {"waiting": len(waiting), "requests": ", ".join(r.release_id for r in waiting)}
     if waiting:
         newest = waiting[-1]
         metadata["summary"] = dg.MetadataValue.md(checker.to_markdown(newest.summary))
         metadata["next_step"] = f"safehaven review show {newest.release_id}"
+    if unshredded:
+        metadata["shredding_refused"] = dg.MetadataValue.md("\n".join(f"* {rid}: {why}" for rid, why in unshredded))
+    said = [f"{len(waiting)} release request(s) waiting for review"] if waiting else []
+    said += [f"the files of {rid} (will never leave) are not shredded: {why}" for rid, why in unshredded]
     return dg.AssetCheckResult(
         check_name=REVIEW_CHECK,
         asset_key=release_key(agreement_id),
-        passed=not waiting,
+        passed=not (waiting or unshredded),
         severity=dg.AssetCheckSeverity.WARN,
         metadata=metadata,
-        description=f"{len(waiting)} release request(s) waiting for review" if waiting else "nothing waiting",
+        description="; ".join(said) or "nothing waiting",
     )
 
 
@@ -117,6 +126,7 @@ def release_asset(
             raise dg.Failure(description=error, metadata={"agreement": agreement_id, "released": False})
         window = _objections_window(haven, agreement_id, agreement)
         with haven.connect() as con:
+            review.shred_discarded(con, agreement_id=agreement_id)  # retried every night, not only at a preparation
             try:
                 result = prepare(
                     con,

@@ -37,14 +37,16 @@ def list_requests(show_all: bool) -> None:
     with Store(home).connect() as con:
         found = review.requests(con, states=None if show_all else review.OPEN)
         views = {r.release_id: review.reviews_view(con, r) for r in found}
+        unshredded = review.unshredded(con)
     if not found:
         click.echo("no release requests waiting" if not show_all else "no release requests")
-        return
     for r in found:
         click.echo(
             f"{r.release_id:<40} {r.state:<16} {r.rule:<28} {r.identifiability:<13} "
             f"prepared {r.prepared_at:%Y-%m-%d %H:%M} by {r.prepared_by}; {_reviews_line(views[r.release_id])}"
         )
+    for rid, why in unshredded:
+        click.echo(f"not shredded: the files of {rid} (it will never leave): {why}")
 
 
 def _reviews_line(view: dict[str, Any]) -> str:

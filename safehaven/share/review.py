@@ -149,6 +149,10 @@ PREPARE_ACTION = "review.prepare"
 DECIDE_ACTION = "review.decide"
 #: the audit action of a delivery refused as a near-miss breach (:func:`_refuse_delivery`)
 REFUSED_ACTION = "review.release"
+#: the audit action of a discarded request's shredding refused (once per reason: :func:`_shredding_refused`)
+SHRED_REFUSED_ACTION = "review.shred_refused"
+#: the audit action of a shredding refused before and done by a later retry (:func:`_shredding_done`)
+SHRED_DONE_ACTION = "review.shredded"
 RULES: dict[str, int] = {TWO_REVIEWERS: 2, ONE_REVIEWER: 1, AUTOMATIC: 0, TWO_REVIEWERS_AND_CUSTODIAN: 2}
 #: an automatic approval is recorded under this name
 AUTOMATIC_REVIEWER = "routine rule (automatic)"
@@ -309,7 +313,7 @@ def _transition(
         actor=by,
         role="review",
         action=f"review.{action}",
-        object=f"release-request:{req.release_id}",
+        object=_object(req),
         agreement=req.agreement_id,
         detail={"from": req.state, "to": to, "why": why, "os_user": reg.os_login(), **(detail or {})},
     )
@@ -445,7 +449,11 @@ def _discard(con: duckdb.DuckDBPyConnection, req: Request) -> None:
     deliverable; the shredding of any request left so (this one included) is retried first.
     """
     shred_discarded(con, but=req.release_id)
-    _shred(con, req)
+    try:
+        _shred(con, req)
+    except (ReviewError, OSError) as refused:
+        _shredding_refused(con, req, refused)
+        raise
 
 
 def _shred(con: duckdb.DuckDBPyConnection, req: Request) -> None:
@@ -499,28 +507,89 @@ def _undelivered_release(con: duckdb.DuckDBPyConnection, req: Request) -> Path |
     return folder
 
 
-def shred_discarded(con: duckdb.DuckDBPyConnection, *, but: str | None = None) -> list[str]:
+def shred_discarded(
+    con: duckdb.DuckDBPyConnection, *, but: str | None = None, agreement_id: str | None = None
+) -> list[str]:
     """Shred the files a failed :func:`_discard` left behind: requests that will never leave whose
     staged folder, or undelivered folder in ``releases/`` (:func:`_undelivered_release`), still
     exists (those withdrawn for a disposal are left to it: it shreds and certifies them), or a
-    link stands in its place or above it (refused again: :func:`_refuse_stand_in`). Returns the
-    ids shredded. A refused one is logged and retried at the next discard or run; it does not stop
-    the others, nor the preparation or withdrawal that called this (found by review: one link
-    failed every agreement's release each night)."""
-    left = [
-        r
-        for r in requests(con, states=NEVER_LEAVES)
-        if r.release_id != but and not (r.comment or "").startswith(DISPOSED_PREFIX) and _left_behind(con, r)
-    ]
+    link stands in its place or above it (refused again: :func:`_refuse_stand_in`); only those of
+    ``agreement_id`` if given. Returns the ids shredded. A refusal (or a file-system error) is
+    logged, audited once per reason (:func:`_shredding_refused`), shown by the release's check and
+    ``safehaven review list`` (:func:`unshredded`), and retried by the next discard or run; it
+    does not stop the others, nor the preparation or withdrawal that called this (found by review:
+    one link failed every agreement's release each night). A retry that shreds what was refused
+    is audited too (:func:`_shredding_done`): the refusal is resolved on record."""
     done = []
-    for req in left:
+    for req in _discarded_left(con, but=but, agreement_id=agreement_id):
         try:
             _shred(con, req)
-        except ReviewError as refused:
-            log.warning("the shredding of %s is refused: %s", req.release_id, refused)
+        except (ReviewError, OSError) as refused:
+            _shredding_refused(con, req, refused)
             continue
+        _shredding_done(con, req)
         done.append(req.release_id)
     return done
+
+
+def _object(req: Request) -> str:
+    """The audit object of a request's entries."""
+    return f"release-request:{req.release_id}"
+
+
+def _discarded_left(con: duckdb.DuckDBPyConnection, *, but: str | None, agreement_id: str | None) -> list[Request]:
+    """Requests that will never leave whose files (or a link in their place) are still there,
+    less those a disposal withdrew (it shreds and certifies them)."""
+    return [
+        r
+        for r in requests(con, states=NEVER_LEAVES, agreement_id=agreement_id)
+        if r.release_id != but and not (r.comment or "").startswith(DISPOSED_PREFIX) and _left_behind(con, r)
+    ]
+
+
+def _refusal_reason(refused: Exception) -> str:
+    """What a refused shredding says: the haven's own refusal, or the file-system error's kind
+    and the file's place in the home (never a value: audited)."""
+    if isinstance(refused, ReviewError):
+        return str(refused)
+    where = audit.shown_path(Path(refused.filename).name) if getattr(refused, "filename", None) else "a file"
+    return f"{type(refused).__name__} ({refused.strerror or 'no detail'}) at {where}; the shredding is retried"
+
+
+def _shredding_refused(con: duckdb.DuckDBPyConnection, req: Request, refused: Exception) -> None:
+    """Log a refused shredding, and audit it unless its latest shredding entry is this same
+    refusal: each night's retry does not add an entry, a new reason does (CoP 27b, 49)."""
+    reason = _refusal_reason(refused)
+    log.warning("the shredding of %s is refused: %s", req.release_id, reason)
+    last = audit.latest_entry(con, _object(req), (SHRED_REFUSED_ACTION, SHRED_DONE_ACTION))
+    if last is not None and last.action == SHRED_REFUSED_ACTION and (last.detail_value or {}).get("reason") == reason:
+        return
+    audit.append(
+        con, actor=reg.current_actor(), role="pipeline", action=SHRED_REFUSED_ACTION, object=_object(req),
+        agreement=req.agreement_id, detail={"state": req.state, "reason": reason},
+    )  # fmt: skip
+
+
+def _shredding_done(con: duckdb.DuckDBPyConnection, req: Request) -> None:
+    """Audit a retry that shredded files whose shredding was refused before (the refusal resolved)."""
+    last = audit.latest_entry(con, _object(req), (SHRED_REFUSED_ACTION, SHRED_DONE_ACTION))
+    if last is not None and last.action == SHRED_REFUSED_ACTION:
+        audit.append(
+            con, actor=reg.current_actor(), role="pipeline", action=SHRED_DONE_ACTION, object=_object(req),
+            agreement=req.agreement_id, detail={"state": req.state, "refused_at_seq": last.seq},
+        )  # fmt: skip
+
+
+def unshredded(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) -> list[tuple[str, str]]:
+    """``(release id, reason)`` of each request that will never leave whose files are still
+    there (its shredding refused), the reason as last audited: for the release's check and
+    ``safehaven review list`` (the refusal stays in view until a person clears it)."""
+    found = []
+    for req in _discarded_left(con, but=None, agreement_id=agreement_id):
+        last = audit.latest_entry(con, _object(req), (SHRED_REFUSED_ACTION, SHRED_DONE_ACTION))
+        refused = last is not None and last.action == SHRED_REFUSED_ACTION
+        found.append((req.release_id, (last.detail_value or {}).get("reason", "") if refused else "not shredded yet"))
+    return found
 
 
 def _left_behind(con: duckdb.DuckDBPyConnection, req: Request) -> bool:
@@ -989,7 +1058,7 @@ def _refuse_delivery(
     )  # fmt: skip
     _, said = _recorded(
         lambda shown: audit.append(
-            con, actor=by, role="review", action=REFUSED_ACTION, object=f"release-request:{req.release_id}",
+            con, actor=by, role="review", action=REFUSED_ACTION, object=_object(req),
             agreement=req.agreement_id, outcome="refused",
             detail={"problems": shown, "breach_id": breach, "kind": kind},
         ),
@@ -1166,7 +1235,7 @@ def _agreement_in_force(
     found = _not_in_force(con, req, registry, prepared)
     if not isinstance(found, str):
         return found
-    audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
+    audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=_object(req),
                  agreement=req.agreement_id, outcome="refused", detail={"reason": "agreement"})  # fmt: skip
     raise ReviewError(f"release {req.release_id} not delivered: {found}")
 
@@ -1258,7 +1327,7 @@ def _collections_not_held(
     try:
         refuse_held(con, registry, collections, "delivery")
     except CollectionHeld as exc:
-        audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
+        audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=_object(req),
                      agreement=req.agreement_id, outcome="refused", detail={"reason": "collection_held"})  # fmt: skip
         raise ReviewError(
             f"release {req.release_id} not delivered: {exc}; it stays approved and is delivered (deliver it again) "
@@ -1276,7 +1345,7 @@ def _not_refused_before(con: duckdb.DuckDBPyConnection, req: Request, by: str, s
     if not refused:
         return
     breach = refused[0].fields["breach_id"]
-    audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=f"release-request:{req.release_id}",
+    audit.append(con, actor=by, role="review", action=RELEASE_ACTION, object=_object(req),
                  agreement=req.agreement_id, outcome="refused",
                  detail={"reason": "refused_before", "breach_id": breach})  # fmt: skip
     raise ReviewError(
@@ -1309,7 +1378,7 @@ def _objections_still_honoured(
         if decision.get("applied") is not False:  # only a recorded "does not apply" skips: a lost one checks
             _no_optout_since(con, req)
     except feed.ObjectionFeedBlocked as exc:
-        audit.append(con, actor=by, role="review", action="release", object=f"release-request:{req.release_id}",
+        audit.append(con, actor=by, role="review", action="release", object=_object(req),
                      agreement=req.agreement_id, outcome="refused", detail={"reason": "objections"})  # fmt: skip
         raise ReviewError(
             f"release {req.release_id} not delivered: {exc}; withdraw it (safehaven review withdraw "

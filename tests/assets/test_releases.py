@@ -103,6 +103,38 @@ def test_release_asset_materialises_with_counts_only(home: Home, registry: Contr
         assert len(reg.releases(con)) == 1
 
 
+def test_a_refused_shredding_keeps_the_release_check_warning_every_run_until_the_files_are_put_back(
+    home: Home, registry: ContractRegistry, dagster_instance, tmp_path: Path
+) -> None:
+    """A withdrawn request's staged folder moved out of the haven and linked back: the release
+    asset retries the shredding every run (not only when it prepares), and its check warns, naming
+    the request and what to do, until a person puts the files back; then they are shredded and
+    the check passes (CoP 27b)."""
+    _adopted(home, registry, agreement_data())
+    assert _materialize(registry, "test-linked", dagster_instance).success
+    with Store(home).connect() as con:
+        staging = review.get(con, "test-linked-r0001").staging_dir
+        outside = tmp_path / "moved-out"
+        staging.rename(outside)
+        staging.symlink_to(outside)
+        with pytest.raises(review.ReviewError, match="is a symbolic link"):
+            review.withdraw(con, "test-linked-r0001", "Chris Custodian, Caldicott Guardian", "changed by hand")
+    for _ in range(2):
+        result = _materialize(registry, "test-linked", dagster_instance)
+        assert result.success
+        (check,) = result.get_asset_check_evaluations()
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        assert "the files of test-linked-r0001 (will never leave) are not shredded" in check.description
+        assert "Put them back" in check.metadata["shredding_refused"].value
+    assert outside.is_dir() and staging.is_symlink(), "the files outside are left as they are"
+    staging.unlink()
+    outside.rename(staging)
+    result = _materialize(registry, "test-linked", dagster_instance)
+    assert not staging.exists(), "shredded by the release asset's retry"
+    assert all(c.passed or "waiting" in c.description for c in result.get_asset_check_evaluations())
+    assert all("not shredded" not in c.description for c in result.get_asset_check_evaluations())
+
+
 def test_a_files_approval_block_alone_releases_nothing_and_the_asset_says_how_to_clear_it(
     home: Home, registry: ContractRegistry, dagster_instance
 ) -> None:

@@ -291,9 +291,59 @@ def test_a_withdrawal_whose_staged_folder_is_a_link_is_refused_and_retried_until
         caplog.clear()
     assert haven.prepare().release_id != rid, "the next preparation goes on"
     assert sorted(p.name for p in outside.rglob("*")) == held
+    [(listed, why)] = review.unshredded(haven.con)
+    assert listed == rid and "is a symbolic link" in why and "Put them back" in why
     staging.unlink()
     shutil.move(outside, staging)
     assert review.shred_discarded(haven.con) == [rid] and not os.path.lexists(staging)
+    assert review.unshredded(haven.con) == []
+    refused, done = _shredding_entries(haven, rid)
+    assert len(refused) == 1, "refused at the withdrawal and at three retries: audited once, the same reason"
+    assert "is a symbolic link" in refused[0].detail_value["reason"]
+    assert [e.detail_value["refused_at_seq"] for e in done] == [refused[0].seq], "the retry that shredded is audited"
+
+
+def _shredding_entries(haven: Haven, rid: str) -> tuple[list[audit.Entry], list[audit.Entry]]:
+    """The audited refusals of a request's shredding, and the retries that shredded it after one."""
+    entries = audit.entries_for(haven.con, object_like=f"release-request:{rid}")
+    return (
+        [e for e in entries if e.action == review.SHRED_REFUSED_ACTION],
+        [e for e in entries if e.action == review.SHRED_DONE_ACTION],
+    )
+
+
+def test_a_refused_shredding_is_audited_again_when_its_reason_changes_and_a_disk_error_stops_no_run(
+    haven: Haven, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link in place of the staged folder, then, once it is put back, a disk error while
+    shredding: two reasons, two audited refusals (no entry for a retry refused for the same
+    reason); the disk error does not stop the next preparation (it is retried like a refusal,
+    CoP 27b), and the retry that shreds is audited."""
+    haven.add()
+    rid = haven.prepare().release_id
+    staging = review.get(haven.con, rid).staging_dir
+    outside = tmp_path / "insider"
+    shutil.move(staging, outside)
+    staging.symlink_to(outside)
+    with pytest.raises(review.ReviewError):
+        review.reject(haven.con, rid, R1, "the cohort is too small to leave")
+    staging.unlink()
+    shutil.move(outside, staging)
+    with monkeypatch.context() as m:
+        m.setattr(review, "shred_tree", lambda *_a: (_ for _ in ()).throw(OSError(5, "Input/output error", "x.csv")))
+        assert review.shred_discarded(haven.con) == [] and review.shred_discarded(haven.con) == []
+        haven.con.execute("DELETE FROM haven.social_care WHERE sex = '2'")
+        assert haven.prepare().status == PREPARED, "a disk error while shredding does not stop the next preparation"
+        [(_, why)] = review.unshredded(haven.con)
+        assert why.startswith("OSError (Input/output error) at ")
+    refused, done = _shredding_entries(haven, rid)
+    assert [("symbolic link" in e.detail_value["reason"], "OSError" in e.detail_value["reason"]) for e in refused] == [
+        (True, False),
+        (False, True),
+    ]
+    assert done == []
+    assert review.shred_discarded(haven.con) == [rid] and not staging.exists()
+    assert len(_shredding_entries(haven, rid)[1]) == 1
 
 
 def test_a_withdrawal_under_a_dangling_link_in_place_of_staging_releases_is_refused_at_every_retry(
@@ -1115,3 +1165,35 @@ def test_a_staged_file_replaced_by_a_link_after_review_is_refused_at_delivery(
     with pytest.raises(review.ReviewError, match="hospital_episodes.parquet is not the file.*not a plain file"):
         haven.deliver(rid)
     assert haven.delivered() == [] and [b["kind"] for b in reg.breaches(haven.con)] == ["reviewed_file_changed"]
+
+
+def test_review_list_shows_a_request_whose_files_are_not_shredded_until_they_are(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``safehaven review list`` names a request that will never leave whose shredding is refused,
+    with what to do, after its waiting requests (or none); it goes once the files are shredded."""
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(haven.registry.root))
+    haven.add()
+    rid = haven.prepare().release_id
+    staging = review.get(haven.con, rid).staging_dir
+    staging.rename(tmp_path / "moved")
+    staging.symlink_to(tmp_path / "moved")
+    haven.con.close()  # the CLI opens the store itself (one writer)
+
+    def run(*args: str) -> str:
+        return CliRunner().invoke(main, list(args), catch_exceptions=False).output
+
+    withdrawn = run("review", "withdraw", rid, "--by", CG, "--comment", "changed by hand")
+    assert "refused:" in withdrawn and "is a symbolic link" in withdrawn
+    listing = run("review", "list")
+    assert "no release requests waiting" in listing
+    assert f"not shredded: the files of {rid} (it will never leave): " in listing and "Put them back" in listing
+    staging.unlink()
+    (tmp_path / "moved").rename(staging)
+    with Store(haven.home).connect() as con:
+        assert review.shred_discarded(con) == [rid]
+    assert "not shredded" not in run("review", "list")
