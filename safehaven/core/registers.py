@@ -88,6 +88,8 @@ class BreachKind:
     description: str
 
 
+#: the breach kind of a disposal's planned file gone unaccounted for (``safehaven.dispose.steps``)
+DISPOSAL_FILE_UNACCOUNTED = "disposal_file_unaccounted"
 KINDS: dict[str, BreachKind] = {
     "refused_linkage": BreachKind(
         0, "a linkage not named by an approved, in-date agreement was attempted and refused (CoP 22, 42b)"
@@ -113,6 +115,12 @@ KINDS: dict[str, BreachKind] = {
         2,
         "a file of a recorded publication in published/ was altered after it was published: analysts may have "
         "been served figures the haven did not publish (CoP 23d, 35; safehaven.publish.integrity)",
+    ),
+    DISPOSAL_FILE_UNACCOUNTED: BreachKind(
+        1,
+        "a file the haven wrote (a release's, a staged request's) that a disposal planned to destroy was gone at "
+        "its files step with no haven action to account for it: it may have left the haven (CoP 49; "
+        "safehaven.dispose.steps)",
     ),
     "published_planted": BreachKind(
         2,

@@ -69,7 +69,8 @@ again (``safehaven.dispose.run._started_on_record``; CoP 23d, 48-50):
    So does a symbolic link (dangling or not) in place of, or inside, a release or staged folder,
    or a file in place of one: its files may have been moved out of reach (``found.files_under``),
    found again at the files step (a link put in the way after the plan refuses it too); a planned
-   file gone by then is listed as not found, never certified (``steps._not_there``).
+   file gone by then is listed as not found, never certified (``steps._not_there``), and one the
+   haven wrote that no haven action accounts for is a breach (``steps._record_unaccounted``).
 4. **rebuild** (physical): DuckDB's DELETE leaves the bytes in the file (``docs/design.md``), so the
    store is copied into a fresh file under a fresh key and swapped in atomically
    (``Store.rebuild``: WAL and temporary files go with the old file). The old store key, which

@@ -100,6 +100,8 @@ def build_certificate(plan: Plan, steps: dict[str, Any]) -> dict[str, Any]:
         # file shredded meanwhile or by an interrupted attempt, one moved out of the haven's
         # reach: safehaven.dispose.steps._not_there): listed, never certified destroyed
         "files_not_found": sorted(audit.shown_path(p) for p in gone),
+        # of those, files the haven wrote that no haven action accounts for: a breach (steps._record_unaccounted)
+        "files_unaccounted_breach_id": steps["files"].get("unaccounted_breach_id"),
         "bytes_destroyed": sum(int(f["bytes"]) for f in files),
         "keys_destroyed": _keys_destroyed(steps),
         "store_key_old": steps["rebuild"]["old_store_key_id"],

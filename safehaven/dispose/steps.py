@@ -18,6 +18,8 @@ from typing import Any
 
 import duckdb
 
+from safehaven.core import audit
+from safehaven.core import registers as reg
 from safehaven.core.audit import shown_path
 from safehaven.core.files import shred_file, shred_tree
 from safehaven.core.home import Home
@@ -288,6 +290,10 @@ PROGRESS_KEY = "files_progress"
 #: the kinds of planned file the haven wrote itself (a release, a staged request): re-checked in
 #: place before each is shredded (``found.planned_in_place``)
 WRITTEN = ("release", "staged")
+#: the breach kind of planned files the haven wrote, gone at the files step unaccounted for
+FILE_UNACCOUNTED = reg.DISPOSAL_FILE_UNACCOUNTED
+#: the audit action that records that breach (object ``disposal:<id>``)
+UNACCOUNTED_ACTION = "dispose.files_unaccounted"
 
 
 def _progress(run: Run) -> dict[str, Any]:
@@ -333,24 +339,82 @@ def _planned_file(run: Run, entry: dict[str, Any], waiting: dict[Path, dict[str,
 
 
 def _not_there(run: Run, entry: dict[str, Any], missing: list[str]) -> None:
-    """A planned file no longer found, unless this step's own journal says it shredded it: listed
-    as not found, never certified destroyed (CoP 49: the certificate is true). A copy in incoming/
-    renamed or removed by its sender, a quarantined file a person released, a release's or staged
-    request's file shredded meanwhile by a supersession, a withdrawal or an earlier disposal of
-    the same target, or moved out of the haven's reach (the certificate names it for the
-    governance lead), or one an interrupted attempt unlinked before its journal recorded it. None
-    of these can be put back, so none refuses: refusing wedged the disposal for ever, with every
-    later one waiting behind it (found by review). A link or a file standing in the way refuses
-    (:func:`_planned_file`): that a person can clear."""
-    if entry["path"] not in _progress(run)["shredded"]:
+    """A planned file no longer found, unless this step's own journal says it shredded it (or was
+    shredding it: an attempt a crash stopped after the unlink): listed as not found, never
+    certified destroyed (CoP 49: the certificate is true). A copy in incoming/ renamed or removed
+    by its sender, a quarantined file a person released, a staged request's file shredded
+    meanwhile by a withdrawal, rejection or supersession, or one moved out of the haven's reach. None of
+    these can be put back, so none refuses: refusing wedged the disposal for ever, with every
+    later one waiting behind it (found by review); a file the haven wrote that no haven action
+    accounts for is recorded as a breach (:func:`_record_unaccounted`). A link or a file standing
+    in the way refuses (:func:`_planned_file`): that a person can clear."""
+    progress = _progress(run)
+    if entry["path"] == progress.get("shredding"):
+        progress["shredded"].append(entry["path"])
+    if entry["path"] not in progress["shredded"]:
         missing.append(entry["path"])
+
+
+def _accounted_for(run: Run, con: duckdb.DuckDBPyConnection, entry: dict[str, Any]) -> bool:
+    """Whether a haven action other than this disposal accounts for a planned file gone: only a
+    staged request's (``staging/releases/<id>/``, or ``releases/<agreement>/<id>/`` a stopped
+    delivery left), when the request was closed or delivered by a person or a run after the plan
+    rather than withdrawn by this disposal (``review._discard`` shreds what will never leave;
+    delivery moves the files). Nothing but a disposal shreds a release's files, and disposals run
+    one at a time (``DisposalPending``), so a release's file gone is never accounted for; nor is
+    one a disposal withdrew for itself, whose files only it shreds."""
+    if entry["kind"] != "staged":
+        return entry["kind"] not in WRITTEN
+    try:
+        req = review.get(con, Path(entry["path"]).parts[2])
+    except (review.ReviewError, IndexError):
+        return False
+    return req.comment != f"{review.DISPOSED_PREFIX}{run.plan.disposal_id}"
+
+
+def _record_unaccounted(run: Run, missing: list[str]) -> int | None:
+    """Record in the breach register (kind :data:`FILE_UNACCOUNTED`) and the audit trail, once per
+    disposal (a resume finds its own record), the planned files the haven wrote that are gone with
+    no haven action to account for them (:func:`_accounted_for`): they may have left the haven,
+    and the certificate cannot say they were destroyed (CoP 49; found by review). Returns the
+    breach id, or None when every file gone is accounted for. The disposal goes on: nothing it
+    can do brings them back."""
+    entries = {e["path"]: e for e in run.plan.files}
+    with run.store.connect() as con:
+        lost = [p for p in missing if not _accounted_for(run, con, entries[p])]
+        if not lost:
+            return None
+        recorded = [b for b in reg.breaches(con) if b["kind"] == FILE_UNACCOUNTED and run.plan.disposal_id in b["what"]]
+        if recorded:
+            return int(recorded[0]["breach_id"])
+        shown = sorted(shown_path(p) for p in lost)
+        what = (
+            f"disposal {run.plan.disposal_id}: {len(lost)} planned file(s) the haven wrote (a release's or a staged "
+            "request's) were gone at its files step, and no haven action accounts for them"
+        )
+        breach_id = reg.record_breach(
+            con, kind=FILE_UNACCOUNTED, severity=None, what=what,
+            remedial_action="find where the files went (they may have left the haven) and destroy every copy; "
+            "the disposal certificate lists them as not found, never destroyed",
+            detail={"disposal_id": run.plan.disposal_id, "files": shown},
+        )  # fmt: skip
+        audit.append(
+            con, actor=reg.current_actor(), role="governance", action=UNACCOUNTED_ACTION,
+            object=f"disposal:{run.plan.disposal_id}", agreement=run.plan.target.agreement,
+            detail={"breach_id": breach_id, "files": shown}, home=run.home, keyring=run.keyring,
+        )  # fmt: skip
+        reg.export(con, run.home)
+    return breach_id
 
 
 def _shred_planned(run: Run, entry: dict[str, Any], path: Path) -> None:
     """Shred one planned file and journal it as shredded."""
+    progress = _progress(run)
+    progress["shredding"] = entry["path"]  # gone at a resume: this attempt's unlink (:func:`_not_there`)
+    run.save()
     with unreadable_refused(run.home, path, "overwrite"):
         shred_file(path)
-    _progress(run)["shredded"].append(entry["path"])
+    progress["shredded"].append(entry["path"])
     run.save()
 
 
@@ -377,7 +441,8 @@ def shred_files(run: Run) -> None:
     link in place of the file, refuses the disposal (``DisposalError``; :func:`_planned_file`),
     never shredding through it. The journal is kept, so every resume refuses again until a person
     removes it, having put the files back or found them (CoP 49: physical disposal destroys all
-    copies). A planned file gone is listed as not found, not certified: :func:`_not_there`.
+    copies). A planned file gone is listed as not found, not certified (:func:`_not_there`); one
+    the haven wrote that no haven action accounts for is a breach (:func:`_record_unaccounted`).
     """
     destroyed, missing = 0, []
     waiting: dict[Path, dict[str, list[Path]]] = {}
@@ -389,9 +454,11 @@ def shred_files(run: Run) -> None:
         _shred_planned(run, entry, path)
         destroyed += 1
     _shred_dirs(run)
+    breach_id = _record_unaccounted(run, missing)
     run.crash("files")
     extra = _progress(run)["found_after_plan"]
-    run.done("files", {"shredded_by_this_run": destroyed, "found_after_plan": extra, "not_found": missing})
+    detail = {"shredded_by_this_run": destroyed, "found_after_plan": extra, "not_found": missing}
+    run.done("files", {**detail, "unaccounted_breach_id": breach_id})
 
 
 # 4. rebuild: a fresh store under a fresh key; the old key's bytes destroyed

@@ -31,6 +31,7 @@ import pytest
 
 from safehaven.context import Haven
 from safehaven.core import audit
+from safehaven.core import registers as reg
 from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
@@ -1191,12 +1192,13 @@ def test_a_file_of_a_release_replaced_by_a_link_after_the_plan_is_refused_not_un
     assert data.is_symlink() and outside.is_file()
 
 
-def test_a_release_folder_gone_before_a_resume_is_listed_not_found_never_certified(world: World) -> None:
-    """A planned release file gone before the files step (its folder moved out, no link left, or
-    shredded meanwhile by another disposal of the same release) was certified destroyed; refusing
-    it wedged the disposal for ever, every later one waiting behind it (found by review). The
-    disposal completes and its certificate lists the files as not found, never as destroyed (CoP
-    49: the certificate is true)."""
+def test_a_release_folder_gone_before_a_resume_is_listed_not_found_and_recorded_as_a_breach(world: World) -> None:
+    """A planned release file gone before the files step (its folder moved out, no link left) was
+    certified destroyed; refusing it wedged the disposal for ever, every later one waiting behind
+    it (found by review). The disposal completes, its certificate lists the files as not found,
+    never as destroyed (CoP 49: the certificate is true), and, as nothing in the haven but a
+    disposal shreds a release's files, their loss is a breach, recorded once with the files'
+    names (however often the step is resumed) and audited."""
     target = disposal.Target.for_agreement(STUDY, [RELEASE])
     with pytest.raises(disposal.SimulatedCrash):
         world.dispose(target, authorised_by="Dr Test, CG", _crash_after="rows")
@@ -1204,10 +1206,37 @@ def test_a_release_folder_gone_before_a_resume_is_listed_not_found_never_certifi
     outside = world.home.root.parent / "insider"
     shutil.move(folder, outside)
     gone = {f"releases/{STUDY}/{RELEASE}/{name}" for name in _files(outside)}
+    with pytest.raises(disposal.SimulatedCrash):
+        disposal.resume(world.context(), _crash_after="files")
     result = disposal.resume(world.context())
     assert result is not None and result.status == "disposed"
     assert gone <= set(result.certificate["files_not_found"])
     assert not gone & {f["path"] for f in result.certificate["files"]}
+    with Store(world.home).connect(read_only=True) as con:
+        [breach] = [b for b in reg.breaches(con) if b["kind"] == reg.DISPOSAL_FILE_UNACCOUNTED]
+        [entry] = [e for e in audit.entries_for(con) if e.action == disposal_steps.UNACCOUNTED_ACTION]
+    assert result.certificate["files_unaccounted_breach_id"] == breach["breach_id"] == entry.detail_value["breach_id"]
+    assert set(json.loads(breach["detail"])["files"]) == gone and result.disposal_id in breach["what"]
+
+
+def test_staged_files_a_rejection_shredded_after_the_plan_are_not_found_and_no_breach(world: World) -> None:
+    """A staged request rejected by a reviewer between the plan and the files step: the rejection
+    shredded its files (CoP 27b), so the disposal lists them as not found and records no breach;
+    the request stays rejected, not withdrawn by the disposal."""
+    req = _stage(world)
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    target = disposal.Target.for_agreement(STUDY)
+    plan = disposal.make_plan(world.context(), target, authorised_by="Dr Test, CG")
+    staged = {str(p.relative_to(world.home.root)) for p in req.staging_dir.rglob("*") if p.is_file()}
+    assert staged and staged <= {f["path"] for f in plan.files}
+    with Store(world.home).connect() as con:
+        review.reject(con, req.release_id, "Rita Reviewer, Output checker", "the cohort is too small")
+    result = world.dispose(target, authorised_by="Dr Test, CG", plan=plan)
+    assert staged <= set(result.certificate["files_not_found"])
+    assert result.certificate["files_unaccounted_breach_id"] is None
+    with Store(world.home).connect(read_only=True) as con:
+        assert not [b for b in reg.breaches(con) if b["kind"] == reg.DISPOSAL_FILE_UNACCOUNTED]
+        assert review.get(con, req.release_id).state == review.REJECTED
 
 
 def test_a_crash_after_a_files_unlink_and_before_its_journal_resumes_to_the_end(
@@ -1232,7 +1261,8 @@ def test_a_crash_after_a_files_unlink_and_before_its_journal_resumes_to_the_end(
     result = disposal.resume(world.context())
     assert result is not None and result.status == "disposed"
     assert not (world.home.releases / STUDY / RELEASE).exists()
-    assert len(result.certificate["files_not_found"]) == 1
+    # the journal names the file it was shredding before the unlink: destroyed, not "not found"
+    assert result.certificate["files_not_found"] == [] and result.certificate["files_unaccounted_breach_id"] is None
 
 
 def test_a_quarantined_folder_linked_out_after_the_plan_refuses_the_disposal(world: World) -> None:
