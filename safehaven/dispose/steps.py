@@ -37,7 +37,7 @@ from safehaven.dispose.found import (
     waiting_by_sha,
 )
 from safehaven.dispose.journal import count, journal_path, now, save_journal
-from safehaven.dispose.model import PROGRESS, Plan
+from safehaven.dispose.model import PROGRESS, DisposalError, Plan
 from safehaven.dispose.vault_sets import dispose_vault, disposed_people, drop_vault_sets, load_batches
 from safehaven.intake.contracts import Contract, ContractRegistry
 from safehaven.intake.ingest import BATCHES
@@ -412,8 +412,13 @@ def _shred_planned(run: Run, entry: dict[str, Any], path: Path) -> None:
     progress = _progress(run)
     progress["shredding"] = entry["path"]  # gone at a resume: this attempt's unlink (:func:`_not_there`)
     run.save()
-    with unreadable_refused(run.home, path, "overwrite"):
-        shred_file(path)
+    try:
+        with unreadable_refused(run.home, path, "overwrite"):
+            shred_file(path)
+    except DisposalError:  # refused, the file left: one a person then removes is not this attempt's
+        del progress["shredding"]
+        run.save()
+        raise
     progress["shredded"].append(entry["path"])
     run.save()
 

@@ -611,6 +611,24 @@ def test_a_copy_the_haven_cannot_overwrite_holds_the_disposal_by_its_shown_name_
     assert not named.exists() and disposal.pending(world.home) is None
 
 
+def test_a_copy_the_haven_could_not_overwrite_and_a_person_removed_is_not_certified_destroyed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal says "or remove it": a copy a person then removes (unlinked, not overwritten) is
+    listed as not found at the resume, never certified destroyed; only a file this disposal was
+    shredding when it was stopped (killed) counts as its own (CoP 49: the certificate is true)."""
+    from safehaven.dispose import steps
+
+    _, named = _named_copy(world)
+    monkeypatch.setattr(steps, "shred_file", _refused_on(named, steps.shred_file))
+    with pytest.raises(disposal.DisposalError):
+        world.dispose(disposal.Target.for_collection("gp_events", BEFORE), authorised_by="Dr Test, CG")
+    named.unlink()
+    result = disposal.resume(world.context())
+    assert result is not None and result.certificate is not None
+    assert result.certificate["files_not_found"] == [f"incoming/gp_events/referral {audit.WITHHELD}.csv"]
+
+
 @pytest.mark.parametrize("point", ["plan", "files"])
 def test_an_interrupted_disposal_journals_a_copy_by_its_shown_name_and_hash_and_resume_finds_it(
     world: World, point: str
