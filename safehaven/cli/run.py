@@ -78,6 +78,17 @@ def parse_months(value: str | None) -> tuple[str, str] | None:
     return start.isoformat(), end.isoformat()
 
 
+def check_instance_home() -> None:
+    """Refuse in one line, before anything is set up, a ``$DAGSTER_HOME`` that is not a folder
+    (Dagster's own error is a traceback): say how to make it, or to run without it."""
+    named = os.environ.get("DAGSTER_HOME")
+    if named and not Path(named).is_dir():
+        fail(
+            f"$DAGSTER_HOME ({named}) is not a folder: create it (mkdir -p, and copy deploy/dagster.yaml into it for "
+            "the project's instance settings, as make run does), or unset DAGSTER_HOME to run on a temporary instance"
+        )
+
+
 def check_months(months: tuple[str, str] | None) -> None:
     """Refuse months the haven has not counted yet (they are not partitions: ``assets.partitions``),
     and months without the instance that knows them; before the run changes anything."""
@@ -169,6 +180,7 @@ def register(main: click.Group) -> None:
     def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool, months: str | None) -> None:
         """Run the whole nightly job once, then say what it did and where the outputs are."""
         month_range = parse_months(months)
+        check_instance_home()
         check_months(month_range)  # before anything is set up or generated
         home = ensure_home()
         keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair

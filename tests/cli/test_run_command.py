@@ -149,6 +149,24 @@ def test_months_are_refused_in_one_line_when_malformed_or_unknown(tmp_path: Path
     assert not (tmp_path / "haven").exists(), "refused before any set-up or demo drop"
 
 
+@pytest.mark.parametrize("made", ["missing", "a file"])
+def test_a_dagster_home_that_is_not_a_folder_is_refused_in_one_line_before_any_set_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: str
+) -> None:
+    """Dagster's own error for it was a traceback, after the haven and the demo drop were made."""
+    named = tmp_path / "dagster_home"
+    if made == "a file":
+        named.write_text("")
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(tmp_path / "haven"))
+    monkeypatch.setenv("DAGSTER_HOME", str(named))
+    monkeypatch.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+    refused = CliRunner().invoke(main, ["run"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert f"$DAGSTER_HOME ({named}) is not a folder: create it" in refused.output
+    assert "unset DAGSTER_HOME to run on a temporary instance" in refused.output
+    assert not (tmp_path / "haven").exists(), "refused before any set-up or demo drop"
+
+
 def test_version_is_printed() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0
