@@ -1044,8 +1044,11 @@ def linked_case(con: duckdb.DuckDBPyConnection, extra: list[tuple[str, str]]) ->
 
 def linked_output(outputs: dict[str, Output]) -> Output:
     """The shipped discharge_to_social_care over this case's two providers (RX2 is not a declared
-    trust: since a values domain is exactly its values, the case's grid is declared here)."""
+    trust: since a values domain is exactly its values, the case's grid is declared here), with
+    every margin group (the default), as the joint protection's tests need: the shipped output
+    declares one of them."""
     spec = outputs["discharge_to_social_care"].model_dump(mode="json")
+    spec["margins"] = None
     for dim in spec["dimensions"]:
         if dim["name"] == "provider_code":
             dim["domain"] = {"kind": "values", "values": ["RX1", "RX2"]}
