@@ -2,12 +2,14 @@
 
 Rules: ``safehaven.dispose`` package docstring. One disposal at a time: while a journal is
 pending, another target is refused (:class:`DisposalPending`) until the interrupted one is
-completed; the same target resumes it. Every start, resumption and completion is audited.
+completed; the same target resumes it. Every start, resumption, refusal part way and completion
+is audited.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 from safehaven.context import Haven
@@ -23,6 +25,7 @@ from safehaven.dispose.model import (
     ACTION,
     FINISHED,
     PURPOSE,
+    REFUSED,
     STARTED,
     DisposalError,
     DisposalPending,
@@ -34,6 +37,8 @@ from safehaven.dispose.planning import make_plan
 from safehaven.dispose.steps import Run
 from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
+
+log = logging.getLogger(__name__)
 
 
 def _audit(home: Home, keyring: KeyRing, plan: Plan, actor: str, outcome: str, detail: dict[str, Any]) -> None:
@@ -106,8 +111,24 @@ def _run(
     if finished:
         certificate = _certified(home, keyring, plan)
     else:
-        certificate = Run(home, journal, registry, keyring, crash_after).run()
+        try:
+            certificate = Run(home, journal, registry, keyring, crash_after).run()
+        except DisposalError as refused:
+            _audit_refusal(home, keyring, plan, journal, refused)
+            raise
     return DisposalResult("disposed", plan.target, plan.reason, plan.disposal_id, certificate, resumed)
+
+
+def _audit_refusal(home: Home, keyring: KeyRing, plan: Plan, journal: dict[str, Any], refused: DisposalError) -> None:
+    """Audit a started disposal refused part way (``dispose``/``refused``: the steps done and the
+    reason, which names files by their shown paths only): the governance lead sees on the trail
+    why it waits, at every attempt, until a person clears it and a resume completes it (CoP 49).
+    A trail that cannot take the entry does not hide the refusal itself."""
+    detail = {"steps_done": sorted(journal["steps"]), "reason": str(refused)[:1000]}
+    try:
+        _audit(home, keyring, plan, reg.current_actor(), REFUSED, detail)
+    except Exception:  # noqa: BLE001 - the refusal is raised whatever the trail does
+        log.warning("disposal %s: its refusal could not be audited", plan.disposal_id)
 
 
 def _certified(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path, table_exists
 from safehaven.dispose import disposal
+from safehaven.dispose import model as disposal_model
 from safehaven.dispose import steps as disposal_steps
 from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
@@ -1161,12 +1162,16 @@ def test_a_release_subfolder_that_cannot_be_listed_refuses_the_disposal(
 
 def _refused_at_files_step(world: World, run: object, shown: str, what: str) -> None:
     """``run`` (a disposal carrying out its plan) refuses at the files step, naming ``shown``; the
-    journal is kept, so a resume carries on once the files are back."""
-    with pytest.raises(disposal.DisposalError, match=f"{re.escape(shown)} {what}"):
+    journal is kept, so a resume carries on once the files are back; the refusal is audited, with
+    the steps done and the reason (the governance lead sees on the trail why it waits)."""
+    with pytest.raises(disposal.DisposalError, match=f"{re.escape(shown)} {what}") as refused:
         run()  # type: ignore[operator]
     assert disposal.pending(world.home) is not None
     with Store(world.home).connect(read_only=True) as con:
         assert not disposal.certificates(con)
+        entry = audit.entries_for(con, object_like="disposal:%")[-1]
+    assert (entry.action, entry.outcome) == (disposal_model.ACTION, disposal_model.REFUSED)
+    assert entry.detail_value["reason"] == str(refused.value) and "rows" in entry.detail_value["steps_done"]
 
 
 @pytest.mark.parametrize("stand_in", STAND_INS)
