@@ -554,6 +554,16 @@ def first_waiting(home: Home) -> tuple[datetime, str] | None:
     docstring, "What a restatement waits for"); anything else, or anything that cannot be read, is.
     Reads the bytes of an entry only when a reason records an entry of its shown name and identity:
     a name, size and times are the sender's to repeat, the bytes' SHA-256 is what the haven judged."""
+    waiting = _waiting(home)
+    if not waiting:
+        return None
+    at, shown = min(waiting)
+    return datetime.fromtimestamp(at, UTC), shown
+
+
+def _waiting(home: Home) -> list[tuple[float, str]]:
+    """Each entry of incoming/objections/ not yet judged (:func:`first_waiting`): when it arrived, and
+    its shown name."""
     refused, waiting = refused_in_place(home), []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in home.incoming_for(COLLECTION).iterdir():
@@ -561,10 +571,25 @@ def first_waiting(home: Home) -> tuple[datetime, str] | None:
                 seen = os.lstat(entry)
                 if not _is_refused(entry, seen, refused):
                     waiting.append((arrived(seen), audit.shown_name(entry.name)))
-    if not waiting:
+    return waiting
+
+
+def waiting_to_land(home: Home, objections: Contract | None = None) -> str | None:
+    """The objections files in incoming/objections/ not yet landed (:func:`_waiting`; those waiting
+    for their control file are named apart, :func:`describe_pending`), as a refusal of record-level
+    releases: their objections are in no register yet, so a release prepared or delivered before
+    intake runs would carry the people who objected (``safehaven objections record`` writes such a
+    file; CoP 11-14; found by review: a request approved and delivered meanwhile held the objector).
+    None when nothing waits."""
+    parked = awaiting_control(home, objections)
+    shown = sorted({name for _, name in _waiting(home)} - set(parked))
+    if not shown:
         return None
-    at, shown = min(waiting)
-    return datetime.fromtimestamp(at, UTC), shown
+    names = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+    return (
+        f"objections file(s) {names} in incoming/{COLLECTION}/ not yet landed and registered, so their "
+        f"objections are not applied: {RUN_INTAKE}"
+    )
 
 
 def waiting_since(home: Home) -> datetime | None:
@@ -737,6 +762,9 @@ def feed_problems(
     waiting = describe_pending(con, home, _objections_of(collections))
     if waiting:
         problems.append(f"objections not yet validated and registered: {waiting}")
+    unlanded = waiting_to_land(home, _objections_of(collections))
+    if unlanded:
+        problems.append(unlanded)
     refreshed = refreshed_on(con)
     if refreshed is None:
         problems.append(

@@ -586,6 +586,39 @@ def test_a_request_is_not_delivered_once_someone_in_it_has_opted_out_or_the_feed
             review.deliver(h.con, res.release_id, home=h.home, registry=h.registry, by="V. Keeper, custodian")
 
 
+def test_an_objection_waiting_in_incoming_refuses_preparation_and_delivery_until_it_is_registered(
+    home: Home, tmp_path: Path, template: Template
+) -> None:
+    """``safehaven objections record``, or a sender, puts an objections file in incoming/objections/:
+    until intake lands and registers it, its objections are in no register, so a record-level
+    release is refused at preparation and at delivery, naming the file and the step that clears it
+    (found by review: an approved request was delivered meanwhile with the objector in it); once
+    registered, the request is refused as one holding someone who opted out since (NDOP; CoP 11-14)."""
+    from safehaven.share import review
+    from safehaven.share.releases import PREPARED, prepare
+    from safehaven.share.review import ReviewError
+    from tests.governance_helpers import adopt, approve_release
+
+    with open_haven(home, tmp_path, template) as h:
+        adopt(h.con, h.registry, h.agreement)
+        context = Context.open(h.home, contracts=h.registry, keyring=h.keyring)
+        res = prepare(h.con, h.agreement, haven=context)
+        assert res.status == PREPARED
+        h.drop("recorded_by_hand.csv", [opt_out(31)])
+        waiting = "recorded_by_hand.csv in incoming/objections/ not yet landed and registered"
+        with pytest.raises(ReviewError, match=waiting):
+            approve_release(h.con, res.release_id, h.home, registry=h.registry)
+        assert review.get(h.con, res.release_id).state != review.RELEASED
+        review.withdraw(h.con, res.release_id, by="A. Checker", comment="prepare it again")
+        with pytest.raises(ReleaseRefused, match=waiting):
+            prepare(h.con, h.agreement, haven=context)
+        assert h.run()
+        again = prepare(h.con, h.agreement, haven=context)
+        assert again.status == PREPARED
+        assert approve_release(h.con, again.release_id, h.home, registry=h.registry).state == review.RELEASED
+        assert h.pids[NHS[31]] not in h.members(again.release_id), "the objection registered, then applied"
+
+
 def test_a_request_is_not_delivered_once_someone_in_it_has_a_type1_objection_registered_since(
     home: Home, tmp_path: Path, template: Template
 ) -> None:
