@@ -27,7 +27,7 @@ import io
 import json
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
@@ -295,6 +295,42 @@ def _check_objection(nhs_number: str, objection_type: str, source_practice: str)
         )
 
 
+def _check_dates(recorded: date, withdrawn: date | None) -> None:
+    """Dates the register can take: none after the haven's today, and a withdrawal not before its
+    objection (the validation rules would reject the row at the next run, and every record-level
+    release would wait on a file the sender cannot correct: found by review)."""
+    today = haven_today()
+    for what, day in (("recorded", recorded), ("withdrawn", withdrawn)):
+        if day is not None and day > today:
+            raise click.ClickException(f"the {what} date {day.isoformat()} is after today ({today.isoformat()})")
+    if withdrawn is not None and withdrawn < recorded:
+        raise click.ClickException("the withdrawn date is before the recorded date")
+
+
+#: the audit action of an objection written by ``safehaven objections record`` (its file, never its number)
+RECORD_ACTION = "objections.record"
+
+
+def _audit_record(home: Home, path: Path, objection_type: str, recorded: str, withdrawn: str) -> None:
+    """Audit the drop just written (its file name, type and dates; never the NHS number); if the
+    trail cannot take the entry, the file is removed and the command refused: an objection is
+    recorded with its entry, or not at all (the README lists the command as audited)."""
+    from safehaven.core import audit
+    from safehaven.core.registers import current_actor
+    from safehaven.core.store import Store
+
+    try:
+        with Store(home).connect() as con:
+            audit.append(
+                con, actor=current_actor(), role="governance", action=RECORD_ACTION,
+                object=f"objections-file:{path.name}",
+                detail={"type": objection_type, "recorded_date": recorded, "withdrawn_date": withdrawn or None},
+            )  # fmt: skip
+    except Exception as exc:  # the trail broken, the store busy: nothing is left recorded
+        path.unlink(missing_ok=True)
+        fail(f"not recorded (the audit trail could not take its entry: {type(exc).__name__}); nothing was written")
+
+
 def _objection_csv(fields: list[str], row: dict[str, str]) -> str:
     """The drop's text: the contract's columns in its order (a field it lacks raises, before any file)."""
     text = io.StringIO()
@@ -344,6 +380,7 @@ def objections_record(
 
     _check_objection(nhs_number, objection_type, source_practice)
     contract = registry_from_env().objections()
+    _check_dates(recorded_date.date() if recorded_date else haven_today(), withdrawn_date and withdrawn_date.date())
     recorded = (recorded_date.date() if recorded_date else haven_today()).isoformat()
     withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
     row = {
@@ -354,7 +391,9 @@ def objections_record(
         "source_practice": source_practice,
     }
     text = _objection_csv(contract.field_names, row)
-    path = _write_drop(ensure_home().incoming_for(contract.collection), text)
+    home = ensure_home()
+    path = _write_drop(home.incoming_for(contract.collection), text)
+    _audit_record(home, path, objection_type, recorded, withdrawn)
     click.echo(
         json.dumps(
             {

@@ -52,6 +52,37 @@ def test_recorded_objection_in_any_formatting_enters_the_register(home: Home) ->
     assert pseudonym(KeyRing(home.keys).get("haven").material, nhs) in objecting
 
 
+def test_recording_an_objection_refuses_future_dates_and_is_audited_without_its_number(home: Home) -> None:
+    """A future recorded or withdrawn date, or a withdrawal before its objection, would be rejected
+    by the next run's validation and hold every record-level release on a file no sender can
+    correct: refused in one line, nothing written. A recorded one is audited by its file, type and
+    dates, never its NHS number (found by review: the command wrote no audit entry)."""
+    from datetime import timedelta
+
+    from safehaven.cli.keys import RECORD_ACTION
+    from safehaven.core import audit
+    from safehaven.core.days import haven_today
+
+    runner = CliRunner()
+    tomorrow = (haven_today() + timedelta(days=1)).isoformat()
+    base = ["objections", "record", "--nhs-number", "9434765919", "--type", "national_opt_out"]
+    for extra, said in (
+        (["--recorded-date", tomorrow], f"the recorded date {tomorrow} is after today"),
+        (["--recorded-date", "2024-01-01", "--withdrawn-date", tomorrow], f"the withdrawn date {tomorrow} is after"),
+        (["--recorded-date", "2024-01-02", "--withdrawn-date", "2024-01-01"], "withdrawn date is before the recorded"),
+    ):
+        refused = runner.invoke(main, base + extra)
+        assert refused.exit_code != 0 and said in refused.output
+    assert not list(home.incoming_for("objections").glob("*.csv"))
+    done = runner.invoke(main, [*base, "--recorded-date", "2024-01-01"])
+    assert done.exit_code == 0, done.output
+    [drop] = home.incoming_for("objections").glob("*.csv")
+    with Store(home).connect(read_only=True) as con:
+        [entry] = [e for e in audit.entries_for(con) if e.action == RECORD_ACTION]
+    assert entry.object == f"objections-file:{drop.name}" and entry.detail_value["recorded_date"] == "2024-01-01"
+    assert "9434765919" not in (entry.detail or "")
+
+
 def test_objections_notify_writes_the_notice(home: Home) -> None:
     import json
 
