@@ -50,7 +50,8 @@ WAITING = (*review.AWAITING_REVIEW, review.APPROVED)
 def review_check(con: object, agreement_id: str) -> dg.AssetCheckResult:
     """WARN while requests of the agreement wait (the newest one's checker summary as Markdown),
     or while a request of it that will never leave keeps files whose shredding is refused
-    (``safehaven.share.review.unshredded``: in view until a person clears it; CoP 27b)."""
+    (``safehaven.share.review.unshredded``: in view until a person clears it; CoP 27b), or while
+    an approved request's delivery stopped part way (``review.stopped_deliveries``), named first."""
     waiting = review.requests(con, states=WAITING, agreement_id=agreement_id)  # type: ignore[arg-type]
     unshredded = review.unshredded(con, agreement_id)  # type: ignore[arg-type]
     metadata: dict[str, object] = {"waiting": len(waiting), "requests": ", ".join(r.release_id for r in waiting)}
@@ -60,12 +61,18 @@ def review_check(con: object, agreement_id: str) -> dg.AssetCheckResult:
         metadata["next_step"] = f"safehaven review show {newest.release_id}"
     if unshredded:
         metadata["shredding_refused"] = dg.MetadataValue.md("\n".join(f"* {rid}: {why}" for rid, why in unshredded))
-    said = [f"{len(waiting)} release request(s) waiting for review"] if waiting else []
+    stopped = review.stopped_deliveries(con, agreement_id)  # type: ignore[arg-type]
+    said = [
+        f"the delivery of {rid} stopped part way: its files are in {where}; finish it with "
+        f"safehaven review release {rid} (or, while it is not registered, withdraw it, which shreds them)"
+        for rid, where in stopped
+    ]
+    said += [f"{len(waiting)} release request(s) waiting for review"] if waiting else []
     said += [f"the files of {rid} (will never leave) are not shredded: {why}" for rid, why in unshredded]
     return dg.AssetCheckResult(
         check_name=REVIEW_CHECK,
         asset_key=release_key(agreement_id),
-        passed=not (waiting or unshredded),
+        passed=not (waiting or unshredded or stopped),
         severity=dg.AssetCheckSeverity.WARN,
         metadata=metadata,
         description="; ".join(said) or "nothing waiting",

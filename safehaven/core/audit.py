@@ -375,6 +375,25 @@ def _check_no_identifier(value: Any, where: str) -> None:
             )
 
 
+#: what a command says when a person's text may hold an NHS number (:func:`holds_identifier`)
+NO_IDENTIFIER_IN_TEXT = (
+    "{what} looks like it holds an NHS number; it would be kept in the store, the audit trail and the exported "
+    "registers, which never hold identifiers: write it without one (a release id, a pseudonym or a count); "
+    "nothing was changed"
+)
+
+
+def holds_identifier(*texts: str | None) -> bool:
+    """Whether free text a person typed (a comment, a reason, a name) may hold an NHS number: ten
+    digits as the audit log refuses them (:func:`_check_no_identifier`), or a valid one however
+    spaced or grouped (``identifiers.nhs_numbers_in_text``). A command asks this before it changes
+    anything, so a refusal leaves nothing recorded without its audit entry (found by review)."""
+    for text in texts:
+        if text and (_NHS_LIKE.search(_HEX_TOKEN.sub(" ", text)) or nhs_numbers_in_text(text)):
+            return True
+    return False
+
+
 def _prepare(item: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one caller entry; ``detail`` becomes canonical JSON text."""
     unknown = set(item) - set(_REQUIRED) - set(_OPTIONAL)

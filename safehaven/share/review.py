@@ -299,7 +299,9 @@ def _transition(
     why: str,
     detail: dict[str, Any] | None = None,
 ) -> Request:
-    """Move a request along :data:`TRANSITIONS` and audit it; refuse any other move."""
+    """Move a request along :data:`TRANSITIONS` and audit it; refuse any other move, and text that
+    may hold an NHS number (:func:`_plain_text`) before anything is recorded."""
+    _plain_text(by=by, why=why)
     to = TRANSITIONS[action].get(req.state)
     if to is None:
         raise ReviewError(f"request {req.release_id} is {req.state}; the step {action!r} is not open to it")
@@ -484,6 +486,20 @@ def _refuse_stand_in(req: Request, folder: Path) -> None:
             "survive its shredding (CoP 27b). Put them back in its place, or remove it once you have found and "
             "destroyed them; the shredding is retried by the next withdrawal, rejection or run"
         )
+
+
+def stopped_deliveries(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) -> list[tuple[str, str]]:
+    """``(release id, shown folder)`` of each approved request whose delivery stopped after moving
+    its files into ``releases/<agreement>/<release-id>/`` (before or after registering them): the
+    files wait in the recipient's folder until a person finishes the delivery (``safehaven review
+    release``) or, while they are not registered, withdraws the request (which shreds them). For
+    the release's check, every run (found by review: nothing named it, so it waited unseen)."""
+    found = []
+    for req in requests(con, states=(APPROVED,), agreement_id=agreement_id):
+        folder = req.home.releases / req.agreement_id / req.release_id
+        if os.path.lexists(folder):
+            found.append((req.release_id, audit.shown_path(str(folder.relative_to(req.home.root)))))
+    return found
 
 
 def undelivered_folder(con: duckdb.DuckDBPyConnection, release_id: str) -> Path | None:
@@ -731,8 +747,19 @@ def _pin(req: Request, wanted: list[str] | None) -> dict[str, str]:
     return found
 
 
+def _plain_text(**texts: str | None) -> None:
+    """Refuse (``ReviewError``) a reviewer's name or comment that may hold an NHS number, before any
+    decision or state is recorded: both go to the store, the audit trail (which refuses them: a
+    state changed with no entry, found by review) and the exported request register."""
+    for what, text in texts.items():
+        if audit.holds_identifier(text):
+            shown = "the name (--by)" if what == "by" else "the comment"
+            raise ReviewError(audit.NO_IDENTIFIER_IN_TEXT.format(what=shown))
+
+
 def _decide(con: duckdb.DuckDBPyConnection, req: Request, by: str, decision: str, hashes: dict[str, str],
             comment: str | None) -> None:  # fmt: skip
+    _plain_text(by=by, comment=comment)
     con.executemany(
         f"INSERT INTO {REVIEWS} VALUES (?, ?, ?, ?, ?, ?, now())",
         [[req.release_id, by.strip(), name, sha, decision, comment] for name, sha in hashes.items()],
@@ -754,6 +781,7 @@ def approve(
     When the rule's reviewers have each approved every file the request is ``approved`` and,
     unless it needs the vault custodian, delivered at once (:func:`deliver`).
     """
+    _plain_text(by=by, comment=comment)
     req = get(con, release_id)
     if req.state not in AWAITING_REVIEW:
         raise ReviewError(f"request {release_id} is {req.state}; only a prepared request can be approved")
@@ -826,6 +854,7 @@ def withdraw(con: duckdb.DuckDBPyConnection, release_id: str, by: str, comment: 
     """Withdraw an open request (e.g. one whose staged files were changed); its staging is removed."""
     if len((comment or "").strip()) < MIN_COMMENT:
         raise ReviewError("say why the request is withdrawn (--comment)")
+    _plain_text(by=by, comment=comment)
     req = _transition(con, get(con, release_id), "withdraw", by=by.strip(), why=comment.strip())
     _discard(con, req)
     return req
@@ -1095,6 +1124,7 @@ def deliver(
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
     final = home.releases / req.agreement_id / release_id
+    _refuse_links_on_the_way(req, final)
     moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
     try:
         _cleared(con, req, by, home=home, registry=registry, moved_to=final if moved else None)
@@ -1154,6 +1184,25 @@ def _stopped_hint(con: duckdb.DuckDBPyConnection, req: Request) -> str:
         f"{where}, registered in the release register: withdrawing the request does not remove them; a "
         f"disposal of the agreement's data does (safehaven dispose --agreement {req.agreement_id})"
     )
+
+
+def _refuse_links_on_the_way(req: Request, final: Path) -> None:
+    """Refuse (``ReviewError``) a delivery whose way passes a symbolic link, or anything but a
+    folder, in place of a folder the haven wrote: ``releases/<agreement>/`` (and the release's own
+    folder), the staged folder or one above it (``core.files.stand_in``). Moved through it, the
+    release would leave the haven's reach while the register says it is in ``releases/`` (CoP 49;
+    found by review: the extract was moved outside and registered). Nothing is recorded; the
+    request stays approved until a plain folder is put back and it is delivered again."""
+    root = req.home.root
+    for folder in (final, req.staging_dir):
+        _, path = stand_in(root, folder)
+        if path is not None:
+            shown = audit.shown_path(str(path.relative_to(root)))
+            raise ReviewError(
+                f"{shown} is {'a symbolic link' if path.is_symlink() else 'not a folder'}, not what the haven wrote "
+                f"there: delivering {req.release_id} through it would move the release out of the haven's reach "
+                "(CoP 49). Put a plain folder back in its place, then deliver again; nothing was released"
+            )
 
 
 def _move(req: Request, final: Path) -> None:

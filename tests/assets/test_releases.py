@@ -135,6 +135,39 @@ def test_a_refused_shredding_keeps_the_release_check_warning_every_run_until_the
     assert all("not shredded" not in c.description for c in result.get_asset_check_evaluations())
 
 
+def test_a_delivery_killed_after_its_move_is_named_by_the_release_check_every_run_until_finished(
+    home: Home, registry: ContractRegistry, dagster_instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between moving its files into releases/<agreement>/<id>/ and registering them, a
+    delivery left the extract in the recipient's folder, unrecorded, and every run said only
+    "unchanged" (found by review). The release check names it, where its files are and the command
+    that finishes it, every run, until the delivery is finished."""
+    _adopted(home, registry, agreement_data())
+    assert _materialize(registry, "test-linked", dagster_instance).success
+    rid = "test-linked-r0001"
+    with Store(home).connect() as con:
+        with monkeypatch.context() as m:
+            get = review.get
+            m.setattr(review, "deliver", lambda c, r, **k: get(c, r))  # approved; the delivery "killed" below
+            approve_release(con, rid, home, registry=registry)
+        req = review.get(con, rid)
+        final = home.releases / "test-linked" / rid
+        final.parent.mkdir(parents=True)
+        req.staging_dir.rename(final)  # what a delivery killed after its move leaves
+    for _ in range(2):
+        result = _materialize(registry, "test-linked", dagster_instance)
+        (check,) = result.get_asset_check_evaluations()
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        assert f"the delivery of {rid} stopped part way: its files are in releases/test-linked/{rid}" in (
+            check.description or ""
+        )
+        assert f"safehaven review release {rid}" in (check.description or "")
+    with Store(home).connect() as con:
+        assert review.deliver(con, rid, home=home, registry=registry, by="V. Keeper, custodian").state == "released"
+    result = _materialize(registry, "test-linked", dagster_instance)
+    assert all("stopped part way" not in (c.description or "") for c in result.get_asset_check_evaluations())
+
+
 def test_a_files_approval_block_alone_releases_nothing_and_the_asset_says_how_to_clear_it(
     home: Home, registry: ContractRegistry, dagster_instance
 ) -> None:

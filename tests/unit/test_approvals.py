@@ -296,6 +296,20 @@ def test_a_suspension_deleted_from_the_store_does_not_revive_the_approval(haven:
     assert haven.prepare().status != SKIPPED
 
 
+def test_a_suspension_reason_that_may_hold_an_nhs_number_is_refused_and_nothing_is_recorded(haven: Haven) -> None:
+    """The reason is kept in the store, the audit trail and the exported decisions: one that may
+    spell an NHS number is refused in one line before the decision is written (found by review:
+    the suspension stood in the store with no audit entry after a traceback)."""
+    write_agreement(haven.registry.root, agreement_data())
+    adopt(haven.con, haven.registry, LINKED)
+    entries = len(audit.entries_for(haven.con))
+    for reason, by in (("complaint from 943 476 5919", "Dr Y, CG"), ("audit overdue", "9434765919")):
+        with pytest.raises(AgreementError, match="looks like it holds an NHS number"):
+            approvals.suspend(haven.con, LINKED, reason, by, registry=haven.registry, actor="ig-lead")
+    assert approvals.latest(haven.con, LINKED).decision == approvals.APPROVED
+    assert len(audit.entries_for(haven.con)) == entries
+
+
 def test_a_decision_changed_in_the_store_and_in_its_audit_entry_does_not_verify(haven: Haven) -> None:
     write_agreement(haven.registry.root, agreement_data())
     adopt(haven.con, haven.registry, LINKED)

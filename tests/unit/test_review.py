@@ -1197,3 +1197,59 @@ def test_review_list_shows_a_request_whose_files_are_not_shredded_until_they_are
     with Store(haven.home).connect() as con:
         assert review.shred_discarded(con) == [rid]
     assert "not shredded" not in run("review", "list")
+
+
+@pytest.mark.parametrize("action", ["approve", "return", "reject", "withdraw"])
+@pytest.mark.parametrize("typed", ["drop 999-022-6660, who complained", "it holds 9 9 9 0 1 0 7 1 5 7"])
+def test_a_comment_that_may_hold_an_nhs_number_is_refused_before_anything_is_recorded(
+    haven: Haven, action: str, typed: str
+) -> None:
+    """A comment is kept in the store, the audit trail and the exported request register: one
+    that may spell an NHS number (however spaced) is refused in one line, and the request, its
+    reviews and the trail are as they were (found by review: the audit entry refused it after
+    the state had changed, so a rejection stood unaudited and the number was exported)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    before = (review.get(haven.con, rid).state, len(audit.entries_for(haven.con)))
+    act = {
+        "approve": lambda: review.approve(haven.con, rid, R1, home=haven.home, registry=haven.registry, comment=typed),
+        "return": lambda: review.return_request(haven.con, rid, R1, typed),
+        "reject": lambda: review.reject(haven.con, rid, R1, typed),
+        "withdraw": lambda: review.withdraw(haven.con, rid, CG, typed),
+    }[action]
+    with pytest.raises(review.ReviewError, match="looks like it holds an NHS number.*nothing was changed") as refused:
+        act()
+    assert "999" not in str(refused.value)
+    assert (review.get(haven.con, rid).state, len(audit.entries_for(haven.con))) == before
+    assert haven.con.execute(f"SELECT count(*) FROM {review.REVIEWS} WHERE release_id = ?", [rid]).fetchone()[0] == 0
+    assert review.get(haven.con, rid).staging_dir.exists()
+
+
+@pytest.mark.parametrize("where", ["releases/<agreement>", "staging/releases"])
+def test_delivery_through_a_link_in_place_of_a_folder_the_haven_wrote_is_refused(
+    haven: Haven, tmp_path: Path, where: str
+) -> None:
+    """``releases/<agreement>`` (or ``staging/releases``) replaced by a link to a folder outside the
+    haven: delivery moved the extract there and registered it as released in the haven (found by
+    review). Refused, naming the link, with nothing moved or registered; once a plain folder is back,
+    the same request is delivered."""
+    haven.add()
+    rid = haven.prepare().release_id
+    outside = tmp_path / "outside"
+    if where == "staging/releases":
+        area = haven.home.root / "staging" / "releases"
+        shutil.move(area, outside)
+    else:
+        area = haven.home.releases / "test-linked"
+        outside.mkdir()
+    area.symlink_to(outside)
+    haven.approve(rid, R1)
+    with pytest.raises(review.ReviewError, match=f"{where.replace('<agreement>', 'test-linked')} is a symbolic link"):
+        haven.approve(rid, R2)
+    assert review.get(haven.con, rid).state == review.APPROVED and haven.delivered() == []
+    assert not (outside / rid).exists() or where == "staging/releases"
+    area.unlink()
+    if where == "staging/releases":
+        shutil.move(outside, area)
+    assert haven.deliver(rid, R2).state == review.RELEASED
+    assert (haven.home.releases / "test-linked" / rid).is_dir() and haven.delivered() == [rid]
