@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import duckdb
 
     from safehaven.core.audit import VerifyResult
+    from safehaven.core.home import Home
 
 #: the object a release request's audit entries name (``safehaven.share.review``)
 REQUEST_OBJECT = "release-request:"
@@ -83,8 +84,28 @@ def precheck(words: Sequence[str]) -> None:
     try:
         with Store(home).connect(read_only=True) as con:
             audit.check(con, home)
+            if names[:1] == ["run"]:
+                _precheck_run(con, home)
     except StoreError:
         return
+
+
+def _precheck_run(con: duckdb.DuckDBPyConnection, home: Home) -> None:
+    """Before ``safehaven run`` launches anything: the whole trail verified (its anchor history
+    included), as the run's first step would, and the key files checked against their epochs, as
+    every step's connection would (``core.pins.verify``). Found there, a fault reached the operator
+    as a Dagster failure and a traceback with an empty summary (found by review); here it is one
+    line, and no run is launched."""
+    from safehaven.core import audit, pins
+    from safehaven.core.keys import KeyRing, KeyRingError
+
+    result = audit.verify(con, home)
+    if not result.ok:
+        raise audit.AuditTrailBroken(result)
+    try:
+        pins.verify(con, KeyRing(home.keys), writable=False)
+    except KeyRingError as exc:
+        _fail(f"refused: {exc}")
 
 
 def _record(result: VerifyResult) -> str:

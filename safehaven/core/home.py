@@ -105,6 +105,10 @@ class Home:
     def staging(self) -> Path:
         return self.root / "staging"
 
+    def staged_release(self, release_id: str) -> Path:
+        """``staging/releases/<release-id>/``: where a release request's files wait for review."""
+        return self.staging / "releases" / release_id
+
     @property
     def evidence(self) -> Path:
         return self.root / "evidence"

@@ -708,7 +708,7 @@ class _Extras:
 
 def staging_dir(home: Home, release_id: str) -> Path:
     """``staging/releases/<release-id>/``: inside the haven home, outside ``releases/`` (0700)."""
-    return home.root / "staging" / "releases" / release_id
+    return home.staged_release(release_id)
 
 
 def _private_dir(path: Path) -> None:

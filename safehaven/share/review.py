@@ -85,7 +85,7 @@ from safehaven.core.digests import sealed_rows_sql
 from safehaven.core.files import sha256_file, sha256_plain, shred_tree, stand_in
 from safehaven.core.home import Home
 from safehaven.core.sql import lit
-from safehaven.core.store import table_exists
+from safehaven.core.store import opened_by, table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import optouts
 
@@ -210,9 +210,13 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     schema.ensure(con, REQUESTS, REVIEWS, REQUEST_MEMBERS)
 
 
-def _request(row: tuple[Any, ...]) -> Request:
+def _request(row: tuple[Any, ...], home: Home | None) -> Request:
+    """A request from its row; its staged folder in ``home``, the home whose store the row was read
+    from, not the path stored when it was prepared: a home moved or restored elsewhere would
+    otherwise shred, hash and deliver the old place's files (found by review). Only a connection
+    no home opened (a test's) keeps the stored path."""
     values = list(row)
-    values[6] = Path(values[6])
+    values[6] = home.staged_release(values[0]) if home is not None else Path(values[6])
     values[10], values[11] = json.loads(values[10]), json.loads(values[11])
     return Request(*values)
 
@@ -223,7 +227,7 @@ def get(con: duckdb.DuckDBPyConnection, release_id: str) -> Request:
     row = con.execute(f"SELECT {_COLS} FROM {REQUESTS} WHERE release_id = ?", [release_id]).fetchone()
     if row is None:
         raise ReviewError(f"no release request {release_id} (safehaven review list shows the open ones)")
-    return _request(row)
+    return _request(row, opened_by(con))
 
 
 def requests(
@@ -239,7 +243,8 @@ def requests(
         where.append("agreement_id = ?")
         params.append(agreement_id)
     sql = f"SELECT {_COLS} FROM {REQUESTS} WHERE {' AND '.join(where)} ORDER BY prepared_at, release_id"
-    return [_request(r) for r in con.execute(sql, params).fetchall()]
+    home = opened_by(con)
+    return [_request(r, home) for r in con.execute(sql, params).fetchall()]
 
 
 def latest_comparable(con: duckdb.DuckDBPyConnection, agreement_id: str) -> Request | None:
@@ -1125,6 +1130,7 @@ def deliver(
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
     final = home.releases / req.agreement_id / release_id
     _refuse_links_on_the_way(req, final)
+    _custodian_not_a_reviewer(con, req, by)
     moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
     try:
         _cleared(con, req, by, home=home, registry=registry, moved_to=final if moved else None)
@@ -1184,6 +1190,24 @@ def _stopped_hint(con: duckdb.DuckDBPyConnection, req: Request) -> str:
         f"{where}, registered in the release register: withdrawing the request does not remove them; a "
         f"disposal of the agreement's data does (safehaven dispose --agreement {req.agreement_id})"
     )
+
+
+def _custodian_not_a_reviewer(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:
+    """Refuse (``ReviewError``) the delivery of an identifiable release (``two_reviewers_and_custodian``,
+    as stored or as audited at preparation) by one of the people who approved it, by name
+    (:func:`person_key`) or by the OS login their approval came from: the custodian is a third
+    person, so three people stand behind what leaves identifiable (Caldicott 4, 7; SATRE 3.3.04;
+    found by review: a reviewer delivered her own approval with the vault passphrase)."""
+    if TWO_REVIEWERS_AND_CUSTODIAN not in (req.rule, _audited_rule(con, req)):
+        return
+    trail = _trail(con, req)
+    approved = _audited_logins(trail[1]) if trail is not None else {}
+    me, logins = person_key(by), {login for found in approved.values() for login in found}
+    if me in approved or reg.os_login() in logins:
+        raise ReviewError(
+            f"{req.release_id} is identifiable: the vault custodian who delivers it must be a third person, not one "
+            "of its two reviewers (by name or by OS login); nothing was released"
+        )
 
 
 def _refuse_links_on_the_way(req: Request, final: Path) -> None:

@@ -20,6 +20,8 @@ from assets.partitions import REPORTING_MONTHS
 from safehaven import __version__
 from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.cli.main import main
+from safehaven.core.home import Home
+from safehaven.core.store import Store
 from tests.conftest import TEST_PASSPHRASE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,6 +167,40 @@ def test_a_dagster_home_that_is_not_a_folder_is_refused_in_one_line_before_any_s
     assert f"$DAGSTER_HOME ({named}) is not a folder: create it" in refused.output
     assert "unset DAGSTER_HOME to run on a temporary instance" in refused.output
     assert not (tmp_path / "haven").exists(), "refused before any set-up or demo drop"
+
+
+@pytest.mark.parametrize("fault", ["anchor history reordered", "key file readable by others"])
+def test_a_fault_the_run_would_meet_at_its_start_is_refused_in_one_line_before_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Two lines of the anchor history swapped (the per-command check reads only the tail) or a key
+    file made readable by others: the run's own start refused them, as a Dagster failure with a
+    traceback and an empty summary (found by review). ``safehaven run`` now finds them before it
+    launches anything, and says so in one line."""
+    from safehaven.core import audit, pins
+    from safehaven.core.keys import KeyRing
+
+    home = Home(tmp_path / "haven").ensure()
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(home.root))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    with Store(home).connect() as con:
+        KeyRing(home.keys).get_or_create("haven")
+        pins.verify(con, KeyRing(home.keys))
+        for i in range(4):
+            audit.append(con, actor="tester", role="pipeline", action="test.entry", object=f"entry:{i}")
+    if fault == "key file readable by others":
+        (home.keys / "haven.key").chmod(0o644)
+        said = "haven.key is accessible by group or others"
+    else:
+        anchors = home.registers / "audit_anchors.jsonl"
+        lines = anchors.read_text().splitlines(True)
+        lines[1], lines[2] = lines[2], lines[1]
+        anchors.write_text("".join(lines))
+        said = "the audit trail failed verification (the anchor)"
+    refused = CliRunner().invoke(main, ["run", "--no-demo"])
+    assert refused.exit_code != 0 and said in refused.output
+    assert "Traceback" not in refused.output and "temporary instance" not in refused.output, "nothing launched"
+    assert len(refused.output.strip().splitlines()) == 1
 
 
 def test_version_is_printed() -> None:

@@ -1253,3 +1253,43 @@ def test_delivery_through_a_link_in_place_of_a_folder_the_haven_wrote_is_refused
         shutil.move(outside, area)
     assert haven.deliver(rid, R2).state == review.RELEASED
     assert (haven.home.releases / "test-linked" / rid).is_dir() and haven.delivered() == [rid]
+
+
+def test_an_identifiable_release_is_delivered_by_a_third_person_not_one_of_its_reviewers(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The custodian's delivery of an identifiable release is the third pair of eyes: one of its
+    two reviewers, by name (any spelling) or at the login their approval came from, is refused
+    (found by review: a reviewer delivered her own approval with the vault passphrase)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
+                      [review.TWO_REVIEWERS_AND_CUSTODIAN, rid])  # fmt: skip
+    haven.approve(rid, R1)
+    assert haven.approve(rid, R2).state == review.APPROVED
+    third = "must be a third person, not one of its two reviewers"
+    with pytest.raises(review.ReviewError, match=third):
+        haven.deliver(rid, R1.upper())
+    monkeypatch.setattr(reg, "os_login", lambda: login_of(R2))
+    with pytest.raises(review.ReviewError, match=third):
+        haven.deliver(rid, "V. Keeper, custodian")
+    monkeypatch.setattr(reg, "os_login", lambda: "login-v-keeper")
+    assert haven.deliver(rid, "V. Keeper, custodian").state == review.RELEASED
+
+
+def test_a_home_restored_elsewhere_acts_on_its_own_staged_files_not_the_old_places(
+    haven: Haven, tmp_path: Path
+) -> None:
+    """The store keeps the path each request was staged at; a home copied to a new place (a
+    restore from backup) withdrew by shredding the *old* home's staged files and left its own
+    (found by review). A request's staged folder is in the home whose store it is read from."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute("CHECKPOINT")
+    moved = Home(shutil.copytree(haven.home.root, tmp_path / "restored", symlinks=True))
+    with Store(moved).connect() as con:
+        req = review.get(con, rid)
+        assert req.staging_dir == moved.root / "staging" / "releases" / rid and req.home.root == moved.root
+        review.withdraw(con, rid, CG, "restored for a test of the restore")
+    assert not (moved.root / "staging" / "releases" / rid).exists(), "the restored home's files are shredded"
+    assert any(review.get(haven.con, rid).staging_dir.iterdir()), "the old home's are untouched"
