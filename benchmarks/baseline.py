@@ -30,8 +30,9 @@ on the same drop, so the pipeline's cost can be judged against it:
   discharge, by provider, local authority and service type), each on its full grid of
   declared and observed values with empty cells as 0, then disclosure control: counts 1-7
   suppressed, others rounded to the nearest 5, secondary suppression along every dimension
-  to a fixed point (the smallest unsuppressed non-zero cell of a group with exactly one
-  suppressed cell); written in public form (one boolean marker, labels, text neutralised).
+  (along the providers only for the linked one, as its declared margins say) to a fixed point
+  (the smallest unsuppressed non-zero cell of a group with exactly one suppressed cell);
+  written in public form (one boolean marker, labels, text neutralised).
 * **publish**: CSV and Parquet per output, and an unencrypted ``published.duckdb``.
 
 The code lists are read from ``data_contracts/code_lists/*.yaml`` as reference data (they
@@ -307,6 +308,9 @@ class Out:
     labels: tuple[tuple[str, str, str], ...]  # (column, dimension, code list)
     collections: tuple[str, ...]
     sql: str
+    #: the dimensions secondary suppression runs along (the output's declared ``margins``: each
+    #: group holds the others fixed); None: every dimension
+    along: tuple[str, ...] | None = None
 
 
 OUTPUTS: dict[str, Out] = {
@@ -392,6 +396,7 @@ FROM (SELECT pid, provider_code, discharge_date, CAST(date_trunc('month', discha
                                WHERE month_end + 14 <= (SELECT max(month_end) FROM months))) d
 JOIN haven.social_care s ON s.pid = d.pid AND s.start_date BETWEEN d.discharge_date AND d.discharge_date + 14
 GROUP BY ALL""",
+        along=("provider_code",),  # margins: [[month, local_authority_code, service_type]]
     ),
 }
 
@@ -465,7 +470,7 @@ FROM (SELECT g.*, CAST(coalesce(c.people, 0) AS BIGINT) AS n
     while True:
         passes += 1
         changed = 0
-        for along in dims:
+        for along in out.along or dims:
             margin = ", ".join(_ident(x) for x in dims if x != along)
             part = f"PARTITION BY {margin}" if margin else ""
             rank_part = f"PARTITION BY {margin + ', ' if margin else ''}(s IS NULL)"

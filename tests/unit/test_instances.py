@@ -142,15 +142,20 @@ instance, _ = POOL.take({}, lambda i: None)
 print("pandas imported before the first query:", "pandas" in sys.modules, flush=True)
 instance.execute("SELECT 1").fetchall()  # no parameter: the instance's own first-query costs, not the import
 threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+began = time.perf_counter()
 try:
     instance.execute("SELECT ?", [1]).fetchall()
+    took = time.perf_counter() - began
     time.sleep(5)
 except KeyboardInterrupt:
     print("interrupted", flush=True)
     sys.exit(0)
-print("the interrupt was lost", flush=True)
-sys.exit(1)
+print(f"the interrupt was lost; the query took {took:.3f} s", flush=True)
+sys.exit(2 if took >= 0.1 else 1)
 """
+#: exit code of a child whose query was still running when the interrupt came (a loaded machine):
+#: DuckDB's own race on a short query, not the import this test is about; it is run again
+_QUERY_OUTLASTED_THE_TIMER = 2
 
 
 def test_an_interrupt_during_a_processs_first_query_with_a_parameter_is_not_lost() -> None:
@@ -158,7 +163,14 @@ def test_an_interrupt_during_a_processs_first_query_with_a_parameter_is_not_lost
     second) and swallows a Ctrl-C (or a run's termination) that arrives meanwhile; the pool imports
     pandas first, in Python, so the interrupt stops the process
     (``safehaven.core.instances.import_before_duckdb``). The interrupt comes 0.1 s into the query:
-    inside the import without the pool's, after the query with it."""
-    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_FIRST_QUERY], capture_output=True, text=True, timeout=60)
-    assert "pandas imported before the first query: True" in done.stdout
+    inside the import without the pool's, after the query with it. A loaded machine can keep the
+    query itself running past 0.1 s, where DuckDB's own race on a short query may consume the
+    interrupt: such a try (the child says so) is run again, up to three times."""
+    for _ in range(3):  # again only when the query outlasted the timer (module constant's comment)
+        done = subprocess.run(
+            [sys.executable, "-c", _INTERRUPTED_FIRST_QUERY], capture_output=True, text=True, timeout=60
+        )
+        assert "pandas imported before the first query: True" in done.stdout
+        if done.returncode != _QUERY_OUTLASTED_THE_TIMER:
+            break
     assert done.returncode == 0 and "interrupted" in done.stdout, done.stdout + done.stderr

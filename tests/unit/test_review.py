@@ -643,11 +643,15 @@ def test_a_release_id_used_again_counts_only_the_reviews_of_its_latest_preparati
     assert haven.delivered() == []
 
 
-def test_a_decision_whose_audit_entry_cannot_be_written_is_not_recorded(haven: Haven) -> None:
+def test_a_decision_whose_audit_entry_cannot_be_written_is_not_recorded(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
     haven.add()
     rid = haven.prepare().release_id
-    with pytest.raises(ValueError, match="NHS number"):
-        haven.approve(rid, R1, comment="see ticket 0123456789")
+    with monkeypatch.context() as m:
+        m.setattr(audit, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("no space left on device")))
+        with pytest.raises(OSError, match="no space left"):
+            haven.approve(rid, R1)
     assert review.decisions(haven.con, review.get(haven.con, rid)) == []
     haven.approve(rid, R1)  # recorded now, as if the first attempt had never been
     assert haven.approve(rid, R2).state == review.RELEASED
