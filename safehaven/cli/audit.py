@@ -58,6 +58,7 @@ AUDITED_COMMANDS = frozenset(
         ("review", "reject"),
         ("review", "withdraw"),
         ("review", "release"),
+        ("review", "resolve-shredding"),
         ("release",),
     }
 )

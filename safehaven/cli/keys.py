@@ -47,6 +47,7 @@ from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 
 if TYPE_CHECKING:
+    from safehaven.intake.contracts import Contract
     from safehaven.share.reidentify import ReidentifyResult
 
 
@@ -295,14 +296,20 @@ def _check_objection(nhs_number: str, objection_type: str, source_practice: str)
         )
 
 
-def _check_dates(recorded: date, withdrawn: date | None) -> None:
-    """Dates the register can take: none after the haven's today, and a withdrawal not before its
-    objection (the validation rules would reject the row at the next run, and every record-level
-    release would wait on a file the sender cannot correct: found by review)."""
+def _check_dates(contract: Contract, recorded: date, withdrawn: date | None) -> None:
+    """Dates the register can take, by the objections contract's own range of each field (no
+    future dates, none before its ``min``), and a withdrawal not before its objection: the next
+    run's validation would reject the row, and every record-level release would wait on a file no
+    sender can correct (found by review)."""
     today = haven_today()
-    for what, day in (("recorded", recorded), ("withdrawn", withdrawn)):
-        if day is not None and day > today:
-            raise click.ClickException(f"the {what} date {day.isoformat()} is after today ({today.isoformat()})")
+    for name, day in (("recorded_date", recorded), ("withdrawn_date", withdrawn)):
+        rule = contract.field(name).rule if day is not None else None
+        what = name.replace("_", " ")
+        if rule is not None and rule.min is not None and day < rule.min:
+            raise click.ClickException(f"the {what} {day.isoformat()} is before {rule.min.isoformat()}, the earliest")
+        latest = today if rule is None or rule.max in (None, "today") else min(today, rule.max)
+        if day is not None and day > latest:
+            raise click.ClickException(f"the {what} {day.isoformat()} is after today ({today.isoformat()})")
     if withdrawn is not None and withdrawn < recorded:
         raise click.ClickException("the withdrawn date is before the recorded date")
 
@@ -380,9 +387,11 @@ def objections_record(
 
     _check_objection(nhs_number, objection_type, source_practice)
     contract = registry_from_env().objections()
-    _check_dates(recorded_date.date() if recorded_date else haven_today(), withdrawn_date and withdrawn_date.date())
-    recorded = (recorded_date.date() if recorded_date else haven_today()).isoformat()
-    withdrawn = withdrawn_date.date().isoformat() if withdrawn_date else ""
+    recorded_day = recorded_date.date() if recorded_date else haven_today()
+    withdrawn_day = withdrawn_date.date() if withdrawn_date else None
+    _check_dates(contract, recorded_day, withdrawn_day)
+    recorded = recorded_day.isoformat()
+    withdrawn = withdrawn_day.isoformat() if withdrawn_day else ""
     row = {
         contract.patient_key: canonical_nhs(nhs_number),
         "objection_type": objection_type,

@@ -193,6 +193,23 @@ def release_request(release_id: str, by: str) -> None:
     click.echo(f"{req.release_id}: {req.state} -> {home.releases / req.agreement_id / req.release_id}")
 
 
+@review_group.command("resolve-shredding")
+@click.argument("release_id")
+@click.option("--by", "by", required=True, help='Who found and destroyed the files: "Name, role".')
+@click.option("--reason", required=True, help="Where they were and how they were destroyed.")
+def resolve_shredding(release_id: str, by: str, reason: str) -> None:
+    """Record that the files of a request whose shredding was refused were found and destroyed (audited)."""
+    from safehaven.core.store import Store
+    from safehaven.share import review
+
+    with Store(_home()).connect() as con:
+        try:
+            review.resolve_shredding(con, release_id, by=by, reason=reason)
+        except review.ReviewError as exc:
+            _fail(f"refused: {exc}")
+    click.echo(f"{release_id}: the refused shredding is resolved by {by.strip()} (audited)")
+
+
 def register(main: click.Group) -> None:
     """Add this area's commands to the CLI."""
     main.add_command(review_group)

@@ -97,7 +97,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safehaven.core import anchors, schema
 from safehaven.core.anchors import GENESIS, HEAD_FILE, Anchor
 from safehaven.core.home import PUBLISHED_MANIFEST, Home
-from safehaven.core.identifiers import nhs_numbers_in_text
+from safehaven.core.identifiers import is_valid_nhs, nhs_numbers_in_text
 from safehaven.core.keys import KEY_BYTES, Key, KeyRing, KeyRingError, KeySubstituted, staged
 from safehaven.core.store import CATALOG, opened_by, table_exists, transaction
 
@@ -383,13 +383,24 @@ NO_IDENTIFIER_IN_TEXT = (
 )
 
 
+#: ten single digits each set apart by one space, dash or dot ("9 9 9 0 1 0 7 1 5 7")
+_SPACED_DIGITS = re.compile(r"(?<![\d\w])\d(?:[ \-.]\d){9}(?![\w\d])")
+
+
 def holds_identifier(*texts: str | None) -> bool:
     """Whether free text a person typed (a comment, a reason, a name) may hold an NHS number: ten
-    digits as the audit log refuses them (:func:`_check_no_identifier`), or a valid one however
-    spaced or grouped (``identifiers.nhs_numbers_in_text``). A command asks this before it changes
-    anything, so a refusal leaves nothing recorded without its audit entry (found by review)."""
+    digits as the audit log refuses them (:func:`_check_no_identifier`: in a row, or 3-3-4 with a
+    separator), or ten single digits spaced out that pass the mod-11 check. A command asks this
+    before it changes anything, so a refusal leaves nothing recorded without its audit entry
+    (found by review). Dates, times and release ids pass (``2026-12-06 09:15``,
+    ``statutory-gp-audit-r0001 2026-12-19``): the file-name rule (``nhs_numbers_in_text``), which
+    joins every digit not parted by a letter, refused one comment in four of them."""
     for text in texts:
-        if text and (_NHS_LIKE.search(_HEX_TOKEN.sub(" ", text)) or nhs_numbers_in_text(text)):
+        if not text:
+            continue
+        if _NHS_LIKE.search(_HEX_TOKEN.sub(" ", text)):
+            return True
+        if any(is_valid_nhs(re.sub(r"\D", "", m.group())) for m in _SPACED_DIGITS.finditer(text)):
             return True
     return False
 

@@ -203,7 +203,9 @@ def _record(
     """Insert one decision and audit it (who, when, why, on which file hash; an approval also names
     its recipient, :func:`_same_recipient`). Text that may hold an NHS number is refused first:
     the decision and its audit entry are both written, or neither (found by review)."""
-    for what, text in (("the name (--by/--approver)", by), ("the reason", reason)):
+    given = [("the name (--by/--approver)", by), ("the reason", reason)]
+    given += [(f"the {key.replace('_', ' ')}", str(value)) for key, value in (extra or {}).items()]
+    for what, text in given:
         if audit.holds_identifier(text):
             raise AgreementError(audit.NO_IDENTIFIER_IN_TEXT.format(what=what))
     ensure_tables(con)

@@ -587,7 +587,7 @@ def _shredding_refused(con: duckdb.DuckDBPyConnection, req: Request, refused: Ex
         return
     audit.append(
         con, actor=reg.current_actor(), role="pipeline", action=SHRED_REFUSED_ACTION, object=_object(req),
-        agreement=req.agreement_id, detail={"state": req.state, "reason": reason},
+        agreement=req.agreement_id, outcome="refused", detail={"state": req.state, "reason": reason},
     )  # fmt: skip
 
 
@@ -602,15 +602,61 @@ def _shredding_done(con: duckdb.DuckDBPyConnection, req: Request) -> None:
 
 
 def unshredded(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) -> list[tuple[str, str]]:
-    """``(release id, reason)`` of each request that will never leave whose files are still
-    there (its shredding refused), the reason as last audited: for the release's check and
-    ``safehaven review list`` (the refusal stays in view until a person clears it)."""
+    """``(release id, reason)`` of each request that will never leave whose files are still there
+    (its shredding refused, the reason as last audited), or whose refused shredding no one has
+    resolved though nothing is left to shred (the link removed: the files it stood for may survive
+    where it pointed): for the release's check and ``safehaven review list``, in view until a
+    person resolves it (:func:`resolve_shredding`; found by review: removing the link cleared it
+    unaudited)."""
     found = []
-    for req in _discarded_left(con, but=None, agreement_id=agreement_id):
-        last = audit.latest_entry(con, _object(req), (SHRED_REFUSED_ACTION, SHRED_DONE_ACTION))
-        refused = last is not None and last.action == SHRED_REFUSED_ACTION
-        found.append((req.release_id, (last.detail_value or {}).get("reason", "") if refused else "not shredded yet"))
+    for req in requests(con, states=NEVER_LEAVES, agreement_id=agreement_id):
+        if (req.comment or "").startswith(DISPOSED_PREFIX):
+            continue
+        refused = _unresolved_refusal(con, req)
+        if _left_behind(con, req):
+            found.append((req.release_id, refused.detail_value["reason"] if refused else "not shredded yet"))
+        elif refused is not None:
+            found.append((req.release_id, GONE_UNSHREDDED.format(rid=req.release_id)))
     return found
+
+
+#: what a refused shredding whose link was removed says (:func:`unshredded`)
+GONE_UNSHREDDED = (
+    "its shredding was refused and what stood in the way is gone, but the haven never shredded the files: they may "
+    "survive where it pointed; find and destroy them, then record it: safehaven review resolve-shredding {rid} "
+    '--by "Name, role" --reason "..."'
+)
+
+
+def _unresolved_refusal(con: duckdb.DuckDBPyConnection, req: Request) -> audit.Entry | None:
+    """The request's latest shredding entry when it is a refusal (none since has shredded or resolved it)."""
+    last = audit.latest_entry(con, _object(req), (SHRED_REFUSED_ACTION, SHRED_DONE_ACTION))
+    return last if last is not None and last.action == SHRED_REFUSED_ACTION else None
+
+
+def resolve_shredding(con: duckdb.DuckDBPyConnection, release_id: str, *, by: str, reason: str) -> None:
+    """A person records that the files of a request whose shredding was refused, and whose link was
+    then removed, have been found and destroyed (audited ``review.shredded``, with who and why):
+    the haven cannot see them, so only a person's word on record clears it (CoP 27b, 49). Refused
+    while its files, or what stands in their place, are still in the home (the next run shreds
+    them, or refuses again), or when no refusal waits."""
+    _plain_text(by=by, comment=reason)
+    if len(person_key(by)) < MIN_NAME or len(reason.strip()) < MIN_COMMENT:
+        raise ReviewError('name who destroyed the files (--by "Name, role") and say how (--reason)')
+    req = get(con, release_id)
+    refused = _unresolved_refusal(con, req)
+    if refused is None:
+        raise ReviewError(f"no refused shredding of {release_id} waits to be resolved")
+    if _left_behind(con, req):
+        raise ReviewError(
+            f"the files of {release_id}, or what stands in their place, are still in the home: put the files back "
+            "in place (the next run shreds them) or remove what stands there, then resolve it"
+        )
+    audit.append(
+        con, actor=by.strip(), role="governance", action=SHRED_DONE_ACTION, object=_object(req),
+        agreement=req.agreement_id,
+        detail={"state": req.state, "refused_at_seq": refused.seq, "by_person": True, "reason": reason.strip()},
+    )  # fmt: skip
 
 
 def _left_behind(con: duckdb.DuckDBPyConnection, req: Request) -> bool:
@@ -1125,12 +1171,14 @@ def deliver(
     ``two_reviewers_and_custodian`` request the caller must be the vault custodian (the CLI
     checks the vault key is on the host).
     """
+    _plain_text(by=by)
     req = get(con, release_id)
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
     final = home.releases / req.agreement_id / release_id
     _refuse_links_on_the_way(req, final)
     _custodian_not_a_reviewer(con, req, by)
+    _not_being_disposed_of(home, req)
     moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
     try:
         _cleared(con, req, by, home=home, registry=registry, moved_to=final if moved else None)
@@ -1190,6 +1238,26 @@ def _stopped_hint(con: duckdb.DuckDBPyConnection, req: Request) -> str:
         f"{where}, registered in the release register: withdrawing the request does not remove them; a "
         f"disposal of the agreement's data does (safehaven dispose --agreement {req.agreement_id})"
     )
+
+
+def _not_being_disposed_of(home: Home, req: Request) -> None:
+    """Refuse (``ReviewError``) a delivery while an interrupted disposal's plan names the request
+    among those it withdraws (its data is being destroyed: CoP 43d, 49), or while a disposal journal
+    that cannot be read waits (it may). The disposal's resume withdraws it and shreds its files;
+    delivered meanwhile, the disposed records left in ``releases/`` (found by review)."""
+    from safehaven.dispose.journal import pending  # dispose imports this module
+    from safehaven.dispose.model import DisposalError
+
+    try:
+        journal = pending(home)
+    except DisposalError as exc:
+        raise ReviewError(f"not delivered while a disposal is pending: {exc}") from None
+    planned = (journal or {}).get("plan", {}).get("staged_requests", [])
+    if req.release_id in planned:
+        raise ReviewError(
+            f"disposal {journal['disposal_id']} (interrupted) withdraws {req.release_id}: its data is being disposed "
+            "of; complete the disposal (safehaven dispose --resume), which withdraws it and shreds its files"
+        )
 
 
 def _custodian_not_a_reviewer(con: duckdb.DuckDBPyConnection, req: Request, by: str) -> None:

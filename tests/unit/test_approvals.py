@@ -310,6 +310,16 @@ def test_a_suspension_reason_that_may_hold_an_nhs_number_is_refused_and_nothing_
     assert len(audit.entries_for(haven.con)) == entries
 
 
+def test_an_adoption_reason_that_may_hold_an_nhs_number_is_refused_and_nothing_is_recorded(haven: Haven) -> None:
+    """The person's reason for adopting a file's approval goes into the audit entry's detail: one
+    that may spell an NHS number left the decision in the store with no entry (found by review)."""
+    write_agreement(haven.registry.root, agreement_data())
+    with pytest.raises(AgreementError, match="looks like it holds an NHS number"):
+        approvals.adopt(haven.con, [LINKED], "Dr Y, CG", "as agreed with 943 476 5919", registry=haven.registry,
+                        actor="ig-lead")  # fmt: skip
+    assert approvals.latest(haven.con, LINKED) is None
+
+
 def test_a_decision_changed_in_the_store_and_in_its_audit_entry_does_not_verify(haven: Haven) -> None:
     write_agreement(haven.registry.root, agreement_data())
     adopt(haven.con, haven.registry, LINKED)

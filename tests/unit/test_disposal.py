@@ -969,6 +969,24 @@ def test_a_crash_after_staged_requests_are_withdrawn_still_certifies_them(world:
     assert len(_withdrawn_by(world, req.release_id)[1]) == 1  # withdrawn once, however often the step ran
 
 
+def test_a_staged_request_an_interrupted_disposal_withdraws_is_not_delivered_meanwhile(world: World) -> None:
+    """A disposal interrupted before its rows step plans to withdraw a staged request: approved and
+    delivered meanwhile, the disposed records stayed in releases/ and the resume certified nothing
+    for it (found by review). Delivery is refused while the plan names it; the resume withdraws it
+    and shreds its files."""
+    req = _stage(world, approvals=1)
+    target = disposal.Target.for_collection("gp_events", BEFORE)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(target, _crash_after="keys")
+    with Store(world.home).connect() as con:
+        with pytest.raises(review.ReviewError, match="withdraws .* its data is being disposed of"):
+            approve_as(con, req.release_id, REVIEWERS[1], home=world.home, registry=world.context().contracts)
+    assert not (world.home.releases / STUDY / req.release_id).exists()
+    result = world.dispose(target)
+    assert result.resumed and result.certificate["staged_requests_withdrawn"] == [req.release_id]
+    assert not req.staging_dir.exists()
+
+
 # --- a link, or a file, in place of a folder the haven wrote (CoP 49: fail closed) -------------
 
 

@@ -70,6 +70,7 @@ def test_recording_an_objection_refuses_future_dates_and_is_audited_without_its_
         (["--recorded-date", tomorrow], f"the recorded date {tomorrow} is after today"),
         (["--recorded-date", "2024-01-01", "--withdrawn-date", tomorrow], f"the withdrawn date {tomorrow} is after"),
         (["--recorded-date", "2024-01-02", "--withdrawn-date", "2024-01-01"], "withdrawn date is before the recorded"),
+        (["--recorded-date", "1999-12-31"], "the recorded date 1999-12-31 is before 2000-01-01, the earliest"),
     ):
         refused = runner.invoke(main, base + extra)
         assert refused.exit_code != 0 and said in refused.output

@@ -1297,3 +1297,72 @@ def test_a_home_restored_elsewhere_acts_on_its_own_staged_files_not_the_old_plac
         review.withdraw(con, rid, CG, "restored for a test of the restore")
     assert not (moved.root / "staging" / "releases" / rid).exists(), "the restored home's files are shredded"
     assert any(review.get(haven.con, rid).staging_dir.iterdir()), "the old home's are untouched"
+
+
+def test_a_custodian_name_that_may_hold_an_nhs_number_is_refused_before_the_delivery_moves_anything(
+    haven: Haven,
+) -> None:
+    """``review release --by`` went unchecked until the delivery's audit entry refused it, after the
+    files had moved and been registered (found by review): refused first, nothing moved."""
+    haven.add()
+    rid = haven.prepare().release_id
+    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
+                      [review.TWO_REVIEWERS_AND_CUSTODIAN, rid])  # fmt: skip
+    haven.approve(rid, R1)
+    haven.approve(rid, R2)
+    with pytest.raises(review.ReviewError, match="the name .--by. looks like it holds an NHS number"):
+        haven.deliver(rid, "Carol Custodian 999 021 5707")
+    assert haven.delivered() == [] and reg.releases(haven.con) == []
+    assert review.get(haven.con, rid).state == review.APPROVED
+
+
+@pytest.mark.parametrize(
+    "comment",
+    ["checked on 2026-12-06 09:15", "as statutory-gp-audit-r0001 2026-12-19", "call 0161 496 0000 about it"],
+)
+def test_ordinary_comments_with_dates_times_and_release_ids_are_accepted(haven: Haven, comment: str) -> None:
+    """The identifier rule for typed text is the audit log's (ten digits in a row or 3-3-4) plus a
+    valid number spelt one digit at a time; dates, times and release ids pass (found by review:
+    the file-name rule refused one comment in four of them)."""
+    haven.add()
+    rid = haven.prepare().release_id
+    assert review.return_request(haven.con, rid, R1, comment).state == review.RETURNED
+
+
+def test_a_refused_shredding_whose_link_was_removed_stays_in_view_until_a_person_resolves_it(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The staged folder moved out and linked back, the withdrawal's shredding refused; a person then
+    removes the link alone: the files survive where it pointed, and the refusal vanished from view
+    with nothing on the trail (found by review). It stays listed, saying what to do, until a person
+    records (audited) that the files were found and destroyed."""
+    from click.testing import CliRunner
+
+    from safehaven.cli.main import main
+
+    monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(haven.registry.root))
+    haven.add()
+    rid = haven.prepare().release_id
+    staging = review.get(haven.con, rid).staging_dir
+    staging.rename(tmp_path / "moved")
+    staging.symlink_to(tmp_path / "moved")
+    with pytest.raises(review.ReviewError):
+        review.withdraw(haven.con, rid, CG, "changed by hand")
+    with pytest.raises(review.ReviewError, match="still in the home"):
+        review.resolve_shredding(haven.con, rid, by=CG, reason="destroyed them")
+    staging.unlink()
+    for _ in range(2):
+        assert review.shred_discarded(haven.con) == []
+        [(listed, why)] = review.unshredded(haven.con)
+        assert listed == rid and f"safehaven review resolve-shredding {rid}" in why
+    refused, done = _shredding_entries(haven, rid)
+    assert [e.outcome for e in refused] == ["refused"] and done == []
+    haven.con.close()
+    said = CliRunner().invoke(
+        main, ["review", "resolve-shredding", rid, "--by", CG, "--reason", "found in the insider's folder; shredded"]
+    )
+    assert said.exit_code == 0, said.output
+    with Store(haven.home).connect() as con:
+        assert review.unshredded(con) == []
+        [entry] = [e for e in audit.entries_for(con) if e.action == review.SHRED_DONE_ACTION]
+    assert entry.actor == CG and entry.detail_value["by_person"] is True
