@@ -484,13 +484,19 @@ def _refuse_stand_in(req: Request, folder: Path) -> None:
     root = req.home.root
     _, path = stand_in(root, folder, inside=True)  # the rule's one statement (safehaven.core.files)
     if path is not None:
-        shown = audit.shown_path(str(path.relative_to(root)))
         raise ReviewError(
-            f"{shown} is {'a symbolic link' if path.is_symlink() else 'not a folder'}, not what the haven wrote "
-            f"there: the files of {req.release_id} may have been moved out of the haven's reach and would "
-            "survive its shredding (CoP 27b). Put them back in its place, or remove it once you have found and "
-            "destroyed them; the shredding is retried by the next withdrawal, rejection or run"
+            f"{_standing_in(root, path)}: the files of {req.release_id} may have been moved out of the haven's reach "
+            "and would survive its shredding (CoP 27b). Put them back in its place (the next withdrawal, rejection "
+            "or run shreds them), or, once you have found and destroyed them, remove it and record that: "
+            f'safehaven review resolve-shredding {req.release_id} --by "Name, role" --reason "..."'
         )
+
+
+def _standing_in(root: Path, path: Path) -> str:
+    """What a refusal says of ``path``, a link or a file standing in place of a folder the haven
+    wrote (``core.files.stand_in``), by its shown path under the home ``root``."""
+    what = "a symbolic link" if path.is_symlink() else "not a folder"
+    return f"{audit.shown_path(str(path.relative_to(root)))} is {what}, not what the haven wrote there"
 
 
 def stopped_deliveries(con: duckdb.DuckDBPyConnection, agreement_id: str | None = None) -> list[tuple[str, str]]:
@@ -1289,11 +1295,10 @@ def _refuse_links_on_the_way(req: Request, final: Path) -> None:
     for folder in (final, req.staging_dir):
         _, path = stand_in(root, folder)
         if path is not None:
-            shown = audit.shown_path(str(path.relative_to(root)))
             raise ReviewError(
-                f"{shown} is {'a symbolic link' if path.is_symlink() else 'not a folder'}, not what the haven wrote "
-                f"there: delivering {req.release_id} through it would move the release out of the haven's reach "
-                "(CoP 49). Put a plain folder back in its place, then deliver again; nothing was released"
+                f"{_standing_in(root, path)}: delivering {req.release_id} through it would move the release out of "
+                "the haven's reach (CoP 49). Put a plain folder back in its place, then deliver again; nothing was "
+                "released"
             )
 
 

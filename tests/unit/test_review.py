@@ -1181,11 +1181,7 @@ def test_review_list_shows_a_request_whose_files_are_not_shredded_until_they_are
     from safehaven.cli.main import main
 
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(haven.registry.root))
-    haven.add()
-    rid = haven.prepare().release_id
-    staging = review.get(haven.con, rid).staging_dir
-    staging.rename(tmp_path / "moved")
-    staging.symlink_to(tmp_path / "moved")
+    rid, staging = _staged_folder_moved_out_and_linked_back(haven, tmp_path)
     haven.con.close()  # the CLI opens the store itself (one writer)
 
     def run(*args: str) -> str:
@@ -1341,11 +1337,7 @@ def test_a_refused_shredding_whose_link_was_removed_stays_in_view_until_a_person
     from safehaven.cli.main import main
 
     monkeypatch.setenv("SAFEHAVEN_CONTRACTS", str(haven.registry.root))
-    haven.add()
-    rid = haven.prepare().release_id
-    staging = review.get(haven.con, rid).staging_dir
-    staging.rename(tmp_path / "moved")
-    staging.symlink_to(tmp_path / "moved")
+    rid, staging = _staged_folder_moved_out_and_linked_back(haven, tmp_path)
     with pytest.raises(review.ReviewError):
         review.withdraw(haven.con, rid, CG, "changed by hand")
     with pytest.raises(review.ReviewError, match="still in the home"):
@@ -1366,3 +1358,14 @@ def test_a_refused_shredding_whose_link_was_removed_stays_in_view_until_a_person
         assert review.unshredded(con) == []
         [entry] = [e for e in audit.entries_for(con) if e.action == review.SHRED_DONE_ACTION]
     assert entry.actor == CG and entry.detail_value["by_person"] is True
+
+
+def _staged_folder_moved_out_and_linked_back(haven: Haven, tmp_path: Path) -> tuple[str, Path]:
+    """A prepared request whose staged folder an insider moved to ``tmp_path/moved`` and linked
+    back in its place; its id and staged folder."""
+    haven.add()
+    rid = haven.prepare().release_id
+    staging = review.get(haven.con, rid).staging_dir
+    staging.rename(tmp_path / "moved")
+    staging.symlink_to(tmp_path / "moved")
+    return rid, staging
