@@ -1182,9 +1182,20 @@ def deliver(
     if req.state != APPROVED:
         raise ReviewError(f"request {release_id} is {req.state}; only an approved request is released")
     final = home.releases / req.agreement_id / release_id
-    _refuse_links_on_the_way(req, final)
-    _custodian_not_a_reviewer(con, req, by)
-    _not_being_disposed_of(home, req)
+    try:
+        _refuse_links_on_the_way(req, final)
+        _custodian_not_a_reviewer(con, req, by)
+        _not_being_disposed_of(home, req)
+    except ReviewError as refused:  # audited: who tried, and why it was refused (nothing moved)
+        _recorded(
+            lambda said: audit.append(
+                con, actor=by.strip(), role="review", action=RELEASE_ACTION, object=_object(req),
+                agreement=req.agreement_id, outcome="refused",
+                detail={"reason": said[0][:500], "os_user": reg.os_login()},
+            ),
+            [str(refused)],
+        )  # fmt: skip
+        raise
     moved = final.is_dir() and not req.staging_dir.exists()  # a delivery stopped after its move
     try:
         _cleared(con, req, by, home=home, registry=registry, moved_to=final if moved else None)

@@ -1273,6 +1273,9 @@ def test_an_identifiable_release_is_delivered_by_a_third_person_not_one_of_its_r
     monkeypatch.setattr(reg, "os_login", lambda: login_of(R2))
     with pytest.raises(review.ReviewError, match=third):
         haven.deliver(rid, "V. Keeper, custodian")
+    tried = [e for e in audit.entries_for(haven.con, object_like=f"release-request:{rid}") if e.outcome == "refused"]
+    assert [(e.action, e.actor) for e in tried] == [(review.RELEASE_ACTION, R1.upper()), (review.RELEASE_ACTION,
+            "V. Keeper, custodian")], "each attempt is audited"  # fmt: skip
     monkeypatch.setattr(reg, "os_login", lambda: "login-v-keeper")
     assert haven.deliver(rid, "V. Keeper, custodian").state == review.RELEASED
 
