@@ -65,6 +65,15 @@ def instance_settings(dagster_home: Path) -> dict[str, object]:
     return {"temp_dir": str(dagster_home), "overrides": {"storage": storage}}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One DuckDB thread per store connection in this process (``store.DEFAULT_THREADS``): the
+    suite's workers already use every core. Commands the tests start as processes of their own
+    keep DuckDB's default, as in production."""
+    from safehaven.core import store
+
+    store.DEFAULT_THREADS = 1
+
+
 @contextmanager
 def building_haven(root: Path) -> Iterator[tuple[Home, object]]:
     """An empty haven under ``root`` for a module- or session-scoped fixture to run jobs in.

@@ -157,6 +157,14 @@ def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
     instance.execute("SET temp_file_encryption = true")
 
 
+#: DuckDB threads of a store connection whose ``threads`` is not given (the haven resource's
+#: ``threads: 0``). None: DuckDB's own default, one per core. The test suite sets 1
+#: (``tests/conftest.py``): its workers already keep every core busy, and a DuckDB instance of
+#: two threads per worker spent a third more CPU on the suite's small queries
+#: (``tests/unit/test_review.py`` alone: 88 CPU seconds against 65).
+DEFAULT_THREADS: int | None = None
+
+
 class Store:
     """Opens the encrypted store; the only place that attaches it.
 
@@ -230,8 +238,9 @@ class Store:
         tmp = self.home.store_dir / "tmp"
         tmp.mkdir(exist_ok=True)
         config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
-        if self.threads:
-            config["threads"] = self.threads
+        threads = self.threads or DEFAULT_THREADS
+        if threads:
+            config["threads"] = threads
         if self.memory_limit:
             config["memory_limit"] = self.memory_limit
         con, pool_key = POOL.take(config, _prepare_instance)

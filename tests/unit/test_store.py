@@ -73,6 +73,25 @@ def test_a_memory_limit_bounds_every_connection_and_none_keeps_duckdbs_default(h
     assert default not in ("1.0 GiB", "1024.0 MiB")
 
 
+def test_threads_given_reach_duckdb_and_unset_follow_the_stores_default(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Store(threads=n)`` (the haven resource's ``threads``) reaches DuckDB on each connection;
+    unset, ``store.DEFAULT_THREADS`` applies: DuckDB's own default in production (None), one
+    thread in this suite (``tests/conftest.py``)."""
+    from safehaven.core import store as store_module
+
+    def threads(store: Store) -> int:
+        with store.connect() as con:
+            return int(con.execute("SELECT current_setting('threads')").fetchone()[0])
+
+    assert threads(Store(home, threads=2)) == 2
+    assert store_module.DEFAULT_THREADS == 1 and threads(Store(home)) == 1
+    monkeypatch.setattr(store_module, "DEFAULT_THREADS", None)
+    duckdbs_own = int(duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0])
+    assert threads(Store(home)) == duckdbs_own
+
+
 def test_a_memory_limit_duckdb_cannot_read_refuses_the_connection(home: Home) -> None:
     """A mistyped limit is not ignored: no connection opens (the run fails, saying why)."""
     with pytest.raises(duckdb.Error, match="memory"), Store(home, memory_limit="lots").connect():
