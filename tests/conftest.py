@@ -67,8 +67,9 @@ def instance_settings(dagster_home: Path) -> dict[str, object]:
 
 def pytest_configure(config: pytest.Config) -> None:
     """One DuckDB thread per store connection in this process (``store.DEFAULT_THREADS``): the
-    suite's workers already use every core. Commands the tests start as processes of their own
-    keep DuckDB's default, as in production."""
+    suite's workers already use every core. So do the commands the tests fork from a warm
+    interpreter (``tests.forkserver``); those started otherwise (``make run``, a run launched
+    through Dagster's code server) keep DuckDB's default, as in production."""
     from safehaven.core import store
 
     store.DEFAULT_THREADS = 1

@@ -107,6 +107,9 @@ def serve() -> None:
     """Read requests until stdin closes; run each as a fork, answering its pid and status."""
     for module in WARM:
         __import__(module)
+    from safehaven.core import store
+
+    store.DEFAULT_THREADS = 1  # as in the suite's own processes (tests/conftest.py): the workers use every core
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     requests = os.fdopen(os.dup(0), "r")
     devnull = os.open(os.devnull, os.O_RDWR)
