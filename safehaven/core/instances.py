@@ -24,8 +24,14 @@ connections, the test suite thousands. So an instance, once loaded, is lent agai
   detected: the pipeline registers none.
 * **Per process.** Instances are never shared across a fork: a child process starts its own.
 
-Keyed by the instance configuration (spill directory, threads), so a pooled instance always
-has the configuration its borrower asked for.
+Keyed by the instance configuration but for its spill directory (threads, memory limit), so a
+pooled instance always has the configuration its borrower asked for. The spill directory
+(``temp_directory``, the home's ``store/tmp``) is set for each borrower and read back: DuckDB
+allows the change only while the instance has spilled nothing ("Cannot switch temporary
+directory after the current one has been used"), so an instance that spilled for one home is
+closed rather than lent for another, and one home's spill files never go to another's folder.
+A process serves one home in production; the test suite's thousands of homes each paid 60-300
+ms to load ``httpfs`` into a new instance when the directory was part of the key.
 """
 
 from __future__ import annotations
@@ -36,10 +42,14 @@ from collections.abc import Callable
 
 import duckdb
 
+from safehaven.core.sql import lit
+
 #: How many idle instances are kept for one configuration.
 MAX_IDLE_PER_CONFIG = 4
 #: Databases every DuckDB instance has, which are never detached.
 _BUILT_IN = ("memory", "system", "temp")
+#: The setting given to each borrower rather than kept by an instance: where it spills.
+SPILL = "temp_directory"
 
 Config = tuple[tuple[str, str | int | bool], ...]
 
@@ -57,14 +67,17 @@ class InstancePool:
     def take(
         self, config: dict[str, str | int | bool], prepare: Callable[[duckdb.DuckDBPyConnection], None]
     ) -> tuple[duckdb.DuckDBPyConnection, Config]:
-        """An idle instance with ``config``, or a new one set up by ``prepare``."""
-        key: Config = tuple(sorted(config.items()))
-        with self._lock:
-            if self._pid != os.getpid():  # a forked child: the parent's instances are not ours
-                self._idle, self._prepared, self._pid = {}, {}, os.getpid()
-            idle = self._idle.get(key)
-            if idle:
-                return idle.pop(), key
+        """An idle instance with ``config`` (its spill directory set for this borrower), or a new
+        one set up by ``prepare``."""
+        key = _key(config)
+        while (idle := self._idle_one(key)) is not None:
+            try:
+                if SPILL not in config or _spill_to(idle, str(config[SPILL])):
+                    return idle, key
+            except BaseException:  # interrupted: closed, so nothing is left half set
+                self._discard(idle)
+                raise
+            self._discard(idle)
         import_before_duckdb()
         instance = duckdb.connect(":memory:", config=dict(config))
         try:
@@ -78,6 +91,20 @@ class InstancePool:
             with self._lock:
                 self._prepared[id(instance)] = state
         return instance, key
+
+    def _idle_one(self, key: Config) -> duckdb.DuckDBPyConnection | None:
+        """An idle instance of ``key``, taken from the pool; None when there is none."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's instances are not ours
+                self._idle, self._prepared, self._pid = {}, {}, os.getpid()
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def _discard(self, instance: duckdb.DuckDBPyConnection) -> None:
+        """Close an instance taken from the pool that cannot serve its borrower."""
+        with self._lock:
+            self._prepared.pop(id(instance), None)
+        instance.close()
 
     def give_back(self, instance: duckdb.DuckDBPyConnection, key: Config) -> None:
         """Reset ``instance`` and keep it, or close it if it is not as it was prepared.
@@ -112,6 +139,27 @@ class InstancePool:
                 instance.close()
 
 
+def _key(config: dict[str, str | int | bool]) -> Config:
+    """The pool's key for ``config``: every setting but the spill directory, and whether one is set."""
+    kept = sorted((name, value) for name, value in config.items() if name != SPILL)
+    return (*kept, (SPILL, SPILL in config))
+
+
+def _spill_to(instance: duckdb.DuckDBPyConnection, directory: str) -> bool:
+    """Point ``instance``'s spill files at ``directory``; True when it reads back so. False when
+    DuckDB refuses the change (the instance has spilled to its own directory) or fails."""
+    try:
+        if _spills_to(instance) != directory:
+            instance.execute(f"SET {SPILL} = {lit(directory)}")
+        return _spills_to(instance) == directory
+    except duckdb.Error:
+        return False
+
+
+def _spills_to(instance: duckdb.DuckDBPyConnection) -> str:
+    return str(instance.execute(f"SELECT current_setting('{SPILL}')").fetchone()[0])  # type: ignore[index]
+
+
 def import_before_duckdb() -> None:
     """Import pandas here, in Python, before DuckDB's Python client would, so that an interrupt is
     never lost in that import.
@@ -131,13 +179,14 @@ def import_before_duckdb() -> None:
 
 def _state(instance: duckdb.DuckDBPyConnection) -> tuple | None:
     """What a borrower could change that outlives its connection: every setting (``SET``, a
-    ``PRAGMA``, logging), and the non-internal schemas and types; None when it cannot be read
-    (then the instance is not lent again)."""
+    ``PRAGMA``, logging) but the spill directory, which ``take`` sets for each borrower, and the
+    non-internal schemas and types; None when it cannot be read (then the instance is not lent
+    again)."""
     try:
         return tuple(
             tuple(instance.execute(sql).fetchall())
             for sql in (
-                "SELECT name, value FROM duckdb_settings() ORDER BY name",
+                f"SELECT name, value FROM duckdb_settings() WHERE name <> '{SPILL}' ORDER BY name",
                 "SELECT database_name, schema_name FROM duckdb_schemas() WHERE NOT internal ORDER BY ALL",
                 "SELECT database_name, type_name FROM duckdb_types() WHERE NOT internal ORDER BY ALL",
             )

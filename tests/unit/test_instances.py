@@ -44,6 +44,43 @@ def test_a_connection_reuses_an_instance_and_starts_clean(store: Store, home: Ho
             con.execute("SELECT * FROM frame")
 
 
+def _spill_files(home: Home) -> list[str]:
+    return sorted(p.name for p in (home.store_dir / "tmp").glob("*")) if (home.store_dir / "tmp").exists() else []
+
+
+def _spill(con: duckdb.DuckDBPyConnection) -> None:
+    """Make DuckDB spill (the connection's memory limit is 32 MB): a temporary table of ~100 MB."""
+    con.execute("CREATE TEMP TABLE big AS SELECT range AS i, repeat('x', 40) AS s FROM range(2000000)")
+
+
+def test_an_instance_spills_only_into_its_borrowers_home(tmp_path) -> None:
+    """One process, two homes: an instance is lent across homes (the pool's key leaves the spill
+    directory out), each connection spills into its own home's ``store/tmp``, an instance that
+    has spilled for one home is never lent for another, and a directory a borrower set itself
+    does not reach the next borrower."""
+    first, second = (Home(tmp_path / name).ensure() for name in ("first", "second"))
+    elsewhere = tmp_path / "elsewhere"
+    POOL.clear()
+    with Store(first, memory_limit="32MB").connect() as con:
+        lent = id(con)
+        assert _spills_to(con) == str(first.store_dir / "tmp")
+        con.execute(f"SET temp_directory = '{elsewhere}'")  # a borrower's own setting, nothing spilled yet
+    with Store(second, memory_limit="32MB").connect() as con:
+        assert id(con) == lent, "the idle instance is lent for another home"
+        assert _spills_to(con) == str(second.store_dir / "tmp")
+        _spill(con)
+        assert _spill_files(second) and not _spill_files(first)
+    with Store(first, memory_limit="32MB").connect() as con:
+        assert _spills_to(con) == str(first.store_dir / "tmp")
+        _spill(con)
+        assert _spill_files(first)
+    assert not elsewhere.exists()
+
+
+def _spills_to(con: duckdb.DuckDBPyConnection) -> str:
+    return con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+
+
 def test_a_read_only_connection_cannot_write_after_a_writer_used_the_same_instance(store: Store) -> None:
     with store.connect() as con:
         con.execute("CREATE TABLE landing.t AS SELECT 1 AS a")
