@@ -10,13 +10,14 @@ connections, the test suite thousands. So an instance, once loaded, is lent agai
   read-only mode and ``USE`` behave exactly as with a fresh instance.
 * **Given back clean.** On return an open transaction is rolled back and every database the
   borrower attached is detached (the store's file and DuckDB's file lock are released then,
-  as they were by closing the instance); its temporary tables and views are dropped and its
-  registered frames unregistered. An instance that still holds anything of the borrower's (a
-  table outside the store, a variable, a secret, a prepared statement, a sequence), whose
-  settings, schemas or types differ from when it was prepared (a ``SET``
-  that turned off spill encryption, logging that would write the next ATTACH's key), or that
-  fails to reset or is interrupted resetting, is closed instead of kept; so is one the
-  borrower closed itself (which released the store as before).
+  as they were by closing the instance); its temporary tables and views are dropped, its
+  registered frames unregistered, and DuckDB's cache of the files it read emptied. An
+  instance that still holds anything of the borrower's (a table outside the store, a
+  variable, a secret, a prepared statement, a sequence, a cached file), whose settings,
+  schemas or types differ from when it was prepared (a ``SET`` that turned off spill
+  encryption, logging that would write the next ATTACH's key), or that fails to reset or is
+  interrupted resetting, is closed instead of kept; so is one the borrower closed itself
+  (which released the store as before).
 * **Used only inside its block.** A connection must not be kept past its ``with`` block: the
   instance may by then serve another borrower (before the pool such a handle raised
   "connection closed"). Temporary macros (the output SQL's helpers) are replaced by their
@@ -28,8 +29,10 @@ Keyed by the instance configuration but for its spill directory (threads, memory
 pooled instance always has the configuration its borrower asked for. The spill directory
 (``temp_directory``, the home's ``store/tmp``) is set for each borrower and read back: DuckDB
 allows the change only while the instance has spilled nothing ("Cannot switch temporary
-directory after the current one has been used"), so an instance that spilled for one home is
-closed rather than lent for another, and one home's spill files never go to another's folder.
+directory after the current one has been used"), so an instance that has spilled for one home
+is closed rather than lent for another, and one home's spill files never go to another's folder.
+(Given back, such an instance is closed already: DuckDB's ``max_temp_directory_size`` reads
+differently once it has spilled, so it is not as prepared; ``take`` does not rely on that.)
 A process serves one home in production; the test suite's thousands of homes each paid 60-300
 ms to load ``httpfs`` into a new instance when the directory was part of the key.
 """
@@ -207,17 +210,29 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
         for (name,) in attached:
             instance.execute(f'DETACH "{name}"')
         _drop_temporary(instance)
+        _forget_files(instance)
         left = instance.execute(
             "SELECT (SELECT count(*) FROM duckdb_databases() WHERE database_name NOT IN "
             f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
             "WHERE database_name = 'memory' OR temporary) + (SELECT count(*) FROM duckdb_views() "
             "WHERE (database_name = 'memory' OR temporary) AND NOT internal) "
             "+ (SELECT count(*) FROM duckdb_variables()) + (SELECT count(*) FROM duckdb_secrets()) "
-            "+ (SELECT count(*) FROM duckdb_prepared_statements()) + (SELECT count(*) FROM duckdb_sequences())"
+            "+ (SELECT count(*) FROM duckdb_prepared_statements()) + (SELECT count(*) FROM duckdb_sequences()) "
+            "+ (SELECT count(*) FROM duckdb_external_file_cache())"
         ).fetchone()
     except Exception:  # a DuckDB error, or an interrupted query (RuntimeError): not clean
         return False
     return left is not None and left[0] == 0
+
+
+def _forget_files(instance: duckdb.DuckDBPyConnection) -> None:
+    """Empty DuckDB's cache of the files the borrower read (``duckdb_external_file_cache()``:
+    each file's path and some of its bytes; an incoming file's name may hold an identifier).
+    Turning the cache off drops its entries; it is then set back as it was."""
+    setting = "enable_external_file_cache"
+    was = instance.execute(f"SELECT current_setting('{setting}')").fetchone()[0]  # type: ignore[index]
+    instance.execute(f"SET {setting} = false")
+    instance.execute(f"SET {setting} = {'true' if was else 'false'}")
 
 
 def _drop_temporary(instance: duckdb.DuckDBPyConnection) -> None:

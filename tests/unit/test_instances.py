@@ -77,6 +77,45 @@ def test_an_instance_spills_only_into_its_borrowers_home(tmp_path) -> None:
     assert not elsewhere.exists()
 
 
+def test_an_instance_that_has_spilled_is_never_lent_for_another_home(tmp_path) -> None:
+    """``take`` itself refuses it: DuckDB will not move a used spill directory, and the instance
+    is closed. (``give_back`` already closes one that spilled, as its settings read differently
+    afterwards; here one is put back by hand, so the refusal in ``take`` is what is tested.)"""
+    from safehaven.core.instances import InstancePool
+    from safehaven.core.store import _prepare_instance
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    pool = InstancePool()
+    config = {"temp_directory": str(first), "memory_limit": "32MB", "threads": 1}
+    spilled, key = pool.take(config, _prepare_instance)
+    _spill(spilled)
+    spilled.execute("DROP TABLE big")
+    pool._idle.setdefault(key, []).append(spilled)  # as if it had been kept
+    con, _ = pool.take({**config, "temp_directory": str(second)}, _prepare_instance)
+    assert con is not spilled and _spills_to(con) == str(second)
+    with pytest.raises(duckdb.ConnectionException):
+        spilled.execute("SELECT 1")  # closed, not left in the pool
+    con.close()
+
+
+def test_the_files_one_connection_read_are_not_in_the_next_ones_file_cache(tmp_path) -> None:
+    """DuckDB caches the files a query reads (their paths and some bytes); the next borrower of
+    the instance, for the same home or another, finds none of them (an incoming file's name may
+    hold an identifier)."""
+    first, second = (Home(tmp_path / name).ensure() for name in ("first", "second"))
+    named = first.incoming / "patient_9434765919_extract.parquet"
+    duckdb.sql(f"COPY (SELECT 1 AS a) TO '{named}' (FORMAT parquet)")
+    POOL.clear()
+    with Store(first).connect() as con:
+        con.execute(f"SELECT * FROM read_parquet('{named}')").fetchall()
+        lent = id(con)
+        assert con.execute("SELECT count(*) FROM duckdb_external_file_cache()").fetchone()[0] > 0
+    for home in (second, first):
+        with Store(home).connect() as con:
+            assert id(con) == lent
+            assert con.execute("SELECT count(*) FROM duckdb_external_file_cache()").fetchone() == (0,)
+
+
 def _spills_to(con: duckdb.DuckDBPyConnection) -> str:
     return con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
 
