@@ -155,11 +155,18 @@ def store(home: Home) -> Store:
 
 
 def scan_for(root: Path, needles: list[bytes]) -> dict[str, list[str]]:
-    """Every file under ``root`` that holds any needle in its plain bytes (path -> needles)."""
+    """Every file under ``root`` that holds any needle in its plain bytes (path -> needles).
+
+    One pass of a regular expression over a file says whether it holds any needle at all (a
+    test expects none: 2-3 times faster than a pass per needle); a file that does is searched
+    needle by needle, so the answer is exact."""
     hits: dict[str, list[str]] = {}
+    anyone = re.compile(b"|".join(re.escape(n) for n in needles))
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             data = path.read_bytes()
+            if not needles or anyone.search(data) is None:
+                continue
             found = [n.decode() for n in needles if n in data]
             if found:
                 hits[str(path)] = found
