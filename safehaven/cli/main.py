@@ -23,6 +23,7 @@ class HavenGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         from safehaven.core.audit import AuditTrailBroken
         from safehaven.core.home import HomeError
+        from safehaven.core.keys import KeyRingError
 
         try:
             audit.precheck([*getattr(ctx, "_protected_args", []), *ctx.args])
@@ -31,6 +32,8 @@ class HavenGroup(click.Group):
             fail(str(exc), audit.EXIT_REFUSED)
         except HomeError as exc:  # a folder of the home's layout cannot be made: one line, no traceback
             fail(str(exc))
+        except KeyRingError as exc:  # a key file refused (unsafe, swapped, missing): says which and how to clear it
+            fail(str(exc), audit.EXIT_REFUSED)
 
 
 @click.group(cls=HavenGroup)

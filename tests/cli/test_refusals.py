@@ -62,3 +62,18 @@ def test_notify_for_an_unknown_agreement_says_there_is_no_such_agreement(contrac
 def test_a_missing_required_option_is_a_usage_error(contracts: Path) -> None:
     result = CliRunner().invoke(main, ["objections", "notify"])
     assert result.exit_code == USAGE and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("words", [["run", "--no-demo", "--in-process"], ["audit", "verify"]])
+def test_a_key_file_others_can_read_refuses_a_command_in_one_line_saying_how_to_clear_it(home, words) -> None:
+    """A refused key file (here the store key, readable by others) stops the command before it
+    does anything, in one line naming the file and the fix; it was a traceback (found by review)."""
+    from safehaven.core.store import Store
+
+    with Store(home).connect():
+        pass
+    (home.keys / "store.key").chmod(0o644)
+    result = CliRunner().invoke(main, words)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    _one_line_refusal(result, REFUSED)
+    assert "store.key" in result.output and "chmod" in result.output
