@@ -497,10 +497,29 @@ class KeyRing:
         return Key(purpose + ".pub", pub)
 
     def create_keypair(self, purpose: str = VAULT) -> Key:
-        """Create a key pair (custodian only), never over an existing or recorded one."""
+        """Create a key pair (custodian only), never over an existing or recorded one.
+
+        A first creation killed after its sealed private half and before its public half
+        (:meth:`unfinished_pair`) is made again: that half is shredded first. It protected nothing
+        (data is wrapped to the public half, which never existed) and was never recorded; kept,
+        it refused every later creation and left a new haven stuck (found by review)."""
+        if self.unfinished_pair(purpose):
+            self.discard(purpose)
         if self.exists(purpose) or self.public_path(purpose).exists() or self.recorded(purpose):
             raise KeyRingError(f"key pair {purpose!r} already exists (key {self.current_id(purpose) or '-'})")
         return self.seal_keypair(purpose, x25519_private())
+
+    def unfinished_pair(self, purpose: str = VAULT) -> bool:
+        """Whether a first creation of ``purpose``'s pair stopped after its private half: that file
+        alone, no public half, nothing recorded or noted for the purpose."""
+        public = self.public_path(purpose)
+        entry = self.manifest().get(purpose)
+        return (
+            self.exists(purpose)
+            and not (public.exists() or public.is_symlink())
+            and not self.recorded(purpose)
+            and not (isinstance(entry, dict) and entry.get("pending"))
+        )
 
     def staged_pair(self, purpose: str) -> bool:
         """Whether a rotation left a staged pair (either half) for ``purpose``."""

@@ -33,9 +33,11 @@ def init_vault(home: Home, keyring: KeyRing, *, actor: str) -> Key:
                 f"the store's vault entries are wrapped to vault key {pinned}; restore that key pair "
                 "from the key custodian's backup instead of creating a new one"
             )
+        unfinished = keyring.unfinished_pair(VAULT)  # an earlier creation's orphaned private half, shredded
         public = keyring.create_keypair(VAULT)
         start_epoch(con, VAULT, public.key_id)
-        _audit(con, home, actor, "key.create", {"key_id": public.key_id})
+        shredded = {"unfinished_pair_shredded": True} if unfinished else {}
+        _audit(con, home, actor, "key.create", {"key_id": public.key_id, **shredded})
     return public
 
 

@@ -201,3 +201,32 @@ def test_an_agreement_key_is_never_derived_from_a_haven_key_the_store_does_not_p
     swapped.chmod(0o600)
     with Store(home).connect() as con, pytest.raises(KeyRingError, match="the store's data was made with key"):
         pins.agreement_key(con, ring, "agr1")
+
+
+def test_a_first_vault_pair_killed_before_its_public_half_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between the sealed private half and the public half of a new haven's vault pair:
+    the next creation shreds the orphaned half (it protected nothing, and was never recorded) and
+    makes the pair, where it refused "already exists (key -)" for ever (found by review)."""
+    from safehaven.core.keys import VAULT, key_id, x25519_public
+    from tests.conftest import test_custodian
+
+    ring = KeyRing(tmp_path / "keys", test_custodian())
+    real = KeyRing._write_file
+
+    def killed_at_the_public_half(self: KeyRing, path: Path, data: bytes, mode: int) -> None:
+        if path.suffix == ".pub":
+            raise SystemExit("killed")
+        real(self, path, data, mode)
+
+    monkeypatch.setattr(KeyRing, "_write_file", killed_at_the_public_half)
+    with pytest.raises(SystemExit):
+        ring.create_keypair(VAULT)
+    monkeypatch.undo()
+    assert ring.unfinished_pair(VAULT)
+    public = ring.create_keypair(VAULT)
+    assert key_id(x25519_public(ring.get_private(VAULT).material)) == public.key_id == ring.current_id(VAULT)
+    assert not ring.unfinished_pair(VAULT)
+    with pytest.raises(KeyRingError, match="already exists"):
+        ring.create_keypair(VAULT)
