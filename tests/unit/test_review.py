@@ -1261,12 +1261,7 @@ def test_an_identifiable_release_is_delivered_by_a_third_person_not_one_of_its_r
     """The custodian's delivery of an identifiable release is the third pair of eyes: one of its
     two reviewers, by name (any spelling) or at the login their approval came from, is refused
     (found by review: a reviewer delivered her own approval with the vault passphrase)."""
-    haven.add()
-    rid = haven.prepare().release_id
-    haven.con.execute(f"UPDATE {review.REQUESTS} SET rule = ? WHERE release_id = ?",
-                      [review.TWO_REVIEWERS_AND_CUSTODIAN, rid])  # fmt: skip
-    haven.approve(rid, R1)
-    assert haven.approve(rid, R2).state == review.APPROVED
+    rid = _awaiting_custodian(haven)
     third = "must be a third person, not one of its two reviewers"
     with pytest.raises(review.ReviewError, match=third):
         haven.deliver(rid, R1.upper())
