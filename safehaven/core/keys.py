@@ -36,7 +36,9 @@ material) records ids, creation, retirement and destruction. Purposes used by th
 
 **Every key is pinned** (CoP 27b-c): ``keyring.json`` records the current id of each purpose,
 and :meth:`KeyRing.get` / :meth:`KeyRing.get_public` / :meth:`KeyRing.get_private` refuse a key
-file whose id is not the recorded one (swapped or substituted), naming the id expected. A key
+file whose id is not the recorded one (swapped or substituted), naming the id expected, and a
+key file of which the ring has no note at all (``keyring.json`` deleted or emptied beside the
+key files; staged ``-next`` files excepted): every key is noted before its file is written. A key
 with a record is never re-created when its file is missing: the message asks for the
 custodian's backup. The store pins the same ids again in ``governance.key_epochs``
 (``safehaven.core.pins``), so editing ``keyring.json`` alongside a key file does not get past it.
@@ -660,11 +662,18 @@ class KeyRing:
     def _check_pinned(self, purpose: str, kid: str, path: Path) -> None:
         """Refuse a key whose id is not the one the key ring records for ``purpose``."""
         entry = self.manifest().get(purpose)
-        if not isinstance(entry, dict) or not entry.get("history"):
-            return  # never recorded: a staged key, or a key ring older than its record
+        entry = entry if isinstance(entry, dict) else {}
         current, pending = entry.get("current"), entry.get("pending")
         if kid in (current, pending):
             return
+        if not entry.get("history"):
+            if purpose.endswith(STAGED_SUFFIX):
+                return  # a staged key (a rotation or a new trail in progress) is recorded when installed
+            raise KeyRingError(
+                f"{path} holds key {kid}, but {self.directory / MANIFEST} records no key for {purpose!r} "
+                "(the key ring's record is missing or emptied: every key the haven makes is noted there before "
+                "its file is written); restore keyring.json from the key custodian's backup"
+            )
         if current is None:
             raise KeyRingError(
                 f"{path} holds key {kid}, but the key ring records {purpose!r} as destroyed; "
@@ -700,11 +709,13 @@ class KeyRing:
         return data
 
     def _mark_pending(self, purpose: str, kid: str) -> None:
+        """Note ``kid`` as ``pending`` for ``purpose`` before its file is written (a new purpose too),
+        so a crash between the file and its record leaves a key the ring accepts, and a key file
+        the ring has no note of is refused (:meth:`_check_pinned`)."""
         data = self.manifest()
-        entry = data.get(purpose)
-        if isinstance(entry, dict) and entry.get("history"):
-            entry["pending"] = kid
-            self._save(data)
+        entry = data.setdefault(purpose, {"current": None, "history": []})
+        entry["pending"] = kid
+        self._save(data)
 
     def _record(self, purpose: str, kid: str, *, destroyed: bool = False) -> None:
         data = self.manifest()

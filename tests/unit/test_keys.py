@@ -184,6 +184,37 @@ def test_a_key_ring_manifest_of_another_shape_is_refused_not_read_as_empty(tmp_p
         ring.get("haven")
 
 
+@pytest.mark.parametrize("record", ["deleted", "emptied"])
+def test_a_key_file_the_key_ring_has_no_note_of_is_refused(tmp_path: Path, record: str) -> None:
+    """``keyring.json`` deleted or emptied beside the key files: each key read is refused, naming
+    the custodian's backup (it was read as "nothing recorded", and any key file accepted)."""
+    ring = KeyRing(tmp_path / "keys")
+    ring.get_or_create("haven")
+    manifest = tmp_path / "keys" / "keyring.json"
+    manifest.unlink() if record == "deleted" else manifest.write_text("{}")
+    with pytest.raises(KeyRingError, match="records no key for 'haven'.*restore keyring.json from the key custodian"):
+        ring.get("haven")
+    with pytest.raises(KeyRingError, match="records no key for 'haven'"):
+        ring.get_or_create("haven")
+
+
+def test_a_new_key_whose_record_was_interrupted_is_accepted_by_its_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every key is noted as pending before its file is written, a new purpose too: killed
+    between the file and its record, the key is still the ring's, not refused as unrecorded."""
+
+    def killed(self: KeyRing, purpose: str, kid: str, **_: object) -> None:
+        raise SystemExit("killed")
+
+    ring = KeyRing(tmp_path / "keys")
+    monkeypatch.setattr(KeyRing, "_record", killed)
+    with pytest.raises(SystemExit):
+        ring.get_or_create("haven")
+    monkeypatch.undo()
+    assert ring.get("haven").key_id == ring.manifest()["haven"]["pending"]
+
+
 def test_an_agreement_key_is_never_derived_from_a_haven_key_the_store_does_not_pin(home: Home) -> None:
     """A haven key file swapped beside an emptied key ring would give recipients pseudonyms that
     link to nothing they hold: the agreement key is derived only from the store's current haven
@@ -195,10 +226,7 @@ def test_an_agreement_key_is_never_derived_from_a_haven_key_the_store_does_not_p
     with Store(home).connect() as con:
         haven_key(con, ring)  # records the haven epoch
         pins.agreement_key(con, ring, "agr1")
-    (home.keys / "keyring.json").write_text("{}")
-    swapped = home.keys / "haven.key"
-    swapped.write_text(os.urandom(32).hex())
-    swapped.chmod(0o600)
+    ring.write("haven", os.urandom(32), replace=True)  # swapped, and recorded as an insider would edit keyring.json
     with Store(home).connect() as con, pytest.raises(KeyRingError, match="the store's data was made with key"):
         pins.agreement_key(con, ring, "agr1")
 
