@@ -11,6 +11,9 @@
   does this on a new haven.
 * ``safehaven keys seal-vault``: seal a vault private key left unencrypted by an older key ring
   (the pipeline refuses to start on one until this is done).
+* ``safehaven keys recover-record``: the key custodian records again the key files a deleted or
+  emptied ``keys/keyring.json`` noted, each checked against the store; audited
+  (``safehaven.protect.custody.recover_record``).
 * ``safehaven reidentify --agreement <id> --pseudonym <p> [--pseudonym ...] | --file <f>``:
   the governance lead's re-identification under an agreement that permits identifiable data
   (``safehaven.share.reidentify``), printed as CSV or written to a 0600 file; always audited.
@@ -101,11 +104,15 @@ def _key_state(item: dict[str, str]) -> str:
 @keys_group.command("list")
 def keys_list() -> None:
     """Current and retired key ids per purpose."""
-    from safehaven.core.keys import KeyRing
+    from safehaven.core.keys import RECOVER_COMMAND, KeyRing
 
-    manifest = KeyRing(ensure_home().keys).manifest()
+    keyring = KeyRing(ensure_home().keys)
+    manifest = keyring.manifest()
+    unnoted = sorted(keyring.unnoted())
+    if unnoted:
+        click.echo(f"keyring.json has no note of: {', '.join(unnoted)} (refused until `{RECOVER_COMMAND}`)")
     if not manifest:
-        click.echo("no keys yet")
+        click.echo("no keys recorded")
         return
     for purpose, entry in sorted(manifest.items()):
         click.echo(f"{purpose}: current {entry.get('current') or '-'}")
@@ -450,5 +457,23 @@ def keys_seal_vault() -> None:
         click.echo(line)
 
 
+@click.command("recover-record")
+def keys_recover_record() -> None:
+    """Record again the key files a lost keyring.json noted, each checked against the store (key custodian)."""
+    from safehaven.core.keys import KeyRing, KeyRingError
+    from safehaven.core.registers import current_actor
+    from safehaven.protect.custody import recover_record
+
+    home = ensure_home()
+    try:
+        done = recover_record(home, KeyRing(home.keys), actor=current_actor())
+    except Exception as exc:  # ids only
+        fail(f"refused: {exc}" if isinstance(exc, KeyRingError) else f"not recovered: {exc}")
+    for item in done:
+        click.echo(f"{item.purpose}: key {item.key_id} recorded ({item.checked})")
+    click.echo("audited" if done else "nothing to recover: keyring.json has a note of every key file")
+
+
 keys_group.add_command(keys_init_vault)
 keys_group.add_command(keys_seal_vault)
+keys_group.add_command(keys_recover_record)

@@ -1525,6 +1525,17 @@ def resolve(
     return Decision(resume, breach, lost_from, resume - 1)
 
 
+def verifies_under(con: duckdb.DuckDBPyConnection, key: Key) -> bool | None:
+    """Whether every entry of the trail verifies under ``key`` and links to the one before (across
+    recorded breach decisions); None when there is no trail yet. The key custodian's check of an
+    audit key file the key ring has no note of (``safehaven.protect.custody.recover_record``);
+    anchors are left to :func:`verify`, which every run does."""
+    if not _table_exists(con) or _tail(con).seq == 0:
+        return None
+    bad, _, _ = _check_chain(con, key, _breaks(con, key))
+    return bad is None
+
+
 def latest_entry(con: duckdb.DuckDBPyConnection, object: str, actions: Sequence[str]) -> Entry | None:
     """The latest entry on ``object`` with one of ``actions``, as stored (unverified: a caller
     that trusts it checks it with :func:`authentic_from`)."""

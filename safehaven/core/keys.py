@@ -38,7 +38,12 @@ material) records ids, creation, retirement and destruction. Purposes used by th
 and :meth:`KeyRing.get` / :meth:`KeyRing.get_public` / :meth:`KeyRing.get_private` refuse a key
 file whose id is not the recorded one (swapped or substituted), naming the id expected, and a
 key file of which the ring has no note at all (``keyring.json`` deleted or emptied beside the
-key files; staged ``-next`` files excepted): every key is noted before its file is written. A key
+key files; staged keys excepted, :data:`STAGEABLE`): every key, a new purpose's too, is noted
+before its file is written (under :data:`MANIFEST_LOCK`, so two processes never lose a note), and
+a first key whose record a crash cut off is recorded at its next read. The way back from a lost
+record is the key custodian's ``safehaven keys recover-record``
+(``safehaven.protect.custody.recover_record``): each key file is checked against the store (the
+store key by opening it, every other key by its epoch) and recorded again, audited. A key
 with a record is never re-created when its file is missing: the message asks for the
 custodian's backup. The store pins the same ids again in ``governance.key_epochs``
 (``safehaven.core.pins``), so editing ``keyring.json`` alongside a key file does not get past it.
@@ -63,6 +68,7 @@ crash between the steps leaves a ``.retired`` file that the next write of that k
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import itertools
 import json
@@ -70,7 +76,8 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,7 +97,16 @@ VAULT = "vault"
 #: Purposes held as an X25519 pair whose private half is sealed under the custodian passphrase.
 PAIRS = (VAULT,)
 STAGED_SUFFIX = "-next"
+#: Purposes staged as ``<purpose>-next`` (unrecorded until installed): a rotation's new store, haven
+#: or vault key, and a new audit trail's key. Only these names are staged; an agreement whose id
+#: ends in ``-next`` is an agreement, not a stage (found by review).
+STAGEABLE = ("store", "haven", "audit", VAULT)
 MANIFEST = "keyring.json"
+#: Held exclusively around each read-modify-write of ``keyring.json`` (two processes each adding a
+#: note must not lose one: a key file with no note is refused).
+MANIFEST_LOCK = ".keyring.lock"
+#: The key custodian's command that records again the key files a lost ``keyring.json`` noted.
+RECOVER_COMMAND = "safehaven keys recover-record"
 _AGREEMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 #: scrypt work factor for sealing (RFC 7914; OWASP's minimum for scrypt is N=2^17, r=8, p=1).
@@ -280,6 +296,11 @@ def check_key_file(path: Path, *, public: bool = False) -> None:
 def staged(purpose: str) -> str:
     """The name a rotation stages a new key of ``purpose`` under (not yet current)."""
     return purpose + STAGED_SUFFIX
+
+
+def is_staged(purpose: str) -> bool:
+    """Whether ``purpose`` names a staged key (:data:`STAGEABLE`), which is recorded only when installed."""
+    return purpose in {staged(p) for p in STAGEABLE}
 
 
 def _hex_key(path: Path) -> bytes | None:
@@ -477,7 +498,7 @@ class KeyRing:
         if not pem.startswith(SEALED_LABEL):
             raise KeyRingError(f"{path} is not sealed; the custodian seals it with `safehaven keys seal-vault`")
         private = open_sealed(pem, self.custodian.passphrase(), path)
-        self._check_pinned(purpose, key_id(x25519_public(private)), path)
+        self._check_pinned(purpose, key_id(x25519_public(private)), path, complete=False)
         return Key(purpose, private)
 
     def seal_keypair(self, purpose: str, private_bytes: bytes, *, stage: bool = False) -> Key:
@@ -513,15 +534,10 @@ class KeyRing:
 
     def unfinished_pair(self, purpose: str = VAULT) -> bool:
         """Whether a first creation of ``purpose``'s pair stopped after its private half: that file
-        alone, no public half, nothing recorded or noted for the purpose."""
+        alone, no public half, nothing recorded for the purpose (a first key's pending note aside:
+        every key is noted before its file is written)."""
         public = self.public_path(purpose)
-        entry = self.manifest().get(purpose)
-        return (
-            self.exists(purpose)
-            and not (public.exists() or public.is_symlink())
-            and not self.recorded(purpose)
-            and not (isinstance(entry, dict) and entry.get("pending"))
-        )
+        return self.exists(purpose) and not (public.exists() or public.is_symlink()) and not self.recorded(purpose)
 
     def staged_pair(self, purpose: str) -> bool:
         """Whether a rotation left a staged pair (either half) for ``purpose``."""
@@ -566,7 +582,7 @@ class KeyRing:
         if raw is None:
             raise KeyRingError(f"{path} holds neither a sealed nor a raw {KEY_BYTES}-byte key; restore it from backup")
         if not stage:
-            self._check_pinned(purpose, key_id(x25519_public(raw)), path)
+            self._check_pinned(purpose, key_id(x25519_public(raw)), path, complete=False)
             if self.public_path(purpose).exists() and self.get_public(purpose).material != x25519_public(raw):
                 raise KeyRingError(f"{path} is not the private half of {self.public_path(purpose)}; restore the pair")
         return self.seal_keypair(purpose, raw, stage=stage)
@@ -659,20 +675,28 @@ class KeyRing:
         history = entry.get("history", []) if isinstance(entry, dict) else []
         return history if isinstance(history, list) else []
 
-    def _check_pinned(self, purpose: str, kid: str, path: Path) -> None:
-        """Refuse a key whose id is not the one the key ring records for ``purpose``."""
+    def _check_pinned(self, purpose: str, kid: str, path: Path, *, complete: bool = True) -> None:
+        """Refuse a key whose id is not the one the key ring records for ``purpose`` (CoP 27b-c).
+
+        A key file of which the ring has no note at all is refused too (the record deleted or
+        emptied beside the key files was read as "nothing recorded", and any file accepted: found
+        by review), except a staged key (:func:`is_staged`). A new key noted as pending whose record
+        a crash cut off is recorded now, when ``complete`` says its last file is the one read."""
         entry = self.manifest().get(purpose)
         entry = entry if isinstance(entry, dict) else {}
-        current, pending = entry.get("current"), entry.get("pending")
+        current, pending, history = entry.get("current"), entry.get("pending"), entry.get("history")
         if kid in (current, pending):
+            if kid == pending and not history and complete:
+                self._record(purpose, kid)  # a first key killed between its file and its record
             return
-        if not entry.get("history"):
-            if purpose.endswith(STAGED_SUFFIX):
-                return  # a staged key (a rotation or a new trail in progress) is recorded when installed
+        if not history:
+            if is_staged(purpose):
+                return  # a rotation's or a new trail's key, recorded when it is installed
             raise KeyRingError(
-                f"{path} holds key {kid}, but {self.directory / MANIFEST} records no key for {purpose!r} "
-                "(the key ring's record is missing or emptied: every key the haven makes is noted there before "
-                "its file is written); restore keyring.json from the key custodian's backup"
+                f"{path} holds key {kid}, but {self.directory / MANIFEST} has no note of any key for {purpose!r} "
+                "(the record was deleted or emptied: the haven notes every key there before writing its file); "
+                f"the key custodian checks the key files against the store and records them again with "
+                f"`{RECOVER_COMMAND}` (audited)"
             )
         if current is None:
             raise KeyRingError(
@@ -686,6 +710,53 @@ class KeyRing:
             found=kid,
             recorded=str(current),
         )
+
+    def unnoted(self) -> dict[str, str | None]:
+        """Key files of which ``keyring.json`` has no note (no record, and no pending note of the id
+        the file holds), by purpose, with that id (a pair: its public half's; None when it has none
+        yet). Staged keys are left out (:func:`is_staged`)."""
+        if not self.directory.is_dir():
+            return {}
+        manifest = self.manifest()
+        found: dict[str, str | None] = {}
+        for path in sorted([*self.directory.glob("*.key"), *self.directory.glob("*.pub")]):
+            purpose = path.name.rsplit(".", 1)[0]
+            if is_staged(purpose) or purpose in found:
+                continue
+            entry = manifest.get(purpose)
+            entry = entry if isinstance(entry, dict) else {}
+            kid = self.file_id(purpose)
+            if not entry.get("history") and (kid is None or entry.get("pending") != kid):
+                found[purpose] = kid
+        return found
+
+    def unnoted_key(self, purpose: str) -> Key:
+        """A symmetric key file of which the ring has no note, read without the pin check (only the
+        key custodian's check against the store reads one: ``safehaven.protect.custody``)."""
+        kid = self.unnoted().get(purpose)
+        if kid is None or purpose in PAIRS:
+            raise KeyRingError(f"{self.path(purpose)} is not a readable key file the key ring has no note of")
+        material = _hex_key(self.path(purpose))
+        assert material is not None
+        return Key(purpose, material)
+
+    def file_id(self, purpose: str) -> str | None:
+        """The id of the key ``purpose``'s file holds, checked as a key file but not against the
+        record (a pair: its public half's id); None when there is no such readable file."""
+        path = self.public_path(purpose) if purpose in PAIRS else self.path(purpose)
+        if not path.is_file() or path.is_symlink():
+            return None
+        self._check_directory()
+        check_key_file(path, public=purpose in PAIRS)
+        material = _hex_key(path)
+        return key_id(material) if material else None
+
+    def note_recovered(self, purpose: str, kid: str) -> None:
+        """Record ``kid`` for an unnoted ``purpose`` after the key custodian's check against the
+        store (``safehaven.protect.custody.recover_record``); refused if the file changed since."""
+        if self.file_id(purpose) != kid or purpose not in self.unnoted():
+            raise KeyRingError(f"{self.path(purpose)} changed while it was checked; run `{RECOVER_COMMAND}` again")
+        self._record(purpose, kid)
 
     def manifest(self) -> dict[str, dict[str, object]]:
         """Key ids and dates per purpose; never material.
@@ -712,30 +783,26 @@ class KeyRing:
         """Note ``kid`` as ``pending`` for ``purpose`` before its file is written (a new purpose too),
         so a crash between the file and its record leaves a key the ring accepts, and a key file
         the ring has no note of is refused (:meth:`_check_pinned`)."""
-        data = self.manifest()
-        entry = data.setdefault(purpose, {"current": None, "history": []})
-        entry["pending"] = kid
-        self._save(data)
+        with self._manifest_locked():
+            data = self.manifest()
+            entry = data.setdefault(purpose, {"current": None, "history": []})
+            entry["pending"] = kid
+            self._save(data)
 
     def _record(self, purpose: str, kid: str, *, destroyed: bool = False) -> None:
-        data = self.manifest()
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        entry = data.setdefault(purpose, {"current": None, "history": []})
-        entry.pop("pending", None)
-        history = entry["history"]
-        assert isinstance(history, list)
-        if destroyed:
-            for item in history:
-                if item["key_id"] == kid:
-                    item["destroyed_at"] = now
-            entry["current"] = None
-        elif kid != entry["current"]:  # the same key written again (sealed in place) stays current
-            for item in history:
-                if item["key_id"] == entry["current"] and "retired_at" not in item:
-                    item["retired_at"] = now
-            history.append({"key_id": kid, "created_at": now})
-            entry["current"] = kid
-        self._save(data)
+        with self._manifest_locked():
+            self._save(_recorded(self.manifest(), purpose, kid, destroyed=destroyed))
+
+    @contextmanager
+    def _manifest_locked(self) -> Iterator[None]:
+        """Hold :data:`MANIFEST_LOCK` exclusively for one read-modify-write of ``keyring.json``."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.directory / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _save(self, data: dict[str, dict[str, object]]) -> None:
         self._write_file(self.directory / MANIFEST, json.dumps(data, indent=2, sort_keys=True).encode(), 0o600)
@@ -749,6 +816,30 @@ class KeyRing:
                 f"key directory {self.directory} is writable by group or others "
                 f"(mode {mode:04o}); run: chmod 700 {self.directory}"
             )
+
+
+def _recorded(
+    data: dict[str, dict[str, object]], purpose: str, kid: str, *, destroyed: bool = False
+) -> dict[str, dict[str, object]]:
+    """``data`` (a parsed ``keyring.json``) with ``kid`` recorded for ``purpose``: made current (the
+    one before retired), or marked destroyed; any pending note of ``purpose`` is cleared."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    entry = data.setdefault(purpose, {"current": None, "history": []})
+    entry.pop("pending", None)
+    history = entry["history"]
+    assert isinstance(history, list)
+    if destroyed:
+        for item in history:
+            if item["key_id"] == kid:
+                item["destroyed_at"] = now
+        entry["current"] = None
+    elif kid != entry["current"]:  # the same key written again (sealed in place) stays current
+        for item in history:
+            if item["key_id"] == entry["current"] and "retired_at" not in item:
+                item["retired_at"] = now
+        history.append({"key_id": kid, "created_at": now})
+        entry["current"] = kid
+    return data
 
 
 def _retired(path: Path) -> Path:

@@ -51,7 +51,7 @@ import duckdb
 
 from safehaven.core.home import Home
 from safehaven.core.instances import POOL
-from safehaven.core.keys import KeyRing
+from safehaven.core.keys import Key, KeyRing
 
 #: the zones; ``counts`` holds the outputs' true counts per month (``safehaven.publish.counting``)
 COUNTS_ZONE = "counts"
@@ -234,16 +234,7 @@ class Store:
         Unqualified names resolve in the store; zones are schemas (``landing.gp_events``).
         Waits for another process holding the store (module docstring, "Waiting, not failing").
         """
-        self.home.ensure()
-        tmp = self.home.store_dir / "tmp"
-        tmp.mkdir(exist_ok=True)
-        config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
-        threads = self.threads or DEFAULT_THREADS
-        if threads:
-            config["threads"] = threads
-        if self.memory_limit:
-            config["memory_limit"] = self.memory_limit
-        con, pool_key = POOL.take(config, _prepare_instance)
+        con, pool_key = POOL.take(self._config(), _prepare_instance)
         lock_fd: int | None = None
         try:
             waiter = _Waiter(self.lock_wait, self.logger, self.path)
@@ -262,6 +253,46 @@ class Store:
             try:
                 POOL.give_back(con, pool_key)
             finally:  # even when the reset is interrupted: the store's rebuild lock is never kept
+                if lock_fd is not None:
+                    os.close(lock_fd)
+
+    def _config(self) -> dict[str, str | int | bool]:
+        """The DuckDB configuration of this store's connections (spill directory, threads, memory)."""
+        self.home.ensure()
+        tmp = self.home.store_dir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        config: dict[str, str | int | bool] = {"temp_directory": str(tmp)}
+        threads = self.threads or DEFAULT_THREADS
+        if threads:
+            config["threads"] = threads
+        if self.memory_limit:
+            config["memory_limit"] = self.memory_limit
+        return config
+
+    @contextmanager
+    def opened_with(self, key: Key) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The store attached read-only with ``key``, a store key file the key ring has no note of.
+
+        The key custodian's check before recording it again (``safehaven.protect.custody.recover_record``):
+        the store's encryption is authenticated (AES-GCM), so no other key opens it. Refused
+        (:class:`StoreError`, the key's hex never shown) when it does not open, or while the store is
+        being rebuilt or held by another process."""
+        con, pool_key = POOL.take(self._config(), _prepare_instance)
+        lock_fd = self._share_lock()
+        try:
+            if lock_fd is None:
+                raise StoreError("another process is rebuilding the store (disposal or store-key rotation)")
+            try:
+                con.execute(f"ATTACH '{self.path}' AS {CATALOG} (ENCRYPTION_KEY '{key.hex}', READ_ONLY)")
+            except duckdb.Error as exc:
+                message = str(exc).replace(key.hex, "<key>")
+                raise StoreError(f"key {key.key_id} does not open the encrypted store {self.path}: {message}") from None
+            con.execute(f"USE {CATALOG}")
+            yield con
+        finally:
+            try:
+                POOL.give_back(con, pool_key)
+            finally:
                 if lock_fd is not None:
                     os.close(lock_fd)
 

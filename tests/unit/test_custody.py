@@ -199,7 +199,12 @@ def test_a_deleted_agreement_key_stops_that_agreements_release(adopted_home: Hom
     with Store(adopted_home).connect() as con:
         with pytest.raises(ReleaseRefused, match=f"{expected}.*custodian's backup"):
             prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=registry, keyring=keyring))
-        (adopted_home.keys / "keyring.json").unlink()  # even without the key ring's record
+        (adopted_home.keys / "keyring.json").unlink()  # the key ring's record lost too: every key refused
+        with pytest.raises(Exception, match="has no note of any key for 'audit'.*keys recover-record"):
+            prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=registry, keyring=keyring))
+    recovered = custody.recover_record(adopted_home, keyring, actor="custodian")
+    assert agreement_purpose(AGREEMENT) not in {r.purpose for r in recovered}, "a missing file is not recorded"
+    with Store(adopted_home).connect() as con:  # the record recovered, the store's epoch still names the salt
         with pytest.raises(ReleaseRefused, match=f"{expected}.*custodian's backup"):
             prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=registry, keyring=keyring))
         assert epoch_key_id(con, agreement_purpose(AGREEMENT)) == expected

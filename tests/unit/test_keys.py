@@ -1,12 +1,13 @@
 """Key files are guarded: mode 0600, no symlinks, never re-created over existing data."""
 
+import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
 
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.keys import KeyRing, KeyRingError, agreement_purpose, key_id, staged
 from safehaven.core.store import Store, StoreError
 from tests.conftest import test_custodian
 
@@ -187,22 +188,24 @@ def test_a_key_ring_manifest_of_another_shape_is_refused_not_read_as_empty(tmp_p
 @pytest.mark.parametrize("record", ["deleted", "emptied"])
 def test_a_key_file_the_key_ring_has_no_note_of_is_refused(tmp_path: Path, record: str) -> None:
     """``keyring.json`` deleted or emptied beside the key files: each key read is refused, naming
-    the custodian's backup (it was read as "nothing recorded", and any key file accepted)."""
+    the key custodian's command that records them again (it was read as "nothing recorded", and
+    any key file accepted)."""
     ring = KeyRing(tmp_path / "keys")
     ring.get_or_create("haven")
     manifest = tmp_path / "keys" / "keyring.json"
     manifest.unlink() if record == "deleted" else manifest.write_text("{}")
-    with pytest.raises(KeyRingError, match="records no key for 'haven'.*restore keyring.json from the key custodian"):
+    with pytest.raises(KeyRingError, match="has no note of any key for 'haven'.*safehaven keys recover-record"):
         ring.get("haven")
-    with pytest.raises(KeyRingError, match="records no key for 'haven'"):
+    with pytest.raises(KeyRingError, match="has no note of any key for 'haven'"):
         ring.get_or_create("haven")
+    assert ring.unnoted() == {"haven": key_id(bytes.fromhex((tmp_path / "keys" / "haven.key").read_text()))}
 
 
-def test_a_new_key_whose_record_was_interrupted_is_accepted_by_its_note(
+def test_a_first_key_killed_before_its_record_is_accepted_by_its_note_and_recorded_at_its_next_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every key is noted as pending before its file is written, a new purpose too: killed
-    between the file and its record, the key is still the ring's, not refused as unrecorded."""
+    between the file and its record, the key is still the ring's, and its next read records it."""
 
     def killed(self: KeyRing, purpose: str, kid: str, **_: object) -> None:
         raise SystemExit("killed")
@@ -212,7 +215,43 @@ def test_a_new_key_whose_record_was_interrupted_is_accepted_by_its_note(
     with pytest.raises(SystemExit):
         ring.get_or_create("haven")
     monkeypatch.undo()
-    assert ring.get("haven").key_id == ring.manifest()["haven"]["pending"]
+    pending = ring.manifest()["haven"]["pending"]
+    assert ring.unnoted() == {}, "a pending note is a note"
+    assert ring.get("haven").key_id == pending
+    assert ring.manifest()["haven"]["current"] == pending and "pending" not in ring.manifest()["haven"]
+
+
+def test_an_agreement_whose_id_ends_in_next_is_not_taken_for_a_staged_key(tmp_path: Path) -> None:
+    """Only the haven's own staged names (``haven-next``, ``vault-next``...) go unrecorded; an
+    agreement ``x-next``'s salt with no note is refused like any other key."""
+    ring = KeyRing(tmp_path / "keys")
+    ring.get_or_create("haven")
+    ring.write(staged("haven"), os.urandom(32), record=False)
+    ring.write(agreement_purpose("x-next"), os.urandom(32), record=False)
+    assert ring.get(staged("haven"))
+    with pytest.raises(KeyRingError, match="has no note of any key for 'agreement-x-next'"):
+        ring.get(agreement_purpose("x-next"))
+
+
+def _note_keys(directory: str, prefix: str, count: int) -> None:
+    ring = KeyRing(Path(directory))
+    for i in range(count):
+        ring.get_or_create(f"agreement-{prefix}{i}")
+
+
+def test_two_processes_adding_keys_at_once_lose_no_note(tmp_path: Path) -> None:
+    """Each read-modify-write of ``keyring.json`` holds its lock: a note lost to a race would leave a
+    key file the ring refuses."""
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_note_keys, args=(str(tmp_path / "keys"), p, 40)) for p in "ab"]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    ring = KeyRing(tmp_path / "keys")
+    assert ring.unnoted() == {}
+    assert {p for p in ring.manifest() if ring.current_id(p)} == {f"agreement-{p}{i}" for p in "ab" for i in range(40)}
 
 
 def test_an_agreement_key_is_never_derived_from_a_haven_key_the_store_does_not_pin(home: Home) -> None:
