@@ -13,7 +13,7 @@
   (the pipeline refuses to start on one until this is done).
 * ``safehaven keys recover-record``: the key custodian records again the key files a deleted or
   emptied ``keys/keyring.json`` noted, each checked against the store; audited
-  (``safehaven.protect.custody.recover_record``).
+  (``safehaven.protect.key_record``).
 * ``safehaven reidentify --agreement <id> --pseudonym <p> [--pseudonym ...] | --file <f>``:
   the governance lead's re-identification under an agreement that permits identifiable data
   (``safehaven.share.reidentify``), printed as CSV or written to a 0600 file; always audited.
@@ -462,7 +462,7 @@ def keys_recover_record() -> None:
     """Record again the key files a lost keyring.json noted, each checked against the store (key custodian)."""
     from safehaven.core.keys import KeyRing, KeyRingError
     from safehaven.core.registers import current_actor
-    from safehaven.protect.custody import recover_record
+    from safehaven.protect.key_record import recover_record
 
     home = ensure_home()
     try:

@@ -1525,15 +1525,46 @@ def resolve(
     return Decision(resume, breach, lost_from, resume - 1)
 
 
-def verifies_under(con: duckdb.DuckDBPyConnection, key: Key) -> bool | None:
-    """Whether every entry of the trail verifies under ``key`` and links to the one before (across
-    recorded breach decisions); None when there is no trail yet. The key custodian's check of an
-    audit key file the key ring has no note of (``safehaven.protect.custody.recover_record``);
-    anchors are left to :func:`verify`, which every run does."""
+def key_problem(con: duckdb.DuckDBPyConnection, home: Home, key: Key) -> str | None:
+    """Why ``key`` is not the key this haven's trail was written with, or None when it is: every
+    entry verifies under it and links to the one before, and no anchor names another key; an empty
+    trail only where nothing shows the haven was used. The key custodian's check of an audit key
+    file the key ring has no note of (``safehaven.protect.key_record``): a swapped key beside an
+    emptied log is not taken for a new trail's (found by review)."""
     if not _table_exists(con) or _tail(con).seq == 0:
-        return None
+        evidence = evidence_of_use(con, home)
+        return None if evidence is None else f"the audit trail is empty, but {evidence}"
+    anchored = [
+        str(r["key_id"]) for r in (anchors.read_head(home), anchors.last_history_line(home)) if r and r.get("key_id")
+    ]
+    if anchored and all(k != key.key_id for k in anchored):
+        return f"the trail's anchors name audit key {anchored[0]}"
     bad, _, _ = _check_chain(con, key, _breaks(con, key))
-    return bad is None
+    return None if bad is None else "the audit trail does not verify under it"
+
+
+def holds_data(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the store holds landed, haven, vault, released or published rows (or a release on record)."""
+    return _holds_data(con)
+
+
+def has_entries(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the trail holds any entry."""
+    return _table_exists(con) and _tail(con).seq > 0
+
+
+def evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home) -> str | None:
+    """What shows an empty trail once held entries (or should have), judged without the key ring:
+    anchors, the genesis record, published heads, data in the store; or None (:func:`key_problem`)."""
+    checks = (
+        (lambda: anchors.read_head(home) is not None, f"the head anchor registers/{HEAD_FILE} exists"),
+        (lambda: bool(anchors.read_history(home)), f"the anchor history registers/{anchors.HISTORY_FILE} has lines"),
+        (lambda: _genesis(con) is not None, f"the genesis record {GENESIS_TABLE} holds the first entry's hash"),
+        (lambda: bool(anchors.worm_seqs(home.audit_worm)), "the write-once target holds anchors"),
+        (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
+        (lambda: _holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
+    )
+    return next((text for test, text in checks if test()), None)
 
 
 def latest_entry(con: duckdb.DuckDBPyConnection, object: str, actions: Sequence[str]) -> Entry | None:

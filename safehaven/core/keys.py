@@ -42,7 +42,7 @@ key files; staged keys excepted, :data:`STAGEABLE`): every key, a new purpose's 
 before its file is written (under :data:`MANIFEST_LOCK`, so two processes never lose a note), and
 a first key whose record a crash cut off is recorded at its next read. The way back from a lost
 record is the key custodian's ``safehaven keys recover-record``
-(``safehaven.protect.custody.recover_record``): each key file is checked against the store (the
+(``safehaven.protect.key_record``): each key file is checked against the store (the
 store key by opening it, every other key by its epoch) and recorded again, audited. A key
 with a record is never re-created when its file is missing: the message asks for the
 custodian's backup. The store pins the same ids again in ``governance.key_epochs``
@@ -77,7 +77,7 @@ import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,6 +105,9 @@ MANIFEST = "keyring.json"
 #: Held exclusively around each read-modify-write of ``keyring.json`` (two processes each adding a
 #: note must not lose one: a key file with no note is refused).
 MANIFEST_LOCK = ".keyring.lock"
+#: Held exclusively by :meth:`KeyRing.get_or_create` from its check that a key is missing to its
+#: write, so processes creating the same key at once make one (found by review: each made its own).
+CREATE_LOCK = ".create.lock"
 #: The key custodian's command that records again the key files a lost ``keyring.json`` noted.
 RECOVER_COMMAND = "safehaven keys recover-record"
 _AGREEMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -298,6 +301,14 @@ def staged(purpose: str) -> str:
     return purpose + STAGED_SUFFIX
 
 
+def is_purpose(purpose: str) -> bool:
+    """Whether ``purpose`` is one the haven keeps a key for: :data:`STAGEABLE`, or an agreement's."""
+    if purpose in STAGEABLE:
+        return True
+    agreement = purpose.removeprefix("agreement-")
+    return agreement != purpose and _AGREEMENT_ID.fullmatch(agreement) is not None
+
+
 def is_staged(purpose: str) -> bool:
     """Whether ``purpose`` names a staged key (:data:`STAGEABLE`), which is recorded only when installed."""
     return purpose in {staged(p) for p in STAGEABLE}
@@ -380,13 +391,16 @@ class KeyRing:
         key ring has never recorded one (a recorded key that is missing is never re-created)."""
         if self.exists(purpose):
             return self.get(purpose)
-        if not allow_create or self.recorded(purpose):
-            expected = self.current_id(purpose) or "recorded in keyring.json"
-            raise KeyRingError(
-                f"key {purpose!r} (key {expected}) is missing ({self.path(purpose)}) but data protected by it "
-                "exists; restore the key file from the key custodian's backup"
-            )
-        return self.write(purpose, secrets.token_bytes(KEY_BYTES))
+        with self._locked(CREATE_LOCK):  # two processes creating one purpose make one key, not two
+            if self.exists(purpose):
+                return self.get(purpose)
+            if not allow_create or self.recorded(purpose):
+                expected = self.current_id(purpose) or "recorded in keyring.json"
+                raise KeyRingError(
+                    f"key {purpose!r} (key {expected}) is missing ({self.path(purpose)}) but data protected by it "
+                    "exists; restore the key file from the key custodian's backup"
+                )
+            return self.write(purpose, secrets.token_bytes(KEY_BYTES))
 
     def write(self, purpose: str, material: bytes, *, replace: bool = False, record: bool = True) -> Key:
         """Write key material atomically with mode 0600 and record its id in keyring.json.
@@ -498,7 +512,7 @@ class KeyRing:
         if not pem.startswith(SEALED_LABEL):
             raise KeyRingError(f"{path} is not sealed; the custodian seals it with `safehaven keys seal-vault`")
         private = open_sealed(pem, self.custodian.passphrase(), path)
-        self._check_pinned(purpose, key_id(x25519_public(private)), path, complete=False)
+        self._check_pinned(purpose, key_id(x25519_public(private)), path)
         return Key(purpose, private)
 
     def seal_keypair(self, purpose: str, private_bytes: bytes, *, stage: bool = False) -> Key:
@@ -582,7 +596,7 @@ class KeyRing:
         if raw is None:
             raise KeyRingError(f"{path} holds neither a sealed nor a raw {KEY_BYTES}-byte key; restore it from backup")
         if not stage:
-            self._check_pinned(purpose, key_id(x25519_public(raw)), path, complete=False)
+            self._check_pinned(purpose, key_id(x25519_public(raw)), path)
             if self.public_path(purpose).exists() and self.get_public(purpose).material != x25519_public(raw):
                 raise KeyRingError(f"{path} is not the private half of {self.public_path(purpose)}; restore the pair")
         return self.seal_keypair(purpose, raw, stage=stage)
@@ -675,19 +689,18 @@ class KeyRing:
         history = entry.get("history", []) if isinstance(entry, dict) else []
         return history if isinstance(history, list) else []
 
-    def _check_pinned(self, purpose: str, kid: str, path: Path, *, complete: bool = True) -> None:
+    def _check_pinned(self, purpose: str, kid: str, path: Path) -> None:
         """Refuse a key whose id is not the one the key ring records for ``purpose`` (CoP 27b-c).
 
         A key file of which the ring has no note at all is refused too (the record deleted or
         emptied beside the key files was read as "nothing recorded", and any file accepted: found
-        by review), except a staged key (:func:`is_staged`). A new key noted as pending whose record
-        a crash cut off is recorded now, when ``complete`` says its last file is the one read."""
+        by review), except a staged key (:func:`is_staged`). A key noted as pending is accepted
+        but never recorded by a read (a forged note would then pin the forger's key: found by
+        review); its purpose's next write records it."""
         entry = self.manifest().get(purpose)
         entry = entry if isinstance(entry, dict) else {}
         current, pending, history = entry.get("current"), entry.get("pending"), entry.get("history")
         if kid in (current, pending):
-            if kid == pending and not history and complete:
-                self._record(purpose, kid)  # a first key killed between its file and its record
             return
         if not history:
             if is_staged(purpose):
@@ -711,52 +724,60 @@ class KeyRing:
             recorded=str(current),
         )
 
-    def unnoted(self) -> dict[str, str | None]:
-        """Key files of which ``keyring.json`` has no note (no record, and no pending note of the id
-        the file holds), by purpose, with that id (a pair: its public half's; None when it has none
-        yet). Staged keys are left out (:func:`is_staged`)."""
+    def unnoted(self) -> dict[str, Key | None]:
+        """The key files of which ``keyring.json`` has no note (no record, and no pending note of
+        the id the file holds), by purpose, each read once: the key (a pair: its public half), or
+        None when the file holds none. Only the haven's own purposes (:func:`is_purpose`); staged
+        keys are left out (:func:`is_staged`)."""
         if not self.directory.is_dir():
             return {}
         manifest = self.manifest()
-        found: dict[str, str | None] = {}
+        found: dict[str, Key | None] = {}
         for path in sorted([*self.directory.glob("*.key"), *self.directory.glob("*.pub")]):
             purpose = path.name.rsplit(".", 1)[0]
-            if is_staged(purpose) or purpose in found:
+            if not is_purpose(purpose) or purpose in found:
                 continue
             entry = manifest.get(purpose)
             entry = entry if isinstance(entry, dict) else {}
-            kid = self.file_id(purpose)
-            if not entry.get("history") and (kid is None or entry.get("pending") != kid):
-                found[purpose] = kid
+            key = self.file_key(purpose)
+            if not entry.get("history") and (key is None or entry.get("pending") != key.key_id):
+                found[purpose] = key
         return found
 
-    def unnoted_key(self, purpose: str) -> Key:
-        """A symmetric key file of which the ring has no note, read without the pin check (only the
-        key custodian's check against the store reads one: ``safehaven.protect.custody``)."""
-        kid = self.unnoted().get(purpose)
-        if kid is None or purpose in PAIRS:
-            raise KeyRingError(f"{self.path(purpose)} is not a readable key file the key ring has no note of")
-        material = _hex_key(self.path(purpose))
-        assert material is not None
-        return Key(purpose, material)
-
-    def file_id(self, purpose: str) -> str | None:
-        """The id of the key ``purpose``'s file holds, checked as a key file but not against the
-        record (a pair: its public half's id); None when there is no such readable file."""
+    def file_key(self, purpose: str) -> Key | None:
+        """The key ``purpose``'s file holds (a pair: its public half), checked as a key file but not
+        against the record; None when there is no such readable file."""
         path = self.public_path(purpose) if purpose in PAIRS else self.path(purpose)
         if not path.is_file() or path.is_symlink():
             return None
         self._check_directory()
         check_key_file(path, public=purpose in PAIRS)
         material = _hex_key(path)
-        return key_id(material) if material else None
+        return Key(purpose + (".pub" if purpose in PAIRS else ""), material) if material else None
 
-    def note_recovered(self, purpose: str, kid: str) -> None:
-        """Record ``kid`` for an unnoted ``purpose`` after the key custodian's check against the
-        store (``safehaven.protect.custody.recover_record``); refused if the file changed since."""
-        if self.file_id(purpose) != kid or purpose not in self.unnoted():
+    def note_recovered(self, purpose: str, key: Key) -> None:
+        """Record ``key`` for an unnoted ``purpose`` after the key custodian's check against the
+        store (``safehaven.protect.key_record``); refused if the file changed since it was read."""
+        now = self.file_key(purpose)
+        if now is None or now.material != key.material or purpose not in self.unnoted():
             raise KeyRingError(f"{self.path(purpose)} changed while it was checked; run `{RECOVER_COMMAND}` again")
-        self._record(purpose, kid)
+        self._record(purpose, key.key_id)
+
+    def forget_recovered(self, purpose: str, kid: str) -> None:
+        """Undo :meth:`note_recovered` (its audit entry could not be written): the purpose's entry
+        is removed if it is still the one record that made."""
+        with self._manifest_locked():
+            data = self.manifest()
+            entry = data.get(purpose)
+            history = entry.get("history") if isinstance(entry, dict) else None
+            if (
+                isinstance(entry, dict)
+                and entry.get("current") == kid
+                and isinstance(history, list)
+                and len(history) == 1
+            ):
+                del data[purpose]
+                self._save(data)
 
     def manifest(self) -> dict[str, dict[str, object]]:
         """Key ids and dates per purpose; never material.
@@ -793,11 +814,22 @@ class KeyRing:
         with self._manifest_locked():
             self._save(_recorded(self.manifest(), purpose, kid, destroyed=destroyed))
 
-    @contextmanager
-    def _manifest_locked(self) -> Iterator[None]:
+    def _manifest_locked(self) -> AbstractContextManager[None]:
         """Hold :data:`MANIFEST_LOCK` exclusively for one read-modify-write of ``keyring.json``."""
+        return self._locked(MANIFEST_LOCK)
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """Hold the lock file ``name`` of the key directory exclusively; a lock file that cannot be
+        opened (a link, a folder) is refused as a key problem, naming it."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.directory / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        path = self.directory / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise KeyRingError(
+                f"the key ring's lock file {path} cannot be opened ({exc.strerror}); remove it"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -315,7 +315,7 @@ def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, hom
     ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit")."""
     recorded = audited_vault_key(con)
     if recorded is None:
-        if _vault_holds_entries(con):
+        if vault_holds_entries(con):
             raise KeyRingError(
                 f"{what} holds vault key {kid}, but the audit trail records no vault key while the vault holds "
                 f"entries; restore keys/vault.pub from the key custodian's backup, and the key custodian "
@@ -351,7 +351,7 @@ def _adopt(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None) -> None:
     )
 
 
-def _vault_holds_entries(con: duckdb.DuckDBPyConnection) -> bool:
+def vault_holds_entries(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether anything was ever wrapped to a vault key: a data key or an entry in the vault."""
     for held in (schema.VAULT_DATA_KEYS, schema.VAULT_IDENTITY):
         name, _, table = held.partition(".")
@@ -367,7 +367,7 @@ def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_i
     if not keyring.exists(purpose):
         recorded = epoch_key_id(con, purpose)
         problem = missing_agreement_key(keyring, agreement_id, recorded)
-        if problem is None and _released_under(con, agreement_id):
+        if problem is None and released_under(con, agreement_id):
             problem = missing_agreement_key(keyring, agreement_id, "recorded in the release register")
         if problem or not create:
             raise KeyRingError(problem or f"agreement {agreement_id!r} has no pseudonym key yet")
@@ -394,7 +394,7 @@ def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id
 RELEASE_REQUESTS = "governance.release_requests"
 
 
-def _released_under(con: duckdb.DuckDBPyConnection, agreement_id: str) -> bool:
+def released_under(con: duckdb.DuckDBPyConnection, agreement_id: str) -> bool:
     """Whether anything was ever released, or prepared for release, under ``agreement_id`` (its
     salt must then exist)."""
     from safehaven.core.registers import RELEASE_REGISTER  # the registers import the store

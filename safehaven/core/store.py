@@ -66,6 +66,8 @@ LOCK_BACKOFF_MAX = 5.0
 LOCK_LOG_EVERY = 30.0
 #: DuckDB's text when another process holds the file lock.
 DUCKDB_LOCK_HELD = "Could not set lock on file"
+#: DuckDB's message for a key that is not the one the encrypted file was written with
+DUCKDB_WRONG_KEY = "Wrong encryption key"
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,16 @@ def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
 #: two threads per worker spent a third more CPU on the suite's small queries
 #: (``tests/unit/test_review.py`` alone: 88 CPU seconds against 65).
 DEFAULT_THREADS: int | None = None
+
+
+def _attach_failed(path: Path, key: Key, message: str) -> str:
+    """Why ``key`` did not open the store at ``path``: the wrong key, the store in use, or another
+    fault, each said as such (a store busy or damaged is not blamed on its key: found by review)."""
+    if DUCKDB_WRONG_KEY in message:
+        return f"key {key.key_id} does not open the encrypted store {path}: it is not the store's key"
+    if DUCKDB_LOCK_HELD in message:
+        return f"the encrypted store {path} is in use by another process; run this again when it has finished"
+    return f"the encrypted store {path} could not be opened ({message}); the key was not judged"
 
 
 class Store:
@@ -273,7 +285,7 @@ class Store:
     def opened_with(self, key: Key) -> Iterator[duckdb.DuckDBPyConnection]:
         """The store attached read-only with ``key``, a store key file the key ring has no note of.
 
-        The key custodian's check before recording it again (``safehaven.protect.custody.recover_record``):
+        The key custodian's check before recording it again (``safehaven.protect.key_record``):
         the store's encryption is authenticated (AES-GCM), so no other key opens it. Refused
         (:class:`StoreError`, the key's hex never shown) when it does not open, or while the store is
         being rebuilt or held by another process."""
@@ -285,8 +297,7 @@ class Store:
             try:
                 con.execute(f"ATTACH '{self.path}' AS {CATALOG} (ENCRYPTION_KEY '{key.hex}', READ_ONLY)")
             except duckdb.Error as exc:
-                message = str(exc).replace(key.hex, "<key>")
-                raise StoreError(f"key {key.key_id} does not open the encrypted store {self.path}: {message}") from None
+                raise StoreError(_attach_failed(self.path, key, str(exc).replace(key.hex, "<key>"))) from None
             con.execute(f"USE {CATALOG}")
             yield con
         finally:
@@ -390,7 +401,8 @@ class Store:
         self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
         if next_key.exists():
             material = self.keyring.get("store-next").material
-            if self.keyring.get("store").key_id != state["new_key_id"]:
+            installed = self.keyring.file_key("store")  # replaced unless it is the new key: no pin needed
+            if installed is None or installed.key_id != state["new_key_id"]:
                 self.keyring.write("store", material, replace=True)  # shreds the old key
             self.keyring.discard("store-next")
         shutil.rmtree(self.home.store_dir / "tmp", ignore_errors=True)

@@ -4,25 +4,29 @@ Every key it has no note of is refused (it was read as "nothing recorded", and a
 accepted), and the way back is the key custodian's ``safehaven keys recover-record``: each key
 file is checked against the encrypted store (the store key by opening it, every other by its
 purpose's epoch) and recorded again, audited, only when all agree (CoP 27b-c; fail closed;
-``safehaven.protect.custody.recover_record``).
+``safehaven.protect.key_record.recover_record``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from safehaven.cli.main import main
-from safehaven.core import audit, pins
+from safehaven.context import Haven
+from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.keys import KeyRing, KeyRingError, agreement_purpose
 from safehaven.core.store import Store
-from safehaven.protect import custody
-from tests.conftest import copy_haven
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import key_record, rotation
+from tests.conftest import copy_haven, custodian_ring
 
 
 @pytest.fixture
@@ -51,28 +55,28 @@ def test_a_lost_record_refuses_every_key_until_the_custodian_records_the_files_a
     with pytest.raises(KeyRingError, match="has no note of any key for 'store'.*safehaven keys recover-record"):
         with Store(haven_home).connect():
             pass
-    recovered = custody.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    recovered = key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
     assert {r.purpose: r.key_id for r in recovered} == current
     checked = {r.purpose: r.checked for r in recovered}
-    assert checked["store"] == custody.OPENS_STORE
-    assert checked["haven"] == checked["vault"] == custody.MATCHES_EPOCH
-    assert checked["audit"] == custody.TRAIL_VERIFIES
+    assert checked["store"] == key_record.OPENS_STORE
+    assert checked["haven"] == checked["vault"] == key_record.MATCHES_EPOCH
+    assert checked["audit"] == key_record.TRAIL_VERIFIES
     ring = KeyRing(haven_home.keys)
     with Store(haven_home).connect() as con:
         pins.verify(con, ring)
         assert audit.verify(con, haven_home).ok
-        entry = audit.latest_entry(con, "key:record", [custody.RECOVER_ACTION])
+        entry = audit.latest_entry(con, "key:record", [key_record.RECOVER_ACTION])
     assert entry is not None and entry.actor == "custodian"
     assert json.loads(entry.detail or "{}")["recorded"]["haven"] == {
         "key_id": current["haven"],
-        "checked": custody.MATCHES_EPOCH,
+        "checked": key_record.MATCHES_EPOCH,
     }
-    assert custody.recover_record(haven_home, ring, actor="custodian") == [], "once recorded, nothing to recover"
+    assert key_record.recover_record(haven_home, ring, actor="custodian") == [], "once recorded, nothing to recover"
 
 
 @pytest.mark.parametrize(
     ("purpose", "refusal"),
-    [("haven", "made with key {expected}"), ("audit", "the audit trail does not verify under it")],
+    [("haven", "made with key {expected}"), ("audit", "the trail's anchors name audit key {expected}")],
 )
 def test_a_swapped_key_is_not_recorded_and_the_refusal_says_what_the_store_expects(
     haven_home: Home, purpose: str, refusal: str
@@ -84,10 +88,10 @@ def test_a_swapped_key_is_not_recorded_and_the_refusal_says_what_the_store_expec
     ring = KeyRing(haven_home.keys)
     expected = refusal.format(expected=current[purpose])
     with pytest.raises(KeyRingError, match=f"{purpose}.key holds key .*{expected}.*nothing recorded"):
-        custody.recover_record(haven_home, ring, actor="custodian")
+        key_record.recover_record(haven_home, ring, actor="custodian")
     assert not (haven_home.keys / "keyring.json").exists(), "nothing recorded, not even the keys that agreed"
     path.write_text(original)  # restored from the custodian's backup
-    assert {r.purpose for r in custody.recover_record(haven_home, ring, actor="custodian")} == set(current)
+    assert {r.purpose for r in key_record.recover_record(haven_home, ring, actor="custodian")} == set(current)
 
 
 def test_a_store_key_that_does_not_open_the_store_is_refused_without_showing_it(haven_home: Home) -> None:
@@ -95,7 +99,7 @@ def test_a_store_key_that_does_not_open_the_store_is_refused_without_showing_it(
     _swap(haven_home.keys / "store.key")
     swapped = (haven_home.keys / "store.key").read_text()
     with pytest.raises(KeyRingError, match="store.key: key .* does not open the encrypted store") as refused:
-        custody.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
     assert swapped not in str(refused.value)
     assert json.loads((haven_home.keys / "keyring.json").read_text()) == {}
 
@@ -103,10 +107,10 @@ def test_a_store_key_that_does_not_open_the_store_is_refused_without_showing_it(
 def test_an_intact_record_has_nothing_to_recover_and_nothing_is_audited(haven_home: Home) -> None:
     ring = KeyRing(haven_home.keys)
     before = ring.manifest()
-    assert custody.recover_record(haven_home, ring, actor="custodian") == []
+    assert key_record.recover_record(haven_home, ring, actor="custodian") == []
     assert ring.manifest() == before
     with Store(haven_home).connect() as con:
-        assert audit.latest_entry(con, "key:record", [custody.RECOVER_ACTION]) is None
+        assert audit.latest_entry(con, "key:record", [key_record.RECOVER_ACTION]) is None
 
 
 def test_the_commands_name_the_unnoted_keys_and_record_them_again(haven_home: Home) -> None:
@@ -121,3 +125,97 @@ def test_the_commands_name_the_unnoted_keys_and_record_them_again(haven_home: Ho
     assert f"haven: key {current['haven']} recorded (the store's epoch)" in recovered.output
     assert recovered.output.strip().endswith("audited")
     assert "no note" not in CliRunner().invoke(main, ["keys", "list"]).output
+
+
+def test_a_key_a_disposal_destroyed_is_never_brought_back(haven_home: Home) -> None:
+    """A copy of an agreement's salt kept from before its disposal, put back beside a lost record,
+    would undo the crypto-shredding: the store's record of the disposal's key step refuses it."""
+    ring = KeyRing(haven_home.keys)
+    purpose = agreement_purpose("gone-study")
+    backup = ring.get_or_create(purpose)
+    with Store(haven_home).connect() as con:
+        pins.check_epoch(con, purpose, backup.key_id, "the salt")
+        schema.ensure(con, schema.DISPOSAL_PROGRESS)
+        con.execute(  # as safehaven.dispose.steps.destroy_keys records its step
+            f"INSERT INTO {schema.DISPOSAL_PROGRESS} VALUES ('disp-1', 'keys', now(), ?)",
+            [json.dumps({"destroyed": [{"purpose": purpose, "key_id": backup.key_id}]})],
+        )
+    ring.destroy(purpose)
+    _lose_record(haven_home, "deleted")
+    ring.write(purpose, backup.material, record=False)  # the old copy put back
+    with pytest.raises(KeyRingError, match=f"holds key {backup.key_id}, which disposal disp-1 destroyed"):
+        key_record.recover_record(haven_home, ring, actor="custodian")
+    assert not (haven_home.keys / "keyring.json").exists()
+
+
+def test_a_haven_rotation_committed_but_not_installed_is_recovered_then_resumed(
+    haven_home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store moved to the new haven key, the process was killed before installing it, and the
+    record was lost: the old key is recorded as the previous epoch's, and ``--resume`` then installs
+    the new one (before, each command named the other and neither could run)."""
+    old = KeyRing(haven_home.keys).get("haven").key_id
+
+    def killed(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt("killed before the install")
+
+    monkeypatch.setattr(rotation, "_finish_haven", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rotation.rotate(
+            Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "haven"
+        )
+    monkeypatch.undo()
+    _lose_record(haven_home, "emptied")
+    ring = KeyRing(haven_home.keys)
+    recovered = {r.purpose: r for r in key_record.recover_record(haven_home, ring, actor="custodian")}
+    assert (recovered["haven"].key_id, recovered["haven"].checked) == (old, key_record.ROTATION_PENDING)
+    rotation.resume(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)))
+    with Store(haven_home).connect() as con:
+        assert ring.get("haven").key_id == pins.epoch_key_id(con, "haven") != old
+
+
+def test_a_haven_key_without_an_epoch_in_a_store_holding_data_is_refused(haven_home: Home) -> None:
+    """With its epoch removed (the store edited), a swapped haven key would start a new epoch and
+    change every pseudonym: "no epoch" is accepted only where nothing is made with the key."""
+    with Store(haven_home).connect() as con:
+        con.execute(f"DELETE FROM {schema.KEY_EPOCHS} WHERE purpose = 'haven'")
+    _lose_record(haven_home, "deleted")
+    _swap(haven_home.keys / "haven.key")
+    with pytest.raises(KeyRingError, match="no epoch of the haven key though it holds data made with one"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+
+
+def test_a_store_in_use_is_not_blamed_on_its_key(haven_home: Home) -> None:
+    _lose_record(haven_home, "deleted")
+    script = (
+        "import sys, time, duckdb; from safehaven.core.store import httpfs_extension_path; c = duckdb.connect(); "
+        "c.execute(f\"LOAD '{httpfs_extension_path()}'\"); "
+        "c.execute(f\"ATTACH '{sys.argv[1]}' AS s (ENCRYPTION_KEY '{sys.argv[2]}')\"); print('held', flush=True); "
+        "time.sleep(60)"
+    )
+    key = (haven_home.keys / "store.key").read_text().strip()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(haven_home.store_file), key], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(KeyRingError, match="in use by another process; run this again") as refused:
+            key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        assert "not the store's key" not in str(refused.value) and key not in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_notes_are_taken_back_when_the_audit_entry_cannot_be_written(
+    haven_home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _lose_record(haven_home, "deleted")
+
+    def broken(*_: object, **__: object) -> None:
+        raise audit.AuditTrailBroken(audit.VerifyResult(False, 1, "broken for the test", "chain"))
+
+    monkeypatch.setattr(audit, "append", broken)
+    with pytest.raises(audit.AuditTrailBroken):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    assert KeyRing(haven_home.keys).manifest() == {}, "recorded with its entry, or not at all"

@@ -1,0 +1,232 @@
+"""Recovering a lost key ring record: the key custodian's ``safehaven keys recover-record``.
+
+Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
+
+* ``keys/keyring.json`` deleted or emptied beside the key files stops every use of a key it has
+  no note of (``KeyRing._check_pinned``). Restoring the file from a backup is advice nobody can
+  follow (it changes at every approval and rotation), so the way back is :func:`recover_record`.
+* Each key file is read once and checked against the encrypted store, whose own encryption the
+  file holder cannot rewrite without the store key:
+
+  - the store key, by opening the store with it (AES-GCM: no other key opens it);
+  - the audit key, by the trail: every entry verifies under it and no anchor names another key;
+    an empty trail only where nothing shows the haven was used (``safehaven.core.audit.key_problem``);
+  - every other key, by the store's current epoch of its purpose (``governance.key_epochs``); a
+    haven key rotation the store committed but whose key was never installed is accepted as the
+    previous epoch's key, and ``safehaven keys rotate --resume`` is named to finish it;
+  - the vault's public half also by the audit trail's record of the vault key
+    (``safehaven.core.pins.audited_vault_key``);
+  - a key with no epoch only where the store holds nothing made with it (the haven key: no data;
+    an agreement's salt: nothing released or prepared under it; the vault: no entry);
+  - a key a disposal destroyed (``governance.disposal_progress``) is never brought back.
+
+* Recorded only when every key agrees, then audited as ``key.record.recover`` with ids only; if
+  the entry cannot be written the notes are taken back. A key the store disagrees with is
+  refused, naming the key it expects, and nothing is recorded.
+* The store is never created here: a haven whose store file is gone while its anchors remain is
+  refused (restore the store); one with no store and no sign of use has nothing to check against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import duckdb
+
+from safehaven.core import audit, pins, schema
+from safehaven.core.home import Home
+from safehaven.core.keys import PAIRS, VAULT, Key, KeyRing, KeyRingError, staged
+from safehaven.core.store import Store, StoreError, table_exists
+
+RECOVER_ACTION = "key.record.recover"
+RESUME = "safehaven keys rotate --resume"
+#: How a recovered key was checked, as the audit entry and the command say.
+OPENS_STORE = "opens the store"
+MATCHES_EPOCH = "the store's epoch"
+TRAIL_VERIFIES = "the audit trail verifies under it"
+UNUSED = "no epoch, and nothing in the store is made with it"
+NO_STORE = "no store and no sign of use: nothing is made with it"
+ROTATION_PENDING = f"the store's previous epoch: a rotation to the staged key awaits `{RESUME}`"
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A key file recorded again by :func:`recover_record`, and how it was checked."""
+
+    purpose: str
+    key_id: str
+    checked: str
+
+
+def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovered]:
+    """Record again the key files a lost ``keyring.json`` noted, each checked against the store
+    (module docstring); audited. Returns what was recorded ([]: every key file is noted).
+    Refused (KeyRingError), recording nothing, when any key disagrees with the store."""
+    found = keyring.unnoted()
+    if not found:
+        return []
+    checked = _checked(home, keyring, found)
+    keys = {item.purpose: found[item.purpose] for item in checked}
+    for item in checked:
+        keyring.note_recovered(item.purpose, keys[item.purpose])  # type: ignore[arg-type]
+    try:
+        with Store(home, keyring).connect() as con:
+            detail = {item.purpose: {"key_id": item.key_id, "checked": item.checked} for item in checked}
+            audit.append(
+                con,
+                actor=actor,
+                role="key_custodian",
+                action=RECOVER_ACTION,
+                object="key:record",
+                detail={"recorded": detail},
+                home=home,
+            )
+    except BaseException:
+        for item in checked:
+            keyring.forget_recovered(item.purpose, item.key_id)
+        raise
+    return checked
+
+
+def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list[Recovered]:
+    """Each unnoted key checked against the store; refused naming every key the store disagrees with."""
+    _refuse_unreadable(keyring, found)
+    store = Store(home, keyring)
+    if not store.path.exists():
+        return _without_store(home, found)
+    store_key = found.get("store") or keyring.get("store")
+    try:
+        with store.opened_with(store_key) as con:
+            results = {p: _check(con, home, keyring, p, key) for p, key in found.items()}
+    except StoreError as exc:
+        raise KeyRingError(f"{keyring.path('store')}: {exc}") from None
+    wrong = [problem for problem, _ in results.values() if problem]
+    if wrong:
+        raise KeyRingError("; ".join(wrong) + "; restore them from the key custodian's backup (nothing recorded)")
+    return [Recovered(p, key.key_id, results[p][1]) for p, key in found.items() if key is not None and results[p][1]]
+
+
+def _without_store(home: Home, found: dict[str, Key | None]) -> list[Recovered]:
+    """No store file: the keys protect nothing only where nothing shows the haven was used."""
+    with duckdb.connect() as con:  # an empty database: only the anchors and published files are judged
+        evidence = audit.evidence_of_use(con, home)
+    if evidence:
+        raise KeyRingError(
+            f"the store {home.store_file} is missing, so no key can be checked ({evidence}); "
+            "restore the store from backup, then run this again"
+        )
+    return [Recovered(p, key.key_id, NO_STORE) for p, key in found.items() if key is not None]
+
+
+def _refuse_unreadable(keyring: KeyRing, found: dict[str, Key | None]) -> None:
+    """A symmetric key file that holds no key is refused (a pair's missing half is :func:`_check`'s)."""
+    for purpose, key in found.items():
+        if key is None and purpose not in PAIRS:
+            raise KeyRingError(
+                f"{keyring.path(purpose)} holds no key the haven can read; restore it from the key custodian's backup"
+            )
+
+
+def _check(
+    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str, key: Key | None
+) -> tuple[str | None, str]:
+    """(what is wrong, or None; how it was checked, "" for a file left alone) for one unnoted key."""
+    if key is None:
+        return _missing_half(con, keyring, purpose)
+    destroyed = _destroyed(con).get(key.key_id)
+    if destroyed:
+        return f"{_file(keyring, purpose)} holds key {key.key_id}, which disposal {destroyed} destroyed", ""
+    if purpose == "store":
+        return None, OPENS_STORE
+    epoch = pins.current_epochs(con).get(purpose)
+    if epoch is not None and epoch != key.key_id:
+        return _not_epoch(con, keyring, purpose, key, epoch)
+    if purpose == audit.KEY_PURPOSE:
+        problem = audit.key_problem(con, home, key)
+        checked = TRAIL_VERIFIES if audit.has_entries(con) else MATCHES_EPOCH if epoch else UNUSED
+        return (f"{_file(keyring, purpose)} holds key {key.key_id}, but {problem}" if problem else None), checked
+    if purpose == VAULT:
+        audited = pins.audited_vault_key(con)
+        if audited and audited[1] and audited[1] != key.key_id:
+            return (
+                f"{_file(keyring, purpose)} holds key {key.key_id}, but the audit trail names vault key {audited[1]}",
+                "",
+            )
+    if epoch is None and _made_with(con, purpose):
+        return (
+            f"the store has no epoch of the {purpose} key though it holds data made with one: the store was edited "
+            "(restore it from backup)",
+            "",
+        )
+    return None, MATCHES_EPOCH if epoch else UNUSED
+
+
+def _not_epoch(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, purpose: str, key: Key, epoch: str
+) -> tuple[str | None, str]:
+    """A key that is not its purpose's current epoch: accepted only as the previous epoch's key of a
+    rotation the store committed and whose staged key is the current epoch (``--resume`` installs it)."""
+    if purpose in PAIRS:
+        next_id = keyring.staged_public_id(purpose)
+    else:
+        next_key = keyring.file_key(staged(purpose))
+        next_id = next_key.key_id if next_key else None
+    if next_id == epoch and _previous_epoch(con, purpose) == key.key_id:
+        return None, ROTATION_PENDING
+    return f"{_file(keyring, purpose)} holds key {key.key_id}, but the store's data was made with key {epoch}", ""
+
+
+def _missing_half(con: duckdb.DuckDBPyConnection, keyring: KeyRing, purpose: str) -> tuple[str | None, str]:
+    """A pair whose public half is missing or unreadable: refused once the store pins the pair; else
+    an unfinished first creation, left for ``safehaven keys init-vault`` (it shreds the orphan)."""
+    epoch = pins.current_epochs(con).get(purpose)
+    if epoch is None and not pins.vault_holds_entries(con):
+        return None, ""
+    return (
+        f"{keyring.public_path(purpose)} is missing or unreadable; restore the public half of key {epoch or '-'} "
+        "from the key custodian's backup",
+        "",
+    )
+
+
+def _made_with(con: duckdb.DuckDBPyConnection, purpose: str) -> bool:
+    """Whether the store holds anything made with ``purpose``'s key (a key with no epoch must not)."""
+    if purpose == "haven":
+        return audit.holds_data(con)
+    if purpose == VAULT:
+        return pins.vault_holds_entries(con)
+    if purpose.startswith("agreement-"):
+        return pins.released_under(con, purpose.removeprefix("agreement-"))
+    return False
+
+
+def _previous_epoch(con: duckdb.DuckDBPyConnection, purpose: str) -> str | None:
+    """The key id of the epoch before ``purpose``'s current one, if any."""
+    if not table_exists(con, *schema.KEY_EPOCHS.split(".")):
+        return None
+    row = con.execute(
+        f"SELECT key_id FROM {schema.KEY_EPOCHS} WHERE purpose = ? ORDER BY started_at DESC LIMIT 1 OFFSET 1",
+        [purpose],
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def _destroyed(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Key id -> the disposal that destroyed it, from every disposal's recorded key step."""
+    if not table_exists(con, *schema.DISPOSAL_PROGRESS.split(".")):
+        return {}
+    rows = con.execute(
+        f"SELECT disposal_id, detail FROM {schema.DISPOSAL_PROGRESS} WHERE step = 'keys' ORDER BY done_at"
+    ).fetchall()  # one row per disposal, not per record
+    return {
+        str(k["key_id"]): str(disposal)
+        for disposal, detail in rows
+        for k in json.loads(detail or "{}").get("destroyed", [])
+        if isinstance(k, dict) and k.get("key_id")
+    }
+
+
+def _file(keyring: KeyRing, purpose: str) -> object:
+    """The file a purpose's key id is read from (a pair: its public half)."""
+    return keyring.public_path(purpose) if purpose in PAIRS else keyring.path(purpose)
