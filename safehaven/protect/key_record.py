@@ -63,6 +63,7 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
     """Record again the key files a lost ``keyring.json`` noted, each checked against the store
     (module docstring); audited. Returns what was recorded ([]: every key file is noted).
     Refused (KeyRingError), recording nothing, when any key disagrees with the store."""
+    Store(home, keyring).recover()  # an interrupted store swap first: it replaces the store key file
     found = keyring.unnoted()
     if not found:
         return []

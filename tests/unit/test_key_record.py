@@ -219,3 +219,43 @@ def test_notes_are_taken_back_when_the_audit_entry_cannot_be_written(
     with pytest.raises(audit.AuditTrailBroken):
         key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
     assert KeyRing(haven_home.keys).manifest() == {}, "recorded with its entry, or not at all"
+
+
+def test_a_store_swap_interrupted_beside_a_lost_record_is_finished_and_the_new_key_recorded(haven_home: Home) -> None:
+    """A store-key rotation killed between its journal and its swap: the swap is finished (it needs
+    no pin: the key it replaces is shredded) and records the new store key, and the rest are
+    recovered (before, the swap read the unnoted key and refused, naming this very command)."""
+    store = Store(haven_home)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        store.rebuild(_crash_after="journal")
+    new = json.loads(store.journal.read_text())["new_key_id"]
+    _lose_record(haven_home, "deleted")
+    ring = KeyRing(haven_home.keys)
+    recovered = {r.purpose for r in key_record.recover_record(haven_home, ring, actor="custodian")}
+    assert ring.current_id("store") == new and not store.journal.exists(), "the swap installs and records its key"
+    assert recovered == {"haven", "audit", "vault"}
+
+
+def test_a_vault_pair_missing_its_public_half_is_refused_naming_it(haven_home: Home) -> None:
+    _lose_record(haven_home, "emptied")
+    (haven_home.keys / "vault.pub").unlink()
+    with pytest.raises(KeyRingError, match="vault.pub is missing or unreadable; restore the public half of key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+
+
+def test_a_missing_store_file_is_not_taken_for_a_new_haven(haven_home: Home) -> None:
+    """Without the store nothing can be checked; the anchors show the haven was used, so the keys
+    are not recorded unchecked (and no new store is made)."""
+    _lose_record(haven_home, "deleted")
+    haven_home.store_file.rename(haven_home.store_file.with_name("elsewhere.duckdb"))
+    with pytest.raises(KeyRingError, match="store .* is missing, so no key can be checked .*restore the store"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    assert not haven_home.store_file.exists()
+
+
+def test_files_that_are_not_the_havens_keys_are_left_alone(haven_home: Home) -> None:
+    current = _lose_record(haven_home, "deleted")
+    for name in ("tls.key", "store.old.key"):
+        _swap(haven_home.keys / name)
+    recovered = key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    assert {r.purpose for r in recovered} == set(current)

@@ -299,3 +299,31 @@ def test_a_first_vault_pair_killed_before_its_public_half_is_made_again(
     assert not ring.unfinished_pair(VAULT)
     with pytest.raises(KeyRingError, match="already exists"):
         ring.create_keypair(VAULT)
+
+
+def _create_one(directory: str, purpose: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    out.put(KeyRing(Path(directory)).get_or_create(purpose).key_id)
+
+
+def test_processes_creating_the_same_key_at_once_make_one(tmp_path: Path) -> None:
+    """The check that a key is missing and its creation hold one lock: each process used to make
+    its own, and all but the last were lost with whatever they protected."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_create_one, args=(str(tmp_path / "keys"), "agreement-a", out)) for _ in range(6)]
+    for w in workers:
+        w.start()
+    ids = {out.get(timeout=60) for _ in workers}
+    for w in workers:
+        w.join(60)
+    assert ids == {KeyRing(tmp_path / "keys").get("agreement-a").key_id}
+
+
+@pytest.mark.parametrize("lock", ["a link", "a folder"])
+def test_a_lock_file_that_cannot_be_opened_is_refused_naming_it(tmp_path: Path, lock: str) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    path = keys / ".keyring.lock"
+    path.symlink_to(tmp_path / "elsewhere") if lock == "a link" else path.mkdir()
+    with pytest.raises(KeyRingError, match=r"lock file .*\.keyring\.lock cannot be opened"):
+        KeyRing(keys).get_or_create("haven")
