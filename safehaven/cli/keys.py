@@ -358,8 +358,9 @@ def _write_drop(folder: Path, text: str) -> Path:
     """A new drop in ``folder`` (0700), created 0600 and never over an existing file or through a link."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    path = folder / f"objections_recorded_{stamp}.csv"
+    from safehaven.protect.feed import recorded_drop_name
+
+    path = folder / recorded_drop_name(datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f"))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", newline="") as fh:
         fh.write(text)
@@ -418,6 +419,7 @@ def objections_record(
                 "recorded_date": recorded,
                 "withdrawn_date": withdrawn or None,
                 "next": "run `safehaven run` (or wait for the nightly run) to register it",
+                "refreshes_register": False,
             }
         )
     )

@@ -47,10 +47,13 @@ against a current list). Rules:
   (:func:`resolved_on_record`); a fault marked resolved in the store by SQL, or by a resolution
   killed before its entry, still blocks (and ``resolve`` takes it again).
 * **Freshness.** The register's *refresh date* is the latest day an objections file landed
-  and was validated (its rows honoured), or the latest clean objections file was received again
-  unchanged and registered as a restatement (an unchanged daily list is still a current list;
-  an older file sent again is not: files landed after it hold newer statements;
-  ``safehaven.protect.objections.register_restatements``), or the latest date a person attested that the
+  and was validated (its rows honoured; not a drop ``safehaven objections record`` wrote,
+  :func:`recorded_drop_name`: one person's objection says nothing of the rest of the list, and
+  counting it let a hand-recorded objection make a months-old list look current), or the
+  latest clean objections file was received again unchanged and registered as a restatement
+  (an unchanged daily list is still a current list; an older file sent again is not: files
+  landed after it hold newer statements; ``safehaven.protect.objections.register_restatements``),
+  or the latest date a person attested that the
   register matches the current list (``safehaven objections refreshed --as-of``,
   ``attest_refresh``; only attestations on record in the audit trail count, :func:`attested_on`,
   not a date added to the store's table). A record-level release refuses when that date is older than the
@@ -116,6 +119,9 @@ FAULTS = schema.OBJECTION_FEED_FAULTS
 REFRESHES = schema.OBJECTION_REFRESHES
 #: The haven's freshness window for the objection register, in days (NDOP: a current list).
 DEFAULT_WINDOW_DAYS = 31
+#: How ``safehaven objections record`` names the drop it writes: one person's statement, not the
+#: current list, so it never refreshes the register (module docstring, "Freshness").
+RECORDED_PREFIX = "objections_recorded_"
 #: hex characters of a file's SHA-256 shown in a refusal: enough to name it (``objections resolve``
 #: takes 12 or more), and a whole hex token, so the audit guard never mistakes its digits for an
 #: NHS number (``safehaven.core.audit``)
@@ -699,17 +705,27 @@ def describe_pending(
     return "; ".join(parts) or None
 
 
+def recorded_drop_name(stamp: str) -> str:
+    """The name of a drop ``safehaven objections record`` writes (:data:`RECORDED_PREFIX`)."""
+    return f"{RECORDED_PREFIX}{stamp}.csv"
+
+
 def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
-    """The register's refresh date: the latest objections file validated, or attestation (module docstring)."""
+    """The register's refresh date: the latest objections file validated (a hand-recorded drop
+    never counts), or one sent again unchanged, or an attestation (module docstring, "Freshness")."""
     ensure_tables(con)
     dropped = con.execute(
-        f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL",
-        [COLLECTION],
+        f"SELECT max(CAST(landed_at AS DATE)) FROM {BATCHES} WHERE collection = ? AND validated_at IS NOT NULL "
+        "AND NOT coalesce(starts_with(file_name, ?), false)",
+        [COLLECTION, RECORDED_PREFIX],
     ).fetchone()[0]
     restated = con.execute(  # the latest clean file, sent again unchanged (module docstring, "Freshness")
         f"SELECT max(CAST(r.noted_at AS DATE)) FROM {RESTATEMENTS} r JOIN ({_clean_batches_sql(con)}) c "
-        "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0 AND NOT EXISTS (SELECT 1 "
-        f"FROM {BATCHES} later WHERE later.collection = '{COLLECTION}' AND later.landed_at > c.landed_at)"
+        "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0 "
+        "AND NOT coalesce(starts_with(c.file_name, ?), false) "
+        f"AND NOT EXISTS (SELECT 1 FROM {BATCHES} later WHERE later.collection = '{COLLECTION}' "
+        "AND later.landed_at > c.landed_at)",
+        [RECORDED_PREFIX],
     ).fetchone()[0]
     known = [d for d in (dropped, restated, attested_on(con)) if d is not None]
     return max(known) if known else None

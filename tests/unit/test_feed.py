@@ -843,6 +843,22 @@ def test_an_unchanged_daily_list_adds_no_event_and_keeps_the_register_current(ha
     assert haven.release().status == "released"
 
 
+def test_an_objection_recorded_by_hand_is_honoured_but_does_not_refresh_the_register(haven: Haven) -> None:
+    """``safehaven objections record`` writes one person's statement, not the current list: it is
+    registered like any file, but a stale register stays stale (it counted as a refresh, so one
+    hand-recorded objection made a months-old list look current: found on re-reading)."""
+    haven.drop("daily.csv", [opt_out(10)])
+    haven.run()
+    haven.age(40)
+    stale = feed.refreshed_on(haven.con)
+    haven.drop(feed.recorded_drop_name("20261206T093512123456"), [opt_out(11)])
+    haven.run()
+    assert _in_force(haven, 11)
+    assert feed.refreshed_on(haven.con) == stale
+    with pytest.raises(ReleaseRefused, match=f"last refreshed on {stale.isoformat()}"):
+        haven.release()
+
+
 def test_a_restatement_not_yet_registered_refuses_record_level_releases(haven: Haven) -> None:
     haven.drop("objections.csv", [opt_out(10)])
     haven.run()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from click.testing import CliRunner
 
 from safehaven.cli.main import main
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import Store
+from safehaven.protect.feed import RECORDED_PREFIX
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.pseudonymise import install_key, pseudonym
 from tests.unit.populate import populated, process
@@ -44,6 +47,8 @@ def test_recorded_objection_in_any_formatting_enters_the_register(home: Home) ->
     assert nhs not in done.output and spaced not in done.output
     drops = list(home.incoming_for("objections").glob("*.csv"))
     assert len(drops) == 1 and oct(drops[0].stat().st_mode & 0o777) == oct(0o600)
+    assert drops[0].name.startswith(RECORDED_PREFIX), "named so that it never refreshes the register"
+    assert json.loads(done.output)["refreshes_register"] is False
     assert runner.invoke(main, ["objections", "record", "--nhs-number", "9990001237", "--type", "type1"]).exit_code
     process(home)
     with Store(home).connect() as con:
