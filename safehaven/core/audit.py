@@ -1527,13 +1527,14 @@ def resolve(
 
 def key_problem(con: duckdb.DuckDBPyConnection, home: Home, key: Key) -> str | None:
     """Why ``key`` is not the key this haven's trail was written with, or None when it is: every
-    entry verifies under it and links to the one before, and no anchor names another key; an empty
-    trail only where nothing shows the haven was used. The key custodian's check of an audit key
-    file the key ring has no note of (``safehaven.protect.key_record``): a swapped key beside an
-    emptied log is not taken for a new trail's (found by review)."""
+    entry verifies under it and links to the one before, and no anchor names another key; never with
+    an empty trail (a new trail's key is staged, ``audit-next``, until its first entry is anchored,
+    so an installed key beside an empty log means the log was emptied). The key custodian's check
+    of an audit key file the key ring has no note of (``safehaven.protect.key_record``): a swapped
+    key beside an emptied log is not taken for a new trail's (found by review)."""
     if not _table_exists(con) or _tail(con).seq == 0:
-        evidence = evidence_of_use(con, home)
-        return None if evidence is None else f"the audit trail is empty, but {evidence}"
+        evidence = evidence_of_use(con, home) or "an installed audit key exists (a new trail's is staged until entry 1)"
+        return f"the audit trail is empty, but {evidence}"
     anchored = [
         str(r["key_id"]) for r in (anchors.read_head(home), anchors.last_history_line(home)) if r and r.get("key_id")
     ]
@@ -1546,11 +1547,6 @@ def key_problem(con: duckdb.DuckDBPyConnection, home: Home, key: Key) -> str | N
 def holds_data(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the store holds landed, haven, vault, released or published rows (or a release on record)."""
     return _holds_data(con)
-
-
-def has_entries(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether the trail holds any entry."""
-    return _table_exists(con) and _tail(con).seq > 0
 
 
 def evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home) -> str | None:

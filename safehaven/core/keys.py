@@ -105,6 +105,11 @@ MANIFEST = "keyring.json"
 #: Held exclusively around each read-modify-write of ``keyring.json`` (two processes each adding a
 #: note must not lose one: a key file with no note is refused).
 MANIFEST_LOCK = ".keyring.lock"
+#: What a ``keyring.json`` that cannot be read as a record asks of the key custodian.
+_DAMAGED = (
+    "the key custodian runs `safehaven keys recover-record`, which keeps it as keyring.json.damaged-<time> "
+    "and records the key files again, each checked against the store"
+)
 #: Held exclusively by :meth:`KeyRing.get_or_create` from its check that a key is missing to its
 #: write, so processes creating the same key at once make one (found by review: each made its own).
 CREATE_LOCK = ".create.lock"
@@ -755,13 +760,22 @@ class KeyRing:
         material = _hex_key(path)
         return Key(purpose + (".pub" if purpose in PAIRS else ""), material) if material else None
 
-    def note_recovered(self, purpose: str, key: Key) -> None:
-        """Record ``key`` for an unnoted ``purpose`` after the key custodian's check against the
-        store (``safehaven.protect.key_record``); refused if the file changed since it was read."""
-        now = self.file_key(purpose)
-        if now is None or now.material != key.material or purpose not in self.unnoted():
-            raise KeyRingError(f"{self.path(purpose)} changed while it was checked; run `{RECOVER_COMMAND}` again")
-        self._record(purpose, key.key_id)
+    def note_recovered(self, keys: dict[str, Key]) -> None:
+        """Record each unnoted purpose's key after the key custodian's check against the store
+        (``safehaven.protect.key_record``), all in one change of ``keyring.json``; refused, recording
+        none, if any file changed since it was read."""
+        with self._manifest_locked():
+            unnoted = self.unnoted()
+            for purpose, key in keys.items():
+                now = unnoted.get(purpose)
+                if now is None or now.material != key.material:
+                    raise KeyRingError(
+                        f"{self.path(purpose)} changed while it was checked; run `{RECOVER_COMMAND}` again"
+                    )
+            data = self.manifest()
+            for purpose, key in keys.items():
+                data = _recorded(data, purpose, key.key_id)
+            self._save(data)
 
     def forget_recovered(self, purpose: str, kid: str) -> None:
         """Undo :meth:`note_recovered` (its audit entry could not be written): the purpose's entry
@@ -792,12 +806,10 @@ class KeyRing:
         try:
             data = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
         except (ValueError, UnicodeDecodeError):
-            raise KeyRingError(f"{path} is not readable JSON; restore it from the key custodian's backup") from None
+            raise KeyRingError(f"{path} is not readable JSON; {_DAMAGED}") from None
         problem = _manifest_shape(data)
         if problem:
-            raise KeyRingError(
-                f"{path} is not a key ring manifest ({problem}); restore it from the key custodian's backup"
-            )
+            raise KeyRingError(f"{path} is not a key ring manifest ({problem}); {_DAMAGED}")
         return data
 
     def _mark_pending(self, purpose: str, kid: str) -> None:

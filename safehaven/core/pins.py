@@ -366,7 +366,7 @@ def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_i
     purpose = agreement_purpose(agreement_id)
     if not keyring.exists(purpose):
         recorded = epoch_key_id(con, purpose)
-        problem = missing_agreement_key(keyring, agreement_id, recorded)
+        problem = _destroyed_salt(con, agreement_id, recorded) or missing_agreement_key(keyring, agreement_id, recorded)
         if problem is None and released_under(con, agreement_id):
             problem = missing_agreement_key(keyring, agreement_id, "recorded in the release register")
         if problem or not create:
@@ -374,6 +374,29 @@ def agreement_salt(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_i
     salt = keyring.get_or_create(purpose)
     check_epoch(con, purpose, salt.key_id, str(keyring.path(purpose)))
     return salt
+
+
+def destroyed_keys(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Key id -> the disposal that destroyed it, from the disposal register (its certificates'
+    ``key_ids_destroyed``): the store's own record, which a lost ``keyring.json`` does not take with it."""
+    schema_name, _, table = schema.DISPOSAL_REGISTER.partition(".")
+    if not table_exists(con, schema_name, table):
+        return {}
+    rows = con.execute(  # one row per disposal
+        f"SELECT disposal_id, key_ids_destroyed FROM {schema.DISPOSAL_REGISTER} WHERE key_ids_destroyed IS NOT NULL"
+    ).fetchall()
+    return {kid.strip(): str(disposal) for disposal, ids in rows for kid in str(ids).split(",") if kid.strip()}
+
+
+def _destroyed_salt(con: duckdb.DuckDBPyConnection, agreement_id: str, recorded: str | None) -> str | None:
+    """Why a missing salt the store's disposal register records as destroyed is gone for good, or None."""
+    disposal = destroyed_keys(con).get(recorded or "")
+    if disposal is None:
+        return None
+    return (
+        f"agreement {agreement_id}'s pseudonym key {recorded} was destroyed by disposal {disposal}; "
+        "its pseudonym domain is gone and nothing more is released under it (a destroyed key is never restored)"
+    )
 
 
 def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:

@@ -167,6 +167,19 @@ def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
 DEFAULT_THREADS: int | None = None
 
 
+def _opens(path: Path, key: Key) -> bool:
+    """Whether ``key`` opens the encrypted store file at ``path`` (read-only, in a DuckDB of its own)."""
+    probe = duckdb.connect()
+    try:
+        _prepare_instance(probe)
+        probe.execute(f"ATTACH '{path}' AS _probe (ENCRYPTION_KEY '{key.hex}', READ_ONLY)")
+        return True
+    except duckdb.Error:
+        return False
+    finally:
+        probe.close()
+
+
 def _attach_failed(path: Path, key: Key, message: str) -> str:
     """Why ``key`` did not open the store at ``path``: the wrong key, the store in use, or another
     fault, each said as such (a store busy or damaged is not blamed on its key: found by review)."""
@@ -386,9 +399,13 @@ class Store:
             return self._recover_held()
 
     def _recover_held(self) -> str | None:
+        """:meth:`recover` under the lock. A swap is finished only with the key the journal names,
+        proven to open the file being swapped in; the old key is shredded only after (a forged or
+        stale journal, or a new file someone removed, shredded the only key that opened the store:
+        found by review). Otherwise refused, every file and the journal kept."""
         if not self.journal.exists():
             return None
-        state = json.loads(self.journal.read_text())
+        state = self._journal_state()
         next_key = self.keyring.path("store-next")
         if state.get("state") == "building":
             self._next_file.unlink(missing_ok=True)
@@ -396,18 +413,38 @@ class Store:
             self.keyring.discard("store-next")
             self.journal.unlink()
             return "discarded a half-built store"
+        key = self.keyring.get("store-next") if next_key.exists() else self.keyring.file_key("store")
+        target = self._next_file if self._next_file.exists() else self.path
+        if key is None or key.key_id != state.get("new_key_id") or not _opens(target, key):
+            raise StoreError(
+                f"{self.journal} says a store swap to key {state.get('new_key_id')} was interrupted, but no key file "
+                f"holding that key opens {target}; nothing was changed. If no store-key rotation or disposal was "
+                "running, the journal is not the haven's: the key custodian moves it (and keys/store-next.key) aside"
+            )
         if self._next_file.exists():
             os.replace(self._next_file, self.path)
         self.path.with_name(self.path.name + ".wal").unlink(missing_ok=True)
         if next_key.exists():
-            material = self.keyring.get("store-next").material
             installed = self.keyring.file_key("store")  # replaced unless it is the new key: no pin needed
-            if installed is None or installed.key_id != state["new_key_id"]:
-                self.keyring.write("store", material, replace=True)  # shreds the old key
+            if installed is None or installed.key_id != key.key_id:
+                self.keyring.write("store", key.material, replace=True)  # shreds the old key
             self.keyring.discard("store-next")
         shutil.rmtree(self.home.store_dir / "tmp", ignore_errors=True)
         self.journal.unlink()
         return "completed an interrupted store swap"
+
+    def _journal_state(self) -> dict[str, str]:
+        """The rebuild journal's state; refused, naming the file, when it cannot be read as one."""
+        try:
+            state = json.loads(self.journal.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"the store rebuild journal {self.journal} cannot be read ({type(exc).__name__}); nothing was "
+                "changed. If no store-key rotation or disposal was running, the key custodian moves it aside"
+            ) from None
+        if not isinstance(state, dict):
+            raise StoreError(f"the store rebuild journal {self.journal} is not a journal; the key custodian judges it")
+        return state
 
     def rebuild(self, *, rekey: bool = True, _crash_after: str | None = None) -> dict[str, str]:
         """Copy the live store into a fresh file (under a fresh key) and swap it in atomically.

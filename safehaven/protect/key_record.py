@@ -10,7 +10,7 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
 
   - the store key, by opening the store with it (AES-GCM: no other key opens it);
   - the audit key, by the trail: every entry verifies under it and no anchor names another key;
-    an empty trail only where nothing shows the haven was used (``safehaven.core.audit.key_problem``);
+    never beside an empty trail (``safehaven.core.audit.key_problem``);
   - every other key, by the store's current epoch of its purpose (``governance.key_epochs``); a
     haven key rotation the store committed but whose key was never installed is accepted as the
     previous epoch's key, and ``safehaven keys rotate --resume`` is named to finish it;
@@ -18,25 +18,30 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
     (``safehaven.core.pins.audited_vault_key``);
   - a key with no epoch only where the store holds nothing made with it (the haven key: no data;
     an agreement's salt: nothing released or prepared under it; the vault: no entry);
-  - a key a disposal destroyed (``governance.disposal_progress``) is never brought back.
+  - a key a disposal destroyed (the disposal register, ``safehaven.core.pins.destroyed_keys``) is
+    never brought back.
 
 * Recorded only when every key agrees, then audited as ``key.record.recover`` with ids only; if
   the entry cannot be written the notes are taken back. A key the store disagrees with is
   refused, naming the key it expects, and nothing is recorded.
-* The store is never created here: a haven whose store file is gone while its anchors remain is
-  refused (restore the store); one with no store and no sign of use has nothing to check against.
+* The store is never created here: a haven whose store file is gone while its anchors or an
+  installed audit key remain is refused (restore the store); one with no store and no sign of use
+  has nothing made with its keys and no trail to write to, so they are recorded unaudited (the
+  first run starts the trail).
+* A ``keyring.json`` that cannot be read as a record at all (empty, half-written, another shape)
+  is kept as ``keyring.json.damaged-<time>`` and read as lost; the entry names the copy.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import duckdb
 
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
-from safehaven.core.keys import PAIRS, VAULT, Key, KeyRing, KeyRingError, staged
+from safehaven.core.keys import MANIFEST, PAIRS, VAULT, Key, KeyRing, KeyRingError, staged
 from safehaven.core.store import Store, StoreError, table_exists
 
 RECOVER_ACTION = "key.record.recover"
@@ -64,14 +69,16 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
     (module docstring); audited. Returns what was recorded ([]: every key file is noted).
     Refused (KeyRingError), recording nothing, when any key disagrees with the store."""
     Store(home, keyring).recover()  # an interrupted store swap first: it replaces the store key file
+    kept = _set_aside_damaged(keyring)
     found = keyring.unnoted()
     if not found:
         return []
     checked = _checked(home, keyring, found)
-    keys = {item.purpose: found[item.purpose] for item in checked}
-    for item in checked:
-        keyring.note_recovered(item.purpose, keys[item.purpose])  # type: ignore[arg-type]
+    if not home.store_file.exists():
+        keyring.note_recovered({item.purpose: found[item.purpose] for item in checked})  # type: ignore[misc]
+        return checked  # nothing is made with them and there is no trail: the first run starts it
     try:
+        keyring.note_recovered({item.purpose: found[item.purpose] for item in checked})  # type: ignore[misc]
         with Store(home, keyring).connect() as con:
             detail = {item.purpose: {"key_id": item.key_id, "checked": item.checked} for item in checked}
             audit.append(
@@ -80,7 +87,7 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
                 role="key_custodian",
                 action=RECOVER_ACTION,
                 object="key:record",
-                detail={"recorded": detail},
+                detail={"recorded": detail, **({"damaged_record_kept_as": kept} if kept else {})},
                 home=home,
             )
     except BaseException:
@@ -90,12 +97,25 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
     return checked
 
 
+def _set_aside_damaged(keyring: KeyRing) -> str | None:
+    """A ``keyring.json`` that cannot be read as a record (empty, half-written, another shape) is
+    kept under another name and read as lost; returns that name (None when it reads)."""
+    try:
+        keyring.manifest()
+        return None
+    except KeyRingError:
+        path = keyring.directory / MANIFEST
+        kept = path.with_name(f"{MANIFEST}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}")
+        path.rename(kept)
+        return kept.name
+
+
 def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list[Recovered]:
     """Each unnoted key checked against the store; refused naming every key the store disagrees with."""
     _refuse_unreadable(keyring, found)
     store = Store(home, keyring)
     if not store.path.exists():
-        return _without_store(home, found)
+        return _without_store(home, keyring, found)
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
@@ -108,10 +128,14 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     return [Recovered(p, key.key_id, results[p][1]) for p, key in found.items() if key is not None and results[p][1]]
 
 
-def _without_store(home: Home, found: dict[str, Key | None]) -> list[Recovered]:
+def _without_store(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list[Recovered]:
     """No store file: the keys protect nothing only where nothing shows the haven was used."""
     with duckdb.connect() as con:  # an empty database: only the anchors and published files are judged
         evidence = audit.evidence_of_use(con, home)
+    if evidence is None and keyring.exists(audit.KEY_PURPOSE):
+        evidence = (
+            "an installed audit key exists (a new trail's key is installed only once its first entry is anchored)"
+        )
     if evidence:
         raise KeyRingError(
             f"the store {home.store_file} is missing, so no key can be checked ({evidence}); "
@@ -135,7 +159,7 @@ def _check(
     """(what is wrong, or None; how it was checked, "" for a file left alone) for one unnoted key."""
     if key is None:
         return _missing_half(con, keyring, purpose)
-    destroyed = _destroyed(con).get(key.key_id)
+    destroyed = pins.destroyed_keys(con).get(key.key_id)
     if destroyed:
         return f"{_file(keyring, purpose)} holds key {key.key_id}, which disposal {destroyed} destroyed", ""
     if purpose == "store":
@@ -145,8 +169,7 @@ def _check(
         return _not_epoch(con, keyring, purpose, key, epoch)
     if purpose == audit.KEY_PURPOSE:
         problem = audit.key_problem(con, home, key)
-        checked = TRAIL_VERIFIES if audit.has_entries(con) else MATCHES_EPOCH if epoch else UNUSED
-        return (f"{_file(keyring, purpose)} holds key {key.key_id}, but {problem}" if problem else None), checked
+        return (f"{_file(keyring, purpose)} holds key {key.key_id}, but {problem}" if problem else None), TRAIL_VERIFIES
     if purpose == VAULT:
         audited = pins.audited_vault_key(con)
         if audited and audited[1] and audited[1] != key.key_id:
@@ -211,21 +234,6 @@ def _previous_epoch(con: duckdb.DuckDBPyConnection, purpose: str) -> str | None:
         [purpose],
     ).fetchone()
     return str(row[0]) if row else None
-
-
-def _destroyed(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    """Key id -> the disposal that destroyed it, from every disposal's recorded key step."""
-    if not table_exists(con, *schema.DISPOSAL_PROGRESS.split(".")):
-        return {}
-    rows = con.execute(
-        f"SELECT disposal_id, detail FROM {schema.DISPOSAL_PROGRESS} WHERE step = 'keys' ORDER BY done_at"
-    ).fetchall()  # one row per disposal, not per record
-    return {
-        str(k["key_id"]): str(disposal)
-        for disposal, detail in rows
-        for k in json.loads(detail or "{}").get("destroyed", [])
-        if isinstance(k, dict) and k.get("key_id")
-    }
 
 
 def _file(keyring: KeyRing, purpose: str) -> object:

@@ -30,7 +30,7 @@ import duckdb
 import pytest
 
 from safehaven.context import Haven
-from safehaven.core import audit
+from safehaven.core import audit, pins
 from safehaven.core import registers as reg
 from safehaven.core.days import haven_today
 from safehaven.core.home import Home
@@ -42,7 +42,7 @@ from safehaven.dispose import steps as disposal_steps
 from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
-from safehaven.protect import vault
+from safehaven.protect import key_record, vault
 from safehaven.protect.pseudonymise import pseudonym, release_pseudonym
 from safehaven.publish.aggregate import count
 from safehaven.publish.outputs import load_outputs
@@ -1693,3 +1693,27 @@ def test_a_release_in_the_register_with_no_delivery_on_record_is_not_disposed_of
     [item] = _agreement_items(world)
     assert item.action == "review" and item.detail["unrecorded"] == [added]
     assert "no delivery on the audit trail" in item.reason
+
+
+def test_a_salt_a_disposal_destroyed_stays_destroyed_after_the_key_record_is_lost(world: World) -> None:
+    """Lose ``keyring.json`` after a disposal and put a backup of the agreement's salt back: the
+    store's disposal register says it was destroyed, so the missing salt is never "restore it from
+    backup", and the key custodian's recovery refuses the copy (it undid the crypto-shredding:
+    found by review)."""
+    home = world.home
+    path = home.keys / f"agreement-{STUDY}.key"
+    backup = path.read_bytes()
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, Caldicott Guardian").status == (
+        "disposed"
+    )
+    (home.keys / "keyring.json").unlink()
+    ring = KeyRing(home.keys)
+    key_record.recover_record(home, ring, actor="custodian")  # the other keys, checked against the store
+    with Store(home).connect() as con, pytest.raises(KeyRingError, match="destroyed by disposal .*never restored"):
+        pins.agreement_salt(con, ring, STUDY, create=False)
+    path.write_bytes(backup)
+    path.chmod(0o600)
+    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal .* destroyed"):
+        key_record.recover_record(home, ring, actor="custodian")
+    assert f"agreement-{STUDY}" not in ring.manifest()

@@ -22,8 +22,8 @@ from safehaven.cli.main import main
 from safehaven.context import Haven
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing, KeyRingError, agreement_purpose
-from safehaven.core.store import Store
+from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.store import Store, StoreError
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import key_record, rotation
 from tests.conftest import copy_haven, custodian_ring
@@ -38,7 +38,8 @@ def _lose_record(home: Home, how: str) -> dict[str, str]:
     """Delete or empty ``keyring.json``; returns the current key ids it recorded."""
     path = home.keys / "keyring.json"
     current = {p: str(e["current"]) for p, e in json.loads(path.read_text()).items() if e.get("current")}
-    path.unlink() if how == "deleted" else path.write_text("{}")
+    forms = {"emptied": "{}", "truncated": "", "another shape": "[]"}
+    path.unlink() if how == "deleted" else path.write_text(forms[how])
     return current
 
 
@@ -52,10 +53,12 @@ def test_a_lost_record_refuses_every_key_until_the_custodian_records_the_files_a
     haven_home: Home, how: str
 ) -> None:
     current = _lose_record(haven_home, how)
-    with pytest.raises(KeyRingError, match="has no note of any key for 'store'.*safehaven keys recover-record"):
+    with pytest.raises(KeyRingError, match="safehaven keys recover-record"):
         with Store(haven_home).connect():
             pass
     recovered = key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    kept = sorted(p.name for p in haven_home.keys.glob("keyring.json.damaged-*"))
+    assert len(kept) == (how in ("truncated", "another shape")), "a damaged record is kept, not overwritten"
     assert {r.purpose: r.key_id for r in recovered} == current
     checked = {r.purpose: r.checked for r in recovered}
     assert checked["store"] == key_record.OPENS_STORE
@@ -125,27 +128,6 @@ def test_the_commands_name_the_unnoted_keys_and_record_them_again(haven_home: Ho
     assert f"haven: key {current['haven']} recorded (the store's epoch)" in recovered.output
     assert recovered.output.strip().endswith("audited")
     assert "no note" not in CliRunner().invoke(main, ["keys", "list"]).output
-
-
-def test_a_key_a_disposal_destroyed_is_never_brought_back(haven_home: Home) -> None:
-    """A copy of an agreement's salt kept from before its disposal, put back beside a lost record,
-    would undo the crypto-shredding: the store's record of the disposal's key step refuses it."""
-    ring = KeyRing(haven_home.keys)
-    purpose = agreement_purpose("gone-study")
-    backup = ring.get_or_create(purpose)
-    with Store(haven_home).connect() as con:
-        pins.check_epoch(con, purpose, backup.key_id, "the salt")
-        schema.ensure(con, schema.DISPOSAL_PROGRESS)
-        con.execute(  # as safehaven.dispose.steps.destroy_keys records its step
-            f"INSERT INTO {schema.DISPOSAL_PROGRESS} VALUES ('disp-1', 'keys', now(), ?)",
-            [json.dumps({"destroyed": [{"purpose": purpose, "key_id": backup.key_id}]})],
-        )
-    ring.destroy(purpose)
-    _lose_record(haven_home, "deleted")
-    ring.write(purpose, backup.material, record=False)  # the old copy put back
-    with pytest.raises(KeyRingError, match=f"holds key {backup.key_id}, which disposal disp-1 destroyed"):
-        key_record.recover_record(haven_home, ring, actor="custodian")
-    assert not (haven_home.keys / "keyring.json").exists()
 
 
 def test_a_haven_rotation_committed_but_not_installed_is_recovered_then_resumed(
@@ -259,3 +241,38 @@ def test_files_that_are_not_the_havens_keys_are_left_alone(haven_home: Home) -> 
         _swap(haven_home.keys / name)
     recovered = key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
     assert {r.purpose for r in recovered} == set(current)
+
+
+def _forge_swap(home: Home, *, next_file: bool) -> bytes:
+    """A ``store/rebuild.json`` saying a swap was interrupted, beside a random ``store-next.key``
+    (and, with ``next_file``, a stray ``haven.duckdb.next``); returns the real store key's bytes."""
+    real = (home.keys / "store.key").read_bytes()
+    staged = KeyRing(home.keys).write("store-next", os.urandom(32), record=False)
+    (home.store_dir / "rebuild.json").write_text(json.dumps({"state": "swapping", "new_key_id": staged.key_id}))
+    if next_file:
+        (home.store_dir / "haven.duckdb.next").write_bytes(os.urandom(4096))
+    return real
+
+
+@pytest.mark.parametrize("next_file", [True, False], ids=["forged new file", "new file removed"])
+def test_a_store_swap_whose_key_does_not_open_the_file_is_refused_and_nothing_is_shredded(
+    haven_home: Home, next_file: bool
+) -> None:
+    """A forged or stale journal (or a new file someone removed) named a staged key that opens
+    nothing, and the swap shredded the only key that opened the store (found by review)."""
+    real = _forge_swap(haven_home, next_file=next_file)
+    for _ in range(2):  # and again at the next attempt
+        with pytest.raises(StoreError, match="rebuild.json says a store swap to key .* no key file .* opens"):
+            with Store(haven_home).connect():
+                pass
+    assert (haven_home.keys / "store.key").read_bytes() == real
+    (haven_home.store_dir / "rebuild.json").unlink()  # the custodian moves it aside
+    with Store(haven_home).connect(read_only=True) as con:
+        assert audit.verify(con, haven_home).ok
+
+
+def test_an_unreadable_rebuild_journal_is_refused_naming_it(haven_home: Home) -> None:
+    (haven_home.store_dir / "rebuild.json").write_text('{"state": "swapp')
+    with pytest.raises(StoreError, match="rebuild journal .*rebuild.json cannot be read"):
+        with Store(haven_home).connect():
+            pass

@@ -181,7 +181,7 @@ def test_a_key_ring_manifest_of_another_shape_is_refused_not_read_as_empty(tmp_p
     ring = KeyRing(tmp_path / "keys")
     ring.get_or_create("haven")
     (tmp_path / "keys" / "keyring.json").write_text(text)
-    with pytest.raises(KeyRingError, match="restore it from the key custodian's backup"):
+    with pytest.raises(KeyRingError, match="keeps it as keyring.json.damaged-<time> and records the key files again"):
         ring.get("haven")
 
 
