@@ -724,8 +724,8 @@ def refreshed_on(con: duckdb.DuckDBPyConnection) -> date | None:
         "USING (batch_id) WHERE r.registered_at IS NOT NULL AND r.statements > 0 "
         "AND NOT coalesce(starts_with(c.file_name, ?), false) "
         f"AND NOT EXISTS (SELECT 1 FROM {BATCHES} later WHERE later.collection = '{COLLECTION}' "
-        "AND later.landed_at > c.landed_at)",
-        [RECORDED_PREFIX],
+        "AND later.landed_at > c.landed_at AND NOT coalesce(starts_with(later.file_name, ?), false))",
+        [RECORDED_PREFIX, RECORDED_PREFIX],
     ).fetchone()[0]
     known = [d for d in (dropped, restated, attested_on(con)) if d is not None]
     return max(known) if known else None

@@ -857,6 +857,9 @@ def test_an_objection_recorded_by_hand_is_honoured_but_does_not_refresh_the_regi
     assert feed.refreshed_on(haven.con) == stale
     with pytest.raises(ReleaseRefused, match=f"last refreshed on {stale.isoformat()}"):
         haven.release()
+    haven.drop("daily.csv", [opt_out(10)])  # the sender's list, unchanged, sent again
+    haven.run()
+    assert feed.refreshed_on(haven.con) == haven_today(), "a hand-recorded drop does not hold back a restatement"
 
 
 def test_a_restatement_not_yet_registered_refuses_record_level_releases(haven: Haven) -> None:
