@@ -583,3 +583,82 @@ def test_k_anonymity_property(people: list[tuple[int, str, str | None, int]], k:
     total = len(people)
     assert report.people_removed == (0 if total >= k else total)
     assert report.people_checked == total
+
+
+#: one record of a person in the two-collection release below: (collection, birth year, sex,
+#: postcode district, content); a person's records may differ in their quasi-identifiers
+record_strategy = st.tuples(
+    st.sampled_from(["hospital_episodes", "social_care"]),
+    st.sampled_from([1930, 1931, None]),
+    st.sampled_from(["1", "2"]),
+    st.sampled_from(["LS1", "LS2", None]),
+    st.sampled_from(["a", "b"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    people=st.lists(st.lists(record_strategy, min_size=1, max_size=4), min_size=1, max_size=30),
+    k=st.integers(2, 5),
+    share=st.sampled_from([0.05, 1.0]),
+)
+def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
+    people: list[list[tuple[str, int | None, str, str | None, str]]], k: int, share: float
+) -> None:
+    """Issue 22: a release checks k-anonymity on one row per distinct (person, quasi-identifiers)
+    and applies the outcome as it writes (``releases._k_anonymous_release``). Whatever the data,
+    the release tables, the people kept and the report are those of the rule applied to a copy
+    of every record (suppressed and deleted in place), and a refusal is the same refusal."""
+    from safehaven.share.releases import _k_anonymous_release, _quasi, _table, released_column
+
+    fields = [("hospital_episodes", f) for f in ("date_of_birth", "sex", "postcode", "admission_date")]
+    fields += [("social_care", f) for f in ("sex", "postcode", "service_type")]
+    agreement = Agreement.model_validate(agreement_data(
+        k_anonymity=k, max_suppressed_share=share, coarsening={"dob": "year", "postcode": "district"},
+        fields=[{"collection": c, "field": f, "justification": "Needed for the test."} for c, f in fields],
+    ))  # fmt: skip
+    registry = ContractRegistry()
+    contracts = {c: registry.contracts[c] for c in agreement.collections}
+    qis = {c: _quasi(contracts[c], agreement) for c in agreement.collections}
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA release")
+    work, copies = {}, {}
+    for i, c in enumerate(agreement.collections):
+        names = [released_column(contracts[c].field(f.field), agreement)[1] for f in agreement.fields_of(c)]
+        rows = [
+            (f"p{n}", f"person{n}", *({"birth_year": y, "sex": s, "postcode_district": d}.get(x, v) for x in names))
+            for n, records in enumerate(people)
+            for (rc, y, s, d, v) in records
+            if rc == c
+        ]
+        cols = ", ".join(f"{name} {'INTEGER' if name == 'birth_year' else 'VARCHAR'}" for name in names)
+        work[c], copies[c] = f"_work_{i}", f"_copy_{i}"
+        for t in (work[c], copies[c]):
+            con.execute(f"CREATE TEMP TABLE {t} (pid VARCHAR, {PERSON_ID} VARCHAR, {cols})")
+            if rows:
+                con.executemany(f"INSERT INTO {t} VALUES ({', '.join('?' * (len(names) + 2))})", rows)
+
+    def outcome(run: Any) -> Any:
+        try:
+            return run()
+        except ReleaseRefused as exc:
+            return ("refused", str(exc))
+
+    expected = outcome(lambda: k_anonymise(con, agreement, copies, qis))
+    got = outcome(lambda: _k_anonymous_release(con, agreement, contracts, work))
+    if isinstance(expected, tuple):
+        assert got == expected
+        return
+    report, kept = got
+    assert report == expected
+    for c in agreement.collections:
+        released = con.execute(f"SELECT * FROM {_table(agreement.id, c)} ORDER BY ALL").fetchall()
+        assert released == con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]} ORDER BY ALL").fetchall()
+        assert [d[0] for d in con.execute(f"SELECT * FROM {_table(agreement.id, c)}").description] == [
+            d[0] for d in con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]}").description
+        ]
+        people_kept = f"SELECT DISTINCT pid FROM {kept[c]} ORDER BY pid"
+        assert (
+            con.execute(people_kept).fetchall()
+            == con.execute(f"SELECT DISTINCT pid FROM {copies[c]} ORDER BY pid").fetchall()
+        )
