@@ -411,17 +411,24 @@ def _k_anonymous_release(
     return report, kq
 
 
+def _distinct_rows_sql(table: str, qis: list[str]) -> str:
+    """SQL: one row per person and distinct quasi-identifier values of ``table``, with its record
+    count. Values are told apart as the check's signatures tell them apart, by their text
+    (``kanon._signatures``): grouped as values, a DOUBLE's ``0.0`` and ``-0.0`` (or two NaNs) were one
+    row, and a person unique by them passed the check (found by review)."""
+    texts = ", ".join(["pid", *(f"CAST({q(col)} AS VARCHAR)" for col in qis)])
+    values = ", ".join(["pid", *(f"any_value({q(col)}) AS {q(col)}" for col in qis)])
+    return f"SELECT {values}, count(*) AS {_RECORDS} FROM {table} GROUP BY {texts}"
+
+
 def _k_anonymous_tables(
     con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str]
 ) -> tuple[KReport, dict[str, str]]:
     """:func:`_k_anonymous_release`'s statements (in its transaction)."""
     qis = {c: _quasi(contracts[c], a) for c in a.collections}
-    kq = {c: f"_kq_{t.removeprefix('_work_')}" for c, t in work.items()}
+    kq = {c: f"_kq_{n}" for n, c in enumerate(work)}
     for c, t in work.items():
-        keys = ", ".join(["pid", *(q(col) for col in qis[c])])
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {kq[c]} AS SELECT {keys}, count(*) AS {_RECORDS} FROM {t} GROUP BY ALL"
-        )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {kq[c]} AS {_distinct_rows_sql(t, qis[c])}")
     report = k_anonymise(con, a, kq, qis, records=_RECORDS)
     for c, t in work.items():
         released = [d[0] for d in con.execute(f"SELECT * FROM {t} LIMIT 0").description if d[0] != "pid"]
@@ -666,15 +673,17 @@ def _build(
         cols = [released_column(contract.field(f.field), a) for f in a.fields_of(c)]
         select = ", ".join(f"{sql} AS {q(name)}" for sql, name in cols)
         person = f"_persons.{PERSON_ID}, " if record_level else ""
-        work[c] = f"_work_{i}"
         source = f"({filtered})"
         if identified:
             source += " LEFT JOIN _ident USING (pid)"
         if record_level:
             source += " LEFT JOIN _persons USING (pid)"
-        # a view, not a copy: the extract is every record the agreement covers, over the whole
-        # history, and each reader below streams it (rule 6 reads it twice: _k_anonymous_release)
-        con.execute(f"CREATE OR REPLACE TEMP VIEW _work_{i} AS SELECT pid, {person}{select} FROM {source}")
+        # a pseudonymised record-level extract is every record the agreement covers, over the whole
+        # history: a view, not a copy, read twice in one transaction (_k_anonymous_release); the
+        # others are read again after they are written (people, members), so they stay a snapshot
+        kind = "VIEW" if record_level and not identified else "TABLE"
+        work[c] = f"_work_{i}" if kind == "TABLE" else f"_work_view_{i}"  # never one name for both kinds
+        con.execute(f"CREATE OR REPLACE TEMP {kind} {work[c]} AS SELECT pid, {person}{select} FROM {source}")
     assert decision is not None
     decision = replace(decision, overruled=overruled)
     result.optouts_applied, result.optouts_reason = decision.applied, decision.reason

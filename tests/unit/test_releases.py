@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import duckdb
@@ -600,10 +601,11 @@ record_strategy = st.tuples(
 @given(
     people=st.lists(st.lists(record_strategy, min_size=1, max_size=4), min_size=1, max_size=30),
     k=st.integers(2, 5),
-    share=st.sampled_from([0.05, 1.0]),
+    share=st.sampled_from([0.05, 0.3, 0.6, 1.0]),
+    small_groups=st.sampled_from(["suppress", "suppress", "refuse"]),
 )
 def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
-    people: list[list[tuple[str, int | None, str, str | None, str]]], k: int, share: float
+    people: list[list[tuple[str, int | None, str, str | None, str]]], k: int, share: float, small_groups: str
 ) -> None:
     """Issue 22: a release checks k-anonymity on one row per distinct (person, quasi-identifiers)
     and applies the outcome as it writes (``releases._k_anonymous_release``). Whatever the data,
@@ -615,6 +617,7 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
     fields += [("social_care", f) for f in ("sex", "postcode", "service_type")]
     agreement = Agreement.model_validate(agreement_data(
         k_anonymity=k, max_suppressed_share=share, coarsening={"dob": "year", "postcode": "district"},
+        small_groups=small_groups,
         fields=[{"collection": c, "field": f, "justification": "Needed for the test."} for c, f in fields],
     ))  # fmt: skip
     registry = ContractRegistry()
@@ -633,10 +636,11 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
         ]
         cols = ", ".join(f"{name} {'INTEGER' if name == 'birth_year' else 'VARCHAR'}" for name in names)
         work[c], copies[c] = f"_work_{i}", f"_copy_{i}"
-        for t in (work[c], copies[c]):
+        for t in (f"_src_{i}", copies[c]):
             con.execute(f"CREATE TEMP TABLE {t} (pid VARCHAR, {PERSON_ID} VARCHAR, {cols})")
             if rows:
                 con.executemany(f"INSERT INTO {t} VALUES ({', '.join('?' * (len(names) + 2))})", rows)
+        con.execute(f"CREATE TEMP VIEW {work[c]} AS SELECT * FROM _src_{i}")  # as the release makes it
 
     def outcome(run: Any) -> Any:
         try:
@@ -662,3 +666,49 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
             con.execute(people_kept).fetchall()
             == con.execute(f"SELECT DISTINCT pid FROM {copies[c]} ORDER BY pid").fetchall()
         )
+
+
+@pytest.mark.parametrize("small_groups", ["suppress", "refuse"])
+@pytest.mark.parametrize("twin", ["-0.0", "-nan"])
+def test_values_that_compare_equal_but_read_apart_are_told_apart_as_the_check_does(
+    small_groups: str, twin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DOUBLE quasi-identifier holding ``0.0`` and ``-0.0`` (or two NaNs) for one person: grouped
+    as values they were one row, so a person unique by them passed the check and the file carried
+    the value that singles them out (found by review). Told apart by their text, as the check's
+    signatures are, the release is what the rule on every record gives: suppressed, or refused."""
+    from safehaven.share import releases
+
+    base = "0.0" if twin == "-0.0" else "'nan'::DOUBLE"
+    agreement = SimpleNamespace(
+        id="agr-1", collections=["c1"], k_anonymity=2, small_groups=small_groups, max_suppressed_share=0.5
+    )
+    qis = {"c1": ["x"]}
+    monkeypatch.setattr(releases, "_quasi", lambda contract, a: qis["c1"])
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA release")
+    con.execute("CREATE TABLE src (pid VARCHAR, person_id VARCHAR, x DOUBLE)")
+    con.execute(
+        f"INSERT INTO src VALUES ('p0', 'P0', {base}), ('p0', 'P0', '{twin}'::DOUBLE), "
+        f"('p1', 'P1', {base}), ('p2', 'P2', {base})"
+    )
+    con.execute("CREATE TEMP VIEW _work_0 AS SELECT * FROM src")
+    con.execute("CREATE TEMP TABLE _copy_0 AS SELECT * FROM src")
+
+    def outcome(run: Any) -> Any:
+        try:
+            return run()
+        except ReleaseRefused as exc:
+            return ("refused", str(exc))
+
+    expected = outcome(lambda: k_anonymise(con, agreement, {"c1": "_copy_0"}, qis))
+    got = outcome(lambda: releases._k_anonymous_release(con, agreement, {"c1": None}, {"c1": "_work_0"}))
+    if small_groups == "refuse":
+        assert isinstance(expected, tuple) and got == expected
+        return
+    assert got[0] == expected and expected.people_below_k == 1
+    released = f"SELECT person_id, CAST(x AS VARCHAR) FROM {releases._table('agr-1', 'c1')} ORDER BY ALL"
+    assert (
+        con.execute(released).fetchall()
+        == con.execute("SELECT person_id, CAST(x AS VARCHAR) FROM _copy_0 ORDER BY ALL").fetchall()
+    )
