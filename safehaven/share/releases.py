@@ -357,12 +357,18 @@ def _quasi(contract: Contract, agreement: Agreement) -> list[str]:
 
 
 def k_anonymise(
-    con: duckdb.DuckDBPyConnection, agreement: Agreement, tables: dict[str, str], qis: dict[str, list[str]]
+    con: duckdb.DuckDBPyConnection,
+    agreement: Agreement,
+    tables: dict[str, str],
+    qis: dict[str, list[str]],
+    records: str | None = None,
 ) -> KReport:
     """Check and enforce k-anonymity over the work tables (rule 6 of the module docstring).
 
     The rule lives in ``safehaven.publish.disclosure.kanon`` with the other disclosure code;
     this applies the agreement's settings and refuses the release as :class:`ReleaseRefused`.
+    ``records``: the tables hold one row per distinct person and quasi-identifiers, with this
+    column counting its records (``kanon.k_anonymise``).
     """
     return kanon.k_anonymise(
         con,
@@ -372,7 +378,72 @@ def k_anonymise(
         small_groups=agreement.small_groups,
         max_suppressed_share=agreement.max_suppressed_share,
         refused=ReleaseRefused,
+        records=records,
     )
+
+
+#: the record count of a row of a k-anonymity table (:func:`_k_anonymous_release`)
+_RECORDS = "_records"
+
+
+def _k_anonymous_release(
+    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str]
+) -> tuple[KReport, dict[str, str]]:
+    """Rule 6 over the whole extract, then each collection's release table; returns the report
+    and, per collection, a table whose ``pid`` are the people released.
+
+    The check needs only each person's distinct quasi-identifier values, so it runs on one row
+    per distinct (person, quasi-identifiers) with its record count (``_kq_<i>``: memory set by
+    the people, not by the history), and the outcome is applied as the release table is
+    written from the extract (the work view, read again): a column the check set to NULL on
+    every row of a person is NULL on every record of theirs (it was suppressed, or NULL on all
+    of them already), and a person it removed has no row left, so no record. The same records
+    and values as suppressing and deleting in a copy of the whole extract, without the copy.
+    Both reads are in one transaction, so they see the same records.
+    """
+    con.execute("BEGIN TRANSACTION")
+    try:
+        report, kq = _k_anonymous_tables(con, a, contracts, work)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return report, kq
+
+
+def _distinct_rows_sql(table: str, qis: list[str]) -> str:
+    """SQL: one row per person and distinct quasi-identifier values of ``table``, with its record
+    count. Values are told apart as the check's signatures tell them apart, by their text
+    (``kanon._signatures``): grouped as values, a DOUBLE's ``0.0`` and ``-0.0`` (or two NaNs) were one
+    row, and a person unique by them passed the check (found by review)."""
+    texts = ", ".join(["pid", *(f"CAST({q(col)} AS VARCHAR)" for col in qis)])
+    values = ", ".join(["pid", *(f"any_value({q(col)}) AS {q(col)}" for col in qis)])
+    return f"SELECT {values}, count(*) AS {_RECORDS} FROM {table} GROUP BY {texts}"
+
+
+def _k_anonymous_tables(
+    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str]
+) -> tuple[KReport, dict[str, str]]:
+    """:func:`_k_anonymous_release`'s statements (in its transaction)."""
+    qis = {c: _quasi(contracts[c], a) for c in a.collections}
+    kq = {c: f"_kq_{n}" for n, c in enumerate(work)}
+    for c, t in work.items():
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {kq[c]} AS {_distinct_rows_sql(t, qis[c])}")
+    report = k_anonymise(con, a, kq, qis, records=_RECORDS)
+    for c, t in work.items():
+        released = [d[0] for d in con.execute(f"SELECT * FROM {t} LIMIT 0").description if d[0] != "pid"]
+        flags = ", ".join(f"bool_and({q(col)} IS NULL) AS {q('_null_' + col)}" for col in qis[c])
+        out = ", ".join(
+            f"CASE WHEN f.{q('_null_' + name)} THEN NULL ELSE w.{q(name)} END AS {q(name)}"
+            if name in qis[c]
+            else f"w.{q(name)}"
+            for name in released
+        )
+        kept = f"SELECT pid{', ' + flags if flags else ''} FROM {kq[c]} GROUP BY pid"
+        con.execute(
+            f"CREATE OR REPLACE TABLE {_table(a.id, c)} AS SELECT {out} FROM {t} AS w JOIN ({kept}) AS f USING (pid)"
+        )
+    return report, kq
 
 
 # --- the release -------------------------------------------------------------------------
@@ -602,13 +673,17 @@ def _build(
         cols = [released_column(contract.field(f.field), a) for f in a.fields_of(c)]
         select = ", ".join(f"{sql} AS {q(name)}" for sql, name in cols)
         person = f"_persons.{PERSON_ID}, " if record_level else ""
-        work[c] = f"_work_{i}"
         source = f"({filtered})"
         if identified:
             source += " LEFT JOIN _ident USING (pid)"
         if record_level:
             source += " LEFT JOIN _persons USING (pid)"
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _work_{i} AS SELECT pid, {person}{select} FROM {source}")
+        # a pseudonymised record-level extract is every record the agreement covers, over the whole
+        # history: a view, not a copy, read twice in one transaction (_k_anonymous_release); the
+        # others are read again after they are written (people, members), so they stay a snapshot
+        kind = "VIEW" if record_level and not identified else "TABLE"
+        work[c] = f"_work_{i}" if kind == "TABLE" else f"_work_view_{i}"  # never one name for both kinds
+        con.execute(f"CREATE OR REPLACE TEMP {kind} {work[c]} AS SELECT pid, {person}{select} FROM {source}")
     assert decision is not None
     decision = replace(decision, overruled=overruled)
     result.optouts_applied, result.optouts_reason = decision.applied, decision.reason
@@ -616,9 +691,9 @@ def _build(
 
     # 6-7. disclosure control
     sdc: dict[str, Any] = {}
-    if record_level:
-        if not identified:
-            result.k = k_anonymise(con, a, work, {c: _quasi(contracts[c], a) for c in a.collections})
+    if record_level and not identified:
+        result.k, work = _k_anonymous_release(con, a, contracts, work)
+    elif record_level:
         for c, t in work.items():
             con.execute(f"CREATE OR REPLACE TABLE {_table(a.id, c)} AS SELECT * EXCLUDE (pid) FROM {t}")
     else:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import duckdb
@@ -583,3 +584,131 @@ def test_k_anonymity_property(people: list[tuple[int, str, str | None, int]], k:
     total = len(people)
     assert report.people_removed == (0 if total >= k else total)
     assert report.people_checked == total
+
+
+#: one record of a person in the two-collection release below: (collection, birth year, sex,
+#: postcode district, content); a person's records may differ in their quasi-identifiers
+record_strategy = st.tuples(
+    st.sampled_from(["hospital_episodes", "social_care"]),
+    st.sampled_from([1930, 1931, None]),
+    st.sampled_from(["1", "2"]),
+    st.sampled_from(["LS1", "LS2", None]),
+    st.sampled_from(["a", "b"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    people=st.lists(st.lists(record_strategy, min_size=1, max_size=4), min_size=1, max_size=30),
+    k=st.integers(2, 5),
+    share=st.sampled_from([0.05, 0.3, 0.6, 1.0]),
+    small_groups=st.sampled_from(["suppress", "suppress", "refuse"]),
+)
+def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
+    people: list[list[tuple[str, int | None, str, str | None, str]]], k: int, share: float, small_groups: str
+) -> None:
+    """Issue 22: a release checks k-anonymity on one row per distinct (person, quasi-identifiers)
+    and applies the outcome as it writes (``releases._k_anonymous_release``). Whatever the data,
+    the release tables, the people kept and the report are those of the rule applied to a copy
+    of every record (suppressed and deleted in place), and a refusal is the same refusal."""
+    from safehaven.share.releases import _k_anonymous_release, _quasi, _table, released_column
+
+    fields = [("hospital_episodes", f) for f in ("date_of_birth", "sex", "postcode", "admission_date")]
+    fields += [("social_care", f) for f in ("sex", "postcode", "service_type")]
+    agreement = Agreement.model_validate(agreement_data(
+        k_anonymity=k, max_suppressed_share=share, coarsening={"dob": "year", "postcode": "district"},
+        small_groups=small_groups,
+        fields=[{"collection": c, "field": f, "justification": "Needed for the test."} for c, f in fields],
+    ))  # fmt: skip
+    registry = ContractRegistry()
+    contracts = {c: registry.contracts[c] for c in agreement.collections}
+    qis = {c: _quasi(contracts[c], agreement) for c in agreement.collections}
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA release")
+    work, copies = {}, {}
+    for i, c in enumerate(agreement.collections):
+        names = [released_column(contracts[c].field(f.field), agreement)[1] for f in agreement.fields_of(c)]
+        rows = [
+            (f"p{n}", f"person{n}", *({"birth_year": y, "sex": s, "postcode_district": d}.get(x, v) for x in names))
+            for n, records in enumerate(people)
+            for (rc, y, s, d, v) in records
+            if rc == c
+        ]
+        cols = ", ".join(f"{name} {'INTEGER' if name == 'birth_year' else 'VARCHAR'}" for name in names)
+        work[c], copies[c] = f"_work_{i}", f"_copy_{i}"
+        for t in (f"_src_{i}", copies[c]):
+            con.execute(f"CREATE TEMP TABLE {t} (pid VARCHAR, {PERSON_ID} VARCHAR, {cols})")
+            if rows:
+                con.executemany(f"INSERT INTO {t} VALUES ({', '.join('?' * (len(names) + 2))})", rows)
+        con.execute(f"CREATE TEMP VIEW {work[c]} AS SELECT * FROM _src_{i}")  # as the release makes it
+
+    def outcome(run: Any) -> Any:
+        try:
+            return run()
+        except ReleaseRefused as exc:
+            return ("refused", str(exc))
+
+    expected = outcome(lambda: k_anonymise(con, agreement, copies, qis))
+    got = outcome(lambda: _k_anonymous_release(con, agreement, contracts, work))
+    if isinstance(expected, tuple):
+        assert got == expected
+        return
+    report, kept = got
+    assert report == expected
+    for c in agreement.collections:
+        released = con.execute(f"SELECT * FROM {_table(agreement.id, c)} ORDER BY ALL").fetchall()
+        assert released == con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]} ORDER BY ALL").fetchall()
+        assert [d[0] for d in con.execute(f"SELECT * FROM {_table(agreement.id, c)}").description] == [
+            d[0] for d in con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]}").description
+        ]
+        people_kept = f"SELECT DISTINCT pid FROM {kept[c]} ORDER BY pid"
+        assert (
+            con.execute(people_kept).fetchall()
+            == con.execute(f"SELECT DISTINCT pid FROM {copies[c]} ORDER BY pid").fetchall()
+        )
+
+
+@pytest.mark.parametrize("small_groups", ["suppress", "refuse"])
+@pytest.mark.parametrize("twin", ["-0.0", "-nan"])
+def test_values_that_compare_equal_but_read_apart_are_told_apart_as_the_check_does(
+    small_groups: str, twin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DOUBLE quasi-identifier holding ``0.0`` and ``-0.0`` (or two NaNs) for one person: grouped
+    as values they were one row, so a person unique by them passed the check and the file carried
+    the value that singles them out (found by review). Told apart by their text, as the check's
+    signatures are, the release is what the rule on every record gives: suppressed, or refused."""
+    from safehaven.share import releases
+
+    base = "0.0" if twin == "-0.0" else "'nan'::DOUBLE"
+    agreement = SimpleNamespace(
+        id="agr-1", collections=["c1"], k_anonymity=2, small_groups=small_groups, max_suppressed_share=0.5
+    )
+    qis = {"c1": ["x"]}
+    monkeypatch.setattr(releases, "_quasi", lambda contract, a: qis["c1"])
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA release")
+    con.execute("CREATE TABLE src (pid VARCHAR, person_id VARCHAR, x DOUBLE)")
+    con.execute(
+        f"INSERT INTO src VALUES ('p0', 'P0', {base}), ('p0', 'P0', '{twin}'::DOUBLE), "
+        f"('p1', 'P1', {base}), ('p2', 'P2', {base})"
+    )
+    con.execute("CREATE TEMP VIEW _work_0 AS SELECT * FROM src")
+    con.execute("CREATE TEMP TABLE _copy_0 AS SELECT * FROM src")
+
+    def outcome(run: Any) -> Any:
+        try:
+            return run()
+        except ReleaseRefused as exc:
+            return ("refused", str(exc))
+
+    expected = outcome(lambda: k_anonymise(con, agreement, {"c1": "_copy_0"}, qis))
+    got = outcome(lambda: releases._k_anonymous_release(con, agreement, {"c1": None}, {"c1": "_work_0"}))
+    if small_groups == "refuse":
+        assert isinstance(expected, tuple) and got == expected
+        return
+    assert got[0] == expected and expected.people_below_k == 1
+    released = f"SELECT person_id, CAST(x AS VARCHAR) FROM {releases._table('agr-1', 'c1')} ORDER BY ALL"
+    assert (
+        con.execute(released).fetchall()
+        == con.execute("SELECT person_id, CAST(x AS VARCHAR) FROM _copy_0 ORDER BY ALL").fetchall()
+    )

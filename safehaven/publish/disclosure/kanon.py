@@ -13,6 +13,11 @@ are suppressed into theirs until it holds ``k``; anyone still in a smaller group
 If more than ``max_suppressed_share`` of the people would be removed, or with
 ``small_groups: refuse`` if any group is smaller than ``k``, the release is refused.
 
+Every step depends only on each person's distinct quasi-identifier values, so the tables may
+hold one row per distinct (person, quasi-identifiers) with a count of the records it stands for
+(``records``): a release over the whole history checks and suppresses in memory set by its
+people, not its records (``safehaven.share.releases`` then applies the outcome as it writes).
+
 ``safehaven.share.releases.k_anonymise`` applies an agreement's settings through
 :func:`k_anonymise` (the name stays importable there).
 """
@@ -156,6 +161,7 @@ def _remove_small_groups(
     report: KReport,
     max_suppressed_share: float,
     refused: type[Exception],
+    records: str | None = None,
 ) -> None:
     """Remove everyone still below k, unless that exceeds ``max_suppressed_share`` (then refuse)."""
     k = report.k
@@ -169,8 +175,9 @@ def _remove_small_groups(
             f"({share:.1%}) are still in groups smaller than k={k}; removing them would exceed the agreement's "
             f"max_suppressed_share of {max_suppressed_share:.1%}"
         )
+    counted = f"sum({q(records)})" if records else "count(*)"
     for t in tables.values():
-        report.records_removed += _count(con, f"SELECT count(*) FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
+        report.records_removed += _count(con, f"SELECT {counted} FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
         con.execute(f"DELETE FROM {t} WHERE pid IN (SELECT pid FROM _kviol)")
     _signatures(con, tables, qis, k)
 
@@ -190,15 +197,20 @@ def k_anonymise(
     small_groups: str = "suppress",
     max_suppressed_share: float = 0.05,
     refused: type[Exception] = KAnonymityRefused,
+    records: str | None = None,
 ) -> KReport:
-    """Check and enforce k-anonymity over the work tables (the module docstring); raise ``refused``."""
+    """Check and enforce k-anonymity over the work tables (the module docstring); raise ``refused``.
+
+    ``records``: a column of every table holding how many records each row stands for (one row
+    per distinct person and quasi-identifiers, module docstring); None: each row is a record.
+    """
     report = KReport(k, small_groups, {c: list(v) for c, v in qis.items()})
     _signatures(con, tables, qis, k)
     _count_small_groups(con, report, refused)
     report.suppression_order = _suppression_order(con, tables, qis)
     _suppress_locally(con, tables, qis, report)
     _merge_into_suppressed_group(con, tables, qis, report)
-    _remove_small_groups(con, tables, qis, report, max_suppressed_share, refused)
+    _remove_small_groups(con, tables, qis, report, max_suppressed_share, refused, records)
     report.smallest_group_after = _smallest_group(con)
     if report.smallest_group_after is not None and report.smallest_group_after < k:  # pragma: no cover
         raise refused("k-anonymity could not be established")  # the steps above make this impossible
