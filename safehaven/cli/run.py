@@ -14,6 +14,7 @@ alone approves nothing (``safehaven.share.approvals``), so a normal run never do
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from datetime import date
 from pathlib import Path
@@ -150,6 +151,17 @@ def adopt_demo_agreements(home: Home) -> None:
         adopt_in_store(con, home, None, DEMO_ADOPTER, DEMO_REASON, actor=current_actor())
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a service manager stopping the command) ends ``safehaven run`` as Ctrl-C
+    does: the code location's server and the runs it launched are shut down with it. Python's
+    default ended the command alone, and they ran on for about 90 s, until their heartbeat ran out."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def register(main: click.Group) -> None:
     @main.command()
     @click.option(
@@ -179,6 +191,7 @@ def register(main: click.Group) -> None:
     )
     def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool, months: str | None) -> None:
         """Run the whole nightly job once, then say what it did and where the outputs are."""
+        _stop_on_sigterm()
         month_range = parse_months(months)
         check_instance_home()
         check_months(month_range)  # before anything is set up or generated

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,3 +208,21 @@ def test_version_is_printed() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0
     assert __version__ in result.output
+
+
+def test_sigterm_ends_the_command_as_ctrl_c_does() -> None:
+    """``kill`` (SIGTERM) raises in the command as Ctrl-C does, so the code location's server and the
+    runs it launched are shut down as the command unwinds; Python's default ended the command alone
+    and left them running about 90 s, until their heartbeat ran out (measured here)."""
+    import signal
+
+    from safehaven.cli.run import _stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        _stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt, match="stopped by signal 15"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here at the latest
+    finally:
+        signal.signal(signal.SIGTERM, before)
