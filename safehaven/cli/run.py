@@ -14,7 +14,10 @@ alone approves nothing (``safehaven.share.approvals``), so a normal run never do
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -150,6 +153,49 @@ def adopt_demo_agreements(home: Home) -> None:
         adopt_in_store(con, home, None, DEMO_ADOPTER, DEMO_REASON, actor=current_actor())
 
 
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (``kill``, a service manager stopping the command) ends ``safehaven run`` as Ctrl-C
+    does: the command unwinds and shuts down the code location's server it started. Python's
+    default ended the command alone, and the server ran on for about 90 s, until its heartbeat
+    ran out. The handler before is put back when the command ends (a test's process keeps its own)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _night(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool, months: str | None) -> None:
+    """``safehaven run``'s work (its options, as the command takes them)."""
+    month_range = parse_months(months)
+    check_instance_home()
+    check_months(month_range)  # before anything is set up or generated
+    home = ensure_home()
+    keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair
+    if not no_demo and not _has_files(home.incoming):
+        from safehaven.tools import synthetic  # here: numpy and polars, for the demo drop only
+
+        counts = synthetic.generate(home.incoming, patients=demo_patients, seed=seed)
+        click.echo(
+            f"generated a synthetic demo drop in {home.incoming}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        )
+        adopt_demo_agreements(home)
+    ok, stages, run_id = _execute(home, verbose, in_process, month_range)
+    print_summary(stages, home)
+    if run_id:
+        click.echo(f"run:         {run_id} (make ui: Runs)")
+    if not ok:
+        click.echo(
+            "\nthe run did not complete cleanly: see the failed checks above and the Dagster UI (make ui)", err=True
+        )
+        sys.exit(1)
+
+
 def register(main: click.Group) -> None:
     @main.command()
     @click.option(
@@ -179,26 +225,5 @@ def register(main: click.Group) -> None:
     )
     def run(demo_patients: int, seed: int, no_demo: bool, verbose: bool, in_process: bool, months: str | None) -> None:
         """Run the whole nightly job once, then say what it did and where the outputs are."""
-        month_range = parse_months(months)
-        check_instance_home()
-        check_months(month_range)  # before anything is set up or generated
-        home = ensure_home()
-        keys.ensure_vault(home)  # refuses an unsealed private key; on a new haven the custodian creates the pair
-        if not no_demo and not _has_files(home.incoming):
-            from safehaven.tools import synthetic  # here: numpy and polars, for the demo drop only
-
-            counts = synthetic.generate(home.incoming, patients=demo_patients, seed=seed)
-            click.echo(
-                f"generated a synthetic demo drop in {home.incoming}: "
-                + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-            )
-            adopt_demo_agreements(home)
-        ok, stages, run_id = _execute(home, verbose, in_process, month_range)
-        print_summary(stages, home)
-        if run_id:
-            click.echo(f"run:         {run_id} (make ui: Runs)")
-        if not ok:
-            click.echo(
-                "\nthe run did not complete cleanly: see the failed checks above and the Dagster UI (make ui)", err=True
-            )
-            sys.exit(1)
+        with _stop_on_sigterm():
+            _night(demo_patients, seed, no_demo, verbose, in_process, months)

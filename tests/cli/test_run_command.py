@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,3 +208,19 @@ def test_version_is_printed() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0
     assert __version__ in result.output
+
+
+def test_sigterm_ends_the_command_as_ctrl_c_does() -> None:
+    """``kill`` (SIGTERM) raises in the command as Ctrl-C does, so the code location's server it
+    started is shut down as the command unwinds; Python's default ended the command alone and left
+    the server running about 90 s, until its heartbeat ran out (measured here). The handler before
+    is put back when the command ends."""
+    import signal
+
+    from safehaven.cli.run import _stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="stopped by signal 15"), _stop_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here at the latest
+    assert signal.getsignal(signal.SIGTERM) is before
