@@ -1007,7 +1007,7 @@ def _qi(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _holds_data(con: duckdb.DuckDBPyConnection) -> bool:
+def holds_data(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether any landed, released or published table (or the data release register) has a row."""
     tables = con.execute(
         "SELECT table_schema, table_name FROM information_schema.tables WHERE table_catalog = current_database() "
@@ -1071,7 +1071,7 @@ def _prior_use(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, *, 
         (lambda: _audit_epoch(con, own), f"{KEY_EPOCHS} records an audit key"),
         (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
         (lambda: home.published.is_dir() and any(home.published.iterdir()), "published/ holds files"),
-        (lambda: _holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
+        (lambda: holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
     )
     return next((text for test, text in checks if test()), None)
 
@@ -1544,11 +1544,6 @@ def key_problem(con: duckdb.DuckDBPyConnection, home: Home, key: Key) -> str | N
     return None if bad is None else "the audit trail does not verify under it"
 
 
-def holds_data(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether the store holds landed, haven, vault, released or published rows (or a release on record)."""
-    return _holds_data(con)
-
-
 def evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home) -> str | None:
     """What shows an empty trail once held entries (or should have), judged without the key ring:
     anchors, the genesis record, published heads, data in the store; or None (:func:`key_problem`)."""
@@ -1558,7 +1553,7 @@ def evidence_of_use(con: duckdb.DuckDBPyConnection, home: Home) -> str | None:
         (lambda: _genesis(con) is not None, f"the genesis record {GENESIS_TABLE} holds the first entry's hash"),
         (lambda: bool(anchors.worm_seqs(home.audit_worm)), "the write-once target holds anchors"),
         (lambda: bool(_published_heads(con, home)), "audit heads were published with releases"),
-        (lambda: _holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
+        (lambda: holds_data(con), "the store holds landed, released or published data (or haven or vault rows)"),
     )
     return next((text for test, text in checks if test()), None)
 

@@ -119,7 +119,8 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
-            results = {p: _check(con, home, keyring, p, key) for p, key in found.items()}
+            facts = _Facts(pins.current_epochs(con), pins.destroyed_keys(con))  # read once, not per key
+            results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
     except StoreError as exc:
         raise KeyRingError(f"{keyring.path('store')}: {exc}") from None
     wrong = [problem for problem, _ in results.values() if problem]
@@ -153,18 +154,27 @@ def _refuse_unreadable(keyring: KeyRing, found: dict[str, Key | None]) -> None:
             )
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What the store says of every key, read once for all the checks: current epochs by purpose,
+    and key id -> the disposal that destroyed it."""
+
+    epochs: dict[str, str]
+    destroyed: dict[str, str]
+
+
 def _check(
-    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str, key: Key | None
+    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str, key: Key | None, facts: _Facts
 ) -> tuple[str | None, str]:
     """(what is wrong, or None; how it was checked, "" for a file left alone) for one unnoted key."""
     if key is None:
-        return _missing_half(con, keyring, purpose)
-    destroyed = pins.destroyed_keys(con).get(key.key_id)
+        return _missing_half(con, keyring, purpose, facts.epochs.get(purpose))
+    destroyed = facts.destroyed.get(key.key_id)
     if destroyed:
         return f"{_file(keyring, purpose)} holds key {key.key_id}, which disposal {destroyed} destroyed", ""
     if purpose == "store":
         return None, OPENS_STORE
-    epoch = pins.current_epochs(con).get(purpose)
+    epoch = facts.epochs.get(purpose)
     if epoch is not None and epoch != key.key_id:
         return _not_epoch(con, keyring, purpose, key, epoch)
     if purpose == audit.KEY_PURPOSE:
@@ -201,10 +211,11 @@ def _not_epoch(
     return f"{_file(keyring, purpose)} holds key {key.key_id}, but the store's data was made with key {epoch}", ""
 
 
-def _missing_half(con: duckdb.DuckDBPyConnection, keyring: KeyRing, purpose: str) -> tuple[str | None, str]:
+def _missing_half(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, purpose: str, epoch: str | None
+) -> tuple[str | None, str]:
     """A pair whose public half is missing or unreadable: refused once the store pins the pair; else
     an unfinished first creation, left for ``safehaven keys init-vault`` (it shreds the orphan)."""
-    epoch = pins.current_epochs(con).get(purpose)
     if epoch is None and not pins.vault_holds_entries(con):
         return None, ""
     return (
