@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import json
 import logging
@@ -86,6 +87,12 @@ class StoreError(Exception):
 
 class StoreBusy(StoreError):
     """Another process held the store for longer than the configured wait."""
+
+
+class StoreOutOfMemory(duckdb.OutOfMemoryException):
+    """A statement needed more than the store's memory limit and DuckDB could not spill it; the
+    message names the limit and how to raise it. Still a ``duckdb.OutOfMemoryException``, so code
+    that handles DuckDB's errors handles it as before."""
 
 
 class _Waiter:
@@ -166,6 +173,48 @@ def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
 #: (``tests/unit/test_review.py`` alone: 88 CPU seconds against 65).
 DEFAULT_THREADS: int | None = None
 
+#: The store's memory when the haven sets none (:func:`default_memory_limit`, issue 22): this much
+#: per DuckDB thread, at least ``MEMORY_FLOOR``, never more than DuckDB's own default (80% of the
+#: memory the process may use). DuckDB keeps what it has read up to its limit, so under its own
+#: default a night's peak grew with the history it read (a release checked over every record the
+#: agreement covers, outputs counted over their whole period): about 110 MiB a night at 1M rows a
+#: night, measured. Held to a budget, DuckDB evicts what it can read again and spills sorts,
+#: joins and aggregates to ``store/tmp`` (encrypted); the results are the same.
+MEMORY_PER_THREAD = 512 * 2**20
+MEMORY_FLOOR = 2**30
+#: DuckDB's text for a memory size (``current_setting('memory_limit')``: "18.8 GiB", "512.0 MiB")
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*(bytes|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$")
+_UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # fmt: skip
+
+
+def _size_bytes(text: str) -> int | None:
+    """Bytes of a DuckDB memory size as DuckDB prints it; None when it does not read as one."""
+    found = _SIZE.match(text)
+    return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
+
+
+@functools.cache
+def _duckdbs_own_limit() -> int | None:
+    """DuckDB's default memory limit in this process (80% of the memory it may use, a container's
+    limit included), read once from a bare instance; None when it cannot be read."""
+    probe = duckdb.connect()
+    try:
+        return _size_bytes(str(probe.execute("SELECT current_setting('memory_limit')").fetchone()[0]))  # type: ignore[index]
+    finally:
+        probe.close()
+
+
+def default_memory_limit(threads: int | None) -> str | None:
+    """The memory limit of a store whose haven sets none: ``MEMORY_PER_THREAD`` for each of its
+    DuckDB ``threads`` (None: one per core, DuckDB's default), at least ``MEMORY_FLOOR``, at most
+    DuckDB's own default. None (DuckDB's own) where that default cannot be read."""
+    own = _duckdbs_own_limit()
+    if own is None:
+        return None
+    budget = max(MEMORY_FLOOR, MEMORY_PER_THREAD * (threads or os.cpu_count() or 1))
+    return f"{min(budget, own)}B"
+
 
 def _opens(path: Path, key: Key) -> bool:
     """Whether ``key`` opens the encrypted store file at ``path`` (read-only, in a DuckDB of its own)."""
@@ -212,9 +261,10 @@ class Store:
         self.home = home
         self.keyring = keyring or KeyRing(home.keys)
         self.threads = threads
-        #: DuckDB's ``memory_limit`` for this store's connections (e.g. ``"1.5GB"``); None: DuckDB's
-        #: own default (80% of the machine's memory). Past it DuckDB spills to ``store/tmp``.
-        self.memory_limit = memory_limit
+        #: DuckDB's ``memory_limit`` for this store's connections (e.g. ``"1.5GB"``); None: the
+        #: home's (``Home.memory_limit``), else the haven's default (:func:`default_memory_limit`).
+        #: Past it DuckDB spills to ``store/tmp``.
+        self.memory_limit = memory_limit or home.memory_limit
         self.lock_wait = lock_wait
         self.logger = logger or log
         #: set while this object holds the rebuild lock exclusively (its own connections skip it)
@@ -272,7 +322,10 @@ class Store:
             if not read_only:
                 _ensure_zones(con)
             _OPENED_BY[con] = self.home
-            yield con
+            try:
+                yield con
+            except duckdb.OutOfMemoryException as exc:
+                raise StoreOutOfMemory(self._out_of_memory(con, exc)) from None
         finally:
             _OPENED_BY.pop(con, None)
             try:
@@ -280,6 +333,22 @@ class Store:
             finally:  # even when the reset is interrupted: the store's rebuild lock is never kept
                 if lock_fd is not None:
                     os.close(lock_fd)
+
+    def _out_of_memory(self, con: duckdb.DuckDBPyConnection, exc: duckdb.OutOfMemoryException) -> str:
+        """Why a statement failed for memory, and how to give the store more (DuckDB's own first
+        line kept: it names sizes only, never a value)."""
+        try:
+            limit = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
+        except duckdb.Error:
+            limit = self.memory_limit or "the haven's default"
+        said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return (
+            f"the store's work needed more than its memory limit of {limit} and DuckDB could not spill it to "
+            f"{self.home.store_dir / 'tmp'} ({said}); give the store more memory and run it again: the haven "
+            'resource\'s memory_limit for a pipeline run (run config resources.haven.config.memory_limit, e.g. "4GB"), '
+            "$SAFEHAVEN_MEMORY_LIMIT for a command and for the code location `safehaven run` starts (default "
+            f"{MEMORY_PER_THREAD // 2**20} MiB per DuckDB thread, at least {MEMORY_FLOOR // 2**20} MiB)"
+        )
 
     def _config(self) -> dict[str, str | int | bool]:
         """The DuckDB configuration of this store's connections (spill directory, threads, memory)."""
@@ -290,8 +359,9 @@ class Store:
         threads = self.threads or DEFAULT_THREADS
         if threads:
             config["threads"] = threads
-        if self.memory_limit:
-            config["memory_limit"] = self.memory_limit
+        memory = self.memory_limit or default_memory_limit(threads)
+        if memory:
+            config["memory_limit"] = memory
         return config
 
     @contextmanager
