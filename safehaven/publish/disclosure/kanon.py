@@ -72,12 +72,39 @@ def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dic
             parts.append(f"SELECT pid, concat_ws(chr(31), {lit(collection)}, {rendered}) AS sig FROM {table}")
         else:
             parts.append(f"SELECT pid, NULL::VARCHAR AS sig FROM {table}")
+    _person_signatures(con, " UNION ALL ".join(parts))
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _ksig AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
-        "FROM (SELECT pid, list_sort(list(DISTINCT sig) FILTER (WHERE sig IS NOT NULL)) AS signature "
-        f"FROM ({' UNION ALL '.join(parts)}) GROUP BY pid)"
+        "FROM _kpeople"
     )
+    con.execute("DROP TABLE _kpeople")
     con.execute(f"CREATE OR REPLACE TEMP TABLE _kviol AS SELECT pid FROM _ksig WHERE n < {int(k)}")
+
+
+#: people whose signatures are built in one statement (:func:`_person_signatures`)
+SIGNATURE_BUCKET_PEOPLE = 1_000_000
+
+
+def _person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str) -> None:
+    """Temp table ``_kpeople`` (pid, signature): each person's sorted distinct non-null ``sig`` of
+    ``rows_sql`` (pid, sig), NULL when they have none.
+
+    A list being built cannot be spilled by DuckDB, so the lists are built for at most
+    ``SIGNATURE_BUCKET_PEOPLE`` people at a time (buckets by a hash of the pid), from the distinct
+    (pid, sig) pairs, which can be spilled; found by review: 3M people with two signatures each
+    failed in one statement under a 1 GiB limit. The same signatures as one statement.
+    """
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _kpairs AS SELECT DISTINCT pid, sig FROM ({rows_sql})")
+    people = int(con.execute("SELECT count(DISTINCT pid) FROM _kpairs").fetchone()[0])  # type: ignore[index]
+    buckets = max(1, -(-people // SIGNATURE_BUCKET_PEOPLE))
+    signature = "list_sort(list(sig) FILTER (WHERE sig IS NOT NULL)) AS signature"
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _kpeople AS SELECT pid, {signature} FROM _kpairs WHERE false GROUP BY pid"
+    )
+    for bucket in range(buckets):
+        where = f"hash(pid) % {buckets} = {bucket}" if buckets > 1 else "true"
+        con.execute(f"INSERT INTO _kpeople SELECT pid, {signature} FROM _kpairs WHERE {where} GROUP BY pid")
+    con.execute("DROP TABLE _kpairs")
 
 
 def _kviol_count(con: duckdb.DuckDBPyConnection) -> int:
