@@ -202,12 +202,12 @@ MEMORY_SHARE = 0.25
 MEMORY_FLOOR = 2**30
 DUCKDB_DEFAULT_SHARE = 0.8
 #: DuckDB's text for a memory size (``current_setting('memory_limit')``: "18.8 GiB", "512.0 MiB")
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*(bytes|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\s*$")
-_UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
-          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*(bytes|B|KiB|MiB|GiB|TiB|PiB|KB|MB|GB|TB|PB)\s*$")
+_UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}  # fmt: skip
 
 
-def _size_bytes(text: str) -> int | None:
+def size_bytes(text: str) -> int | None:
     """Bytes of a DuckDB memory size as DuckDB prints it; None when it does not read as one."""
     found = _SIZE.match(text)
     return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
@@ -219,7 +219,7 @@ def _duckdbs_own_limit() -> int | None:
     limit included), read once from a bare instance; None when it cannot be read."""
     probe = duckdb.connect()
     try:
-        return _size_bytes(str(probe.execute("SELECT current_setting('memory_limit')").fetchone()[0]))  # type: ignore[index]
+        return size_bytes(str(probe.execute("SELECT current_setting('memory_limit')").fetchone()[0]))  # type: ignore[index]
     finally:
         probe.close()
 

@@ -235,7 +235,8 @@ def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, col
     only per-entry Python is the AES-GCM call itself (see the module docstring), over distinct
     entries only, ``ENCRYPT_BATCH`` at a time. Nonces are 96 random bits each from ``os.urandom``;
     with a fresh data key per write that is far inside the 2^32 invocations NIST SP 800-38D
-    section 8.3 allows per key.
+    section 8.3 allows per key. Call inside a transaction: the data key's row counts every entry,
+    and a write stopped between batches must leave none of them (found by review).
     """
     dek_id = secrets.token_hex(8)
     arrow = con.execute(

@@ -30,6 +30,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core.sql import lit, q
+from safehaven.core.store import size_bytes
 from safehaven.publish.disclosure.policy import K_ANONYMITY
 
 __all__ = ["KAnonymityRefused", "KReport", "k_anonymise"]
@@ -81,30 +82,50 @@ def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dic
     con.execute(f"CREATE OR REPLACE TEMP TABLE _kviol AS SELECT pid FROM _ksig WHERE n < {int(k)}")
 
 
-#: people whose signatures are built in one statement (:func:`_person_signatures`)
-SIGNATURE_BUCKET_PEOPLE = 1_000_000
+#: bytes of memory allowed for each (person, signature) pair while the lists are built
+#: (:func:`_person_signatures`): 25M pairs of 2M people failed in two buckets under 1 GiB, about
+#: 80 bytes a pair; this leaves room for the rest of the statement
+PAIR_BYTES = 256
+#: pairs in a bucket however low the memory limit (tests set the limit aside with this)
+MIN_BUCKET_PAIRS = 1
 
 
-def _person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str) -> None:
+def _person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str, bucket_pairs: int | None = None) -> None:
     """Temp table ``_kpeople`` (pid, signature): each person's sorted distinct non-null ``sig`` of
     ``rows_sql`` (pid, sig), NULL when they have none.
 
-    A list being built cannot be spilled by DuckDB, so the lists are built for at most
-    ``SIGNATURE_BUCKET_PEOPLE`` people at a time (buckets by a hash of the pid), from the distinct
-    (pid, sig) pairs, which can be spilled; found by review: 3M people with two signatures each
-    failed in one statement under a 1 GiB limit. The same signatures as one statement.
+    A list being built cannot be spilled by DuckDB, so the lists are built a bucket of people at a
+    time (by a hash of the pid) from the distinct (pid, sig) pairs, which can be spilled, each
+    bucket holding about ``bucket_pairs`` pairs: by default the connection's memory limit over
+    ``PAIR_BYTES`` (found by review: 3M people with two signatures each, and 25M pairs of 2M
+    people, failed in one statement under 1 GiB). The pairs are sorted by bucket, so each
+    bucket's statement reads only its own row groups. The same signatures as one statement.
     """
     con.execute(f"CREATE OR REPLACE TEMP TABLE _kpairs AS SELECT DISTINCT pid, sig FROM ({rows_sql})")
-    people = int(con.execute("SELECT count(DISTINCT pid) FROM _kpairs").fetchone()[0])  # type: ignore[index]
-    buckets = max(1, -(-people // SIGNATURE_BUCKET_PEOPLE))
+    pairs = int(con.execute("SELECT count(*) FROM _kpairs").fetchone()[0])  # type: ignore[index]
+    per_bucket = max(MIN_BUCKET_PAIRS, bucket_pairs or _memory_bytes(con) // PAIR_BYTES)
+    buckets = max(1, -(-pairs // per_bucket))
     signature = "list_sort(list(sig) FILTER (WHERE sig IS NOT NULL)) AS signature"
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _kpeople AS SELECT pid, {signature} FROM _kpairs WHERE false GROUP BY pid"
     )
-    for bucket in range(buckets):
-        where = f"hash(pid) % {buckets} = {bucket}" if buckets > 1 else "true"
-        con.execute(f"INSERT INTO _kpeople SELECT pid, {signature} FROM _kpairs WHERE {where} GROUP BY pid")
+    if buckets == 1:
+        con.execute(f"INSERT INTO _kpeople SELECT pid, {signature} FROM _kpairs GROUP BY pid")
+    else:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _kbuckets AS SELECT pid, sig, hash(pid) % {buckets} AS _b "
+            "FROM _kpairs ORDER BY _b"
+        )
+        for bucket in range(buckets):
+            con.execute(f"INSERT INTO _kpeople SELECT pid, {signature} FROM _kbuckets WHERE _b = {bucket} GROUP BY pid")
+        con.execute("DROP TABLE _kbuckets")
     con.execute("DROP TABLE _kpairs")
+
+
+def _memory_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """The connection's memory limit in bytes (``safehaven.core.store``'s reading of DuckDB's text)."""
+    text = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
+    return size_bytes(text) or 2**62
 
 
 def _kviol_count(con: duckdb.DuckDBPyConnection) -> int:
