@@ -92,10 +92,13 @@ QUIET_CONSOLE = {"console": {"config": {"log_level": "ERROR"}}}
 
 def haven_run_config(home: Home, quiet: bool = False) -> dict[str, object]:
     """The run configuration that names the haven's home (and its write-once audit anchor
-    target, when the home has one) for the resource; other fields keep the resource's values."""
+    target and the store's memory limit, when the home has them) for the resource; other fields
+    keep the resource's values."""
     haven: dict[str, object] = {"home": str(home.root)}
     if home.audit_worm is not None:
         haven["audit_worm_dir"] = str(home.audit_worm)
+    if home.memory_limit is not None:
+        haven["memory_limit"] = home.memory_limit
     config: dict[str, object] = {"resources": {"haven": {"config": haven}}}
     if quiet:
         config["loggers"] = QUIET_CONSOLE

@@ -201,7 +201,7 @@ def generate(
 
 
 def run_pipeline(
-    runner: Runner, drop: Path, work: Path, threads: int | None, trace_sql: bool = False
+    runner: Runner, drop: Path, work: Path, threads: int | None, trace_sql: bool = False, memory_limit: str = ""
 ) -> dict[str, Any]:
     home = work / "home"
     if home.exists():
@@ -213,6 +213,7 @@ def run_pipeline(
     out.unlink(missing_ok=True)
     args = ["--home", str(home), "--out", str(out)] + (["--threads", str(threads)] if threads else [])
     args += ["--trace-sql"] if trace_sql else []
+    args += ["--memory-limit", memory_limit] if memory_limit else []
     code, seconds = runner.run("benchmarks.pipeline", args, work.name, {"DAGSTER_HOME": str(work / "dagster_home")})
     doc = runner.load(out, work.name, "the pipeline run", code)
     doc["seconds_process"] = seconds
@@ -997,6 +998,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-night benchmark: N successive monthly drops into one haven home, one run a night, "
         "then a run with nothing to do (--nights alone: 12); the single-night report is skipped",
     )
+    p.add_argument(
+        "--memory-limit",
+        default="",
+        help="the haven resource's memory_limit for the pipeline runs (e.g. 1GB; default: the haven's)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
         "--rebuild", type=Path, default=None, help="recompute and print a report from its results JSON (no runs)"
@@ -1073,7 +1079,11 @@ def _run(args: argparse.Namespace, patients: int, work: Path, logs: Path, say: P
     for i in range(repeat):
         n = f" ({i + 1}/{repeat})" if repeat > 1 else ""
         say(f"pipeline: the Dagster nightly job, in process, in its own subprocess{n}")
-        pipes.append(run_pipeline(runner, drop, work / f"pipeline_{i}", threads, trace_sql=args.trace_sql))
+        pipes.append(
+            run_pipeline(
+                runner, drop, work / f"pipeline_{i}", threads, trace_sql=args.trace_sql, memory_limit=args.memory_limit
+            )
+        )
         say(f"  job {pipes[-1]['seconds_job']:.1f} s, peak {pipes[-1]['peak_rss_bytes'] / GIB:.2f} GiB")
         say(f"baseline: hand-written DuckDB SQL, encrypted file{n}")
         bases.append(run_baseline(runner, drop, work / f"baseline_{i}", True, threads))
@@ -1128,7 +1138,9 @@ def _run(args: argparse.Namespace, patients: int, work: Path, logs: Path, say: P
             spipes, sbases = [], []
             for i in range(repeat):
                 say("scaling: pipeline")
-                spipes.append(run_pipeline(runner, sdrop, work / f"pipeline_small_{i}", threads))
+                spipes.append(
+                    run_pipeline(runner, sdrop, work / f"pipeline_small_{i}", threads, memory_limit=args.memory_limit)
+                )
                 say("scaling: baseline")
                 sbases.append(run_baseline(runner, sdrop, work / f"baseline_small_{i}", True, threads))
             report["runs"].update(small_pipeline=spipes, small_baseline=sbases)

@@ -71,7 +71,8 @@ class SafeHavenResource(dg.ConfigurableResource):
     home: str = ""
     contracts: str = ""
     threads: int = 0
-    #: DuckDB's memory limit for the store's connections (``"1.5GB"``); empty: DuckDB's default
+    #: DuckDB's memory limit for the store's connections (``"1.5GB"``); empty: the haven's default
+    #: (``safehaven.core.store.default_memory_limit``; the code location's: ``$SAFEHAVEN_MEMORY_LIMIT``)
     memory_limit: str = ""
     #: how long a step waits for a store held by another process before it fails
     lock_wait_seconds: float = DEFAULT_LOCK_WAIT_SECONDS
@@ -88,16 +89,16 @@ class SafeHavenResource(dg.ConfigurableResource):
 
     @classmethod
     def from_environment(cls) -> SafeHavenResource:
-        """The code location's resource: ``$SAFEHAVEN_AUDIT_WORM`` and
-        ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS`` read once here, at the Dagster edge, with the
-        CLI's readers (``safehaven.cli.common``).
+        """The code location's resource: ``$SAFEHAVEN_AUDIT_WORM``,
+        ``$SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS`` and ``$SAFEHAVEN_MEMORY_LIMIT`` read once here, at the
+        Dagster edge, with the CLI's readers (``safehaven.cli.common``).
 
         An unreadable window does not stop the code location from loading (every other asset,
         the sensor and the schedules stay available); it is kept as ``objections_window_error``
         with a window of 0, and the step that needs the window refuses at run time
         (``objections_window``).
         """
-        from safehaven.cli.common import audit_worm_from_env, objections_window_from_env
+        from safehaven.cli.common import audit_worm_from_env, memory_limit_from_env, objections_window_from_env
 
         worm = audit_worm_from_env()
         try:
@@ -105,7 +106,10 @@ class SafeHavenResource(dg.ConfigurableResource):
         except feed.ObjectionFeedBlocked as exc:
             window, error = 0, str(exc)
         return cls(
-            audit_worm_dir=str(worm) if worm else None, objections_max_age_days=window, objections_window_error=error
+            audit_worm_dir=str(worm) if worm else None,
+            objections_max_age_days=window,
+            objections_window_error=error,
+            memory_limit=memory_limit_from_env() or "",
         )
 
     def objections_window(self) -> int:
@@ -144,7 +148,11 @@ class SafeHavenResource(dg.ConfigurableResource):
         from safehaven.cli.common import home_root_from_env
 
         root = Path(self.home).resolve() if self.home else home_root_from_env()
-        return Home(root, audit_worm=Path(self.audit_worm_dir) if self.audit_worm_dir else None)
+        return Home(
+            root,
+            audit_worm=Path(self.audit_worm_dir) if self.audit_worm_dir else None,
+            memory_limit=self.memory_limit or None,
+        )
 
     def keyring(self) -> KeyRing:
         """The pipeline's key ring: never a custodian, so it cannot open the vault's private key."""

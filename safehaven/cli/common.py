@@ -30,6 +30,8 @@ PASSPHRASE_ENV = "SAFEHAVEN_CUSTODIAN_PASSPHRASE"
 AUDIT_WORM_ENV = "SAFEHAVEN_AUDIT_WORM"
 #: The haven's objection-register window in whole days (``safehaven.protect.feed``), read here only.
 OBJECTIONS_WINDOW_ENV = "SAFEHAVEN_OBJECTIONS_MAX_AGE_DAYS"
+#: DuckDB's memory limit for the store (``memory_limit_from_env``)
+MEMORY_LIMIT_ENV = "SAFEHAVEN_MEMORY_LIMIT"
 
 
 def home_root_from_env() -> Path:
@@ -69,10 +71,17 @@ def objections_window_from_env() -> int:
     return feed.parse_window(os.environ.get(OBJECTIONS_WINDOW_ENV, ""), OBJECTIONS_WINDOW_ENV)
 
 
+def memory_limit_from_env() -> str | None:
+    """``$SAFEHAVEN_MEMORY_LIMIT``: DuckDB's memory limit for the store (``"4GB"``); unset or empty:
+    the haven's default (``safehaven.core.store.default_memory_limit``)."""
+    return os.environ.get(MEMORY_LIMIT_ENV, "").strip() or None
+
+
 def home_from_env() -> Home:
     """The haven home named by the environment: ``$SAFEHAVEN_HOME`` with its write-once
-    anchor target ``$SAFEHAVEN_AUDIT_WORM`` (``safehaven.core.home``)."""
-    return Home(home_root_from_env(), audit_worm=audit_worm_from_env())
+    anchor target ``$SAFEHAVEN_AUDIT_WORM`` and the store's memory limit ``$SAFEHAVEN_MEMORY_LIMIT``
+    (``safehaven.core.home``)."""
+    return Home(home_root_from_env(), audit_worm=audit_worm_from_env(), memory_limit=memory_limit_from_env())
 
 
 def ensure_home() -> Home:

@@ -24,6 +24,7 @@ class HavenGroup(click.Group):
         from safehaven.core.audit import AuditTrailBroken
         from safehaven.core.home import HomeError
         from safehaven.core.keys import KeyRingError
+        from safehaven.core.store import StoreError, StoreOutOfMemory
 
         try:
             audit.precheck([*getattr(ctx, "_protected_args", []), *ctx.args])
@@ -34,6 +35,8 @@ class HavenGroup(click.Group):
             fail(str(exc))
         except KeyRingError as exc:  # a key file refused (unsafe, swapped, missing): says which and how to clear it
             fail(str(exc), audit.EXIT_REFUSED)
+        except (StoreError, StoreOutOfMemory) as exc:  # busy, a bad memory limit, out of memory: says what to do
+            fail(str(exc))
 
 
 @click.group(cls=HavenGroup)

@@ -64,6 +64,9 @@ class Home:
     root: Path
     #: the external write-once anchor directory (``safehaven.core.anchors``); None: no such target
     audit_worm: Path | None = None
+    #: DuckDB's memory limit for the store (``"4GB"``; ``safehaven.core.store.default_memory_limit``
+    #: when None), passed in by the edge like ``audit_worm``
+    memory_limit: str | None = None
 
     @property
     def incoming(self) -> Path:

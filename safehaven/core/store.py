@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import json
 import logging
@@ -86,6 +87,26 @@ class StoreError(Exception):
 
 class StoreBusy(StoreError):
     """Another process held the store for longer than the configured wait."""
+
+
+#: how to give the store more memory (:meth:`Store._out_of_memory`)
+_RAISE_MEMORY = (
+    "The limit is the haven resource's memory_limit for a pipeline run (run config "
+    'resources.haven.config.memory_limit, e.g. "8GB") and $SAFEHAVEN_MEMORY_LIMIT for a command and for the '
+    "code location `safehaven run` starts; by default a quarter of the machine's memory, at least 1 GiB."
+)
+#: DuckDB's words when its spill space, not its memory, ran out (``max_temp_directory_size``)
+DUCKDB_SPILL_FULL = ("failed to offload", "max_temp_directory_size")
+
+
+class MemoryLimitInvalid(StoreError):
+    """The memory limit given for the store is not a size DuckDB reads."""
+
+
+class StoreOutOfMemory(duckdb.OutOfMemoryException):
+    """A statement needed more than the store's memory limit and DuckDB could not spill it; the
+    message names the limit and how to raise it. Still a ``duckdb.OutOfMemoryException``, so code
+    that handles DuckDB's errors handles it as before."""
 
 
 class _Waiter:
@@ -166,6 +187,72 @@ def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
 #: (``tests/unit/test_review.py`` alone: 88 CPU seconds against 65).
 DEFAULT_THREADS: int | None = None
 
+#: The store's memory when the haven sets none (:func:`default_memory_limit`, issue 22): this share
+#: of the memory the process may use, at least ``MEMORY_FLOOR``. DuckDB's own default is 80%
+#: (``DUCKDB_DEFAULT_SHARE``), and it keeps what it has read up to its limit, so a night's peak grew
+#: with the history its steps read (a release checked over every record the agreement covers,
+#: outputs counted over their whole period): about 110 MiB a night at 1M rows a night, measured.
+#: A quarter leaves the rest to the run's own Python (the vault's batches), the Dagster services
+#: and PostgreSQL where they share the machine (``deploy/production``). Past the limit DuckDB
+#: evicts what it can read again and spills sorts, joins and aggregates to ``store/tmp``
+#: (encrypted); the results are the same. Not per thread: the k-anonymity check's per-person
+#: lists (``safehaven.publish.disclosure.kanon``) cannot be spilled, and they grow with people, not
+#: cores (found by review: 3M people with two signatures each failed at 1 GiB).
+MEMORY_SHARE = 0.25
+MEMORY_FLOOR = 2**30
+DUCKDB_DEFAULT_SHARE = 0.8
+#: DuckDB's text for a memory size (``current_setting('memory_limit')``: "18.8 GiB", "512.0 MiB")
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*(bytes|B|KiB|MiB|GiB|TiB|PiB|KB|MB|GB|TB|PB)\s*$")
+_UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}  # fmt: skip
+
+
+def size_bytes(text: str) -> int | None:
+    """Bytes of a DuckDB memory size as DuckDB prints it; None when it does not read as one."""
+    found = _SIZE.match(text)
+    return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
+
+
+@functools.cache
+def _duckdbs_own_limit() -> int | None:
+    """DuckDB's default memory limit in this process (80% of the memory it may use, a container's
+    limit included), read once from a bare instance; None when it cannot be read."""
+    probe = duckdb.connect()
+    try:
+        return size_bytes(str(probe.execute("SELECT current_setting('memory_limit')").fetchone()[0]))  # type: ignore[index]
+    finally:
+        probe.close()
+
+
+@functools.cache
+def _readable_memory_limit(value: str) -> str:
+    """``value`` when DuckDB reads it as a memory limit; else :class:`MemoryLimitInvalid` naming it
+    and where it is set (a mistyped limit is never ignored, nor left to DuckDB's bare words)."""
+    probe = None
+    try:
+        probe = duckdb.connect(config={"memory_limit": value})
+    except duckdb.Error as exc:
+        raise MemoryLimitInvalid(
+            f"the store's memory limit {value!r} is not a size DuckDB reads ({' '.join(str(exc).split())}): set "
+            '$SAFEHAVEN_MEMORY_LIMIT or the haven resource\'s memory_limit to a size such as "8GB" or "1536MiB", '
+            "or leave it empty for the default, and run it again"
+        ) from None
+    finally:
+        if probe is not None:
+            probe.close()
+    return value
+
+
+def default_memory_limit() -> str | None:
+    """The memory limit of a store whose haven sets none: ``MEMORY_SHARE`` of the memory the process
+    may use (DuckDB's own default over ``DUCKDB_DEFAULT_SHARE``), at least ``MEMORY_FLOOR``, at most
+    DuckDB's own default. None (DuckDB's own) where that default cannot be read."""
+    own = _duckdbs_own_limit()
+    if own is None:
+        return None
+    budget = max(MEMORY_FLOOR, round(own / DUCKDB_DEFAULT_SHARE * MEMORY_SHARE))
+    return f"{min(budget, own)}B"
+
 
 def _opens(path: Path, key: Key) -> bool:
     """Whether ``key`` opens the encrypted store file at ``path`` (read-only, in a DuckDB of its own)."""
@@ -212,9 +299,10 @@ class Store:
         self.home = home
         self.keyring = keyring or KeyRing(home.keys)
         self.threads = threads
-        #: DuckDB's ``memory_limit`` for this store's connections (e.g. ``"1.5GB"``); None: DuckDB's
-        #: own default (80% of the machine's memory). Past it DuckDB spills to ``store/tmp``.
-        self.memory_limit = memory_limit
+        #: DuckDB's ``memory_limit`` for this store's connections (e.g. ``"1.5GB"``); None: the
+        #: home's (``Home.memory_limit``), else the haven's default (:func:`default_memory_limit`).
+        #: Past it DuckDB spills to ``store/tmp``.
+        self.memory_limit = memory_limit or home.memory_limit
         self.lock_wait = lock_wait
         self.logger = logger or log
         #: set while this object holds the rebuild lock exclusively (its own connections skip it)
@@ -272,7 +360,12 @@ class Store:
             if not read_only:
                 _ensure_zones(con)
             _OPENED_BY[con] = self.home
-            yield con
+            try:
+                yield con
+            except StoreOutOfMemory:
+                raise  # a connection opened inside this one said it already, with its own limit
+            except duckdb.OutOfMemoryException as exc:
+                raise StoreOutOfMemory(self._out_of_memory(con, exc)) from exc
         finally:
             _OPENED_BY.pop(con, None)
             try:
@@ -280,6 +373,26 @@ class Store:
             finally:  # even when the reset is interrupted: the store's rebuild lock is never kept
                 if lock_fd is not None:
                     os.close(lock_fd)
+
+    def _out_of_memory(self, con: duckdb.DuckDBPyConnection, exc: duckdb.OutOfMemoryException) -> str:
+        """Why a statement failed for memory or spill space, and what to give the store (DuckDB's
+        own text kept: it names sizes and settings only, never a value)."""
+        try:
+            limit = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
+        except duckdb.Error:  # e.g. an aborted transaction: the limit the connection was given
+            limit = str(self._config().get("memory_limit", "DuckDB's default"))
+        said = " ".join(str(exc).split()) or type(exc).__name__
+        spill = self.home.store_dir / "tmp"
+        if any(m in said for m in DUCKDB_SPILL_FULL):
+            return (
+                f"DuckDB ran out of room to spill the store's work to {spill} (the store's memory limit is {limit}): "
+                f"free space on the disk that holds {spill}, or give the store more memory (below), and run it "
+                f"again. {_RAISE_MEMORY} DuckDB said: {said}"
+            )
+        return (
+            f"the store's work needed more than its memory limit of {limit} and DuckDB could not spill it to "
+            f"{spill}: give the store more memory and run it again. {_RAISE_MEMORY} DuckDB said: {said}"
+        )
 
     def _config(self) -> dict[str, str | int | bool]:
         """The DuckDB configuration of this store's connections (spill directory, threads, memory)."""
@@ -290,8 +403,9 @@ class Store:
         threads = self.threads or DEFAULT_THREADS
         if threads:
             config["threads"] = threads
-        if self.memory_limit:
-            config["memory_limit"] = self.memory_limit
+        memory = _readable_memory_limit(self.memory_limit) if self.memory_limit else default_memory_limit()
+        if memory:
+            config["memory_limit"] = memory
         return config
 
     @contextmanager

@@ -387,13 +387,7 @@ def sync_faults(con: duckdb.DuckDBPyConnection, home: Home, collections: Iterabl
     for fault in _file_faults(home.quarantine_for(COLLECTION)) + _misrouted(home) + unknown:
         _record(con, fault)
     if table_exists(con, "landing", f"{COLLECTION}_rejected"):
-        _record_batch_faults(
-            con,
-            "SELECT r._batch AS batch, b.file_name, 'rows' AS level, "
-            "array_to_string(list_sort(list_distinct(flatten(list(r.failed_rules)))), ', ') AS rules, "
-            f"count(*) AS n, b.landed_at FROM landing.{COLLECTION}_rejected r JOIN {BATCHES} b "
-            "ON b.batch_id = r._batch GROUP BY r._batch, b.file_name, b.landed_at",
-        )
+        _record_batch_faults(con, _row_faults_sql())
     # a refused batch is a fault in its own right, from the batch register (committed with the
     # verdict), not only from its reason file, which is written after that commit
     _record_batch_faults(
@@ -402,6 +396,23 @@ def sync_faults(con: duckdb.DuckDBPyConnection, home: Home, collections: Iterabl
         f"landed_at FROM {BATCHES} WHERE collection = '{COLLECTION}' AND status = 'refused'",
     )
     return _scalar(con, f"SELECT count(*) FROM {FAULTS}") - before
+
+
+def _row_faults_sql() -> str:
+    """SQL (batch, file_name, level, rules, n, landed_at): each objections batch with rejected rows,
+    its rules the distinct rules its rows failed, sorted (NULL where they name none). The rules
+    are gathered from distinct (batch, rule) pairs, never as a list of every rejected row's
+    rules: DuckDB cannot spill a list being built, and this reads every rejected row ever
+    landed (found by review: 10M rejected rows failed under a 1 GiB limit)."""
+    rejected = f"landing.{COLLECTION}_rejected"
+    return (
+        "SELECT c._batch AS batch, b.file_name, 'rows' AS level, x.rules, c.n, b.landed_at "
+        f"FROM (SELECT _batch, count(*) AS n FROM {rejected} GROUP BY _batch) c "
+        f"JOIN {BATCHES} b ON b.batch_id = c._batch "
+        "LEFT JOIN (SELECT _batch, array_to_string(list_sort(list(rule)), ', ') AS rules "
+        f"FROM (SELECT DISTINCT _batch, rule FROM (SELECT _batch, unnest(failed_rules) AS rule FROM {rejected})) "
+        "WHERE rule IS NOT NULL GROUP BY _batch) x ON x._batch = c._batch"
+    )
 
 
 def _record_batch_faults(con: duckdb.DuckDBPyConnection, found_sql: str) -> None:

@@ -67,6 +67,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import duckdb
 from cryptography.exceptions import InvalidTag
@@ -84,6 +85,9 @@ from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.objections import ever_type1_objectors_sql, type1_objectors_sql
 from safehaven.protect.pseudonymise import haven_coarsening, hmac_sql
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 IDENTITY = schema.VAULT_IDENTITY
 DATA_KEYS = schema.VAULT_DATA_KEYS
@@ -217,17 +221,23 @@ def _vaulted_where(contract: Contract) -> str:
 # --- writing ---------------------------------------------------------------------------
 
 
+#: entries encrypted per batch in :func:`encrypt_entries`: a batch's plaintexts, associated data and
+#: ciphertexts are Python objects (about 250 bytes an entry), so a night's 2.6M entries at the
+#: benchmark's scale held about 700 MB of them at once; a batch holds about 30 MB (issue 22)
+ENCRYPT_BATCH = 1 << 17
+
+
 def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, collection: str) -> int:
     """Encrypt rows ``(pid, field, value, lookup)`` of temp ``table`` into the vault under one new
     data key, and keep each entry's lookup digest (module docstring).
 
     DuckDB prepares each entry's plaintext and associated data as bytes (``_ad_sql``), so the
     only per-entry Python is the AES-GCM call itself (see the module docstring), over distinct
-    entries only. Nonces are 96 random bits each from one ``os.urandom`` call; with a fresh data
-    key per write that is far inside the 2^32 invocations NIST SP 800-38D section 8.3 allows per key.
+    entries only, ``ENCRYPT_BATCH`` at a time. Nonces are 96 random bits each from ``os.urandom``;
+    with a fresh data key per write that is far inside the 2^32 invocations NIST SP 800-38D
+    section 8.3 allows per key. Call inside a transaction: the data key's row counts every entry,
+    and a write stopped between batches must leave none of them (found by review).
     """
-    import pyarrow as pa  # here: only the vault's encryption needs it, not loading the code location (issue 22)
-
     dek_id = secrets.token_hex(8)
     arrow = con.execute(
         f"SELECT pid, field, encode(value) AS plain, {_ad_sql('pid', 'field', '?')} AS ad FROM {table}",
@@ -237,25 +247,38 @@ def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, col
     if n == 0:
         return 0
     dek = AESGCM.generate_key(bit_length=256)
-    pool = os.urandom(NONCE * n)
-    nonces = [pool[i : i + NONCE] for i in range(0, NONCE * n, NONCE)]
-    ciphertexts = list(
-        map(AESGCM(dek).encrypt, nonces, arrow.column("plain").to_pylist(), arrow.column("ad").to_pylist())
-    )
-    del nonces
-    rows = pa.table(
-        {
-            "pid": arrow.column("pid"),
-            "field": arrow.column("field"),
-            "nonce": pa.FixedSizeBinaryArray.from_buffers(pa.binary(NONCE), n, [None, pa.py_buffer(pool)]),
-            "ciphertext": pa.array(ciphertexts, pa.binary()),
-        }
-    )
-    del arrow, ciphertexts
     eph_pub, wrap_nonce, wrapped = wrap(dek, dek_id, public)
     con.execute(
         f"INSERT INTO {DATA_KEYS} VALUES (?, ?, ?, ?, ?, now(), ?)",
         [dek_id, key_id(public.material), eph_pub, wrap_nonce, wrapped, n],
+    )
+    aead = AESGCM(dek)
+    for start in range(0, n, ENCRYPT_BATCH):
+        _insert_encrypted(con, aead, arrow.slice(start, ENCRYPT_BATCH), dek_id, collection)
+    del arrow
+    remember(con, table)
+    return n
+
+
+def _insert_encrypted(
+    con: duckdb.DuckDBPyConnection, aead: AESGCM, part: pa.Table, dek_id: str, collection: str
+) -> None:
+    """Encrypt one batch of entries (``part``: pid, field, plain, ad) and add it to the vault."""
+    import pyarrow as pa  # here: only the vault's encryption needs it, not loading the code location (issue 22)
+
+    n = part.num_rows
+    pool = os.urandom(NONCE * n)
+    nonces = [pool[i : i + NONCE] for i in range(0, NONCE * n, NONCE)]
+    plain, ad = part.column("plain").to_pylist(), part.column("ad").to_pylist()
+    ciphertexts = pa.array(list(map(aead.encrypt, nonces, plain, ad)), pa.binary())
+    del nonces, plain, ad
+    rows = pa.table(
+        {
+            "pid": part.column("pid"),
+            "field": part.column("field"),
+            "nonce": pa.FixedSizeBinaryArray.from_buffers(pa.binary(NONCE), n, [None, pa.py_buffer(pool)]),
+            "ciphertext": ciphertexts,
+        }
     )
     con.register("_vault_rows", rows)
     try:
@@ -265,8 +288,6 @@ def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, col
         )
     finally:
         con.unregister("_vault_rows")
-    remember(con, table)
-    return n
 
 
 def unpivot_sql(contract: Contract, where: str) -> str:

@@ -77,3 +77,16 @@ def test_a_key_file_others_can_read_refuses_a_command_in_one_line_saying_how_to_
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     _one_line_refusal(result, REFUSED)
     assert "store.key" in result.output and "chmod" in result.output
+
+
+def test_a_memory_limit_duckdb_cannot_read_is_one_line_naming_the_variable(
+    home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safehaven.core.store import Store
+
+    with Store(home).connect():  # a haven with a store to verify
+        pass
+    monkeypatch.setenv("SAFEHAVEN_MEMORY_LIMIT", "4 gigs")
+    result = CliRunner().invoke(main, ["audit", "verify"])
+    _one_line_refusal(result, REFUSED)
+    assert "'4 gigs' is not a size DuckDB reads" in result.output and "$SAFEHAVEN_MEMORY_LIMIT" in result.output

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safehaven.core.days import haven_today
 from safehaven.core.home import Home
@@ -408,3 +410,31 @@ def test_an_entry_removed_from_incoming_while_it_is_listed_stops_no_check(
     monkeypatch.setattr(feed, "_changed_at", vanished)
     found = feed._unknown_incoming(haven.home, haven.registry.contracts)
     assert [f.name for f in found] == ["stays.csv"]
+
+
+_RULES = st.lists(st.one_of(st.none(), st.sampled_from(["nhs.check_digit", "date.future", "type.enum", "é ∑"])))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(["b1", "b2", "b3"]), st.one_of(st.none(), _RULES)), max_size=12))
+def test_a_batchs_rules_are_the_distinct_rules_its_rejected_rows_failed_gathered_without_a_list_of_every_row(
+    rows: list[tuple[str, list[str | None] | None]],
+) -> None:
+    """A batch with rejected objection rows is recorded with the sorted distinct rules its rows
+    failed, as flattening every row's rules would give it, but gathered from distinct (batch, rule)
+    pairs: DuckDB cannot spill a list being built, and the query reads every rejected row ever
+    landed (issue 22; found by review: 10M rejected rows failed under a 1 GiB limit)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA landing; CREATE SCHEMA governance")
+    con.execute("CREATE TABLE landing.objections_rejected (_batch VARCHAR, failed_rules VARCHAR[])")
+    con.executemany("INSERT INTO landing.objections_rejected VALUES (?, ?)", rows) if rows else None
+    con.execute(f"CREATE TABLE {ingest.BATCHES} AS SELECT * FROM (VALUES ('b1', 'f1'), ('b2', 'f2'), ('b3', 'f3')) "
+                "t(batch_id, file_name), (SELECT now() AS landed_at)")  # fmt: skip
+    every_row = con.execute(
+        "SELECT r._batch, array_to_string(list_sort(list_distinct(flatten(list(r.failed_rules)))), ', '), count(*) "
+        f"FROM landing.objections_rejected r JOIN {ingest.BATCHES} b ON b.batch_id = r._batch GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    gathered = con.execute(f"SELECT batch, rules, n FROM ({feed._row_faults_sql()}) ORDER BY 1").fetchall()
+    assert gathered == every_row

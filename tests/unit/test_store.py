@@ -1,10 +1,12 @@
 """The store is encrypted at rest and cannot be opened without its key (CoP 27b-c)."""
 
+from pathlib import Path
+
 import duckdb
 import pytest
 
 from safehaven.core.home import Home
-from safehaven.core.store import ZONES, Store, StoreError, table_exists
+from safehaven.core.store import ZONES, MemoryLimitInvalid, Store, StoreError, StoreOutOfMemory, table_exists
 from tests.conftest import scan_for
 
 SEEDED = "9990001236"
@@ -61,16 +63,73 @@ def test_store_cannot_be_opened_with_wrong_key(store: Store, home: Home) -> None
     assert real.hex not in str(err.value) and bytes(32).hex() not in str(err.value)
 
 
-def test_a_memory_limit_bounds_every_connection_and_none_keeps_duckdbs_default(home: Home) -> None:
+def _memory_limit(store: Store) -> str:
+    with store.connect() as con:
+        return str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+
+
+def test_a_memory_limit_given_bounds_every_connection_before_the_homes_and_the_default(home: Home) -> None:
     """``Store(memory_limit=...)`` (the haven resource's ``memory_limit``) reaches DuckDB on each
-    connection, pooled or not; without it DuckDB's own default applies (issue 22: peak memory)."""
-    limited = Store(home, memory_limit="1GiB")
+    connection, pooled or not; else the home's (``$SAFEHAVEN_MEMORY_LIMIT``); else the haven's default."""
+    limited = Store(home, memory_limit="1536MiB")
     for _ in range(2):  # a fresh instance, then one from the pool
-        with limited.connect() as con:
-            assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] in ("1.0 GiB", "1024.0 MiB")
-    with Store(home).connect() as con:
-        default = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
-    assert default not in ("1.0 GiB", "1024.0 MiB")
+        assert _memory_limit(limited) == "1.5 GiB"
+    configured = Home(home.root, memory_limit="1280MiB")
+    assert _memory_limit(Store(configured)) == "1.2 GiB"
+    assert _memory_limit(Store(configured, memory_limit="1536MiB")) == "1.5 GiB"
+
+
+def test_unset_the_store_holds_duckdb_to_a_quarter_of_the_machine_at_least_a_gib_never_above_duckdbs_own(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22: under DuckDB's own limit (80% of the memory the process may use) a night's peak grew
+    with the history it read. Unset, the limit is ``MEMORY_SHARE`` (a quarter) of that memory, at
+    least ``MEMORY_FLOOR`` (1 GiB), never above DuckDB's own default."""
+    from safehaven.core import store as store_module
+
+    def limit_with(own: int | None) -> str | None:
+        monkeypatch.setattr(store_module, "_duckdbs_own_limit", lambda: own)
+        return store_module.default_memory_limit()
+
+    assert limit_with(int(0.8 * 32 * 2**30)) == f"{8 * 2**30}B"  # a 32 GiB machine: 8 GiB
+    assert limit_with(int(0.8 * 2 * 2**30)) == f"{2**30}B"  # a 2 GiB machine: the floor
+    assert limit_with(700 * 2**20) == f"{700 * 2**20}B"  # less than a GiB to give: DuckDB's own
+    assert limit_with(None) is None  # DuckDB's own default unreadable: left to DuckDB
+    limit_with(int(0.8 * 16 * 2**30))
+    assert _memory_limit(Store(home)) == "4.0 GiB"  # and the store's connections get it
+
+
+def test_work_past_the_limit_that_cannot_spill_is_refused_naming_the_limit_and_how_to_raise_it(home: Home) -> None:
+    """DuckDB spills sorts, joins and aggregates past the limit; what it cannot spill fails the
+    statement, and the error says which limit and where to raise it, with DuckDB's own words. It
+    stays a DuckDB out-of-memory error, so code handling DuckDB's errors handles it as before."""
+    with pytest.raises(StoreOutOfMemory) as err, Store(home, memory_limit="32MB").connect() as con:
+        con.execute("CREATE TEMP TABLE t AS SELECT list(i) AS l FROM range(20000000) AS r(i)")  # one list: no spill
+    message = str(err.value)
+    assert "memory limit of 30.5 MiB" in message and "DuckDB said: Out of Memory Error" in message
+    assert "resources.haven.config.memory_limit" in message and "$SAFEHAVEN_MEMORY_LIMIT" in message
+    assert isinstance(err.value, duckdb.OutOfMemoryException)
+
+
+def test_a_store_opened_inside_another_reports_its_own_limit_once(home: Home, tmp_path: Path) -> None:
+    """The inner connection's error passes through the outer one as it is (found by review: it was
+    wrapped again, naming the outer limit first)."""
+    other = Home(tmp_path / "other").ensure()
+    with pytest.raises(StoreOutOfMemory) as err, Store(other, memory_limit="2GB").connect():
+        with Store(home, memory_limit="32MB").connect() as inner:
+            inner.execute("CREATE TEMP TABLE t AS SELECT list(i) AS l FROM range(20000000) AS r(i)")
+    assert str(err.value).count("memory limit of") == 1 and "memory limit of 30.5 MiB" in str(err.value)
+
+
+def test_spill_space_running_out_is_told_apart_from_memory(home: Home) -> None:
+    """When the disk under ``store/tmp`` fills (DuckDB's ``max_temp_directory_size``), the error says
+    so and names the folder, rather than asking only for more memory (found by review)."""
+    with pytest.raises(StoreOutOfMemory) as err, Store(home, memory_limit="64MB").connect() as con:
+        con.execute("SET max_temp_directory_size = '8MB'")  # stands for a full disk
+        con.execute("SELECT i, md5(CAST(i AS VARCHAR)) AS h FROM range(5000000) AS r(i) ORDER BY h").fetchall()
+    message = str(err.value)
+    assert message.startswith("DuckDB ran out of room to spill the store's work to ")
+    assert str(home.store_dir / "tmp") in message and "free space on the disk" in message
 
 
 def test_threads_given_reach_duckdb_and_unset_follow_the_stores_default(
@@ -92,7 +151,31 @@ def test_threads_given_reach_duckdb_and_unset_follow_the_stores_default(
     assert threads(Store(home)) == duckdbs_own
 
 
-def test_a_memory_limit_duckdb_cannot_read_refuses_the_connection(home: Home) -> None:
-    """A mistyped limit is not ignored: no connection opens (the run fails, saying why)."""
-    with pytest.raises(duckdb.Error, match="memory"), Store(home, memory_limit="lots").connect():
+def test_a_memory_limit_duckdb_cannot_read_refuses_the_connection_naming_it(home: Home) -> None:
+    """A mistyped limit is not ignored: no connection opens, and the refusal names the value and
+    where it is set (the run or the command fails, saying why)."""
+    with pytest.raises(MemoryLimitInvalid) as err, Store(home, memory_limit="4 gigs").connect():
         pass
+    assert "'4 gigs' is not a size DuckDB reads" in str(err.value) and "$SAFEHAVEN_MEMORY_LIMIT" in str(err.value)
+
+
+def test_the_memory_limit_from_the_environment_reaches_the_commands_and_the_pipelines_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$SAFEHAVEN_MEMORY_LIMIT`` is read at the edges only: the command line's home
+    (``home_from_env``) and the code location's resource (``from_environment``) carry it to
+    every store they open; the domain reads no environment."""
+    from assets.runner import haven_run_config
+    from resources.haven import SafeHavenResource
+    from safehaven.cli.common import MEMORY_LIMIT_ENV, home_from_env
+
+    monkeypatch.setenv("SAFEHAVEN_HOME", str(tmp_path / "haven"))
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1280MiB")
+    assert _memory_limit(Store(home_from_env().ensure())) == "1.2 GiB"
+    assert _memory_limit(SafeHavenResource.from_environment().store()) == "1.2 GiB"
+    # `safehaven run` names it in the run's configuration, as it does the home, for a code location started elsewhere
+    assert haven_run_config(home_from_env())["resources"]["haven"]["config"]["memory_limit"] == "1280MiB"  # type: ignore[index]
+    # the code location's steps open the store through the resource's context as well
+    assert _memory_limit(SafeHavenResource.from_environment().context().store()) == "1.2 GiB"
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, " ")
+    assert home_from_env().memory_limit is None and SafeHavenResource.from_environment().memory_limit == ""

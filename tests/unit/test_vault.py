@@ -234,3 +234,29 @@ def _fields_of(con, pid: str) -> list[str]:
     return sorted(
         r[0] for r in con.execute(f"SELECT DISTINCT field FROM {vault.IDENTITY} WHERE pid = ?", [pid]).fetchall()
     )
+
+
+def test_entries_encrypted_in_batches_are_each_stored_once_under_one_data_key_and_decrypt(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A night's entries are encrypted ``ENCRYPT_BATCH`` at a time (issue 22: Python holds one
+    batch of plaintexts and ciphertexts, not the night's); the vault is the one a single batch
+    makes: every entry once, one data key per write counting all its entries, each decrypting
+    to the landed value under its own row."""
+    monkeypatch.setattr(vault, "ENCRYPT_BATCH", 7)  # several batches, the last one short
+    populated(home, patients=40)
+    with Store(home).connect(read_only=True) as con:
+        per_key = con.execute(
+            f"SELECT k.entries, count(i.pid) FROM {vault.DATA_KEYS} k JOIN {vault.IDENTITY} i USING (dek_id) "
+            "GROUP BY k.dek_id, k.entries"
+        ).fetchall()
+        dupes = con.execute(
+            f"SELECT count(*) - count(DISTINCT (pid, field, ciphertext)) FROM {vault.IDENTITY}"
+        ).fetchone()[0]
+        nhs = {r[0] for r in con.execute("SELECT nhs_number FROM landing.gp_events_valid").fetchall()}
+        rows = vault.decrypt_rows(con, vault.private_key(custodian_ring(home)))
+    assert per_key and all(entries == found for entries, found in per_key)
+    assert any(entries > 7 for entries, _ in per_key)  # a write that took more than one batch
+    assert dupes == 0
+    assert len(rows) == sum(found for _, found in per_key)
+    assert nhs and nhs <= {value for _, field, value, _ in rows if field == "nhs_number"}

@@ -30,6 +30,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core.sql import lit, q
+from safehaven.core.store import size_bytes
 from safehaven.publish.disclosure.policy import K_ANONYMITY
 
 __all__ = ["KAnonymityRefused", "KReport", "k_anonymise"]
@@ -72,12 +73,59 @@ def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dic
             parts.append(f"SELECT pid, concat_ws(chr(31), {lit(collection)}, {rendered}) AS sig FROM {table}")
         else:
             parts.append(f"SELECT pid, NULL::VARCHAR AS sig FROM {table}")
+    _person_signatures(con, " UNION ALL ".join(parts))
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _ksig AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
-        "FROM (SELECT pid, list_sort(list(DISTINCT sig) FILTER (WHERE sig IS NOT NULL)) AS signature "
-        f"FROM ({' UNION ALL '.join(parts)}) GROUP BY pid)"
+        "FROM _kpeople"
     )
+    con.execute("DROP TABLE _kpeople")
     con.execute(f"CREATE OR REPLACE TEMP TABLE _kviol AS SELECT pid FROM _ksig WHERE n < {int(k)}")
+
+
+#: bytes of memory allowed for each (person, signature) pair while the lists are built
+#: (:func:`_person_signatures`): 25M pairs of 2M people failed in two buckets under 1 GiB, about
+#: 80 bytes a pair; this leaves room for the rest of the statement
+PAIR_BYTES = 256
+#: pairs in a bucket however low the memory limit (tests set the limit aside with this)
+MIN_BUCKET_PAIRS = 1
+
+
+def _person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str, bucket_pairs: int | None = None) -> None:
+    """Temp table ``_kpeople`` (pid, signature): each person's sorted distinct non-null ``sig`` of
+    ``rows_sql`` (pid, sig), NULL when they have none.
+
+    A list being built cannot be spilled by DuckDB, so the lists are built a bucket of people at a
+    time (by a hash of the pid) from the distinct (pid, sig) pairs, which can be spilled, each
+    bucket holding about ``bucket_pairs`` pairs: by default the connection's memory limit over
+    ``PAIR_BYTES`` (found by review: 3M people with two signatures each, and 25M pairs of 2M
+    people, failed in one statement under 1 GiB). The pairs are sorted by bucket, so each
+    bucket's statement reads only its own row groups. The same signatures as one statement.
+    """
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _kpairs AS SELECT DISTINCT pid, sig FROM ({rows_sql})")
+    pairs = int(con.execute("SELECT count(*) FROM _kpairs").fetchone()[0])  # type: ignore[index]
+    per_bucket = max(MIN_BUCKET_PAIRS, bucket_pairs or _memory_bytes(con) // PAIR_BYTES)
+    buckets = max(1, -(-pairs // per_bucket))
+    signature = "list_sort(list(sig) FILTER (WHERE sig IS NOT NULL)) AS signature"
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _kpeople AS SELECT pid, {signature} FROM _kpairs WHERE false GROUP BY pid"
+    )
+    if buckets == 1:
+        con.execute(f"INSERT INTO _kpeople SELECT pid, {signature} FROM _kpairs GROUP BY pid")
+    else:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _kbuckets AS SELECT pid, sig, hash(pid) % {buckets} AS _b "
+            "FROM _kpairs ORDER BY _b"
+        )
+        for bucket in range(buckets):
+            con.execute(f"INSERT INTO _kpeople SELECT pid, {signature} FROM _kbuckets WHERE _b = {bucket} GROUP BY pid")
+        con.execute("DROP TABLE _kbuckets")
+    con.execute("DROP TABLE _kpairs")
+
+
+def _memory_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """The connection's memory limit in bytes (``safehaven.core.store``'s reading of DuckDB's text)."""
+    text = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
+    return size_bytes(text) or 2**62
 
 
 def _kviol_count(con: duckdb.DuckDBPyConnection) -> int:
