@@ -42,7 +42,7 @@ import duckdb
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import MANIFEST, PAIRS, VAULT, Key, KeyRing, KeyRingError, staged
-from safehaven.core.store import Store, StoreError, table_exists
+from safehaven.core.store import MemoryLimitInvalid, Store, StoreError, table_exists
 
 RECOVER_ACTION = "key.record.recover"
 RESUME = "safehaven keys rotate --resume"
@@ -121,6 +121,8 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
         with store.opened_with(store_key) as con:
             facts = _Facts(pins.current_epochs(con), pins.destroyed_keys(con))  # read once, not per key
             results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
+    except MemoryLimitInvalid:
+        raise  # the store's configuration, not its key: said as such (found by review)
     except StoreError as exc:
         raise KeyRingError(f"{keyring.path('store')}: {exc}") from None
     wrong = [problem for problem, _ in results.values() if problem]

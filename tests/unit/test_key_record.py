@@ -23,7 +23,7 @@ from safehaven.context import Haven
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
-from safehaven.core.store import Store, StoreError
+from safehaven.core.store import MemoryLimitInvalid, Store, StoreError
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import key_record, rotation
 from tests.conftest import copy_haven, custodian_ring
@@ -104,6 +104,16 @@ def test_a_store_key_that_does_not_open_the_store_is_refused_without_showing_it(
     with pytest.raises(KeyRingError, match="store.key: key .* does not open the encrypted store") as refused:
         key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
     assert swapped not in str(refused.value)
+    assert json.loads((haven_home.keys / "keyring.json").read_text()) == {}
+
+
+def test_a_memory_limit_duckdb_cannot_read_is_not_blamed_on_the_store_key(haven_home: Home) -> None:
+    """A mistyped ``$SAFEHAVEN_MEMORY_LIMIT`` is the store's configuration, not its key: the recovery
+    refuses with that, never with "store.key: ..." (found by review), and records nothing."""
+    _lose_record(haven_home, "emptied")
+    mistyped = Home(haven_home.root, memory_limit="4 gigs")
+    with pytest.raises(MemoryLimitInvalid, match="'4 gigs' is not a size DuckDB reads"):
+        key_record.recover_record(mistyped, KeyRing(mistyped.keys), actor="custodian")
     assert json.loads((haven_home.keys / "keyring.json").read_text()) == {}
 
 
