@@ -75,14 +75,70 @@ def sealed_rows_sql(
     SHA-256 over its parts' SHA-256s in order, each part (``SEAL_PART_ROWS`` rows) over its rows'
     JSON text (:func:`_row_json`) in ``order`` and then by the text itself. Any change to a row,
     its order column included, changes it; collision resistant (a seal's digest:
-    ``safehaven.protect.register_seal``, ``safehaven.intake.batch_seal``, a release request's members)."""
-    ordered = "ORDER BY _o NULLS FIRST, _j"
+    ``safehaven.protect.register_seal``, ``safehaven.intake.batch_seal``, a release request's members).
+
+    One statement: it holds every row's text at once (DuckDB cannot spill text being joined), so
+    a seal over a whole history uses :func:`sealed_rows`, which gives the same digests."""
+    return f"WITH {_parts_sql(con, relation, order, group, where)}, _p AS ({_PART_DIGESTS}) {_SEALS}"
+
+
+#: the order of a part's rows (:func:`sealed_rows_sql`)
+_ORDERED = "ORDER BY _o NULLS FIRST, _j"
+#: SQL of each part's (group, part, rows, digest) over ``_n`` (:func:`sealed_rows_sql`)
+_PART_DIGESTS = (
+    f"SELECT _g, _part, count(*) AS _n, sha256(string_agg(_j, chr(10) {_ORDERED})) AS _h FROM _n GROUP BY _g, _part"
+)
+#: SQL of each group's (group, rows, digest) over its parts' digests ``_p``
+_SEALS = (
+    "SELECT _g, sum(_n)::BIGINT, sha256(string_agg(coalesce(_part::VARCHAR, '-') || ':' || _h, chr(10) "
+    "ORDER BY _part NULLS FIRST)) FROM _p GROUP BY _g"
+)
+
+
+def _parts_sql(con: duckdb.DuckDBPyConnection, relation: str, order: str, group: str, where: str) -> str:
+    """The common table expressions ``_r`` and ``_n``: each row's group, order, JSON text and part."""
     return (
-        f"WITH _r AS (SELECT {group} AS _g, {order} AS _o, {_row_json(con, relation)} AS _j "
+        f"_r AS (SELECT {group} AS _g, {order} AS _o, {_row_json(con, relation)} AS _j "
         f"FROM {relation} t {where}), "
-        f"_n AS (SELECT *, (row_number() OVER (PARTITION BY _g {ordered}) - 1) // {SEAL_PART_ROWS} AS _part FROM _r), "
-        f"_p AS (SELECT _g, _part, count(*) AS _n, sha256(string_agg(_j, chr(10) {ordered})) AS _h "
-        "FROM _n GROUP BY _g, _part) "
-        "SELECT _g, sum(_n)::BIGINT, sha256(string_agg(coalesce(_part::VARCHAR, '-') || ':' || _h, chr(10) "
-        "ORDER BY _part NULLS FIRST)) FROM _p GROUP BY _g"
+        f"_n AS (SELECT *, (row_number() OVER (PARTITION BY _g {_ORDERED}) - 1) // {SEAL_PART_ROWS} AS _part FROM _r)"
     )
+
+
+#: rows whose text one statement of :func:`sealed_rows` joins at most (whole parts; a part is
+#: never split): few statements for a history, and memory held to about 200 MB of text
+SEAL_STATEMENT_ROWS = 1_000_000
+
+
+def sealed_rows(
+    con: duckdb.DuckDBPyConnection, relation: str, order: str, *, group: str = "NULL", where: str = ""
+) -> list[tuple[Any, int, str]]:
+    """The rows :func:`sealed_rows_sql` gives (group value, row count, digest), with the parts'
+    text joined ``SEAL_STATEMENT_ROWS`` rows at a time, so memory holds that much text, not every
+    row's (found by review: a seal over 3M rows failed under a 300 MB limit). The rows are laid
+    out once, sorted by group and part, in a temporary table DuckDB can spill; the digests are the
+    same."""
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _seal_n AS WITH {_parts_sql(con, relation, order, group, where)} "
+        "SELECT * FROM _n ORDER BY _g NULLS FIRST, _part"
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _seal_parts AS SELECT _g, _part, (sum(_rows) OVER (ORDER BY _g NULLS FIRST, "
+        f"_part ROWS UNBOUNDED PRECEDING) - 1) // {SEAL_STATEMENT_ROWS} AS _chunk "
+        "FROM (SELECT _g, _part, count(*) AS _rows FROM _seal_n GROUP BY _g, _part)"
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _seal_p AS SELECT _g, _part, 0::BIGINT AS _n, ''::VARCHAR AS _h "
+        "FROM _seal_n WHERE false"
+    )
+    chunks = con.execute("SELECT coalesce(max(_chunk), -1) FROM _seal_parts").fetchone()[0]  # type: ignore[index]
+    for chunk in range(int(chunks) + 1):
+        con.execute(
+            "INSERT INTO _seal_p SELECT n._g, n._part, count(*), sha256(string_agg(n._j, chr(10) "
+            "ORDER BY n._o NULLS FIRST, n._j)) FROM _seal_n n JOIN _seal_parts p "
+            "ON p._g IS NOT DISTINCT FROM n._g AND p._part = n._part WHERE p._chunk = ? GROUP BY n._g, n._part",
+            [chunk],
+        )
+    found = con.execute(_SEALS.replace("FROM _p", "FROM _seal_p")).fetchall()
+    for table in ("_seal_n", "_seal_parts", "_seal_p"):
+        con.execute(f"DROP TABLE {table}")
+    return [(g, int(n), str(d)) for g, n, d in found]

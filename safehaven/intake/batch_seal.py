@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import duckdb
 
 from safehaven.core import audit, schema
-from safehaven.core.digests import sealed_rows_sql
+from safehaven.core.digests import sealed_rows
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRingError
 from safehaven.core.sql import lit, q
@@ -118,8 +118,8 @@ class Sealer:
         if not table_exists(con, "landing", table):
             return {}
         where = "" if batches is None else f"WHERE list_contains({_list(batches)}, t._batch)"
-        sql = sealed_rows_sql(con, f"landing.{q(table)}", "t._row", group="t._batch", where=where)
-        return {b: (int(n), str(d)) for b, n, d in con.execute(sql).fetchall()}
+        found = sealed_rows(con, f"landing.{q(table)}", "t._row", group="t._batch", where=where)
+        return {b: (n, d) for b, n, d in found}
 
     def records(self, con: duckdb.DuckDBPyConnection, batches: list[str]) -> dict[str, list]:
         """Each batch's record as it is sealed: what orders its statements (landed, arrived), where

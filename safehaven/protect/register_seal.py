@@ -56,7 +56,7 @@ from datetime import datetime
 import duckdb
 
 from safehaven.core import audit, schema
-from safehaven.core.digests import sealed_rows_sql
+from safehaven.core.digests import sealed_rows
 from safehaven.core.home import Home
 from safehaven.core.store import CATALOG, functions_stored, table_exists
 from safehaven.intake import batch_seal
@@ -122,7 +122,7 @@ def state(con: duckdb.DuckDBPyConnection, up_to: int | None = None, form: int = 
     if form == LEGACY_FORM:
         return _legacy_state(con, where)
     rows, last = con.execute(f"SELECT count(*), coalesce(max(event_id), 0) FROM {EVENTS} {where}").fetchone()
-    found = con.execute(sealed_rows_sql(con, EVENTS, "t.event_id", where=where)).fetchone()
+    found = next(iter(sealed_rows(con, EVENTS, "t.event_id", where=where)), None)
     return State(int(rows), int(last), found[2] if found else _EMPTY, form)
 
 

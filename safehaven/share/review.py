@@ -81,7 +81,7 @@ import duckdb
 from safehaven.core import audit, schema
 from safehaven.core import registers as reg
 from safehaven.core.days import haven_today
-from safehaven.core.digests import sealed_rows_sql
+from safehaven.core.digests import sealed_rows
 from safehaven.core.files import sha256_file, sha256_plain, shred_tree, stand_in
 from safehaven.core.home import Home
 from safehaven.core.sql import lit
@@ -435,7 +435,7 @@ def _members(con: duckdb.DuckDBPyConnection, release_id: str) -> list:
     """The request's kept members as they stand: their count and SHA-256 over their haven pids in
     order (``core.digests.sealed_rows_sql``), recorded at preparation and checked at delivery."""
     where = f"WHERE t.release_id = {lit(release_id)}"
-    found = con.execute(sealed_rows_sql(con, _member_table(con, release_id), "t.pid", where=where)).fetchone()
+    found = next(iter(sealed_rows(con, _member_table(con, release_id), "t.pid", where=where)), None)
     return [int(found[1]), str(found[2])] if found else [0, ""]
 
 
