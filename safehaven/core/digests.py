@@ -116,7 +116,23 @@ def sealed_rows(
     text joined ``SEAL_STATEMENT_ROWS`` rows at a time, so memory holds that much text, not every
     row's (found by review: a seal over 3M rows failed under a 300 MB limit). The rows are laid
     out once, sorted by group and part, in a temporary table DuckDB can spill; the digests are the
-    same."""
+    same. No more rows than one statement joins: that one statement (fewer statements per seal).
+    """
+    rows = con.execute(f"SELECT count(*) FROM {relation} t {where}").fetchone()[0]  # type: ignore[index]
+    if rows <= SEAL_STATEMENT_ROWS:
+        found = con.execute(sealed_rows_sql(con, relation, order, group=group, where=where)).fetchall()
+        return [(g, int(n), str(d)) for g, n, d in found]
+    try:
+        _seal_in_chunks(con, relation, order, group, where)
+        found = con.execute(f"WITH _p AS (SELECT * FROM _seal_p) {_SEALS}").fetchall()
+    finally:
+        _drop_seal_tables(con)
+    return [(g, int(n), str(d)) for g, n, d in found]
+
+
+def _seal_in_chunks(con: duckdb.DuckDBPyConnection, relation: str, order: str, group: str, where: str) -> None:
+    """Temp table ``_seal_p``: each part's (group, part, rows, digest) as ``_PART_DIGESTS`` makes it,
+    ``SEAL_STATEMENT_ROWS`` rows of parts at a time (whole parts: a part is never split)."""
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _seal_n AS WITH {_parts_sql(con, relation, order, group, where)} "
         "SELECT * FROM _n ORDER BY _g NULLS FIRST, _part"
@@ -133,12 +149,17 @@ def sealed_rows(
     chunks = con.execute("SELECT coalesce(max(_chunk), -1) FROM _seal_parts").fetchone()[0]  # type: ignore[index]
     for chunk in range(int(chunks) + 1):
         con.execute(
-            "INSERT INTO _seal_p SELECT n._g, n._part, count(*), sha256(string_agg(n._j, chr(10) "
-            "ORDER BY n._o NULLS FIRST, n._j)) FROM _seal_n n JOIN _seal_parts p "
-            "ON p._g IS NOT DISTINCT FROM n._g AND p._part = n._part WHERE p._chunk = ? GROUP BY n._g, n._part",
+            "INSERT INTO _seal_p WITH _n AS (SELECT n.* FROM _seal_n n JOIN _seal_parts p "
+            f"ON p._g IS NOT DISTINCT FROM n._g AND p._part = n._part WHERE p._chunk = ?) {_PART_DIGESTS}",
             [chunk],
         )
-    found = con.execute(_SEALS.replace("FROM _p", "FROM _seal_p")).fetchall()
+
+
+def _drop_seal_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop :func:`sealed_rows`' temp tables (``_seal_n`` holds every sealed row's text), best effort:
+    in an aborted transaction they go with the connection's reset (``safehaven.core.instances``)."""
     for table in ("_seal_n", "_seal_parts", "_seal_p"):
-        con.execute(f"DROP TABLE {table}")
-    return [(g, int(n), str(d)) for g, n, d in found]
+        try:
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+        except duckdb.Error:
+            return

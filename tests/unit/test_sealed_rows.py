@@ -67,3 +67,20 @@ def test_a_where_clause_seals_only_its_rows_and_an_empty_relation_has_no_seal() 
     assert sorted(digests.sealed_rows(con, "r", "t._row", group="t._batch", where=where)) == sorted(whole)
     assert {g for g, _, _ in whole} == {"b1", "b2"}
     assert digests.sealed_rows(con, "r", "t._row", where="WHERE false") == []
+
+
+def test_a_seal_that_fails_part_way_leaves_no_copy_of_the_rows_behind() -> None:
+    """``_seal_n`` holds every sealed row's text: a seal stopped by an error drops it with the other
+    working tables, and the next seal on the connection is whole (found by review)."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE r AS SELECT 'b' || (i % 3) AS _batch, i AS _row FROM range(10) AS x(i)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(digests, "SEAL_STATEMENT_ROWS", 2)
+        mp.setattr(digests, "_SEALS", "SELECT no_such_column FROM _p")
+        with pytest.raises(duckdb.BinderException):
+            digests.sealed_rows(con, "r", "t._row", group="t._batch")
+        assert not con.execute("SELECT * FROM duckdb_tables() WHERE table_name LIKE '\\_seal%' ESCAPE '\\'").fetchall()
+    whole = con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(digests, "SEAL_STATEMENT_ROWS", 2)
+        assert sorted(digests.sealed_rows(con, "r", "t._row", group="t._batch")) == sorted(whole)
