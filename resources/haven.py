@@ -179,7 +179,6 @@ class SafeHavenResource(dg.ConfigurableResource):
             self.home_dir(),
             keyring,
             threads=self.threads or None,
-            memory_limit=self.memory_limit or None,
             lock_wait=self.lock_wait_seconds,
             logger=dg.get_dagster_logger("safehaven.store"),
         )

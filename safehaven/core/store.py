@@ -380,7 +380,7 @@ class Store:
         try:
             limit = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
         except duckdb.Error:  # e.g. an aborted transaction: the limit the connection was given
-            limit = str(self._config().get("memory_limit", "DuckDB's default"))
+            limit = self.memory_limit or default_memory_limit() or "DuckDB's default"
         said = " ".join(str(exc).split()) or type(exc).__name__
         spill = self.home.store_dir / "tmp"
         if any(m in said for m in DUCKDB_SPILL_FULL):

@@ -44,13 +44,13 @@ def _one(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
 def _k_per_person(con: duckdb.DuckDBPyConnection, src: str, person: str, qis: list[str], k: int) -> dict[str, Any]:
     """Smallest group of people sharing a quasi-identifier signature in one file, and people below k.
 
-    Each person's signature is built as k-anonymity builds it (``kanon._person_signatures``, a
+    Each person's signature is built as k-anonymity builds it (``kanon.person_signatures``, a
     bucket of people at a time: found by review, the one-statement lists here failed under a
     memory limit the release's own check had passed)."""
     if not qis:
         return {"quasi_identifiers": [], "k": k, "smallest_group": None, "people_below_k": 0}
     rendered = ", ".join(f"coalesce(CAST({q(c)} AS VARCHAR), '*')" for c in qis)
-    kanon._person_signatures(con, f"SELECT {q(person)} AS pid, concat_ws(chr(31), {rendered}) AS sig FROM {src}")
+    kanon.person_signatures(con, f"SELECT {q(person)} AS pid, concat_ws(chr(31), {rendered}) AS sig FROM {src}")
     groups = "SELECT count(*) AS n FROM _kpeople GROUP BY signature"
     row = con.execute(f"SELECT min(n), coalesce(sum(n) FILTER (WHERE n < {int(k)}), 0) FROM ({groups})").fetchone()
     con.execute("DROP TABLE _kpeople")

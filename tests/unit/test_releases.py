@@ -735,7 +735,7 @@ def test_person_signatures_built_a_bucket_of_people_at_a_time_are_those_of_one_s
     con = duckdb.connect()
     con.execute("CREATE TEMP TABLE r (pid VARCHAR, sig VARCHAR)")
     con.executemany("INSERT INTO r VALUES (?, ?)", rows) if rows else None
-    kanon._person_signatures(con, "SELECT pid, sig FROM r", bucket_pairs=bucket)
+    kanon.person_signatures(con, "SELECT pid, sig FROM r", bucket_pairs=bucket)
     bucketed = con.execute("SELECT pid, signature FROM _kpeople ORDER BY pid").fetchall()
     whole = con.execute(
         "SELECT pid, list_sort(list(DISTINCT sig) FILTER (WHERE sig IS NOT NULL)) FROM r GROUP BY pid ORDER BY pid"

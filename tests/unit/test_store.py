@@ -179,3 +179,12 @@ def test_the_memory_limit_from_the_environment_reaches_the_commands_and_the_pipe
     assert _memory_limit(SafeHavenResource.from_environment().context().store()) == "1.2 GiB"
     monkeypatch.setenv(MEMORY_LIMIT_ENV, " ")
     assert home_from_env().memory_limit is None and SafeHavenResource.from_environment().memory_limit == ""
+
+
+def test_work_past_the_limit_inside_a_transaction_still_names_the_limit(home: Home) -> None:
+    """Out of memory inside a transaction leaves it aborted, so DuckDB cannot be asked its limit: the
+    message names the limit the store was given (found by review: it named none)."""
+    with pytest.raises(StoreOutOfMemory) as err, Store(home, memory_limit="32MB").connect() as con:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("CREATE TEMP TABLE t AS SELECT list(i) AS l FROM range(20000000) AS r(i)")
+    assert "memory limit of 30.5 MiB" in str(err.value) or "memory limit of 32MB" in str(err.value)

@@ -73,7 +73,7 @@ def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dic
             parts.append(f"SELECT pid, concat_ws(chr(31), {lit(collection)}, {rendered}) AS sig FROM {table}")
         else:
             parts.append(f"SELECT pid, NULL::VARCHAR AS sig FROM {table}")
-    _person_signatures(con, " UNION ALL ".join(parts))
+    person_signatures(con, " UNION ALL ".join(parts))
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _ksig AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
         "FROM _kpeople"
@@ -83,14 +83,14 @@ def _signatures(con: duckdb.DuckDBPyConnection, tables: dict[str, str], qis: dic
 
 
 #: bytes of memory allowed for each (person, signature) pair while the lists are built
-#: (:func:`_person_signatures`): 25M pairs of 2M people failed in two buckets under 1 GiB, about
+#: (:func:`person_signatures`): 25M pairs of 2M people failed in two buckets under 1 GiB, about
 #: 80 bytes a pair; this leaves room for the rest of the statement
 PAIR_BYTES = 256
-#: pairs in a bucket however low the memory limit (tests set the limit aside with this)
+#: pairs in a bucket however low the memory limit (a bucket is never empty of work)
 MIN_BUCKET_PAIRS = 1
 
 
-def _person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str, bucket_pairs: int | None = None) -> None:
+def person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str, bucket_pairs: int | None = None) -> None:
     """Temp table ``_kpeople`` (pid, signature): each person's sorted distinct non-null ``sig`` of
     ``rows_sql`` (pid, sig), NULL when they have none.
 
