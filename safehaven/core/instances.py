@@ -198,6 +198,30 @@ def _state(instance: duckdb.DuckDBPyConnection) -> tuple | None:
         return None
 
 
+#: What a borrower can leave in an instance once its databases are detached, counted in one
+#: statement: any database, table or view of its own, variable, secret, prepared statement,
+#: sequence or cached file. A UNION ALL of the counts: the same counts as scalar subqueries
+#: added together, which DuckDB 1.4 runs three times slower (4 ms against 13 ms a connection,
+#: measured here; the pool resets an instance for every store connection).
+_LEFT_BEHIND = (
+    "SELECT sum(n) FROM ("
+    + " UNION ALL ".join(
+        f"SELECT count(*) AS n FROM {source}"
+        for source in (
+            f"duckdb_databases() WHERE database_name NOT IN ({', '.join(repr(n) for n in _BUILT_IN)})",
+            "duckdb_tables() WHERE database_name = 'memory' OR temporary",
+            "duckdb_views() WHERE (database_name = 'memory' OR temporary) AND NOT internal",
+            "duckdb_variables()",
+            "duckdb_secrets()",
+            "duckdb_prepared_statements()",
+            "duckdb_sequences()",
+            "duckdb_external_file_cache()",
+        )
+    )
+    + ")"
+)
+
+
 def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
     """Detach every attached database and drop the borrower's temporary objects; True if nothing
     of the borrower's is left (``_state`` is compared by the caller)."""
@@ -211,15 +235,7 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
             instance.execute(f'DETACH "{name}"')
         _drop_temporary(instance)
         _forget_files(instance)
-        left = instance.execute(
-            "SELECT (SELECT count(*) FROM duckdb_databases() WHERE database_name NOT IN "
-            f"({', '.join(repr(n) for n in _BUILT_IN)})) + (SELECT count(*) FROM duckdb_tables() "
-            "WHERE database_name = 'memory' OR temporary) + (SELECT count(*) FROM duckdb_views() "
-            "WHERE (database_name = 'memory' OR temporary) AND NOT internal) "
-            "+ (SELECT count(*) FROM duckdb_variables()) + (SELECT count(*) FROM duckdb_secrets()) "
-            "+ (SELECT count(*) FROM duckdb_prepared_statements()) + (SELECT count(*) FROM duckdb_sequences()) "
-            "+ (SELECT count(*) FROM duckdb_external_file_cache())"
-        ).fetchone()
+        left = instance.execute(_LEFT_BEHIND).fetchone()
     except Exception:  # a DuckDB error, or an interrupted query (RuntimeError): not clean
         return False
     return left is not None and left[0] == 0
