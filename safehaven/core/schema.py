@@ -430,36 +430,26 @@ def _closure(names: Iterable[str]) -> list[Table]:
     return [t for t in TABLES.values() if t.name in wanted]
 
 
-def _present(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[str]:
-    """Which of ``wanted`` exist in the database in use: one catalog query (views only when asked for)."""
+def _catalog(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[tuple[str, str | None]]:
+    """Those of ``wanted`` that exist in the database in use, as (name, column) pairs: one
+    catalog query. When a table of ``wanted`` has migrations or one is a view, the query reads
+    ``duckdb_columns`` (tables and views alike, and the columns the migrations need; a table or
+    view has at least one column, so a name is present exactly when it has a row); otherwise
+    the cheaper ``duckdb_tables``, and the column is None."""
     names = [t.name for t in wanted]
     marks = ", ".join("?" for _ in names)
+    columns = any(t.added or t.is_view for t in wanted)
+    source = "column_name FROM duckdb_columns()" if columns else "NULL FROM duckdb_tables()"
     sql = (
-        "SELECT schema_name || '.' || table_name FROM duckdb_tables() "
+        f"SELECT schema_name || '.' || table_name, {source} "
         f"WHERE database_name = current_database() AND schema_name || '.' || table_name IN ({marks})"
     )
-    params: list[str] = list(names)
-    if any(t.is_view for t in wanted):
-        sql += (
-            " UNION ALL SELECT schema_name || '.' || view_name FROM duckdb_views() "
-            f"WHERE database_name = current_database() AND schema_name || '.' || view_name IN ({marks})"
-        )
-        params += names
-    return {name for (name,) in con.execute(sql, params).fetchall()}
+    return set(con.execute(sql, names).fetchall())
 
 
-def _migrate(con: duckdb.DuckDBPyConnection, tables: list[Table]) -> set[str]:
-    """Add the columns an older store's tables lack; returns the names of the tables changed."""
-    if not tables:
-        return set()
-    marks = ", ".join("?" for _ in tables)
-    have = set(
-        con.execute(
-            "SELECT schema_name || '.' || table_name, column_name FROM duckdb_columns() "
-            f"WHERE database_name = current_database() AND schema_name || '.' || table_name IN ({marks})",
-            [t.name for t in tables],
-        ).fetchall()
-    )
+def _migrate(con: duckdb.DuckDBPyConnection, tables: list[Table], have: set[tuple[str, str | None]]) -> set[str]:
+    """Add the columns an older store's tables lack (``have``: their columns now); returns the
+    names of the tables changed."""
     changed: set[str] = set()
     for table in tables:
         for column in table.added:
@@ -472,19 +462,20 @@ def _migrate(con: duckdb.DuckDBPyConnection, tables: list[Table]) -> set[str]:
 def ensure(con: duckdb.DuckDBPyConnection, *tables: str) -> None:
     """Create the declared ``tables`` that are missing (with their views), in dependency order.
 
-    One catalog query when all exist; a table with migrations is brought up to date (one more
-    query), and a view over a table that gained a column is made again. Safe inside a caller's
+    One catalog query, which also tells the columns: a table with migrations is brought up to
+    date, and a view over a table that gained a column is made again. Safe inside a caller's
     transaction.
     """
     wanted = _closure(tables)
-    present = _present(con, wanted)
-    changed = _migrate(con, [t for t in wanted if t.added and t.name in present])
+    have = _catalog(con, wanted)
+    present = {name for name, _ in have}
+    changed = _migrate(con, [t for t in wanted if t.added and t.name in present], have)
     created = {t.name for t in wanted if t.name not in present}
     for table in wanted:
         if table.name in created:
             con.execute(table.ddl)
     for view in (v for v in TABLES.values() if v.is_view and changed & set(v.needs) and v.name not in created):
-        if view.name in present or _present(con, [view]):
+        if view.name in present or _catalog(con, [view]):
             con.execute(view.ddl)
 
 
