@@ -10,6 +10,7 @@ DuckDB, real HiGHS; the property test checks the audit against an independent de
 from __future__ import annotations
 
 import itertools
+import random
 
 import duckdb
 import numpy as np
@@ -335,3 +336,81 @@ def test_published_values_are_intervals_as_true_range_says(policy: Policy) -> No
     for v, a, b in zip(values[:-1], lo[:-1], hi[:-1], strict=True):
         assert (a, b) == true_range(int(v), policy)
     assert (lo[-1], hi[-1]) == (0, np.inf)
+
+
+# --- property: a change proven protected downwards by batch programs, as by its own programs ----------
+
+
+def _revision_case(rng: random.Random) -> tuple[list, list, list, bool]:
+    """Per LA a parent count, and a child table under it (``child[la, s] <= parent[la]``)
+    published before and again: with late records only (``added_only``), or revised freely."""
+    las, services = rng.randint(1, 3), rng.randint(2, 4)
+    parent = [rng.choice([0, 2, 5, 9, 14, 30]) for _ in range(las)]
+    cells = [(la, s) for la in range(las) for s in range(services)]
+    shares = (0.0, 0.0, 0.1, 0.3, 0.6, 1.0)
+    old = [int(parent[la] * rng.choice(shares)) for la, _ in cells]
+    added_only = rng.random() < 0.5
+    new = [
+        min(parent[la], o + rng.choice((0, 0, 3, 9))) if added_only else int(parent[la] * rng.choice(shares))
+        for (la, _), o in zip(cells, old, strict=True)
+    ]
+
+    def rows(counts: list[int]) -> list[tuple]:
+        return [(f"L{la}", f"S{s}", n) for (la, s), n in zip(cells, counts, strict=True)]
+
+    return [(f"L{la}", n) for la, n in enumerate(parent)], rows(old), rows(new), added_only
+
+
+def _revision_audit(con: duckdb.DuckDBPyConnection, case: tuple[list, list, list, bool]) -> tuple[list, list]:
+    """Load and protect a case (table by table); the tables and links of its audit."""
+    parent, old, new, added_only = case
+    load(con, "parent_true", "la VARCHAR, people BIGINT", parent)
+    load(con, "old_true", "la VARCHAR, service VARCHAR, people BIGINT", old)
+    load(con, "new_true", "la VARCHAR, service VARCHAR, people BIGINT", new)
+    dims = ("la", "service")
+    protect(con, "parent_true", "parent", ["la"], policy=POLICY)
+    protect(con, "old_true", "previous", list(dims), policy=POLICY)
+    protect(con, "new_true", "t", list(dims), policy=POLICY)
+    links = [
+        Link("revision", "t", "t@previous", (("la", "la"), ("service", "service")), added_only=added_only),
+        Link("subset", "t", "parent", (("la", "la"),)),
+        Link("subset", "t@previous", "parent", (("la", "la"),)),
+    ]
+    tables = [
+        AuditTable("t", "t", dims),
+        AuditTable("t@previous", "previous", dims, audited=False),
+        AuditTable("parent", "parent", ("la",)),
+    ]
+    return tables, links
+
+
+def test_changes_proven_by_batch_programs_get_the_verdicts_of_their_own_programs(
+    con: duckdb.DuckDBPyConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The changes between two publications not proven to rise above the threshold are tried
+    downwards by two batch programs before each gets programs of its own
+    (``audit._falls_far``): on 60 random revisions under a parent table, every item's verdict,
+    and the audit's, is the one its own programs give, and the batches do prove changes (so
+    fewer programs are solved in all)."""
+    from safehaven.publish.disclosure import audit as audit_module
+
+    real, proven = audit_module._falls_far, []
+
+    def counted(solver, blk, linked, *rest):
+        mask = real(solver, blk, linked, *rest)
+        proven.append(int(mask.sum()))
+        return mask
+
+    solves = {"batched": 0, "alone": 0}
+    rng = random.Random(20261206)
+    for _ in range(60):
+        tables, links = _revision_audit(con, _revision_case(rng))
+        monkeypatch.setattr(audit_module, "_falls_far", counted)
+        batched = audit(con, tables, links)
+        monkeypatch.setattr(audit_module, "_falls_far", lambda solver, blk, linked, *_: np.zeros(len(linked), bool))
+        alone = audit(con, tables, links)
+        assert (batched.passed, batched.failing, batched.problems) == (alone.passed, alone.failing, alone.problems)
+        solves["batched"] += batched.lp_solves
+        solves["alone"] += alone.lp_solves
+    assert sum(proven) > 10
+    assert solves["batched"] < solves["alone"]
