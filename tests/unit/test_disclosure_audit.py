@@ -389,7 +389,7 @@ def test_changes_proven_by_batch_programs_get_the_verdicts_of_their_own_programs
 ) -> None:
     """The changes between two publications not proven to rise above the threshold are tried
     downwards by two batch programs before each gets programs of its own
-    (``audit._falls_far``): on 60 random revisions under a parent table, every item's verdict,
+    (``audit._falls_far``): on 40 random revisions under a parent table, every item's verdict,
     and the audit's, is the one its own programs give, and the batches do prove changes (so
     fewer programs are solved in all)."""
     from safehaven.publish.disclosure import audit as audit_module
@@ -403,7 +403,7 @@ def test_changes_proven_by_batch_programs_get_the_verdicts_of_their_own_programs
 
     solves = {"batched": 0, "alone": 0}
     rng = random.Random(20261206)
-    for _ in range(60):
+    for _ in range(40):
         tables, links = _revision_audit(con, _revision_case(rng))
         monkeypatch.setattr(audit_module, "_falls_far", counted)
         batched = audit(con, tables, links)
@@ -412,5 +412,5 @@ def test_changes_proven_by_batch_programs_get_the_verdicts_of_their_own_programs
         assert (batched.passed, batched.failing, batched.problems) == (alone.passed, alone.failing, alone.problems)
         solves["batched"] += batched.lp_solves
         solves["alone"] += alone.lp_solves
-    assert sum(proven) > 10
+    assert sum(proven) > 5
     assert solves["batched"] < solves["alone"]
