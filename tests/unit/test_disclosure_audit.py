@@ -410,7 +410,41 @@ def test_changes_proven_by_batch_programs_get_the_verdicts_of_their_own_programs
         monkeypatch.setattr(audit_module, "_falls_far", lambda solver, blk, linked, *_: np.zeros(len(linked), bool))
         alone = audit(con, tables, links)
         assert (batched.passed, batched.failing, batched.problems) == (alone.passed, alone.failing, alone.problems)
+        # a change proven downwards has no upper bound found: left out of the narrowest, never a 0 in its place
+        if batched.narrowest_upper is not None:
+            assert alone.narrowest_upper is not None and batched.narrowest_upper >= alone.narrowest_upper
         solves["batched"] += batched.lp_solves
         solves["alone"] += alone.lp_solves
     assert sum(proven) > 5
     assert solves["batched"] < solves["alone"]
+
+
+def test_a_change_proven_downwards_does_not_stand_for_the_narrowest_upper_bound(
+    con: duckdb.DuckDBPyConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change proven able to fall far (``audit._falls_far``) has no upper bound found: the
+    report's narrowest upper bound, published in the quality statement, is the one the programs
+    alone find (4: S0 + S1 = the LA's 10, S1 published 10), not the 0 its proof stands on."""
+    from safehaven.publish.disclosure import audit as audit_module
+
+    load(con, "parent", "la VARCHAR, people BIGINT", [("L0", 10)])
+    load(con, "parentprev", "la VARCHAR, people BIGINT", [("L0", 10)])
+    load(con, "t", "la VARCHAR, service VARCHAR, people BIGINT", [("L0", "S0", None), ("L0", "S1", 10)])
+    load(con, "prev", "la VARCHAR, service VARCHAR, people BIGINT", [("L0", "S0", None), ("L0", "S1", None)])
+    dims = ("la", "service")
+    tables = [
+        AuditTable("t", "t", dims),
+        AuditTable("t@previous", "prev", dims, audited=False),
+        AuditTable("parent", "parent", ("la",)),
+        AuditTable("parent@previous", "parentprev", ("la",), audited=False),
+    ]
+    links = [
+        Link("revision", "t", "t@previous", (("la", "la"), ("service", "service"))),
+        Link("same_population", "t", "parent", (("la", "la"),)),
+        Link("same_population", "t@previous", "parent@previous", (("la", "la"),)),
+    ]
+    batched = audit(con, tables, links)
+    monkeypatch.setattr(audit_module, "_falls_far", lambda solver, blk, linked, *_: np.zeros(len(linked), bool))
+    alone = audit(con, tables, links)
+    assert batched.failing == alone.failing == {"t": {0}}
+    assert batched.narrowest_upper == alone.narrowest_upper == 4

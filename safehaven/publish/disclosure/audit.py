@@ -398,6 +398,7 @@ def _decide(m: _Model, report: AuditReport, solver: _Solver, quick: bool) -> Non
     linked = np.flatnonzero(touches)
     report.in_relations = len(linked)
     lo, hi = np.full(count, np.nan), np.full(count, np.nan)
+    bounded = linked  # the items whose hi is an upper bound the audit found (``_record``)
     own = np.flatnonzero(~touches)
     lo[own], hi[own] = _own_intervals(m, own)
     if len(linked):
@@ -411,7 +412,9 @@ def _decide(m: _Model, report: AuditReport, solver: _Solver, quick: bool) -> Non
         hi[linked] = np.where(up, m.item_t[linked] + 1.0, np.nan)
         settled = up & down
         if not quick:
-            settled |= _falls_far(solver, everything, linked, ~up, lo, hi)
+            downward = _falls_far(solver, everything, linked, ~up, lo, hi)
+            settled |= downward
+            bounded = linked[~downward]
         for j in np.flatnonzero(~settled):
             i = linked[j]
             if quick:
@@ -421,11 +424,14 @@ def _decide(m: _Model, report: AuditReport, solver: _Solver, quick: bool) -> Non
             blk = solver.block(set(solver.var_label[item_vars].tolist()))
             hi[i] = _single(solver, blk, i, upper=True)
             lo[i] = _single(solver, blk, i, upper=False)
-    _record(m, report, lo, hi, linked)
+    _record(m, report, lo, hi, bounded)
 
 
-def _record(m: _Model, report: AuditReport, lo: np.ndarray, hi: np.ndarray, linked: np.ndarray) -> None:
-    finite = hi[linked][np.isfinite(hi[linked])]
+def _record(m: _Model, report: AuditReport, lo: np.ndarray, hi: np.ndarray, bounded: np.ndarray) -> None:
+    """Each item's verdict from its interval; ``narrowest_upper`` over ``bounded``, the items in
+    relations whose ``hi`` is an upper bound the audit found (a change proven able to fall far,
+    ``_falls_far``, has none: its ``hi`` of 0 says only that it can rise to 0)."""
+    finite = hi[bounded][np.isfinite(hi[bounded])]
     report.upper_unbounded = int(np.sum(np.isinf(hi)))
     report.narrowest_upper = int(np.floor(finite.min() + EPS)) if len(finite) else None
     hi_i, lo_i, far = np.floor(hi + EPS), np.ceil(lo - EPS), m.item_t + 1

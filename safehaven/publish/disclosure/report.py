@@ -42,6 +42,9 @@ class AuditReport:
     blocks: int = 0
     lp_solves: int = 0
     upper_unbounded: int = 0
+    #: the smallest upper bound found for a suppressed cell or change in relations (a batch's
+    #: proof counts as the threshold + 1; a change proven able to fall below minus the threshold
+    #: has no upper bound found and is left out); None when there is none
     narrowest_upper: int | None = None
     seconds: float = 0.0
     iterations: int = 1
