@@ -39,7 +39,7 @@ How (module docstring of :mod:`.relations` for the relations):
   can fall below minus the threshold, and rise to 0): a revision of a long history has
   hundreds of such changes, each of which took two programs of its own (measured here at
   100,000 patients over two nights: 258 programs became 4, the audit 1.5 s became 0.5 s,
-  with the same verdicts and the same published files). Only the cells left unproven get
+  with the same verdicts and the same published tables). Only the cells left unproven get
   their own min/max programs, restricted to their independent block (a connected
   component of the rows). A cell in no row keeps its own bounds: no program.
 * Bounds are those of the LP relaxation (integer counts can only narrow them: the audit
