@@ -36,8 +36,8 @@ The one place that runs GX, and the one place that knows its DuckDB workarounds.
   the suite nor its result is stored in the context, and nothing is written to disk (no data
   docs are built). Going through a stored ``ValidationDefinition`` did the same validation
   and also serialised the suite, the definition and the result into the context's in-memory
-  stores: a quarter of a 23-expectation suite's time on a small batch (0.32 s against 0.24 s,
-  measured here), paid by every intake run and most tests. Progress bars are off (no
+  stores: 13% of a 23-expectation suite's CPU on a small batch (0.31 s against 0.27 s, medians
+  of 20 here), paid by every intake run and most tests. Progress bars are off (no
   tqdm on stderr). ``GX_ANALYTICS_ENABLED=False`` is set before GX is imported and
   ``analytics_enabled`` is off in the context (GX 1.24 ships no analytics client anyway).
 * **Whole table, read through a query.** The batch is the whole table, as a query asset
