@@ -606,6 +606,34 @@ class Store:
 def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     """One transaction on ``con``: committed when the block ends, rolled back if it raises (all or nothing)."""
     con.execute("BEGIN TRANSACTION")
+    with _ended(con):
+        yield
+
+
+@contextlib.contextmanager
+def atomic(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """The block all or nothing: inside the caller's transaction when one is open (its commit or
+    rollback then covers the block), else in one of its own (:func:`transaction`). For work whose
+    parts must never be stored alone, whoever calls it."""
+    if in_transaction(con):
+        yield
+        return
+    con.execute("BEGIN TRANSACTION")
+    with _ended(con):
+        yield
+
+
+def in_transaction(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``con`` has a transaction open: two statements share a transaction id only inside
+    one (each autocommitted statement has its own). A ``BEGIN`` tried to find out would abort the
+    caller's transaction when it fails."""
+    first = con.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
+    return first == con.execute("SELECT txid_current()").fetchone()[0]  # type: ignore[index]
+
+
+@contextlib.contextmanager
+def _ended(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Commit the transaction just begun when the block ends; roll it back if the block raises."""
     try:
         yield
     except BaseException:

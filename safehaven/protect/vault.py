@@ -80,7 +80,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safehaven.core import schema
 from safehaven.core.keys import VAULT, Key, KeyRing, key_id, x25519_public
 from safehaven.core.sql import lit, q
-from safehaven.core.store import table_exists
+from safehaven.core.store import atomic, table_exists
 from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect.objections import ever_type1_objectors_sql, type1_objectors_sql
@@ -235,8 +235,9 @@ def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, col
     only per-entry Python is the AES-GCM call itself (see the module docstring), over distinct
     entries only, ``ENCRYPT_BATCH`` at a time. Nonces are 96 random bits each from ``os.urandom``;
     with a fresh data key per write that is far inside the 2^32 invocations NIST SP 800-38D
-    section 8.3 allows per key. Call inside a transaction: the data key's row counts every entry,
-    and a write stopped between batches must leave none of them (found by review).
+    section 8.3 allows per key. All or nothing (``store.atomic``: the caller's transaction, else
+    one of its own): the data key's row counts every entry, and a write stopped between batches
+    leaves none of them (found by review).
     """
     dek_id = secrets.token_hex(8)
     arrow = con.execute(
@@ -248,15 +249,15 @@ def encrypt_entries(con: duckdb.DuckDBPyConnection, table: str, public: Key, col
         return 0
     dek = AESGCM.generate_key(bit_length=256)
     eph_pub, wrap_nonce, wrapped = wrap(dek, dek_id, public)
-    con.execute(
-        f"INSERT INTO {DATA_KEYS} VALUES (?, ?, ?, ?, ?, now(), ?)",
-        [dek_id, key_id(public.material), eph_pub, wrap_nonce, wrapped, n],
-    )
     aead = AESGCM(dek)
-    for start in range(0, n, ENCRYPT_BATCH):
-        _insert_encrypted(con, aead, arrow.slice(start, ENCRYPT_BATCH), dek_id, collection)
-    del arrow
-    remember(con, table)
+    with atomic(con):
+        con.execute(
+            f"INSERT INTO {DATA_KEYS} VALUES (?, ?, ?, ?, ?, now(), ?)",
+            [dek_id, key_id(public.material), eph_pub, wrap_nonce, wrapped, n],
+        )
+        for start in range(0, n, ENCRYPT_BATCH):
+            _insert_encrypted(con, aead, arrow.slice(start, ENCRYPT_BATCH), dek_id, collection)
+        remember(con, table)
     return n
 
 

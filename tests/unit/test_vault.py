@@ -260,3 +260,46 @@ def test_entries_encrypted_in_batches_are_each_stored_once_under_one_data_key_an
     assert dupes == 0
     assert len(rows) == sum(found for _, found in per_key)
     assert nhs and nhs <= {value for _, field, value, _ in rows if field == "nhs_number"}
+
+
+@pytest.mark.parametrize("callers_transaction", [False, True], ids=["alone", "in the caller's transaction"])
+def test_a_vault_write_stopped_between_batches_stores_none_of_it(
+    haven_home: Home, monkeypatch: pytest.MonkeyPatch, callers_transaction: bool
+) -> None:
+    """A write stopped after its first batch of entries (a failure, an interrupt) leaves neither
+    those entries, nor their digests, nor its data key, whether or not the caller holds a
+    transaction: the vault never holds part of a write whose data key counts all of it."""
+    monkeypatch.setattr(vault, "ENCRYPT_BATCH", 3)
+    real, batches = vault._insert_encrypted, []
+
+    def stopped(*args, **kwargs):
+        if batches:
+            raise KeyboardInterrupt("stopped between batches")
+        batches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vault, "_insert_encrypted", stopped)
+    public = custodian_ring(haven_home).get_public(VAULT)
+    with Store(haven_home).connect() as con:
+        install_key(con, "haven", KeyRing(haven_home.keys).get("haven"))
+        before = [
+            con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in (vault.IDENTITY, vault.SEEN, vault.DATA_KEYS)
+        ]
+        con.execute(
+            "CREATE TEMP TABLE _v AS SELECT *, "
+            f"{vault.lookup_sql('pid', 'field', 'value')} AS lookup FROM "
+            "(SELECT 'p' || i AS pid, 'nhs_number' AS field, '999000000' || i AS value FROM range(10) r(i))"
+        )
+        if callers_transaction:
+            con.execute("BEGIN TRANSACTION")
+        with pytest.raises(KeyboardInterrupt):
+            vault.encrypt_entries(con, "_v", public, "hospital_episodes")
+        if callers_transaction:
+            con.execute("ROLLBACK")
+        after = [
+            con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in (vault.IDENTITY, vault.SEEN, vault.DATA_KEYS)
+        ]
+    assert batches == [1]  # the first batch was stored before the stop
+    assert after == before
