@@ -207,10 +207,16 @@ _UNITS = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}  # fmt: skip
 
 
-def size_bytes(text: str) -> int | None:
+def _size_bytes(text: str) -> int | None:
     """Bytes of a DuckDB memory size as DuckDB prints it; None when it does not read as one."""
     found = _SIZE.match(text)
     return int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
+
+
+def memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int | None:
+    """``con``'s memory limit in bytes (``current_setting('memory_limit')``); None when its text
+    does not read as a size."""
+    return _size_bytes(str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0]))  # type: ignore[index]
 
 
 @functools.cache
@@ -219,7 +225,7 @@ def _duckdbs_own_limit() -> int | None:
     limit included), read once from a bare instance; None when it cannot be read."""
     probe = duckdb.connect()
     try:
-        return size_bytes(str(probe.execute("SELECT current_setting('memory_limit')").fetchone()[0]))  # type: ignore[index]
+        return memory_limit_bytes(probe)
     finally:
         probe.close()
 

@@ -30,7 +30,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core.sql import lit, q
-from safehaven.core.store import size_bytes
+from safehaven.core.store import memory_limit_bytes
 from safehaven.publish.disclosure.policy import K_ANONYMITY
 
 __all__ = ["KAnonymityRefused", "KReport", "k_anonymise"]
@@ -103,7 +103,8 @@ def person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str, bucket_pair
     """
     con.execute(f"CREATE OR REPLACE TEMP TABLE _kpairs AS SELECT DISTINCT pid, sig FROM ({rows_sql})")
     pairs = int(con.execute("SELECT count(*) FROM _kpairs").fetchone()[0])  # type: ignore[index]
-    per_bucket = max(MIN_BUCKET_PAIRS, bucket_pairs or _memory_bytes(con) // PAIR_BYTES)
+    limit = memory_limit_bytes(con) or 2**62  # no readable limit: one bucket
+    per_bucket = max(MIN_BUCKET_PAIRS, bucket_pairs or limit // PAIR_BYTES)
     buckets = max(1, -(-pairs // per_bucket))
     signature = "list_sort(list(sig) FILTER (WHERE sig IS NOT NULL)) AS signature"
     con.execute(
@@ -120,12 +121,6 @@ def person_signatures(con: duckdb.DuckDBPyConnection, rows_sql: str, bucket_pair
             con.execute(f"INSERT INTO _kpeople SELECT pid, {signature} FROM _kbuckets WHERE _b = {bucket} GROUP BY pid")
         con.execute("DROP TABLE _kbuckets")
     con.execute("DROP TABLE _kpairs")
-
-
-def _memory_bytes(con: duckdb.DuckDBPyConnection) -> int:
-    """The connection's memory limit in bytes (``safehaven.core.store``'s reading of DuckDB's text)."""
-    text = str(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])  # type: ignore[index]
-    return size_bytes(text) or 2**62
 
 
 def _kviol_count(con: duckdb.DuckDBPyConnection) -> int:
