@@ -28,7 +28,8 @@ confidentiality guide Rule 3):
   (person, field, value), never per record. Candidates are chosen, de-duplicated and keyed in
   DuckDB SQL, which also lays out each plaintext and associated data as bytes; Python makes
   one ``AESGCM.encrypt`` call per entry (measured about 1.7M/s on one core: the calls hold
-  the GIL, so a second thread does not help) and the results go back through Arrow.
+  the GIL, so a second thread does not help) and the results go back through Arrow, where
+  DuckDB inserts one batch while Python encrypts the next (:func:`_encrypt_and_insert`).
 * GP records about a person with a type 1 objection in force should never have been sent
   (``safehaven.protect.objections.never_sent_sql``); identifiers from them are not vaulted, and
   none stays vaulted for them: when the objection reaches the haven after the records, the
