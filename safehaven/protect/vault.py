@@ -66,8 +66,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -271,18 +272,38 @@ def _encrypt_and_insert(
     inserts, so one thread inserts batch i while this one encrypts batch i + 1: at the benchmark's
     2.5M GP entries the inserts (about 3.5 s, one core) ran beside the encryption (about 3.7 s)
     instead of after it. Only one thread uses ``con`` at a time: a batch is handed over only once
-    the previous insert has ended, and the inserter is waited for before this returns or raises,
-    so the caller's transaction commits or rolls back with no insert still running.
+    the previous insert has ended. When this raises (a failure, an interrupt), the inserter is told
+    to start nothing more and is waited for, whatever further interrupts arrive (:func:`_wait_out`),
+    so the caller's rollback never runs beside an insert, nor before one that would then commit
+    alone with no data key (found by review: a second Ctrl-C had cut the wait short).
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-insert") as inserter:
-        pending: Future[None] | None = None
+    stop = threading.Event()
+    inserter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-insert")
+    pending: Future[None] | None = None
+    try:
         for start in range(0, arrow.num_rows, ENCRYPT_BATCH):
             rows = _encrypted(aead, arrow.slice(start, ENCRYPT_BATCH))
             if pending is not None:
                 pending.result()
-            pending = inserter.submit(_insert_rows, con, rows, dek_id, collection)
+            pending = inserter.submit(_insert_rows, con, rows, dek_id, collection, stop)
         if pending is not None:
             pending.result()
+    except BaseException:
+        stop.set()
+        _wait_out(pending)
+        raise
+    finally:
+        inserter.shutdown(wait=False)
+
+
+def _wait_out(pending: Future[None] | None) -> None:
+    """Return only once ``pending`` has ended: an interrupt arriving meanwhile is dropped, the
+    exception already on its way out (the reason to stop) is raised by the caller after."""
+    while pending is not None and not pending.done():
+        try:
+            wait([pending])
+        except BaseException:  # a second Ctrl-C must not cut the wait short
+            continue
 
 
 def _encrypted(aead: AESGCM, part: pa.Table) -> pa.Table:
@@ -305,8 +326,13 @@ def _encrypted(aead: AESGCM, part: pa.Table) -> pa.Table:
     )
 
 
-def _insert_rows(con: duckdb.DuckDBPyConnection, rows: pa.Table, dek_id: str, collection: str) -> None:
-    """Add one encrypted batch (:func:`_encrypted`) to the vault under data key ``dek_id``."""
+def _insert_rows(
+    con: duckdb.DuckDBPyConnection, rows: pa.Table, dek_id: str, collection: str, stop: threading.Event
+) -> None:
+    """Add one encrypted batch (:func:`_encrypted`) to the vault under data key ``dek_id``, unless
+    the write was given up (``stop``: :func:`_encrypt_and_insert`)."""
+    if stop.is_set():
+        return
     con.register("_vault_rows", rows)
     try:
         con.execute(
@@ -419,17 +445,19 @@ def vault_collection(
         return report
     with atomic(con):
         _backfill_seen(con, contracts)
-    _new_entries(con, contract)
-    report.candidates = con.execute("SELECT count(*) FROM _vault_enc").fetchone()[0]
-    if contract.practice_field:
-        report.type1_rows_skipped = con.execute(
-            f"DELETE FROM _vault_enc WHERE pid IN ({type1_objectors_sql()})"
-        ).fetchone()[0]
-    with transaction(con):
-        report.entries = encrypt_entries(con, "_vault_enc", public, c)
-        con.execute(f"INSERT INTO {VAULTED} SELECT batch_id, ?, now(), ? FROM _vault_new", [c, report.entries])
-    for t in ("_vault_enc", "_vault_ids", "_vault_cand"):
-        con.execute(f"DROP TABLE {t}")
+    try:
+        _new_entries(con, contract)
+        report.candidates = con.execute("SELECT count(*) FROM _vault_enc").fetchone()[0]
+        if contract.practice_field:
+            report.type1_rows_skipped = con.execute(
+                f"DELETE FROM _vault_enc WHERE pid IN ({type1_objectors_sql()})"
+            ).fetchone()[0]
+        with transaction(con):
+            report.entries = encrypt_entries(con, "_vault_enc", public, c)
+            con.execute(f"INSERT INTO {VAULTED} SELECT batch_id, ?, now(), ? FROM _vault_new", [c, report.entries])
+    finally:  # the candidates hold identifiers in clear: never left on the connection, whatever happened
+        for t in ("_vault_enc", "_vault_ids", "_vault_cand"):
+            con.execute(f"DROP TABLE IF EXISTS {t}")
     return report
 
 
