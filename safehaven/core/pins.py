@@ -43,6 +43,16 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   verifies (a ``key.create`` renamed or removed with the store key must not pass for none, as
   ``safehaven.protect.register_seal.last_seal`` reads a missing seal). With entries and no key
   on record it is refused: the key custodian rotates the vault key, which records it.
+* **The haven key is the audit trail's** (:func:`check_haven_audited`, every use of the haven key,
+  ``safehaven.protect.haven.haven_key``): as for the vault key, ``keyring.json`` and the store's
+  epoch can be rewritten together by whoever holds the store key, and a haven key swapped so would
+  make pseudonyms that no longer match the objection register's, so objectors' records would pass
+  unseen (found by review). The key must be the one the latest haven-key entry names (``key.create``
+  when the haven made its first key, ``key.rotate`` by a haven-key rotation or its ``--resume``,
+  ``key.adopt``), that entry's own hash verifying under the audit key (a few entries read, not the
+  trail: the run's start verifies the whole chain). A haven made before this rule has its key
+  adopted once, only while the whole trail verifies. A different key is refused, naming the key
+  the trail records and saying to restore ``keys/haven.key`` from the key custodian's backup.
 * **Agreement salts** (``agreement_key``): created once, when the agreement is first approved
   (or, for an agreement approved by editing its file, at its first release); never re-created
   once recorded, once released or prepared for release under, or after disposal destroyed it.
@@ -291,21 +301,76 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | 
     return public
 
 
-#: Audit actions on :data:`VAULT_OBJECT` that set the vault key, and the detail field naming it.
-VAULT_KEY_SET = {"key.create": "key_id", "key.rotate": "new_key_id", "key.adopt": "key_id"}
+#: Audit actions on a key's object (``key:<purpose>``) that set that key, and the detail field
+#: naming it: the vault key's (:func:`check_vault_audited`) and the haven key's (:func:`check_haven_audited`).
+KEY_SET = {"key.create": "key_id", "key.rotate": "new_key_id", "key.adopt": "key_id"}
+VAULT_KEY_SET = KEY_SET
 VAULT_OBJECT = f"key:{VAULT}"
+HAVEN_OBJECT = "key:haven"
+CREATE = "key.create"
 ADOPT = "key.adopt"
 ROTATE_VAULT = "safehaven keys rotate --purpose vault"
+ROTATE_HAVEN = "safehaven keys rotate --purpose haven"
+
+
+def audited_key(con: duckdb.DuckDBPyConnection, object: str) -> tuple[audit.Entry, str | None] | None:
+    """The latest audit entry on ``object`` (``key:<purpose>``) that set that key and the key id it
+    names (unverified: None when the trail records none)."""
+    entry = audit.latest_entry(con, object, tuple(KEY_SET))
+    if entry is None:
+        return None
+    kid = entry.fields.get(KEY_SET[entry.action])
+    return entry, kid if isinstance(kid, str) else None
 
 
 def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str | None] | None:
-    """The latest audit entry that set the vault key and the key id it names (unverified: None when
-    the trail records none)."""
-    entry = audit.latest_entry(con, VAULT_OBJECT, tuple(VAULT_KEY_SET))
-    if entry is None:
-        return None
-    kid = entry.fields.get(VAULT_KEY_SET[entry.action])
-    return entry, kid if isinstance(kid, str) else None
+    """The latest audit entry that set the vault key and the key id it names (:func:`audited_key`)."""
+    return audited_key(con, VAULT_OBJECT)
+
+
+def check_haven_audited(
+    con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None, *, created: bool = False
+) -> None:
+    """Refuse haven key ``kid`` (held in ``what``) unless it is the key the latest audit entry that
+    set the haven key names, that entry's own hash verifying under the audit key; record it when
+    the trail records none (module docstring, "The haven key is the audit trail's"; CoP 27b-c,
+    ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit").
+
+    ``created``: the key was just made for the haven's first pseudonyms (``key.create``); otherwise a
+    key with no record is one made before this rule, adopted once (``key.adopt``), and only while
+    the whole trail verifies: a record renamed or removed must not pass for none.
+    """
+    recorded = audited_key(con, HAVEN_OBJECT)
+    if recorded is None:
+        if not created and not audit.verify(con, home).ok:
+            raise KeyRingError(
+                f"{what} holds haven key {kid}, but the audit trail records no haven key and does not verify, so "
+                "the key is not adopted: run `safehaven audit verify`, and restore keys/haven.key from the key "
+                "custodian's backup"
+            )
+        audit.append(
+            con,
+            actor="pipeline",
+            role="pipeline",
+            action=CREATE if created else ADOPT,
+            object=HAVEN_OBJECT,
+            detail={"key_id": kid},
+            home=home,
+        )
+        return
+    entry, expected = recorded
+    if not any(e.seq == entry.seq for e in audit.authentic_entries(con, [entry.action], home)):
+        raise KeyRingError(
+            f"the audit entry that set the haven key (seq {entry.seq}, key {expected or '-'}) does not verify, so "
+            f"{what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
+            f"then restores key {expected or '-'} from backup"
+        )
+    if kid != expected:
+        raise KeyRingError(
+            f"{what} holds haven key {kid}, but the audit trail records haven key {expected or '-'} "
+            f"({entry.action}, seq {entry.seq}); restore keys/haven.key (key {expected or '-'}) from the key "
+            f"custodian's backup (a new haven key is installed only by `{ROTATE_HAVEN}`)"
+        )
 
 
 def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None) -> None:

@@ -28,6 +28,8 @@ Rules: see ``safehaven.protect.pseudonymise`` (what a haven row holds, CoP 8a, 2
   re-created, or swapped) is refused: pseudonyms made under another key would not match the
   objection register, and objectors would get through. A rotation of it installed with no
   ``key.rotate`` entry is refused until it is on record (``safehaven.core.pins.unrecorded_rotations``).
+  The key is also the audit trail's (``safehaven.core.pins.check_haven_audited``): whoever holds the
+  store key can rewrite its epoch and ``keyring.json`` together, but not the trail's entry naming it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.home import Home
 from safehaven.core.keys import Key, KeyRing, KeyRingError
-from safehaven.core.pins import check_rotations_recorded, epoch_key_id, start_epoch
+from safehaven.core.pins import check_haven_audited, check_rotations_recorded, epoch_key_id, start_epoch
 from safehaven.core.sql import q
 from safehaven.dispose.vault_sets import purge_vault
 from safehaven.intake import landings
@@ -63,8 +65,10 @@ def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
     """The haven key, checked against the epoch recorded in the store (created on first use only)."""
     recorded = epoch_key_id(con)
     if recorded is None:
+        created = not keyring.exists("haven")
         key = keyring.get_or_create("haven")
         start_epoch(con, "haven", key.key_id)
+        check_haven_audited(con, key.key_id, str(keyring.path("haven")), created=created)
         return key
     if not keyring.exists("haven"):
         raise KeyRingError(
@@ -78,6 +82,7 @@ def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
             f"{recorded}; restore the right key, or finish the pending rotation (safehaven keys rotate --resume)"
         )
     check_rotations_recorded(con, keyring, ("haven",))  # a rotation installed but not on record is refused
+    check_haven_audited(con, key.key_id, str(keyring.path("haven")))  # store and key ring rewritten together
     return key
 
 

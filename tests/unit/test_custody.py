@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from safehaven.protect import custody, key_record, rotation, vault
 from safehaven.share import due, review
 from safehaven.share.releases import PREPARED, RELEASED, ReleaseRefused, prepare
 from tests.conftest import TEST_PASSPHRASE, copy_haven, custodian_ring, leaked_nhs_numbers, with_vault_keys
+from tests.forkserver import ForkServer
 from tests.governance_helpers import (
     REVIEWERS,
     adopt_project_agreements,
@@ -280,10 +282,11 @@ rotation.rotate(Haven.open(home, contracts=ContractRegistry(), keyring=custodian
 """
 
 
-def _rotate_and_kill(home: Home, step: str) -> int:
+def _rotate_and_kill(forkserver: ForkServer, home: Home, step: str) -> int:
+    """The rotation in a process of its own, killed at ``step`` (a fork of the warm interpreter,
+    ``tests.forkserver``: sixteen cases paid their imports once)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(home.root), step], cwd=ROOT, env=env, timeout=600)
-    return proc.returncode
+    return forkserver.run(["-c", KILLER, str(home.root), step], env=env, cwd=ROOT, timeout=600).returncode
 
 
 def _check_every_entry_decrypts(home: Home) -> None:
@@ -330,7 +333,7 @@ def _state(home: Home) -> str:
 
 
 @pytest.mark.slow
-def test_vault_rotation_killed_at_every_step_loses_no_entry(home: Home, tmp_path: Path) -> None:
+def test_vault_rotation_killed_at_every_step_loses_no_entry(home: Home, tmp_path: Path, forkserver: ForkServer) -> None:
     populated(home, patients=60)
     with Store(home).connect() as con:  # a haven that has run has an audit trail (and its key) already
         from safehaven.core import audit
@@ -342,7 +345,7 @@ def test_vault_rotation_killed_at_every_step_loses_no_entry(home: Home, tmp_path
     for n, step in enumerate(["transaction", *map(str, range(1, 16))]):
         case = Home(tmp_path / f"case-{step}")
         shutil.copytree(template, case.root)
-        code = _rotate_and_kill(case, step)
+        code = _rotate_and_kill(forkserver, case, step)
         if code == 0:  # the rotation finished before the n-th rename: every step has been cut
             break
         assert code == -signal.SIGKILL
@@ -464,3 +467,34 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
     refused = _cli(["release", "--agreement", "cohort-consent-study"], {**env, PASSPHRASE_ENV: "wrong"})
     assert refused.returncode == 1 and "passphrase does not open" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def _swap_haven_key_with_its_records(home: Home) -> tuple[str, str]:
+    """An insider holding the store key: a new haven key file, ``keyring.json`` claiming it as the
+    haven's only key ever, and the store's current haven epoch rewritten to name it. Returns (old, new)."""
+    keyring = KeyRing(home.keys)
+    old = keyring.get("haven").key_id
+    new = keyring.write("haven", os.urandom(32), replace=True).key_id
+    manifest = json.loads((home.keys / "keyring.json").read_text())
+    created = manifest["haven"]["history"][0]["created_at"]
+    manifest["haven"] = {"current": new, "history": [{"key_id": new, "created_at": created}]}
+    (home.keys / "keyring.json").write_text(json.dumps(manifest))
+    with Store(home).connect() as con:
+        con.execute(f"UPDATE {pins.EPOCHS} SET key_id = ? WHERE purpose = 'haven' AND retired_at IS NULL", [new])
+    return old, new
+
+
+def test_a_haven_key_swapped_with_its_records_and_the_stores_epoch_is_refused_by_the_audit_trail(
+    haven_home: Home,
+) -> None:
+    """Someone holding the store key rewrites ``keyring.json`` and the store's haven epoch to a haven
+    key of their own: pseudonyms made with it would no longer match the objection register's, so
+    objectors' records would pass. The audit trail's record of the haven key (``key.create``, or
+    ``key.rotate`` by a rotation) refuses it, naming the key it records."""
+    process(haven_home)
+    old, new = _swap_haven_key_with_its_records(haven_home)
+    before = _entries(haven_home)
+    drop(haven_home, patients=20, seed=31)
+    with pytest.raises(KeyRingError, match=f"audit trail records haven key {old}"):
+        process(haven_home)
+    assert _entries(haven_home) == before
