@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -467,34 +466,3 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
     refused = _cli(["release", "--agreement", "cohort-consent-study"], {**env, PASSPHRASE_ENV: "wrong"})
     assert refused.returncode == 1 and "passphrase does not open" in refused.stderr
     assert "Traceback" not in refused.stderr
-
-
-def _swap_haven_key_with_its_records(home: Home) -> tuple[str, str]:
-    """An insider holding the store key: a new haven key file, ``keyring.json`` claiming it as the
-    haven's only key ever, and the store's current haven epoch rewritten to name it. Returns (old, new)."""
-    keyring = KeyRing(home.keys)
-    old = keyring.get("haven").key_id
-    new = keyring.write("haven", os.urandom(32), replace=True).key_id
-    manifest = json.loads((home.keys / "keyring.json").read_text())
-    created = manifest["haven"]["history"][0]["created_at"]
-    manifest["haven"] = {"current": new, "history": [{"key_id": new, "created_at": created}]}
-    (home.keys / "keyring.json").write_text(json.dumps(manifest))
-    with Store(home).connect() as con:
-        con.execute(f"UPDATE {pins.EPOCHS} SET key_id = ? WHERE purpose = 'haven' AND retired_at IS NULL", [new])
-    return old, new
-
-
-def test_a_haven_key_swapped_with_its_records_and_the_stores_epoch_is_refused_by_the_audit_trail(
-    haven_home: Home,
-) -> None:
-    """Someone holding the store key rewrites ``keyring.json`` and the store's haven epoch to a haven
-    key of their own: pseudonyms made with it would no longer match the objection register's, so
-    objectors' records would pass. The audit trail's record of the haven key (``key.create``, or
-    ``key.rotate`` by a rotation) refuses it, naming the key it records."""
-    process(haven_home)
-    old, new = _swap_haven_key_with_its_records(haven_home)
-    before = _entries(haven_home)
-    drop(haven_home, patients=20, seed=31)
-    with pytest.raises(KeyRingError, match=f"audit trail records haven key {old}"):
-        process(haven_home)
-    assert _entries(haven_home) == before

@@ -1,0 +1,116 @@
+"""The haven key is the audit trail's (``safehaven.core.pins.check_haven_audited``; CoP 27b-c).
+
+Whoever holds the store key and the haven's files can write a haven key of their own, claim it in
+``keyring.json`` and rewrite the store's haven epoch to name it. Its pseudonyms would no longer
+match the objection register's, so the records of people who objected would pass unseen. The audit
+trail, keyed under the audit key, names the haven key the haven made or rotated to, so such a key
+is refused at its first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from safehaven.core import audit, pins
+from safehaven.core.home import Home
+from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.store import Store
+from safehaven.protect.haven import haven_key
+from tests.unit.populate import drop, populated, process
+
+PATIENTS = 40
+
+
+@pytest.fixture
+def processed(home: Home) -> Home:
+    populated(home, patients=PATIENTS)
+    return home
+
+
+def _haven_key_entries(home: Home) -> list[tuple[str, dict]]:
+    with Store(home).connect(read_only=True) as con:
+        return [(e.action, e.fields) for e in audit.entries_for(con, object_like=pins.HAVEN_OBJECT)]
+
+
+def _haven_rows(home: Home) -> int:
+    with Store(home).connect(read_only=True) as con:
+        return con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0]
+
+
+def _swap(home: Home) -> tuple[str, str]:
+    """The attack: a new haven key file, ``keyring.json`` claiming it as the haven's only key ever,
+    and the store's current haven epoch rewritten to name it (with the store key). Returns (old, new)."""
+    keyring = KeyRing(home.keys)
+    old = keyring.get("haven").key_id
+    new = keyring.write("haven", os.urandom(32), replace=True).key_id
+    manifest = json.loads((home.keys / "keyring.json").read_text())
+    created = manifest["haven"]["history"][0]["created_at"]
+    manifest["haven"] = {"current": new, "history": [{"key_id": new, "created_at": created}]}
+    (home.keys / "keyring.json").write_text(json.dumps(manifest))
+    with Store(home).connect() as con:
+        con.execute(f"UPDATE {pins.EPOCHS} SET key_id = ? WHERE purpose = 'haven' AND retired_at IS NULL", [new])
+    return old, new
+
+
+def test_a_havens_first_haven_key_is_recorded_on_the_trail(processed: Home) -> None:
+    entries = _haven_key_entries(processed)
+    assert entries == [("key.create", {"key_id": KeyRing(processed.keys).get("haven").key_id})]
+    process(processed)  # later uses check it, and record nothing more
+    assert len(_haven_key_entries(processed)) == 1
+
+
+def test_a_haven_key_swapped_with_its_records_and_the_stores_epoch_is_refused_naming_the_trails_key(
+    processed: Home,
+) -> None:
+    """Before this rule the swap passed every check (the file, ``keyring.json`` and the store's epoch
+    agree) and the next night pseudonymised its records under the insider's key."""
+    old, new = _swap(processed)
+    before = _haven_rows(processed)
+    drop(processed, patients=20, seed=31)
+    with pytest.raises(KeyRingError, match=f"holds haven key {new}, but the audit trail records haven key {old}"):
+        process(processed)
+    assert _haven_rows(processed) == before, "nothing pseudonymised under the swapped key"
+
+
+def test_a_haven_key_entry_forged_with_the_store_key_is_refused(processed: Home) -> None:
+    _, new = _swap(processed)
+    with Store(processed).connect() as con:  # a key.rotate entry naming their key, without the audit key
+        con.execute(
+            f"INSERT INTO {audit.TABLE} SELECT seq + 1, now(), 'custodian', 'key_custodian', 'key.rotate', "
+            f"'key:haven', NULL, NULL, NULL, 'ok', ?, entry_hash, repeat('0', 64) FROM {audit.TABLE} "
+            f"ORDER BY seq DESC LIMIT 1",
+            [f'{{"new_key_id": "{new}"}}'],
+        )
+        with pytest.raises(KeyRingError, match="that set the haven key .* does not verify"):
+            haven_key(con, KeyRing(processed.keys))
+
+
+def test_a_haven_key_made_before_the_rule_is_adopted_once(home: Home) -> None:
+    """A haven whose key and epoch were made before the trail recorded haven keys: adopted at its
+    first use (``key.adopt``), and checked against that entry from then on."""
+    keyring = KeyRing(home.keys)
+    with Store(home).connect() as con:
+        audit.append(con, actor="pipeline", role="pipeline", action="run", object="job:test", home=home)
+        kid = keyring.get_or_create("haven").key_id
+        pins.start_epoch(con, "haven", kid)
+        assert haven_key(con, keyring).key_id == kid
+        assert haven_key(con, keyring).key_id == kid
+    assert _haven_key_entries(home) == [("key.adopt", {"key_id": kid})]
+
+
+def test_a_haven_key_record_hidden_with_the_store_key_is_not_replaced_by_adoption(processed: Home) -> None:
+    """The insider renames the ``key.create`` entry so the trail seems to record no haven key: a key
+    is adopted only while the whole trail verifies, so theirs is refused."""
+    _, new = _swap(processed)
+    with Store(processed).connect() as con:
+        con.execute(
+            f"UPDATE {audit.TABLE} SET action = 'key.seal' WHERE action = 'key.create' AND object = 'key:haven'"
+        )
+    with Store(processed).connect() as con:
+        with pytest.raises(KeyRingError, match="records no haven key and does not verify"):
+            haven_key(con, KeyRing(processed.keys))
+    assert [a for a, _ in _haven_key_entries(processed)] == ["key.seal"], "nothing adopted"
+    assert new
