@@ -179,7 +179,7 @@ def _register_seal_decisions(group: click.Group) -> None:
         contract = registry_from_env().objections()
         try:
             with Store(home).connect() as con:
-                key = haven_key(con, KeyRing(home.keys))
+                key = haven_key(con, KeyRing(home.keys), home)
                 install_key(con, "haven", key)
                 done = register_seal.apply_held_withdrawals(con, contract, drop, key.key_id, home, by=by, reason=reason)
         except ValueError as exc:

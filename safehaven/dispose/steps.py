@@ -187,7 +187,7 @@ def _delete_vault(
     run: Run, con: duckdb.DuckDBPyConnection, contract: Contract, counts: dict[str, int]
 ) -> dict[str, Any]:
     """The vault entries and data keys only the disposed records needed, and practice registrations."""
-    install_key(con, "haven", haven_key(con, run.keyring))
+    install_key(con, "haven", haven_key(con, run.keyring, run.home))
     disposed_people(con, contract)
     out = dispose_vault(con, run.registry, run.keyring, run.home)
     counts["vault.identity"] = int(out["vault.identity"])

@@ -61,14 +61,16 @@ from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_ke
 HAVEN_BATCHES = schema.HAVEN_BATCHES
 
 
-def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
-    """The haven key, checked against the epoch recorded in the store (created on first use only)."""
+def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None) -> Key:
+    """The haven key, checked against the epoch recorded in the store (created on first use only) and
+    against the audit trail's record of it (``home``: the haven whose trail that is, when ``con`` was
+    not opened by its store)."""
     recorded = epoch_key_id(con)
     if recorded is None:
         created = not keyring.exists("haven")
         key = keyring.get_or_create("haven")
         start_epoch(con, "haven", key.key_id)
-        check_haven_audited(con, key.key_id, str(keyring.path("haven")), created=created)
+        check_haven_audited(con, key.key_id, str(keyring.path("haven")), home, created=created)
         return key
     if not keyring.exists("haven"):
         raise KeyRingError(
@@ -82,7 +84,7 @@ def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing) -> Key:
             f"{recorded}; restore the right key, or finish the pending rotation (safehaven keys rotate --resume)"
         )
     check_rotations_recorded(con, keyring, ("haven",))  # a rotation installed but not on record is refused
-    check_haven_audited(con, key.key_id, str(keyring.path("haven")))  # store and key ring rewritten together
+    check_haven_audited(con, key.key_id, str(keyring.path("haven")), home)  # store and key ring rewritten together
     return key
 
 

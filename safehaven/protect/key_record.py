@@ -14,8 +14,8 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
   - every other key, by the store's current epoch of its purpose (``governance.key_epochs``); a
     haven key rotation the store committed but whose key was never installed is accepted as the
     previous epoch's key, and ``safehaven keys rotate --resume`` is named to finish it;
-  - the vault's public half also by the audit trail's record of the vault key
-    (``safehaven.core.pins.audited_vault_key``);
+  - the vault's public half and the haven key also by the audit trail's record of that key
+    (``safehaven.core.pins.audited_key``);
   - a key with no epoch only where the store holds nothing made with it (the haven key: no data;
     an agreement's salt: nothing released or prepared under it; the vault: no entry);
   - a key a disposal destroyed (the disposal register, ``safehaven.core.pins.destroyed_keys``) is
@@ -182,20 +182,26 @@ def _check(
     if purpose == audit.KEY_PURPOSE:
         problem = audit.key_problem(con, home, key)
         return (f"{_file(keyring, purpose)} holds key {key.key_id}, but {problem}" if problem else None), TRAIL_VERIFIES
-    if purpose == VAULT:
-        audited = pins.audited_vault_key(con)
-        if audited and audited[1] and audited[1] != key.key_id:
-            return (
-                f"{_file(keyring, purpose)} holds key {key.key_id}, but the audit trail names vault key {audited[1]}",
-                "",
-            )
+    if purpose == VAULT and (problem := _trail_disagrees(con, keyring, purpose, key)):
+        return problem, ""
     if epoch is None and _made_with(con, purpose):
         return (
             f"the store has no epoch of the {purpose} key though it holds data made with one: the store was edited "
             "(restore it from backup)",
             "",
         )
+    if purpose == "haven" and (problem := _trail_disagrees(con, keyring, purpose, key)):
+        return problem, ""
     return None, MATCHES_EPOCH if epoch else UNUSED
+
+
+def _trail_disagrees(con: duckdb.DuckDBPyConnection, keyring: KeyRing, purpose: str, key: Key) -> str | None:
+    """What is wrong when the audit trail's latest entry setting ``purpose``'s key (the vault's, the
+    haven's: ``safehaven.core.pins.audited_key``) names another key than the file holds; else None."""
+    audited = pins.audited_key(con, f"key:{purpose}")
+    if audited and audited[1] and audited[1] != key.key_id:
+        return f"{_file(keyring, purpose)} holds key {key.key_id}, but the audit trail names {purpose} key {audited[1]}"
+    return None
 
 
 def _not_epoch(

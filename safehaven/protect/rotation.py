@@ -196,7 +196,7 @@ def rotate_haven(haven: Haven) -> RotationReport:
     store = Store(home, keyring)
     private = vault.private_key(keyring)
     with store.connect() as con:
-        old = haven_key(con, keyring)
+        old = haven_key(con, keyring, home)
         public = vault_public(con, keyring)  # pinned and checked against the trail before anything is staged
         sealed = register_seal.problem(con) is None  # re-keyed pids are sealed again only if it matched
         new = keyring.write(_staged("haven"), secrets.token_bytes(KEY_BYTES), replace=True, record=False)

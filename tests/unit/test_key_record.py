@@ -97,6 +97,25 @@ def test_a_swapped_key_is_not_recorded_and_the_refusal_says_what_the_store_expec
     assert {r.purpose for r in key_record.recover_record(haven_home, ring, actor="custodian")} == set(current)
 
 
+def test_a_haven_key_swapped_with_the_stores_epoch_beside_a_lost_record_is_refused_by_the_trail(
+    haven_home: Home,
+) -> None:
+    """The store's epoch rewritten to a swapped haven key (with the store key) agrees with the file;
+    the audit trail's record of the haven key does not, so nothing is recorded."""
+    path = haven_home.keys / "haven.key"
+    _swap(path)
+    theirs = KeyRing(haven_home.keys).file_key("haven")
+    assert theirs is not None
+    with Store(haven_home).connect() as con:
+        con.execute(
+            f"UPDATE {pins.EPOCHS} SET key_id = ? WHERE purpose = 'haven' AND retired_at IS NULL", [theirs.key_id]
+        )
+    current = _lose_record(haven_home, "deleted")
+    with pytest.raises(KeyRingError, match=f"haven.key holds key .*audit trail names haven key {current['haven']}"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    assert not (haven_home.keys / "keyring.json").exists(), "nothing recorded"
+
+
 def test_a_store_key_that_does_not_open_the_store_is_refused_without_showing_it(haven_home: Home) -> None:
     _lose_record(haven_home, "emptied")
     _swap(haven_home.keys / "store.key")
