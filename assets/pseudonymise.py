@@ -46,7 +46,7 @@ def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
         with haven.connect() as con:
             refuse_while_held(con, contract, registry)
             keyring = haven.keyring()
-            key = haven_key(con, keyring)
+            key = haven_key(con, keyring, trail_verified=True)  # the run verified it at its start
             # the vault public key only if a late type 1 purge must encrypt a kept value again
             report = build_haven(
                 con, contract, key, registry.contracts.values(), lambda: vault_public(con, keyring), haven.home_dir()
@@ -95,7 +95,7 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
         with haven.connect() as con:
             refuse_while_held(con, contract, registry)
             public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
-            install_key(con, "haven", haven_key(con, keyring))
+            install_key(con, "haven", haven_key(con, keyring, trail_verified=True))
             report = vault_collection(con, contract, registry.contracts.values(), public)
             total = con.execute(f"SELECT count(*) FROM {IDENTITY}").fetchone()[0]
         return dg.MaterializeResult(

@@ -49,10 +49,15 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   make pseudonyms that no longer match the objection register's, so objectors' records would pass
   unseen (found by review). The key must be the one the latest haven-key entry names (``key.create``
   when the haven made its first key, ``key.rotate`` by a haven-key rotation or its ``--resume``,
-  ``key.adopt``), that entry's own hash verifying under the audit key (a few entries read, not the
-  trail: the run's start verifies the whole chain). A haven made before this rule has its key
-  adopted once, only while the whole trail verifies. A different key is refused, naming the key
-  the trail records and saying to restore ``keys/haven.key`` from the key custodian's backup.
+  ``key.adopt``), that entry and every one after it authentic (a pipeline step checks the entry's
+  own hash only: its run verified the whole chain at its start and holds the store). A haven made
+  before this rule has its key adopted once, only while the whole trail verifies, and never inside
+  a caller's transaction. A different key is refused, naming the key the trail records and saying
+  to restore ``keys/haven.key`` from the key custodian's backup; with no key file and no epoch, a
+  key the trail records is never made again. A haven-key rotation writes ``key.rotate.stage``
+  before it re-keys anything, and ``--resume`` records late only a rotation so staged, so a key
+  swapped together with ``keyring.json`` and the store's epochs dressed up as an interrupted
+  rotation is never recorded (found by review).
 * **Agreement salts** (``agreement_key``): created once, when the agreement is first approved
   (or, for an agreement approved by editing its file, at its first release); never re-created
   once recorded, once released or prepared for release under, or after disposal destroyed it.
@@ -77,7 +82,7 @@ from safehaven.core.keys import (
     derive_agreement_key,
     missing_agreement_key,
 )
-from safehaven.core.store import table_exists
+from safehaven.core.store import in_transaction, table_exists
 
 EPOCHS = schema.KEY_EPOCHS
 #: Symmetric keys whose file is checked against the store's epoch by :func:`verify`. The store
@@ -94,6 +99,8 @@ RESUME = "safehaven keys rotate --resume"
 ROTATED = ("haven",)
 #: The audit action of a rotation (``safehaven.protect.rotation``), detail ``old_key_id``, ``new_key_id``.
 ROTATE_ACTION = "key.rotate"
+#: The entry a rotation writes before it re-keys anything (same detail); ``safehaven.protect.rotation``.
+STAGE_ACTION = "key.rotate.stage"
 
 
 def ensure_epochs(con: duckdb.DuckDBPyConnection) -> None:
@@ -210,8 +217,10 @@ def unrecorded_rotations(
     with the ``key.rotate`` entries whose own hash verifies under the audit key
     (``audit.authentic_entries``). A claimed step ``old -> new`` with no entry is *real* only when
     the store agrees: ``governance.key_epochs`` has the epoch of ``old`` retired for that of
-    ``new`` (written in the re-keying transaction), and, while ``new`` is current, its key file
-    holds it. Anything else (``keyring.json`` edited to claim a rotation) is *unconfirmed* and is
+    ``new`` (written in the re-keying transaction), while ``new`` is current its key file holds
+    it, and the rotation's own ``key.rotate.stage`` entry (written before it re-keyed anything)
+    names both ids: the store's epochs and ``keyring.json`` alone are what a store-key holder
+    rewrites. Anything else (``keyring.json`` edited to claim a rotation) is *unconfirmed* and is
     never recorded as a rotation. A first key (created, not rotated) is no step, so the pipeline's
     first epochs and havens that never rotated expect nothing; a haven made before this rule with
     a rotation finished by ``--resume`` (which wrote no ``key.rotate``) has its step recorded
@@ -220,14 +229,17 @@ def unrecorded_rotations(
     if not claims:
         return [], []
     recorded = _recorded_rotations(con)
+    staged = _recorded_rotations(con, STAGE_ACTION)
     steps = {purpose: _epoch_steps(con, purpose) for purpose in purposes}
     real: list[Rotation] = []
     unconfirmed: list[Rotation] = []
     for purpose, old, new in claims:
         if (purpose, old, new) in recorded:
             continue
-        confirmed = (old, new) in steps[purpose] and (
-            keyring.current_id(purpose) != new or _file_id(keyring, purpose) == new
+        confirmed = (
+            (purpose, old, new) in staged
+            and (old, new) in steps[purpose]
+            and (keyring.current_id(purpose) != new or _file_id(keyring, purpose) == new)
         )
         (real if confirmed else unconfirmed).append(Rotation(purpose, old, new, steps[purpose].get((old, new))))
     return real, unconfirmed
@@ -247,10 +259,11 @@ def check_rotations_recorded(
         )
 
 
-def _recorded_rotations(con: duckdb.DuckDBPyConnection) -> set[tuple[str, str, str]]:
-    """(purpose, old id, new id) of every authentic ``key.rotate`` entry."""
+def _recorded_rotations(con: duckdb.DuckDBPyConnection, action: str = ROTATE_ACTION) -> set[tuple[str, str, str]]:
+    """(purpose, old id, new id) of every authentic ``key.rotate`` entry (or ``action``'s: a rotation's
+    ``key.rotate.stage``, written before anything is re-keyed)."""
     found = set()
-    for entry in audit.authentic_entries(con, [ROTATE_ACTION]):
+    for entry in audit.authentic_entries(con, [action]):
         fields = entry.fields
         found.add((entry.object.removeprefix("key:"), fields.get("old_key_id"), fields.get("new_key_id")))
     return found
@@ -329,37 +342,37 @@ def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str 
 
 
 def check_haven_audited(
-    con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None, *, created: bool = False
+    con: duckdb.DuckDBPyConnection,
+    kid: str,
+    what: str,
+    home: Home | None = None,
+    *,
+    created: bool = False,
+    trail_verified: bool = False,
 ) -> None:
     """Refuse haven key ``kid`` (held in ``what``) unless it is the key the latest audit entry that
-    set the haven key names, that entry's own hash verifying under the audit key; record it when
-    the trail records none (module docstring, "The haven key is the audit trail's"; CoP 27b-c,
+    set the haven key names, that entry and every one after it authentic; record it when the trail
+    records none (module docstring, "The haven key is the audit trail's"; CoP 27b-c,
     ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit").
 
     ``created``: the key was just made for the haven's first pseudonyms (``key.create``); otherwise a
     key with no record is one made before this rule, adopted once (``key.adopt``), and only while
     the whole trail verifies: a record renamed or removed must not pass for none.
+    ``trail_verified``: the caller's run verified the whole trail at its start and holds the store
+    (a pipeline step, ``resources.haven``), so the entry's own hash is checked, not every entry
+    since (their cost grows with the trail); a command checks them all (found by review: a later
+    ``key.rotate`` renamed with the store key otherwise brought back the key before it).
     """
     recorded = audited_key(con, HAVEN_OBJECT)
     if recorded is None:
-        if not created and not audit.verify(con, home).ok:
-            raise KeyRingError(
-                f"{what} holds haven key {kid}, but the audit trail records no haven key and does not verify, so "
-                "the key is not adopted: run `safehaven audit verify`, and restore keys/haven.key from the key "
-                "custodian's backup"
-            )
-        audit.append(
-            con,
-            actor="pipeline",
-            role="pipeline",
-            action=CREATE if created else ADOPT,
-            object=HAVEN_OBJECT,
-            detail={"key_id": kid},
-            home=home,
-        )
+        _record_haven_key(con, kid, what, home, created=created)
         return
     entry, expected = recorded
-    if not any(e.seq == entry.seq for e in audit.authentic_entries(con, [entry.action], home)):
+    if trail_verified:
+        authentic = any(e.seq == entry.seq for e in audit.authentic_entries(con, [entry.action], home))
+    else:
+        authentic = audit.authentic_from(con, entry.seq, home)
+    if not authentic:
         raise KeyRingError(
             f"the audit entry that set the haven key (seq {entry.seq}, key {expected or '-'}) does not verify, so "
             f"{what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
@@ -371,6 +384,32 @@ def check_haven_audited(
             f"({entry.action}, seq {entry.seq}); restore keys/haven.key (key {expected or '-'}) from the key "
             f"custodian's backup (a new haven key is installed only by `{ROTATE_HAVEN}`)"
         )
+
+
+def _record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None, *, created: bool) -> None:
+    """Record the haven key the trail does not name yet (:func:`check_haven_audited`): ``key.create``
+    for a key just made, else ``key.adopt`` while the whole trail verifies. Never inside the caller's
+    transaction (the entry is appended in a transaction of its own)."""
+    if in_transaction(con):
+        raise KeyRingError(
+            f"{what} holds haven key {kid}, which the audit trail does not record yet, and it cannot be recorded "
+            "inside this transaction: run the nightly job (or `safehaven audit verify`) first, which records it"
+        )
+    if not created and not audit.verify(con, home).ok:
+        raise KeyRingError(
+            f"{what} holds haven key {kid}, but the audit trail records no haven key and does not verify, so "
+            "the key is not adopted: run `safehaven audit verify`, and restore keys/haven.key from the key "
+            "custodian's backup"
+        )
+    audit.append(
+        con,
+        actor="pipeline",
+        role="pipeline",
+        action=CREATE if created else ADOPT,
+        object=HAVEN_OBJECT,
+        detail={"key_id": kid},
+        home=home,
+    )
 
 
 def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None) -> None:

@@ -23,7 +23,7 @@ from safehaven.core import registers as reg
 from safehaven.core.audit import shown_path
 from safehaven.core.files import shred_file, shred_tree
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing
+from safehaven.core.keys import Key, KeyRing
 from safehaven.core.schema import OUTPUT_COUNTS
 from safehaven.core.sql import q
 from safehaven.core.store import COUNTS_ZONE, SimulatedCrash, Store, table_exists
@@ -149,9 +149,11 @@ def withdraw_staged(run: Run, con: duckdb.DuckDBPyConnection) -> list[str]:
 def delete_in(run: Run, con: duckdb.DuckDBPyConnection) -> None:
     """The rows step on ``con``: deletions and their counts in one transaction (all or nothing)."""
     load_batches(con, run.plan.batch_ids)
+    # checked (and recorded on the trail if it never was) before the transaction: found by review
+    key = haven_key(con, run.keyring, run.home) if run.plan.batch_ids else None
     con.execute("BEGIN TRANSACTION")
     try:
-        detail = _delete_all(run, con)
+        detail = _delete_all(run, con, key)
         con.execute(
             f"INSERT INTO {PROGRESS} VALUES (?, 'rows', now(), ?)",
             [run.plan.disposal_id, json.dumps(detail, sort_keys=True)],
@@ -165,14 +167,15 @@ def delete_in(run: Run, con: duckdb.DuckDBPyConnection) -> None:
         con.execute("DROP TABLE IF EXISTS _disp_batches")
 
 
-def _delete_all(run: Run, con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    """Every deletion of the plan; the step's detail (rows per table, vault data keys destroyed)."""
+def _delete_all(run: Run, con: duckdb.DuckDBPyConnection, key: Key | None) -> dict[str, Any]:
+    """Every deletion of the plan; the step's detail (rows per table, vault data keys destroyed).
+    ``key``: the haven key, checked before the transaction (:func:`delete_in`), when batches go."""
     counts: dict[str, int] = {}
     vault_out: dict[str, Any] = {"vault_data_keys": [], "vault_entries_reencrypted": 0}
     if run.plan.batch_ids:
         contract = run.registry.contracts[run.plan.target.collection or ""]
-        if table_exists(con, "landing", f"{contract.collection}_valid"):
-            vault_out = _delete_vault(run, con, contract, counts)
+        if table_exists(con, "landing", f"{contract.collection}_valid") and key is not None:
+            vault_out = _delete_vault(run, con, contract, counts, key)
         counts.update(_delete_batches(run, con, contract.collection))
         counts.update(_drop_counts(con))
     counts.update(_drop_release_tables(con, run.plan.release_tables))
@@ -184,10 +187,10 @@ def _delete_all(run: Run, con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
 
 
 def _delete_vault(
-    run: Run, con: duckdb.DuckDBPyConnection, contract: Contract, counts: dict[str, int]
+    run: Run, con: duckdb.DuckDBPyConnection, contract: Contract, counts: dict[str, int], key: Key
 ) -> dict[str, Any]:
     """The vault entries and data keys only the disposed records needed, and practice registrations."""
-    install_key(con, "haven", haven_key(con, run.keyring, run.home))
+    install_key(con, "haven", key)
     disposed_people(con, contract)
     out = dispose_vault(con, run.registry, run.keyring, run.home)
     counts["vault.identity"] = int(out["vault.identity"])

@@ -42,7 +42,14 @@ import duckdb
 from safehaven.core import schema
 from safehaven.core.home import Home
 from safehaven.core.keys import Key, KeyRing, KeyRingError
-from safehaven.core.pins import check_haven_audited, check_rotations_recorded, epoch_key_id, start_epoch
+from safehaven.core.pins import (
+    HAVEN_OBJECT,
+    audited_key,
+    check_haven_audited,
+    check_rotations_recorded,
+    epoch_key_id,
+    start_epoch,
+)
 from safehaven.core.sql import q
 from safehaven.dispose.vault_sets import purge_vault
 from safehaven.intake import landings
@@ -61,17 +68,16 @@ from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_ke
 HAVEN_BATCHES = schema.HAVEN_BATCHES
 
 
-def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None) -> Key:
+def haven_key(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None, *, trail_verified: bool = False
+) -> Key:
     """The haven key, checked against the epoch recorded in the store (created on first use only) and
-    against the audit trail's record of it (``home``: the haven whose trail that is, when ``con`` was
-    not opened by its store)."""
+    against the audit trail's record of it (``safehaven.core.pins.check_haven_audited``; ``home``: the
+    haven whose trail that is, when ``con`` was not opened by its store; ``trail_verified``: the run
+    verified the whole trail at its start)."""
     recorded = epoch_key_id(con)
     if recorded is None:
-        created = not keyring.exists("haven")
-        key = keyring.get_or_create("haven")
-        start_epoch(con, "haven", key.key_id)
-        check_haven_audited(con, key.key_id, str(keyring.path("haven")), home, created=created)
-        return key
+        return _first_epoch(con, keyring, home, trail_verified=trail_verified)
     if not keyring.exists("haven"):
         raise KeyRingError(
             f"the haven key is missing ({keyring.path('haven')}) but the haven's pseudonyms were made "
@@ -84,7 +90,31 @@ def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | Non
             f"{recorded}; restore the right key, or finish the pending rotation (safehaven keys rotate --resume)"
         )
     check_rotations_recorded(con, keyring, ("haven",))  # a rotation installed but not on record is refused
-    check_haven_audited(con, key.key_id, str(keyring.path("haven")), home)  # store and key ring rewritten together
+    check_haven_audited(con, key.key_id, str(keyring.path("haven")), home, trail_verified=trail_verified)
+    return key
+
+
+def _first_epoch(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None, *, trail_verified: bool) -> Key:
+    """The haven key when the store records no epoch of it: made for the haven's first pseudonyms,
+    or a key from before epochs. Checked against the audit trail before anything is written, so a
+    key the trail already records is never made again and a refused key starts no epoch (found by
+    review: a refusal after the epoch had started left the backup key unable to be restored)."""
+    path = str(keyring.path("haven"))
+    if not keyring.exists("haven"):
+        on_record = audited_key(con, HAVEN_OBJECT)
+        if on_record is not None:
+            raise KeyRingError(
+                f"the haven key is missing ({path}) and the store records no epoch of it, but the audit trail "
+                f"records haven key {on_record[1] or '-'}: restore the key file and the store from the key "
+                "custodian's backup"
+            )
+        key = keyring.get_or_create("haven")
+        start_epoch(con, "haven", key.key_id)
+        check_haven_audited(con, key.key_id, path, home, created=True)
+        return key
+    key = keyring.get("haven")
+    check_haven_audited(con, key.key_id, path, home, trail_verified=trail_verified)
+    start_epoch(con, "haven", key.key_id)
     return key
 
 

@@ -44,8 +44,9 @@ Rules (CoP 27b-c; ``docs/rules.md`` "Pseudonymisation and encryption"; ``safehav
   leaves a rotation no entry records; the haven key is refused until then
   (``safehaven.core.pins.check_rotations_recorded``), and ``resume`` appends its ``key.rotate``
   entry with ``"late": true``, the old and new ids and when the store's epoch started, once the
-  store's key epochs and the key file confirm it (``safehaven.core.pins.unrecorded_rotations``;
-  a ``keyring.json`` claim they do not confirm is named in the resume entry, never recorded).
+  store's key epochs, the key file and the rotation's own ``key.rotate.stage`` entry (written
+  before anything is re-keyed) confirm it (``safehaven.core.pins.unrecorded_rotations``; a
+  ``keyring.json`` claim they do not confirm is named in the resume entry, never recorded).
   The vault key is not recorded late: its rotation records ``key.rotate.stage`` before anything
   is written and ``key.rotate`` before the install, and ``resume`` records a pair it installs only
   after its own stage entry (``safehaven.core.pins.check_vault_audited``).
@@ -89,6 +90,7 @@ from safehaven.core.keys import (
 )
 from safehaven.core.pins import (
     ROTATE_ACTION,
+    STAGE_ACTION,
     VAULT_KEY_SET,
     VAULT_OBJECT,
     Rotation,
@@ -115,9 +117,9 @@ REMAP_SCHEMAS = ("haven", "governance", "vault", "release")
 STRICT = {("governance", "objection_events")}
 
 
-#: The audit action recording a vault key pair staged by :func:`rotate_vault`, before anything is
-#: written: ``resume`` records a committed staged pair as the vault key only when this names it.
-STAGE_ACTION = "key.rotate.stage"
+#: ``STAGE_ACTION`` (``safehaven.core.pins``) records a vault key pair staged by :func:`rotate_vault`, or a
+#: haven key rotation begun by :func:`rotate_haven`, before anything is written: ``resume`` installs a
+#: committed staged vault pair, or records a haven rotation late, only when such an entry names it.
 
 
 class RotationError(Exception):
@@ -135,6 +137,23 @@ class RotationReport:
 
 def _staged(purpose: str) -> str:
     return f"{purpose}-next"
+
+
+def _stage_entry(con: duckdb.DuckDBPyConnection, home: Home, actor: str, report: RotationReport) -> None:
+    """The ``key.rotate.stage`` entry of a haven-key rotation, before anything is re-keyed: the only
+    rotation ``--resume`` records late is one staged so (``safehaven.core.pins.unrecorded_rotations``;
+    found by review: a key swapped with ``keyring.json`` and the store's epochs dressed up as a
+    rotation was recorded). Written here rather than by :func:`_audit` so the kill tests that stop
+    at ``_audit`` still stop before ``key.rotate``."""
+    audit.append(
+        con,
+        actor=actor,
+        role="key_custodian",
+        action=STAGE_ACTION,
+        object=f"key:{report.purpose}",
+        detail={"old_key_id": report.old_key_id, "new_key_id": report.new_key_id},
+        home=home,
+    )
 
 
 def _audit(
@@ -202,6 +221,7 @@ def rotate_haven(haven: Haven) -> RotationReport:
         new = keyring.write(_staged("haven"), secrets.token_bytes(KEY_BYTES), replace=True, record=False)
         new = Key("haven", new.material)
         report = RotationReport("haven", old.key_id, new.key_id)
+        _stage_entry(con, home, actor, report)  # what --resume may record late (pins.unrecorded_rotations)
         install_key(con, "haven_old", old)
         install_key(con, "haven_new", new)
         con.execute("CREATE OR REPLACE TEMP TABLE _rot_nhs (nhs VARCHAR)")

@@ -279,6 +279,25 @@ def _dispose_old(world: World, **kw) -> list[disposal.DisposalResult]:
 # --- the required properties ----------------------------------------------------------------
 
 
+def test_the_haven_key_is_checked_before_the_disposal_transaction_opens(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking the haven key may record it on the audit trail (a key made before the trail recorded
+    haven keys is adopted at its first use), which needs a transaction of its own: disposal checks
+    it before opening its own (found by review: inside it, disposal failed on an upgraded haven)."""
+    from safehaven.core.store import in_transaction
+
+    real, seen = disposal_steps.haven_key, []
+
+    def checked(con, *args, **kwargs):
+        seen.append(in_transaction(con))
+        return real(con, *args, **kwargs)
+
+    monkeypatch.setattr(disposal_steps, "haven_key", checked)
+    world.dispose(disposal.Target.for_collection("gp_events", BEFORE))
+    assert seen and not any(seen)
+
+
 def test_after_disposal_no_file_under_the_home_holds_a_disposed_value(world: World) -> None:
     """Byte scan of every file under $SAFEHAVEN_HOME, before and after.
 

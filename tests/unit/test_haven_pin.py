@@ -14,11 +14,15 @@ import os
 
 import pytest
 
+from safehaven.context import Haven
 from safehaven.core import audit, pins
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
 from safehaven.core.store import Store
+from safehaven.intake.contracts import ContractRegistry
+from safehaven.protect import rotation
 from safehaven.protect.haven import haven_key
+from tests.conftest import custodian_ring
 from tests.unit.populate import drop, populated, process
 
 PATIENTS = 40
@@ -75,17 +79,80 @@ def test_a_haven_key_swapped_with_its_records_and_the_stores_epoch_is_refused_na
     assert _haven_rows(processed) == before, "nothing pseudonymised under the swapped key"
 
 
-def test_a_haven_key_entry_forged_with_the_store_key_is_refused(processed: Home) -> None:
+@pytest.mark.parametrize("action", ["key.create", "key.rotate"])
+def test_a_haven_key_entry_forged_with_the_store_key_is_refused(processed: Home, action: str) -> None:
+    """An entry naming their key, written with the store key alone (no audit key): its hash does not
+    verify, whether or not an authentic entry of the same action exists."""
     _, new = _swap(processed)
-    with Store(processed).connect() as con:  # a key.rotate entry naming their key, without the audit key
+    field = pins.KEY_SET[action]
+    with Store(processed).connect() as con:
         con.execute(
-            f"INSERT INTO {audit.TABLE} SELECT seq + 1, now(), 'custodian', 'key_custodian', 'key.rotate', "
+            f"INSERT INTO {audit.TABLE} SELECT seq + 1, now(), 'custodian', 'key_custodian', ?, "
             f"'key:haven', NULL, NULL, NULL, 'ok', ?, entry_hash, repeat('0', 64) FROM {audit.TABLE} "
             f"ORDER BY seq DESC LIMIT 1",
-            [f'{{"new_key_id": "{new}"}}'],
+            [action, f'{{"{field}": "{new}"}}'],
         )
-        with pytest.raises(KeyRingError, match="that set the haven key .* does not verify"):
-            haven_key(con, KeyRing(processed.keys))
+        for trail_verified in (False, True):
+            with pytest.raises(KeyRingError, match="that set the haven key .* does not verify"):
+                haven_key(con, KeyRing(processed.keys), trail_verified=trail_verified)
+
+
+def _rotate(home: Home) -> tuple[str, str]:
+    """A real haven-key rotation by the key custodian; returns (old, new) key ids."""
+    ring = custodian_ring(home)
+    old = ring.get("haven").key_id
+    rotation.rotate(Haven.open(home, contracts=ContractRegistry(), keyring=ring, actor="custodian"), "haven")
+    return old, KeyRing(home.keys).get("haven").key_id
+
+
+def test_a_rotation_entry_hidden_with_the_store_key_does_not_bring_the_old_haven_key_back(processed: Home) -> None:
+    """After a rotation, an insider who kept the old key renames the ``key.rotate`` entry with the
+    store key, so that the trail's latest haven-key entry names the old key again (the file, note
+    and epoch they would put back are checked as in the other tests): a command checks every entry
+    from that one on, and the edit breaks them (found by review)."""
+    old, new = _rotate(processed)
+    assert new != old
+    with Store(processed).connect() as con:
+        con.execute(
+            f"UPDATE {audit.TABLE} SET action = 'key.rotatx' WHERE action = 'key.rotate' AND object = 'key:haven'"
+        )
+        assert pins.audited_key(con, pins.HAVEN_OBJECT)[1] == old
+        with pytest.raises(KeyRingError, match="does not verify"):
+            pins.check_haven_audited(con, old, "keys/haven.key")
+
+
+def test_a_haven_key_swap_dressed_as_an_interrupted_rotation_is_not_recorded_by_resume(processed: Home) -> None:
+    """``keyring.json`` claims a rotation to their key and the store's epochs retire the real key for
+    it, as a rotation killed after its commit would leave them; no rotation staged it on the trail,
+    so ``--resume`` does not record it, and the key stays refused."""
+    ring = KeyRing(processed.keys)
+    old = ring.get("haven").key_id
+    new = ring.write("haven", os.urandom(32), replace=True).key_id
+    with Store(processed).connect() as con:
+        pins.start_epoch(con, "haven", new)
+    done = rotation.resume(Haven.open(processed, contracts=ContractRegistry(), actor="custodian"))
+    assert any("not recorded" in line and new in line for line in done), done
+    assert [f for a, f in _haven_key_entries(processed) if a == "key.rotate"] == []
+    with Store(processed).connect() as con:
+        with pytest.raises(KeyRingError, match=f"audit trail records haven key {old}"):
+            haven_key(con, KeyRing(processed.keys), processed)
+
+
+def test_a_refused_first_use_writes_no_key_and_starts_no_epoch(processed: Home) -> None:
+    """The store's haven epochs, the key file and its note all gone: the trail still records the
+    haven key, so none is made again (its backup can then be restored as it was)."""
+    ring = KeyRing(processed.keys)
+    old = ring.get("haven").key_id
+    ring.path("haven").unlink()
+    manifest = json.loads((processed.keys / "keyring.json").read_text())
+    del manifest["haven"]
+    (processed.keys / "keyring.json").write_text(json.dumps(manifest))
+    with Store(processed).connect() as con:
+        con.execute(f"DELETE FROM {pins.EPOCHS} WHERE purpose = 'haven'")
+        with pytest.raises(KeyRingError, match=f"records haven key {old}"):
+            haven_key(con, KeyRing(processed.keys), processed)
+        assert pins.epoch_key_id(con, "haven") is None
+    assert not ring.path("haven").exists()
 
 
 def test_a_haven_key_made_before_the_rule_is_adopted_once(home: Home) -> None:
