@@ -200,6 +200,8 @@ class Rotation:
     old_key_id: str
     new_key_id: str
     since: datetime | None = None
+    #: the store and the key file show it, but no ``key.rotate.stage`` entry names it (never recorded)
+    unstaged: bool = False
 
 
 def unrecorded_rotations(
@@ -236,12 +238,12 @@ def unrecorded_rotations(
     for purpose, old, new in claims:
         if (purpose, old, new) in recorded:
             continue
-        confirmed = (
-            (purpose, old, new) in staged
-            and (old, new) in steps[purpose]
-            and (keyring.current_id(purpose) != new or _file_id(keyring, purpose) == new)
+        shown = (old, new) in steps[purpose] and (
+            keyring.current_id(purpose) != new or _file_id(keyring, purpose) == new
         )
-        (real if confirmed else unconfirmed).append(Rotation(purpose, old, new, steps[purpose].get((old, new))))
+        confirmed = shown and (purpose, old, new) in staged
+        rotation = Rotation(purpose, old, new, steps[purpose].get((old, new)), unstaged=shown and not confirmed)
+        (real if confirmed else unconfirmed).append(rotation)
     return real, unconfirmed
 
 
