@@ -224,9 +224,12 @@ def unrecorded_rotations(
     names both ids: the store's epochs and ``keyring.json`` alone are what a store-key holder
     rewrites. Anything else (``keyring.json`` edited to claim a rotation) is *unconfirmed* and is
     never recorded as a rotation. A first key (created, not rotated) is no step, so the pipeline's
-    first epochs and havens that never rotated expect nothing; a haven made before this rule with
-    a rotation finished by ``--resume`` (which wrote no ``key.rotate``) has its step recorded
-    late once. Nothing is read from the store unless the key ring claims a step."""
+    first epochs and havens that never rotated expect nothing. A rotation the store shows but no
+    stage entry names (``unstaged``: a swap, or a rotation made before haven rotations were
+    staged) is never recorded; the haven key is then accepted only as the trail's record of it
+    allows (:func:`check_haven_audited`: a haven whose trail names no haven key yet, one from
+    before that record, adopts its current key once). Nothing is read from the store unless the
+    key ring claims a step."""
     claims = [(p, old, new) for p in purposes for old, new in keyring.replacements(p)]
     if not claims:
         return [], []
@@ -351,6 +354,7 @@ def check_haven_audited(
     *,
     created: bool = False,
     trail_verified: bool = False,
+    record: bool = True,
 ) -> None:
     """Refuse haven key ``kid`` (held in ``what``) unless it is the key the latest audit entry that
     set the haven key names, that entry and every one after it authentic; record it when the trail
@@ -364,10 +368,14 @@ def check_haven_audited(
     (a pipeline step, ``resources.haven``), so the entry's own hash is checked, not every entry
     since (their cost grows with the trail); a command checks them all (found by review: a later
     ``key.rotate`` renamed with the store key otherwise brought back the key before it).
+    ``record=False``: a reader (an agreement's key, :func:`agreement_key`, on a connection that may
+    be read-only) records nothing; with no key on record it has nothing to check against, and the
+    pipeline's next use of the haven key records it.
     """
     recorded = audited_key(con, HAVEN_OBJECT)
     if recorded is None:
-        _record_haven_key(con, kid, what, home, created=created)
+        if record:
+            _record_haven_key(con, kid, what, home, created=created)
         return
     entry, expected = recorded
     if trail_verified:
@@ -388,6 +396,17 @@ def check_haven_audited(
         )
 
 
+def refuse_unverified_trail(con: duckdb.DuckDBPyConnection, what: str, home: Home | None = None) -> None:
+    """Refuse to record a haven key (made, or adopted) unless the whole trail verifies: with its
+    ``key.create`` renamed or removed with the store key, the trail would seem to record none (found
+    by review). ``what``: the key, as the message names it."""
+    if not audit.verify(con, home).ok:
+        raise KeyRingError(
+            f"{what}, but the audit trail records no haven key and does not verify, so no haven key is made or "
+            "recorded: run `safehaven audit verify`, and restore keys/haven.key from the key custodian's backup"
+        )
+
+
 def _record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None, *, created: bool) -> None:
     """Record the haven key the trail does not name yet (:func:`check_haven_audited`): ``key.create``
     for a key just made, else ``key.adopt`` while the whole trail verifies. Never inside the caller's
@@ -397,12 +416,7 @@ def _record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, what: str, home:
             f"{what} holds haven key {kid}, which the audit trail does not record yet, and it cannot be recorded "
             "inside this transaction: run the nightly job (or `safehaven audit verify`) first, which records it"
         )
-    if not created and not audit.verify(con, home).ok:
-        raise KeyRingError(
-            f"{what} holds haven key {kid}, but the audit trail records no haven key and does not verify, so "
-            "the key is not adopted: run `safehaven audit verify`, and restore keys/haven.key from the key "
-            "custodian's backup"
-        )
+    refuse_unverified_trail(con, f"{what} holds haven key {kid}", home)
     audit.append(
         con,
         actor="pipeline",
@@ -508,13 +522,16 @@ def _destroyed_salt(con: duckdb.DuckDBPyConnection, agreement_id: str, recorded:
 def agreement_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
     """An agreement's pseudonym key: HKDF over the haven key with its pinned salt (``safehaven.core.keys``).
 
-    The haven key is the store's current epoch or refused (:func:`check_epoch`): a key file swapped
-    or re-made beside an edited ``keyring.json`` would otherwise give a recipient pseudonyms that
-    link to nothing they hold, and re-identification a wrong person (found by review)."""
+    The haven key is the store's current epoch and the audit trail's (:func:`check_haven_audited`) or
+    refused (:func:`check_epoch`): a key file swapped or re-made beside an edited ``keyring.json``
+    would otherwise give a recipient pseudonyms that link to nothing they hold, and
+    re-identification a wrong person (found by review)."""
     salt = agreement_salt(con, keyring, agreement_id, create=create)
     haven = keyring.get("haven")
-    check_epoch(con, "haven", haven.key_id, f"the haven key file {keyring.path('haven')}", writable=False)
+    what = f"the haven key file {keyring.path('haven')}"
+    check_epoch(con, "haven", haven.key_id, what, writable=False)
     check_rotations_recorded(con, keyring, ("haven",))
+    check_haven_audited(con, haven.key_id, what, record=False)  # found by review: releases derive from it
     return derive_agreement_key(haven.material, salt.material, agreement_id)
 
 

@@ -150,7 +150,7 @@ def delete_in(run: Run, con: duckdb.DuckDBPyConnection) -> None:
     """The rows step on ``con``: deletions and their counts in one transaction (all or nothing)."""
     load_batches(con, run.plan.batch_ids)
     # checked (and recorded on the trail if it never was) before the transaction: found by review
-    key = haven_key(con, run.keyring, run.home) if run.plan.batch_ids else None
+    key = haven_key(con, run.keyring, run.home) if _vaults(run, con) else None
     con.execute("BEGIN TRANSACTION")
     try:
         detail = _delete_all(run, con, key)
@@ -167,6 +167,13 @@ def delete_in(run: Run, con: duckdb.DuckDBPyConnection) -> None:
         con.execute("DROP TABLE IF EXISTS _disp_batches")
 
 
+def _vaults(run: Run, con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the disposal removes batches whose collection has landed valid rows (their vault
+    entries go too, which needs the haven key): a haven that never pseudonymised makes no key here."""
+    collection = run.plan.target.collection or ""
+    return bool(run.plan.batch_ids) and table_exists(con, "landing", f"{collection}_valid")
+
+
 def _delete_all(run: Run, con: duckdb.DuckDBPyConnection, key: Key | None) -> dict[str, Any]:
     """Every deletion of the plan; the step's detail (rows per table, vault data keys destroyed).
     ``key``: the haven key, checked before the transaction (:func:`delete_in`), when batches go."""
@@ -174,7 +181,7 @@ def _delete_all(run: Run, con: duckdb.DuckDBPyConnection, key: Key | None) -> di
     vault_out: dict[str, Any] = {"vault_data_keys": [], "vault_entries_reencrypted": 0}
     if run.plan.batch_ids:
         contract = run.registry.contracts[run.plan.target.collection or ""]
-        if table_exists(con, "landing", f"{contract.collection}_valid") and key is not None:
+        if key is not None:  # _vaults: the collection has landed valid rows
             vault_out = _delete_vault(run, con, contract, counts, key)
         counts.update(_delete_batches(run, con, contract.collection))
         counts.update(_drop_counts(con))

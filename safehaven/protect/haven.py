@@ -48,6 +48,7 @@ from safehaven.core.pins import (
     check_haven_audited,
     check_rotations_recorded,
     epoch_key_id,
+    refuse_unverified_trail,
     start_epoch,
 )
 from safehaven.core.sql import q
@@ -108,6 +109,7 @@ def _first_epoch(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | 
                 f"records haven key {on_record[1] or '-'}: restore the key file and the store from the key "
                 "custodian's backup"
             )
+        refuse_unverified_trail(con, f"the haven key {path} is to be made", home)  # before anything is written
         key = keyring.get_or_create("haven")
         start_epoch(con, "haven", key.key_id)
         check_haven_audited(con, key.key_id, path, home, created=True)

@@ -508,8 +508,9 @@ def _unrecorded(
     ] + [
         f"{r.purpose}: the store's key epochs and key file show a rotation {r.old_key_id} -> {r.new_key_id} that no "
         "key.rotate.stage entry of the audit trail names (a key swapped with the store key, or a rotation begun "
-        "before haven rotations were staged); not recorded, and the key stays refused: restore keys/, "
-        "keyring.json and the store from the key custodian's backup, then rotate again"
+        "before haven rotations were staged); not recorded as a rotation. The key is used only if the audit "
+        "trail records it (a haven whose trail records no haven key yet adopts its current one once); if it "
+        "is refused, restore keys/, keyring.json and the store from the key custodian's backup"
         if r.unstaged
         else f"{r.purpose}: keyring.json names a rotation {r.old_key_id} -> {r.new_key_id} that the store's key "
         "epochs and key file do not confirm; not recorded (restore keyring.json from the key custodian's backup)"

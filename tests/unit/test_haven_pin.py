@@ -181,3 +181,32 @@ def test_a_haven_key_record_hidden_with_the_store_key_is_not_replaced_by_adoptio
             haven_key(con, KeyRing(processed.keys))
     assert [a for a, _ in _haven_key_entries(processed)] == ["key.seal"], "nothing adopted"
     assert new
+
+
+def test_a_haven_key_record_hidden_before_a_first_use_makes_no_new_key(processed: Home) -> None:
+    """Key file, note and epochs gone and the ``key.create`` entry renamed with the store key: the
+    trail then seems to record no haven key, but a key is made and recorded only while the whole
+    trail verifies (found by review)."""
+    ring = KeyRing(processed.keys)
+    ring.path("haven").unlink()
+    manifest = json.loads((processed.keys / "keyring.json").read_text())
+    del manifest["haven"]
+    (processed.keys / "keyring.json").write_text(json.dumps(manifest))
+    with Store(processed).connect() as con:
+        con.execute(f"DELETE FROM {pins.EPOCHS} WHERE purpose = 'haven'")
+        con.execute(
+            f"UPDATE {audit.TABLE} SET action = 'key.creatx' WHERE action = 'key.create' AND object = 'key:haven'"
+        )
+        with pytest.raises(KeyRingError, match="is to be made, but the audit trail records no haven key and does not"):
+            haven_key(con, KeyRing(processed.keys), processed)
+        assert pins.epoch_key_id(con, "haven") is None
+    assert not ring.path("haven").exists()
+
+
+def test_an_agreements_key_is_not_derived_from_a_swapped_haven_key(processed: Home) -> None:
+    """Releases and re-identification derive each agreement's pseudonym key from the haven key
+    (``pins.agreement_key``): the swap is refused there too (found by review)."""
+    old, _ = _swap(processed)
+    with Store(processed).connect() as con:
+        with pytest.raises(KeyRingError, match=f"audit trail records haven key {old}"):
+            pins.agreement_key(con, KeyRing(processed.keys), "study-z")
