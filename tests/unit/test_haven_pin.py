@@ -138,17 +138,26 @@ def test_a_haven_key_swap_dressed_as_an_interrupted_rotation_is_not_recorded_by_
             haven_key(con, KeyRing(processed.keys), processed)
 
 
+def _lose_haven_key(home: Home) -> str:
+    """The haven key file, its note in ``keyring.json`` and the store's haven epochs all gone;
+    returns the id of the key that was lost."""
+    ring = KeyRing(home.keys)
+    old = ring.get("haven").key_id
+    ring.path("haven").unlink()
+    manifest = json.loads((home.keys / "keyring.json").read_text())
+    del manifest["haven"]
+    (home.keys / "keyring.json").write_text(json.dumps(manifest))
+    with Store(home).connect() as con:
+        con.execute(f"DELETE FROM {pins.EPOCHS} WHERE purpose = 'haven'")
+    return old
+
+
 def test_a_refused_first_use_writes_no_key_and_starts_no_epoch(processed: Home) -> None:
     """The store's haven epochs, the key file and its note all gone: the trail still records the
     haven key, so none is made again (its backup can then be restored as it was)."""
     ring = KeyRing(processed.keys)
-    old = ring.get("haven").key_id
-    ring.path("haven").unlink()
-    manifest = json.loads((processed.keys / "keyring.json").read_text())
-    del manifest["haven"]
-    (processed.keys / "keyring.json").write_text(json.dumps(manifest))
+    old = _lose_haven_key(processed)
     with Store(processed).connect() as con:
-        con.execute(f"DELETE FROM {pins.EPOCHS} WHERE purpose = 'haven'")
         with pytest.raises(KeyRingError, match=f"records haven key {old}"):
             haven_key(con, KeyRing(processed.keys), processed)
         assert pins.epoch_key_id(con, "haven") is None
@@ -188,12 +197,8 @@ def test_a_haven_key_record_hidden_before_a_first_use_makes_no_new_key(processed
     trail then seems to record no haven key, but a key is made and recorded only while the whole
     trail verifies (found by review)."""
     ring = KeyRing(processed.keys)
-    ring.path("haven").unlink()
-    manifest = json.loads((processed.keys / "keyring.json").read_text())
-    del manifest["haven"]
-    (processed.keys / "keyring.json").write_text(json.dumps(manifest))
+    _lose_haven_key(processed)
     with Store(processed).connect() as con:
-        con.execute(f"DELETE FROM {pins.EPOCHS} WHERE purpose = 'haven'")
         con.execute(
             f"UPDATE {audit.TABLE} SET action = 'key.creatx' WHERE action = 'key.create' AND object = 'key:haven'"
         )
