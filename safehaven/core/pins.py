@@ -352,7 +352,6 @@ def check_haven_audited(
     what: str,
     home: Home | None = None,
     *,
-    created: bool = False,
     trail_verified: bool = False,
     record: bool = True,
 ) -> None:
@@ -361,9 +360,10 @@ def check_haven_audited(
     records none (module docstring, "The haven key is the audit trail's"; CoP 27b-c,
     ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit").
 
-    ``created``: the key was just made for the haven's first pseudonyms (``key.create``); otherwise a
-    key with no record is one made before this rule, adopted once (``key.adopt``), and only while
-    the whole trail verifies: a record renamed or removed must not pass for none.
+    A key with no record is one made before this rule, adopted once (``key.adopt``), only while the
+    whole trail verifies (a record renamed or removed must not pass for none) and outside a
+    transaction (:func:`haven_key_recordable`); a key the haven makes is recorded by its maker
+    (``safehaven.protect.haven``: ``key.create``).
     ``trail_verified``: the caller's run verified the whole trail at its start and holds the store
     (a pipeline step, ``resources.haven``), so the entry's own hash is checked, not every entry
     since (their cost grows with the trail); a command checks them all (found by review: a later
@@ -375,7 +375,8 @@ def check_haven_audited(
     recorded = audited_key(con, HAVEN_OBJECT)
     if recorded is None:
         if record:
-            _record_haven_key(con, kid, what, home, created=created)
+            haven_key_recordable(con, f"{what} holds haven key {kid}", home)
+            record_haven_key(con, kid, home, created=False)
         return
     entry, expected = recorded
     if trail_verified:
@@ -396,10 +397,16 @@ def check_haven_audited(
         )
 
 
-def refuse_unverified_trail(con: duckdb.DuckDBPyConnection, what: str, home: Home | None = None) -> None:
-    """Refuse to record a haven key (made, or adopted) unless the whole trail verifies: with its
+def haven_key_recordable(con: duckdb.DuckDBPyConnection, what: str, home: Home | None = None) -> None:
+    """Refuse to record a haven key (made, or adopted) inside the caller's transaction (the entry is
+    appended in a transaction of its own), or unless the whole trail verifies: with its
     ``key.create`` renamed or removed with the store key, the trail would seem to record none (found
-    by review). ``what``: the key, as the message names it."""
+    by review). ``what``: the key, as the message names it. Called before anything is written."""
+    if in_transaction(con):
+        raise KeyRingError(
+            f"{what}, which the audit trail does not record yet, and it cannot be recorded inside this "
+            "transaction: run the nightly job (or `safehaven audit verify`) first, which records it"
+        )
     if not audit.verify(con, home).ok:
         raise KeyRingError(
             f"{what}, but the audit trail records no haven key and does not verify, so no haven key is made or "
@@ -407,16 +414,9 @@ def refuse_unverified_trail(con: duckdb.DuckDBPyConnection, what: str, home: Hom
         )
 
 
-def _record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None, *, created: bool) -> None:
-    """Record the haven key the trail does not name yet (:func:`check_haven_audited`): ``key.create``
-    for a key just made, else ``key.adopt`` while the whole trail verifies. Never inside the caller's
-    transaction (the entry is appended in a transaction of its own)."""
-    if in_transaction(con):
-        raise KeyRingError(
-            f"{what} holds haven key {kid}, which the audit trail does not record yet, and it cannot be recorded "
-            "inside this transaction: run the nightly job (or `safehaven audit verify`) first, which records it"
-        )
-    refuse_unverified_trail(con, f"{what} holds haven key {kid}", home)
+def record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None, *, created: bool) -> None:
+    """Append the entry naming the haven key the trail does not name yet, once
+    :func:`haven_key_recordable` allowed it: ``key.create`` for a key just made, else ``key.adopt``."""
     audit.append(
         con,
         actor="pipeline",

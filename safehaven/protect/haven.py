@@ -48,7 +48,8 @@ from safehaven.core.pins import (
     check_haven_audited,
     check_rotations_recorded,
     epoch_key_id,
-    refuse_unverified_trail,
+    haven_key_recordable,
+    record_haven_key,
     start_epoch,
 )
 from safehaven.core.sql import q
@@ -109,10 +110,10 @@ def _first_epoch(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | 
                 f"records haven key {on_record[1] or '-'}: restore the key file and the store from the key "
                 "custodian's backup"
             )
-        refuse_unverified_trail(con, f"the haven key {path} is to be made", home)  # before anything is written
+        haven_key_recordable(con, f"the haven key {path} is to be made", home)  # before anything is written
         key = keyring.get_or_create("haven")
         start_epoch(con, "haven", key.key_id)
-        check_haven_audited(con, key.key_id, path, home, created=True)
+        record_haven_key(con, key.key_id, home, created=True)
         return key
     key = keyring.get("haven")
     check_haven_audited(con, key.key_id, path, home, trail_verified=trail_verified)

@@ -215,3 +215,17 @@ def test_an_agreements_key_is_not_derived_from_a_swapped_haven_key(processed: Ho
     with Store(processed).connect() as con:
         with pytest.raises(KeyRingError, match=f"audit trail records haven key {old}"):
             pins.agreement_key(con, KeyRing(processed.keys), "study-z")
+
+
+def test_a_first_haven_key_asked_for_inside_a_transaction_is_refused_before_anything_is_written(home: Home) -> None:
+    """Its ``key.create`` entry needs a transaction of its own: refused first, so no key file is
+    left without its entry (found by re-reading: it was refused after the key was made)."""
+    with Store(home).connect() as con:
+        audit.append(con, actor="pipeline", role="pipeline", action="run", object="job:test", home=home)
+        con.execute("BEGIN TRANSACTION")
+        with pytest.raises(KeyRingError, match="cannot be recorded inside this transaction"):
+            haven_key(con, KeyRing(home.keys), home)
+        con.execute("ROLLBACK")
+        assert pins.epoch_key_id(con, "haven") is None
+    assert not KeyRing(home.keys).exists("haven")
+    assert _haven_key_entries(home) == []
