@@ -120,7 +120,8 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
     def objection_register(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         with haven.connect() as con:
             ensure_tables_validated(con, contract)  # a collection that never sent a drop has its tables, empty
-            key = haven_key(con, haven.keyring(), trail_verified=True)  # the run verified it at its start
+            through = haven.verified_through(context.run_id)  # the run verified the trail up to there
+            key = haven_key(con, haven.keyring(), verified_through=through)
             install_key(con, "haven", key)
             (started,) = con.execute("SELECT now()").fetchone()
             waiting = feed.waiting_since(haven.home_dir())  # not an entry refused in place

@@ -46,10 +46,16 @@ def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
         with haven.connect() as con:
             refuse_while_held(con, contract, registry)
             keyring = haven.keyring()
-            key = haven_key(con, keyring, trail_verified=True)  # the run verified it at its start
+            through = haven.verified_through(context.run_id)  # the run verified the trail up to there
+            key = haven_key(con, keyring, verified_through=through)
             # the vault public key only if a late type 1 purge must encrypt a kept value again
             report = build_haven(
-                con, contract, key, registry.contracts.values(), lambda: vault_public(con, keyring), haven.home_dir()
+                con,
+                contract,
+                key,
+                registry.contracts.values(),
+                lambda: vault_public(con, keyring, verified_through=through),
+                haven.home_dir(),
             )
             total = con.execute(f"SELECT count(*) FROM haven.{contract.collection}").fetchone()[0]
         if report.type1_dropped:
@@ -90,12 +96,13 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
         "vault's public key.",
         kinds={"duckdb"},
     )
-    def _vault(haven: SafeHavenResource) -> dg.MaterializeResult:
+    def _vault(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
         keyring = haven.keyring()
+        through = haven.verified_through(context.run_id)  # the run verified the trail up to there
         with haven.connect() as con:
             refuse_while_held(con, contract, registry)
-            public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
-            install_key(con, "haven", haven_key(con, keyring, trail_verified=True))
+            public = vault_public(con, keyring, verified_through=through)  # pinned; refused while a rotation is pending
+            install_key(con, "haven", haven_key(con, keyring, verified_through=through))
             report = vault_collection(con, contract, registry.contracts.values(), public)
             total = con.execute(f"SELECT count(*) FROM {IDENTITY}").fetchone()[0]
         return dg.MaterializeResult(

@@ -49,8 +49,9 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   make pseudonyms that no longer match the objection register's, so objectors' records would pass
   unseen (found by review). The key must be the one the latest haven-key entry names (``key.create``
   when the haven made its first key, ``key.rotate`` by a haven-key rotation or its ``--resume``,
-  ``key.adopt``), that entry and every one after it authentic (a pipeline step checks the entry's
-  own hash only: its run verified the whole chain at its start and holds the store). A haven made
+  ``key.adopt``), that entry and every one after it authentic (a step of a Dagster run checks the
+  entry's own hash and its run's own entries only: the run verified the whole chain at its start,
+  and the resource that did so hands the step that entry's seq, never a flag a caller sets). A haven made
   before this rule has its key adopted once, only while the whole trail verifies, and never inside
   a caller's transaction. A different key is refused, naming the key the trail records and saying
   to restore ``keys/haven.key`` from the key custodian's backup; with no key file and no epoch, a
@@ -295,9 +296,12 @@ def _file_id(keyring: KeyRing, purpose: str) -> str | None:
         return None
 
 
-def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None) -> Key:
+def vault_public(
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None, *, verified_through: int | None = None
+) -> Key:
     """The vault public key for a vault write, pinned (module docstring); the pipeline's only vault key.
-    ``home``: the haven whose audit trail records the key, when ``con`` was not opened by its store."""
+    ``home``: the haven whose audit trail records the key, when ``con`` was not opened by its store;
+    ``verified_through``: the run-start entry of the caller's Dagster run (:func:`check_haven_audited`)."""
     if keyring.staged_pair(VAULT):
         raise KeyRingError(
             "a vault key rotation is pending (keys/vault-next.*): vault writes are refused until the key "
@@ -315,7 +319,7 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | 
         )
     public = keyring.get_public(VAULT)
     check_epoch(con, VAULT, public.key_id, str(path))
-    check_vault_audited(con, public.key_id, str(path), home)
+    check_vault_audited(con, public.key_id, str(path), home, verified_through=verified_through)
     return public
 
 
@@ -346,13 +350,74 @@ def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str 
     return audited_key(con, VAULT_OBJECT)
 
 
+@dataclass(frozen=True)
+class _Audited:
+    """A key the audit trail pins (:func:`check_haven_audited`, :func:`check_vault_audited`): its name
+    as messages say it, its audit object, the file a custodian restores, and the one command that
+    installs a new one."""
+
+    name: str
+    object: str
+    file: str
+    rotate: str
+    #: what else clears an entry that does not verify, besides restoring the key it names
+    or_else: str = ""
+
+
+HAVEN = _Audited("haven", HAVEN_OBJECT, "keys/haven.key", ROTATE_HAVEN)
+VAULT_PIN = _Audited(
+    "vault", VAULT_OBJECT, "keys/vault.pub", ROTATE_VAULT, f" or records the key with `{ROTATE_VAULT}`"
+)
+
+
+def _authentic(
+    con: duckdb.DuckDBPyConnection, entry: audit.Entry, home: Home | None, verified_through: int | None
+) -> bool:
+    """Whether ``entry`` and every one after it are as the haven wrote them. ``verified_through``:
+    the seq of the caller's run-start entry, whose full ``verify`` covered every entry up to it
+    (``resources.haven.SafeHavenResource.verified_through``): then an earlier ``entry`` has its own
+    hash checked and only the run's own entries are walked, so the cost does not grow with the trail.
+    Without it (a command, or an asset function called outside a run) every entry since is walked."""
+    if verified_through is None or entry.seq >= verified_through:
+        return audit.authentic_from(con, entry.seq, home)
+    own = any(e.seq == entry.seq for e in audit.authentic_entries(con, [entry.action], home))
+    return own and audit.authentic_from(con, verified_through, home)
+
+
+def _check_on_record(
+    con: duckdb.DuckDBPyConnection,
+    pin: _Audited,
+    recorded: tuple[audit.Entry, str | None],
+    kid: str,
+    what: str,
+    home: Home | None,
+    verified_through: int | None,
+) -> None:
+    """Refuse key ``kid`` (held in ``what``) unless the trail's entry that set ``pin``'s key is
+    authentic from there on (:func:`_authentic`) and names ``kid``: one rule for the haven and vault
+    keys (module docstring; CoP 27b-c)."""
+    entry, expected = recorded
+    if not _authentic(con, entry, home, verified_through):
+        raise KeyRingError(
+            f"the audit entry that set the {pin.name} key (seq {entry.seq}, key {expected or '-'}) does not verify, "
+            f"so {what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
+            f"then restores key {expected or '-'} from backup{pin.or_else}"
+        )
+    if kid != expected:
+        raise KeyRingError(
+            f"{what} holds {pin.name} key {kid}, but the audit trail records {pin.name} key {expected or '-'} "
+            f"({entry.action}, seq {entry.seq}); restore {pin.file} (key {expected or '-'}) from the key "
+            f"custodian's backup (a new {pin.name} key is installed only by `{pin.rotate}`)"
+        )
+
+
 def check_haven_audited(
     con: duckdb.DuckDBPyConnection,
     kid: str,
     what: str,
     home: Home | None = None,
     *,
-    trail_verified: bool = False,
+    verified_through: int | None = None,
     record: bool = True,
 ) -> None:
     """Refuse haven key ``kid`` (held in ``what``) unless it is the key the latest audit entry that
@@ -364,9 +429,9 @@ def check_haven_audited(
     whole trail verifies (a record renamed or removed must not pass for none) and outside a
     transaction (:func:`haven_key_recordable`); a key the haven makes is recorded by its maker
     (``safehaven.protect.haven``: ``key.create``).
-    ``trail_verified``: the caller's run verified the whole trail at its start and holds the store
-    (a pipeline step, ``resources.haven``), so the entry's own hash is checked, not every entry
-    since (their cost grows with the trail); a command checks them all (found by review: a later
+    ``verified_through``: the seq of the run-start entry of the caller's Dagster run, whose full
+    verification covered the trail up to it (:func:`_authentic`); a command, or a step called
+    outside a run, passes None and every entry since the key's is checked (found by review: a later
     ``key.rotate`` renamed with the store key otherwise brought back the key before it).
     ``record=False``: a reader (an agreement's key, :func:`agreement_key`, on a connection that may
     be read-only) records nothing; with no key on record it has nothing to check against, and the
@@ -378,23 +443,7 @@ def check_haven_audited(
             haven_key_recordable(con, f"{what} holds haven key {kid}", home)
             record_haven_key(con, kid, home, created=False)
         return
-    entry, expected = recorded
-    if trail_verified:
-        authentic = any(e.seq == entry.seq for e in audit.authentic_entries(con, [entry.action], home))
-    else:
-        authentic = audit.authentic_from(con, entry.seq, home)
-    if not authentic:
-        raise KeyRingError(
-            f"the audit entry that set the haven key (seq {entry.seq}, key {expected or '-'}) does not verify, so "
-            f"{what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
-            f"then restores key {expected or '-'} from backup"
-        )
-    if kid != expected:
-        raise KeyRingError(
-            f"{what} holds haven key {kid}, but the audit trail records haven key {expected or '-'} "
-            f"({entry.action}, seq {entry.seq}); restore keys/haven.key (key {expected or '-'}) from the key "
-            f"custodian's backup (a new haven key is installed only by `{ROTATE_HAVEN}`)"
-        )
+    _check_on_record(con, HAVEN, recorded, kid, what, home, verified_through)
 
 
 def haven_key_recordable(con: duckdb.DuckDBPyConnection, what: str, home: Home | None = None) -> None:
@@ -428,11 +477,19 @@ def record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None
     )
 
 
-def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None) -> None:
+def check_vault_audited(
+    con: duckdb.DuckDBPyConnection,
+    kid: str,
+    what: str,
+    home: Home | None = None,
+    *,
+    verified_through: int | None = None,
+) -> None:
     """Refuse vault key ``kid`` (held in ``what``) unless it is the key the latest authentic audit
     entry that set the vault key names; adopt it once when the trail records none and the vault
     holds no entry (module docstring, "The vault key is the audit trail's"; CoP 27b-c,
-    ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit")."""
+    ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit"). ``verified_through``: as for
+    :func:`check_haven_audited`."""
     recorded = audited_vault_key(con)
     if recorded is None:
         if vault_holds_entries(con):
@@ -449,19 +506,7 @@ def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, hom
             )
         _adopt(con, kid, home)
         return
-    entry, expected = recorded
-    if not audit.authentic_from(con, entry.seq, home):
-        raise KeyRingError(
-            f"the audit entry that set the vault key (seq {entry.seq}, key {expected or '-'}) does not verify, so "
-            f"{what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
-            f"then restores key {expected or '-'} from backup or records the key with `{ROTATE_VAULT}`"
-        )
-    if kid != expected:
-        raise KeyRingError(
-            f"{what} holds vault key {kid}, but the audit trail records vault key {expected or '-'} "
-            f"({entry.action}, seq {entry.seq}); restore keys/vault.pub (key {expected or '-'}) from the key "
-            f"custodian's backup (a new vault key is installed only by `{ROTATE_VAULT}`)"
-        )
+    _check_on_record(con, VAULT_PIN, recorded, kid, what, home, verified_through)
 
 
 def _adopt(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None) -> None:
