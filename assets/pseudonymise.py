@@ -46,16 +46,10 @@ def haven_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
         with haven.connect() as con:
             refuse_while_held(con, contract, registry)
             keyring = haven.keyring()
-            through = haven.verified_through(context.run_id)  # the run verified the trail up to there
-            key = haven_key(con, keyring, verified_through=through)
+            key = haven_key(con, keyring)  # checked against the whole trail since the entry that set it
             # the vault public key only if a late type 1 purge must encrypt a kept value again
             report = build_haven(
-                con,
-                contract,
-                key,
-                registry.contracts.values(),
-                lambda: vault_public(con, keyring, verified_through=through),
-                haven.home_dir(),
+                con, contract, key, registry.contracts.values(), lambda: vault_public(con, keyring), haven.home_dir()
             )
             total = con.execute(f"SELECT count(*) FROM haven.{contract.collection}").fetchone()[0]
         if report.type1_dropped:
@@ -96,13 +90,12 @@ def vault_asset(contract: Contract, registry: ContractRegistry) -> dg.AssetsDefi
         "vault's public key.",
         kinds={"duckdb"},
     )
-    def _vault(context: dg.AssetExecutionContext, haven: SafeHavenResource) -> dg.MaterializeResult:
+    def _vault(haven: SafeHavenResource) -> dg.MaterializeResult:
         keyring = haven.keyring()
-        through = haven.verified_through(context.run_id)  # the run verified the trail up to there
         with haven.connect() as con:
             refuse_while_held(con, contract, registry)
-            public = vault_public(con, keyring, verified_through=through)  # pinned; refused while a rotation is pending
-            install_key(con, "haven", haven_key(con, keyring, verified_through=through))
+            public = vault_public(con, keyring)  # pinned; refused while a vault rotation is pending
+            install_key(con, "haven", haven_key(con, keyring))
             report = vault_collection(con, contract, registry.contracts.values(), public)
             total = con.execute(f"SELECT count(*) FROM {IDENTITY}").fetchone()[0]
         return dg.MaterializeResult(

@@ -59,9 +59,6 @@ GOVERNED = ("contracts", "objections_max_age_days", "objections_window_error", "
 _GOVERNED_PATHS = ("contracts", "audit_worm_dir")
 #: run id -> descriptor of its held liveness lock, for the runs of this process
 _RUN_LOCKS: dict[str, int] = {}
-#: (run id, home) -> seq of the run-start entry whose full verification this process made
-#: (``_begin_audited_run``): the evidence a step's key checks trust (``verified_through``)
-_RUN_VERIFIED: dict[tuple[str, str], int] = {}
 #: further attempts of a step that found the store busy past its wait, and the pause before each
 STORE_BUSY_RETRIES = 2
 STORE_BUSY_RETRY_SECONDS = 30
@@ -142,8 +139,6 @@ class SafeHavenResource(dg.ConfigurableResource):
         self._begin_audited_run(context)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if context.run_id:
-            _RUN_VERIFIED.pop((context.run_id, str(self.home_dir().root)), None)
         fd = _RUN_LOCKS.pop(context.run_id, None) if context.run_id else None
         if fd is not None:
             runs.release(self.home_dir(), context.run_id, fd)
@@ -203,18 +198,9 @@ class SafeHavenResource(dg.ConfigurableResource):
         # at run start a busy store fails the run with StoreBusy's own words: Dagster retries
         # steps, not resources, so asking for a retry here would only hide why
         with self.connect(retry=False) as con:
-            seq = audit.begin_run(
+            audit.begin_run(
                 con, haven.home, actor=haven.actor, job=job, run_id=context.run_id or "", keyring=haven.keyring
             )
-        if context.run_id:
-            _RUN_VERIFIED[(context.run_id, str(haven.home.root))] = seq
-
-    def verified_through(self, run_id: str | None) -> int | None:
-        """The seq of the entry recording run ``run_id``'s start, when this process verified the whole
-        audit trail up to it for this home (``_begin_audited_run``), else None: a step's key checks
-        then walk only the entries since (``safehaven.core.pins.check_haven_audited``). An asset
-        function called outside a run has none, and its checks walk every entry since the key's."""
-        return _RUN_VERIFIED.get((run_id, str(self.home_dir().root))) if run_id else None
 
     @contextmanager
     def connect(self, *, read_only: bool = False, retry: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -49,9 +49,8 @@ Rules (CoP 27b-c; NIST SP 800-57 Part 1 section 8.2, key states):
   make pseudonyms that no longer match the objection register's, so objectors' records would pass
   unseen (found by review). The key must be the one the latest haven-key entry names (``key.create``
   when the haven made its first key, ``key.rotate`` by a haven-key rotation or its ``--resume``,
-  ``key.adopt``), that entry and every one after it authentic (a step of a Dagster run checks the
-  entry's own hash and its run's own entries only: the run verified the whole chain at its start,
-  and the resource that did so hands the step that entry's seq, never a flag a caller sets). A haven made
+  ``key.adopt``), that entry and every one after it authentic, for a pipeline step as for a command
+  (a run verifies the whole chain at its start, but does not hold the store between its steps). A haven made
   before this rule has its key adopted once, only while the whole trail verifies, and never inside
   a caller's transaction. A different key is refused, naming the key the trail records and saying
   to restore ``keys/haven.key`` from the key custodian's backup; with no key file and no epoch, a
@@ -296,12 +295,9 @@ def _file_id(keyring: KeyRing, purpose: str) -> str | None:
         return None
 
 
-def vault_public(
-    con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None, *, verified_through: int | None = None
-) -> Key:
+def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None) -> Key:
     """The vault public key for a vault write, pinned (module docstring); the pipeline's only vault key.
-    ``home``: the haven whose audit trail records the key, when ``con`` was not opened by its store;
-    ``verified_through``: the run-start entry of the caller's Dagster run (:func:`check_haven_audited`)."""
+    ``home``: the haven whose audit trail records the key, when ``con`` was not opened by its store."""
     if keyring.staged_pair(VAULT):
         raise KeyRingError(
             "a vault key rotation is pending (keys/vault-next.*): vault writes are refused until the key "
@@ -319,7 +315,7 @@ def vault_public(
         )
     public = keyring.get_public(VAULT)
     check_epoch(con, VAULT, public.key_id, str(path))
-    check_vault_audited(con, public.key_id, str(path), home, verified_through=verified_through)
+    check_vault_audited(con, public.key_id, str(path), home)
     return public
 
 
@@ -370,20 +366,6 @@ VAULT_PIN = _Audited(
 )
 
 
-def _authentic(
-    con: duckdb.DuckDBPyConnection, entry: audit.Entry, home: Home | None, verified_through: int | None
-) -> bool:
-    """Whether ``entry`` and every one after it are as the haven wrote them. ``verified_through``:
-    the seq of the caller's run-start entry, whose full ``verify`` covered every entry up to it
-    (``resources.haven.SafeHavenResource.verified_through``): then an earlier ``entry`` has its own
-    hash checked and only the run's own entries are walked, so the cost does not grow with the trail.
-    Without it (a command, or an asset function called outside a run) every entry since is walked."""
-    if verified_through is None or entry.seq >= verified_through:
-        return audit.authentic_from(con, entry.seq, home)
-    own = any(e.seq == entry.seq for e in audit.authentic_entries(con, [entry.action], home))
-    return own and audit.authentic_from(con, verified_through, home)
-
-
 def _check_on_record(
     con: duckdb.DuckDBPyConnection,
     pin: _Audited,
@@ -391,13 +373,15 @@ def _check_on_record(
     kid: str,
     what: str,
     home: Home | None,
-    verified_through: int | None,
 ) -> None:
-    """Refuse key ``kid`` (held in ``what``) unless the trail's entry that set ``pin``'s key is
-    authentic from there on (:func:`_authentic`) and names ``kid``: one rule for the haven and vault
-    keys (module docstring; CoP 27b-c)."""
+    """Refuse key ``kid`` (held in ``what``) unless the trail's entry that set ``pin``'s key and every
+    entry after it are authentic (``audit.authentic_from``) and it names ``kid``: one rule for the
+    haven and vault keys, for a command and a pipeline step alike (module docstring; CoP 27b-c). A
+    step walks the whole tail too: its run verified the trail at its start, but the run does not
+    hold the store between steps, so an entry renamed since would otherwise bring back an old key
+    (found by review)."""
     entry, expected = recorded
-    if not _authentic(con, entry, home, verified_through):
+    if not audit.authentic_from(con, entry.seq, home):
         raise KeyRingError(
             f"the audit entry that set the {pin.name} key (seq {entry.seq}, key {expected or '-'}) does not verify, "
             f"so {what} (key {kid}) cannot be checked against it: run `safehaven audit verify`; the key custodian "
@@ -417,7 +401,6 @@ def check_haven_audited(
     what: str,
     home: Home | None = None,
     *,
-    verified_through: int | None = None,
     record: bool = True,
 ) -> None:
     """Refuse haven key ``kid`` (held in ``what``) unless it is the key the latest audit entry that
@@ -429,10 +412,9 @@ def check_haven_audited(
     whole trail verifies (a record renamed or removed must not pass for none) and outside a
     transaction (:func:`haven_key_recordable`); a key the haven makes is recorded by its maker
     (``safehaven.protect.haven``: ``key.create``).
-    ``verified_through``: the seq of the run-start entry of the caller's Dagster run, whose full
-    verification covered the trail up to it (:func:`_authentic`); a command, or a step called
-    outside a run, passes None and every entry since the key's is checked (found by review: a later
-    ``key.rotate`` renamed with the store key otherwise brought back the key before it).
+    Every entry from the one that set the key on is checked, by a pipeline step as by a command
+    (found by review: a later ``key.rotate`` renamed with the store key otherwise brought back the
+    key before it, and a run does not hold the store between its steps).
     ``record=False``: a reader (an agreement's key, :func:`agreement_key`, on a connection that may
     be read-only) records nothing; with no key on record it has nothing to check against, and the
     pipeline's next use of the haven key records it.
@@ -443,7 +425,7 @@ def check_haven_audited(
             haven_key_recordable(con, f"{what} holds haven key {kid}", home)
             record_haven_key(con, kid, home, created=False)
         return
-    _check_on_record(con, HAVEN, recorded, kid, what, home, verified_through)
+    _check_on_record(con, HAVEN, recorded, kid, what, home)
 
 
 def haven_key_recordable(con: duckdb.DuckDBPyConnection, what: str, home: Home | None = None) -> None:
@@ -477,19 +459,11 @@ def record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None
     )
 
 
-def check_vault_audited(
-    con: duckdb.DuckDBPyConnection,
-    kid: str,
-    what: str,
-    home: Home | None = None,
-    *,
-    verified_through: int | None = None,
-) -> None:
+def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, home: Home | None = None) -> None:
     """Refuse vault key ``kid`` (held in ``what``) unless it is the key the latest authentic audit
     entry that set the vault key names; adopt it once when the trail records none and the vault
     holds no entry (module docstring, "The vault key is the audit trail's"; CoP 27b-c,
-    ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit"). ``verified_through``: as for
-    :func:`check_haven_audited`."""
+    ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit")."""
     recorded = audited_vault_key(con)
     if recorded is None:
         if vault_holds_entries(con):
@@ -506,7 +480,7 @@ def check_vault_audited(
             )
         _adopt(con, kid, home)
         return
-    _check_on_record(con, VAULT_PIN, recorded, kid, what, home, verified_through)
+    _check_on_record(con, VAULT_PIN, recorded, kid, what, home)
 
 
 def _adopt(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None) -> None:

@@ -70,16 +70,13 @@ from safehaven.protect.pseudonymise import haven_select_sql, ids_sql, install_ke
 HAVEN_BATCHES = schema.HAVEN_BATCHES
 
 
-def haven_key(
-    con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None, *, verified_through: int | None = None
-) -> Key:
+def haven_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None = None) -> Key:
     """The haven key, checked against the epoch recorded in the store (created on first use only) and
     against the audit trail's record of it (``safehaven.core.pins.check_haven_audited``; ``home``: the
-    haven whose trail that is, when ``con`` was not opened by its store; ``verified_through``: the seq
-    of the run-start entry of the caller's Dagster run, whose verification covered the trail up to it)."""
+    haven whose trail that is, when ``con`` was not opened by its store)."""
     recorded = epoch_key_id(con)
     if recorded is None:
-        return _first_epoch(con, keyring, home, verified_through=verified_through)
+        return _first_epoch(con, keyring, home)
     if not keyring.exists("haven"):
         raise KeyRingError(
             f"the haven key is missing ({keyring.path('haven')}) but the haven's pseudonyms were made "
@@ -92,13 +89,11 @@ def haven_key(
             f"{recorded}; restore the right key, or finish the pending rotation (safehaven keys rotate --resume)"
         )
     check_rotations_recorded(con, keyring, ("haven",))  # a rotation installed but not on record is refused
-    check_haven_audited(con, key.key_id, str(keyring.path("haven")), home, verified_through=verified_through)
+    check_haven_audited(con, key.key_id, str(keyring.path("haven")), home)
     return key
 
 
-def _first_epoch(
-    con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None, *, verified_through: int | None
-) -> Key:
+def _first_epoch(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | None) -> Key:
     """The haven key when the store records no epoch of it: made for the haven's first pseudonyms,
     or a key from before epochs. Checked against the audit trail before anything is written, so a
     key the trail already records is never made again and a refused key starts no epoch (found by
@@ -118,7 +113,7 @@ def _first_epoch(
         record_haven_key(con, key.key_id, home, created=True)
         return key
     key = keyring.get("haven")
-    check_haven_audited(con, key.key_id, path, home, verified_through=verified_through)
+    check_haven_audited(con, key.key_id, path, home)
     start_epoch(con, "haven", key.key_id)
     return key
 

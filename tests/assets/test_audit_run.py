@@ -10,11 +10,9 @@ from __future__ import annotations
 import csv
 import json
 
-import dagster as dg
 from click.testing import CliRunner
 
 from assets.runner import run_nightly
-from resources.haven import SafeHavenResource
 from safehaven.cli.main import main
 from safehaven.core import audit
 from safehaven.core.audit import TABLE
@@ -92,32 +90,3 @@ def test_a_rolled_back_trail_blocks_the_nightly_run_until_a_decision_is_recorded
     assert verified.exit_code == 0, verified.output
     assert f"chain broken at entries {last - 2}-" in verified.output
     assert _runs_recorded(home) == 2 * night  # the first night and the clean one; the refused runs recorded nothing
-
-
-def test_a_steps_trail_evidence_is_its_own_runs_verified_start_and_nothing_outside_a_run(home: Home) -> None:
-    """The run-start seq a step's key checks trust (``SafeHavenResource.verified_through``) is the
-    entry this process wrote after verifying the whole trail for that run, for that home; it is
-    gone when the run ends, and a run id this process never verified has none (its checks walk
-    every entry since the key's, ``safehaven.core.pins.check_haven_audited``)."""
-    seen: dict[str, tuple[int | None, ...]] = {}
-    other = SafeHavenResource(home=str(home.root.parent / "other"))
-
-    @dg.asset
-    def probe(context, haven: SafeHavenResource) -> None:  # noqa: ANN001 (Dagster reads the annotation)
-        run_id = context.run_id
-        seen[run_id] = (
-            haven.verified_through(run_id),
-            haven.verified_through("another"),
-            other.verified_through(run_id),
-        )
-
-    resource = SafeHavenResource()
-    with dg.DagsterInstance.ephemeral() as instance:
-        result = dg.materialize([probe], resources={"haven": resource}, instance=instance)
-    ((run_id, (through, another, elsewhere)),) = seen.items()
-    with Store(home).connect(read_only=True) as con:
-        starts = [e.seq for e in audit.entries_for(con) if e.fields.get("run_id") == run_id.replace("-", "")]
-    assert result.success and [through] == starts == [_last_seq(home)]
-    assert another is None and elsewhere is None, "another run's, or another home's, is not this run's"
-    assert resource.verified_through(run_id) is None, "dropped when the run ended"
-    assert resource.verified_through(None) is None
