@@ -1570,16 +1570,20 @@ def latest_entry(con: duckdb.DuckDBPyConnection, object: str, actions: Sequence[
     return None if row is None else _row_entry(row)
 
 
-def authentic_entries(con: duckdb.DuckDBPyConnection, actions: Sequence[str], home: Home | None = None) -> list[Entry]:
+def authentic_entries(
+    con: duckdb.DuckDBPyConnection, actions: Sequence[str], home: Home | None = None, *, key: Key | None = None
+) -> list[Entry]:
     """The entries with one of ``actions`` whose own hash verifies under the audit key, in order:
     each was written by the haven and reads as it was written (a copy at another place in the
     trail fails: the hash covers its number and link). For a caller that needs a decision to be
     on record (a fault resolved, a refresh attested: ``safehaven.protect.feed``); that none was
-    removed is not checked, which can only make such a caller stricter. None without an audit key."""
+    removed is not checked, which can only make such a caller stricter. None without an audit key.
+    ``key``: the audit key as read from its file by the key custodian's recovery of a lost key
+    record (``safehaven.protect.key_record``), which the key ring refuses until it is recorded."""
     if not _table_exists(con):
         return []
     try:
-        key = _read_key(_keyring(con, home, None)[1])
+        key = key or _read_key(_keyring(con, home, None)[1])
     except KeyRingError:
         return []
     if key is None:

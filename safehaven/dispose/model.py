@@ -22,6 +22,8 @@ EXPORT_STEM = "disposal_register"
 STEPS = ("keys", "rows", "files", "rebuild", "record")
 #: the audit action of a disposal, and the outcomes of its start and of its certificate
 ACTION, STARTED, FINISHED = "dispose", "started", "ok"
+#: the field of a disposal's ``started`` entry listing the ids of the keys it destroys
+DESTROYS = "keys_destroyed"
 #: the outcome of an attempt refused part way (``safehaven.dispose.run._audit_refusal``)
 REFUSED = "refused"
 PURPOSE = "disposal at the end of retention or of the agreement (CoP 43d, 43f, 48-50)"

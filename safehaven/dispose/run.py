@@ -23,6 +23,7 @@ from safehaven.dispose.certificate import certificate_of, ensure_tables
 from safehaven.dispose.journal import journal_path, journal_sound, pending, save_journal
 from safehaven.dispose.model import (
     ACTION,
+    DESTROYS,
     FINISHED,
     PURPOSE,
     REFUSED,
@@ -147,8 +148,9 @@ def _certified(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
 
 
 def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
-    """Audit the start of a new disposal, then write its journal (a journal is carried out only
-    as the trail records it starting: :func:`_started_on_record`); returns the journal."""
+    """Audit the start of a new disposal, naming the ids of the keys it destroys (:data:`DESTROYS`),
+    then write its journal (a journal is carried out only as the trail records it starting:
+    :func:`_started_on_record`); returns the journal."""
     target = plan.target
     journal = {"disposal_id": plan.disposal_id, "target": target.as_dict(), "plan": plan.as_dict(), "steps": {}}
     detail = {
@@ -156,6 +158,9 @@ def _start(home: Home, keyring: KeyRing, plan: Plan) -> dict[str, Any]:
         "plan_sha256": plan_digest(journal["plan"]),
         "reason": plan.reason[:500],
         **{k: v for k, v in plan.summary().items() if k in ("batches", "files", "releases", "staged_requests")},
+        # ids only: a key the trail records a disposal destroying is never recorded again, even
+        # before the certificate (``safehaven.protect.key_record``)
+        DESTROYS: sorted(str(k["key_id"]) for k in plan.keys),
     }
     _audit(home, keyring, plan, plan.requested_by, STARTED, detail)
     save_journal(home, keyring, journal)

@@ -19,7 +19,11 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
   - a key with no epoch only where the store holds nothing made with it (the haven key: no data;
     an agreement's salt: nothing released or prepared under it; the vault: no entry);
   - a key a disposal destroyed (the disposal register, ``safehaven.core.pins.destroyed_keys``) is
-    never brought back.
+    never brought back, nor one a disposal the audit trail records starting destroys (the ids its
+    authentic ``dispose`` ``started`` entry names, :func:`_destroyed_on_record`): a disposal
+    interrupted after its key step, with the record lost and a backup of the key put back, would
+    otherwise have its crypto-shredding undone, since its resume skips a step journalled done; and
+    the register, inside the store, is rewritable with the store key.
 
 * Recorded only when every key agrees, then audited as ``key.record.recover`` with ids only; if
   the entry cannot be written the notes are taken back. A key the store disagrees with is
@@ -43,6 +47,8 @@ from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import MANIFEST, PAIRS, VAULT, Key, KeyRing, KeyRingError, staged
 from safehaven.core.store import MemoryLimitInvalid, Store, StoreError, table_exists
+from safehaven.dispose.model import ACTION as DISPOSE
+from safehaven.dispose.model import DESTROYS, STARTED
 
 RECOVER_ACTION = "key.record.recover"
 RESUME = "safehaven keys rotate --resume"
@@ -119,7 +125,9 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
-            facts = _Facts(pins.current_epochs(con), pins.destroyed_keys(con))  # read once, not per key
+            on_record = _destroyed_on_record(con, home, found.get(audit.KEY_PURPOSE))
+            destroyed = {**on_record, **pins.destroyed_keys(con)}  # read once, not per key
+            facts = _Facts(pins.current_epochs(con), destroyed)
             results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
     except MemoryLimitInvalid:
         raise  # the store's configuration, not its key: said as such (found by review)
@@ -165,6 +173,19 @@ class _Facts:
     destroyed: dict[str, str]
 
 
+def _destroyed_on_record(con: duckdb.DuckDBPyConnection, home: Home, audit_key: Key | None) -> dict[str, str]:
+    """Key id -> the disposal that destroys it, from the authentic ``dispose`` entries recording a
+    disposal's start (CoP 43d, 49: crypto-shredding is for good; module docstring), verified under
+    the audit key file being recovered (``audit_key``; checked itself by :func:`_check`) or else the
+    recorded one. A disposal started before its entries named their keys is known by the register only."""
+    found = {}
+    for entry in audit.authentic_entries(con, [DISPOSE], home, key=audit_key):
+        ids = entry.fields.get(DESTROYS) if entry.outcome == STARTED else None
+        if isinstance(ids, list):
+            found |= {str(kid): entry.object.removeprefix("disposal:") for kid in ids}
+    return found
+
+
 def _check(
     con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str, key: Key | None, facts: _Facts
 ) -> tuple[str | None, str]:
@@ -173,7 +194,12 @@ def _check(
         return _missing_half(con, keyring, purpose, facts.epochs.get(purpose))
     destroyed = facts.destroyed.get(key.key_id)
     if destroyed:
-        return f"{_file(keyring, purpose)} holds key {key.key_id}, which disposal {destroyed} destroyed", ""
+        return (
+            f"{_file(keyring, purpose)} holds key {key.key_id}, which disposal {destroyed} destroyed (or destroys: "
+            "a key a disposal destroys is never recorded again); remove the file, record the others again, and "
+            "finish that disposal if it is not (safehaven dispose --resume)",
+            "",
+        )
     if purpose == "store":
         return None, OPENS_STORE
     epoch = facts.epochs.get(purpose)

@@ -32,6 +32,7 @@ import pytest
 from safehaven.context import Haven
 from safehaven.core import audit, pins
 from safehaven.core import registers as reg
+from safehaven.core import schema as core_schema
 from safehaven.core.days import haven_today
 from safehaven.core.home import Home
 from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
@@ -1712,6 +1713,52 @@ def test_a_release_in_the_register_with_no_delivery_on_record_is_not_disposed_of
     [item] = _agreement_items(world)
     assert item.action == "review" and item.detail["unrecorded"] == [added]
     assert "no delivery on the audit trail" in item.reason
+
+
+def _lose_record_and_restore(world: World, backup: bytes) -> KeyRing:
+    """The key record lost, and a backup of the study's salt put back beside the other key files."""
+    path = world.home.keys / f"agreement-{STUDY}.key"
+    (world.home.keys / "keyring.json").unlink()
+    path.write_bytes(backup)
+    path.chmod(0o600)
+    return KeyRing(world.home.keys)
+
+
+def test_a_salt_an_interrupted_disposal_destroyed_is_not_recorded_again_from_a_backup(world: World) -> None:
+    """A disposal killed after its key step has no certificate yet, so the disposal register does
+    not name the salt; its resume skips the key step journalled done. Recovering a lost key record
+    with a backup of the salt put back would have undone the crypto-shredding for good. The trail's
+    start entry of the disposal names the keys it destroys, so the copy is refused; once the file is
+    removed the other keys are recorded and the disposal finishes."""
+    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
+    suspend(STUDY, "breach of the data sharing agreement", "SIRO", root=world.registry.root)
+    with pytest.raises(disposal.SimulatedCrash):
+        world.dispose(disposal.Target.for_agreement(STUDY), _crash_after="keys")
+    ring = _lose_record_and_restore(world, backup)
+    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal D.* destroyed"):
+        key_record.recover_record(world.home, ring, actor="custodian")
+    assert not ring.manifest(), "nothing recorded"
+    (world.home.keys / f"agreement-{STUDY}.key").unlink()
+    assert key_record.recover_record(world.home, ring, actor="custodian")
+    result = disposal.resume(world.context())
+    assert result is not None and result.status == "disposed"
+    assert not ring.exists(f"agreement-{STUDY}")
+
+
+def test_a_destroyed_salt_is_not_recorded_again_when_the_register_row_is_removed_with_the_store_key(
+    world: World,
+) -> None:
+    """The disposal register is inside the store: whoever holds the store key can delete its row.
+    The trail's entry of the disposal's start, keyed under the audit key, still names the salt."""
+    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    target = disposal.Target.for_agreement(STUDY)
+    assert world.dispose(target, authorised_by="Dr Test, Caldicott Guardian").status == "disposed"
+    with Store(world.home).connect() as con:
+        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
+    ring = _lose_record_and_restore(world, backup)
+    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal D.* destroyed"):
+        key_record.recover_record(world.home, ring, actor="custodian")
 
 
 def test_a_salt_a_disposal_destroyed_stays_destroyed_after_the_key_record_is_lost(world: World) -> None:
