@@ -917,6 +917,13 @@ def _covered(breaks: Sequence[_Break], seq: int) -> bool:
     return any(b.covers(seq) for b in breaks)
 
 
+def written_off(con: duckdb.DuckDBPyConnection, key: Key) -> tuple[tuple[int, int], ...]:
+    """The ranges of entries breach decisions wrote off, as ``VerifyResult.breaks`` gives them
+    ((lost_from, decision seq), in order), read under ``key``: for a caller that must know no entry
+    it relies on was lost (the key custodian's recovery, ``safehaven.protect.key_record``)."""
+    return tuple((b.lost_from, b.seq) for b in _breaks(con, key))
+
+
 def _breaks(con: duckdb.DuckDBPyConnection, key: Key) -> list[_Break]:
     """The breach decisions whose own hash verifies under the audit key (nobody else can write one)."""
     found = []

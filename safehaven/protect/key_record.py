@@ -23,7 +23,10 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
     authentic ``dispose`` ``started`` entry names, :func:`_destroyed_on_record`): a disposal
     interrupted after its key step, with the record lost and a backup of the key put back, would
     otherwise have its crypto-shredding undone, since its resume skips a step journalled done; and
-    the register, inside the store, is rewritable with the store key.
+    the register, inside the store, is rewritable with the store key. What is not on the trail
+    cannot be read there, so no agreement salt is recorded while the trail does not verify or has
+    entries written off by a breach decision (:func:`_trail_vouches`); the refusal says to shred a
+    destroyed key's file, never to restore it.
 
 * Recorded only when every key agrees, then audited as ``key.record.recover`` with ids only; if
   the entry cannot be written the notes are taken back. A key the store disagrees with is
@@ -125,9 +128,8 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
-            on_record = _destroyed_on_record(con, home, found.get(audit.KEY_PURPOSE))
-            destroyed = {**on_record, **pins.destroyed_keys(con)}  # read once, not per key
-            facts = _Facts(pins.current_epochs(con), destroyed)
+            _refuse_destroyed(con, home, keyring, found)
+            facts = _Facts(pins.current_epochs(con))  # read once, not per key
             results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
     except MemoryLimitInvalid:
         raise  # the store's configuration, not its key: said as such (found by review)
@@ -166,18 +168,67 @@ def _refuse_unreadable(keyring: KeyRing, found: dict[str, Key | None]) -> None:
 
 @dataclass(frozen=True)
 class _Facts:
-    """What the store says of every key, read once for all the checks: current epochs by purpose,
-    and key id -> the disposal that destroyed it."""
+    """What the store says of every key, read once for all the checks: current epochs by purpose."""
 
     epochs: dict[str, str]
-    destroyed: dict[str, str]
+
+
+#: what a person does with a key file a disposal destroyed (or is destroying)
+DESTROYED_ADVICE = (
+    "a key a disposal destroys is never recorded again: shred that file (shred -u <file>), run `safehaven keys "
+    "recover-record` again for the other keys, and finish the disposal if it is not finished (`safehaven dispose "
+    "--resume`); nothing was recorded"
+)
+
+
+def _refuse_destroyed(
+    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, found: dict[str, Key | None]
+) -> None:
+    """Refuse, recording nothing, when an unnoted key file holds a key a disposal destroyed or is
+    destroying (module docstring; CoP 43d, 49: crypto-shredding is for good), or holds an agreement's
+    salt while the audit trail cannot vouch that no disposal did (:func:`_trail_vouches`)."""
+    destroyed = {**_destroyed_on_record(con, home, found.get(audit.KEY_PURPOSE)), **pins.destroyed_keys(con)}
+    gone = [
+        f"{_file(keyring, p)} holds key {key.key_id}, which disposal {destroyed[key.key_id]} destroyed"
+        for p, key in found.items()
+        if key is not None and key.key_id in destroyed
+    ]
+    if gone:
+        raise KeyRingError("; ".join(gone) + f"; {DESTROYED_ADVICE}")
+    salts = [str(_file(keyring, p)) for p, key in found.items() if key is not None and p.startswith("agreement-")]
+    problem = _trail_vouches(con, home, keyring, found.get(audit.KEY_PURPOSE)) if salts else None
+    if problem:
+        raise KeyRingError(
+            f"{', '.join(salts)}: whether a disposal destroyed these agreement keys cannot be told, because {problem}; "
+            "a key a disposal destroyed is never recorded again, so they are not recorded: restore "
+            "keys/keyring.json from the key custodian's backup, or clear the trail first (`safehaven audit verify`); "
+            "nothing was recorded"
+        )
+
+
+def _trail_vouches(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> str | None:
+    """Why the audit trail cannot say which keys disposals destroyed, or None: it must verify whole
+    (under the audit key file being recovered, else the recorded one) with no entry written off by a
+    breach decision, since :func:`_destroyed_on_record` reads what is there and a ``dispose`` entry
+    removed, altered or written off would otherwise let a destroyed salt pass (found by review)."""
+    if audit_key is not None:  # its own check refuses a trail that does not verify under it (:func:`_check`)
+        written_off = audit.written_off(con, audit_key)
+    else:
+        result = audit.verify(con, home, keyring=keyring)
+        if not result.ok:
+            return f"the audit trail does not verify ({result.reason})"
+        written_off = result.breaks
+    if written_off:
+        return f"audit entries from {written_off[0][0]} on were written off by a breach decision"
+    return None
 
 
 def _destroyed_on_record(con: duckdb.DuckDBPyConnection, home: Home, audit_key: Key | None) -> dict[str, str]:
     """Key id -> the disposal that destroys it, from the authentic ``dispose`` entries recording a
     disposal's start (CoP 43d, 49: crypto-shredding is for good; module docstring), verified under
     the audit key file being recovered (``audit_key``; checked itself by :func:`_check`) or else the
-    recorded one. A disposal started before its entries named their keys is known by the register only."""
+    recorded one. A disposal started before its entries named their keys is known by the register
+    only. That no such entry is missing is :func:`_trail_vouches`'s to say."""
     found = {}
     for entry in audit.authentic_entries(con, [DISPOSE], home, key=audit_key):
         ids = entry.fields.get(DESTROYS) if entry.outcome == STARTED else None
@@ -192,14 +243,6 @@ def _check(
     """(what is wrong, or None; how it was checked, "" for a file left alone) for one unnoted key."""
     if key is None:
         return _missing_half(con, keyring, purpose, facts.epochs.get(purpose))
-    destroyed = facts.destroyed.get(key.key_id)
-    if destroyed:
-        return (
-            f"{_file(keyring, purpose)} holds key {key.key_id}, which disposal {destroyed} destroyed (or destroys: "
-            "a key a disposal destroys is never recorded again); remove the file, record the others again, and "
-            "finish that disposal if it is not (safehaven dispose --resume)",
-            "",
-        )
     if purpose == "store":
         return None, OPENS_STORE
     epoch = facts.epochs.get(purpose)

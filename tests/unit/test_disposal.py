@@ -1761,6 +1761,59 @@ def test_a_destroyed_salt_is_not_recorded_again_when_the_register_row_is_removed
         key_record.recover_record(world.home, ring, actor="custodian")
 
 
+def _started_entry(world: World) -> int:
+    with Store(world.home).connect(read_only=True) as con:
+        [entry] = [e for e in audit.entries_for(con) if e.action == disposal_model.ACTION and e.outcome == "started"]
+    return entry.seq
+
+
+def test_a_destroyed_salt_is_not_recorded_again_when_its_disposal_entries_are_cut_and_written_off(
+    world: World,
+) -> None:
+    """The insider deletes the register row and the trail's entries from the disposal's start on
+    (store key), and the trail is resumed by a breach decision, as a broken trail is: the entries
+    that named the salt are written off, so the trail cannot vouch that no disposal destroyed it,
+    and the salt is not recorded (found by review)."""
+    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, CG").status == "disposed"
+    start = _started_entry(world)
+    with Store(world.home).connect() as con:
+        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
+        con.execute(f"DELETE FROM {audit.TABLE} WHERE seq >= ?", [start])
+        audit.resolve(con, world.home, actor="ig-lead", decision="entries lost; resume")
+    ring = _lose_record_and_restore(world, backup)
+    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key: whether a disposal destroyed .* written off"):
+        key_record.recover_record(world.home, ring, actor="custodian")
+    assert not ring.manifest(), "nothing recorded"
+
+
+def test_a_destroyed_salt_is_not_recorded_again_when_only_its_note_is_lost_and_its_entry_altered(
+    world: World,
+) -> None:
+    """Only the salt's note is lost (the audit key is still recorded, so the recovery does not check
+    the trail under a recovered audit key): the disposal's start entry altered with the store key no
+    longer verifies, and the trail as a whole does not either, so the salt is not recorded (found by review)."""
+    path = world.home.keys / f"agreement-{STUDY}.key"
+    backup = path.read_bytes()
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, CG").status == "disposed"
+    start = _started_entry(world)
+    with Store(world.home).connect() as con:
+        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
+        con.execute(f"UPDATE {audit.TABLE} SET detail = '{{}}' WHERE seq = ?", [start])
+    manifest = json.loads((world.home.keys / "keyring.json").read_text())
+    manifest.pop(f"agreement-{STUDY}", None)
+    (world.home.keys / "keyring.json").write_text(json.dumps(manifest))
+    path.write_bytes(backup)
+    path.chmod(0o600)
+    ring = KeyRing(world.home.keys)
+    assert list(ring.unnoted()) == [f"agreement-{STUDY}"]
+    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key: whether a disposal destroyed .* does not verify"):
+        key_record.recover_record(world.home, ring, actor="custodian")
+    assert f"agreement-{STUDY}" not in ring.manifest()
+
+
 def test_a_salt_a_disposal_destroyed_stays_destroyed_after_the_key_record_is_lost(world: World) -> None:
     """Lose ``keyring.json`` after a disposal and put a backup of the agreement's salt back: the
     store's disposal register says it was destroyed, so the missing salt is never "restore it from
