@@ -176,8 +176,9 @@ class _Facts:
 #: what a person does with a key file a disposal destroyed (or is destroying)
 DESTROYED_ADVICE = (
     "a key a disposal destroys is never recorded again: shred that file (shred -u <file>), run `safehaven keys "
-    "recover-record` again for the other keys, and finish the disposal if it is not finished (`safehaven dispose "
-    "--resume`); nothing was recorded"
+    "recover-record` again for the other keys, then finish the disposal if it is not finished: `safehaven dispose "
+    "--resume`, or, with no disposal pending (no store/disposal.json), dispose of its agreement again "
+    "(`safehaven dispose --agreement <id>`); nothing was recorded"
 )
 
 
