@@ -462,13 +462,13 @@ def keys_seal_vault() -> None:
 @click.command("recover-record")
 def keys_recover_record() -> None:
     """Record again the key files a lost keyring.json noted, each checked against the store (key custodian)."""
-    from safehaven.core.keys import KeyRing, KeyRingError
+    from safehaven.core.keys import KeyRingError
     from safehaven.core.registers import current_actor
     from safehaven.protect.key_record import recover_record
 
     home = ensure_home()
-    try:
-        done = recover_record(home, KeyRing(home.keys), actor=current_actor())
+    try:  # the custodian's key ring: the passphrase is asked for and proved (key_record._custodian_proven)
+        done = recover_record(home, custodian_keyring(home), actor=current_actor())
     except Exception as exc:  # ids only
         fail(f"refused: {exc}" if isinstance(exc, KeyRingError) else f"not recovered: {exc}")
     for item in done:

@@ -28,6 +28,8 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
     entries written off by a breach decision (:func:`_trail_vouches`); the refusal says to shred a
     destroyed key's file, never to restore it.
 
+* Only the key custodian recovers: the passphrase must open the sealed vault private key on this
+  host, the pair of ``keys/vault.pub`` (:func:`_custodian_proven`), before anything is read.
 * Recorded only when every key agrees, then audited as ``key.record.recover`` with ids only; if
   the entry cannot be written the notes are taken back. A key the store disagrees with is
   refused, naming the key it expects, and nothing is recorded.
@@ -48,7 +50,18 @@ import duckdb
 
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
-from safehaven.core.keys import MANIFEST, PAIRS, VAULT, Key, KeyRing, KeyRingError, staged
+from safehaven.core.keys import (
+    MANIFEST,
+    PAIRS,
+    VAULT,
+    Key,
+    KeyRing,
+    KeyRingError,
+    check_key_file,
+    open_sealed,
+    staged,
+    x25519_public,
+)
 from safehaven.core.store import MemoryLimitInvalid, Store, StoreError, table_exists
 from safehaven.dispose.model import ACTION as DISPOSE
 from safehaven.dispose.model import DESTROYS, STARTED
@@ -76,12 +89,14 @@ class Recovered:
 def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovered]:
     """Record again the key files a lost ``keyring.json`` noted, each checked against the store
     (module docstring); audited. Returns what was recorded ([]: every key file is noted).
-    Refused (KeyRingError), recording nothing, when any key disagrees with the store."""
+    Refused (KeyRingError), recording nothing, when any key disagrees with the store, and unless
+    ``keyring``'s custodian proves the passphrase (:func:`_custodian_proven`)."""
     Store(home, keyring).recover()  # an interrupted store swap first: it replaces the store key file
     kept = _set_aside_damaged(keyring)
     found = keyring.unnoted()
     if not found:
         return []
+    _custodian_proven(keyring, found)
     checked = _checked(home, keyring, found)
     if not home.store_file.exists():
         keyring.note_recovered({item.purpose: found[item.purpose] for item in checked})  # type: ignore[misc]
@@ -104,6 +119,35 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
             keyring.forget_recovered(item.purpose, item.key_id)
         raise
     return checked
+
+
+def _custodian_proven(keyring: KeyRing, found: dict[str, Key | None]) -> None:
+    """Only the key custodian records key files again (CoP 27b-c; NIST SP 800-57 Part 2 roles): the
+    passphrase given must open the sealed vault private key on this host, and that key must be the
+    pair of the vault public key file. The key ring refuses files it has no note of, so the file is
+    opened here directly. A haven with no vault pair at all has no custodian secret yet, and the
+    recovery goes on without one."""
+    private, public = keyring.path(VAULT), keyring.public_path(VAULT)
+    if not any(p.exists() or p.is_symlink() for p in (private, public)):
+        return
+    if keyring.custodian is None:
+        raise KeyRingError(
+            "recording key files again is the key custodian's: run `safehaven keys recover-record` as the "
+            "custodian (it asks for the passphrase); nothing was recorded"
+        )
+    if not private.is_file() or private.is_symlink():
+        raise KeyRingError(
+            f"the sealed vault private key {private} is not on this host, so the custodian's passphrase cannot be "
+            "checked: bring it (the key custodian's backup) and run again; nothing was recorded"
+        )
+    check_key_file(private)
+    opened = x25519_public(open_sealed(private.read_bytes(), keyring.custodian.passphrase(), private))
+    pair = found.get(VAULT) or keyring.file_key(VAULT)  # None: vault.pub missing, which _check refuses by name
+    if pair is not None and pair.material != opened:
+        raise KeyRingError(
+            f"the sealed vault private key {private} is not the pair of {public}: restore the pair from the key "
+            "custodian's backup; nothing was recorded"
+        )
 
 
 def _set_aside_damaged(keyring: KeyRing) -> str | None:
@@ -173,6 +217,8 @@ class _Facts:
     epochs: dict[str, str]
 
 
+#: the purpose prefix of an agreement's salt (``safehaven.core.keys.agreement_purpose``)
+AGREEMENT = "agreement-"
 #: what a person does with a key file a disposal destroyed (or is destroying)
 DESTROYED_ADVICE = (
     "a key a disposal destroys is never recorded again: shred that file (shred -u <file>), run `safehaven keys "
@@ -185,57 +231,69 @@ DESTROYED_ADVICE = (
 def _refuse_destroyed(
     con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, found: dict[str, Key | None]
 ) -> None:
-    """Refuse, recording nothing, when an unnoted key file holds a key a disposal destroyed or is
-    destroying (module docstring; CoP 43d, 49: crypto-shredding is for good), or holds an agreement's
+    """Refuse, recording nothing, when an unnoted key file holds a key a disposal destroyed or was
+    to destroy (module docstring; CoP 43d, 49: crypto-shredding is for good), or holds an agreement's
     salt while the audit trail cannot vouch that no disposal did (:func:`_trail_vouches`)."""
-    destroyed = {**_destroyed_on_record(con, home, found.get(audit.KEY_PURPOSE)), **pins.destroyed_keys(con)}
-    gone = [
-        f"{_file(keyring, p)} holds key {key.key_id}, which disposal {destroyed[key.key_id]} destroyed"
-        for p, key in found.items()
-        if key is not None and key.key_id in destroyed
-    ]
+    by_key, by_agreement = _destroyed_on_record(con, home, found.get(audit.KEY_PURPOSE))
+    destroyed = {**by_key, **pins.destroyed_keys(con)}
+    gone = []
+    for purpose, key in found.items():
+        disposal = None if key is None else destroyed.get(key.key_id)
+        if disposal is None and purpose.startswith(AGREEMENT):  # a disposal from before its entry named keys
+            disposal = by_agreement.get(purpose.removeprefix(AGREEMENT))
+        if key is not None and disposal is not None:
+            where = _file(keyring, purpose)
+            gone.append(f"{where} holds key {key.key_id}, which disposal {disposal} destroyed or was to destroy")
     if gone:
         raise KeyRingError("; ".join(gone) + f"; {DESTROYED_ADVICE}")
-    salts = [str(_file(keyring, p)) for p, key in found.items() if key is not None and p.startswith("agreement-")]
+    salts = [str(_file(keyring, p)) for p, key in found.items() if key is not None and p.startswith(AGREEMENT)]
     problem = _trail_vouches(con, home, keyring, found.get(audit.KEY_PURPOSE)) if salts else None
     if problem:
         raise KeyRingError(
             f"{', '.join(salts)}: whether a disposal destroyed these agreement keys cannot be told, because {problem}; "
-            "a key a disposal destroyed is never recorded again, so they are not recorded: restore "
-            "keys/keyring.json from the key custodian's backup, or clear the trail first (`safehaven audit verify`); "
-            "nothing was recorded"
+            "a key a disposal destroyed is never recorded again, so they are not recorded by this command: restore "
+            "keys/keyring.json from the key custodian's backup; nothing was recorded"
         )
 
 
 def _trail_vouches(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> str | None:
     """Why the audit trail cannot say which keys disposals destroyed, or None: it must verify whole
-    (under the audit key file being recovered, else the recorded one) with no entry written off by a
-    breach decision, since :func:`_destroyed_on_record` reads what is there and a ``dispose`` entry
-    removed, altered or written off would otherwise let a destroyed salt pass (found by review)."""
+    (under the audit key file being recovered, else the recorded one) and hold no breach decision,
+    since :func:`_destroyed_on_record` reads what is there and a ``dispose`` entry removed, altered or
+    lost before a decision would otherwise let a destroyed salt pass (found by review). A decision
+    that says nothing was lost is not taken at its word: with the anchors gone it cannot know."""
     if audit_key is not None:  # its own check refuses a trail that does not verify under it (:func:`_check`)
-        written_off = audit.written_off(con, audit_key)
+        decisions = audit.written_off(con, audit_key)
     else:
         result = audit.verify(con, home, keyring=keyring)
         if not result.ok:
-            return f"the audit trail does not verify ({result.reason})"
-        written_off = result.breaks
-    if written_off:
-        return f"audit entries from {written_off[0][0]} on were written off by a breach decision"
+            return f"the audit trail does not verify ({result.reason}): run `safehaven audit verify`"
+        decisions = result.breaks
+    if decisions:
+        return f"the trail holds a breach decision (entry {decisions[-1][1]}), and entries before it may have been lost"
     return None
 
 
-def _destroyed_on_record(con: duckdb.DuckDBPyConnection, home: Home, audit_key: Key | None) -> dict[str, str]:
-    """Key id -> the disposal that destroys it, from the authentic ``dispose`` entries recording a
-    disposal's start (CoP 43d, 49: crypto-shredding is for good; module docstring), verified under
-    the audit key file being recovered (``audit_key``; checked itself by :func:`_check`) or else the
-    recorded one. A disposal started before its entries named their keys is known by the register
-    only. That no such entry is missing is :func:`_trail_vouches`'s to say."""
-    found = {}
+def _destroyed_on_record(
+    con: duckdb.DuckDBPyConnection, home: Home, audit_key: Key | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What the authentic ``dispose`` entries recording a disposal's start say it destroys (CoP 43d,
+    49: crypto-shredding is for good; module docstring), verified under the audit key file being
+    recovered (``audit_key``; checked itself by :func:`_check`) or else the recorded one: key id ->
+    disposal, from the ids the entry names; and agreement -> disposal for an agreement's disposal
+    started before its entries named their keys (its salt, whatever its id). That no such entry is
+    missing is :func:`_trail_vouches`'s to say."""
+    by_key: dict[str, str] = {}
+    by_agreement: dict[str, str] = {}
     for entry in audit.authentic_entries(con, [DISPOSE], home, key=audit_key):
-        ids = entry.fields.get(DESTROYS) if entry.outcome == STARTED else None
+        if entry.outcome != STARTED:
+            continue
+        disposal, ids = entry.object.removeprefix("disposal:"), entry.fields.get(DESTROYS)
         if isinstance(ids, list):
-            found |= {str(kid): entry.object.removeprefix("disposal:") for kid in ids}
-    return found
+            by_key |= {str(kid): disposal for kid in ids}
+        elif entry.agreement:
+            by_agreement[entry.agreement] = disposal
+    return by_key, by_agreement
 
 
 def _check(

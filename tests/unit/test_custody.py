@@ -203,7 +203,7 @@ def test_a_deleted_agreement_key_stops_that_agreements_release(adopted_home: Hom
         (adopted_home.keys / "keyring.json").unlink()  # the key ring's record lost too: every key refused
         with pytest.raises(Exception, match="has no note of any key for 'audit'.*keys recover-record"):
             prepare(con, AGREEMENT, haven=Haven.open(adopted_home, contracts=registry, keyring=keyring))
-    recovered = key_record.recover_record(adopted_home, keyring, actor="custodian")
+    recovered = key_record.recover_record(adopted_home, custodian_ring(adopted_home), actor="custodian")
     assert agreement_purpose(AGREEMENT) not in {r.purpose for r in recovered}, "a missing file is not recorded"
     with Store(adopted_home).connect() as con:  # the record recovered, the store's epoch still names the salt
         with pytest.raises(ReleaseRefused, match=f"{expected}.*custodian's backup"):

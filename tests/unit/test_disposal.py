@@ -39,6 +39,7 @@ from safehaven.core.keys import VAULT, KeyRing, KeyRingError, agreement_key
 from safehaven.core.store import Store, httpfs_extension_path, table_exists
 from safehaven.dispose import disposal
 from safehaven.dispose import model as disposal_model
+from safehaven.dispose import run as disposal_run
 from safehaven.dispose import steps as disposal_steps
 from safehaven.intake import landings
 from safehaven.intake.contracts import ContractRegistry
@@ -1736,10 +1737,10 @@ def test_a_salt_an_interrupted_disposal_destroyed_is_not_recorded_again_from_a_b
         world.dispose(disposal.Target.for_agreement(STUDY), _crash_after="keys")
     ring = _lose_record_and_restore(world, backup)
     with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal D.* destroyed"):
-        key_record.recover_record(world.home, ring, actor="custodian")
+        key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
     assert not ring.manifest(), "nothing recorded"
     (world.home.keys / f"agreement-{STUDY}.key").unlink()
-    assert key_record.recover_record(world.home, ring, actor="custodian")
+    assert key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
     result = disposal.resume(world.context())
     assert result is not None and result.status == "disposed"
     assert not ring.exists(f"agreement-{STUDY}")
@@ -1756,9 +1757,27 @@ def test_a_destroyed_salt_is_not_recorded_again_when_the_register_row_is_removed
     assert world.dispose(target, authorised_by="Dr Test, Caldicott Guardian").status == "disposed"
     with Store(world.home).connect() as con:
         con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
-    ring = _lose_record_and_restore(world, backup)
+    _lose_record_and_restore(world, backup)
     with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal D.* destroyed"):
-        key_record.recover_record(world.home, ring, actor="custodian")
+        key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
+
+
+def test_a_salt_an_agreements_disposal_destroyed_before_its_entries_named_keys_is_not_recorded_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disposal started before its start entry listed the keys it destroys (the entry has no such
+    field): with its register row deleted, the entry still names the agreement, so that agreement's
+    salt is refused whatever its id (found by review)."""
+    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    monkeypatch.setattr(disposal_run, "DESTROYS", "not_named_then")  # the entry as an older haven wrote it
+    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, CG").status == "disposed"
+    monkeypatch.undo()
+    with Store(world.home).connect() as con:
+        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
+    _lose_record_and_restore(world, backup)
+    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal D.* was to destroy"):
+        key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
 
 
 def _started_entry(world: World) -> int:
@@ -1783,8 +1802,8 @@ def test_a_destroyed_salt_is_not_recorded_again_when_its_disposal_entries_are_cu
         con.execute(f"DELETE FROM {audit.TABLE} WHERE seq >= ?", [start])
         audit.resolve(con, world.home, actor="ig-lead", decision="entries lost; resume")
     ring = _lose_record_and_restore(world, backup)
-    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key: whether a disposal destroyed .* written off"):
-        key_record.recover_record(world.home, ring, actor="custodian")
+    with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key: whether a disposal destroyed .* breach decision"):
+        key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
     assert not ring.manifest(), "nothing recorded"
 
 
@@ -1810,7 +1829,7 @@ def test_a_destroyed_salt_is_not_recorded_again_when_only_its_note_is_lost_and_i
     ring = KeyRing(world.home.keys)
     assert list(ring.unnoted()) == [f"agreement-{STUDY}"]
     with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key: whether a disposal destroyed .* does not verify"):
-        key_record.recover_record(world.home, ring, actor="custodian")
+        key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
     assert f"agreement-{STUDY}" not in ring.manifest()
 
 
@@ -1828,11 +1847,11 @@ def test_a_salt_a_disposal_destroyed_stays_destroyed_after_the_key_record_is_los
     )
     (home.keys / "keyring.json").unlink()
     ring = KeyRing(home.keys)
-    key_record.recover_record(home, ring, actor="custodian")  # the other keys, checked against the store
+    key_record.recover_record(home, custodian_ring(home), actor="custodian")  # the other keys, checked
     with Store(home).connect() as con, pytest.raises(KeyRingError, match="destroyed by disposal .*never restored"):
         pins.agreement_salt(con, ring, STUDY, create=False)
     path.write_bytes(backup)
     path.chmod(0o600)
     with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal .* destroyed"):
-        key_record.recover_record(home, ring, actor="custodian")
+        key_record.recover_record(home, custodian_ring(home), actor="custodian")
     assert f"agreement-{STUDY}" not in ring.manifest()

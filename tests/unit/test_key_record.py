@@ -18,15 +18,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.cli.main import main
 from safehaven.context import Haven
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
-from safehaven.core.keys import KeyRing, KeyRingError
+from safehaven.core.keys import Custodian, KeyRing, KeyRingError, seal_private
 from safehaven.core.store import MemoryLimitInvalid, Store, StoreError
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import key_record, rotation
-from tests.conftest import copy_haven, custodian_ring
+from tests.conftest import TEST_PASSPHRASE, TEST_SCRYPT_N, copy_haven, custodian_ring
+
+
+def _recover(home: Home) -> list[key_record.Recovered]:
+    """``safehaven keys recover-record`` as the key custodian (the passphrase proved)."""
+    return key_record.recover_record(home, custodian_ring(home), actor="custodian")
 
 
 @pytest.fixture
@@ -56,7 +62,7 @@ def test_a_lost_record_refuses_every_key_until_the_custodian_records_the_files_a
     with pytest.raises(KeyRingError, match="safehaven keys recover-record"):
         with Store(haven_home).connect():
             pass
-    recovered = key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    recovered = _recover(haven_home)
     kept = sorted(p.name for p in haven_home.keys.glob("keyring.json.damaged-*"))
     assert len(kept) == (how in ("truncated", "another shape")), "a damaged record is kept, not overwritten"
     assert {r.purpose: r.key_id for r in recovered} == current
@@ -74,7 +80,7 @@ def test_a_lost_record_refuses_every_key_until_the_custodian_records_the_files_a
         "key_id": current["haven"],
         "checked": key_record.MATCHES_EPOCH,
     }
-    assert key_record.recover_record(haven_home, ring, actor="custodian") == [], "once recorded, nothing to recover"
+    assert _recover(haven_home) == [], "once recorded, nothing to recover"
 
 
 @pytest.mark.parametrize(
@@ -88,13 +94,12 @@ def test_a_swapped_key_is_not_recorded_and_the_refusal_says_what_the_store_expec
     path = haven_home.keys / f"{purpose}.key"
     original = path.read_text()
     _swap(path)
-    ring = KeyRing(haven_home.keys)
     expected = refusal.format(expected=current[purpose])
     with pytest.raises(KeyRingError, match=f"{purpose}.key holds key .*{expected}.*nothing recorded"):
-        key_record.recover_record(haven_home, ring, actor="custodian")
+        _recover(haven_home)
     assert not (haven_home.keys / "keyring.json").exists(), "nothing recorded, not even the keys that agreed"
     path.write_text(original)  # restored from the custodian's backup
-    assert {r.purpose for r in key_record.recover_record(haven_home, ring, actor="custodian")} == set(current)
+    assert {r.purpose for r in _recover(haven_home)} == set(current)
 
 
 def test_a_haven_key_swapped_with_the_stores_epoch_beside_a_lost_record_is_refused_by_the_trail(
@@ -112,7 +117,7 @@ def test_a_haven_key_swapped_with_the_stores_epoch_beside_a_lost_record_is_refus
         )
     current = _lose_record(haven_home, "deleted")
     with pytest.raises(KeyRingError, match=f"haven.key holds key .*audit trail names haven key {current['haven']}"):
-        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        _recover(haven_home)
     assert not (haven_home.keys / "keyring.json").exists(), "nothing recorded"
 
 
@@ -121,7 +126,7 @@ def test_a_store_key_that_does_not_open_the_store_is_refused_without_showing_it(
     _swap(haven_home.keys / "store.key")
     swapped = (haven_home.keys / "store.key").read_text()
     with pytest.raises(KeyRingError, match="store.key: key .* does not open the encrypted store") as refused:
-        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        _recover(haven_home)
     assert swapped not in str(refused.value)
     assert json.loads((haven_home.keys / "keyring.json").read_text()) == {}
 
@@ -132,14 +137,14 @@ def test_a_memory_limit_duckdb_cannot_read_is_not_blamed_on_the_store_key(haven_
     _lose_record(haven_home, "emptied")
     mistyped = Home(haven_home.root, memory_limit="4 gigs")
     with pytest.raises(MemoryLimitInvalid, match="'4 gigs' is not a size DuckDB reads"):
-        key_record.recover_record(mistyped, KeyRing(mistyped.keys), actor="custodian")
+        _recover(mistyped)
     assert json.loads((haven_home.keys / "keyring.json").read_text()) == {}
 
 
 def test_an_intact_record_has_nothing_to_recover_and_nothing_is_audited(haven_home: Home) -> None:
     ring = KeyRing(haven_home.keys)
     before = ring.manifest()
-    assert key_record.recover_record(haven_home, ring, actor="custodian") == []
+    assert _recover(haven_home) == []
     assert ring.manifest() == before
     with Store(haven_home).connect() as con:
         assert audit.latest_entry(con, "key:record", [key_record.RECOVER_ACTION]) is None
@@ -157,6 +162,34 @@ def test_the_commands_name_the_unnoted_keys_and_record_them_again(haven_home: Ho
     assert f"haven: key {current['haven']} recorded (the store's epoch)" in recovered.output
     assert recovered.output.strip().endswith("audited")
     assert "no note" not in CliRunner().invoke(main, ["keys", "list"]).output
+
+
+def test_only_the_key_custodian_records_key_files_again(haven_home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery is the custodian's (CoP 27b-c; NIST SP 800-57 Part 2 roles): without the passphrase,
+    with a wrong one, or without the sealed vault private key on this host to prove it against,
+    nothing is recorded; the command asks for it and proves it."""
+    current = _lose_record(haven_home, "deleted")
+    ring = KeyRing(haven_home.keys)
+    with pytest.raises(KeyRingError, match="key custodian's: run `safehaven keys recover-record` as the custodian"):
+        key_record.recover_record(haven_home, ring, actor="someone")
+    with pytest.raises(KeyRingError, match="passphrase does not open .*vault.key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys, Custodian.of("not it")), actor="someone")
+    sealed = haven_home.keys / "vault.key"
+    kept = sealed.read_bytes()
+    sealed.unlink()
+    with pytest.raises(KeyRingError, match="vault.key is not on this host, so the custodian's passphrase cannot"):
+        _recover(haven_home)
+    assert not (haven_home.keys / "keyring.json").exists(), "nothing recorded"
+    sealed.write_bytes(seal_private(os.urandom(32), TEST_PASSPHRASE.encode(), n=TEST_SCRYPT_N))  # another pair's
+    sealed.chmod(0o600)
+    with pytest.raises(KeyRingError, match="vault.key is not the pair of .*vault.pub"):
+        _recover(haven_home)
+    sealed.write_bytes(kept)
+    monkeypatch.setenv(PASSPHRASE_ENV, "not it")
+    refused = CliRunner().invoke(main, ["keys", "recover-record"])
+    assert refused.exit_code == 1 and "passphrase does not open" in refused.output
+    monkeypatch.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+    assert {r.purpose for r in _recover(haven_home)} == set(current)
 
 
 def test_a_haven_rotation_committed_but_not_installed_is_recovered_then_resumed(
@@ -178,7 +211,7 @@ def test_a_haven_rotation_committed_but_not_installed_is_recovered_then_resumed(
     monkeypatch.undo()
     _lose_record(haven_home, "emptied")
     ring = KeyRing(haven_home.keys)
-    recovered = {r.purpose: r for r in key_record.recover_record(haven_home, ring, actor="custodian")}
+    recovered = {r.purpose: r for r in _recover(haven_home)}
     assert (recovered["haven"].key_id, recovered["haven"].checked) == (old, key_record.ROTATION_PENDING)
     rotation.resume(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)))
     with Store(haven_home).connect() as con:
@@ -193,7 +226,7 @@ def test_a_haven_key_without_an_epoch_in_a_store_holding_data_is_refused(haven_h
     _lose_record(haven_home, "deleted")
     _swap(haven_home.keys / "haven.key")
     with pytest.raises(KeyRingError, match="no epoch of the haven key though it holds data made with one"):
-        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        _recover(haven_home)
 
 
 def test_a_store_in_use_is_not_blamed_on_its_key(haven_home: Home) -> None:
@@ -211,7 +244,7 @@ def test_a_store_in_use_is_not_blamed_on_its_key(haven_home: Home) -> None:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(KeyRingError, match="in use by another process; run this again") as refused:
-            key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+            _recover(haven_home)
         assert "not the store's key" not in str(refused.value) and key not in str(refused.value)
     finally:
         holder.kill()
@@ -228,7 +261,7 @@ def test_notes_are_taken_back_when_the_audit_entry_cannot_be_written(
 
     monkeypatch.setattr(audit, "append", broken)
     with pytest.raises(audit.AuditTrailBroken):
-        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        _recover(haven_home)
     assert KeyRing(haven_home.keys).manifest() == {}, "recorded with its entry, or not at all"
 
 
@@ -242,7 +275,7 @@ def test_a_store_swap_interrupted_beside_a_lost_record_is_finished_and_the_new_k
     new = json.loads(store.journal.read_text())["new_key_id"]
     _lose_record(haven_home, "deleted")
     ring = KeyRing(haven_home.keys)
-    recovered = {r.purpose for r in key_record.recover_record(haven_home, ring, actor="custodian")}
+    recovered = {r.purpose for r in _recover(haven_home)}
     assert ring.current_id("store") == new and not store.journal.exists(), "the swap installs and records its key"
     assert recovered == {"haven", "audit", "vault"}
 
@@ -251,7 +284,7 @@ def test_a_vault_pair_missing_its_public_half_is_refused_naming_it(haven_home: H
     _lose_record(haven_home, "emptied")
     (haven_home.keys / "vault.pub").unlink()
     with pytest.raises(KeyRingError, match="vault.pub is missing or unreadable; restore the public half of key"):
-        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        _recover(haven_home)
 
 
 def test_a_missing_store_file_is_not_taken_for_a_new_haven(haven_home: Home) -> None:
@@ -260,7 +293,7 @@ def test_a_missing_store_file_is_not_taken_for_a_new_haven(haven_home: Home) -> 
     _lose_record(haven_home, "deleted")
     haven_home.store_file.rename(haven_home.store_file.with_name("elsewhere.duckdb"))
     with pytest.raises(KeyRingError, match="store .* is missing, so no key can be checked .*restore the store"):
-        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+        _recover(haven_home)
     assert not haven_home.store_file.exists()
 
 
@@ -268,7 +301,7 @@ def test_files_that_are_not_the_havens_keys_are_left_alone(haven_home: Home) -> 
     current = _lose_record(haven_home, "deleted")
     for name in ("tls.key", "store.old.key"):
         _swap(haven_home.keys / name)
-    recovered = key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="custodian")
+    recovered = _recover(haven_home)
     assert {r.purpose for r in recovered} == set(current)
 
 
