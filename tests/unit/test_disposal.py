@@ -1716,6 +1716,21 @@ def test_a_release_in_the_register_with_no_delivery_on_record_is_not_disposed_of
     assert "no delivery on the audit trail" in item.reason
 
 
+def _disposed_and_unregistered(world: World) -> tuple[bytes, int]:
+    """The study's agreement disposed of (its salt's bytes kept first, as a backup holds them), then
+    the disposal register's row deleted with the store key; returns the salt's bytes and the seq of
+    the disposal's start entry."""
+    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
+    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
+    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, CG").status == "disposed"
+    with Store(world.home).connect() as con:
+        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
+        [start] = [
+            e.seq for e in audit.entries_for(con) if e.action == disposal_model.ACTION and e.outcome == "started"
+        ]
+    return backup, start
+
+
 def _lose_record_and_restore(world: World, backup: bytes) -> KeyRing:
     """The key record lost, and a backup of the study's salt put back beside the other key files."""
     path = world.home.keys / f"agreement-{STUDY}.key"
@@ -1751,12 +1766,7 @@ def test_a_destroyed_salt_is_not_recorded_again_when_the_register_row_is_removed
 ) -> None:
     """The disposal register is inside the store: whoever holds the store key can delete its row.
     The trail's entry of the disposal's start, keyed under the audit key, still names the salt."""
-    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
-    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
-    target = disposal.Target.for_agreement(STUDY)
-    assert world.dispose(target, authorised_by="Dr Test, Caldicott Guardian").status == "disposed"
-    with Store(world.home).connect() as con:
-        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
+    backup, _ = _disposed_and_unregistered(world)
     _lose_record_and_restore(world, backup)
     with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal D.* destroyed"):
         key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
@@ -1768,22 +1778,12 @@ def test_a_salt_an_agreements_disposal_destroyed_before_its_entries_named_keys_i
     """A disposal started before its start entry listed the keys it destroys (the entry has no such
     field): with its register row deleted, the entry still names the agreement, so that agreement's
     salt is refused whatever its id (found by review)."""
-    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
-    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
     monkeypatch.setattr(disposal_run, "DESTROYS", "not_named_then")  # the entry as an older haven wrote it
-    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, CG").status == "disposed"
+    backup, _ = _disposed_and_unregistered(world)
     monkeypatch.undo()
-    with Store(world.home).connect() as con:
-        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
     _lose_record_and_restore(world, backup)
     with pytest.raises(KeyRingError, match=f"agreement-{STUDY}.key holds key .*, which disposal D.* was to destroy"):
         key_record.recover_record(world.home, custodian_ring(world.home), actor="custodian")
-
-
-def _started_entry(world: World) -> int:
-    with Store(world.home).connect(read_only=True) as con:
-        [entry] = [e for e in audit.entries_for(con) if e.action == disposal_model.ACTION and e.outcome == "started"]
-    return entry.seq
 
 
 def test_a_destroyed_salt_is_not_recorded_again_when_its_disposal_entries_are_cut_and_written_off(
@@ -1793,12 +1793,8 @@ def test_a_destroyed_salt_is_not_recorded_again_when_its_disposal_entries_are_cu
     (store key), and the trail is resumed by a breach decision, as a broken trail is: the entries
     that named the salt are written off, so the trail cannot vouch that no disposal destroyed it,
     and the salt is not recorded (found by review)."""
-    backup = (world.home.keys / f"agreement-{STUDY}.key").read_bytes()
-    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
-    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, CG").status == "disposed"
-    start = _started_entry(world)
+    backup, start = _disposed_and_unregistered(world)
     with Store(world.home).connect() as con:
-        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
         con.execute(f"DELETE FROM {audit.TABLE} WHERE seq >= ?", [start])
         audit.resolve(con, world.home, actor="ig-lead", decision="entries lost; resume")
     ring = _lose_record_and_restore(world, backup)
@@ -1814,12 +1810,8 @@ def test_a_destroyed_salt_is_not_recorded_again_when_only_its_note_is_lost_and_i
     the trail under a recovered audit key): the disposal's start entry altered with the store key no
     longer verifies, and the trail as a whole does not either, so the salt is not recorded (found by review)."""
     path = world.home.keys / f"agreement-{STUDY}.key"
-    backup = path.read_bytes()
-    suspend(STUDY, "recipient breached the onward sharing terms", "SIRO", root=world.registry.root)
-    assert world.dispose(disposal.Target.for_agreement(STUDY), authorised_by="Dr Test, CG").status == "disposed"
-    start = _started_entry(world)
+    backup, start = _disposed_and_unregistered(world)
     with Store(world.home).connect() as con:
-        con.execute(f"DELETE FROM {core_schema.DISPOSAL_REGISTER}")
         con.execute(f"UPDATE {audit.TABLE} SET detail = '{{}}' WHERE seq = ?", [start])
     manifest = json.loads((world.home.keys / "keyring.json").read_text())
     manifest.pop(f"agreement-{STUDY}", None)
