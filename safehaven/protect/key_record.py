@@ -163,6 +163,18 @@ def _set_aside_damaged(keyring: KeyRing) -> str | None:
         return kept.name
 
 
+def _refuse_without_vault_pair(keyring: KeyRing, epoch: str | None) -> None:
+    """The custodian's proof needs the vault pair (:func:`_custodian_proven`): with both its files
+    gone while the store has a vault key, the proof would be passed over, so nothing is recorded
+    until the custodian restores the pair (found by review of this rule's first form)."""
+    files = (keyring.path(VAULT), keyring.public_path(VAULT))
+    if epoch and not any(p.exists() or p.is_symlink() for p in files):
+        raise KeyRingError(
+            f"the vault key pair ({files[0]}, {files[1]}) is missing, but the haven's vault key is {epoch}: the key "
+            "custodian restores the pair from backup, then runs `safehaven keys recover-record`; nothing was recorded"
+        )
+
+
 def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list[Recovered]:
     """Each unnoted key checked against the store; refused naming every key the store disagrees with."""
     _refuse_unreadable(keyring, found)
@@ -174,6 +186,7 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
         with store.opened_with(store_key) as con:
             _refuse_destroyed(con, home, keyring, found)
             facts = _Facts(pins.current_epochs(con))  # read once, not per key
+            _refuse_without_vault_pair(keyring, facts.epochs.get(VAULT))
             results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
     except MemoryLimitInvalid:
         raise  # the store's configuration, not its key: said as such (found by review)

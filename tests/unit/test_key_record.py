@@ -189,6 +189,15 @@ def test_only_the_key_custodian_records_key_files_again(haven_home: Home, monkey
     refused = CliRunner().invoke(main, ["keys", "recover-record"])
     assert refused.exit_code == 1 and "passphrase does not open" in refused.output
     monkeypatch.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+    public = haven_home.keys / "vault.pub"
+    kept_public = public.read_bytes()
+    sealed.unlink()
+    public.unlink()  # no pair to prove the passphrase against: not a way round the proof
+    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven's vault key is"):
+        key_record.recover_record(haven_home, ring, actor="someone")
+    sealed.write_bytes(kept)
+    sealed.chmod(0o600)
+    public.write_bytes(kept_public)
     assert {r.purpose for r in _recover(haven_home)} == set(current)
 
 
