@@ -250,6 +250,7 @@ def audit_resolve(decision: str) -> None:
             _fail(str(exc))
         export(con, home)
     lost = f"entries {done.lost_from}-{done.lost_to} written off; " if done.lost_from <= done.lost_to else ""
+    lost += f"{audit.UNKNOWN_LOSS}; " if done.loss_unknown else ""
     click.echo(
         f"recorded breach {done.breach_id} and the decision at entry {done.seq}: {lost}a new segment starts there"
     )

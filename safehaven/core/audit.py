@@ -908,6 +908,8 @@ class _Break:
     lost_from: int
     seq: int
     tail_seq: int
+    #: the decision could not know how many entries were lost (:func:`_end_unknown`)
+    loss_unknown: bool = False
 
     def covers(self, seq: int) -> bool:
         return self.lost_from <= seq < self.seq
@@ -931,7 +933,8 @@ def _breaks(con: duckdb.DuckDBPyConnection, key: Key) -> list[_Break]:
         entry = _row_entry(row)
         detail = entry.detail_value if _entry_ok(key, entry) else None
         if isinstance(detail, dict) and {"lost_from", "tail_seq"} <= set(detail):
-            found.append(_Break(int(detail["lost_from"]), entry.seq, int(detail["tail_seq"])))
+            unknown = detail.get(LOSS_UNKNOWN) is True
+            found.append(_Break(int(detail["lost_from"]), entry.seq, int(detail["tail_seq"]), unknown))
     return found
 
 
@@ -1316,13 +1319,18 @@ def _anchored_heads(con: duckdb.DuckDBPyConnection, home: Home, section: list[di
     ]
 
 
+def _shown(b: _Break) -> str:
+    """One recorded breach decision as ``verify`` reports it."""
+    if b.lost_from < b.seq:
+        written_off = f"written off by the breach decision at entry {b.seq}"
+        shown = f"; chain broken at entries {b.lost_from}-{b.seq - 1} ({written_off})"
+    else:
+        shown = f"; breach decision recorded at entry {b.seq}"
+    return shown + (f" ({UNKNOWN_LOSS})" if b.loss_unknown else "")
+
+
 def _ok(entries: int, breaks: Sequence[_Break]) -> VerifyResult:
-    shown = "".join(
-        f"; chain broken at entries {b.lost_from}-{b.seq - 1} (written off by the breach decision at entry {b.seq})"
-        if b.lost_from < b.seq
-        else f"; breach decision recorded at entry {b.seq}"
-        for b in breaks
-    )
+    shown = "".join(_shown(b) for b in breaks)
     reason = f"the audit log verifies: {entries} entries, chain intact, head anchored{shown}"
     return VerifyResult(True, None, reason, "", tuple((b.lost_from, b.seq) for b in breaks))
 
@@ -1431,6 +1439,24 @@ def _lines(home: Home) -> list[dict[str, Any]]:
     return [line for line in lines if isinstance(line.get("seq"), int)]
 
 
+#: the field of a breach decision recording that how many entries were lost cannot be known
+LOSS_UNKNOWN = "loss_unknown"
+UNKNOWN_LOSS = (
+    "how many entries were lost is unknown: the head anchor, the anchor history, the write-once target and "
+    "every published head were gone, so the stored tail is the only sign of where the log ended"
+)
+
+
+def _end_unknown(con: duckdb.DuckDBPyConnection, home: Home) -> bool:
+    """Whether nothing but the stored tail shows where the log ended: no head anchor, no anchor
+    history, no write-once anchor and no published head. A decision then cannot say how many entries
+    were lost (entries cut from the tail leave no trace), so it says that rather than "none"
+    (found by review: it recorded nothing lost, and started its segment at a cut entry's seq)."""
+    return not (
+        anchors.read_head(home) or _lines(home) or anchors.worm_seqs(home.audit_worm) or _published_heads(con, home)
+    )
+
+
 def _resume_seq(con: duckdb.DuckDBPyConnection, home: Home, tail: _Tail) -> int:
     """The ``seq`` of a new segment: after every ``seq`` ever stored, anchored or published."""
     head = anchors.read_head(home) or {}
@@ -1453,6 +1479,8 @@ class Decision:
     breach_id: int
     lost_from: int
     lost_to: int
+    #: nothing left showed where the log had ended (:func:`_end_unknown`)
+    loss_unknown: bool = False
 
 
 def _breach_id(con: duckdb.DuckDBPyConnection, result: VerifyResult, decision: str) -> int:
@@ -1503,6 +1531,7 @@ def resolve(
     key = keyring.get_or_create(KEY_PURPOSE, allow_create=tail.seq == 0)
     resume = _resume_seq(con, home, tail)
     lost_from = min(result.first_bad_seq or resume, resume)
+    unknown = _end_unknown(con, home)
 
     def work() -> tuple[int, str]:
         breach = _breach_id(con, result, decision)
@@ -1522,6 +1551,7 @@ def resolve(
                     "tail_hash": tail.entry_hash,
                     "reason": result.reason,
                     "decision": decision,
+                    **({LOSS_UNKNOWN: True} if unknown else {}),
                 },
             }
         )
@@ -1529,7 +1559,7 @@ def resolve(
 
     breach, last = _transaction(con, work)
     _anchor_everywhere(home, key, Anchor(resume, last, tail.entries + 1, segment_start=True))
-    return Decision(resume, breach, lost_from, resume - 1)
+    return Decision(resume, breach, lost_from, resume - 1, unknown)
 
 
 def key_problem(con: duckdb.DuckDBPyConnection, home: Home, key: Key) -> str | None:

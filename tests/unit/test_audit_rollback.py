@@ -344,6 +344,27 @@ def test_a_decision_after_everything_was_deleted(filled, home: Home) -> None:
     assert audit.verify(filled, home).ok
 
 
+def test_a_decision_after_the_tail_and_its_anchors_were_cut_says_the_loss_is_unknown(filled, home: Home) -> None:
+    """Entries cut from the tail together with the head anchor and the anchor history leave nothing
+    that shows where the log ended: the decision cannot say how many were lost, and says so (on
+    the trail and in every later verification) rather than "none" (found by review)."""
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    anchors.head_path(home).unlink()
+    anchors.history_path(home).unlink()
+    done = audit.resolve(filled, home, actor="dr-x", decision="anchors and entries gone; reported")
+    assert done.loss_unknown and (done.lost_from, done.seq) == (23, 23)
+    decision = audit.entries_for(filled, object_like="audit:breach-%")[0]
+    assert decision.detail_value[audit.LOSS_UNKNOWN] is True
+    result = audit.verify(filled, home)
+    assert result.ok and "how many entries were lost is unknown" in result.reason
+
+
+def test_a_decision_whose_anchors_show_the_end_knows_the_loss(filled, home: Home) -> None:
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    done = audit.resolve(filled, home, actor="dr-x", decision="entries 23-25 lost")
+    assert not done.loss_unknown and "unknown" not in audit.verify(filled, home).reason
+
+
 def test_resolve_refuses_a_trail_that_verifies_or_a_key_problem(filled, home: Home) -> None:
     with pytest.raises(ValueError, match="no breach to resolve"):
         audit.resolve(filled, home, actor="dr-x", decision="nothing")
