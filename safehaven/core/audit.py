@@ -1442,19 +1442,23 @@ def _lines(home: Home) -> list[dict[str, Any]]:
 #: the field of a breach decision recording that how many entries were lost cannot be known
 LOSS_UNKNOWN = "loss_unknown"
 UNKNOWN_LOSS = (
-    "how many entries were lost is unknown: the head anchor, the anchor history, the write-once target and "
-    "every published head were gone, so the stored tail is the only sign of where the log ended"
+    "how many entries were lost is unknown: no head anchor or write-once anchor that verifies showed where the "
+    "log ended, so the stored tail was the only sign of it"
 )
 
 
-def _end_unknown(con: duckdb.DuckDBPyConnection, home: Home) -> bool:
-    """Whether nothing but the stored tail shows where the log ended: no head anchor, no anchor
-    history, no write-once anchor and no published head. A decision then cannot say how many entries
-    were lost (entries cut from the tail leave no trace), so it says that rather than "none"
-    (found by review: it recorded nothing lost, and started its segment at a cut entry's seq)."""
-    return not (
-        anchors.read_head(home) or _lines(home) or anchors.worm_seqs(home.audit_worm) or _published_heads(con, home)
-    )
+def _end_unknown(home: Home, key: Key, tail: _Tail) -> bool:
+    """Whether nothing shows where the log ended but the stored tail: no head anchor whose MAC
+    verifies under the audit key and names the tail or an entry beyond it, and no write-once anchor
+    at or beyond it. Those two are written at every append; a published head or an older line of
+    the anchor history may be out of date, and says nothing of entries cut after it. A decision
+    then cannot say how many entries were lost (entries cut from the tail leave no trace), so it
+    says that rather than "none" (found by review: it recorded nothing lost, and started its segment
+    at a cut entry's seq)."""
+    head = anchors.read_head(home)
+    if head and anchors.mac_ok(key, head) and isinstance(head.get("seq"), int) and head["seq"] >= tail.seq:
+        return False
+    return not any(seq >= tail.seq for seq in anchors.worm_seqs(home.audit_worm))
 
 
 def _resume_seq(con: duckdb.DuckDBPyConnection, home: Home, tail: _Tail) -> int:
@@ -1531,7 +1535,7 @@ def resolve(
     key = keyring.get_or_create(KEY_PURPOSE, allow_create=tail.seq == 0)
     resume = _resume_seq(con, home, tail)
     lost_from = min(result.first_bad_seq or resume, resume)
-    unknown = _end_unknown(con, home)
+    unknown = _end_unknown(home, key, tail)
 
     def work() -> tuple[int, str]:
         breach = _breach_id(con, result, decision)

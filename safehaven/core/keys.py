@@ -319,7 +319,7 @@ def is_staged(purpose: str) -> bool:
     return purpose in {staged(p) for p in STAGEABLE}
 
 
-def _hex_key(path: Path) -> bytes | None:
+def hex_key(path: Path) -> bytes | None:
     """The 32 bytes a hex key file holds, or None when it holds something else."""
     try:
         material = bytes.fromhex(path.read_text().strip())
@@ -384,7 +384,7 @@ class KeyRing:
             raise KeyRingError(f"key {purpose!r} is missing ({path}){hint}")
         self._check_directory()
         check_key_file(path)
-        material = _hex_key(path)
+        material = hex_key(path)
         if material is None:
             raise KeyRingError(f"key file {path} does not hold a hex-encoded {KEY_BYTES}-byte key")
         key = Key(purpose, material)
@@ -491,7 +491,7 @@ class KeyRing:
             raise KeyRingError(f"public key {purpose!r} is missing ({path}){hint}")
         self._check_directory()
         check_key_file(path, public=True)
-        material = _hex_key(path)
+        material = hex_key(path)
         if material is None:
             raise KeyRingError(f"public key file {path} does not hold a hex-encoded {KEY_BYTES}-byte key")
         self._check_pinned(purpose, key_id(material), path)
@@ -571,7 +571,7 @@ class KeyRing:
         if not sealed.startswith(SEALED_LABEL):
             raise KeyRingError(f"{self.path(name)} is not sealed; it cannot be installed")
         check_key_file(self.public_path(name), public=True)
-        pub = _hex_key(self.public_path(name))
+        pub = hex_key(self.public_path(name))
         if pub is None:
             raise KeyRingError(f"{self.public_path(name)} does not hold a public key")
         self._mark_pending(purpose, key_id(pub))
@@ -585,7 +585,7 @@ class KeyRing:
     def staged_public_id(self, purpose: str) -> str | None:
         """The id of a staged pair's public half, if it was written."""
         path = self.public_path(staged(purpose))
-        material = _hex_key(path) if path.exists() else None
+        material = hex_key(path) if path.exists() else None
         return key_id(material) if material else None
 
     def seal_in_place(self, purpose: str = VAULT, *, stage: bool = False) -> Key | None:
@@ -597,7 +597,7 @@ class KeyRing:
             return None
         self._check_directory()
         check_key_file(path)
-        raw = _hex_key(path)
+        raw = hex_key(path)
         if raw is None:
             raise KeyRingError(f"{path} holds neither a sealed nor a raw {KEY_BYTES}-byte key; restore it from backup")
         if not stage:
@@ -630,7 +630,7 @@ class KeyRing:
             elif path.name.split(".")[0].removesuffix(STAGED_SUFFIX) in PAIRS:
                 if not data.startswith(SEALED_LABEL):
                     found.append(path)
-            elif (raw := _hex_key(path)) is not None and key_id(x25519_public(raw)) in pair_ids:
+            elif (raw := hex_key(path)) is not None and key_id(x25519_public(raw)) in pair_ids:
                 found.append(path)
         return found
 
@@ -757,7 +757,7 @@ class KeyRing:
             return None
         self._check_directory()
         check_key_file(path, public=purpose in PAIRS)
-        material = _hex_key(path)
+        material = hex_key(path)
         return Key(purpose + (".pub" if purpose in PAIRS else ""), material) if material else None
 
     def note_recovered(self, keys: dict[str, Key]) -> None:

@@ -29,7 +29,8 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
     destroyed key's file, never to restore it.
 
 * Only the key custodian recovers: the passphrase must open the sealed vault private key on this
-  host, the pair of ``keys/vault.pub`` (:func:`_custodian_proven`), before anything is read.
+  host, which must be the store's vault key (:func:`_custodian_proven`), before anything is recorded;
+  a refusal puts a damaged record set aside back.
 * Recorded only when every key agrees, then audited as ``key.record.recover`` with ids only; if
   the entry cannot be written the notes are taken back. A key the store disagrees with is
   refused, naming the key it expects, and nothing is recorded.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import duckdb
 
@@ -58,6 +60,8 @@ from safehaven.core.keys import (
     KeyRing,
     KeyRingError,
     check_key_file,
+    hex_key,
+    key_id,
     open_sealed,
     staged,
     x25519_public,
@@ -93,11 +97,14 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
     ``keyring``'s custodian proves the passphrase (:func:`_custodian_proven`)."""
     Store(home, keyring).recover()  # an interrupted store swap first: it replaces the store key file
     kept = _set_aside_damaged(keyring)
-    found = keyring.unnoted()
+    try:
+        found = keyring.unnoted()
+        checked = _checked(home, keyring, found) if found else []
+    except BaseException:
+        _put_back(keyring, kept)  # a refusal leaves the record as it found it (found by review)
+        raise
     if not found:
         return []
-    _custodian_proven(keyring, found)
-    checked = _checked(home, keyring, found)
     if not home.store_file.exists():
         keyring.note_recovered({item.purpose: found[item.purpose] for item in checked})  # type: ignore[misc]
         return checked  # nothing is made with them and there is no trail: the first run starts it
@@ -121,33 +128,58 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
     return checked
 
 
-def _custodian_proven(keyring: KeyRing, found: dict[str, Key | None]) -> None:
+def _custodian_proven(keyring: KeyRing, expected: str | None) -> None:
     """Only the key custodian records key files again (CoP 27b-c; NIST SP 800-57 Part 2 roles): the
     passphrase given must open the sealed vault private key on this host, and that key must be the
-    pair of the vault public key file. The key ring refuses files it has no note of, so the file is
-    opened here directly. A haven with no vault pair at all has no custodian secret yet, and the
-    recovery goes on without one."""
+    haven's vault key, ``expected`` (the store's vault epoch; without a store, the public file's).
+    The key ring refuses files it has no note of, so the file is opened here directly. A private
+    half from before sealing (raw) proves itself by matching ``expected``: whoever holds it holds
+    the custodian's key. With neither vault file and no vault key in the store, the haven has no
+    custodian secret yet and the recovery goes on without one; with neither file while the store
+    has one, nothing is recorded (deleting the pair is not a way round the proof)."""
     private, public = keyring.path(VAULT), keyring.public_path(VAULT)
     if not any(p.exists() or p.is_symlink() for p in (private, public)):
+        if expected:
+            raise KeyRingError(
+                f"the vault key pair ({private}, {public}) is missing, but the haven's vault key is {expected}: the "
+                "key custodian restores the pair from backup, then runs `safehaven keys recover-record`; nothing "
+                "was recorded"
+            )
         return
-    if keyring.custodian is None:
+    opened = _vault_public_of(keyring, private)
+    expected = expected or getattr(keyring.file_key(VAULT), "key_id", None)  # None: vault.pub missing (_check's)
+    if expected is not None and key_id(opened) != expected:
         raise KeyRingError(
-            "recording key files again is the key custodian's: run `safehaven keys recover-record` as the "
-            "custodian (it asks for the passphrase); nothing was recorded"
+            f"the vault private key {private} is not the haven's vault key {expected}: restore the pair from the key "
+            "custodian's backup; nothing was recorded"
         )
+
+
+def _vault_public_of(keyring: KeyRing, private: Path) -> bytes:
+    """The public half of the vault private key file: a sealed one opened with the custodian's
+    passphrase (refused without a custodian or with a wrong one), a raw one (from before sealing) read."""
     if not private.is_file() or private.is_symlink():
         raise KeyRingError(
             f"the sealed vault private key {private} is not on this host, so the custodian's passphrase cannot be "
             "checked: bring it (the key custodian's backup) and run again; nothing was recorded"
         )
     check_key_file(private)
-    opened = x25519_public(open_sealed(private.read_bytes(), keyring.custodian.passphrase(), private))
-    pair = found.get(VAULT) or keyring.file_key(VAULT)  # None: vault.pub missing, which _check refuses by name
-    if pair is not None and pair.material != opened:
+    raw = hex_key(private)
+    if raw is not None:
+        return x25519_public(raw)
+    if keyring.custodian is None:
         raise KeyRingError(
-            f"the sealed vault private key {private} is not the pair of {public}: restore the pair from the key "
-            "custodian's backup; nothing was recorded"
+            "recording key files again is the key custodian's: run `safehaven keys recover-record` as the "
+            "custodian (it asks for the passphrase); nothing was recorded"
         )
+    return x25519_public(open_sealed(private.read_bytes(), keyring.custodian.passphrase(), private))
+
+
+def _put_back(keyring: KeyRing, kept: str | None) -> None:
+    """Rename a damaged record set aside by :func:`_set_aside_damaged` back, when nothing took its place."""
+    path = keyring.directory / MANIFEST
+    if kept and not path.exists():
+        (keyring.directory / kept).rename(path)
 
 
 def _set_aside_damaged(keyring: KeyRing) -> str | None:
@@ -163,30 +195,19 @@ def _set_aside_damaged(keyring: KeyRing) -> str | None:
         return kept.name
 
 
-def _refuse_without_vault_pair(keyring: KeyRing, epoch: str | None) -> None:
-    """The custodian's proof needs the vault pair (:func:`_custodian_proven`): with both its files
-    gone while the store has a vault key, the proof would be passed over, so nothing is recorded
-    until the custodian restores the pair (found by review of this rule's first form)."""
-    files = (keyring.path(VAULT), keyring.public_path(VAULT))
-    if epoch and not any(p.exists() or p.is_symlink() for p in files):
-        raise KeyRingError(
-            f"the vault key pair ({files[0]}, {files[1]}) is missing, but the haven's vault key is {epoch}: the key "
-            "custodian restores the pair from backup, then runs `safehaven keys recover-record`; nothing was recorded"
-        )
-
-
 def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list[Recovered]:
     """Each unnoted key checked against the store; refused naming every key the store disagrees with."""
     _refuse_unreadable(keyring, found)
     store = Store(home, keyring)
     if not store.path.exists():
+        _custodian_proven(keyring, None)
         return _without_store(home, keyring, found)
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
             _refuse_destroyed(con, home, keyring, found)
             facts = _Facts(pins.current_epochs(con))  # read once, not per key
-            _refuse_without_vault_pair(keyring, facts.epochs.get(VAULT))
+            _custodian_proven(keyring, facts.epochs.get(VAULT))
             results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
     except MemoryLimitInvalid:
         raise  # the store's configuration, not its key: said as such (found by review)

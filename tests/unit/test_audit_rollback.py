@@ -359,6 +359,26 @@ def test_a_decision_after_the_tail_and_its_anchors_were_cut_says_the_loss_is_unk
     assert result.ok and "how many entries were lost is unknown" in result.reason
 
 
+@pytest.mark.parametrize("witness", ["a stale published head", "a head file that does not verify"])
+def test_a_decision_counts_only_a_current_authentic_anchor_as_showing_the_end(
+    con: duckdb.DuckDBPyConnection, home: Home, witness: str
+) -> None:
+    """A published head from before the cut, or a head file that is not the haven's, says nothing
+    of the entries cut after it: the loss is unknown (found by review)."""
+    _fill(con, home, 10)
+    home.published.mkdir(parents=True, exist_ok=True)
+    (home.published / "release.json").write_text(json.dumps({"audit_head": audit.head(con, home)}))
+    _fill(con, home, 15)
+    con.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    anchors.history_path(home).unlink()
+    if witness == "a head file that does not verify":
+        anchors.head_path(home).write_text(json.dumps({"seq": 25, "junk": 1}))
+    else:
+        anchors.head_path(home).unlink()
+    done = audit.resolve(con, home, actor="dr-x", decision="anchors and entries gone; reported")
+    assert done.loss_unknown, witness
+
+
 def test_a_decision_whose_anchors_show_the_end_knows_the_loss(filled, home: Home) -> None:
     filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
     done = audit.resolve(filled, home, actor="dr-x", decision="entries 23-25 lost")

@@ -23,7 +23,7 @@ from safehaven.cli.main import main
 from safehaven.context import Haven
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
-from safehaven.core.keys import Custodian, KeyRing, KeyRingError, seal_private
+from safehaven.core.keys import VAULT, Custodian, KeyRing, KeyRingError, seal_private, x25519_public
 from safehaven.core.store import MemoryLimitInvalid, Store, StoreError
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import key_record, rotation
@@ -182,7 +182,7 @@ def test_only_the_key_custodian_records_key_files_again(haven_home: Home, monkey
     assert not (haven_home.keys / "keyring.json").exists(), "nothing recorded"
     sealed.write_bytes(seal_private(os.urandom(32), TEST_PASSPHRASE.encode(), n=TEST_SCRYPT_N))  # another pair's
     sealed.chmod(0o600)
-    with pytest.raises(KeyRingError, match="vault.key is not the pair of .*vault.pub"):
+    with pytest.raises(KeyRingError, match="vault.key is not the haven.s vault key"):
         _recover(haven_home)
     sealed.write_bytes(kept)
     monkeypatch.setenv(PASSPHRASE_ENV, "not it")
@@ -199,6 +199,46 @@ def test_only_the_key_custodian_records_key_files_again(haven_home: Home, monkey
     sealed.chmod(0o600)
     public.write_bytes(kept_public)
     assert {r.purpose for r in _recover(haven_home)} == set(current)
+
+
+def test_a_vault_pair_of_someone_elses_does_not_pass_for_the_custodian(haven_home: Home) -> None:
+    """Only the haven key's note is lost, so the vault pair is not among the files recovered: both
+    halves replaced by a pair sealed under a passphrase of the replacer's own pass for nothing, as
+    the proof is against the store's vault key, not the files beside it (found by review)."""
+    manifest = json.loads((haven_home.keys / "keyring.json").read_text())
+    manifest.pop("haven")
+    (haven_home.keys / "keyring.json").write_text(json.dumps(manifest))
+    theirs = os.urandom(32)
+    (haven_home.keys / "vault.key").write_bytes(seal_private(theirs, b"theirs", n=TEST_SCRYPT_N))
+    (haven_home.keys / "vault.pub").write_text(x25519_public(theirs).hex())
+    with pytest.raises(KeyRingError, match="vault.key is not the haven's vault key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys, Custodian.of("theirs")), actor="x")
+    assert "haven" not in KeyRing(haven_home.keys).manifest()
+
+
+def test_a_refused_recovery_leaves_a_damaged_record_where_it_was(haven_home: Home) -> None:
+    (haven_home.keys / "keyring.json").write_text('{"haven": ')  # cut short
+    with pytest.raises(KeyRingError, match="passphrase does not open"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys, Custodian.of("not it")), actor="x")
+    assert (haven_home.keys / "keyring.json").read_text() == '{"haven": '
+    assert not list(haven_home.keys.glob("keyring.json.damaged-*"))
+    recovered = _recover(haven_home)
+    assert recovered and list(haven_home.keys.glob("keyring.json.damaged-*")), "set aside once recorded"
+
+
+def test_a_vault_private_key_from_before_sealing_proves_itself(haven_home: Home) -> None:
+    """A haven from before sealing keeps its vault private key raw: it is the store's vault key, so
+    whoever holds it holds the custodian's key, and the recovery goes on (then `safehaven keys
+    seal-vault` seals it); a raw key of another pair is refused."""
+    raw = custodian_ring(haven_home).get_private(VAULT).material
+    current = _lose_record(haven_home, "deleted")
+    (haven_home.keys / "vault.key").write_text(os.urandom(32).hex())
+    with pytest.raises(KeyRingError, match="vault.key is not the haven's vault key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
+    (haven_home.keys / "vault.key").write_text(raw.hex())
+    assert {r.purpose for r in key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")} == set(
+        current
+    )
 
 
 def test_a_haven_rotation_committed_but_not_installed_is_recovered_then_resumed(
