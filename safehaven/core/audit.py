@@ -1458,7 +1458,11 @@ def _end_unknown(home: Home, key: Key, tail: _Tail) -> bool:
     head = anchors.read_head(home)
     if head and anchors.mac_ok(key, head) and isinstance(head.get("seq"), int) and head["seq"] >= tail.seq:
         return False
-    return not any(seq >= tail.seq for seq in anchors.worm_seqs(home.audit_worm))
+    for seq in (s for s in anchors.worm_seqs(home.audit_worm) if s >= tail.seq):
+        anchor = anchors.read_worm(home.audit_worm, seq)
+        if anchor and anchors.mac_ok(key, anchor) and anchor.get("seq") == seq:
+            return False
+    return True
 
 
 def _resume_seq(con: duckdb.DuckDBPyConnection, home: Home, tail: _Tail) -> int:

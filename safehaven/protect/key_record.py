@@ -29,7 +29,8 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
     destroyed key's file, never to restore it.
 
 * Only the key custodian recovers: the passphrase must open the sealed vault private key on this
-  host, which must be the store's vault key (:func:`_custodian_proven`), before anything is recorded;
+  host, which must be one of the haven's vault keys (the store's epochs, the trail's record, the
+  note), never one only the files beside it name (:func:`_custodian_proven`), before anything is recorded;
   a refusal puts a damaged record set aside back.
 * Recorded only when every key agrees, then audited as ``key.record.recover`` with ids only; if
   the entry cannot be written the notes are taken back. A key the store disagrees with is
@@ -128,31 +129,57 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
     return checked
 
 
-def _custodian_proven(keyring: KeyRing, expected: str | None) -> None:
+def _custodian_proven(keyring: KeyRing, known: set[str]) -> None:
     """Only the key custodian records key files again (CoP 27b-c; NIST SP 800-57 Part 2 roles): the
-    passphrase given must open the sealed vault private key on this host, and that key must be the
-    haven's vault key, ``expected`` (the store's vault epoch; without a store, the public file's).
-    The key ring refuses files it has no note of, so the file is opened here directly. A private
-    half from before sealing (raw) proves itself by matching ``expected``: whoever holds it holds
-    the custodian's key. With neither vault file and no vault key in the store, the haven has no
-    custodian secret yet and the recovery goes on without one; with neither file while the store
-    has one, nothing is recorded (deleting the pair is not a way round the proof)."""
+    passphrase given must open the sealed vault private key on this host, and that key must be one of
+    the haven's vault keys, ``known`` (:func:`_vault_keys`: the store's vault epochs, current or
+    retired, so a rotation cut short still proves; the audit trail's authentic vault-key entries;
+    ``keyring.json``'s note), never one only the files beside it name. The key ring refuses files it
+    has no note of, so the file is opened here directly. A private half from before sealing (raw)
+    proves itself by the same match: whoever holds it holds the custodian's key. With no vault key
+    known and none on disk, the haven has no custodian secret yet and the recovery goes on without
+    one; with one known and the pair gone, nothing is recorded (found by review: deleting the pair,
+    or the store's epochs with the store key, was a way round the proof)."""
     private, public = keyring.path(VAULT), keyring.public_path(VAULT)
-    if not any(p.exists() or p.is_symlink() for p in (private, public)):
-        if expected:
-            raise KeyRingError(
-                f"the vault key pair ({private}, {public}) is missing, but the haven's vault key is {expected}: the "
-                "key custodian restores the pair from backup, then runs `safehaven keys recover-record`; nothing "
-                "was recorded"
-            )
+    on_disk = any(p.exists() or p.is_symlink() for p in (private, public))
+    if not on_disk and not known:
         return
-    opened = _vault_public_of(keyring, private)
-    expected = expected or getattr(keyring.file_key(VAULT), "key_id", None)  # None: vault.pub missing (_check's)
-    if expected is not None and key_id(opened) != expected:
+    if not on_disk:
         raise KeyRingError(
-            f"the vault private key {private} is not the haven's vault key {expected}: restore the pair from the key "
-            "custodian's backup; nothing was recorded"
+            f"the vault key pair ({private}, {public}) is missing, but the haven has a vault key "
+            f"({', '.join(sorted(known))}): the key custodian restores the pair from backup, then runs "
+            "`safehaven keys recover-record`; nothing was recorded"
         )
+    opened = key_id(_vault_public_of(keyring, private))
+    if opened not in (known or {getattr(keyring.file_key(VAULT), "key_id", opened)}):  # no store, nothing used
+        raise KeyRingError(
+            f"the vault private key {private} is not the haven's vault key ({', '.join(sorted(known))}): restore "
+            "the pair from the key custodian's backup; nothing was recorded"
+        )
+
+
+def _vault_keys(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> set[str]:
+    """Every vault key id the haven records: the store's epochs (current or retired), the audit
+    trail's authentic entries that set the vault key (``safehaven.core.pins.KEY_SET``; under the
+    audit key file being recovered when it is unnoted), and ``keyring.json``'s note of the vault."""
+    found = set()
+    name, _, table = pins.EPOCHS.partition(".")
+    if table_exists(con, name, table):
+        rows = con.execute(f"SELECT DISTINCT key_id FROM {pins.EPOCHS} WHERE purpose = ?", [VAULT]).fetchall()
+        found |= {str(r[0]) for r in rows}
+    for entry in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key):
+        kid = entry.fields.get(pins.KEY_SET[entry.action]) if entry.object == pins.VAULT_OBJECT else None
+        found |= {kid} if isinstance(kid, str) else set()
+    return found | _noted_vault(keyring)
+
+
+def _noted_vault(keyring: KeyRing) -> set[str]:
+    """``keyring.json``'s note of the vault key, when it has one (a record partly lost)."""
+    try:
+        noted = keyring.current_id(VAULT)
+    except KeyRingError:
+        return set()
+    return {noted} if noted else set()
 
 
 def _vault_public_of(keyring: KeyRing, private: Path) -> bytes:
@@ -200,14 +227,14 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     _refuse_unreadable(keyring, found)
     store = Store(home, keyring)
     if not store.path.exists():
-        _custodian_proven(keyring, None)
+        _custodian_proven(keyring, _noted_vault(keyring))
         return _without_store(home, keyring, found)
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
             _refuse_destroyed(con, home, keyring, found)
             facts = _Facts(pins.current_epochs(con))  # read once, not per key
-            _custodian_proven(keyring, facts.epochs.get(VAULT))
+            _custodian_proven(keyring, _vault_keys(con, home, keyring, found.get(audit.KEY_PURPOSE)))
             results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
     except MemoryLimitInvalid:
         raise  # the store's configuration, not its key: said as such (found by review)

@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -377,6 +378,19 @@ def test_a_decision_counts_only_a_current_authentic_anchor_as_showing_the_end(
         anchors.head_path(home).unlink()
     done = audit.resolve(con, home, actor="dr-x", decision="anchors and entries gone; reported")
     assert done.loss_unknown, witness
+
+
+def test_a_junk_file_in_the_write_once_target_does_not_show_the_end(filled, home: Home, tmp_path: Path) -> None:
+    """Only a write-once anchor whose MAC verifies counts (found by review: a file named for a later
+    seq made the decision record nothing lost)."""
+    filled.execute(f"DELETE FROM {TABLE} WHERE seq > 22")
+    anchors.head_path(home).unlink()
+    anchors.history_path(home).unlink()
+    worm = tmp_path / "worm"
+    worm.mkdir()
+    (worm / "anchor-000000000099.json").write_text(json.dumps({"seq": 99, "entry_hash": "x", "mac": "y"}))
+    done = audit.resolve(filled, replace(home, audit_worm=worm), actor="dr-x", decision="gone; reported")
+    assert done.loss_unknown
 
 
 def test_a_decision_whose_anchors_show_the_end_knows_the_loss(filled, home: Home) -> None:

@@ -193,7 +193,7 @@ def test_only_the_key_custodian_records_key_files_again(haven_home: Home, monkey
     kept_public = public.read_bytes()
     sealed.unlink()
     public.unlink()  # no pair to prove the passphrase against: not a way round the proof
-    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven's vault key is"):
+    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven has a vault key"):
         key_record.recover_record(haven_home, ring, actor="someone")
     sealed.write_bytes(kept)
     sealed.chmod(0o600)
@@ -265,6 +265,42 @@ def test_a_haven_rotation_committed_but_not_installed_is_recovered_then_resumed(
     rotation.resume(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)))
     with Store(haven_home).connect() as con:
         assert ring.get("haven").key_id == pins.epoch_key_id(con, "haven") != old
+
+
+def test_a_vault_rotation_committed_but_not_installed_is_recovered_by_the_custodian_then_resumed(
+    haven_home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store moved to the new vault key and the process was killed before installing the pair:
+    ``vault.key`` is still the old key, a retired epoch of the haven's, which proves the custodian
+    (found by review: the proof against the current epoch alone refused it, and resume needed the
+    record)."""
+
+    def killed(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt("killed before the install")
+
+    monkeypatch.setattr(KeyRing, "install_staged_pair", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rotation.rotate(
+            Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault"
+        )
+    monkeypatch.undo()
+    _lose_record(haven_home, "emptied")
+    recovered = {r.purpose: r for r in _recover(haven_home)}
+    assert recovered["vault"].checked == key_record.ROTATION_PENDING
+    done = rotation.resume(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)))
+    assert any(line.startswith("vault: finished") for line in done), done
+
+
+def test_the_store_s_vault_epochs_deleted_with_the_store_key_are_no_way_round_the_custodian(haven_home: Home) -> None:
+    """The trail still records the vault key: with the pair and the record gone too, nothing is
+    recorded without the custodian (found by review)."""
+    with Store(haven_home).connect() as con:
+        con.execute(f"DELETE FROM {schema.KEY_EPOCHS} WHERE purpose = 'vault'")
+    _lose_record(haven_home, "deleted")
+    (haven_home.keys / "vault.key").unlink()
+    (haven_home.keys / "vault.pub").unlink()
+    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven has a vault key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
 
 
 def test_a_haven_key_without_an_epoch_in_a_store_holding_data_is_refused(haven_home: Home) -> None:
