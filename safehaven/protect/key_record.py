@@ -132,9 +132,9 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
 def _custodian_proven(keyring: KeyRing, known: set[str]) -> None:
     """Only the key custodian records key files again (CoP 27b-c; NIST SP 800-57 Part 2 roles): the
     passphrase given must open the sealed vault private key on this host, and that key must be one of
-    the haven's vault keys, ``known`` (:func:`_vault_keys`: the store's vault epochs, current or
-    retired, so a rotation cut short still proves; the audit trail's authentic vault-key entries;
-    ``keyring.json``'s note), never one only the files beside it name. The key ring refuses files it
+    the haven's vault keys, ``known`` (:func:`_vault_keys`: the audit trail's authentic vault-key
+    entries, old ones too, so a rotation cut short still proves; for a haven from before those, the
+    store's vault epochs and the note), never one only the files beside it name. The key ring refuses files it
     has no note of, so the file is opened here directly. A private half from before sealing (raw)
     proves itself by the same match: whoever holds it holds the custodian's key. With no vault key
     known and none on disk, the haven has no custodian secret yet and the recovery goes on without
@@ -159,17 +159,23 @@ def _custodian_proven(keyring: KeyRing, known: set[str]) -> None:
 
 
 def _vault_keys(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> set[str]:
-    """Every vault key id the haven records: the store's epochs (current or retired), the audit
-    trail's authentic entries that set the vault key (``safehaven.core.pins.KEY_SET``; under the
-    audit key file being recovered when it is unnoted), and ``keyring.json``'s note of the vault."""
+    """Every vault key id the haven records. The audit trail's authentic entries that set the vault
+    key (``safehaven.core.pins.KEY_SET``; under the audit key file being recovered when it is
+    unnoted) when it has any: the store's epochs and ``keyring.json`` are rewritable by whoever holds
+    the store key and the files, so a row naming a key of their own must not make it the haven's
+    (found by review). Otherwise, a haven from before vault keys were audited: the store's epochs
+    (current or retired) and ``keyring.json``'s note of the vault."""
+    on_trail = set()
+    for entry in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key):
+        kid = entry.fields.get(pins.KEY_SET[entry.action]) if entry.object == pins.VAULT_OBJECT else None
+        on_trail |= {kid} if isinstance(kid, str) else set()
+    if on_trail:
+        return on_trail
     found = set()
     name, _, table = pins.EPOCHS.partition(".")
     if table_exists(con, name, table):
         rows = con.execute(f"SELECT DISTINCT key_id FROM {pins.EPOCHS} WHERE purpose = ?", [VAULT]).fetchall()
         found |= {str(r[0]) for r in rows}
-    for entry in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key):
-        kid = entry.fields.get(pins.KEY_SET[entry.action]) if entry.object == pins.VAULT_OBJECT else None
-        found |= {kid} if isinstance(kid, str) else set()
     return found | _noted_vault(keyring)
 
 

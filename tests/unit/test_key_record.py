@@ -23,7 +23,7 @@ from safehaven.cli.main import main
 from safehaven.context import Haven
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
-from safehaven.core.keys import VAULT, Custodian, KeyRing, KeyRingError, seal_private, x25519_public
+from safehaven.core.keys import VAULT, Custodian, KeyRing, KeyRingError, key_id, seal_private, x25519_public
 from safehaven.core.store import MemoryLimitInvalid, Store, StoreError
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import key_record, rotation
@@ -301,6 +301,24 @@ def test_the_store_s_vault_epochs_deleted_with_the_store_key_are_no_way_round_th
     (haven_home.keys / "vault.pub").unlink()
     with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven has a vault key"):
         key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
+
+
+def test_an_epoch_row_naming_a_pair_of_someone_elses_does_not_pass_for_the_custodian(haven_home: Home) -> None:
+    """The store's epochs are the store key holder's to write: a retired vault epoch naming their own
+    pair, sealed under their own passphrase, does not make it the haven's while the audit trail
+    records the vault key (found by review)."""
+    theirs = os.urandom(32)
+    with Store(haven_home).connect() as con:
+        con.execute(
+            f"INSERT INTO {schema.KEY_EPOCHS} SELECT purpose, ?, started_at, now() FROM {schema.KEY_EPOCHS} "
+            "WHERE purpose = 'vault' LIMIT 1",
+            [key_id(x25519_public(theirs))],
+        )
+    _lose_record(haven_home, "deleted")
+    (haven_home.keys / "vault.key").write_bytes(seal_private(theirs, b"theirs", n=TEST_SCRYPT_N))
+    (haven_home.keys / "vault.pub").write_text(x25519_public(theirs).hex())
+    with pytest.raises(KeyRingError, match="vault.key is not the haven's vault key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys, Custodian.of("theirs")), actor="x")
 
 
 def test_a_haven_key_without_an_epoch_in_a_store_holding_data_is_refused(haven_home: Home) -> None:
