@@ -129,54 +129,62 @@ def recover_record(home: Home, keyring: KeyRing, *, actor: str) -> list[Recovere
     return checked
 
 
-def _custodian_proven(keyring: KeyRing, known: set[str]) -> None:
+def _custodian_proven(keyring: KeyRing, accepted: tuple[str, ...]) -> None:
     """Only the key custodian records key files again (CoP 27b-c; NIST SP 800-57 Part 2 roles): the
-    passphrase given must open the sealed vault private key on this host, and that key must be one of
-    the haven's vault keys, ``known`` (:func:`_vault_keys`: the audit trail's authentic vault-key
-    entries, old ones too, so a rotation cut short still proves; for a haven from before those, the
-    store's vault epochs and the note), never one only the files beside it name. The key ring refuses files it
-    has no note of, so the file is opened here directly. A private half from before sealing (raw)
-    proves itself by the same match: whoever holds it holds the custodian's key. With no vault key
-    known and none on disk, the haven has no custodian secret yet and the recovery goes on without
-    one; with one known and the pair gone, nothing is recorded (found by review: deleting the pair,
-    or the store's epochs with the store key, was a way round the proof)."""
+    passphrase given must open the sealed vault private key on this host, and that key must be the
+    haven's current vault key, ``accepted[0]`` (:func:`_vault_expected`), or, while a rotation to
+    it awaits ``--resume``, the key it replaces (``vault.pub`` itself is checked with the other key
+    files, :func:`_check`). Never a retired key
+    (it may be why the key was rotated), never one only the files or a store row name (found by
+    review). The key ring refuses files it has no note of, so the file is opened here directly. A
+    private half from before sealing (raw) proves itself by the same match: whoever holds it holds
+    the custodian's key. With no vault key known and none on disk, the haven has no custodian
+    secret yet and the recovery goes on without one; with one known and the pair gone, nothing is
+    recorded (deleting the pair is no way round the proof)."""
     private, public = keyring.path(VAULT), keyring.public_path(VAULT)
     on_disk = any(p.exists() or p.is_symlink() for p in (private, public))
-    if not on_disk and not known:
+    if not on_disk and not accepted:
         return
     if not on_disk:
         raise KeyRingError(
-            f"the vault key pair ({private}, {public}) is missing, but the haven has a vault key "
-            f"({', '.join(sorted(known))}): the key custodian restores the pair from backup, then runs "
-            "`safehaven keys recover-record`; nothing was recorded"
+            f"the vault key pair ({private}, {public}) is missing, but the haven's vault key is {accepted[0]}: the "
+            "key custodian restores the pair from backup, then runs `safehaven keys recover-record`; nothing was "
+            "recorded"
         )
     opened = key_id(_vault_public_of(keyring, private))
-    if opened not in (known or {getattr(keyring.file_key(VAULT), "key_id", opened)}):  # no store, nothing used
+    accepted = accepted or tuple(k.key_id for k in [keyring.file_key(VAULT)] if k)  # a haven with no vault key yet
+    if accepted and opened not in accepted:
         raise KeyRingError(
-            f"the vault private key {private} is not the haven's vault key ({', '.join(sorted(known))}): restore "
-            "the pair from the key custodian's backup; nothing was recorded"
+            f"the vault private key {private} is not the haven's vault key {accepted[0]}: restore the pair from the "
+            "key custodian's backup; nothing was recorded"
         )
 
 
-def _vault_keys(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> set[str]:
-    """Every vault key id the haven records. The audit trail's authentic entries that set the vault
-    key (``safehaven.core.pins.KEY_SET``; under the audit key file being recovered when it is
-    unnoted) when it has any: the store's epochs and ``keyring.json`` are rewritable by whoever holds
-    the store key and the files, so a row naming a key of their own must not make it the haven's
-    (found by review). Otherwise, a haven from before vault keys were audited: the store's epochs
-    (current or retired) and ``keyring.json``'s note of the vault."""
-    on_trail = set()
-    for entry in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key):
-        kid = entry.fields.get(pins.KEY_SET[entry.action]) if entry.object == pins.VAULT_OBJECT else None
-        on_trail |= {kid} if isinstance(kid, str) else set()
-    if on_trail:
-        return on_trail
-    found = set()
-    name, _, table = pins.EPOCHS.partition(".")
-    if table_exists(con, name, table):
-        rows = con.execute(f"SELECT DISTINCT key_id FROM {pins.EPOCHS} WHERE purpose = ?", [VAULT]).fetchall()
-        found |= {str(r[0]) for r in rows}
-    return found | _noted_vault(keyring)
+def _vault_expected(
+    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None
+) -> tuple[str, ...]:
+    """The vault keys that prove the custodian: the haven's current vault key, then, while a
+    rotation to it awaits ``--resume`` (``vault-next.pub`` names it), the key it replaces. From the
+    audit trail's authentic entries that set the vault key (``safehaven.core.pins.KEY_SET``; under
+    the audit key file being recovered when it is unnoted, else the recorded one, and only while the
+    trail verifies: a later entry made unreadable must not bring back an earlier key) when it has
+    any: the store's epochs and ``keyring.json`` are rewritable by whoever holds the store key and
+    the files (found by review). Otherwise, a haven from before vault keys were audited: the
+    store's current vault epoch, else the note."""
+    if audit_key is None:
+        result = audit.verify(con, home, keyring=keyring)
+        if not result.ok:
+            raise KeyRingError(f"the audit trail does not verify ({result.reason}): run `safehaven audit verify`")
+    ids = [
+        str(e.fields.get(pins.KEY_SET[e.action]))
+        for e in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key)
+        if e.object == pins.VAULT_OBJECT
+    ]
+    if not ids:
+        current = pins.current_epochs(con).get(VAULT) or next(iter(_noted_vault(keyring)), None)
+        return (current,) if current else ()
+    pending = len(ids) > 1 and keyring.staged_public_id(VAULT) == ids[-1]
+    return (ids[-1], ids[-2]) if pending else (ids[-1],)
 
 
 def _noted_vault(keyring: KeyRing) -> set[str]:
@@ -233,14 +241,14 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     _refuse_unreadable(keyring, found)
     store = Store(home, keyring)
     if not store.path.exists():
-        _custodian_proven(keyring, _noted_vault(keyring))
+        _custodian_proven(keyring, tuple(_noted_vault(keyring)))
         return _without_store(home, keyring, found)
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
             _refuse_destroyed(con, home, keyring, found)
             facts = _Facts(pins.current_epochs(con))  # read once, not per key
-            _custodian_proven(keyring, _vault_keys(con, home, keyring, found.get(audit.KEY_PURPOSE)))
+            _custodian_proven(keyring, _vault_expected(con, home, keyring, found.get(audit.KEY_PURPOSE)))
             results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
     except MemoryLimitInvalid:
         raise  # the store's configuration, not its key: said as such (found by review)

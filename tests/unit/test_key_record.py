@@ -193,7 +193,7 @@ def test_only_the_key_custodian_records_key_files_again(haven_home: Home, monkey
     kept_public = public.read_bytes()
     sealed.unlink()
     public.unlink()  # no pair to prove the passphrase against: not a way round the proof
-    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven has a vault key"):
+    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven's vault key is"):
         key_record.recover_record(haven_home, ring, actor="someone")
     sealed.write_bytes(kept)
     sealed.chmod(0o600)
@@ -299,7 +299,7 @@ def test_the_store_s_vault_epochs_deleted_with_the_store_key_are_no_way_round_th
     _lose_record(haven_home, "deleted")
     (haven_home.keys / "vault.key").unlink()
     (haven_home.keys / "vault.pub").unlink()
-    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven has a vault key"):
+    with pytest.raises(KeyRingError, match="vault key pair .* is missing, but the haven's vault key is"):
         key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
 
 
@@ -319,6 +319,48 @@ def test_an_epoch_row_naming_a_pair_of_someone_elses_does_not_pass_for_the_custo
     (haven_home.keys / "vault.pub").write_text(x25519_public(theirs).hex())
     with pytest.raises(KeyRingError, match="vault.key is not the haven's vault key"):
         key_record.recover_record(haven_home, KeyRing(haven_home.keys, Custodian.of("theirs")), actor="x")
+
+
+@pytest.mark.parametrize("public", ["the current one", "the retired key's"])
+def test_a_retired_vault_key_does_not_pass_for_the_custodian(haven_home: Home, public: str) -> None:
+    """A key the custodian rotated away from may be why it was rotated: holding it proves nothing,
+    beside the current public half or its own (found by review)."""
+    old = custodian_ring(haven_home).get_private(VAULT).material
+    rotation.rotate(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault")
+    _lose_record(haven_home, "deleted")
+    (haven_home.keys / "vault.key").write_text(old.hex())
+    if public == "the retired key's":
+        (haven_home.keys / "vault.pub").write_text(x25519_public(old).hex())
+    with pytest.raises(KeyRingError, match="vault.key is not the haven's vault key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
+
+
+def test_a_rotation_entry_hidden_from_a_partly_lost_record_does_not_bring_back_the_old_vault_key(
+    haven_home: Home,
+) -> None:
+    """Only the haven key's note is lost, so the audit key is read from the record: the trail must
+    verify, or a later vault ``key.rotate`` renamed with the store key would make the retired key
+    the latest one the trail names (found by review)."""
+    old = custodian_ring(haven_home).get_private(VAULT).material
+    rotation.rotate(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault")
+    with Store(haven_home).connect() as con:
+        renamed = "action = 'key.rotatx' WHERE action = 'key.rotate' AND object = 'key:vault'"
+        con.execute(f"UPDATE {audit.TABLE} SET {renamed}")
+    manifest = json.loads((haven_home.keys / "keyring.json").read_text())
+    manifest.pop("haven")
+    (haven_home.keys / "keyring.json").write_text(json.dumps(manifest))
+    (haven_home.keys / "vault.key").write_text(old.hex())
+    (haven_home.keys / "vault.pub").write_text(x25519_public(old).hex())
+    with pytest.raises(KeyRingError, match="the audit trail does not verify"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
+
+
+def test_a_vault_private_key_of_someone_elses_beside_the_real_public_half_does_not_pass(haven_home: Home) -> None:
+    theirs = os.urandom(32)
+    _lose_record(haven_home, "deleted")
+    (haven_home.keys / "vault.key").write_text(theirs.hex())
+    with pytest.raises(KeyRingError, match="vault.key is not the haven's vault key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
 
 
 def test_a_haven_key_without_an_epoch_in_a_store_holding_data_is_refused(haven_home: Home) -> None:
