@@ -140,7 +140,16 @@ def _custodian_proven(keyring: KeyRing, accepted: tuple[str, ...]) -> None:
     private half from before sealing (raw) proves itself by the same match: whoever holds it holds
     the custodian's key. With no vault key known and none on disk, the haven has no custodian
     secret yet and the recovery goes on without one; with one known and the pair gone, nothing is
-    recorded (deleting the pair is no way round the proof)."""
+    recorded (deleting the pair is no way round the proof).
+
+    What this proves, and what it does not: that the person knows the custodian's passphrase, or
+    holds the vault's private key, against every file and store row a person with the haven's files
+    and store key can rewrite, except the audit trail itself. The audit key is kept with the other
+    key files for the pipeline's appends, so whoever can read ``keys/`` can also append an authentic
+    entry naming a vault key of their own (found by review); against that insider the gate is a
+    procedure, and the write-once target and others' copies of the published heads are the record.
+    A vault key id held where the audit key alone cannot write (the write-once target) would make
+    it a boundary."""
     private, public = keyring.path(VAULT), keyring.public_path(VAULT)
     on_disk = any(p.exists() or p.is_symlink() for p in (private, public))
     if not on_disk and not accepted:
@@ -175,16 +184,34 @@ def _vault_expected(
         result = audit.verify(con, home, keyring=keyring)
         if not result.ok:
             raise KeyRingError(f"the audit trail does not verify ({result.reason}): run `safehaven audit verify`")
-    ids = [
-        str(e.fields.get(pins.KEY_SET[e.action]))
+        decisions = result.breaks
+    else:
+        decisions = audit.written_off(con, audit_key)
+    entries = [
+        e
         for e in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key)
         if e.object == pins.VAULT_OBJECT
     ]
-    if not ids:
+    if not entries:
         current = pins.current_epochs(con).get(VAULT) or next(iter(_noted_vault(keyring)), None)
         return (current,) if current else ()
+    _refuse_decision_after(decisions, entries[-1].seq)
+    ids = [str(e.fields.get(pins.KEY_SET[e.action])) for e in entries]
     pending = len(ids) > 1 and keyring.staged_public_id(VAULT) == ids[-1]
     return (ids[-1], ids[-2]) if pending else (ids[-1],)
+
+
+def _refuse_decision_after(decisions: tuple[tuple[int, int], ...], latest: int) -> None:
+    """A breach decision after the entry that names the vault key may have written off a later one
+    (a rotation renamed, then the trail resumed), which would bring a retired key back as current:
+    which key is current cannot be told, so nothing is recorded (found by review)."""
+    after = [seq for _, seq in decisions if seq > latest]
+    if after:
+        raise KeyRingError(
+            f"the audit trail holds a breach decision (entry {after[-1]}) after the entry that names the vault key "
+            f"(entry {latest}), so which vault key is current cannot be told (a later one may have been written off): "
+            "restore keys/keyring.json from the key custodian's backup; nothing was recorded"
+        )
 
 
 def _noted_vault(keyring: KeyRing) -> set[str]:

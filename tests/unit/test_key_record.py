@@ -355,6 +355,32 @@ def test_a_rotation_entry_hidden_from_a_partly_lost_record_does_not_bring_back_t
         key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
 
 
+@pytest.mark.parametrize("lost", ["only the haven key's note", "the whole record"])
+def test_a_breach_decision_after_the_vault_keys_entry_refuses_the_proof(haven_home: Home, lost: str) -> None:
+    """A later vault ``key.rotate`` renamed with the store key, then the trail resumed by a breach
+    decision that writes it off: the retired key would be the latest the trail names. Which vault key
+    is current cannot be told, so nothing is recorded, with the retired key or the current one, and
+    the refusal says why (found by review)."""
+    old = custodian_ring(haven_home).get_private(VAULT).material
+    rotation.rotate(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault")
+    with Store(haven_home).connect() as con:
+        renamed = "action = 'key.rotatx' WHERE action = 'key.rotate' AND object = 'key:vault'"
+        con.execute(f"UPDATE {audit.TABLE} SET {renamed}")
+        audit.resolve(con, haven_home, actor="ig-lead", decision="entry renamed; investigated; resume")
+    if lost == "the whole record":
+        _lose_record(haven_home, "deleted")
+    else:
+        manifest = json.loads((haven_home.keys / "keyring.json").read_text())
+        manifest.pop("haven")
+        (haven_home.keys / "keyring.json").write_text(json.dumps(manifest))
+    with pytest.raises(KeyRingError, match="breach decision .* after the entry that names the vault key"):
+        _recover(haven_home)  # the custodian, with the current pair
+    (haven_home.keys / "vault.key").write_text(old.hex())
+    (haven_home.keys / "vault.pub").write_text(x25519_public(old).hex())
+    with pytest.raises(KeyRingError, match="breach decision .* after the entry that names the vault key"):
+        key_record.recover_record(haven_home, KeyRing(haven_home.keys), actor="x")
+
+
 def test_a_vault_private_key_of_someone_elses_beside_the_real_public_half_does_not_pass(haven_home: Home) -> None:
     theirs = os.urandom(32)
     _lose_record(haven_home, "deleted")
