@@ -35,6 +35,23 @@ def _recover(home: Home) -> list[key_record.Recovered]:
     return key_record.recover_record(home, custodian_ring(home), actor="custodian")
 
 
+def _rotate(home: Home, purpose: str) -> object:
+    """A real rotation of ``purpose``'s key by the key custodian."""
+    return rotation.rotate(Haven.open(home, contracts=ContractRegistry(), keyring=custodian_ring(home)), purpose)
+
+
+def _rotation_killed(home: Home, monkeypatch: pytest.MonkeyPatch, where: tuple[object, str], purpose: str) -> None:
+    """A rotation of ``purpose`` killed where ``where`` (an object and an attribute) would run."""
+
+    def killed(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt("killed before the install")
+
+    monkeypatch.setattr(*where, killed)
+    with pytest.raises(KeyboardInterrupt):
+        _rotate(home, purpose)
+    monkeypatch.undo()
+
+
 @pytest.fixture
 def haven_home(home: Home, populated_haven: Path) -> Home:
     return copy_haven(populated_haven, home)
@@ -248,16 +265,7 @@ def test_a_haven_rotation_committed_but_not_installed_is_recovered_then_resumed(
     record was lost: the old key is recorded as the previous epoch's, and ``--resume`` then installs
     the new one (before, each command named the other and neither could run)."""
     old = KeyRing(haven_home.keys).get("haven").key_id
-
-    def killed(*_: object, **__: object) -> None:
-        raise KeyboardInterrupt("killed before the install")
-
-    monkeypatch.setattr(rotation, "_finish_haven", killed)
-    with pytest.raises(KeyboardInterrupt):
-        rotation.rotate(
-            Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "haven"
-        )
-    monkeypatch.undo()
+    _rotation_killed(haven_home, monkeypatch, (rotation, "_finish_haven"), "haven")
     _lose_record(haven_home, "emptied")
     ring = KeyRing(haven_home.keys)
     recovered = {r.purpose: r for r in _recover(haven_home)}
@@ -274,16 +282,7 @@ def test_a_vault_rotation_committed_but_not_installed_is_recovered_by_the_custod
     ``vault.key`` is still the old key, a retired epoch of the haven's, which proves the custodian
     (found by review: the proof against the current epoch alone refused it, and resume needed the
     record)."""
-
-    def killed(*_: object, **__: object) -> None:
-        raise KeyboardInterrupt("killed before the install")
-
-    monkeypatch.setattr(KeyRing, "install_staged_pair", killed)
-    with pytest.raises(KeyboardInterrupt):
-        rotation.rotate(
-            Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault"
-        )
-    monkeypatch.undo()
+    _rotation_killed(haven_home, monkeypatch, (KeyRing, "install_staged_pair"), "vault")
     _lose_record(haven_home, "emptied")
     recovered = {r.purpose: r for r in _recover(haven_home)}
     assert recovered["vault"].checked == key_record.ROTATION_PENDING
@@ -326,7 +325,7 @@ def test_a_retired_vault_key_does_not_pass_for_the_custodian(haven_home: Home, p
     """A key the custodian rotated away from may be why it was rotated: holding it proves nothing,
     beside the current public half or its own (found by review)."""
     old = custodian_ring(haven_home).get_private(VAULT).material
-    rotation.rotate(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault")
+    _rotate(haven_home, "vault")
     _lose_record(haven_home, "deleted")
     (haven_home.keys / "vault.key").write_text(old.hex())
     if public == "the retired key's":
@@ -342,7 +341,7 @@ def test_a_rotation_entry_hidden_from_a_partly_lost_record_does_not_bring_back_t
     verify, or a later vault ``key.rotate`` renamed with the store key would make the retired key
     the latest one the trail names (found by review)."""
     old = custodian_ring(haven_home).get_private(VAULT).material
-    rotation.rotate(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault")
+    _rotate(haven_home, "vault")
     with Store(haven_home).connect() as con:
         renamed = "action = 'key.rotatx' WHERE action = 'key.rotate' AND object = 'key:vault'"
         con.execute(f"UPDATE {audit.TABLE} SET {renamed}")
@@ -362,7 +361,7 @@ def test_a_breach_decision_after_the_vault_keys_entry_refuses_the_proof(haven_ho
     is current cannot be told, so nothing is recorded, with the retired key or the current one, and
     the refusal says why (found by review)."""
     old = custodian_ring(haven_home).get_private(VAULT).material
-    rotation.rotate(Haven.open(haven_home, contracts=ContractRegistry(), keyring=custodian_ring(haven_home)), "vault")
+    _rotate(haven_home, "vault")
     with Store(haven_home).connect() as con:
         renamed = "action = 'key.rotatx' WHERE action = 'key.rotate' AND object = 'key:vault'"
         con.execute(f"UPDATE {audit.TABLE} SET {renamed}")
