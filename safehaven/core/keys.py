@@ -310,7 +310,7 @@ def is_purpose(purpose: str) -> bool:
     """Whether ``purpose`` is one the haven keeps a key for: :data:`STAGEABLE`, or an agreement's."""
     if purpose in STAGEABLE:
         return True
-    agreement = purpose.removeprefix("agreement-")
+    agreement = purpose.removeprefix(AGREEMENT_PREFIX)
     return agreement != purpose and _AGREEMENT_ID.fullmatch(agreement) is not None
 
 
@@ -908,8 +908,12 @@ def check_agreement_id(agreement_id: str) -> str:
     return agreement_id
 
 
+#: the purpose of an agreement's salt is this prefix and the agreement id (:func:`agreement_purpose`)
+AGREEMENT_PREFIX = "agreement-"
+
+
 def agreement_purpose(agreement_id: str) -> str:
-    return f"agreement-{check_agreement_id(agreement_id)}"
+    return f"{AGREEMENT_PREFIX}{check_agreement_id(agreement_id)}"
 
 
 def agreement_key(keyring: KeyRing, agreement_id: str, *, create: bool = True) -> Key:
@@ -966,7 +970,7 @@ def agreement_ids(keyring: KeyRing) -> list[str]:
     """Agreements that have a pseudonym salt on this key ring."""
     if not keyring.directory.exists():
         return []
-    return sorted(p.stem[len("agreement-") :] for p in keyring.directory.glob("agreement-*.key"))
+    return sorted(p.stem[len(AGREEMENT_PREFIX) :] for p in keyring.directory.glob(f"{AGREEMENT_PREFIX}*.key"))
 
 
 def destroy_agreement_key(keyring: KeyRing, agreement_id: str) -> str | None:

@@ -322,7 +322,6 @@ def vault_public(con: duckdb.DuckDBPyConnection, keyring: KeyRing, home: Home | 
 #: Audit actions on a key's object (``key:<purpose>``) that set that key, and the detail field
 #: naming it: the vault key's (:func:`check_vault_audited`) and the haven key's (:func:`check_haven_audited`).
 KEY_SET = {"key.create": "key_id", "key.rotate": "new_key_id", "key.adopt": "key_id"}
-VAULT_KEY_SET = KEY_SET
 VAULT_OBJECT = f"key:{VAULT}"
 HAVEN_OBJECT = "key:haven"
 CREATE = "key.create"
@@ -339,11 +338,6 @@ def audited_key(con: duckdb.DuckDBPyConnection, object: str) -> tuple[audit.Entr
         return None
     kid = entry.fields.get(KEY_SET[entry.action])
     return entry, kid if isinstance(kid, str) else None
-
-
-def audited_vault_key(con: duckdb.DuckDBPyConnection) -> tuple[audit.Entry, str | None] | None:
-    """The latest audit entry that set the vault key and the key id it names (:func:`audited_key`)."""
-    return audited_key(con, VAULT_OBJECT)
 
 
 @dataclass(frozen=True)
@@ -448,14 +442,13 @@ def haven_key_recordable(con: duckdb.DuckDBPyConnection, what: str, home: Home |
 def record_haven_key(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None, *, created: bool) -> None:
     """Append the entry naming the haven key the trail does not name yet, once
     :func:`haven_key_recordable` allowed it: ``key.create`` for a key just made, else ``key.adopt``."""
+    _record_key(con, HAVEN_OBJECT, kid, home, CREATE if created else ADOPT)
+
+
+def _record_key(con: duckdb.DuckDBPyConnection, object: str, kid: str, home: Home | None, action: str) -> None:
+    """The pipeline's entry setting ``object``'s key (``key:<purpose>``) to ``kid`` (:data:`KEY_SET`)."""
     audit.append(
-        con,
-        actor="pipeline",
-        role="pipeline",
-        action=CREATE if created else ADOPT,
-        object=HAVEN_OBJECT,
-        detail={"key_id": kid},
-        home=home,
+        con, actor="pipeline", role="pipeline", action=action, object=object, detail={"key_id": kid}, home=home
     )
 
 
@@ -464,7 +457,7 @@ def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, hom
     entry that set the vault key names; adopt it once when the trail records none and the vault
     holds no entry (module docstring, "The vault key is the audit trail's"; CoP 27b-c,
     ``docs/rules.md`` "Pseudonymisation and encryption" and "Audit")."""
-    recorded = audited_vault_key(con)
+    recorded = audited_key(con, VAULT_OBJECT)
     if recorded is None:
         if vault_holds_entries(con):
             raise KeyRingError(
@@ -478,16 +471,9 @@ def check_vault_audited(con: duckdb.DuckDBPyConnection, kid: str, what: str, hom
                 "the key is not adopted: run `safehaven audit verify`, and restore keys/vault.pub from the key "
                 "custodian's backup"
             )
-        _adopt(con, kid, home)
+        _record_key(con, VAULT_OBJECT, kid, home, ADOPT)  # a key never audited, before its first entry
         return
     _check_on_record(con, VAULT_PIN, recorded, kid, what, home)
-
-
-def _adopt(con: duckdb.DuckDBPyConnection, kid: str, home: Home | None) -> None:
-    """Record ``kid`` as the vault key (``key.adopt``): a key never audited, before its first entry."""
-    audit.append(
-        con, actor="pipeline", role="pipeline", action=ADOPT, object=VAULT_OBJECT, detail={"key_id": kid}, home=home
-    )
 
 
 def vault_holds_entries(con: duckdb.DuckDBPyConnection) -> bool:

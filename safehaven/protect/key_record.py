@@ -25,7 +25,7 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
     otherwise have its crypto-shredding undone, since its resume skips a step journalled done; and
     the register, inside the store, is rewritable with the store key. What is not on the trail
     cannot be read there, so no agreement salt is recorded while the trail does not verify or has
-    entries written off by a breach decision (:func:`_trail_vouches`); the refusal says to shred a
+    entries written off by a breach decision (:func:`_refuse_destroyed`); the refusal says to shred a
     destroyed key's file, never to restore it.
 
 * Only the key custodian recovers: the passphrase must open the sealed vault private key on this
@@ -54,6 +54,7 @@ import duckdb
 from safehaven.core import audit, pins, schema
 from safehaven.core.home import Home
 from safehaven.core.keys import (
+    AGREEMENT_PREFIX,
     MANIFEST,
     PAIRS,
     VAULT,
@@ -169,34 +170,21 @@ def _custodian_proven(keyring: KeyRing, accepted: tuple[str, ...]) -> None:
         )
 
 
-def _vault_expected(
-    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None
-) -> tuple[str, ...]:
+def _vault_expected(con: duckdb.DuckDBPyConnection, keyring: KeyRing, trail: _Trail) -> tuple[str, ...]:
     """The vault keys that prove the custodian: the haven's current vault key, then, while a
     rotation to it awaits ``--resume`` (``vault-next.pub`` names it), the key it replaces. From the
-    audit trail's authentic entries that set the vault key (``safehaven.core.pins.KEY_SET``; under
-    the audit key file being recovered when it is unnoted, else the recorded one, and only while the
-    trail verifies: a later entry made unreadable must not bring back an earlier key) when it has
-    any: the store's epochs and ``keyring.json`` are rewritable by whoever holds the store key and
-    the files (found by review). Otherwise, a haven from before vault keys were audited: the
-    store's current vault epoch, else the note."""
-    if audit_key is None:
-        result = audit.verify(con, home, keyring=keyring)
-        if not result.ok:
-            raise KeyRingError(f"the audit trail does not verify ({result.reason}): run `safehaven audit verify`")
-        decisions = result.breaks
-    else:
-        decisions = audit.written_off(con, audit_key)
-    entries = [
-        e
-        for e in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key)
-        if e.object == pins.VAULT_OBJECT
-    ]
-    if not entries:
-        current = pins.current_epochs(con).get(VAULT) or next(iter(_noted_vault(keyring)), None)
+    audit trail's authentic entries that set the vault key (:func:`_trail`; only while it verifies:
+    a later entry made unreadable must not bring back an earlier key) when it has any: the store's
+    epochs and ``keyring.json`` are rewritable by whoever holds the store key and the files (found
+    by review). Otherwise, a haven from before vault keys were audited: the store's current vault
+    epoch, else the note."""
+    if trail.problem:
+        raise KeyRingError(f"{trail.problem}; nothing was recorded")
+    if not trail.vault:
+        current = pins.current_epochs(con).get(VAULT) or _noted_vault(keyring)
         return (current,) if current else ()
-    _refuse_decision_after(decisions, entries[-1].seq)
-    ids = [str(e.fields.get(pins.KEY_SET[e.action])) for e in entries]
+    _refuse_decision_after(trail.decisions, trail.vault[-1][0])
+    ids = [kid for _, kid in trail.vault]
     pending = len(ids) > 1 and keyring.staged_public_id(VAULT) == ids[-1]
     return (ids[-1], ids[-2]) if pending else (ids[-1],)
 
@@ -214,13 +202,12 @@ def _refuse_decision_after(decisions: tuple[tuple[int, int], ...], latest: int) 
         )
 
 
-def _noted_vault(keyring: KeyRing) -> set[str]:
+def _noted_vault(keyring: KeyRing) -> str | None:
     """``keyring.json``'s note of the vault key, when it has one (a record partly lost)."""
     try:
-        noted = keyring.current_id(VAULT)
+        return keyring.current_id(VAULT)
     except KeyRingError:
-        return set()
-    return {noted} if noted else set()
+        return None
 
 
 def _vault_public_of(keyring: KeyRing, private: Path) -> bytes:
@@ -268,15 +255,17 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     _refuse_unreadable(keyring, found)
     store = Store(home, keyring)
     if not store.path.exists():
-        _custodian_proven(keyring, tuple(_noted_vault(keyring)))
+        noted = _noted_vault(keyring)
+        _custodian_proven(keyring, (noted,) if noted else ())
         return _without_store(home, keyring, found)
     store_key = found.get("store") or keyring.get("store")
     try:
         with store.opened_with(store_key) as con:
-            _refuse_destroyed(con, home, keyring, found)
-            facts = _Facts(pins.current_epochs(con))  # read once, not per key
-            _custodian_proven(keyring, _vault_expected(con, home, keyring, found.get(audit.KEY_PURPOSE)))
-            results = {p: _check(con, home, keyring, p, key, facts) for p, key in found.items()}
+            trail = _trail(con, home, keyring, found.get(audit.KEY_PURPOSE))  # verified once for every check
+            _refuse_destroyed(con, home, keyring, found, trail)
+            _custodian_proven(keyring, _vault_expected(con, keyring, trail))
+            epochs = pins.current_epochs(con)  # read once, not per key
+            results = {p: _check(con, home, keyring, p, key, epochs) for p, key in found.items()}
     except MemoryLimitInvalid:
         raise  # the store's configuration, not its key: said as such (found by review)
     except StoreError as exc:
@@ -312,15 +301,6 @@ def _refuse_unreadable(keyring: KeyRing, found: dict[str, Key | None]) -> None:
             )
 
 
-@dataclass(frozen=True)
-class _Facts:
-    """What the store says of every key, read once for all the checks: current epochs by purpose."""
-
-    epochs: dict[str, str]
-
-
-#: the purpose prefix of an agreement's salt (``safehaven.core.keys.agreement_purpose``)
-AGREEMENT = "agreement-"
 #: what a person does with a key file a disposal destroyed (or is destroying)
 DESTROYED_ADVICE = (
     "a key a disposal destroys is never recorded again: shred that file (shred -u <file>), run `safehaven keys "
@@ -331,26 +311,32 @@ DESTROYED_ADVICE = (
 
 
 def _refuse_destroyed(
-    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, found: dict[str, Key | None]
+    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, found: dict[str, Key | None], trail: _Trail
 ) -> None:
     """Refuse, recording nothing, when an unnoted key file holds a key a disposal destroyed or was
     to destroy (module docstring; CoP 43d, 49: crypto-shredding is for good), or holds an agreement's
-    salt while the audit trail cannot vouch that no disposal did (:func:`_trail_vouches`)."""
+    salt while the audit trail cannot vouch that no disposal did: it must verify whole and hold no
+    breach decision, since what is not on the trail cannot be read there, and a decision that says
+    nothing was lost is not taken at its word (found by review)."""
     by_key, by_agreement = _destroyed_on_record(con, home, found.get(audit.KEY_PURPOSE))
     destroyed = {**by_key, **pins.destroyed_keys(con)}
     gone = []
     for purpose, key in found.items():
         disposal = None if key is None else destroyed.get(key.key_id)
-        if disposal is None and purpose.startswith(AGREEMENT):  # a disposal from before its entry named keys
-            disposal = by_agreement.get(purpose.removeprefix(AGREEMENT))
+        if disposal is None and purpose.startswith(AGREEMENT_PREFIX):  # a disposal from before its entry named keys
+            disposal = by_agreement.get(purpose.removeprefix(AGREEMENT_PREFIX))
         if key is not None and disposal is not None:
             where = _file(keyring, purpose)
             gone.append(f"{where} holds key {key.key_id}, which disposal {disposal} destroyed or was to destroy")
     if gone:
         raise KeyRingError("; ".join(gone) + f"; {DESTROYED_ADVICE}")
-    salts = [str(_file(keyring, p)) for p, key in found.items() if key is not None and p.startswith(AGREEMENT)]
-    problem = _trail_vouches(con, home, keyring, found.get(audit.KEY_PURPOSE)) if salts else None
-    if problem:
+    salts = [str(_file(keyring, p)) for p, key in found.items() if key is not None and p.startswith(AGREEMENT_PREFIX)]
+    problem = trail.problem or (
+        f"the trail holds a breach decision (entry {trail.decisions[-1][1]}), and entries before it may have been lost"
+        if trail.decisions
+        else None
+    )
+    if salts and problem:
         raise KeyRingError(
             f"{', '.join(salts)}: whether a disposal destroyed these agreement keys cannot be told, because {problem}; "
             "a key a disposal destroyed is never recorded again, so they are not recorded by this command: restore "
@@ -358,22 +344,35 @@ def _refuse_destroyed(
         )
 
 
-def _trail_vouches(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> str | None:
-    """Why the audit trail cannot say which keys disposals destroyed, or None: it must verify whole
-    (under the audit key file being recovered, else the recorded one) and hold no breach decision,
-    since :func:`_destroyed_on_record` reads what is there and a ``dispose`` entry removed, altered or
-    lost before a decision would otherwise let a destroyed salt pass (found by review). A decision
-    that says nothing was lost is not taken at its word: with the anchors gone it cannot know."""
-    if audit_key is not None:  # its own check refuses a trail that does not verify under it (:func:`_check`)
-        decisions = audit.written_off(con, audit_key)
-    else:
+@dataclass(frozen=True)
+class _Trail:
+    """The audit trail as a recovery reads it, once (:func:`_trail`): why it does not verify (None
+    when it does), the breach decisions it holds ((lost_from, seq), as ``VerifyResult.breaks``), and
+    the (seq, key id) of each authentic entry that set the vault key, in order."""
+
+    problem: str | None
+    decisions: tuple[tuple[int, int], ...]
+    vault: list[tuple[int, str]]
+
+
+def _trail(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> _Trail:
+    """Read the trail under the audit key file being recovered when it is unnoted (its own check,
+    :func:`_check`, refuses a trail that does not verify under it), else verified whole under the
+    recorded key."""
+    problem = None
+    if audit_key is None:
         result = audit.verify(con, home, keyring=keyring)
-        if not result.ok:
-            return f"the audit trail does not verify ({result.reason}): run `safehaven audit verify`"
         decisions = result.breaks
-    if decisions:
-        return f"the trail holds a breach decision (entry {decisions[-1][1]}), and entries before it may have been lost"
-    return None
+        if not result.ok:
+            problem = f"the audit trail does not verify ({result.reason}): run `safehaven audit verify`"
+    else:
+        decisions = audit.written_off(con, audit_key)
+    vault = [
+        (e.seq, str(e.fields.get(pins.KEY_SET[e.action])))
+        for e in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key)
+        if e.object == pins.VAULT_OBJECT
+    ]
+    return _Trail(problem, decisions, vault)
 
 
 def _destroyed_on_record(
@@ -384,7 +383,7 @@ def _destroyed_on_record(
     recovered (``audit_key``; checked itself by :func:`_check`) or else the recorded one: key id ->
     disposal, from the ids the entry names; and agreement -> disposal for an agreement's disposal
     started before its entries named their keys (its salt, whatever its id). That no such entry is
-    missing is :func:`_trail_vouches`'s to say."""
+    missing is :func:`_refuse_destroyed`'s to judge."""
     by_key: dict[str, str] = {}
     by_agreement: dict[str, str] = {}
     for entry in audit.authentic_entries(con, [DISPOSE], home, key=audit_key):
@@ -399,14 +398,14 @@ def _destroyed_on_record(
 
 
 def _check(
-    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str, key: Key | None, facts: _Facts
+    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, purpose: str, key: Key | None, epochs: dict[str, str]
 ) -> tuple[str | None, str]:
     """(what is wrong, or None; how it was checked, "" for a file left alone) for one unnoted key."""
     if key is None:
-        return _missing_half(con, keyring, purpose, facts.epochs.get(purpose))
+        return _missing_half(con, keyring, purpose, epochs.get(purpose))
     if purpose == "store":
         return None, OPENS_STORE
-    epoch = facts.epochs.get(purpose)
+    epoch = epochs.get(purpose)
     if epoch is not None and epoch != key.key_id:
         return _not_epoch(con, keyring, purpose, key, epoch)
     if purpose == audit.KEY_PURPOSE:
@@ -469,8 +468,8 @@ def _made_with(con: duckdb.DuckDBPyConnection, purpose: str) -> bool:
         return audit.holds_data(con)
     if purpose == VAULT:
         return pins.vault_holds_entries(con)
-    if purpose.startswith("agreement-"):
-        return pins.released_under(con, purpose.removeprefix("agreement-"))
+    if purpose.startswith(AGREEMENT_PREFIX):
+        return pins.released_under(con, purpose.removeprefix(AGREEMENT_PREFIX))
     return False
 
 

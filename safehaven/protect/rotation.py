@@ -89,9 +89,9 @@ from safehaven.core.keys import (
     x25519_public,
 )
 from safehaven.core.pins import (
+    KEY_SET,
     ROTATE_ACTION,
     STAGE_ACTION,
-    VAULT_KEY_SET,
     VAULT_OBJECT,
     Rotation,
     check_epoch,
@@ -549,7 +549,7 @@ def _resumed_vault_key(con: duckdb.DuckDBPyConnection, keyring: KeyRing, actor: 
         return []
     if epoch_key_id(con, VAULT) != staged_id:
         return []
-    entry = audit.latest_entry(con, VAULT_OBJECT, (STAGE_ACTION, *VAULT_KEY_SET))
+    entry = audit.latest_entry(con, VAULT_OBJECT, (STAGE_ACTION, *KEY_SET))
     if entry is None or entry.action != STAGE_ACTION or entry.fields.get("new_key_id") != staged_id:
         return []
     if not audit.authentic_from(con, entry.seq):
