@@ -28,8 +28,9 @@ the rows being copied, so they cannot be declared here):
   ids a rejected row broke);
 * ``haven.<collection>``: ``safehaven.protect.haven.build_haven`` (the contract's pseudonymised
   projection, ``CREATE TABLE ... AS``);
-* ``release.<agreement>__<collection>``: ``safehaven.share.releases`` (the agreement's extract,
-  ``CREATE OR REPLACE TABLE ... AS SELECT``);
+* ``release.<agreement>__<collection>``: ``safehaven.share.releases`` (an anonymised agreement's
+  protected counts, ``CREATE OR REPLACE TABLE ... AS SELECT``; a record-level extract is never
+  kept in the store: it is exported from a temporary relation, ``releases._extract``);
 * ``published.<output>``: ``safehaven.publish.outputs`` and ``safehaven.publish.disclosure.tables``
   (an output's protected cells, ``CREATE OR REPLACE TABLE ... AS``);
 * ``counts.<output>``: ``safehaven.publish.counting`` (an output's true counts per month, the

@@ -15,7 +15,7 @@ Rules:
   extension loaded, is kept for the next connection (``safehaven.core.instances``).
 * Zones (``docs/design.md`` "Zones") are schemas of the one encrypted file: ``landing`` (as
   received, identifiable), ``haven`` (pseudonymised content), ``vault`` (encrypted identity
-  vault), ``release`` (per-agreement extracts), ``published`` (anonymised outputs, exported
+  vault), ``release`` (an anonymised agreement's counts), ``published`` (anonymised outputs, exported
   in the clear by the publication step only), ``governance`` (registers, audit, objections).
 * Key material never reaches an error message: a failed attach is re-raised with the key
   removed from DuckDB's text.

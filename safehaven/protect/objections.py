@@ -64,7 +64,7 @@ from safehaven.core.days import haven_today_sql
 from safehaven.core.identifiers import canonical_nhs_sql
 from safehaven.core.registers import record_breach
 from safehaven.core.sql import haven_day_sql, lit, q
-from safehaven.core.store import transaction
+from safehaven.core.store import insert_values, transaction
 from safehaven.intake.contracts import Contract
 from safehaven.protect.pseudonymise import hmac_sql
 
@@ -788,8 +788,10 @@ def save_rates(con: duckdb.DuckDBPyConnection, rates: list[PracticeRate]) -> Non
     schema.recreate(con, RATES)
     if not rates:
         return
-    con.executemany(
-        f"INSERT INTO {RATES} VALUES (now(), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    insert_values(  # one statement per 500 practices, not one per practice (issue 22)
+        con,
+        RATES,
+        "(now(), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             [
                 r.practice,

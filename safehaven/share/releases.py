@@ -91,8 +91,8 @@ from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
-from safehaven.core.sql import lit, q
-from safehaven.core.store import table_exists
+from safehaven.core.sql import file_lit, lit, q
+from safehaven.core.store import atomic, table_exists, transaction
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.intake.validation import CollectionHeld, refuse_held
 from safehaven.protect import feed, optouts, pseudonymise, vault
@@ -226,6 +226,15 @@ def _table(agreement_id: str, collection: str) -> str:
     """``_table_name`` quoted for SQL (an agreement id holds hyphens)."""
     zone, _, table = _table_name(agreement_id, collection).partition(".")
     return f"{zone}.{q(table)}"
+
+
+def _extract(index: int) -> str:
+    """The temporary relation the ``index``-th collection of a record-level release is exported
+    from (:func:`_write_files`). A record-level extract is never kept in the store: it lives as
+    long as the connection that prepares it (the staged file is what is reviewed and delivered),
+    so the store holds no second copy of the history per agreement (Caldicott 3; a copy kept
+    in the ``release`` zone cost a whole-history write every night, issue 22)."""
+    return f"_extract_{index}"
 
 
 # --- pseudonyms --------------------------------------------------------------------------
@@ -389,26 +398,24 @@ _RECORDS = "_records"
 def _k_anonymous_release(
     con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str]
 ) -> tuple[KReport, dict[str, str]]:
-    """Rule 6 over the whole extract, then each collection's release table; returns the report
-    and, per collection, a table whose ``pid`` are the people released.
+    """Rule 6 over the whole extract, then each collection's extract to export (a view,
+    :func:`_extract`); returns the report and, per collection, a table whose ``pid`` are the
+    people released.
 
     The check needs only each person's distinct quasi-identifier values, so it runs on one row
     per distinct (person, quasi-identifiers) with its record count (``_kq_<i>``: memory set by
-    the people, not by the history), and the outcome is applied as the release table is
-    written from the extract (the work view, read again): a column the check set to NULL on
+    the people, not by the history), and the outcome is applied as the extract is read for
+    its file (the work view, read again by the export): a column the check set to NULL on
     every row of a person is NULL on every record of theirs (it was suppressed, or NULL on all
     of them already), and a person it removed has no row left, so no record. The same records
     and values as suppressing and deleting in a copy of the whole extract, without the copy.
-    Both reads are in one transaction, so they see the same records.
+    The check runs in the caller's transaction, or one of its own; the release's caller
+    (:func:`_protected_files`) writes the files in the same one, so the export reads the records
+    the check read. :func:`_write_files` also refuses a file whose record count is not the
+    check's (``_kq_<i>``'s records of the people kept).
     """
-    con.execute("BEGIN TRANSACTION")
-    try:
-        report, kq = _k_anonymous_tables(con, a, contracts, work)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    return report, kq
+    with atomic(con):
+        return _k_anonymous_tables(con, a, contracts, work)
 
 
 def _distinct_rows_sql(table: str, qis: list[str]) -> str:
@@ -430,7 +437,7 @@ def _k_anonymous_tables(
     for c, t in work.items():
         con.execute(f"CREATE OR REPLACE TEMP TABLE {kq[c]} AS {_distinct_rows_sql(t, qis[c])}")
     report = k_anonymise(con, a, kq, qis, records=_RECORDS)
-    for c, t in work.items():
+    for n, (c, t) in enumerate(work.items()):
         released = [d[0] for d in con.execute(f"SELECT * FROM {t} LIMIT 0").description if d[0] != "pid"]
         flags = ", ".join(f"bool_and({q(col)} IS NULL) AS {q('_null_' + col)}" for col in qis[c])
         out = ", ".join(
@@ -441,7 +448,7 @@ def _k_anonymous_tables(
         )
         kept = f"SELECT pid{', ' + flags if flags else ''} FROM {kq[c]} GROUP BY pid"
         con.execute(
-            f"CREATE OR REPLACE TABLE {_table(a.id, c)} AS SELECT {out} FROM {t} AS w JOIN ({kept}) AS f USING (pid)"
+            f"CREATE OR REPLACE TEMP VIEW {_extract(n)} AS SELECT {out} FROM {t} AS w JOIN ({kept}) AS f USING (pid)"
         )
     return report, kq
 
@@ -679,8 +686,9 @@ def _build(
         if record_level:
             source += " LEFT JOIN _persons USING (pid)"
         # a pseudonymised record-level extract is every record the agreement covers, over the whole
-        # history: a view, not a copy, read twice in one transaction (_k_anonymous_release); the
-        # others are read again after they are written (people, members), so they stay a snapshot
+        # history: a view, not a copy, read by the check and again by the export in one transaction
+        # (_protected_files); the others are read again after they are written (people, members),
+        # so they stay a snapshot
         kind = "VIEW" if record_level and not identified else "TABLE"
         work[c] = f"_work_{i}" if kind == "TABLE" else f"_work_view_{i}"  # never one name for both kinds
         con.execute(f"CREATE OR REPLACE TEMP {kind} {work[c]} AS SELECT pid, {person}{select} FROM {source}")
@@ -689,20 +697,54 @@ def _build(
     result.optouts_applied, result.optouts_reason = decision.applied, decision.reason
     result.objector_records_included = overruled
 
-    # 6-7. disclosure control
-    sdc: dict[str, Any] = {}
-    if record_level and not identified:
-        result.k, work = _k_anonymous_release(con, a, contracts, work)
-    elif record_level:
-        for c, t in work.items():
-            con.execute(f"CREATE OR REPLACE TABLE {_table(a.id, c)} AS SELECT * EXCLUDE (pid) FROM {t}")
-    else:
-        sdc = _aggregate(con, a, contracts, work)
-
-    # stage the files, then open a request (or find nothing changed)
+    # 6-7. disclosure control and the files it describes, then open a request (or find nothing changed)
+    release_id, tmp = _fresh_staging(home, con, a.id)
+    work, sdc = _protected_files(con, a, contracts, work, result, tmp)
     return _stage(con, a, agreement_sha, contracts, result, home=home, registry=registry, actor=actor,
-                  scheduled=scheduled, work=work,
+                  scheduled=scheduled, work=work, staged=(release_id, tmp),
                   extra=_Extras(key_id, cohort_excluded, sdc, decision, inputs))  # fmt: skip
+
+
+def _protected_files(
+    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str],
+    result: ReleaseResult, tmp: Path,
+) -> tuple[dict[str, str], dict[str, Any]]:  # fmt: skip
+    """Rules 6-8 (:func:`_disclosure_control`) and the files they describe written to ``tmp``, in
+    one transaction: the export reads the haven as the check read it. Nothing stays in ``tmp``
+    when either fails. Returns what :func:`_disclosure_control` returns."""
+    try:
+        with transaction(con):
+            work, sdc = _disclosure_control(con, a, contracts, work, result)
+            _write_files(con, a, result, tmp, work)
+    except BaseException:  # no record-level file stays staged for a release that was not prepared
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return work, sdc
+
+
+def _disclosure_control(
+    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str],
+    result: ReleaseResult,
+) -> tuple[dict[str, str], dict[str, Any]]:  # fmt: skip
+    """Rules 6-8: k-anonymity over a pseudonymised extract (its report in ``result``), none over
+    an identifiable one, protected counts at the anonymised level. Returns, per collection, a
+    table whose ``pid`` are the people released, and the anonymised level's SDC reports."""
+    if a.identifiability == "anonymised":
+        return work, _aggregate(con, a, contracts, work)
+    _drop_kept_extracts(con, a)
+    if a.identifiability == "identifiable":
+        for n, t in enumerate(work.values()):
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {_extract(n)} AS SELECT * EXCLUDE (pid) FROM {t}")
+        return work, {}
+    result.k, kept = _k_anonymous_release(con, a, contracts, work)
+    return kept, {}
+
+
+def _drop_kept_extracts(con: duckdb.DuckDBPyConnection, a: Agreement) -> None:
+    """Drop the ``release``-zone tables in which earlier versions kept this agreement's
+    record-level extracts (now never kept: :func:`_extract`)."""
+    for c in a.collections:
+        con.execute(f"DROP TABLE IF EXISTS {_table(a.id, c)}")
 
 
 def _objection_guard(
@@ -794,22 +836,41 @@ def _private_dir(path: Path) -> None:
 
 def _write_files(con: duckdb.DuckDBPyConnection, a: Agreement, result: ReleaseResult, tmp: Path,
                  work: dict[str, str]) -> None:  # fmt: skip
-    """Export each collection's release table to ``tmp`` (0600) and count what it holds."""
+    """Export each collection's release table (:func:`_extract` at record level) to ``tmp``
+    (0600) and count what the file holds; a k-anonymous file must hold the records the check
+    kept (:func:`_k_anonymous_release`), or the release is refused."""
     record_level = a.identifiability != "anonymised"
     people_sets = []
-    for c in a.collections:
-        table = _table(a.id, c)
+    for i, c in enumerate(a.collections):
+        table = _extract(i) if record_level else _table(a.id, c)
         path = tmp / f"{c}.parquet"
         _export(con, table, path)
         path.chmod(0o600)
         columns = [{"name": n, "type": t} for n, t, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
-        rows = _count(con, f"SELECT count(*) FROM {table}")
-        people = _count(con, f"SELECT count(DISTINCT {PERSON_ID}) FROM {table}") if record_level else None
+        written = f"read_parquet({file_lit(path)})"
+        rows = _count(con, f"SELECT count(*) FROM {written}")
+        people = _count(con, f"SELECT count(DISTINCT {PERSON_ID}) FROM {written}") if record_level else None
+        if result.k is not None:
+            _same_records_as_checked(con, a, c, work[c], rows)
         result.files.append(FileRecord(path.name, c, sha256_file(path), rows, people, columns))
         result.records_released += rows
         people_sets.append(f"SELECT pid FROM {work[c]}")
     if record_level:
         result.people_released = _count(con, f"SELECT count(DISTINCT pid) FROM ({' UNION '.join(people_sets)})")
+
+
+def _same_records_as_checked(
+    con: duckdb.DuckDBPyConnection, a: Agreement, collection: str, checked: str, rows: int
+) -> None:
+    """Refuse a k-anonymous file whose record count is not the check's: the records of the people
+    it kept (``checked``, a ``_kq_<i>`` table, counts each row's records). Only a change to the
+    haven between the check and the export could make them differ (:func:`_k_anonymous_release`)."""
+    expected = _count(con, f"SELECT coalesce(sum({_RECORDS}), 0) FROM {checked}")
+    if rows != expected:
+        raise ReleaseRefused(
+            f"{a.id}: the {collection} file holds {rows} records but the k-anonymity check kept {expected}: the "
+            "haven changed while the release was prepared; nothing was released, run it again"
+        )
 
 
 def _content_sha(files: list[FileRecord]) -> str:
@@ -911,18 +972,13 @@ def _stage(
     actor: str,
     scheduled: bool,
     work: dict[str, str],
+    staged: tuple[str, Path],
     extra: _Extras,
 ) -> ReleaseResult:
-    """Write the files to staging; open a request for them unless nothing changed (module docstring)."""
-    release_id = _next_release_id(con, a.id)
+    """Open a request for the files staged in ``staged`` (the release id and its folder, from
+    :func:`_fresh_staging`) unless nothing changed (module docstring)."""
+    release_id, tmp = staged
     final = staging_dir(home, release_id)
-    _private_dir(final)
-    tmp = final.with_name(f".{release_id}.tmp")
-    for stale in (final, tmp):
-        if stale.exists():
-            shutil.rmtree(stale)
-    tmp.mkdir(mode=0o700)
-    _write_files(con, a, result, tmp, work)
     content = _content_sha(result.files)
     unchanged = _unchanged(con, a, result, tmp, actor, content)
     if unchanged is not None:
@@ -971,6 +1027,20 @@ def _stage(
     else:
         review.export(con, home)
     return result
+
+
+def _fresh_staging(home: Home, con: duckdb.DuckDBPyConnection, agreement_id: str) -> tuple[str, Path]:
+    """The next release id of ``agreement_id`` and its empty, private staging folder (a leftover
+    of an interrupted preparation under that id removed)."""
+    release_id = _next_release_id(con, agreement_id)
+    final = staging_dir(home, release_id)
+    _private_dir(final)
+    tmp = final.with_name(f".{release_id}.tmp")
+    for stale in (final, tmp):
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp.mkdir(mode=0o700)
+    return release_id, tmp
 
 
 def _register_row(a: Agreement, agreement_sha: str, r: ReleaseResult) -> dict[str, Any]:

@@ -129,6 +129,46 @@ def test_release_carries_exactly_the_listed_fields(haven: Haven) -> None:
     assert verify_release(result.directory) == []
 
 
+def _release_zone_tables(haven: Haven, agreement_id: str) -> list[str]:
+    zone = "SELECT table_name FROM information_schema.tables WHERE table_schema = 'release'"
+    return [r[0] for r in haven.con.execute(f"{zone} AND starts_with(table_name, ?)", [f"{agreement_id}__"]).fetchall()]
+
+
+def test_the_store_keeps_no_copy_of_a_record_level_extract(haven: Haven) -> None:
+    """Caldicott 3, issue 22: the staged file is the release; the store keeps no second copy of
+    the extract (a table an earlier version kept is dropped when the agreement's next release is
+    prepared), so a night does not rewrite the agreement's whole history into the store."""
+    aid = haven.add()
+    kept_before = f'release."{aid}__hospital_episodes"'
+    haven.con.execute(f"CREATE TABLE {kept_before} AS SELECT * FROM haven.hospital_episodes")
+    result = haven.release(aid)
+    assert result.status == "released" and result.records_released > 0
+    assert _release_zone_tables(haven, aid) == []
+
+
+def test_a_haven_change_between_the_check_and_the_export_refuses_the_release(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export reads the records the k-anonymity check read (one transaction), or the release is
+    refused: a record added in between (here, inside that transaction, which the release never
+    does) is not released unchecked, and no file stays staged."""
+    from safehaven.share import releases
+
+    exported = releases._export
+
+    def adding_a_record(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
+        con.execute("INSERT INTO haven.hospital_episodes SELECT * FROM haven.hospital_episodes LIMIT 1")
+        exported(con, table, path)
+
+    monkeypatch.setattr(releases, "_export", adding_a_record)
+    aid = haven.add()
+    with pytest.raises(ReleaseRefused, match="the k-anonymity check kept .*the haven changed"):
+        haven.release(aid)
+    assert not (haven.home.releases / aid).exists() and reg.releases(haven.con) == []
+    assert list(haven.home.staging.rglob("*.parquet")) == []
+    assert audit.entries_for(haven.con)[-1].outcome == "refused"
+
+
 def test_week_of_birth_and_district_when_the_agreement_allows_them(haven: Haven) -> None:
     fields = BASE["fields"] + [
         {
@@ -611,7 +651,7 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
     and applies the outcome as it writes (``releases._k_anonymous_release``). Whatever the data,
     the release tables, the people kept and the report are those of the rule applied to a copy
     of every record (suppressed and deleted in place), and a refusal is the same refusal."""
-    from safehaven.share.releases import _k_anonymous_release, _quasi, _table, released_column
+    from safehaven.share.releases import _RECORDS, _extract, _k_anonymous_release, _quasi, released_column
 
     fields = [("hospital_episodes", f) for f in ("date_of_birth", "sex", "postcode", "admission_date")]
     fields += [("social_care", f) for f in ("sex", "postcode", "service_type")]
@@ -655,10 +695,12 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
         return
     report, kept = got
     assert report == expected
-    for c in agreement.collections:
-        released = con.execute(f"SELECT * FROM {_table(agreement.id, c)} ORDER BY ALL").fetchall()
+    for i, c in enumerate(agreement.collections):
+        released = con.execute(f"SELECT * FROM {_extract(i)} ORDER BY ALL").fetchall()
         assert released == con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]} ORDER BY ALL").fetchall()
-        assert [d[0] for d in con.execute(f"SELECT * FROM {_table(agreement.id, c)}").description] == [
+        # what the export's guard counts on (releases._same_records_as_checked)
+        assert len(released) == con.execute(f"SELECT coalesce(sum({_RECORDS}), 0) FROM {kept[c]}").fetchone()[0]
+        assert [d[0] for d in con.execute(f"SELECT * FROM {_extract(i)}").description] == [
             d[0] for d in con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]}").description
         ]
         people_kept = f"SELECT DISTINCT pid FROM {kept[c]} ORDER BY pid"
@@ -707,7 +749,7 @@ def test_values_that_compare_equal_but_read_apart_are_told_apart_as_the_check_do
         assert isinstance(expected, tuple) and got == expected
         return
     assert got[0] == expected and expected.people_below_k == 1
-    released = f"SELECT person_id, CAST(x AS VARCHAR) FROM {releases._table('agr-1', 'c1')} ORDER BY ALL"
+    released = f"SELECT person_id, CAST(x AS VARCHAR) FROM {releases._extract(0)} ORDER BY ALL"
     assert (
         con.execute(released).fetchall()
         == con.execute("SELECT person_id, CAST(x AS VARCHAR) FROM _copy_0 ORDER BY ALL").fetchall()
