@@ -149,9 +149,9 @@ def test_the_store_keeps_no_copy_of_a_record_level_extract(haven: Haven) -> None
 def test_a_haven_change_between_the_check_and_the_export_refuses_the_release(
     haven: Haven, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The export reads the records the k-anonymity check read (one transaction), or the release is
-    refused: a record added in between (here, inside that transaction, which the release never
-    does) is not released unchecked, and no file stays staged."""
+    """The export reads the records the k-anonymity check read, or the release is refused: a record
+    added in between (here by the step itself, which never does; nothing else can write the store
+    while the step holds it) is not released unchecked, and no file stays staged."""
     from safehaven.share import releases
 
     exported = releases._export
