@@ -28,7 +28,7 @@ from safehaven.core.home import Home
 from safehaven.core.store import table_exists
 from safehaven.dispose.model import DisposalError
 from safehaven.share import review
-from safehaven.share.releases import staging_dir
+from safehaven.share.releases import staging_dir, zone_tables
 
 REASON_SUFFIX = ".reason.json"
 
@@ -245,15 +245,8 @@ def _sha(home: Home, path: Path) -> str:
 
 
 def release_tables(con: duckdb.DuckDBPyConnection | None, agreement_id: str) -> list[str]:
-    """The release-zone tables of ``agreement_id`` (``release.<agreement>__*``)."""
-    if con is None:
-        return []
-    rows = con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
-        "AND table_schema = 'release' AND starts_with(table_name, ?) ORDER BY 1",
-        [f"{agreement_id}__"],
-    ).fetchall()
-    return [r[0] for r in rows]
+    """The release-zone tables of ``agreement_id`` (``safehaven.share.releases.zone_tables``)."""
+    return [] if con is None else zone_tables(con, agreement_id)
 
 
 def staged_requests(

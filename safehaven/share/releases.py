@@ -228,13 +228,27 @@ def _table(agreement_id: str, collection: str) -> str:
     return f"{zone}.{q(table)}"
 
 
-def _extract(index: int) -> str:
+def _extract(agreement: Agreement, index: int) -> str:
     """The temporary relation the ``index``-th collection of a record-level release is exported
-    from (:func:`_write_files`). A record-level extract is never kept in the store: it lives as
-    long as the connection that prepares it (the staged file is what is reviewed and delivered),
-    so the store holds no second copy of the history per agreement (Caldicott 3; a copy kept
-    in the ``release`` zone cost a whole-history write every night, issue 22)."""
-    return f"_extract_{index}"
+    from (:func:`_write_files`): a view at the pseudonymised level (:func:`_k_anonymous_release`),
+    a table at the identifiable level, never one name for both kinds (one connection may prepare
+    both). A record-level extract is never kept in the store: it lives as long as the connection
+    that prepares it (the staged file is what is reviewed and delivered), so the store holds no
+    second copy of the history per agreement (Caldicott 3; a copy kept in the ``release`` zone
+    cost a whole-history write every night, issue 22)."""
+    kind = "table" if agreement.identifiability == "identifiable" else "view"
+    return f"_extract_{kind}_{index}"
+
+
+def zone_tables(con: duckdb.DuckDBPyConnection, agreement_id: str) -> list[str]:
+    """The ``release``-zone tables of ``agreement_id`` (``release.<agreement>__*``, names
+    unquoted, in order): an agreement id holds no underscore, so the prefix is its own."""
+    rows = con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        f"AND table_schema = '{ZONE}' AND starts_with(table_name, ?) ORDER BY 1",
+        [f"{agreement_id}__"],
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 # --- pseudonyms --------------------------------------------------------------------------
@@ -448,7 +462,7 @@ def _k_anonymous_tables(
         )
         kept = f"SELECT pid{', ' + flags if flags else ''} FROM {kq[c]} GROUP BY pid"
         con.execute(
-            f"CREATE OR REPLACE TEMP VIEW {_extract(n)} AS SELECT {out} FROM {t} AS w JOIN ({kept}) AS f USING (pid)"
+            f"CREATE OR REPLACE TEMP VIEW {_extract(a, n)} AS SELECT {out} FROM {t} AS w JOIN ({kept}) AS f USING (pid)"
         )
     return report, kq
 
@@ -733,22 +747,28 @@ def _disclosure_control(
     """Rules 6-8: k-anonymity over a pseudonymised extract (its report in ``result``), none over
     an identifiable one, protected counts at the anonymised level. Returns, per collection, a
     table whose ``pid`` are the people released, and the anonymised level's SDC reports."""
+    _drop_kept_extracts(con, a)
     if a.identifiability == "anonymised":
         return work, _aggregate(con, a, contracts, work)
-    _drop_kept_extracts(con, a)
     if a.identifiability == "identifiable":
         for n, t in enumerate(work.values()):
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {_extract(n)} AS SELECT * EXCLUDE (pid) FROM {t}")
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {_extract(a, n)} AS SELECT * EXCLUDE (pid) FROM {t}")
         return work, {}
     result.k, kept = _k_anonymous_release(con, a, contracts, work)
     return kept, {}
 
 
 def _drop_kept_extracts(con: duckdb.DuckDBPyConnection, a: Agreement) -> None:
-    """Drop the ``release``-zone tables in which earlier versions kept this agreement's
-    record-level extracts (now never kept: :func:`_extract`)."""
-    for c in a.collections:
-        con.execute(f"DROP TABLE IF EXISTS {_table(a.id, c)}")
+    """Drop every ``release``-zone table of this agreement that its release does not write: the
+    record-level extracts earlier versions kept (now never kept: :func:`_extract`), whatever the
+    agreement lists or its level now (found by review: a collection the agreement no longer lists
+    kept its extract). An anonymised release rewrites the tables of its own collections."""
+    written = (
+        {_table_name(a.id, c).partition(".")[2] for c in a.collections} if a.identifiability == "anonymised" else set()
+    )
+    for name in zone_tables(con, a.id):
+        if name not in written:
+            con.execute(f"DROP TABLE {ZONE}.{q(name)}")
 
 
 def _objection_guard(
@@ -846,7 +866,7 @@ def _write_files(con: duckdb.DuckDBPyConnection, a: Agreement, result: ReleaseRe
     record_level = a.identifiability != "anonymised"
     people_sets = []
     for i, c in enumerate(a.collections):
-        table = _extract(i) if record_level else _table(a.id, c)
+        table = _extract(a, i) if record_level else _table(a.id, c)
         path = tmp / f"{c}.parquet"
         _export(con, table, path)
         path.chmod(0o600)
@@ -874,6 +894,27 @@ def _same_records_as_checked(
         raise ReleaseRefused(
             f"{a.id}: the {collection} file holds {rows} records but the k-anonymity check kept {expected}: the "
             "haven changed while the release was prepared; nothing was released, run it again"
+        )
+
+
+def _k_anonymous_as_staged(a: Agreement, result: ReleaseResult, summary: dict[str, Any], tmp: Path) -> None:
+    """Refuse a k-anonymous release whose staged files are not k-anonymous as the checker reads
+    them (``safehaven.share.checker``: people in a group smaller than k on a file's
+    quasi-identifiers), removing them: what leaves is checked, not only what was judged (CoP
+    34b). After the check every person's signature across the files is shared by k people, so
+    each file's is too; only a change between the check and the export could break it (found by
+    review: a value changed in between kept the record count the export's own guard compares)."""
+    if result.k is None:
+        return
+    below = {
+        f["file"]: f["k_per_person"]["people_below_k"] for f in summary["files"] if f["k_per_person"]["people_below_k"]
+    }
+    if below:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ReleaseRefused(
+            f"{a.id}: the staged files are not {a.k_anonymity}-anonymous as written ("
+            + ", ".join(f"{name}: {n} people in smaller groups" for name, n in sorted(below.items()))
+            + "): the haven changed while the release was prepared; nothing was released, run it again"
         )
 
 
@@ -1000,6 +1041,7 @@ def _stage(
         fh.write(manifest_bytes)
     result.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     summary = _summary(con, a, contracts, result, tmp, rule)
+    _k_anonymous_as_staged(a, result, summary, tmp)
     tmp.rename(final)
     decision = {
         **asdict(extra.decision),

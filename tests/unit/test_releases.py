@@ -146,23 +146,63 @@ def test_the_store_keeps_no_copy_of_a_record_level_extract(haven: Haven) -> None
     assert _release_zone_tables(haven, aid) == []
 
 
+def test_an_extract_kept_of_a_collection_the_agreement_no_longer_lists_is_dropped(haven: Haven) -> None:
+    """Found by review: an earlier version of the agreement listed social care and kept its extract."""
+    fields = [f for f in agreement_data()["fields"] if f["collection"] == "hospital_episodes"]
+    aid = haven.add(id="he-only", collections=["hospital_episodes"], linkages=[], fields=fields)
+    for c in ("hospital_episodes", "social_care"):
+        haven.con.execute(f'CREATE TABLE release."{aid}__{c}" AS SELECT * FROM haven.{c}')
+    assert haven.release(aid).records_released > 0
+    assert _release_zone_tables(haven, aid) == []
+
+
+def test_identifiable_and_pseudonymised_releases_prepared_on_one_connection(haven: Haven) -> None:
+    """Found by review: both levels' extracts had one temporary name, a table for one and a view for
+    the other, so the second release on a connection failed."""
+    _vault(haven)
+    ring = custodian_ring(haven.home)
+    first = haven.release(haven.add(), ring)
+    identified = haven.release(haven.add(**IDENTIFIABLE), ring)
+    again = haven.release(haven.add(id="test-linked-again"), ring)
+    assert first.records_released > 0 and again.records_released == first.records_released
+    assert identified.status in ("prepared", "released") and identified.records_released > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        (  # one more record: the file's record count is not the check's
+            "INSERT INTO haven.hospital_episodes SELECT * FROM haven.hospital_episodes LIMIT 1",
+            "the k-anonymity check kept .*the haven changed",
+        ),
+        (  # the same records, a value the check never saw (found by review): the file is not k-anonymous.
+            # The person is one whose sex the check left in place (not suppressed), found by their release
+            # pseudonym in the extract about to be exported ({table}) and the build's own pid -> pseudonym map
+            "UPDATE haven.hospital_episodes SET sex = 'U' WHERE pid = (SELECT min(p.pid) FROM _persons p "
+            "WHERE p.person_id IN (SELECT person_id FROM {table} WHERE sex IS NOT NULL))",
+            "not 5-anonymous as written .*hospital_episodes.parquet: 1 people in smaller groups.*the haven changed",
+        ),
+    ],
+    ids=["a record added", "a value changed"],
+)
 def test_a_haven_change_between_the_check_and_the_export_refuses_the_release(
-    haven: Haven, monkeypatch: pytest.MonkeyPatch
+    haven: Haven, monkeypatch: pytest.MonkeyPatch, change: str, refusal: str
 ) -> None:
-    """The export reads the records the k-anonymity check read, or the release is refused: a record
-    added in between (here by the step itself, which never does; nothing else can write the store
+    """The export reads the records the k-anonymity check read, or the release is refused: a change
+    in between (here by the step itself, which never makes one; nothing else can write the store
     while the step holds it) is not released unchecked, and no file stays staged."""
     from safehaven.share import releases
 
     exported = releases._export
 
-    def adding_a_record(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
-        con.execute("INSERT INTO haven.hospital_episodes SELECT * FROM haven.hospital_episodes LIMIT 1")
+    def changing_the_haven(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
+        if path.name == "hospital_episodes.parquet":
+            con.execute(change.format(table=table))
         exported(con, table, path)
 
-    monkeypatch.setattr(releases, "_export", adding_a_record)
+    monkeypatch.setattr(releases, "_export", changing_the_haven)
     aid = haven.add()
-    with pytest.raises(ReleaseRefused, match="the k-anonymity check kept .*the haven changed"):
+    with pytest.raises(ReleaseRefused, match=refusal):
         haven.release(aid)
     assert not (haven.home.releases / aid).exists() and reg.releases(haven.con) == []
     assert list(haven.home.staging.rglob("*.parquet")) == []
@@ -696,11 +736,11 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
     report, kept = got
     assert report == expected
     for i, c in enumerate(agreement.collections):
-        released = con.execute(f"SELECT * FROM {_extract(i)} ORDER BY ALL").fetchall()
+        released = con.execute(f"SELECT * FROM {_extract(agreement, i)} ORDER BY ALL").fetchall()
         assert released == con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]} ORDER BY ALL").fetchall()
         # what the export's guard counts on (releases._same_records_as_checked)
         assert len(released) == con.execute(f"SELECT coalesce(sum({_RECORDS}), 0) FROM {kept[c]}").fetchone()[0]
-        assert [d[0] for d in con.execute(f"SELECT * FROM {_extract(i)}").description] == [
+        assert [d[0] for d in con.execute(f"SELECT * FROM {_extract(agreement, i)}").description] == [
             d[0] for d in con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]}").description
         ]
         people_kept = f"SELECT DISTINCT pid FROM {kept[c]} ORDER BY pid"
@@ -723,7 +763,12 @@ def test_values_that_compare_equal_but_read_apart_are_told_apart_as_the_check_do
 
     base = "0.0" if twin == "-0.0" else "'nan'::DOUBLE"
     agreement = SimpleNamespace(
-        id="agr-1", collections=["c1"], k_anonymity=2, small_groups=small_groups, max_suppressed_share=0.5
+        id="agr-1",
+        collections=["c1"],
+        identifiability="pseudonymised",
+        k_anonymity=2,
+        small_groups=small_groups,
+        max_suppressed_share=0.5,
     )
     qis = {"c1": ["x"]}
     monkeypatch.setattr(releases, "_quasi", lambda contract, a: qis["c1"])
@@ -749,7 +794,7 @@ def test_values_that_compare_equal_but_read_apart_are_told_apart_as_the_check_do
         assert isinstance(expected, tuple) and got == expected
         return
     assert got[0] == expected and expected.people_below_k == 1
-    released = f"SELECT person_id, CAST(x AS VARCHAR) FROM {releases._extract(0)} ORDER BY ALL"
+    released = f"SELECT person_id, CAST(x AS VARCHAR) FROM {releases._extract(agreement, 0)} ORDER BY ALL"
     assert (
         con.execute(released).fetchall()
         == con.execute("SELECT person_id, CAST(x AS VARCHAR) FROM _copy_0 ORDER BY ALL").fetchall()
