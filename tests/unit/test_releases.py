@@ -691,6 +691,7 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
     and applies the outcome as it writes (``releases._k_anonymous_release``). Whatever the data,
     the release tables, the people kept and the report are those of the rule applied to a copy
     of every record (suppressed and deleted in place), and a refusal is the same refusal."""
+    from safehaven.share.checker import _k_per_person
     from safehaven.share.releases import _RECORDS, _extract, _k_anonymous_release, _quasi, released_column
 
     fields = [("hospital_episodes", f) for f in ("date_of_birth", "sex", "postcode", "admission_date")]
@@ -743,6 +744,9 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
         assert [d[0] for d in con.execute(f"SELECT * FROM {_extract(agreement, i)}").description] == [
             d[0] for d in con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]}").description
         ]
+        # what the staged files' guard counts on (releases._k_anonymous_as_staged): each file is k-anonymous
+        # as the checker reads it, so a release the check passed is never refused by it
+        assert _k_per_person(con, _extract(agreement, i), PERSON_ID, qis[c], k)["people_below_k"] == 0
         people_kept = f"SELECT DISTINCT pid FROM {kept[c]} ORDER BY pid"
         assert (
             con.execute(people_kept).fetchall()
