@@ -77,7 +77,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -424,7 +425,7 @@ def _k_anonymous_release(
     of them already), and a person it removed has no row left, so no record. The same records
     and values as suppressing and deleting in a copy of the whole extract, without the copy.
     The check's statements are one transaction (the caller's, or one of their own); the export
-    that reads the extract again follows it (:func:`_protected_files` says why that reads the
+    that reads the extract again follows it (:func:`_disclosure_control` says why that reads the
     same records), and refuses a file whose record count is not the check's (``_kq_<i>``'s
     records of the people kept).
     """
@@ -700,7 +701,7 @@ def _build(
         if record_level:
             source += " LEFT JOIN _persons USING (pid)"
         # a pseudonymised record-level extract is every record the agreement covers, over the whole
-        # history: a view, not a copy, read by the check and again by the export (_protected_files);
+        # history: a view, not a copy, read by the check and again by the export (_disclosure_control);
         # the others are read again after they are written (people, members), so they stay a snapshot
         kind = "VIEW" if record_level and not identified else "TABLE"
         work[c] = f"_work_{i}" if kind == "TABLE" else f"_work_view_{i}"  # never one name for both kinds
@@ -711,33 +712,12 @@ def _build(
     result.objector_records_included = overruled
 
     # 6-7. disclosure control and the files it describes, then open a request (or find nothing changed)
-    release_id, tmp = _fresh_staging(home, con, a.id)
-    work, sdc = _protected_files(con, a, contracts, work, result, tmp)
-    return _stage(con, a, agreement_sha, contracts, result, home=home, registry=registry, actor=actor,
-                  scheduled=scheduled, work=work, staged=(release_id, tmp),
-                  extra=_Extras(key_id, cohort_excluded, sdc, decision, inputs))  # fmt: skip
-
-
-def _protected_files(
-    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], work: dict[str, str],
-    result: ReleaseResult, tmp: Path,
-) -> tuple[dict[str, str], dict[str, Any]]:  # fmt: skip
-    """Rules 6-8 (:func:`_disclosure_control`), then the files they describe written to ``tmp``;
-    nothing stays in ``tmp`` when either fails. Returns what :func:`_disclosure_control` returns.
-
-    The export reads the haven after the check's transaction has ended, not inside it: held open
-    over the sort of the whole extract, the check's work raised the step's peak memory by about
-    140 MiB (100,000 patients, four nights). It reads what the check read: nothing else can write
-    the store while the step holds it (DuckDB's lock keeps other processes out, and a second
-    attach of the file in this process is refused), the step writes no haven table in between,
-    and :func:`_write_files` refuses a file whose record count is not the check's."""
-    try:
+    with _staging(home, con, a.id) as (release_id, tmp):
         work, sdc = _disclosure_control(con, a, contracts, work, result)
         _write_files(con, a, result, tmp, work)
-    except BaseException:  # no record-level file stays staged for a release that was not prepared
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return work, sdc
+        return _stage(con, a, agreement_sha, contracts, result, home=home, registry=registry, actor=actor,
+                      scheduled=scheduled, work=work, staged=(release_id, tmp),
+                      extra=_Extras(key_id, cohort_excluded, sdc, decision, inputs))  # fmt: skip
 
 
 def _disclosure_control(
@@ -746,7 +726,16 @@ def _disclosure_control(
 ) -> tuple[dict[str, str], dict[str, Any]]:  # fmt: skip
     """Rules 6-8: k-anonymity over a pseudonymised extract (its report in ``result``), none over
     an identifiable one, protected counts at the anonymised level. Returns, per collection, a
-    table whose ``pid`` are the people released, and the anonymised level's SDC reports."""
+    table whose ``pid`` are the people released, and the anonymised level's SDC reports.
+
+    The export (:func:`_write_files`) reads the extract after the check's transaction has ended,
+    not inside it: held open over the sort of the whole extract, the check's work raised the
+    step's peak memory by about 140 MiB (100,000 patients, four nights). It reads what the check
+    read: nothing else can write the store while the step holds it (DuckDB's lock keeps other
+    processes out, and a second attach of the file in this process is refused), the step writes
+    no haven table in between, and a file whose record count is not the check's, or that is not
+    k-anonymous as written, is refused (:func:`_same_records_as_checked`,
+    :func:`_k_anonymous_as_staged`)."""
     _drop_kept_extracts(con, a)
     if a.identifiability == "anonymised":
         return work, _aggregate(con, a, contracts, work)
@@ -897,7 +886,7 @@ def _same_records_as_checked(
         )
 
 
-def _k_anonymous_as_staged(a: Agreement, result: ReleaseResult, summary: dict[str, Any], tmp: Path) -> None:
+def _k_anonymous_as_staged(a: Agreement, result: ReleaseResult, summary: dict[str, Any]) -> None:
     """Refuse a k-anonymous release whose staged files are not k-anonymous as the checker reads
     them (``safehaven.share.checker``: people in a group smaller than k on a file's
     quasi-identifiers), removing them: what leaves is checked, not only what was judged (CoP
@@ -909,8 +898,7 @@ def _k_anonymous_as_staged(a: Agreement, result: ReleaseResult, summary: dict[st
     below = {
         f["file"]: f["k_per_person"]["people_below_k"] for f in summary["files"] if f["k_per_person"]["people_below_k"]
     }
-    if below:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if below:  # the staging folder is removed as the refusal leaves (_staging)
         raise ReleaseRefused(
             f"{a.id}: the staged files are not {a.k_anonymity}-anonymous as written ("
             + ", ".join(f"{name}: {n} people in smaller groups" for name, n in sorted(below.items()))
@@ -1021,7 +1009,7 @@ def _stage(
     extra: _Extras,
 ) -> ReleaseResult:
     """Open a request for the files staged in ``staged`` (the release id and its folder, from
-    :func:`_fresh_staging`) unless nothing changed (module docstring)."""
+    :func:`_staging`) unless nothing changed (module docstring)."""
     release_id, tmp = staged
     final = staging_dir(home, release_id)
     content = _content_sha(result.files)
@@ -1041,7 +1029,7 @@ def _stage(
         fh.write(manifest_bytes)
     result.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     summary = _summary(con, a, contracts, result, tmp, rule)
-    _k_anonymous_as_staged(a, result, summary, tmp)
+    _k_anonymous_as_staged(a, result, summary)
     tmp.rename(final)
     decision = {
         **asdict(extra.decision),
@@ -1073,6 +1061,20 @@ def _stage(
     else:
         review.export(con, home)
     return result
+
+
+@contextmanager
+def _staging(home: Home, con: duckdb.DuckDBPyConnection, agreement_id: str) -> Iterator[tuple[str, Path]]:
+    """The next release id of ``agreement_id`` and its staging folder (:func:`_fresh_staging`),
+    removed if the preparation fails before :func:`_stage` gives it its final name: no file of a
+    release that was not prepared stays under the home (found by review: a checker that failed
+    left the extract in the hidden folder)."""
+    release_id, tmp = _fresh_staging(home, con, agreement_id)
+    try:
+        yield release_id, tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _fresh_staging(home: Home, con: duckdb.DuckDBPyConnection, agreement_id: str) -> tuple[str, Path]:

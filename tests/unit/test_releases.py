@@ -146,6 +146,28 @@ def test_the_store_keeps_no_copy_of_a_record_level_extract(haven: Haven) -> None
     assert _release_zone_tables(haven, aid) == []
 
 
+def test_a_preparation_that_fails_after_the_export_leaves_no_file_under_the_home(
+    haven: Haven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: the checker failing (here, out of memory) left the extract in the hidden
+    staging folder until the agreement's next release. The next release is the same release id."""
+    from safehaven.share import checker
+
+    summarised = checker.file_summary
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("the checker ran out of memory")
+
+    monkeypatch.setattr(checker, "file_summary", out_of_memory)
+    aid = haven.add()
+    with pytest.raises(MemoryError):
+        haven.release(aid)
+    assert [p for d in (haven.home.staging, haven.home.releases) for p in d.rglob("*.parquet")] == []
+    assert reg.releases(haven.con) == []
+    monkeypatch.setattr(checker, "file_summary", summarised)
+    assert haven.release(aid).release_id == f"{aid}-r0001"
+
+
 def test_an_extract_kept_of_a_collection_the_agreement_no_longer_lists_is_dropped(haven: Haven) -> None:
     """Found by review: an earlier version of the agreement listed social care and kept its extract."""
     fields = [f for f in agreement_data()["fields"] if f["collection"] == "hospital_episodes"]
