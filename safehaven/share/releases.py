@@ -748,16 +748,22 @@ def _disclosure_control(
 
 
 def _drop_kept_extracts(con: duckdb.DuckDBPyConnection, a: Agreement) -> None:
-    """Drop every ``release``-zone table of this agreement that its release does not write: the
-    record-level extracts earlier versions kept (now never kept: :func:`_extract`), whatever the
-    agreement lists or its level now (found by review: a collection the agreement no longer lists
-    kept its extract). An anonymised release rewrites the tables of its own collections."""
+    """Drop every ``release``-zone table of this agreement that its release does not write, and
+    every record-level extract an earlier version kept for any agreement (now never kept:
+    :func:`_extract`; one holds the ``person_id`` pseudonym, which no anonymised table does):
+    whatever an agreement lists or its level now (found by review: a collection the agreement no
+    longer lists kept its extract), and for agreements never built again (suspended, expired). An
+    anonymised release rewrites the tables of its own collections."""
     written = (
         {_table_name(a.id, c).partition(".")[2] for c in a.collections} if a.identifiability == "anonymised" else set()
     )
-    for name in zone_tables(con, a.id):
-        if name not in written:
-            con.execute(f"DROP TABLE {ZONE}.{q(name)}")
+    record_level = con.execute(
+        "SELECT DISTINCT table_name FROM information_schema.columns WHERE table_catalog = current_database() "
+        f"AND table_schema = '{ZONE}' AND column_name = ?",
+        [PERSON_ID],
+    ).fetchall()
+    for name in sorted({n for n in zone_tables(con, a.id) if n not in written} | {r[0] for r in record_level}):
+        con.execute(f"DROP TABLE {ZONE}.{q(name)}")
 
 
 def _objection_guard(

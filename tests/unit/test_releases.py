@@ -178,6 +178,20 @@ def test_an_extract_kept_of_a_collection_the_agreement_no_longer_lists_is_droppe
     assert _release_zone_tables(haven, aid) == []
 
 
+def test_a_release_drops_the_extracts_kept_for_agreements_never_built_again(haven: Haven) -> None:
+    """A suspended or expired agreement is never built again: the record-level extract an earlier
+    version kept for it (it holds person_id) goes at any agreement's next build; another
+    agreement's anonymised counts (no person_id) stay."""
+    kept, counts = 'release."suspended-study__hospital_episodes"', 'release."public-counts__hospital_episodes"'
+    haven.con.execute(f"CREATE TABLE {kept} AS SELECT pid AS {PERSON_ID}, sex FROM haven.hospital_episodes")
+    haven.con.execute(
+        f"CREATE TABLE {counts} AS SELECT sex, count(*) AS people FROM haven.hospital_episodes GROUP BY 1"
+    )
+    assert haven.release(haven.add()).records_released > 0
+    assert _release_zone_tables(haven, "suspended-study") == []
+    assert _release_zone_tables(haven, "public-counts") == ["public-counts__hospital_episodes"]
+
+
 def test_identifiable_and_pseudonymised_releases_prepared_on_one_connection(haven: Haven) -> None:
     """Found by review: both levels' extracts had one temporary name, a table for one and a view for
     the other, so the second release on a connection failed."""
