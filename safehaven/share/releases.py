@@ -92,7 +92,7 @@ from safehaven.core import registers as reg
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
-from safehaven.core.sql import file_lit, lit, q
+from safehaven.core.sql import lit, q
 from safehaven.core.store import atomic, table_exists
 from safehaven.intake.contracts import Contract, ContractRegistry, FieldSpec
 from safehaven.intake.validation import CollectionHeld, refuse_held
@@ -714,9 +714,9 @@ def _build(
     # 6-7. disclosure control and the files it describes, then open a request (or find nothing changed)
     with _staging(home, con, a.id) as (release_id, tmp):
         work, sdc = _disclosure_control(con, a, contracts, work, result)
-        _write_files(con, a, result, tmp, work)
+        files = _write_files(con, a, contracts, result, tmp, work)
         return _stage(con, a, agreement_sha, contracts, result, home=home, registry=registry, actor=actor,
-                      scheduled=scheduled, work=work, staged=(release_id, tmp),
+                      scheduled=scheduled, work=work, staged=(release_id, tmp, files),
                       extra=_Extras(key_id, cohort_excluded, sdc, decision, inputs))  # fmt: skip
 
 
@@ -734,8 +734,7 @@ def _disclosure_control(
     read: nothing else can write the store while the step holds it (DuckDB's lock keeps other
     processes out, and a second attach of the file in this process is refused), the step writes
     no haven table in between, and a file whose record count is not the check's, or that is not
-    k-anonymous as written, is refused (:func:`_same_records_as_checked`,
-    :func:`_k_anonymous_as_staged`)."""
+    k-anonymous as written, is refused (:func:`_as_checked`)."""
     _drop_kept_extracts(con, a)
     if a.identifiability == "anonymised":
         return work, _aggregate(con, a, contracts, work)
@@ -853,63 +852,68 @@ def _private_dir(path: Path) -> None:
         d.chmod(0o700)
 
 
-def _write_files(con: duckdb.DuckDBPyConnection, a: Agreement, result: ReleaseResult, tmp: Path,
-                 work: dict[str, str]) -> None:  # fmt: skip
+def _write_files(
+    con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], result: ReleaseResult, tmp: Path,
+    work: dict[str, str],
+) -> list[dict[str, Any]]:  # fmt: skip
     """Export each collection's release table (:func:`_extract` at record level) to ``tmp``
-    (0600) and count what the file holds; a k-anonymous file must hold the records the check
-    kept (:func:`_k_anonymous_release`), or the release is refused."""
+    (0600); returns the checker summary of each file (:func:`_file_summary`), whose counts its
+    record carries. A k-anonymous release's file must be what its check judged, or the release is
+    refused (:func:`_as_checked`)."""
     record_level = a.identifiability != "anonymised"
-    people_sets = []
+    summaries, people_sets = [], []
     for i, c in enumerate(a.collections):
         table = _extract(a, i) if record_level else _table(a.id, c)
         path = tmp / f"{c}.parquet"
         _export(con, table, path)
-        path.chmod(0o600)
         columns = [{"name": n, "type": t} for n, t, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
-        written = f"read_parquet({file_lit(path)})"
-        rows = _count(con, f"SELECT count(*) FROM {written}")
-        people = _count(con, f"SELECT count(DISTINCT {PERSON_ID}) FROM {written}") if record_level else None
+        summary = _file_summary(con, a, contracts[c], path)
         if result.k is not None:
-            _same_records_as_checked(con, a, c, work[c], rows)
-        result.files.append(FileRecord(path.name, c, sha256_file(path), rows, people, columns))
+            _as_checked(con, a, work[c], summary)
+        rows = int(summary["rows"])
+        result.files.append(FileRecord(path.name, c, sha256_file(path), rows, summary.get("people"), columns))
         result.records_released += rows
+        summaries.append(summary)
         people_sets.append(f"SELECT pid FROM {work[c]}")
     if record_level:
         result.people_released = _count(con, f"SELECT count(DISTINCT pid) FROM ({' UNION '.join(people_sets)})")
+    return summaries
 
 
-def _same_records_as_checked(
-    con: duckdb.DuckDBPyConnection, a: Agreement, collection: str, checked: str, rows: int
-) -> None:
-    """Refuse a k-anonymous file whose record count is not the check's: the records of the people
-    it kept (``checked``, a ``_kq_<i>`` table, counts each row's records). Only a change to the
-    haven between the check and the export could make them differ (:func:`_k_anonymous_release`)."""
+def _file_summary(con: duckdb.DuckDBPyConnection, a: Agreement, contract: Contract, path: Path) -> dict[str, Any]:
+    """The checker summary of one staged file (``safehaven.share.checker``): counts read from the
+    file itself, its columns' classes, and k per person on its quasi-identifiers."""
+    record_level = a.identifiability != "anonymised"
+    classes = {released_column(contract.field(f.field), a)[1]: contract.field(f.field).identifiability
+               for f in a.fields_of(contract.collection)}  # fmt: skip
+    classes.update({PERSON_ID: checker.PSEUDONYM_CLASS, "people": checker.COUNT_CLASS})
+    return checker.file_summary(
+        con, path, classes=classes, quasi_identifiers=_quasi(contract, a), k=a.k_anonymity,
+        person=PERSON_ID if record_level else None, count_col=None if record_level else "people",
+    )  # fmt: skip
+
+
+def _as_checked(con: duckdb.DuckDBPyConnection, a: Agreement, checked: str, summary: dict[str, Any]) -> None:
+    """Refuse a k-anonymous release whose staged file is not what its check judged (CoP 34b): the
+    file must hold the records of the people the check kept (``checked``, a ``_kq_<i>`` table,
+    counts each row's records), and be k-anonymous as the checker reads it (no one in a group
+    smaller than k on its quasi-identifiers). After the check every person's signature across the
+    files is shared by k people, so each file's is too. Only a change to the haven between the
+    check and the export could break either (:func:`_disclosure_control`; found by review: a value
+    changed in between kept the record count). What leaves is checked, not only what was judged."""
     expected = _count(con, f"SELECT coalesce(sum({_RECORDS}), 0) FROM {checked}")
-    if rows != expected:
-        raise ReleaseRefused(
-            f"{a.id}: the {collection} file holds {rows} records but the k-anonymity check kept {expected}: the "
-            "haven changed while the release was prepared; nothing was released, run it again"
-        )
-
-
-def _k_anonymous_as_staged(a: Agreement, result: ReleaseResult, summary: dict[str, Any]) -> None:
-    """Refuse a k-anonymous release whose staged files are not k-anonymous as the checker reads
-    them (``safehaven.share.checker``: people in a group smaller than k on a file's
-    quasi-identifiers), removing them: what leaves is checked, not only what was judged (CoP
-    34b). After the check every person's signature across the files is shared by k people, so
-    each file's is too; only a change between the check and the export could break it (found by
-    review: a value changed in between kept the record count the export's own guard compares)."""
-    if result.k is None:
+    below = summary["k_per_person"]["people_below_k"]
+    if summary["rows"] == expected and not below:
         return
-    below = {
-        f["file"]: f["k_per_person"]["people_below_k"] for f in summary["files"] if f["k_per_person"]["people_below_k"]
-    }
-    if below:  # the staging folder is removed as the refusal leaves (_staging)
-        raise ReleaseRefused(
-            f"{a.id}: the staged files are not {a.k_anonymity}-anonymous as written ("
-            + ", ".join(f"{name}: {n} people in smaller groups" for name, n in sorted(below.items()))
-            + "): the haven changed while the release was prepared; nothing was released, run it again"
-        )
+    found = (
+        f"holds {summary['rows']} records but the k-anonymity check kept {expected}"
+        if summary["rows"] != expected
+        else f"is not {a.k_anonymity}-anonymous as written: {below} people in smaller groups"
+    )
+    raise ReleaseRefused(
+        f"{a.id}: the staged file {summary['file']} {found}: the haven changed while the release was prepared; "
+        "nothing was released, run it again"
+    )
 
 
 def _content_sha(files: list[FileRecord]) -> str:
@@ -947,20 +951,9 @@ def review_rule(con: duckdb.DuckDBPyConnection, a: Agreement, shape: str) -> tup
     )
 
 
-def _summary(con: duckdb.DuckDBPyConnection, a: Agreement, contracts: dict[str, Contract], result: ReleaseResult,
-             tmp: Path, rule: tuple[str, str]) -> dict[str, Any]:  # fmt: skip
-    """The checker summary of every staged file and of the release (``safehaven.share.checker``)."""
-    record_level = a.identifiability != "anonymised"
-    files = []
-    for f in result.files:
-        specs = [contracts[f.collection].field(x.field) for x in a.fields_of(f.collection)]
-        classes = {released_column(spec, a)[1]: spec.identifiability for spec in specs}
-        classes.update({PERSON_ID: checker.PSEUDONYM_CLASS, "people": checker.COUNT_CLASS})
-        files.append(checker.file_summary(
-            con, tmp / f.name, classes=classes, quasi_identifiers=_quasi(contracts[f.collection], a),
-            k=a.k_anonymity, person=PERSON_ID if record_level else None,
-            count_col=None if record_level else "people",
-        ))  # fmt: skip
+def _summary(a: Agreement, result: ReleaseResult, files: list[dict[str, Any]], rule: tuple[str, str]) -> dict[str, Any]:
+    """The checker summary of the release (``safehaven.share.checker``): ``files``, those of its
+    staged files (:func:`_write_files`), and its own controls."""
     k = result.k
     return {
         "release_id": result.release_id,
@@ -1011,12 +1004,13 @@ def _stage(
     actor: str,
     scheduled: bool,
     work: dict[str, str],
-    staged: tuple[str, Path],
+    staged: tuple[str, Path, list[dict[str, Any]]],
     extra: _Extras,
 ) -> ReleaseResult:
     """Open a request for the files staged in ``staged`` (the release id and its folder, from
-    :func:`_staging`) unless nothing changed (module docstring)."""
-    release_id, tmp = staged
+    :func:`_staging`, and the files' checker summaries, :func:`_write_files`) unless nothing
+    changed (module docstring)."""
+    release_id, tmp, files = staged
     final = staging_dir(home, release_id)
     content = _content_sha(result.files)
     unchanged = _unchanged(con, a, result, tmp, actor, content)
@@ -1034,8 +1028,7 @@ def _stage(
     with os.fdopen(fd, "wb") as fh:
         fh.write(manifest_bytes)
     result.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
-    summary = _summary(con, a, contracts, result, tmp, rule)
-    _k_anonymous_as_staged(a, result, summary)
+    summary = _summary(a, result, files, rule)
     tmp.rename(final)
     decision = {
         **asdict(extra.decision),

@@ -216,7 +216,7 @@ def test_identifiable_and_pseudonymised_releases_prepared_on_one_connection(have
             # pseudonym in the extract about to be exported ({table}) and the build's own pid -> pseudonym map
             "UPDATE haven.hospital_episodes SET sex = 'U' WHERE pid = (SELECT min(p.pid) FROM _persons p "
             "WHERE p.person_id IN (SELECT person_id FROM {table} WHERE sex IS NOT NULL))",
-            "not 5-anonymous as written .*hospital_episodes.parquet: 1 people in smaller groups.*the haven changed",
+            "hospital_episodes.parquet is not 5-anonymous as written: 1 people in smaller groups: the haven changed",
         ),
     ],
     ids=["a record added", "a value changed"],
@@ -775,12 +775,12 @@ def test_k_anonymity_on_distinct_rows_releases_what_the_records_would(
     for i, c in enumerate(agreement.collections):
         released = con.execute(f"SELECT * FROM {_extract(agreement, i)} ORDER BY ALL").fetchall()
         assert released == con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]} ORDER BY ALL").fetchall()
-        # what the export's guard counts on (releases._same_records_as_checked)
+        # what the export's guard counts on (releases._as_checked)
         assert len(released) == con.execute(f"SELECT coalesce(sum({_RECORDS}), 0) FROM {kept[c]}").fetchone()[0]
         assert [d[0] for d in con.execute(f"SELECT * FROM {_extract(agreement, i)}").description] == [
             d[0] for d in con.execute(f"SELECT * EXCLUDE (pid) FROM {copies[c]}").description
         ]
-        # what the staged files' guard counts on (releases._k_anonymous_as_staged): each file is k-anonymous
+        # what the staged files' guard counts on (releases._as_checked): each file is k-anonymous
         # as the checker reads it, so a release the check passed is never refused by it
         assert _k_per_person(con, _extract(agreement, i), PERSON_ID, qis[c], k)["people_below_k"] == 0
         people_kept = f"SELECT DISTINCT pid FROM {kept[c]} ORDER BY pid"
