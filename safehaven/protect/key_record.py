@@ -20,7 +20,7 @@ Rules (CoP 27b-c; fail closed; ``safehaven.core.keys``, "Every key is pinned"):
     an agreement's salt: nothing released or prepared under it; the vault: no entry);
   - a key a disposal destroyed (the disposal register, ``safehaven.core.pins.destroyed_keys``) is
     never brought back, nor one a disposal the audit trail records starting destroys (the ids its
-    authentic ``dispose`` ``started`` entry names, :func:`_destroyed_on_record`): a disposal
+    authentic ``dispose`` ``started`` entry names, :func:`_trail`): a disposal
     interrupted after its key step, with the record lost and a backup of the key put back, would
     otherwise have its crypto-shredding undone, since its resume skips a step journalled done; and
     the register, inside the store, is rewritable with the store key. What is not on the trail
@@ -262,7 +262,7 @@ def _checked(home: Home, keyring: KeyRing, found: dict[str, Key | None]) -> list
     try:
         with store.opened_with(store_key) as con:
             trail = _trail(con, home, keyring, found.get(audit.KEY_PURPOSE))  # verified once for every check
-            _refuse_destroyed(con, home, keyring, found, trail)
+            _refuse_destroyed(con, keyring, found, trail)
             _custodian_proven(keyring, _vault_expected(con, keyring, trail))
             epochs = pins.current_epochs(con)  # read once, not per key
             results = {p: _check(con, home, keyring, p, key, epochs) for p, key in found.items()}
@@ -311,15 +311,15 @@ DESTROYED_ADVICE = (
 
 
 def _refuse_destroyed(
-    con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, found: dict[str, Key | None], trail: _Trail
+    con: duckdb.DuckDBPyConnection, keyring: KeyRing, found: dict[str, Key | None], trail: _Trail
 ) -> None:
     """Refuse, recording nothing, when an unnoted key file holds a key a disposal destroyed or was
     to destroy (module docstring; CoP 43d, 49: crypto-shredding is for good), or holds an agreement's
     salt while the audit trail cannot vouch that no disposal did: it must verify whole and hold no
     breach decision, since what is not on the trail cannot be read there, and a decision that says
     nothing was lost is not taken at its word (found by review)."""
-    by_key, by_agreement = _destroyed_on_record(con, home, found.get(audit.KEY_PURPOSE))
-    destroyed = {**by_key, **pins.destroyed_keys(con)}
+    by_agreement = trail.destroyed_agreements
+    destroyed = {**trail.destroyed, **pins.destroyed_keys(con)}
     gone = []
     for purpose, key in found.items():
         disposal = None if key is None else destroyed.get(key.key_id)
@@ -347,12 +347,19 @@ def _refuse_destroyed(
 @dataclass(frozen=True)
 class _Trail:
     """The audit trail as a recovery reads it, once (:func:`_trail`): why it does not verify (None
-    when it does), the breach decisions it holds ((lost_from, seq), as ``VerifyResult.breaks``), and
-    the (seq, key id) of each authentic entry that set the vault key, in order."""
+    when it does), the breach decisions it holds ((lost_from, seq), as ``VerifyResult.breaks``),
+    the (seq, key id) of each authentic entry that set the vault key, in order, and what the
+    authentic entries recording a disposal's start say it destroys (CoP 43d, 49: crypto-shredding
+    is for good; module docstring): key id -> disposal, from the ids the entry names, and
+    agreement -> disposal for an agreement's disposal started before its entries named their keys
+    (its salt, whatever its id). That no such entry is missing is :func:`_refuse_destroyed`'s to
+    judge."""
 
     problem: str | None
     decisions: tuple[tuple[int, int], ...]
     vault: list[tuple[int, str]]
+    destroyed: dict[str, str]
+    destroyed_agreements: dict[str, str]
 
 
 def _trail(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_key: Key | None) -> _Trail:
@@ -367,34 +374,21 @@ def _trail(con: duckdb.DuckDBPyConnection, home: Home, keyring: KeyRing, audit_k
             problem = f"the audit trail does not verify ({result.reason}): run `safehaven audit verify`"
     else:
         decisions = audit.written_off(con, audit_key)
+    entries = audit.authentic_entries(con, [*pins.KEY_SET, DISPOSE], home, key=audit_key)  # one pass for both
     vault = [
         (e.seq, str(e.fields.get(pins.KEY_SET[e.action])))
-        for e in audit.authentic_entries(con, list(pins.KEY_SET), home, key=audit_key)
-        if e.object == pins.VAULT_OBJECT
+        for e in entries
+        if e.action in pins.KEY_SET and e.object == pins.VAULT_OBJECT
     ]
-    return _Trail(problem, decisions, vault)
-
-
-def _destroyed_on_record(
-    con: duckdb.DuckDBPyConnection, home: Home, audit_key: Key | None
-) -> tuple[dict[str, str], dict[str, str]]:
-    """What the authentic ``dispose`` entries recording a disposal's start say it destroys (CoP 43d,
-    49: crypto-shredding is for good; module docstring), verified under the audit key file being
-    recovered (``audit_key``; checked itself by :func:`_check`) or else the recorded one: key id ->
-    disposal, from the ids the entry names; and agreement -> disposal for an agreement's disposal
-    started before its entries named their keys (its salt, whatever its id). That no such entry is
-    missing is :func:`_refuse_destroyed`'s to judge."""
     by_key: dict[str, str] = {}
     by_agreement: dict[str, str] = {}
-    for entry in audit.authentic_entries(con, [DISPOSE], home, key=audit_key):
-        if entry.outcome != STARTED:
-            continue
+    for entry in (e for e in entries if e.action == DISPOSE and e.outcome == STARTED):
         disposal, ids = entry.object.removeprefix("disposal:"), entry.fields.get(DESTROYS)
         if isinstance(ids, list):
             by_key |= {str(kid): disposal for kid in ids}
         elif entry.agreement:
             by_agreement[entry.agreement] = disposal
-    return by_key, by_agreement
+    return _Trail(problem, decisions, vault, by_key, by_agreement)
 
 
 def _check(
