@@ -373,3 +373,30 @@ def test_a_write_stopped_while_a_batch_is_being_inserted_raises_only_once_that_i
         assert ended.is_set()  # the insert had ended when the write raised
         after = con.execute(counts).fetchone()
     assert after == before
+
+
+def _compression(con, table: str, column: str) -> set[str]:
+    """How DuckDB stored ``column`` of ``table`` (its segments' compression), after a checkpoint."""
+    con.execute("CHECKPOINT")
+    rows = con.execute(
+        f"SELECT DISTINCT compression FROM pragma_storage_info('{table}') WHERE column_name = ?", [column]
+    ).fetchall()
+    return {r[0] for r in rows} - {"Constant"}
+
+
+def test_nonces_and_ciphertexts_are_stored_uncompressed_also_after_a_rebuild(store: Store) -> None:
+    """Random bytes are not offered to DuckDB's compression (``schema.RANDOM_BYTES``, issue 22): the
+    declaration holds even for bytes that would compress, and a rebuild of the store keeps it."""
+    with store.connect() as con:
+        vault.ensure_tables(con)
+        con.execute(
+            f"INSERT INTO {vault.IDENTITY} (pid, field, nonce, ciphertext) "
+            "SELECT 'p' || (i % 7), 'f', repeat('n', 12)::BLOB, repeat('c', 40)::BLOB FROM range(200000) r(i)"
+        )
+        for column in ("nonce", "ciphertext"):
+            assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
+        assert _compression(con, vault.IDENTITY, "pid") != {"Uncompressed"}  # the others are still compressed
+    store.rebuild()
+    with store.connect() as con:
+        for column in ("nonce", "ciphertext"):
+            assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
