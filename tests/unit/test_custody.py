@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -382,17 +381,13 @@ AT_LOGIN = (
 )
 
 
-def _cli(args: list[str], env: dict[str, str], *, login: str | None = None) -> subprocess.CompletedProcess[str]:
-    """The command line in a process of its own, at the OS account ``login`` (else the test's own)."""
+def _cli(
+    server: ForkServer, args: list[str], env: dict[str, str], *, login: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command line in a process of its own (a fork of the warm ``server``, ``tests.forkserver``),
+    at the OS account ``login`` (else the test's own)."""
     command = ["-c", AT_LOGIN, login] if login else ["-m", "safehaven.cli.main"]
-    return subprocess.run(
-        [sys.executable, *command, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    return server.run([*command, *args], env=env, cwd=ROOT, timeout=1500)
 
 
 def _unsealed_private_keys(root: Path, vault_pub: bytes) -> list[str]:
@@ -411,7 +406,9 @@ def _unsealed_private_keys(root: Path, vault_pub: bytes) -> list[str]:
 
 
 @pytest.mark.slow
-def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifiable_extract(tmp_path: Path) -> None:
+def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifiable_extract(
+    tmp_path: Path, forkserver: ForkServer
+) -> None:
     contracts = tmp_path / "data_contracts"
     shutil.copytree(ROOT / "data_contracts", contracts)
     cohort = contracts / "agreements" / "cohort-consent-study.yaml"
@@ -431,7 +428,7 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
     }
     (tmp_path / "dagster").mkdir()
     shutil.copy(ROOT / "deploy" / "dagster.yaml", tmp_path / "dagster" / "dagster.yaml")  # as `make install` does
-    run = _cli(["run", "--demo-patients", "200"], env)
+    run = _cli(forkserver, ["run", "--demo-patients", "200"], env)
     assert "sealed under the key custodian's passphrase" in run.stdout, run.stdout + run.stderr
     assert TEST_PASSPHRASE not in run.stdout + run.stderr
     keyring = KeyRing(home.keys)
@@ -443,26 +440,28 @@ def test_make_run_leaves_no_unsealed_private_key_and_the_nightly_run_no_identifi
         numbers = {r[0] for r in con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid").fetchall()}
     assert numbers and leaked_nhs_numbers([home.root], numbers) == {}
 
-    made = _cli(["release", "--agreement", "cohort-consent-study"], env)  # the custodian, with the passphrase
+    # the custodian, with the passphrase
+    made = _cli(forkserver, ["release", "--agreement", "cohort-consent-study"], env)
     assert made.returncode == 0 and "Audited" in made.stdout, made.stdout + made.stderr
     assert not (home.releases / "cohort-consent-study").exists(), "staged for review, nothing delivered yet"
     with Store(home).connect() as con:
         [request] = review.requests(con, agreement_id="cohort-consent-study")
     assert request.rule == review.TWO_REVIEWERS_AND_CUSTODIAN
     for by in REVIEWERS:
-        approved = _cli(["review", "approve", request.release_id, "--by", by], env, login=login_of(by))  # own login
+        by_login = login_of(by)  # each reviewer at their own login
+        approved = _cli(forkserver, ["review", "approve", request.release_id, "--by", by], env, login=by_login)
         assert approved.returncode == 0, approved.stdout + approved.stderr
     assert not (home.releases / "cohort-consent-study").exists(), "the custodian delivers it"
-    no_key = _cli(["review", "release", request.release_id, "--by", "V. Keeper, vault custodian"],
+    no_key = _cli(forkserver, ["review", "release", request.release_id, "--by", "V. Keeper, vault custodian"],
                   {**env, PASSPHRASE_ENV: "wrong"})  # fmt: skip
     assert no_key.returncode == 1 and "passphrase does not open" in no_key.stderr, no_key.stdout + no_key.stderr
-    delivered = _cli(["review", "release", request.release_id, "--by", "V. Keeper, vault custodian"], env)
+    delivered = _cli(forkserver, ["review", "release", request.release_id, "--by", "V. Keeper, vault custodian"], env)
     assert delivered.returncode == 0, delivered.stdout + delivered.stderr
     [directory] = list((home.releases / "cohort-consent-study").iterdir())
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in directory.iterdir())
     assert leaked_nhs_numbers([directory], numbers), "the custodian's identifiable extract holds NHS numbers"
     with Store(home).connect(read_only=True) as con:
         assert due.due(con) == []
-    refused = _cli(["release", "--agreement", "cohort-consent-study"], {**env, PASSPHRASE_ENV: "wrong"})
+    refused = _cli(forkserver, ["release", "--agreement", "cohort-consent-study"], {**env, PASSPHRASE_ENV: "wrong"})
     assert refused.returncode == 1 and "passphrase does not open" in refused.stderr
     assert "Traceback" not in refused.stderr
