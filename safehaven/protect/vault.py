@@ -216,6 +216,35 @@ def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]
         con.execute(f"DROP TABLE {t}")
 
 
+#: the columns of ``vault.identity`` declared ``schema.RANDOM_BYTES`` (stored uncompressed)
+RANDOM_COLUMNS = ("nonce", "ciphertext")
+
+
+def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
+    """Rewrite ``vault.identity`` once when it holds nonces or ciphertexts compressed: a store made
+    before ``schema.RANDOM_BYTES`` keeps the compression its table was created with (DuckDB fixes
+    it then, and a rebuild copies the table as it is), so its vault writes would stay slow (issue 22).
+
+    The rows are copied, unchanged, into a table of the declared shape, which replaces the old one
+    in the caller's transaction (or one of its own). Returns whether it did. One look at the
+    table's storage otherwise (its segments, not its rows)."""
+    marks = ", ".join("?" for _ in RANDOM_COLUMNS)
+    compressed = con.execute(
+        f"SELECT count(*) FROM pragma_storage_info({lit(IDENTITY)}) WHERE column_name IN ({marks}) "
+        "AND segment_type <> 'VALIDITY' AND compression NOT IN ('Uncompressed', 'Constant')",
+        list(RANDOM_COLUMNS),
+    ).fetchone()[0]
+    if not compressed:
+        return False
+    zone, name = IDENTITY.split(".")
+    with atomic(con):
+        con.execute(f"ALTER TABLE {IDENTITY} RENAME TO {name}_compressed")
+        schema.ensure(con, IDENTITY)
+        con.execute(f"INSERT INTO {IDENTITY} BY NAME SELECT * FROM {zone}.{name}_compressed")
+        con.execute(f"DROP TABLE {zone}.{name}_compressed")
+    return True
+
+
 def _vaulted_where(contract: Contract) -> str:
     """SQL condition over a landing valid table: the row is of a vaulted batch of ``contract``."""
     return f"_batch IN (SELECT batch_id FROM {VAULTED} WHERE collection = {lit(contract.collection)})"
@@ -445,6 +474,7 @@ def vault_collection(
         return report
     with atomic(con):
         _backfill_seen(con, contracts)
+        _random_bytes_as_declared(con)
     try:
         _new_entries(con, contract)
         report.candidates = con.execute("SELECT count(*) FROM _vault_enc").fetchone()[0]

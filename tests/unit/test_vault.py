@@ -376,10 +376,12 @@ def test_a_write_stopped_while_a_batch_is_being_inserted_raises_only_once_that_i
 
 
 def _compression(con, table: str, column: str) -> set[str]:
-    """How DuckDB stored ``column`` of ``table`` (its segments' compression), after a checkpoint."""
+    """How DuckDB stored ``column`` of ``table`` (its data segments' compression), after a checkpoint."""
     con.execute("CHECKPOINT")
     rows = con.execute(
-        f"SELECT DISTINCT compression FROM pragma_storage_info('{table}') WHERE column_name = ?", [column]
+        f"SELECT DISTINCT compression FROM pragma_storage_info('{table}') "
+        "WHERE column_name = ? AND segment_type <> 'VALIDITY'",
+        [column],
     ).fetchall()
     return {r[0] for r in rows} - {"Constant"}
 
@@ -400,3 +402,30 @@ def test_nonces_and_ciphertexts_are_stored_uncompressed_also_after_a_rebuild(sto
     with store.connect() as con:
         for column in ("nonce", "ciphertext"):
             assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
+
+
+#: ``vault.identity`` as stores made before ``schema.RANDOM_BYTES`` declared it
+IDENTITY_BEFORE = (
+    "pid VARCHAR, field VARCHAR, nonce BLOB, ciphertext BLOB, dek_id VARCHAR, collection VARCHAR, added_at TIMESTAMPTZ"
+)
+
+
+def test_an_older_stores_vault_is_rewritten_once_uncompressed_by_the_next_vault_write_losing_no_entry(
+    haven_home: Home,
+) -> None:
+    private = vault.private_key(custodian_ring(haven_home))
+    with Store(haven_home).connect() as con:  # the vault as an older version made it
+        con.execute(f"CREATE TABLE vault.identity_old ({IDENTITY_BEFORE})")
+        con.execute(f"INSERT INTO vault.identity_old SELECT * FROM {vault.IDENTITY}")
+        con.execute(f"DROP TABLE {vault.IDENTITY}")
+        con.execute("ALTER TABLE vault.identity_old RENAME TO identity")
+        assert _compression(con, vault.IDENTITY, "ciphertext") - {"Uncompressed"}, "compressed, as DuckDB chose"
+        before = vault.decrypt_rows(con, private)
+    drop(haven_home, patients=40, seed=8)  # a new drop: the nightly vault write
+    process(haven_home)
+    with Store(haven_home).connect() as con:
+        for column in vault.RANDOM_COLUMNS:
+            assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
+        after = vault.decrypt_rows(con, private)
+        assert set(before) <= set(after) and len(after) > len(before)  # every entry kept, the new ones added
+        assert not vault._random_bytes_as_declared(con)  # once
