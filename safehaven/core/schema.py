@@ -291,7 +291,8 @@ VAULT_DATA_KEYS = _declare(
 #: compression on every segment and kept the bytes as large as before. Writing the benchmark
 #: night's 2.47M vault entries took 7.2 s with the choice and 4.9 s without it (insert and
 #: commit; measured here, issue 22). The declaration persists in the catalog and survives a
-#: rebuild (``COPY FROM DATABASE``); a store made before it keeps DuckDB's choice, only slower.
+#: rebuild (``COPY FROM DATABASE``); a store made before it has ``vault.identity`` copied once into
+#: the declared shape by its next vault write (``safehaven.protect.vault._random_bytes_as_declared``).
 RANDOM_BYTES = "BLOB USING COMPRESSION uncompressed"
 
 VAULT_IDENTITY = _declare(

@@ -218,30 +218,46 @@ def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]
 
 #: the columns of ``vault.identity`` declared ``schema.RANDOM_BYTES`` (stored uncompressed)
 RANDOM_COLUMNS = ("nonce", "ciphertext")
+#: the comment ``vault.identity`` carries once its columns are as declared (:func:`_random_bytes_as_declared`)
+RANDOM_BYTES_MARK = "nonce and ciphertext stored uncompressed (safehaven.core.schema.RANDOM_BYTES)"
 
 
 def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
-    """Rewrite ``vault.identity`` once when it holds nonces or ciphertexts compressed: a store made
-    before ``schema.RANDOM_BYTES`` keeps the compression its table was created with (DuckDB fixes
-    it then, and a rebuild copies the table as it is), so its vault writes would stay slow (issue 22).
+    """Copy ``vault.identity`` once into a table of its declared shape, unless it says it is one.
 
-    The rows are copied, unchanged, into a table of the declared shape, which replaces the old one
-    in the caller's transaction (or one of its own). Returns whether it did. One look at the
-    table's storage otherwise (its segments, not its rows)."""
-    marks = ", ".join("?" for _ in RANDOM_COLUMNS)
-    compressed = con.execute(
-        f"SELECT count(*) FROM pragma_storage_info({lit(IDENTITY)}) WHERE column_name IN ({marks}) "
-        "AND segment_type <> 'VALIDITY' AND compression NOT IN ('Uncompressed', 'Constant')",
-        list(RANDOM_COLUMNS),
-    ).fetchone()[0]
-    if not compressed:
-        return False
+    A store made before ``schema.RANDOM_BYTES`` keeps the compression its table was created with
+    (DuckDB fixes it then, and a rebuild copies the table as it is), so its vault writes would stay
+    slow (issue 22). DuckDB shows a column's declared compression nowhere (not in
+    ``duckdb_columns``, nor in the table's SQL), and how its segments happen to be stored does not
+    tell it either: random bytes are often stored uncompressed under the old declaration too
+    (found by review). So the table carries :data:`RANDOM_BYTES_MARK` as its comment, which
+    survives a rebuild; a table without it has its rows copied, unchanged, into a new table of the
+    declared shape that replaces it, in the caller's transaction (or one of its own). A new
+    store's empty table is marked so by its first vault write. Returns whether it copied.
+
+    A ``vault.identity_compressed`` already there is refused, naming it: this copy is one
+    transaction and leaves none behind, so someone else made it, and it may hold entries."""
     zone, name = IDENTITY.split(".")
+    comment = con.execute(
+        "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = ? AND table_name = ?",
+        [zone, name],
+    ).fetchone()
+    if comment is not None and comment[0] == RANDOM_BYTES_MARK:
+        return False
+    old = f"{name}_compressed"
+    if table_exists(con, zone, old):
+        raise VaultError(
+            f"{zone}.{old} is in the store: the haven never leaves one, so someone made it, and it may hold "
+            f"vault entries. Check what it holds against {IDENTITY}, keep what is needed, and drop it "
+            f"(DROP TABLE {zone}.{old}); vault writes are refused until then"
+        )
     with atomic(con):
-        con.execute(f"ALTER TABLE {IDENTITY} RENAME TO {name}_compressed")
+        con.execute(f"ALTER TABLE {IDENTITY} RENAME TO {old}")
         schema.ensure(con, IDENTITY)
-        con.execute(f"INSERT INTO {IDENTITY} BY NAME SELECT * FROM {zone}.{name}_compressed")
-        con.execute(f"DROP TABLE {zone}.{name}_compressed")
+        con.execute(f"INSERT INTO {IDENTITY} BY NAME SELECT * FROM {zone}.{old}")
+        con.execute(f"DROP TABLE {zone}.{old}")
+        con.execute(f"COMMENT ON TABLE {IDENTITY} IS {lit(RANDOM_BYTES_MARK)}")
     return True
 
 

@@ -410,22 +410,49 @@ IDENTITY_BEFORE = (
 )
 
 
-def test_an_older_stores_vault_is_rewritten_once_uncompressed_by_the_next_vault_write_losing_no_entry(
+def _as_older_stores_made_it(con) -> None:
+    """``vault.identity`` as an older version made it: the old declaration, no comment."""
+    con.execute(f"CREATE TABLE vault.identity_old ({IDENTITY_BEFORE})")
+    con.execute(f"INSERT INTO vault.identity_old SELECT * FROM {vault.IDENTITY}")
+    con.execute(f"DROP TABLE {vault.IDENTITY}")
+    con.execute("ALTER TABLE vault.identity_old RENAME TO identity")
+
+
+def _raw(con, where: str = "true") -> list[tuple]:
+    """Every stored column of the vault's entries matching ``where``, in a fixed order."""
+    return con.execute(f"SELECT * FROM {vault.IDENTITY} WHERE {where} ORDER BY ALL").fetchall()
+
+
+def test_an_older_stores_vault_is_copied_once_as_declared_by_the_next_vault_write_entry_for_entry(
     haven_home: Home,
 ) -> None:
+    """Whatever DuckDB happened to store its bytes as (often uncompressed under the old declaration
+    too), an older store's table is copied once, each entry's stored bytes and times unchanged, and
+    nothing is left beside it."""
     private = vault.private_key(custodian_ring(haven_home))
-    with Store(haven_home).connect() as con:  # the vault as an older version made it
-        con.execute(f"CREATE TABLE vault.identity_old ({IDENTITY_BEFORE})")
-        con.execute(f"INSERT INTO vault.identity_old SELECT * FROM {vault.IDENTITY}")
-        con.execute(f"DROP TABLE {vault.IDENTITY}")
-        con.execute("ALTER TABLE vault.identity_old RENAME TO identity")
-        assert _compression(con, vault.IDENTITY, "ciphertext") - {"Uncompressed"}, "compressed, as DuckDB chose"
-        before = vault.decrypt_rows(con, private)
+    with Store(haven_home).connect() as con:
+        _as_older_stores_made_it(con)
+        old_keys = [r[0] for r in con.execute(f"SELECT DISTINCT dek_id FROM {vault.IDENTITY}").fetchall()]
+        where = f"dek_id IN ({', '.join(repr(k) for k in old_keys)})"
+        before, decrypted = _raw(con, where), vault.decrypt_rows(con, private)
     drop(haven_home, patients=40, seed=8)  # a new drop: the nightly vault write
     process(haven_home)
     with Store(haven_home).connect() as con:
+        assert _raw(con, where) == before  # entry for entry: no entry lost, doubled or changed
+        assert len(_raw(con)) > len(before)  # and the night's new entries added
+        assert set(decrypted) <= set(vault.decrypt_rows(con, private))
         for column in vault.RANDOM_COLUMNS:
             assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
-        after = vault.decrypt_rows(con, private)
-        assert set(before) <= set(after) and len(after) > len(before)  # every entry kept, the new ones added
+        listed = con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'vault'").fetchall()
+        tables = {r[0] for r in listed}
+        assert tables == {"identity", "seen", "data_keys", "batches"}
         assert not vault._random_bytes_as_declared(con)  # once
+
+
+def test_a_table_left_beside_the_vault_under_the_copys_name_is_refused_naming_it(haven_home: Home) -> None:
+    with Store(haven_home).connect() as con:
+        _as_older_stores_made_it(con)
+        con.execute(f"CREATE TABLE vault.identity_compressed AS SELECT * FROM {vault.IDENTITY}")
+        with pytest.raises(vault.VaultError, match=r"vault\.identity_compressed is in the store.*DROP TABLE"):
+            vault._random_bytes_as_declared(con)
+        assert con.execute("SELECT count(*) FROM vault.identity_compressed").fetchone()[0] > 0  # nothing dropped
