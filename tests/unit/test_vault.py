@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from safehaven.core.home import Home
@@ -375,7 +376,7 @@ def test_a_write_stopped_while_a_batch_is_being_inserted_raises_only_once_that_i
     assert after == before
 
 
-def _compression(con, table: str, column: str) -> set[str]:
+def _compression(con: duckdb.DuckDBPyConnection, table: str, column: str) -> set[str]:
     """How DuckDB stored ``column`` of ``table`` (its data segments' compression), after a checkpoint."""
     con.execute("CHECKPOINT")
     rows = con.execute(
@@ -410,7 +411,7 @@ IDENTITY_BEFORE = (
 )
 
 
-def _as_older_stores_made_it(con) -> None:
+def _as_older_stores_made_it(con: duckdb.DuckDBPyConnection) -> None:
     """``vault.identity`` as an older version made it: the old declaration, no comment."""
     con.execute(f"CREATE TABLE vault.identity_old ({IDENTITY_BEFORE})")
     con.execute(f"INSERT INTO vault.identity_old SELECT * FROM {vault.IDENTITY}")
@@ -418,7 +419,7 @@ def _as_older_stores_made_it(con) -> None:
     con.execute("ALTER TABLE vault.identity_old RENAME TO identity")
 
 
-def _raw(con, where: str = "true") -> list[tuple]:
+def _raw(con: duckdb.DuckDBPyConnection, where: str = "true") -> list[tuple]:
     """Every stored column of the vault's entries matching ``where``, in a fixed order."""
     return con.execute(f"SELECT * FROM {vault.IDENTITY} WHERE {where} ORDER BY ALL").fetchall()
 
