@@ -235,8 +235,10 @@ def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
     declared shape that replaces it, in the caller's transaction (or one of its own). A new
     store's empty table is marked so by its first vault write. Returns whether it copied.
 
-    A ``vault.identity_compressed`` already there is refused, naming it: this copy is one
-    transaction and leaves none behind, so someone else made it, and it may hold entries."""
+    The old table is renamed out of the way under a name of its own (a random suffix) and dropped
+    in the same transaction, so the copy leaves nothing behind, and no table anyone else left in
+    the vault zone can stand in its way (found by review: under a fixed name, one would have
+    stopped every vault write)."""
     zone, name = IDENTITY.split(".")
     comment = con.execute(
         "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() "
@@ -245,13 +247,7 @@ def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
     ).fetchone()
     if comment is not None and comment[0] == RANDOM_BYTES_MARK:
         return False
-    old = f"{name}_compressed"
-    if table_exists(con, zone, old):
-        raise VaultError(
-            f"{zone}.{old} is in the store: the haven never leaves one, so someone made it, and it may hold "
-            f"vault entries. Check what it holds against {IDENTITY}, keep what is needed, and drop it "
-            f"(DROP TABLE {zone}.{old}); vault writes are refused until then"
-        )
+    old = f"{name}_compressed_{secrets.token_hex(8)}"
     with atomic(con):
         con.execute(f"ALTER TABLE {IDENTITY} RENAME TO {old}")
         schema.ensure(con, IDENTITY)
