@@ -216,8 +216,6 @@ def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]
         con.execute(f"DROP TABLE {t}")
 
 
-#: the columns of ``vault.identity`` declared ``schema.RANDOM_BYTES`` (stored uncompressed)
-RANDOM_COLUMNS = ("nonce", "ciphertext")
 #: the comment ``vault.identity`` carries once its columns are as declared (:func:`_random_bytes_as_declared`)
 RANDOM_BYTES_MARK = "nonce and ciphertext stored uncompressed (safehaven.core.schema.RANDOM_BYTES)"
 

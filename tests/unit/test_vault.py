@@ -376,6 +376,10 @@ def test_a_write_stopped_while_a_batch_is_being_inserted_raises_only_once_that_i
     assert after == before
 
 
+#: the columns of ``vault.identity`` declared ``schema.RANDOM_BYTES`` (stored uncompressed)
+RANDOM_COLUMNS = ("nonce", "ciphertext")
+
+
 def _compression(con: duckdb.DuckDBPyConnection, table: str, column: str) -> set[str]:
     """How DuckDB stored ``column`` of ``table`` (its data segments' compression), after a checkpoint."""
     con.execute("CHECKPOINT")
@@ -396,12 +400,12 @@ def test_nonces_and_ciphertexts_are_stored_uncompressed_also_after_a_rebuild(sto
             f"INSERT INTO {vault.IDENTITY} (pid, field, nonce, ciphertext) "
             "SELECT 'p' || (i % 7), 'f', repeat('n', 12)::BLOB, repeat('c', 40)::BLOB FROM range(200000) r(i)"
         )
-        for column in ("nonce", "ciphertext"):
+        for column in RANDOM_COLUMNS:
             assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
         assert _compression(con, vault.IDENTITY, "pid") != {"Uncompressed"}  # the others are still compressed
     store.rebuild()
     with store.connect() as con:
-        for column in ("nonce", "ciphertext"):
+        for column in RANDOM_COLUMNS:
             assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
 
 
@@ -442,7 +446,7 @@ def test_an_older_stores_vault_is_copied_once_as_declared_by_the_next_vault_writ
         assert _raw(con, where) == before  # entry for entry: no entry lost, doubled or changed
         assert len(_raw(con)) > len(before)  # and the night's new entries added
         assert set(decrypted) <= set(vault.decrypt_rows(con, private))
-        for column in vault.RANDOM_COLUMNS:
+        for column in RANDOM_COLUMNS:
             assert _compression(con, vault.IDENTITY, column) == {"Uncompressed"}, column
         listed = con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'vault'").fetchall()
         tables = {r[0] for r in listed}
