@@ -37,7 +37,7 @@ import dagster as dg
 import duckdb
 
 from safehaven.context import Haven
-from safehaven.core import pins, runs
+from safehaven.core import compaction, pins, runs
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing
 from safehaven.core.store import DEFAULT_LOCK_WAIT_SECONDS, Store, StoreBusy
@@ -201,6 +201,7 @@ class SafeHavenResource(dg.ConfigurableResource):
             audit.begin_run(
                 con, haven.home, actor=haven.actor, job=job, run_id=context.run_id or "", keyring=haven.keyring
             )
+            _compact(con, context.log)
 
     @contextmanager
     def connect(self, *, read_only: bool = False, retry: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -218,6 +219,16 @@ class SafeHavenResource(dg.ConfigurableResource):
             if not read_only:
                 pins.verify(con, store.keyring)
             yield con
+
+
+def _compact(con: duckdb.DuckDBPyConnection, log: dg.DagsterLogManager) -> None:
+    """Rewrite the tables appends have left in many row groups (``safehaven.core.compaction``), once the
+    run's audit trail has verified; say which, and which DuckDB refused (the run goes on: a storage change)."""
+    done = compaction.compact(con)
+    if done.rewritten:
+        log.info(f"store: rewrote {len(done.rewritten)} table(s) left in many row groups: {', '.join(done.rewritten)}")
+    for table, why in done.refused.items():
+        log.warning(f"store: could not rewrite {table}, left in many row groups (reads of it stay slower): {why}")
 
 
 class GovernedSettingInRunConfig(dg.DagsterInvariantViolationError):
