@@ -178,3 +178,18 @@ def test_a_rewrite_that_fails_part_way_is_rolled_back_whole(home: Home, monkeypa
     with store.connect() as con:
         assert (_shape(con, BATCHES), _row_groups(con, BATCHES)) == (before, groups)
         assert _zone_tables(con, "governance") == tables
+
+
+def test_a_table_declared_with_a_compression_is_never_rewritten(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog's SQL of a table does not carry a column's declared compression, so a rewrite
+    from it would drop the declaration (``schema.RANDOM_BYTES``): such a table is left as it is."""
+    name, columns = "vault.test_keys", f"key_id VARCHAR PRIMARY KEY, material {schema.RANDOM_BYTES}"
+    monkeypatch.setitem(schema.TABLES, name, schema.Table(name, f"CREATE TABLE IF NOT EXISTS {name} ({columns})", ""))
+    store = Store(home)
+    for i in range(compaction.SLACK + 3):
+        with store.connect() as con:
+            schema.ensure(con, name)
+            con.execute(f"INSERT INTO {name} VALUES (?, ?)", [f"k{i}", bytes(12)])
+    with store.connect() as con:
+        assert _row_groups(con, name) == compaction.SLACK + 3
+        assert compaction.fragmented(con) == []
