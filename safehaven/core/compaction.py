@@ -16,9 +16,11 @@ connection took 27 ms instead of 1 ms; rewriting the 22 tables with a primary ke
 with nothing to do from 6.6 to 4.7-5.3 s. The haven's fixed cost grew night over night with it
 (issue 22).
 
-So each run, once its audit trail has verified (``resources.haven``), rewrites every table
-with an index whose row groups exceed what its rows need by more than :data:`SLACK`: a
-storage change, not a safeguard, and the rows are the same rows in the same order.
+So each run, once its audit trail has verified (``resources.haven``), rewrites every table of
+its own (declared in ``safehaven.core.schema``) with an index whose row groups exceed what its
+rows need by more than :data:`SLACK`: a storage change, not a safeguard, and the rows are the
+same rows in the same order. A table someone else made is not the haven's to rewrite (found by
+review: one whose name held a dot stopped every run at its start).
 
 * The table is rewritten from its own SQL in the catalog (``duckdb_tables().sql``: its
   columns, types, defaults and constraints as they are, not as ``safehaven.core.schema``
@@ -27,6 +29,8 @@ storage change, not a safeguard, and the rows are the same rows in the same orde
   same transaction, so a rewrite leaves nothing behind and no other table stands in its way.
 * A table whose declaration sets a column's compression is left alone: the catalog's SQL does
   not carry it (none has an index today).
+* It is never run inside a caller's transaction (refused): a ``BEGIN`` there would abort the
+  caller's work, which its ``COMMIT`` would then drop without a word (found by review).
 * A rewrite DuckDB refuses is rolled back and named with the kind of error (:class:`Compaction`;
   DuckDB's text may quote a row's values, so it is not kept); the run goes on, and the table's
   own checks decide as before.
@@ -42,7 +46,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.sql import lit, q
-from safehaven.core.store import transaction
+from safehaven.core.store import in_transaction, transaction
 
 #: rows DuckDB puts in a row group (its default ``ROW_GROUP_SIZE``)
 ROW_GROUP_ROWS = 122_880
@@ -62,8 +66,10 @@ class Compaction:
 
 
 def compact(con: duckdb.DuckDBPyConnection) -> Compaction:
-    """Rewrite each table of the database in use that :func:`fragmented` names (module docstring).
-    Outside any transaction of the caller: each table's rewrite is a transaction of its own."""
+    """Rewrite each table of the database in use that :func:`fragmented` names (module docstring),
+    each in a transaction of its own; refused (``ValueError``) inside a transaction of the caller's."""
+    if in_transaction(con):
+        raise ValueError("the store's tables are rewritten outside any transaction: commit or roll back first")
     done = Compaction()
     for table in fragmented(con):
         try:
@@ -77,15 +83,17 @@ def compact(con: duckdb.DuckDBPyConnection) -> Compaction:
 
 
 def fragmented(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """The tables with an index whose row groups exceed ``ceil(rows / ROW_GROUP_ROWS) + SLACK``
-    (as ``schema.zone``), but for those whose declaration sets a compression. One statement."""
+    """The declared tables (``zone.name``) with an index whose row groups exceed
+    ``ceil(rows / ROW_GROUP_ROWS) + SLACK``, but for those whose declaration sets a compression.
+    Two statements."""
+    ours = {name for name, table in schema.TABLES.items() if not table.is_view and _COMPRESSION not in table.ddl}
     tables = [
         f"{zone}.{name}"
         for zone, name in con.execute(
             "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database() "
             "AND index_count > 0 AND NOT temporary ORDER BY ALL"
         ).fetchall()
-        if _COMPRESSION not in getattr(schema.TABLES.get(f"{zone}.{name}"), "ddl", "")
+        if f"{zone}.{name}" in ours
     ]
     if not tables:
         return []
@@ -124,7 +132,7 @@ def _rewrite(con: duckdb.DuckDBPyConnection, table: str) -> None:
     con.execute(sql)
     con.execute(f"INSERT INTO {_quoted(table)} SELECT * FROM {_quoted(f'{zone}.{moved}')}")
     con.execute(f"DROP TABLE {_quoted(f'{zone}.{moved}')}")
-    if comment:
+    if comment is not None:
         con.execute(f"COMMENT ON TABLE {_quoted(table)} IS {lit(comment)}")
     for column, text in noted:
         con.execute(f"COMMENT ON COLUMN {_quoted(table)}.{q(column)} IS {lit(text)}")
