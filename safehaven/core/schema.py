@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import duckdb
 
+from safehaven.core.store import table_columns
+
 _IF_NOT_EXISTS = "CREATE TABLE IF NOT EXISTS "
 
 
@@ -441,12 +443,20 @@ def _closure(names: Iterable[str]) -> list[Table]:
     return [t for t in TABLES.values() if t.name in wanted]
 
 
+#: tables of one ``ensure`` looked up one by one rather than by one catalog scan: each lookup costs
+#: about 0.5 ms, a scan about 1.5 ms and more with the store's tables (measured here, 65 tables)
+LOOKED_UP_AT_MOST = 4
+
+
 def _catalog(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[tuple[str, str | None]]:
-    """Those of ``wanted`` that exist in the database in use, as (name, column) pairs: one
-    catalog query. When a table of ``wanted`` has migrations or one is a view, the query reads
-    ``duckdb_columns`` (tables and views alike, and the columns the migrations need; a table or
-    view has at least one column, so a name is present exactly when it has a row); otherwise
-    the cheaper ``duckdb_tables``, and the column is None."""
+    """Those of ``wanted`` that exist in the database in use, as (name, column) pairs, with the
+    columns of a table that has migrations and of a view (a table or view has at least one
+    column, so a name is present exactly when it has a pair); the column is None for the others.
+    Up to :data:`LOOKED_UP_AT_MOST` tables are looked up one by one (``store.table_columns``);
+    more, by one query: ``duckdb_columns`` (tables and views alike) when one of them needs its
+    columns, else the cheaper ``duckdb_tables``."""
+    if len(wanted) <= LOOKED_UP_AT_MOST:
+        return {pair for table in wanted for pair in _looked_up(con, table)}
     names = [t.name for t in wanted]
     marks = ", ".join("?" for _ in names)
     columns = any(t.added or t.is_view for t in wanted)
@@ -456,6 +466,14 @@ def _catalog(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[tuple[s
         f"WHERE database_name = current_database() AND schema_name || '.' || table_name IN ({marks})"
     )
     return set(con.execute(sql, names).fetchall())
+
+
+def _looked_up(con: duckdb.DuckDBPyConnection, table: Table) -> set[tuple[str, str | None]]:
+    """``table``'s pairs for :func:`_catalog`: none when it does not exist."""
+    columns = table_columns(con, *table.name.split("."))
+    if not columns:
+        return set()
+    return {(table.name, c) for c in columns} if table.added or table.is_view else {(table.name, None)}
 
 
 def _migrate(con: duckdb.DuckDBPyConnection, tables: list[Table], have: set[tuple[str, str | None]]) -> set[str]:

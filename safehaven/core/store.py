@@ -703,17 +703,40 @@ def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> boo
     failed lookup leaves a transaction open. Any other name, or any other error, is answered by
     the scan (:func:`_listed`).
     """
-    if _PLAIN_NAME.fullmatch(schema) and _PLAIN_NAME.fullmatch(table):
-        try:
-            row = con.execute(
-                f"SELECT count(*) FROM pragma_table_info('\"' || current_database() || '\".{schema}.{table}')"
-            ).fetchone()
-        except duckdb.CatalogException:  # no table or view of that name (in any case) in that schema
-            return False
-        except duckdb.Error:
-            return _listed(con, schema, table)
-        return bool(row and row[0])
-    return _listed(con, schema, table)
+    columns = _looked_up(con, schema, table)
+    return bool(columns) if columns is not None else _listed(con, schema, table)
+
+
+def table_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[str]:
+    """The column names of table or view ``schema.table`` in the database in use, in order; none
+    when there is no such table or view. Looked up as :func:`table_exists` looks (a plain
+    lower-case name in the catalog directly), else by the ``duckdb_columns()`` listing."""
+    columns = _looked_up(con, schema, table)
+    if columns is not None:
+        return columns
+    listed = con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = ? AND table_name = ? ORDER BY column_index",
+        [schema, table],
+    ).fetchall()
+    return [name for (name,) in listed]
+
+
+def _looked_up(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[str] | None:
+    """The columns of ``schema.table`` by the catalog lookup (none: no table or view of that name,
+    in any case, in that schema); None when the lookup cannot tell (a name that is not plain
+    lower case, or any other error), for the listings to answer."""
+    if not (_PLAIN_NAME.fullmatch(schema) and _PLAIN_NAME.fullmatch(table)):
+        return None
+    try:
+        rows = con.execute(
+            f"SELECT name FROM pragma_table_info('\"' || current_database() || '\".{schema}.{table}')"
+        ).fetchall()
+    except duckdb.CatalogException:
+        return []
+    except duckdb.Error:
+        return None
+    return [name for (name,) in rows]
 
 
 def _listed(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:

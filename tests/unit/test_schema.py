@@ -68,7 +68,29 @@ def test_ensure_is_one_catalog_query_when_all_exist(store: Store) -> None:
         counting.sql.clear()
         schema.ensure(counting, schema.BREACH_REGISTER)  # type: ignore[arg-type]
         assert len(counting.sql) == 1
-        assert "duckdb_tables()" in counting.sql[0]  # no migrations, no view: the cheaper catalog
+        assert "pragma_table_info" in counting.sql[0]  # a few tables: each looked up in the catalog directly
+
+
+def test_tables_looked_up_one_by_one_answer_as_the_catalog_scan(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two ways ``ensure`` asks the catalog agree: on a table present, one missing, a view, and a
+    table lacking a column a migration adds."""
+    wanted = schema._closure([schema.RELEASE_AUDIT_HEADS, schema.BATCHES, schema.BREACH_REGISTER])
+    assert len(wanted) > schema.LOOKED_UP_AT_MOST
+    with store.connect() as con:
+        schema.ensure(con, schema.RELEASE_AUDIT_HEADS, schema.BATCHES)
+        migrated = schema.TABLES[schema.BATCHES].added[0].split()[0]
+        con.execute(f"ALTER TABLE {schema.BATCHES} DROP COLUMN {migrated}")
+        scanned = schema._catalog(con, wanted)
+        monkeypatch.setattr(schema, "LOOKED_UP_AT_MOST", len(wanted))
+        looked_up = schema._catalog(con, wanted)
+    asked = {t.name for t in wanted if t.added or t.is_view}  # the tables whose columns ensure reads
+
+    def meaning(pairs: set[tuple[str, str | None]]) -> tuple[set[str], set[tuple[str, str | None]]]:
+        return {name for name, _ in pairs}, {(name, column) for name, column in pairs if name in asked}
+
+    assert meaning(looked_up) == meaning(scanned)
+    assert (schema.BATCHES, migrated) not in looked_up and schema.BREACH_REGISTER not in {n for n, _ in looked_up}
+    assert (schema.RELEASE_REGISTER_PUBLIC, "release_id") in looked_up
 
 
 def test_ensure_makes_a_views_tables_and_dependencies_in_order(store: Store) -> None:
