@@ -639,8 +639,9 @@ def check(
     home: Home | None = None,
     *,
     keyring: KeyRing | None = None,
-) -> None:
-    """Raise ``AuditTrailBroken`` unless the log may be appended to (rule in the module docstring).
+) -> _Tail:
+    """Raise ``AuditTrailBroken`` unless the log may be appended to (rule in the module docstring);
+    return its tail, as checked (for the append that follows, which need not read it again).
 
     Cheap when the tail matches its anchor; otherwise, or while a staged genesis key waits to be
     completed (:func:`_finish_genesis`, which only a log holding entry 1 alone may complete), a
@@ -653,14 +654,15 @@ def check(
     except KeyRingError:
         key = None
     if tail.seq == 0 and _fresh(con, home, keyring):
-        return
+        return tail
     # a genesis to complete first (verify does: _finish_genesis), only ever for a log of entry 1 alone
     unfinished = tail.seq <= 1 and keyring.exists(GENESIS_KEY)
     if key is not None and tail.seq and not unfinished and _tail_matches_anchor(con, home, key, tail):
-        return
+        return tail
     result = verify(con, home, keyring=keyring)
     if not result.ok:
         raise AuditTrailBroken(result)
+    return _tail(con)
 
 
 #: Inside :func:`one_walk`: per connection, the first ``seq`` of a walk that found the trail sound,
@@ -694,7 +696,7 @@ def authentic_from(con: duckdb.DuckDBPyConnection, seq: int, home: Home | None =
     agreement's decision): it costs the entries since ``seq`` (about 14 microseconds each)."""
     try:
         home, keyring = _keyring(con, home, None)  # the home's ring: the audit key is never sealed
-        check(con, home, keyring=keyring)
+        tail = check(con, home, keyring=keyring)
         key = _read_key(keyring)
     except (AuditTrailBroken, KeyRingError):
         return False
@@ -703,7 +705,7 @@ def authentic_from(con: duckdb.DuckDBPyConnection, seq: int, home: Home | None =
     breaks = _breaks(con, key)  # a range a person wrote off after a breach is passed over, as verify does
     if _covered(breaks, seq):
         return False
-    walked, tail = _WALKED.get(), _tail(con)
+    walked = _WALKED.get()
     done = walked.get(id(con)) if walked is not None else None
     decision = any(b.seq == seq for b in breaks)  # a walk from a decision checks it as a start: walk
     if done is not None and done[0] <= seq and done[1:] == (tail, tuple(breaks)) and not decision:
@@ -741,8 +743,7 @@ def head(
     Raises ``AuditTrailBroken`` when the trail does not verify against its anchor, so nothing
     is published with a head that a rollback produced.
     """
-    check(con, home, keyring=keyring)
-    tail = _tail(con)
+    tail = check(con, home, keyring=keyring)
     return {"seq": tail.seq, "entry_hash": tail.entry_hash}
 
 
@@ -809,8 +810,7 @@ def append_many(
         return []
     home, keyring = _keyring(con, home, keyring)
     ensure_table(con)
-    check(con, home, keyring=keyring)
-    tail = _tail(con)
+    tail = check(con, home, keyring=keyring)
     genesis = tail.seq == 0 and _fresh(con, home, keyring)
     key = _genesis_key(keyring) if genesis else keyring.get_or_create(KEY_PURPOSE, allow_create=False)
     last = _transaction(con, lambda: _insert(con, key, prepared, tail.seq + 1, tail.entry_hash))
