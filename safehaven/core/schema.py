@@ -9,8 +9,9 @@ owning module imports the constant (and re-exports it under its old name) and ca
 
 * :func:`ensure` creates the named tables that are missing, with the views that belong with
   them and the tables those views read, in declaration (dependency) order. When all exist it
-  costs one catalog query (``duckdb_tables()`` of the database in use), so a module may call it
-  at every unit of work. Migrations of older stores (a column added since the first version)
+  costs a lookup in the catalog per table for up to :data:`LOOKED_UP_AT_MOST` tables
+  (``safehaven.core.store.table_columns``), else one catalog query, so a module may call it at
+  every unit of work. Migrations of older stores (a column added since the first version)
   live with the table they migrate and run only when a column is missing; a view over a
   migrated table is made again, so it shows the new columns.
 * :func:`recreate` replaces a table that is rewritten whole each time (the objection-rate
@@ -44,8 +45,9 @@ the rows being copied, so they cannot be declared here):
 ``tests/unit/test_schema.py`` keeps the rule true: no other module states a column list for a
 ``CREATE TABLE``, or a ``CREATE TABLE IF NOT EXISTS``, except for a name built from data.
 
-This module imports no Dagster and nothing from the stage packages (only ``duckdb``), so every
-room may import it without a cycle.
+This module imports no Dagster and nothing from the stage packages (only ``duckdb`` and, for the
+catalog lookup, ``safehaven.core.store``, which imports nothing of this module), so every room
+may import it without a cycle.
 """
 
 from __future__ import annotations
@@ -491,9 +493,10 @@ def _migrate(con: duckdb.DuckDBPyConnection, tables: list[Table], have: set[tupl
 def ensure(con: duckdb.DuckDBPyConnection, *tables: str) -> None:
     """Create the declared ``tables`` that are missing (with their views), in dependency order.
 
-    One catalog query, which also tells the columns: a table with migrations is brought up to
-    date, and a view over a table that gained a column is made again. Safe inside a caller's
-    transaction.
+    Asks the catalog once (:func:`_catalog`: one lookup per table for a few, else one query),
+    which also tells the columns: a table with migrations is brought up to date, and a view over
+    a table that gained a column is made again. Safe inside a caller's transaction (a lookup of
+    a missing table does not abort it).
     """
     wanted = _closure(tables)
     have = _catalog(con, wanted)
