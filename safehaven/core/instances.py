@@ -224,7 +224,9 @@ _LEFT_BEHIND = (
 
 def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
     """Detach every attached database and drop the borrower's temporary objects; True if nothing
-    of the borrower's is left (``_state`` is compared by the caller)."""
+    of the borrower's is left (``_state`` is compared by the caller). Most borrowers leave nothing
+    once the store is detached: one count (:data:`_LEFT_BEHIND`) says so, and the listings of
+    what to drop and the file cache's emptying (about 3 ms a connection) are skipped."""
     try:
         _rollback(instance)
         instance.execute("USE memory")
@@ -233,11 +235,17 @@ def _reset(instance: duckdb.DuckDBPyConnection) -> bool:
         ).fetchall()
         for (name,) in attached:
             instance.execute(f'DETACH "{name}"')
+        if _nothing_left(instance):
+            return True
         _drop_temporary(instance)
         _forget_files(instance)
-        left = instance.execute(_LEFT_BEHIND).fetchone()
+        return _nothing_left(instance)
     except Exception:  # a DuckDB error, or an interrupted query (RuntimeError): not clean
         return False
+
+
+def _nothing_left(instance: duckdb.DuckDBPyConnection) -> bool:
+    left = instance.execute(_LEFT_BEHIND).fetchone()
     return left is not None and left[0] == 0
 
 
