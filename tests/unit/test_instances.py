@@ -7,6 +7,7 @@ import sys
 import duckdb
 import pytest
 
+from safehaven.core import instances
 from safehaven.core.home import Home
 from safehaven.core.instances import POOL
 from safehaven.core.store import Store
@@ -193,6 +194,44 @@ def test_a_setting_variable_or_statement_a_connection_left_never_reaches_the_nex
     assert not (tmp_path / "log").exists() or not any(
         "ENCRYPTION_KEY" in p.read_text(errors="replace") for p in (tmp_path / "log").rglob("*") if p.is_file()
     )
+
+
+def test_a_query_log_a_connection_left_behind_never_reaches_the_next(store: Store) -> None:
+    """Logging switched on, used and switched off again leaves the settings as they were, but the
+    log keeps each statement's text, values included (found by review): the instance is closed."""
+    with store.connect() as con:
+        con.execute("CALL enable_logging('QueryLog')")
+        con.execute("SELECT 'patient 9434765919'").fetchall()
+        con.execute("CALL disable_logging()")
+        con.execute("SET logging_mode = 'LEVEL_ONLY'")
+        con.execute("SET enabled_log_types = ''")
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM duckdb_logs()").fetchone() == (0,)
+
+
+def test_a_file_the_cache_holds_without_its_bytes_is_forgotten_too(tmp_path) -> None:
+    """DuckDB keeps a file read and then changed in its cache, keyed by its path, with no bytes to
+    list, so no count shows it (found by review): the cache is emptied at every connection's end."""
+    home = Home(tmp_path / "home").ensure()
+    named = home.incoming / "patient_9434765919_extract.parquet"
+    duckdb.sql(f"COPY (SELECT 1 AS a) TO '{named}' (FORMAT parquet)")
+    POOL.clear()
+    emptied = []
+    with Store(home).connect() as con:
+        con.execute(f"SELECT * FROM read_parquet('{named}')").fetchall()
+        lent = con
+    real = instances._forget_files
+
+    def forget(instance: duckdb.DuckDBPyConnection) -> None:
+        emptied.append(instance is lent)
+        real(instance)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(instances, "_forget_files", forget)
+        with Store(home).connect() as con:
+            assert con is lent
+            con.execute("SELECT 1").fetchall()  # a borrower that read no file at all
+    assert emptied == [True]
 
 
 def test_an_interrupted_reset_closes_the_instance_and_releases_the_store(store: Store, home: Home, monkeypatch) -> None:
