@@ -458,7 +458,7 @@ def _catalog(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[tuple[s
     more, by one query: ``duckdb_columns`` (tables and views alike) when one of them needs its
     columns, else the cheaper ``duckdb_tables``."""
     if len(wanted) <= LOOKED_UP_AT_MOST:
-        return {pair for table in wanted for pair in _looked_up(con, table)}
+        return {pair for table in wanted for pair in _pairs(con, table)}
     names = [t.name for t in wanted]
     marks = ", ".join("?" for _ in names)
     columns = any(t.added or t.is_view for t in wanted)
@@ -470,7 +470,7 @@ def _catalog(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[tuple[s
     return set(con.execute(sql, names).fetchall())
 
 
-def _looked_up(con: duckdb.DuckDBPyConnection, table: Table) -> set[tuple[str, str | None]]:
+def _pairs(con: duckdb.DuckDBPyConnection, table: Table) -> set[tuple[str, str | None]]:
     """``table``'s pairs for :func:`_catalog`: none when it does not exist."""
     columns = table_columns(con, *table.name.split("."))
     if not columns:
