@@ -26,7 +26,8 @@ review: one whose name held a dot stopped every run at its start).
   columns, types, defaults and constraints as they are, not as ``safehaven.core.schema``
   declares them), with its comments, in a transaction of its own: all or nothing.
 * The old table is moved aside under a name of its own (a random suffix) and dropped in the
-  same transaction, so a rewrite leaves nothing behind and no other table stands in its way.
+  same transaction (:func:`replace_table`), so a rewrite leaves nothing behind and no other
+  table stands in its way.
 * A table whose declaration sets a column's compression is left alone: the catalog's SQL does
   not carry it (none has an index today).
 * It is never run inside a caller's transaction (refused): a ``BEGIN`` there would abort the
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -105,6 +107,23 @@ def fragmented(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [t for t, groups, rows in con.execute(counted).fetchall() if groups > _needed(rows) + SLACK]
 
 
+def replace_table(con: duckdb.DuckDBPyConnection, table: str, create: Callable[[], object]) -> None:
+    """Replace ``table`` (``zone.name``) by the one ``create`` makes under its name, holding its rows
+    in order, copied by column name; in the caller's transaction. The one place a table is copied
+    into a new one (here; ``safehaven.protect.vault``'s columns of random bytes).
+
+    The old table is moved aside under a name of its own (a random suffix) and dropped, so the copy
+    leaves nothing behind and no table anyone else left in the zone stands in its way (found by
+    review: under a fixed name, one would have stopped every vault write)."""
+    zone, name = table.split(".")
+    aside = f"{name}_replaced_{secrets.token_hex(8)}"
+    con.execute(f"ALTER TABLE {_quoted(table)} RENAME TO {q(aside)}")
+    moved = f"{q(zone)}.{q(aside)}"
+    create()
+    con.execute(f"INSERT INTO {_quoted(table)} BY NAME SELECT * FROM {moved}")
+    con.execute(f"DROP TABLE {moved}")
+
+
 def _needed(rows: int) -> int:
     return max(1, math.ceil(rows / ROW_GROUP_ROWS))
 
@@ -127,11 +146,7 @@ def _rewrite(con: duckdb.DuckDBPyConnection, table: str) -> None:
         "AND schema_name = ? AND table_name = ? AND comment IS NOT NULL",
         [zone, name],
     ).fetchall()
-    moved = f"{name}_compacting_{secrets.token_hex(8)}"
-    con.execute(f"ALTER TABLE {_quoted(table)} RENAME TO {q(moved)}")
-    con.execute(sql)
-    con.execute(f"INSERT INTO {_quoted(table)} SELECT * FROM {_quoted(f'{zone}.{moved}')}")
-    con.execute(f"DROP TABLE {_quoted(f'{zone}.{moved}')}")
+    replace_table(con, table, lambda: con.execute(sql))
     if comment is not None:
         con.execute(f"COMMENT ON TABLE {_quoted(table)} IS {lit(comment)}")
     for column, text in noted:

@@ -81,6 +81,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from safehaven.core import schema
+from safehaven.core.compaction import replace_table
 from safehaven.core.keys import VAULT, Key, KeyRing, key_id, x25519_public
 from safehaven.core.sql import lit, q
 from safehaven.core.store import atomic, table_exists, transaction
@@ -233,10 +234,8 @@ def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
     declared shape that replaces it, in the caller's transaction (or one of its own). A new
     store's empty table is marked so by its first vault write. Returns whether it copied.
 
-    The old table is renamed out of the way under a name of its own (a random suffix) and dropped
-    in the same transaction, so the copy leaves nothing behind, and no table anyone else left in
-    the vault zone can stand in its way (found by review: under a fixed name, one would have
-    stopped every vault write)."""
+    The copy is ``safehaven.core.compaction.replace_table``: nothing is left behind, and no table
+    anyone else left in the vault zone stands in its way."""
     zone, name = IDENTITY.split(".")
     comment = con.execute(
         "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() "
@@ -245,12 +244,8 @@ def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
     ).fetchone()
     if comment is not None and comment[0] == RANDOM_BYTES_MARK:
         return False
-    old = f"{name}_compressed_{secrets.token_hex(8)}"
     with atomic(con):
-        con.execute(f"ALTER TABLE {IDENTITY} RENAME TO {old}")
-        schema.ensure(con, IDENTITY)
-        con.execute(f"INSERT INTO {IDENTITY} BY NAME SELECT * FROM {zone}.{old}")
-        con.execute(f"DROP TABLE {zone}.{old}")
+        replace_table(con, IDENTITY, lambda: schema.ensure(con, IDENTITY))
         con.execute(f"COMMENT ON TABLE {IDENTITY} IS {lit(RANDOM_BYTES_MARK)}")
     return True
 
