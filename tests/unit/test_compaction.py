@@ -224,3 +224,25 @@ def test_a_table_declared_with_a_compression_is_never_rewritten(home: Home, monk
     with store.connect() as con:
         assert _row_groups(con, name) == compaction.SLACK + 3
         assert compaction.fragmented(con) == []
+
+
+def test_a_run_whose_audit_trail_does_not_verify_rewrites_nothing(home: Home) -> None:
+    """The run is refused at its start (``audit.begin_run``) before any table is rewritten: the
+    store stays as the trail's breaker left it, for whoever looks into it."""
+    store = Store(home)
+    _append_one_a_connection(store, compaction.SLACK + 2)
+    with store.connect() as con:
+        for i in range(3):
+            audit.append(con, actor="test", role="pipeline", action="test.step", object=f"step:{i}", home=home)
+        con.execute(f"UPDATE {audit.TABLE} SET actor = 'someone else' WHERE seq = 2")
+        groups = _row_groups(con, BATCHES)
+
+    @dg.asset(required_resource_keys={"haven"})
+    def reads_the_store(context) -> int:  # unannotated: Dagster cannot read an annotation held as a string
+        with context.resources.haven.connect(read_only=True) as con:
+            return _row_groups(con, BATCHES)
+
+    result = dg.materialize([reads_the_store], resources={"haven": SafeHavenResource()}, raise_on_error=False)
+    assert not result.success
+    with store.connect(read_only=True) as con:
+        assert _row_groups(con, BATCHES) == groups == compaction.SLACK + 2
