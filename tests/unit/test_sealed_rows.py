@@ -84,3 +84,32 @@ def test_a_seal_that_fails_part_way_leaves_no_copy_of_the_rows_behind() -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(digests, "SEAL_STATEMENT_ROWS", 2)
         assert sorted(digests.sealed_rows(con, "r", "t._row", group="t._batch")) == sorted(whole)
+
+
+class _Recording:
+    """A connection that records the SQL of each statement it runs."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con, self.statements = con, []
+
+    def execute(self, sql: str, *args: object) -> duckdb.DuckDBPyConnection:
+        self.statements.append(sql)
+        return self.con.execute(sql, *args)
+
+
+def test_groups_of_one_part_each_are_sealed_without_numbering_their_rows() -> None:
+    """When no group holds more rows than a part, every row is in part 0: the digests are those of
+    the numbered statement, computed without numbering the rows (a sort of their text); a group of
+    more than a part is numbered."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE r AS SELECT 'b' || (i % 3) AS _batch, i AS _row, 'é' || i AS v FROM range(12) AS x(i)")
+    recording = _Recording(con)
+    numbered = sorted(con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(digests, "SEAL_PART_ROWS", 4)
+        assert sorted(digests.sealed_rows(recording, "r", "t._row", group="t._batch")) == numbered  # type: ignore[arg-type]
+        assert not any("row_number" in sql for sql in recording.statements)
+        mp.setattr(digests, "SEAL_PART_ROWS", 3)
+        split = sorted(con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall())
+        assert sorted(digests.sealed_rows(recording, "r", "t._row", group="t._batch")) == split  # type: ignore[arg-type]
+        assert "row_number" in recording.statements[-1]
