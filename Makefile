@@ -17,7 +17,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev,deploy]"
 	touch $@
 
+# The haven's own modules compiled to bytecode, as an installed package's are: where
+# PYTHONDONTWRITEBYTECODE is set, every process (the CLI, the code server, each run's worker) would
+# otherwise compile them from source at its start (benchmarks/README.md, "Fixed overhead").
 install: $(VENV)/.installed
+	@$(BIN)/python -m compileall -q safehaven assets resources > /dev/null
 	@mkdir -p $(DAGSTER_HOME) && cp -n deploy/dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
 
 run: install

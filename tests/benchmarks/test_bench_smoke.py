@@ -113,3 +113,17 @@ def test_targets_pass_and_miss_by_their_limits() -> None:
     short = run._target("x", 750_000, 1_000_000, ">=", "")
     assert short["status"] == "MISS" and short["miss_by"] == "25% short of the limit"
     assert run._target("x", None, 1.0, "<=", "n/a")["status"] == "SKIP"
+
+
+def test_the_workers_code_is_a_compiled_copy_whose_digest_is_of_its_sources(tmp_path: Path) -> None:
+    """Workers run from a copy of the code compiled to bytecode, as an installed package is (a
+    worker started where ``PYTHONDONTWRITEBYTECODE`` is set would otherwise compile every module
+    at its start, which the run with nothing to do counts); the copy's digest is of its sources
+    only, so two copies of one tree have the same."""
+    import importlib.util
+
+    code, digest = run.snapshot(tmp_path / "first")
+    sources = sorted((code / "safehaven").rglob("*.py"))
+    assert sources
+    assert all(Path(importlib.util.cache_from_source(str(p))).is_file() for p in sources)
+    assert run.snapshot(tmp_path / "second")[1] == digest
