@@ -17,11 +17,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev,deploy]"
 	touch $@
 
-# The haven's own modules compiled to bytecode, as an installed package's are: where
-# PYTHONDONTWRITEBYTECODE is set, every process (the CLI, the code server, each run's worker) would
-# otherwise compile them from source at its start (benchmarks/README.md, "Fixed overhead").
+# The project's modules (the haven's, the benchmark's, the tests') compiled to bytecode, as an
+# installed package's are: where PYTHONDONTWRITEBYTECODE is set, every process (the CLI, the code
+# server, each run's worker, a test's child) would otherwise compile them from source at its start
+# (benchmarks/README.md, "What runs").
 install: $(VENV)/.installed
-	@$(BIN)/python -m compileall -q safehaven assets resources > /dev/null
+	@$(BIN)/python -m compileall -q safehaven assets resources benchmarks tests > /dev/null
 	@mkdir -p $(DAGSTER_HOME) && cp -n deploy/dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
 
 run: install
