@@ -69,20 +69,9 @@ The one place that runs GX, and the one place that knows its DuckDB workarounds.
 
 from __future__ import annotations
 
-import logging
-import os
+from safehaven.intake import gx_quiet
 
-# Before the first import of great_expectations: GX reads it at import time.
-os.environ["GX_ANALYTICS_ENABLED"] = "False"
-# GX logs database errors verbatim, and a DuckDB error can quote a value ("Could not convert
-# string '...'"); errors reach the caller through the scrubbed result instead. Some GX loggers
-# set their own level (``data_context.types.base`` is INFO), so the level of the parent is not
-# enough: GX's records stop at its top logger. To debug GX itself, outside production data,
-# set ``logging.getLogger("great_expectations").propagate = True`` after importing this module.
-_gx_logger = logging.getLogger("great_expectations")
-_gx_logger.setLevel(logging.CRITICAL)
-_gx_logger.addHandler(logging.NullHandler())
-_gx_logger.propagate = False
+gx_quiet.apply()  # before the first import of great_expectations (it reads the environment then)
 
 import re  # noqa: E402
 import time  # noqa: E402

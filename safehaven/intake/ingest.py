@@ -103,6 +103,7 @@ from safehaven.intake import batch_seal, landings
 from safehaven.intake import control as totals
 from safehaven.intake.batch_seal import Sealer
 from safehaven.intake.contracts import Contract
+from safehaven.intake.preload import checks_imported_beside
 from safehaven.intake.refusals import FileRejected
 
 SUPPORTED = (".csv", ".parquet")
@@ -826,10 +827,11 @@ def land_file(
     names = ", ".join(q(f) for f in contract.field_names)
     con.execute("BEGIN TRANSACTION")
     try:
-        inserted = con.execute(
-            f"INSERT INTO landing.{contract.collection} ({names}, _batch, _row) "
-            f"SELECT {names}, {lit(sha)}, row_number() OVER () FROM ({relation})"
-        ).fetchone()
+        with checks_imported_beside():  # its validation's imports, while DuckDB inserts (issue 22)
+            inserted = con.execute(
+                f"INSERT INTO landing.{contract.collection} ({names}, _batch, _row) "
+                f"SELECT {names}, {lit(sha)}, row_number() OVER () FROM ({relation})"
+            ).fetchone()
         rows = int(inserted[0]) if inserted else 0
         if declared is not None:
             totals.check_rows(declared, rows)

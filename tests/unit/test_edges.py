@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = ["core", "intake", "protect", "share", "publish", "dispose"]
 READS = re.compile(r"os\.environ|getenv|environ\.get|os\.putenv")
 #: the GX analytics switch: GX reads it at import time and the haven turns it off (not a setting)
-GX_SWITCH = ("safehaven/intake/gx_duckdb.py", 'os.environ["GX_ANALYTICS_ENABLED"] = "False"')
+GX_SWITCH = ("safehaven/intake/gx_quiet.py", 'os.environ["GX_ANALYTICS_ENABLED"] = "False"')
 #: the SQL gate names DuckDB's getenv() among the functions refused in output SQL (not a read)
 SQL_GATE = "safehaven/publish/sql_gate.py"
 

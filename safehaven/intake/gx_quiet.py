@@ -1,0 +1,31 @@
+"""What Great Expectations needs set before it is imported (``safehaven.intake.gx_duckdb``).
+
+* ``GX_ANALYTICS_ENABLED=False``: GX reads it at import time.
+* GX's log records stop at its top logger. GX logs database errors verbatim, and a DuckDB error
+  can quote a value ("Could not convert string '...'"); errors reach the caller through the
+  scrubbed result instead. Some GX loggers set their own level (``data_context.types.base`` is
+  INFO), so the level of the parent is not enough. To debug GX itself, outside production data,
+  set ``logging.getLogger("great_expectations").propagate = True`` after importing
+  ``safehaven.intake.gx_duckdb``.
+
+``safehaven.intake.preload`` calls :func:`apply` in its own thread before it imports GX in
+another, so the process's environment is never changed from a thread while DuckDB runs in this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+#: GX's top logger: its records go no further
+GX_LOGGER = "great_expectations"
+
+
+def apply() -> None:
+    """Analytics off and GX's records kept from every handler (module docstring); idempotent."""
+    os.environ["GX_ANALYTICS_ENABLED"] = "False"
+    logger = logging.getLogger(GX_LOGGER)
+    logger.setLevel(logging.CRITICAL)
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+    logger.propagate = False

@@ -1,0 +1,106 @@
+"""Great Expectations imported beside a landing's insert (``safehaven.intake.preload``, issue 22):
+validation finds its modules imported, the import never outlives the landing, and a failed
+import is left for validation to raise."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from safehaven.core.home import Home
+from safehaven.core.store import Store
+from safehaven.intake import ingest, preload
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from tests.unit.validation_helpers import gp_rows, write_csv
+
+ROOT = Path(__file__).resolve().parents[2]
+GP = ContractRegistry(CONTRACTS_DIR).contracts["gp_events"]
+THREAD = "safehaven-import-checks"
+
+
+def _in_a_new_process(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (nothing of Great Expectations imported yet); its output."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_the_checks_are_imported_while_the_block_runs_and_the_thread_ends_with_it() -> None:
+    """Inside the block another thread imports the checks' modules while this one goes on; at its
+    end they are imported and the thread has ended; GX's environment was set in the calling
+    thread, before the import began; a second block starts nothing."""
+    out = _in_a_new_process(
+        "import os, sys, threading\n"
+        "from safehaven.intake import preload\n"
+        "assert not any(m in sys.modules for m in ('great_expectations', *preload.CHECK_MODULES))\n"
+        "with preload.checks_imported_beside():\n"
+        "    env = os.environ.get('GX_ANALYTICS_ENABLED')\n"
+        "    during = [t.name for t in threading.enumerate()]\n"
+        "after = [t.name for t in threading.enumerate()]\n"
+        "imported = all(m in sys.modules for m in ('great_expectations', *preload.CHECK_MODULES))\n"
+        "with preload.checks_imported_beside():\n"
+        "    again = [t.name for t in threading.enumerate()]\n"
+        "print(env, 'safehaven-import-checks' in during, 'safehaven-import-checks' in after, imported,"
+        " 'safehaven-import-checks' in again)"
+    )
+    assert out == "False True False True False"
+
+
+def test_a_module_that_fails_to_import_is_left_for_validation_to_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block ends quietly and the thread with it; GX's environment was set in the calling
+    thread (the process's environment is never changed from a thread while DuckDB runs)."""
+    quietened: list[str] = []
+    monkeypatch.setattr(preload, "CHECK_MODULES", ("safehaven.intake.no_such_module",))
+    monkeypatch.setattr(preload.gx_quiet, "apply", lambda: quietened.append(threading.current_thread().name))
+    with preload.checks_imported_beside():
+        pass
+    assert THREAD not in [t.name for t in threading.enumerate()]
+    assert "safehaven.intake.no_such_module" not in sys.modules
+    assert quietened == [threading.current_thread().name]
+
+
+def test_a_landing_imports_the_checks_while_it_inserts_the_file(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The landing's insert runs inside the block (no row landed at its start, the file's at its
+    end): the import runs beside DuckDB's work on the file, not beside the landing's own Python
+    work before it (the file's digest and byte checks), which it would hold up."""
+    landed: list[int] = []
+    original = ingest.checks_imported_beside
+    with store.connect() as con:
+
+        @contextlib.contextmanager
+        def recording() -> Iterator[None]:
+            with original():
+                landed.append(con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0])
+                yield
+                landed.append(con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0])
+
+        monkeypatch.setattr(ingest, "checks_imported_beside", recording)
+        write_csv(home.incoming_for("gp_events") / "gp.csv", gp_rows(4), GP.field_names)
+        report = ingest.ingest_collection(con, GP, home.incoming_for("gp_events"), home.quarantine_for("gp_events"))
+    assert report.files_landed == 1
+    assert landed == [0, 4]
+
+
+def test_nothing_is_started_once_the_checks_are_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The night's later landings (another file, another collection) start no thread."""
+    for module in preload.CHECK_MODULES:
+        importlib.import_module(module)
+    started: list[str] = []
+
+    class Recording(threading.Thread):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(preload.threading, "Thread", Recording)
+    with preload.checks_imported_beside():
+        pass
+    assert started == []
