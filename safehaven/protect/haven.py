@@ -59,6 +59,7 @@ from safehaven.intake.contracts import Contract
 from safehaven.intake.ingest import BATCHES
 from safehaven.protect import feed
 from safehaven.protect.objections import (
+    counted_whole,
     ensure_tables,
     never_sent_sql,
     record_type1_incident,
@@ -303,6 +304,7 @@ def build_haven(
             # the monitor's list sizes must still count the people whose records were dropped
             report.practice_registrations = register_practices(con, dropped, contract.practice_field, c)
             kept = f"(SELECT * FROM {incoming} WHERE {nhs} IS NULL OR {nhs} NOT IN (SELECT nhs FROM _type1))"
+        first = con.execute(f"SELECT NOT EXISTS (SELECT 1 FROM haven.{c})").fetchone()[0]
         con.execute(f"INSERT INTO haven.{c} {haven_select_sql(contract, kept, ids='_ids')}")
         if contract.practice_field:  # the monitor's running list sizes (objections.seed_members)
             # the pairs of the records just written, from the source: each distinct (practice,
@@ -313,6 +315,8 @@ def build_haven(
                 f"JOIN _ids i ON i.nhs = d.{nhs})"
             )
             report.practice_registrations += register_practices(con, new_rows, contract.practice_field, c)
+            if first:  # every row of the table was counted as it entered: nothing to count whole
+                counted_whole(con, c)
         report.rows_out = report.rows_in - report.type1_dropped
         # in the same transaction as the batch's entry: a kill after the commit cannot lose the
         # incident of a batch that will never be new again (both registers are plain INSERTs)

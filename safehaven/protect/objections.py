@@ -661,6 +661,19 @@ def seed_members(
     return added
 
 
+def counted_whole(con: duckdb.DuckDBPyConnection, collection: str) -> None:
+    """Record ``collection``'s GP haven table as counted whole (:func:`seed_members`) when its first
+    batch entered it empty: each of its rows then came with a batch whose pairs were added as it
+    entered (``safehaven.protect.haven.build_haven``), so counting the table whole would add none,
+    and a first night's monitor would read every record for nothing (0.8 s at 909,091 patients).
+    Called in the batch's transaction; a collection already recorded keeps its record."""
+    con.execute(
+        f"INSERT INTO {MEMBERS_SEEDED} SELECT ?, now() WHERE NOT EXISTS "
+        f"(SELECT 1 FROM {MEMBERS_SEEDED} WHERE collection = ?)",
+        [collection, collection],
+    )
+
+
 @dataclass(frozen=True)
 class PracticeRate:
     """One practice's objection rate against the baseline it was compared with."""

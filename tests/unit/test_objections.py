@@ -21,7 +21,9 @@ from safehaven.core.store import Store, table_exists
 from safehaven.intake import landings
 from safehaven.protect.objections import (
     EVENTS,
+    MEMBERS_SEEDED,
     REGISTRATIONS,
+    TYPE1,
     TYPE1_INCIDENTS,
     binomial_upper,
     current_sql,
@@ -29,10 +31,11 @@ from safehaven.protect.objections import (
     never_sent_sql,
     objection_rates,
     objectors_sql,
+    seed_members,
     type1_objectors_sql,
 )
 from safehaven.protect.pseudonymise import hmac_sql, install_key
-from tests.unit.populate import populated
+from tests.unit.populate import drop, populated, process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -795,3 +798,41 @@ def test_a_store_without_the_haven_batch_record_has_it_filled_once_and_adds_noth
         assert con.execute("SELECT count(*) FROM haven.gp_events").fetchone()[0] == rows
         again = con.execute("SELECT collection, count(*) FROM governance.haven_batches GROUP BY 1 ORDER BY 1")
         assert again.fetchall() == recorded
+
+
+GP_SOURCES = [("haven.gp_events", "practice_code")]
+
+
+def _registrations(con: duckdb.DuckDBPyConnection) -> tuple:
+    return con.execute(f"SELECT count(*), sum(hash(practice, pid)) FROM {REGISTRATIONS}").fetchone()
+
+
+def test_a_gp_haven_table_filled_batch_by_batch_is_never_counted_whole(home: Home) -> None:
+    """The first GP batch enters an empty haven table, so each of its rows is counted as it
+    enters: the batch records the table as counted whole, and the monitor reads no haven record
+    (a whole recount adds no pair: the running counts are already complete)."""
+    populated(home)
+    with Store(home).connect() as con:
+        assert con.execute(f"SELECT collection FROM {MEMBERS_SEEDED}").fetchall() == [("gp_events",)]
+        before = _registrations(con)
+        objection_rates(con, TYPE1, gp_sources=GP_SOURCES)
+        assert _registrations(con) == before
+        con.execute(f"DELETE FROM {MEMBERS_SEEDED}")
+        assert seed_members(con, GP_SOURCES) == 0
+
+
+def test_a_gp_haven_table_that_held_rows_before_running_counts_is_still_counted_whole(home: Home) -> None:
+    """A table with rows and no record that they were counted (a haven made before the running
+    counts) is not recorded by its next batch: the monitor counts it whole, once."""
+    populated(home)
+    with Store(home).connect() as con:
+        con.execute(f"DELETE FROM {MEMBERS_SEEDED}")
+        con.execute(f"DELETE FROM {REGISTRATIONS}")
+    drop(home, seed=8)
+    process(home)
+    with Store(home).connect() as con:
+        assert con.execute(f"SELECT count(*) FROM {MEMBERS_SEEDED}").fetchone() == (0,)
+        only_new = _registrations(con)[0]
+        objection_rates(con, TYPE1, gp_sources=GP_SOURCES)
+        assert con.execute(f"SELECT collection FROM {MEMBERS_SEEDED}").fetchall() == [("gp_events",)]
+        assert _registrations(con)[0] > only_new
