@@ -120,15 +120,14 @@ def sealed_rows(
     text joined ``SEAL_STATEMENT_ROWS`` rows at a time, so memory holds that much text, not every
     row's (found by review: a seal over 3M rows failed under a 300 MB limit). The rows are laid
     out once, sorted by group and part, in a temporary table DuckDB can spill; the digests are the
-    same. No more rows than one statement joins: that one statement (fewer statements per seal), or
-    when no group holds more than a part, :func:`_one_part_each`.
+    same. No more rows than one statement joins: that one statement (fewer statements per seal),
+    and no more than a part's: :func:`_one_part_each`.
     """
-    rows, largest = con.execute(  # type: ignore[misc]
-        f"SELECT coalesce(sum(n), 0), coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM {relation} t {where} "
-        f"GROUP BY {group})"
-    ).fetchone()
-    if rows <= SEAL_STATEMENT_ROWS and largest <= SEAL_PART_ROWS:
-        return _one_part_each(con, relation, order, group, where)
+    rows = con.execute(f"SELECT count(*) FROM {relation} t {where}").fetchone()[0]  # type: ignore[index]
+    if rows <= SEAL_PART_ROWS:
+        sealed = _one_part_each(con, relation, order, group, where)
+        if sealed is not None:
+            return sealed
     if rows <= SEAL_STATEMENT_ROWS:
         found = con.execute(sealed_rows_sql(con, relation, order, group=group, where=where)).fetchall()
         return [(g, int(n), str(d)) for g, n, d in found]
@@ -142,22 +141,27 @@ def sealed_rows(
 
 def _one_part_each(
     con: duckdb.DuckDBPyConnection, relation: str, order: str, group: str, where: str
-) -> list[tuple[Any, int, str]]:
-    """The rows of :func:`sealed_rows_sql` when no group holds more than ``SEAL_PART_ROWS`` rows:
-    each group is its one part, ``0``, so its digest is SHA-256 over ``0:`` and the hex SHA-256 of
-    its rows' text in order (``_SEALS`` over ``_PART_DIGESTS``). The rows are not numbered (a sort
-    of their text), and the SHA-256s are Python's ``hashlib`` (OpenSSL: about 1.6 times DuckDB's
-    ``sha256`` here), a group's text fetched one at a time: a seal of the register of six nights at
-    30,000 patients (24,000 events) 55 -> 33 ms here, of its six objections batches 30 -> 17 ms."""
-    result = con.execute(
+) -> list[tuple[Any, int, str]] | None:
+    """The rows of :func:`sealed_rows_sql` for at most ``SEAL_PART_ROWS`` rows (:func:`sealed_rows`
+    counted them): every group is its one part, ``0``, so its digest is SHA-256 over ``0:`` and the
+    hex SHA-256 of its rows' text in order (``_SEALS`` over ``_PART_DIGESTS``). The rows are not
+    numbered (a sort of their text), and the SHA-256s are Python's ``hashlib`` (OpenSSL: about 1.6
+    times DuckDB's ``sha256`` here), the text of at most a part's rows fetched (a few tens of MB): a
+    seal of the register of six nights at 30,000 patients (24,000 events) 55 -> 33 ms here, of its
+    six objections batches 30 -> 17 ms. None when a group holds more rows than a part after all
+    (rows added since they were counted, or a ``where`` that is not the same twice): the caller
+    seals them part by part, so the digest is always the one :func:`sealed_rows_sql` gives (found
+    by review)."""
+    found = con.execute(
         f"WITH {_rows_sql(con, relation, order, group, where)} "
         f"SELECT _g, count(*), encode(string_agg(_j, chr(10) {_ORDERED})) FROM _r GROUP BY _g"
-    )
-    sealed: list[tuple[Any, int, str]] = []
-    while (row := result.fetchone()) is not None:
-        part = hashlib.sha256(row[2]).hexdigest()
-        sealed.append((row[0], int(row[1]), hashlib.sha256(f"0:{part}".encode()).hexdigest()))
-    return sealed
+    ).fetchall()
+    if any(n > SEAL_PART_ROWS for _, n, _ in found):
+        return None
+    return [
+        (g, int(n), hashlib.sha256(f"0:{hashlib.sha256(text).hexdigest()}".encode()).hexdigest())
+        for g, n, text in found
+    ]
 
 
 def _seal_in_chunks(con: duckdb.DuckDBPyConnection, relation: str, order: str, group: str, where: str) -> None:

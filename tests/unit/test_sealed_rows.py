@@ -75,41 +75,73 @@ def test_a_seal_that_fails_part_way_leaves_no_copy_of_the_rows_behind() -> None:
     con = duckdb.connect()
     con.execute("CREATE TABLE r AS SELECT 'b' || (i % 3) AS _batch, i AS _row FROM range(10) AS x(i)")
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(digests, "SEAL_PART_ROWS", 2)
         mp.setattr(digests, "SEAL_STATEMENT_ROWS", 2)
         mp.setattr(digests, "_SEALS", "SELECT no_such_column FROM _p")
         with pytest.raises(duckdb.BinderException):
             digests.sealed_rows(con, "r", "t._row", group="t._batch")
         assert not con.execute("SELECT * FROM duckdb_tables() WHERE table_name LIKE '\\_seal%' ESCAPE '\\'").fetchall()
-    whole = con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall()
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(digests, "SEAL_PART_ROWS", 2)
         mp.setattr(digests, "SEAL_STATEMENT_ROWS", 2)
+        whole = con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall()
         assert sorted(digests.sealed_rows(con, "r", "t._row", group="t._batch")) == sorted(whole)
 
 
 class _Recording:
-    """A connection that records the SQL of each statement it runs."""
+    """A connection that records the SQL of each statement it runs, and runs ``after_first`` (on
+    the connection) once its first statement has run."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
-        self.con, self.statements = con, []
+    def __init__(self, con: duckdb.DuckDBPyConnection, after_first: str = "") -> None:
+        self.con, self.statements, self.after_first = con, [], after_first
 
     def execute(self, sql: str, *args: object) -> duckdb.DuckDBPyConnection:
         self.statements.append(sql)
-        return self.con.execute(sql, *args)
+        result = self.con.execute(sql, *args)
+        if len(self.statements) == 1 and self.after_first:
+            rows = result.fetchall()
+            self.con.execute(self.after_first)
+            return _Fetched(rows)  # type: ignore[return-value]
+        return result
 
 
-def test_groups_of_one_part_each_are_sealed_without_numbering_their_rows() -> None:
-    """When no group holds more rows than a part, every row is in part 0: the digests are those of
-    the numbered statement, computed without numbering the rows (a sort of their text); a group of
-    more than a part is numbered."""
+class _Fetched:
+    def __init__(self, rows: list) -> None:
+        self.rows = rows
+
+    def fetchone(self) -> tuple:
+        return self.rows[0]
+
+
+def test_no_more_rows_than_a_part_are_sealed_without_numbering_them() -> None:
+    """At most a part's rows: every group is in part 0, and the digests are those of the numbered
+    statement, computed without numbering the rows (a sort of their text); more rows than a part
+    are numbered."""
     con = duckdb.connect()
     con.execute("CREATE TABLE r AS SELECT 'b' || (i % 3) AS _batch, i AS _row, 'é' || i AS v FROM range(12) AS x(i)")
     recording = _Recording(con)
     numbered = sorted(con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(digests, "SEAL_PART_ROWS", 4)
+        mp.setattr(digests, "SEAL_PART_ROWS", 12)
         assert sorted(digests.sealed_rows(recording, "r", "t._row", group="t._batch")) == numbered  # type: ignore[arg-type]
         assert not any("row_number" in sql for sql in recording.statements)
-        mp.setattr(digests, "SEAL_PART_ROWS", 3)
-        split = sorted(con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall())
-        assert sorted(digests.sealed_rows(recording, "r", "t._row", group="t._batch")) == split  # type: ignore[arg-type]
+        mp.setattr(digests, "SEAL_PART_ROWS", 11)
+        assert sorted(digests.sealed_rows(recording, "r", "t._row", group="t._batch")) == numbered  # type: ignore[arg-type]
         assert "row_number" in recording.statements[-1]
+
+
+def test_a_group_grown_past_a_part_since_it_was_counted_is_sealed_part_by_part() -> None:
+    """Rows added between the count and the digest (found by review): a group now holding more
+    rows than a part is not digested as one part; the seal is the numbered statement's over the
+    rows as they now are."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE r AS SELECT 'b' AS _batch, i AS _row FROM range(4) AS x(i)")
+    recording = _Recording(con, after_first="INSERT INTO r VALUES ('b', 4), ('b', 5)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(digests, "SEAL_PART_ROWS", 4)
+        sealed = digests.sealed_rows(recording, "r", "t._row", group="t._batch")  # type: ignore[arg-type]
+        assert sealed == [
+            (g, int(n), str(d))
+            for g, n, d in con.execute(digests.sealed_rows_sql(con, "r", "t._row", group="t._batch")).fetchall()
+        ]
+    assert sealed[0][1] == 6
