@@ -20,9 +20,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 # The project's modules (the haven's, the benchmark's, the tests') compiled to bytecode, as an
 # installed package's are: where PYTHONDONTWRITEBYTECODE is set, every process (the CLI, the code
 # server, each run's worker, a test's child) would otherwise compile them from source at its start
-# (benchmarks/README.md, "What runs").
+# (benchmarks/README.md, "What runs"). Checked against each source's hash, not its time, so an
+# edited module is never run from older bytecode; bytecode that cannot be written only costs time.
 install: $(VENV)/.installed
-	@$(BIN)/python -m compileall -q safehaven assets resources benchmarks tests > /dev/null
+	@$(BIN)/python -m compileall -q --invalidation-mode checked-hash safehaven assets resources benchmarks tests \
+		|| echo "make install: bytecode not written (above); the haven runs from its sources"
 	@mkdir -p $(DAGSTER_HOME) && cp -n deploy/dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
 
 run: install
