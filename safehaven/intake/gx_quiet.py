@@ -9,7 +9,8 @@
   ``safehaven.intake.gx_duckdb``.
 
 ``safehaven.intake.preload`` calls :func:`apply` in its own thread before it imports GX in
-another, so the process's environment is never changed from a thread while DuckDB runs in this one.
+another, whose ``gx_duckdb`` then finds nothing to change: the process's environment is never
+changed from that thread while DuckDB runs in this one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ GX_LOGGER = "great_expectations"
 
 def apply() -> None:
     """Analytics off and GX's records kept from every handler (module docstring); idempotent."""
-    os.environ["GX_ANALYTICS_ENABLED"] = "False"
+    if os.environ.get("GX_ANALYTICS_ENABLED") != "False":  # written once: preload's thread calls this too
+        os.environ["GX_ANALYTICS_ENABLED"] = "False"
     logger = logging.getLogger(GX_LOGGER)
     logger.setLevel(logging.CRITICAL)
     if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):

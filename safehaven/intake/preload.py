@@ -10,9 +10,10 @@ at the intake step's start, the import held the GIL against the landing's own Py
 file's digest, its byte checks) and the step gained nothing (measured here: the landing began
 1.6 s later, the validation ended 1.9 s sooner).
 
-The thread never outlives the block (it is waited for at the block's end), so no import lock is
-held when the process forks or exits; a failed import is left for validation's own import to
-raise and report. What GX needs set before it is imported (``safehaven.intake.gx_quiet``: an
+The thread never outlives the block (it is waited for at the block's end, unless the block ends
+by an interrupt, which is not held up: the process is stopping), so no import lock is held when
+the process forks or exits; a failed import is left for validation's own import to raise and
+report. What GX needs set before it is imported (``safehaven.intake.gx_quiet``: an
 environment variable, its loggers) is set in the calling thread before the other starts.
 """
 
@@ -40,9 +41,15 @@ def checks_imported_beside() -> Iterator[None]:
         thread.start()
     try:
         yield
-    finally:
-        if thread.ident is not None:
-            thread.join()
+    except Exception:  # not an interrupt: that is raised at once, not held up by the import (found by review)
+        _wait(thread)
+        raise
+    _wait(thread)
+
+
+def _wait(thread: threading.Thread) -> None:
+    if thread.ident is not None:
+        thread.join()
 
 
 def _import_checks() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from safehaven.core.home import Home
 from safehaven.core.store import Store
-from safehaven.intake import ingest, preload
+from safehaven.intake import gx_quiet, ingest, preload
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from tests.unit.validation_helpers import gp_rows, write_csv
 
@@ -104,3 +104,47 @@ def test_nothing_is_started_once_the_checks_are_imported(monkeypatch: pytest.Mon
     with preload.checks_imported_beside():
         pass
     assert started == []
+
+
+def _slow_import(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An import that lasts until the returned event is set (the checks' modules made to look unimported)."""
+    release = threading.Event()
+    monkeypatch.setattr(preload, "CHECK_MODULES", ("safehaven.intake.not_imported_here",))
+    monkeypatch.setattr(preload, "_import_checks", lambda: release.wait(30))
+    return release
+
+
+def test_an_interrupt_is_not_held_up_by_the_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during a landing stops it at once (found by review: the block waited for the import)."""
+    release = _slow_import(monkeypatch)
+    try:
+        with pytest.raises(KeyboardInterrupt), preload.checks_imported_beside():
+            raise KeyboardInterrupt
+        assert THREAD in [t.name for t in threading.enumerate()]  # still importing: it was not waited for
+    finally:
+        release.set()
+
+
+def test_an_error_in_the_block_waits_for_the_import_before_it_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = _slow_import(monkeypatch)
+    threading.Timer(0.2, release.set).start()
+    with pytest.raises(ValueError, match="the landing failed"), preload.checks_imported_beside():
+        raise ValueError("the landing failed")
+    assert THREAD not in [t.name for t in threading.enumerate()]
+
+
+def test_gx_is_made_quiet_without_writing_the_environment_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The import's own call (``gx_duckdb`` at import, in the thread) finds the variable set and
+    writes nothing: the environment is written once, in the calling thread."""
+    writes: list[str] = []
+
+    class Environ(dict):
+        def __setitem__(self, key: str, value: str) -> None:
+            writes.append(key)
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(gx_quiet.os, "environ", Environ())
+    gx_quiet.apply()
+    gx_quiet.apply()
+    assert writes == ["GX_ANALYTICS_ENABLED"]
+    assert gx_quiet.os.environ["GX_ANALYTICS_ENABLED"] == "False"
