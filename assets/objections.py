@@ -23,7 +23,7 @@ from safehaven.protect.objections import (
     RESTATEMENTS,
     TYPE1,
     current_sql,
-    objection_rates,
+    objection_rates_of,
     save_rates,
 )
 from safehaven.protect.pseudonymise import install_key
@@ -197,9 +197,7 @@ def build(registry: ContractRegistry) -> list[dg.AssetsDefinition]:
                 for c in gp
                 if store.table_exists(con, "haven", c.collection)
             ]  # none before a GP batch arrives
-            rates = objection_rates(con, TYPE1, gp_sources=sources) + objection_rates(
-                con, NATIONAL_OPT_OUT, gp_sources=sources
-            )
+            rates = objection_rates_of(con, (TYPE1, NATIONAL_OPT_OUT), gp_sources=sources)
             save_rates(con, rates)
         type1 = [r for r in rates if r.objection_type == TYPE1]
         outliers = [r for r in type1 if r.outlier]

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import NamedTuple
@@ -739,13 +739,46 @@ def objection_rates(
       construction. With real data, inflate the variance by the estimated dispersion factor
       (Spiegelhalter's multiplicative or additive random-effects model) before relying on it.
     """
+    return objection_rates_of(con, (objection_type,), as_of, alpha, gp_sources)
+
+
+def objection_rates_of(
+    con: duckdb.DuckDBPyConnection,
+    objection_types: Sequence[str],
+    as_of: str | date | None = None,
+    alpha: float = ALPHA_UPPER,
+    gp_sources: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+) -> list[PracticeRate]:
+    """:func:`objection_rates` of each of ``objection_types`` in turn (each type's practices in
+    order), counted in one pass over the practices' people: the lists are the same for every
+    type, and reading them is most of the cost (0.5 s a type at 909,091 patients, issue 22)."""
     ensure_tables(con)
-    if objection_type not in TYPES:
-        raise ValueError(f"unknown objection type {objection_type!r}")
-    practice_filter = "AND e.source_practice = m.practice" if objection_type == TYPE1 else ""
+    unknown = [t for t in objection_types if t not in TYPES]
+    if unknown:
+        raise ValueError(f"unknown objection type {unknown[0]!r}")
     seed_members(con, gp_sources)
-    rows = con.execute(
-        f"""
+    rows = con.execute(_rates_sql(objection_types, as_of)).fetchall()
+    return [
+        _practice_rate(practice, kind, int(n), int(counts[2 * i]), counts[2 * i + 1], alpha)
+        for i, kind in enumerate(objection_types)
+        for practice, n, *counts in rows  # one row per practice, not per person
+    ]
+
+
+def _rates_sql(objection_types: Sequence[str], as_of: str | date | None) -> str:
+    """SQL: per practice, its list size ``n`` and, for each type in order, its objectors and the
+    pooled rate of every other practice (:func:`objection_rates`)."""
+    objects = ", ".join(
+        f"bool_or(e.objection_type = {lit(kind)} "
+        f"{'AND e.source_practice = m.practice' if kind == TYPE1 else ''} AND {in_force_sql(as_of)}) AS o{i}"
+        for i, kind in enumerate(objection_types)
+    )
+    counts = ", ".join(f"count(*) FILTER (WHERE o{i}) AS x{i}" for i in range(len(objection_types)))
+    totals = ", ".join(f"sum(x{i}) AS big_x{i}" for i in range(len(objection_types)))
+    rates = ", ".join(
+        f"x{i}, CASE WHEN big_n - n > 0 THEN (big_x{i} - x{i}) / (big_n - n) END" for i in range(len(objection_types))
+    )
+    return f"""
         WITH members AS (
             SELECT practice, pid FROM {REGISTRATIONS}
             UNION
@@ -754,46 +787,38 @@ def objection_rates(
         ),
         latest AS ({episodes_sql()}),
         objecting AS (
-            SELECT m.practice, m.pid,
-                   bool_or(e.objection_type = '{objection_type}' {practice_filter} AND {in_force_sql(as_of)})
-                       AS objects
+            SELECT m.practice, m.pid, {objects}
             FROM members m LEFT JOIN latest e ON e.pid = m.pid
-            GROUP BY ALL
+            GROUP BY m.practice, m.pid
         ),
-        per AS (
-            SELECT practice, count(*) AS n, count(*) FILTER (WHERE objects) AS x FROM objecting GROUP BY practice
-        ),
-        tot AS (SELECT sum(n) AS big_n, sum(x) AS big_x FROM per)
-        SELECT practice, n, x,
-               CASE WHEN big_n - n > 0 THEN (big_x - x) / (big_n - n) END AS p0
+        per AS (SELECT practice, count(*) AS n, {counts} FROM objecting GROUP BY practice),
+        tot AS (SELECT sum(n) AS big_n, {totals} FROM per)
+        SELECT practice, n, {rates}
         FROM per, tot ORDER BY practice
         """
-    ).fetchall()
-    out: list[PracticeRate] = []
-    for practice, n, x, p0 in rows:  # one row per practice, not per person
-        n, x = int(n), int(x)
-        rate = x / n if n else 0.0
-        assessed = n > 0 and p0 is not None and 0.0 < p0 < 1.0
-        upper = p_value = z = None
-        if assessed:
-            p_value, upper = binomial_upper(n, p0, x, alpha)
-            z = (rate - p0) / math.sqrt(p0 * (1 - p0) / n)
-        out.append(
-            PracticeRate(
-                practice=practice,
-                objection_type=objection_type,
-                list_size=n,
-                objectors=x,
-                rate=rate,
-                baseline=float(p0 or 0.0),
-                upper_limit=upper,
-                p_value=p_value,
-                z=z,
-                assessed=assessed,
-                outlier=bool(assessed and p_value is not None and p_value < alpha),
-            )
-        )
-    return out
+
+
+def _practice_rate(practice: str, kind: str, n: int, x: int, p0: float | None, alpha: float) -> PracticeRate:
+    """One practice's rate against its baseline ``p0``, with the exact upper control limit (:func:`objection_rates`)."""
+    rate = x / n if n else 0.0
+    assessed = n > 0 and p0 is not None and 0.0 < p0 < 1.0
+    upper = p_value = z = None
+    if assessed:
+        p_value, upper = binomial_upper(n, p0, x, alpha)
+        z = (rate - p0) / math.sqrt(p0 * (1 - p0) / n)
+    return PracticeRate(
+        practice=practice,
+        objection_type=kind,
+        list_size=n,
+        objectors=x,
+        rate=rate,
+        baseline=float(p0 or 0.0),
+        upper_limit=upper,
+        p_value=p_value,
+        z=z,
+        assessed=assessed,
+        outlier=bool(assessed and p_value is not None and p_value < alpha),
+    )
 
 
 def save_rates(con: duckdb.DuckDBPyConnection, rates: list[PracticeRate]) -> None:

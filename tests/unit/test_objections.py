@@ -22,6 +22,7 @@ from safehaven.intake import landings
 from safehaven.protect.objections import (
     EVENTS,
     MEMBERS_SEEDED,
+    NATIONAL_OPT_OUT,
     REGISTRATIONS,
     TYPE1,
     TYPE1_INCIDENTS,
@@ -30,6 +31,7 @@ from safehaven.protect.objections import (
     ensure_tables,
     never_sent_sql,
     objection_rates,
+    objection_rates_of,
     objectors_sql,
     seed_members,
     type1_objectors_sql,
@@ -836,3 +838,50 @@ def test_a_gp_haven_table_that_held_rows_before_running_counts_is_still_counted_
         objection_rates(con, TYPE1, gp_sources=GP_SOURCES)
         assert con.execute(f"SELECT collection FROM {MEMBERS_SEEDED}").fetchall() == [("gp_events",)]
         assert _registrations(con)[0] > only_new
+
+
+def test_the_rates_of_both_types_counted_in_one_pass_are_those_of_each_type_alone(home: Home) -> None:
+    """The monitor reads the practices' people once for both types (issue 22): the same rates, in
+    the same order, as one assessment per type."""
+    populated(home)
+    with Store(home).connect() as con:
+        each = objection_rates(con, TYPE1, gp_sources=GP_SOURCES) + objection_rates(
+            con, NATIONAL_OPT_OUT, gp_sources=GP_SOURCES
+        )
+        both = objection_rates_of(con, (TYPE1, NATIONAL_OPT_OUT), gp_sources=GP_SOURCES)
+        with pytest.raises(ValueError, match="unknown objection type 'type3'"):
+            objection_rates_of(con, (TYPE1, "type3"))
+    assert both == each
+    assert {r.objection_type for r in both if r.objectors} == {TYPE1, NATIONAL_OPT_OUT}
+
+
+def test_a_practices_rate_counts_its_own_people_against_every_other_practices_pooled_rate() -> None:
+    """The monitor's arithmetic, by hand (Govt response 7.15): three practices of 10, 20 and 30
+    people. Type 1: 4 of A's people object at A; 1 of A's people objects at B, which puts them on
+    B's list as one of B's objectors (a practice that rightly withholds its objectors' records
+    still counts them) and not among A's; 2 of B's object at B. National opt-out: 3 of C's people,
+    wherever recorded. Each practice's baseline is every other practice's pooled rate (61 people,
+    7 type 1 objectors): A's type 1 baseline is 3/51."""
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA governance")
+    ensure_tables(con)
+    people = [("A", f"a{i}") for i in range(10)] + [("B", f"b{i}") for i in range(20)]
+    people += [("C", f"c{i}") for i in range(30)]
+    con.executemany(f"INSERT INTO {REGISTRATIONS} VALUES (?, ?, now(), 'gp_events')", people)
+    objections = [("a0", TYPE1, "A"), ("a1", TYPE1, "A"), ("a2", TYPE1, "A"), ("a3", TYPE1, "A")]
+    objections += [("a4", TYPE1, "B"), ("b0", TYPE1, "B"), ("b1", TYPE1, "B")]
+    objections += [("c0", NATIONAL_OPT_OUT, None), ("c1", NATIONAL_OPT_OUT, "A"), ("c2", NATIONAL_OPT_OUT, "C")]
+    con.executemany(
+        f"INSERT INTO {EVENTS} VALUES (?, ?, ?, DATE '2026-01-05', NULL, ?, 'b', ?, now(), 'k')",
+        [(n, pid, kind, practice, n) for n, (pid, kind, practice) in enumerate(objections, start=1)],
+    )
+    rates = objection_rates_of(con, (TYPE1, NATIONAL_OPT_OUT), as_of="2026-06-01")
+    found = {(r.objection_type, r.practice): (r.list_size, r.objectors, round(r.baseline, 6)) for r in rates}
+    assert found == {
+        (TYPE1, "A"): (10, 4, round(3 / 51, 6)),
+        (TYPE1, "B"): (21, 3, round(4 / 40, 6)),
+        (TYPE1, "C"): (30, 0, round(7 / 31, 6)),
+        (NATIONAL_OPT_OUT, "A"): (10, 0, round(3 / 51, 6)),
+        (NATIONAL_OPT_OUT, "B"): (21, 0, round(3 / 40, 6)),
+        (NATIONAL_OPT_OUT, "C"): (30, 3, 0.0),
+    }
