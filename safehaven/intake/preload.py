@@ -10,11 +10,13 @@ at the intake step's start, the import held the GIL against the landing's own Py
 file's digest, its byte checks) and the step gained nothing (measured here: the landing began
 1.6 s later, the validation ended 1.9 s sooner).
 
-The thread never outlives the block (it is waited for at the block's end, unless the block ends
-by an interrupt, which is not held up: the process is stopping), so no import lock is held when
-the process forks or exits; a failed import is left for validation's own import to raise and
-report. What GX needs set before it is imported (``safehaven.intake.gx_quiet``: an
-environment variable, its loggers) is set in the calling thread before the other starts.
+The thread never outlives the block: it is waited for at the block's end, however the block
+ends. An interrupt is raised once the import has finished (up to 2-3 s later): not waiting for it
+was tried, and a process then exiting mid-import aborted (``terminate called without an active
+exception``) and a child forked then hung on the import lock (found by review). A failed import
+is left for validation's own import to raise and report. What GX needs set before it is
+imported (``safehaven.intake.gx_quiet``: an environment variable, its loggers) is set in the
+calling thread before the other starts.
 """
 
 from __future__ import annotations
@@ -41,15 +43,9 @@ def checks_imported_beside() -> Iterator[None]:
         thread.start()
     try:
         yield
-    except Exception:  # not an interrupt: that is raised at once, not held up by the import (found by review)
-        _wait(thread)
-        raise
-    _wait(thread)
-
-
-def _wait(thread: threading.Thread) -> None:
-    if thread.ident is not None:
-        thread.join()
+    finally:  # an interrupt too: a process left exiting or forking mid-import aborts or hangs (found by review)
+        if thread.ident is not None:
+            thread.join()
 
 
 def _import_checks() -> None:

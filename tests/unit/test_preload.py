@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import signal
 import subprocess
 import sys
 import threading
@@ -114,15 +115,41 @@ def _slow_import(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return release
 
 
-def test_an_interrupt_is_not_held_up_by_the_import(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C during a landing stops it at once (found by review: the block waited for the import)."""
+def test_an_interrupt_waits_for_the_import_so_no_import_is_left_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during a landing is raised once the import has ended, never with it still running: a
+    process exiting mid-import aborted, and a child forked then hung (found by review)."""
     release = _slow_import(monkeypatch)
-    try:
-        with pytest.raises(KeyboardInterrupt), preload.checks_imported_beside():
-            raise KeyboardInterrupt
-        assert THREAD in [t.name for t in threading.enumerate()]  # still importing: it was not waited for
-    finally:
-        release.set()
+    threading.Timer(0.2, release.set).start()
+    with pytest.raises(KeyboardInterrupt), preload.checks_imported_beside():
+        raise KeyboardInterrupt
+    assert THREAD not in [t.name for t in threading.enumerate()]
+
+
+def test_a_process_interrupted_while_landing_exits_cleanly_and_can_fork() -> None:
+    """The review's reproduction: a real import interrupted at once, then a fork whose child imports
+    the checks, then the interrupt raised to the top: the child imports, and the process ends by
+    its KeyboardInterrupt (SIGINT), not by an abort."""
+    code = (
+        "import os, sys, time\n"
+        "from safehaven.intake.preload import checks_imported_beside\n"
+        "try:\n"
+        "    with checks_imported_beside():\n"
+        "        time.sleep(0.05)\n"
+        "        raise KeyboardInterrupt\n"
+        "except KeyboardInterrupt:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        import signal\n"
+        "        signal.alarm(60)  # a child hung on the import lock ends itself\n"
+        "        import safehaven.intake.gx_duckdb\n"
+        "        os._exit(0)\n"
+        "    print('child', os.waitpid(pid, 0)[1], flush=True)\n"
+        "    raise\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "child 0"
+    assert done.returncode == -signal.SIGINT and "KeyboardInterrupt" in done.stderr  # not -SIGABRT
+    assert "terminate called" not in done.stderr
 
 
 def test_an_error_in_the_block_waits_for_the_import_before_it_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
