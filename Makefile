@@ -21,10 +21,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 # installed package's are: where PYTHONDONTWRITEBYTECODE is set, every process (the CLI, the code
 # server, each run's worker, a test's child) would otherwise compile them from source at its start
 # (benchmarks/README.md, "What runs"). Checked against each source's hash, not its time, so an
-# edited module is never run from older bytecode; bytecode that cannot be written only costs time.
+# edited module is never run from older bytecode; a module that cannot be compiled is named, and the
+# install goes on (a syntax error then fails where the module is imported, as without bytecode).
 install: $(VENV)/.installed
 	@$(BIN)/python -m compileall -q --invalidation-mode checked-hash safehaven assets resources benchmarks tests \
-		|| echo "make install: bytecode not written (above); the haven runs from its sources"
+		|| echo "make install: some modules were not compiled to bytecode (see above)"
 	@mkdir -p $(DAGSTER_HOME) && cp -n deploy/dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
 
 run: install

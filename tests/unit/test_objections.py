@@ -851,6 +851,8 @@ def test_the_rates_of_both_types_counted_in_one_pass_are_those_of_each_type_alon
         both = objection_rates_of(con, (TYPE1, NATIONAL_OPT_OUT), gp_sources=GP_SOURCES)
         with pytest.raises(ValueError, match="unknown objection type 'type3'"):
             objection_rates_of(con, (TYPE1, "type3"))
+        with pytest.raises(TypeError, match="a sequence of types"):
+            objection_rates_of(con, TYPE1)
     assert both == each
     assert {r.objection_type for r in both if r.objectors} == {TYPE1, NATIONAL_OPT_OUT}
 
