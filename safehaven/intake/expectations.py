@@ -43,15 +43,19 @@ check (``safehaven.intake.validation``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import date
-from typing import Any, Literal
+from safehaven.intake import gx_quiet
 
-import great_expectations as gx
-from great_expectations.expectations.row_conditions import Column
+gx_quiet.apply()  # before the first import of great_expectations: validation imports this module first
 
-from safehaven.intake.contracts import Contract, ContractRegistry
-from safehaven.intake.rules import (
+from dataclasses import dataclass  # noqa: E402
+from datetime import date  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+import great_expectations as gx  # noqa: E402
+from great_expectations.expectations.row_conditions import Column  # noqa: E402
+
+from safehaven.intake.contracts import Contract, ContractRegistry  # noqa: E402
+from safehaven.intake.rules import (  # noqa: E402
     FORMAT_RE,
     NHS_RE,
     RAW,

@@ -1,4 +1,6 @@
-"""What Great Expectations needs set before it is imported (``safehaven.intake.gx_duckdb``).
+"""What Great Expectations needs set before it is imported: each module of the haven that imports
+it (``safehaven.intake.gx_duckdb``, ``safehaven.intake.expectations``) calls :func:`apply` first,
+whichever a process imports first (``tests/unit/test_preload.py`` finds them all).
 
 * ``GX_ANALYTICS_ENABLED=False``: GX reads it at import time.
 * GX's log records stop at its top logger. GX logs database errors verbatim, and a DuckDB error

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import signal
 import subprocess
 import sys
@@ -175,3 +176,32 @@ def test_gx_is_made_quiet_without_writing_the_environment_again(monkeypatch: pyt
     gx_quiet.apply()
     assert writes == ["GX_ANALYTICS_ENABLED"]
     assert gx_quiet.os.environ["GX_ANALYTICS_ENABLED"] == "False"
+
+
+def _importing_gx() -> list[str]:
+    """The haven's modules that import Great Expectations at their top."""
+    found = []
+    for path in sorted((ROOT / "safehaven").rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if any(line.startswith(("import great_expectations", "from great_expectations")) for line in lines):
+            found.append(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    return found
+
+
+@pytest.mark.parametrize("module", _importing_gx())
+def test_every_module_that_imports_gx_makes_it_quiet_first(module: str) -> None:
+    """Whichever of them a process imports first (validation imports ``expectations`` before
+    ``gx_duckdb``: found by re-reading), Great Expectations is imported with analytics off and its
+    records kept from every handler (``safehaven.intake.gx_quiet``)."""
+    out = _in_a_new_process(
+        "import logging, os, sys\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'great_expectations':\n"
+        "            logger = logging.getLogger('great_expectations')\n"
+        "            print(os.environ.get('GX_ANALYTICS_ENABLED'), logger.propagate, logger.level)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        f"import {module}\n"
+    )
+    assert out == f"False False {logging.CRITICAL}"
