@@ -288,7 +288,7 @@ def build_haven(
         # one HMAC per distinct person (small), then one pass writing the records
         con.execute(f"CREATE OR REPLACE TEMP TABLE _ids AS {ids_sql(contract, incoming)}")
         report.rows_in = con.execute(f"SELECT count(*) FROM {incoming}").fetchone()[0]
-        kept = incoming
+        kept, first = incoming, False
         if contract.practice_field:
             sender, nhs = q(contract.practice_field), q(contract.patient_key)
             # the few type 1 objectors among these people: their records are found by NHS
@@ -304,7 +304,7 @@ def build_haven(
             # the monitor's list sizes must still count the people whose records were dropped
             report.practice_registrations = register_practices(con, dropped, contract.practice_field, c)
             kept = f"(SELECT * FROM {incoming} WHERE {nhs} IS NULL OR {nhs} NOT IN (SELECT nhs FROM _type1))"
-        first = con.execute(f"SELECT NOT EXISTS (SELECT 1 FROM haven.{c})").fetchone()[0]
+            first = con.execute(f"SELECT NOT EXISTS (SELECT 1 FROM haven.{c})").fetchone()[0]  # before the insert
         con.execute(f"INSERT INTO haven.{c} {haven_select_sql(contract, kept, ids='_ids')}")
         if contract.practice_field:  # the monitor's running list sizes (objections.seed_members)
             # the pairs of the records just written, from the source: each distinct (practice,
