@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,20 +124,33 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prebuilt: Path | None)
     return with_vault_keys(Home(root).ensure())
 
 
+def build_populated(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    patients: int = 300,
+    set_up: Callable[[Path], Home] = lambda root: with_vault_keys(Home(root).ensure()),
+) -> Path:
+    """The root of a haven made by ``set_up`` (by default as the ``home`` fixture makes one) and
+    ``tests.unit.populate.populated`` with ``patients`` (seed 7; no Dagster), in a directory of its
+    own named after ``name``: a template for a module- or session-scoped fixture, to be copied into
+    a test's home (``copy_haven``), never changed."""
+    from tests.unit.populate import populated
+
+    root = tmp_path_factory.mktemp(name) / "haven"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFEHAVEN_HOME", str(root))
+        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
+        populated(set_up(root), patients=patients)
+    return root
+
+
 @pytest.fixture(scope="session")
 def populated_haven(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The haven root ``tests.unit.populate.populated`` makes (300 patients, seed 7; no Dagster).
 
     Built once per session (per xdist worker); never change it: ``copy_haven`` it into a test's home.
     """
-    from tests.unit.populate import populated
-
-    root = tmp_path_factory.mktemp("populated") / "haven"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFEHAVEN_HOME", str(root))
-        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
-        populated(with_vault_keys(Home(root).ensure()))
-    return root
+    return build_populated(tmp_path_factory, "populated")
 
 
 def copy_haven(template: Path, home: Home) -> Home:

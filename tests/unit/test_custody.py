@@ -31,7 +31,13 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import custody, key_record, rotation, vault
 from safehaven.share import due, review
 from safehaven.share.releases import PREPARED, RELEASED, ReleaseRefused, prepare
-from tests.conftest import TEST_PASSPHRASE, copy_haven, custodian_ring, leaked_nhs_numbers, with_vault_keys
+from tests.conftest import (
+    TEST_PASSPHRASE,
+    build_populated,
+    copy_haven,
+    custodian_ring,
+    leaked_nhs_numbers,
+)
 from tests.forkserver import ForkServer
 from tests.governance_helpers import (
     REVIEWERS,
@@ -50,12 +56,7 @@ AGREEMENT = "statutory-gp-audit"  # an approved pseudonymised agreement of the p
 def populated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A haven set up as ``home`` is (the vault pair sealed) and ``populated`` with 120 patients,
     built once for the module to be copied (``copy_haven``), never changed."""
-    root = tmp_path_factory.mktemp("populated-custody") / "haven"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFEHAVEN_HOME", str(root))
-        mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
-        populated(with_vault_keys(Home(root).ensure()), patients=120)
-    return root
+    return build_populated(tmp_path_factory, "populated-custody", patients=120)
 
 
 @pytest.fixture

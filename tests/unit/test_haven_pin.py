@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -22,16 +23,23 @@ from safehaven.core.store import Store
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import rotation
 from safehaven.protect.haven import haven_key
-from tests.conftest import custodian_ring
-from tests.unit.populate import drop, populated, process
+from tests.conftest import build_populated, copy_haven, custodian_ring
+from tests.unit.populate import drop, process
 
 PATIENTS = 40
 
 
+@pytest.fixture(scope="module")
+def processed_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A haven set up as ``home`` is and ``populated`` with ``PATIENTS``: its first haven key made
+    and recorded (``key.create``); built once for the module, never changed."""
+    return build_populated(tmp_path_factory, "haven-pin", PATIENTS)
+
+
 @pytest.fixture
-def processed(home: Home) -> Home:
-    populated(home, patients=PATIENTS)
-    return home
+def processed(home: Home, processed_template: Path) -> Home:
+    """``home`` as ``populated(home, patients=PATIENTS)`` leaves it (a copy of the module's template)."""
+    return copy_haven(processed_template, home)
 
 
 def _haven_key_entries(home: Home) -> list[tuple[str, dict]]:

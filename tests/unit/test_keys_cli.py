@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -13,11 +14,12 @@ from safehaven.core.store import Store
 from safehaven.protect.feed import RECORDED_PREFIX
 from safehaven.protect.objections import objectors_sql
 from safehaven.protect.pseudonymise import install_key, pseudonym
-from tests.unit.populate import populated, process
+from tests.conftest import copy_haven
+from tests.unit.populate import process
 
 
-def test_keys_rotate_and_list_show_ids_never_material(home: Home) -> None:
-    populated(home)
+def test_keys_rotate_and_list_show_ids_never_material(home: Home, populated_haven: Path) -> None:
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     keyring = KeyRing(home.keys)
     old = keyring.get("haven")
     runner = CliRunner()
@@ -33,8 +35,8 @@ def test_keys_rotate_and_list_show_ids_never_material(home: Home) -> None:
     assert "nothing to resume" in runner.invoke(main, ["keys", "rotate", "--resume"]).output
 
 
-def test_recorded_objection_in_any_formatting_enters_the_register(home: Home) -> None:
-    populated(home)
+def test_recorded_objection_in_any_formatting_enters_the_register(home: Home, populated_haven: Path) -> None:
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     with Store(home).connect() as con:
         nhs = con.execute("SELECT nhs_number FROM landing.hospital_episodes_valid ORDER BY 1 LIMIT 1").fetchone()[0]
     spaced = f"{nhs[:3]} {nhs[3:6]} {nhs[6:]}"
@@ -89,14 +91,14 @@ def test_recording_an_objection_refuses_future_dates_and_is_audited_without_its_
     assert "9434765919" not in (entry.detail or "")
 
 
-def test_objections_notify_writes_the_notice(home: Home) -> None:
+def test_objections_notify_writes_the_notice(home: Home, populated_haven: Path) -> None:
     import json
 
     from safehaven.core.keys import agreement_key
     from safehaven.protect.optouts import MEMBERS
     from safehaven.protect.optouts import ensure_tables as ensure_optout_tables
 
-    populated(home)
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     keyring = KeyRing(home.keys)
     agreement_key(keyring, "study-a")
     with Store(home).connect() as con:

@@ -37,6 +37,7 @@ from safehaven.protect.objections import (
     type1_objectors_sql,
 )
 from safehaven.protect.pseudonymise import hmac_sql, install_key
+from tests.conftest import copy_haven
 from tests.unit.populate import drop, populated, process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -468,8 +469,6 @@ def late_type1_world(tmp_path_factory: pytest.TempPathFactory) -> LateWorld:
 
 @pytest.fixture
 def late_home(home: Home, late_type1_world: LateWorld) -> Home:
-    from tests.conftest import copy_haven
-
     return copy_haven(late_type1_world.root, home)
 
 
@@ -728,7 +727,6 @@ def _incidents_and_breaches(home: Home) -> tuple[int, int]:
 def test_a_batch_of_type1_records_only_is_recorded_once_not_every_night(home: Home, populated_haven) -> None:
     """A GP file holding only a type 1 objector's records leaves no haven row; it still enters
     the haven once (``governance.haven_batches``), so its incident is recorded once, not nightly."""
-    from tests.conftest import copy_haven
     from tests.unit.populate import process
 
     copy_haven(populated_haven, home)
@@ -761,7 +759,6 @@ def test_a_kill_as_the_type1_incident_is_recorded_loses_neither_the_incident_nor
     import subprocess
     import sys
 
-    from tests.conftest import copy_haven
     from tests.unit.populate import process
 
     copy_haven(populated_haven, home)
@@ -785,7 +782,6 @@ def test_a_store_without_the_haven_batch_record_has_it_filled_once_and_adds_noth
 ) -> None:
     """A store made before ``governance.haven_batches``: its haven's batches are recorded once
     from the haven table, and a rerun adds no record (batches enter the haven once)."""
-    from tests.conftest import copy_haven
     from tests.unit.populate import process
 
     copy_haven(populated_haven, home)
@@ -809,11 +805,11 @@ def _registrations(con: duckdb.DuckDBPyConnection) -> tuple:
     return con.execute(f"SELECT count(*), sum(hash(practice, pid)) FROM {REGISTRATIONS}").fetchone()
 
 
-def test_a_gp_haven_table_filled_batch_by_batch_is_never_counted_whole(home: Home) -> None:
+def test_a_gp_haven_table_filled_batch_by_batch_is_never_counted_whole(home: Home, populated_haven: Path) -> None:
     """The first GP batch enters an empty haven table, so each of its rows is counted as it
     enters: the batch records the table as counted whole, and the monitor reads no haven record
     (a whole recount adds no pair: the running counts are already complete)."""
-    populated(home)
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     with Store(home).connect() as con:
         assert con.execute(f"SELECT collection FROM {MEMBERS_SEEDED}").fetchall() == [("gp_events",)]
         before = _registrations(con)
@@ -823,10 +819,12 @@ def test_a_gp_haven_table_filled_batch_by_batch_is_never_counted_whole(home: Hom
         assert seed_members(con, GP_SOURCES) == 0
 
 
-def test_a_gp_haven_table_that_held_rows_before_running_counts_is_still_counted_whole(home: Home) -> None:
+def test_a_gp_haven_table_that_held_rows_before_running_counts_is_still_counted_whole(
+    home: Home, populated_haven: Path
+) -> None:
     """A table with rows and no record that they were counted (a haven made before the running
     counts) is not recorded by its next batch: the monitor counts it whole, once."""
-    populated(home)
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     with Store(home).connect() as con:
         con.execute(f"DELETE FROM {MEMBERS_SEEDED}")
         con.execute(f"DELETE FROM {REGISTRATIONS}")
@@ -840,10 +838,12 @@ def test_a_gp_haven_table_that_held_rows_before_running_counts_is_still_counted_
         assert _registrations(con)[0] > only_new
 
 
-def test_the_rates_of_both_types_counted_in_one_pass_are_those_of_each_type_alone(home: Home) -> None:
+def test_the_rates_of_both_types_counted_in_one_pass_are_those_of_each_type_alone(
+    home: Home, populated_haven: Path
+) -> None:
     """The monitor reads the practices' people once for both types (issue 22): the same rates, in
     the same order, as one assessment per type."""
-    populated(home)
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     with Store(home).connect() as con:
         each = objection_rates(con, TYPE1, gp_sources=GP_SOURCES) + objection_rates(
             con, NATIONAL_OPT_OUT, gp_sources=GP_SOURCES

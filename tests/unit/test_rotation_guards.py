@@ -238,12 +238,14 @@ def _die_in(home: Home, target: str, nth: int, what: str) -> None:
     assert subprocess.run(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600).returncode == -9
 
 
-def test_a_resume_killed_after_installing_the_vault_pair_is_finished_by_the_next_resume(home: Home) -> None:
+def test_a_resume_killed_after_installing_the_vault_pair_is_finished_by_the_next_resume(
+    home: Home, populated_haven: Path
+) -> None:
     """A vault rotation killed after its commit and before ``key.rotate``; its ``--resume`` installs the
     pair and is killed before recording it. The next ``--resume`` records it (the stage entry names
     the key ``vault.pub`` and the store hold), once, and vault writes go on: before, nothing staged
     was left, nothing recorded it, and every vault write was refused for good (found by review)."""
-    populated(home)
+    copy_haven(populated_haven, home)  # as populated(home) leaves it
     old = KeyRing(home.keys).current_id(VAULT)
     _die_in(home, "safehaven.protect.rotation:_audit", 2, "rotate")  # the stage entry written, not key.rotate
     assert rotation.pending(KeyRing(home.keys)) == [VAULT]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from safehaven.cli.common import PASSPHRASE_ENV
 from safehaven.context import Haven
 from safehaven.core import audit, pins
 from safehaven.core.home import Home
@@ -20,7 +19,12 @@ from safehaven.core.keys import VAULT, KeyRing, KeyRingError, key_id, x25519_pri
 from safehaven.core.store import Store, table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import custody, rotation, vault
-from tests.conftest import TEST_PASSPHRASE, copy_haven, custodian_ring, test_custodian, with_vault_keys
+from tests.conftest import (
+    build_populated,
+    copy_haven,
+    custodian_ring,
+    test_custodian,
+)
 from tests.unit.populate import drop, populated, process
 
 PATIENTS = 60
@@ -100,16 +104,10 @@ def populated_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     """Havens built once for the module, to be copied (``copy_haven``), never changed: ``populated``
     with ``PATIENTS`` after ``init-vault`` (``created_home``: ``key.create`` on record) or after
     ``KeyRing.create_keypair`` (``home``: a pair never audited, adopted by the first night)."""
-    templates: dict[str, Path] = {}
-    for setup in ("created_home", "home"):
-        root = tmp_path_factory.mktemp(f"populated-{setup}") / "haven"
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SAFEHAVEN_HOME", str(root))
-            mp.setenv(PASSPHRASE_ENV, TEST_PASSPHRASE)
-            made = _init_vault(root) if setup == "created_home" else with_vault_keys(Home(root).ensure())
-            populated(made, patients=PATIENTS)
-        templates[setup] = root
-    return templates
+    return {
+        "created_home": build_populated(tmp_path_factory, "populated-created_home", PATIENTS, _init_vault),
+        "home": build_populated(tmp_path_factory, "populated-home", PATIENTS),
+    }
 
 
 @pytest.fixture
