@@ -4,16 +4,23 @@ Rule (CoP 48-50; ``docs/rules.md`` "Disposal"): a plain copy of confidential dat
 needed (a landed drop, a disposed release or quarantined file) is overwritten with random
 bytes, synced, and only then unlinked. A symbolic link is unlinked without following it: its
 target is outside what the haven disposes of.
+
+The random bytes are the keystream of AES-256 in counter mode under a key and initial counter
+block drawn from the operating system for each file (:func:`random_stream`): a cryptographically
+secure generator built as NIST SP 800-90A's CTR_DRBG is, from the ``cryptography`` package's
+AES. It writes a night's drops of 800 MB in 0.12 s here against 1.4 s drawn from ``os.urandom``
+a megabyte at a time (issue 22): every landing shreds the file it landed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 CHUNK = 1 << 20
 
@@ -68,6 +75,20 @@ def sha256_plain(path: Path, kind: Callable[[os.stat_result], bool] = plain) -> 
     return digest.hexdigest()
 
 
+#: what the keystream of :func:`random_stream` is taken from: counter mode XORs it onto these bytes
+_ZEROS = bytes(CHUNK)
+
+
+def random_stream(size: int) -> Iterator[bytes]:
+    """``size`` random bytes, in blocks of at most ``CHUNK``, to overwrite a file with (module
+    docstring): the AES-256-CTR keystream under a 256-bit key and a 128-bit initial counter block
+    from ``os.urandom``, new for each call, so no two files are overwritten alike."""
+    keystream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+    zeros = memoryview(_ZEROS)
+    for start in range(0, size, CHUNK):
+        yield keystream.update(zeros[: min(CHUNK, size - start)])
+
+
 def shred_file(path: Path) -> int:
     """Overwrite a regular file with random bytes, sync it, and unlink it; returns its size."""
     if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, pipe or device holds no bytes of ours
@@ -76,11 +97,8 @@ def shred_file(path: Path) -> int:
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
     try:
         size = os.fstat(fd).st_size
-        remaining = size
-        while remaining > 0:
-            n = min(CHUNK, remaining)
-            os.write(fd, secrets.token_bytes(n))
-            remaining -= n
+        for block in random_stream(size):
+            os.write(fd, block)
         os.fsync(fd)
     finally:
         os.close(fd)
