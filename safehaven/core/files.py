@@ -89,6 +89,17 @@ def random_stream(size: int) -> Iterator[bytes]:
         yield keystream.update(zeros[: min(CHUNK, size - start)])
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` at ``fd``'s offset: ``os.write`` may write fewer than it is
+    given, and a file shredded short would keep some of its bytes."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(f"the file could not be overwritten: {written} bytes written of {len(view)}")
+        view = view[written:]
+
+
 def shred_file(path: Path) -> int:
     """Overwrite a regular file with random bytes, sync it, and unlink it; returns its size."""
     if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, pipe or device holds no bytes of ours
@@ -98,7 +109,7 @@ def shred_file(path: Path) -> int:
     try:
         size = os.fstat(fd).st_size
         for block in random_stream(size):
-            os.write(fd, block)
+            _write_all(fd, block)
         os.fsync(fd)
     finally:
         os.close(fd)

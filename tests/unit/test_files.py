@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from safehaven.core import files
 from safehaven.core.files import CHUNK, random_stream, shred_file
 
 
@@ -39,6 +40,21 @@ def test_a_shredded_files_bytes_are_overwritten_with_random_ones_before_its_name
     assert len(written) == len(original)
     assert b"9434765919" not in written and b"LS1 4AP" not in written
     assert len(zlib.compress(written)) > len(written) * 0.99, "overwritten with random bytes, not a pattern"
+
+
+def test_a_file_is_overwritten_to_its_end_when_the_system_writes_less_than_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.write`` may write part of what it is given: the rest is written, not left as it was."""
+    original = b"9434765919," * 200_000
+    path, other_name = tmp_path / "drop.csv", tmp_path / "other_name.csv"
+    path.write_bytes(original)
+    os.link(path, other_name)
+    real_write = os.write
+    monkeypatch.setattr(files.os, "write", lambda fd, data: real_write(fd, bytes(data[:4096])))
+    assert shred_file(path) == len(original)
+    written = other_name.read_bytes()
+    assert len(written) == len(original) and b"9434765919" not in written
 
 
 def test_a_link_is_unlinked_without_touching_its_target(tmp_path: Path) -> None:
