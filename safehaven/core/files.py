@@ -8,8 +8,9 @@ target is outside what the haven disposes of.
 The random bytes are the keystream of AES-256 in counter mode under a key and initial counter
 block drawn from the operating system for each file (:func:`random_stream`): a cryptographically
 secure generator built as NIST SP 800-90A's CTR_DRBG is, from the ``cryptography`` package's
-AES. It writes a night's drops of 800 MB in 0.12 s here against 1.4 s drawn from ``os.urandom``
-a megabyte at a time (issue 22): every landing shreds the file it landed.
+AES. Every landing shreds the file it landed (issue 22): drawn from ``os.urandom`` a megabyte at
+a time, 800 MB of random bytes took 1.4 s here, as a keystream 0.12 s; shredding the benchmark's
+408 MB GP drop (written, synced, unlinked) took 1.02 s before and 0.40 s after.
 """
 
 from __future__ import annotations
