@@ -5,12 +5,15 @@ needed (a landed drop, a disposed release or quarantined file) is overwritten wi
 bytes, synced, and only then unlinked. A symbolic link is unlinked without following it: its
 target is outside what the haven disposes of.
 
-The random bytes are the keystream of AES-256 in counter mode under a key and initial counter
-block drawn from the operating system for each file (:func:`random_stream`): a cryptographically
-secure generator built as NIST SP 800-90A's CTR_DRBG is, from the ``cryptography`` package's
-AES. Every landing shreds the file it landed (issue 22): drawn from ``os.urandom`` a megabyte at
-a time, 800 MB of random bytes took 1.4 s here, as a keystream 0.12 s; shredding the benchmark's
-408 MB GP drop (written, synced, unlinked) took 1.02 s before and 0.40 s after.
+The random bytes are the keystream of AES-256 in counter mode (the ``cryptography`` package's)
+under a key and initial counter block drawn from ``os.urandom`` for each file and never kept
+(:func:`random_stream`): without the key, the bytes cannot be told from ``os.urandom``'s own, and
+no two files are overwritten alike. The file is overwritten in place, from its first byte to its
+last, synced, and only then unlinked: truncated and written again, or unlinked first, it would
+free its old blocks with the original bytes still on them. Every landing shreds the file it
+landed (issue 22): drawn from ``os.urandom`` a megabyte at a time, 800 MB of random bytes took
+1.4 s here, as a keystream 0.12 s; shredding the benchmark's 408 MB GP drop (written, synced,
+unlinked) took 1.02 s before and 0.40 s after.
 """
 
 from __future__ import annotations
