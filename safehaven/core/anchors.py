@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from safehaven.core.files import write_fully
 from safehaven.core.home import Home
 from safehaven.core.keys import Key
 
@@ -190,7 +191,7 @@ def append_history(home: Home, key: Key, anchor: Anchor) -> dict[str, Any]:
     home.registers.mkdir(parents=True, exist_ok=True)
     fd = os.open(history_path(home), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, canonical(line) + b"\n")
+        write_fully(fd, canonical(line) + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -296,7 +297,7 @@ def write_worm(directory: Path | None, key: Key, anchor: Anchor) -> None:
             f"the write-once target already holds a different anchor for entry {anchor.seq} ({path})"
         ) from None
     try:
-        os.write(fd, canonical(fields) + b"\n")
+        write_fully(fd, canonical(fields) + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)

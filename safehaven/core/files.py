@@ -1,4 +1,5 @@
-"""Plain files inside the haven home: hashing and shredding, in one place.
+"""Plain files inside the haven home: hashing, shredding and writing through a descriptor to the
+end (``write_fully``), in one place.
 
 Rule (CoP 48-50; ``docs/rules.md`` "Disposal"): a plain copy of confidential data that is no longer
 needed (a landed drop, a disposed release or quarantined file) is overwritten with random
@@ -93,9 +94,10 @@ def random_stream(size: int) -> Iterator[bytes]:
         yield keystream.update(zeros[: min(CHUNK, size - start)])
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write every byte of ``data`` at ``fd``'s offset: ``os.write`` may write fewer than it is
-    given, and a file shredded short would keep some of its bytes."""
+def write_fully(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` at ``fd`` (its offset, or its end when opened to append), the one
+    place the haven writes through a descriptor: ``os.write`` may write fewer bytes than it is given,
+    and a file shredded short keeps some of its bytes, an anchor line written short is half a line."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -113,7 +115,7 @@ def shred_file(path: Path) -> int:
     try:
         size = os.fstat(fd).st_size
         for block in random_stream(size):
-            _write_all(fd, block)
+            write_fully(fd, block)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -251,6 +251,26 @@ def test_the_write_once_target_catches_a_complete_local_rollback(home: Home, tmp
         anchors.write_worm(worm, key, anchors.Anchor(11, "e" * 64, 11))  # never overwritten
 
 
+def test_anchors_written_through_a_system_that_writes_a_few_bytes_at_a_time_are_whole(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.write`` may write part of what it is given: each anchor line and write-once anchor is
+    written to its end (``safehaven.core.files.write_fully``), never left half a line that the next
+    run would refuse as an edited trail."""
+    worm = tmp_path / "worm"
+    worm.mkdir()
+    home = dataclasses.replace(home, audit_worm=worm)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    with Store(home).connect() as con:
+        _fill(con, home, 3)
+        monkeypatch.undo()
+        assert audit.verify(con, home).ok
+    lines = anchors.read_history(home) or []
+    assert [line["seq"] for line in lines] == [1, 2, 3]
+    assert [anchors.read_worm(worm, seq)["seq"] for seq in (1, 2, 3)] == [1, 2, 3]
+
+
 def test_an_append_on_the_connection_alone_anchors_in_the_openers_target(home: Home, tmp_path: Path) -> None:
     """Code holding only the connection still writes to the home's write-once target."""
     worm = tmp_path / "worm"
