@@ -29,12 +29,19 @@ def test_no_two_streams_are_alike_and_neither_is_zeros_or_repeats_itself() -> No
     assert len(zlib.compress(first)) > len(first) * 0.99, "random bytes do not compress"
 
 
+def _with_second_name(tmp_path: Path, content: bytes) -> tuple[Path, Path]:
+    """A file holding ``content`` and a second name (a hard link) of it: what shredding writes into
+    the file stays readable through the second name once the first is gone."""
+    path, other_name = tmp_path / "drop.csv", tmp_path / "other_name.csv"
+    path.write_bytes(content)
+    os.link(path, other_name)
+    return path, other_name
+
+
 def test_a_shredded_files_bytes_are_overwritten_with_random_ones_before_its_name_goes(tmp_path: Path) -> None:
     """Seen through a second name of the same file: the bytes the shredding wrote stay there."""
     original = b"9434765919,1970-01-01,LS1 4AP\n" * 50_000  # about 1.5 chunks of a drop
-    path, other_name = tmp_path / "drop.csv", tmp_path / "other_name.csv"
-    path.write_bytes(original)
-    os.link(path, other_name)
+    path, other_name = _with_second_name(tmp_path, original)
     assert shred_file(path) == len(original)
     assert not path.exists()
     written = other_name.read_bytes()
@@ -101,9 +108,7 @@ def test_a_file_is_overwritten_to_its_end_when_the_system_writes_less_than_asked
 ) -> None:
     """``os.write`` may write part of what it is given: the rest is written, not left as it was."""
     original = b"9434765919," * 200_000
-    path, other_name = tmp_path / "drop.csv", tmp_path / "other_name.csv"
-    path.write_bytes(original)
-    os.link(path, other_name)
+    path, other_name = _with_second_name(tmp_path, original)
     real_write = os.write
     calls = _watched(monkeypatch, path, lambda fd, data: real_write(fd, bytes(data[:4096])))
     assert shred_file(path) == len(original)
