@@ -73,12 +73,20 @@ def _generate(
 
 
 def _pipeline(
-    runner: bench.Runner, home: Path, work: Path, name: str, threads: int | None, memory_limit: str = ""
+    runner: bench.Runner,
+    home: Path,
+    work: Path,
+    name: str,
+    threads: int | None,
+    memory_limit: str = "",
+    trace_sql: bool = False,
 ) -> dict[str, Any]:
-    """The nightly job on whatever ``home/incoming`` holds, in a fresh worker."""
+    """The nightly job on whatever ``home/incoming`` holds, in a fresh worker (``--trace-sql``:
+    every store statement timed, the slowest kept in the night's raw run)."""
     out = work / f"{name}.json"
     args = ["--home", str(home), "--out", str(out), "--no-set-up"] + (["--threads", str(threads)] if threads else [])
     args += ["--memory-limit", memory_limit] if memory_limit else []
+    args += ["--trace-sql"] if trace_sql else []
     code, seconds = runner.run("benchmarks.pipeline", args, name, {"DAGSTER_HOME": str(work / "dagster_home")})
     doc = runner.load(out, name, f"the pipeline run ({name})", code)
     store = home / "store" / "haven.duckdb"
@@ -127,7 +135,7 @@ def run_nights(args: argparse.Namespace, patients: int, work: Path, runner: benc
         drop, rows = _generate(runner, work / "drops" / f"night_{i}", patients, args.seed, end, cache)
         _land(drop, home)
         runner.say(f"  pipeline on {sum(rows.values()):,} rows")
-        pipe = _pipeline(runner, home, nights_work, f"pipeline_night_{i}", threads, args.memory_limit)
+        pipe = _pipeline(runner, home, nights_work, f"pipeline_night_{i}", threads, args.memory_limit, args.trace_sql)
         pipe["published_dir"] = str(home / "published")
         runner.say(f"  job {pipe['seconds_job']:.1f} s, peak {pipe['peak_rss_bytes'] / bench.MIB:.0f} MiB; baseline")
         base = _baseline(runner, drop, nights_work, f"baseline_night_{i}", threads)
@@ -138,7 +146,7 @@ def run_nights(args: argparse.Namespace, patients: int, work: Path, runner: benc
         if cache is None and not args.keep:
             shutil.rmtree(drop, ignore_errors=True)
     runner.say("idle run: the nightly job with nothing in incoming/")
-    idle = _pipeline(runner, home, nights_work, "pipeline_idle", threads, args.memory_limit)
+    idle = _pipeline(runner, home, nights_work, "pipeline_idle", threads, args.memory_limit, args.trace_sql)
     return {"nights": nights, "idle": idle}
 
 
