@@ -322,3 +322,34 @@ def test_regex_and_text_sets_are_rendered_as_literals(con: duckdb.DuckDBPyConnec
 def test_number_sets_keep_gx_in(con: duckdb.DuckDBPyConnection) -> None:
     result = run_suite(con, "landing", "t", [E.ExpectColumnValuesToBeInSet(column="n", value_set=[1, 2, 3])], "s")
     assert result.outcomes[0].unexpected_count == 3  # 4, 5, 6
+
+
+def _every_suites_expectations() -> list[gx.expectations.Expectation]:
+    """Every expectation the haven validates with (each contract's compiled suite), and this module's."""
+    from datetime import date
+
+    from safehaven.intake.contracts import ContractRegistry
+    from safehaven.intake.expectations import compile_suite
+
+    registry = ContractRegistry()
+    compiled = [
+        p.expectation for c in registry.contracts.values() for p in compile_suite(c, registry, date(2026, 1, 31))
+    ]
+    return [*compiled, *_suite()]
+
+
+def test_an_expectations_kwargs_are_gxs_own_read_from_one_configuration() -> None:
+    """The replacements of ``Expectation._get_domain_kwargs`` and ``_get_success_kwargs``
+    (``safehaven.intake.gx_duckdb``: one configuration built per call, not one per key) give
+    what GX's own methods give, keys in the same order, for every expectation the haven runs."""
+    from safehaven.intake import gx_duckdb
+
+    expectations = _every_suites_expectations()
+    assert {type(e).__name__ for e in expectations} >= {"ExpectColumnValuesToBeBetween", "ExpectColumnValuesToBeInSet"}
+    for expectation in expectations:
+        for ours, gxs in (
+            (expectation._get_domain_kwargs, gx_duckdb.GX_DOMAIN_KWARGS),
+            (expectation._get_success_kwargs, gx_duckdb.GX_SUCCESS_KWARGS),
+        ):
+            assert ours.__func__ is not gxs  # the replacement is the one installed
+            assert list(ours().items()) == list(gxs(expectation).items()), expectation.expectation_type
