@@ -167,18 +167,40 @@ def store(home: Home) -> Store:
     return Store(home)
 
 
+def any_of(needles: list[bytes]) -> re.Pattern[bytes]:
+    """A pattern that matches wherever any of ``needles`` (non-empty) starts: their prefix tree.
+
+    The plain alternation ``a|b|c...`` makes Python's engine try every needle at every byte (an
+    output test's 1,500 identifiers over its published files: 13 s); the tree tries only the
+    needles that share the bytes already read (0.1 s). A needle that another extends ends its
+    branch, since where the longer one occurs the shorter does too."""
+    tree: dict = {}
+    for needle in needles:
+        node = tree
+        for byte in needle:
+            node = node.setdefault(byte, {})
+        node[None] = {}
+
+    def branch(node: dict) -> bytes:
+        if None in node:
+            return b""
+        parts = [re.escape(bytes([byte])) + branch(child) for byte, child in sorted(node.items())]
+        return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"
+
+    return re.compile(branch(tree))
+
+
 def scan_for(root: Path, needles: list[bytes]) -> dict[str, list[str]]:
     """Every file under ``root`` that holds any needle in its plain bytes (path -> needles).
 
-    One pass of a regular expression over a file says whether it holds any needle at all (a
-    test expects none: 2-3 times faster than a pass per needle); a file that does is searched
-    needle by needle, so the answer is exact."""
+    One pass of :func:`any_of` over a file says whether it holds any needle at all (a test
+    expects none); a file that does is searched needle by needle, so the answer is exact."""
     hits: dict[str, list[str]] = {}
-    anyone = re.compile(b"|".join(re.escape(n) for n in needles))
+    anyone = any_of(needles) if all(needles) else None
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             data = path.read_bytes()
-            if not needles or anyone.search(data) is None:
+            if not needles or (anyone is not None and anyone.search(data) is None):
                 continue
             found = [n.decode() for n in needles if n in data]
             if found:
