@@ -6,7 +6,15 @@ import duckdb
 import pytest
 
 from safehaven.core.home import Home
-from safehaven.core.store import ZONES, MemoryLimitInvalid, Store, StoreError, StoreOutOfMemory, table_exists
+from safehaven.core.store import (
+    ZONES,
+    MemoryLimitInvalid,
+    Store,
+    StoreError,
+    StoreOutOfMemory,
+    table_columns,
+    table_exists,
+)
 from tests.conftest import scan_for
 
 SEEDED = "9990001236"
@@ -37,6 +45,46 @@ def test_table_exists_sees_tables_and_views_of_the_store_only(store: Store) -> N
         assert table_exists(con, "landing", "t") and table_exists(con, "landing", "v")
         assert not table_exists(con, "landing", "missing") and not table_exists(con, "haven", "t")
         assert not table_exists(con, "main", "only_temp")  # a temporary table is not the store's
+
+
+def test_a_name_bound_answers_as_its_catalog_entry_and_what_does_not_bind_is_asked_of_the_entry(
+    store: Store,
+) -> None:
+    """``table_columns`` binds ``SELECT *`` over the name (``store._bound``) and asks the catalog
+    entry (``store._entry``) only when that fails: the two agree on every kind of name; a view
+    that no longer binds still exists; neither is fooled by a temporary table or by another
+    database named as the schema; a lookup inside a transaction leaves it usable."""
+    from safehaven.core import store as store_module
+
+    with store.connect() as con:
+        con.execute("CREATE TABLE landing.t (a INT, b VARCHAR)")
+        con.execute("CREATE VIEW landing.v AS SELECT a AS x, b FROM landing.t")
+        con.execute("CREATE TABLE landing.gone (a INT)")
+        con.execute("CREATE VIEW landing.stale AS SELECT * FROM landing.gone")
+        con.execute("DROP TABLE landing.gone")
+        con.execute("CREATE TEMP TABLE only_temp (a INT)")
+        con.execute("ATTACH ':memory:' AS elsewhere")
+        con.execute("CREATE TABLE elsewhere.main.t (z INT)")
+        cases = {
+            ("landing", "t"): ["a", "b"],
+            ("landing", "v"): ["x", "b"],
+            ("landing", "stale"): ["a"],
+            ("landing", "missing"): [],
+            ("main", "only_temp"): [],
+            ("elsewhere", "t"): [],
+        }
+        for (schema_name, table), columns in cases.items():
+            assert store_module._entry(con, schema_name, table) == columns, (schema_name, table)
+            assert table_columns(con, schema_name, table) == columns, (schema_name, table)
+            assert table_exists(con, schema_name, table) == bool(columns), (schema_name, table)
+        # the bound answer is the one given wherever a name binds: the entry is not asked
+        assert store_module._bound(con, "landing", "v") == ["x", "b"]
+        assert store_module._bound(con, "landing", "stale") is None
+        con.execute("BEGIN")
+        con.execute("INSERT INTO landing.t VALUES (1, 'kept')")
+        assert not table_exists(con, "landing", "missing") and table_exists(con, "landing", "stale")
+        con.execute("COMMIT")
+        assert con.execute("SELECT b FROM landing.t").fetchall() == [("kept",)]
 
 
 def test_store_file_holds_no_plain_identifier(store: Store, home: Home) -> None:
