@@ -47,28 +47,34 @@ def test_table_exists_sees_tables_and_views_of_the_store_only(store: Store) -> N
         assert not table_exists(con, "main", "only_temp")  # a temporary table is not the store's
 
 
-def test_a_name_bound_answers_as_its_catalog_entry_and_what_does_not_bind_is_asked_of_the_entry(
-    store: Store,
-) -> None:
-    """``table_columns`` binds ``SELECT *`` over the name (``store._bound``) and asks the catalog
-    entry (``store._entry``) only when that fails: the two agree on every kind of name; a view
-    that no longer binds still exists; neither is fooled by a temporary table or by another
-    database named as the schema; a lookup inside a transaction leaves it usable."""
+def test_a_table_found_without_a_statement_answers_as_its_catalog_entry(store: Store, tmp_path: Path) -> None:
+    """On a ``Store.connect`` connection a table is found through the relation API
+    (``store._table``), anything else through its catalog entry (``store._entry``): the two agree
+    on every kind of name; no view's query is bound (a view over a file now gone still exists,
+    and a lookup of it leaves the caller's transaction whole); neither is fooled by a temporary
+    table or by another database named as the schema."""
     from safehaven.core import store as store_module
 
+    csv = tmp_path / "gone.csv"
+    csv.write_text("a\n1\n")
     with store.connect() as con:
         con.execute("CREATE TABLE landing.t (a INT, b VARCHAR)")
         con.execute("CREATE VIEW landing.v AS SELECT a AS x, b FROM landing.t")
+        con.execute("CREATE VIEW landing.twice AS SELECT * FROM landing.t l, landing.t r")
         con.execute("CREATE TABLE landing.gone (a INT)")
         con.execute("CREATE VIEW landing.stale AS SELECT * FROM landing.gone")
         con.execute("DROP TABLE landing.gone")
+        con.execute(f"CREATE VIEW landing.file AS SELECT * FROM read_csv('{csv}')")
+        csv.unlink()
         con.execute("CREATE TEMP TABLE only_temp (a INT)")
         con.execute("ATTACH ':memory:' AS elsewhere")
         con.execute("CREATE TABLE elsewhere.main.t (z INT)")
         cases = {
             ("landing", "t"): ["a", "b"],
             ("landing", "v"): ["x", "b"],
+            ("landing", "twice"): ["a", "b", "a", "b"],
             ("landing", "stale"): ["a"],
+            ("landing", "file"): ["a"],
             ("landing", "missing"): [],
             ("main", "only_temp"): [],
             ("elsewhere", "t"): [],
@@ -77,14 +83,19 @@ def test_a_name_bound_answers_as_its_catalog_entry_and_what_does_not_bind_is_ask
             assert store_module._entry(con, schema_name, table) == columns, (schema_name, table)
             assert table_columns(con, schema_name, table) == columns, (schema_name, table)
             assert table_exists(con, schema_name, table) == bool(columns), (schema_name, table)
-        # the bound answer is the one given wherever a name binds: the entry is not asked
-        assert store_module._bound(con, "landing", "v") == ["x", "b"]
-        assert store_module._bound(con, "landing", "stale") is None
+        # a table is found with no statement; a view, or another connection, is left to the entry
+        assert store_module._table(con, "landing", "t") == ["a", "b"]
+        assert store_module._table(con, "landing", "v") is None
         con.execute("BEGIN")
         con.execute("INSERT INTO landing.t VALUES (1, 'kept')")
-        assert not table_exists(con, "landing", "missing") and table_exists(con, "landing", "stale")
+        assert not table_exists(con, "landing", "missing") and table_exists(con, "landing", "file")
         con.execute("COMMIT")
         assert con.execute("SELECT b FROM landing.t").fetchall() == [("kept",)]
+    with duckdb.connect() as plain:  # another connection, with a database of the store's name beside its own
+        plain.execute("CREATE TABLE t (a INT)")
+        plain.execute("ATTACH ':memory:' AS store")
+        plain.execute("CREATE TABLE store.main.t (q INT)")
+        assert store_module._table(plain, "main", "t") is None and table_columns(plain, "main", "t") == ["a"]
 
 
 def test_store_file_holds_no_plain_identifier(store: Store, home: Home) -> None:
