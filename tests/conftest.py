@@ -203,18 +203,25 @@ def needles_in(needles: list[bytes]) -> Callable[[bytes], set[bytes]]:
     return search
 
 
+#: the longest needle :func:`needles_in` takes: its pattern nests a group per byte, and Python's
+#: parser stops near 500 levels; longer needles are searched one by one
+TREE_DEPTH = 200
+
+
 def scan_for(root: Path, needles: list[bytes]) -> dict[str, list[str]]:
     """Every file under ``root`` that holds any needle in its plain bytes (path -> needles, in
-    the order given), found by one pass of :func:`needles_in` over each file."""
+    the order given; bytes that are not text shown escaped), found by one pass of
+    :func:`needles_in` over each file."""
     hits: dict[str, list[str]] = {}
     if not needles:
         return hits
-    search = needles_in(needles) if all(needles) else lambda data: {n for n in needles if n in data}
+    tree = all(needles) and max(map(len, needles)) <= TREE_DEPTH
+    search = needles_in(needles) if tree else lambda data: {n for n in needles if n in data}
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             held = search(path.read_bytes())
             if held:
-                hits[str(path)] = [n.decode() for n in needles if n in held]
+                hits[str(path)] = [n.decode(errors="backslashreplace") for n in needles if n in held]
     return hits
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import needles_in, scan_for
+from tests.conftest import TREE_DEPTH, needles_in, scan_for
 
 #: a digit, a letter and bytes that mean something to a regular expression: few enough that
 #: needles often share a prefix or lie one inside another, and would break an unescaped pattern
@@ -39,3 +39,11 @@ def test_a_file_holding_a_needle_is_named_with_every_needle_it_holds(tmp_path: P
     needles = [b"9991234567", b"999123", b"M1 1AE", b"ZZ9 9ZZ"]
     assert scan_for(tmp_path, needles) == {str(tmp_path / "deep" / "leak.parquet"): ["9991234567", "999123", "M1 1AE"]}
     assert scan_for(tmp_path, [b"ZZ9 9ZZ"]) == {} and scan_for(tmp_path, []) == {}
+
+
+def test_long_and_binary_needles_are_found_and_named(tmp_path: Path) -> None:
+    """A needle longer than the prefix tree takes (a key file's contents) is still searched, and
+    a needle that is not text (key material) is named escaped rather than failing the scan."""
+    long, binary = b"k" * (TREE_DEPTH + 1), b"\x9f\x00\xfe"
+    (tmp_path / "leak").write_bytes(b"x" + long + b"y" + binary)
+    assert scan_for(tmp_path, [long, binary]) == {str(tmp_path / "leak"): [long.decode(), "\\x9f\x00\\xfe"]}

@@ -263,11 +263,12 @@ def _domain_kwargs(self: gx.expectations.Expectation) -> dict[str, Any]:
 
 
 def _success_kwargs(self: gx.expectations.Expectation) -> dict[str, Any]:
-    """GX's ``Expectation._get_success_kwargs``: the success keys' values, then the domain
-    keys' (a key in both takes the domain value), from one configuration (:func:`_domain_kwargs`)."""
+    """GX's ``Expectation._get_success_kwargs``: the success keys' values from one configuration,
+    then the domain kwargs (``_get_domain_kwargs``, as GX asks them: a key in both takes the
+    domain value)."""
     kwargs = self.configuration.kwargs
     success = {key: kwargs.get(key, self._get_default_value(key)) for key in self.success_keys}
-    success.update({key: kwargs.get(key, self._get_default_value(key)) for key in self.domain_keys})
+    success.update(self._get_domain_kwargs())
     return success
 
 
