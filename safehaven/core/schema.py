@@ -12,9 +12,9 @@ owning module imports the constant (and re-exports it under its old name) and ca
   costs a lookup in the catalog per table (``safehaven.core.store.table_columns``: none is a
   statement for a table of the store on a ``Store.connect`` connection) or, past
   :data:`LOOKED_UP_AT_MOST` lookups that are statements, one catalog query, so a module may
-  call it at every unit of work. Migrations of older stores (a column added since the first version)
-  live with the table they migrate and run only when a column is missing; a view over a
-  migrated table is made again, so it shows the new columns.
+  call it at every unit of work. Migrations of older stores (a column added since the first
+  version) live with the table they migrate and run only when a column is missing; a view over
+  a migrated table is made again, so it shows the new columns.
 * :func:`recreate` replaces a table that is rewritten whole each time (the objection-rate
   monitor, the store's code lists): ``CREATE OR REPLACE``, so no deleted row's bytes are kept
   by the table itself.

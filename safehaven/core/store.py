@@ -699,10 +699,10 @@ def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> boo
     some 300 times, nearly always for a table that exists). The lookup is DuckDB's own, case
     blind as SQL is; every table and schema the haven makes has a lower-case name
     (``safehaven.core.schema``, the contracts' ``NAME``), so for them it answers as the scan
-    does. The name is qualified with the database in use, so no
-    temporary table, other database or replacement scan of a Python variable answers for it,
-    and a failed lookup leaves a transaction open. Any other name, or any other error, is
-    answered by the scan (:func:`_listed`).
+    does. The name is qualified with the database in use, so no temporary table, other
+    database or replacement scan of a Python variable answers for it, and a failed lookup
+    leaves a transaction open. Any other name, or any other error, is answered by the scan
+    (:func:`_listed`).
     """
     columns = _looked_up(con, schema, table)
     return bool(columns) if columns is not None else _listed(con, schema, table)
