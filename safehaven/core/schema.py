@@ -9,12 +9,11 @@ owning module imports the constant (and re-exports it under its old name) and ca
 
 * :func:`ensure` creates the named tables that are missing, with the views that belong with
   them and the tables those views read, in declaration (dependency) order. When all exist it
-  costs a lookup in the catalog per table (``safehaven.core.store.table_columns``: none is a
-  statement for a table of the store on a ``Store.connect`` connection) or, past
-  :data:`LOOKED_UP_AT_MOST` lookups that are statements, one catalog query, so a module may
-  call it at every unit of work. Migrations of older stores (a column added since the first
-  version) live with the table they migrate and run only when a column is missing; a view over
-  a migrated table is made again, so it shows the new columns.
+  costs a lookup in the catalog per table for up to :data:`LOOKED_UP_AT_MOST` tables
+  (``safehaven.core.store.table_columns``), else one catalog query, so a module may call it at
+  every unit of work. Migrations of older stores (a column added since the first version)
+  live with the table they migrate and run only when a column is missing; a view over a
+  migrated table is made again, so it shows the new columns.
 * :func:`recreate` replaces a table that is rewritten whole each time (the objection-rate
   monitor, the store's code lists): ``CREATE OR REPLACE``, so no deleted row's bytes are kept
   by the table itself.
@@ -58,7 +57,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from safehaven.core.store import opened_by, table_columns
+from safehaven.core.store import table_columns
 
 _IF_NOT_EXISTS = "CREATE TABLE IF NOT EXISTS "
 
@@ -446,9 +445,8 @@ def _closure(names: Iterable[str]) -> list[Table]:
     return [t for t in TABLES.values() if t.name in wanted]
 
 
-#: lookups of one ``ensure`` made one by one rather than one catalog scan: each costs about 0.2 ms,
-#: a scan about 1.5 ms and more with the store's tables (measured here, 65 tables); a table of the
-#: store on its own connection costs no statement (``store._table``), so only views count there
+#: tables of one ``ensure`` looked up one by one rather than by one catalog scan: each lookup costs
+#: about 0.5 ms, a scan about 1.5 ms and more with the store's tables (measured here, 65 tables)
 LOOKED_UP_AT_MOST = 4
 
 
@@ -456,12 +454,10 @@ def _catalog(con: duckdb.DuckDBPyConnection, wanted: list[Table]) -> set[tuple[s
     """Those of ``wanted`` that exist in the database in use, as (name, column) pairs, with the
     columns of a table that has migrations and of a view (a table or view has at least one
     column, so a name is present exactly when it has a pair); the column is None for the others.
-    Looked up one by one (``store.table_columns``) while at most :data:`LOOKED_UP_AT_MOST` of the
-    lookups cost a statement (on a ``Store.connect`` connection, its views; elsewhere, every
-    name); otherwise by one query: ``duckdb_columns`` (tables and views alike) when one of them
-    needs its columns, else the cheaper ``duckdb_tables``."""
-    costly = [t for t in wanted if t.is_view] if opened_by(con) is not None else wanted
-    if len(costly) <= LOOKED_UP_AT_MOST:
+    Up to :data:`LOOKED_UP_AT_MOST` tables are looked up one by one (``store.table_columns``);
+    more, by one query: ``duckdb_columns`` (tables and views alike) when one of them needs its
+    columns, else the cheaper ``duckdb_tables``."""
+    if len(wanted) <= LOOKED_UP_AT_MOST:
         return {pair for table in wanted for pair in _pairs(con, table)}
     names = [t.name for t in wanted]
     marks = ", ".join("?" for _ in names)

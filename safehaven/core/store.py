@@ -742,8 +742,10 @@ def _looked_up(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[
 def _table(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[str] | None:
     """The columns of the store's table ``schema.table``, read from its catalog entry through
     DuckDB's relation API (``con.table``: nothing parsed, bound or run), on a connection
-    ``Store.connect`` opened, where the store is the database in use; None for a view (whose
-    query it would not bind), a name that is not a table, or any other connection."""
+    ``Store.connect`` opened; None for a view (whose query it would not bind), a name that is
+    not a table, or any other connection. The store is taken to be the database in use, as
+    ``connect`` leaves it (``USE store``): nothing in the haven selects another on such a
+    connection, and one that did would be answered for the store here."""
     if con not in _OPENED_BY:
         return None
     try:

@@ -71,27 +71,6 @@ def test_ensure_is_one_catalog_query_when_all_exist(store: Store) -> None:
         assert "pragma_table_info" in counting.sql[0]  # a few tables: each looked up in the catalog directly
 
 
-def test_on_a_store_connection_every_table_is_looked_up_by_name_not_by_a_catalog_scan(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A table of the store costs no statement there (``store._table``), so ``ensure`` asks for
-    each by name however many it checks; elsewhere, past a few names, one catalog query."""
-    looked_up: list[str] = []
-    pairs = schema._pairs
-    monkeypatch.setattr(schema, "_pairs", lambda con, table: looked_up.append(table.name) or pairs(con, table))
-    with store.connect() as con:
-        schema.ensure(con, *schema.TABLES)
-        looked_up.clear()
-        schema.ensure(con, *schema.TABLES)
-        assert sorted(looked_up) == sorted(schema.TABLES)
-    with duckdb.connect() as plain:
-        for zone in ZONES:
-            plain.execute(f"CREATE SCHEMA {zone}")
-        looked_up.clear()
-        schema.ensure(plain, *schema.TABLES)
-        assert looked_up == []
-
-
 def test_tables_looked_up_one_by_one_answer_as_the_catalog_scan(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The two ways ``ensure`` asks the catalog agree: on a table present, one missing, a view, and a
     table lacking a column a migration adds."""
