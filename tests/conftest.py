@@ -167,15 +167,23 @@ def store(home: Home) -> Store:
     return Store(home)
 
 
+#: the longest needle :func:`needles_in` puts in its prefix tree: the pattern nests a group per
+#: byte, and Python's parser stops near 500 levels
+TREE_DEPTH = 200
+
+
 def needles_in(needles: list[bytes]) -> Callable[[bytes], set[bytes]]:
-    """A search for ``needles`` (non-empty): called on some bytes, it returns the needles they hold.
+    """A search for ``needles``: called on some bytes, it returns the needles they hold.
 
     One pass of a regular expression over their prefix tree, looked for at every byte: the plain
     alternation ``a|b|c...`` makes Python's engine try every needle at every byte (an output
     test's 1,500 identifiers over its published files: 13 s), the tree only those that share
     the bytes read so far (0.1 s), and a needle-by-needle ``in`` over a file that holds some is
     as slow again. At each byte the tree's longest needle is taken, with every shorter needle it
-    extends (they start at the same byte)."""
+    extends (they start at the same byte). Needles the tree cannot hold (an empty one, or one
+    longer than :data:`TREE_DEPTH`) are searched one by one, so the answer is the same for any."""
+    if not needles or not all(needles) or max(map(len, needles)) > TREE_DEPTH:
+        return lambda data: {n for n in needles if n in data}
     tree: dict = {}
     for needle in needles:
         node = tree
@@ -203,20 +211,12 @@ def needles_in(needles: list[bytes]) -> Callable[[bytes], set[bytes]]:
     return search
 
 
-#: the longest needle :func:`needles_in` takes: its pattern nests a group per byte, and Python's
-#: parser stops near 500 levels; longer needles are searched one by one
-TREE_DEPTH = 200
-
-
 def scan_for(root: Path, needles: list[bytes]) -> dict[str, list[str]]:
     """Every file under ``root`` that holds any needle in its plain bytes (path -> needles, in
     the order given; bytes that are not text shown escaped), found by one pass of
     :func:`needles_in` over each file."""
     hits: dict[str, list[str]] = {}
-    if not needles:
-        return hits
-    tree = all(needles) and max(map(len, needles)) <= TREE_DEPTH
-    search = needles_in(needles) if tree else lambda data: {n for n in needles if n in data}
+    search = needles_in(needles)
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             held = search(path.read_bytes())

@@ -42,8 +42,11 @@ def test_a_file_holding_a_needle_is_named_with_every_needle_it_holds(tmp_path: P
 
 
 def test_long_and_binary_needles_are_found_and_named(tmp_path: Path) -> None:
-    """A needle longer than the prefix tree takes (a key file's contents) is still searched, and
-    a needle that is not text (key material) is named escaped rather than failing the scan."""
-    long, binary = b"k" * (TREE_DEPTH + 1), b"\x9f\x00\xfe"
+    """A needle longer than the prefix tree takes (a key file's contents), or an empty one, is
+    still searched, and a needle that is not text (key material) is named escaped rather than
+    failing the scan."""
+    long, binary = b"k" * 3 * TREE_DEPTH, b"\x9f\x00\xfe"  # past what Python's parser nests
+    assert needles_in([long, b"k"])(b"kk") == {b"k"} and needles_in([b"", b"z"])(b"a") == {b""}
+    assert needles_in([])(b"a") == set()
     (tmp_path / "leak").write_bytes(b"x" + long + b"y" + binary)
     assert scan_for(tmp_path, [long, binary]) == {str(tmp_path / "leak"): [long.decode(), "\\x9f\x00\\xfe"]}
