@@ -201,7 +201,7 @@ class SafeHavenResource(dg.ConfigurableResource):
             audit.begin_run(
                 con, haven.home, actor=haven.actor, job=job, run_id=context.run_id or "", keyring=haven.keyring
             )
-            _compact(con, context.log)
+            _compact(con, context.log, self.registry())
 
     @contextmanager
     def connect(self, *, read_only: bool = False, retry: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -221,10 +221,11 @@ class SafeHavenResource(dg.ConfigurableResource):
             yield con
 
 
-def _compact(con: duckdb.DuckDBPyConnection, log: dg.DagsterLogManager) -> None:
-    """Rewrite the tables appends have left in many row groups (``safehaven.core.compaction``), once the
-    run's audit trail has verified; say which, and which DuckDB refused (the run goes on: a storage change)."""
-    done = compaction.compact(con)
+def _compact(con: duckdb.DuckDBPyConnection, log: dg.DagsterLogManager, registry: ContractRegistry) -> None:
+    """Rewrite the tables appends have left in many row groups (``safehaven.core.compaction``: the
+    declared ones and those of ``registry``'s collections), once the run's audit trail has verified;
+    say which, and which DuckDB refused (the run goes on: a storage change)."""
+    done = compaction.compact(con, [t for c in registry.contracts.values() for t in c.store_tables])
     if done.rewritten:
         log.info(f"store: rewrote {len(done.rewritten)} table(s) left in many row groups: {', '.join(done.rewritten)}")
     for table, why in done.refused.items():

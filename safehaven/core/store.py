@@ -174,10 +174,26 @@ def _ensure_zones(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {zone}")
 
 
+#: Row-group merges ("vacuum tasks") DuckDB may schedule at a checkpoint: none (issue 22). DuckDB 1.4
+#: writes a large insert as it goes, in row groups cut where its parallel batches end (the 6.8M GP
+#: records of the 909,091-patient night: 103 row groups where 56 would hold them), then merges
+#: adjacent part-filled ones at each checkpoint by reading, decompressing and writing them again,
+#: which doubles a landing's write work. Measured on that night's GP intake: landing 12.1-13.1 s and
+#: validation 8.8 s with the merges, 9.4 s and 7.2 s without; end to end 1.56x the baseline to 1.34x
+#: (the baseline keeps DuckDB's default). Not a safeguard: the store's physical disposal is a rebuild
+#: into a fresh file (``Store.rebuild``), never a vacuum, which leaves bytes anyway (``docs/design.md``
+#: "Deletion leaves bytes"). Without the merges a wholly deleted row group is still freed, but a
+#: table's part-filled row groups stay as written: ``safehaven.core.compaction`` rewrites the
+#: haven's tables that end up in many more row groups than their rows need.
+MAX_VACUUM_TASKS = 0
+
+
 def _prepare_instance(instance: duckdb.DuckDBPyConnection) -> None:
-    """Set up a new DuckDB instance for the store: the crypto module, encrypted spill files."""
+    """Set up a new DuckDB instance for the store: the crypto module, encrypted spill files, and no
+    row-group merges at checkpoints (:data:`MAX_VACUUM_TASKS`)."""
     instance.execute(f"LOAD '{httpfs_extension_path()}'")
     instance.execute("SET temp_file_encryption = true")
+    instance.execute(f"SET max_vacuum_tasks = {MAX_VACUUM_TASKS}")
 
 
 #: DuckDB threads of a store connection whose ``threads`` is not given (the haven resource's

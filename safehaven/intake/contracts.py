@@ -268,6 +268,13 @@ class Contract(Strict):
     def _unique_fields(cls, fields: list[FieldSpec]) -> list[FieldSpec]:
         return unique_names(fields, "field")
 
+    @property
+    def store_tables(self) -> tuple[str, ...]:
+        """The store tables (``zone.name``) that hold this collection's records: as landed, valid and
+        rejected (``safehaven.intake``), and pseudonymised (``safehaven.protect.haven``; none for objections)."""
+        c = self.collection
+        return (f"landing.{c}", f"landing.{c}_valid", f"landing.{c}_rejected", f"haven.{c}")
+
     @model_validator(mode="after")
     def _references(self) -> Contract:
         """The patient key, period and practice fields are fields; the key is an NHS number; the period a DATE."""

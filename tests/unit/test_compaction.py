@@ -1,7 +1,7 @@
-"""Tables with a primary key rewritten when appends have left them in many row groups
-(``safehaven.core.compaction``): the same rows in the same order, the same columns, constraints
-and comments, the audit trail still verifying; a rewrite DuckDB refuses leaves the table as it
-was; a run rewrites them at its start."""
+"""The haven's tables rewritten when appends have left them in many row groups
+(``safehaven.core.compaction``): the same rows in the same order, the same columns, constraints,
+comments and declared compression, the audit trail still verifying; a rewrite DuckDB refuses
+leaves the table as it was; a run rewrites them at its start."""
 
 from __future__ import annotations
 
@@ -172,9 +172,17 @@ def test_a_rewrite_is_refused_inside_a_transaction_of_the_callers(home: Home) ->
 
 
 def test_a_run_rewrites_the_tables_left_in_many_row_groups_at_its_start(home: Home) -> None:
-    """Through the resource, once the run's audit trail has verified (``resources.haven``)."""
+    """Through the resource, once the run's audit trail has verified (``resources.haven``): the
+    declared tables and its contracts' (here a collection's rejected rows)."""
     store = Store(home)
     _append_one_a_connection(store, compaction.SLACK + 2)
+    rejected = "landing.gp_events_rejected"
+    with store.connect() as con:  # landed rows with no audit entry at all would refuse the run (truncation)
+        audit.append(con, actor="test", role="pipeline", action="test.step", object="step:0", home=home)
+        con.execute(f"CREATE TABLE {rejected} (_batch VARCHAR, _row BIGINT, failed_rules VARCHAR[])")
+    for i in range(compaction.SLACK + 2):
+        with store.connect() as con:
+            con.execute(f"INSERT INTO {rejected} VALUES ('b', ?, ['r'])", [i])
 
     @dg.asset(required_resource_keys={"haven"})
     def reads_the_store(context) -> int:  # unannotated: Dagster cannot read an annotation held as a string
@@ -185,7 +193,9 @@ def test_a_run_rewrites_the_tables_left_in_many_row_groups_at_its_start(home: Ho
     result = dg.materialize([reads_the_store], resources={"haven": SafeHavenResource()}, instance=instance)
     assert result.output_for_node("reads_the_store") == 1
     said = [entry.user_message for entry in instance.all_logs(result.run_id)]
-    assert "store: rewrote 1 table(s) left in many row groups: governance.batches" in said
+    assert f"store: rewrote 2 table(s) left in many row groups: governance.batches, {rejected}" in said
+    with store.connect(read_only=True) as con:
+        assert _row_groups(con, rejected) == 1
 
 
 def test_a_rewrite_that_fails_part_way_is_rolled_back_whole(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,19 +221,108 @@ def test_a_rewrite_that_fails_part_way_is_rolled_back_whole(home: Home, monkeypa
         assert _zone_tables(con, "governance") == tables
 
 
-def test_a_table_declared_with_a_compression_is_never_rewritten(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+def _compressions(con: duckdb.DuckDBPyConnection, table: str, column: str) -> set[str]:
+    """How ``column`` of ``table`` is stored, over its segments (random bytes would compress no smaller)."""
+    return {
+        r[0]
+        for r in con.execute(
+            f"SELECT DISTINCT compression FROM pragma_storage_info('{table}') WHERE column_name = ? "
+            "AND segment_type <> 'VALIDITY'",
+            [column],
+        ).fetchall()
+    }
+
+
+def test_a_table_declared_with_a_compression_is_made_again_from_its_declaration(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The catalog's SQL of a table does not carry a column's declared compression, so a rewrite
-    from it would drop the declaration (``schema.RANDOM_BYTES``): such a table is left as it is."""
+    from it would drop the declaration (``schema.RANDOM_BYTES``): such a table is made again from
+    its declaration, with its rows in order and its comment, and stays uncompressed. Bytes that
+    would compress make the difference show."""
     name, columns = "vault.test_keys", f"key_id VARCHAR PRIMARY KEY, material {schema.RANDOM_BYTES}"
     monkeypatch.setitem(schema.TABLES, name, schema.Table(name, f"CREATE TABLE IF NOT EXISTS {name} ({columns})", ""))
     store = Store(home)
     for i in range(compaction.SLACK + 3):
         with store.connect() as con:
             schema.ensure(con, name)
-            con.execute(f"INSERT INTO {name} VALUES (?, ?)", [f"k{i}", bytes(12)])
+            con.execute(f"INSERT INTO {name} VALUES (?, ?)", [f"k{i}", bytes(4000)])
     with store.connect() as con:
-        assert _row_groups(con, name) == compaction.SLACK + 3
-        assert compaction.fragmented(con) == []
+        con.execute(f"COMMENT ON TABLE {name} IS 'test keys'")
+        before = _shape(con, name)
+        assert compaction.compact(con).rewritten == [name]
+    with store.connect() as con:
+        assert _shape(con, name) == before and _row_groups(con, name) == 1
+        assert _compressions(con, name, "material") == {"Uncompressed"}
+
+
+def test_a_table_whose_columns_are_no_longer_its_declaration_is_left_as_it_was(
+    home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made again from its declaration, a table holding a column the declaration lacks cannot take
+    its rows: the copy is refused and rolled back, and the table stays whole."""
+    name = "vault.test_keys"
+    monkeypatch.setitem(
+        schema.TABLES,
+        name,
+        schema.Table(name, f"CREATE TABLE IF NOT EXISTS {name} (key_id VARCHAR, material {schema.RANDOM_BYTES})", ""),
+    )
+    store = Store(home)
+    with store.connect() as con:
+        con.execute(f"CREATE TABLE {name} (key_id VARCHAR, material {schema.RANDOM_BYTES}, note VARCHAR)")
+    for i in range(compaction.SLACK + 3):
+        with store.connect() as con:
+            con.execute(f"INSERT INTO {name} VALUES (?, ?, 'kept')", [f"k{i}", bytes(12)])
+    with store.connect() as con:
+        before, groups = _shape(con, name), _row_groups(con, name)
+        assert list(compaction.compact(con).refused) == [name]
+    with store.connect() as con:
+        assert (_shape(con, name), _row_groups(con, name)) == (before, groups)
+        assert [t for t in _zone_tables(con, "vault") if t.startswith("test_keys")] == ["test_keys"]
+
+
+def test_a_contract_table_is_rewritten_only_when_named_and_past_twice_what_its_rows_need(home: Home) -> None:
+    """A collection's tables are the haven's when its contracts name them (``also``). A large table
+    in up to twice the row groups its rows need (what a night's landing leaves) is left alone;
+    past that, and past ``SLACK`` for a small one, it is rewritten."""
+    store = Store(home)
+    table, rows = "landing.test_events", 3 * compaction.ROW_GROUP_ROWS  # needs 3 row groups
+    with store.connect() as con:
+        con.execute(f"CREATE TABLE {table} (id BIGINT, note VARCHAR)")
+    appended = 0
+    for part in (rows // 6,) * 6:  # six appends, each in a row group of its own: twice the need
+        with store.connect() as con:
+            con.execute(f"INSERT INTO {table} SELECT range, 'n' || range FROM range({appended}, {appended + part})")
+        appended += part
+    with store.connect() as con:
+        assert _row_groups(con, table) == 6
+        assert compaction.fragmented(con, [table]) == []
+    for i in range(compaction.SLACK - 1):  # 7 small appends: 13 row groups, past the 4 needed + max(SLACK, 4)
+        with store.connect() as con:
+            con.execute(f"INSERT INTO {table} VALUES (?, 'late')", [appended + i])
+    with store.connect() as con:
+        before = con.execute(f"SELECT * FROM {table}").fetchall()
+        assert _row_groups(con, table) == 13
+        assert compaction.fragmented(con) == []  # not declared, not named: not the haven's
+        assert compaction.compact(con, [table]).rewritten == [table]
+    with store.connect() as con:
+        assert con.execute(f"SELECT * FROM {table}").fetchall() == before
+        assert _row_groups(con, table) == 4
+
+
+@pytest.mark.parametrize(
+    ("groups", "rows", "past"),
+    [
+        (9, 1, False),
+        (10, 1, True),
+        (2 * 56, 56 * compaction.ROW_GROUP_ROWS, False),
+        (2 * 56 + 1, 56 * compaction.ROW_GROUP_ROWS, True),
+        (103, 6_819_750, False),
+    ],
+)
+def test_the_limit_is_the_need_plus_slack_or_twice_the_need(groups: int, rows: int, past: bool) -> None:
+    """The GP landing of the benchmark's night (103 row groups for 6.8M rows) is within it."""
+    assert compaction.over(groups, rows) is past
 
 
 def test_a_run_whose_audit_trail_does_not_verify_rewrites_nothing(home: Home) -> None:
