@@ -227,7 +227,10 @@ def _compact(con: duckdb.DuckDBPyConnection, log: dg.DagsterLogManager, registry
     say which, and which DuckDB refused (the run goes on: a storage change)."""
     done = compaction.compact(con, [t for c in registry.contracts.values() for t in c.store_tables])
     if done.rewritten:
-        log.info(f"store: rewrote {len(done.rewritten)} table(s) left in many row groups: {', '.join(done.rewritten)}")
+        log.info(
+            f"store: rewrote {len(done.rewritten)} table(s) left in many row groups: {', '.join(done.rewritten)} "
+            f"({done.seconds:.1f} s)"
+        )
     for table, why in done.refused.items():
         log.warning(f"store: could not rewrite {table}, left in many row groups (reads of it stay slower): {why}")
 

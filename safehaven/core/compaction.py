@@ -33,8 +33,10 @@ haven's to rewrite (found by review: one whose name held a dot stopped every run
   columns, types, defaults and constraints as they are), with its comments, in a transaction of
   its own: all or nothing. The catalog's SQL does not carry a column's declared compression, so
   a declared table that sets one (``schema.RANDOM_BYTES``: the vault's nonces and ciphertexts) is
-  made again from its declaration (``schema.ensure``) instead; one whose columns are no longer
-  the declaration's is refused by the copy and stays as it was.
+  made again from its declaration (``schema.ensure``) instead, and one without a comment is
+  marked as declared (``schema.RANDOM_BYTES_MARK``), so the vault does not copy it once more
+  (found by review); one whose columns are no longer the declaration's is refused by the copy and
+  stays as it was.
 * The old table is moved aside under a name of its own (a random suffix) and dropped in the
   same transaction (:func:`replace_table`), so a rewrite leaves nothing behind and no other
   table stands in its way.
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -73,6 +76,8 @@ class Compaction:
 
     rewritten: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    #: wall seconds the pass spent rewriting (the run's log says it: a large table takes seconds)
+    seconds: float = field(default=0.0, compare=False)
 
 
 def compact(con: duckdb.DuckDBPyConnection, also: Iterable[str] = ()) -> Compaction:
@@ -82,6 +87,7 @@ def compact(con: duckdb.DuckDBPyConnection, also: Iterable[str] = ()) -> Compact
     if in_transaction(con):
         raise ValueError("the store's tables are rewritten outside any transaction: commit or roll back first")
     done = Compaction()
+    began = time.perf_counter()
     for table in fragmented(con, also):
         try:
             with transaction(con):
@@ -90,6 +96,7 @@ def compact(con: duckdb.DuckDBPyConnection, also: Iterable[str] = ()) -> Compact
             done.refused[table] = f"DuckDB refused it ({type(exc).__name__}); the table is as it was"
         else:
             done.rewritten.append(table)
+    done.seconds = time.perf_counter() - began
     return done
 
 
@@ -165,6 +172,8 @@ def _rewrite(con: duckdb.DuckDBPyConnection, table: str) -> None:
     declared = schema.TABLES.get(table)
     if declared is not None and _COMPRESSION in declared.ddl:  # the catalog's SQL would drop it (module docstring)
         replace_table(con, table, lambda: schema.ensure(con, table))
+        if schema.RANDOM_BYTES in declared.ddl and comment is None:  # as declared now: said so (found by review)
+            comment = schema.RANDOM_BYTES_MARK
     else:
         replace_table(con, table, lambda: con.execute(sql))
     if comment is not None:

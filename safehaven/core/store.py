@@ -182,8 +182,9 @@ def _ensure_zones(con: duckdb.DuckDBPyConnection) -> None:
 #: validation 8.8 s with the merges, 9.4 s and 7.2 s without; end to end 1.56x the baseline to 1.34x
 #: (the baseline keeps DuckDB's default). Not a safeguard: the store's physical disposal is a rebuild
 #: into a fresh file (``Store.rebuild``), never a vacuum, which leaves bytes anyway (``docs/design.md``
-#: "Deletion leaves bytes"). Without the merges a wholly deleted row group is still freed, but a
-#: table's part-filled row groups stay as written: ``safehaven.core.compaction`` rewrites the
+#: "Deletion leaves bytes"). Without the merges a wholly deleted row group of a table without an index
+#: is still freed (DuckDB 1.4.4 frees none of a table with one, merges or not), but a table's
+#: part-filled row groups stay as written: ``safehaven.core.compaction`` rewrites the
 #: haven's tables that end up in many more row groups than their rows need.
 MAX_VACUUM_TASKS = 0
 

@@ -218,7 +218,7 @@ def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]
 
 
 #: the comment ``vault.identity`` carries once its columns are as declared (:func:`_random_bytes_as_declared`)
-RANDOM_BYTES_MARK = "nonce and ciphertext stored uncompressed (safehaven.core.schema.RANDOM_BYTES)"
+RANDOM_BYTES_MARK = schema.RANDOM_BYTES_MARK
 
 
 def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
