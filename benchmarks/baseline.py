@@ -38,8 +38,12 @@ on the same drop, so the pipeline's cost can be judged against it:
 The code lists are read from ``data_contracts/code_lists/*.yaml`` as reference data (they
 are the data the rules refer to). The store is an encrypted DuckDB file
 (``ATTACH ... (ENCRYPTION_KEY ...)`` after loading the signed httpfs extension), like the
-pipeline's; ``--plain`` runs the same SQL on an unencrypted file in the same storage format
-(``STORAGE_VERSION 'v1.4.0'``, which an encrypted file implies) to show the cost of encryption.
+pipeline's, and DuckDB is set as the pipeline's store sets it: no row-group merges at
+checkpoints (``safehaven.core.store.MAX_VACUUM_TASKS``; with DuckDB's default the baseline's
+night at 909,091 patients took 39.2 s, with the store's setting 31.8 s, its landing 15.5 -> 9.6 s:
+a yardstick left at the default would credit the pipeline with an engine setting); ``--plain``
+runs the same SQL on an unencrypted file in the same storage format (``STORAGE_VERSION
+'v1.4.0'``, which an encrypted file implies) to show the cost of encryption.
 Run as a worker by ``benchmarks.run``::
 
     python -m benchmarks.baseline --drop DIR --work DIR --out result.json [--plain] [--threads N] [--append]
@@ -546,6 +550,9 @@ def _connect(work: Path, db: Path, encrypted: bool, threads: int | None, store_k
     if threads:
         config["threads"] = threads
     con = duckdb.connect(":memory:", config=config)
+    from safehaven.core.store import MAX_VACUUM_TASKS  # DuckDB set as the store sets it (module docstring)
+
+    con.execute(f"SET max_vacuum_tasks = {MAX_VACUUM_TASKS}")
     if encrypted:
         from safehaven.core.store import httpfs_extension_path  # the signed extension's installed path
 
