@@ -179,13 +179,14 @@ def _ensure_zones(con: duckdb.DuckDBPyConnection) -> None:
 #: records of the 909,091-patient night: 103 row groups where 56 would hold them), then merges
 #: adjacent part-filled ones at each checkpoint by reading, decompressing and writing them again,
 #: which doubles a landing's write work. Measured on that night's GP intake: landing 12.1-13.1 s and
-#: validation 8.8 s with the merges, 9.4 s and 7.2 s without; end to end 1.56x the baseline to 1.34x
-#: (the baseline keeps DuckDB's default). Not a safeguard: the store's physical disposal is a rebuild
-#: into a fresh file (``Store.rebuild``), never a vacuum, which leaves bytes anyway (``docs/design.md``
-#: "Deletion leaves bytes"). Without the merges a wholly deleted row group of a table without an index
-#: is still freed (DuckDB 1.4.4 frees none of a table with one, merges or not), but a table's
-#: part-filled row groups stay as written: ``safehaven.core.compaction`` rewrites the
-#: haven's tables that end up in many more row groups than their rows need.
+#: validation 8.8 s with the merges, 9.4 s and 7.2 s without; the whole night, best of 3, 57.7 s
+#: before and 50.4-54.9 s after (the benchmark's baseline is set the same way). Not a safeguard:
+#: the store's physical disposal is a rebuild into a fresh file (``Store.rebuild``), never a
+#: vacuum, which leaves bytes anyway (``docs/design.md`` "Deletion leaves bytes"). Without the
+#: merges a wholly deleted row group of a table without an index is still freed (DuckDB 1.4.4
+#: frees none of a table with one, merges or not), but a table's part-filled row groups stay as
+#: written: ``safehaven.core.compaction`` rewrites the haven's tables that end up in many more
+#: row groups than their rows need.
 MAX_VACUUM_TASKS = 0
 
 
