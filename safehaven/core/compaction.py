@@ -34,7 +34,7 @@ haven's to rewrite (found by review: one whose name held a dot stopped every run
   its own: all or nothing. The catalog's SQL does not carry a column's declared compression, so
   a declared table that sets one (``schema.RANDOM_BYTES``: the vault's nonces and ciphertexts) is
   made again from its declaration (``schema.ensure``) instead, and one without a comment is
-  marked as declared (``schema.RANDOM_BYTES_MARK``), so the vault does not copy it once more
+  marked as declared (:data:`RANDOM_BYTES_MARK`), so the vault does not copy it once more
   (found by review); one whose columns are no longer the declaration's is refused by the copy and
   stays as it was.
 * The old table is moved aside under a name of its own (a random suffix) and dropped in the
@@ -66,6 +66,11 @@ ROW_GROUP_ROWS = 122_880
 #: row groups a table may have beyond what its rows need before it is rewritten, at the least: a
 #: night adds about one to each table per store connection that appends to it (:func:`over`)
 SLACK = 8
+#: the comment a table with ``schema.RANDOM_BYTES`` columns carries once they are as declared (DuckDB
+#: shows a column's declared compression nowhere): set by the vault when it copies its table into
+#: the declared shape (``safehaven.protect.vault._random_bytes_as_declared``) and here when a rewrite
+#: makes such a table again from its declaration (:func:`_rewrite`)
+RANDOM_BYTES_MARK = "nonce and ciphertext stored uncompressed (safehaven.core.schema.RANDOM_BYTES)"
 #: what a table's declaration says when it sets a column's compression (made again from it: :func:`_rewrite`)
 _COMPRESSION = "USING COMPRESSION"
 
@@ -173,7 +178,7 @@ def _rewrite(con: duckdb.DuckDBPyConnection, table: str) -> None:
     if declared is not None and _COMPRESSION in declared.ddl:  # the catalog's SQL would drop it (module docstring)
         replace_table(con, table, lambda: schema.ensure(con, table))
         if schema.RANDOM_BYTES in declared.ddl and comment is None:  # as declared now: said so (found by review)
-            comment = schema.RANDOM_BYTES_MARK
+            comment = RANDOM_BYTES_MARK
     else:
         replace_table(con, table, lambda: con.execute(sql))
     if comment is not None:

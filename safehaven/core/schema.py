@@ -298,10 +298,6 @@ VAULT_DATA_KEYS = _declare(
 #: rebuild (``COPY FROM DATABASE``); a store made before it has ``vault.identity`` copied once into
 #: the declared shape by its next vault write (``safehaven.protect.vault._random_bytes_as_declared``).
 RANDOM_BYTES = "BLOB USING COMPRESSION uncompressed"
-#: the comment a table with :data:`RANDOM_BYTES` columns carries once they are as declared (DuckDB
-#: shows a column's declared compression nowhere: ``safehaven.protect.vault._random_bytes_as_declared``,
-#: and ``safehaven.core.compaction``, which makes such a table again from its declaration, marks it)
-RANDOM_BYTES_MARK = "nonce and ciphertext stored uncompressed (safehaven.core.schema.RANDOM_BYTES)"
 
 VAULT_IDENTITY = _declare(
     "vault.identity",

@@ -80,7 +80,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from safehaven.core import schema
+from safehaven.core import compaction, schema
 from safehaven.core.compaction import replace_table
 from safehaven.core.keys import VAULT, Key, KeyRing, key_id, x25519_public
 from safehaven.core.sql import lit, q
@@ -218,7 +218,7 @@ def _backfill_seen(con: duckdb.DuckDBPyConnection, contracts: Iterable[Contract]
 
 
 #: the comment ``vault.identity`` carries once its columns are as declared (:func:`_random_bytes_as_declared`)
-RANDOM_BYTES_MARK = schema.RANDOM_BYTES_MARK
+RANDOM_BYTES_MARK = compaction.RANDOM_BYTES_MARK
 
 
 def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
