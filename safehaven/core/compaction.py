@@ -33,10 +33,10 @@ haven's to rewrite (found by review: one whose name held a dot stopped every run
   columns, types, defaults and constraints as they are), with its comments, in a transaction of
   its own: all or nothing. The catalog's SQL does not carry a column's declared compression, so
   a declared table that sets one (``schema.RANDOM_BYTES``: the vault's nonces and ciphertexts) is
-  made again from its declaration (``schema.ensure``) instead, and one without a comment is
-  marked as declared (:data:`RANDOM_BYTES_MARK`), so the vault does not copy it once more
-  (found by review); one whose columns are no longer the declaration's is refused by the copy and
-  stays as it was.
+  made again from its declaration (:func:`remake_as_declared`, the vault's own copy of an older
+  vault too) instead, and marked as declared (:data:`RANDOM_BYTES_MARK`), so the vault does not
+  copy it once more (found by review), unless it carried a comment of its own, which is kept;
+  one whose columns are no longer the declaration's is refused by the copy and stays as it was.
 * The old table is moved aside under a name of its own (a random suffix) and dropped in the
   same transaction (:func:`replace_table`), so a rewrite leaves nothing behind and no other
   table stands in its way.
@@ -151,6 +151,16 @@ def replace_table(con: duckdb.DuckDBPyConnection, table: str, create: Callable[[
     con.execute(f"DROP TABLE {moved}")
 
 
+def remake_as_declared(con: duckdb.DuckDBPyConnection, table: str) -> None:
+    """Replace the declared ``table`` by one made from its declaration (``schema.ensure``: a declared
+    column compression kept) holding its rows, in the caller's transaction; one with random-byte
+    columns (``schema.RANDOM_BYTES``) is marked so (:data:`RANDOM_BYTES_MARK`). The one place a table
+    is remade as declared (a rewrite here; ``safehaven.protect.vault``'s copy of an older vault)."""
+    replace_table(con, table, lambda: schema.ensure(con, table))
+    if schema.RANDOM_BYTES in schema.TABLES[table].ddl:
+        con.execute(f"COMMENT ON TABLE {_quoted(table)} IS {lit(RANDOM_BYTES_MARK)}")
+
+
 def _needed(rows: int) -> int:
     return max(1, math.ceil(rows / ROW_GROUP_ROWS))
 
@@ -176,9 +186,7 @@ def _rewrite(con: duckdb.DuckDBPyConnection, table: str) -> None:
     ).fetchall()
     declared = schema.TABLES.get(table)
     if declared is not None and _COMPRESSION in declared.ddl:  # the catalog's SQL would drop it (module docstring)
-        replace_table(con, table, lambda: schema.ensure(con, table))
-        if schema.RANDOM_BYTES in declared.ddl and comment is None:  # as declared now: said so (found by review)
-            comment = RANDOM_BYTES_MARK
+        remake_as_declared(con, table)  # marked; a comment the table had is put back below
     else:
         replace_table(con, table, lambda: con.execute(sql))
     if comment is not None:

@@ -81,7 +81,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from safehaven.core import compaction, schema
-from safehaven.core.compaction import replace_table
 from safehaven.core.keys import VAULT, Key, KeyRing, key_id, x25519_public
 from safehaven.core.sql import lit, q
 from safehaven.core.store import atomic, table_exists, transaction
@@ -234,8 +233,8 @@ def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
     declared shape that replaces it, in the caller's transaction (or one of its own). A new
     store's empty table is marked so by its first vault write. Returns whether it copied.
 
-    The copy is ``safehaven.core.compaction.replace_table``: nothing is left behind, and no table
-    anyone else left in the vault zone stands in its way."""
+    The copy is ``safehaven.core.compaction.remake_as_declared`` (as compaction remakes the table):
+    nothing is left behind, and no table anyone else left in the vault zone stands in its way."""
     zone, name = IDENTITY.split(".")
     comment = con.execute(
         "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() "
@@ -245,8 +244,7 @@ def _random_bytes_as_declared(con: duckdb.DuckDBPyConnection) -> bool:
     if comment is not None and comment[0] == RANDOM_BYTES_MARK:
         return False
     with atomic(con):
-        replace_table(con, IDENTITY, lambda: schema.ensure(con, IDENTITY))
-        con.execute(f"COMMENT ON TABLE {IDENTITY} IS {lit(RANDOM_BYTES_MARK)}")
+        compaction.remake_as_declared(con, IDENTITY)
     return True
 
 
