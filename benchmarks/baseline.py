@@ -577,12 +577,19 @@ def _bind_key(con: duckdb.DuckDBPyConnection, hmac_key: bytes) -> None:
 
 
 def _ingest(con: duckdb.DuckDBPyConnection, drop: Path, rows: dict[str, int]) -> None:
-    """Land each collection's CSV files as text, strictly parsed, numbered by row."""
+    """Land each collection's CSV files as text, strictly parsed, numbered by row: read on every
+    thread in file order and numbered from the row ids the insert gave them, as the pipeline
+    numbers them (``safehaven.intake.ingest.insert_numbered``; ``row_number() OVER ()`` would read
+    on one thread)."""
     for c, cols in COLUMNS.items():
         spec = "{" + ", ".join(f"'{x}': 'VARCHAR'" for x in cols) + "}"
-        con.execute(f"""CREATE OR REPLACE TABLE landing.{c} AS SELECT *, row_number() OVER () AS _row
+        con.execute("BEGIN")
+        con.execute(f"CREATE OR REPLACE TABLE landing.{c} ({', '.join(f'{x} VARCHAR' for x in cols)}, _row BIGINT)")
+        con.execute(f"""INSERT INTO landing.{c} ({", ".join(cols)}) SELECT *
 FROM read_csv('{drop / c}/*.csv', header = true, delim = ',', quote = '"', escape = '"',
               columns = {spec}, strict_mode = true, auto_detect = false)""")
+        con.execute(f"UPDATE landing.{c} SET _row = rowid - (SELECT min(rowid) FROM landing.{c}) + 1")
+        con.execute("COMMIT")
         rows[f"ingest.{c}"] = con.execute(f"SELECT count(*) FROM landing.{c}").fetchone()[0]
 
 

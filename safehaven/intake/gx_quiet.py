@@ -1,6 +1,6 @@
 """What Great Expectations needs set before it is imported: each module of the haven that imports
 it (``safehaven.intake.gx_duckdb``, ``safehaven.intake.expectations``) calls :func:`apply` first,
-whichever a process imports first (``tests/unit/test_preload.py`` finds them all).
+whichever a process imports first (``tests/unit/test_gx_quiet.py`` finds them all).
 
 * ``GX_ANALYTICS_ENABLED=False``: GX reads it at import time.
 * GX's log records stop at its top logger. GX logs database errors verbatim, and a DuckDB error
@@ -9,10 +9,6 @@ whichever a process imports first (``tests/unit/test_preload.py`` finds them all
   INFO), so the level of the parent is not enough. To debug GX itself, outside production data,
   set ``logging.getLogger("great_expectations").propagate = True`` after importing
   ``safehaven.intake.gx_duckdb``.
-
-``safehaven.intake.preload`` calls :func:`apply` in its own thread before it imports GX in
-another, whose ``gx_duckdb`` then finds nothing to change: the process's environment is never
-changed from that thread while DuckDB runs in this one.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ GX_LOGGER = "great_expectations"
 
 def apply() -> None:
     """Analytics off and GX's records kept from every handler (module docstring); idempotent."""
-    if os.environ.get("GX_ANALYTICS_ENABLED") != "False":  # written once: preload's thread calls this too
+    if os.environ.get("GX_ANALYTICS_ENABLED") != "False":  # written once: each module importing GX calls this
         os.environ["GX_ANALYTICS_ENABLED"] = "False"
     logger = logging.getLogger(GX_LOGGER)
     logger.setLevel(logging.CRITICAL)

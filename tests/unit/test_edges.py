@@ -19,7 +19,7 @@ READS = re.compile(r"os\.environ|getenv|environ\.get|os\.putenv")
 GX_SWITCH = {
     ("safehaven/intake/gx_quiet.py", line)
     for line in (
-        'if os.environ.get("GX_ANALYTICS_ENABLED") != "False":  # written once: preload\'s thread calls this too',
+        'if os.environ.get("GX_ANALYTICS_ENABLED") != "False":  # written once: each module importing GX calls this',
         'os.environ["GX_ANALYTICS_ENABLED"] = "False"',
     )
 }
