@@ -691,6 +691,19 @@ def insert_values(con: duckdb.DuckDBPyConnection, into: str, row: str, rows: Seq
         con.execute(f"INSERT INTO {into} VALUES " + ", ".join([row] * len(chunk)), [v for r in chunk for v in r])
 
 
+#: what DuckDB's Python client raises when a signal (Ctrl-C, a run's termination) stops a query
+#: while it runs: a ``RuntimeError`` of this text, the ``KeyboardInterrupt`` itself consumed
+#: (duckdb 1.4.4; ``duckdb.InterruptException`` where it raises that)
+QUERY_INTERRUPTED = "Query interrupted"
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is DuckDB stopping a query on a signal (:data:`QUERY_INTERRUPTED`): code that
+    contains a failure (a file refused rather than a failed stage) raises ``KeyboardInterrupt``
+    for it instead, so a Ctrl-C or a terminated run stops the run and refuses nothing."""
+    return isinstance(exc, duckdb.InterruptException) or (type(exc) is RuntimeError and str(exc) == QUERY_INTERRUPTED)
+
+
 def functions_stored(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the store holds a function or macro of its own: the haven stores none (its macros
     are temporary), and one stored by someone else could stand in for ``hash`` or ``sum`` in a

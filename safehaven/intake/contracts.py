@@ -144,6 +144,11 @@ _BIRTH = re.compile(r"(^|_)(birth|dob)(_|$)", re.IGNORECASE)
 _AT_LEAST_QUASI = ("direct_identifier", "quasi_identifier")
 
 
+#: names a field cannot have: DuckDB's row id, which a landing numbers rows by
+#: (``safehaven.intake.ingest.insert_numbered``): a column of that name would hide it
+RESERVED_FIELD_NAMES = ("rowid",)
+
+
 class FieldSpec(Strict):
     """One field of a collection."""
 
@@ -153,6 +158,13 @@ class FieldSpec(Strict):
     description: str = Field(min_length=1)
     identifiability: Identifiability
     rule: Rule | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_FIELD_NAMES:
+            raise ValueError(f"field {name}: the name is DuckDB's row id, which the landing table needs; rename it")
+        return name
 
     @model_validator(mode="after")
     def _rule_fits_type(self) -> FieldSpec:

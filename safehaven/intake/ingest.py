@@ -12,7 +12,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   Parquet), ``file.empty``, ``file.nul_byte``, ``file.encoding``, ``file.header.missing``,
   ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
   ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
-  ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting), ``file.no_rows`` or
+  ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting), ``file.no_rows``,
+  ``file.batch_in_landing`` (rows of its batch already in the landing table, written outside the haven) or
   ``file.name`` (a name that is not UTF-8 text), ``file.header.excel_sep`` (Excel's ``sep=``
   first line) or ``file.header.empty_name`` (a column without a name: trailing commas); an
   archive or workbook under a ``.csv`` name is ``file.type``. One UTF-8 byte-order mark (removed before the
@@ -24,7 +25,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   line end) is ``file.line_too_long``; a field larger than Python's CSV field limit or a row
   longer than DuckDB's line limit is ``file.field_too_large``; any other error reading it is
   ``file.unreadable`` (the reason names the error's type, never its text, which may quote
-  values).
+  values). An interrupt is not the file's fault: a Ctrl-C or a terminated run that stops DuckDB
+  mid-landing (``safehaven.core.store.interrupted``) stops the run, the file left in ``incoming/``.
 * **Nothing outside the home is read or overwritten** (CoP 27h: a secure environment): a
   symbolic link, a hard link (a file with another name, whose bytes landing would shred: it
   is copied into quarantine and its name here unlinked), a folder, a device or a pipe in a
@@ -98,7 +100,7 @@ from safehaven.core.audit import shown_name
 from safehaven.core.files import open_plain, sha256_file, shred_file
 from safehaven.core.files import plain as _plain
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
-from safehaven.core.store import transaction
+from safehaven.core.store import interrupted, transaction
 from safehaven.intake import batch_seal, landings
 from safehaven.intake import control as totals
 from safehaven.intake.batch_seal import Sealer
@@ -132,7 +134,8 @@ OBJECTIONS_FLAG = "objections_header"
 SNIFF_BYTES = 1 << 13
 #: the delimiters a header read that way is split on (a comma, or what a spreadsheet chose)
 SNIFF_DELIMITERS = re.compile(r"[,;\t|]")
-#: DuckDB keeps the order rows are read in when it writes them (:func:`insert_numbered` needs it)
+#: ``preserve_insertion_order`` for a landing: DuckDB writes rows in the order it reads them
+#: (:func:`insert_numbered` numbers them by it)
 ROWS_IN_FILE_ORDER = "true"
 #: DuckDB's text when a row is longer than its line limit (``max_line_size``).
 DUCKDB_LINE_TOO_LONG = "Maximum line size"
@@ -825,7 +828,6 @@ def land_file(
     ``declared`` (``safehaven.intake.control.check_rows``: the rows DuckDB inserted are counted).
     An objections batch is sealed in the same transaction (``sealer``: ``safehaven.intake.batch_seal``)."""
     relation = read_relation_sql(path, contract)
-    con.execute(f"SET preserve_insertion_order = {ROWS_IN_FILE_ORDER}")  # the default; numbering needs it
     con.execute("BEGIN TRANSACTION")
     try:
         rows = insert_numbered(con, f"landing.{contract.collection}", contract.field_names, sha, relation)
@@ -859,6 +861,8 @@ def land_file(
         raise
     except duckdb.Error as exc:
         con.execute("ROLLBACK")
+        if interrupted(exc):  # a Ctrl-C or a terminated run: nothing is wrong with the file
+            raise KeyboardInterrupt from None
         text = str(exc)
         if is_parquet(path):
             raise _parquet_rows_unreadable() from None
@@ -881,36 +885,39 @@ def insert_numbered(con: duckdb.DuckDBPyConnection, table: str, names: list[str]
     """Insert ``relation``'s rows into ``table`` as batch ``batch``, each with ``_row``, its row
     number in the file (1, 2, ...: the number a reason or a person names it by, and the order an
     objections file's statements are applied in); returns the rows inserted. Inside the caller's
-    transaction.
+    transaction; raises :class:`FileRejected` (``file.batch_in_landing``) when the table already
+    holds rows of the batch, which only an edit made outside the haven leaves (a batch's rows
+    are landed once, with its batch record).
 
     Rows are inserted in parallel and numbered after (issue 22): ``row_number() OVER ()`` over the
     file made DuckDB read and write on one thread (the 6.8M-row GP drop: 7.2 s, against 4.1 s this
-    way). With ``preserve_insertion_order`` on (DuckDB's default, set by the caller) DuckDB keeps
-    the file's order in the rows it writes, so the rows this transaction added hold consecutive
-    row ids in file order (``tests/unit/test_ingest_numbering.py`` lands a file read on several
-    threads and compares). A batch whose new row ids are not one consecutive run is numbered
-    again the slow way (:func:`_renumber_in_one_pass`), never left with numbers out of order."""
+    way). The rows a transaction adds get consecutive row ids, and with ``preserve_insertion_order``
+    on (DuckDB's default, set here: :data:`ROWS_IN_FILE_ORDER`) in the order they were read, so a
+    row's number is its row id less the first one's, plus 1. The order rests on that setting
+    alone: nothing after the insert can tell rows written out of order from rows in order
+    (``tests/unit/test_ingest_numbering.py`` lands a file read on several threads, and fails with
+    the setting off)."""
     cols = ", ".join(q(f) for f in names)
+    if con.execute(f"SELECT count(*) FROM {table} WHERE _batch = ?", [batch]).fetchone()[0]:
+        raise _batch_in_landing(table)
+    con.execute(f"SET preserve_insertion_order = {ROWS_IN_FILE_ORDER}")
     inserted = con.execute(f"INSERT INTO {table} ({cols}, _batch) SELECT {cols}, {lit(batch)} FROM ({relation})")
     rows = int(inserted.fetchone()[0])
-    new = f"_batch = {lit(batch)} AND _row IS NULL"
-    first, last, count = con.execute(f"SELECT min(rowid), max(rowid), count(*) FROM {table} WHERE {new}").fetchone()
-    if not _one_run(first, last, count, rows):
-        return _renumber_in_one_pass(con, table, cols, batch, relation)
-    con.execute(f"UPDATE {table} SET _row = rowid - {int(first or 0)} + 1 WHERE {new}")
+    first, last = con.execute(f"SELECT min(rowid), max(rowid) FROM {table} WHERE _batch = ?", [batch]).fetchone()
+    if rows and last - first + 1 != rows:  # never seen: the rows one insert adds are one run
+        raise RuntimeError(f"the {rows} rows inserted hold row ids {first} to {last}: not numbered")
+    con.execute(f"UPDATE {table} SET _row = rowid - {int(first or 0)} + 1 WHERE _batch = ?", [batch])
     return rows
 
 
-def _one_run(first: int | None, last: int | None, count: int, rows: int) -> bool:
-    """Whether the ``count`` new rows, row ids ``first`` to ``last``, are the ``rows`` inserted, in one run."""
-    return count == rows and (rows == 0 or (first is not None and last is not None and last - first + 1 == rows))
-
-
-def _renumber_in_one_pass(con: duckdb.DuckDBPyConnection, table: str, cols: str, batch: str, relation: str) -> int:
-    """The batch's rows inserted again, numbered as DuckDB reads them on one thread."""
-    con.execute(f"DELETE FROM {table} WHERE _batch = {lit(batch)} AND _row IS NULL")
-    numbered = f"SELECT {cols}, {lit(batch)}, row_number() OVER () FROM ({relation})"
-    return int(con.execute(f"INSERT INTO {table} ({cols}, _batch, _row) {numbered}").fetchone()[0])
+def _batch_in_landing(table: str) -> FileRejected:
+    return FileRejected(
+        "file.batch_in_landing",
+        f"{table} already holds rows of this file's batch, though the batch was never landed: they were "
+        "written outside the haven",
+        f"find out who wrote them and remove them from {table} (rows whose _batch is this file's SHA-256, "
+        "in the reason's sha256), then send the file again",
+    )
 
 
 def not_regular(path: Path) -> FileRejected | None:
@@ -1133,6 +1140,8 @@ def _ingest_one(
         raise _csv_rejection(exc, "the file") from None
     except Exception as exc:  # contained: one file never fails the stage
         _rollback(con)
+        if interrupted(exc):  # a Ctrl-C or a terminated run stops the run; the file stays for the next
+            raise KeyboardInterrupt from None
         raise _unreadable(exc) from None
     if not _record_landing(con, contract, sha, rows, sealer):
         report.landings_unaudited += 1

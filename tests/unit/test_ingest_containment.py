@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from safehaven.core.files import sha256_file
@@ -214,3 +217,52 @@ def test_a_folder_that_cannot_be_renamed_into_quarantine_is_left_whole(
     assert report.not_moved == [{"file": "batch 7", "rule": "file.not_regular", "error": "OSError"}]
     assert (sent / "inner.csv").read_text().count("\n") == 4
     assert [p.name.endswith(".not-moved.reason.json") for p in home.quarantine_for("gp_events").iterdir()] == [True]
+
+
+#: a query far longer than the test waits: the signal always arrives while DuckDB runs it
+ENDLESS = "SELECT count(*) FROM range(100000000000) t(i) WHERE hash(i) % 7 = 3"
+
+
+@pytest.mark.parametrize("where", ["inside the landing transaction", "before it"])
+def test_a_ctrl_c_while_duckdb_lands_a_file_stops_the_run_and_refuses_nothing(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """DuckDB turns a SIGINT during a query into ``RuntimeError("Query interrupted")`` and consumes
+    the ``KeyboardInterrupt``; contained as an unreadable file, a Ctrl-C or a terminated run
+    quarantined a good file and the run went on (found by review). Now the interrupt goes on up:
+    the file stays in incoming/ for the next run, nothing of it landed, nothing quarantined."""
+    rows = gp_rows(3)
+    write_csv(home.incoming_for("gp_events") / "gp.csv", rows, GP.field_names)
+
+    def interrupted_query(con, *args, **kwargs):
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            con.execute(ENDLESS)
+        finally:
+            timer.cancel()
+
+    target = "insert_numbered" if where == "inside the landing transaction" else "inspect_file"
+    monkeypatch.setattr(ingest, target, interrupted_query)
+    with pytest.raises(KeyboardInterrupt):
+        _run(store, home)
+    assert (home.incoming_for("gp_events") / "gp.csv").exists()
+    assert not any(home.quarantine_for("gp_events").glob("*"))
+    assert _landed(store) == 0
+
+
+def test_duckdbs_own_interrupt_exception_while_landing_is_an_interrupt_too(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where DuckDB raises ``InterruptException`` (a ``duckdb.Error``) rather than ``RuntimeError``,
+    it is not taken for a malformed file either."""
+    write_csv(home.incoming_for("gp_events") / "gp.csv", gp_rows(3), GP.field_names)
+
+    def raise_interrupt(*args, **kwargs):
+        raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+
+    monkeypatch.setattr(ingest, "insert_numbered", raise_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(store, home)
+    assert (home.incoming_for("gp_events") / "gp.csv").exists()
+    assert _landed(store) == 0

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from pydantic import ValidationError
 
+from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from safehaven.intake import ingest
-from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
+from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry, FieldSpec
 from safehaven.intake.ingest import ingest_collection
 
 GP = ContractRegistry(CONTRACTS_DIR).contracts["gp_events"]
@@ -78,12 +80,25 @@ def test_each_landed_row_is_numbered_by_its_place_in_a_file_read_on_several_thre
     assert _misnumbered(store, 1) == (ROWS, 0)
 
 
-def test_a_batch_whose_new_rows_are_not_one_run_is_numbered_again_in_one_pass(
-    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(ingest, "_one_run", lambda first, last, count, rows: False)
-    _numbered_file(home.incoming_for("gp_events"), "gp_first.csv", 1)
-    _land(store, home)
-    assert _misnumbered(store, 1) == (ROWS, 0)
-    with store.connect(read_only=True) as con:
-        assert con.execute("SELECT count(*), count(DISTINCT _batch) FROM landing.gp_events").fetchone() == (ROWS, 1)
+def test_rows_of_the_batch_written_outside_the_haven_refuse_the_file_and_stay(store: Store, home: Home) -> None:
+    """Rows already in the landing table under the file's batch id (its SHA-256), though the batch
+    was never landed: the file is refused by name and nothing of it lands; the rows are left for a
+    person to look into, not deleted or numbered."""
+    folder = home.incoming_for("gp_events")
+    _numbered_file(folder, "gp_first.csv", 1)
+    sha = sha256_file(folder / "gp_first.csv")
+    with store.connect() as con:
+        ingest.ensure_tables(con, GP)
+        con.execute("INSERT INTO landing.gp_events (nhs_number, _batch) VALUES ('foreign', ?)", [sha])
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        left = con.execute("SELECT nhs_number, _batch, _row FROM landing.gp_events").fetchall()
+    assert report.files_landed == 0 and [q["rule"] for q in report.quarantined] == ["file.batch_in_landing"]
+    assert left == [("foreign", sha, None)]
+
+
+def test_a_field_cannot_be_named_as_duckdbs_row_id() -> None:
+    """The landing numbers rows by DuckDB's row id; a column named ``rowid`` would hide it."""
+    spec = {"name": "rowid", "type": "VARCHAR", "description": "x", "identifiability": "direct_identifier"}
+    with pytest.raises(ValidationError, match="row id"):
+        FieldSpec(**spec)
+    assert FieldSpec(**{**spec, "name": "row_id"}).name == "row_id"
