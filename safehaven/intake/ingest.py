@@ -27,6 +27,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   ``file.unreadable`` (the reason names the error's type, never its text, which may quote
   values). An interrupt is not the file's fault: a Ctrl-C or a terminated run that stops DuckDB
   mid-landing (``safehaven.core.store.interrupted``) stops the run, the file left in ``incoming/``.
+  Nor is a limit of DuckDB's: a well-formed CSV its parallel reader cannot read (quoted fields of
+  about a megabyte holding line ends) is read again on one thread (``_insert_file``).
 * **Nothing outside the home is read or overwritten** (CoP 27h: a secure environment): a
   symbolic link, a hard link (a file with another name, whose bytes landing would shred: it
   is copied into quarantine and its name here unlinked), a folder, a device or a pipe in a
@@ -137,6 +139,8 @@ SNIFF_DELIMITERS = re.compile(r"[,;\t|]")
 #: ``preserve_insertion_order`` for a landing: DuckDB writes rows in the order it reads them
 #: (:func:`insert_numbered` numbers them by it)
 ROWS_IN_FILE_ORDER = "true"
+#: DuckDB's text when its parallel CSV reader cannot read a file it can read on one thread
+DUCKDB_READ_ON_ONE_THREAD = "Parallel CSV Reader currently does not support a full read"
 #: DuckDB's text when a row is longer than its line limit (``max_line_size``).
 DUCKDB_LINE_TOO_LONG = "Maximum line size"
 
@@ -535,8 +539,9 @@ def _line_of(error: str) -> str:
     return f" (first at line {match.group(1)})" if match else ""
 
 
-def read_relation_sql(path: Path, contract: Contract) -> str:
-    """A SQL relation over the file, every column as text, in contract order."""
+def read_relation_sql(path: Path, contract: Contract, parallel: bool = True) -> str:
+    """A SQL relation over the file, every column as text, in contract order (a CSV read on one
+    thread if not ``parallel``: :func:`_insert_file`)."""
     cols = ", ".join(f"CAST({q(f)} AS VARCHAR) AS {q(f)}" for f in contract.field_names)
     if is_parquet(path):
         return f"SELECT {cols} FROM read_parquet({file_lit(path)})"
@@ -544,7 +549,7 @@ def read_relation_sql(path: Path, contract: Contract) -> str:
     return (
         f"SELECT {cols} FROM read_csv({file_lit(path)}, header=true, delim=',', quote='\"', "
         f"escape='\"', columns={columns}, strict_mode=true, null_padding=false, "
-        "encoding='utf-8', auto_detect=false)"
+        f"encoding='utf-8', auto_detect=false{'' if parallel else ', parallel=false'})"
     )
 
 
@@ -827,10 +832,9 @@ def land_file(
     ``seen`` (its state when it was hashed), or if it does not hold the rows its control file
     ``declared`` (``safehaven.intake.control.check_rows``: the rows DuckDB inserted are counted).
     An objections batch is sealed in the same transaction (``sealer``: ``safehaven.intake.batch_seal``)."""
-    relation = read_relation_sql(path, contract)
     con.execute("BEGIN TRANSACTION")
     try:
-        rows = insert_numbered(con, f"landing.{contract.collection}", contract.field_names, sha, relation)
+        rows = _insert_file(con, path, contract, sha)
         if declared is not None:
             totals.check_rows(declared, rows)
         if rows == 0:
@@ -879,6 +883,23 @@ def land_file(
             f"of fields than the header, or broken quoting{_line_of(text)}",
             "fix the file so every row has one field per header column, and send it again",
         ) from None
+
+
+def _insert_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract, sha: str) -> int:
+    """The file's rows inserted, numbered (:func:`insert_numbered`), as the first statement of the
+    caller's open transaction. DuckDB's parallel CSV reader cannot read some well-formed files
+    (quoted fields of about a megabyte holding line ends: "does not support a full read on this
+    file", :data:`DUCKDB_READ_ON_ONE_THREAD`); such a file is read again on one thread, in a
+    transaction begun again, rather than refused as malformed (found by review)."""
+    table = f"landing.{contract.collection}"
+    try:
+        return insert_numbered(con, table, contract.field_names, sha, read_relation_sql(path, contract))
+    except duckdb.NotImplementedException as exc:
+        if DUCKDB_READ_ON_ONE_THREAD not in str(exc):
+            raise
+    con.execute("ROLLBACK")
+    con.execute("BEGIN TRANSACTION")
+    return insert_numbered(con, table, contract.field_names, sha, read_relation_sql(path, contract, parallel=False))
 
 
 def insert_numbered(con: duckdb.DuckDBPyConnection, table: str, names: list[str], batch: str, relation: str) -> int:

@@ -102,3 +102,31 @@ def test_a_field_cannot_be_named_as_duckdbs_row_id() -> None:
     with pytest.raises(ValidationError, match="row id"):
         FieldSpec(**spec)
     assert FieldSpec(**{**spec, "name": "row_id"}).name == "row_id"
+
+
+def _long_quoted_fields_file(folder: Path, name: str) -> tuple[int, int]:
+    """A well-formed GP CSV whose every 51st row has a quoted field of about 780 KB holding line
+    ends and lines that look like rows (found by review: DuckDB's parallel reader refuses it);
+    each row's ``nhs_number`` is its row number. Returns the rows written and the long field's length."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fake = "\n".join(f"{1_000_000 + j},fake,x,x,x,x,x" for j in range(60_000))
+    n = 0
+    with (folder / name).open("w", newline="", encoding="utf-8") as fh:
+        fh.write(",".join(GP.field_names) + "\n")
+        for _ in range(60):
+            for text in [f'"{fake}"', *["38341003"] * 50]:
+                n += 1
+                fh.write(f"A81001,{n},1950-02-03,1,LS1 4AP,2026-01-01,{text}\n")
+    return n, len(fake)
+
+
+def test_a_file_the_parallel_reader_cannot_read_is_read_on_one_thread_not_refused(store: Store, home: Home) -> None:
+    folder = home.incoming_for("gp_events")
+    rows, longest = _long_quoted_fields_file(folder, "gp_long_fields.csv")
+    _land(store, home)
+    with store.connect(read_only=True) as con:
+        landed = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE _row <> CAST(nhs_number AS BIGINT)), max(length(diagnosis_code)) "
+            "FROM landing.gp_events"
+        ).fetchone()
+    assert landed == (rows, 0, longest)
