@@ -26,7 +26,9 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   longer than DuckDB's line limit is ``file.field_too_large``; any other error reading it is
   ``file.unreadable`` (the reason names the error's type, never its text, which may quote
   values). An interrupt is not the file's fault: a Ctrl-C or a terminated run that stops DuckDB
-  mid-landing (``safehaven.core.store.interrupted``) stops the run, the file left in ``incoming/``.
+  mid-landing (``safehaven.core.store.interrupted``) stops the run, the file left in ``incoming/``
+  and nothing of it landed (with more than one thread DuckDB ends the statement it was running
+  before the rollback discards it, so a large file's Ctrl-C waits for its insert).
   Nor is a limit of DuckDB's: a well-formed CSV its parallel reader cannot read (quoted fields of
   about a megabyte holding line ends) is read again on one thread (``_insert_file``).
 * **Nothing outside the home is read or overwritten** (CoP 27h: a secure environment): a
@@ -890,16 +892,38 @@ def _insert_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract,
     caller's open transaction. DuckDB's parallel CSV reader cannot read some well-formed files
     (quoted fields of about a megabyte holding line ends: "does not support a full read on this
     file", :data:`DUCKDB_READ_ON_ONE_THREAD`); such a file is read again on one thread, in a
-    transaction begun again, rather than refused as malformed (found by review)."""
+    transaction begun again, rather than refused as malformed (found by review).
+
+    DuckDB's one-thread reader drops a last row whose quoted field is never closed, where the
+    parallel one refuses it (found by review): a file cut short inside a long field would land
+    short. So only a file whose quotes are all closed (:func:`_quotes_closed`) is read again; any
+    other is refused as malformed, as the parallel reader would have refused it."""
     table = f"landing.{contract.collection}"
     try:
         return insert_numbered(con, table, contract.field_names, sha, read_relation_sql(path, contract))
     except duckdb.NotImplementedException as exc:
         if DUCKDB_READ_ON_ONE_THREAD not in str(exc):
             raise
+    if not _quotes_closed(path):
+        raise FileRejected(
+            "file.malformed",
+            "the file is not well-formed CSV: a quoted field is never closed (the file may have been cut short)",
+            "fix the file so every quoted field is closed (or send the whole file again)",
+        )
     con.execute("ROLLBACK")
     con.execute("BEGIN TRANSACTION")
     return insert_numbered(con, table, contract.field_names, sha, read_relation_sql(path, contract, parallel=False))
+
+
+def _quotes_closed(path: Path) -> bool:
+    """Whether the file holds an even number of quote characters: in CSV quoted as the haven reads
+    it (``"`` quotes a field and is doubled inside one) every quote is one of a pair, so an odd
+    count is a field left open, as by a transfer cut short inside it."""
+    count = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            count += chunk.count(b'"')
+    return count % 2 == 0
 
 
 def insert_numbered(con: duckdb.DuckDBPyConnection, table: str, names: list[str], batch: str, relation: str) -> int:
@@ -919,7 +943,7 @@ def insert_numbered(con: duckdb.DuckDBPyConnection, table: str, names: list[str]
     (``tests/unit/test_ingest_numbering.py`` lands a file read on several threads, and fails with
     the setting off)."""
     cols = ", ".join(q(f) for f in names)
-    if con.execute(f"SELECT count(*) FROM {table} WHERE _batch = ?", [batch]).fetchone()[0]:
+    if con.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE _batch = ? LIMIT 1)", [batch]).fetchone()[0]:
         raise _batch_in_landing(table)
     con.execute(f"SET preserve_insertion_order = {ROWS_IN_FILE_ORDER}")
     inserted = con.execute(f"INSERT INTO {table} ({cols}, _batch) SELECT {cols}, {lit(batch)} FROM ({relation})")
@@ -1074,10 +1098,17 @@ def _arrival(path: Path) -> tuple[float, str]:
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the landing's transaction, if one is open. A second Ctrl-C while it waits (with
+    more than one thread DuckDB finishes the statement a first one stopped before it rolls back:
+    found by review) is an interrupt still; the transaction has ended either way."""
     try:
         con.execute("ROLLBACK")
-    except duckdb.Error:
-        pass  # no transaction was open
+    except Exception as exc:
+        if interrupted(exc):
+            raise KeyboardInterrupt from None
+        if not isinstance(exc, duckdb.Error):
+            raise
+        # a DuckDB error: no transaction was open
 
 
 def _refuse_folder(incoming: Path, quarantine_dir: Path, contract: Contract, report: IngestReport) -> bool:

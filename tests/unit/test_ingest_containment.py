@@ -19,7 +19,7 @@ import pytest
 
 from safehaven.core.files import sha256_file
 from safehaven.core.home import Home
-from safehaven.core.store import Store
+from safehaven.core.store import QUERY_INTERRUPTED, Store
 from safehaven.intake import ingest
 from safehaven.intake.contracts import CONTRACTS_DIR, ContractRegistry
 from safehaven.intake.ingest import ingest_collection
@@ -266,3 +266,17 @@ def test_duckdbs_own_interrupt_exception_while_landing_is_an_interrupt_too(
         _run(store, home)
     assert (home.incoming_for("gp_events") / "gp.csv").exists()
     assert _landed(store) == 0
+
+
+def test_a_second_interrupt_while_a_landing_rolls_back_is_an_interrupt_and_no_transaction_is_no_error() -> None:
+    """With more than one DuckDB thread a Ctrl-C's rollback waits for the insert to end, and a
+    second Ctrl-C then stops the ROLLBACK itself (found by review): that is an interrupt, not an
+    error to report; a ROLLBACK with no transaction open is nothing."""
+
+    class Interrupted:
+        def execute(self, sql: str) -> None:
+            raise RuntimeError(QUERY_INTERRUPTED)
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest._rollback(Interrupted())
+    ingest._rollback(duckdb.connect())
