@@ -13,7 +13,8 @@ Rules (CoP 7-9; the project's "bad input loses nothing" standard):
   ``file.header.delimiter``, ``file.header.duplicate``, ``file.header.case_collision``,
   ``file.header.hostile_name``, ``file.header.columns``, ``file.column_type``,
   ``file.parquet``, ``file.malformed`` (ragged rows, broken quoting), ``file.no_rows``,
-  ``file.batch_in_landing`` (rows of its batch already in the landing table, written outside the haven) or
+  ``file.batch_in_landing`` (rows of its batch already in the landing table, written outside the haven),
+  ``file.not_numbered`` (the haven could not number its rows: a fault in the haven) or
   ``file.name`` (a name that is not UTF-8 text), ``file.header.excel_sep`` (Excel's ``sep=``
   first line) or ``file.header.empty_name`` (a column without a name: trailing commas); an
   archive or workbook under a ``.csv`` name is ``file.type``. One UTF-8 byte-order mark (removed before the
@@ -867,8 +868,8 @@ def land_file(
         raise
     except duckdb.Error as exc:
         con.execute("ROLLBACK")
-        if interrupted(exc):  # a Ctrl-C or a terminated run: nothing is wrong with the file
-            raise KeyboardInterrupt from None
+        if interrupted(exc):  # not the file's fault: _ingest_one stops the run for it
+            raise
         text = str(exc)
         if is_parquet(path):
             raise _parquet_rows_unreadable() from None
@@ -949,10 +950,26 @@ def insert_numbered(con: duckdb.DuckDBPyConnection, table: str, names: list[str]
     inserted = con.execute(f"INSERT INTO {table} ({cols}, _batch) SELECT {cols}, {lit(batch)} FROM ({relation})")
     rows = int(inserted.fetchone()[0])
     first, last = con.execute(f"SELECT min(rowid), max(rowid) FROM {table} WHERE _batch = ?", [batch]).fetchone()
-    if rows and last - first + 1 != rows:  # never seen: the rows one insert adds are one run
-        raise RuntimeError(f"the {rows} rows inserted hold row ids {first} to {last}: not numbered")
+    if not _one_run(first, last, rows):
+        raise _not_numbered()
     con.execute(f"UPDATE {table} SET _row = rowid - {int(first or 0)} + 1 WHERE _batch = ?", [batch])
     return rows
+
+
+def _one_run(first: int | None, last: int | None, rows: int) -> bool:
+    """Whether the row ids ``first`` to ``last`` are one run of ``rows`` (always so for the rows one
+    insert adds, as measured: the check keeps a file from landing misnumbered should it not be)."""
+    return rows == 0 or (first is not None and last is not None and last - first + 1 == rows)
+
+
+def _not_numbered() -> FileRejected:
+    """The haven's fault, not the sender's: said so, rather than ``file.unreadable`` (found by review)."""
+    return FileRejected(
+        "file.not_numbered",
+        "the haven could not number the file's rows by their place in it (their row ids are not one run): "
+        "a fault in the haven, not in the file",
+        "report it to the haven's data engineers, and send the file again once they have mended it",
+    )
 
 
 def _batch_in_landing(table: str) -> FileRejected:

@@ -8,6 +8,7 @@ numbers landing gives can be compared with the file itself.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -145,3 +146,20 @@ def test_such_a_file_cut_short_inside_a_long_field_is_refused_not_landed_short(s
         landed = con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0]
     assert report.files_landed == 0 and [q["rule"] for q in report.quarantined] == ["file.malformed"]
     assert landed == 0
+
+
+def test_rows_the_haven_cannot_number_refuse_the_file_as_its_own_fault(
+    store: Store, home: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row ids that are not one run (never seen) refuse the file, nothing of it landed, with a
+    reason that names the haven, not the sender, as at fault (found by review)."""
+    monkeypatch.setattr(ingest, "_one_run", lambda first, last, rows: False)
+    folder = home.incoming_for("gp_events")
+    _numbered_file(folder, "gp_first.csv", 1)
+    with store.connect() as con:
+        report = ingest_collection(con, GP, folder, home.quarantine_for("gp_events"))
+        landed = con.execute("SELECT count(*) FROM landing.gp_events").fetchone()[0]
+    assert report.files_landed == 0 and [q["rule"] for q in report.quarantined] == ["file.not_numbered"]
+    assert landed == 0
+    reason = json.loads((home.quarantine_for("gp_events") / "gp_first.csv.reason.json").read_text())
+    assert "fault in the haven" in reason["reason"]
