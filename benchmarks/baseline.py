@@ -427,8 +427,9 @@ def _ident(name: str) -> str:
 
 
 def _neutral(col: str) -> str:
-    """Formula-leading text gets a leading quote (CSV injection)."""
-    return f"CASE WHEN left({col}, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) THEN '''' || {col} ELSE {col} END"
+    """Formula-leading text gets a leading quote (CSV injection), tested as the pipeline tests it
+    (``disclosure.tables.formula_led_sql``: one ``regexp_matches``, which DuckDB plans far faster)."""
+    return f"CASE WHEN regexp_matches({col}, '^[=+\\-@\t\r]') THEN '''' || {col} ELSE {col} END"
 
 
 #: Cells another output proves to be 0: a service starting within 14 days of a discharge in month M

@@ -248,12 +248,8 @@ def export_table(con: duckdb.DuckDBPyConnection, home: Home, table: str, stem: s
     spreadsheet would read as a formula is prefixed), the one rule for every register export.
     """
     home.registers.mkdir(parents=True, exist_ok=True)
-    schema, name = table.split(".")
-    cols = con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog = current_database() "
-        "AND table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-        [schema, name],
-    ).fetchall()
+    described = con.execute(f"SELECT * FROM {table} LIMIT 0").description  # names and types, in order
+    cols = [(d[0], str(d[1])) for d in described]
     csv_cols = ", ".join(
         f"{neutralise_sql(f'CAST({q(n)} AS VARCHAR)')} AS {q(n)}" if t in ("VARCHAR", "JSON") else q(n) for n, t in cols
     )

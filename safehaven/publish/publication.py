@@ -87,7 +87,7 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.validation import refuse_held
 from safehaven.protect.pseudonymise import haven_coarsening, haven_column
 from safehaven.publish import integrity, reuse
-from safehaven.publish.disclosure import FORMULA_LEADERS, REASON, TOTAL_OVER, check_invariants
+from safehaven.publish.disclosure import REASON, TOTAL_OVER, check_invariants, formula_led_sql
 from safehaven.publish.outputs import Output
 from safehaven.publish.quality import (
     LICENCE,
@@ -211,11 +211,10 @@ def _value_checks(col: str, dtype: str) -> tuple[list[tuple[str, str]], str | No
     """The value checks of one column, as (finding, SQL count) pairs, and a problem with the column itself."""
     c = q(col)
     if dtype == "VARCHAR":
-        leaders = ", ".join(lit(ch) for ch in FORMULA_LEADERS)
         checks = [
             (label, f"count(*) FILTER (WHERE regexp_matches({c}, {lit(p)}))") for label, p in TEXT_PATTERNS.items()
         ]
-        checks.append(("formula-leading text", f"count(*) FILTER (WHERE left({c}, 1) IN ({leaders}))"))
+        checks.append(("formula-leading text", f"count(*) FILTER (WHERE {formula_led_sql(c)})"))
         reason = col == REASON or col.endswith("_" + REASON)
         return checks, f"column {col!r} publishes the kind of suppression (must be boolean)" if reason else None
     if dtype in _INTEGER_TYPES or dtype.startswith("DECIMAL"):

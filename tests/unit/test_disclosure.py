@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safehaven.publish.disclosure import (
+    FORMULA_LEADERS,
     DisclosureError,
     Policy,
     check_invariants,
@@ -435,6 +436,25 @@ def test_neutralise_formula_cells(con: duckdb.DuckDBPyConnection) -> None:
     assert neutralise_formula_cells(con, "t") == 6
     assert neutralise_formula_cells(con, "t") == 0  # idempotent: "'" is not a leader
     assert con.execute("SELECT people FROM t LIMIT 1").fetchone() == (10,)
+
+
+#: any text DuckDB holds: every Unicode character but NUL and lone surrogates, the leaders included often
+TEXT = st.text(
+    alphabet=st.one_of(st.sampled_from([*FORMULA_LEADERS, "'", " ", "\n"]), st.characters(exclude_characters="\x00")),
+    max_size=6,
+)
+
+
+@given(values=st.lists(st.one_of(st.none(), TEXT), min_size=1, max_size=12))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_cell_is_neutralised_exactly_when_it_starts_with_a_formula_leader(
+    con: duckdb.DuckDBPyConnection, values: list[str | None]
+) -> None:
+    """The SQL rule (one ``regexp_matches``) is the written rule: prefix "'" to text whose first
+    character is one of ``FORMULA_LEADERS``, leave all other text and NULL as they are."""
+    load(con, "t", "i INTEGER, label VARCHAR", list(enumerate(values)))
+    got = [r[0] for r in con.execute(f"SELECT {neutralise_sql('label')} FROM t ORDER BY i").fetchall()]
+    assert got == [v if v is None or v[:1] not in FORMULA_LEADERS else "'" + v for v in values]
 
 
 # --- property-based --------------------------------------------------------------------

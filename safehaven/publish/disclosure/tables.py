@@ -95,6 +95,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+from safehaven.core.sql import lit as sql_lit
 from safehaven.publish.disclosure.policy import DEFAULT_POLICY, DisclosureError, Policy, true_range
 
 __all__ = [
@@ -116,7 +117,10 @@ SECONDARY = "secondary"
 TOTAL_OVER = "total_over"
 REASON = "suppressed"
 FORMULA_LEADERS = ("=", "+", "-", "@", "\t", "\r")
-_LEADERS_SQL = ", ".join(f"chr({ord(ch)})" for ch in FORMULA_LEADERS)
+#: :data:`FORMULA_LEADERS` as an RE2 pattern matching text that starts with one of them: one
+#: ``regexp_matches`` per cell, where ``left(x, 1) IN (...)`` took DuckDB about 1.3 ms a column to
+#: plan (a register's CSV export of 16 text columns: 23 ms against 4 ms, measured here)
+FORMULA_LEADING = "^[" + "".join("\\" + ch if ch in "-]\\^" else ch for ch in FORMULA_LEADERS) + "]"
 
 
 @dataclass(frozen=True)
@@ -694,8 +698,13 @@ def neutralise_sql(expr: str) -> str:
     text. NULL stays NULL; other values are unchanged. Apply to text columns only (a
     negative number in a numeric column is not a formula).
     """
-    first = f"left(CAST(({expr}) AS VARCHAR), 1)"
-    return f"(CASE WHEN {first} IN ({_LEADERS_SQL}) THEN '''' || CAST(({expr}) AS VARCHAR) ELSE ({expr}) END)"
+    return f"(CASE WHEN {formula_led_sql(expr)} THEN '''' || CAST(({expr}) AS VARCHAR) ELSE ({expr}) END)"
+
+
+def formula_led_sql(expr: str) -> str:
+    """SQL condition: ``expr`` (text) starts with a formula leader (:data:`FORMULA_LEADERS`, OWASP
+    "CSV Injection"); NULL for NULL. The one test of the rule, for neutralising and for checking."""
+    return f"regexp_matches(CAST(({expr}) AS VARCHAR), {sql_lit(FORMULA_LEADING)})"
 
 
 def public_select_sql(con: duckdb.DuckDBPyConnection, table: str, order_by: Sequence[str] = ()) -> str:
@@ -732,8 +741,6 @@ def neutralise_formula_cells(con: duckdb.DuckDBPyConnection, table: str, columns
     changed = 0
     for col in columns:
         c = _ident(col)
-        row = con.execute(
-            f"UPDATE {rel} SET {c} = {neutralise_sql(c)} WHERE left({c}, 1) IN ({_LEADERS_SQL})"
-        ).fetchone()
+        row = con.execute(f"UPDATE {rel} SET {c} = {neutralise_sql(c)} WHERE {formula_led_sql(c)}").fetchone()
         changed += int(row[0]) if row else 0
     return changed
