@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from safehaven.cli.main import main
 from safehaven.core.home import Home
 from safehaven.core.store import Store
 from tests.conftest import TEST_PASSPHRASE
+from tests.forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,8 +39,11 @@ def _instance(dagster_home: Path) -> Iterator[dg.DagsterInstance]:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """One ``safehaven run`` of a small demo drop with its own DAGSTER_HOME (the project's dagster.yaml)."""
+def launched(
+    tmp_path_factory: pytest.TempPathFactory, forkserver: ForkServer
+) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """One ``safehaven run`` of a small demo drop with its own DAGSTER_HOME (the project's dagster.yaml),
+    in a process of its own (a fork of the warm server, ``tests.forkserver``)."""
     tmp = tmp_path_factory.mktemp("run_command")
     dagster_home = tmp / "dagster_home"
     dagster_home.mkdir()
@@ -48,14 +51,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
     env = {**os.environ, "SAFEHAVEN_HOME": str(tmp / "haven"), "DAGSTER_HOME": str(dagster_home)}
     env[PASSPHRASE_ENV] = TEST_PASSPHRASE  # a new haven: the custodian chooses the vault passphrase
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-m", "safehaven.cli.main", "run", "--demo-patients", "300", "--seed", "11"],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    command = ["-m", "safehaven.cli.main", "run", "--demo-patients", "300", "--seed", "11"]
+    done = forkserver.run(command, env=env, cwd=tmp, timeout=1200)
     return done, dagster_home, tmp / "haven"
 
 
@@ -98,7 +95,7 @@ def test_the_demo_run_adopts_the_example_agreements_audibly_and_releases_under_t
 
 
 @pytest.mark.slow
-def test_a_month_is_counted_again_by_one_run_of_its_partition(launched) -> None:
+def test_a_month_is_counted_again_by_one_run_of_its_partition(launched, forkserver: ForkServer) -> None:
     """Issue 20: a reporting month is a partition of the counting assets; ``--months`` launches the
     nightly job as one run of it, which recounts it; nothing else changed, so nothing is rebuilt."""
     done, dagster_home, haven = launched
@@ -108,12 +105,8 @@ def test_a_month_is_counted_again_by_one_run_of_its_partition(launched) -> None:
     assert len(months) >= 3, "the first run added the reporting months"
     env = {**os.environ, "SAFEHAVEN_HOME": str(haven), "DAGSTER_HOME": str(dagster_home)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    again = subprocess.run(
-        [sys.executable, "-m", "safehaven.cli.main", "run", "--no-demo", "--months", months[1]],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    again = forkserver.run(
+        ["-m", "safehaven.cli.main", "run", "--no-demo", "--months", months[1]], env=env, cwd=ROOT, timeout=1200
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Warning" not in again.stdout + again.stderr

@@ -29,6 +29,7 @@ from safehaven.core.home import Home
 from safehaven.tools import synthetic
 from tests.conftest import NHS_LIKE, leaked_nhs_numbers, seeded_nhs_numbers, with_vault_keys
 from tests.deploy.postgres import PostgresServer, free_port, start_server
+from tests.forkserver import ForkServer
 from tests.governance_helpers import adopt_project_agreements
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="module")
-def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
+def daemon_run(tmp_path_factory: pytest.TempPathFactory, forkserver: ForkServer) -> Iterator[DaemonRun]:
     try:
         server = start_server()
     except RuntimeError as exc:
@@ -148,10 +149,16 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
             procs.append(proc)
             return proc
 
-        def cli(name: str, *args: str) -> None:
-            done = subprocess.run([str(BIN / "dagster"), *args], cwd=REPO, env=env, capture_output=True, timeout=300)
-            (logs / f"{name}.log").write_bytes(done.stdout + done.stderr)
-            assert done.returncode == 0, (done.stdout + done.stderr).decode()[-3000:]
+        def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+            """``dagster *args``, as a fork of the warm server (``tests.forkserver``: Dagster is
+            imported once, not by each of the ten or so commands)."""
+            done = forkserver.run(["-m", "dagster", *args], env=env, cwd=REPO, timeout=300)
+            (logs / f"{name}.log").write_text(done.stdout + done.stderr)
+            return done
+
+        def cli_ok(name: str, *args: str) -> None:
+            done = cli(name, *args)
+            assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
         spawn(
             "code-server",
@@ -171,18 +178,14 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
         )
 
         def code_server_up() -> bool:
-            probe = subprocess.run(
-                [str(BIN / "dagster"), "api", "grpc-health-check", "-p", str(code_port), "-h", "127.0.0.1"],
-                env=env,
-                capture_output=True,
-            )
+            probe = cli("grpc-health-check", "api", "grpc-health-check", "-p", str(code_port), "-h", "127.0.0.1")
             return probe.returncode == 0
 
         _wait_for(code_server_up, 300, "the code location's gRPC server", procs, logs)
         # The sensor on incoming/ and the 02:00 schedule are on by default; switch them off so
         # that the only run is the one submitted below.
-        cli("sensor-stop", "sensor", "stop", "incoming_sensor", *workspace)
-        cli("schedule-stop", "schedule", "stop", "nightly_0200_london", *workspace)
+        cli_ok("sensor-stop", "sensor", "stop", "incoming_sensor", *workspace)
+        cli_ok("schedule-stop", "schedule", "stop", "nightly_0200_london", *workspace)
         # A night: each collection's intake job (every drop waiting), then the nightly job, queued
         # in that order; the queue's one-writer limit runs them one at a time, first come first.
         night = [
@@ -190,7 +193,7 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
         ]
         run_id = str(uuid.uuid4())
         for job, rid in [*night, ("nightly", run_id)]:
-            cli(f"launch-{job}", "job", "launch", *workspace, "-l", "safehaven", "-j", job, "--run-id", rid)
+            cli_ok(f"launch-{job}", "job", "launch", *workspace, "-l", "safehaven", "-j", job, "--run-id", rid)
         status = _query(server, "SELECT status FROM runs WHERE run_id = %s", (run_id,))
         assert status == [("QUEUED",)], f"the launch must only queue the run, got {status}"
 
