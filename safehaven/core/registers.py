@@ -50,7 +50,7 @@ from safehaven.core import schema
 from safehaven.core.home import Home
 from safehaven.core.sql import lit, q
 from safehaven.core.store import table_exists
-from safehaven.publish.disclosure import neutralise_sql
+from safehaven.publish.disclosure import formula_safe_type, neutralise_sql
 
 RELEASE_REGISTER = schema.RELEASE_REGISTER
 BREACH_REGISTER = schema.BREACH_REGISTER
@@ -245,13 +245,15 @@ def export_table(con: duckdb.DuckDBPyConnection, home: Home, table: str, stem: s
     atomically (a temporary file renamed into place), rows ordered by ``order``; returns the paths.
 
     Text cells of the CSV are neutralised (``disclosure.neutralise_sql``: a cell that a
-    spreadsheet would read as a formula is prefixed), the one rule for every register export.
+    spreadsheet would read as a formula is prefixed), the one rule for every register export;
+    cells of every type but numbers, dates, times and booleans count as text
+    (``disclosure.formula_safe_type``).
     """
     home.registers.mkdir(parents=True, exist_ok=True)
     described = con.execute(f"SELECT * FROM {table} LIMIT 0").description  # names and types, in order
     cols = [(d[0], str(d[1])) for d in described]
     csv_cols = ", ".join(
-        f"{neutralise_sql(f'CAST({q(n)} AS VARCHAR)')} AS {q(n)}" if t in ("VARCHAR", "JSON") else q(n) for n, t in cols
+        q(n) if formula_safe_type(t) else f"{neutralise_sql(f'CAST({q(n)} AS VARCHAR)')} AS {q(n)}" for n, t in cols
     )
     written: dict[str, Path] = {}
     for fmt, select in (("csv", f"SELECT {csv_cols} FROM {table}"), ("parquet", f"SELECT * FROM {table}")):
