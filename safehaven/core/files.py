@@ -24,17 +24,24 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 CHUNK = 1 << 20
 
 
+def chunks(fh: BinaryIO) -> Iterator[bytes]:
+    """The rest of ``fh``'s bytes in blocks of at most :data:`CHUNK`: the one loop by which a whole
+    file is read (hashed, checked, counted), never a row at a time."""
+    return iter(lambda: fh.read(CHUNK), b"")
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
+        for chunk in chunks(fh):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -75,7 +82,7 @@ def sha256_plain(path: Path, kind: Callable[[os.stat_result], bool] = plain) -> 
         return None
     digest = hashlib.sha256()
     with os.fdopen(fd, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
+        for chunk in chunks(fh):
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -102,7 +102,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.audit import shown_name
-from safehaven.core.files import open_plain, sha256_file, shred_file
+from safehaven.core.files import chunks, open_plain, sha256_file, shred_file
 from safehaven.core.files import plain as _plain
 from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.core.store import interrupted, transaction
@@ -124,7 +124,6 @@ _HELD_SQL = ", ".join(lit(s) for s in HELD)
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 BATCHES = schema.BATCHES
 RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
-CHUNK = 1 << 20
 #: The longest first line (header) read, in bytes: a header of the contract is far shorter.
 MAX_HEADER_BYTES = 1 << 16
 #: the suffix of the reason file of a refused entry left in incoming/ (:func:`_left_in_incoming`)
@@ -223,7 +222,7 @@ def check_bytes(path: Path) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
+        for chunk in chunks(fh):
             if offset == 0:
                 _check_start(chunk)
             if b"\x00" in chunk:
@@ -920,11 +919,8 @@ def _quotes_closed(path: Path) -> bool:
     """Whether the file holds an even number of quote characters: in CSV quoted as the haven reads
     it (``"`` quotes a field and is doubled inside one) every quote is one of a pair, so an odd
     count is a field left open, as by a transfer cut short inside it."""
-    count = 0
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            count += chunk.count(b'"')
-    return count % 2 == 0
+        return sum(chunk.count(b'"') for chunk in chunks(fh)) % 2 == 0
 
 
 def insert_numbered(con: duckdb.DuckDBPyConnection, table: str, names: list[str], batch: str, relation: str) -> int:
