@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import duckdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks import baseline
+from safehaven.publish.disclosure import neutralise_sql
+from tests.unit.test_disclosure import TEXT
 from tests.unit.test_rules import CASES, VALID, failed_rules, with_value
 
 LISTS = baseline.load_code_lists()
@@ -49,3 +53,18 @@ def test_a_missing_nhs_number_breaks_only_its_required_rule_in_the_baseline() ->
     for collection in sorted(VALID):
         for missing in (None, "", "   ", " - "):
             assert baseline_failed(collection, with_value(collection, nhs_number=missing)) == ["nhs_number.required"]
+
+
+@given(values=st.lists(st.one_of(st.none(), TEXT), min_size=1, max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_the_baseline_neutralises_the_cells_the_pipeline_neutralises(values: list[str | None]) -> None:
+    """The baseline writes its own formula test (importing the disclosure package would put SciPy in
+    its measured time); it gives every text cell the pipeline's ``neutralise_sql`` verdict."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t (i INTEGER, label VARCHAR)")
+    con.executemany("INSERT INTO t VALUES (?, ?)", list(enumerate(values)))
+    ours, theirs = neutralise_sql("label"), baseline._neutral("label")
+    assert (
+        con.execute(f"SELECT {theirs} FROM t ORDER BY i").fetchall()
+        == con.execute(f"SELECT {ours} FROM t ORDER BY i").fetchall()
+    )

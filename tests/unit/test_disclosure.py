@@ -438,12 +438,12 @@ def test_neutralise_formula_cells(con: duckdb.DuckDBPyConnection) -> None:
     assert con.execute("SELECT people FROM t LIMIT 1").fetchone() == (10,)
 
 
-#: any text: every Unicode character (NUL included: DuckDB holds it) but lone surrogates, which
-#: are not text, with the leaders, a quote, a space and a newline drawn often
-TEXT = st.text(
-    alphabet=st.one_of(st.sampled_from([*FORMULA_LEADERS, "'", " ", "\n"]), st.characters(codec="utf-8")),
-    max_size=6,
-)
+#: any character (NUL included: DuckDB holds it) but lone surrogates, which are not text, with the
+#: leaders, a quote, a space and a newline drawn often
+CHARACTER = st.one_of(st.sampled_from([*FORMULA_LEADERS, "'", " ", "\n"]), st.characters(codec="utf-8"))
+#: any text, its first character drawn on its own: a leader starts about one text in three (drawn
+#: as one string, Hypothesis started 2 of 146 with one, too few for the rule to be tested)
+TEXT = st.builds(str.__add__, st.one_of(st.just(""), CHARACTER), st.text(alphabet=CHARACTER, max_size=5))
 
 
 @given(values=st.lists(st.one_of(st.none(), TEXT), min_size=1, max_size=12))
