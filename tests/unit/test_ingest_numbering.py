@@ -163,3 +163,26 @@ def test_rows_the_haven_cannot_number_refuse_the_file_as_its_own_fault(
     assert landed == 0
     reason = json.loads((home.quarantine_for("gp_events") / "gp_first.csv.reason.json").read_text())
     assert "fault in the haven" in reason["reason"]
+
+
+def test_a_file_refused_for_rows_written_outside_the_haven_is_refused_again_until_they_are_removed(
+    store: Store, home: Home
+) -> None:
+    """The refusal holds: the file sent back while the foreign rows are still there is refused
+    again, with them left as they were; once a person has removed them it lands, numbered."""
+    folder, quarantine = home.incoming_for("gp_events"), home.quarantine_for("gp_events")
+    _numbered_file(folder, "gp_first.csv", 1)
+    sha = sha256_file(folder / "gp_first.csv")
+    with store.connect() as con:
+        ingest.ensure_tables(con, GP)
+        con.execute("INSERT INTO landing.gp_events (nhs_number, _batch) VALUES ('foreign', ?)", [sha])
+        for _ in range(2):  # refused, then sent back unchanged and refused again
+            report = ingest_collection(con, GP, folder, quarantine)
+            assert report.files_landed == 0 and [q["rule"] for q in report.quarantined] == ["file.batch_in_landing"]
+            assert con.execute("SELECT nhs_number, _row FROM landing.gp_events").fetchall() == [("foreign", None)]
+            [kept] = quarantine.glob("gp_first*.csv")  # a second copy is kept under a name of its own
+            kept.rename(folder / "gp_first.csv")
+        con.execute("DELETE FROM landing.gp_events WHERE _batch = ?", [sha])  # the person's remedy
+        report = ingest_collection(con, GP, folder, quarantine)
+    assert report.files_landed == 1 and report.files_quarantined == 0, report
+    assert _misnumbered(store, 1) == (ROWS, 0)
