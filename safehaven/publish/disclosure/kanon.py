@@ -92,7 +92,7 @@ def _signatures(
     person_signatures(con, " UNION ALL ".join(parts))
     kept = ""
     if changed:
-        kept = f"SELECT pid, signature FROM _ksig WHERE pid NOT IN (SELECT pid FROM {changed}) UNION ALL "
+        kept = f"SELECT pid, signature FROM _ksig ANTI JOIN {changed} USING (pid) UNION ALL "
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _ksig_next AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
         f"FROM ({kept}SELECT pid, signature FROM _kpeople)"
@@ -252,6 +252,20 @@ def _smallest_group(con: duckdb.DuckDBPyConnection) -> int | None:
     return int(smallest[0]) if smallest and smallest[0] is not None else None
 
 
+def _refuse_rows_without_a_person(
+    con: duckdb.DuckDBPyConnection, tables: dict[str, str], refused: type[Exception]
+) -> None:
+    """Refuse work tables with a row whose ``pid`` is NULL: such a row belongs to no group, so no
+    step could tell whether it is in one smaller than k (found by review: it was released)."""
+    for collection, table in tables.items():
+        orphans = _count(con, f"SELECT count(*) FROM {table} WHERE pid IS NULL")
+        if orphans:
+            raise refused(
+                f"k-anonymity: {orphans} row(s) of {collection} have no person (pid is NULL); every released "
+                "row must belong to a person for its group to be counted"
+            )
+
+
 def k_anonymise(
     con: duckdb.DuckDBPyConnection,
     tables: dict[str, str],
@@ -268,6 +282,7 @@ def k_anonymise(
     ``records``: a column of every table holding how many records each row stands for (one row
     per distinct person and quasi-identifiers, module docstring); None: each row is a record.
     """
+    _refuse_rows_without_a_person(con, tables, refused)
     report = KReport(k, small_groups, {c: list(v) for c, v in qis.items()})
     _signatures(con, tables, qis, k)
     _count_small_groups(con, report, refused)
