@@ -11,7 +11,8 @@ distinct values first (local suppression), re-checking after each; if the people
 every quasi-identifier suppressed are still fewer than ``k``, the smallest compliant groups
 are suppressed into theirs until it holds ``k``; anyone still in a smaller group is removed.
 If more than ``max_suppressed_share`` of the people would be removed, or with
-``small_groups: refuse`` if any group is smaller than ``k``, the release is refused.
+``small_groups: refuse`` if any group is smaller than ``k``, the release is refused, as it is
+when a row belongs to no person (a NULL ``pid``: it is in no group, so its group cannot be counted).
 
 Every step depends only on each person's distinct quasi-identifier values, so the tables may
 hold one row per distinct (person, quasi-identifiers) with a count of the records it stands for
