@@ -18,7 +18,7 @@ import hashlib
 import dagster as dg
 
 from assets import keys, partitions
-from resources.haven import SafeHavenResource
+from resources.haven import COMPACTION_DEFERRED, COMPACTION_TAG, SafeHavenResource
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import waiting_drops
 
@@ -59,7 +59,7 @@ def intake_job(collection: str) -> dg.JobDefinition:
         description=f"Land and validate {collection} drops: each drop a partition; a run without one takes "
         "every drop waiting.",
         executor_def=dg.in_process_executor,
-        tags=WRITER_TAGS,
+        tags=WRITER_TAGS | {COMPACTION_TAG: COMPACTION_DEFERRED},  # the night's run compacts (resources.haven)
     )
 
 

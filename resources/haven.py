@@ -201,7 +201,8 @@ class SafeHavenResource(dg.ConfigurableResource):
             audit.begin_run(
                 con, haven.home, actor=haven.actor, job=job, run_id=context.run_id or "", keyring=haven.keyring
             )
-            _compact(con, context.log, self.registry())
+            if run is None or run.tags.get(COMPACTION_TAG) != COMPACTION_DEFERRED:
+                _compact(con, context.log, self.registry())
 
     @contextmanager
     def connect(self, *, read_only: bool = False, retry: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -221,10 +222,18 @@ class SafeHavenResource(dg.ConfigurableResource):
             yield con
 
 
+#: the run tag of a job whose runs leave compaction to the next run without it (``assets.automation``:
+#: a collection's intake runs, one per drop, each before the night's run; checking some sixty
+#: tables' row groups costs 40-110 ms a run and grows with the store, issue 22)
+COMPACTION_TAG = "safehaven/compaction"
+COMPACTION_DEFERRED = "deferred"
+
+
 def _compact(con: duckdb.DuckDBPyConnection, log: dg.DagsterLogManager, registry: ContractRegistry) -> None:
     """Rewrite the tables appends have left in many row groups (``safehaven.core.compaction``: the
-    declared ones and those of ``registry``'s collections), once the run's audit trail has verified;
-    say which, and which DuckDB refused (the run goes on: a storage change)."""
+    declared ones and those of ``registry``'s collections), once the run's audit trail has verified,
+    unless the run's job defers it (:data:`COMPACTION_TAG`); say which, and which DuckDB refused (the
+    run goes on: a storage change)."""
     done = compaction.compact(con, [t for c in registry.contracts.values() for t in c.store_tables])
     if done.rewritten:
         log.info(

@@ -19,7 +19,8 @@ connection took 27 ms instead of 1 ms; rewriting the 22 tables with a primary ke
 with nothing to do from 6.6 to 4.7-5.3 s. The haven's fixed cost grew night over night with it
 (issue 22), and so would its file.
 
-So each run, once its audit trail has verified (``resources.haven``), rewrites every table of
+So each run, once its audit trail has verified (``resources.haven``; a collection's intake runs,
+one per drop, leave it to the night's run: ``resources.haven.COMPACTION_TAG``), rewrites every table of
 its own whose row groups exceed what its rows need by more than :data:`SLACK` and by more than
 it needs (:func:`over`): a small table past ``SLACK``, a large one past twice its need, which a
 night's landing never leaves it in (103 row groups for 56 needed, the largest measured), so a
