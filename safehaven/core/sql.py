@@ -40,6 +40,13 @@ def file_lit(path: Path) -> str:
     return lit(_GLOB.sub(r"[\1]", str(path)))
 
 
+#: DuckDB's integer types, by the names a relation's description gives them (``str(type)``): the one
+#: list (which Parquet types hold a contract's integers, which published columns are counts, which
+#: exported cells are numbers and never neutralised)
+_SIGNED_INTEGERS = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT")
+INTEGER_TYPES = (*_SIGNED_INTEGERS, *(f"U{name}" for name in _SIGNED_INTEGERS))
+
+
 def lit(value: str) -> str:
     """Quote a string literal for DuckDB: wrapped in single quotes, each single quote doubled."""
     return LITERAL_QUOTE + value.replace(LITERAL_QUOTE, LITERAL_QUOTE * 2) + LITERAL_QUOTE

@@ -104,7 +104,7 @@ from safehaven.core import schema
 from safehaven.core.audit import shown_name
 from safehaven.core.files import chunks, open_plain, sha256_file, shred_file
 from safehaven.core.files import plain as _plain
-from safehaven.core.sql import PATTERN_CHARACTERS, file_lit, lit, q
+from safehaven.core.sql import INTEGER_TYPES, PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.core.store import interrupted, transaction
 from safehaven.intake import batch_seal, landings
 from safehaven.intake import control as totals
@@ -405,23 +405,11 @@ def _check_header(header: list[str], contract: Contract) -> None:
 
 
 #: Parquet (DuckDB) column types that can hold each contract type without loss.
-_INTEGERS = (
-    "TINYINT",
-    "SMALLINT",
-    "INTEGER",
-    "BIGINT",
-    "HUGEINT",
-    "UTINYINT",
-    "USMALLINT",
-    "UINTEGER",
-    "UBIGINT",
-    "UHUGEINT",
-)
 READABLE_AS: dict[str, tuple[str, ...]] = {
-    "VARCHAR": ("VARCHAR", *_INTEGERS),
+    "VARCHAR": ("VARCHAR", *INTEGER_TYPES),
     "DATE": ("VARCHAR", "DATE"),
-    "INTEGER": ("VARCHAR", *_INTEGERS),
-    "DOUBLE": ("VARCHAR", "FLOAT", "DOUBLE", *_INTEGERS),
+    "INTEGER": ("VARCHAR", *INTEGER_TYPES),
+    "DOUBLE": ("VARCHAR", "FLOAT", "DOUBLE", *INTEGER_TYPES),
 }
 
 

@@ -81,7 +81,7 @@ import duckdb
 from safehaven.core import audit, schema
 from safehaven.core.files import sha256_file
 from safehaven.core.home import PUBLISHED_DB, PUBLISHED_MANIFEST, Home
-from safehaven.core.sql import lit, q
+from safehaven.core.sql import INTEGER_TYPES, lit, q
 from safehaven.core.store import insert_values, table_exists
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.validation import refuse_held
@@ -126,18 +126,6 @@ TEXT_PATTERNS: dict[str, str] = {
         r"|(19|20)[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]))([^0-9]|$)"
     ),
 }
-_INTEGER_TYPES = (
-    "TINYINT",
-    "SMALLINT",
-    "INTEGER",
-    "BIGINT",
-    "HUGEINT",
-    "UTINYINT",
-    "USMALLINT",
-    "UINTEGER",
-    "UBIGINT",
-    "UHUGEINT",
-)
 _PLAIN_TYPES = ("BOOLEAN", "FLOAT", "DOUBLE", "VARCHAR", "DATE")
 
 
@@ -217,7 +205,7 @@ def _value_checks(col: str, dtype: str) -> tuple[list[tuple[str, str]], str | No
         checks.append(("formula-leading text", f"count(*) FILTER (WHERE {formula_led_sql(c)})"))
         reason = col == REASON or col.endswith("_" + REASON)
         return checks, f"column {col!r} publishes the kind of suppression (must be boolean)" if reason else None
-    if dtype in _INTEGER_TYPES or dtype.startswith("DECIMAL"):
+    if dtype in INTEGER_TYPES or dtype.startswith("DECIMAL"):
         nhs_like = f"count(*) FILTER (WHERE abs({c}) BETWEEN 1000000000 AND 9999999999)"
         return [("NHS-number-like (10-digit number)", nhs_like)], None
     if dtype == "DATE":

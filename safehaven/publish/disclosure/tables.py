@@ -95,7 +95,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from safehaven.core.sql import lit as sql_lit
+from safehaven.core.sql import INTEGER_TYPES, lit
 from safehaven.publish.disclosure.policy import DEFAULT_POLICY, DisclosureError, Policy, true_range
 
 __all__ = [
@@ -125,10 +125,7 @@ FORMULA_LEADING = "^[" + "".join("\\" + ch if ch in "-]\\^" else ch for ch in FO
 #: neutralised (a negative number is not a formula); the cells of every other type (VARCHAR, JSON,
 #: an ENUM, a UNION, a BLOB, any type not named here) are text to a spreadsheet and are (found by
 #: review: an ENUM column of a register export passed unneutralised when only VARCHAR and JSON were)
-FORMULA_SAFE_TYPES = frozenset(
-    {"BOOLEAN", "FLOAT", "DOUBLE", "DATE", "UUID"}
-    | {f"{u}{size}" for u in ("", "U") for size in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT")}
-)
+FORMULA_SAFE_TYPES = frozenset({"BOOLEAN", "FLOAT", "DOUBLE", "DATE", "UUID", *INTEGER_TYPES})
 #: type names that begin so are of :data:`FORMULA_SAFE_TYPES` too (``DECIMAL(18,3)``, ``TIME``,
 #: ``TIMESTAMP WITH TIME ZONE``)
 FORMULA_SAFE_PREFIXES = ("DECIMAL(", "TIME")
@@ -680,9 +677,9 @@ def _check_totals(
             problems.append(f"total rows over unknown dimensions ({kind})")
             continue
         key = [d for d in dims if d not in summed]
-        lit = "'" + str(kind).replace("'", "''") + "'"
+        kind_sql = lit(str(kind))
         not_null = " OR ".join(f"{_ident(d)} IS NOT NULL" for d in summed)
-        stray = _scalar(con, f"SELECT count(*) FROM {rel} WHERE {TOTAL_OVER} = {lit} AND ({not_null})")
+        stray = _scalar(con, f"SELECT count(*) FROM {rel} WHERE {TOTAL_OVER} = {kind_sql} AND ({not_null})")
         if stray:
             problems.append(f"{stray} total row(s) over ({kind}) with a summed dimension set")
         on = " AND ".join(f"t.{_ident(d)} IS NOT DISTINCT FROM e.{_ident(d)}" for d in key) or "TRUE"
@@ -691,7 +688,7 @@ def _check_totals(
             c = _ident(col)
             bad = _scalar(
                 con,
-                f"SELECT count(*) FROM (SELECT * FROM {rel} WHERE {TOTAL_OVER} = {lit}) t "
+                f"SELECT count(*) FROM (SELECT * FROM {rel} WHERE {TOTAL_OVER} = {kind_sql}) t "
                 f"LEFT JOIN (SELECT {', '.join([*map(_ident, key), f'sum({c}) AS __sdc_sum'])} "
                 f"FROM {cells}{group_by}) e ON {on} "
                 f"WHERE t.{c} IS DISTINCT FROM e.__sdc_sum",
@@ -722,7 +719,7 @@ def formula_safe_type(dtype: str) -> bool:
 def formula_led_sql(expr: str) -> str:
     """SQL condition: ``expr`` (text) starts with a formula leader (:data:`FORMULA_LEADERS`, OWASP
     "CSV Injection"); NULL for NULL. The one test of the rule, for neutralising and for checking."""
-    return f"regexp_matches(CAST(({expr}) AS VARCHAR), {sql_lit(FORMULA_LEADING)})"
+    return f"regexp_matches(CAST(({expr}) AS VARCHAR), {lit(FORMULA_LEADING)})"
 
 
 def public_select_sql(con: duckdb.DuckDBPyConnection, table: str, order_by: Sequence[str] = ()) -> str:
