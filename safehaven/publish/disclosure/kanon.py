@@ -94,13 +94,11 @@ def _signatures(
     kept = ""
     if changed:
         kept = f"SELECT pid, signature FROM _ksig ANTI JOIN {changed} USING (pid) UNION ALL "
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE _ksig_next AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
+    con.execute(  # replaces _ksig with a query that reads the old one: DuckDB reads it before replacing it
+        "CREATE OR REPLACE TEMP TABLE _ksig AS SELECT pid, signature, count(*) OVER (PARTITION BY signature) AS n "
         f"FROM ({kept}SELECT pid, signature FROM _kpeople)"
     )
     con.execute("DROP TABLE _kpeople")
-    con.execute("DROP TABLE IF EXISTS _ksig")
-    con.execute("ALTER TABLE _ksig_next RENAME TO _ksig")
     con.execute(f"CREATE OR REPLACE TEMP TABLE _kviol AS SELECT pid FROM _ksig WHERE n < {int(k)}")
 
 
