@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from safehaven.core.files import write_fully
+from safehaven.core.files import replace_whole, sync_folder, write_fully
 from safehaven.core.home import Home
 from safehaven.core.keys import Key
 
@@ -88,14 +88,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- the head file ----------------------------------------------------------------------
 
 
@@ -127,14 +119,7 @@ def write_head(home: Home, key: Key, anchor: Anchor) -> dict[str, Any]:
     }
     head["mac"] = mac(key, head)
     home.registers.mkdir(parents=True, exist_ok=True)
-    path = head_path(home)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(head, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(home.registers)
+    replace_whole(head_path(home), json.dumps(head, indent=2, sort_keys=True) + "\n")
     return head
 
 
@@ -301,7 +286,7 @@ def write_worm(directory: Path | None, key: Key, anchor: Anchor) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(directory)
+    sync_folder(directory)
 
 
 def write_all(home: Home, key: Key, anchor: Anchor) -> None:

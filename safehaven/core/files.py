@@ -1,5 +1,5 @@
-"""Plain files inside the haven home: hashing, shredding and writing through a descriptor to the
-end (``write_fully``), in one place.
+"""Plain files inside the haven home: hashing, shredding, writing through a descriptor to the
+end (``write_fully``) and replacing a file whole (``replace_whole``), in one place.
 
 Rule (CoP 48-50; ``docs/rules.md`` "Disposal"): a plain copy of confidential data that is no longer
 needed (a landed drop, a disposed release or quarantined file) is overwritten with random
@@ -111,6 +111,37 @@ def write_fully(fd: int, data: bytes) -> None:
         if written <= 0:
             raise OSError(f"the file could not be overwritten: {written} bytes written of {len(view)}")
         view = view[written:]
+
+
+#: the suffix of the temporary file :func:`replace_whole` writes before renaming it into place
+TEMP_SUFFIX = ".tmp"
+
+
+def replace_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it (``.<name>`` and
+    :data:`TEMP_SUFFIX`), synced, renamed over ``path``, and the folder synced. A run killed, or a
+    disk filling, part-way leaves ``path`` as it was (absent, or its old text), never half of the
+    new one: a safeguard reading ``path`` (a quarantined file's reason) sees it whole or missing."""
+    tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Sync a folder's entries (a rename into it, a file made in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def shred_file(path: Path) -> int:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import duckdb
 
+from safehaven.core.files import replace_whole
 from safehaven.core.home import Home
 from safehaven.core.instances import POOL
 from safehaven.core.keys import Key, KeyRing
@@ -618,9 +619,7 @@ class Store:
         return {"old_key_id": old.key_id, "new_key_id": new_key.key_id}
 
     def _write_journal(self, state: dict[str, str]) -> None:
-        tmp = self.journal.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.journal)
+        replace_whole(self.journal, json.dumps(state))
 
     def table_exists(self, con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
         return table_exists(con, schema, table)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from datetime import UTC, date, datetime, time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import duckdb
 
 from safehaven.core import audit
+from safehaven.core.files import replace_whole
 from safehaven.core.home import Home
 from safehaven.core.keys import KeyRing, KeyRingError
 from safehaven.dispose.model import JOURNAL, DisposalError
@@ -45,12 +45,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     line: the files step saves the journal after every file it shreds, and indented JSON (Python's
     pure-Python encoder) of a plan naming 2,000 files took 15-20 ms a save, growing with the plan
     (found by review); the MAC covers the canonical form, not the file's layout."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    replace_whole(path, json.dumps(data, sort_keys=True, separators=(",", ":"), default=str))
 
 
 #: what the journal's MAC key is derived for (HKDF info, from the audit key)

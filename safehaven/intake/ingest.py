@@ -102,7 +102,7 @@ import duckdb
 
 from safehaven.core import schema
 from safehaven.core.audit import shown_name
-from safehaven.core.files import chunks, open_plain, sha256_file, shred_file
+from safehaven.core.files import chunks, open_plain, replace_whole, sha256_file, shred_file
 from safehaven.core.files import plain as _plain
 from safehaven.core.sql import INTEGER_TYPES, PATTERN_CHARACTERS, file_lit, lit, q
 from safehaven.core.store import interrupted, transaction
@@ -132,8 +132,12 @@ NOT_MOVED_SUFFIX = ".not-moved.reason.json"
 NOT_MOVED_NAME = re.compile(r"(?P<shown>.+)\.[0-9a-f]{12}(?:\.[0-9]+)?" + re.escape(NOT_MOVED_SUFFIX))
 #: a column only the objections contract has: a header naming it is an objections file's
 OBJECTIONS_MARK = "objection_type"
-#: the key, in a refused header's reason details, of whether it names ``OBJECTIONS_MARK``
+#: the key, in a content file's reason details, of whether it may be an objections file
+#: (:func:`may_be_objections`; named when it meant only that its header names ``OBJECTIONS_MARK``)
 OBJECTIONS_FLAG = "objections_header"
+#: the share of a content collection's fields (patient key aside) a refused file's first line must
+#: name for the haven to read it as that collection's file, not a possible objections file
+OWN_HEADER_SHARE = 0.5
 #: the most bytes read of a content file refused before its header was, to look for ``OBJECTIONS_MARK``
 SNIFF_BYTES = 1 << 13
 #: the delimiters a header read that way is split on (a comma, or what a spreadsheet chose)
@@ -296,33 +300,76 @@ def _first_bytes(path: Path) -> bytes | None:
         os.close(fd)
 
 
-def first_line_names(start: bytes) -> list[str]:
-    """The names of the first line of a file's first bytes ``start``, read leniently: UTF-16 if it
+def sniffed_lines(start: bytes) -> list[list[str]]:
+    """The names of each line of a file's first bytes ``start``, read leniently: UTF-16 if it
     starts with a UTF-16 byte-order mark, else UTF-8 with bad bytes replaced; leading byte-order
     marks, blank lines and Excel's ``sep=`` line skipped; split on ``SNIFF_DELIMITERS``, quotes
-    around a name removed."""
+    around a name removed, stripped and lower-cased as a person reads them."""
     utf16 = start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     text = start.decode("utf-16" if utf16 else "utf-8", errors="replace").lstrip("\ufeff")
     lines = [line for line in text.splitlines() if line.strip("\ufeff \t")]
     if lines and re.fullmatch(r"sep=.?", lines[0].strip("\ufeff ").lower()):
         lines = lines[1:]
-    return [name.strip().strip("\"'") for name in SNIFF_DELIMITERS.split(lines[0])] if lines else []
+    return [
+        [name.strip().strip("\"'").lstrip("\ufeff").strip().lower() for name in SNIFF_DELIMITERS.split(line)]
+        for line in lines
+    ]
+
+
+def _own_header(names: list[str], contract: Contract) -> bool:
+    """Whether a first line's ``names`` read as content collection ``contract``'s own header: they
+    name at least ``OWN_HEADER_SHARE`` of its fields other than its patient key (which the
+    objections contract has too), so a renamed or missing column still reads as the collection's."""
+    own = {f.lower() for f in contract.field_names} - {contract.patient_key.lower()}
+    return bool(own) and len(own & set(names)) >= OWN_HEADER_SHARE * len(own)
+
+
+def may_be_objections(start: bytes | None, contract: Contract) -> bool:
+    """Whether an entry refused in content collection ``contract``'s folder may be an objections
+    file (CoP 11-14; fail closed): it is, unless its first bytes ``start`` were read and hold no
+    objections header on any line (:func:`objections_header`) under a first line that reads as the
+    collection's own header (:func:`_own_header`). So an entry the haven cannot tell apart is one:
+    a folder or link (``start`` None: not opened), a compressed or other binary file, text in an
+    encoding read wrongly (UTF-16 with no byte-order mark), a title line above the header, a file
+    with no header. An empty file holds no statement, so it is none."""
+    if start is None:
+        return True
+    if not start:
+        return False
+    lines = sniffed_lines(start)
+    if any(objections_header(names) for names in lines):
+        return True
+    return not (lines and _own_header(lines[0], contract))
+
+
+def _parquet_start(path: Path, contract: Contract) -> bool:
+    """:func:`may_be_objections` for a Parquet entry: its column names (its footer's schema, read
+    from a plain file only) stand for its first line; one whose schema cannot be read may be one."""
+    import pyarrow.parquet as pq  # here: only a refused Parquet file needs it
+
+    fd = open_plain(path)
+    if fd is None:
+        return True
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            names = [n.strip().lower() for n in pq.read_schema(fh).names]
+    except Exception:  # noqa: BLE001 -- any file pyarrow cannot read is one the haven cannot tell apart
+        return True
+    return objections_header(names) or not _own_header(names, contract)
 
 
 def with_objections_flag(path: Path, contract: Contract, details: dict[str, Any]) -> dict[str, Any]:
-    """A content file's refusal ``details`` with ``OBJECTIONS_FLAG`` (:func:`objections_header`) also
-    when it was refused before :func:`check_header` read its header (its name, suffix, bytes), or
-    its header was a line before the header (Excel's ``sep=``): the first line of its first bytes
-    (:func:`first_line_names`) is looked at, so an objections file received in a content
-    collection's folder is ``feed.misrouted`` whichever rule refused it (CoP 11-14, fail closed).
-    Only the flag is recorded, never what was read. A link or other entry that is not a plain file
-    is not opened (:func:`_first_bytes`). :func:`quarantine` calls it for every refusal."""
+    """A content file's refusal ``details`` with ``OBJECTIONS_FLAG``: whether it may be an objections
+    file (:func:`may_be_objections`, looked at whichever rule refused it: its name, suffix, bytes or
+    header), so the objection feed counts it ``feed.misrouted`` until a person looks (CoP 11-14,
+    fail closed). Only the flag is recorded, never what was read. A link or other entry that is
+    not a plain file is not opened (:func:`_first_bytes`). :func:`quarantine` calls it for every
+    refusal."""
     if contract.kind != "content" or details.get(OBJECTIONS_FLAG) is True:
         return details
-    start = _first_bytes(path)
-    if start is None:
-        return details
-    return {**details, OBJECTIONS_FLAG: objections_header(first_line_names(start))}
+    if is_parquet(path) and os.path.isfile(path) and not os.path.islink(path):
+        return {**details, OBJECTIONS_FLAG: _parquet_start(path, contract)}
+    return {**details, OBJECTIONS_FLAG: may_be_objections(_first_bytes(path), contract)}
 
 
 def check_header(header: list[str], contract: Contract) -> None:
@@ -571,9 +618,11 @@ def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, contract: Contract)
 def quarantine(
     path: Path, dest_dir: Path, contract: Contract, sha: str, err: FileRejected, entry: dict[str, Any] | None = None
 ) -> Path:
-    """Move the whole file to quarantine with a reason file a person can act on. One that cannot be
-    moved (:class:`NotMoved`) still gets its reason file, marked as left in incoming/, with the
-    entry's raw identity as judged (``entry``, :func:`entry_identity`), so every safeguard that
+    """Move the whole file to quarantine with a reason file a person can act on, written whole or not
+    at all (``safehaven.core.files.replace_whole``): a run killed between the move and the reason
+    leaves the file with none, which the objection feed counts as a fault (fail closed). One that
+    cannot be moved (:class:`NotMoved`) still gets its reason file, marked as left in incoming/, with
+    the entry's raw identity as judged (``entry``, :func:`entry_identity`), so every safeguard that
     reads reasons (the objection feed) sees the refusal, and of which entry (fail closed)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest_dir.chmod(0o700)
@@ -600,7 +649,7 @@ def quarantine(
                 dest.unlink()
         _left_in_incoming(dest_dir, shown, sha, {**reason, "entry": entry}, contract.collection)
         raise NotMoved(shown.name, type(exc).__name__) from None
-    dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=2))
+    replace_whole(dest.with_name(dest.name + ".reason.json"), json.dumps(reason, indent=2))
     return dest
 
 
@@ -641,7 +690,7 @@ def _left_in_incoming(dest_dir: Path, shown: Path, sha: str, reason: dict[str, A
         + reason["what_to_do"],
     }
     # not suppressed: a haven that cannot write its own quarantine fails the stage (shown names only)
-    _not_moved_name(dest_dir, shown, sha).write_text(json.dumps(left, indent=2))
+    replace_whole(_not_moved_name(dest_dir, shown, sha), json.dumps(left, indent=2))
 
 
 def _not_moved_name(dest_dir: Path, shown: Path, sha: str) -> Path:

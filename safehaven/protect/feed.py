@@ -9,28 +9,31 @@ against a current list). Rules:
   (``safehaven.intake.validation``: for a contract of kind ``objections`` the valid rows of
   every batch go on, whatever its verdict). Honouring too much is safe; too little is not.
 * **A standing block.** A *fault* is an objections file quarantined whole at ingest (its
-  ``quarantine/objections/<file>.reason.json``) or a landed objections batch with rejected
-  rows (``landing.objections_rejected``). ``sync_faults`` records each in
-  ``governance.objection_feed_faults`` (file name, SHA-256, rule ids, rows; never a value),
-  once. Each *arrival* in quarantine is a fault of its own (its quarantined name and time):
-  the same bytes quarantined again (an empty file, a header-only file, an unreadable file sent
-  again) are a new fault, whatever was decided about the earlier one. A file in
-  ``quarantine/objections/`` with no reason file (the haven stopped, or its disk filled, between
-  moving it and writing why) is a fault (``feed.reason_missing``), and so is an objections file
-  received in a content collection's folder and quarantined there (its reason shows the
-  objections contract's own column ``objection_type`` among the header's columns, ingest's
-  ``objections_header`` flag, whichever rule refused it, before or after its header was parsed:
-  ``feed.misrouted``; moved into
-  ``incoming/objections/`` it lands, and a person records that with ``--corrected-by``; rows it
-  lands with rejected are a fault of their own, a file fault of the same SHA-256 never standing in
-  for a batch's). Any entry directly in ``incoming/`` that is no known collection's folder is
-  never read, so it is a fault (``feed.unknown_incoming``), found by the checks that have the
-  deployment's contracts registry (``sync_faults``; never another registry's collections). Only
-  the haven's reason files are read as reasons: a received file named ``*.reason.json`` is
-  quarantined with a reason file of its own, and is not one. While any fault is unresolved, or
-  an objections batch is landed but not yet validated and registered (or a file received again
-  not yet registered as a restatement), ``require_sound_feed`` refuses every record-level
-  release, in this run and every later one.
+  ``quarantine/objections/<file>.reason.json``) or a landed objections batch with rejected rows
+  (``landing.objections_rejected``). ``sync_faults`` records each in
+  ``governance.objection_feed_faults`` (file name, SHA-256, rule ids, rows; never a value), once.
+  Each *arrival* in quarantine is a fault of its own (its quarantined name and time): the same bytes
+  quarantined again (an empty file, a header-only file, an unreadable file sent again) are a new
+  fault, whatever was decided about the earlier one. A file in ``quarantine/objections/`` with no
+  reason file (the haven stopped, or its disk filled, between moving it and writing why) is a fault
+  (``feed.reason_missing``), and so is a file received in a content collection's folder, quarantined
+  there, that may be an objections file (``feed.misrouted``; ingest's ``objections_header`` flag,
+  whichever rule refused it: ``safehaven.intake.ingest.may_be_objections``): one with a line naming
+  the objections contract's own column ``objection_type``, and any the haven could not read as that
+  collection's file (a folder, a link, a compressed or binary file, UTF-16 with no byte-order mark,
+  a title line above the header: the haven cannot tell those hold no objections). Moved into
+  ``incoming/objections/`` it lands, and a person records that with ``--corrected-by``, or a person
+  records a decision that it holds none; rows it lands with rejected are a fault of their own, a
+  file fault of the same SHA-256 never standing in for a batch's. In a content collection's
+  quarantine, as in ``quarantine/objections/``, a file with no reason file and a reason file the
+  feed cannot read are faults too: the feed cannot tell they are no objections file. Any entry
+  directly in ``incoming/`` that is no known collection's folder is never read, so it is a fault
+  (``feed.unknown_incoming``), found by the checks that have the deployment's contracts registry
+  (``sync_faults``; never another registry's collections). Only the haven's reason files are read as
+  reasons: a received file named ``*.reason.json`` is quarantined with a reason file of its own, and
+  is not one. While any fault is unresolved, or an objections batch is landed but not yet validated
+  and registered (or a file received again not yet registered as a restatement),
+  ``require_sound_feed`` refuses every record-level release, in this run and every later one.
   Anonymised aggregates are not blocked: the opt-out does not cover them (guide Rule 4C).
 * **Clearing a fault** needs a person, and only a person: ``safehaven objections resolve
   <file> --by <name> --reason <text>`` records a decision (``resolve``, audited). A later file
@@ -263,16 +266,17 @@ def _file_faults(quarantine: Path) -> list[_Arrival]:
 
 
 def _misrouted(home: Home) -> list[_Arrival]:
-    """Objections files received in a content collection's folder and quarantined there (module
-    docstring, "A standing block"): each a fault, or their objections are never registered."""
+    """Files received in a content collection's folder and quarantined there that may hold
+    objections (module docstring, "A standing block"): each a fault, or any objections in them are
+    never registered."""
     folders = sorted(home.quarantine.iterdir()) if home.quarantine.is_dir() else []
-    return [f for folder in folders if folder.name != COLLECTION for f in _misrouted_in(folder)]
+    return [f for folder in folders if folder.name != COLLECTION and folder.is_dir() for f in _misrouted_in(folder)]
 
 
 def _objections_header(details: object) -> bool:
-    """Whether a reason's details show an objections file's header: ingest's flag
-    (``OBJECTIONS_FLAG``, recorded whichever rule refused it, its names stripped and
-    lower-cased), or, in a reason written before that flag, ``OBJECTIONS_MARK`` among the
+    """Whether a reason's details show a file that may be an objections file: ingest's flag
+    (``OBJECTIONS_FLAG``, ``safehaven.intake.ingest.may_be_objections``, recorded whichever rule
+    refused it), or, in a reason written before that flag, ``OBJECTIONS_MARK`` among the
     unexpected columns."""
     if not isinstance(details, dict):
         return False
@@ -280,18 +284,34 @@ def _objections_header(details: object) -> bool:
 
 
 def _misrouted_in(folder: Path) -> list[_Arrival]:
-    """The reasons in a content collection's quarantine ``folder`` whose header is an objections
-    file's (:func:`_objections_header`)."""
+    """The faults of a content collection's quarantine ``folder``: each reason whose file may be an
+    objections file (:func:`_objections_header`), and, as in quarantine/objections/, each reason the
+    feed cannot read and each file with no reason file (the haven stopped, or its disk filled,
+    between moving it and writing why): the feed cannot tell those are no objections file (fail
+    closed). Their keys and names carry the folder's name."""
     found = []
-    for path in sorted(p for p in folder.glob(f"*{REASON_SUFFIX}") if _is_reason(p)):
-        reason = _reason(path) or {}
-        if _objections_header(reason.get("details")):
+    for path in sorted(folder.iterdir()):
+        if not _is_reason(path):
+            if not os.path.lexists(path.with_name(path.name + REASON_SUFFIX)):
+                found.append(_unexplained(folder, path, "reason_missing", REASON_MISSING))
+            continue
+        reason = _reason(path)
+        if reason is None:
+            found.append(_unexplained(folder, path, "unreadable", REASON_UNREADABLE))
+        elif _objections_header(reason.get("details")):
             arrival = f"{folder.name}/{_arrival(reason, path) or path.name}"
             rule = f"{MISROUTED} in incoming/{folder.name}/"
             found.append(
                 _Arrival(str(reason["sha256"]), str(reason["file"]), rule, _arrived(reason, path), arrival, "misrouted")
             )
     return found
+
+
+def _unexplained(folder: Path, path: Path, kind: str, rule: str) -> _Arrival:
+    """The fault of an entry of a content collection's quarantine ``folder`` with no reason the feed
+    can read (:func:`_misrouted_in`): keyed by the folder and the entry's name and arrival."""
+    at, named = _changed_at(path), f"{folder.name}/{path.name}"
+    return _Arrival(f"{kind}:{named}", named, rule, at, f"{named}@{at}")
 
 
 def _unknown_incoming(home: Home, collections: Iterable[str]) -> list[_Arrival]:
@@ -808,22 +828,26 @@ def feed_problems(
 
 
 def _describe(fault: Fault) -> str:
-    what = {
-        "rows": f"{fault.rows} row(s) rejected ({fault.rules})",
-        "batch": f"the batch refused at validation ({fault.rules}; its reason file was not written)",
-        "misrouted": f"its header has the objections contract's columns ({OBJECTIONS_MARK}) but it was received "
-        f"and quarantined as a content file ({fault.rules}), so its objections were never registered",
-    }.get(fault.level, f"the whole file quarantined ({fault.rules})")
-    if fault.rules == REASON_MISSING:
-        what = (
-            "found in quarantine/objections/ with no reason file (the haven stopped, or its disk was full, while "
-            "quarantining it), so its objections were never registered"
-        )
     if fault.rules == UNKNOWN_INCOMING:
         return (
             f"incoming/{fault.file_name} ({_named(fault)}) is in incoming/ but no collection's folder, so the haven "
             f"never reads it and any objections in it were never registered; {how_to_clear(fault)}"
         )
+    folder, _, name = fault.file_name.rpartition("/")
+    if fault.rules in (REASON_MISSING, REASON_UNREADABLE):
+        why = "no reason file" if fault.rules == REASON_MISSING else "a reason file the haven cannot read"
+        return (
+            f"file {name} ({_named(fault)}): found in quarantine/{folder or COLLECTION}/ with {why} (the haven "
+            "stopped, or its disk was full, while quarantining it), so any objections in it were never "
+            f"registered; {how_to_clear(fault)}"
+        )
+    what = {
+        "rows": f"{fault.rows} row(s) rejected ({fault.rules})",
+        "batch": f"the batch refused at validation ({fault.rules}; its reason file was not written)",
+        "misrouted": "it may be an objections file (a line of its header names the objections contract's "
+        f"{OBJECTIONS_MARK}, or the haven could not read its header as that collection's) and was received "
+        f"and quarantined as a content file ({fault.rules}), so any objections in it were never registered",
+    }.get(fault.level, f"the whole file quarantined ({fault.rules})")
     return f"objections file {fault.file_name} ({_named(fault)}): {what}; {how_to_clear(fault)}"
 
 
@@ -851,10 +875,10 @@ def how_to_clear(fault: Fault) -> str:
     if fault.level == "misrouted" and fault.later_clean_sha256 is None:
         folder = fault.rules.rsplit("incoming/", 1)[-1]
         return (
-            f"move it from quarantine/{folder} into incoming/objections/ and run intake "
-            "(safehaven run; any row it lands with rejected is a fault of its own), then record that it landed "
-            f"cleanly: safehaven objections resolve {me} --corrected-by "
-            f"<sha256 of the landed file> --by <name> --reason <text>; or record a decision: {decide}"
+            f"if it holds objections, move it from quarantine/{folder} into incoming/objections/ (as plain "
+            "UTF-8 CSV) and run intake (safehaven run; any row it lands with rejected is a fault of its own), "
+            f"then record that it landed cleanly: safehaven objections resolve {me} --corrected-by "
+            f"<sha256 of the landed file> --by <name> --reason <text>; if it holds none, record that decision: {decide}"
         )
     if fault.later_clean_sha256 is None:
         return (

@@ -55,6 +55,7 @@ import duckdb
 
 from safehaven.core import registers, schema
 from safehaven.core.days import haven_today
+from safehaven.core.files import replace_whole
 from safehaven.core.home import Home
 from safehaven.core.keys import check_agreement_id
 from safehaven.core.legal_basis import EXEMPT_BASES, LEGAL_BASES, OPT_OUT_EXEMPT
@@ -306,9 +307,7 @@ def _write(con: duckdb.DuckDBPyConnection, report: NoticeReport, home: Home | No
         writer.writerows(rows)
     summary = report.summary()
     summary["rules"] = "CoP 14b: i objected, ii withdrawn, iii records withheld from the latest release"
-    tmp = report.json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, report.json_path)
+    replace_whole(report.json_path, json.dumps(summary, indent=2, sort_keys=True))
     con.execute(
         f"INSERT INTO {NOTICES} VALUES (?, now(), ?, ?, ?, ?, ?, ?)",
         [

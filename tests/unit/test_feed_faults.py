@@ -10,6 +10,7 @@ header was read.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import time
@@ -146,17 +147,17 @@ def test_a_quarantined_objections_file_without_its_reason_file_blocks_until_reso
     haven.drop("base.csv", [opt_out(10)])
     haven.run()
     _drop_bytes(haven, "objections.csv", ("nhs_number;objection_type\n" + NHS[46] + ";national_opt_out\n").encode())
-    real = Path.write_text
+    real = ingest.replace_whole
 
-    def failing(self: Path, *args, **kwargs):
-        if self.name.endswith(".reason.json"):
+    def failing(path: Path, text: str) -> None:
+        if path.name.endswith(".reason.json"):
             raise OSError(28, "No space left on device")
-        return real(self, *args, **kwargs)
+        real(path, text)
 
-    monkeypatch.setattr(Path, "write_text", failing)
+    monkeypatch.setattr(ingest, "replace_whole", failing)
     with pytest.raises(OSError):
         haven.run()
-    monkeypatch.setattr(Path, "write_text", real)
+    monkeypatch.setattr(ingest, "replace_whole", real)
     haven.run()
     assert not _reasons(haven)
     for _ in range(2):
@@ -289,6 +290,133 @@ def test_a_content_file_refused_before_its_header_was_read_is_not_taken_for_obje
     assert json.loads(reason.read_text())["details"] == {ingest.OBJECTIONS_FLAG: False}
     feed.sync_faults(haven.con, haven.home, haven.registry.contracts)
     assert feed.unresolved(haven.con) == []
+
+
+_OPT_OUT_ROW = ",".join([NHS[31], "national_opt_out", "2024-03-01", "", ""])
+_OBJECTIONS_TEXT = ",".join(COLUMNS) + "\r\n" + _OPT_OUT_ROW + "\r\n"
+
+
+def _place_unreadable(folder: Path, form: str) -> None:
+    """An objections file in a form the haven cannot read as a content file (review 57, finding 1)."""
+    if form == "utf16le_no_bom":  # a Windows "Unicode" export without its byte-order mark
+        (folder / "objections_20241201.csv").write_bytes(_OBJECTIONS_TEXT.encode("utf-16-le"))
+    elif form == "utf16be_no_bom":
+        (folder / "objections_20241201.csv").write_bytes(_OBJECTIONS_TEXT.encode("utf-16-be"))
+    elif form == "gzip":  # the sender's transfer tool compressed it
+        (folder / "objections_20241201.csv.gz").write_bytes(gzip.compress(_OBJECTIONS_TEXT.encode()))
+    elif form == "subfolder":  # the sender's tool made a dated folder
+        (folder / "objections_2024-12").mkdir()
+        (folder / "objections_2024-12" / "objections_20241201.csv").write_text(_OBJECTIONS_TEXT)
+    elif form == "title_line":  # a report's title above the header
+        (folder / "objections_20241201.csv").write_text(
+            "National data opt-out extract 2024-12-01\r\n" + _OBJECTIONS_TEXT
+        )
+    elif form == "unreadable_parquet":
+        (folder / "objections_20241201.parquet").write_bytes(b"PAR1" + _OBJECTIONS_TEXT.encode() + b"PAR1")
+
+
+@pytest.mark.parametrize(
+    "form", ["utf16le_no_bom", "utf16be_no_bom", "gzip", "subfolder", "title_line", "unreadable_parquet"]
+)
+def test_a_file_in_a_content_folder_the_haven_cannot_read_as_that_collections_blocks_as_a_possible_objections_file(
+    haven: Haven, form: str
+) -> None:
+    """A file quarantined in a content collection's folder that the haven cannot read as that
+    collection's (UTF-16 with no byte-order mark, compressed, a folder, a title line above the
+    header, a Parquet file whose schema cannot be read) may be an objections file: it is a
+    ``feed.misrouted`` fault, and no objector is released until a person looks (CoP 11-14; fail
+    closed; review 57, finding 1: each was quarantined unflagged, and the objector released)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    folder = haven.home.incoming_for("hospital_episodes")
+    folder.mkdir(parents=True, exist_ok=True)
+    _place_unreadable(folder, form)
+    contract = haven.registry.contracts["hospital_episodes"]
+    quarantine = haven.home.quarantine_for("hospital_episodes")
+    assert ingest_collection(haven.con, contract, folder, quarantine).files_quarantined == 1
+    [reason] = quarantine.glob("*.reason.json")
+    assert json.loads(reason.read_text())["details"][ingest.OBJECTIONS_FLAG] is True
+    haven.run()
+    message = refused(haven)
+    assert "feed.misrouted in incoming/hospital_episodes/" in message and "may be an objections file" in message
+    assert NHS[31] not in message and NHS[31] not in reason.read_text()
+    [fault] = feed.unresolved(haven.con)
+    assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="no objections") == 1
+    assert haven.release().status == "released"
+
+
+def test_a_content_parquet_file_with_its_collections_columns_is_not_taken_for_objections(haven: Haven) -> None:
+    """A Parquet file refused in its collection's folder (a column of the wrong type) whose schema
+    names that collection's columns is no possible objections file: its schema stands for a CSV
+    file's first line (``ingest._parquet_start``)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    folder = haven.home.incoming_for("hospital_episodes")
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = haven.registry.contracts["hospital_episodes"].field_names
+    columns = ", ".join(f"[1, 2] AS {f}" for f in fields)  # a list where text is declared
+    haven.con.execute(f"COPY (SELECT {columns}) TO '{folder / 'episodes.parquet'}' (FORMAT parquet)")
+    contract = haven.registry.contracts["hospital_episodes"]
+    quarantine = haven.home.quarantine_for("hospital_episodes")
+    assert ingest_collection(haven.con, contract, folder, quarantine).files_quarantined == 1
+    [reason] = quarantine.glob("*.reason.json")
+    assert json.loads(reason.read_text())["details"][ingest.OBJECTIONS_FLAG] is False
+    feed.sync_faults(haven.con, haven.home, haven.registry.contracts)
+    assert feed.unresolved(haven.con) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "rule"), [("missing", feed.REASON_MISSING), ("half_written", feed.REASON_UNREADABLE)]
+)
+def test_a_file_in_a_content_quarantine_without_a_whole_reason_file_blocks_until_resolved(
+    haven: Haven, damage: str, rule: str
+) -> None:
+    """A run killed between moving a refused file into quarantine/hospital_episodes/ and writing its
+    reason, or a reason file left half-written, leaves the feed unable to tell the file is no
+    objections file: a fault naming the folder, as in quarantine/objections/ (review 57, finding 2:
+    the feed read only whole reasons there, and a misrouted objector was released)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    quarantine = _misroute(haven, "objections_20241201.csv", _OBJECTIONS_TEXT)
+    [reason] = quarantine.glob("*.reason.json")
+    if damage == "missing":
+        reason.unlink()  # as a kill between the move and the reason leaves it
+    else:
+        reason.write_bytes(reason.read_bytes()[:40])  # as a file written in place, cut short, would be
+    haven.run()
+    message = refused(haven)
+    assert "quarantine/hospital_episodes/" in message and NHS[31] not in message
+    [fault] = feed.unresolved(haven.con)
+    assert fault.rules == rule and fault.file_name.startswith("hospital_episodes/")
+    assert feed.resolve(haven.con, haven.home, fault.sha256[:16], by="Dr Guardian", reason="looked: none") == 1
+    assert haven.release().status == "released"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.text(st.characters(blacklist_characters="\r\n,;\t|"), max_size=12), min_size=1, max_size=9),
+        max_size=6,
+    ),
+    marked=st.none() | st.integers(min_value=0, max_value=6),
+)
+def test_a_content_file_may_be_objections_exactly_when_a_line_names_objection_type_or_its_first_line_is_not_its_own(
+    rows: list[list[str]], marked: int | None
+) -> None:
+    """``ingest.may_be_objections``, the rule written out: under the collection's own header, a file
+    is no possible objections file unless some line names ``objection_type``; a first line that is not
+    the collection's header (a title, values) makes any file one (fail closed)."""
+    contract = ContractRegistry().contracts["hospital_episodes"]
+    lines = [",".join(contract.field_names)] + [",".join(r) for r in rows]
+    if marked is not None:
+        at = min(marked, len(lines) - 1)
+        lines[at] += ",objection_type"
+    data = "\r\n".join(lines).encode()
+    names_mark = any(
+        ingest.OBJECTIONS_MARK in {c.strip().strip("\"'").lower() for c in line.split(",")} for line in lines
+    )
+    assert ingest.may_be_objections(data, contract) is names_mark
+    assert ingest.may_be_objections((b"Extract of 2024-12-01\r\n") + data, contract) is True
 
 
 def test_a_misrouted_file_moved_in_with_a_rejected_row_is_a_rows_fault_of_its_own(haven: Haven) -> None:

@@ -125,3 +125,24 @@ def test_a_link_is_unlinked_without_touching_its_target(tmp_path: Path) -> None:
     assert shred_file(link) == 0
     assert not link.exists() and not link.is_symlink()
     assert target.read_bytes() == b"kept"
+
+
+def test_a_file_replaced_whole_is_its_old_text_or_its_new_one_never_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``files.replace_whole`` (a quarantined file's reason, the audit head, the disposal journal): a
+    write that fails part-way (a full disk, here at the sync) leaves the file as it was and no
+    temporary file beside it; one that goes through replaces it whole (review 57, finding 2)."""
+    path = tmp_path / "x.csv.reason.json"
+    files.replace_whole(path, "old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        files.replace_whole(path, "new text")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    monkeypatch.undo()
+    files.replace_whole(path, "new text")
+    assert path.read_text() == "new text" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
