@@ -136,7 +136,8 @@ OBJECTIONS_MARK = "objection_type"
 #: (:func:`may_be_objections`; named when it meant only that its header names ``OBJECTIONS_MARK``)
 OBJECTIONS_FLAG = "objections_header"
 #: the share of a content collection's fields (patient key aside) a refused file's first line must
-#: name for the haven to read it as that collection's file, not a possible objections file
+#: name, when it names others too, for the haven to read it as that collection's file, not a
+#: possible objections file (:func:`_own_header`)
 OWN_HEADER_SHARE = 0.5
 #: the most bytes read of a content file refused before its header was, to look for ``OBJECTIONS_MARK``
 SNIFF_BYTES = 1 << 13
@@ -318,20 +319,23 @@ def sniffed_lines(start: bytes) -> list[list[str]]:
 
 def _own_header(names: list[str], contract: Contract) -> bool:
     """Whether a first line's ``names`` read as content collection ``contract``'s own header: they
-    name at least ``OWN_HEADER_SHARE`` of its fields other than its patient key (which the
-    objections contract has too), so a renamed or missing column still reads as the collection's."""
-    own = {f.lower() for f in contract.field_names} - {contract.patient_key.lower()}
-    return bool(own) and len(own & set(names)) >= OWN_HEADER_SHARE * len(own)
+    name some of its fields other than its patient key (which the objections contract has too) and
+    either nothing else (its columns, some missing) or at least ``OWN_HEADER_SHARE`` of those fields
+    (its columns, some renamed or added)."""
+    fields = {f.lower() for f in contract.field_names}
+    own, given = fields - {contract.patient_key.lower()}, {n for n in names if n}
+    named = own & given
+    return bool(named) and (given <= fields or len(named) >= OWN_HEADER_SHARE * len(own))
 
 
 def may_be_objections(start: bytes | None, contract: Contract) -> bool:
     """Whether an entry refused in content collection ``contract``'s folder may be an objections
     file (CoP 11-14; fail closed): it is, unless its first bytes ``start`` were read and hold no
     objections header on any line (:func:`objections_header`) under a first line that reads as the
-    collection's own header (:func:`_own_header`). So an entry the haven cannot tell apart is one:
-    a folder or link (``start`` None: not opened), a compressed or other binary file, text in an
-    encoding read wrongly (UTF-16 with no byte-order mark), a title line above the header, a file
-    with no header. An empty file holds no statement, so it is none."""
+    collection's own header (:func:`_own_header`), so the haven can tell it is none. An entry the
+    haven cannot tell apart is one: a folder or link (``start`` None: not opened), a compressed or
+    other binary file, text in an encoding read wrongly (UTF-16 with no byte-order mark), a title
+    line above the header, a file with no header. An empty file holds no statement, so it is none."""
     if start is None:
         return True
     if not start:
