@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,13 +119,17 @@ TEMP_SUFFIX = ".tmp"
 
 
 def replace_whole(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it (``.<name>`` and
-    :data:`TEMP_SUFFIX`), synced, renamed over ``path``, and the folder synced. A run killed, or a
-    disk filling, part-way leaves ``path`` as it was (absent, or its old text), never half of the
-    new one: a safeguard reading ``path`` (a quarantined file's reason) sees it whole or missing."""
-    tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    """Write ``text`` to ``path`` whole or not at all: into a new temporary file beside it (``.<name>.``,
+    a random part and :data:`TEMP_SUFFIX`), synced, renamed over ``path``, and the folder synced. A
+    run killed, or a disk filling, part-way leaves ``path`` as it was (absent, or its old text), never
+    half of the new one: a safeguard reading ``path`` (a quarantined file's reason) sees it whole or
+    missing. The temporary file is made new (``O_EXCL``, never through a link): its folder may hold
+    names a sender chose (quarantine), and a fixed name there was a link a sender could plant, which
+    the write followed (found by review). Only the file this call made is removed on failure."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

@@ -92,7 +92,8 @@ import shutil
 import signal
 import stat
 import time
-from collections.abc import Collection
+import unicodedata
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,12 +127,17 @@ BATCHES = schema.BATCHES
 RESTATEMENTS = schema.OBJECTION_RESTATEMENTS
 #: The longest first line (header) read, in bytes: a header of the contract is far shorter.
 MAX_HEADER_BYTES = 1 << 16
+#: the suffix of a quarantined entry's reason file (:func:`quarantine`)
+REASON_SUFFIX = ".reason.json"
 #: the suffix of the reason file of a refused entry left in incoming/ (:func:`_left_in_incoming`)
 NOT_MOVED_SUFFIX = ".not-moved.reason.json"
 #: the name :func:`_not_moved_name` gives a not-moved reason: ``<shown>.<sha12>[.<n>]`` and the suffix
 NOT_MOVED_NAME = re.compile(r"(?P<shown>.+)\.[0-9a-f]{12}(?:\.[0-9]+)?" + re.escape(NOT_MOVED_SUFFIX))
 #: a column only the objections contract has: a header naming it is an objections file's
 OBJECTIONS_MARK = "objection_type"
+#: the key, in a content file's reason details, of the version of the rule that set ``OBJECTIONS_FLAG``:
+#: a reason without it was judged by an earlier rule, which missed files the haven cannot read
+OBJECTIONS_RULE, OBJECTIONS_RULE_VERSION = "objections_rule", 2
 #: the key, in a content file's reason details, of whether it may be an objections file
 #: (:func:`may_be_objections`; named when it meant only that its header names ``OBJECTIONS_MARK``)
 OBJECTIONS_FLAG = "objections_header"
@@ -143,6 +149,22 @@ OWN_HEADER_SHARE = 0.5
 SNIFF_BYTES = 1 << 13
 #: the delimiters a header read that way is split on (a comma, or what a spreadsheet chose)
 SNIFF_DELIMITERS = re.compile(r"[,;\t|]")
+#: a lower-case letter or digit followed by a capital: where :func:`header_name` splits ``CamelCase``
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+#: a run of characters that are neither letters nor digits (:func:`header_name` reads it as ``_``)
+_NOT_WORD = re.compile(r"[\W_]+")
+#: the identifiability classes of a content collection's distinctive fields (:func:`_own_header`)
+DISTINCTIVE = ("content", "sensitive")
+#: an objection type code (``data_contracts/code_lists/objection_types.yaml``) as a value anywhere in
+#: a content file's first bytes, in any case, set off as a field: rows of objections under a content
+#: header, or with no header at all, are a possible objections file (found by review)
+_OBJECTION_CODE = re.compile(
+    rb"(?i)(?:^|[,;\t|\"'\r\n])\s*(?:type[\s_-]?1|national[\s_-]?(?:data[\s_-]?)?opt[\s_-]?out)\s*(?:$|[,;\t|\"'\r\n])"
+)
+#: the objections contract's own column in any spelling a byte scan can see (:func:`_names_objections`)
+_MARK_BYTES = re.compile(rb"(?i)objection[\W_]*type")
+#: bytes kept from one chunk to the next by :func:`_names_objections`, so no match is cut in two
+_SCAN_OVERLAP = 64
 #: ``preserve_insertion_order`` for a landing: DuckDB writes rows in the order it reads them
 #: (:func:`insert_numbered` numbers them by it)
 ROWS_IN_FILE_ORDER = "true"
@@ -280,11 +302,22 @@ def _spreadsheet_artefacts(names: list[str]) -> None:
         )
 
 
+def header_name(raw: str) -> str:
+    """A header's name as a person reads it, in one spelling: Unicode compatibility forms folded
+    (full-width letters), invisible format characters (zero-width, byte-order marks) dropped, words
+    of ``CamelCase`` split, case folded, and every run of other characters (spaces, non-breaking
+    spaces, hyphens, quotes) one ``_``: ``Objection Type``, ``objection-type`` and ``ObjectionType``
+    all read ``objection_type`` (found by review)."""
+    text = "".join(c for c in unicodedata.normalize("NFKC", raw) if unicodedata.category(c) != "Cf")
+    text = _CAMEL.sub(r"\1_\2", text).casefold()
+    return _NOT_WORD.sub("_", text).strip("_")
+
+
 def objections_header(header: list[str]) -> bool:
     """Whether a header names the objections contract's own column (``OBJECTIONS_MARK``), its names
-    read as a person would (byte-order mark and spaces stripped, lower-cased): a file with that
-    header is an objections file, whatever folder it was received in (CoP 11-14)."""
-    return OBJECTIONS_MARK in {h.lstrip("\ufeff").strip().lower() for h in header}
+    read as a person would (:func:`header_name`): a file with that header is an objections file,
+    whatever folder it was received in (CoP 11-14)."""
+    return OBJECTIONS_MARK in {header_name(h) for h in header}
 
 
 def _first_bytes(path: Path) -> bytes | None:
@@ -305,27 +338,26 @@ def sniffed_lines(start: bytes) -> list[list[str]]:
     """The names of each line of a file's first bytes ``start``, read leniently: UTF-16 if it
     starts with a UTF-16 byte-order mark, else UTF-8 with bad bytes replaced; leading byte-order
     marks, blank lines and Excel's ``sep=`` line skipped; split on ``SNIFF_DELIMITERS``, quotes
-    around a name removed, stripped and lower-cased as a person reads them."""
+    around a name removed, each read as a person reads it (:func:`header_name`)."""
     utf16 = start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     text = start.decode("utf-16" if utf16 else "utf-8", errors="replace").lstrip("\ufeff")
     lines = [line for line in text.splitlines() if line.strip("\ufeff \t")]
     if lines and re.fullmatch(r"sep=.?", lines[0].strip("\ufeff ").lower()):
         lines = lines[1:]
-    return [
-        [name.strip().strip("\"'").lstrip("\ufeff").strip().lower() for name in SNIFF_DELIMITERS.split(line)]
-        for line in lines
-    ]
+    return [[header_name(name) for name in SNIFF_DELIMITERS.split(line)] for line in lines]
 
 
 def _own_header(names: list[str], contract: Contract) -> bool:
-    """Whether a first line's ``names`` read as content collection ``contract``'s own header: they
-    name some of its fields other than its patient key (which the objections contract has too) and
-    either nothing else (its columns, some missing) or at least ``OWN_HEADER_SHARE`` of those fields
-    (its columns, some renamed or added)."""
-    fields = {f.lower() for f in contract.field_names}
-    own, given = fields - {contract.patient_key.lower()}, {n for n in names if n}
-    named = own & given
-    return bool(named) and (given <= fields or len(named) >= OWN_HEADER_SHARE * len(own))
+    """Whether a first line's ``names`` (:func:`header_name`) read as content collection
+    ``contract``'s own header: they name some of its distinctive fields (``DISTINCTIVE``: what it
+    records, not who it is about; an objections list may carry a date of birth, sex and postcode as
+    any collection does, found by review) and either nothing but its fields (its columns, some
+    missing) or at least ``OWN_HEADER_SHARE`` of its distinctive ones (some renamed or added)."""
+    fields = {header_name(f) for f in contract.field_names}
+    distinctive = {header_name(f.name) for f in contract.fields if f.identifiability in DISTINCTIVE}
+    given = {n for n in names if n}
+    named = distinctive & given
+    return bool(named) and (given <= fields or len(named) >= OWN_HEADER_SHARE * len(distinctive))
 
 
 def may_be_objections(start: bytes | None, contract: Contract) -> bool:
@@ -340,6 +372,8 @@ def may_be_objections(start: bytes | None, contract: Contract) -> bool:
         return True
     if not start:
         return False
+    if _OBJECTION_CODE.search(start):
+        return True
     lines = sniffed_lines(start)
     if any(objections_header(names) for names in lines):
         return True
@@ -356,10 +390,27 @@ def _parquet_start(path: Path, contract: Contract) -> bool:
         return True
     try:
         with os.fdopen(fd, "rb") as fh:
-            names = [n.strip().lower() for n in pq.read_schema(fh).names]
+            schema_ = pq.read_schema(fh)
     except Exception:  # noqa: BLE001 -- any file pyarrow cannot read is one the haven cannot tell apart
         return True
-    return objections_header(names) or not _own_header(names, contract)
+    nested = [header_name(n) for n in _all_names(schema_)]  # a struct's fields too (found by review)
+    return objections_header(nested) or not _own_header([header_name(n) for n in schema_.names], contract)
+
+
+def _all_names(fields: Any) -> Iterator[str]:
+    """Every field name of a Parquet schema or type, nested ones (struct, list, map) included."""
+    for f in fields:
+        yield f.name
+        yield from _all_names(_children(f.type))
+
+
+def _children(kind: Any) -> list[Any]:
+    """The fields nested in a pyarrow type (a struct's, a list's values, a map's keys and items)."""
+    if hasattr(kind, "value_field"):
+        return [kind.value_field]
+    if hasattr(kind, "key_field"):
+        return [kind.key_field, kind.item_field]
+    return [kind.field(i) for i in range(kind.num_fields)] if getattr(kind, "num_fields", 0) else []
 
 
 def with_objections_flag(path: Path, contract: Contract, details: dict[str, Any]) -> dict[str, Any]:
@@ -370,10 +421,34 @@ def with_objections_flag(path: Path, contract: Contract, details: dict[str, Any]
     not a plain file is not opened (:func:`_first_bytes`). :func:`quarantine` calls it for every
     refusal."""
     if contract.kind != "content" or details.get(OBJECTIONS_FLAG) is True:
-        return details
+        return {**details, OBJECTIONS_RULE: OBJECTIONS_RULE_VERSION}
     if is_parquet(path) and os.path.isfile(path) and not os.path.islink(path):
-        return {**details, OBJECTIONS_FLAG: _parquet_start(path, contract)}
-    return {**details, OBJECTIONS_FLAG: may_be_objections(_first_bytes(path), contract)}
+        flag = _parquet_start(path, contract)
+    else:
+        flag = may_be_objections(_first_bytes(path), contract) or _names_objections(path)
+    return {**details, OBJECTIONS_FLAG: flag, OBJECTIONS_RULE: OBJECTIONS_RULE_VERSION}
+
+
+def _names_objections(path: Path) -> bool:
+    """Whether any bytes of a plain file, past the first ones too, name the objections contract's
+    column or hold an objection type code as a field (``_MARK_BYTES``, ``_OBJECTION_CODE``): an
+    objections list appended to a content extract (``cat``), or rows of objections under a content
+    header (found by review). Read once, in chunks, only for a refused file; an entry that cannot be
+    read is one the haven cannot tell apart."""
+    fd = open_plain(path)
+    if fd is None:
+        return True
+    tail = b""
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            for chunk in chunks(fh):
+                window = tail + chunk
+                if _MARK_BYTES.search(window) or _OBJECTION_CODE.search(window):
+                    return True
+                tail = window[-_SCAN_OVERLAP:]
+    except OSError:
+        return True
+    return False
 
 
 def check_header(header: list[str], contract: Contract) -> None:
@@ -653,7 +728,7 @@ def quarantine(
                 dest.unlink()
         _left_in_incoming(dest_dir, shown, sha, {**reason, "entry": entry}, contract.collection)
         raise NotMoved(shown.name, type(exc).__name__) from None
-    replace_whole(dest.with_name(dest.name + ".reason.json"), json.dumps(reason, indent=2))
+    replace_whole(dest.with_name(dest.name + REASON_SUFFIX), json.dumps(reason, indent=2))
     return dest
 
 
@@ -835,12 +910,15 @@ def _unchanged_since(path: Path, seen: os.stat_result) -> None:
 
 
 def free_name(folder: Path, shown: Path, sha: str) -> Path:
-    """A name in ``folder`` that neither a file nor a reason file has: ``shown``, else with the
-    SHA-256 prefix, else with a counter as well (no quarantined file or reason is overwritten)."""
+    """A name in ``folder`` that neither a file nor a reason file has, nor is the reason slot of an
+    entry there (``<entry>.reason.json``: a received file must never stand in for the reason of a
+    file whose reason was lost, found by review): ``shown``, else with the SHA-256 prefix, else with
+    a counter as well (no quarantined file or reason is overwritten)."""
     numbered = (f"{shown.stem}.{sha[:12]}.{n}{shown.suffix}" for n in range(1, 10_000))
     for name in itertools.chain([shown.name, f"{shown.stem}.{sha[:12]}{shown.suffix}"], numbered):
-        dest = folder / name
-        if not os.path.lexists(dest) and not os.path.lexists(folder / (name + ".reason.json")):
+        dest, slot_of = folder / name, folder / name.removesuffix(REASON_SUFFIX)
+        taken = os.path.lexists(dest) or os.path.lexists(folder / (name + REASON_SUFFIX))
+        if not taken and not (name.endswith(REASON_SUFFIX) and os.path.lexists(slot_of)):
             return dest
     raise FileExistsError(folder / shown.name)
 

@@ -108,7 +108,15 @@ from safehaven.core.store import table_exists
 from safehaven.intake import batch_seal, ingest
 from safehaven.intake import control as totals
 from safehaven.intake.contracts import Contract
-from safehaven.intake.ingest import BATCHES, NOT_MOVED_NAME, OBJECTIONS_FLAG, OBJECTIONS_MARK, arrived
+from safehaven.intake.ingest import (
+    BATCHES,
+    NOT_MOVED_NAME,
+    OBJECTIONS_FLAG,
+    OBJECTIONS_MARK,
+    OBJECTIONS_RULE,
+    REASON_SUFFIX,
+    arrived,
+)
 from safehaven.intake.refusals import FileRejected
 from safehaven.protect import register_seal
 from safehaven.protect.objections import RESTATEMENTS, unregistered_sql
@@ -140,9 +148,6 @@ _SHA_KEY = re.compile(r"[0-9a-f]{12,64}")
 _NOT_ITSELF = "({f}level = 'misrouted' OR {batch} <> coalesce({f}file_sha256, {f}sha256))"
 #: a file's SHA-256, as ingest records it
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-#: the haven's reason file of a quarantined file is named after it with this suffix
-#: (``safehaven.intake.ingest.quarantine``)
-REASON_SUFFIX = ".reason.json"
 #: the feed's own rule ids: a reason file that cannot be read, a quarantined file with no reason
 #: file, an objections file received in a content collection's folder (its header names
 #: ``OBJECTIONS_MARK``, ``safehaven.intake.ingest.objections_header``), an entry of incoming/ that
@@ -206,6 +211,13 @@ class _Arrival:
     level: str = "file"
 
 
+def _has_reason(path: Path) -> bool:
+    """Whether a quarantined entry has its reason file: the haven's own (:func:`_is_reason`), not a
+    received file that took that name (which has a reason file of its own; found by review)."""
+    reason = path.with_name(path.name + REASON_SUFFIX)
+    return os.path.lexists(reason) and _is_reason(reason)
+
+
 def _is_reason(path: Path) -> bool:
     """A reason file of the haven's: named ``*.reason.json`` and not a received file quarantined
     under that name (which has a reason file of its own), so a sender cannot write one."""
@@ -259,9 +271,9 @@ def _file_faults(quarantine: Path) -> list[_Arrival]:
     for path in sorted(quarantine.iterdir()) if quarantine.is_dir() else []:
         if _is_reason(path):
             found.append(_from_reason(path))
-        elif not os.path.lexists(path.with_name(path.name + REASON_SUFFIX)):
-            at = _changed_at(path)
-            found.append(_Arrival(f"reason_missing:{path.name}", path.name, REASON_MISSING, at, f"{path.name}@{at}"))
+        elif not _has_reason(path):
+            at, shown = _changed_at(path), audit.shown_name(path.name)
+            found.append(_Arrival(f"reason_missing:{shown}", shown, REASON_MISSING, at, f"{shown}@{at}"))
     return [f for f in found if f.rule != _BATCH_RULE]
 
 
@@ -292,13 +304,13 @@ def _misrouted_in(folder: Path) -> list[_Arrival]:
     found = []
     for path in sorted(folder.iterdir()):
         if not _is_reason(path):
-            if not os.path.lexists(path.with_name(path.name + REASON_SUFFIX)):
+            if not _has_reason(path):
                 found.append(_unexplained(folder, path, "reason_missing", REASON_MISSING))
             continue
         reason = _reason(path)
         if reason is None:
             found.append(_unexplained(folder, path, "unreadable", REASON_UNREADABLE))
-        elif _objections_header(reason.get("details")):
+        elif _objections_header(reason.get("details")) or _judged_before(reason):
             arrival = f"{folder.name}/{_arrival(reason, path) or path.name}"
             rule = f"{MISROUTED} in incoming/{folder.name}/"
             found.append(
@@ -307,10 +319,19 @@ def _misrouted_in(folder: Path) -> list[_Arrival]:
     return found
 
 
+def _judged_before(reason: dict) -> bool:
+    """Whether a content file's reason was written by an earlier rule (no ``OBJECTIONS_RULE`` in its
+    details), which took files the haven cannot read for no objections file (review 57): the file
+    may be an objections file until a person looks (fail closed). A batch refused at validation
+    (no ``quarantined_as``) was read as its collection's, so it is not."""
+    details = reason.get("details")
+    return "quarantined_as" in reason and not (isinstance(details, dict) and OBJECTIONS_RULE in details)
+
+
 def _unexplained(folder: Path, path: Path, kind: str, rule: str) -> _Arrival:
     """The fault of an entry of a content collection's quarantine ``folder`` with no reason the feed
-    can read (:func:`_misrouted_in`): keyed by the folder and the entry's name and arrival."""
-    at, named = _changed_at(path), f"{folder.name}/{path.name}"
+    can read (:func:`_misrouted_in`): keyed by the folder and the entry's shown name and arrival."""
+    at, named = _changed_at(path), f"{folder.name}/{audit.shown_name(path.name)}"
     return _Arrival(f"{kind}:{named}", named, rule, at, f"{named}@{at}")
 
 
@@ -844,11 +865,13 @@ def _describe(fault: Fault) -> str:
     what = {
         "rows": f"{fault.rows} row(s) rejected ({fault.rules})",
         "batch": f"the batch refused at validation ({fault.rules}; its reason file was not written)",
-        "misrouted": "it may be an objections file (a line of its header names the objections contract's "
-        f"{OBJECTIONS_MARK}, or the haven could not read its header as that collection's) and was received "
-        f"and quarantined as a content file ({fault.rules}), so any objections in it were never registered",
+        "misrouted": "it may be an objections file (its bytes name the objections contract's "
+        f"{OBJECTIONS_MARK} or hold an objection type, the haven could not read it as that collection's, or "
+        "it was quarantined before the haven judged such files) and was received and quarantined as a "
+        f"content file ({fault.rules}), so any objections in it were never registered",
     }.get(fault.level, f"the whole file quarantined ({fault.rules})")
-    return f"objections file {fault.file_name} ({_named(fault)}): {what}; {how_to_clear(fault)}"
+    kind = "file" if fault.level == "misrouted" else "objections file"
+    return f"{kind} {fault.file_name} ({_named(fault)}): {what}; {how_to_clear(fault)}"
 
 
 def _named(fault: Fault) -> str:
@@ -960,7 +983,7 @@ def resolve(
     if not by.strip() or not reason.strip():
         raise ValueError("a decision needs --by <name> and --reason <text>")
     sync_faults(con, home, collections)
-    key = Path(file).name
+    key = _fault_key(con, file)
     _one_fault_by_name(con, key)
     batch, landed, resolution, note = None, None, "decision", reason
     if corrected_by is not None:
@@ -990,6 +1013,16 @@ def resolve(
             detail={**detail, **({"corrected_by_batch": batch} if batch else {}), "recorded_by": current_actor()},
         )
     return len(rows)
+
+
+def _fault_key(con: duckdb.DuckDBPyConnection, file: str) -> str:
+    """What a person typed to name a fault, as faults are named: a content quarantine's fault by its
+    folder and name (``hospital_episodes/x.csv``, with or without ``quarantine/``), any other by its
+    file name alone (a path typed to it is cut to its name) or its SHA-256."""
+    folder_named = file.strip().removeprefix("quarantine/")
+    if "/" in folder_named and any(f.file_name == folder_named for f in unresolved(con)):
+        return folder_named
+    return Path(file).name
 
 
 def _one_fault_by_name(con: duckdb.DuckDBPyConnection, key: str) -> None:

@@ -287,7 +287,8 @@ def test_a_content_file_refused_before_its_header_was_read_is_not_taken_for_obje
     fields = haven.registry.contracts["hospital_episodes"].field_names
     quarantine = _misroute(haven, "episodes.txt", ",".join(fields) + "\n" + ",".join("x" for _ in fields) + "\n")
     [reason] = quarantine.glob("*.reason.json")
-    assert json.loads(reason.read_text())["details"] == {ingest.OBJECTIONS_FLAG: False}
+    details = json.loads(reason.read_text())["details"]
+    assert details == {ingest.OBJECTIONS_FLAG: False, ingest.OBJECTIONS_RULE: ingest.OBJECTIONS_RULE_VERSION}
     feed.sync_faults(haven.con, haven.home, haven.registry.contracts)
     assert feed.unresolved(haven.con) == []
 
@@ -393,33 +394,76 @@ def test_a_file_in_a_content_quarantine_without_a_whole_reason_file_blocks_until
 
 
 _EPISODES = ContractRegistry().contracts["hospital_episodes"]
+#: what a hospital episode records (not who it is about): a header naming none of these may be an
+#: objections list carrying demographics (review 57)
+_RECORDS = [f.name for f in _EPISODES.fields if f.identifiability in ingest.DISTINCTIVE]
+_WHO = [
+    f.name for f in _EPISODES.fields if f.identifiability not in ingest.DISTINCTIVE and f.name != _EPISODES.patient_key
+]
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n,;\t|"), max_size=12)
 
 
 @settings(max_examples=80, deadline=None)
 @given(
-    header=st.lists(
-        st.sampled_from([f for f in _EPISODES.field_names if f != _EPISODES.patient_key]), min_size=1, unique=True
-    ),
+    records=st.lists(st.sampled_from(_RECORDS), min_size=1, unique=True),
+    who=st.lists(st.sampled_from(_WHO), unique=True),
     rows=st.lists(st.lists(_TEXT, min_size=1, max_size=9), max_size=6),
     marked=st.none() | st.integers(min_value=0, max_value=6),
 )
 def test_a_content_file_may_be_objections_exactly_when_a_line_names_objection_type_or_its_first_line_is_not_its_own(
-    header: list[str], rows: list[list[str]], marked: int | None
+    records: list[str], who: list[str], rows: list[list[str]], marked: int | None
 ) -> None:
     """``ingest.may_be_objections``, the rule written out: under a header of the collection's own
-    columns (any of them, in any order, some missing), a file is no possible objections file unless
-    some line names ``objection_type``; a first line that is not such a header (a title, values)
-    makes any file one (fail closed)."""
-    lines = [",".join([_EPISODES.patient_key, *header])] + [",".join(r) for r in rows]
+    columns (any of them, in any order, some missing, at least one of what it records), a file is no
+    possible objections file unless some line names ``objection_type`` or holds an objection type;
+    a first line that is not such a header (a title, values, only who the rows are about) makes any
+    file one (fail closed)."""
+    lines = [",".join([_EPISODES.patient_key, *who, *records])] + [",".join(r) for r in rows]
     if marked is not None:
-        lines[min(marked, len(lines) - 1)] += ",objection_type"
+        lines[min(marked, len(lines) - 1)] += ",Objection Type"
     data = "\r\n".join(lines).encode()
-    names_mark = any(
-        ingest.OBJECTIONS_MARK in {c.strip().strip("\"'").lower() for c in line.split(",")} for line in lines
+    names_mark = marked is not None or any(
+        ingest.header_name(c)
+        in (ingest.OBJECTIONS_MARK, "type1", "type_1", "national_opt_out", "national_data_opt_out")
+        for line in lines
+        for c in line.split(",")
     )
     assert ingest.may_be_objections(data, _EPISODES) is names_mark
     assert ingest.may_be_objections(b"Extract of 2024-12-01\r\n" + data, _EPISODES) is True
+    assert ingest.may_be_objections(",".join([_EPISODES.patient_key, *who]).encode() + b"\r\n" + data, _EPISODES)
+
+
+def test_a_content_files_reason_written_by_the_earlier_rule_is_a_possible_objections_file(haven: Haven) -> None:
+    """A reason written before the haven judged unreadable files (no ``objections_rule`` in its
+    details, its flag false: what the earlier rule wrote for a UTF-16 objections file) is judged
+    again by the feed as a possible objections file until a person looks (review 57); a batch
+    refused at validation, read as its collection's, is not."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    quarantine = _misroute(haven, "objections_20241201.csv", _OBJECTIONS_TEXT)
+    [reason_path] = quarantine.glob("*.reason.json")
+    reason = json.loads(reason_path.read_text())
+    reason["details"] = {ingest.OBJECTIONS_FLAG: False}  # as 9cd775e wrote it
+    reason_path.write_text(json.dumps(reason, indent=2))
+    haven.run()
+    assert "may be an objections file" in refused(haven)
+    [fault] = feed.unresolved(haven.con)
+    assert fault.level == "misrouted"
+
+
+def test_a_received_file_never_takes_the_reason_slot_of_a_quarantined_file(haven: Haven) -> None:
+    """A file whose reason was lost (a kill between the move and the reason) stays a fault when a
+    received file of its reason's name is quarantined after it: ``free_name`` gives that one another
+    name, and the feed reads only the haven's own reason files (review 57, finding 5)."""
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    quarantine = _misroute(haven, "o.csv", _OBJECTIONS_TEXT)
+    (quarantine / "o.csv.reason.json").unlink()
+    fields = haven.registry.contracts["hospital_episodes"].field_names
+    _misroute(haven, "o.csv.reason.json", ",".join(fields) + "\r\n")
+    assert not (quarantine / "o.csv.reason.json").exists()
+    haven.run()
+    assert "quarantine/hospital_episodes/ with no reason file" in refused(haven)
 
 
 def test_a_misrouted_file_moved_in_with_a_rejected_row_is_a_rows_fault_of_its_own(haven: Haven) -> None:
