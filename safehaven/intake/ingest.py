@@ -153,16 +153,24 @@ SNIFF_DELIMITERS = re.compile(r"[,;\t|]")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 #: a run of characters that are neither letters nor digits (:func:`header_name` reads it as ``_``)
 _NOT_WORD = re.compile(r"[\W_]+")
+#: the distinctive fields a header of only a collection's columns must name to be that collection's: one
+#: (a provider's code beside NHS numbers) is what a provider's list of opt-outs looks like (found by review)
+SUBSET_DISTINCTIVE = 2
 #: the identifiability classes of a content collection's distinctive fields (:func:`_own_header`)
 DISTINCTIVE = ("content", "sensitive")
 #: an objection type code (``data_contracts/code_lists/objection_types.yaml``) as a value anywhere in
 #: a content file's first bytes, in any case, set off as a field: rows of objections under a content
 #: header, or with no header at all, are a possible objections file (found by review)
 _OBJECTION_CODE = re.compile(
-    rb"(?i)(?:^|[,;\t|\"'\r\n])\s*(?:type[\s_-]?1|national[\s_-]?(?:data[\s_-]?)?opt[\s_-]?out)\s*(?:$|[,;\t|\"'\r\n])"
+    rb"(?i)(?<=[,;\t|\r\n])[\"']?[ ]{0,8}(?:type[ _-]?1|national[ _-]?(?:data[ _-]?)?opt[ _-]?out)"
+    rb"[ ]{0,8}[\"']?(?=[,;\t|\r\n])"
 )
-#: the objections contract's own column in any spelling a byte scan can see (:func:`_names_objections`)
-_MARK_BYTES = re.compile(rb"(?i)objection[\W_]*type")
+#: the objections contract's own column in any spelling a byte scan can see (:func:`_names_objections`);
+#: both patterns read a bounded run after each starting byte, so a scan is linear in the file's size
+#: (an unbounded run of blank lines had made it quadratic, found by review)
+_MARK_BYTES = re.compile(rb"(?i)objection[^a-z0-9]{0,4}type")
+#: words that name an objections list in a file's name (:func:`header_name` spelling)
+_OBJECTIONS_NAME = re.compile(r"(?:^|_)(?:objection|opt_?out|dissent|ndop|type_?1(?![0-9]))")
 #: bytes kept from one chunk to the next by :func:`_names_objections`, so no match is cut in two
 _SCAN_OVERLAP = 64
 #: ``preserve_insertion_order`` for a landing: DuckDB writes rows in the order it reads them
@@ -357,7 +365,7 @@ def _own_header(names: list[str], contract: Contract) -> bool:
     distinctive = {header_name(f.name) for f in contract.fields if f.identifiability in DISTINCTIVE}
     given = {n for n in names if n}
     named = distinctive & given
-    return bool(named) and (given <= fields or len(named) >= OWN_HEADER_SHARE * len(distinctive))
+    return (given <= fields and len(named) >= SUBSET_DISTINCTIVE) or len(named) >= OWN_HEADER_SHARE * len(distinctive)
 
 
 def may_be_objections(start: bytes | None, contract: Contract) -> bool:
@@ -372,7 +380,9 @@ def may_be_objections(start: bytes | None, contract: Contract) -> bool:
         return True
     if not start:
         return False
-    if _OBJECTION_CODE.search(start):
+    if b"\x00" in start or start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return True  # UTF-16 or -32, or binary: the byte scans below cannot see its codes (found by review)
+    if _OBJECTION_CODE.search(b"\n" + start + b"\n"):
         return True
     lines = sniffed_lines(start)
     if any(objections_header(names) for names in lines):
@@ -394,7 +404,11 @@ def _parquet_start(path: Path, contract: Contract) -> bool:
     except Exception:  # noqa: BLE001 -- any file pyarrow cannot read is one the haven cannot tell apart
         return True
     nested = [header_name(n) for n in _all_names(schema_)]  # a struct's fields too (found by review)
-    return objections_header(nested) or not _own_header([header_name(n) for n in schema_.names], contract)
+    names = [header_name(n) for n in schema_.names]
+    fields = {header_name(f) for f in contract.field_names}
+    # its values are not read: a column the contract does not declare may hold objections (found by review)
+    marked = objections_header(nested) or any(_MARK_BYTES.search(n.encode()) for n in nested)
+    return marked or not set(names) <= fields or not _own_header(names, contract)
 
 
 def _all_names(fields: Any) -> Iterator[str]:
@@ -422,7 +436,9 @@ def with_objections_flag(path: Path, contract: Contract, details: dict[str, Any]
     refusal."""
     if contract.kind != "content" or details.get(OBJECTIONS_FLAG) is True:
         return {**details, OBJECTIONS_RULE: OBJECTIONS_RULE_VERSION}
-    if is_parquet(path) and os.path.isfile(path) and not os.path.islink(path):
+    if _OBJECTIONS_NAME.search(header_name(path.name)):
+        flag = True  # its sender named it an objections list (found by review)
+    elif is_parquet(path) and os.path.isfile(path) and not os.path.islink(path):
         flag = _parquet_start(path, contract)
     else:
         flag = may_be_objections(_first_bytes(path), contract) or _names_objections(path)
@@ -438,17 +454,17 @@ def _names_objections(path: Path) -> bool:
     fd = open_plain(path)
     if fd is None:
         return True
-    tail = b""
+    tail = b"\n"  # the file's start is a line's
     try:
         with os.fdopen(fd, "rb") as fh:
             for chunk in chunks(fh):
                 window = tail + chunk
-                if _MARK_BYTES.search(window) or _OBJECTION_CODE.search(window):
+                if b"\x00" in chunk or _MARK_BYTES.search(window) or _OBJECTION_CODE.search(window):
                     return True
                 tail = window[-_SCAN_OVERLAP:]
     except OSError:
         return True
-    return False
+    return bool(_OBJECTION_CODE.search(tail + b"\n"))  # its end is a line's
 
 
 def check_header(header: list[str], contract: Contract) -> None:

@@ -1016,13 +1016,24 @@ def resolve(
 
 
 def _fault_key(con: duckdb.DuckDBPyConnection, file: str) -> str:
-    """What a person typed to name a fault, as faults are named: a content quarantine's fault by its
-    folder and name (``hospital_episodes/x.csv``, with or without ``quarantine/``), any other by its
-    file name alone (a path typed to it is cut to its name) or its SHA-256."""
-    folder_named = file.strip().removeprefix("quarantine/")
-    if "/" in folder_named and any(f.file_name == folder_named for f in unresolved(con)):
-        return folder_named
-    return Path(file).name
+    """What a person typed to name a fault, as faults are named: its SHA-256 (or 12 or more of its
+    first characters), a file name, or a path into quarantine (``quarantine/`` and anything before
+    it cut: a path copied from the home). A content quarantine's fault of a file with no readable
+    reason is named by its folder and name (``hospital_episodes/x.csv``); a folder typed that names
+    no such fault is refused rather than read as the bare name, which would clear a fault of
+    another folder unseen (found by review)."""
+    typed = file.strip()
+    if "/" not in typed:
+        return typed
+    inside = typed.rsplit("quarantine/", 1)[-1]
+    if "/" not in inside or inside.startswith(f"{COLLECTION}/"):
+        return Path(inside).name
+    if any(f.file_name == inside for f in unresolved(con)):
+        return inside
+    raise ValueError(
+        f"no unresolved objections fault is named {inside!r}: name it by the key the refusal shows "
+        "(its sha256, or fault <key>), as listed by: safehaven objections faults"
+    )
 
 
 def _one_fault_by_name(con: duckdb.DuckDBPyConnection, key: str) -> None:

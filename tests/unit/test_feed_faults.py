@@ -400,12 +400,12 @@ _RECORDS = [f.name for f in _EPISODES.fields if f.identifiability in ingest.DIST
 _WHO = [
     f.name for f in _EPISODES.fields if f.identifiability not in ingest.DISTINCTIVE and f.name != _EPISODES.patient_key
 ]
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n,;\t|"), max_size=12)
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r\n,;\t|"), max_size=12)
 
 
 @settings(max_examples=80, deadline=None)
 @given(
-    records=st.lists(st.sampled_from(_RECORDS), min_size=1, unique=True),
+    records=st.lists(st.sampled_from(_RECORDS), min_size=ingest.SUBSET_DISTINCTIVE, unique=True),
     who=st.lists(st.sampled_from(_WHO), unique=True),
     rows=st.lists(st.lists(_TEXT, min_size=1, max_size=9), max_size=6),
     marked=st.none() | st.integers(min_value=0, max_value=6),
@@ -414,7 +414,7 @@ def test_a_content_file_may_be_objections_exactly_when_a_line_names_objection_ty
     records: list[str], who: list[str], rows: list[list[str]], marked: int | None
 ) -> None:
     """``ingest.may_be_objections``, the rule written out: under a header of the collection's own
-    columns (any of them, in any order, some missing, at least one of what it records), a file is no
+    columns (any of them, in any order, some missing, two or more of what it records), a file is no
     possible objections file unless some line names ``objection_type`` or holds an objection type;
     a first line that is not such a header (a title, values, only who the rows are about) makes any
     file one (fail closed)."""
@@ -430,6 +430,7 @@ def test_a_content_file_may_be_objections_exactly_when_a_line_names_objection_ty
     )
     assert ingest.may_be_objections(data, _EPISODES) is names_mark
     assert ingest.may_be_objections(b"Extract of 2024-12-01\r\n" + data, _EPISODES) is True
+    assert ingest.may_be_objections(data + b"\r\n\x00", _EPISODES) is True  # a NUL: UTF-16, or binary
     assert ingest.may_be_objections(",".join([_EPISODES.patient_key, *who]).encode() + b"\r\n" + data, _EPISODES)
 
 
