@@ -191,3 +191,15 @@ def refused(haven: Haven) -> str:
     with pytest.raises(ReleaseRefused) as exc:
         haven.release()
     return str(exc.value)
+
+
+def misroute(haven: Haven, name: str, data: bytes | str) -> Path:
+    """Drop ``data`` as ``name`` in incoming/hospital_episodes/ (a content collection's folder) and
+    ingest it there, where it is quarantined; returns that collection's quarantine folder."""
+    folder = haven.home.incoming_for("hospital_episodes")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    contract = haven.registry.contracts["hospital_episodes"]
+    quarantine = haven.home.quarantine_for("hospital_episodes")
+    assert ingest.ingest_collection(haven.con, contract, folder, quarantine).files_quarantined == 1
+    return quarantine

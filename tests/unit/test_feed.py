@@ -58,20 +58,7 @@ from tests.unit.feed_helpers import (
     open_haven,
     opt_out,
     refused,
-    small_haven_template,
 )
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
-    """The small haven every test starts from, built once for the module (``open_haven`` copies it)."""
-    return small_haven_template(tmp_path_factory.mktemp("small_haven"))
-
-
-@pytest.fixture
-def haven(home: Home, tmp_path: Path, template: Template) -> Iterator[Haven]:
-    with open_haven(home, tmp_path, template) as opened:
-        yield opened
 
 
 def test_excel_objections_file_is_honoured_in_the_same_run(haven: Haven) -> None:

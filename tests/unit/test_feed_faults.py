@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safehaven.core.days import haven_today
-from safehaven.core.home import Home
 from safehaven.intake import ingest
 from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
@@ -32,27 +30,13 @@ from tests.unit.feed_helpers import (
     COLUMNS,
     FUTURE,
     Haven,
-    Template,
-    open_haven,
+    misroute,
     opt_out,
     refused,
-    small_haven_template,
 )
 
 #: a Windows-1252 byte in an otherwise valid objections file: refused whole (``file.encoding``)
 UNREADABLE = (",".join(COLUMNS) + f"\n{NHS[30]},national_opt_out,2024-03-01,,\n# caf\xe9\n").encode("latin-1")
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
-    """The small haven every test starts from, built once for the module (``open_haven`` copies it)."""
-    return small_haven_template(tmp_path_factory.mktemp("small_haven"))
-
-
-@pytest.fixture
-def haven(home: Home, tmp_path: Path, template: Template) -> Iterator[Haven]:
-    with open_haven(home, tmp_path, template) as opened:
-        yield opened
 
 
 def _drop_bytes(haven: Haven, name: str, data: bytes) -> None:
@@ -211,17 +195,6 @@ def test_a_received_file_named_like_a_reason_file_is_not_read_as_the_havens_reas
     assert {f.file_name for f in feed.unresolved(haven.con)} == {"x.reason.json"}
 
 
-def _misroute(haven: Haven, name: str, text: str) -> Path:
-    """Drop ``text`` as ``name`` in incoming/hospital_episodes/ and ingest it there (quarantined)."""
-    folder = haven.home.incoming_for("hospital_episodes")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(text)
-    contract = haven.registry.contracts["hospital_episodes"]
-    quarantine = haven.home.quarantine_for("hospital_episodes")
-    assert ingest_collection(haven.con, contract, folder, quarantine).files_quarantined == 1
-    return quarantine
-
-
 @pytest.mark.parametrize(
     ("header", "sep"),
     [(", ".join(COLUMNS), ", "), (",".join(c.upper() for c in COLUMNS), ",")],
@@ -237,7 +210,7 @@ def test_a_misrouted_objections_header_refused_by_an_earlier_header_rule_still_b
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
     row = sep.join([NHS[31], "national_opt_out", "2024-03-01", "", ""])
-    _misroute(haven, "objections_20241201.csv", f"{header}\n{row}\n")
+    misroute(haven, "objections_20241201.csv", f"{header}\n{row}\n")
     haven.run()
     message = refused(haven)
     assert "feed.misrouted in incoming/hospital_episodes/" in message and NHS[31] not in message
@@ -285,7 +258,7 @@ def test_a_content_file_refused_before_its_header_was_read_is_not_taken_for_obje
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
     fields = haven.registry.contracts["hospital_episodes"].field_names
-    quarantine = _misroute(haven, "episodes.txt", ",".join(fields) + "\n" + ",".join("x" for _ in fields) + "\n")
+    quarantine = misroute(haven, "episodes.txt", ",".join(fields) + "\n" + ",".join("x" for _ in fields) + "\n")
     [reason] = quarantine.glob("*.reason.json")
     details = json.loads(reason.read_text())["details"]
     assert details == {ingest.OBJECTIONS_FLAG: False, ingest.OBJECTIONS_RULE: ingest.OBJECTIONS_RULE_VERSION}
@@ -378,7 +351,7 @@ def test_a_file_in_a_content_quarantine_without_a_whole_reason_file_blocks_until
     the feed read only whole reasons there, and a misrouted objector was released)."""
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
-    quarantine = _misroute(haven, "objections_20241201.csv", _OBJECTIONS_TEXT)
+    quarantine = misroute(haven, "objections_20241201.csv", _OBJECTIONS_TEXT)
     [reason] = quarantine.glob("*.reason.json")
     if damage == "missing":
         reason.unlink()  # as a kill between the move and the reason leaves it
@@ -441,7 +414,7 @@ def test_a_content_files_reason_written_by_the_earlier_rule_is_a_possible_object
     refused at validation, read as its collection's, is not."""
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
-    quarantine = _misroute(haven, "objections_20241201.csv", _OBJECTIONS_TEXT)
+    quarantine = misroute(haven, "objections_20241201.csv", _OBJECTIONS_TEXT)
     [reason_path] = quarantine.glob("*.reason.json")
     reason = json.loads(reason_path.read_text())
     reason["details"] = {ingest.OBJECTIONS_FLAG: False}  # as 9cd775e wrote it
@@ -458,10 +431,10 @@ def test_a_received_file_never_takes_the_reason_slot_of_a_quarantined_file(haven
     name, and the feed reads only the haven's own reason files (review 57, finding 5)."""
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
-    quarantine = _misroute(haven, "o.csv", _OBJECTIONS_TEXT)
+    quarantine = misroute(haven, "o.csv", _OBJECTIONS_TEXT)
     (quarantine / "o.csv.reason.json").unlink()
     fields = haven.registry.contracts["hospital_episodes"].field_names
-    _misroute(haven, "o.csv.reason.json", ",".join(fields) + "\r\n")
+    misroute(haven, "o.csv.reason.json", ",".join(fields) + "\r\n")
     assert not (quarantine / "o.csv.reason.json").exists()
     haven.run()
     assert "quarantine/hospital_episodes/ with no reason file" in refused(haven)
@@ -474,7 +447,7 @@ def test_a_misrouted_file_moved_in_with_a_rejected_row_is_a_rows_fault_of_its_ow
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
     rows = f"{NHS[31]},national_opt_out,2024-03-01,,\n{NHS[32]},national_opt_out,{FUTURE},,\n"
-    quarantine = _misroute(haven, "objections_20241201.csv", ",".join(COLUMNS) + "\n" + rows)
+    quarantine = misroute(haven, "objections_20241201.csv", ",".join(COLUMNS) + "\n" + rows)
     haven.run()
     feed.sync_faults(haven.con, haven.home)
     [misrouted] = feed.unresolved(haven.con)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,25 +26,13 @@ from safehaven.intake.contracts import ContractRegistry
 from safehaven.protect import feed, register_seal
 from safehaven.protect.objections import EVENTS, objectors_sql
 from tests.governance_helpers import NHS
-from tests.unit.feed_helpers import Haven, Template, open_haven, opt_out, refused, small_haven_template
+from tests.unit.feed_helpers import Haven, Template, open_haven, opt_out, refused
 
 MASK = (1 << 64) - 1
 #: the multiplier of DuckDB's MurmurHash64 finaliser, and its inverse modulo 2**64
 K = 0xD6E8FEB86659FD93
 K_INV = pow(K, -1, 1 << 64)
 YESTERDAY = (haven_today() - timedelta(days=1)).isoformat()
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
-    """The small haven every test starts from, built once for the module (``open_haven`` copies it)."""
-    return small_haven_template(tmp_path_factory.mktemp("small_haven"))
-
-
-@pytest.fixture
-def haven(home: Home, tmp_path: Path, template: Template) -> Iterator[Haven]:
-    with open_haven(home, tmp_path, template) as opened:
-        yield opened
 
 
 def _unmurmur(h: int) -> int:
