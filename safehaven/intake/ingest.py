@@ -158,19 +158,27 @@ _NOT_WORD = re.compile(r"[\W_]+")
 SUBSET_DISTINCTIVE = 2
 #: the identifiability classes of a content collection's distinctive fields (:func:`_own_header`)
 DISTINCTIVE = ("content", "sensitive")
-#: an objection type code (``data_contracts/code_lists/objection_types.yaml``) as a value anywhere in
-#: a content file's first bytes, in any case, set off as a field: rows of objections under a content
-#: header, or with no header at all, are a possible objections file (found by review)
+#: an objection as a value anywhere in a content file, in any case, set off as a field: a code of
+#: ``data_contracts/code_lists/objection_types.yaml`` (``type1``, ``national_opt_out``), a type 1
+#: opt-out as a GP system writes it (a term starting "Type 1 opt-out" or "Dissent", SNOMED CT
+#: 827241000000103, Read 9Nu0): rows of objections under a content header, or with no header at all,
+#: are a possible objections file (found by review). A bare "Type 1" is not one (a diabetes type, an
+#: A&E department type)
 _OBJECTION_CODE = re.compile(
-    rb"(?i)(?<=[,;\t|\r\n])[\"']?[ ]{0,8}(?:type[ _-]?1|national[ _-]?(?:data[ _-]?)?opt[ _-]?out)"
+    rb"(?i)(?<=[,;\t|\r\n])[\"']?[ ]{0,8}(?:type1|type[ _-]?1[ _-]?(?:opt|obj|dissent)[^,;\t|\r\n\"']{0,40}"
+    rb"|national[ _-]?(?:data[ _-]?)?opt[ _-]?out|dissent[^,;\t|\r\n\"']{0,120}|827241000000103|9nu0)"
     rb"[ ]{0,8}[\"']?(?=[,;\t|\r\n])"
 )
 #: the objections contract's own column in any spelling a byte scan can see (:func:`_names_objections`);
 #: both patterns read a bounded run after each starting byte, so a scan is linear in the file's size
 #: (an unbounded run of blank lines had made it quadratic, found by review)
 _MARK_BYTES = re.compile(rb"(?i)objection[^a-z0-9]{0,4}type")
-#: words that name an objections list in a file's name (:func:`header_name` spelling)
-_OBJECTIONS_NAME = re.compile(r"(?:^|_)(?:objection|opt_?out|dissent|ndop|type_?1(?![0-9]))")
+#: words that name an objections list, or a column of one, in a file's or a column's name
+#: (:func:`header_name` spelling); "opt-outs applied" and "type 1 diabetes" are not (found by review)
+_OBJECTIONS_NAME = re.compile(
+    r"(?:^|_)(?:objections?|objectors?|opt_?outs?|opted_?out|dissents?|ndop|type_?1_?(?:opt|obj|dissent)[a-z_]*)"
+    r"(?=_|$)(?!_(?:applied|removed|excluded|filtered))"
+)
 #: bytes kept from one chunk to the next by :func:`_names_objections`, so no match is cut in two
 _SCAN_OVERLAP = 64
 #: ``preserve_insertion_order`` for a landing: DuckDB writes rows in the order it reads them
@@ -364,8 +372,10 @@ def _own_header(names: list[str], contract: Contract) -> bool:
     fields = {header_name(f) for f in contract.field_names}
     distinctive = {header_name(f.name) for f in contract.fields if f.identifiability in DISTINCTIVE}
     given = {n for n in names if n}
-    named = distinctive & given
-    return (given <= fields and len(named) >= SUBSET_DISTINCTIVE) or len(named) >= OWN_HEADER_SHARE * len(distinctive)
+    named = len(distinctive & given)
+    if not distinctive or named < min(SUBSET_DISTINCTIVE, len(distinctive)):
+        return False  # a GP export of an event date beside NHS numbers is a type 1 list's shape (found by review)
+    return given <= fields or named >= OWN_HEADER_SHARE * len(distinctive)
 
 
 def may_be_objections(start: bytes | None, contract: Contract) -> bool:
@@ -380,12 +390,13 @@ def may_be_objections(start: bytes | None, contract: Contract) -> bool:
         return True
     if not start:
         return False
-    if b"\x00" in start or start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return True  # UTF-16 or -32, or binary: the byte scans below cannot see its codes (found by review)
-    if _OBJECTION_CODE.search(b"\n" + start + b"\n"):
+    text = _as_utf8(start)
+    if b"\x00" in text:
+        return True  # UTF-16 with no byte-order mark, UTF-32, or binary: the scans cannot read it (found by review)
+    if _OBJECTION_CODE.search(b"\n" + text + b"\n"):
         return True
     lines = sniffed_lines(start)
-    if any(objections_header(names) for names in lines):
+    if any(objections_header(names) or any(_OBJECTIONS_NAME.search(n) for n in names) for names in lines):
         return True
     return not (lines and _own_header(lines[0], contract))
 
@@ -407,7 +418,9 @@ def _parquet_start(path: Path, contract: Contract) -> bool:
     names = [header_name(n) for n in schema_.names]
     fields = {header_name(f) for f in contract.field_names}
     # its values are not read: a column the contract does not declare may hold objections (found by review)
-    marked = objections_header(nested) or any(_MARK_BYTES.search(n.encode()) for n in nested)
+    marked = objections_header(nested) or any(
+        _MARK_BYTES.search(n.encode()) or _OBJECTIONS_NAME.search(n) for n in nested
+    )
     return marked or not set(names) <= fields or not _own_header(names, contract)
 
 
@@ -445,6 +458,23 @@ def with_objections_flag(path: Path, contract: Contract, details: dict[str, Any]
     return {**details, OBJECTIONS_FLAG: flag, OBJECTIONS_RULE: OBJECTIONS_RULE_VERSION}
 
 
+def _as_utf8(start: bytes) -> bytes:
+    """A file's first bytes as UTF-8: decoded from UTF-16 when they start with its byte-order mark
+    (Excel's "Unicode Text"), so the scans read its text (found by review)."""
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return start.decode("utf-16", errors="replace").encode()
+    return start
+
+
+def _text_chunks(fh: Any) -> Iterator[bytes]:
+    """A file's bytes a chunk at a time, as UTF-8 when it starts with a UTF-16 byte-order mark."""
+    decoder = None
+    for n, chunk in enumerate(chunks(fh)):
+        if n == 0 and chunk.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            decoder = codecs.getincrementaldecoder("utf-16")(errors="replace")
+        yield decoder.decode(chunk).encode() if decoder else chunk
+
+
 def _names_objections(path: Path) -> bool:
     """Whether any bytes of a plain file, past the first ones too, name the objections contract's
     column or hold an objection type code as a field (``_MARK_BYTES``, ``_OBJECTION_CODE``): an
@@ -457,7 +487,7 @@ def _names_objections(path: Path) -> bool:
     tail = b"\n"  # the file's start is a line's
     try:
         with os.fdopen(fd, "rb") as fh:
-            for chunk in chunks(fh):
+            for chunk in _text_chunks(fh):
                 window = tail + chunk
                 if b"\x00" in chunk or _MARK_BYTES.search(window) or _OBJECTION_CODE.search(window):
                     return True

@@ -384,3 +384,22 @@ def test_a_folder_named_like_a_reason_temp_file_does_not_fail_the_stage(haven: H
     assert _ingest(haven) == 1
     (folder / "d.csv").write_text("")
     assert _ingest(haven) == 1
+
+
+@pytest.mark.parametrize(
+    "term", ["Dissent from secondary use of general practitioner patient identifiable data", "Type 1 opt-out"]
+)
+def test_a_gp_type1_opt_out_export_in_gp_events_blocks_releases(haven: Haven, term: str) -> None:
+    haven.drop("good.csv", [opt_out(10)])
+    haven.run()
+    folder = haven.home.incoming_for("gp_events")
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (
+        "Practice Code,NHS Number,Event Date,SNOMED Code,Term\r\n"
+        + f"A81001,{NHS[31]},2024-03-01,827241000000103,{term}\r\n"
+    )
+    (folder / "A81001_search_20241201.csv").write_bytes(text.encode())
+    contract = haven.registry.contracts["gp_events"]
+    q = haven.home.quarantine_for("gp_events")
+    assert ingest.ingest_collection(haven.con, contract, folder, q).files_quarantined == 1
+    _must_block(haven, f"GP type 1 export ({term!r})")
