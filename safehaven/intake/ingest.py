@@ -396,8 +396,10 @@ def may_be_objections(start: bytes | None, contract: Contract) -> bool:
     if _OBJECTION_CODE.search(b"\n" + text + b"\n"):
         return True
     lines = sniffed_lines(start)
-    if any(objections_header(names) or any(_OBJECTIONS_NAME.search(n) for n in names) for names in lines):
+    if any(objections_header(names) for names in lines):
         return True
+    if lines and any(_OBJECTIONS_NAME.search(n) for n in lines[0]):
+        return True  # a column named as an opt-out: 'Opt Out Type', 'NDOP Flag' (found by review)
     return not (lines and _own_header(lines[0], contract))
 
 

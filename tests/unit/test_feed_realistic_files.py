@@ -101,18 +101,9 @@ def test_a_realistic_objections_export_in_a_content_folder_is_a_possible_objecti
 
 
 # --- content files with common quirks: none is one
-EPI = [
-    "provider_code",
-    "nhs_number",
-    "date_of_birth",
-    "sex",
-    "postcode",
-    "admission_date",
-    "discharge_date",
-    "primary_diagnosis",
-]
+EPI = list(REG.contracts["hospital_episodes"].field_names)
 EPI_ROW = ["RXX01", NHS[5], "1970-01-01", "2", "LS1 4AP", "2024-03-01", "2024-03-04", "E10"]
-GP = ["practice_code", "nhs_number", "date_of_birth", "sex", "postcode", "event_date", "diagnosis_code"]
+GP = list(REG.contracts["gp_events"].field_names)
 GP_ROW = ["A81001", NHS[5], "1970-01-01", "2", "LS1 4AP", "2024-03-01", "46635009"]
 
 FALSE = {
