@@ -420,9 +420,7 @@ def _parquet_start(path: Path, contract: Contract) -> bool:
     names = [header_name(n) for n in schema_.names]
     fields = {header_name(f) for f in contract.field_names}
     # its values are not read: a column the contract does not declare may hold objections (found by review)
-    marked = objections_header(nested) or any(
-        _MARK_BYTES.search(n.encode()) or _OBJECTIONS_NAME.search(n) for n in nested
-    )
+    marked = any(_MARK_BYTES.search(n.encode()) or _OBJECTIONS_NAME.search(n) for n in nested)
     return marked or not set(names) <= fields or not _own_header(names, contract)
 
 
@@ -453,7 +451,7 @@ def with_objections_flag(path: Path, contract: Contract, details: dict[str, Any]
         return {**details, OBJECTIONS_RULE: OBJECTIONS_RULE_VERSION}
     if _OBJECTIONS_NAME.search(header_name(path.name)):
         flag = True  # its sender named it an objections list (found by review)
-    elif is_parquet(path) and os.path.isfile(path) and not os.path.islink(path):
+    elif is_parquet(path):  # not opened unless a plain file (``_parquet_start``)
         flag = _parquet_start(path, contract)
     else:
         flag = may_be_objections(_first_bytes(path), contract) or _names_objections(path)

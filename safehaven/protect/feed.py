@@ -242,8 +242,7 @@ def _from_reason(path: Path) -> _Arrival:
     """The fault of one reason file; an unreadable reason is a fault too."""
     reason = _reason(path)
     if reason is None:
-        at = _changed_at(path)
-        return _Arrival(f"unreadable:{path.name}", path.name, REASON_UNREADABLE, at, f"{path.name}@{at}")
+        return _unexplained(path, "unreadable", REASON_UNREADABLE)
     return _Arrival(
         str(reason["sha256"]), str(reason["file"]), str(reason["rule"]), _arrived(reason, path), _arrival(reason, path)
     )
@@ -272,8 +271,7 @@ def _file_faults(quarantine: Path) -> list[_Arrival]:
         if _is_reason(path):
             found.append(_from_reason(path))
         elif not _has_reason(path):
-            at, shown = _changed_at(path), audit.shown_name(path.name)
-            found.append(_Arrival(f"reason_missing:{shown}", shown, REASON_MISSING, at, f"{shown}@{at}"))
+            found.append(_unexplained(path, "reason_missing", REASON_MISSING))
     return [f for f in found if f.rule != _BATCH_RULE]
 
 
@@ -305,11 +303,11 @@ def _misrouted_in(folder: Path) -> list[_Arrival]:
     for path in sorted(folder.iterdir()):
         if not _is_reason(path):
             if not _has_reason(path):
-                found.append(_unexplained(folder, path, "reason_missing", REASON_MISSING))
+                found.append(_unexplained(path, "reason_missing", REASON_MISSING, folder.name))
             continue
         reason = _reason(path)
         if reason is None:
-            found.append(_unexplained(folder, path, "unreadable", REASON_UNREADABLE))
+            found.append(_unexplained(path, "unreadable", REASON_UNREADABLE, folder.name))
         elif _objections_header(reason.get("details")) or _judged_before(reason):
             arrival = f"{folder.name}/{_arrival(reason, path) or path.name}"
             rule = f"{MISROUTED} in incoming/{folder.name}/"
@@ -328,10 +326,12 @@ def _judged_before(reason: dict) -> bool:
     return "quarantined_as" in reason and not (isinstance(details, dict) and OBJECTIONS_RULE in details)
 
 
-def _unexplained(folder: Path, path: Path, kind: str, rule: str) -> _Arrival:
-    """The fault of an entry of a content collection's quarantine ``folder`` with no reason the feed
-    can read (:func:`_misrouted_in`): keyed by the folder and the entry's shown name and arrival."""
-    at, named = _changed_at(path), f"{folder.name}/{audit.shown_name(path.name)}"
+def _unexplained(path: Path, kind: str, rule: str, folder: str | None = None) -> _Arrival:
+    """The fault of a quarantined entry with no reason the feed can read (``kind``: none, or one it
+    cannot read), keyed by its shown name and arrival: in quarantine/objections/ by its name alone,
+    in a content collection's quarantine (:func:`_misrouted_in`) by ``folder`` and name."""
+    shown = audit.shown_name(path.name)
+    at, named = _changed_at(path), f"{folder}/{shown}" if folder else shown
     return _Arrival(f"{kind}:{named}", named, rule, at, f"{named}@{at}")
 
 

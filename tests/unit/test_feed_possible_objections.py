@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from safehaven.intake import ingest
+from safehaven.intake.contracts import ContractRegistry
 from safehaven.intake.ingest import ingest_collection
 from safehaven.protect import feed
 from safehaven.share.releases import ReleaseRefused
@@ -46,10 +47,10 @@ def _must_block(haven: Haven, what: str) -> None:
 
 
 # --- 1. a provider's / practice's objection list with demographic columns -----------------------
-# Every content contract shares date_of_birth, sex, postcode; with the sender's own code column that
-# is half of hospital_episodes' fields (4 of 7) and of gp_events' (practice_code: 4 of 6), so
-# ``_own_header`` reads it as the collection's header. The objection column is named as a person
-# writes it, not exactly ``objection_type``, so no line "names" the mark.
+# Every content contract shares date_of_birth, sex, postcode: they say who the rows are about, not
+# what the collection records, so they do not make a header its own (``ingest.DISTINCTIVE``). The
+# objection column is named as a person writes it; ``ingest.header_name`` reads each spelling as
+# ``objection_type``.
 _MARKS = {
     "title_case_space": "Objection Type",
     "hyphen": "objection-type",
@@ -195,8 +196,8 @@ def test_the_whole_file_scan_of_a_refused_file_with_blank_lines_is_linear(tmp_pa
 # --- a header of one distinctive field and NHS numbers is what a provider's opt-out list looks like
 def test_a_providers_opt_out_list_with_its_provider_code_blocks_releases(haven: Haven) -> None:
     """A provider's list of its opted-out patients, 'provider_code,nhs_number' (no type column: the
-    NDOP list is a list of NHS numbers): every name is a hospital_episodes field and provider_code is
-    'content', so _own_header reads it as that collection's file; refused (columns missing), unflagged."""
+    NDOP list is a list of NHS numbers): every name is a hospital_episodes field, but one distinctive
+    field is a list's shape, not an extract's (``ingest.SUBSET_DISTINCTIVE``)."""
     text = "provider_code,nhs_number\r\n" + f"RXX01,{NHS[31]}\r\n"
     _quarantine(haven, "national_opt_outs_20241201.csv", text.encode())
     _must_block(haven, "provider's opt-out list (provider_code,nhs_number)")
@@ -204,6 +205,8 @@ def test_a_providers_opt_out_list_with_its_provider_code_blocks_releases(haven: 
 
 # --- resolving the new faults by what the haven prints and a person copies
 def test_the_printed_command_for_one_reason_missing_fault_clears_only_that_one(haven: Haven) -> None:
+    """Two files left with no reason in one content quarantine are two faults; the command the
+    haven prints for one clears that one only."""
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
     quarantine = haven.home.quarantine_for("hospital_episodes")
@@ -217,44 +220,28 @@ def test_the_printed_command_for_one_reason_missing_fault_clears_only_that_one(h
     assert len(faults) == 2, faults
     printed = feed.how_to_clear(faults[0])
     key = printed.split("safehaven objections resolve ")[-1].split(" ")[0]
-    print(printed)
     n = feed.resolve(haven.con, haven.home, key, by="Dr Guardian", reason="looked at a.csv: none")
     left = feed.unresolved(haven.con)
     assert n == 1 and len(left) == 1, f"resolve {key!r} cleared {n} fault(s); left {left}"
 
 
-@pytest.mark.parametrize("typed", ["hospital_episodes/a.csv", "quarantine/hospital_episodes/a.csv"])
+@pytest.mark.parametrize("typed", ["hospital_episodes/a.csv", "quarantine/hospital_episodes/a.csv", "<home path>"])
 def test_a_reason_missing_fault_resolves_by_folder_and_name(haven: Haven, typed: str) -> None:
+    """By its folder and name, with or without ``quarantine/``, or by the entry's path under the home
+    (what ``ls`` or a file manager gives)."""
     haven.drop("good.csv", [opt_out(10)])
     haven.run()
     quarantine = haven.home.quarantine_for("hospital_episodes")
     quarantine.mkdir(parents=True, exist_ok=True)
     (quarantine / "a.csv").write_text("x\n")
     haven.run()
+    typed = str(quarantine / "a.csv") if typed == "<home path>" else typed
     assert feed.resolve(haven.con, haven.home, typed, by="Dr Guardian", reason="looked") == 1
     assert feed.unresolved(haven.con) == []
 
 
-def test_a_reason_missing_fault_resolves_by_the_path_a_person_copies(haven: Haven) -> None:
-    """The path of the entry under the home (what `ls` or a file manager gives)."""
-    haven.drop("good.csv", [opt_out(10)])
-    haven.run()
-    quarantine = haven.home.quarantine_for("hospital_episodes")
-    quarantine.mkdir(parents=True, exist_ok=True)
-    (quarantine / "a.csv").write_text("x\n")
-    haven.run()
-    typed = str(quarantine / "a.csv")
-    try:
-        n = feed.resolve(haven.con, haven.home, typed, by="Dr Guardian", reason="looked")
-    except ValueError as exc:
-        pytest.fail(f"resolve {typed!r}: {exc}")
-    assert n == 1
-
-
 # --- the byte scan reads no code cut at a chunk's edge
 def _contract():
-    from safehaven.intake.contracts import ContractRegistry
-
     return ContractRegistry().contracts["hospital_episodes"]
 
 
